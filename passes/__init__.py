@@ -1,0 +1,2 @@
+"""graphopt.passes: the pass catalogue (cleanup, fusion, quantization, pruning, KV-cache
+rewriting). A pass imports only the graphopt core and is target-independent."""
