@@ -1,0 +1,45 @@
+"""A small builder that creates nodes with inferred types at one place in a graph.
+
+    b = Builder(graph, before=node)
+    y = b.MatMul(x, w)                      # core op, output type inferred
+    m = b.op("RMSNorm", x, s, domain="graphopt", epsilon=1e-6)
+    c = b.const(np.array([0, 0, -1]))      # a new initializer
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from graphopt.ir import Attr, Graph, Node, NodeMeta, TensorType, Value
+
+
+class Builder:
+    def __init__(self, graph: Graph, before: Node | None = None, created_by: str = ""):
+        self.graph = graph
+        self.before = before
+        self.created_by = created_by
+        self.nodes: list[Node] = []
+
+    def op(self, op_type: str, *inputs: Value | None, domain: str = "", num_outputs: int | None = None,
+           output_types: Sequence[TensorType | None] | None = None, **attrs) -> Value | tuple[Value, ...]:
+        attrs = {k: Attr.infer(v) for k, v in attrs.items() if v is not None}
+        node = self.graph.make_node(
+            op_type, list(inputs), domain=domain, attrs=attrs, num_outputs=num_outputs,
+            output_types=output_types, meta=NodeMeta(created_by=self.created_by))
+        if self.before is not None:
+            self.graph.insert_before(self.before, node)
+        else:
+            self.graph.append(node)
+        self.nodes.append(node)
+        outs = node.outputs
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, array, name: str = "const") -> Value:
+        """A new initializer holding `array`."""
+        return self.graph.add_initializer(self.graph.fresh_name(name), np.asarray(array))
+
+    def __getattr__(self, op_type: str):
+        if op_type.startswith("_") or not op_type[:1].isupper():
+            raise AttributeError(op_type)
+        return lambda *inputs, **attrs: self.op(op_type, *inputs, **attrs)

@@ -1,0 +1,292 @@
+"""The op registry: every op the IR knows, declared once.
+
+An `OpDef` holds, in one place, an op's attributes, its type/shape inference, its reference
+implementation, its decomposition into core ops (for graphopt-domain ops) and the lowering
+rules that backends register for it.
+
+Core ops (domain "") follow ONNX semantics at `CANONICAL_OPSET`; their `OpDef`s are made on
+first use from the ONNX schema, with inference by ONNX's own shape inference and reference
+kernels from `onnx.reference`. graphopt-domain ops are declared in `graphopt.graphopt_ops`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.ir import CANONICAL_OPSET, GRAPHOPT_DOMAIN, AttrKind, Node, TensorType
+
+if TYPE_CHECKING:  # pragma: no cover
+    from graphopt.builder import Builder
+    from graphopt.ir import Value
+
+
+class UnknownOpError(UserError):
+    """An op that is not in the registry (names the op and, where known, the node)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttrSpec:
+    kind: AttrKind | None  # None: a kind graphopt cannot hold (graph, sparse tensor, ...)
+    required: bool = False
+    default: object = None
+
+
+Inference = Callable[[Node], Sequence["TensorType | None"]]
+Reference = Callable[[Node, list], Sequence[np.ndarray]]
+Decomposition = Callable[["Builder", Node], Sequence["Value | None"]]
+
+
+@dataclasses.dataclass
+class OpDef:
+    domain: str
+    name: str
+    attrs: dict[str, AttrSpec]
+    min_inputs: int
+    max_inputs: int  # a large number for variadic ops
+    min_outputs: int
+    max_outputs: int
+    infer: Inference
+    reference: Reference
+    decompose: Decomposition | None = None
+    doc: str = ""
+    lowerings: dict[str, Callable] = dataclasses.field(default_factory=dict)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.domain}.{self.name}" if self.domain else self.name
+
+    def num_outputs_for(self, attrs: dict) -> int:
+        return self.min_outputs if self.min_outputs > 0 else 1
+
+    def attr_value(self, node: Node, name: str):
+        """The node's attribute value, or the declared default."""
+        a = node.attrs.get(name)
+        if a is not None:
+            return a.value
+        spec = self.attrs.get(name)
+        return None if spec is None else spec.default
+
+
+_OPS: dict[tuple[str, str], OpDef] = {}
+_graphopt_ops_loaded = False
+
+
+def register_op(opdef: OpDef) -> OpDef:
+    key = (opdef.domain, opdef.name)
+    if key in _OPS:
+        raise ValueError(f"op {opdef.qualified_name} is already registered")
+    _OPS[key] = opdef
+    return opdef
+
+
+def _load_graphopt_ops() -> None:
+    global _graphopt_ops_loaded
+    if not _graphopt_ops_loaded:
+        _graphopt_ops_loaded = True
+        import graphopt.graphopt_ops  # noqa: F401  (registers on import)
+
+
+def get_op(domain: str, name: str) -> OpDef:
+    domain = "" if domain == "ai.onnx" else domain
+    key = (domain, name)
+    if key in _OPS:
+        return _OPS[key]
+    if domain == GRAPHOPT_DOMAIN:
+        _load_graphopt_ops()
+        if key in _OPS:
+            return _OPS[key]
+    if domain == "":
+        opdef = _core_opdef(name)
+        if opdef is not None:
+            _OPS[key] = opdef
+            return opdef
+    qual = f"{domain}.{name}" if domain else name
+    raise UnknownOpError(f"unknown op {qual}")
+
+
+def is_known_op(domain: str, name: str) -> bool:
+    try:
+        get_op(domain, name)
+        return True
+    except UnknownOpError:
+        return False
+
+
+def all_graphopt_ops() -> list[OpDef]:
+    _load_graphopt_ops()
+    return [d for (dom, _), d in sorted(_OPS.items()) if dom == GRAPHOPT_DOMAIN]
+
+
+def infer_types(node: Node) -> list[TensorType | None]:
+    """Output types of `node` from its op's inference rule."""
+    return list(get_op(node.domain, node.op_type).infer(node))
+
+
+def run_reference(node: Node, inputs: list) -> list[np.ndarray]:
+    return list(get_op(node.domain, node.op_type).reference(node, inputs))
+
+
+# --------------------------------------------------------------------------------------
+# Core ops from the ONNX schema
+
+
+_ONNX_ATTR_KINDS = {
+    1: AttrKind.FLOAT, 2: AttrKind.INT, 3: AttrKind.STRING, 4: AttrKind.TENSOR,
+    6: AttrKind.FLOATS, 7: AttrKind.INTS, 8: AttrKind.STRINGS,
+}
+
+
+def _core_opdef(name: str) -> OpDef | None:
+    import onnx.defs
+
+    try:
+        schema = onnx.defs.get_schema(name, CANONICAL_OPSET, "")
+    except onnx.defs.SchemaError:
+        return None
+    if schema.deprecated:
+        return None
+    attrs = {}
+    for aname, a in schema.attributes.items():
+        kind = _ONNX_ATTR_KINDS.get(int(a.type))
+        default = None
+        if a.default_value is not None and a.default_value.name:
+            import onnx.helper
+
+            default = onnx.helper.get_attribute_value(a.default_value)
+            if isinstance(default, bytes):
+                default = default.decode()
+            elif isinstance(default, list):
+                default = tuple(x.decode() if isinstance(x, bytes) else x for x in default)
+        attrs[aname] = AttrSpec(kind, bool(a.required), default)
+    return OpDef(
+        domain="", name=name, attrs=attrs,
+        min_inputs=schema.min_input, max_inputs=schema.max_input,
+        min_outputs=schema.min_output, max_outputs=schema.max_output,
+        infer=_core_infer, reference=_core_reference, doc=(schema.doc or "").strip(),
+    )
+
+
+def _core_infer(node: Node) -> list[TensorType | None]:
+    import onnx
+    import onnx.defs
+    import onnx.shape_inference
+
+    from graphopt.onnx_io import node_to_proto, tensor_type_from_proto, type_to_proto
+
+    proto = node_to_proto(node)
+    input_types = {}
+    input_data = {}
+    for v in node.inputs:
+        if v is None or v.type is None:
+            continue
+        input_types[v.name] = type_to_proto(v.type)
+        data = _small_constant(v)
+        if data is not None:
+            input_data[v.name] = onnx.numpy_helper.from_array(np.asarray(data), v.name)
+    schema = onnx.defs.get_schema(node.op_type, CANONICAL_OPSET, "")
+    try:
+        out = onnx.shape_inference.infer_node_outputs(
+            schema, proto, input_types, input_data,
+            opset_imports=[onnx.helper.make_opsetid("", CANONICAL_OPSET)])
+    except Exception as e:  # onnx raises InferenceError and RuntimeError alike
+        raise TypeInferenceError(f"node {node.name!r} ({node.op}): {str(e).strip().splitlines()[0]}") from None
+    result: list[TensorType | None] = []
+    for v in node.outputs:
+        if v is None or v.name not in out:
+            result.append(None)
+        else:
+            result.append(tensor_type_from_proto(out[v.name], what=f"output {v.name!r} of node {node.name!r}"))
+    return result
+
+
+class TypeInferenceError(UserError):
+    """Type inference rejected a node (its inputs do not fit the op)."""
+
+
+def _small_constant(v) -> np.ndarray | None:
+    """The value of `v` if it is a small constant (for shape inference of Reshape & co.)."""
+    if v.const_value is not None:
+        return v.const_value if v.const_value.size <= 64 else None
+    p = v.producer()
+    if p is not None and p.op_type == "Constant" and p.domain == "" and "value" in p.attrs:
+        val = p.attrs["value"].value
+        return val if val.size <= 64 else None
+    return None
+
+
+_RUNTIME_PARAMS = None
+
+
+def _gather_elements(node: Node, inputs: list) -> list[np.ndarray]:
+    # onnx.reference uses np.choose, which fails beyond 64 entries along the axis.
+    data, idx = inputs
+    axis = node.attr("axis", 0) % data.ndim
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    return [np.take_along_axis(data, idx, axis=axis)]
+
+
+# Core ops whose onnx.reference kernel is wrong or limited: (why) -> our kernel.
+_CORE_REFERENCE_OVERRIDES: dict[str, Reference] = {
+    "GatherElements": _gather_elements,
+}
+
+
+def _core_reference(node: Node, inputs: list) -> list[np.ndarray]:
+    override = _CORE_REFERENCE_OVERRIDES.get(node.op_type)
+    if override is not None:
+        return override(node, inputs)
+    from onnx.reference.op_run import RuntimeContextError
+    from onnx.reference.ops import load_op
+    from onnx.reference.reference_evaluator import ReferenceEvaluator
+
+    from graphopt.onnx_io import node_to_proto, type_to_proto
+
+    proto = node_to_proto(node)
+    params = {
+        "log": lambda *a: None, "opsets": {"": CANONICAL_OPSET}, "verbose": 0,
+        "new_ops": None, "existing_functions": {}, "evaluator_cls": ReferenceEvaluator,
+    }
+    try:
+        cls = load_op("", node.op_type, CANONICAL_OPSET, evaluator_cls=ReferenceEvaluator)
+    except RuntimeContextError:
+        types = [type_to_proto(v.type) if v is not None and v.type is not None else None for v in node.inputs]
+        cls = load_op("", node.op_type, CANONICAL_OPSET, node=proto, input_types=types,
+                      evaluator_cls=ReferenceEvaluator)
+    inst = cls(proto, params)
+    outs = inst.run(*inputs)
+    return [np.asarray(o) if o is not None else None for o in outs]
+
+
+# --------------------------------------------------------------------------------------
+# Decomposition
+
+
+def decompose_node(node: Node) -> list:
+    """Replace a graphopt-domain node in its graph by its decomposition into core ops.
+    Returns the new output values."""
+    from graphopt.builder import Builder
+
+    opdef = get_op(node.domain, node.op_type)
+    if opdef.decompose is None:
+        raise UnknownOpError(f"op {opdef.qualified_name} (node {node.name!r}) has no decomposition")
+    graph = node.graph
+    b = Builder(graph, before=node, created_by=f"decompose:{opdef.qualified_name}")
+    new_outputs = list(opdef.decompose(b, node))
+    renames = []
+    for old, new in zip(node.outputs, new_outputs):
+        if old is None:
+            continue
+        if new is None:
+            raise ValueError(f"decomposition of {opdef.qualified_name} did not produce output {old.index}")
+        if old.type is not None:
+            new.type = old.type
+        if old.is_graph_output:
+            renames.append((new, old.name))
+        old.replace_all_uses_with(new)
+    graph.remove_node(node)
+    for new, name in renames:  # graph outputs keep their names
+        graph.rename_value(new, name)
+    return new_outputs
