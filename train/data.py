@@ -1,0 +1,192 @@
+"""Data preparation: text files -> cleaned, de-duplicated documents -> BPE tokenizer ->
+uint16 token streams in memory-mapped files, with a validation split held out by document.
+
+Layout of a prepared folder:
+
+    docs.jsonl          cleaned, de-duplicated documents, each tagged train or val
+    tokenizer.json      the BPE tokenizer trained on the train documents
+    shards/{split}_{i:05d}.npy   token ids of one chunk of documents (resume unit)
+    train.bin, val.bin  all shards of a split concatenated (np.memmap, uint16)
+    val.txt             the validation documents, separated by <|endoftext|>
+    meta.json           written last: its presence means the folder is complete
+
+Each stage writes its outputs atomically and is skipped when they already exist, so an
+interrupted preparation resumes where it stopped. A document stream looks like
+`<eos> doc1 <eos> doc2 <eos> ...`, so every token of every document is predicted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.errors import UserError
+
+from .tokenizer import EOS, load_tokenizer, train_tokenizer
+
+DOCS_PER_SHARD = 64
+
+
+@dataclass
+class DataConfig:
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    min_chars: int = 200
+    max_line_chars: int = 1000  # longer lines mean generated or minified data
+    suffixes: tuple = (".py",)
+    exclude_dirs: tuple = ("test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__")
+
+
+def default_data_dir() -> Path:
+    """The running interpreter's standard library sources: present on every machine."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def find_text_files(root: Path, cfg: DataConfig) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data {root}: not a directory")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in cfg.exclude_dirs and not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(cfg.suffixes)]
+    if not files:
+        raise UserError(f"--data {root}: no text files ({', '.join(cfg.suffixes)}) found")
+    return files
+
+
+def clean_text(text: str) -> str:
+    """Normalizes line endings, strips trailing whitespace and tabs-vs-spaces noise."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    text = "\n".join(line.rstrip().expandtabs(4) for line in lines).strip("\n")
+    return text + "\n"
+
+
+def _is_val(text: str, val_fraction: float) -> bool:
+    # By content hash, not file order: the split does not move when files are added.
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
+    """Reads, cleans and exactly de-duplicates documents; tags each one train or val."""
+    seen, docs = set(), []
+    files = find_text_files(root, cfg)
+    for i, path in enumerate(files):
+        if progress:
+            progress("read", i + 1, len(files))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        text = clean_text(text)
+        if len(text) < cfg.min_chars or "\x00" in text or EOS in text:
+            continue
+        if max(len(line) for line in text.split("\n")) > cfg.max_line_chars:
+            continue
+        key = hashlib.sha256(text.encode()).hexdigest()
+        if key in seen:
+            continue
+        seen.add(key)
+        split = "val" if _is_val(text, cfg.val_fraction) else "train"
+        docs.append({"path": str(path.relative_to(root)), "split": split, "text": text})
+    if not docs:
+        raise UserError(f"--data {root}: no usable text files after cleaning (all empty, short or binary)")
+    if not any(d["split"] == "train" for d in docs):
+        raise UserError(f"--data {root}: too few documents to hold out a validation split")
+    if not any(d["split"] == "val" for d in docs):
+        # Tiny corpora: move one document so that validation is never empty.
+        docs[-1]["split"] = "val"
+    return docs
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=None) -> Path:
+    """Prepares `data_dir` into `out` (resumable); returns `out`."""
+    cfg = cfg or DataConfig()
+    out = Path(out)
+    meta_path = out / "meta.json"
+    wanted = {"data_dir": str(Path(data_dir).resolve()), "config": asdict(cfg)}
+    wanted["config"]["suffixes"] = list(cfg.suffixes)
+    wanted["config"]["exclude_dirs"] = list(cfg.exclude_dirs)
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if {k: meta.get(k) for k in wanted} != wanted:
+            raise UserError(f"{out}: prepared from different data or settings; use another --out")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    docs_path = out / "docs.jsonl"
+    if not docs_path.exists():
+        docs = collect_documents(Path(data_dir), cfg, progress)
+        _write_atomic(docs_path, "".join(json.dumps(d) + "\n" for d in docs).encode())
+    docs = [json.loads(line) for line in docs_path.read_text().splitlines()]
+    by_split = {s: [d["text"] for d in docs if d["split"] == s] for s in ("train", "val")}
+
+    tok_path = out / "tokenizer.json"
+    if not tok_path.exists():
+        if progress:
+            progress("tokenizer", 0, 1)
+        train_tokenizer(by_split["train"], cfg.vocab_size, tok_path)
+    tok = load_tokenizer(tok_path)
+    eos_id = tok.token_to_id(EOS)
+
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    counts = {}
+    for split, texts in by_split.items():
+        n_shards = (len(texts) + DOCS_PER_SHARD - 1) // DOCS_PER_SHARD
+        shard_paths = []
+        for s in range(n_shards):
+            path = shard_dir / f"{split}_{s:05d}.npy"
+            shard_paths.append(path)
+            if progress:
+                progress(f"tokenize {split}", s + 1, n_shards)
+            if path.exists():
+                continue
+            chunk = texts[s * DOCS_PER_SHARD:(s + 1) * DOCS_PER_SHARD]
+            ids = []
+            for enc in tok.encode_batch(chunk):
+                ids += enc.ids + [eos_id]
+            tmp = path.with_name(path.stem + ".tmp.npy")
+            np.save(tmp, np.asarray(ids, dtype=np.uint16))
+            tmp.replace(path)
+        stream = np.concatenate([[eos_id]] + [np.load(p) for p in shard_paths]).astype(np.uint16)
+        _write_atomic(out / f"{split}.bin", stream.tobytes())
+        counts[split] = {"documents": len(texts), "tokens": int(stream.size),
+                         "bytes": sum(len(t.encode()) for t in texts)}
+    _write_atomic(out / "val.txt", EOS.join(by_split["val"]).encode())
+    meta = dict(wanted, vocab_size=tok.get_vocab_size(), eos_id=eos_id, splits=counts)
+    _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+    return out
+
+
+def load_split(prepared: Path, split: str) -> np.ndarray:
+    path = Path(prepared) / f"{split}.bin"
+    if not path.exists():
+        raise UserError(f"{path}: prepared token file missing")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def read_val_text(path: Path) -> list[str]:
+    """Splits a val.txt (documents separated by <|endoftext|>) back into documents."""
+    return [d for d in Path(path).read_text(encoding="utf-8").split(EOS) if d]
+
+
+def encode_documents(tok, docs: list[str]) -> np.ndarray:
+    """The token stream `<eos> doc1 <eos> doc2 <eos> ...` of `docs` (matches val.bin)."""
+    eos_id = tok.token_to_id(EOS)
+    ids = [eos_id]
+    for enc in tok.encode_batch(docs):
+        ids += enc.ids + [eos_id]
+    return np.asarray(ids, dtype=np.int64)

@@ -1,0 +1,318 @@
+"""The trainer: AdamW, linear warm-up then cosine decay, gradient clipping and accumulation,
+optional bf16 autocast and activation checkpointing, periodic validation, atomic checkpoints
+and exact resumption, data-parallel under `torchrun` (DDP; gloo on CPU, NCCL on GPU).
+
+Reproducibility: the weights start from `seed`, and the batch of step s, micro-step m is
+drawn from a generator seeded by (seed, s, m) -- not from a stream that a resume would have
+to replay. Each step draws one global batch of `batch_size * world_size` windows and rank r
+takes rows [r*B, (r+1)*B), so 2 processes with batch B see exactly the batch that 1 process
+with batch 2B sees, and their all-reduced gradients agree.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphopt.errors import UserError
+
+from . import checkpoint as ckpt
+from .data import DataConfig, default_data_dir, load_split, prepare
+from .models import build_model, config_from_dict
+
+# Model shapes by name; vocab_size also sets the tokenizer size.
+PRESETS = {
+    "tiny": dict(arch="llama", vocab_size=512, max_seq_len=64, dim=64, num_layers=2,
+                 num_heads=4, num_kv_heads=2, mlp_hidden=176),
+    "small": dict(arch="llama", vocab_size=2048, max_seq_len=128, dim=128, num_layers=4,
+                  num_heads=4, num_kv_heads=2, mlp_hidden=352),
+    "default": dict(arch="llama", vocab_size=4096, max_seq_len=256, dim=192, num_layers=6,
+                    num_heads=6, num_kv_heads=2, mlp_hidden=512),
+    "medium": dict(arch="llama", vocab_size=4096, max_seq_len=256, dim=256, num_layers=6,
+                   num_heads=8, num_kv_heads=4, mlp_hidden=704),
+    "gpt-small": dict(arch="gpt", vocab_size=2048, max_seq_len=128, dim=128, num_layers=4,
+                      num_heads=4, mlp_hidden=512),
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""                  # folder of text files; "" = the interpreter's stdlib
+    out: str = "runs/default"
+    model: dict = field(default_factory=lambda: dict(PRESETS["default"]))
+    batch_size: int = 16            # per process, per micro-step
+    grad_accum: int = 1
+    max_steps: int = 2500
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # None = 5% of max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_tokens: int = 65536        # tokens of val.bin scored at each periodic evaluation
+    checkpoint_interval: int = 250
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    seed: int = 1337
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    device: str = "auto"            # auto | cpu | cuda
+    threads: int = 0                # torch intra-op threads; 0 = torch's default
+
+    @staticmethod
+    def from_dict(d: dict, source: str) -> "TrainConfig":
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown training option(s) {', '.join(unknown)}")
+        return TrainConfig(**d)
+
+    def validate(self) -> "TrainConfig":
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval",
+                     "checkpoint_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"training config: {name}={getattr(self, name)} must be positive")
+        if self.warmup_steps is None:
+            self.warmup_steps = self.max_steps // 20
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise UserError(f"training config: warmup_steps={self.warmup_steps} must lie in [0, max_steps]")
+        if self.lr <= 0:
+            raise UserError(f"training config: lr={self.lr} must be positive")
+        config_from_dict(self.model)
+        return self
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr for optimizer step `step` (0-based): warm-up, then cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def get_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int,
+              micro: int, rank: int = 0, world_size: int = 1):
+    """Rank `rank`'s rows of the global batch for (step, micro): inputs and targets."""
+    if len(tokens) <= seq_len + 1:
+        raise UserError(f"training data has {len(tokens)} tokens, fewer than seq_len+2={seq_len + 2}")
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) % 2**63)
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size * world_size,), generator=g)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
+    rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def forward_backward(model, batches, bf16: bool, device_type: str) -> float:
+    """Accumulates gradients of the mean loss over `batches`; returns that loss.
+
+    Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it).
+    """
+    from contextlib import nullcontext
+
+    total = 0.0
+    for i, (x, y) in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
+        with sync:
+            loss.backward()
+        total += loss.item()
+    return total
+
+
+@torch.no_grad()
+def evaluate_tokens(model, ids, seq_len: int, batch_size: int = 16, device="cpu",
+                    bf16: bool = False) -> tuple[float, int]:
+    """Summed NLL (nats) and count of predicted tokens over a token stream, scored in
+    non-overlapping windows of `seq_len` predictions."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    windows = []
+    for start in range(0, len(ids) - 1, seq_len):
+        windows.append(ids[start:start + seq_len + 1])
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    device_type = torch.device(device).type
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        by_len: dict[int, list] = {}
+        for w in group:  # the last window may be shorter
+            by_len.setdefault(len(w), []).append(w)
+        for rows in by_len.values():
+            rows = torch.stack(rows).to(device)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(rows[:, :-1])
+            nll += F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(),
+                                   reduction="sum").item()
+            count += rows[:, 1:].numel()
+    model.train(was_training)
+    return nll, count
+
+
+def unigram_perplexity(ids) -> float:
+    """Perplexity of a unigram model fitted on the very tokens it scores (its best case)."""
+    counts = np.bincount(np.asarray(ids)[1:]).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(math.exp(-(p * np.log(p)).sum()))
+
+
+# ---------------------------------------------------------------- the run
+
+def _setup_distributed(cfg: TrainConfig):
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, device
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None) -> Path:
+    """Runs (or resumes) a training run into cfg.out; returns the last checkpoint folder.
+
+    `stop_after` ends the process after that many steps as if killed (for tests)."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world_size, device = _setup_distributed(cfg)
+    device_type = torch.device(device).type
+    out = Path(cfg.out)
+    data_out = out / "data"
+    data_cfg = DataConfig(vocab_size=cfg.model["vocab_size"])
+    data_dir = Path(cfg.data) if cfg.data else default_data_dir()
+    if rank == 0:
+        _log(rank, f"preparing data from {data_dir} into {data_out}")
+        prepare(data_dir, data_out, data_cfg, progress=_progress_printer())
+    if world_size > 1:
+        torch.distributed.barrier()
+    meta = json.loads((data_out / "meta.json").read_text())
+    train_tokens, val_tokens = load_split(data_out, "train"), load_split(data_out, "val")
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = config_from_dict(cfg.model)
+    model = build_model(model_cfg).to(device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+    start_step = 0
+    latest = out / "checkpoints" / "latest"
+    if resume and latest.is_file():
+        folder = ckpt.resolve_checkpoint(out)
+        saved = ckpt.read_config(folder)
+        if saved["model"] != asdict(model_cfg):
+            raise UserError(f"{folder}: model config differs from this run's; use another --out")
+        loaded, _ = ckpt.load_model(folder, device)
+        model.load_state_dict(loaded.state_dict())
+        state = ckpt.load_training_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        _log(rank, f"resumed from {folder} at step {start_step}")
+        if rank == 0 and (out / "metrics.jsonl").exists():  # drop steps the resume will redo
+            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["step"] <= start_step]
+            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
+
+    seq_len = model_cfg.max_seq_len
+    n_params = model.num_parameters()
+    _log(rank, f"model {model_cfg.arch}: {n_params:,} parameters; {world_size} process(es) on {device}; "
+               f"train {len(train_tokens):,} tokens, val {len(val_tokens):,} tokens")
+    metrics_path = out / "metrics.jsonl"
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * seq_len
+    last_folder = None
+    t0, tokens_since = time.time(), 0
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        batches = [tuple(t.to(device) for t in get_batch(train_tokens, seq_len, cfg.batch_size, cfg.seed,
+                                                         step, m, rank, world_size))
+                   for m in range(cfg.grad_accum)]
+        loss = forward_backward(ddp_model, batches, cfg.bf16, device_type)
+        if world_size > 1:  # the logged loss is the global mean
+            t = torch.tensor([loss], device=device)
+            torch.distributed.all_reduce(t)
+            loss = t.item() / world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_since += tokens_per_step
+        done = step + 1
+        record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            nll, count = evaluate_tokens(model, val_tokens[:cfg.eval_tokens + 1], seq_len,
+                                         device=device, bf16=cfg.bf16)
+            record["val_loss"] = nll / count
+            record["val_ppl"] = math.exp(nll / count)
+        if done % cfg.log_interval == 0 or "val_loss" in record:
+            elapsed = time.time() - t0
+            msg = (f"step {done}/{cfg.max_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
+                   f"grad norm {grad_norm:.2f} | {tokens_since / elapsed:,.0f} tok/s")
+            if "val_loss" in record:
+                msg += f" | val loss {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
+            _log(rank, msg)
+            t0, tokens_since = time.time(), 0
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+            if rank == 0:
+                name = f"step_{done:07d}"
+                last_folder = ckpt.save_checkpoint(
+                    out / "checkpoints" / name, model,
+                    {"model": asdict(model_cfg), "train": asdict(cfg), "step": done,
+                     "metrics": {k: v for k, v in record.items() if k != "step"},
+                     "data": meta.get("splits")},
+                    data_out / "tokenizer.json", data_out / "val.txt",
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done})
+                ckpt.mark_latest(out, name, cfg.keep_checkpoints)
+            if world_size > 1:
+                torch.distributed.barrier()
+        if stop_after is not None and done - start_step >= stop_after:
+            break
+    return last_folder or ckpt.resolve_checkpoint(out)
+
+
+def _progress_printer():
+    last = {}
+
+    def progress(stage: str, i: int, n: int) -> None:
+        # One line per stage at 0%, every 25%, and 100%, so logs stay short.
+        pct = int(100 * i / max(n, 1)) // 25 * 25
+        if last.get(stage) != pct:
+            last[stage] = pct
+            print(f"  {stage}: {i}/{n}", flush=True)
+
+    return progress
