@@ -51,3 +51,67 @@ _register_train_commands()
 
 def main() -> None:
     cli(prog_name="graphopt")
+
+
+# --------------------------------------------------------------------------------------
+# inspect / convert
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--ir", "show_ir", is_flag=True, help="Print the graph in graphopt's textual IR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(model: str, show_ir: bool, as_json: bool) -> None:
+    """Summarize MODEL: op histogram, parameters, inputs and outputs with symbolic shapes.
+
+    \b
+    Examples:
+      graphopt inspect examples/tiny_mlp.onnx
+      graphopt inspect model.onnx --json
+      graphopt inspect model.onnx --ir | less
+    """
+    from graphopt.models import load_graph
+    from graphopt.summary import format_summary, summarize
+
+    graph = load_graph(model)
+    if show_ir:
+        from graphopt.text import print_graph
+
+        click.echo(print_graph(graph), nl=False)
+        return
+    s = summarize(graph)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(s, indent=2))
+    else:
+        click.echo(format_summary(s))
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Output file: .gir (text IR + weights beside it) or .onnx.")
+@click.option("--external-data/--inline-data", default=None,
+              help="For .onnx output: put weights in a .data file beside it (default: only over 1 GiB).")
+def convert(source: str, output: str, external_data: bool | None) -> None:
+    """Convert between an ONNX model and graphopt's textual IR.
+
+    A .gir file is readable and editable by hand; its weights live in a safetensors file
+    beside it (named in the .gir header).
+
+    \b
+    Examples:
+      graphopt convert examples/tiny_mlp.onnx -o tiny.gir
+      graphopt convert tiny.gir -o back.onnx
+    """
+    from graphopt.models import load_graph, save_graph
+    from graphopt.verify import verify
+
+    graph = load_graph(source)
+    try:
+        verify(graph)
+    except Exception as e:
+        raise UserError(f"{source}: the graph does not verify: {e}") from None
+    files = save_graph(graph, output, external_data=external_data)
+    click.echo(f"wrote {', '.join(str(f) for f in files)}")

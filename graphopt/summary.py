@@ -1,0 +1,63 @@
+"""What `graphopt inspect` reports about a graph: op histogram, parameters, signature."""
+from __future__ import annotations
+
+import collections
+
+from graphopt.ir import Graph
+
+
+def summarize(graph: Graph) -> dict:
+    ops = collections.Counter(n.op for n in graph.nodes)
+    by_dtype: dict[str, dict[str, int]] = {}
+    for v in graph.initializers.values():
+        a = v.const_value
+        d = by_dtype.setdefault(v.type.dtype.short, {"count": 0, "bytes": 0, "tensors": 0})
+        d["count"] += int(a.size)
+        d["bytes"] += int(a.nbytes)
+        d["tensors"] += 1
+    md = graph.metadata
+    return {
+        "graph": graph.name,
+        "source": md.source,
+        "producer": f"{md.producer_name} {md.producer_version}".strip(),
+        "opset": dict(sorted(graph.opset.items())),
+        "source_opset": md.source_opset,
+        "nodes": len(graph.nodes),
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "parameters": {
+            "count": sum(d["count"] for d in by_dtype.values()),
+            "bytes": sum(d["bytes"] for d in by_dtype.values()),
+            "tensors": len(graph.initializers),
+            "by_dtype": by_dtype,
+        },
+        "inputs": [{"name": v.name, "type": str(v.type)} for v in graph.inputs],
+        "outputs": [{"name": v.name, "type": str(v.type)} for v in graph.outputs],
+    }
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_summary(s: dict) -> str:
+    p = s["parameters"]
+    lines = [
+        f"model      {s['source'] or s['graph']}",
+        f"producer   {s['producer'] or '-'}",
+        f"opset      " + ", ".join(f"{k or 'ai.onnx'} {v}" for k, v in s["opset"].items())
+        + (f" (imported from opset {s['source_opset']})" if s["source_opset"] and s["source_opset"] != s["opset"].get("") else ""),
+        f"parameters {p['count']:,} in {p['tensors']} tensors, {_human_bytes(p['bytes'])}"
+        + ("" if not p["by_dtype"] else " (" + ", ".join(f"{k}: {v['count']:,}" for k, v in p["by_dtype"].items()) + ")"),
+        "inputs",
+        *[f"  {x['name']}: {x['type']}" for x in s["inputs"]],
+        "outputs",
+        *[f"  {x['name']}: {x['type']}" for x in s["outputs"]],
+        f"ops        {s['nodes']} nodes",
+    ]
+    width = max((len(k) for k in s["ops"]), default=0)
+    lines += [f"  {k:<{width}}  {v:>5}" for k, v in s["ops"].items()]
+    return "\n".join(lines)
