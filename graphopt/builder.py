@@ -21,11 +21,11 @@ class Builder:
         self.created_by = created_by
         self.nodes: list[Node] = []
 
-    def op(self, op_type: str, *inputs: Value | None, domain: str = "", num_outputs: int | None = None,
+    def op(self, op_type: str, *inputs: Value | None, domain: str = "", n_out: int | None = None,
            output_types: Sequence[TensorType | None] | None = None, **attrs) -> Value | tuple[Value, ...]:
         attrs = {k: Attr.infer(v) for k, v in attrs.items() if v is not None}
         node = self.graph.make_node(
-            op_type, list(inputs), domain=domain, attrs=attrs, num_outputs=num_outputs,
+            op_type, list(inputs), domain=domain, attrs=attrs, num_outputs=n_out,
             output_types=output_types, meta=NodeMeta(created_by=self.created_by))
         if self.before is not None:
             self.graph.insert_before(self.before, node)

@@ -3,7 +3,10 @@ implementation and a decomposition into core ops at the canonical opset.
 
 Their semantics are those of the ONNX opset-23 ops of the same purpose (so imported
 `Attention`, `RMSNormalization` and `RotaryEmbedding` nodes map onto them one to one), and
-the reference kernels are ONNX's own reference implementations of those ops.
+the reference kernels are ONNX's own reference implementations of those ops. Where the
+ONNX reference, ONNX's function body and ONNX Runtime disagree, the op's doc says which
+behaviour graphopt takes. tests/test_graphopt_ops.py checks every decomposition against the
+reference and the reference against ONNX Runtime's opset-23 kernels.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from graphopt.ir import GRAPHOPT_DOMAIN, AttrKind, Node, TensorType, Value
 from graphopt.registry import AttrSpec, OpDef, register_op
 
 _INT64_MAX = np.iinfo(np.int64).max
+_BNSH_FROM_BSNH = [0, 2, 1, 3]  # the same permutation goes both ways
 
 
 def _i64(*xs) -> np.ndarray:
@@ -31,24 +35,38 @@ def _unsupported(node: Node, why: str) -> UserError:
 # RMSNorm
 
 
+def _rms_stash_dtype(dtype: np.dtype) -> np.dtype:
+    # stash_type=1: normalize in float32, or in float64 for float64 input (as ONNX Runtime
+    # and ONNX's reference kernel do; casting float64 down would only lose precision).
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
 def _rms_infer(node: Node):
-    return [node.inputs[0].type]
+    x, scale = node.inputs
+    if scale.type.dtype is not x.type.dtype:
+        raise _unsupported(node, f"X is {x.type.dtype.short} but scale is {scale.type.dtype.short}; "
+                                 "they must have the same element type")
+    rank, axis = x.type.rank, node.attr("axis", -1)
+    if rank is not None and not -rank <= axis < rank:
+        raise _unsupported(node, f"axis {axis} is out of range for an input of rank {rank}")
+    return [x.type]
 
 
 def _rms_reference(node: Node, inputs):
+    from onnx.reference.ops.op_rms_normalization import _rms_normalization
+
     x, scale = inputs
-    axis = node.attr("axis", -1)
-    eps = node.attr("epsilon", 1e-5)
-    axes = tuple(range(axis % x.ndim, x.ndim))
-    xf = x.astype(np.float32)
-    normed = xf / np.sqrt(np.mean(np.square(xf), axis=axes, keepdims=True) + np.float32(eps))
-    return [(normed.astype(x.dtype) * scale).astype(x.dtype)]
+    stash = _rms_stash_dtype(x.dtype)
+    # ONNX's kernel for the first stage (with a unit scale), then the function body's
+    # second stage: cast back to X's type, then scale.
+    normalized = _rms_normalization(x.astype(stash), np.ones((), stash), axis=node.attr("axis", -1),
+                                    epsilon=node.attr("epsilon", 1e-5))
+    return [normalized.astype(x.dtype) * scale]
 
 
 def _rms_decompose(b: Builder, node: Node):
     x, scale = node.inputs
     axis = node.attr("axis", -1)
-    eps = node.attr("epsilon", 1e-5)
     rank = x.type.rank
     if axis < 0:
         axes = list(range(axis, 0))
@@ -56,13 +74,14 @@ def _rms_decompose(b: Builder, node: Node):
         axes = list(range(axis, rank))
     else:
         raise _unsupported(node, "a non-negative axis needs an input of known rank to decompose")
-    xf = x if x.type.dtype.np_dtype == np.float32 else b.Cast(x, to=1)
-    mean = b.ReduceMean(b.Mul(xf, xf), b.const(_i64(*axes), "rms_axes"), keepdims=1)
-    inv = b.Reciprocal(b.Sqrt(b.Add(mean, b.const(np.array(eps, np.float32), "rms_eps"))))
-    y = b.Mul(xf, inv)
-    if y.type.dtype is not x.type.dtype:
-        y = b.Cast(y, to=x.type.dtype.onnx_type)
-    return [b.Mul(y, scale)]
+    stash = _rms_stash_dtype(x.type.dtype.np_dtype)
+    xs = x if x.type.dtype.np_dtype == stash else b.Cast(x, to=1)
+    mean_square = b.ReduceMean(b.Mul(xs, xs), b.const(_i64(*axes), "rms_axes"), keepdims=1)
+    eps = b.const(np.array(node.attr("epsilon", 1e-5), stash), "rms_epsilon")
+    normalized = b.Mul(xs, b.Reciprocal(b.Sqrt(b.Add(mean_square, eps))))
+    if xs is not x:
+        normalized = b.Cast(normalized, to=x.type.dtype.onnx_type)
+    return [b.Mul(normalized, scale)]
 
 
 register_op(OpDef(
@@ -70,12 +89,27 @@ register_op(OpDef(
     attrs={"axis": AttrSpec(AttrKind.INT, default=-1), "epsilon": AttrSpec(AttrKind.FLOAT, default=1e-5)},
     min_inputs=2, max_inputs=2, min_outputs=1, max_outputs=1,
     infer=_rms_infer, reference=_rms_reference, decompose=_rms_decompose,
-    doc="Y = X / sqrt(mean(X^2 over axes [axis, rank)) + epsilon) * scale, normalized in float32.",
+    doc="Y = Cast(X / sqrt(mean(X^2 over axes [axis, rank)) + epsilon), X's type) * scale, as ONNX "
+        "RMSNormalization-23 with stash_type=1: the first stage runs in float32 (float64 for float64 "
+        "input). X and scale must have the same element type (as in ONNX's function body).",
 ))
 
 
 # --------------------------------------------------------------------------------------
 # RotaryEmbedding
+
+
+def _rope_infer(node: Node):
+    x, cos, sin = node.inputs[:3]
+    shape = x.type.shape
+    if shape is not None and len(shape) not in (3, 4):
+        raise _unsupported(node, f"input must have rank 3 or 4, got {x.type}")
+    if shape is not None and len(shape) == 3 and not node.attr("num_heads", 0):
+        raise _unsupported(node, "num_heads is required for 3-D input")
+    for cache in (cos, sin):
+        if cache.type.dtype is not x.type.dtype:
+            raise _unsupported(node, f"{cache.name!r} is {cache.type.dtype.short}, input is {x.type.dtype.short}")
+    return [x.type]
 
 
 def _rope_reference(node: Node, inputs):
@@ -88,53 +122,65 @@ def _rope_reference(node: Node, inputs):
                              num_heads=node.attr("num_heads", 0)).astype(x.dtype)]
 
 
+def _rope_head_size(node: Node) -> int | None:
+    shape = node.inputs[0].type.shape
+    if len(shape) == 4:
+        return shape[3] if isinstance(shape[3], int) else None
+    num_heads = node.attr("num_heads", 0)
+    if not isinstance(shape[2], int):
+        return None
+    if shape[2] % num_heads:
+        raise _unsupported(node, f"hidden size {shape[2]} is not a multiple of num_heads={num_heads}")
+    return shape[2] // num_heads
+
+
 def _rope_decompose(b: Builder, node: Node):
     x, cos, sin = node.inputs[:3]
     pos = node.inputs[3] if len(node.inputs) > 3 else None
-    num_heads = node.attr("num_heads", 0)
-    interleaved = node.attr("interleaved", 0)
     shape = x.type.shape
-    if shape is None or len(shape) not in (3, 4):
-        raise _unsupported(node, "input must have rank 3 or 4 to decompose")
-    if len(shape) == 4:
-        head = shape[3]
-        xs = b.Transpose(x, perm=[0, 2, 1, 3])  # BNSH -> BSNH
-    else:
-        if not num_heads:
-            raise _unsupported(node, "num_heads is required for 3-D input")
-        head = shape[2] // num_heads if isinstance(shape[2], int) else None
-        xs = b.Reshape(x, b.const(_i64(0, 0, num_heads, -1), "rope_shape"))
+    if shape is None:
+        raise _unsupported(node, "the input's rank must be known to decompose")
+    _rope_infer(node)
+    head = _rope_head_size(node)
     rot = node.attr("rotary_embedding_dim", 0) or head
-    if not isinstance(rot, int):
-        raise _unsupported(node, "the head size must be static to decompose")
+    if rot is None:
+        raise _unsupported(node, "the head size must be static to decompose (or give rotary_embedding_dim)")
+    if rot % 2 or (head is not None and rot > head):
+        raise _unsupported(node, f"rotary_embedding_dim {rot} must be even and at most the head size {head}")
     half = rot // 2
+    # Work in BSNH so that the caches, (B, S, rot/2), broadcast as (B, S, 1, rot/2).
+    if len(shape) == 4:
+        x_bsnh = b.Transpose(x, perm=_BNSH_FROM_BSNH)
+    else:
+        x_bsnh = b.Reshape(x, b.const(_i64(0, 0, node.attr("num_heads", 0), -1), "rope_bsnh_shape"))
     if pos is not None:
         cos, sin = b.Gather(cos, pos, axis=0), b.Gather(sin, pos, axis=0)
-    axis2 = b.const(_i64(2), "rope_axis")
-    cos, sin = b.Unsqueeze(cos, axis2), b.Unsqueeze(sin, axis2)  # B, S, 1, rot/2
-    ax3 = b.const(_i64(3), "rope_axis3")
-    x_rot = b.Slice(xs, b.const(_i64(0)), b.const(_i64(rot)), ax3) if rot != head else xs
-    if interleaved:
-        two = b.const(_i64(2), "rope_step")
-        x1 = b.Slice(x_rot, b.const(_i64(0)), b.const(_i64(rot)), ax3, two)
-        x2 = b.Slice(x_rot, b.const(_i64(1)), b.const(_i64(rot)), ax3, two)
-    else:
-        x1 = b.Slice(x_rot, b.const(_i64(0)), b.const(_i64(half)), ax3)
-        x2 = b.Slice(x_rot, b.const(_i64(half)), b.const(_i64(rot)), ax3)
+    head_axis = b.const(_i64(2), "rope_head_axis")
+    cos, sin = b.Unsqueeze(cos, head_axis), b.Unsqueeze(sin, head_axis)
+
+    last = b.const(_i64(-1), "rope_last_axis")
+
+    def part(start: int, end: int, step: int = 1) -> Value:  # x_bsnh[..., start:end:step]
+        steps = [b.const(_i64(step), "rope_step")] if step != 1 else []
+        return b.Slice(x_bsnh, b.const(_i64(start), "rope_start"), b.const(_i64(end), "rope_end"), last, *steps)
+
+    interleaved = node.attr("interleaved", 0)
+    if interleaved:  # rotate the pairs (x[2i], x[2i+1])
+        x1, x2 = part(0, rot, 2), part(1, rot, 2)
+    else:  # rotate the pairs (x[i], x[i + rot/2])
+        x1, x2 = part(0, half), part(half, rot)
     real = b.Sub(b.Mul(cos, x1), b.Mul(sin, x2))
     imag = b.Add(b.Mul(sin, x1), b.Mul(cos, x2))
-    if interleaved:
-        last = b.const(_i64(-1), "rope_last")
-        pairs = b.Concat(b.Unsqueeze(real, last), b.Unsqueeze(imag, last), axis=-1)
-        rotated = b.Reshape(pairs, b.const(_i64(0, 0, 0, -1), "rope_flat"))
+    if interleaved:  # real and imag back into even and odd positions
+        pairs = b.Concat(b.Unsqueeze(real, last), b.Unsqueeze(imag, last), axis=-1)  # B, S, N, rot/2, 2
+        rotated = b.Reshape(pairs, b.const(_i64(0, 0, 0, -1), "rope_pairs_shape"))
     else:
         rotated = b.Concat(real, imag, axis=-1)
-    if rot != head:
-        rest = b.Slice(xs, b.const(_i64(rot)), b.const(_i64(_INT64_MAX)), ax3)
-        rotated = b.Concat(rotated, rest, axis=-1)
+    if rot != head:  # partial rotation: the rest of each head passes through
+        rotated = b.Concat(rotated, part(rot, _INT64_MAX), axis=-1)
     if len(shape) == 4:
-        return [b.Transpose(rotated, perm=[0, 2, 1, 3])]
-    return [b.Reshape(rotated, b.const(_i64(0, 0, -1), "rope_merge"))]
+        return [b.Transpose(rotated, perm=_BNSH_FROM_BSNH)]
+    return [b.Reshape(rotated, b.const(_i64(0, 0, -1), "rope_bsd_shape"))]
 
 
 register_op(OpDef(
@@ -142,9 +188,11 @@ register_op(OpDef(
     attrs={"interleaved": AttrSpec(AttrKind.INT, default=0), "num_heads": AttrSpec(AttrKind.INT, default=0),
            "rotary_embedding_dim": AttrSpec(AttrKind.INT, default=0)},
     min_inputs=3, max_inputs=4, min_outputs=1, max_outputs=1,
-    infer=lambda node: [node.inputs[0].type], reference=_rope_reference, decompose=_rope_decompose,
-    doc="Rotary position embedding of X (B,N,S,H or B,S,N*H) with cos/sin caches, as ONNX "
-        "RotaryEmbedding-23: caches are (max_pos, rot/2) indexed by position_ids, or (B, S, rot/2).",
+    infer=_rope_infer, reference=_rope_reference, decompose=_rope_decompose,
+    doc="Rotary position embedding of X (B,N,S,H or B,S,N*H with num_heads) with cos/sin caches, as ONNX "
+        "RotaryEmbedding-23: caches are (max_pos, rot/2) indexed by position_ids (B,S), or (B,S,rot/2); "
+        "the first rotary_embedding_dim (default: all) entries of each head rotate, in halves or, "
+        "with interleaved=1, in even/odd pairs.",
 ))
 
 
@@ -160,126 +208,193 @@ def _heads_3d(node: Node) -> tuple[int, int]:
     return nq, nkv
 
 
-def _attention_infer(node: Node):
+def _split_heads(node: Node, hidden, heads: int):
+    """The head size of a (B, S, heads * head_size) input; None when the hidden size is symbolic."""
+    if not isinstance(hidden, int):
+        return None
+    if hidden % heads:
+        raise _unsupported(node, f"hidden size {hidden} is not a multiple of {heads} heads")
+    return hidden // heads
+
+
+def _attention_inputs(node: Node):
     q, k, v = node.inputs[:3]
-    past_k = node.inputs[4] if len(node.inputs) > 4 else None
+    mask, past_k, past_v = (list(node.inputs[3:]) + [None] * 3)[:3]
+    return q, k, v, mask, past_k, past_v
+
+
+def _seq_len_bnsh(node: Node, t: Value | None):
+    """The sequence length of K/V (3-D or 4-D) or of a BNSH past: an int, a symbol or None."""
+    if t is None or t.type.shape is None:
+        return None
+    return t.type.shape[1] if len(t.type.shape) == 3 else t.type.shape[2]
+
+
+def _attention_infer(node: Node):
+    q, k, v, mask, past_k, past_v = _attention_inputs(node)
     dt = q.type.dtype
-    qs, ks, vs = q.type.shape, k.type.shape, v.type.shape
+    qs, vs = q.type.shape, v.type.shape
+    if qs is not None and len(qs) not in (3, 4):
+        raise _unsupported(node, f"Q must have rank 3 or 4, got {q.type}")
+    three_d = qs is not None and len(qs) == 3
+    if three_d:
+        nq, nkv = _heads_3d(node)
+    if (past_k is None) != (past_v is None):
+        raise _unsupported(node, "past_key and past_value must be given together")
+    if mask is not None and mask.type.shape:
+        # ONNX's reference pads a shorter mask with -inf, ONNX Runtime refuses it: we refuse it.
+        past = 0 if past_k is None else _seq_len_bnsh(node, past_k)
+        new, mlast = _seq_len_bnsh(node, k), mask.type.shape[-1]
+        if isinstance(new, int) and isinstance(past, int) and isinstance(mlast, int) and mlast != past + new:
+            raise _unsupported(node, f"the mask's last dimension is {mlast}, but the total sequence length "
+                                     f"is {past + new}")
     if qs is None or vs is None:
         y = TensorType(dt, None)
-    elif len(qs) == 3:
-        nq, nkv = _heads_3d(node)
-        hv = vs[2] // nkv if isinstance(vs[2], int) else None
+    elif three_d:
+        hv = _split_heads(node, vs[2], nkv)
         y = TensorType(dt, (qs[0], qs[1], nq * hv if hv is not None else None))
     else:
         y = TensorType(dt, (qs[0], qs[1], qs[2], vs[3]))
-    types = [y]
-    if len(node.outputs) > 1:
-        def present(src_shape, past):
-            if src_shape is None:
-                return TensorType(dt, None)
-            if len(src_shape) == 3:
-                _, nkv = _heads_3d(node)
-                h = src_shape[2] // nkv if isinstance(src_shape[2], int) else None
-                new, heads = src_shape[1], nkv
-            else:
-                new, heads, h = src_shape[2], src_shape[1], src_shape[3]
-            total = new
-            if past is not None:
-                ps = past.type.shape
-                p = ps[2] if ps is not None else None
-                total = p + new if isinstance(p, int) and isinstance(new, int) else (new if p == 0 else None)
-            return TensorType(dt, (src_shape[0], heads, total, h))
-        types.append(present(ks, past_k))
-        past_v = node.inputs[5] if len(node.inputs) > 5 else None
-        types.append(present(vs, past_v))
-    return types[:len(node.outputs)]
+
+    def present(new: Value, past: Value | None) -> TensorType:
+        s = new.type.shape
+        if s is None:
+            return TensorType(new.type.dtype, None)
+        if len(s) == 3:
+            heads, seq, head = nkv, s[1], _split_heads(node, s[2], nkv)
+        else:
+            heads, seq, head = s[1], s[2], s[3]
+        if past is not None:
+            p = _seq_len_bnsh(node, past)
+            seq = p + seq if isinstance(p, int) and isinstance(seq, int) else (seq if p == 0 else None)
+        return TensorType(new.type.dtype, (s[0], heads, seq, head))
+
+    return [y, present(k, past_k), present(v, past_v)][:len(node.outputs)]
 
 
 def _attention_reference(node: Node, inputs):
     from onnx.reference.ops.op_attention import _compute_attention
 
     q, k, v = inputs[:3]
-    rest = list(inputs[3:]) + [None] * (6 - len(inputs))
-    mask, past_k, past_v = rest[0], rest[1], rest[2]
-    nq = node.attr("num_heads", 0) or None
-    nkv = node.attr("kv_num_heads", 0) or nq
-    scale = node.attr("scale", 0.0) or None
-    softcap = node.attr("softcap", 0.0) or None
-    if q.ndim == 4:
-        nq = nkv = None
-    out = _compute_attention(q, k, v, attn_mask=mask, past_key=past_k, past_value=past_v, scale=scale,
-                             is_causal=bool(node.attr("causal", 0)), q_num_heads=nq, kv_num_heads=nkv,
-                             softcap=softcap)
+    mask, past_k, past_v = (list(inputs[3:]) + [None] * 3)[:3]
+    if mask is not None:
+        total = k.shape[-2 if k.ndim == 4 else 1] + (0 if past_k is None else past_k.shape[2])
+        if mask.shape[-1] != total:
+            raise _unsupported(node, f"the mask's last dimension is {mask.shape[-1]}, but the total "
+                                     f"sequence length is {total}")
+    nq, nkv = _heads_3d(node) if q.ndim == 3 else (None, None)
+    out = _compute_attention(q, k, v, attn_mask=mask, past_key=past_k, past_value=past_v,
+                             scale=node.attr("scale", 0.0) or None, is_causal=bool(node.attr("causal", 0)),
+                             q_num_heads=nq, kv_num_heads=nkv, softcap=node.attr("softcap", 0.0) or None)
     return [np.asarray(o).astype(q.dtype) for o in out[:len(node.outputs)]]
 
 
+def _repeat_kv_heads(b: Builder, node: Node, t_BNSH: Value, nq, nkv) -> Value:
+    """Repeat each KV head nq/nkv times, next to itself (h0, h0, h1, h1, ...), as np.repeat."""
+    if nq == nkv and nq is not None:
+        return t_BNSH
+    if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
+        raise _unsupported(node, f"grouped-query attention needs static head counts that divide, "
+                                 f"got {nq} query and {nkv} key/value heads")
+    grouped = b.Unsqueeze(t_BNSH, b.const(_i64(2), "attn_group_axis"))  # B, Nkv, 1, S, H
+    tiled = b.Expand(grouped, b.const(_i64(1, 1, nq // nkv, 1, 1), "attn_group_reps"))
+    shape = b.Concat(b.Shape(t_BNSH, start=0, end=1), b.const(_i64(nq), "attn_num_heads"),
+                     b.Shape(t_BNSH, start=2), axis=0)
+    return b.Reshape(tiled, shape)
+
+
+def _attention_bias(b: Builder, node: Node, mask: Value | None, q_BNSH: Value, k_BNSH: Value,
+                    past_k: Value | None, zero: Value, neg_inf: Value) -> Value:
+    """The additive bias: the mask (a boolean one as 0 / -inf) plus, when causal, the
+    bottom-right causal mask: query i attends key j iff j <= i + past_sequence_length."""
+    dt = q_BNSH.type.dtype
+    bias = None
+    if mask is not None:
+        if mask.type.dtype.np_dtype == np.bool_:
+            bias = b.Where(mask, zero, neg_inf)
+        else:
+            bias = mask if mask.type.dtype is dt else b.Cast(mask, to=dt.onnx_type)
+    if node.attr("causal", 0):
+        scalar = b.const(_i64(0), "attn_scalar_axis")
+
+        def length(t: Value, axis: int) -> Value:  # a scalar int64
+            return b.Squeeze(b.Shape(t, start=axis, end=axis + 1), scalar)
+
+        start = b.const(np.array(0, np.int64), "attn_range_start")
+        step = b.const(np.array(1, np.int64), "attn_range_step")
+        rows = b.Unsqueeze(b.Range(start, length(q_BNSH, 2), step), b.const(_i64(1), "attn_col_axis"))
+        if past_k is not None:
+            rows = b.Add(rows, length(past_k, 2))
+        cols = b.Unsqueeze(b.Range(start, length(k_BNSH, 2), step), scalar)
+        causal = b.Where(b.LessOrEqual(cols, rows), zero, neg_inf)  # Sq, Skv_total
+        bias = causal if bias is None else b.Add(bias, causal)
+    return bias
+
+
 def _attention_decompose(b: Builder, node: Node):
-    q, k, v = node.inputs[:3]
-    extra = list(node.inputs[3:]) + [None] * (6 - len(node.inputs))
-    mask, past_k, past_v = extra[0], extra[1], extra[2]
+    q, k, v, mask, past_k, past_v = _attention_inputs(node)
     dt = q.type.dtype
     qs = q.type.shape
     if qs is None or len(qs) not in (3, 4):
         raise _unsupported(node, "Q must have rank 3 or 4 to decompose")
-    three_d = len(qs) == 3
-    perm = [0, 2, 1, 3]
-    if three_d:
+    if len(qs) == 3:
         nq, nkv = _heads_3d(node)
-        q4 = b.Transpose(b.Reshape(q, b.const(_i64(0, 0, nq, -1), "attn_q_shape")), perm=perm)
-        kv_shape = b.const(_i64(0, 0, nkv, -1), "attn_kv_shape")
-        k4 = b.Transpose(b.Reshape(k, kv_shape), perm=perm)
-        v4 = b.Transpose(b.Reshape(v, kv_shape), perm=perm)
-        head = qs[2] // nq if isinstance(qs[2], int) else None
-    else:
-        q4, k4, v4 = q, k, v
-        nq, nkv = qs[1], (k.type.shape[1] if k.type.shape is not None else None)
-        head = qs[3]
-    if past_k is not None:
-        k4 = b.Concat(past_k, k4, axis=2)
-    if past_v is not None:
-        v4 = b.Concat(past_v, v4, axis=2)
-    present_k, present_v = k4, v4
-    if nq != nkv:
-        if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
-            raise _unsupported(node, "grouped-query attention needs static head counts that divide")
-        group = nq // nkv
-        reps = b.const(_i64(1, 1, group, 1, 1), "attn_gqa_reps")
-        ax2 = b.const(_i64(2), "attn_gqa_axis")
+        head = _split_heads(node, qs[2], nq)
 
-        def repeat_heads(t: Value) -> Value:
-            tiled = b.Expand(b.Unsqueeze(t, ax2), reps)
-            shape = b.Concat(b.Shape(t, start=0, end=1), b.const(_i64(nq), "attn_nq"), b.Shape(t, start=2), axis=0)
-            return b.Reshape(tiled, shape)
-        k4, v4 = repeat_heads(k4), repeat_heads(v4)
+        def to_bnsh(t: Value, heads: int) -> Value:
+            bsnh = b.Reshape(t, b.const(_i64(0, 0, heads, -1), "attn_bsnh_shape"))
+            return b.Transpose(bsnh, perm=_BNSH_FROM_BSNH)
+        q_BNSH, k_BNSH, v_BNSH = to_bnsh(q, nq), to_bnsh(k, nkv), to_bnsh(v, nkv)
+    else:
+        q_BNSH, k_BNSH, v_BNSH = q, k, v
+        nq, head = qs[1], qs[3]
+        nkv = k.type.shape[1] if k.type.shape is not None else None
+
+    k_BNSH = b.Concat(past_k, k_BNSH, axis=2) if past_k is not None else k_BNSH
+    v_BNSH = b.Concat(past_v, v_BNSH, axis=2) if past_v is not None else v_BNSH
+
+    def present(index: int, t_BNSH: Value, new: Value) -> Value | None:
+        if index >= len(node.outputs) or node.outputs[index] is None:
+            return None
+        # Without a past, present is K or V itself: an Identity keeps the output a value of its
+        # own (decompose_node would otherwise rename the graph input to the output's name).
+        return b.Identity(t_BNSH) if t_BNSH is new else t_BNSH
+
+    presents = [present(1, k_BNSH, k), present(2, v_BNSH, v)]
+    k_BNSH, v_BNSH = _repeat_kv_heads(b, node, k_BNSH, nq, nkv), _repeat_kv_heads(b, node, v_BNSH, nq, nkv)
+
     scale = node.attr("scale", 0.0)
     if not scale:
         if not isinstance(head, int):
             raise _unsupported(node, "the head size must be static when no scale is given")
         scale = 1.0 / math.sqrt(head)
-    scores = b.Mul(b.MatMul(q4, b.Transpose(k4, perm=[0, 1, 3, 2])), b.const(np.array(scale, dt.np_dtype), "attn_scale"))
+    # As the spec (and its reference): Q and K each scaled by sqrt(scale), against overflow.
+    sqrt_scale = b.const(np.array(math.sqrt(scale), dt.np_dtype), "attn_sqrt_scale")
+    k_t = b.Transpose(k_BNSH, perm=[0, 1, 3, 2])
+    scores = b.MatMul(b.Mul(q_BNSH, sqrt_scale), b.Mul(k_t, sqrt_scale))
     softcap = node.attr("softcap", 0.0)
-    if softcap:
+    if softcap:  # before the mask, so that masked scores stay -inf
         cap = b.const(np.array(softcap, dt.np_dtype), "attn_softcap")
         scores = b.Mul(b.Tanh(b.Div(scores, cap)), cap)
-    zero = b.const(np.array(0, dt.np_dtype), "attn_zero")
-    neg_inf = b.const(np.array(-np.inf, dt.np_dtype), "attn_neg_inf")
-    if mask is not None:
-        bias = b.Where(mask, zero, neg_inf) if mask.type.dtype.np_dtype == np.bool_ else mask
-        scores = b.Add(scores, bias)
-    if node.attr("causal", 0):
-        one = b.const(_i64(1), "attn_one")
-        zero_i = b.const(_i64(0), "attn_zero_i")
-        sq = b.Squeeze(b.Shape(q4, start=2, end=3), zero_i)
-        skv = b.Squeeze(b.Shape(k4, start=2, end=3), zero_i)
-        rows = b.Unsqueeze(b.Range(b.const(np.array(0, np.int64), "attn_start"), sq, b.Squeeze(one, zero_i)), one)
-        cols = b.Unsqueeze(b.Range(b.const(np.array(0, np.int64), "attn_start"), skv, b.Squeeze(one, zero_i)), zero_i)
-        if past_k is not None:
-            rows = b.Add(rows, b.Squeeze(b.Shape(past_k, start=2, end=3), zero_i))
-        scores = b.Add(scores, b.Where(b.LessOrEqual(cols, rows), zero, neg_inf))
-    y4 = b.MatMul(b.Softmax(scores, axis=-1), v4)
-    y = b.Reshape(b.Transpose(y4, perm=perm), b.const(_i64(0, 0, -1), "attn_merge")) if three_d else y4
-    return [y, present_k, present_v][:len(node.outputs)]
+    if mask is None and not node.attr("causal", 0):
+        probs = b.Softmax(scores, axis=-1)
+    else:
+        zero = b.const(np.array(0, dt.np_dtype), "attn_zero")
+        neg_inf = b.const(np.array(-np.inf, dt.np_dtype), "attn_neg_inf")
+        bias = _attention_bias(b, node, mask, q_BNSH, k_BNSH, past_k, zero, neg_inf)
+        probs = b.Softmax(b.Add(scores, bias), axis=-1)
+        if mask is not None:
+            # A query row whose bias is -inf everywhere attends nothing: its output is zero
+            # (the spec's rule), where Softmax alone gives NaN. Causal masking alone always
+            # leaves key 0, so only a mask can do this.
+            row_max = b.ReduceMax(bias, b.const(_i64(-1), "attn_last_axis"), keepdims=1)
+            probs = b.Where(b.Equal(row_max, neg_inf), zero, probs)
+    y_BNSH = b.MatMul(probs, v_BNSH)
+    if len(qs) == 3:
+        y = b.Reshape(b.Transpose(y_BNSH, perm=_BNSH_FROM_BSNH), b.const(_i64(0, 0, -1), "attn_bsd_shape"))
+    else:
+        y = y_BNSH
+    return [y, *presents][:len(node.outputs)]
 
 
 register_op(OpDef(
@@ -289,8 +404,10 @@ register_op(OpDef(
            "softcap": AttrSpec(AttrKind.FLOAT, default=0.0)},
     min_inputs=3, max_inputs=6, min_outputs=1, max_outputs=3,
     infer=_attention_infer, reference=_attention_reference, decompose=_attention_decompose,
-    doc="Scaled dot-product attention as ONNX Attention-23: Q, K, V in BNSH (4-D) or BSD (3-D, with "
-        "num_heads/kv_num_heads); optional additive or boolean mask, past key/value (BNSH) and "
-        "present outputs; causal masking is bottom-right aligned with the past; grouped-query "
-        "aware; scale 0 means 1/sqrt(head_size).",
+    doc="Scaled dot-product attention as ONNX Attention-23 (q_num_heads -> num_heads, is_causal -> "
+        "causal): Q, K, V in BNSH (4-D) or BSD (3-D, with num_heads and kv_num_heads, which defaults to "
+        "num_heads); grouped-query aware; optional mask, boolean (True attends) or additive, whose last "
+        "dimension must be the total sequence length past + kv; past key/value (BNSH) and present outputs; "
+        "causal masking is bottom-right aligned with the past; a fully masked query row gives zeros; "
+        "softcap (0: none) is applied before the mask; scale 0 means 1/sqrt(head_size).",
 ))

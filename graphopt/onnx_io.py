@@ -31,6 +31,7 @@ from graphopt.ir import (
 
 # Above this many bytes of weights, `save_onnx` writes external data by default.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+PROTOBUF_LIMIT = (1 << 31) - (1 << 20)  # a serialized protobuf message must stay under 2 GiB
 
 # Fused ops of newer ONNX opsets that graphopt holds as its own ops:
 # onnx op -> (graphopt op, {onnx attr: graphopt attr}); attributes not listed are refused
@@ -478,6 +479,9 @@ def save_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | No
     total = sum(v.const_value.nbytes for v in graph.initializers.values())
     if external_data is None:
         external_data = total > EXTERNAL_DATA_THRESHOLD
+    if not external_data and total >= PROTOBUF_LIMIT:
+        raise UserError(f"{path}: the weights total {total / 2**30:.2f} GiB; an ONNX file over 2 GiB "
+                        "needs external data (use external_data=True / --external-data)")
     written = [path]
     external = None
     if external_data:

@@ -59,6 +59,10 @@ class OpDef:
         return f"{self.domain}.{self.name}" if self.domain else self.name
 
     def num_outputs_for(self, attrs: dict) -> int:
+        """How many outputs a new node gets when the caller does not say."""
+        n = attrs.get("num_outputs")  # Split and friends
+        if n is not None:
+            return int(n.value if hasattr(n, "value") else n)
         return self.min_outputs if self.min_outputs > 0 else 1
 
     def attr_value(self, node: Node, name: str):

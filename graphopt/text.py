@@ -632,4 +632,6 @@ def load_gir(path: str | Path) -> Graph:
         if not wpath.exists():
             raise ParseError(f"{path}: weights file {str(wpath)!r} does not exist")
         weights = read_tensors(wpath)
-    return parse_graph(text, filename=str(path), weights=weights)
+    graph = parse_graph(text, filename=str(path), weights=weights)
+    graph.metadata.source = str(path)
+    return graph

@@ -1,0 +1,229 @@
+"""Shared test helpers: tolerances, ONNX Runtime runs, and small `transformers` models built
+from configs with random weights (nothing is downloaded).
+
+torch and transformers are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.dtypes import DType
+
+# (rtol, atol) per element type, for comparing the same computation done two ways.
+TOLERANCES = {
+    DType.FLOAT64: (1e-12, 1e-12),
+    DType.FLOAT32: (1e-5, 1e-5),
+    DType.FLOAT16: (1e-3, 1e-3),
+    DType.BFLOAT16: (1e-2, 1e-2),
+}
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, *, rtol: float | None = None,
+                 atol: float | None = None, what: str = "") -> None:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    try:
+        dt = DType.from_numpy(actual.dtype)
+    except ValueError:
+        dt = None
+    if dt is not None and dt.is_float:
+        r, a = TOLERANCES[dt]
+        rtol = r if rtol is None else rtol
+        atol = a if atol is None else atol
+        np.testing.assert_allclose(actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=atol,
+                                   err_msg=what)
+    else:
+        np.testing.assert_array_equal(actual, expected, err_msg=what)
+
+
+def ort_session(model, *, optimize: bool = False):
+    """An ONNX Runtime CPU session; graph optimizations off unless asked for, so ORT runs
+    exactly the graph it was given."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    src = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run_ort(model, feeds: dict[str, np.ndarray], *, optimize: bool = False) -> dict[str, np.ndarray]:
+    sess = ort_session(model, optimize=optimize)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+# --------------------------------------------------------------------------------------
+# transformers models from small configs
+
+VOCAB = 128
+ARCHS = ["gpt2", "llama", "bert"]  # the architectures every foundation check covers
+EXPORTERS = ["dynamo", "torchscript"]
+
+
+def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager"):
+    """A small `transformers` model with random weights: gpt2, llama, bert, mistral, qwen2,
+    phi3 or gpt_neox. Causal LMs return logits, encoders their last hidden state."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common)
+        cls = tf.GPT2LMHeadModel
+    elif arch == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, **common)
+        cls = tf.LlamaForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=64, max_position_embeddings=64, sliding_window=None, **common)
+        cls = tf.MistralForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, **common)
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "bert":
+        cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, **common)
+        cls = tf.BertModel
+    else:
+        raise ValueError(f"unknown test architecture {arch!r}")
+    cfg._attn_implementation = attn_implementation
+    model = cls(cfg).eval()
+    return LMWrapper(model)
+
+
+def _lm_wrapper_class():
+    import torch
+
+    class _LMWrapper(torch.nn.Module):
+        """(input_ids, attention_mask) -> logits or last hidden state, with no cache."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.is_causal_lm = hasattr(model, "lm_head")
+
+        def forward(self, input_ids, attention_mask):
+            if self.is_causal_lm:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return _LMWrapper
+
+
+def LMWrapper(model):
+    return _lm_wrapper_class()(model)
+
+
+def token_feeds(batch: int, seq: int, *, vocab: int = VOCAB, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:
+    """`input_ids` below the vocabulary size and a 0/1 `attention_mask` (left padding on the
+    first row when `pad`)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, seq)).astype(np.int64)
+    mask = np.ones((batch, seq), np.int64)
+    if pad and seq > 2:
+        mask[0, : seq // 3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def export_onnx(module, path: str | os.PathLike, *, dynamo: bool, batch: int = 2, seq: int = 8) -> Path:
+    """Export an (input_ids, attention_mask) module with dynamic batch and seq."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    feeds = token_feeds(batch, seq)
+    args = (torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+    names = dict(input_names=["input_ids", "attention_mask"], output_names=["output"])
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            b, s = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=63)
+            torch.onnx.export(module, args, str(path), dynamo=True, external_data=False, verbose=False,
+                              dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}, **names)
+        else:
+            axes = {0: "batch", 1: "seq"}
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=20,
+                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "output": axes}, **names)
+    return path
+
+
+def torch_outputs(module, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
+
+
+# --------------------------------------------------------------------------------------
+# Random well-typed graphs (for property-based tests)
+
+
+def random_graph(seed: int, n_nodes: int = 12):
+    """A random, well-typed graph over a symbolic batch dimension: elementwise ops,
+    MatMul with weights, Reshape, Transpose, Cast, Shape, Gather, Concat, Unsqueeze and
+    Identity, with attributes of several kinds. Deterministic in `seed`."""
+    from graphopt.builder import Builder
+    from graphopt.ir import Graph, TensorType
+
+    rng = np.random.default_rng(seed)
+    g = Graph(f"random_{seed}")
+    width = int(rng.choice([2, 4, 6]))
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", width)))
+    b = Builder(g)
+    pool = [x]  # float values of shape [batch, width]
+    for _ in range(n_nodes):
+        a = pool[int(rng.integers(len(pool)))]
+        c = pool[int(rng.integers(len(pool)))]
+        kind = int(rng.integers(11))
+        if kind == 0:
+            y = b.op(str(rng.choice(["Add", "Sub", "Mul", "Max", "Min"])), a, c)
+        elif kind == 1:
+            y = b.op(str(rng.choice(["Relu", "Neg", "Tanh", "Sigmoid", "Abs", "Identity"])), a)
+        elif kind == 2:
+            w = b.const((rng.standard_normal((width, width)) * 0.5).astype(np.float32), "w")
+            y = b.MatMul(a, w)
+        elif kind == 3:  # Reshape through a flattened view and back (with -1 and 0)
+            flat = b.Reshape(a, b.const(np.array([0, -1, 1], np.int64), "shape"))
+            y = b.Reshape(flat, b.const(np.array([-1, width], np.int64), "shape"))
+        elif kind == 4:  # a transpose pair
+            u = b.Unsqueeze(a, b.const(np.array([2], np.int64), "axes"))
+            t = b.Transpose(u, perm=[2, 0, 1])
+            y = b.Squeeze(b.Transpose(t, perm=[1, 2, 0]), b.const(np.array([2], np.int64), "axes"))
+        elif kind == 5:  # cast round trip through f64 (exact) or a redundant cast
+            y = b.Cast(b.Cast(a, to=11), to=1) if rng.random() < 0.5 else b.Cast(a, to=1)
+        elif kind == 6:  # Shape -> Gather -> Concat -> Reshape (symbolic batch)
+            shp = b.Shape(a)
+            bdim = b.Gather(shp, b.const(np.array([0], np.int64), "idx"), axis=0)
+            target = b.Concat(bdim, b.const(np.array([width], np.int64), "w"), axis=0)
+            y = b.Reshape(a, target)
+        elif kind == 7:
+            y = b.Softmax(a, axis=int(rng.choice([-1, 1])))
+        elif kind == 8:
+            lo, hi = sorted(rng.standard_normal(2).astype(np.float32))
+            y = b.Clip(a, b.const(np.array(lo, np.float32), "lo"), b.const(np.array(hi, np.float32), "hi"))
+        elif kind == 9:
+            halves = b.Split(a, axis=1, num_outputs=2)
+            y = b.Concat(halves[1], halves[0], axis=1)
+        else:
+            y = b.LeakyRelu(a, alpha=float(np.float32(rng.uniform(0.01, 0.3))))
+        pool.append(y)
+    outs = [pool[-1]] + ([pool[int(rng.integers(1, len(pool)))]] if rng.random() < 0.5 else [])
+    seen = []
+    for v in outs:
+        if v not in seen:
+            seen.append(v)
+    g.outputs = seen
+    return g

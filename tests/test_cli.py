@@ -1,0 +1,115 @@
+"""The command line: inspect and convert, and one-line errors with exit code 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.cli import cli
+from graphopt.testing import assert_close, run_ort, token_feeds
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_has_examples():
+    for cmd in ([], ["inspect"], ["convert"]):
+        r = invoke(*cmd, "--help")
+        assert r.exit_code == 0 and "Example" in r.output
+
+
+def test_inspect_text_and_json():
+    r = invoke("inspect", EXAMPLE)
+    assert r.exit_code == 0, r.output
+    assert "x: f32[batch, 16]" in r.output and "probs: f32[batch, 8]" in r.output
+    assert "824" in r.output  # parameters: 16*32 + 32 + 32*8 + 8 + 8 + 8
+    r = invoke("inspect", EXAMPLE, "--json")
+    s = json.loads(r.output)
+    assert s["parameters"]["count"] == 824 and s["ops"] == {"Add": 2, "MatMul": 2, "Gelu": 1,
+                                                          "LayerNormalization": 1, "Softmax": 1}
+    assert s["inputs"] == [{"name": "x", "type": "f32[batch, 16]"}]
+    r = invoke("inspect", EXAMPLE, "--ir")
+    assert r.output.splitlines()[2].startswith("graph @tiny_mlp(%x: f32[batch, 16])")
+
+
+def test_convert_roundtrip_through_text(exported, tmp_path):
+    _, path = exported("gpt2", "dynamo")
+    r = invoke("convert", path, "-o", tmp_path / "g.gir")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "g.weights.safetensors").exists()
+    r = invoke("convert", tmp_path / "g.gir", "-o", tmp_path / "back.onnx")
+    assert r.exit_code == 0, r.output
+    feeds = token_feeds(2, 7)
+    assert_close(run_ort(tmp_path / "back.onnx", feeds)["output"], run_ort(path, feeds)["output"], rtol=0, atol=1e-6)
+
+
+def test_edited_gir_changes_the_model(tmp_path):
+    invoke("convert", EXAMPLE, "-o", tmp_path / "m.gir")
+    text = (tmp_path / "m.gir").read_text()
+    (tmp_path / "m.gir").write_text(text.replace("Gelu(%h1)", "Relu(%h1)"))
+    assert invoke("convert", tmp_path / "m.gir", "-o", tmp_path / "relu.onnx").exit_code == 0
+    assert [n.op_type for n in onnx.load(tmp_path / "relu.onnx").graph.node][2] == "Relu"
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    data = EXAMPLE.read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00\xffnot a model at all" * 10)
+    invoke("convert", EXAMPLE, "-o", tmp_path / "ok.gir")
+    text = (tmp_path / "ok.gir").read_text().splitlines()
+    first_node = next(i for i, line in enumerate(text) if " = " in line)
+    text[first_node] = text[first_node].replace(") :", " :")  # drop a closing parenthesis
+    (tmp_path / "syntax.gir").write_text("\n".join(text) + "\n")
+    (tmp_path / "syntax.weights.safetensors").write_bytes((tmp_path / "ok.weights.safetensors").read_bytes())
+    w = numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    e = w.external_data.add()
+    e.key, e.value = "location", "../../etc/passwd"
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w]),
+        opset_imports=[helper.make_opsetid("", 20)])
+    (tmp_path / "escape.onnx").write_bytes(m.SerializeToString())
+    return {
+        "truncated": (tmp_path / "truncated.onnx", "truncated"),
+        "garbage": (tmp_path / "garbage.onnx", "not a valid ONNX model"),
+        "missing": (tmp_path / "nope.onnx", "no such file"),
+        "syntax": (tmp_path / "syntax.gir", f"syntax.gir:{first_node + 1}:"),
+        "escape": (tmp_path / "escape.onnx", "points outside the model's folder"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage", "missing", "syntax", "escape"])
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_bad_input_is_one_line_exit_2_no_output(case, command, tmp_path):
+    path, message = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "result" / "out.onnx"
+    args = [command, path] + (["-o", out] if command == "convert" else [])
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "result").exists() or not any((tmp_path / "result").iterdir())
+
+
+def test_real_process_exit_code_and_module_entry(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "graphopt", "inspect", str(tmp_path / "missing.onnx")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "graphopt", "convert", str(EXAMPLE), "-o", str(tmp_path / "t.gir")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t.gir").read_text().count("\n") > 5
