@@ -371,6 +371,8 @@ class GraphMetadata:
     graph_doc_string: str = ""
     source: str = ""
     source_opset: int = 0
+    exporter: str = ""  # how a frontend produced the graph ("torch.onnx dynamo", ...)
+    export_seconds: float = 0.0
     metadata_props: dict[str, str] = dataclasses.field(default_factory=dict)
     passes: list[str] = dataclasses.field(default_factory=list)
 

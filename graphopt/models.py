@@ -13,6 +13,10 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph
 
 
+# Files that go through graphopt.frontends rather than being read as a graph directly.
+FRONTEND_SUFFIXES = (".pt", ".pth", ".bin", ".pt2", ".safetensors")
+
+
 def load_graph(path: str | os.PathLike) -> Graph:
     """Read a model file into a verified-importable `Graph`."""
     path = Path(path)
@@ -27,9 +31,12 @@ def load_graph(path: str | os.PathLike) -> Graph:
         from graphopt.text import load_gir
 
         return load_gir(path)
-    if path.is_dir():
-        raise UserError(f"{path}: model folders are not supported yet; give an .onnx or .gir file")
-    raise UserError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; expected .onnx or .gir")
+    if path.is_dir() or suffix in FRONTEND_SUFFIXES:
+        from graphopt.frontends import load_model_path
+
+        return load_model_path(path)
+    raise UserError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; expected an .onnx or .gir "
+                    "file, a Hugging Face or graphopt checkpoint folder, or a .pt/.bin/.pt2 file")
 
 
 def save_graph(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:

@@ -135,7 +135,7 @@ def _metadata_json(md: GraphMetadata) -> dict:
     d = {}
     for k, default in (("producer_name", ""), ("producer_version", ""), ("domain", ""), ("model_version", 0),
                        ("ir_version", 0), ("doc_string", ""), ("graph_doc_string", ""), ("source", ""),
-                       ("source_opset", 0)):
+                       ("source_opset", 0), ("exporter", ""), ("export_seconds", 0.0)):
         val = getattr(md, k)
         if val != default:
             d[k] = val
