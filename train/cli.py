@@ -99,4 +99,78 @@ def train_command(config_file, preset, resume, **flags):
     click.echo(f"checkpoint: {folder}")
 
 
-COMMANDS: list = [train_command]
+@click.command("eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Folder of text files (or a val.txt) to score [default: CHECKPOINT/val.txt].")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-tokens", type=int, default=0, help="Score only the first N tokens (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
+def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
+    """Perplexity and bits per byte of CHECKPOINT on held-out text.
+
+    CHECKPOINT is a checkpoint folder or a run folder (its latest checkpoint). Also prints
+    the perplexity of a unigram model fitted on the same tokens, as a baseline.
+
+    \b
+    Examples:
+      graphopt eval examples/default
+      graphopt eval runs/tiny --data ~/held_out_texts
+    """
+    from dataclasses import asdict
+
+    from .evaluate import evaluate_checkpoint
+
+    result, source = evaluate_checkpoint(checkpoint, data, batch_size, max_tokens)
+    if as_json:
+        click.echo(json.dumps(dict(asdict(result), source=source)))
+        return
+    click.echo(f"text:               {source} ({result.documents} documents, {result.bytes:,} bytes)")
+    click.echo(f"tokens scored:      {result.tokens:,}")
+    click.echo(f"loss:               {result.loss:.4f} nats/token")
+    click.echo(f"perplexity:         {result.perplexity:.3f}")
+    click.echo(f"bits per byte:      {result.bits_per_byte:.4f}")
+    click.echo(f"unigram perplexity: {result.unigram_perplexity:.3f} "
+               f"(model/unigram = {result.perplexity / result.unigram_perplexity:.4f})")
+
+
+@click.command("generate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=200, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    """Continue --prompt with CHECKPOINT, streaming tokens as they are produced.
+
+    \b
+    Examples:
+      graphopt generate examples/default --prompt "def "
+      graphopt generate examples/default --prompt "import " --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
+    """
+    import sys
+
+    from .checkpoint import load_model, resolve_checkpoint
+    from .generate import generate
+    from .tokenizer import load_tokenizer
+
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be positive")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    folder = resolve_checkpoint(checkpoint)
+    model, _ = load_model(folder)
+    tok = load_tokenizer(folder / "tokenizer.json")
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(prompt)
+    generate(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text)
+    sys.stdout.write("\n")
+
+
+COMMANDS: list = [train_command, eval_command, generate_command]

@@ -241,6 +241,9 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None) 
                     if json.loads(line)["step"] <= start_step]
             (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
+    if rank == 0 and start_step == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")  # a fresh run starts a fresh curve
     ddp_model = model
     if world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)

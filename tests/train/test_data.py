@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+
+from graphopt.errors import UserError
+from graphopt.train.data import DataConfig, clean_text, collect_documents, encode_documents, prepare, read_val_text
+from graphopt.train.tokenizer import EOS, load_tokenizer
+
+CFG = DataConfig(vocab_size=384, val_fraction=0.1)
+
+
+def test_clean_text_normalizes_line_endings_and_trailing_space():
+    assert clean_text("a = 1  \r\n\tb = 2\r\n\n\n") == "a = 1\n    b = 2\n"
+
+
+def test_collect_drops_duplicates_short_and_binary_files(corpus):
+    docs = collect_documents(corpus, CFG)
+    paths = {d["path"] for d in docs}
+    assert len(docs) == 160  # 160 generated; the copy, the short file and README.bin dropped
+    assert "pkg0/copy_of_000.py" not in paths and "pkg1/short.py" not in paths
+    val = [d for d in docs if d["split"] == "val"]
+    assert 5 <= len(val) <= 35  # ~10 % by content hash
+
+
+def test_prepare_packs_streams_that_match_val_text(corpus, tmp_path):
+    out = prepare(corpus, tmp_path / "prep", CFG)
+    meta = json.loads((out / "meta.json").read_text())
+    tok = load_tokenizer(out / "tokenizer.json")
+    eos_id = tok.token_to_id(EOS)
+    val = np.memmap(out / "val.bin", dtype=np.uint16, mode="r")
+    assert val[0] == eos_id and val[-1] == eos_id
+    assert len(val) == meta["splits"]["val"]["tokens"]
+    # The shipped val.txt re-tokenizes to exactly the packed validation stream.
+    docs = read_val_text(out / "val.txt")
+    assert len(docs) == meta["splits"]["val"]["documents"]
+    np.testing.assert_array_equal(encode_documents(tok, docs), np.asarray(val, dtype=np.int64))
+    # Byte-level BPE round-trips text exactly.
+    assert tok.decode(tok.encode(docs[0]).ids) == docs[0]
+
+
+def test_prepare_resumes_after_an_interruption(corpus, tmp_path):
+    first = prepare(corpus, tmp_path / "a", CFG)
+    train_bin = (first / "train.bin").read_bytes()
+    # Simulate a crash during tokenization: no meta, no packed files, one shard missing.
+    for name in ("meta.json", "train.bin", "val.bin"):
+        (first / name).unlink()
+    shards = sorted((first / "shards").glob("train_*.npy"))
+    shards[-1].unlink()
+    mtime = shards[0].stat().st_mtime_ns
+    prepare(corpus, first, CFG)
+    assert (first / "train.bin").read_bytes() == train_bin
+    assert shards[0].stat().st_mtime_ns == mtime  # finished shards were not redone
+
+
+def test_prepare_refuses_a_folder_prepared_differently(corpus, tmp_path):
+    prepare(corpus, tmp_path / "p", CFG)
+    with pytest.raises(UserError, match="prepared from different data or settings"):
+        prepare(corpus, tmp_path / "p", DataConfig(vocab_size=300, val_fraction=0.1))
+
+
+def test_no_text_files_is_a_user_error(tmp_path):
+    (tmp_path / "notes.bin").write_bytes(b"\x00")
+    with pytest.raises(UserError, match="no text files"):
+        collect_documents(tmp_path, CFG)

@@ -1,0 +1,64 @@
+"""Perplexity and bits per byte of a checkpoint on held-out text, next to a unigram baseline."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphopt.errors import UserError
+
+
+@dataclass
+class EvalResult:
+    documents: int
+    tokens: int          # predicted tokens (each document's tokens and its closing <eos>)
+    bytes: int           # UTF-8 bytes of the documents
+    loss: float          # mean NLL per token, nats
+    perplexity: float
+    bits_per_byte: float
+    unigram_perplexity: float  # unigram model fitted on these same tokens
+
+
+def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]:
+    """The documents to score: `data` (a folder of text files or a val.txt) or the
+    checkpoint's own val.txt."""
+    from .data import DataConfig, collect_documents, read_val_text
+
+    if data is None:
+        path = Path(checkpoint) / "val.txt"
+        if not path.is_file():
+            raise UserError(f"{checkpoint}: no val.txt in the checkpoint; pass --data DIR")
+        return read_val_text(path), str(path)
+    data = Path(data)
+    if data.is_file():
+        return read_val_text(data), str(data)
+    docs = collect_documents(data, DataConfig(val_fraction=0.0))
+    return [d["text"] for d in docs], str(data)
+
+
+def evaluate_checkpoint(checkpoint, data=None, batch_size: int = 16, max_tokens: int = 0) -> tuple[EvalResult, str]:
+    import torch
+
+    from .checkpoint import load_model, resolve_checkpoint
+    from .data import encode_documents
+    from .tokenizer import load_tokenizer
+    from .trainer import evaluate_tokens, unigram_perplexity
+
+    folder = resolve_checkpoint(checkpoint)
+    model, cfg = load_model(folder)
+    tok = load_tokenizer(folder / "tokenizer.json")
+    docs, source = load_documents(folder, data)
+    ids = encode_documents(tok, docs)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    if max_tokens and len(ids) > max_tokens + 1:
+        ids = ids[:max_tokens + 1]
+        n_bytes = len(tok.decode(ids[1:].tolist()).encode())  # approximate: the scored prefix
+    if ids.max() >= cfg.vocab_size:
+        raise UserError(f"{folder}: tokenizer produces ids beyond the model's vocab_size={cfg.vocab_size}")
+    with torch.inference_mode():
+        nll, count = evaluate_tokens(model, ids, cfg.max_seq_len, batch_size)
+    loss = nll / count
+    result = EvalResult(documents=len(docs), tokens=count, bytes=n_bytes, loss=loss,
+                        perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / n_bytes,
+                        unigram_perplexity=unigram_perplexity(ids))
+    return result, source
