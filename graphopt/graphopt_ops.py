@@ -43,6 +43,8 @@ def _rms_stash_dtype(dtype: np.dtype) -> np.dtype:
 
 def _rms_infer(node: Node):
     x, scale = node.inputs
+    if x.type is None or scale.type is None:
+        return [None]
     if scale.type.dtype is not x.type.dtype:
         raise _unsupported(node, f"X is {x.type.dtype.short} but scale is {scale.type.dtype.short}; "
                                  "they must have the same element type")
@@ -101,6 +103,8 @@ register_op(OpDef(
 
 def _rope_infer(node: Node):
     x, cos, sin = node.inputs[:3]
+    if any(t.type is None for t in (x, cos, sin)):
+        return [None if x.type is None else x.type]
     shape = x.type.shape
     if shape is not None and len(shape) not in (3, 4):
         raise _unsupported(node, f"input must have rank 3 or 4, got {x.type}")
@@ -232,6 +236,8 @@ def _seq_len_bnsh(node: Node, t: Value | None):
 
 def _attention_infer(node: Node):
     q, k, v, mask, past_k, past_v = _attention_inputs(node)
+    if any(t is not None and t.type is None for t in (q, k, v, mask, past_k, past_v)):
+        return [None] * len(node.outputs)
     dt = q.type.dtype
     qs, vs = q.type.shape, v.type.shape
     if qs is not None and len(qs) not in (3, 4):
