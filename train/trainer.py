@@ -123,10 +123,10 @@ def forward_backward(model, batches, bf16: bool, device_type: str) -> float:
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
         with sync:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
             loss.backward()
         total += loss.item()
     return total

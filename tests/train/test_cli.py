@@ -1,0 +1,117 @@
+"""The train/eval/generate commands, and the one-line errors (exit code 2) for user mistakes."""
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from graphopt.cli import cli
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_run, tmp_path):
+    latest = (tiny_run / "checkpoints" / "latest").read_text().strip()
+    return shutil.copytree(tiny_run / "checkpoints" / latest, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_every_command_has_help_with_an_example(command):
+    result = _run(command, "--help")
+    assert result.exit_code == 0
+    assert f"graphopt {command} " in result.output and "Examples" in result.output
+
+
+def test_train_on_a_folder_without_text_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "image.png").write_bytes(b"\x89PNG")
+    _assert_one_line_error(_run("train", "--data", tmp_path / "data", "--out", tmp_path / "out",
+                                "--preset", "tiny"), "no text files", str(tmp_path / "data"))
+
+
+def test_train_with_heads_that_do_not_divide_the_width(tmp_path, corpus):
+    _assert_one_line_error(_run("train", "--data", corpus, "--out", tmp_path, "--preset", "tiny",
+                                "--dim", "30"), "num_heads=4 does not divide dim=30")
+
+
+def test_train_config_file_with_an_impossible_shape(tmp_path, corpus):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"data": str(corpus), "out": str(tmp_path / "o"), "preset": "tiny",
+                                  "model": {"num_heads": 4, "num_kv_heads": 3}}))
+    _assert_one_line_error(_run("train", "--config", config), "num_kv_heads=3 must divide num_heads=4")
+
+
+def test_train_config_file_with_an_unknown_option(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"learning_rate": 1.0}))
+    _assert_one_line_error(_run("train", "--config", config), str(config), "learning_rate")
+
+
+def test_eval_checkpoint_with_a_missing_weight(checkpoint_copy):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(checkpoint_copy / "model.safetensors")
+    del weights["blocks.1.w_up.weight"]
+    save_file(weights, checkpoint_copy / "model.safetensors")
+    _assert_one_line_error(_run("eval", checkpoint_copy), "missing weight(s) blocks.1.w_up.weight")
+
+
+def test_eval_checkpoint_whose_config_does_not_match_its_weights(checkpoint_copy):
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config["model"]["mlp_hidden"] = 80
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    _assert_one_line_error(_run("generate", checkpoint_copy, "--prompt", "def "),
+                           "blocks.0.w_gate.weight has shape (64, 32)", "(80, 32)")
+
+
+def test_eval_checkpoint_with_an_impossible_config(checkpoint_copy):
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config["model"]["num_heads"] = 5
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    _assert_one_line_error(_run("eval", checkpoint_copy), "num_heads=5 does not divide dim=32")
+
+
+def test_eval_of_a_folder_that_is_not_a_checkpoint(tmp_path):
+    _assert_one_line_error(_run("eval", tmp_path), "not a checkpoint")
+
+
+def test_eval_prints_perplexity_and_bits_per_byte(tiny_run):
+    result = _run("eval", tiny_run, "--json")
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(result.stdout)
+    assert numbers["source"].endswith("val.txt")
+    assert 1 < numbers["perplexity"] < numbers["unigram_perplexity"]
+    assert 0 < numbers["bits_per_byte"] < 8
+    text = _run("eval", tiny_run).stdout
+    assert f"perplexity:         {numbers['perplexity']:.3f}" in text and "bits per byte:" in text
+
+
+def test_eval_on_a_given_text_folder(tiny_run, corpus):
+    result = _run("eval", tiny_run, "--data", corpus, "--max-tokens", "2000", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tokens"] == 2000
+
+
+def test_generate_greedy_is_deterministic_and_sampling_follows_the_seed(tiny_run):
+    greedy = [_run("generate", tiny_run, "--prompt", "def ", "--max-new-tokens", "40").stdout
+              for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("def ") and len(greedy[0]) > 20
+    sampled = [_run("generate", tiny_run, "--prompt", "def ", "--max-new-tokens", "40", "--temperature", "1.0",
+                    "--top-k", "50", "--top-p", "0.9", "--seed", str(seed)).stdout for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_generate_rejects_a_bad_sampling_option(tiny_run):
+    _assert_one_line_error(_run("generate", tiny_run, "--prompt", "x", "--top-p", "0"), "--top-p")
