@@ -7,3 +7,17 @@ parts (torch, transformers, tvm) are imported only where they are used.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """Load an artifact folder written by `graphopt optimize`; `.run(feeds)` executes it."""
+    from graphopt.artifact import load as _load
+
+    return _load(path, **kwargs)
+
+
+def optimize(model, output_dir=None, **kwargs):
+    """Optimize a model (path or Graph) and write an artifact folder. See graphopt.driver.optimize."""
+    from graphopt.driver import optimize as _optimize
+
+    return _optimize(model, output_dir, **kwargs)

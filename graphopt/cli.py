@@ -115,3 +115,91 @@ def convert(source: str, output: str, external_data: bool | None) -> None:
         raise UserError(f"{source}: the graph does not verify: {e}") from None
     files = save_graph(graph, output, external_data=external_data)
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
+
+
+# --------------------------------------------------------------------------------------
+# optimize / passes
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    return lambda msg: click.echo(f"graphopt: {msg}", err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=str),
+              help="Artifact folder to write (model.onnx, manifest.json, report.json).")
+@click.option("--passes", "pipeline", default=None, metavar="PIPELINE",
+              help='Pipeline text, e.g. "dce,cse,fold-constants{max-size=1024}". Default: the cleanup pipeline.')
+@click.option("--recipe", type=click.Path(path_type=str), default=None, help="A TOML recipe file instead of --passes.")
+@click.option("--backend", default="ort", show_default=True, help="ort (onnxruntime).")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--check-numerics", is_flag=True, help="Run the graph before and after every pass on sample "
+              "inputs; stop at the first pass that changes results and name it.")
+@click.option("--inputs", "inputs_file", type=click.Path(path_type=str), default=None,
+              help="Sample inputs (.npz, one array per model input) for --check-numerics.")
+@click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def optimize(model, output_dir, pipeline, recipe, backend, target, check_numerics, inputs_file, no_verify,
+             as_json, quiet):
+    """Optimize MODEL and write an artifact folder.
+
+    MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
+    go through the frontends). The output folder appears whole or not at all.
+
+    \b
+    Examples:
+      graphopt optimize examples/tiny_mlp.onnx -o out/tiny
+      graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
+      graphopt optimize model.onnx -o out --check-numerics
+      python -c "import graphopt; print(graphopt.load('out/tiny'))"
+    """
+    from graphopt.driver import format_report, optimize as run_optimize
+    from graphopt.sample_inputs import load_inputs
+
+    inputs = load_inputs(inputs_file) if inputs_file else None
+    result = run_optimize(model, output_dir, passes=pipeline, recipe=recipe, backend=backend, target=target,
+                          check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
+                          progress=_progress(quiet))
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result.report, indent=2))
+    else:
+        click.echo(format_report(result.report))
+        click.echo(f"wrote {output_dir}/")
+
+
+@cli.command("passes")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
+def list_passes(as_json: bool) -> None:
+    """List the registered passes (built-in and from plugins) with their options.
+
+    \b
+    Examples:
+      graphopt passes
+      graphopt optimize model.onnx -o out --passes "simplify-shapes,dce"
+    """
+    import dataclasses
+
+    from graphopt.pass_manager import all_passes, options_of
+
+    rows = []
+    for info in all_passes():
+        opts = {k: f.default for k, f in options_of(info.cls).items()}
+        rows.append({"name": info.name, "aliases": list(info.aliases), "options": opts,
+                     "summary": info.summary, "source": info.source})
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        alias = f" ({', '.join(r['aliases'])})" if r["aliases"] else ""
+        opts = "{" + ", ".join(f"{k}={v}" for k, v in r["options"].items()) + "}" if r["options"] else ""
+        src = "" if r["source"] == "graphopt" else f"  [{r['source']}]"
+        click.echo(f"{r['name']}{opts}{alias}{src}")
+        click.echo(f"    {r['summary']}")

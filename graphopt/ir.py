@@ -389,21 +389,24 @@ class Graph:
         self.opset: dict[str, int] = {"": CANONICAL_OPSET}
         self.metadata = GraphMetadata()
         self._names: set[str] = set()
+        # Names of removed values are never handed out again by fresh_name: check-numerics
+        # matches values before and after a pass by name.
+        self._retired: set[str] = set()
         self._counter = itertools.count()
 
     # -- names ---------------------------------------------------------------------
 
     def fresh_name(self, hint: str = "v") -> str:
         """A value or node name not yet used in this graph."""
-        if hint and hint not in self._names:
+        if hint and hint not in self._names and hint not in self._retired:
             return hint
         while True:
             name = f"{hint}_{next(self._counter)}"
-            if name not in self._names:
+            if name not in self._names and name not in self._retired:
                 return name
 
     def _claim(self, value: Value) -> Value:
-        if not value.name or value.name in self._names:
+        if not value.name or value.name in self._names or value.name in self._retired:
             value.name = self.fresh_name(value.name or "v")
         self._names.add(value.name)
         value.graph = self
@@ -418,6 +421,8 @@ class Graph:
             del self.initializers[value.name]
             self.initializers[name] = value
         self._names.discard(value.name)
+        self._retired.add(value.name)
+        self._retired.discard(name)
         value.name = name
         self._names.add(name)
 
@@ -508,6 +513,7 @@ class Graph:
         for v in node.outputs:
             if v is not None:
                 self._names.discard(v.name)
+                self._retired.add(v.name)
         node.graph = None
 
     def remove_initializer(self, name: str) -> None:
@@ -516,6 +522,7 @@ class Graph:
             raise ValueError(f"cannot remove initializer {name!r}: it is still used")
         del self.initializers[name]
         self._names.discard(name)
+        self._retired.add(name)
 
     # -- reading -------------------------------------------------------------------
 
@@ -552,6 +559,8 @@ class Graph:
     def copy(self) -> "Graph":
         """A structural copy; weight arrays are shared (they are never mutated in place)."""
         g = Graph(self.name)
+        g._retired = set(self._retired)
+        g._counter = itertools.count(next(self._counter))
         g.opset = dict(self.opset)
         g.metadata = dataclasses.replace(self.metadata, metadata_props=dict(self.metadata.metadata_props),
                                          passes=list(self.metadata.passes))

@@ -43,7 +43,8 @@ _NEWER_FUSED_OPS = {
     "RotaryEmbedding": ("RotaryEmbedding", {"interleaved": "interleaved", "num_heads": "num_heads",
                                             "rotary_embedding_dim": "rotary_embedding_dim"}),
 }
-_IGNORABLE_DEFAULTS = {"qk_matmul_output_mode": 0, "stash_type": 1, "softmax_precision": None}
+# Attributes accepted only at these values (graphopt computes softmax and norms in float32).
+_IGNORABLE_DEFAULTS = {"qk_matmul_output_mode": 0, "stash_type": 1, "softmax_precision": 1}
 
 
 class OnnxImportError(UserError):
@@ -280,8 +281,7 @@ def _map_newer_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
                 b.CopyFrom(a)
                 b.name = renames[a.name]
                 attrs.append(b)
-            elif a.name in _IGNORABLE_DEFAULTS and (
-                    _IGNORABLE_DEFAULTS[a.name] is None or onnx.helper.get_attribute_value(a) == _IGNORABLE_DEFAULTS[a.name]):
+            elif a.name in _IGNORABLE_DEFAULTS and onnx.helper.get_attribute_value(a) == _IGNORABLE_DEFAULTS[a.name]:
                 continue
             else:
                 raise OnnxImportError(f"node {n.name or n.op_type!r} ({n.op_type}): attribute {a.name!r} "

@@ -280,11 +280,14 @@ def decompose_node(node: Node) -> list:
     b = Builder(graph, before=node, created_by=f"decompose:{opdef.qualified_name}")
     new_outputs = list(opdef.decompose(b, node))
     renames = []
-    for old, new in zip(node.outputs, new_outputs):
+    for i, (old, new) in enumerate(zip(node.outputs, new_outputs)):
         if old is None:
             continue
         if new is None:
             raise ValueError(f"decomposition of {opdef.qualified_name} did not produce output {old.index}")
+        if old.is_graph_output and (new.producer() is None or new.is_graph_output or new.is_graph_input):
+            new = b.Identity(new)  # a graph output keeps its own name: it needs its own producer
+            new_outputs[i] = new
         if old.type is not None:
             new.type = old.type
         if old.is_graph_output:

@@ -98,7 +98,9 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
         raise ValueError(f"unknown test architecture {arch!r}")
     cfg._attn_implementation = attn_implementation
     model = cls(cfg).eval()
-    return LMWrapper(model)
+    # eval() on the wrapper too: the TorchScript exporter restores the wrapper's own mode
+    # afterwards, and a wrapper left in training mode would switch dropout on in the model.
+    return LMWrapper(model).eval()
 
 
 def _lm_wrapper_class():
@@ -163,6 +165,7 @@ def export_onnx(module, path: str | os.PathLike, *, dynamo: bool, batch: int = 2
 def torch_outputs(module, feeds: dict[str, np.ndarray]) -> np.ndarray:
     import torch
 
+    module.eval()
     with torch.no_grad():
         return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
 
@@ -171,10 +174,14 @@ def torch_outputs(module, feeds: dict[str, np.ndarray]) -> np.ndarray:
 # Random well-typed graphs (for property-based tests)
 
 
-def random_graph(seed: int, n_nodes: int = 12):
+def random_graph(seed: int, n_nodes: int = 12, *, cleanup_bait: bool = False):
     """A random, well-typed graph over a symbolic batch dimension: elementwise ops,
     MatMul with weights, Reshape, Transpose, Cast, Shape, Gather, Concat, Unsqueeze and
-    Identity, with attributes of several kinds. Deterministic in `seed`."""
+    Identity, with attributes of several kinds. Deterministic in `seed`.
+
+    With `cleanup_bait`, the graph starts with one instance of what every cleanup pass
+    removes (dead code, a duplicate, a constant subexpression, an Identity, a Cast chain,
+    a Shape->Gather->Concat->Reshape chain), so each of them has something to do."""
     from graphopt.builder import Builder
     from graphopt.ir import Graph, TensorType
 
@@ -184,7 +191,18 @@ def random_graph(seed: int, n_nodes: int = 12):
     x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", width)))
     b = Builder(g)
     pool = [x]  # float values of shape [batch, width]
-    for _ in range(n_nodes):
+    if cleanup_bait:
+        scale = b.Add(b.const(np.float32(0.5), "half"), b.const(np.float32(0.25), "quarter"))  # foldable
+        y = b.Mul(b.Identity(x), scale)                                 # an identity
+        y = b.Cast(b.Cast(y, to=11), to=1)                              # an exact cast chain
+        shp = b.Shape(y)
+        target = b.Concat(b.Gather(shp, b.const(np.array([0], np.int64), "idx"), axis=0),
+                          b.const(np.array([width], np.int64), "w"), axis=0)
+        y = b.Reshape(y, target)                                        # a symbolic shape chain
+        y2 = b.Add(b.Relu(y), b.Relu(y))                                # a common subexpression
+        b.Neg(y2)                                                       # dead code
+        pool.append(y2)
+    for _ in range(n_nodes if len(pool) > 1 else max(n_nodes, 1)):
         a = pool[int(rng.integers(len(pool)))]
         c = pool[int(rng.integers(len(pool)))]
         kind = int(rng.integers(11))
@@ -227,3 +245,15 @@ def random_graph(seed: int, n_nodes: int = 12):
             seen.append(v)
     g.outputs = seen
     return g
+
+
+def apply_pipeline_text(before: str, pipeline: str, weights: dict | None = None, *, check: bool = True):
+    """Golden-test helper: parse `before`, run `pipeline` (verifying, and checking results on
+    sample inputs when `check`), return (graph, printed text without the header)."""
+    from graphopt.pass_manager import PassManager
+    from graphopt.text import parse_graph, print_graph
+
+    g = parse_graph(before, weights=weights or {})
+    pm = PassManager(pipeline, check_numerics=check)
+    out = pm.run(g)
+    return out, print_graph(out, header=False), pm.records

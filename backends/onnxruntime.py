@@ -1,0 +1,77 @@
+"""The ONNX Runtime backend: lower the IR to an ONNX model and run it with ORT.
+
+Lowering today: every graphopt-domain op is replaced by its decomposition into core ops
+(the ORT contrib-op lowerings come with the fusion work). Targets: `cpu`
+(CPUExecutionProvider) and `cuda` (CUDAExecutionProvider, from `onnxruntime-gpu`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph
+
+NAME = "onnxruntime"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def lower(graph: Graph, target: str) -> Graph:
+    """A copy of `graph` with only ops ORT can run on `target`."""
+    from graphopt.registry import decompose_node
+
+    g = graph.copy()
+    for _ in range(8):  # decompositions may (in principle) produce graphopt ops again
+        pending = [n for n in g.nodes if n.domain == GRAPHOPT_DOMAIN]
+        if not pending:
+            break
+        for n in pending:
+            decompose_node(n)
+    g.opset.pop(GRAPHOPT_DOMAIN, None)
+    return g
+
+
+def check_target(target: str) -> None:
+    import onnxruntime as ort
+
+    if target not in PROVIDERS:
+        raise UserError(f"unknown target {target!r} for onnxruntime (expected cpu or cuda)")
+    if PROVIDERS[target] not in ort.get_available_providers():
+        raise UserError(f"target {target!r} needs {PROVIDERS[target]}, which this onnxruntime "
+                        f"({ort.__version__}) does not have; for cuda install onnxruntime-gpu "
+                        "in place of onnxruntime")
+
+
+def save(graph: Graph, outdir: Path, target: str) -> dict:
+    """Write `model.onnx` (+ external data when large) into outdir; returns manifest fields."""
+    from graphopt.onnx_io import save_onnx
+
+    lowered = lower(graph, target)
+    files = save_onnx(lowered, outdir / "model.onnx")
+    return {"files": [f.name for f in files], "model": "model.onnx"}
+
+
+class Executable:
+    """An ONNX Runtime session over a saved artifact."""
+
+    def __init__(self, model_path: Path, target: str, threads: int | None = None):
+        import onnxruntime as ort
+
+        check_target(target)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_path), so, providers=[PROVIDERS[target]])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime as ort
+
+    return {"onnxruntime": ort.__version__, "onnx": onnx.__version__}

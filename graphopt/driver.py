@@ -1,0 +1,125 @@
+"""The optimize driver behind `graphopt.optimize(...)` and `graphopt optimize`: model in, artifact folder out."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.ir import Graph
+
+
+def default_pipeline() -> str:
+    from graphopt.passes.cleanup import CLEANUP_PIPELINE
+
+    return CLEANUP_PIPELINE
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    graph: Graph
+    report: dict
+    manifest: dict
+    output_dir: Path | None
+
+
+def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | None = None, *,
+             passes: str | None = None, recipe: str | os.PathLike | None = None, backend: str = "onnxruntime",
+             target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
+             verify: bool = True, progress: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Load `model`, run the pipeline (the default cleanup pipeline unless `passes` or
+    `recipe` is given), lower it for `backend`/`target`, and write the artifact to
+    `output_dir` atomically (nothing is left there if anything fails)."""
+    from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
+    from graphopt.pass_manager import PassManager, load_recipe, parse_pipeline
+    from graphopt.summary import summarize
+
+    progress = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+    if passes is not None and recipe is not None:
+        raise UserError("give either --passes or --recipe, not both")
+    if backend not in BACKEND_ALIASES:
+        raise UserError(f"unknown backend {backend!r} (available: {', '.join(sorted(BACKEND_ALIASES))})")
+    backend = BACKEND_ALIASES[backend]
+    import importlib
+
+    be = importlib.import_module(KNOWN_BACKENDS[backend])
+    be.check_target(target)
+    # Check the pipeline before the (possibly slow) model load.
+    entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
+
+    if isinstance(model, Graph):
+        graph = model
+    else:
+        from graphopt.models import load_graph
+
+        progress(f"loading {model}")
+        graph = load_graph(model)
+    from graphopt.verify import verify as verify_graph
+
+    if verify:
+        try:
+            verify_graph(graph)
+        except Exception as e:
+            raise UserError(f"{graph.metadata.source or 'model'}: the imported graph does not verify: {e}") from None
+    if inputs is not None:
+        from graphopt.interpreter import check_feeds
+
+        inputs = check_feeds(graph, inputs)
+    before = summarize(graph)
+    pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress)
+    optimized = pm.run(graph)
+    after = summarize(optimized)
+    report = {
+        "model": graph.metadata.source,
+        "frontend": {"exporter": graph.metadata.exporter or "onnx file", "seconds": round(graph.metadata.export_seconds, 3)},
+        "pipeline": pm.pipeline_text,
+        "verify": verify,
+        "check_numerics": check_numerics,
+        "passes": [r.to_json() for r in pm.records],
+        "nodes_before": before["nodes"],
+        "nodes_after": after["nodes"],
+        "ops_before": before["ops"],
+        "ops_after": after["ops"],
+        "parameters_before": before["parameters"]["count"],
+        "parameters_after": after["parameters"]["count"],
+        "backend": backend,
+        "target": target,
+    }
+    manifest: dict = {}
+    out = None
+    if output_dir is not None:
+        from graphopt.fileutil import atomic_dir
+
+        out = Path(output_dir)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out}: exists and is not a folder")
+        progress(f"writing {out}")
+        with atomic_dir(out) as tmp:
+            fields = be.save(optimized, tmp, target)
+            manifest = make_manifest(optimized, backend, target, fields, be.versions())
+            report["total_seconds"] = round(time.perf_counter() - t_start, 3)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    else:
+        report["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    return OptimizeResult(optimized, report, manifest, out)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"pipeline  {report['pipeline']}"]
+    w = max((len(p["name"]) for p in report["passes"]), default=0)
+    for p in report["passes"]:
+        stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items()) or "no change"
+        lines.append(f"  {p['name']:<{w}}  {p['seconds'] * 1000:8.1f} ms  {p['nodes_before']:>5} -> {p['nodes_after']:<5} {stats}")
+    lines.append(f"nodes     {report['nodes_before']} -> {report['nodes_after']}")
+    gone = collections.Counter(report["ops_before"]) - collections.Counter(report["ops_after"])
+    if gone:
+        lines.append("removed   " + ", ".join(f"{k} x{v}" for k, v in gone.most_common()))
+    return "\n".join(lines)

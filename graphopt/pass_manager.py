@@ -1,0 +1,449 @@
+"""Passes, their registry, pipelines and the `PassManager`.
+
+A pass is a dataclass whose fields are its options, registered under a verb-first
+kebab-case name:
+
+    @register_pass("fold-constants", aliases=("fold",))
+    @dataclass
+    class FoldConstants(Pass):
+        \"\"\"Before/After IR in the docstring.\"\"\"
+        max_size: int = 1024          # option `max-size` in a pipeline string
+        def run(self, graph, ctx) -> PassResult: ...
+
+Pipelines are text (`"dce,cse,fold-constants{max-size=1024}"`) or a TOML recipe, and print
+back as they were written. The manager runs each pass on a copy of the graph, verifies the
+result (unless told not to), times it, keeps its statistics, and in check-numerics mode
+compares every surviving value before and after the pass on sample inputs: a pass that
+raises, breaks an invariant or changes results leaves the caller's graph as it was and is
+named in the error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import typing
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, UserError
+from graphopt.ir import Graph
+
+# --------------------------------------------------------------------------------------
+# Passes
+
+
+@dataclasses.dataclass
+class PassResult:
+    changed: bool = False
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
+    details: list[dict] = dataclasses.field(default_factory=list)  # e.g. near misses of fusions
+
+    def count(self, key: str, n: int = 1) -> None:
+        if n:
+            self.stats[key] = self.stats.get(key, 0) + n
+            self.changed = True
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may know beyond the graph: target hints, and a place for notes."""
+
+    target: str = "cpu"
+    hints: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class Pass:
+    """Base class of every pass. Subclasses are dataclasses; their fields are options."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    preconditions: ClassVar[tuple[str, ...]] = ()
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PassError(UserError):
+    """A pass failed: it raised, broke an invariant, a precondition, or the numerics."""
+
+
+class PreconditionError(PassError):
+    pass
+
+
+# Preconditions are named checks: graph -> None (holds) or a reason (does not).
+PRECONDITIONS: dict[str, Callable[[Graph], str | None]] = {}
+
+
+def precondition(name: str):
+    def deco(fn: Callable[[Graph], str | None]):
+        PRECONDITIONS[name] = fn
+        return fn
+    return deco
+
+
+@precondition("canonical-opset")
+def _canonical_opset(graph: Graph) -> str | None:
+    from graphopt.ir import CANONICAL_OPSET
+
+    v = graph.opset.get("", CANONICAL_OPSET)
+    return None if v == CANONICAL_OPSET else f"the graph is at opset {v}, not the canonical {CANONICAL_OPSET}"
+
+
+@precondition("typed")
+def _typed(graph: Graph) -> str | None:
+    for v in graph.values():
+        if v.type is None:
+            return f"value {v.name!r} has no type"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PassInfo:
+    name: str
+    cls: type
+    aliases: tuple[str, ...]
+    summary: str
+    source: str  # "graphopt" or the module / entry point that registered it
+
+
+_PASSES: dict[str, PassInfo] = {}
+_ALIASES: dict[str, str] = {}
+_loaded = False
+
+
+def register_pass(name: str, *, aliases: tuple[str, ...] = ()):
+    """Class decorator registering a pass under `name` (verb-first kebab-case)."""
+    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name):
+        raise ValueError(f"pass name {name!r} must be kebab-case, verb first (e.g. 'fold-constants')")
+
+    def deco(cls):
+        if not dataclasses.is_dataclass(cls):
+            cls = dataclasses.dataclass(cls)
+        if name in _PASSES or name in _ALIASES:
+            raise ValueError(f"pass {name!r} is already registered")
+        for a in aliases:
+            if a in _PASSES or a in _ALIASES:
+                raise ValueError(f"pass alias {a!r} is already registered")
+        cls.name = name
+        cls.aliases = tuple(aliases)
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        module = cls.__module__ or ""
+        source = "graphopt" if module.startswith("graphopt.") else module
+        _PASSES[name] = PassInfo(name, cls, tuple(aliases), summary, source)
+        for a in aliases:
+            _ALIASES[a] = name
+        return cls
+    return deco
+
+
+def _load_passes() -> None:
+    """Import graphopt's own passes and those of installed plugins (entry point group
+    `graphopt.passes`: each entry point is a module or callable that registers passes)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import graphopt.passes  # noqa: F401  (registers the built-in catalogue)
+
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="graphopt.passes"):
+        try:
+            obj = ep.load()
+            if callable(obj) and not isinstance(obj, type):
+                obj()
+        except Exception as e:  # a broken plugin must not break graphopt
+            import warnings
+
+            warnings.warn(f"graphopt: could not load pass plugin {ep.name!r}: {e}")
+
+
+def all_passes() -> list[PassInfo]:
+    _load_passes()
+    return [_PASSES[k] for k in sorted(_PASSES)]
+
+
+def get_pass_info(name: str) -> PassInfo:
+    _load_passes()
+    name = _ALIASES.get(name, name)
+    if name not in _PASSES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_PASSES) + list(_ALIASES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; `graphopt passes` lists them"
+        raise UserError(f"unknown pass {name!r}{hint}")
+    return _PASSES[name]
+
+
+def options_of(cls) -> dict[str, dataclasses.Field]:
+    """A pass's options by their pipeline spelling (`max_size` -> `max-size`)."""
+    return {f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+# --------------------------------------------------------------------------------------
+# Pipelines
+
+
+@dataclasses.dataclass
+class PipelineEntry:
+    name: str                       # as written (an alias stays an alias)
+    options: dict[str, str]         # as written, in order
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.options.items()) + "}"
+
+    def instantiate(self) -> Pass:
+        info = get_pass_info(self.name)
+        fields = options_of(info.cls)
+        kwargs = {}
+        hints = typing.get_type_hints(info.cls)
+        for key, raw in self.options.items():
+            if key not in fields:
+                known = ", ".join(fields) or "none"
+                raise UserError(f"pass {info.name!r} has no option {key!r} (options: {known})")
+            f = fields[key]
+            kwargs[f.name] = _convert_option(info.name, key, raw, hints.get(f.name, str))
+        return info.cls(**kwargs)
+
+
+def _convert_option(pass_name: str, key: str, raw, typ) -> Any:
+    if isinstance(raw, str):
+        text = raw
+    else:
+        text = str(raw).lower() if isinstance(raw, bool) else str(raw)
+    try:
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        return text
+    except ValueError:
+        tname = getattr(typ, "__name__", str(typ))
+        raise UserError(f"pass {pass_name!r}: option {key!r} needs a {tname}, got {text!r}") from None
+
+
+_ENTRY = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(,|$)")
+
+
+def parse_pipeline(text: str) -> list[PipelineEntry]:
+    """`"dce,cse,fold-constants{max-size=1024}"` -> entries. Names are checked, options too."""
+    entries: list[PipelineEntry] = []
+    pos = 0
+    text = text.strip()
+    if not text:
+        raise UserError("empty pipeline")
+    while pos < len(text):
+        m = _ENTRY.match(text, pos)
+        if m is None or m.end() == pos:
+            raise UserError(f"malformed pipeline {text!r} at character {pos + 1}: "
+                            "expected name or name{option=value,...}")
+        name, opts = m.group(1), m.group(2)
+        options: dict[str, str] = {}
+        if opts is not None and opts.strip():
+            for item in opts.split(","):
+                k, eq, v = item.partition("=")
+                if not eq or not k.strip() or not v.strip():
+                    raise UserError(f"malformed pipeline {text!r}: option {item.strip()!r} is not key=value")
+                options[k.strip()] = v.strip()
+        entry = PipelineEntry(name, options)
+        entry.instantiate()  # checks the name and the options now, not halfway through a run
+        entries.append(entry)
+        pos = m.end()
+        if m.group(3) == "," and pos >= len(text):
+            raise UserError(f"malformed pipeline {text!r}: trailing comma")
+    return entries
+
+
+def print_pipeline(entries: list[PipelineEntry]) -> str:
+    return ",".join(str(e) for e in entries)
+
+
+def load_recipe(path) -> list[PipelineEntry]:
+    """A TOML recipe: either `pipeline = "dce,cse"` or a list of tables
+
+        [[passes]]
+        name = "fold-constants"
+        max-size = 1024
+    """
+    import tomllib
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid TOML recipe: {e}") from None
+    unknown = set(data) - {"pipeline", "passes", "description"}
+    if unknown:
+        raise UserError(f"{path}: unknown recipe key {sorted(unknown)[0]!r} (expected 'pipeline' or 'passes')")
+    try:
+        if "pipeline" in data:
+            if "passes" in data:
+                raise UserError(f"{path}: give either 'pipeline' or 'passes', not both")
+            if not isinstance(data["pipeline"], str):
+                raise UserError(f"{path}: 'pipeline' must be a string such as \"dce,cse\"")
+            return parse_pipeline(data["pipeline"])
+        entries = []
+        for i, table in enumerate(data.get("passes", [])):
+            if not isinstance(table, dict) or "name" not in table:
+                raise UserError(f"{path}: passes[{i}] needs a 'name'")
+            opts = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in table.items() if k != "name"}
+            e = PipelineEntry(str(table["name"]), opts)
+            e.instantiate()
+            entries.append(e)
+        if not entries:
+            raise UserError(f"{path}: the recipe lists no passes")
+        return entries
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+# --------------------------------------------------------------------------------------
+# The manager
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    changed: bool
+    stats: dict[str, int]
+    nodes_before: int
+    nodes_after: int
+    max_abs_diff: float | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+NUMERIC_TOLERANCE = {  # (rtol, atol) for check-numerics, per float dtype
+    np.dtype(np.float64): (1e-7, 1e-9),
+    np.dtype(np.float32): (1e-4, 1e-5),
+    np.dtype(np.float16): (1e-2, 1e-3),
+}
+
+
+class PassManager:
+    def __init__(self, pipeline: list[PipelineEntry] | str, *, verify: bool = True,
+                 check_numerics: bool = False, sample_inputs: dict[str, np.ndarray] | None = None,
+                 ctx: PassContext | None = None, progress: Callable[[str], None] | None = None):
+        self.entries = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+        self.verify = verify
+        self.check_numerics = check_numerics
+        self.sample_inputs = sample_inputs
+        self.ctx = ctx or PassContext()
+        self.records: list[PassRecord] = []
+        self.progress = progress or (lambda msg: None)
+
+    @property
+    def pipeline_text(self) -> str:
+        return print_pipeline(self.entries)
+
+    def run(self, graph: Graph) -> Graph:
+        """Run the pipeline; returns the optimized graph (the input graph is not modified)."""
+        from graphopt.verify import verify
+
+        current = graph
+        reference = None
+        if self.check_numerics:
+            from graphopt.interpreter import run as interpret
+            from graphopt.sample_inputs import sample_inputs
+
+            feeds = self.sample_inputs if self.sample_inputs is not None else sample_inputs(graph)
+            reference = interpret(graph, feeds, keep_all=True)
+        for entry in self.entries:
+            p = entry.instantiate()
+            for pre in p.preconditions:
+                reason = PRECONDITIONS[pre](current)
+                if reason is not None:
+                    raise PreconditionError(f"pass {p.name!r}: precondition {pre!r} does not hold: {reason}")
+            work = current.copy()
+            self.progress(f"running {entry}")
+            t0 = time.perf_counter()
+            try:
+                result = p.run(work, self.ctx)
+            except UserError:
+                raise
+            except Exception as e:
+                raise PassError(f"pass {p.name!r} raised {type(e).__name__}: {e}; the graph is left as it was") from e
+            seconds = time.perf_counter() - t0
+            if result is None:
+                result = PassResult(changed=True)
+            if self.verify:
+                try:
+                    verify(work)
+                except GraphoptError as e:
+                    raise PassError(f"pass {p.name!r} left an invalid graph: {e}") from None
+            record = PassRecord(p.name, dataclasses.asdict(p), seconds, result.changed, dict(result.stats),
+                                len(current.nodes), len(work.nodes))
+            if reference is not None:
+                from graphopt.interpreter import run as interpret
+
+                after = interpret(work, feeds, keep_all=True)
+                record.max_abs_diff = _compare(p.name, work, reference, after)
+                reference = after
+            work.metadata.passes.append(str(entry))
+            self.records.append(record)
+            current = work
+        return current
+
+
+def _compare(pass_name: str, graph: Graph, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
+    """Compare every value that survived the pass, in the new graph's order. Raise on the
+    first one that diverged beyond tolerance, naming it; return the max abs diff of outputs."""
+    order = [v.name for v in graph.inputs] + [v.name for n in graph.nodes for v in n.outputs if v is not None]
+    order += [v.name for v in graph.outputs]
+    seen = set()
+    for name in order:
+        if name in seen or name not in before or name not in after:
+            continue
+        seen.add(name)
+        reason = _differs(before[name], after[name])
+        if reason:
+            raise PassError(f"pass {pass_name!r} changed the results: value {name!r} {reason}")
+    worst = 0.0
+    for v in graph.outputs:
+        a, b = before.get(v.name), after.get(v.name)
+        if a is None or b is None:
+            continue
+        if a.dtype.kind == "f" and a.size:
+            worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+    for v in graph.outputs:
+        if v.name not in before:
+            raise PassError(f"pass {pass_name!r} renamed graph output {v.name!r}")
+    return worst
+
+
+def _differs(a: np.ndarray, b: np.ndarray) -> str | None:
+    if a.shape != b.shape:
+        return f"has shape {list(b.shape)} after the pass, {list(a.shape)} before"
+    if a.dtype != b.dtype:
+        return f"has dtype {b.dtype} after the pass, {a.dtype} before"
+    if a.dtype.kind == "f":
+        rtol, atol = NUMERIC_TOLERANCE.get(a.dtype, (1e-2, 1e-2))
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        ok = np.isclose(b64, a64, rtol=rtol, atol=atol, equal_nan=True)
+        if not ok.all():
+            diff = np.abs(a64 - b64)
+            diff[np.isnan(diff)] = np.inf
+            return f"differs by up to {float(diff.max()):.3g} (tolerance rtol={rtol}, atol={atol})"
+        return None
+    if not np.array_equal(a, b):
+        return "has different values after the pass"
+    return None

@@ -1,0 +1,338 @@
+"""Declarative rewrite patterns over the IR.
+
+    x, w, b = var("x"), const("w"), const("b")
+    pattern = op("Add", op("MatMul", x, w, capture="mm", single_use=True), b, commute=True)
+
+    class MatMulAddToLinear(RewriteRule):
+        name = "matmul-add-to-linear"
+        pattern = pattern
+        def check(self, m):                       # optional; returns a reason or None
+            return None if m["b"].type.rank == 1 else "bias is not a vector"
+        def rewrite(self, rw, m):
+            return rw.op("Linear", m["x"], m["w"], m["b"], domain="graphopt")
+
+`match(pattern, value)` is pure: it returns a `Match` with the captures, or the reason it
+failed and the node where it failed. `apply_patterns` is a bounded fixed-point driver; it
+counts how often each rule fired and remembers near misses (the root op matched, a later
+constraint failed) so fusion passes can explain themselves. Reaching the iteration bound is
+an error, not a silent stop.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from graphopt.builder import Builder
+from graphopt.errors import GraphoptError
+from graphopt.ir import Graph, Node, NodeMeta, Value
+
+# --------------------------------------------------------------------------------------
+# Patterns
+
+
+class Pattern:
+    capture: str | None = None
+
+
+@dataclasses.dataclass
+class VarPattern(Pattern):
+    """Any value, optionally constrained. The same name used twice must bind the same value."""
+
+    capture: str | None = None
+    constant: bool | None = None         # True: an initializer or Constant output
+    dtype: Any = None                    # a DType or a set of them
+    rank: int | None = None
+    where: Callable[[Value], bool | str] | None = None  # extra check: True/False or a reason
+
+
+@dataclasses.dataclass
+class OpPattern(Pattern):
+    op_type: str | frozenset[str]
+    inputs: Sequence[Pattern] | None     # None: any inputs
+    domain: str = ""
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)  # value, or callable(value) -> bool
+    capture: str | None = None           # captures the node
+    commute: bool = False                # also try the first two inputs swapped
+    single_use: bool = False             # its output feeds only this match
+    output: int = 0                      # which output of the node the pattern stands for
+
+    def matches_type(self, node: Node) -> bool:
+        ops = self.op_type if isinstance(self.op_type, frozenset) else frozenset([self.op_type])
+        return node.op_type in ops and node.domain == self.domain
+
+
+def var(name: str | None = None, **constraints) -> VarPattern:
+    return VarPattern(capture=name, **constraints)
+
+
+def const(name: str | None = None, **constraints) -> VarPattern:
+    return VarPattern(capture=name, constant=True, **constraints)
+
+
+def op(op_type: str | Sequence[str], *inputs: Pattern, domain: str = "", capture: str | None = None,
+       commute: bool = False, single_use: bool = False, output: int = 0, any_inputs: bool = False,
+       **attrs) -> OpPattern:
+    ops = op_type if isinstance(op_type, str) else frozenset(op_type)
+    return OpPattern(ops, None if any_inputs else list(inputs), domain=domain, attrs=attrs, capture=capture,
+                     commute=commute, single_use=single_use, output=output)
+
+
+def constant_value(v: Value) -> np.ndarray | None:
+    """The array behind `v` when it is an initializer or the output of a Constant node."""
+    if v.const_value is not None:
+        return np.asarray(v.const_value)
+    p = v.producer()
+    if p is not None and p.op_type == "Constant" and p.domain == "" and "value" in p.attrs:
+        return p.attrs["value"].value
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Matching
+
+
+@dataclasses.dataclass
+class Match:
+    ok: bool
+    captures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    nodes: list[Node] = dataclasses.field(default_factory=list)  # every node the pattern covered
+    reason: str = ""
+    at: Node | None = None               # the node where matching failed
+
+    def __getitem__(self, key: str):
+        return self.captures[key]
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class _Fail(Exception):
+    def __init__(self, reason: str, at: Node | None):
+        self.reason, self.at = reason, at
+
+
+def match(pattern: Pattern, value: Value) -> Match:
+    """Match `pattern` against the computation producing `value`. Pure: never mutates."""
+    captures: dict[str, Any] = {}
+    nodes: list[Node] = []
+    try:
+        _match(pattern, value, captures, nodes, root=True)
+    except _Fail as f:
+        return Match(False, reason=f.reason, at=f.at)
+    return Match(True, captures, nodes)
+
+
+def _match(p: Pattern, v: Value | None, caps: dict, nodes: list, root: bool = False) -> None:
+    if isinstance(p, VarPattern):
+        _match_var(p, v, caps)
+        return
+    assert isinstance(p, OpPattern)
+    if v is None:
+        raise _Fail(f"expected {p.op_type}, found a missing input", None)
+    n = v.producer()
+    if n is None:
+        raise _Fail(f"expected {_op_name(p)}, found {'a weight' if v.is_initializer else 'a graph input'} {v.name!r}", None)
+    if not p.matches_type(n):
+        raise _Fail(f"expected {_op_name(p)}, found {n.op}", n)
+    if v.index != p.output:
+        raise _Fail(f"{n.op} output {v.index} is used, the pattern needs output {p.output}", n)
+    if p.single_use and not root and (len(v.uses()) != 1 or v.is_graph_output):
+        raise _Fail(f"{n.op} output {v.name!r} has other uses", n)
+    for k, want in p.attrs.items():
+        have = n.attr(k)
+        ok = want(have) if callable(want) else have == want
+        if not ok:
+            raise _Fail(f"{n.op} attribute {k}={have!r} does not fit the pattern", n)
+    if p.capture:
+        if p.capture in caps and caps[p.capture] is not n:
+            raise _Fail(f"capture {p.capture!r} binds two different nodes", n)
+        caps[p.capture] = n
+    nodes.append(n)
+    if p.inputs is None:
+        return
+    if len(n.inputs) < len(p.inputs):
+        raise _Fail(f"{n.op} has {len(n.inputs)} inputs, the pattern needs {len(p.inputs)}", n)
+    orders = [list(range(len(p.inputs)))]
+    if p.commute and len(p.inputs) >= 2:
+        orders.append([1, 0] + list(range(2, len(p.inputs))))
+    first_fail = None
+    for order in orders:
+        trial_caps, trial_nodes = dict(caps), list(nodes)
+        try:
+            for pi, ni in zip(range(len(p.inputs)), order):
+                _match(p.inputs[pi], n.inputs[ni], trial_caps, trial_nodes)
+        except _Fail as f:
+            first_fail = first_fail or f
+            continue
+        caps.clear()
+        caps.update(trial_caps)
+        nodes[:] = trial_nodes
+        return
+    raise first_fail
+
+
+def _match_var(p: VarPattern, v: Value | None, caps: dict) -> None:
+    if v is None:
+        raise _Fail(f"input {p.capture or '_'} is missing", None)
+    where = v.producer()
+    if p.capture:
+        if p.capture in caps and caps[p.capture] is not v:
+            raise _Fail(f"{p.capture!r} must be the same value in both places", where)
+    if p.constant is not None and (constant_value(v) is not None) != p.constant:
+        raise _Fail(f"{p.capture or 'value'} {v.name!r} is {'not ' if p.constant else ''}a constant", where)
+    if p.dtype is not None and v.type is not None:
+        allowed = p.dtype if isinstance(p.dtype, (set, frozenset, tuple)) else {p.dtype}
+        if v.type.dtype not in allowed:
+            raise _Fail(f"{p.capture or 'value'} {v.name!r} has dtype {v.type.dtype.short}", where)
+    if p.rank is not None and (v.type is None or v.type.rank != p.rank):
+        raise _Fail(f"{p.capture or 'value'} {v.name!r} does not have rank {p.rank}", where)
+    if p.where is not None:
+        res = p.where(v)
+        if res is not True and res is not None:
+            raise _Fail(res if isinstance(res, str) else f"{p.capture or 'value'} {v.name!r} fails a constraint", where)
+    if p.capture:
+        caps[p.capture] = v
+
+
+def _op_name(p: OpPattern) -> str:
+    ops = sorted(p.op_type) if isinstance(p.op_type, frozenset) else [p.op_type]
+    pre = f"{p.domain}." if p.domain else ""
+    return " or ".join(pre + o for o in ops)
+
+
+# --------------------------------------------------------------------------------------
+# Rules, the rewriter and the driver
+
+
+class RewriteRule:
+    """`pattern` + `check` + `rewrite`. `rewrite` returns the replacement value (or a list,
+    one per output of the root node; None keeps an output as it is)."""
+
+    name: ClassVar[str] = ""
+    pattern: ClassVar[OpPattern]
+
+    def check(self, m: Match) -> str | None:
+        return None
+
+    def rewrite(self, rw: "Rewriter", m: Match):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Rewriter(Builder):
+    """A builder placed before the matched root; new nodes are tagged with the rule."""
+
+    def __init__(self, graph: Graph, root: Node, rule: str):
+        super().__init__(graph, before=root, created_by=rule)
+        self.root = root
+
+
+def replaceable(old: Value, new: Value) -> bool:
+    """Can `old` be replaced by `new` everywhere? A graph output keeps its name, so the
+    replacement must be a node output that is not itself a graph output."""
+    if not old.is_graph_output:
+        return True
+    return new.producer() is not None and not new.is_graph_output and not new.is_graph_input
+
+
+def replace_value(graph: Graph, old: Value, new: Value) -> None:
+    """Replace `old` by `new`; when `old` is a graph output, `new` takes over its name once
+    `old`'s producer is removed (see `remove_dead`)."""
+    keep_name = old.name if old.is_graph_output else None
+    if new.type is None:
+        new.type = old.type
+    old.replace_all_uses_with(new)
+    if keep_name is not None:
+        graph._pending_renames = getattr(graph, "_pending_renames", [])
+        graph._pending_renames.append((new, keep_name))
+
+
+def remove_dead(graph: Graph, candidates: Sequence[Node]) -> int:
+    """Remove the candidate nodes that have become dead (in reverse topological order)."""
+    removed = 0
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    alive = set(position)
+    for n in sorted({id(c): c for c in candidates}.values(), key=lambda c: -position.get(id(c), -1)):
+        if id(n) in alive and all(v is None or (not v.uses() and not v.is_graph_output) for v in n.outputs):
+            graph.remove_node(n)
+            alive.discard(id(n))
+            removed += 1
+    for new, name in getattr(graph, "_pending_renames", []):
+        if name not in graph._names:
+            graph.rename_value(new, name)
+    graph._pending_renames = []
+    return removed
+
+
+@dataclasses.dataclass
+class NearMiss:
+    rule: str
+    node: str
+    op: str
+    reason: str
+
+
+def apply_patterns(graph: Graph, rules: Sequence[RewriteRule], ctx=None, *, max_iterations: int = 64,
+                   explain: bool = False):
+    """Apply `rules` until none fires. Returns a PassResult: counts per rule, and (with
+    `explain`) near misses in `result.details`."""
+    from graphopt.pass_manager import PassResult
+
+    result = PassResult()
+    for it in range(max_iterations):
+        fired = False
+        for node in list(graph.nodes):
+            if node.graph is not graph:
+                continue  # removed by an earlier rewrite this sweep
+            for rule in rules:
+                root = rule.pattern
+                if not root.matches_type(node):
+                    continue
+                value = node.outputs[root.output] if root.output < len(node.outputs) else None
+                if value is None:
+                    continue
+                m = match(root, value)
+                reason = m.reason if not m.ok else rule.check(m)
+                if reason:
+                    if explain and it == 0:
+                        at = m.at or node
+                        result.details.append(dataclasses.asdict(NearMiss(rule.name, at.name, at.op, reason)))
+                    continue
+                if _apply(graph, rule, node, m):
+                    result.count(rule.name)
+                    fired = True
+                    break
+        if not fired:
+            return result
+    raise GraphoptError(f"pattern rewriting did not converge in {max_iterations} iterations "
+                        f"(rules: {', '.join(r.name for r in rules)})")
+
+
+def _apply(graph: Graph, rule: RewriteRule, node: Node, m: Match) -> bool:
+    rw = Rewriter(graph, node, rule.name)
+    new = rule.rewrite(rw, m)
+    if new is None:
+        _undo(graph, rw)
+        return False
+    new_list = list(new) if isinstance(new, (list, tuple)) else [new]
+    olds = list(node.outputs) if isinstance(new, (list, tuple)) else [node.outputs[rule.pattern.output]]
+    pairs = [(o, n) for o, n in zip(olds, new_list) if o is not None and n is not None and o is not n]
+    if not pairs or not all(replaceable(o, n) for o, n in pairs):
+        _undo(graph, rw)
+        return False
+    for o, n in pairs:
+        replace_value(graph, o, n)
+    remove_dead(graph, m.nodes + [node])
+    return True
+
+
+def _undo(graph: Graph, rw: Rewriter) -> None:
+    for n in reversed(rw.nodes):
+        if n.graph is graph:
+            graph.remove_node(n)
+
+
+__all__ = ["Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "Match", "RewriteRule",
+           "Rewriter", "apply_patterns", "constant_value", "replace_value", "remove_dead", "replaceable",
+           "NodeMeta"]

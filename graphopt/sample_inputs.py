@@ -1,0 +1,93 @@
+"""Sample inputs that are valid for a model: token ids below the vocabulary size, 0/1
+attention masks, position ids in range, and symbolic dimensions bound to small sizes.
+
+Used by check-numerics and by benchmarks when the user gives no `--inputs FILE.npz`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.ir import Graph, Value
+
+DEFAULT_DIMS = {"batch": 2, "seq": 8, "past_seq": 4}
+# Ops through which an integer input keeps its meaning as indices.
+_INDEX_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+
+def bind_dims(graph: Graph, dims: dict[str, int] | None = None) -> dict[str, int]:
+    bound = dict(DEFAULT_DIMS)
+    bound.update(dims or {})
+    for v in graph.inputs:
+        for d in (v.type.shape or ()):
+            if isinstance(d, str) and d not in bound:
+                low = d.lower()
+                bound[d] = 4 if "past" in low else 8 if ("seq" in low or "len" in low) else 2
+    return bound
+
+
+def index_bound(v: Value) -> int | None:
+    """The smallest size of a tensor that `v` indexes into through Gather (vocabularies,
+    position tables), following index-preserving ops; None when it indexes nothing."""
+    best = None
+    stack, seen = [v], set()
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        for node, i in cur.uses():
+            if node.op_type == "Gather" and i == 1 and node.domain == "":
+                data = node.inputs[0]
+                if data is not None and data.type is not None and data.type.shape:
+                    axis = node.attr("axis", 0) % len(data.type.shape)
+                    size = data.type.shape[axis]
+                    if isinstance(size, int):
+                        best = size if best is None else min(best, size)
+            elif node.op_type in _INDEX_PRESERVING and i == 0:
+                stack.extend(o for o in node.outputs if o is not None)
+    return best
+
+
+def sample_inputs(graph: Graph, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    bound = bind_dims(graph, dims)
+    feeds: dict[str, np.ndarray] = {}
+    for v in graph.inputs:
+        if v.is_initializer:
+            continue
+        t = v.type
+        if t.shape is None:
+            raise UserError(f"input {v.name!r} has unknown rank; give sample inputs with --inputs FILE.npz")
+        shape = tuple(d if isinstance(d, int) else bound.get(d, 2) if isinstance(d, str) else 2 for d in t.shape)
+        dt = t.dtype.np_dtype
+        name = v.name.lower()
+        if t.dtype.is_float:
+            feeds[v.name] = rng.standard_normal(shape).astype(dt)
+        elif dt == np.bool_:
+            feeds[v.name] = rng.random(shape) < 0.5
+        elif "mask" in name:
+            mask = np.ones(shape, dt)
+            if len(shape) >= 2 and shape[0] > 1 and shape[-1] > 2:
+                mask[0, ..., : shape[-1] // 3] = 0  # left padding on the first row
+            feeds[v.name] = mask
+        elif "position" in name and shape:
+            feeds[v.name] = np.broadcast_to(np.arange(shape[-1], dtype=dt), shape).copy()
+        else:
+            high = index_bound(v) or 4
+            feeds[v.name] = rng.integers(0, high, shape).astype(dt)
+    return feeds
+
+
+def load_inputs(path) -> dict[str, np.ndarray]:
+    """Read feeds from an .npz file (one array per graph input)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such inputs file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npz file of arrays ({e})") from None

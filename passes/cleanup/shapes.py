@@ -1,0 +1,253 @@
+"""simplify-shapes: shape computations evaluated symbolically.
+
+Exporters compute shapes at run time: `Shape -> Gather -> Unsqueeze -> Concat -> Reshape`.
+With symbolic dims (`batch`, `seq`) most of that is known ahead of time. This pass
+evaluates integer shape tensors over symbols and then
+- replaces every shape tensor that is fully known by a constant;
+- gives Reshape a constant target where the symbols line up with the input's own dims
+  (copied with 0) and at most one is left to infer (-1);
+- gives Expand a constant target where each symbolic dim equals the input's (1 keeps it).
+The dead Shape/Gather/Concat chains are left to eliminate-dead-code.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.ir import Graph, Node, Value
+from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+from graphopt.pattern import constant_value, remove_dead, replace_value
+
+Elem = "int | str | None"  # a dim value: known int, a symbol, or unknown
+MAX_ELEMS = 16
+
+
+def _elems(v: Value, env: dict[int, object]):
+    """The symbolic content of `v`: an int/str/None (scalar), a list of them (1-D), or
+    the sentinel `_UNKNOWN`."""
+    if id(v) in env:
+        return env[id(v)]
+    c = constant_value(v)
+    if c is not None and c.dtype.kind in "iu" and c.ndim <= 1 and c.size <= MAX_ELEMS:
+        return int(c) if c.ndim == 0 else [int(x) for x in c]
+    return _UNKNOWN
+
+
+_UNKNOWN = object()
+
+
+def _dim_token(v: Value, i: int, d):
+    if isinstance(d, (int, str)):
+        return d
+    return f"?{v.name}[{i}]"  # an unknown dim, equal only to itself
+
+
+def _binary(op: str, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        if op == "Add":
+            return a + b
+        if op == "Sub":
+            return a - b
+        if op == "Mul":
+            return a * b
+        if op == "Div":
+            return a // b if b and a >= 0 and b > 0 else None
+        if op == "Max":
+            return max(a, b)
+        if op == "Min":
+            return min(a, b)
+        if op == "Equal":
+            return int(a == b)
+    if op == "Mul" and (a == 1 or b == 1):
+        return b if a == 1 else a
+    if op in ("Add", "Sub") and b == 0:
+        return a
+    if op == "Add" and a == 0:
+        return b
+    if op == "Div" and b == 1:
+        return a
+    if op == "Equal" and a is not None and a == b:
+        return 1
+    if op == "Equal" and isinstance(a, str) and isinstance(b, int) and b < 0:
+        return 0  # a dimension is never negative
+    if op == "Equal" and isinstance(b, str) and isinstance(a, int) and a < 0:
+        return 0
+    return None
+
+
+def _broadcast(op: str, a, b):
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) == len(b):
+            return [_binary(op, x, y) for x, y in zip(a, b)]
+        if len(a) == 1:
+            return [_binary(op, a[0], y) for y in b]
+        if len(b) == 1:
+            return [_binary(op, x, b[0]) for x in a]
+        return _UNKNOWN
+    if isinstance(a, list):
+        return [_binary(op, x, b) for x in a]
+    if isinstance(b, list):
+        return [_binary(op, a, y) for y in b]
+    return _binary(op, a, b)
+
+
+def evaluate(node: Node, env: dict[int, object]):
+    """Symbolic value of node's first output, or _UNKNOWN."""
+    t = node.op_type
+    ins = [None if v is None else _elems(v, env) for v in node.inputs]
+    if t == "Shape":
+        x = node.inputs[0]
+        if x.type is None or x.type.shape is None:
+            return _UNKNOWN
+        dims = [_dim_token(x, i, d) for i, d in enumerate(x.type.shape)]
+        r = len(dims)
+        start, end = node.attr("start", 0), node.attr("end", r)
+        start = min(max(start + r if start < 0 else start, 0), r)
+        end = min(max(end + r if end < 0 else end, 0), r)
+        return dims[start:end]
+    if any(i is _UNKNOWN for i in ins if i is not None):
+        return _UNKNOWN
+    if t in ("Identity", "Cast") and node.outputs[0].type is not None and node.outputs[0].type.dtype.np_dtype.kind in "iu":
+        return ins[0]
+    if t == "Gather" and node.attr("axis", 0) == 0 and isinstance(ins[0], list):
+        idx = ins[1]
+        n = len(ins[0])
+        if isinstance(idx, int):
+            return ins[0][idx % n] if -n <= idx < n else _UNKNOWN
+        if isinstance(idx, list) and all(isinstance(i, int) and -n <= i < n for i in idx):
+            return [ins[0][i % n] for i in idx]
+        return _UNKNOWN
+    if t == "Slice" and isinstance(ins[0], list) and len(ins) >= 3:
+        starts, ends = ins[1], ins[2]
+        axes = ins[3] if len(ins) > 3 and ins[3] is not None else [0]
+        steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1]
+        if not all(isinstance(x, list) and len(x) == 1 and isinstance(x[0], int) for x in (starts, ends, axes, steps)):
+            return _UNKNOWN
+        if axes[0] not in (0, -1) or steps[0] == 0:
+            return _UNKNOWN
+        return ins[0][slice(max(starts[0], -2**62), min(ends[0], 2**62), steps[0])]
+    if t == "Concat" and all(isinstance(i, list) for i in ins):
+        return [e for i in ins for e in i]
+    if t == "Unsqueeze" and not isinstance(ins[0], list) and ins[1] in ([0], 0, [-1]):
+        return [ins[0]]
+    if t == "Squeeze" and isinstance(ins[0], list) and len(ins[0]) == 1:
+        return ins[0][0]
+    if t == "Reshape" and ins[1] in ([-1], [1]) and not isinstance(ins[0], list):
+        return [ins[0]]
+    if t == "Reshape" and isinstance(ins[0], list) and ins[1] in ([-1], [len(ins[0])]):
+        return ins[0]
+    if t in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Equal") and len(ins) == 2:
+        return _broadcast(t, ins[0], ins[1])
+    if t == "Where" and len(ins) == 3:
+        c, a, b = ins
+        if isinstance(c, list):
+            n = len(c)
+            a = a if isinstance(a, list) else [a] * n
+            b = b if isinstance(b, list) else [b] * n
+            if len(a) != n or len(b) != n or any(x is None for x in c):
+                return _UNKNOWN
+            return [x if cc else y for cc, x, y in zip(c, a, b)]
+        if c is None:
+            return _UNKNOWN
+        return a if c else b
+    return _UNKNOWN
+
+
+def _is_int_shape_value(v: Value) -> bool:
+    t = v.type
+    return t is not None and t.dtype.np_dtype.kind in "iu" and t.rank is not None and t.rank <= 1
+
+
+@register_pass("simplify-shapes")
+class SimplifyShapes(Pass):
+    """Evaluate shape computations over symbolic dims; fold what is known into constants and
+    give Reshape/Expand constant targets.
+
+    Before:  %s = Shape(%x: f32[batch, seq, 64])          After:
+             %b = Gather(%s, @zero) {axis=0}                %y = Reshape(%x, @shape_folded)
+             %t = Concat(%u, @[seq_len, 4, 16]) ...           (@shape_folded = [0, 0, 4, 16])
+             %y = Reshape(%x, %t)
+    """
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        env: dict[int, object] = {}
+        for node in graph.nodes:
+            out = node.outputs[0] if node.outputs else None
+            if out is None or not _is_int_shape_value(out) or len(node.outputs) != 1:
+                continue
+            val = evaluate(node, env)
+            if val is not _UNKNOWN:
+                env[id(out)] = val
+        touched: list[Node] = []
+        for node in list(graph.nodes):
+            out = node.outputs[0] if node.outputs else None
+            if out is None or id(out) not in env or node.op_type == "Constant" or out.is_graph_output:
+                continue
+            val = env[id(out)]
+            if isinstance(val, int) or (isinstance(val, list) and all(isinstance(e, int) for e in val)):
+                arr = np.array(val, dtype=out.type.dtype.np_dtype)
+                if out.type.shape is not None and tuple(out.type.shape) not in ((), (len(np.atleast_1d(arr)),)) \
+                        and not (out.type.rank == 1 and arr.ndim == 1):
+                    continue
+                c = graph.add_initializer(graph.fresh_name(out.name + "_folded"), arr)
+                replace_value(graph, out, c)
+                touched.append(node)
+                result.count("shape-values-folded")
+        for node in list(graph.nodes):
+            if node.op_type == "Reshape" and node.domain == "":
+                self._reshape(graph, node, env, result)
+            elif node.op_type == "Expand" and node.domain == "":
+                self._expand(graph, node, env, result)
+        remove_dead(graph, touched)
+        return result
+
+    def _reshape(self, graph: Graph, node: Node, env, result: PassResult) -> None:
+        data, shape = node.inputs[0], node.inputs[1]
+        if constant_value(shape) is not None:
+            return
+        val = env.get(id(shape), _UNKNOWN)
+        dims = data.type.shape if data.type is not None else None
+        if not isinstance(val, list) or dims is None:
+            return
+        allowzero = node.attr("allowzero", 0)
+        target, infer = [], 0
+        for i, e in enumerate(val):
+            if isinstance(e, int):
+                if e == 0 and not allowzero:
+                    return  # a computed 0 means "copy" to Reshape: keep the run-time value
+                target.append(e)
+                infer += e == -1
+            elif e is not None and i < len(dims) and _dim_token(data, i, dims[i]) == e and not allowzero:
+                target.append(0)
+            else:
+                target.append(-1)
+                infer += 1
+        if infer > 1:
+            result.details.append({"node": node.name, "op": node.op,
+                                   "reason": f"{infer} target dims are neither known nor copied from the input"})
+            return
+        c = graph.add_initializer(graph.fresh_name("shape_folded"), np.array(target, np.int64))
+        node.set_input(1, c)
+        result.count("reshapes-made-static")
+
+    def _expand(self, graph: Graph, node: Node, env, result: PassResult) -> None:
+        data, shape = node.inputs[0], node.inputs[1]
+        if constant_value(shape) is not None:
+            return
+        val = env.get(id(shape), _UNKNOWN)
+        dims = data.type.shape if data.type is not None else None
+        if not isinstance(val, list) or dims is None or len(val) < len(dims):
+            return
+        offset = len(val) - len(dims)
+        target = []
+        for i, e in enumerate(val):
+            j = i - offset
+            if isinstance(e, int):
+                target.append(e)
+            elif j >= 0 and e is not None and _dim_token(data, j, dims[j]) == e:
+                target.append(1)  # Expand keeps a dim it is asked to broadcast to 1
+            else:
+                return
+        c = graph.add_initializer(graph.fresh_name("expand_shape_folded"), np.array(target, np.int64))
+        node.set_input(1, c)
+        result.count("expands-made-static")
