@@ -157,20 +157,23 @@ def _match(p: Pattern, v: Value | None, caps: dict, nodes: list, root: bool = Fa
     orders = [list(range(len(p.inputs)))]
     if p.commute and len(p.inputs) >= 2:
         orders.append([1, 0] + list(range(2, len(p.inputs))))
-    first_fail = None
+    best_fail, best_depth = None, (-1, False)
     for order in orders:
         trial_caps, trial_nodes = dict(caps), list(nodes)
         try:
             for pi, ni in zip(range(len(p.inputs)), order):
                 _match(p.inputs[pi], n.inputs[ni], trial_caps, trial_nodes)
         except _Fail as f:
-            first_fail = first_fail or f
+            # Report the attempt that got furthest (ties: the one that failed at an op).
+            depth = (len(trial_nodes), f.at is not None)
+            if depth > best_depth:
+                best_fail, best_depth = f, depth
             continue
         caps.clear()
         caps.update(trial_caps)
         nodes[:] = trial_nodes
         return
-    raise first_fail
+    raise best_fail
 
 
 def _match_var(p: VarPattern, v: Value | None, caps: dict) -> None:

@@ -1,0 +1,126 @@
+"""`graphopt optimize`, `graphopt passes` and `graphopt.load`: artifacts, reports, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import graphopt
+from graphopt.cli import cli
+from graphopt.errors import UserError
+from graphopt.pass_manager import Pass, PassResult, register_pass
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+
+
+@register_pass("test-swap-add-sub")
+class SwapAddSub(Pass):
+    """Deliberately wrong: turns every Add into Sub."""
+
+    def run(self, graph, ctx):
+        res = PassResult()
+        for n in graph.nodes:
+            if n.op_type == "Add":
+                n.op_type = "Sub"
+                res.count("swapped")
+        return res
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_optimize_writes_artifact_manifest_and_report(tmp_path):
+    out = tmp_path / "out"
+    r = invoke("optimize", EXAMPLE, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "onnxruntime" and manifest["target"] == "cpu"
+    assert manifest["signature"]["inputs"] == [{"name": "x", "dtype": "f32", "shape": ["batch", 16]}]
+    assert {"graphopt", "onnxruntime", "onnx", "python"} <= set(manifest["versions"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["nodes_before"] == 7 and report["nodes_after"] == 7
+    assert [p["name"] for p in report["passes"]][-1] == "eliminate-dead-code"
+    assert all("seconds" in p and "stats" in p for p in report["passes"])
+    a = graphopt.load(out)
+    x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+    from graphopt.testing import run_ort
+
+    np.testing.assert_array_equal(a.run({"x": x})["probs"], run_ort(EXAMPLE, {"x": x}, optimize=True)["probs"])
+
+
+def test_optimize_with_pipeline_recipe_and_inputs(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\nname = "fold-constants"\nmax-size = 8\n\n[[passes]]\nname = "dce"\n')
+    np.savez(tmp_path / "in.npz", x=np.ones((3, 16), np.float32))
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "--recipe", recipe, "--check-numerics",
+               "--inputs", tmp_path / "in.npz", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["pipeline"] == "fold-constants{max-size=8},dce" and report["check_numerics"]
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "b", "--passes", "cse,dce", "--no-verify", "-q")
+    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "report.json").read_text())["verify"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--passes", "dce,nonsense"], "unknown pass 'nonsense'"),
+    (["--passes", "dce{"], "malformed pipeline"),
+    (["--recipe", "RECIPE"], "has no option 'max-sise'"),
+    (["--passes", "test-swap-add-sub", "--check-numerics"], "pass 'test-swap-add-sub' changed the results: value 'h1'"),
+    (["--passes", "dce", "--recipe", "RECIPE"], "either --passes or --recipe"),
+    (["--inputs", "MISSING.npz", "--check-numerics"], "no such inputs file"),
+    (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+])
+def test_optimize_errors_are_one_line_exit_2_and_leave_no_output(tmp_path, args, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\nname = "fold-constants"\nmax-sise = 8\n')
+    args = [str(recipe) if a == "RECIPE" else str(tmp_path / a) if a == "MISSING.npz" else a for a in args]
+    out = tmp_path / "out"
+    r = invoke("optimize", EXAMPLE, "-o", out, "-q", *args)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no scratch folder left
+
+
+def test_interrupted_write_leaves_no_folder(tmp_path):
+    from graphopt.fileutil import atomic_dir
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "model.onnx").write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_refuses_foreign_or_broken_artifacts(tmp_path):
+    out = tmp_path / "out"
+    assert invoke("optimize", EXAMPLE, "-o", out, "-q").exit_code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    with pytest.raises(UserError, match="not a graphopt artifact"):
+        graphopt.load(tmp_path)
+    (out / "manifest.json").write_text(json.dumps({**m, "backend": "tvm"}))
+    with pytest.raises(UserError, match="backend 'tvm' is not available"):
+        graphopt.load(out)
+    (out / "manifest.json").write_text(json.dumps({**m, "target": "cuda"}))
+    with pytest.raises(UserError, match="needs CUDAExecutionProvider"):
+        graphopt.load(out)
+    (out / "manifest.json").write_text(json.dumps(m))
+    a = graphopt.load(out)
+    with pytest.raises(UserError, match="input 'x' has dtype float64"):
+        a.run({"x": np.ones((2, 16))})
+    with pytest.raises(UserError, match="missing input 'x'"):
+        a.run({})
+
+
+def test_passes_command_lists_the_catalogue():
+    r = invoke("passes")
+    assert r.exit_code == 0
+    assert "eliminate-dead-code (dce)" in r.output and "fold-constants{max-size=1024} (fold)" in r.output
+    rows = json.loads(invoke("passes", "--json").output)
+    assert any(p["name"] == "test-swap-add-sub" and p["source"] != "graphopt" for p in rows)

@@ -1,0 +1,208 @@
+"""Pass registry, pipelines and recipes, the manager's verify/rollback/check-numerics, plugins."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from graphopt.errors import UserError
+from graphopt.ir import Graph
+from graphopt.pass_manager import (
+    Pass, PassContext, PassError, PassManager, PassResult, all_passes, get_pass_info, load_recipe, parse_pipeline,
+    print_pipeline, register_pass,
+)
+from graphopt.testing import random_graph
+from graphopt.text import print_graph
+
+
+@pytest.mark.parametrize("text", [
+    "dce,cse,fold-constants{max-size=1024}",
+    "fold{max-size=7},eliminate-dead-code",
+    "simplify-shapes",
+])
+def test_pipeline_text_prints_back_identically(text):
+    assert print_pipeline(parse_pipeline(text)) == text
+
+
+def test_pipeline_options_are_typed():
+    (e,) = parse_pipeline("fold-constants{max-size=12}")
+    p = e.instantiate()
+    assert p.max_size == 12 and isinstance(p.max_size, int)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dce,frobnicate", "unknown pass 'frobnicate'"),
+    ("dec", "did you mean 'dce'"),
+    ("dce,,cse", "malformed pipeline"),
+    ("dce,", "trailing comma"),
+    ("fold-constants{max-size}", "is not key=value"),
+    ("fold-constants{max-size=big}", "needs a int, got 'big'"),
+    ("fold-constants{maxsize=3}", "has no option 'maxsize'"),
+    ("fold-constants{max-size=3", "malformed pipeline"),
+    ("", "empty pipeline"),
+])
+def test_bad_pipelines_are_one_line_errors(text, message):
+    with pytest.raises(UserError, match=message) as e:
+        parse_pipeline(text)
+    assert "\n" not in str(e.value)
+
+
+def test_recipes(tmp_path):
+    r = tmp_path / "r.toml"
+    r.write_text('pipeline = "dce,cse"\n')
+    assert print_pipeline(load_recipe(r)) == "dce,cse"
+    r.write_text('[[passes]]\nname = "fold-constants"\nmax-size = 64\n\n[[passes]]\nname = "dce"\n')
+    assert print_pipeline(load_recipe(r)) == "fold-constants{max-size=64},dce"
+    r.write_text('[[passes]]\nname = "fold-constants"\nmax-sise = 64\n')
+    with pytest.raises(UserError, match="r.toml: pass 'fold-constants' has no option 'max-sise'"):
+        load_recipe(r)
+    r.write_text('pipeline = "dce"\nfoo = 1\n')
+    with pytest.raises(UserError, match="unknown recipe key 'foo'"):
+        load_recipe(r)
+    r.write_text('pipeline = [1, 2\n')
+    with pytest.raises(UserError, match="not a valid TOML recipe"):
+        load_recipe(r)
+
+
+def test_catalogue_lists_cleanup_passes_with_aliases():
+    names = {p.name: p for p in all_passes()}
+    for n in ("eliminate-dead-code", "eliminate-common-subexpressions", "fold-constants", "remove-identities",
+              "simplify-chains", "simplify-shapes"):
+        assert n in names and names[n].summary
+    assert get_pass_info("dce").name == "eliminate-dead-code"
+
+
+# ---- passes registered by a test -------------------------------------------------------
+
+@register_pass("test-negate-relu")
+class NegateRelu(Pass):
+    """A deliberately wrong pass: turns Relu into Neg."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        for n in graph.nodes:
+            if n.op_type == "Relu":
+                n.op_type = "Neg"
+                res.count("broken")
+        return res
+
+
+@register_pass("test-raise")
+class Raise(Pass):
+    """Mutates the graph, then raises."""
+
+    def run(self, graph, ctx):
+        graph.nodes.clear()
+        raise RuntimeError("boom")
+
+
+@register_pass("test-break-ssa")
+class BreakSSA(Pass):
+    """Leaves a stale use list."""
+
+    def run(self, graph, ctx):
+        n = graph.nodes[-1]
+        n._inputs[0] = graph.inputs[0]
+        return PassResult(changed=True)
+
+
+@register_pass("test-needs-typed")
+@dataclasses.dataclass
+class NeedsTyped(Pass):
+    """Declares a precondition."""
+    preconditions = ("typed",)
+
+    def run(self, graph, ctx):
+        return PassResult()
+
+
+def relu_graph():
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.ir import TensorType
+
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", 4)))
+    b = Builder(g)
+    h = b.Relu(b.Mul(x, x))
+    g.outputs = [b.Add(h, x)]
+    return g
+
+
+def test_check_numerics_names_the_wrong_pass_and_first_diverging_value():
+    g = relu_graph()
+    relu_out = g.nodes[1].outputs[0].name
+    before = print_graph(g)
+    with pytest.raises(PassError, match=f"pass 'test-negate-relu' changed the results: value '{relu_out}'"):
+        PassManager("dce,test-negate-relu,cse", check_numerics=True).run(g)
+    assert print_graph(g) == before  # the caller's graph is untouched
+    PassManager("dce,test-negate-relu", check_numerics=False).run(g)  # without the check it goes through
+
+
+def test_a_pass_that_raises_leaves_the_graph_as_it_was():
+    g = relu_graph()
+    before = print_graph(g)
+    with pytest.raises(PassError, match="pass 'test-raise' raised RuntimeError: boom"):
+        PassManager("test-raise").run(g)
+    assert print_graph(g) == before
+
+
+def test_verify_after_each_pass_names_the_pass():
+    with pytest.raises(PassError, match="pass 'test-break-ssa' left an invalid graph"):
+        PassManager("test-break-ssa").run(relu_graph())
+    PassManager("test-break-ssa", verify=False).run(relu_graph())
+
+
+def test_preconditions_are_checked_in_code():
+    g = relu_graph()
+    g.nodes[0].outputs[0].type = None
+    with pytest.raises(PassError, match="precondition 'typed' does not hold"):
+        PassManager("test-needs-typed", verify=False).run(g)
+
+
+def test_records_time_stats_and_node_counts():
+    g = random_graph(5, 10, cleanup_bait=True)
+    pm = PassManager("dce,cse")
+    out = pm.run(g)
+    assert [r.name for r in pm.records] == ["eliminate-dead-code", "eliminate-common-subexpressions"]
+    assert pm.records[0].nodes_before == len(g.nodes) and pm.records[-1].nodes_after == len(out.nodes)
+    assert all(r.seconds >= 0 for r in pm.records) and pm.records[0].stats["nodes-removed"] >= 1
+    assert out.metadata.passes == ["dce", "cse"]
+
+
+def test_entry_point_plugins_appear_in_the_catalogue(tmp_path, monkeypatch):
+    import graphopt.pass_manager as pm
+
+    (tmp_path / "my_graphopt_plugin.py").write_text(textwrap.dedent('''
+        from graphopt.pass_manager import Pass, PassResult, register_pass
+
+        @register_pass("plugin-noop")
+        class PluginNoop(Pass):
+            """A pass from a third-party package."""
+            def run(self, graph, ctx):
+                return PassResult()
+    '''))
+    dist = tmp_path / "my_graphopt_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-graphopt-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[graphopt.passes]\nnoop = my_graphopt_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(pm, "_loaded", False)
+    names = {p.name: p for p in all_passes()}
+    assert names["plugin-noop"].source == "my_graphopt_plugin"
+    PassManager("plugin-noop").run(relu_graph())
+    sys.modules.pop("my_graphopt_plugin", None)
+
+
+def test_sample_inputs_are_valid_for_language_models(exported):
+    from graphopt.onnx_io import load_onnx
+    from graphopt.sample_inputs import sample_inputs
+    from graphopt.testing import VOCAB
+
+    g = load_onnx(exported("llama", "dynamo")[1])
+    feeds = sample_inputs(g)
+    assert feeds["input_ids"].shape == (2, 8) and feeds["input_ids"].max() < VOCAB
+    assert set(np.unique(feeds["attention_mask"])) <= {0, 1}

@@ -1,0 +1,107 @@
+"""The pattern API: captures, constraints, commuted operands, single use, the reason a match
+failed, and the bounded fixed-point driver."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.errors import GraphoptError
+from graphopt.pattern import RewriteRule, apply_patterns, const, match, op, var
+from graphopt.text import parse_graph, print_graph
+from graphopt.verify import verify
+
+SRC = '''graph @g(%x: f32[batch, 4]) -> (f32[batch, 4]) {
+  weights {
+    @w: f32[4, 4]
+    @b: f32[4]
+  }
+  %m = MatMul(%x, @w) : f32[batch, 4] loc("m")
+  %y = Add(@b, %m) : f32[batch, 4] loc("y")
+  return %y
+}
+'''
+W = {"w": np.eye(4, dtype=np.float32), "b": np.arange(4, dtype=np.float32)}
+
+LINEAR = op("Add", op("MatMul", var("x"), const("w"), capture="mm", single_use=True), const("b", rank=1),
+            commute=True, capture="add")
+
+
+def test_match_captures_with_commuted_operands():
+    g = parse_graph(SRC, weights=W)
+    m = match(LINEAR, g.outputs[0])
+    assert m.ok and m["x"] is g.inputs[0] and m["w"].name == "w" and m["b"].name == "b"
+    assert m["mm"].name == "m" and m["add"].name == "y"
+    assert [n.name for n in m.nodes] == ["y", "m"]
+
+
+def test_match_is_pure_and_explains_failure():
+    g = parse_graph(SRC.replace("%m = MatMul", "%m = Mul"), weights=W)
+    before = print_graph(g)
+    m = match(LINEAR, g.outputs[0])
+    assert not m.ok and m.reason == "expected MatMul, found Mul" and m.at.name == "m"
+    assert print_graph(g) == before
+    no_commute = op("Add", op("MatMul", var("x"), const("w")), const("b"))
+    m = match(no_commute, parse_graph(SRC, weights=W).outputs[0])
+    assert not m.ok and "found a weight 'b'" in m.reason
+
+
+def test_single_use_and_same_variable_constraints():
+    two_uses = SRC.replace("-> (f32[batch, 4])", "-> (f32[batch, 4], f32[batch, 4])").replace("return %y", "return %y, %m")
+    m = match(LINEAR, parse_graph(two_uses, weights=W).outputs[0])
+    assert not m.ok and m.reason == "MatMul output 'm' has other uses"
+    square = op("Mul", var("a"), var("a"))
+    g = parse_graph('''graph @g(%x: f32[2], %z: f32[2]) -> (f32[2], f32[2]) {
+  %p = Mul(%x, %x) : f32[2] loc("p")
+  %q = Mul(%x, %z) : f32[2] loc("q")
+  return %p, %q
+}
+''')
+    assert match(square, g.outputs[0]).ok
+    assert "must be the same value" in match(square, g.outputs[1]).reason
+
+
+class AddToSub(RewriteRule):
+    name = "add-to-sub-neg"  # x + b -> x - (-b): never converges on its own output form
+    pattern = op("Add", var("x"), var("y"))
+
+    def rewrite(self, rw, m):
+        return rw.Add(m["x"], rw.Neg(rw.Neg(m["y"])))
+
+
+class FoldDoubleNeg(RewriteRule):
+    name = "double-neg"  # Neg(Neg(x)) -> x
+    pattern = op("Neg", op("Neg", var("x")))
+
+    def rewrite(self, rw, m):
+        return m["x"]
+
+
+def test_fixed_point_driver_counts_rules_and_bounds_iterations():
+    g = parse_graph('''graph @g(%x: f32[2]) -> (f32[2]) {
+  %a = Neg(%x) : f32[2] loc("a")
+  %b = Neg(%a) : f32[2] loc("b")
+  %c = Neg(%b) : f32[2] loc("c")
+  %d = Neg(%c) : f32[2] loc("d")
+  %e = Relu(%d) : f32[2] loc("e")
+  return %e
+}
+''')
+    res = apply_patterns(g, [FoldDoubleNeg()])
+    verify(g)
+    assert res.stats == {"double-neg": 2} and [n.op_type for n in g.nodes] == ["Relu"]
+    g = parse_graph(SRC, weights=W)
+    with pytest.raises(GraphoptError, match="did not converge in 5 iterations"):
+        apply_patterns(g, [AddToSub()], max_iterations=5)
+
+
+def test_rewrite_keeps_graph_output_names():
+    g = parse_graph('''graph @g(%x: f32[2]) -> (f32[2]) {
+  %a = Relu(%x) : f32[2] loc("a")
+  %b = Neg(%a) : f32[2] loc("b")
+  %out = Neg(%b) : f32[2] loc("out")
+  return %out
+}
+''')
+    apply_patterns(g, [FoldDoubleNeg()])
+    verify(g)
+    assert [v.name for v in g.outputs] == ["out"] and [n.op_type for n in g.nodes] == ["Relu"]
