@@ -70,3 +70,13 @@ def test_impossible_configs_are_user_errors(bad, message):
     d.update(bad)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_dict(d)
+
+
+def test_forward_exports_with_dynamic_batch_and_seq(model):
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=24)
+    program = torch.export.export(model, (torch.randint(0, 97, (2, 10)),),
+                                  dynamic_shapes=({0: batch, 1: seq},))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.scaled_dot_product_attention.default" in targets
+    other = torch.randint(0, 97, (3, 17))
+    torch.testing.assert_close(program.module()(other), model(other))
