@@ -43,7 +43,7 @@ def check_target(target: str) -> None:
                         "in place of onnxruntime")
 
 
-def save(graph: Graph, outdir: Path, target: str) -> dict:
+def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -> dict:
     """Write `model.onnx` (+ external data when large) into outdir; returns manifest fields."""
     from graphopt.onnx_io import save_onnx
 
@@ -53,12 +53,16 @@ def save(graph: Graph, outdir: Path, target: str) -> dict:
 
 
 class Executable:
-    """An ONNX Runtime session over a saved artifact."""
+    """An ONNX Runtime session over a saved artifact folder."""
 
-    def __init__(self, model_path: Path, target: str, threads: int | None = None):
+    def __init__(self, outdir: Path, manifest: dict, threads: int | None = None):
         import onnxruntime as ort
 
+        target = manifest.get("target", "cpu")
         check_target(target)
+        model_path = Path(outdir) / manifest.get("model", "model.onnx")
+        if not model_path.is_file():
+            raise UserError(f"{outdir}: the manifest names {model_path.name!r}, which is missing")
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:

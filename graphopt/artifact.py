@@ -1,5 +1,9 @@
 """Artifacts: what `graphopt optimize` writes, and `graphopt.load(OUTDIR)` to run one.
 
+A backend is a module with `NAME`, `check_target(target)`, `save(graph, outdir, target,
+options) -> manifest fields`, `Executable(outdir, manifest, threads)` (with `.run(feeds)`)
+and `versions()`; `KNOWN_BACKENDS` maps backend names to those modules.
+
     OUTDIR/model.onnx       the lowered model (+ model.onnx.data for large weights)
     OUTDIR/manifest.json    backend, target, signature (symbolic dims), versions
     OUTDIR/report.json      what each pass did and cost
@@ -123,9 +127,5 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
         raise UserError(f"{mpath}: backend {backend!r} is not available in this graphopt "
                         f"(known: {', '.join(KNOWN_BACKENDS)})")
     module = importlib.import_module(KNOWN_BACKENDS[backend])
-    target = manifest.get("target", "cpu")
-    module.check_target(target)
-    model = path / manifest.get("model", "model.onnx")
-    if not model.is_file():
-        raise UserError(f"{path}: the manifest names {model.name!r}, which is missing")
-    return Artifact(path, manifest, module.Executable(model, target, threads=threads))
+    module.check_target(manifest.get("target", "cpu"))
+    return Artifact(path, manifest, module.Executable(path, manifest, threads=threads))

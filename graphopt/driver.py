@@ -102,7 +102,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             raise UserError(f"{out}: exists and is not a folder")
         progress(f"writing {out}")
         with atomic_dir(out) as tmp:
-            fields = be.save(optimized, tmp, target)
+            fields = be.save(optimized, tmp, target, {})
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
             report["total_seconds"] = round(time.perf_counter() - t_start, 3)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -124,6 +124,24 @@ def all_graphopt_ops() -> list[OpDef]:
     return [d for (dom, _), d in sorted(_OPS.items()) if dom == GRAPHOPT_DOMAIN]
 
 
+# Lowering rules that backends register: (backend, domain, op) -> rule. Kept beside the
+# OpDefs so `OpDef.lowerings` shows every backend's rule for an op in one place.
+_LOWERINGS: dict[tuple[str, str, str], Callable] = {}
+
+
+def register_lowering(backend: str, domain: str, name: str):
+    """Decorator: `@register_lowering("tvm", "", "MatMul")` registers a backend's rule."""
+    def deco(fn):
+        _LOWERINGS[(backend, domain, name)] = fn
+        get_op(domain, name).lowerings[backend] = fn
+        return fn
+    return deco
+
+
+def get_lowering(backend: str, domain: str, name: str) -> Callable | None:
+    return _LOWERINGS.get((backend, "" if domain == "ai.onnx" else domain, name))
+
+
 def infer_types(node: Node) -> list[TensorType | None]:
     """Output types of `node` from its op's inference rule."""
     return list(get_op(node.domain, node.op_type).infer(node))
