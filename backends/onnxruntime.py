@@ -19,15 +19,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 def lower(graph: Graph, target: str) -> Graph:
     """A copy of `graph` with only ops ORT can run on `target`."""
-    from graphopt.registry import decompose_node
+    from graphopt.registry import decompose_graphopt_ops
 
     g = graph.copy()
-    for _ in range(8):  # decompositions may (in principle) produce graphopt ops again
-        pending = [n for n in g.nodes if n.domain == GRAPHOPT_DOMAIN]
-        if not pending:
-            break
-        for n in pending:
-            decompose_node(n)
+    decompose_graphopt_ops(g)
     g.opset.pop(GRAPHOPT_DOMAIN, None)
     return g
 

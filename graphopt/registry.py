@@ -90,7 +90,8 @@ def _load_graphopt_ops() -> None:
     global _graphopt_ops_loaded
     if not _graphopt_ops_loaded:
         _graphopt_ops_loaded = True
-        import graphopt.graphopt_ops  # noqa: F401  (registers on import)
+        import graphopt.fused_ops  # noqa: F401  (registers on import)
+        import graphopt.graphopt_ops  # noqa: F401
 
 
 def get_op(domain: str, name: str) -> OpDef:
@@ -315,3 +316,17 @@ def decompose_node(node: Node) -> list:
     for new, name in renames:  # graph outputs keep their names
         graph.rename_value(new, name)
     return new_outputs
+
+
+def decompose_graphopt_ops(graph, keep=frozenset(), max_rounds: int = 8) -> int:
+    """Decompose every graphopt-domain node (except ops named in `keep`) until none is left;
+    decompositions may produce graphopt ops again, hence the rounds. Returns the count."""
+    count = 0
+    for _ in range(max_rounds):
+        pending = [n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type not in keep]
+        if not pending:
+            return count
+        for n in pending:
+            decompose_node(n)
+            count += 1
+    raise UnknownOpError(f"decompositions did not reach core ops in {max_rounds} rounds")

@@ -1,0 +1,113 @@
+"""Fused graphopt ops (Linear, SkipNorm, GatedLinear): reference vs decomposition, in the
+interpreter and in ONNX Runtime."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.dtypes import DType
+from graphopt.errors import UserError
+from graphopt.interpreter import run
+from graphopt.ir import Graph, TensorType
+from graphopt.onnx_io import save_onnx
+from graphopt.registry import decompose_graphopt_ops, decompose_node, infer_types
+from graphopt.testing import assert_close, run_ort
+from graphopt.verify import verify
+
+F32 = DType.FLOAT32
+RNG = np.random.default_rng(0)
+
+
+def one_node(op, inputs: dict, consts: dict, attrs: dict, n_out=1):
+    g = Graph("t")
+    vals = []
+    for name, arr in inputs.items():
+        vals.append(None if arr is None else g.add_input(name, TensorType(F32, ("batch",) + arr.shape[1:])))
+    for name, arr in consts.items():
+        vals.append(None if arr is None else g.add_initializer(name, arr))
+    while vals and vals[-1] is None:
+        vals.pop()
+    n = g.make_node(op, vals, domain="graphopt", attrs=attrs, num_outputs=n_out)
+    g.append(n)
+    g.outputs = list(n.outputs)
+    verify(g)
+    return g, {k: v for k, v in inputs.items() if v is not None}
+
+
+def check_decomposition(g, feeds, tmp_path):
+    want = run(g, feeds)
+    d = g.copy()
+    decompose_graphopt_ops(d)
+    verify(d)
+    assert all(n.domain == "" for n in d.nodes)
+    for k, v in run(d, feeds).items():
+        assert_close(v, want[k], rtol=1e-5, atol=1e-5, what=f"interpreter {k}")
+    save_onnx(d, tmp_path / "d.onnx")
+    for k, v in run_ort(tmp_path / "d.onnx", feeds).items():
+        assert_close(v, want[k], rtol=1e-5, atol=1e-5, what=f"ORT {k}")
+    return want
+
+
+def f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("act", ["", "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("trans_w, bias", [(0, True), (1, True), (0, False)])
+def test_linear(act, trans_w, bias, tmp_path):
+    x, w = f32(3, 5, 8), f32(8, 6)
+    g, feeds = one_node("Linear", {"x": x}, {"w": w.T.copy() if trans_w else w, "b": f32(6) if bias else None},
+                        {"activation": act, "trans_w": trans_w})
+    assert infer_types(g.nodes[0])[0].shape == ("batch", 5, 6)
+    want = check_decomposition(g, feeds, tmp_path)
+    y = x @ w + (g.initializers["b"].const_value if bias else 0)
+    ref = {"": y, "relu": np.maximum(y, 0), "silu": y / (1 + np.exp(-y))}.get(act)
+    if ref is not None:
+        assert_close(list(want.values())[0], ref.astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("with_beta, with_bias, n_out", [(True, True, 2), (False, False, 1), (True, False, 2)])
+def test_skipnorm(norm, with_beta, with_bias, n_out, tmp_path):
+    x, skip = f32(2, 4, 16), f32(2, 4, 16)
+    g, feeds = one_node("SkipNorm", {"x": x, "skip": skip},
+                        {"gamma": f32(16), "beta": f32(16) if with_beta else None, "bias": f32(16) if with_bias else None},
+                        {"norm": norm, "epsilon": 1e-6}, n_out=n_out)
+    if not with_beta and with_bias:
+        pytest.skip("bias without beta needs an empty input")
+    want = check_decomposition(g, feeds, tmp_path)
+    s = x + skip + (g.initializers["bias"].const_value if with_bias else 0)
+    if n_out == 2:
+        assert_close(want[g.outputs[1].name], s.astype(np.float32))
+    if norm == "layer":
+        ref = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-6)
+        ref = ref * g.initializers["gamma"].const_value + (g.initializers["beta"].const_value if with_beta else 0)
+        assert_close(want[g.outputs[0].name], ref.astype(np.float32), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_linear(act, bias, tmp_path):
+    x = f32(2, 3, 8)
+    wg, wu = f32(8, 12), f32(8, 12)
+    consts = {"wg": wg, "wu": wu}
+    if bias:
+        consts.update(bg=f32(12), bu=f32(12))
+    g, feeds = one_node("GatedLinear", {"x": x}, consts, {"activation": act})
+    want = list(check_decomposition(g, feeds, tmp_path).values())[0]
+    gate = x @ wg + (consts["bg"] if bias else 0)
+    up = x @ wu + (consts["bu"] if bias else 0)
+    if act == "silu":
+        assert_close(want, (gate / (1 + np.exp(-gate)) * up).astype(np.float32), rtol=1e-5, atol=1e-5)
+    d = g.copy()
+    decompose_node(d.nodes[0])
+    assert [n.op_type for n in d.nodes].count("MatMul") == 1  # the two projections share one MatMul
+
+
+def test_bad_fused_ops_name_the_node():
+    with pytest.raises(UserError, match="node 'Linear_.*X has 8 features but the weight takes 7"):
+        one_node("Linear", {"x": f32(2, 8)}, {"w": f32(7, 6)}, {"activation": ""})
+    g, _ = one_node("Linear", {"x": f32(2, 8)}, {"w": f32(8, 6)}, {"activation": ""})
+    g.nodes[0].attrs["activation"] = type(g.nodes[0].attrs["activation"])(g.nodes[0].attrs["activation"].kind, "swish")
+    with pytest.raises(UserError, match="unknown activation 'swish'"):
+        run(g, {"x": f32(2, 8)})
