@@ -75,7 +75,9 @@ def op(op_type: str | Sequence[str], *inputs: Pattern, domain: str = "", capture
        commute: bool = False, single_use: bool = False, output: int = 0, any_inputs: bool = False,
        **attrs) -> OpPattern:
     ops = op_type if isinstance(op_type, str) else frozenset(op_type)
-    return OpPattern(ops, None if any_inputs else list(inputs), domain=domain, attrs=attrs, capture=capture,
+    # Listed inputs match a prefix of the node's inputs; with none listed and any_inputs,
+    # the inputs are not looked at.
+    return OpPattern(ops, None if any_inputs and not inputs else list(inputs), domain=domain, attrs=attrs, capture=capture,
                      commute=commute, single_use=single_use, output=output)
 
 

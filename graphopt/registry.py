@@ -148,6 +148,59 @@ def infer_types(node: Node) -> list[TensorType | None]:
     return list(get_op(node.domain, node.op_type).infer(node))
 
 
+def refine_types(graph) -> int:
+    """Re-run inference over the graph and adopt inferred types that know more (a rank or
+    a dimension that was unknown) and agree with what was known. Returns how many values
+    got a more precise type."""
+    from graphopt.errors import UserError as _UserError
+
+    refined = 0
+    for node in graph.nodes:
+        if any(v is not None and v.type is None for v in node.inputs):
+            continue
+        try:
+            inferred = infer_types(node)
+        except _UserError:
+            continue
+        for v, t in zip(node.outputs, inferred):
+            if v is None or t is None:
+                continue
+            better = _more_precise(v.type, t)
+            if better is not None:
+                v.type = better
+                refined += 1
+    return refined
+
+
+def _more_precise(old: TensorType | None, new: TensorType) -> TensorType | None:
+    """`old` with its unknowns filled in from `new`, or None if that adds nothing or they
+    disagree."""
+    if old is None:
+        return new
+    if old.dtype is not new.dtype or new.shape is None:
+        return None
+    if old.shape is None:
+        return new
+    if len(old.shape) != len(new.shape):
+        return None
+    merged, gained = [], False
+    for a, b in zip(old.shape, new.shape):
+        if a is None and b is not None:
+            merged.append(b)
+            gained = True
+        elif isinstance(a, int) and isinstance(b, int) and a != b:
+            return None
+        elif isinstance(a, str) and isinstance(b, int):
+            merged.append(b)
+            gained = True
+        elif isinstance(a, str) and a.startswith("unk__") and isinstance(b, str) and not b.startswith("unk__"):
+            merged.append(b)  # ONNX names the dims it cannot relate "unk__N": a real symbol knows more
+            gained = True
+        else:
+            merged.append(a)
+    return TensorType(old.dtype, tuple(merged)) if gained else None
+
+
 def run_reference(node: Node, inputs: list) -> list[np.ndarray]:
     return list(get_op(node.domain, node.op_type).reference(node, inputs))
 

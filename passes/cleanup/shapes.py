@@ -168,8 +168,23 @@ class SimplifyShapes(Pass):
              %y = Reshape(%x, %t)
     """
 
+    max_rounds: int = 4
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Evaluate, rewrite, refine the types that the rewrites made known, and repeat."""
+        from graphopt.registry import refine_types
+
         result = PassResult()
+        for _ in range(self.max_rounds):
+            before = dict(result.stats)
+            self._round(graph, result)
+            refined = refine_types(graph)
+            if result.stats == before and not refined:
+                break
+            result.count("types-refined", refined)
+        return result
+
+    def _round(self, graph: Graph, result: PassResult) -> None:
         env: dict[int, object] = {}
         for node in graph.nodes:
             out = node.outputs[0] if node.outputs else None
@@ -199,7 +214,6 @@ class SimplifyShapes(Pass):
             elif node.op_type == "Expand" and node.domain == "":
                 self._expand(graph, node, env, result)
         remove_dead(graph, touched)
-        return result
 
     def _reshape(self, graph: Graph, node: Node, env, result: PassResult) -> None:
         data, shape = node.inputs[0], node.inputs[1]
@@ -209,15 +223,16 @@ class SimplifyShapes(Pass):
         dims = data.type.shape if data.type is not None else None
         if not isinstance(val, list) or dims is None:
             return
-        allowzero = node.attr("allowzero", 0)
+        # The new target copies input dims with 0, so it needs allowzero=0; that is the same
+        # Reshape as long as no literal 0 is in the target (then allowzero never mattered).
         target, infer = [], 0
         for i, e in enumerate(val):
             if isinstance(e, int):
-                if e == 0 and not allowzero:
-                    return  # a computed 0 means "copy" to Reshape: keep the run-time value
+                if e == 0:
+                    return  # a literal 0: "copy" or "zero" depending on allowzero; leave it alone
                 target.append(e)
                 infer += e == -1
-            elif e is not None and i < len(dims) and _dim_token(data, i, dims[i]) == e and not allowzero:
+            elif e is not None and i < len(dims) and _dim_token(data, i, dims[i]) == e:
                 target.append(0)
             else:
                 target.append(-1)
@@ -228,6 +243,10 @@ class SimplifyShapes(Pass):
             return
         c = graph.add_initializer(graph.fresh_name("shape_folded"), np.array(target, np.int64))
         node.set_input(1, c)
+        if node.attr("allowzero", 0):
+            from graphopt.ir import Attr
+
+            node.attrs["allowzero"] = Attr.int(0)
         result.count("reshapes-made-static")
 
     def _expand(self, graph: Graph, node: Node, env, result: PassResult) -> None:
@@ -251,3 +270,33 @@ class SimplifyShapes(Pass):
         c = graph.add_initializer(graph.fresh_name("expand_shape_folded"), np.array(target, np.int64))
         node.set_input(1, c)
         result.count("expands-made-static")
+
+
+def symbolic_value(v: Value, _memo: dict | None = None, _depth: int = 0):
+    """The symbolic content of an integer shape tensor (a list of ints/symbols, or a
+    scalar), evaluated through its producers; None when unknown. Dims of unknown size are
+    tokens equal only to themselves (see `_dim_token`)."""
+    memo = {} if _memo is None else _memo
+    if id(v) in memo:
+        return memo[id(v)]
+    val = _elems(v, {})
+    if val is _UNKNOWN and _depth < 32:
+        n = v.producer()
+        if n is not None and n.domain == "" and len(n.outputs) == 1 and _is_int_shape_value(v):
+            env: dict[int, object] = {}
+            for x in n.inputs:
+                if x is not None:
+                    sub = symbolic_value(x, memo, _depth + 1)
+                    if sub is not None:
+                        env[id(x)] = sub
+            val = evaluate(n, env)
+    result = None if val is _UNKNOWN else val
+    memo[id(v)] = result
+    return result
+
+
+def dim_tokens(v: Value) -> list | None:
+    """v's shape as tokens comparable with `symbolic_value` results."""
+    if v.type is None or v.type.shape is None:
+        return None
+    return [_dim_token(v, i, d) for i, d in enumerate(v.type.shape)]

@@ -1,0 +1,148 @@
+"""What a chain of layout ops computes, decided by running it.
+
+Exporters spell the same data movement many ways: `k.transpose(-1, -2)` is one Transpose in
+one export and Reshape -> Transpose -> Reshape (computed from `Shape` of the tensor itself)
+in another; repeating key/value heads is Unsqueeze -> Expand -> Reshape. Matching each
+spelling with patterns is brittle. Instead, `computes(src, dst, fn)` takes the slice of the
+graph between `src` and `dst`, checks that it is made only of layout and shape-arithmetic
+ops fed by `src` and constants, and runs it with the reference kernels on probe inputs (a
+numbered tensor, at two different bindings of the symbolic dims) to see whether
+`dst == fn(src)`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from graphopt.ir import Node, Value
+from graphopt.pattern import constant_value
+
+LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity", "Shape", "Gather",
+              "Slice", "Concat", "Cast", "Add", "Sub", "Mul", "Div", "Equal", "Where", "Max", "Min", "Size",
+              "ConstantOfShape", "Range"}
+_DATA_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity"}  # may move src data
+MAX_SLICE = 64
+PROBE_DIMS = ((3, 5, 2, 7), (2, 7, 3, 5))  # values for symbolic dims in the two probes
+
+
+def layout_slice(src: Value, dst: Value) -> list[Node] | None:
+    """The nodes between src and dst, in graph order, if dst depends only on src and
+    constants through layout/shape ops; else None."""
+    needed: dict[int, Node] = {}
+    stack = [dst]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if v is src or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if constant_value(v) is not None and v.producer() is None:
+            continue
+        n = v.producer()
+        if n is None or n.domain != "" or n.op_type not in LAYOUT_OPS:
+            return None
+        if n.op_type == "Constant":
+            continue
+        if n.op_type not in _DATA_OPS and n.op_type not in ("Shape", "Size") and v.type is not None \
+                and v.type.dtype.np_dtype.kind == "f":
+            return None  # arithmetic on float data is not a layout change
+        needed[id(n)] = n
+        if len(needed) > MAX_SLICE:
+            return None
+        stack.extend(x for x in n.inputs if x is not None)
+    if not needed:
+        return [] if dst is src else None
+    graph = dst.graph
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    return sorted(needed.values(), key=lambda n: order[id(n)])
+
+
+def _probe_shape(src: Value, k: int) -> tuple[int, ...] | None:
+    if src.type is None or src.type.shape is None:
+        return None
+    dims, sym = [], {}
+    for d in src.type.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        else:
+            key = d if isinstance(d, str) else object()
+            if key not in sym:
+                sym[key] = PROBE_DIMS[k][len(sym) % len(PROBE_DIMS[k])]
+            dims.append(sym[key])
+    return tuple(dims)
+
+
+def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray]) -> bool:
+    """True when dst == fn(src) for every probe (see module doc)."""
+    from graphopt.registry import run_reference
+
+    nodes = layout_slice(src, dst)
+    if nodes is None:
+        return False
+    for k in range(len(PROBE_DIMS)):
+        shape = _probe_shape(src, k)
+        if shape is None or int(np.prod(shape)) > 1 << 16:
+            return False
+        x = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape).astype(src.type.dtype.np_dtype)
+        env = {id(src): x}
+        try:
+            for n in nodes:
+                args = []
+                for v in n.inputs:
+                    if v is None:
+                        args.append(None)
+                    elif id(v) in env:
+                        args.append(env[id(v)])
+                    else:
+                        c = constant_value(v)
+                        if c is None:
+                            return False
+                        args.append(c)
+                with np.errstate(all="ignore"):
+                    outs = run_reference(n, args)
+                for v, r in zip(n.outputs, outs):
+                    if v is not None:
+                        env[id(v)] = np.asarray(r)
+            want = fn(x)
+        except Exception:
+            return False
+        got = env.get(id(dst), x if dst is src else None)
+        if got is None or got.shape != want.shape or not np.array_equal(got, want):
+            return False
+    return True
+
+
+def swap_last_two(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+def repeat_heads(group: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: np.repeat(x, group, axis=1)
+
+
+def split_heads(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """[B, S, N*H] -> [B, N, S, H]"""
+    def fn(x):
+        b, s, d = x.shape
+        return x.reshape(b, s, num_heads, d // num_heads).transpose(0, 2, 1, 3)
+    return fn
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """[B, N, S, H] -> [B, S, N*H]"""
+    b, n, s, h = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, n * h)
+
+
+def layout_ancestors(v: Value, limit: int = 8) -> list[Value]:
+    """Values upstream of v through data-moving layout ops (nearest first)."""
+    out = []
+    cur = v
+    for _ in range(limit):
+        n = cur.producer()
+        if n is None or n.domain != "" or n.op_type not in _DATA_OPS or not n.inputs or n.inputs[0] is None:
+            break
+        cur = n.inputs[0]
+        out.append(cur)
+    return out

@@ -1,0 +1,310 @@
+"""fuse-attention: the decomposed attention that exporters emit -> graphopt.Attention.
+
+The core every exporter agrees on is
+
+    scores = MatMul(Q', K')              Q' = Q (* s1),  K' = layout(K) (* s2)
+    scores = scores (* s3 | / s3) (+ mask)
+    probs  = Softmax(scores, axis=-1)    (optionally followed by a NaN guard: Where(IsNaN(p), 0, p))
+    out    = MatMul(probs, V)
+
+Everything around it varies: the key transpose is one Transpose, or Reshape -> Transpose ->
+Reshape computed from the tensor's own shape; the scale is applied to Q, to K, to both (as
+sqrt(scale)) or to the scores, by Mul or Div; grouped-query models repeat K/V heads with
+Unsqueeze -> Expand -> Reshape. Such layout questions are answered by running the layout
+slice on probe tensors (`graphopt.layout.computes`), not by matching one spelling.
+
+A second rewrite, `attention-to-3d`, absorbs the usual head split (Reshape -> Transpose to
+BNSH) and merge (Transpose -> Reshape back to BSD) into the op when Q, K and V come from
+3-D projections, which is the form fused kernels take.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.layout import computes, layout_ancestors, merge_heads, repeat_heads, split_heads, swap_last_two
+from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value, replaceable
+
+
+class NoMatch(Exception):
+    def __init__(self, reason: str, node: Node | None = None):
+        super().__init__(reason)
+        self.reason, self.node = reason, node
+
+
+def _scalar(v: Value | None) -> float | None:
+    c = None if v is None else constant_value(v)
+    if c is None or c.size != 1 or c.dtype.kind != "f":
+        return None
+    return float(c.reshape(()))
+
+
+def _single_use(v: Value) -> bool:
+    return len(v.uses()) == 1 and not v.is_graph_output
+
+
+def _strip_scale(v: Value, covered: list[Node]) -> tuple[Value, float]:
+    """Peel Mul/Div by scalar constants off `v`; returns (inner value, accumulated factor)."""
+    factor = 1.0
+    while True:
+        n = v.producer()
+        if n is None or n.domain != "" or n.op_type not in ("Mul", "Div") or not _single_use(v):
+            return v, factor
+        a, b = n.inputs
+        if n.op_type == "Mul" and _scalar(b) is not None:
+            factor *= _scalar(b)
+            v = a
+        elif n.op_type == "Mul" and _scalar(a) is not None:
+            factor *= _scalar(a)
+            v = b
+        elif n.op_type == "Div" and _scalar(b) is not None and _scalar(b) != 0:
+            factor /= _scalar(b)
+            v = a
+        else:
+            return v, factor
+        covered.append(n)
+
+
+def _rank4(v: Value) -> bool:
+    return v.type is not None and v.type.rank == 4
+
+
+class AttentionMatch:
+    """What one attention site consists of (produced by `match_attention`)."""
+
+    def __init__(self):
+        self.q = self.k = self.v = self.mask = None
+        self.k_needs_transpose: Value | None = None
+        self.scale = 1.0
+        self.num_heads = self.kv_num_heads = None
+        self.out: Value | None = None
+        self.covered: list[Node] = []
+
+
+def match_attention(softmax: Node) -> AttentionMatch:
+    """Match the attention around a Softmax node, or raise NoMatch with the reason."""
+    m = AttentionMatch()
+    scores_in = softmax.inputs[0]
+    rank = scores_in.type.rank if scores_in.type is not None else None
+    axis = softmax.attr("axis", -1)
+    if rank is None or axis not in (-1, rank - 1):
+        raise NoMatch("softmax is not over the last axis", softmax)
+    m.covered.append(softmax)
+    # -- downstream: optional NaN guard, then MatMul(probs, V)
+    probs = softmax.outputs[0]
+    users = probs.consumers()
+    if len(users) == 2 and {u.op_type for u in users} == {"IsNaN", "Where"}:
+        isnan = next(u for u in users if u.op_type == "IsNaN")
+        where = next(u for u in users if u.op_type == "Where")
+        if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or _scalar(where.inputs[1]) != 0.0:
+            raise NoMatch("the softmax output feeds an IsNaN/Where that is not a NaN guard", where)
+        m.covered += [isnan, where]
+        probs = where.outputs[0]
+    if probs.is_graph_output or len(probs.uses()) != 1:
+        raise NoMatch("the attention probabilities are used elsewhere (returned or reused)", softmax)
+    pv, idx = probs.uses()[0]
+    if pv.op_type != "MatMul" or pv.domain != "" or idx != 0:
+        raise NoMatch(f"the probabilities feed {pv.op}, not MatMul(probs, V)", pv)
+    m.covered.append(pv)
+    m.v, m.out = pv.inputs[1], pv.outputs[0]
+    # -- upstream: (+ mask) (scale) MatMul(Q', K')
+    x = scores_in
+    if not _single_use(x):
+        raise NoMatch("the attention scores are used elsewhere", x.producer())
+    while True:
+        n = x.producer()
+        if n is None:
+            raise NoMatch("the softmax input is not computed from MatMul(Q, K)", softmax)
+        if n.op_type == "MatMul" and n.domain == "":
+            m.covered.append(n)
+            qk = n
+            break
+        if n.op_type == "Add" and n.domain == "" and m.mask is None:
+            sides = [s for s in n.inputs if _leads_to_matmul(s)]
+            if len(sides) != 1:
+                raise NoMatch("cannot tell the scores from the mask in the Add before softmax", n)
+            m.mask = n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0]
+            m.covered.append(n)
+            x = sides[0]
+        elif n.op_type in ("Mul", "Div") and n.domain == "":
+            inner, f = _strip_scale(x, m.covered)
+            if inner is x:
+                raise NoMatch(f"the scores are scaled by a non-constant {n.op_type}", n)
+            m.scale *= f
+            x = inner
+            continue
+        else:
+            raise NoMatch(f"unexpected {n.op} between MatMul(Q, K) and Softmax", n)
+        if not _single_use(x):
+            raise NoMatch("the attention scores are used elsewhere", x.producer())
+    q, fq = _strip_scale(qk.inputs[0], m.covered)
+    kt, fk = _strip_scale(qk.inputs[1], m.covered)
+    m.scale *= fq * fk
+    if not (_rank4(q) and _rank4(kt) and _rank4(m.v)):
+        raise NoMatch("Q, K and V are not 4-D (batch, heads, seq, head_size) tensors", qk)
+    m.q = q
+    # -- K: find the BNSH tensor whose transpose feeds the MatMul
+    for cand in [kt] + layout_ancestors(kt):
+        if _rank4(cand) and cand is not kt and computes(cand, kt, swap_last_two):
+            m.k = cand
+            break
+    if m.k is None:
+        m.k_needs_transpose = kt  # an explicit Transpose; later cleanup merges it with the exporter's
+    nq = q.type.shape[1]
+    if not isinstance(nq, int):
+        raise NoMatch("the number of query heads is not static", qk)
+    m.num_heads = m.kv_num_heads = nq
+    # -- grouped-query attention: K/V heads repeated to match Q's
+    if m.k is not None:
+        small_k = _unrepeat(m.k, nq)
+        small_v = _unrepeat(m.v, nq)
+        if small_k is not None and small_v is not None and small_k[1] == small_v[1]:
+            (m.k, nkv), (m.v, _) = small_k, small_v
+            m.kv_num_heads = nkv
+    if m.mask is not None and (m.mask.type is None or m.mask.type.rank is None or m.mask.type.rank > 4):
+        raise NoMatch("the mask's rank is unknown or over 4", m.mask.producer())
+    if m.mask is not None and m.mask.type.dtype.np_dtype.kind != "f":
+        raise NoMatch("the mask added to the scores is not a float tensor", m.mask.producer())
+    return m
+
+
+def _leads_to_matmul(v: Value) -> bool:
+    for _ in range(4):
+        n = v.producer()
+        if n is None or n.domain != "":
+            return False
+        if n.op_type == "MatMul":
+            return True
+        if n.op_type not in ("Mul", "Div"):
+            return False
+        v = n.inputs[0] if _scalar(n.inputs[1]) is not None else n.inputs[1]
+    return False
+
+
+def _unrepeat(v: Value, nq: int) -> tuple[Value, int] | None:
+    """(the tensor with fewer heads, their count) if v repeats its heads; else None."""
+    for cand in layout_ancestors(v):
+        if cand.type is None or cand.type.rank != 4:
+            continue
+        nkv = cand.type.shape[1]
+        if isinstance(nkv, int) and 0 < nkv < nq and nq % nkv == 0 and computes(cand, v, repeat_heads(nq // nkv)):
+            return cand, nkv
+    return None
+
+
+def rewrite_attention(graph: Graph, m: AttentionMatch, rule: str = "fuse-attention") -> Node:
+    pv = m.out.producer()
+    rw = Rewriter(graph, pv, rule)
+    k = m.k if m.k is not None else rw.Transpose(m.k_needs_transpose, perm=[0, 1, 3, 2])
+    inputs = [m.q, k, m.v] + ([m.mask] if m.mask is not None else [])
+    y = rw.op("Attention", *inputs, domain=GRAPHOPT_DOMAIN, num_heads=m.num_heads, kv_num_heads=m.kv_num_heads,
+              scale=float(np.float32(m.scale)))
+    replace_value(graph, m.out, y)
+    remove_dead(graph, m.covered)
+    return y.producer()
+
+
+# --------------------------------------------------------------------------------------
+# 4-D BNSH attention with split/merge around it -> 3-D BSD attention
+
+
+def match_3d(node: Node):
+    """(q3, k3, v3, y3) when the attention's Q/K/V come from 3-D tensors through the usual
+    head split and its output goes straight back to 3-D; else a reason string."""
+    q, k, v = node.inputs[:3]
+    nq, nkv = node.attr("num_heads"), node.attr("kv_num_heads")
+    if len(node.inputs) > 4 or len(node.outputs) > 1 or q.type is None or q.type.rank != 4:
+        return "not a 4-D attention without cache"
+    found = []
+    for t, heads in ((q, nq), (k, nkv), (v, nkv)):
+        src = next((a for a in layout_ancestors(t) if a.type is not None and a.type.rank == 3
+                    and computes(a, t, split_heads(heads))), None)
+        if src is None:
+            return f"{t.name!r} is not a head split of a 3-D tensor"
+        found.append(src)
+    y = node.outputs[0]
+    cur, y3 = y, None
+    for _ in range(3):
+        if len(cur.uses()) != 1 or cur.is_graph_output:
+            break
+        nxt = cur.uses()[0][0]
+        if nxt.domain != "" or nxt.op_type not in ("Transpose", "Reshape"):
+            break
+        cur = nxt.outputs[0]
+        if cur.type is not None and cur.type.rank == 3 and computes(y, cur, merge_heads):
+            y3 = cur
+            break
+    if y3 is None:
+        return "the output is not merged back to 3-D"
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    return found + [y3, mask]
+
+
+def rewrite_3d(graph: Graph, node: Node, found) -> None:
+    q3, k3, v3, y3, mask = found
+    rw = Rewriter(graph, y3.producer(), "attention-to-3d")
+    attrs = {k: a.value for k, a in node.attrs.items()}
+    ins = [q3, k3, v3] + ([mask] if mask is not None else [])
+    y = rw.op("Attention", *ins, domain=GRAPHOPT_DOMAIN, **attrs)
+    replace_value(graph, y3, y)
+    chain = []
+    cur = node.outputs[0]
+    while cur is not y3:
+        nxt = cur.uses()[0][0] if cur.uses() else None
+        if nxt is None:
+            break
+        chain.append(nxt)
+        cur = nxt.outputs[0]
+    remove_dead(graph, [node] + chain + [t.producer() for t in node.inputs[:3] if t.producer() is not None])
+
+
+@register_pass("fuse-attention")
+class FuseAttention(Pass):
+    """Fuse decomposed scaled-dot-product attention into graphopt.Attention.
+
+    Before:  %s = MatMul(%q, %kt)                      After:
+             %t = Mul(%s, @scale)                        %o = graphopt.Attention(%q, %k, %v, %mask)
+             %a = Add(%t, %mask)                              {num_heads=12, kv_num_heads=12, scale=0.125}
+             %p = Softmax(%a) {axis=-1}
+             %o = MatMul(%p, %v)
+    Handles scale on Q, K or the scores, key transposes however spelled, grouped-query K/V
+    head repeats (kv_num_heads), the NaN guard of torch's SDPA decomposition, and (option
+    to-3d) absorbs the BNSH head split/merge so the op takes and returns [batch, seq, hidden].
+    Near misses (a Softmax that is not attention, and why) go to the pass details.
+    """
+
+    to_3d: bool = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in list(graph.nodes):
+            if node.graph is not graph or node.op_type != "Softmax" or node.domain != "":
+                continue
+            try:
+                m = match_attention(node)
+            except NoMatch as e:
+                at = e.node or node
+                result.details.append({"fusion": "attention", "node": at.name, "op": at.op, "reason": e.reason})
+                continue
+            if not replaceable(m.out, m.out) or (m.out.is_graph_output and m.out.producer() is None):
+                continue
+            rewrite_attention(graph, m)
+            result.count("attention")
+        if self.to_3d:
+            for node in list(graph.nodes):
+                if node.graph is not graph or node.op_type != "Attention" or node.domain != GRAPHOPT_DOMAIN:
+                    continue
+                found = match_3d(node)
+                if isinstance(found, str):
+                    result.details.append({"fusion": "attention-to-3d", "node": node.name, "op": node.op,
+                                           "reason": found})
+                    continue
+                rewrite_3d(graph, node, found)
+                result.count("attention-to-3d")
+        return result
+
+
+__all__ = ["FuseAttention", "match_attention", "NoMatch", "math"]
