@@ -1,0 +1,241 @@
+"""Hugging Face models: a `save_pretrained` folder, or a state-dict file next to a
+`config.json`, loaded offline through `transformers` and exported to the IR.
+
+Causal LMs export `(input_ids, attention_mask) -> logits`, every other model its
+`last_hidden_state`, with `batch` and `seq` dynamic and no KV cache. Nothing is downloaded
+(`local_files_only`, `HF_HUB_OFFLINE=1`), no code from the folder runs (`trust_remote_code`
+is off), and weights come from safetensors or `torch.load(weights_only=True)`.
+
+Attention is exported with transformers' "eager" implementation. Its dynamo export is exact
+for padded batches; the default "sdpa" exports too, but PyTorch's SDPA kernel returns zeros
+for a query row that every key masks out (a left-padded position of a causal LM), which the
+exported graph does not reproduce. Real (unpadded) positions agree either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from graphopt.errors import UserError
+
+# transformers' weight file names in a save_pretrained folder.
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PYTORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Example sizes for tracing; any size >= 2 works, the exported dims are symbolic.
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+
+
+def is_hf_config(config: dict) -> bool:
+    return "model_type" in config or "architectures" in config
+
+
+def load_hf_folder(folder: Path, config: dict, *, progress: bool = True):
+    """A `save_pretrained` folder -> Graph."""
+    model, output = load_hf_module(folder, config)
+    return export_hf_module(model, output, label=f"{folder.name or folder} ({_class_name(model)})",
+                            source=str(folder), progress=progress)
+
+
+def load_hf_state_dict_file(path: Path, config: dict, state_dict: dict, *, progress: bool = True):
+    """A state-dict file next to a Hugging Face `config.json` -> Graph."""
+    model, output = load_hf_module(path.parent, config, state_dict=state_dict, weights_name=str(path))
+    return export_hf_module(model, output, label=f"{path.name} ({_class_name(model)})",
+                            source=str(path), progress=progress)
+
+
+def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None,
+                   weights_name: str | None = None):
+    """The eval-mode `transformers` model for `folder`'s config.json and what to export from
+    it (`"logits"` or `"last_hidden_state"`). Weights come from `state_dict` when given, else
+    from the folder's safetensors (or `.bin`, read with weights_only=True)."""
+    import torch
+
+    with _offline_and_quiet():
+        cfg = _auto_config(folder, config)
+        cls, output = _model_class(folder, config, cfg)
+        if state_dict is None:
+            state_dict, weights_name = _folder_weights(folder)
+        source = weights_name or str(folder)
+        kwargs = dict(config=cfg, output_loading_info=True, attn_implementation="eager", dtype=torch.float32)
+        try:
+            if state_dict is None:  # safetensors in the folder: let transformers read (and shard) them
+                model, info = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                  weights_only=True, **kwargs)
+            else:
+                model, info = cls.from_pretrained(None, state_dict=state_dict, **kwargs)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{source}: cannot load {cls.__name__} weights ({_first_line(e)})") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{source}: missing weight(s) {', '.join(missing[:3])}{more} for {cls.__name__}")
+    mismatched = info.get("mismatched_keys") or ()
+    if mismatched:
+        first = sorted(mismatched)[0]
+        raise UserError(f"{source}: weight {first[0] if isinstance(first, tuple) else first} has the wrong shape "
+                        f"for {cls.__name__} (config.json disagrees with the weights)")
+    return model.eval(), output
+
+
+def export_hf_module(model, output: str, *, label: str, source: str, progress: bool = True):
+    """Wrap and export: `(input_ids, attention_mask) -> logits | last_hidden_state`."""
+    import torch
+
+    from graphopt.frontends.torch_export import export_module
+
+    cfg = model.config
+    max_seq = _max_positions(cfg)
+    seq = min(EXAMPLE_SEQ, max_seq) if max_seq else EXAMPLE_SEQ
+    vocab = int(getattr(cfg, "vocab_size", 0) or 2)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=gen)
+    attention_mask = torch.ones(EXAMPLE_BATCH, seq, dtype=torch.int64)
+    attention_mask[0, : seq // 3] = 0  # left padding, so the mask is a real input of the trace
+    batch_dim = torch.export.Dim("batch", min=1)
+    seq_dim = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
+    dims = {0: batch_dim, 1: seq_dim}
+    wrapper = _wrapper_class()(model, output)
+    return export_module(wrapper, (input_ids, attention_mask), {}, ["input_ids", "attention_mask"], [output],
+                         {"input_ids": dims, "attention_mask": dims}, label=label, progress=progress,
+                         source=source)
+
+
+# --------------------------------------------------------------------------------------
+# Config and class
+
+
+def _auto_config(folder: Path, config: dict):
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    named = archs[0] if archs else model_type
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        hint = " (it needs the folder's own code, which graphopt does not run)" if "auto_map" in config else ""
+        raise UserError(f"{folder}: unknown architecture {named!r} (model_type {model_type!r}): "
+                        f"transformers {transformers.__version__} has no such model{hint}")
+    for arch in archs:
+        if not isinstance(arch, str) or not hasattr(transformers, arch):
+            raise UserError(f"{folder}: unknown architecture {arch!r} (model_type {model_type!r}): "
+                            f"transformers {transformers.__version__} has no such model class")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{folder}/config.json: not a usable {model_type} config ({_first_line(e)})") from None
+
+
+def _model_class(folder: Path, config: dict, cfg):
+    """Causal LMs (by their saved architecture, or by family when none is saved) export
+    logits; everything else loads as the base model and exports its last hidden state."""
+    import transformers
+
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UserError(f"{folder}: {cfg.model_type} is an encoder-decoder model; graphopt's Hugging Face "
+                        "frontend takes decoder-only and encoder-only models")
+    causal = transformers.AutoModelForCausalLM._model_mapping
+    base = transformers.AutoModel._model_mapping
+    masked = transformers.AutoModelForMaskedLM._model_mapping
+    archs = config.get("architectures") or []
+    kind = type(cfg)
+    if archs:
+        wants_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:  # a bare config: families with a masked-LM head (BERT, RoBERTa, ...) are encoders
+        wants_lm = kind not in masked
+    if wants_lm and kind in causal:
+        return causal[kind], "logits"
+    if kind in base:
+        return base[kind], "last_hidden_state"
+    raise UserError(f"{folder}: transformers has no base model or causal LM for {cfg.model_type!r}")
+
+
+def _folder_weights(folder: Path):
+    """(None, None) when the folder has safetensors (transformers reads them); else the state
+    dict read from its `.bin` file(s) with weights_only=True."""
+    from graphopt.frontends.weights import load_state_dict
+
+    if any((folder / f).is_file() for f in SAFETENSORS_FILES):
+        return None, None
+    if (folder / PYTORCH_FILES[0]).is_file():
+        path = folder / PYTORCH_FILES[0]
+        return load_state_dict(path), str(path)
+    index = folder / PYTORCH_FILES[1]
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a readable weight index ({_first_line(e)})") from None
+        state: dict = {}
+        for shard in shards:
+            shard_path = (folder / shard).resolve()
+            if folder.resolve() not in shard_path.parents:
+                raise UserError(f"{index}: shard {shard!r} points outside the folder")
+            state.update(load_state_dict(shard_path))
+        return state, str(index)
+    raise UserError(f"{folder}: no weights: expected model.safetensors (or pytorch_model.bin) beside config.json")
+
+
+def _max_positions(cfg) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value >= 2:
+            return value
+    return None
+
+
+def _class_name(model) -> str:
+    return type(model).__name__
+
+
+def _wrapper_class():
+    import torch
+
+    class HFWrapper(torch.nn.Module):
+        """(input_ids, attention_mask) -> logits or last_hidden_state, with no KV cache."""
+
+        def __init__(self, model, output: str):
+            super().__init__()
+            self.model = model
+            self.output = output
+
+        def forward(self, input_ids, attention_mask):
+            if self.output == "logits":
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+            else:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            return getattr(out, self.output)
+
+    return HFWrapper
+
+
+@contextlib.contextmanager
+def _offline_and_quiet():
+    """No network (HF_HUB_OFFLINE=1 for the duration), no progress bars or advice on the
+    console: a load either works or raises."""
+    import transformers
+
+    logging_ = transformers.utils.logging
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    old_level = logging_.get_verbosity()
+    bars = logging_.is_progress_bar_enabled()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    logging_.set_verbosity_error()
+    logging_.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+        logging_.set_verbosity(old_level)
+        if bars:
+            logging_.enable_progress_bar()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,368 @@
+"""PyTorch module -> ONNX (torch.onnx, dynamo exporter) -> graphopt IR.
+
+`from_torch` exports with `torch.onnx.export(dynamo=True)` at `CANONICAL_OPSET`, with the
+dynamic dimensions named (`batch`, `seq`, ...), into a scratch folder, and imports the file
+with `graphopt.onnx_io.load_onnx`. Only where the dynamo exporter fails does it fall back to
+the TorchScript exporter, and it says so: one warning line on stderr and
+`graph.metadata.exporter = "torchscript (dynamo failed: <reason>)"`.
+
+Export can take tens of seconds, so it reports progress on stderr (never stdout, where JSON
+output may go); torch's own chatter (prints, warnings, log lines) is silenced meanwhile.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from graphopt.errors import UserError
+from graphopt.ir import CANONICAL_OPSET, Graph
+
+DYNAMO = "torch.onnx dynamo"
+TORCHSCRIPT = "torchscript"
+
+# A dynamic-dims spec per input: {axis: name} (or a torch.export.Dim for the value).
+DynamicSpec = Mapping[str, Mapping[int, object]]
+
+
+def from_torch(module, example_inputs, dynamic: DynamicSpec | None = None,
+               input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+               *, name: str | None = None, progress: bool = True) -> Graph:
+    """Export a PyTorch module into a graphopt `Graph`.
+
+    example_inputs: a tensor, a tuple of tensors (positional arguments) or a dict of tensors
+        (keyword arguments). They fix the input dtypes, ranks and static sizes.
+    dynamic: which axes are dynamic, per input name: `{"input_ids": {0: "batch", 1: "seq"}}`.
+        A value may also be a `torch.export.Dim` (to give a range). By default axis 0 of every
+        input is `batch`, and axis 1 of a rank-2 integer input (token ids, masks) is `seq`;
+        `{}` exports with static shapes. Axes with one name share one dimension.
+    input_names: the graph's input names (default: the names of `forward`'s parameters).
+    output_names: the graph's output names (default: `output`, or `output_0`, `output_1`, ...).
+
+    Records `graph.metadata.exporter` and `graph.metadata.export_seconds`. A failed export is
+    a one-line `UserError` naming both exporters' reasons.
+    """
+    import torch
+
+    if isinstance(module, torch.export.ExportedProgram):
+        return _from_exported_program(module, input_names, output_names, name=name, progress=progress)
+    if not isinstance(module, torch.nn.Module):
+        raise UserError(f"from_torch needs a torch.nn.Module or ExportedProgram, got {type(module).__name__}")
+    args, kwargs, names = _normalize_inputs(module, example_inputs, input_names)
+    tensors = list(args) + list(kwargs.values())
+    if dynamic is None:
+        dynamic = _default_dynamic(names, tensors)
+    unknown = sorted(set(dynamic) - set(names))
+    if unknown:
+        raise UserError(f"dynamic names unknown input(s) {', '.join(unknown)}; the inputs are {', '.join(names)}")
+    label = name or type(module).__name__
+    was_training = module.training
+    module.eval()  # export inference behaviour (dropout off, batch-norm statistics frozen)
+    try:
+        if output_names is None:
+            output_names = _default_output_names(module, args, kwargs)
+        return export_module(module, args, kwargs, names, list(output_names), dynamic, label=label,
+                             progress=progress)
+    finally:
+        module.train(was_training)
+
+
+def export_module(module, args: tuple, kwargs: dict, input_names: list[str], output_names: list[str],
+                  dynamic: DynamicSpec, *, label: str, progress: bool = True, source: str = "") -> Graph:
+    """Export with dynamo (falling back to TorchScript) and import into the IR. `dynamic`
+    maps input names to `{axis: name or torch.export.Dim}`; every name must be an input."""
+    tensors = list(args) + list(kwargs.values())
+    _check_examples(input_names, tensors, dynamic)
+    shapes = dict(zip(input_names, (t.dim() for t in tensors)))
+    dynamic = {n: {int(a) % shapes[n]: d for a, d in axes.items()} for n, axes in dynamic.items() if n in shapes}
+    work = Path(tempfile.mkdtemp(prefix="graphopt-export-"))
+    try:
+        onnx_path = work / "model.onnx"
+        with _Progress(label, enabled=progress) as bar:
+            start = time.perf_counter()
+            exporter = DYNAMO
+            try:
+                with _quiet():
+                    _export_dynamo(module, args, kwargs, input_names, output_names, dynamic, onnx_path)
+            except Exception as dynamo_error:  # the dynamo exporter fails in many ways; all fall back
+                reason = _reason(dynamo_error)
+                bar.warn(f"warning: the dynamo exporter failed on {label} ({reason}); "
+                         "falling back to the TorchScript exporter")
+                exporter = f"{TORCHSCRIPT} (dynamo failed: {reason})"
+                _clear(work)
+                try:
+                    with _quiet():
+                        _export_torchscript(module, args, kwargs, input_names, output_names, dynamic, onnx_path)
+                except Exception as ts_error:
+                    raise UserError(f"{label}: export to ONNX failed: dynamo: {reason}; "
+                                    f"torchscript: {_reason(ts_error)}") from None
+            seconds = time.perf_counter() - start
+            bar.done(f"exported {label} in {seconds:.1f} s ({exporter.split(' (')[0]})")
+        return _import(onnx_path, label=label, exporter=exporter, seconds=seconds, source=source)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and dynamic dimensions
+
+
+def _normalize_inputs(module, example_inputs, input_names):
+    import torch
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+        names = list(kwargs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+        names = _parameter_names(module, len(args))
+    else:
+        raise UserError(f"example_inputs must be a tensor, a tuple of tensors or a dict, "
+                        f"got {type(example_inputs).__name__}")
+    for n, t in zip(names, list(args) + list(kwargs.values())):
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"example input {n!r} is a {type(t).__name__}; graphopt exports tensor inputs only")
+    if input_names is not None:
+        input_names = list(input_names)
+        if len(input_names) != len(names):
+            raise UserError(f"{len(input_names)} input_names for {len(names)} example inputs")
+        names = input_names
+    return args, kwargs, names
+
+
+def _parameter_names(module, count: int) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params[:count]]
+    return names + [f"input_{i}" for i in range(len(names), count)]
+
+
+def _default_dynamic(names: list[str], tensors: list) -> dict:
+    dynamic = {}
+    for n, t in zip(names, tensors):
+        axes = {}
+        if t.dim() >= 1:
+            axes[0] = "batch"
+        if t.dim() == 2 and not t.is_floating_point() and not t.is_complex():
+            axes[1] = "seq"
+        dynamic[n] = axes
+    return dynamic
+
+
+def _dim_name(d) -> str:
+    return d if isinstance(d, str) else getattr(d, "__name__", str(d))
+
+
+def _check_examples(names: list[str], tensors: list, dynamic: DynamicSpec) -> None:
+    # torch.export specializes a size-0/1 example dimension to a constant, which would make
+    # the "dynamic" dimension silently static: refuse it up front, naming the input.
+    for n, t in zip(names, tensors):
+        for axis, d in dynamic.get(n, {}).items():
+            if not -t.dim() <= axis < t.dim():
+                raise UserError(f"dynamic axis {axis} of input {n!r} is out of range for its shape {list(t.shape)}")
+            if t.shape[axis] < 2:
+                raise UserError(f"example input {n!r} has size {t.shape[axis]} on dynamic axis {axis} "
+                                f"({_dim_name(d)!r}); give an example of size 2 or more there")
+
+
+def _dynamic_shapes(names: list[str], dynamic: DynamicSpec, n_args: int):
+    """torch.export's form: a tuple (positional) plus a dict (keyword), with one shared
+    `Dim` per dimension name."""
+    import torch
+
+    dims: dict[str, object] = {}
+
+    def dim(d):
+        if not isinstance(d, str):
+            return d  # already a torch.export.Dim
+        if d not in dims:
+            dims[d] = torch.export.Dim(d, min=1)
+        return dims[d]
+
+    specs = [{a: dim(d) for a, d in dynamic.get(n, {}).items()} or None for n in names]
+    return specs[:n_args], dict(zip(names[n_args:], specs[n_args:]))
+
+
+def _default_output_names(module, args, kwargs) -> list[str]:
+    import torch
+
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    count = len(torch.utils._pytree.tree_leaves(out))
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------
+# The two exporters
+
+
+def _export_dynamo(module, args, kwargs, input_names, output_names, dynamic, path: Path) -> None:
+    import torch
+
+    positional, keyword = _dynamic_shapes(input_names, dynamic, len(args))
+    if keyword and positional:
+        raise RuntimeError("mixing positional and keyword example inputs is not supported")
+    dynamic_shapes = keyword if kwargs else tuple(positional)
+    torch.onnx.export(module, args, str(path), kwargs=kwargs or None, dynamo=True, opset_version=CANONICAL_OPSET,
+                      dynamic_shapes=dynamic_shapes if any(dynamic.values()) else None,
+                      input_names=input_names, output_names=output_names, external_data=True,
+                      verbose=False, report=False, optimize=True)
+
+
+def _export_torchscript(module, args, kwargs, input_names, output_names, dynamic, path: Path) -> None:
+    import torch
+
+    if kwargs:  # the TorchScript exporter takes positional inputs in forward's order
+        order = _parameter_names(module, 10_000)
+        args = tuple(kwargs[n] for n in order if n in kwargs)
+    axes = {n: {a: _dim_name(d) for a, d in dynamic.get(n, {}).items()} for n in input_names}
+    torch.onnx.export(module, args, str(path), dynamo=False, opset_version=CANONICAL_OPSET,
+                      input_names=input_names, output_names=output_names,
+                      dynamic_axes={n: a for n, a in axes.items() if a} or None)
+
+
+def _from_exported_program(program, input_names, output_names, *, name, progress) -> Graph:
+    """An `ExportedProgram` already carries its dynamic shapes; only export and import it."""
+    label = name or "exported program"
+    work = Path(tempfile.mkdtemp(prefix="graphopt-export-"))
+    try:
+        with _Progress(label, enabled=progress) as bar:
+            start = time.perf_counter()
+            try:
+                with _quiet():
+                    import torch
+
+                    torch.onnx.export(program, str(work / "model.onnx"), dynamo=True, opset_version=CANONICAL_OPSET,
+                                      input_names=list(input_names) if input_names else None,
+                                      output_names=list(output_names) if output_names else None,
+                                      external_data=True, verbose=False)
+            except Exception as e:
+                raise UserError(f"{label}: export to ONNX failed: {_reason(e)}") from None
+            seconds = time.perf_counter() - start
+            bar.done(f"exported {label} in {seconds:.1f} s (dynamo)")
+        return _import(work / "model.onnx", label=label, exporter=DYNAMO, seconds=seconds, source="")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _import(onnx_path: Path, *, label: str, exporter: str, seconds: float, source: str) -> Graph:
+    from graphopt.onnx_io import load_onnx
+
+    graph = load_onnx(onnx_path)
+    # External weights come back memory-mapped from the scratch folder, which the caller
+    # deletes. On POSIX an unlinked file stays readable while it is mapped (and its pages
+    # stay out of anonymous memory); elsewhere, copy the weights in before it goes.
+    if os.name != "posix":
+        import numpy as np
+
+        for v in graph.initializers.values():
+            if isinstance(v.const_value, np.memmap):
+                v.const_value = np.array(v.const_value)
+    graph.name = _identifier(label)
+    graph.metadata.exporter = exporter
+    graph.metadata.export_seconds = round(seconds, 3)
+    graph.metadata.source = source or label
+    return graph
+
+
+def _identifier(text: str) -> str:
+    ident = re.sub(r"\W+", "_", text).strip("_") or "model"
+    return ident if not ident[0].isdigit() else f"m_{ident}"
+
+
+def _clear(folder: Path) -> None:
+    for p in folder.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an exporter's exception: the first line that says something."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File ")):
+            return f"{type(e).__name__}: {line[:200]}"
+    return type(e).__name__
+
+
+# --------------------------------------------------------------------------------------
+# Quiet export, visible progress
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch/onnxscript/transformers while exporting: their prints (stdout), Python
+    warnings and log records. Errors still propagate as exceptions."""
+    noisy = [name for name in list(logging.root.manager.loggerDict)
+             if name.split(".")[0] in ("torch", "onnxscript", "onnx_ir", "transformers")]
+    levels = {name: logging.getLogger(name).level for name in noisy}
+    try:
+        for name in noisy:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+class _Progress:
+    """`exporting X ...` then `exported X in 12.3 s`, on stderr. On a terminal, a spinner
+    with the elapsed time runs meanwhile."""
+
+    def __init__(self, label: str, *, enabled: bool = True):
+        self.label = label
+        self.enabled = enabled
+        self.stream = sys.stderr  # captured now: _quiet() redirects sys.stderr during export
+        self._status = None
+
+    def __enter__(self) -> "_Progress":
+        if not self.enabled:
+            return self
+        if getattr(self.stream, "isatty", lambda: False)():
+            from rich.console import Console
+
+            self._status = Console(file=self.stream).status(f"exporting {self.label} to ONNX ...")
+            self._status.start()
+        else:
+            self._print(f"exporting {self.label} to ONNX ...")
+        return self
+
+    def warn(self, line: str) -> None:
+        # A fallback warning is always shown, progress or not (above a running spinner).
+        if self._status is not None:
+            self._status.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def done(self, line: str) -> None:
+        self._stop()
+        if self.enabled:
+            self._print(line)
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def _stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def __exit__(self, *exc) -> None:
+        self._stop()

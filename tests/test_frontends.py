@@ -1,0 +1,395 @@
+"""Frontends: PyTorch modules, Hugging Face folders, state-dict files and graphopt training
+checkpoints into the IR -- and the inputs that must be refused (unsafe pickles, unknown
+architectures, missing weights) with one line and exit code 2.
+
+Each model is exported once per module (exports take seconds); the refusal tests never
+reach an export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from graphopt.cli import cli  # noqa: E402
+from graphopt.errors import UserError  # noqa: E402
+from graphopt.frontends import from_torch, load_model_path  # noqa: E402
+from graphopt.interpreter import run  # noqa: E402
+from graphopt.onnx_io import save_onnx  # noqa: E402
+from graphopt.testing import (  # noqa: E402
+    ARCHS, VOCAB, assert_close, run_ort, tiny_hf_model, token_feeds, torch_outputs,
+)
+from graphopt.verify import verify  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = [(2, 8), (3, 5)]
+ATOL = 1e-4  # the frontend contract: PyTorch and the imported graph agree within 1e-4
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def assert_matches_pytorch(graph, module, tmp_path, shapes=SHAPES):
+    """The interpreter and ONNX Runtime (on the re-saved graph) against PyTorch."""
+    out = graph.outputs[0].name
+    onnx_path = tmp_path / f"{graph.name}.onnx"
+    save_onnx(graph, onnx_path)
+    for batch, seq in shapes:
+        feeds = token_feeds(batch, seq)
+        feeds = {k: v for k, v in feeds.items() if k in {v.name for v in graph.inputs}}
+        expected = torch_outputs(module, feeds) if len(feeds) == 2 else _ids_only(module, feeds)
+        assert_close(run(graph, feeds)[out], expected, rtol=0, atol=ATOL, what=f"interpreter {batch}x{seq}")
+        assert_close(run_ort(onnx_path, feeds)[out], expected, rtol=0, atol=ATOL, what=f"ORT {batch}x{seq}")
+
+
+def _ids_only(module, feeds):
+    with torch.no_grad():
+        return module(torch.from_numpy(feeds["input_ids"])).numpy()
+
+
+def input_types(graph):
+    return {v.name: str(v.type) for v in graph.inputs}
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face folders (save_pretrained, safetensors)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """hf(arch) -> (PyTorch wrapper, folder, graph), exported once per module."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            module = tiny_hf_model(arch)
+            folder = tmp_path_factory.mktemp(f"hf_{arch}")
+            module.model.save_pretrained(folder)
+            cache[arch] = (module, folder, load_model_path(folder, progress=False))
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_folder_matches_pytorch_at_two_shapes(hf, arch, tmp_path):
+    module, folder, graph = hf(arch)
+    verify(graph)
+    out = "logits" if arch != "bert" else "last_hidden_state"
+    hidden = VOCAB if arch != "bert" else 32
+    assert input_types(graph) == {"input_ids": "i64[batch, seq]", "attention_mask": "i64[batch, seq]"}
+    assert [(v.name, str(v.type)) for v in graph.outputs] == [(out, f"f32[batch, seq, {hidden}]")]
+    assert graph.metadata.exporter == "torch.onnx dynamo" and graph.metadata.export_seconds > 0
+    assert graph.metadata.source == str(folder)
+    assert_matches_pytorch(graph, module, tmp_path)
+
+
+def test_default_sdpa_model_agrees_on_every_real_position(hf):
+    # The frontend exports transformers' "eager" attention. PyTorch's SDPA (the default when
+    # a folder is loaded) differs only on fully masked query rows -- left-padded positions
+    # of a causal LM, where SDPA returns zeros -- and agrees everywhere else.
+    from graphopt.frontends.huggingface import load_hf_module
+    from graphopt.testing import LMWrapper
+
+    _, folder, graph = hf("llama")
+    model, output = load_hf_module(folder, json.loads((folder / "config.json").read_text()))
+    assert output == "logits" and model.config._attn_implementation == "eager"
+    sdpa = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    feeds = token_feeds(3, 6)
+    real = feeds["attention_mask"].astype(bool)
+    assert_close(run(graph, feeds)["logits"][real], torch_outputs(LMWrapper(sdpa), feeds)[real], rtol=0, atol=ATOL)
+
+
+def test_inspect_takes_a_hf_folder(hf, monkeypatch):
+    _, folder, graph = hf("bert")
+    # The export itself is covered above; here only the CLI wiring and stream discipline.
+    monkeypatch.setattr("graphopt.frontends.huggingface.load_hf_folder", lambda f, c, progress=True: graph)
+    r = CliRunner().invoke(cli, ["inspect", str(folder), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["inputs"][0] == {"name": "input_ids", "type": "i64[batch, seq]"}
+
+
+# --------------------------------------------------------------------------------------
+# from_torch
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(4, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class TokenModel(torch.nn.Module):
+    """(input_ids, attention_mask) -> masked mean of embeddings, to exercise batch and seq."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.proj(self.emb(input_ids)) * attention_mask.unsqueeze(-1).float()
+        return h.cumsum(dim=1)
+
+
+def test_from_torch_mlp_dynamic_batch(capfd):
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    graph = from_torch(mlp, torch.randn(2, 4))
+    assert input_types(graph) == {"x": "f32[batch, 4]"}
+    assert [(v.name, str(v.type)) for v in graph.outputs] == [("output", "f32[batch, 3]")]
+    assert graph.name == "MLP" and graph.metadata.exporter == "torch.onnx dynamo"
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+        with torch.no_grad():
+            expected = mlp(torch.from_numpy(x)).numpy()
+        assert_close(run(graph, {"x": x})["output"], expected, rtol=0, atol=ATOL)
+    out, err = capfd.readouterr()
+    assert out == ""  # nothing on stdout: JSON output may go there
+    assert "exporting MLP" in err and "exported MLP in" in err and "Warning" not in err
+
+
+def test_from_torch_token_inputs_are_batch_by_seq(tmp_path):
+    torch.manual_seed(0)
+    module = TokenModel().eval()
+    feeds = token_feeds(2, 8)
+    examples = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    graph = from_torch(module, examples, output_names=["hidden"], progress=False)
+    assert input_types(graph) == {"input_ids": "i64[batch, seq]", "attention_mask": "i64[batch, seq]"}
+    assert str(graph.outputs[0].type) == "f32[batch, seq, 8]"
+    for batch, seq in SHAPES:
+        f = token_feeds(batch, seq)
+        assert_close(run(graph, f)["hidden"], torch_outputs(module, f), rtol=0, atol=ATOL)
+
+
+def test_from_torch_falls_back_to_torchscript_and_says_so(monkeypatch, capsys):
+    from graphopt.frontends import torch_export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot trace this\nsecond line of detail")
+
+    monkeypatch.setattr(torch_export, "_export_dynamo", broken)
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    graph = from_torch(mlp, (torch.randn(3, 4),), input_names=["features"], progress=False)
+    assert graph.metadata.exporter == "torchscript (dynamo failed: RuntimeError: cannot trace this)"
+    warning = [line for line in capsys.readouterr().err.splitlines() if "dynamo exporter failed" in line]
+    assert len(warning) == 1 and "falling back to the TorchScript exporter" in warning[0]
+    assert input_types(graph) == {"features": "f32[batch, 4]"}
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = mlp(torch.from_numpy(x)).numpy()
+    assert_close(run(graph, {"features": x})["output"], expected, rtol=0, atol=ATOL)
+
+
+def test_from_torch_refuses_size_one_example_on_dynamic_axis():
+    with pytest.raises(UserError, match=r"example input 'x' has size 1 on dynamic axis 0 \('batch'\)"):
+        from_torch(MLP(), torch.randn(1, 4), progress=False)
+    with pytest.raises(UserError, match="unknown input"):
+        from_torch(MLP(), torch.randn(2, 4), dynamic={"y": {0: "batch"}}, progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# State-dict files next to a config.json
+
+
+def _tiny_gpt2(n_layer=1):
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, n_positions=32, vocab_size=VOCAB)
+    cfg._attn_implementation = "eager"  # the reference semantics for padded rows (see huggingface.py)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def state_dict_folder(tmp_path_factory):
+    """A bare config.json (no `architectures`) and `weights.bin` from torch.save(state_dict)."""
+    folder = tmp_path_factory.mktemp("state_dict")
+    model = _tiny_gpt2()
+    model.config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("architectures", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(model.state_dict(), folder / "weights.bin")
+    return model, folder
+
+
+def test_state_dict_bin_next_to_config(state_dict_folder, tmp_path):
+    from graphopt.testing import LMWrapper
+
+    model, folder = state_dict_folder
+    graph = load_model_path(folder / "weights.bin", progress=False)
+    assert [v.name for v in graph.outputs] == ["logits"]  # a bare GPT-2 config is a causal LM
+    assert graph.metadata.source == str(folder / "weights.bin")
+    assert_matches_pytorch(graph, LMWrapper(model), tmp_path, shapes=[(3, 5)])
+
+
+def test_save_pretrained_folder_with_pytorch_model_bin(tmp_path):
+    # Only the loading differs from the safetensors folders above, so no export here.
+    from graphopt.frontends.huggingface import load_hf_module
+
+    model = _tiny_gpt2()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded, output = load_hf_module(tmp_path, json.loads((tmp_path / "config.json").read_text()))
+    assert output == "logits"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_missing_weight_is_one_line_error(state_dict_folder, tmp_path, suffix):
+    model, folder = state_dict_folder
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "transformer.h.0.attn.c_proj.weight"}
+    path = tmp_path / f"partial{suffix}"
+    if suffix == ".bin":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, str(path))  # tied: stored once
+    assert_one_line_error(invoke("inspect", path), str(path), "missing weight(s) transformer.h.0.attn.c_proj.weight")
+
+
+def test_state_dict_without_config_and_wrong_shapes(state_dict_folder, tmp_path):
+    model, folder = state_dict_folder
+    torch.save(model.state_dict(), tmp_path / "alone.pt")
+    assert_one_line_error(invoke("inspect", tmp_path / "alone.pt"), "needs a Hugging Face config.json beside it")
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, n_embd=32)))
+    assert_one_line_error(invoke("inspect", tmp_path / "alone.pt"), str(tmp_path / "alone.pt"))
+
+
+# --------------------------------------------------------------------------------------
+# Refusals: unsafe pickles, unknown architectures, unsupported inputs
+
+
+class _RunsCode:
+    """Unpickling this would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _malicious_checkpoint(folder: Path, name: str) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "PWNED"
+    _tiny_gpt2().config.save_pretrained(folder)  # a valid config, so only the pickle can fail
+    path = folder / name
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2), "payload": _RunsCode(marker)}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize("name", ["evil.pt", "pytorch_model.bin"])
+def test_pickle_that_runs_code_is_refused_in_process(tmp_path, name):
+    path, marker = _malicious_checkpoint(tmp_path / "ckpt", name)
+    target = path if name == "evil.pt" else path.parent  # a file, or a HF folder holding it
+    assert_one_line_error(invoke("inspect", target), "refused", "posix.system" if os.name == "posix" else "system")
+    assert not marker.exists()
+
+
+def test_pickle_that_runs_code_is_refused_by_the_real_command(tmp_path):
+    path, marker = _malicious_checkpoint(tmp_path / "ckpt", "evil.pt")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "graphopt", "inspect", str(path)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "refused" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not marker.exists() and not out.exists()
+
+
+def test_pickled_module_is_refused(tmp_path):
+    _tiny_gpt2().config.save_pretrained(tmp_path)
+    torch.save(MLP(), tmp_path / "whole_module.pt")
+    assert_one_line_error(invoke("inspect", tmp_path / "whole_module.pt"), "refused", "MLP", "graphopt.from_torch")
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"model_type": "foobar", "architectures": ["FooBarForCausalLM"]}, "'FooBarForCausalLM'"),
+    ({"model_type": "foobar", "auto_map": {"AutoModel": "modeling_foobar.FooBar"}}, "does not run"),
+    ({"model_type": "gpt2", "architectures": ["GPT2WithMagicHead"]}, "'GPT2WithMagicHead'"),
+    ({"architectures": ["Mystery"]}, "'Mystery'"),
+])
+def test_unknown_architecture_is_one_line_error(tmp_path, config, named):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(invoke("inspect", tmp_path), str(tmp_path), "unknown architecture", named)
+
+
+def test_other_refusals(tmp_path):
+    (tmp_path / "model.pt2").write_bytes(b"PK\x03\x04")
+    assert_one_line_error(invoke("inspect", tmp_path / "model.pt2"), ".pt2", "evaluates code")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("inspect", tmp_path / "empty"), "not a model folder")
+    (tmp_path / "noweights").mkdir()
+    _tiny_gpt2().config.save_pretrained(tmp_path / "noweights")
+    assert_one_line_error(invoke("inspect", tmp_path / "noweights"), "no weights")
+    (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint at all")
+    assert_one_line_error(invoke("inspect", tmp_path / "garbage.bin"), "not a readable PyTorch checkpoint")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 16)
+    assert_one_line_error(invoke("inspect", tmp_path / "garbage.safetensors"), "not a readable safetensors file")
+
+
+# --------------------------------------------------------------------------------------
+# graphopt training checkpoints
+
+
+def _train_checkpoint(folder: Path):
+    """examples/default when it holds a checkpoint, else a tiny one written through train's API."""
+    pytest.importorskip("graphopt.train")
+    from graphopt.train import load_model
+
+    default = REPO / "examples" / "default"
+    if (default / "config.json").is_file() and (default / "model.safetensors").is_file():
+        return load_model(default)[0], default
+    from graphopt.train.checkpoint import save_checkpoint
+    from graphopt.train.models import LlamaConfig, build_model, config_to_dict
+
+    cfg = LlamaConfig(vocab_size=VOCAB, max_seq_len=32, dim=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                      mlp_hidden=32)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    tokenizer = folder.parent / "tokenizer.json"
+    tokenizer.write_text("{}")  # save_checkpoint only copies it; the frontend never reads it
+    save_checkpoint(folder, model, {"model": config_to_dict(cfg)}, tokenizer)
+    return model, folder
+
+
+def test_training_checkpoint_folder(tmp_path):
+    from graphopt.frontends.training import is_run_folder
+
+    model, folder = _train_checkpoint(tmp_path / "ckpt")
+    graph = load_model_path(folder, progress=False)
+    assert input_types(graph) == {"input_ids": "i64[batch, seq]"}
+    assert [v.name for v in graph.outputs] == ["logits"]
+    assert graph.metadata.exporter == "torch.onnx dynamo"
+    assert_matches_pytorch(graph, model, tmp_path)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_0000001\n")
+    assert is_run_folder(run_dir) and not is_run_folder(folder)
