@@ -25,8 +25,8 @@ from graphopt.ir import Graph
 
 MANIFEST_FORMAT = "graphopt-artifact"
 MANIFEST_VERSION = 1
-KNOWN_BACKENDS = {"onnxruntime": "graphopt.backends.onnxruntime"}
-BACKEND_ALIASES = {"ort": "onnxruntime", "onnxruntime": "onnxruntime"}
+KNOWN_BACKENDS = {"onnxruntime": "graphopt.backends.onnxruntime", "tvm": "graphopt.backends.tvm"}
+BACKEND_ALIASES = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm"}
 
 
 def signature(graph: Graph) -> dict:

@@ -134,7 +134,8 @@ def _progress(quiet: bool):
 @click.option("--passes", "pipeline", default=None, metavar="PIPELINE",
               help='Pipeline text, e.g. "dce,cse,fold-constants{max-size=1024}". Default: the cleanup pipeline.')
 @click.option("--recipe", type=click.Path(path_type=str), default=None, help="A TOML recipe file instead of --passes.")
-@click.option("--backend", default="ort", show_default=True, help="ort (onnxruntime).")
+@click.option("--backend", default="ort", show_default=True,
+              help="ort (onnxruntime), or tvm (a compiled library; pip install 'graphopt[tvm]').")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--check-numerics", is_flag=True, help="Run the graph before and after every pass on sample "
               "inputs; stop at the first pass that changes results and name it.")

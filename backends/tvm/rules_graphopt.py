@@ -1,0 +1,158 @@
+"""TVM lowering rules for graphopt-domain ops (semantics: graphopt/graphopt_ops.py).
+
+Attention is written out in Relax ops rather than `R.nn.attention`: that op's bottom-right
+causal mask fails when the query and key lengths differ symbolically (a KV cache), and it
+has no rule for fully-masked rows. The causal mask is built from `arange`, so one compiled
+function serves every sequence and cache length.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import relax
+from tvm.relax import op as R
+
+from graphopt.backends.tvm.lowering import Lowerer, static_int
+from graphopt.backends.tvm.rules_core import rule
+
+_BNSH_FROM_BSNH = [0, 2, 1, 3]
+
+
+def _neg_inf(dt: str):
+    return relax.const(-np.inf, dt)
+
+
+@rule("RMSNorm", domain="graphopt")
+def rms_norm(lw: Lowerer, node, args):
+    x, scale = lw.tensor(args[0]), lw.tensor(args[1])
+    rank = lw.rank(x)
+    axis = node.attr("axis", -1)
+    axis = axis + rank if axis < 0 else axis
+    axes = list(range(axis, rank))
+    eps = node.attr("epsilon", 1e-5)
+    dt = lw.dtype(x)
+    stash = "float64" if dt == "float64" else "float32"
+    if dt == stash and lw.rank(scale) == len(axes) and all(
+            lw.analyzer.can_prove_equal(a, b) for a, b in zip(lw.shape(scale), lw.shape(x)[axis:])):
+        return [lw.emit(R.nn.rms_norm(x, scale, axes=axes, epsilon=eps))]
+    xs = x if dt == stash else lw.emit(R.astype(x, stash))
+    mean_square = lw.emit(R.mean(R.multiply(xs, xs), axis=axes, keepdims=True))
+    y = lw.emit(R.multiply(xs, R.rsqrt(R.add(mean_square, relax.const(eps, stash)))))
+    if dt != stash:
+        y = lw.emit(R.astype(y, dt))
+    return [lw.emit(R.multiply(y, scale))]
+
+
+@rule("RotaryEmbedding", domain="graphopt")
+def rotary_embedding(lw: Lowerer, node, args):
+    x, cos, sin = (lw.tensor(a) for a in args[:3])
+    pos = lw.tensor(args[3]) if len(args) > 3 and args[3] is not None else None
+    dims = lw.shape(x)
+    four_d = len(dims) == 4
+    if four_d:  # B, N, S, H: the caches broadcast as B, 1, S, rot/2
+        head, head_axis = dims[3], 1
+        xh = x
+    else:  # B, S, N*H -> B, S, N, H: the caches broadcast as B, S, 1, rot/2
+        num_heads = node.attr("num_heads", 0)
+        if not isinstance(dims[2], int):
+            raise lw.error("the hidden size must be static")
+        head, head_axis = dims[2] // num_heads, 2
+        xh = lw.emit(R.reshape(x, [dims[0], dims[1], num_heads, head]))
+    rot = node.attr("rotary_embedding_dim", 0) or head
+    if not isinstance(rot, int) or rot % 2 or rot > head:
+        raise lw.error(f"rotary_embedding_dim {rot} must be even and at most the head size {head}")
+    half = rot // 2
+    if pos is not None:
+        cos, sin = lw.emit(R.take(cos, pos, axis=0)), lw.emit(R.take(sin, pos, axis=0))
+    cos, sin = lw.emit(R.expand_dims(cos, [head_axis])), lw.emit(R.expand_dims(sin, [head_axis]))
+
+    def part(start: int, end: int, step: int = 1):  # xh[..., start:end:step]
+        return lw.emit(R.strided_slice(xh, axes=[3], begin=[start], end=[end], strides=[step]))
+
+    interleaved = node.attr("interleaved", 0)
+    x1, x2 = (part(0, rot, 2), part(1, rot, 2)) if interleaved else (part(0, half), part(half, rot))
+    real = lw.emit(R.subtract(R.multiply(cos, x1), R.multiply(sin, x2)))
+    imag = lw.emit(R.add(R.multiply(sin, x1), R.multiply(cos, x2)))
+    if interleaved:  # real and imag back into even and odd positions
+        pairs = lw.emit(R.stack([real, imag], axis=4))
+        rotated = lw.emit(R.reshape(pairs, lw.shape(xh)[:3] + [rot]))
+    else:
+        rotated = lw.emit(R.concat([real, imag], axis=3))
+    if rot != head:
+        rotated = lw.emit(R.concat([rotated, part(rot, head)], axis=3))
+    if four_d:
+        return [rotated]
+    return [lw.emit(R.reshape(rotated, dims))]
+
+
+@rule("Attention", domain="graphopt")
+def attention(lw: Lowerer, node, args):
+    q, k, v = (lw.tensor(a) for a in args[:3])
+    mask, past_k, past_v = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None] * 3)[:3]
+    if (past_k is None) != (past_v is None):
+        raise lw.error("past_key and past_value must be given together")
+    dt = lw.dtype(q)
+    q_dims = lw.shape(q)
+    three_d = len(q_dims) == 3
+    if three_d:
+        nq = node.attr("num_heads", 0)
+        nkv = node.attr("kv_num_heads", 0) or nq
+        if not nq:
+            raise lw.error("num_heads is required for 3-D inputs")
+
+        def to_bnsh(t, heads: int):
+            b, s, hidden = lw.shape(t)
+            if not isinstance(hidden, int) or hidden % heads:
+                raise lw.error(f"hidden size {hidden} is not a static multiple of {heads} heads")
+            return lw.emit(R.permute_dims(R.reshape(t, [b, s, heads, hidden // heads]), _BNSH_FROM_BSNH))
+        q_bnsh, k_bnsh, v_bnsh = to_bnsh(q, nq), to_bnsh(k, nkv), to_bnsh(v, nkv)
+    else:
+        q_bnsh, k_bnsh, v_bnsh = q, k, v
+        nq, nkv = static_int(q_dims[1]), static_int(lw.shape(k)[1])
+    head = lw.shape(q_bnsh)[3]
+    if past_k is not None:
+        k_bnsh = lw.emit(R.concat([past_k, k_bnsh], axis=2))
+        v_bnsh = lw.emit(R.concat([past_v, v_bnsh], axis=2))
+    present = [k_bnsh, v_bnsh]
+    if nq != nkv:
+        if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
+            raise lw.error(f"grouped-query attention needs static head counts that divide, got {nq} and {nkv}")
+        k_bnsh = lw.emit(R.repeat(k_bnsh, nq // nkv, axis=1))  # h0, h0, h1, h1, ... as np.repeat
+        v_bnsh = lw.emit(R.repeat(v_bnsh, nq // nkv, axis=1))
+
+    scale = node.attr("scale", 0.0)
+    if not scale:
+        if not isinstance(head, int):
+            raise lw.error("the head size must be static when no scale is given")
+        scale = 1.0 / math.sqrt(head)
+    scores = lw.emit(R.matmul(R.multiply(q_bnsh, relax.const(scale, dt)), R.permute_dims(k_bnsh, [0, 1, 3, 2])))
+    softcap = node.attr("softcap", 0.0)
+    if softcap:  # before the mask, so that masked scores stay -inf
+        cap = relax.const(softcap, dt)
+        scores = lw.emit(R.multiply(R.tanh(R.divide(scores, cap)), cap))
+
+    bias = None
+    if mask is not None:
+        bias = (lw.emit(R.where(mask, relax.const(0.0, dt), _neg_inf(dt))) if lw.dtype(mask) == "bool"
+                else mask if lw.dtype(mask) == dt else lw.emit(R.astype(mask, dt)))
+    if node.attr("causal", 0):
+        # Bottom-right aligned: query i (after `past` cached keys) attends key j iff j <= i + past.
+        past = lw.shape(past_k)[2] if past_k is not None else 0
+        q_len, kv_len = lw.shape(q_bnsh)[2], lw.shape(k_bnsh)[2]
+        rows = lw.emit(R.expand_dims(R.arange(past, lw.simplify(past + q_len), 1, "int64"), [1]))
+        cols = lw.emit(R.expand_dims(R.arange(0, kv_len, 1, "int64"), [0]))
+        causal = lw.emit(R.where(R.less_equal(cols, rows), relax.const(0.0, dt), _neg_inf(dt)))
+        bias = causal if bias is None else lw.emit(R.add(bias, causal))
+    if bias is not None:
+        scores = lw.emit(R.add(scores, bias))
+    probs = lw.emit(R.nn.softmax(scores, axis=-1))
+    if mask is not None:
+        # A query row that attends nothing gives zeros (softmax alone would give NaN).
+        row_max = lw.emit(R.max(bias, axis=[-1], keepdims=True))
+        probs = lw.emit(R.where(R.equal(row_max, _neg_inf(dt)), relax.const(0.0, dt), probs))
+    y = lw.emit(R.matmul(probs, v_bnsh))
+    if three_d:
+        b, n, s, h = lw.shape(y)
+        y = lw.emit(R.reshape(R.permute_dims(y, _BNSH_FROM_BSNH), [b, s, lw.simplify(n * h)]))
+    return [y, *present][:len(node.outputs)]
