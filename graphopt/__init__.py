@@ -21,3 +21,12 @@ def optimize(model, output_dir=None, **kwargs):
     from graphopt.driver import optimize as _optimize
 
     return _optimize(model, output_dir, **kwargs)
+
+
+def __getattr__(name):
+    # Lazy: `from_torch` needs torch, and `import graphopt` must stay fast without it.
+    if name == "from_torch":
+        from graphopt.frontends import from_torch
+
+        return from_torch
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")

@@ -142,10 +142,12 @@ def _progress(quiet: bool):
 @click.option("--inputs", "inputs_file", type=click.Path(path_type=str), default=None,
               help="Sample inputs (.npz, one array per model input) for --check-numerics.")
 @click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
+@click.option("--explain-fusions", is_flag=True, help="List, per fusion, the sites fused and the near misses "
+              "(where a fusion's root op matched but a later constraint failed, and where).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, target, check_numerics, inputs_file, no_verify,
-             as_json, quiet):
+             explain_fusions, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
@@ -155,10 +157,10 @@ def optimize(model, output_dir, pipeline, recipe, backend, target, check_numeric
     Examples:
       graphopt optimize examples/tiny_mlp.onnx -o out/tiny
       graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
-      graphopt optimize model.onnx -o out --check-numerics
+      graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
-    from graphopt.driver import format_report, optimize as run_optimize
+    from graphopt.driver import format_fusions, format_report, optimize as run_optimize
     from graphopt.sample_inputs import load_inputs
 
     inputs = load_inputs(inputs_file) if inputs_file else None
@@ -171,6 +173,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, target, check_numeric
         click.echo(json.dumps(result.report, indent=2))
     else:
         click.echo(format_report(result.report))
+        if explain_fusions:
+            click.echo(format_fusions(result.report))
         click.echo(f"wrote {output_dir}/")
 
 

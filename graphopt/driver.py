@@ -16,6 +16,15 @@ from graphopt.ir import Graph
 
 
 def default_pipeline() -> str:
+    """Cleanup, the transformer fusions, cleanup again: right for decoders and encoders
+    alike (a fusion that finds nothing to fuse changes nothing)."""
+    from graphopt.passes.cleanup import CLEANUP_PIPELINE, POST_FUSION_CLEANUP
+    from graphopt.passes.fusion import FUSION_PIPELINE
+
+    return f"{CLEANUP_PIPELINE},{FUSION_PIPELINE},{POST_FUSION_CLEANUP}"
+
+
+def cleanup_pipeline() -> str:
     from graphopt.passes.cleanup import CLEANUP_PIPELINE
 
     return CLEANUP_PIPELINE
@@ -78,6 +87,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     after = summarize(optimized)
     report = {
         "model": graph.metadata.source,
+        "fusions": fusion_summary(pm.records),
         "frontend": {"exporter": graph.metadata.exporter or "onnx file", "seconds": round(graph.metadata.export_seconds, 3)},
         "pipeline": pm.pipeline_text,
         "verify": verify,
@@ -110,6 +120,33 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+def fusion_summary(records) -> dict:
+    """Per fusion pass: how many sites it fused (by rule) and its near misses -- the sites
+    whose root op matched but a later constraint failed, with that constraint and node."""
+    out: dict = {}
+    for r in records:
+        if not r.name.startswith(("fuse-", "merge-")):
+            continue
+        entry = out.setdefault(r.name, {"matched": {}, "near_misses": []})
+        for k, v in r.stats.items():
+            entry["matched"][k] = entry["matched"].get(k, 0) + v
+        entry["near_misses"] += [{k: d[k] for k in ("node", "op", "reason") if k in d} |
+                                 ({"rule": d.get("rule") or d.get("fusion")} if d.get("rule") or d.get("fusion") else {})
+                                 for d in r.details]
+    return out
+
+
+def format_fusions(report: dict) -> str:
+    lines = ["fusions"]
+    for name, entry in report.get("fusions", {}).items():
+        matched = ", ".join(f"{k} x{v}" for k, v in entry["matched"].items()) or "nothing"
+        lines.append(f"  {name}: {matched}")
+        for nm in entry["near_misses"]:
+            rule = f"[{nm['rule']}] " if nm.get("rule") else ""
+            lines.append(f"    near miss {rule}at {nm.get('node')} ({nm.get('op')}): {nm.get('reason')}")
+    return "\n".join(lines)
 
 
 def format_report(report: dict) -> str:

@@ -21,14 +21,16 @@ from graphopt.pattern import constant_value
 LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity", "Shape", "Gather",
               "Slice", "Concat", "Cast", "Add", "Sub", "Mul", "Div", "Equal", "Where", "Max", "Min", "Size",
               "ConstantOfShape", "Range"}
-_DATA_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity"}  # may move src data
+_DATA_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity"}  # single-input movers
+_MOVES_DATA = _DATA_OPS | {"Slice", "Concat", "Gather"}  # may carry float data without computing on it
 MAX_SLICE = 64
 PROBE_DIMS = ((3, 5, 2, 7), (2, 7, 3, 5))  # values for symbolic dims in the two probes
 
 
-def layout_slice(src: Value, dst: Value) -> list[Node] | None:
+def layout_slice(src: Value, dst: Value, data_ops: frozenset = frozenset()) -> list[Node] | None:
     """The nodes between src and dst, in graph order, if dst depends only on src and
-    constants through layout/shape ops; else None."""
+    constants through layout/shape ops (and the extra `data_ops`, e.g. Neg for rotate-half);
+    else None."""
     needed: dict[int, Node] = {}
     stack = [dst]
     seen: set[int] = set()
@@ -39,13 +41,15 @@ def layout_slice(src: Value, dst: Value) -> list[Node] | None:
         seen.add(id(v))
         if constant_value(v) is not None and v.producer() is None:
             continue
+        if v is not dst and _external_shape(v) is not None:
+            continue  # a shape value computed elsewhere, evaluated from the probe's dims
         n = v.producer()
-        if n is None or n.domain != "" or n.op_type not in LAYOUT_OPS:
+        if n is None or n.domain != "" or (n.op_type not in LAYOUT_OPS and n.op_type not in data_ops):
             return None
         if n.op_type == "Constant":
             continue
-        if n.op_type not in _DATA_OPS and n.op_type not in ("Shape", "Size") and v.type is not None \
-                and v.type.dtype.np_dtype.kind == "f":
+        if n.op_type not in _MOVES_DATA and n.op_type not in data_ops and n.op_type not in ("Shape", "Size") \
+                and v.type is not None and v.type.dtype.np_dtype.kind == "f":
             return None  # arithmetic on float data is not a layout change
         needed[id(n)] = n
         if len(needed) > MAX_SLICE:
@@ -58,10 +62,20 @@ def layout_slice(src: Value, dst: Value) -> list[Node] | None:
     return sorted(needed.values(), key=lambda n: order[id(n)])
 
 
-def _probe_shape(src: Value, k: int) -> tuple[int, ...] | None:
+def _external_shape(v: Value):
+    """The symbolic content of an integer shape tensor from outside the slice, if known."""
+    if v.type is None or v.type.dtype.np_dtype.kind not in "iu" or v.type.rank not in (0, 1):
+        return None
+    from graphopt.passes.cleanup.shapes import symbolic_value
+
+    return symbolic_value(v)
+
+
+def _probe_shape(src: Value, k: int, sym: dict | None = None) -> tuple[int, ...] | None:
     if src.type is None or src.type.shape is None:
         return None
-    dims, sym = [], {}
+    dims = []
+    sym = {} if sym is None else sym
     for d in src.type.shape:
         if isinstance(d, int):
             dims.append(d)
@@ -73,15 +87,17 @@ def _probe_shape(src: Value, k: int) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray]) -> bool:
+def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray],
+             data_ops: frozenset = frozenset()) -> bool:
     """True when dst == fn(src) for every probe (see module doc)."""
     from graphopt.registry import run_reference
 
-    nodes = layout_slice(src, dst)
+    nodes = layout_slice(src, dst, data_ops)
     if nodes is None:
         return False
     for k in range(len(PROBE_DIMS)):
-        shape = _probe_shape(src, k)
+        binding: dict = {}
+        shape = _probe_shape(src, k, binding)
         if shape is None or int(np.prod(shape)) > 1 << 16:
             return False
         x = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape).astype(src.type.dtype.np_dtype)
@@ -94,11 +110,13 @@ def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray]) -> 
                         args.append(None)
                     elif id(v) in env:
                         args.append(env[id(v)])
+                    elif constant_value(v) is not None:
+                        args.append(constant_value(v))
                     else:
-                        c = constant_value(v)
-                        if c is None:
+                        ext = _bind(_external_shape(v), binding, v)
+                        if ext is None:
                             return False
-                        args.append(c)
+                        args.append(ext)
                 with np.errstate(all="ignore"):
                     outs = run_reference(n, args)
                 for v, r in zip(n.outputs, outs):
@@ -111,6 +129,23 @@ def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray]) -> 
         if got is None or got.shape != want.shape or not np.array_equal(got, want):
             return False
     return True
+
+
+def _bind(sym_value, binding: dict, v: Value) -> np.ndarray | None:
+    """Evaluate a symbolic shape value under the probe's binding of symbols."""
+    if sym_value is None:
+        return None
+    items = sym_value if isinstance(sym_value, list) else [sym_value]
+    out = []
+    for e in items:
+        if isinstance(e, int):
+            out.append(e)
+        elif isinstance(e, str) and e in binding:
+            out.append(binding[e])
+        else:
+            return None
+    arr = np.array(out, dtype=v.type.dtype.np_dtype)
+    return arr if isinstance(sym_value, list) else arr.reshape(())
 
 
 def swap_last_two(x: np.ndarray) -> np.ndarray:
@@ -146,3 +181,9 @@ def layout_ancestors(v: Value, limit: int = 8) -> list[Value]:
         cur = n.inputs[0]
         out.append(cur)
     return out
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """[x1, x2] -> [-x2, x1] over the last axis (the non-interleaved RoPE rotation)."""
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)

@@ -327,6 +327,7 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     max_abs_diff: float | None = None
+    details: list[dict] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -391,7 +392,7 @@ class PassManager:
                 except GraphoptError as e:
                     raise PassError(f"pass {p.name!r} left an invalid graph: {e}") from None
             record = PassRecord(p.name, dataclasses.asdict(p), seconds, result.changed, dict(result.stats),
-                                len(current.nodes), len(work.nodes))
+                                len(current.nodes), len(work.nodes), details=list(result.details))
             if reference is not None:
                 from graphopt.interpreter import run as interpret
 

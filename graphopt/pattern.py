@@ -102,6 +102,7 @@ class Match:
     nodes: list[Node] = dataclasses.field(default_factory=list)  # every node the pattern covered
     reason: str = ""
     at: Node | None = None               # the node where matching failed
+    depth: int = 0                       # how many pattern ops matched before it failed
 
     def __getitem__(self, key: str):
         return self.captures[key]
@@ -111,8 +112,8 @@ class Match:
 
 
 class _Fail(Exception):
-    def __init__(self, reason: str, at: Node | None):
-        self.reason, self.at = reason, at
+    def __init__(self, reason: str, at: Node | None, depth: int = 0):
+        self.reason, self.at, self.depth = reason, at, depth
 
 
 def match(pattern: Pattern, value: Value) -> Match:
@@ -122,8 +123,8 @@ def match(pattern: Pattern, value: Value) -> Match:
     try:
         _match(pattern, value, captures, nodes, root=True)
     except _Fail as f:
-        return Match(False, reason=f.reason, at=f.at)
-    return Match(True, captures, nodes)
+        return Match(False, reason=f.reason, at=f.at, depth=max(f.depth, len(nodes)))
+    return Match(True, captures, nodes, depth=len(nodes))
 
 
 def _match(p: Pattern, v: Value | None, caps: dict, nodes: list, root: bool = False) -> None:
@@ -169,6 +170,7 @@ def _match(p: Pattern, v: Value | None, caps: dict, nodes: list, root: bool = Fa
             # Report the attempt that got furthest (ties: the one that failed at an op).
             depth = (len(trial_nodes), f.at is not None)
             if depth > best_depth:
+                f.depth = max(f.depth, len(trial_nodes))
                 best_fail, best_depth = f, depth
             continue
         caps.clear()
@@ -209,6 +211,11 @@ def _op_name(p: OpPattern) -> str:
 
 # --------------------------------------------------------------------------------------
 # Rules, the rewriter and the driver
+
+
+class Decline(str):
+    """A `check` result meaning "not a site for this rule" (another rule takes it): not
+    reported as a near miss."""
 
 
 class RewriteRule:
@@ -300,7 +307,8 @@ def apply_patterns(graph: Graph, rules: Sequence[RewriteRule], ctx=None, *, max_
                 m = match(root, value)
                 reason = m.reason if not m.ok else rule.check(m)
                 if reason:
-                    if explain and it == 0:
+                    # A near miss: more than the root op matched (or only a check failed).
+                    if explain and it == 0 and not isinstance(reason, Decline) and (m.ok or m.depth >= 2):
                         at = m.at or node
                         result.details.append(dataclasses.asdict(NearMiss(rule.name, at.name, at.op, reason)))
                     continue
@@ -338,6 +346,6 @@ def _undo(graph: Graph, rw: Rewriter) -> None:
             graph.remove_node(n)
 
 
-__all__ = ["Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "Match", "RewriteRule",
+__all__ = ["Decline", "Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "Match", "RewriteRule",
            "Rewriter", "apply_patterns", "constant_value", "replace_value", "remove_dead", "replaceable",
            "NodeMeta"]

@@ -162,6 +162,8 @@ def refine_types(graph) -> int:
             inferred = infer_types(node)
         except _UserError:
             continue
+        if node.domain == "" and node.op_type in _BROADCASTING and inferred and inferred[0] is not None:
+            inferred = [_broadcast_type(node, inferred[0])] + list(inferred[1:])
         for v, t in zip(node.outputs, inferred):
             if v is None or t is None:
                 continue
@@ -170,6 +172,35 @@ def refine_types(graph) -> int:
                 v.type = better
                 refined += 1
     return refined
+
+
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "And", "Or", "Less",
+                 "LessOrEqual", "Greater", "GreaterOrEqual", "Mod", "BitShift", "PRelu"}
+
+
+def _real_symbol(d) -> bool:
+    return isinstance(d, str) and not d.startswith("unk__")
+
+
+def _broadcast_type(node: Node, inferred: TensorType) -> TensorType:
+    """Broadcast the inputs' dims ourselves: where one input has a real symbol (`batch`) and
+    the others only 1, an unknown, or an `unk__N` that ONNX invented, the result is that
+    symbol (an unknown is either 1 or equal to it; anything else would not broadcast)."""
+    shapes = [v.type.shape for v in node.inputs if v is not None and v.type is not None]
+    if inferred.shape is None or any(s is None for s in shapes) or len(shapes) != len([v for v in node.inputs if v]):
+        return inferred
+    rank = len(inferred.shape)
+    out = list(inferred.shape)
+    for i in range(rank):
+        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        if out[i] is None or (isinstance(out[i], str) and not _real_symbol(out[i])):
+            real = {d for d in dims if _real_symbol(d)}
+            big = {d for d in dims if isinstance(d, int) and d != 1}
+            if len(real) == 1 and not big:
+                out[i] = real.pop()
+            elif len(big) == 1 and not real:
+                out[i] = big.pop()
+    return TensorType(inferred.dtype, tuple(out))
 
 
 def _more_precise(old: TensorType | None, new: TensorType) -> TensorType | None:

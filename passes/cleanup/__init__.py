@@ -4,3 +4,6 @@ from graphopt.passes.cleanup import cse, dce, fold_constants, shapes, simplify  
 
 CLEANUP_PIPELINE = ("fold-constants,simplify-shapes,remove-identities,simplify-chains,"
                     "eliminate-common-subexpressions,fold-constants,eliminate-dead-code")
+
+# After fusion: what the fused ops left behind.
+POST_FUSION_CLEANUP = "simplify-shapes,remove-identities,simplify-chains,eliminate-common-subexpressions,eliminate-dead-code"

@@ -178,7 +178,7 @@ class SimplifyShapes(Pass):
         for _ in range(self.max_rounds):
             before = dict(result.stats)
             self._round(graph, result)
-            refined = refine_types(graph)
+            refined = refine_types(graph) + type_reshapes(graph)
             if result.stats == before and not refined:
                 break
             result.count("types-refined", refined)
@@ -300,3 +300,38 @@ def dim_tokens(v: Value) -> list | None:
     if v.type is None or v.type.shape is None:
         return None
     return [_dim_token(v, i, d) for i, d in enumerate(v.type.shape)]
+
+
+def type_reshapes(graph: Graph) -> int:
+    """Give Reshape/Expand outputs the symbolic dims their (symbolically known) targets
+    spell, where inference could not: `[batch, seq, 4, 8]` instead of `[unk__3, unk__4, 4, 8]`.
+    Returns how many types got more precise."""
+    from graphopt.ir import TensorType
+    from graphopt.registry import _more_precise
+
+    count = 0
+    memo: dict = {}
+    for node in graph.nodes:
+        if node.domain != "" or node.op_type not in ("Reshape", "Expand") or node.outputs[0] is None:
+            continue
+        out, data = node.outputs[0], node.inputs[0]
+        target = symbolic_value(node.inputs[1], memo)
+        if not isinstance(target, list) or data.type is None or out.type is None:
+            continue
+        in_dims = data.type.shape
+        dims = []
+        for i, e in enumerate(target):
+            if node.op_type == "Reshape" and e == 0 and not node.attr("allowzero", 0):
+                e = in_dims[i] if in_dims is not None and i < len(in_dims) else None
+            if node.op_type == "Expand":
+                j = i - (len(target) - len(in_dims)) if in_dims is not None else -1
+                if e == 1 and in_dims is not None and j >= 0:
+                    e = in_dims[j]
+            if isinstance(e, int) and e < 0 or (isinstance(e, str) and e.startswith("?")):
+                e = None
+            dims.append(e)
+        better = _more_precise(out.type, TensorType(out.type.dtype, tuple(dims)))
+        if better is not None:
+            out.type = better
+            count += 1
+    return count

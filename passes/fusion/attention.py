@@ -237,10 +237,18 @@ def match_3d(node: Node):
         if cur.type is not None and cur.type.rank == 3 and computes(y, cur, merge_heads):
             y3 = cur
             break
+        if cur.type is not None and cur.type.rank == 2 and computes(y, cur, _merge_heads_2d):
+            y3 = cur  # merged and flattened to [batch * seq, hidden] (GPT-2's Conv1D does this)
+            break
     if y3 is None:
         return "the output is not merged back to 3-D"
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     return found + [y3, mask]
+
+
+def _merge_heads_2d(x: np.ndarray) -> np.ndarray:
+    m = merge_heads(x)
+    return m.reshape(-1, m.shape[-1])
 
 
 def rewrite_3d(graph: Graph, node: Node, found) -> None:
@@ -249,6 +257,8 @@ def rewrite_3d(graph: Graph, node: Node, found) -> None:
     attrs = {k: a.value for k, a in node.attrs.items()}
     ins = [q3, k3, v3] + ([mask] if mask is not None else [])
     y = rw.op("Attention", *ins, domain=GRAPHOPT_DOMAIN, **attrs)
+    if y3.type is not None and y3.type.rank == 2:
+        y = rw.Reshape(y, rw.const(np.array([-1, y.type.shape[-1]], np.int64), "flatten"))
     replace_value(graph, y3, y)
     chain = []
     cur = node.outputs[0]

@@ -15,7 +15,7 @@ import numpy as np
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import (
-    Match, RewriteRule, Rewriter, apply_patterns, const, constant_value, op, remove_dead, replace_value, var,
+    Decline, Match, RewriteRule, Rewriter, apply_patterns, const, constant_value, op, remove_dead, replace_value, var,
 )
 
 G = GRAPHOPT_DOMAIN
@@ -80,7 +80,7 @@ class MatMulToLinear(RewriteRule):
     def check(self, m):
         v = m["n"].outputs[0]
         if len(v.uses()) == 1 and v.uses()[0][0].op_type == "Add":
-            return "an Add follows: matmul-add takes it"
+            return Decline("an Add follows: matmul-add takes it")
         if m["x"].type is None or m["x"].type.rank is None or m["x"].type.rank < 2:
             return "X has rank < 2"
         return None
@@ -130,9 +130,9 @@ class AbsorbSiLU(RewriteRule):
 
 
 class FlattenUnflatten(RewriteRule):
-    name = "flatten-unflatten"  # Reshape(Linear(Reshape(X, [-1, K])), X.shape[:-1] + [N]) -> Linear(X)
+    name = "flatten-unflatten"  # Reshape(Linear(Reshape(X, [-1, K])), lead(X) + [N]) -> Linear(X)
     pattern = op("Reshape", op("Linear", op("Reshape", var("x"), var("s1"), capture="flat", single_use=True),
-                                        any_inputs=True, domain=G, capture="lin", single_use=False),
+                                        any_inputs=True, domain=G, capture="lin"),
                  var("s2"), capture="unflat")
 
     def check(self, m):
@@ -142,28 +142,30 @@ class FlattenUnflatten(RewriteRule):
         if lin.inputs[0] is not flat.outputs[0] or len(lin.outputs[0].uses()) != 1:
             return "the Linear does not read the flattened input alone"
         xt, ft = dim_tokens(x), flat.outputs[0].type
-        if xt is None or len(xt) < 3 or ft is None or ft.rank != 2 or ft.shape[1] != x.type.shape[-1] \
-                or not isinstance(ft.shape[1], int):
-            return "the first Reshape does not flatten the leading dims"
+        if xt is None or ft is None or ft.rank != 2 or not isinstance(ft.shape[1], int):
+            return "the first Reshape does not flatten to [rows, features]"
         target = symbolic_value(m["s2"])
         n_out = lin.outputs[0].type.shape[-1] if lin.outputs[0].type is not None else None
-        if not isinstance(target, list) or len(target) != len(xt):
-            return "the second Reshape's target is unknown or has another rank"
-        wild = 0
-        for t, d in zip(target[:-1], xt[:-1]):
-            if t == -1:
-                wild += 1
-            elif t != d:
-                return "the second Reshape does not restore the leading dims"
-        if wild > 1 or target[-1] not in (n_out, -1):
-            return "the second Reshape does not restore the leading dims"
+        if not isinstance(target, list) or len(target) < 2 or target[-1] not in (n_out, -1):
+            return "the second Reshape's target is unknown"
+        lead = target[:-1]
+        if len(lead) >= len(xt) or any(t != d for t, d in zip(lead, xt)) or -1 in lead:
+            return "the second Reshape does not restore the leading dims of the input"
+        rest = xt[len(lead):]
+        if not all(isinstance(d, int) for d in rest) or int(np.prod(rest)) != ft.shape[1]:
+            return "the flattened features are not the input's trailing dims"
         return None
 
     def rewrite(self, rw, m):
-        lin = m["lin"]
+        from graphopt.passes.cleanup.shapes import symbolic_value
+
+        lin, x = m["lin"], m["x"]
+        lead = len(symbolic_value(m["s2"])) - 1
+        if x.type.rank != lead + 1:  # merge trailing dims (e.g. heads x head_size) first
+            x = rw.Reshape(x, rw.const(np.array([0] * lead + [m["flat"].outputs[0].type.shape[1]], np.int64), "shape"))
         m.nodes.append(lin)
         attrs = {k: a.value for k, a in lin.attrs.items()}
-        return rw.op("Linear", m["x"], *lin.inputs[1:], domain=G, **attrs)
+        return rw.op("Linear", x, *lin.inputs[1:], domain=G, **attrs)
 
 
 class GatedMLP(RewriteRule):

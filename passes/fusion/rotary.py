@@ -1,0 +1,97 @@
+"""fuse-rotary: x * cos + rotate_half(x) * sin -> graphopt.RotaryEmbedding.
+
+The rotation is checked by running its slice on probe tensors (any Slice/Neg/Concat
+spelling); the caches must be Cos/Sin of one frequency tensor duplicated along the last
+axis (Concat(f, f)), as Hugging Face models build them, so that the half-size caches the op
+takes are Cos(f) and Sin(f).
+"""
+from __future__ import annotations
+
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.layout import computes, rotate_half
+from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+from graphopt.pattern import Rewriter, remove_dead, replace_value
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _half_freqs(cache4: Value, trig: str) -> tuple[Value, list[Node]]:
+    """cache4 = Unsqueeze(Trig(Concat(f, f)), axis 1) -> (f, nodes)."""
+    n = cache4.producer()
+    nodes = []
+    if n is not None and n.op_type == "Unsqueeze":
+        from graphopt.pattern import constant_value
+
+        axes = constant_value(n.inputs[1]) if len(n.inputs) > 1 else None
+        if axes is None or axes.reshape(-1).tolist() not in ([1], [-3]):
+            raise _NoMatch("the cos/sin cache is unsqueezed on an axis other than the heads axis")
+        nodes.append(n)
+        n = n.inputs[0].producer()
+    else:
+        raise _NoMatch("the cos/sin cache is not a [batch, seq, head] tensor unsqueezed at the heads axis")
+    if n is None or n.op_type != trig:
+        raise _NoMatch(f"the cache is not computed by {trig}")
+    nodes.append(n)
+    cat = n.inputs[0].producer()
+    if cat is None or cat.op_type != "Concat" or len(cat.inputs) != 2 or cat.inputs[0] is not cat.inputs[1] \
+            or cat.attr("axis") not in (-1, (cat.outputs[0].type.rank or 0) - 1):
+        raise _NoMatch(f"the {trig} cache is not of frequencies duplicated along the last axis")
+    nodes.append(cat)
+    return cat.inputs[0], nodes
+
+
+def match_rotary(add: Node):
+    for mul_x, mul_r in ((0, 1), (1, 0)):
+        a, b = add.inputs[mul_x].producer(), add.inputs[mul_r].producer()
+        if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
+            continue
+        for xi in (0, 1):
+            x, cos4 = a.inputs[xi], a.inputs[1 - xi]
+            if x.type is None or x.type.rank != 4 or not isinstance(x.type.shape[-1], int):
+                continue
+            for ri in (0, 1):
+                rot, sin4 = b.inputs[ri], b.inputs[1 - ri]
+                if rot is x or not computes(x, rot, rotate_half, data_ops=frozenset({"Neg"})):
+                    continue
+                fc, cos_nodes = _half_freqs(cos4, "Cos")
+                fs, sin_nodes = _half_freqs(sin4, "Sin")
+                if fc is not fs:
+                    raise _NoMatch("cos and sin are of different frequency tensors")
+                return x, fc, [add, a, b] + cos_nodes + sin_nodes
+    raise _NoMatch("not x * cos + rotate_half(x) * sin")
+
+
+@register_pass("fuse-rotary")
+class FuseRotary(Pass):
+    """Fuse rotary position embeddings (x * cos + rotate_half(x) * sin) into
+    graphopt.RotaryEmbedding with half-size caches Cos(f), Sin(f).
+
+    Before:  %c = Unsqueeze(Cos(Concat(%f, %f)), @1)      After:
+             %r = Concat(Neg(Slice(%x, h/2:)), Slice(%x, :h/2))       %y = graphopt.RotaryEmbedding(%x, Cos(%f), Sin(%f))
+             %y = Add(Mul(%x, %c), Mul(%r, %s))
+    """
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        made: dict[int, tuple[Value, Value]] = {}  # frequencies -> (cos, sin), shared by q and k
+        for add in list(graph.nodes):
+            if add.graph is not graph or add.op_type != "Add" or add.domain != "":
+                continue
+            if not all(v is not None and v.producer() is not None and v.producer().op_type == "Mul" for v in add.inputs):
+                continue
+            try:
+                x, freqs, nodes = match_rotary(add)
+            except _NoMatch as e:
+                result.details.append({"fusion": "rotary", "node": add.name, "op": add.op, "reason": str(e)})
+                continue
+            rw = Rewriter(graph, add, "fuse-rotary")
+            if id(freqs) not in made:
+                made[id(freqs)] = (rw.Cos(freqs), rw.Sin(freqs))
+            cos, sin = made[id(freqs)]
+            y = rw.op("RotaryEmbedding", x, cos, sin, domain=GRAPHOPT_DOMAIN)
+            replace_value(graph, add.outputs[0], y)
+            remove_dead(graph, nodes)
+            result.count("rotary")
+        return result
