@@ -1,8 +1,13 @@
 """The ONNX Runtime backend: lower the IR to an ONNX model and run it with ORT.
 
-Lowering today: every graphopt-domain op is replaced by its decomposition into core ops
-(the ORT contrib-op lowerings come with the fusion work). Targets: `cpu`
-(CPUExecutionProvider) and `cuda` (CUDAExecutionProvider, from `onnxruntime-gpu`).
+Lowering (`lower`) turns graphopt ops into ORT kernels where the target has one that runs
+the site (GroupQueryAttention / MultiHeadAttention, SkipLayerNormalization,
+SkipSimplifiedLayerNormalization, SimplifiedLayerNormalization, RotaryEmbedding, BiasGelu,
+FastGelu, FusedMatMul) and into their decompositions (core ops, opset 20) everywhere else;
+the rules live in `attention.py` and `rules.py`, the driver in `lowering.py`, the kernel
+registry queries in `kernels.py`. docs/ort_lowering.md has the table and the measurements.
+Targets: `cpu` (CPUExecutionProvider) and `cuda` (CUDAExecutionProvider, from
+`onnxruntime-gpu`, which replaces the `onnxruntime` package).
 """
 from __future__ import annotations
 
@@ -11,20 +16,21 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph
+from graphopt.ir import Graph
+
+from graphopt.backends.onnxruntime import attention, rules  # noqa: F401  (register the rules)
+from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
 
 NAME = "onnxruntime"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def lower(graph: Graph, target: str) -> Graph:
-    """A copy of `graph` with only ops ORT can run on `target`."""
-    from graphopt.registry import decompose_graphopt_ops
-
-    g = graph.copy()
-    decompose_graphopt_ops(g)
-    g.opset.pop(GRAPHOPT_DOMAIN, None)
-    return g
+def lower(graph: Graph, target: str, report: LoweringReport | None = None) -> Graph:
+    """A copy of `graph` with only ops ORT can run on `target` (`report`, when given,
+    records the kernels emitted and why any op was decomposed instead)."""
+    if target not in PROVIDERS:
+        raise UserError(f"unknown target {target!r} for onnxruntime (expected cpu or cuda)")
+    return lower_graph(graph.copy(), target, report)
 
 
 def check_target(target: str) -> None:
@@ -42,9 +48,10 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
     """Write `model.onnx` (+ external data when large) into outdir; returns manifest fields."""
     from graphopt.onnx_io import save_onnx
 
-    lowered = lower(graph, target)
+    report = LoweringReport()
+    lowered = lower(graph, target, report)
     files = save_onnx(lowered, outdir / "model.onnx")
-    return {"files": [f.name for f in files], "model": "model.onnx"}
+    return {"files": [f.name for f in files], "model": "model.onnx", "lowering": report.to_json()}
 
 
 class Executable:

@@ -1,0 +1,322 @@
+"""graphopt.Attention -> com.microsoft.GroupQueryAttention or MultiHeadAttention.
+
+The choice, per site (measured and explained in docs/ort_lowering.md):
+
+- GroupQueryAttention where it runs the site: self-attention (query and key sequences the
+  same), head size a multiple of 8, V's head size equal to K's, and with a past only when
+  batch or query length is statically 1 (the CPU kernel refuses a multi-token step over a
+  batched cache). It takes grouped-query K/V as they are, a 4-D additive bias, softcap, and
+  (ORT >= 1.2x) causal=0.
+- MultiHeadAttention (float32 on CPU) otherwise, but not with softcap: grouped K/V heads are
+  repeated first, and a past is concatenated in the graph (so that the presents keep the
+  grouped heads).
+- Otherwise the decomposition.
+
+What both kernels need that graphopt.Attention does not:
+- query (and for GQA key/value) in BSD: a 4-D BNSH input is transposed to BSD, and the BSD
+  output back to BNSH (the fusion pass can avoid both by producing 3-D Attention);
+- an additive float bias of shape (B|1, N|1, S, T): a boolean mask becomes 0 / -inf, a mask of
+  lower rank is unsqueezed, and one broadcast along S (e.g. (B, 1, 1, T)) is expanded;
+- causal masking together with a mask is folded into the bias (the kernels' own causal flag is
+  used only without a mask), because
+- a query row whose bias is -inf everywhere gives NaN in both kernels, where graphopt (and the
+  ONNX spec) give zeros: with a mask, the output is guarded by `Where(rowmax(bias) > -inf, Y, 0)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graphopt.builder import Builder
+from graphopt.dtypes import DType
+from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value
+from graphopt.registry import register_lowering
+
+from graphopt.backends.onnxruntime.kernels import MS_DOMAIN, schema_has_attr, schema_inputs
+from graphopt.backends.onnxruntime.lowering import BACKEND, LoweringContext
+
+GQA, MHA = "GroupQueryAttention", "MultiHeadAttention"
+_BNSH_FROM_BSNH = [0, 2, 1, 3]
+
+
+def _i64(*xs) -> np.ndarray:
+    return np.array(xs, dtype=np.int64)
+
+
+def same_dim(a, b) -> bool:
+    """Provably equal: the same int or the same symbol."""
+    return a is not None and a == b
+
+
+@dataclasses.dataclass
+class Site:
+    """One Attention node, read into the terms the kernels use."""
+
+    q: Value
+    k: Value
+    v: Value
+    mask: Value | None
+    past_k: Value | None
+    past_v: Value | None
+    rank: int
+    dtype: DType
+    batch: object
+    q_seq: object
+    kv_seq: object
+    num_heads: int
+    kv_num_heads: int
+    head: int | None
+    v_head: int | None
+    causal: bool
+    scale: float
+    softcap: float
+    want_present: bool
+
+    @staticmethod
+    def read(node: Node) -> "Site | str":
+        q, k, v = node.inputs[:3]
+        mask, past_k, past_v = (list(node.inputs[3:]) + [None] * 3)[:3]
+        for t, name in ((q, "Q"), (k, "K"), (v, "V")):
+            if t.type is None or t.type.shape is None:
+                return f"{name}'s rank is unknown"
+        rank = q.type.rank
+        if k.type.rank != rank or v.type.rank != rank:
+            return f"Q, K and V have ranks {rank}, {k.type.rank}, {v.type.rank}"
+        qs, ks, vs = q.type.shape, k.type.shape, v.type.shape
+        if rank == 4:
+            nq, nkv, head, v_head = qs[1], ks[1], qs[3], vs[3]
+            batch, q_seq, kv_seq = qs[0], qs[2], ks[2]
+        elif rank == 3:
+            nq = node.attr("num_heads", 0)
+            nkv = node.attr("kv_num_heads", 0) or nq
+            head = qs[2] // nq if isinstance(qs[2], int) and nq else None
+            v_head = vs[2] // nkv if isinstance(vs[2], int) and nkv else None
+            batch, q_seq, kv_seq = qs[0], qs[1], ks[1]
+        else:
+            return f"Q has rank {rank}"
+        if not isinstance(nq, int) or not isinstance(nkv, int) or not nq or not nkv:
+            return "the head counts are not static"
+        if nq % nkv:
+            return f"{nq} query heads are not a multiple of {nkv} key/value heads"
+        if past_k is not None and (past_k.type is None or past_k.type.rank != 4):
+            return "the past's rank is not 4"
+        return Site(q, k, v, mask, past_k, past_v, rank, q.type.dtype, batch, q_seq, kv_seq, nq, nkv,
+                    head, v_head, bool(node.attr("causal", 0)), float(node.attr("scale", 0.0)),
+                    float(node.attr("softcap", 0.0)), len(node.outputs) > 1)
+
+
+# --------------------------------------------------------------------------------------
+# Which kernel
+
+
+def why_not_gqa(ctx: LoweringContext, s: Site) -> str | None:
+    if not ctx.has_kernel(MS_DOMAIN, GQA, s.dtype):
+        return f"no {ctx.target} kernel for {s.dtype.short}"
+    if s.mask is not None and "attention_bias" not in schema_inputs(MS_DOMAIN, GQA):
+        return "this ORT's GroupQueryAttention takes no attention_bias"
+    if not s.causal and not schema_has_attr(MS_DOMAIN, GQA, "causal"):
+        return "this ORT's GroupQueryAttention is always causal"
+    if not isinstance(s.head, int) or s.head % 8:
+        return f"head size {s.head} is not a multiple of 8"
+    if s.v_head != s.head:
+        return f"V's head size {s.v_head} differs from K's {s.head}"
+    if not same_dim(s.q_seq, s.kv_seq):
+        return f"query length {s.q_seq} and key length {s.kv_seq} are not provably equal"
+    if s.past_k is not None and s.q_seq != 1 and s.batch != 1:
+        return "a past with more than one query token needs batch size 1"
+    if s.mask is not None and (why := why_not_bias(s)):
+        return why
+    return None
+
+
+def why_not_mha(ctx: LoweringContext, s: Site) -> str | None:
+    if not ctx.has_kernel(MS_DOMAIN, MHA, s.dtype):
+        return f"no {ctx.target} kernel for {s.dtype.short}"
+    if s.softcap:
+        return "no softcap"
+    if s.num_heads != s.kv_num_heads and not isinstance(s.head, int):
+        return "repeating grouped K/V heads needs a static head size"
+    if s.mask is not None and (why := why_not_bias(s)):
+        return why
+    return None
+
+
+def why_not_bias(s: Site) -> str | None:
+    shape = s.mask.type.shape if s.mask.type is not None else None
+    if shape is None or not 1 <= len(shape) <= 4:
+        return "the mask's rank is unknown or above 4"
+    if not (s.mask.type.dtype.is_float or s.mask.type.dtype in (DType.BOOL, DType.INT64, DType.INT32)):
+        return f"a {s.mask.type.dtype.short} mask"
+    # A valid mask broadcasts to (B, N, S, T), so an unknown dimension is 1 or the full size
+    # at run time, both of which the kernels take; only S needs care (see `_bias`).
+    heads = ((1, 1, 1, 1) + tuple(shape))[-3]
+    if isinstance(heads, int) and heads not in (1, s.num_heads):
+        return f"the mask's head dimension is {heads}, not 1 or {s.num_heads}"
+    return None
+
+
+@register_lowering(BACKEND, GRAPHOPT_DOMAIN, "Attention")
+def lower_attention(ctx: LoweringContext, b: Builder, node: Node):
+    s = Site.read(node)
+    if isinstance(s, str):
+        return s
+    no_gqa = why_not_gqa(ctx, s)
+    if no_gqa is None:
+        return _build(ctx, b, node, s, GQA)
+    no_mha = why_not_mha(ctx, s)
+    if no_mha is None:
+        return _build(ctx, b, node, s, MHA)
+    return f"{GQA}: {no_gqa}; {MHA}: {no_mha}"
+
+
+# --------------------------------------------------------------------------------------
+# Building
+
+
+def _to_bsd(b: Builder, t_BNSH: Value) -> Value:
+    return b.Reshape(b.Transpose(t_BNSH, perm=_BNSH_FROM_BSNH), b.const(_i64(0, 0, -1), "bsd_shape"))
+
+
+def _to_bnsh(b: Builder, t_BSD: Value, heads: int) -> Value:
+    return b.Transpose(b.Reshape(t_BSD, b.const(_i64(0, 0, heads, -1), "bsnh_shape")), perm=_BNSH_FROM_BSNH)
+
+
+def _repeat_heads(b: Builder, t_BNSH: Value, s: Site) -> Value:
+    """(B, Nkv, T, H) -> (B, Nq, T, H), each head next to its copies (as graphopt's reference)."""
+    if s.num_heads == s.kv_num_heads:
+        return t_BNSH
+    tiled = b.Expand(b.Unsqueeze(t_BNSH, b.const(_i64(2), "group_axis")),
+                     b.const(_i64(1, 1, s.num_heads // s.kv_num_heads, 1, 1), "group_reps"))
+    return b.Reshape(tiled, b.const(_i64(0, s.num_heads, -1, s.head), "heads_shape"))
+
+
+def _seq_of(s: Site, t: Value) -> int:
+    """The sequence axis of Q/K/V in the site's layout."""
+    return 2 if s.rank == 4 else 1
+
+
+def _bias(ctx: LoweringContext, b: Builder, s: Site, explicit_causal: bool) -> Value | None:
+    """The additive bias (B|1, N|1, S, T) in the query's type; None without mask and causal."""
+    dt = s.dtype
+    neg_inf = b.const(np.array(-np.inf, dt.np_dtype), "neg_inf")
+    zero = b.const(np.array(0, dt.np_dtype), "zero")
+    bias = None
+    if s.mask is not None:
+        m = s.mask
+        if m.type.dtype is DType.BOOL:
+            bias = b.Where(m, zero, neg_inf)
+        elif m.type.dtype is not dt:
+            bias = b.Cast(m, to=dt.onnx_type)
+        else:
+            bias = m
+        rank = m.type.rank
+        if rank < 4:
+            bias = b.Unsqueeze(bias, b.const(_i64(*range(4 - rank)), "bias_axes"))
+        rows = bias.type.shape[2] if bias.type is not None and bias.type.shape is not None else None
+        if not explicit_causal and not same_dim(rows, s.q_seq):
+            # The kernels take no broadcast along the query axis: (B, 1, 1, T) -> (B, 1, S, T).
+            one = b.const(_i64(1, 1), "ones")
+            shape = b.Concat(one, ctx.dim(b, s.q, _seq_of(s, s.q)), b.const(_i64(1), "one"), axis=0)
+            bias = b.Expand(bias, shape)
+    if explicit_causal:
+        # Query i attends key j iff j <= i + past_sequence_length (bottom-right with the past).
+        scalar = b.const(_i64(0), "scalar_axis")
+        start, step = b.const(np.array(0, np.int64), "range_start"), b.const(np.array(1, np.int64), "range_step")
+        q_len = b.Squeeze(ctx.dim(b, s.q, _seq_of(s, s.q)), scalar)
+        kv_len = b.Squeeze(ctx.dim(b, s.k, _seq_of(s, s.k)), scalar)
+        rows = b.Unsqueeze(b.Range(start, q_len, step), b.const(_i64(1), "col_axis"))
+        total = kv_len
+        if s.past_k is not None:
+            past_len = b.Squeeze(ctx.dim(b, s.past_k, 2), scalar)
+            rows = b.Add(rows, past_len)
+            total = b.Add(kv_len, past_len)
+        cols = b.Unsqueeze(b.Range(start, total, step), scalar)
+        causal = b.Where(b.LessOrEqual(cols, rows), zero, neg_inf)  # S, T
+        if bias is None:
+            bias = b.Unsqueeze(causal, b.const(_i64(0, 1), "bias_axes"))
+        else:
+            bias = b.Add(bias, causal)
+    return bias
+
+
+def _guard(b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
+    """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there)."""
+    dt = s.dtype
+    row_max = b.ReduceMax(bias, b.const(_i64(-1), "last_axis"), keepdims=1)  # B|1, N|1, S, 1
+    attends = b.Greater(row_max, b.const(np.array(-np.inf, dt.np_dtype), "neg_inf"))
+    zero = b.const(np.array(0, dt.np_dtype), "zero")
+    if y_rank == 4:  # BNSH
+        return b.Where(attends, y, zero)
+    heads = bias.type.shape[1] if bias.type is not None and bias.type.shape is not None else None
+    if heads == 1:
+        return b.Where(b.Squeeze(attends, b.const(_i64(1), "head_axis")), y, zero)  # B|1, S, 1
+    y_BSNH = b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape"))
+    guarded = b.Where(b.Transpose(attends, perm=_BNSH_FROM_BSNH), y_BSNH, zero)
+    return b.Reshape(guarded, b.const(_i64(0, 0, -1), "bsd_shape"))
+
+
+def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
+    dt = s.dtype
+    # The kernels' causal flag aligns like graphopt only for self-attention; with a mask,
+    # causal goes into the bias so that the guard sees fully masked rows.
+    kernel_causal = s.causal and s.mask is None and same_dim(s.q_seq, s.kv_seq) and (
+        kernel == GQA or s.past_k is None)
+    bias = _bias(ctx, b, s, explicit_causal=s.causal and not kernel_causal)
+    q = _to_bsd(b, s.q) if s.rank == 4 else s.q
+    y_type = TensorType(dt, (s.batch, s.q_seq, s.num_heads * s.v_head if s.v_head else None))
+    present_types = [o.type for o in node.outputs[1:]]
+    attrs = {"num_heads": s.num_heads}
+    if s.scale:
+        attrs["scale"] = s.scale
+    presents: list[Value | None] = [None, None]
+
+    if kernel == GQA:
+        k = _to_bsd(b, s.k) if s.rank == 4 else s.k
+        v = _to_bsd(b, s.v) if s.rank == 4 else s.v
+        total = ctx.dim(b, s.k, _seq_of(s, s.k))
+        if s.past_k is not None:
+            total = b.Add(total, ctx.dim(b, s.past_k, 2))
+        total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
+        seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
+                             ctx.dim(b, s.q, 0))
+        total_scalar = b.Squeeze(total_i32, b.const(_i64(0), "scalar_axis"))
+        attrs["kv_num_heads"] = s.kv_num_heads
+        if s.softcap:
+            attrs["softcap"] = s.softcap
+        if schema_has_attr(MS_DOMAIN, GQA, "causal"):
+            attrs["causal"] = int(kernel_causal)
+        inputs = [q, k, v, s.past_k, s.past_v, seqlens_k, total_scalar]
+        if bias is not None:
+            inputs += [None, None, None, bias]  # cos_cache, sin_cache, position_ids, attention_bias
+        want = 3 if s.want_present else 1
+        outs = b.op(GQA, *inputs, domain=MS_DOMAIN, output_types=[y_type, *present_types][:want], **attrs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        y = outs[0]
+        presents = list(outs[1:]) + [None] * (3 - len(outs))
+    else:
+        if s.past_k is None and s.num_heads == s.kv_num_heads:
+            k, v = s.k, s.v  # BSD or BNSH: the kernel takes both
+            if s.want_present:
+                presents = [b.Identity(s.k) if s.rank == 4 else _to_bnsh(b, s.k, s.kv_num_heads),
+                            b.Identity(s.v) if s.rank == 4 else _to_bnsh(b, s.v, s.kv_num_heads)]
+        else:
+            k_BNSH = s.k if s.rank == 4 else _to_bnsh(b, s.k, s.kv_num_heads)
+            v_BNSH = s.v if s.rank == 4 else _to_bnsh(b, s.v, s.kv_num_heads)
+            if s.past_k is not None:
+                k_BNSH = b.Concat(s.past_k, k_BNSH, axis=2)
+                v_BNSH = b.Concat(s.past_v, v_BNSH, axis=2)
+            if s.want_present:
+                presents = [k_BNSH if k_BNSH is not s.k else b.Identity(k_BNSH),
+                            v_BNSH if v_BNSH is not s.v else b.Identity(v_BNSH)]
+            k, v = _repeat_heads(b, k_BNSH, s), _repeat_heads(b, v_BNSH, s)
+        if kernel_causal:
+            attrs["unidirectional"] = 1
+        inputs = [q, k, v] + ([None, None, bias] if bias is not None else [])
+        y = b.op(MHA, *inputs, domain=MS_DOMAIN, output_types=[y_type], **attrs)
+
+    if s.rank == 4:
+        y = b.Transpose(b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape")), perm=_BNSH_FROM_BSNH)
+    if s.mask is not None:
+        y = _guard(b, s, y, bias, s.rank)
+    return [y, *presents][:len(node.outputs)]
