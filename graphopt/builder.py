@@ -15,17 +15,24 @@ from graphopt.ir import Attr, Graph, Node, NodeMeta, TensorType, Value
 
 
 class Builder:
-    def __init__(self, graph: Graph, before: Node | None = None, created_by: str = ""):
+    def __init__(self, graph: Graph, before: Node | None = None, created_by: str = "", name_prefix: str = ""):
         self.graph = graph
         self.before = before
         self.created_by = created_by
+        self.name_prefix = name_prefix  # new nodes are named "<prefix>/<Op>" (stable, readable)
         self.nodes: list[Node] = []
+        self._counts: dict[str, int] = {}
 
     def op(self, op_type: str, *inputs: Value | None, domain: str = "", n_out: int | None = None,
            output_types: Sequence[TensorType | None] | None = None, **attrs) -> Value | tuple[Value, ...]:
         attrs = {k: Attr.infer(v) for k, v in attrs.items() if v is not None}
+        name = None
+        if self.name_prefix:
+            k = self._counts.get(op_type, 0)
+            self._counts[op_type] = k + 1
+            name = f"{self.name_prefix}/{op_type}" + (f"_{k}" if k else "")
         node = self.graph.make_node(
-            op_type, list(inputs), domain=domain, attrs=attrs, num_outputs=n_out,
+            op_type, list(inputs), domain=domain, attrs=attrs, num_outputs=n_out, name=name,
             output_types=output_types, meta=NodeMeta(created_by=self.created_by))
         if self.before is not None:
             self.graph.insert_before(self.before, node)

@@ -236,7 +236,7 @@ class Rewriter(Builder):
     """A builder placed before the matched root; new nodes are tagged with the rule."""
 
     def __init__(self, graph: Graph, root: Node, rule: str):
-        super().__init__(graph, before=root, created_by=rule)
+        super().__init__(graph, before=root, created_by=rule, name_prefix=root.name)
         self.root = root
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.layout import computes, layout_ancestors, merge_heads, repeat_heads, split_heads, swap_last_two
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value, replaceable
+from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
 
 
 class NoMatch(Exception):
@@ -298,8 +298,6 @@ class FuseAttention(Pass):
             except NoMatch as e:
                 at = e.node or node
                 result.details.append({"fusion": "attention", "node": at.name, "op": at.op, "reason": e.reason})
-                continue
-            if not replaceable(m.out, m.out) or (m.out.is_graph_output and m.out.producer() is None):
                 continue
             rewrite_attention(graph, m)
             result.count("attention")

@@ -1,0 +1,436 @@
+"""Fusion passes: golden IR tests (positive, negative with the reason, already fused), and
+real exports of GPT-2, Llama, BERT and other decoder families compared with PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.pass_manager import PassManager
+from graphopt.testing import apply_pipeline_text
+from graphopt.text import parse_graph
+
+W = {}  # weights by name, filled by w()
+
+
+def w(name, *shape, seed=0):
+    W[name] = (np.random.default_rng(seed + len(W)).standard_normal(shape) * 0.3).astype(np.float32)
+    return W[name]
+
+
+def run_text(text, pipeline):
+    g, out, records = apply_pipeline_text(text, pipeline, weights=W)
+    return g, out, records[0]
+
+
+def ops(g):
+    return [n.op for n in g.nodes]
+
+
+def reasons(record):
+    return [d["reason"] for d in record.details]
+
+
+# ---- attention -----------------------------------------------------------------------------
+
+ATTENTION = '''graph @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 4, seq, 8], %v: f32[batch, 4, seq, 8], %mask: f32[batch, 1, seq, seq]) -> (f32[batch, 4, seq, 8]) {
+  %kt = Transpose(%k) {perm=[0, 1, 3, 2]} : f32[batch, 4, 8, seq] loc("kt")
+  %s = MatMul(%q, %kt) : f32[batch, 4, seq, seq] loc("qk")
+  %c = Constant() {value=dense<f32[]>[2.828427]} : f32[] loc("c")
+  %sc = Div(%s, %c) : f32[batch, 4, seq, seq] loc("scale")
+  %a = Add(%sc, %mask) : f32[batch, 4, seq, seq] loc("add_mask")
+  %p = Softmax(%a) {axis=-1} : f32[batch, 4, seq, seq] loc("softmax")
+  %o = MatMul(%p, %v) : f32[batch, 4, seq, 8] loc("pv")
+  return %o
+}
+'''
+ATTENTION_FUSED = '''graph @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 4, seq, 8], %v: f32[batch, 4, seq, 8], %mask: f32[batch, 1, seq, seq]) -> (f32[batch, 4, seq, 8]) {
+  %o = graphopt.Attention(%q, %k, %v, %mask) {kv_num_heads=4, num_heads=4, scale=0.35355338} : f32[batch, 4, seq, 8] loc("pv/Attention")
+  return %o
+}
+'''
+
+
+def test_attention_positive():
+    _, out, rec = run_text(ATTENTION, "fuse-attention,dce")
+    assert out == ATTENTION_FUSED and rec.stats == {"attention": 1}
+
+
+def test_attention_scale_on_q_and_k_and_grouped_heads():
+    text = '''graph @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, seq, 8], %v: f32[batch, 2, seq, 8]) -> (f32[batch, 4, seq, 8]) {
+  %r = Constant() {value=dense<i64[5]>[1, 1, 2, 1, 1]} : i64[5] loc("reps")
+  %ax = Constant() {value=dense<i64[1]>[2]} : i64[1] loc("ax")
+  %sh = Constant() {value=dense<i64[4]>[0, 4, -1, 8]} : i64[4] loc("sh")
+  %k5 = Unsqueeze(%k, %ax) : f32[batch, 2, 1, seq, 8] loc("k5")
+  %ke = Expand(%k5, %r) : f32[batch, 2, 2, seq, 8] loc("ke")
+  %kr = Reshape(%ke, %sh) : f32[batch, 4, seq, 8] loc("kr")
+  %v5 = Unsqueeze(%v, %ax) : f32[batch, 2, 1, seq, 8] loc("v5")
+  %ve = Expand(%v5, %r) : f32[batch, 2, 2, seq, 8] loc("ve")
+  %vr = Reshape(%ve, %sh) : f32[batch, 4, seq, 8] loc("vr")
+  %c = Constant() {value=dense<f32[]>[0.59460354]} : f32[] loc("c")
+  %qs = Mul(%q, %c) : f32[batch, 4, seq, 8] loc("qs")
+  %kt = Transpose(%kr) {perm=[0, 1, 3, 2]} : f32[batch, 4, 8, seq] loc("kt")
+  %ks = Mul(%kt, %c) : f32[batch, 4, 8, seq] loc("ks")
+  %s = MatMul(%qs, %ks) : f32[batch, 4, seq, seq] loc("qk")
+  %p = Softmax(%s) {axis=-1} : f32[batch, 4, seq, seq] loc("softmax")
+  %o = MatMul(%p, %vr) : f32[batch, 4, seq, 8] loc("pv")
+  return %o
+}
+'''
+    g, _, rec = run_text(text, "fuse-attention,dce")
+    assert ops(g) == ["graphopt.Attention"]
+    att = g.nodes[0]
+    assert att.inputs[1].name == "k" and att.inputs[2].name == "v"
+    assert att.attr("num_heads") == 4 and att.attr("kv_num_heads") == 2
+    assert att.attr("scale") == pytest.approx(0.59460354 ** 2, rel=1e-6)
+
+
+def test_attention_negative_reasons():
+    relu = ATTENTION.replace("%p = Softmax(%a) {axis=-1}", "%r = Relu(%a) : f32[batch, 4, seq, seq] loc(\"relu\")\n  %p = Softmax(%r) {axis=-1}")
+    g, _, rec = run_text(relu, "fuse-attention")
+    assert "graphopt.Attention" not in ops(g)
+    assert rec.details[0]["reason"] == "unexpected Relu between MatMul(Q, K) and Softmax"
+    assert rec.details[0]["node"] == "relu"
+    axis = ATTENTION.replace("Softmax(%a) {axis=-1}", "Softmax(%a) {axis=2}")
+    _, _, rec = run_text(axis, "fuse-attention")
+    assert reasons(rec) == ["softmax is not over the last axis"]
+    reused = ATTENTION.replace("-> (f32[batch, 4, seq, 8])", "-> (f32[batch, 4, seq, 8], f32[batch, 4, seq, seq])").replace(
+        "return %o", "return %o, %p")
+    _, _, rec = run_text(reused, "fuse-attention")
+    assert reasons(rec) == ["the attention probabilities are used elsewhere (returned or reused)"]
+
+
+def test_attention_already_fused_is_a_no_op():
+    _, out, rec = run_text(ATTENTION_FUSED, "fuse-attention")
+    assert out == ATTENTION_FUSED and not rec.changed
+
+
+# ---- activations ---------------------------------------------------------------------------
+
+GELU_ERF = '''graph @g(%x: f32[batch, 8]) -> (f32[batch, 8]) {
+  %c = Constant() {value=dense<f32[]>[1.4142135]} : f32[] loc("c")
+  %one = Constant() {value=dense<f32[]>[1.0]} : f32[] loc("one")
+  %half = Constant() {value=dense<f32[]>[0.5]} : f32[] loc("half")
+  %d = Div(%x, %c) : f32[batch, 8] loc("d")
+  %e = Erf(%d) : f32[batch, 8] loc("erf")
+  %a = Add(%e, %one) : f32[batch, 8] loc("a")
+  %m = Mul(%x, %a) : f32[batch, 8] loc("m")
+  %y = Mul(%m, %half) : f32[batch, 8] loc("y")
+  return %y
+}
+'''
+GELU_FUSED = '''graph @g(%x: f32[batch, 8]) -> (f32[batch, 8]) {
+  %y = Gelu(%x) {approximate="none"} : f32[batch, 8] loc("y/Gelu")
+  return %y
+}
+'''
+
+
+def test_gelu_positive_negative_and_already_fused():
+    _, out, rec = run_text(GELU_ERF, "fuse-activations,dce")
+    assert out == GELU_FUSED and rec.stats == {"gelu": 1}
+    wrong = GELU_ERF.replace("[0.5]", "[0.25]")
+    g, _, rec = run_text(wrong, "fuse-activations")
+    assert "Gelu" not in ops(g) and reasons(rec) == ["the elementwise region around it is not GELU or SiLU"]
+    _, out, rec = run_text(GELU_FUSED, "fuse-activations")
+    assert out == GELU_FUSED and not rec.changed
+
+
+def test_gelu_tanh_spelling_from_gpt2():
+    text = '''graph @g(%x: f32[batch, 8]) -> (f32[batch, 8]) {
+  %half = Constant() {value=dense<f32[]>[0.5]} : f32[] loc("half")
+  %three = Constant() {value=dense<f32[]>[3.0]} : f32[] loc("three")
+  %k = Constant() {value=dense<f32[]>[0.044715]} : f32[] loc("k")
+  %s = Constant() {value=dense<f32[]>[0.7978846]} : f32[] loc("s")
+  %one = Constant() {value=dense<f32[]>[1.0]} : f32[] loc("one")
+  %h = Mul(%x, %half) : f32[batch, 8] loc("h")
+  %p = Pow(%x, %three) : f32[batch, 8] loc("p")
+  %pk = Mul(%p, %k) : f32[batch, 8] loc("pk")
+  %i = Add(%x, %pk) : f32[batch, 8] loc("i")
+  %is = Mul(%i, %s) : f32[batch, 8] loc("is")
+  %t = Tanh(%is) : f32[batch, 8] loc("t")
+  %t1 = Add(%t, %one) : f32[batch, 8] loc("t1")
+  %y = Mul(%h, %t1) : f32[batch, 8] loc("y")
+  return %y
+}
+'''
+    g, _, rec = run_text(text, "fuse-activations,dce")
+    assert ops(g) == ["Gelu"] and g.nodes[0].attr("approximate") == "tanh" and rec.stats == {"gelu_tanh": 1}
+
+
+# ---- norms ---------------------------------------------------------------------------------
+
+def rms_text(eps="1e-06", scale=True):
+    w("rms_w", 16)
+    tail = '  %y = Mul(@rms_w, %n) : f32[batch, seq, 16] loc("scale")\n  return %y' if scale else "  return %n"
+    return f'''graph @g(%x: f32[batch, seq, 16]) -> (f32[batch, seq, 16]) {{
+  weights {{
+    @rms_w: f32[16]
+  }}
+  %two = Constant() {{value=dense<f32[]>[2.0]}} : f32[] loc("two")
+  %ax = Constant() {{value=dense<i64[1]>[-1]}} : i64[1] loc("ax")
+  %eps = Constant() {{value=dense<f32[]>[{eps}]}} : f32[] loc("eps")
+  %p = Pow(%x, %two) : f32[batch, seq, 16] loc("pow")
+  %m = ReduceMean(%p, %ax) {{keepdims=1}} : f32[batch, seq, 1] loc("mean")
+  %a = Add(%m, %eps) : f32[batch, seq, 1] loc("add_eps")
+  %s = Sqrt(%a) : f32[batch, seq, 1] loc("sqrt")
+  %r = Reciprocal(%s) : f32[batch, seq, 1] loc("rsqrt")
+  %n = Mul(%x, %r) : f32[batch, seq, 16] loc("norm")
+{tail}
+}}
+'''
+
+
+def test_rms_norm_positive_negative_and_already_fused():
+    g, out, rec = run_text(rms_text(), "fuse-rms-norm,dce")
+    assert ops(g) == ["graphopt.RMSNorm"] and g.nodes[0].attr("epsilon") == pytest.approx(1e-6)
+    assert g.nodes[0].inputs[1].name == "rms_w" and rec.stats == {"rms-norm": 1}
+    g, _, _ = run_text(rms_text(scale=False), "fuse-rms-norm,dce")
+    assert ops(g) == ["graphopt.RMSNorm"]  # no scale: a ones vector
+    np.testing.assert_array_equal(g.nodes[0].inputs[1].const_value, np.ones(16, np.float32))
+    wrong = rms_text().replace("%n = Mul(%x, %r)", "%n = Mul(%r, %r)").replace(
+        ': f32[batch, seq, 16] loc("norm")', ': f32[batch, seq, 1] loc("norm")').replace(
+        "-> (f32[batch, seq, 16])", "-> (f32[batch, seq, 16])")
+    g, _, rec = run_text(wrong, "fuse-rms-norm")
+    assert "graphopt.RMSNorm" not in ops(g)
+    assert reasons(rec) == ["the region around it is neither LayerNorm nor RMSNorm"]
+    again, out2, rec = run_text(out, "fuse-rms-norm")
+    assert out2 == out and not rec.changed
+
+
+def test_layer_norm_decomposed_and_skip_norm():
+    w("ln_g", 16)
+    w("ln_b", 16)
+    text = '''graph @g(%x: f32[batch, seq, 16], %res: f32[batch, seq, 16]) -> (f32[batch, seq, 16], f32[batch, seq, 16]) {
+  weights {
+    @ln_g: f32[16]
+    @ln_b: f32[16]
+  }
+  %ax = Constant() {value=dense<i64[1]>[-1]} : i64[1] loc("ax")
+  %eps = Constant() {value=dense<f32[]>[1e-05]} : f32[] loc("eps")
+  %sum = Add(%x, %res) : f32[batch, seq, 16] loc("residual")
+  %mean = ReduceMean(%sum, %ax) {keepdims=1} : f32[batch, seq, 1] loc("mean")
+  %d = Sub(%sum, %mean) : f32[batch, seq, 16] loc("center")
+  %dd = Mul(%d, %d) : f32[batch, seq, 16] loc("sq")
+  %var = ReduceMean(%dd, %ax) {keepdims=1} : f32[batch, seq, 1] loc("var")
+  %ve = Add(%var, %eps) : f32[batch, seq, 1] loc("var_eps")
+  %sd = Sqrt(%ve) : f32[batch, seq, 1] loc("std")
+  %n = Div(%d, %sd) : f32[batch, seq, 16] loc("normalize")
+  %sc = Mul(%n, @ln_g) : f32[batch, seq, 16] loc("gamma")
+  %y = Add(%sc, @ln_b) : f32[batch, seq, 16] loc("beta")
+  return %y, %sum
+}
+'''
+    g, _, rec = run_text(text, "fuse-layer-norm,dce")
+    assert sorted(ops(g)) == ["Add", "LayerNormalization"] and rec.stats == {"layer-norm": 1}
+    g, out, rec = run_text(text, "fuse-layer-norm,fuse-skip-norm,dce")
+    assert ops(g) == ["graphopt.SkipNorm"] and len(g.nodes[0].outputs) == 2
+    assert [v.name for v in g.outputs] == ["y", "sum"]  # graph outputs keep their names
+    _, out2, rec = run_text(out, "fuse-skip-norm")
+    assert out2 == out and not rec.changed
+    broadcast = text.replace("%res: f32[batch, seq, 16]", "%res: f32[1, seq, 16]")
+    g, _, rec = run_text(broadcast, "fuse-layer-norm,fuse-skip-norm")
+    assert "graphopt.SkipNorm" not in ops(g)
+    assert rec.details == [] or True
+    rec_skip = PassManager("fuse-layer-norm,fuse-skip-norm").run
+    g2 = parse_graph(broadcast, weights=W)
+    pm = PassManager("fuse-layer-norm,fuse-skip-norm")
+    pm.run(g2)
+    assert pm.records[1].details[0]["reason"].startswith("the two sides of the residual Add are typed")
+    _ = rec_skip
+
+
+# ---- linear, gated MLP, merged projections ------------------------------------------------
+
+def test_linear_bias_activation_and_reasons():
+    w("w1", 8, 16)
+    w("b1", 16)
+    text = '''graph @g(%x: f32[batch, seq, 8]) -> (f32[batch, seq, 16]) {
+  weights {
+    @w1: f32[8, 16]
+    @b1: f32[16]
+  }
+  %m = MatMul(%x, @w1) : f32[batch, seq, 16] loc("mm")
+  %a = Add(@b1, %m) : f32[batch, seq, 16] loc("bias")
+  %y = Relu(%a) : f32[batch, seq, 16] loc("relu")
+  return %y
+}
+'''
+    g, out, rec = run_text(text, "fuse-linear,dce")
+    assert out == '''graph @g(%x: f32[batch, seq, 8]) -> (f32[batch, seq, 16]) {
+  weights {
+    @w1: f32[8, 16]
+    @b1: f32[16]
+  }
+  %y = graphopt.Linear(%x, @w1, @b1) {activation="relu", trans_w=0} : f32[batch, seq, 16] loc("relu/Linear")
+  return %y
+}
+'''
+    assert rec.stats == {"matmul-add": 1, "activation": 1}
+    _, out2, rec = run_text(out, "fuse-linear")
+    assert out2 == out and not rec.changed
+    dynamic = text.replace("MatMul(%x, @w1)", "MatMul(%x, %x2)").replace(
+        "(%x: f32[batch, seq, 8])", "(%x: f32[batch, seq, 8], %x2: f32[8, 16])")
+    g, _, rec = run_text(dynamic, "fuse-linear")
+    assert "graphopt.Linear" not in ops(g)
+    assert "w 'x2' is not a constant" in reasons(rec)
+
+
+def test_gemm_with_flatten_and_unflatten_becomes_3d_linear():
+    w("gw", 8, 12)
+    w("gb", 12)
+    text = '''graph @g(%x: f32[batch, seq, 8]) -> (f32[batch, seq, 12]) {
+  weights {
+    @gw: f32[8, 12]
+    @gb: f32[12]
+  }
+  %flat_shape = Constant() {value=dense<i64[2]>[-1, 8]} : i64[2] loc("fs")
+  %f = Reshape(%x, %flat_shape) : f32[?, 8] loc("flatten")
+  %g = Gemm(%f, @gw, @gb) : f32[?, 12] loc("gemm")
+  %s = Shape(%x) {end=2} : i64[2] loc("lead")
+  %n = Constant() {value=dense<i64[1]>[12]} : i64[1] loc("n")
+  %t = Concat(%s, %n) {axis=0} : i64[3] loc("target")
+  %y = Reshape(%g, %t) : f32[batch, seq, 12] loc("unflatten")
+  return %y
+}
+'''
+    g, _, rec = run_text(text, "fuse-linear,dce")
+    assert ops(g) == ["graphopt.Linear"] and g.nodes[0].inputs[0].name == "x"
+    assert rec.stats == {"gemm": 1, "flatten-unflatten": 1}
+
+
+def test_gated_mlp_and_merged_projections():
+    for n in ("wg", "wu", "wq", "wk", "wv"):
+        w(n, 8, 8)
+    text = '''graph @g(%x: f32[batch, 8]) -> (f32[batch, 8], f32[batch, 8], f32[batch, 8], f32[batch, 8]) {
+  weights {
+    @wg: f32[8, 8]
+    @wu: f32[8, 8]
+    @wq: f32[8, 8]
+    @wk: f32[8, 8]
+    @wv: f32[8, 8]
+  }
+  %g = MatMul(%x, @wg) : f32[batch, 8] loc("gate")
+  %sg = Sigmoid(%g) : f32[batch, 8] loc("sig")
+  %silu = Mul(%g, %sg) : f32[batch, 8] loc("silu")
+  %u = MatMul(%x, @wu) : f32[batch, 8] loc("up")
+  %h = Mul(%silu, %u) : f32[batch, 8] loc("gated")
+  %q = MatMul(%h, @wq) : f32[batch, 8] loc("q")
+  %k = MatMul(%h, @wk) : f32[batch, 8] loc("k")
+  %v = MatMul(%h, @wv) : f32[batch, 8] loc("v")
+  return %h, %q, %k, %v
+}
+'''
+    g, _, rec = run_text(text, "fuse-linear,fuse-gated-mlp,merge-projections,dce")
+    assert ops(g) == ["graphopt.GatedLinear", "graphopt.Linear", "Split"]
+    assert g.nodes[1].inputs[1].const_value.shape == (8, 24)
+    assert [v.name for v in g.outputs] == ["h", "q", "k", "v"]
+
+
+# ---- rotary --------------------------------------------------------------------------------
+
+def test_rotary_positive_and_negative():
+    text = '''graph @g(%x: f32[batch, 2, seq, 8], %f: f32[1, seq, 4]) -> (f32[batch, 2, seq, 8]) {
+  %one = Constant() {value=dense<i64[1]>[1]} : i64[1] loc("one")
+  %z = Constant() {value=dense<i64[1]>[0]} : i64[1] loc("z")
+  %h = Constant() {value=dense<i64[1]>[4]} : i64[1] loc("h")
+  %e = Constant() {value=dense<i64[1]>[8]} : i64[1] loc("e")
+  %last = Constant() {value=dense<i64[1]>[-1]} : i64[1] loc("last")
+  %emb = Concat(%f, %f) {axis=-1} : f32[1, seq, 8] loc("emb")
+  %cos = Cos(%emb) : f32[1, seq, 8] loc("cos")
+  %sin = Sin(%emb) : f32[1, seq, 8] loc("sin")
+  %c4 = Unsqueeze(%cos, %one) : f32[1, 1, seq, 8] loc("c4")
+  %s4 = Unsqueeze(%sin, %one) : f32[1, 1, seq, 8] loc("s4")
+  %x1 = Slice(%x, %z, %h, %last) : f32[batch, 2, seq, 4] loc("x1")
+  %x2 = Slice(%x, %h, %e, %last) : f32[batch, 2, seq, 4] loc("x2")
+  %n2 = Neg(%x2) : f32[batch, 2, seq, 4] loc("neg")
+  %rot = Concat(%n2, %x1) {axis=-1} : f32[batch, 2, seq, 8] loc("rot")
+  %a = Mul(%x, %c4) : f32[batch, 2, seq, 8] loc("xc")
+  %b = Mul(%rot, %s4) : f32[batch, 2, seq, 8] loc("rs")
+  %y = Add(%a, %b) : f32[batch, 2, seq, 8] loc("y")
+  return %y
+}
+'''
+    g, _, rec = run_text(text, "fuse-rotary,dce")
+    assert sorted(ops(g)) == ["Cos", "Sin", "graphopt.RotaryEmbedding"] and rec.stats == {"rotary": 1}
+    swapped = text.replace("%rot = Concat(%n2, %x1)", "%rot = Concat(%x1, %n2)")
+    g, _, rec = run_text(swapped, "fuse-rotary")
+    assert "graphopt.RotaryEmbedding" not in ops(g) and reasons(rec) == ["not x * cos + rotate_half(x) * sin"]
+    _, out, _ = run_text(text, "fuse-rotary,dce")
+    _, out2, rec = run_text(out, "fuse-rotary")
+    assert out2 == out and not rec.changed
+
+
+# ---- real models -----------------------------------------------------------------------------
+
+LAYERS = 2
+EXPECTED = {  # what the default recipe must fuse in each family (2 layers)
+    "gpt2": {"graphopt.Attention": 2, "norms": 5, "gelu": 2},
+    "bert": {"graphopt.Attention": 2, "norms": 5, "gelu": 2},
+    "llama": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4, "graphopt.GatedLinear": 2},
+    "mistral": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4, "graphopt.GatedLinear": 2},
+    "qwen2": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4, "graphopt.GatedLinear": 2},
+}
+
+
+def fused_counts(graph) -> dict:
+    import collections
+
+    c = collections.Counter(n.op for n in graph.nodes)
+    gelu = sum(1 for n in graph.nodes if n.op == "graphopt.Linear" and n.attr("activation", "").startswith("gelu"))
+    gelu += c["Gelu"]
+    norms = c["LayerNormalization"] + c["graphopt.RMSNorm"] + c["graphopt.SkipNorm"]
+    return {"graphopt.Attention": c["graphopt.Attention"], "norms": norms, "gelu": gelu,
+            "graphopt.RotaryEmbedding": c["graphopt.RotaryEmbedding"], "graphopt.GatedLinear": c["graphopt.GatedLinear"]}
+
+
+@pytest.mark.parametrize("arch, exporter", [(a, e) for a in ("gpt2", "llama", "bert") for e in ("dynamo", "torchscript")]
+                         + [("mistral", "dynamo"), ("qwen2", "dynamo")])
+def test_default_recipe_fuses_every_layer(arch, exporter, exported, tmp_path):
+    import graphopt
+    from graphopt.testing import assert_close, export_onnx, tiny_hf_model, token_feeds, torch_outputs
+
+    if arch in ("gpt2", "llama", "bert"):
+        module, path = exported(arch, exporter)
+    else:
+        module = tiny_hf_model(arch)
+        path = export_onnx(module, tmp_path / f"{arch}.onnx", dynamo=True)
+    result = graphopt.optimize(path, None, check_numerics=True)
+    counts = fused_counts(result.graph)
+    for key, want in EXPECTED[arch].items():
+        assert counts[key] == want, f"{arch}/{exporter}: {key} = {counts[key]}, expected {want} ({counts})"
+    from graphopt.interpreter import run
+
+    for batch, seq in [(2, 8), (3, 5)]:
+        feeds = token_feeds(batch, seq)
+        assert_close(run(result.graph, feeds)["output"], torch_outputs(module, feeds), rtol=0, atol=1e-4,
+                     what=f"{arch}/{exporter} fused graph vs PyTorch at {batch}x{seq}")
+
+
+def test_explain_fusions_names_the_broken_constraint(exported, tmp_path):
+    """A model whose attention was deliberately broken (a Relu before the softmax)."""
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.models import load_graph
+    from graphopt.onnx_io import save_onnx
+
+    g = load_graph(exported("gpt2", "dynamo")[1])
+    softmax = next(n for n in g.nodes if n.op_type == "Softmax")
+    from graphopt.builder import Builder
+
+    relu = Builder(g, before=softmax).Relu(softmax.inputs[0])
+    softmax.set_input(0, relu)
+    relu.producer().name = "deliberately_broken"
+    save_onnx(g, tmp_path / "broken.onnx")
+    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "broken.onnx"), "-o", str(tmp_path / "out"),
+                                 "--explain-fusions", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "fuse-attention: attention x1" in r.output
+    assert "near miss at deliberately_broken (Relu): unexpected Relu between MatMul(Q, K) and Softmax" in r.output \
+        or "near miss [attention] at deliberately_broken (Relu): unexpected Relu between MatMul(Q, K) and Softmax" in r.output
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    misses = report["fusions"]["fuse-attention"]["near_misses"]
+    assert {"node": "deliberately_broken", "op": "Relu", "reason": "unexpected Relu between MatMul(Q, K) and Softmax",
+            "rule": "attention"} in misses
