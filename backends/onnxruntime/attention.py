@@ -135,8 +135,8 @@ def why_not_mha(ctx: LoweringContext, s: Site) -> str | None:
         return f"no {ctx.target} kernel for {s.dtype.short}"
     if s.softcap:
         return "no softcap"
-    if s.num_heads != s.kv_num_heads and not isinstance(s.head, int):
-        return "repeating grouped K/V heads needs a static head size"
+    if s.num_heads != s.kv_num_heads and not (isinstance(s.head, int) and isinstance(s.v_head, int)):
+        return "repeating grouped K/V heads needs static head sizes"
     if s.mask is not None and (why := why_not_bias(s)):
         return why
     return None
@@ -182,13 +182,13 @@ def _to_bnsh(b: Builder, t_BSD: Value, heads: int) -> Value:
     return b.Transpose(b.Reshape(t_BSD, b.const(_i64(0, 0, heads, -1), "bsnh_shape")), perm=_BNSH_FROM_BSNH)
 
 
-def _repeat_heads(b: Builder, t_BNSH: Value, s: Site) -> Value:
+def _repeat_heads(b: Builder, t_BNSH: Value, s: Site, head: int) -> Value:
     """(B, Nkv, T, H) -> (B, Nq, T, H), each head next to its copies (as graphopt's reference)."""
     if s.num_heads == s.kv_num_heads:
         return t_BNSH
     tiled = b.Expand(b.Unsqueeze(t_BNSH, b.const(_i64(2), "group_axis")),
                      b.const(_i64(1, 1, s.num_heads // s.kv_num_heads, 1, 1), "group_reps"))
-    return b.Reshape(tiled, b.const(_i64(0, s.num_heads, -1, s.head), "heads_shape"))
+    return b.Reshape(tiled, b.const(_i64(0, s.num_heads, -1, head), "heads_shape"))
 
 
 def _seq_of(s: Site, t: Value) -> int:
@@ -207,7 +207,7 @@ def _bias(ctx: LoweringContext, b: Builder, s: Site, explicit_causal: bool) -> V
         if m.type.dtype is DType.BOOL:
             bias = b.Where(m, zero, neg_inf)
         elif m.type.dtype is not dt:
-            bias = b.Cast(m, to=dt.onnx_type)
+            bias = _cast_mask(b, m, dt)
         else:
             bias = m
         rank = m.type.rank
@@ -238,6 +238,18 @@ def _bias(ctx: LoweringContext, b: Builder, s: Site, explicit_causal: bool) -> V
         else:
             bias = b.Add(bias, causal)
     return bias
+
+
+def _cast_mask(b: Builder, m: Value, dt: DType) -> Value:
+    """The mask in the query's type. A wider float mask is saturated first (-inf stays -inf):
+    an overflowing Cast is not even seen consistently, since ORT on CPU drops the float32 ->
+    float16 -> float32 Cast pair it makes around the guard's ReduceMax, so the guard would see
+    float32's lowest where the kernel sees -inf (and gives NaN)."""
+    src = m.type.dtype
+    if src.is_float and src.itemsize > dt.itemsize:
+        lowest = b.const(np.array(np.finfo(dt.np_dtype).min, src.np_dtype), "lowest")
+        m = b.Where(b.IsInf(m), m, b.Max(m, lowest))
+    return b.Cast(m, to=dt.onnx_type)
 
 
 def _guard(b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
@@ -309,7 +321,9 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
             if s.want_present:
                 presents = [k_BNSH if k_BNSH is not s.k else b.Identity(k_BNSH),
                             v_BNSH if v_BNSH is not s.v else b.Identity(v_BNSH)]
-            k, v = _repeat_heads(b, k_BNSH, s), _repeat_heads(b, v_BNSH, s)
+            k, v = _repeat_heads(b, k_BNSH, s, s.head), _repeat_heads(b, v_BNSH, s, s.v_head)
+            if s.v_head != s.head:  # BNSH key/value must have one shape; BSD ones need not
+                k, v = _to_bsd(b, k), _to_bsd(b, v)
         if kernel_causal:
             attrs["unidirectional"] = 1
         inputs = [q, k, v] + ([None, None, bias] if bias is not None else [])

@@ -72,12 +72,28 @@ def available_providers() -> list[str]:
 
 
 def has_kernel(target: str, domain: str, op: str, dtype: DType) -> bool:
-    """True when `target` runs `domain.op` on tensors of `dtype`."""
+    """True when `target` runs `domain.op` on tensors of `dtype`: the provider registers a
+    kernel for it and the op's schema admits the type (the CPU provider registers float64
+    SkipLayerNormalization kernels that the schema then refuses to load)."""
+    if not schema_allows(domain, op, dtype):
+        return False
     provider = _PROVIDERS[target]
-    registered = _registered()
     if target == "cpu" or provider in available_providers():
-        return dtype in registered.get((provider, domain, op), frozenset())
+        return dtype in _registered().get((provider, domain, op), frozenset())
     return dtype in CUDA_KERNELS.get((domain, op), frozenset())
+
+
+def schema_allows(domain: str, op: str, dtype: DType) -> bool:
+    """True when the schema's main type constraint ("T", else "T1") admits `dtype`."""
+    s = _schema(domain, op)
+    if s is None:
+        return False
+    constraints = {t.type_param_str: list(t.allowed_type_strs) for t in s.type_constraints}
+    allowed = constraints.get("T", constraints.get("T1"))
+    if allowed is None:
+        return True
+    shorts = {_ORT_TYPE_SHORT.get(t[7:-1]) for t in allowed if t.startswith("tensor(")}
+    return dtype.short in shorts
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,11 +37,6 @@ def _const(v: Value | None) -> np.ndarray | None:
     return None if v is None else constant_value(v)
 
 
-# Kernels whose float64 variant computes in float32 (SimplifiedLayerNormalization's U is
-# float): graphopt normalizes float64 in float64, so these decline float64.
-_NO_F64 = "float64 is normalized in float32 by this kernel"
-
-
 # --------------------------------------------------------------------------------------
 # Norms
 
@@ -50,17 +45,16 @@ _NO_F64 = "float64 is normalized in float32 by this kernel"
 def lower_rms_norm(ctx: LoweringContext, b: Builder, node: Node):
     x, scale = node.inputs
     dt = x.type.dtype
-    if dt is DType.FLOAT64:
-        return _NO_F64
     if not ctx.has_kernel("", "SimplifiedLayerNormalization", dt):
         return f"no {ctx.target} kernel for {dt.short}"
     xs, ss = _shape(x), _shape(scale)
     if xs is None or ss is None:
         return "the input ranks are unknown"
     axis = node.attr("axis", -1) % len(xs)
-    # The kernel wants the scale to cover exactly the normalized dimensions.
-    if len(ss) != len(xs) - axis or not all(same_dim(a, c) for a, c in zip(xs[axis:], ss)):
-        return f"scale {list(ss)} is not the normalized shape {list(xs[axis:])}"
+    # The kernel broadcasts the scale as numpy does (checked in tests/test_ort_lowering.py,
+    # (16,), (5, 1), (1, 16) and () against a (2, 5, 16) input normalized over 2 axes).
+    if len(ss) > len(xs):
+        return f"scale {list(ss)} has a higher rank than X {list(xs)}"
     y = b.op("SimplifiedLayerNormalization", x, scale, output_types=[x.type], axis=axis,
              epsilon=float(node.attr("epsilon", 1e-5)), stash_type=1)
     return [y]
@@ -73,8 +67,6 @@ def lower_skip_norm(ctx: LoweringContext, b: Builder, node: Node):
     dt = x.type.dtype
     rms = node.attr("norm", "layer") == "rms"
     op = "SkipSimplifiedLayerNormalization" if rms else "SkipLayerNormalization"
-    if rms and dt is DType.FLOAT64:
-        return _NO_F64
     if not ctx.has_kernel(MS_DOMAIN, op, dt):
         return f"no {ctx.target} {op} kernel for {dt.short}"
     xs, ks = _shape(x), _shape(skip)

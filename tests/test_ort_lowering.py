@@ -1,0 +1,582 @@
+"""The ONNX Runtime lowering, op by op and on whole models.
+
+For every case below a one-node graph (static, and again with symbolic batch/sequence
+dimensions) is saved by the backend, the saved `model.onnx` must hold exactly the kernel the
+case names (op type and domain; or no kernel, where the rule must decline and decompose),
+and ORT, run the way users run it (CPU, default graph optimizations), must give the graphopt
+reference interpreter's outputs on the unlowered graph within the per-type tolerance.
+
+The declines are not guesses: `test_kernel_really_rejects` builds each refused kernel
+directly and shows ORT failing (or, worse, silently computing something else). CUDA rules
+are checked for the nodes they build (no GPU here); whole GPT-2, Llama, BERT (and Qwen2)
+models are checked through `graphopt.optimize`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from graphopt.backends import onnxruntime as ort_backend
+from graphopt.backends.onnxruntime.lowering import LoweringReport
+from graphopt.dtypes import DType
+from graphopt.interpreter import run
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
+from graphopt.onnx_io import to_onnx_model
+from graphopt.testing import TOLERANCES, run_ort
+
+GQA, MHA = "com.microsoft.GroupQueryAttention", "com.microsoft.MultiHeadAttention"
+DECOMPOSED = None  # the rule declines: no ORT kernel, only core ops
+F32_MIN = np.finfo(np.float32).min
+
+
+@dataclasses.dataclass
+class Case:
+    """One configuration of one op. `inputs` follow the op's input order: (name, array,
+    symbolic dims or None, is_constant) or None for an omitted optional input. `kernel` is
+    the ORT op (or tuple of ops) the saved model must hold, once each (DECOMPOSED: none);
+    `dynamic_kernel` the same with symbolic dimensions, where that differs."""
+
+    id: str
+    op: str
+    inputs: list
+    attrs: dict
+    n_out: int
+    kernel: str | None
+    dynamic_kernel: object = "same"
+    also_decomposed: bool = False  # the op itself decomposes, into ops that lower to `kernel`
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {i[0]: i[1] for i in self.inputs if i is not None and not i[3]}
+
+    def reference(self) -> dict[str, np.ndarray]:
+        """The reference interpreter's outputs on the unlowered one-node graph."""
+        case = self
+        if self.op == "Attention" and self.attrs.get("causal") and len(self.inputs) > 3 and self.inputs[3]:
+            # ONNX's reference kernel (onnx 1.23) builds the causal mask from the mask's own
+            # query length, wrongly for a mask that broadcasts along the query axis
+            # ((B, 1, 1, T)); the same mask broadcast to (B, 1, S, T) means the same thing.
+            name, m, dims, const = self.inputs[3]
+            sq = self.inputs[0][1].shape[-2 if self.inputs[0][1].ndim == 4 else 1]
+            if m.ndim >= 2 and m.shape[-2] == 1 and sq > 1:
+                m = np.broadcast_to(m, m.shape[:-2] + (sq, m.shape[-1])).copy()
+                case = dataclasses.replace(self, inputs=self.inputs[:3] + [(name, m, None, const)] + self.inputs[4:])
+        return run(one_node_graph(case), case.feeds())
+
+
+def _rng(seed: str) -> np.random.Generator:
+    return np.random.default_rng(sum(map(ord, seed)))
+
+
+def one_node_graph(case: Case, *, dynamic: bool = False) -> Graph:
+    g = Graph(case.id)
+    vals = []
+    for spec in case.inputs:
+        if spec is None:
+            vals.append(None)
+            continue
+        name, a, dims, const = spec
+        if const:
+            vals.append(g.add_initializer(name, a))
+            continue
+        shape = tuple(s if dynamic and s else d for d, s in zip(a.shape, dims or (None,) * a.ndim))
+        vals.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
+    node = g.make_node(case.op, vals, domain=GRAPHOPT_DOMAIN, attrs=case.attrs, num_outputs=case.n_out,
+                       name=f"{case.op.lower()}_site")
+    g.append(node)
+    g.outputs = list(node.outputs)
+    return g
+
+
+def ops_in(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+
+
+def lower_save_run(g: Graph, feeds: dict, tmp_path, target: str = "cpu"):
+    """Save through the backend; returns (saved model, manifest fields, ORT outputs)."""
+    fields = ort_backend.save(g, tmp_path, target, {})
+    model = onnx.load(str(tmp_path / fields["model"]))
+    outs = run_ort(tmp_path / fields["model"], feeds, optimize=True) if target == "cpu" else None
+    return model, fields, outs
+
+
+def assert_matches_reference(got: dict, want: dict, what: str) -> None:
+    assert list(got) == list(want), what
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{what} {name}: {g.dtype}{g.shape} vs {w.dtype}{w.shape}"
+        assert not np.isnan(g).any() or np.isnan(w).any(), f"{what} {name}: NaN where the reference has none"
+        rtol, atol = TOLERANCES[DType.from_numpy(w.dtype)]
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=rtol, atol=atol,
+                                   err_msg=f"{what}: {name}")
+
+
+# --------------------------------------------------------------------------------------
+# Attention cases
+
+
+def attention_case(id, kernel, *, b=2, nq=4, nkv=None, sq=5, skv=None, past=0, h=8, hv=None, rank=3,
+                   mask=None, mask_shape=None, present=False, dtype=np.float32, dynamic_kernel="same",
+                   **attrs) -> Case:
+    """mask: None; "hf" (float, causal + left padding of row 0 with float32's lowest, as
+    transformers builds it); "bool" (random, every row attends key 0); "bool_row" (query row
+    1 attends nothing); "neg_inf" (float with -inf entries and a fully masked row); "int64";
+    "left_pad" (bool, the first keys of batch 0 masked); "wide" (float32 for a float16
+    query); or another float type's name. mask_shape defaults to (b, 1, sq, past + skv)."""
+    nkv, skv, hv = nkv or nq, skv or sq, hv or h
+    rng = _rng(id)
+    total = past + skv
+
+    def rand(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    if rank == 4:
+        inputs = [("Q", rand(b, nq, sq, h), ("batch", None, "seq", None), False),
+                  ("K", rand(b, nkv, skv, h), ("batch", None, "kv_seq", None), False),
+                  ("V", rand(b, nkv, skv, hv), ("batch", None, "kv_seq", None), False)]
+    else:
+        attrs.setdefault("num_heads", nq)
+        if nkv != nq:
+            attrs.setdefault("kv_num_heads", nkv)
+        inputs = [("Q", rand(b, sq, nq * h), ("batch", "seq", None), False),
+                  ("K", rand(b, skv, nkv * h), ("batch", "kv_seq", None), False),
+                  ("V", rand(b, skv, nkv * hv), ("batch", "kv_seq", None), False)]
+    if skv == sq:  # self-attention: one sequence symbol
+        for i in (1, 2):
+            inputs[i] = inputs[i][:2] + (tuple("seq" if d == "kv_seq" else d for d in inputs[i][2]), False)
+    mshape = mask_shape or (b, 1, sq, total)
+    sym = {sq: "seq", total: "total_seq" if total != sq else "seq", b: "batch"}
+    mdims = tuple(sym.get(d) if d > 1 and (len(mshape) - i <= 2 or (i == 0 and len(mshape) == 4)) else None
+                  for i, d in enumerate(mshape))
+    if mask is None:
+        inputs.append(None)
+    else:
+        if mask.startswith("hf"):  # "hf" in float32, "hf_float16" in float16
+            mdt = np.dtype(mask[3:] or "float32")
+            lowest = np.finfo(mdt).min
+            i, j = np.arange(sq)[:, None], np.arange(total)[None, :]
+            m = np.where(j > i + past, lowest, 0).astype(mdt) * np.ones(mshape, mdt)
+            m[0, ..., : max(1, total // 3)] = lowest
+        elif mask.startswith("bool"):
+            m = rng.random(mshape) < 0.7
+            m[..., 0] = True
+            if mask == "bool_row":
+                m[..., 1, :] = False
+        elif mask == "neg_inf":
+            m = rand(*mshape).astype(np.float32)
+            m[rng.random(mshape) < 0.3] = -np.inf
+            m[..., 0] = 0.0
+            m[..., 1, :] = -np.inf
+        elif mask == "left_pad":  # bool padding mask, batch 0 padded on the left
+            m = np.ones(mshape, bool)
+            m[0, ..., : max(1, total // 3)] = False
+        elif mask == "wide":  # float32 for a float16 query: -inf, float32's lowest, a -inf row
+            m = rand(*mshape).astype(np.float32)
+            m[rng.random(mshape) < 0.2] = F32_MIN
+            m[rng.random(mshape) < 0.1] = -np.inf
+            m[..., 0] = 0.0
+            m[..., 1, :] = -np.inf
+        elif mask == "int64":
+            m = rng.integers(-2, 3, mshape)
+        else:
+            m = rand(*mshape).astype(mask)
+        inputs.append(("attn_mask", m, mdims, False))
+    if past:
+        inputs += [("past_key", rand(b, nkv, past, h), ("batch", None, "past_seq", None), False),
+                   ("past_value", rand(b, nkv, past, hv), ("batch", None, "past_seq", None), False)]
+    while inputs[-1] is None:
+        inputs.pop()
+    return Case(id, "Attention", inputs, attrs, 3 if present else 1, kernel, dynamic_kernel)
+
+
+ATTENTION_CASES = [
+    attention_case("bsd_plain", GQA),
+    attention_case("bsd_hf_mask", GQA, mask="hf"),
+    attention_case("bnsh_hf_mask", GQA, rank=4, mask="hf"),
+    attention_case("bsd_gqa_hf_mask", GQA, nkv=2, mask="hf"),
+    attention_case("bnsh_gqa_causal", GQA, rank=4, nkv=2, causal=1),
+    attention_case("bsd_mqa_causal", GQA, nkv=1, causal=1),
+    attention_case("bsd_padding_mask_b11t", GQA, mask="bool", mask_shape=(2, 1, 1, 5)),
+    attention_case("bsd_causal_padding_mask_b11t", GQA, mask="bool", mask_shape=(2, 1, 1, 5), causal=1),
+    # left padding + causal masks the padded query rows entirely, though neither mask alone does
+    attention_case("bsd_causal_left_padding", GQA, mask="left_pad", mask_shape=(2, 1, 1, 5), causal=1),
+    attention_case("bnsh_cross_causal_left_padding", MHA, rank=4, sq=3, past=3, mask="left_pad",
+                   mask_shape=(2, 1, 1, 6), causal=1),
+    attention_case("bsd_bool_fully_masked_row", GQA, mask="bool_row"),
+    attention_case("bsd_neg_inf_per_head_mask", GQA, mask="neg_inf", mask_shape=(2, 4, 5, 5)),
+    attention_case("bnsh_neg_inf_per_head_mask", GQA, rank=4, mask="neg_inf", mask_shape=(2, 4, 5, 5)),
+    attention_case("bsd_mask_2d", GQA, mask="float32", mask_shape=(5, 5)),
+    attention_case("bsd_mask_3d_heads", GQA, mask="float32", mask_shape=(4, 5, 5)),
+    attention_case("bsd_int_mask", GQA, mask="int64"),
+    attention_case("bsd_f16_mask_f32_query", GQA, mask="float16", causal=1),
+    attention_case("bsd_scale", GQA, scale=0.3),
+    attention_case("bsd_softcap_causal", GQA, softcap=1.5, causal=1),
+    attention_case("bsd_default_kv_heads", GQA, kv_num_heads=0),
+    attention_case("bnsh_present_no_past", GQA, rank=4, nkv=2, present=True, causal=1),
+    # With symbolic dimensions a step over a past may be a batched multi-token one (which GQA
+    # refuses on CPU): the rule must take MHA there.
+    attention_case("bsd_decode_step", GQA, sq=1, nkv=2, past=6, present=True, causal=1, dynamic_kernel=MHA),
+    attention_case("bsd_decode_step_hf_mask", GQA, sq=1, past=6, mask="hf", present=True, dynamic_kernel=MHA),
+    # GQA refuses a multi-token step over a batched cache: with batch 1 it runs it, with a
+    # symbolic batch the rule cannot know, so MHA.
+    attention_case("bsd_prefill_past_batch1", GQA, b=1, sq=3, past=4, nkv=2, present=True, causal=1,
+                   dynamic_kernel=MHA),
+    attention_case("bsd_prefill_past_batch2", MHA, sq=3, past=4, present=True, causal=1),
+    attention_case("bnsh_prefill_past_gqa_mask", MHA, rank=4, sq=3, past=4, nkv=2, mask="hf", present=True),
+    attention_case("bsd_cross_mask", MHA, sq=3, skv=6, mask="hf"),
+    attention_case("bsd_cross_causal_q_longer", MHA, sq=6, skv=4, causal=1),
+    attention_case("bnsh_cross_gqa", MHA, rank=4, nkv=2, sq=3, skv=6),
+    attention_case("bsd_head_6", MHA, h=6, mask="hf"),
+    attention_case("bnsh_head_6_present", MHA, rank=4, h=6, present=True, causal=1),
+    attention_case("bsd_v_head_differs", MHA, nkv=2, hv=16),
+    # (rows masked by float16's lowest everywhere are left out: float16 arithmetic in the
+    # reference and float32 in the kernel give them different, equally arbitrary, weights)
+    attention_case("bsd_f16", GQA, mask="bool_row", causal=1, dtype=np.float16),
+    attention_case("bsd_f32_mask_f16_query", GQA, mask="wide", dtype=np.float16),
+    # MHA has no softcap, GQA no cross-attention; MHA has no float16 kernel on CPU.
+    attention_case("bsd_softcap_cross", DECOMPOSED, sq=3, skv=6, softcap=2.0),
+    attention_case("bsd_f16_cross", DECOMPOSED, sq=3, skv=6, dtype=np.float16),
+]
+
+
+# --------------------------------------------------------------------------------------
+# Norm, rotary and Linear cases
+
+
+def _f(rng, *shape, dtype=np.float32, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def rms_case(id, kernel, *, shape=(2, 5, 16), axis=-1, scale_shape=None, dtype=np.float32, **kw) -> Case:
+    rng = _rng(id)
+    scale_shape = scale_shape if scale_shape is not None else shape[axis % len(shape):]
+    dims = ("batch", "seq", None, None)[:len(shape) - 1] + (None,)
+    return Case(id, "RMSNorm", [("X", _f(rng, *shape, dtype=dtype, scale=3.0), dims, False),
+                                ("scale", rng.uniform(0.5, 1.5, scale_shape).astype(dtype), None, True)],
+                {"axis": axis, "epsilon": 1e-6}, 1, kernel, **kw)
+
+
+SLN, SKIP_LN, SKIP_SLN = "SimplifiedLayerNormalization", "com.microsoft.SkipLayerNormalization", \
+    "com.microsoft.SkipSimplifiedLayerNormalization"
+
+RMS_CASES = [
+    rms_case("rms_last", SLN),
+    rms_case("rms_2d", SLN, shape=(6, 16)),
+    rms_case("rms_axis_minus2_full_scale", SLN, axis=-2),
+    rms_case("rms_f16", SLN, dtype=np.float16),
+    rms_case("rms_f64", SLN, dtype=np.float64),
+    # the kernel broadcasts the scale as numpy does
+    rms_case("rms_axis_minus2_vector_scale", SLN, axis=-2, scale_shape=(16,)),
+    rms_case("rms_axis_minus2_column_scale", SLN, axis=-2, scale_shape=(5, 1)),
+    rms_case("rms_scalar_scale", SLN, scale_shape=()),
+]
+
+
+def skip_case(id, kernel, *, norm="layer", shape=(2, 5, 16), skip_shape=None, beta=True, bias=True, n_out=2,
+              dtype=np.float32, **kw) -> Case:
+    rng = _rng(id)
+    d = shape[-1]
+    skip_shape = skip_shape or shape
+    dims = ("batch", "seq", None, None)[:len(shape) - 1] + (None,)
+    sdims = dims if skip_shape == shape else None
+    inputs = [("X", _f(rng, *shape, dtype=dtype), dims, False), ("skip", _f(rng, *skip_shape, dtype=dtype), sdims, False),
+              ("gamma", _f(rng, d, dtype=dtype), None, True),
+              ("beta", _f(rng, d, dtype=dtype), None, True) if beta else None,
+              ("bias", _f(rng, d, dtype=dtype), None, True) if bias else None]
+    while inputs[-1] is None:
+        inputs.pop()
+    return Case(id, "SkipNorm", inputs, {"norm": norm, "epsilon": 1e-5}, n_out, kernel, **kw)
+
+
+SKIP_CASES = [
+    skip_case("layer_beta_bias_sum", SKIP_LN),
+    skip_case("layer_plain", SKIP_LN, beta=False, bias=False, n_out=1),
+    # (with a symbolic seq in X, the rule cannot prove that skip's 5 is X's seq)
+    skip_case("layer_skip_1sd", SKIP_LN, skip_shape=(1, 5, 16), dynamic_kernel=DECOMPOSED),
+    skip_case("layer_skip_sd", SKIP_LN, skip_shape=(5, 16), dynamic_kernel=DECOMPOSED),
+    skip_case("layer_2d", SKIP_LN, shape=(6, 16)),
+    skip_case("layer_f16", SKIP_LN, dtype=np.float16),
+    skip_case("rms_beta_bias_sum", SKIP_SLN, norm="rms"),
+    skip_case("rms_plain", SKIP_SLN, norm="rms", beta=False, bias=False),
+    skip_case("rms_f16", SKIP_SLN, norm="rms", beta=False, dtype=np.float16),
+    # the kernels take rank 2 or 3 only, and (per their schema) no float64
+    skip_case("layer_4d", DECOMPOSED, shape=(2, 3, 5, 16)),
+    skip_case("layer_f64", DECOMPOSED, dtype=np.float64),
+    # ... but its decomposition's RMSNorm has a float64 kernel
+    skip_case("rms_f64", SLN, norm="rms", dtype=np.float64, also_decomposed=True),
+]
+
+
+def rope_case(id, kernel, *, rank=4, positions=True, interleaved=0, rot=0, b=2, n=2, s=5, h=16,
+              cache_batch=None, dtype=np.float32) -> Case:
+    rng = _rng(id)
+    half = (rot or h) // 2
+    attrs = {"interleaved": interleaved}
+    if rot:
+        attrs["rotary_embedding_dim"] = rot
+    if rank == 4:
+        x = ("input", _f(rng, b, n, s, h, dtype=dtype), ("batch", None, "seq", None), False)
+    else:
+        attrs["num_heads"] = n
+        x = ("input", _f(rng, b, s, n * h, dtype=dtype), ("batch", "seq", None), False)
+    if positions:
+        angles = np.arange(16)[:, None] * (0.9 ** np.arange(half))[None, :]
+        extra = [("position_ids", rng.integers(0, 16, (b, s)).astype(np.int64), ("batch", "seq"), False)]
+        cdims = None
+    else:
+        cb = cache_batch or b
+        angles = rng.uniform(0, 6.3, (cb, s, half))
+        extra = []
+        cdims = ("batch" if cb == b else None, "seq", None)
+    caches = [("cos_cache", np.cos(angles).astype(dtype), cdims, False),
+              ("sin_cache", np.sin(angles).astype(dtype), cdims, False)]
+    return Case(id, "RotaryEmbedding", [x, *caches, *extra], attrs, 1, kernel)
+
+
+ROPE = "com.microsoft.RotaryEmbedding"
+ROPE_CASES = [
+    rope_case(f"rank{rank}_{'pos' if pos else 'percache'}_il{il}_{'partial' if rot else 'full'}", ROPE,
+              rank=rank, positions=pos, interleaved=il, rot=rot)
+    for rank in (4, 3) for pos in (True, False) for il in (0, 1) for rot in (0, 8)
+] + [
+    rope_case("percache_batch1_broadcast", ROPE, positions=False, cache_batch=1),
+    rope_case("f16", ROPE, rank=3, dtype=np.float16),
+    rope_case("f64", DECOMPOSED, dtype=np.float64),
+]
+
+
+def linear_case(id, kernel, *, act="", trans_w=0, bias=True, weight="private", dtype=np.float32) -> Case:
+    """weight: "private" (a constant only this node reads), "input" (a graph input)."""
+    rng = _rng(id)
+    w = _f(rng, 16, 12, dtype=dtype)
+    if trans_w:
+        w = np.ascontiguousarray(w.T)
+    inputs = [("X", _f(rng, 2, 5, 16, dtype=dtype, scale=2.0), ("batch", "seq", None), False),
+              ("W", w, None, weight != "input"),
+              ("B", _f(rng, 12, dtype=dtype), None, True) if bias else None]
+    while inputs[-1] is None:
+        inputs.pop()
+    return Case(id, "Linear", inputs, {"activation": act, "trans_w": trans_w}, 1, kernel)
+
+
+LINEAR_CASES = [
+    linear_case("plain", DECOMPOSED),
+    linear_case("relu", DECOMPOSED, act="relu"),
+    linear_case("silu", DECOMPOSED, act="silu"),
+    linear_case("gelu_bias", "com.microsoft.BiasGelu", act="gelu"),
+    linear_case("gelu_no_bias", DECOMPOSED, act="gelu", bias=False),
+    linear_case("gelu_tanh_bias", "com.microsoft.FastGelu", act="gelu_tanh"),
+    linear_case("gelu_tanh_no_bias", "com.microsoft.FastGelu", act="gelu_tanh", bias=False),
+    linear_case("trans_w_private_weight", DECOMPOSED, trans_w=1),
+    linear_case("trans_w_input_weight", "com.microsoft.FusedMatMul", trans_w=1, weight="input"),
+    linear_case("trans_w_input_weight_gelu_tanh", ("com.microsoft.FusedMatMul", "com.microsoft.FastGelu"),
+                trans_w=1, weight="input", act="gelu_tanh"),
+]
+
+GATED_CASES = [
+    Case("swiglu", "GatedLinear", [("X", _f(_rng("g"), 2, 5, 16), ("batch", "seq", None), False),
+                                   ("W_gate", _f(_rng("wg"), 16, 12), None, True),
+                                   ("W_up", _f(_rng("wu"), 16, 12), None, True)], {"activation": "silu"}, 1,
+         DECOMPOSED),
+]
+
+ALL_CASES = ATTENTION_CASES + RMS_CASES + SKIP_CASES + ROPE_CASES + LINEAR_CASES + GATED_CASES
+
+
+# --------------------------------------------------------------------------------------
+# Each case: the named kernel in model.onnx, ORT's outputs equal to the reference
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"{c.op}-{c.id}")
+def test_lowering_emits_the_kernel_and_matches_the_reference(case, dynamic, tmp_path):
+    g = one_node_graph(case, dynamic=dynamic)
+    feeds = case.feeds()
+    want = case.reference()
+    model, fields, got = lower_save_run(g, feeds, tmp_path)
+
+    kernel = case.dynamic_kernel if dynamic and case.dynamic_kernel != "same" else case.kernel
+    ops = ops_in(model)
+    foreign = {op: n for op, n in ops.items() if op.startswith("com.microsoft.") or op == SLN}
+    lowering = fields["lowering"]
+    if kernel is DECOMPOSED:
+        assert not foreign, f"expected no ORT kernel, got {foreign}"
+    else:
+        kernels = set(kernel) if isinstance(kernel, tuple) else {kernel}
+        assert foreign == dict.fromkeys(kernels, 1), f"expected one each of {kernels}, got {dict(ops)}"
+        assert bool(lowering["decomposed"]) == case.also_decomposed, lowering
+    assert not any(op.startswith("graphopt.") for op in ops)
+    if case.op == "Linear" and case.inputs[1][3] and case.attrs["trans_w"]:
+        # a weight only this node reads is stored transposed: no Transpose, no second copy
+        assert "Transpose" not in ops and len(model.graph.initializer) == len(g.initializers)
+    assert_matches_reference(got, want, f"{case.id} in ORT")
+
+
+def test_lowering_declines_with_reasons_in_the_manifest(tmp_path):
+    case = next(c for c in ATTENTION_CASES if c.id == "bsd_softcap_cross")
+    fields = ort_backend.save(one_node_graph(case), tmp_path, "cpu", {})
+    reasons = fields["lowering"]["decomposed"]["graphopt.Attention"]
+    assert list(reasons) == ["GroupQueryAttention: query length 3 and key length 6 are not provably equal; "
+                             "MultiHeadAttention: no softcap"]
+    case = next(c for c in SKIP_CASES if c.id == "layer_4d")
+    report = LoweringReport()
+    ort_backend.lower(one_node_graph(case), "cpu", report)
+    assert report.to_json() == {"kernels": {}, "decomposed": {"graphopt.SkipNorm": {"the input must have rank 2 or 3": 1}}}
+
+
+def test_shared_shape_values_and_several_sites(tmp_path):
+    """Two attention sites and two rotary sites share one graph; the lowered graph keeps the
+    graph outputs' names and ORT gives the reference's results."""
+    case = next(c for c in ATTENTION_CASES if c.id == "bsd_gqa_hf_mask")
+    g = one_node_graph(case, dynamic=True)
+    first = g.nodes[0]
+    second = g.make_node("Attention", [first.outputs[0], first.inputs[1], first.inputs[2], first.inputs[3]],
+                         domain=GRAPHOPT_DOMAIN, attrs=case.attrs)
+    g.append(second)
+    g.outputs = [first.outputs[0], second.outputs[0]]
+    feeds = case.feeds()
+    want = run(g, feeds)
+    model, fields, got = lower_save_run(g, feeds, tmp_path)
+    assert ops_in(model)[GQA] == 2
+    assert [o.name for o in model.graph.output] == [v.name for v in g.outputs]
+    assert_matches_reference(got, want, "two sites")
+
+
+# --------------------------------------------------------------------------------------
+# What the rules decline, ORT really refuses (or gets wrong)
+
+
+def _model(op, inputs, n_out=1, domain="com.microsoft", **attrs):
+    names, infos, feeds = [], [], {}
+    for i, a in enumerate(inputs):
+        if a is None:
+            names.append("")
+            continue
+        names.append(f"in{i}")
+        infos.append(helper.make_tensor_value_info(f"in{i}", helper.np_dtype_to_tensor_dtype(a.dtype), a.shape))
+        feeds[f"in{i}"] = a
+    out_type = helper.np_dtype_to_tensor_dtype(inputs[0].dtype)
+    outs = [f"out{i}" for i in range(n_out)]
+    node = helper.make_node(op, names, outs, domain=domain, **attrs)
+    graph = helper.make_graph([node], op, infos, [helper.make_tensor_value_info(o, out_type, None) for o in outs])
+    opsets = [helper.make_opsetid("", 20)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets), feeds
+
+
+def _gqa(q, k, v, bias=None, past=None, **attrs):
+    b = q.shape[0]
+    total = k.shape[1] + (0 if past is None else past[0].shape[2])
+    inputs = [q, k, v, *(past or (None, None)), np.full(b, total - 1, np.int32), np.array(total, np.int32)]
+    if bias is not None:
+        inputs += [None, None, None, bias]
+    return _model("GroupQueryAttention", inputs, num_heads=attrs.pop("num_heads", 4),
+                  kv_num_heads=attrs.pop("kv_num_heads", 4), **attrs)
+
+
+def _f32(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _fully_masked_bias():
+    bias = np.zeros((2, 1, 5, 5), np.float32)
+    bias[:, :, 1, :] = -np.inf
+    return bias
+
+
+REJECTED = {
+    "gqa_head_size_not_multiple_of_8": (lambda: _gqa(_f32(0, 2, 5, 24), _f32(1, 2, 5, 24), _f32(2, 2, 5, 24)),
+                                        "head_size must be a multiple of 8"),
+    "gqa_v_head_differs": (lambda: _gqa(_f32(0, 2, 5, 32), _f32(1, 2, 5, 32), _f32(2, 2, 5, 64)), "same hidden size"),
+    "gqa_cross_attention": (lambda: _gqa(_f32(0, 2, 3, 32), _f32(1, 2, 6, 32), _f32(2, 2, 6, 32)),
+                            "same sequence length"),
+    "gqa_prefill_over_batched_past": (
+        lambda: _gqa(_f32(0, 2, 3, 32), _f32(1, 2, 3, 32), _f32(2, 2, 3, 32),
+                     past=(_f32(3, 2, 4, 4, 8), _f32(4, 2, 4, 4, 8))), "batch_size must be 1"),
+    "gqa_bias_broadcast_along_query": (
+        lambda: _gqa(_f32(0, 2, 5, 32), _f32(1, 2, 5, 32), _f32(2, 2, 5, 32), bias=np.zeros((2, 1, 1, 5), np.float32),
+                     causal=0), "dimension 2"),
+    "mha_bias_broadcast_along_query": (
+        lambda: _model("MultiHeadAttention", [_f32(0, 2, 5, 32), _f32(1, 2, 5, 32), _f32(2, 2, 5, 32), None, None,
+                                              np.zeros((2, 1, 1, 5), np.float32)], num_heads=4), "dimension 2"),
+    "mha_bias_rank_2": (
+        lambda: _model("MultiHeadAttention", [_f32(0, 2, 5, 32), _f32(1, 2, 5, 32), _f32(2, 2, 5, 32), None, None,
+                                              np.zeros((5, 5), np.float32)], num_heads=4), "4 dimensions"),
+    "skip_layer_norm_rank_4": (lambda: _model("SkipLayerNormalization", [_f32(0, 2, 3, 5, 16), _f32(1, 2, 3, 5, 16),
+                                                                         _f32(2, 16)]), "3 or 2 dimensions"),
+    "skip_layer_norm_float64": (
+        lambda: _model("SkipLayerNormalization", [_f32(0, 2, 5, 16).astype(np.float64),
+                                                  _f32(1, 2, 5, 16).astype(np.float64), _f32(2, 16).astype(np.float64)]),
+        "tensor(double)"),
+    "rotary_per_batch_caches": (lambda: _model("RotaryEmbedding", [_f32(0, 2, 2, 5, 16), np.zeros((2, 5), np.int64),
+                                                                   _f32(1, 2, 5, 8), _f32(2, 2, 5, 8)]),
+                                "expected to have 2 dimensions"),
+}
+
+
+@pytest.mark.parametrize("name", list(REJECTED))
+def test_kernel_really_rejects(name):
+    build, message = REJECTED[name]
+    model, feeds = build()
+    with pytest.raises(Exception, match=re.escape(message)):
+        run_ort(model, feeds, optimize=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("kernel", ["GroupQueryAttention", "MultiHeadAttention"])
+def test_kernels_give_nan_for_fully_masked_rows_hence_the_guard(kernel):
+    q = _f32(0, 2, 5, 32)
+    if kernel == "GroupQueryAttention":
+        model, feeds = _gqa(q, q, q, bias=_fully_masked_bias(), causal=0)
+    else:
+        model, feeds = _model(kernel, [q, q, q, None, None, _fully_masked_bias()], num_heads=4)
+    y = run_ort(model, feeds, optimize=True)["out0"]
+    assert np.isnan(y[:, 1]).all() and not np.isnan(np.delete(y, 1, axis=1)).any()
+
+
+# --------------------------------------------------------------------------------------
+# CUDA: the nodes the rules build (run where onnxruntime-gpu and a GPU are present)
+
+
+CUDA_EXPECTED = {
+    # GroupQueryAttention has no float32 CUDA kernel: MultiHeadAttention takes float32 there
+    ("Attention", "bsd_hf_mask"): MHA,
+    ("Attention", "bsd_f16"): GQA,
+    ("Attention", "bsd_softcap_causal"): DECOMPOSED,
+    ("Attention", "bsd_cross_mask"): MHA,
+    ("RMSNorm", "rms_f16"): SLN,
+    ("RMSNorm", "rms_f64"): SLN,
+    ("SkipNorm", "layer_f16"): SKIP_LN,
+    ("SkipNorm", "rms_beta_bias_sum"): SKIP_SLN,
+    ("RotaryEmbedding", "f16"): ROPE,
+    ("Linear", "gelu_bias"): "com.microsoft.BiasGelu",
+    ("Linear", "trans_w_input_weight"): "com.microsoft.FusedMatMul",
+}
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if (c.op, c.id) in CUDA_EXPECTED], ids=lambda c: f"{c.op}-{c.id}")
+def test_cuda_lowering_builds_the_cuda_kernels(case, tmp_path):
+    model, fields, _ = lower_save_run(one_node_graph(case, dynamic=True), case.feeds(), tmp_path, target="cuda")
+    ops = ops_in(model)
+    kernel = CUDA_EXPECTED[(case.op, case.id)]
+    foreign = {op for op in ops if op.startswith("com.microsoft.") or op == SLN}
+    if kernel is DECOMPOSED:
+        assert not foreign, dict(ops)
+    else:
+        assert ops[kernel] == 1 and foreign == {kernel}, dict(ops)
+
+
+def test_cuda_target_needs_onnxruntime_gpu():
+    import onnxruntime as ort
+
+    from graphopt.errors import UserError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    with pytest.raises(UserError, match="install onnxruntime-gpu"):
+        ort_backend.check_target("cuda")
