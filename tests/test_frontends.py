@@ -393,3 +393,54 @@ def test_training_checkpoint_folder(tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_text("step_0000001\n")
     assert is_run_folder(run_dir) and not is_run_folder(folder)
+
+
+# --------------------------------------------------------------------------------------
+# graphopt optimize on what users have (the checks of the frontends issue, end to end)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_optimize_hf_folder_then_load_matches_pytorch_at_two_shapes(hf, arch, tmp_path):
+    import graphopt
+
+    module, folder, _ = hf(arch)
+    r = invoke("optimize", folder, "-o", tmp_path / "out", "-q", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["frontend"]["exporter"] == "torch.onnx dynamo" and report["frontend"]["seconds"] > 0
+    artifact = graphopt.load(tmp_path / "out")
+    out = artifact.outputs[0]["name"]
+    for batch, seq in [(2, 8), (3, 5)]:  # one artifact, two shapes
+        feeds = token_feeds(batch, seq)
+        assert_close(artifact.run(feeds)[out], torch_outputs(module, feeds), rtol=0, atol=1e-4,
+                     what=f"{arch} artifact at {batch}x{seq}")
+
+
+@pytest.mark.parametrize("case", ["pickle", "architecture", "missing-weight"])
+def test_optimize_refusals_leave_no_output_folder(tmp_path, state_dict_folder, case):
+    out = tmp_path / "out"
+    if case == "pickle":
+        target, marker = _malicious_checkpoint(tmp_path / "ckpt", "evil.pt")
+        words = ("refused",)
+    elif case == "architecture":
+        target, marker = tmp_path / "arch", None
+        target.mkdir()
+        (target / "config.json").write_text(json.dumps({"model_type": "foobar", "architectures": ["FooBarLM"]}))
+        words = ("unknown architecture", "'FooBarLM'")
+    else:
+        _, folder = state_dict_folder
+        target = tmp_path / "partial"
+        target.mkdir()
+        (target / "config.json").write_bytes((folder / "config.json").read_bytes())
+        sd = {k: v for k, v in torch.load(folder / "weights.bin", weights_only=True).items()
+              if not k.endswith("ln_f.weight")}
+        torch.save(sd, target / "weights.bin")
+        target = target / "weights.bin"
+        marker, words = None, ("ln_f.weight",)
+    r = subprocess.run([sys.executable, "-m", "graphopt", "optimize", str(target), "-o", str(out), "-q"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert marker is None or not marker.exists()
