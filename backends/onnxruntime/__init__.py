@@ -25,12 +25,24 @@ NAME = "onnxruntime"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def lower(graph: Graph, target: str, report: LoweringReport | None = None) -> Graph:
+def lower(graph: Graph, target: str, report: LoweringReport | None = None, options: dict | None = None) -> Graph:
     """A copy of `graph` with only ops ORT can run on `target` (`report`, when given,
-    records the kernels emitted and why any op was decomposed instead)."""
+    records the kernels emitted and why any op was decomposed instead). `options` force a
+    choice the lowering otherwise makes itself (`LOWERING_OPTIONS`)."""
     if target not in PROVIDERS:
         raise UserError(f"unknown target {target!r} for onnxruntime (expected cpu or cuda)")
-    return lower_graph(graph.copy(), target, report)
+    options = {k: v for k, v in (options or {}).items() if k in LOWERING_OPTIONS}
+    for name, value in options.items():
+        if value not in LOWERING_OPTIONS[name]:
+            raise UserError(f"{name} must be one of {', '.join(LOWERING_OPTIONS[name])}, not {value!r}")
+    return lower_graph(graph.copy(), target, report, options)
+
+
+# Lowering choices a caller may force (docs/ort_lowering.md says what "auto" picks and why).
+LOWERING_OPTIONS = {
+    "attention_kernel": ("auto", "gqa", "mha", "onnx", "decompose"),
+    "skip_norm": ("auto", "fused", "split"),
+}
 
 
 def check_target(target: str) -> None:
@@ -49,9 +61,22 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
     from graphopt.onnx_io import save_onnx
 
     report = LoweringReport()
-    lowered = lower(graph, target, report)
+    lowered = lower(graph, target, report, options)
     files = save_onnx(lowered, outdir / "model.onnx")
-    return {"files": [f.name for f in files], "model": "model.onnx", "lowering": report.to_json()}
+    fields = {"files": [f.name for f in files], "model": "model.onnx", "lowering": report.to_json()}
+    session = session_options_for(lowered, target)
+    if session:
+        fields["ort_session"] = session
+    return fields
+
+
+def session_options_for(lowered: Graph, target: str) -> dict:
+    """Session settings the artifact needs. ORT's SkipLayerNormFusion would fuse a split
+    SkipNorm whose sum nothing else reads (Add + LayerNormalization) back into the CPU
+    SkipLayerNormalization kernel that the split avoids."""
+    if target == "cpu" and any(n.op_type == "LayerNormalization" for n in lowered.nodes):
+        return {"disabled_optimizers": ["SkipLayerNormFusion"]}
+    return {}
 
 
 class Executable:
@@ -69,7 +94,9 @@ class Executable:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), so, providers=[PROVIDERS[target]])
+        disabled = manifest.get("ort_session", {}).get("disabled_optimizers", [])
+        self.session = ort.InferenceSession(str(model_path), so, providers=[PROVIDERS[target]],
+                                            disabled_optimizers=disabled or None)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -158,13 +158,18 @@ def why_not_bias(s: Site) -> str | None:
 
 @register_lowering(BACKEND, GRAPHOPT_DOMAIN, "Attention")
 def lower_attention(ctx: LoweringContext, b: Builder, node: Node):
+    choice = ctx.options["attention_kernel"]
+    if choice == "decompose":
+        return "attention_kernel=decompose"
+    if choice == "onnx":
+        return _build_onnx_attention(ctx, b, node)
     s = Site.read(node)
     if isinstance(s, str):
         return s
-    no_gqa = why_not_gqa(ctx, s)
+    no_gqa = why_not_gqa(ctx, s) if choice in ("auto", "gqa") else "attention_kernel=mha"
     if no_gqa is None:
         return _build(ctx, b, node, s, GQA)
-    no_mha = why_not_mha(ctx, s)
+    no_mha = why_not_mha(ctx, s) if choice in ("auto", "mha") else "attention_kernel=gqa"
     if no_mha is None:
         return _build(ctx, b, node, s, MHA)
     return f"{GQA}: {no_gqa}; {MHA}: {no_mha}"
@@ -334,3 +339,64 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
     if s.mask is not None:
         y = _guard(b, s, y, bias, s.rank)
     return [y, *presents][:len(node.outputs)]
+
+
+# --------------------------------------------------------------------------------------
+# ONNX opset-23 Attention (attention_kernel="onnx"; not the default, see docs/ort_lowering.md)
+
+# Ops whose semantics changed between opset 20 and 23 (the rest changed only type lists):
+# a graph holding one cannot simply declare opset 23.
+_CHANGED_SINCE_20 = frozenset({"GroupNormalization"})
+
+
+def _build_onnx_attention(ctx: LoweringContext, b: Builder, node: Node):
+    """graphopt.Attention is ONNX Attention-23 (same inputs, outputs and semantics), so this
+    is one node, in a model whose default-domain opset becomes 23. One difference to mend: ORT's
+    CPU kernel zeroes a query row whose float mask is the type's lowest value everywhere
+    (transformers' padded rows), where the spec (and graphopt) attend uniformly; the lowest
+    value is nudged up by one step first."""
+    q = node.inputs[0]
+    dt = q.type.dtype if q.type is not None else None
+    if dt is None or not ctx.has_kernel("", "Attention", dt):
+        return f"no {ctx.target} opset-23 Attention kernel for {dt.short if dt else 'this type'}"
+    changed = sorted({n.op_type for n in ctx.graph.nodes if n.domain == "" and n.op_type in _CHANGED_SINCE_20})
+    if changed:
+        return f"the graph holds {', '.join(changed)}, whose semantics changed after opset 20"
+    inputs = list(node.inputs)
+    mask = inputs[3] if len(inputs) > 3 else None
+    if mask is not None:
+        mdt = mask.type.dtype
+        if not mdt.is_float and mdt is not DType.BOOL:
+            mask = b.Cast(mask, to=dt.onnx_type)
+        elif mdt.is_float and mdt is not dt:
+            mask = _cast_mask(b, mask, dt)
+        rank, rows = mask.type.rank, mask.type.shape[-2] if mask.type.rank and mask.type.rank >= 2 else None
+        q_seq = q.type.shape[-2 if q.type.rank == 4 else 1]
+        if rank and rank >= 2 and not same_dim(rows, q_seq):
+            # ORT's kernel takes no broadcast along the query axis either: (B, 1, 1, T) -> (B, 1, S, T)
+            shape = b.Concat(*([b.const(_i64(*([1] * (rank - 2))), "ones")] if rank > 2 else []),
+                             ctx.dim(b, q, q.type.rank - 2 if q.type.rank == 4 else 1), b.const(_i64(1), "one"),
+                             axis=0)
+            mask = b.Expand(mask, shape)
+        if mask.type.dtype.is_float:
+            lowest = np.finfo(dt.np_dtype).min
+            nudged = np.nextafter(lowest, 0, dtype=dt.np_dtype)
+            mask = b.Where(b.Equal(mask, b.const(np.array(lowest, dt.np_dtype), "lowest")),
+                           b.const(np.array(nudged, dt.np_dtype), "lowest_nudged"), mask)
+        inputs[3] = mask
+    attrs = {"is_causal": int(node.attr("causal", 0))}
+    if q.type.rank == 3:
+        nq = node.attr("num_heads", 0)
+        attrs["q_num_heads"] = nq
+        attrs["kv_num_heads"] = node.attr("kv_num_heads", 0) or nq
+    if node.attr("scale", 0.0):
+        attrs["scale"] = float(node.attr("scale", 0.0))
+    if node.attr("softcap", 0.0):
+        attrs["softcap"] = float(node.attr("softcap", 0.0))
+    types = [o.type for o in node.outputs]
+    if len(inputs) > 4 and inputs[4] is not None and len(types) < 3:
+        types += [None] * (3 - len(types))  # ORT's kernel wants the presents whenever a past is given
+    outs = b.op("Attention", *inputs, output_types=types, **attrs)
+    ctx.graph.opset[""] = max(ctx.graph.opset.get("", 20), 23)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    return outs[:len(node.outputs)]

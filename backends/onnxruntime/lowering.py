@@ -51,9 +51,13 @@ class LoweringContext:
     """Per-lowering state handed to every rule: the target, the kernel registry, and shape
     values shared between rules (one `Shape` per symbolic dimension, not one per layer)."""
 
-    def __init__(self, graph: Graph, target: str):
+    def __init__(self, graph: Graph, target: str, options: dict | None = None):
         self.graph = graph
         self.target = target
+        # attention_kernel: "auto" (the measured choice), "gqa" or "mha" (that kernel where it
+        # runs the site, else the decomposition), "onnx" (opset-23 Attention), "decompose".
+        # skip_norm: "auto" (per target), "fused" (Skip*LayerNormalization), "split" (Add + norm).
+        self.options = {"attention_kernel": "auto", "skip_norm": "auto", **(options or {})}
         self._dims: dict[object, Value] = {}
 
     def has_kernel(self, domain: str, op: str, dtype) -> bool:
@@ -82,10 +86,11 @@ class LoweringContext:
         return b.Shape(value, start=a, end=a + 1)
 
 
-def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None) -> Graph:
+def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None,
+                options: dict | None = None) -> Graph:
     """Lower `graph` (in place) for ONNX Runtime on `target`; returns it."""
     report = report if report is not None else LoweringReport()
-    ctx = LoweringContext(graph, target)
+    ctx = LoweringContext(graph, target, options)
     used_before = {name for name, v in graph.initializers.items() if v.uses()}
     for _ in range(MAX_ROUNDS):
         pending = [n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN]
@@ -118,7 +123,7 @@ def _lower_node(ctx: LoweringContext, node: Node, report: LoweringReport) -> Non
         result = rule(ctx, b, node)
         if isinstance(result, (list, tuple)):
             kernels = [f"{n.domain}.{n.op_type}" if n.domain else n.op_type
-                       for n in b.nodes if n.domain == MS_DOMAIN or n.op_type in _ORT_ONNX_DOMAIN_OPS]
+                       for n in b.nodes if n.domain == MS_DOMAIN or (n.domain == "" and n.op_type in _ORT_ONNX_DOMAIN_OPS)]
             replace_node(node, result, b)
             for k in kernels:
                 report.kernels[k] += 1
@@ -130,8 +135,9 @@ def _lower_node(ctx: LoweringContext, node: Node, report: LoweringReport) -> Non
         report.decomposed.setdefault(node.op, collections.Counter())[reason] += 1
 
 
-# Ops ORT registers in the ONNX domain that ONNX itself does not define.
-_ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+# Default-domain ops a rule may emit that the report counts as kernels (besides com.microsoft
+# ones): ORT's own SimplifiedLayerNormalization and ONNX's opset-23 Attention.
+_ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "Attention"})
 
 
 def replace_node(node: Node, new_outputs: Sequence[Value | None], b: Builder) -> None:

@@ -1,0 +1,240 @@
+"""Side-by-side timings of the ORT lowering's choices, for docs/ort_lowering.md.
+
+    python -m graphopt.backends.onnxruntime.benchmark [--threads 1,2] [--quick] [--json OUT]
+
+Each row is one graphopt op site (one-node graph) lowered several ways: the kernel the
+lowering picks, the other kernels it could pick, and the decomposition into core ops. Every
+variant is checked against the reference interpreter before it is timed, and all variants
+of a row run interleaved in the same process (rounds of repetitions; the table shows the
+best round's median), so the ratios hold even on a busy machine. ORT runs with its default
+graph optimizations (ORT_ENABLE_ALL), as users run it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+from graphopt.dtypes import DType
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
+
+F32_MIN = np.finfo(np.float32).min
+
+
+def one_node(op: str, inputs: list, attrs: dict, n_out: int = 1) -> Graph:
+    """inputs: (name, array, dims, is_constant); dims name the symbolic dimensions."""
+    g = Graph(op)
+    vals = []
+    for name, a, dims, const in inputs:
+        if const:
+            vals.append(g.add_initializer(name, a))
+        else:
+            shape = tuple(s or d for d, s in zip(a.shape, dims))
+            vals.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
+    node = g.make_node(op, vals, domain=GRAPHOPT_DOMAIN, attrs=attrs, num_outputs=n_out)
+    g.append(node)
+    g.outputs = list(node.outputs)
+    return g
+
+
+def hf_mask(b: int, s: int) -> np.ndarray:
+    """transformers' additive mask: causal plus left padding (a third of row 0)."""
+    i, j = np.arange(s)[:, None], np.arange(s)[None, :]
+    m = np.where(j > i, F32_MIN, 0).astype(np.float32)[None, None].repeat(b, 0)
+    m[0, ..., : s // 3] = F32_MIN
+    return m
+
+
+def attention_site(b: int, s: int, *, heads=12, kv_heads=12, head=64, mask=True, causal=False, rank=3):
+    """(one-node graph, feeds) for an attention site of transformers' shape."""
+    rng = np.random.default_rng(0)
+    if rank == 3:
+        q = rng.standard_normal((b, s, heads * head)).astype(np.float32)
+        kv = [rng.standard_normal((b, s, kv_heads * head)).astype(np.float32) for _ in range(2)]
+        dims = ("batch", "seq", None)
+        attrs = {"num_heads": heads, "kv_num_heads": kv_heads}
+    else:
+        q = rng.standard_normal((b, heads, s, head)).astype(np.float32)
+        kv = [rng.standard_normal((b, kv_heads, s, head)).astype(np.float32) for _ in range(2)]
+        dims = ("batch", None, "seq", None)
+        attrs = {}
+    inputs = [("Q", q, dims, False), ("K", kv[0], dims, False), ("V", kv[1], dims, False)]
+    if mask:
+        inputs.append(("attn_mask", hf_mask(b, s), ("batch", None, "seq", "seq"), False))
+    if causal:
+        attrs["causal"] = 1
+    return one_node("Attention", inputs, attrs), {name: a for name, a, _, _ in inputs}
+
+
+def _opset23_attention(g: Graph):
+    """The same site as one ONNX opset-23 Attention node (not a lowering choice; a yardstick).
+    ORT's kernel zeroes a query row whose mask is float32's lowest everywhere (transformers'
+    padded rows), so the mask is clamped to -3e38 first, as a lowering to it would have to."""
+    import onnx
+    from onnx import helper
+
+    node = g.nodes[0]
+    names = [v.name for v in node.inputs]
+    infos = [helper.make_tensor_value_info(v.name, v.type.dtype.onnx_type, list(v.type.shape)) for v in node.inputs]
+    attrs = {"q_num_heads": node.attr("num_heads", 0), "kv_num_heads": node.attr("kv_num_heads", 0),
+             "is_causal": node.attr("causal", 0)} if node.inputs[0].type.rank == 3 else {"is_causal": node.attr("causal", 0)}
+    nodes, inits = [], []
+    if len(names) > 3:
+        inits.append(onnx.numpy_helper.from_array(np.array(-3e38, np.float32), "clamp"))
+        nodes.append(helper.make_node("Max", [names[3], "clamp"], ["mask_clamped"]))
+        names = names[:3] + ["mask_clamped"]
+    nodes.append(helper.make_node("Attention", names, ["Y"], **attrs))
+    graph = helper.make_graph(nodes, "a23", infos, [helper.make_tensor_value_info("Y", 1, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def _session(model, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def variants_for(g: Graph, names: list[str]) -> dict:
+    """name -> ONNX model; names: auto, gqa, mha, decompose, opset23."""
+    from graphopt.backends.onnxruntime import lower
+    from graphopt.backends.onnxruntime.lowering import LoweringReport
+    from graphopt.onnx_io import to_onnx_model
+
+    out = {}
+    for name in names:
+        if name == "opset23":
+            out[name] = _opset23_attention(g)
+            continue
+        if name == "decompose":
+            from graphopt.registry import decompose_graphopt_ops
+
+            d = g.copy()
+            decompose_graphopt_ops(d)
+            out[name] = to_onnx_model(d)
+            continue
+        report = LoweringReport()
+        lowered = lower(g, "cpu", report, {"attention_kernel": "auto" if name in ("auto", "kernel") else name})
+        if name in ("gqa", "mha") and not report.kernels:
+            continue  # that kernel does not run this site
+        out[name] = to_onnx_model(lowered)
+    return out
+
+
+def time_row(g: Graph, feeds: dict, names: list[str], threads: int, budget_s: float = 2.0, rounds: int = 3) -> dict:
+    """Best-round median milliseconds per variant (checked against the reference first)."""
+    from graphopt.interpreter import run
+
+    want = list(run(g, feeds).values())[0]
+    sessions = {}
+    for name, model in variants_for(g, names).items():
+        sess = _session(model, threads)
+        got = sess.run(None, feeds)[0]
+        err = float(np.abs(got - want).max())
+        if not err <= 1e-4 * max(1.0, float(np.abs(want).max())):
+            raise AssertionError(f"{name}: max error {err} against the reference")
+        sessions[name] = sess
+    t0 = time.perf_counter()
+    next(iter(sessions.values())).run(None, feeds)
+    reps = max(3, min(200, int(budget_s / rounds / len(sessions) / max(time.perf_counter() - t0, 1e-5))))
+    best = {name: float("inf") for name in sessions}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            sess.run(None, feeds)
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                sess.run(None, feeds)
+                ts.append(time.perf_counter() - t)
+            best[name] = min(best[name], float(np.median(ts)) * 1e3)
+    return best
+
+
+def attention_rows(quick: bool):
+    shapes = [(1, 8), (4, 8), (1, 128), (4, 128), (1, 512)] + ([] if quick else [(4, 512)])
+    for b, s in shapes:
+        for label, kw in (("3-D, hf mask", dict(mask=True)), ("3-D, causal=1", dict(mask=False, causal=True)),
+                          ("4-D, hf mask", dict(mask=True, rank=4)),
+                          ("3-D GQA 32/8, hf mask", dict(mask=True, heads=32, kv_heads=8))):
+            if quick and label.startswith("4-D") and s > 128:
+                continue
+            g, feeds = attention_site(b, s, **kw)
+            yield f"Attention {label}, B={b} S={s}", g, feeds, ["gqa", "mha", "decompose", "opset23"]
+
+
+def other_rows(quick: bool):
+    rng = np.random.default_rng(2)
+    d, ff = 768, 3072
+    for b, s in ((1, 128), (4, 128)):
+        x = ("X", rng.standard_normal((b, s, d)).astype(np.float32), ("batch", "seq", None), False)
+        skip = ("skip", rng.standard_normal((b, s, d)).astype(np.float32), ("batch", "seq", None), False)
+        vec = lambda name: (name, rng.standard_normal(d).astype(np.float32), (None,), True)  # noqa: E731
+        g = one_node("SkipNorm", [x, skip, vec("gamma"), vec("beta"), vec("bias")], {"norm": "layer"}, 2)
+        yield f"SkipNorm layer (+beta, bias, sum), B={b} S={s} D={d}", g, {"X": x[1], "skip": skip[1]}, ["kernel", "decompose"]
+        g = one_node("SkipNorm", [x, skip, vec("gamma")], {"norm": "rms"}, 2)
+        yield f"SkipNorm rms (+sum), B={b} S={s} D={d}", g, {"X": x[1], "skip": skip[1]}, ["kernel", "decompose"]
+        g = one_node("RMSNorm", [x, vec("scale")], {"epsilon": 1e-6})
+        yield f"RMSNorm, B={b} S={s} D={d}", g, {"X": x[1]}, ["kernel", "decompose"]
+        w = ("W", (rng.standard_normal((d, ff)) * 0.02).astype(np.float32), (None, None), True)
+        bias = ("B", rng.standard_normal(ff).astype(np.float32), (None,), True)
+        for act in ("gelu", "gelu_tanh"):
+            g = one_node("Linear", [x, w, bias], {"activation": act})
+            yield f"Linear {act} + bias, B={b} S={s} {d}x{ff}", g, {"X": x[1]}, ["kernel", "decompose"]
+        wt = ("W", np.ascontiguousarray(w[1].T), (None, None), False)
+        g = one_node("Linear", [x, wt], {"trans_w": 1})
+        yield f"Linear trans_w (weight an input: tied), B={b} S={s} {d}x{ff}", g, \
+            {"X": x[1], "W": wt[1]}, ["kernel", "decompose"]
+        heads, head = 12, 64
+        q = ("input", rng.standard_normal((b, heads, s, head)).astype(np.float32), ("batch", None, "seq", None), False)
+        angles = rng.uniform(0, 6.3, (b, s, head // 2))
+        cos = ("cos_cache", np.cos(angles).astype(np.float32), ("batch", "seq", None), False)
+        sin = ("sin_cache", np.sin(angles).astype(np.float32), ("batch", "seq", None), False)
+        g = one_node("RotaryEmbedding", [q, cos, sin], {})
+        yield f"RotaryEmbedding BNSH, per-batch caches, B={b} S={s} 12x64", g, \
+            {"input": q[1], "cos_cache": cos[1], "sin_cache": sin[1]}, ["kernel", "decompose"]
+
+
+def main(argv=None) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", choices=["attention", "other"])
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    header = {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
+              "machine": platform.machine(), "processor": platform.processor()}
+    print("# " + ", ".join(f"{k} {v}" for k, v in header.items()))
+    results = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        rows = []
+        if args.only in (None, "attention"):
+            for title, g, feeds, names in attention_rows(args.quick):
+                rows.append((title, time_row(g, feeds, names, threads)))
+                print(_fmt(threads, *rows[-1]), flush=True)
+        if args.only in (None, "other"):
+            for title, g, feeds, names in other_rows(args.quick):
+                rows.append((title, time_row(g, feeds, names, threads)))
+                print(_fmt(threads, *rows[-1]), flush=True)
+        results.append({"threads": threads, "rows": [{"site": t, "ms": r} for t, r in rows]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": header, "results": results}, f, indent=2)
+
+
+def _fmt(threads: int, title: str, ms: dict) -> str:
+    base = ms.get("decompose")
+    cells = "  ".join(f"{k}={v:.3f}ms" + (f" ({base / v:.2f}x)" if base and k != "decompose" else "") for k, v in ms.items())
+    return f"t={threads}  {title:58s} {cells}"
+
+
+if __name__ == "__main__":
+    main()
