@@ -115,3 +115,18 @@ def test_generate_greedy_is_deterministic_and_sampling_follows_the_seed(tiny_run
 
 def test_generate_rejects_a_bad_sampling_option(tiny_run):
     _assert_one_line_error(_run("generate", tiny_run, "--prompt", "x", "--top-p", "0"), "--top-p")
+
+
+def test_token_healing_lets_the_first_token_extend_the_prompt(tiny_run):
+    from graphopt.train import load_model, load_tokenizer
+    from graphopt.train.generate import _healing_mask, generate
+
+    model, cfg = load_model(tiny_run)
+    tok = load_tokenizer(tiny_run)
+    last = tok.encode("def ").ids[-1]  # "def " ends in a lone-space token "Ġ"
+    allowed = _healing_mask(tok, last, cfg.vocab_size)
+    assert allowed[last] and 1 < int(allowed.sum()) < cfg.vocab_size
+    assert all(tok.id_to_token(i).startswith("Ġ") for i in allowed.nonzero().flatten().tolist())
+    pieces = []
+    text = generate(model, tok, "def ", max_new_tokens=20, on_text=pieces.append)
+    assert text and "".join(pieces) == text  # streamed pieces add up to the continuation
