@@ -62,9 +62,11 @@ def _read_config_file(path: Path) -> dict:
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", type=int, help="torch intra-op threads (0 = torch default).")
+@click.option("--stop-at-step", type=int,
+              help="End after this step (with a checkpoint); the schedule still spans --max-steps.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the run folder's latest checkpoint.")
-def train_command(config_file, preset, resume, **flags):
+def train_command(config_file, preset, resume, stop_at_step, **flags):
     """Train a small decoder language model (data-parallel under torchrun).
 
     Prepares the data (resumable) into OUT/data, then trains, writing checkpoints to
@@ -95,7 +97,7 @@ def train_command(config_file, preset, resume, **flags):
         if flags.get(name) is not None:
             options[name] = str(flags[name]) if isinstance(flags[name], Path) else flags[name]
     cfg = TrainConfig.from_dict(dict(options, model=model), str(config_file or "flags"))
-    folder = train(cfg, resume=resume)
+    folder = train(cfg, resume=resume, stop_at_step=stop_at_step)
     click.echo(f"checkpoint: {folder}")
 
 

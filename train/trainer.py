@@ -190,11 +190,16 @@ def _log(rank: int, msg: str) -> None:
         print(msg, flush=True)
 
 
-def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None) -> Path:
+def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
+          stop_at_step: int | None = None) -> Path:
     """Runs (or resumes) a training run into cfg.out; returns the last checkpoint folder.
 
-    `stop_after` ends the process after that many steps as if killed (for tests)."""
+    `stop_at_step` ends the run early, with a checkpoint, after that step; the schedule still
+    spans cfg.max_steps, so resuming later continues the same run. `stop_after` ends the
+    process after that many steps of this invocation as if killed (for tests)."""
     cfg.validate()
+    if stop_at_step is not None and not 0 < stop_at_step <= cfg.max_steps:
+        raise UserError(f"--stop-at-step {stop_at_step}: must lie in [1, max_steps={cfg.max_steps}]")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world_size, device = _setup_distributed(cfg)
@@ -290,7 +295,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None) 
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+        if done % cfg.checkpoint_interval == 0 or done in (cfg.max_steps, stop_at_step):
             if rank == 0:
                 name = f"step_{done:07d}"
                 last_folder = ckpt.save_checkpoint(
@@ -303,7 +308,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None) 
                 ckpt.mark_latest(out, name, cfg.keep_checkpoints)
             if world_size > 1:
                 torch.distributed.barrier()
-        if stop_after is not None and done - start_step >= stop_after:
+        if done == stop_at_step or (stop_after is not None and done - start_step >= stop_after):
             break
     return last_folder or ckpt.resolve_checkpoint(out)
 

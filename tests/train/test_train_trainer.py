@@ -35,6 +35,12 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(corpus, tmp_path, make_c
     for step in a:
         assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, step
     assert abs(a[40]["val_loss"] - b[40]["val_loss"]) <= 1e-5
+    # Stopped on purpose (--stop-at-step 25, which checkpoints there), then continued.
+    stopped = tmp_path / "stopped"
+    train(make_config(corpus, stopped), stop_at_step=25)
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == "step_0000025"
+    train(make_config(corpus, stopped))
+    assert abs(_metrics(stopped)[40]["val_loss"] - a[40]["val_loss"]) <= 1e-5
     wa, wb = load_model(straight)[0].state_dict(), load_model(resumed)[0].state_dict()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
