@@ -69,7 +69,7 @@ EXPORTERS = ["dynamo", "torchscript"]
 
 def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager"):
     """A small `transformers` model with random weights: gpt2, llama, bert, mistral, qwen2,
-    phi3 or gpt_neox. Causal LMs return logits, encoders their last hidden state."""
+    phi3, gemma or gpt_neox. Causal LMs return logits, encoders their last hidden state."""
     import torch
     import transformers as tf
 
@@ -90,6 +90,19 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
         cfg = tf.Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, max_position_embeddings=64, **common)
         cls = tf.Qwen2ForCausalLM
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=1, **common)
+        cls = tf.Phi3ForCausalLM
+    elif arch == "gemma":
+        cfg = tf.GemmaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=8, intermediate_size=64, max_position_embeddings=64, **common)
+        cls = tf.GemmaForCausalLM
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=64, **common)
+        cls = tf.GPTNeoXForCausalLM
     elif arch == "bert":
         cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                             max_position_embeddings=64, **common)

@@ -369,6 +369,11 @@ EXPECTED = {  # what the default recipe must fuse in each family (2 layers)
     "llama": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4, "graphopt.GatedLinear": 2},
     "mistral": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4, "graphopt.GatedLinear": 2},
     "qwen2": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4, "graphopt.GatedLinear": 2},
+    # families no issue names: fused QKV/gate-up weights (phi3), (1 + w) RMSNorm and GeGLU (gemma),
+    # partial rotary and parallel residual (gpt_neox)
+    "phi3": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4},
+    "gemma": {"graphopt.Attention": 2, "norms": 5, "graphopt.RotaryEmbedding": 4, "graphopt.GatedLinear": 2},
+    "gpt_neox": {"graphopt.Attention": 2, "graphopt.RotaryEmbedding": 4},
 }
 
 
@@ -384,7 +389,7 @@ def fused_counts(graph) -> dict:
 
 
 @pytest.mark.parametrize("arch, exporter", [(a, e) for a in ("gpt2", "llama", "bert") for e in ("dynamo", "torchscript")]
-                         + [("mistral", "dynamo"), ("qwen2", "dynamo")])
+                         + [(a, "dynamo") for a in ("mistral", "qwen2", "phi3", "gemma", "gpt_neox")])
 def test_default_recipe_fuses_every_layer(arch, exporter, exported, tmp_path):
     import graphopt
     from graphopt.testing import assert_close, export_onnx, tiny_hf_model, token_feeds, torch_outputs
