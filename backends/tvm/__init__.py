@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 
-from graphopt.backends.tvm.runtime import NAME, Executable, check_target, save, versions
+from graphopt.backends.tvm.runtime import NAME, Compiled, Executable, check_target, compile_graph, save, versions
 
-__all__ = ["NAME", "Executable", "check_target", "save", "versions", "load_rules"]
+__all__ = ["NAME", "Compiled", "Executable", "check_target", "compile_graph", "save", "versions", "load_rules"]
 
 
 def load_rules() -> None:

@@ -1,10 +1,10 @@
 """Targets and the Relax -> machine code pipeline.
 
 CPU: `{"kind": "llvm", "mcpu": <this machine's CPU>, "num-cores": N}` (TVM 0.27 rejects
-`"llvm -mcpu=..."` strings). `tvm.compile` alone does not fuse, so the pipeline is: lift
-weight-only computations out of `main` (`main_transform_params`, run once at load), the
-"zero" pipeline (legalize, fuse), then schedules -- dlight's CPU rules for GEMV and
-reductions and graphopt's own CPU rules (`schedules.py`) -- then TVM's default build.
+`"llvm -mcpu=..."` strings). `tvm.compile` alone does not fuse, so the pipeline is the
+"zero" pipeline (legalize, fold constants, fuse), then schedules -- dlight's CPU rules for
+GEMV and reductions and graphopt's own CPU rules (`schedules.py`) -- then TVM's default
+build.
 
 CUDA: `{"kind": "cuda", "arch": "sm_XX"}` with an LLVM host; dlight's GPU rules (Matmul,
 GEMV, Reduction, GeneralReduction, Fallback) schedule every kernel. The CUDA source goes
@@ -81,7 +81,6 @@ def optimize_module(mod, target):
 
     from graphopt.backends.tvm import schedules
 
-    mod = relax.transform.LiftTransformParams()(mod)
     with target:
         mod = relax.get_pipeline("zero")(mod)
         if target.kind.name == "cuda":

@@ -11,9 +11,13 @@ symbolic gives Relax static or symbolic shapes instead of data-dependent ones, a
 symbolic `seq` compiles once and runs at any length.
 
 Graph inputs become Relax parameters with one `tirx.Var` per named dim. Weights larger than
-`INLINE_BYTES` become parameters too (after the inputs; the function attribute `num_input`
-says where they start), so they live outside the compiled library; smaller constants are
-inlined. graphopt-domain ops without a TVM rule are replaced by their decomposition first.
+`INLINE_BYTES` become parameters too (after the inputs, in order of first use), so they live
+outside the compiled library; smaller constants are inlined. A rule that needs a weight in
+another layout (a transposed Linear weight, two projections side by side) asks for it with
+`Lowerer.weight`: it is computed here, once, and stored that way -- never on every call.
+(Relax's LiftTransformParams would do this generically, but it crashes when a lifted
+expression uses a symbolic dim, as `rope_cache[:seq]` does.) graphopt-domain ops without a
+TVM rule are replaced by their decomposition first.
 """
 from __future__ import annotations
 
@@ -106,7 +110,8 @@ class Lowerer:
         self.analyzer = sym.Analyzer()
         self.dims: dict[str, object] = {}  # IR dim symbol -> tirx.Var
         self.env: dict[int, object] = {}  # id(Value) -> relax.Expr | Known
-        self.params: list[tuple[str, object]] = []  # (weight name, relax.Var)
+        self.params: list[tuple[str, object, np.ndarray]] = []  # (weight name, relax.Var, array)
+        self._derived: dict[str, object] = {}  # "name:transform" -> lowered constant
         self.node: Node | None = None
 
     # -- helpers for rules ----------------------------------------------------------
@@ -188,6 +193,54 @@ class Lowerer:
             raise self.error("an input's rank is unknown")
         return sinfo.ndim
 
+    def _align(self, args, skip_axis: int | None, broadcasting: bool) -> list:
+        """Tensors for `args` whose dims Relax can see agree (right-aligned; with
+        `broadcasting`, a dim of 1 agrees with anything; `skip_axis` is free).
+
+        Where Relax cannot prove two dims equal -- a mask's `total` against `past + seq` --
+        the operand whose dim is a plain symbol is match-cast to the other's dim, which the
+        VM checks at run time. Only symbols are cast: in TVM 0.27 a match_cast from an
+        expression dim crashes (FuseTIR), so two different expressions are an error here."""
+        from tvm import relax, tirx
+
+        xs = [self.tensor(a) for a in args]
+        n = max(self.rank(x) for x in xs)
+        shapes = [[None] * (n - self.rank(x)) + self.shape(x) for x in xs]
+        changed = set()
+        for i, col in enumerate(zip(*shapes)):
+            wide = [d for d in col if d is not None and not (broadcasting and static_int(d) == 1)]
+            if i == skip_axis or all(self.analyzer.can_prove_equal(wide[0], d) for d in wide[1:]):
+                continue
+            ints = [d for d in wide if isinstance(d, int)]
+            exprs = [d for d in wide if not isinstance(d, (int, tirx.Var))]
+            target = ints[0] if ints else exprs[0] if exprs else wide[0]
+            for j, d in enumerate(col):
+                if d is None or (broadcasting and static_int(d) == 1) or self.analyzer.can_prove_equal(d, target):
+                    continue
+                if not isinstance(d, tirx.Var):
+                    raise self.error(f"dims {d} and {target} must be equal, which cannot be checked here")
+                shapes[j][i] = target
+                changed.add(j)
+        for j in sorted(changed):
+            xs[j] = self.bb.match_cast(xs[j], relax.TensorType(shapes[j][n - self.rank(xs[j]):], self.dtype(xs[j])))
+        return xs
+
+    def view(self, x, shape: list):
+        """`x` seen with another shape of the same size (a VM view: no copy). Relax takes
+        the new shape as given; the VM refuses, at run time, a view larger than `x`."""
+        from tvm import relax
+
+        return self.emit(relax.call_pure_packed("vm.builtin.reshape", x, relax.ShapeExpr(shape),
+                                                ty_args=[relax.TensorType(shape, self.dtype(x))]))
+
+    def broadcast(self, *args) -> list:
+        """Tensors for the operands of a broadcasting op, made shape-compatible for Relax."""
+        return self._align(args, None, broadcasting=True)
+
+    def same_dims(self, args, axis: int) -> list:
+        """Tensors whose dims, all but `axis`, must be equal (Concat)."""
+        return self._align(args, axis, broadcasting=False)
+
     def dtype(self, arg) -> str:
         if isinstance(arg, Known):
             return relax_dtype(arg.dtype)
@@ -211,19 +264,29 @@ class Lowerer:
                 shape.append(self.dim(f"{v.name}_dim{i}"))
         return relax.Var(v.name, relax.TensorType(shape, relax_dtype(v.type.dtype)))
 
-    def _constant(self, v: Value):
-        """An initializer: a `Known`, an inlined constant, or a weight parameter."""
+    def _constant(self, name: str, a: np.ndarray):
+        """A constant: a `Known`, an inlined constant, or a weight parameter."""
         from tvm import relax
 
-        a = np.asarray(v.const_value)
         dt = DType.from_numpy(a.dtype)
         if a.dtype.kind in "iub" and a.size <= KNOWN_MAX_ELEMS and a.dtype != np.uint64:
             return Known(a.astype(object).reshape(a.shape) if a.ndim else np.array(int(a), dtype=object), dt)
         if a.nbytes <= INLINE_BYTES:
             return relax.const(np.ascontiguousarray(a), relax_dtype(dt))
-        p = relax.Var(v.name, relax.TensorType(list(a.shape), relax_dtype(dt)))
-        self.params.append((v.name, p))
+        p = relax.Var(name.replace(":", "_"), relax.TensorType(list(a.shape), relax_dtype(dt)))
+        self.params.append((name, p, a))
         return p
+
+    def weight(self, value: Value, transform: str, fn: Callable[[np.ndarray], np.ndarray]):
+        """`fn(value)` for a constant input, computed now and stored that way (a weight
+        parameter like any other); None when `value` is not a constant."""
+        a = self.const_array(value)
+        if a is None:
+            return None
+        key = f"{value.name}:{transform}"
+        if key not in self._derived:
+            self._derived[key] = self._constant(key, np.ascontiguousarray(fn(a)))
+        return self._derived[key]
 
     def run(self):
         """Lower the whole graph; returns (IRModule, weight names in parameter order)."""
@@ -237,16 +300,12 @@ class Lowerer:
         for v, var in zip(inputs, in_vars):
             self.env[id(v)] = var
         # Parameters must be known before the function starts: make every weight up front.
-        consts = {id(v): self._constant(v) for v in g.initializers.values()}
-        for v in g.initializers.values():
-            self.env[id(v)] = consts[id(v)]
-        with self.bb.function("main", in_vars + [p for _, p in self.params],
-                              attrs={"num_input": len(in_vars)}):
+        with self.bb.function("main"):
             with self.bb.dataflow():
                 for node in g.nodes:
                     self.node = node
                     rule: Callable = get_lowering(BACKEND, node.domain, node.op_type)
-                    args = [None if v is None else self.env[id(v)] for v in node.inputs]
+                    args = [None if v is None else self._lookup(v) for v in node.inputs]
                     try:
                         outs = rule(self, node, args)
                     except UserError:
@@ -258,13 +317,22 @@ class Lowerer:
                         if v is not None:
                             if out is None:
                                 raise self.error(f"the rule gave no value for output {v.name!r}")
+                            if not isinstance(out, Known) and getattr(out.ty, "shape", None) is None:
+                                raise self.error(f"Relax cannot infer the shape of output {v.name!r} "
+                                                 "(symbolic dims it cannot prove equal?)")
                             self.env[id(v)] = out
                 self.node = None
-                results = [self.tensor(self.env[id(v)]) for v in g.outputs]
+                results = [self.tensor(self._lookup(v)) for v in g.outputs]
                 results = [self._cast_to_declared(r, v) for r, v in zip(results, g.outputs)]
                 out = self.bb.emit_output(relax.Tuple(results))
-            self.bb.emit_func_output(out)
-        return self.bb.get(), [name for name, _ in self.params]
+            # Parameters are known only now: weights are made on first use.
+            self.bb.emit_func_output(out, params=in_vars + [p for _, p, _ in self.params])
+        return self.bb.get(), [(name, a) for name, _, a in self.params]
+
+    def _lookup(self, v: Value):
+        if id(v) not in self.env:  # an initializer, lowered on first use
+            self.env[id(v)] = self._constant(v.name, np.asarray(v.const_value))
+        return self.env[id(v)]
 
     def _cast_to_declared(self, expr, v: Value):
         from tvm.relax import op as R
@@ -274,6 +342,16 @@ class Lowerer:
         return expr
 
 
+def _is_polynomial(d) -> bool:
+    from tvm import tirx
+
+    if isinstance(d, (int, tirx.IntImm, tirx.Var)):
+        return True
+    if isinstance(d, (tirx.Add, tirx.Sub, tirx.Mul)):
+        return _is_polynomial(d.a) and _is_polynomial(d.b)
+    return False
+
+
 def lower_graph(graph: Graph):
-    """(IRModule, weight names in parameter order) for a graph that `prepare` produced."""
+    """(IRModule, [(weight name, array)] in parameter order) for a graph that `prepare` produced."""
     return Lowerer(graph).run()

@@ -14,7 +14,7 @@ from tvm.relax import op as R
 from graphopt.dtypes import DType
 from graphopt.registry import register_lowering
 
-from graphopt.backends.tvm.lowering import Known, Lowerer, relax_dtype, static_int
+from graphopt.backends.tvm.lowering import Known, Lowerer, _is_polynomial, relax_dtype, static_int
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -111,16 +111,16 @@ def binary(lw: Lowerer, node, args):
         k = _known_binary(lw, node, a, b)
         if k is not None:
             return [k]
-    x, y = lw.tensor(a), lw.tensor(b)
+    x, y = lw.broadcast(a, b)
     op = node.op_type
     if op == "Div":
         if lw.dtype(x).startswith(("int", "uint")):
             # ONNX integer division truncates toward zero; TOPI's divide floors.
+            dt, zero = lw.dtype(x), relax.const(0, lw.dtype(x))
             q = lw.emit(R.floor_divide(x, y))
-            r = lw.emit(R.subtract(x, R.multiply(q, y)))
-            fix = lw.emit(R.logical_and(R.not_equal(r, relax.const(0, lw.dtype(x))),
-                                        R.less(R.multiply(r, y), relax.const(0, lw.dtype(x)))))
-            return [lw.emit(R.add(q, R.astype(fix, lw.dtype(x))))]
+            inexact = R.not_equal(R.subtract(x, R.multiply(q, y)), zero)
+            fix = lw.emit(R.logical_and(inexact, R.logical_xor(R.less(x, zero), R.less(y, zero))))
+            return [lw.emit(R.add(q, R.astype(fix, dt)))]
         return [lw.emit(R.divide(x, y))]
     if op == "Pow":
         c = lw.const_array(node.inputs[1])
@@ -139,9 +139,10 @@ def variadic(lw: Lowerer, node, args):
         if k is not None:
             return [k]
     f = {"Max": R.maximum, "Min": R.minimum, "Sum": R.add, "Mean": R.add}[node.op_type]
-    acc = lw.tensor(args[0])
-    for a in args[1:]:
-        acc = lw.emit(f(acc, lw.tensor(a)))
+    xs = lw.broadcast(*args)
+    acc = xs[0]
+    for x in xs[1:]:
+        acc = lw.emit(f(acc, x))
     if node.op_type == "Mean":
         acc = lw.emit(R.divide(acc, relax.const(len(args), lw.dtype(acc))))
     return [acc]
@@ -200,7 +201,7 @@ def where(lw: Lowerer, node, args):
         cs, xs, ys = np.broadcast_arrays(c.values, a.values, b.values)
         vals = [x if int(cc) else y for cc, x, y in zip(cs.flat, xs.flat, ys.flat)]
         return [_known(lw, _objs(vals, cs.shape), a.dtype)]
-    return [lw.emit(R.where(lw.tensor(c), lw.tensor(a), lw.tensor(b)))]
+    return [lw.emit(R.where(*lw.broadcast(c, a, b)))]
 
 
 @rule("Cast")
@@ -237,8 +238,8 @@ def gemm(lw: Lowerer, node, args):
     c = args[2] if len(args) > 2 else None
     if node.attr("transA", 0):
         a = lw.emit(R.permute_dims(a, [1, 0]))
-    if node.attr("transB", 0):
-        b = lw.emit(R.permute_dims(b, [1, 0]))  # a weight's transpose is lifted out of main
+    if node.attr("transB", 0):  # a weight is stored transposed
+        b = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(b, [1, 0]))
     y = lw.emit(R.matmul(a, b))
     dt = lw.dtype(y)
     alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
@@ -462,7 +463,8 @@ def concat(lw: Lowerer, node, args):
     axis = node.attr("axis")
     if _all_known(args):
         return [Known(np.concatenate([a.values for a in args], axis=axis), args[0].dtype)]
-    return [lw.emit(R.concat([lw.tensor(a) for a in args], axis=axis))]
+    axis = axis + lw.rank(args[0]) if axis < 0 else axis
+    return [lw.emit(R.concat(lw.same_dims(args, axis), axis=axis))]
 
 
 @rule("Split")
@@ -516,7 +518,16 @@ def slice_(lw: Lowerer, node, args):
     dims = lw.shape(x)
     begin = [_slice_bound(v, dims[a], st) for v, a, st in zip(starts.values.flat, axes, steps)]
     end = [_slice_bound(v, dims[a], st) for v, a, st in zip(ends.values.flat, axes, steps)]
-    return [lw.emit(R.strided_slice(x, axes=axes, begin=begin, end=end, strides=steps))]
+    y = lw.emit(R.strided_slice(x, axes=axes, begin=begin, end=end, strides=steps))
+    # `cache[:seq]` of a static cache has the dim `min(seq, 64)` (clamped, as ONNX says),
+    # which Relax cannot relate to `seq` downstream. Seen as `seq` rows instead (a view the
+    # VM refuses when seq > 64, where the model's shapes would not fit anyway).
+    out, clamped = lw.shape(y), False
+    for a, b, e, st in zip(axes, begin, end, steps):
+        length = lw.simplify(e - b) if st == 1 else None
+        if length is not None and not _is_polynomial(out[a]) and _is_polynomial(length):
+            out[a], clamped = length, True
+    return [lw.view(y, out) if clamped else y]
 
 
 @rule("Gather")
@@ -592,15 +603,21 @@ def tile(lw: Lowerer, node, args):
 
 @rule("Range")
 def range_(lw: Lowerer, node, args):
-    ks = [lw.known(a) for a in args]
-    if any(k is None or k.values.ndim != 0 for k in ks):
-        raise lw.error("start, limit and delta must be scalars known when compiling")
-    start, limit, delta = (k.values.reshape(()).item() for k in ks)
-    dt = relax_dtype(ks[0].dtype)
-    if all(static_int(v) is not None for v in (start, limit, delta)) and dt.startswith("int"):
+    bounds = []
+    for a, v in zip(args, node.inputs):
+        k, c = lw.known(a), lw.const_array(v)
+        if k is not None and k.values.ndim == 0:
+            bounds.append(k.values.reshape(()).item())
+        elif c is not None and c.ndim == 0:
+            bounds.append(c.item())
+        else:
+            raise lw.error("start, limit and delta must be scalars known when compiling")
+    start, limit, delta = bounds
+    dt = relax_dtype(node.outputs[0].type.dtype)
+    if all(static_int(v) is not None for v in bounds) and dt.startswith("int"):
         vals = np.arange(static_int(start), static_int(limit), static_int(delta), dtype=np.int64)
         if vals.size <= 64:
-            return [Known(vals.astype(object), ks[0].dtype)]
+            return [Known(_objs(vals.tolist(), vals.shape), node.outputs[0].type.dtype)]
     return [lw.emit(R.arange(start, limit, delta, dt))]
 
 

@@ -72,6 +72,7 @@ def rotary_embedding(lw: Lowerer, node, args):
 
     interleaved = node.attr("interleaved", 0)
     x1, x2 = (part(0, rot, 2), part(1, rot, 2)) if interleaved else (part(0, half), part(half, rot))
+    cos, sin, x1, x2 = lw.broadcast(cos, sin, x1, x2)
     real = lw.emit(R.subtract(R.multiply(cos, x1), R.multiply(sin, x2)))
     imag = lw.emit(R.add(R.multiply(sin, x1), R.multiply(cos, x2)))
     if interleaved:  # real and imag back into even and odd positions
@@ -143,16 +144,101 @@ def attention(lw: Lowerer, node, args):
         rows = lw.emit(R.expand_dims(R.arange(past, lw.simplify(past + q_len), 1, "int64"), [1]))
         cols = lw.emit(R.expand_dims(R.arange(0, kv_len, 1, "int64"), [0]))
         causal = lw.emit(R.where(R.less_equal(cols, rows), relax.const(0.0, dt), _neg_inf(dt)))
-        bias = causal if bias is None else lw.emit(R.add(bias, causal))
+        bias = causal if bias is None else lw.emit(R.add(*lw.broadcast(bias, causal)))
     if bias is not None:
-        scores = lw.emit(R.add(scores, bias))
+        scores = lw.emit(R.add(*lw.broadcast(scores, bias)))
     probs = lw.emit(R.nn.softmax(scores, axis=-1))
     if mask is not None:
-        # A query row that attends nothing gives zeros (softmax alone would give NaN).
-        row_max = lw.emit(R.max(bias, axis=[-1], keepdims=True))
-        probs = lw.emit(R.where(R.equal(row_max, _neg_inf(dt)), relax.const(0.0, dt), probs))
+        # A query row that attends nothing gives zeros (softmax alone would give NaN). Not
+        # `max(bias) == -inf`: Relax's max starts from the lowest finite value, not -inf.
+        attends = lw.emit(R.max(R.astype(R.greater(bias, _neg_inf(dt)), "int8"), axis=[-1], keepdims=True))
+        probs = lw.emit(R.where(R.equal(attends, relax.const(0, "int8")), relax.const(0.0, dt), probs))
     y = lw.emit(R.matmul(probs, v_bnsh))
     if three_d:
         b, n, s, h = lw.shape(y)
         y = lw.emit(R.reshape(R.permute_dims(y, _BNSH_FROM_BSNH), [b, s, lw.simplify(n * h)]))
     return [y, *present][:len(node.outputs)]
+
+
+# --------------------------------------------------------------------------------------
+# Fused ops (graphopt/fused_ops.py)
+
+_ACTIVATIONS = {"": None, "relu": R.nn.relu, "gelu": R.nn.gelu, "gelu_tanh": R.nn.gelu_tanh, "silu": R.nn.silu}
+
+
+def _attr(node, name: str):
+    """An attribute's value, or the default its op declares."""
+    from graphopt.registry import get_op
+
+    return get_op(node.domain, node.op_type).attr_value(node, name)
+
+
+def _activate(lw: Lowerer, y, act: str):
+    if act not in _ACTIVATIONS:
+        raise lw.error(f"unknown activation {act!r}")
+    f = _ACTIVATIONS[act]
+    return y if f is None else lw.emit(f(y))
+
+
+@rule("Linear", domain="graphopt")
+def linear(lw: Lowerer, node, args):
+    x, w = lw.tensor(args[0]), lw.tensor(args[1])
+    if node.attr("trans_w", 0):  # a weight is stored transposed
+        w = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(w, [1, 0]))
+    y = lw.emit(R.matmul(x, w))
+    if len(args) > 2 and args[2] is not None:
+        y = lw.emit(R.add(y, lw.tensor(args[2])))
+    return [_activate(lw, y, _attr(node, "activation"))]
+
+
+@rule("GatedLinear", domain="graphopt")
+def gated_linear(lw: Lowerer, node, args):
+    x, w_gate, w_up = (lw.tensor(a) for a in args[:3])
+    b_gate, b_up = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None, None])[:2]
+    n = lw.shape(w_gate)[1]
+    # One matmul over both weights side by side (stored so when they are constants).
+    w = None
+    if node.inputs[1].const_value is not None and node.inputs[2].const_value is not None:
+        up = node.inputs[2].const_value
+        w = lw.weight(node.inputs[1], f"gate_up:{node.inputs[2].name}", lambda g: np.concatenate([g, up], axis=1))
+    if w is None:
+        w = lw.emit(R.concat([w_gate, w_up], axis=1))
+    y = lw.emit(R.matmul(x, w))
+    gate = lw.emit(R.strided_slice(y, axes=[lw.rank(y) - 1], begin=[0], end=[n]))
+    up = lw.emit(R.strided_slice(y, axes=[lw.rank(y) - 1], begin=[n], end=[lw.simplify(n + n)]))
+    if b_gate is not None:
+        gate = lw.emit(R.add(gate, b_gate))
+    if b_up is not None:
+        up = lw.emit(R.add(up, b_up))
+    return [lw.emit(R.multiply(_activate(lw, gate, _attr(node, "activation")), up))]
+
+
+@rule("SkipNorm", domain="graphopt")
+def skip_norm(lw: Lowerer, node, args):
+    gamma = lw.tensor(args[2])
+    beta, bias = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None, None])[:2]
+    s = lw.emit(R.add(*lw.broadcast(args[0], args[1])))
+    if bias is not None:
+        s = lw.emit(R.add(s, bias))
+    dt = lw.dtype(s)
+    stash = "float64" if dt == "float64" else "float32"
+    ss = s if dt == stash else lw.emit(R.astype(s, stash))
+    eps = node.attr("epsilon", 1e-5)
+    axis = lw.rank(s) - 1
+    if node.attr("norm", "layer") == "layer":
+        width = lw.shape(s)[axis]
+        if not isinstance(width, int):
+            raise lw.error("the normalized dimension must be static")
+        ones, zeros = relax.const(np.ones([width], stash)), relax.const(np.zeros([width], stash))
+        y = lw.emit(R.nn.layer_norm(ss, ones, zeros, axes=[axis], epsilon=eps))
+    elif node.attr("norm", "layer") == "rms":
+        mean_square = lw.emit(R.mean(R.multiply(ss, ss), axis=[axis], keepdims=True))
+        y = lw.emit(R.multiply(ss, R.rsqrt(R.add(mean_square, relax.const(eps, stash)))))
+    else:
+        raise lw.error("norm must be 'layer' or 'rms'")
+    if stash != dt:
+        y = lw.emit(R.astype(y, dt))
+    y = lw.emit(R.multiply(y, gamma))
+    if beta is not None:
+        y = lw.emit(R.add(y, beta))
+    return [y, s][:len(node.outputs)]

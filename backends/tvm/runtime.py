@@ -39,92 +39,90 @@ def check_target(target: str) -> None:
             raise UserError("the cuda target needs nvcc (the CUDA toolkit) or NVRTC (pip install cuda-bindings)")
 
 
-def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -> dict:
-    """Lower `graph` to Relax, build it for `target`, write the library and the weights into
-    `outdir`; returns the manifest fields (the TVM target with its mcpu or arch, parameter
-    order, compile time). Options: `num_cores`, `cuda_arch` (default: this machine's)."""
+def _build(graph: Graph, target: str, options: dict | None):
+    """Lower and build: (TVM executable, weight names, weight arrays, manifest fields)."""
     from graphopt.backends.tvm import load_rules
     from graphopt.backends.tvm.build import build, target_spec
     from graphopt.backends.tvm.lowering import lower_graph, prepare
-    from graphopt.weights_file import write_tensors
 
     check_target(target)
     load_rules()
     options = dict(options or {})
     t0 = time.perf_counter()
     g = prepare(graph)
-    mod, param_names = lower_graph(g)
+    mod, params = lower_graph(g)
     t1 = time.perf_counter()
     spec = target_spec(target, options)
     executable = build(mod, spec)
     t2 = time.perf_counter()
+    param_names = [name for name, _ in params]
+    weights = [np.ascontiguousarray(a) for _, a in params]
+    fields = {"tvm_target": spec, "params": param_names, "lower_seconds": round(t1 - t0, 3),
+              "compile_seconds": round(t2 - t1, 3), "tuning_seconds": 0.0}
+    return executable, param_names, weights, fields
+
+
+def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -> dict:
+    """Lower `graph` to Relax, build it for `target`, write the library and the weights into
+    `outdir`; returns the manifest fields (the TVM target with its mcpu or arch, parameter
+    order, lowering and compile times). Options: `num_cores`, `cuda_arch` (default: this
+    machine's GPU, else sm_80)."""
+    from graphopt.weights_file import write_tensors
+
+    executable, names, weights, fields = _build(graph, target, options)
     outdir = Path(outdir)
     executable.export_library(str(outdir / LIBRARY))
-    write_tensors(outdir / WEIGHTS, {name: np.ascontiguousarray(g.initializers[name].const_value)
-                                     for name in param_names})
-    return {
-        "files": [LIBRARY, WEIGHTS],
-        "model": LIBRARY,
-        "weights": WEIGHTS,
-        "tvm_target": spec,
-        "params": param_names,
-        "lower_seconds": round(t1 - t0, 3),
-        "compile_seconds": round(t2 - t1, 3),
-        "tuning_seconds": 0.0,
-    }
+    write_tensors(outdir / WEIGHTS, dict(zip(names, weights)))
+    return {"files": [LIBRARY, WEIGHTS], "model": LIBRARY, "weights": WEIGHTS, **fields}
 
 
-class Executable:
-    """A Relax VM over a saved artifact folder. Refuses (one line) an artifact built for
-    another CPU than this one, or a cuda artifact where there is no (suitable) GPU."""
+def compile_graph(graph: Graph, target: str = "cpu", options: dict | None = None) -> "Compiled":
+    """Build `graph` in memory (no artifact folder): for tests and benchmarks."""
+    from graphopt.artifact import signature
 
-    def __init__(self, outdir: Path, manifest: dict, threads: int | None = None):
-        tvm = _import_tvm()
+    executable, names, weights, fields = _build(graph, target, options)
+    sig = signature(graph)
+    return Compiled(executable, weights, fields["tvm_target"], [e["name"] for e in sig["inputs"]],
+                    [e["name"] for e in sig["outputs"]], fields)
+
+
+def _device_for(spec: dict, where: str):
+    """The device a target runs on here; refuses another CPU or a missing/different GPU."""
+    import tvm
+
+    from graphopt.backends.tvm.build import system_cpu
+
+    kind = spec.get("kind")
+    if kind == "llvm":
+        here = system_cpu()
+        if spec.get("mcpu") != here:
+            raise UserError(f"{where}: built for CPU {spec.get('mcpu')!r}, but this machine's is {here!r}; "
+                            "rebuild it here with graphopt optimize --backend tvm")
+        return tvm.cpu()
+    if kind == "cuda":
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise UserError(f"{where}: built for cuda ({spec.get('arch')}), but this machine has no CUDA GPU")
+        have = f"sm_{dev.compute_version.replace('.', '')}"
+        if spec.get("arch") != have:
+            raise UserError(f"{where}: built for {spec.get('arch')}, but this GPU is {have}; rebuild it here")
+        return dev
+    raise UserError(f"{where}: the manifest has no valid tvm_target")
+
+
+class Compiled:
+    """A Relax VM with its weights on the device: `run(feeds)` -> outputs by name."""
+
+    def __init__(self, module, weights: list, spec: dict, input_names: list[str], output_names: list[str],
+                 fields: dict | None = None, where: str = "model"):
+        import tvm
         from tvm import relax
 
-        from graphopt.backends.tvm.build import system_cpu
-        from graphopt.weights_file import read_tensors
-
-        outdir = Path(outdir)
-        spec = manifest.get("tvm_target") or {}
-        kind = spec.get("kind")
-        if kind == "llvm":
-            here = system_cpu()
-            if spec.get("mcpu") != here:
-                raise UserError(f"{outdir}: built for CPU {spec.get('mcpu')!r}, but this machine's is {here!r}; "
-                                "rebuild it here with graphopt optimize --backend tvm")
-            self.device = tvm.cpu()
-        elif kind == "cuda":
-            self.device = tvm.cuda(0)
-            if not self.device.exist:
-                raise UserError(f"{outdir}: built for cuda ({spec.get('arch')}), but this machine has no CUDA GPU")
-            have = f"sm_{self.device.compute_version.replace('.', '')}"
-            if spec.get("arch") != have:
-                raise UserError(f"{outdir}: built for {spec.get('arch')}, but this GPU is {have}; rebuild it here")
-        else:
-            raise UserError(f"{outdir}: the manifest has no valid tvm_target")
-        lib_path = outdir / manifest.get("model", LIBRARY)
-        weights_path = outdir / manifest.get("weights", WEIGHTS)
-        for p in (lib_path, weights_path):
-            if not p.is_file():
-                raise UserError(f"{outdir}: the manifest names {p.name!r}, which is missing")
-        if threads and kind == "llvm":
-            # (affinity mode "big cores", n threads); 0 would mean all cores.
-            tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
-        weights = read_tensors(weights_path)
-        names = manifest.get("params", [])
-        missing = [n for n in names if n not in weights]
-        if missing:
-            raise UserError(f"{weights_path}: weight {missing[0]!r} is missing")
-        params = [tvm.runtime.tensor(np.ascontiguousarray(weights[n]), device=self.device) for n in names]
-        del weights
-        if params and self.vm.module.implements_function("main_transform_params"):
-            # Weight-only work that lowering put in main (a transpose, a cast) runs once, here.
-            params = list(self.vm["main_transform_params"](params))
-        self.params = params
-        self.output_names = [o["name"] for o in manifest["signature"]["outputs"]]
-        self.input_names = [i["name"] for i in manifest["signature"]["inputs"]]
+        self.device = _device_for(spec, where)
+        self.fields = fields or {}
+        self.vm = relax.VirtualMachine(module, self.device)
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(w), device=self.device) for w in weights]
+        self.input_names, self.output_names = input_names, output_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
@@ -132,6 +130,37 @@ class Executable:
         ins = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), device=self.device) for n in self.input_names]
         outs = self.vm["main"](*ins, *self.params)
         return {name: out.numpy() for name, out in zip(self.output_names, outs)}
+
+
+class Executable(Compiled):
+    """An artifact folder loaded: the library, then the weights onto the device. Refuses
+    (one line) an artifact built for another CPU than this one, or a cuda artifact where
+    there is no GPU of the architecture it was built for."""
+
+    def __init__(self, outdir: Path, manifest: dict, threads: int | None = None):
+        tvm = _import_tvm()
+
+        from graphopt.weights_file import read_tensors
+
+        outdir = Path(outdir)
+        spec = manifest.get("tvm_target") or {}
+        _device_for(spec, str(outdir))  # refuse before loading anything
+        lib_path = outdir / manifest.get("model", LIBRARY)
+        weights_path = outdir / manifest.get("weights", WEIGHTS)
+        for p in (lib_path, weights_path):
+            if not p.is_file():
+                raise UserError(f"{outdir}: the manifest names {p.name!r}, which is missing")
+        if threads and spec.get("kind") == "llvm":
+            # (affinity mode 1: all big cores, n threads); applies to this process.
+            tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+        stored = read_tensors(weights_path)
+        names = manifest.get("params", [])
+        missing = [n for n in names if n not in stored]
+        if missing:
+            raise UserError(f"{weights_path}: weight {missing[0]!r} is missing")
+        sig = manifest["signature"]
+        super().__init__(tvm.runtime.load_module(str(lib_path)), [stored[n] for n in names], spec,
+                         [e["name"] for e in sig["inputs"]], [e["name"] for e in sig["outputs"]], where=str(outdir))
 
 
 def versions() -> dict[str, str]:
