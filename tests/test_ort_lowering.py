@@ -316,10 +316,13 @@ def skip_case(id, kernel, *, norm="layer", shape=(2, 5, 16), skip_shape=None, be
 FUSED = {"skip_norm": "fused"}
 SKIP_CASES = [
     # CPU default: split into Add + one norm kernel (faster than the fused kernels on CPU)
-    skip_case("split_layer", LN, also_decomposed=True),
-    skip_case("split_layer_one_output", LN, n_out=1, also_decomposed=True),
-    skip_case("split_rms", SLN, norm="rms", also_decomposed=True),
-    skip_case("split_rms_f16", SLN, norm="rms", dtype=np.float16, also_decomposed=True),
+    skip_case("split_layer", LN),
+    skip_case("split_layer_one_output", LN, n_out=1),
+    skip_case("split_layer_skip_1sd", LN, skip_shape=(1, 5, 16)),
+    skip_case("split_layer_4d", LN, shape=(2, 3, 5, 16)),
+    skip_case("split_rms", SLN, norm="rms"),
+    skip_case("split_rms_f16", SLN, norm="rms", dtype=np.float16),
+    skip_case("split_rms_f64", SLN, norm="rms", dtype=np.float64),
     # the fused kernels (CUDA's default), run here on CPU
     skip_case("layer_beta_bias_sum", SKIP_LN, options=FUSED),
     skip_case("layer_plain", SKIP_LN, beta=False, bias=False, n_out=1, options=FUSED),
@@ -470,8 +473,7 @@ def test_lowering_declines_with_reasons_in_the_manifest(tmp_path):
     assert report.to_json() == {"kernels": {}, "decomposed": {"graphopt.SkipNorm": {"the input must have rank 2 or 3": 1}}}
     report = LoweringReport()
     ort_backend.lower(one_node_graph(case), "cpu", report)
-    assert list(report.decomposed["graphopt.SkipNorm"]) == [
-        "Add + LayerNormalization / SimplifiedLayerNormalization (faster than the fused kernels on CPU)"]
+    assert report.to_json() == {"kernels": {"LayerNormalization": 1}, "decomposed": {}}  # split on CPU
     with pytest.raises(UserError, match="skip_norm must be one of auto, fused, split, not 'both'"):
         ort_backend.lower(one_node_graph(case), "cpu", None, {"skip_norm": "both"})
 
@@ -666,8 +668,7 @@ def test_models_get_one_kernel_per_site_and_match_pytorch(arch, exported, tmp_pa
 
     module, path = exported(arch, "dynamo")
     result = optimize(path, tmp_path / "out", check_numerics=True, inputs=token_feeds(2, 6))
-    # GatedLinear has no ORT kernel; SkipNorm is split on CPU (Add + one norm kernel)
-    assert result.manifest["lowering"]["decomposed"].keys() <= {"graphopt.GatedLinear", "graphopt.SkipNorm"}
+    assert result.manifest["lowering"]["decomposed"].keys() <= {"graphopt.GatedLinear"}  # no ORT kernel
     check_model_artifact(tmp_path / "out", module, arch)
 
 

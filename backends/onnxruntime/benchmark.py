@@ -1,9 +1,11 @@
 """Side-by-side timings of the ORT lowering's choices, for docs/ort_lowering.md.
 
-    python -m graphopt.backends.onnxruntime.benchmark [--threads 1,2] [--quick] [--json OUT]
+    python -m graphopt.backends.onnxruntime.benchmark [--threads 1,2] [--quick] [--only models] [--json OUT]
 
-Each row is one graphopt op site (one-node graph) lowered several ways: the kernel the
-lowering picks, the other kernels it could pick, and the decomposition into core ops. Every
+Each op row is one graphopt op site (one-node graph) lowered several ways: the kernel the
+lowering picks, the other kernels it could pick, and the decomposition into core ops; each
+model row a whole transformers model (graphopt's default recipe) lowered with each choice
+forced (ratios there are against the default lowering). Every
 variant is checked against the reference interpreter before it is timed, and all variants
 of a row run interleaved in the same process (rounds of repetitions; the table shows the
 best round's median), so the ratios hold even on a busy machine. ORT runs with its default
@@ -200,6 +202,85 @@ def other_rows(quick: bool):
             {"input": q[1], "cos_cache": cos[1], "sin_cache": sin[1]}, ["kernel", "decompose"]
 
 
+def model_rows(quick: bool):
+    """Whole transformers models (random weights, 2 layers, 768 wide) through graphopt's
+    default recipe, lowered each way; feeds left-pad row 0 as batched prompts do."""
+    import contextlib
+    import io
+    import tempfile
+    import warnings
+
+    import torch
+    import transformers as tf
+
+    from graphopt.driver import optimize
+    from graphopt.onnx_io import load_onnx
+    from graphopt.testing import LMWrapper, token_feeds
+
+    configs = {
+        "gpt2 12x64": tf.GPT2Config(n_layer=2, n_embd=768, n_head=12, n_positions=1024, vocab_size=512),
+        "llama GQA 12/4x64": tf.LlamaConfig(num_hidden_layers=2, hidden_size=768, num_attention_heads=12,
+                                             num_key_value_heads=4, intermediate_size=2048,
+                                             max_position_embeddings=1024, vocab_size=512),
+    }
+    variants = {"auto (GQA, split norms)": {}, "mha": {"attention_kernel": "mha"},
+                "onnx opset-23 Attention": {"attention_kernel": "onnx"},
+                "attention decomposed": {"attention_kernel": "decompose"},
+                "fused Skip*Norm kernels": {"skip_norm": "fused"}}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        cfg._attn_implementation = "eager"
+        cls = tf.GPT2LMHeadModel if name.startswith("gpt2") else tf.LlamaForCausalLM
+        module = LMWrapper(cls(cfg).eval()).eval()
+        feeds = token_feeds(2, 8, vocab=512)
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            b, sq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=1024)
+            torch.onnx.export(module, (torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])),
+                              f"{tmp}/m.onnx", dynamo=True, external_data=False, input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamic_shapes={"input_ids": {0: b, 1: sq}, "attention_mask": {0: b, 1: sq}})
+            graph = optimize(load_onnx(f"{tmp}/m.onnx")).graph
+        for bsz, seq in [(1, 8), (4, 8), (1, 128), (4, 128), (1, 512)] + ([] if quick else [(4, 512)]):
+            yield f"{name}, B={bsz} S={seq}", graph, token_feeds(bsz, seq, vocab=512), variants
+
+
+def time_model(graph, feeds: dict, variants: dict, threads: int, budget_s: float = 3.0, rounds: int = 3) -> dict:
+    import onnxruntime as ort
+
+    from graphopt.backends.onnxruntime import lower, session_options_for
+    from graphopt.onnx_io import to_onnx_model
+
+    sessions, first = {}, None
+    for name, options in variants.items():
+        lowered = lower(graph, "cpu", None, options)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(to_onnx_model(lowered).SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=session_options_for(lowered, "cpu").get("disabled_optimizers"))
+        out = sess.run(None, feeds)[0]
+        if first is None:
+            first = out
+        elif not np.allclose(out, first, rtol=1e-4, atol=1e-4):
+            raise AssertionError(f"{name}: results differ from the first variant's")
+        sessions[name] = sess
+    t0 = time.perf_counter()
+    next(iter(sessions.values())).run(None, feeds)
+    reps = max(3, min(100, int(budget_s / rounds / len(sessions) / max(time.perf_counter() - t0, 1e-5))))
+    best = {name: float("inf") for name in sessions}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            sess.run(None, feeds)
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                sess.run(None, feeds)
+                ts.append(time.perf_counter() - t)
+            best[name] = min(best[name], float(np.median(ts)) * 1e3)
+    return best
+
+
 def main(argv=None) -> None:
     import onnx
     import onnxruntime as ort
@@ -207,7 +288,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="1,2")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["attention", "other"])
+    p.add_argument("--only", choices=["attention", "other", "models"])
     p.add_argument("--json")
     args = p.parse_args(argv)
     header = {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
@@ -224,15 +305,20 @@ def main(argv=None) -> None:
             for title, g, feeds, names in other_rows(args.quick):
                 rows.append((title, time_row(g, feeds, names, threads)))
                 print(_fmt(threads, *rows[-1]), flush=True)
+        if args.only in (None, "models"):
+            for title, graph, feeds, variants in model_rows(args.quick):
+                rows.append((title, time_model(graph, feeds, variants, threads)))
+                print(_fmt(threads, *rows[-1], base_name="auto (GQA, split norms)"), flush=True)
         results.append({"threads": threads, "rows": [{"site": t, "ms": r} for t, r in rows]})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"versions": header, "results": results}, f, indent=2)
 
 
-def _fmt(threads: int, title: str, ms: dict) -> str:
-    base = ms.get("decompose")
-    cells = "  ".join(f"{k}={v:.3f}ms" + (f" ({base / v:.2f}x)" if base and k != "decompose" else "") for k, v in ms.items())
+def _fmt(threads: int, title: str, ms: dict, base_name: str = "decompose") -> str:
+    base = ms.get(base_name)
+    cells = "  ".join(f"{k}={v:.3f}ms" + (f" ({base / v:.2f}x)" if base and k != base_name else "")
+                      for k, v in ms.items())
     return f"t={threads}  {title:58s} {cells}"
 
 

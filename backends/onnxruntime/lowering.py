@@ -136,8 +136,9 @@ def _lower_node(ctx: LoweringContext, node: Node, report: LoweringReport) -> Non
 
 
 # Default-domain ops a rule may emit that the report counts as kernels (besides com.microsoft
-# ones): ORT's own SimplifiedLayerNormalization and ONNX's opset-23 Attention.
-_ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "Attention"})
+# ones): ORT's own SimplifiedLayerNormalization, LayerNormalization (split SkipNorm) and
+# ONNX's opset-23 Attention.
+_ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization", "Attention"})
 
 
 def replace_node(node: Node, new_outputs: Sequence[Value | None], b: Builder) -> None:

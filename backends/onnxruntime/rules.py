@@ -66,18 +66,36 @@ def lower_rms_norm(ctx: LoweringContext, b: Builder, node: Node):
 # SkipLayerNormalization kernel, Add + SimplifiedLayerNormalization about 2x faster than
 # SkipSimplifiedLayerNormalization (docs/ort_lowering.md). The split form still has one ORT
 # norm kernel per site. On CUDA the fused kernels save a pass over the activations.
-SPLIT_SKIP_NORM = "Add + LayerNormalization / SimplifiedLayerNormalization (faster than the fused kernels on CPU)"
-
-
 def skip_norm_is_split(ctx: LoweringContext) -> bool:
     choice = ctx.options.get("skip_norm", "auto")
     return choice == "split" or (choice == "auto" and ctx.target == "cpu")
 
 
+def _split_skip_norm(ctx: LoweringContext, b: Builder, node: Node):
+    """S = X + skip (+ bias); Y = LayerNormalization(S) or SimplifiedLayerNormalization(S) (+ beta)."""
+    x, skip, gamma, beta, bias = (list(node.inputs) + [None] * 5)[:5]
+    dt = x.type.dtype
+    rms = node.attr("norm", "layer") == "rms"
+    norm_op = "SimplifiedLayerNormalization" if rms else "LayerNormalization"
+    if not ctx.has_kernel("", norm_op, dt):
+        return f"no {ctx.target} {norm_op} kernel for {dt.short}"
+    eps = float(node.attr("epsilon", 1e-5))
+    s = b.Add(x, skip)
+    if bias is not None:
+        s = b.Add(s, bias)
+    if rms:
+        y = b.op(norm_op, s, gamma, output_types=[x.type], axis=-1, epsilon=eps, stash_type=1)
+        if beta is not None:
+            y = b.Add(y, beta)
+    else:
+        y = b.LayerNormalization(s, gamma, beta, axis=-1, epsilon=eps)
+    return [y, s][:len(node.outputs)]
+
+
 @register_lowering(BACKEND, GRAPHOPT_DOMAIN, "SkipNorm")
 def lower_skip_norm(ctx: LoweringContext, b: Builder, node: Node):
     if skip_norm_is_split(ctx):
-        return SPLIT_SKIP_NORM
+        return _split_skip_norm(ctx, b, node)
     ins = list(node.inputs) + [None] * (5 - len(node.inputs))
     x, skip, gamma, beta, bias = ins
     dt = x.type.dtype
