@@ -28,7 +28,6 @@ from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.interpreter import run
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
-from graphopt.onnx_io import to_onnx_model
 from graphopt.testing import TOLERANCES, run_ort
 
 GQA, MHA = "com.microsoft.GroupQueryAttention", "com.microsoft.MultiHeadAttention"
@@ -251,6 +250,7 @@ ATTENTION_CASES = [
     attention_case("bnsh_cross_gqa", MHA, rank=4, nkv=2, sq=3, skv=6),
     attention_case("bsd_head_6", MHA, h=6, mask="hf"),
     attention_case("bnsh_head_6_present", MHA, rank=4, h=6, present=True, causal=1),
+    attention_case("bsd_head_6_gqa_causal", MHA, h=6, nkv=2, causal=1),  # repeated K/V heads, kernel's causal
     attention_case("bsd_v_head_differs", MHA, nkv=2, hv=16),
     # (rows masked by float16's lowest everywhere are left out: float16 arithmetic in the
     # reference and float32 in the kernel give them different, equally arbitrary, weights)
@@ -304,7 +304,8 @@ def skip_case(id, kernel, *, norm="layer", shape=(2, 5, 16), skip_shape=None, be
     skip_shape = skip_shape or shape
     dims = ("batch", "seq", None, None)[:len(shape) - 1] + (None,)
     sdims = dims if skip_shape == shape else None
-    inputs = [("X", _f(rng, *shape, dtype=dtype), dims, False), ("skip", _f(rng, *skip_shape, dtype=dtype), sdims, False),
+    inputs = [("X", _f(rng, *shape, dtype=dtype), dims, False),
+              ("skip", _f(rng, *skip_shape, dtype=dtype), sdims, False),
               ("gamma", _f(rng, d, dtype=dtype), None, True),
               ("beta", _f(rng, d, dtype=dtype), None, True) if beta else None,
               ("bias", _f(rng, d, dtype=dtype), None, True) if bias else None]
@@ -343,7 +344,7 @@ SKIP_CASES = [
 
 
 def rope_case(id, kernel, *, rank=4, positions=True, interleaved=0, rot=0, b=2, n=2, s=5, h=16,
-              cache_batch=None, dtype=np.float32) -> Case:
+              cache_batch=None, pos_batch=None, dtype=np.float32) -> Case:
     rng = _rng(id)
     half = (rot or h) // 2
     attrs = {"interleaved": interleaved}
@@ -356,7 +357,9 @@ def rope_case(id, kernel, *, rank=4, positions=True, interleaved=0, rot=0, b=2, 
         x = ("input", _f(rng, b, s, n * h, dtype=dtype), ("batch", "seq", None), False)
     if positions:
         angles = np.arange(16)[:, None] * (0.9 ** np.arange(half))[None, :]
-        extra = [("position_ids", rng.integers(0, 16, (b, s)).astype(np.int64), ("batch", "seq"), False)]
+        pb = pos_batch or b
+        extra = [("position_ids", rng.integers(0, 16, (pb, s)).astype(np.int64),
+                  ("batch" if pb == b else None, "seq"), False)]
         cdims = None
     else:
         cb = cache_batch or b
@@ -375,6 +378,7 @@ ROPE_CASES = [
     for rank in (4, 3) for pos in (True, False) for il in (0, 1) for rot in (0, 8)
 ] + [
     rope_case("percache_batch1_broadcast", ROPE, positions=False, cache_batch=1),
+    rope_case("positions_batch1_broadcast", ROPE, rank=3, pos_batch=1),
     rope_case("f16", ROPE, rank=3, dtype=np.float16),
     rope_case("f64", DECOMPOSED, dtype=np.float64),
 ]
@@ -470,7 +474,8 @@ def test_lowering_declines_with_reasons_in_the_manifest(tmp_path):
     case = next(c for c in SKIP_CASES if c.id == "layer_4d")
     report = LoweringReport()
     ort_backend.lower(one_node_graph(case), "cpu", report, FUSED)
-    assert report.to_json() == {"kernels": {}, "decomposed": {"graphopt.SkipNorm": {"the input must have rank 2 or 3": 1}}}
+    assert report.to_json() == {"kernels": {},
+                                "decomposed": {"graphopt.SkipNorm": {"the input must have rank 2 or 3": 1}}}
     report = LoweringReport()
     ort_backend.lower(one_node_graph(case), "cpu", report)
     assert report.to_json() == {"kernels": {"LayerNormalization": 1}, "decomposed": {}}  # split on CPU
@@ -558,8 +563,8 @@ REJECTED = {
     "skip_layer_norm_rank_4": (lambda: _model("SkipLayerNormalization", [_f32(0, 2, 3, 5, 16), _f32(1, 2, 3, 5, 16),
                                                                          _f32(2, 16)]), "3 or 2 dimensions"),
     "skip_layer_norm_float64": (
-        lambda: _model("SkipLayerNormalization", [_f32(0, 2, 5, 16).astype(np.float64),
-                                                  _f32(1, 2, 5, 16).astype(np.float64), _f32(2, 16).astype(np.float64)]),
+        lambda: _model("SkipLayerNormalization", [_f32(0, 2, 5, 16).astype(np.float64), _f32(1, 2, 5, 16).astype(np.float64),
+                                                  _f32(2, 16).astype(np.float64)]),
         "tensor(double)"),
     "rotary_per_batch_caches": (lambda: _model("RotaryEmbedding", [_f32(0, 2, 2, 5, 16), np.zeros((2, 5), np.int64),
                                                                    _f32(1, 2, 5, 8), _f32(2, 2, 5, 8)]),
@@ -607,7 +612,8 @@ CUDA_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("case", [c for c in ALL_CASES if (c.op, c.id) in CUDA_EXPECTED], ids=lambda c: f"{c.op}-{c.id}")
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if (c.op, c.id) in CUDA_EXPECTED],
+                         ids=lambda c: f"{c.op}-{c.id}")
 def test_cuda_lowering_builds_the_cuda_kernels(case, tmp_path):
     model, fields, _ = lower_save_run(one_node_graph(case, dynamic=True), case.feeds(), tmp_path, target="cuda",
                                       options=case.options)

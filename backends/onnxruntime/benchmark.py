@@ -71,28 +71,6 @@ def attention_site(b: int, s: int, *, heads=12, kv_heads=12, head=64, mask=True,
     return one_node("Attention", inputs, attrs), {name: a for name, a, _, _ in inputs}
 
 
-def _opset23_attention(g: Graph):
-    """The same site as one ONNX opset-23 Attention node (not a lowering choice; a yardstick).
-    ORT's kernel zeroes a query row whose mask is float32's lowest everywhere (transformers'
-    padded rows), so the mask is clamped to -3e38 first, as a lowering to it would have to."""
-    import onnx
-    from onnx import helper
-
-    node = g.nodes[0]
-    names = [v.name for v in node.inputs]
-    infos = [helper.make_tensor_value_info(v.name, v.type.dtype.onnx_type, list(v.type.shape)) for v in node.inputs]
-    attrs = {"q_num_heads": node.attr("num_heads", 0), "kv_num_heads": node.attr("kv_num_heads", 0),
-             "is_causal": node.attr("causal", 0)} if node.inputs[0].type.rank == 3 else {"is_causal": node.attr("causal", 0)}
-    nodes, inits = [], []
-    if len(names) > 3:
-        inits.append(onnx.numpy_helper.from_array(np.array(-3e38, np.float32), "clamp"))
-        nodes.append(helper.make_node("Max", [names[3], "clamp"], ["mask_clamped"]))
-        names = names[:3] + ["mask_clamped"]
-    nodes.append(helper.make_node("Attention", names, ["Y"], **attrs))
-    graph = helper.make_graph(nodes, "a23", infos, [helper.make_tensor_value_info("Y", 1, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
-
-
 def _session(model, threads: int):
     import onnxruntime as ort
 
@@ -104,16 +82,14 @@ def _session(model, threads: int):
 
 
 def variants_for(g: Graph, names: list[str]) -> dict:
-    """name -> ONNX model; names: auto, gqa, mha, decompose, opset23."""
+    """name -> ONNX model; names: kernel (the default lowering), gqa, mha, onnx (opset-23
+    Attention), decompose (every graphopt op decomposed)."""
     from graphopt.backends.onnxruntime import lower
     from graphopt.backends.onnxruntime.lowering import LoweringReport
     from graphopt.onnx_io import to_onnx_model
 
     out = {}
     for name in names:
-        if name == "opset23":
-            out[name] = _opset23_attention(g)
-            continue
         if name == "decompose":
             from graphopt.registry import decompose_graphopt_ops
 
@@ -167,7 +143,7 @@ def attention_rows(quick: bool):
             if quick and label.startswith("4-D") and s > 128:
                 continue
             g, feeds = attention_site(b, s, **kw)
-            yield f"Attention {label}, B={b} S={s}", g, feeds, ["gqa", "mha", "decompose", "opset23"]
+            yield f"Attention {label}, B={b} S={s}", g, feeds, ["gqa", "mha", "decompose", "onnx"]
 
 
 def other_rows(quick: bool):
@@ -178,7 +154,8 @@ def other_rows(quick: bool):
         skip = ("skip", rng.standard_normal((b, s, d)).astype(np.float32), ("batch", "seq", None), False)
         vec = lambda name: (name, rng.standard_normal(d).astype(np.float32), (None,), True)  # noqa: E731
         g = one_node("SkipNorm", [x, skip, vec("gamma"), vec("beta"), vec("bias")], {"norm": "layer"}, 2)
-        yield f"SkipNorm layer (+beta, bias, sum), B={b} S={s} D={d}", g, {"X": x[1], "skip": skip[1]}, ["kernel", "decompose"]
+        yield (f"SkipNorm layer (+beta, bias, sum), B={b} S={s} D={d}", g, {"X": x[1], "skip": skip[1]},
+               ["kernel", "decompose"])
         g = one_node("SkipNorm", [x, skip, vec("gamma")], {"norm": "rms"}, 2)
         yield f"SkipNorm rms (+sum), B={b} S={s} D={d}", g, {"X": x[1], "skip": skip[1]}, ["kernel", "decompose"]
         g = one_node("RMSNorm", [x, vec("scale")], {"epsilon": 1e-6})
@@ -236,9 +213,10 @@ def model_rows(quick: bool):
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             b, sq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=1024)
-            torch.onnx.export(module, (torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])),
-                              f"{tmp}/m.onnx", dynamo=True, external_data=False, input_names=["input_ids", "attention_mask"],
-                              output_names=["logits"], dynamic_shapes={"input_ids": {0: b, 1: sq}, "attention_mask": {0: b, 1: sq}})
+            args = (torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+            torch.onnx.export(module, args, f"{tmp}/m.onnx", dynamo=True, external_data=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                              dynamic_shapes={"input_ids": {0: b, 1: sq}, "attention_mask": {0: b, 1: sq}})
             graph = optimize(load_onnx(f"{tmp}/m.onnx")).graph
         for bsz, seq in [(1, 8), (4, 8), (1, 128), (4, 128), (1, 512)] + ([] if quick else [(4, 512)]):
             yield f"{name}, B={bsz} S={seq}", graph, token_feeds(bsz, seq, vocab=512), variants

@@ -122,8 +122,8 @@ def _lower_node(ctx: LoweringContext, node: Node, report: LoweringReport) -> Non
         b = Builder(graph, before=node, created_by=f"{_CREATED_BY}:{node.op}")
         result = rule(ctx, b, node)
         if isinstance(result, (list, tuple)):
-            kernels = [f"{n.domain}.{n.op_type}" if n.domain else n.op_type
-                       for n in b.nodes if n.domain == MS_DOMAIN or (n.domain == "" and n.op_type in _ORT_ONNX_DOMAIN_OPS)]
+            kernels = [f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in b.nodes
+                       if n.domain == MS_DOMAIN or (n.domain == "" and n.op_type in _ORT_ONNX_DOMAIN_OPS)]
             replace_node(node, result, b)
             for k in kernels:
                 report.kernels[k] += 1

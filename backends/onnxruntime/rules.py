@@ -166,6 +166,12 @@ def lower_rotary(ctx: LoweringContext, b: Builder, node: Node):
         pos = b.Expand(ids, batch_seq)
     elif len(cs) != 2:
         return "caches with position_ids must be (max_pos, rot/2)"
+    elif _shape(pos) is None or len(_shape(pos)) != 2:
+        return "position_ids must be (batch, seq)"
+    elif not same_dim(_shape(pos)[0], xs[0]):
+        # graphopt broadcasts position_ids (1, S) over the batch; the kernel wants (B, S)
+        seq_axis = 2 if len(xs) == 4 else 1
+        pos = b.Expand(pos, b.Concat(ctx.dim(b, x, 0), ctx.dim(b, x, seq_axis), axis=0))
     attrs = {"interleaved": node.attr("interleaved", 0), "num_heads": num_heads}
     if rot:
         attrs["rotary_embedding_dim"] = rot
