@@ -566,6 +566,9 @@ REJECTED = {
         lambda: _model("SkipLayerNormalization", [_f32(0, 2, 5, 16).astype(np.float64), _f32(1, 2, 5, 16).astype(np.float64),
                                                   _f32(2, 16).astype(np.float64)]),
         "tensor(double)"),
+    "rotary_position_ids_broadcast_over_batch": (
+        lambda: _model("RotaryEmbedding", [_f32(0, 2, 2, 5, 16), np.zeros((1, 5), np.int64), _f32(1, 8, 8),
+                                           _f32(2, 8, 8)]), "should be of size batch_size"),
     "rotary_per_batch_caches": (lambda: _model("RotaryEmbedding", [_f32(0, 2, 2, 5, 16), np.zeros((2, 5), np.int64),
                                                                    _f32(1, 2, 5, 8), _f32(2, 2, 5, 8)]),
                                 "expected to have 2 dimensions"),
