@@ -136,6 +136,8 @@ def _progress(quiet: bool):
 @click.option("--recipe", type=click.Path(path_type=str), default=None, help="A TOML recipe file instead of --passes.")
 @click.option("--backend", default="ort", show_default=True,
               help="ort (onnxruntime), or tvm (a compiled library; pip install 'graphopt[tvm]').")
+@click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE",
+              help="An option for the backend's lowering, e.g. attention_kernel=onnx (repeatable).")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--check-numerics", is_flag=True, help="Run the graph before and after every pass on sample "
               "inputs; stop at the first pass that changes results and name it.")
@@ -146,8 +148,8 @@ def _progress(quiet: bool):
               "(where a fusion's root op matched but a later constraint failed, and where).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def optimize(model, output_dir, pipeline, recipe, backend, target, check_numerics, inputs_file, no_verify,
-             explain_fusions, as_json, quiet):
+def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
+             no_verify, explain_fusions, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
@@ -164,7 +166,14 @@ def optimize(model, output_dir, pipeline, recipe, backend, target, check_numeric
     from graphopt.sample_inputs import load_inputs
 
     inputs = load_inputs(inputs_file) if inputs_file else None
-    result = run_optimize(model, output_dir, passes=pipeline, recipe=recipe, backend=backend, target=target,
+    options = {}
+    for item in backend_options:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--backend-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    result = run_optimize(model, output_dir, passes=pipeline, recipe=recipe, backend=backend,
+                          backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
                           progress=_progress(quiet))
     if as_json:

@@ -40,6 +40,7 @@ class OptimizeResult:
 
 def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | None = None, *,
              passes: str | None = None, recipe: str | os.PathLike | None = None, backend: str = "onnxruntime",
+             backend_options: dict | None = None,
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
              verify: bool = True, progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default cleanup pipeline unless `passes` or
@@ -100,6 +101,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "parameters_before": before["parameters"]["count"],
         "parameters_after": after["parameters"]["count"],
         "backend": backend,
+        "backend_options": dict(backend_options or {}),
         "target": target,
     }
     manifest: dict = {}
@@ -112,7 +114,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             raise UserError(f"{out}: exists and is not a folder")
         progress(f"writing {out}")
         with atomic_dir(out) as tmp:
-            fields = be.save(optimized, tmp, target, {})
+            fields = be.save(optimized, tmp, target, dict(backend_options or {}))
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
             report["total_seconds"] = round(time.perf_counter() - t_start, 3)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

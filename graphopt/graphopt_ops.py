@@ -289,6 +289,11 @@ def _attention_reference(node: Node, inputs):
             raise _unsupported(node, f"the mask's last dimension is {mask.shape[-1]}, but the total "
                                      f"sequence length is {total}")
     nq, nkv = _heads_3d(node) if q.ndim == 3 else (None, None)
+    if mask is not None and node.attr("causal", 0) and mask.ndim >= 2 and mask.shape[-2] == 1:
+        # ONNX's reference builds the causal mask from the mask's own query length: give the
+        # mask its full query axis first (broadcasting says it means the same).
+        q_len = q.shape[-2] if q.ndim == 4 else q.shape[1]
+        mask = np.broadcast_to(mask, mask.shape[:-2] + (q_len, mask.shape[-1]))
     out = _compute_attention(q, k, v, attn_mask=mask, past_key=past_k, past_value=past_v,
                              scale=node.attr("scale", 0.0) or None, is_causal=bool(node.attr("causal", 0)),
                              q_num_heads=nq, kv_num_heads=nkv, softcap=node.attr("softcap", 0.0) or None)

@@ -485,3 +485,34 @@ def test_rmsnorm_refuses_mixed_types_and_positive_axis_of_unknown_rank():
                                     g.add_input("w", _f32(8))], axis=1)
     with pytest.raises(UserError, match="'my_rmsnorm'.*known rank"):
         decompose_node(unranked)
+
+
+def test_causal_attention_with_a_key_padding_mask_broadcast_over_queries():
+    """A (B, 1, 1, T) mask with causal=1: the reference must broadcast the mask's query axis
+    before building the causal mask (ONNX's own reference builds it from the mask's shape)."""
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.registry import decompose_graphopt_ops
+
+    rng = np.random.default_rng(3)
+    b, n, s, h = 2, 2, 5, 8
+    q, k, v = (rng.standard_normal((b, n, s, h)).astype(np.float32) for _ in range(3))
+    mask = np.zeros((b, 1, 1, s), np.float32)
+    mask[0, ..., :2] = -np.inf
+    g = Graph()
+    ins = [g.add_input(name, TensorType.of(a)) for name, a in (("q", q), ("k", k), ("v", v), ("mask", mask))]
+    node = g.make_node("Attention", ins, domain="graphopt", attrs={"causal": 1})
+    g.append(node)
+    g.outputs = [node.outputs[0]]
+    feeds = {"q": q, "k": k, "v": v, "mask": mask}
+    got = run(g, feeds)[g.outputs[0].name]
+    # numpy: causal + key padding, fully masked rows give zeros
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(h) + mask + np.triu(np.full((s, s), -np.inf, np.float32), 1)
+    with np.errstate(all="ignore"):
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p = p / p.sum(-1, keepdims=True)
+    want = np.nan_to_num(p) @ v
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    d = g.copy()
+    decompose_graphopt_ops(d)
+    np.testing.assert_allclose(run(d, feeds)[d.outputs[0].name], want, rtol=1e-5, atol=1e-6)

@@ -126,3 +126,14 @@ def test_passes_command_lists_the_catalogue():
     assert "eliminate-dead-code (dce)" in r.output and "fold-constants{max-size=1024} (fold)" in r.output
     rows = json.loads(invoke("passes", "--json").output)
     assert any(p["name"] == "test-swap-add-sub" and p["source"] != "graphopt" for p in rows)
+
+
+def test_backend_options_reach_the_lowering_and_bad_ones_are_refused(tmp_path):
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "-q", "--backend-option", "skip_norm=split", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["backend_options"] == {"skip_norm": "split"}
+    for bad, message in (("nope=1", "unknown onnxruntime backend option 'nope'"),
+                         ("attention_kernel=fast", "attention_kernel must be one of"),
+                         ("novalue", "expected KEY=VALUE")):
+        r = invoke("optimize", EXAMPLE, "-o", tmp_path / "b", "-q", "--backend-option", bad)
+        assert r.exit_code == 2 and message in r.output and not (tmp_path / "b").exists()

@@ -31,8 +31,10 @@ def lower(graph: Graph, target: str, report: LoweringReport | None = None, optio
     choice the lowering otherwise makes itself (`LOWERING_OPTIONS`)."""
     if target not in PROVIDERS:
         raise UserError(f"unknown target {target!r} for onnxruntime (expected cpu or cuda)")
-    options = {k: v for k, v in (options or {}).items() if k in LOWERING_OPTIONS}
+    options = dict(options or {})
     for name, value in options.items():
+        if name not in LOWERING_OPTIONS:
+            raise UserError(f"unknown onnxruntime backend option {name!r} (known: {', '.join(LOWERING_OPTIONS)})")
         if value not in LOWERING_OPTIONS[name]:
             raise UserError(f"{name} must be one of {', '.join(LOWERING_OPTIONS[name])}, not {value!r}")
     return lower_graph(graph.copy(), target, report, options)
