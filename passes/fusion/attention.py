@@ -218,13 +218,16 @@ def match_3d(node: Node):
     nq, nkv = node.attr("num_heads"), node.attr("kv_num_heads")
     if len(node.inputs) > 4 or len(node.outputs) > 1 or q.type is None or q.type.rank != 4:
         return "not a 4-D attention without cache"
-    found = []
+    found, ropes = [], []
     for t, heads in ((q, nq), (k, nkv), (v, nkv)):
-        src = next((a for a in layout_ancestors(t) if a.type is not None and a.type.rank == 3
-                    and computes(a, t, split_heads(heads))), None)
+        rope = _rope_on_heads(t)
+        base = rope.inputs[0] if rope is not None else t
+        src = next((a for a in layout_ancestors(base) if a.type is not None and a.type.rank == 3
+                    and computes(a, base, split_heads(heads))), None)
         if src is None:
-            return f"{t.name!r} is not a head split of a 3-D tensor"
+            return f"{base.name!r} is not a head split of a 3-D tensor"
         found.append(src)
+        ropes.append((rope, heads))
     y = node.outputs[0]
     cur, y3 = y, None
     for _ in range(3):
@@ -243,7 +246,20 @@ def match_3d(node: Node):
     if y3 is None:
         return "the output is not merged back to 3-D"
     mask = node.inputs[3] if len(node.inputs) > 3 else None
-    return found + [y3, mask]
+    return found + [y3, mask, ropes]
+
+
+def _rope_on_heads(t: Value) -> Node | None:
+    """The RotaryEmbedding producing t from a 4-D tensor, when nothing else reads t (rotary is
+    per position and head, so it can move before the head split: graphopt.RotaryEmbedding takes
+    [batch, seq, heads * head_size] with num_heads)."""
+    n = t.producer()
+    if n is None or n.op_type != "RotaryEmbedding" or n.domain != GRAPHOPT_DOMAIN:
+        return None
+    x = n.inputs[0]
+    if x.type is None or x.type.rank != 4 or len(t.uses()) != 1 or t.is_graph_output:
+        return None
+    return n
 
 
 def _merge_heads_2d(x: np.ndarray) -> np.ndarray:
@@ -252,9 +268,19 @@ def _merge_heads_2d(x: np.ndarray) -> np.ndarray:
 
 
 def rewrite_3d(graph: Graph, node: Node, found) -> None:
-    q3, k3, v3, y3, mask = found
+    q3, k3, v3, y3, mask, ropes = found
     rw = Rewriter(graph, y3.producer(), "attention-to-3d")
     attrs = {k: a.value for k, a in node.attrs.items()}
+    moved = []
+    for i, (rope, heads) in enumerate(ropes):
+        if rope is None:
+            continue
+        rattrs = {k: a.value for k, a in rope.attrs.items()}
+        rattrs["num_heads"] = heads
+        src = (q3, k3, v3)[i]
+        new = rw.op("RotaryEmbedding", src, *rope.inputs[1:], domain=GRAPHOPT_DOMAIN, **rattrs)
+        q3, k3, v3 = [new if j == i else t for j, t in enumerate((q3, k3, v3))]
+        moved.append(rope)
     ins = [q3, k3, v3] + ([mask] if mask is not None else [])
     y = rw.op("Attention", *ins, domain=GRAPHOPT_DOMAIN, **attrs)
     if y3.type is not None and y3.type.rank == 2:
@@ -268,7 +294,9 @@ def rewrite_3d(graph: Graph, node: Node, found) -> None:
             break
         chain.append(nxt)
         cur = nxt.outputs[0]
-    remove_dead(graph, [node] + chain + [t.producer() for t in node.inputs[:3] if t.producer() is not None])
+    producers = [t.producer() for t in node.inputs[:3] if t.producer() is not None]
+    producers += [r.inputs[0].producer() for r in moved if r.inputs[0].producer() is not None]
+    remove_dead(graph, [node] + chain + moved + producers)
 
 
 @register_pass("fuse-attention")
@@ -302,6 +330,11 @@ class FuseAttention(Pass):
             rewrite_attention(graph, m)
             result.count("attention")
         if self.to_3d:
+            # the layout chains the fused sites no longer read (key transposes, head repeats)
+            # would count as other uses of Q/K/V below
+            from graphopt.passes.cleanup.dce import EliminateDeadCode
+
+            EliminateDeadCode().run(graph, ctx)
             for node in list(graph.nodes):
                 if node.graph is not graph or node.op_type != "Attention" or node.domain != GRAPHOPT_DOMAIN:
                     continue
