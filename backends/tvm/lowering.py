@@ -33,7 +33,9 @@ from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 BACKEND = "tvm"
 INLINE_BYTES = 256  # constants up to this size are compiled into the library
 KNOWN_MAX_ELEMS = 64  # integer tensors up to this size are tracked symbolically
-PRE_LOWERING_PIPELINE = "simplify-shapes,fold-constants,eliminate-dead-code"
+# Constant folding up to 16M elements: a weight's transpose (a tied lm_head) is then
+# computed once, here, and stored with the weights instead of on every call.
+PRE_LOWERING_PIPELINE = "simplify-shapes,fold-constants{max-size=16777216},eliminate-dead-code"
 
 
 class LoweringError(UserError):

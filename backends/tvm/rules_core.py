@@ -427,7 +427,8 @@ def transpose(lw: Lowerer, node, args):
     perm = list(node.attr("perm", tuple(reversed(range(rank)))))
     if isinstance(x, Known):
         return [Known(x.values.transpose(perm), x.dtype)]
-    return [lw.emit(R.permute_dims(x, perm))]
+    stored = lw.weight(node.inputs[0], f"perm{''.join(map(str, perm))}", lambda a: np.transpose(a, perm))
+    return [stored if stored is not None else lw.emit(R.permute_dims(x, perm))]
 
 
 @rule("Unsqueeze")

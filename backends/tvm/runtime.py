@@ -103,6 +103,9 @@ def _device_for(spec: dict, where: str):
         dev = tvm.cuda(0)
         if not dev.exist:
             raise UserError(f"{where}: built for cuda ({spec.get('arch')}), but this machine has no CUDA GPU")
+        if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+            raise UserError(f"{where}: this apache-tvm runtime cannot load CUDA code (the PyPI wheels compile "
+                            "for cuda but run only on the CPU); use a TVM built with CUDA")
         have = f"sm_{dev.compute_version.replace('.', '')}"
         if spec.get("arch") != have:
             raise UserError(f"{where}: built for {spec.get('arch')}, but this GPU is {have}; rebuild it here")
