@@ -20,9 +20,9 @@ from graphopt.pattern import constant_value
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity", "Shape", "Gather",
               "Slice", "Concat", "Cast", "Add", "Sub", "Mul", "Div", "Equal", "Where", "Max", "Min", "Size",
-              "ConstantOfShape", "Range"}
+              "ConstantOfShape", "Range", "Split"}
 _DATA_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity"}  # single-input movers
-_MOVES_DATA = _DATA_OPS | {"Slice", "Concat", "Gather"}  # may carry float data without computing on it
+_MOVES_DATA = _DATA_OPS | {"Slice", "Concat", "Gather", "Split"}  # may carry float data without computing on it
 MAX_SLICE = 64
 PROBE_DIMS = ((3, 5, 2, 7), (2, 7, 3, 5))  # values for symbolic dims in the two probes
 

@@ -213,7 +213,51 @@ class SimplifyShapes(Pass):
                 self._reshape(graph, node, env, result)
             elif node.op_type == "Expand" and node.domain == "":
                 self._expand(graph, node, env, result)
+        touched += self._shapes_from_inputs(graph, result)
         remove_dead(graph, touched)
+
+    def _shapes_from_inputs(self, graph: Graph, result: PassResult) -> list[Node]:
+        """Shape(x) whose dims are all numbers or symbols of the graph inputs becomes a
+        Concat of those inputs' dims: the same values, but x no longer has to be computed
+        for its shape, so fusions see single-use tensors and dead code can go."""
+        from graphopt.builder import Builder
+
+        where: dict[str, tuple] = {}  # symbol -> (graph input, axis)
+        for v in graph.inputs:
+            for i, d in enumerate(v.type.shape or ()):
+                if isinstance(d, str):
+                    where.setdefault(d, (v, i))
+        if not where:
+            return []
+        first = graph.nodes[0] if graph.nodes else None
+        done: list[Node] = []
+        for node in list(graph.nodes):
+            if node.op_type != "Shape" or node.domain != "" or node.inputs[0].is_graph_input or node.outputs[0].is_graph_output:
+                continue
+            x = node.inputs[0]
+            dims = x.type.shape if x.type is not None else None
+            if dims is None:
+                continue
+            r = len(dims)
+            start, end = node.attr("start", 0), node.attr("end", r)
+            start = min(max(start + r if start < 0 else start, 0), r)
+            end = min(max(end + r if end < 0 else end, 0), r)
+            sel = dims[start:end]
+            if not sel or not all(isinstance(d, int) or d in where for d in sel) or all(isinstance(d, int) for d in sel):
+                continue
+            b = Builder(graph, before=first, created_by="simplify-shapes", name_prefix=f"{node.name}/from_inputs")
+            parts = []
+            for d in sel:
+                if isinstance(d, int):
+                    parts.append(b.const(np.array([d], np.int64), "dim"))
+                else:
+                    v, i = where[d]
+                    parts.append(b.Shape(v, start=i, end=i + 1))
+            new = parts[0] if len(parts) == 1 else b.Concat(*parts, axis=0)
+            replace_value(graph, node.outputs[0], new)
+            done.append(node)
+            result.count("shapes-from-inputs")
+        return done
 
     def _reshape(self, graph: Graph, node: Node, env, result: PassResult) -> None:
         data, shape = node.inputs[0], node.inputs[1]

@@ -7,6 +7,8 @@ takes are Cos(f) and Sin(f).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.layout import computes, rotate_half
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -42,6 +44,46 @@ def _half_freqs(cache4: Value, trig: str) -> tuple[Value, list[Node]]:
     return cat.inputs[0], nodes
 
 
+_KEEPS_LAST_AXIS = {"Slice", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Reshape"}
+
+
+def _halves_from_constant(cache: Value, head: int) -> tuple[Value, list[Node]] | None:
+    """When `cache` is a constant table with equal halves along the last axis (cat(f, f)),
+    sliced or gathered along other axes only, return (cache, []): its first half is then the
+    half-size cache. Covers models that precompute cos/sin tables as buffers."""
+    from graphopt.pattern import constant_value
+
+    shape = cache.type.shape if cache.type is not None else None
+    if shape is None or len(shape) < 2 or any(d != 1 for d in shape[:-2]):
+        return None  # a per-batch table: its rows cannot be flattened into one cache
+    v = cache
+    for _ in range(6):
+        c = constant_value(v)
+        if c is not None:
+            if c.shape[-1:] != (head,) or not np.array_equal(c[..., : head // 2], c[..., head // 2:]):
+                return None
+            return cache, []
+        n = v.producer()
+        if n is None or n.domain != "" or n.op_type not in _KEEPS_LAST_AXIS or n.inputs[0] is None:
+            return None
+        rank = v.type.rank if v.type is not None else None
+        if n.op_type == "Slice":
+            axes = constant_value(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+            in_rank = n.inputs[0].type.rank if n.inputs[0].type is not None else None
+            if axes is None or in_rank is None or any(int(a) % in_rank == in_rank - 1 for a in axes.reshape(-1)):
+                return None
+        elif n.op_type == "Gather":
+            in_rank = n.inputs[0].type.rank if n.inputs[0].type is not None else None
+            if in_rank is None or n.attr("axis", 0) % in_rank == in_rank - 1:
+                return None
+        elif n.op_type == "Reshape":
+            if rank is None or n.inputs[0].type is None or n.inputs[0].type.shape is None \
+                    or v.type.shape[-1] != n.inputs[0].type.shape[-1]:
+                return None
+        v = n.inputs[0]
+    return None
+
+
 def match_rotary(add: Node):
     for mul_x, mul_r in ((0, 1), (1, 0)):
         a, b = add.inputs[mul_x].producer(), add.inputs[mul_r].producer()
@@ -55,12 +97,23 @@ def match_rotary(add: Node):
                 rot, sin4 = b.inputs[ri], b.inputs[1 - ri]
                 if rot is x or not computes(x, rot, rotate_half, data_ops=frozenset({"Neg"})):
                     continue
+                head = x.type.shape[-1]
+                tables = _halves_from_constant(cos4, head), _halves_from_constant(sin4, head)
+                if tables[0] is not None and tables[1] is not None:
+                    return x, (cos4, sin4), [add, a, b]
                 fc, cos_nodes = _half_freqs(cos4, "Cos")
                 fs, sin_nodes = _half_freqs(sin4, "Sin")
                 if fc is not fs:
                     raise _NoMatch("cos and sin are of different frequency tensors")
                 return x, fc, [add, a, b] + cos_nodes + sin_nodes
     raise _NoMatch("not x * cos + rotate_half(x) * sin")
+
+
+def _first_half_3d(rw: Rewriter, table: Value, head: int) -> Value:
+    """table [..., seq, head] (leading dims 1) -> its first half as a [1, seq, head/2] cache."""
+    half = rw.Slice(table, rw.const(np.array([0], np.int64), "start"), rw.const(np.array([head // 2], np.int64), "end"),
+                    rw.const(np.array([-1], np.int64), "axes"))
+    return rw.Reshape(half, rw.const(np.array([1, -1, head // 2], np.int64), "cache_shape"))
 
 
 @register_pass("fuse-rotary")
@@ -87,9 +140,13 @@ class FuseRotary(Pass):
                 result.details.append({"fusion": "rotary", "node": add.name, "op": add.op, "reason": str(e)})
                 continue
             rw = Rewriter(graph, add, "fuse-rotary")
-            if id(freqs) not in made:
-                made[id(freqs)] = (rw.Cos(freqs), rw.Sin(freqs))
-            cos, sin = made[id(freqs)]
+            key = id(freqs) if not isinstance(freqs, tuple) else (id(freqs[0]), id(freqs[1]))
+            if key not in made:
+                if isinstance(freqs, tuple):  # tables with equal halves: keep the first half
+                    made[key] = tuple(_first_half_3d(rw, t, x.type.shape[-1]) for t in freqs)
+                else:
+                    made[key] = (rw.Cos(freqs), rw.Sin(freqs))
+            cos, sin = made[key]
             y = rw.op("RotaryEmbedding", x, cos, sin, domain=GRAPHOPT_DOMAIN)
             replace_value(graph, add.outputs[0], y)
             remove_dead(graph, nodes)
