@@ -36,6 +36,11 @@ def median_ms(fn, *, warmup: int = 2, min_runs: int = 5, min_seconds: float = 1.
     return statistics.median(times)
 
 
+def _display(model: str) -> str:
+    path = Path(model).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else model
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "examples" / "default"))
@@ -48,7 +53,8 @@ def main(argv=None) -> int:
     from graphopt.backends.tvm.build import system_cpu
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="tvm_bench_"))
+    tmp = tempfile.TemporaryDirectory(prefix="tvm_bench_")
+    work = Path(tmp.name)
     t = time.perf_counter()
     ort_result = graphopt.optimize(args.model, work / "ort", backend="ort")
     tvm_result = graphopt.optimize(ort_result.graph, work / "tvm", backend="tvm")
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
     import tvm as tvm_module
 
     result = {
-        "model": args.model, "threads": args.threads, "cpu": system_cpu(), "machine": platform.machine(),
+        "model": _display(args.model), "threads": args.threads, "cpu": system_cpu(), "machine": platform.machine(),
         "cores": os.cpu_count(), "tvm_compile_seconds": tvm_result.manifest["compile_seconds"],
         "build_seconds_both": round(build_s, 1), "tuning": "none (dlight CPU rules + graphopt CPU schedules)",
         "versions": {"onnxruntime": onnxruntime.__version__, "apache-tvm": tvm_module.__version__,

@@ -19,6 +19,10 @@ from __future__ import annotations
 import re
 
 
+TILE_ROWS = 4  # a matmul tile: rows x (vectors of columns), accumulated in registers
+TILE_VECTORS = 2
+
+
 def _vector_lanes(target, bits: int = 32) -> int:
     from tvm.target.codegen import llvm_get_vector_width
 
@@ -82,20 +86,19 @@ def cpu_rules() -> list:
             stmt = sch.get(main.block_rv)
             if len(stmt.reads) != 2 or len(main.dom_kind()) < 3:
                 return None  # not A x B (a reduction of one input is a norm or a sum)
-            # Producers (a transpose of K, a cast) are computed inside the kernel.
+            # Producers (K transposed, KV heads repeated, a cast) run as loops of their own:
+            # inlined, a transpose would make the tile read B across rows.
             before = infos[: infos.index(main)]
             after = infos[infos.index(main) + 1:]
-            for b in reversed(before):
-                try:
-                    sch.compute_inline(b.block_rv)
-                except Exception:  # noqa: BLE001 -- a block that cannot inline stays as it is
-                    return None
             lanes = _vector_lanes(target)
+            for b in before:
+                _parallelize(sch, b.block_rv, lanes)
             *spatial, j, k = sch.get_loops(main.block_rv)
             n = _extent(sch, j)
-            width = next((w for w in (2 * lanes, lanes) if isinstance(n, int) and n % w == 0), 2 * lanes)
+            wide = TILE_VECTORS * lanes
+            width = next((w for w in (wide, lanes) if isinstance(n, int) and n % w == 0), wide)
             *outer, i = spatial
-            io, ii = sch.split(i, [None, 4])
+            io, ii = sch.split(i, [None, TILE_ROWS])
             jo, ji = sch.split(j, [None, width])
             sch.reorder(*outer, io, jo, k, ii, ji)
             # Accumulate the 4 x width tile in a local buffer, written back once per tile.
