@@ -206,6 +206,15 @@ def test_op_without_a_rule_is_a_one_line_error_naming_op_and_node(tmp_path):
     assert "Traceback" not in r.output
 
 
+def test_backend_options_are_checked(tmp_path):
+    with pytest.raises(UserError, match="unknown tvm backend option 'tile'"):
+        graphopt.optimize(EXAMPLE, tmp_path / "a", backend="tvm", backend_options={"tile": "8"})
+    with pytest.raises(UserError, match="cuda_arch='ampere'"):
+        graphopt.optimize(EXAMPLE, tmp_path / "b", backend="tvm", backend_options={"cuda_arch": "ampere"})
+    result = graphopt.optimize(EXAMPLE, tmp_path / "c", backend="tvm", backend_options={"num_cores": "1"})
+    assert result.manifest["tvm_target"]["num-cores"] == 1
+
+
 def test_missing_tvm_is_a_one_line_error_with_the_install_command(monkeypatch):
     from graphopt.backends.tvm import runtime
 

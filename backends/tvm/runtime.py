@@ -2,6 +2,7 @@
 and `Executable` (load it and run it on numpy inputs)."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -39,6 +40,27 @@ def check_target(target: str) -> None:
             raise UserError("the cuda target needs nvcc (the CUDA toolkit) or NVRTC (pip install cuda-bindings)")
 
 
+# Backend options (`--backend-option KEY=VALUE`): name -> (what it takes, check).
+OPTIONS = {
+    "cuda_arch": ("a CUDA architecture such as sm_90 (default: this machine's GPU, else sm_80)",
+                  lambda v: v if re.fullmatch(r"sm_\d+[a-z]?", str(v)) else None),
+    "num_cores": ("the CPU cores the target records (default: all of them)",
+                  lambda v: int(v) if str(v).isdigit() and int(v) > 0 else None),
+}
+
+
+def _check_options(options: dict | None) -> dict:
+    out = {}
+    for name, value in (options or {}).items():
+        if name not in OPTIONS:
+            raise UserError(f"unknown tvm backend option {name!r} (known: {', '.join(OPTIONS)})")
+        checked = OPTIONS[name][1](value)
+        if checked is None:
+            raise UserError(f"tvm backend option {name}={value!r}: expected {OPTIONS[name][0]}")
+        out[name] = checked
+    return out
+
+
 def _build(graph: Graph, target: str, options: dict | None):
     """Lower and build: (TVM executable, weight names, weight arrays, manifest fields)."""
     from graphopt.backends.tvm import load_rules
@@ -46,8 +68,8 @@ def _build(graph: Graph, target: str, options: dict | None):
     from graphopt.backends.tvm.lowering import lower_graph, prepare
 
     check_target(target)
+    options = _check_options(options)
     load_rules()
-    options = dict(options or {})
     t0 = time.perf_counter()
     g = prepare(graph)
     mod, params = lower_graph(g)
