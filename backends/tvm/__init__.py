@@ -1,13 +1,14 @@
 """graphopt.backends.tvm: the TVM backend -- the IR lowered directly to Relax, built with
 LLVM (cpu) or CUDA (cuda) into a shared library whose weights stay outside it.
 
-    OUTDIR/model.so            the compiled Relax VM executable (main, main_transform_params)
+    OUTDIR/model.so            the compiled Relax VM executable (its function `main`)
     OUTDIR/weights.safetensors the weights, in the order `main` takes them (manifest "params")
 
-Modules: `lowering` (graph -> Relax, the rule walk and symbolic shape values), `rules_core`
-and `rules_graphopt` (one rule per op, registered in the op registry on import), `build`
-(targets and pipelines), `schedules` (CPU schedules without tuning), `runtime` (the
-artifact's Executable). tvm is imported only when the backend is used.
+Modules: `lowering` (graph -> Relax, the rule walk and symbolic shape values), `rules_core`,
+`rules_shapes` and `rules_graphopt` (one rule per op, registered in the op registry when
+this package is imported with tvm installed), `build` (targets and pipelines), `schedules`
+(CPU schedules without tuning), `runtime` (the backend protocol and the artifact's
+Executable). See docs/tvm.md.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ __all__ = ["NAME", "Compiled", "Executable", "check_target", "compile_graph", "s
 
 def load_rules() -> None:
     """Register the TVM lowering rules in the op registry (imports tvm)."""
-    from graphopt.backends.tvm import rules_core, rules_graphopt  # noqa: F401
+    from graphopt.backends.tvm import rules_core, rules_graphopt, rules_shapes  # noqa: F401
 
 
 if importlib.util.find_spec("tvm") is not None:  # without tvm, check_target says how to install it

@@ -344,13 +344,52 @@ class Lowerer:
         return expr
 
 
-def _is_polynomial(d) -> bool:
+# --------------------------------------------------------------------------------------
+# Helpers for rules (rules_core, rules_shapes, rules_graphopt)
+
+
+def rule(*ops: str, domain: str = ""):
+    """Register one function as the TVM rule of several ops."""
+    from graphopt.registry import register_lowering
+
+    def deco(fn):
+        for op in ops:
+            register_lowering("tvm", domain, op)(fn)
+        return fn
+    return deco
+
+
+def objs(items, shape=None) -> np.ndarray:
+    """An object array of ints and TIR expressions (built one entry at a time, so that
+    numpy never looks inside an expression)."""
+    items = list(items)
+    arr = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        arr[i] = x
+    return arr.reshape(shape if shape is not None else (len(items),))
+
+
+def known_of(lw: "Lowerer", values: np.ndarray, dtype: DType) -> Known:
+    """A `Known` from an object array, its entries simplified (`seq + 0` -> `seq`)."""
+    flat = [lw.simplify(x) for x in values.flat]
+    return Known(objs([static_int(x) if static_int(x) is not None else x for x in flat], values.shape), dtype)
+
+
+def all_known(args) -> bool:
+    return all(a is None or isinstance(a, Known) for a in args)
+
+
+def norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def is_polynomial(d) -> bool:
     from tvm import tirx
 
     if isinstance(d, (int, tirx.IntImm, tirx.Var)):
         return True
     if isinstance(d, (tirx.Add, tirx.Sub, tirx.Mul)):
-        return _is_polynomial(d.a) and _is_polynomial(d.b)
+        return is_polynomial(d.a) and is_polynomial(d.b)
     return False
 
 

@@ -13,8 +13,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax import op as R
 
-from graphopt.backends.tvm.lowering import Lowerer, static_int
-from graphopt.backends.tvm.rules_core import rule
+from graphopt.backends.tvm.lowering import Lowerer, rule, static_int
 
 _BNSH_FROM_BSNH = [0, 2, 1, 3]
 
