@@ -223,6 +223,14 @@ def test_missing_tvm_is_a_one_line_error_with_the_install_command(monkeypatch):
         runtime.check_target("cpu")
 
 
+def test_every_backend_module_imports_without_tvm():
+    # The wheel check imports every module in an environment without the [tvm] extra.
+    code = ("import sys, importlib, pkgutil; sys.modules['tvm'] = None\n"
+            "import graphopt.backends.tvm as pkg\n"
+            "for m in pkgutil.iter_modules(pkg.__path__): importlib.import_module('graphopt.backends.tvm.' + m.name)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_cli_builds_a_tvm_artifact(tmp_path):
     from click.testing import CliRunner
 

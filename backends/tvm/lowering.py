@@ -348,6 +348,16 @@ class Lowerer:
 # Helpers for rules (rules_core, rules_shapes, rules_graphopt)
 
 
+def relax_op(path: str):
+    """The Relax op `R.<path>` ("add", "nn.softmax"), looked up when a rule runs."""
+    from tvm.relax import op as R
+
+    f = R
+    for part in path.split("."):
+        f = getattr(f, part)
+    return f
+
+
 def rule(*ops: str, domain: str = ""):
     """Register one function as the TVM rule of several ops."""
     from graphopt.registry import register_lowering
