@@ -116,6 +116,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         with atomic_dir(out) as tmp:
             fields = be.save(optimized, tmp, target, dict(backend_options or {}))
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
+            for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
+                timing = fields.get(key)  # backends that compile report their build times
+                if timing is not None:
+                    report.setdefault("backend_seconds", {})[key.removesuffix("_seconds")] = timing
             report["total_seconds"] = round(time.perf_counter() - t_start, 3)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -158,6 +162,9 @@ def format_report(report: dict) -> str:
         stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items()) or "no change"
         lines.append(f"  {p['name']:<{w}}  {p['seconds'] * 1000:8.1f} ms  {p['nodes_before']:>5} -> {p['nodes_after']:<5} {stats}")
     lines.append(f"nodes     {report['nodes_before']} -> {report['nodes_after']}")
+    if report.get("backend_seconds"):
+        lines.append(f"backend   {report['backend']}: " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in report["backend_seconds"].items()))
     gone = collections.Counter(report["ops_before"]) - collections.Counter(report["ops_after"])
     if gone:
         lines.append("removed   " + ", ".join(f"{k} x{v}" for k, v in gone.most_common()))

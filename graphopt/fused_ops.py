@@ -23,7 +23,8 @@ def _unsupported(node: Node, why: str) -> UserError:
 
 
 def _activation(node: Node) -> str:
-    act = node.attr("activation", "")
+    # the declared default: "" for Linear (no activation), "silu" for GatedLinear (SwiGLU)
+    act = node.attr("activation", "silu" if node.op_type == "GatedLinear" else "")
     if act not in ACTIVATIONS:
         known = ", ".join(repr(a) for a in ACTIVATIONS)
         raise _unsupported(node, f"unknown activation {act!r} (expected one of {known})")
