@@ -49,7 +49,7 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: dict(PRESETS["default"]))
     batch_size: int = 16            # per process, per micro-step
     grad_accum: int = 1
-    max_steps: int = 2500
+    max_steps: int = 1800            # the shipped default model's run
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # None = 5% of max_steps
