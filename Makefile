@@ -12,16 +12,20 @@ $(BIN)/graphopt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,tvm]"
 	@touch $@
 
 setup: $(BIN)/graphopt
 
+# The main job on the embedded default model (a Llama-style checkpoint trained with train/):
+# evaluate it, optimize it for ONNX Runtime (checking numerics after every pass), run the
+# artifact, and generate from it.
 demo: setup
-	$(BIN)/graphopt inspect examples/tiny_mlp.onnx
-	$(BIN)/graphopt convert examples/tiny_mlp.onnx -o build/demo/tiny_mlp.gir
-	$(BIN)/graphopt convert build/demo/tiny_mlp.gir -o build/demo/tiny_mlp.onnx
-	$(BIN)/graphopt inspect build/demo/tiny_mlp.onnx --ir
+	$(BIN)/graphopt eval examples/default
+	$(BIN)/graphopt optimize examples/default -o build/demo/default --check-numerics --explain-fusions
+	$(BIN)/graphopt inspect build/demo/default
+	$(BIN)/python scripts/run_artifact.py build/demo/default examples/default
+	$(BIN)/graphopt generate examples/default --prompt "def " --max-new-tokens 80
 
 test: setup
 	$(BIN)/python -m pytest -q
