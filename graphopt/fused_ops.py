@@ -73,7 +73,8 @@ def _matmul_dims(node: Node, x: TensorType, w: TensorType) -> tuple:
 # Linear: Y = act(X @ W + B)
 
 
-def _linear_infer(node: Node):
+def _projection_infer(node: Node):
+    """Linear and GatedLinear: X [..., K] times the weight in input 1 -> [..., N]."""
     x, w = node.inputs[0], node.inputs[1]
     if x.type is None or w.type is None:
         return [None]
@@ -109,7 +110,7 @@ register_op(OpDef(
     GRAPHOPT_DOMAIN, "Linear",
     attrs={"activation": AttrSpec(AttrKind.STRING, default=""), "trans_w": AttrSpec(AttrKind.INT, default=0)},
     min_inputs=2, max_inputs=3, min_outputs=1, max_outputs=1,
-    infer=_linear_infer, reference=_linear_reference, decompose=_linear_decompose,
+    infer=_projection_infer, reference=_linear_reference, decompose=_linear_decompose,
     doc="Y = act(X @ W + B): W is [K, N] ([N, K] with trans_w=1), B is [N] or absent; activation is "
         "'', relu, gelu (erf), gelu_tanh or silu.",
 ))
@@ -184,16 +185,6 @@ register_op(OpDef(
 # GatedLinear (SwiGLU and friends): Y = act(X @ Wg + Bg) * (X @ Wu + Bu)
 
 
-def _gated_infer(node: Node):
-    x, wg = node.inputs[0], node.inputs[1]
-    if x.type is None or wg.type is None:
-        return [None]
-    _activation(node)
-    n = _matmul_dims(node, x.type, wg.type)
-    shape = None if x.type.shape is None else tuple(x.type.shape[:-1]) + (n,)
-    return [TensorType(x.type.dtype, shape)]
-
-
 def _gated_parts(node: Node):
     ins = list(node.inputs) + [None] * (5 - len(node.inputs))
     return ins[0], ins[1], ins[2], ins[3], ins[4]  # x, w_gate, w_up, b_gate, b_up
@@ -237,7 +228,7 @@ register_op(OpDef(
     GRAPHOPT_DOMAIN, "GatedLinear",
     attrs={"activation": AttrSpec(AttrKind.STRING, default="silu")},
     min_inputs=3, max_inputs=5, min_outputs=1, max_outputs=1,
-    infer=_gated_infer, reference=_gated_reference, decompose=_gated_decompose,
+    infer=_projection_infer, reference=_gated_reference, decompose=_gated_decompose,
     doc="Gated MLP projection (SwiGLU with activation='silu', GeGLU with 'gelu'): "
         "Y = act(X @ W_gate + B_gate) * (X @ W_up + B_up); weights [K, N]; inputs X, W_gate, W_up, B_gate?, B_up?.",
 ))
