@@ -69,10 +69,22 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
       graphopt inspect examples/tiny_mlp.onnx
       graphopt inspect model.onnx --json
       graphopt inspect model.onnx --ir | less
+      graphopt inspect out/default            # an artifact folder: backend, signature, kernels
     """
-    from graphopt.models import load_graph
-    from graphopt.summary import format_summary, summarize
+    from pathlib import Path
 
+    from graphopt.models import load_graph
+    from graphopt.summary import format_artifact, format_summary, summarize, summarize_artifact
+
+    if (Path(model) / "manifest.json").is_file() and not show_ir:  # an artifact `graphopt optimize` wrote
+        s = summarize_artifact(model)
+        if as_json:
+            import json
+
+            click.echo(json.dumps(s, indent=2))
+        else:
+            click.echo(format_artifact(s))
+        return
     graph = load_graph(model)
     if show_ir:
         from graphopt.text import print_graph

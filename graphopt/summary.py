@@ -61,3 +61,41 @@ def format_summary(s: dict) -> str:
     width = max((len(k) for k in s["ops"]), default=0)
     lines += [f"  {k:<{width}}  {v:>5}" for k, v in s["ops"].items()]
     return "\n".join(lines)
+
+
+def summarize_artifact(folder) -> dict:
+    """An optimized artifact folder: its manifest, and for ONNX Runtime artifacts the op
+    histogram of the lowered model (which holds backend kernels the IR does not import)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    def typ(e):
+        shape = "*" if e["shape"] is None else ", ".join("?" if d is None else str(d) for d in e["shape"])
+        return f"{e['dtype']}[{shape}]"
+
+    out = {"artifact": str(folder), "backend": manifest.get("backend"), "target": manifest.get("target"),
+           "inputs": [{"name": e["name"], "type": typ(e)} for e in manifest["signature"]["inputs"]],
+           "outputs": [{"name": e["name"], "type": typ(e)} for e in manifest["signature"]["outputs"]],
+           "versions": manifest.get("versions", {})}
+    model = folder / manifest.get("model", "model.onnx")
+    if model.suffix == ".onnx" and model.is_file():
+        import onnx
+
+        m = onnx.load(str(model), load_external_data=False)
+        ops = collections.Counter((n.domain + "." if n.domain else "") + n.op_type for n in m.graph.node)
+        out["nodes"] = len(m.graph.node)
+        out["ops"] = dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    return out
+
+
+def format_artifact(s: dict) -> str:
+    lines = [f"artifact   {s['artifact']}", f"backend    {s['backend']} ({s['target']})", "inputs",
+             *[f"  {x['name']}: {x['type']}" for x in s["inputs"]], "outputs",
+             *[f"  {x['name']}: {x['type']}" for x in s["outputs"]]]
+    if "ops" in s:
+        lines.append(f"ops        {s['nodes']} nodes")
+        width = max((len(k) for k in s["ops"]), default=0)
+        lines += [f"  {k:<{width}}  {v:>5}" for k, v in s["ops"].items()]
+    return "\n".join(lines)

@@ -137,3 +137,12 @@ def test_backend_options_reach_the_lowering_and_bad_ones_are_refused(tmp_path):
                          ("novalue", "expected KEY=VALUE")):
         r = invoke("optimize", EXAMPLE, "-o", tmp_path / "b", "-q", "--backend-option", bad)
         assert r.exit_code == 2 and message in r.output and not (tmp_path / "b").exists()
+
+
+def test_inspect_an_artifact_folder_lists_its_kernels(tmp_path):
+    assert invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "-q").exit_code == 0
+    r = invoke("inspect", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert "backend    onnxruntime (cpu)" in r.output and "x: f32[batch, 16]" in r.output
+    s = json.loads(invoke("inspect", tmp_path / "a", "--json").output)
+    assert s["ops"].get("LayerNormalization") == 1 and sum(s["ops"].values()) == s["nodes"]
