@@ -209,8 +209,6 @@ def list_passes(as_json: bool) -> None:
       graphopt passes
       graphopt optimize model.onnx -o out --passes "simplify-shapes,dce"
     """
-    import dataclasses
-
     from graphopt.pass_manager import all_passes, options_of
 
     rows = []

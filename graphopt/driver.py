@@ -24,11 +24,6 @@ def default_pipeline() -> str:
     return f"{CLEANUP_PIPELINE},{FUSION_PIPELINE},{POST_FUSION_CLEANUP}"
 
 
-def cleanup_pipeline() -> str:
-    from graphopt.passes.cleanup import CLEANUP_PIPELINE
-
-    return CLEANUP_PIPELINE
-
 
 @dataclasses.dataclass
 class OptimizeResult:

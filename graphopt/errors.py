@@ -17,6 +17,3 @@ class VerificationError(GraphoptError):
 class ParseError(UserError):
     """The textual IR could not be parsed; the message names the file and line."""
 
-
-class ImportErrorOnnx(UserError):
-    """An ONNX model could not be imported into the IR."""

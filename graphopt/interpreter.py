@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ir import Graph, TensorType
+from graphopt.ir import Graph
 
 
 def check_feeds(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,13 +77,3 @@ def run(graph: Graph, feeds: dict[str, np.ndarray], *, keep_all: bool = False) -
         return names
     return result
 
-
-def output_types_match(graph: Graph, outputs: dict[str, np.ndarray]) -> list[str]:
-    """Outputs whose runtime dtype or rank disagrees with their declared type."""
-    bad = []
-    for v in graph.outputs:
-        a = outputs[v.name]
-        t: TensorType = v.type
-        if t is not None and (a.dtype != t.dtype.np_dtype or (t.shape is not None and a.ndim != len(t.shape))):
-            bad.append(v.name)
-    return bad

@@ -17,7 +17,7 @@ import enum
 import itertools
 import json
 import re
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 
@@ -614,9 +614,3 @@ def topological_sort(graph: Graph) -> None:
         raise ValueError("the graph has a cycle")
     graph.nodes = out
 
-
-def iter_attr_tensors(graph: Graph) -> Iterable[tuple[Node, str, np.ndarray]]:
-    for n in graph.nodes:
-        for k, a in n.attrs.items():
-            if a.kind is AttrKind.TENSOR:
-                yield n, k, a.value

@@ -26,7 +26,7 @@ import numpy as np
 
 from graphopt.builder import Builder
 from graphopt.errors import GraphoptError
-from graphopt.ir import Graph, Node, NodeMeta, Value
+from graphopt.ir import Graph, Node, Value
 
 # --------------------------------------------------------------------------------------
 # Patterns
@@ -347,5 +347,4 @@ def _undo(graph: Graph, rw: Rewriter) -> None:
 
 
 __all__ = ["Decline", "Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "Match", "RewriteRule",
-           "Rewriter", "apply_patterns", "constant_value", "replace_value", "remove_dead", "replaceable",
-           "NodeMeta"]
+           "Rewriter", "apply_patterns", "constant_value", "replace_value", "remove_dead", "replaceable"]

@@ -48,7 +48,7 @@ def format_summary(s: dict) -> str:
     lines = [
         f"model      {s['source'] or s['graph']}",
         f"producer   {s['producer'] or '-'}",
-        f"opset      " + ", ".join(f"{k or 'ai.onnx'} {v}" for k, v in s["opset"].items())
+        "opset      " + ", ".join(f"{k or 'ai.onnx'} {v}" for k, v in s["opset"].items())
         + (f" (imported from opset {s['source_opset']})" if s["source_opset"] and s["source_opset"] != s["opset"].get("") else ""),
         f"parameters {p['count']:,} in {p['tensors']} tensors, {_human_bytes(p['bytes'])}"
         + ("" if not p["by_dtype"] else " (" + ", ".join(f"{k}: {v['count']:,}" for k, v in p["by_dtype"].items()) + ")"),

@@ -114,7 +114,7 @@ def _problems(graph: Graph, check_types: bool) -> list[str]:
                 if v is not None and v.type is not None and t is not None and not compatible(v.type, t):
                     errs.append(f"{where} output {v.name!r} is typed {v.type} but the op infers {t}")
 
-    for v in list(defined_values(graph)):
+    for v in graph.values():
         for u, i in v._uses:
             if id(u) not in all_nodes:
                 errs.append(f"value {v.name!r} lists a use by node {u.name!r}, which is not in the graph")
@@ -125,6 +125,3 @@ def _problems(graph: Graph, check_types: bool) -> list[str]:
             errs.append(f"graph output {v.name!r} is not defined")
     return errs
 
-
-def defined_values(graph: Graph):
-    yield from graph.values()

@@ -118,20 +118,7 @@ def time_row(g: Graph, feeds: dict, names: list[str], threads: int, budget_s: fl
         if not err <= 1e-4 * max(1.0, float(np.abs(want).max())):
             raise AssertionError(f"{name}: max error {err} against the reference")
         sessions[name] = sess
-    t0 = time.perf_counter()
-    next(iter(sessions.values())).run(None, feeds)
-    reps = max(3, min(200, int(budget_s / rounds / len(sessions) / max(time.perf_counter() - t0, 1e-5))))
-    best = {name: float("inf") for name in sessions}
-    for _ in range(rounds):
-        for name, sess in sessions.items():
-            sess.run(None, feeds)
-            ts = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                sess.run(None, feeds)
-                ts.append(time.perf_counter() - t)
-            best[name] = min(best[name], float(np.median(ts)) * 1e3)
-    return best
+    return _time_sessions(sessions, feeds, rounds, budget_s, max_reps=200)
 
 
 def attention_rows(quick: bool):
@@ -243,9 +230,16 @@ def time_model(graph, feeds: dict, variants: dict, threads: int, budget_s: float
         elif not np.allclose(out, first, rtol=1e-4, atol=1e-4):
             raise AssertionError(f"{name}: results differ from the first variant's")
         sessions[name] = sess
+    return _time_sessions(sessions, feeds, rounds, budget_s, max_reps=100)
+
+
+
+def _time_sessions(sessions: dict, feeds: dict, rounds: int, budget_s: float, max_reps: int) -> dict[str, float]:
+    """Best-of-rounds median latency (ms) per session, interleaving the sessions each round
+    so that drift in machine load hits all of them alike."""
     t0 = time.perf_counter()
     next(iter(sessions.values())).run(None, feeds)
-    reps = max(3, min(100, int(budget_s / rounds / len(sessions) / max(time.perf_counter() - t0, 1e-5))))
+    reps = max(3, min(max_reps, int(budget_s / rounds / len(sessions) / max(time.perf_counter() - t0, 1e-5))))
     best = {name: float("inf") for name in sessions}
     for _ in range(rounds):
         for name, sess in sessions.items():

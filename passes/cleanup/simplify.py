@@ -6,7 +6,7 @@ import numpy as np
 from graphopt.dtypes import DType
 from graphopt.ir import Graph
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-from graphopt.pattern import Match, RewriteRule, apply_patterns, const, constant_value, op, var
+from graphopt.pattern import RewriteRule, apply_patterns, const, constant_value, op, var
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -330,12 +330,4 @@ class SimplifyChains(Pass):
         return apply_patterns(graph, CHAIN_RULES, ctx)
 
 
-def explain(graph: Graph, rules=None) -> list[dict]:
-    """Near misses of the simplification rules (for debugging a pipeline)."""
-    from graphopt.pattern import apply_patterns as _ap
-
-    g = graph.copy()
-    return _ap(g, rules or IDENTITY_RULES + CHAIN_RULES, explain=True).details
-
-
-__all__ = ["RemoveIdentities", "SimplifyChains", "IDENTITY_RULES", "CHAIN_RULES", "Match"]
+__all__ = ["RemoveIdentities", "SimplifyChains", "IDENTITY_RULES", "CHAIN_RULES"]

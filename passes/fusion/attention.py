@@ -19,8 +19,6 @@ BNSH) and merge (Transpose -> Reshape back to BSD) into the op when Q, K and V c
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
@@ -348,4 +346,4 @@ class FuseAttention(Pass):
         return result
 
 
-__all__ = ["FuseAttention", "match_attention", "NoMatch", "math"]
+__all__ = ["FuseAttention", "match_attention", "NoMatch"]

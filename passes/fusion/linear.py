@@ -15,7 +15,7 @@ import numpy as np
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import (
-    Decline, Match, RewriteRule, Rewriter, apply_patterns, const, constant_value, op, remove_dead, replace_value, var,
+    Decline, RewriteRule, Rewriter, apply_patterns, const, constant_value, op, remove_dead, replace_value, var,
 )
 
 G = GRAPHOPT_DOMAIN
@@ -276,4 +276,4 @@ class MergeProjections(Pass):
         return result
 
 
-__all__ = ["FuseLinear", "FuseGatedMLP", "MergeProjections", "Match"]
+__all__ = ["FuseLinear", "FuseGatedMLP", "MergeProjections"]
