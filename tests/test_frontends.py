@@ -55,8 +55,11 @@ def assert_matches_pytorch(graph, module, tmp_path, shapes=SHAPES):
     save_onnx(graph, onnx_path)
     for batch, seq in shapes:
         feeds = token_feeds(batch, seq)
-        feeds = {k: v for k, v in feeds.items() if k in {v.name for v in graph.inputs}}
+        names = {v.name for v in graph.inputs}
+        feeds = {k: v for k, v in feeds.items() if k in names}
         expected = torch_outputs(module, feeds) if len(feeds) == 2 else _ids_only(module, feeds)
+        if "token_type_ids" in names:  # the wrapper feeds none: BertModel's default is all zeros
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
         assert_close(run(graph, feeds)[out], expected, rtol=0, atol=ATOL, what=f"interpreter {batch}x{seq}")
         assert_close(run_ort(onnx_path, feeds)[out], expected, rtol=0, atol=ATOL, what=f"ORT {batch}x{seq}")
 
@@ -96,11 +99,36 @@ def test_hf_folder_matches_pytorch_at_two_shapes(hf, arch, tmp_path):
     verify(graph)
     out = "logits" if arch != "bert" else "last_hidden_state"
     hidden = VOCAB if arch != "bert" else 32
-    assert input_types(graph) == {"input_ids": "i64[batch, seq]", "attention_mask": "i64[batch, seq]"}
+    types = {"input_ids": "i64[batch, seq]", "attention_mask": "i64[batch, seq]"}
+    if arch == "bert":  # segment embeddings: the tokenizer's token_type_ids are an input too
+        types["token_type_ids"] = "i64[batch, seq]"
+    assert input_types(graph) == types
     assert [(v.name, str(v.type)) for v in graph.outputs] == [(out, f"f32[batch, seq, {hidden}]")]
     assert graph.metadata.exporter == "torch.onnx dynamo" and graph.metadata.export_seconds > 0
     assert graph.metadata.source == str(folder)
     assert_matches_pytorch(graph, module, tmp_path)
+
+
+def test_bert_folder_takes_the_tokenizers_token_type_ids(hf, tmp_path):
+    # A sentence pair: segment 1 on the second half of every row. The artifact must feed
+    # the segment embeddings exactly as BertModel does (a zero token_type_ids would differ).
+    module, folder, graph = hf("bert")
+    feeds = token_feeds(3, 10)
+    feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+    feeds["token_type_ids"][:, 5:] = 1
+    with torch.no_grad():
+        expected = module.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+        zeros = module.model(input_ids=torch.from_numpy(feeds["input_ids"]),
+                             attention_mask=torch.from_numpy(feeds["attention_mask"])).last_hidden_state.numpy()
+    assert np.abs(expected - zeros).max() > 1e-2  # the segments change the output: the check can fail
+    assert_close(run(graph, feeds)["last_hidden_state"], expected, rtol=0, atol=ATOL, what="interpreter")
+    out = tmp_path / "bert"
+    r = invoke("optimize", folder, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    import graphopt
+
+    got = graphopt.load(out).run(feeds)["last_hidden_state"]
+    assert_close(got, expected, rtol=0, atol=ATOL, what="ORT artifact")
 
 
 def test_default_sdpa_model_agrees_on_every_real_position(hf):
@@ -412,7 +440,10 @@ def test_optimize_hf_folder_then_load_matches_pytorch_at_two_shapes(hf, arch, tm
     out = artifact.outputs[0]["name"]
     for batch, seq in [(2, 8), (3, 5)]:  # one artifact, two shapes
         feeds = token_feeds(batch, seq)
-        assert_close(artifact.run(feeds)[out], torch_outputs(module, feeds), rtol=0, atol=1e-4,
+        expected = torch_outputs(module, feeds)
+        if any(i["name"] == "token_type_ids" for i in artifact.inputs):  # BERT: zeros are BertModel's default
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        assert_close(artifact.run(feeds)[out], expected, rtol=0, atol=1e-4,
                      what=f"{arch} artifact at {batch}x{seq}")
 
 

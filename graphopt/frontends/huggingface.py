@@ -2,7 +2,9 @@
 `config.json`, loaded offline through `transformers` and exported to the IR.
 
 Causal LMs export `(input_ids, attention_mask) -> logits`, every other model its
-`last_hidden_state`, with `batch` and `seq` dynamic and no KV cache. Nothing is downloaded
+`last_hidden_state`, with `batch` and `seq` dynamic and no KV cache. Encoders with segment
+embeddings (BERT's `type_vocab_size` > 1) take `token_type_ids` too, so a tokenizer's whole
+output (sentence pairs included) is fed as it is. Nothing is downloaded
 (`local_files_only`, `HF_HUB_OFFLINE=1`), no code from the folder runs (`trust_remote_code`
 is off), and weights come from safetensors or `torch.load(weights_only=True)`.
 
@@ -80,8 +82,18 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
     return model.eval(), output
 
 
+def takes_token_type_ids(model, output: str) -> bool:
+    """An encoder whose forward takes `token_type_ids` and that has more than one segment
+    embedding: its tokenizer emits them, and a sentence pair needs them."""
+    import inspect
+
+    if output == "logits" or getattr(model.config, "type_vocab_size", 0) < 2:
+        return False
+    return "token_type_ids" in inspect.signature(model.forward).parameters
+
+
 def export_hf_module(model, output: str, *, label: str, source: str, progress: bool = True):
-    """Wrap and export: `(input_ids, attention_mask) -> logits | last_hidden_state`."""
+    """Wrap and export: `(input_ids, attention_mask[, token_type_ids]) -> logits | last_hidden_state`."""
     import torch
 
     from graphopt.frontends.torch_export import export_module
@@ -97,10 +109,15 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
     batch_dim = torch.export.Dim("batch", min=1)
     seq_dim = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
     dims = {0: batch_dim, 1: seq_dim}
+    args, names = [input_ids, attention_mask], ["input_ids", "attention_mask"]
+    if takes_token_type_ids(model, output):
+        token_type_ids = torch.zeros(EXAMPLE_BATCH, seq, dtype=torch.int64)
+        token_type_ids[:, seq // 2:] = 1  # a sentence pair, so the input is a real one in the trace
+        args.append(token_type_ids)
+        names.append("token_type_ids")
     wrapper = _wrapper_class()(model, output)
-    return export_module(wrapper, (input_ids, attention_mask), {}, ["input_ids", "attention_mask"], [output],
-                         {"input_ids": dims, "attention_mask": dims}, label=label, progress=progress,
-                         source=source)
+    return export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
+                         label=label, progress=progress, source=source)
 
 
 # --------------------------------------------------------------------------------------
@@ -194,16 +211,19 @@ def _wrapper_class():
     import torch
 
     class HFWrapper(torch.nn.Module):
-        """(input_ids, attention_mask) -> logits or last_hidden_state, with no KV cache."""
+        """(input_ids, attention_mask[, token_type_ids]) -> logits or last_hidden_state, with no KV cache."""
 
         def __init__(self, model, output: str):
             super().__init__()
             self.model = model
             self.output = output
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
             if self.output == "logits":
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+            elif token_type_ids is not None:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                 return_dict=True)
             else:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
             return getattr(out, self.output)
