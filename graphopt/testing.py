@@ -40,6 +40,21 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, *, rtol: float | None
         np.testing.assert_array_equal(actual, expected, err_msg=what)
 
 
+def require_installed(module: str, distribution: str):
+    """`module`, imported; the test is skipped when `distribution` is not installed, and
+    fails when it is installed but does not import (a broken install must not hide tests)."""
+    import importlib
+    import importlib.metadata
+
+    import pytest
+
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{distribution} is not installed (pip install 'graphopt[{module}]')", allow_module_level=True)
+    return importlib.import_module(module)
+
+
 def ort_session(model, *, optimize: bool = False):
     """An ONNX Runtime CPU session; graph optimizations off unless asked for, so ORT runs
     exactly the graph it was given."""

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
+from graphopt.testing import require_installed  # noqa: E402
+
+require_installed("tvm", "apache-tvm")  # installed but broken: fail, not skip
 
 import graphopt  # noqa: E402
 from graphopt.errors import UserError  # noqa: E402

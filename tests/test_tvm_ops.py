@@ -11,7 +11,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
+from graphopt.testing import require_installed  # noqa: E402
+
+require_installed("tvm", "apache-tvm")  # installed but broken: fail, not skip
 
 from graphopt.builder import Builder  # noqa: E402
 from graphopt.dtypes import DType  # noqa: E402
