@@ -38,7 +38,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              backend_options: dict | None = None,
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
              verify: bool = True, progress: Callable[[str], None] | None = None) -> OptimizeResult:
-    """Load `model`, run the pipeline (the default cleanup pipeline unless `passes` or
+    """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
     `output_dir` atomically (nothing is left there if anything fails)."""
     from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
