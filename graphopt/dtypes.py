@@ -72,3 +72,13 @@ class DType(enum.Enum):
 _BY_SHORT = {d.short: d for d in DType}
 _BY_ONNX = {d.onnx_type: d for d in DType}
 _BY_NUMPY = {d.np_dtype: d for d in DType}
+
+
+# (rtol, atol) per float element type for "the same computation done two ways": a graph
+# before and after a pass (--check-numerics), a lowering against the reference, in the tests.
+TOLERANCES = {
+    DType.FLOAT64: (1e-9, 1e-12),
+    DType.FLOAT32: (1e-5, 1e-5),
+    DType.FLOAT16: (1e-3, 1e-3),
+    DType.BFLOAT16: (1e-2, 1e-2),
+}

@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from graphopt.dtypes import TOLERANCES, DType
 from graphopt.errors import GraphoptError, UserError
 from graphopt.ir import Graph
 
@@ -333,13 +334,6 @@ class PassRecord:
         return dataclasses.asdict(self)
 
 
-NUMERIC_TOLERANCE = {  # (rtol, atol) for check-numerics, per float dtype
-    np.dtype(np.float64): (1e-7, 1e-9),
-    np.dtype(np.float32): (1e-4, 1e-5),
-    np.dtype(np.float16): (1e-2, 1e-3),
-}
-
-
 class PassManager:
     def __init__(self, pipeline: list[PipelineEntry] | str, *, verify: bool = True,
                  check_numerics: bool = False, sample_inputs: dict[str, np.ndarray] | None = None,
@@ -437,7 +431,7 @@ def _differs(a: np.ndarray, b: np.ndarray) -> str | None:
     if a.dtype != b.dtype:
         return f"has dtype {b.dtype} after the pass, {a.dtype} before"
     if a.dtype.kind == "f":
-        rtol, atol = NUMERIC_TOLERANCE.get(a.dtype, (1e-2, 1e-2))
+        rtol, atol = TOLERANCES[DType.from_numpy(a.dtype)]
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         ok = np.isclose(b64, a64, rtol=rtol, atol=atol, equal_nan=True)
         if not ok.all():

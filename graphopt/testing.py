@@ -10,15 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.dtypes import DType
-
-# (rtol, atol) per element type, for comparing the same computation done two ways.
-TOLERANCES = {
-    DType.FLOAT64: (1e-12, 1e-12),
-    DType.FLOAT32: (1e-5, 1e-5),
-    DType.FLOAT16: (1e-3, 1e-3),
-    DType.BFLOAT16: (1e-2, 1e-2),
-}
+from graphopt.dtypes import TOLERANCES, DType  # noqa: F401  (the one tolerance table, for tests)
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, *, rtol: float | None = None,

@@ -57,13 +57,17 @@ def test_optimize_writes_artifact_manifest_and_report(tmp_path):
 
 def test_optimize_with_pipeline_recipe_and_inputs(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[passes]]\nname = "fold-constants"\nmax-size = 8\n\n[[passes]]\nname = "dce"\n')
-    np.savez(tmp_path / "in.npz", x=np.ones((3, 16), np.float32))
+    # Passes that change the graph (MatMul+Add -> Linear), so the numerics check compares two
+    # different graphs on the given inputs (a pass that breaks results is refused below).
+    recipe.write_text('[[passes]]\nname = "fold-constants"\nmax-size = 8\n\n[[passes]]\nname = "fuse-linear"\n'
+                      '\n[[passes]]\nname = "dce"\n')
+    np.savez(tmp_path / "in.npz", x=np.linspace(-2, 2, 48, dtype=np.float32).reshape(3, 16))
     r = invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "--recipe", recipe, "--check-numerics",
                "--inputs", tmp_path / "in.npz", "--json", "-q")
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
-    assert report["pipeline"] == "fold-constants{max-size=8},dce" and report["check_numerics"]
+    assert report["pipeline"] == "fold-constants{max-size=8},fuse-linear,dce" and report["check_numerics"]
+    assert report["ops_after"].get("graphopt.Linear") == 2 and report["nodes_after"] < report["nodes_before"]
     r = invoke("optimize", EXAMPLE, "-o", tmp_path / "b", "--passes", "cse,dce", "--no-verify", "-q")
     assert r.exit_code == 0 and json.loads((tmp_path / "b" / "report.json").read_text())["verify"] is False
 
