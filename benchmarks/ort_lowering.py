@@ -1,6 +1,6 @@
 """Side-by-side timings of the ORT lowering's choices, for docs/ort_lowering.md.
 
-    python -m graphopt.backends.onnxruntime.benchmark [--threads 1,2] [--quick] [--only models] [--json OUT]
+    python benchmarks/ort_lowering.py [--threads 1,2] [--quick] [--only models] [--json OUT]
 
 Each op row is one graphopt op site (one-node graph) lowered several ways: the kernel the
 lowering picks, the other kernels it could pick, and the decomposition into core ops; each
