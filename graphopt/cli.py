@@ -156,8 +156,9 @@ def _progress(quiet: bool):
 @click.option("--inputs", "inputs_file", type=click.Path(path_type=str), default=None,
               help="Sample inputs (.npz, one array per model input) for --check-numerics.")
 @click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
-@click.option("--explain-fusions", is_flag=True, help="List, per fusion, the sites fused and the near misses "
-              "(where a fusion's root op matched but a later constraint failed, and where).")
+@click.option("--explain-fusions", type=click.Choice(["summary", "all"]), is_flag=False, flag_value="summary",
+              default=None, help="Per fusion, the sites fused and the near misses (where a fusion's root op "
+              "matched but a later constraint failed), grouped by reason; =all lists every near miss.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
@@ -195,7 +196,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     else:
         click.echo(format_report(result.report))
         if explain_fusions:
-            click.echo(format_fusions(result.report))
+            click.echo(format_fusions(result.report, full=explain_fusions == "all"))
         click.echo(f"wrote {output_dir}/")
 
 

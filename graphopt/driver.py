@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -139,15 +140,34 @@ def fusion_summary(records) -> dict:
     return out
 
 
-def format_fusions(report: dict) -> str:
+def format_fusions(report: dict, *, full: bool = False) -> str:
+    """Per fusion: the sites fused, then its near misses grouped by rule and reason (names
+    in the reason do not split a group), each group with its count and one example node.
+    `full` lists every near miss instead, as report.json does."""
     lines = ["fusions"]
     for name, entry in report.get("fusions", {}).items():
         matched = ", ".join(f"{k} x{v}" for k, v in entry["matched"].items()) or "nothing"
         lines.append(f"  {name}: {matched}")
-        for nm in entry["near_misses"]:
-            rule = f"[{nm['rule']}] " if nm.get("rule") else ""
-            lines.append(f"    near miss {rule}at {nm.get('node')} ({nm.get('op')}): {nm.get('reason')}")
+        if full:
+            for nm in entry["near_misses"]:
+                rule = f"[{nm['rule']}] " if nm.get("rule") else ""
+                lines.append(f"    near miss {rule}at {nm.get('node')} ({nm.get('op')}): {nm.get('reason')}")
+            continue
+        groups: dict[tuple, list[dict]] = {}
+        for nm in {(d.get("node"), d.get("rule"), d.get("reason")): d for d in entry["near_misses"]}.values():
+            key = (nm.get("rule") or "", _QUOTED.sub("'...'", str(nm.get("reason"))))
+            groups.setdefault(key, []).append(nm)
+        for (rule, _), sites in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            first = sites[0]
+            tag = f"[{rule}] " if rule else ""
+            lines.append(f"    {len(sites):>3} near miss{'es' if len(sites) > 1 else ''} {tag}{first.get('reason')}"
+                         f"  (e.g. {first.get('node')}, {first.get('op')})")
+    if not full and any(e["near_misses"] for e in report.get("fusions", {}).values()):
+        lines.append("  (every near miss: --explain-fusions=all, or report.json's \"fusions\")")
     return "\n".join(lines)
+
+
+_QUOTED = re.compile(r"'[^']*'")
 
 
 def format_report(report: dict) -> str:

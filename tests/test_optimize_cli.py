@@ -150,3 +150,32 @@ def test_inspect_an_artifact_folder_lists_its_kernels(tmp_path):
     assert "backend    onnxruntime (cpu)" in r.output and "x: f32[batch, 16]" in r.output
     s = json.loads(invoke("inspect", tmp_path / "a", "--json").output)
     assert s["ops"].get("LayerNormalization") == 1 and sum(s["ops"].values()) == s["nodes"]
+
+
+def test_explain_fusions_groups_near_misses_by_reason():
+    from graphopt.driver import format_fusions
+
+    def miss(node, reason, rule="matmul-add"):
+        return {"node": node, "op": "Add", "reason": reason, "rule": rule}
+
+    misses = [miss(f"add_{i}", f"b 'add_{i}' is not a constant") for i in range(5)]
+    misses += [miss("norm_1", "expected Reshape, found RMSNorm", "flatten-unflatten")] * 3  # one site, seen 3 times
+    report = {"fusions": {"fuse-linear": {"matched": {"matmul": 4}, "near_misses": misses},
+                          "fuse-rotary": {"matched": {}, "near_misses": []}}}
+    text = format_fusions(report)
+    assert text.splitlines()[1:4] == [
+        "  fuse-linear: matmul x4",
+        "      5 near misses [matmul-add] b 'add_0' is not a constant  (e.g. add_0, Add)",
+        "      1 near miss [flatten-unflatten] expected Reshape, found RMSNorm  (e.g. norm_1, Add)",
+    ]
+    assert "  fuse-rotary: nothing" in text and "--explain-fusions=all" in text
+    full = format_fusions(report, full=True)
+    assert sum("near miss" in line for line in full.splitlines()) == len(misses)
+
+
+def test_explain_fusions_all_on_the_cli(tmp_path):
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "--explain-fusions=all")
+    assert r.exit_code == 0, r.output
+    assert "fusions" in r.stdout and "fuse-linear:" in r.stdout
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "b", "--explain-fusions=some")
+    assert r.exit_code == 2 and "--explain-fusions" in r.output
