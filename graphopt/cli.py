@@ -134,9 +134,20 @@ def convert(source: str, output: str, external_data: bool | None) -> None:
 
 
 def _progress(quiet: bool):
+    """Progress on stderr. A message about one pass ("running NAME") is transient: on a
+    terminal it overwrites itself on one line, elsewhere (logs, CI) it is not printed."""
     if quiet:
         return None
-    return lambda msg: click.echo(f"graphopt: {msg}", err=True)
+    tty = sys.stderr.isatty()
+
+    def report(msg: str) -> None:
+        if msg.startswith("running "):
+            if tty:
+                click.echo(f"\r\033[Kgraphopt: {msg}", err=True, nl=False)
+            return
+        click.echo(f"{chr(13) + chr(27) + '[K' if tty else ''}graphopt: {msg}", err=True)
+
+    return report
 
 
 @cli.command()

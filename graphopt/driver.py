@@ -172,10 +172,14 @@ _QUOTED = re.compile(r"'[^']*'")
 
 def format_report(report: dict) -> str:
     lines = [f"pipeline  {report['pipeline']}"]
-    w = max((len(p["name"]) for p in report["passes"]), default=0)
-    for p in report["passes"]:
-        stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items()) or "no change"
+    changed = [p for p in report["passes"] if p["stats"] or p["nodes_before"] != p["nodes_after"]]
+    w = max((len(p["name"]) for p in changed), default=0)
+    for p in changed:
+        stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items())
         lines.append(f"  {p['name']:<{w}}  {p['seconds'] * 1000:8.1f} ms  {p['nodes_before']:>5} -> {p['nodes_after']:<5} {stats}")
+    unchanged = collections.Counter(p["name"] for p in report["passes"] if p not in changed)
+    if unchanged:  # one line for the passes that found nothing to do (report.json has them all)
+        lines.append("  no change: " + ", ".join(f"{k} x{n}" if n > 1 else k for k, n in unchanged.items()))
     lines.append(f"nodes     {report['nodes_before']} -> {report['nodes_after']}")
     if report.get("backend_seconds"):
         lines.append(f"backend   {report['backend']}: " + ", ".join(
