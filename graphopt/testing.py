@@ -267,6 +267,82 @@ def random_graph(seed: int, n_nodes: int = 12, *, cleanup_bait: bool = False):
     return g
 
 
+FUSION_MOTIFS = ("gelu-erf", "gelu-tanh", "silu", "layer-norm", "rms-norm", "linear", "linear-relu", "skip-rms-norm")
+# Which motif each fusion pass (run after the ones before it in the default order) must fuse.
+FUSION_FIRES = {"fuse-activations": {"gelu-erf", "gelu-tanh", "silu"}, "fuse-layer-norm": {"layer-norm"},
+                "fuse-rms-norm": {"rms-norm", "skip-rms-norm"}, "fuse-linear": {"linear", "linear-relu"},
+                "fuse-skip-norm": {"skip-rms-norm"}}
+
+
+def fusion_motif(b, x, kind: str, rng):
+    """One decomposed subgraph of the kind exporters emit, written in one of several
+    equivalent spellings chosen by `rng` (operand order, x/sqrt(2) vs x*0.7071..., Div vs
+    Mul by Reciprocal): what a fusion pass must recognise whatever the spelling."""
+    width = x.type.shape[-1]
+    f32 = np.float32
+
+    def c(value, name):
+        return b.const(np.asarray(value, f32), name)
+
+    def mul(a, z):
+        return b.Mul(a, z) if rng.random() < 0.5 else b.Mul(z, a)
+
+    def add(a, z):
+        return b.Add(a, z) if rng.random() < 0.5 else b.Add(z, a)
+
+    if kind == "gelu-erf":
+        inner = b.Div(x, c(np.sqrt(2.0), "sqrt2")) if rng.random() < 0.5 else mul(x, c(1 / np.sqrt(2.0), "inv_sqrt2"))
+        one_plus = add(b.Erf(inner), c(1.0, "one"))
+        return mul(mul(x, c(0.5, "half")), one_plus) if rng.random() < 0.5 else mul(x, mul(one_plus, c(0.5, "half")))
+    if kind == "gelu-tanh":
+        cube = b.Pow(x, c(3.0, "three")) if rng.random() < 0.5 else b.Mul(x, b.Mul(x, x))
+        inner = mul(add(x, mul(cube, c(0.044715, "k"))), c(np.sqrt(2 / np.pi), "sqrt_2_pi"))
+        return mul(mul(x, c(0.5, "half")), add(b.Tanh(inner), c(1.0, "one")))
+    if kind == "silu":
+        return mul(x, b.Sigmoid(x))
+    if kind in ("layer-norm", "rms-norm", "skip-rms-norm"):
+        axes = b.const(np.array([-1], np.int64), "axes")
+        if kind == "skip-rms-norm":  # a residual Add feeding the norm
+            x = add(x, b.Tanh(x))
+        centered = b.Sub(x, b.ReduceMean(x, axes, keepdims=1)) if kind == "layer-norm" else x
+        var = b.ReduceMean(b.Pow(centered, c(2.0, "two")) if rng.random() < 0.5 else b.Mul(centered, centered),
+                           axes, keepdims=1)
+        std = b.Sqrt(add(var, c(1e-5, "eps")))
+        normed = b.Div(centered, std) if rng.random() < 0.5 else b.Mul(centered, b.Reciprocal(std))
+        scaled = mul(normed, c(rng.uniform(0.5, 1.5, width), "gamma"))
+        return add(scaled, c(rng.standard_normal(width) * 0.1, "beta")) if kind == "layer-norm" else scaled
+    if kind in ("linear", "linear-relu"):
+        y = add(b.MatMul(x, c(rng.standard_normal((width, width)) * 0.5, "w")), c(rng.standard_normal(width), "bias"))
+        return b.Relu(y) if kind == "linear-relu" else y
+    raise ValueError(f"unknown fusion motif {kind!r}")
+
+
+def random_fusion_graph(seed: int, n_nodes: int = 6):
+    """`random_graph`'s random ops with one instance of every fusion motif woven in, each
+    fed by what came before: a graph every fusion pass has something to do in."""
+    from graphopt.builder import Builder
+    from graphopt.ir import Graph, TensorType
+
+    rng = np.random.default_rng(seed)
+    g = Graph(f"random_fusion_{seed}")
+    width = int(rng.choice([4, 8]))
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", width)))
+    b = Builder(g)
+    y = x
+    outs = []
+    for kind in rng.permutation(FUSION_MOTIFS):
+        # A projection between motifs, as in a real model (an elementwise op right after an
+        # activation would be part of its elementwise region), then random elementwise glue.
+        y = b.MatMul(y, b.const((rng.standard_normal((width, width)) * 0.5).astype(np.float32), "proj"))
+        for _ in range(int(rng.integers(0, n_nodes // 2 + 1))):
+            y = b.op(str(rng.choice(["Neg", "Abs", "Identity", "Tanh"])), y)
+        y = fusion_motif(b, y, str(kind), rng)
+        if rng.random() < 0.3:
+            outs.append(y)
+    g.outputs = [y] + [v for v in outs if v is not y]
+    return g
+
+
 def apply_pipeline_text(before: str, pipeline: str, weights: dict | None = None, *, check: bool = True):
     """Golden-test helper: parse `before`, run `pipeline` (verifying, and checking results on
     sample inputs when `check`), return (graph, printed text without the header)."""
