@@ -22,6 +22,7 @@ import numpy as np
 
 from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
+from graphopt.builder import make_node  # noqa: E402
 
 F32_MIN = np.finfo(np.float32).min
 
@@ -36,7 +37,7 @@ def one_node(op: str, inputs: list, attrs: dict, n_out: int = 1) -> Graph:
         else:
             shape = tuple(s or d for d, s in zip(a.shape, dims))
             vals.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
-    node = g.make_node(op, vals, domain=GRAPHOPT_DOMAIN, attrs=attrs, num_outputs=n_out)
+    node = make_node(g, op, vals, domain=GRAPHOPT_DOMAIN, attrs=attrs, num_outputs=n_out)
     g.append(node)
     g.outputs = list(node.outputs)
     return g
@@ -91,7 +92,7 @@ def variants_for(g: Graph, names: list[str]) -> dict:
     out = {}
     for name in names:
         if name == "decompose":
-            from graphopt.registry import decompose_graphopt_ops
+            from graphopt.lowering import decompose_graphopt_ops
 
             d = g.copy()
             decompose_graphopt_ops(d)

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, signature  # noqa: F401  (signature: part of the artifact API)
+from graphopt import __version__
+from graphopt.dtypes import DType
 
 MANIFEST_FORMAT = "graphopt-artifact"
 MANIFEST_VERSION = 1
@@ -29,17 +31,7 @@ KNOWN_BACKENDS = {"onnxruntime": "graphopt.backends.onnxruntime", "tvm": "grapho
 BACKEND_ALIASES = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm"}
 
 
-def signature(graph: Graph) -> dict:
-    def entry(v):
-        return {"name": v.name, "dtype": v.type.dtype.short,
-                "shape": None if v.type.shape is None else list(v.type.shape)}
-    return {"inputs": [entry(v) for v in graph.inputs if not v.is_initializer],
-            "outputs": [entry(v) for v in graph.outputs]}
-
-
 def make_manifest(graph: Graph, backend: str, target: str, backend_fields: dict, backend_versions: dict) -> dict:
-    import graphopt
-
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -47,7 +39,7 @@ def make_manifest(graph: Graph, backend: str, target: str, backend_fields: dict,
         "target": target,
         **backend_fields,
         "signature": signature(graph),
-        "versions": {"graphopt": graphopt.__version__, "python": platform.python_version(), **backend_versions},
+        "versions": {"graphopt": __version__, "python": platform.python_version(), **backend_versions},
     }
 
 
@@ -79,8 +71,6 @@ class Artifact:
 
 
 def check_feeds(sig: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from graphopt.dtypes import DType
-
     names = [e["name"] for e in sig["inputs"]]
     extra = sorted(set(feeds) - set(names))
     if extra:

@@ -1,4 +1,8 @@
-"""A small builder that creates nodes with inferred types at one place in a graph.
+"""Creating nodes with the op registry's help: output counts and types inferred.
+
+`make_node(graph, op, inputs, ...)` is `Graph.make_node` with the registry asked for what the
+IR cannot know (how many outputs an op has, their types); a `Builder` places such nodes at one
+point of a graph:
 
     b = Builder(graph, before=node)
     y = b.MatMul(x, w)                      # core op, output type inferred
@@ -12,6 +16,23 @@ from typing import Sequence
 import numpy as np
 
 from graphopt.ir import Attr, Graph, Node, NodeMeta, TensorType, Value
+from graphopt.registry import get_op, infer_types
+
+
+def make_node(graph: Graph, op_type: str, inputs: Sequence[Value | None], *, domain: str = "",
+              attrs: dict | None = None, output_types: Sequence[TensorType | None] | None = None,
+              num_outputs: int | None = None, output_names: Sequence[str] | None = None,
+              name: str | None = None, meta: NodeMeta | None = None, infer: bool = True) -> Node:
+    """`graph.make_node`, with the output count from the op's definition when not given and,
+    unless `infer` is off or `output_types` are given, the output types inferred."""
+    if num_outputs is None and output_names is None and output_types is None:
+        num_outputs = get_op(domain, op_type).num_outputs_for(attrs or {})
+    node = graph.make_node(op_type, inputs, domain=domain, attrs=attrs, output_types=output_types,
+                           num_outputs=num_outputs, output_names=output_names, name=name, meta=meta)
+    if output_types is None and infer:
+        for v, t in zip(node.outputs, infer_types(node)):
+            v.type = t
+    return node
 
 
 class Builder:
@@ -31,8 +52,8 @@ class Builder:
             k = self._counts.get(op_type, 0)
             self._counts[op_type] = k + 1
             name = f"{self.name_prefix}/{op_type}" + (f"_{k}" if k else "")
-        node = self.graph.make_node(
-            op_type, list(inputs), domain=domain, attrs=attrs, num_outputs=n_out, name=name,
+        node = make_node(
+            self.graph, op_type, list(inputs), domain=domain, attrs=attrs, num_outputs=n_out, name=name,
             output_types=output_types, meta=NodeMeta(created_by=self.created_by))
         if self.before is not None:
             self.graph.insert_before(self.before, node)

@@ -14,6 +14,7 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph
+from graphopt.pass_manager import NearMiss
 
 
 def default_pipeline() -> str:
@@ -125,19 +126,21 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 
 
 def fusion_summary(records) -> dict:
-    """Per fusion pass: how many sites it fused (by rule) and its near misses -- the sites
-    whose root op matched but a later constraint failed, with that constraint and node."""
+    """Per fusion pass (`Pass.category == "fusion"`): how many sites it fused (by rule) and
+    its near misses -- sites whose root op matched but a later constraint failed (NearMiss:
+    rule, node, op, reason)."""
     out: dict = {}
     for r in records:
-        if not r.name.startswith(("fuse-", "merge-")):
+        if r.category != "fusion":
             continue
         entry = out.setdefault(r.name, {"matched": {}, "near_misses": []})
         for k, v in r.stats.items():
             entry["matched"][k] = entry["matched"].get(k, 0) + v
-        entry["near_misses"] += [{k: d[k] for k in ("node", "op", "reason") if k in d} |
-                                 ({"rule": d.get("rule") or d.get("fusion")} if d.get("rule") or d.get("fusion") else {})
-                                 for d in r.details]
+        entry["near_misses"] += [d for d in r.details if set(d) == _NEAR_MISS_FIELDS]
     return out
+
+
+_NEAR_MISS_FIELDS = {f.name for f in dataclasses.fields(NearMiss)}
 
 
 def format_fusions(report: dict, *, full: bool = False) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 
 from graphopt.builder import Builder
 from graphopt.errors import UserError
-from graphopt.ir import GRAPHOPT_DOMAIN, AttrKind, Node, TensorType, Value
+from graphopt.ir import GRAPHOPT_DOMAIN, AttrKind, Node, TensorType, Value, constant_value
 from graphopt.registry import AttrSpec, OpDef, register_op
 
 ACTIVATIONS = ("", "relu", "gelu", "gelu_tanh", "silu")
@@ -205,8 +205,6 @@ def _gated_decompose(b: Builder, node: Node):
     """One MatMul with the two weights side by side, then Split: half the weight reads of two
     separate projections' launches, and the form ONNX Runtime runs fastest."""
     x, wg, wu, bg, bu = _gated_parts(node)
-    from graphopt.pattern import constant_value
-
     cg, cu = constant_value(wg), constant_value(wu)
     if cg is not None and cu is not None:
         w = b.const(np.concatenate([cg, cu], axis=1), "gate_up_weight")

@@ -10,6 +10,7 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph
+from graphopt.registry import run_reference
 
 
 def check_feeds(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -45,8 +46,6 @@ def check_feeds(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 def run(graph: Graph, feeds: dict[str, np.ndarray], *, keep_all: bool = False) -> dict[str, np.ndarray]:
     """Run the graph; returns its outputs by name (with `keep_all`, every value by name)."""
-    from graphopt.registry import run_reference
-
     env: dict[int, np.ndarray] = {}
     for name, v in graph.initializers.items():
         env[id(v)] = np.asarray(v.const_value)

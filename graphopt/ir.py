@@ -445,18 +445,19 @@ class Graph:
     def make_node(self, op_type: str, inputs: Sequence[Value | None], *, domain: str = "",
                   attrs: dict | None = None, output_types: Sequence[TensorType | None] | None = None,
                   num_outputs: int | None = None, output_names: Sequence[str] | None = None,
-                  name: str | None = None, meta: NodeMeta | None = None, infer: bool = True) -> Node:
-        """Create a node (not yet placed in `nodes`). Output types are inferred from the op
-        registry unless given."""
+                  name: str | None = None, meta: NodeMeta | None = None) -> Node:
+        """Create a node (not yet placed in `nodes`) with the given output count, names or
+        types; outputs without a given type are untyped. The IR knows no op: to have the
+        op registry count the outputs and infer their types, use `graphopt.builder`."""
         if output_names is not None:
             n_out = len(output_names)
         elif output_types is not None:
             n_out = len(output_types)
+        elif num_outputs is not None:
+            n_out = num_outputs
         else:
-            n_out = num_outputs if num_outputs is not None else None
-        if n_out is None:
-            from graphopt.registry import get_op
-            n_out = get_op(domain, op_type).num_outputs_for(attrs or {})
+            raise ValueError(f"make_node({op_type!r}): give num_outputs, output_names or output_types "
+                             "(graphopt.builder.make_node asks the op registry)")
         outs = []
         for i in range(n_out):
             hint = output_names[i] if output_names is not None else f"{op_type.lower()}"
@@ -467,10 +468,6 @@ class Graph:
         node = Node(op_type, inputs, outs, attrs, domain=domain,
                     name=name if name else self.fresh_node_name(op_type), meta=meta)
         node.graph = self
-        if output_types is None and infer:
-            from graphopt.registry import infer_types
-            for v, t in zip(outs, infer_types(node)):
-                v.type = t
         return node
 
     def fresh_node_name(self, op_type: str) -> str:
@@ -550,10 +547,6 @@ class Graph:
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {len(self.nodes)} nodes, {len(self.initializers)} initializers)"
 
-    def __str__(self) -> str:
-        from graphopt.text import print_graph
-        return print_graph(self)
-
     # -- copying -------------------------------------------------------------------
 
     def copy(self) -> "Graph":
@@ -614,3 +607,50 @@ def topological_sort(graph: Graph) -> None:
         raise ValueError("the graph has a cycle")
     graph.nodes = out
 
+
+def constant_value(v: Value) -> np.ndarray | None:
+    """The array behind `v` when it is an initializer or the output of a Constant node."""
+    if v.const_value is not None:
+        return np.asarray(v.const_value)
+    p = v.producer()
+    if p is not None and p.op_type == "Constant" and p.domain == "" and "value" in p.attrs:
+        return p.attrs["value"].value
+    return None
+
+
+def more_precise_type(old: TensorType | None, new: TensorType) -> TensorType | None:
+    """`old` with its unknowns filled in from `new`, or None if that adds nothing or they
+    disagree."""
+    if old is None:
+        return new
+    if old.dtype is not new.dtype or new.shape is None:
+        return None
+    if old.shape is None:
+        return new
+    if len(old.shape) != len(new.shape):
+        return None
+    merged, gained = [], False
+    for a, b in zip(old.shape, new.shape):
+        if a is None and b is not None:
+            merged.append(b)
+            gained = True
+        elif isinstance(a, int) and isinstance(b, int) and a != b:
+            return None
+        elif isinstance(a, str) and isinstance(b, int):
+            merged.append(b)
+            gained = True
+        elif isinstance(a, str) and a.startswith("unk__") and isinstance(b, str) and not b.startswith("unk__"):
+            merged.append(b)  # ONNX names the dims it cannot relate "unk__N": a real symbol knows more
+            gained = True
+        else:
+            merged.append(a)
+    return TensorType(old.dtype, tuple(merged)) if gained else None
+
+
+def signature(graph: Graph) -> dict:
+    """The graph's inputs (weights excluded) and outputs: name, dtype and shape with symbolic dims, as JSON."""
+    def entry(v):
+        return {"name": v.name, "dtype": v.type.dtype.short,
+                "shape": None if v.type.shape is None else list(v.type.shape)}
+    return {"inputs": [entry(v) for v in graph.inputs if not v.is_initializer],
+            "outputs": [entry(v) for v in graph.outputs]}

@@ -15,8 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from graphopt.ir import Node, Value
-from graphopt.pattern import constant_value
+from graphopt.ir import Node, Value, constant_value
+from graphopt.registry import run_reference
+from graphopt.symbolic import symbolic_value
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity", "Shape", "Gather",
               "Slice", "Concat", "Cast", "Add", "Sub", "Mul", "Div", "Equal", "Where", "Max", "Min", "Size",
@@ -66,8 +67,6 @@ def _external_shape(v: Value):
     """The symbolic content of an integer shape tensor from outside the slice, if known."""
     if v.type is None or v.type.dtype.np_dtype.kind not in "iu" or v.type.rank not in (0, 1):
         return None
-    from graphopt.passes.cleanup.shapes import symbolic_value
-
     return symbolic_value(v)
 
 
@@ -90,8 +89,6 @@ def _probe_shape(src: Value, k: int, sym: dict | None = None) -> tuple[int, ...]
 def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray],
              data_ops: frozenset = frozenset()) -> bool:
     """True when dst == fn(src) for every probe (see module doc)."""
-    from graphopt.registry import run_reference
-
     nodes = layout_slice(src, dst, data_ops)
     if nodes is None:
         return False

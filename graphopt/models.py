@@ -11,6 +11,9 @@ from pathlib import Path
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph
+from graphopt.frontends import load_model_path
+from graphopt.onnx_io import load_onnx, save_onnx
+from graphopt.text import load_gir, save_gir
 
 
 # Files that go through graphopt.frontends rather than being read as a graph directly.
@@ -24,16 +27,10 @@ def load_graph(path: str | os.PathLike) -> Graph:
         raise UserError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from graphopt.onnx_io import load_onnx
-
         return load_onnx(path)
     if suffix == ".gir":
-        from graphopt.text import load_gir
-
         return load_gir(path)
     if path.is_dir() or suffix in FRONTEND_SUFFIXES:
-        from graphopt.frontends import load_model_path
-
         return load_model_path(path)
     raise UserError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; expected an .onnx or .gir "
                     "file, a Hugging Face or graphopt checkpoint folder, or a .pt/.bin/.pt2 file")
@@ -56,12 +53,8 @@ def save_graph(graph: Graph, path: str | os.PathLike, *, external_data: bool | N
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         if suffix == ".onnx":
-            from graphopt.onnx_io import save_onnx
-
             files = save_onnx(graph, work / path.name, external_data=external_data)
         else:
-            from graphopt.text import save_gir
-
             files = save_gir(graph, work / path.name)
         for f in files[1:] + files[:1]:  # the main file last: it names the others
             os.replace(f, path.parent / f.name)

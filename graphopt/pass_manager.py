@@ -29,22 +29,42 @@ import numpy as np
 
 from graphopt.dtypes import TOLERANCES, DType
 from graphopt.errors import GraphoptError, UserError
-from graphopt.ir import Graph
+from graphopt.plugins import load_entry_points
+from graphopt.ir import CANONICAL_OPSET, Graph, Node
+from graphopt.interpreter import run as interpret
+from graphopt.sample_inputs import sample_inputs
+from graphopt.verify import verify
 
 # --------------------------------------------------------------------------------------
 # Passes
+
+
+@dataclasses.dataclass(frozen=True)
+class NearMiss:
+    """A site a rewrite almost took: its root op matched, then a constraint failed at `node`
+    (whose op is `op`) for `reason`. Every pass reports near misses in this one shape."""
+
+    rule: str
+    node: str
+    op: str
+    reason: str
 
 
 @dataclasses.dataclass
 class PassResult:
     changed: bool = False
     stats: dict[str, int] = dataclasses.field(default_factory=dict)
-    details: list[dict] = dataclasses.field(default_factory=list)  # e.g. near misses of fusions
+    near_misses: list[NearMiss] = dataclasses.field(default_factory=list)
+    details: list[dict] = dataclasses.field(default_factory=list)  # anything else a pass wants reported
 
     def count(self, key: str, n: int = 1) -> None:
         if n:
             self.stats[key] = self.stats.get(key, 0) + n
             self.changed = True
+
+    def near_miss(self, rule: str, at: Node, reason: str) -> None:
+        """Record a site where `rule`'s root matched but a later constraint failed at `at`."""
+        self.near_misses.append(NearMiss(rule, at.name, at.op, str(reason)))
 
 
 @dataclasses.dataclass
@@ -62,6 +82,11 @@ class Pass:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     preconditions: ClassVar[tuple[str, ...]] = ()
+    # Passes that must run before this one when a pipeline holds both ("a|b": either); the
+    # PassManager refuses a pipeline in the wrong order, and notes one that lacks them.
+    requires: ClassVar[tuple[str, ...]] = ()
+    # "fusion" passes are summarized by `--explain-fusions` (sites fused, near misses).
+    category: ClassVar[str] = ""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -88,8 +113,6 @@ def precondition(name: str):
 
 @precondition("canonical-opset")
 def _canonical_opset(graph: Graph) -> str | None:
-    from graphopt.ir import CANONICAL_OPSET
-
     v = graph.opset.get("", CANONICAL_OPSET)
     return None if v == CANONICAL_OPSET else f"the graph is at opset {v}, not the canonical {CANONICAL_OPSET}"
 
@@ -142,25 +165,14 @@ def register_pass(name: str, *, aliases: tuple[str, ...] = ()):
 
 
 def _load_passes() -> None:
-    """Import graphopt's own passes and those of installed plugins (entry point group
-    `graphopt.passes`: each entry point is a module or callable that registers passes)."""
+    """Load the pass catalogues of the entry point group `graphopt.passes`: graphopt's own
+    (`graphopt = graphopt.passes` in its pyproject.toml) and those of installed plugins, each
+    a module or callable that registers passes. The pass manager imports no pass itself."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import graphopt.passes  # noqa: F401  (registers the built-in catalogue)
-
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="graphopt.passes"):
-        try:
-            obj = ep.load()
-            if callable(obj) and not isinstance(obj, type):
-                obj()
-        except Exception as e:  # a broken plugin must not break graphopt
-            import warnings
-
-            warnings.warn(f"graphopt: could not load pass plugin {ep.name!r}: {e}")
+    load_entry_points("graphopt.passes", "pass")
 
 
 def all_passes() -> list[PassInfo]:
@@ -328,10 +340,36 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     max_abs_diff: float | None = None
-    details: list[dict] = dataclasses.field(default_factory=list)
+    category: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. a requirement not met
+    details: list[dict] = dataclasses.field(default_factory=list)  # near misses first (NearMiss fields)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def unmet_requirements(cls: type[Pass], history: list[str]) -> list[str]:
+    """The entries of `cls.requires` that no pass in `history` (pipeline entries as printed,
+    options included) satisfies."""
+    ran = set()
+    for entry in history:
+        name = entry.split("{", 1)[0].strip()
+        ran.add(_ALIASES.get(name, name))
+    return [req for req in cls.requires if not any(_ALIASES.get(r, r) in ran for r in req.split("|"))]
+
+
+def check_order(entries: list[PipelineEntry]) -> None:
+    """A pipeline that lists a pass after one that requires it is refused before any work
+    (requirements met by an earlier run on the graph are checked when the pass runs)."""
+    infos = [get_pass_info(e.name) for e in entries]
+    for i, info in enumerate(infos):
+        before = {x.name for x in infos[:i]}
+        later = {x.name for x in infos[i + 1:]}
+        for req in info.cls.requires:
+            options = {_ALIASES.get(r, r) for r in req.split("|")}
+            if not before & options and later & options:
+                raise UserError(f"pipeline: {info.name!r} needs {' or '.join(repr(o) for o in sorted(options))} "
+                                "before it, but the pipeline runs it after")
 
 
 class PassManager:
@@ -339,6 +377,7 @@ class PassManager:
                  check_numerics: bool = False, sample_inputs: dict[str, np.ndarray] | None = None,
                  ctx: PassContext | None = None, progress: Callable[[str], None] | None = None):
         self.entries = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+        check_order(self.entries)
         self.verify = verify
         self.check_numerics = check_numerics
         self.sample_inputs = sample_inputs
@@ -352,18 +391,21 @@ class PassManager:
 
     def run(self, graph: Graph) -> Graph:
         """Run the pipeline; returns the optimized graph (the input graph is not modified)."""
-        from graphopt.verify import verify
-
         current = graph
         reference = None
         if self.check_numerics:
-            from graphopt.interpreter import run as interpret
-            from graphopt.sample_inputs import sample_inputs
-
             feeds = self.sample_inputs if self.sample_inputs is not None else sample_inputs(graph)
             reference = interpret(graph, feeds, keep_all=True)
         for entry in self.entries:
             p = entry.instantiate()
+            # A requirement that neither this pipeline nor the graph's history meets is not an
+            # error (an imported opset-23 Attention or a norm the exporter kept fused meets it
+            # too), but the record says so: a pass that finds nothing to do should say why.
+            notes = [f"{p.name!r} usually runs after {' or '.join(repr(r) for r in req.split('|'))}, "
+                     "which neither this pipeline nor the graph's history ran"
+                     for req in unmet_requirements(type(p), current.metadata.passes)]
+            for note in notes:
+                self.progress(f"note: {note}")
             for pre in p.preconditions:
                 reason = PRECONDITIONS[pre](current)
                 if reason is not None:
@@ -386,10 +428,9 @@ class PassManager:
                 except GraphoptError as e:
                     raise PassError(f"pass {p.name!r} left an invalid graph: {e}") from None
             record = PassRecord(p.name, dataclasses.asdict(p), seconds, result.changed, dict(result.stats),
-                                len(current.nodes), len(work.nodes), details=list(result.details))
+                                len(current.nodes), len(work.nodes), category=p.category, notes=notes,
+                                details=[dataclasses.asdict(nm) for nm in result.near_misses] + list(result.details))
             if reference is not None:
-                from graphopt.interpreter import run as interpret
-
                 after = interpret(work, feeds, keep_all=True)
                 record.max_abs_diff = _compare(p.name, work, reference, after)
                 reference = after

@@ -20,13 +20,14 @@ an error, not a silent stop.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable, ClassVar, Sequence
 
-import numpy as np
 
 from graphopt.builder import Builder
 from graphopt.errors import GraphoptError
-from graphopt.ir import Graph, Node, Value
+from graphopt.ir import Graph, Node, Value, constant_value  # noqa: F401  (constant_value: part of the rewrite API)
+from graphopt.pass_manager import NearMiss, PassResult  # noqa: F401  (NearMiss: part of the rewrite API)
 
 # --------------------------------------------------------------------------------------
 # Patterns
@@ -81,18 +82,20 @@ def op(op_type: str | Sequence[str], *inputs: Pattern, domain: str = "", capture
                      commute=commute, single_use=single_use, output=output)
 
 
-def constant_value(v: Value) -> np.ndarray | None:
-    """The array behind `v` when it is an initializer or the output of a Constant node."""
-    if v.const_value is not None:
-        return np.asarray(v.const_value)
-    p = v.producer()
-    if p is not None and p.op_type == "Constant" and p.domain == "" and "value" in p.attrs:
-        return p.attrs["value"].value
-    return None
-
-
 # --------------------------------------------------------------------------------------
 # Matching
+
+
+@dataclasses.dataclass(frozen=True)
+class Fail:
+    """Why a match failed, and the node where it did (None: at a graph input or weight).
+    Declarative patterns (`Match.failure`) and procedural matchers return it alike."""
+
+    reason: str
+    node: Node | None = None
+
+    def __bool__(self) -> bool:  # `if not (m := match_x(...))` reads as "did not match"
+        return False
 
 
 @dataclasses.dataclass
@@ -103,6 +106,10 @@ class Match:
     reason: str = ""
     at: Node | None = None               # the node where matching failed
     depth: int = 0                       # how many pattern ops matched before it failed
+
+    @property
+    def failure(self) -> Fail | None:
+        return None if self.ok else Fail(self.reason, self.at)
 
     def __getitem__(self, key: str):
         return self.captures[key]
@@ -248,6 +255,12 @@ def replaceable(old: Value, new: Value) -> bool:
     return new.producer() is not None and not new.is_graph_output and not new.is_graph_input
 
 
+# Graph outputs replaced by `replace_value` whose names are still taken by the old value: the
+# new value takes the name when `remove_dead` removes the old producer. Kept here, per graph,
+# rather than on the Graph: it is state of a rewrite in progress, not of the IR.
+_PENDING_RENAMES: "weakref.WeakKeyDictionary[Graph, list[tuple[Value, str]]]" = weakref.WeakKeyDictionary()
+
+
 def replace_value(graph: Graph, old: Value, new: Value) -> None:
     """Replace `old` by `new`; when `old` is a graph output, `new` takes over its name once
     `old`'s producer is removed (see `remove_dead`)."""
@@ -256,8 +269,7 @@ def replace_value(graph: Graph, old: Value, new: Value) -> None:
         new.type = old.type
     old.replace_all_uses_with(new)
     if keep_name is not None:
-        graph._pending_renames = getattr(graph, "_pending_renames", [])
-        graph._pending_renames.append((new, keep_name))
+        _PENDING_RENAMES.setdefault(graph, []).append((new, keep_name))
 
 
 def remove_dead(graph: Graph, candidates: Sequence[Node]) -> int:
@@ -270,27 +282,16 @@ def remove_dead(graph: Graph, candidates: Sequence[Node]) -> int:
             graph.remove_node(n)
             alive.discard(id(n))
             removed += 1
-    for new, name in getattr(graph, "_pending_renames", []):
+    for new, name in _PENDING_RENAMES.pop(graph, []):
         if name not in graph._names:
             graph.rename_value(new, name)
-    graph._pending_renames = []
     return removed
-
-
-@dataclasses.dataclass
-class NearMiss:
-    rule: str
-    node: str
-    op: str
-    reason: str
 
 
 def apply_patterns(graph: Graph, rules: Sequence[RewriteRule], ctx=None, *, max_iterations: int = 64,
                    explain: bool = False):
     """Apply `rules` until none fires. Returns a PassResult: counts per rule, and (with
     `explain`) near misses in `result.details`."""
-    from graphopt.pass_manager import PassResult
-
     result = PassResult()
     for it in range(max_iterations):
         fired = False
@@ -309,8 +310,7 @@ def apply_patterns(graph: Graph, rules: Sequence[RewriteRule], ctx=None, *, max_
                 if reason:
                     # A near miss: more than the root op matched (or only a check failed).
                     if explain and it == 0 and not isinstance(reason, Decline) and (m.ok or m.depth >= 2):
-                        at = m.at or node
-                        result.details.append(dataclasses.asdict(NearMiss(rule.name, at.name, at.op, reason)))
+                        result.near_miss(rule.name, m.at or node, reason)
                     continue
                 if _apply(graph, rule, node, m):
                     result.count(rule.name)
@@ -346,5 +346,5 @@ def _undo(graph: Graph, rw: Rewriter) -> None:
             graph.remove_node(n)
 
 
-__all__ = ["Decline", "Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "Match", "RewriteRule",
+__all__ = ["Decline", "Fail", "NearMiss", "Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "Match", "RewriteRule",
            "Rewriter", "apply_patterns", "constant_value", "replace_value", "remove_dead", "replaceable"]

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ir import CANONICAL_OPSET, GRAPHOPT_DOMAIN, AttrKind, Node, TensorType
+from graphopt.plugins import load_entry_points
+from graphopt.ir import CANONICAL_OPSET, GRAPHOPT_DOMAIN, AttrKind, Node, TensorType, more_precise_type
+from graphopt.onnx_proto import node_to_proto, tensor_type_from_proto, type_to_proto
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphopt.builder import Builder
@@ -75,7 +77,7 @@ class OpDef:
 
 
 _OPS: dict[tuple[str, str], OpDef] = {}
-_graphopt_ops_loaded = False
+_op_catalogues_loaded = False
 
 
 def register_op(opdef: OpDef) -> OpDef:
@@ -86,12 +88,15 @@ def register_op(opdef: OpDef) -> OpDef:
     return opdef
 
 
-def _load_graphopt_ops() -> None:
-    global _graphopt_ops_loaded
-    if not _graphopt_ops_loaded:
-        _graphopt_ops_loaded = True
-        import graphopt.fused_ops  # noqa: F401  (registers on import)
-        import graphopt.graphopt_ops  # noqa: F401
+def _load_op_catalogues() -> None:
+    """The ops declared outside this module -- graphopt's own domain (`graphopt.graphopt_ops`,
+    `graphopt.fused_ops`) and any plugin's -- register themselves when their module is
+    imported; the modules are named by the entry point group `graphopt.ops`, so the registry
+    imports none of them."""
+    global _op_catalogues_loaded
+    if not _op_catalogues_loaded:
+        _op_catalogues_loaded = True
+        load_entry_points("graphopt.ops", "op")
 
 
 def get_op(domain: str, name: str) -> OpDef:
@@ -99,8 +104,8 @@ def get_op(domain: str, name: str) -> OpDef:
     key = (domain, name)
     if key in _OPS:
         return _OPS[key]
-    if domain == GRAPHOPT_DOMAIN:
-        _load_graphopt_ops()
+    if domain != "" and not _op_catalogues_loaded:
+        _load_op_catalogues()
         if key in _OPS:
             return _OPS[key]
     if domain == "":
@@ -121,7 +126,7 @@ def is_known_op(domain: str, name: str) -> bool:
 
 
 def all_graphopt_ops() -> list[OpDef]:
-    _load_graphopt_ops()
+    _load_op_catalogues()
     return [d for (dom, _), d in sorted(_OPS.items()) if dom == GRAPHOPT_DOMAIN]
 
 
@@ -152,22 +157,20 @@ def refine_types(graph) -> int:
     """Re-run inference over the graph and adopt inferred types that know more (a rank or
     a dimension that was unknown) and agree with what was known. Returns how many values
     got a more precise type."""
-    from graphopt.errors import UserError as _UserError
-
     refined = 0
     for node in graph.nodes:
         if any(v is not None and v.type is None for v in node.inputs):
             continue
         try:
             inferred = infer_types(node)
-        except _UserError:
+        except UserError:
             continue
         if node.domain == "" and node.op_type in _BROADCASTING and inferred and inferred[0] is not None:
             inferred = [_broadcast_type(node, inferred[0])] + list(inferred[1:])
         for v, t in zip(node.outputs, inferred):
             if v is None or t is None:
                 continue
-            better = _more_precise(v.type, t)
+            better = more_precise_type(v.type, t)
             if better is not None:
                 v.type = better
                 refined += 1
@@ -201,35 +204,6 @@ def _broadcast_type(node: Node, inferred: TensorType) -> TensorType:
             elif len(big) == 1 and not real:
                 out[i] = big.pop()
     return TensorType(inferred.dtype, tuple(out))
-
-
-def _more_precise(old: TensorType | None, new: TensorType) -> TensorType | None:
-    """`old` with its unknowns filled in from `new`, or None if that adds nothing or they
-    disagree."""
-    if old is None:
-        return new
-    if old.dtype is not new.dtype or new.shape is None:
-        return None
-    if old.shape is None:
-        return new
-    if len(old.shape) != len(new.shape):
-        return None
-    merged, gained = [], False
-    for a, b in zip(old.shape, new.shape):
-        if a is None and b is not None:
-            merged.append(b)
-            gained = True
-        elif isinstance(a, int) and isinstance(b, int) and a != b:
-            return None
-        elif isinstance(a, str) and isinstance(b, int):
-            merged.append(b)
-            gained = True
-        elif isinstance(a, str) and a.startswith("unk__") and isinstance(b, str) and not b.startswith("unk__"):
-            merged.append(b)  # ONNX names the dims it cannot relate "unk__N": a real symbol knows more
-            gained = True
-        else:
-            merged.append(a)
-    return TensorType(old.dtype, tuple(merged)) if gained else None
 
 
 def run_reference(node: Node, inputs: list) -> list[np.ndarray]:
@@ -280,8 +254,6 @@ def _core_infer(node: Node) -> list[TensorType | None]:
     import onnx
     import onnx.defs
     import onnx.shape_inference
-
-    from graphopt.onnx_io import node_to_proto, tensor_type_from_proto, type_to_proto
 
     proto = node_to_proto(node)
     input_types = {}
@@ -349,8 +321,6 @@ def _core_reference(node: Node, inputs: list) -> list[np.ndarray]:
     from onnx.reference.ops import load_op
     from onnx.reference.reference_evaluator import ReferenceEvaluator
 
-    from graphopt.onnx_io import node_to_proto, type_to_proto
-
     proto = node_to_proto(node)
     params = {
         "log": lambda *a: None, "opsets": {"": CANONICAL_OPSET}, "verbose": 0,
@@ -365,52 +335,3 @@ def _core_reference(node: Node, inputs: list) -> list[np.ndarray]:
     inst = cls(proto, params)
     outs = inst.run(*inputs)
     return [np.asarray(o) if o is not None else None for o in outs]
-
-
-# --------------------------------------------------------------------------------------
-# Decomposition
-
-
-def decompose_node(node: Node) -> list:
-    """Replace a graphopt-domain node in its graph by its decomposition into core ops.
-    Returns the new output values."""
-    from graphopt.builder import Builder
-
-    opdef = get_op(node.domain, node.op_type)
-    if opdef.decompose is None:
-        raise UnknownOpError(f"op {opdef.qualified_name} (node {node.name!r}) has no decomposition")
-    graph = node.graph
-    b = Builder(graph, before=node, created_by=f"decompose:{opdef.qualified_name}")
-    new_outputs = list(opdef.decompose(b, node))
-    renames = []
-    for i, (old, new) in enumerate(zip(node.outputs, new_outputs)):
-        if old is None:
-            continue
-        if new is None:
-            raise ValueError(f"decomposition of {opdef.qualified_name} did not produce output {old.index}")
-        if old.is_graph_output and (new.producer() is None or new.is_graph_output or new.is_graph_input):
-            new = b.Identity(new)  # a graph output keeps its own name: it needs its own producer
-            new_outputs[i] = new
-        if old.type is not None:
-            new.type = old.type
-        if old.is_graph_output:
-            renames.append((new, old.name))
-        old.replace_all_uses_with(new)
-    graph.remove_node(node)
-    for new, name in renames:  # graph outputs keep their names
-        graph.rename_value(new, name)
-    return new_outputs
-
-
-def decompose_graphopt_ops(graph, keep=frozenset(), max_rounds: int = 8) -> int:
-    """Decompose every graphopt-domain node (except ops named in `keep`) until none is left;
-    decompositions may produce graphopt ops again, hence the rounds. Returns the count."""
-    count = 0
-    for _ in range(max_rounds):
-        pending = [n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type not in keep]
-        if not pending:
-            return count
-        for n in pending:
-            decompose_node(n)
-            count += 1
-    raise UnknownOpError(f"decompositions did not reach core ops in {max_rounds} rounds")

@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.dtypes import TOLERANCES, DType  # noqa: F401  (the one tolerance table, for tests)
+from graphopt.builder import Builder
+from graphopt.ir import Graph, TensorType
+from graphopt.pass_manager import PassManager
+from graphopt.text import parse_graph, print_graph
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, *, rtol: float | None = None,
@@ -202,9 +206,6 @@ def random_graph(seed: int, n_nodes: int = 12, *, cleanup_bait: bool = False):
     With `cleanup_bait`, the graph starts with one instance of what every cleanup pass
     removes (dead code, a duplicate, a constant subexpression, an Identity, a Cast chain,
     a Shape->Gather->Concat->Reshape chain), so each of them has something to do."""
-    from graphopt.builder import Builder
-    from graphopt.ir import Graph, TensorType
-
     rng = np.random.default_rng(seed)
     g = Graph(f"random_{seed}")
     width = int(rng.choice([2, 4, 6]))
@@ -320,9 +321,6 @@ def fusion_motif(b, x, kind: str, rng):
 def random_fusion_graph(seed: int, n_nodes: int = 6):
     """`random_graph`'s random ops with one instance of every fusion motif woven in, each
     fed by what came before: a graph every fusion pass has something to do in."""
-    from graphopt.builder import Builder
-    from graphopt.ir import Graph, TensorType
-
     rng = np.random.default_rng(seed)
     g = Graph(f"random_fusion_{seed}")
     width = int(rng.choice([4, 8]))
@@ -346,9 +344,6 @@ def random_fusion_graph(seed: int, n_nodes: int = 6):
 def apply_pipeline_text(before: str, pipeline: str, weights: dict | None = None, *, check: bool = True):
     """Golden-test helper: parse `before`, run `pipeline` (verifying, and checking results on
     sample inputs when `check`), return (graph, printed text without the header)."""
-    from graphopt.pass_manager import PassManager
-    from graphopt.text import parse_graph, print_graph
-
     g = parse_graph(before, weights=weights or {})
     pm = PassManager(pipeline, check_numerics=check)
     out = pm.run(g)

@@ -33,6 +33,7 @@ import numpy as np
 from graphopt.dtypes import DType
 from graphopt.errors import ParseError
 from graphopt.ir import Attr, AttrKind, Graph, GraphMetadata, Node, TensorType, Value
+from graphopt.weights_file import write_tensors, read_tensors
 
 INLINE_TENSOR_LIMIT = 64  # elements; larger tensor attributes go to the weights file
 
@@ -600,8 +601,6 @@ def weights_file_of(text: str) -> str | None:
 
 def save_gir(graph: Graph, path: str | Path) -> list[Path]:
     """Write `path` (text) and `<stem>.weights.safetensors` beside it. Returns both paths."""
-    from graphopt.weights_file import write_tensors
-
     path = Path(path)
     wname = path.stem + ".weights.safetensors"
     external: dict[str, np.ndarray] = {}
@@ -614,8 +613,6 @@ def save_gir(graph: Graph, path: str | Path) -> list[Path]:
 
 
 def load_gir(path: str | Path) -> Graph:
-    from graphopt.weights_file import read_tensors
-
     path = Path(path)
     if not path.exists():
         raise ParseError(f"{path}: no such file")

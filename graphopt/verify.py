@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from graphopt.errors import UserError, VerificationError
 from graphopt.ir import Graph, TensorType, Value
+from graphopt.registry import UnknownOpError, get_op, infer_types
 
 
 def compatible(declared: TensorType, inferred: TensorType) -> bool:
@@ -31,8 +32,6 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
 
 
 def _problems(graph: Graph, check_types: bool) -> list[str]:
-    from graphopt.registry import UnknownOpError, get_op, infer_types
-
     errs: list[str] = []
     defined: set[int] = set()
     names: dict[str, Value] = {}

@@ -16,6 +16,7 @@ import numpy as np
 
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
+from graphopt.onnx_proto import write_array
 
 _CODES = {
     DType.FLOAT32: "F32", DType.FLOAT16: "F16", DType.BFLOAT16: "BF16", DType.FLOAT64: "F64",
@@ -26,8 +27,6 @@ _FROM_CODE = {c: d for d, c in _CODES.items()}
 
 
 def write_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from graphopt.onnx_io import _write_array
-
     header: dict = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -42,7 +41,7 @@ def write_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: di
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
         for arr in tensors.values():
-            _write_array(f, arr)
+            write_array(f, arr)
 
 
 def read_tensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -10,9 +10,11 @@ from graphopt.errors import UserError
 from graphopt.interpreter import run
 from graphopt.ir import Graph, TensorType
 from graphopt.onnx_io import save_onnx
-from graphopt.registry import decompose_graphopt_ops, decompose_node, infer_types
+from graphopt.lowering import decompose_graphopt_ops, decompose_node
+from graphopt.registry import infer_types
 from graphopt.testing import assert_close, run_ort
 from graphopt.verify import verify
+from graphopt.builder import make_node  # noqa: E402
 
 F32 = DType.FLOAT32
 RNG = np.random.default_rng(0)
@@ -27,7 +29,7 @@ def one_node(op, inputs: dict, consts: dict, attrs: dict, n_out=1):
         vals.append(None if arr is None else g.add_initializer(name, arr))
     while vals and vals[-1] is None:
         vals.pop()
-    n = g.make_node(op, vals, domain="graphopt", attrs=attrs, num_outputs=n_out)
+    n = make_node(g, op, vals, domain="graphopt", attrs=attrs, num_outputs=n_out)
     g.append(n)
     g.outputs = list(n.outputs)
     verify(g)

@@ -23,8 +23,10 @@ from graphopt.errors import UserError
 from graphopt.interpreter import run
 from graphopt.ir import GRAPHOPT_DOMAIN, Attr, Graph, TensorType
 from graphopt.onnx_io import from_onnx_model, save_onnx
-from graphopt.registry import decompose_node, infer_types
+from graphopt.lowering import decompose_node
+from graphopt.registry import infer_types
 from graphopt.verify import verify
+from graphopt.builder import make_node  # noqa: E402
 
 # (rtol, atol) for the same computation done two ways, per element type. Measured here:
 # float32 differs by at most 5e-7, float16 by one unit in the last place (which rtol 1e-3 admits).
@@ -224,7 +226,7 @@ def one_node_graph(case: Case, *, dynamic: bool = False) -> Graph:
         name, a, dims = spec
         shape = tuple(s if dynamic and s else d for d, s in zip(a.shape, dims)) if dynamic else a.shape
         ins.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
-    node = g.make_node(case.op, ins, domain=GRAPHOPT_DOMAIN, attrs=case.attrs, num_outputs=len(case.outputs),
+    node = make_node(g, case.op, ins, domain=GRAPHOPT_DOMAIN, attrs=case.attrs, num_outputs=len(case.outputs),
                        name=f"{case.op.lower()}_node")
     g.append(node)
     for v, name in zip(node.outputs, case.outputs):
@@ -369,7 +371,7 @@ def _node(g: Graph, op: str, inputs: list, *, infer: bool = True, num_outputs: i
     """A graphopt node appended to `g`; with infer=False its outputs are typed unknown, so
     that the decomposition (not the inference rule) meets whatever is wrong with it."""
     types = None if infer else [TensorType(DType.FLOAT32, None)] * num_outputs
-    node = g.make_node(op, inputs, domain=GRAPHOPT_DOMAIN, attrs=attrs, num_outputs=num_outputs,
+    node = make_node(g, op, inputs, domain=GRAPHOPT_DOMAIN, attrs=attrs, num_outputs=num_outputs,
                        output_types=types, name=f"my_{op.lower()}")
     g.append(node)
     g.outputs = list(node.outputs)
@@ -404,7 +406,7 @@ def test_two_nodes_decompose_in_one_graph(tmp_path):
     case = ATTENTION_CASES[6]  # causal, past, GQA, present outputs
     g = one_node_graph(case)
     first = g.nodes[0]
-    second = g.make_node("Attention", [first.outputs[0], *first.inputs[1:]], domain=GRAPHOPT_DOMAIN,
+    second = make_node(g, "Attention", [first.outputs[0], *first.inputs[1:]], domain=GRAPHOPT_DOMAIN,
                          attrs=case.attrs, num_outputs=3)
     g.append(second)
     g.outputs = list(second.outputs)
@@ -492,7 +494,7 @@ def test_causal_attention_with_a_key_padding_mask_broadcast_over_queries():
     before building the causal mask (ONNX's own reference builds it from the mask's shape)."""
     from graphopt.interpreter import run
     from graphopt.ir import Graph, TensorType
-    from graphopt.registry import decompose_graphopt_ops
+    from graphopt.lowering import decompose_graphopt_ops
 
     rng = np.random.default_rng(3)
     b, n, s, h = 2, 2, 5, 8
@@ -501,7 +503,7 @@ def test_causal_attention_with_a_key_padding_mask_broadcast_over_queries():
     mask[0, ..., :2] = -np.inf
     g = Graph()
     ins = [g.add_input(name, TensorType.of(a)) for name, a in (("q", q), ("k", k), ("v", v), ("mask", mask))]
-    node = g.make_node("Attention", ins, domain="graphopt", attrs={"causal": 1})
+    node = make_node(g, "Attention", ins, domain="graphopt", attrs={"causal": 1})
     g.append(node)
     g.outputs = [node.outputs[0]]
     feeds = {"q": q, "k": k, "v": v, "mask": mask}

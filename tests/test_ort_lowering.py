@@ -29,6 +29,7 @@ from graphopt.errors import UserError
 from graphopt.interpreter import run
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
 from graphopt.testing import TOLERANCES, run_ort
+from graphopt.builder import make_node  # noqa: E402
 
 GQA, MHA = "com.microsoft.GroupQueryAttention", "com.microsoft.MultiHeadAttention"
 DECOMPOSED = None  # the rule declines: no ORT kernel, only core ops
@@ -87,7 +88,7 @@ def one_node_graph(case: Case, *, dynamic: bool = False) -> Graph:
             continue
         shape = tuple(s if dynamic and s else d for d, s in zip(a.shape, dims or (None,) * a.ndim))
         vals.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
-    node = g.make_node(case.op, vals, domain=GRAPHOPT_DOMAIN, attrs=case.attrs, num_outputs=case.n_out,
+    node = make_node(g, case.op, vals, domain=GRAPHOPT_DOMAIN, attrs=case.attrs, num_outputs=case.n_out,
                        name=f"{case.op.lower()}_site")
     g.append(node)
     g.outputs = list(node.outputs)
@@ -489,7 +490,7 @@ def test_shared_shape_values_and_several_sites(tmp_path):
     case = next(c for c in ATTENTION_CASES if c.id == "bsd_gqa_hf_mask")
     g = one_node_graph(case, dynamic=True)
     first = g.nodes[0]
-    second = g.make_node("Attention", [first.outputs[0], first.inputs[1], first.inputs[2], first.inputs[3]],
+    second = make_node(g, "Attention", [first.outputs[0], first.inputs[1], first.inputs[2], first.inputs[3]],
                          domain=GRAPHOPT_DOMAIN, attrs=case.attrs)
     g.append(second)
     g.outputs = [first.outputs[0], second.outputs[0]]

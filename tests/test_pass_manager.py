@@ -206,3 +206,45 @@ def test_sample_inputs_are_valid_for_language_models(exported):
     feeds = sample_inputs(g)
     assert feeds["input_ids"].shape == (2, 8) and feeds["input_ids"].max() < VOCAB
     assert set(np.unique(feeds["attention_mask"])) <= {0, 1}
+
+
+# ---- declared requirements ---------------------------------------------------------------
+
+def test_a_requirement_that_nothing_meets_is_noted():
+    g = relu_graph()
+    seen = []
+    pm = PassManager("attention-to-3d", progress=seen.append)
+    pm.run(g)
+    assert pm.records[0].notes == ["'attention-to-3d' usually runs after 'fuse-attention', which neither this "
+                                   "pipeline nor the graph's history ran"]
+    assert any(m.startswith("note: 'attention-to-3d' usually runs after") for m in seen)
+    # Met earlier in the pipeline, or by an earlier run recorded on the graph: no note.
+    pm = PassManager("fuse-attention,eliminate-dead-code,attention-to-3d")
+    out = pm.run(g)
+    assert not any(r.notes for r in pm.records)
+    pm = PassManager("attention-to-3d")
+    pm.run(out)
+    assert pm.records[0].notes == []
+    pm = PassManager("fuse-skip-norm")
+    pm.run(g)
+    assert "'fuse-layer-norm' or 'fuse-rms-norm'" in pm.records[0].notes[0]
+
+
+def test_a_pipeline_in_the_wrong_order_is_refused_before_any_work():
+    with pytest.raises(UserError, match="'merge-projections' needs 'fuse-linear' before it, but the pipeline runs it after"):
+        PassManager("merge-projections,fuse-linear")
+
+
+def test_near_misses_have_one_shape_in_every_record():
+    from graphopt.driver import fusion_summary
+    from graphopt.pattern import NearMiss
+
+    g = random_graph(3, 12)
+    pm = PassManager("fuse-activations,fuse-layer-norm,fuse-rms-norm,fuse-linear,fuse-rotary,fuse-attention,"
+                     "attention-to-3d,fuse-gated-mlp,merge-projections,fuse-skip-norm")
+    pm.run(g)
+    fields = {f.name for f in dataclasses.fields(NearMiss)}
+    summary = fusion_summary(pm.records)
+    assert set(summary) == {r.name for r in pm.records}  # every fusion pass is in the summary
+    for entry in summary.values():
+        assert all(set(nm) == fields for nm in entry["near_misses"])

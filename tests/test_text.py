@@ -13,6 +13,7 @@ from graphopt.ir import Attr, Graph, TensorType
 from graphopt.testing import random_graph
 from graphopt.text import load_gir, parse_graph, print_graph, save_gir
 from graphopt.verify import verify
+from graphopt.builder import make_node  # noqa: E402
 
 F32 = DType.FLOAT32
 
@@ -31,7 +32,7 @@ def test_golden_text():
     g = Graph("block")
     x = g.add_input("x", TensorType(F32, ("batch", "seq", 8)))
     w = g.add_initializer("wq", np.zeros((8, 8), np.float32))
-    n = g.make_node("MatMul", [x, w], output_names=["q"], name="q_proj")
+    n = make_node(g, "MatMul", [x, w], output_names=["q"], name="q_proj")
     g.append(n)
     g.outputs = [n.outputs[0]]
     assert print_graph(g) == (
@@ -53,12 +54,12 @@ def test_every_attribute_kind_and_odd_names_roundtrip():
     for i, arr in enumerate([np.array([1.5, -0.0, np.inf], np.float32), np.array(7, np.int64),
                              np.array([True, False]), np.array([1, 2], np.float16),
                              np.array([0.1, 3.0], dtype=DType.BFLOAT16.np_dtype), big]):
-        n = g.make_node("Constant", [], attrs={"value": Attr.tensor(arr)}, name=f"const {i}")
+        n = make_node(g, "Constant", [], attrs={"value": Attr.tensor(arr)}, name=f"const {i}")
         g.append(n)
         consts.append(n)
-    split = g.make_node("Split", [x], attrs={"axis": 0, "num_outputs": 2}, name="split")
+    split = make_node(g, "Split", [x], attrs={"axis": 0, "num_outputs": 2}, name="split")
     g.append(split)
-    clip = g.make_node("Clip", [split.outputs[0], None, consts[0].outputs[0]], infer=False,
+    clip = make_node(g, "Clip", [split.outputs[0], None, consts[0].outputs[0]], infer=False,
                        output_types=[split.outputs[0].type])
     g.append(clip)
     g.outputs = [clip.outputs[0], split.outputs[1]] + [c.outputs[0] for c in consts]

@@ -20,6 +20,7 @@ from graphopt.ir import Graph
 
 from graphopt.backends.onnxruntime import attention, rules  # noqa: F401  (register the rules)
 from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
+from graphopt.onnx_io import save_onnx
 
 NAME = "onnxruntime"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -60,8 +61,6 @@ def check_target(target: str) -> None:
 
 def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -> dict:
     """Write `model.onnx` (+ external data when large) into outdir; returns manifest fields."""
-    from graphopt.onnx_io import save_onnx
-
     report = LoweringReport()
     lowered = lower(graph, target, report, options)
     files = save_onnx(lowered, outdir / "model.onnx")

@@ -1,13 +1,10 @@
-"""The lowering driver: graphopt ops become ORT kernels where a rule says so, core ops
-(opset 20) everywhere else.
+"""The ONNX Runtime lowering: graphopt ops become ORT kernels where a rule says so, core ops
+(opset 20) everywhere else, through the shared driver (`graphopt.lowering`).
 
 A rule is registered per op with `graphopt.registry.register_lowering("onnxruntime", domain,
-op)` and called as `rule(ctx, b, node)`, where `b` is a `Builder` placed before the node. It
-returns the node's new outputs (one per output; None for an output the node does not have),
-or a string saying why it declines (unsupported shape, type or target), in which case
-anything it built is removed again and the node is replaced by its decomposition. A
-decomposition may produce graphopt ops again (SkipNorm{rms} gives RMSNorm): those are
-lowered in the next round. Rules for core ops (`Gelu`) run last, once.
+op)` and called as `rule(ctx, b, node)` with a `LoweringContext` (below); it returns the new
+outputs or a string saying why it declines, in which case what it built is rolled back and
+the node decomposed. Rules for core ops (`Gelu`) run last, once.
 
 Lowered graphs hold `com.microsoft` nodes and ORT's own ONNX-domain ops
 (`SimplifiedLayerNormalization`), which the IR's registry does not know: they are written to
@@ -16,35 +13,17 @@ types (`output_types=[...]`), so that core ops built after it still get inferred
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
-from typing import Sequence
-
 import numpy as np
 
 from graphopt.builder import Builder
-from graphopt.errors import GraphoptError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
-from graphopt.registry import decompose_node, get_lowering
+from graphopt.lowering import LoweringReport, lower_graphopt_ops, lower_node  # noqa: F401  (LoweringReport: this backend's API)
+from graphopt.registry import get_lowering
 
 from graphopt.backends.onnxruntime.kernels import MS_DOMAIN, has_kernel
 
 BACKEND = "onnxruntime"
-MAX_ROUNDS = 8
 _CREATED_BY = "lower-onnxruntime"
-
-
-@dataclasses.dataclass
-class LoweringReport:
-    """What the lowering did: kernels emitted per graphopt op, and the decompositions with
-    the reason each rule gave."""
-
-    kernels: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    decomposed: dict[str, collections.Counter] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"kernels": dict(sorted(self.kernels.items())),
-                "decomposed": {op: dict(reasons) for op, reasons in sorted(self.decomposed.items())}}
 
 
 class LoweringContext:
@@ -92,16 +71,15 @@ def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None,
     report = report if report is not None else LoweringReport()
     ctx = LoweringContext(graph, target, options)
     used_before = {name for name, v in graph.initializers.items() if v.uses()}
-    for _ in range(MAX_ROUNDS):
-        pending = [n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN]
-        if not pending:
-            break
-        for node in pending:
-            _lower_node(ctx, node, report)
-    else:
-        raise GraphoptError(f"lowering did not reach ORT ops in {MAX_ROUNDS} rounds")
+
+    def count_kernels(node: Node, b: Builder) -> None:
+        for n in b.nodes:
+            if n.domain == MS_DOMAIN or (n.domain == "" and n.op_type in _ORT_ONNX_DOMAIN_OPS):
+                report.kernels[f"{n.domain}.{n.op_type}" if n.domain else n.op_type] += 1
+
+    lower_graphopt_ops(graph, BACKEND, ctx, report, on_lowered=count_kernels)
     for node in [n for n in graph.nodes if n.domain == "" and get_lowering(BACKEND, "", n.op_type)]:
-        _lower_node(ctx, node, report)
+        lower_node(BACKEND, ctx, node, report, on_lowered=count_kernels)
     _remove_dead_lowering_nodes(graph)
     for name in used_before:  # weights a rule replaced (a weight stored transposed)
         v = graph.initializers.get(name)
@@ -113,64 +91,10 @@ def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None,
     return graph
 
 
-def _lower_node(ctx: LoweringContext, node: Node, report: LoweringReport) -> None:
-    rule = get_lowering(BACKEND, node.domain, node.op_type)
-    reason = "no lowering rule"
-    if rule is not None:
-        graph = node.graph
-        before = set(graph.initializers)
-        b = Builder(graph, before=node, created_by=f"{_CREATED_BY}:{node.op}")
-        result = rule(ctx, b, node)
-        if isinstance(result, (list, tuple)):
-            kernels = [f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in b.nodes
-                       if n.domain == MS_DOMAIN or (n.domain == "" and n.op_type in _ORT_ONNX_DOMAIN_OPS)]
-            replace_node(node, result, b)
-            for k in kernels:
-                report.kernels[k] += 1
-            return
-        _undo(graph, b, before)
-        reason = result or "declined"
-    if node.domain == GRAPHOPT_DOMAIN:
-        decompose_node(node)
-        report.decomposed.setdefault(node.op, collections.Counter())[reason] += 1
-
-
 # Default-domain ops a rule may emit that the report counts as kernels (besides com.microsoft
 # ones): ORT's own SimplifiedLayerNormalization, LayerNormalization (split SkipNorm) and
 # ONNX's opset-23 Attention.
 _ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization", "Attention"})
-
-
-def replace_node(node: Node, new_outputs: Sequence[Value | None], b: Builder) -> None:
-    """Replace `node` by the values its rule built; graph outputs keep their names."""
-    graph = node.graph
-    renames = []
-    for old, new in zip(node.outputs, new_outputs):
-        if old is None:
-            continue
-        if new is None:
-            raise GraphoptError(f"lowering of {node.op} did not produce output {old.index}")
-        if old.is_graph_output and (new.producer() is None or new.is_graph_output or new.is_graph_input):
-            new = b.Identity(new)  # a graph output needs a producer of its own to keep its name
-        if new.type is None:
-            new.type = old.type
-        if old.is_graph_output:
-            renames.append((new, old.name))
-        old.replace_all_uses_with(new)
-    graph.remove_node(node)
-    for new, name in renames:
-        graph.rename_value(new, name)
-
-
-def _undo(graph: Graph, b: Builder, initializers_before: set[str]) -> None:
-    """Remove what a declining rule built (nodes, then the constants it added)."""
-    for n in reversed(b.nodes):
-        if n.graph is graph and not any(v is not None and (v.uses() or v.is_graph_output) for v in n.outputs):
-            graph.remove_node(n)
-    for name in set(graph.initializers) - initializers_before:
-        v = graph.initializers[name]
-        if not v.uses() and not v.is_graph_output:
-            graph.remove_initializer(name)
 
 
 def _remove_dead_lowering_nodes(graph: Graph) -> None:

@@ -23,6 +23,7 @@ from graphopt.registry import register_lowering
 from graphopt.backends.onnxruntime.attention import same_dim
 from graphopt.backends.onnxruntime.kernels import MS_DOMAIN
 from graphopt.backends.onnxruntime.lowering import BACKEND, LoweringContext
+from graphopt.pattern import constant_value
 
 
 def _i64(*xs) -> np.ndarray:
@@ -34,8 +35,6 @@ def _shape(v: Value | None):
 
 
 def _const(v: Value | None) -> np.ndarray | None:
-    from graphopt.pattern import constant_value
-
     return None if v is None else constant_value(v)
 
 

@@ -6,23 +6,12 @@ LLVM (cpu) or CUDA (cuda) into a shared library whose weights stay outside it.
 
 Modules: `lowering` (graph -> Relax, the rule walk and symbolic shape values), `rules_core`,
 `rules_shapes` and `rules_graphopt` (one rule per op, registered in the op registry when
-this package is imported with tvm installed), `build` (targets and pipelines), `schedules`
+this package is imported; they need tvm only when they run), `build` (targets and pipelines), `schedules`
 (CPU schedules without tuning), `runtime` (the backend protocol and the artifact's
 Executable). See docs/tvm.md.
 """
 from __future__ import annotations
 
-import importlib.util
-
 from graphopt.backends.tvm.runtime import NAME, Compiled, Executable, check_target, compile_graph, save, versions
 
-__all__ = ["NAME", "Compiled", "Executable", "check_target", "compile_graph", "save", "versions", "load_rules"]
-
-
-def load_rules() -> None:
-    """Register the TVM lowering rules in the op registry (imports tvm)."""
-    from graphopt.backends.tvm import rules_core, rules_graphopt, rules_shapes  # noqa: F401
-
-
-if importlib.util.find_spec("tvm") is not None:  # without tvm, check_target says how to install it
-    load_rules()
+__all__ = ["NAME", "Compiled", "Executable", "check_target", "compile_graph", "save", "versions"]

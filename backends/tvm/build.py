@@ -17,6 +17,7 @@ import os
 import shutil
 
 from graphopt.errors import UserError
+from graphopt.backends.tvm import schedules
 
 DEFAULT_CUDA_ARCH = "sm_80"  # when no GPU is here to ask (cross-compiling)
 
@@ -75,11 +76,8 @@ def _cuda_compile_mode(mode: str):
 
 def optimize_module(mod, target):
     """Relax-level passes and schedules for `target`; returns the module ready to build."""
-    import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
-
-    from graphopt.backends.tvm import schedules
 
     with target:
         mod = relax.get_pipeline("zero")(mod)

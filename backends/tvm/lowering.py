@@ -28,7 +28,10 @@ import numpy as np
 
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.ir import Graph, Node, Value
+from graphopt.lowering import decompose_unsupported
+from graphopt.registry import get_lowering, register_lowering
+from graphopt.pass_manager import PassManager
 
 BACKEND = "tvm"
 INLINE_BYTES = 256  # constants up to this size are compiled into the library
@@ -74,8 +77,6 @@ def relax_dtype(dt: DType) -> str:
 
 
 def _check_rules(graph: Graph) -> None:
-    from graphopt.registry import get_lowering
-
     for n in graph.nodes:
         if get_lowering(BACKEND, n.domain, n.op_type) is None:
             where = f"{graph.metadata.source}: " if graph.metadata.source else ""
@@ -85,17 +86,8 @@ def _check_rules(graph: Graph) -> None:
 def prepare(graph: Graph) -> Graph:
     """A copy of `graph` ready to lower: graphopt ops without a TVM rule decomposed, then
     shape simplification so Reshape/Expand targets are constants where they can be."""
-    from graphopt.pass_manager import PassManager
-    from graphopt.registry import decompose_node, get_lowering, get_op
-
     g = graph.copy()
-    for _ in range(8):  # a decomposition may (in principle) produce graphopt ops again
-        pending = [n for n in g.nodes if n.domain == GRAPHOPT_DOMAIN and get_lowering(BACKEND, n.domain, n.op_type) is None
-                   and get_op(n.domain, n.op_type).decompose is not None]
-        if not pending:
-            break
-        for n in pending:
-            decompose_node(n)
+    decompose_unsupported(g, lambda n: get_lowering(BACKEND, n.domain, n.op_type) is not None)
     _check_rules(g)
     return PassManager(PRE_LOWERING_PIPELINE, verify=False).run(g)
 
@@ -292,7 +284,6 @@ class Lowerer:
 
     def run(self):
         """Lower the whole graph; returns (IRModule, weight names in parameter order)."""
-        from graphopt.registry import get_lowering
         from tvm import relax
 
         g = self.graph
@@ -360,8 +351,6 @@ def relax_op(path: str):
 
 def rule(*ops: str, domain: str = ""):
     """Register one function as the TVM rule of several ops."""
-    from graphopt.registry import register_lowering
-
     def deco(fn):
         for op in ops:
             register_lowering("tvm", domain, op)(fn)

@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover
     relax = R = None
 
 from graphopt.backends.tvm.lowering import Lowerer, relax_op, rule, static_int
+from graphopt.registry import get_op
 
 _BNSH_FROM_BSNH = [0, 2, 1, 3]
 
@@ -171,8 +172,6 @@ _ACTIVATIONS = {"": None, "relu": "nn.relu", "gelu": "nn.gelu", "gelu_tanh": "nn
 
 def _attr(node, name: str):
     """An attribute's value, or the default its op declares."""
-    from graphopt.registry import get_op
-
     return get_op(node.domain, node.op_type).attr_value(node, name)
 
 

@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, signature
+from graphopt.weights_file import read_tensors, write_tensors
+
+from graphopt.backends.tvm import rules_core, rules_graphopt, rules_shapes  # noqa: F401  (register the rules)
+from graphopt.backends.tvm.build import build, cuda_compiler, system_cpu, target_spec
+from graphopt.backends.tvm.lowering import lower_graph, prepare
 
 NAME = "tvm"
 LIBRARY = "model.so"
@@ -32,8 +37,6 @@ def check_target(target: str) -> None:
         raise UserError(f"unknown target {target!r} for tvm (expected cpu or cuda)")
     tvm = _import_tvm()
     if target == "cuda":
-        from graphopt.backends.tvm.build import cuda_compiler
-
         if tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
             raise UserError("this apache-tvm was built without CUDA code generation; the cuda target needs one with it")
         if cuda_compiler() is None:
@@ -63,13 +66,8 @@ def _check_options(options: dict | None) -> dict:
 
 def _build(graph: Graph, target: str, options: dict | None):
     """Lower and build: (TVM executable, weight names, weight arrays, manifest fields)."""
-    from graphopt.backends.tvm import load_rules
-    from graphopt.backends.tvm.build import build, target_spec
-    from graphopt.backends.tvm.lowering import lower_graph, prepare
-
     check_target(target)
     options = _check_options(options)
-    load_rules()
     t0 = time.perf_counter()
     g = prepare(graph)
     mod, params = lower_graph(g)
@@ -89,8 +87,6 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
     `outdir`; returns the manifest fields (the TVM target with its mcpu or arch, parameter
     order, lowering and compile times). Options: `num_cores`, `cuda_arch` (default: this
     machine's GPU, else sm_80)."""
-    from graphopt.weights_file import write_tensors
-
     executable, names, weights, fields = _build(graph, target, options)
     outdir = Path(outdir)
     executable.export_library(str(outdir / LIBRARY))
@@ -100,8 +96,6 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
 
 def compile_graph(graph: Graph, target: str = "cpu", options: dict | None = None) -> "Compiled":
     """Build `graph` in memory (no artifact folder): for tests and benchmarks."""
-    from graphopt.artifact import signature
-
     executable, names, weights, fields = _build(graph, target, options)
     sig = signature(graph)
     return Compiled(executable, weights, fields["tvm_target"], [e["name"] for e in sig["inputs"]],
@@ -111,8 +105,6 @@ def compile_graph(graph: Graph, target: str = "cpu", options: dict | None = None
 def _device_for(spec: dict, where: str):
     """The device a target runs on here; refuses another CPU or a missing/different GPU."""
     import tvm
-
-    from graphopt.backends.tvm.build import system_cpu
 
     kind = spec.get("kind")
     if kind == "llvm":
@@ -164,8 +156,6 @@ class Executable(Compiled):
 
     def __init__(self, outdir: Path, manifest: dict, threads: int | None = None):
         tvm = _import_tvm()
-
-        from graphopt.weights_file import read_tensors
 
         outdir = Path(outdir)
         spec = manifest.get("tvm_target") or {}

@@ -16,6 +16,7 @@ import numpy as np
 from graphopt.ir import Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
+from graphopt.registry import run_reference
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt", "Reciprocal", "Exp",
                "Identity", "Cast"}
@@ -90,8 +91,6 @@ def closure(x: Value, ops=ELEMENTWISE, accept=None) -> tuple[Value, list[Node]] 
 
 def evaluate_region(x: Value, y: Value, nodes: list[Node], probe: np.ndarray) -> np.ndarray | None:
     """y as a function of x, evaluated on `probe` with the reference kernels."""
-    from graphopt.registry import run_reference
-
     env = {id(x): probe.astype(x.type.dtype.np_dtype)}
     try:
         for n in nodes:
@@ -128,6 +127,8 @@ class FuseActivations(Pass):
              %y = Mul(%h, Add(%t, @one))
     """
 
+    category = "fusion"
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         for seed in list(graph.nodes):
@@ -144,8 +145,7 @@ class FuseActivations(Pass):
                     break
             if kind is None:
                 if seed.op_type != "Sigmoid":
-                    result.details.append({"fusion": "activation", "node": seed.name, "op": seed.op,
-                                           "reason": "the elementwise region around it is not GELU or SiLU"})
+                    result.near_miss("activation", seed, "the elementwise region around it is not GELU or SiLU")
                 continue
             if kind == "silu" and len(nodes) == 2:
                 continue  # already canonical

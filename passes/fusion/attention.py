@@ -13,21 +13,23 @@ sqrt(scale)) or to the scores, by Mul or Div; grouped-query models repeat K/V he
 Unsqueeze -> Expand -> Reshape. Such layout questions are answered by running the layout
 slice on probe tensors (`graphopt.layout.computes`), not by matching one spelling.
 
-A second rewrite, `attention-to-3d`, absorbs the usual head split (Reshape -> Transpose to
-BNSH) and merge (Transpose -> Reshape back to BSD) into the op when Q, K and V come from
-3-D projections, which is the form fused kernels take.
+`match_attention(softmax)` is the procedural matcher: it returns an `AttentionMatch` or a
+`Fail(reason, node)`, like a declarative pattern's match. The 3-D form is a pass of its own
+(`attention-to-3d`, passes/fusion/attention_3d.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
-from graphopt.layout import computes, layout_ancestors, merge_heads, repeat_heads, split_heads, swap_last_two
+from graphopt.layout import computes, layout_ancestors, repeat_heads, swap_last_two
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
+from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
 
 
 class NoMatch(Exception):
+    """Raised inside the matcher to leave early; `match_attention` turns it into a `Fail`."""
+
     def __init__(self, reason: str, node: Node | None = None):
         super().__init__(reason)
         self.reason, self.node = reason, node
@@ -82,8 +84,15 @@ class AttentionMatch:
         self.covered: list[Node] = []
 
 
-def match_attention(softmax: Node) -> AttentionMatch:
-    """Match the attention around a Softmax node, or raise NoMatch with the reason."""
+def match_attention(softmax: Node) -> AttentionMatch | Fail:
+    """The attention around a Softmax node, or why it is none and where that showed."""
+    try:
+        return _match_attention(softmax)
+    except NoMatch as e:
+        return Fail(e.reason, e.node or softmax)
+
+
+def _match_attention(softmax: Node) -> AttentionMatch:
     m = AttentionMatch()
     scores_in = softmax.inputs[0]
     rank = scores_in.type.rank if scores_in.type is not None else None
@@ -205,98 +214,6 @@ def rewrite_attention(graph: Graph, m: AttentionMatch, rule: str = "fuse-attenti
     return y.producer()
 
 
-# --------------------------------------------------------------------------------------
-# 4-D BNSH attention with split/merge around it -> 3-D BSD attention
-
-
-def match_3d(node: Node):
-    """(q3, k3, v3, y3) when the attention's Q/K/V come from 3-D tensors through the usual
-    head split and its output goes straight back to 3-D; else a reason string."""
-    q, k, v = node.inputs[:3]
-    nq, nkv = node.attr("num_heads"), node.attr("kv_num_heads")
-    if len(node.inputs) > 4 or len(node.outputs) > 1 or q.type is None or q.type.rank != 4:
-        return "not a 4-D attention without cache"
-    found, ropes = [], []
-    for t, heads in ((q, nq), (k, nkv), (v, nkv)):
-        rope = _rope_on_heads(t)
-        base = rope.inputs[0] if rope is not None else t
-        src = next((a for a in layout_ancestors(base) if a.type is not None and a.type.rank == 3
-                    and computes(a, base, split_heads(heads))), None)
-        if src is None:
-            return f"{base.name!r} is not a head split of a 3-D tensor"
-        found.append(src)
-        ropes.append((rope, heads))
-    y = node.outputs[0]
-    cur, y3 = y, None
-    for _ in range(3):
-        if len(cur.uses()) != 1 or cur.is_graph_output:
-            break
-        nxt = cur.uses()[0][0]
-        if nxt.domain != "" or nxt.op_type not in ("Transpose", "Reshape"):
-            break
-        cur = nxt.outputs[0]
-        if cur.type is not None and cur.type.rank == 3 and computes(y, cur, merge_heads):
-            y3 = cur
-            break
-        if cur.type is not None and cur.type.rank == 2 and computes(y, cur, _merge_heads_2d):
-            y3 = cur  # merged and flattened to [batch * seq, hidden] (GPT-2's Conv1D does this)
-            break
-    if y3 is None:
-        return "the output is not merged back to 3-D"
-    mask = node.inputs[3] if len(node.inputs) > 3 else None
-    return found + [y3, mask, ropes]
-
-
-def _rope_on_heads(t: Value) -> Node | None:
-    """The RotaryEmbedding producing t from a 4-D tensor, when nothing else reads t (rotary is
-    per position and head, so it can move before the head split: graphopt.RotaryEmbedding takes
-    [batch, seq, heads * head_size] with num_heads)."""
-    n = t.producer()
-    if n is None or n.op_type != "RotaryEmbedding" or n.domain != GRAPHOPT_DOMAIN:
-        return None
-    x = n.inputs[0]
-    if x.type is None or x.type.rank != 4 or len(t.uses()) != 1 or t.is_graph_output:
-        return None
-    return n
-
-
-def _merge_heads_2d(x: np.ndarray) -> np.ndarray:
-    m = merge_heads(x)
-    return m.reshape(-1, m.shape[-1])
-
-
-def rewrite_3d(graph: Graph, node: Node, found) -> None:
-    q3, k3, v3, y3, mask, ropes = found
-    rw = Rewriter(graph, y3.producer(), "attention-to-3d")
-    attrs = {k: a.value for k, a in node.attrs.items()}
-    moved = []
-    for i, (rope, heads) in enumerate(ropes):
-        if rope is None:
-            continue
-        rattrs = {k: a.value for k, a in rope.attrs.items()}
-        rattrs["num_heads"] = heads
-        src = (q3, k3, v3)[i]
-        new = rw.op("RotaryEmbedding", src, *rope.inputs[1:], domain=GRAPHOPT_DOMAIN, **rattrs)
-        q3, k3, v3 = [new if j == i else t for j, t in enumerate((q3, k3, v3))]
-        moved.append(rope)
-    ins = [q3, k3, v3] + ([mask] if mask is not None else [])
-    y = rw.op("Attention", *ins, domain=GRAPHOPT_DOMAIN, **attrs)
-    if y3.type is not None and y3.type.rank == 2:
-        y = rw.Reshape(y, rw.const(np.array([-1, y.type.shape[-1]], np.int64), "flatten"))
-    replace_value(graph, y3, y)
-    chain = []
-    cur = node.outputs[0]
-    while cur is not y3:
-        nxt = cur.uses()[0][0] if cur.uses() else None
-        if nxt is None:
-            break
-        chain.append(nxt)
-        cur = nxt.outputs[0]
-    producers = [t.producer() for t in node.inputs[:3] if t.producer() is not None]
-    producers += [r.inputs[0].producer() for r in moved if r.inputs[0].producer() is not None]
-    remove_dead(graph, [node] + chain + moved + producers)
-
-
 @register_pass("fuse-attention")
 class FuseAttention(Pass):
     """Fuse decomposed scaled-dot-product attention into graphopt.Attention.
@@ -307,43 +224,24 @@ class FuseAttention(Pass):
              %p = Softmax(%a) {axis=-1}
              %o = MatMul(%p, %v)
     Handles scale on Q, K or the scores, key transposes however spelled, grouped-query K/V
-    head repeats (kv_num_heads), the NaN guard of torch's SDPA decomposition, and (option
-    to-3d) absorbs the BNSH head split/merge so the op takes and returns [batch, seq, hidden].
-    Near misses (a Softmax that is not attention, and why) go to the pass details.
+    head repeats (kv_num_heads) and the NaN guard of torch's SDPA decomposition. Near misses
+    (a Softmax that is not attention, and why) are reported.
     """
 
-    to_3d: bool = True
+    category = "fusion"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         for node in list(graph.nodes):
             if node.graph is not graph or node.op_type != "Softmax" or node.domain != "":
                 continue
-            try:
-                m = match_attention(node)
-            except NoMatch as e:
-                at = e.node or node
-                result.details.append({"fusion": "attention", "node": at.name, "op": at.op, "reason": e.reason})
+            m = match_attention(node)
+            if isinstance(m, Fail):
+                result.near_miss("attention", m.node, m.reason)
                 continue
             rewrite_attention(graph, m)
             result.count("attention")
-        if self.to_3d:
-            # the layout chains the fused sites no longer read (key transposes, head repeats)
-            # would count as other uses of Q/K/V below
-            from graphopt.passes.cleanup.dce import EliminateDeadCode
-
-            EliminateDeadCode().run(graph, ctx)
-            for node in list(graph.nodes):
-                if node.graph is not graph or node.op_type != "Attention" or node.domain != GRAPHOPT_DOMAIN:
-                    continue
-                found = match_3d(node)
-                if isinstance(found, str):
-                    result.details.append({"fusion": "attention-to-3d", "node": node.name, "op": node.op,
-                                           "reason": found})
-                    continue
-                rewrite_3d(graph, node, found)
-                result.count("attention-to-3d")
         return result
 
 
-__all__ = ["FuseAttention", "match_attention", "NoMatch"]
+__all__ = ["FuseAttention", "AttentionMatch", "match_attention", "rewrite_attention"]

@@ -14,6 +14,8 @@ import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+from graphopt.registry import refine_types
+from graphopt.symbolic import dim_tokens, symbolic_value
 from graphopt.pattern import (
     Decline, RewriteRule, Rewriter, apply_patterns, const, constant_value, op, remove_dead, replace_value, var,
 )
@@ -136,8 +138,6 @@ class FlattenUnflatten(RewriteRule):
                  var("s2"), capture="unflat")
 
     def check(self, m):
-        from graphopt.passes.cleanup.shapes import dim_tokens, symbolic_value
-
         x, flat, lin = m["x"], m["flat"], m["lin"]
         if lin.inputs[0] is not flat.outputs[0] or len(lin.outputs[0].uses()) != 1:
             return "the Linear does not read the flattened input alone"
@@ -157,8 +157,6 @@ class FlattenUnflatten(RewriteRule):
         return None
 
     def rewrite(self, rw, m):
-        from graphopt.passes.cleanup.shapes import symbolic_value
-
         lin, x = m["lin"], m["x"]
         lead = len(symbolic_value(m["s2"])) - 1
         if x.type.rank != lead + 1:  # merge trailing dims (e.g. heads x head_size) first
@@ -209,10 +207,10 @@ class FuseLinear(Pass):
              %y = Gelu(%u)
     """
 
+    category = "fusion"
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         res = apply_patterns(graph, LINEAR_RULES, ctx, explain=True)
-        from graphopt.registry import refine_types
-
         refine_types(graph)
         return res
 
@@ -225,6 +223,9 @@ class FuseGatedMLP(Pass):
              %u = graphopt.Linear(%x, @wu)                           %y = graphopt.GatedLinear(%x, @wg, @wu)
              %y = Mul(%g, %u)
     """
+
+    category = "fusion"
+    requires = ("fuse-linear",)  # it pairs graphopt.Linear nodes
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         return apply_patterns(graph, [GatedMLP()], ctx, explain=True)
@@ -239,6 +240,9 @@ class MergeProjections(Pass):
              %k = graphopt.Linear(%x, @wk, @bk)                  %q, %k, %v = Split(%qkv, @[dq, dk, dv]) {axis=-1}
              %v = graphopt.Linear(%x, @wv, @bv)
     """
+
+    category = "fusion"
+    requires = ("fuse-linear",)  # it merges graphopt.Linear nodes
 
     min_group: int = 2
 

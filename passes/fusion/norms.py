@@ -149,6 +149,8 @@ class FuseLayerNorm(Pass):
              %y = Add(Mul(%n, @gamma), @beta)                                  %y = LayerNormalization(%x, @gamma, @beta)
     """
 
+    category = "fusion"
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         _fuse_norms(graph, "layer", result)
@@ -164,6 +166,8 @@ class FuseRMSNorm(Pass):
              %y = Mul(@w, Mul(%x, %r))                      After:  %y = graphopt.RMSNorm(%x, @w)
     """
 
+    category = "fusion"
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         _fuse_norms(graph, "rms", result)
@@ -178,6 +182,9 @@ class FuseSkipNorm(Pass):
     Before:  %s = Add(%x, %res)                      After:  %y, %s = graphopt.SkipNorm(%x, %res, @g, @b)
              %y = LayerNormalization(%s, @g, @b)                         {norm="layer"}
     """
+
+    category = "fusion"
+    requires = ("fuse-layer-norm|fuse-rms-norm",)  # it fuses a residual Add into a norm already fused
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -196,8 +203,7 @@ class FuseSkipNorm(Pass):
             if a.type is None or b.type is None or a.type != b.type or a.type.rank is None or a.type.rank < 2:
                 # SkipNorm broadcasts like Add, so this would still be right; but fused kernels
                 # need equal shapes, and unequal ones mean this is not a residual connection.
-                result.details.append({"fusion": "skip-norm", "node": add.name, "op": add.op,
-                                       "reason": f"the two sides of the residual Add are typed {a.type} and {b.type}"})
+                result.near_miss("skip-norm", add, f"the two sides of the residual Add are typed {a.type} and {b.type}")
                 continue
             if is_ln and (norm.attr("axis", -1) not in (-1, a.type.rank - 1) or len(norm.outputs) > 1):
                 continue

@@ -12,7 +12,7 @@ import numpy as np
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.layout import computes, rotate_half
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-from graphopt.pattern import Rewriter, remove_dead, replace_value
+from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
 
 
 class _NoMatch(Exception):
@@ -24,8 +24,6 @@ def _half_freqs(cache4: Value, trig: str) -> tuple[Value, list[Node]]:
     n = cache4.producer()
     nodes = []
     if n is not None and n.op_type == "Unsqueeze":
-        from graphopt.pattern import constant_value
-
         axes = constant_value(n.inputs[1]) if len(n.inputs) > 1 else None
         if axes is None or axes.reshape(-1).tolist() not in ([1], [-3]):
             raise _NoMatch("the cos/sin cache is unsqueezed on an axis other than the heads axis")
@@ -51,8 +49,6 @@ def _halves_from_constant(cache: Value, head: int) -> tuple[Value, list[Node]] |
     """When `cache` is a constant table with equal halves along the last axis (cat(f, f)),
     sliced or gathered along other axes only, return (cache, []): its first half is then the
     half-size cache. Covers models that precompute cos/sin tables as buffers."""
-    from graphopt.pattern import constant_value
-
     shape = cache.type.shape if cache.type is not None else None
     if shape is None or len(shape) < 2 or any(d != 1 for d in shape[:-2]):
         return None  # a per-batch table: its rows cannot be flattened into one cache
@@ -126,6 +122,8 @@ class FuseRotary(Pass):
              %y = Add(Mul(%x, %c), Mul(%r, %s))
     """
 
+    category = "fusion"
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         made: dict[int, tuple[Value, Value]] = {}  # frequencies -> (cos, sin), shared by q and k
@@ -137,7 +135,7 @@ class FuseRotary(Pass):
             try:
                 x, freqs, nodes = match_rotary(add)
             except _NoMatch as e:
-                result.details.append({"fusion": "rotary", "node": add.name, "op": add.op, "reason": str(e)})
+                result.near_miss("rotary", add, str(e))
                 continue
             rw = Rewriter(graph, add, "fuse-rotary")
             key = id(freqs) if not isinstance(freqs, tuple) else (id(freqs[0]), id(freqs[1]))
