@@ -12,11 +12,11 @@ import numpy as np
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.layout import computes, rotate_half
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
+from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
 
 
 class _NoMatch(Exception):
-    pass
+    """Raised inside the matcher to leave early; `match_rotary` turns it into a `Fail`."""
 
 
 def _half_freqs(cache4: Value, trig: str) -> tuple[Value, list[Node]]:
@@ -81,6 +81,14 @@ def _halves_from_constant(cache: Value, head: int) -> tuple[Value, list[Node]] |
 
 
 def match_rotary(add: Node):
+    """(x, frequencies, covered nodes) for x * cos + rotate_half(x) * sin at `add`, or a `Fail`."""
+    try:
+        return _match_rotary(add)
+    except _NoMatch as e:
+        return Fail(str(e), add)
+
+
+def _match_rotary(add: Node):
     for mul_x, mul_r in ((0, 1), (1, 0)):
         a, b = add.inputs[mul_x].producer(), add.inputs[mul_r].producer()
         if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
@@ -132,11 +140,11 @@ class FuseRotary(Pass):
                 continue
             if not all(v is not None and v.producer() is not None and v.producer().op_type == "Mul" for v in add.inputs):
                 continue
-            try:
-                x, freqs, nodes = match_rotary(add)
-            except _NoMatch as e:
-                result.near_miss("rotary", add, str(e))
+            found = match_rotary(add)
+            if isinstance(found, Fail):
+                result.near_miss("rotary", found.node, found.reason)
                 continue
+            x, freqs, nodes = found
             rw = Rewriter(graph, add, "fuse-rotary")
             key = id(freqs) if not isinstance(freqs, tuple) else (id(freqs[0]), id(freqs[1]))
             if key not in made:
