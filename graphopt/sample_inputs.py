@@ -79,15 +79,40 @@ def sample_inputs(graph: Graph, dims: dict[str, int] | None = None, seed: int = 
     return feeds
 
 
+def check_index_ranges(graph: Graph, feeds: dict[str, np.ndarray], source: str = "--inputs") -> None:
+    """Integer inputs that index a table (token ids into a vocabulary, positions into a
+    position table) must lie in [0, size): out-of-range ids are a one-line `UserError`."""
+    for v in graph.inputs:
+        a = feeds.get(v.name)
+        if a is None or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+            continue
+        high = index_bound(v)
+        if high is None:
+            continue
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= high:
+            bad = lo if lo < 0 else hi
+            raise UserError(f"{source}: input {v.name!r} holds id {bad}, outside [0, {high}) "
+                            f"(the size of the table it indexes)")
+
+
 def load_inputs(path) -> dict[str, np.ndarray]:
     """Read feeds from an .npz file (one array per graph input)."""
+    import zipfile
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such inputs file")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz file of arrays ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: holds a single array (.npy); --inputs takes an .npz with one array per "
+                        "model input, e.g. np.savez('in.npz', input_ids=ids)")
+    try:
+        with data:
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npz file of arrays ({e})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{path}: not a readable .npz file of arrays ({str(e).splitlines()[0][:160]})") from None
