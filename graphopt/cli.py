@@ -18,6 +18,9 @@ from graphopt.errors import GraphoptError, UserError
 DEBUG_ENV = "GRAPHOPT_DEBUG"
 
 
+# Optional packages and the extra that installs each (a missing one is a one-line error).
+_EXTRAS = {"torch": "torch", "onnxscript": "torch", "safetensors": "torch", "transformers": "hf",
+           "tokenizers": "training", "tvm": "tvm", "tvm_ffi": "tvm"}
 _debug = {"on": False}  # set by the group's --debug before any command runs
 
 
@@ -60,6 +63,13 @@ class _Group(click.Group):
             raise
         except BrokenPipeError:  # `graphopt inspect --ir | head`
             sys.exit(0)
+        except ModuleNotFoundError as e:
+            package = (e.name or "").split(".")[0]
+            if package not in _EXTRAS or _debug_requested():
+                _internal(e, where="ModuleNotFoundError: ")
+            click.echo(f"error: this needs {package}, which is not installed: pip install 'graphopt[{_EXTRAS[package]}]'",
+                       err=True)
+            sys.exit(2)
         except Exception as e:
             _internal(e, where=f"{type(e).__name__}: ")
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -129,7 +139,9 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
     from graphopt.models import load_graph
     from graphopt.summary import format_artifact, format_summary, summarize, summarize_artifact
 
-    if (Path(model) / "manifest.json").is_file() and not show_ir:  # an artifact `graphopt optimize` wrote
+    from graphopt.fileutil import artifact_extras
+
+    if Path(model).is_dir() and artifact_extras(Path(model)) is not None and not show_ir:  # an artifact we wrote
         s = summarize_artifact(model)
         if as_json:
             import json

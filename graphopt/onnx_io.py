@@ -121,10 +121,16 @@ def _map_external(t: TensorProto, base_dir: Path | None, dtype: DType, what: str
         raise OnnxImportError(f"{what}: external data path {location!r} points outside the model's folder")
     if not path.is_file():
         raise OnnxImportError(f"{what}: external data file {str(path)!r} does not exist")
-    offset = int(info.get("offset", 0))
     shape = tuple(int(d) for d in t.dims)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    length = int(info.get("length", nbytes))
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", nbytes))
+    except ValueError:
+        raise OnnxImportError(f"{what}: external data offset {info.get('offset')!r} / length "
+                              f"{info.get('length')!r} is not an integer") from None
+    if offset < 0 or any(d < 0 for d in shape):
+        raise OnnxImportError(f"{what}: external data has a negative offset or dimension")
     if length != nbytes:
         raise OnnxImportError(f"{what}: external data length {length} does not match its shape {list(shape)}")
     size = path.stat().st_size

@@ -170,8 +170,11 @@ class Executable(Compiled):
         outdir = Path(outdir)
         spec = manifest.get("tvm_target") or {}
         _device_for(spec, str(outdir))  # refuse before loading anything
-        lib_path = outdir / manifest.get("model", LIBRARY)
-        weights_path = outdir / manifest.get("weights", WEIGHTS)
+        from graphopt.artifact import artifact_file
+
+        # The library is native code that loading runs: only from inside the artifact folder.
+        lib_path = artifact_file(outdir, manifest.get("model", LIBRARY), f"{outdir}: the manifest's model")
+        weights_path = artifact_file(outdir, manifest.get("weights", WEIGHTS), f"{outdir}: the manifest's weights")
         for p in (lib_path, weights_path):
             if not p.is_file():
                 raise UserError(f"{outdir}: the manifest names {p.name!r}, which is missing")
