@@ -124,11 +124,10 @@ def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=N
         if {k: meta.get(k) for k in wanted} != wanted:
             raise UserError(f"{out}: prepared from different data or settings; use another --out")
         return out
-    out.mkdir(parents=True, exist_ok=True)
-
     docs_path = out / "docs.jsonl"
     if not docs_path.exists():
-        docs = collect_documents(Path(data_dir), cfg, progress)
+        docs = collect_documents(Path(data_dir), cfg, progress)  # a bad --data fails before out/ exists
+        out.mkdir(parents=True, exist_ok=True)
         _write_atomic(docs_path, "".join(json.dumps(d) + "\n" for d in docs).encode())
     docs = [json.loads(line) for line in docs_path.read_text().splitlines()]
     by_split = {s: [d["text"] for d in docs if d["split"] == s] for s in ("train", "val")}
