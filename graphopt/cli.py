@@ -63,6 +63,12 @@ class _Group(click.Group):
             raise
         except BrokenPipeError:  # `graphopt inspect --ir | head`
             sys.exit(0)
+        except OSError as e:  # the file system said no (permissions, a full disk, a file where a folder goes)
+            if _debug_requested():
+                traceback.print_exc()
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or _one_line(e)}", err=True)
+            sys.exit(2)
         except ModuleNotFoundError as e:
             package = (e.name or "").split(".")[0]
             if package not in _EXTRAS or _debug_requested():

@@ -151,6 +151,11 @@ def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike
     shown = f"{option} {path}"
     if path.exists() and not path.is_dir():
         raise UserError(f"{shown}: exists and is not a folder")
+    for parent in Path(os.path.abspath(path)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{shown}: {parent} is a file, not a folder")
+            break
     for given in inputs:
         if _inside(Path(os.path.realpath(given)), real):
             raise UserError(f"{shown}: holds the input {given}; writing the artifact there would replace it "

@@ -136,4 +136,11 @@ def load_training_state(folder: Path) -> dict:
     path = Path(folder) / "optimizer.pt"
     if not path.is_file():
         raise UserError(f"{path}: no optimizer state; cannot resume from an export-only checkpoint")
-    return torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on a bad file
+        raise UserError(f"{path}: not a readable optimizer state ({type(e).__name__}); "
+                        "resume from an earlier checkpoint or use another --out") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "step"} <= set(state):
+        raise UserError(f"{path}: not a graphopt optimizer state (needs optimizer, scheduler and step)")
+    return state
