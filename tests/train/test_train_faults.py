@@ -116,6 +116,53 @@ def test_eval_and_generate_bad_input_is_one_line(args, fragment, broken_checkpoi
     assert _tree(broken_checkpoints) == before
 
 
+@pytest.fixture(scope="module")
+def small_run(corpus, tmp_path_factory, make_config) -> Path:
+    from graphopt.train.trainer import train
+
+    out = tmp_path_factory.mktemp("small_run") / "run"
+    train(make_config(corpus, out, max_steps=4, warmup_steps=1, checkpoint_interval=2, eval_interval=4))
+    return out
+
+
+def _break_optimizer(run: Path) -> None:
+    (run / "checkpoints" / "step_0000004" / "optimizer.pt").write_bytes(b"garbage")
+
+
+def _delete_latest(run: Path) -> None:
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+
+
+def _corrupt_meta(run: Path) -> None:
+    (run / "data" / "meta.json").write_text("{x")
+
+
+def _corrupt_metrics_middle(run: Path) -> None:
+    (run / "metrics.jsonl").write_text('{"step": 1}\njunk\n{"step": 3}\n')
+
+
+def _other_model(run: Path) -> None:
+    pass  # the resume is given another --dim
+
+
+@pytest.mark.parametrize("damage, extra, fragment", [
+    (_break_optimizer, [], "not a readable optimizer state"),
+    (_delete_latest, [], "which is not a complete checkpoint"),
+    (_corrupt_meta, [], "meta.json: not valid JSON"),
+    (_corrupt_metrics_middle, [], "line 2 is not a metrics record"),
+    (_other_model, ["--dim", "64"], "model config differs from this run's"),
+])
+def test_resuming_a_damaged_run_is_one_line(small_run, tmp_path, damage, extra, fragment, corpus):
+    run = shutil.copytree(small_run, tmp_path / "run")
+    damage(run)
+    before = _tree(run)
+    args = ["train", "--data", str(corpus), "--out", str(run), "--max-steps", "6", "--batch-size", "8",
+            "--vocab-size", "384", "--seq-len", "32", "--dim", "32", "--layers", "2", "--heads", "4",
+            "--kv-heads", "2", "--mlp-hidden", "64", "--preset", "tiny", *extra]
+    _assert_one_line(CliRunner().invoke(cli, args), fragment)
+    assert _tree(run) == before
+
+
 def test_resume_drops_and_reports_a_torn_metrics_line(corpus, tmp_path, capsys, make_config):
     from graphopt.train.trainer import read_metrics, train
 
