@@ -82,8 +82,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _scratch_name(path: Path) -> tuple[Path, str]:
-    # `-o .` or `-o out/` have no usable name of their own; name the scratch after the real folder.
-    real = Path(os.path.abspath(path))
+    # `-o .` has no usable name of its own; name the scratch after the real folder (and write
+    # through a symlinked -o to the folder it points at).
+    real = Path(os.path.realpath(path))
     return real, real.name or "out"
 
 

@@ -365,3 +365,38 @@ def test_sigkill_during_optimize_leaves_the_old_artifact_or_the_new_one(tmp_path
     subprocess.run(cmd, check=True, capture_output=True)
     assert _artifact_state(out, old, new_model) == "new"
     assert seen <= {"old", "new"}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"model": "/tmp/evil.so"}, "artifact paths must be relative"),
+    ({"weights": "../../weights.safetensors"}, "artifact paths must be relative"),
+    ({"model": "link.so"}, "resolves outside the artifact folder"),
+    ({"files": "model.so"}, "files must be a list"),
+    ({"format_version": "1"}, "format_version must be an integer"),
+    ({"format": "something-else"}, "not a graphopt manifest"),
+])
+def test_load_checks_manifest_paths_before_any_backend_runs_code(tmp_path, change, fragment):
+    """A TVM artifact's library is native code that loading runs: a manifest that names a
+    file outside its folder is refused before the backend is even imported."""
+    import graphopt
+    from graphopt.errors import UserError
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (tmp_path / "evil.so").write_bytes(b"\x7fELF")
+    (art / "link.so").symlink_to(tmp_path / "evil.so")
+    manifest = {"format": "graphopt-artifact", "format_version": 1, "backend": "tvm", "target": "cpu",
+                "model": "model.so", "weights": "weights.safetensors", "files": ["model.so", "weights.safetensors"],
+                "signature": {"inputs": [{"name": "x", "dtype": "f32", "shape": ["batch", 16]}],
+                              "outputs": [{"name": "y", "dtype": "f32", "shape": ["batch", 8]}]}}
+    (art / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(UserError, match=fragment):
+        graphopt.load(art)
+
+
+def test_missing_torch_for_a_state_dict_names_the_install_command(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    _assert_one_line(CliRunner().invoke(cli, ["inspect", str(tmp_path / "pytorch_model.bin")]),
+                     "needs torch, which is not installed: pip install 'graphopt[hf]'")
