@@ -42,6 +42,9 @@ class _Group(click.Group):
         _debug["on"] = False
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `graphopt`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             where = f" ({e.ctx.command_path} --help)" if e.ctx is not None else ""
             click.echo(f"error: {_one_line(e.format_message())}{where}", err=True)

@@ -400,3 +400,8 @@ def test_missing_torch_for_a_state_dict_names_the_install_command(tmp_path, monk
     monkeypatch.setitem(sys.modules, "torch", None)
     _assert_one_line(CliRunner().invoke(cli, ["inspect", str(tmp_path / "pytorch_model.bin")]),
                      "needs torch, which is not installed: pip install 'graphopt[hf]'")
+
+
+def test_bare_graphopt_shows_the_help():
+    r = CliRunner().invoke(cli, [])
+    assert "Usage: " in r.output and "Commands:" in r.output and "error:" not in r.output
