@@ -127,7 +127,12 @@ def mark_latest(run_dir: Path, name: str, keep: int) -> None:
     steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old.name != name:
-            shutil.rmtree(old)
+            # Renamed out of sight first, so a kill mid-delete never leaves a partial step_*.
+            trash = old.with_name(f".{old.name}.deleting")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(old, trash)
+    for trash in ckpt_dir.glob(".step_*.deleting"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_training_state(folder: Path) -> dict:
