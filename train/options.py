@@ -5,6 +5,8 @@ for a config file -- so a wrong value is a one-line error before any work. No to
 """
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import click
 
 from graphopt.errors import UserError
@@ -15,7 +17,7 @@ MIN_VOCAB = 257
 # The schema of a training config (file or flags): option -> (type, low, high); a bound is
 # inclusive unless it is written as ("open", x). None means unbounded.
 SCHEMA = {
-    "data": (str, None, None), "out": (str, None, None), "model": (dict, None, None),
+    "data": ((str, PurePath), None, None), "out": ((str, PurePath), None, None), "model": (dict, None, None),
     "batch_size": (int, 1, None), "grad_accum": (int, 1, None), "max_steps": (int, 1, None),
     "lr": (float, ("open", 0.0), None), "min_lr_ratio": (float, 0.0, 1.0),
     "warmup_steps": ((int, type(None)), 0, None), "weight_decay": (float, 0.0, None),
@@ -50,9 +52,9 @@ def check_option(name: str, value, source: str) -> None:
         ok = True
     if not ok:
         names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true or false",
-                             dict: "an object", type(None): "null"}[t] for t in types)
+                             dict: "an object", type(None): "null", PurePath: "a path"}[t] for t in types)
         raise UserError(f"{source}: {name} must be {names}, not {value!r}")
-    if value is None or isinstance(value, (str, dict, bool)):
+    if value is None or isinstance(value, (str, PurePath, dict, bool)):
         if name == "device" and value not in DEVICES:
             raise UserError(f"{source}: device must be one of {', '.join(DEVICES)}, not {value!r}")
         return

@@ -83,6 +83,7 @@ class TrainConfig:
     def validate(self, source: str = "training config") -> "TrainConfig":
         for f in fields(self):
             check_option(f.name, getattr(self, f.name), source)
+        self.data, self.out = str(self.data), str(self.out)  # a Path is fine; the saved config is JSON
         if self.warmup_steps is None:
             self.warmup_steps = self.max_steps // 20
         if not 0 <= self.warmup_steps <= self.max_steps:
