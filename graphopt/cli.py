@@ -145,10 +145,9 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
     """
     from pathlib import Path
 
+    from graphopt.fileutil import artifact_extras
     from graphopt.models import load_graph
     from graphopt.summary import format_artifact, format_summary, summarize, summarize_artifact
-
-    from graphopt.fileutil import artifact_extras
 
     if Path(model).is_dir() and artifact_extras(Path(model)) is not None and not show_ir:  # an artifact we wrote
         s = summarize_artifact(model)

@@ -10,7 +10,6 @@ error line must contain.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import struct
@@ -263,7 +262,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_o_accepts_missing_empty_and_artifact_folders_and_overwrite_replaces_only_when_done(tmp_path):
-    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])  # noqa: E731
+    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])
     assert invoke("optimize", EXAMPLE, "-o", tmp_path / "new", "-q").exit_code == 0
     (tmp_path / "empty").mkdir()
     assert invoke("optimize", EXAMPLE, "-o", tmp_path / "empty", "-q").exit_code == 0
@@ -320,7 +319,7 @@ def _artifact_state(out: Path, old: dict, new_model: bytes) -> str:
 def test_sigkill_during_optimize_leaves_the_old_artifact_or_the_new_one(tmp_path):
     import random
 
-    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])  # noqa: E731
+    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert invoke("optimize", EXAMPLE, "-o", out, "-q", "--passes", "dce").exit_code == 0
     assert invoke("optimize", EXAMPLE, "-o", ref, "-q").exit_code == 0
