@@ -40,6 +40,7 @@ class _Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         _debug["on"] = False
+        _exit_cleanly_on_sigterm()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:  # bare `graphopt`: the help, as click shows it
@@ -82,6 +83,21 @@ class _Group(click.Group):
         except Exception as e:
             _internal(e, where=f"{type(e).__name__}: ")
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a job scheduler, torchrun stopping its workers) unwinds like Ctrl-C,
+    so scratch folders are removed and nothing half-written is left; SIGKILL cannot be caught,
+    and the writes are atomic for that case."""
+    import signal
+    import threading
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def _internal(e: BaseException, where: str):

@@ -404,3 +404,21 @@ def test_missing_torch_for_a_state_dict_names_the_install_command(tmp_path, monk
 def test_bare_graphopt_shows_the_help():
     r = CliRunner().invoke(cli, [])
     assert "Usage: " in r.output and "Commands:" in r.output and "error:" not in r.output
+
+
+def test_sigterm_during_optimize_removes_the_scratch_folder(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "graphopt", "optimize", str(EXAMPLE), "-o", str(out), "-q"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(q.name.startswith(".out.") for q in tmp_path.iterdir()) and p.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    p.wait()
+    if p.returncode == 0:  # it finished first: then the artifact is whole
+        assert (out / "manifest.json").is_file()
+    else:
+        assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in p.stderr.read()
+        assert not out.exists()
+    assert [q.name for q in tmp_path.iterdir()] in ([], ["out"])
