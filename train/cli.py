@@ -165,7 +165,7 @@ def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top
 
     from .checkpoint import load_model, resolve_checkpoint
     from .generate import generate
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_fits, load_tokenizer
 
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be positive")
@@ -174,6 +174,7 @@ def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top
     folder = resolve_checkpoint(checkpoint)
     model, _ = load_model(folder)
     tok = load_tokenizer(folder / "tokenizer.json")
+    check_fits(tok, model.config.vocab_size, folder / "tokenizer.json")
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)

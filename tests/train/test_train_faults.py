@@ -281,3 +281,11 @@ def test_sigkill_during_train_leaves_whole_checkpoints_and_resumes_to_the_same_c
     wa, wb = load_model(straight)[0].state_dict(), load_model(run)[0].state_dict()
     for name in wa:
         assert (wa[name] - wb[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "def f(x):"], ["eval"]])
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_line(small_run, tmp_path, command):
+    ckpt = shutil.copytree(small_run / "checkpoints" / "step_0000004", tmp_path / "ckpt")
+    shutil.copy(DEFAULT / "tokenizer.json", ckpt / "tokenizer.json")  # 4096 tokens; the model has 384
+    r = CliRunner().invoke(cli, [command[0], str(ckpt), *command[1:]])
+    _assert_one_line(r, "vocab_size=384")
