@@ -98,21 +98,27 @@ def check_index_ranges(graph: Graph, feeds: dict[str, np.ndarray], source: str =
 
 def load_inputs(path) -> dict[str, np.ndarray]:
     """Read feeds from an .npz file (one array per graph input)."""
-    import zipfile
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such inputs file")
+    # numpy and zipfile raise almost anything on a corrupt file (BadZipFile, EOFError,
+    # NotImplementedError for a garbled compression method, IndexError, ...): all mean the same.
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a readable .npz file of arrays ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file of arrays ({_first_line(e)})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise UserError(f"{path}: holds a single array (.npy); --inputs takes an .npz with one array per "
                         "model input, e.g. np.savez('in.npz', input_ids=ids)")
     try:
         with data:
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"{path}: not a readable .npz file of arrays ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file of arrays ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:160] if text else type(e).__name__)

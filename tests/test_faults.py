@@ -465,4 +465,12 @@ def test_corrupted_files_load_or_fail_in_one_line(tmp_path):
         r = runner.invoke(cli, ["inspect", str(path)])
         if r.exit_code not in (0, 2) or (r.exit_code == 2 and len(r.stderr.strip().splitlines()) != 1):
             failures.append((name, r.exit_code, r.stderr[-200:]))
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 16), np.float32))
+    for content in _mutations((tmp_path / "in.npz").read_bytes(), rng, 15):
+        (tmp_path / "m.npz").write_bytes(content)
+        r = runner.invoke(cli, ["optimize", str(EXAMPLE), "-o", str(tmp_path / "out"), "-q", "--passes", "dce",
+                                "--check-numerics", "--inputs", str(tmp_path / "m.npz")])
+        if r.exit_code not in (0, 2) or (r.exit_code == 2 and len(r.stderr.strip().splitlines()) != 1):
+            failures.append(("m.npz", r.exit_code, r.stderr[-200:]))
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
     assert not failures, failures[:3]
