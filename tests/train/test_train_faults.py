@@ -289,3 +289,26 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_one_line(small_run, tmp_path,
     shutil.copy(DEFAULT / "tokenizer.json", ckpt / "tokenizer.json")  # 4096 tokens; the model has 384
     r = CliRunner().invoke(cli, [command[0], str(ckpt), *command[1:]])
     _assert_one_line(r, "vocab_size=384")
+
+
+def test_any_mistyped_config_is_a_user_error():
+    """Seeded fuzzing of the config schema: every combination of wrong types and values is a
+    `UserError` (one line at the CLI), never a TypeError or a crash later in training."""
+    from graphopt.errors import UserError
+    from graphopt.train.options import SCHEMA
+    from graphopt.train.trainer import PRESETS, TrainConfig
+
+    rng = random.Random(0)
+    values = [None, True, False, 0, -1, 1, 0.5, -0.5, float("nan"), float("inf"), "", "x", "cpu", [], [1], {},
+              {"dim": 3}, {"arch": 5}, {"vocab_size": "a"}, {"num_heads": 0}, {"arch": "gpt", "num_kv_heads": 2}]
+    refused = 0
+    for _ in range(2000):
+        d = {rng.choice(list(SCHEMA)): rng.choice(values) for _ in range(rng.randint(1, 3))}
+        if isinstance(d.get("model"), dict):
+            d["model"] = {**PRESETS["tiny"], **d["model"]}
+        try:
+            TrainConfig.from_dict(d, "run.json").validate()
+        except UserError as e:
+            refused += 1
+            assert "\n" not in str(e)
+    assert refused > 1000  # most random combinations are wrong, and each was caught as such
