@@ -6,7 +6,8 @@ all, and an existing output is replaced only once its replacement is complete.
 - `atomic_dir(path)`: a temporary folder beside `path`; on success it takes `path`'s place
   with one atomic exchange of the two names (Linux `renameat2(RENAME_EXCHANGE)`), or two
   renames where the system has no exchange -- then a kill between them leaves the old
-  folder whole under `.NAME.old`, never a mix of old and new files.
+  folder whole under `.NAME.old`, never a mix of old and new files. The scratch folder's
+  name holds the writer's pid; the next write sweeps scratch folders of dead writers.
 - `check_output_dir(path, inputs, overwrite)`: decides, before any work, whether `-o` may
   be written: a missing folder, an empty one, or a graphopt artifact folder; anything else
   (a folder of the user's own files) only with `--overwrite`, and never a folder holding
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import shutil
@@ -97,7 +99,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     removed and `path` is as it was."""
     path, name = _scratch_name(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent))
+    _sweep_dead_scratch(path.parent, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -118,6 +121,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sweep_dead_scratch(parent: Path, name: str) -> None:
+    """Remove scratch folders beside `name` left by a killed process (the scratch name holds
+    the writer's pid; a folder of a process that still runs is left alone)."""
+    prefix = f".{name}."
+    for scratch in parent.glob(f".{glob.escape(name)}.*.tmp"):
+        pid = scratch.name[len(prefix):].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:
+            pass  # alive (or not ours to signal): keep it
 
 
 def artifact_extras(path: Path) -> list[str] | None:

@@ -360,9 +360,10 @@ def test_sigkill_during_optimize_leaves_the_old_artifact_or_the_new_one(tmp_path
         seen.add(_artifact_state(out, old, new_model))
         # a killed run may leave its scratch folder (a dot-name beside -o), never a changed -o
         assert {q.name for q in tmp_path.iterdir() if not q.name.startswith(".")} == {"out", "ref", "pristine"}
-    # the next run starts clean from whichever state the kill left
+    # the next run starts clean from whichever state the kill left, and sweeps the killed runs' scratch
     subprocess.run(cmd, check=True, capture_output=True)
     assert _artifact_state(out, old, new_model) == "new"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["out", "pristine", "ref"]
     assert seen <= {"old", "new"}
 
 
