@@ -284,8 +284,9 @@ def main(argv=None) -> None:
                 print(_fmt(threads, *rows[-1], base_name="auto (GQA, split norms)"), flush=True)
         results.append({"threads": threads, "rows": [{"site": t, "ms": r} for t, r in rows]})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"versions": header, "results": results}, f, indent=2)
+        from graphopt.fileutil import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"versions": header, "results": results}, indent=2))
 
 
 def _fmt(threads: int, title: str, ms: dict, base_name: str = "decompose") -> str:

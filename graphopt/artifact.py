@@ -10,10 +10,13 @@ and `versions()`; `KNOWN_BACKENDS` maps backend names to those modules.
 
 `load(OUTDIR).run(feeds)` checks the feeds against the signature and runs the artifact on
 its backend, whatever that backend is.
+
+An artifact is code: a TVM artifact's `model.so` is a native library that loading runs, so
+load only artifacts you trust. `read_manifest` checks the manifest before any backend sees
+it: every file it names must be a plain relative path that stays inside the folder.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
@@ -24,9 +27,10 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph, signature  # noqa: F401  (signature: part of the artifact API)
 from graphopt import __version__
 from graphopt.dtypes import DType
+from graphopt.manifest import (  # noqa: F401  (the manifest format: part of the artifact API)
+    MANIFEST_FORMAT, MANIFEST_VERSION, artifact_file, read_manifest,
+)
 
-MANIFEST_FORMAT = "graphopt-artifact"
-MANIFEST_VERSION = 1
 KNOWN_BACKENDS = {"onnxruntime": "graphopt.backends.onnxruntime", "tvm": "graphopt.backends.tvm"}
 BACKEND_ALIASES = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm"}
 
@@ -97,21 +101,13 @@ def check_feeds(sig: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
-    """Load an artifact folder written by `graphopt optimize`."""
+    """Load an artifact folder written by `graphopt optimize`. An artifact is code (a TVM
+    artifact is a native library that loading runs): load only artifacts you trust."""
     import importlib
 
     path = Path(path)
+    manifest = read_manifest(path)
     mpath = path / "manifest.json"
-    if not mpath.is_file():
-        raise UserError(f"{path}: not a graphopt artifact (no manifest.json)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{mpath}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{mpath}: not a graphopt manifest")
-    if manifest.get("format_version", 0) > MANIFEST_VERSION:
-        raise UserError(f"{mpath}: written by a newer graphopt (format {manifest.get('format_version')}); upgrade graphopt")
     backend = manifest.get("backend")
     if backend not in KNOWN_BACKENDS:
         raise UserError(f"{mpath}: backend {backend!r} is not available in this graphopt "

@@ -1,39 +1,127 @@
 """The `graphopt` command line: one click group, one function per command.
 
 Commands import the heavy parts (onnx, torch, transformers) inside their bodies so that
-`graphopt --help` stays fast. A user mistake raises `UserError`, which becomes a one-line
-message on stderr and exit code 2 -- never a traceback.
+`graphopt --help` stays fast. A user mistake (a `UserError`, or a click usage error) becomes
+one line on stderr and exit code 2 -- never a traceback. Anything else is a bug of ours:
+exit code 1, a one-line summary, and `--debug` (or GRAPHOPT_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import click
 
-from graphopt.errors import UserError
+from graphopt.errors import GraphoptError, UserError
+
+DEBUG_ENV = "GRAPHOPT_DEBUG"
+
+
+# Optional packages and the extra that installs each (a missing one is a one-line error).
+_EXTRAS = {"torch": "torch", "onnxscript": "torch", "safetensors": "torch", "transformers": "hf",
+           "tokenizers": "training", "tvm": "tvm", "tvm_ffi": "tvm"}
+_debug = {"on": False}  # set by the group's --debug before any command runs
+
+
+def _debug_requested() -> bool:
+    return _debug["on"] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 class _Group(click.Group):
-    """Turns `UserError` (and click's own usage errors) into one line and exit code 2."""
+    """Turns `UserError` and click's usage errors into one line and exit code 2, and any
+    other exception (a bug) into one line and exit code 1 unless debugging."""
 
-    def invoke(self, ctx: click.Context):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        _debug["on"] = False
+        _exit_cleanly_on_sigterm()
         try:
-            return super().invoke(ctx)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `graphopt`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = f" ({e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {_one_line(e.format_message())}{where}", err=True)
             sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except GraphoptError as e:  # an invariant of ours broke: a bug, whatever the input
+            _internal(e, where="")
+        except UserError as e:
+            if _debug_requested():
+                traceback.print_exc()
+            click.echo(f"error: {_one_line(e)}", err=True)
+            sys.exit(2)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except (SystemExit, click.exceptions.Exit):
+            raise
+        except BrokenPipeError:  # `graphopt inspect --ir | head`
+            sys.exit(0)
+        except OSError as e:  # the file system said no (permissions, a full disk, a file where a folder goes)
+            if _debug_requested():
+                traceback.print_exc()
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or _one_line(e)}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            package = (e.name or "").split(".")[0]
+            if package not in _EXTRAS or _debug_requested():
+                _internal(e, where="ModuleNotFoundError: ")
+            click.echo(f"error: this needs {package}, which is not installed: pip install 'graphopt[{_EXTRAS[package]}]'",
+                       err=True)
+            sys.exit(2)
+        except Exception as e:
+            _internal(e, where=f"{type(e).__name__}: ")
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a job scheduler, torchrun stopping its workers) unwinds like Ctrl-C,
+    so scratch folders are removed and nothing half-written is left; SIGKILL cannot be caught,
+    and the writes are atomic for that case."""
+    import signal
+    import threading
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def _internal(e: BaseException, where: str):
+    if _debug_requested():
+        traceback.print_exc()
+    else:
+        click.echo(f"internal error: {where}{_one_line(e)[:300]} -- a bug in graphopt (or a plugin); "
+                   f"rerun with --debug (or {DEBUG_ENV}=1) for the traceback, and report it", err=True)
+    sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="graphopt")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help=f"Show the traceback of an error (also {DEBUG_ENV}=1).")
+def cli(debug: bool) -> None:
     """graphopt: optimize trained neural networks for ONNX Runtime and TVM.
 
     \b
     Examples:
       graphopt inspect examples/tiny_mlp.onnx
       graphopt convert examples/tiny_mlp.onnx -o tiny.gir
+      graphopt --debug optimize model.onnx -o out    # a traceback if graphopt fails
     """
+    _debug["on"] = debug
 
 
 def _register_train_commands() -> None:
@@ -73,10 +161,11 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
     """
     from pathlib import Path
 
+    from graphopt.fileutil import artifact_extras
     from graphopt.models import load_graph
     from graphopt.summary import format_artifact, format_summary, summarize, summarize_artifact
 
-    if (Path(model) / "manifest.json").is_file() and not show_ir:  # an artifact `graphopt optimize` wrote
+    if Path(model).is_dir() and artifact_extras(Path(model)) is not None and not show_ir:  # an artifact we wrote
         s = summarize_artifact(model)
         if as_json:
             import json
@@ -167,17 +256,20 @@ def _progress(quiet: bool):
 @click.option("--inputs", "inputs_file", type=click.Path(path_type=str), default=None,
               help="Sample inputs (.npz, one array per model input) for --check-numerics.")
 @click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
+@click.option("--overwrite", is_flag=True, help="Replace an -o folder that holds other files (only once the "
+              "new artifact is complete). Not needed for an empty folder or an earlier artifact.")
 @click.option("--explain-fusions", type=click.Choice(["summary", "all"]), is_flag=False, flag_value="summary",
               default=None, help="Per fusion, the sites fused and the near misses (where a fusion's root op "
               "matched but a later constraint failed), grouped by reason; =all lists every near miss.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, explain_fusions, as_json, quiet):
+             no_verify, overwrite, explain_fusions, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
-    go through the frontends). The output folder appears whole or not at all.
+    go through the frontends). The output folder appears whole or not at all; an existing
+    one is replaced only if it is empty or an earlier artifact (else --overwrite).
 
     \b
     Examples:
@@ -187,8 +279,12 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize
+    from graphopt.fileutil import check_output_dir
     from graphopt.sample_inputs import load_inputs
 
+    if inputs_file and not check_numerics:
+        raise UserError("--inputs gives the sample inputs of --check-numerics; add --check-numerics")
+    check_output_dir(output_dir, [p for p in (model, inputs_file, recipe) if p], overwrite=overwrite)
     inputs = load_inputs(inputs_file) if inputs_file else None
     options = {}
     for item in backend_options:
@@ -199,7 +295,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     result = run_optimize(model, output_dir, passes=pipeline, recipe=recipe, backend=backend,
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
-                          progress=_progress(quiet))
+                          progress=_progress(quiet), overwrite=overwrite)
     if as_json:
         import json
 

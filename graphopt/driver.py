@@ -39,16 +39,25 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              passes: str | None = None, recipe: str | os.PathLike | None = None, backend: str = "onnxruntime",
              backend_options: dict | None = None,
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
-             verify: bool = True, progress: Callable[[str], None] | None = None) -> OptimizeResult:
+             verify: bool = True, progress: Callable[[str], None] | None = None,
+             overwrite: bool = False) -> OptimizeResult:
     """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
-    `output_dir` atomically (nothing is left there if anything fails)."""
+    `output_dir` atomically (nothing is left there if anything fails).
+
+    `output_dir` may be missing, empty, or an artifact folder (replaced only once the new
+    artifact is complete); a folder with other files in it is refused before any work
+    unless `overwrite` (`graphopt.fileutil.check_output_dir` says what is never replaced)."""
     from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
     from graphopt.pass_manager import PassManager, load_recipe, parse_pipeline
     from graphopt.summary import summarize
 
+    from graphopt.fileutil import atomic_dir, check_output_dir
+
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
+    if output_dir is not None:
+        check_output_dir(output_dir, [] if isinstance(model, Graph) else [model], overwrite=overwrite)
     if passes is not None and recipe is not None:
         raise UserError("give either --passes or --recipe, not both")
     if backend not in BACKEND_ALIASES:
@@ -78,7 +87,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     if inputs is not None:
         from graphopt.interpreter import check_feeds
 
+        from graphopt.sample_inputs import check_index_ranges
+
         inputs = check_feeds(graph, inputs)
+        check_index_ranges(graph, inputs)
     before = summarize(graph)
     pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress)
     optimized = pm.run(graph)
@@ -104,11 +116,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     manifest: dict = {}
     out = None
     if output_dir is not None:
-        from graphopt.fileutil import atomic_dir
-
         out = Path(output_dir)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
         progress(f"writing {out}")
         with atomic_dir(out) as tmp:
             fields = be.save(optimized, tmp, target, dict(backend_options or {}))

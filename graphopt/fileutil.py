@@ -1,17 +1,37 @@
-"""Atomic outputs: a run that fails or is interrupted leaves no half-written file."""
+"""Writes that cannot destroy: every file or folder graphopt writes appears whole or not at
+all, and an existing output is replaced only once its replacement is complete.
+
+- `atomic_path(path)`: a temporary file beside `path`, renamed onto it on success.
+- `write_text_atomic(path, text)` / `write_bytes_atomic`: the one-call form.
+- `atomic_dir(path)`: a temporary folder beside `path`; on success it takes `path`'s place
+  with one atomic exchange of the two names (Linux `renameat2(RENAME_EXCHANGE)`), or two
+  renames where the system has no exchange -- then a kill between them leaves the old
+  folder whole under `.NAME.old`, never a mix of old and new files. The scratch folder's
+  name holds the writer's pid; the next write sweeps scratch folders of dead writers.
+- `check_output_dir(path, inputs, overwrite)`: decides, before any work, whether `-o` may
+  be written: a missing folder, an empty one, or a graphopt artifact folder; anything else
+  (a folder of the user's own files) only with `--overwrite`, and never a folder holding
+  the input model or the current working directory.
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from graphopt.errors import UserError
+from graphopt.manifest import MANIFEST_FORMAT
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
+    """Yield a temporary path beside `path`; on success it is flushed and renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -19,28 +39,161 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` atomically; False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _scratch_name(path: Path) -> tuple[Path, str]:
+    # `-o .` has no usable name of its own; name the scratch after the real folder (and write
+    # through a symlinked -o to the folder it points at).
+    real = Path(os.path.realpath(path))
+    return real, real.name or "out"
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` whole."""
-    path = Path(path)
+    """Yield a temporary folder beside `path`; on success it replaces `path` whole.
+
+    The old folder stays untouched until the new one is complete; it is then exchanged
+    with it in one step and removed. On any failure (or interrupt) the scratch folder is
+    removed and `path` is as it was."""
+    path, name = _scratch_name(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _sweep_dead_scratch(path.parent, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync(f)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif path.is_dir() and not any(path.iterdir()):
+            os.replace(tmp, path)  # rename(2) onto an empty folder is atomic
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        else:
+            old = path.with_name(f".{name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sweep_dead_scratch(parent: Path, name: str) -> None:
+    """Remove scratch folders beside `name` left by a killed process (the scratch name holds
+    the writer's pid; a folder of a process that still runs is left alone)."""
+    prefix = f".{name}."
+    for scratch in parent.glob(f".{glob.escape(name)}.*.tmp"):
+        pid = scratch.name[len(prefix):].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:
+            pass  # alive (or not ours to signal): keep it
+
+
+def artifact_extras(path: Path) -> list[str] | None:
+    """For a folder `graphopt optimize` wrote (its manifest says so): the entries in it that
+    are not part of the artifact (the user's own files). None when it is not an artifact."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    files = manifest.get("files")
+    ours = {"manifest.json", "report.json"} | {f for f in (files if isinstance(files, list) else []) if isinstance(f, str)}
+    return sorted(p.name for p in Path(path).iterdir() if p.name not in ours)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *,
+                     overwrite: bool = False, option: str = "-o") -> Path:
+    """Refuse (one line, before any work) an output folder whose replacement would lose
+    something the user owns: accepted are a missing folder, an empty one, and a graphopt
+    artifact folder with nothing else in it; any other folder only with `overwrite`; never
+    (not even with `overwrite`) a folder that holds the input, the current folder, the
+    home folder or the root. Returns the path."""
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    shown = f"{option} {path}"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{shown}: exists and is not a folder")
+    for parent in Path(os.path.abspath(path)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{shown}: {parent} is a file, not a folder")
+            break
+    for given in inputs:
+        if _inside(Path(os.path.realpath(given)), real):
+            raise UserError(f"{shown}: holds the input {given}; writing the artifact there would replace it "
+                            "(give another output folder)")
+    if not path.exists():
+        return path
+    if _inside(Path(os.path.realpath(os.getcwd())), real):
+        raise UserError(f"{shown}: is the current folder (or holds it); give a new folder name such as out/")
+    if real == Path(real.anchor) or _inside(Path(os.path.realpath(Path.home())), real):
+        raise UserError(f"{shown}: refusing to replace {real} (it holds your home folder or is the root)")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return path
+    extras = artifact_extras(path)
+    if extras == [] or overwrite:
+        return path
+    if extras is None:
+        what = f"is not a graphopt artifact ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in it)"
+    else:
+        what = f"is a graphopt artifact but also holds {', '.join(extras[:3])}" + (" ..." if len(extras) > 3 else "")
+    raise UserError(f"{shown}: the folder exists and {what}; give a new or empty folder, "
+                    "or --overwrite to replace it")

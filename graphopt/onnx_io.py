@@ -65,7 +65,11 @@ def _array_from_proto(t: TensorProto, base_dir: Path | None, what: str) -> np.nd
         return _map_external(t, base_dir, dtype, what)
     if t.segment.begin or t.segment.end:
         raise OnnxImportError(f"{what}: segmented tensors are not supported")
-    return onnx.numpy_helper.to_array(t).astype(dtype.np_dtype, copy=False)
+    try:
+        array = onnx.numpy_helper.to_array(t)
+    except ValueError as e:  # the data does not fit the dims (a corrupt or hand-edited file)
+        raise OnnxImportError(f"{what}: its data does not match its shape {list(t.dims)} ({e})") from None
+    return array.astype(dtype.np_dtype, copy=False)
 
 
 def _map_external(t: TensorProto, base_dir: Path | None, dtype: DType, what: str) -> np.ndarray:
@@ -81,10 +85,16 @@ def _map_external(t: TensorProto, base_dir: Path | None, dtype: DType, what: str
         raise OnnxImportError(f"{what}: external data path {location!r} points outside the model's folder")
     if not path.is_file():
         raise OnnxImportError(f"{what}: external data file {str(path)!r} does not exist")
-    offset = int(info.get("offset", 0))
     shape = tuple(int(d) for d in t.dims)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    length = int(info.get("length", nbytes))
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", nbytes))
+    except ValueError:
+        raise OnnxImportError(f"{what}: external data offset {info.get('offset')!r} / length "
+                              f"{info.get('length')!r} is not an integer") from None
+    if offset < 0 or any(d < 0 for d in shape):
+        raise OnnxImportError(f"{what}: external data has a negative offset or dimension")
     if length != nbytes:
         raise OnnxImportError(f"{what}: external data length {length} does not match its shape {list(shape)}")
     size = path.stat().st_size
@@ -129,6 +139,17 @@ def attr_from_proto(a: AttributeProto, what: str) -> Attr:
 # Import
 
 
+def _check_text_fields(model: onnx.ModelProto, path: Path) -> None:
+    """protobuf hands back `bytes` for a string field that is not UTF-8 (a corrupt file)."""
+    g = model.graph
+    names = [n for node in g.node for n in (node.op_type, node.domain, node.name, *node.input, *node.output)]
+    names += [v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer)]
+    names += [o.domain for o in model.opset_import]
+    for name in names:
+        if not isinstance(name, str):
+            raise OnnxImportError(f"{path}: the name {name!r} is not UTF-8 text (a corrupt file)")
+
+
 def load_onnx(path: str | os.PathLike) -> Graph:
     """Read an `.onnx` file (with its external data) into a graphopt `Graph`."""
     path = Path(path)
@@ -140,6 +161,7 @@ def load_onnx(path: str | os.PathLike) -> Graph:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
         raise UserError(f"{path}: not a valid ONNX model (truncated or corrupt file: {str(e).splitlines()[0][:120]})") from None
+    _check_text_fields(model, path)
     try:
         return from_onnx_model(model, base_dir=path.parent, source=str(path))
     except OnnxImportError as e:

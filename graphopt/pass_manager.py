@@ -100,6 +100,11 @@ class PreconditionError(PassError):
     pass
 
 
+class PassCrash(PassError, GraphoptError):
+    """A pass raised or left an invalid graph: a bug in the pass (ours or a plugin's), not
+    a user mistake; the CLI reports it as an internal error (exit 1, --debug for the traceback)."""
+
+
 # Preconditions are named checks: graph -> None (holds) or a reason (does not).
 PRECONDITIONS: dict[str, Callable[[Graph], str | None]] = {}
 
@@ -418,7 +423,7 @@ class PassManager:
             except UserError:
                 raise
             except Exception as e:
-                raise PassError(f"pass {p.name!r} raised {type(e).__name__}: {e}; the graph is left as it was") from e
+                raise PassCrash(f"pass {p.name!r} raised {type(e).__name__}: {e}; the graph is left as it was") from e
             seconds = time.perf_counter() - t0
             if result is None:
                 result = PassResult(changed=True)
@@ -426,7 +431,7 @@ class PassManager:
                 try:
                     verify(work)
                 except GraphoptError as e:
-                    raise PassError(f"pass {p.name!r} left an invalid graph: {e}") from None
+                    raise PassCrash(f"pass {p.name!r} left an invalid graph: {e}") from e
             record = PassRecord(p.name, dataclasses.asdict(p), seconds, result.changed, dict(result.stats),
                                 len(current.nodes), len(work.nodes), category=p.category, notes=notes,
                                 details=[dataclasses.asdict(nm) for nm in result.near_misses] + list(result.details))

@@ -79,6 +79,23 @@ def sample_inputs(graph: Graph, dims: dict[str, int] | None = None, seed: int = 
     return feeds
 
 
+def check_index_ranges(graph: Graph, feeds: dict[str, np.ndarray], source: str = "--inputs") -> None:
+    """Integer inputs that index a table (token ids into a vocabulary, positions into a
+    position table) must lie in [0, size): out-of-range ids are a one-line `UserError`."""
+    for v in graph.inputs:
+        a = feeds.get(v.name)
+        if a is None or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+            continue
+        high = index_bound(v)
+        if high is None:
+            continue
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= high:
+            bad = lo if lo < 0 else hi
+            raise UserError(f"{source}: input {v.name!r} holds id {bad}, outside [0, {high}) "
+                            f"(the size of the table it indexes)")
+
+
 def load_inputs(path) -> dict[str, np.ndarray]:
     """Read feeds from an .npz file (one array per graph input)."""
     from pathlib import Path
@@ -86,8 +103,22 @@ def load_inputs(path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such inputs file")
+    # numpy and zipfile raise almost anything on a corrupt file (BadZipFile, EOFError,
+    # NotImplementedError for a garbled compression method, IndexError, ...): all mean the same.
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file of arrays ({_first_line(e)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: holds a single array (.npy); --inputs takes an .npz with one array per "
+                        "model input, e.g. np.savez('in.npz', input_ids=ids)")
+    try:
+        with data:
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npz file of arrays ({e})") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file of arrays ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:160] if text else type(e).__name__)

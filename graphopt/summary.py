@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 
+from graphopt.errors import UserError
+from graphopt.manifest import artifact_file, read_manifest
 from graphopt.ir import Graph
 
 
@@ -66,11 +68,10 @@ def format_summary(s: dict) -> str:
 def summarize_artifact(folder) -> dict:
     """An optimized artifact folder: its manifest, and for ONNX Runtime artifacts the op
     histogram of the lowered model (which holds backend kernels the IR does not import)."""
-    import json
     from pathlib import Path
 
     folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     def typ(e):
         shape = "*" if e["shape"] is None else ", ".join("?" if d is None else str(d) for d in e["shape"])
         return f"{e['dtype']}[{shape}]"
@@ -79,11 +80,14 @@ def summarize_artifact(folder) -> dict:
            "inputs": [{"name": e["name"], "type": typ(e)} for e in manifest["signature"]["inputs"]],
            "outputs": [{"name": e["name"], "type": typ(e)} for e in manifest["signature"]["outputs"]],
            "versions": manifest.get("versions", {})}
-    model = folder / manifest.get("model", "model.onnx")
+    model = artifact_file(folder, manifest.get("model", "model.onnx"), f"{folder}/manifest.json: model")
     if model.suffix == ".onnx" and model.is_file():
         import onnx
 
-        m = onnx.load(str(model), load_external_data=False)
+        try:
+            m = onnx.load(str(model), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError on a truncated or corrupt file
+            raise UserError(f"{model}: not a valid ONNX model ({type(e).__name__})") from None
         ops = collections.Counter((n.domain + "." if n.domain else "") + n.op_type for n in m.graph.node)
         out["nodes"] = len(m.graph.node)
         out["ops"] = dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))

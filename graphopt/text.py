@@ -224,13 +224,19 @@ class _Parser:
         if t.kind not in ("name", "sname") or t.text[0] not in sigils:
             self.fail(f"expected a value name starting with {' or '.join(sigils)}", t)
         body = t.text[1:]
-        return t.text[0], (json.loads(body) if t.kind == "sname" else body)
+        return t.text[0], (self.json_string(t, body) if t.kind == "sname" else body)
 
     def string(self) -> str:
         t = self.next()
         if t.kind != "string":
             self.fail("expected a string", t)
-        return json.loads(t.text)
+        return self.json_string(t, t.text)
+
+    def json_string(self, tok, text: str) -> str:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            self.fail_at(tok.line, tok.col, f"bad string literal {text!r}: {e.msg}")
 
     def integer(self) -> int:
         t = self.next()
@@ -307,7 +313,7 @@ class _Parser:
                     self.expect(",")
             kinds = {x.kind for x in items}
             if kinds == {"string"}:
-                return Attr.strings([json.loads(x.text) for x in items])
+                return Attr.strings([self.json_string(x, x.text) for x in items])
             if kinds == {"number"}:
                 if all(re.fullmatch(r"[-+]?\d+", x.text) for x in items):
                     return Attr.ints([int(x.text) for x in items])
@@ -560,7 +566,9 @@ def parse_graph(text: str, *, filename: str = "<string>",
             try:
                 weights_file = json.loads(rest)
             except json.JSONDecodeError:
-                raise ParseError(f"{filename}:{i + 1}: the weights line needs a quoted file name") from None
+                weights_file = None
+            if not isinstance(weights_file, str):
+                raise ParseError(f"{filename}:{i + 1}: the weights line needs a quoted file name")
             i += 1
         else:
             break
@@ -575,7 +583,10 @@ def parse_graph(text: str, *, filename: str = "<string>",
     for k, v in metadata.items():
         if not hasattr(md, k):
             raise ParseError(f"{filename}: unknown metadata field {k!r}")
-        setattr(md, k, dict(v) if k == "metadata_props" else list(v) if k == "passes" else v)
+        try:
+            setattr(md, k, dict(v) if k == "metadata_props" else list(v) if k == "passes" else v)
+        except (TypeError, ValueError):
+            raise ParseError(f"{filename}: metadata field {k!r} has the wrong type") from None
     g.metadata = md
     g._weights_file = weights_file  # type: ignore[attr-defined]
     return g
@@ -589,9 +600,10 @@ def weights_file_of(text: str) -> str | None:
             return None
         if s.startswith("weights ") and not s[8:].lstrip().startswith("{"):
             try:
-                return json.loads(s[8:])
+                name = json.loads(s[8:])
             except json.JSONDecodeError:
                 return None
+            return name if isinstance(name, str) else None
     return None
 
 

@@ -59,6 +59,8 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
     base = 8 + n
     out: dict[str, np.ndarray] = {}
@@ -69,6 +71,8 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
             start, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: tensor {name!r} has a bad or unsupported entry in the header") from None
+        if start < 0 or any(d < 0 for d in shape):
+            raise UserError(f"{path}: tensor {name!r} has a negative offset or dimension in the header")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - start != nbytes or base + end > size:
             raise UserError(f"{path}: tensor {name!r} has a byte range that does not fit its shape or the file")

@@ -11,7 +11,6 @@ import ast
 from pathlib import Path
 
 import networkx as nx
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"graphopt": REPO / "graphopt", "graphopt.passes": REPO / "passes",
@@ -20,7 +19,7 @@ FOLDERS = {"graphopt": REPO / "graphopt", "graphopt.passes": REPO / "passes",
 # Lowest first. A module may import modules of its own layer (without a cycle) and of any
 # layer below it; a prefix ending in "." names every module of that package.
 LAYERS = [
-    ("base", {"graphopt.errors", "graphopt.dtypes", "graphopt.plugins", "graphopt.fileutil"}),
+    ("base", {"graphopt.errors", "graphopt.dtypes", "graphopt.plugins", "graphopt.manifest", "graphopt.fileutil"}),
     ("ir", {"graphopt.ir", "graphopt.onnx_proto", "graphopt.weights_file", "graphopt.text"}),
     ("ops", {"graphopt.registry", "graphopt.builder", "graphopt.graphopt_ops", "graphopt.fused_ops",
              "graphopt.op_catalogue"}),

@@ -29,7 +29,12 @@ def resolve_checkpoint(path) -> Path:
         return path
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
-        return path / "checkpoints" / latest.read_text().strip()
+        name = latest.read_text(errors="replace").strip()
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise UserError(f"{latest}: names {name!r}, not a checkpoint folder inside {latest.parent}")
+        if not (latest.parent / name / "config.json").is_file():
+            raise UserError(f"{latest}: names {name!r}, which is not a complete checkpoint (no config.json)")
+        return path / "checkpoints" / name
     if not path.exists():
         raise UserError(f"{path}: checkpoint folder not found")
     raise UserError(f"{path}: not a checkpoint (no config.json) and not a run folder (no checkpoints/latest)")
@@ -39,9 +44,9 @@ def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read checkpoint config ({e})") from None
-    if not isinstance(d, dict) or "model" not in d:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read checkpoint config ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
         raise UserError(f"{path}: not a graphopt.train checkpoint config (no 'model' section)")
     return d
 
@@ -89,25 +94,27 @@ def load_model(folder, device: str = "cpu"):
 
 def save_checkpoint(folder: Path, model, config: dict, tokenizer_path: Path,
                     val_text: Path | None = None, training_state: dict | None = None) -> Path:
-    """Writes a complete checkpoint into `folder` atomically (temp folder, then rename)."""
+    """Writes a complete checkpoint into `folder` atomically (temp folder, then rename); a
+    previous checkpoint in `folder` stays whole until the new one is complete."""
     import torch
     from safetensors.torch import save_file
 
+    from graphopt.fileutil import atomic_dir
+
     folder = Path(folder)
-    tmp = folder.with_name("." + folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_stored_state(model), str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(dict(config, format=FORMAT), indent=2) + "\n")
-    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    if val_text is not None and Path(val_text).exists():
-        shutil.copyfile(val_text, tmp / "val.txt")
-    if training_state is not None:
-        torch.save(training_state, tmp / "optimizer.pt")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # scratch of a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    # Built in a scratch folder beside `folder`; an older checkpoint of that name is replaced
+    # only once the new one is complete (one atomic exchange of the two names).
+    with atomic_dir(folder) as tmp:
+        save_file(_stored_state(model), str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(dict(config, format=FORMAT), indent=2) + "\n")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        if val_text is not None and Path(val_text).exists():
+            shutil.copyfile(val_text, tmp / "val.txt")
+        if training_state is not None:
+            torch.save(training_state, tmp / "optimizer.pt")
     return folder
 
 
@@ -120,7 +127,12 @@ def mark_latest(run_dir: Path, name: str, keep: int) -> None:
     steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old.name != name:
-            shutil.rmtree(old)
+            # Renamed out of sight first, so a kill mid-delete never leaves a partial step_*.
+            trash = old.with_name(f".{old.name}.deleting")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(old, trash)
+    for trash in ckpt_dir.glob(".step_*.deleting"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_training_state(folder: Path) -> dict:
@@ -129,4 +141,11 @@ def load_training_state(folder: Path) -> dict:
     path = Path(folder) / "optimizer.pt"
     if not path.is_file():
         raise UserError(f"{path}: no optimizer state; cannot resume from an export-only checkpoint")
-    return torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on a bad file
+        raise UserError(f"{path}: not a readable optimizer state ({type(e).__name__}); "
+                        "resume from an earlier checkpoint or use another --out") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "step"} <= set(state):
+        raise UserError(f"{path}: not a graphopt optimizer state (needs optimizer, scheduler and step)")
+    return state

@@ -11,6 +11,8 @@ import click
 
 from graphopt.errors import UserError
 
+from .options import click_type
+
 # Flags that override a field of the model config.
 _MODEL_FLAGS = {"arch": "arch", "vocab_size": "vocab_size", "seq_len": "max_seq_len", "dim": "dim",
                 "layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads",
@@ -24,6 +26,8 @@ _TRAIN_FLAGS = ("data", "out", "batch_size", "grad_accum", "max_steps", "lr", "w
 def _read_config_file(path: Path) -> dict:
     try:
         d = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (expected a JSON object of training options)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
@@ -39,30 +43,30 @@ def _read_config_file(path: Path) -> dict:
 @click.option("--data", type=click.Path(path_type=Path), help="Folder of text files [default: Python stdlib].")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/default].")
 @click.option("--arch", type=click.Choice(["llama", "gpt"]))
-@click.option("--vocab-size", type=int)
-@click.option("--seq-len", type=int, help="Context length (model max_seq_len).")
-@click.option("--dim", type=int)
-@click.option("--layers", type=int)
-@click.option("--heads", type=int)
-@click.option("--kv-heads", type=int)
-@click.option("--mlp-hidden", type=int)
-@click.option("--batch-size", type=int, help="Sequences per process per micro-step.")
-@click.option("--grad-accum", type=int, help="Micro-steps per optimizer step.")
-@click.option("--max-steps", type=int)
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--warmup-steps", type=int)
-@click.option("--weight-decay", type=float)
-@click.option("--grad-clip", type=float)
-@click.option("--eval-interval", type=int)
-@click.option("--eval-tokens", type=int)
-@click.option("--checkpoint-interval", type=int)
-@click.option("--log-interval", type=int)
-@click.option("--seed", type=int)
+@click.option("--vocab-size", type=click.IntRange(min=1))
+@click.option("--seq-len", type=click.IntRange(min=1), help="Context length (model max_seq_len).")
+@click.option("--dim", type=click.IntRange(min=1))
+@click.option("--layers", type=click.IntRange(min=1))
+@click.option("--heads", type=click.IntRange(min=1))
+@click.option("--kv-heads", type=click.IntRange(min=1))
+@click.option("--mlp-hidden", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click_type("batch_size"), help="Sequences per process per micro-step.")
+@click.option("--grad-accum", type=click_type("grad_accum"), help="Micro-steps per optimizer step.")
+@click.option("--max-steps", type=click_type("max_steps"))
+@click.option("--lr", type=click_type("lr"), help="Peak learning rate.")
+@click.option("--warmup-steps", type=click_type("warmup_steps"))
+@click.option("--weight-decay", type=click_type("weight_decay"))
+@click.option("--grad-clip", type=click_type("grad_clip"))
+@click.option("--eval-interval", type=click_type("eval_interval"))
+@click.option("--eval-tokens", type=click_type("eval_tokens"))
+@click.option("--checkpoint-interval", type=click_type("checkpoint_interval"))
+@click.option("--log-interval", type=click_type("log_interval"))
+@click.option("--seed", type=click_type("seed"))
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", type=int, help="torch intra-op threads (0 = torch default).")
-@click.option("--stop-at-step", type=int,
+@click.option("--threads", type=click_type("threads"), help="torch intra-op threads (0 = torch default).")
+@click.option("--stop-at-step", type=click.IntRange(min=1),
               help="End after this step (with a checkpoint); the schedule still spans --max-steps.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the run folder's latest checkpoint.")
@@ -81,12 +85,17 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
     from .trainer import PRESETS, TrainConfig, train
 
     options = _read_config_file(config_file) if config_file else {}
-    model = dict(PRESETS[preset or options.pop("preset", None) or "default"])
+    file_preset = options.pop("preset", None)  # a --preset flag overrides the file's
+    if file_preset is not None and file_preset not in PRESETS:
+        raise UserError(f"{config_file}: unknown preset {file_preset!r} (known: {', '.join(PRESETS)})")
+    model = dict(PRESETS[preset or file_preset or "default"])
     model_opt = options.pop("model", {})
     if isinstance(model_opt, str):
         if model_opt not in PRESETS:
-            raise UserError(f"{config_file}: unknown model preset {model_opt!r}")
+            raise UserError(f"{config_file}: unknown model preset {model_opt!r} (known: {', '.join(PRESETS)})")
         model_opt = PRESETS[model_opt]
+    if not isinstance(model_opt, dict):
+        raise UserError(f"{config_file}: model must be a preset name or an object of model fields, not {model_opt!r}")
     model.update(model_opt)
     for flag, field in _MODEL_FLAGS.items():
         if flags.get(flag) is not None:
@@ -105,8 +114,8 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Folder of text files (or a val.txt) to score [default: CHECKPOINT/val.txt].")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--max-tokens", type=int, default=0, help="Score only the first N tokens (0 = all).")
+@click.option("--batch-size", type=click_type("batch_size"), default=16, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=0), default=0, help="Score only the first N tokens (0 = all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
 def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
     """Perplexity and bits per byte of CHECKPOINT on held-out text.
@@ -143,7 +152,7 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click_type("seed"), default=0, show_default=True)
 def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
     """Continue --prompt with CHECKPOINT, streaming tokens as they are produced.
 
@@ -156,7 +165,7 @@ def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top
 
     from .checkpoint import load_model, resolve_checkpoint
     from .generate import generate
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_fits, load_tokenizer
 
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be positive")
@@ -165,6 +174,7 @@ def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top
     folder = resolve_checkpoint(checkpoint)
     model, _ = load_model(folder)
     tok = load_tokenizer(folder / "tokenizer.json")
+    check_fits(tok, model.config.vocab_size, folder / "tokenizer.json")
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)

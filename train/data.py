@@ -120,15 +120,19 @@ def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=N
     wanted["config"]["suffixes"] = list(cfg.suffixes)
     wanted["config"]["exclude_dirs"] = list(cfg.exclude_dirs)
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{meta_path}: not valid JSON; delete {out} to prepare the data again") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{meta_path}: not a JSON object; delete {out} to prepare the data again")
         if {k: meta.get(k) for k in wanted} != wanted:
             raise UserError(f"{out}: prepared from different data or settings; use another --out")
         return out
-    out.mkdir(parents=True, exist_ok=True)
-
     docs_path = out / "docs.jsonl"
     if not docs_path.exists():
-        docs = collect_documents(Path(data_dir), cfg, progress)
+        docs = collect_documents(Path(data_dir), cfg, progress)  # a bad --data fails before out/ exists
+        out.mkdir(parents=True, exist_ok=True)
         _write_atomic(docs_path, "".join(json.dumps(d) + "\n" for d in docs).encode())
     docs = [json.loads(line) for line in docs_path.read_text().splitlines()]
     by_split = {s: [d["text"] for d in docs if d["split"] == s] for s in ("train", "val")}
@@ -180,7 +184,11 @@ def load_split(prepared: Path, split: str) -> np.ndarray:
 
 def read_val_text(path: Path) -> list[str]:
     """Splits a val.txt (documents separated by <|endoftext|>) back into documents."""
-    return [d for d in Path(path).read_text(encoding="utf-8").split(EOS) if d]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return [d for d in text.split(EOS) if d]
 
 
 def encode_documents(tok, docs: list[str]) -> np.ndarray:

@@ -45,3 +45,13 @@ def load_tokenizer(path: Path):
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
         raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def check_fits(tok, vocab_size: int, where) -> None:
+    """A tokenizer whose ids reach past the model's embedding table is a one-line error."""
+    from graphopt.errors import UserError
+
+    n = tok.get_vocab_size()
+    if n > vocab_size:
+        raise UserError(f"{where}: the tokenizer has {n} tokens, more than the model's vocab_size={vocab_size}; "
+                        "use the tokenizer.json the model was trained with")

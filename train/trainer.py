@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.errors import UserError
+from graphopt.fileutil import write_text_atomic
 
 from . import checkpoint as ckpt
 from .data import DataConfig, default_data_dir, load_split, prepare
 from .models import build_model, config_from_dict
+from .options import MIN_VOCAB, check_option
 
 # Model shapes by name; vocab_size also sets the tokenizer size.
 PRESETS = {
@@ -74,20 +76,23 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"{source}: unknown training option(s) {', '.join(unknown)}")
+        for name, value in d.items():
+            check_option(name, value, source)
         return TrainConfig(**d)
 
-    def validate(self) -> "TrainConfig":
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval",
-                     "checkpoint_interval", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"training config: {name}={getattr(self, name)} must be positive")
+    def validate(self, source: str = "training config") -> "TrainConfig":
+        for f in fields(self):
+            check_option(f.name, getattr(self, f.name), source)
+        self.data, self.out = str(self.data), str(self.out)  # a Path is fine; the saved config is JSON
         if self.warmup_steps is None:
             self.warmup_steps = self.max_steps // 20
         if not 0 <= self.warmup_steps <= self.max_steps:
-            raise UserError(f"training config: warmup_steps={self.warmup_steps} must lie in [0, max_steps]")
-        if self.lr <= 0:
-            raise UserError(f"training config: lr={self.lr} must be positive")
+            raise UserError(f"{source}: warmup_steps={self.warmup_steps} must lie in [0, max_steps={self.max_steps}]")
         config_from_dict(self.model)
+        vocab = self.model.get("vocab_size")
+        if isinstance(vocab, int) and vocab < MIN_VOCAB:
+            raise UserError(f"{source}: vocab_size={vocab} is smaller than the byte-level tokenizer's {MIN_VOCAB} "
+                            f"base tokens (256 bytes + <|endoftext|>); use --vocab-size {MIN_VOCAB} or more")
         return self
 
 
@@ -202,18 +207,24 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
         raise UserError(f"--stop-at-step {stop_at_step}: must lie in [1, max_steps={cfg.max_steps}]")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    data_dir = Path(cfg.data) if cfg.data else default_data_dir()
+    if not data_dir.is_dir():
+        raise UserError(f"--data {data_dir}: not a directory")
+    check_run_folder(out)
     rank, world_size, device = _setup_distributed(cfg)
     device_type = torch.device(device).type
-    out = Path(cfg.out)
     data_out = out / "data"
     data_cfg = DataConfig(vocab_size=cfg.model["vocab_size"])
-    data_dir = Path(cfg.data) if cfg.data else default_data_dir()
     if rank == 0:
         _log(rank, f"preparing data from {data_dir} into {data_out}")
         prepare(data_dir, data_out, data_cfg, progress=_progress_printer())
     if world_size > 1:
         torch.distributed.barrier()
     meta = json.loads((data_out / "meta.json").read_text())
+    if meta.get("vocab_size", 0) > cfg.model["vocab_size"]:
+        raise UserError(f"{data_out / 'tokenizer.json'}: the tokenizer has {meta['vocab_size']} tokens, more than the "
+                        f"model's vocab_size={cfg.model['vocab_size']}; use --vocab-size {meta['vocab_size']} or another --out")
     train_tokens, val_tokens = load_split(data_out, "train"), load_split(data_out, "val")
 
     torch.manual_seed(cfg.seed)
@@ -242,13 +253,13 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
         start_step = int(state["step"])
         _log(rank, f"resumed from {folder} at step {start_step}")
         if rank == 0 and (out / "metrics.jsonl").exists():  # drop steps the resume will redo
-            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
-                    if json.loads(line)["step"] <= start_step]
-            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+            kept = read_metrics(out / "metrics.jsonl", lambda msg: _log(rank, msg))
+            write_text_atomic(out / "metrics.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in kept if r["step"] <= start_step))
 
     if rank == 0 and start_step == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")  # a fresh run starts a fresh curve
+        write_text_atomic(out / "metrics.jsonl", "")  # a fresh run starts a fresh curve
     ddp_model = model
     if world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
@@ -311,6 +322,37 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
         if done == stop_at_step or (stop_after is not None and done - start_step >= stop_after):
             break
     return last_folder or ckpt.resolve_checkpoint(out)
+
+
+def check_run_folder(out: Path) -> None:
+    """`--out` may be missing, empty, or a graphopt run folder; a folder of other files is
+    refused (training writes data/, checkpoints/ and metrics.jsonl into it)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if (out / "data").is_dir() or (out / "checkpoints").is_dir() or (out / "metrics.jsonl").is_file():
+        return
+    raise UserError(f"--out {out}: the folder exists and is not a graphopt training run; give a new or empty folder")
+
+
+def read_metrics(path: Path, report=print) -> list[dict]:
+    """The records of a metrics.jsonl. A last line cut short (a kill while it was written) is
+    dropped and reported; a bad line anywhere else is a one-line `UserError`."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if i == len(lines) - 1:
+                report(f"{path}: dropped a partial last line (the previous run was interrupted while writing it)")
+                break
+            raise UserError(f"{path}: line {i + 1} is not a metrics record; fix or delete the file to resume") from None
+        records.append(record)
+    return records
 
 
 def _progress_printer():

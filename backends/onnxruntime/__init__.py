@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import UserError
+from graphopt.manifest import artifact_file
 from graphopt.ir import Graph
 
 from graphopt.backends.onnxruntime import attention, rules  # noqa: F401  (register the rules)
@@ -88,9 +89,10 @@ class Executable:
 
         target = manifest.get("target", "cpu")
         check_target(target)
-        model_path = Path(outdir) / manifest.get("model", "model.onnx")
+        model_path = artifact_file(outdir, manifest.get("model", "model.onnx"), f"{outdir}: the manifest")
         if not model_path.is_file():
             raise UserError(f"{outdir}: the manifest names {model_path.name!r}, which is missing")
+        _check_external_data(model_path)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -102,6 +104,20 @@ class Executable:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+def _check_external_data(model_path: Path) -> None:
+    """The weights an artifact's model.onnx names must lie inside the artifact folder."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError on a truncated file
+        raise UserError(f"{model_path}: not a valid ONNX model ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), "")
+            artifact_file(model_path.parent, location, f"{model_path}: initializer {t.name!r} external data")
 
 
 def versions() -> dict[str, str]:

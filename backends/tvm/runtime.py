@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import UserError
+from graphopt.manifest import artifact_file
 from graphopt.ir import Graph, signature
 from graphopt.weights_file import read_tensors, write_tensors
 
@@ -160,8 +161,9 @@ class Executable(Compiled):
         outdir = Path(outdir)
         spec = manifest.get("tvm_target") or {}
         _device_for(spec, str(outdir))  # refuse before loading anything
-        lib_path = outdir / manifest.get("model", LIBRARY)
-        weights_path = outdir / manifest.get("weights", WEIGHTS)
+        # The library is native code that loading runs: only from inside the artifact folder.
+        lib_path = artifact_file(outdir, manifest.get("model", LIBRARY), f"{outdir}: the manifest's model")
+        weights_path = artifact_file(outdir, manifest.get("weights", WEIGHTS), f"{outdir}: the manifest's weights")
         for p in (lib_path, weights_path):
             if not p.is_file():
                 raise UserError(f"{outdir}: the manifest names {p.name!r}, which is missing")

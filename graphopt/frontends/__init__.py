@@ -23,6 +23,29 @@ from graphopt.ir import Graph
 
 __all__ = ["from_torch", "load_model_path"]
 
+# What reading each kind of input needs, and the extra that installs it.
+_NEEDS = {
+    "hf": (("torch", "transformers", "onnxscript"), "hf"),
+    "training": (("torch", "onnxscript", "safetensors"), "torch"),
+    "state_dict": (("torch",), "hf"),
+}
+
+
+def require(kind: str, path) -> None:
+    """A one-line `UserError` naming the install command when a package that reading `path`
+    (a Hugging Face folder, a training checkpoint, a state dict) needs is missing."""
+    import importlib
+
+    modules, extra = _NEEDS[kind]
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            what = {"hf": "a Hugging Face model", "training": "a graphopt training checkpoint",
+                    "state_dict": "a PyTorch state dict"}[kind]
+            raise UserError(f"{path}: reading {what} needs {name}, which is not installed: "
+                            f"pip install 'graphopt[{extra}]'") from None
+
 
 def from_torch(module, example_inputs, dynamic=None, input_names=None, output_names=None, *,
                name: str | None = None, progress: bool = True) -> Graph:
@@ -61,14 +84,17 @@ def _load_folder(folder: Path, *, progress: bool) -> Graph:
     if config_path.is_file():
         config = _read_config(config_path)
         if training.is_training_config(config):
+            require("training", folder)
             return training.load_training_checkpoint(folder, progress=progress)
         from graphopt.frontends import huggingface
 
         if huggingface.is_hf_config(config):
+            require("hf", folder)
             return huggingface.load_hf_folder(folder, config, progress=progress)
         raise UserError(f"{config_path}: neither a Hugging Face config (no model_type) nor a graphopt "
                         "training checkpoint config (no model section)")
     if training.is_run_folder(folder):
+        require("training", folder)
         return training.load_training_checkpoint(folder, progress=progress)
     if (folder / "model.onnx").is_file():  # an optimized artifact or exported model folder
         from graphopt.onnx_io import load_onnx
@@ -86,11 +112,13 @@ def _load_state_dict_file(path: Path, *, progress: bool) -> Graph:
     config = _read_config(config_path) if config_path.is_file() else None
     if config is not None and training.is_training_config(config):
         if path.name == "model.safetensors":
+            require("training", path.parent)
             return training.load_training_checkpoint(path.parent, progress=progress)
         raise UserError(f"{path}: a graphopt training checkpoint keeps its weights in model.safetensors; "
                         f"give the checkpoint folder {path.parent}")
     # Read (or refuse) the weights before asking for a config: an unsafe pickle is the
     # more important thing to tell the user.
+    require("state_dict", path)
     state_dict = load_state_dict(path)
     if config is None:
         raise UserError(f"{path}: a state dict needs a Hugging Face config.json beside it to say which "
@@ -99,6 +127,7 @@ def _load_state_dict_file(path: Path, *, progress: bool) -> Graph:
 
     if not huggingface.is_hf_config(config):
         raise UserError(f"{config_path}: not a Hugging Face config (no model_type)")
+    require("hf", path)
     return huggingface.load_hf_state_dict_file(path, config, state_dict, progress=progress)
 
 

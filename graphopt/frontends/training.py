@@ -36,7 +36,7 @@ def load_training_checkpoint(folder: Path, *, progress: bool = True):
         from graphopt.train import load_model
     except ImportError as e:
         raise UserError(f"{folder}: a graphopt training checkpoint, but graphopt.train cannot be imported "
-                        f"({e}); install graphopt with the [train] extra") from None
+                        f"({e}); pip install 'graphopt[training]'") from None
     model, config = load_model(folder)
     max_seq = int(getattr(config, "max_seq_len", 0) or 0) or None
     seq = min(EXAMPLE_SEQ, max_seq) if max_seq else EXAMPLE_SEQ

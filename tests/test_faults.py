@@ -1,0 +1,477 @@
+"""Faults and bad input: every user mistake the CLI can reach is one line on stderr and exit
+code 2 with nothing written; a bug of ours is exit code 1 with a --debug hint; `-o` never
+replaces what the user owns; a SIGKILL during `graphopt optimize` leaves the old artifact or
+the new one, never a mix.
+
+The table `CASES` holds one row per bad input: the command line (with {B} = the folder of
+bad inputs, {W} = an empty workspace, {EX} = the example model) and a fragment the one
+error line must contain.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.cli import cli
+from graphopt.pass_manager import Pass, register_pass
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "tiny_mlp.onnx"
+DEFAULT = ROOT / "examples" / "default"
+
+
+def _external_model(location: str, offset: str = "0") -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", offset), ("length", "64")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w]),
+        opset_imports=[helper.make_opsetid("", 20)])
+
+
+def _gather_model() -> onnx.ModelProto:
+    emb = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "emb")
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])], [emb]),
+        opset_imports=[helper.make_opsetid("", 20)])
+
+
+def _safetensors_with_header(path: Path, header: bytes) -> None:
+    header += b" " * ((-len(header)) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory) -> Path:
+    """A folder of bad inputs, one of each kind a user can hand graphopt."""
+    b = tmp_path_factory.mktemp("bad")
+    data = EXAMPLE.read_bytes()
+    (b / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    (b / "garbage.onnx").write_bytes(b"\x00\xffnot a model at all" * 10)
+    (b / "empty.onnx").write_bytes(b"")
+    (b / "escape.onnx").write_bytes(_external_model("../../etc/passwd").SerializeToString())
+    (b / "absolute.onnx").write_bytes(_external_model("/etc/passwd").SerializeToString())
+    (b / "w.bin").write_bytes(bytes(64))
+    (b / "badoffset.onnx").write_bytes(_external_model("w.bin", offset="sixty").SerializeToString())
+    (b / "gather.onnx").write_bytes(_gather_model().SerializeToString())
+    shutil.copy(EXAMPLE, b / "tiny.onnx")
+    assert CliRunner().invoke(cli, ["convert", str(EXAMPLE), "-o", str(b / "ok.gir")]).exit_code == 0
+    text = (b / "ok.gir").read_text()
+    (b / "arrayhead.gir").write_text(text.replace("ok.weights.safetensors", "arrayhead.weights.safetensors"))
+    _safetensors_with_header(b / "arrayhead.weights.safetensors", b"[1, 2, 3]")
+    (b / "cut.gir").write_text(text.replace("ok.weights.safetensors", "cut.weights.safetensors"))
+    (b / "cut.weights.safetensors").write_bytes((b / "ok.weights.safetensors").read_bytes()[:100])
+    (b / "garbage.gir").write_text("graph @g(%x: f32[2]) -> (f32[2]) {\n  %y = Relu(\n")
+    (b / "binary.gir").write_bytes(b"\xff\xfe\x00\x01" * 8)
+    (b / "model.pt2").write_bytes(b"PK\x03\x04")
+    (b / "notes.txt").write_text("hello\n")
+    # Hugging Face folders with a broken config, and a state dict with a JSON-array header.
+    for name, content in (("hf_badjson", "{not json"), ("hf_array", "[1, 2]")):
+        (b / name).mkdir()
+        (b / name / "config.json").write_text(content)
+    (b / "hf_sd").mkdir()
+    (b / "hf_sd" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _safetensors_with_header(b / "hf_sd" / "model.safetensors", b"[1, 2]")
+    # Training checkpoints: truncated weights, a config whose model is not an object, a run
+    # folder whose `latest` points outside.
+    shutil.copytree(DEFAULT, b / "ckpt_cut", ignore=shutil.ignore_patterns("model.safetensors", "val.txt"))
+    (b / "ckpt_cut" / "model.safetensors").write_bytes((DEFAULT / "model.safetensors").read_bytes()[:4096])
+    (b / "ckpt_badmodel").mkdir()
+    (b / "ckpt_badmodel" / "config.json").write_text(json.dumps({"format": "graphopt.train.checkpoint/1", "model": [1]}))
+    (b / "run_escape" / "checkpoints").mkdir(parents=True)
+    (b / "run_escape" / "checkpoints" / "latest").write_text("../../../etc\n")
+    # Folders that are not artifacts or are hostile ones.
+    (b / "foreign").mkdir()
+    (b / "foreign" / "manifest.json").write_text(json.dumps({"name": "my web app", "version": 3}))
+    r = CliRunner().invoke(cli, ["optimize", str(EXAMPLE), "-o", str(b / "art"), "-q"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((b / "art" / "manifest.json").read_text())
+    for name, change in (("art_abs", {"model": "/etc/passwd"}), ("art_up", {"files": ["../tiny.onnx"]}),
+                         ("art_nosig", {"signature": "none"})):
+        shutil.copytree(b / "art", b / name)
+        (b / name / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    # Sample inputs files.
+    np.save(b / "x.npy", np.ones((2, 16), np.float32))
+    np.savez(b / "in.npz", x=np.ones((2, 16), np.float32))
+    (b / "cut.npz").write_bytes((b / "in.npz").read_bytes()[:40])
+    np.savez(b / "pickled.npz", x=np.array([{"a": 1}], dtype=object))
+    np.savez(b / "wrongname.npz", y=np.ones((2, 16), np.float32))
+    np.savez(b / "wrongdtype.npz", x=np.ones((2, 16), np.float64))
+    np.savez(b / "ids_high.npz", input_ids=np.array([[1, 2, 10]], np.int64))
+    np.savez(b / "ids_negative.npz", input_ids=np.array([[1, -3]], np.int64))
+    (b / "bad.toml").write_text("[[passes]\nname = ")
+    (b / "user_folder").mkdir()
+    (b / "user_folder" / "thesis.tex").write_text("years of work\n")
+    (b / "a_file").write_text("not a folder\n")
+    return b
+
+
+CASES = {
+    # inspect: every format, truncated, corrupt, hostile
+    "onnx-truncated": ("inspect {B}/truncated.onnx", "truncated"),
+    "onnx-garbage": ("inspect {B}/garbage.onnx", "not a valid ONNX model"),
+    "onnx-empty": ("inspect {B}/empty.onnx", "empty.onnx"),
+    "onnx-external-escapes": ("inspect {B}/escape.onnx", "points outside the model's folder"),
+    "onnx-external-absolute": ("inspect {B}/absolute.onnx", "must be relative"),
+    "onnx-external-offset": ("inspect {B}/badoffset.onnx", "is not an integer"),
+    "gir-weights-array-header": ("inspect {B}/arrayhead.gir", "the header is a JSON list"),
+    "gir-weights-truncated": ("inspect {B}/cut.gir", "cut.weights.safetensors"),
+    "gir-syntax": ("inspect {B}/garbage.gir", "garbage.gir:"),
+    "gir-binary": ("inspect {B}/binary.gir", "not a text file"),
+    "pt2-refused": ("inspect {B}/model.pt2", "exported programs (.pt2) are not loaded"),
+    "unknown-format": ("inspect {B}/notes.txt", "unknown model format"),
+    "missing-file": ("inspect {B}/nope.onnx", "no such file"),
+    "hf-config-not-json": ("inspect {B}/hf_badjson", "not a readable JSON config"),
+    "hf-config-array": ("inspect {B}/hf_array", "not a JSON object"),
+    "state-dict-array-header": ("inspect {B}/hf_sd/model.safetensors", "not a readable safetensors file"),
+    "checkpoint-truncated-weights": ("inspect {B}/ckpt_cut", "not a readable safetensors file"),
+    "checkpoint-model-not-object": ("inspect {B}/ckpt_badmodel", "no 'model' section"),
+    "run-latest-escapes": ("inspect {B}/run_escape", "not a checkpoint folder inside"),
+    "foreign-manifest": ("inspect {B}/foreign", "not a model folder"),
+    "artifact-absolute-path": ("inspect {B}/art_abs", "artifact paths must be relative"),
+    "artifact-path-up": ("inspect {B}/art_up", "artifact paths must be relative"),
+    "artifact-no-signature": ("inspect {B}/art_nosig", "no valid signature"),
+    # convert
+    "convert-truncated": ("convert {B}/truncated.onnx -o {W}/out.gir", "truncated"),
+    "convert-unknown-output": ("convert {EX} -o {W}/out.txt", "unknown output format"),
+    "convert-missing-o": ("convert {EX}", "Missing option '-o'"),
+    # optimize: inputs files
+    "inputs-npy": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/x.npy", "single array (.npy)"),
+    "inputs-without-check": ("optimize {EX} -o {W}/out -q --inputs {B}/in.npz", "add --check-numerics"),
+    "inputs-truncated": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/cut.npz", "not a readable .npz"),
+    "inputs-pickled": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/pickled.npz", "not a readable .npz"),
+    "inputs-wrong-name": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongname.npz", "unknown input 'y'"),
+    "inputs-wrong-dtype": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongdtype.npz", "dtype float64"),
+    "ids-out-of-vocab": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_high.npz",
+                         "holds id 10, outside [0, 10)"),
+    "ids-negative": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_negative.npz",
+                     "holds id -3"),
+    # optimize: -o that would destroy something
+    "o-user-folder": ("optimize {EX} -o {B}/user_folder -q", "is not a graphopt artifact"),
+    "o-user-folder-in-artifact": ("optimize {EX} -o {W}/art_plus -q", "also holds notes.md"),
+    "o-is-a-file": ("optimize {EX} -o {B}/a_file -q", "exists and is not a folder"),
+    "o-models-folder": ("optimize {B}/tiny.onnx -o {B} -q", "holds the input"),
+    "o-models-folder-overwrite": ("optimize {B}/tiny.onnx -o {B} -q --overwrite", "holds the input"),
+    "o-parent-of-model": ("optimize {B}/ckpt_cut -o {B}/.. -q --overwrite", "holds the input"),
+    "o-cwd": ("optimize {EX} -o . -q --overwrite", "is the current folder"),
+    # optimize: options
+    "recipe-not-toml": ("optimize {EX} -o {W}/out -q --recipe {B}/bad.toml", "not a valid TOML recipe"),
+    "unknown-pass": ("optimize {EX} -o {W}/out -q --passes dce,nonsense", "unknown pass 'nonsense'"),
+    "bad-target": ("optimize {EX} -o {W}/out -q --target tpu", "Invalid value for '--target'"),
+    "unknown-option": ("optimize {EX} -o {W}/out --bogus", "No such option"),
+    "missing-model": ("optimize -o {W}/out", "Missing argument 'MODEL'"),
+    "unknown-command": ("optimise {EX}", "No such command 'optimise'"),
+    "bad-backend-option": ("optimize {EX} -o {W}/out -q --backend-option novalue", "expected KEY=VALUE"),
+}
+
+
+def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            st = p.lstat()
+            out[str(p)] = (st.st_size, st.st_mtime_ns) if p.is_file() else (0, 0)
+    return out
+
+
+def _assert_one_line(result, fragment: str, code: int = 2) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad, tmp_path, monkeypatch):
+    args, fragment = CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    if case == "o-user-folder-in-artifact":
+        shutil.copytree(bad / "art", work / "art_plus")
+        (work / "art_plus" / "notes.md").write_text("my notes\n")
+    (work / "keep.txt").write_text("the user's file\n")
+    monkeypatch.chdir(work)
+    argv = [a.format(B=bad, W=work, EX=EXAMPLE) for a in args.split()]
+    before = _tree(bad, work)
+    result = CliRunner().invoke(cli, argv)
+    line = _assert_one_line(result, fragment)
+    assert line.startswith("error: ")
+    assert _tree(bad, work) == before  # nothing written, nothing changed, no scratch left
+
+
+def test_missing_extra_names_the_install_command(bad, tmp_path, monkeypatch):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as on a base install
+    line = _assert_one_line(CliRunner().invoke(cli, ["inspect", str(hf)]), "pip install 'graphopt[hf]'")
+    assert "needs transformers" in line
+    monkeypatch.setitem(sys.modules, "torch", None)
+    _assert_one_line(CliRunner().invoke(cli, ["inspect", str(bad / "ckpt_cut")]), "pip install 'graphopt[torch]'")
+
+
+@register_pass("test-fault-raise")
+class _Raises(Pass):
+    """Deliberately broken: raises (a bug in a pass)."""
+
+    def run(self, graph, ctx):
+        raise RuntimeError("boom in the pass")
+
+
+def test_internal_error_is_exit_1_with_a_debug_hint_and_debug_shows_the_traceback(tmp_path, monkeypatch):
+    argv = ["optimize", str(EXAMPLE), "-o", str(tmp_path / "out"), "-q", "--passes", "test-fault-raise"]
+    monkeypatch.delenv("GRAPHOPT_DEBUG", raising=False)
+    line = _assert_one_line(CliRunner().invoke(cli, argv), "pass 'test-fault-raise' raised RuntimeError", code=1)
+    assert line.startswith("internal error: ") and "--debug" in line and "GRAPHOPT_DEBUG=1" in line
+    for extra, env in ((["--debug"], None), ([], "1")):
+        if env:
+            monkeypatch.setenv("GRAPHOPT_DEBUG", env)
+        r = CliRunner().invoke(cli, extra + argv)
+        assert r.exit_code == 1
+        assert "Traceback" in r.stderr and "boom in the pass" in r.stderr
+        monkeypatch.delenv("GRAPHOPT_DEBUG", raising=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- -o safety
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_o_accepts_missing_empty_and_artifact_folders_and_overwrite_replaces_only_when_done(tmp_path):
+    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])
+    assert invoke("optimize", EXAMPLE, "-o", tmp_path / "new", "-q").exit_code == 0
+    (tmp_path / "empty").mkdir()
+    assert invoke("optimize", EXAMPLE, "-o", tmp_path / "empty", "-q").exit_code == 0
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+    old = _snapshot(tmp_path / "new")
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "new", "-q", "--passes", "dce")  # an artifact: replaced
+    assert r.exit_code == 0 and _snapshot(tmp_path / "new")["model.onnx"] != old["model.onnx"]
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "main.py").write_text("print('mine')\n")
+    # --overwrite: a failure before the artifact is complete leaves the user's folder alone ...
+    r = invoke("optimize", EXAMPLE, "-o", user, "-q", "--overwrite", "--passes", "test-fault-raise")
+    assert r.exit_code == 1 and _snapshot(user) == {"main.py": b"print('mine')\n"}
+    # ... and success replaces it whole, with no scratch folder left beside it.
+    assert invoke("optimize", EXAMPLE, "-o", user, "-q", "--overwrite").exit_code == 0
+    assert sorted(_snapshot(user)) == ["manifest.json", "model.onnx", "report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new", "project"]
+
+
+def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    from graphopt.fileutil import atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a").write_text("new, half written")
+            raise RuntimeError("killed")
+    assert _snapshot(out) == {"a": b"old"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_dir(out) as tmp:
+        (tmp / "b").write_text("new")
+        inode = tmp.stat().st_ino
+    assert _snapshot(out) == {"b": b"new"} and out.stat().st_ino == inode  # the new folder, moved whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ------------------------------------------------------------------------- SIGKILL
+
+
+def _artifact_state(out: Path, old: dict, new_model: bytes) -> str:
+    """'old' or 'new'; fails on anything else (a mix, a partial folder, a missing one)."""
+    files = _snapshot(out)
+    if files == old:
+        return "old"
+    assert sorted(files) == ["manifest.json", "model.onnx", "report.json"], sorted(files)
+    assert files["model.onnx"] == new_model
+    manifest = json.loads(files["manifest.json"])
+    json.loads(files["report.json"])
+    assert manifest["files"] == ["model.onnx"]
+    return "new"
+
+
+def test_sigkill_during_optimize_leaves_the_old_artifact_or_the_new_one(tmp_path):
+    import random
+
+    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert invoke("optimize", EXAMPLE, "-o", out, "-q", "--passes", "dce").exit_code == 0
+    assert invoke("optimize", EXAMPLE, "-o", ref, "-q").exit_code == 0
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    old, new_model = _snapshot(out), (ref / "model.onnx").read_bytes()
+    cmd = [sys.executable, "-m", "graphopt", "optimize", str(EXAMPLE), "-o", str(out), "-q"]
+    def scratch_exists():
+        return any(q.name.startswith(".out.") for q in tmp_path.iterdir())
+
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not scratch_exists() and p.poll() is None:
+        time.sleep(0.001)
+    t_write = time.monotonic()
+    assert p.wait() == 0
+    full, window = time.monotonic() - t0, time.monotonic() - t_write
+    assert _artifact_state(out, old, new_model) == "new"
+    rng = random.Random(11)
+    seen = set()
+    # Kills at random times, and kills while the artifact is being written (from the moment
+    # its scratch folder appears beside -o, plus a random few milliseconds).
+    plans = [("time", rng.uniform(0.3, 1.0))] + [("writing", rng.uniform(0, 1.2) * window) for _ in range(3)]
+    for when, delay in plans:
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if when == "time":
+            time.sleep(full * delay)
+        else:
+            deadline = time.monotonic() + 10 * full + 30
+            while not scratch_exists() and p.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        seen.add(_artifact_state(out, old, new_model))
+        # a killed run may leave its scratch folder (a dot-name beside -o), never a changed -o
+        assert {q.name for q in tmp_path.iterdir() if not q.name.startswith(".")} == {"out", "ref", "pristine"}
+    # the next run starts clean from whichever state the kill left, and sweeps the killed runs' scratch
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert _artifact_state(out, old, new_model) == "new"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["out", "pristine", "ref"]
+    assert seen <= {"old", "new"}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"model": "/tmp/evil.so"}, "artifact paths must be relative"),
+    ({"weights": "../../weights.safetensors"}, "artifact paths must be relative"),
+    ({"model": "link.so"}, "resolves outside the artifact folder"),
+    ({"files": "model.so"}, "files must be a list"),
+    ({"format_version": "1"}, "format_version must be an integer"),
+    ({"format": "something-else"}, "not a graphopt manifest"),
+])
+def test_load_checks_manifest_paths_before_any_backend_runs_code(tmp_path, change, fragment):
+    """A TVM artifact's library is native code that loading runs: a manifest that names a
+    file outside its folder is refused before the backend is even imported."""
+    import graphopt
+    from graphopt.errors import UserError
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (tmp_path / "evil.so").write_bytes(b"\x7fELF")
+    (art / "link.so").symlink_to(tmp_path / "evil.so")
+    manifest = {"format": "graphopt-artifact", "format_version": 1, "backend": "tvm", "target": "cpu",
+                "model": "model.so", "weights": "weights.safetensors", "files": ["model.so", "weights.safetensors"],
+                "signature": {"inputs": [{"name": "x", "dtype": "f32", "shape": ["batch", 16]}],
+                              "outputs": [{"name": "y", "dtype": "f32", "shape": ["batch", 8]}]}}
+    (art / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(UserError, match=fragment):
+        graphopt.load(art)
+
+
+def test_missing_torch_for_a_state_dict_names_the_install_command(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    _assert_one_line(CliRunner().invoke(cli, ["inspect", str(tmp_path / "pytorch_model.bin")]),
+                     "needs torch, which is not installed: pip install 'graphopt[hf]'")
+
+
+def test_bare_graphopt_shows_the_help():
+    r = CliRunner().invoke(cli, [])
+    assert "Usage: " in r.output and "Commands:" in r.output and "error:" not in r.output
+
+
+def test_sigterm_during_optimize_removes_the_scratch_folder(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "graphopt", "optimize", str(EXAMPLE), "-o", str(out), "-q"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(q.name.startswith(".out.") for q in tmp_path.iterdir()) and p.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    p.wait()
+    if p.returncode == 0:  # it finished first: then the artifact is whole
+        assert (out / "manifest.json").is_file()
+    else:
+        assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in p.stderr.read()
+        assert not out.exists()
+    assert [q.name for q in tmp_path.iterdir()] in ([], ["out"])
+
+
+def _mutations(data: bytes, rng, n: int):
+    """Truncations, flipped bytes and inserted bytes of `data`, n of each kind."""
+    for _ in range(n):
+        yield data[: rng.randrange(len(data))]
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        yield bytes(b)
+        pos = rng.randrange(len(data))
+        yield data[:pos] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 20))) + data[pos:]
+
+
+def test_corrupted_files_load_or_fail_in_one_line(tmp_path):
+    """Seeded fuzzing of each file format `inspect` reads: every mutation either still loads
+    or is a one-line exit-2 error -- never an internal error (this found names that are not
+    UTF-8, data that does not fit its dims, and bad string literals in .gir)."""
+    import random
+
+    rng = random.Random(2024)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(EXAMPLE), "-o", str(tmp_path / "ok.gir")]).exit_code == 0
+    gir = (tmp_path / "ok.gir").read_text()
+    weights = (tmp_path / "ok.weights.safetensors").read_bytes()
+    text_mutations = []
+    for _ in range(40):
+        t = list(gir)
+        for _ in range(rng.randint(1, 4)):
+            t[rng.randrange(len(t))] = rng.choice('(){}[]%@:,=0123456789abcxyz" \n\x01')
+        text_mutations.append("".join(t).encode())
+    cases = [("m.onnx", b, None) for b in _mutations(EXAMPLE.read_bytes(), rng, 40)]
+    cases += [("m.gir", t, weights) for t in text_mutations]
+    cases += [("m.gir", gir.encode(), w) for w in _mutations(weights, rng, 20)]
+    failures = []
+    for name, content, w in cases:
+        path = tmp_path / name
+        path.write_bytes(content.replace(b"ok.weights", b"m.weights") if name.endswith(".gir") else content)
+        if w is not None:
+            (tmp_path / "m.weights.safetensors").write_bytes(w)
+        r = runner.invoke(cli, ["inspect", str(path)])
+        if r.exit_code not in (0, 2) or (r.exit_code == 2 and len(r.stderr.strip().splitlines()) != 1):
+            failures.append((name, r.exit_code, r.stderr[-200:]))
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 16), np.float32))
+    for content in _mutations((tmp_path / "in.npz").read_bytes(), rng, 15):
+        (tmp_path / "m.npz").write_bytes(content)
+        r = runner.invoke(cli, ["optimize", str(EXAMPLE), "-o", str(tmp_path / "out"), "-q", "--passes", "dce",
+                                "--check-numerics", "--inputs", str(tmp_path / "m.npz")])
+        if r.exit_code not in (0, 2) or (r.exit_code == 2 and len(r.stderr.strip().splitlines()) != 1):
+            failures.append(("m.npz", r.exit_code, r.stderr[-200:]))
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    assert not failures, failures[:3]
