@@ -141,30 +141,44 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _feeds_graph(ctx: V.BuildContext, artifacts: list[Path]):
-    """A graph whose inputs say how to make valid feeds (vocabulary bounds, masks)."""
-    if ctx.source is not None:
-        return ctx.export_graph()
-    for a in artifacts:
-        model = a / "model.onnx"
-        if model.is_file():
-            from graphopt.onnx_io import load_onnx
+    """(a graph whose inputs say how to make valid feeds, the output names): the export, or
+    for artifact folders a graph of just their signature (token ids are then drawn below the
+    reference's vocabulary)."""
+    if not artifacts:
+        graph = ctx.export_graph()
+        return graph, [v.name for v in graph.outputs]
+    from graphopt.dtypes import DType
+    from graphopt.ir import Graph, TensorType
 
-            return load_onnx(model)
-    raise UserError("cannot tell what inputs these artifacts take; give --reference MODEL")
+    sig = _read_manifest(artifacts[0])["signature"]
+    g = Graph("signature")
+    for e in sig["inputs"]:
+        g.add_input(e["name"], TensorType(DType.from_short(e["dtype"]), None if e["shape"] is None else tuple(e["shape"])))
+    return g, [e["name"] for e in sig["outputs"]]
+
+
+def _make_feeds(graph, ref, dims: dict) -> dict:
+    from graphopt.sample_inputs import index_bound, sample_inputs
+
+    feeds = sample_inputs(graph, dims, seed=0)
+    vocab = (ref.config.get("vocab_size") if ref is not None else None)
+    ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+    if ids is not None and vocab and index_bound(ids) is None:  # a signature only: nothing to read the vocabulary from
+        rng = np.random.default_rng(0)
+        feeds["input_ids"] = rng.integers(0, vocab, feeds["input_ids"].shape).astype(feeds["input_ids"].dtype)
+    return feeds
 
 
 def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, machine, versions, skipped,
              progress, models) -> dict:
-    from graphopt.sample_inputs import sample_inputs
-
     ref = ctx.reference
     progress.phase("exporting the model", 1)
-    graph = _feeds_graph(ctx, artifacts)
+    graph, output_names = _feeds_graph(ctx, artifacts)
     progress.advance()
     shapes = [(batch, s) for s in seqs]
-    feeds = {s: sample_inputs(graph, {"batch": b, "seq": s}, seed=0) for b, s in shapes}
+    feeds = {s: _make_feeds(graph, ref, {"batch": b, "seq": s}) for b, s in shapes}
     largest = feeds[shapes[-1][1]]
-    kind = ref.kind if ref is not None else ("decoder" if graph.outputs and graph.outputs[0].name == "logits" else "encoder")
+    kind = ref.kind if ref is not None else ("decoder" if output_names[:1] == ["logits"] else "encoder")
 
     progress.phase("building variants", len(cells))
     for c in cells:
@@ -212,7 +226,7 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
             elif c.id in samples:
                 stats = percentiles(samples[c.id])
                 entry.update(stats)
-                entry["samples_ms"] = [round(x, 6) for x in samples[c.id]]
+                entry["samples_ms"] = samples[c.id]
                 entry["sequences_per_s"] = b / stats["p50_ms"] * 1e3
                 entry["tokens_per_s"] = b * s / stats["p50_ms"] * 1e3
 

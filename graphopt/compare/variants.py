@@ -78,6 +78,21 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+# The last export, reused while its source files are unchanged (exports take seconds to
+# minutes; a Python session that compares the same model twice exports it once). Builders
+# only ever see copies of it.
+_EXPORT_CACHE: dict = {}
+
+
+def _source_key(source: str) -> tuple | None:
+    path = Path(source).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    try:
+        return (str(path),) + tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    except OSError:
+        return None
+
+
 class BuildContext:
     """What every builder shares: the model source, its export (made once), the eager
     reference, the scratch folder and the thread count every runtime gets."""
@@ -99,11 +114,16 @@ class BuildContext:
         if self._export_graph is None:
             if self.source is None:
                 raise UserError("this variant needs the source model; give MODEL (or --reference) too")
-            from graphopt.models import load_graph
+            key = _source_key(self.source)
+            if key is not None and key == _EXPORT_CACHE.get("key"):
+                self._export_graph, self.export_seconds = _EXPORT_CACHE["graph"], _EXPORT_CACHE["seconds"]
+            else:
+                from graphopt.models import load_graph
 
-            t = time.perf_counter()
-            self._export_graph = load_graph(self.source)
-            self.export_seconds = time.perf_counter() - t
+                t = time.perf_counter()
+                self._export_graph = load_graph(self.source)
+                self.export_seconds = time.perf_counter() - t
+                _EXPORT_CACHE.update(key=key, graph=self._export_graph, seconds=self.export_seconds)
         return self._export_graph
 
     def export_onnx(self) -> Path:
