@@ -11,7 +11,8 @@ import json
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d232a;background:#fafbfc}
 h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #dde2e7;padding-bottom:4px}
-.sub{color:#5b6670} .row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.sub{color:#5b6670} .side{display:grid;grid-template-columns:max-content max-content;gap:24px;align-items:start}
+.stack{display:flex;flex-direction:column;gap:16px} @media (max-width:1100px){.side{grid-template-columns:max-content}} .row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .panel{background:#fff;border:1px solid #dde2e7;border-radius:6px;padding:12px}
 table{border-collapse:collapse;font-size:13px} th,td{padding:3px 8px;text-align:right;border-bottom:1px solid #eef1f4}
 th{background:#f3f5f7;font-weight:600} td:first-child,th:first-child{text-align:left}
@@ -63,7 +64,7 @@ _JS = r"""
     const rows = cells.map((c) => ({c, r: c.results[i]}));
     const ok = rows.filter((x) => x.r && x.r.p50_ms !== undefined);
     const max = Math.max(1e-9, ...ok.map((x) => x.r.p99_ms));
-    const W = 560, left = 170, right = 120, rowH = 26, top = 28;
+    const W = 470, left = 150, right = 110, rowH = 24, top = 28;
     const H = top + rows.length * rowH + 24;
     const panel = h("div", undefined, "panel");
     const svg = el("svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "chart latency-chart",
@@ -178,11 +179,18 @@ _JS = r"""
     el("text", {x: (L + W - Rt) / 2, y: H - 6, "text-anchor": "middle"}, svg, "p50 latency (ms)");
     el("text", {x: 14, y: (T + H - B) / 2, transform: `rotate(-90 14 ${(T + H - B) / 2})`, "text-anchor": "middle"},
        svg, "max |Δ| vs reference");
-    pts.forEach((p) => {
-      const dot = el("circle", {cx: sx(p.x), cy: sy(ly(p.e)), r: 6, fill: color(p.c), class: "point",
-                                "data-cell": p.c.id}, svg);
+    // Labels go right of their dot, nudged down until they overlap no other label or dot.
+    const boxes = pts.map((p) => ({x: sx(p.x) - 7, y: sy(ly(p.e)) + 4, w: 14}));
+    pts.forEach((p, j) => {
+      const cx = sx(p.x), cy = sy(ly(p.e));
+      const dot = el("circle", {cx: cx, cy: cy, r: 6, fill: color(p.c), class: "point", "data-cell": p.c.id}, svg);
       el("title", {}, dot, `${p.c.id}: ${fmtMs(p.x)} ms, max |Δ| ${fmtErr(p.e)}`);
-      el("text", {x: sx(p.x) + 9, y: sy(ly(p.e)) + 4}, svg, p.c.id);
+      const w = 7 * p.c.id.length;
+      let y = cy + 4;
+      const hits = (b) => cx + 9 < b.x + b.w && b.x < cx + 9 + w && Math.abs(b.y - y) < 13;
+      for (let k = 0; k < 20 && boxes.some((b, i) => i !== j && hits(b)); k++) y += 13;
+      boxes.push({x: cx + 9, y: y, w: w});
+      el("text", {x: cx + 9, y: y}, svg, p.c.id);
     });
   })();
 
@@ -223,8 +231,8 @@ _PAGE = """<!doctype html>
 <div class="sub" id="subtitle"></div>
 <h2>Latency and accuracy</h2>
 <div class="legend sub" id="legend">backend:</div>
-<div class="row">
-  <div id="latency" class="row" style="flex-direction:column"></div>
+<div class="side">
+  <div id="latency" class="stack"></div>
   <div class="panel"><table id="accuracy"></table><p class="sub" id="accuracy-note" style="max-width:520px"></p></div>
 </div>
 <h2>Latency vs accuracy</h2>

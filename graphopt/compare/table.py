@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+MIN_WIDTH = 150
+
+
 def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -41,7 +44,11 @@ def render(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        # A narrower console would cut numbers short ("12.3…"); lines may wrap instead.
+        console = Console()
+        if console.width < MIN_WIDTH:
+            console = Console(width=MIN_WIDTH)
     decoder = report["model"]["kind"] == "decoder"
     s = report["settings"]
     title = (f"graphopt compare: {report['model']['source'] or ', '.join(report['model']['arguments'])}  "
