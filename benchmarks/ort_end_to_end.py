@@ -87,7 +87,7 @@ def main() -> int:
                                          variants=["fp32", "ort-plain", "ort-optimizer", "ort-int8"], batch=batch,
                                          seqs=seqs, threads=threads, timing=timing, progress=progress)
                     finally:
-                        progress._bar.stop()
+                        progress.close()
                     name = f"compare-{arch}-{size}-t{threads}-b{batch}"
                     (results / f"{name}.json").write_text(report_json(report) + "\n")
                     (results / f"{name}.html").write_text(render_html(report))
@@ -119,7 +119,7 @@ def main() -> int:
         "Written by `python benchmarks/ort_end_to_end.py`, which runs `graphopt compare` (no timing loop",
         "of its own); rerun it to check the numbers on your machine. Each cell is the p50 latency of a",
         f"compare run (at least {timing.min_runs} timed runs and {timing.min_time:g} s per cell and shape, every cell",
-        "interleaved round by round on the same inputs, one untimed run at each switch), with its ratio",
+        "interleaved round by round on the same inputs, with 10 ms of untimed runs at each switch), with its ratio",
         "to ONNX Runtime on the exported file with ORT's own graph optimizations on (`ORT_ENABLE_ALL`;",
         "higher is faster). Inputs are token batches whose first row is left-padded by a third.",
         "Every compare report, with every sample, is in `benchmarks/results/` (JSON, and an HTML page",

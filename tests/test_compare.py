@@ -40,6 +40,16 @@ def _shifted(shift: float = 0.0, scale: float = 1.0):
     return build
 
 
+def _nan_at_first(ctx, backend):
+    base = ctx.ort_runner(ctx.export_onnx(), 0.0)
+
+    def run(feeds):
+        out = base.run(feeds).copy()
+        out.flat[-1] = np.nan
+        return out
+    return V.Runner(run, base.size_bytes, "test", 0.0)
+
+
 def _fails_at_build(ctx, backend):
     raise RuntimeError("deliberate build failure")
 
@@ -57,7 +67,7 @@ def _fails_at_seq8(ctx, backend):
 @pytest.fixture(scope="module")
 def test_variants():
     names = {"shift": _shifted(OFFSET), "shift2": _shifted(2 * OFFSET), "negated": _shifted(scale=-1.0),
-             "broken": _fails_at_build, "broken-at-8": _fails_at_seq8}
+             "broken": _fails_at_build, "broken-at-8": _fails_at_seq8, "nan": _nan_at_first}
     for name, build in names.items():
         V.register_variant(name, backends=("ort",), summary=f"test variant {name}", default=False)(build)
     yield list(names)
@@ -80,7 +90,7 @@ def test_report_structure(report):
     ids = [c["id"] for c in report["cells"]]
     assert ids[0] == "torch/fp32"  # the reference comes first
     assert set(ids) == {"torch/fp32", "ort/fp32", "ort/ort-plain", "ort/shift", "ort/shift2", "ort/negated",
-                        "ort/broken", "ort/broken-at-8"}
+                        "ort/broken", "ort/broken-at-8", "ort/nan"}
     assert report["baseline"] == "ort/ort-plain"
     assert report["reference"] == {"what": "eager fp32 PyTorch", "id": "torch/fp32"}
     assert report["model"]["kind"] == "decoder"
@@ -119,6 +129,27 @@ def test_accuracy_is_measured_against_pytorch(report):
     for r in _cell(report, "ort/negated")["results"]:
         assert r["accuracy"]["top1_agreement"] < 0.2
         assert r["accuracy"]["max_abs_err"] == pytest.approx(2 * r["accuracy"]["ref_max_abs"], rel=0.5)
+
+
+def test_nonfinite_outputs_are_counted_not_written_as_nan(report):
+    for r in _cell(report, "ort/nan")["results"]:
+        assert r["accuracy"]["nonfinite"] == 1 and r["accuracy"]["max_abs_err"] < 1e-4
+    json.dumps(report, allow_nan=False)
+
+
+def test_an_onnx_file_is_measured_against_ort_without_optimizations():
+    """No PyTorch model behind an .onnx file: the torch column is skipped (and says why) and
+    accuracy is against the export run by ORT with its optimizations off."""
+    model = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    r = compare([str(model)], variants=["fp32", "ort-plain"], batch=3, seqs=[1], threads=1, timing=QUICK,
+                measure_bandwidth=False)
+    assert [c["id"] for c in r["cells"]] == ["ort/fp32", "ort/ort-plain"]
+    assert r["skipped"] == [{"variant": "fp32", "backend": "torch", "reason": "no PyTorch model for this source"}]
+    assert r["reference"] == {"what": "ONNX Runtime on the export, ORT_DISABLE_ALL", "id": None}
+    assert r["model"]["kind"] == "encoder"
+    for c in r["cells"]:
+        acc = c["results"][0]["accuracy"]
+        assert acc["max_abs_err"] < 1e-5 and acc["pooled_cosine"] > 0.99999
 
 
 def test_accuracy_against_pytorch_without_a_torch_column(hf_folder, test_variants):

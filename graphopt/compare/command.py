@@ -67,6 +67,9 @@ class RichProgress:
     def done(self) -> None:
         self.phase("done", 1)
         self._bar.update(self._task, completed=1)
+        self.close()
+
+    def close(self) -> None:
         self._bar.stop()
 
 
@@ -145,7 +148,7 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
                              progress=progress)
     finally:
         if progress is not None:
-            progress._bar.stop()
+            progress.close()
     render(report)
     for path, text in ((json_file, report_json(report) + "\n" if json_file else None),
                        (html_file, render_html(report) if html_file else None)):

@@ -102,7 +102,8 @@ _JS = r"""
   function worst(c) {
     const a = c.results.filter((r) => r.accuracy).map((r) => r.accuracy);
     if (!a.length) return null;
-    const out = {max_abs_err: Math.max(...a.map((x) => x.max_abs_err))};
+    const out = {max_abs_err: Math.max(...a.map((x) => x.max_abs_err)),
+                 nonfinite: a.reduce((n, x) => n + (x.nonfinite || 0), 0)};
     for (const key of ["top1_agreement", "pooled_cosine"]) {
       const v = a.filter((x) => key in x).map((x) => x[key]);
       if (v.length) out[key] = Math.min(...v);
@@ -129,7 +130,8 @@ _JS = r"""
       return;
     }
     const w = worst(c);
-    tr.appendChild(h("td", w ? fmtErr(w.max_abs_err) : "-", "max-abs-err"));
+    tr.appendChild(h("td", w ? fmtErr(w.max_abs_err) + (w.nonfinite ? ` (+${w.nonfinite} NaN/inf)` : "") : "-",
+                     "max-abs-err" + (w && w.nonfinite ? " err" : "")));
     const key = decoder ? "top1_agreement" : "pooled_cosine";
     tr.appendChild(h("td", w && key in w ? (decoder ? (w[key] * 100).toFixed(1) + "%" : w[key].toFixed(6)) : "-"));
     if (R.perplexity) {

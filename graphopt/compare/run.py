@@ -28,6 +28,7 @@ class Progress:
     def phase(self, title: str, total: int) -> None: ...
     def advance(self, detail: str = "") -> None: ...
     def done(self) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -72,9 +73,12 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
         raise UserError("give one model, or only artifact folders (`graphopt optimize` outputs), not a mix")
     if not artifacts and len(models) > 1:
         raise UserError(f"give one model, not {len(models)}; several arguments must all be artifact folders")
-    source = reference or (artifact_source(artifacts[0]) if artifacts else models[0])
     if reference is not None and not Path(reference).exists():
         raise UserError(f"--reference {reference}: no such file or folder")
+    source = reference or (artifact_source(artifacts[0]) if artifacts else models[0])
+    if source is None:
+        raise UserError(f"{artifacts[0]}: its report.json names no model that exists here; give --reference MODEL "
+                        "(the PyTorch model accuracy is measured against)")
 
     backends = list(backends or (["torch", "ort"] if not artifacts else ["torch"]))
     unknown = [b for b in backends if b not in V.BACKENDS]
@@ -109,7 +113,11 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     progress.phase("loading the PyTorch reference", 1)
     ref = load_reference(source) if source else None
     progress.advance()
-    if ref is not None:
+    if ref is None:  # an .onnx or .gir file: no PyTorch model to run or to measure against
+        skipped += [{"variant": c.variant, "backend": c.backend, "reason": "no PyTorch model for this source"}
+                    for c in cells if c.backend == "torch"]
+        cells = [c for c in cells if c.backend != "torch"]
+    else:
         import torch
 
         torch.set_num_threads(threads)
@@ -267,7 +275,8 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
         "baseline": baseline,
         "settings": {"batch": batch, "seqs": list(seqs), "threads": ctx.threads,
                      "timing": dataclasses.asdict(timing),
-                     "interleaving": "rounds over every cell, rotating start; one untimed run at each visit",
+                     "interleaving": "rounds over every cell, rotating start; untimed runs (one at least, "
+                                     "switch_time seconds at least) at each visit before its timed block",
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "data": data,
                      "inputs": "graphopt.sample_inputs (seed 0): token ids in the vocabulary, "
                                "attention masks with the first row left-padded by a third"},

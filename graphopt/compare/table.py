@@ -33,6 +33,7 @@ def worst_accuracy(cell: dict) -> dict:
     out: dict = {}
     if accs:
         out["max_abs_err"] = max(a["max_abs_err"] for a in accs)
+        out["nonfinite"] = sum(a.get("nonfinite", 0) for a in accs)
         for key in ("top1_agreement", "pooled_cosine"):
             vals = [a[key] for a in accs if key in a]
             if vals:
@@ -83,7 +84,7 @@ def render(report: dict, console=None) -> None:
         last = c["results"][-1] if c["results"] else {}
         row.append(f"{last['p90_ms']:.1f}/{last['p99_ms']:.1f}" if "p90_ms" in last else "-")
         acc = worst_accuracy(c)
-        row.append(fmt_err(acc.get("max_abs_err")))
+        row.append(fmt_err(acc.get("max_abs_err")) + (f" [red]+{acc['nonfinite']} NaN/inf[/]" if acc.get("nonfinite") else ""))
         key = "top1_agreement" if decoder else "pooled_cosine"
         row.append("-" if key not in acc else f"{acc[key] * 100:.1f}%" if decoder else f"{acc[key]:.6f}")
         if report.get("perplexity"):

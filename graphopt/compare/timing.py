@@ -1,8 +1,9 @@
 """Latency measurement: every cell of a shape timed on the same feeds, interleaved.
 
 Each round visits every cell (the starting cell rotates from round to round); at each visit
-the cell runs once untimed -- the switch from another runtime, whose idle threads may still
-be spinning, lands there -- and then a block of timed runs. Rounds go on until every cell has
+the cell first runs untimed (once, and for at least `switch_time`) -- the switch from another
+runtime, whose idle threads may still be spinning and whose data filled the caches, lands
+there -- and then a block of timed runs. Rounds go on until every cell has
 at least `min_runs` timed runs and `min_time` seconds of them, so load that drifts during the
 measurement hits every cell alike and the ratios between cells stay honest.
 """
@@ -22,6 +23,7 @@ class TimingSettings:
     min_runs: int = 20         # timed runs per cell, at least
     min_time: float = 1.0      # seconds of timed runs per cell, at least
     block_time: float = 0.05   # a visit's timed runs last about this long
+    switch_time: float = 0.01  # untimed runs at each visit last at least this long (and are one run at least)
     max_time: float = 120.0    # stop after this many seconds of timed runs per cell, whatever else
 
 
@@ -56,7 +58,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], settings: TimingSetti
         for name in order:
             fn = fns[name]
             try:
-                fn()  # the switch run: not timed
+                t_switch = time.perf_counter()
+                fn()  # the switch: untimed, until the previous cell's idle threads have gone to sleep
+                while time.perf_counter() - t_switch < settings.switch_time:
+                    fn()
                 for _ in range(block[name]):
                     t = time.perf_counter()
                     fn()
