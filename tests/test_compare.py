@@ -27,9 +27,21 @@ def hf_folder(tmp_path_factory):
     """A tiny Llama (random weights) saved as a Hugging Face folder."""
     from graphopt.testing import tiny_hf_model
 
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     folder = tmp_path_factory.mktemp("compare") / "tiny-llama"
     tiny_hf_model("llama").model.save_pretrained(folder)
+    words = TEXT.split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder.parent / "text.txt").write_text(TEXT)
     return folder
+
+
+# A text of fewer distinct words than the tiny model's 128-token vocabulary, for --data.
+TEXT = " ".join(f"w{(i * 7) % 50} w{(i * 3) % 40}" for i in range(300))
 
 
 def _shifted(shift: float = 0.0, scale: float = 1.0):
@@ -45,7 +57,7 @@ def _nan_at_first(ctx, backend):
 
     def run(feeds):
         out = base.run(feeds).copy()
-        out.flat[-1] = np.nan
+        out[-1, 0, 0] = np.nan  # an unpadded position, and one perplexity scores
         return out
     return V.Runner(run, base.size_bytes, "test", 0.0)
 
@@ -78,7 +90,8 @@ def test_variants():
 @pytest.fixture(scope="module")
 def report(hf_folder, test_variants):
     return compare([str(hf_folder)], backends=["torch", "ort"], variants=["fp32", "ort-plain"] + test_variants,
-                   batch=2, seqs=[8, 16], threads=1, timing=QUICK, measure_bandwidth=False)
+                   batch=2, seqs=[8, 16], threads=1, timing=QUICK, measure_bandwidth=False,
+                   data=str(hf_folder.parent / "text.txt"), data_tokens=256)
 
 
 def _cell(report, cid):
@@ -129,6 +142,29 @@ def test_accuracy_is_measured_against_pytorch(report):
     for r in _cell(report, "ort/negated")["results"]:
         assert r["accuracy"]["top1_agreement"] < 0.2
         assert r["accuracy"]["max_abs_err"] == pytest.approx(2 * r["accuracy"]["ref_max_abs"], rel=0.5)
+
+
+def test_perplexity_on_data(report, hf_folder):
+    """The reference perplexity, recomputed here from the transformers model directly, and
+    each cell's: the same for fp32 and for logits shifted by a constant (softmax ignores it),
+    not for negated logits (near-uniform with random weights, so only a little different)."""
+    import torch
+    import transformers
+
+    p = report["perplexity"]
+    assert p["tokens"] == 256 and p["window"] == 16
+    from tokenizers import Tokenizer
+
+    ids = np.asarray(Tokenizer.from_file(str(hf_folder / "tokenizer.json")).encode(TEXT).ids[:256]).reshape(16, 16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids), attention_mask=torch.ones(16, 16, dtype=torch.long)).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(ids[:, 1:]).reshape(-1))
+    assert p["reference"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+    for cid in ("torch/fp32", "ort/fp32", "ort/ort-plain", "ort/shift"):
+        assert _cell(report, cid)["perplexity"]["perplexity"] == pytest.approx(p["reference"], rel=1e-4)
+    assert _cell(report, "ort/negated")["perplexity"]["perplexity"] != pytest.approx(p["reference"], rel=5e-3)
+    assert "non-finite" in _cell(report, "ort/nan")["perplexity"]["error"]
 
 
 def test_nonfinite_outputs_are_counted_not_written_as_nan(report):
@@ -247,9 +283,13 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["{m}", "--seq", "8,x"], "--seq: expected whole numbers"),
     (["{m}", "--generate", "8"], "--generate is not available yet"),
     (["{m}", "--html", "{tmp}"], "is a folder"),
+    (["{m}", "--data", "{tmp}/missing.txt"], "missing.txt: no such text file"),
+    (["{onnx}", "--data", "{m}/config.json"], "needs the model's tokenizer.json"),
+    (["{m}", "--seq", "65"], "--seq 65 is longer than the model's context (64)"),
 ])
 def test_cli_user_errors(hf_folder, tmp_path, args, message):
-    args = [a.format(m=hf_folder, tmp=tmp_path) for a in args]
+    onnx = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    args = [a.format(m=hf_folder, tmp=tmp_path, onnx=onnx) for a in args]
     res = CliRunner().invoke(cli, ["compare", *args, "-q"])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output

@@ -60,7 +60,9 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     progress = progress or Progress()
     timing = timing or TimingSettings()
     seqs = list(seqs or [32])
-    threads = int(threads or os.cpu_count() or 1)
+    from graphopt.compare.machine import physical_cores
+
+    threads = int(threads or physical_cores() or os.cpu_count() or 1)  # ORT's own default: the physical cores
     if batch < 1 or any(s < 1 for s in seqs) or threads < 1:
         raise UserError("--batch, --seq and --threads must be positive")
     if not models:
@@ -79,6 +81,12 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     if source is None:
         raise UserError(f"{artifacts[0]}: its report.json names no model that exists here; give --reference MODEL "
                         "(the PyTorch model accuracy is measured against)")
+
+    if data is not None:
+        if not Path(data).is_file():
+            raise UserError(f"--data {data}: no such text file")
+        if not (Path(source) / "tokenizer.json").is_file():
+            raise UserError(f"--data needs the model's tokenizer.json to score text; there is none in {source}")
 
     backends = list(backends or (["torch", "ort"] if not artifacts else ["torch"]))
     unknown = [b for b in backends if b not in V.BACKENDS]
@@ -121,6 +129,8 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
         import torch
 
         torch.set_num_threads(threads)
+        if data is not None and ref.kind != "decoder":
+            raise UserError("--data gives perplexity, which needs a decoder (a model with logits)")
         max_seq = ref.config.get("max_seq_len")
         if max_seq and max(seqs) > max_seq:
             raise UserError(f"--seq {max(seqs)} is longer than the model's context ({max_seq})")
@@ -299,11 +309,7 @@ def _perplexities(ctx, cells, data, data_tokens, batch, seqs, kind, graph, progr
 
     if kind != "decoder":
         raise UserError("--data gives perplexity, which needs a decoder (a model with logits)")
-    if not Path(data).is_file():
-        raise UserError(f"--data {data}: no such text file")
-    tokenizer = Path(ctx.source or "") / "tokenizer.json"
-    if not tokenizer.is_file():
-        raise UserError(f"--data needs the model's tokenizer.json (none in {ctx.source})")
+    tokenizer = Path(ctx.source) / "tokenizer.json"
     window = max(seqs)
     windows = text_windows(data, str(tokenizer), window, data_tokens)
     if len(windows) == 0:
