@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from graphopt.errors import UserError
 
 
 class TorchModel:
@@ -76,8 +75,3 @@ def artifact_source(folder: Path) -> str | None:
     src = report.get("model")
     return src if isinstance(src, str) and src and Path(src).exists() else None
 
-
-def check_reference_path(path: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"--reference {path}: no such file or folder")

@@ -253,3 +253,44 @@ def artifact_variant(path: Path) -> Callable[[BuildContext, str], Runner]:
             report = {}
         return ctx.artifact_runner(path, report.get("total_seconds"))
     return build
+
+
+@register_variant("ort-genai", backends=("ort",), anchor=True, default=False,
+                  summary="onnxruntime-genai's model builder on the Hugging Face folder (fp32, cpu; its KV-cache "
+                          "graph run on the whole sequence with an empty cache)")
+def build_ort_genai(ctx: BuildContext, backend: str) -> Runner:
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise UserError("onnxruntime-genai is not installed (pip install onnxruntime-genai)")
+    src = Path(ctx.source or "")
+    if not (src / "config.json").is_file() or ctx.reference is None or ctx.reference.input_names != [
+            "input_ids", "attention_mask"] or ctx.reference.kind != "decoder":
+        raise UserError("the model builder takes Hugging Face decoder folders only")
+    out = ctx.workdir / "ort-genai"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", src.name, "-i", str(src),
+                           "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(ctx.workdir / "ort-genai-cache")],
+                          capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise RuntimeError(f"model builder failed: {lines[-1][:300] if lines else proc.returncode}")
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    head, kv_heads = int(decoder["head_size"]), int(decoder["num_key_value_heads"])
+    base = ctx.ort_runner(out / "model.onnx", seconds)
+    sess_inputs = [i.name for i in ort_session(out / "model.onnx", 1).get_inputs()]
+    past = [n for n in sess_inputs if n.startswith("past_key_values.")]
+    run_session = base.run
+
+    def run(feeds):
+        b = feeds["input_ids"].shape[0]
+        empty = np.zeros((b, kv_heads, 0, head), np.float32)
+        return run_session({"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"],
+                         **{n: empty for n in past}})
+
+    base.run, base.path = run, str(out)
+    return base
