@@ -249,7 +249,7 @@ def test_cli_writes_json_and_html_with_the_same_numbers(hf_folder, tmp_path):
     out_json, out_html = tmp_path / "r.json", tmp_path / "r.html"
     res = CliRunner().invoke(cli, ["compare", str(hf_folder), "--variants", "fp32,ort-plain", "--seq", "8",
                                    "--threads", "1", "--runs", "3", "--min-time", "0", "--warmup", "1",
-                                   "--json", str(out_json), "--html", str(out_html), "-q"])
+                                   "--json", str(out_json), "--html", str(out_html)])  # with progress
     assert res.exit_code == 0, res.output
     assert "ort/ort-plain" in res.output and "torch/fp32" in res.output
     data = json.loads(out_json.read_text())
@@ -257,6 +257,17 @@ def test_cli_writes_json_and_html_with_the_same_numbers(hf_folder, tmp_path):
     assert [c["id"] for c in data["cells"]] == ["torch/fp32", "ort/fp32", "ort/ort-plain"]
     html = out_html.read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+
+
+def test_html_embeds_any_text_safely(report):
+    """An error message is user-controlled text: "</script>" in it must not end the data block."""
+    import copy
+
+    r = copy.deepcopy(report)
+    _cell(r, "ort/broken")["error"] = "RuntimeError: </script><script>alert(1)</script> & <b>"
+    html = render_html(r)
+    assert html.count("</script>") == 2  # the page's own two script blocks
+    assert embedded_report(html) == json.loads(json.dumps(r))
 
 
 def test_cli_artifact_folders(hf_folder, tmp_path):
