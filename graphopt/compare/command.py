@@ -81,7 +81,7 @@ class RichProgress:
 @click.option("--list-variants", is_flag=True, help="List the registered variants and exit.")
 @click.option("--batch", default=1, show_default=True, type=int, help="Batch size of every shape.")
 @click.option("--seq", "seqs", multiple=True, metavar="S[,S...]", help="Sequence length(s) [default: 32]; repeatable.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads of every runtime [default: all cores].")
+@click.option("--threads", type=int, default=None, help="Intra-op threads of every runtime [default: the physical cores].")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per cell and shape, at least.")
 @click.option("--min-time", type=float, default=1.0, show_default=True,
               help="Seconds of timed runs per cell and shape, at least.")

@@ -97,16 +97,14 @@ class BuildContext:
     """What every builder shares: the model source, its export (made once), the eager
     reference, the scratch folder and the thread count every runtime gets."""
 
-    def __init__(self, source: str | None, workdir: Path, threads: int, reference=None, progress=None,
-                 export_graph=None):
+    def __init__(self, source: str | None, workdir: Path, threads: int, reference=None):
         self.source = source
         self.workdir = Path(workdir)
         self.threads = threads
         self.reference = reference           # a reference.TorchModel, or None
-        self._export_graph = export_graph
+        self._export_graph = None
         self._export_path: Path | None = None
         self.export_seconds: float | None = None
-        self.progress = progress or (lambda msg: None)
 
     # -- the export, shared by every variant built from the model ---------------------
 
