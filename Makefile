@@ -19,13 +19,17 @@ setup: $(BIN)/graphopt
 
 # The main job on the embedded default model (a Llama-style checkpoint trained with train/):
 # evaluate it, optimize it for ONNX Runtime (checking numerics after every pass), run the
-# artifact, and generate from it.
+# artifact, and generate from it; then compare latency and accuracy across variants
+# (build/demo/compare.html, one self-contained page).
 demo: setup
 	$(BIN)/graphopt eval examples/default
 	$(BIN)/graphopt optimize examples/default -o build/demo/default --check-numerics --explain-fusions
 	$(BIN)/graphopt inspect build/demo/default
 	$(BIN)/python scripts/run_artifact.py build/demo/default examples/default
 	$(BIN)/graphopt generate examples/default --prompt "def " --max-new-tokens 80
+	$(BIN)/graphopt compare examples/default --seq 32,128 --runs 10 --min-time 0.5 \
+		--data examples/default/val.txt --data-tokens 2048 \
+		--json build/demo/compare.json --html build/demo/compare.html
 
 test: setup
 	$(BIN)/python -m pytest -q

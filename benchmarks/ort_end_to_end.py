@@ -1,41 +1,35 @@
-"""End-to-end latency: PyTorch eager vs ONNX Runtime on the exported file vs ORT's own
-transformer optimizer vs the graphopt artifact, side by side in one run.
+"""End-to-end latency through `graphopt compare`: PyTorch eager, ONNX Runtime on the exported
+file, ORT's own transformer optimizer, ORT's dynamic int8 quantization and graphopt's fp32
+artifact, side by side on the same inputs, interleaved, in one run per model and shape set.
 
-    python benchmarks/ort_end_to_end.py                 # writes BENCHMARKS.md
-    python benchmarks/ort_end_to_end.py --quick         # smaller, for a smoke test
+    python benchmarks/ort_end_to_end.py              # writes BENCHMARKS.md and benchmarks/results/compare-*
+    python benchmarks/ort_end_to_end.py --quick --out /tmp/b.md   # small models, a smoke test
 
-Models are built from configs with random weights (GPT-2, Llama, BERT shapes), exported
-with the dynamo exporter, and timed at several batch x sequence shapes with left padding.
-Each variant's p50 over the same inputs is reported with its ratio to ORT on the exported
-file (higher is faster). Every variant is checked against PyTorch before it is timed.
+Models are built from configs with random weights (GPT-2, Llama, BERT shapes) and saved as
+Hugging Face folders; `graphopt compare` exports each once and builds every variant from that
+export. This script does no timing of its own: every number in the table is a p50 from the
+compare report (its JSON, with every sample, and its HTML page go to benchmarks/results/).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import io
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
-# Idle OpenMP threads of PyTorch must not spin while ORT is timed (set before torch loads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; compare sets it too
+
+COLUMNS = [("torch/fp32", "PyTorch eager"), ("ort/ort-plain", "ORT (exported file)"),
+           ("ort/ort-optimizer", "ORT transformers optimizer"), ("ort/ort-int8", "ORT quantize_dynamic int8"),
+           ("ort/fp32", "graphopt")]
 
 
-def build(arch: str, size: str):
+def save_model(arch: str, size: str, folder: Path) -> Path:
     import torch
     import transformers as tf
-
-    from graphopt.testing import LMWrapper
 
     torch.manual_seed(0)
     layers, hidden, heads = {"small": (4, 256, 4), "base": (6, 768, 12)}[size]
@@ -52,147 +46,114 @@ def build(arch: str, size: str):
         cfg = tf.BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                             intermediate_size=hidden * 4, max_position_embeddings=1024, vocab_size=vocab)
         cls = tf.BertModel
-    cfg._attn_implementation = "eager"
-    return LMWrapper(cls(cfg).eval()).eval(), vocab, cfg
-
-
-def timeit(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
-def ort_session(path, threads: int, level: str = "all"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def ort_transformers_optimizer(path: Path, arch: str, cfg, out: Path) -> str | None:
-    """ORT's own optimizer, as users run it; returns an error string when it fails."""
-    try:
-        from onnxruntime.transformers import optimizer
-
-        heads = getattr(cfg, "n_head", None) or cfg.num_attention_heads
-        hidden = getattr(cfg, "n_embd", None) or cfg.hidden_size
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            m = optimizer.optimize_model(str(path), model_type={"llama": "gpt2"}.get(arch, arch), num_heads=heads,
-                                         hidden_size=hidden, opt_level=1)
-            m.save_model_to_file(str(out))
-        return None
-    except Exception as e:  # it does fail on some exports; that is part of the comparison
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    path = folder / f"{arch}-{size}"
+    cls(cfg).eval().save_pretrained(path)
+    return path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small models, few repeats")
+    ap.add_argument("--quick", action="store_true", help="small models, few runs (a smoke test)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--archs", nargs="+", default=["gpt2", "llama", "bert"])
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
+                    help="folder for each run's compare JSON and HTML")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
-    import onnxruntime as ort
-    import torch
+    import platform
 
-    import graphopt
-    from graphopt.testing import export_onnx, token_feeds
+    from graphopt.compare import compare
+    from graphopt.compare.command import RichProgress
+    from graphopt.compare.html import render_html, report_json
+    from graphopt.compare.table import ratio
+    from graphopt.compare.timing import TimingSettings
 
     size = "small" if args.quick else "base"
-    shapes = [(1, 32), (4, 128)] if args.quick else [(1, 32), (1, 256), (4, 128)]
-    repeats = 5 if args.quick else 20
-    rows = []
+    groups = [(1, [32]), (4, [128])] if args.quick else [(1, [32, 256]), (4, [128])]
+    timing = TimingSettings(min_runs=5, min_time=0.2) if args.quick else TimingSettings(min_runs=30, min_time=2.0)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    rows, accuracy, reports = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for arch in ("gpt2", "llama", "bert"):
-            module, vocab, cfg = build(arch, size)
-            path = export_onnx(module, tmp / f"{arch}.onnx", dynamo=True)
-            art = tmp / f"{arch}_graphopt"
-            t0 = time.perf_counter()
-            graphopt.optimize(path, art)
-            opt_seconds = time.perf_counter() - t0
-            ortopt = tmp / f"{arch}_ortopt.onnx"
-            ortopt_error = ort_transformers_optimizer(path, arch, cfg, ortopt)
+        for arch in args.archs:
+            folder = save_model(arch, size, Path(tmp))
             for threads in args.threads:
-                torch.set_num_threads(threads)
-                # One runtime alive at a time: an idle ORT session's spinning threads would
-                # steal the cores from the one being timed.
-                variants = {"ORT (exported file)": lambda: ort_session(path, threads)}
-                if ortopt_error is None:
-                    variants["ORT transformers optimizer"] = lambda: ort_session(ortopt, threads)
-                variants["graphopt"] = lambda: graphopt.load(art, threads=threads)
-                for batch, seq in shapes:
-                    feeds = token_feeds(batch, seq, vocab=vocab)
-                    tin = {k: torch.from_numpy(v) for k, v in feeds.items()}
-                    with torch.no_grad():
-                        want = module(tin["input_ids"], tin["attention_mask"]).numpy()
-                    real = feeds["attention_mask"].astype(bool)
-                    results = {}
-                    with torch.no_grad():
-                        results["PyTorch eager"] = timeit(lambda: module(tin["input_ids"], tin["attention_mask"]), repeats)
-                    for name, make in variants.items():
-                        runner = make()
-                        run = (lambda r=runner: r.run(feeds)) if name == "graphopt" else (lambda r=runner: r.run(None, feeds))
-                        got = run()
-                        got = next(iter(got.values())) if isinstance(got, dict) else got[0]
-                        err = float(np.abs(got[real] - want[real]).max())
-                        if name == "graphopt":
-                            assert err < 1e-3, f"graphopt artifact differs from PyTorch by {err}"
-                        results[name] = timeit(run, repeats) if err < 1e-3 else None
-                        del runner
-                        gc.collect()
-                    rows.append((arch, threads, batch, seq, results, ortopt_error, opt_seconds))
-                    base = results["ORT (exported file)"]
-                    print(f"{arch:5} threads={threads} {batch}x{seq}: " + ", ".join(
-                        f"{k} {v:.2f} ms ({base / v:.2f}x)" if v else f"{k} n/a" for k, v in results.items()),
-                        flush=True)
-
+                for batch, seqs in groups:
+                    progress = RichProgress()
+                    try:
+                        report = compare([str(folder)], backends=["torch", "ort"],
+                                         variants=["fp32", "ort-plain", "ort-optimizer", "ort-int8"], batch=batch,
+                                         seqs=seqs, threads=threads, timing=timing, progress=progress)
+                    finally:
+                        progress.close()
+                    name = f"compare-{arch}-{size}-t{threads}-b{batch}"
+                    (results / f"{name}.json").write_text(report_json(report) + "\n")
+                    (results / f"{name}.html").write_text(render_html(report))
+                    reports.append((name, report))
+                    cells = {c["id"]: c for c in report["cells"]}
+                    for i, seq in enumerate(seqs):
+                        out = []
+                        for cid, _ in COLUMNS:
+                            c = cells.get(cid)
+                            r = c["results"][i] if c and c["status"] == "ok" else None
+                            if r is None or "p50_ms" not in r:
+                                err = (c or {}).get("error") or (r or {}).get("error") or "not run"
+                                out.append("fails")
+                                accuracy.setdefault(arch, {})[cid] = err
+                                continue
+                            k = ratio(report, c, i)
+                            out.append(f"{r['p50_ms']:.2f} ms ({k:.2f}x)" if k else f"{r['p50_ms']:.2f} ms")
+                            a = r["accuracy"]
+                            prev = accuracy.setdefault(arch, {}).get(cid)
+                            if not isinstance(prev, str):
+                                accuracy[arch][cid] = max(prev or 0.0, a["max_abs_err"])
+                        rows.append(f"| {arch} | {threads} | {batch} x {seq} | " + " | ".join(out) + " |")
+                        print(rows[-1], flush=True)
+    first = reports[0][1]
+    m, v = first["machine"], first["versions"]
     lines = [
         "# Benchmarks",
         "",
-        "Written by `python benchmarks/ort_end_to_end.py` (numbers below are from one run; rerun to",
-        "check them on your machine). Latency is the median of {} runs after warm-up; the ratio is".format(repeats),
-        "against ONNX Runtime on the exported file with all of ORT's own graph optimizations on",
-        "(higher is faster). Inputs are left-padded token batches; every variant is checked",
-        "against PyTorch before it is timed. One runtime is alive at a time (idle ORT threads spin),",
-        "and OpenMP threads wait passively.",
+        "Written by `python benchmarks/ort_end_to_end.py`, which runs `graphopt compare` (no timing loop",
+        "of its own); rerun it to check the numbers on your machine. Each cell is the p50 latency of a",
+        f"compare run (at least {timing.min_runs} timed runs and {timing.min_time:g} s per cell and shape, every cell",
+        "interleaved round by round on the same inputs, with 10 ms of untimed runs at each switch), with its ratio",
+        "to ONNX Runtime on the exported file with ORT's own graph optimizations on (`ORT_ENABLE_ALL`;",
+        "higher is faster). Inputs are token batches whose first row is left-padded by a third.",
+        "Every compare report, with every sample, is in `benchmarks/results/` (JSON, and an HTML page",
+        "with charts that opens offline).",
         "",
         f"- Models: {size} configs with random weights ({'4 layers, 256 wide, 4 heads' if size == 'small' else '6 layers, 768 wide, 12 heads'}; "
         "Llama with grouped-query attention), dynamo export at opset 20, fp32, CPU.",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"graphopt {graphopt.__version__}; {platform.machine()} with {__import__('os').cpu_count()} cores.",
+        f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores, ISA {', '.join(m['isa']) or '-'}; "
+        f"read bandwidth {m.get('memory_bandwidth', {}).get('read_gb_s', '-')} GB/s.",
+        "- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; {platform.machine()}.",
         "",
-        "| model | threads | batch x seq | PyTorch eager | ORT (exported file) | ORT transformers optimizer | graphopt |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | threads | batch x seq | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |",
+        *rows,
+        "",
+        "Accuracy: the largest |logit (or hidden state) - PyTorch| over the shapes above, on unpadded positions.",
+        "",
+        "| model | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "| --- | " + " | ".join("---" for _ in COLUMNS) + " |",
     ]
-    notes = {}
-    for arch, threads, batch, seq, res, ortopt_error, opt_seconds in rows:
-        base = res["ORT (exported file)"]
-
-        def cell(k):
-            v = res.get(k)
-            return "fails" if v is None else f"{v:.2f} ms ({base / v:.2f}x)"
-        ortopt_cell = "fails" if ortopt_error else cell("ORT transformers optimizer")
-        lines.append(f"| {arch} | {threads} | {batch} x {seq} | {cell('PyTorch eager')} | {base:.2f} ms (1.00x) | "
-                     f"{ortopt_cell} | {cell('graphopt')} |")
-        if ortopt_error:
-            notes[arch] = ortopt_error
-        notes.setdefault(f"{arch}-time", f"graphopt optimize took {opt_seconds:.1f} s")
-    lines.append("")
-    for k, v in notes.items():
-        lines.append(f"- {k.removesuffix('-time')}: {v}")
+    notes = []
+    for arch, acc in accuracy.items():
+        cells = []
+        for cid, _ in COLUMNS:
+            x = acc.get(cid)
+            if isinstance(x, str):
+                cells.append("fails")
+                notes.append(f"- {arch}, {dict(COLUMNS)[cid]}: {x}")
+            else:
+                cells.append("-" if x is None else f"{x:.1e}")
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    lines += [""] + sorted(set(notes))
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {len(reports)} reports in {results}/")
     return 0
 
 

@@ -335,3 +335,11 @@ def list_passes(as_json: bool) -> None:
         src = "" if r["source"] == "graphopt" else f"  [{r['source']}]"
         click.echo(f"{r['name']}{opts}{alias}{src}")
         click.echo(f"    {r['summary']}")
+
+
+# --------------------------------------------------------------------------------------
+# compare (graphopt.compare owns it)
+
+from graphopt.compare.command import compare as _compare_command  # noqa: E402  (click only; the work is lazy)
+
+cli.add_command(_compare_command)

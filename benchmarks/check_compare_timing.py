@@ -1,0 +1,99 @@
+"""Check `graphopt compare`'s ratios against an independent timing of the same artifacts.
+
+    python benchmarks/check_compare_timing.py examples/default --seq 128 --threads 2
+    python benchmarks/check_compare_timing.py examples/default --quick      # a smoke test
+
+Runs `graphopt compare MODEL --keep DIR` (ORT cells only), then times every ORT model it built
+again, independently: a fresh ORT session per model with the same session settings and threads,
+one session alive at a time, warm-up, then the median of many runs -- no interleaving, nothing
+shared with compare's timing code. Prints both sets of ratios (against `ort-plain`) and their
+disagreement; on an idle machine they should agree within 10 %. Exit status 1 if they do not.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ORT_MODELS = {"ort/fp32": "fp32-ort", "ort/ort-plain": "export", "ort/ort-optimizer": "ort-optimizer",
+              "ort/ort-int8": "ort-int8"}
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    disabled = None
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():  # a graphopt artifact: the session settings it asks for
+        disabled = json.loads(manifest.read_text()).get("ort_session", {}).get("disabled_optimizers")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def median_ms(sess, feeds, runs: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=200, help="independent runs per model")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    runs = 10 if args.quick else args.runs
+    with tempfile.TemporaryDirectory() as tmp:
+        keep, out = Path(tmp) / "keep", Path(tmp) / "compare.json"
+        cmd = [sys.executable, "-m", "graphopt", "compare", args.model, "--backends", "ort", "--seq", str(args.seq),
+               "--batch", str(args.batch), "--threads", str(args.threads), "--keep", str(keep), "--json", str(out), "-q"]
+        if args.quick:
+            cmd += ["--runs", "5", "--min-time", "0.2"]
+        else:
+            cmd += ["--runs", "100", "--min-time", "5"]
+        subprocess.run(cmd, check=True)
+        report = json.loads(out.read_text())
+        from graphopt.compare.run import _make_feeds  # the same inputs compare used
+        from graphopt.onnx_io import load_onnx
+
+        graph = load_onnx(keep / "export" / "model.onnx")
+        feeds = _make_feeds(graph, None, {"batch": args.batch, "seq": args.seq})
+        compare_ms, own_ms = {}, {}
+        for c in report["cells"]:
+            if c["id"] in ORT_MODELS and c["status"] == "ok" and "p50_ms" in c["results"][0]:
+                compare_ms[c["id"]] = c["results"][0]["p50_ms"]
+                sess = session(keep / ORT_MODELS[c["id"]] / "model.onnx", args.threads)
+                own_ms[c["id"]] = median_ms(sess, feeds, runs)
+                del sess
+                gc.collect()
+    base = "ort/ort-plain"
+    worst = 0.0
+    print(f"{'cell':20} {'compare p50':>12} {'ratio':>7} {'independent':>12} {'ratio':>7} {'differ':>7}")
+    for cid in compare_ms:
+        a, b = compare_ms[base] / compare_ms[cid], own_ms[base] / own_ms[cid]
+        worst = max(worst, abs(a / b - 1))
+        print(f"{cid:20} {compare_ms[cid]:10.2f}ms {a:6.2f}x {own_ms[cid]:10.2f}ms {b:6.2f}x {100 * (a / b - 1):+6.1f}%")
+    print(f"largest disagreement of the ratios: {100 * worst:.1f}% (threads {args.threads}, "
+          f"batch {args.batch} x seq {args.seq})")
+    return 0 if worst <= 0.10 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

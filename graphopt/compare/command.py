@@ -1,0 +1,159 @@
+"""`graphopt compare`: the click command (registered by graphopt.cli)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from graphopt.errors import UserError
+
+
+def _split(values: tuple[str, ...] | str | None) -> list[str] | None:
+    if not values:
+        return None
+    if isinstance(values, str):
+        values = (values,)
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _ints(option: str, values) -> list[int] | None:
+    items = _split(values)
+    if items is None:
+        return None
+    try:
+        return [int(v) for v in items]
+    except ValueError:
+        raise UserError(f"{option}: expected whole numbers, got {','.join(items)!r}") from None
+
+
+def _check_output(option: str, path: str | None) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise UserError(f"{option} {path}: {p.parent} is not a folder")
+
+
+class RichProgress:
+    """compare's progress on stderr: one bar per phase, the current cell beside it."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("[dim]{task.fields[detail]}"), TimeElapsedColumn(),
+                             console=Console(stderr=True), transient=False)
+        self._task = None
+        self._bar.start()
+
+    def phase(self, title: str, total: int) -> None:
+        if self._task is not None:
+            self._bar.update(self._task, detail="")
+            t = self._bar.tasks[-1]
+            if t.total:
+                self._bar.update(self._task, completed=t.total)
+        self._task = self._bar.add_task(title, total=total or None, detail="")
+
+    def advance(self, detail: str = "") -> None:
+        if self._task is None:
+            return
+        t = self._bar.tasks[-1]
+        self._bar.update(self._task, detail=detail, advance=1 if t.total else 0)
+
+    def done(self) -> None:
+        self.phase("done", 1)
+        self._bar.update(self._task, completed=1)
+        self.close()
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+@click.command("compare")
+@click.argument("models", nargs=-1, type=click.Path(path_type=str), metavar="MODEL...")
+@click.option("--backends", default=None, metavar="LIST", help="Comma list of torch, ort, tvm [default: torch,ort].")
+@click.option("--variants", default=None, metavar="LIST",
+              help="Comma list of variants (see --list-variants) [default: fp32 and the ORT anchors].")
+@click.option("--list-variants", is_flag=True, help="List the registered variants and exit.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Batch size of every shape.")
+@click.option("--seq", "seqs", multiple=True, metavar="S[,S...]", help="Sequence length(s) [default: 32]; repeatable.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads of every runtime [default: the physical cores].")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per cell and shape, at least.")
+@click.option("--min-time", type=float, default=1.0, show_default=True,
+              help="Seconds of timed runs per cell and shape, at least.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per cell before timing.")
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="A text file: perplexity of every variant on it (decoders with a tokenizer.json).")
+@click.option("--data-tokens", type=int, default=4096, show_default=True, help="Score at most this many tokens of --data.")
+@click.option("--reference", type=click.Path(path_type=str), default=None,
+              help="The PyTorch model accuracy is measured against [default: MODEL, or the artifacts' source].")
+@click.option("--keep", "keep_dir", type=click.Path(path_type=str), default=None,
+              help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself).")
+@click.option("--generate", type=int, default=None, metavar="N", help="Time N decode tokens (not yet available).")
+@click.option("--json", "json_file", type=click.Path(path_type=str), default=None, help="Write the report (every sample) as JSON.")
+@click.option("--html", "html_file", type=click.Path(path_type=str), default=None,
+              help="Write the report as one self-contained HTML page (opens offline).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def compare(models, backends, variants, list_variants, batch, seqs, threads, runs, min_time, warmup, data, data_tokens,
+            reference, keep_dir, generate, json_file, html_file, quiet):
+    """Time and check MODEL on every backend x variant: p50/p90/p99 latency, throughput,
+    memory, size, build time, and accuracy against eager fp32 PyTorch.
+
+    MODEL is anything `graphopt optimize` takes (it is exported once and every variant is
+    built from the export), or several artifact folders `graphopt optimize` wrote. Every cell
+    runs on the same inputs with the same thread count, interleaved round by round. A cell
+    that fails shows its error; the others still report.
+
+    \b
+    Examples:
+      graphopt compare examples/default --seq 32,128 --html report.html
+      graphopt compare examples/default --variants fp32,ort-plain --threads 1 --json report.json
+      graphopt compare out/fp32 out/int8 --reference examples/default
+      graphopt compare hf-model/ --backends torch,ort,tvm --data val.txt
+    """
+    from graphopt.compare import variants as V
+
+    if list_variants:
+        for name, spec in V.VARIANTS.items():
+            flags = ", ".join(x for x in ("default" if spec.default else "", "anchor" if spec.anchor else "") if x)
+            click.echo(f"{name}  [{', '.join(spec.backends)}]{'  (' + flags + ')' if flags else ''}")
+            click.echo(f"    {spec.summary}")
+        return
+    if not models:
+        raise UserError("give a MODEL (anything `graphopt optimize` takes) or artifact folders; see --help")
+    if generate is not None:
+        raise UserError("--generate is not available yet: it needs the KV-cache generation work "
+                        "(prefill + decode artifacts); leave it out for now")
+    if runs < 1 or min_time < 0 or warmup < 0 or data_tokens < 2:
+        raise UserError("--runs and --data-tokens must be positive, --min-time and --warmup not negative")
+    _check_output("--json", json_file)
+    _check_output("--html", html_file)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads must not spin
+    from graphopt.compare.html import render_html, report_json
+    from graphopt.compare.run import compare as run_compare
+    from graphopt.compare.table import render
+    from graphopt.compare.timing import TimingSettings
+    from graphopt.fileutil import atomic_path
+
+    progress = None if quiet else RichProgress()
+    try:
+        report = run_compare(list(models), backends=_split(backends), variants=_split(variants), batch=batch,
+                             seqs=_ints("--seq", seqs), threads=threads,
+                             timing=TimingSettings(warmup=warmup, min_runs=runs, min_time=min_time),
+                             data=data, data_tokens=data_tokens, reference=reference, workdir=keep_dir,
+                             progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    render(report)
+    for path, text in ((json_file, report_json(report) + "\n" if json_file else None),
+                       (html_file, render_html(report) if html_file else None)):
+        if path is None:
+            continue
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {path}")

@@ -1,0 +1,294 @@
+"""The variants a compare report times: a small registry of builders.
+
+A variant is a name (`fp32`, `ort-plain`, ...), the backends it exists on, and a builder
+`build(ctx, backend) -> Runner`. Builders make what they time (an artifact folder, an ORT
+session, the eager module) from the shared `BuildContext`, which exports the model once.
+New variants (graphopt's quantized, pruned, KV-cache ones) register here the same way:
+
+    @register_variant("int8", backends=("ort", "tvm"), summary="graphopt int8 weights")
+    def build_int8(ctx, backend):
+        art = ctx.optimize("int8", backend, passes="...,quantize-weights{bits=8}")
+        return ctx.artifact_runner(art)
+
+A builder that raises makes its cell an error (shown in the report); the others still run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphopt.errors import UserError
+
+BACKENDS = ("torch", "ort", "tvm")
+
+
+@dataclasses.dataclass
+class Runner:
+    """What a builder returns: `run(feeds)` -> the model's first output."""
+
+    run: Callable[[dict], np.ndarray]
+    size_bytes: int | None = None          # artifact (or weights) on disk / in memory
+    size_what: str = "files on disk"
+    build_seconds: float | None = None     # optimize + lower + compile, export excluded
+    path: str | None = None
+    settings: dict = dataclasses.field(default_factory=dict)   # session settings it runs with
+    close: Callable[[], None] = lambda: None
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    backends: tuple[str, ...]
+    summary: str
+    build: Callable[["BuildContext", str], Runner]
+    default: bool = True      # in the default --variants list
+    anchor: bool = False      # a baseline that is not graphopt's own
+    needs_export: bool = True  # built from the model (not from a given artifact)
+
+
+VARIANTS: dict[str, VariantSpec] = {}
+
+
+def register_variant(name: str, *, backends: tuple[str, ...], summary: str, default: bool = True,
+                     anchor: bool = False, needs_export: bool = True):
+    def wrap(fn):
+        VARIANTS[name] = VariantSpec(name, tuple(backends), summary, fn, default, anchor, needs_export)
+        return fn
+    return wrap
+
+
+def unregister_variant(name: str) -> None:
+    VARIANTS.pop(name, None)
+
+
+def default_variants() -> list[str]:
+    return [n for n, v in VARIANTS.items() if v.default]
+
+
+def folder_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# The last export, reused while its source files are unchanged (exports take seconds to
+# minutes; a Python session that compares the same model twice exports it once). Builders
+# only ever see copies of it.
+_EXPORT_CACHE: dict = {}
+
+
+def _source_key(source: str) -> tuple | None:
+    path = Path(source).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    try:
+        return (str(path),) + tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    except OSError:
+        return None
+
+
+class BuildContext:
+    """What every builder shares: the model source, its export (made once), the eager
+    reference, the scratch folder and the thread count every runtime gets."""
+
+    def __init__(self, source: str | None, workdir: Path, threads: int, reference=None):
+        self.source = source
+        self.workdir = Path(workdir)
+        self.threads = threads
+        self.reference = reference           # a reference.TorchModel, or None
+        self._export_graph = None
+        self._export_path: Path | None = None
+        self.export_seconds: float | None = None
+
+    # -- the export, shared by every variant built from the model ---------------------
+
+    def export_graph(self):
+        if self._export_graph is None:
+            if self.source is None:
+                raise UserError("this variant needs the source model; give MODEL (or --reference) too")
+            key = _source_key(self.source)
+            if key is not None and key == _EXPORT_CACHE.get("key"):
+                self._export_graph, self.export_seconds = _EXPORT_CACHE["graph"], _EXPORT_CACHE["seconds"]
+            else:
+                from graphopt.models import load_graph
+
+                t = time.perf_counter()
+                self._export_graph = load_graph(self.source)
+                self.export_seconds = time.perf_counter() - t
+                _EXPORT_CACHE.update(key=key, graph=self._export_graph, seconds=self.export_seconds)
+        return self._export_graph
+
+    def export_onnx(self) -> Path:
+        """The export as an .onnx file, untouched by graphopt's passes (the anchors' input)."""
+        if self._export_path is None:
+            from graphopt.onnx_io import save_onnx
+
+            path = self.workdir / "export" / "model.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_onnx(self.export_graph().copy(), path)
+            self._export_path = path
+        return self._export_path
+
+    # -- helpers for builders -----------------------------------------------------------
+
+    def optimize(self, name: str, backend: str, **kwargs) -> tuple[Path, float]:
+        """Run graphopt's optimize on a copy of the export into workdir/NAME-BACKEND."""
+        from graphopt.driver import optimize
+
+        graph = self.export_graph().copy()
+        out = self.workdir / f"{name}-{backend}"
+        t = time.perf_counter()
+        optimize(graph, out, backend={"ort": "onnxruntime"}.get(backend, backend), **kwargs)
+        return out, time.perf_counter() - t
+
+    def artifact_runner(self, path: Path, build_seconds: float | None) -> Runner:
+        import graphopt
+
+        art = graphopt.load(path, threads=self.threads)
+        first = art.outputs[0]["name"]
+        return Runner(lambda feeds: art.run(feeds)[first], folder_bytes(path), "artifact folder on disk",
+                      build_seconds, str(path), {"threads": self.threads, **art.manifest.get("ort_session", {})})
+
+    def ort_runner(self, path: Path, build_seconds: float | None, *, level: str = "all") -> Runner:
+        sess = ort_session(path, self.threads, level)
+        name = sess.get_outputs()[0].name
+        size = folder_bytes(path) + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
+        return Runner(lambda feeds: sess.run([name], feeds)[0], size, "model file(s) on disk", build_seconds, str(path),
+                      {"threads": self.threads, "graph_optimization_level": level})
+
+
+def ort_session(path: Path, threads: int, level: str = "all"):
+    """An ORT CPU session with the settings every ORT column shares: `threads` intra-op
+    threads, one inter-op thread, and the given graph optimization level."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------------------
+# The built-in variants
+
+
+@register_variant("fp32", backends=("torch", "ort", "tvm"),
+                  summary="torch: eager PyTorch (the reference); ort/tvm: graphopt's optimized fp32 artifact")
+def build_fp32(ctx: BuildContext, backend: str) -> Runner:
+    if backend == "torch":
+        ref = ctx.reference
+        if ref is None:
+            raise UserError("no PyTorch model for this source (an .onnx or .gir file has none)")
+        import torch
+
+        torch.set_num_threads(ctx.threads)
+        return Runner(ref, ref.parameter_bytes(), "weights in memory", 0.0, ref.source,
+                      {"threads": ctx.threads, "mode": "eval, inference_mode"})
+    path, seconds = ctx.optimize("fp32", backend)
+    return ctx.artifact_runner(path, seconds)
+
+
+@register_variant("ort-plain", backends=("ort",), anchor=True,
+                  summary="ONNX Runtime on the export itself, ORT_ENABLE_ALL (no graphopt passes)")
+def build_ort_plain(ctx: BuildContext, backend: str) -> Runner:
+    path = ctx.export_onnx()
+    return ctx.ort_runner(path, 0.0)
+
+
+@register_variant("ort-optimizer", backends=("ort",), anchor=True,
+                  summary="onnxruntime.transformers.optimizer on the export (ORT's own transformer fusions)")
+def build_ort_optimizer(ctx: BuildContext, backend: str) -> Runner:
+    from onnxruntime.transformers import optimizer
+
+    info = ctx.reference.config if ctx.reference is not None else {}
+    family = info.get("family", "gpt2")
+    model_type = family if family in ("bert", "gpt2", "bart", "t5") else ("bert" if _is_encoder(ctx) else "gpt2")
+    out = ctx.workdir / "ort-optimizer" / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        m = optimizer.optimize_model(str(ctx.export_onnx()), model_type=model_type,
+                                     num_heads=int(info.get("num_heads") or 0),
+                                     hidden_size=int(info.get("hidden_size") or 0), opt_level=1)
+        m.save_model_to_file(str(out))
+    return ctx.ort_runner(out, time.perf_counter() - t)
+
+
+@register_variant("ort-int8", backends=("ort",), anchor=True,
+                  summary="onnxruntime.quantization.quantize_dynamic (int8 weights, MatMul) on the export")
+def build_ort_int8(ctx: BuildContext, backend: str) -> Runner:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = ctx.workdir / "ort-int8" / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        quantize_dynamic(str(ctx.export_onnx()), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    return ctx.ort_runner(out, time.perf_counter() - t)
+
+
+def _is_encoder(ctx: BuildContext) -> bool:
+    return ctx.reference is not None and ctx.reference.kind == "encoder"
+
+
+def artifact_variant(path: Path) -> Callable[[BuildContext, str], Runner]:
+    """A builder for an artifact folder the user gave (`graphopt compare out/a out/b`)."""
+    def build(ctx: BuildContext, backend: str) -> Runner:
+        import json
+
+        try:
+            report = json.loads((path / "report.json").read_text())
+        except (OSError, ValueError):
+            report = {}
+        return ctx.artifact_runner(path, report.get("total_seconds"))
+    return build
+
+
+@register_variant("ort-genai", backends=("ort",), anchor=True, default=False,
+                  summary="onnxruntime-genai's model builder on the Hugging Face folder (fp32, cpu; its KV-cache "
+                          "graph run on the whole sequence with an empty cache)")
+def build_ort_genai(ctx: BuildContext, backend: str) -> Runner:
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise UserError("onnxruntime-genai is not installed (pip install onnxruntime-genai)")
+    src = Path(ctx.source or "")
+    if not (src / "config.json").is_file() or ctx.reference is None or ctx.reference.input_names != [
+            "input_ids", "attention_mask"] or ctx.reference.kind != "decoder":
+        raise UserError("the model builder takes Hugging Face decoder folders only")
+    out = ctx.workdir / "ort-genai"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", src.name, "-i", str(src),
+                           "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(ctx.workdir / "ort-genai-cache")],
+                          capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise RuntimeError(f"model builder failed: {lines[-1][:300] if lines else proc.returncode}")
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    head, kv_heads = int(decoder["head_size"]), int(decoder["num_key_value_heads"])
+    base = ctx.ort_runner(out / "model.onnx", seconds)
+    sess_inputs = [i.name for i in ort_session(out / "model.onnx", 1).get_inputs()]
+    past = [n for n in sess_inputs if n.startswith("past_key_values.")]
+    run_session = base.run
+
+    def run(feeds):
+        b = feeds["input_ids"].shape[0]
+        empty = np.zeros((b, kv_heads, 0, head), np.float32)
+        return run_session({"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"],
+                         **{n: empty for n in past}})
+
+    base.run, base.path = run, str(out)
+    return base

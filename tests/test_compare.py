@@ -1,0 +1,369 @@
+"""graphopt compare: the report's structure, accuracy measured against eager PyTorch (not
+against another variant), failing cells reported beside working ones, interleaved timing,
+the CLI's outputs, and the HTML page rendered in a real headless browser."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from graphopt.cli import cli
+from graphopt.compare import variants as V
+from graphopt.compare.html import embedded_report, render_html
+from graphopt.compare.run import compare
+from graphopt.compare.timing import TimingSettings, time_interleaved
+
+QUICK = TimingSettings(warmup=1, min_runs=3, min_time=0.0)
+OFFSET = 0.25
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny Llama (random weights) saved as a Hugging Face folder."""
+    from graphopt.testing import tiny_hf_model
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("compare") / "tiny-llama"
+    tiny_hf_model("llama").model.save_pretrained(folder)
+    words = TEXT.split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder.parent / "text.txt").write_text(TEXT)
+    return folder
+
+
+# A text of fewer distinct words than the tiny model's 128-token vocabulary, for --data.
+TEXT = " ".join(f"w{(i * 7) % 50} w{(i * 3) % 40}" for i in range(300))
+
+
+def _shifted(shift: float = 0.0, scale: float = 1.0):
+    """A test variant: ORT on the export with its logits changed by a known amount."""
+    def build(ctx, backend):
+        base = ctx.ort_runner(ctx.export_onnx(), 0.0)
+        return V.Runner(lambda feeds: base.run(feeds) * scale + shift, base.size_bytes, "test", 0.0)
+    return build
+
+
+def _nan_at_first(ctx, backend):
+    base = ctx.ort_runner(ctx.export_onnx(), 0.0)
+
+    def run(feeds):
+        out = base.run(feeds).copy()
+        out[-1, 0, 0] = np.nan  # an unpadded position, and one perplexity scores
+        return out
+    return V.Runner(run, base.size_bytes, "test", 0.0)
+
+
+def _fails_at_build(ctx, backend):
+    raise RuntimeError("deliberate build failure")
+
+
+def _fails_at_seq8(ctx, backend):
+    base = ctx.ort_runner(ctx.export_onnx(), 0.0)
+
+    def run(feeds):
+        if feeds["input_ids"].shape[1] == 8:
+            raise ValueError("deliberate failure at seq 8")
+        return base.run(feeds)
+    return V.Runner(run, base.size_bytes, "test", 0.0)
+
+
+@pytest.fixture(scope="module")
+def test_variants():
+    names = {"shift": _shifted(OFFSET), "shift2": _shifted(2 * OFFSET), "negated": _shifted(scale=-1.0),
+             "broken": _fails_at_build, "broken-at-8": _fails_at_seq8, "nan": _nan_at_first}
+    for name, build in names.items():
+        V.register_variant(name, backends=("ort",), summary=f"test variant {name}", default=False)(build)
+    yield list(names)
+    for name in names:
+        V.unregister_variant(name)
+
+
+@pytest.fixture(scope="module")
+def report(hf_folder, test_variants):
+    return compare([str(hf_folder)], backends=["torch", "ort"], variants=["fp32", "ort-plain"] + test_variants,
+                   batch=2, seqs=[8, 16], threads=1, timing=QUICK, measure_bandwidth=False,
+                   data=str(hf_folder.parent / "text.txt"), data_tokens=256)
+
+
+def _cell(report, cid):
+    return next(c for c in report["cells"] if c["id"] == cid)
+
+
+def test_report_structure(report):
+    assert report["format"] == "graphopt-compare" and report["format_version"] == 1
+    ids = [c["id"] for c in report["cells"]]
+    assert ids[0] == "torch/fp32"  # the reference comes first
+    assert set(ids) == {"torch/fp32", "ort/fp32", "ort/ort-plain", "ort/shift", "ort/shift2", "ort/negated",
+                        "ort/broken", "ort/broken-at-8", "ort/nan"}
+    assert report["baseline"] == "ort/ort-plain"
+    assert report["reference"] == {"what": "eager fp32 PyTorch", "id": "torch/fp32"}
+    assert report["model"]["kind"] == "decoder"
+    assert report["settings"]["threads"] == 1 and report["settings"]["seqs"] == [8, 16]
+    m = report["machine"]
+    assert m["cpu"] and m["logical_cores"] >= 1 and isinstance(m["isa"], list)
+    assert {"python", "numpy", "onnxruntime", "torch"} <= set(report["versions"])
+    for c in report["cells"]:
+        if c["status"] != "ok":
+            continue
+        assert [(r["batch"], r["seq"]) for r in c["results"]] == [(2, 8), (2, 16)]
+        assert c["size_bytes"] > 0 and c["memory"]["how"]
+        for r in c["results"]:
+            if "error" in r:
+                continue
+            s = r["samples_ms"]
+            assert len(s) == r["runs"] >= QUICK.min_runs
+            assert r["p50_ms"] == pytest.approx(float(np.percentile(s, 50)), rel=1e-9)
+            assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+            assert r["tokens_per_s"] == pytest.approx(2 * r["seq"] / r["p50_ms"] * 1e3)
+    assert _cell(report, "ort/fp32")["build_seconds"] > 0
+    json.dumps(report, allow_nan=False)  # JSON-ready as it is
+
+
+def test_accuracy_is_measured_against_pytorch(report):
+    for r in _cell(report, "torch/fp32")["results"]:
+        assert r["accuracy"]["max_abs_err"] == 0.0 and r["accuracy"]["top1_agreement"] == 1.0
+    for r in _cell(report, "ort/fp32")["results"]:
+        assert r["accuracy"]["max_abs_err"] < 1e-4 and r["accuracy"]["top1_agreement"] == 1.0
+    # Offsets of 0.25 and 0.5: each shows its own distance from PyTorch (0.5, not the 0.25
+    # between the two variants), and shifting every logit keeps the argmax.
+    for name, want in (("ort/shift", OFFSET), ("ort/shift2", 2 * OFFSET)):
+        for r in _cell(report, name)["results"]:
+            assert r["accuracy"]["max_abs_err"] == pytest.approx(want, abs=1e-4)
+            assert r["accuracy"]["top1_agreement"] == 1.0
+    for r in _cell(report, "ort/negated")["results"]:
+        assert r["accuracy"]["top1_agreement"] < 0.2
+        assert r["accuracy"]["max_abs_err"] == pytest.approx(2 * r["accuracy"]["ref_max_abs"], rel=0.5)
+
+
+def test_perplexity_on_data(report, hf_folder):
+    """The reference perplexity, recomputed here from the transformers model directly, and
+    each cell's: the same for fp32 and for logits shifted by a constant (softmax ignores it),
+    not for negated logits (near-uniform with random weights, so only a little different)."""
+    import torch
+    import transformers
+
+    p = report["perplexity"]
+    assert p["tokens"] == 256 and p["window"] == 16
+    from tokenizers import Tokenizer
+
+    ids = np.asarray(Tokenizer.from_file(str(hf_folder / "tokenizer.json")).encode(TEXT).ids[:256]).reshape(16, 16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids), attention_mask=torch.ones(16, 16, dtype=torch.long)).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(ids[:, 1:]).reshape(-1))
+    assert p["reference"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+    for cid in ("torch/fp32", "ort/fp32", "ort/ort-plain", "ort/shift"):
+        assert _cell(report, cid)["perplexity"]["perplexity"] == pytest.approx(p["reference"], rel=1e-4)
+    assert _cell(report, "ort/negated")["perplexity"]["perplexity"] != pytest.approx(p["reference"], rel=5e-3)
+    assert "non-finite" in _cell(report, "ort/nan")["perplexity"]["error"]
+
+
+def test_nonfinite_outputs_are_counted_not_written_as_nan(report):
+    for r in _cell(report, "ort/nan")["results"]:
+        assert r["accuracy"]["nonfinite"] == 1 and r["accuracy"]["max_abs_err"] < 1e-4
+    json.dumps(report, allow_nan=False)
+
+
+def test_an_onnx_file_is_measured_against_ort_without_optimizations():
+    """No PyTorch model behind an .onnx file: the torch column is skipped (and says why) and
+    accuracy is against the export run by ORT with its optimizations off."""
+    model = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    r = compare([str(model)], variants=["fp32", "ort-plain"], batch=3, seqs=[1], threads=1, timing=QUICK,
+                measure_bandwidth=False)
+    assert [c["id"] for c in r["cells"]] == ["ort/fp32", "ort/ort-plain"]
+    assert r["skipped"] == [{"variant": "fp32", "backend": "torch", "reason": "no PyTorch model for this source"}]
+    assert r["reference"] == {"what": "ONNX Runtime on the export, ORT_DISABLE_ALL", "id": None}
+    assert r["model"]["kind"] == "encoder"
+    for c in r["cells"]:
+        acc = c["results"][0]["accuracy"]
+        assert acc["max_abs_err"] < 1e-5 and acc["pooled_cosine"] > 0.99999
+
+
+def test_accuracy_against_pytorch_without_a_torch_column(hf_folder, test_variants):
+    r = compare([str(hf_folder)], backends=["ort"], variants=["shift2"], batch=1, seqs=[8], threads=1,
+                timing=QUICK, measure_bandwidth=False)
+    assert [c["id"] for c in r["cells"]] == ["ort/shift2"]
+    assert r["reference"]["what"] == "eager fp32 PyTorch"
+    assert r["cells"][0]["results"][0]["accuracy"]["max_abs_err"] == pytest.approx(2 * OFFSET, abs=1e-4)
+
+
+def test_a_failing_variant_shows_its_error_while_the_others_report(report):
+    broken = _cell(report, "ort/broken")
+    assert broken["status"] == "error" and "RuntimeError: deliberate build failure" in broken["error"]
+    at8 = _cell(report, "ort/broken-at-8")
+    assert at8["status"] == "ok"
+    assert "deliberate failure at seq 8" in at8["results"][0]["error"] and "p50_ms" not in at8["results"][0]
+    assert "p50_ms" in at8["results"][1] and at8["results"][1]["accuracy"]["max_abs_err"] < 1e-4
+    assert all("p50_ms" in r for r in _cell(report, "ort/fp32")["results"])
+
+
+def test_interleaving_cancels_drift(monkeypatch):
+    """Two identical cells on a machine that slows down steadily: interleaved rounds give them
+    the same median (timed one after the other, the second would look ~50% slower)."""
+    import graphopt.compare.timing as T
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def work():
+        clock["calls"] += 1
+        clock["now"] += 1e-3 * (1 + clock["calls"] / 200)  # 1 ms, drifting up by 0.5 % per call
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock["now"]
+
+    monkeypatch.setattr(T, "time", FakeTime)
+    samples, errors = time_interleaved({"a": work, "b": work}, TimingSettings(warmup=1, min_runs=100, min_time=0,
+                                                                              block_time=0.005))
+    assert not errors and len(samples["a"]) >= 100 and len(samples["b"]) >= 100
+    assert np.median(samples["b"]) / np.median(samples["a"]) == pytest.approx(1.0, abs=0.03)
+
+
+def test_timing_drops_a_cell_that_fails_midway():
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise RuntimeError("out of memory")
+
+    samples, errors = time_interleaved({"ok": lambda: None, "flaky": flaky}, QUICK)
+    assert errors == {"flaky": "RuntimeError: out of memory"} and len(samples["ok"]) >= QUICK.min_runs
+
+
+# --------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_writes_json_and_html_with_the_same_numbers(hf_folder, tmp_path):
+    out_json, out_html = tmp_path / "r.json", tmp_path / "r.html"
+    res = CliRunner().invoke(cli, ["compare", str(hf_folder), "--variants", "fp32,ort-plain", "--seq", "8",
+                                   "--threads", "1", "--runs", "3", "--min-time", "0", "--warmup", "1",
+                                   "--json", str(out_json), "--html", str(out_html)])  # with progress
+    assert res.exit_code == 0, res.output
+    assert "ort/ort-plain" in res.output and "torch/fp32" in res.output
+    data = json.loads(out_json.read_text())
+    assert embedded_report(out_html.read_text()) == data
+    assert [c["id"] for c in data["cells"]] == ["torch/fp32", "ort/fp32", "ort/ort-plain"]
+    html = out_html.read_text()
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+
+
+def test_html_embeds_any_text_safely(report):
+    """An error message is user-controlled text: "</script>" in it must not end the data block."""
+    import copy
+
+    r = copy.deepcopy(report)
+    _cell(r, "ort/broken")["error"] = "RuntimeError: </script><script>alert(1)</script> & <b>"
+    html = render_html(r)
+    assert html.count("</script>") == 2  # the page's own two script blocks
+    assert embedded_report(html) == json.loads(json.dumps(r))
+
+
+def test_cli_artifact_folders(hf_folder, tmp_path):
+    keep = tmp_path / "keep"
+    res = CliRunner().invoke(cli, ["compare", str(hf_folder), "--variants", "fp32", "--backends", "ort", "--seq", "8",
+                                   "--runs", "1", "--min-time", "0", "--keep", str(keep), "-q"])
+    assert res.exit_code == 0, res.output
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(keep / "fp32-ort", a)  # the artifact --keep kept, as `graphopt optimize` writes it
+    shutil.copytree(a, b)
+    res = CliRunner().invoke(cli, ["compare", str(a), str(b), "--seq", "8", "--threads", "1", "--runs", "3",
+                                   "--min-time", "0", "--json", str(tmp_path / "r.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [c["id"] for c in data["cells"]] == ["torch/fp32", "ort/a", "ort/b"]  # the source is found from report.json
+    for c in data["cells"][1:]:
+        assert c["results"][0]["accuracy"]["max_abs_err"] < 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere"], "nowhere: no such file or folder"),
+    (["{m}", "--backends", "torch,gpu"], "unknown backend 'gpu'"),
+    (["{m}", "--variants", "fp64"], "unknown variant 'fp64'"),
+    (["{m}", "--seq", "8,x"], "--seq: expected whole numbers"),
+    (["{m}", "--generate", "8"], "--generate is not available yet"),
+    (["{m}", "--html", "{tmp}"], "is a folder"),
+    (["{m}", "--data", "{tmp}/missing.txt"], "missing.txt: no such text file"),
+    (["{onnx}", "--data", "{m}/config.json"], "needs the model's tokenizer.json"),
+    (["{m}", "--seq", "65"], "--seq 65 is longer than the model's context (64)"),
+])
+def test_cli_user_errors(hf_folder, tmp_path, args, message):
+    onnx = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    args = [a.format(m=hf_folder, tmp=tmp_path, onnx=onnx) for a in args]
+    res = CliRunner().invoke(cli, ["compare", *args, "-q"])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# --------------------------------------------------------------------------------------
+# The HTML page in a real browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _browser_or_skip():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium); .ci/run installs it")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
+
+
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    page_path = tmp_path / "report.html"
+    page_path.write_text(render_html(report), encoding="utf-8")
+    ok_cells = [c for c in report["cells"] if c["status"] == "ok"]
+    messages, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: messages.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_path.as_uri())
+            page.wait_for_selector("body[data-rendered='1']", timeout=10_000)
+            charts = page.query_selector_all("svg.latency-chart")
+            assert len(charts) == 2
+            for svg in charts + page.query_selector_all("svg.scatter-chart"):
+                box = svg.bounding_box()
+                assert box and box["width"] > 100 and box["height"] > 50
+            bars = page.query_selector_all("svg.latency-chart rect.bar")
+            assert len(bars) == sum(1 for c in ok_cells for r in c["results"] if "p50_ms" in r)
+            for bar in bars:
+                assert bar.bounding_box()["width"] > 0
+            # The page shows the JSON's numbers: every p50 label, from the embedded report.
+            labels = {(l.get_attribute("data-cell"), l.evaluate("e => e.closest('svg').dataset.shape")): l.text_content()
+                      for l in page.query_selector_all("text.p50-label")}
+            for c in ok_cells:
+                for r in c["results"]:
+                    if "p50_ms" in r:
+                        assert labels[(c["id"], f"{r['batch']}x{r['seq']}")].startswith(f"{r['p50_ms']:.2f}")
+            at_largest = [c for c in ok_cells if "p50_ms" in c["results"][-1]]
+            assert len(page.query_selector_all("svg.scatter-chart circle.point")) == len(at_largest)
+            row = page.query_selector("#accuracy tr[data-cell='ort/broken']").text_content()
+            assert "deliberate build failure" in row
+            shift = page.query_selector("#accuracy tr[data-cell='ort/shift'] td.max-abs-err").text_content()
+            assert shift == "2.5e-1"
+        finally:
+            browser.close()
+    assert messages == []
+    assert all(u.startswith("file://") for u in requests), requests
