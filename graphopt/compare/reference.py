@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from graphopt.frontends import _read_config, huggingface, training
+from graphopt.train import load_model
+
 
 
 class TorchModel:
@@ -43,12 +46,9 @@ def load_reference(source: str | Path) -> TorchModel | None:
     path = Path(source)
     if not path.is_dir() or not (path / "config.json").is_file():
         return None
-    from graphopt.frontends import _read_config, huggingface, training
 
     config = _read_config(path / "config.json")
     if training.is_training_config(config):
-        from graphopt.train import load_model
-
         model, cfg = load_model(path)
         info = {"num_heads": cfg.num_heads, "hidden_size": cfg.dim, "vocab_size": cfg.vocab_size,
                 "max_seq_len": cfg.max_seq_len, "family": getattr(cfg, "arch", "llama")}

@@ -13,6 +13,12 @@ import numpy as np
 from graphopt.compare import variants as V
 from graphopt.compare.timing import TimingSettings, describe, percentiles, rss_bytes, time_interleaved
 from graphopt.errors import UserError
+from graphopt.compare.accuracy import compare_outputs, perplexity, text_windows
+from graphopt.compare.machine import library_versions, machine_record, physical_cores
+from graphopt.compare.reference import artifact_source, load_reference
+from graphopt.dtypes import DType
+from graphopt.ir import Graph, TensorType
+from graphopt.sample_inputs import index_bound, sample_inputs
 
 REPORT_FORMAT = "graphopt-compare"
 REPORT_VERSION = 1
@@ -53,14 +59,10 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             timing: TimingSettings | None = None, data: str | None = None, data_tokens: int = 4096,
             reference: str | None = None, workdir: str | None = None, progress: Progress | None = None,
             measure_bandwidth: bool = True) -> dict:
-    from graphopt.compare.machine import library_versions, machine_record
-    from graphopt.compare.reference import artifact_source, load_reference
-
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin while others run
     progress = progress or Progress()
     timing = timing or TimingSettings()
     seqs = list(seqs or [32])
-    from graphopt.compare.machine import physical_cores
 
     threads = int(threads or physical_cores() or os.cpu_count() or 1)  # ORT's own default: the physical cores
     if batch < 1 or any(s < 1 for s in seqs) or threads < 1:
@@ -168,8 +170,6 @@ def _feeds_graph(ctx: V.BuildContext, artifacts: list[Path]):
     if not artifacts:
         graph = ctx.export_graph()
         return graph, [v.name for v in graph.outputs]
-    from graphopt.dtypes import DType
-    from graphopt.ir import Graph, TensorType
 
     sig = _read_manifest(artifacts[0])["signature"]
     g = Graph("signature")
@@ -179,8 +179,6 @@ def _feeds_graph(ctx: V.BuildContext, artifacts: list[Path]):
 
 
 def _make_feeds(graph, ref, dims: dict) -> dict:
-    from graphopt.sample_inputs import index_bound, sample_inputs
-
     feeds = sample_inputs(graph, dims, seed=0)
     vocab = (ref.config.get("vocab_size") if ref is not None else None)
     ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
@@ -233,8 +231,6 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
             if c.runner is None:
                 continue
             try:
-                from graphopt.compare.accuracy import compare_outputs
-
                 entry["accuracy"] = compare_outputs(c.runner.run(f), want, f, kind)
                 live[c.id] = (lambda r=c.runner, f=f: r.run(f))
             except Exception as e:  # noqa: BLE001
@@ -305,8 +301,6 @@ def _disable_all_runner(ctx: V.BuildContext):
 
 
 def _perplexities(ctx, cells, data, data_tokens, batch, seqs, kind, graph, progress) -> dict | None:
-    from graphopt.compare.accuracy import perplexity, text_windows
-
     if kind != "decoder":
         raise UserError("--data gives perplexity, which needs a decoder (a model with logits)")
     tokenizer = Path(ctx.source) / "tokenizer.json"

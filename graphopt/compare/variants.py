@@ -23,7 +23,11 @@ from typing import Callable
 
 import numpy as np
 
+from graphopt.artifact import load as load_artifact
+from graphopt.driver import optimize
 from graphopt.errors import UserError
+from graphopt.models import load_graph
+from graphopt.onnx_io import save_onnx
 
 BACKENDS = ("torch", "ort", "tvm")
 
@@ -116,8 +120,6 @@ class BuildContext:
             if key is not None and key == _EXPORT_CACHE.get("key"):
                 self._export_graph, self.export_seconds = _EXPORT_CACHE["graph"], _EXPORT_CACHE["seconds"]
             else:
-                from graphopt.models import load_graph
-
                 t = time.perf_counter()
                 self._export_graph = load_graph(self.source)
                 self.export_seconds = time.perf_counter() - t
@@ -127,8 +129,6 @@ class BuildContext:
     def export_onnx(self) -> Path:
         """The export as an .onnx file, untouched by graphopt's passes (the anchors' input)."""
         if self._export_path is None:
-            from graphopt.onnx_io import save_onnx
-
             path = self.workdir / "export" / "model.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_onnx(self.export_graph().copy(), path)
@@ -139,8 +139,6 @@ class BuildContext:
 
     def optimize(self, name: str, backend: str, **kwargs) -> tuple[Path, float]:
         """Run graphopt's optimize on a copy of the export into workdir/NAME-BACKEND."""
-        from graphopt.driver import optimize
-
         graph = self.export_graph().copy()
         out = self.workdir / f"{name}-{backend}"
         t = time.perf_counter()
@@ -148,9 +146,7 @@ class BuildContext:
         return out, time.perf_counter() - t
 
     def artifact_runner(self, path: Path, build_seconds: float | None) -> Runner:
-        import graphopt
-
-        art = graphopt.load(path, threads=self.threads)
+        art = load_artifact(path, threads=self.threads)
         first = art.outputs[0]["name"]
         return Runner(lambda feeds: art.run(feeds)[first], folder_bytes(path), "artifact folder on disk",
                       build_seconds, str(path), {"threads": self.threads, **art.manifest.get("ort_session", {})})
