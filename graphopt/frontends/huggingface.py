@@ -98,9 +98,12 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
     seq_dim = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
     dims = {0: batch_dim, 1: seq_dim}
     wrapper = _wrapper_class()(model, output)
-    return export_module(wrapper, (input_ids, attention_mask), {}, ["input_ids", "attention_mask"], [output],
-                         {"input_ids": dims, "attention_mask": dims}, label=label, progress=progress,
-                         source=source)
+    graph = export_module(wrapper, (input_ids, attention_mask), {}, ["input_ids", "attention_mask"], [output],
+                          {"input_ids": dims, "attention_mask": dims}, label=label, progress=progress,
+                          source=source)
+    if max_seq:  # the KV-cache rewrite builds its position tables this long
+        graph.metadata.metadata_props["graphopt.max_positions"] = str(max_seq)
+    return graph
 
 
 # --------------------------------------------------------------------------------------
