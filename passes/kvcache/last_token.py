@@ -30,6 +30,10 @@ _PER_POSITION = {("", "MatMul"), ("", "Gemm"), ("", "LayerNormalization"), (GRAP
                  ("", "Add"), ("", "Tanh"), ("", "Transpose")}
 
 
+class SliceLogitsError(PassError):
+    """The logits are not computed by a per-position head this pass can slice."""
+
+
 def _per_position(node: Node) -> bool:
     """True if node's output at position s depends only on input 0 at position s (and weights)."""
     if (node.domain, node.op_type) not in _PER_POSITION or len([o for o in node.outputs if o is not None]) != 1:
@@ -66,13 +70,13 @@ class SliceLastTokenLogits(Pass):
         result = PassResult()
         logits = graph.outputs[0] if graph.outputs else None
         if logits is None or logits.type is None or logits.type.rank != 3:
-            raise PassError("slice-last-token-logits: the first output is not [batch, seq, vocab] logits")
+            raise SliceLogitsError("slice-last-token-logits: the first output is not [batch, seq, vocab] logits")
         if logits.type.shape[1] == 1:
             graph.metadata.metadata_props[META_LOGITS] = "last"
             return result  # already sliced
         head = logits.producer()
         if head is None or not _per_position(head):
-            raise PassError(f"slice-last-token-logits: the logits are not computed by a per-position LM head "
+            raise SliceLogitsError(f"slice-last-token-logits: the logits are not computed by a per-position LM head "
                             f"(found {head.op if head is not None else 'an input'})")
         top = head
         while True:  # climb over per-position ops whose output only the next one reads
@@ -102,4 +106,4 @@ class SliceLastTokenLogits(Pass):
         return result
 
 
-__all__ = ["SliceLastTokenLogits", "META_LOGITS"]
+__all__ = ["SliceLastTokenLogits", "SliceLogitsError", "META_LOGITS"]
