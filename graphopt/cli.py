@@ -44,6 +44,9 @@ def _register_train_commands() -> None:
         return
     for command in getattr(train_cli, "COMMANDS", []):
         cli.add_command(command)
+    from graphopt.generation_cli import generate  # checkpoints (torch) and artifacts (ort, tvm)
+
+    cli.add_command(generate)
 
 
 _register_train_commands()
