@@ -1,0 +1,270 @@
+"""rewrite-kv-cache, slice-last-token-logits, the Generator and `graphopt generate`.
+
+The oracle is PyTorch recomputing the whole sequence at every step, row by row without
+padding: a left-padded batch with a cache must give each row the logits its own unpadded
+sequence gives.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphopt
+from graphopt.errors import UserError
+from graphopt.pass_manager import PassManager
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "examples" / "default"
+ATOL = 1e-4  # fp32, the issue's bound against PyTorch
+PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2], [64, 1, 30, 8]]  # batch 3, left-padded to 6
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures: fused graphs of small transformers models, and the shipped checkpoint
+
+
+_fused_cache: dict = {}
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """fused(arch) -> (torch model, the graph after the default fusion pipeline)."""
+    from graphopt.driver import optimize
+    from graphopt.frontends.huggingface import export_hf_module
+    from graphopt.testing import tiny_hf_model
+
+    def get(arch: str):
+        if arch not in _fused_cache:
+            model = tiny_hf_model(arch).model
+            graph = export_hf_module(model, "logits", label=arch, source=arch, progress=False)
+            _fused_cache[arch] = (model, optimize(graph, None, kv_cache=False).graph)
+        return _fused_cache[arch]
+
+    return get
+
+
+def hf_reference(model):
+    import torch
+
+    def last_logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].numpy()
+    return last_logits
+
+
+@pytest.fixture(scope="module")
+def default_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kv_default") / "ort"
+    result = graphopt.optimize(str(DEFAULT_MODEL), out)
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from graphopt.train import load_model
+
+    return load_model(DEFAULT_MODEL)[0]
+
+
+def train_reference(model):
+    import torch
+
+    def last_logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([ids]))[0, -1].numpy()
+    return last_logits
+
+
+def rewrite(graph, pipeline="rewrite-kv-cache"):
+    return PassManager(pipeline).run(graph)
+
+
+def lowered_ort(graph, tmp_path: Path):
+    """The graph lowered for ORT and saved as an artifact; its run(feeds)."""
+    out = tmp_path / "ort"
+    graphopt.optimize(graph, out, passes="eliminate-dead-code")
+    return graphopt.load(out).run
+
+
+def interpreter(graph):
+    from graphopt.interpreter import run
+
+    return lambda feeds: run(graph, feeds)
+
+
+def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int):
+    """Prefill the left-padded prompts, then `steps` greedy decode steps; at every step each
+    row's last logits must match `reference(row ids)` and every present must grow by one."""
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    ids = np.zeros((batch, longest), np.int64)
+    mask = np.zeros((batch, longest), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p):], mask[r, longest - len(p):] = p, 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((batch, kv_heads, 0, head), np.float32)
+    rows = [list(p) for p in prompts]
+    worst = 0.0
+    for step in range(steps + 1):
+        out = run(feeds)
+        total = mask.shape[1]
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                assert out[f"present.{i}.{kind}"].shape == (batch, kv_heads, total, head), (step, i, kind)
+        logits = out["logits"][:, -1]
+        for r in range(batch):
+            want = reference(rows[r])
+            worst = max(worst, float(np.abs(logits[r] - want).max()))
+            np.testing.assert_allclose(logits[r], want, rtol=0, atol=ATOL, err_msg=f"step {step}, row {r}")
+        nxt = logits.argmax(-1).astype(np.int64)
+        for r in range(batch):
+            rows[r].append(int(nxt[r]))
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
+    return worst
+
+
+# --------------------------------------------------------------------------------------
+# rewrite-kv-cache: structure
+
+
+def test_rewrite_gives_the_optimum_signature_and_caches_only_kv_heads(fused):
+    _, graph = fused("llama")  # 4 query heads, 2 key/value heads, head size 8
+    g = rewrite(graph)
+    names = [v.name for v in g.inputs if not v.is_initializer]
+    assert names == ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value",
+                     "past_key_values.1.key", "past_key_values.1.value"]
+    assert [v.name for v in g.outputs] == ["logits", "present.0.key", "present.0.value", "present.1.key",
+                                           "present.1.value"]
+    types = {v.name: v.type for v in list(g.inputs) + list(g.outputs)}
+    assert types["attention_mask"].shape == ("batch", "past_seq + seq")
+    assert types["past_key_values.0.key"].shape == ("batch", 2, "past_seq", 8)
+    assert types["present.1.value"].shape == ("batch", 2, "past_seq + seq", 8)
+    attn = [n for n in g.nodes if n.op == "graphopt.Attention"]
+    assert len(attn) == 2 and all(len(n.inputs) == 6 and n.inputs[3] is attn[0].inputs[3] for n in attn)
+    # positions and the mask are built once for all layers: one CumSum, one causal Range pair
+    assert sum(n.op_type == "CumSum" for n in g.nodes) == 1
+    assert sum(n.op_type == "Range" for n in g.nodes) == 2
+    assert g.metadata.metadata_props["graphopt.kv_layout"] == "BNSH"
+
+
+def test_not_fused_is_refused(fused):
+    from graphopt.passes.kvcache.rewrite import KVCacheError
+
+    _, graph = fused("llama")
+    g = graph.copy()
+    for n in [n for n in g.nodes if n.op == "graphopt.Attention"]:
+        from graphopt.registry import decompose_node
+
+        decompose_node(n)
+    with pytest.raises(KVCacheError, match="attention is not fused: Softmax node"):
+        rewrite(g)
+
+
+def test_non_causal_attention_is_refused(fused):
+    from graphopt.passes.kvcache.rewrite import KVCacheError
+
+    _, graph = fused("gpt2")
+    g = graph.copy()
+    zero = g.add_initializer("no_mask", np.zeros((1, 1, 1, 1), np.float32))
+    for n in g.nodes:
+        if n.op == "graphopt.Attention":
+            n.set_input(3, zero)
+    with pytest.raises(KVCacheError, match="is not a causal mask"):
+        rewrite(g)
+
+
+@pytest.mark.parametrize("layout", ["static", "paged"])
+def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.models import save_graph
+
+    _, graph = fused("llama")
+    save_graph(graph, tmp_path / "llama.gir")
+    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "llama.gir"), "-o", str(tmp_path / "out"), "-q",
+                                 "--passes", f"rewrite-kv-cache{{layout={layout},max-positions=64}}"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        f"error: rewrite-kv-cache: layout {layout!r} is not implemented for the onnxruntime backend yet "
+        "(implemented: BNSH)"]
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------
+# rewrite-kv-cache: numbers against PyTorch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
+    model, graph = fused(arch)
+    g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
+    run = lowered_ort(g, tmp_path)
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head = cfg.hidden_size // heads
+    layers = cfg.num_hidden_layers
+    ref = hf_reference(model)
+    check_decode(run, ref, PROMPTS[:1], 8, layers, kv, head)  # batch 1
+    check_decode(run, ref, PROMPTS, 8, layers, kv, head)  # batch 3, left padding
+
+
+def test_prefill_and_decode_in_the_reference_interpreter(fused):
+    model, graph = fused("llama")
+    g = rewrite(graph)  # logits at every position: the last one is checked
+    check_decode(interpreter(g), hf_reference(model), PROMPTS, 3, 2, 2, 8)
+
+
+def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, default_model):
+    out, _ = default_artifact
+    artifact = graphopt.load(out)
+    ref = train_reference(default_model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 8, 6, 2, 32)
+    worst = check_decode(artifact.run, ref, PROMPTS, 64, 6, 2, 32)
+    assert worst < ATOL
+
+
+# --------------------------------------------------------------------------------------
+# slice-last-token-logits
+
+
+def test_slice_last_token_logits_is_the_last_row_of_all_logits(fused):
+    from graphopt.interpreter import run
+
+    _, graph = fused("gpt2")
+    g = rewrite(graph, "slice-last-token-logits")
+    assert g.outputs[0].type.shape == ("batch", 1, 128)
+    assert g.metadata.metadata_props["graphopt.logits"] == "last"
+    head = g.outputs[0].producer()  # the LM head now reads the last position only
+    sliced = head.inputs[0].producer()
+    assert sliced.op_type == "Slice" and sliced.outputs[0].type.shape == ("batch", 1, 32)
+    feeds = {"input_ids": np.array([[3, 9, 27, 81], [1, 2, 4, 8]], np.int64),
+             "attention_mask": np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int64)}
+    full, last = run(graph, feeds)["logits"], run(g, feeds)["logits"]
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_slice_refuses_logits_not_from_a_per_position_head():
+    from graphopt.passes.kvcache.last_token import SliceLogitsError
+    from graphopt.testing import apply_pipeline_text
+
+    before = """graph @g(%x: f32[batch, seq, 4]) -> (f32[batch, seq, 4]) {
+  weights {
+    @axis: i64[]
+  }
+  %y = CumSum(%x, @axis)
+  return %y
+}
+"""
+    with pytest.raises(SliceLogitsError, match="not computed by a per-position LM head"):
+        apply_pipeline_text(before, "slice-last-token-logits", {"axis": np.array(1, np.int64)})
