@@ -229,9 +229,8 @@ def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, defa
     out, _ = default_artifact
     artifact = graphopt.load(out)
     ref = train_reference(default_model)
-    check_decode(artifact.run, ref, PROMPTS[:1], 8, 6, 2, 32)
-    worst = check_decode(artifact.run, ref, PROMPTS, 64, 6, 2, 32)
-    assert worst < ATOL
+    check_decode(artifact.run, ref, PROMPTS, 12, 6, 2, 32)  # batch 3, left padding
+    check_decode(artifact.run, ref, PROMPTS[:1], 64, 6, 2, 32)  # batch 1, the issue's 64 steps
 
 
 # --------------------------------------------------------------------------------------
@@ -268,3 +267,132 @@ def test_slice_refuses_logits_not_from_a_per_position_head():
 """
     with pytest.raises(SliceLogitsError, match="not computed by a per-position LM head"):
         apply_pipeline_text(before, "slice-last-token-logits", {"axis": np.array(1, np.int64)})
+
+
+# --------------------------------------------------------------------------------------
+# Generation-ready artifacts, the Generator and `graphopt generate`
+
+
+def torch_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The checkpoint's own eager loop with its KV cache (what `graphopt generate CKPT` runs)."""
+    import torch
+
+    logits, cache = model.forward_cached(torch.tensor([prompt]), None)
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        logits, cache = model.forward_cached(torch.tensor([[out[-1]]]), cache)
+    return out
+
+
+def test_default_artifact_is_generation_ready(default_artifact):
+    out, result = default_artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    gen = manifest["generation"]
+    assert {k: gen[k] for k in ("kv_layout", "logits", "num_layers", "max_positions", "tokenizer", "eos_token_id")} \
+        == {"kv_layout": "BNSH", "logits": "last", "num_layers": 6, "max_positions": 256,
+            "tokenizer": "tokenizer.json", "eos_token_id": 0}
+    import onnx
+
+    assert gen["decode_graph_nodes"] == len(onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+    assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
+    assert result.report["generation"] == {"ready": True, "logits": "last"}
+    assert result.report["pipeline"].endswith("rewrite-kv-cache,slice-last-token-logits")
+    assert manifest["signature"]["outputs"][0] == {"name": "logits", "dtype": "f32", "shape": ["batch", 1, 4096]}
+
+
+def test_greedy_generation_gives_the_same_tokens_as_torch(default_artifact, default_model):
+    artifact = graphopt.load(default_artifact[0])
+    result = artifact.generate(PROMPTS, 32, eos_token_id=-1)  # (no row stops early)
+    assert result.steps == 32 and result.decode_tokens == 31 * len(PROMPTS) and result.ttft_s > 0
+    for prompt, got in zip(PROMPTS, result.tokens):
+        assert got == torch_greedy(default_model, prompt, 32)
+
+
+def test_sampling_follows_the_seed_and_top_k_1_is_greedy(default_artifact):
+    artifact = graphopt.load(default_artifact[0])
+    kw = dict(temperature=1.0, top_k=50, top_p=0.9, eos_token_id=-1)
+    a, b = artifact.generate([PROMPTS[0]], 12, seed=3, **kw), artifact.generate([PROMPTS[0]], 12, seed=3, **kw)
+    others = [artifact.generate([PROMPTS[0]], 12, seed=s, **kw).tokens for s in (4, 5, 6)]
+    assert a.tokens == b.tokens and any(o != a.tokens for o in others)
+    greedy = artifact.generate([PROMPTS[0]], 12, eos_token_id=-1).tokens
+    assert artifact.generate([PROMPTS[0]], 12, temperature=1.0, top_k=1, seed=9, eos_token_id=-1).tokens == greedy
+
+
+def test_streaming_callback_sees_every_step(default_artifact):
+    artifact = graphopt.load(default_artifact[0])
+    seen = []
+    result = artifact.generate(PROMPTS[:2], 5, eos_token_id=-1, on_tokens=lambda step, ids: seen.append((step, ids)))
+    assert [s for s, _ in seen] == list(range(5))
+    assert [ids for _, ids in seen] == [list(col) for col in zip(*result.tokens)]
+
+
+def test_past_the_maximum_context_is_a_clear_error(default_artifact):
+    artifact = graphopt.load(default_artifact[0])
+    with pytest.raises(UserError, match="needs 259 positions; the model has 256"):
+        artifact.generate([[1] * 250], 10)
+
+
+def test_generate_cli_on_the_artifact_matches_the_checkpoint(default_artifact):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    args = ["--prompt", "def ", "--max-new-tokens", "24"]
+    ort = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), *args])
+    torch = CliRunner().invoke(cli, ["generate", str(DEFAULT_MODEL), *args])
+    assert ort.exit_code == 0 and torch.exit_code == 0, ort.output + torch.output
+    assert ort.stdout == torch.stdout and ort.stdout.startswith("def ") and len(ort.stdout) > 10
+    assert "time to first token" in ort.stderr and "tokens/s" in ort.stderr and "onnxruntime" in ort.stderr
+    batch = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), "--prompt", "import ", "--prompt",
+                                     "class ", "--max-new-tokens", "8"])
+    assert batch.exit_code == 0 and "batch 2" in batch.stderr
+    lines = batch.stdout.splitlines()
+    assert lines[0].startswith("import ") and any(line.startswith("class ") for line in lines)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--backend", "tvm"], "built for onnxruntime, not tvm"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+])
+def test_generate_cli_refusals_are_one_line(default_artifact, args, words):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), "--prompt", "x", *args])
+    assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_generate_cli_checkpoint_on_another_backend_says_optimize_first():
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", str(DEFAULT_MODEL), "--prompt", "x", "--backend", "ort"])
+    assert r.exit_code == 2 and "optimize it first" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_logits_all_keeps_every_position_and_no_kv_cache_keeps_the_full_sequence(fused, tmp_path):
+    from graphopt.interpreter import run
+
+    _, graph = fused("llama")
+    feeds = {"input_ids": np.array([[3, 9, 27, 81, 5]], np.int64), "attention_mask": np.ones((1, 5), np.int64)}
+    want = run(graph, feeds)["logits"]
+    every = graphopt.optimize(graph, tmp_path / "all", logits="all")
+    assert every.manifest["generation"]["logits"] == "all"
+    assert every.manifest["signature"]["outputs"][0]["shape"] == ["batch", "seq", 128]
+    empty = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    got = graphopt.load(tmp_path / "all").run({**feeds, **empty})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    plain = graphopt.optimize(graph, tmp_path / "plain", kv_cache=False)
+    assert "generation" not in plain.manifest
+    assert [e["name"] for e in plain.manifest["signature"]["inputs"]] == ["input_ids", "attention_mask"]
+
+
+def test_logits_option_needs_a_decoder_and_the_default_pipeline(fused, tmp_path):
+    _, graph = fused("llama")
+    with pytest.raises(UserError, match="--logits chooses the end of the default pipeline"):
+        graphopt.optimize(graph, None, passes="eliminate-dead-code", logits="all")
+    with pytest.raises(UserError, match="--logits applies to decoders"):
+        graphopt.optimize(ROOT / "examples" / "tiny_mlp.onnx", None, logits="last")
