@@ -84,9 +84,7 @@ def rewrite(graph, pipeline="rewrite-kv-cache"):
 
 def lowered_ort(graph, tmp_path: Path):
     """The graph lowered for ORT and saved as an artifact; its run(feeds)."""
-    out = tmp_path / "ort"
-    graphopt.optimize(graph, out, passes="eliminate-dead-code")
-    return graphopt.load(out).run
+    return graphopt.load(_ort_artifact(graph, tmp_path)).run
 
 
 def interpreter(graph):
@@ -217,6 +215,24 @@ def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
     ref = hf_reference(model)
     check_decode(run, ref, PROMPTS[:1], 8, layers, kv, head)  # batch 1
     check_decode(run, ref, PROMPTS, 8, layers, kv, head)  # batch 3, left padding
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path):
+    pytest.importorskip("tvm")
+    model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
+    g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
+    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
+    artifact = graphopt.load(tmp_path / "tvm")
+    assert artifact.manifest["generation"]["kv_layout"] == "BNSH"
+    check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8)
+    ort = graphopt.load(_ort_artifact(g, tmp_path))
+    assert artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens == ort.generate(PROMPTS, 8, eos_token_id=-1).tokens
+
+
+def _ort_artifact(graph, tmp_path):
+    graphopt.optimize(graph, tmp_path / "ort", passes="eliminate-dead-code")
+    return tmp_path / "ort"
 
 
 def test_prefill_and_decode_in_the_reference_interpreter(fused):

@@ -373,8 +373,10 @@ class _Builder:
         m = mask if mask.type.dtype.np_dtype == np.int64 else b.Cast(mask, to=7)
         counted = b.CumSum(m, b.const(np.array(1, np.int64), "kv_seq_axis"))
         pos = b.Max(b.Sub(counted, b.const(np.array(1, np.int64), "kv_one")), b.const(np.array(0, np.int64), "kv_zero"))
-        neg_seq = b.Neg(b.Shape(input_ids, start=1, end=2))
-        pos = b.Slice(pos, neg_seq, self._i64(_INT64_MAX, name="kv_end"), self._i64(1, name="kv_axis"))
+        # the last seq positions: from past_seq (not -seq: a negative start the TVM backend
+        # cannot tell from a positive one when it is symbolic)
+        past = b.Sub(b.Shape(mask, start=1, end=2), b.Shape(input_ids, start=1, end=2))
+        pos = b.Slice(pos, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(1, name="kv_axis"))
         pos.type = TensorType(pos.type.dtype, ("batch", "seq"))
         return pos
 
