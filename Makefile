@@ -26,6 +26,7 @@ demo: setup
 	$(BIN)/graphopt inspect build/demo/default
 	$(BIN)/python scripts/run_artifact.py build/demo/default examples/default
 	$(BIN)/graphopt generate examples/default --prompt "def " --max-new-tokens 80
+	$(BIN)/graphopt generate build/demo/default --prompt "def " --max-new-tokens 80
 
 test: setup
 	$(BIN)/python -m pytest -q
