@@ -58,9 +58,15 @@ class CacheSpec:
     dtype: np.dtype
     mask_dtype: np.dtype
     max_positions: int | None
+    layout: str = "BNSH"
+
+    def shape(self, batch: int, layer: int, kind: int, seq: int = 0) -> tuple[int, ...]:
+        """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions."""
+        heads, head = self.kv_num_heads[layer], self.head_sizes[layer][kind]
+        return (batch, seq, heads, head) if self.layout == "BSNH" else (batch, heads, seq, head)
 
     @staticmethod
-    def from_signature(sig: dict, max_positions: int | None = None) -> "CacheSpec":
+    def from_signature(sig: dict, max_positions: int | None = None, layout: str = "BNSH") -> "CacheSpec":
         from graphopt.dtypes import DType
 
         inputs = {e["name"]: e for e in sig["inputs"]}
@@ -72,13 +78,14 @@ class CacheSpec:
         while f"past_key_values.{layers}.key" in inputs:
             layers += 1
         heads, sizes = [], []
+        axis = 2 if layout == "BSNH" else 1
         for i in range(layers):
             k, v = inputs[f"past_key_values.{i}.key"]["shape"], inputs[f"past_key_values.{i}.value"]["shape"]
-            heads.append(int(k[1]))
+            heads.append(int(k[axis]))
             sizes.append((int(k[3]), int(v[3])))
         dt = DType.from_short(inputs["past_key_values.0.key"]["dtype"]).np_dtype
         mdt = DType.from_short(inputs["attention_mask"]["dtype"]).np_dtype
-        return CacheSpec(layers, heads, sizes, np.dtype(dt), np.dtype(mdt), max_positions)
+        return CacheSpec(layers, heads, sizes, np.dtype(dt), np.dtype(mdt), max_positions, layout)
 
 
 class Generator:
@@ -92,16 +99,16 @@ class Generator:
     @staticmethod
     def for_artifact(artifact) -> "Generator":
         gen = artifact.manifest.get("generation") or {}
-        spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"))
+        spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
+                                        gen.get("kv_layout", "BNSH"))
         return Generator(artifact.run, spec, eos_token_id=gen.get("eos_token_id"))
 
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
         feeds = {}
         for i in range(s.num_layers):
-            hk, hv = s.head_sizes[i]
-            feeds[f"past_key_values.{i}.key"] = np.zeros((batch, s.kv_num_heads[i], 0, hk), s.dtype)
-            feeds[f"past_key_values.{i}.value"] = np.zeros((batch, s.kv_num_heads[i], 0, hv), s.dtype)
+            feeds[f"past_key_values.{i}.key"] = np.zeros(s.shape(batch, i, 0), s.dtype)
+            feeds[f"past_key_values.{i}.value"] = np.zeros(s.shape(batch, i, 1), s.dtype)
         return feeds
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int = 32, *,

@@ -93,9 +93,13 @@ def interpreter(graph):
     return lambda feeds: run(graph, feeds)
 
 
-def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int):
+def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int,
+                 layout: str = "BNSH"):
     """Prefill the left-padded prompts, then `steps` greedy decode steps; at every step each
     row's last logits must match `reference(row ids)` and every present must grow by one."""
+    def cache(batch, seq):
+        return (batch, seq, kv_heads, head) if layout == "BSNH" else (batch, kv_heads, seq, head)
+
     batch, longest = len(prompts), max(len(p) for p in prompts)
     ids = np.zeros((batch, longest), np.int64)
     mask = np.zeros((batch, longest), np.int64)
@@ -104,7 +108,7 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
     feeds = {"input_ids": ids, "attention_mask": mask}
     for i in range(num_layers):
         for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((batch, kv_heads, 0, head), np.float32)
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros(cache(batch, 0), np.float32)
     rows = [list(p) for p in prompts]
     worst = 0.0
     for step in range(steps + 1):
@@ -112,7 +116,7 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
         total = mask.shape[1]
         for i in range(num_layers):
             for kind in ("key", "value"):
-                assert out[f"present.{i}.{kind}"].shape == (batch, kv_heads, total, head), (step, i, kind)
+                assert out[f"present.{i}.{kind}"].shape == cache(batch, total), (step, i, kind)
         logits = out["logits"][:, -1]
         for r in range(batch):
             want = reference(rows[r])
@@ -179,7 +183,7 @@ def test_non_causal_attention_is_refused(fused):
         rewrite(g)
 
 
-@pytest.mark.parametrize("layout", ["static", "paged"])
+@pytest.mark.parametrize("layout", ["static", "paged", "BSNH"])
 def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     from click.testing import CliRunner
 
@@ -192,7 +196,7 @@ def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
                                  "--passes", f"rewrite-kv-cache{{layout={layout},max-positions=64}}"])
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [
-        f"error: rewrite-kv-cache: layout {layout!r} is not implemented for the onnxruntime backend yet "
+        f"error: rewrite-kv-cache: layout {layout!r} is not implemented for the onnxruntime backend "
         "(implemented: BNSH)"]
     assert not (tmp_path / "out").exists()
 
@@ -218,16 +222,19 @@ def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
 
 
 @pytest.mark.slow
-def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path):
+@pytest.mark.parametrize("layout", ["BNSH", "BSNH"])
+def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path, layout):
     pytest.importorskip("tvm")
     model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
-    g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}},slice-last-token-logits")
     graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
     artifact = graphopt.load(tmp_path / "tvm")
-    assert artifact.manifest["generation"]["kv_layout"] == "BNSH"
-    check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8)
-    ort = graphopt.load(_ort_artifact(g, tmp_path))
-    assert artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens == ort.generate(PROMPTS, 8, eos_token_id=-1).tokens
+    assert artifact.manifest["generation"]["kv_layout"] == layout
+    check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8, layout)
+    greedy = artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens
+    if layout == "BNSH":
+        ort = graphopt.load(_ort_artifact(g, tmp_path))
+        assert greedy == ort.generate(PROMPTS, 8, eos_token_id=-1).tokens
 
 
 def _ort_artifact(graph, tmp_path):
@@ -235,10 +242,50 @@ def _ort_artifact(graph, tmp_path):
     return tmp_path / "ort"
 
 
-def test_prefill_and_decode_in_the_reference_interpreter(fused):
+@pytest.mark.parametrize("layout", ["BNSH", "BSNH"])
+def test_prefill_and_decode_in_the_reference_interpreter(fused, layout):
     model, graph = fused("llama")
-    g = rewrite(graph)  # logits at every position: the last one is checked
-    check_decode(interpreter(g), hf_reference(model), PROMPTS, 3, 2, 2, 8)
+    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}}")  # logits at every position: the last is checked
+    assert g.value("past_key_values.0.key").type.shape == (("batch", "past_seq", 2, 8) if layout == "BSNH"
+                                                            else ("batch", 2, "past_seq", 8))
+    check_decode(interpreter(g), hf_reference(model), PROMPTS, 3, 2, 2, 8, layout)
+
+
+def test_attention_bsnh_caches_are_bnsh_transposed():
+    """graphopt.Attention{kv_layout=BSNH}: reference kernel and decomposition agree with BNSH."""
+    from graphopt.builder import Builder
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.dtypes import DType
+    from graphopt.registry import decompose_node
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    feeds = {"q": f32(2, 3, 32), "k": f32(2, 3, 16), "v": f32(2, 3, 16), "mask": f32(2, 1, 3, 8),
+             "pk": f32(2, 5, 2, 8), "pv": f32(2, 5, 2, 8)}
+
+    t = (0, 2, 1, 3)
+    bnsh_feeds = {**feeds, "pk": feeds["pk"].transpose(t), "pv": feeds["pv"].transpose(t)}
+
+    def graph(layout, decompose):
+        g = Graph("attn")
+        typed = feeds if layout == "BSNH" else bnsh_feeds
+        ins = {n: g.add_input(n, TensorType(DType.FLOAT32, a.shape)) for n, a in typed.items()}
+        b = Builder(g)
+        outs = b.op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
+                    causal=1, kv_layout=layout)
+        g.outputs = list(outs)
+        if decompose:
+            decompose_node(g.nodes[0])
+        return g
+
+    want = list(run(graph("BNSH", False), bnsh_feeds).values())
+    for decompose in (False, True):
+        y, pk, pv = run(graph("BSNH", decompose), feeds).values()
+        assert pk.shape == (2, 8, 2, 8)
+        np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pk.transpose(t), want[1], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(pv.transpose(t), want[2], rtol=1e-6, atol=1e-6)
 
 
 def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, default_model):

@@ -161,6 +161,8 @@ def lower_attention(ctx: LoweringContext, b: Builder, node: Node):
     choice = ctx.options["attention_kernel"]
     if choice == "decompose":
         return "attention_kernel=decompose"
+    if (node.attr("kv_layout", "BNSH") or "BNSH") != "BNSH":
+        return f"kv_layout {node.attr('kv_layout')} (ORT's attention kernels take BNSH caches)"
     if choice == "onnx":
         return _build_onnx_attention(ctx, b, node)
     s = Site.read(node)

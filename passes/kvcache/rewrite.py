@@ -28,9 +28,10 @@ attention that is not causal: the pass never guesses.
 
 Preconditions (checked): an `input_ids [batch, seq]` input, one output (the logits), every
 attention fused into 3-D graphopt.Attention (no Softmax left) and none with a cache yet.
-Options: `layout` (BNSH; the cache is [batch, kv_heads, seq, head_size]: only the key/value
-heads are cached, grouped-query attention stays grouped) and `max-positions` (0: what the
-frontend recorded, the model's maximum context).
+Options: `layout` (BNSH: the cache is [batch, kv_heads, seq, head_size], on every backend;
+BSNH: [batch, seq, kv_heads, head_size], on TVM; only the key/value heads are cached,
+grouped-query attention stays grouped) and `max-positions` (0: what the frontend recorded,
+the model's maximum context).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from graphopt.pass_manager import Pass, PassContext, PassError, PassResult, regi
 INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
 PAST_SEQ, TOTAL_SEQ = "past_seq", "past_seq + seq"
 LAYOUTS = ("BNSH", "BSNH", "static", "paged")
-IMPLEMENTED_LAYOUTS = ("BNSH",)
+# layout -> the backends that run it (None: the pass runs without a backend, e.g. in tests)
+IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None)}
 # metadata_props keys: what the artifact's manifest and the Generator read back
 META_LAYOUT, META_MAX_POSITIONS, META_LAYERS = "graphopt.kv_layout", "graphopt.max_positions", "graphopt.kv_layers"
 _INT64_MAX = np.iinfo(np.int64).max
@@ -68,10 +70,11 @@ def check_layout(layout: str, backend: str | None = None) -> None:
     """Refuse a layout that is unknown or not implemented, in one line naming layout and backend."""
     if layout not in LAYOUTS:
         raise UserError(f"rewrite-kv-cache: unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
-    if layout not in IMPLEMENTED_LAYOUTS:
+    if backend not in IMPLEMENTED_LAYOUTS.get(layout, ()):
         where = f"the {backend} backend" if backend else "any backend"
-        raise UserError(f"rewrite-kv-cache: layout {layout!r} is not implemented for {where} yet "
-                        f"(implemented: {', '.join(IMPLEMENTED_LAYOUTS)})")
+        ok = [name for name, backends in IMPLEMENTED_LAYOUTS.items() if backend in backends]
+        raise UserError(f"rewrite-kv-cache: layout {layout!r} is not implemented for {where} "
+                        f"(implemented: {', '.join(ok)})")
 
 
 @register_pass("rewrite-kv-cache")
@@ -109,7 +112,7 @@ class RewriteKVCache(Pass):
 
         presents = []
         for i, node in enumerate(site.attentions):
-            presents += _rewrite_attention(graph, node, i, bias)
+            presents += _rewrite_attention(graph, node, i, bias, self.layout)
             result.count("attention")
         for v, uses, table in tables:
             new = b.gather_positions(table, position_ids, v)
@@ -408,7 +411,12 @@ class _Builder:
         return rows
 
 
-def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value) -> list[Value]:
+def cache_shape(layout: str, kv_heads: int, seq, head: int) -> tuple:
+    """The shape of a past or present in `layout`."""
+    return ("batch", seq, kv_heads, head) if layout == "BSNH" else ("batch", kv_heads, seq, head)
+
+
+def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str) -> list[Value]:
     from graphopt.builder import Builder
 
     q, k, v = node.inputs[:3]
@@ -416,10 +424,12 @@ def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value) -> lis
     nkv = node.attr("kv_num_heads", 0) or nq
     head_k, head_v = k.type.shape[2] // nkv, v.type.shape[2] // nkv
     dt = k.type.dtype
-    past = [graph.add_input(f"past_key_values.{layer}.{kind}", TensorType(dt, ("batch", nkv, PAST_SEQ, head)))
+    past = [graph.add_input(f"past_key_values.{layer}.{kind}", TensorType(dt, cache_shape(layout, nkv, PAST_SEQ, head)))
             for kind, head in (("key", head_k), ("value", head_v))]
-    present_types = [TensorType(dt, ("batch", nkv, TOTAL_SEQ, head)) for head in (head_k, head_v)]
-    attrs = {name: a.value for name, a in node.attrs.items() if name != "causal"}
+    present_types = [TensorType(dt, cache_shape(layout, nkv, TOTAL_SEQ, head)) for head in (head_k, head_v)]
+    attrs = {name: a.value for name, a in node.attrs.items() if name not in ("causal", "kv_layout")}
+    if layout != "BNSH":
+        attrs["kv_layout"] = layout
     b = Builder(graph, before=node, created_by="rewrite-kv-cache")
     y, pk, pv = b.op("Attention", q, k, v, bias, *past, domain=GRAPHOPT_DOMAIN, n_out=3,
                      output_types=[node.outputs[0].type, *present_types], causal=0, **attrs)
