@@ -155,6 +155,10 @@ def test_rewrite_gives_the_optimum_signature_and_caches_only_kv_heads(fused):
     assert sum(n.op_type == "CumSum" for n in g.nodes) == 1
     assert sum(n.op_type == "Range" for n in g.nodes) == 2
     assert g.metadata.metadata_props["graphopt.kv_layout"] == "BNSH"
+    # the rotary embeddings take the cos/sin tables and the position ids themselves
+    ropes = [n for n in g.nodes if n.op == "graphopt.RotaryEmbedding"]
+    assert len(ropes) == 4 and all(n.inputs[3] is ropes[0].inputs[3] for n in ropes)
+    assert ropes[0].inputs[1].type.shape == (64, 4)  # max-positions rows, rot/2
 
 
 def test_not_fused_is_refused(fused):

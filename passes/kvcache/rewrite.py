@@ -13,7 +13,7 @@ After:
           %past_key_values.0.key: f32[batch, 2, past_seq, 8], %past_key_values.0.value: ...)
           -> (%logits, %present.0.key: f32[batch, 2, "past_seq + seq", 8], %present.0.value, ...)
       %position_ids = Slice(Max(CumSum(%attention_mask) - 1, 0), -seq:)    (left padding works)
-      %cos = Gather(@cos_table, %position_ids)                              (max_positions rows)
+      %q_rot = graphopt.RotaryEmbedding(%q, @cos_table, @sin_table, %position_ids)   (max_positions rows)
       %bias = padding(%attention_mask) + causal(past_seq + i >= j)         built once, not per layer
       %a, %present.0.key, %present.0.value = graphopt.Attention(%q, %k, %v, %bias,
                                                  %past_key_values.0.key, %past_key_values.0.value)
@@ -22,7 +22,8 @@ How the positions are found: every value that is computed from the input *shapes
 weights only (never from token ids) and that the rest of the model reads is run at two
 sequence lengths. One that is a per-position table (its rows at length 3 are the first rows
 at length 5, as a position embedding or a rotary cos/sin cache) is evaluated once at
-`max-positions` and replaced by a Gather of that table at the new position ids. Anything
+`max-positions` and replaced by a Gather of that table at the new position ids (a rotary
+embedding takes the table and the position ids itself). Anything
 else that depends on the sequence length (other than shape arithmetic) is refused, as is
 attention that is not causal: the pass never guesses.
 
@@ -114,9 +115,14 @@ class RewriteKVCache(Pass):
         for i, node in enumerate(site.attentions):
             presents += _rewrite_attention(graph, node, i, bias, self.layout)
             result.count("attention")
+        moved = _rotary_with_positions(graph, tables, position_ids, b)
+        result.count("rotary-position-ids", len(moved) // 2)
         for v, uses, table in tables:
+            rest = [(user, index) for user, index in uses if (id(user), index) not in moved]
+            if not rest:
+                continue
             new = b.gather_positions(table, position_ids, v)
-            for user, index in uses:
+            for user, index in rest:
                 user.set_input(index, new)
             result.count("position-tables")
 
@@ -414,6 +420,28 @@ class _Builder:
 def cache_shape(layout: str, kv_heads: int, seq, head: int) -> tuple:
     """The shape of a past or present in `layout`."""
     return ("batch", seq, kv_heads, head) if layout == "BSNH" else ("batch", kv_heads, seq, head)
+
+
+def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Builder") -> set:
+    """A RotaryEmbedding whose cos/sin are both per-position tables takes the tables
+    ([max_positions, rot/2]) and the position ids itself, as ORT's kernel does: no per-layer
+    gather or flattening of caches. Returns the (node id, input index) uses it took over."""
+    by_value = {id(v): table for v, _, table in tables}
+    consts: dict[int, Value] = {}
+    moved: set = set()
+    for n in graph.nodes:
+        if n.domain != GRAPHOPT_DOMAIN or n.op_type != "RotaryEmbedding" or len(n.inputs) != 3:
+            continue
+        cos, sin = (by_value.get(id(t)) for t in n.inputs[1:3])
+        if cos is None or sin is None or cos[1] != 1 or sin[1] != 1 or cos[0].ndim != 2 or sin[0].ndim != 2:
+            continue
+        for index, (t, (table, _)) in ((1, (n.inputs[1], cos)), (2, (n.inputs[2], sin))):
+            if id(t) not in consts:
+                consts[id(t)] = b.b.const(table, f"{t.name}_table")
+            n.set_input(index, consts[id(t)])
+            moved.add((id(n), index))
+        n.append_input(position_ids)
+    return moved
 
 
 def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str) -> list[Value]:
