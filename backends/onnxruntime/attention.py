@@ -259,11 +259,16 @@ def _cast_mask(b: Builder, m: Value, dt: DType) -> Value:
     return b.Cast(m, to=dt.onnx_type)
 
 
-def _guard(b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
-    """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there)."""
+def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
+    """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there). Which
+    rows attend is computed once per bias: the layers of a decoder with a KV cache share one."""
     dt = s.dtype
-    row_max = b.ReduceMax(bias, b.const(_i64(-1), "last_axis"), keepdims=1)  # B|1, N|1, S, 1
-    attends = b.Greater(row_max, b.const(np.array(-np.inf, dt.np_dtype), "neg_inf"))
+    shared = ctx.__dict__.setdefault("_attends", {})
+    attends = shared.get(id(bias))
+    if attends is None or attends[0] is not bias:
+        row_max = b.ReduceMax(bias, b.const(_i64(-1), "last_axis"), keepdims=1)  # B|1, N|1, S, 1
+        shared[id(bias)] = attends = (bias, b.Greater(row_max, b.const(np.array(-np.inf, dt.np_dtype), "neg_inf")))
+    attends = attends[1]
     zero = b.const(np.array(0, dt.np_dtype), "zero")
     if y_rank == 4:  # BNSH
         return b.Where(attends, y, zero)
@@ -339,7 +344,7 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
     if s.rank == 4:
         y = b.Transpose(b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape")), perm=_BNSH_FROM_BSNH)
     if s.mask is not None:
-        y = _guard(b, s, y, bias, s.rank)
+        y = _guard(ctx, b, s, y, bias, s.rank)
     return [y, *presents][:len(node.outputs)]
 
 
