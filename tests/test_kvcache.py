@@ -30,17 +30,20 @@ _fused_cache: dict = {}
 
 
 @pytest.fixture(scope="module")
-def fused():
-    """fused(arch) -> (torch model, the graph after the default fusion pipeline)."""
+def fused(exported):
+    """fused(arch) -> (torch model, the graph after the default fusion pipeline), from the
+    session's dynamo exports (shared with the other test files)."""
     from graphopt.driver import optimize
-    from graphopt.frontends.huggingface import export_hf_module
-    from graphopt.testing import tiny_hf_model
+    from graphopt.models import load_graph
 
     def get(arch: str):
         if arch not in _fused_cache:
-            model = tiny_hf_model(arch).model
-            graph = export_hf_module(model, "logits", label=arch, source=arch, progress=False)
-            _fused_cache[arch] = (model, optimize(graph, None, kv_cache=False).graph)
+            module, path = exported(arch, "dynamo")
+            graph = optimize(load_graph(path), None, kv_cache=False).graph
+            # what the frontends record for a checkpoint or Hugging Face folder (the tiny
+            # configs have 64 positions); an ONNX file does not say
+            graph.metadata.metadata_props["graphopt.max_positions"] = "64"
+            _fused_cache[arch] = (module.model, graph)
         return _fused_cache[arch]
 
     return get
@@ -438,6 +441,25 @@ def test_generate_cli_checkpoint_on_another_backend_says_optimize_first():
 
     r = CliRunner().invoke(cli, ["generate", str(DEFAULT_MODEL), "--prompt", "x", "--backend", "ort"])
     assert r.exit_code == 2 and "optimize it first" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_hugging_face_folder_becomes_a_generation_ready_artifact(tmp_path):
+    import torch
+
+    from graphopt.testing import tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=2).model
+    model.save_pretrained(tmp_path / "hf")
+    result = graphopt.optimize(tmp_path / "hf", tmp_path / "out")
+    gen = result.manifest["generation"]
+    assert gen["max_positions"] == 64 and gen["logits"] == "last" and gen["num_layers"] == 2
+    got = graphopt.load(tmp_path / "out").generate(PROMPTS, 10, eos_token_id=-1).tokens
+    for prompt, row in zip(PROMPTS, got):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert row == want
 
 
 def test_logits_all_keeps_every_position_and_no_kv_cache_keeps_the_full_sequence(fused, tmp_path):
