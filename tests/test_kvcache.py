@@ -226,6 +226,22 @@ def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
     ref = hf_reference(model)
     check_decode(run, ref, PROMPTS[:1], 8, layers, kv, head)  # batch 1
     check_decode(run, ref, PROMPTS, 8, layers, kv, head)  # batch 3, left padding
+    manifest = json.loads((tmp_path / "ort" / "manifest.json").read_text())
+    assert manifest["lowering"]["kernels"]["com.microsoft.GroupQueryAttention"] == layers
+
+
+def test_ort_refuses_a_multi_token_step_over_a_batched_cache(fused, tmp_path):
+    """GroupQueryAttention's CPU kernel runs prefill (empty past) and one-token steps at any
+    batch size; the one call it refuses is an error, not a wrong answer."""
+    _, graph = fused("llama")
+    run = lowered_ort(rewrite(graph), tmp_path)
+    empty = {f"past_key_values.{i}.{k}": np.zeros((2, 2, 0, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    ids = np.array([[5, 17, 3], [4, 4, 2]], np.int64)
+    out = run({"input_ids": ids, "attention_mask": np.ones_like(ids), **empty})
+    step = {"input_ids": ids[:, :2], "attention_mask": np.ones((2, 5), np.int64),
+            **{f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(2) for k in ("key", "value")}}
+    with pytest.raises(Exception, match="batch_size must be 1 when sequence_length > 1"):
+        run(step)
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ The choice, per site (measured and explained in docs/ort_lowering.md):
 - GroupQueryAttention where it runs the site: self-attention (query and key sequences the
   same), head size a multiple of 8, V's head size equal to K's, and with a past only when
   batch or query length is statically 1 (the CPU kernel refuses a multi-token step over a
-  batched cache). It takes grouped-query K/V as they are, a 4-D additive bias, softcap, and
+  batched cache), or in a decoder rewrite-kv-cache made (prefill with an empty past and
+  one-token steps, which is how it is driven). It takes grouped-query K/V as they are, a 4-D additive bias, softcap, and
   (ORT >= 1.2x) causal=0.
 - MultiHeadAttention (float32 on CPU) otherwise, but not with softcap: grouped K/V heads are
   repeated first, and a past is concatenated in the graph (so that the presents keep the
@@ -123,11 +124,19 @@ def why_not_gqa(ctx: LoweringContext, s: Site) -> str | None:
         return f"V's head size {s.v_head} differs from K's {s.head}"
     if not same_dim(s.q_seq, s.kv_seq):
         return f"query length {s.q_seq} and key length {s.kv_seq} are not provably equal"
-    if s.past_k is not None and s.q_seq != 1 and s.batch != 1:
+    if s.past_k is not None and s.q_seq != 1 and s.batch != 1 and not _generation_graph(ctx):
         return "a past with more than one query token needs batch size 1"
     if s.mask is not None and (why := why_not_bias(s)):
         return why
     return None
+
+
+def _generation_graph(ctx: LoweringContext) -> bool:
+    """A decoder that rewrite-kv-cache made (its metadata says the cache layout). It is driven
+    by prefill with an empty past and one-token decode steps, both of which the CPU kernel
+    runs at any batch size; a multi-token step over a batched cache is the one call it
+    refuses, with an error (never a wrong answer)."""
+    return "graphopt.kv_layout" in ctx.graph.metadata.metadata_props
 
 
 def why_not_mha(ctx: LoweringContext, s: Site) -> str | None:
