@@ -268,22 +268,30 @@ def _cast_mask(b: Builder, m: Value, dt: DType) -> Value:
     return b.Cast(m, to=dt.onnx_type)
 
 
+def _shared(ctx: LoweringContext) -> dict:
+    """Values one rule built that the next sites can reuse (the layers of a decoder share
+    their mask and cache lengths): built once, before the first site that needs them."""
+    return ctx.__dict__.setdefault("_attention_shared", {})
+
+
 def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
     """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there). Which
     rows attend is computed once per bias: the layers of a decoder with a KV cache share one."""
     dt = s.dtype
-    shared = ctx.__dict__.setdefault("_attends", {})
-    attends = shared.get(id(bias))
-    if attends is None or attends[0] is not bias:
-        row_max = b.ReduceMax(bias, b.const(_i64(-1), "last_axis"), keepdims=1)  # B|1, N|1, S, 1
-        shared[id(bias)] = attends = (bias, b.Greater(row_max, b.const(np.array(-np.inf, dt.np_dtype), "neg_inf")))
-    attends = attends[1]
-    zero = b.const(np.array(0, dt.np_dtype), "zero")
-    if y_rank == 4:  # BNSH
-        return b.Where(attends, y, zero)
     heads = bias.type.shape[1] if bias.type is not None and bias.type.shape is not None else None
-    if heads == 1:
-        return b.Where(b.Squeeze(attends, b.const(_i64(1), "head_axis")), y, zero)  # B|1, S, 1
+    shared = _shared(ctx)
+    key = ("attends", id(bias), y_rank == 3 and heads == 1)
+    if key in shared and shared[key][0] is bias:
+        attends = shared[key][1]
+    else:
+        row_max = b.ReduceMax(bias, b.const(_i64(-1), "last_axis"), keepdims=1)  # B|1, N|1, S, 1
+        attends = b.Greater(row_max, b.const(np.array(-np.inf, dt.np_dtype), "neg_inf"))
+        if y_rank == 3 and heads == 1:
+            attends = b.Squeeze(attends, b.const(_i64(1), "head_axis"))  # B|1, S, 1
+        shared[key] = (bias, attends)
+    zero = b.const(np.array(0, dt.np_dtype), "zero")
+    if y_rank == 4 or heads == 1:  # BNSH, or one mask for every head
+        return b.Where(attends, y, zero)
     y_BSNH = b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape"))
     guarded = b.Where(b.Transpose(attends, perm=_BNSH_FROM_BSNH), y_BSNH, zero)
     return b.Reshape(guarded, b.const(_i64(0, 0, -1), "bsd_shape"))
@@ -307,13 +315,21 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
     if kernel == GQA:
         k = _to_bsd(b, s.k) if s.rank == 4 else s.k
         v = _to_bsd(b, s.v) if s.rank == 4 else s.v
-        total = ctx.dim(b, s.k, _seq_of(s, s.k))
-        if s.past_k is not None:
-            total = b.Add(total, ctx.dim(b, s.past_k, 2))
-        total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
-        seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
-                             ctx.dim(b, s.q, 0))
-        total_scalar = b.Squeeze(total_i32, b.const(_i64(0), "scalar_axis"))
+        past_dim = s.past_k.type.shape[2] if s.past_k is not None else 0
+        key = ("gqa_lengths", s.kv_seq, past_dim, s.batch)
+        symbolic = all(isinstance(d, (int, str)) for d in key[1:])
+        if symbolic and key in _shared(ctx):
+            seqlens_k, total_scalar = _shared(ctx)[key]
+        else:
+            total = ctx.dim(b, s.k, _seq_of(s, s.k))
+            if s.past_k is not None:
+                total = b.Add(total, ctx.dim(b, s.past_k, 2))
+            total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
+            seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
+                                 ctx.dim(b, s.q, 0))
+            total_scalar = b.Squeeze(total_i32, b.const(_i64(0), "scalar_axis"))
+            if symbolic:
+                _shared(ctx)[key] = (seqlens_k, total_scalar)
         attrs["kv_num_heads"] = s.kv_num_heads
         if s.softcap:
             attrs["softcap"] = s.softcap
