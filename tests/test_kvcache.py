@@ -6,6 +6,7 @@ sequence gives.
 """
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def fused(exported):
             # what the frontends record for a checkpoint or Hugging Face folder (the tiny
             # configs have 64 positions); an ONNX file does not say
             graph.metadata.metadata_props["graphopt.max_positions"] = "64"
+            graph.rename_value(graph.outputs[0], "logits")  # as the frontends name it
             _fused_cache[arch] = (module.model, graph)
         return _fused_cache[arch]
 
@@ -380,7 +382,13 @@ def test_default_artifact_is_generation_ready(default_artifact):
             "tokenizer": "tokenizer.json", "eos_token_id": 0}
     import onnx
 
-    assert gen["decode_graph_nodes"] == len(onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    assert gen["decode_graph_nodes"] == len(nodes)
+    # lean: positions, mask and cache lengths once per step, not per layer; no cache copies
+    ops = collections.Counter(n.op_type for n in nodes)
+    assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 12
+    assert ops["CumSum"] == ops["ReduceMax"] == ops["Gather"] == 1 and ops["Range"] == 2
+    assert ops["Concat"] == ops["Flatten"] == ops["Reshape"] == 0
     assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert result.report["generation"] == {"ready": True, "logits": "last"}
     assert result.report["pipeline"].endswith("rewrite-kv-cache,slice-last-token-logits")
