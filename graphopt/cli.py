@@ -132,6 +132,9 @@ def _register_train_commands() -> None:
         return
     for command in getattr(train_cli, "COMMANDS", []):
         cli.add_command(command)
+    from graphopt.generation_cli import generate  # checkpoints (torch) and artifacts (ort, tvm)
+
+    cli.add_command(generate)
 
 
 _register_train_commands()
@@ -261,21 +264,33 @@ def _progress(quiet: bool):
 @click.option("--explain-fusions", type=click.Choice(["summary", "all"]), is_flag=False, flag_value="summary",
               default=None, help="Per fusion, the sites fused and the near misses (where a fusion's root op "
               "matched but a later constraint failed), grouped by reason; =all lists every near miss.")
+@click.option("--logits", type=click.Choice(["last", "all"]), default=None,
+              help="Decoders: logits at the last position only (generation; the default) or at every "
+                   "position (scoring, perplexity).")
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+              help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
+                   "recomputes the whole sequence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, overwrite, explain_fusions, as_json, quiet):
+             no_verify, overwrite, explain_fusions, logits, kv_cache, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
     go through the frontends). The output folder appears whole or not at all; an existing
     one is replaced only if it is empty or an earlier artifact (else --overwrite).
 
+    A decoder (a causal LM: input_ids in, logits out) becomes a generation-ready artifact by
+    default: one graph for prefill and decode with a KV cache (past_key_values.* in,
+    present.* out), logits at the last position, its tokenizer beside it; run it with
+    `graphopt generate OUT --prompt TEXT`.
+
     \b
     Examples:
       graphopt optimize examples/tiny_mlp.onnx -o out/tiny
       graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
+      graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize
@@ -295,7 +310,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     result = run_optimize(model, output_dir, passes=pipeline, recipe=recipe, backend=backend,
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
-                          progress=_progress(quiet), overwrite=overwrite)
+                          progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache)
     if as_json:
         import json
 

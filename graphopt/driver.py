@@ -27,6 +27,37 @@ def default_pipeline() -> str:
 
 
 
+def is_decoder(graph: Graph) -> bool:
+    """A causal LM as the frontends export one: `input_ids [batch, seq]` (and maybe an
+    `attention_mask`) in, one `logits [batch, seq, vocab]` out, no cache yet."""
+    names = {v.name for v in graph.inputs if not v.is_initializer}
+    return ("input_ids" in names and names <= {"input_ids", "attention_mask"} and len(graph.outputs) == 1
+            and graph.outputs[0].name == "logits" and graph.outputs[0].type is not None
+            and graph.outputs[0].type.rank == 3)
+
+
+def _make_generation_ready(graph: Graph, pm, logits: str, verify: bool, progress, ctx):
+    """rewrite-kv-cache (and slice-last-token-logits) after the default pipeline; the
+    graph as it was, and why, where the rewrite refuses it. The generation passes change the
+    signature (the cache inputs), so check-numerics, which runs the graph on the same feeds
+    before and after each pass, stops before them; their own tests check them."""
+    from graphopt.pass_manager import PassManager
+    from graphopt.passes.kvcache.last_token import SliceLogitsError
+    from graphopt.passes.kvcache.rewrite import KVCacheError
+
+    stages = ["rewrite-kv-cache"] + (["slice-last-token-logits"] if logits == "last" else [])
+    for i, stage in enumerate(stages):
+        gen = PassManager(stage, verify=verify, progress=progress, ctx=ctx)
+        try:
+            graph = gen.run(graph)
+        except (KVCacheError, SliceLogitsError) as e:
+            progress(f"{'not generation-ready' if i == 0 else 'logits at every position'}: {e}")
+            return graph, {"ready": i > 0, "logits": "all", "reason": str(e)}
+        pm.records += gen.records
+        pm.entries += gen.entries
+    return graph, {"ready": True, "logits": logits}
+
+
 @dataclasses.dataclass
 class OptimizeResult:
     graph: Graph
@@ -40,14 +71,20 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              backend_options: dict | None = None,
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
              verify: bool = True, progress: Callable[[str], None] | None = None,
-             overwrite: bool = False) -> OptimizeResult:
+             overwrite: bool = False, logits: str | None = None, kv_cache: bool = True) -> OptimizeResult:
     """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
     `output_dir` atomically (nothing is left there if anything fails).
 
     `output_dir` may be missing, empty, or an artifact folder (replaced only once the new
     artifact is complete); a folder with other files in it is refused before any work
-    unless `overwrite` (`graphopt.fileutil.check_output_dir` says what is never replaced)."""
+    unless `overwrite` (`graphopt.fileutil.check_output_dir` says what is never replaced).
+
+    A decoder (`input_ids` in, `logits` out) gets a generation-ready artifact by default: the
+    default pipeline ends with rewrite-kv-cache and, unless `logits="all"`, with
+    slice-last-token-logits; its tokenizer is copied beside the model. Where the rewrite
+    refuses the model (it says why), or with `kv_cache=False`, the artifact recomputes the
+    whole sequence as before."""
     from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
     from graphopt.pass_manager import PassManager, load_recipe, parse_pipeline
     from graphopt.summary import summarize
@@ -67,6 +104,11 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 
     be = importlib.import_module(KNOWN_BACKENDS[backend])
     be.check_target(target)
+    if logits not in (None, "last", "all"):
+        raise UserError(f"--logits {logits!r}: expected last or all")
+    if logits is not None and (passes is not None or recipe is not None):
+        raise UserError("--logits chooses the end of the default pipeline; with --passes or --recipe, add "
+                        "(or leave out) slice-last-token-logits yourself")
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
 
@@ -92,8 +134,18 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         inputs = check_feeds(graph, inputs)
         check_index_ranges(graph, inputs)
     before = summarize(graph)
-    pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress)
+    from graphopt.pass_manager import PassContext
+
+    ctx = PassContext(target=target, hints={"backend": backend})
+    pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress,
+                     ctx=ctx)
     optimized = pm.run(graph)
+    generation_note = None
+    if passes is None and recipe is None and kv_cache and is_decoder(optimized):
+        optimized, generation_note = _make_generation_ready(optimized, pm, logits or "last", verify, progress, ctx)
+    elif logits is not None:
+        raise UserError(f"--logits applies to decoders (input_ids in, logits out) with the KV cache; "
+                        f"{graph.metadata.source or 'this model'} is not one")
     after = summarize(optimized)
     report = {
         "model": graph.metadata.source,
@@ -113,6 +165,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "backend_options": dict(backend_options or {}),
         "target": target,
     }
+    if generation_note is not None:
+        report["generation"] = generation_note
     manifest: dict = {}
     out = None
     if output_dir is not None:
@@ -121,6 +175,13 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         with atomic_dir(out) as tmp:
             fields = be.save(optimized, tmp, target, dict(backend_options or {}))
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
+            from graphopt.generation import copy_tokenizer, generation_manifest
+
+            generation = generation_manifest(optimized, None if isinstance(model, Graph) else model)
+            if generation is not None:
+                copy_tokenizer(None if isinstance(model, Graph) else model, tmp)
+                generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
+                manifest["generation"] = generation
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
                 timing = fields.get(key)  # backends that compile report their build times
                 if timing is not None:

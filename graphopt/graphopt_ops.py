@@ -227,11 +227,25 @@ def _attention_inputs(node: Node):
     return q, k, v, mask, past_k, past_v
 
 
-def _seq_len_bnsh(node: Node, t: Value | None):
-    """The sequence length of K/V (3-D or 4-D) or of a BNSH past: an int, a symbol or None."""
+def _seq_len_bnsh(node: Node, t: Value | None, cache: bool = False):
+    """The sequence length of K/V (3-D or 4-D) or of a past (`cache`, in the node's
+    kv_layout): an int, a symbol or None."""
     if t is None or t.type.shape is None:
         return None
-    return t.type.shape[1] if len(t.type.shape) == 3 else t.type.shape[2]
+    if len(t.type.shape) == 3 or (cache and _kv_layout(node) == "BSNH"):
+        return t.type.shape[1]
+    return t.type.shape[2]
+
+
+_KV_LAYOUTS = ("BNSH", "BSNH")
+
+
+def _kv_layout(node: Node) -> str:
+    """The layout of the past and present key/value: BNSH (default) or BSNH."""
+    layout = node.attr("kv_layout", "BNSH") or "BNSH"
+    if layout not in _KV_LAYOUTS:
+        raise _unsupported(node, f"kv_layout {layout!r} is not one of {', '.join(_KV_LAYOUTS)}")
+    return layout
 
 
 def _attention_infer(node: Node):
@@ -249,7 +263,7 @@ def _attention_infer(node: Node):
         raise _unsupported(node, "past_key and past_value must be given together")
     if mask is not None and mask.type.shape:
         # ONNX's reference pads a shorter mask with -inf, ONNX Runtime refuses it: we refuse it.
-        past = 0 if past_k is None else _seq_len_bnsh(node, past_k)
+        past = 0 if past_k is None else _seq_len_bnsh(node, past_k, cache=True)
         new, mlast = _seq_len_bnsh(node, k), mask.type.shape[-1]
         if isinstance(new, int) and isinstance(past, int) and isinstance(mlast, int) and mlast != past + new:
             raise _unsupported(node, f"the mask's last dimension is {mlast}, but the total sequence length "
@@ -271,8 +285,10 @@ def _attention_infer(node: Node):
         else:
             heads, seq, head = s[1], s[2], s[3]
         if past is not None:
-            p = _seq_len_bnsh(node, past)
+            p = _seq_len_bnsh(node, past, cache=True)
             seq = p + seq if isinstance(p, int) and isinstance(seq, int) else (seq if p == 0 else None)
+        if _kv_layout(node) == "BSNH":
+            return TensorType(new.type.dtype, (s[0], seq, heads, head))
         return TensorType(new.type.dtype, (s[0], heads, seq, head))
 
     return [y, present(k, past_k), present(v, past_v)][:len(node.outputs)]
@@ -283,6 +299,9 @@ def _attention_reference(node: Node, inputs):
 
     q, k, v = inputs[:3]
     mask, past_k, past_v = (list(inputs[3:]) + [None] * 3)[:3]
+    bsnh = _kv_layout(node) == "BSNH"
+    if bsnh and past_k is not None:  # the kernel below takes BNSH
+        past_k, past_v = past_k.transpose(0, 2, 1, 3), past_v.transpose(0, 2, 1, 3)
     if mask is not None:
         total = k.shape[-2 if k.ndim == 4 else 1] + (0 if past_k is None else past_k.shape[2])
         if mask.shape[-1] != total:
@@ -297,7 +316,8 @@ def _attention_reference(node: Node, inputs):
     out = _compute_attention(q, k, v, attn_mask=mask, past_key=past_k, past_value=past_v,
                              scale=node.attr("scale", 0.0) or None, is_causal=bool(node.attr("causal", 0)),
                              q_num_heads=nq, kv_num_heads=nkv, softcap=node.attr("softcap", 0.0) or None)
-    return [np.asarray(o).astype(q.dtype) for o in out[:len(node.outputs)]]
+    out = [np.asarray(o).astype(q.dtype) for o in out[:len(node.outputs)]]
+    return [o if i == 0 or not bsnh else np.ascontiguousarray(o.transpose(0, 2, 1, 3)) for i, o in enumerate(out)]
 
 
 def _repeat_kv_heads(b: Builder, node: Node, t_BNSH: Value, nq, nkv) -> Value:
@@ -361,12 +381,17 @@ def _attention_decompose(b: Builder, node: Node):
         nq, head = qs[1], qs[3]
         nkv = k.type.shape[1] if k.type.shape is not None else None
 
+    bsnh = _kv_layout(node) == "BSNH"
+    if bsnh and past_k is not None:
+        past_k, past_v = b.Transpose(past_k, perm=_BNSH_FROM_BSNH), b.Transpose(past_v, perm=_BNSH_FROM_BSNH)
     k_BNSH = b.Concat(past_k, k_BNSH, axis=2) if past_k is not None else k_BNSH
     v_BNSH = b.Concat(past_v, v_BNSH, axis=2) if past_v is not None else v_BNSH
 
     def present(index: int, t_BNSH: Value, new: Value) -> Value | None:
         if index >= len(node.outputs) or node.outputs[index] is None:
             return None
+        if bsnh:
+            return b.Transpose(t_BNSH, perm=_BNSH_FROM_BSNH)
         # Without a past, present is K or V itself: an Identity keeps the output a value of its
         # own (decompose_node would otherwise rename the graph input to the output's name).
         return b.Identity(t_BNSH) if t_BNSH is new else t_BNSH
@@ -412,13 +437,14 @@ register_op(OpDef(
     GRAPHOPT_DOMAIN, "Attention",
     attrs={"num_heads": AttrSpec(AttrKind.INT, default=0), "kv_num_heads": AttrSpec(AttrKind.INT, default=0),
            "scale": AttrSpec(AttrKind.FLOAT, default=0.0), "causal": AttrSpec(AttrKind.INT, default=0),
-           "softcap": AttrSpec(AttrKind.FLOAT, default=0.0)},
+           "softcap": AttrSpec(AttrKind.FLOAT, default=0.0), "kv_layout": AttrSpec(AttrKind.STRING, default="BNSH")},
     min_inputs=3, max_inputs=6, min_outputs=1, max_outputs=3,
     infer=_attention_infer, reference=_attention_reference, decompose=_attention_decompose,
     doc="Scaled dot-product attention as ONNX Attention-23 (q_num_heads -> num_heads, is_causal -> "
         "causal): Q, K, V in BNSH (4-D) or BSD (3-D, with num_heads and kv_num_heads, which defaults to "
         "num_heads); grouped-query aware; optional mask, boolean (True attends) or additive, whose last "
-        "dimension must be the total sequence length past + kv; past key/value (BNSH) and present outputs; "
+        "dimension must be the total sequence length past + kv; past key/value and present outputs in kv_layout "
+        "BNSH (default) or BSNH; "
         "causal masking is bottom-right aligned with the past; a fully masked query row gives zeros; "
         "softcap (0: none) is applied before the mask; scale 0 means 1/sqrt(head_size).",
 ))

@@ -30,7 +30,7 @@ LAYERS = [
     ("lowering", {"graphopt.lowering"}),
     ("backends", {"graphopt.backends", "graphopt.backends."}),
     ("driver and CLI", {"graphopt", "graphopt.__main__", "graphopt.artifact", "graphopt.driver", "graphopt.cli",
-                        "graphopt.compare", "graphopt.compare.",
+                        "graphopt.compare", "graphopt.compare.", "graphopt.generation", "graphopt.generation_cli",
                         "graphopt.models", "graphopt.summary", "graphopt.testing", "graphopt.frontends",
                         "graphopt.frontends."}),
 ]
@@ -38,7 +38,8 @@ LAYERS = [
 TRAIN = ("graphopt.train", "graphopt.train.")
 # The core may defer an import of its own modules only to keep a command fast to start (the
 # CLI and the lazy top-level API). Everything else imports at module level.
-DEFERRED_OK = {"graphopt", "graphopt.cli", "graphopt.driver", "graphopt.compare", "graphopt.compare.command"}
+DEFERRED_OK = {"graphopt", "graphopt.cli", "graphopt.driver", "graphopt.compare", "graphopt.compare.command",
+               "graphopt.generation_cli"}
 
 
 def module_name(path: Path) -> str:

@@ -65,7 +65,8 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
     report = LoweringReport()
     lowered = lower(graph, target, report, options)
     files = save_onnx(lowered, outdir / "model.onnx")
-    fields = {"files": [f.name for f in files], "model": "model.onnx", "lowering": report.to_json()}
+    fields = {"files": [f.name for f in files], "model": "model.onnx", "lowering": report.to_json(),
+              "nodes": len(lowered.nodes)}
     session = session_options_for(lowered, target)
     if session:
         fields["ort_session"] = session

@@ -5,7 +5,8 @@ The choice, per site (measured and explained in docs/ort_lowering.md):
 - GroupQueryAttention where it runs the site: self-attention (query and key sequences the
   same), head size a multiple of 8, V's head size equal to K's, and with a past only when
   batch or query length is statically 1 (the CPU kernel refuses a multi-token step over a
-  batched cache). It takes grouped-query K/V as they are, a 4-D additive bias, softcap, and
+  batched cache), or in a decoder rewrite-kv-cache made (prefill with an empty past and
+  one-token steps, which is how it is driven). It takes grouped-query K/V as they are, a 4-D additive bias, softcap, and
   (ORT >= 1.2x) causal=0.
 - MultiHeadAttention (float32 on CPU) otherwise, but not with softcap: grouped K/V heads are
   repeated first, and a past is concatenated in the graph (so that the presents keep the
@@ -123,11 +124,19 @@ def why_not_gqa(ctx: LoweringContext, s: Site) -> str | None:
         return f"V's head size {s.v_head} differs from K's {s.head}"
     if not same_dim(s.q_seq, s.kv_seq):
         return f"query length {s.q_seq} and key length {s.kv_seq} are not provably equal"
-    if s.past_k is not None and s.q_seq != 1 and s.batch != 1:
+    if s.past_k is not None and s.q_seq != 1 and s.batch != 1 and not _generation_graph(ctx):
         return "a past with more than one query token needs batch size 1"
     if s.mask is not None and (why := why_not_bias(s)):
         return why
     return None
+
+
+def _generation_graph(ctx: LoweringContext) -> bool:
+    """A decoder that rewrite-kv-cache made (its metadata says the cache layout). It is driven
+    by prefill with an empty past and one-token decode steps, both of which the CPU kernel
+    runs at any batch size; a multi-token step over a batched cache is the one call it
+    refuses, with an error (never a wrong answer)."""
+    return "graphopt.kv_layout" in ctx.graph.metadata.metadata_props
 
 
 def why_not_mha(ctx: LoweringContext, s: Site) -> str | None:
@@ -161,6 +170,8 @@ def lower_attention(ctx: LoweringContext, b: Builder, node: Node):
     choice = ctx.options["attention_kernel"]
     if choice == "decompose":
         return "attention_kernel=decompose"
+    if (node.attr("kv_layout", "BNSH") or "BNSH") != "BNSH":
+        return f"kv_layout {node.attr('kv_layout')} (ORT's attention kernels take BNSH caches)"
     if choice == "onnx":
         return _build_onnx_attention(ctx, b, node)
     s = Site.read(node)
@@ -257,17 +268,30 @@ def _cast_mask(b: Builder, m: Value, dt: DType) -> Value:
     return b.Cast(m, to=dt.onnx_type)
 
 
-def _guard(b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
-    """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there)."""
+def _shared(ctx: LoweringContext) -> dict:
+    """Values one rule built that the next sites can reuse (the layers of a decoder share
+    their mask and cache lengths): built once, before the first site that needs them."""
+    return ctx.__dict__.setdefault("_attention_shared", {})
+
+
+def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
+    """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there). Which
+    rows attend is computed once per bias: the layers of a decoder with a KV cache share one."""
     dt = s.dtype
-    row_max = b.ReduceMax(bias, b.const(_i64(-1), "last_axis"), keepdims=1)  # B|1, N|1, S, 1
-    attends = b.Greater(row_max, b.const(np.array(-np.inf, dt.np_dtype), "neg_inf"))
-    zero = b.const(np.array(0, dt.np_dtype), "zero")
-    if y_rank == 4:  # BNSH
-        return b.Where(attends, y, zero)
     heads = bias.type.shape[1] if bias.type is not None and bias.type.shape is not None else None
-    if heads == 1:
-        return b.Where(b.Squeeze(attends, b.const(_i64(1), "head_axis")), y, zero)  # B|1, S, 1
+    shared = _shared(ctx)
+    key = ("attends", id(bias), y_rank == 3 and heads == 1)
+    if key in shared and shared[key][0] is bias:
+        attends = shared[key][1]
+    else:
+        row_max = b.ReduceMax(bias, b.const(_i64(-1), "last_axis"), keepdims=1)  # B|1, N|1, S, 1
+        attends = b.Greater(row_max, b.const(np.array(-np.inf, dt.np_dtype), "neg_inf"))
+        if y_rank == 3 and heads == 1:
+            attends = b.Squeeze(attends, b.const(_i64(1), "head_axis"))  # B|1, S, 1
+        shared[key] = (bias, attends)
+    zero = b.const(np.array(0, dt.np_dtype), "zero")
+    if y_rank == 4 or heads == 1:  # BNSH, or one mask for every head
+        return b.Where(attends, y, zero)
     y_BSNH = b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape"))
     guarded = b.Where(b.Transpose(attends, perm=_BNSH_FROM_BSNH), y_BSNH, zero)
     return b.Reshape(guarded, b.const(_i64(0, 0, -1), "bsd_shape"))
@@ -291,13 +315,21 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
     if kernel == GQA:
         k = _to_bsd(b, s.k) if s.rank == 4 else s.k
         v = _to_bsd(b, s.v) if s.rank == 4 else s.v
-        total = ctx.dim(b, s.k, _seq_of(s, s.k))
-        if s.past_k is not None:
-            total = b.Add(total, ctx.dim(b, s.past_k, 2))
-        total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
-        seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
-                             ctx.dim(b, s.q, 0))
-        total_scalar = b.Squeeze(total_i32, b.const(_i64(0), "scalar_axis"))
+        past_dim = s.past_k.type.shape[2] if s.past_k is not None else 0
+        key = ("gqa_lengths", s.kv_seq, past_dim, s.batch)
+        symbolic = all(isinstance(d, (int, str)) for d in key[1:])
+        if symbolic and key in _shared(ctx):
+            seqlens_k, total_scalar = _shared(ctx)[key]
+        else:
+            total = ctx.dim(b, s.k, _seq_of(s, s.k))
+            if s.past_k is not None:
+                total = b.Add(total, ctx.dim(b, s.past_k, 2))
+            total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
+            seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
+                                 ctx.dim(b, s.q, 0))
+            total_scalar = b.Squeeze(total_i32, b.const(_i64(0), "scalar_axis"))
+            if symbolic:
+                _shared(ctx)[key] = (seqlens_k, total_scalar)
         attrs["kv_num_heads"] = s.kv_num_heads
         if s.softcap:
             attrs["softcap"] = s.softcap
@@ -337,7 +369,7 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
     if s.rank == 4:
         y = b.Transpose(b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape")), perm=_BNSH_FROM_BSNH)
     if s.mask is not None:
-        y = _guard(b, s, y, bias, s.rank)
+        y = _guard(ctx, b, s, y, bias, s.rank)
     return [y, *presents][:len(node.outputs)]
 
 

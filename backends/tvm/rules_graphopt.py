@@ -116,10 +116,19 @@ def attention(lw: Lowerer, node, args):
         q_bnsh, k_bnsh, v_bnsh = q, k, v
         nq, nkv = static_int(q_dims[1]), static_int(lw.shape(k)[1])
     head = lw.shape(q_bnsh)[3]
-    if past_k is not None:
-        k_bnsh = lw.emit(R.concat([past_k, k_bnsh], axis=2))
-        v_bnsh = lw.emit(R.concat([past_v, v_bnsh], axis=2))
-    present = [k_bnsh, v_bnsh]
+    if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH":
+        # The caches are [batch, seq, kv_heads, head]: the new key/value append along axis 1
+        # and the attention reads the whole cache in BNSH.
+        present = []
+        for past, new in ((past_k, k_bnsh), (past_v, v_bnsh)):
+            new_bsnh = lw.emit(R.permute_dims(new, _BNSH_FROM_BSNH))
+            present.append(lw.emit(R.concat([past, new_bsnh], axis=1)) if past is not None else new_bsnh)
+        k_bnsh, v_bnsh = (lw.emit(R.permute_dims(t, _BNSH_FROM_BSNH)) for t in present)
+    else:
+        if past_k is not None:
+            k_bnsh = lw.emit(R.concat([past_k, k_bnsh], axis=2))
+            v_bnsh = lw.emit(R.concat([past_v, v_bnsh], axis=2))
+        present = [k_bnsh, v_bnsh]
     if nq != nkv:
         if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
             raise lw.error(f"grouped-query attention needs static head counts that divide, got {nq} and {nkv}")
@@ -143,7 +152,8 @@ def attention(lw: Lowerer, node, args):
                 else mask if lw.dtype(mask) == dt else lw.emit(R.astype(mask, dt)))
     if node.attr("causal", 0):
         # Bottom-right aligned: query i (after `past` cached keys) attends key j iff j <= i + past.
-        past = lw.shape(past_k)[2] if past_k is not None else 0
+        past_axis = 1 if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH" else 2
+        past = lw.shape(past_k)[past_axis] if past_k is not None else 0
         q_len, kv_len = lw.shape(q_bnsh)[2], lw.shape(k_bnsh)[2]
         rows = lw.emit(R.expand_dims(R.arange(past, lw.simplify(past + q_len), 1, "int64"), [1]))
         cols = lw.emit(R.expand_dims(R.arange(0, kv_len, 1, "int64"), [0]))

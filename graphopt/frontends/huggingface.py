@@ -116,8 +116,11 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
         args.append(token_type_ids)
         names.append("token_type_ids")
     wrapper = _wrapper_class()(model, output)
-    return export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
-                         label=label, progress=progress, source=source)
+    graph = export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
+                          label=label, progress=progress, source=source)
+    if max_seq:  # the KV-cache rewrite builds its position tables this long
+        graph.metadata.metadata_props["graphopt.max_positions"] = str(max_seq)
+    return graph
 
 
 # --------------------------------------------------------------------------------------

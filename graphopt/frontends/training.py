@@ -45,6 +45,9 @@ def load_training_checkpoint(folder: Path, *, progress: bool = True):
     seq_dim = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
     dims = {0: torch.export.Dim("batch", min=1), 1: seq_dim}
     arch = getattr(config, "arch", type(model).__name__)
-    return export_module(model.eval(), (input_ids,), {}, ["input_ids"], ["logits"], {"input_ids": dims},
-                         label=f"{Path(folder).name or folder} (graphopt.train {arch})", progress=progress,
-                         source=str(folder))
+    graph = export_module(model.eval(), (input_ids,), {}, ["input_ids"], ["logits"], {"input_ids": dims},
+                          label=f"{Path(folder).name or folder} (graphopt.train {arch})", progress=progress,
+                          source=str(folder))
+    if max_seq:  # the KV-cache rewrite builds its position tables this long
+        graph.metadata.metadata_props["graphopt.max_positions"] = str(max_seq)
+    return graph

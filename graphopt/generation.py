@@ -1,0 +1,304 @@
+"""Generation on a decoder artifact: prefill + decode with the KV cache, on any backend.
+
+A generation-ready artifact (what `graphopt optimize` writes for a decoder) takes
+`input_ids [batch, seq]`, `attention_mask [batch, past_seq + seq]` and per layer
+`past_key_values.{i}.key|value` and returns `logits` and `present.{i}.key|value`; its
+manifest's `generation` section says the cache layout, the logits mode, the maximum context
+and the tokenizer beside the model. `Generator` drives it:
+
+    gen = Generator.for_artifact(graphopt.load("out/default"))
+    result = gen.generate([[17, 4, 99], [5]], max_new_tokens=32)      # batch, left-padded
+    result.tokens, result.ttft_s, result.decode_tokens_per_s
+
+Greedy (temperature 0) or sampled with temperature, top-k and top-p from a seeded numpy
+generator; stops at EOS (per row) or after `max_new_tokens`; `on_tokens(step, ids)` is
+called with each step's new ids (streaming). `generate_text` does the same from and to text
+with the tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.dtypes import DType
+from graphopt.passes.kvcache.last_token import META_LOGITS
+from graphopt.passes.kvcache.rewrite import META_LAYERS, META_LAYOUT, META_MAX_POSITIONS
+
+# Tokenizer files copied beside a generation-ready artifact when the model folder has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "generation_config.json")
+TRAINING_EOS = "<|endoftext|>"  # graphopt.train's one special token (documents start after it)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]          # the new ids of each row (EOS not included)
+    ttft_s: float                    # prefill + first token
+    decode_s: float                  # every later step
+    decode_tokens: int               # tokens the decode steps produced (all rows)
+    steps: int
+    texts: list[str] | None = None   # the new text of each row, when prompted with text
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@dataclasses.dataclass
+class CacheSpec:
+    """What the Generator needs to know of the graph's cache inputs."""
+
+    num_layers: int
+    kv_num_heads: list[int]
+    head_sizes: list[tuple[int, int]]  # (key, value) per layer
+    dtype: np.dtype
+    mask_dtype: np.dtype
+    max_positions: int | None
+    layout: str = "BNSH"
+
+    def shape(self, batch: int, layer: int, kind: int, seq: int = 0) -> tuple[int, ...]:
+        """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions."""
+        heads, head = self.kv_num_heads[layer], self.head_sizes[layer][kind]
+        return (batch, seq, heads, head) if self.layout == "BSNH" else (batch, heads, seq, head)
+
+    @staticmethod
+    def from_signature(sig: dict, max_positions: int | None = None, layout: str = "BNSH") -> "CacheSpec":
+        inputs = {e["name"]: e for e in sig["inputs"]}
+        for name in ("input_ids", "attention_mask", "past_key_values.0.key"):
+            if name not in inputs:
+                raise UserError(f"not a generation-ready decoder: no input {name!r} (optimize it with the default "
+                                "pipeline: graphopt optimize MODEL -o OUT)")
+        layers = 0
+        while f"past_key_values.{layers}.key" in inputs:
+            layers += 1
+        heads, sizes = [], []
+        axis = 2 if layout == "BSNH" else 1
+        for i in range(layers):
+            k, v = inputs[f"past_key_values.{i}.key"]["shape"], inputs[f"past_key_values.{i}.value"]["shape"]
+            heads.append(int(k[axis]))
+            sizes.append((int(k[3]), int(v[3])))
+        dt = DType.from_short(inputs["past_key_values.0.key"]["dtype"]).np_dtype
+        mdt = DType.from_short(inputs["attention_mask"]["dtype"]).np_dtype
+        return CacheSpec(layers, heads, sizes, np.dtype(dt), np.dtype(mdt), max_positions, layout)
+
+
+class Generator:
+    """Prefill + decode over `run(feeds) -> outputs` (an artifact's, or any backend's)."""
+
+    def __init__(self, run: Callable[[dict], dict], spec: CacheSpec, *, eos_token_id: int | None = None,
+                 pad_token_id: int = 0):
+        self.run, self.spec = run, spec
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+
+    @staticmethod
+    def for_artifact(artifact) -> "Generator":
+        gen = artifact.manifest.get("generation") or {}
+        spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
+                                        gen.get("kv_layout", "BNSH"))
+        return Generator(artifact.run, spec, eos_token_id=gen.get("eos_token_id"))
+
+    def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        s = self.spec
+        feeds = {}
+        for i in range(s.num_layers):
+            feeds[f"past_key_values.{i}.key"] = np.zeros(s.shape(batch, i, 0), s.dtype)
+            feeds[f"past_key_values.{i}.value"] = np.zeros(s.shape(batch, i, 1), s.dtype)
+        return feeds
+
+    def generate(self, prompts: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int = 32, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_token_id: int | None = None, allowed_first: np.ndarray | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
+        """Continue each prompt (token ids; one prompt or a batch, left-padded here).
+        `allowed_first` ([batch, vocab] bool) restricts the first new token (token healing)."""
+        if len(prompts) and isinstance(prompts[0], (int, np.integer)):
+            prompts = [prompts]
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        if max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens {max_new_tokens}: must be positive")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise UserError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
+        longest = max(len(p) for p in prompts)
+        limit = self.spec.max_positions
+        if limit and longest + max_new_tokens - 1 > limit:
+            raise UserError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens needs "
+                            f"{longest + max_new_tokens - 1} positions; the model has {limit}")
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        batch = len(prompts)
+        ids = np.full((batch, longest), self.pad_token_id, np.int64)
+        mask = np.zeros((batch, longest), self.spec.mask_dtype)
+        for r, p in enumerate(prompts):
+            ids[r, longest - len(p):] = p
+            mask[r, longest - len(p):] = 1
+        rng = np.random.default_rng(seed)
+        feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(batch)}
+        new: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(batch, bool)
+        t0 = time.perf_counter()
+        ttft = decode = 0.0
+        decode_tokens = steps = 0
+        for step in range(max_new_tokens):
+            out = self.run(feeds)
+            logits = np.asarray(out["logits"])[:, -1].astype(np.float64)
+            if step == 0 and allowed_first is not None:
+                logits = np.where(allowed_first, logits, -np.inf)
+            nxt = np.array([sample(row, temperature, top_k, top_p, rng) for row in logits], np.int64)
+            if eos is not None:
+                nxt = np.where(done, eos, nxt)
+            fresh = []
+            for r in range(batch):
+                if done[r]:
+                    continue
+                if eos is not None and nxt[r] == eos:
+                    done[r] = True
+                    continue
+                new[r].append(int(nxt[r]))
+                fresh.append(r)
+            now = time.perf_counter()
+            steps += 1
+            if step == 0:
+                ttft = now - t0
+            else:
+                decode_tokens += len(fresh)
+            if on_tokens is not None:
+                on_tokens(step, [int(t) for t in nxt])
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
+            feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+            for i in range(self.spec.num_layers):
+                feeds[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
+                feeds[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
+        decode = time.perf_counter() - t0 - ttft
+        return GenerationResult(new, ttft, decode, decode_tokens, steps)
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    """One token id from `logits [vocab]`; temperature 0 means greedy (argmax)."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    if 0 < top_p < 1:
+        order = np.argsort(-z, kind="stable")
+        p = np.exp(z[order] - z[order[0]])
+        p /= p.sum()
+        before = np.cumsum(p) - p  # the probability of the tokens ranked above each one
+        drop = np.zeros(z.size, bool)
+        drop[order] = before >= top_p  # keep the token that crosses top_p
+        z = np.where(drop, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(z.size, p=p))
+
+
+# --------------------------------------------------------------------------------------
+# Text, tokenizer and manifest
+
+
+def load_tokenizer(folder: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no tokenizer.json beside the model; generate from token ids with "
+                        "Artifact.generate([[ids...]]) or copy the model's tokenizer.json there")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def healing_mask(tokenizer, token_id: int, vocab_size: int) -> np.ndarray:
+    """Tokens whose text starts with the text of `token_id` (token healing, as graphopt.train does)."""
+    prefix = tokenizer.id_to_token(token_id)
+    return np.array([(tokenizer.id_to_token(i) or "").startswith(prefix) for i in range(vocab_size)])
+
+
+def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | None = None):
+    """(token ids per prompt, allowed_first or None, healed text per prompt). A model trained
+    by graphopt.train starts documents after <|endoftext|> and gets token healing (its last
+    prompt token is taken back and the first new token must start with its text)."""
+    gen = artifact.manifest.get("generation") or {}
+    heal = gen.get("token_healing", False) if heal is None else heal
+    prefix = gen.get("prompt_prefix_ids") or []
+    ids, healed, masks = [], [], []
+    vocab = int(artifact.outputs[0]["shape"][-1])
+    for text in prompts:
+        p = tokenizer.encode(text).ids
+        h = ""
+        if heal and p:
+            masks.append(healing_mask(tokenizer, p[-1], vocab))
+            h = tokenizer.decode(p[-1:])
+            p = p[:-1]
+        elif heal:
+            masks.append(np.ones(vocab, bool))
+        ids.append(list(prefix) + p)
+        healed.append(h)
+    if not all(ids):
+        raise UserError("an empty prompt: give some text (or a model with a start token)")
+    return ids, (np.stack(masks) if heal else None), healed
+
+
+def generation_manifest(graph, model_path) -> dict | None:
+    """The manifest's `generation` section for a graph rewrite-kv-cache made, else None."""
+    props = graph.metadata.metadata_props
+    if META_LAYOUT not in props:
+        return None
+    section = {"kv_layout": props[META_LAYOUT], "logits": props.get(META_LOGITS, "all"),
+               "num_layers": int(props.get(META_LAYERS, 0)), "max_positions": int(props.get(META_MAX_POSITIONS, 0))}
+    folder = _model_folder(model_path)
+    config = _read_json(folder / "config.json") if folder is not None else None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        section["tokenizer"] = "tokenizer.json"
+        if isinstance(config, dict) and str(config.get("format", "")).startswith("graphopt.train"):
+            from tokenizers import Tokenizer
+
+            eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(TRAINING_EOS)
+            if eos is not None:
+                section.update(eos_token_id=eos, prompt_prefix_ids=[eos], token_healing=True)
+    if "eos_token_id" not in section and isinstance(config, dict):
+        gen_cfg = _read_json(folder / "generation_config.json") or {}
+        eos = gen_cfg.get("eos_token_id", config.get("eos_token_id"))
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if isinstance(eos, int):
+            section["eos_token_id"] = eos
+    return section
+
+
+def copy_tokenizer(model_path, outdir: Path) -> list[str]:
+    folder = _model_folder(model_path)
+    copied = []
+    if folder is None:
+        return copied
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, outdir / name)
+            copied.append(name)
+    return copied
+
+
+def _model_folder(model_path) -> Path | None:
+    if model_path is None or not isinstance(model_path, (str, Path)):
+        return None
+    p = Path(model_path)
+    return p if p.is_dir() else (p.parent if p.exists() else None)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

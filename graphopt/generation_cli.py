@@ -1,0 +1,134 @@
+"""`graphopt generate`: continue text with a training checkpoint (torch) or with a
+generation-ready artifact (its backend: ort or tvm), streaming it, then time to first token
+and decode tokens/s on stderr.
+
+A checkpoint runs graphopt.train's own loop (`graphopt.train.generate`); this command
+replaces graphopt.train's `generate` in the CLI, so the train package stays free of the
+compiler.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from graphopt.errors import UserError
+
+_BACKENDS = {"auto": None, "torch": "torch", "ort": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm"}
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Text to continue; repeat it for a batch (left-padded, artifacts only).")
+@click.option("--backend", type=click.Choice(list(_BACKENDS)), default="auto", show_default=True,
+              help="torch for a checkpoint; an artifact runs on the backend it was built for.")
+@click.option("--max-new-tokens", type=int, default=200, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="Intra-op threads of the runtime (artifacts).")
+def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p, seed, threads):
+    """Continue --prompt with MODEL, streaming tokens as they are produced, then print the time
+    to first token and the decode tokens/s.
+
+    MODEL is a training checkpoint (runs on torch) or an artifact folder that `graphopt
+    optimize` wrote for a decoder (runs on its backend).
+
+    \b
+    Examples:
+      graphopt generate examples/default --prompt "def "
+      graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
+      graphopt generate out/default --prompt "import " --prompt "class " --max-new-tokens 32
+      graphopt generate out/default --prompt "import " --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
+    """
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be positive")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    wanted = _BACKENDS[backend]
+    if (model / "manifest.json").is_file():
+        _generate_artifact(model, list(prompts), wanted, max_new_tokens, temperature, top_k, top_p, seed, threads)
+        return
+    if wanted not in (None, "torch"):
+        raise UserError(f"{model}: a checkpoint runs on torch; for --backend {backend}, optimize it first "
+                        f"(graphopt optimize {model} -o OUT --backend {backend}) and generate from OUT")
+    if len(prompts) > 1:
+        raise UserError(f"{model}: a checkpoint takes one --prompt (a batch of prompts needs an artifact)")
+    _generate_checkpoint(model, prompts[0], max_new_tokens, temperature, top_k, top_p, seed)
+
+
+def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):
+    """graphopt.train's own loop (eager torch with its KV cache, token healing)."""
+    from graphopt.train.checkpoint import load_model, resolve_checkpoint
+    from graphopt.train.generate import generate as train_generate
+    from graphopt.train.tokenizer import load_tokenizer
+
+    folder = resolve_checkpoint(model)
+    m, _ = load_model(folder)
+    tok = load_tokenizer(folder / "tokenizer.json")
+    first: list[float] = []
+
+    def on_text(piece: str) -> None:
+        if not first:
+            first.append(time.perf_counter() - t0)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(prompt)
+    t0 = time.perf_counter()
+    text = train_generate(m, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text)
+    total = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    n = len(tok.encode(text).ids)  # (re-encoded: about the number generated)
+    if first and n > 1 and total > first[0]:
+        click.echo(f"time to first token {first[0] * 1000:.1f} ms, decode {(n - 1) / (total - first[0]):.1f} "
+                   f"tokens/s (about {n} tokens, batch 1, torch)", err=True)
+
+
+def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperature, top_k, top_p, seed, threads):
+    import graphopt
+    from graphopt.generation import Generator, encode_prompts, load_tokenizer
+
+    artifact = graphopt.load(folder, threads=threads)
+    if wanted is not None and wanted != artifact.backend:
+        raise UserError(f"{folder}: the artifact was built for {artifact.backend}, not {wanted}; "
+                        f"optimize the model again with --backend for that")
+    if not artifact.manifest.get("generation"):
+        raise UserError(f"{folder}: not a generation-ready artifact (no KV cache); optimize the decoder again "
+                        "without --no-kv-cache or --passes")
+    tok = load_tokenizer(folder)
+    gen = Generator.for_artifact(artifact)
+    ids, allowed, healed = encode_prompts(artifact, tok, prompts)
+    stream = len(prompts) == 1
+    shown = {"text": healed[0], "ids": []}
+
+    def on_tokens(step: int, new: list[int]) -> None:
+        if not stream or (gen.eos_token_id is not None and new[0] == gen.eos_token_id):
+            return
+        shown["ids"].append(new[0])
+        text = tok.decode(shown["ids"])
+        if not text.endswith("\ufffd") and len(text) > len(shown["text"]):  # (a split UTF-8 character waits)
+            sys.stdout.write(text[len(shown["text"]):])
+            sys.stdout.flush()
+            shown["text"] = text
+
+    if stream:
+        sys.stdout.write(prompts[0])
+    result = gen.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          allowed_first=allowed, on_tokens=on_tokens)
+    if stream:
+        text = tok.decode(result.tokens[0])
+        if len(text) > len(shown["text"]):
+            sys.stdout.write(text[len(shown["text"]):])
+        sys.stdout.write("\n")
+    else:
+        for prompt, row, h in zip(prompts, result.tokens, healed):
+            text = tok.decode(row)
+            click.echo(prompt + (text[len(h):] if h and text.startswith(h) else text))
+    n = sum(len(r) for r in result.tokens)
+    click.echo(f"time to first token {result.ttft_s * 1000:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s "
+               f"({n} tokens, batch {len(prompts)}, {artifact.backend})", err=True)

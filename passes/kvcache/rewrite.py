@@ -1,0 +1,478 @@
+"""rewrite-kv-cache: a full-sequence decoder -> one graph for prefill and decode.
+
+Before (what the fusion pipeline makes of a decoder):
+
+    graph(%input_ids: i64[batch, seq], %attention_mask: i64[batch, seq]) -> (%logits)
+      %cos = Cos(Mul(Cast(Unsqueeze(Range(0, seq))), @inv_freq))          (positions 0..seq-1)
+      %mask = Where(causal_and_padding(%attention_mask), 0, -inf)          f32[batch, 1, seq, seq]
+      %a = graphopt.Attention(%q, %k, %v, %mask) {num_heads=4, kv_num_heads=2}
+
+After:
+
+    graph(%input_ids: i64[batch, seq], %attention_mask: i64[batch, "past_seq + seq"],
+          %past_key_values.0.key: f32[batch, 2, past_seq, 8], %past_key_values.0.value: ...)
+          -> (%logits, %present.0.key: f32[batch, 2, "past_seq + seq", 8], %present.0.value, ...)
+      %position_ids = Slice(Max(CumSum(%attention_mask) - 1, 0), -seq:)    (left padding works)
+      %q_rot = graphopt.RotaryEmbedding(%q, @cos_table, @sin_table, %position_ids)   (max_positions rows)
+      %bias = padding(%attention_mask) + causal(past_seq + i >= j)         built once, not per layer
+      %a, %present.0.key, %present.0.value = graphopt.Attention(%q, %k, %v, %bias,
+                                                 %past_key_values.0.key, %past_key_values.0.value)
+
+How the positions are found: every value that is computed from the input *shapes* and the
+weights only (never from token ids) and that the rest of the model reads is run at two
+sequence lengths. One that is a per-position table (its rows at length 3 are the first rows
+at length 5, as a position embedding or a rotary cos/sin cache) is evaluated once at
+`max-positions` and replaced by a Gather of that table at the new position ids (a rotary
+embedding takes the table and the position ids itself). Anything
+else that depends on the sequence length (other than shape arithmetic) is refused, as is
+attention that is not causal: the pass never guesses.
+
+Preconditions (checked): an `input_ids [batch, seq]` input, one output (the logits), every
+attention fused into 3-D graphopt.Attention (no Softmax left) and none with a cache yet.
+Options: `layout` (BNSH: the cache is [batch, kv_heads, seq, head_size], on every backend;
+BSNH: [batch, seq, kv_heads, head_size], on TVM; only the key/value heads are cached,
+grouped-query attention stays grouped) and `max-positions` (0: what the frontend recorded,
+the model's maximum context).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
+from graphopt.pass_manager import Pass, PassContext, PassError, PassResult, register_pass
+from graphopt.builder import Builder
+from graphopt.passes.cleanup.dce import EliminateDeadCode
+from graphopt.registry import run_reference
+
+INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
+PAST_SEQ, TOTAL_SEQ = "past_seq", "past_seq + seq"
+LAYOUTS = ("BNSH", "BSNH", "static", "paged")
+# layout -> the backends that run it (None: the pass runs without a backend, e.g. in tests)
+IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None)}
+# metadata_props keys: what the artifact's manifest and the Generator read back
+META_LAYOUT, META_MAX_POSITIONS, META_LAYERS = "graphopt.kv_layout", "graphopt.max_positions", "graphopt.kv_layers"
+_INT64_MAX = np.iinfo(np.int64).max
+_PROBE_SEQ = (3, 5)
+
+# (op, input index) slots that take shape arithmetic, not data: a value read only there may
+# depend on the sequence length (it is recomputed from input_ids' shape at run time).
+_SHAPE_SLOTS = {"Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Tile": {1}, "Unsqueeze": {1},
+                "Squeeze": {1}, "Split": {1}, "Pad": {1, 2, 3}, "ConstantOfShape": {0}, "Range": {0, 1, 2},
+                "CumSum": {1}, "TopK": {1}, "ReduceSum": {1}, "ReduceMean": {1}, "ReduceMax": {1}}
+
+
+class KVCacheError(PassError):
+    """The graph is not a decoder this pass can rewrite (names the node and the reason)."""
+
+
+def _fail(reason: str) -> KVCacheError:
+    return KVCacheError(f"rewrite-kv-cache: {reason}")
+
+
+def check_layout(layout: str, backend: str | None = None) -> None:
+    """Refuse a layout that is unknown or not implemented, in one line naming layout and backend."""
+    if layout not in LAYOUTS:
+        raise UserError(f"rewrite-kv-cache: unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    if backend not in IMPLEMENTED_LAYOUTS.get(layout, ()):
+        where = f"the {backend} backend" if backend else "any backend"
+        ok = [name for name, backends in IMPLEMENTED_LAYOUTS.items() if backend in backends]
+        raise UserError(f"rewrite-kv-cache: layout {layout!r} is not implemented for {where} "
+                        f"(implemented: {', '.join(ok)})")
+
+
+@register_pass("rewrite-kv-cache")
+class RewriteKVCache(Pass):
+    """Give a fused decoder a KV cache: past/present key and value per layer, positions
+    from the attention mask, one graph for prefill and decode.
+
+    Before:  %a = graphopt.Attention(%q, %k, %v, %causal_mask)
+    After:   %a, %present.0.key, %present.0.value =
+                 graphopt.Attention(%q, %k, %v, %bias, %past_key_values.0.key, %past_key_values.0.value)
+    """
+
+    layout: str = "BNSH"
+    max_positions: int = 0
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        check_layout(self.layout, ctx.hints.get("backend"))
+        site = _read_decoder(graph)
+        max_pos = self.max_positions or int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
+        if max_pos < max(_PROBE_SEQ):
+            raise _fail("the model's maximum context is unknown: give rewrite-kv-cache{max-positions=N}")
+        _check_causal(graph, site)
+        tables = _positional_values(graph, site, max_pos)
+
+        result = PassResult()
+        old_mask = site.mask_input
+        if old_mask is not None:
+            graph.rename_value(old_mask, graph.fresh_name("attention_mask_full_sequence"))
+        b = _Builder(graph)
+        mask = graph.add_input(graph.fresh_name("attention_mask_with_past"), TensorType(site.mask_dtype,
+                                                                                      ("batch", TOTAL_SEQ)))
+        graph.rename_value(mask, MASK)  # (a renamed value's old name is otherwise never handed out again)
+        position_ids = b.position_ids(site.input_ids, mask)
+        bias = b.causal_bias(site.input_ids, mask, site.dtype)
+
+        presents = []
+        for i, node in enumerate(site.attentions):
+            presents += _rewrite_attention(graph, node, i, bias, self.layout)
+            result.count("attention")
+        moved = _rotary_with_positions(graph, tables, position_ids, b)
+        result.count("rotary-position-ids", len(moved) // 2)
+        for v, uses, table in tables:
+            rest = [(user, index) for user, index in uses if (id(user), index) not in moved]
+            if not rest:
+                continue
+            new = b.gather_positions(table, position_ids, v)
+            for user, index in rest:
+                user.set_input(index, new)
+            result.count("position-tables")
+
+        EliminateDeadCode().run(graph, ctx)
+        if old_mask is not None:
+            _retire_input(graph, old_mask, site.input_ids)
+        logits = graph.outputs[0]
+        if logits.name != LOGITS:
+            graph.rename_value(logits, LOGITS)
+        graph.outputs = [logits] + presents
+        pasts = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
+        graph.inputs = [site.input_ids, mask] + pasts + [
+            v for v in graph.inputs if v is not site.input_ids and v is not mask and v not in pasts]
+        props = graph.metadata.metadata_props
+        props[META_LAYOUT], props[META_MAX_POSITIONS], props[META_LAYERS] = self.layout, str(max_pos), str(
+            len(site.attentions))
+        return result
+
+
+# --------------------------------------------------------------------------------------
+# Reading the decoder
+
+
+class _Decoder:
+    def __init__(self, input_ids: Value, mask_input: Value | None, attentions: list[Node]):
+        self.input_ids, self.mask_input, self.attentions = input_ids, mask_input, attentions
+        self.dtype = attentions[0].inputs[0].type.dtype
+        self.mask_dtype = mask_input.type.dtype if mask_input is not None else input_ids.type.dtype
+
+
+def _read_decoder(graph: Graph) -> _Decoder:
+    by_name = {v.name: v for v in graph.inputs if not v.is_initializer}
+    ids = by_name.get(INPUT_IDS)
+    if ids is None or ids.type.shape is None or len(ids.type.shape) != 2 or ids.type.dtype.is_float:
+        raise _fail(f"expected an integer input {INPUT_IDS!r} [batch, seq], the graph takes {sorted(by_name)}")
+    if tuple(ids.type.shape) != ("batch", "seq"):
+        raise _fail(f"input {INPUT_IDS!r} is {ids.type}, expected dimensions [batch, seq]")
+    if any(n.startswith("past_key_values.") for n in by_name):
+        raise _fail("the graph has a KV cache already (rewriting one layout into another is not implemented)")
+    other = sorted(set(by_name) - {INPUT_IDS, MASK})
+    if other:
+        raise _fail(f"unexpected input {other[0]!r}: a decoder takes {INPUT_IDS} (and {MASK})")
+    mask = by_name.get(MASK)
+    if mask is not None and (mask.type.shape is None or tuple(mask.type.shape) != ("batch", "seq")):
+        raise _fail(f"input {MASK!r} is {mask.type}, expected [batch, seq]")
+    if len(graph.outputs) != 1 or graph.outputs[0].type.rank != 3:
+        raise _fail("expected one output, the logits [batch, seq, vocab]")
+    for n in graph.nodes:
+        if n.domain == "" and n.op_type == "Softmax":
+            raise _fail(f"attention is not fused: Softmax node {n.name!r} remains (run the fusion pipeline, "
+                        "fuse-attention, first)")
+    attentions = [n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type == "Attention"]
+    if not attentions:
+        raise _fail("no graphopt.Attention in the graph (run the fusion pipeline, fuse-attention, first)")
+    for n in attentions:
+        q = n.inputs[0]
+        if len(n.inputs) > 4 or len(n.outputs) > 1:
+            raise _fail(f"attention node {n.name!r} has a cache already")
+        if q.type.rank != 3:
+            raise _fail(f"attention node {n.name!r} is 4-D; run fuse-attention{{to-3d=true}} so that it takes "
+                        "[batch, seq, hidden]")
+        if n.attr("num_heads", 0) % (n.attr("kv_num_heads", 0) or n.attr("num_heads", 0)):
+            raise _fail(f"attention node {n.name!r}: num_heads is not a multiple of kv_num_heads")
+        hidden = n.inputs[1].type.shape[2] if n.inputs[1].type.shape else None
+        if not isinstance(hidden, int):
+            raise _fail(f"attention node {n.name!r}: the key's hidden size is not static")
+        if n.inputs[0].type.shape[:2] != ids.type.shape or n.inputs[1].type.shape[:2] != ids.type.shape:
+            raise _fail(f"attention node {n.name!r} is not self-attention over [batch, seq]")
+    return _Decoder(ids, mask, attentions)
+
+
+def _cone(targets: list[Value]) -> set[int]:
+    """The ids of the nodes that `targets` are computed from."""
+    needed, stack, seen = set(), list(targets), set()
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        n = v.producer()
+        if n is not None and id(n) not in needed:
+            needed.add(id(n))
+            stack.extend(n.inputs)
+    return needed
+
+
+def evaluate(graph: Graph, targets: list[Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run only the nodes `targets` depend on, with the reference kernels."""
+    needed = _cone(targets)
+    env: dict[int, np.ndarray] = {}
+    for v in graph.inputs:
+        if v.name in feeds:
+            env[id(v)] = feeds[v.name]
+
+    def value(v: Value | None):
+        if v is None:
+            return None
+        if id(v) in env:
+            return env[id(v)]
+        if v.const_value is not None:
+            return np.asarray(v.const_value)
+        raise _fail(f"cannot evaluate {v.name!r}: no value for it")
+
+    for node in graph.nodes:
+        if id(node) not in needed:
+            continue
+        with np.errstate(all="ignore"):
+            outs = run_reference(node, [value(v) for v in node.inputs])
+        for v, r in zip(node.outputs, outs):
+            if v is not None:
+                env[id(v)] = np.asarray(r)
+    return [value(t) for t in targets]
+
+
+def _feeds(graph: Graph, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Inputs of the original graph at one binding: no padding, token 0."""
+    return {v.name: np.ones((batch, seq), v.type.dtype.np_dtype) if v.name == MASK
+            else np.zeros((batch, seq), v.type.dtype.np_dtype)
+            for v in graph.inputs if not v.is_initializer}
+
+
+def _check_causal(graph: Graph, site: _Decoder) -> None:
+    """Every attention must be causal: its own flag, or a mask that is 0 on and below the
+    diagonal and (nearly) -inf above it when nothing is padded."""
+    masks = {}
+    for n in site.attentions:
+        if len(n.inputs) > 3 and n.inputs[3] is not None:
+            masks.setdefault(id(n.inputs[3]), (n.inputs[3], n))
+        elif not n.attr("causal", 0):
+            raise _fail(f"attention node {n.name!r} is not causal (no mask, causal=0): not a decoder")
+    if not masks:
+        return
+    seq = max(_PROBE_SEQ)
+    values = evaluate(graph, [m for m, _ in masks.values()], _feeds(graph, 1, seq))
+    lower = np.tril(np.ones((seq, seq), bool))
+    for (mask, node), value in zip(masks.values(), values):
+        if value.dtype == np.bool_:
+            value = np.where(value, 0.0, -np.inf)
+        if value.ndim < 2:
+            raise _fail(f"attention node {node.name!r}: its mask {mask.name!r} is not [.., seq, seq]")
+        square = np.broadcast_to(value, value.shape[:-2] + (seq, seq)).reshape(-1, seq, seq)
+        causal = ((square[:, lower] == 0).all() and (square[:, ~lower] <= -1e4).all()
+                  and node.attr("causal", 0) in (0, 1))
+        if not causal:
+            raise _fail(f"attention node {node.name!r}: its mask {mask.name!r} is not a causal mask "
+                        "(an encoder, or a sliding window?)")
+
+
+def _shape_only(graph: Graph) -> set[int]:
+    """Ids of the values computed from input shapes and weights only, never from input data."""
+    data = {id(v) for v in graph.inputs if not v.is_initializer}
+    out = set()
+    for n in graph.nodes:
+        if n.domain == "" and n.op_type in ("Shape", "Size"):
+            out.update(id(v) for v in n.outputs if v is not None)
+        elif any(v is not None and id(v) in data for v in n.inputs):
+            data.update(id(v) for v in n.outputs if v is not None)
+        else:
+            out.update(id(v) for v in n.outputs if v is not None)
+    return out
+
+
+def _live_without_masks(graph: Graph, site: _Decoder) -> set[int]:
+    """Ids of the nodes the outputs need once the attention masks are no longer read."""
+    live_values = {id(v) for v in graph.outputs}
+    live = set()
+    for node in reversed(graph.nodes):
+        if any(v is not None and id(v) in live_values for v in node.outputs):
+            live.add(id(node))
+            ins = node.inputs[:3] if node in site.attentions else node.inputs
+            live_values.update(id(v) for v in ins if v is not None)
+    return live
+
+
+def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
+    """[(value, its data uses, table [max_pos, ...])] for every per-position table the model
+    reads; refuses any other sequence-dependent value it reads."""
+    shape_only = _shape_only(graph)
+    live = _live_without_masks(graph, site)
+    frontier: dict[int, tuple[Value, list]] = {}
+    for n in graph.nodes:
+        if id(n) not in live:
+            continue  # only the old mask reads it: it goes
+        if not any(v is not None and id(v) not in shape_only and v.const_value is None for v in n.inputs):
+            continue  # n itself is shape-only
+        if n.domain == "" and n.op_type in ("Shape", "Size"):
+            continue
+        for i, v in enumerate(n.inputs):
+            if v is None or id(v) not in shape_only or v.producer() is None:
+                continue
+            if n in site.attentions and i == 3:
+                continue  # the old mask: replaced
+            if n.domain == "" and i in _SHAPE_SLOTS.get(n.op_type, ()):
+                continue
+            frontier.setdefault(id(v), (v, []))[1].append((n, i))
+    for v in graph.outputs:
+        if id(v) in shape_only:
+            raise _fail(f"output {v.name!r} does not depend on the tokens")
+    values = [v for v, _ in frontier.values()]
+    if not values:
+        return []
+    s1, s2 = _PROBE_SEQ
+    at_s1 = evaluate(graph, values, _feeds(graph, 1, s1))
+    at_s2 = evaluate(graph, values, _feeds(graph, 1, s2))
+    at_b2 = evaluate(graph, values, _feeds(graph, 2, s1))
+    positional = []
+    for (v, uses), a1, a2, ab in zip(frontier.values(), at_s1, at_s2, at_b2):
+        if a1.shape != ab.shape:
+            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) depends on the batch size but not on the tokens")
+        if a1.shape == a2.shape:
+            if not np.array_equal(a1, a2, equal_nan=True):
+                raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) depends on the sequence length")
+            continue  # a constant the folder left
+        axes = [ax for ax in range(a1.ndim) if a1.shape[ax] == s1 and a2.shape[ax] == s2]
+        others = all(a1.shape[ax] == a2.shape[ax] for ax in range(a1.ndim) if ax not in axes)
+        if len(axes) != 1 or not others:
+            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) depends on the sequence length, but not as "
+                        "one table row per position")
+        ax = axes[0]
+        if ax == 0 or any(d != 1 for d in a1.shape[:ax]):
+            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}): a per-position table of shape "
+                        f"{list(a1.shape)} (sequence axis {ax}) is not [1.., seq, ...]")
+        if not np.array_equal(np.take(a2, range(s1), axis=ax), a1, equal_nan=True):
+            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) depends on the sequence length, but its rows "
+                        "are not a function of the position alone")
+        (table,) = evaluate(graph, [v], _feeds(graph, 1, max_pos))
+        if table.shape[ax] != max_pos:
+            raise _fail(f"{v.name!r} has {table.shape[ax]} rows at max-positions={max_pos}")
+        positional.append((v, uses, np.ascontiguousarray(table.reshape(table.shape[ax:])), ax))
+    return [(v, uses, (table, ax)) for v, uses, table, ax in positional]
+
+
+# --------------------------------------------------------------------------------------
+# Building
+
+
+class _Builder:
+    """The per-step values, built once at the top of the graph and shared by every layer."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.b = Builder(graph, before=graph.nodes[0] if graph.nodes else None, created_by="rewrite-kv-cache",
+                         name_prefix="kv_cache")
+
+    def _i64(self, *xs, name="kv_const"):
+        return self.b.const(np.array(xs, np.int64), name)
+
+    def position_ids(self, input_ids: Value, mask: Value) -> Value:
+        """Each token's position: how many real tokens precede it (left padding counts nothing)."""
+        b = self.b
+        m = mask if mask.type.dtype.np_dtype == np.int64 else b.Cast(mask, to=7)
+        counted = b.CumSum(m, b.const(np.array(1, np.int64), "kv_seq_axis"))
+        pos = b.Max(b.Sub(counted, b.const(np.array(1, np.int64), "kv_one")), b.const(np.array(0, np.int64), "kv_zero"))
+        # the last seq positions: from past_seq (not -seq: a negative start the TVM backend
+        # cannot tell from a positive one when it is symbolic)
+        past = b.Sub(b.Shape(mask, start=1, end=2), b.Shape(input_ids, start=1, end=2))
+        pos = b.Slice(pos, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(1, name="kv_axis"))
+        pos.type = TensorType(pos.type.dtype, ("batch", "seq"))
+        return pos
+
+    def causal_bias(self, input_ids: Value, mask: Value, dt) -> Value:
+        """[batch, 1, seq, past_seq + seq]: 0 where query i (at past_seq + i) may attend key j
+        (j <= past_seq + i and the key is not padding), -inf elsewhere."""
+        b = self.b
+        zero, neg_inf = b.const(np.array(0, dt.np_dtype), "kv_bias_zero"), b.const(np.array(-np.inf, dt.np_dtype),
+                                                                                  "kv_bias_neg_inf")
+        padding = b.Where(b.Equal(mask, b.const(np.array(0, mask.type.dtype.np_dtype), "kv_mask_zero")), neg_inf, zero)
+        padding = b.Unsqueeze(padding, self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
+        scalar = self._i64(0, name="kv_scalar_axis")
+        total = b.Squeeze(b.Shape(mask, start=1, end=2), scalar)
+        seq = b.Squeeze(b.Shape(input_ids, start=1, end=2), scalar)
+        one = b.const(np.array(1, np.int64), "kv_step")
+        rows = b.Unsqueeze(b.Range(b.Sub(total, seq), total, one), self._i64(1, name="kv_col_axis"))  # seq, 1
+        cols = b.Unsqueeze(b.Range(b.const(np.array(0, np.int64), "kv_start"), total, one), scalar)  # 1, total
+        causal = b.Where(b.LessOrEqual(cols, rows), zero, neg_inf)  # seq, total
+        bias = b.Add(padding, causal)
+        bias.type = TensorType(dt, ("batch", 1, "seq", TOTAL_SEQ))
+        return bias
+
+    def gather_positions(self, table_ax, position_ids: Value, old: Value) -> Value:
+        table, ax = table_ax
+        b = self.b
+        rows = b.Gather(b.const(table, f"{old.name}_table"), position_ids, axis=0)  # batch, seq, ...
+        if ax > 1:  # [1, .., seq, ...]: the ones between batch and seq come back
+            rows = b.Unsqueeze(rows, self._i64(*range(1, ax), name="kv_table_axes"))
+        return rows
+
+
+def cache_shape(layout: str, kv_heads: int, seq, head: int) -> tuple:
+    """The shape of a past or present in `layout`."""
+    return ("batch", seq, kv_heads, head) if layout == "BSNH" else ("batch", kv_heads, seq, head)
+
+
+def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Builder") -> set:
+    """A RotaryEmbedding whose cos/sin are both per-position tables takes the tables
+    ([max_positions, rot/2]) and the position ids itself, as ORT's kernel does: no per-layer
+    gather or flattening of caches. Returns the (node id, input index) uses it took over."""
+    by_value = {id(v): table for v, _, table in tables}
+    consts: dict[int, Value] = {}
+    moved: set = set()
+    for n in graph.nodes:
+        if n.domain != GRAPHOPT_DOMAIN or n.op_type != "RotaryEmbedding" or len(n.inputs) != 3:
+            continue
+        cos, sin = (by_value.get(id(t)) for t in n.inputs[1:3])
+        if cos is None or sin is None or cos[1] != 1 or sin[1] != 1 or cos[0].ndim != 2 or sin[0].ndim != 2:
+            continue
+        for index, (t, (table, _)) in ((1, (n.inputs[1], cos)), (2, (n.inputs[2], sin))):
+            if id(t) not in consts:
+                consts[id(t)] = b.b.const(table, f"{t.name}_table")
+            n.set_input(index, consts[id(t)])
+            moved.add((id(n), index))
+        n.append_input(position_ids)
+    return moved
+
+
+def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str) -> list[Value]:
+    q, k, v = node.inputs[:3]
+    nq = node.attr("num_heads")
+    nkv = node.attr("kv_num_heads", 0) or nq
+    head_k, head_v = k.type.shape[2] // nkv, v.type.shape[2] // nkv
+    dt = k.type.dtype
+    past = [graph.add_input(f"past_key_values.{layer}.{kind}", TensorType(dt, cache_shape(layout, nkv, PAST_SEQ, head)))
+            for kind, head in (("key", head_k), ("value", head_v))]
+    present_types = [TensorType(dt, cache_shape(layout, nkv, TOTAL_SEQ, head)) for head in (head_k, head_v)]
+    attrs = {name: a.value for name, a in node.attrs.items() if name not in ("causal", "kv_layout")}
+    if layout != "BNSH":
+        attrs["kv_layout"] = layout
+    b = Builder(graph, before=node, created_by="rewrite-kv-cache")
+    y, pk, pv = b.op("Attention", q, k, v, bias, *past, domain=GRAPHOPT_DOMAIN, n_out=3,
+                     output_types=[node.outputs[0].type, *present_types], causal=0, **attrs)
+    node.outputs[0].replace_all_uses_with(y)
+    graph.remove_node(node)
+    graph.rename_value(pk, f"present.{layer}.key")
+    graph.rename_value(pv, f"present.{layer}.value")
+    return [pk, pv]
+
+
+def _retire_input(graph: Graph, old: Value, input_ids: Value) -> None:
+    """The full-sequence mask input goes; a Shape of it still read is the Shape of input_ids
+    (the two had the same [batch, seq])."""
+    for user, index in list(old.uses()):
+        if user.domain == "" and user.op_type == "Shape":
+            user.set_input(index, input_ids)
+        else:
+            raise _fail(f"node {user.name!r} ({user.op}) reads the attention mask other than through the "
+                        "attention (cannot tell what it means with a cache)")
+    graph.inputs = [v for v in graph.inputs if v is not old]
+
+
+__all__ = ["RewriteKVCache", "check_layout", "evaluate", "KVCacheError"]

@@ -1,0 +1,511 @@
+"""rewrite-kv-cache, slice-last-token-logits, the Generator and `graphopt generate`.
+
+The oracle is PyTorch recomputing the whole sequence at every step, row by row without
+padding: a left-padded batch with a cache must give each row the logits its own unpadded
+sequence gives.
+"""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphopt
+from graphopt.errors import UserError
+from graphopt.pass_manager import PassManager
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "examples" / "default"
+ATOL = 1e-4  # fp32, the issue's bound against PyTorch
+PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2], [64, 1, 30, 8]]  # batch 3, left-padded to 6
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures: fused graphs of small transformers models, and the shipped checkpoint
+
+
+_fused_cache: dict = {}
+
+
+@pytest.fixture(scope="module")
+def fused(exported):
+    """fused(arch) -> (torch model, the graph after the default fusion pipeline), from the
+    session's dynamo exports (shared with the other test files)."""
+    from graphopt.driver import optimize
+    from graphopt.models import load_graph
+
+    def get(arch: str):
+        if arch not in _fused_cache:
+            module, path = exported(arch, "dynamo")
+            graph = optimize(load_graph(path), None, kv_cache=False).graph
+            # what the frontends record for a checkpoint or Hugging Face folder (the tiny
+            # configs have 64 positions); an ONNX file does not say
+            graph.metadata.metadata_props["graphopt.max_positions"] = "64"
+            graph.rename_value(graph.outputs[0], "logits")  # as the frontends name it
+            _fused_cache[arch] = (module.model, graph)
+        return _fused_cache[arch]
+
+    return get
+
+
+def hf_reference(model):
+    import torch
+
+    def last_logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].numpy()
+    return last_logits
+
+
+@pytest.fixture(scope="module")
+def default_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kv_default") / "ort"
+    result = graphopt.optimize(str(DEFAULT_MODEL), out)
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from graphopt.train import load_model
+
+    return load_model(DEFAULT_MODEL)[0]
+
+
+def train_reference(model):
+    import torch
+
+    def last_logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([ids]))[0, -1].numpy()
+    return last_logits
+
+
+def rewrite(graph, pipeline="rewrite-kv-cache"):
+    return PassManager(pipeline).run(graph)
+
+
+def lowered_ort(graph, tmp_path: Path):
+    """The graph lowered for ORT and saved as an artifact; its run(feeds)."""
+    return graphopt.load(_ort_artifact(graph, tmp_path)).run
+
+
+def interpreter(graph):
+    from graphopt.interpreter import run
+
+    return lambda feeds: run(graph, feeds)
+
+
+def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int,
+                 layout: str = "BNSH"):
+    """Prefill the left-padded prompts, then `steps` greedy decode steps; at every step each
+    row's last logits must match `reference(row ids)` and every present must grow by one."""
+    def cache(batch, seq):
+        return (batch, seq, kv_heads, head) if layout == "BSNH" else (batch, kv_heads, seq, head)
+
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    ids = np.zeros((batch, longest), np.int64)
+    mask = np.zeros((batch, longest), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p):], mask[r, longest - len(p):] = p, 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros(cache(batch, 0), np.float32)
+    rows = [list(p) for p in prompts]
+    worst = 0.0
+    for step in range(steps + 1):
+        out = run(feeds)
+        total = mask.shape[1]
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                assert out[f"present.{i}.{kind}"].shape == cache(batch, total), (step, i, kind)
+        logits = out["logits"][:, -1]
+        for r in range(batch):
+            want = reference(rows[r])
+            worst = max(worst, float(np.abs(logits[r] - want).max()))
+            np.testing.assert_allclose(logits[r], want, rtol=0, atol=ATOL, err_msg=f"step {step}, row {r}")
+        nxt = logits.argmax(-1).astype(np.int64)
+        for r in range(batch):
+            rows[r].append(int(nxt[r]))
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
+    return worst
+
+
+# --------------------------------------------------------------------------------------
+# rewrite-kv-cache: structure
+
+
+def test_rewrite_gives_the_optimum_signature_and_caches_only_kv_heads(fused):
+    _, graph = fused("llama")  # 4 query heads, 2 key/value heads, head size 8
+    g = rewrite(graph)
+    names = [v.name for v in g.inputs if not v.is_initializer]
+    assert names == ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value",
+                     "past_key_values.1.key", "past_key_values.1.value"]
+    assert [v.name for v in g.outputs] == ["logits", "present.0.key", "present.0.value", "present.1.key",
+                                           "present.1.value"]
+    types = {v.name: v.type for v in list(g.inputs) + list(g.outputs)}
+    assert types["attention_mask"].shape == ("batch", "past_seq + seq")
+    assert types["past_key_values.0.key"].shape == ("batch", 2, "past_seq", 8)
+    assert types["present.1.value"].shape == ("batch", 2, "past_seq + seq", 8)
+    attn = [n for n in g.nodes if n.op == "graphopt.Attention"]
+    assert len(attn) == 2 and all(len(n.inputs) == 6 and n.inputs[3] is attn[0].inputs[3] for n in attn)
+    # positions and the mask are built once for all layers: one CumSum, one causal Range pair
+    assert sum(n.op_type == "CumSum" for n in g.nodes) == 1
+    assert sum(n.op_type == "Range" for n in g.nodes) == 2
+    assert g.metadata.metadata_props["graphopt.kv_layout"] == "BNSH"
+    # the rotary embeddings take the cos/sin tables and the position ids themselves
+    ropes = [n for n in g.nodes if n.op == "graphopt.RotaryEmbedding"]
+    assert len(ropes) == 4 and all(n.inputs[3] is ropes[0].inputs[3] for n in ropes)
+    assert ropes[0].inputs[1].type.shape == (64, 4)  # max-positions rows, rot/2
+
+
+def test_not_fused_is_refused(fused):
+    from graphopt.passes.kvcache.rewrite import KVCacheError
+
+    _, graph = fused("llama")
+    g = graph.copy()
+    for n in [n for n in g.nodes if n.op == "graphopt.Attention"]:
+        from graphopt.lowering import decompose_node
+
+        decompose_node(n)
+    with pytest.raises(KVCacheError, match="attention is not fused: Softmax node"):
+        rewrite(g)
+
+
+def test_non_causal_attention_is_refused(fused):
+    from graphopt.passes.kvcache.rewrite import KVCacheError
+
+    _, graph = fused("gpt2")
+    g = graph.copy()
+    zero = g.add_initializer("no_mask", np.zeros((1, 1, 1, 1), np.float32))
+    for n in g.nodes:
+        if n.op == "graphopt.Attention":
+            n.set_input(3, zero)
+    with pytest.raises(KVCacheError, match="is not a causal mask"):
+        rewrite(g)
+
+
+@pytest.mark.parametrize("layout", ["static", "paged", "BSNH"])
+def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.models import save_graph
+
+    _, graph = fused("llama")
+    save_graph(graph, tmp_path / "llama.gir")
+    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "llama.gir"), "-o", str(tmp_path / "out"), "-q",
+                                 "--passes", f"rewrite-kv-cache{{layout={layout},max-positions=64}}"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        f"error: rewrite-kv-cache: layout {layout!r} is not implemented for the onnxruntime backend "
+        "(implemented: BNSH)"]
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------
+# rewrite-kv-cache: numbers against PyTorch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
+    model, graph = fused(arch)
+    g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
+    run = lowered_ort(g, tmp_path)
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head = cfg.hidden_size // heads
+    layers = cfg.num_hidden_layers
+    ref = hf_reference(model)
+    check_decode(run, ref, PROMPTS[:1], 8, layers, kv, head)  # batch 1
+    check_decode(run, ref, PROMPTS, 8, layers, kv, head)  # batch 3, left padding
+    manifest = json.loads((tmp_path / "ort" / "manifest.json").read_text())
+    assert manifest["lowering"]["kernels"]["com.microsoft.GroupQueryAttention"] == layers
+
+
+def test_ort_refuses_a_multi_token_step_over_a_batched_cache(fused, tmp_path):
+    """GroupQueryAttention's CPU kernel runs prefill (empty past) and one-token steps at any
+    batch size; the one call it refuses is an error, not a wrong answer."""
+    _, graph = fused("llama")
+    run = lowered_ort(rewrite(graph), tmp_path)
+    empty = {f"past_key_values.{i}.{k}": np.zeros((2, 2, 0, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    ids = np.array([[5, 17, 3], [4, 4, 2]], np.int64)
+    out = run({"input_ids": ids, "attention_mask": np.ones_like(ids), **empty})
+    step = {"input_ids": ids[:, :2], "attention_mask": np.ones((2, 5), np.int64),
+            **{f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(2) for k in ("key", "value")}}
+    with pytest.raises(Exception, match="batch_size must be 1 when sequence_length > 1"):
+        run(step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["BNSH", "BSNH"])
+def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path, layout):
+    pytest.importorskip("tvm")
+    model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
+    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}},slice-last-token-logits")
+    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
+    artifact = graphopt.load(tmp_path / "tvm")
+    assert artifact.manifest["generation"]["kv_layout"] == layout
+    check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8, layout)
+    greedy = artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens
+    if layout == "BNSH":
+        ort = graphopt.load(_ort_artifact(g, tmp_path))
+        assert greedy == ort.generate(PROMPTS, 8, eos_token_id=-1).tokens
+
+
+def _ort_artifact(graph, tmp_path):
+    graphopt.optimize(graph, tmp_path / "ort", passes="eliminate-dead-code")
+    return tmp_path / "ort"
+
+
+@pytest.mark.parametrize("layout", ["BNSH", "BSNH"])
+def test_prefill_and_decode_in_the_reference_interpreter(fused, layout):
+    model, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}}")  # logits at every position: the last is checked
+    assert g.value("past_key_values.0.key").type.shape == (("batch", "past_seq", 2, 8) if layout == "BSNH"
+                                                            else ("batch", 2, "past_seq", 8))
+    check_decode(interpreter(g), hf_reference(model), PROMPTS, 3, 2, 2, 8, layout)
+
+
+def test_attention_bsnh_caches_are_bnsh_transposed():
+    """graphopt.Attention{kv_layout=BSNH}: reference kernel and decomposition agree with BNSH."""
+    from graphopt.builder import Builder
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.dtypes import DType
+    from graphopt.lowering import decompose_node
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    feeds = {"q": f32(2, 3, 32), "k": f32(2, 3, 16), "v": f32(2, 3, 16), "mask": f32(2, 1, 3, 8),
+             "pk": f32(2, 5, 2, 8), "pv": f32(2, 5, 2, 8)}
+
+    t = (0, 2, 1, 3)
+    bnsh_feeds = {**feeds, "pk": feeds["pk"].transpose(t), "pv": feeds["pv"].transpose(t)}
+
+    def graph(layout, decompose):
+        g = Graph("attn")
+        typed = feeds if layout == "BSNH" else bnsh_feeds
+        ins = {n: g.add_input(n, TensorType(DType.FLOAT32, a.shape)) for n, a in typed.items()}
+        b = Builder(g)
+        outs = b.op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
+                    causal=1, kv_layout=layout)
+        g.outputs = list(outs)
+        if decompose:
+            decompose_node(g.nodes[0])
+        return g
+
+    want = list(run(graph("BNSH", False), bnsh_feeds).values())
+    for decompose in (False, True):
+        y, pk, pv = run(graph("BSNH", decompose), feeds).values()
+        assert pk.shape == (2, 8, 2, 8)
+        np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pk.transpose(t), want[1], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(pv.transpose(t), want[2], rtol=1e-6, atol=1e-6)
+
+
+def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, default_model):
+    out, _ = default_artifact
+    artifact = graphopt.load(out)
+    ref = train_reference(default_model)
+    check_decode(artifact.run, ref, PROMPTS, 12, 6, 2, 32)  # batch 3, left padding
+    check_decode(artifact.run, ref, PROMPTS[:1], 64, 6, 2, 32)  # batch 1, the issue's 64 steps
+
+
+# --------------------------------------------------------------------------------------
+# slice-last-token-logits
+
+
+def test_slice_last_token_logits_is_the_last_row_of_all_logits(fused):
+    from graphopt.interpreter import run
+
+    _, graph = fused("gpt2")
+    g = rewrite(graph, "slice-last-token-logits")
+    assert g.outputs[0].type.shape == ("batch", 1, 128)
+    assert g.metadata.metadata_props["graphopt.logits"] == "last"
+    head = g.outputs[0].producer()  # the LM head now reads the last position only
+    sliced = head.inputs[0].producer()
+    assert sliced.op_type == "Slice" and sliced.outputs[0].type.shape == ("batch", 1, 32)
+    feeds = {"input_ids": np.array([[3, 9, 27, 81], [1, 2, 4, 8]], np.int64),
+             "attention_mask": np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int64)}
+    full, last = run(graph, feeds)["logits"], run(g, feeds)["logits"]
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_slice_refuses_logits_not_from_a_per_position_head():
+    from graphopt.passes.kvcache.last_token import SliceLogitsError
+    from graphopt.testing import apply_pipeline_text
+
+    before = """graph @g(%x: f32[batch, seq, 4]) -> (f32[batch, seq, 4]) {
+  weights {
+    @axis: i64[]
+  }
+  %y = CumSum(%x, @axis)
+  return %y
+}
+"""
+    with pytest.raises(SliceLogitsError, match="not computed by a per-position LM head"):
+        apply_pipeline_text(before, "slice-last-token-logits", {"axis": np.array(1, np.int64)})
+
+
+# --------------------------------------------------------------------------------------
+# Generation-ready artifacts, the Generator and `graphopt generate`
+
+
+def torch_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The checkpoint's own eager loop with its KV cache (what `graphopt generate CKPT` runs)."""
+    import torch
+
+    logits, cache = model.forward_cached(torch.tensor([prompt]), None)
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        logits, cache = model.forward_cached(torch.tensor([[out[-1]]]), cache)
+    return out
+
+
+def test_default_artifact_is_generation_ready(default_artifact):
+    out, result = default_artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    gen = manifest["generation"]
+    assert {k: gen[k] for k in ("kv_layout", "logits", "num_layers", "max_positions", "tokenizer", "eos_token_id")} \
+        == {"kv_layout": "BNSH", "logits": "last", "num_layers": 6, "max_positions": 256,
+            "tokenizer": "tokenizer.json", "eos_token_id": 0}
+    import onnx
+
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    assert gen["decode_graph_nodes"] == len(nodes)
+    # lean: positions, mask and cache lengths once per step, not per layer; no cache copies
+    ops = collections.Counter(n.op_type for n in nodes)
+    assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 12
+    assert ops["CumSum"] == ops["ReduceMax"] == ops["Gather"] == 1 and ops["Range"] == 2
+    assert ops["Concat"] == ops["Flatten"] == ops["Reshape"] == 0
+    assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
+    assert result.report["generation"] == {"ready": True, "logits": "last"}
+    assert result.report["pipeline"].endswith("rewrite-kv-cache,slice-last-token-logits")
+    assert manifest["signature"]["outputs"][0] == {"name": "logits", "dtype": "f32", "shape": ["batch", 1, 4096]}
+
+
+def test_greedy_generation_gives_the_same_tokens_as_torch(default_artifact, default_model):
+    artifact = graphopt.load(default_artifact[0])
+    result = artifact.generate(PROMPTS, 32, eos_token_id=-1)  # (no row stops early)
+    assert result.steps == 32 and result.decode_tokens == 31 * len(PROMPTS) and result.ttft_s > 0
+    for prompt, got in zip(PROMPTS, result.tokens):
+        assert got == torch_greedy(default_model, prompt, 32)
+
+
+def test_sampling_follows_the_seed_and_top_k_1_is_greedy(default_artifact):
+    artifact = graphopt.load(default_artifact[0])
+    kw = dict(temperature=1.0, top_k=50, top_p=0.9, eos_token_id=-1)
+    a, b = artifact.generate([PROMPTS[0]], 12, seed=3, **kw), artifact.generate([PROMPTS[0]], 12, seed=3, **kw)
+    others = [artifact.generate([PROMPTS[0]], 12, seed=s, **kw).tokens for s in (4, 5, 6)]
+    assert a.tokens == b.tokens and any(o != a.tokens for o in others)
+    greedy = artifact.generate([PROMPTS[0]], 12, eos_token_id=-1).tokens
+    assert artifact.generate([PROMPTS[0]], 12, temperature=1.0, top_k=1, seed=9, eos_token_id=-1).tokens == greedy
+
+
+def test_streaming_callback_sees_every_step(default_artifact):
+    artifact = graphopt.load(default_artifact[0])
+    seen = []
+    result = artifact.generate(PROMPTS[:2], 5, eos_token_id=-1, on_tokens=lambda step, ids: seen.append((step, ids)))
+    assert [s for s, _ in seen] == list(range(5))
+    assert [ids for _, ids in seen] == [list(col) for col in zip(*result.tokens)]
+
+
+def test_past_the_maximum_context_is_a_clear_error(default_artifact):
+    artifact = graphopt.load(default_artifact[0])
+    with pytest.raises(UserError, match="needs 259 positions; the model has 256"):
+        artifact.generate([[1] * 250], 10)
+
+
+def test_generate_cli_on_the_artifact_matches_the_checkpoint(default_artifact):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    args = ["--prompt", "def ", "--max-new-tokens", "24"]
+    ort = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), *args])
+    torch = CliRunner().invoke(cli, ["generate", str(DEFAULT_MODEL), *args])
+    assert ort.exit_code == 0 and torch.exit_code == 0, ort.output + torch.output
+    assert ort.stdout == torch.stdout and ort.stdout.startswith("def ") and len(ort.stdout) > 10
+    assert "time to first token" in ort.stderr and "tokens/s" in ort.stderr and "onnxruntime" in ort.stderr
+    batch = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), "--prompt", "import ", "--prompt",
+                                     "class ", "--max-new-tokens", "8"])
+    assert batch.exit_code == 0 and "batch 2" in batch.stderr
+    lines = batch.stdout.splitlines()
+    assert lines[0].startswith("import ") and any(line.startswith("class ") for line in lines)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--backend", "tvm"], "built for onnxruntime, not tvm"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+])
+def test_generate_cli_refusals_are_one_line(default_artifact, args, words):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), "--prompt", "x", *args])
+    assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_generate_cli_checkpoint_on_another_backend_says_optimize_first():
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", str(DEFAULT_MODEL), "--prompt", "x", "--backend", "ort"])
+    assert r.exit_code == 2 and "optimize it first" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_hugging_face_folder_becomes_a_generation_ready_artifact(tmp_path):
+    import torch
+
+    from graphopt.testing import tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=2).model
+    model.save_pretrained(tmp_path / "hf")
+    result = graphopt.optimize(tmp_path / "hf", tmp_path / "out")
+    gen = result.manifest["generation"]
+    assert gen["max_positions"] == 64 and gen["logits"] == "last" and gen["num_layers"] == 2
+    got = graphopt.load(tmp_path / "out").generate(PROMPTS, 10, eos_token_id=-1).tokens
+    for prompt, row in zip(PROMPTS, got):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert row == want
+
+
+def test_logits_all_keeps_every_position_and_no_kv_cache_keeps_the_full_sequence(fused, tmp_path):
+    from graphopt.interpreter import run
+
+    _, graph = fused("llama")
+    feeds = {"input_ids": np.array([[3, 9, 27, 81, 5]], np.int64), "attention_mask": np.ones((1, 5), np.int64)}
+    want = run(graph, feeds)["logits"]
+    every = graphopt.optimize(graph, tmp_path / "all", logits="all")
+    assert every.manifest["generation"]["logits"] == "all"
+    assert every.manifest["signature"]["outputs"][0]["shape"] == ["batch", "seq", 128]
+    empty = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    got = graphopt.load(tmp_path / "all").run({**feeds, **empty})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    plain = graphopt.optimize(graph, tmp_path / "plain", kv_cache=False)
+    assert "generation" not in plain.manifest
+    assert [e["name"] for e in plain.manifest["signature"]["inputs"]] == ["input_ids", "attention_mask"]
+
+
+def test_logits_option_needs_a_decoder_and_the_default_pipeline(fused, tmp_path):
+    _, graph = fused("llama")
+    with pytest.raises(UserError, match="--logits chooses the end of the default pipeline"):
+        graphopt.optimize(graph, None, passes="eliminate-dead-code", logits="all")
+    with pytest.raises(UserError, match="--logits applies to decoders"):
+        graphopt.optimize(ROOT / "examples" / "tiny_mlp.onnx", None, logits="last")
