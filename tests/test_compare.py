@@ -367,3 +367,16 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
             browser.close()
     assert messages == []
     assert all(u.startswith("file://") for u in requests), requests
+
+
+def test_a_generation_ready_artifact_is_refused_with_the_way_out(tmp_path):
+    # compare times full-sequence artifacts; a KV-cache artifact says how to make one.
+    from graphopt.testing import tiny_hf_model
+
+    folder = tmp_path / "hf"
+    tiny_hf_model("llama").model.save_pretrained(folder)
+    art = tmp_path / "art"
+    r = CliRunner().invoke(cli, ["optimize", str(folder), "-o", str(art), "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["compare", str(art), "--reference", str(folder), "-q"])
+    assert r.exit_code == 2 and "--no-kv-cache" in r.output and len(r.output.strip().splitlines()) == 1

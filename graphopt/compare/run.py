@@ -113,6 +113,9 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             cells.append(Cell(f"{b}/{v}", b, v, spec.summary, spec.anchor, spec.build))
     for a in artifacts:
         manifest = _read_manifest(a)
+        if (manifest.get("generation") or {}).get("kv_layout"):
+            raise UserError(f"{a}: a generation-ready artifact (KV cache, last-token logits); compare times "
+                            "full-sequence artifacts: optimize with --no-kv-cache for it")
         b = BACKEND_OF_ARTIFACT.get(manifest.get("backend"), manifest.get("backend", "?"))
         cells.append(Cell(f"{b}/{a.name}", b, a.name, f"artifact {a}", False, V.artifact_variant(a)))
     if len({c.id for c in cells}) != len(cells):

@@ -142,6 +142,10 @@ class BuildContext:
         graph = self.export_graph().copy()
         out = self.workdir / f"{name}-{backend}"
         t = time.perf_counter()
+        # Full-sequence artifacts: every cell computes logits at every position of the same
+        # inputs (a generation-ready artifact, with its cache and last-token logits, is timed
+        # by `--generate`, not here).
+        kwargs.setdefault("kv_cache", False)
         optimize(graph, out, backend={"ort": "onnxruntime"}.get(backend, backend), **kwargs)
         return out, time.perf_counter() - t
 
