@@ -158,10 +158,18 @@ def _progress(quiet: bool):
 @click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
 @click.option("--explain-fusions", is_flag=True, help="List, per fusion, the sites fused and the near misses "
               "(where a fusion's root op matched but a later constraint failed, and where).")
+@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]",
+              help="Append weight quantization to the pipeline: int8 (block 128) or int4 (block 32; int4:64, "
+                   "int4:128). See docs/quantization.md.")
+@click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
+              help="rtn: round to nearest (no data); gptq: error-compensated, on calibration data.")
+@click.option("--calibration", type=click.Path(path_type=str), default=None,
+              help="Calibration data for gptq: a text file, .jsonl of texts, or .npz of inputs "
+                   "(default for graphopt.train checkpoints: their training corpus).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, explain_fusions, as_json, quiet):
+             no_verify, explain_fusions, quantize, quant_method, calibration, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
@@ -172,6 +180,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize examples/tiny_mlp.onnx -o out/tiny
       graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
+      graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize
@@ -187,7 +196,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     result = run_optimize(model, output_dir, passes=pipeline, recipe=recipe, backend=backend,
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
-                          progress=_progress(quiet))
+                          progress=_progress(quiet), quantize=quantize, quant_method=quant_method,
+                          calibration=calibration)
     if as_json:
         import json
 

@@ -24,6 +24,25 @@ def default_pipeline() -> str:
     return f"{CLEANUP_PIPELINE},{FUSION_PIPELINE},{POST_FUSION_CLEANUP}"
 
 
+QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # scheme -> (bits, default block size)
+
+
+def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
+    """`--quantize int8|int4[:BLOCK]` as the passes it appends: "int4:64" ->
+    "quantize-weights{bits=4,block-size=64,method=rtn}"."""
+    name, _, block = scheme.partition(":")
+    if name not in QUANT_SCHEMES:
+        raise UserError(f"--quantize {scheme!r}: expected int8 or int4, optionally with a block size (int4:64)")
+    bits, block_size = QUANT_SCHEMES[name]
+    if block:
+        if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
+            raise UserError(f"--quantize {scheme!r}: the block size must be 32, 64 or 128 (or 16, 256)")
+        block_size = int(block)
+    if method not in ("rtn", "gptq"):
+        raise UserError(f"--quant-method {method!r}: expected rtn or gptq")
+    return f"quantize-weights{{bits={bits},block-size={block_size},method={method}}}"
+
+
 
 @dataclasses.dataclass
 class OptimizeResult:
@@ -37,10 +56,15 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              passes: str | None = None, recipe: str | os.PathLike | None = None, backend: str = "onnxruntime",
              backend_options: dict | None = None,
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
-             verify: bool = True, progress: Callable[[str], None] | None = None) -> OptimizeResult:
+             verify: bool = True, progress: Callable[[str], None] | None = None,
+             quantize: str | None = None, quant_method: str = "rtn",
+             calibration: str | os.PathLike | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default cleanup pipeline unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
-    `output_dir` atomically (nothing is left there if anything fails)."""
+    `output_dir` atomically (nothing is left there if anything fails).
+
+    `quantize` ("int8", "int4", "int4:64") appends `quantize-weights` to the pipeline with
+    `quant_method` (rtn, or gptq on `calibration` data: see graphopt.calibration)."""
     from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
     from graphopt.pass_manager import PassManager, load_recipe, parse_pipeline
     from graphopt.summary import summarize
@@ -58,6 +82,13 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     be.check_target(target)
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
+    if quantize is not None:
+        entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
+    elif quant_method != "rtn":
+        raise UserError("--quant-method goes with --quantize int8|int4")
+    needs_data = any(e.name == "quantize-weights" and e.instantiate().method == "gptq" for e in entries)
+    if calibration is not None and not needs_data:
+        raise UserError("--calibration is used by --quant-method gptq only")
 
     if isinstance(model, Graph):
         graph = model
@@ -78,7 +109,16 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 
         inputs = check_feeds(graph, inputs)
     before = summarize(graph)
-    pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress)
+    from graphopt.pass_manager import PassContext
+
+    ctx = PassContext(target=target, hints={"progress": progress})
+    if needs_data:
+        from graphopt.calibration import load_calibration
+
+        folder = graph.metadata.source if isinstance(model, Graph) else model  # a Graph loaded from a folder
+        ctx.hints["calibration"] = load_calibration(calibration, folder, graph, progress=progress)
+    pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress,
+                     ctx=ctx)
     optimized = pm.run(graph)
     after = summarize(optimized)
     report = {
@@ -97,6 +137,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "parameters_after": after["parameters"]["count"],
         "backend": backend,
         "backend_options": dict(backend_options or {}),
+        **quantization_summary(pm.records, quantize, calibration, ctx.hints.get("calibration")),
         "target": target,
     }
     manifest: dict = {}
@@ -121,6 +162,24 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:
+    """The report's "quantization" entry: what was quantized and the weight bytes it saved."""
+    runs = [r for r in records if r.name == "quantize-weights"]
+    if not runs:
+        return {}
+    r = runs[-1]
+    out = {"scheme": scheme, "bits": r.options["bits"], "block_size": r.options["block_size"],
+           "symmetric": r.options["symmetric"], "method": r.options["method"],
+           "layers": {k: v for k, v in r.stats.items() if not k.endswith("-bytes")},
+           "float_weight_bytes": r.stats.get("float-weight-bytes", 0),
+           "quantized_weight_bytes": r.stats.get("quantized-weight-bytes", 0),
+           "kept_float": [d["node"] for d in r.details if d.get("reason") == "excluded"]}
+    if feeds:
+        out["calibration"] = {"file": None if calibration is None else str(calibration),
+                              "batches": len(feeds), "sequences": int(sum(len(next(iter(f.values()))) for f in feeds))}
+    return {"quantization": out}
 
 
 def fusion_summary(records) -> dict:
@@ -160,6 +219,11 @@ def format_report(report: dict) -> str:
     if report.get("backend_seconds"):
         lines.append(f"backend   {report['backend']}: " + ", ".join(
             f"{k} {v:.1f} s" for k, v in report["backend_seconds"].items()))
+    q = report.get("quantization")
+    if q:
+        layers = sum(q["layers"].values())
+        lines.append(f"quantized {layers} layers to int{q['bits']} (block {q['block_size']}, {q['method']}): weights "
+                     f"{q['float_weight_bytes'] / 1e6:.2f} MB -> {q['quantized_weight_bytes'] / 1e6:.2f} MB")
     gone = collections.Counter(report["ops_before"]) - collections.Counter(report["ops_after"])
     if gone:
         lines.append("removed   " + ", ".join(f"{k} x{v}" for k, v in gone.most_common()))

@@ -92,6 +92,7 @@ def _load_graphopt_ops() -> None:
         _graphopt_ops_loaded = True
         import graphopt.fused_ops  # noqa: F401  (registers on import)
         import graphopt.graphopt_ops  # noqa: F401
+        import graphopt.quant_ops  # noqa: F401
 
 
 def get_op(domain: str, name: str) -> OpDef:

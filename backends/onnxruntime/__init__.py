@@ -18,7 +18,7 @@ import numpy as np
 from graphopt.errors import UserError
 from graphopt.ir import Graph
 
-from graphopt.backends.onnxruntime import attention, rules  # noqa: F401  (register the rules)
+from graphopt.backends.onnxruntime import attention, quant, rules  # noqa: F401  (register the rules)
 from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
 
 NAME = "onnxruntime"
@@ -44,6 +44,7 @@ def lower(graph: Graph, target: str, report: LoweringReport | None = None, optio
 LOWERING_OPTIONS = {
     "attention_kernel": ("auto", "gqa", "mha", "onnx", "decompose"),
     "skip_norm": ("auto", "fused", "split"),
+    "quant_accuracy_level": ("auto", "0", "1", "2", "3", "4"),
 }
 
 

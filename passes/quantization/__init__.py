@@ -1,0 +1,8 @@
+"""Quantization passes: weights stored in fewer bits, with their accuracy measured.
+
+`quantize-weights` (weights.py) rewrites every linear layer with a constant weight
+(graphopt.Linear / GatedLinear, plain MatMul / Gemm, a tied LM head) into
+graphopt.QuantLinear: int4 or int8 weights, block-wise scales and zero points, round-to-
+nearest or GPTQ (gptq.py, with calibration data from the pass context).
+"""
+from graphopt.passes.quantization import weights  # noqa: F401
