@@ -21,7 +21,7 @@ __all__ = ["NAME", "Compiled", "Executable", "check_target", "compile_graph", "s
 
 def load_rules() -> None:
     """Register the TVM lowering rules in the op registry (imports tvm)."""
-    from graphopt.backends.tvm import rules_core, rules_graphopt, rules_shapes  # noqa: F401
+    from graphopt.backends.tvm import rules_core, rules_graphopt, rules_quant, rules_shapes  # noqa: F401
 
 
 if importlib.util.find_spec("tvm") is not None:  # without tvm, check_target says how to install it

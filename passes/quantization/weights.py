@@ -227,7 +227,7 @@ class QuantizeWeights(Pass):
         hessians = {key: Hessian(v.type.shape[-1]) for key, v in wanted.items()}
         for i, feeds in enumerate(feeds_list):
             progress(f"calibration {i + 1}/{len(feeds_list)}")
-            values = interpret(graph, feeds, keep_all=True)
+            values = {**feeds, **interpret(graph, feeds, keep_all=True)}  # keep_all omits the inputs
             for key, v in wanted.items():
                 hessians[key].add(values[v.name])
         return hessians

@@ -1,0 +1,55 @@
+"""TVM lowering rules for the quantized ops (semantics: graphopt/quant_ops.py).
+
+graphopt.QuantLinear keeps its weight packed in the module's parameters (4 bits a weight
+for int4) and dequantizes it in Relax at each call -- unpack (shift, mask), subtract the zero
+point, scale -- before the matmul. That is correct everywhere and halves (int8: quarters)
+the weight bytes of the artifact, but it materializes a float weight per call: the
+dequantize-fused GEMV schedule (unpacking in registers) is left to do (docs/quantization.md).
+"""
+from __future__ import annotations
+
+try:  # every module imports without tvm (the wheel check imports them all); rules run only with it
+    from tvm import relax
+    from tvm.relax import op as R
+except ImportError:  # pragma: no cover
+    relax = R = None
+
+from graphopt.backends.tvm.lowering import Lowerer, rule
+from graphopt.backends.tvm.rules_graphopt import _activate, _attr
+
+
+def _unpack(lw: Lowerer, packed, bits: int):
+    """u8 [..., m] -> u8 [..., 2m] for 4 bits (low nibble first), as is for 8."""
+    if bits == 8:
+        return packed
+    low = lw.emit(R.bitwise_and(packed, relax.const(0x0F, "uint8")))
+    high = lw.emit(R.right_shift(packed, relax.const(4, "uint8")))
+    rank = lw.rank(packed)
+    pairs = lw.emit(R.concat([R.expand_dims(low, [rank]), R.expand_dims(high, [rank])], axis=rank))
+    shape = lw.shape(packed)
+    return lw.emit(R.reshape(pairs, shape[:-1] + [2 * shape[-1]]))
+
+
+@rule("QuantLinear", domain="graphopt")
+def quant_linear(lw: Lowerer, node, args):
+    args = list(args) + [None] * (5 - len(args))
+    x, packed, scales = (lw.tensor(a) for a in args[:3])
+    bits, block_size = _attr(node, "bits"), _attr(node, "block_size")
+    k, n = node.attr("K"), node.attr("N")
+    nb = -(-k // block_size)
+    dt = lw.dtype(x)
+    q = lw.emit(R.astype(_unpack(lw, packed, bits), dt))  # [N, nb, block_size]
+    if args[3] is None:
+        zero = relax.const(2 ** (bits - 1), dt)
+    else:
+        zq = _unpack(lw, lw.tensor(args[3]), bits)
+        zq = lw.emit(R.strided_slice(zq, axes=[1], begin=[0], end=[nb]))
+        zero = lw.emit(R.expand_dims(R.astype(zq, dt), [2]))
+    w = lw.emit(R.multiply(R.subtract(q, zero), R.expand_dims(scales, [2])))
+    w = lw.emit(R.reshape(w, [n, nb * block_size]))
+    if nb * block_size != k:
+        w = lw.emit(R.strided_slice(w, axes=[1], begin=[0], end=[k]))
+    y = lw.emit(R.matmul(x, R.permute_dims(w, [1, 0])))
+    if args[4] is not None:
+        y = lw.emit(R.add(y, lw.tensor(args[4])))
+    return [_activate(lw, y, _attr(node, "activation"))]
