@@ -285,3 +285,53 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         q = PassManager(f"quantize-weights{{bits=4,block-size=32,method={method}}}", ctx=ctx).run(g)
         errors[method] = float(np.linalg.norm(run(q, held_out)[g.outputs[0].name] - want))
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+# --------------------------------------------------------------------------------------
+# QuantGather (quantized embeddings) and the tied table
+
+
+def quant_gather_graph(bits=4, block_size=32, symmetric=False, k=48, rows=20):
+    table = f32(rows, k)
+    packed, scales, zp = quantize_blockwise(table, bits, block_size, symmetric)
+    g = Graph("qg")
+    ids = g.add_input("ids", TensorType(DType.INT64, ("batch", "seq")))
+    b = Builder(g)
+    ins = [b.const(packed, "t_q"), ids, b.const(scales, "t_scales")] + ([] if zp is None else [b.const(zp, "t_zp")])
+    y = b.op("QuantGather", *ins, domain="graphopt", K=k, bits=bits, block_size=block_size)
+    g.outputs = [y]
+    verify(g)
+    return g, {"ids": RNG.integers(0, rows, (2, 3))}, (packed, scales, zp)
+
+
+@pytest.mark.parametrize("bits, block_size, symmetric", FORMATS)
+def test_quant_gather_reference_decomposition_and_ort(bits, block_size, symmetric, tmp_path):
+    import graphopt.backends.onnxruntime as ort_backend
+
+    g, feeds, (packed, scales, zp) = quant_gather_graph(bits, block_size, symmetric)
+    want = numpy_dequantize(packed, scales, zp, bits, block_size, 48)[feeds["ids"]]
+    got = run(g, feeds)[g.outputs[0].name]
+    assert got.shape == (2, 3, 48)
+    assert_close(got, want, rtol=0, atol=0)
+    d = g.copy()
+    decompose_graphopt_ops(d)
+    verify(d)
+    assert_close(run(d, feeds)[d.outputs[0].name], want, rtol=0, atol=0, what="decomposition")
+    lowered = ort_backend.lower(g, "cpu")
+    assert "com.microsoft.GatherBlockQuantized" in [n.op for n in lowered.nodes]
+    save_onnx(lowered, tmp_path / "g.onnx")
+    assert_close(next(iter(run_ort(tmp_path / "g.onnx", feeds).values())), want, rtol=0, atol=0, what="ORT")
+
+
+def test_tied_embedding_and_head_share_one_quantized_copy():
+    g, feeds, _ = linear_graph("tied")
+    want = run(g, feeds)[g.outputs[0].name]
+    pm = PassManager("quantize-weights{bits=8,block-size=32,embeddings=true}")
+    q = pm.run(g)
+    assert pm.records[0].stats["tied"] == 1 and pm.records[0].stats["embedding"] == 1
+    gather = next(n for n in q.nodes if n.op_type == "QuantGather")
+    head = next(n for n in q.nodes if n.op_type == "QuantLinear")
+    assert gather.inputs[0] is head.inputs[1] and gather.inputs[2] is head.inputs[2]  # one copy
+    assert all(v.dtype != np.float32 or v.size < 100 for v in q.weights().values())  # the float table is gone
+    got = run(q, feeds)[q.outputs[0].name]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01

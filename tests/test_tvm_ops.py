@@ -80,6 +80,9 @@ def _quant_linear_cases() -> list:
         ins = [f32(2, 3, k), C(packed), C(scales), None if zp is None else C(zp)] + ([C(f32(6))] if bias else [])
         cases.append(Case("QuantLinear", ins, {"K": k, "N": 6, "bits": bits, "block_size": block, "activation": act},
                           domain="graphopt", symbolic={0: SEQ}, id=f"int{bits}-b{block}"))
+        cases.append(Case("QuantGather", [C(packed), RNG.integers(0, 6, (2, 3)), C(scales)] + ([] if zp is None else [C(zp)]),
+                          {"K": k, "bits": bits, "block_size": block}, domain="graphopt", symbolic={1: SEQ},
+                          id=f"gather-int{bits}-b{block}"))
     return cases
 
 CASES = [

@@ -53,3 +53,26 @@ def quant_linear(lw: Lowerer, node, args):
     if args[4] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[4])))
     return [_activate(lw, y, _attr(node, "activation"))]
+
+
+@rule("QuantGather", domain="graphopt")
+def quant_gather(lw: Lowerer, node, args):
+    packed, indices, scales = (lw.tensor(a) for a in args[:3])
+    zp = lw.tensor(args[3]) if len(args) > 3 and args[3] is not None else None
+    bits, block_size, k = _attr(node, "bits"), _attr(node, "block_size"), node.attr("K")
+    nb = -(-k // block_size)
+    dt = lw.dtype(scales)
+    lead = lw.shape(indices)
+    r = len(lead)
+    q = lw.emit(R.astype(_unpack(lw, lw.emit(R.take(packed, indices, axis=0)), bits), dt))  # [..., nb, bs]
+    if zp is None:
+        zero = relax.const(2 ** (bits - 1), dt)
+    else:
+        zq = _unpack(lw, lw.emit(R.take(zp, indices, axis=0)), bits)
+        zq = lw.emit(R.strided_slice(zq, axes=[r], begin=[0], end=[nb]))
+        zero = lw.emit(R.expand_dims(R.astype(zq, dt), [r + 1]))
+    w = lw.emit(R.multiply(R.subtract(q, zero), R.expand_dims(R.take(scales, indices, axis=0), [r + 1])))
+    w = lw.emit(R.reshape(w, lead + [nb * block_size]))
+    if nb * block_size != k:
+        w = lw.emit(R.strided_slice(w, axes=[r], begin=[0], end=[k]))
+    return [w]

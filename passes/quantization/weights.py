@@ -6,7 +6,7 @@
 Sites: graphopt.Linear, graphopt.GatedLinear (its gate and up weights quantized side by
 side as one QuantLinear, then Split and the gate), MatMul by a constant matrix, Gemm by a
 constant matrix (alpha = beta = 1), and MatMul by the transpose of a constant (a tied LM
-head: the embedding table stays as it is for its Gather; option `tied`).
+head; option `tied`); with option `embeddings`, Gather from a constant table as well.
 
 The weight is stored packed with its scales (and zero points), never as unpacked floats; the
 fp32 weight is dropped when nothing else reads it.
@@ -18,6 +18,8 @@ Options:
   method      rtn (round to nearest, no data) or gptq (needs calibration inputs in the pass
               context: `ctx.hints["calibration"]`, a list of feed dicts)
   tied        also quantize MatMul(X, Transpose(@w)) where @w is shared (a tied LM head)
+  embeddings  also quantize Gather(@table, ids) into graphopt.QuantGather (round to nearest;
+              a table tied to a quantized LM head shares the head's quantized copy)
   exclude     node names to leave in float, separated by ';'
   damp        GPTQ's diagonal dampening, as a fraction of the mean diagonal of H
 """
@@ -130,6 +132,7 @@ class QuantizeWeights(Pass):
     symmetric: bool = False
     method: str = "rtn"
     tied: bool = True
+    embeddings: bool = False
     exclude: str = ""
     damp: float = 0.01
 
@@ -144,6 +147,7 @@ class QuantizeWeights(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()
+        self._tables: dict[str, tuple] = {}  # tied table name -> its quantized (packed, scales, zero points)
         result = PassResult()
         excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
         sites = []
@@ -158,7 +162,7 @@ class QuantizeWeights(Pass):
                     sites.append(site)
         progress = ctx.hints.get("progress") or (lambda msg: None)
         hessians = self._hessians(graph, sites, ctx, progress) if self.method == "gptq" else {}
-        before = after = 0
+        start = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
         for i, site in enumerate(sites):
             if self.method == "gptq":
                 progress(f"gptq {i + 1}/{len(sites)}: {site.node.name} [{site.w_nk.shape[0]}x{site.w_nk.shape[1]}]")
@@ -167,17 +171,18 @@ class QuantizeWeights(Pass):
             else:
                 q, scales, zp = quantize_rows(site.w_nk, self.bits, self.block_size, self.symmetric)
             stored = self._rewrite(graph, site, q, scales, zp)
-            before += sum(w.const_value.nbytes for w in site.weights if w.const_value is not None)
-            after += stored
             result.count(site.kind)
             result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
                                    "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0]), "bytes": stored})
             for w in site.weights:
                 if w.is_initializer and not w.uses() and not w.is_graph_output and not w.is_graph_input:
                     graph.remove_initializer(w.name)
-        if sites:
-            result.count("float-weight-bytes", before)
-            result.count("quantized-weight-bytes", after)
+        if self.embeddings:
+            self._quantize_embeddings(graph, excluded, result)
+        # bytes of the weights the pass removed, and of those it added in their place
+        now = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
+        result.count("float-weight-bytes", sum(n for name, n in start.items() if name not in now))
+        result.count("quantized-weight-bytes", sum(n for name, n in now.items() if name not in start))
         return result
 
     def _rewrite(self, graph: Graph, site: Site, q, scales, zp) -> int:
@@ -213,7 +218,36 @@ class QuantizeWeights(Pass):
             y = rw.Mul(activate(rw, gate, site.activation), up)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node, *site.extra_nodes])
+        if site.kind == "tied":  # the table's Gather can share this copy
+            self._tables[site.weights[0].name] = (packed, sc, zv)
         return stored
+
+    def _quantize_embeddings(self, graph: Graph, excluded: set, result: PassResult) -> None:
+        for node in list(graph.nodes):
+            if node.domain != "" or node.op_type != "Gather" or node.attr("axis", 0) != 0 or node.name in excluded:
+                continue
+            table, ids = node.inputs
+            w = constant_value(table)
+            if w is None or w.ndim != 2 or w.dtype.kind != "f" or ids.type is None or ids.type.dtype.short not in ("i32", "i64"):
+                continue
+            rw = Rewriter(graph, node, "quantize-weights")
+            shared = self._tables.get(table.name)
+            if shared is None:
+                q, scales, zp = quantize_rows(w, self.bits, self.block_size, self.symmetric)
+                tag = f"q{self.bits}"
+                shared = (rw.const(pack_weight(q, self.bits, self.block_size), f"{table.name}_{tag}"),
+                          rw.const(scales.astype(w.dtype), f"{table.name}_scales"),
+                          None if zp is None else rw.const(pack(zp, self.bits), f"{table.name}_zero_points"))
+            packed, sc, zv = shared
+            args = [packed, ids, sc] + ([zv] if zv is not None else [])
+            y = rw.op("QuantGather", *args, domain=G, K=int(w.shape[1]), bits=self.bits, block_size=self.block_size)
+            replace_value(graph, node.outputs[0], y)
+            remove_dead(graph, [node])
+            if not table.uses() and table.is_initializer and not table.is_graph_output:
+                graph.remove_initializer(table.name)
+            result.count("embedding")
+            result.details.append({"node": node.name, "op": node.op, "kind": "embedding", "K": int(w.shape[1]),
+                                   "N": int(w.shape[0]), "shared": table.name in self._tables})
 
     def _hessians(self, graph: Graph, sites: list[Site], ctx: PassContext, progress) -> dict[int, Hessian]:
         """X^T X of every site's input over the calibration feeds (fp32 activations)."""
