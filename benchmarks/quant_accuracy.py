@@ -17,15 +17,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = [  # (name, --quantize, --quant-method, backend options)
-    ("fp32", None, "rtn", {}),
-    ("int8 rtn", "int8", "rtn", {}),
-    ("int8 b32 rtn", "int8:32", "rtn", {}),
-    ("int4 b32 rtn", "int4", "rtn", {}),
-    ("int4 b32 gptq", "int4", "gptq", {}),
-    ("int4 b128 rtn", "int4:128", "rtn", {}),
-    ("int4 b128 gptq", "int4:128", "gptq", {}),
-    ("int4 b32 gptq, accuracy_level=4", "int4", "gptq", {"quant_accuracy_level": "4"}),
+Q = "quantize-weights"
+VARIANTS = [  # (name, the pass appended to the default pipeline, backend options)
+    ("fp32", None, {}),
+    ("int8 b128 rtn", f"{Q}{{bits=8,block-size=128}}", {}),
+    ("int8 b32 rtn", f"{Q}{{bits=8,block-size=32}}", {}),
+    ("int8 b128 rtn +emb", f"{Q}{{bits=8,block-size=128,embeddings=true}}", {}),
+    ("int4 b32 rtn", f"{Q}{{bits=4,block-size=32}}", {}),
+    ("int4 b32 gptq", f"{Q}{{bits=4,block-size=32,method=gptq}}", {}),
+    ("int4 b32 gptq +emb", f"{Q}{{bits=4,block-size=32,method=gptq,embeddings=true}}", {}),
+    ("int4 b32 rtn +emb", f"{Q}{{bits=4,block-size=32,embeddings=true}}", {}),
+    ("int4 b32 gptq symmetric", f"{Q}{{bits=4,block-size=32,method=gptq,symmetric=true}}", {}),
+    ("int4 b128 rtn", f"{Q}{{bits=4,block-size=128}}", {}),
+    ("int4 b128 gptq", f"{Q}{{bits=4,block-size=128,method=gptq}}", {}),
+    ("int4 b32 gptq acc4", f"{Q}{{bits=4,block-size=32,method=gptq}}", {"quant_accuracy_level": "4"}),
 ]
 
 
@@ -41,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "examples/default"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--only", default="", help="variant names separated by ';'")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quant_accuracy.md"))
     args = ap.parse_args()
     model = Path(args.model)
@@ -51,13 +56,16 @@ def main() -> None:
     seq_len = json.loads((model / "config.json").read_text())["model"]["max_seq_len"]
     graph = load_graph(str(model))
     rows = []
-    for name, scheme, method, options in VARIANTS:
-        if args.only and name not in args.only.split(","):
+    from graphopt.driver import default_pipeline
+
+    for name, quant_pass, options in VARIANTS:
+        if args.only and name not in args.only.split(";"):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            res = graphopt.optimize(graph, Path(tmp) / "a", quantize=scheme, quant_method=method,
-                                    backend_options=options, progress=lambda m: None)
+            passes = default_pipeline() + (f",{quant_pass}" if quant_pass else "")
+            res = graphopt.optimize(graph, Path(tmp) / "a", passes=passes, backend_options=options,
+                                    progress=lambda m: None)
             seconds = time.perf_counter() - t0
             art = graphopt.load(Path(tmp) / "a", threads=2)
             ppl = perplexity(artifact_logits(art), ids, seq_len).perplexity

@@ -166,10 +166,16 @@ def _progress(quiet: bool):
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
               help="Calibration data for gptq: a text file, .jsonl of texts, or .npz of inputs "
                    "(default for graphopt.train checkpoints: their training corpus).")
+@click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
+              help="perplexity=+2% or top1=0.99 against fp32 on held-out text: the most sensitive layers stay "
+                   "in float until it holds; exit 2 and nothing written when no mix does.")
+@click.option("--accuracy-data", type=click.Path(path_type=str), default=None,
+              help="Held-out text (.txt/.jsonl) for --accuracy-budget (default: a graphopt.train checkpoint's val.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, explain_fusions, quantize, quant_method, calibration, as_json, quiet):
+             no_verify, explain_fusions, quantize, quant_method, calibration, accuracy_budget, accuracy_data,
+             as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
@@ -181,6 +187,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
+      graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize
@@ -197,7 +204,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
                           progress=_progress(quiet), quantize=quantize, quant_method=quant_method,
-                          calibration=calibration)
+                          calibration=calibration, accuracy_budget=accuracy_budget, accuracy_data=accuracy_data)
     if as_json:
         import json
 

@@ -58,13 +58,17 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
              verify: bool = True, progress: Callable[[str], None] | None = None,
              quantize: str | None = None, quant_method: str = "rtn",
-             calibration: str | os.PathLike | None = None) -> OptimizeResult:
+             calibration: str | os.PathLike | None = None, accuracy_budget: str | None = None,
+             accuracy_data: str | os.PathLike | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default cleanup pipeline unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
     `output_dir` atomically (nothing is left there if anything fails).
 
     `quantize` ("int8", "int4", "int4:64") appends `quantize-weights` to the pipeline with
-    `quant_method` (rtn, or gptq on `calibration` data: see graphopt.calibration)."""
+    `quant_method` (rtn, or gptq on `calibration` data: see graphopt.calibration).
+    `accuracy_budget` ("perplexity=+2%", "top1=0.99") keeps the most sensitive layers in
+    float until the quantized model meets it on held-out text (`accuracy_data`, or a
+    graphopt.train checkpoint's val.txt): see graphopt.accuracy_guard."""
     from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
     from graphopt.pass_manager import PassManager, load_recipe, parse_pipeline
     from graphopt.summary import summarize
@@ -89,6 +93,15 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     needs_data = any(e.name == "quantize-weights" and e.instantiate().method == "gptq" for e in entries)
     if calibration is not None and not needs_data:
         raise UserError("--calibration is used by --quant-method gptq only")
+    budget = None
+    if accuracy_budget is not None:
+        from graphopt.accuracy_guard import Budget
+
+        budget = Budget.parse(accuracy_budget)
+        if not any(e.name == "quantize-weights" for e in entries):
+            raise UserError("--accuracy-budget guards quantization: give --quantize int8|int4 too")
+    elif accuracy_data is not None:
+        raise UserError("--accuracy-data goes with --accuracy-budget")
 
     if isinstance(model, Graph):
         graph = model
@@ -117,6 +130,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 
         folder = graph.metadata.source if isinstance(model, Graph) else model  # a Graph loaded from a folder
         ctx.hints["calibration"] = load_calibration(calibration, folder, graph, progress=progress)
+    accuracy = None
+    if budget is not None:
+        entries, accuracy = _guard_quantization(graph, model, entries, budget, accuracy_data, ctx, verify, progress)
     pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress,
                      ctx=ctx)
     optimized = pm.run(graph)
@@ -138,6 +154,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "backend": backend,
         "backend_options": dict(backend_options or {}),
         **quantization_summary(pm.records, quantize, calibration, ctx.hints.get("calibration")),
+        **({"accuracy": accuracy} if accuracy is not None else {}),
         "target": target,
     }
     manifest: dict = {}
@@ -162,6 +179,33 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):
+    """The pipeline with the last quantize-weights told which layers to keep in float so
+    that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
+    from graphopt.accuracy_guard import guard, held_out_tokens, ort_measure, seq_len_of
+    from graphopt.pass_manager import PassManager, PipelineEntry
+
+    folder = graph.metadata.source if isinstance(model, Graph) else model
+    qi = max(i for i, e in enumerate(entries) if e.name == "quantize-weights")
+    ids, source = held_out_tokens(folder, graph, accuracy_data)
+    base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
+    ctx.hints.setdefault("quantized_layers", {})
+
+    def quantize(exclude: str):
+        opts = {k: v for k, v in entries[qi].options.items() if k != "exclude"}
+        pm = PassManager([PipelineEntry(entries[qi].name, {**opts, **({"exclude": exclude} if exclude else {})})],
+                         verify=False, ctx=ctx)
+        g = PassManager(entries[qi + 1:], verify=False, ctx=ctx).run(pm.run(base)) if qi + 1 < len(entries) else pm.run(base)
+        return g, [d["node"] for d in pm.records[0].details if "kind" in d]
+
+    exclude, accuracy = guard(base, quantize, budget, ort_measure(ids, seq_len_of(folder)), progress)
+    accuracy["data"] = {"file": source, "tokens": int(len(ids) - 1)}
+    guarded = list(entries)
+    if exclude:
+        guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
+    return guarded, accuracy
 
 
 def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:
@@ -224,6 +268,11 @@ def format_report(report: dict) -> str:
         layers = sum(q["layers"].values())
         lines.append(f"quantized {layers} layers to int{q['bits']} (block {q['block_size']}, {q['method']}): weights "
                      f"{q['float_weight_bytes'] / 1e6:.2f} MB -> {q['quantized_weight_bytes'] / 1e6:.2f} MB")
+    a = report.get("accuracy")
+    if a:
+        kept = ", ".join(a["kept_float"]) or "none"
+        lines.append(f"accuracy  {a['budget']}: perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}; "
+                     f"kept in float: {kept}")
     gone = collections.Counter(report["ops_before"]) - collections.Counter(report["ops_after"])
     if gone:
         lines.append("removed   " + ", ".join(f"{k} x{v}" for k, v in gone.most_common()))

@@ -161,15 +161,24 @@ class QuantizeWeights(Pass):
                 else:
                     sites.append(site)
         progress = ctx.hints.get("progress") or (lambda msg: None)
-        hessians = self._hessians(graph, sites, ctx, progress) if self.method == "gptq" else {}
+        # A caller that runs the pass repeatedly (the accuracy guard) passes a dict here: a
+        # layer's quantized weights depend only on its float weight and the options.
+        cache = ctx.hints.get("quantized_layers")
+        cache = {} if cache is None else cache
+        key = (self.bits, self.block_size, self.symmetric, self.method, self.damp)
+        todo = [s for s in sites if (s.node.name, key) not in cache]
+        hessians = self._hessians(graph, todo, ctx, progress) if self.method == "gptq" and todo else {}
         start = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
         for i, site in enumerate(sites):
-            if self.method == "gptq":
+            if (site.node.name, key) in cache:
+                q, scales, zp = cache[site.node.name, key]
+            elif self.method == "gptq":
                 progress(f"gptq {i + 1}/{len(sites)}: {site.node.name} [{site.w_nk.shape[0]}x{site.w_nk.shape[1]}]")
                 q, scales, zp = gptq_rows(site.w_nk, hessians[id(site.x)].h, self.bits, self.block_size,
                                           self.symmetric, self.damp)
             else:
                 q, scales, zp = quantize_rows(site.w_nk, self.bits, self.block_size, self.symmetric)
+            cache[site.node.name, key] = (q, scales, zp)
             stored = self._rewrite(graph, site, q, scales, zp)
             result.count(site.kind)
             result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
