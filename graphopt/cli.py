@@ -158,9 +158,9 @@ def _progress(quiet: bool):
 @click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
 @click.option("--explain-fusions", is_flag=True, help="List, per fusion, the sites fused and the near misses "
               "(where a fusion's root op matched but a later constraint failed, and where).")
-@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]",
-              help="Append weight quantization to the pipeline: int8 (block 128) or int4 (block 32; int4:64, "
-                   "int4:128). See docs/quantization.md.")
+@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic",
+              help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
+                   "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
 @click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
               help="rtn: round to nearest (no data); gptq: error-compensated, on calibration data.")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,

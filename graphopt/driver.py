@@ -24,15 +24,21 @@ def default_pipeline() -> str:
     return f"{CLEANUP_PIPELINE},{FUSION_PIPELINE},{POST_FUSION_CLEANUP}"
 
 
-QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # scheme -> (bits, default block size)
+QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # weight-only scheme -> (bits, default block size)
+QUANT_PASSES = ("quantize-weights", "quantize-dynamic")
 
 
 def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
     """`--quantize int8|int4[:BLOCK]` as the passes it appends: "int4:64" ->
     "quantize-weights{bits=4,block-size=64,method=rtn}"."""
+    if scheme == "int8-dynamic":  # int8 weights per channel, activations quantized per call
+        if method != "rtn":
+            raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-dynamic")
+        return "quantize-dynamic{per-channel=true}"
     name, _, block = scheme.partition(":")
     if name not in QUANT_SCHEMES:
-        raise UserError(f"--quantize {scheme!r}: expected int8 or int4, optionally with a block size (int4:64)")
+        raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64) "
+                        "or int8-dynamic")
     bits, block_size = QUANT_SCHEMES[name]
     if block:
         if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
@@ -98,7 +104,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         from graphopt.accuracy_guard import Budget
 
         budget = Budget.parse(accuracy_budget)
-        if not any(e.name == "quantize-weights" for e in entries):
+        if not any(e.name in QUANT_PASSES for e in entries):
             raise UserError("--accuracy-budget guards quantization: give --quantize int8|int4 too")
     elif accuracy_data is not None:
         raise UserError("--accuracy-data goes with --accuracy-budget")
@@ -188,7 +194,7 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     from graphopt.pass_manager import PassManager, PipelineEntry
 
     folder = graph.metadata.source if isinstance(model, Graph) else model
-    qi = max(i for i, e in enumerate(entries) if e.name == "quantize-weights")
+    qi = max(i for i, e in enumerate(entries) if e.name in QUANT_PASSES)
     ids, source = held_out_tokens(folder, graph, accuracy_data)
     base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
     ctx.hints.setdefault("quantized_layers", {})
@@ -210,12 +216,15 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
 
 def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:
     """The report's "quantization" entry: what was quantized and the weight bytes it saved."""
-    runs = [r for r in records if r.name == "quantize-weights"]
+    runs = [r for r in records if r.name in QUANT_PASSES]
     if not runs:
         return {}
     r = runs[-1]
-    out = {"scheme": scheme, "bits": r.options["bits"], "block_size": r.options["block_size"],
-           "symmetric": r.options["symmetric"], "method": r.options["method"],
+    dynamic = r.name == "quantize-dynamic"
+    out = {"scheme": scheme, "bits": 8 if dynamic else r.options["bits"],
+           "block_size": None if dynamic else r.options["block_size"],
+           "symmetric": True if dynamic else r.options["symmetric"],
+           "method": "dynamic" if dynamic else r.options["method"],
            "layers": {k: v for k, v in r.stats.items() if not k.endswith("-bytes")},
            "float_weight_bytes": r.stats.get("float-weight-bytes", 0),
            "quantized_weight_bytes": r.stats.get("quantized-weight-bytes", 0),
@@ -266,7 +275,8 @@ def format_report(report: dict) -> str:
     q = report.get("quantization")
     if q:
         layers = sum(q["layers"].values())
-        lines.append(f"quantized {layers} layers to int{q['bits']} (block {q['block_size']}, {q['method']}): weights "
+        how = "activations per call" if q["method"] == "dynamic" else f"block {q['block_size']}, {q['method']}"
+        lines.append(f"quantized {layers} layers to int{q['bits']} ({how}): weights "
                      f"{q['float_weight_bytes'] / 1e6:.2f} MB -> {q['quantized_weight_bytes'] / 1e6:.2f} MB")
     a = report.get("accuracy")
     if a:

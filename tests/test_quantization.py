@@ -335,3 +335,61 @@ def test_tied_embedding_and_head_share_one_quantized_copy():
     assert all(v.dtype != np.float32 or v.size < 100 for v in q.weights().values())  # the float table is gone
     got = run(q, feeds)[q.outputs[0].name]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+
+
+# --------------------------------------------------------------------------------------
+# quantize-dynamic and DynamicQuantLinear
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_quant_linear_reference_decomposition_and_ort(per_channel, tmp_path):
+    import graphopt.backends.onnxruntime as ort_backend
+    from graphopt.passes.quantization.dynamic import quantize_int8_symmetric
+
+    k, n = 64, 24
+    w = f32(k, n)
+    q, scale = quantize_int8_symmetric(w, per_channel)
+    g = Graph("d")
+    x = g.add_input("x", TensorType(F32, ("batch", 3, k)))
+    b = Builder(g)
+    y = b.op("DynamicQuantLinear", x, b.const(q, "w"), b.const(scale, "s"), None, b.const(f32(n), "bias"),
+             domain="graphopt", activation="gelu")
+    g.outputs = [y]
+    verify(g)
+    feeds = {"x": f32(2, 3, k)}
+    want = run(g, feeds)[y.name]
+    # independently: ONNX DynamicQuantizeLinear by hand, then the integer product
+    xv = feeds["x"]
+    lo, hi = min(xv.min(), 0), max(xv.max(), 0)
+    xs = np.float32((hi - lo) / 255)
+    xzp = np.clip(np.round(-lo / xs), 0, 255)
+    xq = np.clip(np.round(xv / xs) + xzp, 0, 255)
+    pre = ((xq - xzp) @ q.astype(np.float64)) * (np.float64(xs) * scale) + g.initializers["bias"].const_value
+    from graphopt.fused_ops import activate_np
+
+    assert_close(want, activate_np(pre.astype(np.float32), "gelu"), rtol=1e-5, atol=1e-5)
+    d = g.copy()
+    decompose_graphopt_ops(d)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in d.nodes}
+    save_onnx(d, tmp_path / "d.onnx")
+    assert_close(next(iter(run_ort(tmp_path / "d.onnx", feeds).values())), want, rtol=1e-5, atol=1e-5)
+    lowered = ort_backend.lower(g, "cpu")
+    assert lowered.nodes[0].op == "com.microsoft.DynamicQuantizeMatMul"
+    save_onnx(lowered, tmp_path / "l.onnx")
+    assert_close(next(iter(run_ort(tmp_path / "l.onnx", feeds).values())), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "gated", "matmul", "gemm", "tied"])
+def test_quantize_dynamic_pass(kind):
+    g, feeds, w_nk = linear_graph(kind)
+    want = run(g, feeds)[g.outputs[0].name]
+    pm = PassManager("quantize-dynamic")
+    q = pm.run(g)
+    ops = [n.op for n in q.nodes]
+    assert ops.count("graphopt.DynamicQuantLinear") == 1
+    assert not {"MatMul", "Gemm", "graphopt.Linear", "graphopt.GatedLinear"} & set(ops)
+    got = run(q, feeds)[q.outputs[0].name]
+    # int8 weights and activations: each a half step of 1/255 (activations) or 1/254
+    # (weights) of its range; the output error stays around 1 % of the output's norm.
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 1e-4 < rel < 0.02, rel

@@ -73,3 +73,13 @@ def test_user_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path):
 def test_passes_lists_quantize_weights():
     r = invoke("passes")
     assert "quantize-weights{bits=4, block-size=32, symmetric=False, method=rtn" in r.output
+
+
+def test_quantize_int8_dynamic(tmp_path):
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "d", "--quantize", "int8-dynamic", "-q")
+    assert r.exit_code == 0, r.output
+    assert "quantized 2 layers to int8 (activations per call)" in r.output
+    q = json.loads((tmp_path / "d" / "report.json").read_text())["quantization"]
+    assert q["method"] == "dynamic" and q["bits"] == 8
+    ops = [n.op_type for n in onnx.load(tmp_path / "d" / "model.onnx").graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 2

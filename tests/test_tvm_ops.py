@@ -83,6 +83,9 @@ def _quant_linear_cases() -> list:
         cases.append(Case("QuantGather", [C(packed), RNG.integers(0, 6, (2, 3)), C(scales)] + ([] if zp is None else [C(zp)]),
                           {"K": k, "bits": bits, "block_size": block}, domain="graphopt", symbolic={1: SEQ},
                           id=f"gather-int{bits}-b{block}"))
+    w8 = np.clip(np.round(f32(16, 6) * 60), -127, 127).astype(np.int8)
+    cases.append(Case("DynamicQuantLinear", [f32(2, 3, 16), C(w8), C(f32(6, low=0.01, high=0.02)), None, C(f32(6))],
+                      {"activation": "relu"}, domain="graphopt", symbolic={0: SEQ}, id="per-channel"))
     return cases
 
 CASES = [

@@ -3,6 +3,7 @@
     graphopt.QuantLinear -> com.microsoft.MatMulNBits (bits 4 and 8; the IR already holds
                             its layout) + bias and activation (BiasGelu / FastGelu where fused)
     graphopt.QuantGather -> com.microsoft.GatherBlockQuantized (uint8 data, quantize_axis=1)
+    graphopt.DynamicQuantLinear -> com.microsoft.DynamicQuantizeMatMul (+ bias, activation)
 
 The kernel's `accuracy_level` is the backend option `quant_accuracy_level`: "auto" and "0"
 leave it unset (the kernel computes in float32, as the reference does); "4" lets the CPU
@@ -65,3 +66,16 @@ def lower_quant_gather(ctx: LoweringContext, b: Builder, node: Node):
         y = b.Slice(y, b.const(np.array([0], np.int64), "k_start"), b.const(np.array([k], np.int64), "k_end"),
                     b.const(np.array([-1], np.int64), "k_axis"))
     return [y]
+
+
+@register_lowering(BACKEND, GRAPHOPT_DOMAIN, "DynamicQuantLinear")
+def lower_dynamic_quant_linear(ctx: LoweringContext, b: Builder, node: Node):
+    x, w, scale = node.inputs[:3]
+    zero_point = node.inputs[3] if len(node.inputs) > 3 else None
+    bias = node.inputs[4] if len(node.inputs) > 4 else None
+    if not ctx.has_kernel(MS_DOMAIN, "DynamicQuantizeMatMul", x.type.dtype):
+        return f"no {ctx.target} DynamicQuantizeMatMul kernel for {x.type.dtype.short}"
+    out_type = node.outputs[0].type
+    ins = [x, w, scale] + ([zero_point] if zero_point is not None else [])
+    y = b.op("DynamicQuantizeMatMul", *ins, domain=MS_DOMAIN, output_types=[out_type])
+    return [bias_activation(ctx, b, y, bias, node.attr("activation", ""), out_type)]

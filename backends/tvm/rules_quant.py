@@ -76,3 +76,27 @@ def quant_gather(lw: Lowerer, node, args):
     if nb * block_size != k:
         w = lw.emit(R.strided_slice(w, axes=[r], begin=[0], end=[k]))
     return [w]
+
+
+@rule("DynamicQuantLinear", domain="graphopt")
+def dynamic_quant_linear(lw: Lowerer, node, args):
+    """ONNX DynamicQuantizeLinear on X (u8, per tensor), then an int32 matmul (exact)."""
+    args = list(args) + [None] * (5 - len(args))
+    x, w, w_scale = (lw.tensor(a) for a in args[:3])
+    f32 = "float32"
+    zero = relax.const(0.0, f32)
+    lo = lw.emit(R.minimum(R.min(x), zero))
+    hi = lw.emit(R.maximum(R.max(x), zero))
+    scale = lw.emit(R.where(R.greater(hi, lo), R.divide(R.subtract(hi, lo), relax.const(255.0, f32)),
+                            relax.const(1.0, f32)))
+    zp = lw.emit(R.clip(R.round(R.divide(R.negative(lo), scale)), 0, 255))
+    xq = lw.emit(R.clip(R.add(R.round(R.divide(x, scale)), zp), 0, 255))
+    xi = lw.emit(R.astype(R.subtract(xq, zp), "int32"))
+    wi = lw.emit(R.astype(w, "int32"))
+    if args[3] is not None:
+        wi = lw.emit(R.subtract(wi, R.astype(lw.tensor(args[3]), "int32")))
+    acc = lw.emit(R.matmul(xi, wi, out_dtype="int32"))
+    y = lw.emit(R.multiply(R.astype(acc, f32), R.multiply(scale, w_scale)))
+    if args[4] is not None:
+        y = lw.emit(R.add(y, lw.tensor(args[4])))
+    return [_activate(lw, y, _attr(node, "activation"))]

@@ -4,5 +4,7 @@
 (graphopt.Linear / GatedLinear, plain MatMul / Gemm, a tied LM head) into
 graphopt.QuantLinear: int4 or int8 weights, block-wise scales and zero points, round-to-
 nearest or GPTQ (gptq.py, with calibration data from the pass context).
+`quantize-dynamic` (dynamic.py) makes the same sites graphopt.DynamicQuantLinear: int8
+weights, activations quantized at each call.
 """
-from graphopt.passes.quantization import weights  # noqa: F401
+from graphopt.passes.quantization import dynamic, weights  # noqa: F401
