@@ -75,3 +75,26 @@ def test_int8_and_int4_perplexity_within_budget(default_model, tmp_path):
     assert abs(rel["int8"]) < 0.005, rel
     assert 0 < rel["int4-rtn"] < 0.03, rel
     assert rel["int4-gptq"] < rel["int4-rtn"], rel
+
+
+def test_eval_takes_an_artifact_folder(default_model, tmp_path):
+    """`graphopt eval OUT` scores an artifact as `graphopt eval CHECKPOINT` scores the checkpoint."""
+    import json
+
+    from click.testing import CliRunner
+
+    import graphopt
+    from graphopt.cli import cli
+
+    graph, _ = default_model
+    graphopt.optimize(graph, tmp_path / "fp32", passes="eliminate-dead-code")
+    graphopt.optimize(graph, tmp_path / "int8", passes="quantize-weights{bits=8,block-size=128}")
+    scores = {}
+    for name, target in (("checkpoint", MODEL), ("fp32", tmp_path / "fp32"), ("int8", tmp_path / "int8")):
+        r = CliRunner().invoke(cli, ["eval", str(target), "--max-tokens", "2048", "--json"])
+        assert r.exit_code == 0, r.output
+        scores[name] = json.loads(r.output.strip().splitlines()[-1])
+    assert scores["fp32"]["tokens"] == scores["checkpoint"]["tokens"] == 2048
+    assert abs(scores["fp32"]["perplexity"] / scores["checkpoint"]["perplexity"] - 1) < 1e-4
+    assert scores["int8"]["perplexity"] != scores["fp32"]["perplexity"]
+    assert abs(scores["int8"]["perplexity"] / scores["fp32"]["perplexity"] - 1) < 0.005
