@@ -9,8 +9,8 @@ exit code 2, nothing written).
 Metrics (a decoder's logits over token windows):
     perplexity=+2%    perplexity at most 2 % above fp32's
     top1=0.99         the arg-max token agrees with fp32's at >= 99 % of positions
-Measurements run the graph through ONNX Runtime's lowering in memory: the same arithmetic
-(MatMulNBits) the ORT artifact runs, and the reference's for any backend.
+The driver measures through ONNX Runtime's lowering in memory (`graphopt.driver`: the core
+imports no backend): the arithmetic the ORT artifact runs, and the reference's.
 """
 from __future__ import annotations
 
@@ -96,31 +96,6 @@ def held_out_tokens(model, graph: Graph, data: str | None) -> tuple[np.ndarray, 
     if len(ids) < 2:
         raise UserError(f"{path}: too little text to measure accuracy on")
     return ids[-(EVAL_TOKENS + 1):], str(path)
-
-
-def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
-    """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
-    import onnxruntime as ort
-
-    import graphopt.backends.onnxruntime as ort_backend
-    from graphopt.accuracy import perplexity, windows
-    from graphopt.onnx_io import to_onnx_model
-
-    def measure(graph: Graph) -> Measured:
-        model = to_onnx_model(ort_backend.lower(graph, "cpu"))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-        argmax = []
-
-        def logits(x):
-            y = sess.run([out], {name: x})[0]
-            argmax.append(y.argmax(-1).reshape(-1))
-            return y
-        ppl = perplexity(logits, ids, seq_len).perplexity
-        return Measured(ppl, np.concatenate(argmax))
-    return measure
 
 
 def guard(base: Graph, quantize: Callable[[str], tuple[Graph, list]], budget: Budget,

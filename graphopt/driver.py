@@ -190,7 +190,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):
     """The pipeline with the last quantize-weights told which layers to keep in float so
     that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
-    from graphopt.accuracy_guard import guard, held_out_tokens, ort_measure, seq_len_of
+    from graphopt.accuracy_guard import guard, held_out_tokens, seq_len_of
     from graphopt.pass_manager import PassManager, PipelineEntry
 
     folder = graph.metadata.source if isinstance(model, Graph) else model
@@ -212,6 +212,32 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     if exclude:
         guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
     return guarded, accuracy
+
+
+def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
+    """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
+    import onnxruntime as ort
+
+    import graphopt.backends.onnxruntime as ort_backend
+    from graphopt.accuracy import perplexity
+    from graphopt.accuracy_guard import Measured
+    from graphopt.onnx_io import to_onnx_model
+
+    def measure(graph: Graph) -> Measured:
+        model = to_onnx_model(ort_backend.lower(graph, "cpu"))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+        argmax = []
+
+        def logits(x):
+            y = sess.run([out], {name: x})[0]
+            argmax.append(y.argmax(-1).reshape(-1))
+            return y
+        ppl = perplexity(logits, ids, seq_len).perplexity
+        return Measured(ppl, np.concatenate(argmax))
+    return measure
 
 
 def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:

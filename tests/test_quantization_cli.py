@@ -83,3 +83,12 @@ def test_quantize_int8_dynamic(tmp_path):
     assert q["method"] == "dynamic" and q["bits"] == 8
     ops = [n.op_type for n in onnx.load(tmp_path / "d" / "model.onnx").graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 2
+
+
+def test_check_numerics_measures_quantization_and_checks_the_passes_after_it(tmp_path):
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "q", "--passes", "quantize-weights{bits=4,block-size=16},cse",
+               "--check-numerics", "-q")
+    assert r.exit_code == 0, r.output
+    passes = json.loads((tmp_path / "q" / "report.json").read_text())["passes"]
+    assert passes[0]["name"] == "quantize-weights" and passes[0]["max_abs_diff"] > 1e-4
+    assert passes[1]["max_abs_diff"] == 0.0
