@@ -393,3 +393,48 @@ def test_quantize_dynamic_pass(kind):
     # (weights) of its range; the output error stays around 1 % of the output's norm.
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert 1e-4 < rel < 0.02, rel
+
+
+# --------------------------------------------------------------------------------------
+# Golden IR
+
+GOLDEN_WEIGHTS = {"wg": f32(64, 32) * 0.1, "wu": f32(64, 32) * 0.1, "wd": f32(32, 64) * 0.1, "b": f32(32)}
+GOLDEN_BEFORE = '''graph @mlp(%x: f32[batch, seq, 64]) -> (f32[batch, seq, 64]) {
+  weights {
+    @wg: f32[64, 32]
+    @wu: f32[64, 32]
+    @wd: f32[32, 64]
+    @b: f32[32]
+  }
+  %h = graphopt.GatedLinear(%x, @wg, @wu, @b, @b) {activation="silu"} : f32[batch, seq, 32] loc("mlp")
+  %y = MatMul(%h, @wd) : f32[batch, seq, 64] loc("down")
+  return %y
+}
+'''
+GOLDEN_AFTER = '''graph @mlp(%x: f32[batch, seq, 64]) -> (f32[batch, seq, 64]) {
+  weights {
+    @wg_q4: u8[64, 2, 16]
+    @wg_scales: f32[64, 2]
+    @wg_zero_points: u8[64, 1]
+    @wg_bias: f32[64]
+    @wd_q4: u8[64, 1, 16]
+    @wd_scales: f32[64, 1]
+    @wd_zero_points: u8[64, 1]
+  }
+  %quantlinear = graphopt.QuantLinear(%x, @wg_q4, @wg_scales, @wg_zero_points, @wg_bias) {K=64, N=64, bits=4, block_size=32} : f32[batch, seq, 64] loc("mlp/QuantLinear")
+  %split, %split_0 = Split(%quantlinear) {axis=-1, num_outputs=2} : f32[batch, seq, 32], f32[batch, seq, 32] loc("mlp/Split")
+  %sigmoid = Sigmoid(%split) : f32[batch, seq, 32] loc("mlp/Sigmoid")
+  %mul = Mul(%split, %sigmoid) : f32[batch, seq, 32] loc("mlp/Mul")
+  %mul_1 = Mul(%mul, %split_0) : f32[batch, seq, 32] loc("mlp/Mul_1")
+  %y = graphopt.QuantLinear(%mul_1, @wd_q4, @wd_scales, @wd_zero_points) {K=32, N=64, bits=4, block_size=32} : f32[batch, seq, 64] loc("down/QuantLinear")
+  return %y
+}
+'''
+
+
+def test_golden_gated_mlp_and_matmul():
+    from graphopt.testing import apply_pipeline_text
+
+    _, out, records = apply_pipeline_text(GOLDEN_BEFORE, "quantize-weights", weights=GOLDEN_WEIGHTS, check=False)
+    assert out == GOLDEN_AFTER, out
+    assert records[0].stats["gated-linear"] == 1 and records[0].stats["matmul"] == 1

@@ -58,11 +58,12 @@ class QuantizeDynamic(Pass):
                 result.details.append({"node": node.name, "op": node.op,
                                        "reason": "excluded" if node.name in excluded else "X is not f32"})
                 continue
+            read = {id(v): v for n in (site.node, *site.extra_nodes) for v in n.inputs if v is not None}.values()
             self._rewrite(graph, site)
             result.count(site.kind)
             result.details.append({"node": node.name, "op": node.op, "kind": site.kind,
                                    "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0])})
-            for w in site.weights:
+            for w in read:  # the float weights and biases nothing reads any more
                 if w.is_initializer and not w.uses() and not w.is_graph_output and not w.is_graph_input:
                     graph.remove_initializer(w.name)
         now = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
@@ -82,7 +83,7 @@ class QuantizeDynamic(Pass):
         if bias is not None:
             args += [None, bias]
         gated = site.kind == "gated-linear"
-        y = rw.op("DynamicQuantLinear", *args, domain=G, activation="" if gated else (site.activation or None))
+        y = rw.op("DynamicQuantLinear", *args, domain=G, activation=None if gated else (site.activation or None))
         if gated:
             gate, up = rw.Split(y, axis=-1, num_outputs=2)
             y = rw.Mul(activate(rw, gate, site.activation), up)

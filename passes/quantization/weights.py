@@ -183,11 +183,12 @@ class QuantizeWeights(Pass):
             else:
                 q, scales, zp = quantize_rows(site.w_nk, self.bits, self.block_size, self.symmetric)
             cache[site.node.name, key] = (q, scales, zp)
+            read = {id(v): v for n in (site.node, *site.extra_nodes) for v in n.inputs if v is not None}.values()
             stored = self._rewrite(graph, site, q, scales, zp)
             result.count(site.kind)
             result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
                                    "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0]), "bytes": stored})
-            for w in site.weights:
+            for w in read:  # the float weights and biases nothing reads any more
                 if w.is_initializer and not w.uses() and not w.is_graph_output and not w.is_graph_input:
                     graph.remove_initializer(w.name)
         if self.embeddings:
@@ -223,7 +224,7 @@ class QuantizeWeights(Pass):
             args.append(bias)
         gated = site.kind == "gated-linear"
         y = rw.op("QuantLinear", *args, domain=G, K=int(k), N=int(n), bits=self.bits, block_size=self.block_size,
-                  activation="" if gated else (site.activation or None))
+                  activation=None if gated else (site.activation or None))
         if gated:
             gate, up = rw.Split(y, axis=-1, num_outputs=2)
             y = rw.Mul(activate(rw, gate, site.activation), up)
