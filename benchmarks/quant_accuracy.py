@@ -31,6 +31,7 @@ VARIANTS = [  # (name, the pass appended to the default pipeline, backend option
     ("int4 b128 rtn", f"{Q}{{bits=4,block-size=128}}", {}),
     ("int4 b128 gptq", f"{Q}{{bits=4,block-size=128,method=gptq}}", {}),
     ("int4 b32 gptq acc4", f"{Q}{{bits=4,block-size=32,method=gptq}}", {"quant_accuracy_level": "4"}),
+    ("int8 dynamic per-channel", "quantize-dynamic{per-channel=true}", {}),
 ]
 
 

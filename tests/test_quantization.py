@@ -264,7 +264,8 @@ def test_pass_options_are_checked():
         PassManager("quantize-weights{method=gptq}").run(linear_graph("matmul")[0])
 
 
-def test_gptq_beats_rtn_on_correlated_inputs():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(symmetric):
     """GPTQ minimizes the layer's output error on the calibration inputs: on inputs with
     strongly correlated features (as real activations have) it must beat round-to-nearest on
     held-out inputs of the same distribution."""
@@ -282,7 +283,8 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     errors = {}
     for method in ("rtn", "gptq"):
         ctx = PassContext(hints={"calibration": calibration})
-        q = PassManager(f"quantize-weights{{bits=4,block-size=32,method={method}}}", ctx=ctx).run(g)
+        q = PassManager(f"quantize-weights{{bits=4,block-size=32,method={method},symmetric={symmetric}}}",
+                        ctx=ctx).run(g)
         errors[method] = float(np.linalg.norm(run(q, held_out)[g.outputs[0].name] - want))
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
 

@@ -54,6 +54,6 @@ def gptq_rows(w_nk: np.ndarray, h: np.ndarray, bits: int, block_size: int, symme
         s = scales[:, b].astype(np.float64)
         z = center if zps is None else zps[:, b].astype(np.float64)
         q[:, j] = quantize_values(w[:, j], s, None if zps is None else zps[:, b], bits)
-        err = (w[:, j] - (q[:, j] - z) * s) / u[j, j]
+        err = (w[:, j] - (q[:, j].astype(np.float64) - z) * s) / u[j, j]  # (uint8 - 8 would wrap)
         w[:, j + 1:] -= np.outer(err, u[j, j + 1:])
     return q, scales, zps
