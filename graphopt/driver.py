@@ -288,6 +288,10 @@ def format_fusions(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
 def format_report(report: dict) -> str:
     lines = [f"pipeline  {report['pipeline']}"]
     w = max((len(p["name"]) for p in report["passes"]), default=0)
@@ -303,7 +307,7 @@ def format_report(report: dict) -> str:
         layers = sum(q["layers"].values())
         how = "activations per call" if q["method"] == "dynamic" else f"block {q['block_size']}, {q['method']}"
         lines.append(f"quantized {layers} layers to int{q['bits']} ({how}): weights "
-                     f"{q['float_weight_bytes'] / 1e6:.2f} MB -> {q['quantized_weight_bytes'] / 1e6:.2f} MB")
+                     f"{_size(q['float_weight_bytes'])} -> {_size(q['quantized_weight_bytes'])}")
     a = report.get("accuracy")
     if a:
         kept = ", ".join(a["kept_float"]) or "none"

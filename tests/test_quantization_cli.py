@@ -92,3 +92,20 @@ def test_check_numerics_measures_quantization_and_checks_the_passes_after_it(tmp
     passes = json.loads((tmp_path / "q" / "report.json").read_text())["passes"]
     assert passes[0]["name"] == "quantize-weights" and passes[0]["max_abs_diff"] > 1e-4
     assert passes[1]["max_abs_diff"] == 0.0
+
+
+def test_tvm_artifact_runs_the_quantized_graph(tmp_path):
+    import pytest
+
+    pytest.importorskip("tvm")
+    from graphopt.driver import default_pipeline
+    from graphopt.interpreter import run
+    from graphopt.models import load_graph
+    from graphopt.pass_manager import PassManager
+
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "t", "--backend", "tvm", "--quantize", "int4:16", "-q")
+    assert r.exit_code == 0, r.output
+    x = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
+    quantized = PassManager(default_pipeline() + ",quantize-weights{bits=4,block-size=16}").run(load_graph(str(EXAMPLE)))
+    want = run(quantized, x)["probs"]
+    assert np.abs(graphopt.load(tmp_path / "t").run(x)["probs"] - want).max() < 1e-6
