@@ -35,6 +35,13 @@ VARIANTS = [  # (name, the pass appended to the default pipeline, backend option
 ]
 
 
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main() -> None:
     import numpy as np
 
@@ -77,7 +84,7 @@ def main() -> None:
         print(f"{name:34s} perplexity {ppl:8.4f}  artifact {size / 1e6:6.2f} MB", flush=True)
     base = next((r["perplexity"] for r in rows if r["variant"] == "fp32"), None)
     lines = ["# Weight quantization: perplexity of examples/default", "",
-             f"Validation text: {model / 'val.txt'} ({len(ids) - 1} predicted tokens, windows of {seq_len}); "
+             f"Validation text: {_shown(model / 'val.txt')} ({len(ids) - 1} predicted tokens, windows of {seq_len}); "
              "ONNX Runtime artifacts (MatMulNBits), CPU. GPTQ calibrates on 32 windows of the training split.", "",
              "| variant | perplexity | vs fp32 | artifact |", "| --- | --- | --- | --- |"]
     for r in rows:
