@@ -133,6 +133,14 @@ def _register_train_commands() -> None:
     for command in getattr(train_cli, "COMMANDS", []):
         cli.add_command(command)
     from graphopt.generation_cli import generate  # checkpoints (torch) and artifacts (ort, tvm)
+    from graphopt.train.evaluate import register_artifact_evaluator
+
+    def evaluate_artifact(*args):  # `graphopt eval` on an artifact folder; imported when used
+        from graphopt.evaluation import evaluate_artifact as run
+
+        return run(*args)
+
+    register_artifact_evaluator(evaluate_artifact)
 
     cli.add_command(generate)
 
@@ -270,10 +278,24 @@ def _progress(quiet: bool):
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
                    "recomputes the whole sequence.")
+@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic",
+              help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
+                   "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
+@click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
+              help="rtn: round to nearest (no data); gptq: error-compensated, on calibration data.")
+@click.option("--calibration", type=click.Path(path_type=str), default=None,
+              help="Calibration data for gptq: a text file, .jsonl of texts, or .npz of inputs "
+                   "(default for graphopt.train checkpoints: their training corpus).")
+@click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
+              help="perplexity=+2% or top1=0.99 against fp32 on held-out text: the most sensitive layers stay "
+                   "in float until it holds; exit 2 and nothing written when no mix does.")
+@click.option("--accuracy-data", type=click.Path(path_type=str), default=None,
+              help="Held-out text (.txt/.jsonl) for --accuracy-budget (default: a graphopt.train checkpoint's val.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, overwrite, explain_fusions, logits, kv_cache, as_json, quiet):
+             no_verify, overwrite, explain_fusions, logits, kv_cache, quantize, quant_method, calibration,
+             accuracy_budget, accuracy_data, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
@@ -291,6 +313,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
+      graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
+      graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize
@@ -310,7 +334,9 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     result = run_optimize(model, output_dir, passes=pipeline, recipe=recipe, backend=backend,
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
-                          progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache)
+                          progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
+                          quantize=quantize, quant_method=quant_method, calibration=calibration,
+                          accuracy_budget=accuracy_budget, accuracy_data=accuracy_data)
     if as_json:
         import json
 

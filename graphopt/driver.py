@@ -26,6 +26,31 @@ def default_pipeline() -> str:
     return f"{CLEANUP_PIPELINE},{FUSION_PIPELINE},{POST_FUSION_CLEANUP}"
 
 
+QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # weight-only scheme -> (bits, default block size)
+QUANT_PASSES = ("quantize-weights", "quantize-dynamic")
+
+
+def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
+    """`--quantize int8|int4[:BLOCK]` as the passes it appends: "int4:64" ->
+    "quantize-weights{bits=4,block-size=64,method=rtn}"."""
+    if scheme == "int8-dynamic":  # int8 weights per channel, activations quantized per call
+        if method != "rtn":
+            raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-dynamic")
+        return "quantize-dynamic{per-channel=true}"
+    name, _, block = scheme.partition(":")
+    if name not in QUANT_SCHEMES:
+        raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64) "
+                        "or int8-dynamic")
+    bits, block_size = QUANT_SCHEMES[name]
+    if block:
+        if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
+            raise UserError(f"--quantize {scheme!r}: the block size must be 32, 64 or 128 (or 16, 256)")
+        block_size = int(block)
+    if method not in ("rtn", "gptq"):
+        raise UserError(f"--quant-method {method!r}: expected rtn or gptq")
+    return f"quantize-weights{{bits={bits},block-size={block_size},method={method}}}"
+
+
 
 def is_decoder(graph: Graph) -> bool:
     """A causal LM as the frontends export one: `input_ids [batch, seq]` (and maybe an
@@ -71,7 +96,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              backend_options: dict | None = None,
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
              verify: bool = True, progress: Callable[[str], None] | None = None,
-             overwrite: bool = False, logits: str | None = None, kv_cache: bool = True) -> OptimizeResult:
+             overwrite: bool = False, logits: str | None = None, kv_cache: bool = True,
+             quantize: str | None = None, quant_method: str = "rtn",
+             calibration: str | os.PathLike | None = None, accuracy_budget: str | None = None,
+             accuracy_data: str | os.PathLike | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
     `output_dir` atomically (nothing is left there if anything fails).
@@ -84,7 +112,13 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     default pipeline ends with rewrite-kv-cache and, unless `logits="all"`, with
     slice-last-token-logits; its tokenizer is copied beside the model. Where the rewrite
     refuses the model (it says why), or with `kv_cache=False`, the artifact recomputes the
-    whole sequence as before."""
+    whole sequence as before.
+
+    `quantize` ("int8", "int4", "int4:64") appends `quantize-weights` to the pipeline with
+    `quant_method` (rtn, or gptq on `calibration` data: see graphopt.calibration).
+    `accuracy_budget` ("perplexity=+2%", "top1=0.99") keeps the most sensitive layers in
+    float until the quantized model meets it on held-out text (`accuracy_data`, or a
+    graphopt.train checkpoint's val.txt): see graphopt.accuracy_guard."""
     from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
     from graphopt.pass_manager import PassManager, load_recipe, parse_pipeline
     from graphopt.summary import summarize
@@ -111,6 +145,22 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                         "(or leave out) slice-last-token-logits yourself")
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
+    if quantize is not None:
+        entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
+    elif quant_method != "rtn":
+        raise UserError("--quant-method goes with --quantize int8|int4")
+    needs_data = any(e.name == "quantize-weights" and e.instantiate().method == "gptq" for e in entries)
+    if calibration is not None and not needs_data:
+        raise UserError("--calibration is used by --quant-method gptq only")
+    budget = None
+    if accuracy_budget is not None:
+        from graphopt.accuracy_guard import Budget
+
+        budget = Budget.parse(accuracy_budget)
+        if not any(e.name in QUANT_PASSES for e in entries):
+            raise UserError("--accuracy-budget guards quantization: give --quantize int8|int4 too")
+    elif accuracy_data is not None:
+        raise UserError("--accuracy-data goes with --accuracy-budget")
 
     if isinstance(model, Graph):
         graph = model
@@ -136,7 +186,15 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     before = summarize(graph)
     from graphopt.pass_manager import PassContext
 
-    ctx = PassContext(target=target, hints={"backend": backend})
+    ctx = PassContext(target=target, hints={"backend": backend, "progress": progress})
+    if needs_data:
+        from graphopt.calibration import load_calibration
+
+        folder = graph.metadata.source if isinstance(model, Graph) else model  # a Graph loaded from a folder
+        ctx.hints["calibration"] = load_calibration(calibration, folder, graph, progress=progress)
+    accuracy = None
+    if budget is not None:
+        entries, accuracy = _guard_quantization(graph, model, entries, budget, accuracy_data, ctx, verify, progress)
     pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress,
                      ctx=ctx)
     optimized = pm.run(graph)
@@ -163,6 +221,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "parameters_after": after["parameters"]["count"],
         "backend": backend,
         "backend_options": dict(backend_options or {}),
+        **quantization_summary(pm.records, quantize, calibration, ctx.hints.get("calibration")),
+        **({"accuracy": accuracy} if accuracy is not None else {}),
         "target": target,
     }
     if generation_note is not None:
@@ -192,6 +252,80 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):
+    """The pipeline with the last quantize-weights told which layers to keep in float so
+    that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
+    from graphopt.accuracy_guard import guard, held_out_tokens, seq_len_of
+    from graphopt.pass_manager import PassManager, PipelineEntry
+
+    folder = graph.metadata.source if isinstance(model, Graph) else model
+    qi = max(i for i, e in enumerate(entries) if e.name in QUANT_PASSES)
+    ids, source = held_out_tokens(folder, graph, accuracy_data)
+    base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
+    ctx.hints.setdefault("quantized_layers", {})
+
+    def quantize(exclude: str):
+        opts = {k: v for k, v in entries[qi].options.items() if k != "exclude"}
+        pm = PassManager([PipelineEntry(entries[qi].name, {**opts, **({"exclude": exclude} if exclude else {})})],
+                         verify=False, ctx=ctx)
+        g = PassManager(entries[qi + 1:], verify=False, ctx=ctx).run(pm.run(base)) if qi + 1 < len(entries) else pm.run(base)
+        return g, [d["node"] for d in pm.records[0].details if "kind" in d]
+
+    exclude, accuracy = guard(base, quantize, budget, ort_measure(ids, seq_len_of(folder)), progress)
+    accuracy["data"] = {"file": source, "tokens": int(len(ids) - 1)}
+    guarded = list(entries)
+    if exclude:
+        guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
+    return guarded, accuracy
+
+
+def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
+    """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
+    import onnxruntime as ort
+
+    import graphopt.backends.onnxruntime as ort_backend
+    from graphopt.accuracy import perplexity
+    from graphopt.accuracy_guard import Measured
+    from graphopt.onnx_io import to_onnx_model
+
+    def measure(graph: Graph) -> Measured:
+        model = to_onnx_model(ort_backend.lower(graph, "cpu"))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+        argmax = []
+
+        def logits(x):
+            y = sess.run([out], {name: x})[0]
+            argmax.append(y.argmax(-1).reshape(-1))
+            return y
+        ppl = perplexity(logits, ids, seq_len).perplexity
+        return Measured(ppl, np.concatenate(argmax))
+    return measure
+
+
+def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:
+    """The report's "quantization" entry: what was quantized and the weight bytes it saved."""
+    runs = [r for r in records if r.name in QUANT_PASSES]
+    if not runs:
+        return {}
+    r = runs[-1]
+    dynamic = r.name == "quantize-dynamic"
+    out = {"scheme": scheme, "bits": 8 if dynamic else r.options["bits"],
+           "block_size": None if dynamic else r.options["block_size"],
+           "symmetric": True if dynamic else r.options["symmetric"],
+           "method": "dynamic" if dynamic else r.options["method"],
+           "layers": {k: v for k, v in r.stats.items() if not k.endswith("-bytes")},
+           "float_weight_bytes": r.stats.get("float-weight-bytes", 0),
+           "quantized_weight_bytes": r.stats.get("quantized-weight-bytes", 0),
+           "kept_float": [d["node"] for d in r.details if d.get("reason") == "excluded"]}
+    if feeds:
+        out["calibration"] = {"file": None if calibration is None else str(calibration),
+                              "batches": len(feeds), "sequences": int(sum(len(next(iter(f.values()))) for f in feeds))}
+    return {"quantization": out}
 
 
 def fusion_summary(records) -> dict:
@@ -242,6 +376,10 @@ def format_fusions(report: dict, *, full: bool = False) -> str:
 _QUOTED = re.compile(r"'[^']*'")
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
 def format_report(report: dict) -> str:
     lines = [f"pipeline  {report['pipeline']}"]
     changed = [p for p in report["passes"] if p["stats"] or p["nodes_before"] != p["nodes_after"]]
@@ -256,6 +394,17 @@ def format_report(report: dict) -> str:
     if report.get("backend_seconds"):
         lines.append(f"backend   {report['backend']}: " + ", ".join(
             f"{k} {v:.1f} s" for k, v in report["backend_seconds"].items()))
+    q = report.get("quantization")
+    if q:
+        layers = sum(q["layers"].values())
+        how = "activations per call" if q["method"] == "dynamic" else f"block {q['block_size']}, {q['method']}"
+        lines.append(f"quantized {layers} layers to int{q['bits']} ({how}): weights "
+                     f"{_size(q['float_weight_bytes'])} -> {_size(q['quantized_weight_bytes'])}")
+    a = report.get("accuracy")
+    if a:
+        kept = ", ".join(a["kept_float"]) or "none"
+        lines.append(f"accuracy  {a['budget']}: perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}; "
+                     f"kept in float: {kept}")
     gone = collections.Counter(report["ops_before"]) - collections.Counter(report["ops_after"])
     if gone:
         lines.append("removed   " + ", ".join(f"{k} x{v}" for k, v in gone.most_common()))

@@ -2,4 +2,4 @@
 
 The registry finds it through the entry point group `graphopt.ops` (see graphopt/plugins.py).
 """
-from graphopt import fused_ops, graphopt_ops  # noqa: F401  (each registers its ops on import)
+from graphopt import fused_ops, graphopt_ops, quant_ops  # noqa: F401  (each registers its ops on import)

@@ -89,8 +89,7 @@ def register_op(opdef: OpDef) -> OpDef:
 
 
 def _load_op_catalogues() -> None:
-    """The ops declared outside this module -- graphopt's own domain (`graphopt.graphopt_ops`,
-    `graphopt.fused_ops`) and any plugin's -- register themselves when their module is
+    """The ops declared outside this module -- graphopt's own domain (`graphopt.op_catalogue`) and any plugin's -- register themselves when their module is
     imported; the modules are named by the entry point group `graphopt.ops`, so the registry
     imports none of them."""
     global _op_catalogues_loaded

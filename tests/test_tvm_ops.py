@@ -72,6 +72,24 @@ def C(v):
 BATCH = {0: "batch"}
 SEQ = {1: "seq"}
 
+
+def _quant_linear_cases() -> list:
+    from graphopt.quant_ops import quantize_blockwise
+
+    cases = []
+    for bits, block, k, symmetric, bias, act in ((4, 16, 40, False, True, "gelu"), (8, 32, 64, True, False, "")):
+        packed, scales, zp = quantize_blockwise(f32(6, k), bits, block, symmetric)
+        ins = [f32(2, 3, k), C(packed), C(scales), None if zp is None else C(zp)] + ([C(f32(6))] if bias else [])
+        cases.append(Case("QuantLinear", ins, {"K": k, "N": 6, "bits": bits, "block_size": block, "activation": act},
+                          domain="graphopt", symbolic={0: SEQ}, id=f"int{bits}-b{block}"))
+        cases.append(Case("QuantGather", [C(packed), RNG.integers(0, 6, (2, 3)), C(scales)] + ([] if zp is None else [C(zp)]),
+                          {"K": k, "bits": bits, "block_size": block}, domain="graphopt", symbolic={1: SEQ},
+                          id=f"gather-int{bits}-b{block}"))
+    w8 = np.clip(np.round(f32(16, 6) * 60), -127, 127).astype(np.int8)
+    cases.append(Case("DynamicQuantLinear", [f32(2, 3, 16), C(w8), C(f32(6, low=0.01, high=0.02)), None, C(f32(6))],
+                      {"activation": "relu"}, domain="graphopt", symbolic={0: SEQ}, id="per-channel"))
+    return cases
+
 CASES = [
     # elementwise
     *[Case(op, [f32(2, 3, 4), f32(3, 1)], symbolic={0: BATCH}) for op in ("Add", "Sub", "Mul", "Max", "Min")],
@@ -177,6 +195,7 @@ CASES = [
          symbolic={0: SEQ, 1: SEQ}),
     Case("SkipNorm", [f32(2, 3, 8), f32(2, 3, 8), C(f32(8))], {"norm": "rms", "epsilon": 1e-6},
          domain="graphopt", id="rms"),
+    *_quant_linear_cases(),
 ]
 
 

@@ -120,19 +120,25 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
 def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
     """Perplexity and bits per byte of CHECKPOINT on held-out text.
 
-    CHECKPOINT is a checkpoint folder or a run folder (its latest checkpoint). Also prints
-    the perplexity of a unigram model fitted on the same tokens, as a baseline.
+    CHECKPOINT is a checkpoint folder, a run folder (its latest checkpoint), or an artifact
+    folder that `graphopt optimize` wrote (any backend: a quantized variant is measured the
+    same way; its tokenizer and default text are those of the model it came from). Also
+    prints the perplexity of a unigram model fitted on the same tokens, as a baseline.
 
     \b
     Examples:
       graphopt eval examples/default
       graphopt eval runs/tiny --data ~/held_out_texts
+      graphopt eval out/int4                    # an artifact folder
     """
     from dataclasses import asdict
 
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_artifact, evaluate_checkpoint
 
-    result, source = evaluate_checkpoint(checkpoint, data, batch_size, max_tokens)
+    if (Path(checkpoint) / "manifest.json").is_file():
+        result, source = evaluate_artifact(checkpoint, data, batch_size, max_tokens)
+    else:
+        result, source = evaluate_checkpoint(checkpoint, data, batch_size, max_tokens)
     if as_json:
         click.echo(json.dumps(dict(asdict(result), source=source)))
         return

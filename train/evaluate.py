@@ -62,3 +62,20 @@ def evaluate_checkpoint(checkpoint, data=None, batch_size: int = 16, max_tokens:
                         perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / n_bytes,
                         unigram_perplexity=unigram_perplexity(ids))
     return result, source
+
+
+# Artifact folders are the compiler's: graphopt registers how to measure one (graphopt.evaluation),
+# so train/ knows nothing of the compiler and `graphopt eval` still takes either.
+_ARTIFACT_EVALUATOR = None
+
+
+def register_artifact_evaluator(fn) -> None:
+    """`fn(folder, data, batch_size, max_tokens) -> (EvalResult, text source)` for artifact folders."""
+    global _ARTIFACT_EVALUATOR
+    _ARTIFACT_EVALUATOR = fn
+
+
+def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int = 0) -> tuple[EvalResult, str]:
+    if _ARTIFACT_EVALUATOR is None:
+        raise UserError(f"{folder}: an artifact folder is measured through graphopt's CLI (graphopt eval FOLDER)")
+    return _ARTIFACT_EVALUATOR(folder, data, batch_size, max_tokens)

@@ -19,7 +19,7 @@ from graphopt.errors import UserError
 from graphopt.manifest import artifact_file
 from graphopt.ir import Graph
 
-from graphopt.backends.onnxruntime import attention, rules  # noqa: F401  (register the rules)
+from graphopt.backends.onnxruntime import attention, quant, rules  # noqa: F401  (register the rules)
 from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
 from graphopt.onnx_io import save_onnx
 
@@ -46,6 +46,7 @@ def lower(graph: Graph, target: str, report: LoweringReport | None = None, optio
 LOWERING_OPTIONS = {
     "attention_kernel": ("auto", "gqa", "mha", "onnx", "decompose"),
     "skip_norm": ("auto", "fused", "split"),
+    "quant_accuracy_level": ("auto", "0", "1", "2", "3", "4"),
 }
 
 

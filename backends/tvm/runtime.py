@@ -13,7 +13,7 @@ from graphopt.manifest import artifact_file
 from graphopt.ir import Graph, signature
 from graphopt.weights_file import read_tensors, write_tensors
 
-from graphopt.backends.tvm import rules_core, rules_graphopt, rules_shapes  # noqa: F401  (register the rules)
+from graphopt.backends.tvm import rules_core, rules_graphopt, rules_quant, rules_shapes  # noqa: F401  (register the rules)
 from graphopt.backends.tvm.build import build, cuda_compiler, system_cpu, target_spec
 from graphopt.backends.tvm.lowering import lower_graph, prepare
 

@@ -1,0 +1,63 @@
+"""Accuracy of a runnable decoder on a token stream: perplexity, the way graphopt.train scores
+a checkpoint (non-overlapping windows of `seq_len` predictions, every token predicted once),
+so an artifact's figure and its checkpoint's figure are the same measurement.
+
+`logits_fn(input_ids [batch, seq] int64) -> logits [batch, seq, vocab]` is anything that
+runs the model: an artifact (`artifact_logits(graphopt.load(OUT))`), an ORT session, the
+reference interpreter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Perplexity:
+    nll: float       # summed negative log-likelihood, nats
+    tokens: int      # predicted tokens
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Windows of seq_len + 1 tokens that overlap by one: each predicts seq_len tokens."""
+    ids = np.asarray(ids, np.int64)
+    return [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+
+
+def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, seq_len: int,
+               batch_size: int = 8, progress: Callable[[str], None] | None = None) -> Perplexity:
+    nll, count = 0.0, 0
+    ws = windows(ids, seq_len)
+    for i in range(0, len(ws), batch_size):
+        by_len: dict[int, list] = {}
+        for w in ws[i:i + batch_size]:  # the last window may be shorter
+            by_len.setdefault(len(w), []).append(w)
+        for rows in by_len.values():
+            rows = np.stack(rows)
+            logits = np.asarray(logits_fn(rows[:, :-1]), np.float64)
+            top = logits.max(axis=-1, keepdims=True)
+            log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
+            target = np.take_along_axis(logits, rows[:, 1:, None], axis=-1)[..., 0]
+            nll += float((log_z - target).sum())
+            count += rows[:, 1:].size
+        if progress:
+            progress(f"scored {min(i + batch_size, len(ws))}/{len(ws)} windows")
+    return Perplexity(nll, count)
+
+
+def artifact_logits(artifact, input_name: str = "input_ids", output_name: str = "logits"):
+    """A logits_fn over an artifact that `graphopt.load` returned."""
+    def fn(ids: np.ndarray) -> np.ndarray:
+        return artifact.run({input_name: ids})[output_name]
+    return fn

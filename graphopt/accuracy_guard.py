@@ -1,0 +1,143 @@
+"""The accuracy guard behind `graphopt optimize --accuracy-budget METRIC=VALUE`.
+
+The quantized model is measured against the fp32 one on held-out token windows; when it
+misses the budget, every quantized layer's sensitivity is measured (that layer alone
+quantized), and the most sensitive layers are kept in float, one more at a time, until the
+budget holds. When even that fails, optimize stops with the best it reached (a UserError:
+exit code 2, nothing written).
+
+Metrics (a decoder's logits over token windows):
+    perplexity=+2%    perplexity at most 2 % above fp32's
+    top1=0.99         the arg-max token agrees with fp32's at >= 99 % of positions
+The driver measures through ONNX Runtime's lowering in memory (`graphopt.driver`: the core
+imports no backend): the arithmetic the ORT artifact runs, and the reference's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.ir import Graph
+from graphopt.calibration import _read_texts, _token_input, _tokenizer, _seq_len
+
+METRICS = ("perplexity", "top1")
+EVAL_TOKENS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    metric: str
+    value: float  # perplexity: the allowed relative increase; top1: the least agreement
+
+    @staticmethod
+    def parse(text: str) -> "Budget":
+        metric, eq, raw = text.partition("=")
+        metric = metric.strip()
+        if not eq or metric not in METRICS + ("cosine",):
+            raise UserError(f"--accuracy-budget {text!r}: expected perplexity=+2% or top1=0.99")
+        if metric == "cosine":
+            raise UserError(f"--accuracy-budget {text!r}: the cosine budget (encoders) is not implemented yet; "
+                            "use perplexity=+N% or top1=F for a decoder")
+        value = None
+        if metric == "perplexity":
+            m = re.fullmatch(r"\+?(\d+(?:\.\d+)?)%", raw.strip())
+            value = float(m.group(1)) / 100 if m else None
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
+        if value is None or value < 0 or (metric == "top1" and value > 1):
+            want = "+N% (for example +2%)" if metric == "perplexity" else "a fraction in [0, 1]"
+            raise UserError(f"--accuracy-budget {text!r}: {metric} takes {want}")
+        return Budget(metric, value)
+
+    def __str__(self) -> str:
+        return f"perplexity=+{self.value * 100:g}%" if self.metric == "perplexity" else f"top1={self.value:g}"
+
+
+@dataclasses.dataclass
+class Measured:
+    perplexity: float
+    argmax: np.ndarray
+
+    def score(self, budget: Budget, base: "Measured") -> float:
+        """The metric's value against fp32 (relative perplexity increase, or top-1 agreement)."""
+        if budget.metric == "perplexity":
+            return self.perplexity / base.perplexity - 1
+        return float((self.argmax == base.argmax).mean())
+
+    def meets(self, budget: Budget, base: "Measured") -> bool:
+        s = self.score(budget, base)
+        return s <= budget.value if budget.metric == "perplexity" else s >= budget.value
+
+
+def held_out_tokens(model, graph: Graph, data: str | None) -> tuple[np.ndarray, str]:
+    """Token ids to measure on: `data` (text or .jsonl), or a graphopt.train checkpoint's own
+    held-out val.txt (its last EVAL_TOKENS tokens)."""
+    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    if data is None:
+        if folder is None or not (folder / "val.txt").is_file():
+            raise UserError("--accuracy-budget needs held-out text: give --accuracy-data FILE (text or .jsonl)")
+        path = folder / "val.txt"
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise UserError(f"--accuracy-data {path}: no such file")
+    _token_input(graph, str(path))
+    tok = _tokenizer(folder, str(path))
+    ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in _read_texts(path)])
+    if len(ids) < 2:
+        raise UserError(f"{path}: too little text to measure accuracy on")
+    return ids[-(EVAL_TOKENS + 1):], str(path)
+
+
+def guard(base: Graph, quantize: Callable[[str], tuple[Graph, list]], budget: Budget,
+          measure: Callable[[Graph], Measured], progress: Callable[[str], None]) -> tuple[str, dict]:
+    """Choose the layers to keep in float. `quantize(exclude)` runs the quantization pass with
+    that `exclude` option and returns (graph, its quantized layer names). Returns the exclude
+    string to use and the report's "accuracy" entry."""
+    progress("accuracy: measuring fp32")
+    fp32 = measure(base)
+    full, layers = quantize("")
+    progress(f"accuracy: measuring all {len(layers)} layers quantized")
+    reached = measure(full)
+    entry = {"budget": str(budget), "metric": budget.metric, "fp32_perplexity": fp32.perplexity}
+    if reached.meets(budget, fp32):
+        return "", {**entry, "perplexity": reached.perplexity, "score": reached.score(budget, fp32), "kept_float": []}
+    sensitivity = {}
+    for i, layer in enumerate(layers):
+        progress(f"accuracy: sensitivity {i + 1}/{len(layers)}: {layer}")
+        alone, _ = quantize(";".join(x for x in layers if x != layer))
+        s = measure(alone).score(budget, fp32)
+        sensitivity[layer] = s if budget.metric == "perplexity" else 1 - s  # larger: more sensitive
+    ranked = sorted(layers, key=lambda x: -sensitivity[x])
+    best = (reached.score(budget, fp32), reached, [])
+    for n_kept in range(1, len(ranked) + 1):
+        kept = ranked[:n_kept]
+        g, _ = quantize(";".join(kept))
+        m = measure(g)
+        progress(f"accuracy: {n_kept} layer(s) kept in float: {budget.metric} {m.score(budget, fp32):.4g}")
+        if m.meets(budget, fp32):
+            return ";".join(kept), {**entry, "perplexity": m.perplexity, "score": m.score(budget, fp32),
+                                    "kept_float": kept, "sensitivity": sensitivity}
+        better = m.score(budget, fp32) < best[0] if budget.metric == "perplexity" else m.score(budget, fp32) > best[0]
+        if better:
+            best = (m.score(budget, fp32), m, kept)
+        if n_kept == len(ranked):
+            break
+    what = (f"perplexity +{best[0] * 100:.2f}%" if budget.metric == "perplexity" else f"top1 {best[0]:.4f}")
+    raise UserError(f"--accuracy-budget {budget}: no mix of quantized and float layers meets it; the best reached "
+                    f"{what} (fp32 perplexity {fp32.perplexity:.4g}); nothing was written")
+
+
+def seq_len_of(model) -> int:
+    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    return _seq_len(folder)
+
+

@@ -1,0 +1,130 @@
+"""Calibration data for the passes that need it (GPTQ): a list of feed dicts.
+
+`--calibration FILE` is a text file, a `.jsonl` of texts (one JSON string or {"text": ...}
+a line), or an `.npz` of model inputs (one array per input, samples along axis 0). Text is
+tokenized with the model's own tokenizer (tokenizer.json in the model folder) and cut into
+windows of the model's context. Without a file, a graphopt.train checkpoint trained on the
+default corpus (the Python standard library) calibrates on that corpus's *training*
+documents -- never on its validation text, on which its accuracy is measured.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphopt.errors import UserError
+from graphopt.ir import Graph
+
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQ_LEN = 256
+BATCH = 4  # windows per feed dict
+
+
+def load_calibration(path: str | Path | None, model: str | Path | None, graph: Graph, *,
+                     samples: int = DEFAULT_SAMPLES, progress: Callable[[str], None] | None = None) -> list[dict]:
+    progress = progress or (lambda msg: None)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--calibration {path}: no such file")
+        if path.suffix == ".npz":
+            return _npz_feeds(path, graph, samples)
+        texts = _read_texts(path)
+        source = str(path)
+    else:
+        texts, source = _default_texts(model)
+    progress(f"calibrating on {source}")
+    name = _token_input(graph, source)
+    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    tok = _tokenizer(folder, source)
+    ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
+    seq_len = _seq_len(folder)
+    n_windows = len(ids) // seq_len
+    if n_windows == 0:
+        raise UserError(f"--calibration {source}: {len(ids)} tokens, fewer than one window of {seq_len}")
+    picks = np.linspace(0, n_windows - 1, min(samples, n_windows)).astype(int)  # spread over the corpus
+    rows = np.stack([ids[i * seq_len:(i + 1) * seq_len] for i in picks])
+    return [{name: rows[i:i + BATCH]} for i in range(0, len(rows), BATCH)]
+
+
+def _read_texts(path: Path) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"--calibration {path}: not a UTF-8 text file ({e})") from None
+    if path.suffix != ".jsonl":
+        return [raw]
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--calibration {path}: line {i} is not JSON ({e.msg})") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise UserError(f"--calibration {path}: line {i} is neither a string nor an object with \"text\"")
+        texts.append(text)
+    return texts
+
+
+def _npz_feeds(path: Path, graph: Graph, samples: int) -> list[dict]:
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as e:  # numpy raises several kinds for a bad file
+        raise UserError(f"--calibration {path}: not a readable .npz ({e})") from None
+    names = [v.name for v in graph.inputs if not v.is_initializer]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise UserError(f"--calibration {path}: no array for input {missing[0]!r} (the model takes {names})")
+    n = min(len(data[k]) for k in names)
+    n = min(n, samples)
+    return [{k: data[k][i:i + BATCH] for k in names} for i in range(0, n, BATCH)]
+
+
+def _token_input(graph: Graph, source: str) -> str:
+    ins = [v for v in graph.inputs if not v.is_initializer]
+    ids = [v for v in ins if v.type is not None and v.type.dtype.short == "i64"]
+    if len(ins) != 1 or len(ids) != 1:
+        raise UserError(f"--calibration {source}: text calibrates a model whose one input is token ids; "
+                        f"this one takes {[v.name for v in ins]}: give an .npz of inputs")
+    return ids[0].name
+
+
+def _tokenizer(folder: Path | None, source: str):
+    from tokenizers import Tokenizer
+
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        raise UserError(f"--calibration {source}: text needs the model's tokenizer.json beside it; "
+                        "give an .npz of token ids instead")
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def _seq_len(folder: Path | None) -> int:
+    cfg = folder / "config.json" if folder is not None else None
+    if cfg is not None and cfg.is_file():
+        data = json.loads(cfg.read_text())
+        model = data.get("model", data)
+        for key in ("max_seq_len", "n_positions", "max_position_embeddings"):
+            if isinstance(model.get(key), int):
+                return min(model[key], DEFAULT_SEQ_LEN)
+    return DEFAULT_SEQ_LEN
+
+
+def _default_texts(model) -> tuple[list[str], str]:
+    """A graphopt.train checkpoint trained on the default corpus: its training documents."""
+    cfg = Path(model) / "config.json" if model is not None else None
+    data = json.loads(cfg.read_text()) if cfg is not None and cfg.is_file() else {}
+    if data.get("format", "").startswith("graphopt.train") and not data.get("train", {}).get("data"):
+        from graphopt.train.data import DataConfig, collect_documents, default_data_dir
+
+        docs = collect_documents(default_data_dir(), DataConfig())
+        train = [d["text"] for d in docs if d["split"] == "train"]
+        # 64 documents spread over the corpus are plenty (DEFAULT_SAMPLES windows are drawn from them)
+        return train[::max(1, len(train) // 64)], f"the training split of {default_data_dir()}"
+    raise UserError("this model has no default calibration data: give --calibration FILE "
+                    "(text, .jsonl of texts, or .npz of inputs)")

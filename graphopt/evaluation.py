@@ -1,0 +1,53 @@
+"""`graphopt eval` on an artifact folder (any backend): the perplexity and bits per byte that
+graphopt.train measures on a checkpoint, on the same text with the same tokenizer, so a
+quantized or pruned variant is measured the way its source model was.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.accuracy import artifact_logits, perplexity
+from graphopt.artifact import load as load_artifact
+from graphopt.errors import UserError
+from graphopt.train.data import encode_documents
+from graphopt.train.evaluate import EvalResult, load_documents
+from graphopt.train.tokenizer import load_tokenizer
+
+
+def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int = 0) -> tuple[EvalResult, str]:
+    """The same measurement on an artifact folder that `graphopt optimize` wrote (any
+    backend): its tokenizer, context length and default text are those of the model it was
+    optimized from (report.json's "model"), unless the folder has a tokenizer.json itself."""
+    folder = Path(folder)
+    report = folder / "report.json"
+    source = json.loads(report.read_text()).get("model") if report.is_file() else None
+    origin = Path(source) if source and Path(source).is_dir() else None
+    tok_path = next((p for p in (folder / "tokenizer.json", origin / "tokenizer.json" if origin else None)
+                     if p is not None and p.is_file()), None)
+    if tok_path is None:
+        raise UserError(f"{folder}: no tokenizer.json in the artifact nor in the model it came from ({source})")
+    if data is None and origin is None:
+        raise UserError(f"{folder}: no default text (the model it came from is not a folder): pass --data")
+    docs, text_source = load_documents(origin if data is None else folder, data)
+    from graphopt.train.trainer import unigram_perplexity  # imports torch
+
+    tok = load_tokenizer(tok_path)
+    ids = encode_documents(tok, docs)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    if max_tokens and len(ids) > max_tokens + 1:
+        ids = ids[:max_tokens + 1]
+        n_bytes = len(tok.decode(ids[1:].tolist()).encode())
+    seq_len = 256
+    cfg = origin / "config.json" if origin else None
+    if cfg is not None and cfg.is_file():
+        seq_len = json.loads(cfg.read_text()).get("model", {}).get("max_seq_len", seq_len)
+    art = load_artifact(folder)
+    p = perplexity(artifact_logits(art), np.asarray(ids), seq_len, batch_size)
+    result = EvalResult(documents=len(docs), tokens=p.tokens, bytes=n_bytes, loss=p.loss, perplexity=p.perplexity,
+                        bits_per_byte=p.nll / math.log(2) / n_bytes, unigram_perplexity=unigram_perplexity(ids))
+    return result, text_source
+

@@ -1,0 +1,10 @@
+"""Quantization passes: weights stored in fewer bits, with their accuracy measured.
+
+`quantize-weights` (weights.py) rewrites every linear layer with a constant weight
+(graphopt.Linear / GatedLinear, plain MatMul / Gemm, a tied LM head) into
+graphopt.QuantLinear: int4 or int8 weights, block-wise scales and zero points, round-to-
+nearest or GPTQ (gptq.py, with calibration data from the pass context).
+`quantize-dynamic` (dynamic.py) makes the same sites graphopt.DynamicQuantLinear: int8
+weights, activations quantized at each call.
+"""
+from graphopt.passes.quantization import dynamic, weights  # noqa: F401

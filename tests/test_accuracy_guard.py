@@ -1,0 +1,89 @@
+"""The accuracy guard: budgets, the choice of layers kept in float, and its errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from graphopt.accuracy import perplexity
+from graphopt.accuracy_guard import Budget, Measured, guard
+from graphopt.cli import cli
+from graphopt.errors import UserError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+
+
+def test_budget_parse():
+    assert Budget.parse("perplexity=+2%") == Budget("perplexity", 0.02)
+    assert Budget.parse("perplexity=0.5%") == Budget("perplexity", 0.005)
+    assert Budget.parse("top1=0.99") == Budget("top1", 0.99)
+    for bad, msg in (("perplexity=2", "takes"), ("top1=1.5", "takes"), ("bleu=3", "expected"),
+                     ("cosine=0.995", "not implemented")):
+        with pytest.raises(UserError, match=msg):
+            Budget.parse(bad)
+
+
+# A fake model: each quantized layer adds its own cost to the perplexity (and flips
+# arg-maxes in proportion), so the right answer is known.
+COST = {"a": 0.001, "b": 0.02, "c": 0.004, "d": 0.0}
+FP32 = 10.0
+
+
+def fake(budget_text: str):
+    calls = []
+
+    def quantize(exclude: str):
+        kept = set(filter(None, exclude.split(";")))
+        calls.append(kept)
+        return sorted(set(COST) - kept), sorted(COST)
+
+    def measure(graph) -> Measured:
+        quantized = graph if isinstance(graph, list) else []
+        rise = sum(COST[x] for x in quantized)
+        argmax = np.arange(1000)
+        argmax[:int(rise * 1000)] = -1
+        return Measured(FP32 * (1 + rise), argmax)
+
+    return Budget.parse(budget_text), quantize, measure, calls
+
+
+@pytest.mark.parametrize("text, kept", [("perplexity=+3%", []), ("perplexity=+1%", ["b"]),
+                                        ("perplexity=+0.2%", ["b", "c"]), ("top1=0.996", ["b", "c"])])
+def test_guard_keeps_the_most_sensitive_layers(text, kept):
+    budget, quantize, measure, _ = fake(text)
+    exclude, entry = guard([], quantize, budget, measure, lambda m: None)
+    assert exclude == ";".join(kept) and entry["kept_float"] == kept
+    if kept:
+        assert sorted(entry["sensitivity"], key=lambda x: -entry["sensitivity"][x])[:2] == ["b", "c"]
+
+
+def test_guard_fails_with_the_best_it_reached():
+    budget, quantize, measure, _ = fake("perplexity=+0%")
+    with pytest.raises(UserError, match=r"no mix .* meets it; the best reached perplexity \+0\.00%"):
+        # even every layer kept in float (+0 %) misses a budget below fp32
+        guard([], quantize, Budget("perplexity", -0.01), measure, lambda m: None)
+
+
+def test_perplexity_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((7, 11))
+    ids = rng.integers(0, 11, 40)
+    result = perplexity(lambda x: table[x % 7], ids, seq_len=8, batch_size=3)
+    logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
+    want = -np.mean([logp[ids[i] % 7, ids[i + 1]] for i in range(len(ids) - 1)])
+    assert result.tokens == len(ids) - 1 and abs(result.loss - want) < 1e-12
+
+
+def test_cli_errors(tmp_path):
+    def invoke(*args):
+        return CliRunner().invoke(cli, ["optimize", str(EXAMPLE), "-o", str(tmp_path / "o"), "-q", *map(str, args)])
+
+    for args, msg in ((["--accuracy-budget", "perplexity=+2%"], "give --quantize"),
+                      (["--quantize", "int8", "--accuracy-budget", "cosine=0.99"], "not implemented"),
+                      (["--accuracy-data", "x.txt"], "goes with --accuracy-budget"),
+                      (["--quantize", "int8", "--accuracy-budget", "top1=0.99"], "needs held-out text")):
+        r = invoke(*args)
+        assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "o").exists()

@@ -1,0 +1,111 @@
+"""`graphopt optimize --quantize/--quant-method/--calibration`: pipeline, report, artifact, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+
+import graphopt
+from graphopt.cli import cli
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_quantize_int4_appends_the_pass_and_reports_it(tmp_path):
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "q", "--quantize", "int4:16", "-q")
+    assert r.exit_code == 0, r.output
+    assert "quantized 2 layers to int4 (block 16, rtn)" in r.output
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["pipeline"].endswith("quantize-weights{bits=4,block-size=16,method=rtn}")
+    q = report["quantization"]
+    assert (q["bits"], q["block_size"], q["method"], q["scheme"]) == (4, 16, "rtn", "int4:16")
+    assert 0 < q["quantized_weight_bytes"] < q["float_weight_bytes"] / 4
+    ops = [n.op_type for n in onnx.load(tmp_path / "q" / "model.onnx").graph.node]
+    assert ops.count("MatMulNBits") == 2 and "MatMul" not in ops
+
+
+def test_int8_artifact_errs_a_fraction_of_int4(tmp_path):
+    """The error follows the quantization step: int8's step is 1/17 of int4's on the same
+    blocks (range / 255 against range / 15), so its output error must be far smaller."""
+    x = {"x": np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)}
+    probs = {}
+    for name, args in (("fp32", []), ("int8", ["--quantize", "int8:32"]), ("int4", ["--quantize", "int4:32"])):
+        assert invoke("optimize", EXAMPLE, "-o", tmp_path / name, "-q", *args).exit_code == 0
+        probs[name] = graphopt.load(tmp_path / name).run(x)["probs"]
+    err8, err4 = (float(np.abs(probs[k] - probs["fp32"]).max()) for k in ("int8", "int4"))
+    assert 0 < err8 < 0.15 * err4, (err8, err4)
+
+
+def test_gptq_with_npz_calibration(tmp_path):
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32))
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "q", "--quantize", "int4:16", "--quant-method", "gptq",
+               "--calibration", tmp_path / "cal.npz", "-q")
+    assert r.exit_code == 0, r.output
+    q = json.loads((tmp_path / "q" / "report.json").read_text())["quantization"]
+    assert q["method"] == "gptq" and q["calibration"]["sequences"] == 16
+
+
+def test_user_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path):
+    np.savez(tmp_path / "wrong.npz", y=np.zeros((2, 16), np.float32))
+    cases = [
+        (["--quantize", "int3"], "--quantize 'int3'"),
+        (["--quantize", "int4:48"], "block size"),
+        (["--quant-method", "gptq"], "--quant-method goes with --quantize"),
+        (["--quantize", "int4", "--calibration", tmp_path / "wrong.npz"], "gptq only"),
+        (["--quantize", "int4", "--quant-method", "gptq"], "no default calibration data"),
+        (["--quantize", "int4", "--quant-method", "gptq", "--calibration", tmp_path / "missing.txt"], "no such file"),
+        (["--quantize", "int4", "--quant-method", "gptq", "--calibration", tmp_path / "wrong.npz"], "no array for input 'x'"),
+    ]
+    for args, message in cases:
+        r = invoke("optimize", EXAMPLE, "-o", tmp_path / "out", "-q", *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_passes_lists_quantize_weights():
+    r = invoke("passes")
+    assert "quantize-weights{bits=4, block-size=32, symmetric=False, method=rtn" in r.output
+
+
+def test_quantize_int8_dynamic(tmp_path):
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "d", "--quantize", "int8-dynamic", "-q")
+    assert r.exit_code == 0, r.output
+    assert "quantized 2 layers to int8 (activations per call)" in r.output
+    q = json.loads((tmp_path / "d" / "report.json").read_text())["quantization"]
+    assert q["method"] == "dynamic" and q["bits"] == 8
+    ops = [n.op_type for n in onnx.load(tmp_path / "d" / "model.onnx").graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 2
+
+
+def test_check_numerics_measures_quantization_and_checks_the_passes_after_it(tmp_path):
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "q", "--passes", "quantize-weights{bits=4,block-size=16},cse",
+               "--check-numerics", "-q")
+    assert r.exit_code == 0, r.output
+    passes = json.loads((tmp_path / "q" / "report.json").read_text())["passes"]
+    assert passes[0]["name"] == "quantize-weights" and passes[0]["max_abs_diff"] > 1e-4
+    assert passes[1]["max_abs_diff"] == 0.0
+
+
+def test_tvm_artifact_runs_the_quantized_graph(tmp_path):
+    import pytest
+
+    pytest.importorskip("tvm")
+    from graphopt.driver import default_pipeline
+    from graphopt.interpreter import run
+    from graphopt.models import load_graph
+    from graphopt.pass_manager import PassManager
+
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "t", "--backend", "tvm", "--quantize", "int4:16", "-q")
+    assert r.exit_code == 0, r.output
+    x = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
+    quantized = PassManager(default_pipeline() + ",quantize-weights{bits=4,block-size=16}").run(load_graph(str(EXAMPLE)))
+    want = run(quantized, x)["probs"]
+    assert np.abs(graphopt.load(tmp_path / "t").run(x)["probs"] - want).max() < 1e-6
