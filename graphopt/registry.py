@@ -6,7 +6,7 @@ rules that backends register for it.
 
 Core ops (domain "") follow ONNX semantics at `CANONICAL_OPSET`; their `OpDef`s are made on
 first use from the ONNX schema, with inference by ONNX's own shape inference and reference
-kernels from `onnx.reference`. graphopt-domain ops are declared in `graphopt.graphopt_ops`.
+kernels from `onnx.reference`. graphopt-domain ops are declared in `graphopt.ops`, one module per op.
 """
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ def register_op(opdef: OpDef) -> OpDef:
 
 
 def _load_op_catalogues() -> None:
-    """The ops declared outside this module -- graphopt's own domain (`graphopt.op_catalogue`) and any plugin's -- register themselves when their module is
-    imported; the modules are named by the entry point group `graphopt.ops`, so the registry
-    imports none of them."""
+    """The ops declared outside this module -- graphopt's own domain (`graphopt.ops`) and any
+    plugin's -- register themselves when their module is imported; the modules are named by the
+    entry point group `graphopt.ops`, so the registry imports none of them."""
     global _op_catalogues_loaded
     if not _op_catalogues_loaded:
         _op_catalogues_loaded = True

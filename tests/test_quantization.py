@@ -11,7 +11,7 @@ from graphopt.interpreter import run
 from graphopt.ir import Graph, TensorType
 from graphopt.onnx_io import save_onnx
 from graphopt.pass_manager import PassContext, PassManager
-from graphopt.quant_ops import dequantize_blockwise, pack, quantize_blockwise, unpack
+from graphopt.ops.quant_format import dequantize_blockwise, pack, quantize_blockwise, unpack
 from graphopt.lowering import decompose_graphopt_ops
 from graphopt.testing import assert_close, run_ort
 from graphopt.verify import verify
@@ -367,7 +367,7 @@ def test_dynamic_quant_linear_reference_decomposition_and_ort(per_channel, tmp_p
     xzp = np.clip(np.round(-lo / xs), 0, 255)
     xq = np.clip(np.round(xv / xs) + xzp, 0, 255)
     pre = ((xq - xzp) @ q.astype(np.float64)) * (np.float64(xs) * scale) + g.initializers["bias"].const_value
-    from graphopt.fused_ops import activate_np
+    from graphopt.ops.activations import activate_np
 
     assert_close(want, activate_np(pre.astype(np.float32), "gelu"), rtol=1e-5, atol=1e-5)
     d = g.copy()

@@ -74,7 +74,7 @@ SEQ = {1: "seq"}
 
 
 def _quant_linear_cases() -> list:
-    from graphopt.quant_ops import quantize_blockwise
+    from graphopt.ops.quant_format import quantize_blockwise
 
     cases = []
     for bits, block, k, symmetric, bias, act in ((4, 16, 40, False, True, "gelu"), (8, 32, 64, True, False, "")):

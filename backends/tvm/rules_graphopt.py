@@ -1,4 +1,4 @@
-"""TVM lowering rules for graphopt-domain ops (semantics: graphopt/graphopt_ops.py).
+"""TVM lowering rules for graphopt-domain ops (semantics: graphopt/ops/).
 
 Attention is written out in Relax ops rather than `R.nn.attention`: that op's bottom-right
 causal mask fails when the query and key lengths differ symbolically (a KV cache), and it
@@ -175,7 +175,7 @@ def attention(lw: Lowerer, node, args):
 
 
 # --------------------------------------------------------------------------------------
-# Fused ops (graphopt/fused_ops.py)
+# Fused ops (graphopt/ops/linear.py, skip_norm.py, gated_linear.py)
 
 _ACTIVATIONS = {"": None, "relu": "nn.relu", "gelu": "nn.gelu", "gelu_tanh": "nn.gelu_tanh", "silu": "nn.silu"}
 

@@ -1,4 +1,4 @@
-"""TVM lowering rules for the quantized ops (semantics: graphopt/quant_ops.py).
+"""TVM lowering rules for the quantized ops (semantics: graphopt/ops/quant_*.py).
 
 graphopt.QuantLinear keeps its weight packed in the module's parameters (4 bits a weight
 for int4) and dequantizes it in Relax at each call -- unpack (shift, mask), subtract the zero

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.fused_ops import activate
+from graphopt.ops.activations import activate
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, remove_dead, replace_value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.quant_ops import block_params, num_blocks, quantize_values
+from graphopt.ops.quant_format import block_params, num_blocks, quantize_values
 
 
 class Hessian:

@@ -30,12 +30,12 @@ import dataclasses
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.fused_ops import activate
+from graphopt.ops.activations import activate
 from graphopt.interpreter import run as interpret
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
-from graphopt.quant_ops import pack, pack_weight, quantize_rows
+from graphopt.ops.quant_format import pack, pack_weight, quantize_rows
 
 from graphopt.passes.quantization.gptq import Hessian, gptq_rows
 

@@ -1,12 +1,6 @@
-"""graphopt-domain ops: each declared once with attributes, inference, a reference
-implementation and a decomposition into core ops at the canonical opset.
-
-Their semantics are those of the ONNX opset-23 ops of the same purpose (so imported
-`Attention`, `RMSNormalization` and `RotaryEmbedding` nodes map onto them one to one), and
-the reference kernels are ONNX's own reference implementations of those ops. Where the
-ONNX reference, ONNX's function body and ONNX Runtime disagree, the op's doc says which
-behaviour graphopt takes. tests/test_graphopt_ops.py checks every decomposition against the
-reference and the reference against ONNX Runtime's opset-23 kernels.
+"""graphopt.Attention: ONNX Attention-23's semantics (grouped-query heads, causal, a mask), 4-D or
+3-D, with an optional KV cache (past in, present out, BNSH or BSNH); the reference is ONNX's own
+kernel.
 """
 from __future__ import annotations
 
@@ -15,200 +9,16 @@ import math
 import numpy as np
 
 from graphopt.builder import Builder
-from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, AttrKind, Node, TensorType, Value
+from graphopt.ops.common import BNSH_FROM_BSNH, i64, unsupported
 from graphopt.registry import AttrSpec, OpDef, register_op
-
-_INT64_MAX = np.iinfo(np.int64).max
-_BNSH_FROM_BSNH = [0, 2, 1, 3]  # the same permutation goes both ways
-
-
-def _i64(*xs) -> np.ndarray:
-    return np.array(xs, dtype=np.int64)
-
-
-def _unsupported(node: Node, why: str) -> UserError:
-    return UserError(f"node {node.name!r} ({node.op}): {why}")
-
-
-# --------------------------------------------------------------------------------------
-# RMSNorm
-
-
-def _rms_stash_dtype(dtype: np.dtype) -> np.dtype:
-    # stash_type=1: normalize in float32, or in float64 for float64 input (as ONNX Runtime
-    # and ONNX's reference kernel do; casting float64 down would only lose precision).
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
-def _rms_infer(node: Node):
-    x, scale = node.inputs
-    if x.type is None or scale.type is None:
-        return [None]
-    if scale.type.dtype is not x.type.dtype:
-        raise _unsupported(node, f"X is {x.type.dtype.short} but scale is {scale.type.dtype.short}; "
-                                 "they must have the same element type")
-    rank, axis = x.type.rank, node.attr("axis", -1)
-    if rank is not None and not -rank <= axis < rank:
-        raise _unsupported(node, f"axis {axis} is out of range for an input of rank {rank}")
-    return [x.type]
-
-
-def _rms_reference(node: Node, inputs):
-    from onnx.reference.ops.op_rms_normalization import _rms_normalization
-
-    x, scale = inputs
-    stash = _rms_stash_dtype(x.dtype)
-    # ONNX's kernel for the first stage (with a unit scale), then the function body's
-    # second stage: cast back to X's type, then scale.
-    normalized = _rms_normalization(x.astype(stash), np.ones((), stash), axis=node.attr("axis", -1),
-                                    epsilon=node.attr("epsilon", 1e-5))
-    return [normalized.astype(x.dtype) * scale]
-
-
-def _rms_decompose(b: Builder, node: Node):
-    x, scale = node.inputs
-    axis = node.attr("axis", -1)
-    rank = x.type.rank
-    if axis < 0:
-        axes = list(range(axis, 0))
-    elif rank is not None:
-        axes = list(range(axis, rank))
-    else:
-        raise _unsupported(node, "a non-negative axis needs an input of known rank to decompose")
-    stash = _rms_stash_dtype(x.type.dtype.np_dtype)
-    xs = x if x.type.dtype.np_dtype == stash else b.Cast(x, to=1)
-    mean_square = b.ReduceMean(b.Mul(xs, xs), b.const(_i64(*axes), "rms_axes"), keepdims=1)
-    eps = b.const(np.array(node.attr("epsilon", 1e-5), stash), "rms_epsilon")
-    normalized = b.Mul(xs, b.Reciprocal(b.Sqrt(b.Add(mean_square, eps))))
-    if xs is not x:
-        normalized = b.Cast(normalized, to=x.type.dtype.onnx_type)
-    return [b.Mul(normalized, scale)]
-
-
-register_op(OpDef(
-    GRAPHOPT_DOMAIN, "RMSNorm",
-    attrs={"axis": AttrSpec(AttrKind.INT, default=-1), "epsilon": AttrSpec(AttrKind.FLOAT, default=1e-5)},
-    min_inputs=2, max_inputs=2, min_outputs=1, max_outputs=1,
-    infer=_rms_infer, reference=_rms_reference, decompose=_rms_decompose,
-    doc="Y = Cast(X / sqrt(mean(X^2 over axes [axis, rank)) + epsilon), X's type) * scale, as ONNX "
-        "RMSNormalization-23 with stash_type=1: the first stage runs in float32 (float64 for float64 "
-        "input). X and scale must have the same element type (as in ONNX's function body).",
-))
-
-
-# --------------------------------------------------------------------------------------
-# RotaryEmbedding
-
-
-def _rope_infer(node: Node):
-    x, cos, sin = node.inputs[:3]
-    if any(t.type is None for t in (x, cos, sin)):
-        return [None if x.type is None else x.type]
-    shape = x.type.shape
-    if shape is not None and len(shape) not in (3, 4):
-        raise _unsupported(node, f"input must have rank 3 or 4, got {x.type}")
-    if shape is not None and len(shape) == 3 and not node.attr("num_heads", 0):
-        raise _unsupported(node, "num_heads is required for 3-D input")
-    for cache in (cos, sin):
-        if cache.type.dtype is not x.type.dtype:
-            raise _unsupported(node, f"{cache.name!r} is {cache.type.dtype.short}, input is {x.type.dtype.short}")
-    return [x.type]
-
-
-def _rope_reference(node: Node, inputs):
-    from onnx.reference.ops.op_rotary_embedding import rotary_embedding
-
-    x, cos, sin = inputs[:3]
-    pos = inputs[3] if len(inputs) > 3 else None
-    return [rotary_embedding(x, cos, sin, pos, interleaved=node.attr("interleaved", 0),
-                             rotary_embedding_dim=node.attr("rotary_embedding_dim", 0),
-                             num_heads=node.attr("num_heads", 0)).astype(x.dtype)]
-
-
-def _rope_head_size(node: Node) -> int | None:
-    shape = node.inputs[0].type.shape
-    if len(shape) == 4:
-        return shape[3] if isinstance(shape[3], int) else None
-    num_heads = node.attr("num_heads", 0)
-    if not isinstance(shape[2], int):
-        return None
-    if shape[2] % num_heads:
-        raise _unsupported(node, f"hidden size {shape[2]} is not a multiple of num_heads={num_heads}")
-    return shape[2] // num_heads
-
-
-def _rope_decompose(b: Builder, node: Node):
-    x, cos, sin = node.inputs[:3]
-    pos = node.inputs[3] if len(node.inputs) > 3 else None
-    shape = x.type.shape
-    if shape is None:
-        raise _unsupported(node, "the input's rank must be known to decompose")
-    _rope_infer(node)
-    head = _rope_head_size(node)
-    rot = node.attr("rotary_embedding_dim", 0) or head
-    if rot is None:
-        raise _unsupported(node, "the head size must be static to decompose (or give rotary_embedding_dim)")
-    if rot % 2 or (head is not None and rot > head):
-        raise _unsupported(node, f"rotary_embedding_dim {rot} must be even and at most the head size {head}")
-    half = rot // 2
-    # Work in BSNH so that the caches, (B, S, rot/2), broadcast as (B, S, 1, rot/2).
-    if len(shape) == 4:
-        x_bsnh = b.Transpose(x, perm=_BNSH_FROM_BSNH)
-    else:
-        x_bsnh = b.Reshape(x, b.const(_i64(0, 0, node.attr("num_heads", 0), -1), "rope_bsnh_shape"))
-    if pos is not None:
-        cos, sin = b.Gather(cos, pos, axis=0), b.Gather(sin, pos, axis=0)
-    head_axis = b.const(_i64(2), "rope_head_axis")
-    cos, sin = b.Unsqueeze(cos, head_axis), b.Unsqueeze(sin, head_axis)
-
-    last = b.const(_i64(-1), "rope_last_axis")
-
-    def part(start: int, end: int, step: int = 1) -> Value:  # x_bsnh[..., start:end:step]
-        steps = [b.const(_i64(step), "rope_step")] if step != 1 else []
-        return b.Slice(x_bsnh, b.const(_i64(start), "rope_start"), b.const(_i64(end), "rope_end"), last, *steps)
-
-    interleaved = node.attr("interleaved", 0)
-    if interleaved:  # rotate the pairs (x[2i], x[2i+1])
-        x1, x2 = part(0, rot, 2), part(1, rot, 2)
-    else:  # rotate the pairs (x[i], x[i + rot/2])
-        x1, x2 = part(0, half), part(half, rot)
-    real = b.Sub(b.Mul(cos, x1), b.Mul(sin, x2))
-    imag = b.Add(b.Mul(sin, x1), b.Mul(cos, x2))
-    if interleaved:  # real and imag back into even and odd positions
-        pairs = b.Concat(b.Unsqueeze(real, last), b.Unsqueeze(imag, last), axis=-1)  # B, S, N, rot/2, 2
-        rotated = b.Reshape(pairs, b.const(_i64(0, 0, 0, -1), "rope_pairs_shape"))
-    else:
-        rotated = b.Concat(real, imag, axis=-1)
-    if rot != head:  # partial rotation: the rest of each head passes through
-        rotated = b.Concat(rotated, part(rot, _INT64_MAX), axis=-1)
-    if len(shape) == 4:
-        return [b.Transpose(rotated, perm=_BNSH_FROM_BSNH)]
-    return [b.Reshape(rotated, b.const(_i64(0, 0, -1), "rope_bsd_shape"))]
-
-
-register_op(OpDef(
-    GRAPHOPT_DOMAIN, "RotaryEmbedding",
-    attrs={"interleaved": AttrSpec(AttrKind.INT, default=0), "num_heads": AttrSpec(AttrKind.INT, default=0),
-           "rotary_embedding_dim": AttrSpec(AttrKind.INT, default=0)},
-    min_inputs=3, max_inputs=4, min_outputs=1, max_outputs=1,
-    infer=_rope_infer, reference=_rope_reference, decompose=_rope_decompose,
-    doc="Rotary position embedding of X (B,N,S,H or B,S,N*H with num_heads) with cos/sin caches, as ONNX "
-        "RotaryEmbedding-23: caches are (max_pos, rot/2) indexed by position_ids (B,S), or (B,S,rot/2); "
-        "the first rotary_embedding_dim (default: all) entries of each head rotate, in halves or, "
-        "with interleaved=1, in even/odd pairs.",
-))
-
-
-# --------------------------------------------------------------------------------------
-# Attention
 
 
 def _heads_3d(node: Node) -> tuple[int, int]:
     nq = node.attr("num_heads", 0)
     nkv = node.attr("kv_num_heads", 0) or nq
     if not nq:
-        raise _unsupported(node, "num_heads is required for 3-D inputs")
+        raise unsupported(node, "num_heads is required for 3-D inputs")
     return nq, nkv
 
 
@@ -217,7 +27,7 @@ def _split_heads(node: Node, hidden, heads: int):
     if not isinstance(hidden, int):
         return None
     if hidden % heads:
-        raise _unsupported(node, f"hidden size {hidden} is not a multiple of {heads} heads")
+        raise unsupported(node, f"hidden size {hidden} is not a multiple of {heads} heads")
     return hidden // heads
 
 
@@ -244,7 +54,7 @@ def _kv_layout(node: Node) -> str:
     """The layout of the past and present key/value: BNSH (default) or BSNH."""
     layout = node.attr("kv_layout", "BNSH") or "BNSH"
     if layout not in _KV_LAYOUTS:
-        raise _unsupported(node, f"kv_layout {layout!r} is not one of {', '.join(_KV_LAYOUTS)}")
+        raise unsupported(node, f"kv_layout {layout!r} is not one of {', '.join(_KV_LAYOUTS)}")
     return layout
 
 
@@ -255,18 +65,18 @@ def _attention_infer(node: Node):
     dt = q.type.dtype
     qs, vs = q.type.shape, v.type.shape
     if qs is not None and len(qs) not in (3, 4):
-        raise _unsupported(node, f"Q must have rank 3 or 4, got {q.type}")
+        raise unsupported(node, f"Q must have rank 3 or 4, got {q.type}")
     three_d = qs is not None and len(qs) == 3
     if three_d:
         nq, nkv = _heads_3d(node)
     if (past_k is None) != (past_v is None):
-        raise _unsupported(node, "past_key and past_value must be given together")
+        raise unsupported(node, "past_key and past_value must be given together")
     if mask is not None and mask.type.shape:
         # ONNX's reference pads a shorter mask with -inf, ONNX Runtime refuses it: we refuse it.
         past = 0 if past_k is None else _seq_len_bnsh(node, past_k, cache=True)
         new, mlast = _seq_len_bnsh(node, k), mask.type.shape[-1]
         if isinstance(new, int) and isinstance(past, int) and isinstance(mlast, int) and mlast != past + new:
-            raise _unsupported(node, f"the mask's last dimension is {mlast}, but the total sequence length "
+            raise unsupported(node, f"the mask's last dimension is {mlast}, but the total sequence length "
                                      f"is {past + new}")
     if qs is None or vs is None:
         y = TensorType(dt, None)
@@ -305,7 +115,7 @@ def _attention_reference(node: Node, inputs):
     if mask is not None:
         total = k.shape[-2 if k.ndim == 4 else 1] + (0 if past_k is None else past_k.shape[2])
         if mask.shape[-1] != total:
-            raise _unsupported(node, f"the mask's last dimension is {mask.shape[-1]}, but the total "
+            raise unsupported(node, f"the mask's last dimension is {mask.shape[-1]}, but the total "
                                      f"sequence length is {total}")
     nq, nkv = _heads_3d(node) if q.ndim == 3 else (None, None)
     if mask is not None and node.attr("causal", 0) and mask.ndim >= 2 and mask.shape[-2] == 1:
@@ -325,11 +135,11 @@ def _repeat_kv_heads(b: Builder, node: Node, t_BNSH: Value, nq, nkv) -> Value:
     if nq == nkv and nq is not None:
         return t_BNSH
     if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
-        raise _unsupported(node, f"grouped-query attention needs static head counts that divide, "
+        raise unsupported(node, f"grouped-query attention needs static head counts that divide, "
                                  f"got {nq} query and {nkv} key/value heads")
-    grouped = b.Unsqueeze(t_BNSH, b.const(_i64(2), "attn_group_axis"))  # B, Nkv, 1, S, H
-    tiled = b.Expand(grouped, b.const(_i64(1, 1, nq // nkv, 1, 1), "attn_group_reps"))
-    shape = b.Concat(b.Shape(t_BNSH, start=0, end=1), b.const(_i64(nq), "attn_num_heads"),
+    grouped = b.Unsqueeze(t_BNSH, b.const(i64(2), "attn_group_axis"))  # B, Nkv, 1, S, H
+    tiled = b.Expand(grouped, b.const(i64(1, 1, nq // nkv, 1, 1), "attn_group_reps"))
+    shape = b.Concat(b.Shape(t_BNSH, start=0, end=1), b.const(i64(nq), "attn_num_heads"),
                      b.Shape(t_BNSH, start=2), axis=0)
     return b.Reshape(tiled, shape)
 
@@ -346,14 +156,14 @@ def _attention_bias(b: Builder, node: Node, mask: Value | None, q_BNSH: Value, k
         else:
             bias = mask if mask.type.dtype is dt else b.Cast(mask, to=dt.onnx_type)
     if node.attr("causal", 0):
-        scalar = b.const(_i64(0), "attn_scalar_axis")
+        scalar = b.const(i64(0), "attn_scalar_axis")
 
         def length(t: Value, axis: int) -> Value:  # a scalar int64
             return b.Squeeze(b.Shape(t, start=axis, end=axis + 1), scalar)
 
         start = b.const(np.array(0, np.int64), "attn_range_start")
         step = b.const(np.array(1, np.int64), "attn_range_step")
-        rows = b.Unsqueeze(b.Range(start, length(q_BNSH, 2), step), b.const(_i64(1), "attn_col_axis"))
+        rows = b.Unsqueeze(b.Range(start, length(q_BNSH, 2), step), b.const(i64(1), "attn_col_axis"))
         if past_k is not None:
             rows = b.Add(rows, length(past_k, 2))
         cols = b.Unsqueeze(b.Range(start, length(k_BNSH, 2), step), scalar)
@@ -367,14 +177,14 @@ def _attention_decompose(b: Builder, node: Node):
     dt = q.type.dtype
     qs = q.type.shape
     if qs is None or len(qs) not in (3, 4):
-        raise _unsupported(node, "Q must have rank 3 or 4 to decompose")
+        raise unsupported(node, "Q must have rank 3 or 4 to decompose")
     if len(qs) == 3:
         nq, nkv = _heads_3d(node)
         head = _split_heads(node, qs[2], nq)
 
         def to_bnsh(t: Value, heads: int) -> Value:
-            bsnh = b.Reshape(t, b.const(_i64(0, 0, heads, -1), "attn_bsnh_shape"))
-            return b.Transpose(bsnh, perm=_BNSH_FROM_BSNH)
+            bsnh = b.Reshape(t, b.const(i64(0, 0, heads, -1), "attn_bsnh_shape"))
+            return b.Transpose(bsnh, perm=BNSH_FROM_BSNH)
         q_BNSH, k_BNSH, v_BNSH = to_bnsh(q, nq), to_bnsh(k, nkv), to_bnsh(v, nkv)
     else:
         q_BNSH, k_BNSH, v_BNSH = q, k, v
@@ -383,7 +193,7 @@ def _attention_decompose(b: Builder, node: Node):
 
     bsnh = _kv_layout(node) == "BSNH"
     if bsnh and past_k is not None:
-        past_k, past_v = b.Transpose(past_k, perm=_BNSH_FROM_BSNH), b.Transpose(past_v, perm=_BNSH_FROM_BSNH)
+        past_k, past_v = b.Transpose(past_k, perm=BNSH_FROM_BSNH), b.Transpose(past_v, perm=BNSH_FROM_BSNH)
     k_BNSH = b.Concat(past_k, k_BNSH, axis=2) if past_k is not None else k_BNSH
     v_BNSH = b.Concat(past_v, v_BNSH, axis=2) if past_v is not None else v_BNSH
 
@@ -391,7 +201,7 @@ def _attention_decompose(b: Builder, node: Node):
         if index >= len(node.outputs) or node.outputs[index] is None:
             return None
         if bsnh:
-            return b.Transpose(t_BNSH, perm=_BNSH_FROM_BSNH)
+            return b.Transpose(t_BNSH, perm=BNSH_FROM_BSNH)
         # Without a past, present is K or V itself: an Identity keeps the output a value of its
         # own (decompose_node would otherwise rename the graph input to the output's name).
         return b.Identity(t_BNSH) if t_BNSH is new else t_BNSH
@@ -402,7 +212,7 @@ def _attention_decompose(b: Builder, node: Node):
     scale = node.attr("scale", 0.0)
     if not scale:
         if not isinstance(head, int):
-            raise _unsupported(node, "the head size must be static when no scale is given")
+            raise unsupported(node, "the head size must be static when no scale is given")
         scale = 1.0 / math.sqrt(head)
     # As the spec (and its reference): Q and K each scaled by sqrt(scale), against overflow.
     sqrt_scale = b.const(np.array(math.sqrt(scale), dt.np_dtype), "attn_sqrt_scale")
@@ -423,11 +233,11 @@ def _attention_decompose(b: Builder, node: Node):
             # A query row whose bias is -inf everywhere attends nothing: its output is zero
             # (the spec's rule), where Softmax alone gives NaN. Causal masking alone always
             # leaves key 0, so only a mask can do this.
-            row_max = b.ReduceMax(bias, b.const(_i64(-1), "attn_last_axis"), keepdims=1)
+            row_max = b.ReduceMax(bias, b.const(i64(-1), "attn_last_axis"), keepdims=1)
             probs = b.Where(b.Equal(row_max, neg_inf), zero, probs)
     y_BNSH = b.MatMul(probs, v_BNSH)
     if len(qs) == 3:
-        y = b.Reshape(b.Transpose(y_BNSH, perm=_BNSH_FROM_BSNH), b.const(_i64(0, 0, -1), "attn_bsd_shape"))
+        y = b.Reshape(b.Transpose(y_BNSH, perm=BNSH_FROM_BSNH), b.const(i64(0, 0, -1), "attn_bsd_shape"))
     else:
         y = y_BNSH
     return [y, *presents][:len(node.outputs)]
