@@ -20,27 +20,15 @@ import time
 
 import numpy as np
 
-from graphopt.dtypes import DType
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
-from graphopt.builder import make_node  # noqa: E402
+from graphopt.testing import one_node_graph
+from graphopt.ir import Graph
 
 F32_MIN = np.finfo(np.float32).min
 
 
 def one_node(op: str, inputs: list, attrs: dict, n_out: int = 1) -> Graph:
     """inputs: (name, array, dims, is_constant); dims name the symbolic dimensions."""
-    g = Graph(op)
-    vals = []
-    for name, a, dims, const in inputs:
-        if const:
-            vals.append(g.add_initializer(name, a))
-        else:
-            shape = tuple(s or d for d, s in zip(a.shape, dims))
-            vals.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
-    node = make_node(g, op, vals, domain=GRAPHOPT_DOMAIN, attrs=attrs, num_outputs=n_out)
-    g.append(node)
-    g.outputs = list(node.outputs)
-    return g
+    return one_node_graph(op, inputs, attrs, n_out=n_out)
 
 
 def hf_mask(b: int, s: int) -> np.ndarray:

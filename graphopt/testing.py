@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.dtypes import TOLERANCES, DType  # noqa: F401  (the one tolerance table, for tests)
-from graphopt.builder import Builder
+from graphopt.builder import Builder, make_node
 from graphopt.ir import Graph, TensorType
 from graphopt.pass_manager import PassManager
 from graphopt.text import parse_graph, print_graph
@@ -196,6 +196,39 @@ def torch_outputs(module, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------
 # Random well-typed graphs (for property-based tests)
+
+
+def one_node_graph(op: str, inputs, attrs: dict | None = None, *, domain: str = "graphopt", n_out: int = 1,
+                   name: str | None = None, node_name: str | None = None, output_names=None, dynamic: bool = True,
+                   drop_trailing_empty: bool = False) -> Graph:
+    """A graph of one `op` node, for op-level tests and benchmarks. `inputs` are, in order,
+    None (an empty optional input) or (name, array, dims, is_constant): a constant becomes an
+    initializer, anything else a graph input of the array's type whose shape names the
+    symbolic dims in `dims` (None entries keep the array's size; all sizes with dynamic=False).
+    The node's outputs (renamed to `output_names` if given) are the graph's outputs; with
+    `drop_trailing_empty`, trailing empty inputs are left off (ONNX reads them the same)."""
+    g = Graph(name or op)
+    vals = []
+    for spec in inputs:
+        if spec is None:
+            vals.append(None)
+            continue
+        value_name, a, dims, const = spec
+        if const:
+            vals.append(g.add_initializer(value_name, a))
+            continue
+        dims = dims or (None,) * a.ndim
+        shape = tuple(s if dynamic and s else d for d, s in zip(a.shape, dims))
+        vals.append(g.add_input(value_name, TensorType(DType.from_numpy(a.dtype), shape)))
+    while drop_trailing_empty and vals and vals[-1] is None:
+        vals.pop()
+    node = make_node(g, op, vals, domain=domain, attrs=attrs or {}, num_outputs=n_out,
+                     name=node_name)
+    g.append(node)
+    for v, out_name in zip(node.outputs, output_names or ()):
+        g.rename_value(v, out_name)
+    g.outputs = list(node.outputs)
+    return g
 
 
 def random_graph(seed: int, n_nodes: int = 12, *, cleanup_bait: bool = False):

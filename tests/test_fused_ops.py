@@ -8,30 +8,21 @@ import pytest
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.interpreter import run
-from graphopt.ir import Graph, TensorType
 from graphopt.onnx_io import save_onnx
 from graphopt.lowering import decompose_graphopt_ops, decompose_node
 from graphopt.registry import infer_types
 from graphopt.testing import assert_close, run_ort
+from graphopt.testing import one_node_graph
 from graphopt.verify import verify
-from graphopt.builder import make_node  # noqa: E402
 
 F32 = DType.FLOAT32
 RNG = np.random.default_rng(0)
 
 
 def one_node(op, inputs: dict, consts: dict, attrs: dict, n_out=1):
-    g = Graph("t")
-    vals = []
-    for name, arr in inputs.items():
-        vals.append(None if arr is None else g.add_input(name, TensorType(F32, ("batch",) + arr.shape[1:])))
-    for name, arr in consts.items():
-        vals.append(None if arr is None else g.add_initializer(name, arr))
-    while vals and vals[-1] is None:
-        vals.pop()
-    n = make_node(g, op, vals, domain="graphopt", attrs=attrs, num_outputs=n_out)
-    g.append(n)
-    g.outputs = list(n.outputs)
+    specs = [None if a is None else (name, a, ("batch",) + (None,) * (a.ndim - 1), False) for name, a in inputs.items()]
+    specs += [None if a is None else (name, a, None, True) for name, a in consts.items()]
+    g = one_node_graph(op, specs, attrs, n_out=n_out, name="t", drop_trailing_empty=True)
     verify(g)
     return g, {k: v for k, v in inputs.items() if v is not None}
 

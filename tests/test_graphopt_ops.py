@@ -25,6 +25,7 @@ from graphopt.ir import GRAPHOPT_DOMAIN, Attr, Graph, TensorType
 from graphopt.onnx_io import from_onnx_model, save_onnx
 from graphopt.lowering import decompose_node
 from graphopt.registry import infer_types
+from graphopt.testing import one_node_graph as shared_one_node_graph
 from graphopt.verify import verify
 from graphopt.builder import make_node  # noqa: E402
 
@@ -217,22 +218,9 @@ ALL_CASES = ATTENTION_CASES + ROPE_CASES + RMS_CASES
 
 
 def one_node_graph(case: Case, *, dynamic: bool = False) -> Graph:
-    g = Graph(case.id)
-    ins = []
-    for spec in case.inputs:
-        if spec is None:
-            ins.append(None)
-            continue
-        name, a, dims = spec
-        shape = tuple(s if dynamic and s else d for d, s in zip(a.shape, dims)) if dynamic else a.shape
-        ins.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
-    node = make_node(g, case.op, ins, domain=GRAPHOPT_DOMAIN, attrs=case.attrs, num_outputs=len(case.outputs),
-                       name=f"{case.op.lower()}_node")
-    g.append(node)
-    for v, name in zip(node.outputs, case.outputs):
-        g.rename_value(v, name)
-    g.outputs = list(node.outputs)
-    return g
+    inputs = [None if spec is None else (*spec, False) for spec in case.inputs]
+    return shared_one_node_graph(case.op, inputs, case.attrs, n_out=len(case.outputs), name=case.id,
+                                 node_name=f"{case.op.lower()}_node", output_names=case.outputs, dynamic=dynamic)
 
 
 def assert_close(actual: dict, expected: dict, what: str, tolerance=None) -> None:

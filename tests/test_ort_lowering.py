@@ -27,8 +27,9 @@ from graphopt.backends.onnxruntime.lowering import LoweringReport
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.interpreter import run
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.testing import TOLERANCES, run_ort
+from graphopt.testing import one_node_graph as shared_one_node_graph
 from graphopt.builder import make_node  # noqa: E402
 
 GQA, MHA = "com.microsoft.GroupQueryAttention", "com.microsoft.MultiHeadAttention"
@@ -76,23 +77,8 @@ def _rng(seed: str) -> np.random.Generator:
 
 
 def one_node_graph(case: Case, *, dynamic: bool = False) -> Graph:
-    g = Graph(case.id)
-    vals = []
-    for spec in case.inputs:
-        if spec is None:
-            vals.append(None)
-            continue
-        name, a, dims, const = spec
-        if const:
-            vals.append(g.add_initializer(name, a))
-            continue
-        shape = tuple(s if dynamic and s else d for d, s in zip(a.shape, dims or (None,) * a.ndim))
-        vals.append(g.add_input(name, TensorType(DType.from_numpy(a.dtype), shape)))
-    node = make_node(g, case.op, vals, domain=GRAPHOPT_DOMAIN, attrs=case.attrs, num_outputs=case.n_out,
-                       name=f"{case.op.lower()}_site")
-    g.append(node)
-    g.outputs = list(node.outputs)
-    return g
+    return shared_one_node_graph(case.op, case.inputs, case.attrs, n_out=case.n_out, name=case.id,
+                                 node_name=f"{case.op.lower()}_site", dynamic=dynamic)
 
 
 def ops_in(model: onnx.ModelProto) -> collections.Counter:
