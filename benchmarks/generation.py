@@ -76,7 +76,7 @@ def decode_step(artifact, cached: int) -> dict:
 
     gen = Generator.for_artifact(artifact)
     ids = np.arange(cached, dtype=np.int64)[None] % 100 + 1
-    prefill = {"input_ids": ids, "attention_mask": np.ones_like(ids), **gen._empty_cache(1)}
+    prefill = {"input_ids": ids, "attention_mask": np.ones_like(ids), **gen.empty_cache(1)}
     out = artifact.run(prefill)
     step = {"input_ids": np.array([[7]], np.int64), "attention_mask": np.ones((1, cached + 1), np.int64)}
     for i in range(gen.spec.num_layers):

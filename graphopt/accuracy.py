@@ -14,6 +14,9 @@ from typing import Callable
 
 import numpy as np
 
+from graphopt.errors import UserError
+from graphopt.generation import Generator
+
 
 @dataclasses.dataclass
 class Perplexity:
@@ -57,7 +60,23 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, s
 
 
 def artifact_logits(artifact, input_name: str = "input_ids", output_name: str = "logits"):
-    """A logits_fn over an artifact that `graphopt.load` returned."""
-    def fn(ids: np.ndarray) -> np.ndarray:
-        return artifact.run({input_name: ids})[output_name]
-    return fn
+    """A logits_fn over an artifact that `graphopt.load` returned. A generation-ready
+    artifact runs as a prefill (a full mask, an empty cache); one that computes the logits at
+    the last position only cannot be scored, and says how to make one that can."""
+    generation = artifact.manifest.get("generation") or {}
+    takes_mask = any(e["name"] == "attention_mask" for e in artifact.inputs)
+    if not generation:
+        def fn(ids: np.ndarray) -> np.ndarray:
+            feeds = {input_name: ids, **({"attention_mask": np.ones_like(ids)} if takes_mask else {})}
+            return artifact.run(feeds)[output_name]
+        return fn
+    if generation.get("logits") == "last":
+        raise UserError(f"{artifact.path}: computes the logits at the last position only (for generation); "
+                        "perplexity needs every position: optimize with --logits all (or --no-kv-cache)")
+
+    gen = Generator.for_artifact(artifact)
+
+    def prefill(ids: np.ndarray) -> np.ndarray:
+        feeds = {input_name: ids, "attention_mask": np.ones_like(ids), **gen.empty_cache(ids.shape[0])}
+        return artifact.run(feeds)[output_name]
+    return prefill

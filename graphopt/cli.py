@@ -323,7 +323,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
 
     if inputs_file and not check_numerics:
         raise UserError("--inputs gives the sample inputs of --check-numerics; add --check-numerics")
-    check_output_dir(output_dir, [p for p in (model, inputs_file, recipe) if p], overwrite=overwrite)
+    check_output_dir(output_dir, [p for p in (model, inputs_file, recipe, calibration, accuracy_data) if p],
+                     overwrite=overwrite)
     inputs = load_inputs(inputs_file) if inputs_file else None
     options = {}
     for item in backend_options:

@@ -128,7 +128,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
     if output_dir is not None:
-        check_output_dir(output_dir, [] if isinstance(model, Graph) else [model], overwrite=overwrite)
+        inputs_paths = [] if isinstance(model, Graph) else [model]
+        check_output_dir(output_dir, inputs_paths + [p for p in (recipe, calibration, accuracy_data) if p],
+                         overwrite=overwrite)
     if passes is not None and recipe is not None:
         raise UserError("give either --passes or --recipe, not both")
     if backend not in BACKEND_ALIASES:
@@ -140,6 +142,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     be.check_target(target)
     if logits not in (None, "last", "all"):
         raise UserError(f"--logits {logits!r}: expected last or all")
+    if logits is not None and not kv_cache:
+        raise UserError("--logits chooses the logits of a generation-ready artifact; with --no-kv-cache every "
+                        "position is computed")
     if logits is not None and (passes is not None or recipe is not None):
         raise UserError("--logits chooses the end of the default pipeline; with --passes or --recipe, add "
                         "(or leave out) slice-last-token-logits yourself")
@@ -201,6 +206,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     generation_note = None
     if passes is None and recipe is None and kv_cache and is_decoder(optimized):
         optimized, generation_note = _make_generation_ready(optimized, pm, logits or "last", verify, progress, ctx)
+        if logits == "last" and generation_note.get("logits") != "last":
+            raise UserError(f"--logits last: {generation_note.get('reason', 'the logits cannot be sliced')}")
     elif logits is not None:
         raise UserError(f"--logits applies to decoders (input_ids in, logits out) with the KV cache; "
                         f"{graph.metadata.source or 'this model'} is not one")
@@ -237,9 +244,12 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
             from graphopt.generation import copy_tokenizer, generation_manifest
 
-            generation = generation_manifest(optimized, None if isinstance(model, Graph) else model)
+            # A Graph from graphopt.frontends remembers the folder it came from: its tokenizer.
+            model_path = (graph.metadata.source or None) if isinstance(model, Graph) else model
+            generation = generation_manifest(optimized, model_path)
             if generation is not None:
-                copy_tokenizer(None if isinstance(model, Graph) else model, tmp)
+                copied = copy_tokenizer(model_path, tmp)
+                manifest["files"] = list(manifest.get("files", [])) + copied  # part of the artifact, not the user's
                 generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
                 manifest["generation"] = generation
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):

@@ -23,6 +23,8 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     backend): its tokenizer, context length and default text are those of the model it was
     optimized from (report.json's "model"), unless the folder has a tokenizer.json itself."""
     folder = Path(folder)
+    art = load_artifact(folder)
+    logits_fn = artifact_logits(art)  # first: an artifact that cannot be scored says so before any text is read
     report = folder / "report.json"
     source = json.loads(report.read_text()).get("model") if report.is_file() else None
     origin = Path(source) if source and Path(source).is_dir() else None
@@ -45,8 +47,7 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     cfg = origin / "config.json" if origin else None
     if cfg is not None and cfg.is_file():
         seq_len = json.loads(cfg.read_text()).get("model", {}).get("max_seq_len", seq_len)
-    art = load_artifact(folder)
-    p = perplexity(artifact_logits(art), np.asarray(ids), seq_len, batch_size)
+    p = perplexity(logits_fn, np.asarray(ids), seq_len, batch_size)
     result = EvalResult(documents=len(docs), tokens=p.tokens, bytes=n_bytes, loss=p.loss, perplexity=p.perplexity,
                         bits_per_byte=p.nll / math.log(2) / n_bytes, unigram_perplexity=unigram_perplexity(ids))
     return result, text_source

@@ -104,7 +104,8 @@ class Generator:
                                         gen.get("kv_layout", "BNSH"))
         return Generator(artifact.run, spec, eos_token_id=gen.get("eos_token_id"))
 
-    def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """The past_key_values feeds of a prefill: every layer's cache with no position yet."""
         s = self.spec
         feeds = {}
         for i in range(s.num_layers):
@@ -140,7 +141,7 @@ class Generator:
             ids[r, longest - len(p):] = p
             mask[r, longest - len(p):] = 1
         rng = np.random.default_rng(seed)
-        feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(batch)}
+        feeds = {"input_ids": ids, "attention_mask": mask, **self.empty_cache(batch)}
         new: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(batch, bool)
         t0 = time.perf_counter()

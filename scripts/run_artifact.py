@@ -28,7 +28,7 @@ def main(artifact_dir: str, checkpoint: str) -> int:
         from graphopt.generation import CacheSpec, Generator
 
         spec = CacheSpec.from_signature(artifact.manifest["signature"])
-        feeds = {**feeds, "attention_mask": np.ones_like(ids), **Generator(artifact.run, spec)._empty_cache(1)}
+        feeds = {**feeds, "attention_mask": np.ones_like(ids), **Generator(artifact.run, spec).empty_cache(1)}
     t = time.perf_counter()
     out = artifact.run(feeds)
     ms = (time.perf_counter() - t) * 1000

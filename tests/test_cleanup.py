@@ -2,6 +2,8 @@
 property-based tests on random graphs, and real exports compared with ORT's own cleanup."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -25,7 +27,7 @@ def golden(before, pipeline, expected):
 
 def explain(text, rules):
     g = parse_graph(text)
-    return apply_patterns(g, rules, explain=True).details
+    return [dataclasses.asdict(nm) for nm in apply_patterns(g, rules, explain=True).near_misses]
 
 
 # ---- eliminate-dead-code -------------------------------------------------------------

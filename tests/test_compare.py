@@ -292,7 +292,7 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["{m}", "--backends", "torch,gpu"], "unknown backend 'gpu'"),
     (["{m}", "--variants", "fp64"], "unknown variant 'fp64'"),
     (["{m}", "--seq", "8,x"], "--seq: expected whole numbers"),
-    (["{m}", "--generate", "8"], "--generate is not available yet"),
+    (["{m}", "--generate", "8"], "--generate (time to first token, decode tokens/s) is not implemented"),
     (["{m}", "--html", "{tmp}"], "is a folder"),
     (["{m}", "--data", "{tmp}/missing.txt"], "missing.txt: no such text file"),
     (["{onnx}", "--data", "{m}/config.json"], "needs the model's tokenizer.json"),

@@ -509,3 +509,41 @@ def test_logits_option_needs_a_decoder_and_the_default_pipeline(fused, tmp_path)
         graphopt.optimize(graph, None, passes="eliminate-dead-code", logits="all")
     with pytest.raises(UserError, match="--logits applies to decoders"):
         graphopt.optimize(ROOT / "examples" / "tiny_mlp.onnx", None, logits="last")
+
+
+def test_quantized_decoder_is_generation_ready_with_last_token_logits_and_scores_with_logits_all(tmp_path):
+    # --quantize puts graphopt.QuantLinear in the LM head: slicing must still see a per-position
+    # head, and `graphopt eval` must score a --logits all artifact (and refuse a last-token one).
+    from click.testing import CliRunner
+
+    import graphopt
+    from graphopt.cli import cli
+    from graphopt.testing import tiny_hf_model
+
+    folder = tmp_path / "hf"
+    tiny_hf_model("llama").model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text("{}")  # copied beside the artifact: a file of the artifact's own
+    r = graphopt.optimize(str(folder), tmp_path / "q", quantize="int8")
+    assert r.report["generation"]["logits"] == "last"
+    assert any(n.op_type == "QuantLinear" for n in r.graph.nodes)
+    logits = next(o for o in graphopt.load(tmp_path / "q").outputs if o["name"] == "logits")
+    assert logits["shape"][1] == 1
+    # a re-run into the same artifact folder (its tokenizer files are the artifact's own) works
+    assert "tokenizer.json" in json.loads((tmp_path / "q" / "manifest.json").read_text())["files"]
+    graphopt.optimize(str(folder), tmp_path / "q", quantize="int8")
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path / "q"), "--data", str(folder / "config.json")])
+    assert res.exit_code == 2 and "--logits all" in res.output
+
+
+def test_a_generation_ready_artifact_with_every_positions_logits_scores_like_the_full_sequence_one(tmp_path):
+    from graphopt.accuracy import artifact_logits, perplexity
+    from graphopt.testing import VOCAB, tiny_hf_model
+
+    folder = tmp_path / "hf"
+    tiny_hf_model("llama").model.save_pretrained(folder)
+    graphopt.optimize(str(folder), tmp_path / "kv", logits="all")
+    graphopt.optimize(str(folder), tmp_path / "full", kv_cache=False)
+    ids = np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.int64)
+    kv = perplexity(artifact_logits(graphopt.load(tmp_path / "kv")), ids, 32, 4)
+    full = perplexity(artifact_logits(graphopt.load(tmp_path / "full")), ids, 32, 4)
+    assert kv.tokens == full.tokens and abs(kv.perplexity - full.perplexity) < 1e-4 * full.perplexity

@@ -28,7 +28,7 @@ def default_model():
     from graphopt.train.data import encode_documents, read_val_text
     from graphopt.train.tokenizer import load_tokenizer
 
-    graph = graphopt.optimize(str(MODEL), None).graph
+    graph = graphopt.optimize(str(MODEL), None, kv_cache=False).graph  # full-sequence logits, to score
     ids = encode_documents(load_tokenizer(MODEL / "tokenizer.json"), read_val_text(MODEL / "val.txt"))
     return graph, ids[:TOKENS + 1]
 

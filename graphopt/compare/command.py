@@ -126,8 +126,8 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     if not models:
         raise UserError("give a MODEL (anything `graphopt optimize` takes) or artifact folders; see --help")
     if generate is not None:
-        raise UserError("--generate is not available yet: it needs the KV-cache generation work "
-                        "(prefill + decode artifacts); leave it out for now")
+        raise UserError("--generate (time to first token, decode tokens/s) is not implemented in compare yet; "
+                        "graphopt generate OUT --prompt TEXT prints both for one artifact")
     if runs < 1 or min_time < 0 or warmup < 0 or data_tokens < 2:
         raise UserError("--runs and --data-tokens must be positive, --min-time and --warmup not negative")
     _check_output("--json", json_file)

@@ -114,8 +114,8 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     for a in artifacts:
         manifest = _read_manifest(a)
         if (manifest.get("generation") or {}).get("kv_layout"):
-            raise UserError(f"{a}: a generation-ready artifact (KV cache, last-token logits); compare times "
-                            "full-sequence artifacts: optimize with --no-kv-cache for it")
+            raise UserError(f"{a}: a generation-ready artifact (with a KV cache); compare times full-sequence "
+                            "artifacts: optimize with --no-kv-cache for it")
         b = BACKEND_OF_ARTIFACT.get(manifest.get("backend"), manifest.get("backend", "?"))
         cells.append(Cell(f"{b}/{a.name}", b, a.name, f"artifact {a}", False, V.artifact_variant(a)))
     if len({c.id for c in cells}) != len(cells):

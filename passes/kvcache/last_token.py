@@ -28,7 +28,11 @@ _INT64_MAX = np.iinfo(np.int64).max
 # the slice can move above them.
 _PER_POSITION = {("", "MatMul"), ("", "Gemm"), ("", "LayerNormalization"), (GRAPHOPT_DOMAIN, "Linear"),
                  (GRAPHOPT_DOMAIN, "RMSNorm"), (GRAPHOPT_DOMAIN, "LayerNorm"), ("", "Mul"), ("", "Div"),
-                 ("", "Add"), ("", "Tanh"), ("", "Transpose")}
+                 ("", "Add"), ("", "Tanh"), ("", "Transpose"),
+                 (GRAPHOPT_DOMAIN, "QuantLinear"), (GRAPHOPT_DOMAIN, "DynamicQuantLinear")}
+# Projections whose weights are stored packed (QuantLinear: [N, n_blocks, block bytes]): a
+# weight of rank 3 there is the format, not a broadcast along the sequence.
+_PACKED_WEIGHTS = {"QuantLinear", "DynamicQuantLinear"}
 
 
 class SliceLogitsError(PassError):
@@ -54,7 +58,7 @@ def _per_position(node: Node) -> bool:
         if w.const_value is None and not (w.producer() is not None and w.producer().op_type == "Transpose"
                                           and w.producer().inputs[0].const_value is not None):
             return False
-        if w.type is None or w.type.rank is None or w.type.rank > 2:
+        if w.type is None or w.type.rank is None or (w.type.rank > 2 and node.op_type not in _PACKED_WEIGHTS):
             return False  # a weight of rank 3 would broadcast along the sequence
     return True
 
