@@ -5,6 +5,9 @@ where a rule says so, and core ops through their decompositions everywhere else.
                                               rolled back and the node decomposed; rounds
                                               until no graphopt op is left, an error at the bound
     decompose_unsupported(graph, supported)   decompose every graphopt node `supported` refuses
+    prepare(graph, supported, cleanup)        a copy with those decomposed, then the cleanup
+                                              pipeline a backend asks for (run here, so a
+                                              backend holds rules and runtimes only)
     replace_outputs(node, values, b)          the one way to replace a node by what was built
                                               for it (graph outputs keep their names)
 
@@ -21,6 +24,7 @@ from typing import Any, Callable, Sequence
 from graphopt.builder import Builder
 from graphopt.errors import GraphoptError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.pass_manager import PassManager
 from graphopt.registry import UnknownOpError, get_lowering, get_op
 
 MAX_ROUNDS = 8
@@ -93,6 +97,15 @@ def decompose_unsupported(graph: Graph, supported: Callable[[Node], bool] = lamb
             decompose_node(n)
             count += 1
     raise LoweringBoundError(f"decompositions still produce graphopt ops after {max_rounds} rounds")
+
+
+def prepare(graph: Graph, supported: Callable[[Node], bool], cleanup: str = "") -> Graph:
+    """A copy of `graph` ready for a backend that lowers node by node: every graphopt op it
+    has no rule for (`supported` false) decomposed, then the `cleanup` pipeline it needs
+    (e.g. shape simplification so Reshape targets are constants); verified by the caller."""
+    g = graph.copy()
+    decompose_unsupported(g, supported)
+    return PassManager(cleanup, verify=False).run(g) if cleanup else g
 
 
 def decompose_graphopt_ops(graph: Graph, keep=frozenset(), max_rounds: int = MAX_ROUNDS) -> int:

@@ -29,9 +29,8 @@ import numpy as np
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.ir import Graph, Node, Value
-from graphopt.lowering import decompose_unsupported
+from graphopt.lowering import prepare as prepare_for_backend
 from graphopt.registry import get_lowering, register_lowering
-from graphopt.pass_manager import PassManager
 
 BACKEND = "tvm"
 INLINE_BYTES = 256  # constants up to this size are compiled into the library
@@ -84,12 +83,12 @@ def _check_rules(graph: Graph) -> None:
 
 
 def prepare(graph: Graph) -> Graph:
-    """A copy of `graph` ready to lower: graphopt ops without a TVM rule decomposed, then
-    shape simplification so Reshape/Expand targets are constants where they can be."""
-    g = graph.copy()
-    decompose_unsupported(g, lambda n: get_lowering(BACKEND, n.domain, n.op_type) is not None)
+    """A copy of `graph` ready to lower (graphopt.lowering.prepare): graphopt ops without a
+    TVM rule decomposed, then shape simplification so Reshape/Expand targets are constants."""
+    g = prepare_for_backend(graph, lambda n: get_lowering(BACKEND, n.domain, n.op_type) is not None,
+                            PRE_LOWERING_PIPELINE)
     _check_rules(g)
-    return PassManager(PRE_LOWERING_PIPELINE, verify=False).run(g)
+    return g
 
 
 class Lowerer:
