@@ -65,11 +65,12 @@ def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, 
     """graphopt.train's own loop (eager torch with its KV cache, token healing)."""
     from graphopt.train.checkpoint import load_model, resolve_checkpoint
     from graphopt.train.generate import generate as train_generate
-    from graphopt.train.tokenizer import load_tokenizer
+    from graphopt.train.tokenizer import check_fits, load_tokenizer
 
     folder = resolve_checkpoint(model)
     m, _ = load_model(folder)
     tok = load_tokenizer(folder / "tokenizer.json")
+    check_fits(tok, m.config.vocab_size, folder / "tokenizer.json")
     first: list[float] = []
 
     def on_text(piece: str) -> None:

@@ -50,7 +50,9 @@ def test_default_pipeline_fuses_every_motif(seed):
     ops = {n.op_type for n in out.nodes}
     # No decomposed activation or norm survives: Erf/Tanh-of-cube, ReduceMean, Sqrt are gone.
     assert not ops & {"Erf", "ReduceMean", "Sqrt", "Reciprocal", "Pow"}, sorted(ops)
-    assert_close(run(out, {"x": x})[out.outputs[0].name], run(g, {"x": x})[g.outputs[0].name])
+    # End to end over the whole recipe, rounding differences of each fused op add up: float32 at
+    # 1e-4 relative (each pass on its own was checked at 1e-5 by --check-numerics above).
+    assert_close(run(out, {"x": x})[out.outputs[0].name], run(g, {"x": x})[g.outputs[0].name], rtol=1e-4)
 
 
 def test_fires_table_names_real_passes():
