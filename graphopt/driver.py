@@ -14,15 +14,29 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph
-from graphopt.pass_manager import NearMiss
+from graphopt.pass_manager import NearMiss, PassContext, PassManager, PipelineEntry, load_recipe, parse_pipeline
+from graphopt.accuracy import perplexity
+from graphopt.accuracy_guard import Budget, guard, held_out_tokens, seq_len_of, Measured
+import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
+from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
+from graphopt.calibration import load_calibration
+from graphopt.fileutil import atomic_dir, check_output_dir
+from graphopt.generation import copy_tokenizer, generation_manifest
+from graphopt.interpreter import check_feeds
+from graphopt.models import load_graph
+from graphopt.onnx_io import to_onnx_model
+from graphopt.passes.cleanup import CLEANUP_PIPELINE, POST_FUSION_CLEANUP
+from graphopt.passes.fusion import FUSION_PIPELINE
+from graphopt.passes.kvcache.last_token import SliceLogitsError
+from graphopt.passes.kvcache.rewrite import KVCacheError
+from graphopt.sample_inputs import check_index_ranges
+from graphopt.summary import summarize
+from graphopt.verify import verify as verify_graph
 
 
 def default_pipeline() -> str:
     """Cleanup, the transformer fusions, cleanup again: right for decoders and encoders
     alike (a fusion that finds nothing to fuse changes nothing)."""
-    from graphopt.passes.cleanup import CLEANUP_PIPELINE, POST_FUSION_CLEANUP
-    from graphopt.passes.fusion import FUSION_PIPELINE
-
     return f"{CLEANUP_PIPELINE},{FUSION_PIPELINE},{POST_FUSION_CLEANUP}"
 
 
@@ -66,10 +80,6 @@ def _make_generation_ready(graph: Graph, pm, logits: str, verify: bool, progress
     graph as it was, and why, where the rewrite refuses it. The generation passes change the
     signature (the cache inputs), so check-numerics, which runs the graph on the same feeds
     before and after each pass, stops before them; their own tests check them."""
-    from graphopt.pass_manager import PassManager
-    from graphopt.passes.kvcache.last_token import SliceLogitsError
-    from graphopt.passes.kvcache.rewrite import KVCacheError
-
     stages = ["rewrite-kv-cache"] + (["slice-last-token-logits"] if logits == "last" else [])
     for i, stage in enumerate(stages):
         gen = PassManager(stage, verify=verify, progress=progress, ctx=ctx)
@@ -119,12 +129,6 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     `accuracy_budget` ("perplexity=+2%", "top1=0.99") keeps the most sensitive layers in
     float until the quantized model meets it on held-out text (`accuracy_data`, or a
     graphopt.train checkpoint's val.txt): see graphopt.accuracy_guard."""
-    from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
-    from graphopt.pass_manager import PassManager, load_recipe, parse_pipeline
-    from graphopt.summary import summarize
-
-    from graphopt.fileutil import atomic_dir, check_output_dir
-
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
     if output_dir is not None:
@@ -159,8 +163,6 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         raise UserError("--calibration is used by --quant-method gptq only")
     budget = None
     if accuracy_budget is not None:
-        from graphopt.accuracy_guard import Budget
-
         budget = Budget.parse(accuracy_budget)
         if not any(e.name in QUANT_PASSES for e in entries):
             raise UserError("--accuracy-budget guards quantization: give --quantize int8|int4 too")
@@ -170,11 +172,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     if isinstance(model, Graph):
         graph = model
     else:
-        from graphopt.models import load_graph
-
         progress(f"loading {model}")
         graph = load_graph(model)
-    from graphopt.verify import verify as verify_graph
 
     if verify:
         try:
@@ -182,19 +181,12 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         except Exception as e:
             raise UserError(f"{graph.metadata.source or 'model'}: the imported graph does not verify: {e}") from None
     if inputs is not None:
-        from graphopt.interpreter import check_feeds
-
-        from graphopt.sample_inputs import check_index_ranges
-
         inputs = check_feeds(graph, inputs)
         check_index_ranges(graph, inputs)
     before = summarize(graph)
-    from graphopt.pass_manager import PassContext
 
     ctx = PassContext(target=target, hints={"backend": backend, "progress": progress})
     if needs_data:
-        from graphopt.calibration import load_calibration
-
         folder = graph.metadata.source if isinstance(model, Graph) else model  # a Graph loaded from a folder
         ctx.hints["calibration"] = load_calibration(calibration, folder, graph, progress=progress)
     accuracy = None
@@ -242,7 +234,6 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         with atomic_dir(out) as tmp:
             fields = be.save(optimized, tmp, target, dict(backend_options or {}))
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
-            from graphopt.generation import copy_tokenizer, generation_manifest
 
             # A Graph from graphopt.frontends remembers the folder it came from: its tokenizer.
             model_path = (graph.metadata.source or None) if isinstance(model, Graph) else model
@@ -267,9 +258,6 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):
     """The pipeline with the last quantize-weights told which layers to keep in float so
     that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
-    from graphopt.accuracy_guard import guard, held_out_tokens, seq_len_of
-    from graphopt.pass_manager import PassManager, PipelineEntry
-
     folder = graph.metadata.source if isinstance(model, Graph) else model
     qi = max(i for i, e in enumerate(entries) if e.name in QUANT_PASSES)
     ids, source = held_out_tokens(folder, graph, accuracy_data)
@@ -295,10 +283,6 @@ def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
     """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
     import onnxruntime as ort
 
-    import graphopt.backends.onnxruntime as ort_backend
-    from graphopt.accuracy import perplexity
-    from graphopt.accuracy_guard import Measured
-    from graphopt.onnx_io import to_onnx_model
 
     def measure(graph: Graph) -> Measured:
         model = to_onnx_model(ort_backend.lower(graph, "cpu"))

@@ -37,8 +37,8 @@ LAYERS = [
 # train/ knows nothing of the compiler: it may import only the base layer.
 TRAIN = ("graphopt.train", "graphopt.train.")
 # The core may defer an import of its own modules only to keep a command fast to start (the
-# CLI and the lazy top-level API). Everything else imports at module level.
-DEFERRED_OK = {"graphopt", "graphopt.cli", "graphopt.driver", "graphopt.compare", "graphopt.compare.command",
+# CLI, its command modules and the lazy top-level API). Everything else imports at module level.
+DEFERRED_OK = {"graphopt", "graphopt.cli", "graphopt.compare", "graphopt.compare.command",
                "graphopt.generation_cli"}
 
 
