@@ -1,0 +1,163 @@
+"""Structured pruning: prune-mlp against a PyTorch model with the same channels removed."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from graphopt.errors import UserError
+from graphopt.interpreter import run as interpret
+from graphopt.pass_manager import PassManager
+from graphopt.passes.pruning.common import parameter_count
+from graphopt.testing import assert_close, token_feeds
+from graphopt.text import parse_graph, print_graph
+from graphopt.verify import verify
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(the transformers module, its graph after the default recipe): a 2-layer Llama with
+    hidden 32, intermediate 64, 4 query heads over 2 KV heads, random weights."""
+    from graphopt.driver import default_pipeline
+    from graphopt.models import load_graph
+    from graphopt.testing import tiny_hf_model
+
+    module = tiny_hf_model("llama")
+    folder = tmp_path_factory.mktemp("llama")
+    module.model.save_pretrained(folder)
+    return module, PassManager(default_pipeline()).run(load_graph(str(folder)))
+
+
+def torch_logits(module, feeds):
+    import torch
+
+    with torch.no_grad():
+        return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
+
+
+def prune_torch_mlps(module, n_remove: int):
+    """The module with `n_remove` channels cut from every MLP, chosen independently of the
+    pass: the lowest L2 norm over the channel's gate row, up row and down column."""
+    import torch
+
+    pruned = copy.deepcopy(module)
+    for layer in pruned.model.model.layers:
+        mlp = layer.mlp
+        g, u, d = (p.weight.detach().double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        score = ((g * g).sum(1) + (u * u).sum(1) + (d * d).sum(0)).sqrt().numpy()
+        keep = torch.from_numpy(np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove]))
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, len(keep), bias=False)
+            new.weight.data = old.weight.data[keep].clone()
+            setattr(mlp, name, new)
+        new = torch.nn.Linear(len(keep), mlp.down_proj.out_features, bias=False)
+        new.weight.data = mlp.down_proj.weight.data[:, keep].clone()
+        mlp.down_proj = new
+    return pruned.eval()
+
+
+def test_ratio_zero_is_an_exact_no_op(llama):
+    _, fused = llama
+    g = fused.copy()
+    before = print_graph(g, header=False)  # the header lists the passes run
+    pm = PassManager("prune-mlp{ratio=0}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    assert {n: v.const_value for n, v in out.initializers.items()}.keys() == fused.initializers.keys()
+    for name, v in out.initializers.items():
+        assert v.const_value is fused.initializers[name].const_value, name
+    assert not pm.records[0].changed and pm.records[0].stats == {}
+
+
+def test_prune_mlp_equals_torch_with_the_same_channels_removed(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    hidden, inter, layers = 32, 64, 2
+    ratio, n_remove = 0.25, 16
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, n_remove), feeds)
+    # the reference differs from the unpruned model, so a pass that did nothing would fail
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+
+    g = fused.copy()
+    pm = PassManager(f"prune-mlp{{ratio={ratio}}}")
+    out = pm.run(g)
+    verify(out)
+    stats = pm.records[0].stats
+    expected_params = layers * n_remove * 3 * hidden
+    assert stats == {"layers": layers, "channels": layers * n_remove, "parameters": expected_params}
+    assert parameter_count(fused) - parameter_count(out) == expected_params
+    ups = [n for n in out.nodes if n.op == "graphopt.GatedLinear"]
+    assert [n.outputs[0].type.shape[-1] for n in ups] == [inter - n_remove] * layers
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+    artifact = tmp_path / "pruned"
+    res = graphopt.optimize(fused.copy(), artifact, passes=f"prune-mlp{{ratio={ratio}}}", kv_cache=False)
+    assert parameter_count(res.graph) == parameter_count(out)
+    got = graphopt.load(artifact).run(feeds)["logits"]
+    assert_close(got, want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_min_keep_bounds_each_layer(llama):
+    _, fused = llama
+    pm = PassManager("prune-mlp{ratio=0.9,min-keep=40}")
+    out = pm.run(fused.copy())
+    assert [d["kept"] for d in pm.records[0].details if "kept" in d] == [40, 40]
+    assert [n.outputs[0].type.shape[-1] for n in out.nodes if n.op == "graphopt.GatedLinear"] == [40, 40]
+
+
+# A GPT-2 style MLP: Linear with an activation and a bias, then Linear with trans_w and a bias.
+RNG = np.random.default_rng(0)
+WEIGHTS = {"w1": RNG.standard_normal((8, 12)).astype(np.float32), "b1": RNG.standard_normal(12).astype(np.float32),
+           "w2": RNG.standard_normal((8, 12)).astype(np.float32), "b2": RNG.standard_normal(8).astype(np.float32)}
+GELU_MLP = '''graph @mlp(%x: f32[batch, 8]) -> (f32[batch, 8]) {
+  weights {
+    @w1: f32[8, 12]
+    @b1: f32[12]
+    @w2: f32[8, 12]
+    @b2: f32[8]
+  }
+  %h = graphopt.Linear(%x, @w1, @b1) {activation="gelu"} : f32[batch, 12] loc("fc")
+  %y = graphopt.Linear(%h, @w2, @b2) {trans_w=1} : f32[batch, 8] loc("proj")
+  return %y
+}
+'''
+
+
+def test_linear_activation_mlp_with_biases():
+    from scipy.special import erf
+
+    g = parse_graph(GELU_MLP, weights=WEIGHTS)
+    pm = PassManager("prune-mlp{ratio=0.5}")
+    out = pm.run(g)
+    w1, b1, w2, b2 = (WEIGHTS[k] for k in ("w1", "b1", "w2", "b2"))
+    score = np.sqrt((w1.astype(np.float64) ** 2).sum(0) + (w2.astype(np.float64) ** 2).sum(0))
+    keep = np.sort(np.argsort(-score)[:6])
+    assert pm.records[0].details[0]["keep"] == keep.tolist()
+    assert pm.records[0].stats["parameters"] == 6 * (8 + 1 + 8)
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    h = x.astype(np.float64) @ w1[:, keep] + b1[keep]
+    want = (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ w2[:, keep].T + b2
+    assert_close(interpret(out, {"x": x})["y"], want.astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_an_intermediate_with_another_reader_is_left_alone():
+    text = GELU_MLP.replace("-> (f32[batch, 8])", "-> (f32[batch, 8], f32[batch, 12])").replace(
+        "return %y", "return %y, %h")
+    g = parse_graph(text, weights=WEIGHTS)
+    before = print_graph(g, header=False)  # the header lists the passes run
+    pm = PassManager("prune-mlp{ratio=0.5}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    assert pm.records[0].details == [{"node": "fc", "op": "graphopt.Linear",
+                                      "reason": "the intermediate has other readers than the down projection"}]
+
+
+@pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor"])
+def test_bad_options_are_user_errors(options):
+    g = parse_graph(GELU_MLP, weights=WEIGHTS)
+    with pytest.raises(UserError, match="prune-mlp"):
+        PassManager(f"prune-mlp{{{options}}}").run(g)
