@@ -161,3 +161,98 @@ def test_bad_options_are_user_errors(options):
     g = parse_graph(GELU_MLP, weights=WEIGHTS)
     with pytest.raises(UserError, match="prune-mlp"):
         PassManager(f"prune-mlp{{{options}}}").run(g)
+
+
+# --------------------------------------------------------------------------------------
+# prune-heads
+
+def prune_torch_heads(module, n_remove: int):
+    """The module with `n_remove` KV groups (each KV head with the query heads that read it)
+    cut from every attention, scored independently of the pass: the L2 norm of the group's
+    q/k/v rows and o_proj columns."""
+    import torch
+
+    pruned = copy.deepcopy(module)
+    cfg = pruned.model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer in pruned.model.model.layers:
+        att = layer.self_attn
+        q, k, v, o = (p.weight.detach().double() for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
+
+        def q_idx(groups):
+            return [h * d + i for j in groups for h in range(j * group, (j + 1) * group) for i in range(d)]
+
+        def kv_idx(groups):
+            return [j * d + i for j in groups for i in range(d)]
+
+        score = np.array([float(((q[q_idx([j])] ** 2).sum() + (k[kv_idx([j])] ** 2).sum() + (v[kv_idx([j])] ** 2).sum()
+                                 + (o[:, q_idx([j])] ** 2).sum()).sqrt()) for j in range(cfg.num_key_value_heads)])
+        keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove])
+        for name, rows in (("q_proj", q_idx(keep)), ("k_proj", kv_idx(keep)), ("v_proj", kv_idx(keep))):
+            old = getattr(att, name)
+            new = torch.nn.Linear(old.in_features, len(rows), bias=False)
+            new.weight.data = old.weight.data[rows].clone()
+            setattr(att, name, new)
+        cols = q_idx(keep)
+        new = torch.nn.Linear(len(cols), att.o_proj.out_features, bias=False)
+        new.weight.data = att.o_proj.weight.data[:, cols].clone()
+        att.o_proj = new
+    return pruned.eval()
+
+
+def test_prune_heads_ratio_zero_is_an_exact_no_op(llama):
+    _, fused = llama
+    g = fused.copy()
+    before = print_graph(g, header=False)
+    pm = PassManager("prune-heads{ratio=0}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    for name, v in out.initializers.items():
+        assert v.const_value is fused.initializers[name].const_value, name
+    assert not pm.records[0].changed
+
+
+def test_prune_heads_equals_torch_with_the_same_groups_removed(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_heads(module, 1), feeds)
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+
+    pm = PassManager("prune-heads{ratio=0.5}")
+    out = pm.run(fused.copy())
+    verify(out)
+    # per layer: 2 query heads (2 x 8 x 32) and one K and one V head (8 x 32 each) of the
+    # Q/K/V projection, and 16 input rows (16 x 32) of the output projection
+    per_layer = 2 * 8 * 32 + 2 * 8 * 32 + 16 * 32
+    assert pm.records[0].stats == {"layers": 2, "heads": 4, "kv-heads": 2, "parameters": 2 * per_layer}
+    assert parameter_count(fused) - parameter_count(out) == 2 * per_layer
+    atts = [n for n in out.nodes if n.op == "graphopt.Attention"]
+    assert [(n.attr("num_heads"), n.attr("kv_num_heads")) for n in atts] == [(2, 1), (2, 1)]
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+    artifact = tmp_path / "pruned"
+    graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5}", kv_cache=False)
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_heads_and_mlp_together_through_onnxruntime(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(prune_torch_heads(module, 1), 16), feeds)
+    artifact = tmp_path / "pruned"
+    res = graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5},prune-mlp{ratio=0.25}",
+                            kv_cache=False)
+    assert parameter_count(fused) - parameter_count(res.graph) == 2 * (1536 + 16 * 3 * 32)  # heads, then channels, per layer
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_min_keep_keeps_kv_groups(llama):
+    _, fused = llama
+    pm = PassManager("prune-heads{ratio=0.5,min-keep=2}")
+    pm.run(fused.copy())
+    assert not pm.records[0].changed
