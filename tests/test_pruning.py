@@ -256,3 +256,80 @@ def test_min_keep_keeps_kv_groups(llama):
     pm = PassManager("prune-heads{ratio=0.5,min-keep=2}")
     pm.run(fused.copy())
     assert not pm.records[0].changed
+
+
+# --------------------------------------------------------------------------------------
+# GPT-2: multi-head attention (an equal Split), Linear(gelu) + Linear MLPs, biases everywhere
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A 2-layer GPT-2 (hidden 32, 4 heads, MLP 128) with random weights and random biases (the
+    default initialization zeroes them, and the cleanup would fold zero biases away)."""
+    import torch
+
+    from graphopt.driver import default_pipeline
+    from graphopt.models import load_graph
+    from graphopt.testing import tiny_hf_model
+
+    module = tiny_hf_model("gpt2", seed=1)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if name.endswith(".bias") and (".attn." in name or ".mlp." in name):
+                p.copy_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("gpt2")
+    module.model.save_pretrained(folder)
+    return module, PassManager(default_pipeline()).run(load_graph(str(folder)))
+
+
+def prune_torch_gpt2(module, n_heads: int, n_channels: int):
+    """GPT-2 (Conv1D weights are [in, out]) with `n_heads` heads and `n_channels` MLP channels
+    cut from every block, scored as the passes score them but computed here from torch."""
+    import torch
+
+    pruned = copy.deepcopy(module)
+    cfg = pruned.model.config
+    e, nh = cfg.n_embd, cfg.n_head
+    d = e // nh
+    for block in pruned.model.transformer.h:
+        att, mlp = block.attn, block.mlp
+        w, o = att.c_attn.weight.detach().double(), att.c_proj.weight.detach().double()
+        cols = [[p * e + h * d + i for p in range(3) for i in range(d)] for h in range(nh)]
+        rows = [[h * d + i for i in range(d)] for h in range(nh)]
+        score = np.array([float(((w[:, cols[h]] ** 2).sum() + (o[rows[h]] ** 2).sum()).sqrt()) for h in range(nh)])
+        keep = np.sort(np.argsort(-score, kind="stable")[: nh - n_heads])
+        qkv = [p * e + h * d + i for p in range(3) for h in keep for i in range(d)]
+        out_rows = [h * d + i for h in keep for i in range(d)]
+        att.c_attn.weight.data = att.c_attn.weight.data[:, qkv].clone()
+        att.c_attn.bias.data = att.c_attn.bias.data[qkv].clone()
+        att.c_proj.weight.data = att.c_proj.weight.data[out_rows].clone()
+        att.split_size, att.c_attn.nf = len(out_rows), len(qkv)
+        fc, proj = mlp.c_fc.weight.detach().double(), mlp.c_proj.weight.detach().double()
+        score = ((fc * fc).sum(0) + (proj * proj).sum(1)).sqrt().numpy()
+        keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - n_channels])
+        mlp.c_fc.weight.data = mlp.c_fc.weight.data[:, keep].clone()
+        mlp.c_fc.bias.data = mlp.c_fc.bias.data[keep].clone()
+        mlp.c_proj.weight.data = mlp.c_proj.weight.data[keep].clone()
+        mlp.c_fc.nf = len(keep)
+    return pruned.eval()
+
+
+def test_gpt2_heads_and_mlp_equal_torch(gpt2, tmp_path):
+    import graphopt
+
+    module, fused = gpt2
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_gpt2(module, 2, 32), feeds)
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+    pm = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25}")
+    out = pm.run(fused.copy())
+    verify(out)
+    heads, mlp = (r.stats for r in pm.records)
+    # per block: 2 heads of Q, K and V (weight 32 x 16 and bias 16 each), 16 output rows of 32;
+    # 32 channels of c_fc (32 weights and a bias each) and of c_proj (32 weights each)
+    assert heads == {"layers": 2, "heads": 4, "kv-heads": 4, "parameters": 2 * (3 * (32 * 16 + 16) + 16 * 32)}
+    assert mlp == {"layers": 2, "channels": 64, "parameters": 2 * 32 * (32 + 1 + 32)}
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+    artifact = tmp_path / "pruned"
+    graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5},prune-mlp{ratio=0.25}", kv_cache=False)
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
