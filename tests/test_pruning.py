@@ -156,6 +156,13 @@ def test_an_intermediate_with_another_reader_is_left_alone():
                                       "reason": "the intermediate has other readers than the down projection"}]
 
 
+def test_pruning_before_fusion_is_refused():
+    with pytest.raises(UserError, match="'prune-mlp' needs 'fuse-gated-mlp' or 'fuse-linear' before it"):
+        PassManager("prune-mlp{ratio=0.5},fuse-linear")
+    with pytest.raises(UserError, match="'prune-heads' needs 'attention-to-3d' before it"):
+        PassManager("prune-heads{ratio=0.5},attention-to-3d")
+
+
 @pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor"])
 def test_bad_options_are_user_errors(options):
     g = parse_graph(GELU_MLP, weights=WEIGHTS)

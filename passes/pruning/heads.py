@@ -201,6 +201,7 @@ class PruneHeads(Pass):
     """
 
     approximate = True  # it changes the numbers by design
+    requires = ("attention-to-3d", "merge-projections")  # the 3-D attention over one merged Q/K/V Linear
 
     ratio: float = 0.0
     importance: str = "magnitude"

@@ -145,6 +145,7 @@ class PruneMlp(Pass):
     """
 
     approximate = True  # it changes the numbers by design
+    requires = ("fuse-linear|fuse-gated-mlp",)  # it prunes graphopt.Linear / GatedLinear nodes
 
     ratio: float = 0.0
     importance: str = "magnitude"
