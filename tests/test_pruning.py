@@ -340,3 +340,31 @@ def test_gpt2_heads_and_mlp_equal_torch(gpt2, tmp_path):
     artifact = tmp_path / "pruned"
     graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5},prune-mlp{ratio=0.25}", kv_cache=False)
     assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_pruned_llama_prefill_and_decode_with_a_kv_cache_on_onnxruntime(llama, tmp_path):
+    """rewrite-kv-cache after pruning caches only the kept KV heads, and greedy decoding on
+    ONNX Runtime follows the pruned PyTorch model (at the KV-cache tests' fp32 bound)."""
+    import torch
+
+    import graphopt
+
+    module, fused = llama
+    reference = prune_torch_mlps(prune_torch_heads(module, 1), 16).model
+    g = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25},rewrite-kv-cache,"
+                    "slice-last-token-logits").run(fused.copy())
+    assert g.value("past_key_values.0.key").type.shape == ("batch", 1, "past_seq", 8)
+    graphopt.optimize(g, tmp_path / "ort", passes="eliminate-dead-code")
+    run = graphopt.load(tmp_path / "ort").run
+    ids = np.array([[5, 17, 3, 99, 42, 7], [11, 2, 64, 1, 30, 8]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds.update({f"past_key_values.{i}.{k}": np.zeros((2, 1, 0, 8), np.float32) for i in range(2) for k in ("key", "value")})
+    for step in range(4):
+        out = run(feeds)
+        with torch.no_grad():
+            want = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits[:, -1].numpy()
+        np.testing.assert_allclose(out["logits"][:, -1], want, rtol=0, atol=1e-4, err_msg=f"step {step}")
+        nxt = out["logits"][:, -1].argmax(-1).astype(np.int64)[:, None]
+        ids = np.concatenate([ids, nxt], axis=1)
+        feeds = {"input_ids": nxt, "attention_mask": np.ones_like(ids)}
+        feeds.update({f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(2) for k in ("key", "value")})
