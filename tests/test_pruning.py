@@ -164,10 +164,10 @@ def test_pruning_before_fusion_is_refused():
 
 
 @pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor"])
-def test_bad_options_are_user_errors(options):
-    g = parse_graph(GELU_MLP, weights=WEIGHTS)
-    with pytest.raises(UserError, match="prune-mlp"):
-        PassManager(f"prune-mlp{{{options}}}").run(g)
+@pytest.mark.parametrize("name", ["prune-mlp", "prune-heads"])
+def test_bad_options_are_refused_when_the_pipeline_is_parsed(name, options):
+    with pytest.raises(UserError, match=name):
+        PassManager(f"{name}{{{options}}}")
 
 
 # --------------------------------------------------------------------------------------

@@ -207,6 +207,9 @@ class PruneHeads(Pass):
     importance: str = "magnitude"
     min_keep: int = 1
 
+    def __post_init__(self) -> None:  # bad options fail when the pipeline is parsed, before any model load
+        self.check_options()
+
     def check_options(self) -> None:
         check_ratio("prune-heads", self.ratio, self.min_keep)
         if self.importance != "magnitude":

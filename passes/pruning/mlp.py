@@ -151,6 +151,9 @@ class PruneMlp(Pass):
     importance: str = "magnitude"
     min_keep: int = 1
 
+    def __post_init__(self) -> None:  # bad options fail when the pipeline is parsed, before any model load
+        self.check_options()
+
     def check_options(self) -> None:
         check_ratio("prune-mlp", self.ratio, self.min_keep)
         if self.importance != "magnitude":
