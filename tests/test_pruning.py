@@ -1,7 +1,8 @@
-"""Structured pruning: prune-mlp against a PyTorch model with the same channels removed."""
+"""Structured pruning: prune-mlp and prune-heads against PyTorch models with the same channels and heads removed."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,3 +369,51 @@ def test_pruned_llama_prefill_and_decode_with_a_kv_cache_on_onnxruntime(llama, t
         ids = np.concatenate([ids, nxt], axis=1)
         feeds = {"input_ids": nxt, "attention_mask": np.ones_like(ids)}
         feeds.update({f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(2) for k in ("key", "value")})
+
+
+# --------------------------------------------------------------------------------------
+# The shipped checkpoint (graphopt.train Llama: 6 layers, 6 query heads over 2 KV heads)
+
+def test_shipped_default_model_pruned_equals_the_sliced_train_model(tmp_path):
+    import torch
+
+    import graphopt
+    from graphopt.driver import default_pipeline
+    from graphopt.models import load_graph
+    from graphopt.train import load_model
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "default"
+    model = copy.deepcopy(load_model(folder)[0]).eval()
+    for block in model.blocks:  # one of the two KV groups (3 query heads) and 128 of 512 channels go
+        d, group = block.head_dim, block.num_heads // block.num_kv_heads
+        q, k, v, o = (m.weight.detach().double() for m in (block.wq, block.wk, block.wv, block.wo))
+        q_rows = [[h * d + i for h in range(j * group, (j + 1) * group) for i in range(d)] for j in range(2)]
+        kv_rows = [[j * d + i for i in range(d)] for j in range(2)]
+        score = [float(((q[q_rows[j]] ** 2).sum() + (k[kv_rows[j]] ** 2).sum() + (v[kv_rows[j]] ** 2).sum()
+                        + (o[:, q_rows[j]] ** 2).sum()).sqrt()) for j in range(2)]
+        j = int(np.argmax(score))
+        for name, rows in (("wq", q_rows[j]), ("wk", kv_rows[j]), ("wv", kv_rows[j])):
+            getattr(block, name).weight.data = getattr(block, name).weight.data[rows].clone()
+        block.wo.weight.data = block.wo.weight.data[:, q_rows[j]].clone()
+        block.num_heads, block.num_kv_heads = group, 1
+        g, u, dn = (m.weight.detach().double() for m in (block.w_gate, block.w_up, block.w_down))
+        score = ((g * g).sum(1) + (u * u).sum(1) + (dn * dn).sum(0)).sqrt().numpy()
+        keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - 128])
+        for name in ("w_gate", "w_up"):
+            getattr(block, name).weight.data = getattr(block, name).weight.data[keep].clone()
+        block.w_down.weight.data = block.w_down.weight.data[:, keep].clone()
+
+    fused = PassManager(default_pipeline()).run(load_graph(str(folder)))
+    pm = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25}")
+    pruned = pm.run(fused)
+    # per layer: 3 query heads (3 x 32 x 192), a K and a V head (32 x 192 each), 96 rows of the
+    # output projection (96 x 192); 128 channels of gate, up and down (3 x 128 x 192)
+    assert [r.stats["parameters"] for r in pm.records] == [6 * (5 * 32 * 192 + 96 * 192), 6 * 3 * 128 * 192]
+    graphopt.optimize(pruned, tmp_path / "ort", passes="eliminate-dead-code", kv_cache=False)
+    ids = np.random.default_rng(0).integers(0, 4096, (2, 16)).astype(np.int64)
+    feeds = {"input_ids": ids}
+    if any(v.name == "attention_mask" for v in pruned.inputs):
+        feeds["attention_mask"] = np.ones_like(ids)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).numpy()
+    assert_close(graphopt.load(tmp_path / "ort").run(feeds)["logits"], want, rtol=1e-5, atol=1e-5)
