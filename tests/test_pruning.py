@@ -255,7 +255,8 @@ def test_heads_and_mlp_together_through_onnxruntime(llama, tmp_path):
     artifact = tmp_path / "pruned"
     res = graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5},prune-mlp{ratio=0.25}",
                             kv_cache=False)
-    assert parameter_count(fused) - parameter_count(res.graph) == 2 * (1536 + 16 * 3 * 32)  # heads, then channels, per layer
+    # per layer: the heads (as in the test above), then 16 channels of gate, up and down
+    assert parameter_count(fused) - parameter_count(res.graph) == 2 * (1536 + 16 * 3 * 32)
     assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
 
 
@@ -359,7 +360,8 @@ def test_pruned_llama_prefill_and_decode_with_a_kv_cache_on_onnxruntime(llama, t
     run = graphopt.load(tmp_path / "ort").run
     ids = np.array([[5, 17, 3, 99, 42, 7], [11, 2, 64, 1, 30, 8]], np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    feeds.update({f"past_key_values.{i}.{k}": np.zeros((2, 1, 0, 8), np.float32) for i in range(2) for k in ("key", "value")})
+    caches = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    feeds.update({name: np.zeros((2, 1, 0, 8), np.float32) for name in caches})
     for step in range(4):
         out = run(feeds)
         with torch.no_grad():
@@ -368,7 +370,7 @@ def test_pruned_llama_prefill_and_decode_with_a_kv_cache_on_onnxruntime(llama, t
         nxt = out["logits"][:, -1].argmax(-1).astype(np.int64)[:, None]
         ids = np.concatenate([ids, nxt], axis=1)
         feeds = {"input_ids": nxt, "attention_mask": np.ones_like(ids)}
-        feeds.update({f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(2) for k in ("key", "value")})
+        feeds.update({name: out[name.replace("past_key_values", "present")] for name in caches})
 
 
 # --------------------------------------------------------------------------------------
@@ -417,3 +419,61 @@ def test_shipped_default_model_pruned_equals_the_sliced_train_model(tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(ids)).numpy()
     assert_close(graphopt.load(tmp_path / "ort").run(feeds)["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+ATTENTION = '''graph @attn(%x: f32[batch, seq, 8], %mask: f32[batch, MASK_HEADS, seq, seq]) -> (OUTPUT_TYPES) {
+  weights {
+    @wqkv: f32[8, 24]
+    @wo: f32[8, 8]
+  }
+  %qkv = graphopt.Linear(%x, @wqkv) : f32[batch, seq, 24] loc("qkv")
+  %q, %k, %v = Split(%qkv) {axis=-1, num_outputs=3} : f32[batch, seq, 8], f32[batch, seq, 8], f32[batch, seq, 8] loc("split")
+  %a = graphopt.Attention(%q, %k, %v, %mask) {kv_num_heads=2, num_heads=2} : f32[batch, seq, 8] loc("attn")
+  %y = MatMul(%a, @wo) : f32[batch, seq, 8] loc("out")
+  return OUTPUTS
+}
+'''
+ATT_WEIGHTS = {"wqkv": RNG.standard_normal((8, 24)).astype(np.float32),
+               "wo": RNG.standard_normal((8, 8)).astype(np.float32)}
+
+
+def attention_graph(mask_heads: int = 1, outputs: str = "%y"):
+    types = ", ".join(["f32[batch, seq, 8]"] * len(outputs.split(",")))
+    text = (ATTENTION.replace("MASK_HEADS", str(mask_heads)).replace("OUTPUT_TYPES", types)
+            .replace("OUTPUTS", outputs))
+    return parse_graph(text, weights=ATT_WEIGHTS)
+
+
+def test_prune_heads_on_a_multi_head_attention_with_an_equal_split():
+    pm = PassManager("prune-heads{ratio=0.5}")
+    out = pm.run(attention_graph())
+    att = next(n for n in out.nodes if n.op == "graphopt.Attention")
+    assert (att.attr("num_heads"), att.attr("kv_num_heads")) == (1, 1)
+    assert [o.type.shape[-1] for o in next(n for n in out.nodes if n.op_type == "Split").outputs] == [4, 4, 4]
+    assert pm.records[0].stats["parameters"] == 3 * 8 * 4 + 4 * 8
+    # numpy: attention of the kept head alone (the one of the higher weight norm), projected out
+    w, wo = (ATT_WEIGHTS[k].astype(np.float64) for k in ("wqkv", "wo"))
+    norms = [np.sqrt((w[:, [p * 8 + h * 4 + i for p in range(3) for i in range(4)]] ** 2).sum()
+                     + (wo[h * 4:(h + 1) * 4] ** 2).sum()) for h in range(2)]
+    h = int(np.argmax(norms))
+    assert pm.records[0].details[0]["keep"] == [h]
+    x = RNG.standard_normal((2, 5, 8)).astype(np.float32)
+    mask = np.triu(np.full((5, 5), -1e9, np.float32), 1)[None, None].repeat(2, 0)
+    q, k, v = (x.astype(np.float64) @ w[:, p * 8 + h * 4: p * 8 + h * 4 + 4] for p in range(3))
+    scores = q @ k.transpose(0, 2, 1) / 2.0 + mask[:, 0]
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ v @ wo[h * 4:(h + 1) * 4]
+    assert_close(interpret(out, {"x": x, "mask": mask})["y"], want.astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_heads, outputs, reason", [
+    (2, "%y", "the mask may vary per head"),
+    (1, "%y, %a", "the attention output has other readers than the output projection"),
+])
+def test_prune_heads_leaves_what_it_cannot_prune_and_says_why(mask_heads, outputs, reason):
+    g = attention_graph(mask_heads, outputs)
+    before = print_graph(g, header=False)
+    pm = PassManager("prune-heads{ratio=0.5}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    assert pm.records[0].details == [{"node": "attn", "op": "graphopt.Attention", "reason": reason}]
