@@ -1,0 +1,479 @@
+"""Structured pruning: prune-mlp and prune-heads against PyTorch models with the same channels and heads removed."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt.errors import UserError
+from graphopt.interpreter import run as interpret
+from graphopt.pass_manager import PassManager
+from graphopt.passes.pruning.common import parameter_count
+from graphopt.testing import assert_close, token_feeds
+from graphopt.text import parse_graph, print_graph
+from graphopt.verify import verify
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(the transformers module, its graph after the default recipe): a 2-layer Llama with
+    hidden 32, intermediate 64, 4 query heads over 2 KV heads, random weights."""
+    from graphopt.driver import default_pipeline
+    from graphopt.models import load_graph
+    from graphopt.testing import tiny_hf_model
+
+    module = tiny_hf_model("llama")
+    folder = tmp_path_factory.mktemp("llama")
+    module.model.save_pretrained(folder)
+    return module, PassManager(default_pipeline()).run(load_graph(str(folder)))
+
+
+def torch_logits(module, feeds):
+    import torch
+
+    with torch.no_grad():
+        return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
+
+
+def prune_torch_mlps(module, n_remove: int):
+    """The module with `n_remove` channels cut from every MLP, chosen independently of the
+    pass: the lowest L2 norm over the channel's gate row, up row and down column."""
+    import torch
+
+    pruned = copy.deepcopy(module)
+    for layer in pruned.model.model.layers:
+        mlp = layer.mlp
+        g, u, d = (p.weight.detach().double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        score = ((g * g).sum(1) + (u * u).sum(1) + (d * d).sum(0)).sqrt().numpy()
+        keep = torch.from_numpy(np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove]))
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, len(keep), bias=False)
+            new.weight.data = old.weight.data[keep].clone()
+            setattr(mlp, name, new)
+        new = torch.nn.Linear(len(keep), mlp.down_proj.out_features, bias=False)
+        new.weight.data = mlp.down_proj.weight.data[:, keep].clone()
+        mlp.down_proj = new
+    return pruned.eval()
+
+
+def test_ratio_zero_is_an_exact_no_op(llama):
+    _, fused = llama
+    g = fused.copy()
+    before = print_graph(g, header=False)  # the header lists the passes run
+    pm = PassManager("prune-mlp{ratio=0}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    assert {n: v.const_value for n, v in out.initializers.items()}.keys() == fused.initializers.keys()
+    for name, v in out.initializers.items():
+        assert v.const_value is fused.initializers[name].const_value, name
+    assert not pm.records[0].changed and pm.records[0].stats == {}
+
+
+def test_prune_mlp_equals_torch_with_the_same_channels_removed(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    hidden, inter, layers = 32, 64, 2
+    ratio, n_remove = 0.25, 16
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, n_remove), feeds)
+    # the reference differs from the unpruned model, so a pass that did nothing would fail
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+
+    g = fused.copy()
+    pm = PassManager(f"prune-mlp{{ratio={ratio}}}")
+    out = pm.run(g)
+    verify(out)
+    stats = pm.records[0].stats
+    expected_params = layers * n_remove * 3 * hidden
+    assert stats == {"layers": layers, "channels": layers * n_remove, "parameters": expected_params}
+    assert parameter_count(fused) - parameter_count(out) == expected_params
+    ups = [n for n in out.nodes if n.op == "graphopt.GatedLinear"]
+    assert [n.outputs[0].type.shape[-1] for n in ups] == [inter - n_remove] * layers
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+    artifact = tmp_path / "pruned"
+    res = graphopt.optimize(fused.copy(), artifact, passes=f"prune-mlp{{ratio={ratio}}}", kv_cache=False)
+    assert parameter_count(res.graph) == parameter_count(out)
+    got = graphopt.load(artifact).run(feeds)["logits"]
+    assert_close(got, want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_min_keep_bounds_each_layer(llama):
+    _, fused = llama
+    pm = PassManager("prune-mlp{ratio=0.9,min-keep=40}")
+    out = pm.run(fused.copy())
+    assert [d["kept"] for d in pm.records[0].details if "kept" in d] == [40, 40]
+    assert [n.outputs[0].type.shape[-1] for n in out.nodes if n.op == "graphopt.GatedLinear"] == [40, 40]
+
+
+# A GPT-2 style MLP: Linear with an activation and a bias, then Linear with trans_w and a bias.
+RNG = np.random.default_rng(0)
+WEIGHTS = {"w1": RNG.standard_normal((8, 12)).astype(np.float32), "b1": RNG.standard_normal(12).astype(np.float32),
+           "w2": RNG.standard_normal((8, 12)).astype(np.float32), "b2": RNG.standard_normal(8).astype(np.float32)}
+GELU_MLP = '''graph @mlp(%x: f32[batch, 8]) -> (f32[batch, 8]) {
+  weights {
+    @w1: f32[8, 12]
+    @b1: f32[12]
+    @w2: f32[8, 12]
+    @b2: f32[8]
+  }
+  %h = graphopt.Linear(%x, @w1, @b1) {activation="gelu"} : f32[batch, 12] loc("fc")
+  %y = graphopt.Linear(%h, @w2, @b2) {trans_w=1} : f32[batch, 8] loc("proj")
+  return %y
+}
+'''
+
+
+def test_linear_activation_mlp_with_biases():
+    from scipy.special import erf
+
+    g = parse_graph(GELU_MLP, weights=WEIGHTS)
+    pm = PassManager("prune-mlp{ratio=0.5}")
+    out = pm.run(g)
+    w1, b1, w2, b2 = (WEIGHTS[k] for k in ("w1", "b1", "w2", "b2"))
+    score = np.sqrt((w1.astype(np.float64) ** 2).sum(0) + (w2.astype(np.float64) ** 2).sum(0))
+    keep = np.sort(np.argsort(-score)[:6])
+    assert pm.records[0].details[0]["keep"] == keep.tolist()
+    assert pm.records[0].stats["parameters"] == 6 * (8 + 1 + 8)
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    h = x.astype(np.float64) @ w1[:, keep] + b1[keep]
+    want = (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ w2[:, keep].T + b2
+    assert_close(interpret(out, {"x": x})["y"], want.astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_an_intermediate_with_another_reader_is_left_alone():
+    text = GELU_MLP.replace("-> (f32[batch, 8])", "-> (f32[batch, 8], f32[batch, 12])").replace(
+        "return %y", "return %y, %h")
+    g = parse_graph(text, weights=WEIGHTS)
+    before = print_graph(g, header=False)  # the header lists the passes run
+    pm = PassManager("prune-mlp{ratio=0.5}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    assert pm.records[0].details == [{"node": "fc", "op": "graphopt.Linear",
+                                      "reason": "the intermediate has other readers than the down projection"}]
+
+
+def test_pruning_before_fusion_is_refused():
+    with pytest.raises(UserError, match="'prune-mlp' needs 'fuse-gated-mlp' or 'fuse-linear' before it"):
+        PassManager("prune-mlp{ratio=0.5},fuse-linear")
+    with pytest.raises(UserError, match="'prune-heads' needs 'attention-to-3d' before it"):
+        PassManager("prune-heads{ratio=0.5},attention-to-3d")
+
+
+@pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor"])
+@pytest.mark.parametrize("name", ["prune-mlp", "prune-heads"])
+def test_bad_options_are_refused_when_the_pipeline_is_parsed(name, options):
+    with pytest.raises(UserError, match=name):
+        PassManager(f"{name}{{{options}}}")
+
+
+# --------------------------------------------------------------------------------------
+# prune-heads
+
+def prune_torch_heads(module, n_remove: int):
+    """The module with `n_remove` KV groups (each KV head with the query heads that read it)
+    cut from every attention, scored independently of the pass: the L2 norm of the group's
+    q/k/v rows and o_proj columns."""
+    import torch
+
+    pruned = copy.deepcopy(module)
+    cfg = pruned.model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer in pruned.model.model.layers:
+        att = layer.self_attn
+        q, k, v, o = (p.weight.detach().double() for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
+
+        def q_idx(groups):
+            return [h * d + i for j in groups for h in range(j * group, (j + 1) * group) for i in range(d)]
+
+        def kv_idx(groups):
+            return [j * d + i for j in groups for i in range(d)]
+
+        score = np.array([float(((q[q_idx([j])] ** 2).sum() + (k[kv_idx([j])] ** 2).sum() + (v[kv_idx([j])] ** 2).sum()
+                                 + (o[:, q_idx([j])] ** 2).sum()).sqrt()) for j in range(cfg.num_key_value_heads)])
+        keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove])
+        for name, rows in (("q_proj", q_idx(keep)), ("k_proj", kv_idx(keep)), ("v_proj", kv_idx(keep))):
+            old = getattr(att, name)
+            new = torch.nn.Linear(old.in_features, len(rows), bias=False)
+            new.weight.data = old.weight.data[rows].clone()
+            setattr(att, name, new)
+        cols = q_idx(keep)
+        new = torch.nn.Linear(len(cols), att.o_proj.out_features, bias=False)
+        new.weight.data = att.o_proj.weight.data[:, cols].clone()
+        att.o_proj = new
+    return pruned.eval()
+
+
+def test_prune_heads_ratio_zero_is_an_exact_no_op(llama):
+    _, fused = llama
+    g = fused.copy()
+    before = print_graph(g, header=False)
+    pm = PassManager("prune-heads{ratio=0}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    for name, v in out.initializers.items():
+        assert v.const_value is fused.initializers[name].const_value, name
+    assert not pm.records[0].changed
+
+
+def test_prune_heads_equals_torch_with_the_same_groups_removed(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_heads(module, 1), feeds)
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+
+    pm = PassManager("prune-heads{ratio=0.5}")
+    out = pm.run(fused.copy())
+    verify(out)
+    # per layer: 2 query heads (2 x 8 x 32) and one K and one V head (8 x 32 each) of the
+    # Q/K/V projection, and 16 input rows (16 x 32) of the output projection
+    per_layer = 2 * 8 * 32 + 2 * 8 * 32 + 16 * 32
+    assert pm.records[0].stats == {"layers": 2, "heads": 4, "kv-heads": 2, "parameters": 2 * per_layer}
+    assert parameter_count(fused) - parameter_count(out) == 2 * per_layer
+    atts = [n for n in out.nodes if n.op == "graphopt.Attention"]
+    assert [(n.attr("num_heads"), n.attr("kv_num_heads")) for n in atts] == [(2, 1), (2, 1)]
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+    artifact = tmp_path / "pruned"
+    graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5}", kv_cache=False)
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_heads_and_mlp_together_through_onnxruntime(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(prune_torch_heads(module, 1), 16), feeds)
+    artifact = tmp_path / "pruned"
+    res = graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5},prune-mlp{ratio=0.25}",
+                            kv_cache=False)
+    # per layer: the heads (as in the test above), then 16 channels of gate, up and down
+    assert parameter_count(fused) - parameter_count(res.graph) == 2 * (1536 + 16 * 3 * 32)
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_min_keep_keeps_kv_groups(llama):
+    _, fused = llama
+    pm = PassManager("prune-heads{ratio=0.5,min-keep=2}")
+    pm.run(fused.copy())
+    assert not pm.records[0].changed
+
+
+# --------------------------------------------------------------------------------------
+# GPT-2: multi-head attention (an equal Split), Linear(gelu) + Linear MLPs, biases everywhere
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A 2-layer GPT-2 (hidden 32, 4 heads, MLP 128) with random weights and random biases (the
+    default initialization zeroes them, and the cleanup would fold zero biases away)."""
+    import torch
+
+    from graphopt.driver import default_pipeline
+    from graphopt.models import load_graph
+    from graphopt.testing import tiny_hf_model
+
+    module = tiny_hf_model("gpt2", seed=1)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if name.endswith(".bias") and (".attn." in name or ".mlp." in name):
+                p.copy_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("gpt2")
+    module.model.save_pretrained(folder)
+    return module, PassManager(default_pipeline()).run(load_graph(str(folder)))
+
+
+def prune_torch_gpt2(module, n_heads: int, n_channels: int):
+    """GPT-2 (Conv1D weights are [in, out]) with `n_heads` heads and `n_channels` MLP channels
+    cut from every block, scored as the passes score them but computed here from torch."""
+    import torch
+
+    pruned = copy.deepcopy(module)
+    cfg = pruned.model.config
+    e, nh = cfg.n_embd, cfg.n_head
+    d = e // nh
+    for block in pruned.model.transformer.h:
+        att, mlp = block.attn, block.mlp
+        w, o = att.c_attn.weight.detach().double(), att.c_proj.weight.detach().double()
+        cols = [[p * e + h * d + i for p in range(3) for i in range(d)] for h in range(nh)]
+        rows = [[h * d + i for i in range(d)] for h in range(nh)]
+        score = np.array([float(((w[:, cols[h]] ** 2).sum() + (o[rows[h]] ** 2).sum()).sqrt()) for h in range(nh)])
+        keep = np.sort(np.argsort(-score, kind="stable")[: nh - n_heads])
+        qkv = [p * e + h * d + i for p in range(3) for h in keep for i in range(d)]
+        out_rows = [h * d + i for h in keep for i in range(d)]
+        att.c_attn.weight.data = att.c_attn.weight.data[:, qkv].clone()
+        att.c_attn.bias.data = att.c_attn.bias.data[qkv].clone()
+        att.c_proj.weight.data = att.c_proj.weight.data[out_rows].clone()
+        att.split_size, att.c_attn.nf = len(out_rows), len(qkv)
+        fc, proj = mlp.c_fc.weight.detach().double(), mlp.c_proj.weight.detach().double()
+        score = ((fc * fc).sum(0) + (proj * proj).sum(1)).sqrt().numpy()
+        keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - n_channels])
+        mlp.c_fc.weight.data = mlp.c_fc.weight.data[:, keep].clone()
+        mlp.c_fc.bias.data = mlp.c_fc.bias.data[keep].clone()
+        mlp.c_proj.weight.data = mlp.c_proj.weight.data[keep].clone()
+        mlp.c_fc.nf = len(keep)
+    return pruned.eval()
+
+
+def test_gpt2_heads_and_mlp_equal_torch(gpt2, tmp_path):
+    import graphopt
+
+    module, fused = gpt2
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_gpt2(module, 2, 32), feeds)
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+    pm = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25}")
+    out = pm.run(fused.copy())
+    verify(out)
+    heads, mlp = (r.stats for r in pm.records)
+    # per block: 2 heads of Q, K and V (weight 32 x 16 and bias 16 each), 16 output rows of 32;
+    # 32 channels of c_fc (32 weights and a bias each) and of c_proj (32 weights each)
+    assert heads == {"layers": 2, "heads": 4, "kv-heads": 4, "parameters": 2 * (3 * (32 * 16 + 16) + 16 * 32)}
+    assert mlp == {"layers": 2, "channels": 64, "parameters": 2 * 32 * (32 + 1 + 32)}
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+    artifact = tmp_path / "pruned"
+    graphopt.optimize(fused.copy(), artifact, passes="prune-heads{ratio=0.5},prune-mlp{ratio=0.25}", kv_cache=False)
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_pruned_llama_prefill_and_decode_with_a_kv_cache_on_onnxruntime(llama, tmp_path):
+    """rewrite-kv-cache after pruning caches only the kept KV heads, and greedy decoding on
+    ONNX Runtime follows the pruned PyTorch model (at the KV-cache tests' fp32 bound)."""
+    import torch
+
+    import graphopt
+
+    module, fused = llama
+    reference = prune_torch_mlps(prune_torch_heads(module, 1), 16).model
+    g = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25},rewrite-kv-cache,"
+                    "slice-last-token-logits").run(fused.copy())
+    assert g.value("past_key_values.0.key").type.shape == ("batch", 1, "past_seq", 8)
+    graphopt.optimize(g, tmp_path / "ort", passes="eliminate-dead-code")
+    run = graphopt.load(tmp_path / "ort").run
+    ids = np.array([[5, 17, 3, 99, 42, 7], [11, 2, 64, 1, 30, 8]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    caches = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    feeds.update({name: np.zeros((2, 1, 0, 8), np.float32) for name in caches})
+    for step in range(4):
+        out = run(feeds)
+        with torch.no_grad():
+            want = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits[:, -1].numpy()
+        np.testing.assert_allclose(out["logits"][:, -1], want, rtol=0, atol=1e-4, err_msg=f"step {step}")
+        nxt = out["logits"][:, -1].argmax(-1).astype(np.int64)[:, None]
+        ids = np.concatenate([ids, nxt], axis=1)
+        feeds = {"input_ids": nxt, "attention_mask": np.ones_like(ids)}
+        feeds.update({name: out[name.replace("past_key_values", "present")] for name in caches})
+
+
+# --------------------------------------------------------------------------------------
+# The shipped checkpoint (graphopt.train Llama: 6 layers, 6 query heads over 2 KV heads)
+
+def test_shipped_default_model_pruned_equals_the_sliced_train_model(tmp_path):
+    import torch
+
+    import graphopt
+    from graphopt.driver import default_pipeline
+    from graphopt.models import load_graph
+    from graphopt.train import load_model
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "default"
+    model = copy.deepcopy(load_model(folder)[0]).eval()
+    for block in model.blocks:  # one of the two KV groups (3 query heads) and 128 of 512 channels go
+        d, group = block.head_dim, block.num_heads // block.num_kv_heads
+        q, k, v, o = (m.weight.detach().double() for m in (block.wq, block.wk, block.wv, block.wo))
+        q_rows = [[h * d + i for h in range(j * group, (j + 1) * group) for i in range(d)] for j in range(2)]
+        kv_rows = [[j * d + i for i in range(d)] for j in range(2)]
+        score = [float(((q[q_rows[j]] ** 2).sum() + (k[kv_rows[j]] ** 2).sum() + (v[kv_rows[j]] ** 2).sum()
+                        + (o[:, q_rows[j]] ** 2).sum()).sqrt()) for j in range(2)]
+        j = int(np.argmax(score))
+        for name, rows in (("wq", q_rows[j]), ("wk", kv_rows[j]), ("wv", kv_rows[j])):
+            getattr(block, name).weight.data = getattr(block, name).weight.data[rows].clone()
+        block.wo.weight.data = block.wo.weight.data[:, q_rows[j]].clone()
+        block.num_heads, block.num_kv_heads = group, 1
+        g, u, dn = (m.weight.detach().double() for m in (block.w_gate, block.w_up, block.w_down))
+        score = ((g * g).sum(1) + (u * u).sum(1) + (dn * dn).sum(0)).sqrt().numpy()
+        keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - 128])
+        for name in ("w_gate", "w_up"):
+            getattr(block, name).weight.data = getattr(block, name).weight.data[keep].clone()
+        block.w_down.weight.data = block.w_down.weight.data[:, keep].clone()
+
+    fused = PassManager(default_pipeline()).run(load_graph(str(folder)))
+    pm = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25}")
+    pruned = pm.run(fused)
+    # per layer: 3 query heads (3 x 32 x 192), a K and a V head (32 x 192 each), 96 rows of the
+    # output projection (96 x 192); 128 channels of gate, up and down (3 x 128 x 192)
+    assert [r.stats["parameters"] for r in pm.records] == [6 * (5 * 32 * 192 + 96 * 192), 6 * 3 * 128 * 192]
+    graphopt.optimize(pruned, tmp_path / "ort", passes="eliminate-dead-code", kv_cache=False)
+    ids = np.random.default_rng(0).integers(0, 4096, (2, 16)).astype(np.int64)
+    feeds = {"input_ids": ids}
+    if any(v.name == "attention_mask" for v in pruned.inputs):
+        feeds["attention_mask"] = np.ones_like(ids)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).numpy()
+    assert_close(graphopt.load(tmp_path / "ort").run(feeds)["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+ATTENTION = '''graph @attn(%x: f32[batch, seq, 8], %mask: f32[batch, MASK_HEADS, seq, seq]) -> (OUTPUT_TYPES) {
+  weights {
+    @wqkv: f32[8, 24]
+    @wo: f32[8, 8]
+  }
+  %qkv = graphopt.Linear(%x, @wqkv) : f32[batch, seq, 24] loc("qkv")
+  %q, %k, %v = Split(%qkv) {axis=-1, num_outputs=3} : f32[batch, seq, 8], f32[batch, seq, 8], f32[batch, seq, 8] loc("split")
+  %a = graphopt.Attention(%q, %k, %v, %mask) {kv_num_heads=2, num_heads=2} : f32[batch, seq, 8] loc("attn")
+  %y = MatMul(%a, @wo) : f32[batch, seq, 8] loc("out")
+  return OUTPUTS
+}
+'''
+ATT_WEIGHTS = {"wqkv": RNG.standard_normal((8, 24)).astype(np.float32),
+               "wo": RNG.standard_normal((8, 8)).astype(np.float32)}
+
+
+def attention_graph(mask_heads: int = 1, outputs: str = "%y"):
+    types = ", ".join(["f32[batch, seq, 8]"] * len(outputs.split(",")))
+    text = (ATTENTION.replace("MASK_HEADS", str(mask_heads)).replace("OUTPUT_TYPES", types)
+            .replace("OUTPUTS", outputs))
+    return parse_graph(text, weights=ATT_WEIGHTS)
+
+
+def test_prune_heads_on_a_multi_head_attention_with_an_equal_split():
+    pm = PassManager("prune-heads{ratio=0.5}")
+    out = pm.run(attention_graph())
+    att = next(n for n in out.nodes if n.op == "graphopt.Attention")
+    assert (att.attr("num_heads"), att.attr("kv_num_heads")) == (1, 1)
+    assert [o.type.shape[-1] for o in next(n for n in out.nodes if n.op_type == "Split").outputs] == [4, 4, 4]
+    assert pm.records[0].stats["parameters"] == 3 * 8 * 4 + 4 * 8
+    # numpy: attention of the kept head alone (the one of the higher weight norm), projected out
+    w, wo = (ATT_WEIGHTS[k].astype(np.float64) for k in ("wqkv", "wo"))
+    norms = [np.sqrt((w[:, [p * 8 + h * 4 + i for p in range(3) for i in range(4)]] ** 2).sum()
+                     + (wo[h * 4:(h + 1) * 4] ** 2).sum()) for h in range(2)]
+    h = int(np.argmax(norms))
+    assert pm.records[0].details[0]["keep"] == [h]
+    x = RNG.standard_normal((2, 5, 8)).astype(np.float32)
+    mask = np.triu(np.full((5, 5), -1e9, np.float32), 1)[None, None].repeat(2, 0)
+    q, k, v = (x.astype(np.float64) @ w[:, p * 8 + h * 4: p * 8 + h * 4 + 4] for p in range(3))
+    scores = q @ k.transpose(0, 2, 1) / 2.0 + mask[:, 0]
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ v @ wo[h * 4:(h + 1) * 4]
+    assert_close(interpret(out, {"x": x, "mask": mask})["y"], want.astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_heads, outputs, reason", [
+    (2, "%y", "the mask may vary per head"),
+    (1, "%y, %a", "the attention output has other readers than the output projection"),
+])
+def test_prune_heads_leaves_what_it_cannot_prune_and_says_why(mask_heads, outputs, reason):
+    g = attention_graph(mask_heads, outputs)
+    before = print_graph(g, header=False)
+    pm = PassManager("prune-heads{ratio=0.5}")
+    out = pm.run(g)
+    assert print_graph(out, header=False) == before
+    assert pm.records[0].details == [{"node": "attn", "op": "graphopt.Attention", "reason": reason}]
