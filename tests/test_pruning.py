@@ -294,7 +294,6 @@ def gpt2(tmp_path_factory):
 def prune_torch_gpt2(module, n_heads: int, n_channels: int):
     """GPT-2 (Conv1D weights are [in, out]) with `n_heads` heads and `n_channels` MLP channels
     cut from every block, scored as the passes score them but computed here from torch."""
-    import torch
 
     pruned = copy.deepcopy(module)
     cfg = pruned.model.config
