@@ -1,6 +1,8 @@
 """What `graphopt inspect` reports about a graph: op histogram, parameters, signature."""
 from __future__ import annotations
 
+import re
+
 import collections
 
 from graphopt.errors import UserError
@@ -94,10 +96,38 @@ def summarize_artifact(folder) -> dict:
     return out
 
 
+def _per_layer(values: list[dict]) -> list[str]:
+    """Signature lines, with per-layer values of one type (past_key_values.3.key, ...) on one
+    line: `past_key_values.{0..5}.key: f32[...]` (--json lists every one)."""
+    groups: dict[tuple, list[int]] = {}
+    order: list = []
+    for x in values:
+        m = _LAYER_INDEX.fullmatch(x["name"])
+        key = (m.group(1), m.group(3), x["type"]) if m else (x["name"], None, x["type"])
+        if key not in groups:
+            order.append(key)
+            groups[key] = []
+        if m:
+            groups[key].append(int(m.group(2)))
+    lines = []
+    for key in order:
+        prefix, suffix, typ = key
+        idx = groups[key]
+        if suffix is None:
+            lines.append(f"  {prefix}: {typ}")
+        elif len(idx) == 1:
+            lines.append(f"  {prefix}.{idx[0]}.{suffix}: {typ}")
+        else:
+            lines.append(f"  {prefix}.{{{min(idx)}..{max(idx)}}}.{suffix}: {typ}  ({len(idx)} layers)")
+    return lines
+
+
+_LAYER_INDEX = re.compile(r"(.+)\.(\d+)\.([^.]+)")
+
+
 def format_artifact(s: dict) -> str:
     lines = [f"artifact   {s['artifact']}", f"backend    {s['backend']} ({s['target']})", "inputs",
-             *[f"  {x['name']}: {x['type']}" for x in s["inputs"]], "outputs",
-             *[f"  {x['name']}: {x['type']}" for x in s["outputs"]]]
+             *_per_layer(s["inputs"]), "outputs", *_per_layer(s["outputs"])]
     if "ops" in s:
         lines.append(f"ops        {s['nodes']} nodes")
         width = max((len(k) for k in s["ops"]), default=0)

@@ -179,3 +179,19 @@ def test_explain_fusions_all_on_the_cli(tmp_path):
     assert "fusions" in r.stdout and "fuse-linear:" in r.stdout
     r = invoke("optimize", EXAMPLE, "-o", tmp_path / "b", "--explain-fusions=some")
     assert r.exit_code == 2 and "--explain-fusions" in r.output
+
+
+def test_inspect_puts_per_layer_cache_values_on_one_line():
+    from graphopt.summary import format_artifact
+
+    cache = [{"name": f"past_key_values.{i}.{kv}", "type": "f32[batch, 2, past_seq, 8]"}
+             for i in range(4) for kv in ("key", "value")]
+    s = {"artifact": "out", "backend": "onnxruntime", "target": "cpu",
+         "inputs": [{"name": "input_ids", "type": "i64[batch, seq]"}, *cache,
+                    {"name": "layer.7.odd", "type": "f32[2]"}],
+         "outputs": [{"name": "logits", "type": "f32[batch, 1, 16]"}]}
+    text = format_artifact(s).splitlines()
+    assert "  past_key_values.{0..3}.key: f32[batch, 2, past_seq, 8]  (4 layers)" in text
+    assert "  past_key_values.{0..3}.value: f32[batch, 2, past_seq, 8]  (4 layers)" in text
+    assert "  layer.7.odd: f32[2]" in text and "  input_ids: i64[batch, seq]" in text
+    assert len(text) == 9
