@@ -8,11 +8,15 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph, Node, Value
 
 
-def check_ratio(pass_name: str, ratio: float, min_keep: int) -> None:
+def check_options(pass_name: str, ratio: float, min_keep: int, importance: str) -> None:
+    """The options every pruning pass takes, checked when the pipeline is parsed."""
     if not 0.0 <= ratio < 1.0:
         raise UserError(f"{pass_name}: ratio must be in [0, 1), not {ratio}")
     if min_keep < 1:
         raise UserError(f"{pass_name}: min-keep must be at least 1, not {min_keep}")
+    if importance != "magnitude":
+        raise UserError(f"{pass_name}: importance must be magnitude (calibration-based scores are not "
+                        f"built yet), not {importance!r}")
 
 
 def count_to_remove(total: int, ratio: float, min_keep: int) -> int:

@@ -43,12 +43,11 @@ import dataclasses
 
 import numpy as np
 
-from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Attr, Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.pruning.common import (
-    check_ratio,
+    check_options,
     count_to_remove,
     keep_top,
     parameter_count,
@@ -211,10 +210,7 @@ class PruneHeads(Pass):
         self.check_options()
 
     def check_options(self) -> None:
-        check_ratio("prune-heads", self.ratio, self.min_keep)
-        if self.importance != "magnitude":
-            raise UserError(f"prune-heads: importance must be magnitude (calibration-based scores are not "
-                            f"built yet), not {self.importance!r}")
+        check_options("prune-heads", self.ratio, self.min_keep, self.importance)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()

@@ -31,12 +31,11 @@ import dataclasses
 
 import numpy as np
 
-from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from graphopt.passes.pruning.common import (
-    check_ratio,
+    check_options,
     count_to_remove,
     drop_if_unused,
     keep_top,
@@ -155,10 +154,7 @@ class PruneMlp(Pass):
         self.check_options()
 
     def check_options(self) -> None:
-        check_ratio("prune-mlp", self.ratio, self.min_keep)
-        if self.importance != "magnitude":
-            raise UserError(f"prune-mlp: importance must be magnitude (calibration-based scores are not "
-                            f"built yet), not {self.importance!r}")
+        check_options("prune-mlp", self.ratio, self.min_keep, self.importance)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()
