@@ -2,10 +2,13 @@
 putting a sliced weight in place of the one a node reads."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph, Node, Value
+from graphopt.pass_manager import Pass, PassContext, PassResult
 
 
 def check_options(pass_name: str, ratio: float, min_keep: int, importance: str) -> None:
@@ -56,3 +59,55 @@ def parameter_count(graph: Graph) -> int:
     """Elements in the graph's floating-point initializers (its parameters)."""
     return sum(int(v.const_value.size) for v in graph.initializers.values()
                if v.const_value is not None and v.const_value.dtype.kind == "f")
+
+
+@dataclasses.dataclass
+class StructuredPruning(Pass):
+    """What every structured pruning pass does, per site: find it (`find_site`: a site, None,
+    or the reason it cannot be pruned), score its units (`units`, `scores`), keep the most
+    important, shrink the tensors (`shrink`), and count what went (`record`)."""
+
+    approximate = True  # it changes the numbers by design
+
+    ratio: float = 0.0
+    importance: str = "magnitude"
+    min_keep: int = 1
+
+    def __post_init__(self) -> None:  # bad options fail when the pipeline is parsed, before any model load
+        check_options(self.name, self.ratio, self.min_keep, self.importance)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        check_options(self.name, self.ratio, self.min_keep, self.importance)
+        result = PassResult()
+        for node in list(graph.nodes):
+            site = self.find_site(node)
+            if site is None:
+                continue
+            if isinstance(site, str):
+                result.details.append({"node": node.name, "op": node.op, "reason": site})
+                continue
+            n_remove = count_to_remove(self.units(site), self.ratio, self.min_keep)
+            if n_remove == 0:
+                continue
+            keep = keep_top(self.scores(site), n_remove)
+            before = parameter_count(graph)
+            self.shrink(graph, site, keep)
+            result.count("layers")
+            result.count("parameters", before - parameter_count(graph))  # a weight shared elsewhere stays
+            self.record(result, node, site, n_remove, keep)
+        return result
+
+    def find_site(self, node: Node):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def units(self, site) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def scores(self, site) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shrink(self, graph: Graph, site, keep: np.ndarray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def record(self, result: PassResult, node: Node, site, n_remove: int, keep: np.ndarray) -> None:
+        pass

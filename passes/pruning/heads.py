@@ -42,18 +42,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from graphopt.ir import GRAPHOPT_DOMAIN, Attr, Graph, Node, Value
-from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-
 from graphopt.passes.pruning.common import (
-    check_options,
-    count_to_remove,
-    keep_top,
-    parameter_count,
+    StructuredPruning,
     replace_weight,
     set_last_dim,
 )
+
+from graphopt.ir import GRAPHOPT_DOMAIN, Attr, Graph, Node, Value
+from graphopt.pass_manager import PassResult, register_pass
 
 G = GRAPHOPT_DOMAIN
 
@@ -192,46 +188,29 @@ def prune_site(graph: Graph, site: HeadSite, keep: np.ndarray) -> None:
 
 
 @register_pass("prune-heads")
-class PruneHeads(Pass):
+class PruneHeads(StructuredPruning):
     """Remove the least important attention heads (whole KV groups) of every attention layer.
 
     Before:  %a = graphopt.Attention(%q, %k, %v, %mask) {num_heads=4, kv_num_heads=2} : f32[b, s, 32]
     After:   %a = graphopt.Attention(%q, %k, %v, %mask) {num_heads=2, kv_num_heads=1} : f32[b, s, 16]
     """
 
-    approximate = True  # it changes the numbers by design
     requires = ("attention-to-3d", "merge-projections")  # the 3-D attention over one merged Q/K/V Linear
 
-    ratio: float = 0.0
-    importance: str = "magnitude"
-    min_keep: int = 1
+    def find_site(self, node: Node):
+        return find_site(node)
 
-    def __post_init__(self) -> None:  # bad options fail when the pipeline is parsed, before any model load
-        self.check_options()
+    def units(self, site: HeadSite) -> int:
+        return site.kv_heads
 
-    def check_options(self) -> None:
-        check_options("prune-heads", self.ratio, self.min_keep, self.importance)
+    def scores(self, site: HeadSite) -> np.ndarray:
+        return group_importance(site)
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        self.check_options()
-        result = PassResult()
-        for node in list(graph.nodes):
-            site = find_site(node)
-            if site is None:
-                continue
-            if isinstance(site, str):
-                result.details.append({"node": node.name, "op": node.op, "reason": site})
-                continue
-            n_remove = count_to_remove(site.kv_heads, self.ratio, self.min_keep)
-            if n_remove == 0:
-                continue
-            keep = keep_top(group_importance(site), n_remove)
-            before = parameter_count(graph)
-            prune_site(graph, site, keep)
-            result.count("layers")
-            result.count("heads", n_remove * site.group)
-            result.count("kv-heads", n_remove)
-            result.count("parameters", before - parameter_count(graph))
-            result.details.append({"node": node.name, "op": node.op, "kv_heads": site.kv_heads,
-                                   "kept": len(keep), "keep": keep.tolist()})
-        return result
+    def shrink(self, graph: Graph, site: HeadSite, keep: np.ndarray) -> None:
+        prune_site(graph, site, keep)
+
+    def record(self, result: PassResult, node: Node, site: HeadSite, n_remove: int, keep: np.ndarray) -> None:
+        result.count("heads", n_remove * site.group)
+        result.count("kv-heads", n_remove)
+        result.details.append({"node": node.name, "op": node.op, "kv_heads": site.kv_heads,
+                               "kept": len(keep), "keep": keep.tolist()})

@@ -30,19 +30,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
-from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-
 from graphopt.passes.pruning.common import (
-    check_options,
-    count_to_remove,
+    StructuredPruning,
     drop_if_unused,
-    keep_top,
-    parameter_count,
     replace_weight,
     set_last_dim,
 )
+
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.pass_manager import PassResult, register_pass
 
 G = GRAPHOPT_DOMAIN
 
@@ -136,46 +132,28 @@ def prune_site(graph: Graph, site: MlpSite, keep: np.ndarray) -> None:
 
 
 @register_pass("prune-mlp")
-class PruneMlp(Pass):
+class PruneMlp(StructuredPruning):
     """Remove the least important intermediate channels of every MLP (both matmuls shrink).
 
     Before:  %h = graphopt.GatedLinear(%x, @wg, @wu) : f32[b, s, 64]; %y = MatMul(%h, @wd)
     After:   %h = graphopt.GatedLinear(%x, @wg_pruned, @wu_pruned) : f32[b, s, 48]; %y = MatMul(%h, @wd_pruned)
     """
 
-    approximate = True  # it changes the numbers by design
     requires = ("fuse-linear|fuse-gated-mlp",)  # it prunes graphopt.Linear / GatedLinear nodes
 
-    ratio: float = 0.0
-    importance: str = "magnitude"
-    min_keep: int = 1
+    def find_site(self, node: Node):
+        return find_site(node)
 
-    def __post_init__(self) -> None:  # bad options fail when the pipeline is parsed, before any model load
-        self.check_options()
+    def units(self, site: MlpSite) -> int:
+        return site.channels
 
-    def check_options(self) -> None:
-        check_options("prune-mlp", self.ratio, self.min_keep, self.importance)
+    def scores(self, site: MlpSite) -> np.ndarray:
+        return channel_importance(site)
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        self.check_options()
-        result = PassResult()
-        for node in list(graph.nodes):
-            site = find_site(node)
-            if site is None:
-                continue
-            if isinstance(site, str):
-                result.details.append({"node": node.name, "op": node.op, "reason": site})
-                continue
-            n_remove = count_to_remove(site.channels, self.ratio, self.min_keep)
-            if n_remove == 0:
-                continue
-            keep = keep_top(channel_importance(site), n_remove)
-            before = parameter_count(graph)
-            prune_site(graph, site, keep)
-            removed = before - parameter_count(graph)  # a weight shared outside the MLP stays as well
-            result.count("layers")
-            result.count("channels", n_remove)
-            result.count("parameters", removed)
-            result.details.append({"node": site.up.name, "down": site.down.name, "op": site.up.op,
-                                   "channels": site.channels, "kept": len(keep), "keep": keep.tolist()})
-        return result
+    def shrink(self, graph: Graph, site: MlpSite, keep: np.ndarray) -> None:
+        prune_site(graph, site, keep)
+
+    def record(self, result: PassResult, node: Node, site: MlpSite, n_remove: int, keep: np.ndarray) -> None:
+        result.count("channels", n_remove)
+        result.details.append({"node": site.up.name, "down": site.down.name, "op": site.up.op,
+                               "channels": site.channels, "kept": len(keep), "keep": keep.tolist()})
