@@ -172,7 +172,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     if isinstance(model, Graph):
         graph = model
     else:
-        progress(f"loading {model}")
+        # No "loading" line: a file that does not load is then one line on stderr, its error;
+        # the slow part (a PyTorch export) reports its own progress.
         graph = load_graph(model)
 
     if verify:
