@@ -21,9 +21,8 @@ import glob
 import json
 import os
 import shutil
-import signal
+import secrets
 import tempfile
-import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -103,14 +102,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path, name = _scratch_name(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_scratch(path.parent, name)
-    tmp = None
-    # SIGTERM (which the CLI turns into SystemExit) is held back until the scratch folder is
-    # known here, so a signal cannot land between its creation and the cleanup below.
-    held = _hold_sigterm()
+    # The scratch folder's name is chosen before it is made, so that an interrupt at any point
+    # after (SIGTERM becomes SystemExit, handled in whichever thread the kernel picks) finds
+    # it in the cleanup below.
+    tmp = path.parent / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
-        _release_sigterm(held)
-        held = None
+        tmp.mkdir(mode=0o700)
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
@@ -128,23 +125,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        _release_sigterm(held)
-
-
-def _hold_sigterm():
-    """Block SIGTERM in this thread (the main thread only; elsewhere a no-op): the previous mask."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-
-
-def _release_sigterm(held) -> None:
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _sweep_dead_scratch(parent: Path, name: str) -> None:
