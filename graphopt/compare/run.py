@@ -13,6 +13,7 @@ import numpy as np
 from graphopt.compare import variants as V
 from graphopt.compare.timing import TimingSettings, describe, percentiles, rss_bytes, time_interleaved
 from graphopt.errors import UserError
+from graphopt.manifest import read_manifest
 from graphopt.compare.accuracy import compare_outputs, perplexity, text_windows
 from graphopt.compare.machine import library_versions, machine_record, physical_cores
 from graphopt.compare.reference import artifact_source, load_reference
@@ -112,7 +113,7 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
         for b in on:
             cells.append(Cell(f"{b}/{v}", b, v, spec.summary, spec.anchor, spec.build))
     for a in artifacts:
-        manifest = _read_manifest(a)
+        manifest = read_manifest(a)
         if (manifest.get("generation") or {}).get("kv_layout"):
             raise UserError(f"{a}: a generation-ready artifact (with a KV cache); compare times full-sequence "
                             "artifacts: optimize with --no-kv-cache for it")
@@ -157,15 +158,6 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             scratch.cleanup()
 
 
-def _read_manifest(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}/manifest.json: not readable ({e})") from None
-
-
 def _feeds_graph(ctx: V.BuildContext, artifacts: list[Path]):
     """(a graph whose inputs say how to make valid feeds, the output names): the export, or
     for artifact folders a graph of just their signature (token ids are then drawn below the
@@ -174,7 +166,7 @@ def _feeds_graph(ctx: V.BuildContext, artifacts: list[Path]):
         graph = ctx.export_graph()
         return graph, [v.name for v in graph.outputs]
 
-    sig = _read_manifest(artifacts[0])["signature"]
+    sig = read_manifest(artifacts[0])["signature"]
     g = Graph("signature")
     for e in sig["inputs"]:
         g.add_input(e["name"], TensorType(DType.from_short(e["dtype"]), None if e["shape"] is None else tuple(e["shape"])))
