@@ -37,17 +37,55 @@ def torch_logits(module, feeds):
         return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
 
 
-def prune_torch_mlps(module, n_remove: int):
+def torch_mlp_magnitudes(module) -> list[np.ndarray]:
+    """Per layer, each MLP channel's L2 norm over its gate row, up row and down column."""
+    out = []
+    for layer in module.model.model.layers:
+        mlp = layer.mlp
+        g, u, d = (p.weight.detach().double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        out.append(((g * g).sum(1) + (u * u).sum(1) + (d * d).sum(0)).sqrt().numpy())
+    return out
+
+
+def torch_input_sq_norms(module, projections: str, calibration: list[dict]) -> list[np.ndarray]:
+    """Per layer, the summed squares, per channel, of the input of `projections` ("mlp.down_proj"
+    or "self_attn.o_proj") over the calibration feeds, from PyTorch forward hooks."""
+    import torch
+
+    sums = {}
+    hooks = []
+    for i, layer in enumerate(module.model.model.layers):
+        proj = layer.get_submodule(projections)
+
+        def hook(_, args, i=i):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sums[i] = sums.get(i, 0) + (x * x).sum(0).numpy()
+        hooks.append(proj.register_forward_pre_hook(hook))
+    try:
+        for feeds in calibration:
+            torch_logits(module, feeds)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [sums[i] for i in range(len(sums))]
+
+
+def keep_lowest_removed(score: np.ndarray, n_remove: int) -> np.ndarray:
+    return np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove])
+
+
+def prune_torch_mlps(module, n_remove: int, keeps: list[np.ndarray] | None = None):
     """The module with `n_remove` channels cut from every MLP, chosen independently of the
-    pass: the lowest L2 norm over the channel's gate row, up row and down column."""
+    pass: the lowest L2 norm over the channel's gate row, up row and down column (or the
+    channels `keeps` per layer)."""
     import torch
 
     pruned = copy.deepcopy(module)
-    for layer in pruned.model.model.layers:
+    scores = torch_mlp_magnitudes(module)
+    for i, layer in enumerate(pruned.model.model.layers):
         mlp = layer.mlp
-        g, u, d = (p.weight.detach().double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        score = ((g * g).sum(1) + (u * u).sum(1) + (d * d).sum(0)).sqrt().numpy()
-        keep = torch.from_numpy(np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove]))
+        keep = keeps[i] if keeps is not None else keep_lowest_removed(scores[i], n_remove)
+        keep = torch.from_numpy(np.asarray(keep))
         for name in ("gate_proj", "up_proj"):
             old = getattr(mlp, name)
             new = torch.nn.Linear(old.in_features, len(keep), bias=False)
@@ -100,6 +138,88 @@ def test_prune_mlp_equals_torch_with_the_same_channels_removed(llama, tmp_path):
     assert parameter_count(res.graph) == parameter_count(out)
     got = graphopt.load(artifact).run(feeds)["logits"]
     assert_close(got, want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+CALIBRATION = [token_feeds(2, 8, seed=11, pad=False), token_feeds(2, 8, seed=12, pad=False)]
+
+
+def test_prune_mlp_wanda_equals_torch_with_the_wanda_channels_removed(llama):
+    from graphopt.pass_manager import PassContext
+
+    module, fused = llama
+    n_remove = 24
+    norms = torch_input_sq_norms(module, "mlp.down_proj", CALIBRATION)
+    wanda = [np.sqrt(n) * layer.mlp.down_proj.weight.detach().double().abs().sum(0).numpy()
+             for n, layer in zip(norms, module.model.model.layers)]
+    keeps = [keep_lowest_removed(w, n_remove) for w in wanda]
+    # Wanda and magnitude choose differently here, so a pass that ignored the data would fail
+    assert any(set(k) != set(keep_lowest_removed(m, n_remove)) for k, m in zip(keeps, torch_mlp_magnitudes(module)))
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, n_remove, keeps), feeds)
+
+    pm = PassManager("prune-mlp{ratio=0.375,importance=wanda}", ctx=PassContext(hints={"calibration": CALIBRATION}))
+    out = pm.run(fused.copy())
+    verify(out)
+    assert [d["keep"] for d in pm.records[0].details if "keep" in d] == [k.tolist() for k in keeps]
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+
+def test_prune_heads_wanda_equals_torch_with_the_wanda_groups_removed(llama):
+    from graphopt.pass_manager import PassContext
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_heads(module, 1, torch_input_sq_norms(module, "self_attn.o_proj", CALIBRATION)), feeds)
+    pm = PassManager("prune-heads{ratio=0.5,importance=wanda}", ctx=PassContext(hints={"calibration": CALIBRATION}))
+    out = pm.run(fused.copy())
+    verify(out)
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+
+def test_wanda_without_calibration_data_says_what_to_give(llama):
+    with pytest.raises(UserError, match=r"prune-mlp\{importance=wanda\} needs calibration data: give --calibration"):
+        PassManager("prune-mlp{ratio=0.5,importance=wanda}").run(llama[1].copy())
+
+
+def test_global_scope_removes_the_lowest_of_the_whole_model(llama):
+    module, fused = llama
+    scores = torch_mlp_magnitudes(module)
+    # independently of the pass: walk all channels from the lowest score up
+    ranked = sorted((float(s), li, j) for li, layer in enumerate(scores) for j, s in enumerate(layer))
+    removed = [set(), set()]
+    for _, li, j in ranked[: int(0.4 * 128)]:
+        removed[li].add(j)
+    assert len(removed[0]) != len(removed[1])  # the layers lose different counts, unlike scope=layer
+    keeps = [np.array([j for j in range(64) if j not in r]) for r in removed]
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, 0, keeps), feeds)
+
+    pm = PassManager("prune-mlp{ratio=0.4,scope=global}")
+    out = pm.run(fused.copy())
+    verify(out)
+    assert pm.records[0].stats["channels"] == int(0.4 * 128)
+    assert [d["keep"] for d in pm.records[0].details if "keep" in d] == [k.tolist() for k in keeps]
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+    pm = PassManager("prune-mlp{ratio=0.9,scope=global,min-keep=40}")
+    pm.run(fused.copy())
+    assert [d["kept"] for d in pm.records[0].details if "kept" in d] == [40, 40]
+
+
+def test_block_flops_before_and_after_are_counted(llama):
+    from graphopt.passes.pruning.flops import FLOPS_SEQ_LEN
+
+    pm = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25}")
+    pm.run(llama[1].copy())
+    heads, mlp = ({k: v for d in r.details for k, v in d.get("block_flops", {}).items()} for r in pm.records)
+    s, hidden, layers = FLOPS_SEQ_LEN, 32, 2
+    # per layer: Q/K/V 32 x (32 + 16 + 16), output 32 x 32, attention 4 * s * 32, gate+up+down 3 x 32 x 64
+    per_token = layers * (2 * hidden * 64 + 2 * hidden * 32 + 4 * s * 32 + 2 * 3 * hidden * 64)
+    assert heads["before"] == s * per_token
+    # half the heads: Q/K/V, output and attention halve
+    assert heads["after"] == s * (per_token - layers * (hidden * 64 + hidden * 32 + 2 * s * 32))
+    assert mlp["before"] == heads["after"]
+    assert mlp["after"] == mlp["before"] - s * layers * 2 * 3 * hidden * 16
 
 
 def test_min_keep_bounds_each_layer(llama):
@@ -164,7 +284,8 @@ def test_pruning_before_fusion_is_refused():
         PassManager("prune-heads{ratio=0.5},attention-to-3d")
 
 
-@pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor"])
+@pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor", "importance=random",
+                                     "scope=model"])
 @pytest.mark.parametrize("name", ["prune-mlp", "prune-heads"])
 def test_bad_options_are_refused_when_the_pipeline_is_parsed(name, options):
     with pytest.raises(UserError, match=name):
@@ -174,17 +295,18 @@ def test_bad_options_are_refused_when_the_pipeline_is_parsed(name, options):
 # --------------------------------------------------------------------------------------
 # prune-heads
 
-def prune_torch_heads(module, n_remove: int):
+def prune_torch_heads(module, n_remove: int, sq_norms: list[np.ndarray] | None = None):
     """The module with `n_remove` KV groups (each KV head with the query heads that read it)
     cut from every attention, scored independently of the pass: the L2 norm of the group's
-    q/k/v rows and o_proj columns."""
+    q/k/v rows and o_proj columns; with `sq_norms` (per layer, o_proj's input squared norms),
+    Wanda: sum over the group's o_proj columns of ||x_r|| * |column r|_1."""
     import torch
 
     pruned = copy.deepcopy(module)
     cfg = pruned.model.config
     d = cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
-    for layer in pruned.model.model.layers:
+    for li, layer in enumerate(pruned.model.model.layers):
         att = layer.self_attn
         q, k, v, o = (p.weight.detach().double() for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
 
@@ -196,6 +318,9 @@ def prune_torch_heads(module, n_remove: int):
 
         score = np.array([float(((q[q_idx([j])] ** 2).sum() + (k[kv_idx([j])] ** 2).sum() + (v[kv_idx([j])] ** 2).sum()
                                  + (o[:, q_idx([j])] ** 2).sum()).sqrt()) for j in range(cfg.num_key_value_heads)])
+        if sq_norms is not None:
+            per_column = np.sqrt(sq_norms[li]) * o.abs().sum(0).numpy()
+            score = np.array([per_column[q_idx([j])].sum() for j in range(cfg.num_key_value_heads)])
         keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove])
         for name, rows in (("q_proj", q_idx(keep)), ("k_proj", kv_idx(keep)), ("v_proj", kv_idx(keep))):
             old = getattr(att, name)
