@@ -601,3 +601,127 @@ def test_prune_heads_leaves_what_it_cannot_prune_and_says_why(mask_heads, output
     out = pm.run(g)
     assert print_graph(out, header=False) == before
     assert pm.records[0].details == [{"node": "attn", "op": "graphopt.Attention", "reason": reason}]
+
+
+# --------------------------------------------------------------------------------------
+# prune-magnitude, prune-nm: masks
+
+
+def mask_torch_linears(module, mask_fn):
+    """The module with every block Linear's weight ([out, in]) masked by `mask_fn(weight) ->
+    bool keep`; q/k/v are masked as one matrix, as the merged projection the pass sees."""
+    import torch
+
+    masked = copy.deepcopy(module)
+    with torch.no_grad():
+        for layer in masked.model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv = [att.q_proj, att.k_proj, att.v_proj]
+            keep = mask_fn(torch.cat([p.weight for p in qkv]))
+            for p, k in zip(qkv, torch.split(keep, [p.out_features for p in qkv])):
+                p.weight.mul_(k)
+            for p in (att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                p.weight.mul_(mask_fn(p.weight))
+    return masked.eval()
+
+
+def torch_magnitude_keep(sparsity):
+    import torch
+
+    def keep(w):
+        n_zero = int(sparsity * w.numel())
+        out = torch.ones(w.numel(), dtype=torch.bool)
+        out[torch.topk(w.abs().flatten(), n_zero, largest=False).indices] = False
+        return out.reshape(w.shape)
+    return keep
+
+
+def torch_nm_keep(n, m):
+    import torch
+
+    def keep(w):  # [out, in]: groups of m along in
+        g = w.abs().reshape(w.shape[0], -1, m)
+        out = torch.zeros_like(g, dtype=torch.bool)
+        out.scatter_(-1, torch.topk(g, n, dim=-1).indices, True)
+        return out.reshape(w.shape)
+    return keep
+
+
+def block_weights(graph):
+    from graphopt.passes.pruning.sparsity import weight_sites
+
+    return [(n, i, axis, n.inputs[i].const_value) for n in graph.nodes for i, axis in weight_sites(n)]
+
+
+@pytest.mark.parametrize("pipeline", ["prune-magnitude{sparsity=0}", "prune-nm{n=4,m=4}"])
+def test_mask_passes_at_zero_are_exact_no_ops(llama, pipeline):
+    _, fused = llama
+    before = print_graph(fused, header=False)
+    pm = PassManager(pipeline)
+    out = pm.run(fused.copy())
+    assert print_graph(out, header=False) == before
+    for name, v in out.initializers.items():
+        assert v.const_value is fused.initializers[name].const_value, name
+    assert not pm.records[0].changed
+
+
+def test_prune_magnitude_equals_torch_with_the_same_mask_and_is_exact(llama):
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(mask_torch_linears(module, torch_magnitude_keep(0.5)), feeds)
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+    pm = PassManager("prune-magnitude{sparsity=0.5}")
+    out = pm.run(fused.copy())
+    verify(out)
+    weights = block_weights(out)
+    assert len(weights) == 2 * 5  # per layer: Q/K/V, output, gate, up, down
+    for node, i, _, w in weights:
+        assert (w == 0).sum() == w.size // 2, node.name  # exactly floor(0.5 * size), no more
+        assert w.shape == fused.initializers[node.inputs[i].name.removesuffix("_pruned")].const_value.shape
+    lm_head = [n for n in out.nodes if n.outputs[0].is_graph_output][0]
+    assert (lm_head.inputs[1].const_value != 0).all()  # the LM head stays dense
+    stats = pm.records[0].stats
+    assert stats["zeroed"] * 2 == stats["entries"]
+    assert {"speed": "mask only, no speed-up: the weights keep their dense shape and no graphopt backend "
+            "(ONNX Runtime CPU, TVM) has a sparse kernel that skips the zeros"} in pm.records[0].details
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+
+def test_prune_nm_2_4_equals_torch_and_every_group_keeps_two(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(mask_torch_linears(module, torch_nm_keep(2, 4)), feeds)
+    pm = PassManager("prune-nm{n=2,m=4}")
+    out = pm.run(fused.copy())
+    verify(out)
+    for node, _, axis, w in block_weights(out):
+        groups = np.moveaxis(w, axis, -1).reshape(-1, 4)  # runs of 4 along the input dimension
+        assert ((groups != 0).sum(-1) == 2).all(), node.name
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+    artifact = tmp_path / "nm"
+    graphopt.optimize(fused.copy(), artifact, passes="prune-nm{n=2,m=4}", kv_cache=False)
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_prune_nm_leaves_a_weight_whose_input_does_not_divide():
+    g = parse_graph("""graph @g(%x: f32[2, 6]) -> (f32[2, 3]) {
+  weights {
+    @w: f32[6, 4]
+    @w2: f32[4, 3]
+  }
+  %h = MatMul(%x, @w) : f32[2, 4]
+  %y = MatMul(%h, @w2) : f32[2, 3]
+  return %y
+}""", weights={"w": np.ones((6, 4), np.float32), "w2": np.ones((4, 3), np.float32)})
+    pm = PassManager("prune-nm{n=2,m=4}")
+    pm.run(g)
+    assert {"node": g.nodes[0].name, "op": "MatMul", "reason": "the input dimension 6 is not a multiple of m=4"} \
+        in pm.records[0].details
+
+
+@pytest.mark.parametrize("pipeline", ["prune-magnitude{sparsity=1.0}", "prune-nm{n=3,m=2}", "prune-nm{n=0,m=4}"])
+def test_bad_mask_options_are_refused(pipeline):
+    with pytest.raises(UserError, match=pipeline.split("{")[0]):
+        PassManager(pipeline)
