@@ -143,15 +143,20 @@ def test_prune_mlp_equals_torch_with_the_same_channels_removed(llama, tmp_path):
 CALIBRATION = [token_feeds(2, 8, seed=11, pad=False), token_feeds(2, 8, seed=12, pad=False)]
 
 
+def torch_wanda_mlp_keeps(module, calibration, n_remove: int) -> list[np.ndarray]:
+    """Per layer, the MLP channels Wanda keeps: ||h_j|| (down_proj's input) x |down column j|_1."""
+    norms = torch_input_sq_norms(module, "mlp.down_proj", calibration)
+    wanda = [np.sqrt(n) * layer.mlp.down_proj.weight.detach().double().abs().sum(0).numpy()
+             for n, layer in zip(norms, module.model.model.layers)]
+    return [keep_lowest_removed(w, n_remove) for w in wanda]
+
+
 def test_prune_mlp_wanda_equals_torch_with_the_wanda_channels_removed(llama):
     from graphopt.pass_manager import PassContext
 
     module, fused = llama
     n_remove = 24
-    norms = torch_input_sq_norms(module, "mlp.down_proj", CALIBRATION)
-    wanda = [np.sqrt(n) * layer.mlp.down_proj.weight.detach().double().abs().sum(0).numpy()
-             for n, layer in zip(norms, module.model.model.layers)]
-    keeps = [keep_lowest_removed(w, n_remove) for w in wanda]
+    keeps = torch_wanda_mlp_keeps(module, CALIBRATION, n_remove)
     # Wanda and magnitude choose differently here, so a pass that ignored the data would fail
     assert any(set(k) != set(keep_lowest_removed(m, n_remove)) for k, m in zip(keeps, torch_mlp_magnitudes(module)))
     feeds = token_feeds(2, 8)
@@ -725,3 +730,97 @@ def test_prune_nm_leaves_a_weight_whose_input_does_not_divide():
 def test_bad_mask_options_are_refused(pipeline):
     with pytest.raises(UserError, match=pipeline.split("{")[0]):
         PassManager(pipeline)
+
+
+# --------------------------------------------------------------------------------------
+# optimize --prune: the shortcut, the report and the manifest
+
+
+def test_prune_pipeline_spells_the_passes():
+    from graphopt.pruning import prune_pipeline
+
+    assert prune_pipeline("heads=0.25,mlp=0.5") == "prune-heads{ratio=0.25},prune-mlp{ratio=0.5}"
+    assert prune_pipeline("mlp=0.5, importance=wanda, scope=global, min-keep=8") == \
+        "prune-mlp{ratio=0.5,importance=wanda,scope=global,min-keep=8}"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("heads", "expected KEY=VALUE items"),
+    ("layers=0.5", "unknown key 'layers'"),
+    ("importance=wanda", "say what to prune"),
+    ("mlp=1.5", "prune-mlp: ratio must be in [0, 1)"),
+    ("mlp=0.5,importance=taylor", "importance=taylor needs gradients"),
+])
+def test_bad_prune_specs_are_one_line_exit_2_and_nothing_written(spec, message, tmp_path):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    r = CliRunner().invoke(cli, ["optimize", str(example), "-o", str(tmp_path / "out"), "--prune", spec])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_without_a_pass_that_reads_it_is_refused(tmp_path):
+    import graphopt
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    with pytest.raises(UserError, match="--calibration is used by --quant-method gptq and pruning with importance=wanda"):
+        graphopt.optimize(str(example), tmp_path / "out", prune="mlp=0.5", calibration=str(example))
+
+
+def test_optimize_prune_equals_torch_and_reports_what_went(llama, tmp_path):
+    import json
+
+    import graphopt
+
+    module, fused = llama  # the default recipe runs again on the fused graph, changing nothing
+    feeds = token_feeds(2, 8)
+    pruned = prune_torch_mlps(prune_torch_heads(module, 1), 16)
+    want = torch_logits(pruned, feeds)
+
+    out = tmp_path / "full"
+    res = graphopt.optimize(fused.copy(), out, prune="heads=0.5,mlp=0.25", kv_cache=False)
+    assert_close(graphopt.load(out).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+    report = json.loads((out / "report.json").read_text())
+    p = report["pruning"]
+    assert p["spec"] == "heads=0.5,mlp=0.25"
+    assert [(e["pass"], e["layers"]) for e in p["passes"]] == [("prune-heads", 2), ("prune-mlp", 2)]
+    assert p["parameters_removed"] == 2 * (1536 + 16 * 3 * 32)
+    f = p["block_flops"]
+    assert f["seq_len"] == 128 and f["removed_fraction"] == round(1 - f["after"] / f["before"], 4) > 0.3
+    assert "block FLOPs" in graphopt.driver.format_report(res.report)
+
+    # the manifest names the units removed, the same the PyTorch reference removed
+    manifest = json.loads((out / "manifest.json").read_text())
+    heads, mlp = manifest["pruning"]
+    kept_mlp = [layer.mlp.down_proj.in_features for layer in pruned.model.model.layers]
+    assert [len(layer["removed"]) for layer in mlp["layers"]] == [64 - k for k in kept_mlp] == [16, 16]
+    scores = torch_mlp_magnitudes(module)
+    assert [layer["removed"] for layer in mlp["layers"]] == \
+        [sorted(set(range(64)) - set(keep_lowest_removed(s, 16).tolist())) for s in scores]
+    assert [len(layer["removed"]) for layer in heads["layers"]] == [1, 1]
+
+    # generation-ready: the pruning runs before the KV-cache rewrite, which caches the kept heads
+    res = graphopt.optimize(fused.copy(), tmp_path / "gen", prune="heads=0.5,mlp=0.25")
+    pipeline = res.report["pipeline"]
+    assert pipeline.index("merge-projections") < pipeline.index("prune-heads") < pipeline.index("rewrite-kv-cache")
+    assert res.report["generation"]["ready"]
+
+
+def test_optimize_prune_wanda_reads_the_calibration_file(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    data = token_feeds(8, 8, seed=5, pad=False)
+    np.savez(tmp_path / "calib.npz", **data)
+    batches = [{k: v[i:i + 4] for k, v in data.items()} for i in (0, 4)]  # graphopt.calibration's batches of 4
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, 0, torch_wanda_mlp_keeps(module, batches, 24)), feeds)
+    res = graphopt.optimize(fused.copy(), tmp_path / "out", prune="mlp=0.375,importance=wanda",
+                            calibration=str(tmp_path / "calib.npz"), kv_cache=False)
+    assert_close(graphopt.load(tmp_path / "out").run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+    assert res.report["pruning"]["calibration"] == {"file": str(tmp_path / "calib.npz"), "batches": 2, "sequences": 8}
