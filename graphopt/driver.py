@@ -169,7 +169,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     needs_data = any((e.name == "quantize-weights" and e.instantiate().method == "gptq")
                      or getattr(e.instantiate(), "needs_calibration", False) for e in entries)
     if calibration is not None and not needs_data:
-        raise UserError("--calibration is used by --quant-method gptq and pruning with importance=wanda only")
+        raise UserError("--calibration is used by pruning with importance=wanda or --quant-method gptq only")
     budget = None
     if accuracy_budget is not None:
         budget = Budget.parse(accuracy_budget)
