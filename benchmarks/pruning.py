@@ -17,6 +17,10 @@ alternates) so that load drifting on the machine hits all of them alike:
   decode     one decode step with `--seq` tokens in the cache
 Reported per variant: p50 and min over the rounds, and the ratio to dense (>1: faster);
 for `pruned`, the parameters and block FLOPs removed, from its report.json.
+
+With `--perplexity`, also each variant's perplexity on examples/default/val.txt (full-sequence
+artifacts, `--max-tokens` of it; 0 = all), plus `pruned-wanda` (the same spec with
+importance=wanda, calibrated on the checkpoint's training split). No recovery fine-tuning.
 """
 from __future__ import annotations
 
@@ -43,17 +47,38 @@ def variants(prune: str) -> dict[str, dict]:
             "nm-2:4": masked("prune-nm{n=2,m=4}"), "magnitude": masked("prune-magnitude{sparsity=0.5}")}
 
 
+def perplexities(graph, work: Path, prune: str, max_tokens: int) -> dict[str, float]:
+    """Each variant's perplexity on the shipped model's val.txt, through full-sequence ORT artifacts."""
+    import graphopt
+    from graphopt.evaluation import evaluate_artifact
+
+    out = {}
+    options = dict(variants(prune), **{"pruned-wanda": {"prune": f"{prune},importance=wanda"}})
+    for name, opts in options.items():
+        if "passes" in opts:  # without the generation passes: every position's logits
+            opts = {"passes": opts["passes"].removesuffix(",rewrite-kv-cache,slice-last-token-logits")}
+        else:
+            opts = dict(opts, kv_cache=False)
+        folder = work / f"ppl_{name.replace(':', '_')}"
+        graphopt.optimize(graph.copy(), folder, **opts)
+        result, _ = evaluate_artifact(folder, ROOT / "examples" / "default" / "val.txt", max_tokens=max_tokens)
+        out[name] = result.perplexity
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128, help="prefill length, and cache length of the decode step")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--prune", default="heads=0.5,mlp=0.5", help="the --prune spec of the pruned variant")
+    ap.add_argument("--perplexity", action="store_true", help="also each variant's perplexity on val.txt")
+    ap.add_argument("--max-tokens", type=int, default=0, help="--perplexity: score the first N tokens (0 = all)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
-        args.seq, args.rounds = 16, 3
+        args.seq, args.rounds, args.max_tokens = 16, 3, 2000
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import onnxruntime
 
@@ -85,6 +110,8 @@ def main() -> None:
                     artifacts[name].run(feeds[name][key])
                     if r >= 2:
                         times[name][phase].append(time.perf_counter() - t)
+        if args.perplexity:
+            results["perplexity"] = perplexities(graph, Path(tmp), args.prune, args.max_tokens)
     table = {}
     for name, phases in times.items():
         table[name] = {phase: {"p50_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3}
@@ -98,6 +125,8 @@ def main() -> None:
     for name, t in table.items():
         print(f"{name:<10} {t['prefill']['p50_ms']:>15.2f} {t['prefill']['speedup_vs_dense']:>8.2f}x "
               f"{t['decode']['p50_ms']:>14.3f} {t['decode']['speedup_vs_dense']:>8.2f}x")
+    for name, ppl in results.get("perplexity", {}).items():
+        print(f"perplexity {name:<13} {ppl:.3f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
