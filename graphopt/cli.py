@@ -319,7 +319,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
-      graphopt optimize examples/default -o out/pruned --prune heads=0.25,mlp=0.5,importance=wanda
+      graphopt optimize examples/default -o out/pruned --prune heads=0.5,mlp=0.5,importance=wanda
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize

@@ -90,7 +90,13 @@ def format_pruning(report: dict) -> str | None:
         return None
     parts = []
     for entry in p["passes"]:
-        if entry["pass"] == "prune-heads":
+        if entry["pass"] in STRUCTURED.values() and not entry.get("layers"):
+            what = "heads" if entry["pass"] == "prune-heads" else "MLP channels"
+            o = entry["options"]
+            hint = "; scope=global ranks the whole model" if o["scope"] == "layer" else ""
+            parts.append(f"no {what} (ratio {o['ratio']}, rounded down, with min-keep {o['min_keep']}, "
+                         f"removes none{hint})")
+        elif entry["pass"] == "prune-heads":
             parts.append(f"{entry.get('heads', 0)} heads ({entry.get('kv_heads', 0)} KV)")
         elif entry["pass"] == "prune-mlp":
             parts.append(f"{entry.get('channels', 0)} MLP channels")

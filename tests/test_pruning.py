@@ -824,3 +824,14 @@ def test_optimize_prune_wanda_reads_the_calibration_file(llama, tmp_path):
                             calibration=str(tmp_path / "calib.npz"), kv_cache=False)
     assert_close(graphopt.load(tmp_path / "out").run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
     assert res.report["pruning"]["calibration"] == {"file": str(tmp_path / "calib.npz"), "batches": 2, "sequences": 8}
+
+
+def test_a_ratio_that_rounds_down_to_nothing_says_so(llama):
+    import graphopt
+    from graphopt.driver import format_report
+
+    res = graphopt.optimize(llama[1].copy(), prune="heads=0.25", kv_cache=False)  # 2 KV groups a layer
+    assert "pruned    no heads (ratio 0.25, rounded down, with min-keep 1, removes none; scope=global ranks " \
+        "the whole model)" in format_report(res.report)
+    res = graphopt.optimize(llama[1].copy(), prune="heads=0.25,scope=global", kv_cache=False)  # 1 of 4 overall
+    assert res.report["pruning"]["passes"][0]["kv_heads"] == 1
