@@ -835,3 +835,21 @@ def test_a_ratio_that_rounds_down_to_nothing_says_so(llama):
         "the whole model)" in format_report(res.report)
     res = graphopt.optimize(llama[1].copy(), prune="heads=0.25,scope=global", kv_cache=False)  # 1 of 4 overall
     assert res.report["pruning"]["passes"][0]["kv_heads"] == 1
+
+
+def test_prune_then_quantize_in_one_optimize(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(prune_torch_heads(module, 1), 16), feeds)
+    res = graphopt.optimize(fused.copy(), tmp_path / "out", prune="heads=0.5,mlp=0.25", quantize="int8",
+                            kv_cache=False)
+    pipeline = res.report["pipeline"]
+    assert pipeline.index("prune-mlp") < pipeline.index("quantize-weights")  # the pruned weights are quantized
+    assert res.report["pruning"]["parameters_removed"] == 2 * (1536 + 16 * 3 * 32)
+    assert sum(res.report["quantization"]["layers"].values()) > 0
+    got = graphopt.load(tmp_path / "out").run(feeds)["logits"]
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() > 0.999  # int8's budget, against the pruned PyTorch model
+    assert np.abs(got - want).max() > 0  # and it is quantized, not float
