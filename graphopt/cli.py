@@ -283,9 +283,13 @@ def _progress(quiet: bool):
                    "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
 @click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
               help="rtn: round to nearest (no data); gptq: error-compensated, on calibration data.")
+@click.option("--prune", default=None, metavar="heads=R,mlp=R[,importance=wanda][,scope=global][,min-keep=N]",
+              help="Remove the fraction R of attention heads (whole KV groups) and/or MLP channels of every "
+                   "layer after the fusions; importance magnitude (default) or wanda (on --calibration data); "
+                   "scope layer (default) or global. See docs/pruning.md.")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
-              help="Calibration data for gptq: a text file, .jsonl of texts, or .npz of inputs "
-                   "(default for graphopt.train checkpoints: their training corpus).")
+              help="Calibration data for gptq and --prune importance=wanda: a text file, .jsonl of texts, or "
+                   ".npz of inputs (default for graphopt.train checkpoints: their training corpus).")
 @click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
               help="perplexity=+2% or top1=0.99 against fp32 on held-out text: the most sensitive layers stay "
                    "in float until it holds; exit 2 and nothing written when no mix does.")
@@ -294,7 +298,7 @@ def _progress(quiet: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, overwrite, explain_fusions, logits, kv_cache, quantize, quant_method, calibration,
+             no_verify, overwrite, explain_fusions, logits, kv_cache, quantize, quant_method, prune, calibration,
              accuracy_budget, accuracy_data, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
@@ -315,6 +319,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
+      graphopt optimize examples/default -o out/pruned --prune heads=0.5,mlp=0.5,importance=wanda
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize
@@ -337,7 +342,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
                           progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
                           quantize=quantize, quant_method=quant_method, calibration=calibration,
-                          accuracy_budget=accuracy_budget, accuracy_data=accuracy_data)
+                          accuracy_budget=accuracy_budget, accuracy_data=accuracy_data, prune=prune)
     if as_json:
         import json
 

@@ -25,6 +25,7 @@ from graphopt.generation import copy_tokenizer, generation_manifest
 from graphopt.interpreter import check_feeds
 from graphopt.models import load_graph
 from graphopt.onnx_io import to_onnx_model
+from graphopt.pruning import format_pruning, prune_pipeline, pruning_manifest, pruning_summary
 from graphopt.passes.cleanup import CLEANUP_PIPELINE, POST_FUSION_CLEANUP
 from graphopt.passes.fusion import FUSION_PIPELINE
 from graphopt.passes.kvcache.last_token import SliceLogitsError
@@ -109,7 +110,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              overwrite: bool = False, logits: str | None = None, kv_cache: bool = True,
              quantize: str | None = None, quant_method: str = "rtn",
              calibration: str | os.PathLike | None = None, accuracy_budget: str | None = None,
-             accuracy_data: str | os.PathLike | None = None) -> OptimizeResult:
+             accuracy_data: str | os.PathLike | None = None, prune: str | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
     `output_dir` atomically (nothing is left there if anything fails).
@@ -128,7 +129,12 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     `quant_method` (rtn, or gptq on `calibration` data: see graphopt.calibration).
     `accuracy_budget` ("perplexity=+2%", "top1=0.99") keeps the most sensitive layers in
     float until the quantized model meets it on held-out text (`accuracy_data`, or a
-    graphopt.train checkpoint's val.txt): see graphopt.accuracy_guard."""
+    graphopt.train checkpoint's val.txt): see graphopt.accuracy_guard.
+
+    `prune` ("heads=0.25,mlp=0.5[,importance=wanda][,scope=global][,min-keep=N]") adds
+    prune-heads / prune-mlp after the pipeline's fusions, before the KV-cache rewrite and
+    quantization (wanda reads `calibration`); report.json's "pruning" and manifest.json's
+    "pruning" say what went (graphopt.pruning)."""
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
     if output_dir is not None:
@@ -154,13 +160,16 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                         "(or leave out) slice-last-token-logits yourself")
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
+    if prune is not None:
+        entries += parse_pipeline(prune_pipeline(prune))
     if quantize is not None:
         entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
     elif quant_method != "rtn":
         raise UserError("--quant-method goes with --quantize int8|int4")
-    needs_data = any(e.name == "quantize-weights" and e.instantiate().method == "gptq" for e in entries)
+    needs_data = any((e.name == "quantize-weights" and e.instantiate().method == "gptq")
+                     or getattr(e.instantiate(), "needs_calibration", False) for e in entries)
     if calibration is not None and not needs_data:
-        raise UserError("--calibration is used by --quant-method gptq only")
+        raise UserError("--calibration is used by pruning with importance=wanda or --quant-method gptq only")
     budget = None
     if accuracy_budget is not None:
         budget = Budget.parse(accuracy_budget)
@@ -223,6 +232,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "backend_options": dict(backend_options or {}),
         **quantization_summary(pm.records, quantize, calibration, ctx.hints.get("calibration")),
         **({"accuracy": accuracy} if accuracy is not None else {}),
+        **pruning_summary(pm.records, before["parameters"]["count"], prune, calibration, ctx.hints.get("calibration")),
         "target": target,
     }
     if generation_note is not None:
@@ -235,6 +245,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         with atomic_dir(out) as tmp:
             fields = be.save(optimized, tmp, target, dict(backend_options or {}))
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
+            manifest.update(pruning_manifest(pm.records))
 
             # A Graph from graphopt.frontends remembers the folder it came from: its tokenizer.
             model_path = (graph.metadata.source or None) if isinstance(model, Graph) else model
@@ -400,6 +411,9 @@ def format_report(report: dict) -> str:
         kept = ", ".join(a["kept_float"]) or "none"
         lines.append(f"accuracy  {a['budget']}: perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}; "
                      f"kept in float: {kept}")
+    pruned = format_pruning(report)
+    if pruned:
+        lines.append(pruned)
     gone = collections.Counter(report["ops_before"]) - collections.Counter(report["ops_after"])
     if gone:
         lines.append("removed   " + ", ".join(f"{k} x{v}" for k, v in gone.most_common()))

@@ -31,6 +31,7 @@ LAYERS = [
     ("driver and CLI", {"graphopt", "graphopt.__main__", "graphopt.artifact", "graphopt.driver", "graphopt.cli",
                         "graphopt.compare", "graphopt.compare.", "graphopt.generation", "graphopt.generation_cli",
                         "graphopt.accuracy", "graphopt.accuracy_guard", "graphopt.calibration", "graphopt.evaluation",
+                        "graphopt.pruning",
                         "graphopt.models", "graphopt.summary", "graphopt.testing", "graphopt.frontends",
                         "graphopt.frontends."}),
 ]

@@ -37,17 +37,55 @@ def torch_logits(module, feeds):
         return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
 
 
-def prune_torch_mlps(module, n_remove: int):
+def torch_mlp_magnitudes(module) -> list[np.ndarray]:
+    """Per layer, each MLP channel's L2 norm over its gate row, up row and down column."""
+    out = []
+    for layer in module.model.model.layers:
+        mlp = layer.mlp
+        g, u, d = (p.weight.detach().double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        out.append(((g * g).sum(1) + (u * u).sum(1) + (d * d).sum(0)).sqrt().numpy())
+    return out
+
+
+def torch_input_sq_norms(module, projections: str, calibration: list[dict]) -> list[np.ndarray]:
+    """Per layer, the summed squares, per channel, of the input of `projections` ("mlp.down_proj"
+    or "self_attn.o_proj") over the calibration feeds, from PyTorch forward hooks."""
+    import torch
+
+    sums = {}
+    hooks = []
+    for i, layer in enumerate(module.model.model.layers):
+        proj = layer.get_submodule(projections)
+
+        def hook(_, args, i=i):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sums[i] = sums.get(i, 0) + (x * x).sum(0).numpy()
+        hooks.append(proj.register_forward_pre_hook(hook))
+    try:
+        for feeds in calibration:
+            torch_logits(module, feeds)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [sums[i] for i in range(len(sums))]
+
+
+def keep_lowest_removed(score: np.ndarray, n_remove: int) -> np.ndarray:
+    return np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove])
+
+
+def prune_torch_mlps(module, n_remove: int, keeps: list[np.ndarray] | None = None):
     """The module with `n_remove` channels cut from every MLP, chosen independently of the
-    pass: the lowest L2 norm over the channel's gate row, up row and down column."""
+    pass: the lowest L2 norm over the channel's gate row, up row and down column (or the
+    channels `keeps` per layer)."""
     import torch
 
     pruned = copy.deepcopy(module)
-    for layer in pruned.model.model.layers:
+    scores = torch_mlp_magnitudes(module)
+    for i, layer in enumerate(pruned.model.model.layers):
         mlp = layer.mlp
-        g, u, d = (p.weight.detach().double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        score = ((g * g).sum(1) + (u * u).sum(1) + (d * d).sum(0)).sqrt().numpy()
-        keep = torch.from_numpy(np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove]))
+        keep = keeps[i] if keeps is not None else keep_lowest_removed(scores[i], n_remove)
+        keep = torch.from_numpy(np.asarray(keep))
         for name in ("gate_proj", "up_proj"):
             old = getattr(mlp, name)
             new = torch.nn.Linear(old.in_features, len(keep), bias=False)
@@ -100,6 +138,93 @@ def test_prune_mlp_equals_torch_with_the_same_channels_removed(llama, tmp_path):
     assert parameter_count(res.graph) == parameter_count(out)
     got = graphopt.load(artifact).run(feeds)["logits"]
     assert_close(got, want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+CALIBRATION = [token_feeds(2, 8, seed=11, pad=False), token_feeds(2, 8, seed=12, pad=False)]
+
+
+def torch_wanda_mlp_keeps(module, calibration, n_remove: int) -> list[np.ndarray]:
+    """Per layer, the MLP channels Wanda keeps: ||h_j|| (down_proj's input) x |down column j|_1."""
+    norms = torch_input_sq_norms(module, "mlp.down_proj", calibration)
+    wanda = [np.sqrt(n) * layer.mlp.down_proj.weight.detach().double().abs().sum(0).numpy()
+             for n, layer in zip(norms, module.model.model.layers)]
+    return [keep_lowest_removed(w, n_remove) for w in wanda]
+
+
+def test_prune_mlp_wanda_equals_torch_with_the_wanda_channels_removed(llama):
+    from graphopt.pass_manager import PassContext
+
+    module, fused = llama
+    n_remove = 24
+    keeps = torch_wanda_mlp_keeps(module, CALIBRATION, n_remove)
+    # Wanda and magnitude choose differently here, so a pass that ignored the data would fail
+    assert any(set(k) != set(keep_lowest_removed(m, n_remove)) for k, m in zip(keeps, torch_mlp_magnitudes(module)))
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, n_remove, keeps), feeds)
+
+    pm = PassManager("prune-mlp{ratio=0.375,importance=wanda}", ctx=PassContext(hints={"calibration": CALIBRATION}))
+    out = pm.run(fused.copy())
+    verify(out)
+    assert [d["keep"] for d in pm.records[0].details if "keep" in d] == [k.tolist() for k in keeps]
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+
+def test_prune_heads_wanda_equals_torch_with_the_wanda_groups_removed(llama):
+    from graphopt.pass_manager import PassContext
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_heads(module, 1, torch_input_sq_norms(module, "self_attn.o_proj", CALIBRATION)), feeds)
+    pm = PassManager("prune-heads{ratio=0.5,importance=wanda}", ctx=PassContext(hints={"calibration": CALIBRATION}))
+    out = pm.run(fused.copy())
+    verify(out)
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+
+def test_wanda_without_calibration_data_says_what_to_give(llama):
+    with pytest.raises(UserError, match=r"prune-mlp\{importance=wanda\} needs calibration data: give --calibration"):
+        PassManager("prune-mlp{ratio=0.5,importance=wanda}").run(llama[1].copy())
+
+
+def test_global_scope_removes_the_lowest_of_the_whole_model(llama):
+    module, fused = llama
+    scores = torch_mlp_magnitudes(module)
+    # independently of the pass: walk all channels from the lowest score up
+    ranked = sorted((float(s), li, j) for li, layer in enumerate(scores) for j, s in enumerate(layer))
+    removed = [set(), set()]
+    for _, li, j in ranked[: int(0.4 * 128)]:
+        removed[li].add(j)
+    assert len(removed[0]) != len(removed[1])  # the layers lose different counts, unlike scope=layer
+    keeps = [np.array([j for j in range(64) if j not in r]) for r in removed]
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, 0, keeps), feeds)
+
+    pm = PassManager("prune-mlp{ratio=0.4,scope=global}")
+    out = pm.run(fused.copy())
+    verify(out)
+    assert pm.records[0].stats["channels"] == int(0.4 * 128)
+    assert [d["keep"] for d in pm.records[0].details if "keep" in d] == [k.tolist() for k in keeps]
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+    pm = PassManager("prune-mlp{ratio=0.9,scope=global,min-keep=40}")
+    pm.run(fused.copy())
+    assert [d["kept"] for d in pm.records[0].details if "kept" in d] == [40, 40]
+
+
+def test_block_flops_before_and_after_are_counted(llama):
+    from graphopt.passes.pruning.flops import FLOPS_SEQ_LEN
+
+    pm = PassManager("prune-heads{ratio=0.5},prune-mlp{ratio=0.25}")
+    pm.run(llama[1].copy())
+    heads, mlp = ({k: v for d in r.details for k, v in d.get("block_flops", {}).items()} for r in pm.records)
+    s, hidden, layers = FLOPS_SEQ_LEN, 32, 2
+    # per layer: Q/K/V 32 x (32 + 16 + 16), output 32 x 32, attention 4 * s * 32, gate+up+down 3 x 32 x 64
+    per_token = layers * (2 * hidden * 64 + 2 * hidden * 32 + 4 * s * 32 + 2 * 3 * hidden * 64)
+    assert heads["before"] == s * per_token
+    # half the heads: Q/K/V, output and attention halve
+    assert heads["after"] == s * (per_token - layers * (hidden * 64 + hidden * 32 + 2 * s * 32))
+    assert mlp["before"] == heads["after"]
+    assert mlp["after"] == mlp["before"] - s * layers * 2 * 3 * hidden * 16
 
 
 def test_min_keep_bounds_each_layer(llama):
@@ -164,7 +289,8 @@ def test_pruning_before_fusion_is_refused():
         PassManager("prune-heads{ratio=0.5},attention-to-3d")
 
 
-@pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor"])
+@pytest.mark.parametrize("options", ["ratio=1.0", "ratio=-0.1", "min-keep=0", "importance=taylor", "importance=random",
+                                     "scope=model"])
 @pytest.mark.parametrize("name", ["prune-mlp", "prune-heads"])
 def test_bad_options_are_refused_when_the_pipeline_is_parsed(name, options):
     with pytest.raises(UserError, match=name):
@@ -174,17 +300,18 @@ def test_bad_options_are_refused_when_the_pipeline_is_parsed(name, options):
 # --------------------------------------------------------------------------------------
 # prune-heads
 
-def prune_torch_heads(module, n_remove: int):
+def prune_torch_heads(module, n_remove: int, sq_norms: list[np.ndarray] | None = None):
     """The module with `n_remove` KV groups (each KV head with the query heads that read it)
     cut from every attention, scored independently of the pass: the L2 norm of the group's
-    q/k/v rows and o_proj columns."""
+    q/k/v rows and o_proj columns; with `sq_norms` (per layer, o_proj's input squared norms),
+    Wanda: sum over the group's o_proj columns of ||x_r|| * |column r|_1."""
     import torch
 
     pruned = copy.deepcopy(module)
     cfg = pruned.model.config
     d = cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
-    for layer in pruned.model.model.layers:
+    for li, layer in enumerate(pruned.model.model.layers):
         att = layer.self_attn
         q, k, v, o = (p.weight.detach().double() for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
 
@@ -196,6 +323,9 @@ def prune_torch_heads(module, n_remove: int):
 
         score = np.array([float(((q[q_idx([j])] ** 2).sum() + (k[kv_idx([j])] ** 2).sum() + (v[kv_idx([j])] ** 2).sum()
                                  + (o[:, q_idx([j])] ** 2).sum()).sqrt()) for j in range(cfg.num_key_value_heads)])
+        if sq_norms is not None:
+            per_column = np.sqrt(sq_norms[li]) * o.abs().sum(0).numpy()
+            score = np.array([per_column[q_idx([j])].sum() for j in range(cfg.num_key_value_heads)])
         keep = np.sort(np.argsort(-score, kind="stable")[: len(score) - n_remove])
         for name, rows in (("q_proj", q_idx(keep)), ("k_proj", kv_idx(keep)), ("v_proj", kv_idx(keep))):
             old = getattr(att, name)
@@ -476,3 +606,250 @@ def test_prune_heads_leaves_what_it_cannot_prune_and_says_why(mask_heads, output
     out = pm.run(g)
     assert print_graph(out, header=False) == before
     assert pm.records[0].details == [{"node": "attn", "op": "graphopt.Attention", "reason": reason}]
+
+
+# --------------------------------------------------------------------------------------
+# prune-magnitude, prune-nm: masks
+
+
+def mask_torch_linears(module, mask_fn):
+    """The module with every block Linear's weight ([out, in]) masked by `mask_fn(weight) ->
+    bool keep`; q/k/v are masked as one matrix, as the merged projection the pass sees."""
+    import torch
+
+    masked = copy.deepcopy(module)
+    with torch.no_grad():
+        for layer in masked.model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv = [att.q_proj, att.k_proj, att.v_proj]
+            keep = mask_fn(torch.cat([p.weight for p in qkv]))
+            for p, k in zip(qkv, torch.split(keep, [p.out_features for p in qkv])):
+                p.weight.mul_(k)
+            for p in (att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                p.weight.mul_(mask_fn(p.weight))
+    return masked.eval()
+
+
+def torch_magnitude_keep(sparsity):
+    import torch
+
+    def keep(w):
+        n_zero = int(sparsity * w.numel())
+        out = torch.ones(w.numel(), dtype=torch.bool)
+        out[torch.topk(w.abs().flatten(), n_zero, largest=False).indices] = False
+        return out.reshape(w.shape)
+    return keep
+
+
+def torch_nm_keep(n, m):
+    import torch
+
+    def keep(w):  # [out, in]: groups of m along in
+        g = w.abs().reshape(w.shape[0], -1, m)
+        out = torch.zeros_like(g, dtype=torch.bool)
+        out.scatter_(-1, torch.topk(g, n, dim=-1).indices, True)
+        return out.reshape(w.shape)
+    return keep
+
+
+def block_weights(graph):
+    from graphopt.passes.pruning.sparsity import weight_sites
+
+    return [(n, i, axis, n.inputs[i].const_value) for n in graph.nodes for i, axis in weight_sites(n)]
+
+
+@pytest.mark.parametrize("pipeline", ["prune-magnitude{sparsity=0}", "prune-nm{n=4,m=4}"])
+def test_mask_passes_at_zero_are_exact_no_ops(llama, pipeline):
+    _, fused = llama
+    before = print_graph(fused, header=False)
+    pm = PassManager(pipeline)
+    out = pm.run(fused.copy())
+    assert print_graph(out, header=False) == before
+    for name, v in out.initializers.items():
+        assert v.const_value is fused.initializers[name].const_value, name
+    assert not pm.records[0].changed
+
+
+def test_prune_magnitude_equals_torch_with_the_same_mask_and_is_exact(llama):
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(mask_torch_linears(module, torch_magnitude_keep(0.5)), feeds)
+    assert np.abs(want - torch_logits(module, feeds)).max() > 1e-3
+    pm = PassManager("prune-magnitude{sparsity=0.5}")
+    out = pm.run(fused.copy())
+    verify(out)
+    weights = block_weights(out)
+    assert len(weights) == 2 * 5  # per layer: Q/K/V, output, gate, up, down
+    for node, i, _, w in weights:
+        assert (w == 0).sum() == w.size // 2, node.name  # exactly floor(0.5 * size), no more
+        assert w.shape == fused.initializers[node.inputs[i].name.removesuffix("_pruned")].const_value.shape
+    lm_head = [n for n in out.nodes if n.outputs[0].is_graph_output][0]
+    assert (lm_head.inputs[1].const_value != 0).all()  # the LM head stays dense
+    stats = pm.records[0].stats
+    assert stats["zeroed"] * 2 == stats["entries"]
+    assert {"speed": "mask only, no speed-up: the weights keep their dense shape and no graphopt backend "
+            "(ONNX Runtime CPU, TVM) has a sparse kernel that skips the zeros"} in pm.records[0].details
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+
+
+def test_prune_nm_2_4_equals_torch_and_every_group_keeps_two(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(mask_torch_linears(module, torch_nm_keep(2, 4)), feeds)
+    pm = PassManager("prune-nm{n=2,m=4}")
+    out = pm.run(fused.copy())
+    verify(out)
+    for node, _, axis, w in block_weights(out):
+        groups = np.moveaxis(w, axis, -1).reshape(-1, 4)  # runs of 4 along the input dimension
+        assert ((groups != 0).sum(-1) == 2).all(), node.name
+    assert_close(interpret(out, feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="interpreter")
+    artifact = tmp_path / "nm"
+    graphopt.optimize(fused.copy(), artifact, passes="prune-nm{n=2,m=4}", kv_cache=False)
+    assert_close(graphopt.load(artifact).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+
+
+def test_prune_nm_leaves_a_weight_whose_input_does_not_divide():
+    g = parse_graph("""graph @g(%x: f32[2, 6]) -> (f32[2, 3]) {
+  weights {
+    @w: f32[6, 4]
+    @w2: f32[4, 3]
+  }
+  %h = MatMul(%x, @w) : f32[2, 4]
+  %y = MatMul(%h, @w2) : f32[2, 3]
+  return %y
+}""", weights={"w": np.ones((6, 4), np.float32), "w2": np.ones((4, 3), np.float32)})
+    pm = PassManager("prune-nm{n=2,m=4}")
+    pm.run(g)
+    assert {"node": g.nodes[0].name, "op": "MatMul", "reason": "the input dimension 6 is not a multiple of m=4"} \
+        in pm.records[0].details
+
+
+@pytest.mark.parametrize("pipeline", ["prune-magnitude{sparsity=1.0}", "prune-nm{n=3,m=2}", "prune-nm{n=0,m=4}"])
+def test_bad_mask_options_are_refused(pipeline):
+    with pytest.raises(UserError, match=pipeline.split("{")[0]):
+        PassManager(pipeline)
+
+
+# --------------------------------------------------------------------------------------
+# optimize --prune: the shortcut, the report and the manifest
+
+
+def test_prune_pipeline_spells_the_passes():
+    from graphopt.pruning import prune_pipeline
+
+    assert prune_pipeline("heads=0.25,mlp=0.5") == "prune-heads{ratio=0.25},prune-mlp{ratio=0.5}"
+    assert prune_pipeline("mlp=0.5, importance=wanda, scope=global, min-keep=8") == \
+        "prune-mlp{ratio=0.5,importance=wanda,scope=global,min-keep=8}"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("heads", "expected KEY=VALUE items"),
+    ("layers=0.5", "unknown key 'layers'"),
+    ("importance=wanda", "say what to prune"),
+    ("mlp=1.5", "prune-mlp: ratio must be in [0, 1)"),
+    ("mlp=0.5,importance=taylor", "importance=taylor needs gradients"),
+])
+def test_bad_prune_specs_are_one_line_exit_2_and_nothing_written(spec, message, tmp_path):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    r = CliRunner().invoke(cli, ["optimize", str(example), "-o", str(tmp_path / "out"), "--prune", spec])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_without_a_pass_that_reads_it_is_refused(tmp_path):
+    import graphopt
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    with pytest.raises(UserError, match="--calibration is used by pruning with importance=wanda or --quant-method gptq only"):
+        graphopt.optimize(str(example), tmp_path / "out", prune="mlp=0.5", calibration=str(example))
+
+
+def test_optimize_prune_equals_torch_and_reports_what_went(llama, tmp_path):
+    import json
+
+    import graphopt
+
+    module, fused = llama  # the default recipe runs again on the fused graph, changing nothing
+    feeds = token_feeds(2, 8)
+    pruned = prune_torch_mlps(prune_torch_heads(module, 1), 16)
+    want = torch_logits(pruned, feeds)
+
+    out = tmp_path / "full"
+    res = graphopt.optimize(fused.copy(), out, prune="heads=0.5,mlp=0.25", kv_cache=False)
+    assert_close(graphopt.load(out).run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+    report = json.loads((out / "report.json").read_text())
+    p = report["pruning"]
+    assert p["spec"] == "heads=0.5,mlp=0.25"
+    assert [(e["pass"], e["layers"]) for e in p["passes"]] == [("prune-heads", 2), ("prune-mlp", 2)]
+    assert p["parameters_removed"] == 2 * (1536 + 16 * 3 * 32)
+    f = p["block_flops"]
+    assert f["seq_len"] == 128 and f["removed_fraction"] == round(1 - f["after"] / f["before"], 4) > 0.3
+    assert "block FLOPs" in graphopt.driver.format_report(res.report)
+
+    # the manifest names the units removed, the same the PyTorch reference removed
+    manifest = json.loads((out / "manifest.json").read_text())
+    heads, mlp = manifest["pruning"]
+    kept_mlp = [layer.mlp.down_proj.in_features for layer in pruned.model.model.layers]
+    assert [len(layer["removed"]) for layer in mlp["layers"]] == [64 - k for k in kept_mlp] == [16, 16]
+    scores = torch_mlp_magnitudes(module)
+    assert [layer["removed"] for layer in mlp["layers"]] == \
+        [sorted(set(range(64)) - set(keep_lowest_removed(s, 16).tolist())) for s in scores]
+    assert [len(layer["removed"]) for layer in heads["layers"]] == [1, 1]
+
+    # generation-ready: the pruning runs before the KV-cache rewrite, which caches the kept heads
+    res = graphopt.optimize(fused.copy(), tmp_path / "gen", prune="heads=0.5,mlp=0.25")
+    pipeline = res.report["pipeline"]
+    assert pipeline.index("merge-projections") < pipeline.index("prune-heads") < pipeline.index("rewrite-kv-cache")
+    assert res.report["generation"]["ready"]
+
+
+def test_optimize_prune_wanda_reads_the_calibration_file(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    data = token_feeds(8, 8, seed=5, pad=False)
+    np.savez(tmp_path / "calib.npz", **data)
+    batches = [{k: v[i:i + 4] for k, v in data.items()} for i in (0, 4)]  # graphopt.calibration's batches of 4
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(module, 0, torch_wanda_mlp_keeps(module, batches, 24)), feeds)
+    res = graphopt.optimize(fused.copy(), tmp_path / "out", prune="mlp=0.375,importance=wanda",
+                            calibration=str(tmp_path / "calib.npz"), kv_cache=False)
+    assert_close(graphopt.load(tmp_path / "out").run(feeds)["logits"], want, rtol=1e-5, atol=1e-5, what="onnxruntime")
+    assert res.report["pruning"]["calibration"] == {"file": str(tmp_path / "calib.npz"), "batches": 2, "sequences": 8}
+
+
+def test_a_ratio_that_rounds_down_to_nothing_says_so(llama):
+    import graphopt
+    from graphopt.driver import format_report
+
+    res = graphopt.optimize(llama[1].copy(), prune="heads=0.25", kv_cache=False)  # 2 KV groups a layer
+    assert "pruned    no heads (ratio 0.25, rounded down, with min-keep 1, removes none; scope=global ranks " \
+        "the whole model)" in format_report(res.report)
+    res = graphopt.optimize(llama[1].copy(), prune="heads=0.25,scope=global", kv_cache=False)  # 1 of 4 overall
+    assert res.report["pruning"]["passes"][0]["kv_heads"] == 1
+
+
+def test_prune_then_quantize_in_one_optimize(llama, tmp_path):
+    import graphopt
+
+    module, fused = llama
+    feeds = token_feeds(2, 8)
+    want = torch_logits(prune_torch_mlps(prune_torch_heads(module, 1), 16), feeds)
+    res = graphopt.optimize(fused.copy(), tmp_path / "out", prune="heads=0.5,mlp=0.25", quantize="int8",
+                            kv_cache=False)
+    pipeline = res.report["pipeline"]
+    assert pipeline.index("prune-mlp") < pipeline.index("quantize-weights")  # the pruned weights are quantized
+    assert res.report["pruning"]["parameters_removed"] == 2 * (1536 + 16 * 3 * 32)
+    assert sum(res.report["quantization"]["layers"].values()) > 0
+    got = graphopt.load(tmp_path / "out").run(feeds)["logits"]
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() > 0.999  # int8's budget, against the pruned PyTorch model
+    assert np.abs(got - want).max() > 0  # and it is quantized, not float

@@ -32,7 +32,11 @@ Options:
   ratio       the fraction of each layer's KV groups to remove (floor), 0 <= ratio < 1; 0 is
               an exact no-op
   importance  magnitude: a group's score is the L2 norm of all its weights (its Q, K, V
-              columns and its output-projection rows)
+              columns and its output-projection rows); wanda: per attention-output column,
+              its activations' norm over the calibration data times the L1 norm of its
+              output-projection row, summed over the group
+  scope       layer: every layer loses floor(ratio * its groups); global: the lowest
+              floor(ratio * all groups) of the whole model go, each layer keeping min-keep
   min-keep    the fewest KV groups a layer keeps (at least 1)
 
 Statistics: `layers` pruned, `heads` (query heads) and `kv-heads` removed, `parameters` removed.
@@ -165,6 +169,15 @@ def group_importance(site: HeadSite) -> np.ndarray:
     return scores
 
 
+def group_wanda(site: HeadSite, sq_norm: np.ndarray) -> np.ndarray:
+    """Wanda (structured): the summed |W| * ||x|| of the output-projection weights a KV group
+    takes with it -- per attention-output column r, ||a_r|| over the calibration tokens times
+    the L1 norm of row r, summed over the group's columns."""
+    w = np.abs(site.out.inputs[1].const_value.astype(np.float64))
+    per_column = np.sqrt(sq_norm) * w.sum(axis=_axes(site.out)[1])
+    return np.array([per_column[_columns(site, np.array([j]))[1]].sum() for j in range(site.kv_heads)])
+
+
 def prune_site(graph: Graph, site: HeadSite, keep: np.ndarray) -> None:
     cols, rows = _columns(site, keep)
     qkv, split, attn = site.qkv, site.split, site.attention
@@ -200,11 +213,14 @@ class PruneHeads(StructuredPruning):
     def find_site(self, node: Node):
         return find_site(node)
 
-    def units(self, site: HeadSite) -> int:
-        return site.kv_heads
-
     def scores(self, site: HeadSite) -> np.ndarray:
         return group_importance(site)
+
+    def activation(self, site: HeadSite) -> Value:
+        return site.attention.outputs[0]
+
+    def wanda_scores(self, site: HeadSite, sq_norm: np.ndarray) -> np.ndarray:
+        return group_wanda(site, sq_norm)
 
     def shrink(self, graph: Graph, site: HeadSite, keep: np.ndarray) -> None:
         prune_site(graph, site, keep)

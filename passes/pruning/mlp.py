@@ -19,11 +19,16 @@ Options:
   ratio       the fraction of each layer's channels to remove (floor), 0 <= ratio < 1;
               0 leaves the graph exactly as it was
   importance  magnitude: a channel's score is the L2 norm of all its weights (its columns of
-              the up/gate weights and its row of the down weight); the lowest go
+              the up/gate weights and its row of the down weight); wanda: ||h_j|| (the
+              channel's activations over the calibration data, ctx.hints["calibration"])
+              times the L1 norm of its down-weight row; the lowest go
+  scope       layer: every layer loses floor(ratio * its channels); global: the lowest
+              floor(ratio * all channels) of the whole model go, each layer keeping min-keep
   min-keep    the fewest channels a layer keeps (at least 1)
 
 Statistics: `layers` pruned, `channels` and `parameters` removed; `details` lists per layer
-the nodes, channels kept of how many, and the kept channel indices.
+the nodes, channels kept of how many, and the kept channel indices, then the block FLOPs
+before and after (passes/pruning/flops.py).
 """
 from __future__ import annotations
 
@@ -116,6 +121,14 @@ def channel_importance(site: MlpSite) -> np.ndarray:
     return np.sqrt(sq)
 
 
+def channel_wanda(site: MlpSite, sq_norm: np.ndarray) -> np.ndarray:
+    """Wanda (structured, as Wanda-sp): the summed |W| * ||x|| of the down-projection weights a
+    channel takes with it -- ||h_j|| over the calibration tokens times the L1 norm of row j."""
+    i, axis = site.down_weight
+    w = np.abs(site.down.inputs[i].const_value.astype(np.float64))
+    return np.sqrt(sq_norm) * w.sum(axis=1 - axis)
+
+
 def prune_site(graph: Graph, site: MlpSite, keep: np.ndarray) -> None:
     """Keep only channels `keep` in both projections."""
     sliced: dict[tuple[int, int], Value] = {}  # one copy of a weight read twice (a bias for gate and up)
@@ -144,11 +157,14 @@ class PruneMlp(StructuredPruning):
     def find_site(self, node: Node):
         return find_site(node)
 
-    def units(self, site: MlpSite) -> int:
-        return site.channels
-
     def scores(self, site: MlpSite) -> np.ndarray:
         return channel_importance(site)
+
+    def activation(self, site: MlpSite) -> Value:
+        return site.hidden
+
+    def wanda_scores(self, site: MlpSite, sq_norm: np.ndarray) -> np.ndarray:
+        return channel_wanda(site, sq_norm)
 
     def shrink(self, graph: Graph, site: MlpSite, keep: np.ndarray) -> None:
         prune_site(graph, site, keep)

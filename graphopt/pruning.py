@@ -1,0 +1,113 @@
+"""`optimize --prune`: the pruning passes it adds to the pipeline, and what the artifact's
+report.json and manifest.json say was removed.
+
+`--prune heads=0.25,mlp=0.5,importance=wanda,scope=global,min-keep=2` becomes
+`prune-heads{ratio=0.25,importance=wanda,scope=global,min-keep=2},prune-mlp{ratio=0.5,...}`,
+run after the default recipe's fusions (the forms those passes prune) and before the KV-cache
+rewrite and quantization. The summary reads the pruning passes' records: parameters removed,
+block FLOPs before and after (passes/pruning/flops.py), and, for the mask passes, that they
+only zero weights.
+"""
+from __future__ import annotations
+
+from graphopt.errors import UserError
+
+STRUCTURED = {"heads": "prune-heads", "mlp": "prune-mlp"}
+SHARED = ("importance", "scope", "min-keep")
+PRUNE_PASSES = ("prune-heads", "prune-mlp", "prune-magnitude", "prune-nm")
+
+
+def prune_pipeline(spec: str) -> str:
+    """`--prune heads=0.25,mlp=0.5[,importance=wanda][,scope=global][,min-keep=N]` as pipeline text."""
+    ratios: dict[str, str] = {}
+    shared: dict[str, str] = {}
+    for item in spec.split(","):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or not key or not value:
+            raise UserError(f"--prune {spec!r}: expected KEY=VALUE items, e.g. heads=0.25,mlp=0.5")
+        if key in STRUCTURED:
+            ratios[key] = value
+        elif key in SHARED:
+            shared[key] = value
+        else:
+            raise UserError(f"--prune {spec!r}: unknown key {key!r} (expected heads, mlp, "
+                            f"{', '.join(SHARED)})")
+    if not ratios:
+        raise UserError(f"--prune {spec!r}: say what to prune: heads=RATIO and/or mlp=RATIO")
+    options = "".join(f",{k}={v}" for k, v in shared.items())
+    return ",".join(f"{STRUCTURED[k]}{{ratio={v}{options}}}" for k, v in ratios.items())
+
+
+def pruning_summary(records, parameters_before: int, spec: str | None, calibration=None, feeds=None) -> dict:
+    """The report's "pruning" entry (empty when no pruning pass ran); `calibration` (the file)
+    and `feeds` (its feed dicts) are recorded when a pass scored on data."""
+    runs = [r for r in records if r.name in PRUNE_PASSES]
+    if not runs:
+        return {}
+    out: dict = {"spec": spec, "passes": [], "parameters_before": parameters_before}
+    if feeds and any(r.options.get("importance") == "wanda" for r in runs):
+        out["calibration"] = {"file": None if calibration is None else str(calibration), "batches": len(feeds),
+                              "sequences": int(sum(len(next(iter(f.values()))) for f in feeds))}
+    flops = [f for r in runs for d in r.details for f in [d.get("block_flops")] if f]
+    for r in runs:
+        entry = {"pass": r.name, "options": r.options,
+                 **{k.replace("-", "_"): v for k, v in r.stats.items()}}
+        entry.update({"speed": d["speed"] for d in r.details if "speed" in d})
+        out["passes"].append(entry)
+    out["parameters_removed"] = sum(r.stats.get("parameters", 0) for r in runs)
+    if flops:
+        before, after = flops[0]["before"], flops[-1]["after"]
+        out["block_flops"] = {"seq_len": flops[0]["seq_len"], "before": before, "after": after,
+                              "removed_fraction": round(1 - after / before, 4) if before else 0.0,
+                              "counted": "matmuls by a weight (not the LM head) and attention over the "
+                                         "whole sequence, per sequence of seq_len tokens"}
+    return {"pruning": out}
+
+
+def pruning_manifest(records) -> dict:
+    """The manifest's "pruning" entry: per structured pass and layer, the units removed (their
+    indices in the unpruned layer), so a user can map the artifact back to the checkpoint."""
+    passes = []
+    for r in records:
+        if r.name not in STRUCTURED.values():
+            continue
+        layers = []
+        for d in r.details:
+            if "keep" not in d:
+                continue
+            total = d.get("kv_heads", d.get("channels"))
+            kept = set(d["keep"])
+            layers.append({"node": d["node"], "units": total, "removed": [i for i in range(total) if i not in kept]})
+        passes.append({"pass": r.name, "unit": "kv_head" if r.name == "prune-heads" else "channel",
+                       "options": r.options, "layers": layers})
+    return {"pruning": passes} if passes else {}
+
+
+def format_pruning(report: dict) -> str | None:
+    """One line for the terminal summary: what went, and the share of parameters and block FLOPs."""
+    p = report.get("pruning")
+    if not p:
+        return None
+    parts = []
+    for entry in p["passes"]:
+        if entry["pass"] in STRUCTURED.values() and not entry.get("layers"):
+            what = "heads" if entry["pass"] == "prune-heads" else "MLP channels"
+            o = entry["options"]
+            hint = "; scope=global ranks the whole model" if o["scope"] == "layer" else ""
+            parts.append(f"no {what} (ratio {o['ratio']}, rounded down, with min-keep {o['min_keep']}, "
+                         f"removes none{hint})")
+        elif entry["pass"] == "prune-heads":
+            parts.append(f"{entry.get('heads', 0)} heads ({entry.get('kv_heads', 0)} KV)")
+        elif entry["pass"] == "prune-mlp":
+            parts.append(f"{entry.get('channels', 0)} MLP channels")
+        else:
+            zeroed, total = entry.get("zeroed", 0), entry.get("entries", 0)
+            parts.append(f"{entry['pass']} zeroed {zeroed}/{total} weights (mask only, no speed-up)")
+    line = "pruned    " + ", ".join(parts)
+    if p["parameters_removed"]:
+        share = p["parameters_removed"] / p["parameters_before"] if p["parameters_before"] else 0.0
+        line += f": {p['parameters_removed']:,} parameters ({share:.1%})"
+    f = p.get("block_flops")
+    if f:
+        line += f", block FLOPs -{f['removed_fraction']:.1%} at seq {f['seq_len']}"
+    return line
