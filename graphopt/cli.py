@@ -305,7 +305,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     A decoder (a causal LM: input_ids in, logits out) becomes a generation-ready artifact by
     default: one graph for prefill and decode with a KV cache (past_key_values.* in,
     present.* out), logits at the last position, its tokenizer beside it; run it with
-    `graphopt generate OUT --prompt TEXT`.
+    `graphopt generate OUT --prompt TEXT`. An ORT one also gets genai_config.json, so the
+    same folder runs in onnxruntime-genai (og.Model(OUT)).
 
     \b
     Examples:

@@ -21,7 +21,8 @@ import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measur
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration
 from graphopt.fileutil import atomic_dir, check_output_dir
-from graphopt.generation import copy_tokenizer, generation_manifest
+from graphopt.generation import copy_tokenizer, generation_manifest, model_config
+from graphopt.genai import GENAI_LAYOUTS, write_genai_files
 from graphopt.interpreter import check_feeds
 from graphopt.models import load_graph
 from graphopt.onnx_io import to_onnx_model
@@ -244,6 +245,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 manifest["files"] = list(manifest.get("files", [])) + copied  # part of the artifact, not the user's
                 generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
                 manifest["generation"] = generation
+                if backend == "onnxruntime" and generation["kv_layout"] in GENAI_LAYOUTS:
+                    # the same folder runs in onnxruntime-genai
+                    written = write_genai_files(optimized, manifest, tmp, model_config(model_path))
+                    manifest["files"] = manifest["files"] + written
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
                 timing = fields.get(key)  # backends that compile report their build times
                 if timing is not None:

@@ -260,7 +260,7 @@ def generation_manifest(graph, model_path) -> dict | None:
     section = {"kv_layout": props[META_LAYOUT], "logits": props.get(META_LOGITS, "all"),
                "num_layers": int(props.get(META_LAYERS, 0)), "max_positions": int(props.get(META_MAX_POSITIONS, 0))}
     folder = _model_folder(model_path)
-    config = _read_json(folder / "config.json") if folder is not None else None
+    config = model_config(model_path)
     if folder is not None and (folder / "tokenizer.json").is_file():
         section["tokenizer"] = "tokenizer.json"
         if isinstance(config, dict) and str(config.get("format", "")).startswith("graphopt.train"):
@@ -289,6 +289,13 @@ def copy_tokenizer(model_path, outdir: Path) -> list[str]:
             shutil.copyfile(folder / name, outdir / name)
             copied.append(name)
     return copied
+
+
+def model_config(model_path) -> dict | None:
+    """The config.json of the checkpoint or Hugging Face folder `model_path` names, if any."""
+    folder = _model_folder(model_path)
+    config = _read_json(folder / "config.json") if folder is not None else None
+    return config if isinstance(config, dict) else None
 
 
 def _model_folder(model_path) -> Path | None:
