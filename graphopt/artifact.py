@@ -71,6 +71,15 @@ class Artifact:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._exe.run(check_feeds(self.manifest["signature"], feeds))
 
+    def decode_run(self, *, io_binding: bool = True):
+        """`run` for a generation loop: on ORT, one that keeps the cache in ORT's own buffers
+        (IO binding; its outputs are valid until its next call, and the presents are
+        OrtValues to feed back as they are); elsewhere `run` itself."""
+        if io_binding and hasattr(self._exe, "bound_runner"):
+            shapes = {o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in self.outputs}
+            return self._exe.bound_runner(shapes).run
+        return self.run
+
     def generate(self, prompts, max_new_tokens: int = 32, **options):
         """Continue `prompts` (a string or a list of them, with the tokenizer beside the model;
         or token ids, one list or a batch) on this artifact's backend; returns a

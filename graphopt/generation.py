@@ -98,11 +98,13 @@ class Generator:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
 
     @staticmethod
-    def for_artifact(artifact) -> "Generator":
+    def for_artifact(artifact, *, io_binding: bool = True) -> "Generator":
+        """A Generator over `artifact.decode_run()`: on ORT the cache stays in ORT's buffers
+        between steps (`io_binding=False`: every step's presents come out as numpy arrays)."""
         gen = artifact.manifest.get("generation") or {}
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"))
-        return Generator(artifact.run, spec, eos_token_id=gen.get("eos_token_id"))
+        return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"))
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """The past_key_values feeds of a prefill: every layer's cache with no position yet."""

@@ -421,6 +421,40 @@ def test_streaming_callback_sees_every_step(default_artifact):
     assert [ids for _, ids in seen] == [list(col) for col in zip(*result.tokens)]
 
 
+def test_io_binding_keeps_the_cache_in_ort_and_gives_the_same_logits(default_artifact):
+    """The bound runner (presents fed back as ORT's own OrtValues, logits into a reused
+    buffer) gives bit-for-bit the logits and caches of plain session.run, step by step."""
+    import onnxruntime as ort
+
+    from graphopt.generation import Generator
+
+    artifact = graphopt.load(default_artifact[0])
+    plain, bound = artifact.decode_run(io_binding=False), artifact.decode_run()
+    assert plain == artifact.run and bound != artifact.run
+    gen = Generator.for_artifact(artifact)
+    ids = np.array([[0] * (6 - len(p)) + p for p in PROMPTS], np.int64)
+    mask = (np.arange(6)[None] >= np.array([6 - len(p) for p in PROMPTS])[:, None]).astype(np.int64)
+    feeds_a = feeds_b = {"input_ids": ids, "attention_mask": mask, **gen.empty_cache(3)}
+    buffers = set()
+    for step in range(20):
+        a, b = plain(feeds_a), bound(feeds_b)
+        assert isinstance(b["present.0.key"], ort.OrtValue)  # not copied out to numpy
+        np.testing.assert_array_equal(b["logits"], a["logits"], err_msg=f"step {step}")
+        for name in a:
+            if name.startswith("present."):
+                np.testing.assert_array_equal(b[name].numpy(), a[name], err_msg=f"step {step}, {name}")
+        buffers.add(b["logits"].ctypes.data)
+        nxt = a["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+        feeds_a = {"input_ids": nxt, "attention_mask": mask, **{f"past_key_values.{n[8:]}": v for n, v in a.items()
+                                                                if n.startswith("present.")}}
+        feeds_b = {"input_ids": nxt, "attention_mask": mask, **{f"past_key_values.{n[8:]}": v for n, v in b.items()
+                                                                if n.startswith("present.")}}
+    assert len(buffers) == 1  # one logits buffer, allocated once for [3, 1, vocab]
+    assert artifact.generate(PROMPTS, 16, eos_token_id=-1).tokens == \
+        Generator.for_artifact(artifact, io_binding=False).generate(PROMPTS, 16, eos_token_id=-1).tokens
+
+
 def test_past_the_maximum_context_is_a_clear_error(default_artifact):
     artifact = graphopt.load(default_artifact[0])
     with pytest.raises(UserError, match="needs 259 positions; the model has 256"):
