@@ -69,7 +69,12 @@ class Artifact:
         return self.manifest["signature"]["outputs"]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._exe.run(check_feeds(self.manifest["signature"], feeds))
+        feeds = check_feeds(self.manifest["signature"], feeds)
+        gen = self.manifest.get("generation") or {}
+        if gen.get("kv_layout") == "static" and feeds["attention_mask"].shape[1] > gen["max_positions"]:
+            raise UserError(f"attention_mask covers {feeds['attention_mask'].shape[1]} positions; the static KV "
+                            f"cache holds {gen['max_positions']} (rewrite-kv-cache{{max-positions=N}} for more)")
+        return self._exe.run(feeds)
 
     def decode_run(self, *, io_binding: bool = True):
         """`run` for a generation loop: on ORT, one that keeps the cache in ORT's own buffers

@@ -278,6 +278,9 @@ def _progress(quiet: bool):
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
                    "recomputes the whole sequence.")
+@click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static"]), default=None,
+              help="Decoders: the cache layout. BNSH (default): a cache that grows each step; static: one "
+                   "preallocated max-positions buffer that past and present share (ORT); BSNH: TVM.")
 @click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
                    "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
@@ -294,7 +297,7 @@ def _progress(quiet: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, overwrite, explain_fusions, logits, kv_cache, quantize, quant_method, calibration,
+             no_verify, overwrite, explain_fusions, logits, kv_cache, kv_layout, quantize, quant_method, calibration,
              accuracy_budget, accuracy_data, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
@@ -314,6 +317,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
+      graphopt optimize examples/default -o out/static --kv-layout static
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
@@ -337,7 +341,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
                           progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
-                          quantize=quantize, quant_method=quant_method, calibration=calibration,
+                          kv_layout=kv_layout, quantize=quantize, quant_method=quant_method, calibration=calibration,
                           accuracy_budget=accuracy_budget, accuracy_data=accuracy_data)
     if as_json:
         import json

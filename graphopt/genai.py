@@ -18,7 +18,7 @@ from pathlib import Path
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 
 GENAI_CONFIG = "genai_config.json"
-GENAI_LAYOUTS = ("BNSH",)  # genai's caches: [batch, kv_heads, seq, head]
+GENAI_LAYOUTS = ("BNSH", "static")  # genai's caches: [batch, kv_heads, seq, head], growing or shared
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # genai runs every decoder-only type through the same pipeline; these are the ones it knows
 # that graphopt's frontends produce. Any other decoder is declared "llama", whose pipeline

@@ -64,8 +64,11 @@ class CacheSpec:
     layout: str = "BNSH"
 
     def shape(self, batch: int, layer: int, kind: int, seq: int = 0) -> tuple[int, ...]:
-        """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions."""
+        """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions
+        (static: the whole preallocated buffer, `max_positions` of them)."""
         heads, head = self.kv_num_heads[layer], self.head_sizes[layer][kind]
+        if self.layout == "static":
+            return (batch, heads, self.max_positions, head)
         return (batch, seq, heads, head) if self.layout == "BSNH" else (batch, heads, seq, head)
 
     @staticmethod

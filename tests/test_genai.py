@@ -101,3 +101,15 @@ def test_hugging_face_llama_gqa_artifact_runs_in_genai_like_transformers(tmp_pat
     assert len(want) >= 20  # enough tokens to compare
     assert genai_greedy(out, prompt, 40) == want
     assert graphopt.load(out).generate([prompt], 40).tokens[0] == want
+
+
+@pytest.mark.slow
+def test_static_cache_artifact_shares_its_buffer_in_genai(tmp_path):
+    """layout=static: genai binds each present to its past (past_present_share_buffer) and
+    gives the tokens of the growing-cache artifact."""
+    out = tmp_path / "static"
+    graphopt.optimize(str(DEFAULT_MODEL), out, kv_layout="static")
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    want = graphopt.load(out).generate([PROMPT], 64).tokens[0]
+    assert len(want) == 64 and genai_greedy(out, PROMPT, 64) == want

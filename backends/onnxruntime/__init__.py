@@ -116,8 +116,10 @@ class BoundRunner:
     """`run(feeds) -> outputs` over IO binding, for a decode loop. The presents stay in the
     OrtValues ORT wrote them to and are bound, as they are, as the next step's past (feeding
     them back is then no copy out to numpy and in again); the outputs whose shape the
-    signature fixes once batch and seq are known (the last-token logits) are written into
-    a buffer allocated once per shape. So an output array is valid until the next call."""
+    signature fixes once batch and seq are known (the last-token logits; a static cache) are
+    written into a buffer allocated once per shape. A static cache's present is so the very
+    buffer fed back as the next past: GroupQueryAttention then shares it (writes the new
+    positions in place, copies nothing). An output array is valid until the next call."""
 
     def __init__(self, session, output_shapes: dict[str, tuple[list, np.dtype]]):
         self.session = session
@@ -140,7 +142,7 @@ class BoundRunner:
             if all(isinstance(d, int) for d in concrete):
                 key = (name, *concrete)
                 if key not in self._buffers:
-                    self._buffers[key] = np.empty(concrete, dtype)
+                    self._buffers[key] = np.zeros(concrete, dtype)
                 buffers[name] = buf = self._buffers[key]
                 binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
             else:
