@@ -79,13 +79,16 @@ def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dic
 
 def tokenizer_config(tokenizer_json: Path, manifest: dict) -> dict:
     """A `tokenizer_config.json` for a tokenizer.json that comes without one (graphopt.train's
-    byte-level BPE): the class and special tokens onnxruntime-extensions and transformers read."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
+    byte-level BPE): the class and special tokens onnxruntime-extensions and transformers read.
+    The EOS text is looked up among the tokenizer's added tokens (none found: no special tokens)."""
+    try:
+        added = json.loads(tokenizer_json.read_text()).get("added_tokens") or []
+    except (OSError, ValueError, AttributeError):
+        added = []  # not a tokenizer this can read: genai's own loader will say so
     gen = manifest["generation"]
     eos = gen.get("eos_token_id")
-    special = tok.id_to_token(eos) if eos is not None else None
+    special = next((t.get("content") for t in added if isinstance(t, dict) and eos is not None and t.get("id") == eos),
+                   None)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(gen["max_positions"]),
               "add_prefix_space": False, "clean_up_tokenization_spaces": False}
     if special is not None:
