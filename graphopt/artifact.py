@@ -69,7 +69,21 @@ class Artifact:
         return self.manifest["signature"]["outputs"]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._exe.run(check_feeds(self.manifest["signature"], feeds))
+        feeds = check_feeds(self.manifest["signature"], feeds)
+        gen = self.manifest.get("generation") or {}
+        if gen.get("kv_layout") == "static" and feeds["attention_mask"].shape[1] > gen["max_positions"]:
+            raise UserError(f"attention_mask covers {feeds['attention_mask'].shape[1]} positions; the static KV "
+                            f"cache holds {gen['max_positions']} (rewrite-kv-cache{{max-positions=N}} for more)")
+        return self._exe.run(feeds)
+
+    def decode_run(self, *, io_binding: bool = True):
+        """`run` for a generation loop: on ORT, one that keeps the cache in ORT's own buffers
+        (IO binding; its outputs are valid until its next call, and the presents are
+        OrtValues to feed back as they are); elsewhere `run` itself."""
+        if io_binding and hasattr(self._exe, "bound_runner"):
+            shapes = {o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in self.outputs}
+            return self._exe.bound_runner(shapes).run
+        return self.run
 
     def generate(self, prompts, max_new_tokens: int = 32, **options):
         """Continue `prompts` (a string or a list of them, with the tokenizer beside the model;

@@ -278,6 +278,9 @@ def _progress(quiet: bool):
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
                    "recomputes the whole sequence.")
+@click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static"]), default=None,
+              help="Decoders: the cache layout. BNSH (default): a cache that grows each step; static: one "
+                   "preallocated max-positions buffer that past and present share (ORT); BSNH: TVM.")
 @click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
                    "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
@@ -298,7 +301,8 @@ def _progress(quiet: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, overwrite, explain_fusions, logits, kv_cache, quantize, quant_method, prune, calibration,
+             no_verify, overwrite, explain_fusions, logits, kv_cache, kv_layout, quantize, quant_method, prune,
+             calibration,
              accuracy_budget, accuracy_data, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
@@ -309,7 +313,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     A decoder (a causal LM: input_ids in, logits out) becomes a generation-ready artifact by
     default: one graph for prefill and decode with a KV cache (past_key_values.* in,
     present.* out), logits at the last position, its tokenizer beside it; run it with
-    `graphopt generate OUT --prompt TEXT`.
+    `graphopt generate OUT --prompt TEXT`. An ORT one also gets genai_config.json, so the
+    same folder runs in onnxruntime-genai (og.Model(OUT)).
 
     \b
     Examples:
@@ -317,6 +322,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize model.onnx -o out --passes "dce,cse,fold-constants{max-size=4096}"
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
+      graphopt optimize examples/default -o out/static --kv-layout static
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       graphopt optimize examples/default -o out/pruned --prune heads=0.5,mlp=0.5,importance=wanda
@@ -341,7 +347,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
                           progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
-                          quantize=quantize, quant_method=quant_method, calibration=calibration,
+                          kv_layout=kv_layout, quantize=quantize, quant_method=quant_method, calibration=calibration,
                           accuracy_budget=accuracy_budget, accuracy_data=accuracy_data, prune=prune)
     if as_json:
         import json

@@ -21,7 +21,8 @@ import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measur
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration
 from graphopt.fileutil import atomic_dir, check_output_dir
-from graphopt.generation import copy_tokenizer, generation_manifest
+from graphopt.generation import copy_tokenizer, generation_manifest, model_config
+from graphopt.genai import GENAI_LAYOUTS, write_genai_files
 from graphopt.interpreter import check_feeds
 from graphopt.models import load_graph
 from graphopt.onnx_io import to_onnx_model
@@ -29,7 +30,7 @@ from graphopt.pruning import format_pruning, prune_pipeline, pruning_manifest, p
 from graphopt.passes.cleanup import CLEANUP_PIPELINE, POST_FUSION_CLEANUP
 from graphopt.passes.fusion import FUSION_PIPELINE
 from graphopt.passes.kvcache.last_token import SliceLogitsError
-from graphopt.passes.kvcache.rewrite import KVCacheError
+from graphopt.passes.kvcache.rewrite import KVCacheError, check_layout
 from graphopt.sample_inputs import check_index_ranges
 from graphopt.summary import summarize
 from graphopt.verify import verify as verify_graph
@@ -76,12 +77,13 @@ def is_decoder(graph: Graph) -> bool:
             and graph.outputs[0].type.rank == 3)
 
 
-def _make_generation_ready(graph: Graph, pm, logits: str, verify: bool, progress, ctx):
+def _make_generation_ready(graph: Graph, pm, logits: str, kv_layout: str, verify: bool, progress, ctx):
     """rewrite-kv-cache (and slice-last-token-logits) after the default pipeline; the
     graph as it was, and why, where the rewrite refuses it. The generation passes change the
     signature (the cache inputs), so check-numerics, which runs the graph on the same feeds
     before and after each pass, stops before them; their own tests check them."""
-    stages = ["rewrite-kv-cache"] + (["slice-last-token-logits"] if logits == "last" else [])
+    rewrite = "rewrite-kv-cache" if kv_layout == "BNSH" else f"rewrite-kv-cache{{layout={kv_layout}}}"
+    stages = [rewrite] + (["slice-last-token-logits"] if logits == "last" else [])
     for i, stage in enumerate(stages):
         gen = PassManager(stage, verify=verify, progress=progress, ctx=ctx)
         try:
@@ -108,7 +110,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
              verify: bool = True, progress: Callable[[str], None] | None = None,
              overwrite: bool = False, logits: str | None = None, kv_cache: bool = True,
-             quantize: str | None = None, quant_method: str = "rtn",
+             kv_layout: str | None = None, quantize: str | None = None, quant_method: str = "rtn",
              calibration: str | os.PathLike | None = None, accuracy_budget: str | None = None,
              accuracy_data: str | os.PathLike | None = None, prune: str | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
@@ -121,7 +123,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 
     A decoder (`input_ids` in, `logits` out) gets a generation-ready artifact by default: the
     default pipeline ends with rewrite-kv-cache and, unless `logits="all"`, with
-    slice-last-token-logits; its tokenizer is copied beside the model. Where the rewrite
+    slice-last-token-logits (`kv_layout`: the cache layout, BNSH by default, or static: one
+    preallocated buffer per cache); its tokenizer is copied beside the model. Where the rewrite
     refuses the model (it says why), or with `kv_cache=False`, the artifact recomputes the
     whole sequence as before.
 
@@ -158,6 +161,11 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     if logits is not None and (passes is not None or recipe is not None):
         raise UserError("--logits chooses the end of the default pipeline; with --passes or --recipe, add "
                         "(or leave out) slice-last-token-logits yourself")
+    if kv_layout is not None:
+        if not kv_cache or passes is not None or recipe is not None:
+            raise UserError("--kv-layout chooses the cache of the default pipeline's rewrite-kv-cache; with "
+                            "--no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}")
+        check_layout(kv_layout, backend)
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
     if prune is not None:
@@ -207,7 +215,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     optimized = pm.run(graph)
     generation_note = None
     if passes is None and recipe is None and kv_cache and is_decoder(optimized):
-        optimized, generation_note = _make_generation_ready(optimized, pm, logits or "last", verify, progress, ctx)
+        optimized, generation_note = _make_generation_ready(optimized, pm, logits or "last", kv_layout or "BNSH",
+                                                            verify, progress, ctx)
         if logits == "last" and generation_note.get("logits") != "last":
             raise UserError(f"--logits last: {generation_note.get('reason', 'the logits cannot be sliced')}")
     elif logits is not None:
@@ -255,6 +264,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 manifest["files"] = list(manifest.get("files", [])) + copied  # part of the artifact, not the user's
                 generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
                 manifest["generation"] = generation
+                if backend == "onnxruntime" and generation["kv_layout"] in GENAI_LAYOUTS:
+                    # the same folder runs in onnxruntime-genai
+                    written = write_genai_files(optimized, manifest, tmp, model_config(model_path))
+                    manifest["files"] = manifest["files"] + written
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
                 timing = fields.get(key)  # backends that compile report their build times
                 if timing is not None:

@@ -64,8 +64,11 @@ class CacheSpec:
     layout: str = "BNSH"
 
     def shape(self, batch: int, layer: int, kind: int, seq: int = 0) -> tuple[int, ...]:
-        """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions."""
+        """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions
+        (static: the whole preallocated buffer, `max_positions` of them)."""
         heads, head = self.kv_num_heads[layer], self.head_sizes[layer][kind]
+        if self.layout == "static":
+            return (batch, heads, self.max_positions, head)
         return (batch, seq, heads, head) if self.layout == "BSNH" else (batch, heads, seq, head)
 
     @staticmethod
@@ -98,11 +101,13 @@ class Generator:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
 
     @staticmethod
-    def for_artifact(artifact) -> "Generator":
+    def for_artifact(artifact, *, io_binding: bool = True) -> "Generator":
+        """A Generator over `artifact.decode_run()`: on ORT the cache stays in ORT's buffers
+        between steps (`io_binding=False`: every step's presents come out as numpy arrays)."""
         gen = artifact.manifest.get("generation") or {}
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"))
-        return Generator(artifact.run, spec, eos_token_id=gen.get("eos_token_id"))
+        return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"))
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """The past_key_values feeds of a prefill: every layer's cache with no position yet."""
@@ -260,7 +265,7 @@ def generation_manifest(graph, model_path) -> dict | None:
     section = {"kv_layout": props[META_LAYOUT], "logits": props.get(META_LOGITS, "all"),
                "num_layers": int(props.get(META_LAYERS, 0)), "max_positions": int(props.get(META_MAX_POSITIONS, 0))}
     folder = _model_folder(model_path)
-    config = _read_json(folder / "config.json") if folder is not None else None
+    config = model_config(model_path)
     if folder is not None and (folder / "tokenizer.json").is_file():
         section["tokenizer"] = "tokenizer.json"
         if isinstance(config, dict) and str(config.get("format", "")).startswith("graphopt.train"):
@@ -289,6 +294,13 @@ def copy_tokenizer(model_path, outdir: Path) -> list[str]:
             shutil.copyfile(folder / name, outdir / name)
             copied.append(name)
     return copied
+
+
+def model_config(model_path) -> dict | None:
+    """The config.json of the checkpoint or Hugging Face folder `model_path` names, if any."""
+    folder = _model_folder(model_path)
+    config = _read_json(folder / "config.json") if folder is not None else None
+    return config if isinstance(config, dict) else None
 
 
 def _model_folder(model_path) -> Path | None:

@@ -99,10 +99,13 @@ def interpreter(graph):
 
 
 def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int,
-                 layout: str = "BNSH"):
+                 layout: str = "BNSH", max_positions: int = 0):
     """Prefill the left-padded prompts, then `steps` greedy decode steps; at every step each
-    row's last logits must match `reference(row ids)` and every present must grow by one."""
+    row's last logits must match `reference(row ids)` and every present must grow by one
+    (static: fill its buffer of `max_positions` by one, the rest still the zeros fed first)."""
     def cache(batch, seq):
+        if layout == "static":
+            return (batch, kv_heads, max_positions, head)
         return (batch, seq, kv_heads, head) if layout == "BSNH" else (batch, kv_heads, seq, head)
 
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -121,7 +124,10 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
         total = mask.shape[1]
         for i in range(num_layers):
             for kind in ("key", "value"):
-                assert out[f"present.{i}.{kind}"].shape == cache(batch, total), (step, i, kind)
+                present = np.asarray(out[f"present.{i}.{kind}"])
+                assert present.shape == cache(batch, total), (step, i, kind)
+                if layout == "static":
+                    assert (present[:, :, total - 1] != 0).any() and not present[:, :, total:].any(), (step, i, kind)
         logits = out["logits"][:, -1]
         for r in range(batch):
             want = reference(rows[r])
@@ -192,7 +198,7 @@ def test_non_causal_attention_is_refused(fused):
         rewrite(g)
 
 
-@pytest.mark.parametrize("layout", ["static", "paged", "BSNH"])
+@pytest.mark.parametrize("layout", ["paged", "BSNH"])
 def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     from click.testing import CliRunner
 
@@ -206,7 +212,38 @@ def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [
         f"error: rewrite-kv-cache: layout {layout!r} is not implemented for the onnxruntime backend "
-        "(implemented: BNSH)"]
+        "(implemented: BNSH, static)"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--kv-layout", "BSNH"], "error: rewrite-kv-cache: layout 'BSNH' is not implemented for the onnxruntime "
+                              "backend (implemented: BNSH, static)"),
+    (["--kv-layout", "static", "--no-kv-cache"], "error: --kv-layout chooses the cache of the default pipeline's "
+     "rewrite-kv-cache; with --no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}"),
+])
+def test_kv_layout_option_refusals_are_one_line_before_any_work(tmp_path, args, line):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    r = CliRunner().invoke(cli, ["optimize", str(DEFAULT_MODEL), "-o", str(tmp_path / "out"), *args])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [line]
+    assert not (tmp_path / "out").exists()
+
+
+def test_static_layout_is_refused_for_tvm_in_one_line(fused, tmp_path):
+    pytest.importorskip("tvm")
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.models import save_graph
+
+    save_graph(fused("llama")[1], tmp_path / "llama.gir")
+    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "llama.gir"), "-o", str(tmp_path / "out"), "-q",
+                                 "--backend", "tvm", "--passes", "rewrite-kv-cache{layout=static,max-positions=64}"])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "error: rewrite-kv-cache: layout 'static' is not implemented for the tvm backend (implemented: BNSH, BSNH)"]
     assert not (tmp_path / "out").exists()
 
 
@@ -262,6 +299,54 @@ def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path, layout):
         assert greedy == ort.generate(PROMPTS, 8, eos_token_id=-1).tokens
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch, fused, tmp_path):
+    """layout=static: one [batch, kv_heads, 64, head] buffer per cache, GroupQueryAttention
+    with the mask's length as the valid length; driven plainly and through IO binding, where
+    each present is the very buffer fed back as the next past (shared, filled in place)."""
+    model, graph = fused(arch)
+    g = rewrite(graph, "rewrite-kv-cache{layout=static},slice-last-token-logits")
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head, layers = cfg.hidden_size // heads, cfg.num_hidden_layers
+    assert g.value("past_key_values.0.key").type.shape == ("batch", kv, 64, head)
+    artifact = graphopt.load(_ort_artifact(g, tmp_path))
+    assert artifact.manifest["lowering"]["kernels"]["com.microsoft.GroupQueryAttention"] == layers
+    ref = hf_reference(model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 8, layers, kv, head, "static", 64)  # batch 1
+    bound = artifact.decode_run()
+    seen = []
+
+    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
+        out = bound(feeds)
+        seen.append((feeds["past_key_values.0.key"].ctypes.data, out["present.0.key"].ctypes.data))
+        return out
+    check_decode(run, ref, PROMPTS, 8, layers, kv, head, "static", 64)  # batch 3, left padding
+    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])  # in place
+    graphopt.optimize(rewrite(graph, "rewrite-kv-cache,slice-last-token-logits"), tmp_path / "bnsh",
+                      passes="eliminate-dead-code")
+    bnsh = graphopt.load(tmp_path / "bnsh")
+    assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == bnsh.generate(PROMPTS, 12, eos_token_id=-1).tokens
+
+
+def test_static_layout_in_the_reference_interpreter_and_past_its_buffer(fused, tmp_path):
+    model, graph = fused("llama")
+    g = rewrite(graph, "rewrite-kv-cache{layout=static,max-positions=16}")
+    check_decode(interpreter(g), hf_reference(model), PROMPTS, 3, 2, 2, 8, "static", 16)
+    artifact = graphopt.load(_ort_artifact(rewrite(graph, "rewrite-kv-cache{layout=static,max-positions=16}"),
+                                           tmp_path))
+    gen = artifact.manifest["generation"]
+    assert (gen["kv_layout"], gen["max_positions"]) == ("static", 16)
+    assert "genai_config.json" in artifact.manifest["files"]
+    with pytest.raises(UserError, match="needs 17 positions; the model has 16"):
+        artifact.generate([[1] * 10], 8)
+    cache = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 16, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    with pytest.raises(UserError, match="attention_mask covers 17 positions; the static KV cache holds 16"):
+        artifact.run({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 17), np.int64), **cache})
+
+
 def _ort_artifact(graph, tmp_path):
     graphopt.optimize(graph, tmp_path / "ort", passes="eliminate-dead-code")
     return tmp_path / "ort"
@@ -311,6 +396,43 @@ def test_attention_bsnh_caches_are_bnsh_transposed():
         np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(pk.transpose(t), want[1], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(pv.transpose(t), want[2], rtol=1e-6, atol=1e-6)
+
+
+def test_attention_static_cache_is_a_bnsh_past_written_in_place():
+    """graphopt.Attention{kv_layout=static}: a [2, 2, 12, 8] buffer of which the mask (8 long)
+    says 8 positions are valid after 3 new ones: reference and decomposition give BNSH's
+    output over the first 5, and the buffer with positions 5..7 written, 8.. untouched."""
+    from graphopt.builder import Builder
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.dtypes import DType
+    from graphopt.lowering import decompose_node
+
+    rng = np.random.default_rng(1)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    feeds = {"q": f32(2, 3, 32), "k": f32(2, 3, 16), "v": f32(2, 3, 16), "mask": f32(2, 1, 3, 8),
+             "pk": f32(2, 2, 12, 8), "pv": f32(2, 2, 12, 8)}
+    bnsh_feeds = {**feeds, "pk": feeds["pk"][:, :, :5], "pv": feeds["pv"][:, :, :5]}
+
+    def graph(layout, typed, decompose=False):
+        g = Graph("attn")
+        ins = {n: g.add_input(n, TensorType(DType.FLOAT32, a.shape)) for n, a in typed.items()}
+        outs = Builder(g).op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
+                             kv_layout=layout)
+        g.outputs = list(outs)
+        if decompose:
+            decompose_node(g.nodes[0])
+        return g
+
+    y_want, pk_want, pv_want = run(graph("BNSH", bnsh_feeds), bnsh_feeds).values()
+    for decompose in (False, True):
+        g = graph("static", feeds, decompose)
+        assert g.outputs[1].type.shape == (2, 2, 12, 8)
+        y, pk, pv = run(g, feeds).values()
+        np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+        for got, want, past in ((pk, pk_want, feeds["pk"]), (pv, pv_want, feeds["pv"])):
+            np.testing.assert_array_equal(got[:, :, 8:], past[:, :, 8:])
+            np.testing.assert_allclose(got[:, :, :8], want, rtol=1e-6, atol=1e-6)
 
 
 def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, default_model):
@@ -419,6 +541,40 @@ def test_streaming_callback_sees_every_step(default_artifact):
     result = artifact.generate(PROMPTS[:2], 5, eos_token_id=-1, on_tokens=lambda step, ids: seen.append((step, ids)))
     assert [s for s, _ in seen] == list(range(5))
     assert [ids for _, ids in seen] == [list(col) for col in zip(*result.tokens)]
+
+
+def test_io_binding_keeps_the_cache_in_ort_and_gives_the_same_logits(default_artifact):
+    """The bound runner (presents fed back as ORT's own OrtValues, logits into a reused
+    buffer) gives bit-for-bit the logits and caches of plain session.run, step by step."""
+    import onnxruntime as ort
+
+    from graphopt.generation import Generator
+
+    artifact = graphopt.load(default_artifact[0])
+    plain, bound = artifact.decode_run(io_binding=False), artifact.decode_run()
+    assert plain == artifact.run and bound != artifact.run
+    gen = Generator.for_artifact(artifact)
+    ids = np.array([[0] * (6 - len(p)) + p for p in PROMPTS], np.int64)
+    mask = (np.arange(6)[None] >= np.array([6 - len(p) for p in PROMPTS])[:, None]).astype(np.int64)
+    feeds_a = feeds_b = {"input_ids": ids, "attention_mask": mask, **gen.empty_cache(3)}
+    buffers = set()
+    for step in range(20):
+        a, b = plain(feeds_a), bound(feeds_b)
+        assert isinstance(b["present.0.key"], ort.OrtValue)  # not copied out to numpy
+        np.testing.assert_array_equal(b["logits"], a["logits"], err_msg=f"step {step}")
+        for name in a:
+            if name.startswith("present."):
+                np.testing.assert_array_equal(b[name].numpy(), a[name], err_msg=f"step {step}, {name}")
+        buffers.add(b["logits"].ctypes.data)
+        nxt = a["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+        feeds_a = {"input_ids": nxt, "attention_mask": mask, **{f"past_key_values.{n[8:]}": v for n, v in a.items()
+                                                                if n.startswith("present.")}}
+        feeds_b = {"input_ids": nxt, "attention_mask": mask, **{f"past_key_values.{n[8:]}": v for n, v in b.items()
+                                                                if n.startswith("present.")}}
+    assert len(buffers) == 1  # one logits buffer, allocated once for [3, 1, vocab]
+    assert artifact.generate(PROMPTS, 16, eos_token_id=-1).tokens == \
+        Generator.for_artifact(artifact, io_binding=False).generate(PROMPTS, 16, eos_token_id=-1).tokens
 
 
 def test_past_the_maximum_context_is_a_clear_error(default_artifact):

@@ -30,6 +30,7 @@ LAYERS = [
     ("backends", {"graphopt.backends", "graphopt.backends."}),
     ("driver and CLI", {"graphopt", "graphopt.__main__", "graphopt.artifact", "graphopt.driver", "graphopt.cli",
                         "graphopt.compare", "graphopt.compare.", "graphopt.generation", "graphopt.generation_cli",
+                        "graphopt.genai",
                         "graphopt.accuracy", "graphopt.accuracy_guard", "graphopt.calibration", "graphopt.evaluation",
                         "graphopt.pruning",
                         "graphopt.models", "graphopt.summary", "graphopt.testing", "graphopt.frontends",

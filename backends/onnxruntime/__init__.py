@@ -107,6 +107,63 @@ class Executable:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
+    def bound_runner(self, output_shapes: dict[str, tuple[list, np.dtype]]) -> "BoundRunner":
+        """A `run` for a generation loop that keeps the cache in ORT's buffers (IO binding)."""
+        return BoundRunner(self.session, output_shapes)
+
+
+class BoundRunner:
+    """`run(feeds) -> outputs` over IO binding, for a decode loop. The presents stay in the
+    OrtValues ORT wrote them to and are bound, as they are, as the next step's past (feeding
+    them back is then no copy out to numpy and in again); the outputs whose shape the
+    signature fixes once batch and seq are known (the last-token logits; a static cache) are
+    written into a buffer allocated once per shape. A static cache's present is so the very
+    buffer fed back as the next past: GroupQueryAttention then shares it (writes the new
+    positions in place, copies nothing). An output array is valid until the next call.
+
+    One binding serves every call: an input fed the very object it was fed last time (a
+    static cache's buffer) and an output whose buffer is unchanged stay bound, so a static
+    decode step rebinds only input_ids and attention_mask."""
+
+    def __init__(self, session, output_shapes: dict[str, tuple[list, np.dtype]]):
+        self.session = session
+        self.output_shapes = output_shapes  # output name -> (signature shape (ints and symbols), dtype)
+        self._buffers: dict[tuple, np.ndarray] = {}
+        self._binding = session.io_binding()
+        self._bound: dict[str, object] = {}  # name -> what is bound (kept alive: ORT reads its memory)
+
+    def run(self, feeds: dict) -> dict:
+        import onnxruntime as ort
+
+        binding = self._binding
+        for name, value in feeds.items():
+            if self._bound.get(name) is value:
+                continue
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                value = np.ascontiguousarray(value)
+                binding.bind_cpu_input(name, value)
+            self._bound[name] = value
+        dims = {"batch": feeds["input_ids"].shape[0], "seq": feeds["input_ids"].shape[1]}
+        buffers = {}
+        for name, (shape, dtype) in self.output_shapes.items():
+            concrete = [dims.get(d, d) for d in shape]
+            if all(isinstance(d, int) for d in concrete):
+                key = (name, *concrete)
+                if key not in self._buffers:
+                    self._buffers[key] = np.zeros(concrete, dtype)
+                buffers[name] = buf = self._buffers[key]
+                if self._bound.get(f"out:{name}") is not buf:
+                    binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                    self._bound[f"out:{name}"] = buf
+            else:  # ORT allocates it (a growing cache): a new value every call
+                binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        out = dict(zip(self.output_shapes, binding.get_outputs()))
+        out.update(buffers)
+        return out
+
 
 def _check_external_data(model_path: Path) -> None:
     """The weights an artifact's model.onnx names must lie inside the artifact folder."""

@@ -170,8 +170,11 @@ def lower_attention(ctx: LoweringContext, b: Builder, node: Node):
     choice = ctx.options["attention_kernel"]
     if choice == "decompose":
         return "attention_kernel=decompose"
-    if (node.attr("kv_layout", "BNSH") or "BNSH") != "BNSH":
-        return f"kv_layout {node.attr('kv_layout')} (ORT's attention kernels take BNSH caches)"
+    layout = node.attr("kv_layout", "BNSH") or "BNSH"
+    if layout == "static":
+        return _lower_static(ctx, b, node, choice)
+    if layout != "BNSH":
+        return f"kv_layout {layout} (ORT's attention kernels take BNSH caches)"
     if choice == "onnx":
         return _build_onnx_attention(ctx, b, node)
     s = Site.read(node)
@@ -184,6 +187,24 @@ def lower_attention(ctx: LoweringContext, b: Builder, node: Node):
     if no_mha is None:
         return _build(ctx, b, node, s, MHA)
     return f"{GQA}: {no_gqa}; {MHA}: {no_mha}"
+
+
+def _lower_static(ctx: LoweringContext, b: Builder, node: Node, choice: str):
+    """kv_layout static: GroupQueryAttention with the buffers as past and present, the
+    mask's length as the total sequence length (past_present_share_buffer when the caller
+    binds each present to its past, as onnxruntime-genai and graphopt's Generator do).
+    MultiHeadAttention has no such mode: without GQA the decomposition runs the site."""
+    if choice not in ("auto", "gqa"):
+        return f"kv_layout static runs on {GQA} only (attention_kernel={choice})"
+    s = Site.read(node)
+    if isinstance(s, str):
+        return s
+    if s.causal or s.mask is None:
+        return "kv_layout static takes its causal mask as a bias (as rewrite-kv-cache builds it)"
+    why = why_not_gqa(ctx, s)
+    if why is not None:
+        return f"{GQA}: {why}"
+    return _build(ctx, b, node, s, GQA, static=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -297,7 +318,7 @@ def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_r
     return b.Reshape(guarded, b.const(_i64(0, 0, -1), "bsd_shape"))
 
 
-def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
+def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, static: bool = False):
     dt = s.dtype
     # The kernels' causal flag aligns like graphopt only for self-attention; with a mask,
     # causal goes into the bias so that the guard sees fully masked rows.
@@ -316,13 +337,17 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str):
         k = _to_bsd(b, s.k) if s.rank == 4 else s.k
         v = _to_bsd(b, s.v) if s.rank == 4 else s.v
         past_dim = s.past_k.type.shape[2] if s.past_k is not None else 0
+        if static:  # the valid length is the mask's; the past is a buffer of max_seq positions
+            past_dim = ("static", s.mask.type.shape[-1])
         key = ("gqa_lengths", s.kv_seq, past_dim, s.batch)
-        symbolic = all(isinstance(d, (int, str)) for d in key[1:])
+        symbolic = all(isinstance(d, (int, str, tuple)) for d in key[1:])
         if symbolic and key in _shared(ctx):
             seqlens_k, total_scalar = _shared(ctx)[key]
         else:
             total = ctx.dim(b, s.k, _seq_of(s, s.k))
-            if s.past_k is not None:
+            if static:
+                total = ctx.dim(b, s.mask, s.mask.type.rank - 1)
+            elif s.past_k is not None:
                 total = b.Add(total, ctx.dim(b, s.past_k, 2))
             total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
             seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),

@@ -1,6 +1,12 @@
 """graphopt.Attention: ONNX Attention-23's semantics (grouped-query heads, causal, a mask), 4-D or
 3-D, with an optional KV cache (past in, present out, BNSH or BSNH); the reference is ONNX's own
 kernel.
+
+kv_layout "static" is the preallocated cache that past and present share (ORT
+GroupQueryAttention's past_present_share_buffer): past and present are [batch, kv_heads,
+max_seq, head] buffers, the mask's last dimension L is the valid length after this step, the
+new keys/values are written at positions [L - new, L) of the buffer, attention reads its first
+L positions, and the positions from L on are passed through as they were.
 """
 from __future__ import annotations
 
@@ -47,11 +53,12 @@ def _seq_len_bnsh(node: Node, t: Value | None, cache: bool = False):
     return t.type.shape[2]
 
 
-_KV_LAYOUTS = ("BNSH", "BSNH")
+_KV_LAYOUTS = ("BNSH", "BSNH", "static")
 
 
 def _kv_layout(node: Node) -> str:
-    """The layout of the past and present key/value: BNSH (default) or BSNH."""
+    """The layout of the past and present key/value: BNSH (default), BSNH or static (a BNSH
+    buffer of max_seq positions, of which the mask says how many are valid)."""
     layout = node.attr("kv_layout", "BNSH") or "BNSH"
     if layout not in _KV_LAYOUTS:
         raise unsupported(node, f"kv_layout {layout!r} is not one of {', '.join(_KV_LAYOUTS)}")
@@ -71,7 +78,10 @@ def _attention_infer(node: Node):
         nq, nkv = _heads_3d(node)
     if (past_k is None) != (past_v is None):
         raise unsupported(node, "past_key and past_value must be given together")
-    if mask is not None and mask.type.shape:
+    static = _kv_layout(node) == "static"
+    if static and (past_k is None or mask is None):
+        raise unsupported(node, "kv_layout static needs the past buffers and a mask (its length is the valid length)")
+    if mask is not None and mask.type.shape and not static:
         # ONNX's reference pads a shorter mask with -inf, ONNX Runtime refuses it: we refuse it.
         past = 0 if past_k is None else _seq_len_bnsh(node, past_k, cache=True)
         new, mlast = _seq_len_bnsh(node, k), mask.type.shape[-1]
@@ -87,6 +97,8 @@ def _attention_infer(node: Node):
         y = TensorType(dt, (qs[0], qs[1], qs[2], vs[3]))
 
     def present(new: Value, past: Value | None) -> TensorType:
+        if static:  # the buffer itself
+            return past.type
         s = new.type.shape
         if s is None:
             return TensorType(new.type.dtype, None)
@@ -112,6 +124,13 @@ def _attention_reference(node: Node, inputs):
     bsnh = _kv_layout(node) == "BSNH"
     if bsnh and past_k is not None:  # the kernel below takes BNSH
         past_k, past_v = past_k.transpose(0, 2, 1, 3), past_v.transpose(0, 2, 1, 3)
+    buffers = None
+    if _kv_layout(node) == "static":  # the kernel below takes the valid past; the rest is kept
+        valid, new = mask.shape[-1], k.shape[-2 if k.ndim == 4 else 1]
+        if not new <= valid <= past_k.shape[2]:
+            raise unsupported(node, f"the mask says {valid} valid positions after {new} new ones; the static "
+                                     f"cache holds {past_k.shape[2]}")
+        buffers, past_k, past_v = (past_k, past_v), past_k[:, :, :valid - new], past_v[:, :, :valid - new]
     if mask is not None:
         total = k.shape[-2 if k.ndim == 4 else 1] + (0 if past_k is None else past_k.shape[2])
         if mask.shape[-1] != total:
@@ -127,6 +146,12 @@ def _attention_reference(node: Node, inputs):
                              scale=node.attr("scale", 0.0) or None, is_causal=bool(node.attr("causal", 0)),
                              q_num_heads=nq, kv_num_heads=nkv, softcap=node.attr("softcap", 0.0) or None)
     out = [np.asarray(o).astype(q.dtype) for o in out[:len(node.outputs)]]
+    if buffers is not None:
+        for i, buf in zip((1, 2), buffers):
+            if i < len(out):
+                full = buf.copy()
+                full[:, :, :out[i].shape[2]] = out[i]
+                out[i] = full
     return [o if i == 0 or not bsnh else np.ascontiguousarray(o.transpose(0, 2, 1, 3)) for i, o in enumerate(out)]
 
 
@@ -194,12 +219,24 @@ def _attention_decompose(b: Builder, node: Node):
     bsnh = _kv_layout(node) == "BSNH"
     if bsnh and past_k is not None:
         past_k, past_v = b.Transpose(past_k, perm=BNSH_FROM_BSNH), b.Transpose(past_v, perm=BNSH_FROM_BSNH)
+    rest = None
+    if _kv_layout(node) == "static":
+        # valid = the mask's length: the buffers' first valid - new positions are the past, the
+        # new keys/values go after them, and the positions from valid on stay as they were
+        axis, end = b.const(i64(2), "attn_seq_axis"), b.const(i64(np.iinfo(np.int64).max), "attn_end")
+        valid = b.Shape(mask, start=-1)
+        start = b.Sub(valid, b.Shape(k_BNSH, start=2, end=3))
+        zero_start = b.const(i64(0), "attn_start")
+        rest = [b.Slice(t, valid, end, axis) for t in (past_k, past_v)]
+        past_k, past_v = (b.Slice(t, zero_start, start, axis) for t in (past_k, past_v))
     k_BNSH = b.Concat(past_k, k_BNSH, axis=2) if past_k is not None else k_BNSH
     v_BNSH = b.Concat(past_v, v_BNSH, axis=2) if past_v is not None else v_BNSH
 
     def present(index: int, t_BNSH: Value, new: Value) -> Value | None:
         if index >= len(node.outputs) or node.outputs[index] is None:
             return None
+        if rest is not None:
+            return b.Concat(t_BNSH, rest[index - 1], axis=2)
         if bsnh:
             return b.Transpose(t_BNSH, perm=BNSH_FROM_BSNH)
         # Without a past, present is K or V itself: an Identity keeps the output a value of its
@@ -254,7 +291,8 @@ register_op(OpDef(
         "causal): Q, K, V in BNSH (4-D) or BSD (3-D, with num_heads and kv_num_heads, which defaults to "
         "num_heads); grouped-query aware; optional mask, boolean (True attends) or additive, whose last "
         "dimension must be the total sequence length past + kv; past key/value and present outputs in kv_layout "
-        "BNSH (default) or BSNH; "
+        "BNSH (default) or BSNH, or static (BNSH buffers of max_seq positions shared by past and present: the "
+        "mask's last dimension L is the valid length, the new keys/values go to positions [L - new, L)); "
         "causal masking is bottom-right aligned with the past; a fully masked query row gives zeros; "
         "softcap (0: none) is applied before the mask; scale 0 means 1/sqrt(head_size).",
 ))

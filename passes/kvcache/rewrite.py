@@ -30,9 +30,10 @@ attention that is not causal: the pass never guesses.
 Preconditions (checked): an `input_ids [batch, seq]` input, one output (the logits), every
 attention fused into 3-D graphopt.Attention (no Softmax left) and none with a cache yet.
 Options: `layout` (BNSH: the cache is [batch, kv_heads, seq, head_size], on every backend;
-BSNH: [batch, seq, kv_heads, head_size], on TVM; only the key/value heads are cached,
-grouped-query attention stays grouped) and `max-positions` (0: what the frontend recorded,
-the model's maximum context).
+BSNH: [batch, seq, kv_heads, head_size], on TVM; static: a [batch, kv_heads, max-positions,
+head_size] buffer that past and present share, on ORT, where the attention mask's length is the
+valid length; only the key/value heads are cached, grouped-query attention stays grouped) and
+`max-positions` (0: what the frontend recorded, the model's maximum context).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
 PAST_SEQ, TOTAL_SEQ = "past_seq", "past_seq + seq"
 LAYOUTS = ("BNSH", "BSNH", "static", "paged")
 # layout -> the backends that run it (None: the pass runs without a backend, e.g. in tests)
-IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None)}
+IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None), "static": ("onnxruntime", None)}
 # metadata_props keys: what the artifact's manifest and the Generator read back
 META_LAYOUT, META_MAX_POSITIONS, META_LAYERS = "graphopt.kv_layout", "graphopt.max_positions", "graphopt.kv_layers"
 _INT64_MAX = np.iinfo(np.int64).max
@@ -116,7 +117,7 @@ class RewriteKVCache(Pass):
 
         presents = []
         for i, node in enumerate(site.attentions):
-            presents += _rewrite_attention(graph, node, i, bias, self.layout)
+            presents += _rewrite_attention(graph, node, i, bias, self.layout, max_pos)
             result.count("attention")
         moved = _rotary_with_positions(graph, tables, position_ids, b)
         result.count("rotary-position-ids", len(moved) // 2)
@@ -414,8 +415,10 @@ class _Builder:
         return rows
 
 
-def cache_shape(layout: str, kv_heads: int, seq, head: int) -> tuple:
-    """The shape of a past or present in `layout`."""
+def cache_shape(layout: str, kv_heads: int, seq, head: int, max_positions: int = 0) -> tuple:
+    """The shape of a past or present in `layout` (static: the whole buffer, whatever `seq`)."""
+    if layout == "static":
+        return ("batch", kv_heads, max_positions, head)
     return ("batch", seq, kv_heads, head) if layout == "BSNH" else ("batch", kv_heads, seq, head)
 
 
@@ -441,15 +444,16 @@ def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Build
     return moved
 
 
-def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str) -> list[Value]:
+def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str, max_pos: int) -> list[Value]:
     q, k, v = node.inputs[:3]
     nq = node.attr("num_heads")
     nkv = node.attr("kv_num_heads", 0) or nq
     head_k, head_v = k.type.shape[2] // nkv, v.type.shape[2] // nkv
     dt = k.type.dtype
-    past = [graph.add_input(f"past_key_values.{layer}.{kind}", TensorType(dt, cache_shape(layout, nkv, PAST_SEQ, head)))
+    past = [graph.add_input(f"past_key_values.{layer}.{kind}",
+                            TensorType(dt, cache_shape(layout, nkv, PAST_SEQ, head, max_pos)))
             for kind, head in (("key", head_k), ("value", head_v))]
-    present_types = [TensorType(dt, cache_shape(layout, nkv, TOTAL_SEQ, head)) for head in (head_k, head_v)]
+    present_types = [TensorType(dt, cache_shape(layout, nkv, TOTAL_SEQ, head, max_pos)) for head in (head_k, head_v)]
     attrs = {name: a.value for name, a in node.attrs.items() if name not in ("causal", "kv_layout")}
     if layout != "BNSH":
         attrs["kv_layout"] = layout

@@ -1,0 +1,115 @@
+"""A generation-ready ORT artifact runs in onnxruntime-genai: the folder `graphopt optimize`
+writes loads with `og.Model`, its tokenizer with `og.Tokenizer`, and greedy generation gives
+the tokens of PyTorch and of graphopt's own Generator."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphopt
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "examples" / "default"
+PROMPT = [0, 5, 17, 3, 99, 42, 7]  # <|endoftext|> starts a document, as graphopt.train's prompts do
+
+
+def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """onnxruntime-genai's own loop; its new tokens up to (not with) the EOS it stops at."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    new = [int(t) for t in gen.get_sequence(0)[len(prompt):]]
+    eos = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
+    return new[:new.index(eos)] if eos in new else new
+
+
+@pytest.fixture(scope="module")
+def default_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("genai") / "default"
+    graphopt.optimize(str(DEFAULT_MODEL), out)
+    return out
+
+
+def test_default_artifact_has_a_genai_config_that_describes_it(default_artifact):
+    config = json.loads((default_artifact / "genai_config.json").read_text())
+    manifest = json.loads((default_artifact / "manifest.json").read_text())
+    model, decoder = config["model"], config["model"]["decoder"]
+    assert {k: decoder[k] for k in ("filename", "head_size", "hidden_size", "num_attention_heads",
+                                    "num_hidden_layers", "num_key_value_heads")} == {
+        "filename": "model.onnx", "head_size": 32, "hidden_size": 192, "num_attention_heads": 6,
+        "num_hidden_layers": 6, "num_key_value_heads": 2}
+    assert (model["type"], model["context_length"], model["vocab_size"]) == ("llama", 256, 4096)
+    assert model["eos_token_id"] == model["bos_token_id"] == model["pad_token_id"] == 0  # <|endoftext|>
+    assert config["search"]["past_present_share_buffer"] is False and config["search"]["max_length"] == 256
+    assert {"genai_config.json", "tokenizer_config.json"} <= set(manifest["files"])  # part of the artifact
+
+
+def test_default_artifact_tokenizer_loads_in_genai_and_encodes_like_tokenizers(default_artifact):
+    from tokenizers import Tokenizer
+
+    text = (DEFAULT_MODEL / "val.txt").read_text()[:3000]
+    tok = og.Tokenizer(og.Model(str(default_artifact)))
+    want = Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json")).encode(text).ids
+    assert list(tok.encode(text)) == want
+    assert tok.decode(want) == text
+
+
+def test_default_artifact_greedy_64_tokens_in_genai_match_torch_and_the_generator(default_artifact):
+    import torch
+
+    from graphopt.train import load_model
+
+    model = load_model(DEFAULT_MODEL)[0]
+    want = []
+    with torch.no_grad():
+        logits, cache = model.forward_cached(torch.tensor([PROMPT]), None)
+        for _ in range(64):
+            want.append(int(logits[0, -1].argmax()))
+            logits, cache = model.forward_cached(torch.tensor([[want[-1]]]), cache)
+    assert 0 not in want  # the prompt is chosen so that no EOS cuts the comparison short
+    assert genai_greedy(default_artifact, PROMPT, 64) == want
+    assert graphopt.load(default_artifact).generate([PROMPT], 64).tokens[0] == want
+
+
+@pytest.mark.slow
+def test_hugging_face_llama_gqa_artifact_runs_in_genai_like_transformers(tmp_path):
+    import torch
+
+    from graphopt.testing import tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=3).model  # 4 query heads over 2 key/value heads
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    graphopt.optimize(tmp_path / "hf", out)
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"]) == (4, 2, 8)
+    prompt = [5, 17, 3, 99, 42, 7]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    eos = model.config.eos_token_id
+    want = want[:want.index(eos)] if eos in want else want
+    assert len(want) >= 20  # enough tokens to compare
+    assert genai_greedy(out, prompt, 40) == want
+    assert graphopt.load(out).generate([prompt], 40).tokens[0] == want
+
+
+@pytest.mark.slow
+def test_static_cache_artifact_shares_its_buffer_in_genai(tmp_path):
+    """layout=static: genai binds each present to its past (past_present_share_buffer) and
+    gives the tokens of the growing-cache artifact."""
+    out = tmp_path / "static"
+    graphopt.optimize(str(DEFAULT_MODEL), out, kv_layout="static")
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    want = graphopt.load(out).generate([PROMPT], 64).tokens[0]
+    assert len(want) == 64 and genai_greedy(out, PROMPT, 64) == want
