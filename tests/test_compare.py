@@ -115,7 +115,7 @@ def test_report_structure(report):
         if c["status"] != "ok":
             continue
         assert [(r["batch"], r["seq"]) for r in c["results"]] == [(2, 8), (2, 16)]
-        assert c["size_bytes"] > 0 and c["memory"]["how"]
+        assert c["size_bytes"] > 0
         for r in c["results"]:
             if "error" in r:
                 continue
@@ -126,6 +126,18 @@ def test_report_structure(report):
             assert r["tokens_per_s"] == pytest.approx(2 * r["seq"] / r["p50_ms"] * 1e3)
     assert _cell(report, "ort/fp32")["build_seconds"] > 0
     json.dumps(report, allow_nan=False)  # JSON-ready as it is
+
+
+def test_peak_memory_comes_from_a_fresh_process_per_cell(report):
+    for cid in ("torch/fp32", "ort/fp32", "ort/ort-plain"):
+        mem = _cell(report, cid)["memory"]
+        assert "fresh process" in mem["how"]
+        assert mem["peak_bytes"] == mem["runtime_bytes"] + mem["model_and_run_bytes"]
+        # the loaded weights are resident: what loading added is at least the weights' size
+        assert mem["model_and_run_bytes"] >= 0.9 * _cell(report, "torch/fp32")["size_bytes"]
+    # a runner made in this process only (the test variants) cannot be loaded elsewhere: said so
+    assert "cannot be loaded" in _cell(report, "ort/shift")["memory"]["error"]
+    assert _cell(report, "ort/broken")["memory"] is None
 
 
 def test_accuracy_is_measured_against_pytorch(report):

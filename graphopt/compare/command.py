@@ -94,12 +94,14 @@ class RichProgress:
 @click.option("--keep", "keep_dir", type=click.Path(path_type=str), default=None,
               help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself).")
 @click.option("--generate", type=int, default=None, metavar="N", help="Time N decode tokens (not yet available).")
+@click.option("--no-memory", is_flag=True,
+              help="Skip peak memory (it loads each cell again in a fresh process, one at a time).")
 @click.option("--json", "json_file", type=click.Path(path_type=str), default=None, help="Write the report (every sample) as JSON.")
 @click.option("--html", "html_file", type=click.Path(path_type=str), default=None,
               help="Write the report as one self-contained HTML page (opens offline).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def compare(models, backends, variants, list_variants, batch, seqs, threads, runs, min_time, warmup, data, data_tokens,
-            reference, keep_dir, generate, json_file, html_file, quiet):
+            reference, keep_dir, generate, no_memory, json_file, html_file, quiet):
     """Time and check MODEL on every backend x variant: p50/p90/p99 latency, throughput,
     memory, size, build time, and accuracy against eager fp32 PyTorch.
 
@@ -145,7 +147,7 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
                              seqs=_ints("--seq", seqs), threads=threads,
                              timing=TimingSettings(warmup=warmup, min_runs=runs, min_time=min_time),
                              data=data, data_tokens=data_tokens, reference=reference, workdir=keep_dir,
-                             progress=progress)
+                             progress=progress, measure_memory=not no_memory)
     finally:
         if progress is not None:
             progress.close()

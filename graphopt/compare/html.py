@@ -113,7 +113,7 @@ _JS = r"""
   const acc = $("accuracy");
   const head = ["backend/variant", "max |Δ| vs ref", decoder ? "top-1 agreement" : "pooled cosine"];
   if (R.perplexity) head.push("perplexity");
-  head.push("size", "build", "memory");
+  head.push("size", "build", "peak memory", "model + run");
   const thead = h("tr");
   head.forEach((t) => thead.appendChild(h("th", t)));
   acc.appendChild(thead);
@@ -140,7 +140,9 @@ _JS = r"""
     }
     tr.appendChild(h("td", fmtBytes(c.size_bytes)));
     tr.appendChild(h("td", c.build_seconds === null ? "-" : c.build_seconds.toFixed(1) + " s"));
-    tr.appendChild(h("td", fmtBytes(c.memory && c.memory.rss_growth_bytes)));
+    const mem = c.memory || {};
+    tr.appendChild(h("td", mem.error ? "-" : fmtBytes(mem.peak_bytes), "peak-memory"));
+    tr.appendChild(h("td", mem.error ? mem.error : fmtBytes(mem.model_and_run_bytes), mem.error ? "err" : ""));
     acc.appendChild(tr);
   });
   if (R.perplexity && R.perplexity.reference !== undefined) {
@@ -148,7 +150,7 @@ _JS = r"""
       `${R.perplexity.data} (${R.perplexity.tokens} tokens, windows of ${R.perplexity.window}). `;
   }
   $("accuracy-note").textContent += "Errors are the worst over the shapes, on unpadded positions. " +
-    "Memory: " + ((cells.find((c) => c.memory) || {}).memory || {how: "-"}).how + ".";
+    "Memory: " + ((cells.find((c) => c.memory && c.memory.how) || {}).memory || {how: "not measured"}).how + ".";
 
   // Latency vs accuracy at the largest shape: the trade-off a user chooses from.
   (function scatter() {

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.compare import variants as V
-from graphopt.compare.timing import TimingSettings, describe, percentiles, rss_bytes, time_interleaved
+from graphopt.compare import memory
+from graphopt.compare.timing import TimingSettings, describe, percentiles, time_interleaved
 from graphopt.errors import UserError
 from graphopt.manifest import read_manifest
 from graphopt.compare.accuracy import compare_outputs, perplexity, text_windows
@@ -24,9 +25,6 @@ from graphopt.sample_inputs import index_bound, sample_inputs
 REPORT_FORMAT = "graphopt-compare"
 REPORT_VERSION = 1
 BACKEND_OF_ARTIFACT = {"onnxruntime": "ort", "tvm": "tvm"}
-MEMORY_HOW = ("growth of this process's RSS across building the cell and its first run at the largest shape "
-              "(first_run_rss_growth_bytes: the run alone; memory an earlier cell freed may be reused, so "
-              "later cells can show less)")
 
 
 class Progress:
@@ -59,7 +57,7 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             batch: int = 1, seqs: list[int] | None = None, threads: int | None = None,
             timing: TimingSettings | None = None, data: str | None = None, data_tokens: int = 4096,
             reference: str | None = None, workdir: str | None = None, progress: Progress | None = None,
-            measure_bandwidth: bool = True) -> dict:
+            measure_bandwidth: bool = True, measure_memory: bool = True) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin while others run
     progress = progress or Progress()
     timing = timing or TimingSettings()
@@ -149,7 +147,7 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     ctx = V.BuildContext(source, Path(workdir), threads, ref)
     try:
         return _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, machine,
-                        library_versions(), skipped, progress, models)
+                        library_versions(), skipped, progress, models, measure_memory)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -184,7 +182,7 @@ def _make_feeds(graph, ref, dims: dict) -> dict:
 
 
 def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, machine, versions, skipped,
-             progress, models) -> dict:
+             progress, models, measure_memory) -> dict:
     ref = ctx.reference
     progress.phase("exporting the model", 1)
     graph, output_names = _feeds_graph(ctx, artifacts)
@@ -197,19 +195,12 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
     progress.phase("building variants", len(cells))
     for c in cells:
         progress.advance(c.id)
-        before = rss_bytes()
         try:
             c.runner = c.build(ctx, c.backend)
-            built = rss_bytes()
             c.runner.run(largest)
         except Exception as e:  # noqa: BLE001 - a failing cell is reported, the rest go on
             c.error = describe(e)
             c.runner = None
-            continue
-        after = rss_bytes()
-        if None not in (before, built, after):
-            c.record["memory"] = {"rss_growth_bytes": max(0, after - before),
-                                  "first_run_rss_growth_bytes": max(0, after - built), "how": MEMORY_HOW}
 
     reference_what = "eager fp32 PyTorch" if ref is not None else "ONNX Runtime on the export, ORT_DISABLE_ALL"
     ref_run = ref if ref is not None else _disable_all_runner(ctx)
@@ -243,6 +234,9 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
                 entry["samples_ms"] = samples[c.id]
                 entry["sequences_per_s"] = b / stats["p50_ms"] * 1e3
                 entry["tokens_per_s"] = b * s / stats["p50_ms"] * 1e3
+
+    if measure_memory:
+        _peak_memory(ctx, cells, largest, progress)
 
     ppl = None
     if data is not None:
@@ -287,6 +281,20 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
         "perplexity": None if ppl is None else {k: v for k, v in ppl.items() if k != "cells"},
         "cells": out_cells,
     }
+
+
+def _peak_memory(ctx, cells, feeds: dict, progress) -> None:
+    """Each cell's peak memory, from a fresh process of its own (graphopt.compare.memory),
+    one at a time after the timing, so that nothing else runs beside it."""
+    measurable = [c for c in cells if c.runner is not None]
+    progress.phase("peak memory (a fresh process per cell)", len(measurable))
+    path = ctx.workdir / "memory-feeds.npz"
+    np.savez(path, **feeds)
+    for c in measurable:
+        progress.advance(c.id)
+        spec = c.runner.memory_spec
+        c.record["memory"] = (memory.measure(spec, path) if spec is not None else
+                              {"error": "this cell cannot be loaded on its own in a fresh process"})
 
 
 def _disable_all_runner(ctx: V.BuildContext):

@@ -55,7 +55,8 @@ def render(report: dict, console=None) -> None:
     title = (f"graphopt compare: {report['model']['source'] or ', '.join(report['model']['arguments'])}  "
              f"(threads {s['threads']}; ratio = {report['baseline']} p50 / p50, higher is faster)")
     t = Table(title=title, title_justify="left", show_lines=False, caption="p90/p99 at the largest shape; "
-              "accuracy: the worst over the shapes", caption_justify="left")
+              "accuracy: the worst over the shapes; peak memory of a fresh process per cell (what loading "
+              "the cell and one run added to it)", caption_justify="left")
     t.add_column("backend/variant", no_wrap=True)
     shapes = [(r["batch"], r["seq"]) for r in report["cells"][0]["results"]] if report["cells"] else []
     for b, q in shapes:
@@ -67,7 +68,7 @@ def render(report: dict, console=None) -> None:
         t.add_column("ppl", justify="right")
     t.add_column("size", justify="right")
     t.add_column("build", justify="right")
-    t.add_column("mem", justify="right")
+    t.add_column("peak mem (load+run)", justify="right")
     for c in report["cells"]:
         name = c["id"] + (" [dim](anchor)[/]" if c["anchor"] else "")
         if c["status"] == "error":
@@ -92,8 +93,9 @@ def render(report: dict, console=None) -> None:
             row.append(f"{p['perplexity']:.3f}" if "perplexity" in p else p.get("error", "-"))
         row.append(fmt_bytes(c["size_bytes"]))
         row.append("-" if c["build_seconds"] is None else f"{c['build_seconds']:.1f} s")
-        mem = (c.get("memory") or {}).get("rss_growth_bytes")
-        row.append(fmt_bytes(mem))
+        mem = c.get("memory") or {}
+        row.append("[red]failed[/]" if "error" in mem else "-" if not mem else
+                   f"{fmt_bytes(mem['peak_bytes'])} ({fmt_bytes(mem['model_and_run_bytes'])})")
         t.add_row(*row)
     console.print(t)
     m = report["machine"]
