@@ -41,6 +41,19 @@ def worst_accuracy(cell: dict) -> dict:
     return out
 
 
+def gen_columns(cell: dict, gen: dict) -> list[str]:
+    """Time to first token and decode tokens/s (with how many greedy tokens match torch's)."""
+    g = cell.get("generation")
+    if g is None:
+        return ["-", "-"]
+    if "error" in g:
+        return [f"[red]failed: {g['error']}[/]", "-"]
+    rate = "-" if g["decode_tokens_per_s"] is None else f"{g['decode_tokens_per_s']:.0f}"
+    same = "" if g["same_tokens"] is None or g["same_tokens"] == gen["new_tokens"] else \
+        f" [yellow]({g['same_tokens']}/{gen['new_tokens']} same)[/]"
+    return [f"{g['ttft_ms']:.1f}", rate + same]
+
+
 def render(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -66,6 +79,10 @@ def render(report: dict, console=None) -> None:
     t.add_column("top-1" if decoder else "cosine", justify="right")
     if report.get("perplexity"):
         t.add_column("ppl", justify="right")
+    gen = report.get("generation")
+    if gen:
+        t.add_column("TTFT ms", justify="right")
+        t.add_column("decode tok/s", justify="right")
     t.add_column("size", justify="right")
     t.add_column("build", justify="right")
     t.add_column("peak mem (load+run)", justify="right")
@@ -91,6 +108,8 @@ def render(report: dict, console=None) -> None:
         if report.get("perplexity"):
             p = c.get("perplexity") or {}
             row.append(f"{p['perplexity']:.3f}" if "perplexity" in p else p.get("error", "-"))
+        if gen:
+            row += gen_columns(c, gen)
         row.append(fmt_bytes(c["size_bytes"]))
         row.append("-" if c["build_seconds"] is None else f"{c['build_seconds']:.1f} s")
         mem = c.get("memory") or {}
@@ -103,6 +122,10 @@ def render(report: dict, console=None) -> None:
     console.print(f"[dim]{m['cpu']}, {m['logical_cores']} cores ({', '.join(m['isa'][-4:]) or 'no ISA flags'}), "
                   f"read bandwidth {bw} GB/s; accuracy vs {report['reference']['what']}; "
                   f"{', '.join(f'{k} {v}' for k, v in report['versions'].items())}[/]")
+    if gen:
+        console.print(f"[dim]generation: {gen['batch']} x {gen['prompt_tokens']} prompt tokens, {gen['new_tokens']} new "
+                      f"tokens, greedy; median of {gen['rounds']} rounds; (k/N same): greedy tokens equal to "
+                      f"{gen['reference']}'s for the first k[/]")
     if report.get("perplexity") and "reference" in report["perplexity"]:
         console.print(f"[dim]perplexity of {report['reference']['what']} on {report['perplexity']['data']}: "
                       f"{report['perplexity']['reference']:.3f} ({report['perplexity']['tokens']} tokens, "
