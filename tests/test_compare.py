@@ -254,6 +254,101 @@ def test_timing_drops_a_cell_that_fails_midway():
 
 
 # --------------------------------------------------------------------------------------
+# graphopt's own variants (quantized, pruned) and --generate
+
+GRAPHOPT_VARIANTS = ["int8", "int4", "int8-dynamic", "prune-heads", "prune-mlp"]
+NEW_TOKENS = 6
+
+
+def _fails_in_optimize(ctx, backend):
+    raise RuntimeError("deliberate build failure")
+
+
+@pytest.fixture(scope="module")
+def gen_report(hf_folder, tmp_path_factory):
+    keep = tmp_path_factory.mktemp("gen-keep")
+    V.register_variant("gen-broken", backends=("ort",), summary="test: optimize fails", default=False,
+                       optimize_kwargs={"passes": "no-such-pass"})(_fails_in_optimize)
+    try:
+        r = compare([str(hf_folder)], backends=["torch", "ort"],
+                    variants=["fp32", *GRAPHOPT_VARIANTS, "ort-plain", "gen-broken"], batch=2, seqs=[8],
+                    threads=1, timing=QUICK, measure_bandwidth=False, measure_memory=False, generate=NEW_TOKENS,
+                    generate_rounds=2, workdir=str(keep))
+    finally:
+        V.unregister_variant("gen-broken")
+    return r, keep
+
+
+def _hf_logits(hf_folder, feeds):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"])).logits.numpy()
+
+
+def test_graphopt_variants_are_measured_against_pytorch(gen_report, hf_folder):
+    """Every quantized and pruned column: its artifact (kept), run here on compare's feeds, and
+    the transformers model run here directly; the report's error is exactly their distance."""
+    import graphopt
+    from graphopt.compare.run import _make_feeds
+    from graphopt.onnx_io import load_onnx
+
+    report, keep = gen_report
+    feeds = _make_feeds(load_onnx(keep / "export" / "model.onnx"), None, {"batch": 2, "seq": 8})
+    want = _hf_logits(hf_folder, feeds)
+    real = feeds["attention_mask"].astype(bool)
+    for v in GRAPHOPT_VARIANTS:
+        cell = _cell(report, f"ort/{v}")
+        assert cell["status"] == "ok", (v, cell["error"])
+        got = graphopt.load(keep / f"{v}-ort").run(feeds)["logits"]
+        err = float(np.abs(got[real].astype(np.float64) - want[real]).max())
+        assert cell["results"][0]["accuracy"]["max_abs_err"] == pytest.approx(err, rel=1e-3, abs=1e-5), v
+        assert err > 1e-4, v  # each one really changes the model (it is not the fp32 artifact)
+    fp32 = _cell(report, "ort/fp32")["size_bytes"]
+    size = {v: _cell(report, f"ort/{v}")["size_bytes"] for v in GRAPHOPT_VARIANTS}
+    assert size["int4"] < size["int8"] < fp32 and size["prune-mlp"] < fp32 and size["prune-heads"] < fp32
+
+
+def test_generate_times_every_graphopt_cell_and_torch_with_the_same_loop(gen_report, hf_folder):
+    import torch
+    import transformers
+
+    report, _ = gen_report
+    g = report["generation"]
+    assert (g["new_tokens"], g["prompt_tokens"], g["batch"], g["rounds"]) == (NEW_TOKENS, 8, 2, 2)
+    assert g["reference"] == "torch/fp32" and "ort/ort-plain" in g["not_generated"]
+    assert "generation" not in _cell(report, "ort/ort-plain")
+    for cid in ["torch/fp32", "ort/fp32"] + [f"ort/{v}" for v in GRAPHOPT_VARIANTS]:
+        c = _cell(report, cid)["generation"]
+        assert "error" not in c, (cid, c)
+        assert len(c["samples"]["ttft_ms"]) == 2 and c["ttft_ms"] == pytest.approx(np.median(c["samples"]["ttft_ms"]))
+        assert c["decode_tokens_per_s"] > 0 and all(len(t) == NEW_TOKENS for t in c["tokens"])
+    # torch's own loop is right: the same greedy tokens as transformers' generate
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    ids = torch.tensor(_prompts(report, hf_folder))
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                            min_new_tokens=NEW_TOKENS, pad_token_id=0)[:, ids.shape[1]:].tolist()
+    assert _cell(report, "torch/fp32")["generation"]["tokens"] == hf
+    # the fp32 artifact with its KV cache decodes the same tokens as PyTorch
+    assert _cell(report, "ort/fp32")["generation"]["same_tokens"] == NEW_TOKENS
+    broken = _cell(report, "ort/gen-broken")
+    assert broken["status"] == "error" and "deliberate" in broken["error"]
+    assert "no-such-pass" in broken["generation"]["error"]
+
+
+def _prompts(report, hf_folder):
+    """The prompts compare generated from: every row of the largest shape's token ids."""
+    from graphopt.compare.run import _make_feeds
+    from graphopt.models import load_graph
+
+    feeds = _make_feeds(load_graph(str(hf_folder)), None, {"batch": 2, "seq": 8})
+    return feeds["input_ids"].tolist()
+
+
+# --------------------------------------------------------------------------------------
 # The command line
 
 
@@ -304,7 +399,9 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["{m}", "--backends", "torch,gpu"], "unknown backend 'gpu'"),
     (["{m}", "--variants", "fp64"], "unknown variant 'fp64'"),
     (["{m}", "--seq", "8,x"], "--seq: expected whole numbers"),
-    (["{m}", "--generate", "8"], "--generate (time to first token, decode tokens/s) is not implemented"),
+    (["{m}", "--generate", "0"], "--generate must be a positive number of tokens"),
+    (["{m}", "--generate", "40"], "--generate 40 after a prompt of --seq 32 needs 71 positions; the model has 64"),
+    (["{onnx}", "--generate", "4"], "--generate times decoding, which needs a decoder"),
     (["{m}", "--html", "{tmp}"], "is a folder"),
     (["{m}", "--data", "{tmp}/missing.txt"], "missing.txt: no such text file"),
     (["{onnx}", "--data", "{m}/config.json"], "needs the model's tokenizer.json"),
@@ -379,6 +476,38 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
             browser.close()
     assert messages == []
     assert all(u.startswith("file://") for u in requests), requests
+
+
+def test_generation_renders_in_headless_chromium(gen_report, tmp_path):
+    """The generation chart and table show the JSON's numbers; a failed cell shows its error."""
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    report, _ = gen_report
+    page_path = tmp_path / "report.html"
+    page_path.write_text(render_html(report), encoding="utf-8")
+    messages = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: messages.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
+            page.goto(page_path.as_uri())
+            page.wait_for_selector("body[data-rendered='1']", timeout=10_000)
+            assert page.is_visible("#generation-section")
+            ok = [c for c in report["cells"] if "generation" in c and "error" not in c["generation"]]
+            bars = {b.get_attribute("data-cell"): b for b in page.query_selector_all("svg.generation-chart rect.bar")}
+            assert set(bars) == {c["id"] for c in ok}
+            for c in ok:
+                assert bars[c["id"]].bounding_box()["width"] > 0
+                row = f"#generation tr[data-cell='{c['id']}']"
+                assert page.text_content(row + " td.ttft") == f"{c['generation']['ttft_ms']:.2f} ms"
+                assert page.text_content(row + " td.decode-tps") == f"{c['generation']['decode_tokens_per_s']:.1f}"
+            assert "no-such-pass" in page.text_content("#generation tr[data-cell='ort/gen-broken']")
+        finally:
+            browser.close()
+    assert messages == []
 
 
 def test_a_generation_ready_artifact_is_refused_with_the_way_out(tmp_path):

@@ -61,15 +61,19 @@ def torch_generator(ref) -> Generator:
                 out[f"present.{i}.key"], out[f"present.{i}.value"] = k, v
             return out
     elif hasattr(module, "model") and ref.kind == "decoder":  # Hugging Face: its Cache object, passed whole
+        import inspect
+
         layers = 1
         hf = module.model
+        # transformers 5.x names the argument `cache` (`past_key_values` is deprecated there)
+        cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
         def run(feeds):
             past = feeds["past_key_values.0.key"]
             with torch.inference_mode():
                 out = hf(input_ids=torch.from_numpy(feeds["input_ids"]),
-                         attention_mask=torch.from_numpy(feeds["attention_mask"]),
-                         past_key_values=None if isinstance(past, np.ndarray) else past, use_cache=True)
+                         attention_mask=torch.from_numpy(feeds["attention_mask"]), use_cache=True,
+                         **{cache_arg: None if isinstance(past, np.ndarray) else past})
             return {"logits": out.logits.numpy(), "present.0.key": out.past_key_values, "present.0.value": None}
     else:
         raise UserError("no eager generation for this PyTorch model")

@@ -315,6 +315,15 @@ def _peak_memory(ctx, cells, feeds: dict, progress) -> None:
                               {"error": "this cell cannot be loaded on its own in a fresh process"})
 
 
+def generation_kwargs(optimize_kwargs: dict) -> dict:
+    """`optimize` arguments of a variant's generation-ready build: the default pipeline does
+    the KV-cache rewrite itself; a pipeline of the variant's own gets it appended."""
+    kwargs = dict(optimize_kwargs)
+    if kwargs.get("passes"):
+        kwargs["passes"] += ",rewrite-kv-cache,slice-last-token-logits"
+    return kwargs
+
+
 def _generation(ctx, cells, prompts, new_tokens, rounds, progress) -> dict:
     """`--generate`: a generation-ready build of every cell that has one (graphopt's variants
     and eager torch), all timed with the same Generator loop (graphopt.compare.decoding)."""
@@ -329,7 +338,7 @@ def _generation(ctx, cells, prompts, new_tokens, rounds, progress) -> dict:
                 gens[c.id] = decoding.torch_generator(ctx.reference)
                 continue
             path, build_seconds[c.id] = ctx.optimize(f"{c.variant}-gen", c.backend, kv_cache=True,
-                                                     **V.VARIANTS[c.variant].optimize_kwargs)
+                                                     **generation_kwargs(V.VARIANTS[c.variant].optimize_kwargs))
             gens[c.id] = decoding.artifact_generator(ctx, path)
         except Exception as e:  # noqa: BLE001 - a failing cell is reported, the rest go on
             errors[c.id] = describe(e)
