@@ -200,6 +200,23 @@ def test_an_onnx_file_is_measured_against_ort_without_optimizations():
         assert acc["max_abs_err"] < 1e-5 and acc["pooled_cosine"] > 0.99999
 
 
+def test_a_bert_reference_gets_the_segment_ids_the_export_takes(tmp_path):
+    """BERT's export takes token_type_ids (a sentence pair); PyTorch must get the same ones,
+    or every column is off by the segment embedding."""
+    import torch
+    import transformers as tf
+
+    cfg = tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    tf.BertModel(cfg).eval().save_pretrained(tmp_path / "bert")
+    r = compare([str(tmp_path / "bert")], backends=["torch", "ort"], variants=["fp32", "ort-plain"], seqs=[8],
+                threads=1, timing=QUICK, measure_bandwidth=False, measure_memory=False)
+    for cid in ("ort/fp32", "ort/ort-plain"):
+        acc = _cell(r, cid)["results"][0]["accuracy"]
+        assert acc["max_abs_err"] < 1e-4 and acc["pooled_cosine"] > 0.99999
+
+
 def test_accuracy_against_pytorch_without_a_torch_column(hf_folder, test_variants):
     r = compare([str(hf_folder)], backends=["ort"], variants=["shift2"], batch=1, seqs=[8], threads=1,
                 timing=QUICK, measure_bandwidth=False)
