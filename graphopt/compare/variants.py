@@ -3,12 +3,12 @@
 A variant is a name (`fp32`, `ort-plain`, ...), the backends it exists on, and a builder
 `build(ctx, backend) -> Runner`. Builders make what they time (an artifact folder, an ORT
 session, the eager module) from the shared `BuildContext`, which exports the model once.
-New variants (graphopt's quantized, pruned, KV-cache ones) register here the same way:
+A graphopt variant is `graphopt optimize` with some options, one line:
 
-    @register_variant("int8", backends=("ort", "tvm"), summary="graphopt int8 weights")
-    def build_int8(ctx, backend):
-        art = ctx.optimize("int8", backend, passes="...,quantize-weights{bits=8}")
-        return ctx.artifact_runner(art)
+    register_optimized("int8-b64", "graphopt int8, block 64", quantize="int8:64")
+
+(its `optimize_kwargs` are also what `--generate` builds the generation-ready artifact from);
+any other builder registers with `@register_variant(name, backends=..., summary=...)`.
 
 A builder that raises makes its cell an error (shown in the report); the others still run.
 """
