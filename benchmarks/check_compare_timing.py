@@ -34,7 +34,8 @@ def model_file(cell: dict) -> Path:
 
 
 def session(path: Path, settings: dict):
-    """A plain ORT session with the settings the compare report states for the cell."""
+    """A plain ORT session with the settings the compare report states for the cell (written
+    here, not imported from graphopt.compare: the check shares only the stated settings)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -3,6 +3,7 @@ against another variant), failing cells reported beside working ones, interleave
 the CLI's outputs, and the HTML page rendered in a real headless browser."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -450,14 +451,15 @@ def _browser_or_skip():
         pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
 
 
-def test_html_renders_in_headless_chromium(report, tmp_path):
+@contextlib.contextmanager
+def _rendered_page(report, tmp_path, messages: list, requests: list):
+    """The report's HTML page open in headless Chromium, drawn; console errors and warnings
+    and page errors go to `messages`, every URL the page asks for to `requests`."""
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
 
     page_path = tmp_path / "report.html"
     page_path.write_text(render_html(report), encoding="utf-8")
-    ok_cells = [c for c in report["cells"] if c["status"] == "ok"]
-    messages, requests = [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -467,63 +469,56 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
             page.on("request", lambda r: requests.append(r.url))
             page.goto(page_path.as_uri())
             page.wait_for_selector("body[data-rendered='1']", timeout=10_000)
-            charts = page.query_selector_all("svg.latency-chart")
-            assert len(charts) == 2
-            for svg in charts + page.query_selector_all("svg.scatter-chart"):
-                box = svg.bounding_box()
-                assert box and box["width"] > 100 and box["height"] > 50
-            bars = page.query_selector_all("svg.latency-chart rect.bar")
-            assert len(bars) == sum(1 for c in ok_cells for r in c["results"] if "p50_ms" in r)
-            for bar in bars:
-                assert bar.bounding_box()["width"] > 0
-            # The page shows the JSON's numbers: every p50 label, from the embedded report.
-            labels = {(l.get_attribute("data-cell"), l.evaluate("e => e.closest('svg').dataset.shape")): l.text_content()
-                      for l in page.query_selector_all("text.p50-label")}
-            for c in ok_cells:
-                for r in c["results"]:
-                    if "p50_ms" in r:
-                        assert labels[(c["id"], f"{r['batch']}x{r['seq']}")].startswith(f"{r['p50_ms']:.2f}")
-            at_largest = [c for c in ok_cells if "p50_ms" in c["results"][-1]]
-            assert len(page.query_selector_all("svg.scatter-chart circle.point")) == len(at_largest)
-            row = page.query_selector("#accuracy tr[data-cell='ort/broken']").text_content()
-            assert "deliberate build failure" in row
-            shift = page.query_selector("#accuracy tr[data-cell='ort/shift'] td.max-abs-err").text_content()
-            assert shift == "2.5e-1"
+            yield page
         finally:
             browser.close()
+
+
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    ok_cells = [c for c in report["cells"] if c["status"] == "ok"]
+    messages, requests = [], []
+    with _rendered_page(report, tmp_path, messages, requests) as page:
+        charts = page.query_selector_all("svg.latency-chart")
+        assert len(charts) == 2
+        for svg in charts + page.query_selector_all("svg.scatter-chart"):
+            box = svg.bounding_box()
+            assert box and box["width"] > 100 and box["height"] > 50
+        bars = page.query_selector_all("svg.latency-chart rect.bar")
+        assert len(bars) == sum(1 for c in ok_cells for r in c["results"] if "p50_ms" in r)
+        for bar in bars:
+            assert bar.bounding_box()["width"] > 0
+        # The page shows the JSON's numbers: every p50 label, from the embedded report.
+        labels = {(l.get_attribute("data-cell"), l.evaluate("e => e.closest('svg').dataset.shape")): l.text_content()
+                  for l in page.query_selector_all("text.p50-label")}
+        for c in ok_cells:
+            for r in c["results"]:
+                if "p50_ms" in r:
+                    assert labels[(c["id"], f"{r['batch']}x{r['seq']}")].startswith(f"{r['p50_ms']:.2f}")
+        at_largest = [c for c in ok_cells if "p50_ms" in c["results"][-1]]
+        assert len(page.query_selector_all("svg.scatter-chart circle.point")) == len(at_largest)
+        row = page.query_selector("#accuracy tr[data-cell='ort/broken']").text_content()
+        assert "deliberate build failure" in row
+        shift = page.query_selector("#accuracy tr[data-cell='ort/shift'] td.max-abs-err").text_content()
+        assert shift == "2.5e-1"
     assert messages == []
     assert all(u.startswith("file://") for u in requests), requests
 
 
 def test_generation_renders_in_headless_chromium(gen_report, tmp_path):
     """The generation chart and table show the JSON's numbers; a failed cell shows its error."""
-    _browser_or_skip()
-    from playwright.sync_api import sync_playwright
-
     report, _ = gen_report
-    page_path = tmp_path / "report.html"
-    page_path.write_text(render_html(report), encoding="utf-8")
     messages = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: messages.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
-            page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
-            page.goto(page_path.as_uri())
-            page.wait_for_selector("body[data-rendered='1']", timeout=10_000)
-            assert page.is_visible("#generation-section")
-            ok = [c for c in report["cells"] if "generation" in c and "error" not in c["generation"]]
-            bars = {b.get_attribute("data-cell"): b for b in page.query_selector_all("svg.generation-chart rect.bar")}
-            assert set(bars) == {c["id"] for c in ok}
-            for c in ok:
-                assert bars[c["id"]].bounding_box()["width"] > 0
-                row = f"#generation tr[data-cell='{c['id']}']"
-                assert page.text_content(row + " td.ttft") == f"{c['generation']['ttft_ms']:.2f} ms"
-                assert page.text_content(row + " td.decode-tps") == f"{c['generation']['decode_tokens_per_s']:.1f}"
-            assert "no-such-pass" in page.text_content("#generation tr[data-cell='ort/gen-broken']")
-        finally:
-            browser.close()
+    with _rendered_page(report, tmp_path, messages, []) as page:
+        assert page.is_visible("#generation-section")
+        ok = [c for c in report["cells"] if "generation" in c and "error" not in c["generation"]]
+        bars = {b.get_attribute("data-cell"): b for b in page.query_selector_all("svg.generation-chart rect.bar")}
+        assert set(bars) == {c["id"] for c in ok}
+        for c in ok:
+            assert bars[c["id"]].bounding_box()["width"] > 0
+            row = f"#generation tr[data-cell='{c['id']}']"
+            assert page.text_content(row + " td.ttft") == f"{c['generation']['ttft_ms']:.2f} ms"
+            assert page.text_content(row + " td.decode-tps") == f"{c['generation']['decode_tokens_per_s']:.1f}"
+        assert "no-such-pass" in page.text_content("#generation tr[data-cell='ort/gen-broken']")
     assert messages == []
 
 
