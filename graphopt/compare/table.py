@@ -59,17 +59,14 @@ def render(report: dict, console=None) -> None:
     from rich.table import Table
 
     if console is None:
-        # A narrower console would cut numbers short ("12.3…"); lines may wrap instead.
         console = Console()
-        if console.width < MIN_WIDTH:
-            console = Console(width=MIN_WIDTH)
     decoder = report["model"]["kind"] == "decoder"
     s = report["settings"]
     title = (f"graphopt compare: {report['model']['source'] or ', '.join(report['model']['arguments'])}  "
              f"(threads {s['threads']}; ratio = {report['baseline']} p50 / p50, higher is faster)")
     t = Table(title=title, title_justify="left", show_lines=False, caption="p90/p99 at the largest shape; "
-              "accuracy: the worst over the shapes; peak memory of a fresh process per cell (what loading "
-              "the cell and one run added to it)", caption_justify="left")
+              "accuracy: the worst over the shapes; peak memory: a fresh process per cell, loaded and run once "
+              "(the JSON also has what the cell added over its runtime)", caption_justify="left")
     t.add_column("backend/variant", no_wrap=True)
     shapes = [(r["batch"], r["seq"]) for r in report["cells"][0]["results"]] if report["cells"] else []
     for b, q in shapes:
@@ -81,11 +78,11 @@ def render(report: dict, console=None) -> None:
         t.add_column("ppl", justify="right")
     gen = report.get("generation")
     if gen:
-        t.add_column("TTFT ms", justify="right")
-        t.add_column("decode tok/s", justify="right")
+        t.add_column("TTFT ms", justify="right", no_wrap=True)
+        t.add_column("decode tok/s", justify="right", no_wrap=True)
     t.add_column("size", justify="right")
     t.add_column("build", justify="right")
-    t.add_column("peak mem (load+run)", justify="right")
+    t.add_column("peak mem", justify="right", no_wrap=True)
     for c in report["cells"]:
         name = c["id"] + (" [dim](anchor)[/]" if c["anchor"] else "")
         if c["status"] == "error":
@@ -113,9 +110,12 @@ def render(report: dict, console=None) -> None:
         row.append(fmt_bytes(c["size_bytes"]))
         row.append("-" if c["build_seconds"] is None else f"{c['build_seconds']:.1f} s")
         mem = c.get("memory") or {}
-        row.append("[red]failed[/]" if "error" in mem else "-" if not mem else
-                   f"{fmt_bytes(mem['peak_bytes'])} ({fmt_bytes(mem['model_and_run_bytes'])})")
+        row.append("[red]failed[/]" if "error" in mem else fmt_bytes(mem.get("peak_bytes")))
         t.add_row(*row)
+    # A narrower console would cut numbers short ("12.3…"): lines wrap instead.
+    need = max(MIN_WIDTH, Console(width=1000).measure(t).maximum)
+    if console.width < need:
+        console = Console(width=need)
     console.print(t)
     m = report["machine"]
     bw = m.get("memory_bandwidth", {}).get("read_gb_s")
