@@ -74,7 +74,8 @@ def torch_generator(ref) -> Generator:
                 out = hf(input_ids=torch.from_numpy(feeds["input_ids"]),
                          attention_mask=torch.from_numpy(feeds["attention_mask"]), use_cache=True,
                          **{cache_arg: None if isinstance(past, np.ndarray) else past})
-            return {"logits": out.logits.numpy(), "present.0.key": out.past_key_values, "present.0.value": None}
+            cache = getattr(out, cache_arg)
+            return {"logits": out.logits.numpy(), "present.0.key": cache, "present.0.value": None}
     else:
         raise UserError("no eager generation for this PyTorch model")
     # Only the layer count and the mask's dtype matter: the empty cache only says "no past".

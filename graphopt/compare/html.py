@@ -255,7 +255,8 @@ _JS = r"""
       let v = obj[k];
       if (v === null || v === undefined) continue;
       if (Array.isArray(v)) v = v.join(", ");
-      else if (typeof v === "object") v = Object.entries(v).map(([a, b]) => `${a}: ${b}`).join("; ");
+      else if (typeof v === "object") v = Object.entries(v).map(([a, b]) =>
+        `${a}: ${b !== null && typeof b === "object" ? JSON.stringify(b) : b}`).join("; ");
       const tr = h("tr");
       tr.appendChild(h("td", k));
       const td = h("td", String(v));

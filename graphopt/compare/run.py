@@ -290,6 +290,7 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
                      "interleaving": "rounds over every cell, rotating start; untimed runs (one at least, "
                                      "switch_time seconds at least) at each visit before its timed block",
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "data": data,
+                     "ort_session": V.ort_settings(ctx.threads),
                      "inputs": "graphopt.sample_inputs (seed 0): token ids in the vocabulary, "
                                "attention masks with the first row left-padded by a third"},
         "machine": machine,
