@@ -199,7 +199,7 @@ _JS = r"""
       }
       t.appendChild(tr);
     });
-    $("generation-note").textContent = `Prompt: ${G.batch} x ${G.prompt_tokens} tokens. ${G.how}.`;
+    $("generation-note").textContent = `Prompt: ${G.batch} x ${G.prompt_tokens} tokens; ${G.how}.`;
   })();
 
   // Latency vs accuracy at the largest shape: the trade-off a user chooses from.
