@@ -357,6 +357,21 @@ def test_generate_times_every_graphopt_cell_and_torch_with_the_same_loop(gen_rep
     assert "no-such-pass" in broken["generation"]["error"]
 
 
+def test_tvm_is_a_backend_of_graphopt_variants_with_generation_and_memory(hf_folder):
+    """TVM (untuned) cells: accuracy against PyTorch, peak memory from a fresh process, and
+    generation-ready builds that decode PyTorch's greedy tokens."""
+    pytest.importorskip("tvm")
+    r = compare([str(hf_folder)], backends=["torch", "tvm"], variants=["fp32", "int8"], seqs=[8], threads=1,
+                timing=QUICK, measure_bandwidth=False, generate=3, generate_rounds=1)
+    assert [c["id"] for c in r["cells"]] == ["torch/fp32", "tvm/fp32", "tvm/int8"]
+    fp32, int8 = _cell(r, "tvm/fp32"), _cell(r, "tvm/int8")
+    assert fp32["results"][0]["accuracy"]["max_abs_err"] < 1e-4
+    assert 1e-5 < int8["results"][0]["accuracy"]["max_abs_err"] < 0.1  # int8 weights: changed, a little
+    for c in (fp32, int8):
+        assert c["memory"]["model_and_run_bytes"] > 0 and c["memory"]["peak_bytes"] > c["memory"]["runtime_bytes"]
+    assert fp32["generation"]["same_tokens"] == 3 and fp32["generation"]["decode_tokens_per_s"] > 0
+
+
 def _prompts(report, hf_folder):
     """The prompts compare generated from: every row of the largest shape's token ids."""
     from graphopt.compare.run import _make_feeds
