@@ -76,7 +76,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         keep, out = Path(tmp) / "keep", Path(tmp) / "compare.json"
         cmd = [sys.executable, "-m", "graphopt", "compare", args.model, "--backends", "ort", "--seq", str(args.seq),
-               "--batch", str(args.batch), "--threads", str(args.threads), "--keep", str(keep), "--json", str(out), "-q"]
+               "--batch", str(args.batch), "--threads", str(args.threads), "--keep", str(keep), "--json", str(out), "-q", "--no-memory"]
         if args.quick:
             cmd += ["--runs", "5", "--min-time", "0.2"]
         else:
