@@ -29,6 +29,7 @@ demo: setup
 	$(BIN)/graphopt generate examples/default --prompt "def " --max-new-tokens 80
 	$(BIN)/graphopt generate build/demo/default --prompt "def " --max-new-tokens 80
 	$(BIN)/graphopt compare examples/default --seq 32,128 --runs 10 --min-time 0.5 \
+		--variants fp32,int4,ort-plain,ort-optimizer,ort-int8 --generate 32 \
 		--data examples/default/val.txt --data-tokens 2048 \
 		--json build/demo/compare.json --html build/demo/compare.html
 

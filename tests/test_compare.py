@@ -3,6 +3,7 @@ against another variant), failing cells reported beside working ones, interleave
 the CLI's outputs, and the HTML page rendered in a real headless browser."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,7 +116,7 @@ def test_report_structure(report):
         if c["status"] != "ok":
             continue
         assert [(r["batch"], r["seq"]) for r in c["results"]] == [(2, 8), (2, 16)]
-        assert c["size_bytes"] > 0 and c["memory"]["how"]
+        assert c["size_bytes"] > 0
         for r in c["results"]:
             if "error" in r:
                 continue
@@ -126,6 +127,18 @@ def test_report_structure(report):
             assert r["tokens_per_s"] == pytest.approx(2 * r["seq"] / r["p50_ms"] * 1e3)
     assert _cell(report, "ort/fp32")["build_seconds"] > 0
     json.dumps(report, allow_nan=False)  # JSON-ready as it is
+
+
+def test_peak_memory_comes_from_a_fresh_process_per_cell(report):
+    for cid in ("torch/fp32", "ort/fp32", "ort/ort-plain"):
+        mem = _cell(report, cid)["memory"]
+        assert "fresh process" in mem["how"]
+        assert mem["peak_bytes"] == mem["runtime_bytes"] + mem["model_and_run_bytes"]
+        # the loaded weights are resident: what loading added is at least the weights' size
+        assert mem["model_and_run_bytes"] >= 0.9 * _cell(report, "torch/fp32")["size_bytes"]
+    # a runner made in this process only (the test variants) cannot be loaded elsewhere: said so
+    assert "cannot be loaded" in _cell(report, "ort/shift")["memory"]["error"]
+    assert _cell(report, "ort/broken")["memory"] is None
 
 
 def test_accuracy_is_measured_against_pytorch(report):
@@ -188,6 +201,23 @@ def test_an_onnx_file_is_measured_against_ort_without_optimizations():
         assert acc["max_abs_err"] < 1e-5 and acc["pooled_cosine"] > 0.99999
 
 
+def test_a_bert_reference_gets_the_segment_ids_the_export_takes(tmp_path):
+    """BERT's export takes token_type_ids (a sentence pair); PyTorch must get the same ones,
+    or every column is off by the segment embedding."""
+    import torch
+    import transformers as tf
+
+    cfg = tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    tf.BertModel(cfg).eval().save_pretrained(tmp_path / "bert")
+    r = compare([str(tmp_path / "bert")], backends=["torch", "ort"], variants=["fp32", "ort-plain"], seqs=[8],
+                threads=1, timing=QUICK, measure_bandwidth=False, measure_memory=False)
+    for cid in ("ort/fp32", "ort/ort-plain"):
+        acc = _cell(r, cid)["results"][0]["accuracy"]
+        assert acc["max_abs_err"] < 1e-4 and acc["pooled_cosine"] > 0.99999
+
+
 def test_accuracy_against_pytorch_without_a_torch_column(hf_folder, test_variants):
     r = compare([str(hf_folder)], backends=["ort"], variants=["shift2"], batch=1, seqs=[8], threads=1,
                 timing=QUICK, measure_bandwidth=False)
@@ -242,6 +272,116 @@ def test_timing_drops_a_cell_that_fails_midway():
 
 
 # --------------------------------------------------------------------------------------
+# graphopt's own variants (quantized, pruned) and --generate
+
+GRAPHOPT_VARIANTS = ["int8", "int4", "int8-dynamic", "prune-heads", "prune-mlp"]
+NEW_TOKENS = 6
+
+
+def _fails_in_optimize(ctx, backend):
+    raise RuntimeError("deliberate build failure")
+
+
+@pytest.fixture(scope="module")
+def gen_report(hf_folder, tmp_path_factory):
+    keep = tmp_path_factory.mktemp("gen-keep")
+    V.register_variant("gen-broken", backends=("ort",), summary="test: optimize fails", default=False,
+                       optimize_kwargs={"passes": "no-such-pass"})(_fails_in_optimize)
+    try:
+        r = compare([str(hf_folder)], backends=["torch", "ort"],
+                    variants=["fp32", *GRAPHOPT_VARIANTS, "ort-plain", "gen-broken"], batch=2, seqs=[8],
+                    threads=1, timing=QUICK, measure_bandwidth=False, measure_memory=False, generate=NEW_TOKENS,
+                    generate_rounds=2, workdir=str(keep))
+    finally:
+        V.unregister_variant("gen-broken")
+    return r, keep
+
+
+def _hf_logits(hf_folder, feeds):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"])).logits.numpy()
+
+
+def test_graphopt_variants_are_measured_against_pytorch(gen_report, hf_folder):
+    """Every quantized and pruned column: its artifact (kept), run here on compare's feeds, and
+    the transformers model run here directly; the report's error is exactly their distance."""
+    import graphopt
+    from graphopt.compare.run import _make_feeds
+    from graphopt.onnx_io import load_onnx
+
+    report, keep = gen_report
+    feeds = _make_feeds(load_onnx(keep / "export" / "model.onnx"), None, {"batch": 2, "seq": 8})
+    want = _hf_logits(hf_folder, feeds)
+    real = feeds["attention_mask"].astype(bool)
+    for v in GRAPHOPT_VARIANTS:
+        cell = _cell(report, f"ort/{v}")
+        assert cell["status"] == "ok", (v, cell["error"])
+        got = graphopt.load(keep / f"{v}-ort").run(feeds)["logits"]
+        err = float(np.abs(got[real].astype(np.float64) - want[real]).max())
+        assert cell["results"][0]["accuracy"]["max_abs_err"] == pytest.approx(err, rel=1e-3, abs=1e-5), v
+        assert err > 1e-4, v  # each one really changes the model (it is not the fp32 artifact)
+    fp32 = _cell(report, "ort/fp32")["size_bytes"]
+    size = {v: _cell(report, f"ort/{v}")["size_bytes"] for v in GRAPHOPT_VARIANTS}
+    assert size["int4"] < size["int8"] < fp32 and size["prune-mlp"] < fp32 and size["prune-heads"] < fp32
+
+
+def test_generate_times_every_graphopt_cell_and_torch_with_the_same_loop(gen_report, hf_folder):
+    import torch
+    import transformers
+
+    report, _ = gen_report
+    g = report["generation"]
+    assert (g["new_tokens"], g["prompt_tokens"], g["batch"], g["rounds"]) == (NEW_TOKENS, 8, 2, 2)
+    assert g["reference"] == "torch/fp32" and "ort/ort-plain" in g["not_generated"]
+    assert "generation" not in _cell(report, "ort/ort-plain")
+    for cid in ["torch/fp32", "ort/fp32"] + [f"ort/{v}" for v in GRAPHOPT_VARIANTS]:
+        c = _cell(report, cid)["generation"]
+        assert "error" not in c, (cid, c)
+        assert len(c["samples"]["ttft_ms"]) == 2 and c["ttft_ms"] == pytest.approx(np.median(c["samples"]["ttft_ms"]))
+        assert c["decode_tokens_per_s"] > 0 and all(len(t) == NEW_TOKENS for t in c["tokens"])
+    # torch's own loop is right: the same greedy tokens as transformers' generate
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    ids = torch.tensor(_prompts(report, hf_folder))
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                            min_new_tokens=NEW_TOKENS, pad_token_id=0)[:, ids.shape[1]:].tolist()
+    assert _cell(report, "torch/fp32")["generation"]["tokens"] == hf
+    # the fp32 artifact with its KV cache decodes the same tokens as PyTorch
+    assert _cell(report, "ort/fp32")["generation"]["same_tokens"] == NEW_TOKENS
+    broken = _cell(report, "ort/gen-broken")
+    assert broken["status"] == "error" and "deliberate" in broken["error"]
+    assert "no-such-pass" in broken["generation"]["error"]
+
+
+def test_tvm_is_a_backend_of_graphopt_variants_with_generation_and_memory(hf_folder):
+    """TVM (untuned) cells: accuracy against PyTorch, peak memory from a fresh process, and
+    generation-ready builds that decode PyTorch's greedy tokens."""
+    pytest.importorskip("tvm")
+    r = compare([str(hf_folder)], backends=["torch", "tvm"], variants=["fp32", "int8"], seqs=[8], threads=1,
+                timing=QUICK, measure_bandwidth=False, generate=3, generate_rounds=1)
+    assert [c["id"] for c in r["cells"]] == ["torch/fp32", "tvm/fp32", "tvm/int8"]
+    fp32, int8 = _cell(r, "tvm/fp32"), _cell(r, "tvm/int8")
+    assert fp32["results"][0]["accuracy"]["max_abs_err"] < 1e-4
+    assert 1e-5 < int8["results"][0]["accuracy"]["max_abs_err"] < 0.1  # int8 weights: changed, a little
+    for c in (fp32, int8):
+        assert c["memory"]["model_and_run_bytes"] > 0 and c["memory"]["peak_bytes"] > c["memory"]["runtime_bytes"]
+    assert fp32["generation"]["same_tokens"] == 3 and fp32["generation"]["decode_tokens_per_s"] > 0
+
+
+def _prompts(report, hf_folder):
+    """The prompts compare generated from: every row of the largest shape's token ids."""
+    from graphopt.compare.run import _make_feeds
+    from graphopt.models import load_graph
+
+    feeds = _make_feeds(load_graph(str(hf_folder)), None, {"batch": 2, "seq": 8})
+    return feeds["input_ids"].tolist()
+
+
+# --------------------------------------------------------------------------------------
 # The command line
 
 
@@ -292,7 +432,9 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["{m}", "--backends", "torch,gpu"], "unknown backend 'gpu'"),
     (["{m}", "--variants", "fp64"], "unknown variant 'fp64'"),
     (["{m}", "--seq", "8,x"], "--seq: expected whole numbers"),
-    (["{m}", "--generate", "8"], "--generate (time to first token, decode tokens/s) is not implemented"),
+    (["{m}", "--generate", "0"], "--generate must be a positive number of tokens"),
+    (["{m}", "--generate", "40"], "--generate 40 after a prompt of --seq 32 needs 71 positions; the model has 64"),
+    (["{onnx}", "--generate", "4"], "--generate times decoding, which needs a decoder"),
     (["{m}", "--html", "{tmp}"], "is a folder"),
     (["{m}", "--data", "{tmp}/missing.txt"], "missing.txt: no such text file"),
     (["{onnx}", "--data", "{m}/config.json"], "needs the model's tokenizer.json"),
@@ -324,14 +466,15 @@ def _browser_or_skip():
         pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
 
 
-def test_html_renders_in_headless_chromium(report, tmp_path):
+@contextlib.contextmanager
+def _rendered_page(report, tmp_path, messages: list, requests: list):
+    """The report's HTML page open in headless Chromium, drawn; console errors and warnings
+    and page errors go to `messages`, every URL the page asks for to `requests`."""
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
 
     page_path = tmp_path / "report.html"
     page_path.write_text(render_html(report), encoding="utf-8")
-    ok_cells = [c for c in report["cells"] if c["status"] == "ok"]
-    messages, requests = [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -341,32 +484,57 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
             page.on("request", lambda r: requests.append(r.url))
             page.goto(page_path.as_uri())
             page.wait_for_selector("body[data-rendered='1']", timeout=10_000)
-            charts = page.query_selector_all("svg.latency-chart")
-            assert len(charts) == 2
-            for svg in charts + page.query_selector_all("svg.scatter-chart"):
-                box = svg.bounding_box()
-                assert box and box["width"] > 100 and box["height"] > 50
-            bars = page.query_selector_all("svg.latency-chart rect.bar")
-            assert len(bars) == sum(1 for c in ok_cells for r in c["results"] if "p50_ms" in r)
-            for bar in bars:
-                assert bar.bounding_box()["width"] > 0
-            # The page shows the JSON's numbers: every p50 label, from the embedded report.
-            labels = {(l.get_attribute("data-cell"), l.evaluate("e => e.closest('svg').dataset.shape")): l.text_content()
-                      for l in page.query_selector_all("text.p50-label")}
-            for c in ok_cells:
-                for r in c["results"]:
-                    if "p50_ms" in r:
-                        assert labels[(c["id"], f"{r['batch']}x{r['seq']}")].startswith(f"{r['p50_ms']:.2f}")
-            at_largest = [c for c in ok_cells if "p50_ms" in c["results"][-1]]
-            assert len(page.query_selector_all("svg.scatter-chart circle.point")) == len(at_largest)
-            row = page.query_selector("#accuracy tr[data-cell='ort/broken']").text_content()
-            assert "deliberate build failure" in row
-            shift = page.query_selector("#accuracy tr[data-cell='ort/shift'] td.max-abs-err").text_content()
-            assert shift == "2.5e-1"
+            yield page
         finally:
             browser.close()
+
+
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    ok_cells = [c for c in report["cells"] if c["status"] == "ok"]
+    messages, requests = [], []
+    with _rendered_page(report, tmp_path, messages, requests) as page:
+        charts = page.query_selector_all("svg.latency-chart")
+        assert len(charts) == 2
+        for svg in charts + page.query_selector_all("svg.scatter-chart"):
+            box = svg.bounding_box()
+            assert box and box["width"] > 100 and box["height"] > 50
+        bars = page.query_selector_all("svg.latency-chart rect.bar")
+        assert len(bars) == sum(1 for c in ok_cells for r in c["results"] if "p50_ms" in r)
+        for bar in bars:
+            assert bar.bounding_box()["width"] > 0
+        # The page shows the JSON's numbers: every p50 label, from the embedded report.
+        labels = {(l.get_attribute("data-cell"), l.evaluate("e => e.closest('svg').dataset.shape")): l.text_content()
+                  for l in page.query_selector_all("text.p50-label")}
+        for c in ok_cells:
+            for r in c["results"]:
+                if "p50_ms" in r:
+                    assert labels[(c["id"], f"{r['batch']}x{r['seq']}")].startswith(f"{r['p50_ms']:.2f}")
+        at_largest = [c for c in ok_cells if "p50_ms" in c["results"][-1]]
+        assert len(page.query_selector_all("svg.scatter-chart circle.point")) == len(at_largest)
+        row = page.query_selector("#accuracy tr[data-cell='ort/broken']").text_content()
+        assert "deliberate build failure" in row
+        shift = page.query_selector("#accuracy tr[data-cell='ort/shift'] td.max-abs-err").text_content()
+        assert shift == "2.5e-1"
     assert messages == []
     assert all(u.startswith("file://") for u in requests), requests
+
+
+def test_generation_renders_in_headless_chromium(gen_report, tmp_path):
+    """The generation chart and table show the JSON's numbers; a failed cell shows its error."""
+    report, _ = gen_report
+    messages = []
+    with _rendered_page(report, tmp_path, messages, []) as page:
+        assert page.is_visible("#generation-section")
+        ok = [c for c in report["cells"] if "generation" in c and "error" not in c["generation"]]
+        bars = {b.get_attribute("data-cell"): b for b in page.query_selector_all("svg.generation-chart rect.bar")}
+        assert set(bars) == {c["id"] for c in ok}
+        for c in ok:
+            assert bars[c["id"]].bounding_box()["width"] > 0
+            row = f"#generation tr[data-cell='{c['id']}']"
+            assert page.text_content(row + " td.ttft") == f"{c['generation']['ttft_ms']:.2f} ms"
+            assert page.text_content(row + " td.decode-tps") == f"{c['generation']['decode_tokens_per_s']:.1f}"
+        assert "no-such-pass" in page.text_content("#generation tr[data-cell='ort/gen-broken']")
+    assert messages == []
 
 
 def test_a_generation_ready_artifact_is_refused_with_the_way_out(tmp_path):

@@ -39,9 +39,10 @@ LAYERS = [
 # train/ knows nothing of the compiler: it may import only the base layer.
 TRAIN = ("graphopt.train", "graphopt.train.")
 # The core may defer an import of its own modules only to keep a command fast to start (the
-# CLI, its command modules and the lazy top-level API). Everything else imports at module level.
+# CLI, its command modules and the lazy top-level API), or, in compare's memory child process,
+# to import only the runtime of the cell it measures. Everything else imports at module level.
 DEFERRED_OK = {"graphopt", "graphopt.cli", "graphopt.compare", "graphopt.compare.command",
-               "graphopt.generation_cli"}
+               "graphopt.compare.memory", "graphopt.generation_cli"}
 
 
 def module_name(path: Path) -> str:

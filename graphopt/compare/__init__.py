@@ -2,8 +2,9 @@
 
 `compare(models, backends=..., variants=...)` builds every backend x variant cell (the
 variant registry in `variants`), times them interleaved on the same feeds (`timing`),
-measures accuracy against eager fp32 PyTorch (`accuracy`, `reference`), records the machine
-(`machine`) and returns the report as a JSON-ready dict; `table` renders it for the
+measures accuracy against eager fp32 PyTorch (`accuracy`, `reference`), peak memory in a
+fresh process per cell (`memory`), time to first token and decode tokens/s with `--generate`
+(`decoding`), records the machine (`machine`) and returns the report as a JSON-ready dict; `table` renders it for the
 terminal, `html` as one self-contained page, `command` is the `graphopt compare` CLI.
 Importing the package is cheap: the names below load their modules on first use.
 """

@@ -93,13 +93,17 @@ class RichProgress:
               help="The PyTorch model accuracy is measured against [default: MODEL, or the artifacts' source].")
 @click.option("--keep", "keep_dir", type=click.Path(path_type=str), default=None,
               help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself).")
-@click.option("--generate", type=int, default=None, metavar="N", help="Time N decode tokens (not yet available).")
+@click.option("--generate", type=int, default=None, metavar="N",
+              help="Also time greedy generation of N new tokens after a prompt of the largest --seq: time to "
+                   "first token and decode tokens/s (decoders; builds each variant again with its KV cache).")
+@click.option("--no-memory", is_flag=True,
+              help="Skip peak memory (it loads each cell again in a fresh process, one at a time).")
 @click.option("--json", "json_file", type=click.Path(path_type=str), default=None, help="Write the report (every sample) as JSON.")
 @click.option("--html", "html_file", type=click.Path(path_type=str), default=None,
               help="Write the report as one self-contained HTML page (opens offline).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def compare(models, backends, variants, list_variants, batch, seqs, threads, runs, min_time, warmup, data, data_tokens,
-            reference, keep_dir, generate, json_file, html_file, quiet):
+            reference, keep_dir, generate, no_memory, json_file, html_file, quiet):
     """Time and check MODEL on every backend x variant: p50/p90/p99 latency, throughput,
     memory, size, build time, and accuracy against eager fp32 PyTorch.
 
@@ -114,6 +118,7 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
       graphopt compare examples/default --variants fp32,ort-plain --threads 1 --json report.json
       graphopt compare out/fp32 out/int8 --reference examples/default
       graphopt compare hf-model/ --backends torch,ort,tvm --data val.txt
+      graphopt compare examples/default --variants fp32,int8,int4,prune-mlp --generate 64
     """
     from graphopt.compare import variants as V
 
@@ -125,9 +130,6 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
         return
     if not models:
         raise UserError("give a MODEL (anything `graphopt optimize` takes) or artifact folders; see --help")
-    if generate is not None:
-        raise UserError("--generate (time to first token, decode tokens/s) is not implemented in compare yet; "
-                        "graphopt generate OUT --prompt TEXT prints both for one artifact")
     if runs < 1 or min_time < 0 or warmup < 0 or data_tokens < 2:
         raise UserError("--runs and --data-tokens must be positive, --min-time and --warmup not negative")
     _check_output("--json", json_file)
@@ -145,7 +147,7 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
                              seqs=_ints("--seq", seqs), threads=threads,
                              timing=TimingSettings(warmup=warmup, min_runs=runs, min_time=min_time),
                              data=data, data_tokens=data_tokens, reference=reference, workdir=keep_dir,
-                             progress=progress)
+                             progress=progress, measure_memory=not no_memory, generate=generate)
     finally:
         if progress is not None:
             progress.close()

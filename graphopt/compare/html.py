@@ -113,7 +113,7 @@ _JS = r"""
   const acc = $("accuracy");
   const head = ["backend/variant", "max |Δ| vs ref", decoder ? "top-1 agreement" : "pooled cosine"];
   if (R.perplexity) head.push("perplexity");
-  head.push("size", "build", "memory");
+  head.push("size", "build", "peak memory", "model + run");
   const thead = h("tr");
   head.forEach((t) => thead.appendChild(h("th", t)));
   acc.appendChild(thead);
@@ -140,7 +140,9 @@ _JS = r"""
     }
     tr.appendChild(h("td", fmtBytes(c.size_bytes)));
     tr.appendChild(h("td", c.build_seconds === null ? "-" : c.build_seconds.toFixed(1) + " s"));
-    tr.appendChild(h("td", fmtBytes(c.memory && c.memory.rss_growth_bytes)));
+    const mem = c.memory || {};
+    tr.appendChild(h("td", mem.error ? "-" : fmtBytes(mem.peak_bytes), "peak-memory"));
+    tr.appendChild(h("td", mem.error ? mem.error : fmtBytes(mem.model_and_run_bytes), mem.error ? "err" : ""));
     acc.appendChild(tr);
   });
   if (R.perplexity && R.perplexity.reference !== undefined) {
@@ -148,7 +150,57 @@ _JS = r"""
       `${R.perplexity.data} (${R.perplexity.tokens} tokens, windows of ${R.perplexity.window}). `;
   }
   $("accuracy-note").textContent += "Errors are the worst over the shapes, on unpadded positions. " +
-    "Memory: " + ((cells.find((c) => c.memory) || {}).memory || {how: "-"}).how + ".";
+    "Memory: " + ((cells.find((c) => c.memory && c.memory.how) || {}).memory || {how: "not measured"}).how + ".";
+
+  // --generate: time to first token and decode tokens/s per cell (bars: tokens/s).
+  (function generation() {
+    const G = R.generation;
+    if (!G) return;
+    $("generation-section").hidden = false;
+    const rows = cells.filter((c) => c.generation);
+    const ok = rows.filter((c) => c.generation.decode_tokens_per_s !== undefined && c.generation.decode_tokens_per_s !== null);
+    const max = Math.max(1e-9, ...ok.map((c) => c.generation.decode_tokens_per_s));
+    const W = 470, left = 150, right = 70, rowH = 24, top = 28;
+    const H = top + rows.length * rowH + 24;
+    const svg = el("svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "chart generation-chart", role: "img"},
+                   $("generation-chart"));
+    el("text", {x: 0, y: 16, "font-weight": 600}, svg, `decode tokens/s (${G.new_tokens} new tokens, higher is faster)`);
+    rows.forEach((c, j) => {
+      const y = top + j * rowH, g = c.generation;
+      el("text", {x: left - 6, y: y + 16, "text-anchor": "end"}, svg, c.id);
+      if (g.error) {
+        el("text", {x: left + 4, y: y + 16, class: "err", fill: "#b42318"}, svg, "failed: " + g.error);
+        return;
+      }
+      const w = (W - left - right) * (g.decode_tokens_per_s || 0) / max;
+      el("rect", {x: left, y: y + 4, width: Math.max(1, w), height: rowH - 10, fill: color(c), class: "bar",
+                  "data-cell": c.id, "data-tokens-per-s": g.decode_tokens_per_s}, svg);
+      el("text", {x: left + w + 6, y: y + 16}, svg, g.decode_tokens_per_s === null ? "-" : g.decode_tokens_per_s.toFixed(0));
+    });
+    const t = $("generation");
+    const head = h("tr");
+    ["backend/variant", "time to first token", "decode tokens/s", "same tokens as " + (G.reference || "-"), "build"]
+      .forEach((x) => head.appendChild(h("th", x)));
+    t.appendChild(head);
+    rows.forEach((c) => {
+      const tr = h("tr"), g = c.generation;
+      tr.dataset.cell = c.id;
+      tr.appendChild(h("td", c.id));
+      if (g.error) {
+        const td = h("td", "failed: " + g.error, "err");
+        td.colSpan = 4;
+        td.style.textAlign = "left";
+        tr.appendChild(td);
+      } else {
+        tr.appendChild(h("td", fmtMs(g.ttft_ms) + " ms", "ttft"));
+        tr.appendChild(h("td", g.decode_tokens_per_s === null ? "-" : g.decode_tokens_per_s.toFixed(1), "decode-tps"));
+        tr.appendChild(h("td", g.same_tokens === null ? "-" : `${g.same_tokens}/${G.new_tokens}`));
+        tr.appendChild(h("td", g.build_seconds.toFixed(1) + " s"));
+      }
+      t.appendChild(tr);
+    });
+    $("generation-note").textContent = `Prompt: ${G.batch} x ${G.prompt_tokens} tokens; ${G.how}.`;
+  })();
 
   // Latency vs accuracy at the largest shape: the trade-off a user chooses from.
   (function scatter() {
@@ -203,7 +255,8 @@ _JS = r"""
       let v = obj[k];
       if (v === null || v === undefined) continue;
       if (Array.isArray(v)) v = v.join(", ");
-      else if (typeof v === "object") v = Object.entries(v).map(([a, b]) => `${a}: ${b}`).join("; ");
+      else if (typeof v === "object") v = Object.entries(v).map(([a, b]) =>
+        `${a}: ${b !== null && typeof b === "object" ? JSON.stringify(b) : b}`).join("; ");
       const tr = h("tr");
       tr.appendChild(h("td", k));
       const td = h("td", String(v));
@@ -239,6 +292,13 @@ _PAGE = """<!doctype html>
 </div>
 <h2>Latency vs accuracy</h2>
 <div class="panel" id="scatter" style="display:inline-block"></div>
+<div id="generation-section" hidden>
+<h2>Generation</h2>
+<div class="row">
+  <div class="panel" id="generation-chart"></div>
+  <div class="panel"><table id="generation"></table><p class="sub" id="generation-note" style="max-width:520px"></p></div>
+</div>
+</div>
 <h2>Machine, settings and versions</h2>
 <div class="row">
   <div class="panel"><table id="machine"></table></div>

@@ -62,7 +62,10 @@ def load_reference(source: str | Path) -> TorchModel | None:
                 "family": cfg.model_type}
         wrapper = huggingface._wrapper_class()(module, output).eval()
         kind = "decoder" if output == "logits" else "encoder"
-        return TorchModel(wrapper, ["input_ids", "attention_mask"], kind, str(path), info)
+        # the same inputs as the export: BERT-like encoders take the segment ids too
+        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if huggingface.takes_token_type_ids(
+            module, output) else [])
+        return TorchModel(wrapper, names, kind, str(path), info)
     return None
 
 

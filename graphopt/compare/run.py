@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.compare import variants as V
-from graphopt.compare.timing import TimingSettings, describe, percentiles, rss_bytes, time_interleaved
+from graphopt.compare import decoding, memory
+from graphopt.compare.timing import TimingSettings, describe, percentiles, time_interleaved
 from graphopt.errors import UserError
 from graphopt.manifest import read_manifest
 from graphopt.compare.accuracy import compare_outputs, perplexity, text_windows
@@ -24,9 +25,6 @@ from graphopt.sample_inputs import index_bound, sample_inputs
 REPORT_FORMAT = "graphopt-compare"
 REPORT_VERSION = 1
 BACKEND_OF_ARTIFACT = {"onnxruntime": "ort", "tvm": "tvm"}
-MEMORY_HOW = ("growth of this process's RSS across building the cell and its first run at the largest shape "
-              "(first_run_rss_growth_bytes: the run alone; memory an earlier cell freed may be reused, so "
-              "later cells can show less)")
 
 
 class Progress:
@@ -59,7 +57,8 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             batch: int = 1, seqs: list[int] | None = None, threads: int | None = None,
             timing: TimingSettings | None = None, data: str | None = None, data_tokens: int = 4096,
             reference: str | None = None, workdir: str | None = None, progress: Progress | None = None,
-            measure_bandwidth: bool = True) -> dict:
+            measure_bandwidth: bool = True, measure_memory: bool = True, generate: int | None = None,
+            generate_rounds: int = 3) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin while others run
     progress = progress or Progress()
     timing = timing or TimingSettings()
@@ -140,6 +139,15 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
         max_seq = ref.config.get("max_seq_len")
         if max_seq and max(seqs) > max_seq:
             raise UserError(f"--seq {max(seqs)} is longer than the model's context ({max_seq})")
+        if generate and max_seq and max(seqs) + generate - 1 > max_seq:
+            raise UserError(f"--generate {generate} after a prompt of --seq {max(seqs)} needs "
+                            f"{max(seqs) + generate - 1} positions; the model has {max_seq}")
+    if generate is not None:
+        if generate < 1 or generate_rounds < 1:
+            raise UserError("--generate must be a positive number of tokens")
+        if ref is None or ref.kind != "decoder":
+            raise UserError("--generate times decoding, which needs a decoder with its PyTorch model "
+                            "(a graphopt checkpoint or a Hugging Face folder)")
 
     scratch = None
     if workdir is None:
@@ -149,7 +157,7 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     ctx = V.BuildContext(source, Path(workdir), threads, ref)
     try:
         return _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, machine,
-                        library_versions(), skipped, progress, models)
+                        library_versions(), skipped, progress, models, measure_memory, generate, generate_rounds)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -184,7 +192,7 @@ def _make_feeds(graph, ref, dims: dict) -> dict:
 
 
 def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, machine, versions, skipped,
-             progress, models) -> dict:
+             progress, models, measure_memory, generate, generate_rounds) -> dict:
     ref = ctx.reference
     progress.phase("exporting the model", 1)
     graph, output_names = _feeds_graph(ctx, artifacts)
@@ -197,19 +205,12 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
     progress.phase("building variants", len(cells))
     for c in cells:
         progress.advance(c.id)
-        before = rss_bytes()
         try:
             c.runner = c.build(ctx, c.backend)
-            built = rss_bytes()
             c.runner.run(largest)
         except Exception as e:  # noqa: BLE001 - a failing cell is reported, the rest go on
             c.error = describe(e)
             c.runner = None
-            continue
-        after = rss_bytes()
-        if None not in (before, built, after):
-            c.record["memory"] = {"rss_growth_bytes": max(0, after - before),
-                                  "first_run_rss_growth_bytes": max(0, after - built), "how": MEMORY_HOW}
 
     reference_what = "eager fp32 PyTorch" if ref is not None else "ONNX Runtime on the export, ORT_DISABLE_ALL"
     ref_run = ref if ref is not None else _disable_all_runner(ctx)
@@ -244,6 +245,14 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
                 entry["sequences_per_s"] = b / stats["p50_ms"] * 1e3
                 entry["tokens_per_s"] = b * s / stats["p50_ms"] * 1e3
 
+    if measure_memory:
+        _peak_memory(ctx, cells, largest, progress)
+
+    generation = None
+    if generate:
+        prompts = [list(map(int, row)) for row in largest["input_ids"]]  # every row whole: no padding
+        generation = _generation(ctx, cells, prompts, generate, generate_rounds, progress)
+
     ppl = None
     if data is not None:
         ppl = _perplexities(ctx, cells, data, data_tokens, batch, seqs, kind, graph, progress)
@@ -263,6 +272,8 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
                 "results": results[c.id]}
         if ppl is not None and c.id in ppl["cells"]:
             cell["perplexity"] = ppl["cells"][c.id]
+        if generation is not None and c.id in generation["cells"]:
+            cell["generation"] = generation["cells"][c.id]
         out_cells.append(cell)
     ids = [c["id"] for c in out_cells if c["status"] == "ok"]
     baseline = next((i for i in ("ort/ort-plain", "torch/fp32") if i in ids), ids[0] if ids else None)
@@ -279,14 +290,77 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
                      "interleaving": "rounds over every cell, rotating start; untimed runs (one at least, "
                                      "switch_time seconds at least) at each visit before its timed block",
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "data": data,
+                     "ort_session": V.ort_settings(ctx.threads),
                      "inputs": "graphopt.sample_inputs (seed 0): token ids in the vocabulary, "
                                "attention masks with the first row left-padded by a third"},
         "machine": machine,
         "versions": versions,
         "skipped": skipped,
         "perplexity": None if ppl is None else {k: v for k, v in ppl.items() if k != "cells"},
+        "generation": None if generation is None else {k: v for k, v in generation.items() if k != "cells"},
         "cells": out_cells,
     }
+
+
+def _peak_memory(ctx, cells, feeds: dict, progress) -> None:
+    """Each cell's peak memory, from a fresh process of its own (graphopt.compare.memory),
+    one at a time after the timing, so that nothing else runs beside it."""
+    measurable = [c for c in cells if c.runner is not None]
+    progress.phase("peak memory (a fresh process per cell)", len(measurable))
+    path = ctx.workdir / "memory-feeds.npz"
+    np.savez(path, **feeds)
+    for c in measurable:
+        progress.advance(c.id)
+        spec = c.runner.memory_spec
+        c.record["memory"] = (memory.measure(spec, path) if spec is not None else
+                              {"error": "this cell cannot be loaded on its own in a fresh process"})
+
+
+def generation_kwargs(optimize_kwargs: dict) -> dict:
+    """`optimize` arguments of a variant's generation-ready build: the default pipeline does
+    the KV-cache rewrite itself; a pipeline of the variant's own gets it appended."""
+    kwargs = dict(optimize_kwargs)
+    if kwargs.get("passes"):
+        kwargs["passes"] += ",rewrite-kv-cache,slice-last-token-logits"
+    return kwargs
+
+
+def _generation(ctx, cells, prompts, new_tokens, rounds, progress) -> dict:
+    """`--generate`: a generation-ready build of every cell that has one (graphopt's variants
+    and eager torch), all timed with the same Generator loop (graphopt.compare.decoding)."""
+    gens, errors, build_seconds = {}, {}, {}
+    todo = [c for c in cells if (c.backend == "torch" and c.variant == "fp32") or
+            (c.backend != "torch" and c.variant in V.VARIANTS and V.VARIANTS[c.variant].optimize_kwargs is not None)]
+    progress.phase("building generation-ready artifacts (KV cache)", len(todo))
+    for c in todo:
+        progress.advance(c.id)
+        try:
+            if c.backend == "torch":
+                gens[c.id] = decoding.torch_generator(ctx.reference)
+                continue
+            path, build_seconds[c.id] = ctx.optimize(f"{c.variant}-gen", c.backend, kv_cache=True,
+                                                     **generation_kwargs(V.VARIANTS[c.variant].optimize_kwargs))
+            gens[c.id] = decoding.artifact_generator(ctx, path)
+        except Exception as e:  # noqa: BLE001 - a failing cell is reported, the rest go on
+            errors[c.id] = describe(e)
+    progress.phase(f"timing generation of {new_tokens} tokens", rounds)
+    results, failed = decoding.time_generation(gens, prompts, new_tokens, rounds,
+                                               on_round=lambda rnd: progress.advance(f"round {rnd}"))
+    errors.update(failed)
+    want = results.get("torch/fp32", {}).get("tokens")
+    out = {}
+    for c in todo:
+        if c.id in errors:
+            out[c.id] = {"error": errors[c.id]}
+            continue
+        r = results[c.id]
+        out[c.id] = {**r, "build_seconds": build_seconds.get(c.id, 0.0),
+                     "same_tokens": None if want is None else decoding.same_tokens(r["tokens"], want)}
+    skipped = [c.id for c in cells if c not in todo]
+    return {"new_tokens": new_tokens, "prompt_tokens": len(prompts[0]), "batch": len(prompts), "rounds": rounds,
+            "reference": "torch/fp32" if want is not None else None, "how": decoding.HOW,
+            "not_generated": {cid: "no generation-ready build (an anchor or an artifact folder)" for cid in skipped},
+            "cells": out}
 
 
 def _disable_all_runner(ctx: V.BuildContext):

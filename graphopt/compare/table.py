@@ -41,21 +41,32 @@ def worst_accuracy(cell: dict) -> dict:
     return out
 
 
+def gen_columns(cell: dict, gen: dict) -> list[str]:
+    """Time to first token and decode tokens/s (with how many greedy tokens match torch's)."""
+    g = cell.get("generation")
+    if g is None:
+        return ["-", "-"]
+    if "error" in g:
+        return [f"[red]failed: {g['error']}[/]", "-"]
+    rate = "-" if g["decode_tokens_per_s"] is None else f"{g['decode_tokens_per_s']:.0f}"
+    same = "" if g["same_tokens"] is None or g["same_tokens"] == gen["new_tokens"] else \
+        f" [yellow]({g['same_tokens']}/{gen['new_tokens']} same)[/]"
+    return [f"{g['ttft_ms']:.1f}", rate + same]
+
+
 def render(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     if console is None:
-        # A narrower console would cut numbers short ("12.3…"); lines may wrap instead.
         console = Console()
-        if console.width < MIN_WIDTH:
-            console = Console(width=MIN_WIDTH)
     decoder = report["model"]["kind"] == "decoder"
     s = report["settings"]
     title = (f"graphopt compare: {report['model']['source'] or ', '.join(report['model']['arguments'])}  "
              f"(threads {s['threads']}; ratio = {report['baseline']} p50 / p50, higher is faster)")
     t = Table(title=title, title_justify="left", show_lines=False, caption="p90/p99 at the largest shape; "
-              "accuracy: the worst over the shapes", caption_justify="left")
+              "accuracy: the worst over the shapes; peak memory: a fresh process per cell, loaded and run once "
+              "(the JSON also has what the cell added over its runtime)", caption_justify="left")
     t.add_column("backend/variant", no_wrap=True)
     shapes = [(r["batch"], r["seq"]) for r in report["cells"][0]["results"]] if report["cells"] else []
     for b, q in shapes:
@@ -65,9 +76,13 @@ def render(report: dict, console=None) -> None:
     t.add_column("top-1" if decoder else "cosine", justify="right")
     if report.get("perplexity"):
         t.add_column("ppl", justify="right")
+    gen = report.get("generation")
+    if gen:
+        t.add_column("TTFT ms", justify="right", no_wrap=True)
+        t.add_column("decode tok/s", justify="right", no_wrap=True)
     t.add_column("size", justify="right")
     t.add_column("build", justify="right")
-    t.add_column("mem", justify="right")
+    t.add_column("peak mem", justify="right", no_wrap=True)
     for c in report["cells"]:
         name = c["id"] + (" [dim](anchor)[/]" if c["anchor"] else "")
         if c["status"] == "error":
@@ -90,17 +105,27 @@ def render(report: dict, console=None) -> None:
         if report.get("perplexity"):
             p = c.get("perplexity") or {}
             row.append(f"{p['perplexity']:.3f}" if "perplexity" in p else p.get("error", "-"))
+        if gen:
+            row += gen_columns(c, gen)
         row.append(fmt_bytes(c["size_bytes"]))
         row.append("-" if c["build_seconds"] is None else f"{c['build_seconds']:.1f} s")
-        mem = (c.get("memory") or {}).get("rss_growth_bytes")
-        row.append(fmt_bytes(mem))
+        mem = c.get("memory") or {}
+        row.append("[red]failed[/]" if "error" in mem else fmt_bytes(mem.get("peak_bytes")))
         t.add_row(*row)
+    # A narrower console would cut numbers short ("12.3…"): lines wrap instead.
+    need = max(MIN_WIDTH, Console(width=1000).measure(t).maximum)
+    if console.width < need:
+        console = Console(width=need)
     console.print(t)
     m = report["machine"]
     bw = m.get("memory_bandwidth", {}).get("read_gb_s")
     console.print(f"[dim]{m['cpu']}, {m['logical_cores']} cores ({', '.join(m['isa'][-4:]) or 'no ISA flags'}), "
                   f"read bandwidth {bw} GB/s; accuracy vs {report['reference']['what']}; "
                   f"{', '.join(f'{k} {v}' for k, v in report['versions'].items())}[/]")
+    if gen:
+        console.print(f"[dim]generation: {gen['batch']} x {gen['prompt_tokens']} prompt tokens, {gen['new_tokens']} new "
+                      f"tokens, greedy; median of {gen['rounds']} rounds; (k/N same): greedy tokens equal to "
+                      f"{gen['reference']}'s for the first k[/]")
     if report.get("perplexity") and "reference" in report["perplexity"]:
         console.print(f"[dim]perplexity of {report['reference']['what']} on {report['perplexity']['data']}: "
                       f"{report['perplexity']['reference']:.3f} ({report['perplexity']['tokens']} tokens, "

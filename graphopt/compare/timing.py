@@ -10,7 +10,6 @@ measurement hits every cell alike and the ratios between cells stay honest.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Callable
 
@@ -84,18 +83,3 @@ def _done(samples: list[float], spent: float, s: TimingSettings) -> bool:
 def describe(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def rss_bytes() -> int | None:
-    """This process's resident memory now (psutil, else /proc/self/statm)."""
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except Exception:
-        pass
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None

@@ -3,12 +3,12 @@
 A variant is a name (`fp32`, `ort-plain`, ...), the backends it exists on, and a builder
 `build(ctx, backend) -> Runner`. Builders make what they time (an artifact folder, an ORT
 session, the eager module) from the shared `BuildContext`, which exports the model once.
-New variants (graphopt's quantized, pruned, KV-cache ones) register here the same way:
+A graphopt variant is `graphopt optimize` with some options, one line:
 
-    @register_variant("int8", backends=("ort", "tvm"), summary="graphopt int8 weights")
-    def build_int8(ctx, backend):
-        art = ctx.optimize("int8", backend, passes="...,quantize-weights{bits=8}")
-        return ctx.artifact_runner(art)
+    register_optimized("int8-b64", "graphopt int8, block 64", quantize="int8:64")
+
+(its `optimize_kwargs` are also what `--generate` builds the generation-ready artifact from);
+any other builder registers with `@register_variant(name, backends=..., summary=...)`.
 
 A builder that raises makes its cell an error (shown in the report); the others still run.
 """
@@ -24,8 +24,9 @@ from typing import Callable
 import numpy as np
 
 from graphopt.artifact import load as load_artifact
-from graphopt.driver import optimize
+from graphopt.driver import default_pipeline, optimize
 from graphopt.errors import UserError
+from graphopt.manifest import artifact_file, read_manifest
 from graphopt.models import load_graph
 from graphopt.onnx_io import save_onnx
 
@@ -43,6 +44,8 @@ class Runner:
     path: str | None = None
     settings: dict = dataclasses.field(default_factory=dict)   # session settings it runs with
     close: Callable[[], None] = lambda: None
+    # How a fresh process loads the same thing (graphopt.compare.memory), or None where it cannot.
+    memory_spec: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +57,19 @@ class VariantSpec:
     default: bool = True      # in the default --variants list
     anchor: bool = False      # a baseline that is not graphopt's own
     needs_export: bool = True  # built from the model (not from a given artifact)
+    # `graphopt optimize` keyword arguments of a graphopt variant: `--generate` builds the
+    # generation-ready artifact (with the KV cache) from the same ones. None: no such artifact.
+    optimize_kwargs: dict | None = None
 
 
 VARIANTS: dict[str, VariantSpec] = {}
 
 
 def register_variant(name: str, *, backends: tuple[str, ...], summary: str, default: bool = True,
-                     anchor: bool = False, needs_export: bool = True):
+                     anchor: bool = False, needs_export: bool = True, optimize_kwargs: dict | None = None):
     def wrap(fn):
-        VARIANTS[name] = VariantSpec(name, tuple(backends), summary, fn, default, anchor, needs_export)
+        VARIANTS[name] = VariantSpec(name, tuple(backends), summary, fn, default, anchor, needs_export,
+                                     optimize_kwargs)
         return fn
     return wrap
 
@@ -150,38 +157,81 @@ class BuildContext:
         return out, time.perf_counter() - t
 
     def artifact_runner(self, path: Path, build_seconds: float | None) -> Runner:
+        """An artifact folder as a cell. An ONNX Runtime artifact runs in a session with the
+        settings every ORT cell shares (`ort_settings`, plus what its manifest asks for), so
+        that it is timed like the anchors; other backends load through `graphopt.load`."""
+        run_all, settings, spec = self.artifact_outputs(path)
+        first = read_manifest(path)["signature"]["outputs"][0]["name"]
+        return Runner(lambda feeds: run_all(feeds)[first], folder_bytes(path), "artifact folder on disk",
+                      build_seconds, str(path), settings, memory_spec=spec)
+
+    def artifact_outputs(self, path: Path) -> tuple[Callable[[dict], dict], dict, dict]:
+        """(run(feeds) -> every output by name, the settings it runs with, its memory spec)."""
+        manifest = read_manifest(path)
+        if manifest.get("backend") == "onnxruntime" and manifest.get("target", "cpu") == "cpu":
+            model = artifact_file(path, manifest.get("model", "model.onnx"), f"{path}: the manifest")
+            settings = ort_settings(self.threads, disabled_optimizers=manifest.get("ort_session", {}).get(
+                "disabled_optimizers"))
+            sess = ort_session_from(model, settings)
+            names = [o.name for o in sess.get_outputs()]
+            return (lambda feeds: dict(zip(names, sess.run(names, feeds))), settings,
+                    {"kind": "ort", "path": str(model), "settings": settings})
         art = load_artifact(path, threads=self.threads)
-        first = art.outputs[0]["name"]
-        return Runner(lambda feeds: art.run(feeds)[first], folder_bytes(path), "artifact folder on disk",
-                      build_seconds, str(path), {"threads": self.threads, **art.manifest.get("ort_session", {})})
+        return art.run, {"threads": self.threads}, {"kind": "artifact", "path": str(path), "threads": self.threads}
 
     def ort_runner(self, path: Path, build_seconds: float | None, *, level: str = "all") -> Runner:
-        sess = ort_session(path, self.threads, level)
+        settings = ort_settings(self.threads, level)
+        sess = ort_session_from(path, settings)
         name = sess.get_outputs()[0].name
         size = folder_bytes(path) + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
         return Runner(lambda feeds: sess.run([name], feeds)[0], size, "model file(s) on disk", build_seconds, str(path),
-                      {"threads": self.threads, "graph_optimization_level": level})
+                      settings, memory_spec={"kind": "ort", "path": str(path), "settings": settings})
 
 
-def ort_session(path: Path, threads: int, level: str = "all"):
-    """An ORT CPU session with the settings every ORT column shares: `threads` intra-op
-    threads, one inter-op thread, and the given graph optimization level."""
+# Every ORT session compare makes (graphopt's artifacts and the anchors alike) sets these.
+# Idle intra-op threads that spin steal the cores of whichever session runs next: with
+# several sessions alive, as interleaved timing needs, every cell was ~1.8x slower than the
+# same model alone. Without spinning a cell's time is what one session of it takes alone
+# with the same settings (benchmarks/check_compare_timing.py checks that).
+ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
+def ort_settings(threads: int, level: str = "all", disabled_optimizers: list[str] | None = None) -> dict:
+    """The ORT CPU session settings of a compare cell, as recorded in the report: `threads`
+    intra-op threads, one inter-op thread (sequential execution), the graph optimization
+    level, ORT_CONFIG, and the optimizers an artifact's manifest disables."""
+    return {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "execution_mode": "sequential",
+            "graph_optimization_level": level, "config": dict(ORT_CONFIG),
+            "disabled_optimizers": list(disabled_optimizers or [])}
+
+
+def ort_session_from(path: Path, settings: dict):
+    """An ORT CPU session over `path` with `settings` (from `ort_settings`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    so.intra_op_num_threads = settings["intra_op_num_threads"]
+    so.inter_op_num_threads = settings["inter_op_num_threads"]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[settings["graph_optimization_level"]]
+    for key, value in settings["config"].items():
+        so.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=settings["disabled_optimizers"] or None)
+
+
+def ort_session(path: Path, threads: int, level: str = "all"):
+    """An ORT CPU session with the settings every ORT cell shares (`ort_settings`)."""
+    return ort_session_from(path, ort_settings(threads, level))
 
 
 # --------------------------------------------------------------------------------------
 # The built-in variants
 
 
-@register_variant("fp32", backends=("torch", "ort", "tvm"),
+@register_variant("fp32", backends=("torch", "ort", "tvm"), optimize_kwargs={},
                   summary="torch: eager PyTorch (the reference); ort/tvm: graphopt's optimized fp32 artifact")
 def build_fp32(ctx: BuildContext, backend: str) -> Runner:
     if backend == "torch":
@@ -192,9 +242,30 @@ def build_fp32(ctx: BuildContext, backend: str) -> Runner:
 
         torch.set_num_threads(ctx.threads)
         return Runner(ref, ref.parameter_bytes(), "weights in memory", 0.0, ref.source,
-                      {"threads": ctx.threads, "mode": "eval, inference_mode"})
+                      {"threads": ctx.threads, "mode": "eval, inference_mode"},
+                      memory_spec={"kind": "torch", "source": ref.source, "threads": ctx.threads})
     path, seconds = ctx.optimize("fp32", backend)
     return ctx.artifact_runner(path, seconds)
+
+
+def register_optimized(name: str, summary: str, *, backends: tuple[str, ...] = ("ort", "tvm"), **optimize_kwargs):
+    """A graphopt variant: `graphopt optimize` with these keyword arguments, on each backend."""
+    def build(ctx: BuildContext, backend: str) -> Runner:
+        path, seconds = ctx.optimize(name, backend, **optimize_kwargs)
+        return ctx.artifact_runner(path, seconds)
+    register_variant(name, backends=backends, summary=summary, default=False, optimize_kwargs=optimize_kwargs)(build)
+
+
+# The quantized variants are `--quantize`'s schemes; the pruned ones append a pass to the
+# default pipeline (the fusions that make their sites come first).
+register_optimized("int8", "graphopt int8 weight-only quantization (`--quantize int8`: block 128, RTN)", quantize="int8")
+register_optimized("int4", "graphopt int4 weight-only quantization (`--quantize int4`: block 32, RTN)", quantize="int4")
+register_optimized("int8-dynamic", "graphopt int8 weights per channel, activations quantized per call "
+                   "(`--quantize int8-dynamic`)", quantize="int8-dynamic")
+register_optimized("prune-heads", "graphopt default pipeline + prune-heads{ratio=0.5} (half the KV groups, by "
+                   "weight magnitude; no recovery fine-tuning)", passes=default_pipeline() + ",prune-heads{ratio=0.5}")
+register_optimized("prune-mlp", "graphopt default pipeline + prune-mlp{ratio=0.5} (half the MLP channels, by weight "
+                   "magnitude; no recovery fine-tuning)", passes=default_pipeline() + ",prune-mlp{ratio=0.5}")
 
 
 @register_variant("ort-plain", backends=("ort",), anchor=True,
@@ -291,4 +362,5 @@ def build_ort_genai(ctx: BuildContext, backend: str) -> Runner:
                          **{n: empty for n in past}})
 
     base.run, base.path = run, str(out)
+    base.memory_spec = None  # its run needs the empty-cache feeds made above
     return base
