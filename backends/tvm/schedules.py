@@ -233,4 +233,30 @@ def cpu_rules() -> list:
             sch.parallel(fused)
             return sch
 
-    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Parallel()]
+    class Reduction(dl.cpu.Reduction):
+        """dlight's CPU reduction rule (softmax, norms: rows in parallel, vectorized), after
+        inlining the small injective blocks that span fewer leading axes than the rest (a
+        per-row mask `[seq, 1] == 0` before a masked softmax over `[batch, heads, seq, seq]`).
+        dlight parallelizes only the leading axes that every block shares: with that mask
+        block left in, only `batch`, so the whole softmax ran on one core."""
+
+        def apply(self, func, target, tunable):
+            from tvm import s_tir, tirx
+            from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or len(infos) < 2:
+                return None
+            leading = [len(b.dom_kind()) - len(b.dom_kind().lstrip("S")) for b in infos]
+            for info, n in zip(infos[:-1], leading[:-1]):
+                if info.is_injective() and n < max(leading):
+                    try:
+                        sch.compute_inline(info.block_rv)
+                    except Exception:  # noqa: BLE001  (not inlinable: dlight decides as before)
+                        pass
+            return super().apply(sch.mod["main"], target, tunable)
+
+    return [Matmul(), dl.cpu.GEMV(), Reduction(), Parallel()]
