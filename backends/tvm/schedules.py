@@ -122,7 +122,7 @@ def cpu_rules() -> list:
             m = _extent(sch, spatial[-1]) if spatial else 1
             pad_rows = spatial and not (isinstance(m, int) and m % TILE_ROWS == 0)
             pad_cols = not (isinstance(n, int) and n % width == 0)
-            b_index = next(n for n, r in enumerate(stmt.reads) if r.region[-1].min.same_as(j_var))
+            b_index = next(i for i, r in enumerate(stmt.reads) if r.region[-1].min.same_as(j_var))
             a_pad = b_pad = c_pad = None
             if pad_rows or pad_cols:
                 sch.pad_einsum(main.block_rv, [1] * (len(spatial) - 1) + ([TILE_ROWS if pad_rows else 1] if spatial else [])
