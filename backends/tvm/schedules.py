@@ -5,9 +5,13 @@ reading B down a column): 25-250x slower than PyTorch. dlight's CPU rules cover 
 reductions (softmax, norms) only, so two rules of our own come first:
 
 - `Matmul`: a block `C[..., i, j] += A[..., i, k] * B[..., k, j]` (with fused prologue and
-  epilogue ops) gets a tile of 4 rows by two vectors of columns accumulated in a local
-  buffer with the reduction outside the tile (B read along rows), tiles in parallel,
-  prologues inlined and elementwise epilogues computed by the tile's write-back.
+  epilogue ops) gets a tile of 4 rows by two vectors of columns (8 zmm accumulators with
+  AVX-512) with the reduction outside the tile. The parallel loop runs over column panels;
+  inside it, B's panel (K x width) is copied once into contiguous memory and every row tile
+  of A streams past it. A row or column count the tile does not divide (a symbolic `seq`)
+  is padded with `pad_einsum`, so the multiply-add loop carries no bounds check. One row (a
+  GEMV) gets no copy and a wider panel (8 vectors). Prologues run as parallel loops of
+  their own; elementwise epilogues are computed by the tile's write-back.
 - `Parallel`: any other function's outermost spatial loops run in parallel and its
   innermost loop is vectorized.
 
@@ -21,6 +25,7 @@ import re
 
 TILE_ROWS = 4  # a matmul tile: rows x (vectors of columns), accumulated in registers
 TILE_VECTORS = 2
+GEMV_VECTORS = 8  # a GEMV (one row) reads 8 vectors of each row of B at a time: 512 contiguous bytes
 
 
 def _vector_lanes(target, bits: int = 32) -> int:
@@ -43,6 +48,14 @@ def _read_names(block) -> list[str]:
 def _reads_each_buffer_once(block) -> bool:
     body = str(block.body)
     return all(body.count(f"{r.source.name}[") == 1 for r in block.reads)
+
+
+def _vectorize_innermost(sch, block, lanes: int) -> None:
+    """Vectorize a block's innermost loop in vectors of `lanes` when its extent allows."""
+    last = sch.get_loops(block)[-1]
+    extent = _extent(sch, last)
+    if isinstance(extent, int) and extent % lanes == 0:
+        sch.vectorize(sch.split(last, [None, lanes])[1] if extent > lanes else last)
 
 
 def _parallelize(sch, block, lanes: int) -> None:
@@ -84,8 +97,13 @@ def cpu_rules() -> list:
                 return None
             main = reductions[0]
             stmt = sch.get(main.block_rv)
-            if len(stmt.reads) != 2 or len(main.dom_kind()) < 3:
-                return None  # not A x B (a reduction of one input is a norm or a sum)
+            if len(stmt.reads) != 2 or len(main.dom_kind()) < 2:
+                return None
+            # B must be read along the output's last axis (B[..., k, j]): the tile then loads
+            # contiguous vectors of B. Anything else (a sum, a norm, B[j, k]) is another rule's.
+            j_var = stmt.iter_vars[-2].var
+            if not any(r.region[-1].min.same_as(j_var) for r in stmt.reads):
+                return None
             # Producers (K transposed, KV heads repeated, a cast) run as loops of their own:
             # inlined, a transpose would make the tile read B across rows.
             before = infos[: infos.index(main)]
@@ -95,15 +113,48 @@ def cpu_rules() -> list:
                 _parallelize(sch, b.block_rv, lanes)
             *spatial, j, k = sch.get_loops(main.block_rv)
             n = _extent(sch, j)
-            wide = TILE_VECTORS * lanes
-            width = next((w for w in (wide, lanes) if isinstance(n, int) and n % w == 0), wide)
-            *outer, i = spatial
-            io, ii = sch.split(i, [None, TILE_ROWS])
+            wide = (TILE_VECTORS if spatial else GEMV_VECTORS) * lanes
+            width = next((w for w in (wide, 2 * lanes, lanes) if isinstance(n, int) and n % w == 0), wide)
+            # A row count or column count that the tile does not divide (a symbolic `seq`)
+            # would put a bounds check on every multiply-add of the tile. Instead, the rows and
+            # columns are padded (pad_einsum: A's tile rows copied with zeros past the end, the
+            # result copied back), so the tile's inner loop has no condition at all.
+            m = _extent(sch, spatial[-1]) if spatial else 1
+            pad_rows = spatial and not (isinstance(m, int) and m % TILE_ROWS == 0)
+            pad_cols = not (isinstance(n, int) and n % width == 0)
+            b_index = next(i for i, r in enumerate(stmt.reads) if r.region[-1].min.same_as(j_var))
+            a_pad = b_pad = c_pad = None
+            if pad_rows or pad_cols:
+                sch.pad_einsum(main.block_rv, [1] * (len(spatial) - 1) + ([TILE_ROWS if pad_rows else 1] if spatial else [])
+                               + [width if pad_cols else 1, 1])
+                padded = sch.get(main.block_rv)
+                for blk in sch.get_producers(main.block_rv):
+                    written = sch.get(blk).writes[0].source
+                    if written.same_as(padded.reads[b_index].source) and pad_cols:
+                        b_pad = blk
+                    elif written.same_as(padded.reads[1 - b_index].source) and pad_rows:
+                        a_pad = blk
+                (c_pad,) = sch.get_consumers(main.block_rv)
+                *spatial, j, k = sch.get_loops(main.block_rv)
             jo, ji = sch.split(j, [None, width])
-            sch.reorder(*outer, io, jo, k, ii, ji)
+            # Rows: a GEMV (one row) has no row loop; otherwise tiles of TILE_ROWS rows. The row
+            # tiles run innermost of the parallel loop, so one panel of B (K x width) stays in
+            # cache while every row of A streams past it.
+            if spatial:
+                *outer, i = spatial
+                io, ii = sch.split(i, [None, TILE_ROWS])
+                sch.reorder(*outer, jo, io, k, ii, ji)
+                rows = [ii]
+            else:
+                sch.reorder(jo, k, ji)
+                outer, io, rows = [], None, []
             # Accumulate the 4 x width tile in a local buffer, written back once per tile.
             local = sch.cache_write(main.block_rv, 0, "local")
-            sch.reverse_compute_at(local, jo)
+            sch.reverse_compute_at(local, io if io is not None else jo)
+            if c_pad is not None:  # the valid part of the tile, copied out (then the epilogue)
+                sch.reverse_compute_at(c_pad, io if io is not None else jo)
+            if a_pad is not None:  # the tile's rows of A, zeros past the end
+                sch.compute_at(a_pad, io)
             # The epilogue's leading chain (bias, residual, a one-input activation) is computed
             # by the write-back itself. Not past a value read twice (GELU's x * erf(x)): TVM
             # 0.27 then leaves a reference to a buffer that no longer exists.
@@ -120,15 +171,26 @@ def cpu_rules() -> list:
                     break
                 produced, inlined = blk.writes[0].source.name, inlined + 1
             epilogue_inlined = inlined == len(after)
-            tile = sch.fuse(*outer, io, jo)
+            tile = sch.fuse(*outer, jo) if outer else jo
             sch.parallel(tile)
-            sch.unroll(ii)
+            # B's panel for this tile column (K x width), copied once into contiguous memory:
+            # read in place, its rows are a whole row of B apart (4 KiB for N = 1024), and every
+            # one falls in the same L1 set and in another TLB page.
+            if b_pad is not None:
+                packed = b_pad
+            elif rows:
+                packed = sch.cache_read(main.block_rv, b_index, "global")
+            else:  # a GEMV reads each element of B once: nothing to gain from a copy
+                packed = None
+            if packed is not None:
+                sch.compute_at(packed, tile)
+            for ii in rows:
+                sch.unroll(ii)
             sch.vectorize(ji)
             init = sch.decompose_reduction(main.block_rv, k)
-            for blk in (init, local):
-                loops = sch.get_loops(blk)
-                if isinstance(_extent(sch, loops[-1]), int) and _extent(sch, loops[-1]) == width:
-                    sch.vectorize(loops[-1])
+            for blk in (init, local, packed, a_pad, c_pad):
+                if blk is not None:
+                    _vectorize_innermost(sch, blk, lanes)
             if not epilogue_inlined:  # what is left runs as parallel loops of its own
                 for b in after[inlined:]:
                     _parallelize(sch, b.block_rv, lanes)
@@ -171,4 +233,30 @@ def cpu_rules() -> list:
             sch.parallel(fused)
             return sch
 
-    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Parallel()]
+    class Reduction(dl.cpu.Reduction):
+        """dlight's CPU reduction rule (softmax, norms: rows in parallel, vectorized), after
+        inlining the small injective blocks that span fewer leading axes than the rest (a
+        per-row mask `[seq, 1] == 0` before a masked softmax over `[batch, heads, seq, seq]`).
+        dlight parallelizes only the leading axes that every block shares: with that mask
+        block left in, only `batch`, so the whole softmax ran on one core."""
+
+        def apply(self, func, target, tunable):
+            from tvm import s_tir, tirx
+            from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or len(infos) < 2:
+                return None
+            leading = [len(b.dom_kind()) - len(b.dom_kind().lstrip("S")) for b in infos]
+            for info, n in zip(infos[:-1], leading[:-1]):
+                if info.is_injective() and n < max(leading):
+                    try:
+                        sch.compute_inline(info.block_rv)
+                    except Exception:  # noqa: BLE001  (not inlinable: dlight decides as before)
+                        pass
+            return super().apply(sch.mod["main"], target, tunable)
+
+    return [Matmul(), dl.cpu.GEMV(), Reduction(), Parallel()]

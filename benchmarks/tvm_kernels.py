@@ -1,0 +1,126 @@
+"""Where a TVM forward spends its time: every kernel the Relax VM calls, timed one at a time on
+the shapes it is called with, grouped by kernel (numbered variants together), next to the
+whole VM call. The difference is the VM's own work (shape arithmetic, allocation, calls).
+
+    python benchmarks/tvm_kernels.py [MODEL] [--shapes 1x1,1x128] [--runs 20]
+
+MODEL defaults to the shipped checkpoint (examples/default); the graph is the one
+`graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
+`--backend tvm` schedules it. Times are CPU time of one thread (`time.thread_time`, TVM's
+pool set to one thread), so that other jobs on a shared machine change them little; they
+are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# TIR shape expressions as Python: `seq * T.int64(6)`, `(seq + T.int64(3)) // T.int64(4)`
+_T = types.SimpleNamespace(int64=int, int32=int, max=max, min=min, Cast=lambda _dtype, v: v)
+
+
+def _size(expr, dims: dict) -> int:
+    return int(eval(str(expr), {"T": _T, **dims}))  # noqa: S307  (our own TIR text, not input)
+
+
+def cpu_ms(fn, runs: int) -> float:
+    fn()
+    start = time.thread_time()
+    for _ in range(runs):
+        fn()
+    return (time.thread_time() - start) / runs * 1e3
+
+
+def kernel_calls(main):
+    """The `call_tir` sites of a Relax function, in order."""
+    import tvm
+    from tvm.relax.analysis import post_order_visit
+
+    call_tir, calls = tvm.ir.Op.get("relax.call_tir"), []
+    post_order_visit(main, lambda e: calls.append(e) if getattr(e, "op", None) == call_tir else None)
+    return calls
+
+
+def breakdown(mod, target, dims: dict, runs: int) -> tuple[dict, int]:
+    """{kernel name: [CPU ms, calls]} for one forward at `dims`, and how many calls had
+    non-tensor arguments (skipped)."""
+    import tvm
+    from tvm import relax
+
+    dev, built, rows, skipped = tvm.cpu(), {}, collections.defaultdict(lambda: [0.0, 0]), 0
+
+    def tensor(ty):
+        shape = [_size(d, dims) for d in ty.shape.values]
+        dtype = str(ty.dtype)
+        data = np.asarray(np.random.rand(*shape)).astype(dtype) if "float" in dtype else np.zeros(shape, dtype)
+        return tvm.runtime.tensor(data, device=dev)
+
+    for call in kernel_calls(mod["main"]):
+        gv, args = call.args[0], list(call.args[1].fields)
+        outs = call.ty_args[0]
+        outs = list(outs.fields) if isinstance(outs, relax.TupleType) else [outs]
+        try:
+            arrays = [tensor(a.ty) for a in args] + [tensor(o) for o in outs]
+        except (AttributeError, TypeError):
+            skipped += 1
+            continue
+        extra = [_size(v, dims) for v in call.args[2].values] if len(call.args) > 2 else []
+        name = gv.name_hint
+        if name not in built:
+            built[name] = tvm.compile(mod[gv].with_attr("global_symbol", name), target=target).jit()[name]
+        fn = built[name]
+        key = re.sub(r"\d+$", "", name)
+        rows[key][0] += cpu_ms(lambda: fn(*arrays, *extra), runs)
+        rows[key][1] += 1
+    return rows, skipped
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default=str(ROOT / "examples" / "default"))
+    ap.add_argument("--shapes", default="1x1,1x128", help="batch x seq, comma-separated")
+    ap.add_argument("--runs", type=int, default=20)
+    args = ap.parse_args(argv)
+
+    import graphopt
+    import tvm
+    from tvm import relax
+
+    from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+
+    with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
+        graph = graphopt.optimize(args.model, Path(tmp) / "ort", backend="ort", kv_cache=False).graph
+    mod, params = lower_graph(prepare(graph))
+    target = tvm.target.Target(cpu_target_spec())
+    mod = optimize_module(mod, target)
+    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
+    weights = [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for _, a in params]
+    for shape in args.shapes.split(","):
+        batch, seq = (int(v) for v in shape.split("x"))
+        rows, skipped = breakdown(mod, target, {"batch": batch, "seq": seq}, args.runs)
+        ids = tvm.runtime.tensor(np.random.default_rng(0).integers(0, 4096, (batch, seq)).astype(np.int64), device=dev)
+        whole = cpu_ms(lambda: vm["main"](ids, *weights), args.runs)
+        total = sum(ms for ms, _ in rows.values())
+        print(f"== {batch} x {seq}: CPU ms per forward, 1 thread")
+        for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+            print(f"{name[:70]:70s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
+        print(f"{'sum of kernels':70s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")
+        print(f"{'whole VM call':70s} {'':10s} {whole:8.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
