@@ -66,18 +66,24 @@ def _const_vector(v: Value | None, n: int) -> np.ndarray | None | bool:
     return c.reshape(n)
 
 
+def _weight_bias_site(node: Node, kind: str, w_is_nk: bool, activation: str) -> Site | str:
+    """Linear and Gemm: Y = act(X @ W + B), W constant [K, N] (or [N, K] when `w_is_nk`), B a constant vector or absent."""
+    ins = node.inputs
+    w = constant_value(ins[1])
+    if w is None or w.ndim != 2:
+        return "the weight is not a constant matrix"
+    w_nk = w if w_is_nk else w.T
+    bias = ins[2] if len(ins) > 2 else None
+    if bias is not None and _const_vector(bias, w_nk.shape[0]) is False:
+        return "the bias is not a constant vector"
+    return Site(node, kind, ins[0], w_nk, bias, activation, (ins[1],))
+
+
 def find_site(node: Node, tied: bool) -> Site | str:
     """The site at `node`, or why it is not one (pure: it never mutates)."""
     ins = node.inputs
     if node.domain == G and node.op_type == "Linear":
-        w = constant_value(ins[1])
-        if w is None or w.ndim != 2:
-            return "the weight is not a constant matrix"
-        w_nk = w if node.attr("trans_w", 0) else w.T
-        bias = ins[2] if len(ins) > 2 else None
-        if bias is not None and _const_vector(bias, w_nk.shape[0]) is False:
-            return "the bias is not a constant vector"
-        return Site(node, "linear", ins[0], w_nk, bias, node.attr("activation", ""), (ins[1],))
+        return _weight_bias_site(node, "linear", bool(node.attr("trans_w", 0)), node.attr("activation", ""))
     if node.domain == G and node.op_type == "GatedLinear":
         wg, wu = constant_value(ins[1]), constant_value(ins[2])
         if wg is None or wu is None:
@@ -111,14 +117,7 @@ def find_site(node: Node, tied: bool) -> Site | str:
     if node.op_type == "Gemm":
         if node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0 or node.attr("transA", 0):
             return "alpha/beta are not 1 or A is transposed"
-        w = constant_value(ins[1])
-        if w is None or w.ndim != 2:
-            return "the weight is not a constant matrix"
-        w_nk = w if node.attr("transB", 0) else w.T
-        bias = ins[2] if len(ins) > 2 else None
-        if bias is not None and _const_vector(bias, w_nk.shape[0]) is False:
-            return "the bias is not a constant vector"
-        return Site(node, "gemm", ins[0], w_nk, bias, "", (ins[1],))
+        return _weight_bias_site(node, "gemm", bool(node.attr("transB", 0)), "")
     return "not a linear layer"
 
 
