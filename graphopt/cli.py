@@ -281,10 +281,11 @@ def _progress(quiet: bool):
 @click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
                    "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
-@click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
-              help="rtn: round to nearest (no data); gptq: error-compensated, on calibration data.")
+@click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq", "awq"]),
+              help="rtn: round to nearest (no data); gptq: error-compensated; awq: activation-aware "
+                   "per-channel scaling, then rtn (gptq and awq calibrate on --calibration data).")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
-              help="Calibration data for gptq: a text file, .jsonl of texts, or .npz of inputs "
+              help="Calibration data for gptq and awq: a text file, .jsonl of texts, or .npz of inputs "
                    "(default for graphopt.train checkpoints: their training corpus).")
 @click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
               help="perplexity=+2% or top1=0.99 against fp32 on held-out text: the most sensitive layers stay "
@@ -314,6 +315,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
+      graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method awq
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """

@@ -60,8 +60,8 @@ def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
         if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
             raise UserError(f"--quantize {scheme!r}: the block size must be 32, 64 or 128 (or 16, 256)")
         block_size = int(block)
-    if method not in ("rtn", "gptq"):
-        raise UserError(f"--quant-method {method!r}: expected rtn or gptq")
+    if method not in ("rtn", "gptq", "awq"):
+        raise UserError(f"--quant-method {method!r}: expected rtn, gptq or awq")
     return f"quantize-weights{{bits={bits},block-size={block_size},method={method}}}"
 
 
@@ -125,7 +125,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     whole sequence as before.
 
     `quantize` ("int8", "int4", "int4:64") appends `quantize-weights` to the pipeline with
-    `quant_method` (rtn, or gptq on `calibration` data: see graphopt.calibration).
+    `quant_method` (rtn, or gptq / awq on `calibration` data: see graphopt.calibration).
     `accuracy_budget` ("perplexity=+2%", "top1=0.99") keeps the most sensitive layers in
     float until the quantized model meets it on held-out text (`accuracy_data`, or a
     graphopt.train checkpoint's val.txt): see graphopt.accuracy_guard."""
@@ -158,9 +158,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
     elif quant_method != "rtn":
         raise UserError("--quant-method goes with --quantize int8|int4")
-    needs_data = any(e.name == "quantize-weights" and e.instantiate().method == "gptq" for e in entries)
+    needs_data = any(e.name == "quantize-weights" and e.instantiate().method in ("gptq", "awq") for e in entries)
     if calibration is not None and not needs_data:
-        raise UserError("--calibration is used by --quant-method gptq only")
+        raise UserError("--calibration is used by --quant-method gptq and awq only")
     budget = None
     if accuracy_budget is not None:
         budget = Budget.parse(accuracy_budget)

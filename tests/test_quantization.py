@@ -257,7 +257,7 @@ def test_pass_leaves_excluded_and_non_constant_layers():
 def test_pass_options_are_checked():
     from graphopt.errors import UserError
 
-    for bad in ("bits=3", "block-size=48", "method=awq"):
+    for bad in ("bits=3", "block-size=48", "method=spqr"):
         with pytest.raises(UserError, match="quantize-weights"):
             PassManager(f"quantize-weights{{{bad}}}").run(linear_graph("matmul")[0])
     with pytest.raises(UserError, match="calibration"):

@@ -15,13 +15,18 @@ Options:
   bits        4 or 8
   block-size  32, 64 or 128 (any power of two >= 16): elements per scale along K
   symmetric   false: a zero point per block (asymmetric, the better int4 grid); true: none
-  method      rtn (round to nearest, no data) or gptq (needs calibration inputs in the pass
-              context: `ctx.hints["calibration"]`, a list of feed dicts)
+  method      rtn (round to nearest, no data), gptq (second-order error compensation) or awq
+              (activation-aware per-input-channel scaling, then round to nearest; awq.py);
+              gptq and awq need calibration inputs in the pass context:
+              `ctx.hints["calibration"]`, a list of feed dicts
   tied        also quantize MatMul(X, Transpose(@w)) where @w is shared (a tied LM head)
   embeddings  also quantize Gather(@table, ids) into graphopt.QuantGather (round to nearest;
               a table tied to a quantized LM head shares the head's quantized copy)
   exclude     node names to leave in float, separated by ';'
   damp        GPTQ's diagonal dampening, as a fraction of the mean diagonal of H
+  awq-then    with method=awq, how the scaled weights are rounded: gptq (on the scaled
+              activations; the default: on the shipped model it beats GPTQ alone) or rtn (with
+              AWQ's searched clipping; there it did not beat plain RTN, docs/quantization.md)
 """
 from __future__ import annotations
 
@@ -37,9 +42,11 @@ from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
 from graphopt.ops.quant_format import pack, pack_weight, quantize_rows
 
+from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
 from graphopt.passes.quantization.gptq import Hessian, gptq_rows
 
 G = GRAPHOPT_DOMAIN
+METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclasses.dataclass
@@ -138,6 +145,7 @@ class QuantizeWeights(Pass):
     embeddings: bool = False
     exclude: str = ""
     damp: float = 0.01
+    awq_then: str = "gptq"
 
     def check_options(self) -> None:
         if self.bits not in (4, 8):
@@ -145,14 +153,28 @@ class QuantizeWeights(Pass):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UserError(f"quantize-weights: block-size must be a power of two >= 16 (32, 64, 128), "
                             f"not {self.block_size}")
-        if self.method not in ("rtn", "gptq"):
-            raise UserError(f"quantize-weights: method must be rtn or gptq, not {self.method!r}")
+        if self.method not in METHODS:
+            raise UserError(f"quantize-weights: method must be rtn, gptq or awq, not {self.method!r}")
+        if self.awq_then not in ("rtn", "gptq"):
+            raise UserError(f"quantize-weights: awq-then must be rtn or gptq, not {self.awq_then!r}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()
         self._tables: dict[str, tuple] = {}  # tied table name -> its quantized (packed, scales, zero points)
         result = PassResult()
         excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
+        progress = ctx.hints.get("progress") or (lambda msg: None)
+        # A caller that runs the pass repeatedly (the accuracy guard) passes a dict here: a
+        # layer's quantized weights depend only on its float weight and the options.
+        cache = ctx.hints.get("quantized_layers")
+        cache = {} if cache is None else cache
+        if self.method == "awq":  # scale every eligible layer (excluded ones too: exact in fp32), then RTN
+            eligible = [s for s in (find_site(n, self.tied) for n in list(graph.nodes))
+                        if isinstance(s, Site) and s.x.type is not None and s.x.type.dtype.is_float]
+            for record in awq_rescale(graph, eligible, self._calibration(ctx), self.bits, self.block_size,
+                                      self.symmetric, progress, cache, clip=self.awq_then == "rtn"):
+                result.count("awq-scaled" if record["inverse_scale"] else "awq-unscaled")
+                result.details.append({"awq": record})
         sites = []
         for node in list(graph.nodes):
             site = find_site(node, self.tied)
@@ -163,22 +185,21 @@ class QuantizeWeights(Pass):
                     result.details.append({"node": node.name, "op": node.op, "reason": "X is not a float tensor"})
                 else:
                     sites.append(site)
-        progress = ctx.hints.get("progress") or (lambda msg: None)
-        # A caller that runs the pass repeatedly (the accuracy guard) passes a dict here: a
-        # layer's quantized weights depend only on its float weight and the options.
-        cache = ctx.hints.get("quantized_layers")
-        cache = {} if cache is None else cache
-        key = (self.bits, self.block_size, self.symmetric, self.method, self.damp)
+        key = (self.bits, self.block_size, self.symmetric, self.method, self.awq_then, self.damp)
         todo = [s for s in sites if (s.node.name, key) not in cache]
-        hessians = self._hessians(graph, todo, ctx, progress) if self.method == "gptq" and todo else {}
+        gptq = self.method == "gptq" or (self.method == "awq" and self.awq_then == "gptq")
+        hessians = self._hessians(graph, todo, ctx, progress) if gptq and todo else {}
         start = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
         for i, site in enumerate(sites):
             if (site.node.name, key) in cache:
                 q, scales, zp = cache[site.node.name, key]
-            elif self.method == "gptq":
+            elif gptq:
                 progress(f"gptq {i + 1}/{len(sites)}: {site.node.name} [{site.w_nk.shape[0]}x{site.w_nk.shape[1]}]")
                 q, scales, zp = gptq_rows(site.w_nk, hessians[id(site.x)].h, self.bits, self.block_size,
                                           self.symmetric, self.damp)
+            elif self.method == "awq":
+                q, scales, zp = awq_quantize(site.node.name, site.w_nk, cache, self.bits, self.block_size,
+                                             self.symmetric)
             else:
                 q, scales, zp = quantize_rows(site.w_nk, self.bits, self.block_size, self.symmetric)
             cache[site.node.name, key] = (q, scales, zp)
@@ -262,10 +283,7 @@ class QuantizeWeights(Pass):
 
     def _hessians(self, graph: Graph, sites: list[Site], ctx: PassContext, progress) -> dict[int, Hessian]:
         """X^T X of every site's input over the calibration feeds (fp32 activations)."""
-        feeds_list = ctx.hints.get("calibration")
-        if not feeds_list:
-            raise UserError("quantize-weights{method=gptq} needs calibration data: give --calibration FILE "
-                            "(text, .jsonl of texts or .npz of inputs)")
+        feeds_list = self._calibration(ctx)
         wanted = {id(s.x): s.x for s in sites}
         hessians = {key: Hessian(v.type.shape[-1]) for key, v in wanted.items()}
         for i, feeds in enumerate(feeds_list):
@@ -276,4 +294,12 @@ class QuantizeWeights(Pass):
         return hessians
 
 
-__all__ = ["QuantizeWeights", "find_site"]
+    def _calibration(self, ctx: PassContext) -> list[dict]:
+        feeds_list = ctx.hints.get("calibration")
+        if not feeds_list:
+            raise UserError(f"quantize-weights{{method={self.method}}} needs calibration data: give --calibration FILE "
+                            "(text, .jsonl of texts or .npz of inputs)")
+        return feeds_list
+
+
+__all__ = ["METHODS", "QuantizeWeights", "find_site"]
