@@ -278,14 +278,15 @@ def _progress(quiet: bool):
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
                    "recomputes the whole sequence.")
-@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic",
+@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
-                   "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
+                   "int4:128), int8-dynamic (activations quantized per call) or int8-static (activation ranges "
+                   "from --calibration data, QDQ). See docs/quantization.md.")
 @click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq", "awq"]),
               help="rtn: round to nearest (no data); gptq: error-compensated; awq: activation-aware "
                    "per-channel scaling, then rtn (gptq and awq calibrate on --calibration data).")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
-              help="Calibration data for gptq and awq: a text file, .jsonl of texts, or .npz of inputs "
+              help="Calibration data for gptq, awq and int8-static: a text file, .jsonl of texts, or .npz of inputs "
                    "(default for graphopt.train checkpoints: their training corpus).")
 @click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
               help="perplexity=+2% or top1=0.99 against fp32 on held-out text: the most sensitive layers stay "
@@ -316,6 +317,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method awq
+      graphopt optimize examples/default -o out/int8s --quantize int8-static
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """

@@ -41,7 +41,7 @@ def default_pipeline() -> str:
 
 
 QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # weight-only scheme -> (bits, default block size)
-QUANT_PASSES = ("quantize-weights", "quantize-dynamic")
+QUANT_PASSES = ("quantize-weights", "quantize-dynamic", "quantize-static")
 
 
 def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
@@ -51,10 +51,14 @@ def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
         if method != "rtn":
             raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-dynamic")
         return "quantize-dynamic{per-channel=true}"
+    if scheme == "int8-static":  # int8 weights per channel and activations, ranges from calibration (QDQ)
+        if method != "rtn":
+            raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-static")
+        return "quantize-static{calibration=minmax}"
     name, _, block = scheme.partition(":")
     if name not in QUANT_SCHEMES:
-        raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64) "
-                        "or int8-dynamic")
+        raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64), "
+                        "int8-dynamic or int8-static")
     bits, block_size = QUANT_SCHEMES[name]
     if block:
         if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
@@ -158,9 +162,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
     elif quant_method != "rtn":
         raise UserError("--quant-method goes with --quantize int8|int4")
-    needs_data = any(e.name == "quantize-weights" and e.instantiate().method in ("gptq", "awq") for e in entries)
+    needs_data = any((e.name == "quantize-weights" and e.instantiate().method in ("gptq", "awq"))
+                     or e.name == "quantize-static" for e in entries)
     if calibration is not None and not needs_data:
-        raise UserError("--calibration is used by --quant-method gptq and awq only")
+        raise UserError("--calibration is used by --quant-method gptq and awq and by --quantize int8-static only")
     budget = None
     if accuracy_budget is not None:
         budget = Budget.parse(accuracy_budget)
@@ -308,12 +313,13 @@ def quantization_summary(records, scheme: str | None, calibration, feeds) -> dic
     if not runs:
         return {}
     r = runs[-1]
-    dynamic = r.name == "quantize-dynamic"
-    out = {"scheme": scheme, "bits": 8 if dynamic else r.options["bits"],
-           "block_size": None if dynamic else r.options["block_size"],
-           "symmetric": True if dynamic else r.options["symmetric"],
-           "method": "dynamic" if dynamic else r.options["method"],
-           "layers": {k: v for k, v in r.stats.items() if not k.endswith("-bytes")},
+    int8 = r.name != "quantize-weights"  # dynamic or static: int8 weights per channel, no blocks
+    method = {"quantize-dynamic": "dynamic", "quantize-static": f"static-{r.options.get('calibration')}"}
+    out = {"scheme": scheme, "bits": 8 if int8 else r.options["bits"],
+           "block_size": None if int8 else r.options["block_size"],
+           "symmetric": True if int8 else r.options["symmetric"],
+           "method": method.get(r.name) or r.options["method"],
+           "layers": {k: v for k, v in r.stats.items() if not k.endswith("-bytes") and not k.startswith("awq-")},
            "float_weight_bytes": r.stats.get("float-weight-bytes", 0),
            "quantized_weight_bytes": r.stats.get("quantized-weight-bytes", 0),
            "kept_float": [d["node"] for d in r.details if d.get("reason") == "excluded"]}
@@ -392,7 +398,8 @@ def format_report(report: dict) -> str:
     q = report.get("quantization")
     if q:
         layers = sum(q["layers"].values())
-        how = "activations per call" if q["method"] == "dynamic" else f"block {q['block_size']}, {q['method']}"
+        how = ("activations per call" if q["method"] == "dynamic" else
+               f"activations {q['method']}" if q["method"].startswith("static") else f"block {q['block_size']}, {q['method']}")
         lines.append(f"quantized {layers} layers to int{q['bits']} ({how}): weights "
                      f"{_size(q['float_weight_bytes'])} -> {_size(q['quantized_weight_bytes'])}")
     a = report.get("accuracy")

@@ -7,4 +7,4 @@ nearest or GPTQ (gptq.py, with calibration data from the pass context).
 `quantize-dynamic` (dynamic.py) makes the same sites graphopt.DynamicQuantLinear: int8
 weights, activations quantized at each call.
 """
-from graphopt.passes.quantization import dynamic, weights  # noqa: F401
+from graphopt.passes.quantization import dynamic, static, weights  # noqa: F401
