@@ -16,7 +16,7 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph
 from graphopt.pass_manager import NearMiss, PassContext, PassManager, PipelineEntry, load_recipe, parse_pipeline
 from graphopt.accuracy import perplexity
-from graphopt.accuracy_guard import Budget, guard, held_out_tokens, seq_len_of, Measured
+from graphopt.accuracy_guard import Budget, guard, held_out_sentences, held_out_tokens, seq_len_of, Measured
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration
@@ -266,7 +266,12 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
     folder = graph.metadata.source if isinstance(model, Graph) else model
     qi = max(i for i, e in enumerate(entries) if e.name in QUANT_PASSES)
-    ids, source = held_out_tokens(folder, graph, accuracy_data)
+    if budget.metric == "cosine":
+        feeds, source = held_out_sentences(folder, graph, accuracy_data)
+        measure, data = ort_embedding_measure(feeds), {"sentences": int(sum(len(f["input_ids"]) for f in feeds))}
+    else:
+        ids, source = held_out_tokens(folder, graph, accuracy_data)
+        measure, data = ort_measure(ids, seq_len_of(folder)), {"tokens": int(len(ids) - 1)}
     base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
     ctx.hints.setdefault("quantized_layers", {})
 
@@ -277,8 +282,8 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
         g = PassManager(entries[qi + 1:], verify=False, ctx=ctx).run(pm.run(base)) if qi + 1 < len(entries) else pm.run(base)
         return g, [d["node"] for d in pm.records[0].details if "kind" in d]
 
-    exclude, accuracy = guard(base, quantize, budget, ort_measure(ids, seq_len_of(folder)), progress)
-    accuracy["data"] = {"file": source, "tokens": int(len(ids) - 1)}
+    exclude, accuracy = guard(base, quantize, budget, measure, progress)
+    accuracy["data"] = {"file": source, **data}
     guarded = list(entries)
     if exclude:
         guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
@@ -287,14 +292,8 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
 
 def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
     """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
-    import onnxruntime as ort
-
-
     def measure(graph: Graph) -> Measured:
-        model = to_onnx_model(ort_backend.lower(graph, "cpu"))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = _ort_session(graph)
         name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
         argmax = []
 
@@ -304,6 +303,28 @@ def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
             return y
         ppl = perplexity(logits, ids, seq_len).perplexity
         return Measured(ppl, np.concatenate(argmax))
+    return measure
+
+
+def _ort_session(graph: Graph):
+    import onnxruntime as ort
+
+    model = to_onnx_model(ort_backend.lower(graph, "cpu"))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def ort_embedding_measure(feeds_list: list[dict]) -> Callable[[Graph], Measured]:
+    """graph -> its mean-pooled first output (over the attention mask) for each sentence, run through ORT."""
+    def measure(graph: Graph) -> Measured:
+        sess = _ort_session(graph)
+        pooled = []
+        for feeds in feeds_list:
+            hidden = sess.run([sess.get_outputs()[0].name], feeds)[0]
+            mask = feeds["attention_mask"][..., None].astype(hidden.dtype)
+            pooled.append((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1))
+        return Measured(None, None, np.concatenate(pooled))
     return measure
 
 
@@ -405,8 +426,9 @@ def format_report(report: dict) -> str:
     a = report.get("accuracy")
     if a:
         kept = ", ".join(a["kept_float"]) or "none"
-        lines.append(f"accuracy  {a['budget']}: perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}; "
-                     f"kept in float: {kept}")
+        reached = (f"perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}" if a["metric"] != "cosine"
+                   else f"least cosine {a['score']:.4f}")
+        lines.append(f"accuracy  {a['budget']}: {reached}; kept in float: {kept}")
     gone = collections.Counter(report["ops_before"]) - collections.Counter(report["ops_after"])
     if gone:
         lines.append("removed   " + ", ".join(f"{k} x{v}" for k, v in gone.most_common()))
