@@ -144,8 +144,10 @@ def guard(base: Graph, quantize: Callable[[str], tuple[Graph, list]], budget: Bu
 
 
 def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128) -> tuple[list[dict], str]:
-    """An encoder's held-out sentences (`data`: one a line, or .jsonl) as feed dicts of up to 16
-    padded sentences, tokenized with the model folder's tokenizer.json."""
+    """An encoder's held-out sentences (`data`: one a line, or .jsonl), one feed dict each,
+    tokenized with the model folder's tokenizer.json. One sentence a run: with dynamic int8 the
+    activation scales depend on everything in the batch (padding too), so a sentence's
+    embedding would depend on its neighbours."""
     if data is None:
         raise UserError("--accuracy-budget cosine=... needs held-out sentences: give --accuracy-data FILE "
                         "(one sentence a line, or .jsonl)")
@@ -156,21 +158,17 @@ def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128
              if t.strip()]
     if not texts:
         raise UserError(f"--accuracy-data {path}: no sentences")
-    folder = Path(model) if model is not None and Path(model).is_dir() else None
-    tok = _tokenizer(folder, str(path))
-    tok.enable_truncation(max_len)
-    tok.enable_padding()
     names = {v.name for v in graph.inputs if not v.is_initializer}
-    feeds = []
-    for i in range(0, len(texts), 16):
-        enc = tok.encode_batch(texts[i:i + 16])
-        batch = {"input_ids": np.array([e.ids for e in enc], np.int64),
-                 "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-                 "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
-        feeds.append({k: v for k, v in batch.items() if k in names})
     if "input_ids" not in names or "attention_mask" not in names:
         raise UserError(f"--accuracy-budget cosine=...: an encoder with input_ids and attention_mask inputs; "
                         f"this one takes {sorted(names)}")
+    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    tok = _tokenizer(folder, str(path))
+    tok.enable_truncation(max_len)
+    feeds = []
+    for e in tok.encode_batch(texts):
+        row = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+        feeds.append({k: np.array([v], np.int64) for k, v in row.items() if k in names})
     return feeds, str(path)
 
 
