@@ -33,7 +33,16 @@ from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, remove_dead, replace_value
 
 from graphopt.passes.quantization.dynamic import quantize_int8_symmetric
-from graphopt.passes.quantization.weights import Site, find_site
+from graphopt.passes.quantization.sites import (
+    Site,
+    collect_sites,
+    count_weight_bytes,
+    drop_unread_weights,
+    float32_only,
+    gated_epilogue,
+    site_inputs,
+    weight_bytes,
+)
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 SAMPLE_ROWS = 4096  # rows of each activation kept for percentile / entropy
@@ -110,35 +119,21 @@ class QuantizeStatic(Pass):
             raise UserError("quantize-static needs calibration data: give --calibration FILE "
                             "(text, .jsonl of texts or .npz of inputs)")
         result = PassResult()
-        excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
-        sites = []
-        for node in list(graph.nodes):
-            site = find_site(node, self.tied)
-            if not isinstance(site, Site):
-                continue
-            if node.name in excluded or site.x.type is None or site.x.type.dtype.short != "f32":
-                result.details.append({"node": node.name, "op": node.op,
-                                       "reason": "excluded" if node.name in excluded else "X is not f32"})
-                continue
-            sites.append(site)
+        sites = collect_sites(graph, self.tied, self.exclude, result, float32_only)
         progress = ctx.hints.get("progress") or (lambda msg: None)
         ranges = self._ranges(graph, {id(s.x): s.x for s in sites}, feeds_list, progress)
-        start = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
+        start = weight_bytes(graph)
         quantized_x: dict[int, Value] = {}  # sites reading one X share its QDQ pair
         for site in sites:
-            read = {id(v): v for n in (site.node, *site.extra_nodes) for v in n.inputs if v is not None}.values()
+            read = site_inputs(site)
             lo, hi = ranges[id(site.x)]
             self._rewrite(graph, site, lo, hi, quantized_x)
             result.count(site.kind)
             result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
                                    "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0]),
                                    "x_range": [round(lo, 6), round(hi, 6)]})
-            for w in read:
-                if w.is_initializer and not w.uses() and not w.is_graph_output and not w.is_graph_input:
-                    graph.remove_initializer(w.name)
-        now = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
-        result.count("float-weight-bytes", sum(n for name, n in start.items() if name not in now))
-        result.count("quantized-weight-bytes", sum(n for name, n in now.items() if name not in start))
+            drop_unread_weights(graph, read)
+        count_weight_bytes(result, start, graph)
         return result
 
     def _ranges(self, graph: Graph, xs: dict[int, Value], feeds_list: list[dict], progress) -> dict[int, tuple]:
@@ -182,11 +177,7 @@ class QuantizeStatic(Pass):
             bias = rw.const(bias.astype(np.float32), f"{base}_bias")
         if bias is not None:
             y = rw.Add(y, bias)
-        if site.kind == "gated-linear":
-            gate, up = rw.Split(y, axis=-1, num_outputs=2)
-            y = rw.Mul(activate(rw, gate, site.activation), up)
-        else:
-            y = activate(rw, y, site.activation)
+        y = gated_epilogue(rw, y, site) if site.kind == "gated-linear" else activate(rw, y, site.activation)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node, *site.extra_nodes])
 

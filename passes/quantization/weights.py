@@ -30,102 +30,31 @@ Options:
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ops.activations import activate
 from graphopt.interpreter import run as interpret
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
 from graphopt.ops.quant_format import pack, pack_weight, quantize_rows
 
 from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
+from graphopt.passes.quantization.sites import (
+    Site,
+    collect_sites,
+    count_weight_bytes,
+    drop_unread_weights,
+    find_site,
+    float_only,
+    gated_epilogue,
+    site_inputs,
+    weight_bytes,
+)
 from graphopt.passes.quantization.gptq import Hessian, gptq_rows
 
 G = GRAPHOPT_DOMAIN
 METHODS = ("rtn", "gptq", "awq")
-
-
-@dataclasses.dataclass
-class Site:
-    """A layer to quantize: Y = act(X @ W_nk^T + bias), then `kind`'s epilogue."""
-
-    node: Node
-    kind: str               # linear | gated-linear | matmul | gemm | tied
-    x: Value
-    w_nk: np.ndarray        # [N, K], float
-    bias: Value | np.ndarray | None
-    activation: str
-    weights: tuple[Value, ...]   # the float weights it reads (dropped when unused after)
-    extra_nodes: tuple[Node, ...] = ()
-
-
-def _const_vector(v: Value | None, n: int) -> np.ndarray | None | bool:
-    """A bias as a [n] array; None when absent; False when it is not a constant vector."""
-    if v is None:
-        return None
-    c = constant_value(v)
-    if c is None or c.size != n:
-        return False
-    return c.reshape(n)
-
-
-def _weight_bias_site(node: Node, kind: str, w_is_nk: bool, activation: str) -> Site | str:
-    """Linear and Gemm: Y = act(X @ W + B), W constant [K, N] (or [N, K] when `w_is_nk`), B a constant vector or absent."""
-    ins = node.inputs
-    w = constant_value(ins[1])
-    if w is None or w.ndim != 2:
-        return "the weight is not a constant matrix"
-    w_nk = w if w_is_nk else w.T
-    bias = ins[2] if len(ins) > 2 else None
-    if bias is not None and _const_vector(bias, w_nk.shape[0]) is False:
-        return "the bias is not a constant vector"
-    return Site(node, kind, ins[0], w_nk, bias, activation, (ins[1],))
-
-
-def find_site(node: Node, tied: bool) -> Site | str:
-    """The site at `node`, or why it is not one (pure: it never mutates)."""
-    ins = node.inputs
-    if node.domain == G and node.op_type == "Linear":
-        return _weight_bias_site(node, "linear", bool(node.attr("trans_w", 0)), node.attr("activation", ""))
-    if node.domain == G and node.op_type == "GatedLinear":
-        wg, wu = constant_value(ins[1]), constant_value(ins[2])
-        if wg is None or wu is None:
-            return "the weights are not constants"
-        n = wg.shape[1]
-        biases = [_const_vector(v, n) for v in (list(ins[3:5]) + [None, None])[:2]]
-        if any(b is False for b in biases):
-            return "the biases are not constant vectors"
-        bias = None
-        if any(b is not None for b in biases):
-            bias = np.concatenate([b if b is not None else np.zeros(n, wg.dtype) for b in biases])
-        act = node.attr("activation", "silu")
-        return Site(node, "gated-linear", ins[0], np.concatenate([wg, wu], axis=1).T, bias, act, (ins[1], ins[2]))
-    if node.domain != "":
-        return "not a linear layer"
-    if node.op_type == "MatMul":
-        x, wv = ins
-        if x.type is None or x.type.rank is None or x.type.rank < 2:
-            return "X has rank < 2"
-        w = constant_value(wv)
-        if w is not None and w.ndim == 2:
-            return Site(node, "matmul", x, w.T, None, "", (wv,))
-        t = wv.producer()
-        if t is not None and t.op_type == "Transpose" and t.domain == "" and list(t.attr("perm", [1, 0])) == [1, 0]:
-            w = constant_value(t.inputs[0])
-            if w is not None and w.ndim == 2:
-                if not tied:
-                    return "a tied weight (option tied=false)"
-                return Site(node, "tied", x, w, None, "", (t.inputs[0],), (t,))
-        return "the weight is not a constant matrix"
-    if node.op_type == "Gemm":
-        if node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0 or node.attr("transA", 0):
-            return "alpha/beta are not 1 or A is transposed"
-        return _weight_bias_site(node, "gemm", bool(node.attr("transB", 0)), "")
-    return "not a linear layer"
 
 
 @register_pass("quantize-weights")
@@ -168,28 +97,18 @@ class QuantizeWeights(Pass):
         # layer's quantized weights depend only on its float weight and the options.
         cache = ctx.hints.get("quantized_layers")
         cache = {} if cache is None else cache
-        if self.method == "awq":  # scale every eligible layer (excluded ones too: exact in fp32), then RTN
-            eligible = [s for s in (find_site(n, self.tied) for n in list(graph.nodes))
-                        if isinstance(s, Site) and s.x.type is not None and s.x.type.dtype.is_float]
+        if self.method == "awq":  # scale every eligible layer (excluded ones too: exact in fp32)
+            eligible = collect_sites(graph, self.tied, "", PassResult(), float_only)
             for record in awq_rescale(graph, eligible, self._calibration(ctx), self.bits, self.block_size,
                                       self.symmetric, progress, cache, clip=self.awq_then == "rtn"):
                 result.count("awq-scaled" if record["inverse_scale"] else "awq-unscaled")
                 result.details.append({"awq": record})
-        sites = []
-        for node in list(graph.nodes):
-            site = find_site(node, self.tied)
-            if isinstance(site, Site):
-                if node.name in excluded:
-                    result.details.append({"node": node.name, "op": node.op, "reason": "excluded"})
-                elif site.x.type is None or not site.x.type.dtype.is_float:
-                    result.details.append({"node": node.name, "op": node.op, "reason": "X is not a float tensor"})
-                else:
-                    sites.append(site)
+        sites = collect_sites(graph, self.tied, self.exclude, result, float_only)
         key = (self.bits, self.block_size, self.symmetric, self.method, self.awq_then, self.damp)
         todo = [s for s in sites if (s.node.name, key) not in cache]
         gptq = self.method == "gptq" or (self.method == "awq" and self.awq_then == "gptq")
         hessians = self._hessians(graph, todo, ctx, progress) if gptq and todo else {}
-        start = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
+        start = weight_bytes(graph)
         for i, site in enumerate(sites):
             if (site.node.name, key) in cache:
                 q, scales, zp = cache[site.node.name, key]
@@ -203,20 +122,15 @@ class QuantizeWeights(Pass):
             else:
                 q, scales, zp = quantize_rows(site.w_nk, self.bits, self.block_size, self.symmetric)
             cache[site.node.name, key] = (q, scales, zp)
-            read = {id(v): v for n in (site.node, *site.extra_nodes) for v in n.inputs if v is not None}.values()
+            read = site_inputs(site)
             stored = self._rewrite(graph, site, q, scales, zp)
             result.count(site.kind)
             result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
                                    "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0]), "bytes": stored})
-            for w in read:  # the float weights and biases nothing reads any more
-                if w.is_initializer and not w.uses() and not w.is_graph_output and not w.is_graph_input:
-                    graph.remove_initializer(w.name)
+            drop_unread_weights(graph, read)
         if self.embeddings:
             self._quantize_embeddings(graph, excluded, result)
-        # bytes of the weights the pass removed, and of those it added in their place
-        now = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
-        result.count("float-weight-bytes", sum(n for name, n in start.items() if name not in now))
-        result.count("quantized-weight-bytes", sum(n for name, n in now.items() if name not in start))
+        count_weight_bytes(result, start, graph)
         return result
 
     def _rewrite(self, graph: Graph, site: Site, q, scales, zp) -> int:
@@ -245,9 +159,7 @@ class QuantizeWeights(Pass):
         gated = site.kind == "gated-linear"
         y = rw.op("QuantLinear", *args, domain=G, K=int(k), N=int(n), bits=self.bits, block_size=self.block_size,
                   activation=None if gated else (site.activation or None))
-        if gated:
-            gate, up = rw.Split(y, axis=-1, num_outputs=2)
-            y = rw.Mul(activate(rw, gate, site.activation), up)
+        y = gated_epilogue(rw, y, site)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node, *site.extra_nodes])
         if site.kind == "tied":  # the table's Gather can share this copy
