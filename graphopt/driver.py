@@ -54,7 +54,7 @@ def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
     if scheme == "int8-static":  # int8 weights per channel and activations, ranges from calibration (QDQ)
         if method != "rtn":
             raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-static")
-        return "quantize-static{calibration=minmax}"
+        return "quantize-static{calibration=percentile}"
     name, _, block = scheme.partition(":")
     if name not in QUANT_SCHEMES:
         raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64), "

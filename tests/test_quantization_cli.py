@@ -92,9 +92,9 @@ def test_quantize_int8_static_and_awq_with_npz_calibration(tmp_path):
     r = invoke("optimize", EXAMPLE, "-o", tmp_path / "s", "--quantize", "int8-static", "--calibration",
                tmp_path / "cal.npz", "-q")
     assert r.exit_code == 0, r.output
-    assert "quantized 2 layers to int8 (activations static-minmax)" in r.output
+    assert "quantized 2 layers to int8 (activations static-percentile)" in r.output
     q = json.loads((tmp_path / "s" / "report.json").read_text())["quantization"]
-    assert q["method"] == "static-minmax" and q["calibration"]["sequences"] == 16
+    assert q["method"] == "static-percentile" and q["calibration"]["sequences"] == 16
     ops = [n.op_type for n in onnx.load(tmp_path / "s" / "model.onnx").graph.node]
     assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 4
     r = invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "--quantize", "int4:16", "--quant-method", "awq",

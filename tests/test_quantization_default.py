@@ -80,6 +80,20 @@ def test_int8_and_int4_perplexity_within_budget(default_model, tmp_path):
     assert rel["int4-awq"] < rel["int4-rtn"], rel  # measured: +0.90 % against RTN's +1.40 % (GPTQ +1.17 %)
 
 
+def test_int8_static_perplexity_within_budget(default_model, tmp_path):
+    """QDQ int8 weights and activations, ranges from the training corpus (percentile): within
+    0.5 % of fp32 (measured +0.13 %; minmax +0.85 %, entropy +11 %, docs/quantization.md)."""
+    from graphopt.calibration import load_calibration
+
+    graph, ids = default_model
+    fp32 = ort_perplexity(graph, ids, tmp_path, "fp32")
+    ctx = PassContext(hints={"calibration": load_calibration(None, MODEL, graph, samples=16)})
+    quantized = PassManager("quantize-static{calibration=percentile}", ctx=ctx).run(graph)
+    assert sum(n.op_type == "QuantizeLinear" for n in quantized.nodes) == 25  # an X per layer: 6 x (qkv, o, gate-up, down) + head
+    rel = ort_perplexity(quantized, ids, tmp_path, "int8-static") / fp32 - 1
+    assert 0 < rel < 0.005, rel
+
+
 def test_eval_takes_an_artifact_folder(default_model, tmp_path):
     """`graphopt eval OUT` scores an artifact as `graphopt eval CHECKPOINT` scores the checkpoint."""
     import json
