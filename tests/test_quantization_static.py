@@ -95,3 +95,26 @@ def test_static_needs_calibration_and_checks_options():
         PassManager("quantize-static").run(mlp_graph())
     with pytest.raises(UserError, match="calibration must be minmax, percentile or entropy"):
         PassManager("quantize-static{calibration=kl}", ctx=PassContext(hints={"calibration": [feeds(0)]})).run(mlp_graph())
+
+
+def test_int8_static_under_the_accuracy_guard_on_the_shipped_model(tmp_path):
+    """--quantize int8-static with --accuracy-budget on examples/default (calibrated on its
+    training corpus, measured on its val.txt): the guard drives quantize-static like
+    quantize-weights, and the report says what it reached and kept."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    pytest.importorskip("torch")
+    model = Path(__file__).resolve().parents[1] / "examples" / "default"
+    r = CliRunner().invoke(cli, ["optimize", str(model), "-o", str(tmp_path / "q"), "-q", "--quantize", "int8-static",
+                                 "--accuracy-budget", "perplexity=+0.5%"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    acc, q = report["accuracy"], report["quantization"]
+    assert q["method"] == "static-percentile" and 0 < acc["score"] <= 0.005, acc
+    assert sorted(q["kept_float"]) == sorted(acc["kept_float"])
+    assert sum(q["layers"].values()) + len(q["kept_float"]) == 25  # 6 x (qkv, o, gate-up, down) + the head
