@@ -284,7 +284,7 @@ def _progress(quiet: bool):
                    "from --calibration data, QDQ). See docs/quantization.md.")
 @click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq", "awq"]),
               help="rtn: round to nearest (no data); gptq: error-compensated; awq: activation-aware "
-                   "per-channel scaling, then rtn (gptq and awq calibrate on --calibration data).")
+                   "per-channel scaling, then gptq (gptq and awq calibrate on --calibration data).")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
               help="Calibration data for gptq, awq and int8-static: a text file, .jsonl of texts, or .npz of inputs "
                    "(default for graphopt.train checkpoints: their training corpus).")

@@ -16,7 +16,7 @@ Options:
   block-size  32, 64 or 128 (any power of two >= 16): elements per scale along K
   symmetric   false: a zero point per block (asymmetric, the better int4 grid); true: none
   method      rtn (round to nearest, no data), gptq (second-order error compensation) or awq
-              (activation-aware per-input-channel scaling, then round to nearest; awq.py);
+              (activation-aware per-input-channel scaling, then GPTQ or RTN: awq-then; awq.py);
               gptq and awq need calibration inputs in the pass context:
               `ctx.hints["calibration"]`, a list of feed dicts
   tied        also quantize MatMul(X, Transpose(@w)) where @w is shared (a tied LM head)
