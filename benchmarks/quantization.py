@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/generation.py
 
 
 def gpt2_folder(work: Path, tiny: bool) -> Path:
@@ -115,7 +117,7 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     import graphopt
-    from graphopt.generation import Generator
+    from generation import decode_step  # benchmarks/generation.py: the same decode-step feeds
 
     fp32 = graphopt.optimize(folder, work / "dec-fp32")  # generation-ready: KV cache, last-token logits
     dirs = {"graphopt-fp32": work / "dec-fp32", "graphopt-int4": work / "dec-int4"}
@@ -132,14 +134,7 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     ort_nbits = work / "ort_matmulnbits.onnx"
     q.model.save_model_to_file(str(ort_nbits), use_external_data_format=False)
 
-    artifact = graphopt.load(dirs["graphopt-fp32"], threads=args.threads)
-    gen = Generator.for_artifact(artifact)
-    ids = np.arange(args.cached, dtype=np.int64)[None] % 100 + 1
-    first = artifact.run({"input_ids": ids, "attention_mask": np.ones_like(ids), **gen.empty_cache(1)})
-    step = {"input_ids": np.array([[7]], np.int64), "attention_mask": np.ones((1, args.cached + 1), np.int64)}
-    for i in range(gen.spec.num_layers):
-        step[f"past_key_values.{i}.key"] = first[f"present.{i}.key"]
-        step[f"past_key_values.{i}.value"] = first[f"present.{i}.value"]
+    step = decode_step(graphopt.load(dirs["graphopt-fp32"], threads=args.threads), args.cached)["step"]
 
     runners, sizes = {}, {}
     for name, d in dirs.items():
