@@ -9,7 +9,7 @@ shapes, so `auto` measures: each distinct (K, N, bits, block size) of the graph'
 layers as a one-node MatMulNBits model at both levels, one row (a decode step) and 64 rows (a
 prefill), interleaved, and weighted by how many layers have that shape. Level 4 is chosen when it
 is at least MARGIN faster in total; the times go to the manifest (`quant_accuracy_level`).
-Results are cached per process and shape set (the accuracy guard lowers a graph many times).
+Timings are cached per process and shape (the accuracy guard lowers many mixes of one model).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ ROWS = (1, 64)     # a decode step and a prefill
 REPEATS = 5        # timed rounds per (shape, rows, level); the median counts
 LEVELS = (0, 4)
 
-_CACHE: dict[tuple, dict] = {}
+_CACHE: dict[tuple, dict[int, float]] = {}  # (K, N, bits, block_size) -> level -> ms (1 and 64 rows)
 
 
 def quant_shapes(graph: Graph) -> collections.Counter:
@@ -39,34 +39,37 @@ def choose_accuracy_level(graph: Graph) -> dict | None:
     shapes = quant_shapes(graph)
     if not shapes:
         return None
-    key = tuple(sorted(shapes.items()))
-    if key not in _CACHE:
-        _CACHE[key] = _measure(shapes)
-    return _CACHE[key]
-
-
-def _measure(shapes: collections.Counter) -> dict:
-    import onnxruntime as ort
-
     total = {level: 0.0 for level in LEVELS}
-    rng = np.random.default_rng(0)
-    for (k, n, bits, block_size), count in shapes.items():
-        sessions = {level: _session(ort, k, n, bits, block_size, level, rng) for level in LEVELS}
-        for rows in ROWS:
-            x = {"X": rng.standard_normal((rows, k)).astype(np.float32)}
-            times = {level: [] for level in LEVELS}
-            for level, sess in sessions.items():
-                sess.run(None, x)  # warm-up
-            for _ in range(REPEATS):
-                for level, sess in sessions.items():  # interleaved, so load drifts hit both alike
-                    t = time.perf_counter()
-                    sess.run(None, x)
-                    times[level].append(time.perf_counter() - t)
-            for level in LEVELS:
-                total[level] += count * float(np.median(times[level])) * 1e3
+    for shape, count in shapes.items():
+        if shape not in _CACHE:
+            _CACHE[shape] = _measure(*shape)
+        for level in LEVELS:
+            total[level] += count * _CACHE[shape][level]
     level = 4 if total[4] < (1 - MARGIN) * total[0] else 0
     return {"level": level, "ms": {str(k): round(v, 4) for k, v in total.items()}, "rows": list(ROWS),
             "layers": int(sum(shapes.values())), "shapes": len(shapes), "rule": f"4 if at least {MARGIN:.0%} faster"}
+
+
+def _measure(k: int, n: int, bits: int, block_size: int) -> dict[int, float]:
+    """level -> median ms of one MatMulNBits [rows, K] x [K, N], summed over ROWS."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    sessions = {level: _session(ort, k, n, bits, block_size, level, rng) for level in LEVELS}
+    total = {level: 0.0 for level in LEVELS}
+    for rows in ROWS:
+        x = {"X": rng.standard_normal((rows, k)).astype(np.float32)}
+        times = {level: [] for level in LEVELS}
+        for sess in sessions.values():
+            sess.run(None, x)  # warm-up
+        for _ in range(REPEATS):
+            for level, sess in sessions.items():  # interleaved, so load drifts hit both alike
+                t = time.perf_counter()
+                sess.run(None, x)
+                times[level].append(time.perf_counter() - t)
+        for level in LEVELS:
+            total[level] += float(np.median(times[level])) * 1e3
+    return total
 
 
 def _session(ort, k: int, n: int, bits: int, block_size: int, level: int, rng):
