@@ -1,12 +1,15 @@
 """Accuracy of weight quantization on the shipped model: perplexity of examples/default on
 its validation text (examples/default/val.txt, the text `graphopt eval` scores), through
-each variant's ONNX Runtime artifact, fp32 next to int8 and int4 (RTN and GPTQ).
+each variant's ONNX Runtime artifact, fp32 next to int8 and int4 (RTN, GPTQ, AWQ) and int8
+static (QDQ).
 
     python benchmarks/quant_accuracy.py                       # writes benchmarks/results/quant_accuracy.md
     python benchmarks/quant_accuracy.py --quick               # first 8192 tokens, a smoke test
 
 These are accuracy figures, not timings: they do not depend on the machine's load. GPTQ
-calibrates on the model's training corpus (graphopt.calibration), never on val.txt.
+AWQ and quantize-static calibrate on the model's training corpus (graphopt.calibration),
+never on val.txt. MatMulNBits runs at accuracy_level 0 (float compute) unless a row says
+otherwise, so the figures do not depend on the level `auto` picks on a given CPU.
 """
 from __future__ import annotations
 
@@ -30,9 +33,15 @@ VARIANTS = [  # (name, the pass appended to the default pipeline, backend option
     ("int4 b32 gptq symmetric", f"{Q}{{bits=4,block-size=32,method=gptq,symmetric=true}}", {}),
     ("int4 b128 rtn", f"{Q}{{bits=4,block-size=128}}", {}),
     ("int4 b128 gptq", f"{Q}{{bits=4,block-size=128,method=gptq}}", {}),
+    ("int4 b32 awq", f"{Q}{{bits=4,block-size=32,method=awq}}", {}),
+    ("int4 b32 awq-then-rtn", f"{Q}{{bits=4,block-size=32,method=awq,awq-then=rtn}}", {}),
     ("int4 b32 gptq acc4", f"{Q}{{bits=4,block-size=32,method=gptq}}", {"quant_accuracy_level": "4"}),
     ("int8 dynamic per-channel", "quantize-dynamic{per-channel=true}", {}),
+    ("int8 static minmax", "quantize-static{calibration=minmax}", {}),
+    ("int8 static percentile", "quantize-static{calibration=percentile}", {}),
+    ("int8 static entropy", "quantize-static{calibration=entropy}", {}),
 ]
+FLOAT_COMPUTE = {"quant_accuracy_level": "0"}
 
 
 def _shown(path: Path) -> str:
@@ -71,7 +80,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             passes = default_pipeline() + (f",{quant_pass}" if quant_pass else "")
-            res = graphopt.optimize(graph, Path(tmp) / "a", passes=passes, backend_options=options,
+            res = graphopt.optimize(graph, Path(tmp) / "a", passes=passes, backend_options=options or FLOAT_COMPUTE,
                                     progress=lambda m: None)
             seconds = time.perf_counter() - t0
             art = graphopt.load(Path(tmp) / "a", threads=2)
@@ -84,7 +93,8 @@ def main() -> None:
     base = next((r["perplexity"] for r in rows if r["variant"] == "fp32"), None)
     lines = ["# Weight quantization: perplexity of examples/default", "",
              f"Validation text: {_shown(model / 'val.txt')} ({len(ids) - 1} predicted tokens, windows of {seq_len}); "
-             "ONNX Runtime artifacts (MatMulNBits), CPU. GPTQ calibrates on 32 windows of the training split.", "",
+             "ONNX Runtime artifacts (MatMulNBits at accuracy_level 0 unless the row says acc4), CPU. GPTQ, AWQ and "
+             "int8 static calibrate on 32 windows of the training split.", "",
              "| variant | perplexity | vs fp32 | artifact |", "| --- | --- | --- | --- |"]
     for r in rows:
         delta = f"{(r['perplexity'] / base - 1) * 100:+.2f} %" if base else ""

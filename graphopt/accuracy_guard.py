@@ -6,9 +6,11 @@ quantized), and the most sensitive layers are kept in float, one more at a time,
 budget holds. When even that fails, optimize stops with the best it reached (a UserError:
 exit code 2, nothing written).
 
-Metrics (a decoder's logits over token windows):
+Metrics (a decoder's logits over token windows; an encoder's pooled output over sentences):
     perplexity=+2%    perplexity at most 2 % above fp32's
     top1=0.99         the arg-max token agrees with fp32's at >= 99 % of positions
+    cosine=0.995      every held-out sentence's mean-pooled embedding has cosine >= 0.995
+                      with fp32's (the worst sentence is the score)
 The driver measures through ONNX Runtime's lowering in memory (`graphopt.driver`: the core
 imports no backend): the arithmetic the ORT artifact runs, and the reference's.
 """
@@ -25,7 +27,8 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph
 from graphopt.calibration import _read_texts, _token_input, _tokenizer, _seq_len
 
-METRICS = ("perplexity", "top1")
+METRICS = ("perplexity", "top1", "cosine")
+HIGHER_IS_BETTER = ("top1", "cosine")
 EVAL_TOKENS = 8192
 
 
@@ -38,11 +41,8 @@ class Budget:
     def parse(text: str) -> "Budget":
         metric, eq, raw = text.partition("=")
         metric = metric.strip()
-        if not eq or metric not in METRICS + ("cosine",):
-            raise UserError(f"--accuracy-budget {text!r}: expected perplexity=+2% or top1=0.99")
-        if metric == "cosine":
-            raise UserError(f"--accuracy-budget {text!r}: the cosine budget (encoders) is not implemented yet; "
-                            "use perplexity=+N% or top1=F for a decoder")
+        if not eq or metric not in METRICS:
+            raise UserError(f"--accuracy-budget {text!r}: expected perplexity=+2%, top1=0.99 or cosine=0.995")
         value = None
         if metric == "perplexity":
             m = re.fullmatch(r"\+?(\d+(?:\.\d+)?)%", raw.strip())
@@ -52,24 +52,30 @@ class Budget:
                 value = float(raw)
             except ValueError:
                 pass
-        if value is None or value < 0 or (metric == "top1" and value > 1):
+        if value is None or value < 0 or (metric in HIGHER_IS_BETTER and value > 1):
             want = "+N% (for example +2%)" if metric == "perplexity" else "a fraction in [0, 1]"
             raise UserError(f"--accuracy-budget {text!r}: {metric} takes {want}")
         return Budget(metric, value)
 
     def __str__(self) -> str:
-        return f"perplexity=+{self.value * 100:g}%" if self.metric == "perplexity" else f"top1={self.value:g}"
+        return f"perplexity=+{self.value * 100:g}%" if self.metric == "perplexity" else f"{self.metric}={self.value:g}"
 
 
 @dataclasses.dataclass
 class Measured:
-    perplexity: float
-    argmax: np.ndarray
+    perplexity: float | None
+    argmax: np.ndarray | None
+    embeddings: np.ndarray | None = None  # an encoder's pooled outputs [sentences, hidden]
 
     def score(self, budget: Budget, base: "Measured") -> float:
-        """The metric's value against fp32 (relative perplexity increase, or top-1 agreement)."""
+        """The metric's value against fp32 (relative perplexity increase, top-1 agreement, or
+        the least cosine of a sentence's embedding with fp32's)."""
         if budget.metric == "perplexity":
             return self.perplexity / base.perplexity - 1
+        if budget.metric == "cosine":
+            a, b = self.embeddings.astype(np.float64), base.embeddings.astype(np.float64)
+            cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+            return float(cos.min())
         return float((self.argmax == base.argmax).mean())
 
     def meets(self, budget: Budget, base: "Measured") -> bool:
@@ -115,7 +121,7 @@ def guard(base: Graph, quantize: Callable[[str], tuple[Graph, list]], budget: Bu
         progress(f"accuracy: sensitivity {i + 1}/{len(layers)}: {layer}")
         alone, _ = quantize(";".join(x for x in layers if x != layer))
         s = measure(alone).score(budget, fp32)
-        sensitivity[layer] = s if budget.metric == "perplexity" else 1 - s  # larger: more sensitive
+        sensitivity[layer] = 1 - s if budget.metric in HIGHER_IS_BETTER else s  # larger: more sensitive
     ranked = sorted(layers, key=lambda x: -sensitivity[x])
     best = (reached.score(budget, fp32), reached, [])
     for n_kept in range(1, len(ranked) + 1):
@@ -126,14 +132,44 @@ def guard(base: Graph, quantize: Callable[[str], tuple[Graph, list]], budget: Bu
         if m.meets(budget, fp32):
             return ";".join(kept), {**entry, "perplexity": m.perplexity, "score": m.score(budget, fp32),
                                     "kept_float": kept, "sensitivity": sensitivity}
-        better = m.score(budget, fp32) < best[0] if budget.metric == "perplexity" else m.score(budget, fp32) > best[0]
+        better = m.score(budget, fp32) > best[0] if budget.metric in HIGHER_IS_BETTER else m.score(budget, fp32) < best[0]
         if better:
             best = (m.score(budget, fp32), m, kept)
         if n_kept == len(ranked):
             break
-    what = (f"perplexity +{best[0] * 100:.2f}%" if budget.metric == "perplexity" else f"top1 {best[0]:.4f}")
+    what = (f"perplexity +{best[0] * 100:.2f}%" if budget.metric == "perplexity" else f"{budget.metric} {best[0]:.4f}")
+    base = f" (fp32 perplexity {fp32.perplexity:.4g})" if fp32.perplexity is not None else ""
     raise UserError(f"--accuracy-budget {budget}: no mix of quantized and float layers meets it; the best reached "
-                    f"{what} (fp32 perplexity {fp32.perplexity:.4g}); nothing was written")
+                    f"{what}{base}; nothing was written")
+
+
+def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128) -> tuple[list[dict], str]:
+    """An encoder's held-out sentences (`data`: one a line, or .jsonl), one feed dict each,
+    tokenized with the model folder's tokenizer.json. One sentence a run: with dynamic int8 the
+    activation scales depend on everything in the batch (padding too), so a sentence's
+    embedding would depend on its neighbours."""
+    if data is None:
+        raise UserError("--accuracy-budget cosine=... needs held-out sentences: give --accuracy-data FILE "
+                        "(one sentence a line, or .jsonl)")
+    path = Path(data)
+    if not path.is_file():
+        raise UserError(f"--accuracy-data {path}: no such file")
+    texts = [t for raw in _read_texts(path) for t in (raw.splitlines() if path.suffix != ".jsonl" else [raw])
+             if t.strip()]
+    if not texts:
+        raise UserError(f"--accuracy-data {path}: no sentences")
+    names = {v.name for v in graph.inputs if not v.is_initializer}
+    if "input_ids" not in names or "attention_mask" not in names:
+        raise UserError(f"--accuracy-budget cosine=...: an encoder with input_ids and attention_mask inputs; "
+                        f"this one takes {sorted(names)}")
+    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    tok = _tokenizer(folder, str(path))
+    tok.enable_truncation(max_len)
+    feeds = []
+    for e in tok.encode_batch(texts):
+        row = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+        feeds.append({k: np.array([v], np.int64) for k, v in row.items() if k in names})
+    return feeds, str(path)
 
 
 def seq_len_of(model) -> int:

@@ -281,18 +281,20 @@ def _progress(quiet: bool):
 @click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static"]), default=None,
               help="Decoders: the cache layout. BNSH (default): a cache that grows each step; static: one "
                    "preallocated max-positions buffer that past and present share (ORT); BSNH: TVM.")
-@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic",
+@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
-                   "int4:128), or int8-dynamic (activations quantized per call). See docs/quantization.md.")
-@click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
-              help="rtn: round to nearest (no data); gptq: error-compensated, on calibration data.")
+                   "int4:128), int8-dynamic (activations quantized per call) or int8-static (activation ranges "
+                   "from --calibration data, QDQ). See docs/quantization.md.")
+@click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq", "awq"]),
+              help="rtn: round to nearest (no data); gptq: error-compensated; awq: activation-aware "
+                   "per-channel scaling, then gptq (gptq and awq calibrate on --calibration data).")
 @click.option("--prune", default=None, metavar="heads=R,mlp=R[,importance=wanda][,scope=global][,min-keep=N]",
               help="Remove the fraction R of attention heads (whole KV groups) and/or MLP channels of every "
                    "layer after the fusions; importance magnitude (default) or wanda (on --calibration data); "
                    "scope layer (default) or global. See docs/pruning.md.")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
-              help="Calibration data for gptq and --prune importance=wanda: a text file, .jsonl of texts, or "
-                   ".npz of inputs (default for graphopt.train checkpoints: their training corpus).")
+              help="Calibration data for gptq, awq, int8-static and --prune importance=wanda: a text file, .jsonl "
+                   "of texts, or .npz of inputs (default for graphopt.train checkpoints: their training corpus).")
 @click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
               help="perplexity=+2% or top1=0.99 against fp32 on held-out text: the most sensitive layers stay "
                    "in float until it holds; exit 2 and nothing written when no mix does.")
@@ -324,6 +326,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt optimize examples/default -o out/static --kv-layout static
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
+      graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method awq
+      graphopt optimize examples/default -o out/int8s --quantize int8-static
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       graphopt optimize examples/default -o out/pruned --prune heads=0.5,mlp=0.5,importance=wanda
       python -c "import graphopt; print(graphopt.load('out/tiny'))"

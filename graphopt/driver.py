@@ -16,7 +16,7 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph
 from graphopt.pass_manager import NearMiss, PassContext, PassManager, PipelineEntry, load_recipe, parse_pipeline
 from graphopt.accuracy import perplexity
-from graphopt.accuracy_guard import Budget, guard, held_out_tokens, seq_len_of, Measured
+from graphopt.accuracy_guard import Budget, guard, held_out_sentences, held_out_tokens, seq_len_of, Measured
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration
@@ -43,7 +43,7 @@ def default_pipeline() -> str:
 
 
 QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # weight-only scheme -> (bits, default block size)
-QUANT_PASSES = ("quantize-weights", "quantize-dynamic")
+QUANT_PASSES = ("quantize-weights", "quantize-dynamic", "quantize-static")
 
 
 def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
@@ -53,17 +53,21 @@ def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
         if method != "rtn":
             raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-dynamic")
         return "quantize-dynamic{per-channel=true}"
+    if scheme == "int8-static":  # int8 weights per channel and activations, ranges from calibration (QDQ)
+        if method != "rtn":
+            raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-static")
+        return "quantize-static{calibration=percentile}"
     name, _, block = scheme.partition(":")
     if name not in QUANT_SCHEMES:
-        raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64) "
-                        "or int8-dynamic")
+        raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64), "
+                        "int8-dynamic or int8-static")
     bits, block_size = QUANT_SCHEMES[name]
     if block:
         if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
             raise UserError(f"--quantize {scheme!r}: the block size must be 32, 64 or 128 (or 16, 256)")
         block_size = int(block)
-    if method not in ("rtn", "gptq"):
-        raise UserError(f"--quant-method {method!r}: expected rtn or gptq")
+    if method not in ("rtn", "gptq", "awq"):
+        raise UserError(f"--quant-method {method!r}: expected rtn, gptq or awq")
     return f"quantize-weights{{bits={bits},block-size={block_size},method={method}}}"
 
 
@@ -129,7 +133,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     whole sequence as before.
 
     `quantize` ("int8", "int4", "int4:64") appends `quantize-weights` to the pipeline with
-    `quant_method` (rtn, or gptq on `calibration` data: see graphopt.calibration).
+    `quant_method` (rtn, or gptq / awq on `calibration` data: see graphopt.calibration).
     `accuracy_budget` ("perplexity=+2%", "top1=0.99") keeps the most sensitive layers in
     float until the quantized model meets it on held-out text (`accuracy_data`, or a
     graphopt.train checkpoint's val.txt): see graphopt.accuracy_guard.
@@ -174,10 +178,12 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
     elif quant_method != "rtn":
         raise UserError("--quant-method goes with --quantize int8|int4")
-    needs_data = any((e.name == "quantize-weights" and e.instantiate().method == "gptq")
+    needs_data = any((e.name == "quantize-weights" and e.instantiate().method in ("gptq", "awq"))
+                     or e.name == "quantize-static"
                      or getattr(e.instantiate(), "needs_calibration", False) for e in entries)
     if calibration is not None and not needs_data:
-        raise UserError("--calibration is used by pruning with importance=wanda or --quant-method gptq only")
+        raise UserError("--calibration is used by --quant-method gptq and awq, --quantize int8-static and "
+                        "pruning with importance=wanda only")
     budget = None
     if accuracy_budget is not None:
         budget = Budget.parse(accuracy_budget)
@@ -285,7 +291,12 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
     folder = graph.metadata.source if isinstance(model, Graph) else model
     qi = max(i for i, e in enumerate(entries) if e.name in QUANT_PASSES)
-    ids, source = held_out_tokens(folder, graph, accuracy_data)
+    if budget.metric == "cosine":
+        feeds, source = held_out_sentences(folder, graph, accuracy_data)
+        measure, data = ort_embedding_measure(feeds), {"sentences": int(sum(len(f["input_ids"]) for f in feeds))}
+    else:
+        ids, source = held_out_tokens(folder, graph, accuracy_data)
+        measure, data = ort_measure(ids, seq_len_of(folder)), {"tokens": int(len(ids) - 1)}
     base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
     ctx.hints.setdefault("quantized_layers", {})
 
@@ -296,8 +307,8 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
         g = PassManager(entries[qi + 1:], verify=False, ctx=ctx).run(pm.run(base)) if qi + 1 < len(entries) else pm.run(base)
         return g, [d["node"] for d in pm.records[0].details if "kind" in d]
 
-    exclude, accuracy = guard(base, quantize, budget, ort_measure(ids, seq_len_of(folder)), progress)
-    accuracy["data"] = {"file": source, "tokens": int(len(ids) - 1)}
+    exclude, accuracy = guard(base, quantize, budget, measure, progress)
+    accuracy["data"] = {"file": source, **data}
     guarded = list(entries)
     if exclude:
         guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
@@ -306,14 +317,8 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
 
 def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
     """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
-    import onnxruntime as ort
-
-
     def measure(graph: Graph) -> Measured:
-        model = to_onnx_model(ort_backend.lower(graph, "cpu"))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = _ort_session(graph)
         name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
         argmax = []
 
@@ -326,18 +331,41 @@ def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
     return measure
 
 
+def _ort_session(graph: Graph):
+    import onnxruntime as ort
+
+    model = to_onnx_model(ort_backend.lower(graph, "cpu"))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def ort_embedding_measure(feeds_list: list[dict]) -> Callable[[Graph], Measured]:
+    """graph -> its mean-pooled first output (over the attention mask) for each sentence, run through ORT."""
+    def measure(graph: Graph) -> Measured:
+        sess = _ort_session(graph)
+        pooled = []
+        for feeds in feeds_list:
+            hidden = sess.run([sess.get_outputs()[0].name], feeds)[0]
+            mask = feeds["attention_mask"][..., None].astype(hidden.dtype)
+            pooled.append((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1))
+        return Measured(None, None, np.concatenate(pooled))
+    return measure
+
+
 def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:
     """The report's "quantization" entry: what was quantized and the weight bytes it saved."""
     runs = [r for r in records if r.name in QUANT_PASSES]
     if not runs:
         return {}
     r = runs[-1]
-    dynamic = r.name == "quantize-dynamic"
-    out = {"scheme": scheme, "bits": 8 if dynamic else r.options["bits"],
-           "block_size": None if dynamic else r.options["block_size"],
-           "symmetric": True if dynamic else r.options["symmetric"],
-           "method": "dynamic" if dynamic else r.options["method"],
-           "layers": {k: v for k, v in r.stats.items() if not k.endswith("-bytes")},
+    int8 = r.name != "quantize-weights"  # dynamic or static: int8 weights per channel, no blocks
+    method = {"quantize-dynamic": "dynamic", "quantize-static": f"static-{r.options.get('calibration')}"}
+    out = {"scheme": scheme, "bits": 8 if int8 else r.options["bits"],
+           "block_size": None if int8 else r.options["block_size"],
+           "symmetric": True if int8 else r.options["symmetric"],
+           "method": method.get(r.name) or r.options["method"],
+           "layers": {k: v for k, v in r.stats.items() if not k.endswith("-bytes") and not k.startswith("awq-")},
            "float_weight_bytes": r.stats.get("float-weight-bytes", 0),
            "quantized_weight_bytes": r.stats.get("quantized-weight-bytes", 0),
            "kept_float": [d["node"] for d in r.details if d.get("reason") == "excluded"]}
@@ -416,14 +444,16 @@ def format_report(report: dict) -> str:
     q = report.get("quantization")
     if q:
         layers = sum(q["layers"].values())
-        how = "activations per call" if q["method"] == "dynamic" else f"block {q['block_size']}, {q['method']}"
+        how = ("activations per call" if q["method"] == "dynamic" else
+               f"activations {q['method']}" if q["method"].startswith("static") else f"block {q['block_size']}, {q['method']}")
         lines.append(f"quantized {layers} layers to int{q['bits']} ({how}): weights "
                      f"{_size(q['float_weight_bytes'])} -> {_size(q['quantized_weight_bytes'])}")
     a = report.get("accuracy")
     if a:
         kept = ", ".join(a["kept_float"]) or "none"
-        lines.append(f"accuracy  {a['budget']}: perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}; "
-                     f"kept in float: {kept}")
+        reached = (f"perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}" if a["metric"] != "cosine"
+                   else f"least cosine {a['score']:.4f}")
+        lines.append(f"accuracy  {a['budget']}: {reached}; kept in float: {kept}")
     pruned = format_pruning(report)
     if pruned:
         lines.append(pruned)

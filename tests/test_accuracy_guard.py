@@ -19,8 +19,9 @@ def test_budget_parse():
     assert Budget.parse("perplexity=+2%") == Budget("perplexity", 0.02)
     assert Budget.parse("perplexity=0.5%") == Budget("perplexity", 0.005)
     assert Budget.parse("top1=0.99") == Budget("top1", 0.99)
+    assert Budget.parse("cosine=0.995") == Budget("cosine", 0.995) and str(Budget("cosine", 0.995)) == "cosine=0.995"
     for bad, msg in (("perplexity=2", "takes"), ("top1=1.5", "takes"), ("bleu=3", "expected"),
-                     ("cosine=0.995", "not implemented")):
+                     ("cosine=1.2", "takes")):
         with pytest.raises(UserError, match=msg):
             Budget.parse(bad)
 
@@ -59,6 +60,30 @@ def test_guard_keeps_the_most_sensitive_layers(text, kept):
         assert sorted(entry["sensitivity"], key=lambda x: -entry["sensitivity"][x])[:2] == ["b", "c"]
 
 
+def test_cosine_budget_scores_the_worst_sentence_and_keeps_layers_until_it_holds():
+    """Each quantized layer turns every embedding by its own angle (radians, one plane), so
+    the least cosine is cos(sum of the angles) and the right layers to keep are known."""
+    angle = {"a": 0.01, "b": 0.09, "c": 0.03, "d": 0.0}
+    unturned = np.tile([[1.0, 0.0, 0.5]], (5, 1))
+
+    def quantize(exclude: str):
+        return sorted(set(angle) - set(filter(None, exclude.split(";")))), sorted(angle)
+
+    def measure(graph) -> Measured:
+        t = sum(angle[x] for x in graph) * np.linspace(0.2, 1, 5)[:, None]  # the last sentence turns most
+        e = np.concatenate([np.cos(t), np.sin(t), np.full_like(t, 0.5)], axis=1)
+        return Measured(None, None, e)
+
+    fp32 = measure([])
+    assert Measured(None, None, unturned).score(Budget("cosine", 0.9), fp32) == pytest.approx(1.0)
+    exclude, entry = guard([], quantize, Budget("cosine", 0.998), measure, lambda m: None)
+    assert exclude == "b" and entry["kept_float"] == ["b"]
+    want = (np.cos(0.04) + 0.25) / 1.25  # two unit-ish vectors (cos t, sin t, .5) and (1, 0, .5)
+    assert entry["score"] == pytest.approx(want, rel=1e-9)
+    with pytest.raises(UserError, match=r"the best reached cosine 1\.0000; nothing was written"):
+        guard([], quantize, Budget("cosine", 1.0 + 1e-12), measure, lambda m: None)
+
+
 def test_guard_fails_with_the_best_it_reached():
     budget, quantize, measure, _ = fake("perplexity=+0%")
     with pytest.raises(UserError, match=r"no mix .* meets it; the best reached perplexity \+0\.00%"):
@@ -81,7 +106,7 @@ def test_cli_errors(tmp_path):
         return CliRunner().invoke(cli, ["optimize", str(EXAMPLE), "-o", str(tmp_path / "o"), "-q", *map(str, args)])
 
     for args, msg in ((["--accuracy-budget", "perplexity=+2%"], "give --quantize"),
-                      (["--quantize", "int8", "--accuracy-budget", "cosine=0.99"], "not implemented"),
+                      (["--quantize", "int8", "--accuracy-budget", "cosine=0.99"], "needs held-out sentences"),
                       (["--accuracy-data", "x.txt"], "goes with --accuracy-budget"),
                       (["--quantize", "int8", "--accuracy-budget", "top1=0.99"], "needs held-out text")):
         r = invoke(*args)

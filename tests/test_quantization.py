@@ -127,7 +127,7 @@ def test_ort_lowering_is_matmul_nbits(bits, block_size, symmetric, bias, tmp_pat
     g, feeds, _ = quant_linear_graph(k=192, n=24, bits=bits, block_size=block_size, symmetric=symmetric,
                                      bias=bias, activation="gelu")
     want = run(g, feeds)[g.outputs[0].name]
-    lowered = ort_backend.lower(g, "cpu")
+    lowered = ort_backend.lower(g, "cpu", options={"quant_accuracy_level": "0"})  # not "auto": it may pick 4
     assert [n.op for n in lowered.nodes][0] == "com.microsoft.MatMulNBits"
     save_onnx(lowered, tmp_path / "l.onnx")
     got = next(iter(run_ort(tmp_path / "l.onnx", feeds).values()))
@@ -257,7 +257,7 @@ def test_pass_leaves_excluded_and_non_constant_layers():
 def test_pass_options_are_checked():
     from graphopt.errors import UserError
 
-    for bad in ("bits=3", "block-size=48", "method=awq"):
+    for bad in ("bits=3", "block-size=48", "method=spqr"):
         with pytest.raises(UserError, match="quantize-weights"):
             PassManager(f"quantize-weights{{{bad}}}").run(linear_graph("matmul")[0])
     with pytest.raises(UserError, match="calibration"):
@@ -440,3 +440,35 @@ def test_golden_gated_mlp_and_matmul():
     _, out, records = apply_pipeline_text(GOLDEN_BEFORE, "quantize-weights", weights=GOLDEN_WEIGHTS, check=False)
     assert out == GOLDEN_AFTER, out
     assert records[0].stats["gated-linear"] == 1 and records[0].stats["matmul"] == 1
+
+
+def test_accuracy_level_auto_is_chosen_by_timing_and_recorded(tmp_path, monkeypatch):
+    """quant_accuracy_level=auto times both levels on the graph's MatMulNBits shapes, lowers with
+    the faster (4 only when >= 10 % faster), and the artifact's manifest records the times."""
+    import json
+
+    import graphopt
+    import graphopt.backends.onnxruntime as ort_backend
+    from graphopt.backends.onnxruntime import accuracy_level
+
+    g, _, _ = quant_linear_graph(k=192, n=24)
+    choice = accuracy_level.choose_accuracy_level(g)
+    ms = {int(k): v for k, v in choice["ms"].items()}
+    assert min(ms.values()) > 0 and choice["level"] == (4 if ms[4] < 0.9 * ms[0] else 0)
+    assert accuracy_level.choose_accuracy_level(g) == choice  # timed once per shape and process
+    assert (192, 24, 4, 16) in accuracy_level._CACHE
+
+    def level_in(lowered):
+        node = next(n for n in lowered.nodes if n.op_type == "MatMulNBits")
+        return node.attr("accuracy_level", 0)
+
+    for forced in (0, 4):
+        monkeypatch.setattr(accuracy_level, "_CACHE", {})
+        ms = {0: 1.0, 4: 0.5} if forced == 4 else {0: 1.0, 4: 0.95}  # 4 only when >= 10 % faster
+        monkeypatch.setattr(accuracy_level, "_measure", lambda *shape, ms=ms: ms)
+        assert level_in(ort_backend.lower(g, "cpu")) == forced
+        assert level_in(ort_backend.lower(g, "cpu", options={"quant_accuracy_level": "0"})) == 0  # forced by the user
+        graphopt.optimize(g, tmp_path / f"a{forced}", passes="eliminate-dead-code", overwrite=True)
+        manifest = json.loads((tmp_path / f"a{forced}" / "manifest.json").read_text())
+        assert manifest["quant_accuracy_level"]["level"] == forced
+    assert accuracy_level.choose_accuracy_level(linear_graph("matmul")[0]) is None  # nothing to time

@@ -58,7 +58,9 @@ def test_user_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path):
         (["--quantize", "int3"], "--quantize 'int3'"),
         (["--quantize", "int4:48"], "block size"),
         (["--quant-method", "gptq"], "--quant-method goes with --quantize"),
-        (["--quantize", "int4", "--calibration", tmp_path / "wrong.npz"], "gptq only"),
+        (["--quantize", "int4", "--calibration", tmp_path / "wrong.npz"], "gptq and awq and by --quantize int8-static only"),
+        (["--quantize", "int8-static"], "no default calibration data"),
+        (["--quantize", "int8-static", "--quant-method", "awq"], "not int8-static"),
         (["--quantize", "int4", "--quant-method", "gptq"], "no default calibration data"),
         (["--quantize", "int4", "--quant-method", "gptq", "--calibration", tmp_path / "missing.txt"], "no such file"),
         (["--quantize", "int4", "--quant-method", "gptq", "--calibration", tmp_path / "wrong.npz"], "no array for input 'x'"),
@@ -83,6 +85,22 @@ def test_quantize_int8_dynamic(tmp_path):
     assert q["method"] == "dynamic" and q["bits"] == 8
     ops = [n.op_type for n in onnx.load(tmp_path / "d" / "model.onnx").graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 2
+
+
+def test_quantize_int8_static_and_awq_with_npz_calibration(tmp_path):
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32))
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "s", "--quantize", "int8-static", "--calibration",
+               tmp_path / "cal.npz", "-q")
+    assert r.exit_code == 0, r.output
+    assert "quantized 2 layers to int8 (activations static-percentile)" in r.output
+    q = json.loads((tmp_path / "s" / "report.json").read_text())["quantization"]
+    assert q["method"] == "static-percentile" and q["calibration"]["sequences"] == 16
+    ops = [n.op_type for n in onnx.load(tmp_path / "s" / "model.onnx").graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 4
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "--quantize", "int4:16", "--quant-method", "awq",
+               "--calibration", tmp_path / "cal.npz", "-q")
+    assert r.exit_code == 0, r.output
+    assert "quantized 2 layers to int4 (block 16, awq)" in r.output
 
 
 def test_check_numerics_measures_quantization_and_checks_the_passes_after_it(tmp_path):

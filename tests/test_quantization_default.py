@@ -1,8 +1,9 @@
 """Quantization of the shipped model, examples/default, measured: perplexity of its ORT
 artifact on the first 8,192 tokens of its validation text, fp32 against int8 and int4.
 
-Budgets (the issue's): int8 within 0.5 % of fp32; int4 block 32 within 3 %, GPTQ better than
-RTN. GPTQ calibrates on the training corpus (graphopt.calibration), never on val.txt.
+Budgets (the issue's): int8 within 0.5 % of fp32; int4 block 32 within 3 %, GPTQ and AWQ
+better than RTN. GPTQ and AWQ calibrate on the training corpus (graphopt.calibration), never
+on val.txt.
 benchmarks/quant_accuracy.py measures the whole validation text.
 """
 from __future__ import annotations
@@ -63,9 +64,10 @@ def test_int8_and_int4_perplexity_within_budget(default_model, tmp_path):
     ppl = {}
     for name, pipeline in (("int8", "quantize-weights{bits=8,block-size=128}"),
                            ("int4-rtn", "quantize-weights{bits=4,block-size=32}"),
-                           ("int4-gptq", "quantize-weights{bits=4,block-size=32,method=gptq}")):
+                           ("int4-gptq", "quantize-weights{bits=4,block-size=32,method=gptq}"),
+                           ("int4-awq", "quantize-weights{bits=4,block-size=32,method=awq}")):
         ctx = PassContext()
-        if "gptq" in name:
+        if name in ("int4-gptq", "int4-awq"):
             ctx.hints["calibration"] = load_calibration(None, MODEL, graph, samples=16)
         pm = PassManager(pipeline, ctx=ctx)
         quantized = pm.run(graph)
@@ -75,6 +77,21 @@ def test_int8_and_int4_perplexity_within_budget(default_model, tmp_path):
     assert abs(rel["int8"]) < 0.005, rel
     assert 0 < rel["int4-rtn"] < 0.03, rel
     assert rel["int4-gptq"] < rel["int4-rtn"], rel
+    assert rel["int4-awq"] < rel["int4-rtn"], rel  # measured: +0.90 % against RTN's +1.40 % (GPTQ +1.17 %)
+
+
+def test_int8_static_perplexity_within_budget(default_model, tmp_path):
+    """QDQ int8 weights and activations, ranges from the training corpus (percentile): within
+    0.5 % of fp32 (measured +0.13 %; minmax +0.85 %, entropy +11 %, docs/quantization.md)."""
+    from graphopt.calibration import load_calibration
+
+    graph, ids = default_model
+    fp32 = ort_perplexity(graph, ids, tmp_path, "fp32")
+    ctx = PassContext(hints={"calibration": load_calibration(None, MODEL, graph, samples=16)})
+    quantized = PassManager("quantize-static{calibration=percentile}", ctx=ctx).run(graph)
+    assert sum(n.op_type == "QuantizeLinear" for n in quantized.nodes) == 25  # an X per layer: 6 x (qkv, o, gate-up, down) + head
+    rel = ort_perplexity(quantized, ids, tmp_path, "int8-static") / fp32 - 1
+    assert 0 < rel < 0.005, rel
 
 
 def test_eval_takes_an_artifact_folder(default_model, tmp_path):

@@ -88,6 +88,14 @@ def _quant_linear_cases() -> list:
     w8 = np.clip(np.round(f32(16, 6) * 60), -127, 127).astype(np.int8)
     cases.append(Case("DynamicQuantLinear", [f32(2, 3, 16), C(w8), C(f32(6, low=0.01, high=0.02)), None, C(f32(6))],
                       {"activation": "relu"}, domain="graphopt", symbolic={0: SEQ}, id="per-channel"))
+    # quantize-static's QDQ pairs: u8 activations per tensor (with ties, which round to even), i8 weights per axis
+    x = np.concatenate([f32(2, 3, 8), np.full((2, 3, 2), [1.25, 1.75], np.float32)], axis=-1)  # 2.5 and 3.5: ties
+    cases.append(Case("QuantizeLinear", [x, C(np.float32(0.5)), C(np.uint8(128))], symbolic={0: SEQ}, id="u8"))
+    cases.append(Case("QuantizeLinear", [f32(4, 6), C(f32(6, low=0.01, high=0.02)), C(np.zeros(6, np.int8))],
+                      {"axis": 1}, id="i8-per-axis"))
+    cases.append(Case("DequantizeLinear", [np.arange(24, dtype=np.uint8).reshape(2, 3, 4) * 10, C(np.float32(0.1)),
+                                           C(np.uint8(128))], id="u8"))
+    cases.append(Case("DequantizeLinear", [C(w8), C(f32(6, low=0.01, high=0.02))], {"axis": 1}, id="i8-per-axis"))
     return cases
 
 CASES = [

@@ -20,6 +20,7 @@ from graphopt.manifest import artifact_file
 from graphopt.ir import Graph
 
 from graphopt.backends.onnxruntime import attention, quant, rules  # noqa: F401  (register the rules)
+from graphopt.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
 from graphopt.onnx_io import save_onnx
 
@@ -39,6 +40,10 @@ def lower(graph: Graph, target: str, report: LoweringReport | None = None, optio
             raise UserError(f"unknown onnxruntime backend option {name!r} (known: {', '.join(LOWERING_OPTIONS)})")
         if value not in LOWERING_OPTIONS[name]:
             raise UserError(f"{name} must be one of {', '.join(LOWERING_OPTIONS[name])}, not {value!r}")
+    if target == "cpu" and options.get("quant_accuracy_level", "auto") == "auto":
+        choice = choose_accuracy_level(graph)  # None without QuantLinear layers
+        if choice is not None:
+            options["quant_accuracy_level"] = str(choice["level"])
     return lower_graph(graph.copy(), target, report, options)
 
 
@@ -68,6 +73,10 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
     files = save_onnx(lowered, outdir / "model.onnx")
     fields = {"files": [f.name for f in files], "model": "model.onnx", "lowering": report.to_json(),
               "nodes": len(lowered.nodes)}
+    if target == "cpu" and (options or {}).get("quant_accuracy_level", "auto") == "auto":
+        choice = choose_accuracy_level(graph)  # what lower() used (cached)
+        if choice is not None:
+            fields["quant_accuracy_level"] = choice
     session = session_options_for(lowered, target)
     if session:
         fields["ort_session"] = session

@@ -100,3 +100,43 @@ def dynamic_quant_linear(lw: Lowerer, node, args):
     if args[4] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[4])))
     return [_activate(lw, y, _attr(node, "activation"))]
+
+
+def _along(lw: Lowerer, v, x, axis: int):
+    """A per-tensor (scalar) or per-axis ([C]) scale or zero point, shaped to broadcast against x."""
+    if lw.rank(v) == 0 or lw.shape(v) == [1]:
+        return v
+    rank = lw.rank(x)
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return lw.emit(R.reshape(v, shape))
+
+
+@rule("QuantizeLinear")
+def quantize_linear(lw: Lowerer, node, args):
+    """ONNX QuantizeLinear (opset 20): saturate(round_half_even(x / scale) + zero_point), u8 or i8."""
+    x, scale = lw.tensor(args[0]), lw.tensor(args[1])
+    zp = lw.tensor(args[2]) if len(args) > 2 and args[2] is not None else None
+    out = lw.dtype(zp) if zp is not None else "uint8"
+    if out not in ("uint8", "int8"):
+        return f"QuantizeLinear to {out} (u8 and i8 only)"
+    axis = node.attr("axis", 1)
+    dt = lw.dtype(x)
+    q = lw.emit(R.round(R.divide(x, _along(lw, scale, x, axis))))
+    if zp is not None:
+        q = lw.emit(R.add(q, _along(lw, lw.emit(R.astype(zp, dt)), x, axis)))
+    lo, hi = (0, 255) if out == "uint8" else (-128, 127)
+    return [lw.emit(R.astype(R.clip(q, lo, hi), out))]
+
+
+@rule("DequantizeLinear")
+def dequantize_linear(lw: Lowerer, node, args):
+    """ONNX DequantizeLinear (opset 20): (x - zero_point) * scale, per tensor or per axis."""
+    x, scale = lw.tensor(args[0]), lw.tensor(args[1])
+    zp = lw.tensor(args[2]) if len(args) > 2 and args[2] is not None else None
+    axis = node.attr("axis", 1)
+    dt = lw.dtype(scale)
+    xf = lw.emit(R.astype(x, dt))
+    if zp is not None:
+        xf = lw.emit(R.subtract(xf, _along(lw, lw.emit(R.astype(zp, dt)), x, axis)))
+    return [lw.emit(R.multiply(xf, _along(lw, scale, x, axis)))]

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.ops.activations import activate
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, remove_dead, replace_value
 
-from graphopt.passes.quantization.weights import Site, find_site
+from graphopt.passes.quantization.sites import (
+    Site,
+    collect_sites,
+    count_weight_bytes,
+    drop_unread_weights,
+    float32_only,
+    gated_epilogue,
+    site_inputs,
+    weight_bytes,
+)
 
 G = GRAPHOPT_DOMAIN
 
@@ -48,27 +56,15 @@ class QuantizeDynamic(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
-        excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
-        start = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
-        for node in list(graph.nodes):
-            site = find_site(node, self.tied)
-            if not isinstance(site, Site):
-                continue
-            if node.name in excluded or site.x.type is None or site.x.type.dtype.short != "f32":
-                result.details.append({"node": node.name, "op": node.op,
-                                       "reason": "excluded" if node.name in excluded else "X is not f32"})
-                continue
-            read = {id(v): v for n in (site.node, *site.extra_nodes) for v in n.inputs if v is not None}.values()
+        start = weight_bytes(graph)
+        for site in collect_sites(graph, self.tied, self.exclude, result, float32_only):
+            read = site_inputs(site)
             self._rewrite(graph, site)
             result.count(site.kind)
-            result.details.append({"node": node.name, "op": node.op, "kind": site.kind,
+            result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
                                    "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0])})
-            for w in read:  # the float weights and biases nothing reads any more
-                if w.is_initializer and not w.uses() and not w.is_graph_output and not w.is_graph_input:
-                    graph.remove_initializer(w.name)
-        now = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
-        result.count("float-weight-bytes", sum(n for name, n in start.items() if name not in now))
-        result.count("quantized-weight-bytes", sum(n for name, n in now.items() if name not in start))
+            drop_unread_weights(graph, read)
+        count_weight_bytes(result, start, graph)
         return result
 
     def _rewrite(self, graph: Graph, site: Site) -> None:
@@ -84,9 +80,7 @@ class QuantizeDynamic(Pass):
             args += [None, bias]
         gated = site.kind == "gated-linear"
         y = rw.op("DynamicQuantLinear", *args, domain=G, activation=None if gated else (site.activation or None))
-        if gated:
-            gate, up = rw.Split(y, axis=-1, num_outputs=2)
-            y = rw.Mul(activate(rw, gate, site.activation), up)
+        y = gated_epilogue(rw, y, site)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node, *site.extra_nodes])
 

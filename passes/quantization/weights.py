@@ -15,111 +15,46 @@ Options:
   bits        4 or 8
   block-size  32, 64 or 128 (any power of two >= 16): elements per scale along K
   symmetric   false: a zero point per block (asymmetric, the better int4 grid); true: none
-  method      rtn (round to nearest, no data) or gptq (needs calibration inputs in the pass
-              context: `ctx.hints["calibration"]`, a list of feed dicts)
+  method      rtn (round to nearest, no data), gptq (second-order error compensation) or awq
+              (activation-aware per-input-channel scaling, then GPTQ or RTN: awq-then; awq.py);
+              gptq and awq need calibration inputs in the pass context:
+              `ctx.hints["calibration"]`, a list of feed dicts
   tied        also quantize MatMul(X, Transpose(@w)) where @w is shared (a tied LM head)
   embeddings  also quantize Gather(@table, ids) into graphopt.QuantGather (round to nearest;
               a table tied to a quantized LM head shares the head's quantized copy)
   exclude     node names to leave in float, separated by ';'
   damp        GPTQ's diagonal dampening, as a fraction of the mean diagonal of H
+  awq-then    with method=awq, how the scaled weights are rounded: gptq (on the scaled
+              activations; the default: on the shipped model it beats GPTQ alone) or rtn (with
+              AWQ's searched clipping; there it did not beat plain RTN, docs/quantization.md)
 """
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ops.activations import activate
 from graphopt.interpreter import run as interpret
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
 from graphopt.ops.quant_format import pack, pack_weight, quantize_rows
 
+from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
+from graphopt.passes.quantization.sites import (
+    Site,
+    collect_sites,
+    count_weight_bytes,
+    drop_unread_weights,
+    find_site,
+    float_only,
+    gated_epilogue,
+    site_inputs,
+    weight_bytes,
+)
 from graphopt.passes.quantization.gptq import Hessian, gptq_rows
 
 G = GRAPHOPT_DOMAIN
-
-
-@dataclasses.dataclass
-class Site:
-    """A layer to quantize: Y = act(X @ W_nk^T + bias), then `kind`'s epilogue."""
-
-    node: Node
-    kind: str               # linear | gated-linear | matmul | gemm | tied
-    x: Value
-    w_nk: np.ndarray        # [N, K], float
-    bias: Value | np.ndarray | None
-    activation: str
-    weights: tuple[Value, ...]   # the float weights it reads (dropped when unused after)
-    extra_nodes: tuple[Node, ...] = ()
-
-
-def _const_vector(v: Value | None, n: int) -> np.ndarray | None | bool:
-    """A bias as a [n] array; None when absent; False when it is not a constant vector."""
-    if v is None:
-        return None
-    c = constant_value(v)
-    if c is None or c.size != n:
-        return False
-    return c.reshape(n)
-
-
-def find_site(node: Node, tied: bool) -> Site | str:
-    """The site at `node`, or why it is not one (pure: it never mutates)."""
-    ins = node.inputs
-    if node.domain == G and node.op_type == "Linear":
-        w = constant_value(ins[1])
-        if w is None or w.ndim != 2:
-            return "the weight is not a constant matrix"
-        w_nk = w if node.attr("trans_w", 0) else w.T
-        bias = ins[2] if len(ins) > 2 else None
-        if bias is not None and _const_vector(bias, w_nk.shape[0]) is False:
-            return "the bias is not a constant vector"
-        return Site(node, "linear", ins[0], w_nk, bias, node.attr("activation", ""), (ins[1],))
-    if node.domain == G and node.op_type == "GatedLinear":
-        wg, wu = constant_value(ins[1]), constant_value(ins[2])
-        if wg is None or wu is None:
-            return "the weights are not constants"
-        n = wg.shape[1]
-        biases = [_const_vector(v, n) for v in (list(ins[3:5]) + [None, None])[:2]]
-        if any(b is False for b in biases):
-            return "the biases are not constant vectors"
-        bias = None
-        if any(b is not None for b in biases):
-            bias = np.concatenate([b if b is not None else np.zeros(n, wg.dtype) for b in biases])
-        act = node.attr("activation", "silu")
-        return Site(node, "gated-linear", ins[0], np.concatenate([wg, wu], axis=1).T, bias, act, (ins[1], ins[2]))
-    if node.domain != "":
-        return "not a linear layer"
-    if node.op_type == "MatMul":
-        x, wv = ins
-        if x.type is None or x.type.rank is None or x.type.rank < 2:
-            return "X has rank < 2"
-        w = constant_value(wv)
-        if w is not None and w.ndim == 2:
-            return Site(node, "matmul", x, w.T, None, "", (wv,))
-        t = wv.producer()
-        if t is not None and t.op_type == "Transpose" and t.domain == "" and list(t.attr("perm", [1, 0])) == [1, 0]:
-            w = constant_value(t.inputs[0])
-            if w is not None and w.ndim == 2:
-                if not tied:
-                    return "a tied weight (option tied=false)"
-                return Site(node, "tied", x, w, None, "", (t.inputs[0],), (t,))
-        return "the weight is not a constant matrix"
-    if node.op_type == "Gemm":
-        if node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0 or node.attr("transA", 0):
-            return "alpha/beta are not 1 or A is transposed"
-        w = constant_value(ins[1])
-        if w is None or w.ndim != 2:
-            return "the weight is not a constant matrix"
-        w_nk = w if node.attr("transB", 0) else w.T
-        bias = ins[2] if len(ins) > 2 else None
-        if bias is not None and _const_vector(bias, w_nk.shape[0]) is False:
-            return "the bias is not a constant vector"
-        return Site(node, "gemm", ins[0], w_nk, bias, "", (ins[1],))
-    return "not a linear layer"
+METHODS = ("rtn", "gptq", "awq")
 
 
 @register_pass("quantize-weights")
@@ -139,6 +74,7 @@ class QuantizeWeights(Pass):
     embeddings: bool = False
     exclude: str = ""
     damp: float = 0.01
+    awq_then: str = "gptq"
 
     def check_options(self) -> None:
         if self.bits not in (4, 8):
@@ -146,57 +82,55 @@ class QuantizeWeights(Pass):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UserError(f"quantize-weights: block-size must be a power of two >= 16 (32, 64, 128), "
                             f"not {self.block_size}")
-        if self.method not in ("rtn", "gptq"):
-            raise UserError(f"quantize-weights: method must be rtn or gptq, not {self.method!r}")
+        if self.method not in METHODS:
+            raise UserError(f"quantize-weights: method must be rtn, gptq or awq, not {self.method!r}")
+        if self.awq_then not in ("rtn", "gptq"):
+            raise UserError(f"quantize-weights: awq-then must be rtn or gptq, not {self.awq_then!r}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()
         self._tables: dict[str, tuple] = {}  # tied table name -> its quantized (packed, scales, zero points)
         result = PassResult()
         excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
-        sites = []
-        for node in list(graph.nodes):
-            site = find_site(node, self.tied)
-            if isinstance(site, Site):
-                if node.name in excluded:
-                    result.details.append({"node": node.name, "op": node.op, "reason": "excluded"})
-                elif site.x.type is None or not site.x.type.dtype.is_float:
-                    result.details.append({"node": node.name, "op": node.op, "reason": "X is not a float tensor"})
-                else:
-                    sites.append(site)
         progress = ctx.hints.get("progress") or (lambda msg: None)
         # A caller that runs the pass repeatedly (the accuracy guard) passes a dict here: a
         # layer's quantized weights depend only on its float weight and the options.
         cache = ctx.hints.get("quantized_layers")
         cache = {} if cache is None else cache
-        key = (self.bits, self.block_size, self.symmetric, self.method, self.damp)
+        if self.method == "awq":  # scale every eligible layer (excluded ones too: exact in fp32)
+            eligible = collect_sites(graph, self.tied, "", PassResult(), float_only)
+            for record in awq_rescale(graph, eligible, self._calibration(ctx), self.bits, self.block_size,
+                                      self.symmetric, progress, cache, clip=self.awq_then == "rtn"):
+                result.count("awq-scaled" if record["inverse_scale"] else "awq-unscaled")
+                result.details.append({"awq": record})
+        sites = collect_sites(graph, self.tied, self.exclude, result, float_only)
+        key = (self.bits, self.block_size, self.symmetric, self.method, self.awq_then, self.damp)
         todo = [s for s in sites if (s.node.name, key) not in cache]
-        hessians = self._hessians(graph, todo, ctx, progress) if self.method == "gptq" and todo else {}
-        start = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
+        gptq = self.method == "gptq" or (self.method == "awq" and self.awq_then == "gptq")
+        hessians = self._hessians(graph, todo, ctx, progress) if gptq and todo else {}
+        start = weight_bytes(graph)
         for i, site in enumerate(sites):
             if (site.node.name, key) in cache:
                 q, scales, zp = cache[site.node.name, key]
-            elif self.method == "gptq":
+            elif gptq:
                 progress(f"gptq {i + 1}/{len(sites)}: {site.node.name} [{site.w_nk.shape[0]}x{site.w_nk.shape[1]}]")
                 q, scales, zp = gptq_rows(site.w_nk, hessians[id(site.x)].h, self.bits, self.block_size,
                                           self.symmetric, self.damp)
+            elif self.method == "awq":
+                q, scales, zp = awq_quantize(site.node.name, site.w_nk, cache, self.bits, self.block_size,
+                                             self.symmetric)
             else:
                 q, scales, zp = quantize_rows(site.w_nk, self.bits, self.block_size, self.symmetric)
             cache[site.node.name, key] = (q, scales, zp)
-            read = {id(v): v for n in (site.node, *site.extra_nodes) for v in n.inputs if v is not None}.values()
+            read = site_inputs(site)
             stored = self._rewrite(graph, site, q, scales, zp)
             result.count(site.kind)
             result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
                                    "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0]), "bytes": stored})
-            for w in read:  # the float weights and biases nothing reads any more
-                if w.is_initializer and not w.uses() and not w.is_graph_output and not w.is_graph_input:
-                    graph.remove_initializer(w.name)
+            drop_unread_weights(graph, read)
         if self.embeddings:
             self._quantize_embeddings(graph, excluded, result)
-        # bytes of the weights the pass removed, and of those it added in their place
-        now = {name: v.const_value.nbytes for name, v in graph.initializers.items() if v.const_value is not None}
-        result.count("float-weight-bytes", sum(n for name, n in start.items() if name not in now))
-        result.count("quantized-weight-bytes", sum(n for name, n in now.items() if name not in start))
+        count_weight_bytes(result, start, graph)
         return result
 
     def _rewrite(self, graph: Graph, site: Site, q, scales, zp) -> int:
@@ -225,9 +159,7 @@ class QuantizeWeights(Pass):
         gated = site.kind == "gated-linear"
         y = rw.op("QuantLinear", *args, domain=G, K=int(k), N=int(n), bits=self.bits, block_size=self.block_size,
                   activation=None if gated else (site.activation or None))
-        if gated:
-            gate, up = rw.Split(y, axis=-1, num_outputs=2)
-            y = rw.Mul(activate(rw, gate, site.activation), up)
+        y = gated_epilogue(rw, y, site)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node, *site.extra_nodes])
         if site.kind == "tied":  # the table's Gather can share this copy
@@ -263,10 +195,7 @@ class QuantizeWeights(Pass):
 
     def _hessians(self, graph: Graph, sites: list[Site], ctx: PassContext, progress) -> dict[int, Hessian]:
         """X^T X of every site's input over the calibration feeds (fp32 activations)."""
-        feeds_list = ctx.hints.get("calibration")
-        if not feeds_list:
-            raise UserError("quantize-weights{method=gptq} needs calibration data: give --calibration FILE "
-                            "(text, .jsonl of texts or .npz of inputs)")
+        feeds_list = self._calibration(ctx)
         wanted = {id(s.x): s.x for s in sites}
         hessians = {key: Hessian(v.type.shape[-1]) for key, v in wanted.items()}
         for i, feeds in enumerate(feeds_list):
@@ -277,4 +206,12 @@ class QuantizeWeights(Pass):
         return hessians
 
 
-__all__ = ["QuantizeWeights", "find_site"]
+    def _calibration(self, ctx: PassContext) -> list[dict]:
+        feeds_list = ctx.hints.get("calibration")
+        if not feeds_list:
+            raise UserError(f"quantize-weights{{method={self.method}}} needs calibration data: give --calibration FILE "
+                            "(text, .jsonl of texts or .npz of inputs)")
+        return feeds_list
+
+
+__all__ = ["METHODS", "QuantizeWeights", "find_site"]

@@ -1,0 +1,90 @@
+"""MatMulNBits' `accuracy_level`, chosen by a timing on this machine (backend option
+`quant_accuracy_level=auto`, the default on CPU).
+
+Level 0 computes in float32, as the reference kernel does; level 4 lets the CPU kernel quantize
+the activations to int8 per block and use integer dot products: faster where the CPU has them
+(the issue measured ~1.8x on a 2-core machine), at a small cost in accuracy (+0.01 % perplexity
+on examples/default, docs/quantization.md). Whether it is faster depends on the CPU and the
+shapes, so `auto` measures: each distinct (K, N, bits, block size) of the graph's QuantLinear
+layers as a one-node MatMulNBits model at both levels, one row (a decode step) and 64 rows (a
+prefill), interleaved, and weighted by how many layers have that shape. Level 4 is chosen when it
+is at least MARGIN faster in total; the times go to the manifest (`quant_accuracy_level`).
+Timings are cached per process and shape (the accuracy guard lowers many mixes of one model).
+"""
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph
+
+MARGIN = 0.10      # level 4 must save at least 10 % of the measured time
+ROWS = (1, 64)     # a decode step and a prefill
+REPEATS = 5        # timed rounds per (shape, rows, level); the median counts
+LEVELS = (0, 4)
+
+_CACHE: dict[tuple, dict[int, float]] = {}  # (K, N, bits, block_size) -> level -> ms (1 and 64 rows)
+
+
+def quant_shapes(graph: Graph) -> collections.Counter:
+    """(K, N, bits, block_size) -> how many QuantLinear layers have it."""
+    return collections.Counter((n.attr("K"), n.attr("N"), n.attr("bits", 4), n.attr("block_size", 32))
+                               for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type == "QuantLinear")
+
+
+def choose_accuracy_level(graph: Graph) -> dict | None:
+    """{"level": 0 or 4, "ms": {level: weighted total}, "shapes": ...} or None without QuantLinear layers."""
+    shapes = quant_shapes(graph)
+    if not shapes:
+        return None
+    total = {level: 0.0 for level in LEVELS}
+    for shape, count in shapes.items():
+        if shape not in _CACHE:
+            _CACHE[shape] = _measure(*shape)
+        for level in LEVELS:
+            total[level] += count * _CACHE[shape][level]
+    level = 4 if total[4] < (1 - MARGIN) * total[0] else 0
+    return {"level": level, "ms": {str(k): round(v, 4) for k, v in total.items()}, "rows": list(ROWS),
+            "layers": int(sum(shapes.values())), "shapes": len(shapes), "rule": f"4 if at least {MARGIN:.0%} faster"}
+
+
+def _measure(k: int, n: int, bits: int, block_size: int) -> dict[int, float]:
+    """level -> median ms of one MatMulNBits [rows, K] x [K, N], summed over ROWS."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    sessions = {level: _session(ort, k, n, bits, block_size, level, rng) for level in LEVELS}
+    total = {level: 0.0 for level in LEVELS}
+    for rows in ROWS:
+        x = {"X": rng.standard_normal((rows, k)).astype(np.float32)}
+        times = {level: [] for level in LEVELS}
+        for sess in sessions.values():
+            sess.run(None, x)  # warm-up
+        for _ in range(REPEATS):
+            for level, sess in sessions.items():  # interleaved, so load drifts hit both alike
+                t = time.perf_counter()
+                sess.run(None, x)
+                times[level].append(time.perf_counter() - t)
+        for level in LEVELS:
+            total[level] += float(np.median(times[level])) * 1e3
+    return total
+
+
+def _session(ort, k: int, n: int, bits: int, block_size: int, level: int, rng):
+    from onnx import TensorProto, helper, numpy_helper
+
+    nb = -(-k // block_size)
+    packed = rng.integers(0, 256, (n, nb, block_size * bits // 8), dtype=np.uint8)
+    scales = (rng.random((n, nb)) * 0.01).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["X", "W", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block_size, accuracy_level=level)
+    graph = helper.make_graph([node], "matmul_nbits", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+                              [numpy_helper.from_array(packed, "W"), numpy_helper.from_array(scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # two live sessions must not spin on each other
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
