@@ -58,7 +58,7 @@ def test_user_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path):
         (["--quantize", "int3"], "--quantize 'int3'"),
         (["--quantize", "int4:48"], "block size"),
         (["--quant-method", "gptq"], "--quant-method goes with --quantize"),
-        (["--quantize", "int4", "--calibration", tmp_path / "wrong.npz"], "gptq and awq and by --quantize int8-static only"),
+        (["--quantize", "int4", "--calibration", tmp_path / "wrong.npz"], "--quantize int8-static and pruning with importance=wanda only"),
         (["--quantize", "int8-static"], "no default calibration data"),
         (["--quantize", "int8-static", "--quant-method", "awq"], "not int8-static"),
         (["--quantize", "int4", "--quant-method", "gptq"], "no default calibration data"),
