@@ -70,15 +70,15 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     threads: int = 0                # torch intra-op threads; 0 = torch's default
 
-    @staticmethod
-    def from_dict(d: dict, source: str) -> "TrainConfig":
-        known = {f.name for f in fields(TrainConfig)}
+    @classmethod
+    def from_dict(cls, d: dict, source: str) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"{source}: unknown training option(s) {', '.join(unknown)}")
         for name, value in d.items():
             check_option(name, value, source)
-        return TrainConfig(**d)
+        return cls(**d)
 
     def validate(self, source: str = "training config") -> "TrainConfig":
         for f in fields(self):
