@@ -150,3 +150,21 @@ def test_finetune_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_
     assert fragment.replace("{W}", str(tmp_path)) in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_finetune_and_prune_help_have_examples():
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    for command in ("finetune", "prune"):
+        r = CliRunner().invoke(cli, [command, "--help"])
+        assert r.exit_code == 0 and "Examples:" in r.output and f"graphopt {command} " in r.output
+
+
+def test_lora_options_parse_with_their_types(tiny_run):
+    from graphopt.train.options import click_type
+
+    assert click_type("lora_alpha").convert("8.5", None, None) == 8.5  # a float option takes a float
+    cfg = FinetuneConfig(checkpoint=str(tiny_run), lora_rank=2, lora_alpha=8.5).validate()
+    assert cfg.model["vocab_size"] == 384 and cfg.warmup_steps == 10  # the checkpoint's model; 5 % of 200 steps
