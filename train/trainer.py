@@ -208,6 +208,8 @@ class Pretraining:
     other one). This one trains a fresh model of `cfg.model` on data it tokenizes with a BPE
     tokenizer it trains itself, every parameter trainable, with the language-model loss."""
 
+    accepts_file = False  # --data must be a folder
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.model_config = config_from_dict(cfg.model)
@@ -253,8 +255,8 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
     task = task or Pretraining(cfg)
     out = Path(cfg.out)
     data_dir = Path(cfg.data) if cfg.data else default_data_dir()
-    if not data_dir.is_dir() and not (getattr(task, "accepts_file", False) and data_dir.is_file()):
-        raise UserError(f"--data {data_dir}: not a directory" + (" or a file" if getattr(task, "accepts_file", False) else ""))
+    if not data_dir.is_dir() and not (task.accepts_file and data_dir.is_file()):
+        raise UserError(f"--data {data_dir}: not a directory" + (" or a file" if task.accepts_file else ""))
     check_run_folder(out)
     rank, world_size, device = _setup_distributed(cfg)
     device_type = torch.device(device).type
