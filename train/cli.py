@@ -256,7 +256,10 @@ def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_fr
               help="Fewest KV groups / channels a layer keeps.")
 @click.option("--importance", type=click.Choice(["magnitude"]), default="magnitude", show_default=True,
               help="Unit score: the L2 norm of its weights (the rule of the prune-heads / prune-mlp passes).")
-def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance):
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="Remove the ratio from every layer, or the lowest-scoring units of the whole model "
+                   "(layers then keep different sizes).")
+def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope):
     """Prune a training CHECKPOINT into a smaller one: whole KV groups and MLP channels.
 
     Writes OUT, a plain checkpoint with the smaller config (`graphopt finetune` recovers it,
@@ -271,7 +274,7 @@ def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance)
     """
     from .prune import describe, prune_checkpoint
 
-    summary = prune_checkpoint(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance)
+    summary = prune_checkpoint(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope)
     click.echo(describe(summary))
     click.echo(f"checkpoint: {out}")
 

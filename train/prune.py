@@ -8,7 +8,9 @@ paths remove the same units (tests/train/test_prune.py checks that the logits ag
 - a unit's importance is the L2 norm of every weight that touches it (magnitude): for a KV
   group its Q, K and V rows and its output-projection columns, for an MLP channel its rows of
   the gate/up (or fc) weight and its column of the down weight; biases do not count;
-- each layer removes floor(ratio * units) of its units, never leaving fewer than `min_keep`;
+- each layer removes floor(ratio * units) of its units, never leaving fewer than `min_keep`
+  (`scope="layer"`), or the floor(ratio * all units) lowest scores of the whole model go, no
+  layer keeping fewer than `min_keep` (`scope="global"`: layers end up with different sizes);
 - the lowest scores go (ties keep the earlier unit), and the kept units keep their order.
 
 train/ may not import the compiler, so these few lines mirror passes/pruning/common.py
@@ -28,6 +30,7 @@ from . import checkpoint as ckpt
 from .models import build_model, config_to_dict, head_size
 
 IMPORTANCE = ("magnitude",)
+SCOPES = ("layer", "global")
 
 
 @dataclass
@@ -44,6 +47,21 @@ def count_to_remove(total: int, ratio: float, min_keep: int) -> int:
 def keep_top(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     order = torch.sort(-scores, stable=True).indices
     return torch.sort(order[: len(scores) - n_remove]).values
+
+
+def global_removals(scores: list[torch.Tensor], ratio: float, min_keep: int) -> list[int]:
+    """How many units each layer loses when the floor(ratio * all units) lowest scores of the
+    whole model go, no layer keeping fewer than `min_keep`; ties go in layer, then unit order."""
+    budget = int(math.floor(ratio * sum(len(s) for s in scores) + 1e-9))
+    room = [max(0, len(s) - max(min_keep, 1)) for s in scores]
+    removed = [0] * len(scores)
+    for _, layer, _ in sorted((float(v), i, u) for i, s in enumerate(scores) for u, v in enumerate(s)):
+        if budget == 0:
+            break
+        if removed[layer] < room[layer]:
+            removed[layer] += 1
+            budget -= 1
+    return removed
 
 
 def _rows(units: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
@@ -70,6 +88,7 @@ def _mlp(block, arch: str):
     return [block.mlp_fc.weight], [block.mlp_fc.bias], block.mlp_proj.weight
 
 
+@torch.no_grad()
 def group_scores(block, arch: str) -> torch.Tensor:
     (wq, wk, wv), _, wo, nq, nkv, d = _attention(block, arch)
     g = nq // nkv
@@ -81,20 +100,25 @@ def group_scores(block, arch: str) -> torch.Tensor:
     return sq.sqrt()
 
 
+@torch.no_grad()
 def channel_scores(block, arch: str) -> torch.Tensor:
     ups, _, down = _mlp(block, arch)
     sq = sum((w.double() ** 2).sum(dim=1) for w in ups) + (down.double() ** 2).sum(dim=0)
     return sq.sqrt()
 
 
-def plan(model, heads_ratio: float, mlp_ratio: float, min_keep: int = 1) -> list[LayerPlan]:
+def plan(model, heads_ratio: float, mlp_ratio: float, min_keep: int = 1, scope: str = "layer") -> list[LayerPlan]:
     arch = model.config.arch
-    plans = []
-    for block in model.blocks:
-        groups, channels = group_scores(block, arch), channel_scores(block, arch)
-        plans.append(LayerPlan(keep_top(groups, count_to_remove(len(groups), heads_ratio, min_keep)),
-                               keep_top(channels, count_to_remove(len(channels), mlp_ratio, min_keep))))
-    return plans
+    groups = [group_scores(block, arch) for block in model.blocks]
+    channels = [channel_scores(block, arch) for block in model.blocks]
+
+    def removals(scores, ratio):
+        if scope == "global":
+            return global_removals(scores, ratio, min_keep)
+        return [count_to_remove(len(s), ratio, min_keep) for s in scores]
+
+    return [LayerPlan(keep_top(g, ng), keep_top(c, nc))
+            for g, c, ng, nc in zip(groups, channels, removals(groups, heads_ratio), removals(channels, mlp_ratio))]
 
 
 @torch.no_grad()
@@ -157,10 +181,12 @@ def block_flops(cfg, seq: int) -> int:
 
 
 def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep: int = 1,
-                     importance: str = "magnitude", seq: int = 128) -> dict:
+                     importance: str = "magnitude", scope: str = "layer", seq: int = 128) -> dict:
     """Writes the pruned checkpoint into `out` (atomically); returns the summary it records."""
     if importance not in IMPORTANCE:
         raise UserError(f"--importance {importance}: only {', '.join(IMPORTANCE)} is built")
+    if scope not in SCOPES:
+        raise UserError(f"--scope {scope}: must be one of {', '.join(SCOPES)}")
     for name, r in (("--heads-ratio", heads_ratio), ("--mlp-ratio", mlp_ratio)):
         if not 0.0 <= r < 1.0:
             raise UserError(f"{name} {r}: must be in [0, 1)")
@@ -171,12 +197,12 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise UserError(f"--out {out}: exists and is not an empty folder or a checkpoint; give a new folder")
     model, cfg = ckpt.load_model(folder)
-    plans = plan(model, heads_ratio, mlp_ratio, min_keep)
+    plans = plan(model, heads_ratio, mlp_ratio, min_keep, scope)
     small = prune_model(model, plans)
     before, after = block_flops(cfg, seq), block_flops(small.config, seq)
     summary = {
         "source": str(folder), "importance": importance, "heads_ratio": heads_ratio, "mlp_ratio": mlp_ratio,
-        "min_keep": min_keep, "parameters": [model.num_parameters(), small.num_parameters()],
+        "min_keep": min_keep, "scope": scope, "parameters": [model.num_parameters(), small.num_parameters()],
         f"block_flops_per_token_seq{seq}": [before, after],
         "kept": [{"kv_groups": p.kv_groups.tolist(), "mlp_channels": p.channels.tolist()} for p in plans],
     }

@@ -78,6 +78,29 @@ def test_pruned_model_equals_the_original_with_removed_units_zeroed(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_global_scope_gives_layers_different_sizes_and_still_equals_the_zeroed_model(arch, tmp_path):
+    model = _random_model(arch)
+    with torch.no_grad():  # the second block's weights are larger, so the first loses more
+        for p in model.blocks[1].parameters():
+            p.mul_(3.0)
+    plans = plan(model, heads_ratio=0.5, mlp_ratio=0.4, scope="global")
+    assert sum(len(p.channels) for p in plans) == 80 - 32  # floor(0.4 * 80) of the model's channels
+    assert len(plans[0].channels) < len(plans[1].channels)
+    small = prune_model(model, plans)
+    assert small.config.per_layer is not None
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids), _zeroed(model, plans)(ids), rtol=1e-5, atol=1e-5)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    save_checkpoint(tmp_path / "ck", small, {"model": config_to_dict(small.config)}, tok)
+    loaded, cfg = load_model(tmp_path / "ck")
+    assert cfg.per_layer == small.config.per_layer
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), small(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
 def test_ratio_zero_keeps_every_weight(arch):
     model = _random_model(arch)
     small = prune_model(model, plan(model, 0.0, 0.0))
@@ -142,6 +165,39 @@ def test_shipped_model_pruned_in_torch_equals_the_ir_passes_and_optimizes(tmp_pa
 
     graphopt.optimize(tmp_path / "pruned", tmp_path / "opt", kv_cache=False)
     got = graphopt.load(tmp_path / "opt").run({"input_ids": ids})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+
+
+def test_shipped_model_pruned_globally_has_per_layer_sizes_and_optimizes(tmp_path):
+    """scope=global: the MLP widths differ per layer (a `per_layer` config) and the checkpoint
+    still exports, fuses and runs like the torch model; where the IR passes take `scope`,
+    they remove the same channels."""
+    import graphopt
+    from graphopt.driver import default_pipeline
+    from graphopt.errors import UserError
+
+    summary = prune_checkpoint(DEFAULT, tmp_path / "pruned", heads_ratio=0.5, mlp_ratio=0.25, scope="global")
+    small, cfg = load_model(tmp_path / "pruned")
+    widths = [entry["mlp_hidden"] for entry in cfg.per_layer]
+    assert sum(widths) == 6 * 512 - 768 and len(set(widths)) > 1
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)).astype(np.int64)
+    with torch.no_grad():
+        want = small(torch.from_numpy(ids)).numpy()
+    graphopt.optimize(tmp_path / "pruned", tmp_path / "opt", kv_cache=False)
+    got = graphopt.load(tmp_path / "opt").run({"input_ids": ids})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+
+    passes = default_pipeline() + ",prune-heads{ratio=0.5,scope=global},prune-mlp{ratio=0.25,scope=global}"
+    try:
+        graphopt.optimize(DEFAULT, tmp_path / "ir", passes=passes)
+    except UserError as e:
+        if "scope" in str(e):
+            pytest.skip(f"the IR passes here take no scope option ({e})")
+        raise
+    report = json.loads((tmp_path / "ir" / "report.json").read_text())
+    mlp_keep = [d["keep"] for r in report["passes"] if r["name"] == "prune-mlp" for d in r["details"] if "keep" in d]
+    assert mlp_keep == [k["mlp_channels"] for k in summary["kept"]]
+    got = graphopt.load(tmp_path / "ir").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
 
 
