@@ -3,8 +3,10 @@
 `models` holds the GPT and Llama-style decoders and their dataclass configs, `tokenizer` the
 byte-level BPE, `data` the resumable preparation of text folders into memory-mapped token
 files, `trainer` the (DDP-capable) training loop, `checkpoint` the atomic safetensors
-checkpoint folders, `evaluate` perplexity / bits per byte, `generate` KV-cache sampling, and
-`cli` the `train`, `eval` and `generate` commands. It knows nothing of the compiler; its
+checkpoint folders, `evaluate` perplexity / bits per byte, `generate` KV-cache sampling,
+`finetune` and `lora` fine-tuning (LoRA merged for export, distillation), `prune` structured
+pruning of a checkpoint into a smaller config, and `cli` the `train`, `eval`, `generate`,
+`finetune` and `prune` commands. It knows nothing of the compiler; its
 checkpoint folders (safetensors weights + JSON config + tokenizer) are what `graphopt
 optimize` takes as MODEL. Nothing here imports torch at module scope.
 """

@@ -6,6 +6,7 @@
     val.txt             the held-out validation documents (when known)
     optimizer.pt        optimizer + scheduler state (training checkpoints only;
                         read with torch.load(weights_only=True))
+    adapter.safetensors the unmerged LoRA adapter (`graphopt finetune --lora-rank`, only)
 
 A training run folder keeps `checkpoints/step_XXXXXXX/` and a `checkpoints/latest` file
 naming the newest; every command that takes a CHECKPOINT also accepts the run folder.
@@ -93,9 +94,11 @@ def load_model(folder, device: str = "cpu"):
 
 
 def save_checkpoint(folder: Path, model, config: dict, tokenizer_path: Path,
-                    val_text: Path | None = None, training_state: dict | None = None) -> Path:
+                    val_text: Path | None = None, training_state: dict | None = None,
+                    extra_files: dict | None = None) -> Path:
     """Writes a complete checkpoint into `folder` atomically (temp folder, then rename); a
-    previous checkpoint in `folder` stays whole until the new one is complete."""
+    previous checkpoint in `folder` stays whole until the new one is complete.
+    `extra_files` maps a file name to {name: tensor}, saved beside the weights (safetensors)."""
     import torch
     from safetensors.torch import save_file
 
@@ -113,6 +116,8 @@ def save_checkpoint(folder: Path, model, config: dict, tokenizer_path: Path,
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         if val_text is not None and Path(val_text).exists():
             shutil.copyfile(val_text, tmp / "val.txt")
+        for name, tensors in (extra_files or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         if training_state is not None:
             torch.save(training_state, tmp / "optimizer.pt")
     return folder

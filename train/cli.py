@@ -35,13 +35,49 @@ def _read_config_file(path: Path) -> dict:
     return d
 
 
+def _run_options(f):
+    """The flags of a training run that `train` and `finetune` share."""
+    options = [
+        click.option("--data", type=click.Path(path_type=Path), help="Folder of text files [default: Python stdlib]."),
+        click.option("--out", type=click.Path(path_type=Path), help="Run folder."),
+        click.option("--batch-size", type=click_type("batch_size"), help="Sequences per process per micro-step."),
+        click.option("--grad-accum", type=click_type("grad_accum"), help="Micro-steps per optimizer step."),
+        click.option("--max-steps", type=click_type("max_steps")),
+        click.option("--lr", type=click_type("lr"), help="Peak learning rate."),
+        click.option("--warmup-steps", type=click_type("warmup_steps")),
+        click.option("--weight-decay", type=click_type("weight_decay")),
+        click.option("--grad-clip", type=click_type("grad_clip")),
+        click.option("--eval-interval", type=click_type("eval_interval")),
+        click.option("--eval-tokens", type=click_type("eval_tokens")),
+        click.option("--checkpoint-interval", type=click_type("checkpoint_interval")),
+        click.option("--log-interval", type=click_type("log_interval")),
+        click.option("--seed", type=click_type("seed")),
+        click.option("--bf16/--no-bf16", default=None, help="bf16 autocast."),
+        click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--threads", type=click_type("threads"), help="torch intra-op threads (0 = torch default)."),
+        click.option("--stop-at-step", type=click.IntRange(min=1),
+                     help="End after this step (with a checkpoint); the schedule still spans --max-steps."),
+        click.option("--resume/--no-resume", default=True, show_default=True,
+                     help="Continue from the run folder's latest checkpoint."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _set_flags(options: dict, flags: dict) -> dict:
+    for name in _TRAIN_FLAGS:
+        if flags.get(name) is not None:
+            options[name] = str(flags[name]) if isinstance(flags[name], Path) else flags[name]
+    return options
+
+
 @click.command("train")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON file of training options (flags override it).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "default", "medium", "gpt-small"]),
               help="Model size preset (default: default).")
-@click.option("--data", type=click.Path(path_type=Path), help="Folder of text files [default: Python stdlib].")
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/default].")
 @click.option("--arch", type=click.Choice(["llama", "gpt"]))
 @click.option("--vocab-size", type=click.IntRange(min=1))
 @click.option("--seq-len", type=click.IntRange(min=1), help="Context length (model max_seq_len).")
@@ -50,26 +86,7 @@ def _read_config_file(path: Path) -> dict:
 @click.option("--heads", type=click.IntRange(min=1))
 @click.option("--kv-heads", type=click.IntRange(min=1))
 @click.option("--mlp-hidden", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click_type("batch_size"), help="Sequences per process per micro-step.")
-@click.option("--grad-accum", type=click_type("grad_accum"), help="Micro-steps per optimizer step.")
-@click.option("--max-steps", type=click_type("max_steps"))
-@click.option("--lr", type=click_type("lr"), help="Peak learning rate.")
-@click.option("--warmup-steps", type=click_type("warmup_steps"))
-@click.option("--weight-decay", type=click_type("weight_decay"))
-@click.option("--grad-clip", type=click_type("grad_clip"))
-@click.option("--eval-interval", type=click_type("eval_interval"))
-@click.option("--eval-tokens", type=click_type("eval_tokens"))
-@click.option("--checkpoint-interval", type=click_type("checkpoint_interval"))
-@click.option("--log-interval", type=click_type("log_interval"))
-@click.option("--seed", type=click_type("seed"))
-@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast.")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", type=click_type("threads"), help="torch intra-op threads (0 = torch default).")
-@click.option("--stop-at-step", type=click.IntRange(min=1),
-              help="End after this step (with a checkpoint); the schedule still spans --max-steps.")
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue from the run folder's latest checkpoint.")
+@_run_options
 def train_command(config_file, preset, resume, stop_at_step, **flags):
     """Train a small decoder language model (data-parallel under torchrun).
 
@@ -102,9 +119,7 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
             model[field] = flags[flag]
     if model.get("arch") == "gpt":
         model.pop("num_kv_heads", None)
-    for name in _TRAIN_FLAGS:
-        if flags.get(name) is not None:
-            options[name] = str(flags[name]) if isinstance(flags[name], Path) else flags[name]
+    _set_flags(options, flags)
     cfg = TrainConfig.from_dict(dict(options, model=model), str(config_file or "flags"))
     folder = train(cfg, resume=resume, stop_at_step=stop_at_step)
     click.echo(f"checkpoint: {folder}")
@@ -191,4 +206,77 @@ def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top
     sys.stdout.write("\n")
 
 
-COMMANDS: list = [train_command, eval_command, generate_command]
+@click.command("finetune")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--lora-rank", type=click_type("lora_rank"), default=0, show_default=True,
+              help="Train rank-R LoRA adapters with the base frozen (0 = train every weight).")
+@click.option("--lora-alpha", type=click_type("lora_alpha"), help="LoRA scale numerator [default: 2 * rank].")
+@click.option("--lora-targets", default="all", show_default=True,
+              help="Comma-separated projections to adapt: q,k,v,o,gate,up,down (GPT: q/k/v is one merged projection).")
+@click.option("--distill-from", type=click.Path(path_type=Path),
+              help="Teacher checkpoint (same tokenizer): add a KL loss on its temperature-softened logits.")
+@click.option("--distill-temperature", type=click_type("distill_temperature"), default=2.0, show_default=True)
+@click.option("--distill-alpha", type=click_type("distill_alpha"), default=0.5, show_default=True,
+              help="Weight of the distillation term; the language-model loss gets 1 - alpha.")
+@_run_options
+def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_from, distill_temperature,
+                     distill_alpha, resume, stop_at_step, **flags):
+    """Fine-tune CHECKPOINT: LoRA adapters, distillation from a teacher, or both.
+
+    The data (default: the Python stdlib, as `train`) is tokenized with CHECKPOINT's own
+    tokenizer; --data may be a folder of .py/.txt/.md/.rst files or one text file. Each
+    checkpoint in OUT/checkpoints/ holds the merged weights (a plain checkpoint for
+    `graphopt optimize`, no extra ops) and, with LoRA, the unmerged adapter.safetensors.
+    Re-running the same command resumes; `torchrun` runs it data-parallel, as `train`.
+
+    \b
+    Examples:
+      graphopt finetune examples/default --data notes.txt --lora-rank 8 --max-steps 300 --out runs/lora
+      graphopt finetune pruned/ --distill-from examples/default --max-steps 600 --out runs/recover
+      torchrun --nproc-per-node 2 -m graphopt finetune examples/default --lora-rank 8 --out runs/ddp
+    """
+    from .finetune import FinetuneConfig, finetune
+
+    options = _set_flags(dict(checkpoint=str(checkpoint), lora_rank=lora_rank, lora_alpha=lora_alpha,
+                              lora_targets=lora_targets, distill_from=str(distill_from or ""),
+                              distill_temperature=distill_temperature, distill_alpha=distill_alpha), flags)
+    cfg = FinetuneConfig.from_dict(options, "flags")
+    folder = finetune(cfg, resume=resume, stop_at_step=stop_at_step)
+    click.echo(f"checkpoint: {folder}")
+
+
+@click.command("prune")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the pruned checkpoint.")
+@click.option("--heads-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
+              help="Fraction of each layer's KV groups (with their query heads) to remove.")
+@click.option("--mlp-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
+              help="Fraction of each layer's MLP channels to remove.")
+@click.option("--min-keep", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fewest KV groups / channels a layer keeps.")
+@click.option("--importance", type=click.Choice(["magnitude"]), default="magnitude", show_default=True,
+              help="Unit score: the L2 norm of its weights (the rule of the prune-heads / prune-mlp passes).")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="Remove the ratio from every layer, or the lowest-scoring units of the whole model "
+                   "(layers then keep different sizes).")
+def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope):
+    """Prune a training CHECKPOINT into a smaller one: whole KV groups and MLP channels.
+
+    Writes OUT, a plain checkpoint with the smaller config (`graphopt finetune` recovers it,
+    `graphopt optimize` takes it), and prints the parameters and block FLOPs removed. The
+    units removed are those the IR passes prune-heads / prune-mlp remove at the same ratios.
+
+    \b
+    Examples:
+      graphopt prune examples/default --heads-ratio 0.5 --mlp-ratio 0.25 --out pruned
+      graphopt finetune pruned --distill-from examples/default --out runs/recover
+      graphopt optimize runs/recover -o out/pruned
+    """
+    from .prune import describe, prune_checkpoint
+
+    summary = prune_checkpoint(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope)
+    click.echo(describe(summary))
+    click.echo(f"checkpoint: {out}")
+
+
+COMMANDS: list = [train_command, eval_command, generate_command, finetune_command, prune_command]

@@ -30,6 +30,7 @@ from graphopt.errors import UserError
 from .tokenizer import EOS, load_tokenizer, train_tokenizer
 
 DOCS_PER_SHARD = 64
+DOC_CHARS = 2000  # the size of a document cut from a single --data file
 
 
 @dataclass
@@ -49,6 +50,8 @@ def default_data_dir() -> Path:
 
 def find_text_files(root: Path, cfg: DataConfig) -> list[Path]:
     root = Path(root)
+    if root.is_file():
+        return [root]
     if not root.is_dir():
         raise UserError(f"--data {root}: not a directory")
     files = []
@@ -65,6 +68,20 @@ def clean_text(text: str) -> str:
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     text = "\n".join(line.rstrip().expandtabs(4) for line in lines).strip("\n")
     return text + "\n"
+
+
+def split_paragraphs(text: str, size: int) -> list[str]:
+    """`text` cut at blank lines into pieces of about `size` characters (a paragraph longer
+    than that stays whole)."""
+    pieces, current = [], ""
+    for para in text.split("\n\n"):
+        if current and len(current) + len(para) > size:
+            pieces.append(current.strip("\n") + "\n")
+            current = ""
+        current += para + "\n\n"
+    if current.strip():
+        pieces.append(current.strip("\n") + "\n")
+    return pieces
 
 
 def _is_val(text: str, val_fraction: float) -> bool:
@@ -85,16 +102,19 @@ def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
         except (UnicodeDecodeError, OSError):
             continue
         text = clean_text(text)
-        if len(text) < cfg.min_chars or "\x00" in text or EOS in text:
-            continue
-        if max(len(line) for line in text.split("\n")) > cfg.max_line_chars:
-            continue
-        key = hashlib.sha256(text.encode()).hexdigest()
-        if key in seen:
-            continue
-        seen.add(key)
-        split = "val" if _is_val(text, cfg.val_fraction) else "train"
-        docs.append({"path": str(path.relative_to(root)), "split": split, "text": text})
+        # One file given as the corpus is cut into documents, so it has a validation split.
+        for text in split_paragraphs(text, DOC_CHARS) if Path(root).is_file() else [text]:
+            if len(text) < cfg.min_chars or "\x00" in text or EOS in text:
+                continue
+            if max(len(line) for line in text.split("\n")) > cfg.max_line_chars:
+                continue
+            key = hashlib.sha256(text.encode()).hexdigest()
+            if key in seen:
+                continue
+            seen.add(key)
+            split = "val" if _is_val(text, cfg.val_fraction) else "train"
+            docs.append({"path": path.name if path == Path(root) else str(path.relative_to(root)),
+                         "split": split, "text": text})
     if not docs:
         raise UserError(f"--data {root}: no usable text files after cleaning (all empty, short or binary)")
     if not any(d["split"] == "train" for d in docs):
@@ -111,12 +131,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=None) -> Path:
-    """Prepares `data_dir` into `out` (resumable); returns `out`."""
+def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=None,
+            tokenizer: Path | None = None) -> Path:
+    """Prepares `data_dir` into `out` (resumable); returns `out`. With `tokenizer` (a
+    tokenizer.json), the text is tokenized with it instead of a newly trained one."""
     cfg = cfg or DataConfig()
     out = Path(out)
     meta_path = out / "meta.json"
     wanted = {"data_dir": str(Path(data_dir).resolve()), "config": asdict(cfg)}
+    if tokenizer is not None:  # recorded only when given, so older prepared folders still match
+        wanted["tokenizer"] = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
     wanted["config"]["suffixes"] = list(cfg.suffixes)
     wanted["config"]["exclude_dirs"] = list(cfg.exclude_dirs)
     if meta_path.exists():
@@ -141,7 +165,10 @@ def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=N
     if not tok_path.exists():
         if progress:
             progress("tokenizer", 0, 1)
-        train_tokenizer(by_split["train"], cfg.vocab_size, tok_path)
+        if tokenizer is not None:
+            _write_atomic(tok_path, Path(tokenizer).read_bytes())
+        else:
+            train_tokenizer(by_split["train"], cfg.vocab_size, tok_path)
     tok = load_tokenizer(tok_path)
     eos_id = tok.token_to_id(EOS)
 

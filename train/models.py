@@ -9,7 +9,7 @@ per-layer key/value cache (`k_cache_BNSD`, `v_cache_BNSD`) for eager generation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -32,10 +32,15 @@ class GPTConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     arch: str = "gpt"
+    head_dim: int | None = None     # None = dim // num_heads
+    per_layer: list | None = None   # per-block overrides of num_heads / mlp_hidden (a pruned model)
 
     def validate(self) -> "GPTConfig":
         _check_common(self)
         return self
+
+    def layer(self, i: int) -> "GPTConfig":
+        return _layer(self, i)
 
 
 @dataclass
@@ -51,18 +56,47 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     arch: str = "llama"
+    head_dim: int | None = None     # None = dim // num_heads
+    per_layer: list | None = None   # per-block overrides of num_heads / num_kv_heads / mlp_hidden
 
     def validate(self) -> "LlamaConfig":
         _check_common(self)
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise UserError(f"model config: num_kv_heads={self.num_kv_heads} must divide "
-                            f"num_heads={self.num_heads}")
-        if (self.dim // self.num_heads) % 2:
-            raise UserError(f"model config: head dim {self.dim // self.num_heads} must be even for RoPE")
+        for i in range(self.num_layers):
+            block = self.layer(i)
+            if not isinstance(block.num_kv_heads, int) or block.num_kv_heads <= 0 \
+                    or block.num_heads % block.num_kv_heads:
+                raise UserError(f"model config: {_where(self, i)}num_kv_heads={block.num_kv_heads!r} must divide "
+                                f"num_heads={block.num_heads}")
+        if head_size(self) % 2:
+            raise UserError(f"model config: head dim {head_size(self)} must be even for RoPE")
         return self
+
+    def layer(self, i: int) -> "LlamaConfig":
+        return _layer(self, i)
 
 
 CONFIGS = {"gpt": GPTConfig, "llama": LlamaConfig}
+
+
+# What a `per_layer` entry may override, per arch: the sizes structured pruning shrinks.
+PER_LAYER_FIELDS = {"gpt": ("num_heads", "mlp_hidden"), "llama": ("num_heads", "num_kv_heads", "mlp_hidden")}
+
+
+def head_size(cfg) -> int:
+    """The attention head width: `head_dim`, or `dim // num_heads` when it is not given."""
+    return cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.num_heads
+
+
+def _layer(cfg, i: int):
+    """The config block `i` is built from: `cfg` with that block's `per_layer` overrides
+    (and `head_dim` pinned, so fewer heads keep their width)."""
+    if not cfg.per_layer:
+        return cfg
+    return replace(cfg, head_dim=head_size(cfg), per_layer=None, **cfg.per_layer[i])
+
+
+def _where(cfg, i: int) -> str:
+    return f"per_layer[{i}] " if cfg.per_layer else ""
 
 
 def _check_common(cfg) -> None:
@@ -70,8 +104,22 @@ def _check_common(cfg) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"model config: {name}={value!r} must be a positive integer")
-    if cfg.dim % cfg.num_heads:
-        raise UserError(f"model config: num_heads={cfg.num_heads} does not divide dim={cfg.dim}")
+    if cfg.head_dim is None:
+        if cfg.dim % cfg.num_heads:
+            raise UserError(f"model config: num_heads={cfg.num_heads} does not divide dim={cfg.dim}")
+    elif not isinstance(cfg.head_dim, int) or cfg.head_dim <= 0:
+        raise UserError(f"model config: head_dim={cfg.head_dim!r} must be a positive integer")
+    if cfg.per_layer is not None:
+        allowed = PER_LAYER_FIELDS[cfg.arch]
+        if not isinstance(cfg.per_layer, list) or len(cfg.per_layer) != cfg.num_layers:
+            raise UserError(f"model config: per_layer must be a list of num_layers={cfg.num_layers} objects")
+        for i, entry in enumerate(cfg.per_layer):
+            if not isinstance(entry, dict) or set(entry) - set(allowed):
+                raise UserError(f"model config: per_layer[{i}] must be an object with only "
+                                f"{', '.join(allowed)}, not {entry!r}")
+            for name, value in entry.items():
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise UserError(f"model config: per_layer[{i}] {name}={value!r} must be a positive integer")
     if cfg.vocab_size > 65535:
         raise UserError(f"model config: vocab_size={cfg.vocab_size} exceeds 65535 (tokens are stored as uint16)")
 
@@ -90,7 +138,13 @@ def config_from_dict(d: dict):
 
 
 def config_to_dict(cfg) -> dict:
-    return asdict(cfg)
+    """The JSON form; the optional fields of a pruned model (`head_dim`, `per_layer`) are
+    written only when set, so an unpruned config reads as it always did."""
+    d = asdict(cfg)
+    for name in ("head_dim", "per_layer"):
+        if d.get(name) is None:
+            d.pop(name, None)
+    return d
 
 
 def build_model(cfg) -> nn.Module:
@@ -173,20 +227,21 @@ class GPTBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
+        self.inner = cfg.num_heads * head_size(cfg)  # = dim unless heads were pruned
         self.ln_1 = nn.LayerNorm(cfg.dim)
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.attn_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * self.inner)
+        self.attn_proj = nn.Linear(self.inner, cfg.dim)
         self.ln_2 = nn.LayerNorm(cfg.dim)
         self.mlp_fc = nn.Linear(cfg.dim, cfg.mlp_hidden)
         self.mlp_proj = nn.Linear(cfg.mlp_hidden, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, layer_cache, past_len: int):
-        batch, seq, dim = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(dim, dim=2)
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(self.inner, dim=2)
         q, k, v = (t.view(batch, seq, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         k, v = _append_cache(k, v, layer_cache)
-        a = _attend(q, k, v, past_len).transpose(1, 2).reshape(batch, seq, dim)
+        a = _attend(q, k, v, past_len).transpose(1, 2).reshape(batch, seq, self.inner)
         x = x + self.dropout(self.attn_proj(a))
         x = x + self.dropout(self.mlp_proj(F.gelu(self.mlp_fc(self.ln_2(x)))))
         return x, (k, v)
@@ -199,7 +254,7 @@ class GPT(_Decoder):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(GPTBlock(cfg.layer(i)) for i in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         _init_weights(self, cfg.num_layers)
@@ -236,7 +291,7 @@ class LlamaBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.head_dim = cfg.dim // cfg.num_heads
+        self.head_dim = head_size(cfg)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.wq = nn.Linear(cfg.dim, cfg.num_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * self.head_dim, bias=False)
@@ -272,10 +327,10 @@ class Llama(_Decoder):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(LlamaBlock(cfg.layer(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        head_dim = cfg.dim // cfg.num_heads
+        head_dim = head_size(cfg)
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
         angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # [seq, head_dim], rotate-half layout

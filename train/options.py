@@ -26,6 +26,11 @@ SCHEMA = {
     "checkpoint_interval": (int, 1, None), "keep_checkpoints": (int, 1, None), "log_interval": (int, 1, None),
     "seed": (int, 0, 2**63 - 1), "bf16": (bool, None, None), "grad_checkpointing": (bool, None, None),
     "device": (str, None, None), "threads": (int, 0, None),
+    # fine-tuning (graphopt finetune)
+    "checkpoint": ((str, PurePath), None, None), "lora_rank": (int, 0, None),
+    "lora_alpha": ((float, type(None)), ("open", 0.0), None), "lora_targets": (str, None, None),
+    "distill_from": ((str, PurePath), None, None), "distill_temperature": (float, ("open", 0.0), None),
+    "distill_alpha": (float, 0.0, 1.0),
 }
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -38,7 +43,7 @@ def click_type(name: str):
     """The click type of the flag for option `name`, with its SCHEMA range."""
     want, low, high = SCHEMA[name]
     (lo, lo_open), (hi, hi_open) = _bound(low), _bound(high)
-    number = click.FloatRange if want is float else click.IntRange
+    number = click.FloatRange if float in (want if isinstance(want, tuple) else (want,)) else click.IntRange
     return number(min=lo, max=hi, min_open=lo_open, max_open=hi_open)
 
 

@@ -26,7 +26,7 @@ from graphopt.fileutil import write_text_atomic
 
 from . import checkpoint as ckpt
 from .data import DataConfig, default_data_dir, load_split, prepare
-from .models import build_model, config_from_dict
+from .models import build_model, config_from_dict, config_to_dict
 from .options import MIN_VOCAB, check_option
 
 # Model shapes by name; vocab_size also sets the tokenizer size.
@@ -70,15 +70,15 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     threads: int = 0                # torch intra-op threads; 0 = torch's default
 
-    @staticmethod
-    def from_dict(d: dict, source: str) -> "TrainConfig":
-        known = {f.name for f in fields(TrainConfig)}
+    @classmethod
+    def from_dict(cls, d: dict, source: str) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"{source}: unknown training option(s) {', '.join(unknown)}")
         for name, value in d.items():
             check_option(name, value, source)
-        return TrainConfig(**d)
+        return cls(**d)
 
     def validate(self, source: str = "training config") -> "TrainConfig":
         for f in fields(self):
@@ -117,24 +117,32 @@ def get_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step
     return rows[:, :-1], rows[:, 1:]
 
 
-def forward_backward(model, batches, bf16: bool, device_type: str) -> float:
-    """Accumulates gradients of the mean loss over `batches`; returns that loss.
+def lm_loss(model, x, y) -> tuple[torch.Tensor, dict]:
+    """The language-model loss (mean next-token cross-entropy) and no other parts."""
+    return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()), {}
+
+
+def forward_backward(model, batches, bf16: bool, device_type: str, loss_fn=lm_loss) -> tuple[float, dict]:
+    """Accumulates gradients of the mean loss over `batches`; returns that loss and the mean
+    of each named part `loss_fn` reports beside it.
 
     Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it).
     """
     from contextlib import nullcontext
 
-    total = 0.0
+    total, parts = 0.0, {}
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
+                loss, named = loss_fn(model, x, y)
+            loss = loss / len(batches)
             loss.backward()
         total += loss.item()
-    return total
+        for k, v in named.items():
+            parts[k] = parts.get(k, 0.0) + v / len(batches)
+    return total, parts
 
 
 @torch.no_grad()
@@ -195,30 +203,67 @@ def _log(rank: int, msg: str) -> None:
         print(msg, flush=True)
 
 
+class Pretraining:
+    """What a run trains and how; `train` drives any such task (`finetune.Finetuning` is the
+    other one). This one trains a fresh model of `cfg.model` on data it tokenizes with a BPE
+    tokenizer it trains itself, every parameter trainable, with the language-model loss."""
+
+    accepts_file = False  # --data must be a folder
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.model_config = config_from_dict(cfg.model)
+
+    def prepare_data(self, data_dir: Path, data_out: Path, progress) -> None:
+        prepare(data_dir, data_out, DataConfig(vocab_size=self.cfg.model["vocab_size"]), progress=progress)
+
+    def build_model(self, device: str):
+        """The module to train, its initial weights drawn from the run's seed."""
+        torch.manual_seed(self.cfg.seed)
+        return build_model(self.model_config).to(device)
+
+    def loss(self, model, x, y) -> tuple[torch.Tensor, dict]:
+        """The training loss of one micro-batch and named parts of it to log (floats)."""
+        return lm_loss(model, x, y)
+
+    def restore(self, model, folder: Path, device: str) -> None:
+        """Loads the trainable state that `export` saved into `folder`, for a resume."""
+        loaded, _ = ckpt.load_model(folder, device)
+        model.load_state_dict(loaded.state_dict())
+
+    def export(self, model):
+        """(the plain model a checkpoint stores, {file name: tensors} saved beside it)."""
+        return model, {}
+
+    def checkpoint_config(self) -> dict:
+        return {}
+
+
 def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
-          stop_at_step: int | None = None) -> Path:
+          stop_at_step: int | None = None, task=None) -> Path:
     """Runs (or resumes) a training run into cfg.out; returns the last checkpoint folder.
 
-    `stop_at_step` ends the run early, with a checkpoint, after that step; the schedule still
-    spans cfg.max_steps, so resuming later continues the same run. `stop_after` ends the
-    process after that many steps of this invocation as if killed (for tests)."""
+    `task` says what is trained (default `Pretraining(cfg)`). `stop_at_step` ends the run
+    early, with a checkpoint, after that step; the schedule still spans cfg.max_steps, so
+    resuming later continues the same run. `stop_after` ends the process after that many
+    steps of this invocation as if killed (for tests)."""
     cfg.validate()
     if stop_at_step is not None and not 0 < stop_at_step <= cfg.max_steps:
         raise UserError(f"--stop-at-step {stop_at_step}: must lie in [1, max_steps={cfg.max_steps}]")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    task = task or Pretraining(cfg)
     out = Path(cfg.out)
     data_dir = Path(cfg.data) if cfg.data else default_data_dir()
-    if not data_dir.is_dir():
-        raise UserError(f"--data {data_dir}: not a directory")
+    if not data_dir.is_dir() and not (task.accepts_file and data_dir.is_file()):
+        raise UserError(f"--data {data_dir}: not a directory" + (" or a file" if task.accepts_file else ""))
     check_run_folder(out)
     rank, world_size, device = _setup_distributed(cfg)
     device_type = torch.device(device).type
     data_out = out / "data"
-    data_cfg = DataConfig(vocab_size=cfg.model["vocab_size"])
     if rank == 0:
         _log(rank, f"preparing data from {data_dir} into {data_out}")
-        prepare(data_dir, data_out, data_cfg, progress=_progress_printer())
+        task.prepare_data(data_dir, data_out, _progress_printer())
     if world_size > 1:
         torch.distributed.barrier()
     meta = json.loads((data_out / "meta.json").read_text())
@@ -227,12 +272,12 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
                         f"model's vocab_size={cfg.model['vocab_size']}; use --vocab-size {meta['vocab_size']} or another --out")
     train_tokens, val_tokens = load_split(data_out, "train"), load_split(data_out, "val")
 
-    torch.manual_seed(cfg.seed)
-    model_cfg = config_from_dict(cfg.model)
-    model = build_model(model_cfg).to(device)
+    model_cfg = task.model_config
+    model = task.build_model(device)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -243,10 +288,9 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
     if resume and latest.is_file():
         folder = ckpt.resolve_checkpoint(out)
         saved = ckpt.read_config(folder)
-        if saved["model"] != asdict(model_cfg):
+        if saved["model"] != config_to_dict(model_cfg):
             raise UserError(f"{folder}: model config differs from this run's; use another --out")
-        loaded, _ = ckpt.load_model(folder, device)
-        model.load_state_dict(loaded.state_dict())
+        task.restore(model, folder, device)
         state = ckpt.load_training_state(folder)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -266,7 +310,10 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
 
     seq_len = model_cfg.max_seq_len
     n_params = model.num_parameters()
-    _log(rank, f"model {model_cfg.arch}: {n_params:,} parameters; {world_size} process(es) on {device}; "
+    n_trainable = sum(p.numel() for p in trainable)
+    _log(rank, f"model {model_cfg.arch}: {n_params:,} parameters"
+               + (f" ({n_trainable:,} trainable)" if n_trainable != n_params else "")
+               + f"; {world_size} process(es) on {device}; "
                f"train {len(train_tokens):,} tokens, val {len(val_tokens):,} tokens")
     metrics_path = out / "metrics.jsonl"
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * seq_len
@@ -277,19 +324,20 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
         batches = [tuple(t.to(device) for t in get_batch(train_tokens, seq_len, cfg.batch_size, cfg.seed,
                                                          step, m, rank, world_size))
                    for m in range(cfg.grad_accum)]
-        loss = forward_backward(ddp_model, batches, cfg.bf16, device_type)
-        if world_size > 1:  # the logged loss is the global mean
-            t = torch.tensor([loss], device=device)
+        loss, parts = forward_backward(ddp_model, batches, cfg.bf16, device_type, task.loss)
+        if world_size > 1:  # the logged losses are global means
+            t = torch.tensor([loss, *parts.values()], device=device)
             torch.distributed.all_reduce(t)
-            loss = t.item() / world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            loss, *rest = (t / world_size).tolist()
+            parts = dict(zip(parts, rest))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_since += tokens_per_step
         done = step + 1
-        record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        record = {"step": done, "loss": loss, **parts, "lr": lr, "grad_norm": grad_norm}
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             nll, count = evaluate_tokens(model, val_tokens[:cfg.eval_tokens + 1], seq_len,
                                          device=device, bf16=cfg.bf16)
@@ -297,8 +345,9 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
             record["val_ppl"] = math.exp(nll / count)
         if done % cfg.log_interval == 0 or "val_loss" in record:
             elapsed = time.time() - t0
-            msg = (f"step {done}/{cfg.max_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
-                   f"grad norm {grad_norm:.2f} | {tokens_since / elapsed:,.0f} tok/s")
+            msg = (f"step {done}/{cfg.max_steps} | loss {loss:.4f} | "
+                   + "".join(f"{k} {v:.4f} | " for k, v in parts.items())
+                   + f"lr {record['lr']:.2e} | grad norm {grad_norm:.2f} | {tokens_since / elapsed:,.0f} tok/s")
             if "val_loss" in record:
                 msg += f" | val loss {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
             _log(rank, msg)
@@ -309,13 +358,15 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
         if done % cfg.checkpoint_interval == 0 or done in (cfg.max_steps, stop_at_step):
             if rank == 0:
                 name = f"step_{done:07d}"
+                plain, extra_files = task.export(model)
                 last_folder = ckpt.save_checkpoint(
-                    out / "checkpoints" / name, model,
-                    {"model": asdict(model_cfg), "train": asdict(cfg), "step": done,
+                    out / "checkpoints" / name, plain,
+                    {"model": config_to_dict(model_cfg), "train": asdict(cfg), "step": done,
                      "metrics": {k: v for k, v in record.items() if k != "step"},
-                     "data": meta.get("splits")},
+                     "data": meta.get("splits"), **task.checkpoint_config()},
                     data_out / "tokenizer.json", data_out / "val.txt",
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done})
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done},
+                    extra_files)
                 ckpt.mark_latest(out, name, cfg.keep_checkpoints)
             if world_size > 1:
                 torch.distributed.barrier()

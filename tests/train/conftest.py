@@ -60,6 +60,22 @@ def tiny_train_config(corpus: Path, out: Path, **over):
 
 
 @pytest.fixture(scope="session")
+def corpus_writer():
+    """`corpus_writer(folder, n_docs, seed)`: writes a synthetic corpus (see write_corpus)."""
+    return write_corpus
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
 def make_config():
     """`make_config(corpus, out, **overrides)`: a TrainConfig for the tiny test model."""
     return tiny_train_config

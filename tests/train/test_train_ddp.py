@@ -3,7 +3,6 @@ with batch 2B. Gradients are compared, not weights after an AdamW step (its sign
 update would magnify rounding differences)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,12 +16,6 @@ from graphopt.train.trainer import forward_backward, get_batch
 MODEL = dict(arch="llama", vocab_size=64, max_seq_len=16, dim=32, num_layers=2, num_heads=4,
              num_kv_heads=2, mlp_hidden=48)
 BATCH, MICRO_STEPS, STEP, SEED = 3, 2, 11, 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tokens() -> np.ndarray:
@@ -45,8 +38,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path, free_port):
+    mp.spawn(_worker, args=(free_port, str(tmp_path)), nprocs=2, join=True)
     g0, g1 = (np.load(tmp_path / f"grads_{r}.npy") for r in (0, 1))
     torch.manual_seed(0)
     single = _grads(build_model(config_from_dict(MODEL)), 1, 0, 2 * BATCH).numpy()
@@ -55,7 +48,7 @@ def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
     np.testing.assert_allclose(g0, single, rtol=1e-4, atol=1e-6)
 
 
-def test_graphopt_train_under_torchrun_matches_single_process(corpus, tmp_path):
+def test_graphopt_train_under_torchrun_matches_single_process(corpus, tmp_path, free_port):
     """End to end: `torchrun --nproc-per-node 2 -m graphopt train` with batch B against
     `graphopt train` with batch 2B: identical data and init, so step 1 has the same loss."""
     common = ["--data", str(corpus), "--vocab-size", "384", "--seq-len", "32", "--dim", "32",
@@ -65,7 +58,7 @@ def test_graphopt_train_under_torchrun_matches_single_process(corpus, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", str(_free_port()), "-m", "graphopt", "train", *common,
+                    "--master-port", str(free_port), "-m", "graphopt", "train", *common,
                     "--batch-size", "4", "--out", str(ddp_out)], check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "graphopt", "train", *common, "--batch-size", "8",
                     "--out", str(single_out)], check=True, env=env, capture_output=True)

@@ -1,0 +1,220 @@
+"""Structured pruning of a training checkpoint in torch space: whole key/value groups (with
+the query heads that read them) and MLP channels are removed, and the checkpoint is written
+with the smaller config, so `graphopt finetune` can recover it and `graphopt optimize` take it.
+
+The rule is the one of the IR passes `prune-heads` and `prune-mlp` (passes/pruning), so both
+paths remove the same units (tests/train/test_prune.py checks that the logits agree):
+
+- a unit's importance is the L2 norm of every weight that touches it (magnitude): for a KV
+  group its Q, K and V rows and its output-projection columns, for an MLP channel its rows of
+  the gate/up (or fc) weight and its column of the down weight; biases do not count;
+- each layer removes floor(ratio * units) of its units, never leaving fewer than `min_keep`
+  (`scope="layer"`), or the floor(ratio * all units) lowest scores of the whole model go, no
+  layer keeping fewer than `min_keep` (`scope="global"`: layers end up with different sizes);
+- the lowest scores go (ties keep the earlier unit), and the kept units keep their order.
+
+train/ may not import the compiler, so these few lines mirror passes/pruning/common.py
+rather than call it; the agreement test is what holds the two together.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from graphopt.errors import UserError
+
+from . import checkpoint as ckpt
+from .models import build_model, config_to_dict, head_size
+
+IMPORTANCE = ("magnitude",)
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class LayerPlan:
+    """What one block keeps: its KV groups and MLP channels, as sorted indices."""
+    kv_groups: torch.Tensor
+    channels: torch.Tensor
+
+
+def count_to_remove(total: int, ratio: float, min_keep: int) -> int:
+    return max(0, min(int(math.floor(ratio * total + 1e-9)), total - max(min_keep, 1)))
+
+
+def keep_top(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    order = torch.sort(-scores, stable=True).indices
+    return torch.sort(order[: len(scores) - n_remove]).values
+
+
+def global_removals(scores: list[torch.Tensor], ratio: float, min_keep: int) -> list[int]:
+    """How many units each layer loses when the floor(ratio * all units) lowest scores of the
+    whole model go, no layer keeping fewer than `min_keep`; ties go in layer, then unit order."""
+    budget = int(math.floor(ratio * sum(len(s) for s in scores) + 1e-9))
+    room = [max(0, len(s) - max(min_keep, 1)) for s in scores]
+    removed = [0] * len(scores)
+    for _, layer, _ in sorted((float(v), i, u) for i, s in enumerate(scores) for u, v in enumerate(s)):
+        if budget == 0:
+            break
+        if removed[layer] < room[layer]:
+            removed[layer] += 1
+            budget -= 1
+    return removed
+
+
+def _rows(units: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
+    """The rows (output features) of `units`, each `width` wide, starting at `offset`."""
+    return (offset + units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def _attention(block, arch: str):
+    """(q, k, v weights [out, in], their biases or None, output weight [dim, inner], query
+    heads, KV heads, head width) of a block, whatever its family."""
+    d = block.head_dim if arch == "llama" else block.inner // block.num_heads
+    if arch == "llama":
+        return (block.wq.weight, block.wk.weight, block.wv.weight), (None, None, None), block.wo.weight, \
+            block.num_heads, block.num_kv_heads, d
+    w, b, n = block.qkv.weight, block.qkv.bias, block.inner
+    return w.split(n), (b.split(n) if b is not None else (None,) * 3), block.attn_proj.weight, \
+        block.num_heads, block.num_heads, d
+
+
+def _mlp(block, arch: str):
+    """(weights whose rows are the channels, biases sliced with them, down weight [dim, hidden])."""
+    if arch == "llama":
+        return [block.w_gate.weight, block.w_up.weight], [], block.w_down.weight
+    return [block.mlp_fc.weight], [block.mlp_fc.bias], block.mlp_proj.weight
+
+
+@torch.no_grad()
+def group_scores(block, arch: str) -> torch.Tensor:
+    (wq, wk, wv), _, wo, nq, nkv, d = _attention(block, arch)
+    g = nq // nkv
+    sq = torch.zeros(nkv, dtype=torch.float64)
+    for j in range(nkv):
+        q_rows, kv_rows = _rows(torch.arange(j * g, (j + 1) * g), d), _rows(torch.tensor([j]), d)
+        sq[j] = sum((w.double()[rows] ** 2).sum() for w, rows in ((wq, q_rows), (wk, kv_rows), (wv, kv_rows))) \
+            + (wo.double()[:, q_rows] ** 2).sum()
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def channel_scores(block, arch: str) -> torch.Tensor:
+    ups, _, down = _mlp(block, arch)
+    sq = sum((w.double() ** 2).sum(dim=1) for w in ups) + (down.double() ** 2).sum(dim=0)
+    return sq.sqrt()
+
+
+def plan(model, heads_ratio: float, mlp_ratio: float, min_keep: int = 1, scope: str = "layer") -> list[LayerPlan]:
+    arch = model.config.arch
+    groups = [group_scores(block, arch) for block in model.blocks]
+    channels = [channel_scores(block, arch) for block in model.blocks]
+
+    def removals(scores, ratio):
+        if scope == "global":
+            return global_removals(scores, ratio, min_keep)
+        return [count_to_remove(len(s), ratio, min_keep) for s in scores]
+
+    return [LayerPlan(keep_top(g, ng), keep_top(c, nc))
+            for g, c, ng, nc in zip(groups, channels, removals(groups, heads_ratio), removals(channels, mlp_ratio))]
+
+
+@torch.no_grad()
+def prune_model(model, plans: list[LayerPlan]):
+    """A new model of the smaller config with the kept units' weights; `model` is unchanged."""
+    cfg, arch = model.config, model.config.arch
+    per_layer = []
+    for block, p in zip(model.blocks, plans):
+        _, _, _, nq, nkv, _ = _attention(block, arch)
+        sizes = {"num_heads": len(p.kv_groups) * (nq // nkv), "mlp_hidden": len(p.channels)}
+        if arch == "llama":
+            sizes["num_kv_heads"] = len(p.kv_groups)
+        per_layer.append(sizes)
+    if all(s == per_layer[0] for s in per_layer):
+        small_cfg = replace(cfg, head_dim=head_size(cfg), per_layer=None, **per_layer[0])
+    else:  # the scalar sizes stay the source's; each block reads its own
+        small_cfg = replace(cfg, head_dim=head_size(cfg), per_layer=per_layer)
+    small_cfg.validate()
+    state = {k: v for k, v in model.state_dict().items()}
+    for i, (block, p) in enumerate(zip(model.blocks, plans)):
+        state.update(_pruned_block_state(block, arch, p, f"blocks.{i}."))
+    small = build_model(small_cfg)
+    small.load_state_dict(state)
+    return small.eval()
+
+
+def _pruned_block_state(block, arch: str, p: LayerPlan, prefix: str) -> dict:
+    (wq, wk, wv), (bq, bk, bv), wo, nq, nkv, d = _attention(block, arch)
+    g = nq // nkv
+    q_rows = _rows((p.kv_groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1), d)
+    kv_rows = _rows(p.kv_groups, d)
+    ups, up_biases, down = _mlp(block, arch)
+    c = p.channels
+    if arch == "llama":
+        return {prefix + "wq.weight": wq[q_rows], prefix + "wk.weight": wk[kv_rows], prefix + "wv.weight": wv[kv_rows],
+                prefix + "wo.weight": wo[:, q_rows], prefix + "w_gate.weight": ups[0][c],
+                prefix + "w_up.weight": ups[1][c], prefix + "w_down.weight": down[:, c]}
+    out = {prefix + "qkv.weight": torch.cat([wq[q_rows], wk[kv_rows], wv[kv_rows]]),
+           prefix + "attn_proj.weight": wo[:, q_rows], prefix + "mlp_fc.weight": ups[0][c],
+           prefix + "mlp_proj.weight": down[:, c]}
+    if bq is not None:
+        out[prefix + "qkv.bias"] = torch.cat([bq[q_rows], bk[kv_rows], bv[kv_rows]])
+    if up_biases[0] is not None:
+        out[prefix + "mlp_fc.bias"] = up_biases[0][c]
+    return out
+
+
+def block_flops(cfg, seq: int) -> int:
+    """Multiply-add FLOPs per token of all blocks at context `seq`: every projection, plus the
+    attention scores and weighted sum over `seq` keys (norms and activations left out)."""
+    total = 0
+    for i in range(cfg.num_layers):
+        c = cfg.layer(i)
+        d, nq = head_size(c), c.num_heads
+        nkv = getattr(c, "num_kv_heads", nq)
+        projections = cfg.dim * d * (2 * nq + 2 * nkv)
+        mlp = cfg.dim * c.mlp_hidden * (3 if cfg.arch == "llama" else 2)
+        total += 2 * (projections + mlp) + 2 * 2 * seq * nq * d
+    return total
+
+
+def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep: int = 1,
+                     importance: str = "magnitude", scope: str = "layer", seq: int = 128) -> dict:
+    """Writes the pruned checkpoint into `out` (atomically); returns the summary it records."""
+    if importance not in IMPORTANCE:
+        raise UserError(f"--importance {importance}: only {', '.join(IMPORTANCE)} is built")
+    if scope not in SCOPES:
+        raise UserError(f"--scope {scope}: must be one of {', '.join(SCOPES)}")
+    for name, r in (("--heads-ratio", heads_ratio), ("--mlp-ratio", mlp_ratio)):
+        if not 0.0 <= r < 1.0:
+            raise UserError(f"{name} {r}: must be in [0, 1)")
+    folder = ckpt.resolve_checkpoint(source)
+    out = Path(out)
+    if out.resolve() == folder.resolve():
+        raise UserError(f"--out {out}: is the source checkpoint; give a new folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise UserError(f"--out {out}: exists and is not an empty folder or a checkpoint; give a new folder")
+    model, cfg = ckpt.load_model(folder)
+    plans = plan(model, heads_ratio, mlp_ratio, min_keep, scope)
+    small = prune_model(model, plans)
+    before, after = block_flops(cfg, seq), block_flops(small.config, seq)
+    summary = {
+        "source": str(folder), "importance": importance, "heads_ratio": heads_ratio, "mlp_ratio": mlp_ratio,
+        "min_keep": min_keep, "scope": scope, "parameters": [model.num_parameters(), small.num_parameters()],
+        f"block_flops_per_token_seq{seq}": [before, after],
+        "kept": [{"kv_groups": p.kv_groups.tolist(), "mlp_channels": p.channels.tolist()} for p in plans],
+    }
+    ckpt.save_checkpoint(out, small, {"model": config_to_dict(small.config), "pruned": summary},
+                         folder / "tokenizer.json", folder / "val.txt")
+    return summary
+
+
+def describe(summary: dict, seq: int = 128) -> str:
+    (p0, p1), (f0, f1) = summary["parameters"], summary[f"block_flops_per_token_seq{seq}"]
+    return (f"parameters {p0:,} -> {p1:,} (-{1 - p1 / p0:.1%}); "
+            f"block FLOPs per token at seq {seq}: {f0:,} -> {f1:,} (-{1 - f1 / f0:.1%})")
+
+
+__all__ = ["prune_checkpoint", "prune_model", "plan", "block_flops", "describe"]
