@@ -589,3 +589,15 @@ def test_the_ort_genai_anchor_refuses_configs_the_builder_gets_wrong(tmp_path, c
     r = compare([str(folder)], backends=["ort"], variants=["ort-genai"], seqs=[8], threads=1, timing=QUICK,
                 measure_bandwidth=False, measure_memory=False)
     assert message in _cell(r, "ort/ort-genai")["error"]
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_read_bandwidth_on_one_thread_and_on_every_core(threads):
+    from graphopt.compare.machine import read_bandwidth, usable_cores
+
+    r = read_bandwidth(16 << 20, passes=1, threads=threads)
+    want = threads or usable_cores()
+    assert r["threads"] == want and f"on {want} thread(s)" in r["method"]
+    assert set(r) == {"read_gb_s", "buffer_bytes", "threads", "method"}
+    assert r["buffer_bytes"] == (16 << 20) // want // 8 * 8 * want  # each thread its own share
+    assert r["read_gb_s"] > 0  # no timing claims: the machine is shared
