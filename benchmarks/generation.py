@@ -4,7 +4,7 @@
     python benchmarks/generation.py --tiny            # a smoke run at toy sizes (no claims)
 
 Measures, with the machine's read bandwidth from the same run (compare's probe,
-graphopt/compare/machine.py, on every core at once):
+graphopt/compare/machine.py `read_bandwidth`, every core at once):
 1. a decode step with `--cached` (128) tokens in the cache on GPT-2 (the `transformers`
    default config, random weights): graphopt's ORT artifact; ORT on a cache-aware export of
    the same model (torch.onnx, TorchScript) optimized by `onnxruntime.transformers.optimizer`; and
@@ -35,23 +35,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_bandwidth(tiny: bool) -> dict:
-    """compare's read probe (graphopt/compare/machine.py) on every core at once, each thread
-    over its own buffer (numpy's sum releases the GIL, so they read memory together): the
-    sum of their rates. One thread alone cannot draw the bandwidth that ORT's threads do."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from graphopt.compare.machine import read_bandwidth as probe
-
-    threads = os.cpu_count() or 1
-    size = (16 << 20) if tiny else (256 << 20)
-    with ThreadPoolExecutor(threads) as pool:
-        runs = list(pool.map(lambda _: probe(size), range(threads)))
-    return {"read_gb_s": round(sum(r["read_gb_s"] for r in runs), 2), "threads": threads,
-            "per_thread_gb_s": [r["read_gb_s"] for r in runs], "method": f"{runs[0]['method']}, on {threads} "
-            "threads at once"}
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> dict:
@@ -268,7 +251,9 @@ def main() -> None:
         results["versions"]["onnxruntime_genai"] = onnxruntime_genai.__version__
     except ImportError:
         pass
-    bandwidth = read_bandwidth(args.tiny)
+    from graphopt.compare.machine import read_bandwidth
+
+    bandwidth = read_bandwidth(32 << 20 if args.tiny else None)  # every core at once
     results["read_bandwidth"] = bandwidth
     bw = bandwidth["read_gb_s"] * 1e9
     with tempfile.TemporaryDirectory() as tmp:

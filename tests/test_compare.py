@@ -548,3 +548,56 @@ def test_a_generation_ready_artifact_is_refused_with_the_way_out(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["compare", str(art), "--reference", str(folder), "-q"])
     assert r.exit_code == 2 and "--no-kv-cache" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def _genai_llama_folder(folder: Path, **config) -> Path:
+    """A Llama folder the model builder takes: head size 16 (its CPU attention's multiple) and
+    a tokenizer (it saves one beside its model); random weights."""
+    import torch
+    import transformers as tf
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tf.LlamaConfig(**{**dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, max_position_embeddings=64, vocab_size=256), **config})
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    shutil.copyfile(root / "examples" / "default" / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}))
+    return folder
+
+
+def test_the_ort_genai_anchor_agrees_with_pytorch_on_padded_rows(tmp_path):
+    # batch 2: the first row is left-padded (graphopt.sample_inputs), which the builder's
+    # GroupQueryAttention misreads unless the cell moves the padding to the right
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
+    folder = _genai_llama_folder(tmp_path / "llama")
+    r = compare([str(folder)], backends=["ort"], variants=["ort-genai"], batch=2, seqs=[12], threads=1, timing=QUICK,
+                measure_bandwidth=False, measure_memory=False)
+    cell = _cell(r, "ort/ort-genai")
+    assert cell.get("error") is None, cell.get("error")
+    acc = cell["results"][0]["accuracy"]
+    assert acc["max_abs_err"] < 1e-4 * max(1.0, acc["ref_max_abs"]) and acc["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(intermediate_size=256), "mlp.gate_proj is as wide as the vocabulary (256)"),
+    (dict(hidden_size=32), "head size 8 is not a multiple of 16")])
+def test_the_ort_genai_anchor_refuses_configs_the_builder_gets_wrong(tmp_path, config, message):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
+    folder = _genai_llama_folder(tmp_path / "llama", **config)
+    r = compare([str(folder)], backends=["ort"], variants=["ort-genai"], seqs=[8], threads=1, timing=QUICK,
+                measure_bandwidth=False, measure_memory=False)
+    assert message in _cell(r, "ort/ort-genai")["error"]
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_read_bandwidth_on_one_thread_and_on_every_core(threads):
+    from graphopt.compare.machine import read_bandwidth, usable_cores
+
+    r = read_bandwidth(16 << 20, passes=1, threads=threads)
+    want = threads or usable_cores()
+    assert r["threads"] == want and f"on {want} thread(s)" in r["method"]
+    assert set(r) == {"read_gb_s", "buffer_bytes", "threads", "method"}
+    assert r["buffer_bytes"] == (16 << 20) // want // 8 * 8 * want  # each thread its own share
+    assert r["read_gb_s"] > 0  # no timing claims: the machine is shared

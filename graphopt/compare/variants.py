@@ -326,10 +326,11 @@ def artifact_variant(path: Path) -> Callable[[BuildContext, str], Runner]:
 
 @register_variant("ort-genai", backends=("ort",), anchor=True, default=False,
                   summary="onnxruntime-genai's model builder on the Hugging Face folder (fp32, cpu; its KV-cache "
-                          "graph run on the whole sequence with an empty cache)")
+                          "graph run on the whole sequence with an empty cache, padding moved to the right)")
 def build_ort_genai(ctx: BuildContext, backend: str) -> Runner:
     import importlib.util
     import json
+    import os
     import subprocess
     import sys
 
@@ -339,15 +340,17 @@ def build_ort_genai(ctx: BuildContext, backend: str) -> Runner:
     if not (src / "config.json").is_file() or ctx.reference is None or ctx.reference.input_names != [
             "input_ids", "attention_mask"] or ctx.reference.kind != "decoder":
         raise UserError("the model builder takes Hugging Face decoder folders only")
+    _check_model_builder_can_build(src)
     out = ctx.workdir / "ort-genai"
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", src.name, "-i", str(src),
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src),
                            "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(ctx.workdir / "ort-genai-cache")],
-                          capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise RuntimeError(f"model builder failed: {lines[-1][:300] if lines else proc.returncode}")
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raised = [ln for ln in lines if ln[:1].isalpha() and ln.split(":")[0].endswith(("Error", "Exception"))]
+        raise RuntimeError(f"model builder failed: {(raised or lines or [proc.returncode])[-1]!s:.300}")
     decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     head, kv_heads = int(decoder["head_size"]), int(decoder["num_key_value_heads"])
     base = ctx.ort_runner(out / "model.onnx", seconds)
@@ -356,11 +359,41 @@ def build_ort_genai(ctx: BuildContext, backend: str) -> Runner:
     run_session = base.run
 
     def run(feeds):
-        b = feeds["input_ids"].shape[0]
-        empty = np.zeros((b, kv_heads, 0, head), np.float32)
-        return run_session({"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"],
-                         **{n: empty for n in past}})
+        # The builder's GroupQueryAttention reads a prompt's length from the mask and takes its
+        # tokens to be the first ones (right padding): a left-padded row is moved to the left
+        # edge for the run and its logits moved back to where the reference has them.
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        order = np.argsort(mask == 0, axis=1, kind="stable")  # each row's kept positions first
+        empty = np.zeros((ids.shape[0], kv_heads, 0, head), np.float32)
+        out = run_session({"input_ids": np.take_along_axis(ids, order, 1),
+                           "attention_mask": np.take_along_axis(mask, order, 1), **{n: empty for n in past}})
+        back = np.empty_like(out)
+        np.put_along_axis(back, order[..., None], out, 1)
+        return back
 
     base.run, base.path = run, str(out)
     base.memory_spec = None  # its run needs the empty-cache feeds made above
     return base
+
+
+def _check_model_builder_can_build(folder: Path) -> None:
+    """Refuse, with the reason, the configs onnxruntime-genai's model builder (0.18) turns into a
+    wrong model or one its CPU attention rejects: it takes every Linear whose width is the
+    vocabulary size for the LM head (an MLP as wide as the vocabulary becomes the head), and
+    GroupQueryAttention on CPU takes head sizes that are multiples of 16 only."""
+    import torch
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head % 16:
+        raise UserError(f"{folder}: head size {head} is not a multiple of 16, which onnxruntime-genai's "
+                        "GroupQueryAttention needs on CPU")
+    head_layer = model.get_output_embeddings()
+    clash = sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                   and m is not head_layer and m.out_features == config.vocab_size)
+    if clash:
+        raise UserError(f"{folder}: {clash[0]} is as wide as the vocabulary ({config.vocab_size}), which "
+                        "onnxruntime-genai's model builder mistakes for the LM head")
