@@ -206,26 +206,34 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
               help="Output file: .gir (text IR + weights beside it) or .onnx.")
 @click.option("--external-data/--inline-data", default=None,
               help="For .onnx output: put weights in a .data file beside it (default: only over 1 GiB).")
-def convert(source: str, output: str, external_data: bool | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (and the weights file beside "
+              "it), only once the new ones are complete. The input is never replaced.")
+def convert(source: str, output: str, external_data: bool | None, overwrite: bool) -> None:
     """Convert between an ONNX model and graphopt's textual IR.
 
     A .gir file is readable and editable by hand; its weights live in a safetensors file
-    beside it (named in the .gir header).
+    beside it (named in the .gir header). An existing output file is not replaced without
+    --overwrite: it may be a model or hand edits of yours.
 
     \b
     Examples:
       graphopt convert examples/tiny_mlp.onnx -o tiny.gir
       graphopt convert tiny.gir -o back.onnx
+      graphopt convert tiny.gir -o back.onnx --overwrite   # after editing tiny.gir
     """
-    from graphopt.models import load_graph, save_graph
+    from graphopt.fileutil import check_output_files
+    from graphopt.models import load_graph, model_files, output_files, save_graph
     from graphopt.verify import verify
 
+    planned = output_files(output, external_data=external_data)
+    existing = [p for p in planned if os.path.lexists(p)]
+    check_output_files(planned, model_files(source) if existing else [source], overwrite=overwrite)
     graph = load_graph(source)
     try:
         verify(graph)
     except Exception as e:
         raise UserError(f"{source}: the graph does not verify: {e}") from None
-    files = save_graph(graph, output, external_data=external_data)
+    files = save_graph(graph, output, external_data=external_data, overwrite=overwrite, inputs=[source])
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
 
 

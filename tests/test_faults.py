@@ -76,6 +76,8 @@ def bad(tmp_path_factory) -> Path:
     shutil.copy(EXAMPLE, b / "tiny.onnx")
     assert CliRunner().invoke(cli, ["convert", str(EXAMPLE), "-o", str(b / "ok.gir")]).exit_code == 0
     text = (b / "ok.gir").read_text()
+    (b / "renamed.gir").write_text(text)  # names ok.weights.safetensors
+    (b / "folder.onnx").mkdir()
     (b / "arrayhead.gir").write_text(text.replace("ok.weights.safetensors", "arrayhead.weights.safetensors"))
     _safetensors_with_header(b / "arrayhead.weights.safetensors", b"[1, 2, 3]")
     (b / "cut.gir").write_text(text.replace("ok.weights.safetensors", "cut.weights.safetensors"))
@@ -154,6 +156,12 @@ CASES = {
     "convert-truncated": ("convert {B}/truncated.onnx -o {W}/out.gir", "truncated"),
     "convert-unknown-output": ("convert {EX} -o {W}/out.txt", "unknown output format"),
     "convert-missing-o": ("convert {EX}", "Missing option '-o'"),
+    "convert-o-exists": ("convert {EX} -o {B}/ok.gir", "ok.gir: exists; give a new name, or --overwrite"),
+    "convert-o-is-the-input": ("convert {B}/ok.gir -o {B}/ok.gir --overwrite", "is the input"),
+    "convert-o-replaces-input-weights": ("convert {B}/renamed.gir -o {B}/ok.gir --overwrite",
+                                         "ok.weights.safetensors beside it, which is part of the input"),
+    "convert-o-folder": ("convert {EX} -o {B}/folder.onnx", "is a folder"),
+    "convert-o-cwd": ("convert {EX} -o .", "unknown output format"),
     # optimize: inputs files
     "inputs-npy": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/x.npy", "single array (.npy)"),
     "inputs-without-check": ("optimize {EX} -o {W}/out -q --inputs {B}/in.npz", "add --check-numerics"),
