@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from graphopt.errors import UserError
+from graphopt.train.options import FiniteFloatRange, click_type
 
 _BACKENDS = {"auto": None, "torch": "torch", "ort": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm"}
 
@@ -25,12 +26,13 @@ _BACKENDS = {"auto": None, "torch": "torch", "ort": "onnxruntime", "onnxruntime"
               help="Text to continue; repeat it for a batch (left-padded, artifacts only).")
 @click.option("--backend", type=click.Choice(list(_BACKENDS)), default="auto", show_default=True,
               help="torch for a checkpoint; an artifact runs on the backend it was built for.")
-@click.option("--max-new-tokens", type=int, default=200, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads of the runtime (artifacts).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k filter.")
+@click.option("--top-p", type=FiniteFloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="1 = no nucleus filter.")
+@click.option("--seed", type=click_type("seed"), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads of the runtime (artifacts).")
 def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p, seed, threads):
     """Continue --prompt with MODEL, streaming tokens as they are produced, then print the time
     to first token and the decode tokens/s.
@@ -45,10 +47,6 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
       graphopt generate out/default --prompt "import " --prompt "class " --max-new-tokens 32
       graphopt generate out/default --prompt "import " --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
     """
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be positive")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
     wanted = _BACKENDS[backend]
     if (model / "manifest.json").is_file():
         _generate_artifact(model, list(prompts), wanted, max_new_tokens, temperature, top_k, top_p, seed, threads)

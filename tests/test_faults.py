@@ -4,7 +4,8 @@ replaces what the user owns; a SIGKILL during `graphopt optimize` leaves the old
 the new one, never a mix.
 
 The table `CASES` holds one row per bad input: the command line (with {B} = the folder of
-bad inputs, {W} = an empty workspace, {EX} = the example model) and a fragment the one
+bad inputs, {W} = an empty workspace, {EX} = the example model, {DEF} = the shipped
+checkpoint) and a fragment the one
 error line must contain.
 """
 from __future__ import annotations
@@ -188,6 +189,16 @@ CASES = {
     "unknown-option": ("optimize {EX} -o {W}/out --bogus", "No such option"),
     "missing-model": ("optimize -o {W}/out", "Missing argument 'MODEL'"),
     "unknown-command": ("optimise {EX}", "No such command 'optimise'"),
+    # generate: sampling options are checked where they are parsed
+    "generate-top-p-above-1": ("generate {DEF} --prompt x --top-p 1.5", "'--top-p': 1.5 is not in the range 0<x<=1"),
+    "generate-top-p-zero": ("generate {DEF} --prompt x --top-p 0", "'--top-p': 0.0 is not in the range"),
+    "generate-temperature-negative": ("generate {DEF} --prompt x --temperature -1", "'--temperature': -1.0 is not"),
+    "generate-temperature-nan": ("generate {DEF} --prompt x --temperature nan", "nan is not a finite number"),
+    "generate-top-k-negative": ("generate {DEF} --prompt x --top-k -2", "'--top-k': -2 is not in the range"),
+    "generate-max-new-tokens-zero": ("generate {DEF} --prompt x --max-new-tokens 0", "'--max-new-tokens': 0 is not"),
+    "generate-seed-negative": ("generate {DEF} --prompt x --seed -1", "'--seed': -1 is not in the range"),
+    "generate-seed-not-int": ("generate {DEF} --prompt x --seed one", "'one' is not a valid integer"),
+    "generate-threads-zero": ("generate {DEF} --prompt x --threads 0", "'--threads': 0 is not in the range"),
     "bad-backend-option": ("optimize {EX} -o {W}/out -q --backend-option novalue", "expected KEY=VALUE"),
 }
 
@@ -220,7 +231,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad, tmp_path, mo
         (work / "art_plus" / "notes.md").write_text("my notes\n")
     (work / "keep.txt").write_text("the user's file\n")
     monkeypatch.chdir(work)
-    argv = [a.format(B=bad, W=work, EX=EXAMPLE) for a in args.split()]
+    argv = [a.format(B=bad, W=work, EX=EXAMPLE, DEF=DEFAULT) for a in args.split()]
     before = _tree(bad, work)
     result = CliRunner().invoke(cli, argv)
     line = _assert_one_line(result, fragment)

@@ -5,6 +5,7 @@ for a config file -- so a wrong value is a one-line error before any work. No to
 """
 from __future__ import annotations
 
+import math
 from pathlib import PurePath
 
 import click
@@ -34,11 +35,21 @@ def _bound(b):
     return (b[1], True) if isinstance(b, tuple) else (b, False)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange without nan and infinities (which pass a range check silently)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return number
+
+
 def click_type(name: str):
     """The click type of the flag for option `name`, with its SCHEMA range."""
     want, low, high = SCHEMA[name]
     (lo, lo_open), (hi, hi_open) = _bound(low), _bound(high)
-    number = click.FloatRange if want is float else click.IntRange
+    number = FiniteFloatRange if want is float else click.IntRange
     return number(min=lo, max=hi, min_open=lo_open, max_open=hi_open)
 
 

@@ -107,7 +107,7 @@ def broken_checkpoints(tmp_path_factory) -> Path:
     (["eval", str(DEFAULT), "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["eval", str(DEFAULT), "--max-tokens", "-5"], "Invalid value for '--max-tokens'"),
     (["generate", "{B}/cut", "--prompt", "def "], "not a readable safetensors file"),
-    (["generate", str(DEFAULT), "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["generate", str(DEFAULT), "--prompt", "x", "--max-new-tokens", "0"], "'--max-new-tokens': 0 is not"),
     (["generate", str(DEFAULT)], "Missing option '--prompt'"),
 ])
 def test_eval_and_generate_bad_input_is_one_line(args, fragment, broken_checkpoints):
