@@ -23,7 +23,7 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph
-from graphopt.calibration import _read_texts, _token_input, _tokenizer, _seq_len
+from graphopt.calibration import model_tokenizer, read_texts, token_input, window_len
 
 METRICS = ("perplexity", "top1")
 EVAL_TOKENS = 8192
@@ -89,11 +89,12 @@ def held_out_tokens(model, graph: Graph, data: str | None) -> tuple[np.ndarray, 
         path = Path(data)
         if not path.is_file():
             raise UserError(f"--accuracy-data {path}: no such file")
-    _token_input(graph, str(path))
-    tok = _tokenizer(folder, str(path))
-    ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in _read_texts(path)])
+    token_input(graph, str(path), option="--accuracy-data")
+    tok = model_tokenizer(folder, str(path), option="--accuracy-data")
+    texts = read_texts(path, option="--accuracy-data")
+    ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
     if len(ids) < 2:
-        raise UserError(f"{path}: too little text to measure accuracy on")
+        raise UserError(f"--accuracy-data {path}: too little text to measure accuracy on")
     return ids[-(EVAL_TOKENS + 1):], str(path)
 
 
@@ -138,6 +139,6 @@ def guard(base: Graph, quantize: Callable[[str], tuple[Graph, list]], budget: Bu
 
 def seq_len_of(model) -> int:
     folder = Path(model) if model is not None and Path(model).is_dir() else None
-    return _seq_len(folder)
+    return window_len(folder)
 
 
