@@ -13,6 +13,7 @@ import traceback
 
 import click
 
+from graphopt import progress
 from graphopt.errors import GraphoptError, UserError
 
 DEBUG_ENV = "GRAPHOPT_DEBUG"
@@ -42,7 +43,8 @@ class _Group(click.Group):
         _debug["on"] = False
         _exit_cleanly_on_sigterm()
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with progress.held():  # progress notes only once the command succeeds: an error is its one line
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:  # bare `graphopt`: the help, as click shows it
             e.show()
             sys.exit(e.exit_code)
@@ -242,18 +244,18 @@ def convert(source: str, output: str, external_data: bool | None, overwrite: boo
 
 
 def _progress(quiet: bool):
-    """Progress on stderr. A message about one pass ("running NAME") is transient: on a
-    terminal it overwrites itself on one line, elsewhere (logs, CI) it is not printed."""
+    """Progress on stderr (graphopt.progress). A message about one pass ("running NAME") is
+    transient: on a terminal it overwrites itself on one line, elsewhere it is not printed.
+    Any other message is a note, printed once the command succeeds."""
     if quiet:
         return None
-    tty = sys.stderr.isatty()
+    from graphopt import progress
 
     def report(msg: str) -> None:
         if msg.startswith("running "):
-            if tty:
-                click.echo(f"\r\033[Kgraphopt: {msg}", err=True, nl=False)
-            return
-        click.echo(f"{chr(13) + chr(27) + '[K' if tty else ''}graphopt: {msg}", err=True)
+            progress.status(f"graphopt: {msg}")
+        else:
+            progress.note(f"graphopt: {msg}")
 
     return report
 
@@ -346,6 +348,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
                           quantize=quantize, quant_method=quant_method, calibration=calibration,
                           accuracy_budget=accuracy_budget, accuracy_data=accuracy_data)
+    progress.flush()  # the artifact is written: what it took goes above the report
     if as_json:
         import json
 

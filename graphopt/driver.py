@@ -182,7 +182,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         except Exception as e:
             raise UserError(f"{graph.metadata.source or 'model'}: the imported graph does not verify: {e}") from None
     if inputs is not None:
-        inputs = check_feeds(graph, inputs)
+        try:
+            inputs = check_feeds(graph, inputs)
+        except UserError as e:
+            raise UserError(f"--inputs: {e}") from None
         check_index_ranges(graph, inputs)
     before = summarize(graph)
 

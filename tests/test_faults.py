@@ -239,6 +239,30 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad, tmp_path, mo
     assert _tree(bad, work) == before  # nothing written, nothing changed, no scratch left
 
 
+def test_a_mistake_found_after_a_pytorch_export_is_still_one_line(tmp_path, monkeypatch):
+    """Without -q the export and the passes report progress; a mistake found only after the
+    export (token ids outside the vocabulary) leaves nothing of it on stderr but the error,
+    and a run that succeeds prints what it did."""
+    from graphopt.testing import VOCAB, tiny_hf_model
+
+    hf = tmp_path / "hf"
+    tiny_hf_model("gpt2").model.save_pretrained(hf)
+    ids = np.array([[1, 2, VOCAB + 5]], np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    np.savez(tmp_path / "no_mask.npz", input_ids=ids)
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    for inputs, fragment in (("ids.npz", f"holds id {VOCAB + 5}, outside [0, {VOCAB})"),
+                             ("no_mask.npz", "--inputs: missing input 'attention_mask'")):
+        r = CliRunner().invoke(cli, ["optimize", str(hf), "-o", "out", "--passes", "dce", "--check-numerics",
+                                     "--inputs", inputs])
+        _assert_one_line(r, fragment)
+        assert _tree(tmp_path) == before
+    r = CliRunner().invoke(cli, ["optimize", str(hf), "-o", "out", "--passes", "dce"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0].startswith("exported hf (") and "graphopt: writing out" in r.stderr
+
+
 def test_missing_extra_names_the_install_command(bad, tmp_path, monkeypatch):
     hf = tmp_path / "hf"
     hf.mkdir()
