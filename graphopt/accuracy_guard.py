@@ -52,7 +52,7 @@ class Budget:
                 value = float(raw)
             except ValueError:
                 pass
-        if value is None or value < 0 or (metric == "top1" and value > 1):
+        if value is None or not 0 <= value < float("inf") or (metric == "top1" and value > 1):
             want = "+N% (for example +2%)" if metric == "perplexity" else "a fraction in [0, 1]"
             raise UserError(f"--accuracy-budget {text!r}: {metric} takes {want}")
         return Budget(metric, value)

@@ -19,8 +19,8 @@ from graphopt.accuracy import perplexity
 from graphopt.accuracy_guard import Budget, guard, held_out_tokens, seq_len_of, Measured
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
-from graphopt.calibration import load_calibration
-from graphopt.fileutil import atomic_dir, check_output_dir
+from graphopt.calibration import load_calibration, read_texts
+from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir
 from graphopt.generation import copy_tokenizer, generation_manifest
 from graphopt.interpreter import check_feeds
 from graphopt.models import load_graph
@@ -168,9 +168,17 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             raise UserError("--accuracy-budget guards quantization: give --quantize int8|int4 too")
     elif accuracy_data is not None:
         raise UserError("--accuracy-data goes with --accuracy-budget")
+    for option, path in (("--calibration", calibration), ("--accuracy-data", accuracy_data)):
+        if path is not None and Path(path).suffix != ".npz":  # a bad text file fails now, not after the export
+            if not Path(path).is_file():
+                raise UserError(f"{option} {path}: no such file")
+            read_texts(Path(path), option)
 
     if isinstance(model, Graph):
         graph = model
+    elif Path(model).is_dir() and artifact_extras(Path(model)) is not None:
+        raise UserError(f"{model}: is an artifact graphopt optimize wrote (lowered for its backend); optimize the "
+                        "model it came from instead (its report.json names it)")
     else:
         # No "loading" line: a file that does not load is then one line on stderr, its error;
         # the slow part (a PyTorch export) reports its own progress.

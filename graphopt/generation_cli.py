@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from graphopt.errors import UserError
-from graphopt.train.options import FiniteFloatRange, click_type
+from graphopt.click_types import FiniteFloatRange
+from graphopt.train.options import click_type
 
 _BACKENDS = {"auto": None, "torch": "torch", "ort": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm"}
 

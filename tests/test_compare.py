@@ -291,7 +291,7 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["nowhere"], "nowhere: no such file or folder"),
     (["{m}", "--backends", "torch,gpu"], "unknown backend 'gpu'"),
     (["{m}", "--variants", "fp64"], "unknown variant 'fp64'"),
-    (["{m}", "--seq", "8,x"], "--seq: expected whole numbers"),
+    (["{m}", "--seq", "8,x"], "'--seq': expected whole numbers separated by commas"),
     (["{m}", "--generate", "8"], "--generate (time to first token, decode tokens/s) is not implemented"),
     (["{m}", "--html", "{tmp}"], "is a folder"),
     (["{m}", "--data", "{tmp}/missing.txt"], "missing.txt: no such text file"),

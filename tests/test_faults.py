@@ -122,6 +122,8 @@ def bad(tmp_path_factory) -> Path:
     np.savez(b / "ids_high.npz", input_ids=np.array([[1, 2, 10]], np.int64))
     np.savez(b / "ids_negative.npz", input_ids=np.array([[1, -3]], np.int64))
     (b / "bad.toml").write_text("[[passes]\nname = ")
+    (b / "bad.jsonl").write_text('{"text": "def f(): pass"}\nnot json\n')
+    (b / "latin1.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))
     (b / "user_folder").mkdir()
     (b / "user_folder" / "thesis.tex").write_text("years of work\n")
     (b / "a_file").write_text("not a folder\n")
@@ -199,6 +201,61 @@ CASES = {
     "generate-seed-negative": ("generate {DEF} --prompt x --seed -1", "'--seed': -1 is not in the range"),
     "generate-seed-not-int": ("generate {DEF} --prompt x --seed one", "'one' is not a valid integer"),
     "generate-threads-zero": ("generate {DEF} --prompt x --threads 0", "'--threads': 0 is not in the range"),
+    # compare: options checked where they are parsed, and no report written over what it reads
+    "compare-batch-zero": ("compare {EX} --batch 0", "'--batch': 0 is not in the range x>=1"),
+    "compare-seq-zero": ("compare {EX} --seq 32,0", "'32,0': every number must be positive"),
+    "compare-seq-not-int": ("compare {EX} --seq 8,x", "expected whole numbers separated by commas"),
+    "compare-threads-zero": ("compare {EX} --threads 0", "'--threads': 0 is not in the range x>=1"),
+    "compare-runs-zero": ("compare {EX} --runs 0", "'--runs': 0 is not in the range x>=1"),
+    "compare-min-time-nan": ("compare {EX} --min-time nan", "nan is not a finite number"),
+    "compare-warmup-negative": ("compare {EX} --warmup -1", "'--warmup': -1 is not in the range x>=0"),
+    "compare-data-tokens-one": ("compare {EX} --data-tokens 1", "'--data-tokens': 1 is not in the range x>=2"),
+    "compare-unknown-variant": ("compare {EX} --variants fp32,fp64", "unknown variant 'fp64'"),
+    "compare-unknown-backend": ("compare {EX} --backends ort,npu", "unknown backend 'npu'"),
+    "compare-data-missing": ("compare {EX} --data {W}/nope.txt", "no such text file"),
+    "compare-json-is-the-model": ("compare {B}/tiny.onnx --json {B}/tiny.onnx", "--json {B}/tiny.onnx: is the input"),
+    "compare-html-in-the-model": ("compare {B}/ckpt_cut --html {B}/ckpt_cut/config.json",
+                                  "is part of the input {B}/ckpt_cut"),
+    "compare-json-is-the-data": ("compare {EX} --data {B}/notes.txt --json {B}/notes.txt", "is the input"),
+    "compare-no-model": ("compare", "give a MODEL"),
+    # optimize: quantization and accuracy options
+    "quantize-unknown": ("optimize {EX} -o {W}/out -q --quantize int3", "--quantize 'int3': expected int8, int4"),
+    "quantize-block": ("optimize {EX} -o {W}/out -q --quantize int4:7", "the block size must be"),
+    "quant-method-alone": ("optimize {EX} -o {W}/out -q --quant-method gptq", "goes with --quantize"),
+    "quant-method-unknown": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method awq2",
+                             "'awq2' is not one of"),
+    "calibration-without-gptq": ("optimize {EX} -o {W}/out -q --quantize int4 --calibration {B}/in.npz",
+                                 "used by --quant-method gptq only"),
+    "calibration-missing": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq --calibration {W}/no.txt",
+                            "--calibration {W}/no.txt: no such file"),
+    "calibration-truncated": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
+                              "--calibration {B}/cut.npz", "--calibration {B}/cut.npz: not a readable .npz"),
+    "calibration-wrong-input": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
+                                "--calibration {B}/wrongname.npz", "no array for input 'x'"),
+    "calibration-text-for-a-non-lm": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
+                                      "--calibration {B}/notes.txt", "text feeds a model whose one input is token ids"),
+    "calibration-jsonl-not-json": ("optimize {DEF} -o {W}/out -q --quantize int4 --quant-method gptq "
+                                   "--calibration {B}/bad.jsonl", "--calibration {B}/bad.jsonl: line 2 is not JSON"),
+    "calibration-not-utf8": ("optimize {DEF} -o {W}/out -q --quantize int4 --quant-method gptq "
+                             "--calibration {B}/latin1.txt", "not a UTF-8 text file"),
+    "calibration-is-the-output": ("optimize {EX} -o {B}/user_folder -q --overwrite --quantize int4 --quant-method gptq "
+                                  "--calibration {B}/user_folder/thesis.tex", "holds the input"),
+    "budget-unknown-metric": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget speed=2",
+                              "expected perplexity=+2% or top1=0.99"),
+    "budget-perplexity-not-percent": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget perplexity=2",
+                                      "perplexity takes +N%"),
+    "budget-top1-nan": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget top1=nan",
+                        "top1 takes a fraction in [0, 1]"),
+    "budget-without-quantize": ("optimize {EX} -o {W}/out -q --accuracy-budget top1=0.9", "give --quantize"),
+    "accuracy-data-without-budget": ("optimize {EX} -o {W}/out -q --accuracy-data {B}/notes.txt",
+                                     "goes with --accuracy-budget"),
+    "accuracy-data-missing": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget top1=0.9 "
+                              "--accuracy-data {W}/no.txt", "--accuracy-data {W}/no.txt: no such file"),
+    "accuracy-data-jsonl-not-json": ("optimize {DEF} -o {W}/out -q --quantize int8 --accuracy-budget top1=0.9 "
+                                     "--accuracy-data {B}/bad.jsonl", "--accuracy-data {B}/bad.jsonl: line 2 is not JSON"),
+    "logits-unknown": ("optimize {EX} -o {W}/out -q --logits first", "'first' is not one of 'last', 'all'"),
+    "logits-not-a-decoder": ("optimize {EX} -o {W}/out -q --logits all", "applies to decoders"),
+    "optimize-an-artifact": ("optimize {B}/art -o {W}/out -q", "is an artifact graphopt optimize wrote"),
     "bad-backend-option": ("optimize {EX} -o {W}/out -q --backend-option novalue", "expected KEY=VALUE"),
 }
 
@@ -234,7 +291,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad, tmp_path, mo
     argv = [a.format(B=bad, W=work, EX=EXAMPLE, DEF=DEFAULT) for a in args.split()]
     before = _tree(bad, work)
     result = CliRunner().invoke(cli, argv)
-    line = _assert_one_line(result, fragment)
+    line = _assert_one_line(result, fragment.format(B=bad, W=work, EX=EXAMPLE, DEF=DEFAULT))
     assert line.startswith("error: ")
     assert _tree(bad, work) == before  # nothing written, nothing changed, no scratch left
 

@@ -20,7 +20,7 @@ FOLDERS = {"graphopt": REPO / "graphopt", "graphopt.passes": REPO / "passes",
 # layer below it; a prefix ending in "." names every module of that package.
 LAYERS = [
     ("base", {"graphopt.errors", "graphopt.dtypes", "graphopt.plugins", "graphopt.manifest", "graphopt.fileutil",
-              "graphopt.progress"}),
+              "graphopt.progress", "graphopt.click_types"}),
     ("ir", {"graphopt.ir", "graphopt.onnx_proto", "graphopt.weights_file", "graphopt.text"}),
     ("ops", {"graphopt.registry", "graphopt.builder", "graphopt.ops", "graphopt.ops."}),
     ("analysis", {"graphopt.onnx_io", "graphopt.interpreter", "graphopt.verify", "graphopt.symbolic",

@@ -5,11 +5,11 @@ for a config file -- so a wrong value is a one-line error before any work. No to
 """
 from __future__ import annotations
 
-import math
 from pathlib import PurePath
 
 import click
 
+from graphopt.click_types import FiniteFloatRange
 from graphopt.errors import UserError
 
 # The byte-level BPE tokenizer always holds 256 byte tokens plus <|endoftext|>.
@@ -33,16 +33,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def _bound(b):
     return (b[1], True) if isinstance(b, tuple) else (b, False)
-
-
-class FiniteFloatRange(click.FloatRange):
-    """click's FloatRange without nan and infinities (which pass a range check silently)."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return number
 
 
 def click_type(name: str):

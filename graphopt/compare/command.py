@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from graphopt.click_types import FiniteFloatRange, PositiveInts
 from graphopt.errors import UserError
+from graphopt.fileutil import check_output_files
 
 
 def _split(values: tuple[str, ...] | str | None) -> list[str] | None:
@@ -17,28 +19,19 @@ def _split(values: tuple[str, ...] | str | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def _ints(option: str, values) -> list[int] | None:
-    items = _split(values)
-    if items is None:
-        return None
-    try:
-        return [int(v) for v in items]
-    except ValueError:
-        raise UserError(f"{option}: expected whole numbers, got {','.join(items)!r}") from None
-
-
-def _check_output(option: str, path: str | None) -> None:
+def _check_output(option: str, path: str | None, inputs: list[str]) -> None:
+    """A report file may replace an earlier one, never a file the run reads (the model, --data)."""
     if path is None:
         return
     p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{option} {path}: is a folder; give a file name")
     if p.parent.exists() and not p.parent.is_dir():
         raise UserError(f"{option} {path}: {p.parent} is not a folder")
+    check_output_files([p], inputs, overwrite=True, option=option)
 
 
 class RichProgress:
-    """compare's progress on stderr: one bar per phase, the current cell beside it."""
+    """compare's progress on stderr: one bar per phase, the current cell beside it. Only on
+    a terminal, and cleared if the run fails (its error is then the one line left)."""
 
     def __init__(self):
         from rich.console import Console
@@ -46,7 +39,8 @@ class RichProgress:
 
         self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TextColumn("[dim]{task.fields[detail]}"), TimeElapsedColumn(),
-                             console=Console(stderr=True), transient=False)
+                             console=(console := Console(stderr=True)), transient=False,
+                             disable=not console.is_terminal)
         self._task = None
         self._bar.start()
 
@@ -69,7 +63,9 @@ class RichProgress:
         self._bar.update(self._task, completed=1)
         self.close()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        if failed:
+            self._bar.live.transient = True
         self._bar.stop()
 
 
@@ -79,21 +75,24 @@ class RichProgress:
 @click.option("--variants", default=None, metavar="LIST",
               help="Comma list of variants (see --list-variants) [default: fp32 and the ORT anchors].")
 @click.option("--list-variants", is_flag=True, help="List the registered variants and exit.")
-@click.option("--batch", default=1, show_default=True, type=int, help="Batch size of every shape.")
-@click.option("--seq", "seqs", multiple=True, metavar="S[,S...]", help="Sequence length(s) [default: 32]; repeatable.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads of every runtime [default: the physical cores].")
-@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per cell and shape, at least.")
-@click.option("--min-time", type=float, default=1.0, show_default=True,
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Batch size of every shape.")
+@click.option("--seq", "seqs", multiple=True, type=PositiveInts(), help="Sequence length(s) [default: 32]; repeatable.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of every runtime [default: the physical cores].")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs per cell and shape, at least.")
+@click.option("--min-time", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
               help="Seconds of timed runs per cell and shape, at least.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per cell before timing.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed runs per cell before timing.")
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="A text file: perplexity of every variant on it (decoders with a tokenizer.json).")
-@click.option("--data-tokens", type=int, default=4096, show_default=True, help="Score at most this many tokens of --data.")
+@click.option("--data-tokens", type=click.IntRange(min=2), default=4096, show_default=True, help="Score at most this many tokens of --data.")
 @click.option("--reference", type=click.Path(path_type=str), default=None,
               help="The PyTorch model accuracy is measured against [default: MODEL, or the artifacts' source].")
 @click.option("--keep", "keep_dir", type=click.Path(path_type=str), default=None,
               help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself).")
-@click.option("--generate", type=int, default=None, metavar="N", help="Time N decode tokens (not yet available).")
+@click.option("--generate", type=click.IntRange(min=1), default=None, metavar="N", help="Time N decode tokens (not yet available).")
 @click.option("--json", "json_file", type=click.Path(path_type=str), default=None, help="Write the report (every sample) as JSON.")
 @click.option("--html", "html_file", type=click.Path(path_type=str), default=None,
               help="Write the report as one self-contained HTML page (opens offline).")
@@ -128,10 +127,9 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     if generate is not None:
         raise UserError("--generate (time to first token, decode tokens/s) is not implemented in compare yet; "
                         "graphopt generate OUT --prompt TEXT prints both for one artifact")
-    if runs < 1 or min_time < 0 or warmup < 0 or data_tokens < 2:
-        raise UserError("--runs and --data-tokens must be positive, --min-time and --warmup not negative")
-    _check_output("--json", json_file)
-    _check_output("--html", html_file)
+    inputs = [p for p in (*models, data, reference) if p]
+    _check_output("--json", json_file, inputs)
+    _check_output("--html", html_file, inputs)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads must not spin
     from graphopt.compare.html import render_html, report_json
     from graphopt.compare.run import compare as run_compare
@@ -142,13 +140,16 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     progress = None if quiet else RichProgress()
     try:
         report = run_compare(list(models), backends=_split(backends), variants=_split(variants), batch=batch,
-                             seqs=_ints("--seq", seqs), threads=threads,
+                             seqs=[n for lengths in seqs for n in lengths] or None, threads=threads,
                              timing=TimingSettings(warmup=warmup, min_runs=runs, min_time=min_time),
                              data=data, data_tokens=data_tokens, reference=reference, workdir=keep_dir,
                              progress=progress)
-    finally:
+    except BaseException:
         if progress is not None:
-            progress.close()
+            progress.close(failed=True)
+        raise
+    if progress is not None:
+        progress.close()
     render(report)
     for path, text in ((json_file, report_json(report) + "\n" if json_file else None),
                        (html_file, render_html(report) if html_file else None)):
