@@ -13,8 +13,7 @@ import numpy as np
 from graphopt.accuracy import artifact_logits, perplexity
 from graphopt.artifact import load as load_artifact
 from graphopt.errors import UserError
-from graphopt.train.data import encode_documents
-from graphopt.train.evaluate import EvalResult, load_documents
+from graphopt.train.evaluate import EvalResult, encode_scored, load_documents
 from graphopt.train.tokenizer import load_tokenizer
 
 
@@ -38,7 +37,7 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     from graphopt.train.trainer import unigram_perplexity  # imports torch
 
     tok = load_tokenizer(tok_path)
-    ids = encode_documents(tok, docs)
+    ids = encode_scored(tok, docs, text_source)
     n_bytes = sum(len(d.encode()) for d in docs)
     if max_tokens and len(ids) > max_tokens + 1:
         ids = ids[:max_tokens + 1]
