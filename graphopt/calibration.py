@@ -105,7 +105,10 @@ def model_tokenizer(folder: Path | None, source: str, option: str = "--calibrati
     if folder is None or not (folder / "tokenizer.json").is_file():
         raise UserError(f"{option} {source}: text needs the model's tokenizer.json beside it"
                         + _npz_hint(option, "token ids"))
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"{folder / 'tokenizer.json'}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
 
 
 def _npz_hint(option: str, what: str) -> str:

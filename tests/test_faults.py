@@ -98,6 +98,8 @@ def bad(tmp_path_factory) -> Path:
     # folder whose `latest` points outside.
     shutil.copytree(DEFAULT, b / "ckpt_cut", ignore=shutil.ignore_patterns("model.safetensors", "val.txt"))
     (b / "ckpt_cut" / "model.safetensors").write_bytes((DEFAULT / "model.safetensors").read_bytes()[:4096])
+    shutil.copytree(DEFAULT, b / "ckpt_badtok", ignore=shutil.ignore_patterns("val.txt"))
+    (b / "ckpt_badtok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     (b / "ckpt_badmodel").mkdir()
     (b / "ckpt_badmodel" / "config.json").write_text(json.dumps({"format": "graphopt.train.checkpoint/1", "model": [1]}))
     (b / "run_escape" / "checkpoints").mkdir(parents=True)
@@ -255,6 +257,8 @@ CASES = {
                                      "--accuracy-data {B}/bad.jsonl", "--accuracy-data {B}/bad.jsonl: line 2 is not JSON"),
     "logits-unknown": ("optimize {EX} -o {W}/out -q --logits first", "'first' is not one of 'last', 'all'"),
     "logits-not-a-decoder": ("optimize {EX} -o {W}/out -q --logits all", "applies to decoders"),
+    # found after the export (no -q: its progress must not stay on stderr)
+    "tokenizer-corrupt": ("optimize {B}/ckpt_badtok -o {W}/out", "ckpt_badtok/tokenizer.json: not a valid tokenizer.json"),
     "optimize-an-artifact": ("optimize {B}/art -o {W}/out -q", "is an artifact graphopt optimize wrote"),
     "bad-backend-option": ("optimize {EX} -o {W}/out -q --backend-option novalue", "expected KEY=VALUE"),
 }
