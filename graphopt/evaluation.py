@@ -25,7 +25,12 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     art = load_artifact(folder)
     logits_fn = artifact_logits(art)  # first: an artifact that cannot be scored says so before any text is read
     report = folder / "report.json"
-    source = json.loads(report.read_text()).get("model") if report.is_file() else None
+    source = None
+    if report.is_file():
+        try:
+            source = json.loads(report.read_text()).get("model")
+        except (ValueError, AttributeError):
+            raise UserError(f"{report}: not a readable report (JSON object); optimize the model again") from None
     origin = Path(source) if source and Path(source).is_dir() else None
     tok_path = next((p for p in (folder / "tokenizer.json", origin / "tokenizer.json" if origin else None)
                      if p is not None and p.is_file()), None)

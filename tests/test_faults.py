@@ -110,10 +110,15 @@ def bad(tmp_path_factory) -> Path:
     r = CliRunner().invoke(cli, ["optimize", str(EXAMPLE), "-o", str(b / "art"), "-q"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((b / "art" / "manifest.json").read_text())
+    negative = {**manifest["signature"], "inputs": [{**manifest["signature"]["inputs"][0], "shape": ["batch", -3]}]}
     for name, change in (("art_abs", {"model": "/etc/passwd"}), ("art_up", {"files": ["../tiny.onnx"]}),
-                         ("art_nosig", {"signature": "none"})):
+                         ("art_nosig", {"signature": "none"}), ("art_negdim", {"signature": negative})):
         shutil.copytree(b / "art", b / name)
         (b / name / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    shutil.copytree(b / "art", b / "art_badreport")
+    (b / "art_badreport" / "report.json").write_text("[1, 2]")
+    shutil.copytree(b / "art", b / "art_cut")
+    (b / "art_cut" / "model.onnx").write_bytes((b / "art" / "model.onnx").read_bytes()[:300])
     # Sample inputs files.
     np.save(b / "x.npy", np.ones((2, 16), np.float32))
     np.savez(b / "in.npz", x=np.ones((2, 16), np.float32))
@@ -157,6 +162,19 @@ CASES = {
     "artifact-absolute-path": ("inspect {B}/art_abs", "artifact paths must be relative"),
     "artifact-path-up": ("inspect {B}/art_up", "artifact paths must be relative"),
     "artifact-no-signature": ("inspect {B}/art_nosig", "no valid signature"),
+    "artifact-negative-dim": ("inspect {B}/art_negdim", "sizes: whole numbers >= 0 or symbol names"),
+    "artifact-truncated-model": ("inspect {B}/art_cut", "art_cut/model.onnx: not a valid ONNX model"),
+    # artifacts given to eval, generate and compare
+    "eval-artifact-bad-report": ("eval {B}/art_badreport", "art_badreport/report.json: not a readable report"),
+    "eval-artifact-truncated": ("eval {B}/art_cut", "art_cut/model.onnx: not a valid ONNX model"),
+    "eval-artifact-no-tokenizer": ("eval {B}/art", "no tokenizer.json in the artifact"),
+    "eval-artifact-hostile-path": ("eval {B}/art_up", "artifact paths must be relative"),
+    "generate-artifact-not-a-decoder": ("generate {B}/art --prompt x", "not a generation-ready artifact"),
+    "generate-artifact-truncated": ("generate {B}/art_cut --prompt x", "not a valid ONNX model"),
+    "generate-artifact-hostile-path": ("generate {B}/art_abs --prompt x", "artifact paths must be relative"),
+    "compare-artifact-negative-dim": ("compare {B}/art_negdim -q", "sizes: whole numbers >= 0"),
+    "compare-artifact-bad-report": ("compare {B}/art_badreport -q", "its report.json names no model"),
+    "compare-artifact-hostile-path": ("compare {B}/art_up -q", "artifact paths must be relative"),
     # convert
     "convert-truncated": ("convert {B}/truncated.onnx -o {W}/out.gir", "truncated"),
     "convert-unknown-output": ("convert {EX} -o {W}/out.txt", "unknown output format"),
