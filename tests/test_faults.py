@@ -238,6 +238,9 @@ CASES = {
                                   "is part of the input {B}/ckpt_cut"),
     "compare-json-is-the-data": ("compare {EX} --data {B}/notes.txt --json {B}/notes.txt", "is the input"),
     "compare-no-model": ("compare", "give a MODEL"),
+    "compare-keep-user-folder": ("compare {EX} --keep {B}/user_folder", "holds files an earlier compare did not keep"),
+    "compare-keep-models-folder": ("compare {B}/tiny.onnx --keep {B}", "--keep {B}: holds the input"),
+    "compare-keep-missing-fails-later": ("compare {EX} --keep {W}/kept --data {W}/nope.txt", "no such text file"),
     # optimize: quantization and accuracy options
     "quantize-unknown": ("optimize {EX} -o {W}/out -q --quantize int3", "--quantize 'int3': expected int8, int4"),
     "quantize-block": ("optimize {EX} -o {W}/out -q --quantize int4:7", "the block size must be"),

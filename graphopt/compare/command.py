@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import click
@@ -27,6 +28,30 @@ def _check_output(option: str, path: str | None, inputs: list[str]) -> None:
     if p.parent.exists() and not p.parent.is_dir():
         raise UserError(f"{option} {path}: {p.parent} is not a folder")
     check_output_files([p], inputs, overwrite=True, option=option)
+
+
+KEEP_MARK = ".graphopt-compare-keep"  # in a --keep folder compare made: its files may be replaced
+
+
+def _check_keep(keep_dir: str | None, inputs: list[str]) -> bool:
+    """--keep takes a missing or empty folder, or one an earlier compare kept (its mark file
+    says so): compare replaces the files it builds there (export/, one folder per cell), so
+    a folder of the user's own is refused. Returns whether the folder is new."""
+    if keep_dir is None:
+        return False
+    keep = Path(keep_dir)
+    real = Path(os.path.realpath(keep))
+    for given in inputs:
+        if real == Path(os.path.realpath(given)) or real in Path(os.path.realpath(given)).parents:
+            raise UserError(f"--keep {keep_dir}: holds the input {given}; give a new folder")
+    if not keep.exists():
+        return True
+    if not keep.is_dir():
+        raise UserError(f"--keep {keep_dir}: exists and is not a folder")
+    if any(keep.iterdir()) and not (keep / KEEP_MARK).is_file():
+        raise UserError(f"--keep {keep_dir}: the folder holds files an earlier compare did not keep; "
+                        "give a new or empty folder")
+    return False
 
 
 class RichProgress:
@@ -91,7 +116,8 @@ class RichProgress:
 @click.option("--reference", type=click.Path(path_type=str), default=None,
               help="The PyTorch model accuracy is measured against [default: MODEL, or the artifacts' source].")
 @click.option("--keep", "keep_dir", type=click.Path(path_type=str), default=None,
-              help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself).")
+              help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself): "
+                   "a new or empty folder, or one an earlier compare kept.")
 @click.option("--generate", type=click.IntRange(min=1), default=None, metavar="N", help="Time N decode tokens (not yet available).")
 @click.option("--json", "json_file", type=click.Path(path_type=str), default=None, help="Write the report (every sample) as JSON.")
 @click.option("--html", "html_file", type=click.Path(path_type=str), default=None,
@@ -130,6 +156,7 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     inputs = [p for p in (*models, data, reference) if p]
     _check_output("--json", json_file, inputs)
     _check_output("--html", html_file, inputs)
+    new_keep = _check_keep(keep_dir, inputs)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads must not spin
     from graphopt.compare.html import render_html, report_json
     from graphopt.compare.run import compare as run_compare
@@ -137,6 +164,9 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     from graphopt.compare.timing import TimingSettings
     from graphopt.fileutil import atomic_path
 
+    if keep_dir is not None:
+        Path(keep_dir).mkdir(parents=True, exist_ok=True)
+        (Path(keep_dir) / KEEP_MARK).write_text("graphopt compare keeps its artifacts here and may replace them\n")
     progress = None if quiet else RichProgress()
     try:
         report = run_compare(list(models), backends=_split(backends), variants=_split(variants), batch=batch,
@@ -147,6 +177,8 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     except BaseException:
         if progress is not None:
             progress.close(failed=True)
+        if new_keep:  # a failed run leaves no folder behind that was not there
+            shutil.rmtree(keep_dir, ignore_errors=True)
         raise
     if progress is not None:
         progress.close()
