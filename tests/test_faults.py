@@ -91,6 +91,14 @@ def bad(tmp_path_factory) -> Path:
     for name, content in (("hf_badjson", "{not json"), ("hf_array", "[1, 2]")):
         (b / name).mkdir()
         (b / name / "config.json").write_text(content)
+    from graphopt.testing import tiny_hf_model
+
+    tiny_hf_model("gpt2").model.save_pretrained(b / "hf_cut")
+    shutil.copytree(b / "hf_cut", b / "hf_types")
+    weights = b / "hf_cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    config = json.loads((b / "hf_types" / "config.json").read_text())
+    (b / "hf_types" / "config.json").write_text(json.dumps({**config, "n_layer": "two"}))
     (b / "hf_sd").mkdir()
     (b / "hf_sd" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     _safetensors_with_header(b / "hf_sd" / "model.safetensors", b"[1, 2]")
@@ -154,6 +162,8 @@ CASES = {
     "missing-file": ("inspect {B}/nope.onnx", "no such file"),
     "hf-config-not-json": ("inspect {B}/hf_badjson", "not a readable JSON config"),
     "hf-config-array": ("inspect {B}/hf_array", "not a JSON object"),
+    "hf-weights-truncated": ("inspect {B}/hf_cut", "cannot load GPT2LMHeadModel weights"),
+    "hf-config-wrong-type": ("inspect {B}/hf_types", "Field 'n_layer' expected int, got str"),
     "state-dict-array-header": ("inspect {B}/hf_sd/model.safetensors", "not a readable safetensors file"),
     "checkpoint-truncated-weights": ("inspect {B}/ckpt_cut", "not a readable safetensors file"),
     "checkpoint-model-not-object": ("inspect {B}/ckpt_badmodel", "no 'model' section"),
