@@ -194,6 +194,11 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             inputs = check_feeds(graph, inputs)
         except UserError as e:
             raise UserError(f"--inputs: {e}") from None
+        for name, array in inputs.items():  # sample inputs that cannot tell a pass that changed results
+            if array.size == 0:
+                raise UserError(f"--inputs: input {name!r} is empty (shape {list(array.shape)}); give at least one sample")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise UserError(f"--inputs: input {name!r} holds NaN or infinity; --check-numerics compares finite results")
         check_index_ranges(graph, inputs)
     before = summarize(graph)
 

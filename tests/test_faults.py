@@ -134,6 +134,8 @@ def bad(tmp_path_factory) -> Path:
     np.savez(b / "pickled.npz", x=np.array([{"a": 1}], dtype=object))
     np.savez(b / "wrongname.npz", y=np.ones((2, 16), np.float32))
     np.savez(b / "wrongdtype.npz", x=np.ones((2, 16), np.float64))
+    np.savez(b / "empty.npz", x=np.ones((0, 16), np.float32))
+    np.savez(b / "nan.npz", x=np.full((2, 16), np.nan, np.float32))
     np.savez(b / "ids_high.npz", input_ids=np.array([[1, 2, 10]], np.int64))
     np.savez(b / "ids_negative.npz", input_ids=np.array([[1, -3]], np.int64))
     (b / "bad.toml").write_text("[[passes]\nname = ")
@@ -202,6 +204,11 @@ CASES = {
     "inputs-pickled": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/pickled.npz", "not a readable .npz"),
     "inputs-wrong-name": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongname.npz", "unknown input 'y'"),
     "inputs-wrong-dtype": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongdtype.npz", "dtype float64"),
+    "inputs-empty": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/empty.npz", "input 'x' is empty"),
+    "inputs-nan": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/nan.npz", "holds NaN or infinity"),
+    "pass-option-type": ("optimize {EX} -o {W}/out -q --passes fold-constants{{max-size=big}}",
+                         "option 'max-size' needs an integer, got 'big'"),
+    "pass-option-range": ("optimize {EX} -o {W}/out -q --passes prune-mlp{{ratio=nan}}", "ratio must be in [0, 1)"),
     "ids-out-of-vocab": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_high.npz",
                          "holds id 10, outside [0, 10)"),
     "ids-negative": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_negative.npz",
