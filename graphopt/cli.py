@@ -331,6 +331,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     from graphopt.fileutil import check_output_dir
     from graphopt.sample_inputs import load_inputs
 
+    if quiet:
+        progress.quiet()  # (the export reports through graphopt.progress too)
     if inputs_file and not check_numerics:
         raise UserError("--inputs gives the sample inputs of --check-numerics; add --check-numerics")
     check_output_dir(output_dir, [p for p in (model, inputs_file, recipe, calibration, accuracy_data) if p],

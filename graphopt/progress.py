@@ -18,16 +18,23 @@ import contextlib
 import sys
 from typing import Iterator
 
-_state = {"held": None, "status": False}  # held: the notes not printed yet (a list) while held()
+_state = {"held": None, "status": False, "quiet": False}  # held: the notes not printed yet (a list) while held()
 
 
 def _tty() -> bool:
     return getattr(sys.stderr, "isatty", lambda: False)()
 
 
+def quiet() -> None:
+    """No progress at all until the command ends (its -q)."""
+    _state["quiet"] = True
+
+
 def status(msg: str) -> None:
     """Show `msg` as what runs now: on a terminal it is overwritten by the next and then
     cleared; elsewhere it is a line outside a command and nothing inside one."""
+    if _state["quiet"]:
+        return
     if _tty():
         sys.stderr.write(f"\r\033[K{msg}")
         sys.stderr.flush()
@@ -46,6 +53,8 @@ def clear() -> None:
 
 def note(line: str) -> None:
     """A line of the record: printed now, or once the command succeeds while `held()`."""
+    if _state["quiet"]:
+        return
     if _state["held"] is not None:
         _state["held"].append(line)
         return
@@ -77,3 +86,4 @@ def held() -> Iterator[None]:
     finally:
         clear()
         _state["held"] = None
+        _state["quiet"] = False

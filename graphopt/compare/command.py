@@ -167,6 +167,10 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     if keep_dir is not None:
         Path(keep_dir).mkdir(parents=True, exist_ok=True)
         (Path(keep_dir) / KEEP_MARK).write_text("graphopt compare keeps its artifacts here and may replace them\n")
+    if quiet:
+        from graphopt import progress as notes
+
+        notes.quiet()  # (the export's own progress too)
     progress = None if quiet else RichProgress()
     try:
         report = run_compare(list(models), backends=_split(backends), variants=_split(variants), batch=batch,
