@@ -7,6 +7,11 @@ import math
 import click
 
 
+# Intra-op threads: more than this is a typo, and a runtime asked for 100,000 threads exhausts
+# memory creating them before it fails.
+MAX_THREADS = 256
+
+
 class FiniteFloatRange(click.FloatRange):
     """click's FloatRange without nan and infinities (which pass a range check silently)."""
 

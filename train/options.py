@@ -9,7 +9,7 @@ from pathlib import PurePath
 
 import click
 
-from graphopt.click_types import FiniteFloatRange
+from graphopt.click_types import MAX_THREADS, FiniteFloatRange
 from graphopt.errors import UserError
 
 # The byte-level BPE tokenizer always holds 256 byte tokens plus <|endoftext|>.
@@ -26,7 +26,7 @@ SCHEMA = {
     "grad_clip": (float, ("open", 0.0), None), "eval_interval": (int, 1, None), "eval_tokens": (int, 1, None),
     "checkpoint_interval": (int, 1, None), "keep_checkpoints": (int, 1, None), "log_interval": (int, 1, None),
     "seed": (int, 0, 2**63 - 1), "bf16": (bool, None, None), "grad_checkpointing": (bool, None, None),
-    "device": (str, None, None), "threads": (int, 0, None),
+    "device": (str, None, None), "threads": (int, 0, MAX_THREADS),
 }
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from graphopt.click_types import FiniteFloatRange, PositiveInts
+from graphopt.click_types import MAX_THREADS, FiniteFloatRange, PositiveInts
 from graphopt.errors import UserError
 from graphopt.fileutil import check_output_files
 
@@ -102,7 +102,7 @@ class RichProgress:
 @click.option("--list-variants", is_flag=True, help="List the registered variants and exit.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Batch size of every shape.")
 @click.option("--seq", "seqs", multiple=True, type=PositiveInts(), help="Sequence length(s) [default: 32]; repeatable.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
               help="Intra-op threads of every runtime [default: the physical cores].")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed runs per cell and shape, at least.")
