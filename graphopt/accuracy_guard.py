@@ -25,7 +25,7 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph
-from graphopt.calibration import _read_texts, _token_input, _tokenizer, _seq_len
+from graphopt.calibration import model_tokenizer, read_texts, token_input, window_len
 
 METRICS = ("perplexity", "top1", "cosine")
 HIGHER_IS_BETTER = ("top1", "cosine")
@@ -52,7 +52,7 @@ class Budget:
                 value = float(raw)
             except ValueError:
                 pass
-        if value is None or value < 0 or (metric in HIGHER_IS_BETTER and value > 1):
+        if value is None or not 0 <= value < float("inf") or (metric in HIGHER_IS_BETTER and value > 1):
             want = "+N% (for example +2%)" if metric == "perplexity" else "a fraction in [0, 1]"
             raise UserError(f"--accuracy-budget {text!r}: {metric} takes {want}")
         return Budget(metric, value)
@@ -95,11 +95,12 @@ def held_out_tokens(model, graph: Graph, data: str | None) -> tuple[np.ndarray, 
         path = Path(data)
         if not path.is_file():
             raise UserError(f"--accuracy-data {path}: no such file")
-    _token_input(graph, str(path))
-    tok = _tokenizer(folder, str(path))
-    ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in _read_texts(path)])
+    token_input(graph, str(path), option="--accuracy-data")
+    tok = model_tokenizer(folder, str(path), option="--accuracy-data")
+    texts = read_texts(path, option="--accuracy-data")
+    ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
     if len(ids) < 2:
-        raise UserError(f"{path}: too little text to measure accuracy on")
+        raise UserError(f"--accuracy-data {path}: too little text to measure accuracy on")
     return ids[-(EVAL_TOKENS + 1):], str(path)
 
 
@@ -174,6 +175,6 @@ def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128
 
 def seq_len_of(model) -> int:
     folder = Path(model) if model is not None and Path(model).is_dir() else None
-    return _seq_len(folder)
+    return window_len(folder)
 
 

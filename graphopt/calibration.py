@@ -32,16 +32,16 @@ def load_calibration(path: str | Path | None, model: str | Path | None, graph: G
             raise UserError(f"--calibration {path}: no such file")
         if path.suffix == ".npz":
             return _npz_feeds(path, graph, samples)
-        texts = _read_texts(path)
+        texts = read_texts(path)
         source = str(path)
     else:
         texts, source = _default_texts(model)
     progress(f"calibrating on {source}")
-    name = _token_input(graph, source)
+    name = token_input(graph, source)
     folder = Path(model) if model is not None and Path(model).is_dir() else None
-    tok = _tokenizer(folder, source)
+    tok = model_tokenizer(folder, source)
     ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
-    seq_len = _seq_len(folder)
+    seq_len = window_len(folder)
     n_windows = len(ids) // seq_len
     if n_windows == 0:
         raise UserError(f"--calibration {source}: {len(ids)} tokens, fewer than one window of {seq_len}")
@@ -50,11 +50,13 @@ def load_calibration(path: str | Path | None, model: str | Path | None, graph: G
     return [{name: rows[i:i + BATCH]} for i in range(0, len(rows), BATCH)]
 
 
-def _read_texts(path: Path) -> list[str]:
+def read_texts(path: Path, option: str = "--calibration") -> list[str]:
+    """The texts of a text file (one text) or a .jsonl (a JSON string or {"text": ...} a
+    line); a bad file is a UserError naming `option`."""
     try:
         raw = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as e:
-        raise UserError(f"--calibration {path}: not a UTF-8 text file ({e})") from None
+        raise UserError(f"{option} {path}: not a UTF-8 text file ({e})") from None
     if path.suffix != ".jsonl":
         return [raw]
     texts = []
@@ -64,10 +66,10 @@ def _read_texts(path: Path) -> list[str]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"--calibration {path}: line {i} is not JSON ({e.msg})") from None
+            raise UserError(f"{option} {path}: line {i} is not JSON ({e.msg})") from None
         text = item.get("text") if isinstance(item, dict) else item
         if not isinstance(text, str):
-            raise UserError(f"--calibration {path}: line {i} is neither a string nor an object with \"text\"")
+            raise UserError(f"{option} {path}: line {i} is neither a string nor an object with \"text\"")
         texts.append(text)
     return texts
 
@@ -86,25 +88,35 @@ def _npz_feeds(path: Path, graph: Graph, samples: int) -> list[dict]:
     return [{k: data[k][i:i + BATCH] for k in names} for i in range(0, n, BATCH)]
 
 
-def _token_input(graph: Graph, source: str) -> str:
+def token_input(graph: Graph, source: str, option: str = "--calibration") -> str:
+    """The name of the graph's one input, token ids, that text feeds (else a UserError)."""
     ins = [v for v in graph.inputs if not v.is_initializer]
     ids = [v for v in ins if v.type is not None and v.type.dtype.short == "i64"]
     if len(ins) != 1 or len(ids) != 1:
-        raise UserError(f"--calibration {source}: text calibrates a model whose one input is token ids; "
-                        f"this one takes {[v.name for v in ins]}: give an .npz of inputs")
+        raise UserError(f"{option} {source}: text feeds a model whose one input is token ids; "
+                        f"this one takes {[v.name for v in ins]}" + _npz_hint(option, "inputs"))
     return ids[0].name
 
 
-def _tokenizer(folder: Path | None, source: str):
+def model_tokenizer(folder: Path | None, source: str, option: str = "--calibration"):
+    """The tokenizer.json in the model's folder (else a UserError naming `option`)."""
     from tokenizers import Tokenizer
 
     if folder is None or not (folder / "tokenizer.json").is_file():
-        raise UserError(f"--calibration {source}: text needs the model's tokenizer.json beside it; "
-                        "give an .npz of token ids instead")
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        raise UserError(f"{option} {source}: text needs the model's tokenizer.json beside it"
+                        + _npz_hint(option, "token ids"))
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"{folder / 'tokenizer.json'}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
 
 
-def _seq_len(folder: Path | None) -> int:
+def _npz_hint(option: str, what: str) -> str:
+    return f"; give an .npz of {what} instead" if option == "--calibration" else ""
+
+
+def window_len(folder: Path | None) -> int:
+    """The length of one window of text: the model's context, at most DEFAULT_SEQ_LEN."""
     cfg = folder / "config.json" if folder is not None else None
     if cfg is not None and cfg.is_file():
         data = json.loads(cfg.read_text())

@@ -13,6 +13,7 @@ import traceback
 
 import click
 
+from graphopt import progress
 from graphopt.errors import GraphoptError, UserError
 
 DEBUG_ENV = "GRAPHOPT_DEBUG"
@@ -42,7 +43,8 @@ class _Group(click.Group):
         _debug["on"] = False
         _exit_cleanly_on_sigterm()
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with progress.held():  # progress notes only once the command succeeds: an error is its one line
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:  # bare `graphopt`: the help, as click shows it
             e.show()
             sys.exit(e.exit_code)
@@ -206,26 +208,34 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
               help="Output file: .gir (text IR + weights beside it) or .onnx.")
 @click.option("--external-data/--inline-data", default=None,
               help="For .onnx output: put weights in a .data file beside it (default: only over 1 GiB).")
-def convert(source: str, output: str, external_data: bool | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (and the weights file beside "
+              "it), only once the new ones are complete. The input is never replaced.")
+def convert(source: str, output: str, external_data: bool | None, overwrite: bool) -> None:
     """Convert between an ONNX model and graphopt's textual IR.
 
     A .gir file is readable and editable by hand; its weights live in a safetensors file
-    beside it (named in the .gir header).
+    beside it (named in the .gir header). An existing output file is not replaced without
+    --overwrite: it may be a model or hand edits of yours.
 
     \b
     Examples:
       graphopt convert examples/tiny_mlp.onnx -o tiny.gir
       graphopt convert tiny.gir -o back.onnx
+      graphopt convert tiny.gir -o back.onnx --overwrite   # after editing tiny.gir
     """
-    from graphopt.models import load_graph, save_graph
+    from graphopt.fileutil import check_output_files
+    from graphopt.models import load_graph, model_files, output_files, save_graph
     from graphopt.verify import verify
 
+    planned = output_files(output, external_data=external_data)
+    existing = [p for p in planned if os.path.lexists(p)]
+    check_output_files(planned, model_files(source) if existing else [source], overwrite=overwrite)
     graph = load_graph(source)
     try:
         verify(graph)
     except Exception as e:
         raise UserError(f"{source}: the graph does not verify: {e}") from None
-    files = save_graph(graph, output, external_data=external_data)
+    files = save_graph(graph, output, external_data=external_data, overwrite=overwrite, inputs=[source])
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
 
 
@@ -234,18 +244,18 @@ def convert(source: str, output: str, external_data: bool | None) -> None:
 
 
 def _progress(quiet: bool):
-    """Progress on stderr. A message about one pass ("running NAME") is transient: on a
-    terminal it overwrites itself on one line, elsewhere (logs, CI) it is not printed."""
+    """Progress on stderr (graphopt.progress). A message about one pass ("running NAME") is
+    transient: on a terminal it overwrites itself on one line, elsewhere it is not printed.
+    Any other message is a note, printed once the command succeeds."""
     if quiet:
         return None
-    tty = sys.stderr.isatty()
+    from graphopt import progress
 
     def report(msg: str) -> None:
         if msg.startswith("running "):
-            if tty:
-                click.echo(f"\r\033[Kgraphopt: {msg}", err=True, nl=False)
-            return
-        click.echo(f"{chr(13) + chr(27) + '[K' if tty else ''}graphopt: {msg}", err=True)
+            progress.status(f"graphopt: {msg}")
+        else:
+            progress.note(f"graphopt: {msg}")
 
     return report
 
@@ -336,6 +346,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
     from graphopt.fileutil import check_output_dir
     from graphopt.sample_inputs import load_inputs
 
+    if quiet:
+        progress.quiet()  # (the export reports through graphopt.progress too)
     if inputs_file and not check_numerics:
         raise UserError("--inputs gives the sample inputs of --check-numerics; add --check-numerics")
     check_output_dir(output_dir, [p for p in (model, inputs_file, recipe, calibration, accuracy_data) if p],
@@ -353,6 +365,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
                           kv_layout=kv_layout, quantize=quantize, quant_method=quant_method, calibration=calibration,
                           accuracy_budget=accuracy_budget, accuracy_data=accuracy_data, prune=prune)
+    progress.flush()  # the artifact is written: what it took goes above the report
     if as_json:
         import json
 

@@ -19,8 +19,8 @@ from graphopt.accuracy import perplexity
 from graphopt.accuracy_guard import Budget, guard, held_out_sentences, held_out_tokens, seq_len_of, Measured
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
-from graphopt.calibration import load_calibration
-from graphopt.fileutil import atomic_dir, check_output_dir
+from graphopt.calibration import load_calibration, read_texts
+from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir
 from graphopt.generation import copy_tokenizer, generation_manifest, model_config
 from graphopt.genai import GENAI_LAYOUTS, write_genai_files
 from graphopt.interpreter import check_feeds
@@ -191,9 +191,17 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             raise UserError("--accuracy-budget guards quantization: give --quantize int8|int4 too")
     elif accuracy_data is not None:
         raise UserError("--accuracy-data goes with --accuracy-budget")
+    for option, path in (("--calibration", calibration), ("--accuracy-data", accuracy_data)):
+        if path is not None and Path(path).suffix != ".npz":  # a bad text file fails now, not after the export
+            if not Path(path).is_file():
+                raise UserError(f"{option} {path}: no such file")
+            read_texts(Path(path), option)
 
     if isinstance(model, Graph):
         graph = model
+    elif Path(model).is_dir() and artifact_extras(Path(model)) is not None:
+        raise UserError(f"{model}: is an artifact graphopt optimize wrote (lowered for its backend); optimize the "
+                        "model it came from instead (its report.json names it)")
     else:
         # No "loading" line: a file that does not load is then one line on stderr, its error;
         # the slow part (a PyTorch export) reports its own progress.
@@ -205,7 +213,15 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         except Exception as e:
             raise UserError(f"{graph.metadata.source or 'model'}: the imported graph does not verify: {e}") from None
     if inputs is not None:
-        inputs = check_feeds(graph, inputs)
+        try:
+            inputs = check_feeds(graph, inputs)
+        except UserError as e:
+            raise UserError(f"--inputs: {e}") from None
+        for name, array in inputs.items():  # sample inputs that cannot tell a pass that changed results
+            if array.size == 0:
+                raise UserError(f"--inputs: input {name!r} is empty (shape {list(array.shape)}); give at least one sample")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise UserError(f"--inputs: input {name!r} holds NaN or infinity; --check-numerics compares finite results")
         check_index_ranges(graph, inputs)
     before = summarize(graph)
 

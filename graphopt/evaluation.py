@@ -13,8 +13,7 @@ import numpy as np
 from graphopt.accuracy import artifact_logits, perplexity
 from graphopt.artifact import load as load_artifact
 from graphopt.errors import UserError
-from graphopt.train.data import encode_documents
-from graphopt.train.evaluate import EvalResult, load_documents
+from graphopt.train.evaluate import EvalResult, encode_scored, load_documents
 from graphopt.train.tokenizer import load_tokenizer
 
 
@@ -26,7 +25,12 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     art = load_artifact(folder)
     logits_fn = artifact_logits(art)  # first: an artifact that cannot be scored says so before any text is read
     report = folder / "report.json"
-    source = json.loads(report.read_text()).get("model") if report.is_file() else None
+    source = None
+    if report.is_file():
+        try:
+            source = json.loads(report.read_text()).get("model")
+        except (ValueError, AttributeError):
+            raise UserError(f"{report}: not a readable report (JSON object); optimize the model again") from None
     origin = Path(source) if source and Path(source).is_dir() else None
     tok_path = next((p for p in (folder / "tokenizer.json", origin / "tokenizer.json" if origin else None)
                      if p is not None and p.is_file()), None)
@@ -38,7 +42,7 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     from graphopt.train.trainer import unigram_perplexity  # imports torch
 
     tok = load_tokenizer(tok_path)
-    ids = encode_documents(tok, docs)
+    ids = encode_scored(tok, docs, text_source)
     n_bytes = sum(len(d.encode()) for d in docs)
     if max_tokens and len(ids) > max_tokens + 1:
         ids = ids[:max_tokens + 1]

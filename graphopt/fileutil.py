@@ -24,7 +24,7 @@ import shutil
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from graphopt.errors import UserError
 from graphopt.manifest import MANIFEST_FORMAT
@@ -202,3 +202,31 @@ def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike
         what = f"is a graphopt artifact but also holds {', '.join(extras[:3])}" + (" ..." if len(extras) > 3 else "")
     raise UserError(f"{shown}: the folder exists and {what}; give a new or empty folder, "
                     "or --overwrite to replace it")
+
+
+def check_output_files(paths: Iterable[str | os.PathLike],
+                       inputs: Iterable[str | os.PathLike] | Mapping[str | os.PathLike, str | os.PathLike] = (), *,
+                       overwrite: bool = False, option: str = "-o") -> None:
+    """Refuse (one line, before anything is written) output files that would replace
+    something the user owns. `paths` are the files one output writes, the one named by
+    `option` first (then, say, the weights file beside it). A file that exists is replaced
+    only with `overwrite` (a .gir is meant to be edited by hand, an .onnx may be the user's
+    own model: neither can be told from a copy graphopt wrote), and never (not even with
+    `overwrite`) one of `inputs` or a file inside an input folder. `inputs` may map each
+    file to the input it belongs to (a .gir's weights file to the .gir)."""
+    paths = [Path(p) for p in paths]
+    owners = dict(inputs) if isinstance(inputs, Mapping) else {p: p for p in inputs}
+    protected = {Path(os.path.realpath(p)): (str(p), str(owner)) for p, owner in owners.items()}
+    for path in paths:
+        if not os.path.lexists(path):
+            continue
+        head = f"{option} {paths[0]}: " + ("" if path == paths[0] else f"would replace {path} beside it, which ")
+        if path.is_dir():
+            raise UserError(f"{head}is a folder; give an output file name")
+        real = Path(os.path.realpath(path))
+        for p, (given, owner) in protected.items():
+            if _inside(real, p):
+                what = "the input" if real == p and given == owner else "part of the input"
+                raise UserError(f"{head}is {what} {owner}; give another output name")
+        if not overwrite:
+            raise UserError(f"{head}exists; give a new name, or --overwrite to replace it")

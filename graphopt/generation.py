@@ -269,9 +269,7 @@ def generation_manifest(graph, model_path) -> dict | None:
     if folder is not None and (folder / "tokenizer.json").is_file():
         section["tokenizer"] = "tokenizer.json"
         if isinstance(config, dict) and str(config.get("format", "")).startswith("graphopt.train"):
-            from tokenizers import Tokenizer
-
-            eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(TRAINING_EOS)
+            eos = load_tokenizer(folder).token_to_id(TRAINING_EOS)
             if eos is not None:
                 section.update(eos_token_id=eos, prompt_prefix_ids=[eos], token_healing=True)
     if "eos_token_id" not in section and isinstance(config, dict):

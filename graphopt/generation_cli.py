@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 
 from graphopt.errors import UserError
+from graphopt.click_types import MAX_THREADS, FiniteFloatRange
+from graphopt.train.options import click_type
 
 _BACKENDS = {"auto": None, "torch": "torch", "ort": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm"}
 
@@ -25,12 +27,14 @@ _BACKENDS = {"auto": None, "torch": "torch", "ort": "onnxruntime", "onnxruntime"
               help="Text to continue; repeat it for a batch (left-padded, artifacts only).")
 @click.option("--backend", type=click.Choice(list(_BACKENDS)), default="auto", show_default=True,
               help="torch for a checkpoint; an artifact runs on the backend it was built for.")
-@click.option("--max-new-tokens", type=int, default=200, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads of the runtime (artifacts).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k filter.")
+@click.option("--top-p", type=FiniteFloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="1 = no nucleus filter.")
+@click.option("--seed", type=click_type("seed"), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
+              help="Intra-op threads of the runtime (artifacts).")
 def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p, seed, threads):
     """Continue --prompt with MODEL, streaming tokens as they are produced, then print the time
     to first token and the decode tokens/s.
@@ -45,10 +49,6 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
       graphopt generate out/default --prompt "import " --prompt "class " --max-new-tokens 32
       graphopt generate out/default --prompt "import " --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
     """
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be positive")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
     wanted = _BACKENDS[backend]
     if (model / "manifest.json").is_file():
         _generate_artifact(model, list(prompts), wanted, max_new_tokens, temperature, top_k, top_p, seed, threads)
@@ -76,14 +76,14 @@ def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, 
     def on_text(piece: str) -> None:
         if not first:
             first.append(time.perf_counter() - t0)
+            sys.stdout.write(prompt)  # only once generation runs: a refusal leaves stdout empty
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    sys.stdout.write(prompt)
     t0 = time.perf_counter()
     text = train_generate(m, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text)
     total = time.perf_counter() - t0
-    sys.stdout.write("\n")
+    sys.stdout.write(("" if first else prompt) + "\n")
     n = len(tok.encode(text).ids)  # (re-encoded: about the number generated)
     if first and n > 1 and total > first[0]:
         click.echo(f"time to first token {first[0] * 1000:.1f} ms, decode {(n - 1) / (total - first[0]):.1f} "
@@ -105,9 +105,15 @@ def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperatur
     gen = Generator.for_artifact(artifact)
     ids, allowed, healed = encode_prompts(artifact, tok, prompts)
     stream = len(prompts) == 1
-    shown = {"text": healed[0], "ids": []}
+    shown = {"text": healed[0], "ids": [], "prompt": False}
+
+    def show_prompt() -> None:  # once generation runs: a refusal (too long, ...) leaves stdout empty
+        if stream and not shown["prompt"]:
+            sys.stdout.write(prompts[0])
+            shown["prompt"] = True
 
     def on_tokens(step: int, new: list[int]) -> None:
+        show_prompt()
         if not stream or (gen.eos_token_id is not None and new[0] == gen.eos_token_id):
             return
         shown["ids"].append(new[0])
@@ -117,11 +123,10 @@ def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperatur
             sys.stdout.flush()
             shown["text"] = text
 
-    if stream:
-        sys.stdout.write(prompts[0])
     result = gen.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                           allowed_first=allowed, on_tokens=on_tokens)
     if stream:
+        show_prompt()
         text = tok.decode(result.tokens[0])
         if len(text) > len(shown["text"]):
             sys.stdout.write(text[len(shown["text"]):])

@@ -62,9 +62,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         for e in sig[side]:
             ok = (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("dtype"), str)
                   and (e.get("shape") is None or (isinstance(e["shape"], list)
-                       and all(isinstance(d, (int, str)) or d is None for d in e["shape"]))))
+                       and all(_is_dim(d) for d in e["shape"]))))
             if not ok:
-                raise UserError(f"{mpath}: signature {side} entry {e!r} needs a name, a dtype and a shape")
+                raise UserError(f"{mpath}: signature {side} entry {e!r} needs a name, a dtype and a shape "
+                                "(sizes: whole numbers >= 0 or symbol names)")
     if not isinstance(manifest.get("target", "cpu"), str):
         raise UserError(f"{mpath}: target must be a string")
     for key in _PATH_FIELDS:
@@ -76,3 +77,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for name in files:
         artifact_file(path, name, f"{mpath}: files")
     return manifest
+
+
+def _is_dim(d) -> bool:
+    """A signature dimension: a size (an int >= 0, not a bool), a symbol name, or None."""
+    return d is None or isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)

@@ -251,8 +251,8 @@ def _convert_option(pass_name: str, key: str, raw, typ) -> Any:
             return float(text)
         return text
     except ValueError:
-        tname = getattr(typ, "__name__", str(typ))
-        raise UserError(f"pass {pass_name!r}: option {key!r} needs a {tname}, got {text!r}") from None
+        tname = {bool: "true or false", int: "an integer", float: "a number"}.get(typ, getattr(typ, "__name__", str(typ)))
+        raise UserError(f"pass {pass_name!r}: option {key!r} needs {tname}, got {text!r}") from None
 
 
 _ENTRY = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(,|$)")

@@ -61,6 +61,33 @@ def test_edited_gir_changes_the_model(tmp_path):
     assert [n.op_type for n in onnx.load(tmp_path / "relu.onnx").graph.node][2] == "Relu"
 
 
+def test_convert_replaces_an_existing_output_only_with_overwrite_and_never_the_input(tmp_path):
+    gir, weights = tmp_path / "m.gir", tmp_path / "m.weights.safetensors"
+    assert invoke("convert", EXAMPLE, "-o", gir).exit_code == 0
+    edited = gir.read_text().replace("Gelu(%h1)", "Relu(%h1)")
+    gir.write_text(edited)  # hand edits: not replaced by a second convert
+    old = weights.read_bytes()
+    r = CliRunner().invoke(cli, ["convert", str(EXAMPLE), "-o", str(gir)])
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: -o {gir}: exists; give a new name, or --overwrite to replace it"
+    assert gir.read_text() == edited and weights.read_bytes() == old
+    # ... nor its weights file alone, beside a .gir that is gone
+    gir.unlink()
+    r = CliRunner().invoke(cli, ["convert", str(EXAMPLE), "-o", str(gir)])
+    assert r.exit_code == 2 and f"would replace {weights} beside it, which exists" in r.stderr
+    assert invoke("convert", EXAMPLE, "-o", gir, "--overwrite").exit_code == 0
+    assert "Gelu(%h1)" in gir.read_text()
+    # the input is never replaced, not even with --overwrite: neither the file nor the weights it names
+    r = CliRunner().invoke(cli, ["convert", str(gir), "-o", str(gir), "--overwrite"])
+    assert r.exit_code == 2 and "is the input" in r.stderr
+    other = tmp_path / "other.gir"
+    other.write_text(gir.read_text())  # names m.weights.safetensors
+    before = (gir.read_bytes(), weights.read_bytes())
+    r = CliRunner().invoke(cli, ["convert", str(other), "-o", str(gir), "--overwrite"])
+    assert r.exit_code == 2 and f"which is part of the input {other}" in r.stderr
+    assert (gir.read_bytes(), weights.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gir", "m.weights.safetensors", "other.gir"]
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     data = EXAMPLE.read_bytes()
     (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 2])

@@ -4,7 +4,8 @@ replaces what the user owns; a SIGKILL during `graphopt optimize` leaves the old
 the new one, never a mix.
 
 The table `CASES` holds one row per bad input: the command line (with {B} = the folder of
-bad inputs, {W} = an empty workspace, {EX} = the example model) and a fragment the one
+bad inputs, {W} = an empty workspace, {EX} = the example model, {DEF} = the shipped
+checkpoint) and a fragment the one
 error line must contain.
 """
 from __future__ import annotations
@@ -76,6 +77,8 @@ def bad(tmp_path_factory) -> Path:
     shutil.copy(EXAMPLE, b / "tiny.onnx")
     assert CliRunner().invoke(cli, ["convert", str(EXAMPLE), "-o", str(b / "ok.gir")]).exit_code == 0
     text = (b / "ok.gir").read_text()
+    (b / "renamed.gir").write_text(text)  # names ok.weights.safetensors
+    (b / "folder.onnx").mkdir()
     (b / "arrayhead.gir").write_text(text.replace("ok.weights.safetensors", "arrayhead.weights.safetensors"))
     _safetensors_with_header(b / "arrayhead.weights.safetensors", b"[1, 2, 3]")
     (b / "cut.gir").write_text(text.replace("ok.weights.safetensors", "cut.weights.safetensors"))
@@ -88,6 +91,14 @@ def bad(tmp_path_factory) -> Path:
     for name, content in (("hf_badjson", "{not json"), ("hf_array", "[1, 2]")):
         (b / name).mkdir()
         (b / name / "config.json").write_text(content)
+    from graphopt.testing import tiny_hf_model
+
+    tiny_hf_model("gpt2").model.save_pretrained(b / "hf_cut")
+    shutil.copytree(b / "hf_cut", b / "hf_types")
+    weights = b / "hf_cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    config = json.loads((b / "hf_types" / "config.json").read_text())
+    (b / "hf_types" / "config.json").write_text(json.dumps({**config, "n_layer": "two"}))
     (b / "hf_sd").mkdir()
     (b / "hf_sd" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     _safetensors_with_header(b / "hf_sd" / "model.safetensors", b"[1, 2]")
@@ -95,6 +106,8 @@ def bad(tmp_path_factory) -> Path:
     # folder whose `latest` points outside.
     shutil.copytree(DEFAULT, b / "ckpt_cut", ignore=shutil.ignore_patterns("model.safetensors", "val.txt"))
     (b / "ckpt_cut" / "model.safetensors").write_bytes((DEFAULT / "model.safetensors").read_bytes()[:4096])
+    shutil.copytree(DEFAULT, b / "ckpt_badtok", ignore=shutil.ignore_patterns("val.txt"))
+    (b / "ckpt_badtok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     (b / "ckpt_badmodel").mkdir()
     (b / "ckpt_badmodel" / "config.json").write_text(json.dumps({"format": "graphopt.train.checkpoint/1", "model": [1]}))
     (b / "run_escape" / "checkpoints").mkdir(parents=True)
@@ -105,10 +118,15 @@ def bad(tmp_path_factory) -> Path:
     r = CliRunner().invoke(cli, ["optimize", str(EXAMPLE), "-o", str(b / "art"), "-q"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((b / "art" / "manifest.json").read_text())
+    negative = {**manifest["signature"], "inputs": [{**manifest["signature"]["inputs"][0], "shape": ["batch", -3]}]}
     for name, change in (("art_abs", {"model": "/etc/passwd"}), ("art_up", {"files": ["../tiny.onnx"]}),
-                         ("art_nosig", {"signature": "none"})):
+                         ("art_nosig", {"signature": "none"}), ("art_negdim", {"signature": negative})):
         shutil.copytree(b / "art", b / name)
         (b / name / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    shutil.copytree(b / "art", b / "art_badreport")
+    (b / "art_badreport" / "report.json").write_text("[1, 2]")
+    shutil.copytree(b / "art", b / "art_cut")
+    (b / "art_cut" / "model.onnx").write_bytes((b / "art" / "model.onnx").read_bytes()[:300])
     # Sample inputs files.
     np.save(b / "x.npy", np.ones((2, 16), np.float32))
     np.savez(b / "in.npz", x=np.ones((2, 16), np.float32))
@@ -116,9 +134,13 @@ def bad(tmp_path_factory) -> Path:
     np.savez(b / "pickled.npz", x=np.array([{"a": 1}], dtype=object))
     np.savez(b / "wrongname.npz", y=np.ones((2, 16), np.float32))
     np.savez(b / "wrongdtype.npz", x=np.ones((2, 16), np.float64))
+    np.savez(b / "empty.npz", x=np.ones((0, 16), np.float32))
+    np.savez(b / "nan.npz", x=np.full((2, 16), np.nan, np.float32))
     np.savez(b / "ids_high.npz", input_ids=np.array([[1, 2, 10]], np.int64))
     np.savez(b / "ids_negative.npz", input_ids=np.array([[1, -3]], np.int64))
     (b / "bad.toml").write_text("[[passes]\nname = ")
+    (b / "bad.jsonl").write_text('{"text": "def f(): pass"}\nnot json\n')
+    (b / "latin1.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))
     (b / "user_folder").mkdir()
     (b / "user_folder" / "thesis.tex").write_text("years of work\n")
     (b / "a_file").write_text("not a folder\n")
@@ -142,6 +164,8 @@ CASES = {
     "missing-file": ("inspect {B}/nope.onnx", "no such file"),
     "hf-config-not-json": ("inspect {B}/hf_badjson", "not a readable JSON config"),
     "hf-config-array": ("inspect {B}/hf_array", "not a JSON object"),
+    "hf-weights-truncated": ("inspect {B}/hf_cut", "cannot load GPT2LMHeadModel weights"),
+    "hf-config-wrong-type": ("inspect {B}/hf_types", "Field 'n_layer' expected int, got str"),
     "state-dict-array-header": ("inspect {B}/hf_sd/model.safetensors", "not a readable safetensors file"),
     "checkpoint-truncated-weights": ("inspect {B}/ckpt_cut", "not a readable safetensors file"),
     "checkpoint-model-not-object": ("inspect {B}/ckpt_badmodel", "no 'model' section"),
@@ -150,10 +174,29 @@ CASES = {
     "artifact-absolute-path": ("inspect {B}/art_abs", "artifact paths must be relative"),
     "artifact-path-up": ("inspect {B}/art_up", "artifact paths must be relative"),
     "artifact-no-signature": ("inspect {B}/art_nosig", "no valid signature"),
+    "artifact-negative-dim": ("inspect {B}/art_negdim", "sizes: whole numbers >= 0 or symbol names"),
+    "artifact-truncated-model": ("inspect {B}/art_cut", "art_cut/model.onnx: not a valid ONNX model"),
+    # artifacts given to eval, generate and compare
+    "eval-artifact-bad-report": ("eval {B}/art_badreport", "art_badreport/report.json: not a readable report"),
+    "eval-artifact-truncated": ("eval {B}/art_cut", "art_cut/model.onnx: not a valid ONNX model"),
+    "eval-artifact-no-tokenizer": ("eval {B}/art", "no tokenizer.json in the artifact"),
+    "eval-artifact-hostile-path": ("eval {B}/art_up", "artifact paths must be relative"),
+    "generate-artifact-not-a-decoder": ("generate {B}/art --prompt x", "not a generation-ready artifact"),
+    "generate-artifact-truncated": ("generate {B}/art_cut --prompt x", "not a valid ONNX model"),
+    "generate-artifact-hostile-path": ("generate {B}/art_abs --prompt x", "artifact paths must be relative"),
+    "compare-artifact-negative-dim": ("compare {B}/art_negdim -q", "sizes: whole numbers >= 0"),
+    "compare-artifact-bad-report": ("compare {B}/art_badreport -q", "its report.json names no model"),
+    "compare-artifact-hostile-path": ("compare {B}/art_up -q", "artifact paths must be relative"),
     # convert
     "convert-truncated": ("convert {B}/truncated.onnx -o {W}/out.gir", "truncated"),
     "convert-unknown-output": ("convert {EX} -o {W}/out.txt", "unknown output format"),
     "convert-missing-o": ("convert {EX}", "Missing option '-o'"),
+    "convert-o-exists": ("convert {EX} -o {B}/ok.gir", "ok.gir: exists; give a new name, or --overwrite"),
+    "convert-o-is-the-input": ("convert {B}/ok.gir -o {B}/ok.gir --overwrite", "is the input"),
+    "convert-o-replaces-input-weights": ("convert {B}/renamed.gir -o {B}/ok.gir --overwrite",
+                                         "ok.weights.safetensors beside it, which is part of the input"),
+    "convert-o-folder": ("convert {EX} -o {B}/folder.onnx", "is a folder"),
+    "convert-o-cwd": ("convert {EX} -o .", "unknown output format"),
     # optimize: inputs files
     "inputs-npy": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/x.npy", "single array (.npy)"),
     "inputs-without-check": ("optimize {EX} -o {W}/out -q --inputs {B}/in.npz", "add --check-numerics"),
@@ -161,6 +204,11 @@ CASES = {
     "inputs-pickled": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/pickled.npz", "not a readable .npz"),
     "inputs-wrong-name": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongname.npz", "unknown input 'y'"),
     "inputs-wrong-dtype": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongdtype.npz", "dtype float64"),
+    "inputs-empty": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/empty.npz", "input 'x' is empty"),
+    "inputs-nan": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/nan.npz", "holds NaN or infinity"),
+    "pass-option-type": ("optimize {EX} -o {W}/out -q --passes fold-constants{{max-size=big}}",
+                         "option 'max-size' needs an integer, got 'big'"),
+    "pass-option-range": ("optimize {EX} -o {W}/out -q --passes prune-mlp{{ratio=nan}}", "ratio must be in [0, 1)"),
     "ids-out-of-vocab": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_high.npz",
                          "holds id 10, outside [0, 10)"),
     "ids-negative": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_negative.npz",
@@ -180,6 +228,78 @@ CASES = {
     "unknown-option": ("optimize {EX} -o {W}/out --bogus", "No such option"),
     "missing-model": ("optimize -o {W}/out", "Missing argument 'MODEL'"),
     "unknown-command": ("optimise {EX}", "No such command 'optimise'"),
+    # generate: sampling options are checked where they are parsed
+    "generate-top-p-above-1": ("generate {DEF} --prompt x --top-p 1.5", "'--top-p': 1.5 is not in the range 0<x<=1"),
+    "generate-top-p-zero": ("generate {DEF} --prompt x --top-p 0", "'--top-p': 0.0 is not in the range"),
+    "generate-temperature-negative": ("generate {DEF} --prompt x --temperature -1", "'--temperature': -1.0 is not"),
+    "generate-temperature-nan": ("generate {DEF} --prompt x --temperature nan", "nan is not a finite number"),
+    "generate-top-k-negative": ("generate {DEF} --prompt x --top-k -2", "'--top-k': -2 is not in the range"),
+    "generate-max-new-tokens-zero": ("generate {DEF} --prompt x --max-new-tokens 0", "'--max-new-tokens': 0 is not"),
+    "generate-seed-negative": ("generate {DEF} --prompt x --seed -1", "'--seed': -1 is not in the range"),
+    "generate-seed-not-int": ("generate {DEF} --prompt x --seed one", "'one' is not a valid integer"),
+    "generate-threads-too-many": ("generate {DEF} --prompt x --threads 100000", "100000 is not in the range 1<=x<=256"),
+    "compare-threads-too-many": ("compare {EX} --threads 300", "300 is not in the range 1<=x<=256"),
+    "generate-threads-zero": ("generate {DEF} --prompt x --threads 0", "'--threads': 0 is not in the range"),
+    # compare: options checked where they are parsed, and no report written over what it reads
+    "compare-batch-zero": ("compare {EX} --batch 0", "'--batch': 0 is not in the range x>=1"),
+    "compare-seq-zero": ("compare {EX} --seq 32,0", "'32,0': every number must be positive"),
+    "compare-seq-not-int": ("compare {EX} --seq 8,x", "expected whole numbers separated by commas"),
+    "compare-threads-zero": ("compare {EX} --threads 0", "'--threads': 0 is not in the range 1<=x<=256"),
+    "compare-runs-zero": ("compare {EX} --runs 0", "'--runs': 0 is not in the range x>=1"),
+    "compare-min-time-nan": ("compare {EX} --min-time nan", "nan is not a finite number"),
+    "compare-warmup-negative": ("compare {EX} --warmup -1", "'--warmup': -1 is not in the range x>=0"),
+    "compare-data-tokens-one": ("compare {EX} --data-tokens 1", "'--data-tokens': 1 is not in the range x>=2"),
+    "compare-unknown-variant": ("compare {EX} --variants fp32,fp64", "unknown variant 'fp64'"),
+    "compare-unknown-backend": ("compare {EX} --backends ort,npu", "unknown backend 'npu'"),
+    "compare-data-missing": ("compare {EX} --data {W}/nope.txt", "no such text file"),
+    "compare-json-is-the-model": ("compare {B}/tiny.onnx --json {B}/tiny.onnx", "--json {B}/tiny.onnx: is the input"),
+    "compare-html-in-the-model": ("compare {B}/ckpt_cut --html {B}/ckpt_cut/config.json",
+                                  "is part of the input {B}/ckpt_cut"),
+    "compare-json-is-the-data": ("compare {EX} --data {B}/notes.txt --json {B}/notes.txt", "is the input"),
+    "compare-no-model": ("compare", "give a MODEL"),
+    "compare-keep-user-folder": ("compare {EX} --keep {B}/user_folder", "holds files an earlier compare did not keep"),
+    "compare-keep-models-folder": ("compare {B}/tiny.onnx --keep {B}", "--keep {B}: holds the input"),
+    "compare-keep-missing-fails-later": ("compare {EX} --keep {W}/kept --data {W}/nope.txt", "no such text file"),
+    # optimize: quantization and accuracy options
+    "quantize-unknown": ("optimize {EX} -o {W}/out -q --quantize int3", "--quantize 'int3': expected int8, int4"),
+    "quantize-block": ("optimize {EX} -o {W}/out -q --quantize int4:7", "the block size must be"),
+    "quant-method-alone": ("optimize {EX} -o {W}/out -q --quant-method gptq", "goes with --quantize"),
+    "quant-method-unknown": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method awq2",
+                             "'awq2' is not one of"),
+    "calibration-without-gptq": ("optimize {EX} -o {W}/out -q --quantize int4 --calibration {B}/in.npz",
+                                 "used by --quant-method gptq only"),
+    "calibration-missing": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq --calibration {W}/no.txt",
+                            "--calibration {W}/no.txt: no such file"),
+    "calibration-truncated": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
+                              "--calibration {B}/cut.npz", "--calibration {B}/cut.npz: not a readable .npz"),
+    "calibration-wrong-input": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
+                                "--calibration {B}/wrongname.npz", "no array for input 'x'"),
+    "calibration-text-for-a-non-lm": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
+                                      "--calibration {B}/notes.txt", "text feeds a model whose one input is token ids"),
+    "calibration-jsonl-not-json": ("optimize {DEF} -o {W}/out -q --quantize int4 --quant-method gptq "
+                                   "--calibration {B}/bad.jsonl", "--calibration {B}/bad.jsonl: line 2 is not JSON"),
+    "calibration-not-utf8": ("optimize {DEF} -o {W}/out -q --quantize int4 --quant-method gptq "
+                             "--calibration {B}/latin1.txt", "not a UTF-8 text file"),
+    "calibration-is-the-output": ("optimize {EX} -o {B}/user_folder -q --overwrite --quantize int4 --quant-method gptq "
+                                  "--calibration {B}/user_folder/thesis.tex", "holds the input"),
+    "budget-unknown-metric": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget speed=2",
+                              "expected perplexity=+2% or top1=0.99"),
+    "budget-perplexity-not-percent": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget perplexity=2",
+                                      "perplexity takes +N%"),
+    "budget-top1-nan": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget top1=nan",
+                        "top1 takes a fraction in [0, 1]"),
+    "budget-without-quantize": ("optimize {EX} -o {W}/out -q --accuracy-budget top1=0.9", "give --quantize"),
+    "accuracy-data-without-budget": ("optimize {EX} -o {W}/out -q --accuracy-data {B}/notes.txt",
+                                     "goes with --accuracy-budget"),
+    "accuracy-data-missing": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget top1=0.9 "
+                              "--accuracy-data {W}/no.txt", "--accuracy-data {W}/no.txt: no such file"),
+    "accuracy-data-jsonl-not-json": ("optimize {DEF} -o {W}/out -q --quantize int8 --accuracy-budget top1=0.9 "
+                                     "--accuracy-data {B}/bad.jsonl", "--accuracy-data {B}/bad.jsonl: line 2 is not JSON"),
+    "logits-unknown": ("optimize {EX} -o {W}/out -q --logits first", "'first' is not one of 'last', 'all'"),
+    "logits-not-a-decoder": ("optimize {EX} -o {W}/out -q --logits all", "applies to decoders"),
+    # found after the export (no -q: its progress must not stay on stderr)
+    "tokenizer-corrupt": ("optimize {B}/ckpt_badtok -o {W}/out", "ckpt_badtok/tokenizer.json: not a valid tokenizer.json"),
+    "optimize-an-artifact": ("optimize {B}/art -o {W}/out -q", "is an artifact graphopt optimize wrote"),
     "bad-backend-option": ("optimize {EX} -o {W}/out -q --backend-option novalue", "expected KEY=VALUE"),
 }
 
@@ -212,12 +332,36 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad, tmp_path, mo
         (work / "art_plus" / "notes.md").write_text("my notes\n")
     (work / "keep.txt").write_text("the user's file\n")
     monkeypatch.chdir(work)
-    argv = [a.format(B=bad, W=work, EX=EXAMPLE) for a in args.split()]
+    argv = [a.format(B=bad, W=work, EX=EXAMPLE, DEF=DEFAULT) for a in args.split()]
     before = _tree(bad, work)
     result = CliRunner().invoke(cli, argv)
-    line = _assert_one_line(result, fragment)
+    line = _assert_one_line(result, fragment.format(B=bad, W=work, EX=EXAMPLE, DEF=DEFAULT))
     assert line.startswith("error: ")
     assert _tree(bad, work) == before  # nothing written, nothing changed, no scratch left
+
+
+def test_a_mistake_found_after_a_pytorch_export_is_still_one_line(tmp_path, monkeypatch):
+    """Without -q the export and the passes report progress; a mistake found only after the
+    export (token ids outside the vocabulary) leaves nothing of it on stderr but the error,
+    and a run that succeeds prints what it did."""
+    from graphopt.testing import VOCAB, tiny_hf_model
+
+    hf = tmp_path / "hf"
+    tiny_hf_model("gpt2").model.save_pretrained(hf)
+    ids = np.array([[1, 2, VOCAB + 5]], np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    np.savez(tmp_path / "no_mask.npz", input_ids=ids)
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    for inputs, fragment in (("ids.npz", f"holds id {VOCAB + 5}, outside [0, {VOCAB})"),
+                             ("no_mask.npz", "--inputs: missing input 'attention_mask'")):
+        r = CliRunner().invoke(cli, ["optimize", str(hf), "-o", "out", "--passes", "dce", "--check-numerics",
+                                     "--inputs", inputs])
+        _assert_one_line(r, fragment)
+        assert _tree(tmp_path) == before
+    r = CliRunner().invoke(cli, ["optimize", str(hf), "-o", "out", "--passes", "dce"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0].startswith("exported hf (") and "graphopt: writing out" in r.stderr
 
 
 def test_missing_extra_names_the_install_command(bad, tmp_path, monkeypatch):

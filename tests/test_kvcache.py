@@ -603,7 +603,8 @@ def test_generate_cli_on_the_artifact_matches_the_checkpoint(default_artifact):
 
 @pytest.mark.parametrize("args, words", [
     (["--backend", "tvm"], "built for onnxruntime, not tvm"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--max-new-tokens", "0"], "'--max-new-tokens': 0 is not in the range"),
+    (["--max-new-tokens", "100000"], "positions; the model has 256"),
 ])
 def test_generate_cli_refusals_are_one_line(default_artifact, args, words):
     from click.testing import CliRunner
@@ -612,6 +613,7 @@ def test_generate_cli_refusals_are_one_line(default_artifact, args, words):
 
     r = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), "--prompt", "x", *args])
     assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.stdout == ""  # not even the prompt
 
 
 def test_generate_cli_checkpoint_on_another_backend_says_optimize_first():

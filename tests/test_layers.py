@@ -19,7 +19,8 @@ FOLDERS = {"graphopt": REPO / "graphopt", "graphopt.passes": REPO / "passes",
 # Lowest first. A module may import modules of its own layer (without a cycle) and of any
 # layer below it; a prefix ending in "." names every module of that package.
 LAYERS = [
-    ("base", {"graphopt.errors", "graphopt.dtypes", "graphopt.plugins", "graphopt.manifest", "graphopt.fileutil"}),
+    ("base", {"graphopt.errors", "graphopt.dtypes", "graphopt.plugins", "graphopt.manifest", "graphopt.fileutil",
+              "graphopt.progress", "graphopt.click_types"}),
     ("ir", {"graphopt.ir", "graphopt.onnx_proto", "graphopt.weights_file", "graphopt.text"}),
     ("ops", {"graphopt.registry", "graphopt.builder", "graphopt.ops", "graphopt.ops."}),
     ("analysis", {"graphopt.onnx_io", "graphopt.interpreter", "graphopt.verify", "graphopt.symbolic",

@@ -39,7 +39,7 @@ def test_pipeline_options_are_typed():
     ("dce,,cse", "malformed pipeline"),
     ("dce,", "trailing comma"),
     ("fold-constants{max-size}", "is not key=value"),
-    ("fold-constants{max-size=big}", "needs a int, got 'big'"),
+    ("fold-constants{max-size=big}", "needs an integer, got 'big'"),
     ("fold-constants{maxsize=3}", "has no option 'maxsize'"),
     ("fold-constants{max-size=3", "malformed pipeline"),
     ("", "empty pipeline"),

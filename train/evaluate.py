@@ -36,11 +36,20 @@ def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]
     return [d["text"] for d in docs], str(data)
 
 
+def encode_scored(tok, docs: list[str], source: str):
+    """The token ids of `docs`, at least two (one prediction); fewer is a UserError."""
+    from .data import encode_documents
+
+    ids = encode_documents(tok, docs)
+    if len(ids) < 2:
+        raise UserError(f"{source}: too little text to score (it needs at least one token)")
+    return ids
+
+
 def evaluate_checkpoint(checkpoint, data=None, batch_size: int = 16, max_tokens: int = 0) -> tuple[EvalResult, str]:
     import torch
 
     from .checkpoint import load_model, resolve_checkpoint
-    from .data import encode_documents
     from .tokenizer import load_tokenizer
     from .trainer import evaluate_tokens, unigram_perplexity
 
@@ -48,7 +57,7 @@ def evaluate_checkpoint(checkpoint, data=None, batch_size: int = 16, max_tokens:
     model, cfg = load_model(folder)
     tok = load_tokenizer(folder / "tokenizer.json")
     docs, source = load_documents(folder, data)
-    ids = encode_documents(tok, docs)
+    ids = encode_scored(tok, docs, source)
     n_bytes = sum(len(d.encode()) for d in docs)
     if max_tokens and len(ids) > max_tokens + 1:
         ids = ids[:max_tokens + 1]

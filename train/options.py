@@ -9,6 +9,7 @@ from pathlib import PurePath
 
 import click
 
+from graphopt.click_types import MAX_THREADS, FiniteFloatRange
 from graphopt.errors import UserError
 
 # The byte-level BPE tokenizer always holds 256 byte tokens plus <|endoftext|>.
@@ -25,7 +26,7 @@ SCHEMA = {
     "grad_clip": (float, ("open", 0.0), None), "eval_interval": (int, 1, None), "eval_tokens": (int, 1, None),
     "checkpoint_interval": (int, 1, None), "keep_checkpoints": (int, 1, None), "log_interval": (int, 1, None),
     "seed": (int, 0, 2**63 - 1), "bf16": (bool, None, None), "grad_checkpointing": (bool, None, None),
-    "device": (str, None, None), "threads": (int, 0, None),
+    "device": (str, None, None), "threads": (int, 0, MAX_THREADS),
     # fine-tuning (graphopt finetune)
     "checkpoint": ((str, PurePath), None, None), "lora_rank": (int, 0, None),
     "lora_alpha": ((float, type(None)), ("open", 0.0), None), "lora_targets": (str, None, None),
@@ -43,7 +44,7 @@ def click_type(name: str):
     """The click type of the flag for option `name`, with its SCHEMA range."""
     want, low, high = SCHEMA[name]
     (lo, lo_open), (hi, hi_open) = _bound(low), _bound(high)
-    number = click.FloatRange if float in (want if isinstance(want, tuple) else (want,)) else click.IntRange
+    number = FiniteFloatRange if float in (want if isinstance(want, tuple) else (want,)) else click.IntRange
     return number(min=lo, max=hi, min_open=lo_open, max_open=hi_open)
 
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import click
 
+from graphopt.click_types import MAX_THREADS, FiniteFloatRange, PositiveInts
 from graphopt.errors import UserError
+from graphopt.fileutil import check_output_files
 
 
 def _split(values: tuple[str, ...] | str | None) -> list[str] | None:
@@ -17,28 +20,43 @@ def _split(values: tuple[str, ...] | str | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def _ints(option: str, values) -> list[int] | None:
-    items = _split(values)
-    if items is None:
-        return None
-    try:
-        return [int(v) for v in items]
-    except ValueError:
-        raise UserError(f"{option}: expected whole numbers, got {','.join(items)!r}") from None
-
-
-def _check_output(option: str, path: str | None) -> None:
+def _check_output(option: str, path: str | None, inputs: list[str]) -> None:
+    """A report file may replace an earlier one, never a file the run reads (the model, --data)."""
     if path is None:
         return
     p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{option} {path}: is a folder; give a file name")
     if p.parent.exists() and not p.parent.is_dir():
         raise UserError(f"{option} {path}: {p.parent} is not a folder")
+    check_output_files([p], inputs, overwrite=True, option=option)
+
+
+KEEP_MARK = ".graphopt-compare-keep"  # in a --keep folder compare made: its files may be replaced
+
+
+def _check_keep(keep_dir: str | None, inputs: list[str]) -> bool:
+    """--keep takes a missing or empty folder, or one an earlier compare kept (its mark file
+    says so): compare replaces the files it builds there (export/, one folder per cell), so
+    a folder of the user's own is refused. Returns whether the folder is new."""
+    if keep_dir is None:
+        return False
+    keep = Path(keep_dir)
+    real = Path(os.path.realpath(keep))
+    for given in inputs:
+        if real == Path(os.path.realpath(given)) or real in Path(os.path.realpath(given)).parents:
+            raise UserError(f"--keep {keep_dir}: holds the input {given}; give a new folder")
+    if not keep.exists():
+        return True
+    if not keep.is_dir():
+        raise UserError(f"--keep {keep_dir}: exists and is not a folder")
+    if any(keep.iterdir()) and not (keep / KEEP_MARK).is_file():
+        raise UserError(f"--keep {keep_dir}: the folder holds files an earlier compare did not keep; "
+                        "give a new or empty folder")
+    return False
 
 
 class RichProgress:
-    """compare's progress on stderr: one bar per phase, the current cell beside it."""
+    """compare's progress on stderr: one bar per phase, the current cell beside it. Only on
+    a terminal, and cleared if the run fails (its error is then the one line left)."""
 
     def __init__(self):
         from rich.console import Console
@@ -46,7 +64,8 @@ class RichProgress:
 
         self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TextColumn("[dim]{task.fields[detail]}"), TimeElapsedColumn(),
-                             console=Console(stderr=True), transient=False)
+                             console=(console := Console(stderr=True)), transient=False,
+                             disable=not console.is_terminal)
         self._task = None
         self._bar.start()
 
@@ -69,7 +88,9 @@ class RichProgress:
         self._bar.update(self._task, completed=1)
         self.close()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        if failed:
+            self._bar.live.transient = True
         self._bar.stop()
 
 
@@ -79,20 +100,24 @@ class RichProgress:
 @click.option("--variants", default=None, metavar="LIST",
               help="Comma list of variants (see --list-variants) [default: fp32 and the ORT anchors].")
 @click.option("--list-variants", is_flag=True, help="List the registered variants and exit.")
-@click.option("--batch", default=1, show_default=True, type=int, help="Batch size of every shape.")
-@click.option("--seq", "seqs", multiple=True, metavar="S[,S...]", help="Sequence length(s) [default: 32]; repeatable.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads of every runtime [default: the physical cores].")
-@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per cell and shape, at least.")
-@click.option("--min-time", type=float, default=1.0, show_default=True,
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Batch size of every shape.")
+@click.option("--seq", "seqs", multiple=True, type=PositiveInts(), help="Sequence length(s) [default: 32]; repeatable.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
+              help="Intra-op threads of every runtime [default: the physical cores].")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs per cell and shape, at least.")
+@click.option("--min-time", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
               help="Seconds of timed runs per cell and shape, at least.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per cell before timing.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed runs per cell before timing.")
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="A text file: perplexity of every variant on it (decoders with a tokenizer.json).")
-@click.option("--data-tokens", type=int, default=4096, show_default=True, help="Score at most this many tokens of --data.")
+@click.option("--data-tokens", type=click.IntRange(min=2), default=4096, show_default=True, help="Score at most this many tokens of --data.")
 @click.option("--reference", type=click.Path(path_type=str), default=None,
               help="The PyTorch model accuracy is measured against [default: MODEL, or the artifacts' source].")
 @click.option("--keep", "keep_dir", type=click.Path(path_type=str), default=None,
-              help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself).")
+              help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself): "
+                   "a new or empty folder, or one an earlier compare kept.")
 @click.option("--generate", type=int, default=None, metavar="N",
               help="Also time greedy generation of N new tokens after a prompt of the largest --seq: time to "
                    "first token and decode tokens/s (decoders; builds each variant again with its KV cache).")
@@ -130,10 +155,10 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
         return
     if not models:
         raise UserError("give a MODEL (anything `graphopt optimize` takes) or artifact folders; see --help")
-    if runs < 1 or min_time < 0 or warmup < 0 or data_tokens < 2:
-        raise UserError("--runs and --data-tokens must be positive, --min-time and --warmup not negative")
-    _check_output("--json", json_file)
-    _check_output("--html", html_file)
+    inputs = [p for p in (*models, data, reference) if p]
+    _check_output("--json", json_file, inputs)
+    _check_output("--html", html_file, inputs)
+    new_keep = _check_keep(keep_dir, inputs)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads must not spin
     from graphopt.compare.html import render_html, report_json
     from graphopt.compare.run import compare as run_compare
@@ -141,16 +166,28 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     from graphopt.compare.timing import TimingSettings
     from graphopt.fileutil import atomic_path
 
+    if keep_dir is not None:
+        Path(keep_dir).mkdir(parents=True, exist_ok=True)
+        (Path(keep_dir) / KEEP_MARK).write_text("graphopt compare keeps its artifacts here and may replace them\n")
+    if quiet:
+        from graphopt import progress as notes
+
+        notes.quiet()  # (the export's own progress too)
     progress = None if quiet else RichProgress()
     try:
         report = run_compare(list(models), backends=_split(backends), variants=_split(variants), batch=batch,
-                             seqs=_ints("--seq", seqs), threads=threads,
+                             seqs=[n for lengths in seqs for n in lengths] or None, threads=threads,
                              timing=TimingSettings(warmup=warmup, min_runs=runs, min_time=min_time),
                              data=data, data_tokens=data_tokens, reference=reference, workdir=keep_dir,
                              progress=progress, measure_memory=not no_memory, generate=generate)
-    finally:
+    except BaseException:
         if progress is not None:
-            progress.close()
+            progress.close(failed=True)
+        if new_keep:  # a failed run leaves no folder behind that was not there
+            shutil.rmtree(keep_dir, ignore_errors=True)
+        raise
+    if progress is not None:
+        progress.close()
     render(report)
     for path, text in ((json_file, report_json(report) + "\n" if json_file else None),
                        (html_file, render_html(report) if html_file else None)):

@@ -75,6 +75,6 @@ def artifact_source(folder: Path) -> str | None:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
         return None
-    src = report.get("model")
+    src = report.get("model") if isinstance(report, dict) else None
     return src if isinstance(src, str) and src and Path(src).exists() else None
 

@@ -320,7 +320,7 @@ def artifact_variant(path: Path) -> Callable[[BuildContext, str], Runner]:
             report = json.loads((path / "report.json").read_text())
         except (OSError, ValueError):
             report = {}
-        return ctx.artifact_runner(path, report.get("total_seconds"))
+        return ctx.artifact_runner(path, report.get("total_seconds") if isinstance(report, dict) else None)
     return build
 
 

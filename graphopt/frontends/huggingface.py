@@ -54,6 +54,7 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
     it (`"logits"` or `"last_hidden_state"`). Weights come from `state_dict` when given, else
     from the folder's safetensors (or `.bin`, read with weights_only=True)."""
     import torch
+    from safetensors import SafetensorError
 
     with _offline_and_quiet():
         cfg = _auto_config(folder, config)
@@ -68,7 +69,7 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
                                                   weights_only=True, **kwargs)
             else:
                 model, info = cls.from_pretrained(None, state_dict=state_dict, **kwargs)
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
             raise UserError(f"{source}: cannot load {cls.__name__} weights ({_first_line(e)})") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -142,9 +143,11 @@ def _auto_config(folder: Path, config: dict):
         if not isinstance(arch, str) or not hasattr(transformers, arch):
             raise UserError(f"{folder}: unknown architecture {arch!r} (model_type {model_type!r}): "
                             f"transformers {transformers.__version__} has no such model class")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # (a field of the wrong type)
         raise UserError(f"{folder}/config.json: not a usable {model_type} config ({_first_line(e)})") from None
 
 
@@ -260,5 +263,7 @@ def _offline_and_quiet():
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
+    """The first line of an error; a line that ends in ':' goes on with the next (the detail)."""
+    lines = [line.strip() for line in (str(e).strip() or type(e).__name__).splitlines() if line.strip()]
+    text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
+    return text[:200]

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from graphopt import progress
 from graphopt.errors import UserError
 from graphopt.ir import CANONICAL_OPSET, Graph
 
@@ -323,8 +324,9 @@ def _quiet():
 
 
 class _Progress:
-    """`exporting X ...` then `exported X in 12.3 s`, on stderr. On a terminal, a spinner
-    with the elapsed time runs meanwhile."""
+    """On a terminal, a spinner `exporting X to ONNX ...` with the elapsed time, cleared when
+    the export ends; then the note `exported X in 12.3 s` (`graphopt.progress`: held while a
+    command runs, so a failure later leaves only its own error line)."""
 
     def __init__(self, label: str, *, enabled: bool = True):
         self.label = label
@@ -341,23 +343,17 @@ class _Progress:
             self._status = Console(file=self.stream).status(f"exporting {self.label} to ONNX ...")
             self._status.start()
         else:
-            self._print(f"exporting {self.label} to ONNX ...")
+            progress.status(f"exporting {self.label} to ONNX ...")
         return self
 
     def warn(self, line: str) -> None:
-        # A fallback warning is always shown, progress or not (above a running spinner).
-        if self._status is not None:
-            self._status.console.print(line, markup=False, highlight=False)
-        else:
-            print(line, file=self.stream, flush=True)
+        # A fallback warning is a note whether progress is on or not.
+        progress.note(line)
 
     def done(self, line: str) -> None:
         self._stop()
         if self.enabled:
-            self._print(line)
-
-    def _print(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+            progress.note(line)
 
     def _stop(self) -> None:
         if self._status is not None:

@@ -96,6 +96,7 @@ def broken_checkpoints(tmp_path_factory) -> Path:
     (b / "badconfig" / "config.json").write_text('{"model": {"dim": ')
     (b / "escape" / "checkpoints").mkdir(parents=True)
     (b / "escape" / "checkpoints" / "latest").write_text("../../../etc\n")
+    (b / "empty.txt").write_text("")
     return b
 
 
@@ -106,8 +107,9 @@ def broken_checkpoints(tmp_path_factory) -> Path:
     (["eval", "{B}/escape"], "not a checkpoint folder inside"),
     (["eval", str(DEFAULT), "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["eval", str(DEFAULT), "--max-tokens", "-5"], "Invalid value for '--max-tokens'"),
+    (["eval", str(DEFAULT), "--data", "{B}/empty.txt"], "empty.txt: too little text to score"),
     (["generate", "{B}/cut", "--prompt", "def "], "not a readable safetensors file"),
-    (["generate", str(DEFAULT), "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["generate", str(DEFAULT), "--prompt", "x", "--max-new-tokens", "0"], "'--max-new-tokens': 0 is not"),
     (["generate", str(DEFAULT)], "Missing option '--prompt'"),
 ])
 def test_eval_and_generate_bad_input_is_one_line(args, fragment, broken_checkpoints):
