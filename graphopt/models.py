@@ -6,6 +6,7 @@ through the frontends (see `graphopt.frontends`).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -33,9 +34,25 @@ def load_graph(path: str | os.PathLike) -> Graph:
     if suffix == ".gir":
         return load_gir(path)
     if path.is_dir() or suffix in FRONTEND_SUFFIXES:
-        return load_model_path(path)
+        try:
+            return load_model_path(path)
+        except UserError as e:
+            raise UserError(f"{e}{_unreadable_manifest_hint(path)}") from None
     raise UserError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; expected an .onnx or .gir "
                     "file, a Hugging Face or graphopt checkpoint folder, or a .pt/.bin/.pt2 file")
+
+
+def _unreadable_manifest_hint(folder: Path) -> str:
+    """A folder whose manifest.json is not valid JSON may be a damaged artifact: say so,
+    since the error from its lowered model.onnx (ORT's own ops) alone would mislead."""
+    manifest = folder / "manifest.json"
+    if not folder.is_dir() or not manifest.is_file():
+        return ""
+    try:
+        json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f" (and {manifest} is not valid JSON: if this is a graphopt artifact, its manifest is damaged)"
+    return ""
 
 
 def save_graph(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None,

@@ -209,6 +209,10 @@ CASES = {
     "pass-option-type": ("optimize {EX} -o {W}/out -q --passes fold-constants{{max-size=big}}",
                          "option 'max-size' needs an integer, got 'big'"),
     "pass-option-range": ("optimize {EX} -o {W}/out -q --passes prune-mlp{{ratio=nan}}", "ratio must be in [0, 1)"),
+    "pass-option-negative": ("optimize {EX} -o {W}/out -q --passes fold-constants{{max-size=-5}}",
+                             "fold-constants: max-size must be 0 or more, not -5"),
+    "pass-option-zero-rounds": ("optimize {EX} -o {W}/out -q --passes simplify-shapes{{max-rounds=0}}",
+                                "simplify-shapes: max-rounds must be 1 or more, not 0"),
     "ids-out-of-vocab": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_high.npz",
                          "holds id 10, outside [0, 10)"),
     "ids-negative": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_negative.npz",
@@ -300,6 +304,8 @@ CASES = {
     # found after the export (no -q: its progress must not stay on stderr)
     "tokenizer-corrupt": ("optimize {B}/ckpt_badtok -o {W}/out", "ckpt_badtok/tokenizer.json: not a valid tokenizer.json"),
     "optimize-an-artifact": ("optimize {B}/art -o {W}/out -q", "is an artifact graphopt optimize wrote"),
+    "compare-data-tokenizer-corrupt": ("compare {B}/ckpt_badtok -q --data {B}/notes.txt",
+                                       "ckpt_badtok/tokenizer.json: not a valid tokenizer.json"),
     "bad-backend-option": ("optimize {EX} -o {W}/out -q --backend-option novalue", "expected KEY=VALUE"),
 }
 
@@ -619,3 +625,22 @@ def test_corrupted_files_load_or_fail_in_one_line(tmp_path):
             failures.append(("m.npz", r.exit_code, r.stderr[-200:]))
         shutil.rmtree(tmp_path / "out", ignore_errors=True)
     assert not failures, failures[:3]
+
+
+@pytest.mark.parametrize("command", ["inspect", "optimize"])
+def test_a_damaged_artifact_manifest_is_named_beside_the_lowered_models_error(command, tmp_path, monkeypatch):
+    """A folder with ORT's own ops in model.onnx and a manifest.json that is not JSON: the
+    one line says the manifest is damaged, not only that com.microsoft is unsupported."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    node = helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, folder / "model.onnx")
+    (folder / "manifest.json").write_text('{"format": ')
+    argv = [command, str(folder)] + (["-o", str(tmp_path / "out"), "-q"] if command == "optimize" else [])
+    line = _assert_one_line(CliRunner().invoke(cli, argv), "manifest.json is not valid JSON")
+    assert "com.microsoft" in line and not (tmp_path / "out").exists()

@@ -7,8 +7,11 @@ unspecified (PyTorch's kernels and the exported graph legitimately differ).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+
+from graphopt.calibration import model_tokenizer
 
 
 def real_positions(feeds: dict, out: np.ndarray) -> np.ndarray | None:
@@ -62,9 +65,7 @@ def pooled_cosine(got: np.ndarray, want: np.ndarray, real: np.ndarray | None) ->
 
 def text_windows(data_path: str, tokenizer_path: str, window: int, max_tokens: int) -> np.ndarray:
     """[n, window] token ids from the text file, cut into non-overlapping windows."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_path)
+    tok = model_tokenizer(Path(tokenizer_path).parent, data_path, option="--data")  # a bad file: one line
     with open(data_path, encoding="utf-8", errors="replace") as f:
         text = f.read()
     ids = np.asarray(tok.encode(text).ids, dtype=np.int64)[:max_tokens]

@@ -15,6 +15,7 @@ from graphopt.compare import decoding, memory
 from graphopt.compare.timing import TimingSettings, describe, percentiles, time_interleaved
 from graphopt.errors import UserError
 from graphopt.manifest import read_manifest
+from graphopt.calibration import model_tokenizer as text_tokenizer
 from graphopt.compare.accuracy import compare_outputs, perplexity, text_windows
 from graphopt.compare.machine import library_versions, machine_record, physical_cores
 from graphopt.compare.reference import artifact_source, load_reference
@@ -89,6 +90,7 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             raise UserError(f"--data {data}: no such text file")
         if not (Path(source) / "tokenizer.json").is_file():
             raise UserError(f"--data needs the model's tokenizer.json to score text; there is none in {source}")
+        text_tokenizer(Path(source), data, option="--data")  # a corrupt tokenizer.json fails now, not after the timing
 
     backends = list(backends or (["torch", "ort"] if not artifacts else ["torch"]))
     unknown = [b for b in backends if b not in V.BACKENDS]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.errors import UserError
 from graphopt.ir import Graph, Node
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import constant_value, remove_dead, replace_value
@@ -49,6 +50,10 @@ class FoldConstants(Pass):
     """
 
     max_size: int = 1024
+
+    def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
+        if self.max_size < 0:
+            raise UserError(f"fold-constants: max-size must be 0 or more, not {self.max_size}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

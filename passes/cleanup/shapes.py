@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.builder import Builder
+from graphopt.errors import UserError
 from graphopt.ir import Attr, Graph, Node
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import constant_value, remove_dead, replace_value
@@ -35,6 +36,10 @@ class SimplifyShapes(Pass):
     """
 
     max_rounds: int = 4
+
+    def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
+        if self.max_rounds < 1:
+            raise UserError(f"simplify-shapes: max-rounds must be 1 or more, not {self.max_rounds}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Evaluate, rewrite, refine the types that the rewrites made known, and repeat."""
