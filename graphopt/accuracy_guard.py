@@ -155,7 +155,7 @@ def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128
     path = Path(data)
     if not path.is_file():
         raise UserError(f"--accuracy-data {path}: no such file")
-    texts = [t for raw in _read_texts(path) for t in (raw.splitlines() if path.suffix != ".jsonl" else [raw])
+    texts = [t for raw in read_texts(path, "--accuracy-data") for t in (raw.splitlines() if path.suffix != ".jsonl" else [raw])
              if t.strip()]
     if not texts:
         raise UserError(f"--accuracy-data {path}: no sentences")
@@ -164,7 +164,7 @@ def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128
         raise UserError(f"--accuracy-budget cosine=...: an encoder with input_ids and attention_mask inputs; "
                         f"this one takes {sorted(names)}")
     folder = Path(model) if model is not None and Path(model).is_dir() else None
-    tok = _tokenizer(folder, str(path))
+    tok = model_tokenizer(folder, str(path), option="--accuracy-data")
     tok.enable_truncation(max_len)
     feeds = []
     for e in tok.encode_batch(texts):

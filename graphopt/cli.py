@@ -244,15 +244,20 @@ def convert(source: str, output: str, external_data: bool | None, overwrite: boo
 
 
 def _progress(quiet: bool):
-    """Progress on stderr (graphopt.progress). A message about one pass ("running NAME") is
-    transient: on a terminal it overwrites itself on one line, elsewhere it is not printed.
-    Any other message is a note, printed once the command succeeds."""
+    """Progress on stderr (graphopt.progress). A message about one pass ("running NAME") or a
+    counter of long work ("gptq 3/36", "calibration 2/8") is transient: on a terminal it
+    overwrites itself on one line, elsewhere it is not printed. Any other message is a note,
+    printed once the command succeeds."""
     if quiet:
         return None
+    import re
+
     from graphopt import progress
 
+    counter = re.compile(r"\b\d+/\d+\b")
+
     def report(msg: str) -> None:
-        if msg.startswith("running "):
+        if msg.startswith("running ") or counter.search(msg):
             progress.status(f"graphopt: {msg}")
         else:
             progress.note(f"graphopt: {msg}")
@@ -306,10 +311,12 @@ def _progress(quiet: bool):
               help="Calibration data for gptq, awq, int8-static and --prune importance=wanda: a text file, .jsonl "
                    "of texts, or .npz of inputs (default for graphopt.train checkpoints: their training corpus).")
 @click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
-              help="perplexity=+2% or top1=0.99 against fp32 on held-out text: the most sensitive layers stay "
-                   "in float until it holds; exit 2 and nothing written when no mix does.")
+              help="perplexity=+2%, top1=0.99 (decoders) or cosine=0.995 (encoders' pooled output) against the "
+                   "float model (after --prune, if given) on held-out data: the most sensitive layers stay in "
+                   "float until it holds; exit 2 and nothing written when no mix does.")
 @click.option("--accuracy-data", type=click.Path(path_type=str), default=None,
-              help="Held-out text (.txt/.jsonl) for --accuracy-budget (default: a graphopt.train checkpoint's val.txt).")
+              help="Held-out text (.txt/.jsonl) for --accuracy-budget; for cosine, one sentence a line "
+                   "(default: a graphopt.train checkpoint's val.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,

@@ -22,7 +22,7 @@ from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration, read_texts
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir
 from graphopt.generation import copy_tokenizer, generation_manifest, model_config
-from graphopt.genai import GENAI_LAYOUTS, write_genai_files
+from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files
 from graphopt.interpreter import check_feeds
 from graphopt.models import load_graph
 from graphopt.onnx_io import to_onnx_model
@@ -188,7 +188,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     if accuracy_budget is not None:
         budget = Budget.parse(accuracy_budget)
         if not any(e.name in QUANT_PASSES for e in entries):
-            raise UserError("--accuracy-budget guards quantization: give --quantize int8|int4 too")
+            raise UserError("--accuracy-budget guards quantization: give --quantize too")
     elif accuracy_data is not None:
         raise UserError("--accuracy-data goes with --accuracy-budget")
     for option, path in (("--calibration", calibration), ("--accuracy-data", accuracy_data)):
@@ -287,9 +287,13 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
                 manifest["generation"] = generation
                 if backend == "onnxruntime" and generation["kv_layout"] in GENAI_LAYOUTS:
-                    # the same folder runs in onnxruntime-genai
-                    written = write_genai_files(optimized, manifest, tmp, model_config(model_path))
-                    manifest["files"] = manifest["files"] + written
+                    # the same folder runs in onnxruntime-genai, where its config can describe the model
+                    why_not = genai_unsupported(optimized, manifest)
+                    if why_not is None:
+                        written = write_genai_files(optimized, manifest, tmp, model_config(model_path))
+                        manifest["files"] = manifest["files"] + written
+                    else:
+                        generation["genai"] = f"no genai_config.json: {why_not}"
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
                 timing = fields.get(key)  # backends that compile report their build times
                 if timing is not None:
@@ -467,7 +471,8 @@ def format_report(report: dict) -> str:
     a = report.get("accuracy")
     if a:
         kept = ", ".join(a["kept_float"]) or "none"
-        reached = (f"perplexity {a['fp32_perplexity']:.4g} (fp32) -> {a['perplexity']:.4g}" if a["metric"] != "cosine"
+        base = "float, pruned" if report.get("pruning") else "fp32"  # the guard measures against the pruned float model
+        reached = (f"perplexity {a['fp32_perplexity']:.4g} ({base}) -> {a['perplexity']:.4g}" if a["metric"] != "cosine"
                    else f"least cosine {a['score']:.4f}")
         lines.append(f"accuracy  {a['budget']}: {reached}; kept in float: {kept}")
     pruned = format_pruning(report)

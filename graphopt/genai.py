@@ -26,6 +26,19 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 GENAI_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "olmo")
 
 
+def genai_unsupported(graph: Graph, manifest: dict) -> str | None:
+    """Why onnxruntime-genai cannot run this artifact, or None. Its config has one key/value
+    head count, one head size and one query head count for every layer; a model pruned per
+    layer (global scope) has several."""
+    sig = {e["name"]: e["shape"] for e in manifest["signature"]["inputs"]}
+    caches = {tuple(shape[1::2]) for name, shape in sig.items() if name.startswith("past_key_values.")}
+    heads = {int(n.attr("num_heads")) for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type == "Attention"}
+    if len(caches) > 1 or len(heads) > 1:
+        return ("its layers differ in key/value heads, head size or query heads (pruned per layer); "
+                "genai_config.json has one of each for every layer")
+    return None
+
+
 def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dict:
     """The `genai_config.json` of an ORT artifact whose manifest has a `generation` section.
     `graph` is the optimized graph (before lowering: its graphopt.Attention nodes say the
@@ -54,7 +67,7 @@ def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dic
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": manifest.get("model", "model.onnx"),
                 "head_size": head,
-                "hidden_size": num_heads * head,
+                "hidden_size": _hidden_size(model_config) or num_heads * head,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
@@ -94,6 +107,15 @@ def tokenizer_config(tokenizer_json: Path, manifest: dict) -> dict:
     if special is not None:
         config.update(bos_token=special, eos_token=special, unk_token=special)
     return config
+
+
+def _hidden_size(model_config: dict | None) -> int | None:
+    """The model width from its config (Hugging Face `hidden_size`, graphopt.train `dim`): after
+    head pruning, or with a head size of its own, it is not query heads x head size."""
+    if not isinstance(model_config, dict):
+        return None
+    value = model_config.get("hidden_size", (model_config.get("model") or {}).get("dim"))
+    return int(value) if isinstance(value, int) else None
 
 
 def write_genai_files(graph: Graph, manifest: dict, folder: Path, model_config: dict | None) -> list[str]:

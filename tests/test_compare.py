@@ -432,7 +432,7 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["{m}", "--backends", "torch,gpu"], "unknown backend 'gpu'"),
     (["{m}", "--variants", "fp64"], "unknown variant 'fp64'"),
     (["{m}", "--seq", "8,x"], "'--seq': expected whole numbers separated by commas"),
-    (["{m}", "--generate", "0"], "--generate must be a positive number of tokens"),
+    (["{m}", "--generate", "0"], "'--generate': 0 is not in the range x>=1"),
     (["{m}", "--generate", "40"], "--generate 40 after a prompt of --seq 32 needs 71 positions; the model has 64"),
     (["{onnx}", "--generate", "4"], "--generate times decoding, which needs a decoder"),
     (["{m}", "--html", "{tmp}"], "is a folder"),

@@ -271,7 +271,7 @@ CASES = {
     "quant-method-unknown": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method awq2",
                              "'awq2' is not one of"),
     "calibration-without-gptq": ("optimize {EX} -o {W}/out -q --quantize int4 --calibration {B}/in.npz",
-                                 "used by --quant-method gptq only"),
+                                 "pruning with importance=wanda only"),
     "calibration-missing": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq --calibration {W}/no.txt",
                             "--calibration {W}/no.txt: no such file"),
     "calibration-truncated": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
@@ -287,7 +287,7 @@ CASES = {
     "calibration-is-the-output": ("optimize {EX} -o {B}/user_folder -q --overwrite --quantize int4 --quant-method gptq "
                                   "--calibration {B}/user_folder/thesis.tex", "holds the input"),
     "budget-unknown-metric": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget speed=2",
-                              "expected perplexity=+2% or top1=0.99"),
+                              "expected perplexity=+2%, top1=0.99 or cosine=0.995"),
     "budget-perplexity-not-percent": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget perplexity=2",
                                       "perplexity takes +N%"),
     "budget-top1-nan": ("optimize {EX} -o {W}/out -q --quantize int8 --accuracy-budget top1=nan",

@@ -118,3 +118,26 @@ def test_int8_static_under_the_accuracy_guard_on_the_shipped_model(tmp_path):
     assert q["method"] == "static-percentile" and 0 < acc["score"] <= 0.005, acc
     assert sorted(q["kept_float"]) == sorted(acc["kept_float"])
     assert sum(q["layers"].values()) + len(q["kept_float"]) == 25  # 6 x (qkv, o, gate-up, down) + the head
+
+
+def test_last_token_slicing_moves_through_the_qdq_pairs():
+    """A decoder quantized by quantize-static still gets last-token logits: the slice moves
+    above QuantizeLinear/DequantizeLinear (per-tensor scales) and the int8 weights'
+    DequantizeLinear, and the last position's numbers are those of the full sequence."""
+    rng = np.random.default_rng(3)
+    g = Graph("head")
+    x = g.add_input("x", TensorType(F32, ("batch", "seq", K)))
+    b = Builder(g)
+    h = b.op("Linear", x, b.const((rng.standard_normal((K, N)) * 0.1).astype(np.float32), "w1"),
+             b.const((rng.standard_normal(N) * 0.1).astype(np.float32), "b1"), domain="graphopt", activation="gelu")
+    g.outputs = [b.MatMul(h, b.const((rng.standard_normal((N, 3 * K)) * 0.1).astype(np.float32), "lm_head"))]
+    q, _ = quantize(g, "percentile")
+    assert [n.op_type for n in q.nodes].count("QuantizeLinear") == 2
+    held_out = feeds(7)
+    full = run(q, held_out)[q.outputs[0].name]
+    sliced = PassManager("slice-last-token-logits").run(q)
+    assert sliced.outputs[0].type.shape[1] == 1
+    slices = [n for n in sliced.nodes if n.op_type == "Slice"]
+    assert len(slices) == 1 and [u[0].op_type for u in slices[0].outputs[0].uses()] == ["QuantizeLinear"]
+    got = run(sliced, held_out)[sliced.outputs[0].name]
+    np.testing.assert_allclose(got[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)

@@ -118,7 +118,7 @@ class RichProgress:
 @click.option("--keep", "keep_dir", type=click.Path(path_type=str), default=None,
               help="Keep the artifacts built for the variants in this folder (to rerun or time them yourself): "
                    "a new or empty folder, or one an earlier compare kept.")
-@click.option("--generate", type=int, default=None, metavar="N",
+@click.option("--generate", type=click.IntRange(min=1), default=None, metavar="N",
               help="Also time greedy generation of N new tokens after a prompt of the largest --seq: time to "
                    "first token and decode tokens/s (decoders; builds each variant again with its KV cache).")
 @click.option("--no-memory", is_flag=True,

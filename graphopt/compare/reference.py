@@ -50,7 +50,11 @@ def load_reference(source: str | Path) -> TorchModel | None:
     config = _read_config(path / "config.json")
     if training.is_training_config(config):
         model, cfg = load_model(path)
-        info = {"num_heads": cfg.num_heads, "hidden_size": cfg.dim, "vocab_size": cfg.vocab_size,
+        # a pruned config (its own head_dim, or sizes per layer) has no one head count and width
+        # for ORT's optimizer: 0 lets it read them from the graph
+        uniform = getattr(cfg, "head_dim", None) is None and not getattr(cfg, "per_layer", None)
+        info = {"num_heads": cfg.num_heads if uniform else 0, "hidden_size": cfg.dim if uniform else 0,
+                "vocab_size": cfg.vocab_size,
                 "max_seq_len": cfg.max_seq_len, "family": getattr(cfg, "arch", "llama")}
         return TorchModel(model.eval(), ["input_ids"], "decoder", str(path), info)
     if huggingface.is_hf_config(config):

@@ -29,7 +29,8 @@ _INT64_MAX = np.iinfo(np.int64).max
 _PER_POSITION = {("", "MatMul"), ("", "Gemm"), ("", "LayerNormalization"), (GRAPHOPT_DOMAIN, "Linear"),
                  (GRAPHOPT_DOMAIN, "RMSNorm"), (GRAPHOPT_DOMAIN, "LayerNorm"), ("", "Mul"), ("", "Div"),
                  ("", "Add"), ("", "Tanh"), ("", "Transpose"),
-                 (GRAPHOPT_DOMAIN, "QuantLinear"), (GRAPHOPT_DOMAIN, "DynamicQuantLinear")}
+                 (GRAPHOPT_DOMAIN, "QuantLinear"), (GRAPHOPT_DOMAIN, "DynamicQuantLinear"),
+                 ("", "QuantizeLinear"), ("", "DequantizeLinear")}  # quantize-static's QDQ pairs
 # Projections whose weights are stored packed (QuantLinear: [N, n_blocks, block bytes]): a
 # weight of rank 3 there is the format, not a broadcast along the sequence.
 _PACKED_WEIGHTS = {"QuantLinear", "DynamicQuantLinear"}
@@ -52,15 +53,26 @@ def _per_position(node: Node) -> bool:
     x = node.inputs[0]
     if x is None or x.type is None or x.type.rank != 3:
         return False
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.attr("axis", 1) in (1, -2) \
+            and any(v is not None and v.type is not None and v.type.rank for v in node.inputs[1:]):
+        return False  # scales along the sequence axis
     for w in node.inputs[1:]:
         if w is None:
             continue
-        if w.const_value is None and not (w.producer() is not None and w.producer().op_type == "Transpose"
-                                          and w.producer().inputs[0].const_value is not None):
+        if w.const_value is None and not _constant_weight(w):
             return False
         if w.type is None or w.type.rank is None or (w.type.rank > 2 and node.op_type not in _PACKED_WEIGHTS):
             return False  # a weight of rank 3 would broadcast along the sequence
     return True
+
+
+def _constant_weight(w) -> bool:
+    """A weight computed from weights alone: a transposed one, or quantize-static's
+    DequantizeLinear(@w_int8, @scale, @zero_point)."""
+    p = w.producer()
+    if p is None or p.op_type not in ("Transpose", "DequantizeLinear"):
+        return False
+    return all(v is None or v.const_value is not None for v in p.inputs)
 
 
 @register_pass("slice-last-token-logits")
