@@ -1,0 +1,41 @@
+"""genai_config.json can describe a model only when every layer has the same key/value heads,
+head size and query heads: a model pruned per layer gets none (and the manifest says why)."""
+from __future__ import annotations
+
+from graphopt.dtypes import DType
+from graphopt.genai import _hidden_size, genai_unsupported
+from graphopt.ir import Graph, TensorType
+
+
+def _manifest(kv_heads: list[int], head: int = 32) -> dict:
+    inputs = [{"name": "input_ids", "shape": ["batch", "seq"]}]
+    for i, n in enumerate(kv_heads):
+        for kind in ("key", "value"):
+            inputs.append({"name": f"past_key_values.{i}.{kind}", "shape": ["batch", n, "past_seq", head]})
+    return {"signature": {"inputs": inputs, "outputs": []}}
+
+
+def _graph_with_attention(query_heads: list[int]) -> Graph:
+    g = Graph("g")
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", "seq", 64)))
+    for n in query_heads:
+        node = g.append(g.make_node("Attention", [x, x, x], domain="graphopt", attrs={"num_heads": n},
+                                    output_types=[TensorType(DType.FLOAT32, ("batch", "seq", 64))]))
+        x = node.outputs[0]
+    g.outputs = [x]
+    return g
+
+
+def test_uniform_layers_are_described():
+    assert genai_unsupported(_graph_with_attention([6, 6]), _manifest([2, 2])) is None
+
+
+def test_layers_that_differ_get_no_config():
+    assert "differ" in genai_unsupported(_graph_with_attention([6, 6]), _manifest([2, 1]))
+    assert "differ" in genai_unsupported(_graph_with_attention([6, 3]), _manifest([2, 2]))
+
+
+def test_hidden_size_comes_from_the_config():
+    assert _hidden_size({"hidden_size": 512}) == 512
+    assert _hidden_size({"model": {"dim": 192}}) == 192
+    assert _hidden_size(None) is None and _hidden_size({"n_embd": 768}) is None
