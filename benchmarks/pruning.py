@@ -66,6 +66,11 @@ def perplexities(graph, work: Path, prune: str, max_tokens: int) -> dict[str, fl
     return out
 
 
+def _runner(session):
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: session.run(names, feeds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -83,6 +88,7 @@ def main() -> None:
     import onnxruntime
 
     import graphopt
+    from graphopt.compare.variants import ort_session_from, ort_settings
     from graphopt.models import load_graph
 
     results: dict = {"model": "examples/default", "backend": "onnxruntime cpu", "threads": args.threads,
@@ -99,15 +105,22 @@ def main() -> None:
                 p = res.report["pruning"]
                 results["pruned"] = {"parameters_removed": p["parameters_removed"],
                                      "parameters_before": p["parameters_before"], "block_flops": p["block_flops"]}
-            artifacts[name] = graphopt.load(res.output_dir, threads=args.threads)
-            feeds[name] = decode_step(artifacts[name], args.seq)
+            feeds[name] = decode_step(graphopt.load(res.output_dir, threads=args.threads), args.seq)
+            # timed in sessions that do not spin (as compare's cells): five live sessions whose idle
+            # threads spin would slow each other and make the p50s lie
+            manifest = json.loads((res.output_dir / "manifest.json").read_text())
+            settings = ort_settings(args.threads, disabled_optimizers=manifest.get("ort_session", {})
+                                    .get("disabled_optimizers"))
+            session = ort_session_from(res.output_dir / manifest.get("model", "model.onnx"), settings)
+            artifacts[name] = _runner(session)
+        results["ort_session"] = settings
         times: dict = {name: {"prefill": [], "decode": []} for name in artifacts}
         order = list(artifacts)
         for r in range(args.rounds + 2):  # the first two rounds warm up
             for name in (order if r % 2 else order[::-1]):
                 for phase, key in (("prefill", "prefill"), ("decode", "step")):
                     t = time.perf_counter()
-                    artifacts[name].run(feeds[name][key])
+                    artifacts[name](feeds[name][key])
                     if r >= 2:
                         times[name][phase].append(time.perf_counter() - t)
         if args.perplexity:
