@@ -188,6 +188,9 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
         raise
     if progress is not None:
         progress.close()
+    from graphopt import progress as notes
+
+    notes.flush()  # what the run noted (the export's time) goes above the report, not after it
     render(report)
     for path, text in ((json_file, report_json(report) + "\n" if json_file else None),
                        (html_file, render_html(report) if html_file else None)):
