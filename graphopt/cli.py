@@ -127,7 +127,8 @@ def cli(debug: bool) -> None:
 
 
 def _register_train_commands() -> None:
-    # graphopt.train owns `train`, `eval` and `generate`; it keeps torch out of module scope.
+    # graphopt.train owns `train`, `eval`, `finetune` and `prune` (torch out of module scope);
+    # `generate` (checkpoints and artifacts) is graphopt.generation_cli's.
     try:
         from graphopt.train import cli as train_cli
     except ImportError:  # pragma: no cover - train/ not present in this build

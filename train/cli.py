@@ -166,46 +166,6 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
                f"(model/unigram = {result.perplexity / result.unigram_perplexity:.4f})")
 
 
-@click.command("generate")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=int, default=200, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter.")
-@click.option("--seed", type=click_type("seed"), default=0, show_default=True)
-def generate_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-    """Continue --prompt with CHECKPOINT, streaming tokens as they are produced.
-
-    \b
-    Examples:
-      graphopt generate examples/default --prompt "def "
-      graphopt generate examples/default --prompt "import " --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
-    """
-    import sys
-
-    from .checkpoint import load_model, resolve_checkpoint
-    from .generate import generate
-    from .tokenizer import check_fits, load_tokenizer
-
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be positive")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
-    folder = resolve_checkpoint(checkpoint)
-    model, _ = load_model(folder)
-    tok = load_tokenizer(folder / "tokenizer.json")
-    check_fits(tok, model.config.vocab_size, folder / "tokenizer.json")
-
-    def on_text(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    sys.stdout.write(prompt)
-    generate(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text)
-    sys.stdout.write("\n")
-
-
 @click.command("finetune")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--lora-rank", type=click_type("lora_rank"), default=0, show_default=True,
@@ -279,4 +239,4 @@ def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance,
     click.echo(f"checkpoint: {out}")
 
 
-COMMANDS: list = [train_command, eval_command, generate_command, finetune_command, prune_command]
+COMMANDS: list = [train_command, eval_command, finetune_command, prune_command]
