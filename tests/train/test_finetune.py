@@ -6,8 +6,10 @@ to the same curve; two gloo processes see the batch one process sees.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,74 @@ def test_a_killed_finetune_resumes_to_the_same_run(tiny_run, pruned_tiny, corpus
         x, y = (load_file(str(run / "checkpoints" / "step_0000012" / name)) for run in (whole, killed))
         for key in x:
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pruned_default(tmp_path_factory) -> Path:
+    """The shipped model with half its KV groups and a quarter of its MLP channels removed."""
+    out = tmp_path_factory.mktemp("pruned_default") / "ck"
+    prune_checkpoint(DEFAULT, out, heads_ratio=0.5, mlp_ratio=0.25)
+    return out
+
+
+def _kill_after_first_checkpoint(cmd: list[str], run: Path) -> int:
+    """Starts `cmd`, SIGKILLs it as soon as `run` holds a checkpoint, and returns that
+    checkpoint's step. Polls the folder (no fixed sleep), so a slow machine only waits longer."""
+    latest = run / "checkpoints" / "latest"
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not latest.is_file() and p.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    _, err = p.communicate()
+    assert p.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-2000:]}"
+    return int(latest.read_text().strip()[len("step_"):])
+
+
+@pytest.mark.parametrize("distill", [False, True], ids=["lora", "lora+distill"])
+def test_sigkill_during_finetune_resumes_to_the_uninterrupted_run(distill, pruned_default, tmp_path, corpus_writer,
+                                                                  check_run_folder):
+    """`graphopt finetune` on the shipped model (LoRA; and LoRA with distillation, the pruned
+    shipped model learning from the unpruned one), killed with SIGKILL once it has written a
+    checkpoint, then resumed by the same command: the step counter continues from that
+    checkpoint and the final merged weights and adapter equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    steps = 10
+    student = pruned_default if distill else DEFAULT
+    cmd = [sys.executable, "-m", "graphopt", "finetune", str(student), "--data", str(_new_text(tmp_path, corpus_writer)),
+           "--lora-rank", "4", "--max-steps", str(steps), "--batch-size", "1", "--checkpoint-interval", "2",
+           "--eval-interval", str(steps), "--eval-tokens", "256", "--log-interval", "1", "--seed", "5",
+           "--threads", "1", *(["--distill-from", str(DEFAULT)] if distill else [])]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*cmd, "--out", str(whole)], check=True, capture_output=True)
+
+    at = _kill_after_first_checkpoint([*cmd, "--out", str(killed)], killed)
+    assert 0 < at < steps
+    check_run_folder(killed, ("adapter.safetensors",))
+    r = subprocess.run([*cmd, "--out", str(killed)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"at step {at}\n" in r.stdout and "step 1/" not in r.stdout  # continued, not restarted
+    assert f"step {at + 1}/{steps} |" in r.stdout
+    check_run_folder(killed, ("adapter.safetensors",))
+
+    a, b = _metrics(whole), _metrics(killed)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, step
+        if distill:
+            assert abs(a[step]["kl"] - b[step]["kl"]) <= 1e-6, step
+    assert abs(a[steps]["val_loss"] - b[steps]["val_loss"]) <= 1e-6
+    last = f"step_{steps:07d}"
+    assert json.loads((killed / "checkpoints" / last / "config.json").read_text())["step"] == steps
+    for name in ("model.safetensors", "adapter.safetensors"):
+        x, y = (load_file(str(run / "checkpoints" / last / name)) for run in (whole, killed))
+        assert sorted(x) == sorted(y)
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
+    changed = load_file(str(whole / "checkpoints" / last / "adapter.safetensors"))
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in changed.items())  # it did train
 
 
 def test_finetune_under_torchrun_matches_one_process(tiny_run, pruned_tiny, corpus, tmp_path, free_port):
