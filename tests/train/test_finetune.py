@@ -58,7 +58,7 @@ def test_lora_on_the_shipped_model_learns_a_new_text_and_merges_exactly(tmp_path
     run = tmp_path / "run"
     cfg = FinetuneConfig(checkpoint=str(DEFAULT), data=str(_new_text(tmp_path, corpus_writer)), out=str(run), lora_rank=8,
                          max_steps=24, batch_size=2, lr=5e-3, eval_interval=24, eval_tokens=2048,
-                         checkpoint_interval=24, log_interval=1000, threads=2)
+                         checkpoint_interval=24, log_interval=1000, threads=2, val_tokens=256)
     folder = finetune(cfg)
     val = load_split(run / "data", "val")[:2049]
     base, _ = load_model(DEFAULT)
@@ -125,7 +125,7 @@ def test_a_killed_finetune_resumes_to_the_same_run(tiny_run, pruned_tiny, corpus
 def pruned_default(tmp_path_factory) -> Path:
     """The shipped model with half its KV groups and a quarter of its MLP channels removed."""
     out = tmp_path_factory.mktemp("pruned_default") / "ck"
-    prune_checkpoint(DEFAULT, out, heads_ratio=0.5, mlp_ratio=0.25)
+    prune_checkpoint(DEFAULT, out, heads_ratio=0.5, mlp_ratio=0.25, val_tokens=256)
     return out
 
 
@@ -158,7 +158,7 @@ def test_sigkill_during_finetune_resumes_to_the_uninterrupted_run(distill, prune
     cmd = [sys.executable, "-m", "graphopt", "finetune", str(student), "--data", str(_new_text(tmp_path, corpus_writer)),
            "--lora-rank", "4", "--max-steps", str(steps), "--batch-size", "1", "--checkpoint-interval", "2",
            "--eval-interval", str(steps), "--eval-tokens", "256", "--log-interval", "1", "--seed", "5",
-           "--threads", "1", *(["--distill-from", str(DEFAULT)] if distill else [])]
+           "--val-tokens", "256", "--threads", "1", *(["--distill-from", str(DEFAULT)] if distill else [])]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run([*cmd, "--out", str(whole)], check=True, capture_output=True)
 
@@ -189,6 +189,63 @@ def test_sigkill_during_finetune_resumes_to_the_uninterrupted_run(distill, prune
     assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in changed.items())  # it did train
 
 
+def test_prune_and_finetune_record_perplexity_and_optimize_reports_it(tiny_run, corpus, tmp_path):
+    """Issue 15's report: `graphopt prune` records the unpruned and pruned perplexity on the
+    checkpoint's val.txt, `graphopt finetune` the recovered one, and `graphopt optimize` of
+    the recovered run carries all three into report.json and its summary; each equals
+    `graphopt eval`'s perplexity (train/evaluate.py) of that checkpoint on the same text."""
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.train.checkpoint import resolve_checkpoint
+    from graphopt.train.evaluate import evaluate_checkpoint
+
+    val = resolve_checkpoint(tiny_run) / "val.txt"
+    pruned, run = tmp_path / "pruned", tmp_path / "run"
+    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a], catch_exceptions=False)
+    r = invoke("prune", tiny_run, "--heads-ratio", "0.5", "--mlp-ratio", "0.5", "--out", pruned)
+    assert r.exit_code == 0, r.output
+    assert f"perplexity on {val} (" in r.output
+    r = invoke("finetune", pruned, "--data", corpus, "--distill-from", tiny_run, "--max-steps", "30",
+               "--batch-size", "4", "--lr", "3e-3", "--eval-interval", "30", "--eval-tokens", "512",
+               "--checkpoint-interval", "30", "--seed", "3", "--threads", "1", "--out", run)
+    assert r.exit_code == 0, r.output
+    want = {name: evaluate_checkpoint(folder, data=val)[0].perplexity
+            for name, folder in (("unpruned", tiny_run), ("pruned", pruned), ("recovered", run))}
+    assert want["recovered"] < want["pruned"] and want["unpruned"] < want["pruned"]  # the three differ
+
+    saved = json.loads((resolve_checkpoint(run) / "config.json").read_text())
+    assert saved["finetune"]["perplexity"]["before"] == pytest.approx(want["pruned"], rel=1e-9)
+    r = invoke("optimize", run, "-o", tmp_path / "opt", "--no-kv-cache")
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "opt" / "report.json").read_text())["pruning"]
+    assert got["checkpoint"]["heads_ratio"] == 0.5 and got["checkpoint"]["mlp_ratio"] == 0.5
+    ppl = got["perplexity"]
+    assert ppl["text"] == str(val) and ppl["tokens"] == evaluate_checkpoint(tiny_run, data=val)[0].tokens
+    for name in ("unpruned", "pruned", "recovered"):
+        assert ppl[name] == pytest.approx(want[name], rel=1e-9), name
+    line = next(x for x in r.output.splitlines() if "perplexity:" in x)
+    assert line.split("perplexity: ")[1].startswith(
+        f"unpruned {want['unpruned']:.2f} -> pruned {want['pruned']:.2f} -> recovered {want['recovered']:.2f} (")
+
+
+def test_without_validation_text_perplexity_is_skipped_with_a_note(tiny_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.train.checkpoint import resolve_checkpoint
+
+    bare = shutil.copytree(resolve_checkpoint(tiny_run), tmp_path / "bare", ignore=shutil.ignore_patterns("val.txt"))
+    r = CliRunner().invoke(cli, ["prune", str(bare), "--mlp-ratio", "0.25", "--out", str(tmp_path / "pruned")])
+    assert r.exit_code == 0, r.output
+    note = f"{bare} has no val.txt; pass --val FILE to measure perplexity"
+    assert f"perplexity: skipped ({note})" in r.output
+    saved = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert saved["pruned"]["perplexity"] == {"skipped": note}
+
+
 def test_finetune_under_torchrun_matches_one_process(tiny_run, pruned_tiny, corpus, tmp_path, free_port):
     common = ["finetune", str(pruned_tiny), "--data", str(corpus), "--distill-from", str(tiny_run),
               "--lora-rank", "4", "--max-steps", "2", "--eval-interval", "2", "--checkpoint-interval", "2",
@@ -210,6 +267,7 @@ def test_finetune_under_torchrun_matches_one_process(tiny_run, pruned_tiny, corp
     (["--lora-alpha", "8"], "--lora-alpha and --lora-targets need --lora-rank"),
     (["--distill-from", "{DEFAULT}"], "vocab_size 4096 differs from the student's 384"),
     (["--data", "{W}/nope"], "--data {W}/nope: not a directory or a file"),
+    (["--val", "{W}/nope.txt"], "--val {W}/nope.txt: no such file"),
 ])
 def test_finetune_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, args, fragment):
     args = [a.replace("{DEFAULT}", str(DEFAULT)).replace("{W}", str(tmp_path)) for a in args]
