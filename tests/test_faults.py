@@ -247,6 +247,8 @@ CASES = {
                                     "only --importance wanda reads calibration text"),
     "prune-calibration-not-utf8": ("prune {DEF} --mlp-ratio 0.25 --importance wanda --calibration {B}/latin1.txt "
                                    "--out {W}/pruned", "not a UTF-8 text file"),
+    "prune-calibration-jsonl": ("prune {DEF} --mlp-ratio 0.25 --importance wanda --calibration {B}/bad.jsonl "
+                                "--out {W}/pruned", "graphopt prune reads one plain text file (not .jsonl)"),
     "prune-wanda-no-default-calibration": ("prune {B}/pruned_ckpt --mlp-ratio 0.25 --importance wanda --out {W}/pruned",
                                            "was not trained on the default corpus"),
     # generate: sampling options are checked where they are parsed

@@ -232,7 +232,7 @@ def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_fr
               help="Unit score: magnitude (the L2 norm of its weights) or wanda (|W| * ||x|| of its output-side "
                    "weights on calibration text): the rules of the prune-heads / prune-mlp passes.")
 @click.option("--calibration", type=click.Path(path_type=Path),
-              help="Text (or .jsonl of texts) that --importance wanda runs the model on [default: the training "
+              help="A text file that --importance wanda runs the model on [default: the training "
                    "corpus of a checkpoint trained on the default one, never its validation text].")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="Remove the ratio from every layer, or the lowest-scoring units of the whole model "

@@ -184,10 +184,10 @@ def plan(model, heads_ratio: float, mlp_ratio: float, min_keep: int = 1, scope: 
 
 
 def calibration_windows(folder: Path, cfg, path=None) -> tuple[torch.Tensor, str]:
-    """Token windows [n, seq] to score Wanda on, and where they came from: `path` (a text
-    file, or a .jsonl of texts: a JSON string or {"text": ...} a line), else -- for a
-    checkpoint trained on the default corpus -- that corpus's training documents, never its
-    validation text. Cut as graphopt.calibration cuts them for the IR passes."""
+    """Token windows [n, seq] to score Wanda on, and where they came from: `path` (one text
+    file), else -- for a checkpoint trained on the default corpus -- that corpus's training
+    documents, never its validation text. Cut as graphopt.calibration cuts them for the IR
+    passes."""
     import numpy as np
 
     from .data import DataConfig, collect_documents, default_data_dir
@@ -197,19 +197,20 @@ def calibration_windows(folder: Path, cfg, path=None) -> tuple[torch.Tensor, str
         path = Path(path)
         if not path.is_file():
             raise UserError(f"--calibration {path}: no such file")
+        if path.suffix in (".jsonl", ".npz"):  # optimize takes these; here the file is read as one text
+            raise UserError(f"--calibration {path}: graphopt prune reads one plain text file (not {path.suffix}); "
+                            "join the texts into one file")
         try:
             raw = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"--calibration {path}: not a UTF-8 text file ({e})") from None
-        texts = [raw] if path.suffix != ".jsonl" else [_jsonl_text(line, path, i)
-                                                       for i, line in enumerate(raw.splitlines(), 1) if line.strip()]
-        source = str(path)
-    elif not ckpt.read_config(folder).get("train", {"data": "?"}).get("data"):
+        texts, source = [raw], str(path)
+    elif _trained_on_default_corpus(folder):
         docs = [d["text"] for d in collect_documents(default_data_dir(), DataConfig()) if d["split"] == "train"]
         texts, source = docs[::max(1, len(docs) // 64)], f"the training split of {default_data_dir()}"
     else:
         raise UserError(f"--importance wanda: {folder} was not trained on the default corpus, so it has no default "
-                        "calibration text; give --calibration FILE (text or .jsonl of texts)")
+                        "calibration text; give --calibration FILE (a text file)")
     tok = load_tokenizer(folder / "tokenizer.json")
     ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
     seq = min(cfg.max_seq_len, CALIBRATION_SEQ_LEN)
@@ -220,17 +221,9 @@ def calibration_windows(folder: Path, cfg, path=None) -> tuple[torch.Tensor, str
     return torch.from_numpy(np.stack([ids[i * seq:(i + 1) * seq] for i in picks])), source
 
 
-def _jsonl_text(line: str, path: Path, i: int) -> str:
-    import json
-
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--calibration {path}: line {i} is not JSON ({e.msg})") from None
-    text = item.get("text") if isinstance(item, dict) else item
-    if not isinstance(text, str):
-        raise UserError(f"--calibration {path}: line {i} is neither a string nor an object with \"text\"")
-    return text
+def _trained_on_default_corpus(folder: Path) -> bool:
+    train = ckpt.read_config(folder).get("train")
+    return isinstance(train, dict) and train.get("data") == ""
 
 
 @torch.no_grad()

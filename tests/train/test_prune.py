@@ -60,10 +60,14 @@ def _zeroed(model, plans):
     return masked
 
 
+@pytest.mark.parametrize("importance", ["magnitude", "wanda"])
 @pytest.mark.parametrize("arch", ["llama", "gpt"])
-def test_pruned_model_equals_the_original_with_removed_units_zeroed(arch):
+def test_pruned_model_equals_the_original_with_removed_units_zeroed(arch, importance):
     model = _random_model(arch)
-    plans = plan(model, heads_ratio=0.5, mlp_ratio=0.3)
+    windows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(4)) if importance == "wanda" else None
+    plans = plan(model, heads_ratio=0.5, mlp_ratio=0.3, calibration=windows)
+    if windows is not None:  # the activations decide: not the units magnitude keeps
+        assert [p.channels.tolist() for p in plans] != [p.channels.tolist() for p in plan(model, 0.5, 0.3)]
     small = prune_model(model, plans)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
