@@ -200,12 +200,15 @@ def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_fr
     tokenizer; --data may be a folder of .py/.txt/.md/.rst files or one text file. Each
     checkpoint in OUT/checkpoints/ holds the merged weights (a plain checkpoint for
     `graphopt optimize`, no extra ops) and, with LoRA, the unmerged adapter.safetensors.
-    Re-running the same command resumes; `torchrun` runs it data-parallel, as `train`.
+    Re-running the same command resumes; `torchrun` runs it data-parallel, as `train`. The
+    last checkpoint records the perplexity before and after on --val (printed; `graphopt
+    optimize` reports it with the pruning's).
 
     \b
     Examples:
       graphopt finetune examples/default --data notes.txt --lora-rank 8 --max-steps 300 --out runs/lora
       graphopt finetune pruned/ --distill-from examples/default --max-steps 600 --out runs/recover
+      graphopt finetune pruned/ --distill-from examples/default --val held_out.txt --val-tokens 20000 --out runs/r2
       torchrun --nproc-per-node 2 -m graphopt finetune examples/default --lora-rank 8 --out runs/ddp
     """
     from .finetune import FinetuneConfig, finetune
@@ -251,6 +254,7 @@ def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance,
     Examples:
       graphopt prune examples/default --heads-ratio 0.5 --mlp-ratio 0.25 --out pruned
       graphopt prune examples/default --mlp-ratio 0.5 --importance wanda --calibration notes.txt --out pruned
+      graphopt prune examples/default --heads-ratio 0.5 --val held_out.txt --val-tokens 20000 --out pruned
       graphopt finetune pruned --distill-from examples/default --out runs/recover
       graphopt optimize runs/recover -o out/pruned
     """
