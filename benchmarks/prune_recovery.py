@@ -39,29 +39,24 @@ def main() -> None:
 
     import torch
 
-    from graphopt.train.evaluate import evaluate_checkpoint
     from graphopt.train.finetune import FinetuneConfig, finetune
     from graphopt.train.prune import describe, prune_checkpoint
 
     torch.set_num_threads(args.threads)
     pruned, run = args.work / "pruned", args.work / "recovery"
-    summary = prune_checkpoint(DEFAULT, pruned, args.heads_ratio, args.mlp_ratio)
+    # The perplexities are the ones `graphopt prune` and `graphopt finetune` record in their
+    # checkpoints (what `graphopt optimize` reports), on VAL.
+    summary = prune_checkpoint(DEFAULT, pruned, args.heads_ratio, args.mlp_ratio, val=VAL, val_tokens=max_tokens)
     print(describe(summary), flush=True)
-
-    def ppl(folder) -> float:
-        result, _ = evaluate_checkpoint(folder, VAL, 16, max_tokens)
-        return result.perplexity
-
-    before = {"unpruned": ppl(DEFAULT), "pruned": ppl(pruned)}
-    print(f"perplexity: unpruned {before['unpruned']:.2f}, pruned {before['pruned']:.2f}", flush=True)
+    before = {k: summary["perplexity"][k] for k in ("unpruned", "pruned")}
     cfg = FinetuneConfig(checkpoint=str(pruned), distill_from=str(DEFAULT), out=str(run), max_steps=steps,
                          batch_size=args.batch_size, lr=args.lr, distill_alpha=args.distill_alpha,
                          eval_interval=max(steps // 4, 1), eval_tokens=8192, checkpoint_interval=max(steps // 4, 1),
-                         log_interval=10, threads=args.threads)
+                         log_interval=10, threads=args.threads, val=str(VAL), val_tokens=max_tokens)
     t0 = time.perf_counter()
     folder = finetune(cfg, resume=False)
     seconds = time.perf_counter() - t0
-    after = ppl(folder)
+    after = json.loads((folder / "config.json").read_text())["finetune"]["perplexity"]["after"]
     (p0, p1), (f0, f1) = summary["parameters"], summary["block_flops_per_token_seq128"]
     record = {
         "heads_ratio": args.heads_ratio, "mlp_ratio": args.mlp_ratio, "parameters": [p0, p1],
@@ -70,7 +65,7 @@ def main() -> None:
         "perplexity_recovered": after, "recovered_vs_unpruned": after / before["unpruned"] - 1,
         "recovery": {"steps": steps, "batch_size": args.batch_size, "seq_len": 256, "lr": args.lr,
                      "distill_alpha": args.distill_alpha, "temperature": cfg.distill_temperature,
-                     "threads": args.threads, "wall_s_with_data_prep": seconds, "steps_per_s": steps / seconds},
+                     "threads": args.threads, "wall_s_with_data_prep_and_final_perplexity": seconds, "steps_per_s": steps / seconds},
         "scored_tokens": max_tokens or "all", "torch": torch.__version__, "quick": args.quick,
     }
     lines = [
@@ -84,7 +79,7 @@ def main() -> None:
         f"| pruned + recovery | {p1:,} | {f1:,} | {after:.2f} ({after / before['unpruned'] - 1:+.1%} vs unpruned) |", "",
         f"Recovery: {steps} steps of batch {args.batch_size} x 256 tokens, distillation (T={cfg.distill_temperature}, "
         f"alpha={args.distill_alpha}) from the unpruned model, peak lr {args.lr}, {args.threads} threads: "
-        f"{seconds / 60:.1f} min including data preparation ({steps / seconds:.3f} steps/s).",
+        f"{seconds / 60:.1f} min including data preparation and the final perplexity ({steps / seconds:.3f} steps/s).",
     ]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n")

@@ -263,7 +263,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "backend_options": dict(backend_options or {}),
         **quantization_summary(pm.records, quantize, calibration, ctx.hints.get("calibration")),
         **({"accuracy": accuracy} if accuracy is not None else {}),
-        **pruning_summary(pm.records, before["parameters"]["count"], prune, calibration, ctx.hints.get("calibration")),
+        **pruning_summary(pm.records, before["parameters"]["count"], prune, calibration, ctx.hints.get("calibration"),
+                          graph.metadata.source if isinstance(model, Graph) else model),
         "target": target,
     }
     if generation_note is not None:

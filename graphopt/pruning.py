@@ -7,10 +7,19 @@ run after the default recipe's fusions (the forms those passes prune) and before
 rewrite and quantization. The summary reads the pruning passes' records: parameters removed,
 block FLOPs before and after (passes/pruning/flops.py), and, for the mask passes, that they
 only zero weights.
+
+A graphopt training checkpoint pruned by `graphopt prune` (and recovered by `graphopt
+finetune`) carries its own record in config.json: what went, and the validation perplexity
+unpruned, pruned and after recovery. `checkpoint_pruning` reads it, and the report shows it
+under "pruning" beside what the passes removed.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from graphopt.errors import UserError
+from graphopt.frontends.training import is_run_folder, is_training_config
 
 STRUCTURED = {"heads": "prune-heads", "mlp": "prune-mlp"}
 SHARED = ("importance", "scope", "min-keep")
@@ -38,13 +47,49 @@ def prune_pipeline(spec: str) -> str:
     return ",".join(f"{STRUCTURED[k]}{{ratio={v}{options}}}" for k, v in ratios.items())
 
 
-def pruning_summary(records, parameters_before: int, spec: str | None, calibration=None, feeds=None) -> dict:
-    """The report's "pruning" entry (empty when no pruning pass ran); `calibration` (the file)
-    and `feeds` (its feed dicts) are recorded when a pass scored on data."""
-    runs = [r for r in records if r.name in PRUNE_PASSES]
-    if not runs:
+def checkpoint_pruning(model) -> dict:
+    """What a graphopt training checkpoint (or run folder) `model` says `graphopt prune` and
+    `graphopt finetune` did to it: {"checkpoint": the pruning, "perplexity": {text, tokens,
+    unpruned, pruned[, recovered]}}; {} for any other model."""
+    if model is None or not Path(model).is_dir():
         return {}
-    out: dict = {"spec": spec, "passes": [], "parameters_before": parameters_before}
+    folder = Path(model)
+    if is_run_folder(folder):
+        folder = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text(errors="replace").strip()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # the frontend has loaded this folder; a config it could not read never gets here
+    if not isinstance(config, dict) or not is_training_config(config) or not isinstance(config.get("pruned"), dict):
+        return {}
+    pruned = config["pruned"]
+    out: dict = {"checkpoint": {k: v for k, v in pruned.items() if k not in ("kept", "perplexity")}}
+    measured = pruned.get("perplexity") or {}
+    recovery = ((config.get("finetune") or {}).get("perplexity")) or {}
+    if "unpruned" in measured:
+        out["perplexity"] = {k: measured[k] for k in ("text", "tokens", "unpruned", "pruned")}
+        if "after" in recovery and all(recovery.get(k) == measured.get(k) for k in ("sha256", "max_tokens")):
+            out["perplexity"]["recovered"] = recovery["after"]
+        elif "after" in recovery:  # recovery measured on another text: its own before and after
+            out["perplexity"]["recovery"] = {k: recovery[k] for k in ("text", "tokens", "before", "after")}
+    elif "after" in recovery:
+        out["perplexity"] = {"text": recovery["text"], "tokens": recovery["tokens"], "pruned": recovery["before"],
+                             "recovered": recovery["after"]}
+    elif "skipped" in measured:
+        out["perplexity"] = {"skipped": measured["skipped"]}
+    return out
+
+
+def pruning_summary(records, parameters_before: int, spec: str | None, calibration=None, feeds=None,
+                    model=None) -> dict:
+    """The report's "pruning" entry (empty when no pruning pass ran and `model` is not a
+    pruned training checkpoint); `calibration` (the file) and `feeds` (its feed dicts) are
+    recorded when a pass scored on data."""
+    runs = [r for r in records if r.name in PRUNE_PASSES]
+    from_checkpoint = checkpoint_pruning(model)
+    if not runs:
+        return {"pruning": from_checkpoint} if from_checkpoint else {}
+    out: dict = {"spec": spec, "passes": [], "parameters_before": parameters_before, **from_checkpoint}
     if feeds and any(r.options.get("importance") == "wanda" for r in runs):
         out["calibration"] = {"file": None if calibration is None else str(calibration), "batches": len(feeds),
                               "sequences": int(sum(len(next(iter(f.values()))) for f in feeds))}
@@ -84,10 +129,34 @@ def pruning_manifest(records) -> dict:
 
 
 def format_pruning(report: dict) -> str | None:
-    """One line for the terminal summary: what went, and the share of parameters and block FLOPs."""
+    """The terminal summary's lines: what went (in the checkpoint, by the passes), the share of
+    parameters and block FLOPs, and the checkpoint's perplexity before and after recovery."""
     p = report.get("pruning")
     if not p:
         return None
+    lines = []
+    c = p.get("checkpoint")
+    if c:
+        (p0, p1) = c["parameters"]
+        lines.append(f"pruned    in the checkpoint (graphopt prune: heads {c['heads_ratio']}, mlp {c['mlp_ratio']}, "
+                     f"{c['importance']}): {p0:,} -> {p1:,} parameters (-{1 - p1 / p0:.1%})")
+    if p.get("passes"):
+        lines.append(_format_passes(p))
+    ppl = p.get("perplexity")
+    if ppl and "skipped" in ppl:
+        lines.append(f"          perplexity: skipped ({ppl['skipped']})")
+    elif ppl:
+        stages = [f"{name} {ppl[name]:.2f}" for name in ("unpruned", "pruned", "recovered") if name in ppl]
+        lines.append(f"          perplexity: {' -> '.join(stages)} ({ppl['text']}, {ppl['tokens']:,} tokens)")
+        r = ppl.get("recovery")
+        if r:
+            lines.append(f"          recovery: perplexity {r['before']:.2f} -> {r['after']:.2f} "
+                         f"({r['text']}, {r['tokens']:,} tokens)")
+    return "\n".join(lines)
+
+
+def _format_passes(p: dict) -> str:
+    """One line for what the pruning passes removed."""
     parts = []
     for entry in p["passes"]:
         if entry["pass"] in STRUCTURED.values() and not entry.get("layers"):

@@ -107,6 +107,10 @@ def bad(tmp_path_factory) -> Path:
     shutil.copytree(DEFAULT, b / "ckpt_cut", ignore=shutil.ignore_patterns("model.safetensors", "val.txt"))
     (b / "ckpt_cut" / "model.safetensors").write_bytes((DEFAULT / "model.safetensors").read_bytes()[:4096])
     shutil.copytree(DEFAULT, b / "ckpt_badtok", ignore=shutil.ignore_patterns("val.txt"))
+    # a checkpoint that names no training corpus (as `graphopt prune` writes one): no default calibration
+    shutil.copytree(DEFAULT, b / "pruned_ckpt", ignore=shutil.ignore_patterns("val.txt"))
+    config = json.loads((DEFAULT / "config.json").read_text())
+    (b / "pruned_ckpt" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "train"}))
     (b / "ckpt_badtok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     (b / "ckpt_badmodel").mkdir()
     (b / "ckpt_badmodel" / "config.json").write_text(json.dumps({"format": "graphopt.train.checkpoint/1", "model": [1]}))
@@ -232,6 +236,21 @@ CASES = {
     "unknown-option": ("optimize {EX} -o {W}/out --bogus", "No such option"),
     "missing-model": ("optimize -o {W}/out", "Missing argument 'MODEL'"),
     "unknown-command": ("optimise {EX}", "No such command 'optimise'"),
+    # prune / finetune: the validation text and the calibration text (issue 15)
+    "prune-val-missing": ("prune {DEF} --mlp-ratio 0.25 --out {W}/pruned --val {W}/nope.txt",
+                          "--val {W}/nope.txt: no such file"),
+    "finetune-val-missing": ("finetune {DEF} --lora-rank 2 --out {W}/run --val {W}/nope.txt",
+                             "--val {W}/nope.txt: no such file"),
+    "prune-calibration-missing": ("prune {DEF} --mlp-ratio 0.25 --importance wanda --calibration {W}/nope.txt "
+                                  "--out {W}/pruned", "--calibration {W}/nope.txt: no such file"),
+    "prune-calibration-not-wanda": ("prune {DEF} --mlp-ratio 0.25 --calibration {B}/latin1.txt --out {W}/pruned",
+                                    "only --importance wanda reads calibration text"),
+    "prune-calibration-not-utf8": ("prune {DEF} --mlp-ratio 0.25 --importance wanda --calibration {B}/latin1.txt "
+                                   "--out {W}/pruned", "not a UTF-8 text file"),
+    "prune-calibration-jsonl": ("prune {DEF} --mlp-ratio 0.25 --importance wanda --calibration {B}/bad.jsonl "
+                                "--out {W}/pruned", "graphopt prune reads one plain text file (not .jsonl)"),
+    "prune-wanda-no-default-calibration": ("prune {B}/pruned_ckpt --mlp-ratio 0.25 --importance wanda --out {W}/pruned",
+                                           "was not trained on the default corpus"),
     # generate: sampling options are checked where they are parsed
     "generate-top-p-above-1": ("generate {DEF} --prompt x --top-p 1.5", "'--top-p': 1.5 is not in the range 0<x<=1"),
     "generate-top-p-zero": ("generate {DEF} --prompt x --top-p 0", "'--top-p': 0.0 is not in the range"),

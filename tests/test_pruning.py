@@ -853,3 +853,66 @@ def test_prune_then_quantize_in_one_optimize(llama, tmp_path):
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     assert cos.min() > 0.999  # int8's budget, against the pruned PyTorch model
     assert np.abs(got - want).max() > 0  # and it is quantized, not float
+
+
+# ------------------------------------------ the pruning record of a training checkpoint
+
+def _checkpoint_config(folder: Path, pruned_ppl: dict | None, finetune_ppl: dict | None) -> Path:
+    import json
+
+    config = {"format": "graphopt.train.checkpoint/1", "model": {"arch": "llama"}}
+    if pruned_ppl is not None:
+        config["pruned"] = {"source": "examples/default", "importance": "wanda", "heads_ratio": 0.5, "mlp_ratio": 0.25,
+                            "min_keep": 1, "scope": "layer", "parameters": [400, 300], "kept": [[0]],
+                            "perplexity": pruned_ppl}
+    if finetune_ppl is not None:
+        config["finetune"] = {"lora_rank": 0, "perplexity": finetune_ppl}
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+VAL = {"text": "a/val.txt", "sha256": "aa", "max_tokens": 0, "tokens": 1000}
+
+
+@pytest.mark.parametrize("pruned_ppl, finetune_ppl, want, line", [
+    (dict(VAL, unpruned=25.0, pruned=76.5), dict(VAL, text="b/val.txt", before=76.5, after=27.25),
+     {"text": "a/val.txt", "tokens": 1000, "unpruned": 25.0, "pruned": 76.5, "recovered": 27.25},
+     "perplexity: unpruned 25.00 -> pruned 76.50 -> recovered 27.25 (a/val.txt, 1,000 tokens)"),
+    (dict(VAL, unpruned=25.0, pruned=76.5), dict(VAL, sha256="bb", text="n.txt", tokens=50, before=9.0, after=4.0),
+     {"text": "a/val.txt", "tokens": 1000, "unpruned": 25.0, "pruned": 76.5,
+      "recovery": {"text": "n.txt", "tokens": 50, "before": 9.0, "after": 4.0}},
+     "recovery: perplexity 9.00 -> 4.00 (n.txt, 50 tokens)"),
+    (dict(VAL, unpruned=25.0, pruned=76.5), None,
+     {"text": "a/val.txt", "tokens": 1000, "unpruned": 25.0, "pruned": 76.5},
+     "perplexity: unpruned 25.00 -> pruned 76.50 (a/val.txt, 1,000 tokens)"),
+    ({"skipped": "p has no val.txt"}, dict(VAL, before=76.5, after=27.25),
+     {"text": "a/val.txt", "tokens": 1000, "pruned": 76.5, "recovered": 27.25},
+     "perplexity: pruned 76.50 -> recovered 27.25 (a/val.txt, 1,000 tokens)"),
+    ({"skipped": "p has no val.txt"}, None, {"skipped": "p has no val.txt"}, "perplexity: skipped (p has no val.txt)"),
+])
+def test_a_pruned_checkpoints_record_reaches_the_report(tmp_path, pruned_ppl, finetune_ppl, want, line):
+    """What `graphopt prune` / `finetune` recorded becomes report["pruning"]: recovered joins
+    unpruned -> pruned only when both were measured on the same text (SHA-256 and token cap),
+    a run folder reads its latest checkpoint, and the summary prints it."""
+    from graphopt.pruning import checkpoint_pruning, format_pruning, pruning_summary
+
+    run = tmp_path / "run"
+    _checkpoint_config(run / "checkpoints" / "step_0000010", pruned_ppl, finetune_ppl)
+    (run / "checkpoints" / "latest").write_text("step_0000010\n")
+    got = checkpoint_pruning(run)
+    assert got["perplexity"] == want
+    assert got["checkpoint"] == {"source": "examples/default", "importance": "wanda", "heads_ratio": 0.5,
+                                 "mlp_ratio": 0.25, "min_keep": 1, "scope": "layer", "parameters": [400, 300]}
+    report = pruning_summary([], 300, None, model=run)
+    lines = format_pruning(report).splitlines()
+    assert lines[0] == "pruned    in the checkpoint (graphopt prune: heads 0.5, mlp 0.25, wanda): 400 -> 300 parameters (-25.0%)"
+    assert line in lines[-1]
+
+
+def test_a_checkpoint_without_a_pruning_record_adds_nothing(tmp_path):
+    from graphopt.pruning import checkpoint_pruning, pruning_summary
+
+    folder = _checkpoint_config(tmp_path / "ck", None, None)
+    assert checkpoint_pruning(folder) == {} and pruning_summary([], 10, None, model=folder) == {}
+    assert checkpoint_pruning(tmp_path / "model.onnx") == {} and checkpoint_pruning(None) == {}

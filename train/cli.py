@@ -66,6 +66,18 @@ def _run_options(f):
     return f
 
 
+def _val_options(what: str):
+    """--val FILE / --val-tokens N of `prune` and `finetune`: the validation text on which
+    `what` is measured (what `graphopt optimize` reports as perplexity before and after)."""
+    def decorate(f):
+        f = click.option("--val-tokens", type=click_type("val_tokens"), default=0, show_default=True,
+                         help="Score only the first N tokens of the validation text (0 = all).")(f)
+        return click.option("--val", type=click.Path(path_type=Path),
+                            help=f"Validation text for {what} [default: CHECKPOINT/val.txt; without one, "
+                                 "perplexity is skipped with a note].")(f)
+    return decorate
+
+
 def _set_flags(options: dict, flags: dict) -> dict:
     for name in _TRAIN_FLAGS:
         if flags.get(name) is not None:
@@ -178,28 +190,33 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
 @click.option("--distill-temperature", type=click_type("distill_temperature"), default=2.0, show_default=True)
 @click.option("--distill-alpha", type=click_type("distill_alpha"), default=0.5, show_default=True,
               help="Weight of the distillation term; the language-model loss gets 1 - alpha.")
+@_val_options("the base's and the fine-tuned model's perplexity, recorded in the last checkpoint")
 @_run_options
 def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_from, distill_temperature,
-                     distill_alpha, resume, stop_at_step, **flags):
+                     distill_alpha, val, val_tokens, resume, stop_at_step, **flags):
     """Fine-tune CHECKPOINT: LoRA adapters, distillation from a teacher, or both.
 
     The data (default: the Python stdlib, as `train`) is tokenized with CHECKPOINT's own
     tokenizer; --data may be a folder of .py/.txt/.md/.rst files or one text file. Each
     checkpoint in OUT/checkpoints/ holds the merged weights (a plain checkpoint for
     `graphopt optimize`, no extra ops) and, with LoRA, the unmerged adapter.safetensors.
-    Re-running the same command resumes; `torchrun` runs it data-parallel, as `train`.
+    Re-running the same command resumes; `torchrun` runs it data-parallel, as `train`. The
+    last checkpoint records the perplexity before and after on --val (printed; `graphopt
+    optimize` reports it with the pruning's).
 
     \b
     Examples:
       graphopt finetune examples/default --data notes.txt --lora-rank 8 --max-steps 300 --out runs/lora
       graphopt finetune pruned/ --distill-from examples/default --max-steps 600 --out runs/recover
+      graphopt finetune pruned/ --distill-from examples/default --val held_out.txt --val-tokens 20000 --out runs/r2
       torchrun --nproc-per-node 2 -m graphopt finetune examples/default --lora-rank 8 --out runs/ddp
     """
     from .finetune import FinetuneConfig, finetune
 
     options = _set_flags(dict(checkpoint=str(checkpoint), lora_rank=lora_rank, lora_alpha=lora_alpha,
                               lora_targets=lora_targets, distill_from=str(distill_from or ""),
-                              distill_temperature=distill_temperature, distill_alpha=distill_alpha), flags)
+                              distill_temperature=distill_temperature, distill_alpha=distill_alpha,
+                              val=str(val or ""), val_tokens=val_tokens), flags)
     cfg = FinetuneConfig.from_dict(options, "flags")
     folder = finetune(cfg, resume=resume, stop_at_step=stop_at_step)
     click.echo(f"checkpoint: {folder}")
@@ -214,27 +231,37 @@ def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_fr
               help="Fraction of each layer's MLP channels to remove.")
 @click.option("--min-keep", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fewest KV groups / channels a layer keeps.")
-@click.option("--importance", type=click.Choice(["magnitude"]), default="magnitude", show_default=True,
-              help="Unit score: the L2 norm of its weights (the rule of the prune-heads / prune-mlp passes).")
+@click.option("--importance", type=click.Choice(["magnitude", "wanda"]), default="magnitude", show_default=True,
+              help="Unit score: magnitude (the L2 norm of its weights) or wanda (|W| * ||x|| of its output-side "
+                   "weights on calibration text): the rules of the prune-heads / prune-mlp passes.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="A text file that --importance wanda runs the model on [default: the training "
+                   "corpus of a checkpoint trained on the default one, never its validation text].")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="Remove the ratio from every layer, or the lowest-scoring units of the whole model "
                    "(layers then keep different sizes).")
-def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope):
+@_val_options("the unpruned and the pruned model's perplexity, recorded in OUT")
+def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, calibration, scope, val, val_tokens):
     """Prune a training CHECKPOINT into a smaller one: whole KV groups and MLP channels.
 
     Writes OUT, a plain checkpoint with the smaller config (`graphopt finetune` recovers it,
-    `graphopt optimize` takes it), and prints the parameters and block FLOPs removed. The
-    units removed are those the IR passes prune-heads / prune-mlp remove at the same ratios.
+    `graphopt optimize` takes it), and prints the parameters and block FLOPs removed and the
+    perplexity on the validation text before and after (recorded in OUT; `graphopt optimize`
+    reports it). The units removed are those the IR passes prune-heads / prune-mlp remove at
+    the same ratios and importance.
 
     \b
     Examples:
       graphopt prune examples/default --heads-ratio 0.5 --mlp-ratio 0.25 --out pruned
+      graphopt prune examples/default --mlp-ratio 0.5 --importance wanda --calibration notes.txt --out pruned
+      graphopt prune examples/default --heads-ratio 0.5 --val held_out.txt --val-tokens 20000 --out pruned
       graphopt finetune pruned --distill-from examples/default --out runs/recover
       graphopt optimize runs/recover -o out/pruned
     """
     from .prune import describe, prune_checkpoint
 
-    summary = prune_checkpoint(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope)
+    summary = prune_checkpoint(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope,
+                               val=val, val_tokens=val_tokens, calibration=calibration)
     click.echo(describe(summary))
     click.echo(f"checkpoint: {out}")
 

@@ -47,30 +47,80 @@ def encode_scored(tok, docs: list[str], source: str):
 
 
 def evaluate_checkpoint(checkpoint, data=None, batch_size: int = 16, max_tokens: int = 0) -> tuple[EvalResult, str]:
-    import torch
-
     from .checkpoint import load_model, resolve_checkpoint
     from .tokenizer import load_tokenizer
-    from .trainer import evaluate_tokens, unigram_perplexity
 
     folder = resolve_checkpoint(checkpoint)
     model, cfg = load_model(folder)
     tok = load_tokenizer(folder / "tokenizer.json")
     docs, source = load_documents(folder, data)
+    return score_documents(model, cfg, tok, docs, source, batch_size, max_tokens, str(folder)), source
+
+
+def score_documents(model, cfg, tok, docs: list[str], source: str, batch_size: int = 16, max_tokens: int = 0,
+                    where: str = "model") -> EvalResult:
+    """The perplexity (and bits per byte, unigram baseline) of `model` on `docs`."""
+    import torch
+
+    from .trainer import evaluate_tokens, unigram_perplexity
+
     ids = encode_scored(tok, docs, source)
     n_bytes = sum(len(d.encode()) for d in docs)
     if max_tokens and len(ids) > max_tokens + 1:
         ids = ids[:max_tokens + 1]
         n_bytes = len(tok.decode(ids[1:].tolist()).encode())  # approximate: the scored prefix
     if ids.max() >= cfg.vocab_size:
-        raise UserError(f"{folder}: tokenizer produces ids beyond the model's vocab_size={cfg.vocab_size}")
+        raise UserError(f"{where}: tokenizer produces ids beyond the model's vocab_size={cfg.vocab_size}")
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        nll, count = evaluate_tokens(model, ids, cfg.max_seq_len, batch_size)
+        nll, count = evaluate_tokens(model, ids, cfg.max_seq_len, batch_size, device=device)
     loss = nll / count
-    result = EvalResult(documents=len(docs), tokens=count, bytes=n_bytes, loss=loss,
-                        perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / n_bytes,
-                        unigram_perplexity=unigram_perplexity(ids))
-    return result, source
+    return EvalResult(documents=len(docs), tokens=count, bytes=n_bytes, loss=loss,
+                      perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / n_bytes,
+                      unigram_perplexity=unigram_perplexity(ids))
+
+
+# ---------------------------------------------------------------- validation perplexity in checkpoints
+# `graphopt prune` and `graphopt finetune` record the perplexity of the models they start from
+# and write on one validation text, so `graphopt optimize` can report "unpruned -> pruned ->
+# recovered". The text is identified by its SHA-256, so the same text copied into another
+# checkpoint still counts as the same.
+
+def validation_text(option: str, val, checkpoint: Path) -> Path | None:
+    """The validation text to score: `val` (a file; missing is a one-line error naming
+    `option`), else the checkpoint's val.txt, else None (perplexity is then skipped)."""
+    if val:
+        path = Path(val)
+        if not path.is_file():
+            raise UserError(f"{option} {val}: no such file (give a text file, e.g. a checkpoint's val.txt)")
+        return path
+    path = Path(checkpoint) / "val.txt"
+    return path if path.is_file() else None
+
+
+def skipped(checkpoint: Path, option: str) -> dict:
+    return {"skipped": f"{checkpoint} has no val.txt; pass {option} FILE to measure perplexity"}
+
+
+def text_record(path: Path, max_tokens: int) -> dict:
+    """What identifies a measurement's text: the file, its SHA-256 and the token cap."""
+    import hashlib
+
+    return {"text": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "max_tokens": max_tokens}
+
+
+def same_text(a: dict, b: dict) -> bool:
+    return all(a.get(k) is not None and a.get(k) == b.get(k) for k in ("sha256", "max_tokens"))
+
+
+def text_perplexity(model, cfg, tokenizer_path: Path, text: Path, max_tokens: int = 0) -> tuple[float, int]:
+    """(perplexity, tokens scored) of `model` on the documents of `text` (as `graphopt eval
+    --data TEXT` scores them)."""
+    from .tokenizer import load_tokenizer
+
+    docs, source = load_documents(Path(text).parent, text)
+    result = score_documents(model, cfg, load_tokenizer(tokenizer_path), docs, source, max_tokens=max_tokens)
+    return result.perplexity, result.tokens
 
 
 # Artifact folders are the compiler's: graphopt registers how to measure one (graphopt.evaluation),

@@ -25,6 +25,7 @@ from graphopt.errors import UserError
 
 from . import checkpoint as ckpt
 from .data import DataConfig, prepare
+from .evaluate import same_text, skipped, text_perplexity, text_record, validation_text
 from .lora import add_lora, adapter_state, load_adapter, merge_lora, parse_targets
 from .trainer import TrainConfig, lm_loss
 
@@ -49,6 +50,8 @@ class FinetuneConfig(TrainConfig):
     eval_interval: int = 50
     checkpoint_interval: int = 50
     out: str = "runs/finetune"
+    val: str = ""                   # validation text for the perplexity recorded at the end; "" = CHECKPOINT/val.txt
+    val_tokens: int = 0             # score its first N tokens (0 = all)
 
     def validate(self, source: str = "fine-tuning config") -> "FinetuneConfig":
         if not self.checkpoint:
@@ -56,7 +59,7 @@ class FinetuneConfig(TrainConfig):
         self.checkpoint = str(self.checkpoint)
         folder = ckpt.resolve_checkpoint(self.checkpoint)
         self.model = ckpt.read_config(folder)["model"]
-        self.distill_from = str(self.distill_from)
+        self.distill_from, self.val = str(self.distill_from), str(self.val)
         super().validate(source)
         if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets != "all"):
             raise UserError("--lora-alpha and --lora-targets need --lora-rank R > 0")
@@ -77,6 +80,8 @@ class Finetuning:
         self.model_config = config_from_dict(cfg.model)
         self.targets = parse_targets(cfg.lora_targets, self.model_config.arch) if cfg.lora_rank else []
         self.alpha = (cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank)
+        self.base_config = ckpt.read_config(self.base)
+        self.val_text = validation_text("--val", cfg.val, self.base)
         self.teacher = None
         if cfg.distill_from:
             self.teacher_folder = ckpt.resolve_checkpoint(cfg.distill_from)
@@ -137,13 +142,42 @@ class Finetuning:
             return model, {}
         return merge_lora(model), {ADAPTER: adapter_state(model)}
 
-    def checkpoint_config(self) -> dict:
+    def checkpoint_config(self, final_model=None) -> dict:
+        """The run's options, the base's pruning record (so `graphopt optimize` still reports
+        it), and, for the run's last checkpoint (`final_model`), the validation perplexity
+        before and after fine-tuning."""
         c = self.cfg
-        return {"finetune": {"base": str(self.base), "lora_rank": c.lora_rank,
-                             "lora_alpha": self.alpha if c.lora_rank else None, "lora_targets": self.targets,
-                             "distill_from": c.distill_from or None,
-                             "distill_temperature": c.distill_temperature if c.distill_from else None,
-                             "distill_alpha": c.distill_alpha if c.distill_from else None}}
+        info = {"base": str(self.base), "lora_rank": c.lora_rank,
+                "lora_alpha": self.alpha if c.lora_rank else None, "lora_targets": self.targets,
+                "distill_from": c.distill_from or None,
+                "distill_temperature": c.distill_temperature if c.distill_from else None,
+                "distill_alpha": c.distill_alpha if c.distill_from else None}
+        if final_model is not None:
+            info["perplexity"] = self.perplexity(final_model)
+        pruned = self.base_config.get("pruned")
+        return {"finetune": info, **({"pruned": pruned} if isinstance(pruned, dict) else {})}
+
+    def perplexity(self, model) -> dict:
+        """{text, sha256, max_tokens, tokens, before, after} on the validation text; "before"
+        is the base's, taken from its pruning record when that measured the same text."""
+        if self.val_text is None:
+            note = skipped(self.base, "--val")
+            print(f"perplexity: skipped ({note['skipped']})", flush=True)
+            return note
+        from .models import config_from_dict
+
+        record = text_record(self.val_text, self.cfg.val_tokens)
+        tokenizer = self.base / "tokenizer.json"
+        after, tokens = text_perplexity(model, self.model_config, tokenizer, self.val_text, self.cfg.val_tokens)
+        earlier = (self.base_config.get("pruned") or {}).get("perplexity") or {}
+        if same_text(record, earlier) and earlier.get("pruned") is not None:
+            before = earlier["pruned"]
+        else:
+            base, _ = ckpt.load_model(self.base)
+            before, _ = text_perplexity(base, config_from_dict(self.base_config["model"]), tokenizer, self.val_text,
+                                        self.cfg.val_tokens)
+        print(f"perplexity on {self.val_text} ({tokens:,} tokens): before {before:.2f} -> after {after:.2f}", flush=True)
+        return {**record, "tokens": tokens, "before": before, "after": after}
 
 
 def distillation_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:

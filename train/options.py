@@ -31,7 +31,7 @@ SCHEMA = {
     "checkpoint": ((str, PurePath), None, None), "lora_rank": (int, 0, None),
     "lora_alpha": ((float, type(None)), ("open", 0.0), None), "lora_targets": (str, None, None),
     "distill_from": ((str, PurePath), None, None), "distill_temperature": (float, ("open", 0.0), None),
-    "distill_alpha": (float, 0.0, 1.0),
+    "distill_alpha": (float, 0.0, 1.0), "val": ((str, PurePath), None, None), "val_tokens": (int, 0, None),
 }
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -8,6 +8,10 @@ paths remove the same units (tests/train/test_prune.py checks that the logits ag
 - a unit's importance is the L2 norm of every weight that touches it (magnitude): for a KV
   group its Q, K and V rows and its output-projection columns, for an MLP channel its rows of
   the gate/up (or fc) weight and its column of the down weight; biases do not count;
+- or (wanda, structured as Wanda-sp) the summed |W| * ||x|| of the output-side weights the
+  unit takes with it: per input column r of the output (down) projection, the L2 norm of its
+  activations over the calibration tokens times the L1 norm of that column, summed over a KV
+  group's query-head columns (one column for an MLP channel);
 - each layer removes floor(ratio * units) of its units, never leaving fewer than `min_keep`
   (`scope="layer"`), or the floor(ratio * all units) lowest scores of the whole model go, no
   layer keeping fewer than `min_keep` (`scope="global"`: layers end up with different sizes);
@@ -29,7 +33,11 @@ from graphopt.errors import UserError
 from . import checkpoint as ckpt
 from .models import build_model, config_to_dict, head_size
 
-IMPORTANCE = ("magnitude",)
+IMPORTANCE = ("magnitude", "wanda")
+# Calibration windows, as graphopt.calibration cuts them for the IR passes: up to
+# CALIBRATION_SAMPLES windows of min(context, CALIBRATION_SEQ_LEN) tokens spread over the
+# text, run CALIBRATION_BATCH at a time.
+CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN, CALIBRATION_BATCH = 32, 256, 4
 SCOPES = ("layer", "global")
 
 
@@ -107,18 +115,115 @@ def channel_scores(block, arch: str) -> torch.Tensor:
     return sq.sqrt()
 
 
-def plan(model, heads_ratio: float, mlp_ratio: float, min_keep: int = 1, scope: str = "layer") -> list[LayerPlan]:
+@torch.no_grad()
+def input_sq_norms(model, windows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block, the summed squared activations (float64) of each input column of the
+    attention-output and MLP-down projections over `windows` [n, seq] of token ids."""
     arch = model.config.arch
-    groups = [group_scores(block, arch) for block in model.blocks]
-    channels = [channel_scores(block, arch) for block in model.blocks]
+    outs = [(b.wo if arch == "llama" else b.attn_proj, b.w_down if arch == "llama" else b.mlp_proj) for b in model.blocks]
+    sums = [[torch.zeros(m.in_features, dtype=torch.float64) for m in pair] for pair in outs]
+    hooks = []
+    for pair, acc in zip(outs, sums):
+        for module, total in zip(pair, acc):
+            def hook(_, args, total=total):
+                x = args[0].detach().double().reshape(-1, total.shape[0])
+                total += (x * x).sum(dim=0)
+            hooks.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(windows), CALIBRATION_BATCH):
+            model(windows[i:i + CALIBRATION_BATCH])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [a for a, _ in sums], [m for _, m in sums]
+
+
+@torch.no_grad()
+def group_wanda(block, arch: str, sq_norm: torch.Tensor) -> torch.Tensor:
+    _, _, wo, nq, nkv, d = _attention(block, arch)
+    per_column = sq_norm.sqrt() * wo.double().abs().sum(dim=0)
+    g = nq // nkv
+    return torch.stack([per_column[_rows(torch.arange(j * g, (j + 1) * g), d)].sum() for j in range(nkv)])
+
+
+@torch.no_grad()
+def channel_wanda(block, arch: str, sq_norm: torch.Tensor) -> torch.Tensor:
+    _, _, down = _mlp(block, arch)
+    return sq_norm.sqrt() * down.double().abs().sum(dim=0)
+
+
+def plan(model, heads_ratio: float, mlp_ratio: float, min_keep: int = 1, scope: str = "layer",
+         calibration: torch.Tensor | None = None) -> list[LayerPlan]:
+    """What each block keeps; with `calibration` (token windows [n, seq]) the units are scored
+    by Wanda, else by magnitude. As in the IR pipeline, where prune-mlp runs after
+    prune-heads, Wanda scores the MLP channels on the model with its heads already pruned."""
+    arch = model.config.arch
 
     def removals(scores, ratio):
         if scope == "global":
             return global_removals(scores, ratio, min_keep)
         return [count_to_remove(len(s), ratio, min_keep) for s in scores]
 
-    return [LayerPlan(keep_top(g, ng), keep_top(c, nc))
-            for g, c, ng, nc in zip(groups, channels, removals(groups, heads_ratio), removals(channels, mlp_ratio))]
+    if calibration is None:
+        groups = [group_scores(block, arch) for block in model.blocks]
+    else:
+        attn_sq, _ = input_sq_norms(model, calibration)
+        groups = [group_wanda(block, arch, sq) for block, sq in zip(model.blocks, attn_sq)]
+    kv_groups = [keep_top(g, n) for g, n in zip(groups, removals(groups, heads_ratio))]
+    if calibration is None:
+        channels = [channel_scores(block, arch) for block in model.blocks]
+    else:
+        all_channels = [torch.arange(_mlp(block, arch)[2].shape[1]) for block in model.blocks]
+        heads_pruned = prune_model(model, [LayerPlan(g, c) for g, c in zip(kv_groups, all_channels)])
+        _, mlp_sq = input_sq_norms(heads_pruned, calibration)
+        channels = [channel_wanda(block, arch, sq) for block, sq in zip(model.blocks, mlp_sq)]
+    return [LayerPlan(g, keep_top(c, n)) for g, c, n in zip(kv_groups, channels, removals(channels, mlp_ratio))]
+
+
+def calibration_windows(folder: Path, cfg, path=None) -> tuple[torch.Tensor, str]:
+    """Token windows [n, seq] to score Wanda on, and where they came from: `path` (one text
+    file), else -- for a checkpoint trained on the default corpus -- that corpus's training
+    documents, never its validation text. Cut as graphopt.calibration cuts them for the IR
+    passes."""
+    import numpy as np
+
+    from .data import DataConfig, collect_documents, default_data_dir
+    from .tokenizer import load_tokenizer
+
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--calibration {path}: no such file")
+        if path.suffix in (".jsonl", ".npz"):  # optimize takes these; here the file is read as one text
+            raise UserError(f"--calibration {path}: graphopt prune reads one plain text file (not {path.suffix}); "
+                            "join the texts into one file")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--calibration {path}: not a UTF-8 text file ({e})") from None
+        texts, source = [raw], str(path)
+    elif _trained_on_default_corpus(folder):
+        docs = [d["text"] for d in collect_documents(default_data_dir(), DataConfig()) if d["split"] == "train"]
+        texts, source = docs[::max(1, len(docs) // 64)], f"the training split of {default_data_dir()}"
+    else:
+        raise UserError(f"--importance wanda: {folder} was not trained on the default corpus, so it has no default "
+                        "calibration text; give --calibration FILE (a text file)")
+    tok = load_tokenizer(folder / "tokenizer.json")
+    ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
+    seq = min(cfg.max_seq_len, CALIBRATION_SEQ_LEN)
+    n = len(ids) // seq
+    if n == 0:
+        raise UserError(f"--calibration {source}: {len(ids)} tokens, fewer than one window of {seq}")
+    picks = np.linspace(0, n - 1, min(CALIBRATION_SAMPLES, n)).astype(int)  # spread over the text
+    return torch.from_numpy(np.stack([ids[i * seq:(i + 1) * seq] for i in picks])), source
+
+
+def _trained_on_default_corpus(folder: Path) -> bool:
+    train = ckpt.read_config(folder).get("train")
+    return isinstance(train, dict) and train.get("data") == ""
 
 
 @torch.no_grad()
@@ -181,10 +286,21 @@ def block_flops(cfg, seq: int) -> int:
 
 
 def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep: int = 1,
-                     importance: str = "magnitude", scope: str = "layer", seq: int = 128) -> dict:
-    """Writes the pruned checkpoint into `out` (atomically); returns the summary it records."""
+                     importance: str = "magnitude", scope: str = "layer", seq: int = 128,
+                     val=None, val_tokens: int = 0, calibration=None) -> dict:
+    """Writes the pruned checkpoint into `out` (atomically); returns the summary it records.
+
+    With a validation text (`val`, default the source's val.txt) the summary's "perplexity"
+    holds the unpruned and the pruned model's perplexity on it (the first `val_tokens`
+    tokens; 0 = all); without one, why it was skipped. `importance="wanda"` scores on
+    `calibration` (a text file; default the checkpoint's training corpus, see
+    `calibration_windows`)."""
+    from .evaluate import skipped, text_perplexity, text_record, validation_text
+
     if importance not in IMPORTANCE:
-        raise UserError(f"--importance {importance}: only {', '.join(IMPORTANCE)} is built")
+        raise UserError(f"--importance {importance}: must be one of {', '.join(IMPORTANCE)}")
+    if calibration is not None and importance != "wanda":
+        raise UserError(f"--calibration {calibration}: only --importance wanda reads calibration text")
     if scope not in SCOPES:
         raise UserError(f"--scope {scope}: must be one of {', '.join(SCOPES)}")
     for name, r in (("--heads-ratio", heads_ratio), ("--mlp-ratio", mlp_ratio)):
@@ -196,15 +312,27 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
         raise UserError(f"--out {out}: is the source checkpoint; give a new folder")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise UserError(f"--out {out}: exists and is not an empty folder or a checkpoint; give a new folder")
+    text = validation_text("--val", val, folder)
     model, cfg = ckpt.load_model(folder)
-    plans = plan(model, heads_ratio, mlp_ratio, min_keep, scope)
+    windows, calibrated_on = calibration_windows(folder, cfg, calibration) if importance == "wanda" else (None, None)
+    plans = plan(model, heads_ratio, mlp_ratio, min_keep, scope, windows)
     small = prune_model(model, plans)
     before, after = block_flops(cfg, seq), block_flops(small.config, seq)
+    if text is None:
+        perplexity = skipped(folder, "--val")
+    else:
+        tokenizer = folder / "tokenizer.json"
+        unpruned, tokens = text_perplexity(model, cfg, tokenizer, text, val_tokens)
+        pruned, _ = text_perplexity(small, small.config, tokenizer, text, val_tokens)
+        perplexity = {**text_record(text, val_tokens), "tokens": tokens, "unpruned": unpruned, "pruned": pruned}
     summary = {
         "source": str(folder), "importance": importance, "heads_ratio": heads_ratio, "mlp_ratio": mlp_ratio,
-        "min_keep": min_keep, "scope": scope, "parameters": [model.num_parameters(), small.num_parameters()],
+        "min_keep": min_keep, "scope": scope,
+        **({"calibration": {"text": calibrated_on, "windows": list(windows.shape)}} if windows is not None else {}),
+        "parameters": [model.num_parameters(), small.num_parameters()],
         f"block_flops_per_token_seq{seq}": [before, after],
         "kept": [{"kv_groups": p.kv_groups.tolist(), "mlp_channels": p.channels.tolist()} for p in plans],
+        "perplexity": perplexity,
     }
     ckpt.save_checkpoint(out, small, {"model": config_to_dict(small.config), "pruned": summary},
                          folder / "tokenizer.json", folder / "val.txt")
@@ -213,8 +341,13 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
 
 def describe(summary: dict, seq: int = 128) -> str:
     (p0, p1), (f0, f1) = summary["parameters"], summary[f"block_flops_per_token_seq{seq}"]
-    return (f"parameters {p0:,} -> {p1:,} (-{1 - p1 / p0:.1%}); "
+    line = (f"parameters {p0:,} -> {p1:,} (-{1 - p1 / p0:.1%}); "
             f"block FLOPs per token at seq {seq}: {f0:,} -> {f1:,} (-{1 - f1 / f0:.1%})")
+    ppl = summary.get("perplexity", {})
+    if "skipped" in ppl:
+        return line + f"\nperplexity: skipped ({ppl['skipped']})"
+    return line + (f"\nperplexity on {ppl['text']} ({ppl['tokens']:,} tokens): "
+                   f"unpruned {ppl['unpruned']:.2f} -> pruned {ppl['pruned']:.2f}")
 
 
 __all__ = ["prune_checkpoint", "prune_model", "plan", "block_flops", "describe"]

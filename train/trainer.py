@@ -235,7 +235,9 @@ class Pretraining:
         """(the plain model a checkpoint stores, {file name: tensors} saved beside it)."""
         return model, {}
 
-    def checkpoint_config(self) -> dict:
+    def checkpoint_config(self, final_model=None) -> dict:
+        """Sections added to each checkpoint's config.json; `final_model` (the exported model)
+        is given for the run's last checkpoint only."""
         return {}
 
 
@@ -359,11 +361,12 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
             if rank == 0:
                 name = f"step_{done:07d}"
                 plain, extra_files = task.export(model)
+                final = done in (cfg.max_steps, stop_at_step)
                 last_folder = ckpt.save_checkpoint(
                     out / "checkpoints" / name, plain,
                     {"model": config_to_dict(model_cfg), "train": asdict(cfg), "step": done,
                      "metrics": {k: v for k, v in record.items() if k != "step"},
-                     "data": meta.get("splits"), **task.checkpoint_config()},
+                     "data": meta.get("splits"), **task.checkpoint_config(plain if final else None)},
                     data_out / "tokenizer.json", data_out / "val.txt",
                     {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done},
                     extra_files)

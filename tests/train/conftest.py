@@ -89,3 +89,32 @@ def tiny_run(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     train(tiny_train_config(corpus, out, max_steps=150, eval_interval=50, checkpoint_interval=50))
     return out
+
+
+def _check_run_folder(run: Path, extra_files: tuple[str, ...] = ()) -> None:
+    """What a kill may leave in a run folder: complete checkpoints only (each with
+    `extra_files` beside the usual ones), `latest` naming one of them, and metrics whose every
+    line but the last is whole."""
+    import json
+
+    from graphopt.train import load_model
+
+    ckpts = run / "checkpoints"
+    if not ckpts.exists():
+        return
+    files = sorted(["config.json", "model.safetensors", "optimizer.pt", "tokenizer.json", "val.txt", *extra_files])
+    for folder in ckpts.glob("step_*"):
+        assert sorted(p.name for p in folder.iterdir()) == files, folder
+        assert json.loads((folder / "config.json").read_text())["step"] == int(folder.name[5:])
+    latest = ckpts / "latest"
+    if latest.exists():
+        load_model(ckpts / latest.read_text().strip())
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    for line in lines[:-1]:
+        json.loads(line)
+
+
+@pytest.fixture(scope="session")
+def check_run_folder():
+    """`check_run_folder(run, extra_files=())`: asserts what a kill may leave (see above)."""
+    return _check_run_folder

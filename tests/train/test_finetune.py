@@ -6,8 +6,10 @@ to the same curve; two gloo processes see the batch one process sees.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +58,7 @@ def test_lora_on_the_shipped_model_learns_a_new_text_and_merges_exactly(tmp_path
     run = tmp_path / "run"
     cfg = FinetuneConfig(checkpoint=str(DEFAULT), data=str(_new_text(tmp_path, corpus_writer)), out=str(run), lora_rank=8,
                          max_steps=24, batch_size=2, lr=5e-3, eval_interval=24, eval_tokens=2048,
-                         checkpoint_interval=24, log_interval=1000, threads=2)
+                         checkpoint_interval=24, log_interval=1000, threads=2, val_tokens=256)
     folder = finetune(cfg)
     val = load_split(run / "data", "val")[:2049]
     base, _ = load_model(DEFAULT)
@@ -119,6 +121,131 @@ def test_a_killed_finetune_resumes_to_the_same_run(tiny_run, pruned_tiny, corpus
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def pruned_default(tmp_path_factory) -> Path:
+    """The shipped model with half its KV groups and a quarter of its MLP channels removed."""
+    out = tmp_path_factory.mktemp("pruned_default") / "ck"
+    prune_checkpoint(DEFAULT, out, heads_ratio=0.5, mlp_ratio=0.25, val_tokens=256)
+    return out
+
+
+def _kill_after_first_checkpoint(cmd: list[str], run: Path) -> int:
+    """Starts `cmd`, SIGKILLs it as soon as `run` holds a checkpoint, and returns that
+    checkpoint's step. Polls the folder (no fixed sleep), so a slow machine only waits longer."""
+    latest = run / "checkpoints" / "latest"
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not latest.is_file() and p.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    _, err = p.communicate()
+    assert p.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-2000:]}"
+    return int(latest.read_text().strip()[len("step_"):])
+
+
+@pytest.mark.parametrize("distill", [False, True], ids=["lora", "lora+distill"])
+def test_sigkill_during_finetune_resumes_to_the_uninterrupted_run(distill, pruned_default, tmp_path, corpus_writer,
+                                                                  check_run_folder):
+    """`graphopt finetune` on the shipped model (LoRA; and LoRA with distillation, the pruned
+    shipped model learning from the unpruned one), killed with SIGKILL once it has written a
+    checkpoint, then resumed by the same command: the step counter continues from that
+    checkpoint and the final merged weights and adapter equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    steps = 10
+    student = pruned_default if distill else DEFAULT
+    cmd = [sys.executable, "-m", "graphopt", "finetune", str(student), "--data", str(_new_text(tmp_path, corpus_writer)),
+           "--lora-rank", "4", "--max-steps", str(steps), "--batch-size", "1", "--checkpoint-interval", "2",
+           "--eval-interval", str(steps), "--eval-tokens", "256", "--log-interval", "1", "--seed", "5",
+           "--val-tokens", "256", "--threads", "1", *(["--distill-from", str(DEFAULT)] if distill else [])]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*cmd, "--out", str(whole)], check=True, capture_output=True)
+
+    at = _kill_after_first_checkpoint([*cmd, "--out", str(killed)], killed)
+    assert 0 < at < steps
+    check_run_folder(killed, ("adapter.safetensors",))
+    r = subprocess.run([*cmd, "--out", str(killed)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"at step {at}\n" in r.stdout and "step 1/" not in r.stdout  # continued, not restarted
+    assert f"step {at + 1}/{steps} |" in r.stdout
+    check_run_folder(killed, ("adapter.safetensors",))
+
+    a, b = _metrics(whole), _metrics(killed)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, step
+        if distill:
+            assert abs(a[step]["kl"] - b[step]["kl"]) <= 1e-6, step
+    assert abs(a[steps]["val_loss"] - b[steps]["val_loss"]) <= 1e-6
+    last = f"step_{steps:07d}"
+    assert json.loads((killed / "checkpoints" / last / "config.json").read_text())["step"] == steps
+    for name in ("model.safetensors", "adapter.safetensors"):
+        x, y = (load_file(str(run / "checkpoints" / last / name)) for run in (whole, killed))
+        assert sorted(x) == sorted(y)
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
+    changed = load_file(str(whole / "checkpoints" / last / "adapter.safetensors"))
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in changed.items())  # it did train
+
+
+def test_prune_and_finetune_record_perplexity_and_optimize_reports_it(tiny_run, corpus, tmp_path):
+    """Issue 15's report: `graphopt prune` records the unpruned and pruned perplexity on the
+    checkpoint's val.txt, `graphopt finetune` the recovered one, and `graphopt optimize` of
+    the recovered run carries all three into report.json and its summary; each equals
+    `graphopt eval`'s perplexity (train/evaluate.py) of that checkpoint on the same text."""
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.train.checkpoint import resolve_checkpoint
+    from graphopt.train.evaluate import evaluate_checkpoint
+
+    val = resolve_checkpoint(tiny_run) / "val.txt"
+    pruned, run = tmp_path / "pruned", tmp_path / "run"
+    invoke = lambda *a: CliRunner().invoke(cli, [str(x) for x in a], catch_exceptions=False)
+    r = invoke("prune", tiny_run, "--heads-ratio", "0.5", "--mlp-ratio", "0.5", "--out", pruned)
+    assert r.exit_code == 0, r.output
+    assert f"perplexity on {val} (" in r.output
+    r = invoke("finetune", pruned, "--data", corpus, "--distill-from", tiny_run, "--max-steps", "30",
+               "--batch-size", "4", "--lr", "3e-3", "--eval-interval", "30", "--eval-tokens", "512",
+               "--checkpoint-interval", "30", "--seed", "3", "--threads", "1", "--out", run)
+    assert r.exit_code == 0, r.output
+    want = {name: evaluate_checkpoint(folder, data=val)[0].perplexity
+            for name, folder in (("unpruned", tiny_run), ("pruned", pruned), ("recovered", run))}
+    assert want["recovered"] < want["pruned"] and want["unpruned"] < want["pruned"]  # the three differ
+
+    saved = json.loads((resolve_checkpoint(run) / "config.json").read_text())
+    assert saved["finetune"]["perplexity"]["before"] == pytest.approx(want["pruned"], rel=1e-9)
+    r = invoke("optimize", run, "-o", tmp_path / "opt", "--no-kv-cache")
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "opt" / "report.json").read_text())["pruning"]
+    assert got["checkpoint"]["heads_ratio"] == 0.5 and got["checkpoint"]["mlp_ratio"] == 0.5
+    ppl = got["perplexity"]
+    assert ppl["text"] == str(val) and ppl["tokens"] == evaluate_checkpoint(tiny_run, data=val)[0].tokens
+    for name in ("unpruned", "pruned", "recovered"):
+        assert ppl[name] == pytest.approx(want[name], rel=1e-9), name
+    line = next(x for x in r.output.splitlines() if "perplexity:" in x)
+    assert line.split("perplexity: ")[1].startswith(
+        f"unpruned {want['unpruned']:.2f} -> pruned {want['pruned']:.2f} -> recovered {want['recovered']:.2f} (")
+
+
+def test_without_validation_text_perplexity_is_skipped_with_a_note(tiny_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+    from graphopt.train.checkpoint import resolve_checkpoint
+
+    bare = shutil.copytree(resolve_checkpoint(tiny_run), tmp_path / "bare", ignore=shutil.ignore_patterns("val.txt"))
+    r = CliRunner().invoke(cli, ["prune", str(bare), "--mlp-ratio", "0.25", "--out", str(tmp_path / "pruned")])
+    assert r.exit_code == 0, r.output
+    note = f"{bare} has no val.txt; pass --val FILE to measure perplexity"
+    assert f"perplexity: skipped ({note})" in r.output
+    saved = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert saved["pruned"]["perplexity"] == {"skipped": note}
+
+
 def test_finetune_under_torchrun_matches_one_process(tiny_run, pruned_tiny, corpus, tmp_path, free_port):
     common = ["finetune", str(pruned_tiny), "--data", str(corpus), "--distill-from", str(tiny_run),
               "--lora-rank", "4", "--max-steps", "2", "--eval-interval", "2", "--checkpoint-interval", "2",
@@ -140,6 +267,7 @@ def test_finetune_under_torchrun_matches_one_process(tiny_run, pruned_tiny, corp
     (["--lora-alpha", "8"], "--lora-alpha and --lora-targets need --lora-rank"),
     (["--distill-from", "{DEFAULT}"], "vocab_size 4096 differs from the student's 384"),
     (["--data", "{W}/nope"], "--data {W}/nope: not a directory or a file"),
+    (["--val", "{W}/nope.txt"], "--val {W}/nope.txt: no such file"),
 ])
 def test_finetune_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, args, fragment):
     args = [a.replace("{DEFAULT}", str(DEFAULT)).replace("{W}", str(tmp_path)) for a in args]

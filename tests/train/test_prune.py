@@ -60,10 +60,14 @@ def _zeroed(model, plans):
     return masked
 
 
+@pytest.mark.parametrize("importance", ["magnitude", "wanda"])
 @pytest.mark.parametrize("arch", ["llama", "gpt"])
-def test_pruned_model_equals_the_original_with_removed_units_zeroed(arch):
+def test_pruned_model_equals_the_original_with_removed_units_zeroed(arch, importance):
     model = _random_model(arch)
-    plans = plan(model, heads_ratio=0.5, mlp_ratio=0.3)
+    windows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(4)) if importance == "wanda" else None
+    plans = plan(model, heads_ratio=0.5, mlp_ratio=0.3, calibration=windows)
+    if windows is not None:  # the activations decide: not the units magnitude keeps
+        assert [p.channels.tolist() for p in plans] != [p.channels.tolist() for p in plan(model, 0.5, 0.3)]
     small = prune_model(model, plans)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -146,7 +150,7 @@ def test_shipped_model_pruned_in_torch_equals_the_ir_passes_and_optimizes(tmp_pa
     import graphopt
     from graphopt.driver import default_pipeline
 
-    summary = prune_checkpoint(DEFAULT, tmp_path / "pruned", heads_ratio=0.5, mlp_ratio=0.25)
+    summary = prune_checkpoint(DEFAULT, tmp_path / "pruned", heads_ratio=0.5, mlp_ratio=0.25, val_tokens=256)
     small, cfg = load_model(tmp_path / "pruned")
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.mlp_hidden, cfg.head_dim) == (3, 1, 384, 32)
     (f0, f1) = summary["block_flops_per_token_seq128"]
@@ -176,7 +180,8 @@ def test_shipped_model_pruned_globally_has_per_layer_sizes_and_optimizes(tmp_pat
     from graphopt.driver import default_pipeline
     from graphopt.errors import UserError
 
-    summary = prune_checkpoint(DEFAULT, tmp_path / "pruned", heads_ratio=0.5, mlp_ratio=0.25, scope="global")
+    summary = prune_checkpoint(DEFAULT, tmp_path / "pruned", heads_ratio=0.5, mlp_ratio=0.25, scope="global",
+                               val_tokens=256)
     small, cfg = load_model(tmp_path / "pruned")
     widths = [entry["mlp_hidden"] for entry in cfg.per_layer]
     assert sum(widths) == 6 * 512 - 768 and len(set(widths)) > 1
@@ -199,6 +204,58 @@ def test_shipped_model_pruned_globally_has_per_layer_sizes_and_optimizes(tmp_pat
     assert mlp_keep == [k["mlp_channels"] for k in summary["kept"]]
     got = graphopt.load(tmp_path / "ir").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+
+
+def test_shipped_model_pruned_by_wanda_in_torch_equals_the_ir_passes(tmp_path, corpus_writer):
+    """--importance wanda: the torch path scores |W| * ||x|| on the same calibration windows as
+    the IR passes prune-heads / prune-mlp{importance=wanda}, so the same KV groups and
+    channels go and the two pruned models give the same logits; and the choice differs from
+    magnitude's (the activations matter)."""
+    import graphopt
+    from graphopt.driver import default_pipeline
+
+    corpus = corpus_writer(tmp_path / "corpus", n_docs=16, seed=5)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(p.read_text() for p in sorted(corpus.rglob("mod_*.py"))))
+    summary = prune_checkpoint(DEFAULT, tmp_path / "pruned", heads_ratio=0.5, mlp_ratio=0.25, importance="wanda",
+                               calibration=calib, val_tokens=256)
+    assert summary["calibration"]["text"] == str(calib) and summary["calibration"]["windows"][1] == 256
+    magnitude = [k["mlp_channels"] for k in prune_checkpoint(DEFAULT, tmp_path / "mag", 0.0, 0.25, val_tokens=1)["kept"]]
+    assert magnitude != [k["mlp_channels"] for k in summary["kept"]]
+
+    passes = default_pipeline() + ",prune-heads{ratio=0.5,importance=wanda},prune-mlp{ratio=0.25,importance=wanda}"
+    graphopt.optimize(DEFAULT, tmp_path / "ir", passes=passes, calibration=calib)
+    report = json.loads((tmp_path / "ir" / "report.json").read_text())
+    keep = {name: [d["keep"] for r in report["passes"] if r["name"] == name for d in r["details"] if "keep" in d]
+            for name in ("prune-heads", "prune-mlp")}
+    assert keep["prune-mlp"] == [k["mlp_channels"] for k in summary["kept"]]
+    assert keep["prune-heads"] == [k["kv_groups"] for k in summary["kept"]]
+    small, cfg = load_model(tmp_path / "pruned")
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 16)).astype(np.int64)
+    with torch.no_grad():
+        want = small(torch.from_numpy(ids)).numpy()
+    got = graphopt.load(tmp_path / "ir").run({"input_ids": ids})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+
+
+def test_wanda_calibrates_on_the_training_corpus_by_default_and_refuses_without_one(tmp_path):
+    """The shipped model was trained on the default corpus: Wanda reads windows of its training
+    split, none of them from val.txt. A pruned checkpoint has no such corpus: one error, nothing
+    written."""
+    from graphopt.errors import UserError
+    from graphopt.train.data import encode_documents, read_val_text
+    from graphopt.train.prune import calibration_windows
+    from graphopt.train.tokenizer import load_tokenizer
+
+    windows, source = calibration_windows(DEFAULT, load_model(DEFAULT)[1])
+    assert source.startswith("the training split of ") and tuple(windows.shape) == (32, 256)
+    val = encode_documents(load_tokenizer(DEFAULT / "tokenizer.json"), read_val_text(DEFAULT / "val.txt"))
+    val_bytes = val.astype(np.int32).tobytes()
+    assert not any(w.astype(np.int32).tobytes() in val_bytes for w in windows.numpy())
+    prune_checkpoint(DEFAULT, tmp_path / "pruned", 0.0, 0.25, val_tokens=1)
+    with pytest.raises(UserError, match="was not trained on the default corpus, so it has no default calibration"):
+        prune_checkpoint(tmp_path / "pruned", tmp_path / "again", 0.0, 0.25, importance="wanda")
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -217,27 +217,8 @@ def test_save_checkpoint_keeps_the_old_one_until_the_new_one_is_complete(tmp_pat
 STEPS = 16
 
 
-def _check_run_folder(run: Path) -> None:
-    """What a kill may leave: complete checkpoints only, `latest` naming one of them, and
-    metrics whose every line but the last is whole."""
-    from graphopt.train import load_model
-
-    ckpts = run / "checkpoints"
-    if not ckpts.exists():
-        return
-    for folder in ckpts.glob("step_*"):
-        assert sorted(p.name for p in folder.iterdir()) == \
-            ["config.json", "model.safetensors", "optimizer.pt", "tokenizer.json", "val.txt"], folder
-        assert json.loads((folder / "config.json").read_text())["step"] == int(folder.name[5:])
-    latest = ckpts / "latest"
-    if latest.exists():
-        load_model(ckpts / latest.read_text().strip())
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    for line in lines[:-1]:
-        json.loads(line)
-
-
-def test_sigkill_during_train_leaves_whole_checkpoints_and_resumes_to_the_same_curve(corpus, tmp_path, make_config):
+def test_sigkill_during_train_leaves_whole_checkpoints_and_resumes_to_the_same_curve(corpus, tmp_path, make_config,
+                                                                                     check_run_folder):
     from graphopt.train import load_model
     from graphopt.train.trainer import read_metrics, train
 
@@ -267,13 +248,13 @@ def test_sigkill_during_train_leaves_whole_checkpoints_and_resumes_to_the_same_c
             time.sleep(0.002)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        _check_run_folder(run)
+        check_run_folder(run)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "lo')  # as if the last kill had torn a line
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "dropped a partial last line" in r.stdout
-    _check_run_folder(run)
+    check_run_folder(run)
     a = {m["step"]: m for m in read_metrics(straight / "metrics.jsonl")}
     b = {m["step"]: m for m in read_metrics(run / "metrics.jsonl")}
     assert sorted(b) == sorted(a) == list(range(1, STEPS + 1))
