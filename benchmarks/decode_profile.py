@@ -14,8 +14,9 @@ above an unprofiled step); compare models with each other, not with generation.p
 
 Groups:
 1. llama-fp32: the Llama-style Hugging Face folder of benchmarks/generation.py: graphopt's ORT
-   artifact, the same with fused SkipSimplifiedLayerNormalization (backend option
-   skip_norm=fused), and onnxruntime-genai's model builder (`-p fp32 -e cpu`);
+   artifact (fused SkipSimplifiedLayerNormalization, the default for a decoder), the same with the
+   residual Add and SimplifiedLayerNormalization split (backend option skip_norm=split, the
+   default before), and onnxruntime-genai's model builder (`-p fp32 -e cpu`);
 2. llama-int4: graphopt int4 (block 32, RTN) and the model builder's `-p int4`;
 3. gpt2-int4: GPT-2 small (the `transformers` default config, random weights), int4 block 32 with
    the embeddings and the tied LM head quantized (benchmarks/quantization.py's row), with the
@@ -117,11 +118,11 @@ def main() -> None:
         work = Path(tmp)
         llama = llama_folder(work, args.tiny)
         fp32 = graphopt.optimize(llama, work / "llama_fp32")
-        graphopt.optimize(fp32.graph, work / "llama_fp32_fused", backend_options={"skip_norm": "fused"})
+        graphopt.optimize(fp32.graph, work / "llama_fp32_split", backend_options={"skip_norm": "split"})
         graphopt.optimize(fp32.graph, work / "llama_int4", passes=int4)
         results["groups"]["llama-fp32"] = profile_group({
             "graphopt": work / "llama_fp32" / "model.onnx",
-            "graphopt-skip-norm-fused": work / "llama_fp32_fused" / "model.onnx",
+            "graphopt-skip-norm-split": work / "llama_fp32_split" / "model.onnx",
             "genai-builder": genai_builder_model(llama, work)}, args, work)
         results["groups"]["llama-int4"] = profile_group({
             "graphopt": work / "llama_int4" / "model.onnx",

@@ -488,6 +488,18 @@ def test_shared_shape_values_and_several_sites(tmp_path):
     assert_matches_reference(got, want, "two sites")
 
 
+@pytest.mark.parametrize("norm, kernel", [("rms", SKIP_SLN), ("layer", LN)])
+def test_a_kv_cache_decoder_gets_the_fused_rms_skip_norm_on_cpu(norm, kernel, tmp_path):
+    """In a decoder rewrite-kv-cache made (its metadata names the layout) the RMS SkipNorm is
+    one fused kernel on CPU (a one-token step pays per node); the LayerNorm form stays split."""
+    case = next(c for c in SKIP_CASES if c.id == ("split_rms" if norm == "rms" else "split_layer"))
+    g = one_node_graph(case, dynamic=True)
+    g.metadata.metadata_props["graphopt.kv_layout"] = "BNSH"
+    model, _, got = lower_save_run(g, case.feeds(), tmp_path)
+    assert kernels_in(ops_in(model)) == {kernel: 1}, dict(ops_in(model))
+    assert_matches_reference(got, case.reference(), f"{norm} SkipNorm in a decoder")
+
+
 PACKED_CASES = ["bsd_plain", "bsd_gqa_hf_mask", "bsd_mqa_causal", "bsd_causal_left_padding",
                 "bsd_bool_fully_masked_row", "bsd_decode_step", "bsd_prefill_past_batch1"]
 

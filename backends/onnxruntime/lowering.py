@@ -42,6 +42,11 @@ class LoweringContext:
         # now does itself): removed after lowering if nothing else reads them
         self.maybe_dead: list[Node] = []
 
+    def generation_graph(self) -> bool:
+        """A decoder that rewrite-kv-cache made (its metadata names the cache layout): run as
+        prefill then one-token steps."""
+        return "graphopt.kv_layout" in self.graph.metadata.metadata_props
+
     def has_kernel(self, domain: str, op: str, dtype) -> bool:
         return has_kernel(self.target, domain, op, dtype)
 
