@@ -88,14 +88,14 @@ def llama_folder(work: Path, tiny: bool) -> Path:
     return folder
 
 
-def genai_builder_model(folder: Path, work: Path) -> Path:
-    """onnxruntime-genai's model builder on the folder: fp32, cpu."""
+def genai_builder_model(folder: Path, work: Path, precision: str = "fp32") -> Path:
+    """onnxruntime-genai's model builder on the folder: `precision` (fp32, int4), cpu."""
     import subprocess
     import sys
 
-    out = work / "genai_builder"
+    out = work / ("genai_builder" if precision == "fp32" else f"genai_builder_{precision}")
     proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
-                           "-p", "fp32", "-e", "cpu", "-c", str(work / "genai_cache")],
+                           "-p", precision, "-e", "cpu", "-c", str(work / "genai_cache")],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"model builder failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
@@ -152,17 +152,20 @@ def gpt2_cache_export(folder: Path, work: Path) -> tuple[Path, dict]:
     return path, dict(ops.most_common())
 
 
-def session_decode_step(path: Path, cached: int, threads: int):
+def session_decode_step(path: Path, cached: int, threads: int, spinning: bool = True):
     """(session, step feeds): prefill `cached` tokens through an ONNX model with the Optimum /
     genai I/O names, with an empty cache in its own layout (a growing one: no positions; a
     static buffer: zeros), and the one-token step after it. A cache dimension the model
     leaves symbolic other than batch and sequence comes from its genai_config.json; a
-    graphopt artifact's session settings from its manifest."""
+    graphopt artifact's session settings from its manifest. `spinning=False` for sessions
+    that are timed interleaved (live sessions must not spin on each other)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     manifest = path.parent / "manifest.json"
     disabled = json.loads(manifest.read_text()).get("ort_session", {}).get(
         "disabled_optimizers") if manifest.is_file() else None

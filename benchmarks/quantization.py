@@ -14,7 +14,11 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
    `auto`) artifacts, and ORT's `MatMulNBitsQuantizer` (block 32, MatMul and Gather) applied to
    the same fp32 decode graph, all driven by the same feeds; the bandwidth bound is the bytes of
    each artifact's weights over the read bandwidth measured in this run
-   (graphopt.compare.machine.read_bandwidth).
+   (graphopt.compare.machine.read_bandwidth);
+3. a decode step with `--cached` tokens on the Llama-style Hugging Face folder of
+   benchmarks/generation.py (hidden 512, 8 layers, 8 heads, 2 key/value heads, vocabulary 8192):
+   graphopt int4 (block 32, RTN) against onnxruntime-genai's model builder `-p int4 -e cpu` on the
+   same folder, both driven by the same harness (`--no-llama` skips it).
 Timings are medians of `--repeats` runs, variants interleaved round by round.
 """
 from __future__ import annotations
@@ -157,6 +161,45 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     return out
 
 
+def llama_decode_int4(work: Path, args, bandwidth_gb_s: float) -> dict:
+    """A decode step with `--cached` tokens on the issue's Llama-style Hugging Face folder (random
+    weights), int4 block 32: graphopt (RTN, `--quantize int4`) against the model that
+    onnxruntime-genai's model builder makes from the same folder (`-p int4 -e cpu`), both
+    prefilled and stepped by benchmarks/generation.py's harness (`session_decode_step`: the
+    same feeds, each model's cache in its own layout), timed interleaved; with each one's
+    MatMulNBits accuracy_level and its logits' distance from graphopt's fp32 artifact."""
+    import onnx
+
+    import graphopt
+    from generation import genai_builder_model, llama_folder, session_decode_step
+
+    folder = llama_folder(work, args.tiny)
+    paths = {"graphopt-fp32": work / "llama-fp32" / "model.onnx", "graphopt-int4": work / "llama-int4" / "model.onnx"}
+    fp32 = graphopt.optimize(folder, paths["graphopt-fp32"].parent)
+    graphopt.optimize(fp32.graph, paths["graphopt-int4"].parent, passes="quantize-weights{bits=4,block-size=32}")
+    out: dict = {"cached": args.cached}
+    try:
+        paths["genai-builder-int4"] = genai_builder_model(folder, work, "int4")
+    except Exception as e:  # an outside tool's failure is a result of this benchmark, not its end
+        out["genai-builder-int4"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    steps = {name: session_decode_step(p, args.cached, args.threads, spinning=False) for name, p in paths.items()}
+    out["timing"] = interleaved({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f) in steps.items()}, args.repeats)
+    sess, feeds = steps["graphopt-fp32"]
+    want = sess.run(["logits"], feeds)[0][:, -1].astype(np.float64)
+    out["logit_error_vs_fp32"] = {n: logit_error(s.run(["logits"], f)[0][:, -1], want)
+                                  for n, (s, f) in steps.items() if n != "graphopt-fp32"}
+    out["weight_bytes"] = {n: initializer_bytes(p) for n, p in paths.items()}
+    out["bandwidth_bound_ms"] = {n: round(b / (bandwidth_gb_s * 1e9) * 1e3, 3) for n, b in out["weight_bytes"].items()}
+    out["accuracy_level"] = {n: sorted({a.i for node in onnx.load(str(p), load_external_data=False).graph.node
+                                        if node.op_type == "MatMulNBits" for a in node.attribute
+                                        if a.name == "accuracy_level"}) for n, p in paths.items() if n != "graphopt-fp32"}
+    out["nodes"] = {n: len(onnx.load(str(p), load_external_data=False).graph.node) for n, p in paths.items()}
+    if "genai-builder-int4" in out["timing"]:
+        out["graphopt_speedup_vs_builder"] = round(
+            out["timing"]["genai-builder-int4"]["p50_ms"] / out["timing"]["graphopt-int4"]["p50_ms"], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -165,6 +208,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--tvm", action="store_true", help="also build and time the TVM int4 decode artifact")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
+    ap.add_argument("--no-llama", action="store_true",
+                    help="skip the Llama-style int4 decode row against onnxruntime-genai's model builder")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
@@ -180,6 +225,8 @@ def main() -> None:
         folder = gpt2_folder(work, args.tiny)
         results["gpt2_prefill_int8"] = prefill(folder, work, args)
         results["gpt2_decode_int4"] = decode(folder, work, args, bandwidth["read_gb_s"])
+        if not args.no_llama:
+            results["llama_decode_int4"] = llama_decode_int4(work, args, bandwidth["read_gb_s"])
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -27,7 +27,7 @@ from graphopt.backends.onnxruntime.lowering import LoweringReport
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.interpreter import run
-from graphopt.ir import GRAPHOPT_DOMAIN, Graph
+from graphopt.ir import GRAPHOPT_DOMAIN, Graph, TensorType
 from graphopt.testing import TOLERANCES, run_ort
 from graphopt.testing import one_node_graph as shared_one_node_graph
 from graphopt.builder import make_node  # noqa: E402
@@ -486,6 +486,70 @@ def test_shared_shape_values_and_several_sites(tmp_path):
     assert ops_in(model)[GQA] == 2
     assert [o.name for o in model.graph.output] == [v.name for v in g.outputs]
     assert_matches_reference(got, want, "two sites")
+
+
+@pytest.mark.parametrize("norm, kernel", [("rms", SKIP_SLN), ("layer", LN)])
+def test_a_kv_cache_decoder_gets_the_fused_rms_skip_norm_on_cpu(norm, kernel, tmp_path):
+    """In a decoder rewrite-kv-cache made (its metadata names the layout) the RMS SkipNorm is
+    one fused kernel on CPU (a one-token step pays per node); the LayerNorm form stays split."""
+    case = next(c for c in SKIP_CASES if c.id == ("split_rms" if norm == "rms" else "split_layer"))
+    g = one_node_graph(case, dynamic=True)
+    g.metadata.metadata_props["graphopt.kv_layout"] = "BNSH"
+    model, _, got = lower_save_run(g, case.feeds(), tmp_path)
+    assert kernels_in(ops_in(model)) == {kernel: 1}, dict(ops_in(model))
+    assert_matches_reference(got, case.reference(), f"{norm} SkipNorm in a decoder")
+
+
+PACKED_CASES = ["bsd_plain", "bsd_gqa_hf_mask", "bsd_mqa_causal", "bsd_causal_left_padding",
+                "bsd_bool_fully_masked_row", "bsd_decode_step", "bsd_prefill_past_batch1"]
+
+
+def split_qkv_graph(case: Case, order=(0, 1, 2), dynamic: bool = True) -> tuple[Graph, dict]:
+    """The case's Attention with Q, K and V split from one input X (a fused QKV projection's
+    output), Split's parts taken in `order`; returns the graph and its feeds."""
+    g = one_node_graph(case, dynamic=dynamic)
+    parts = g.nodes[0].inputs[:3]
+    sizes = [parts[i].type.shape[2] for i in order]
+    x = g.add_input("X", TensorType(parts[0].type.dtype, (*parts[0].type.shape[:2], sum(sizes))))
+    split = make_node(g, "Split", [x, g.add_initializer("qkv_sizes", np.array(sizes, np.int64))], attrs={"axis": -1},
+                      num_outputs=3)
+    g.insert_before(g.nodes[0], split)
+    for i, part in zip(order, split.outputs):
+        parts[i].replace_all_uses_with(part)
+    g.inputs = [i for i in g.inputs if all(i is not t for t in parts)]
+    feeds = case.feeds()
+    feeds["X"] = np.concatenate([feeds[parts[i].name] for i in order], axis=-1)
+    for t in parts:
+        del feeds[t.name]
+    return g, feeds
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("case", [c for c in ATTENTION_CASES if c.id in PACKED_CASES], ids=lambda c: c.id)
+def test_gqa_takes_a_split_qkv_packed(case, dynamic, tmp_path):
+    """Q, K and V split from one tensor: GroupQueryAttention reads it packed (no Split, no
+    key or value input), with the reference's results."""
+    g, feeds = split_qkv_graph(case, dynamic=dynamic)
+    want = run(g, feeds)
+    model, fields, got = lower_save_run(g, feeds, tmp_path)
+    ops = ops_in(model)
+    kernel = case.dynamic_kernel if dynamic and case.dynamic_kernel != "same" else case.kernel
+    if kernel == GQA:
+        assert "Split" not in ops, dict(ops)
+        (gqa,) = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert gqa.input[0] == "X" and gqa.input[1] == gqa.input[2] == "", list(gqa.input)
+    else:
+        assert ops["Split"] == 1 and ops[kernel] == 1, dict(ops)
+    assert_matches_reference(got, want, f"{case.id} packed")
+
+
+def test_qkv_split_in_another_order_is_not_packed(tmp_path):
+    case = next(c for c in ATTENTION_CASES if c.id == "bsd_gqa_hf_mask")
+    g, feeds = split_qkv_graph(case, order=(1, 0, 2))  # K's part first: not what the kernel reads
+    want = run(g, feeds)
+    model, _, got = lower_save_run(g, feeds, tmp_path)
+    assert ops_in(model)["Split"] == 1 and ops_in(model)[GQA] == 1
+    assert_matches_reference(got, want, "K, Q, V split")
 
 
 # --------------------------------------------------------------------------------------

@@ -318,6 +318,27 @@ def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_r
     return b.Reshape(guarded, b.const(_i64(0, 0, -1), "bsd_shape"))
 
 
+def packed_qkv(s: Site) -> Value | None:
+    """The tensor (B, S, (Nq + 2 Nkv) * H) that Q, K and V (3-D) are the three parts of, in that
+    order, split along the hidden axis by one Split (a fused QKV projection); None otherwise.
+    GroupQueryAttention takes it as its query ("packed QKV") with no key and value, which saves
+    the Split node (one per layer; at one token a decode step's small nodes cost about as much as
+    their work)."""
+    split = s.q.producer()
+    if s.rank != 3 or split is None or split.domain != "" or split.op_type != "Split" or len(split.outputs) != 3:
+        return None
+    if s.k.producer() is not split or s.v.producer() is not split or (s.q.index, s.k.index, s.v.index) != (0, 1, 2):
+        return None
+    x = split.inputs[0]
+    shape = x.type.shape if x.type is not None else None
+    if shape is None or len(shape) != 3 or split.attr("axis", 0) % 3 != 2 or x.type.dtype is not s.dtype:
+        return None
+    want = (s.num_heads * s.head, s.kv_num_heads * s.head, s.kv_num_heads * s.head)
+    if tuple(t.type.shape[2] for t in (s.q, s.k, s.v)) != want or shape[2] != sum(want):
+        return None
+    return x
+
+
 def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, static: bool = False):
     dt = s.dtype
     # The kernels' causal flag aligns like graphopt only for self-attention; with a mask,
@@ -334,8 +355,13 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
     presents: list[Value | None] = [None, None]
 
     if kernel == GQA:
-        k = _to_bsd(b, s.k) if s.rank == 4 else s.k
-        v = _to_bsd(b, s.v) if s.rank == 4 else s.v
+        packed = packed_qkv(s)
+        if packed is not None:  # the kernel splits the heads itself: the Split goes dead
+            q, k, v = packed, None, None
+            ctx.maybe_dead.append(s.q.producer())
+        else:
+            k = _to_bsd(b, s.k) if s.rank == 4 else s.k
+            v = _to_bsd(b, s.v) if s.rank == 4 else s.v
         past_dim = s.past_k.type.shape[2] if s.past_k is not None else 0
         if static:  # the valid length is the mask's; the past is a buffer of max_seq positions
             past_dim = ("static", s.mask.type.shape[-1])
@@ -344,14 +370,16 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
         if symbolic and key in _shared(ctx):
             seqlens_k, total_scalar = _shared(ctx)[key]
         else:
-            total = ctx.dim(b, s.k, _seq_of(s, s.k))
+            # the lengths are read off the packed tensor when there is one (same batch and
+            # sequence), so that nothing else keeps its Split alive
+            total = ctx.dim(b, packed if packed is not None else s.k, _seq_of(s, s.k))
             if static:
                 total = ctx.dim(b, s.mask, s.mask.type.rank - 1)
             elif s.past_k is not None:
                 total = b.Add(total, ctx.dim(b, s.past_k, 2))
             total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
             seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
-                                 ctx.dim(b, s.q, 0))
+                                 ctx.dim(b, packed if packed is not None else s.q, 0))
             total_scalar = b.Squeeze(total_i32, b.const(_i64(0), "scalar_axis"))
             if symbolic:
                 _shared(ctx)[key] = (seqlens_k, total_scalar)

@@ -38,6 +38,14 @@ class LoweringContext:
         # skip_norm: "auto" (per target), "fused" (Skip*LayerNormalization), "split" (Add + norm).
         self.options = {"attention_kernel": "auto", "skip_norm": "auto", **(options or {})}
         self._dims: dict[object, Value] = {}
+        # nodes of the input graph whose outputs a rule stopped reading (a Split that a kernel
+        # now does itself): removed after lowering if nothing else reads them
+        self.maybe_dead: list[Node] = []
+
+    def generation_graph(self) -> bool:
+        """A decoder that rewrite-kv-cache made (its metadata names the cache layout): run as
+        prefill then one-token steps."""
+        return "graphopt.kv_layout" in self.graph.metadata.metadata_props
 
     def has_kernel(self, domain: str, op: str, dtype) -> bool:
         return has_kernel(self.target, domain, op, dtype)
@@ -80,7 +88,7 @@ def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None,
     lower_graphopt_ops(graph, BACKEND, ctx, report, on_lowered=count_kernels)
     for node in [n for n in graph.nodes if n.domain == "" and get_lowering(BACKEND, "", n.op_type)]:
         lower_node(BACKEND, ctx, node, report, on_lowered=count_kernels)
-    _remove_dead_lowering_nodes(graph)
+    _remove_dead_lowering_nodes(graph, ctx.maybe_dead)
     for name in used_before:  # weights a rule replaced (a weight stored transposed)
         v = graph.initializers.get(name)
         if v is not None and not v.uses() and not v.is_graph_output and not v.is_graph_input:
@@ -97,9 +105,11 @@ def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None,
 _ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization", "Attention"})
 
 
-def _remove_dead_lowering_nodes(graph: Graph) -> None:
-    """Shape nodes shared through `LoweringContext.dim` that no rule ended up using."""
+def _remove_dead_lowering_nodes(graph: Graph, maybe_dead: list[Node] = ()) -> None:
+    """Shape nodes shared through `LoweringContext.dim` that no rule ended up using, and the
+    nodes rules marked as perhaps no longer read."""
+    marked = {id(n) for n in maybe_dead}
     for n in reversed(list(graph.nodes)):
-        if n.meta.created_by == _CREATED_BY and not any(
+        if (n.meta.created_by == _CREATED_BY or id(n) in marked) and not any(
                 v is not None and (v.uses() or v.is_graph_output) for v in n.outputs):
             graph.remove_node(n)

@@ -65,9 +65,16 @@ def lower_rms_norm(ctx: LoweringContext, b: Builder, node: Node):
 # SkipLayerNormalization kernel, Add + SimplifiedLayerNormalization about 2x faster than
 # SkipSimplifiedLayerNormalization (docs/ort_lowering.md). The split form still has one ORT
 # norm kernel per site. On CUDA the fused kernels save a pass over the activations.
-def skip_norm_is_split(ctx: LoweringContext) -> bool:
+# A decoder rewrite-kv-cache made spends its time in one-token steps, where a node costs about
+# as much as its work: there the RMS form is fused (one node a site, not two; about 2x slower
+# at 128 rows, so prefill pays a little), the LayerNorm form stays split (5-9x slower fused).
+def skip_norm_is_split(ctx: LoweringContext, node: Node | None = None) -> bool:
     choice = ctx.options.get("skip_norm", "auto")
-    return choice == "split" or (choice == "auto" and ctx.target == "cpu")
+    if choice != "auto":
+        return choice == "split"
+    if ctx.target != "cpu":
+        return False
+    return not (node is not None and node.attr("norm", "layer") == "rms" and ctx.generation_graph())
 
 
 def _split_skip_norm(ctx: LoweringContext, b: Builder, node: Node):
@@ -93,7 +100,7 @@ def _split_skip_norm(ctx: LoweringContext, b: Builder, node: Node):
 
 @register_lowering(BACKEND, GRAPHOPT_DOMAIN, "SkipNorm")
 def lower_skip_norm(ctx: LoweringContext, b: Builder, node: Node):
-    if skip_norm_is_split(ctx):
+    if skip_norm_is_split(ctx, node):
         return _split_skip_norm(ctx, b, node)
     ins = list(node.inputs) + [None] * (5 - len(node.inputs))
     x, skip, gamma, beta, bias = ins

@@ -1,0 +1,146 @@
+"""Where a one-token decode step's time goes on ORT, op class by op class (issues 12, 13).
+
+    python benchmarks/decode_profile.py --threads 2 --out benchmarks/results/decode_profile.json
+    python benchmarks/decode_profile.py --tiny        # toy sizes: checks the script runs (no claims)
+
+Each group below is a set of models of the same network, prefilled with `--cached` tokens and
+stepped by benchmarks/generation.py's harness (`session_decode_step`: the same feeds, each
+model's cache in its own layout); the models of a group run interleaved, round by round, in
+sessions with ORT's profiler on (`SessionOptions.enable_profiling`). For each model: its node
+count, the nodes one step executes, the median of `model_run`, and per op class the sum over
+its nodes of each node's median kernel time (so one slow round does not count), with how many
+nodes of that class ran. The profiler's own cost is in these numbers (`model_run` is a little
+above an unprofiled step); compare models with each other, not with generation.py's timings.
+
+Groups:
+1. llama-fp32: the Llama-style Hugging Face folder of benchmarks/generation.py: graphopt's ORT
+   artifact (fused SkipSimplifiedLayerNormalization, the default for a decoder), the same with the
+   residual Add and SimplifiedLayerNormalization split (backend option skip_norm=split, the
+   default before), and onnxruntime-genai's model builder (`-p fp32 -e cpu`);
+2. llama-int4: graphopt int4 (block 32, RTN) and the model builder's `-p int4`;
+3. gpt2-int4: GPT-2 small (the `transformers` default config, random weights), int4 block 32 with
+   the embeddings and the tied LM head quantized (benchmarks/quantization.py's row), with the
+   growing BNSH cache and with the static one (GroupQueryAttention's shared buffer).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/generation.py
+
+
+def profiled_session(path: Path, threads: int, prefix: Path):
+    """A non-spinning session on `path` with the profiler on (a graphopt artifact's session
+    settings from its manifest)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = str(prefix)
+    manifest = path.parent / "manifest.json"
+    disabled = json.loads(manifest.read_text()).get("ort_session", {}).get(
+        "disabled_optimizers") if manifest.is_file() else None
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled or None)
+
+
+def breakdown(profile_file: str, skip: int) -> dict:
+    """The profile of a session's runs, the first `skip` rounds left out."""
+    events = json.loads(Path(profile_file).read_text())
+    runs = [e["dur"] for e in events if e.get("name") == "model_run"][skip:]
+    per_node: dict[str, list[int]] = collections.defaultdict(list)
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"]].append(e["dur"])
+            op_of[e["name"]] = e["args"]["op_name"]
+    classes: dict[str, dict] = {}
+    for name, durations in per_node.items():
+        c = classes.setdefault(op_of[name], {"nodes": 0, "us": 0.0})
+        c["nodes"] += 1
+        c["us"] += statistics.median(durations[skip:] or durations)
+    ordered = dict(sorted(((k, {"nodes": v["nodes"], "us": round(v["us"], 1)}) for k, v in classes.items()),
+                          key=lambda kv: -kv[1]["us"]))
+    return {"model_run_p50_ms": round(statistics.median(runs) / 1e3, 3), "nodes_executed": len(per_node),
+            "kernel_sum_ms": round(sum(v["us"] for v in ordered.values()) / 1e3, 3), "op_classes": ordered}
+
+
+def profile_group(models: dict, args, work: Path) -> dict:
+    """name -> model path; each prefilled by the shared harness, then stepped interleaved."""
+    import onnx
+
+    from generation import session_decode_step
+
+    sessions = {}
+    for name, path in models.items():
+        _, step = session_decode_step(path, args.cached, args.threads, spinning=False)  # the step's feeds
+        sessions[name] = (profiled_session(path, args.threads, work / f"profile_{name}"), step)
+    warmup = 5
+    for _ in range(warmup + args.repeats):
+        for sess, step in sessions.values():
+            sess.run(None, step)
+    out = {}
+    for name, (sess, _) in sessions.items():
+        nodes = len(onnx.load(str(models[name]), load_external_data=False).graph.node)
+        out[name] = {"nodes_in_model": nodes, **breakdown(sess.end_profiling(), warmup)}
+        print(name, json.dumps(out[name])[:300], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cached", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.tiny:
+        args.cached, args.repeats = 16, 5
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import graphopt
+    from generation import genai_builder_model, gpt2_folder, llama_folder
+    from graphopt.compare.machine import library_versions
+
+    int4 = "quantize-weights{bits=4,block-size=32}"
+    results: dict = {"threads": args.threads, "cached": args.cached, "batch": 1, "tiny": args.tiny,
+                     "versions": library_versions(), "groups": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        llama = llama_folder(work, args.tiny)
+        fp32 = graphopt.optimize(llama, work / "llama_fp32")
+        graphopt.optimize(fp32.graph, work / "llama_fp32_split", backend_options={"skip_norm": "split"})
+        graphopt.optimize(fp32.graph, work / "llama_int4", passes=int4)
+        results["groups"]["llama-fp32"] = profile_group({
+            "graphopt": work / "llama_fp32" / "model.onnx",
+            "graphopt-skip-norm-split": work / "llama_fp32_split" / "model.onnx",
+            "genai-builder": genai_builder_model(llama, work)}, args, work)
+        results["groups"]["llama-int4"] = profile_group({
+            "graphopt": work / "llama_int4" / "model.onnx",
+            "genai-builder": genai_builder_model(llama, work, "int4")}, args, work)
+        gpt2 = gpt2_folder(work, args.tiny)
+        models = {}
+        for layout in ("BNSH", "static"):
+            g = graphopt.optimize(gpt2, work / f"gpt2_fp32_{layout}", kv_layout=layout)
+            graphopt.optimize(g.graph, work / f"gpt2_int4_{layout}", passes=int4.replace("}", ",embeddings=true}"))
+            models[f"graphopt-{layout}"] = work / f"gpt2_int4_{layout}" / "model.onnx"
+        results["groups"]["gpt2-int4"] = profile_group(models, args, work)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
