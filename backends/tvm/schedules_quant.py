@@ -1,0 +1,226 @@
+"""Dequantize-fused kernels for graphopt.QuantLinear and graphopt.QuantGather, and their
+schedules (CPU and CUDA). The weight format is quant_format's (MatMulNBits' layout).
+
+The computation is written in TE as three stages, so that a schedule can choose where the
+dequantized weight lives; no schedule here gives it a buffer of the weight's shape:
+
+    x_blocks[m, b, h, p]     x [M, K] cut into the weight's blocks, zero past K; for 4 bits
+                             the even and odd elements of a block are split (h = 0, 1), so
+                             that byte p of a block multiplies x_blocks[.., 0, p] (low nibble)
+                             and x_blocks[.., 1, p] (high nibble): contiguous on both sides
+    dequantize[n, b, h, p]   (nibble h of packed[n, b, p] - zero point) * scale
+    quant_matmul[m, n]       sum over (b, h, p) of x_blocks * dequantize
+
+- `gemv` (one row, decode): `dequantize` is inlined into the reduction, so a packed byte is
+  loaded once, unpacked and scaled in registers, and multiplied in. Rows of the weight run
+  in parallel; the bytes of a block are vectorized (rfactor: a vector of partial sums per
+  output, summed once at the end).
+- `matmul` (several rows, prefill): for each tile of output columns and each block, the
+  dequantized tile (block_size x TILE_COLUMNS floats) is computed into a small local buffer,
+  then every row of x streams past it (vectorized over the tile's columns).
+- `cuda`: the inlined form; outputs over thread blocks (4 a block, threadIdx.y), the
+  reduction over a warp (threadIdx.x; TVM lowers it to warp shuffles), rows over blockIdx.y.
+
+The kernels are added to the Relax module as PrimFuncs carrying `KERNEL_ATTR`; `rules()`
+returns the dlight-style rules that recognize them by it and schedule them for the target.
+"""
+from __future__ import annotations
+
+KERNEL_ATTR = "graphopt.quant_kernel"  # "linear": a PrimFunc built by quant_linear_te
+TILE_COLUMNS = 16  # matmul form: output columns of a dequantized tile
+CUDA_ROWS = 4  # cuda: outputs per thread block (threadIdx.y)
+CUDA_WARP = 32
+
+
+def _nibble(byte, h, bits: int):
+    from tvm import tirx
+
+    if bits == 8:
+        return byte
+    return (byte >> (h * 4).astype("uint8")) & tirx.const(15, "uint8")
+
+
+def _zero_point(zp, n, b, bits: int, dtype: str):
+    from tvm import tirx
+
+    if zp is None:
+        return tirx.const(2 ** (bits - 1), dtype)
+    if bits == 8:
+        return zp[n, b].astype(dtype)
+    return _nibble(zp[n, b // 2], b % 2, 4).astype(dtype)
+
+
+def dequantize_te(packed, scales, zp, n, b, h, p, bits: int):
+    """The weight element for nibble `h` of packed[n, b, p] (h is 0 for 8 bits), in the scales' type."""
+    dt = scales.dtype
+    return (_nibble(packed[n, b, p], h, bits).astype(dt) - _zero_point(zp, n, b, bits, dt)) * scales[n, b]
+
+
+def quant_linear_te(x, packed, scales, zp, *, bits: int, block_size: int, k: int):
+    """TE for Y [M, N] = X [M, K] @ dequantize(W)^T (see the module docstring)."""
+    from tvm import te, tirx
+
+    per = 8 // bits  # weights a byte
+    m, n, nb, nbytes = x.shape[0], packed.shape[0], packed.shape[1], packed.shape[2]
+    dt = x.dtype
+
+    def x_block(r, b, h, p):
+        kk = b * block_size + p * per + h
+        if nb * block_size == k:
+            return x[r, kk]
+        return tirx.if_then_else(kk < k, x[r, tirx.min(kk, k - 1)], tirx.const(0, dt))
+
+    xb = te.compute((m, nb, per, nbytes), x_block, name="x_blocks")
+    w = te.compute((n, nb, per, nbytes), lambda i, b, h, p: dequantize_te(packed, scales, zp, i, b, h, p, bits),
+                   name="dequantize")
+    rb, rh, rp = te.reduce_axis((0, nb), "b"), te.reduce_axis((0, per), "h"), te.reduce_axis((0, nbytes), "p")
+    return te.compute((m, n), lambda r, i: te.sum(xb[r, rb, rh, rp] * w[i, rb, rh, rp], axis=[rb, rh, rp]),
+                      name="quant_matmul")
+
+
+def quant_linear_func(x, packed, scales, zp, *, bits: int, block_size: int, k: int):
+    """The PrimFunc (unscheduled, tagged with KERNEL_ATTR) for the given TE placeholders."""
+    from tvm import te
+
+    y = quant_linear_te(x, packed, scales, zp, bits=bits, block_size=block_size, k=k)
+    args = [x, packed, scales] + ([zp] if zp is not None else []) + [y]
+    # op_pattern 8 (opaque): Relax's FuseOps keeps the kernel whole, for the rules below.
+    func = te.create_prim_func(args).without_attr("global_symbol")  # the module names it
+    return func.with_attrs({KERNEL_ATTR: "linear", "op_pattern": 8})
+
+
+def quant_gather_te(packed, indices, scales, zp, *, bits: int, block_size: int, k: int):
+    """TE for rows [R, K] = dequantize(table)[indices]: only the gathered rows are read and
+    dequantized, in one injective stage (Relax may fuse it with what consumes it)."""
+    from tvm import te, tirx
+
+    per = 8 // bits
+    table_rows = packed.shape[0]
+
+    def element(r, c):
+        row = indices[r].astype("int64")
+        row = tirx.if_then_else(row < 0, row + table_rows, row)  # ONNX Gather: negative counts from the end
+        b, j = c // block_size, c % block_size
+        return dequantize_te(packed, scales, zp, row, b, j % per, j // per, bits)
+
+    return te.compute((indices.shape[0], k), element, name="quant_gather")
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+
+
+def _blocks(sch):
+    return sch.get_sblock("x_blocks"), sch.get_sblock("dequantize"), sch.get_sblock("quant_matmul")
+
+
+def _static(sch, loop):
+    from graphopt.backends.tvm.schedules import _extent
+
+    e = _extent(sch, loop)
+    return e if isinstance(e, int) else None
+
+
+def _parallel_prologue(sch, block, lanes: int):
+    from graphopt.backends.tvm.schedules import _parallelize
+
+    _parallelize(sch, block, lanes)
+
+
+def schedule_gemv(func, target):
+    """One row: dequantize inlined, outputs in parallel, a block's bytes vectorized."""
+    from tvm import s_tir
+
+    from graphopt.backends.tvm.schedules import _vector_lanes
+
+    sch = s_tir.Schedule(func)
+    xb, w, y = _blocks(sch)
+    lanes = _vector_lanes(target)
+    sch.compute_inline(w)
+    r, i, b, h, p = sch.get_loops(y)
+    nbytes = _static(sch, p)
+    vec = min(lanes, nbytes)
+    po, pi = sch.split(p, [None, vec])
+    rf = sch.rfactor(pi, 0)  # rf[pi, r, i]: `vec` partial sums per output
+    r, i, b, h, po, pi = sch.get_loops(rf)  # the partial sums' lanes innermost
+    fused = sch.fuse(r, i)
+    sch.parallel(fused)
+    sch.reverse_compute_at(y, fused)
+    sch.set_scope(rf, 0, "local")
+    sch.unroll(h)
+    sch.vectorize(pi)
+    init = sch.decompose_reduction(rf, b)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _parallel_prologue(sch, xb, lanes)
+    return sch
+
+
+def schedule_matmul(func, target):
+    """Several rows: per tile of columns and block, a dequantized tile in a local buffer that
+    every row reuses; vectorized over the tile's columns."""
+    from tvm import s_tir
+
+    from graphopt.backends.tvm.schedules import _vector_lanes
+
+    sch = s_tir.Schedule(func)
+    xb, w, y = _blocks(sch)
+    lanes = _vector_lanes(target)
+    sch.transform_layout(w, ("write", 0), lambda i, b, h, p: (b, h, p, i))  # a tile's columns contiguous
+    r, i, b, h, p = sch.get_loops(y)
+    n = _static(sch, i)
+    tile = next(t for t in (TILE_COLUMNS, lanes, 8, 4, 2, 1) if n is not None and n % t == 0)
+    io, ii = sch.split(i, [None, tile])
+    sch.reorder(io, b, r, h, p, ii)
+    sch.parallel(io)
+    sch.compute_at(w, b)
+    sch.set_scope(w, 0, "local")
+    sch.unroll(h)
+    if tile > 1:
+        sch.vectorize(ii)
+    init = sch.decompose_reduction(y, b)
+    if tile > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    _parallel_prologue(sch, xb, lanes)
+    return sch
+
+
+def schedule_cuda(func, target):
+    """Outputs over thread blocks, the reduction over a warp, rows over blockIdx.y."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    xb, w, y = _blocks(sch)
+    sch.compute_inline(w)
+    r, i, b, h, p = sch.get_loops(y)
+    k = sch.fuse(b, h, p)
+    ko, kt = sch.split(k, [None, CUDA_WARP])
+    io, it = sch.split(i, [None, CUDA_ROWS])
+    sch.reorder(r, io, it, kt, ko)
+    sch.bind(r, "blockIdx.y")
+    sch.bind(io, "blockIdx.x")
+    sch.bind(it, "threadIdx.y")
+    sch.bind(kt, "threadIdx.x")  # a reduction bound to threads: TVM sums it across the warp
+    loops = sch.get_loops(xb)
+    bx, tx = sch.split(sch.fuse(*loops), [None, 256])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    return sch
+
+
+def rules() -> list:
+    """dlight rules for the tagged kernels: CUDA, CPU GEMV (one static row), CPU matmul."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.base import ScheduleRule
+
+    class QuantLinear(ScheduleRule):
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+                return None
+            if target.kind.name == "cuda":
+                return schedule_cuda(func, target)
+            probe = s_tir.Schedule(func)
+            if _static(probe, probe.get_loops(probe.get_sblock("quant_matmul"))[0]) == 1:
+                return schedule_gemv(func, target)
+            return schedule_matmul(func, target)
+
+    return [QuantLinear()]
