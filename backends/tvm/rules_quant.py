@@ -26,6 +26,14 @@ def _rows(lw: Lowerer, lead: list):
     return rows
 
 
+def _gemv_group(rows) -> int | None:
+    """The GEMV form for one row (a group of 1) or a symbolic count (decode and prefill
+    share one build: groups of GEMV_GROUP rows); the matmul form for a static count > 1."""
+    if isinstance(rows, int):
+        return 1 if rows == 1 else None
+    return schedules_quant.GEMV_GROUP
+
+
 @rule("QuantLinear", domain="graphopt")
 def quant_linear(lw: Lowerer, node, args):
     from tvm import te
@@ -37,21 +45,30 @@ def quant_linear(lw: Lowerer, node, args):
     k, n = node.attr("K"), node.attr("N")
     lead = lw.shape(x)[:-1]
     rows = _rows(lw, lead)
-    x2 = lw.emit(R.reshape(x, [rows, k])) if len(lead) != 1 else x
+    x2 = lw.view(x, [rows, k]) if len(lead) != 1 else x
     # The kernel's row count is a variable of its own (defined by X's shape), whatever
     # expression of `batch` and `seq` it is here: one kernel serves every length.
     m = rows if isinstance(rows, int) else te.var("rows", "int64")
+    group = _gemv_group(rows)
 
     def holder(t, name, shape=None):
         return None if t is None else te.placeholder(shape or lw.shape(t), lw.dtype(t), name)
 
     func = schedules_quant.quant_linear_func(holder(x2, "x", [m, k]), holder(packed, "packed"), holder(scales, "scales"),
-                                             holder(zp, "zero_points"), bits=bits, block_size=block_size, k=k)
+                                             holder(zp, "zero_points"), bits=bits, block_size=block_size, k=k,
+                                             gemv_group=group)
     gv = lw.bb.add_func(func, f"quant_linear_int{bits}")
     operands = [x2, packed, scales] + ([zp] if zp is not None else [])
-    y = lw.emit(relax.call_tir(gv, operands, relax.TensorType(lw.shape(x2)[:-1] + [n], lw.dtype(x))))
+    if group is None:
+        y = lw.emit(relax.call_tir(gv, operands, relax.TensorType([rows, n], lw.dtype(x))))
+    else:  # whole groups of rows come back: drop the padding
+        groups = lw.simplify((rows + group - 1) // group)
+        y = lw.emit(relax.call_tir(gv, operands, relax.TensorType([groups, group, n], lw.dtype(x))))
+        y = lw.view(y, [lw.simplify(groups * group), n])
+        if group > 1:
+            y = lw.emit(R.strided_slice(y, axes=[0], begin=[0], end=[rows]))
     if len(lead) != 1:
-        y = lw.emit(R.reshape(y, lead + [n]))
+        y = lw.view(y, lead + [n])
     if args[4] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[4])))
     return [_activate(lw, y, _attr(node, "activation"))]

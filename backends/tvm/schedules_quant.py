@@ -28,8 +28,11 @@ from __future__ import annotations
 
 KERNEL_ATTR = "graphopt.quant_kernel"  # "linear": a PrimFunc built by quant_linear_te
 TILE_COLUMNS = 16  # matmul form: output columns of a dequantized tile
+GEMV_GROUP = 4  # GEMV form with a symbolic row count: rows that share each dequantized vector
+LANES = 16  # GEMV form: partial sums per output (one AVX-512 vector; two AVX2 ones)
 CUDA_ROWS = 4  # cuda: outputs per thread block (threadIdx.y)
 CUDA_WARP = 32
+CUDA_THREADS = 256  # threads a block for the element-wise stages
 
 
 def _nibble(byte, h, bits: int):
@@ -78,15 +81,58 @@ def quant_linear_te(x, packed, scales, zp, *, bits: int, block_size: int, k: int
                       name="quant_matmul")
 
 
-def quant_linear_func(x, packed, scales, zp, *, bits: int, block_size: int, k: int):
-    """The PrimFunc (unscheduled, tagged with KERNEL_ATTR) for the given TE placeholders."""
+def quant_gemv_te(x, packed, scales, zp, *, bits: int, block_size: int, k: int, group: int):
+    """TE for the same Y, shaped for few rows (decode): the rows in groups of `group` (the
+    last group padded with zero rows) and the reduction split into LANES partial sums, so
+    that a schedule keeps a group's partial sums in registers, whatever the row count:
+
+        partial[g, r, n, l] = sum over (b, h, po) of x_blocks[g, r, b, h, po*LANES + l] * dequantize[n, b, h, po*LANES + l]
+        quant_matmul[g, r, n] = sum over l of partial[g, r, n, l]
+
+    The result has whole groups, [ceil(M / group), group, N]: the caller drops the padding
+    rows (indexing the result by m // group would break TIR's region analysis).
+    """
+    from tvm import te, tirx
+
+    per = 8 // bits
+    m, n, nb, nbytes = x.shape[0], packed.shape[0], packed.shape[1], packed.shape[2]
+    lanes = min(LANES, int(nbytes))
+    dt = x.dtype
+    groups = (m + group - 1) // group if group > 1 else m
+
+    def x_block(g, r, b, h, p):
+        row, kk = g * group + r, b * block_size + p * per + h
+        inside = row < m if group > 1 else None
+        if nb * block_size != k:
+            inside = kk < k if inside is None else tirx.all(inside, kk < k)
+        if inside is None:
+            return x[row, kk]
+        return tirx.if_then_else(inside, x[tirx.min(row, m - 1), tirx.min(kk, k - 1)], tirx.const(0, dt))
+
+    xb = te.compute((groups, group, nb, per, nbytes), x_block, name="x_blocks")
+    w = te.compute((n, nb, per, nbytes), lambda i, b, h, p: dequantize_te(packed, scales, zp, i, b, h, p, bits),
+                   name="dequantize")
+    rb, rh, rp = te.reduce_axis((0, nb), "b"), te.reduce_axis((0, per), "h"), te.reduce_axis((0, nbytes // lanes), "po")
+    partial = te.compute((groups, group, n, lanes), lambda g, r, i, l: te.sum(
+        xb[g, r, rb, rh, rp * lanes + l] * w[i, rb, rh, rp * lanes + l], axis=[rb, rh, rp]), name="partial")
+    rl = te.reduce_axis((0, lanes), "l")
+    return te.compute((groups, group, n), lambda g, r, i: te.sum(partial[g, r, i, rl], axis=[rl]), name="quant_matmul")
+
+
+def quant_linear_func(x, packed, scales, zp, *, bits: int, block_size: int, k: int, gemv_group: int | None = None):
+    """The PrimFunc (unscheduled, tagged with KERNEL_ATTR) for the given TE placeholders:
+    the GEMV form (`quant_gemv_te`) when `gemv_group` is given, else the matmul form."""
     from tvm import te
 
-    y = quant_linear_te(x, packed, scales, zp, bits=bits, block_size=block_size, k=k)
+    if gemv_group is None:
+        y, form = quant_linear_te(x, packed, scales, zp, bits=bits, block_size=block_size, k=k), "matmul"
+    else:
+        y = quant_gemv_te(x, packed, scales, zp, bits=bits, block_size=block_size, k=k, group=gemv_group)
+        form = "gemv"
     args = [x, packed, scales] + ([zp] if zp is not None else []) + [y]
     # op_pattern 8 (opaque): Relax's FuseOps keeps the kernel whole, for the rules below.
     func = te.create_prim_func(args).without_attr("global_symbol")  # the module names it
-    return func.with_attrs({KERNEL_ATTR: "linear", "op_pattern": 8})
+    return func.with_attrs({KERNEL_ATTR: form, "op_pattern": 8})
 
 
 def quant_gather_te(packed, indices, scales, zp, *, bits: int, block_size: int, k: int):
@@ -128,28 +174,27 @@ def _parallel_prologue(sch, block, lanes: int):
 
 
 def schedule_gemv(func, target):
-    """One row: dequantize inlined, outputs in parallel, a block's bytes vectorized."""
+    """The GEMV form: dequantize inlined, (row group, output) pairs in parallel, the LANES
+    partial sums of each row of the group in vector registers; each weight vector is
+    loaded, unpacked and scaled once per group."""
     from tvm import s_tir
 
     from graphopt.backends.tvm.schedules import _vector_lanes
 
     sch = s_tir.Schedule(func)
-    xb, w, y = _blocks(sch)
+    xb, w, partial, y = (sch.get_sblock(name) for name in ("x_blocks", "dequantize", "partial", "quant_matmul"))
     lanes = _vector_lanes(target)
     sch.compute_inline(w)
-    r, i, b, h, p = sch.get_loops(y)
-    nbytes = _static(sch, p)
-    vec = min(lanes, nbytes)
-    po, pi = sch.split(p, [None, vec])
-    rf = sch.rfactor(pi, 0)  # rf[pi, r, i]: `vec` partial sums per output
-    r, i, b, h, po, pi = sch.get_loops(rf)  # the partial sums' lanes innermost
-    fused = sch.fuse(r, i)
+    g, r, i, l, b, h, po = sch.get_loops(partial)
+    sch.reorder(g, i, b, h, po, r, l)
+    fused = sch.fuse(g, i)
     sch.parallel(fused)
-    sch.reverse_compute_at(y, fused)
-    sch.set_scope(rf, 0, "local")
+    sch.reverse_compute_at(y, fused)  # the group's outputs, summed across the lanes
+    sch.set_scope(partial, 0, "local")
     sch.unroll(h)
-    sch.vectorize(pi)
-    init = sch.decompose_reduction(rf, b)
+    sch.unroll(r)
+    sch.vectorize(l)
+    init = sch.decompose_reduction(partial, b)
     sch.vectorize(sch.get_loops(init)[-1])
     _parallel_prologue(sch, xb, lanes)
     return sch
@@ -201,14 +246,31 @@ def schedule_cuda(func, target):
     sch.bind(it, "threadIdx.y")
     sch.bind(kt, "threadIdx.x")  # a reduction bound to threads: TVM sums it across the warp
     loops = sch.get_loops(xb)
-    bx, tx = sch.split(sch.fuse(*loops), [None, 256])
+    bx, tx = sch.split(sch.fuse(*loops), [None, CUDA_THREADS])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
     return sch
 
 
+def schedule_cuda_gemv(func, target):
+    """The GEMV form on a GPU: one thread per partial sum (consecutive threads read
+    consecutive bytes of a weight row), then one per output to add a row's partial sums."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for name in ("dequantize", ):
+        sch.compute_inline(sch.get_sblock(name))
+    for name, spatial in (("x_blocks", 5), ("partial", 4), ("quant_matmul", 2)):
+        block = sch.get_sblock(name)
+        loops = sch.get_loops(block)[:spatial]
+        bx, tx = sch.split(sch.fuse(*loops), [None, CUDA_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    return sch
+
+
 def rules() -> list:
-    """dlight rules for the tagged kernels: CUDA, CPU GEMV (one static row), CPU matmul."""
+    """dlight rules for the tagged kernels: GEMV and matmul forms, CPU and CUDA."""
     from tvm import s_tir, tirx
     from tvm.s_tir.dlight.base import ScheduleRule
 
@@ -216,11 +278,9 @@ def rules() -> list:
         def apply(self, func, target, _tunable):
             if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
                 return None
+            gemv = func.attrs[KERNEL_ATTR] == "gemv"
             if target.kind.name == "cuda":
-                return schedule_cuda(func, target)
-            probe = s_tir.Schedule(func)
-            if _static(probe, probe.get_loops(probe.get_sblock("quant_matmul"))[0]) == 1:
-                return schedule_gemv(func, target)
-            return schedule_matmul(func, target)
+                return schedule_cuda_gemv(func, target) if gemv else schedule_cuda(func, target)
+            return schedule_gemv(func, target) if gemv else schedule_matmul(func, target)
 
     return [QuantLinear()]
