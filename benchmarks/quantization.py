@@ -16,7 +16,7 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
    each artifact's weights over the read bandwidth measured in this run
    (graphopt.compare.machine.read_bandwidth). With `--tvm`, graphopt's int4 artifact for TVM
    too (the dequantize-fused kernels of backends/tvm/schedules_quant.py; its weight bytes are
-   those of its weights.safetensors).
+   those of its weights.safetensors), and the fp32 one for TVM beside it.
 Timings are medians of `--repeats` runs, variants interleaved round by round.
 """
 from __future__ import annotations
@@ -132,7 +132,9 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     dirs = {"graphopt-fp32": work / "dec-fp32", "graphopt-int4": work / "dec-int4"}
     graphopt.optimize(fp32.graph, dirs["graphopt-int4"],
                       passes="quantize-weights{bits=4,block-size=32,embeddings=true}")
-    if args.tvm:
+    if args.tvm:  # fp32 too: what the rest of the TVM model costs, apart from the quantized kernels
+        dirs["graphopt-fp32-tvm"] = work / "dec-fp32-tvm"
+        graphopt.optimize(fp32.graph, dirs["graphopt-fp32-tvm"], backend="tvm")
         dirs["graphopt-int4-tvm"] = work / "dec-int4-tvm"
         graphopt.optimize(fp32.graph, dirs["graphopt-int4-tvm"], backend="tvm",
                           passes="quantize-weights{bits=4,block-size=32,embeddings=true}")

@@ -11,22 +11,25 @@ dequantized weight lives; no schedule here gives it a buffer of the weight's sha
     dequantize[n, b, h, p]   (nibble h of packed[n, b, p] - zero point) * scale
     quant_matmul[m, n]       sum over (b, h, p) of x_blocks * dequantize
 
-- `gemv` (one row, decode): `dequantize` is inlined into the reduction, so a packed byte is
-  loaded once, unpacked and scaled in registers, and multiplied in. Rows of the weight run
-  in parallel; the bytes of a block are vectorized (rfactor: a vector of partial sums per
-  output, summed once at the end).
-- `matmul` (several rows, prefill): for each tile of output columns and each block, the
-  dequantized tile (block_size x TILE_COLUMNS floats) is computed into a small local buffer,
-  then every row of x streams past it (vectorized over the tile's columns).
-- `cuda`: the inlined form; outputs over thread blocks (4 a block, threadIdx.y), the
-  reduction over a warp (threadIdx.x; TVM lowers it to warp shuffles), rows over blockIdx.y.
+Two forms, chosen when lowering by the row count M (rules_quant.py):
+
+- GEMV (`quant_gemv_te`; M is 1, or symbolic: one build serves decode and prefill): rows in
+  groups (1, or GEMV_GROUP), the reduction split into LANES partial sums. CPU: `dequantize`
+  inlined, so a weight vector is loaded once, unpacked and scaled in registers and used by
+  every row of the group; (group, output) pairs in parallel. CUDA: a thread per partial sum
+  (consecutive threads read consecutive bytes), then a thread per output.
+- matmul (`quant_linear_te`; M static and > 1). CPU: for each tile of TILE_COLUMNS outputs
+  and each block, the dequantized tile (block_size x TILE_COLUMNS floats) in a local buffer
+  that every row of x streams past (vectorized over the tile's columns). CUDA: `dequantize`
+  inlined; outputs over thread blocks (CUDA_ROWS a block, threadIdx.y), the reduction over a
+  warp (threadIdx.x; TVM lowers it to warp shuffles), rows over blockIdx.y.
 
 The kernels are added to the Relax module as PrimFuncs carrying `KERNEL_ATTR`; `rules()`
 returns the dlight-style rules that recognize them by it and schedule them for the target.
 """
 from __future__ import annotations
 
-KERNEL_ATTR = "graphopt.quant_kernel"  # "linear": a PrimFunc built by quant_linear_te
+KERNEL_ATTR = "graphopt.quant_kernel"  # "gemv" or "matmul": which form a PrimFunc holds
 TILE_COLUMNS = 16  # matmul form: output columns of a dequantized tile
 GEMV_GROUP = 4  # GEMV form with a symbolic row count: rows that share each dequantized vector
 LANES = 16  # GEMV form: partial sums per output (one AVX-512 vector; two AVX2 ones)
@@ -167,19 +170,13 @@ def _static(sch, loop):
     return e if isinstance(e, int) else None
 
 
-def _parallel_prologue(sch, block, lanes: int):
-    from graphopt.backends.tvm.schedules import _parallelize
-
-    _parallelize(sch, block, lanes)
-
-
 def schedule_gemv(func, target):
     """The GEMV form: dequantize inlined, (row group, output) pairs in parallel, the LANES
     partial sums of each row of the group in vector registers; each weight vector is
     loaded, unpacked and scaled once per group."""
     from tvm import s_tir
 
-    from graphopt.backends.tvm.schedules import _vector_lanes
+    from graphopt.backends.tvm.schedules import _parallelize, _vector_lanes
 
     sch = s_tir.Schedule(func)
     xb, w, partial, y = (sch.get_sblock(name) for name in ("x_blocks", "dequantize", "partial", "quant_matmul"))
@@ -196,7 +193,7 @@ def schedule_gemv(func, target):
     sch.vectorize(l)
     init = sch.decompose_reduction(partial, b)
     sch.vectorize(sch.get_loops(init)[-1])
-    _parallel_prologue(sch, xb, lanes)
+    _parallelize(sch, xb, lanes)  # x_blocks: a small copy of x, in parallel
     return sch
 
 
@@ -205,7 +202,7 @@ def schedule_matmul(func, target):
     every row reuses; vectorized over the tile's columns."""
     from tvm import s_tir
 
-    from graphopt.backends.tvm.schedules import _vector_lanes
+    from graphopt.backends.tvm.schedules import _parallelize, _vector_lanes
 
     sch = s_tir.Schedule(func)
     xb, w, y = _blocks(sch)
@@ -225,7 +222,7 @@ def schedule_matmul(func, target):
     init = sch.decompose_reduction(y, b)
     if tile > 1:
         sch.vectorize(sch.get_loops(init)[-1])
-    _parallel_prologue(sch, xb, lanes)
+    _parallelize(sch, xb, lanes)  # x_blocks: a small copy of x, in parallel
     return sch
 
 
@@ -258,9 +255,8 @@ def schedule_cuda_gemv(func, target):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    for name in ("dequantize", ):
-        sch.compute_inline(sch.get_sblock(name))
-    for name, spatial in (("x_blocks", 5), ("partial", 4), ("quant_matmul", 2)):
+    sch.compute_inline(sch.get_sblock("dequantize"))
+    for name, spatial in (("x_blocks", 5), ("partial", 4), ("quant_matmul", 3)):
         block = sch.get_sblock(name)
         loops = sch.get_loops(block)[:spatial]
         bx, tx = sch.split(sch.fuse(*loops), [None, CUDA_THREADS])
@@ -271,7 +267,7 @@ def schedule_cuda_gemv(func, target):
 
 def rules() -> list:
     """dlight rules for the tagged kernels: GEMV and matmul forms, CPU and CUDA."""
-    from tvm import s_tir, tirx
+    from tvm import tirx
     from tvm.s_tir.dlight.base import ScheduleRule
 
     class QuantLinear(ScheduleRule):
