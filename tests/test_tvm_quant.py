@@ -173,14 +173,13 @@ def test_no_float_weight_in_memory(lead, target):
 
 
 def _cuda_build_possible() -> str | None:
-    import tvm
+    """None where this TVM can build for cuda (code generation and nvcc or NVRTC), else why not."""
+    from graphopt.errors import UserError
 
-    from graphopt.backends.tvm.build import cuda_compiler
-
-    if tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
-        return "this apache-tvm has no CUDA code generation"
-    if cuda_compiler() is None:
-        return "no nvcc or NVRTC here"
+    try:
+        tvm_backend.check_target("cuda")
+    except UserError as e:
+        return str(e)
     return None
 
 
