@@ -61,13 +61,10 @@ def quant_linear(lw: Lowerer, node, args):
     operands = [x2, packed, scales] + ([zp] if zp is not None else [])
     if group is None:
         y = lw.emit(relax.call_tir(gv, operands, relax.TensorType([rows, n], lw.dtype(x))))
-    else:  # whole groups of rows come back: drop the padding
+    else:  # whole groups of rows come back: the first `rows` of them, seen as lead + [N] (a view, no copy)
         groups = lw.simplify((rows + group - 1) // group)
         y = lw.emit(relax.call_tir(gv, operands, relax.TensorType([groups, group, n], lw.dtype(x))))
-        y = lw.view(y, [lw.simplify(groups * group), n])
-        if group > 1:
-            y = lw.emit(R.strided_slice(y, axes=[0], begin=[0], end=[rows]))
-    if len(lead) != 1:
+    if len(lead) != 1 or group is not None:
         y = lw.view(y, lead + [n])
     if args[4] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[4])))
