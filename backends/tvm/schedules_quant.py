@@ -29,6 +29,8 @@ returns the dlight-style rules that recognize them by it and schedule them for t
 """
 from __future__ import annotations
 
+from graphopt.backends.tvm.schedules import _extent, _parallelize, _vector_lanes
+
 KERNEL_ATTR = "graphopt.quant_kernel"  # "gemv" or "matmul": which form a PrimFunc holds
 TILE_COLUMNS = 16  # matmul form: output columns of a dequantized tile
 GEMV_GROUP = 4  # GEMV form with a symbolic row count: rows that share each dequantized vector
@@ -164,8 +166,6 @@ def _blocks(sch):
 
 
 def _static(sch, loop):
-    from graphopt.backends.tvm.schedules import _extent
-
     e = _extent(sch, loop)
     return e if isinstance(e, int) else None
 
@@ -175,8 +175,6 @@ def schedule_gemv(func, target):
     partial sums of each row of the group in vector registers; each weight vector is
     loaded, unpacked and scaled once per group."""
     from tvm import s_tir
-
-    from graphopt.backends.tvm.schedules import _parallelize, _vector_lanes
 
     sch = s_tir.Schedule(func)
     xb, w, partial, y = (sch.get_sblock(name) for name in ("x_blocks", "dequantize", "partial", "quant_matmul"))
@@ -201,8 +199,6 @@ def schedule_matmul(func, target):
     """Several rows: per tile of columns and block, a dequantized tile in a local buffer that
     every row reuses; vectorized over the tile's columns."""
     from tvm import s_tir
-
-    from graphopt.backends.tvm.schedules import _parallelize, _vector_lanes
 
     sch = s_tir.Schedule(func)
     xb, w, y = _blocks(sch)
