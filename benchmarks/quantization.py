@@ -2,7 +2,7 @@
 
     python benchmarks/quantization.py --threads 2 --out benchmarks/results/quantization.json
     python benchmarks/quantization.py --tiny          # toy sizes: checks the script runs (no claims)
-    python benchmarks/quantization.py --tvm ...       # adds the TVM int4 decode row (long builds)
+    python benchmarks/quantization.py --tvm --skip-prefill --threads 2   # the decode rows with TVM's int4
 
 On GPT-2 small (the `transformers` default config, random weights: no hub access):
 1. prefill at `--seq` (128) tokens, full-sequence logits: graphopt's fp32 ORT artifact,
@@ -14,7 +14,9 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
    `auto`) artifacts, and ORT's `MatMulNBitsQuantizer` (block 32, MatMul and Gather) applied to
    the same fp32 decode graph, all driven by the same feeds; the bandwidth bound is the bytes of
    each artifact's weights over the read bandwidth measured in this run
-   (graphopt.compare.machine.read_bandwidth);
+   (graphopt.compare.machine.read_bandwidth). With `--tvm`, graphopt's int4 artifact for TVM
+   too (the dequantize-fused kernels of backends/tvm/schedules_quant.py; its weight bytes are
+   those of its weights.safetensors), and the fp32 one for TVM beside it;
 3. a decode step with `--cached` tokens on the Llama-style Hugging Face folder of
    benchmarks/generation.py (hidden 512, 8 layers, 8 heads, 2 key/value heads, vocabulary 8192):
    graphopt int4 (block 32, RTN) against onnxruntime-genai's model builder `-p int4 -e cpu` on the
@@ -81,6 +83,13 @@ def initializer_bytes(path: Path) -> int:
     return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
+def tensor_bytes(artifact: Path) -> int:
+    """The bytes of a TVM artifact's weights (its weights.safetensors)."""
+    from safetensors.numpy import load_file
+
+    return sum(a.nbytes for a in load_file(str(artifact / "weights.safetensors")).values())
+
+
 def logit_error(got: np.ndarray, want: np.ndarray) -> dict:
     d = np.abs(got.astype(np.float64) - want)
     return {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
@@ -127,7 +136,9 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     dirs = {"graphopt-fp32": work / "dec-fp32", "graphopt-int4": work / "dec-int4"}
     graphopt.optimize(fp32.graph, dirs["graphopt-int4"],
                       passes="quantize-weights{bits=4,block-size=32,embeddings=true}")
-    if args.tvm:
+    if args.tvm:  # fp32 too: what the rest of the TVM model costs, apart from the quantized kernels
+        dirs["graphopt-fp32-tvm"] = work / "dec-fp32-tvm"
+        graphopt.optimize(fp32.graph, dirs["graphopt-fp32-tvm"], backend="tvm")
         dirs["graphopt-int4-tvm"] = work / "dec-int4-tvm"
         graphopt.optimize(fp32.graph, dirs["graphopt-int4-tvm"], backend="tvm",
                           passes="quantize-weights{bits=4,block-size=32,embeddings=true}")
@@ -144,14 +155,14 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     for name, d in dirs.items():
         a = graphopt.load(d, threads=args.threads)
         runners[name] = lambda a=a: a.run(step)
-        sizes[name] = initializer_bytes(d / "model.onnx") if name != "graphopt-int4-tvm" else sizes.get("graphopt-int4")
+        sizes[name] = initializer_bytes(d / "model.onnx") if (d / "model.onnx").exists() else tensor_bytes(d)
     s = session(ort_nbits, args.threads)
     runners["ort-MatMulNBitsQuantizer"] = lambda: s.run(None, step)
     sizes["ort-MatMulNBitsQuantizer"] = initializer_bytes(ort_nbits)
     timing = interleaved(runners, args.repeats)
     want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
-    errors = {"graphopt-int4": logit_error(runners["graphopt-int4"]()["logits"], want),
-              "ort-MatMulNBitsQuantizer": logit_error(s.run(["logits"], step)[0], want)}
+    errors = {n: logit_error(runners[n]()["logits"], want) for n in dirs if n != "graphopt-fp32"}
+    errors["ort-MatMulNBitsQuantizer"] = logit_error(s.run(["logits"], step)[0], want)
     manifest = json.loads((dirs["graphopt-int4"] / "manifest.json").read_text())
     out = {"cached": args.cached, "timing": timing, "weight_bytes": sizes, "logit_error_vs_fp32": errors,
            "accuracy_level": manifest.get("quant_accuracy_level")}
@@ -207,6 +218,7 @@ def main() -> None:
     ap.add_argument("--cached", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--tvm", action="store_true", help="also build and time the TVM int4 decode artifact")
+    ap.add_argument("--skip-prefill", action="store_true", help="only the decode rows (with --tvm: under 8 minutes)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
     ap.add_argument("--no-llama", action="store_true",
                     help="skip the Llama-style int4 decode row against onnxruntime-genai's model builder")
@@ -223,7 +235,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = gpt2_folder(work, args.tiny)
-        results["gpt2_prefill_int8"] = prefill(folder, work, args)
+        if not args.skip_prefill:
+            results["gpt2_prefill_int8"] = prefill(folder, work, args)
         results["gpt2_decode_int4"] = decode(folder, work, args, bandwidth["read_gb_s"])
         if not args.no_llama:
             results["llama_decode_int4"] = llama_decode_int4(work, args, bandwidth["read_gb_s"])

@@ -17,7 +17,7 @@ import os
 import shutil
 
 from graphopt.errors import UserError
-from graphopt.backends.tvm import schedules
+from graphopt.backends.tvm import schedules, schedules_quant
 
 DEFAULT_CUDA_ARCH = "sm_80"  # when no GPU is here to ask (cross-compiling)
 
@@ -81,6 +81,7 @@ def optimize_module(mod, target):
 
     with target:
         mod = relax.get_pipeline("zero")(mod)
+        mod = dl.ApplyDefaultSchedule(*schedules_quant.rules())(mod)  # the dequantize-fused kernels
         if target.kind.name == "cuda":
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)

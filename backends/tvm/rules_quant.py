@@ -1,10 +1,9 @@
 """TVM lowering rules for the quantized ops (semantics: graphopt/ops/quant_*.py).
 
-graphopt.QuantLinear keeps its weight packed in the module's parameters (4 bits a weight
-for int4) and dequantizes it in Relax at each call -- unpack (shift, mask), subtract the zero
-point, scale -- before the matmul. That is correct everywhere and halves (int8: quarters)
-the weight bytes of the artifact, but it materializes a float weight per call: the
-dequantize-fused GEMV schedule (unpacking in registers) is left to do (docs/quantization.md).
+graphopt.QuantLinear becomes one TIR kernel (schedules_quant.py) that reads the packed weight
+and unpacks, centers and scales it inside the reduction: no float copy of the weight is
+ever written, so a decode step reads 4 (int4) or 8 (int8) bits a weight plus the scales.
+graphopt.QuantGather gathers the packed rows and dequantizes only those, in one stage.
 """
 from __future__ import annotations
 
@@ -14,42 +13,59 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
+from graphopt.backends.tvm import schedules_quant
 from graphopt.backends.tvm.lowering import Lowerer, rule
 from graphopt.backends.tvm.rules_graphopt import _activate, _attr
 
 
-def _unpack(lw: Lowerer, packed, bits: int):
-    """u8 [..., m] -> u8 [..., 2m] for 4 bits (low nibble first), as is for 8."""
-    if bits == 8:
-        return packed
-    low = lw.emit(R.bitwise_and(packed, relax.const(0x0F, "uint8")))
-    high = lw.emit(R.right_shift(packed, relax.const(4, "uint8")))
-    rank = lw.rank(packed)
-    pairs = lw.emit(R.concat([R.expand_dims(low, [rank]), R.expand_dims(high, [rank])], axis=rank))
-    shape = lw.shape(packed)
-    return lw.emit(R.reshape(pairs, shape[:-1] + [2 * shape[-1]]))
+def _rows(lw: Lowerer, lead: list):
+    """The product of the leading dims (ints or TIR expressions)."""
+    rows = 1
+    for d in lead:
+        rows = lw.simplify(rows * d)
+    return rows
+
+
+def _gemv_group(rows) -> int | None:
+    """The GEMV form for one row (a group of 1) or a symbolic count (decode and prefill
+    share one build: groups of GEMV_GROUP rows); the matmul form for a static count > 1."""
+    if isinstance(rows, int):
+        return 1 if rows == 1 else None
+    return schedules_quant.GEMV_GROUP
 
 
 @rule("QuantLinear", domain="graphopt")
 def quant_linear(lw: Lowerer, node, args):
+    from tvm import te
+
     args = list(args) + [None] * (5 - len(args))
     x, packed, scales = (lw.tensor(a) for a in args[:3])
+    zp = None if args[3] is None else lw.tensor(args[3])
     bits, block_size = _attr(node, "bits"), _attr(node, "block_size")
     k, n = node.attr("K"), node.attr("N")
-    nb = -(-k // block_size)
-    dt = lw.dtype(x)
-    q = lw.emit(R.astype(_unpack(lw, packed, bits), dt))  # [N, nb, block_size]
-    if args[3] is None:
-        zero = relax.const(2 ** (bits - 1), dt)
-    else:
-        zq = _unpack(lw, lw.tensor(args[3]), bits)
-        zq = lw.emit(R.strided_slice(zq, axes=[1], begin=[0], end=[nb]))
-        zero = lw.emit(R.expand_dims(R.astype(zq, dt), [2]))
-    w = lw.emit(R.multiply(R.subtract(q, zero), R.expand_dims(scales, [2])))
-    w = lw.emit(R.reshape(w, [n, nb * block_size]))
-    if nb * block_size != k:
-        w = lw.emit(R.strided_slice(w, axes=[1], begin=[0], end=[k]))
-    y = lw.emit(R.matmul(x, R.permute_dims(w, [1, 0])))
+    lead = lw.shape(x)[:-1]
+    rows = _rows(lw, lead)
+    x2 = lw.view(x, [rows, k]) if len(lead) != 1 else x
+    # The kernel's row count is a variable of its own (defined by X's shape), whatever
+    # expression of `batch` and `seq` it is here: one kernel serves every length.
+    m = rows if isinstance(rows, int) else te.var("rows", "int64")
+    group = _gemv_group(rows)
+
+    def holder(t, name, shape=None):
+        return None if t is None else te.placeholder(shape or lw.shape(t), lw.dtype(t), name)
+
+    func = schedules_quant.quant_linear_func(holder(x2, "x", [m, k]), holder(packed, "packed"), holder(scales, "scales"),
+                                             holder(zp, "zero_points"), bits=bits, block_size=block_size, k=k,
+                                             gemv_group=group)
+    gv = lw.bb.add_func(func, f"quant_linear_int{bits}")
+    operands = [x2, packed, scales] + ([zp] if zp is not None else [])
+    if group is None:
+        y = lw.emit(relax.call_tir(gv, operands, relax.TensorType([rows, n], lw.dtype(x))))
+    else:  # whole groups of rows come back: the first `rows` of them, seen as lead + [N] (a view, no copy)
+        groups = lw.simplify((rows + group - 1) // group)
+        y = lw.emit(relax.call_tir(gv, operands, relax.TensorType([groups, group, n], lw.dtype(x))))
+    if len(lead) != 1 or group is not None:
+        y = lw.view(y, lead + [n])
     if args[4] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[4])))
     return [_activate(lw, y, _attr(node, "activation"))]
@@ -60,22 +76,11 @@ def quant_gather(lw: Lowerer, node, args):
     packed, indices, scales = (lw.tensor(a) for a in args[:3])
     zp = lw.tensor(args[3]) if len(args) > 3 and args[3] is not None else None
     bits, block_size, k = _attr(node, "bits"), _attr(node, "block_size"), node.attr("K")
-    nb = -(-k // block_size)
-    dt = lw.dtype(scales)
     lead = lw.shape(indices)
-    r = len(lead)
-    q = lw.emit(R.astype(_unpack(lw, lw.emit(R.take(packed, indices, axis=0)), bits), dt))  # [..., nb, bs]
-    if zp is None:
-        zero = relax.const(2 ** (bits - 1), dt)
-    else:
-        zq = _unpack(lw, lw.emit(R.take(zp, indices, axis=0)), bits)
-        zq = lw.emit(R.strided_slice(zq, axes=[r], begin=[0], end=[nb]))
-        zero = lw.emit(R.expand_dims(R.astype(zq, dt), [r + 1]))
-    w = lw.emit(R.multiply(R.subtract(q, zero), R.expand_dims(R.take(scales, indices, axis=0), [r + 1])))
-    w = lw.emit(R.reshape(w, lead + [nb * block_size]))
-    if nb * block_size != k:
-        w = lw.emit(R.strided_slice(w, axes=[r], begin=[0], end=[k]))
-    return [w]
+    flat = lw.emit(R.reshape(indices, [_rows(lw, lead)]))
+    rows = lw.bb.emit_te(schedules_quant.quant_gather_te, packed, flat, scales, zp, bits=bits,
+                         block_size=block_size, k=k, primfunc_name_hint=f"quant_gather_int{bits}")
+    return [lw.emit(R.reshape(rows, lead + [k]))]
 
 
 @rule("DynamicQuantLinear", domain="graphopt")
