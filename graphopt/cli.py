@@ -296,7 +296,7 @@ def _progress(quiet: bool):
                    "recomputes the whole sequence.")
 @click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static"]), default=None,
               help="Decoders: the cache layout. BNSH (default): a cache that grows each step; static: one "
-                   "preallocated max-positions buffer that past and present share (ORT); BSNH: TVM.")
+                   "preallocated max-positions buffer that past and present share (ORT, TVM); BSNH: TVM.")
 @click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
                    "int4:128), int8-dynamic (activations quantized per call) or int8-static (activation ranges "

@@ -98,6 +98,11 @@ def interpreter(graph):
     return lambda feeds: run(graph, feeds)
 
 
+def host(x) -> np.ndarray:
+    """A numpy array of an output (a bound runner's presents are the backend's own tensors)."""
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
 def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int,
                  layout: str = "BNSH", max_positions: int = 0):
     """Prefill the left-padded prompts, then `steps` greedy decode steps; at every step each
@@ -124,7 +129,7 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
         total = mask.shape[1]
         for i in range(num_layers):
             for kind in ("key", "value"):
-                present = np.asarray(out[f"present.{i}.{kind}"])
+                present = host(out[f"present.{i}.{kind}"])
                 assert present.shape == cache(batch, total), (step, i, kind)
                 if layout == "static":
                     assert (present[:, :, total - 1] != 0).any() and not present[:, :, total:].any(), (step, i, kind)
@@ -232,7 +237,7 @@ def test_kv_layout_option_refusals_are_one_line_before_any_work(tmp_path, args, 
     assert not (tmp_path / "out").exists()
 
 
-def test_static_layout_is_refused_for_tvm_in_one_line(fused, tmp_path):
+def test_paged_layout_is_refused_for_tvm_in_one_line(fused, tmp_path):
     pytest.importorskip("tvm")
     from click.testing import CliRunner
 
@@ -241,9 +246,10 @@ def test_static_layout_is_refused_for_tvm_in_one_line(fused, tmp_path):
 
     save_graph(fused("llama")[1], tmp_path / "llama.gir")
     r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "llama.gir"), "-o", str(tmp_path / "out"), "-q",
-                                 "--backend", "tvm", "--passes", "rewrite-kv-cache{layout=static,max-positions=64}"])
+                                 "--backend", "tvm", "--passes", "rewrite-kv-cache{layout=paged,max-positions=64}"])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [
-        "error: rewrite-kv-cache: layout 'static' is not implemented for the tvm backend (implemented: BNSH, BSNH)"]
+        "error: rewrite-kv-cache: layout 'paged' is not implemented for the tvm backend "
+        "(implemented: BNSH, BSNH, static)"]
     assert not (tmp_path / "out").exists()
 
 
@@ -329,6 +335,57 @@ def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch
                       passes="eliminate-dead-code")
     bnsh = graphopt.load(tmp_path / "bnsh")
     assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == bnsh.generate(PROMPTS, 12, eos_token_id=-1).tokens
+
+
+@pytest.mark.slow
+def test_static_layout_on_tvm_matches_pytorch_and_writes_the_buffer_in_place(fused, tmp_path):
+    """layout=static on TVM: the new positions are written into the past buffer in place
+    (call_tir_inplace), so through the bound runner each present is the very tensor fed as
+    the past, one buffer for every step; a step past the buffer is an error, not a write."""
+    pytest.importorskip("tvm")
+    model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
+    g = rewrite(graph, "rewrite-kv-cache{layout=static},slice-last-token-logits")
+    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
+    artifact = graphopt.load(tmp_path / "tvm")
+    assert artifact.manifest["generation"]["kv_layout"] == "static"
+    ref = hf_reference(model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 6, 2, 2, 8, "static", 64)  # batch 1
+    bound = artifact.decode_run()
+    seen = []
+
+    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
+        out = bound(feeds)
+        past = feeds["past_key_values.0.key"]
+        seen.append((None if isinstance(past, np.ndarray) else past.data_ptr(), out["present.0.key"].data_ptr()))
+        return out
+    check_decode(run, ref, PROMPTS, 6, 2, 2, 8, "static", 64)  # batch 3, left padding
+    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])  # in place
+    ort = graphopt.load(_ort_artifact(g, tmp_path))
+    assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == ort.generate(PROMPTS, 12, eos_token_id=-1).tokens
+    with pytest.raises(UserError, match="needs 65 positions; the model has 64"):
+        artifact.generate([[1] * 60], 6)
+    cache = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 64, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    with pytest.raises(Exception, match="more positions than the static KV cache holds"):
+        bound({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 65), np.int64), **cache})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["BNSH", "static"])
+def test_kv_cache_layouts_build_for_tvm_cuda(fused, tmp_path, layout):
+    """Built, not run (a GPU is not assumed): TVM refuses to build a GPU kernel that no
+    schedule bound to threads, so the build succeeding means the cache write was scheduled."""
+    tvm = pytest.importorskip("tvm")
+    from graphopt.backends.tvm.build import cuda_compiler
+
+    if tvm.get_global_func("target.build.cuda", allow_missing=True) is None or cuda_compiler() is None:
+        pytest.skip("no CUDA code generation or no nvcc/NVRTC here")
+    _, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}},slice-last-token-logits")
+    result = graphopt.optimize(g, tmp_path / "cuda", backend="tvm", target="cuda", passes="eliminate-dead-code")
+    assert result.manifest["tvm_target"]["kind"] == "cuda"
+    assert result.manifest["generation"]["kv_layout"] == layout
+    library = (tmp_path / "cuda" / "model.so").read_bytes()
+    assert b"_kernel" in library and (layout != "static" or b"kv_cache_write" in library)
 
 
 def test_static_layout_in_the_reference_interpreter_and_past_its_buffer(fused, tmp_path):

@@ -17,6 +17,7 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
+from graphopt.backends.tvm import rules_cache
 from graphopt.backends.tvm.lowering import Lowerer, relax_op, rule, static_int
 from graphopt.registry import get_op
 
@@ -98,7 +99,7 @@ def attention(lw: Lowerer, node, args):
     if (past_k is None) != (past_v is None):
         raise lw.error("past_key and past_value must be given together")
     if node.attr("kv_layout", "BNSH") == "static":
-        raise lw.error("kv_layout static is not implemented for the tvm backend (rewrite-kv-cache{layout=BNSH})")
+        return rules_cache.static_attention(lw, node, args, attention)
     dt = lw.dtype(q)
     q_dims = lw.shape(q)
     three_d = len(q_dims) == 3

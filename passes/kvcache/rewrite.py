@@ -31,7 +31,7 @@ Preconditions (checked): an `input_ids [batch, seq]` input, one output (the logi
 attention fused into 3-D graphopt.Attention (no Softmax left) and none with a cache yet.
 Options: `layout` (BNSH: the cache is [batch, kv_heads, seq, head_size], on every backend;
 BSNH: [batch, seq, kv_heads, head_size], on TVM; static: a [batch, kv_heads, max-positions,
-head_size] buffer that past and present share, on ORT, where the attention mask's length is the
+head_size] buffer that past and present share, on ORT and TVM, where the attention mask's length is the
 valid length; only the key/value heads are cached, grouped-query attention stays grouped) and
 `max-positions` (0: what the frontend recorded, the model's maximum context).
 """
@@ -50,7 +50,7 @@ INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
 PAST_SEQ, TOTAL_SEQ = "past_seq", "past_seq + seq"
 LAYOUTS = ("BNSH", "BSNH", "static", "paged")
 # layout -> the backends that run it (None: the pass runs without a backend, e.g. in tests)
-IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None), "static": ("onnxruntime", None)}
+IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None), "static": ("onnxruntime", "tvm", None)}
 # metadata_props keys: what the artifact's manifest and the Generator read back
 META_LAYOUT, META_MAX_POSITIONS, META_LAYERS = "graphopt.kv_layout", "graphopt.max_positions", "graphopt.kv_layers"
 _INT64_MAX = np.iinfo(np.int64).max
