@@ -103,12 +103,25 @@ def host(x) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.numpy()
 
 
+BLOCK_SIZE = 4  # paged tests: small blocks, so that a few steps cross block boundaries
+
+
 def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int,
-                 layout: str = "BNSH", max_positions: int = 0):
+                 layout: str = "BNSH", max_positions: int = 0, block_size: int = BLOCK_SIZE):
     """Prefill the left-padded prompts, then `steps` greedy decode steps; at every step each
     row's last logits must match `reference(row ids)` and every present must grow by one
-    (static: fill its buffer of `max_positions` by one, the rest still the zeros fed first)."""
+    (static: fill its buffer of `max_positions` by one, the rest still the zeros fed first;
+    paged: fill the slot of the table's block, the rows' blocks interleaved and shuffled in
+    a pool with blocks no row uses, which must stay zero)."""
+    batch = len(prompts)
+    width = -(-max_positions // block_size) if layout == "paged" else 0
+    order = np.random.default_rng(0).permutation(batch * width + 3)  # 3 blocks no row is given
+    table = order[:batch * width].reshape(width, batch).T.astype(np.int32)
+    unused = order[batch * width:]
+
     def cache(batch, seq):
+        if layout == "paged":
+            return (batch * width + 3, block_size, kv_heads, head)
         if layout == "static":
             return (batch, kv_heads, max_positions, head)
         return (batch, seq, kv_heads, head) if layout == "BSNH" else (batch, kv_heads, seq, head)
@@ -119,6 +132,8 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
     for r, p in enumerate(prompts):
         ids[r, longest - len(p):], mask[r, longest - len(p):] = p, 1
     feeds = {"input_ids": ids, "attention_mask": mask}
+    if layout == "paged":
+        feeds["block_table"] = table
     for i in range(num_layers):
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros(cache(batch, 0), np.float32)
@@ -133,6 +148,12 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
                 assert present.shape == cache(batch, total), (step, i, kind)
                 if layout == "static":
                     assert (present[:, :, total - 1] != 0).any() and not present[:, :, total:].any(), (step, i, kind)
+                if layout == "paged":
+                    last = present[table[:, (total - 1) // block_size], (total - 1) % block_size]
+                    after = [present[table[r, total // block_size], total % block_size] for r in range(batch)
+                             if total < width * block_size]
+                    assert (last != 0).any() and not any(a.any() for a in after), (step, i, kind)
+                    assert not present[unused].any(), (step, i, kind)
         logits = out["logits"][:, -1]
         for r in range(batch):
             want = reference(rows[r])
@@ -143,6 +164,8 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
             rows[r].append(int(nxt[r]))
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+        if layout == "paged":
+            feeds["block_table"] = table
         for i in range(num_layers):
             for kind in ("key", "value"):
                 feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
@@ -203,7 +226,7 @@ def test_non_causal_attention_is_refused(fused):
         rewrite(g)
 
 
-@pytest.mark.parametrize("layout", ["paged", "BSNH"])
+@pytest.mark.parametrize("layout", ["BSNH"])
 def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     from click.testing import CliRunner
 
@@ -217,13 +240,13 @@ def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [
         f"error: rewrite-kv-cache: layout {layout!r} is not implemented for the onnxruntime backend "
-        "(implemented: BNSH, static)"]
+        "(implemented: BNSH, static, paged)"]
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, line", [
     (["--kv-layout", "BSNH"], "error: rewrite-kv-cache: layout 'BSNH' is not implemented for the onnxruntime "
-                              "backend (implemented: BNSH, static)"),
+                              "backend (implemented: BNSH, static, paged)"),
     (["--kv-layout", "static", "--no-kv-cache"], "error: --kv-layout chooses the cache of the default pipeline's "
      "rewrite-kv-cache; with --no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}"),
 ])
@@ -234,22 +257,6 @@ def test_kv_layout_option_refusals_are_one_line_before_any_work(tmp_path, args, 
 
     r = CliRunner().invoke(cli, ["optimize", str(DEFAULT_MODEL), "-o", str(tmp_path / "out"), *args])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [line]
-    assert not (tmp_path / "out").exists()
-
-
-def test_paged_layout_is_refused_for_tvm_in_one_line(fused, tmp_path):
-    pytest.importorskip("tvm")
-    from click.testing import CliRunner
-
-    from graphopt.cli import cli
-    from graphopt.models import save_graph
-
-    save_graph(fused("llama")[1], tmp_path / "llama.gir")
-    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "llama.gir"), "-o", str(tmp_path / "out"), "-q",
-                                 "--backend", "tvm", "--passes", "rewrite-kv-cache{layout=paged,max-positions=64}"])
-    assert r.exit_code == 2 and r.output.strip().splitlines() == [
-        "error: rewrite-kv-cache: layout 'paged' is not implemented for the tvm backend "
-        "(implemented: BNSH, BSNH, static)"]
     assert not (tmp_path / "out").exists()
 
 
@@ -370,7 +377,7 @@ def test_static_layout_on_tvm_matches_pytorch_and_writes_the_buffer_in_place(fus
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["BNSH", "static"])
+@pytest.mark.parametrize("layout", ["BNSH", "static", "paged"])
 def test_kv_cache_layouts_build_for_tvm_cuda(fused, tmp_path, layout):
     """Built, not run (a GPU is not assumed): TVM refuses to build a GPU kernel that no
     schedule bound to threads, so the build succeeding means the cache write was scheduled."""
@@ -385,7 +392,139 @@ def test_kv_cache_layouts_build_for_tvm_cuda(fused, tmp_path, layout):
     assert result.manifest["tvm_target"]["kind"] == "cuda"
     assert result.manifest["generation"]["kv_layout"] == layout
     library = (tmp_path / "cuda" / "model.so").read_bytes()
-    assert b"_kernel" in library and (layout != "static" or b"kv_cache_write" in library)
+    assert b"_kernel" in library and (layout == "BNSH" or b"kv_cache_write" in library)
+
+
+def test_paged_attention_is_bnsh_attention_over_the_gathered_blocks():
+    """graphopt.Attention{kv_layout=paged}: pools of 7 blocks of 4, rows placed by a block
+    table, 8 valid positions after 3 new ones: reference and decomposition give BNSH's output
+    over the rows' first 5 positions, the new ones written to their slots, block 4 (no row
+    names it) untouched."""
+    from graphopt.builder import Builder
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.dtypes import DType
+    from graphopt.lowering import decompose_node
+
+    rng = np.random.default_rng(1)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    table = np.array([[5, 0, 3], [2, 6, 1]], np.int32)
+    feeds = {"q": f32(2, 3, 32), "k": f32(2, 3, 16), "v": f32(2, 3, 16), "mask": f32(2, 1, 3, 8),
+             "pk": f32(7, 4, 2, 8), "pv": f32(7, 4, 2, 8), "table": table}
+
+    def rows(pool, n):  # [batch, kv_heads, n, head]: each row's first n positions
+        p = np.arange(n)
+        return np.stack([pool[table[r, p // 4], p % 4].transpose(1, 0, 2) for r in range(2)])
+    bnsh = {**{k: feeds[k] for k in ("q", "k", "v", "mask")}, "pk": rows(feeds["pk"], 5), "pv": rows(feeds["pv"], 5)}
+
+    def graph(layout, typed, decompose=False):
+        g = Graph("attn")
+        ins = {n: g.add_input(n, TensorType(DType.from_numpy(a.dtype), a.shape)) for n, a in typed.items()}
+        outs = Builder(g).op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
+                             kv_layout=layout)
+        g.outputs = list(outs)
+        if decompose:
+            decompose_node(g.nodes[0])
+        return g
+
+    y_want, pk_want, pv_want = run(graph("BNSH", bnsh), bnsh).values()
+    for decompose in (False, True):
+        g = graph("paged", feeds, decompose)
+        assert g.outputs[1].type.shape == (7, 4, 2, 8)
+        assert decompose == ("ScatterND" in {n.op_type for n in g.nodes})
+        y, pk, pv = run(g, feeds).values()
+        np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+        for got, want, pool in ((pk, pk_want, feeds["pk"]), (pv, pv_want, feeds["pv"])):
+            np.testing.assert_allclose(rows(got, 8), want, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(got[4], pool[4])
+
+
+def test_paged_layout_in_the_reference_interpreter(fused):
+    model, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE},max-positions=16}}")
+    assert g.value("past_key_values.0.key").type.shape == ("num_blocks", BLOCK_SIZE, 2, 8)
+    assert g.value("block_table").type.shape == ("batch", "max_blocks")
+    check_decode(interpreter(g), hf_reference(model), PROMPTS, 3, 2, 2, 8, "paged", 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_paged_layout_on_ort_matches_pytorch(arch, fused, tmp_path):
+    """ORT has no CPU PagedAttention: the site is decomposed (Gather on the block table,
+    ScatterND into the pool); the Generator allocates the blocks and gives BNSH's tokens."""
+    model, graph = fused(arch)
+    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE}}},slice-last-token-logits")
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head, layers = cfg.hidden_size // heads, cfg.num_hidden_layers
+    artifact = graphopt.load(_ort_artifact(g, tmp_path))
+    assert artifact.manifest["generation"]["block_size"] == BLOCK_SIZE
+    ref = hf_reference(model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 8, layers, kv, head, "paged", 64)  # batch 1
+    check_decode(artifact.run, ref, PROMPTS, 8, layers, kv, head, "paged", 64)  # batch 3, left padding
+    graphopt.optimize(rewrite(graph, "rewrite-kv-cache,slice-last-token-logits"), tmp_path / "bnsh",
+                      passes="eliminate-dead-code")
+    bnsh = graphopt.load(tmp_path / "bnsh")
+    assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == bnsh.generate(PROMPTS, 12, eos_token_id=-1).tokens
+
+
+@pytest.mark.slow
+def test_paged_layout_on_tvm_matches_pytorch_and_writes_the_pool_in_place(fused, tmp_path):
+    """TVM: the new positions are written into the pools in place through the block table
+    (call_tir_inplace) and the past is a gather of the rows' blocks; through the bound runner
+    each present is the very pool fed as the past."""
+    pytest.importorskip("tvm")
+    model, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE}}},slice-last-token-logits")
+    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
+    artifact = graphopt.load(tmp_path / "tvm")
+    ref = hf_reference(model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 6, 2, 2, 8, "paged", 64)  # batch 1
+    bound = artifact.decode_run()
+    seen = []
+
+    def run(feeds):
+        out = bound(feeds)
+        past = feeds["past_key_values.0.key"]
+        seen.append((None if isinstance(past, np.ndarray) else past.data_ptr(), out["present.0.key"].data_ptr()))
+        return out
+    check_decode(run, ref, PROMPTS, 6, 2, 2, 8, "paged", 64)  # batch 3, left padding
+    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])  # in place
+    ort = graphopt.load(_ort_artifact(g, tmp_path))
+    assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == ort.generate(PROMPTS, 12, eos_token_id=-1).tokens
+    pools = {f"past_key_values.{i}.{k}": np.zeros((8, 4, 2, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    with pytest.raises(Exception, match="more positions than the block table holds"):
+        bound({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 9), np.int64),
+               "block_table": np.zeros((1, 2), np.int32), **pools})
+
+
+def test_paged_generator_allocates_blocks_and_runs_out_clearly(fused, tmp_path):
+    from graphopt.generation import Generator
+
+    _, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE},max-positions=16}}")
+    artifact = graphopt.load(_ort_artifact(g, tmp_path))
+    seen = []
+
+    def run(feeds):
+        seen.append(feeds["block_table"].copy())
+        return artifact.run(feeds)
+    gen = Generator.for_artifact(artifact)
+    gen.run = run
+    gen.generate(PROMPTS, 5, eos_token_id=-1)  # 6 prompt positions + 4 steps: 3 blocks of 4 per row
+    assert [t.shape for t in seen] == [(3, 3)] * 5
+    assert len(set(seen[-1].ravel())) == 9  # every row its own blocks
+    assert not seen[2][:, 2].any() and seen[3][:, 2].all()  # a row's third block comes with its 9th position
+    gen.num_blocks = 8
+    with pytest.raises(UserError, match="out of blocks: 8 blocks of 4 positions cannot hold 3 rows of 9"):
+        gen.generate(PROMPTS, 5, eos_token_id=-1)
+    with pytest.raises(UserError, match="needs 17 positions; the model has 16"):
+        artifact.generate([[1] * 10], 8)
+    cache = {f"past_key_values.{i}.{k}": np.zeros((8, 4, 2, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    with pytest.raises(UserError, match="attention_mask covers 17 positions; the paged KV cache holds 16"):
+        artifact.run({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 17), np.int64),
+                      "block_table": np.zeros((1, 5), np.int32), **cache})
 
 
 def test_static_layout_in_the_reference_interpreter_and_past_its_buffer(fused, tmp_path):
@@ -498,6 +637,17 @@ def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, defa
     ref = train_reference(default_model)
     check_decode(artifact.run, ref, PROMPTS, 12, 6, 2, 32)  # batch 3, left padding
     check_decode(artifact.run, ref, PROMPTS[:1], 64, 6, 2, 32)  # batch 1, the issue's 64 steps
+
+
+@pytest.mark.slow
+def test_default_checkpoint_paged_64_decode_steps_match_pytorch(default_model, tmp_path):
+    graphopt.optimize(str(DEFAULT_MODEL), tmp_path / "paged", kv_layout="paged")
+    artifact = graphopt.load(tmp_path / "paged")
+    gen = artifact.manifest["generation"]
+    assert (gen["kv_layout"], gen["block_size"]) == ("paged", 16)
+    ref = train_reference(default_model)
+    check_decode(artifact.run, ref, PROMPTS, 12, 6, 2, 32, "paged", gen["max_positions"], 16)  # batch 3
+    check_decode(artifact.run, ref, PROMPTS[:1], 64, 6, 2, 32, "paged", gen["max_positions"], 16)  # batch 1
 
 
 # --------------------------------------------------------------------------------------

@@ -98,8 +98,8 @@ def attention(lw: Lowerer, node, args):
     mask, past_k, past_v = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None] * 3)[:3]
     if (past_k is None) != (past_v is None):
         raise lw.error("past_key and past_value must be given together")
-    if node.attr("kv_layout", "BNSH") == "static":
-        return rules_cache.static_attention(lw, node, args, attention)
+    if node.attr("kv_layout", "BNSH") in ("static", "paged"):
+        return rules_cache.cache_attention(lw, node, args, attention)
     dt = lw.dtype(q)
     q_dims = lw.shape(q)
     three_d = len(q_dims) == 3
