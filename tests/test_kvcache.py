@@ -103,6 +103,7 @@ def host(x) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.numpy()
 
 
+VOCAB_TEST = 100  # token ids below every test model's vocabulary
 BLOCK_SIZE = 4  # paged tests: small blocks, so that a few steps cross block boundaries
 
 
@@ -525,6 +526,101 @@ def test_paged_generator_allocates_blocks_and_runs_out_clearly(fused, tmp_path):
     with pytest.raises(UserError, match="attention_mask covers 17 positions; the paged KV cache holds 16"):
         artifact.run({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 17), np.int64),
                       "block_table": np.zeros((1, 5), np.int32), **cache})
+
+
+@pytest.fixture(scope="module")
+def exported_with_cache(tmp_path_factory):
+    """(the Optimum-style ONNX file of a GQA Llama, the graph after the fusion pipeline, the
+    model)."""
+    from graphopt.driver import optimize
+    from graphopt.models import load_graph
+    from graphopt.testing import export_onnx_with_cache, tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=3).model
+    path = export_onnx_with_cache(model, tmp_path_factory.mktemp("cache") / "m.onnx")
+    return path, optimize(load_graph(path), None, kv_cache=False).graph, model
+
+
+@pytest.mark.parametrize("layout", ["BNSH", "static", "paged"])
+def test_a_model_exported_with_a_cache_is_moved_to_another_layout(exported_with_cache, layout, tmp_path):
+    """The exported model (its caches Concats of past and new) before, run by ORT as
+    exported; after rewrite-kv-cache{layout=...}, in the interpreter and as a lowered ORT
+    artifact, on the same past (laid out in the layout): the same logits, and the same
+    present positions."""
+    path, fused, _ = exported_with_cache
+    g = rewrite(fused.copy(), f"rewrite-kv-cache{{layout={layout},max-positions=16,block-size={BLOCK_SIZE}}}")
+    assert not [n for n in g.nodes if n.op_type == "Concat" and n.inputs[0].name.startswith("past_key_values.")]
+    assert all(len(n.inputs) == (7 if layout == "paged" else 6) for n in g.nodes if n.op_type == "Attention")
+    ort = lowered_ort(g, tmp_path)
+    # a 3-token step in the interpreter; a 1-token step on ORT too (GroupQueryAttention's CPU
+    # kernel refuses a multi-token step over a batched cache)
+    for seq, runs in ((3, [interpreter(g)]), (1, [interpreter(g), ort])):
+        _check_converted(path, layout, seq, runs)
+
+
+def test_graphopt_optimize_makes_a_model_exported_with_a_cache_generation_ready(exported_with_cache, tmp_path):
+    """The default pipeline recognizes the exported cache (GroupQueryAttention on the
+    recognized sites, last-token logits) and the Generator drives it: each row of a
+    left-padded batch as PyTorch on the unpadded row."""
+    path, _, model = exported_with_cache
+    graphopt.optimize(path, tmp_path / "out")
+    artifact = graphopt.load(tmp_path / "out")
+    assert (artifact.manifest["generation"]["kv_layout"], artifact.manifest["generation"]["logits"]) == ("BNSH", "last")
+    assert artifact.manifest["lowering"]["kernels"]["com.microsoft.GroupQueryAttention"] == 2
+    check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8)
+
+
+def test_an_exported_cache_the_pass_cannot_read_is_refused_with_the_reason(exported_with_cache):
+    from graphopt.models import load_graph
+    from graphopt.pass_manager import PassError
+
+    path, fused, _ = exported_with_cache
+    with pytest.raises(PassError, match="'present.0.key' is not Concat.* after the fusion pipeline"):
+        rewrite(load_graph(path), "rewrite-kv-cache")  # not fused: Softmax reads the cache
+    with pytest.raises(PassError, match="the static layout needs the maximum context.*max-positions=N"):
+        rewrite(fused.copy(), "rewrite-kv-cache{layout=static}")  # an ONNX file records no maximum context
+
+
+def _check_converted(path, layout: str, seq: int, runs):
+    import onnx
+
+    from graphopt.testing import run_ort
+
+    rng = np.random.default_rng(seq)
+    batch, past = 2, 5
+    feeds = {"input_ids": rng.integers(0, VOCAB_TEST, (batch, seq)), "attention_mask": np.ones((batch, past + seq), np.int64)}
+    feeds["attention_mask"][1, :2] = 0  # left padding
+    caches = {f"past_key_values.{i}.{k}": rng.standard_normal((batch, 2, past, 8)).astype(np.float32)
+              for i in range(2) for k in ("key", "value")}
+    want = run_ort(onnx.load(str(path)), {**feeds, **caches})
+    table = np.array([[3, 0], [1, 5]], np.int32)  # two blocks of 4 per row, in a pool of 6
+    p = np.arange(past + seq)
+
+    def laid_out(c):  # a BNSH past in the layout
+        if layout == "static":
+            return np.concatenate([c, np.zeros((batch, 2, 16 - past, 8), np.float32)], axis=2)
+        if layout == "paged":
+            pool = np.zeros((6, BLOCK_SIZE, 2, 8), np.float32)
+            for r in range(batch):
+                pool[table[r, p[:past] // BLOCK_SIZE], p[:past] % BLOCK_SIZE] = c[r].transpose(1, 0, 2)
+            return pool
+        return c
+
+    def as_bnsh(c):  # a present in the layout, back to BNSH over the valid positions
+        if layout == "static":
+            return c[:, :, :past + seq]
+        if layout == "paged":
+            return np.stack([c[table[r, p // BLOCK_SIZE], p % BLOCK_SIZE].transpose(1, 0, 2) for r in range(batch)])
+        return c
+
+    after = {**feeds, **{n: laid_out(c) for n, c in caches.items()}}
+    if layout == "paged":
+        after["block_table"] = table
+    for run in runs:
+        got = run(after)
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+        for name in (n for n in want if n.startswith("present.")):
+            np.testing.assert_allclose(as_bnsh(np.asarray(got[name])), want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_static_layout_in_the_reference_interpreter_and_past_its_buffer(fused, tmp_path):

@@ -38,6 +38,10 @@ places position p of row r at block block_table[r, p // block-size], slot p % bl
 length again the valid length; only the key/value heads are cached, grouped-query attention stays
 grouped), `max-positions` (0: what the frontend recorded, the model's maximum context) and
 `block-size` (paged: positions per block, 16).
+
+A decoder exported with a cache already (Optimum-style past_key_values inputs and present
+outputs, its attention fused) is recognized and its cache moved to the layout instead
+(passes/kvcache/convert.py).
 """
 from __future__ import annotations
 
@@ -46,9 +50,10 @@ import numpy as np
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
-from graphopt.pass_manager import Pass, PassContext, PassError, PassResult, register_pass
+from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.builder import Builder
 from graphopt.passes.cleanup.dce import EliminateDeadCode
+from graphopt.passes.kvcache.convert import BLOCK_TABLE, KVCacheError, cache_shape, convert_cache, has_cache
 from graphopt.registry import run_reference
 
 INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
@@ -60,7 +65,6 @@ IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", Non
 # metadata_props keys: what the artifact's manifest and the Generator read back
 META_LAYOUT, META_MAX_POSITIONS, META_LAYERS = "graphopt.kv_layout", "graphopt.max_positions", "graphopt.kv_layers"
 META_BLOCK_SIZE = "graphopt.kv_block_size"
-BLOCK_TABLE = "block_table"
 _INT64_MAX = np.iinfo(np.int64).max
 _PROBE_SEQ = (3, 5)
 
@@ -69,10 +73,6 @@ _PROBE_SEQ = (3, 5)
 _SHAPE_SLOTS = {"Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Tile": {1}, "Unsqueeze": {1},
                 "Squeeze": {1}, "Split": {1}, "Pad": {1, 2, 3}, "ConstantOfShape": {0}, "Range": {0, 1, 2},
                 "CumSum": {1}, "TopK": {1}, "ReduceSum": {1}, "ReduceMean": {1}, "ReduceMax": {1}}
-
-
-class KVCacheError(PassError):
-    """The graph is not a decoder this pass can rewrite (names the node and the reason)."""
 
 
 def _fail(reason: str) -> KVCacheError:
@@ -106,12 +106,22 @@ class RewriteKVCache(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         check_layout(self.layout, ctx.hints.get("backend"))
-        site = _read_decoder(graph)
         max_pos = self.max_positions or int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
-        if max_pos < max(_PROBE_SEQ):
-            raise _fail("the model's maximum context is unknown: give rewrite-kv-cache{max-positions=N}")
         if self.layout == "paged" and self.block_size <= 0:
             raise UserError(f"rewrite-kv-cache: block-size {self.block_size}: must be positive")
+        if has_cache(graph):  # exported with a cache: recognized and moved to the layout
+            if self.layout in ("static", "paged") and not max_pos:
+                raise _fail(f"the {self.layout} layout needs the maximum context, which the graph does not record: "
+                            "give rewrite-kv-cache{max-positions=N}")
+            result = PassResult()
+            layers = convert_cache(graph, self.layout, max_pos, self.block_size)
+            result.count("attention", layers)
+            EliminateDeadCode().run(graph, ctx)
+            self._record(graph, max_pos, layers)
+            return result
+        site = _read_decoder(graph)
+        if max_pos < max(_PROBE_SEQ):
+            raise _fail("the model's maximum context is unknown: give rewrite-kv-cache{max-positions=N}")
         _check_causal(graph, site)
         tables = _positional_values(graph, site, max_pos)
 
@@ -154,12 +164,15 @@ class RewriteKVCache(Pass):
         pasts = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
         graph.inputs = [site.input_ids, mask] + pasts + [
             v for v in graph.inputs if v is not site.input_ids and v is not mask and v not in pasts]
+        self._record(graph, max_pos, len(site.attentions))
+        return result
+
+    def _record(self, graph: Graph, max_pos: int, layers: int) -> None:
+        """What the manifest and the Generator read back."""
         props = graph.metadata.metadata_props
-        props[META_LAYOUT], props[META_MAX_POSITIONS], props[META_LAYERS] = self.layout, str(max_pos), str(
-            len(site.attentions))
+        props[META_LAYOUT], props[META_MAX_POSITIONS], props[META_LAYERS] = self.layout, str(max_pos), str(layers)
         if self.layout == "paged":
             props[META_BLOCK_SIZE] = str(self.block_size)
-        return result
 
 
 # --------------------------------------------------------------------------------------
@@ -429,16 +442,6 @@ class _Builder:
         if ax > 1:  # [1, .., seq, ...]: the ones between batch and seq come back
             rows = b.Unsqueeze(rows, self._i64(*range(1, ax), name="kv_table_axes"))
         return rows
-
-
-def cache_shape(layout: str, kv_heads: int, seq, head: int, max_positions: int = 0, block_size: int = 16) -> tuple:
-    """The shape of a past or present in `layout` (static: the whole buffer, whatever `seq`;
-    paged: the pool of blocks)."""
-    if layout == "paged":
-        return ("num_blocks", block_size, kv_heads, head)
-    if layout == "static":
-        return ("batch", kv_heads, max_positions, head)
-    return ("batch", seq, kv_heads, head) if layout == "BSNH" else ("batch", kv_heads, seq, head)
 
 
 def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Builder") -> set:
