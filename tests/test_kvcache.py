@@ -300,12 +300,8 @@ def test_ort_refuses_a_multi_token_step_over_a_batched_cache(fused, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["BNSH", "BSNH"])
 def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path, layout):
-    pytest.importorskip("tvm")
     model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
-    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}},slice-last-token-logits")
-    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
-    artifact = graphopt.load(tmp_path / "tvm")
-    assert artifact.manifest["generation"]["kv_layout"] == layout
+    g, artifact = _tvm_artifact(graph, f"rewrite-kv-cache{{layout={layout}}}", tmp_path)
     check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8, layout)
     greedy = artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens
     if layout == "BNSH":
@@ -346,38 +342,6 @@ def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch
 
 
 @pytest.mark.slow
-def test_static_layout_on_tvm_matches_pytorch_and_writes_the_buffer_in_place(fused, tmp_path):
-    """layout=static on TVM: the new positions are written into the past buffer in place
-    (call_tir_inplace), so through the bound runner each present is the very tensor fed as
-    the past, one buffer for every step; a step past the buffer is an error, not a write."""
-    pytest.importorskip("tvm")
-    model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
-    g = rewrite(graph, "rewrite-kv-cache{layout=static},slice-last-token-logits")
-    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
-    artifact = graphopt.load(tmp_path / "tvm")
-    assert artifact.manifest["generation"]["kv_layout"] == "static"
-    ref = hf_reference(model)
-    check_decode(artifact.run, ref, PROMPTS[:1], 6, 2, 2, 8, "static", 64)  # batch 1
-    bound = artifact.decode_run()
-    seen = []
-
-    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
-        out = bound(feeds)
-        past = feeds["past_key_values.0.key"]
-        seen.append((None if isinstance(past, np.ndarray) else past.data_ptr(), out["present.0.key"].data_ptr()))
-        return out
-    check_decode(run, ref, PROMPTS, 6, 2, 2, 8, "static", 64)  # batch 3, left padding
-    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])  # in place
-    ort = graphopt.load(_ort_artifact(g, tmp_path))
-    assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == ort.generate(PROMPTS, 12, eos_token_id=-1).tokens
-    with pytest.raises(UserError, match="needs 65 positions; the model has 64"):
-        artifact.generate([[1] * 60], 6)
-    cache = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 64, 8), np.float32) for i in range(2) for k in ("key", "value")}
-    with pytest.raises(Exception, match="more positions than the static KV cache holds"):
-        bound({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 65), np.int64), **cache})
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["BNSH", "static", "paged"])
 def test_kv_cache_layouts_build_for_tvm_cuda(fused, tmp_path, layout):
     """Built, not run (a GPU is not assumed): TVM refuses to build a GPU kernel that no
@@ -401,11 +365,7 @@ def test_paged_attention_is_bnsh_attention_over_the_gathered_blocks():
     table, 8 valid positions after 3 new ones: reference and decomposition give BNSH's output
     over the rows' first 5 positions, the new ones written to their slots, block 4 (no row
     names it) untouched."""
-    from graphopt.builder import Builder
     from graphopt.interpreter import run
-    from graphopt.ir import Graph, TensorType
-    from graphopt.dtypes import DType
-    from graphopt.lowering import decompose_node
 
     rng = np.random.default_rng(1)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
@@ -418,19 +378,9 @@ def test_paged_attention_is_bnsh_attention_over_the_gathered_blocks():
         return np.stack([pool[table[r, p // 4], p % 4].transpose(1, 0, 2) for r in range(2)])
     bnsh = {**{k: feeds[k] for k in ("q", "k", "v", "mask")}, "pk": rows(feeds["pk"], 5), "pv": rows(feeds["pv"], 5)}
 
-    def graph(layout, typed, decompose=False):
-        g = Graph("attn")
-        ins = {n: g.add_input(n, TensorType(DType.from_numpy(a.dtype), a.shape)) for n, a in typed.items()}
-        outs = Builder(g).op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
-                             kv_layout=layout)
-        g.outputs = list(outs)
-        if decompose:
-            decompose_node(g.nodes[0])
-        return g
-
-    y_want, pk_want, pv_want = run(graph("BNSH", bnsh), bnsh).values()
+    y_want, pk_want, pv_want = run(attention_graph("BNSH", bnsh), bnsh).values()
     for decompose in (False, True):
-        g = graph("paged", feeds, decompose)
+        g = attention_graph("paged", feeds, decompose)
         assert g.outputs[1].type.shape == (7, 4, 2, 8)
         assert decompose == ("ScatterND" in {n.op_type for n in g.nodes})
         y, pk, pv = run(g, feeds).values()
@@ -471,33 +421,39 @@ def test_paged_layout_on_ort_matches_pytorch(arch, fused, tmp_path):
 
 
 @pytest.mark.slow
-def test_paged_layout_on_tvm_matches_pytorch_and_writes_the_pool_in_place(fused, tmp_path):
-    """TVM: the new positions are written into the pools in place through the block table
-    (call_tir_inplace) and the past is a gather of the rows' blocks; through the bound runner
-    each present is the very pool fed as the past."""
-    pytest.importorskip("tvm")
-    model, graph = fused("llama")
-    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE}}},slice-last-token-logits")
-    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
-    artifact = graphopt.load(tmp_path / "tvm")
+@pytest.mark.parametrize("layout", ["static", "paged"])
+def test_shared_buffer_layouts_on_tvm_match_pytorch_and_write_in_place(fused, tmp_path, layout):
+    """layout=static|paged on TVM: the new positions are written into the past buffer (the
+    pool, through the block table) in place (call_tir_inplace), so through the bound runner
+    each present is the very tensor fed as the past, one buffer for every step; a step past
+    the buffer is an error, not a write."""
+    model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
+    g, artifact = _tvm_artifact(graph, f"rewrite-kv-cache{{layout={layout},block-size={BLOCK_SIZE}}}", tmp_path)
     ref = hf_reference(model)
-    check_decode(artifact.run, ref, PROMPTS[:1], 6, 2, 2, 8, "paged", 64)  # batch 1
+    check_decode(artifact.run, ref, PROMPTS[:1], 6, 2, 2, 8, layout, 64)  # batch 1
     bound = artifact.decode_run()
     seen = []
 
-    def run(feeds):
+    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
         out = bound(feeds)
         past = feeds["past_key_values.0.key"]
         seen.append((None if isinstance(past, np.ndarray) else past.data_ptr(), out["present.0.key"].data_ptr()))
         return out
-    check_decode(run, ref, PROMPTS, 6, 2, 2, 8, "paged", 64)  # batch 3, left padding
+    check_decode(run, ref, PROMPTS, 6, 2, 2, 8, layout, 64)  # batch 3, left padding
     assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])  # in place
     ort = graphopt.load(_ort_artifact(g, tmp_path))
     assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == ort.generate(PROMPTS, 12, eos_token_id=-1).tokens
-    pools = {f"past_key_values.{i}.{k}": np.zeros((8, 4, 2, 8), np.float32) for i in range(2) for k in ("key", "value")}
-    with pytest.raises(Exception, match="more positions than the block table holds"):
-        bound({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 9), np.int64),
-               "block_table": np.zeros((1, 2), np.int32), **pools})
+    with pytest.raises(UserError, match="needs 65 positions; the model has 64"):
+        artifact.generate([[1] * 60], 6)
+    if layout == "static":  # a mask past the buffer
+        past = {"attention_mask": np.ones((1, 65), np.int64)}
+        cache, what = (1, 2, 64, 8), "static KV cache"
+    else:  # a mask past the block table
+        past = {"attention_mask": np.ones((1, 9), np.int64), "block_table": np.zeros((1, 2), np.int32)}
+        cache, what = (8, 4, 2, 8), "block table"
+    caches = {f"past_key_values.{i}.{k}": np.zeros(cache, np.float32) for i in range(2) for k in ("key", "value")}
+    with pytest.raises(Exception, match=f"more positions than the {what} holds"):
+        bound({"input_ids": np.ones((1, 1), np.int64), **past, **caches})
 
 
 def test_paged_generator_allocates_blocks_and_runs_out_clearly(fused, tmp_path):
@@ -639,6 +595,16 @@ def test_static_layout_in_the_reference_interpreter_and_past_its_buffer(fused, t
         artifact.run({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 17), np.int64), **cache})
 
 
+def _tvm_artifact(graph, rewrite_pass: str, tmp_path):
+    """(the graph after `rewrite_pass` and slice-last-token-logits, its TVM artifact loaded)."""
+    pytest.importorskip("tvm")
+    g = rewrite(graph, f"{rewrite_pass},slice-last-token-logits")
+    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
+    artifact = graphopt.load(tmp_path / "tvm")
+    assert artifact.manifest["generation"]["kv_layout"] == g.metadata.metadata_props["graphopt.kv_layout"]
+    return g, artifact
+
+
 def _ort_artifact(graph, tmp_path):
     graphopt.optimize(graph, tmp_path / "ort", passes="eliminate-dead-code")
     return tmp_path / "ort"
@@ -690,15 +656,29 @@ def test_attention_bsnh_caches_are_bnsh_transposed():
         np.testing.assert_allclose(pv.transpose(t), want[2], rtol=1e-6, atol=1e-6)
 
 
+def attention_graph(layout: str, typed: dict, decompose: bool = False):
+    """One graphopt.Attention (4 query heads over 2 key/value heads) over inputs typed like
+    `typed`, in kv_layout `layout`; `decompose`: its decomposition into core ops instead."""
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.ir import Graph, TensorType
+    from graphopt.lowering import decompose_node
+
+    g = Graph("attn")
+    ins = {n: g.add_input(n, TensorType(DType.from_numpy(a.dtype), a.shape)) for n, a in typed.items()}
+    outs = Builder(g).op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
+                         kv_layout=layout)
+    g.outputs = list(outs)
+    if decompose:
+        decompose_node(g.nodes[0])
+    return g
+
+
 def test_attention_static_cache_is_a_bnsh_past_written_in_place():
     """graphopt.Attention{kv_layout=static}: a [2, 2, 12, 8] buffer of which the mask (8 long)
     says 8 positions are valid after 3 new ones: reference and decomposition give BNSH's
     output over the first 5, and the buffer with positions 5..7 written, 8.. untouched."""
-    from graphopt.builder import Builder
     from graphopt.interpreter import run
-    from graphopt.ir import Graph, TensorType
-    from graphopt.dtypes import DType
-    from graphopt.lowering import decompose_node
 
     rng = np.random.default_rng(1)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
@@ -706,19 +686,9 @@ def test_attention_static_cache_is_a_bnsh_past_written_in_place():
              "pk": f32(2, 2, 12, 8), "pv": f32(2, 2, 12, 8)}
     bnsh_feeds = {**feeds, "pk": feeds["pk"][:, :, :5], "pv": feeds["pv"][:, :, :5]}
 
-    def graph(layout, typed, decompose=False):
-        g = Graph("attn")
-        ins = {n: g.add_input(n, TensorType(DType.FLOAT32, a.shape)) for n, a in typed.items()}
-        outs = Builder(g).op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
-                             kv_layout=layout)
-        g.outputs = list(outs)
-        if decompose:
-            decompose_node(g.nodes[0])
-        return g
-
-    y_want, pk_want, pv_want = run(graph("BNSH", bnsh_feeds), bnsh_feeds).values()
+    y_want, pk_want, pv_want = run(attention_graph("BNSH", bnsh_feeds), bnsh_feeds).values()
     for decompose in (False, True):
-        g = graph("static", feeds, decompose)
+        g = attention_graph("static", feeds, decompose)
         assert g.outputs[1].type.shape == (2, 2, 12, 8)
         y, pk, pv = run(g, feeds).values()
         np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
