@@ -344,6 +344,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt optimize examples/default -o out/static --kv-layout static
+      graphopt optimize examples/default -o out/paged --kv-layout paged --backend tvm
+      graphopt optimize optimum_export/model.onnx -o out/cached   # a decoder exported with past_key_values
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method awq
       graphopt optimize examples/default -o out/int8s --quantize int8-static
