@@ -71,8 +71,8 @@ class Artifact:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = check_feeds(self.manifest["signature"], feeds)
         gen = self.manifest.get("generation") or {}
-        if gen.get("kv_layout") == "static" and feeds["attention_mask"].shape[1] > gen["max_positions"]:
-            raise UserError(f"attention_mask covers {feeds['attention_mask'].shape[1]} positions; the static KV "
+        if gen.get("kv_layout") in ("static", "paged") and feeds["attention_mask"].shape[1] > gen["max_positions"]:
+            raise UserError(f"attention_mask covers {feeds['attention_mask'].shape[1]} positions; the {gen['kv_layout']} KV "
                             f"cache holds {gen['max_positions']} (rewrite-kv-cache{{max-positions=N}} for more)")
         return self._exe.run(feeds)
 

@@ -294,9 +294,10 @@ def _progress(quiet: bool):
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
                    "recomputes the whole sequence.")
-@click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static"]), default=None,
+@click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static", "paged"]), default=None,
               help="Decoders: the cache layout. BNSH (default): a cache that grows each step; static: one "
-                   "preallocated max-positions buffer that past and present share (ORT); BSNH: TVM.")
+                   "preallocated max-positions buffer that past and present share (ORT, TVM); paged: pools of "
+                   "16-position blocks and a block_table input (ORT, TVM); BSNH: TVM.")
 @click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
                    "int4:128), int8-dynamic (activations quantized per call) or int8-static (activation ranges "
@@ -343,6 +344,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize model.onnx -o out --check-numerics --explain-fusions
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt optimize examples/default -o out/static --kv-layout static
+      graphopt optimize examples/default -o out/paged --kv-layout paged --backend tvm
+      graphopt optimize optimum_export/model.onnx -o out/cached   # a decoder exported with past_key_values
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method gptq
       graphopt optimize examples/default -o out/int4 --quantize int4 --quant-method awq
       graphopt optimize examples/default -o out/int8s --quantize int8-static

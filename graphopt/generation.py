@@ -29,7 +29,7 @@ import numpy as np
 from graphopt.errors import UserError
 from graphopt.dtypes import DType
 from graphopt.passes.kvcache.last_token import META_LOGITS
-from graphopt.passes.kvcache.rewrite import META_LAYERS, META_LAYOUT, META_MAX_POSITIONS
+from graphopt.passes.kvcache.rewrite import BLOCK_TABLE, META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS
 
 # Tokenizer files copied beside a generation-ready artifact when the model folder has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -62,17 +62,22 @@ class CacheSpec:
     mask_dtype: np.dtype
     max_positions: int | None
     layout: str = "BNSH"
+    block_size: int = 0  # paged: positions per block
 
-    def shape(self, batch: int, layer: int, kind: int, seq: int = 0) -> tuple[int, ...]:
+    def shape(self, batch: int, layer: int, kind: int, seq: int = 0, num_blocks: int = 0) -> tuple[int, ...]:
         """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions
-        (static: the whole preallocated buffer, `max_positions` of them)."""
+        (static: the whole preallocated buffer, `max_positions` of them; paged: the pool of
+        `num_blocks` blocks)."""
         heads, head = self.kv_num_heads[layer], self.head_sizes[layer][kind]
+        if self.layout == "paged":
+            return (num_blocks, self.block_size, heads, head)
         if self.layout == "static":
             return (batch, heads, self.max_positions, head)
         return (batch, seq, heads, head) if self.layout == "BSNH" else (batch, heads, seq, head)
 
     @staticmethod
-    def from_signature(sig: dict, max_positions: int | None = None, layout: str = "BNSH") -> "CacheSpec":
+    def from_signature(sig: dict, max_positions: int | None = None, layout: str = "BNSH",
+                       block_size: int = 0) -> "CacheSpec":
         inputs = {e["name"]: e for e in sig["inputs"]}
         for name in ("input_ids", "attention_mask", "past_key_values.0.key"):
             if name not in inputs:
@@ -82,23 +87,53 @@ class CacheSpec:
         while f"past_key_values.{layers}.key" in inputs:
             layers += 1
         heads, sizes = [], []
-        axis = 2 if layout == "BSNH" else 1
+        axis = 2 if layout in ("BSNH", "paged") else 1
         for i in range(layers):
             k, v = inputs[f"past_key_values.{i}.key"]["shape"], inputs[f"past_key_values.{i}.value"]["shape"]
             heads.append(int(k[axis]))
             sizes.append((int(k[3]), int(v[3])))
         dt = DType.from_short(inputs["past_key_values.0.key"]["dtype"]).np_dtype
         mdt = DType.from_short(inputs["attention_mask"]["dtype"]).np_dtype
-        return CacheSpec(layers, heads, sizes, np.dtype(dt), np.dtype(mdt), max_positions, layout)
+        if layout == "paged":
+            block_size = int(inputs["past_key_values.0.key"]["shape"][1])
+        return CacheSpec(layers, heads, sizes, np.dtype(dt), np.dtype(mdt), max_positions, layout, block_size)
+
+
+class BlockTable:
+    """The paged cache's block allocator: a pool of `num_blocks` blocks of `block_size`
+    positions, handed to rows as they grow; `cover(length)` is the `block_table [batch,
+    width]` (int32) once every row holds `length` positions."""
+
+    def __init__(self, batch: int, block_size: int, num_blocks: int, width: int):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.table = np.zeros((batch, width), np.int32)
+        self.used = np.zeros(batch, np.int64)  # blocks each row holds
+        self.free = list(range(num_blocks))
+
+    def cover(self, length: int) -> np.ndarray:
+        need = -(-length // self.block_size)
+        if need > self.table.shape[1]:
+            raise UserError(f"{length} positions need {need} blocks of {self.block_size}; the block table has "
+                            f"{self.table.shape[1]}")
+        for r in range(len(self.table)):
+            while self.used[r] < need:
+                if not self.free:
+                    raise UserError(f"the paged KV cache is out of blocks: {self.num_blocks} blocks of "
+                                    f"{self.block_size} positions cannot hold {len(self.table)} rows of {length} "
+                                    "positions (give the Generator a larger num_blocks)")
+                self.table[r, self.used[r]] = self.free.pop(0)
+                self.used[r] += 1
+        return self.table.copy()
 
 
 class Generator:
     """Prefill + decode over `run(feeds) -> outputs` (an artifact's, or any backend's)."""
 
     def __init__(self, run: Callable[[dict], dict], spec: CacheSpec, *, eos_token_id: int | None = None,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, num_blocks: int | None = None):
         self.run, self.spec = run, spec
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.num_blocks = num_blocks  # paged: the pool's size (None: what each request needs)
 
     @staticmethod
     def for_artifact(artifact, *, io_binding: bool = True) -> "Generator":
@@ -106,16 +141,17 @@ class Generator:
         between steps (`io_binding=False`: every step's presents come out as numpy arrays)."""
         gen = artifact.manifest.get("generation") or {}
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
-                                        gen.get("kv_layout", "BNSH"))
+                                        gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))
         return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"))
 
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        """The past_key_values feeds of a prefill: every layer's cache with no position yet."""
+    def empty_cache(self, batch: int, num_blocks: int = 0) -> dict[str, np.ndarray]:
+        """The past_key_values feeds of a prefill: every layer's cache with no position yet
+        (paged: pools of `num_blocks` blocks)."""
         s = self.spec
         feeds = {}
         for i in range(s.num_layers):
-            feeds[f"past_key_values.{i}.key"] = np.zeros(s.shape(batch, i, 0), s.dtype)
-            feeds[f"past_key_values.{i}.value"] = np.zeros(s.shape(batch, i, 1), s.dtype)
+            feeds[f"past_key_values.{i}.key"] = np.zeros(s.shape(batch, i, 0, num_blocks=num_blocks), s.dtype)
+            feeds[f"past_key_values.{i}.value"] = np.zeros(s.shape(batch, i, 1, num_blocks=num_blocks), s.dtype)
         return feeds
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int = 32, *,
@@ -146,7 +182,14 @@ class Generator:
             ids[r, longest - len(p):] = p
             mask[r, longest - len(p):] = 1
         rng = np.random.default_rng(seed)
-        feeds = {"input_ids": ids, "attention_mask": mask, **self.empty_cache(batch)}
+        blocks = None
+        if self.spec.layout == "paged":
+            width = -(-(longest + max_new_tokens - 1) // self.spec.block_size)
+            blocks = BlockTable(batch, self.spec.block_size, self.num_blocks or batch * width, width)
+        feeds = {"input_ids": ids, "attention_mask": mask,
+                 **self.empty_cache(batch, blocks.num_blocks if blocks else 0)}
+        if blocks is not None:
+            feeds[BLOCK_TABLE] = blocks.cover(longest)
         new: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(batch, bool)
         t0 = time.perf_counter()
@@ -181,6 +224,8 @@ class Generator:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
             feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+            if blocks is not None:
+                feeds[BLOCK_TABLE] = blocks.cover(mask.shape[1])
             for i in range(self.spec.num_layers):
                 feeds[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
                 feeds[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
@@ -264,6 +309,8 @@ def generation_manifest(graph, model_path) -> dict | None:
         return None
     section = {"kv_layout": props[META_LAYOUT], "logits": props.get(META_LOGITS, "all"),
                "num_layers": int(props.get(META_LAYERS, 0)), "max_positions": int(props.get(META_MAX_POSITIONS, 0))}
+    if META_BLOCK_SIZE in props:
+        section["block_size"] = int(props[META_BLOCK_SIZE])
     folder = _model_folder(model_path)
     config = model_config(model_path)
     if folder is not None and (folder / "tokenizer.json").is_file():

@@ -186,6 +186,52 @@ def export_onnx(module, path: str | os.PathLike, *, dynamo: bool, batch: int = 2
     return path
 
 
+def export_onnx_with_cache(model, path: str | os.PathLike, *, past: int = 4) -> Path:
+    """A Hugging Face decoder (`tiny_hf_model(...).model`) exported by torch.onnx as Optimum
+    lays a cached decoder out: inputs input_ids [batch, seq], attention_mask [batch, total]
+    and past_key_values.{i}.key|value [batch, kv_heads, past_seq, head]; outputs logits and
+    present.{i}.key|value. Positions come from the mask (left padding works)."""
+    import warnings
+
+    import torch
+    from transformers import DynamicCache
+
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head = cfg.hidden_size // heads
+
+    class WithCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, *pasts):
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(pasts[2 * i], pasts[2 * i + 1], i)
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             position_ids=positions, use_cache=True)
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    names = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    inputs = ["input_ids", "attention_mask"] + [f"past_key_values.{n}" for n in names]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+            **{f"past_key_values.{n}": {0: "batch", 2: "past_seq"} for n in names}}
+    args = (torch.zeros((2, 3), dtype=torch.int64), torch.ones((2, past + 3), dtype=torch.int64),
+            *[torch.zeros((2, kv_heads, past, head)) for _ in names])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithCache().eval(), args, str(path), dynamo=False, opset_version=20, input_names=inputs,
+                          output_names=["logits"] + [f"present.{n}" for n in names], dynamic_axes=axes)
+    return Path(path)
+
+
 def torch_outputs(module, feeds: dict[str, np.ndarray]) -> np.ndarray:
     import torch
 

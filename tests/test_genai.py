@@ -18,6 +18,23 @@ DEFAULT_MODEL = ROOT / "examples" / "default"
 PROMPT = [0, 5, 17, 3, 99, 42, 7]  # <|endoftext|> starts a document, as graphopt.train's prompts do
 
 
+def genai_batch(folder: Path, prompts: list[list[int]], max_new_tokens: int, pad: int) -> list[list[int]]:
+    """onnxruntime-genai's loop over a batch, left-padded with `pad`; every row's new tokens
+    (no EOS stop: max_new_tokens of them)."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    longest = max(map(len, prompts))
+    params.set_search_options(max_length=longest + max_new_tokens, do_sample=False, batch_size=len(prompts))
+    gen = og.Generator(model, params)
+    ids = np.full((len(prompts), longest), pad, np.int32)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p):] = p
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [[int(t) for t in gen.get_sequence(r)[longest:]] for r in range(len(prompts))]
+
+
 def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
     """onnxruntime-genai's own loop; its new tokens up to (not with) the EOS it stops at."""
     model = og.Model(str(folder))
@@ -113,3 +130,29 @@ def test_static_cache_artifact_shares_its_buffer_in_genai(tmp_path):
     assert config["search"]["past_present_share_buffer"] is True
     want = graphopt.load(out).generate([PROMPT], 64).tokens[0]
     assert len(want) == 64 and genai_greedy(out, PROMPT, 64) == want
+
+
+@pytest.mark.slow
+def test_batches_in_genai_match_the_generator_where_genai_takes_them(tmp_path):
+    """Batch 3 on a GQA Llama. Without padding, genai's batch gives the Generator's tokens.
+    With left padding it cannot: onnxruntime-genai 0.18 feeds an attention_mask of all ones
+    for the padded prompt (og.set_log_options(model_input_values=True) shows it), so its
+    padded rows attend the pad tokens; the Generator's rows (each equal to PyTorch on the
+    unpadded row, tests/test_kvcache.py) are what genai gives each prompt on its own, and
+    genai's unpadded row is the Generator's."""
+    from graphopt.testing import tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=3).model
+    model.save_pretrained(tmp_path / "hf")
+    graphopt.optimize(tmp_path / "hf", tmp_path / "out")
+    artifact = graphopt.load(tmp_path / "out")
+    pad = json.loads((tmp_path / "out" / "genai_config.json").read_text())["model"]["pad_token_id"]
+    same_length = [[5, 17, 3, 99], [64, 1, 30, 8], [11, 40, 9, 12]]
+    assert genai_batch(tmp_path / "out", same_length, 16, pad) == artifact.generate(same_length, 16,
+                                                                                     eos_token_id=-1).tokens
+    padded = [[5, 17, 3, 99, 42, 7], [11, 9], [64, 1, 30, 8]]
+    ours = artifact.generate(padded, 16, eos_token_id=-1).tokens
+    assert ours == [genai_batch(tmp_path / "out", [p], 16, pad)[0] for p in padded]
+    theirs = genai_batch(tmp_path / "out", padded, 16, pad)
+    assert theirs[0] == ours[0]
+    assert theirs[1:] != ours[1:]  # genai attends the pads (if this fails, genai now masks them: test it as equal)

@@ -98,12 +98,31 @@ def interpreter(graph):
     return lambda feeds: run(graph, feeds)
 
 
+def host(x) -> np.ndarray:
+    """A numpy array of an output (a bound runner's presents are the backend's own tensors)."""
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
+VOCAB_TEST = 100  # token ids below every test model's vocabulary
+BLOCK_SIZE = 4  # paged tests: small blocks, so that a few steps cross block boundaries
+
+
 def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads: int, head: int,
-                 layout: str = "BNSH", max_positions: int = 0):
+                 layout: str = "BNSH", max_positions: int = 0, block_size: int = BLOCK_SIZE):
     """Prefill the left-padded prompts, then `steps` greedy decode steps; at every step each
     row's last logits must match `reference(row ids)` and every present must grow by one
-    (static: fill its buffer of `max_positions` by one, the rest still the zeros fed first)."""
+    (static: fill its buffer of `max_positions` by one, the rest still the zeros fed first;
+    paged: fill the slot of the table's block, the rows' blocks interleaved and shuffled in
+    a pool with blocks no row uses, which must stay zero)."""
+    batch = len(prompts)
+    width = -(-max_positions // block_size) if layout == "paged" else 0
+    order = np.random.default_rng(0).permutation(batch * width + 3)  # 3 blocks no row is given
+    table = order[:batch * width].reshape(width, batch).T.astype(np.int32)
+    unused = order[batch * width:]
+
     def cache(batch, seq):
+        if layout == "paged":
+            return (batch * width + 3, block_size, kv_heads, head)
         if layout == "static":
             return (batch, kv_heads, max_positions, head)
         return (batch, seq, kv_heads, head) if layout == "BSNH" else (batch, kv_heads, seq, head)
@@ -114,6 +133,8 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
     for r, p in enumerate(prompts):
         ids[r, longest - len(p):], mask[r, longest - len(p):] = p, 1
     feeds = {"input_ids": ids, "attention_mask": mask}
+    if layout == "paged":
+        feeds["block_table"] = table
     for i in range(num_layers):
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros(cache(batch, 0), np.float32)
@@ -124,10 +145,16 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
         total = mask.shape[1]
         for i in range(num_layers):
             for kind in ("key", "value"):
-                present = np.asarray(out[f"present.{i}.{kind}"])
+                present = host(out[f"present.{i}.{kind}"])
                 assert present.shape == cache(batch, total), (step, i, kind)
                 if layout == "static":
                     assert (present[:, :, total - 1] != 0).any() and not present[:, :, total:].any(), (step, i, kind)
+                if layout == "paged":
+                    last = present[table[:, (total - 1) // block_size], (total - 1) % block_size]
+                    after = [present[table[r, total // block_size], total % block_size] for r in range(batch)
+                             if total < width * block_size]
+                    assert (last != 0).any() and not any(a.any() for a in after), (step, i, kind)
+                    assert not present[unused].any(), (step, i, kind)
         logits = out["logits"][:, -1]
         for r in range(batch):
             want = reference(rows[r])
@@ -138,6 +165,8 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
             rows[r].append(int(nxt[r]))
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+        if layout == "paged":
+            feeds["block_table"] = table
         for i in range(num_layers):
             for kind in ("key", "value"):
                 feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
@@ -198,7 +227,7 @@ def test_non_causal_attention_is_refused(fused):
         rewrite(g)
 
 
-@pytest.mark.parametrize("layout", ["paged", "BSNH"])
+@pytest.mark.parametrize("layout", ["BSNH"])
 def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     from click.testing import CliRunner
 
@@ -212,13 +241,13 @@ def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [
         f"error: rewrite-kv-cache: layout {layout!r} is not implemented for the onnxruntime backend "
-        "(implemented: BNSH, static)"]
+        "(implemented: BNSH, static, paged)"]
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, line", [
     (["--kv-layout", "BSNH"], "error: rewrite-kv-cache: layout 'BSNH' is not implemented for the onnxruntime "
-                              "backend (implemented: BNSH, static)"),
+                              "backend (implemented: BNSH, static, paged)"),
     (["--kv-layout", "static", "--no-kv-cache"], "error: --kv-layout chooses the cache of the default pipeline's "
      "rewrite-kv-cache; with --no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}"),
 ])
@@ -229,21 +258,6 @@ def test_kv_layout_option_refusals_are_one_line_before_any_work(tmp_path, args, 
 
     r = CliRunner().invoke(cli, ["optimize", str(DEFAULT_MODEL), "-o", str(tmp_path / "out"), *args])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [line]
-    assert not (tmp_path / "out").exists()
-
-
-def test_static_layout_is_refused_for_tvm_in_one_line(fused, tmp_path):
-    pytest.importorskip("tvm")
-    from click.testing import CliRunner
-
-    from graphopt.cli import cli
-    from graphopt.models import save_graph
-
-    save_graph(fused("llama")[1], tmp_path / "llama.gir")
-    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "llama.gir"), "-o", str(tmp_path / "out"), "-q",
-                                 "--backend", "tvm", "--passes", "rewrite-kv-cache{layout=static,max-positions=64}"])
-    assert r.exit_code == 2 and r.output.strip().splitlines() == [
-        "error: rewrite-kv-cache: layout 'static' is not implemented for the tvm backend (implemented: BNSH, BSNH)"]
     assert not (tmp_path / "out").exists()
 
 
@@ -286,12 +300,8 @@ def test_ort_refuses_a_multi_token_step_over_a_batched_cache(fused, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["BNSH", "BSNH"])
 def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path, layout):
-    pytest.importorskip("tvm")
     model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
-    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}},slice-last-token-logits")
-    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
-    artifact = graphopt.load(tmp_path / "tvm")
-    assert artifact.manifest["generation"]["kv_layout"] == layout
+    g, artifact = _tvm_artifact(graph, f"rewrite-kv-cache{{layout={layout}}}", tmp_path)
     check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8, layout)
     greedy = artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens
     if layout == "BNSH":
@@ -331,6 +341,244 @@ def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch
     assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == bnsh.generate(PROMPTS, 12, eos_token_id=-1).tokens
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["BNSH", "static", "paged"])
+def test_kv_cache_layouts_build_for_tvm_cuda(fused, tmp_path, layout):
+    """Built, not run (a GPU is not assumed): TVM refuses to build a GPU kernel that no
+    schedule bound to threads, so the build succeeding means the cache write was scheduled."""
+    tvm = pytest.importorskip("tvm")
+    from graphopt.backends.tvm.build import cuda_compiler
+
+    if tvm.get_global_func("target.build.cuda", allow_missing=True) is None or cuda_compiler() is None:
+        pytest.skip("no CUDA code generation or no nvcc/NVRTC here")
+    _, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout={layout}}},slice-last-token-logits")
+    result = graphopt.optimize(g, tmp_path / "cuda", backend="tvm", target="cuda", passes="eliminate-dead-code")
+    assert result.manifest["tvm_target"]["kind"] == "cuda"
+    assert result.manifest["generation"]["kv_layout"] == layout
+    library = (tmp_path / "cuda" / "model.so").read_bytes()
+    assert b"_kernel" in library and (layout == "BNSH" or b"kv_cache_write" in library)
+
+
+def test_paged_attention_is_bnsh_attention_over_the_gathered_blocks():
+    """graphopt.Attention{kv_layout=paged}: pools of 7 blocks of 4, rows placed by a block
+    table, 8 valid positions after 3 new ones: reference and decomposition give BNSH's output
+    over the rows' first 5 positions, the new ones written to their slots, block 4 (no row
+    names it) untouched."""
+    from graphopt.interpreter import run
+
+    rng = np.random.default_rng(1)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    table = np.array([[5, 0, 3], [2, 6, 1]], np.int32)
+    feeds = {"q": f32(2, 3, 32), "k": f32(2, 3, 16), "v": f32(2, 3, 16), "mask": f32(2, 1, 3, 8),
+             "pk": f32(7, 4, 2, 8), "pv": f32(7, 4, 2, 8), "table": table}
+
+    def rows(pool, n):  # [batch, kv_heads, n, head]: each row's first n positions
+        p = np.arange(n)
+        return np.stack([pool[table[r, p // 4], p % 4].transpose(1, 0, 2) for r in range(2)])
+    bnsh = {**{k: feeds[k] for k in ("q", "k", "v", "mask")}, "pk": rows(feeds["pk"], 5), "pv": rows(feeds["pv"], 5)}
+
+    y_want, pk_want, pv_want = run(attention_graph("BNSH", bnsh), bnsh).values()
+    for decompose in (False, True):
+        g = attention_graph("paged", feeds, decompose)
+        assert g.outputs[1].type.shape == (7, 4, 2, 8)
+        assert decompose == ("ScatterND" in {n.op_type for n in g.nodes})
+        y, pk, pv = run(g, feeds).values()
+        np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+        for got, want, pool in ((pk, pk_want, feeds["pk"]), (pv, pv_want, feeds["pv"])):
+            np.testing.assert_allclose(rows(got, 8), want, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(got[4], pool[4])
+
+
+def test_paged_layout_in_the_reference_interpreter(fused):
+    model, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE},max-positions=16}}")
+    assert g.value("past_key_values.0.key").type.shape == ("num_blocks", BLOCK_SIZE, 2, 8)
+    assert g.value("block_table").type.shape == ("batch", "max_blocks")
+    check_decode(interpreter(g), hf_reference(model), PROMPTS, 3, 2, 2, 8, "paged", 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_paged_layout_on_ort_matches_pytorch(arch, fused, tmp_path):
+    """ORT has no CPU PagedAttention: the site is decomposed (Gather on the block table,
+    ScatterND into the pool); the Generator allocates the blocks and gives BNSH's tokens."""
+    model, graph = fused(arch)
+    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE}}},slice-last-token-logits")
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head, layers = cfg.hidden_size // heads, cfg.num_hidden_layers
+    artifact = graphopt.load(_ort_artifact(g, tmp_path))
+    assert artifact.manifest["generation"]["block_size"] == BLOCK_SIZE
+    ref = hf_reference(model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 8, layers, kv, head, "paged", 64)  # batch 1
+    check_decode(artifact.run, ref, PROMPTS, 8, layers, kv, head, "paged", 64)  # batch 3, left padding
+    graphopt.optimize(rewrite(graph, "rewrite-kv-cache,slice-last-token-logits"), tmp_path / "bnsh",
+                      passes="eliminate-dead-code")
+    bnsh = graphopt.load(tmp_path / "bnsh")
+    assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == bnsh.generate(PROMPTS, 12, eos_token_id=-1).tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["static", "paged"])
+def test_shared_buffer_layouts_on_tvm_match_pytorch_and_write_in_place(fused, tmp_path, layout):
+    """layout=static|paged on TVM: the new positions are written into the past buffer (the
+    pool, through the block table) in place (call_tir_inplace), so through the bound runner
+    each present is the very tensor fed as the past, one buffer for every step; a step past
+    the buffer is an error, not a write."""
+    model, graph = fused("llama")  # grouped-query: 4 query heads, 2 cached key/value heads
+    g, artifact = _tvm_artifact(graph, f"rewrite-kv-cache{{layout={layout},block-size={BLOCK_SIZE}}}", tmp_path)
+    ref = hf_reference(model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 6, 2, 2, 8, layout, 64)  # batch 1
+    bound = artifact.decode_run()
+    seen = []
+
+    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
+        out = bound(feeds)
+        past = feeds["past_key_values.0.key"]
+        seen.append((None if isinstance(past, np.ndarray) else past.data_ptr(), out["present.0.key"].data_ptr()))
+        return out
+    check_decode(run, ref, PROMPTS, 6, 2, 2, 8, layout, 64)  # batch 3, left padding
+    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])  # in place
+    ort = graphopt.load(_ort_artifact(g, tmp_path))
+    assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == ort.generate(PROMPTS, 12, eos_token_id=-1).tokens
+    with pytest.raises(UserError, match="needs 65 positions; the model has 64"):
+        artifact.generate([[1] * 60], 6)
+    if layout == "static":  # a mask past the buffer
+        past = {"attention_mask": np.ones((1, 65), np.int64)}
+        cache, what = (1, 2, 64, 8), "static KV cache"
+    else:  # a mask past the block table
+        past = {"attention_mask": np.ones((1, 9), np.int64), "block_table": np.zeros((1, 2), np.int32)}
+        cache, what = (8, 4, 2, 8), "block table"
+    caches = {f"past_key_values.{i}.{k}": np.zeros(cache, np.float32) for i in range(2) for k in ("key", "value")}
+    with pytest.raises(Exception, match=f"more positions than the {what} holds"):
+        bound({"input_ids": np.ones((1, 1), np.int64), **past, **caches})
+
+
+def test_paged_generator_allocates_blocks_and_runs_out_clearly(fused, tmp_path):
+    from graphopt.generation import Generator
+
+    _, graph = fused("llama")
+    g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE},max-positions=16}}")
+    artifact = graphopt.load(_ort_artifact(g, tmp_path))
+    seen = []
+
+    def run(feeds):
+        seen.append(feeds["block_table"].copy())
+        return artifact.run(feeds)
+    gen = Generator.for_artifact(artifact)
+    gen.run = run
+    gen.generate(PROMPTS, 5, eos_token_id=-1)  # 6 prompt positions + 4 steps: 3 blocks of 4 per row
+    assert [t.shape for t in seen] == [(3, 3)] * 5
+    assert len(set(seen[-1].ravel())) == 9  # every row its own blocks
+    assert not seen[2][:, 2].any() and seen[3][:, 2].all()  # a row's third block comes with its 9th position
+    gen.num_blocks = 8
+    with pytest.raises(UserError, match="out of blocks: 8 blocks of 4 positions cannot hold 3 rows of 9"):
+        gen.generate(PROMPTS, 5, eos_token_id=-1)
+    with pytest.raises(UserError, match="needs 17 positions; the model has 16"):
+        artifact.generate([[1] * 10], 8)
+    cache = {f"past_key_values.{i}.{k}": np.zeros((8, 4, 2, 8), np.float32) for i in range(2) for k in ("key", "value")}
+    with pytest.raises(UserError, match="attention_mask covers 17 positions; the paged KV cache holds 16"):
+        artifact.run({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 17), np.int64),
+                      "block_table": np.zeros((1, 5), np.int32), **cache})
+
+
+@pytest.fixture(scope="module")
+def exported_with_cache(tmp_path_factory):
+    """(the Optimum-style ONNX file of a GQA Llama, the graph after the fusion pipeline, the
+    model)."""
+    from graphopt.driver import optimize
+    from graphopt.models import load_graph
+    from graphopt.testing import export_onnx_with_cache, tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=3).model
+    path = export_onnx_with_cache(model, tmp_path_factory.mktemp("cache") / "m.onnx")
+    return path, optimize(load_graph(path), None, kv_cache=False).graph, model
+
+
+@pytest.mark.parametrize("layout", ["BNSH", "static", "paged"])
+def test_a_model_exported_with_a_cache_is_moved_to_another_layout(exported_with_cache, layout, tmp_path):
+    """The exported model (its caches Concats of past and new) before, run by ORT as
+    exported; after rewrite-kv-cache{layout=...}, in the interpreter and as a lowered ORT
+    artifact, on the same past (laid out in the layout): the same logits, and the same
+    present positions."""
+    path, fused, _ = exported_with_cache
+    g = rewrite(fused.copy(), f"rewrite-kv-cache{{layout={layout},max-positions=16,block-size={BLOCK_SIZE}}}")
+    assert not [n for n in g.nodes if n.op_type == "Concat" and n.inputs[0].name.startswith("past_key_values.")]
+    assert all(len(n.inputs) == (7 if layout == "paged" else 6) for n in g.nodes if n.op_type == "Attention")
+    ort = lowered_ort(g, tmp_path)
+    # a 3-token step in the interpreter; a 1-token step on ORT too (GroupQueryAttention's CPU
+    # kernel refuses a multi-token step over a batched cache)
+    for seq, runs in ((3, [interpreter(g)]), (1, [interpreter(g), ort])):
+        _check_converted(path, layout, seq, runs)
+
+
+def test_graphopt_optimize_makes_a_model_exported_with_a_cache_generation_ready(exported_with_cache, tmp_path):
+    """The default pipeline recognizes the exported cache (GroupQueryAttention on the
+    recognized sites, last-token logits) and the Generator drives it: each row of a
+    left-padded batch as PyTorch on the unpadded row."""
+    path, _, model = exported_with_cache
+    graphopt.optimize(path, tmp_path / "out")
+    artifact = graphopt.load(tmp_path / "out")
+    assert (artifact.manifest["generation"]["kv_layout"], artifact.manifest["generation"]["logits"]) == ("BNSH", "last")
+    assert artifact.manifest["lowering"]["kernels"]["com.microsoft.GroupQueryAttention"] == 2
+    check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8)
+
+
+def test_an_exported_cache_the_pass_cannot_read_is_refused_with_the_reason(exported_with_cache):
+    from graphopt.models import load_graph
+    from graphopt.pass_manager import PassError
+
+    path, fused, _ = exported_with_cache
+    with pytest.raises(PassError, match="'present.0.key' is not Concat.* after the fusion pipeline"):
+        rewrite(load_graph(path), "rewrite-kv-cache")  # not fused: Softmax reads the cache
+    with pytest.raises(PassError, match="the static layout needs the maximum context.*max-positions=N"):
+        rewrite(fused.copy(), "rewrite-kv-cache{layout=static}")  # an ONNX file records no maximum context
+
+
+def _check_converted(path, layout: str, seq: int, runs):
+    import onnx
+
+    from graphopt.testing import run_ort
+
+    rng = np.random.default_rng(seq)
+    batch, past = 2, 5
+    feeds = {"input_ids": rng.integers(0, VOCAB_TEST, (batch, seq)), "attention_mask": np.ones((batch, past + seq), np.int64)}
+    feeds["attention_mask"][1, :2] = 0  # left padding
+    caches = {f"past_key_values.{i}.{k}": rng.standard_normal((batch, 2, past, 8)).astype(np.float32)
+              for i in range(2) for k in ("key", "value")}
+    want = run_ort(onnx.load(str(path)), {**feeds, **caches})
+    table = np.array([[3, 0], [1, 5]], np.int32)  # two blocks of 4 per row, in a pool of 6
+    p = np.arange(past + seq)
+
+    def laid_out(c):  # a BNSH past in the layout
+        if layout == "static":
+            return np.concatenate([c, np.zeros((batch, 2, 16 - past, 8), np.float32)], axis=2)
+        if layout == "paged":
+            pool = np.zeros((6, BLOCK_SIZE, 2, 8), np.float32)
+            for r in range(batch):
+                pool[table[r, p[:past] // BLOCK_SIZE], p[:past] % BLOCK_SIZE] = c[r].transpose(1, 0, 2)
+            return pool
+        return c
+
+    def as_bnsh(c):  # a present in the layout, back to BNSH over the valid positions
+        if layout == "static":
+            return c[:, :, :past + seq]
+        if layout == "paged":
+            return np.stack([c[table[r, p // BLOCK_SIZE], p % BLOCK_SIZE].transpose(1, 0, 2) for r in range(batch)])
+        return c
+
+    after = {**feeds, **{n: laid_out(c) for n, c in caches.items()}}
+    if layout == "paged":
+        after["block_table"] = table
+    for run in runs:
+        got = run(after)
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+        for name in (n for n in want if n.startswith("present.")):
+            np.testing.assert_allclose(as_bnsh(np.asarray(got[name])), want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_static_layout_in_the_reference_interpreter_and_past_its_buffer(fused, tmp_path):
     model, graph = fused("llama")
     g = rewrite(graph, "rewrite-kv-cache{layout=static,max-positions=16}")
@@ -345,6 +593,16 @@ def test_static_layout_in_the_reference_interpreter_and_past_its_buffer(fused, t
     cache = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 16, 8), np.float32) for i in range(2) for k in ("key", "value")}
     with pytest.raises(UserError, match="attention_mask covers 17 positions; the static KV cache holds 16"):
         artifact.run({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 17), np.int64), **cache})
+
+
+def _tvm_artifact(graph, rewrite_pass: str, tmp_path):
+    """(the graph after `rewrite_pass` and slice-last-token-logits, its TVM artifact loaded)."""
+    pytest.importorskip("tvm")
+    g = rewrite(graph, f"{rewrite_pass},slice-last-token-logits")
+    graphopt.optimize(g, tmp_path / "tvm", backend="tvm", passes="eliminate-dead-code")
+    artifact = graphopt.load(tmp_path / "tvm")
+    assert artifact.manifest["generation"]["kv_layout"] == g.metadata.metadata_props["graphopt.kv_layout"]
+    return g, artifact
 
 
 def _ort_artifact(graph, tmp_path):
@@ -398,15 +656,29 @@ def test_attention_bsnh_caches_are_bnsh_transposed():
         np.testing.assert_allclose(pv.transpose(t), want[2], rtol=1e-6, atol=1e-6)
 
 
+def attention_graph(layout: str, typed: dict, decompose: bool = False):
+    """One graphopt.Attention (4 query heads over 2 key/value heads) over inputs typed like
+    `typed`, in kv_layout `layout`; `decompose`: its decomposition into core ops instead."""
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.ir import Graph, TensorType
+    from graphopt.lowering import decompose_node
+
+    g = Graph("attn")
+    ins = {n: g.add_input(n, TensorType(DType.from_numpy(a.dtype), a.shape)) for n, a in typed.items()}
+    outs = Builder(g).op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
+                         kv_layout=layout)
+    g.outputs = list(outs)
+    if decompose:
+        decompose_node(g.nodes[0])
+    return g
+
+
 def test_attention_static_cache_is_a_bnsh_past_written_in_place():
     """graphopt.Attention{kv_layout=static}: a [2, 2, 12, 8] buffer of which the mask (8 long)
     says 8 positions are valid after 3 new ones: reference and decomposition give BNSH's
     output over the first 5, and the buffer with positions 5..7 written, 8.. untouched."""
-    from graphopt.builder import Builder
     from graphopt.interpreter import run
-    from graphopt.ir import Graph, TensorType
-    from graphopt.dtypes import DType
-    from graphopt.lowering import decompose_node
 
     rng = np.random.default_rng(1)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
@@ -414,19 +686,9 @@ def test_attention_static_cache_is_a_bnsh_past_written_in_place():
              "pk": f32(2, 2, 12, 8), "pv": f32(2, 2, 12, 8)}
     bnsh_feeds = {**feeds, "pk": feeds["pk"][:, :, :5], "pv": feeds["pv"][:, :, :5]}
 
-    def graph(layout, typed, decompose=False):
-        g = Graph("attn")
-        ins = {n: g.add_input(n, TensorType(DType.FLOAT32, a.shape)) for n, a in typed.items()}
-        outs = Builder(g).op("Attention", *ins.values(), domain="graphopt", n_out=3, num_heads=4, kv_num_heads=2,
-                             kv_layout=layout)
-        g.outputs = list(outs)
-        if decompose:
-            decompose_node(g.nodes[0])
-        return g
-
-    y_want, pk_want, pv_want = run(graph("BNSH", bnsh_feeds), bnsh_feeds).values()
+    y_want, pk_want, pv_want = run(attention_graph("BNSH", bnsh_feeds), bnsh_feeds).values()
     for decompose in (False, True):
-        g = graph("static", feeds, decompose)
+        g = attention_graph("static", feeds, decompose)
         assert g.outputs[1].type.shape == (2, 2, 12, 8)
         y, pk, pv = run(g, feeds).values()
         np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
@@ -441,6 +703,17 @@ def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, defa
     ref = train_reference(default_model)
     check_decode(artifact.run, ref, PROMPTS, 12, 6, 2, 32)  # batch 3, left padding
     check_decode(artifact.run, ref, PROMPTS[:1], 64, 6, 2, 32)  # batch 1, the issue's 64 steps
+
+
+@pytest.mark.slow
+def test_default_checkpoint_paged_64_decode_steps_match_pytorch(default_model, tmp_path):
+    graphopt.optimize(str(DEFAULT_MODEL), tmp_path / "paged", kv_layout="paged")
+    artifact = graphopt.load(tmp_path / "paged")
+    gen = artifact.manifest["generation"]
+    assert (gen["kv_layout"], gen["block_size"]) == ("paged", 16)
+    ref = train_reference(default_model)
+    check_decode(artifact.run, ref, PROMPTS, 12, 6, 2, 32, "paged", gen["max_positions"], 16)  # batch 3
+    check_decode(artifact.run, ref, PROMPTS[:1], 64, 6, 2, 32, "paged", gen["max_positions"], 16)  # batch 1
 
 
 # --------------------------------------------------------------------------------------

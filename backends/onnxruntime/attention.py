@@ -173,6 +173,8 @@ def lower_attention(ctx: LoweringContext, b: Builder, node: Node):
     layout = node.attr("kv_layout", "BNSH") or "BNSH"
     if layout == "static":
         return _lower_static(ctx, b, node, choice)
+    if layout == "paged":  # this ORT registers no CPU kernel for com.microsoft.PagedAttention (tested)
+        return "kv_layout paged: no ORT CPU kernel; decomposed (Gather on the block table, ScatterND)"
     if layout != "BNSH":
         return f"kv_layout {layout} (ORT's attention kernels take BNSH caches)"
     if choice == "onnx":

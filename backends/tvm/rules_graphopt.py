@@ -17,6 +17,7 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
+from graphopt.backends.tvm import rules_cache
 from graphopt.backends.tvm.lowering import Lowerer, relax_op, rule, static_int
 from graphopt.registry import get_op
 
@@ -97,8 +98,8 @@ def attention(lw: Lowerer, node, args):
     mask, past_k, past_v = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None] * 3)[:3]
     if (past_k is None) != (past_v is None):
         raise lw.error("past_key and past_value must be given together")
-    if node.attr("kv_layout", "BNSH") == "static":
-        raise lw.error("kv_layout static is not implemented for the tvm backend (rewrite-kv-cache{layout=BNSH})")
+    if node.attr("kv_layout", "BNSH") in ("static", "paged"):
+        return rules_cache.cache_attention(lw, node, args, attention)
     dt = lw.dtype(q)
     q_dims = lw.shape(q)
     three_d = len(q_dims) == 3

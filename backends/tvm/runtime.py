@@ -149,6 +149,31 @@ class Compiled:
         outs = self.vm["main"](*ins, *self.params)
         return {name: out.numpy() for name, out in zip(self.output_names, outs)}
 
+    def bound_runner(self, output_shapes: dict | None = None) -> "BoundRunner":
+        """`run` for a decode loop (see BoundRunner); `output_shapes` is the artifact
+        protocol's argument (ORT's runner needs it), unused here."""
+        return BoundRunner(self)
+
+
+class BoundRunner:
+    """`run(feeds) -> outputs` for a decode loop: the presents come back as TVM tensors on
+    the device, and a TVM tensor fed back (as the next step's past) goes in as it is, so the
+    cache never makes a round trip through numpy. A static cache's present is the very
+    tensor fed as its past (written in place, rules_cache): every step reuses one buffer.
+    Other outputs (the logits) are numpy arrays."""
+
+    def __init__(self, compiled: Compiled):
+        self.compiled = compiled
+
+    def run(self, feeds: dict) -> dict:
+        import tvm
+
+        c = self.compiled
+        ins = [v if isinstance(v, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(v), device=c.device)
+               for v in (feeds[n] for n in c.input_names)]
+        outs = c.vm["main"](*ins, *c.params)
+        return {name: out if name.startswith("present.") else out.numpy() for name, out in zip(c.output_names, outs)}
+
 
 class Executable(Compiled):
     """An artifact folder loaded: the library, then the weights onto the device. Refuses

@@ -7,6 +7,14 @@ GroupQueryAttention's past_present_share_buffer): past and present are [batch, k
 max_seq, head] buffers, the mask's last dimension L is the valid length after this step, the
 new keys/values are written at positions [L - new, L) of the buffer, attention reads its first
 L positions, and the positions from L on are passed through as they were.
+
+kv_layout "paged" (vLLM's, ORT PagedAttention's): past and present are one pool of fixed-size
+blocks, [num_blocks, block_size, kv_heads, head], shared as the static buffer is, and a 7th
+input, `block_table [batch, max_blocks]` (int32), says where each row's positions live:
+position p of row r is pool[block_table[r, p // block_size], p % block_size]. As for static,
+the mask's last dimension L is the valid length, the new keys/values go to positions
+[L - new, L) and attention reads positions [0, L); blocks no row's positions name are
+passed through as they were.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import math
 import numpy as np
 
 from graphopt.builder import Builder
+from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, AttrKind, Node, TensorType, Value
 from graphopt.ops.common import BNSH_FROM_BSNH, i64, unsupported
 from graphopt.registry import AttrSpec, OpDef, register_op
@@ -43,6 +52,11 @@ def _attention_inputs(node: Node):
     return q, k, v, mask, past_k, past_v
 
 
+def block_table_of(node: Node) -> Value | None:
+    """kv_layout paged's 7th input: [batch, max_blocks] block ids."""
+    return node.inputs[6] if len(node.inputs) > 6 else None
+
+
 def _seq_len_bnsh(node: Node, t: Value | None, cache: bool = False):
     """The sequence length of K/V (3-D or 4-D) or of a past (`cache`, in the node's
     kv_layout): an int, a symbol or None."""
@@ -53,7 +67,8 @@ def _seq_len_bnsh(node: Node, t: Value | None, cache: bool = False):
     return t.type.shape[2]
 
 
-_KV_LAYOUTS = ("BNSH", "BSNH", "static")
+_KV_LAYOUTS = ("BNSH", "BSNH", "static", "paged")
+SHARED_BUFFER_LAYOUTS = ("static", "paged")  # the present is the past buffer, written in place
 
 
 def _kv_layout(node: Node) -> str:
@@ -78,9 +93,12 @@ def _attention_infer(node: Node):
         nq, nkv = _heads_3d(node)
     if (past_k is None) != (past_v is None):
         raise unsupported(node, "past_key and past_value must be given together")
-    static = _kv_layout(node) == "static"
+    static = _kv_layout(node) in SHARED_BUFFER_LAYOUTS
     if static and (past_k is None or mask is None):
-        raise unsupported(node, "kv_layout static needs the past buffers and a mask (its length is the valid length)")
+        raise unsupported(node, f"kv_layout {_kv_layout(node)} needs the past buffers and a mask (its length is the "
+                                "valid length)")
+    if (_kv_layout(node) == "paged") != (block_table_of(node) is not None):
+        raise unsupported(node, "a block table (input 7) goes with kv_layout paged, and only with it")
     if mask is not None and mask.type.shape and not static:
         # ONNX's reference pads a shorter mask with -inf, ONNX Runtime refuses it: we refuse it.
         past = 0 if past_k is None else _seq_len_bnsh(node, past_k, cache=True)
@@ -125,6 +143,8 @@ def _attention_reference(node: Node, inputs):
     if bsnh and past_k is not None:  # the kernel below takes BNSH
         past_k, past_v = past_k.transpose(0, 2, 1, 3), past_v.transpose(0, 2, 1, 3)
     buffers = None
+    if _kv_layout(node) == "paged":
+        return _paged_reference(node, inputs)
     if _kv_layout(node) == "static":  # the kernel below takes the valid past; the rest is kept
         valid, new = mask.shape[-1], k.shape[-2 if k.ndim == 4 else 1]
         if not new <= valid <= past_k.shape[2]:
@@ -153,6 +173,47 @@ def _attention_reference(node: Node, inputs):
                 full[:, :, :out[i].shape[2]] = out[i]
                 out[i] = full
     return [o if i == 0 or not bsnh else np.ascontiguousarray(o.transpose(0, 2, 1, 3)) for i, o in enumerate(out)]
+
+
+def _paged_slots(node: Node, block_table: np.ndarray, block_size: int, length: int):
+    """(block ids, slots) [batch, length] of each row's first `length` positions."""
+    if length > block_table.shape[1] * block_size:
+        raise unsupported(node, f"the mask says {length} valid positions; the block table holds "
+                                f"{block_table.shape[1]} blocks of {block_size}")
+    p = np.arange(length)
+    return block_table[:, p // block_size].astype(np.int64), np.broadcast_to(p % block_size, (len(block_table), length))
+
+
+def _paged_reference(node: Node, inputs):
+    """BNSH attention over the rows' positions gathered from the pools; the new keys/values
+    then scattered into copies of the pools."""
+    q, k, v, mask, pool_k, pool_v, table = inputs[:7]
+    block_size = pool_k.shape[1]
+    valid, new = mask.shape[-1], k.shape[-2 if k.ndim == 4 else 1]
+    blocks, slots = _paged_slots(node, np.asarray(table), block_size, valid)
+    past = [np.ascontiguousarray(pool[blocks[:, :valid - new], slots[:, :valid - new]].transpose(0, 2, 1, 3))
+            for pool in (pool_k, pool_v)]
+    out = _attention_reference(_LayoutView(node, "BNSH"), [q, k, v, mask, *past])
+    for i, pool in ((1, pool_k), (2, pool_v)):
+        if i < len(out):
+            full = pool.copy()
+            full[blocks[:, valid - new:], slots[:, valid - new:]] = out[i][:, :, valid - new:].transpose(0, 2, 1, 3)
+            out[i] = full
+    return out
+
+
+class _LayoutView:
+    """`node` read as if its kv_layout were another (a paged site is BNSH attention over the
+    positions gathered from its pools)."""
+
+    def __init__(self, node: Node, layout: str):
+        self._node, self._layout = node, layout
+
+    def attr(self, name: str, default=None):
+        return self._layout if name == "kv_layout" else self._node.attr(name, default)
+
+    def __getattr__(self, name: str):
+        return getattr(self._node, name)
 
 
 def _repeat_kv_heads(b: Builder, node: Node, t_BNSH: Value, nq, nkv) -> Value:
@@ -197,6 +258,37 @@ def _attention_bias(b: Builder, node: Node, mask: Value | None, q_BNSH: Value, k
     return bias
 
 
+def _paged_decompose(b: Builder, node: Node, mask: Value, k_BNSH: Value, v_BNSH: Value):
+    """((past_k, past_v) in BNSH gathered from the pools, (present_k, present_v): the pools
+    with the new positions scattered in). Core ONNX: Gather on the block table, then on the
+    pool seen as [num_blocks * block_size, kv_heads, head]; ScatterND (a copy of the pool)."""
+    pools, table = node.inputs[4:6], block_table_of(node)
+    block_size = pools[0].type.shape[1] if pools[0].type.shape else None
+    if not isinstance(block_size, int):
+        raise unsupported(node, "kv_layout paged needs a static block size (the pool's dimension 1)")
+    scalar, axis1 = b.const(i64(0), "attn_scalar_axis"), b.const(i64(1), "attn_seq_axis_bsnh")
+    valid = b.Shape(mask, start=-1)
+    start = b.Sub(valid, b.Shape(k_BNSH, start=2, end=3))
+    bs = b.const(np.array(block_size, np.int64), "attn_block_size")
+    pos = b.Range(b.const(np.array(0, np.int64), "attn_range_start"), b.Squeeze(valid, scalar),
+                  b.const(np.array(1, np.int64), "attn_range_step"))
+    blocks = b.Cast(b.Gather(table, b.Div(pos, bs), axis=1), to=DType.INT64.onnx_type)  # batch, L
+    flat = b.Add(b.Mul(blocks, bs), b.Mod(pos, bs))  # batch, L: rows of the pool seen flat
+    past_rows = b.Slice(flat, b.const(i64(0), "attn_start"), start, axis1)
+    new_rows = b.Unsqueeze(b.Slice(flat, start, valid, axis1), b.const(i64(-1), "attn_last_axis"))
+    flat_shape = b.const(i64(-1, *pools[0].type.shape[2:]), "attn_pool_rows") if all(
+        isinstance(d, int) for d in pools[0].type.shape[2:]) else None
+    if flat_shape is None:
+        raise unsupported(node, "kv_layout paged needs static key/value heads and head sizes")
+    pasts, presents = [], []
+    for pool, new_BNSH in zip(pools, (k_BNSH, v_BNSH)):
+        rows = b.Reshape(pool, flat_shape)
+        pasts.append(b.Transpose(b.Gather(rows, past_rows, axis=0), perm=BNSH_FROM_BSNH))
+        written = b.ScatterND(rows, new_rows, b.Transpose(new_BNSH, perm=BNSH_FROM_BSNH))
+        presents.append(b.Reshape(written, b.Shape(pool)))
+    return pasts, presents
+
+
 def _attention_decompose(b: Builder, node: Node):
     q, k, v, mask, past_k, past_v = _attention_inputs(node)
     dt = q.type.dtype
@@ -219,7 +311,10 @@ def _attention_decompose(b: Builder, node: Node):
     bsnh = _kv_layout(node) == "BSNH"
     if bsnh and past_k is not None:
         past_k, past_v = b.Transpose(past_k, perm=BNSH_FROM_BSNH), b.Transpose(past_v, perm=BNSH_FROM_BSNH)
-    rest = None
+    rest = paged = None
+    if _kv_layout(node) == "paged":
+        paged = _paged_decompose(b, node, mask, k_BNSH, v_BNSH)
+        past_k, past_v = paged[0]
     if _kv_layout(node) == "static":
         # valid = the mask's length: the buffers' first valid - new positions are the past, the
         # new keys/values go after them, and the positions from valid on stay as they were
@@ -237,6 +332,8 @@ def _attention_decompose(b: Builder, node: Node):
             return None
         if rest is not None:
             return b.Concat(t_BNSH, rest[index - 1], axis=2)
+        if paged is not None:
+            return paged[1][index - 1]
         if bsnh:
             return b.Transpose(t_BNSH, perm=BNSH_FROM_BSNH)
         # Without a past, present is K or V itself: an Identity keeps the output a value of its
@@ -285,14 +382,16 @@ register_op(OpDef(
     attrs={"num_heads": AttrSpec(AttrKind.INT, default=0), "kv_num_heads": AttrSpec(AttrKind.INT, default=0),
            "scale": AttrSpec(AttrKind.FLOAT, default=0.0), "causal": AttrSpec(AttrKind.INT, default=0),
            "softcap": AttrSpec(AttrKind.FLOAT, default=0.0), "kv_layout": AttrSpec(AttrKind.STRING, default="BNSH")},
-    min_inputs=3, max_inputs=6, min_outputs=1, max_outputs=3,
+    min_inputs=3, max_inputs=7, min_outputs=1, max_outputs=3,
     infer=_attention_infer, reference=_attention_reference, decompose=_attention_decompose,
     doc="Scaled dot-product attention as ONNX Attention-23 (q_num_heads -> num_heads, is_causal -> "
         "causal): Q, K, V in BNSH (4-D) or BSD (3-D, with num_heads and kv_num_heads, which defaults to "
         "num_heads); grouped-query aware; optional mask, boolean (True attends) or additive, whose last "
         "dimension must be the total sequence length past + kv; past key/value and present outputs in kv_layout "
         "BNSH (default) or BSNH, or static (BNSH buffers of max_seq positions shared by past and present: the "
-        "mask's last dimension L is the valid length, the new keys/values go to positions [L - new, L)); "
+        "mask's last dimension L is the valid length, the new keys/values go to positions [L - new, L)), or paged (pools of [num_blocks, block_size, "
+        "kv_heads, head] shared by past and present, a 7th input block_table [batch, max_blocks] placing "
+        "position p of row r at block block_table[r, p // block_size], slot p % block_size); "
         "causal masking is bottom-right aligned with the past; a fully masked query row gives zeros; "
         "softcap (0: none) is applied before the mask; scale 0 means 1/sqrt(head_size).",
 ))

@@ -31,28 +31,40 @@ Preconditions (checked): an `input_ids [batch, seq]` input, one output (the logi
 attention fused into 3-D graphopt.Attention (no Softmax left) and none with a cache yet.
 Options: `layout` (BNSH: the cache is [batch, kv_heads, seq, head_size], on every backend;
 BSNH: [batch, seq, kv_heads, head_size], on TVM; static: a [batch, kv_heads, max-positions,
-head_size] buffer that past and present share, on ORT, where the attention mask's length is the
-valid length; only the key/value heads are cached, grouped-query attention stays grouped) and
-`max-positions` (0: what the frontend recorded, the model's maximum context).
+head_size] buffer that past and present share, on ORT and TVM, where the attention mask's length is the
+valid length; paged: a pool of [num_blocks, block-size, kv_heads, head_size] blocks per cache that
+past and present share, and one `block_table [batch, max_blocks]` input (int32) for all layers that
+places position p of row r at block block_table[r, p // block-size], slot p % block-size, the mask's
+length again the valid length; only the key/value heads are cached, grouped-query attention stays
+grouped), `max-positions` (0: what the frontend recorded, the model's maximum context) and
+`block-size` (paged: positions per block, 16).
+
+A decoder exported with a cache already (Optimum-style past_key_values inputs and present
+outputs, its attention fused) is recognized and its cache moved to the layout instead
+(passes/kvcache/convert.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
-from graphopt.pass_manager import Pass, PassContext, PassError, PassResult, register_pass
+from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.builder import Builder
 from graphopt.passes.cleanup.dce import EliminateDeadCode
+from graphopt.passes.kvcache.convert import BLOCK_TABLE, KVCacheError, cache_shape, convert_cache, has_cache
 from graphopt.registry import run_reference
 
 INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
 PAST_SEQ, TOTAL_SEQ = "past_seq", "past_seq + seq"
 LAYOUTS = ("BNSH", "BSNH", "static", "paged")
 # layout -> the backends that run it (None: the pass runs without a backend, e.g. in tests)
-IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None), "static": ("onnxruntime", None)}
+IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None), "static": ("onnxruntime", "tvm", None),
+                       "paged": ("onnxruntime", "tvm", None)}
 # metadata_props keys: what the artifact's manifest and the Generator read back
 META_LAYOUT, META_MAX_POSITIONS, META_LAYERS = "graphopt.kv_layout", "graphopt.max_positions", "graphopt.kv_layers"
+META_BLOCK_SIZE = "graphopt.kv_block_size"
 _INT64_MAX = np.iinfo(np.int64).max
 _PROBE_SEQ = (3, 5)
 
@@ -61,10 +73,6 @@ _PROBE_SEQ = (3, 5)
 _SHAPE_SLOTS = {"Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Tile": {1}, "Unsqueeze": {1},
                 "Squeeze": {1}, "Split": {1}, "Pad": {1, 2, 3}, "ConstantOfShape": {0}, "Range": {0, 1, 2},
                 "CumSum": {1}, "TopK": {1}, "ReduceSum": {1}, "ReduceMean": {1}, "ReduceMax": {1}}
-
-
-class KVCacheError(PassError):
-    """The graph is not a decoder this pass can rewrite (names the node and the reason)."""
 
 
 def _fail(reason: str) -> KVCacheError:
@@ -94,11 +102,24 @@ class RewriteKVCache(Pass):
 
     layout: str = "BNSH"
     max_positions: int = 0
+    block_size: int = 16
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         check_layout(self.layout, ctx.hints.get("backend"))
-        site = _read_decoder(graph)
         max_pos = self.max_positions or int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
+        if self.layout == "paged" and self.block_size <= 0:
+            raise UserError(f"rewrite-kv-cache: block-size {self.block_size}: must be positive")
+        if has_cache(graph):  # exported with a cache: recognized and moved to the layout
+            if self.layout in ("static", "paged") and not max_pos:
+                raise _fail(f"the {self.layout} layout needs the maximum context, which the graph does not record: "
+                            "give rewrite-kv-cache{max-positions=N}")
+            result = PassResult()
+            layers = convert_cache(graph, self.layout, max_pos, self.block_size)
+            result.count("attention", layers)
+            EliminateDeadCode().run(graph, ctx)
+            self._record(graph, max_pos, layers)
+            return result
+        site = _read_decoder(graph)
         if max_pos < max(_PROBE_SEQ):
             raise _fail("the model's maximum context is unknown: give rewrite-kv-cache{max-positions=N}")
         _check_causal(graph, site)
@@ -116,8 +137,11 @@ class RewriteKVCache(Pass):
         bias = b.causal_bias(site.input_ids, mask, site.dtype)
 
         presents = []
+        table = None
+        if self.layout == "paged":
+            table = graph.add_input(BLOCK_TABLE, TensorType(DType.INT32, ("batch", "max_blocks")))
         for i, node in enumerate(site.attentions):
-            presents += _rewrite_attention(graph, node, i, bias, self.layout, max_pos)
+            presents += _rewrite_attention(graph, node, i, bias, self.layout, max_pos, self.block_size, table)
             result.count("attention")
         moved = _rotary_with_positions(graph, tables, position_ids, b)
         result.count("rotary-position-ids", len(moved) // 2)
@@ -140,10 +164,15 @@ class RewriteKVCache(Pass):
         pasts = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
         graph.inputs = [site.input_ids, mask] + pasts + [
             v for v in graph.inputs if v is not site.input_ids and v is not mask and v not in pasts]
-        props = graph.metadata.metadata_props
-        props[META_LAYOUT], props[META_MAX_POSITIONS], props[META_LAYERS] = self.layout, str(max_pos), str(
-            len(site.attentions))
+        self._record(graph, max_pos, len(site.attentions))
         return result
+
+    def _record(self, graph: Graph, max_pos: int, layers: int) -> None:
+        """What the manifest and the Generator read back."""
+        props = graph.metadata.metadata_props
+        props[META_LAYOUT], props[META_MAX_POSITIONS], props[META_LAYERS] = self.layout, str(max_pos), str(layers)
+        if self.layout == "paged":
+            props[META_BLOCK_SIZE] = str(self.block_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -415,13 +444,6 @@ class _Builder:
         return rows
 
 
-def cache_shape(layout: str, kv_heads: int, seq, head: int, max_positions: int = 0) -> tuple:
-    """The shape of a past or present in `layout` (static: the whole buffer, whatever `seq`)."""
-    if layout == "static":
-        return ("batch", kv_heads, max_positions, head)
-    return ("batch", seq, kv_heads, head) if layout == "BSNH" else ("batch", kv_heads, seq, head)
-
-
 def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Builder") -> set:
     """A RotaryEmbedding whose cos/sin are both per-position tables takes the tables
     ([max_positions, rot/2]) and the position ids itself, as ORT's kernel does: no per-layer
@@ -444,21 +466,23 @@ def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Build
     return moved
 
 
-def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str, max_pos: int) -> list[Value]:
+def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str, max_pos: int,
+                       block_size: int, table: Value | None) -> list[Value]:
     q, k, v = node.inputs[:3]
     nq = node.attr("num_heads")
     nkv = node.attr("kv_num_heads", 0) or nq
     head_k, head_v = k.type.shape[2] // nkv, v.type.shape[2] // nkv
     dt = k.type.dtype
     past = [graph.add_input(f"past_key_values.{layer}.{kind}",
-                            TensorType(dt, cache_shape(layout, nkv, PAST_SEQ, head, max_pos)))
+                            TensorType(dt, cache_shape(layout, nkv, PAST_SEQ, head, max_pos, block_size)))
             for kind, head in (("key", head_k), ("value", head_v))]
-    present_types = [TensorType(dt, cache_shape(layout, nkv, TOTAL_SEQ, head, max_pos)) for head in (head_k, head_v)]
+    present_types = [TensorType(dt, cache_shape(layout, nkv, TOTAL_SEQ, head, max_pos, block_size))
+                     for head in (head_k, head_v)]
     attrs = {name: a.value for name, a in node.attrs.items() if name not in ("causal", "kv_layout")}
     if layout != "BNSH":
         attrs["kv_layout"] = layout
     b = Builder(graph, before=node, created_by="rewrite-kv-cache")
-    y, pk, pv = b.op("Attention", q, k, v, bias, *past, domain=GRAPHOPT_DOMAIN, n_out=3,
+    y, pk, pv = b.op("Attention", q, k, v, bias, *past, *([table] if table is not None else []), domain=GRAPHOPT_DOMAIN, n_out=3,
                      output_types=[node.outputs[0].type, *present_types], causal=0, **attrs)
     node.outputs[0].replace_all_uses_with(y)
     graph.remove_node(node)
