@@ -1,8 +1,14 @@
 """graphopt's CPU matmul schedule (backends/tvm/schedules.py) on the shapes it special-cases:
 static and symbolic rows, columns the tile does not divide, one row (GEMV), a batched
 matmul with a fused epilogue. Each kernel is checked against numpy in float64, and the
-symbolic one is checked to have a multiply-add loop without a bounds check."""
+symbolic one is checked to have a multiply-add loop without a bounds check. Every kernel has
+a parallel loop with a task for each of 2 threads at 1 x 1 and 1 x 128, and the VM runs them
+on a pool with a thread per core."""
 from __future__ import annotations
+
+import os
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -97,3 +103,85 @@ def test_symbolic_tile_loop_has_no_bounds_check():
     assert "T.where" not in update  # padded rows: the multiply-add is unconditional
     assert "T.parallel" in text and "T.vectorized" in text
     assert "_pad" in text and "_global" in text  # padded A rows, B's panel copied
+
+
+# --------------------------------------------------------------------------------------
+# Both cores: parallel loops wide enough, and a thread pool that has the threads
+
+THREADS = 2  # the issue's measurements: 2 threads on a 2-core machine
+
+# TIR shape expressions as Python: `batch * ((seq + T.int64(31)) // T.int64(32)) * T.int64(6)`
+_T = types.SimpleNamespace(int64=int, int32=int, max=max, min=min, Cast=lambda _dtype, v: v)
+
+
+def _parallel_extents(kernel, dims: dict) -> list[int]:
+    """The extent of every `T.parallel` loop of a scheduled kernel, at `dims`."""
+    text, extents, start = kernel.script(), [], 0
+    while (start := text.find("T.parallel(", start)) >= 0:
+        end, depth = start + len("T.parallel("), 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        extents.append(int(eval(text[start + len("T.parallel("):end - 1], {"T": _T, **dims})))  # noqa: S307
+        start = end
+    return extents
+
+
+def _softmax_module():
+    seq, total = tirx.Var("seq", "int64"), tirx.Var("total", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 6, seq, total], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.softmax(x, axis=-1)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("what,mod", [
+    ("projection 192 -> 192", _matmul_module((1, "seq", 192), (192, 192))),
+    ("MLP up 192 -> 1024, bias", _matmul_module((1, "seq", 192), (192, 1024), bias=True)),
+    ("static GEMV 192 -> 512", _matmul_module((1, 192), (192, 512))),
+    ("softmax over 6 heads", _softmax_module()),
+])
+@pytest.mark.parametrize("seq", [1, 128])
+def test_every_kernel_has_a_parallel_loop_for_each_thread(what, mod, seq):
+    target = tvm.target.Target(cpu_target_spec())
+    kernels = [f for f in optimize_module(mod, target).functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert kernels
+    for kernel in kernels:
+        extents = _parallel_extents(kernel, {"seq": seq, "total": seq})
+        assert extents and max(extents) >= THREADS, f"{what} at 1 x {seq}: parallel extents {extents}\n{kernel.script()}"
+
+
+def _vm_threads() -> int:
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to spread over")
+def test_the_vm_runs_on_every_core_and_leaves_the_affinity_alone():
+    # Left alone, TVM's pool has hardware_concurrency() / 2 threads on x86 (one on 2 cores)
+    # and pins the calling thread to core 0, which later threads (an ORT session's) inherit.
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.interpreter import run
+    from graphopt.sample_inputs import sample_inputs
+    from graphopt.testing import assert_close, random_graph
+
+    cores = os.sched_getaffinity(0)
+    g = random_graph(0, n_nodes=8)
+    compiled = tvm_backend.compile_graph(g)
+    feeds = sample_inputs(g, dims={"batch": 3}, seed=0)
+    want = run(g, feeds)
+    seen = {}
+
+    def run_and_look(where):
+        got = compiled.run(feeds)
+        for name in want:
+            assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+        seen[where] = (_vm_threads(), os.sched_getaffinity(0))
+
+    run_and_look("main thread")
+    worker = threading.Thread(target=run_and_look, args=("another thread",))  # a pool per thread
+    worker.start()
+    worker.join()
+    assert seen == {w: (len(cores), cores) for w in ("main thread", "another thread")}
