@@ -197,9 +197,12 @@ def _activate(lw: Lowerer, y, act: str):
 @rule("Linear", domain="graphopt")
 def linear(lw: Lowerer, node, args):
     x, w = lw.tensor(args[0]), lw.tensor(args[1])
-    if node.attr("trans_w", 0):  # a weight is stored transposed
-        w = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(w, [1, 0]))
-    y = lw.emit(R.matmul(x, w))
+    trans = node.attr("trans_w", 0)
+    y = lw.weight_matmul(x, node.inputs[1], "T" if trans else "", np.transpose if trans else None)
+    if y is None:
+        if trans:  # a weight is stored transposed
+            w = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(w, [1, 0]))
+        y = lw.emit(R.matmul(x, w))
     if len(args) > 2 and args[2] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[2])))
     return [_activate(lw, y, _attr(node, "activation"))]
@@ -211,13 +214,15 @@ def gated_linear(lw: Lowerer, node, args):
     b_gate, b_up = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None, None])[:2]
     n = lw.shape(w_gate)[1]
     # One matmul over both weights side by side (stored so when they are constants).
-    w = None
+    w = y = None
     if node.inputs[1].const_value is not None and node.inputs[2].const_value is not None:
         up = node.inputs[2].const_value
-        w = lw.weight(node.inputs[1], f"gate_up:{node.inputs[2].name}", lambda g: np.concatenate([g, up], axis=1))
-    if w is None:
-        w = lw.emit(R.concat([w_gate, w_up], axis=1))
-    y = lw.emit(R.matmul(x, w))
+        side_by_side = lambda g: np.concatenate([g, up], axis=1)  # noqa: E731
+        y = lw.weight_matmul(x, node.inputs[1], f"gate_up:{node.inputs[2].name}:", side_by_side)
+        w = lw.weight(node.inputs[1], f"gate_up:{node.inputs[2].name}", side_by_side) if y is None else None
+    if y is None:
+        w = w if w is not None else lw.emit(R.concat([w_gate, w_up], axis=1))
+        y = lw.emit(R.matmul(x, w))
     gate = lw.emit(R.strided_slice(y, axes=[lw.rank(y) - 1], begin=[0], end=[n]))
     up = lw.emit(R.strided_slice(y, axes=[lw.rank(y) - 1], begin=[n], end=[lw.simplify(n + n)]))
     if b_gate is not None:

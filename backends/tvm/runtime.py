@@ -73,7 +73,7 @@ def _build(graph: Graph, target: str, options: dict | None):
     options = _check_options(options)
     t0 = time.perf_counter()
     g = prepare(graph)
-    mod, params = lower_graph(g)
+    mod, params = lower_graph(g, pack_weights=target == "cpu")
     t1 = time.perf_counter()
     spec = target_spec(target, options)
     executable = build(mod, spec)
