@@ -225,3 +225,46 @@ def test_weights_are_packed_once_and_read_in_place(seq):
     got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
     for name in want:
         assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels launched per call
+
+
+def _kernel_calls(mod) -> dict[str, int]:
+    """{kernel name without its number: calls} in `main`."""
+    import collections
+    import re
+
+    call_tir, calls = tvm.ir.Op.get("relax.call_tir"), collections.Counter()
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.update(
+        [re.sub(r"\d+$", "", e.args[0].name_hint)]) if getattr(e, "op", None) == call_tir else None)
+    return calls
+
+
+def test_rotary_tables_are_gathered_once_for_every_layer():
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.testing import assert_close
+
+    g = Graph("two_layers")
+    b = Builder(g)
+    f32, i64 = DType.from_numpy(np.dtype(np.float32)), DType.from_numpy(np.dtype(np.int64))
+    pos = g.add_input("pos", TensorType(i64, ("batch", "seq")))
+    cos, sin = (b.const(RNG.standard_normal((64, 4), np.float32), name) for name in ("cos", "sin"))
+    x = g.add_input("x", TensorType(f32, ("batch", "seq", 16)))
+    for layer in range(3):  # queries and keys of 3 layers: 6 rotations at the same positions
+        q = b.op("RotaryEmbedding", x, cos, sin, pos, domain="graphopt", num_heads=2)
+        k = b.op("RotaryEmbedding", b.op("Neg", x), cos, sin, pos, domain="graphopt", num_heads=2)
+        x = b.op("Add", q, k)
+    g.outputs = [x]
+    mod, _ = lower_graph(prepare(g))
+    assert _kernel_calls(relax.get_pipeline("zero")(mod))["take"] == 2  # cos and sin, once
+    feeds = {"x": RNG.standard_normal((2, 5, 16), np.float32), "pos": np.array([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13]])}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)

@@ -107,6 +107,7 @@ class Lowerer:
         self.env: dict[int, object] = {}  # id(Value) -> relax.Expr | Known
         self.params: list[tuple[str, object, np.ndarray]] = []  # (weight name, relax.Var, array)
         self._derived: dict[str, object] = {}  # "name:transform" -> lowered constant
+        self._shared: dict[tuple, object] = {}  # once() key -> the value emitted for it
         self.node: Node | None = None
 
     # -- helpers for rules ----------------------------------------------------------
@@ -282,6 +283,15 @@ class Lowerer:
         if key not in self._derived:
             self._derived[key] = self._constant(key, np.ascontiguousarray(fn(a)))
         return self._derived[key]
+
+    def once(self, key: tuple, make: Callable[[], object]):
+        """`make()`, emitted the first time `key` is asked for and the same value after that:
+        for what every layer computes alike from the same inputs (the rotary tables at the
+        positions), so that a decode step launches it once instead of once per layer. `main`
+        is one straight-line block, so the first emission precedes every later use."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def weight_matmul(self, x, value: Value, transform: str = "", fn: Callable[[np.ndarray], np.ndarray] | None = None):
         """`x @ W` for a constant float32 weight `W = fn(value)` of shape [K, N], with W

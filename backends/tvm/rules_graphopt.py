@@ -67,9 +67,14 @@ def rotary_embedding(lw: Lowerer, node, args):
     if not isinstance(rot, int) or rot % 2 or rot > head:
         raise lw.error(f"rotary_embedding_dim {rot} must be even and at most the head size {head}")
     half = rot // 2
-    if pos is not None:
-        cos, sin = lw.emit(R.take(cos, pos, axis=0)), lw.emit(R.take(sin, pos, axis=0))
-    cos, sin = lw.emit(R.expand_dims(cos, [head_axis])), lw.emit(R.expand_dims(sin, [head_axis]))
+
+    def tables(cos=cos, sin=sin):  # the same for every layer's queries and keys
+        if pos is not None:
+            cos, sin = lw.emit(R.take(cos, pos, axis=0)), lw.emit(R.take(sin, pos, axis=0))
+        return lw.emit(R.expand_dims(cos, [head_axis])), lw.emit(R.expand_dims(sin, [head_axis]))
+
+    inputs = tuple(v.name if v is not None else None for v in node.inputs[1:4])
+    cos, sin = lw.once(("rotary tables", inputs, head_axis), tables)
 
     def part(start: int, end: int, step: int = 1):  # xh[..., start:end:step]
         return lw.emit(R.strided_slice(xh, axes=[3], begin=[start], end=[end], strides=[step]))
