@@ -153,26 +153,35 @@ def attention(lw: Lowerer, node, args):
         cap = relax.const(softcap, dt)
         scores = lw.emit(R.multiply(R.tanh(R.divide(scores, cap)), cap))
 
-    bias = None
-    if mask is not None:
-        bias = (lw.emit(R.where(mask, relax.const(0.0, dt), _neg_inf(dt))) if lw.dtype(mask) == "bool"
-                else mask if lw.dtype(mask) == dt else lw.emit(R.astype(mask, dt)))
-    if node.attr("causal", 0):
-        # Bottom-right aligned: query i (after `past` cached keys) attends key j iff j <= i + past.
-        past_axis = 1 if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH" else 2
-        past = lw.shape(past_k)[past_axis] if past_k is not None else 0
-        q_len, kv_len = lw.shape(q_bnsh)[2], lw.shape(k_bnsh)[2]
-        rows = lw.emit(R.expand_dims(R.arange(past, lw.simplify(past + q_len), 1, "int64"), [1]))
-        cols = lw.emit(R.expand_dims(R.arange(0, kv_len, 1, "int64"), [0]))
-        causal = lw.emit(R.where(R.less_equal(cols, rows), relax.const(0.0, dt), _neg_inf(dt)))
-        bias = causal if bias is None else lw.emit(R.add(*lw.broadcast(bias, causal)))
+    past_axis = 1 if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH" else 2
+    past = lw.shape(past_k)[past_axis] if past_k is not None else 0
+    q_len, kv_len = lw.shape(q_bnsh)[2], lw.shape(k_bnsh)[2]
+
+    def mask_bias():  # the additive mask, and whether each query row attends anything
+        bias = attends = None
+        if mask is not None:
+            bias = (lw.emit(R.where(mask, relax.const(0.0, dt), _neg_inf(dt))) if lw.dtype(mask) == "bool"
+                    else mask if lw.dtype(mask) == dt else lw.emit(R.astype(mask, dt)))
+        if node.attr("causal", 0):
+            # Bottom-right aligned: query i (after `past` cached keys) attends key j iff j <= i + past.
+            rows = lw.emit(R.expand_dims(R.arange(past, lw.simplify(past + q_len), 1, "int64"), [1]))
+            cols = lw.emit(R.expand_dims(R.arange(0, kv_len, 1, "int64"), [0]))
+            causal = lw.emit(R.where(R.less_equal(cols, rows), relax.const(0.0, dt), _neg_inf(dt)))
+            bias = causal if bias is None else lw.emit(R.add(*lw.broadcast(bias, causal)))
+        if mask is not None:
+            # A query row that attends nothing gives zeros (softmax alone would give NaN). Not
+            # `max(bias) == -inf`: Relax's max starts from the lowest finite value, not -inf.
+            attends = lw.emit(R.max(R.astype(R.greater(bias, _neg_inf(dt)), "int8"), axis=[-1], keepdims=True))
+        return bias, attends
+
+    # The same for every layer that reads this mask at these lengths: computed once.
+    key = ("attention mask", node.inputs[3].name if mask is not None else None, node.attr("causal", 0),
+           dt, str(past), str(q_len), str(kv_len))
+    bias, attends = lw.once(key, mask_bias)
     if bias is not None:
         scores = lw.emit(R.add(*lw.broadcast(scores, bias)))
     probs = lw.emit(R.nn.softmax(scores, axis=-1))
-    if mask is not None:
-        # A query row that attends nothing gives zeros (softmax alone would give NaN). Not
-        # `max(bias) == -inf`: Relax's max starts from the lowest finite value, not -inf.
-        attends = lw.emit(R.max(R.astype(R.greater(bias, _neg_inf(dt)), "int8"), axis=[-1], keepdims=True))
+    if attends is not None:
         probs = lw.emit(R.where(R.equal(attends, relax.const(0, "int8")), relax.const(0.0, dt), probs))
     y = lw.emit(R.matmul(probs, v_bnsh))
     if three_d:
