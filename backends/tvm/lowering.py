@@ -15,6 +15,9 @@ Graph inputs become Relax parameters with one `tirx.Var` per named dim. Weights 
 outside the compiled library; smaller constants are inlined. A rule that needs a weight in
 another layout (a transposed Linear weight, two projections side by side) asks for it with
 `Lowerer.weight`: it is computed here, once, and stored that way -- never on every call.
+On CPU targets a constant matmul weight is stored in column panels (`Lowerer.weight_matmul`),
+the layout the matmul schedule reads in place. What every layer computes alike from the same
+inputs (rotary tables, the attention mask's bias) is emitted once (`Lowerer.once`).
 (Relax's LiftTransformParams would do this generically, but it crashes when a lifted
 expression uses a symbolic dim, as `rope_cache[:seq]` does.) graphopt-domain ops without a
 TVM rule are replaced by their decomposition first.

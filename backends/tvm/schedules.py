@@ -10,8 +10,10 @@ reductions (softmax, norms) only, so two rules of our own come first:
   inside it, B's panel (K x width) is copied once into contiguous memory and every row tile
   of A streams past it. A row or column count the tile does not divide (a symbolic `seq`)
   is padded with `pad_einsum`, so the multiply-add loop carries no bounds check. One row (a
-  GEMV) gets no copy and a wider panel (8 vectors). Prologues run as parallel loops of
-  their own; elementwise epilogues are computed by the tile's write-back.
+  GEMV) gets no copy and a wider panel (8 vectors). A constant weight comes pre-packed in
+  panels (`Lowerer.weight_matmul`: `C[..., i, p, j] += A[..., i, k] * W[p, k, j]`): the
+  panel axis p is the parallel loop, read in place, never copied. Prologues run as parallel
+  loops of their own; elementwise epilogues are computed by the tile's write-back.
 - `Parallel`: any other function's outermost spatial loops run in parallel and its
   innermost loop is vectorized.
 
