@@ -296,6 +296,19 @@ class Lowerer:
             self._shared[key] = make()
         return self._shared[key]
 
+    def matmul(self, x, value: Value, w, transposed: bool = False):
+        """`x @ W` (`x @ W^T` when `transposed`) for the weight input `value`, lowered as `w`:
+        packed when it is a constant (`weight_matmul`), else stored transposed once where it
+        is a constant, else transposed on every call."""
+        from tvm.relax import op as R
+
+        y = self.weight_matmul(x, value, "T" if transposed else "", np.transpose if transposed else None)
+        if y is not None:
+            return y
+        if transposed:
+            w = self.weight(value, "T", np.transpose) or self.emit(R.permute_dims(w, [1, 0]))
+        return self.emit(R.matmul(x, w))
+
     def weight_matmul(self, x, value: Value, transform: str = "", fn: Callable[[np.ndarray], np.ndarray] | None = None):
         """`x @ W` for a constant float32 weight `W = fn(value)` of shape [K, N], with W
         stored pre-packed in column panels `[N / PANEL, K, PANEL]` (on CPU targets): the

@@ -196,9 +196,7 @@ def identity(lw: Lowerer, node, args):
 
 @rule("MatMul")
 def matmul(lw: Lowerer, node, args):
-    x = lw.tensor(args[0])
-    y = lw.weight_matmul(x, node.inputs[1])
-    return [y if y is not None else lw.emit(R.matmul(x, lw.tensor(args[1])))]
+    return [lw.matmul(lw.tensor(args[0]), node.inputs[1], lw.tensor(args[1]))]
 
 
 @rule("Gemm")
@@ -207,12 +205,7 @@ def gemm(lw: Lowerer, node, args):
     c = args[2] if len(args) > 2 else None
     if node.attr("transA", 0):
         a = lw.emit(R.permute_dims(a, [1, 0]))
-    trans = node.attr("transB", 0)
-    y = lw.weight_matmul(a, node.inputs[1], "T" if trans else "", np.transpose if trans else None)
-    if y is None:
-        if trans:  # a weight is stored transposed
-            b = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(b, [1, 0]))
-        y = lw.emit(R.matmul(a, b))
+    y = lw.matmul(a, node.inputs[1], b, transposed=bool(node.attr("transB", 0)))
     dt = lw.dtype(y)
     alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
     if alpha != 1.0:

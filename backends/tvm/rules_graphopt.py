@@ -210,13 +210,7 @@ def _activate(lw: Lowerer, y, act: str):
 
 @rule("Linear", domain="graphopt")
 def linear(lw: Lowerer, node, args):
-    x, w = lw.tensor(args[0]), lw.tensor(args[1])
-    trans = node.attr("trans_w", 0)
-    y = lw.weight_matmul(x, node.inputs[1], "T" if trans else "", np.transpose if trans else None)
-    if y is None:
-        if trans:  # a weight is stored transposed
-            w = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(w, [1, 0]))
-        y = lw.emit(R.matmul(x, w))
+    y = lw.matmul(lw.tensor(args[0]), node.inputs[1], lw.tensor(args[1]), transposed=bool(node.attr("trans_w", 0)))
     if len(args) > 2 and args[2] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[2])))
     return [_activate(lw, y, _attr(node, "activation"))]
