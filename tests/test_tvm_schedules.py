@@ -268,3 +268,27 @@ def test_rotary_tables_are_gathered_once_for_every_layer():
     got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
     for name in want:
         assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
+def test_rms_skip_norm_is_one_kernel():
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.testing import assert_close
+
+    g = Graph("skip_norm")
+    b = Builder(g)
+    f32 = DType.from_numpy(np.dtype(np.float32))
+    x, skip = (g.add_input(n, TensorType(f32, ("batch", "seq", 64))) for n in ("x", "skip"))
+    gamma = b.const(RNG.standard_normal(64, np.float32), "gamma")
+    g.outputs = list(b.op("SkipNorm", x, skip, gamma, domain="graphopt", n_out=2, norm="rms", epsilon=1e-6))
+    mod, _ = lower_graph(prepare(g))
+    calls = _kernel_calls(relax.get_pipeline("zero")(mod))
+    assert calls["rms_norm"] == 1 and not any("mean" in name for name in calls), calls
+    feeds = {"x": RNG.standard_normal((2, 5, 64), np.float32), "skip": RNG.standard_normal((2, 5, 64), np.float32)}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)

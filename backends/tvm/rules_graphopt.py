@@ -252,6 +252,12 @@ def skip_norm(lw: Lowerer, node, args):
     ss = s if dt == stash else lw.emit(R.astype(s, stash))
     eps = node.attr("epsilon", 1e-5)
     axis = lw.rank(s) - 1
+    if node.attr("norm", "layer") == "rms" and dt == stash and lw.rank(gamma) == 1 and \
+            lw.analyzer.can_prove_equal(lw.shape(gamma)[0], lw.shape(s)[axis]):
+        # One kernel (Relax's rms_norm), where the steps below are two: x * x is not fused
+        # into the mean that reads it.
+        y = lw.emit(R.nn.rms_norm(s, gamma, axes=[axis], epsilon=eps))
+        return [lw.emit(R.add(y, beta)) if beta is not None else y, s][:len(node.outputs)]
     if node.attr("norm", "layer") == "layer":
         width = lw.shape(s)[axis]
         if not isinstance(width, int):
