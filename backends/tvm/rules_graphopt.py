@@ -139,15 +139,27 @@ def attention(lw: Lowerer, node, args):
     if nq != nkv:
         if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
             raise lw.error(f"grouped-query attention needs static head counts that divide, got {nq} and {nkv}")
-        k_bnsh = lw.emit(R.repeat(k_bnsh, nq // nkv, axis=1))  # h0, h0, h1, h1, ... as np.repeat
-        v_bnsh = lw.emit(R.repeat(v_bnsh, nq // nkv, axis=1))
+    # Grouped-query attention without copying the cache `group` times: the `group` query heads
+    # of each key/value head (h0, h0, h1, h1, ... as np.repeat) are consecutive, so
+    # [b, nq, s, x] is [b, nkv, group * s, x] in place: both matmuls run per key/value head.
+    group = nq // nkv if nq != nkv else 1
+    q_len = lw.shape(q_bnsh)[2]
+
+    def by_kv_head(t):
+        b, _, rows, x = lw.shape(t)
+        return t if group == 1 else lw.emit(R.reshape(t, [b, nkv, lw.simplify(group * rows), x]))
+
+    def by_query_head(t):
+        b, _, _, x = lw.shape(t)
+        return t if group == 1 else lw.emit(R.reshape(t, [b, nq, q_len, x]))
 
     scale = node.attr("scale", 0.0)
     if not scale:
         if not isinstance(head, int):
             raise lw.error("the head size must be static when no scale is given")
         scale = 1.0 / math.sqrt(head)
-    scores = lw.emit(R.matmul(R.multiply(q_bnsh, relax.const(scale, dt)), R.permute_dims(k_bnsh, [0, 1, 3, 2])))
+    q_scaled = by_kv_head(lw.emit(R.multiply(q_bnsh, relax.const(scale, dt))))
+    scores = by_query_head(lw.emit(R.matmul(q_scaled, R.permute_dims(k_bnsh, [0, 1, 3, 2]))))
     softcap = node.attr("softcap", 0.0)
     if softcap:  # before the mask, so that masked scores stay -inf
         cap = relax.const(softcap, dt)
@@ -155,7 +167,7 @@ def attention(lw: Lowerer, node, args):
 
     past_axis = 1 if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH" else 2
     past = lw.shape(past_k)[past_axis] if past_k is not None else 0
-    q_len, kv_len = lw.shape(q_bnsh)[2], lw.shape(k_bnsh)[2]
+    kv_len = lw.shape(k_bnsh)[2]
 
     def mask_bias():  # the additive mask, and whether each query row attends anything
         bias = attends = None
@@ -183,7 +195,7 @@ def attention(lw: Lowerer, node, args):
     probs = lw.emit(R.nn.softmax(scores, axis=-1))
     if attends is not None:
         probs = lw.emit(R.where(R.equal(attends, relax.const(0, "int8")), relax.const(0.0, dt), probs))
-    y = lw.emit(R.matmul(probs, v_bnsh))
+    y = by_query_head(lw.emit(R.matmul(by_kv_head(probs), v_bnsh)))
     if three_d:
         b, n, s, h = lw.shape(y)
         y = lw.emit(R.reshape(R.permute_dims(y, _BNSH_FROM_BSNH), [b, s, lw.simplify(n * h)]))
