@@ -3,6 +3,11 @@ the shapes it is called with, grouped by kernel (numbered variants together), ne
 whole VM call. The difference is the VM's own work (shape arithmetic, allocation, calls).
 
     python benchmarks/tvm_kernels.py [MODEL] [--shapes 1x1,1x128] [--runs 20]
+    python benchmarks/tvm_kernels.py [MODEL] --launches
+
+`--launches` counts instead what one call of the generation-ready artifact (KV cache in and
+out, what a decode step runs) launches: kernels by name, and the VM's own instructions
+(allocations, shape checks, views), from the module as `tvm.compile` lowers it.
 
 MODEL defaults to the shipped checkpoint (examples/default); the graph is the one
 `graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
@@ -85,12 +90,56 @@ def breakdown(mod, target, dims: dict, runs: int) -> tuple[dict, int]:
     return rows, skipped
 
 
+def launches(mod, target) -> collections.Counter:
+    """{"kernel NAME" | "vm OP": calls} in `main` of the module `tvm.compile` would build."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.analysis import post_order_visit
+
+    with target:
+        final = relax.pipeline.default_build_pipeline()(mod)
+    counts = collections.Counter()
+
+    def visit(e):
+        op = getattr(e, "op", None) if isinstance(e, relax.Call) else None
+        if isinstance(op, tvm.ir.GlobalVar):
+            counts["kernel " + re.sub(r"\d+$", "", op.name_hint)] += 1
+        elif isinstance(op, relax.ExternFunc):
+            counts["vm " + op.global_symbol] += 1
+        elif isinstance(op, tvm.ir.Op):
+            counts["vm " + op.name] += 1
+
+    post_order_visit(final["main"], visit)
+    return counts
+
+
+def print_launches(model: str) -> None:
+    import graphopt
+    import tvm
+
+    from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+
+    with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
+        graph = graphopt.optimize(model, Path(tmp) / "ort", backend="ort").graph  # generation-ready
+    target = tvm.target.Target(cpu_target_spec())
+    counts = launches(optimize_module(lower_graph(prepare(graph), pack_weights=True)[0], target), target)
+    kernels = sum(n for name, n in counts.items() if name.startswith("kernel "))
+    print(f"== one call of the generation-ready graph: {kernels} kernel launches")
+    for name, n in counts.most_common():
+        print(f"{n:5d}  {name[:90]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "examples" / "default"))
     ap.add_argument("--shapes", default="1x1,1x128", help="batch x seq, comma-separated")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--launches", action="store_true", help="count what one call launches instead of timing")
     args = ap.parse_args(argv)
+    if args.launches:
+        print_launches(args.model)
+        return 0
 
     import graphopt
     import tvm
@@ -101,7 +150,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
         graph = graphopt.optimize(args.model, Path(tmp) / "ort", backend="ort", kv_cache=False).graph
-    mod, params = lower_graph(prepare(graph))
+    mod, params = lower_graph(prepare(graph), pack_weights=True)
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
     tvm.get_global_func("runtime.config_threadpool")(1, 1)

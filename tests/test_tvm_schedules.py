@@ -1,8 +1,14 @@
 """graphopt's CPU matmul schedule (backends/tvm/schedules.py) on the shapes it special-cases:
 static and symbolic rows, columns the tile does not divide, one row (GEMV), a batched
 matmul with a fused epilogue. Each kernel is checked against numpy in float64, and the
-symbolic one is checked to have a multiply-add loop without a bounds check."""
+symbolic one is checked to have a multiply-add loop without a bounds check. Every kernel has
+a parallel loop with a task for each of 2 threads at 1 x 1 and 1 x 128, and the VM runs them
+on a pool with a thread per core."""
 from __future__ import annotations
+
+import os
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -97,3 +103,192 @@ def test_symbolic_tile_loop_has_no_bounds_check():
     assert "T.where" not in update  # padded rows: the multiply-add is unconditional
     assert "T.parallel" in text and "T.vectorized" in text
     assert "_pad" in text and "_global" in text  # padded A rows, B's panel copied
+
+
+# --------------------------------------------------------------------------------------
+# Both cores: parallel loops wide enough, and a thread pool that has the threads
+
+THREADS = 2  # the issue's measurements: 2 threads on a 2-core machine
+
+# TIR shape expressions as Python: `batch * ((seq + T.int64(31)) // T.int64(32)) * T.int64(6)`
+_T = types.SimpleNamespace(int64=int, int32=int, max=max, min=min, Cast=lambda _dtype, v: v)
+
+
+def _parallel_extents(kernel, dims: dict) -> list[int]:
+    """The extent of every `T.parallel` loop of a scheduled kernel, at `dims`."""
+    text, extents, start = kernel.script(), [], 0
+    while (start := text.find("T.parallel(", start)) >= 0:
+        end, depth = start + len("T.parallel("), 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        extents.append(int(eval(text[start + len("T.parallel("):end - 1], {"T": _T, **dims})))  # noqa: S307
+        start = end
+    return extents
+
+
+def _softmax_module():
+    seq, total = tirx.Var("seq", "int64"), tirx.Var("total", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 6, seq, total], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.softmax(x, axis=-1)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("what,mod", [
+    ("projection 192 -> 192", _matmul_module((1, "seq", 192), (192, 192))),
+    ("MLP up 192 -> 1024, bias", _matmul_module((1, "seq", 192), (192, 1024), bias=True)),
+    ("static GEMV 192 -> 512", _matmul_module((1, 192), (192, 512))),
+    ("softmax over 6 heads", _softmax_module()),
+])
+@pytest.mark.parametrize("seq", [1, 128])
+def test_every_kernel_has_a_parallel_loop_for_each_thread(what, mod, seq):
+    target = tvm.target.Target(cpu_target_spec())
+    kernels = [f for f in optimize_module(mod, target).functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert kernels
+    for kernel in kernels:
+        extents = _parallel_extents(kernel, {"seq": seq, "total": seq})
+        assert extents and max(extents) >= THREADS, f"{what} at 1 x {seq}: parallel extents {extents}\n{kernel.script()}"
+
+
+def _vm_threads() -> int:
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to spread over")
+def test_the_vm_runs_on_every_core_and_leaves_the_affinity_alone():
+    # Left alone, TVM's pool has hardware_concurrency() / 2 threads on x86 (one on 2 cores)
+    # and pins the calling thread to core 0, which later threads (an ORT session's) inherit.
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.interpreter import run
+    from graphopt.sample_inputs import sample_inputs
+    from graphopt.testing import assert_close, random_graph
+
+    cores = os.sched_getaffinity(0)
+    g = random_graph(0, n_nodes=8)
+    compiled = tvm_backend.compile_graph(g)
+    feeds = sample_inputs(g, dims={"batch": 3}, seed=0)
+    want = run(g, feeds)
+    seen = {}
+
+    def run_and_look(where):
+        got = compiled.run(feeds)
+        for name in want:
+            assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+        seen[where] = (_vm_threads(), os.sched_getaffinity(0))
+
+    run_and_look("main thread")
+    worker = threading.Thread(target=run_and_look, args=("another thread",))  # a pool per thread
+    worker.start()
+    worker.join()
+    assert seen == {w: (len(cores), cores) for w in ("main thread", "another thread")}
+
+
+# --------------------------------------------------------------------------------------
+# Weights pre-packed in column panels at build time
+
+
+def _linear_graph(k: int, n: int, seq):
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.ir import Graph, TensorType
+
+    g = Graph("linear")
+    b = Builder(g)
+    x = g.add_input("x", TensorType(DType.from_numpy(np.dtype(np.float32)), (1, seq, k)))
+    w, bias = b.const(RNG.standard_normal((k, n), np.float32), "w"), b.const(RNG.standard_normal(n, np.float32), "b")
+    g.outputs = [b.op("Linear", x, w, bias, domain="graphopt", activation="silu")]
+    return g
+
+
+@pytest.mark.parametrize("seq", [1, 9])
+def test_weights_are_packed_once_and_read_in_place(seq):
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import PANEL, lower_graph, prepare
+    from graphopt.interpreter import run
+    from graphopt.testing import assert_close
+
+    g = _linear_graph(96, 160, "seq")
+    mod, params = lower_graph(prepare(g), pack_weights=True)
+    (panels,) = [a for name, a in params if name.startswith("w")]  # stored packed, not twice
+    assert panels.shape == (160 // PANEL, 96, PANEL)
+    scheduled = optimize_module(mod, tvm.target.Target(cpu_target_spec()))
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]  # bias, SiLU fused
+    text = kernel.script()
+    assert "_global" not in text  # no panel copied per call
+    assert "T.parallel" in text and "T.vectorized" in text
+    assert _parallel_extents(kernel, {"seq": seq})[0] == 160 // PANEL  # the matmul's: one task per panel
+    feeds = {"x": RNG.standard_normal((1, seq, 96), np.float32)}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels launched per call
+
+
+def _kernel_calls(mod) -> dict[str, int]:
+    """{kernel name without its number: calls} in `main`."""
+    import collections
+    import re
+
+    call_tir, calls = tvm.ir.Op.get("relax.call_tir"), collections.Counter()
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.update(
+        [re.sub(r"\d+$", "", e.args[0].name_hint)]) if getattr(e, "op", None) == call_tir else None)
+    return calls
+
+
+def test_rotary_tables_are_gathered_once_for_every_layer():
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.testing import assert_close
+
+    g = Graph("two_layers")
+    b = Builder(g)
+    f32, i64 = DType.from_numpy(np.dtype(np.float32)), DType.from_numpy(np.dtype(np.int64))
+    pos = g.add_input("pos", TensorType(i64, ("batch", "seq")))
+    cos, sin = (b.const(RNG.standard_normal((64, 4), np.float32), name) for name in ("cos", "sin"))
+    x = g.add_input("x", TensorType(f32, ("batch", "seq", 16)))
+    for layer in range(3):  # queries and keys of 3 layers: 6 rotations at the same positions
+        q = b.op("RotaryEmbedding", x, cos, sin, pos, domain="graphopt", num_heads=2)
+        k = b.op("RotaryEmbedding", b.op("Neg", x), cos, sin, pos, domain="graphopt", num_heads=2)
+        x = b.op("Add", q, k)
+    g.outputs = [x]
+    mod, _ = lower_graph(prepare(g))
+    assert _kernel_calls(relax.get_pipeline("zero")(mod))["take"] == 2  # cos and sin, once
+    feeds = {"x": RNG.standard_normal((2, 5, 16), np.float32), "pos": np.array([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13]])}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
+def test_rms_skip_norm_is_one_kernel():
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.testing import assert_close
+
+    g = Graph("skip_norm")
+    b = Builder(g)
+    f32 = DType.from_numpy(np.dtype(np.float32))
+    x, skip = (g.add_input(n, TensorType(f32, ("batch", "seq", 64))) for n in ("x", "skip"))
+    gamma = b.const(RNG.standard_normal(64, np.float32), "gamma")
+    g.outputs = list(b.op("SkipNorm", x, skip, gamma, domain="graphopt", n_out=2, norm="rms", epsilon=1e-6))
+    mod, _ = lower_graph(prepare(g))
+    calls = _kernel_calls(relax.get_pipeline("zero")(mod))
+    assert calls["rms_norm"] == 1 and not any("mean" in name for name in calls), calls
+    feeds = {"x": RNG.standard_normal((2, 5, 64), np.float32), "skip": RNG.standard_normal((2, 5, 64), np.float32)}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)

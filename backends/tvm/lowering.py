@@ -15,6 +15,9 @@ Graph inputs become Relax parameters with one `tirx.Var` per named dim. Weights 
 outside the compiled library; smaller constants are inlined. A rule that needs a weight in
 another layout (a transposed Linear weight, two projections side by side) asks for it with
 `Lowerer.weight`: it is computed here, once, and stored that way -- never on every call.
+On CPU targets a constant matmul weight is stored in column panels (`Lowerer.weight_matmul`),
+the layout the matmul schedule reads in place. What every layer computes alike from the same
+inputs (rotary tables, the attention mask's bias) is emitted once (`Lowerer.once`).
 (Relax's LiftTransformParams would do this generically, but it crashes when a lifted
 expression uses a symbolic dim, as `rope_cache[:seq]` does.) graphopt-domain ops without a
 TVM rule are replaced by their decomposition first.
@@ -35,6 +38,7 @@ from graphopt.registry import get_lowering, register_lowering
 BACKEND = "tvm"
 INLINE_BYTES = 256  # constants up to this size are compiled into the library
 KNOWN_MAX_ELEMS = 64  # integer tensors up to this size are tracked symbolically
+PANEL = 32  # columns of a pre-packed weight panel: 2 AVX-512 (4 AVX2) vectors of float32
 # Constant folding up to 16M elements: a weight's transpose (a tied lm_head) is then
 # computed once, here, and stored with the weights instead of on every call.
 PRE_LOWERING_PIPELINE = "simplify-shapes,fold-constants{max-size=16777216},eliminate-dead-code"
@@ -95,16 +99,18 @@ class Lowerer:
     """Walks the graph in order, calling each node's rule; holds the BlockBuilder, the
     symbolic dims and the values lowered so far."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, pack_weights: bool = False):
         from tvm import relax, sym
 
         self.graph = graph
+        self.pack_weights = pack_weights
         self.bb = relax.BlockBuilder()
         self.analyzer = sym.Analyzer()
         self.dims: dict[str, object] = {}  # IR dim symbol -> tirx.Var
         self.env: dict[int, object] = {}  # id(Value) -> relax.Expr | Known
         self.params: list[tuple[str, object, np.ndarray]] = []  # (weight name, relax.Var, array)
         self._derived: dict[str, object] = {}  # "name:transform" -> lowered constant
+        self._shared: dict[tuple, object] = {}  # once() key -> the value emitted for it
         self.node: Node | None = None
 
     # -- helpers for rules ----------------------------------------------------------
@@ -281,6 +287,56 @@ class Lowerer:
             self._derived[key] = self._constant(key, np.ascontiguousarray(fn(a)))
         return self._derived[key]
 
+    def once(self, key: tuple, make: Callable[[], object]):
+        """`make()`, emitted the first time `key` is asked for and the same value after that:
+        for what every layer computes alike from the same inputs (the rotary tables at the
+        positions), so that a decode step launches it once instead of once per layer. `main`
+        is one straight-line block, so the first emission precedes every later use."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+    def matmul(self, x, value: Value, w, transposed: bool = False):
+        """`x @ W` (`x @ W^T` when `transposed`) for the weight input `value`, lowered as `w`:
+        packed when it is a constant (`weight_matmul`), else stored transposed once where it
+        is a constant, else transposed on every call."""
+        from tvm.relax import op as R
+
+        y = self.weight_matmul(x, value, "T" if transposed else "", np.transpose if transposed else None)
+        if y is not None:
+            return y
+        if transposed:
+            w = self.weight(value, "T", np.transpose) or self.emit(R.permute_dims(w, [1, 0]))
+        return self.emit(R.matmul(x, w))
+
+    def weight_matmul(self, x, value: Value, transform: str = "", fn: Callable[[np.ndarray], np.ndarray] | None = None):
+        """`x @ W` for a constant float32 weight `W = fn(value)` of shape [K, N], with W
+        stored pre-packed in column panels `[N / PANEL, K, PANEL]` (on CPU targets): the
+        matmul schedule then reads each panel contiguously, at one row as at many, where
+        it would otherwise copy every panel out of W on every call. None when `value` is
+        not such a weight (the caller emits a plain matmul)."""
+        from tvm import te
+        from tvm.relax import op as R
+
+        a = self.const_array(value)
+        if not self.pack_weights or a is None or self.dtype(x) != "float32" or a.dtype != np.float32:
+            return None
+        w = fn(a) if fn is not None else a
+        if w.ndim != 2 or w.shape[1] % PANEL or w.nbytes <= INLINE_BYTES or static_int(self.shape(x)[-1]) != w.shape[0]:
+            return None
+        k_dim, n = w.shape
+        panels = self.weight(value, f"{transform}panels{PANEL}",
+                             lambda _: w.reshape(k_dim, n // PANEL, PANEL).transpose(1, 0, 2))
+
+        def matmul_panels(x, wp):
+            k = te.reduce_axis((0, k_dim), "k")
+            lead = x.shape[:-1]
+            y = te.compute((*lead, n // PANEL, PANEL), lambda *i: te.sum(x(*i[:-2], k) * wp(i[-2], k, i[-1]), axis=k),
+                           name="matmul_panels")
+            return te.compute((*lead, n), lambda *i: y(*i[:-1], i[-1] // PANEL, i[-1] % PANEL), name="panels_to_rows")
+
+        return self.bb.emit_te(matmul_panels, x, panels, primfunc_name_hint="matmul_panels")
+
     def run(self):
         """Lower the whole graph; returns (IRModule, weight names in parameter order)."""
         from tvm import relax
@@ -317,9 +373,11 @@ class Lowerer:
                 results = [self.tensor(self._lookup(v)) for v in g.outputs]
                 results = [self._cast_to_declared(r, v) for r, v in zip(results, g.outputs)]
                 out = self.bb.emit_output(relax.Tuple(results))
-            # Parameters are known only now: weights are made on first use.
+            # Parameters are known only now: weights are made on first use. A weight that a rule
+            # replaced by a derived layout (transposed, packed) is not stored as well.
             self.bb.emit_func_output(out, params=in_vars + [p for _, p, _ in self.params])
-        return self.bb.get(), [(name, a) for name, _, a in self.params]
+        mod = self.bb.get()
+        return _drop_unused_weights(mod, len(in_vars), self.params)
 
     def _lookup(self, v: Value):
         if id(v) not in self.env:  # an initializer, lowered on first use
@@ -391,6 +449,21 @@ def is_polynomial(d) -> bool:
     return False
 
 
-def lower_graph(graph: Graph):
-    """(IRModule, [(weight name, array)] in parameter order) for a graph that `prepare` produced."""
-    return Lowerer(graph).run()
+def _drop_unused_weights(mod, n_inputs: int, params: list):
+    """`mod` and its weights without the weight parameters that `main` never reads."""
+    from tvm import relax
+
+    main = mod["main"]
+    used = set(relax.analysis.free_vars(main.body))
+    keep = [i for i, p in enumerate(main.params) if i < n_inputs or p in used]
+    if len(keep) == len(main.params):
+        return mod, [(name, a) for name, _, a in params]
+    mod["main"] = relax.Function([main.params[i] for i in keep], main.body, main.ret_ty, main.is_pure, main.attrs)
+    return mod, [(params[i - n_inputs][0], params[i - n_inputs][2]) for i in keep if i >= n_inputs]
+
+
+def lower_graph(graph: Graph, pack_weights: bool = False):
+    """(IRModule, [(weight name, array)] in parameter order) for a graph that `prepare`
+    produced; `pack_weights`: constant matmul weights stored in column panels (for the CPU
+    schedules, see `Lowerer.weight_matmul`)."""
+    return Lowerer(graph, pack_weights).run()

@@ -196,7 +196,7 @@ def identity(lw: Lowerer, node, args):
 
 @rule("MatMul")
 def matmul(lw: Lowerer, node, args):
-    return [lw.emit(R.matmul(lw.tensor(args[0]), lw.tensor(args[1])))]
+    return [lw.matmul(lw.tensor(args[0]), node.inputs[1], lw.tensor(args[1]))]
 
 
 @rule("Gemm")
@@ -205,9 +205,7 @@ def gemm(lw: Lowerer, node, args):
     c = args[2] if len(args) > 2 else None
     if node.attr("transA", 0):
         a = lw.emit(R.permute_dims(a, [1, 0]))
-    if node.attr("transB", 0):  # a weight is stored transposed
-        b = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(b, [1, 0]))
-    y = lw.emit(R.matmul(a, b))
+    y = lw.matmul(a, node.inputs[1], b, transposed=bool(node.attr("transB", 0)))
     dt = lw.dtype(y)
     alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
     if alpha != 1.0:

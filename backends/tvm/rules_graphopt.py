@@ -68,9 +68,14 @@ def rotary_embedding(lw: Lowerer, node, args):
     if not isinstance(rot, int) or rot % 2 or rot > head:
         raise lw.error(f"rotary_embedding_dim {rot} must be even and at most the head size {head}")
     half = rot // 2
-    if pos is not None:
-        cos, sin = lw.emit(R.take(cos, pos, axis=0)), lw.emit(R.take(sin, pos, axis=0))
-    cos, sin = lw.emit(R.expand_dims(cos, [head_axis])), lw.emit(R.expand_dims(sin, [head_axis]))
+
+    def tables(cos=cos, sin=sin):  # the same for every layer's queries and keys
+        if pos is not None:
+            cos, sin = lw.emit(R.take(cos, pos, axis=0)), lw.emit(R.take(sin, pos, axis=0))
+        return lw.emit(R.expand_dims(cos, [head_axis])), lw.emit(R.expand_dims(sin, [head_axis]))
+
+    inputs = tuple(v.name if v is not None else None for v in node.inputs[1:4])
+    cos, sin = lw.once(("rotary tables", inputs, head_axis), tables)
 
     def part(start: int, end: int, step: int = 1):  # xh[..., start:end:step]
         return lw.emit(R.strided_slice(xh, axes=[3], begin=[start], end=[end], strides=[step]))
@@ -135,42 +140,63 @@ def attention(lw: Lowerer, node, args):
     if nq != nkv:
         if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
             raise lw.error(f"grouped-query attention needs static head counts that divide, got {nq} and {nkv}")
-        k_bnsh = lw.emit(R.repeat(k_bnsh, nq // nkv, axis=1))  # h0, h0, h1, h1, ... as np.repeat
-        v_bnsh = lw.emit(R.repeat(v_bnsh, nq // nkv, axis=1))
+    # Grouped-query attention without copying the cache `group` times: the `group` query heads
+    # of each key/value head (h0, h0, h1, h1, ... as np.repeat) are consecutive, so
+    # [b, nq, s, x] is [b, nkv, group * s, x] in place: both matmuls run per key/value head.
+    group = nq // nkv if nq != nkv else 1
+    q_len = lw.shape(q_bnsh)[2]
+
+    def by_kv_head(t):
+        b, _, rows, x = lw.shape(t)
+        return t if group == 1 else lw.emit(R.reshape(t, [b, nkv, lw.simplify(group * rows), x]))
+
+    def by_query_head(t):
+        b, _, _, x = lw.shape(t)
+        return t if group == 1 else lw.emit(R.reshape(t, [b, nq, q_len, x]))
 
     scale = node.attr("scale", 0.0)
     if not scale:
         if not isinstance(head, int):
             raise lw.error("the head size must be static when no scale is given")
         scale = 1.0 / math.sqrt(head)
-    scores = lw.emit(R.matmul(R.multiply(q_bnsh, relax.const(scale, dt)), R.permute_dims(k_bnsh, [0, 1, 3, 2])))
+    q_scaled = by_kv_head(lw.emit(R.multiply(q_bnsh, relax.const(scale, dt))))
+    scores = by_query_head(lw.emit(R.matmul(q_scaled, R.permute_dims(k_bnsh, [0, 1, 3, 2]))))
     softcap = node.attr("softcap", 0.0)
     if softcap:  # before the mask, so that masked scores stay -inf
         cap = relax.const(softcap, dt)
         scores = lw.emit(R.multiply(R.tanh(R.divide(scores, cap)), cap))
 
-    bias = None
-    if mask is not None:
-        bias = (lw.emit(R.where(mask, relax.const(0.0, dt), _neg_inf(dt))) if lw.dtype(mask) == "bool"
-                else mask if lw.dtype(mask) == dt else lw.emit(R.astype(mask, dt)))
-    if node.attr("causal", 0):
-        # Bottom-right aligned: query i (after `past` cached keys) attends key j iff j <= i + past.
-        past_axis = 1 if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH" else 2
-        past = lw.shape(past_k)[past_axis] if past_k is not None else 0
-        q_len, kv_len = lw.shape(q_bnsh)[2], lw.shape(k_bnsh)[2]
-        rows = lw.emit(R.expand_dims(R.arange(past, lw.simplify(past + q_len), 1, "int64"), [1]))
-        cols = lw.emit(R.expand_dims(R.arange(0, kv_len, 1, "int64"), [0]))
-        causal = lw.emit(R.where(R.less_equal(cols, rows), relax.const(0.0, dt), _neg_inf(dt)))
-        bias = causal if bias is None else lw.emit(R.add(*lw.broadcast(bias, causal)))
+    past_axis = 1 if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH" else 2
+    past = lw.shape(past_k)[past_axis] if past_k is not None else 0
+    kv_len = lw.shape(k_bnsh)[2]
+
+    def mask_bias():  # the additive mask, and whether each query row attends anything
+        bias = attends = None
+        if mask is not None:
+            bias = (lw.emit(R.where(mask, relax.const(0.0, dt), _neg_inf(dt))) if lw.dtype(mask) == "bool"
+                    else mask if lw.dtype(mask) == dt else lw.emit(R.astype(mask, dt)))
+        if node.attr("causal", 0):
+            # Bottom-right aligned: query i (after `past` cached keys) attends key j iff j <= i + past.
+            rows = lw.emit(R.expand_dims(R.arange(past, lw.simplify(past + q_len), 1, "int64"), [1]))
+            cols = lw.emit(R.expand_dims(R.arange(0, kv_len, 1, "int64"), [0]))
+            causal = lw.emit(R.where(R.less_equal(cols, rows), relax.const(0.0, dt), _neg_inf(dt)))
+            bias = causal if bias is None else lw.emit(R.add(*lw.broadcast(bias, causal)))
+        if mask is not None:
+            # A query row that attends nothing gives zeros (softmax alone would give NaN). Not
+            # `max(bias) == -inf`: Relax's max starts from the lowest finite value, not -inf.
+            attends = lw.emit(R.max(R.astype(R.greater(bias, _neg_inf(dt)), "int8"), axis=[-1], keepdims=True))
+        return bias, attends
+
+    # The same for every layer that reads this mask at these lengths: computed once.
+    key = ("attention mask", node.inputs[3].name if mask is not None else None, node.attr("causal", 0),
+           dt, str(past), str(q_len), str(kv_len))
+    bias, attends = lw.once(key, mask_bias)
     if bias is not None:
         scores = lw.emit(R.add(*lw.broadcast(scores, bias)))
     probs = lw.emit(R.nn.softmax(scores, axis=-1))
-    if mask is not None:
-        # A query row that attends nothing gives zeros (softmax alone would give NaN). Not
-        # `max(bias) == -inf`: Relax's max starts from the lowest finite value, not -inf.
-        attends = lw.emit(R.max(R.astype(R.greater(bias, _neg_inf(dt)), "int8"), axis=[-1], keepdims=True))
+    if attends is not None:
         probs = lw.emit(R.where(R.equal(attends, relax.const(0, "int8")), relax.const(0.0, dt), probs))
-    y = lw.emit(R.matmul(probs, v_bnsh))
+    y = by_query_head(lw.emit(R.matmul(by_kv_head(probs), v_bnsh)))
     if three_d:
         b, n, s, h = lw.shape(y)
         y = lw.emit(R.reshape(R.permute_dims(y, _BNSH_FROM_BSNH), [b, s, lw.simplify(n * h)]))
@@ -197,10 +223,7 @@ def _activate(lw: Lowerer, y, act: str):
 
 @rule("Linear", domain="graphopt")
 def linear(lw: Lowerer, node, args):
-    x, w = lw.tensor(args[0]), lw.tensor(args[1])
-    if node.attr("trans_w", 0):  # a weight is stored transposed
-        w = lw.weight(node.inputs[1], "T", np.transpose) or lw.emit(R.permute_dims(w, [1, 0]))
-    y = lw.emit(R.matmul(x, w))
+    y = lw.matmul(lw.tensor(args[0]), node.inputs[1], lw.tensor(args[1]), transposed=bool(node.attr("trans_w", 0)))
     if len(args) > 2 and args[2] is not None:
         y = lw.emit(R.add(y, lw.tensor(args[2])))
     return [_activate(lw, y, _attr(node, "activation"))]
@@ -212,13 +235,15 @@ def gated_linear(lw: Lowerer, node, args):
     b_gate, b_up = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None, None])[:2]
     n = lw.shape(w_gate)[1]
     # One matmul over both weights side by side (stored so when they are constants).
-    w = None
+    w = y = None
     if node.inputs[1].const_value is not None and node.inputs[2].const_value is not None:
         up = node.inputs[2].const_value
-        w = lw.weight(node.inputs[1], f"gate_up:{node.inputs[2].name}", lambda g: np.concatenate([g, up], axis=1))
-    if w is None:
-        w = lw.emit(R.concat([w_gate, w_up], axis=1))
-    y = lw.emit(R.matmul(x, w))
+        side_by_side = lambda g: np.concatenate([g, up], axis=1)  # noqa: E731
+        y = lw.weight_matmul(x, node.inputs[1], f"gate_up:{node.inputs[2].name}:", side_by_side)
+        w = lw.weight(node.inputs[1], f"gate_up:{node.inputs[2].name}", side_by_side) if y is None else None
+    if y is None:
+        w = w if w is not None else lw.emit(R.concat([w_gate, w_up], axis=1))
+        y = lw.emit(R.matmul(x, w))
     gate = lw.emit(R.strided_slice(y, axes=[lw.rank(y) - 1], begin=[0], end=[n]))
     up = lw.emit(R.strided_slice(y, axes=[lw.rank(y) - 1], begin=[n], end=[lw.simplify(n + n)]))
     if b_gate is not None:
@@ -240,6 +265,12 @@ def skip_norm(lw: Lowerer, node, args):
     ss = s if dt == stash else lw.emit(R.astype(s, stash))
     eps = node.attr("epsilon", 1e-5)
     axis = lw.rank(s) - 1
+    if node.attr("norm", "layer") == "rms" and dt == stash and lw.rank(gamma) == 1 and \
+            lw.analyzer.can_prove_equal(lw.shape(gamma)[0], lw.shape(s)[axis]):
+        # One kernel (Relax's rms_norm), where the steps below are two: x * x is not fused
+        # into the mean that reads it.
+        y = lw.emit(R.nn.rms_norm(s, gamma, axes=[axis], epsilon=eps))
+        return [lw.emit(R.add(y, beta)) if beta is not None else y, s][:len(node.outputs)]
     if node.attr("norm", "layer") == "layer":
         width = lw.shape(s)[axis]
         if not isinstance(width, int):

@@ -2,7 +2,9 @@
 and `Executable` (load it and run it on numpy inputs)."""
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -71,7 +73,7 @@ def _build(graph: Graph, target: str, options: dict | None):
     options = _check_options(options)
     t0 = time.perf_counter()
     g = prepare(graph)
-    mod, params = lower_graph(g)
+    mod, params = lower_graph(g, pack_weights=target == "cpu")
     t1 = time.perf_counter()
     spec = target_spec(target, options)
     executable = build(mod, spec)
@@ -128,15 +130,44 @@ def _device_for(spec: dict, where: str):
     raise UserError(f"{where}: the manifest has no valid tvm_target")
 
 
+_pool = threading.local()  # TVM's thread pool is per calling thread: the size set in each
+
+
+def use_cpu_threads(threads: int | None = None) -> int:
+    """Size TVM's CPU thread pool of the calling thread: `threads` workers (default, and at
+    most: the cores this process may run on), sharing those cores; returns the size.
+
+    Left alone, TVM sizes its pool at half of `hardware_concurrency()` on x86 ("ignore
+    hyper-threading") unless TVM_NUM_THREADS or OMP_NUM_THREADS is set: ONE thread on a
+    2-core machine, whatever the schedules mark parallel. Its default affinity mode also pins
+    the calling thread to core 0, and every thread started from it afterwards (an ONNX
+    Runtime session's pool included) inherits that mask. Given the cores explicitly
+    (`config_threadpool` mode -3, "share all cores"), TVM resizes the pool to them and pins
+    nothing beyond the process's own mask."""
+    if hasattr(_pool, "size") and _pool.requested == threads:
+        return _pool.size
+    import tvm
+
+    requested = threads
+    threads = threads or int(os.environ.get("TVM_NUM_THREADS") or 0)  # TVM's own override, if a user set it
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    size = min(int(threads or len(cores)), len(cores))
+    tvm.get_global_func("runtime.config_threadpool")(-3, size, [str(c) for c in cores])
+    _pool.requested, _pool.size = requested, size
+    return size
+
+
 class Compiled:
-    """A Relax VM with its weights on the device: `run(feeds)` -> outputs by name."""
+    """A Relax VM with its weights on the device: `run(feeds)` -> outputs by name. On a CPU
+    it runs on `threads` threads (default: every core this process may use)."""
 
     def __init__(self, module, weights: list, spec: dict, input_names: list[str], output_names: list[str],
-                 fields: dict | None = None, where: str = "model"):
+                 fields: dict | None = None, where: str = "model", threads: int | None = None):
         import tvm
         from tvm import relax
 
         self.device = _device_for(spec, where)
+        self.threads, self.on_cpu = threads, spec.get("kind") == "llvm"
         self.fields = fields or {}
         self.vm = relax.VirtualMachine(module, self.device)
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(w), device=self.device) for w in weights]
@@ -145,6 +176,8 @@ class Compiled:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
 
+        if self.on_cpu:
+            use_cpu_threads(self.threads)
         ins = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), device=self.device) for n in self.input_names]
         outs = self.vm["main"](*ins, *self.params)
         return {name: out.numpy() for name, out in zip(self.output_names, outs)}
@@ -192,9 +225,6 @@ class Executable(Compiled):
         for p in (lib_path, weights_path):
             if not p.is_file():
                 raise UserError(f"{outdir}: the manifest names {p.name!r}, which is missing")
-        if threads and spec.get("kind") == "llvm":
-            # (affinity mode 1: all big cores, n threads); applies to this process.
-            tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         stored = read_tensors(weights_path)
         names = manifest.get("params", [])
         missing = [n for n in names if n not in stored]
@@ -202,7 +232,8 @@ class Executable(Compiled):
             raise UserError(f"{weights_path}: weight {missing[0]!r} is missing")
         sig = manifest["signature"]
         super().__init__(tvm.runtime.load_module(str(lib_path)), [stored[n] for n in names], spec,
-                         [e["name"] for e in sig["inputs"]], [e["name"] for e in sig["outputs"]], where=str(outdir))
+                         [e["name"] for e in sig["inputs"]], [e["name"] for e in sig["outputs"]], where=str(outdir),
+                         threads=threads)
 
 
 def versions() -> dict[str, str]:

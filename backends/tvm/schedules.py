@@ -10,8 +10,10 @@ reductions (softmax, norms) only, so two rules of our own come first:
   inside it, B's panel (K x width) is copied once into contiguous memory and every row tile
   of A streams past it. A row or column count the tile does not divide (a symbolic `seq`)
   is padded with `pad_einsum`, so the multiply-add loop carries no bounds check. One row (a
-  GEMV) gets no copy and a wider panel (8 vectors). Prologues run as parallel loops of
-  their own; elementwise epilogues are computed by the tile's write-back.
+  GEMV) gets no copy and a wider panel (8 vectors). A constant weight comes pre-packed in
+  panels (`Lowerer.weight_matmul`: `C[..., i, p, j] += A[..., i, k] * W[p, k, j]`): the
+  panel axis p is the parallel loop, read in place, never copied. Prologues run as parallel
+  loops of their own; elementwise epilogues are computed by the tile's write-back.
 - `Parallel`: any other function's outermost spatial loops run in parallel and its
   innermost loop is vectorized.
 
@@ -111,10 +113,17 @@ def cpu_rules() -> list:
             lanes = _vector_lanes(target)
             for b in before:
                 _parallelize(sch, b.block_rv, lanes)
+            b_index = next(i for i, r in enumerate(stmt.reads) if r.region[-1].min.same_as(j_var))
+            # A weight stored in column panels (`Lowerer.weight_matmul`): C[..., i, p, j] +=
+            # A[..., i, k] * W[p, k, j], the panel p an output axis of its own, j its 32 columns.
+            b_region = stmt.reads[b_index].region
+            packed = (len(b_region) == 3 and len(stmt.iter_vars) >= 3
+                      and b_region[0].min.same_as(stmt.iter_vars[-3].var))
             *spatial, j, k = sch.get_loops(main.block_rv)
+            panel = spatial.pop() if packed else None
             n = _extent(sch, j)
             wide = (TILE_VECTORS if spatial else GEMV_VECTORS) * lanes
-            width = next((w for w in (wide, 2 * lanes, lanes) if isinstance(n, int) and n % w == 0), wide)
+            width = n if packed else next((w for w in (wide, 2 * lanes, lanes) if isinstance(n, int) and n % w == 0), wide)
             # A row count or column count that the tile does not divide (a symbolic `seq`)
             # would put a bounds check on every multiply-add of the tile. Instead, the rows and
             # columns are padded (pad_einsum: A's tile rows copied with zeros past the end, the
@@ -122,11 +131,10 @@ def cpu_rules() -> list:
             m = _extent(sch, spatial[-1]) if spatial else 1
             pad_rows = spatial and not (isinstance(m, int) and m % TILE_ROWS == 0)
             pad_cols = not (isinstance(n, int) and n % width == 0)
-            b_index = next(i for i, r in enumerate(stmt.reads) if r.region[-1].min.same_as(j_var))
             a_pad = b_pad = c_pad = None
             if pad_rows or pad_cols:
                 sch.pad_einsum(main.block_rv, [1] * (len(spatial) - 1) + ([TILE_ROWS if pad_rows else 1] if spatial else [])
-                               + [width if pad_cols else 1, 1])
+                               + ([1] if packed else []) + [width if pad_cols else 1, 1])
                 padded = sch.get(main.block_rv)
                 for blk in sch.get_producers(main.block_rv):
                     written = sch.get(blk).writes[0].source
@@ -136,7 +144,8 @@ def cpu_rules() -> list:
                         a_pad = blk
                 (c_pad,) = sch.get_consumers(main.block_rv)
                 *spatial, j, k = sch.get_loops(main.block_rv)
-            jo, ji = sch.split(j, [None, width])
+                panel = spatial.pop() if packed else None
+            jo, ji = (panel, j) if packed else sch.split(j, [None, width])
             # Rows: a GEMV (one row) has no row loop; otherwise tiles of TILE_ROWS rows. The row
             # tiles run innermost of the parallel loop, so one panel of B (K x width) stays in
             # cache while every row of A streams past it.
@@ -177,18 +186,18 @@ def cpu_rules() -> list:
             # read in place, its rows are a whole row of B apart (4 KiB for N = 1024), and every
             # one falls in the same L1 set and in another TLB page.
             if b_pad is not None:
-                packed = b_pad
-            elif rows:
-                packed = sch.cache_read(main.block_rv, b_index, "global")
-            else:  # a GEMV reads each element of B once: nothing to gain from a copy
-                packed = None
-            if packed is not None:
-                sch.compute_at(packed, tile)
+                panel_copy = b_pad
+            elif rows and not packed:
+                panel_copy = sch.cache_read(main.block_rv, b_index, "global")
+            else:  # a GEMV reads each element of B once, pre-packed panels are read in place
+                panel_copy = None
+            if panel_copy is not None:
+                sch.compute_at(panel_copy, tile)
             for ii in rows:
                 sch.unroll(ii)
             sch.vectorize(ji)
             init = sch.decompose_reduction(main.block_rv, k)
-            for blk in (init, local, packed, a_pad, c_pad):
+            for blk in (init, local, panel_copy, a_pad, c_pad):
                 if blk is not None:
                     _vectorize_innermost(sch, blk, lanes)
             if not epilogue_inlined:  # what is left runs as parallel loops of its own
