@@ -191,9 +191,10 @@ def test_rewrite_gives_the_optimum_signature_and_caches_only_kv_heads(fused):
     assert types["present.1.value"].shape == ("batch", 2, "past_seq + seq", 8)
     attn = [n for n in g.nodes if n.op == "graphopt.Attention"]
     assert len(attn) == 2 and all(len(n.inputs) == 6 and n.inputs[3] is attn[0].inputs[3] for n in attn)
-    # positions and the mask are built once for all layers: one CumSum, one causal Range pair
+    # positions and the mask are built once for all layers: one CumSum, one Range, one Where
     assert sum(n.op_type == "CumSum" for n in g.nodes) == 1
-    assert sum(n.op_type == "Range" for n in g.nodes) == 2
+    assert sum(n.op_type == "Range" for n in g.nodes) == 1
+    assert sum(n.op_type == "Where" for n in g.nodes) == 1
     assert g.metadata.metadata_props["graphopt.kv_layout"] == "BNSH"
     # the rotary embeddings take the cos/sin tables and the position ids themselves
     ropes = [n for n in g.nodes if n.op == "graphopt.RotaryEmbedding"]
@@ -782,7 +783,7 @@ def test_default_artifact_is_generation_ready(default_artifact):
     # lean: positions, mask and cache lengths once per step, not per layer; no cache copies
     ops = collections.Counter(n.op_type for n in nodes)
     assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 12
-    assert ops["CumSum"] == ops["ReduceMax"] == ops["Gather"] == 1 and ops["Range"] == 2
+    assert ops["CumSum"] == ops["ReduceMax"] == ops["Gather"] == 1 and ops["Range"] == 1
     assert ops["Concat"] == ops["Flatten"] == ops["Reshape"] == 0
     assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert result.report["generation"] == {"ready": True, "logits": "last"}

@@ -320,6 +320,17 @@ def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_r
     return b.Reshape(guarded, b.const(_i64(0, 0, -1), "bsd_shape"))
 
 
+def _input_dim(ctx: LoweringContext, b: Builder, value: Value, axis: int) -> Value | None:
+    """`value.shape[axis]` read off a graph input with the same symbolic dimension; None when
+    no input carries it (never a Shape of `value` itself, which may be what is being built)."""
+    shape = value.type.shape if value.type is not None else None
+    d = shape[axis] if shape is not None and len(shape) > axis else None
+    if not isinstance(d, str) or not any(v.type is not None and v.type.shape is not None and d in v.type.shape
+                                         for v in ctx.graph.inputs):
+        return None
+    return ctx.dim(b, value, axis)
+
+
 def packed_qkv(s: Site) -> Value | None:
     """The tensor (B, S, (Nq + 2 Nkv) * H) that Q, K and V (3-D) are the three parts of, in that
     order, split along the hidden axis by one Split (a fused QKV projection); None otherwise.
@@ -378,7 +389,10 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
             if static:
                 total = ctx.dim(b, s.mask, s.mask.type.rank - 1)
             elif s.past_k is not None:
-                total = b.Add(total, ctx.dim(b, s.past_k, 2))
+                # a graph input that carries the present's length (rewrite-kv-cache's mask,
+                # `past_seq + seq`) gives it in one Shape, shared with the rest of the step
+                carried = _input_dim(ctx, b, node.outputs[1], 2) if s.want_present else None
+                total = carried if carried is not None else b.Add(total, ctx.dim(b, s.past_k, 2))
             total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
             seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
                                  ctx.dim(b, packed if packed is not None else s.q, 0))
