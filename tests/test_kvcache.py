@@ -147,6 +147,8 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
             for kind in ("key", "value"):
                 present = host(out[f"present.{i}.{kind}"])
                 assert present.shape == cache(batch, total), (step, i, kind)
+                # a left-padded row's positions too: a NaN there would spread to the real keys' rows
+                assert np.isfinite(present).all(), (step, i, kind)
                 if layout == "static":
                     assert (present[:, :, total - 1] != 0).any() and not present[:, :, total:].any(), (step, i, kind)
                 if layout == "paged":
@@ -783,7 +785,10 @@ def test_default_artifact_is_generation_ready(default_artifact):
     # lean: positions, mask and cache lengths once per step, not per layer; no cache copies
     ops = collections.Counter(n.op_type for n in nodes)
     assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 12
-    assert ops["CumSum"] == ops["ReduceMax"] == ops["Gather"] == 1 and ops["Range"] == 1
+    assert ops["CumSum"] == ops["Gather"] == ops["Range"] == 1
+    # the bias is finite (0 or lowest), so no row is empty and no layer needs a NaN guard: one
+    # Where (the bias) and no ReduceMax for the whole step
+    assert ops["Where"] == 1 and ops["ReduceMax"] == 0
     assert ops["Concat"] == ops["Flatten"] == ops["Reshape"] == 0
     assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert result.report["generation"] == {"ready": True, "logits": "last"}

@@ -21,7 +21,9 @@ What both kernels need that graphopt.Attention does not:
 - causal masking together with a mask is folded into the bias (the kernels' own causal flag is
   used only without a mask), because
 - a query row whose bias is -inf everywhere gives NaN in both kernels, where graphopt (and the
-  ONNX spec) give zeros: with a mask, the output is guarded by `Where(rowmax(bias) > -inf, Y, 0)`.
+  ONNX spec) give zeros: with a mask, the output is guarded by `Where(rowmax(bias) > -inf, Y, 0)`,
+  unless the bias is a Where between finite constants (rewrite-kv-cache's), where no row can be
+  -inf everywhere.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from graphopt.builder import Builder
 from graphopt.dtypes import DType
-from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value
+from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value, constant_value
 from graphopt.registry import register_lowering
 
 from graphopt.backends.onnxruntime.kernels import MS_DOMAIN, schema_has_attr, schema_inputs
@@ -297,6 +299,16 @@ def _shared(ctx: LoweringContext) -> dict:
     return ctx.__dict__.setdefault("_attention_shared", {})
 
 
+def _finite_bias(bias: Value) -> bool:
+    """The bias is a Where between finite constants (rewrite-kv-cache's: 0 or the lowest
+    value): no row is -inf everywhere, so no row needs the guard."""
+    p = bias.producer()
+    if p is None or p.domain != "" or p.op_type != "Where":
+        return False
+    branches = [constant_value(v) for v in p.inputs[1:3]]
+    return all(c is not None and np.issubdtype(c.dtype, np.floating) and np.isfinite(c).all() for c in branches)
+
+
 def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
     """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there). Which
     rows attend is computed once per bias: the layers of a decoder with a KV cache share one."""
@@ -437,7 +449,7 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
 
     if s.rank == 4:
         y = b.Transpose(b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape")), perm=_BNSH_FROM_BSNH)
-    if s.mask is not None:
+    if s.mask is not None and not _finite_bias(bias):
         y = _guard(ctx, b, s, y, bias, s.rank)
     return [y, *presents][:len(node.outputs)]
 

@@ -14,7 +14,7 @@ After:
           -> (%logits, %present.0.key: f32[batch, 2, "past_seq + seq", 8], %present.0.value, ...)
       %position_ids = Slice(CumSum(%attention_mask, exclusive), -seq:)       (left padding works)
       %q_rot = graphopt.RotaryEmbedding(%q, @cos_table, @sin_table, %position_ids)   (max_positions rows)
-      %bias = padding(%attention_mask) + causal(past_seq + i >= j)         built once, not per layer
+      %bias = Where(real(%attention_mask) and past_seq + i >= j, 0, lowest)  built once, not per layer
       %a, %present.0.key, %present.0.value = graphopt.Attention(%q, %k, %v, %bias,
                                                  %past_key_values.0.key, %past_key_values.0.value)
 
@@ -426,7 +426,15 @@ class _Builder:
 
     def causal_bias(self, mask: Value, past: Value, total: Value, dt) -> Value:
         """[batch, 1, seq, past_seq + seq]: 0 where query i (at past_seq + i) may attend key j
-        (j <= past_seq + i and the key is not padding), -inf elsewhere: one boolean, one Where."""
+        (j <= past_seq + i and the key is not padding), the type's lowest finite value elsewhere:
+        one boolean, one Where.
+
+        Lowest, not -inf: a real query sees itself, so its row holds a 0 and the masked keys'
+        weights underflow to exactly 0, as with -inf; a padded query (left padding: nothing
+        real before it) would see no key at all, which with -inf is NaN in ORT's kernels and
+        reaches the cache through the next layer's keys. With a finite bias no row is empty
+        (such a row averages the values, as Hugging Face's own unmasking of empty rows does;
+        its output is padding's, read by nobody), so the backends need no per-layer guard."""
         b = self.b
         cols = b.Range(b.const(np.array(0, np.int64), "kv_start"), total, b.const(np.array(1, np.int64), "kv_step"))
         rows = b.Unsqueeze(b.Slice(cols, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(0, name="kv_scalar_axis")),
@@ -434,7 +442,7 @@ class _Builder:
         causal = b.LessOrEqual(cols, rows)  # seq, total
         real = b.Unsqueeze(b.Cast(mask, to=DType.BOOL.onnx_type), self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
         bias = b.Where(b.And(real, causal), b.const(np.array(0, dt.np_dtype), "kv_bias_zero"),
-                       b.const(np.array(-np.inf, dt.np_dtype), "kv_bias_neg_inf"))
+                       b.const(np.array(np.finfo(dt.np_dtype).min, dt.np_dtype), "kv_bias_lowest"))
         bias.type = TensorType(dt, ("batch", 1, "seq", TOTAL_SEQ))
         return bias
 
