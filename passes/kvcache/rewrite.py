@@ -437,10 +437,11 @@ class _Builder:
         its output is padding's, read by nobody), so the backends need no per-layer guard."""
         b = self.b
         cols = b.Range(b.const(np.array(0, np.int64), "kv_start"), total, b.const(np.array(1, np.int64), "kv_step"))
-        rows = b.Unsqueeze(b.Slice(cols, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(0, name="kv_scalar_axis")),
-                           self._i64(1, name="kv_col_axis"))  # seq, 1: the queries' places
+        places = b.Slice(cols, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(0, name="kv_scalar_axis"))
+        rows = b.Unsqueeze(places, self._i64(1, name="kv_col_axis"))  # seq, 1: the queries' places
         causal = b.LessOrEqual(cols, rows)  # seq, total
-        real = b.Unsqueeze(b.Cast(mask, to=DType.BOOL.onnx_type), self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
+        real = b.Cast(mask, to=DType.BOOL.onnx_type)
+        real = b.Unsqueeze(real, self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
         bias = b.Where(b.And(real, causal), b.const(np.array(0, dt.np_dtype), "kv_bias_zero"),
                        b.const(np.array(np.finfo(dt.np_dtype).min, dt.np_dtype), "kv_bias_lowest"))
         bias.type = TensorType(dt, ("batch", 1, "seq", TOTAL_SEQ))
