@@ -147,6 +147,8 @@ def check_decode(run, reference, prompts, steps: int, num_layers: int, kv_heads:
             for kind in ("key", "value"):
                 present = host(out[f"present.{i}.{kind}"])
                 assert present.shape == cache(batch, total), (step, i, kind)
+                # a left-padded row's positions too: a NaN there would spread to the real keys' rows
+                assert np.isfinite(present).all(), (step, i, kind)
                 if layout == "static":
                     assert (present[:, :, total - 1] != 0).any() and not present[:, :, total:].any(), (step, i, kind)
                 if layout == "paged":
@@ -191,9 +193,10 @@ def test_rewrite_gives_the_optimum_signature_and_caches_only_kv_heads(fused):
     assert types["present.1.value"].shape == ("batch", 2, "past_seq + seq", 8)
     attn = [n for n in g.nodes if n.op == "graphopt.Attention"]
     assert len(attn) == 2 and all(len(n.inputs) == 6 and n.inputs[3] is attn[0].inputs[3] for n in attn)
-    # positions and the mask are built once for all layers: one CumSum, one causal Range pair
+    # positions and the mask are built once for all layers: one CumSum, one Range, one Where
     assert sum(n.op_type == "CumSum" for n in g.nodes) == 1
-    assert sum(n.op_type == "Range" for n in g.nodes) == 2
+    assert sum(n.op_type == "Range" for n in g.nodes) == 1
+    assert sum(n.op_type == "Where" for n in g.nodes) == 1
     assert g.metadata.metadata_props["graphopt.kv_layout"] == "BNSH"
     # the rotary embeddings take the cos/sin tables and the position ids themselves
     ropes = [n for n in g.nodes if n.op == "graphopt.RotaryEmbedding"]
@@ -782,7 +785,10 @@ def test_default_artifact_is_generation_ready(default_artifact):
     # lean: positions, mask and cache lengths once per step, not per layer; no cache copies
     ops = collections.Counter(n.op_type for n in nodes)
     assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 12
-    assert ops["CumSum"] == ops["ReduceMax"] == ops["Gather"] == 1 and ops["Range"] == 2
+    assert ops["CumSum"] == ops["Gather"] == ops["Range"] == 1
+    # the bias is finite (0 or lowest), so no row is empty and no layer needs a NaN guard: one
+    # Where (the bias) and no ReduceMax for the whole step
+    assert ops["Where"] == 1 and ops["ReduceMax"] == 0
     assert ops["Concat"] == ops["Flatten"] == ops["Reshape"] == 0
     assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert result.report["generation"] == {"ready": True, "logits": "last"}

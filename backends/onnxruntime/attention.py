@@ -21,7 +21,9 @@ What both kernels need that graphopt.Attention does not:
 - causal masking together with a mask is folded into the bias (the kernels' own causal flag is
   used only without a mask), because
 - a query row whose bias is -inf everywhere gives NaN in both kernels, where graphopt (and the
-  ONNX spec) give zeros: with a mask, the output is guarded by `Where(rowmax(bias) > -inf, Y, 0)`.
+  ONNX spec) give zeros: with a mask, the output is guarded by `Where(rowmax(bias) > -inf, Y, 0)`,
+  unless the bias is a Where between finite constants (rewrite-kv-cache's), where no row can be
+  -inf everywhere.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from graphopt.builder import Builder
 from graphopt.dtypes import DType
-from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value
+from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value, constant_value
 from graphopt.registry import register_lowering
 
 from graphopt.backends.onnxruntime.kernels import MS_DOMAIN, schema_has_attr, schema_inputs
@@ -297,6 +299,16 @@ def _shared(ctx: LoweringContext) -> dict:
     return ctx.__dict__.setdefault("_attention_shared", {})
 
 
+def _finite_bias(bias: Value) -> bool:
+    """The bias is a Where between finite constants (rewrite-kv-cache's: 0 or the lowest
+    value): no row is -inf everywhere, so no row needs the guard."""
+    p = bias.producer()
+    if p is None or p.domain != "" or p.op_type != "Where":
+        return False
+    branches = [constant_value(v) for v in p.inputs[1:3]]
+    return all(c is not None and np.issubdtype(c.dtype, np.floating) and np.isfinite(c).all() for c in branches)
+
+
 def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_rank: int) -> Value:
     """Zero the query rows whose bias is -inf everywhere (the kernels give NaN there). Which
     rows attend is computed once per bias: the layers of a decoder with a KV cache share one."""
@@ -318,6 +330,17 @@ def _guard(ctx: LoweringContext, b: Builder, s: Site, y: Value, bias: Value, y_r
     y_BSNH = b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape"))
     guarded = b.Where(b.Transpose(attends, perm=_BNSH_FROM_BSNH), y_BSNH, zero)
     return b.Reshape(guarded, b.const(_i64(0, 0, -1), "bsd_shape"))
+
+
+def _input_dim(ctx: LoweringContext, b: Builder, value: Value, axis: int) -> Value | None:
+    """`value.shape[axis]` read off a graph input with the same symbolic dimension; None when
+    no input carries it (never a Shape of `value` itself, which may be what is being built)."""
+    shape = value.type.shape if value.type is not None else None
+    d = shape[axis] if shape is not None and len(shape) > axis else None
+    if not isinstance(d, str) or not any(v.type is not None and v.type.shape is not None and d in v.type.shape
+                                         for v in ctx.graph.inputs):
+        return None
+    return ctx.dim(b, value, axis)
 
 
 def packed_qkv(s: Site) -> Value | None:
@@ -378,7 +401,10 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
             if static:
                 total = ctx.dim(b, s.mask, s.mask.type.rank - 1)
             elif s.past_k is not None:
-                total = b.Add(total, ctx.dim(b, s.past_k, 2))
+                # a graph input that carries the present's length (rewrite-kv-cache's mask,
+                # `past_seq + seq`) gives it in one Shape, shared with the rest of the step
+                carried = _input_dim(ctx, b, node.outputs[1], 2) if s.want_present else None
+                total = carried if carried is not None else b.Add(total, ctx.dim(b, s.past_k, 2))
             total_i32 = b.Cast(total, to=DType.INT32.onnx_type)
             seqlens_k = b.Expand(b.Sub(total_i32, b.const(np.array([1], np.int32), "one_i32")),
                                  ctx.dim(b, packed if packed is not None else s.q, 0))
@@ -423,7 +449,7 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
 
     if s.rank == 4:
         y = b.Transpose(b.Reshape(y, b.const(_i64(0, 0, s.num_heads, -1), "bsnh_shape")), perm=_BNSH_FROM_BSNH)
-    if s.mask is not None:
+    if s.mask is not None and not _finite_bias(bias):
         y = _guard(ctx, b, s, y, bias, s.rank)
     return [y, *presents][:len(node.outputs)]
 

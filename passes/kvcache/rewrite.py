@@ -12,9 +12,9 @@ After:
     graph(%input_ids: i64[batch, seq], %attention_mask: i64[batch, "past_seq + seq"],
           %past_key_values.0.key: f32[batch, 2, past_seq, 8], %past_key_values.0.value: ...)
           -> (%logits, %present.0.key: f32[batch, 2, "past_seq + seq", 8], %present.0.value, ...)
-      %position_ids = Slice(Max(CumSum(%attention_mask) - 1, 0), -seq:)    (left padding works)
+      %position_ids = Slice(CumSum(%attention_mask, exclusive), -seq:)       (left padding works)
       %q_rot = graphopt.RotaryEmbedding(%q, @cos_table, @sin_table, %position_ids)   (max_positions rows)
-      %bias = padding(%attention_mask) + causal(past_seq + i >= j)         built once, not per layer
+      %bias = Where(real(%attention_mask) and past_seq + i >= j, 0, lowest)  built once, not per layer
       %a, %present.0.key, %present.0.value = graphopt.Attention(%q, %k, %v, %bias,
                                                  %past_key_values.0.key, %past_key_values.0.value)
 
@@ -133,8 +133,9 @@ class RewriteKVCache(Pass):
         mask = graph.add_input(graph.fresh_name("attention_mask_with_past"), TensorType(site.mask_dtype,
                                                                                       ("batch", TOTAL_SEQ)))
         graph.rename_value(mask, MASK)  # (a renamed value's old name is otherwise never handed out again)
-        position_ids = b.position_ids(site.input_ids, mask)
-        bias = b.causal_bias(site.input_ids, mask, site.dtype)
+        past, total = b.lengths(site.input_ids, mask)
+        position_ids = b.position_ids(mask, past)
+        bias = b.causal_bias(mask, past, total, site.dtype)
 
         presents = []
         table = None
@@ -403,35 +404,46 @@ class _Builder:
     def _i64(self, *xs, name="kv_const"):
         return self.b.const(np.array(xs, np.int64), name)
 
-    def position_ids(self, input_ids: Value, mask: Value) -> Value:
-        """Each token's position: how many real tokens precede it (left padding counts nothing)."""
+    def lengths(self, input_ids: Value, mask: Value) -> tuple[Value, Value]:
+        """(past_seq [1], past_seq + seq as a scalar), built once and shared by the positions
+        and the bias."""
+        b = self.b
+        total = b.Shape(mask, start=1, end=2)
+        past = b.Sub(total, b.Shape(input_ids, start=1, end=2))
+        return past, b.Squeeze(total, self._i64(0, name="kv_scalar_axis"))
+
+    def position_ids(self, mask: Value, past: Value) -> Value:
+        """Each token's position: how many real tokens precede it (left padding counts nothing;
+        the exclusive CumSum is that count, never negative, so no clamp is needed)."""
         b = self.b
         m = mask if mask.type.dtype.np_dtype == np.int64 else b.Cast(mask, to=7)
-        counted = b.CumSum(m, b.const(np.array(1, np.int64), "kv_seq_axis"))
-        pos = b.Max(b.Sub(counted, b.const(np.array(1, np.int64), "kv_one")), b.const(np.array(0, np.int64), "kv_zero"))
+        counted = b.CumSum(m, b.const(np.array(1, np.int64), "kv_seq_axis"), exclusive=1)
         # the last seq positions: from past_seq (not -seq: a negative start the TVM backend
         # cannot tell from a positive one when it is symbolic)
-        past = b.Sub(b.Shape(mask, start=1, end=2), b.Shape(input_ids, start=1, end=2))
-        pos = b.Slice(pos, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(1, name="kv_axis"))
+        pos = b.Slice(counted, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(1, name="kv_axis"))
         pos.type = TensorType(pos.type.dtype, ("batch", "seq"))
         return pos
 
-    def causal_bias(self, input_ids: Value, mask: Value, dt) -> Value:
+    def causal_bias(self, mask: Value, past: Value, total: Value, dt) -> Value:
         """[batch, 1, seq, past_seq + seq]: 0 where query i (at past_seq + i) may attend key j
-        (j <= past_seq + i and the key is not padding), -inf elsewhere."""
+        (j <= past_seq + i and the key is not padding), the type's lowest finite value elsewhere:
+        one boolean, one Where.
+
+        Lowest, not -inf: a real query sees itself, so its row holds a 0 and the masked keys'
+        weights underflow to exactly 0, as with -inf; a padded query (left padding: nothing
+        real before it) would see no key at all, which with -inf is NaN in ORT's kernels and
+        reaches the cache through the next layer's keys. With a finite bias no row is empty
+        (such a row averages the values, as Hugging Face's own unmasking of empty rows does;
+        its output is padding's, read by nobody), so the backends need no per-layer guard."""
         b = self.b
-        zero, neg_inf = b.const(np.array(0, dt.np_dtype), "kv_bias_zero"), b.const(np.array(-np.inf, dt.np_dtype),
-                                                                                  "kv_bias_neg_inf")
-        padding = b.Where(b.Equal(mask, b.const(np.array(0, mask.type.dtype.np_dtype), "kv_mask_zero")), neg_inf, zero)
-        padding = b.Unsqueeze(padding, self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
-        scalar = self._i64(0, name="kv_scalar_axis")
-        total = b.Squeeze(b.Shape(mask, start=1, end=2), scalar)
-        seq = b.Squeeze(b.Shape(input_ids, start=1, end=2), scalar)
-        one = b.const(np.array(1, np.int64), "kv_step")
-        rows = b.Unsqueeze(b.Range(b.Sub(total, seq), total, one), self._i64(1, name="kv_col_axis"))  # seq, 1
-        cols = b.Unsqueeze(b.Range(b.const(np.array(0, np.int64), "kv_start"), total, one), scalar)  # 1, total
-        causal = b.Where(b.LessOrEqual(cols, rows), zero, neg_inf)  # seq, total
-        bias = b.Add(padding, causal)
+        cols = b.Range(b.const(np.array(0, np.int64), "kv_start"), total, b.const(np.array(1, np.int64), "kv_step"))
+        places = b.Slice(cols, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(0, name="kv_scalar_axis"))
+        rows = b.Unsqueeze(places, self._i64(1, name="kv_col_axis"))  # seq, 1: the queries' places
+        causal = b.LessOrEqual(cols, rows)  # seq, total
+        real = b.Cast(mask, to=DType.BOOL.onnx_type)
+        real = b.Unsqueeze(real, self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
+        bias = b.Where(b.And(real, causal), b.const(np.array(0, dt.np_dtype), "kv_bias_zero"),
+                       b.const(np.array(np.finfo(dt.np_dtype).min, dt.np_dtype), "kv_bias_lowest"))
         bias.type = TensorType(dt, ("batch", 1, "seq", TOTAL_SEQ))
         return bias
 
