@@ -116,7 +116,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              overwrite: bool = False, logits: str | None = None, kv_cache: bool = True,
              kv_layout: str | None = None, quantize: str | None = None, quant_method: str = "rtn",
              calibration: str | os.PathLike | None = None, accuracy_budget: str | None = None,
-             accuracy_data: str | os.PathLike | None = None, prune: str | None = None) -> OptimizeResult:
+             accuracy_data: str | os.PathLike | None = None, prune: str | None = None,
+             tune_minutes: float | None = None, tune_shapes: str | None = None,
+             tune_db: str | os.PathLike | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
     `output_dir` atomically (nothing is left there if anything fails).
@@ -141,7 +143,13 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     `prune` ("heads=0.25,mlp=0.5[,importance=wanda][,scope=global][,min-keep=N]") adds
     prune-heads / prune-mlp after the pipeline's fusions, before the KV-cache rewrite and
     quantization (wanda reads `calibration`); report.json's "pruning" and manifest.json's
-    "pruning" say what went (graphopt.pruning)."""
+    "pruning" say what went (graphopt.pruning).
+
+    `tune_minutes` (tvm, cpu) tunes the artifact's kernels with MetaSchedule for at most that
+    long at the static shapes `tune_shapes` ("1x128,4x128,1x1+128" by default: BATCHxSEQ[+PAST])
+    into the database under `tune_db` (default ~/.cache/graphopt/tvm-tuning), then builds with
+    what the database holds: see graphopt.backends.tvm.tuning. manifest.json's "tuning" says
+    what was tuned, for how long, and which kernels came from the database."""
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
     if output_dir is not None:
@@ -170,6 +178,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             raise UserError("--kv-layout chooses the cache of the default pipeline's rewrite-kv-cache; with "
                             "--no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}")
         check_layout(kv_layout, backend)
+    tune_spec = _check_tuning(backend, target, backend_options, tune_minutes, tune_shapes, tune_db)
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
     if prune is not None:
@@ -274,8 +283,15 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         out = Path(output_dir)
         progress(f"writing {out}")
         with atomic_dir(out) as tmp:
-            fields = be.save(optimized, tmp, target, dict(backend_options or {}))
+            if tune_spec is not None:
+                fields, tuning = _tuned_save(optimized, tmp, target, backend_options, tune_spec, tune_minutes,
+                                             tune_shapes, tune_db, progress)
+                report.setdefault("backend_seconds", {})["tuning"] = round(60 * tuning["minutes"], 3)
+            else:
+                fields, tuning = be.save(optimized, tmp, target, dict(backend_options or {})), None
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
+            if tuning is not None:
+                manifest["tuning"] = report["tuning"] = tuning
             manifest.update(pruning_manifest(pm.records))
 
             # A Graph from graphopt.frontends remembers the folder it came from: its tokenizer.
@@ -304,6 +320,41 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+def _check_tuning(backend: str, target: str, backend_options, minutes, shapes, db) -> dict | None:
+    """The TVM target that --tune-minutes tunes for (its database folder checked writable), or
+    None without tuning; a one-line error for options that do not go together."""
+    if minutes is None:
+        if shapes is not None or db is not None:
+            raise UserError(f"{'--tune-shapes' if shapes is not None else '--tune-db'} goes with --tune-minutes")
+        return None
+    if backend != "tvm":
+        raise UserError("--tune-minutes tunes the TVM backend's kernels: add --backend tvm")
+    if target != "cpu":
+        raise UserError("--tune-minutes tunes for the cpu target only (MetaSchedule on this machine's CPU)")
+    from graphopt.backends.tvm import build, runtime, tuning
+
+    tuning.check_minutes(minutes)
+    tuning.parse_shapes(shapes or tuning.DEFAULT_SHAPES)
+    # (runtime's own check of --backend-option: the same one-line errors as the build's)
+    spec = build.target_spec(target, runtime._check_options(backend_options))
+    tuning.database_dir(db, spec, create=True)
+    return spec
+
+
+def _tuned_save(graph: Graph, outdir: Path, target: str, backend_options, spec: dict, minutes: float,
+                shapes: str | None, db, progress) -> tuple[dict, dict]:
+    """Tune `graph` for `spec` within `minutes`, then save the TVM artifact built with the
+    database: (the backend's manifest fields, the manifest's "tuning")."""
+    from graphopt.backends.tvm import build, runtime, tuning
+
+    summary, record = tuning.tune(graph, spec, tuning.parse_shapes(shapes or tuning.DEFAULT_SHAPES), minutes, db,
+                                  progress)
+    with build.tuned(record):
+        fields = runtime.save(graph, outdir, target, dict(backend_options or {}))
+    summary["kernels_built"] = record.kernels
+    return fields, summary
 
 
 def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):

@@ -13,11 +13,12 @@ through NVRTC (`cuda-bindings`) when it is installed, else through `nvcc`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 
 from graphopt.errors import UserError
-from graphopt.backends.tvm import schedules
+from graphopt.backends.tvm import schedules, tuning
 
 DEFAULT_CUDA_ARCH = "sm_80"  # when no GPU is here to ask (cross-compiling)
 
@@ -74,13 +75,35 @@ def _cuda_compile_mode(mode: str):
             os.environ["TVM_CUDA_COMPILE_MODE"] = old
 
 
+_tuned: contextvars.ContextVar = contextvars.ContextVar("graphopt_tvm_tuned", default=None)
+
+
+@contextlib.contextmanager
+def tuned(record: "tuning.Tuned"):
+    """Builds inside this block (CPU) apply the tuning database of `record`: its buckets get
+    their own static copy of `main` whose kernels come from the database where it has them
+    (see graphopt.backends.tvm.tuning); `record.kernels` then says which did."""
+    token = _tuned.set(record)
+    try:
+        yield record
+    finally:
+        _tuned.reset(token)
+
+
 def optimize_module(mod, target):
     """Relax-level passes and schedules for `target`; returns the module ready to build."""
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    record = _tuned.get()
     with target:
-        mod = relax.get_pipeline("zero")(mod)
+        if record is not None and target.kind.name == "llvm":
+            mod = tuning.with_buckets(mod, record.buckets)
+            with tuning.open_database(record.folder):  # the zero pipeline applies the current database
+                mod = relax.get_pipeline("zero")(mod)
+            record.kernels = tuning.kernel_sources(mod)
+        else:
+            mod = relax.get_pipeline("zero")(mod)
         if target.kind.name == "cuda":
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)

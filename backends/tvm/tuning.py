@@ -1,0 +1,392 @@
+"""MetaSchedule tuning that is kept: static-shape buckets, a JSON database on disk, a wall-clock
+budget, and the tuned kernels applied at build time.
+
+The artifact's `main` is symbolic in `batch`, `seq` and `past_seq`; MetaSchedule tunes
+static shapes only. So tuning works on *buckets* (`1x128`: batch 1, seq 128; `1x1+128`: one
+token after 128 cached ones): `main` specialized to the bucket's shapes, fused as the build
+fuses it (the "zero" pipeline), its kernels extracted as MetaSchedule tasks.
+
+    tune(graph, spec, buckets, minutes, db_dir)   -> what was tuned (a JSON-able summary)
+    with build.tuned(Tuned(db_dir, bindings)):    -> every build in this block dispatches
+        runtime.save(...)                            each bucket to its tuned copy of `main`
+
+The database (`JSONDatabase`: one line per workload, one per measured record, appended as
+each is measured) lives in `<db_dir>/<target hash>/`; a workload is a kernel's structural
+hash, so a second run on the same shapes finds its records and tunes nothing. A run stopped
+by Ctrl-C, SIGTERM or its budget keeps every record already measured.
+
+At build time `main` becomes a dispatcher: `if batch == 1 and seq == 128 and ...` calls
+`main` specialized to that bucket (its kernels from the database where it has them, the
+default schedules for the rest), otherwise the symbolic `main` with the default schedules.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphopt import progress as progress_lines
+from graphopt.errors import UserError
+from graphopt.ir import Graph
+
+DEFAULT_SHAPES = "1x128,4x128,1x1+128"  # the issue's workloads: prefill 1x128 and 4x128, one decode step
+TRIALS_PER_KERNEL = 64  # a kernel with this many measured records is done; fewer, and a later run goes on
+TRIALS_PER_ROUND = 16  # candidates built and measured per round: the budget is checked after each
+BUILD_TIMEOUT_S, RUN_TIMEOUT_S = 120, 60  # per candidate: generous, for a machine busy with other work
+_DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A static shape to tune: batch x seq, after `past` cached tokens."""
+
+    batch: int
+    seq: int
+    past: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.seq}" + (f"+{self.past}" if self.past else "")
+
+    def dims(self) -> dict[str, int]:
+        return {"batch": self.batch, "seq": self.seq, "past_seq": self.past}
+
+
+def parse_shapes(text: str, option: str = "--tune-shapes") -> list[Bucket]:
+    """`1x128,4x128,1x1+128` -> buckets (BATCHxSEQ[+PAST], PAST the cached tokens)."""
+    out = []
+    for item in (s.strip() for s in str(text).split(",")):
+        head, _, past = item.partition("+")
+        parts = head.split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or (past and not past.isdigit()):
+            raise UserError(f"{option} {item!r}: expected BATCHxSEQ or BATCHxSEQ+PAST, e.g. 1x128 or 1x1+128")
+        bucket = Bucket(int(parts[0]), int(parts[1]), int(past or 0))
+        if bucket not in out:
+            out.append(bucket)
+    return out
+
+
+def check_minutes(minutes: float, option: str = "--tune-minutes") -> float:
+    if not minutes > 0 or minutes != minutes or minutes == float("inf"):
+        raise UserError(f"{option} {minutes}: expected a positive number of minutes")
+    return float(minutes)
+
+
+def target_key(spec: dict) -> str:
+    """A short stable name for a target (its kind, CPU or arch, cores): the database's folder."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_db_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphopt" / "tvm-tuning"
+
+
+def database_dir(root: str | os.PathLike | None, spec: dict, *, create: bool) -> Path:
+    """`<root>/<target hash>/` (root: --tune-db, default the user's cache); made writable when
+    `create`, else refused in one line."""
+    root = Path(root) if root is not None else default_db_root()
+    folder = root / target_key(spec)
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".graphopt-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--tune-db {root}: cannot write the tuning database there ({e.strerror or e})") from None
+        (folder / "target.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return folder
+
+
+def open_database(folder: Path):
+    """The JSONDatabase in `folder`; a last line cut short by a kill is dropped first."""
+    from tvm.s_tir import meta_schedule as ms
+
+    for name in _DB_FILES:
+        path = folder / name
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                path.write_bytes(data[: data.rfind(b"\n") + 1])
+    return ms.database.JSONDatabase(work_dir=str(folder))
+
+
+def has_database(root: str | os.PathLike | None, spec: dict) -> bool:
+    folder = database_dir(root, spec, create=False)
+    return (folder / _DB_FILES[1]).is_file() and (folder / _DB_FILES[1]).stat().st_size > 0
+
+
+# -- buckets: symbolic dims -> static values ------------------------------------------------
+
+
+def _eval_dim(dim, dims: dict[str, int], where: str) -> int:
+    """A graph dim (an int, a symbol, or an expression such as "past_seq + seq") at `dims`."""
+    if isinstance(dim, int):
+        return dim
+    text = str(dim)
+
+    def value(node):
+        if isinstance(node, ast.Expression):
+            return value(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return _symbol(node.id, dims, where)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            a, b = value(node.left), value(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+        raise UserError(f"{where}: cannot give its dim {text!r} a static size for tuning")
+
+    try:
+        return value(ast.parse(text, mode="eval"))
+    except SyntaxError:
+        raise UserError(f"{where}: cannot give its dim {text!r} a static size for tuning") from None
+
+
+def _symbol(name: str, dims: dict[str, int], where: str) -> int:
+    if name in dims:
+        return dims[name]
+    low = name.lower()  # other exporters' spellings: batch_size, sequence_length, past_sequence_length
+    for key, words in (("past_seq", ("past",)), ("batch", ("batch",)), ("seq", ("seq", "len"))):
+        if any(w in low for w in words):
+            return dims[key]
+    raise UserError(f"{where}: its dim {name!r} is not batch, seq or past_seq; tuning cannot size it")
+
+
+def bindings(graph: Graph, func, bucket: Bucket) -> dict[str, int]:
+    """The Relax function's symbolic vars -> sizes at `bucket` (graph inputs and `func`'s
+    first parameters are the same tensors, in order)."""
+    from tvm import tirx
+
+    inputs = [v for v in graph.inputs if not v.is_initializer]
+    out: dict[str, int] = {}
+    for v, param in zip(inputs, func.params):
+        shape = param.ty.shape.values
+        for i, (dim, rdim) in enumerate(zip(v.type.shape, shape)):
+            if isinstance(rdim, tirx.Var) and rdim.name not in out:
+                size = _eval_dim(dim, bucket.dims(), f"input {v.name!r}")
+                if size < 0 or (size == 0 and i == 0):
+                    raise UserError(f"bucket {bucket.label}: input {v.name!r} gets size {size} in dim {i}")
+                out[rdim.name] = size
+    return out
+
+
+def specialize(mod, binding: dict[str, int]):
+    """`mod` with `main` at static shapes, fused as the build fuses it."""
+    import tvm
+    from tvm import relax
+
+    static = tvm.IRModule({"main": mod["main"].bind_symbolic_vars(binding)})
+    return relax.get_pipeline("zero")(static)
+
+
+# -- tuning ------------------------------------------------------------------------------------
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import tvm.s_tir.tensor_intrin (MetaSchedule's TuneContext does) with a cheap
+    `inspect.stack`. Its ~100 TVMScript functions each call `inspect.stack()`, which looks up
+    the module of every frame through every loaded module: with torch and onnx loaded that
+    took over two minutes here. The parser reads only frames, line numbers and lines."""
+    import inspect
+    import linecache
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def stack(context: int = 1):
+        frames, f = [], sys._getframe(1)
+        while f is not None:
+            line = linecache.getline(f.f_code.co_filename, f.f_lineno)
+            frames.append(inspect.FrameInfo(f, f.f_code.co_filename, f.f_lineno, f.f_code.co_name,
+                                            [line] if line else None, 0))
+            f = f.f_back
+        return frames
+
+    slow, inspect.stack = inspect.stack, stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = slow
+
+
+def _flops(mod) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # noqa: BLE001  (a kernel the estimator does not know: last in line)
+        return 0.0
+
+
+def _measured(db, task_mod, most: int) -> int:
+    """How many measured records (up to `most`) the database holds for a kernel."""
+    if not db.has_workload(task_mod):
+        return 0
+    return len(db.get_top_k(db.commit_workload(task_mod), most))
+
+
+def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_root: str | os.PathLike | None,
+         progress=None, *, trials_per_kernel: int = TRIALS_PER_KERNEL) -> tuple[dict, "Tuned"]:
+    """Tune `graph`'s kernels at `buckets` for the target `spec` for at most `minutes` (wall),
+    into the database under `db_root`; returns what it did (for the manifest) and what a
+    build applies (`build.tuned`)."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+
+    progress = progress or (lambda msg: None)
+    start = time.monotonic()
+    _import_tensor_intrinsics()
+    deadline = start + 60.0 * check_minutes(minutes)
+    folder = database_dir(db_root, spec, create=True)
+    target = tvm.target.Target(spec)
+    cores = int(spec.get("num-cores") or os.cpu_count() or 1)
+    graph = prepare(graph)
+    mod, _ = lower_graph(graph)
+    db = open_database(folder)
+
+    tasks, seen, per_bucket, static = [], set(), {}, {}
+    for bucket in buckets:
+        binding = bindings(graph, mod["main"], bucket)
+        if binding in static.values():
+            continue  # the same static shapes as an earlier bucket (1x1+128 without a KV cache is 1x1)
+        static[bucket.label] = binding
+        progress_lines.status(f"tuning: extracting the kernels at {bucket.label}")
+        with target:
+            extracted = ms.relax_integration.extract_tasks(specialize(mod, binding), target)
+        per_bucket[bucket.label] = len(extracted)
+        for task in extracted:
+            key = tvm_ffi.structural_hash(task.dispatched[0])
+            if key not in seen:
+                seen.add(key)
+                tasks.append(task)
+    todo = [t for t in tasks if _measured(db, t.dispatched[0], trials_per_kernel) < trials_per_kernel]
+    # The budget goes to the kernels that cost the most first (the gradient scheduler starts
+    # with one round per task, in this order).
+    todo.sort(key=lambda t: -_flops(t.dispatched[0]) * t.weight)
+    summary = {"database": str(folder), "target_key": folder.name, "buckets": static,
+               "budget_minutes": minutes, "kernels": len(tasks), "kernels_per_bucket": per_bucket,
+               "kernels_already_tuned": len(tasks) - len(todo), "kernels_tuned_now": 0, "trials": 0,
+               "stopped": "nothing to tune" if not todo else "finished"}
+    if todo:
+        summary["trials"] = _run(todo, target, cores, folder, db, deadline, summary, trials_per_kernel)
+        summary["kernels_tuned_now"] = sum(1 for t in todo if _measured(db, t.dispatched[0], 1) > 0)
+    summary["minutes"] = round((time.monotonic() - start) / 60.0, 3)
+    summary["records"] = len(db)
+    progress_lines.clear()
+    progress(f"tuned {summary['kernels_tuned_now']} of {summary['kernels']} kernels ({summary['trials']} trials, "
+             f"{summary['kernels_already_tuned']} found tuned) in {summary['minutes']:.1f} min; database {folder}")
+    return summary, Tuned(folder, static)
+
+
+class _BudgetSpent(Exception):
+    """Raised by the measure callback to end tuning when the budget is spent."""
+
+
+def _run(todo, target, cores: int, folder: Path, db, deadline: float, summary: dict, trials_per_kernel: int) -> int:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    count = {"trials": 0}
+
+    @derived_object
+    class Budget(ms.measure_callback.PyMeasureCallback):
+        """Progress after each measured round; tuning ends once the budget is spent."""
+
+        def apply(self, scheduler, task_id, candidates, builder_results, runner_results):
+            count["trials"] += len(candidates)
+            left = (deadline - time.monotonic()) / 60.0
+            progress_lines.status(f"tuning: {count['trials']} trials over {len(todo)} kernels, "
+                                  f"{max(left, 0):.1f} min left")
+            if left <= 0:  # this round's records are in the database already (AddToDatabase ran first)
+                count["spent"] = True
+                raise _BudgetSpent()
+
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        todo, work_dir=str(folder / "logs"), num_threads=cores, seed=0)
+    try:
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(folder),
+                      max_trials_global=trials_per_kernel * len(contexts), max_trials_per_task=trials_per_kernel,
+                      num_trials_per_iter=min(TRIALS_PER_ROUND, trials_per_kernel), database=db,
+                      # (the workers import the tensor intrinsics too: 90 s each on a busy machine without this)
+                      builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S,
+                                                      initializer=_import_tensor_intrinsics),
+                      runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=_import_tensor_intrinsics), cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+                      measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Budget()])
+    except Exception:  # noqa: BLE001  (the budget's stop comes back through TVM's C++ loop)
+        if not count.get("spent"):  # (it arrives as a RuntimeError: the flag says it was ours)
+            raise
+        summary["stopped"] = "budget"
+    return count["trials"]
+
+
+# -- build: dispatch each bucket to its tuned copy of main -------------------------------------
+
+
+@dataclass
+class Tuned:
+    """What a build applies: the database folder and each bucket's static sizes; after the
+    build, `kernels` says which came from the database and which from the default schedules."""
+
+    folder: Path
+    buckets: dict[str, dict[str, int]]  # label -> symbolic var -> size
+    kernels: dict | None = None
+
+
+def with_buckets(mod, buckets: dict[str, dict[str, int]]):
+    """`mod` whose `main` calls `main` specialized to a bucket when the inputs have its shapes
+    (checked in order), else the symbolic `main` (now `main_any`)."""
+    from tvm import relax, tirx
+    from tvm.relax.utils import copy_with_new_vars
+
+    main = mod["main"]
+    fresh = copy_with_new_vars(main)  # the dispatcher's parameters and symbolic vars are its own
+    known = {v.name: v for v in relax.analysis.defined_symbolic_vars(fresh)}
+    bb = relax.BlockBuilder(mod)
+    any_gv = bb.add_func(main.without_attr("global_symbol"), "main_any")
+    params, ret = list(fresh.params), fresh.ret_ty
+
+    def bound(var, value):  # `var = value; var` as a branch of an If
+        return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(var, value)])], var)
+
+    body = bound(relax.Var("result", ret), relax.Call(any_gv, params))
+    for label, binding in reversed(list(buckets.items())):
+        if set(binding) - set(known):
+            continue  # a bucket of another graph's symbols: nothing to dispatch to
+        static = copy_with_new_vars(main.bind_symbolic_vars(binding)).without_attr("global_symbol")
+        gv = bb.add_func(static, f"main_{label.replace('+', '_past')}")
+        cond = tirx.const(True, "bool")
+        for name, size in binding.items():
+            cond = tirx.all(cond, known[name] == size)
+        casts = [relax.Var(p.name, q.ty) for p, q in zip(params, static.params)]
+        result = relax.Var("result", ret)
+        branch = relax.SeqExpr([relax.BindingBlock(
+            [relax.MatchCast(c, p, c.ty) for c, p in zip(casts, params)]
+            + [relax.MatchCast(result, relax.Call(gv, casts), ret)])], result)
+        body = bound(relax.Var("result", ret), relax.If(relax.prim_value(cond), branch, body))
+    dispatcher = bb.normalize(relax.Function(params, body, ret, main.is_pure, main.attrs))
+    bb.update_func(mod.get_global_var("main"), dispatcher)
+    out = bb.get()
+    return out
+
+
+def kernel_sources(mod) -> dict:
+    """Which kernels of a built module the database scheduled, and how many got the defaults."""
+    from tvm import tirx
+
+    tuned, default = [], 0
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+                tuned.append(gv.name_hint)
+            else:
+                default += 1
+    return {"from_database": sorted(tuned), "default_schedules": default}
