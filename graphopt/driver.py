@@ -35,6 +35,8 @@ from graphopt.sample_inputs import check_index_ranges
 from graphopt.summary import summarize
 from graphopt.verify import verify as verify_graph
 
+TVM_TUNING = "graphopt.backends.tvm.tuning"  # imported when --tune-minutes asks for it (tvm is an extra)
+
 
 def default_pipeline() -> str:
     """Cleanup, the transformer fusions, cleanup again: right for decoders and encoders
@@ -284,8 +286,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         progress(f"writing {out}")
         with atomic_dir(out) as tmp:
             if tune_spec is not None:
-                fields, tuning = _tuned_save(optimized, tmp, target, backend_options, tune_spec, tune_minutes,
-                                             tune_shapes, tune_db, progress)
+                fields, tuning = _tuning().save_tuned(optimized, tmp, target, backend_options, tune_spec,
+                                                      tune_minutes, tune_shapes, tune_db, progress)
                 report.setdefault("backend_seconds", {})["tuning"] = round(60 * tuning["minutes"], 3)
             else:
                 fields, tuning = be.save(optimized, tmp, target, dict(backend_options or {})), None
@@ -323,38 +325,21 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 
 
 def _check_tuning(backend: str, target: str, backend_options, minutes, shapes, db) -> dict | None:
-    """The TVM target that --tune-minutes tunes for (its database folder checked writable), or
-    None without tuning; a one-line error for options that do not go together."""
+    """The TVM target that --tune-minutes tunes for (graphopt.backends.tvm.tuning checks the
+    rest), or None without tuning; a one-line error for options that do not go together."""
     if minutes is None:
         if shapes is not None or db is not None:
             raise UserError(f"{'--tune-shapes' if shapes is not None else '--tune-db'} goes with --tune-minutes")
         return None
     if backend != "tvm":
         raise UserError("--tune-minutes tunes the TVM backend's kernels: add --backend tvm")
-    if target != "cpu":
-        raise UserError("--tune-minutes tunes for the cpu target only (MetaSchedule on this machine's CPU)")
-    from graphopt.backends.tvm import build, runtime, tuning
-
-    tuning.check_minutes(minutes)
-    tuning.parse_shapes(shapes or tuning.DEFAULT_SHAPES)
-    # (runtime's own check of --backend-option: the same one-line errors as the build's)
-    spec = build.target_spec(target, runtime._check_options(backend_options))
-    tuning.database_dir(db, spec, create=True)
-    return spec
+    return _tuning().check(target, backend_options, minutes, shapes, db)
 
 
-def _tuned_save(graph: Graph, outdir: Path, target: str, backend_options, spec: dict, minutes: float,
-                shapes: str | None, db, progress) -> tuple[dict, dict]:
-    """Tune `graph` for `spec` within `minutes`, then save the TVM artifact built with the
-    database: (the backend's manifest fields, the manifest's "tuning")."""
-    from graphopt.backends.tvm import build, runtime, tuning
+def _tuning():
+    import importlib
 
-    summary, record = tuning.tune(graph, spec, tuning.parse_shapes(shapes or tuning.DEFAULT_SHAPES), minutes, db,
-                                  progress)
-    with build.tuned(record):
-        fields = runtime.save(graph, outdir, target, dict(backend_options or {}))
-    summary["kernels_built"] = record.kernels
-    return fields, summary
+    return importlib.import_module(TVM_TUNING)
 
 
 def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):

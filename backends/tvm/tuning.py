@@ -7,8 +7,9 @@ token after 128 cached ones): `main` specialized to the bucket's shapes, fused a
 fuses it (the "zero" pipeline), its kernels extracted as MetaSchedule tasks.
 
     tune(graph, spec, buckets, minutes, db_dir)   -> what was tuned (a JSON-able summary)
-    with build.tuned(Tuned(db_dir, bindings)):    -> every build in this block dispatches
-        runtime.save(...)                            each bucket to its tuned copy of `main`
+    save_tuned(graph, outdir, target, options, ...) -> tune, then save the artifact built with
+                                                     `build.tuned(...)`: each bucket dispatched
+                                                     to its tuned copy of `main`
 
 The database (`JSONDatabase`: one line per workload, one per measured record, appended as
 each is measured) lives in `<db_dir>/<target hash>/`; a workload is a kernel's structural
@@ -32,12 +33,13 @@ from pathlib import Path
 from graphopt import progress as progress_lines
 from graphopt.errors import UserError
 from graphopt.ir import Graph
+from graphopt.backends.tvm import build, runtime
+from graphopt.backends.tvm.lowering import lower_graph, prepare
 
 DEFAULT_SHAPES = "1x128,4x128,1x1+128"  # the issue's workloads: prefill 1x128 and 4x128, one decode step
 TRIALS_PER_KERNEL = 64  # a kernel with this many measured records is done; fewer, and a later run goes on
 TRIALS_PER_ROUND = 16  # candidates built and measured per round: the budget is checked after each
 BUILD_TIMEOUT_S, RUN_TIMEOUT_S = 120, 60  # per candidate: generous, for a machine busy with other work
-_DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,9 @@ def database_dir(root: str | os.PathLike | None, spec: dict, *, create: bool) ->
     return folder
 
 
-def open_database(folder: Path):
-    """The JSONDatabase in `folder`; a last line cut short by a kill is dropped first."""
-    from tvm.s_tir import meta_schedule as ms
-
-    for name in _DB_FILES:
-        path = folder / name
-        if path.is_file():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                path.write_bytes(data[: data.rfind(b"\n") + 1])
-    return ms.database.JSONDatabase(work_dir=str(folder))
-
-
 def has_database(root: str | os.PathLike | None, spec: dict) -> bool:
     folder = database_dir(root, spec, create=False)
-    return (folder / _DB_FILES[1]).is_file() and (folder / _DB_FILES[1]).stat().st_size > 0
+    return (folder / build.DB_FILES[1]).is_file() and (folder / build.DB_FILES[1]).stat().st_size > 0
 
 
 # -- buckets: symbolic dims -> static values ------------------------------------------------
@@ -232,15 +221,13 @@ def _measured(db, task_mod, most: int) -> int:
 
 
 def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_root: str | os.PathLike | None,
-         progress=None, *, trials_per_kernel: int = TRIALS_PER_KERNEL) -> tuple[dict, "Tuned"]:
+         progress=None, *, trials_per_kernel: int = TRIALS_PER_KERNEL) -> tuple[dict, "build.Tuned"]:
     """Tune `graph`'s kernels at `buckets` for the target `spec` for at most `minutes` (wall),
     into the database under `db_root`; returns what it did (for the manifest) and what a
     build applies (`build.tuned`)."""
     import tvm
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
-
-    from graphopt.backends.tvm.lowering import lower_graph, prepare
 
     progress = progress or (lambda msg: None)
     start = time.monotonic()
@@ -251,7 +238,7 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     cores = int(spec.get("num-cores") or os.cpu_count() or 1)
     graph = prepare(graph)
     mod, _ = lower_graph(graph)
-    db = open_database(folder)
+    db = build.open_database(folder)
 
     tasks, seen, per_bucket, static = [], set(), {}, {}
     for bucket in buckets:
@@ -284,7 +271,7 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     progress_lines.clear()
     progress(f"tuned {summary['kernels_tuned_now']} of {summary['kernels']} kernels ({summary['trials']} trials, "
              f"{summary['kernels_already_tuned']} found tuned) in {summary['minutes']:.1f} min; database {folder}")
-    return summary, Tuned(folder, static)
+    return summary, build.Tuned(folder, static)
 
 
 class _BudgetSpent(Exception):
@@ -328,65 +315,25 @@ def _run(todo, target, cores: int, folder: Path, db, deadline: float, summary: d
     return count["trials"]
 
 
-# -- build: dispatch each bucket to its tuned copy of main -------------------------------------
+def check(target: str, backend_options, minutes, shapes, db) -> dict:
+    """The TVM target spec that `--tune-minutes` tunes for, after checking the options (a
+    one-line error each) and that the database folder is writable."""
+    if target != "cpu":
+        raise UserError("--tune-minutes tunes for the cpu target only (MetaSchedule on this machine's CPU)")
+    check_minutes(minutes)
+    parse_shapes(shapes or DEFAULT_SHAPES)
+    # (runtime's own check of --backend-option: the same one-line errors as the build's)
+    spec = build.target_spec(target, runtime._check_options(backend_options))
+    database_dir(db, spec, create=True)
+    return spec
 
 
-@dataclass
-class Tuned:
-    """What a build applies: the database folder and each bucket's static sizes; after the
-    build, `kernels` says which came from the database and which from the default schedules."""
-
-    folder: Path
-    buckets: dict[str, dict[str, int]]  # label -> symbolic var -> size
-    kernels: dict | None = None
-
-
-def with_buckets(mod, buckets: dict[str, dict[str, int]]):
-    """`mod` whose `main` calls `main` specialized to a bucket when the inputs have its shapes
-    (checked in order), else the symbolic `main` (now `main_any`)."""
-    from tvm import relax, tirx
-    from tvm.relax.utils import copy_with_new_vars
-
-    main = mod["main"]
-    fresh = copy_with_new_vars(main)  # the dispatcher's parameters and symbolic vars are its own
-    known = {v.name: v for v in relax.analysis.defined_symbolic_vars(fresh)}
-    bb = relax.BlockBuilder(mod)
-    any_gv = bb.add_func(main.without_attr("global_symbol"), "main_any")
-    params, ret = list(fresh.params), fresh.ret_ty
-
-    def bound(var, value):  # `var = value; var` as a branch of an If
-        return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(var, value)])], var)
-
-    body = bound(relax.Var("result", ret), relax.Call(any_gv, params))
-    for label, binding in reversed(list(buckets.items())):
-        if set(binding) - set(known):
-            continue  # a bucket of another graph's symbols: nothing to dispatch to
-        static = copy_with_new_vars(main.bind_symbolic_vars(binding)).without_attr("global_symbol")
-        gv = bb.add_func(static, f"main_{label.replace('+', '_past')}")
-        cond = tirx.const(True, "bool")
-        for name, size in binding.items():
-            cond = tirx.all(cond, known[name] == size)
-        casts = [relax.Var(p.name, q.ty) for p, q in zip(params, static.params)]
-        result = relax.Var("result", ret)
-        branch = relax.SeqExpr([relax.BindingBlock(
-            [relax.MatchCast(c, p, c.ty) for c, p in zip(casts, params)]
-            + [relax.MatchCast(result, relax.Call(gv, casts), ret)])], result)
-        body = bound(relax.Var("result", ret), relax.If(relax.prim_value(cond), branch, body))
-    dispatcher = bb.normalize(relax.Function(params, body, ret, main.is_pure, main.attrs))
-    bb.update_func(mod.get_global_var("main"), dispatcher)
-    out = bb.get()
-    return out
-
-
-def kernel_sources(mod) -> dict:
-    """Which kernels of a built module the database scheduled, and how many got the defaults."""
-    from tvm import tirx
-
-    tuned, default = [], 0
-    for gv, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc):
-            if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
-                tuned.append(gv.name_hint)
-            else:
-                default += 1
-    return {"from_database": sorted(tuned), "default_schedules": default}
+def save_tuned(graph: Graph, outdir: Path, target: str, backend_options, spec: dict, minutes: float,
+               shapes: str | None, db, progress) -> tuple[dict, dict]:
+    """Tune `graph` for `spec` within `minutes`, then save the TVM artifact built with the
+    database: (the backend's manifest fields, the manifest's "tuning")."""
+    summary, record = tune(graph, spec, parse_shapes(shapes or DEFAULT_SHAPES), minutes, db, progress)
+    with build.tuned(record):
+        fields = runtime.save(graph, outdir, target, dict(backend_options or {}))
+    summary["kernels_built"] = record.kernels
+    return fields, summary
