@@ -70,7 +70,10 @@ def test_shapes_parse_and_bind_the_graphs_symbols(mlp):
 
     g = prepare(mlp)
     mod, _ = lower_graph(g)
-    assert tuning.bindings(g, mod["main"], tuning.Bucket(4, 128)) == {"batch": 4}
+    assert tuning.bindings(g, tuning.Bucket(4, 128)) == {"batch": 4}
+    from tvm import relax
+
+    assert {v.name for v in relax.analysis.defined_symbolic_vars(mod["main"])} == {"batch"}
 
 
 def test_the_dispatcher_gives_the_untuned_results_in_and_out_of_its_buckets(mlp, tmp_path):
@@ -110,9 +113,9 @@ def test_tuning_stops_when_the_budget_is_spent(mlp, spec, tmp_path):
     summary, _ = tuning.tune(mlp, spec, tuning.parse_shapes("1x1"), budget, tmp_path)  # 64 trials a kernel: minutes
     assert summary["stopped"] == "budget", summary
     assert summary["trials"] < summary["kernels"] * tuning.TRIALS_PER_KERNEL
-    # The check runs after each round (at most TRIALS_PER_ROUND candidates built and timed):
-    # on a busy 2-core machine a round of this MLP's kernels takes well under a minute.
-    assert summary["minutes"] < budget + 1.0, summary
+    # Checked before each round is built and after each is measured: past the budget by one
+    # round at most (seconds for this MLP's kernels; without the builder's check, 2.1 min here).
+    assert summary["minutes"] < budget + 0.75, summary
 
 
 _TUNE_FOREVER = """
@@ -169,3 +172,26 @@ def test_optimize_tune_minutes_writes_what_it_tuned_into_the_manifest(tuned_db, 
         a, b = art.run(_x(batch)), plain.run(_x(batch))
         for name in a:
             assert_close(a[name], b[name])
+
+
+def test_compare_adds_the_tuned_tvm_row_when_the_default_database_has_records(tuned_db, spec, tmp_path, monkeypatch):
+    import shutil
+
+    from graphopt.compare.run import compare
+    from graphopt.compare.timing import TimingSettings
+
+    root, first, _, _ = tuned_db
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    quick = dict(timing=TimingSettings(warmup=1, min_runs=3, min_time=0.0), measure_bandwidth=False,
+                 measure_memory=False, batch=1, seqs=[1])
+    report = compare([str(EXAMPLE)], backends=["tvm"], variants=["fp32"], **quick)
+    assert [c["id"] for c in report["cells"]] == ["tvm/fp32"]  # no database yet: no tuned row
+    shutil.copytree(tuning.database_dir(root, spec, create=False), tuning.database_dir(None, spec, create=False))
+    records = tuning.record_count(tuning.database_dir(None, spec, create=False))
+    report = compare([str(EXAMPLE)], backends=["tvm"], variants=["fp32"], **quick)
+    cells = {c["id"]: c for c in report["cells"]}
+    tuned = cells[f"tvm (tuned, {records} records)"]
+    assert tuned["status"] == "ok", tuned["error"]
+    assert tuned["settings"]["kernels_from_database"] == first["kernels"]  # batch 1 x seq 1 is the tuned bucket
+    assert tuned["tuning_seconds"] == pytest.approx(60 * (first["minutes"] + tuned_db[2]["minutes"]), abs=0.2)
+    assert tuned["build_seconds"] > 0 and cells["tvm/fp32"]["tuning_seconds"] is None

@@ -25,7 +25,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +65,9 @@ def parse_shapes(text: str, option: str = "--tune-shapes") -> list[Bucket]:
     """`1x128,4x128,1x1+128` -> buckets (BATCHxSEQ[+PAST], PAST the cached tokens)."""
     out = []
     for item in (s.strip() for s in str(text).split(",")):
-        head, _, past = item.partition("+")
+        head, plus, past = item.partition("+")
         parts = head.split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or (past and not past.isdigit()):
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or (plus and not past.isdigit()):
             raise UserError(f"{option} {item!r}: expected BATCHxSEQ or BATCHxSEQ+PAST, e.g. 1x128 or 1x1+128")
         bucket = Bucket(int(parts[0]), int(parts[1]), int(past or 0))
         if bucket not in out:
@@ -104,9 +107,27 @@ def database_dir(root: str | os.PathLike | None, spec: dict, *, create: bool) ->
     return folder
 
 
-def has_database(root: str | os.PathLike | None, spec: dict) -> bool:
-    folder = database_dir(root, spec, create=False)
-    return (folder / build.DB_FILES[1]).is_file() and (folder / build.DB_FILES[1]).stat().st_size > 0
+RUNS = "runs.jsonl"  # one line per tuning run into the folder: what it tuned and for how long
+
+
+def record_count(folder: Path) -> int:
+    """Measured records in the database in `folder` (0 where there is none)."""
+    path = folder / build.DB_FILES[1]
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def tuning_minutes(folder: Path) -> float:
+    """Minutes spent tuning into the database in `folder`, over every run."""
+    path = folder / RUNS
+    if not path.is_file():
+        return 0.0
+    total = 0.0
+    for line in path.read_text().splitlines():
+        try:
+            total += float(json.loads(line)["minutes"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    return total
 
 
 # -- buckets: symbolic dims -> static values ------------------------------------------------
@@ -146,21 +167,23 @@ def _symbol(name: str, dims: dict[str, int], where: str) -> int:
     raise UserError(f"{where}: its dim {name!r} is not batch, seq or past_seq; tuning cannot size it")
 
 
-def bindings(graph: Graph, func, bucket: Bucket) -> dict[str, int]:
-    """The Relax function's symbolic vars -> sizes at `bucket` (graph inputs and `func`'s
-    first parameters are the same tensors, in order)."""
-    from tvm import tirx
-
-    inputs = [v for v in graph.inputs if not v.is_initializer]
+def bindings(graph: Graph, bucket: Bucket) -> dict[str, int]:
+    """The symbolic vars of `graph` lowered to Relax -> their sizes at `bucket`. The lowering
+    names a dim that is a symbol by the symbol, and any other (an expression such as
+    "past_seq + seq") `<input>_dim<i>` (lowering.Lowerer._input_var)."""
     out: dict[str, int] = {}
-    for v, param in zip(inputs, func.params):
-        shape = param.ty.shape.values
-        for i, (dim, rdim) in enumerate(zip(v.type.shape, shape)):
-            if isinstance(rdim, tirx.Var) and rdim.name not in out:
+    for v in graph.inputs:
+        if v.is_initializer or v.type is None or v.type.shape is None:
+            continue
+        for i, dim in enumerate(v.type.shape):
+            if isinstance(dim, int):
+                continue
+            name = dim if isinstance(dim, str) and dim.isidentifier() else f"{v.name}_dim{i}"
+            if name not in out:
                 size = _eval_dim(dim, bucket.dims(), f"input {v.name!r}")
                 if size < 0 or (size == 0 and i == 0):
                     raise UserError(f"bucket {bucket.label}: input {v.name!r} gets size {size} in dim {i}")
-                out[rdim.name] = size
+                out[name] = size
     return out
 
 
@@ -242,7 +265,7 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
 
     tasks, seen, per_bucket, static = [], set(), {}, {}
     for bucket in buckets:
-        binding = bindings(graph, mod["main"], bucket)
+        binding = bindings(graph, bucket)
         if binding in static.values():
             continue  # the same static shapes as an earlier bucket (1x1+128 without a KV cache is 1x1)
         static[bucket.label] = binding
@@ -255,7 +278,8 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
             if key not in seen:
                 seen.add(key)
                 tasks.append(task)
-    todo = [t for t in tasks if _measured(db, t.dispatched[0], trials_per_kernel) < trials_per_kernel]
+    before = {id(t): _measured(db, t.dispatched[0], trials_per_kernel) for t in tasks}
+    todo = [t for t in tasks if before[id(t)] < trials_per_kernel]
     # The budget goes to the kernels that cost the most first (the gradient scheduler starts
     # with one round per task, in this order).
     todo.sort(key=lambda t: -_flops(t.dispatched[0]) * t.weight)
@@ -263,11 +287,18 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
                "budget_minutes": minutes, "kernels": len(tasks), "kernels_per_bucket": per_bucket,
                "kernels_already_tuned": len(tasks) - len(todo), "kernels_tuned_now": 0, "trials": 0,
                "stopped": "nothing to tune" if not todo else "finished"}
-    if todo:
+    if todo and time.monotonic() >= deadline:  # the extraction alone spent the budget
+        summary["stopped"] = "budget"
+    elif todo:
         summary["trials"] = _run(todo, target, cores, folder, db, deadline, summary, trials_per_kernel)
-        summary["kernels_tuned_now"] = sum(1 for t in todo if _measured(db, t.dispatched[0], 1) > 0)
+        summary["kernels_tuned_now"] = sum(1 for t in todo if _measured(db, t.dispatched[0], trials_per_kernel)
+                                           > before[id(t)])
     summary["minutes"] = round((time.monotonic() - start) / 60.0, 3)
     summary["records"] = len(db)
+    with (folder / RUNS).open("a") as f:
+        f.write(json.dumps({"minutes": summary["minutes"], "trials": summary["trials"], "buckets": static,
+                            "stopped": summary["stopped"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                + "\n")
     progress_lines.clear()
     progress(f"tuned {summary['kernels_tuned_now']} of {summary['kernels']} kernels ({summary['trials']} trials, "
              f"{summary['kernels_already_tuned']} found tuned) in {summary['minutes']:.1f} min; database {folder}")
@@ -281,12 +312,13 @@ class _BudgetSpent(Exception):
 def _run(todo, target, cores: int, folder: Path, db, deadline: float, summary: dict, trials_per_kernel: int) -> int:
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.utils import fork_seed
 
     count = {"trials": 0}
 
     @derived_object
     class Budget(ms.measure_callback.PyMeasureCallback):
-        """Progress after each measured round; tuning ends once the budget is spent."""
+        """Progress after each measured round; tuning ends here too once the budget is spent."""
 
         def apply(self, scheduler, task_id, candidates, builder_results, runner_results):
             count["trials"] += len(candidates)
@@ -297,21 +329,62 @@ def _run(todo, target, cores: int, folder: Path, db, deadline: float, summary: d
                 count["spent"] = True
                 raise _BudgetSpent()
 
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        todo, work_dir=str(folder / "logs"), num_threads=cores, seed=0)
+    @derived_object
+    class BudgetBuilder(ms.builder.PyBuilder):
+        """The local builder, refusing to start a round once the budget is spent: MetaSchedule
+        builds the first round of every kernel before it measures any, so the callback above
+        alone would let a model with many kernels run far past its budget."""
+
+        def __init__(self):
+            super().__init__()
+            self.local = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S,
+                                                 initializer=_import_tensor_intrinsics)
+
+        def build(self, build_inputs):
+            if time.monotonic() >= deadline:
+                count["spent"] = True
+                raise _BudgetSpent()
+            return self.local.build(build_inputs)
+
+    # (not relax_integration.extracted_tasks_to_tune_contexts: it writes a log file per task into
+    # the database's folder and rebuilds the logging config, which fails on a second call under
+    # pytest's log capture)
+    logger = logging.getLogger("graphopt.tvm.tuning")
+    contexts = [ms.TuneContext(task.dispatched[0], target=task.target, space_generator="post-order-apply",
+                               search_strategy="evolutionary", task_name=task.task_name, rand_state=seed,
+                               num_threads=cores, logger=logger).clone()
+                for task, seed in zip(todo, fork_seed(0, n=len(todo)))]
+    weights = [float(task.weight) for task in todo]
+    # Ctrl-C or SIGTERM inside a Python callback comes back out of TVM's C++ loop as a RuntimeError;
+    # the handlers note which signal it was, to raise it again as itself (the records measured so
+    # far are in the database: it appends each one as it is measured).
+    caught: dict = {}
+
+    def interrupt(signum, frame):
+        caught["signum"] = signum
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(folder),
                       max_trials_global=trials_per_kernel * len(contexts), max_trials_per_task=trials_per_kernel,
                       num_trials_per_iter=min(TRIALS_PER_ROUND, trials_per_kernel), database=db,
                       # (the workers import the tensor intrinsics too: 90 s each on a busy machine without this)
-                      builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S,
-                                                      initializer=_import_tensor_intrinsics),
-                      runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=_import_tensor_intrinsics), cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+                      builder=BudgetBuilder(),
+                      runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=_import_tensor_intrinsics),
+                      cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
                       measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Budget()])
-    except Exception:  # noqa: BLE001  (the budget's stop comes back through TVM's C++ loop)
+    except Exception:  # noqa: BLE001  (the budget's stop comes back through TVM's C++ loop too)
+        if "signum" in caught:
+            raise KeyboardInterrupt if caught["signum"] == signal.SIGINT else SystemExit(128 + caught["signum"])
         if not count.get("spent"):  # (it arrives as a RuntimeError: the flag says it was ours)
             raise
         summary["stopped"] = "budget"
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return count["trials"]
 
 
