@@ -143,18 +143,26 @@ class Tuned:
     kernels: dict | None = None
 
 
+def _deep_copy(func):
+    """`func` with every variable a new object (a Relax variable is defined in one function
+    only). relax.utils.copy_with_new_vars fails on a KV-cache main ("no FInferType for
+    prim.if_then_else"); a JSON round trip copies without re-inferring anything."""
+    import tvm
+
+    return tvm.ir.load_json(tvm.ir.save_json(func))
+
+
 def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     """`mod` whose `main` calls `main` specialized to a bucket when the inputs have its shapes
     (checked in order), else the symbolic `main` (now `main_any`)."""
     from tvm import relax, tirx
-    from tvm.relax.utils import copy_with_new_vars
 
     main = mod["main"]
-    fresh = copy_with_new_vars(main)  # the dispatcher's parameters and symbolic vars are its own
+    fresh = _deep_copy(main)  # the dispatcher's parameters and symbolic vars are its own
     known = {v.name: v for v in relax.analysis.defined_symbolic_vars(fresh)}
     bb = relax.BlockBuilder(mod)
     any_gv = bb.add_func(main.without_attr("global_symbol"), "main_any")
-    params, ret = list(fresh.params), fresh.ret_ty
+    params, ret = [relax.Var(p.name, p.ty) for p in fresh.params], fresh.ret_ty
 
     def bound(var, value):  # `var = value; var` as a branch of an If
         return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(var, value)])], var)
@@ -163,7 +171,7 @@ def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     for label, binding in reversed(list(buckets.items())):
         if set(binding) - set(known):
             continue  # a bucket of another graph's symbols: nothing to dispatch to
-        static = copy_with_new_vars(main.bind_symbolic_vars(binding)).without_attr("global_symbol")
+        static = _deep_copy(main.bind_symbolic_vars(binding)).without_attr("global_symbol")
         gv = bb.add_func(static, f"main_{label.replace('+', '_past')}")
         cond = tirx.const(True, "bool")
         for name, size in binding.items():
