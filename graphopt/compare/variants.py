@@ -41,12 +41,12 @@ class Runner:
     size_bytes: int | None = None          # artifact (or weights) on disk / in memory
     size_what: str = "files on disk"
     build_seconds: float | None = None     # optimize + lower + compile, export excluded
-    tuning_seconds: float | None = None    # TVM tuned: the minutes spent tuning its database, in seconds
     path: str | None = None
     settings: dict = dataclasses.field(default_factory=dict)   # session settings it runs with
     close: Callable[[], None] = lambda: None
     # How a fresh process loads the same thing (graphopt.compare.memory), or None where it cannot.
     memory_spec: dict | None = None
+    tuning_seconds: float | None = None    # TVM tuned: the time spent tuning its database
 
 
 @dataclasses.dataclass(frozen=True)
