@@ -319,12 +319,22 @@ def _progress(quiet: bool):
 @click.option("--accuracy-data", type=click.Path(path_type=str), default=None,
               help="Held-out text (.txt/.jsonl) for --accuracy-budget; for cosine, one sentence a line "
                    "(default: a graphopt.train checkpoint's val.txt).")
+@click.option("--tune-minutes", type=float, default=None, metavar="M",
+              help="--backend tvm (cpu): tune the kernels with MetaSchedule for at most M minutes (wall) at "
+                   "--tune-shapes, keep the records in --tune-db and build with them. A second run on the same "
+                   "shapes finds its records and tunes nothing. See docs/tvm.md (Tuning).")
+@click.option("--tune-shapes", default=None, metavar="BxS[+PAST],...",
+              help="The static shapes to tune, batch x seq after PAST cached tokens (default: "
+                   "1x128,4x128,1x1+128: prefill at 1 and 4 sequences of 128, one decode step after 128).")
+@click.option("--tune-db", type=click.Path(path_type=str), default=None, metavar="DIR",
+              help="The tuning database's folder (one subfolder per target; default "
+                   "~/.cache/graphopt/tvm-tuning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
              no_verify, overwrite, explain_fusions, logits, kv_cache, kv_layout, quantize, quant_method, prune,
              calibration,
-             accuracy_budget, accuracy_data, as_json, quiet):
+             accuracy_budget, accuracy_data, tune_minutes, tune_shapes, tune_db, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
 
     MODEL is an .onnx or .gir file (Hugging Face folders, training checkpoints and .pt files
@@ -351,6 +361,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
       graphopt optimize examples/default -o out/int8s --quantize int8-static
       graphopt optimize examples/default -o out/int4 --quantize int4 --accuracy-budget perplexity=+1%
       graphopt optimize examples/default -o out/pruned --prune heads=0.5,mlp=0.5,importance=wanda
+      graphopt optimize examples/default -o out/tuned --backend tvm --tune-minutes 8
+      graphopt optimize examples/default -o out/tuned --backend tvm --tune-minutes 2 --tune-shapes 1x1+128
       python -c "import graphopt; print(graphopt.load('out/tiny'))"
     """
     from graphopt.driver import format_fusions, format_report, optimize as run_optimize
@@ -375,7 +387,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
                           progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
                           kv_layout=kv_layout, quantize=quantize, quant_method=quant_method, calibration=calibration,
-                          accuracy_budget=accuracy_budget, accuracy_data=accuracy_data, prune=prune)
+                          accuracy_budget=accuracy_budget, accuracy_data=accuracy_data, prune=prune,
+                          tune_minutes=tune_minutes, tune_shapes=tune_shapes, tune_db=tune_db)
     progress.flush()  # the artifact is written: what it took goes above the report
     if as_json:
         import json

@@ -35,6 +35,8 @@ from graphopt.sample_inputs import check_index_ranges
 from graphopt.summary import summarize
 from graphopt.verify import verify as verify_graph
 
+TVM_TUNING = "graphopt.backends.tvm.tuning"  # imported when --tune-minutes asks for it (tvm is an extra)
+
 
 def default_pipeline() -> str:
     """Cleanup, the transformer fusions, cleanup again: right for decoders and encoders
@@ -119,7 +121,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              overwrite: bool = False, logits: str | None = None, kv_cache: bool = True,
              kv_layout: str | None = None, quantize: str | None = None, quant_method: str = "rtn",
              calibration: str | os.PathLike | None = None, accuracy_budget: str | None = None,
-             accuracy_data: str | os.PathLike | None = None, prune: str | None = None) -> OptimizeResult:
+             accuracy_data: str | os.PathLike | None = None, prune: str | None = None,
+             tune_minutes: float | None = None, tune_shapes: str | None = None,
+             tune_db: str | os.PathLike | None = None) -> OptimizeResult:
     """Load `model`, run the pipeline (the default recipe, cleanup + fusion + cleanup, unless `passes` or
     `recipe` is given), lower it for `backend`/`target`, and write the artifact to
     `output_dir` atomically (nothing is left there if anything fails).
@@ -144,7 +148,13 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     `prune` ("heads=0.25,mlp=0.5[,importance=wanda][,scope=global][,min-keep=N]") adds
     prune-heads / prune-mlp after the pipeline's fusions, before the KV-cache rewrite and
     quantization (wanda reads `calibration`); report.json's "pruning" and manifest.json's
-    "pruning" say what went (graphopt.pruning)."""
+    "pruning" say what went (graphopt.pruning).
+
+    `tune_minutes` (tvm, cpu) tunes the artifact's kernels with MetaSchedule for at most that
+    long at the static shapes `tune_shapes` ("1x128,4x128,1x1+128" by default: BATCHxSEQ[+PAST])
+    into the database under `tune_db` (default ~/.cache/graphopt/tvm-tuning), then builds with
+    what the database holds: see graphopt.backends.tvm.tuning. manifest.json's "tuning" says
+    what was tuned, for how long, and which kernels came from the database."""
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
     if output_dir is not None:
@@ -173,6 +183,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             raise UserError("--kv-layout chooses the cache of the default pipeline's rewrite-kv-cache; with "
                             "--no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}")
         check_layout(kv_layout, backend)
+    tune_spec = _check_tuning(backend, target, backend_options, tune_minutes, tune_shapes, tune_db)
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
     if prune is not None:
@@ -278,8 +289,15 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         out = Path(output_dir)
         progress(f"writing {out}")
         with atomic_dir(out) as tmp:
-            fields = be.save(optimized, tmp, target, dict(backend_options or {}))
+            if tune_spec is not None:
+                fields, tuning = _tuning().save_tuned(optimized, tmp, target, backend_options, tune_spec,
+                                                      tune_minutes, tune_shapes, tune_db, progress)
+                report.setdefault("backend_seconds", {})["tuning"] = round(60 * tuning["minutes"], 3)
+            else:
+                fields, tuning = be.save(optimized, tmp, target, dict(backend_options or {})), None
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
+            if tuning is not None:
+                manifest["tuning"] = report["tuning"] = tuning
             manifest.update(pruning_manifest(pm.records))
 
             # A Graph from graphopt.frontends remembers the folder it came from: its tokenizer.
@@ -308,6 +326,24 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+def _check_tuning(backend: str, target: str, backend_options, minutes, shapes, db) -> dict | None:
+    """The TVM target that --tune-minutes tunes for (graphopt.backends.tvm.tuning checks the
+    rest), or None without tuning; a one-line error for options that do not go together."""
+    if minutes is None:
+        if shapes is not None or db is not None:
+            raise UserError(f"{'--tune-shapes' if shapes is not None else '--tune-db'} goes with --tune-minutes")
+        return None
+    if backend != "tvm":
+        raise UserError("--tune-minutes tunes the TVM backend's kernels: add --backend tvm")
+    return _tuning().check(target, backend_options, minutes, shapes, db)
+
+
+def _tuning():
+    import importlib
+
+    return importlib.import_module(TVM_TUNING)
 
 
 def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):

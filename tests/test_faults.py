@@ -326,6 +326,16 @@ CASES = {
     "compare-data-tokenizer-corrupt": ("compare {B}/ckpt_badtok -q --data {B}/notes.txt",
                                        "ckpt_badtok/tokenizer.json: not a valid tokenizer.json"),
     "bad-backend-option": ("optimize {EX} -o {W}/out -q --backend-option novalue", "expected KEY=VALUE"),
+    # tuning (tvm): checked before the model loads, nothing tuned or written
+    "tune-minutes-negative": ("optimize {EX} -o {W}/out -q --backend tvm --tune-minutes -1",
+                              "--tune-minutes -1.0: expected a positive number of minutes"),
+    "tune-minutes-without-tvm": ("optimize {EX} -o {W}/out -q --tune-minutes 1", "add --backend tvm"),
+    "tune-db-unwritable": ("optimize {EX} -o {W}/out -q --backend tvm --tune-minutes 1 --tune-db {B}/a_file",
+                           "--tune-db {B}/a_file: cannot write the tuning database there"),
+    "tune-shapes-bad": ("optimize {EX} -o {W}/out -q --backend tvm --tune-minutes 1 --tune-shapes 1x",
+                        "--tune-shapes '1x': expected BATCHxSEQ"),
+    "tune-shapes-without-minutes": ("optimize {EX} -o {W}/out -q --backend tvm --tune-shapes 1x1",
+                                    "--tune-shapes goes with --tune-minutes"),
 }
 
 

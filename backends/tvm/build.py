@@ -13,13 +13,17 @@ through NVRTC (`cuda-bindings`) when it is installed, else through `nvcc`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import os
 import shutil
+from pathlib import Path
 
 from graphopt.errors import UserError
 from graphopt.backends.tvm import schedules, schedules_quant
 
 DEFAULT_CUDA_ARCH = "sm_80"  # when no GPU is here to ask (cross-compiling)
+DB_FILES = ("database_workload.json", "database_tuning_record.json")  # a MetaSchedule JSONDatabase
 
 
 def system_cpu() -> str:
@@ -74,13 +78,35 @@ def _cuda_compile_mode(mode: str):
             os.environ["TVM_CUDA_COMPILE_MODE"] = old
 
 
+_tuned: contextvars.ContextVar = contextvars.ContextVar("graphopt_tvm_tuned", default=None)
+
+
+@contextlib.contextmanager
+def tuned(record: "Tuned"):
+    """Builds inside this block (CPU) apply the tuning database of `record`: its buckets get
+    their own static copy of `main` whose kernels come from the database where it has them
+    (graphopt.backends.tvm.tuning makes the records); `record.kernels` then says which did."""
+    token = _tuned.set(record)
+    try:
+        yield record
+    finally:
+        _tuned.reset(token)
+
+
 def optimize_module(mod, target):
     """Relax-level passes and schedules for `target`; returns the module ready to build."""
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    record = _tuned.get()
     with target:
-        mod = relax.get_pipeline("zero")(mod)
+        if record is not None and target.kind.name == "llvm":
+            mod = with_buckets(mod, record.buckets)
+            with open_database(record.folder):  # the zero pipeline applies the current database
+                mod = relax.get_pipeline("zero")(mod)
+            record.kernels = kernel_sources(mod)
+        else:
+            mod = relax.get_pipeline("zero")(mod)
         mod = dl.ApplyDefaultSchedule(*schedules_quant.rules())(mod)  # the dequantize-fused kernels
         if target.kind.name == "cuda":
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
@@ -103,3 +129,88 @@ def build(mod, spec: dict):
         with _cuda_compile_mode(mode):
             return tvm.compile(mod, target=target)
     return tvm.compile(mod, target=target)
+
+
+# -- tuned builds: each bucket dispatched to its own static copy of main ------------------------
+
+
+@dataclasses.dataclass
+class Tuned:
+    """What a build applies: the database folder and each bucket's static sizes; after the
+    build, `kernels` says which came from the database and which from the default schedules."""
+
+    folder: Path
+    buckets: dict[str, dict[str, int]]  # label -> symbolic var -> size
+    kernels: dict | None = None
+
+
+def _deep_copy(func):
+    """`func` with every variable a new object (a Relax variable is defined in one function
+    only). relax.utils.copy_with_new_vars fails on a KV-cache main ("no FInferType for
+    prim.if_then_else"); a JSON round trip copies without re-inferring anything."""
+    import tvm
+
+    return tvm.ir.load_json(tvm.ir.save_json(func))
+
+
+def with_buckets(mod, buckets: dict[str, dict[str, int]]):
+    """`mod` whose `main` calls `main` specialized to a bucket when the inputs have its shapes
+    (checked in order), else the symbolic `main` (now `main_any`)."""
+    from tvm import relax, tirx
+
+    main = mod["main"]
+    fresh = _deep_copy(main)  # the dispatcher's parameters and symbolic vars are its own
+    known = {v.name: v for v in relax.analysis.defined_symbolic_vars(fresh)}
+    bb = relax.BlockBuilder(mod)
+    any_gv = bb.add_func(main.without_attr("global_symbol"), "main_any")
+    params, ret = [relax.Var(p.name, p.ty) for p in fresh.params], fresh.ret_ty
+
+    def bound(var, value):  # `var = value; var` as a branch of an If
+        return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(var, value)])], var)
+
+    body = bound(relax.Var("result", ret), relax.Call(any_gv, params))
+    for label, binding in reversed(list(buckets.items())):
+        if set(binding) - set(known):
+            continue  # a bucket of another graph's symbols: nothing to dispatch to
+        static = _deep_copy(main.bind_symbolic_vars(binding)).without_attr("global_symbol")
+        gv = bb.add_func(static, f"main_{label.replace('+', '_past')}")
+        cond = tirx.const(True, "bool")
+        for name, size in binding.items():
+            cond = tirx.all(cond, known[name] == size)
+        casts = [relax.Var(p.name, q.ty) for p, q in zip(params, static.params)]
+        result = relax.Var("result", ret)
+        branch = relax.SeqExpr([relax.BindingBlock(
+            [relax.MatchCast(c, p, c.ty) for c, p in zip(casts, params)]
+            + [relax.MatchCast(result, relax.Call(gv, casts), ret)])], result)
+        body = bound(relax.Var("result", ret), relax.If(relax.prim_value(cond), branch, body))
+    dispatcher = bb.normalize(relax.Function(params, body, ret, main.is_pure, main.attrs))
+    bb.update_func(mod.get_global_var("main"), dispatcher)
+    out = bb.get()
+    return out
+
+
+def kernel_sources(mod) -> dict:
+    """Which kernels of a built module the database scheduled, and how many got the defaults."""
+    from tvm import tirx
+
+    tuned, default = [], 0
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+                tuned.append(gv.name_hint)
+            else:
+                default += 1
+    return {"from_database": sorted(tuned), "default_schedules": default}
+
+
+def open_database(folder: Path):
+    """The JSONDatabase in `folder`; a last line cut short by a kill is dropped first."""
+    from tvm.s_tir import meta_schedule as ms
+
+    for name in DB_FILES:
+        path = folder / name
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                path.write_bytes(data[: data.rfind(b"\n") + 1])
+    return ms.database.JSONDatabase(work_dir=str(folder))

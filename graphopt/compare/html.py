@@ -139,7 +139,8 @@ _JS = r"""
       tr.appendChild(h("td", p.perplexity !== undefined ? p.perplexity.toFixed(3) : (p.error || "-"), p.error ? "err" : ""));
     }
     tr.appendChild(h("td", fmtBytes(c.size_bytes)));
-    tr.appendChild(h("td", c.build_seconds === null ? "-" : c.build_seconds.toFixed(1) + " s"));
+    tr.appendChild(h("td", (c.build_seconds === null ? "-" : c.build_seconds.toFixed(1) + " s") +
+                     (c.tuning_seconds ? ` + ${(c.tuning_seconds / 60).toFixed(1)} min tuning` : "")));
     const mem = c.memory || {};
     tr.appendChild(h("td", mem.error ? "-" : fmtBytes(mem.peak_bytes), "peak-memory"));
     tr.appendChild(h("td", mem.error ? mem.error : fmtBytes(mem.model_and_run_bytes), mem.error ? "err" : ""));

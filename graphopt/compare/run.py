@@ -120,6 +120,11 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
                             "artifacts: optimize with --no-kv-cache for it")
         b = BACKEND_OF_ARTIFACT.get(manifest.get("backend"), manifest.get("backend", "?"))
         cells.append(Cell(f"{b}/{a.name}", b, a.name, f"artifact {a}", False, V.artifact_variant(a)))
+    if "tvm" in backends and "fp32" in variants and not artifacts:
+        tuned = V.tvm_tuned_cell(batch, seqs)
+        if tuned is not None:
+            cell_id, summary, builder = tuned
+            cells.append(Cell(cell_id, "tvm", V.TVM_TUNED, summary, False, builder))
     if len({c.id for c in cells}) != len(cells):
         raise UserError("two cells would have the same name; give artifact folders distinct names")
     cells.sort(key=lambda c: (c.id != "torch/fp32",))  # the reference first
@@ -266,6 +271,7 @@ def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, mach
         cell = {"id": c.id, "backend": c.backend, "variant": c.variant, "summary": c.summary, "anchor": c.anchor,
                 "status": "error" if c.error else "ok", "error": c.error,
                 "build_seconds": None if r is None else r.build_seconds,
+                "tuning_seconds": None if r is None else r.tuning_seconds,
                 "size_bytes": None if r is None else r.size_bytes,
                 "size_what": None if r is None else r.size_what,
                 "path": None if r is None else r.path,

@@ -108,7 +108,8 @@ def render(report: dict, console=None) -> None:
         if gen:
             row += gen_columns(c, gen)
         row.append(fmt_bytes(c["size_bytes"]))
-        row.append("-" if c["build_seconds"] is None else f"{c['build_seconds']:.1f} s")
+        row.append(("-" if c["build_seconds"] is None else f"{c['build_seconds']:.1f} s")
+                   + (f" + {c['tuning_seconds'] / 60:.1f} min tuning" if c.get("tuning_seconds") else ""))
         mem = c.get("memory") or {}
         row.append("[red]failed[/]" if "error" in mem else fmt_bytes(mem.get("peak_bytes")))
         t.add_row(*row)

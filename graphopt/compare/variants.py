@@ -46,6 +46,7 @@ class Runner:
     close: Callable[[], None] = lambda: None
     # How a fresh process loads the same thing (graphopt.compare.memory), or None where it cannot.
     memory_spec: dict | None = None
+    tuning_seconds: float | None = None    # TVM tuned: the time spent tuning its database
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +306,39 @@ def build_ort_int8(ctx: BuildContext, backend: str) -> Runner:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         quantize_dynamic(str(ctx.export_onnx()), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     return ctx.ort_runner(out, time.perf_counter() - t)
+
+
+TVM_TUNED = "fp32-tuned"  # the variant of the TVM tuned cell, there when a tuning database exists
+
+
+def tvm_tuned_cell(batch: int, seqs: list[int]) -> tuple[str, str, Callable[[BuildContext, str], Runner]] | None:
+    """(cell id, summary, builder) of TVM fp32 built with this machine's tuning database (the
+    default one of `graphopt optimize --tune-minutes`), or None where it has no records. The
+    cell applies the database at compare's shapes; it never tunes."""
+    import importlib
+
+    tuning = importlib.import_module("graphopt.backends.tvm.tuning")  # tvm is an extra: only with --backends tvm
+    build = tuning.build
+    spec = build.cpu_target_spec()
+    folder = tuning.database_dir(None, spec, create=False)
+    records = tuning.record_count(folder)
+    if records == 0:
+        return None
+
+    def build_tuned(ctx: BuildContext, backend: str) -> Runner:
+        graph = ctx.export_graph()
+        record = build.Tuned(folder, {b.label: tuning.bindings(graph, b) for b in
+                                      (tuning.Bucket(batch, s) for s in seqs)})
+        with build.tuned(record):
+            path, seconds = ctx.optimize(TVM_TUNED, "tvm")
+        runner = ctx.artifact_runner(path, seconds)
+        runner.tuning_seconds = round(60 * tuning.tuning_minutes(folder), 1)
+        runner.settings = {**runner.settings, "tuning_database": str(folder), "records": records,
+                           "kernels_from_database": len(record.kernels["from_database"]) if record.kernels else 0}
+        return runner
+
+    return (f"tvm (tuned, {records} records)", f"graphopt fp32 on TVM with the tuning database {folder} "
+            "(`graphopt optimize --backend tvm --tune-minutes`) applied at these shapes", build_tuned)
 
 
 def _is_encoder(ctx: BuildContext) -> bool:
