@@ -93,6 +93,14 @@ def tuned(record: "Tuned"):
         _tuned.reset(token)
 
 
+def tuning_database_applies() -> bool:
+    """Whether builds now apply a tuning database (inside `tuned`). Such builds lower the
+    weights unpacked: the database's records were tuned on the unpacked kernels (the tasks
+    `graphopt.backends.tvm.tuning` extracts), and the bucket copies of `main` cannot share the
+    packed-panel PrimFuncs of the symbolic one."""
+    return _tuned.get() is not None
+
+
 def optimize_module(mod, target):
     """Relax-level passes and schedules for `target`; returns the module ready to build."""
     from tvm import relax
@@ -144,13 +152,24 @@ class Tuned:
     kernels: dict | None = None
 
 
-def _deep_copy(func):
+def _deep_copy(func, mod):
     """`func` with every variable a new object (a Relax variable is defined in one function
     only). relax.utils.copy_with_new_vars fails on a KV-cache main ("no FInferType for
-    prim.if_then_else"); a JSON round trip copies without re-inferring anything."""
+    prim.if_then_else"); a JSON round trip copies without re-inferring anything. The round
+    trip also makes new global variables, so the kernels `func` calls (`call_tir` of the
+    lowering's own PrimFuncs) are pointed back at `mod`'s."""
     import tvm
+    from tvm import relax
 
-    return tvm.ir.load_json(tvm.ir.save_json(func))
+    copy = tvm.ir.load_json(tvm.ir.save_json(func))
+    gvs = {gv.name_hint: gv for gv in mod.get_global_vars()}
+
+    @relax.expr_functor.mutator
+    class _Rebind(relax.PyExprMutator):
+        def visit_global_var_(self, op):
+            return gvs.get(op.name_hint, op)
+
+    return _Rebind(mod).visit_expr(copy)
 
 
 def with_buckets(mod, buckets: dict[str, dict[str, int]]):
@@ -159,7 +178,7 @@ def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     from tvm import relax, tirx
 
     main = mod["main"]
-    fresh = _deep_copy(main)  # the dispatcher's parameters and symbolic vars are its own
+    fresh = _deep_copy(main, mod)  # the dispatcher's parameters and symbolic vars are its own
     known = {v.name: v for v in relax.analysis.defined_symbolic_vars(fresh)}
     bb = relax.BlockBuilder(mod)
     any_gv = bb.add_func(main.without_attr("global_symbol"), "main_any")
@@ -172,7 +191,7 @@ def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     for label, binding in reversed(list(buckets.items())):
         if set(binding) - set(known):
             continue  # a bucket of another graph's symbols: nothing to dispatch to
-        static = _deep_copy(main.bind_symbolic_vars(binding)).without_attr("global_symbol")
+        static = _deep_copy(main.bind_symbolic_vars(binding), mod).without_attr("global_symbol")
         gv = bb.add_func(static, f"main_{label.replace('+', '_past')}")
         cond = tirx.const(True, "bool")
         for name, size in binding.items():

@@ -16,7 +16,7 @@ from graphopt.ir import Graph, signature
 from graphopt.weights_file import read_tensors, write_tensors
 
 from graphopt.backends.tvm import rules_core, rules_graphopt, rules_quant, rules_shapes  # noqa: F401  (register the rules)
-from graphopt.backends.tvm.build import build, cuda_compiler, system_cpu, target_spec
+from graphopt.backends.tvm.build import build, cuda_compiler, system_cpu, target_spec, tuning_database_applies
 from graphopt.backends.tvm.lowering import lower_graph, prepare
 
 NAME = "tvm"
@@ -73,7 +73,7 @@ def _build(graph: Graph, target: str, options: dict | None):
     options = _check_options(options)
     t0 = time.perf_counter()
     g = prepare(graph)
-    mod, params = lower_graph(g, pack_weights=target == "cpu")
+    mod, params = lower_graph(g, pack_weights=target == "cpu" and not tuning_database_applies())
     t1 = time.perf_counter()
     spec = target_spec(target, options)
     executable = build(mod, spec)
