@@ -83,6 +83,24 @@ def test_batched_symbolic_rows_and_columns(seq, total):
     _check(_run(mod, a, b)[1], a, b)
 
 
+@pytest.mark.parametrize("seq", [1, 5])
+def test_rows_a_symbolic_multiple_of_the_tile(seq):
+    # grouped-query attention with 4 query heads per KV head: the scores' rows are seq * 4,
+    # which the row tile divides whatever seq is (nothing to pad: no copy-out block)
+    s, total = tirx.Var("seq", "int64"), tirx.Var("total", "int64")
+    bb = relax.BlockBuilder()
+    ids = relax.Var("ids", relax.TensorType([s], "int64"))  # where `seq` is defined
+    a = relax.Var("a", relax.TensorType([1, 2, s * 4, total], "float32"))
+    b = relax.Var("b", relax.TensorType([1, 2, total, 64], "float32"))
+    with bb.function("main", [ids, a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.matmul(a, b)))
+        bb.emit_func_output(out)
+    x = RNG.standard_normal((1, 2, seq * 4, 9), np.float32)
+    y = RNG.standard_normal((1, 2, 9, 64), np.float32)
+    _check(_run(bb.get(), np.zeros(seq, np.int64), x, y)[1], x, y)
+
+
 def test_epilogue_is_fused_and_correct():
     mod = _matmul_module(("m", 64), (64, 128), bias=True)
     a, b = RNG.standard_normal((37, 64), np.float32), RNG.standard_normal((64, 128), np.float32)

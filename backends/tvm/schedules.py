@@ -43,6 +43,16 @@ def _extent(sch, loop):
     return get_extent(sch, loop)
 
 
+def _divides(tile: int, extent) -> bool:
+    """Whether `tile` divides `extent`, a number or a symbolic expression (`seq * 4`: the
+    rows of grouped-query attention's scores, whatever `seq` is)."""
+    if isinstance(extent, int):
+        return extent % tile == 0
+    from tvm import sym, tirx
+
+    return sym.Analyzer().can_prove_equal(tirx.floormod(extent, tile), 0)
+
+
 def _read_names(block) -> list[str]:
     return [r.source.name for r in block.reads]
 
@@ -129,7 +139,7 @@ def cpu_rules() -> list:
             # columns are padded (pad_einsum: A's tile rows copied with zeros past the end, the
             # result copied back), so the tile's inner loop has no condition at all.
             m = _extent(sch, spatial[-1]) if spatial else 1
-            pad_rows = spatial and not (isinstance(m, int) and m % TILE_ROWS == 0)
+            pad_rows = spatial and not _divides(TILE_ROWS, m)
             pad_cols = not (isinstance(n, int) and n % width == 0)
             a_pad = b_pad = c_pad = None
             if pad_rows or pad_cols:
@@ -142,7 +152,9 @@ def cpu_rules() -> list:
                         b_pad = blk
                     elif written.same_as(padded.reads[1 - b_index].source) and pad_rows:
                         a_pad = blk
-                (c_pad,) = sch.get_consumers(main.block_rv)
+                # The copy-out of the padded result; none when TVM found nothing to pad.
+                consumers = sch.get_consumers(main.block_rv)
+                c_pad = consumers[0] if len(consumers) == 1 else None
                 *spatial, j, k = sch.get_loops(main.block_rv)
                 panel = spatial.pop() if packed else None
             jo, ji = (panel, j) if packed else sch.split(j, [None, width])
