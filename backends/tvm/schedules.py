@@ -140,7 +140,7 @@ def cpu_rules() -> list:
             # result copied back), so the tile's inner loop has no condition at all.
             m = _extent(sch, spatial[-1]) if spatial else 1
             pad_rows = spatial and not _divides(TILE_ROWS, m)
-            pad_cols = not (isinstance(n, int) and n % width == 0)
+            pad_cols = not _divides(width, n)
             a_pad = b_pad = c_pad = None
             if pad_rows or pad_cols:
                 sch.pad_einsum(main.block_rv, [1] * (len(spatial) - 1) + ([TILE_ROWS if pad_rows else 1] if spatial else [])
