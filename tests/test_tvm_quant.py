@@ -58,11 +58,14 @@ def test_quant_linear_matches_reference(bits, block_size, symmetric, lead):
     assert_close(got, want, rtol=0, atol=_tolerance(want, k), what=f"int{bits} b{block_size}")
 
 
-def test_quant_linear_symbolic_rows():
-    """One build serves any batch and length (the kernel's row count is a variable)."""
-    g, _ = _quant_linear_graph(("batch", "seq"), 24, 96, 4, 32, symmetric=False)
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False)], ids=["int4-asym", "int4-sym", "int8"])
+def test_quant_linear_symbolic_rows(bits, symmetric):
+    """One build serves any batch and length (the kernel's row count is a variable): whole
+    groups of rows, the remainder one at a time, and a single row (decode); N (130) spans
+    three panels, the last one padded."""
+    g, _ = _quant_linear_graph(("batch", "seq"), 130, 96, bits, 32, symmetric=symmetric)
     compiled = tvm_backend.compile_graph(g)
-    for shape in ((1, 1), (2, 17), (3, 5)):
+    for shape in ((1, 1), (2, 17), (3, 5), (1, 4)):
         feeds = {"x": RNG.standard_normal(shape + (96,)).astype(np.float32)}
         want = run_reference(g, feeds)[g.outputs[0].name]
         assert_close(compiled.run(feeds)[g.outputs[0].name], want, rtol=0, atol=_tolerance(want, 96), what=str(shape))
@@ -82,6 +85,27 @@ def test_quant_gather_matches_reference(bits, symmetric):
     want = run_reference(g, feeds)[g.outputs[0].name]
     got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
     assert_close(got, want, rtol=0, atol=0, what=f"int{bits}")  # the same arithmetic: exact
+
+
+def test_tied_head_and_embedding_share_one_panel_copy():
+    """An embedding lookup and the LM head tied to it (one quantized table): both run on the
+    table stored once, in column panels; the logits equal the reference kernels'."""
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+
+    vocab, hidden = 150, 64  # vocab: three panels, the last one padded
+    packed, scales, zp = quantize_blockwise(RNG.standard_normal((vocab, hidden)).astype(np.float32), 4, 32, False)
+    g = Graph("tied")
+    b = Builder(g)
+    ids = g.add_input("ids", TensorType(DType.INT64, ("batch", "seq")))
+    table = [b.const(packed, "table"), b.const(scales, "table_scales"), b.const(zp, "table_zp")]
+    h = b.op("QuantGather", table[0], ids, *table[1:], domain="graphopt", K=hidden, bits=4, block_size=32)
+    g.outputs = [b.op("QuantLinear", h, *table, domain="graphopt", K=hidden, N=vocab, bits=4, block_size=32)]
+    _, params = lower_graph(prepare(g), pack_weights=True)
+    assert sorted(name for name, _ in params) == ["table:panels64", "table_scales:panels64", "table_zp:panels64"]
+    feeds = {"ids": np.array([[0, 149, 64], [-1, 63, 7]], np.int64)}
+    want = run_reference(g, feeds)[g.outputs[0].name]
+    got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
+    assert_close(got, want, rtol=0, atol=_tolerance(want, hidden), what="tied head")
 
 
 # --------------------------------------------------------------------------------------
@@ -139,31 +163,34 @@ def _float_buffers(mod) -> dict[str, list[tuple[str, int | None]]]:
     return out
 
 
-def _optimized(g: Graph, target_kind: str):
+def _optimized(g: Graph, target_kind: str, pack_weights: bool = False):
     import tvm
 
     from graphopt.backends.tvm.build import cpu_target_spec, cuda_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
 
-    mod, _ = lower_graph(prepare(g))
+    mod, _ = lower_graph(prepare(g), pack_weights=pack_weights)
     spec = cpu_target_spec() if target_kind == "cpu" else cuda_target_spec("sm_80")
     return optimize_module(mod, tvm.target.Target(spec))
 
 
 @pytest.mark.parametrize("lead", [(1, 1), ("batch", "seq"), (2, 17)], ids=["gemv", "gemv-rows", "matmul"])
-@pytest.mark.parametrize("target", ["cpu", "cuda"])
+@pytest.mark.parametrize("target", ["cpu", "cpu-panels", "cuda"])
 def test_no_float_weight_in_memory(lead, target):
+    from graphopt.backends.tvm.quant_panels import ATTR
     from graphopt.backends.tvm.schedules_quant import KERNEL_ATTR
 
     n, k = 96, 256  # the weight (24,576 floats) is larger than any activation here (34 x 256 or rows x 256)
     g, _ = _quant_linear_graph(lead, n, k, 4, 32, symmetric=False)
-    mod = _optimized(g, target)
+    panels = target == "cpu-panels" and lead != (2, 17)  # a static row count above one: the matmul form
+    mod = _optimized(g, target.split("-")[0], pack_weights=target == "cpu-panels")
     kernels = [gv.name_hint for gv, f in mod.functions_items()
-               if getattr(f, "attrs", None) is not None and KERNEL_ATTR in f.attrs]
+               if getattr(f, "attrs", None) is not None and (ATTR if panels else KERNEL_ATTR) in f.attrs]
     assert len(kernels) == 1, f"the fused kernel is not in the module: {[gv.name_hint for gv in mod.get_global_vars()]}"
     assert mod[kernels[0]].attrs["tirx.is_scheduled"], "the fused kernel was left unscheduled"
     buffers = _float_buffers(mod)
-    assert any(name == "dequantize_local" or name.startswith("quant_matmul") for name, _ in buffers[kernels[0]])
+    expected = ("acc", "block") if panels else ("dequantize_local", "quant_matmul")
+    assert any(name.startswith(expected) for name, _ in buffers[kernels[0]]), buffers[kernels[0]]
     too_big = {f: [(b, size) for b, size in bufs if size >= n * k // 2] for f, bufs in buffers.items()}
     assert not any(too_big.values()), f"a float buffer as large as the weight: {too_big}"
 
