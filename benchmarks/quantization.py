@@ -22,6 +22,16 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
    graphopt int4 (block 32, RTN) against onnxruntime-genai's model builder `-p int4 -e cpu` on the
    same folder, both driven by the same harness (`--no-llama` skips it).
 Timings are medians of `--repeats` runs, variants interleaved round by round.
+
+`--gemv-kernels` times instead one int4 kernel at a time (M = 1, block 32, asymmetric), on
+GPT-2 small's weight shapes, in GB/s of the bytes it reads (packed weights, scales, zero points):
+TVM's QuantLinear kernels (the panel GEMV that CPU builds use, and the TE GEMV forms, 1 row and a
+group of 4, that the other builds use) against ONNX Runtime's MatMulNBits (accuracy_level 4 and 0)
+on the same weights, and numpy summing the same number of bytes on the same threads. Each variant
+cycles through enough copies of its weights (over 96 MB) that they come from memory, as in a
+decode step, not from the cache:
+
+    python benchmarks/quantization.py --gemv-kernels --threads 2 --out benchmarks/results/quant_gemv.json
 """
 from __future__ import annotations
 
@@ -211,6 +221,123 @@ def llama_decode_int4(work: Path, args, bandwidth_gb_s: float) -> dict:
     return out
 
 
+GPT2_GEMV_SHAPES = {"qkv 768x2304": (2304, 768), "attn-out 768x768": (768, 768), "mlp-up 768x3072": (3072, 768),
+                    "mlp-down 3072x768": (768, 3072), "lm-head 768x50257": (50257, 768)}  # name: (N, K)
+
+
+def _copies(nbytes: int, total: int = 96 << 20) -> int:
+    """Copies of a weight that together exceed the last-level cache (32 MB here) three times."""
+    return max(2, -(-total // nbytes))
+
+
+def _time_cycling(fns: dict, repeats: int) -> dict:
+    """name -> (zero-argument callables, kernels they run in all: one per copy of the weights);
+    every round calls each variant's callables once; per kernel: median and min in seconds."""
+    for calls, _ in fns.values():
+        for fn in calls:
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (calls, kernels) in fns.items():
+            t = time.perf_counter()
+            for fn in calls:
+                fn()
+            times[name].append((time.perf_counter() - t) / kernels)
+    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
+
+
+def _tvm_gemv_kernels(packed, scales, zp, k: int, copies: int) -> dict:
+    """The TVM kernels for one weight, built alone: name -> (callables, one per copy; copies)."""
+    import tvm
+    from tvm import te
+
+    from graphopt.backends.tvm import quant_panels, schedules_quant
+    from graphopt.backends.tvm.build import cpu_target_spec
+
+    target, dev = tvm.target.Target(cpu_target_spec()), tvm.cpu()
+    n, n_blocks = scales.shape
+    x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
+    out = {}
+    panels = [quant_panels.packed_panels(packed), quant_panels.scales_panels(scales),
+              quant_panels.zero_panels(zp, 4, n_blocks)]
+    func = quant_panels.gemv_func(k=k, n_panels=quant_panels.panel_count(n), n_blocks=n_blocks, bits=4, block_size=32,
+                                  symmetric=False, group=1)
+    variants = {"tvm-panels": (func, panels, (1, quant_panels.panel_count(n) * quant_panels.PANEL))}
+    for group in (1, schedules_quant.GEMV_GROUP):
+        holders = [te.placeholder((1 if group == 1 else te.var("rows", "int64"), k), "float32", "x")]
+        holders += [te.placeholder(a.shape, str(a.dtype), name) for a, name in
+                    ((packed, "packed"), (scales, "scales"), (zp, "zero_points"))]
+        f = schedules_quant.quant_linear_func(*holders, bits=4, block_size=32, k=k, gemv_group=group)
+        f = schedules_quant.schedule_gemv(f, target).mod["main"]
+        variants[f"tvm-te-gemv-group{group}"] = (f, [packed, scales, zp], (1, group, n))
+    for name, (f, weights, out_shape) in variants.items():
+        fn = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target).mod["main"]
+        y = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
+        xt = tvm.runtime.tensor(x, dev)
+        sets = [[tvm.runtime.tensor(np.copy(a), dev) for a in weights] for _ in range(copies)]
+        out[name] = [lambda fn=fn, w=w, x=xt, y=y: fn(x, *w, y) for w in sets], copies
+    return out
+
+
+def _ort_matmulnbits(packed, scales, zp, k: int, copies: int, threads: int, accuracy_level: int):
+    """One session of `copies` MatMulNBits nodes on copies of the same weights, all fed the same
+    x: a run computes every copy once (returned as a callable and the copy count)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, _ = scales.shape
+    x = {"x": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)}
+    inits, nodes, outs = [], [], []
+    for i in range(copies):
+        inits += [numpy_helper.from_array(np.copy(packed), f"B{i}"), numpy_helper.from_array(scales.reshape(-1), f"scales{i}"),
+                  numpy_helper.from_array(zp.reshape(-1), f"zero_points{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"B{i}", f"scales{i}", f"zero_points{i}"], [f"y{i}"],
+                                      domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
+                                      accuracy_level=accuracy_level))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    path = Path(tempfile.mkdtemp(prefix="gemv_")) / "gemv.onnx"
+    onnx.save(model, str(path), save_as_external_data=True)
+    s = session(path, threads)
+    return [lambda: s.run(None, x)], copies
+
+
+def _numpy_reads(nbytes: int, copies: int, threads: int):
+    """numpy summing `nbytes` (as float64) split over `threads` threads, one buffer per copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads)
+    per = max(nbytes // 8 // threads, 1)
+    sets = [[np.ones(per) for _ in range(threads)] for _ in range(copies)]
+    return [lambda bufs=bufs: list(pool.map(np.sum, bufs)) for bufs in sets], copies
+
+
+def gemv_kernels(args) -> dict:
+    """One int4 GEMV at a time (see the module docstring): ms and GB/s of the bytes read."""
+    from graphopt.backends.tvm.runtime import use_cpu_threads
+    from graphopt.ops.quant_format import quantize_blockwise
+
+    use_cpu_threads(args.threads)
+    rng = np.random.default_rng(0)
+    shapes = {"tiny 64x96": (96, 64)} if args.tiny else GPT2_GEMV_SHAPES
+    out = {}
+    for name, (n, k) in shapes.items():
+        packed, scales, zp = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), 4, 32, False)
+        nbytes = packed.nbytes + scales.nbytes + zp.nbytes
+        copies = 2 if args.tiny else _copies(nbytes)
+        fns = _tvm_gemv_kernels(packed, scales, zp, k, copies)
+        for level in (4, 0):
+            fns[f"ort-matmulnbits-acc{level}"] = _ort_matmulnbits(packed, scales, zp, k, copies, args.threads, level)
+        fns["numpy-read"] = _numpy_reads(nbytes, copies, args.threads)
+        timing = _time_cycling(fns, args.repeats)
+        out[name] = {"bytes": nbytes, "copies": copies,
+                     **{v: {"p50_ms": round(p50 * 1e3, 4), "min_ms": round(best * 1e3, 4),
+                            "gb_s": round(nbytes / p50 / 1e9, 2)} for v, (p50, best) in timing.items()}}
+        print(name, {v: r["gb_s"] for v, r in out[name].items() if isinstance(r, dict)}, file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -222,6 +349,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
     ap.add_argument("--no-llama", action="store_true",
                     help="skip the Llama-style int4 decode row against onnxruntime-genai's model builder")
+    ap.add_argument("--gemv-kernels", action="store_true",
+                    help="time one int4 GEMV kernel at a time (TVM, ORT MatMulNBits, a numpy read) in GB/s, nothing else")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
@@ -232,6 +361,10 @@ def main() -> None:
     bandwidth = read_bandwidth(16 << 20 if args.tiny else None)
     results = {"threads": args.threads, "batch": 1, "tiny": args.tiny, "machine": machine_record(measure_bandwidth=False),
                "read_bandwidth": bandwidth, "versions": library_versions()}
+    if args.gemv_kernels:
+        results["gemv_kernels_int4_b32"] = gemv_kernels(args)
+        _write(results, args.out)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = gpt2_folder(work, args.tiny)
@@ -240,11 +373,15 @@ def main() -> None:
         results["gpt2_decode_int4"] = decode(folder, work, args, bandwidth["read_gb_s"])
         if not args.no_llama:
             results["llama_decode_int4"] = llama_decode_int4(work, args, bandwidth["read_gb_s"])
+    _write(results, args.out)
+
+
+def _write(results: dict, out: Path | None) -> None:
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
