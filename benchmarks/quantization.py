@@ -25,8 +25,9 @@ Timings are medians of `--repeats` runs, variants interleaved round by round.
 
 `--gemv-kernels` times instead one int4 kernel at a time (M = 1, block 32, asymmetric), on
 GPT-2 small's weight shapes, in GB/s of the bytes it reads (packed weights, scales, zero points):
-TVM's QuantLinear kernels (the panel GEMV that CPU builds use, and the TE GEMV forms, 1 row and a
-group of 4, that the other builds use) against ONNX Runtime's MatMulNBits (accuracy_level 4 and 0)
+TVM's QuantLinear kernels (the panel GEMVs that CPU builds use: int8 activations with VNNI where
+the CPU has it, X's quantization included, else fp32; and the TE GEMV forms, 1 row and a group
+of 4, that the other builds use) against ONNX Runtime's MatMulNBits (accuracy_level 4 and 0)
 on the same weights, and numpy summing the same number of bytes on the same threads. Each variant
 cycles through enough copies of its weights (over 96 MB) that they come from memory, as in a
 decode step, not from the cache:
@@ -262,7 +263,8 @@ def _tvm_gemv_kernels(packed, scales, zp, k: int, copies: int) -> dict:
               quant_panels.zero_panels(zp, 4, n_blocks)]
     func = quant_panels.gemv_func(k=k, n_panels=quant_panels.panel_count(n), n_blocks=n_blocks, bits=4, block_size=32,
                                   symmetric=False, group=1)
-    variants = {"tvm-panels": (func, panels, (1, quant_panels.panel_count(n) * quant_panels.PANEL))}
+    width = quant_panels.panel_count(n) * quant_panels.PANEL
+    variants = {"tvm-panels-fp32": (func, panels, (1, width))}
     for group in (1, schedules_quant.GEMV_GROUP):
         holders = [te.placeholder((1 if group == 1 else te.var("rows", "int64"), k), "float32", "x")]
         holders += [te.placeholder(a.shape, str(a.dtype), name) for a, name in
@@ -276,6 +278,23 @@ def _tvm_gemv_kernels(packed, scales, zp, k: int, copies: int) -> dict:
         xt = tvm.runtime.tensor(x, dev)
         sets = [[tvm.runtime.tensor(np.copy(a), dev) for a in weights] for _ in range(copies)]
         out[name] = [lambda fn=fn, w=w, x=xt, y=y: fn(x, *w, y) for w in sets], copies
+    if quant_panels.vnni_available():  # what CPU builds run for 4 bits here: X to int8, then the VNNI GEMV
+        quantize = quant_panels.prim_func(quant_panels.quantize_rows_source(k=k, n_blocks=n_blocks, block_size=32))
+        gemv = quant_panels.prim_func(quant_panels.gemv_vnni_source(
+            k=k, n_panels=quant_panels.panel_count(n), n_blocks=n_blocks, block_size=32, symmetric=False))
+        lib = tvm.compile(tvm.IRModule({"quantize": quantize.with_attr("global_symbol", "quantize"),
+                                        "gemv": gemv.with_attr("global_symbol", "gemv")}), target=target).mod
+        xq = [tvm.runtime.tensor(np.zeros((1, c), t), dev) for c, t in ((n_blocks * 32, np.int8),
+                                                                        (n_blocks, np.float32), (n_blocks, np.int32))]
+        y, xt = tvm.runtime.tensor(np.zeros((1, width), np.float32), dev), tvm.runtime.tensor(x, dev)
+        weights = [quant_panels.vnni_panels(packed, 32)] + panels[1:]
+        sets = [[tvm.runtime.tensor(np.copy(a), dev) for a in weights] for _ in range(copies)]
+
+        def step(w, q=lib["quantize"], g=lib["gemv"]):
+            q(xt, *xq)
+            g(*xq, *w, y)
+
+        out["tvm-panels-vnni"] = [lambda w=w: step(w) for w in sets], copies
     return out
 
 

@@ -16,7 +16,7 @@ from graphopt.builder import Builder  # noqa: E402
 from graphopt.dtypes import DType  # noqa: E402
 from graphopt.interpreter import run as run_reference  # noqa: E402
 from graphopt.ir import Graph, TensorType  # noqa: E402
-from graphopt.ops.quant_format import quantize_blockwise  # noqa: E402
+from graphopt.ops.quant_format import dequantize_blockwise, quantize_blockwise  # noqa: E402
 from graphopt.testing import assert_close  # noqa: E402
 
 import graphopt.backends.tvm as tvm_backend  # noqa: E402
@@ -44,6 +44,41 @@ def _tolerance(want: np.ndarray, k: int) -> float:
     return float(4 * k * np.finfo(np.float32).eps * np.abs(want).max())
 
 
+def _int8_path(bits: int, lead) -> bool:
+    """Whether a CPU build runs this QuantLinear with X rounded to int8 (quant_panels.py: the
+    VNNI GEMV for 4 bits, at one row or a symbolic count, where the CPU has VNNI)."""
+    from graphopt.backends.tvm.quant_panels import vnni_available
+
+    return bits == 4 and (tuple(lead) == (1, 1) or any(isinstance(d, str) for d in lead)) and vnni_available()
+
+
+def _rounding_bound(g: Graph, x: np.ndarray, block_size: int) -> np.ndarray:
+    """The most X's rounding to int8 per block (|x - x8 * scale| <= max|x_block| / 254) can move
+    each output: sum over blocks of that times sum |w| over the block; [rows..., N]."""
+    node = next(n for n in g.nodes if n.op_type == "QuantLinear")  # its weight: [N, K]
+    packed, scales = (np.asarray(node.inputs[i].const_value) for i in (1, 2))
+    zp = None if len(node.inputs) < 4 or node.inputs[3] is None else np.asarray(node.inputs[3].const_value)
+    k = x.shape[-1]
+    w = np.abs(dequantize_blockwise(packed, scales, zp, 4, block_size, k)).astype(np.float64)
+    nb = scales.shape[1]
+    pad = nb * block_size - k
+    x_blocks = np.pad(np.abs(x.reshape(-1, k)), ((0, 0), (0, pad))).reshape(-1, nb, block_size).max(-1) / 254
+    w_blocks = np.pad(w, ((0, 0), (0, pad))).reshape(w.shape[0], nb, block_size).sum(-1)
+    return (x_blocks @ w_blocks.T).reshape(x.shape[:-1] + (w.shape[0],))
+
+
+def _check(g: Graph, feeds: dict, got: np.ndarray, want: np.ndarray, *, bits: int, block_size: int, lead, k: int,
+           what: str) -> None:
+    """got == want within fp32 reordering, plus X's int8 rounding where the int8 path ran."""
+    atol = _tolerance(want, k)
+    if _int8_path(bits, lead):
+        bound = _rounding_bound(g, feeds["x"], block_size) + atol
+        excess = np.abs(got.astype(np.float64) - want) - bound
+        assert excess.max() <= 0, f"{what}: beyond the int8 rounding bound by {excess.max():.3g} at {excess.argmax()}"
+        return
+    assert_close(got, want, rtol=0, atol=atol, what=what)
+
+
 # bits x block size x symmetric, on shapes the schedules do not divide (N and K odd, K not a
 # whole number of blocks), for one row (the GEMV schedule) and 2 x 17 rows (the matmul one)
 @pytest.mark.parametrize("bits", [4, 8])
@@ -55,20 +90,27 @@ def test_quant_linear_matches_reference(bits, block_size, symmetric, lead):
     g, feeds = _quant_linear_graph(lead, n, k, bits, block_size, symmetric, bias=not symmetric)
     want = run_reference(g, feeds)[g.outputs[0].name]
     got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
-    assert_close(got, want, rtol=0, atol=_tolerance(want, k), what=f"int{bits} b{block_size}")
+    _check(g, feeds, got, want, bits=bits, block_size=block_size, lead=lead, k=k, what=f"int{bits} b{block_size}")
 
 
-@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False)], ids=["int4-asym", "int4-sym", "int8"])
-def test_quant_linear_symbolic_rows(bits, symmetric):
+@pytest.mark.parametrize("bits,symmetric,vnni", [(4, False, True), (4, True, True), (4, False, False), (8, False, True)],
+                         ids=["int4-asym", "int4-sym", "int4-fp32", "int8"])
+def test_quant_linear_symbolic_rows(bits, symmetric, vnni, monkeypatch):
     """One build serves any batch and length (the kernel's row count is a variable): whole
     groups of rows, the remainder one at a time, and a single row (decode); N (130) spans
-    three panels, the last one padded."""
+    three panels, the last one padded. int4-fp32: the fp32 panel GEMV that 4-bit weights
+    take on a CPU without VNNI."""
+    from graphopt.backends.tvm import quant_panels
+
+    if not vnni:
+        monkeypatch.setattr(quant_panels, "vnni_available", lambda: False)
     g, _ = _quant_linear_graph(("batch", "seq"), 130, 96, bits, 32, symmetric=symmetric)
     compiled = tvm_backend.compile_graph(g)
     for shape in ((1, 1), (2, 17), (3, 5), (1, 4)):
         feeds = {"x": RNG.standard_normal(shape + (96,)).astype(np.float32)}
         want = run_reference(g, feeds)[g.outputs[0].name]
-        assert_close(compiled.run(feeds)[g.outputs[0].name], want, rtol=0, atol=_tolerance(want, 96), what=str(shape))
+        _check(g, feeds, compiled.run(feeds)[g.outputs[0].name], want, bits=bits, block_size=32, lead=("batch", "seq"),
+               k=96, what=str(shape))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -101,11 +143,13 @@ def test_tied_head_and_embedding_share_one_panel_copy():
     h = b.op("QuantGather", table[0], ids, *table[1:], domain="graphopt", K=hidden, bits=4, block_size=32)
     g.outputs = [b.op("QuantLinear", h, *table, domain="graphopt", K=hidden, N=vocab, bits=4, block_size=32)]
     _, params = lower_graph(prepare(g), pack_weights=True)
-    assert sorted(name for name, _ in params) == ["table:panels64", "table_scales:panels64", "table_zp:panels64"]
+    layout = "vnni64" if _int8_path(4, (1, 1)) else "panels64"
+    assert sorted(name for name, _ in params) == [f"table:{layout}", "table_scales:panels64", "table_zp:panels64"]
     feeds = {"ids": np.array([[0, 149, 64], [-1, 63, 7]], np.int64)}
     want = run_reference(g, feeds)[g.outputs[0].name]
     got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
-    assert_close(got, want, rtol=0, atol=_tolerance(want, hidden), what="tied head")
+    x = dequantize_blockwise(packed, scales, zp, 4, 32, hidden)[feeds["ids"]]  # the head's input: the gathered rows
+    _check(g, {"x": x}, got, want, bits=4, block_size=32, lead=("batch", "seq"), k=hidden, what="tied head")
 
 
 # --------------------------------------------------------------------------------------
@@ -185,7 +229,8 @@ def test_no_float_weight_in_memory(lead, target):
     panels = target == "cpu-panels" and lead != (2, 17)  # a static row count above one: the matmul form
     mod = _optimized(g, target.split("-")[0], pack_weights=target == "cpu-panels")
     kernels = [gv.name_hint for gv, f in mod.functions_items()
-               if getattr(f, "attrs", None) is not None and (ATTR if panels else KERNEL_ATTR) in f.attrs]
+               if getattr(f, "attrs", None) is not None and (ATTR if panels else KERNEL_ATTR) in f.attrs
+               and not gv.name_hint.startswith("quantize_rows")]  # the VNNI path's int8 copy of X: not the GEMV
     assert len(kernels) == 1, f"the fused kernel is not in the module: {[gv.name_hint for gv in mod.get_global_vars()]}"
     assert mod[kernels[0]].attrs["tirx.is_scheduled"], "the fused kernel was left unscheduled"
     buffers = _float_buffers(mod)

@@ -81,9 +81,15 @@ def quant_linear(lw: Lowerer, node, args):
     return [_activate(lw, y, _attr(node, "activation"))]
 
 
+def _vnni(bits: int, block_size: int) -> bool:
+    """Whether 4-bit weights take the int8 VNNI path (quant_panels.py) on this machine."""
+    return bits == 4 and block_size % 8 == 0 and quant_panels.vnni_available()
+
+
 def _panel_weights(lw: Lowerer, node, packed_at: int = 1):
     """The weight stored in column panels (packed, scales, zero points or None), for a constant
-    weight on a CPU target with pre-packed weights; None otherwise."""
+    weight on a CPU target with pre-packed weights; None otherwise. The packed bytes are in the
+    VNNI layout where `_vnni` holds, else in plain panels."""
     if not lw.pack_weights:
         return None
     ins = list(node.inputs) + [None] * 4
@@ -93,9 +99,13 @@ def _panel_weights(lw: Lowerer, node, packed_at: int = 1):
         return None
     if arrays[1].dtype != np.float32:
         return None
-    bits, n_blocks = _attr(node, "bits"), arrays[1].shape[1]
+    bits, block_size, n_blocks = _attr(node, "bits"), _attr(node, "block_size"), arrays[1].shape[1]
     tag = f"panels{quant_panels.PANEL}"
-    out = [lw.weight(values[0], tag, quant_panels.packed_panels), lw.weight(values[1], tag, quant_panels.scales_panels)]
+    if _vnni(bits, block_size):
+        packed = lw.weight(values[0], f"vnni{quant_panels.PANEL}", lambda q: quant_panels.vnni_panels(q, block_size))
+    else:
+        packed = lw.weight(values[0], tag, quant_panels.packed_panels)
+    out = [packed, lw.weight(values[1], tag, quant_panels.scales_panels)]
     out.append(None if values[2] is None else
                lw.weight(values[2], tag, lambda z: quant_panels.zero_panels(z, bits, n_blocks)))
     return out
@@ -106,12 +116,23 @@ def _panel_gemv(lw: Lowerer, node, args, x2, rows, lead: list):
     packed, scales, zp = _panel_weights(lw, node)
     bits, block_size, k, n = _attr(node, "bits"), _attr(node, "block_size"), node.attr("K"), node.attr("N")
     n_panels, n_blocks = quant_panels.panel_count(n), lw.shape(scales)[1]
-    func = quant_panels.gemv_func(k=k, n_panels=n_panels, n_blocks=n_blocks, bits=bits, block_size=block_size,
-                                  symmetric=zp is None, group=1 if rows == 1 else quant_panels.GROUP)
-    gv = lw.bb.add_func(func, f"quant_gemv_panels_int{bits}")
     width = n_panels * quant_panels.PANEL
-    operands = [x2, packed, scales] + ([zp] if zp is not None else [])
-    y = lw.emit(relax.call_tir(gv, operands, relax.TensorType([rows, width], lw.dtype(x2))))
+    weights = [packed, scales] + ([zp] if zp is not None else [])
+    out = relax.TensorType([rows, width], lw.dtype(x2))
+    if _vnni(bits, block_size):  # x as int8 per block (once, shared by every output), then the int8 GEMV
+        quantize = lw.bb.add_func(quant_panels.prim_func(quant_panels.quantize_rows_source(
+            k=k, n_blocks=n_blocks, block_size=block_size)), "quantize_rows_int8")
+        x8 = lw.emit(relax.call_tir(quantize, [x2], [relax.TensorType([rows, n_blocks * block_size], "int8"),
+                                                     relax.TensorType([rows, n_blocks], "float32"),
+                                                     relax.TensorType([rows, n_blocks], "int32")]))
+        gemv = lw.bb.add_func(quant_panels.prim_func(quant_panels.gemv_vnni_source(
+            k=k, n_panels=n_panels, n_blocks=n_blocks, block_size=block_size, symmetric=zp is None)),
+            f"quant_gemv_vnni_int{bits}")
+        y = lw.emit(relax.call_tir(gemv, [lw.emit(relax.TupleGetItem(x8, i)) for i in range(3)] + weights, out))
+    else:
+        func = quant_panels.gemv_func(k=k, n_panels=n_panels, n_blocks=n_blocks, bits=bits, block_size=block_size,
+                                      symmetric=zp is None, group=1 if rows == 1 else quant_panels.GROUP)
+        y = lw.emit(relax.call_tir(lw.bb.add_func(func, f"quant_gemv_panels_int{bits}"), [x2] + weights, out))
     if width != n:  # the padding outputs of the last panel
         y = lw.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
     y = lw.view(y, lead + [n]) if len(lead) != 1 else y
@@ -130,7 +151,8 @@ def quant_gather(lw: Lowerer, node, args):
     if panels is not None:  # the layout of the panel GEMV: a tied LM head reads the same copy
         table_rows = lw.const_array(node.inputs[0]).shape[0]
         rows = lw.bb.emit_te(quant_panels.gather_te, panels[0], flat, panels[1], panels[2], bits=bits,
-                             block_size=block_size, k=k, rows=table_rows, primfunc_name_hint=f"quant_gather_int{bits}")
+                             block_size=block_size, k=k, rows=table_rows, vnni=_vnni(bits, block_size),
+                             primfunc_name_hint=f"quant_gather_int{bits}")
         return [lw.emit(R.reshape(rows, lead + [k]))]
     packed, scales = lw.tensor(args[0]), lw.tensor(args[2])
     zp = lw.tensor(args[3]) if len(args) > 3 and args[3] is not None else None
