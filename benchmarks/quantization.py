@@ -20,7 +20,8 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
 3. a decode step with `--cached` tokens on the Llama-style Hugging Face folder of
    benchmarks/generation.py (hidden 512, 8 layers, 8 heads, 2 key/value heads, vocabulary 8192):
    graphopt int4 (block 32, RTN) against onnxruntime-genai's model builder `-p int4 -e cpu` on the
-   same folder, both driven by the same harness (`--no-llama` skips it).
+   same folder, both driven by the same harness (`--no-llama` skips it); with `--tvm`, the same
+   folder's int4 TVM artifact, timed beside graphopt's int4 and fp32 ORT ones, against its bound.
 Timings are medians of `--repeats` runs, variants interleaved round by round.
 
 `--gemv-kernels` times instead one int4 kernel at a time (M = 1, block 32, asymmetric), on
@@ -222,6 +223,33 @@ def llama_decode_int4(work: Path, args, bandwidth_gb_s: float) -> dict:
     return out
 
 
+def llama_decode_int4_tvm(work: Path, args, bandwidth_gb_s: float) -> dict:
+    """With `--tvm`: the Llama-style folder's int4 decode step (block 32, RTN) on TVM, timed
+    interleaved with graphopt's int4 and fp32 ORT artifacts of the same graph (the rows that tie
+    this table to `llama_decode_int4`'s), each against its weight bytes over the read bandwidth."""
+    import graphopt
+    from generation import decode_step, llama_folder
+
+    folder = work / "llama" if (work / "llama" / "config.json").exists() else llama_folder(work, args.tiny)
+    passes = "quantize-weights{bits=4,block-size=32}"
+    dirs = {"graphopt-fp32": work / "llama-tvm-ref-fp32", "graphopt-int4": work / "llama-tvm-ref-int4",
+            "graphopt-int4-tvm": work / "llama-int4-tvm"}
+    fp32 = graphopt.optimize(folder, dirs["graphopt-fp32"])
+    graphopt.optimize(fp32.graph, dirs["graphopt-int4"], passes=passes)
+    graphopt.optimize(fp32.graph, dirs["graphopt-int4-tvm"], backend="tvm", passes=passes)
+    artifacts = {name: graphopt.load(d, threads=args.threads) for name, d in dirs.items()}
+    step = decode_step(artifacts["graphopt-fp32"], args.cached)["step"]
+    runners = {name: (lambda a=a: a.run(step)) for name, a in artifacts.items()}
+    out = {"cached": args.cached, "timing": interleaved(runners, args.repeats)}
+    want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
+    out["logit_error_vs_fp32"] = {n: logit_error(runners[n]()["logits"], want) for n in dirs if n != "graphopt-fp32"}
+    out["weight_bytes"] = {n: initializer_bytes(d / "model.onnx") if (d / "model.onnx").exists() else tensor_bytes(d)
+                           for n, d in dirs.items()}
+    out["bandwidth_bound_ms"] = {n: round(b / (bandwidth_gb_s * 1e9) * 1e3, 3) for n, b in out["weight_bytes"].items()}
+    out["ratio_to_bound"] = {n: round(out["timing"][n]["p50_ms"] / out["bandwidth_bound_ms"][n], 3) for n in dirs}
+    return out
+
+
 GPT2_GEMV_SHAPES = {"qkv 768x2304": (2304, 768), "attn-out 768x768": (768, 768), "mlp-up 768x3072": (3072, 768),
                     "mlp-down 3072x768": (768, 3072), "lm-head 768x50257": (50257, 768)}  # name: (N, K)
 
@@ -392,6 +420,8 @@ def main() -> None:
         results["gpt2_decode_int4"] = decode(folder, work, args, bandwidth["read_gb_s"])
         if not args.no_llama:
             results["llama_decode_int4"] = llama_decode_int4(work, args, bandwidth["read_gb_s"])
+            if args.tvm:
+                results["llama_decode_int4_tvm"] = llama_decode_int4_tvm(work, args, bandwidth["read_gb_s"])
     _write(results, args.out)
 
 
