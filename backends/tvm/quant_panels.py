@@ -45,6 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 PANEL = 64  # outputs a panel: one 64-byte load of packed bytes feeds them; 4 AVX-512 accumulators
+PARALLEL_ROWS = 16  # X's int8 copy: rows from which it is made in parallel
 GROUP = 4  # rows that share each unpacked vector (prefill); the remainder runs a row at a time
 ATTR = "graphopt.quant_panels"  # marks the kernel (already scheduled) in the Relax module
 
@@ -171,9 +172,10 @@ def prim_func(source: str):
     analyses expect of every PrimFunc a call_tir names."""
     import tvm
 
-    head, _, loops = source.partition("\n    for ")
-    body = "\n".join("    " + line if line else line for line in ("    for " + loops).split("\n"))
-    source = f"{head}\n    with T.sblock('root'):\n{body}"
+    lines = source.split("\n")
+    start = max(i for i, line in enumerate(lines) if "T.match_buffer(" in line) + 1  # the body follows
+    body = ["    " + line if line else line for line in lines[start:]]
+    source = "\n".join(lines[:start] + ["    with T.sblock('root'):"] + body)
     return tvm.script.from_source(source).with_attrs({ATTR: 1, "tirx.is_scheduled": True, "op_pattern": 8})
 
 
@@ -186,8 +188,27 @@ def quantize_rows_source(*, k: int, n_blocks: int, block_size: int) -> str:
     the block's scale and the sum of its bytes (for the zero points); K padded with zeros."""
     width = n_blocks * block_size
     x = f"X[r, b * {block_size} + e]"
+    row = f"""for b in range({n_blocks}):
+    amax = T.alloc_buffer((1,), scope="local")
+    total = T.alloc_buffer((1,), "int32", scope="local")
+    amax[0] = T.float32(0)
+    for e in range({block_size}):
+        amax[0] = T.max(amax[0], T.fabs({{x}}))
+    XS[r, b] = amax[0] / T.float32(127)
+    total[0] = 0
+    for e in range({block_size}):
+        q = T.Cast("int32", T.round({{x}} * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
+        X8[r, b * {block_size} + e] = T.Cast("int8", q)
+        total[0] = total[0] + q
+    XSUM[r, b] = total[0]"""
     if width != k:
         x = f"T.if_then_else(b * {block_size} + e < {k}, X[r, T.min(b * {block_size} + e, {k - 1})], T.float32(0))"
+    row = row.replace("{x}", x)
+    # Many rows (prefill): in parallel. Few (decode): on the calling thread, since waking the
+    # pool for a row of K values costs more than the row.
+    body = "\n".join([f"    if m >= {PARALLEL_ROWS}:", "        for r in T.parallel(m):"]
+                     + ["            " + line for line in row.split("\n")]
+                     + ["    else:", "        for r in range(m):"] + ["            " + line for line in row.split("\n")])
     return f'''
 @T.prim_func(private=True, s_tir=True)
 def quantize_rows_int8(x: T.handle, x8: T.handle, x_scale: T.handle, x_sum: T.handle):
@@ -197,20 +218,7 @@ def quantize_rows_int8(x: T.handle, x8: T.handle, x_scale: T.handle, x_sum: T.ha
     X8 = T.match_buffer(x8, (m, {width}), "int8")
     XS = T.match_buffer(x_scale, (m, {n_blocks}), "float32")
     XSUM = T.match_buffer(x_sum, (m, {n_blocks}), "int32")
-    for r in T.parallel(m):
-        for b in range({n_blocks}):
-            amax = T.alloc_buffer((1,), scope="local")
-            total = T.alloc_buffer((1,), "int32", scope="local")
-            amax[0] = T.float32(0)
-            for e in range({block_size}):
-                amax[0] = T.max(amax[0], T.fabs({x}))
-            XS[r, b] = amax[0] / T.float32(127)
-            total[0] = 0
-            for e in range({block_size}):
-                q = T.Cast("int32", T.round({x} * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
-                X8[r, b * {block_size} + e] = T.Cast("int8", q)
-                total[0] = total[0] + q
-            XSUM[r, b] = total[0]
+{body}
 '''
 
 
