@@ -129,6 +129,29 @@ def test_quant_gather_matches_reference(bits, symmetric):
     assert_close(got, want, rtol=0, atol=0, what=f"int{bits}")  # the same arithmetic: exact
 
 
+def test_accuracy_level_option_chooses_the_arithmetic(tmp_path):
+    """`quant_accuracy_level=0`: fp32 arithmetic, equal to the reference kernel; the default
+    (auto): X rounded to int8 where the CPU has VNNI, within that rounding's bound; the
+    manifest fields say which; a value the option does not take is the user's error."""
+    from graphopt.backends.tvm.quant_panels import vnni_available
+    from graphopt.backends.tvm.runtime import save
+    from graphopt.errors import UserError
+
+    g, feeds = _quant_linear_graph((1, 1), 70, 96, 4, 32, symmetric=False)
+    want = run_reference(g, feeds)[g.outputs[0].name]
+    exact = tvm_backend.compile_graph(g, options={"quant_accuracy_level": "0"}).run(feeds)[g.outputs[0].name]
+    assert_close(exact, want, rtol=0, atol=_tolerance(want, 96), what="quant_accuracy_level=0")
+    for name in ("exact", "auto"):
+        (tmp_path / name).mkdir()
+    assert save(g, tmp_path / "exact", "cpu", {"quant_accuracy_level": "0"})["quant_accuracy_level"] == 0
+    fields = save(g, tmp_path / "auto", "cpu")
+    assert fields["quant_accuracy_level"] == (4 if vnni_available() else 0)
+    got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
+    _check(g, feeds, got, want, bits=4, block_size=32, lead=(1, 1), k=96, what="auto")
+    with pytest.raises(UserError, match="quant_accuracy_level"):
+        tvm_backend.compile_graph(g, options={"quant_accuracy_level": "2"})
+
+
 def test_tied_head_and_embedding_share_one_panel_copy():
     """An embedding lookup and the LM head tied to it (one quantized table): both run on the
     table stored once, in column panels; the logits equal the reference kernels'."""

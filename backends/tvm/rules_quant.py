@@ -83,7 +83,7 @@ def quant_linear(lw: Lowerer, node, args):
 
 def _vnni(bits: int, block_size: int) -> bool:
     """Whether 4-bit weights take the int8 VNNI path (quant_panels.py) on this machine."""
-    return bits == 4 and block_size % 8 == 0 and quant_panels.vnni_available()
+    return bits == 4 and block_size % 8 == 0 and quant_panels.int8_activations()
 
 
 def _panel_weights(lw: Lowerer, node, packed_at: int = 1):
@@ -108,7 +108,7 @@ def _panel_weights(lw: Lowerer, node, packed_at: int = 1):
     out = [packed, lw.weight(values[1], tag, quant_panels.scales_panels)]
     out.append(None if values[2] is None else
                lw.weight(values[2], tag, lambda z: quant_panels.zero_panels(z, bits, n_blocks)))
-    return out
+    return [None if t is None else lw.tensor(t) for t in out]  # a small integer constant is a `Known`
 
 
 def _panel_gemv(lw: Lowerer, node, args, x2, rows, lead: list):
