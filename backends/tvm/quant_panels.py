@@ -44,8 +44,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import numpy as np
+
+from graphopt.backends.tvm.build import cpu_target_spec
+from graphopt.ops.quant_format import unpack
 
 PANEL = 64  # outputs a panel: one 64-byte load of packed bytes feeds them; 4 AVX-512 accumulators
 PARALLEL_ROWS = 16  # X's int8 copy: rows from which it is made in parallel
@@ -77,8 +81,6 @@ def scales_panels(scales: np.ndarray) -> np.ndarray:
 
 def zero_panels(zero_points: np.ndarray, bits: int, n_blocks: int) -> np.ndarray:
     """MatMulNBits' zero points (nibble-packed for 4 bits) -> u8 [N / PANEL, n_blocks, PANEL]."""
-    from graphopt.ops.quant_format import unpack
-
     return _panels(unpack(zero_points, bits, n_blocks).astype(np.uint8))
 
 
@@ -101,12 +103,11 @@ def int8_activations() -> bool:
     return _accuracy_level.get() != "0" and vnni_available()
 
 
+@functools.cache
 def vnni_available() -> bool:
     """Whether this machine's CPU target (the one CPU builds are made for) has AVX-512 VNNI."""
     import tvm
     from tvm.target.codegen import target_has_features
-
-    from graphopt.backends.tvm.build import cpu_target_spec
 
     try:
         return bool(target_has_features("avx512vnni", tvm.target.Target(cpu_target_spec())))
@@ -116,8 +117,6 @@ def vnni_available() -> bool:
 
 def vnni_panels(packed: np.ndarray, block_size: int) -> np.ndarray:
     """4-bit MatMulNBits packed [N, n_blocks, block_size / 2] -> [N / PANEL, n_blocks, block_size / 8, PANEL, 4]."""
-    from graphopt.ops.quant_format import unpack
-
     n, n_blocks = packed.shape[:2]
     q = _panels(unpack(packed, 4).reshape(n, n_blocks, block_size))  # [N/P, n_blocks, block_size, P]
     q = q.reshape(q.shape[0], n_blocks, block_size // 8, 2, 4, PANEL)  # [j, b, g, half, i, c]
