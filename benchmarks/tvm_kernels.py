@@ -137,6 +137,16 @@ def print_launches(model: str) -> None:
         print(f"{n:5d}  {name[:90]}")
 
 
+def print_table(title: str, rows: dict, skipped: int, whole: float, width: int = 70) -> None:
+    """{name: [CPU ms, calls]}, heaviest first, then their sum and the whole VM call."""
+    total = sum(ms for ms, _ in rows.values())
+    print(title)
+    for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        print(f"{name[:width]:{width}s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
+    print(f"{'sum of kernels':{width}s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")
+    print(f"{'whole VM call':{width}s} {'':10s} {whole:8.3f} ms")
+
+
 KERNEL_CLASSES = (  # (class, pattern on the kernel's name), first match wins
     ("int4/int8 GEMV", r"quant_gemv|quant_linear"), ("X to int8", r"quantize_rows"),
     ("embedding lookup", r"quant_gather|take"), ("matmul (fp32)", r"matmul|dense"),
@@ -189,12 +199,8 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
     for name, (ms, calls) in rows.items():
         classes[kernel_class(name)][0] += ms
         classes[kernel_class(name)][1] += calls
-    total = sum(ms for ms, _ in rows.values())
-    print(f"== decode step over {cached} cached ({quantize or 'fp32'}): CPU ms, 1 thread")
-    for name, (ms, calls) in sorted(classes.items(), key=lambda kv: -kv[1][0]):
-        print(f"{name:30s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
-    print(f"{'sum of kernels':30s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")
-    print(f"{'whole VM call':30s} {'':10s} {whole:8.3f} ms")
+    print_table(f"== decode step over {cached} cached ({quantize or 'fp32'}): CPU ms, 1 thread", classes, skipped,
+                whole, width=30)
     for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:15]:
         print(f"  {name[:70]:70s} {calls:4d} calls {ms:8.3f} ms")
 
@@ -220,6 +226,7 @@ def main(argv=None) -> int:
                 model = str(gpt2_folder(Path(tmp), tiny=model == "gpt2-tiny"))
             decode_breakdown(model, args.decode, args.quantize, args.runs)
         return 0
+    args.model = model
     if args.launches:
         print_launches(args.model)
         return 0
@@ -245,12 +252,7 @@ def main(argv=None) -> int:
         rows, skipped = breakdown(mod, target, {"batch": batch, "seq": seq}, args.runs)
         ids = tvm.runtime.tensor(np.random.default_rng(0).integers(0, 4096, (batch, seq)).astype(np.int64), device=dev)
         whole = cpu_ms(lambda: vm["main"](ids, *weights), args.runs)
-        total = sum(ms for ms, _ in rows.values())
-        print(f"== {batch} x {seq}: CPU ms per forward, 1 thread")
-        for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
-            print(f"{name[:70]:70s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
-        print(f"{'sum of kernels':70s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")
-        print(f"{'whole VM call':70s} {'':10s} {whole:8.3f} ms")
+        print_table(f"== {batch} x {seq}: CPU ms per forward, 1 thread", rows, skipped, whole)
     return 0
 
 
