@@ -73,7 +73,13 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def interleaved(runs: dict, repeats: int, warmup: int = 2) -> dict:
+# With TVM rows: a pause before each timed call (not timed). An ORT session's threads spin on
+# after a run, and a TVM run right after one shared the cores with them: 2-4x slower on the
+# 2-core machine (GPT-2 int4 decode 134 ms after an ORT row vs 32 ms with the pause, same run).
+SETTLE_S = 0.05
+
+
+def interleaved(runs: dict, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> dict:
     """name -> zero-argument callable; each is timed once per round, rounds repeated."""
     for fn in runs.values():
         for _ in range(warmup):
@@ -81,6 +87,7 @@ def interleaved(runs: dict, repeats: int, warmup: int = 2) -> dict:
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            time.sleep(settle_s)
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -171,7 +178,7 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     s = session(ort_nbits, args.threads)
     runners["ort-MatMulNBitsQuantizer"] = lambda: s.run(None, step)
     sizes["ort-MatMulNBitsQuantizer"] = initializer_bytes(ort_nbits)
-    timing = interleaved(runners, args.repeats)
+    timing = interleaved(runners, args.repeats, settle_s=SETTLE_S if args.tvm else 0.0)
     want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
     errors = {n: logit_error(runners[n]()["logits"], want) for n in dirs if n != "graphopt-fp32"}
     errors["ort-MatMulNBitsQuantizer"] = logit_error(s.run(["logits"], step)[0], want)
@@ -240,7 +247,7 @@ def llama_decode_int4_tvm(work: Path, args, bandwidth_gb_s: float) -> dict:
     artifacts = {name: graphopt.load(d, threads=args.threads) for name, d in dirs.items()}
     step = decode_step(artifacts["graphopt-fp32"], args.cached)["step"]
     runners = {name: (lambda a=a: a.run(step)) for name, a in artifacts.items()}
-    out = {"cached": args.cached, "timing": interleaved(runners, args.repeats)}
+    out = {"cached": args.cached, "timing": interleaved(runners, args.repeats, settle_s=SETTLE_S)}
     want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
     out["logit_error_vs_fp32"] = {n: logit_error(runners[n]()["logits"], want) for n in dirs if n != "graphopt-fp32"}
     out["weight_bytes"] = {n: initializer_bytes(d / "model.onnx") if (d / "model.onnx").exists() else tensor_bytes(d)
