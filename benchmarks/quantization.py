@@ -20,8 +20,20 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
 3. a decode step with `--cached` tokens on the Llama-style Hugging Face folder of
    benchmarks/generation.py (hidden 512, 8 layers, 8 heads, 2 key/value heads, vocabulary 8192):
    graphopt int4 (block 32, RTN) against onnxruntime-genai's model builder `-p int4 -e cpu` on the
-   same folder, both driven by the same harness (`--no-llama` skips it).
+   same folder, both driven by the same harness (`--no-llama` skips it); with `--tvm`, the same
+   folder's int4 TVM artifact, timed beside graphopt's int4 and fp32 ORT ones, against its bound.
 Timings are medians of `--repeats` runs, variants interleaved round by round.
+
+`--gemv-kernels` times instead one int4 kernel at a time (M = 1, block 32, asymmetric), on
+GPT-2 small's weight shapes, in GB/s of the bytes it reads (packed weights, scales, zero points):
+TVM's QuantLinear kernels (the panel GEMVs that CPU builds use: int8 activations with VNNI where
+the CPU has it, X's quantization included, else fp32; and the TE GEMV forms, 1 row and a group
+of 4, that the other builds use) against ONNX Runtime's MatMulNBits (accuracy_level 4 and 0)
+on the same weights, and numpy summing the same number of bytes on the same threads. Each variant
+cycles through enough copies of its weights (over 96 MB) that they come from memory, as in a
+decode step, not from the cache:
+
+    python benchmarks/quantization.py --gemv-kernels --threads 2 --out benchmarks/results/quant_gemv.json
 """
 from __future__ import annotations
 
@@ -61,7 +73,13 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def interleaved(runs: dict, repeats: int, warmup: int = 2) -> dict:
+# With TVM rows: a pause before each timed call (not timed). An ORT session's threads spin on
+# after a run, and a TVM run right after one shared the cores with them: 2-4x slower on the
+# 2-core machine (GPT-2 int4 decode 134 ms after an ORT row vs 32 ms with the pause, same run).
+SETTLE_S = 0.05
+
+
+def interleaved(runs: dict, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> dict:
     """name -> zero-argument callable; each is timed once per round, rounds repeated."""
     for fn in runs.values():
         for _ in range(warmup):
@@ -69,6 +87,7 @@ def interleaved(runs: dict, repeats: int, warmup: int = 2) -> dict:
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            time.sleep(settle_s)
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -159,7 +178,7 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     s = session(ort_nbits, args.threads)
     runners["ort-MatMulNBitsQuantizer"] = lambda: s.run(None, step)
     sizes["ort-MatMulNBitsQuantizer"] = initializer_bytes(ort_nbits)
-    timing = interleaved(runners, args.repeats)
+    timing = interleaved(runners, args.repeats, settle_s=SETTLE_S if args.tvm else 0.0)
     want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
     errors = {n: logit_error(runners[n]()["logits"], want) for n in dirs if n != "graphopt-fp32"}
     errors["ort-MatMulNBitsQuantizer"] = logit_error(s.run(["logits"], step)[0], want)
@@ -211,6 +230,168 @@ def llama_decode_int4(work: Path, args, bandwidth_gb_s: float) -> dict:
     return out
 
 
+def llama_decode_int4_tvm(work: Path, args, bandwidth_gb_s: float) -> dict:
+    """With `--tvm`: the Llama-style folder's int4 decode step (block 32, RTN) on TVM, timed
+    interleaved with graphopt's int4 and fp32 ORT artifacts of the same graph (the rows that tie
+    this table to `llama_decode_int4`'s), each against its weight bytes over the read bandwidth."""
+    import graphopt
+    from generation import decode_step, llama_folder
+
+    folder = work / "llama" if (work / "llama" / "config.json").exists() else llama_folder(work, args.tiny)
+    passes = "quantize-weights{bits=4,block-size=32}"
+    dirs = {"graphopt-fp32": work / "llama-tvm-ref-fp32", "graphopt-int4": work / "llama-tvm-ref-int4",
+            "graphopt-int4-tvm": work / "llama-int4-tvm"}
+    fp32 = graphopt.optimize(folder, dirs["graphopt-fp32"])
+    graphopt.optimize(fp32.graph, dirs["graphopt-int4"], passes=passes)
+    graphopt.optimize(fp32.graph, dirs["graphopt-int4-tvm"], backend="tvm", passes=passes)
+    artifacts = {name: graphopt.load(d, threads=args.threads) for name, d in dirs.items()}
+    step = decode_step(artifacts["graphopt-fp32"], args.cached)["step"]
+    runners = {name: (lambda a=a: a.run(step)) for name, a in artifacts.items()}
+    out = {"cached": args.cached, "timing": interleaved(runners, args.repeats, settle_s=SETTLE_S)}
+    want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
+    out["logit_error_vs_fp32"] = {n: logit_error(runners[n]()["logits"], want) for n in dirs if n != "graphopt-fp32"}
+    out["weight_bytes"] = {n: initializer_bytes(d / "model.onnx") if (d / "model.onnx").exists() else tensor_bytes(d)
+                           for n, d in dirs.items()}
+    out["bandwidth_bound_ms"] = {n: round(b / (bandwidth_gb_s * 1e9) * 1e3, 3) for n, b in out["weight_bytes"].items()}
+    out["ratio_to_bound"] = {n: round(out["timing"][n]["p50_ms"] / out["bandwidth_bound_ms"][n], 3) for n in dirs}
+    return out
+
+
+GPT2_GEMV_SHAPES = {"qkv 768x2304": (2304, 768), "attn-out 768x768": (768, 768), "mlp-up 768x3072": (3072, 768),
+                    "mlp-down 3072x768": (768, 3072), "lm-head 768x50257": (50257, 768)}  # name: (N, K)
+
+
+def _copies(nbytes: int, total: int = 96 << 20) -> int:
+    """Copies of a weight that together exceed the last-level cache (32 MB here) three times."""
+    return max(2, -(-total // nbytes))
+
+
+def _time_cycling(fns: dict, repeats: int) -> dict:
+    """name -> (zero-argument callables, kernels they run in all: one per copy of the weights);
+    every round calls each variant's callables once; per kernel: median and min in seconds."""
+    for calls, _ in fns.values():
+        for fn in calls:
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (calls, kernels) in fns.items():
+            t = time.perf_counter()
+            for fn in calls:
+                fn()
+            times[name].append((time.perf_counter() - t) / kernels)
+    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
+
+
+def _tvm_gemv_kernels(packed, scales, zp, k: int, copies: int) -> dict:
+    """The TVM kernels for one weight, built alone: name -> (callables, one per copy; copies)."""
+    import tvm
+    from tvm import te
+
+    from graphopt.backends.tvm import quant_panels, schedules_quant
+    from graphopt.backends.tvm.build import cpu_target_spec
+
+    target, dev = tvm.target.Target(cpu_target_spec()), tvm.cpu()
+    n, n_blocks = scales.shape
+    x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
+    out = {}
+    panels = [quant_panels.packed_panels(packed), quant_panels.scales_panels(scales),
+              quant_panels.zero_panels(zp, 4, n_blocks)]
+    func = quant_panels.gemv_func(k=k, n_panels=quant_panels.panel_count(n), n_blocks=n_blocks, bits=4, block_size=32,
+                                  symmetric=False, group=1)
+    width = quant_panels.panel_count(n) * quant_panels.PANEL
+    variants = {"tvm-panels-fp32": (func, panels, (1, width))}
+    for group in (1, schedules_quant.GEMV_GROUP):
+        holders = [te.placeholder((1 if group == 1 else te.var("rows", "int64"), k), "float32", "x")]
+        holders += [te.placeholder(a.shape, str(a.dtype), name) for a, name in
+                    ((packed, "packed"), (scales, "scales"), (zp, "zero_points"))]
+        f = schedules_quant.quant_linear_func(*holders, bits=4, block_size=32, k=k, gemv_group=group)
+        f = schedules_quant.schedule_gemv(f, target).mod["main"]
+        variants[f"tvm-te-gemv-group{group}"] = (f, [packed, scales, zp], (1, group, n))
+    for name, (f, weights, out_shape) in variants.items():
+        fn = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target).mod["main"]
+        y = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
+        xt = tvm.runtime.tensor(x, dev)
+        sets = [[tvm.runtime.tensor(np.copy(a), dev) for a in weights] for _ in range(copies)]
+        out[name] = [lambda fn=fn, w=w, x=xt, y=y: fn(x, *w, y) for w in sets], copies
+    if quant_panels.vnni_available():  # what CPU builds run for 4 bits here: X to int8, then the VNNI GEMV
+        quantize = quant_panels.prim_func(quant_panels.quantize_rows_source(k=k, n_blocks=n_blocks, block_size=32))
+        gemv = quant_panels.prim_func(quant_panels.gemv_vnni_source(
+            k=k, n_panels=quant_panels.panel_count(n), n_blocks=n_blocks, block_size=32, symmetric=False))
+        lib = tvm.compile(tvm.IRModule({"quantize": quantize.with_attr("global_symbol", "quantize"),
+                                        "gemv": gemv.with_attr("global_symbol", "gemv")}), target=target).mod
+        xq = [tvm.runtime.tensor(np.zeros((1, c), t), dev) for c, t in ((n_blocks * 32, np.int8),
+                                                                        (n_blocks, np.float32), (n_blocks, np.int32))]
+        y, xt = tvm.runtime.tensor(np.zeros((1, width), np.float32), dev), tvm.runtime.tensor(x, dev)
+        weights = [quant_panels.vnni_panels(packed, 32)] + panels[1:]
+        sets = [[tvm.runtime.tensor(np.copy(a), dev) for a in weights] for _ in range(copies)]
+
+        def step(w, q=lib["quantize"], g=lib["gemv"]):
+            q(xt, *xq)
+            g(*xq, *w, y)
+
+        out["tvm-panels-vnni"] = [lambda w=w: step(w) for w in sets], copies
+    return out
+
+
+def _ort_matmulnbits(packed, scales, zp, k: int, copies: int, threads: int, accuracy_level: int):
+    """One session of `copies` MatMulNBits nodes on copies of the same weights, all fed the same
+    x: a run computes every copy once (returned as a callable and the copy count)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, _ = scales.shape
+    x = {"x": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)}
+    inits, nodes, outs = [], [], []
+    for i in range(copies):
+        inits += [numpy_helper.from_array(np.copy(packed), f"B{i}"), numpy_helper.from_array(scales.reshape(-1), f"scales{i}"),
+                  numpy_helper.from_array(zp.reshape(-1), f"zero_points{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"B{i}", f"scales{i}", f"zero_points{i}"], [f"y{i}"],
+                                      domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
+                                      accuracy_level=accuracy_level))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    path = Path(tempfile.mkdtemp(prefix="gemv_")) / "gemv.onnx"
+    onnx.save(model, str(path), save_as_external_data=True)
+    s = session(path, threads)
+    return [lambda: s.run(None, x)], copies
+
+
+def _numpy_reads(nbytes: int, copies: int, threads: int):
+    """numpy summing `nbytes` (as float64) split over `threads` threads, one buffer per copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads)
+    per = max(nbytes // 8 // threads, 1)
+    sets = [[np.ones(per) for _ in range(threads)] for _ in range(copies)]
+    return [lambda bufs=bufs: list(pool.map(np.sum, bufs)) for bufs in sets], copies
+
+
+def gemv_kernels(args) -> dict:
+    """One int4 GEMV at a time (see the module docstring): ms and GB/s of the bytes read."""
+    from graphopt.backends.tvm.runtime import use_cpu_threads
+    from graphopt.ops.quant_format import quantize_blockwise
+
+    use_cpu_threads(args.threads)
+    rng = np.random.default_rng(0)
+    shapes = {"tiny 64x96": (96, 64)} if args.tiny else GPT2_GEMV_SHAPES
+    out = {}
+    for name, (n, k) in shapes.items():
+        packed, scales, zp = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), 4, 32, False)
+        nbytes = packed.nbytes + scales.nbytes + zp.nbytes
+        copies = 2 if args.tiny else _copies(nbytes)
+        fns = _tvm_gemv_kernels(packed, scales, zp, k, copies)
+        for level in (4, 0):
+            fns[f"ort-matmulnbits-acc{level}"] = _ort_matmulnbits(packed, scales, zp, k, copies, args.threads, level)
+        fns["numpy-read"] = _numpy_reads(nbytes, copies, args.threads)
+        timing = _time_cycling(fns, args.repeats)
+        out[name] = {"bytes": nbytes, "copies": copies,
+                     **{v: {"p50_ms": round(p50 * 1e3, 4), "min_ms": round(best * 1e3, 4),
+                            "gb_s": round(nbytes / p50 / 1e9, 2)} for v, (p50, best) in timing.items()}}
+        print(name, {v: r["gb_s"] for v, r in out[name].items() if isinstance(r, dict)}, file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -222,6 +403,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
     ap.add_argument("--no-llama", action="store_true",
                     help="skip the Llama-style int4 decode row against onnxruntime-genai's model builder")
+    ap.add_argument("--gemv-kernels", action="store_true",
+                    help="time one int4 GEMV kernel at a time (TVM, ORT MatMulNBits, a numpy read) in GB/s, nothing else")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
@@ -232,6 +415,10 @@ def main() -> None:
     bandwidth = read_bandwidth(16 << 20 if args.tiny else None)
     results = {"threads": args.threads, "batch": 1, "tiny": args.tiny, "machine": machine_record(measure_bandwidth=False),
                "read_bandwidth": bandwidth, "versions": library_versions()}
+    if args.gemv_kernels:
+        results["gemv_kernels_int4_b32"] = gemv_kernels(args)
+        _write(results, args.out)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = gpt2_folder(work, args.tiny)
@@ -240,11 +427,17 @@ def main() -> None:
         results["gpt2_decode_int4"] = decode(folder, work, args, bandwidth["read_gb_s"])
         if not args.no_llama:
             results["llama_decode_int4"] = llama_decode_int4(work, args, bandwidth["read_gb_s"])
+            if args.tvm:
+                results["llama_decode_int4_tvm"] = llama_decode_int4_tvm(work, args, bandwidth["read_gb_s"])
+    _write(results, args.out)
+
+
+def _write(results: dict, out: Path | None) -> None:
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ whole VM call. The difference is the VM's own work (shape arithmetic, allocation
 out, what a decode step runs) launches: kernels by name, and the VM's own instructions
 (allocations, shape checks, views), from the module as `tvm.compile` lowers it.
 
+`--decode CACHED` breaks down one decode step instead (the generation-ready graph: one new
+token over CACHED cached positions), `--quantize int4` after graphopt's int4 passes (block 32,
+embeddings and the tied head too), grouped into classes of kernels (the quantized GEMVs, X's
+int8 copy, attention, norms, ...):
+
+    python benchmarks/tvm_kernels.py --model gpt2 --decode 128 --quantize int4
+
 MODEL defaults to the shipped checkpoint (examples/default); the graph is the one
 `graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
 `--backend tvm` schedules it. Times are CPU time of one thread (`time.thread_time`, TVM's
@@ -130,13 +137,96 @@ def print_launches(model: str) -> None:
         print(f"{n:5d}  {name[:90]}")
 
 
+def print_table(title: str, rows: dict, skipped: int, whole: float, width: int = 70) -> None:
+    """{name: [CPU ms, calls]}, heaviest first, then their sum and the whole VM call."""
+    total = sum(ms for ms, _ in rows.values())
+    print(title)
+    for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        print(f"{name[:width]:{width}s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
+    print(f"{'sum of kernels':{width}s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")
+    print(f"{'whole VM call':{width}s} {'':10s} {whole:8.3f} ms")
+
+
+KERNEL_CLASSES = (  # (class, pattern on the kernel's name), first match wins
+    ("int4/int8 GEMV", r"quant_gemv|quant_linear"), ("X to int8", r"quantize_rows"),
+    ("embedding lookup", r"quant_gather|take"), ("matmul (fp32)", r"matmul|dense"),
+    ("attention", r"attention|softmax|score|rotary|cache|kv"), ("norm", r"norm|mean|variance|rsqrt"),
+    ("layout copies", r"reshape|transpose|concatenate|split|expand_dims|strided_slice|arange"),
+    ("element-wise", r"add|multiply|gelu|silu|where|cast|less|greater"),
+)
+
+
+def kernel_class(name: str) -> str:
+    return next((c for c, pattern in KERNEL_CLASSES if re.search(pattern, name)), "other")
+
+
+def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -> None:
+    """CPU ms of each kernel of one decode step (see the module docstring), by class."""
+    import graphopt
+    import tvm
+    from tvm import relax
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generation import decode_step
+
+    from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+
+    passes = "quantize-weights{bits=4,block-size=32,embeddings=true}" if quantize == "int4" else None
+    with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
+        ort = graphopt.optimize(model, Path(tmp) / "ort", backend="ort")  # generation-ready
+        graph = ort.graph if passes is None else graphopt.optimize(ort.graph, Path(tmp) / "q", passes=passes).graph
+        step = decode_step(graphopt.load(Path(tmp) / "ort", threads=1), cached)["step"]
+    graph = prepare(graph)
+    dims = {}
+    for v in graph.inputs:  # each symbolic dim's value in this step, from the feeds' shapes
+        for axis, d in enumerate(v.type.shape):
+            if isinstance(d, str) and d.isidentifier():
+                dims[d] = step[v.name].shape[axis]
+            elif not isinstance(d, int):  # a composite dim: the lowering names it after the input (Lowerer)
+                dims[f"{v.name}_dim{axis}"] = step[v.name].shape[axis]
+    mod, params = lower_graph(graph, pack_weights=True)
+    target = tvm.target.Target(cpu_target_spec())
+    mod = optimize_module(mod, target)
+    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(step[v.name]), device=dev) for v in graph.inputs]
+    args += [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for _, a in params]
+    rows, skipped = breakdown(mod, target, dims, runs)
+    whole = cpu_ms(lambda: vm["main"](*args), runs)
+    classes = collections.defaultdict(lambda: [0.0, 0])
+    for name, (ms, calls) in rows.items():
+        classes[kernel_class(name)][0] += ms
+        classes[kernel_class(name)][1] += calls
+    print_table(f"== decode step over {cached} cached ({quantize or 'fp32'}): CPU ms, 1 thread", classes, skipped,
+                whole, width=30)
+    for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"  {name[:70]:70s} {calls:4d} calls {ms:8.3f} ms")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "examples" / "default"))
     ap.add_argument("--shapes", default="1x1,1x128", help="batch x seq, comma-separated")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--launches", action="store_true", help="count what one call launches instead of timing")
+    ap.add_argument("--decode", type=int, metavar="CACHED", help="break down one decode step over CACHED positions")
+    ap.add_argument("--quantize", choices=["int4"], help="with --decode: after graphopt's int4 passes")
+    ap.add_argument("--model", dest="model_option",
+                    help="same as MODEL; with --decode also 'gpt2' (GPT-2 small, random weights) or 'gpt2-tiny'")
     args = ap.parse_args(argv)
+    model = args.model_option or args.model
+    if args.decode is not None:
+        with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
+            if model in ("gpt2", "gpt2-tiny"):
+                sys.path.insert(0, str(ROOT / "benchmarks"))
+                from quantization import gpt2_folder
+
+                model = str(gpt2_folder(Path(tmp), tiny=model == "gpt2-tiny"))
+            decode_breakdown(model, args.decode, args.quantize, args.runs)
+        return 0
+    args.model = model
     if args.launches:
         print_launches(args.model)
         return 0
@@ -162,12 +252,7 @@ def main(argv=None) -> int:
         rows, skipped = breakdown(mod, target, {"batch": batch, "seq": seq}, args.runs)
         ids = tvm.runtime.tensor(np.random.default_rng(0).integers(0, 4096, (batch, seq)).astype(np.int64), device=dev)
         whole = cpu_ms(lambda: vm["main"](ids, *weights), args.runs)
-        total = sum(ms for ms, _ in rows.values())
-        print(f"== {batch} x {seq}: CPU ms per forward, 1 thread")
-        for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
-            print(f"{name[:70]:70s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
-        print(f"{'sum of kernels':70s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")
-        print(f"{'whole VM call':70s} {'':10s} {whole:8.3f} ms")
+        print_table(f"== {batch} x {seq}: CPU ms per forward, 1 thread", rows, skipped, whole)
     return 0
 
 

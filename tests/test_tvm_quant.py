@@ -16,7 +16,7 @@ from graphopt.builder import Builder  # noqa: E402
 from graphopt.dtypes import DType  # noqa: E402
 from graphopt.interpreter import run as run_reference  # noqa: E402
 from graphopt.ir import Graph, TensorType  # noqa: E402
-from graphopt.ops.quant_format import quantize_blockwise  # noqa: E402
+from graphopt.ops.quant_format import dequantize_blockwise, quantize_blockwise  # noqa: E402
 from graphopt.testing import assert_close  # noqa: E402
 
 import graphopt.backends.tvm as tvm_backend  # noqa: E402
@@ -44,6 +44,41 @@ def _tolerance(want: np.ndarray, k: int) -> float:
     return float(4 * k * np.finfo(np.float32).eps * np.abs(want).max())
 
 
+def _int8_path(bits: int, lead) -> bool:
+    """Whether a CPU build runs this QuantLinear with X rounded to int8 (quant_panels.py: the
+    VNNI GEMV for 4 bits, at one row or a symbolic count, where the CPU has VNNI)."""
+    from graphopt.backends.tvm.quant_panels import vnni_available
+
+    return bits == 4 and (tuple(lead) == (1, 1) or any(isinstance(d, str) for d in lead)) and vnni_available()
+
+
+def _rounding_bound(g: Graph, x: np.ndarray, block_size: int) -> np.ndarray:
+    """The most X's rounding to int8 per block (|x - x8 * scale| <= max|x_block| / 254) can move
+    each output: sum over blocks of that times sum |w| over the block; [rows..., N]."""
+    node = next(n for n in g.nodes if n.op_type == "QuantLinear")  # its weight: [N, K]
+    packed, scales = (np.asarray(node.inputs[i].const_value) for i in (1, 2))
+    zp = None if len(node.inputs) < 4 or node.inputs[3] is None else np.asarray(node.inputs[3].const_value)
+    k = x.shape[-1]
+    w = np.abs(dequantize_blockwise(packed, scales, zp, 4, block_size, k)).astype(np.float64)
+    nb = scales.shape[1]
+    pad = nb * block_size - k
+    x_blocks = np.pad(np.abs(x.reshape(-1, k)), ((0, 0), (0, pad))).reshape(-1, nb, block_size).max(-1) / 254
+    w_blocks = np.pad(w, ((0, 0), (0, pad))).reshape(w.shape[0], nb, block_size).sum(-1)
+    return (x_blocks @ w_blocks.T).reshape(x.shape[:-1] + (w.shape[0],))
+
+
+def _check(g: Graph, feeds: dict, got: np.ndarray, want: np.ndarray, *, bits: int, block_size: int, lead, k: int,
+           what: str) -> None:
+    """got == want within fp32 reordering, plus X's int8 rounding where the int8 path ran."""
+    atol = _tolerance(want, k)
+    if _int8_path(bits, lead):
+        bound = _rounding_bound(g, feeds["x"], block_size) + atol
+        excess = np.abs(got.astype(np.float64) - want) - bound
+        assert excess.max() <= 0, f"{what}: beyond the int8 rounding bound by {excess.max():.3g} at {excess.argmax()}"
+        return
+    assert_close(got, want, rtol=0, atol=atol, what=what)
+
+
 # bits x block size x symmetric, on shapes the schedules do not divide (N and K odd, K not a
 # whole number of blocks), for one row (the GEMV schedule) and 2 x 17 rows (the matmul one)
 @pytest.mark.parametrize("bits", [4, 8])
@@ -55,17 +90,27 @@ def test_quant_linear_matches_reference(bits, block_size, symmetric, lead):
     g, feeds = _quant_linear_graph(lead, n, k, bits, block_size, symmetric, bias=not symmetric)
     want = run_reference(g, feeds)[g.outputs[0].name]
     got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
-    assert_close(got, want, rtol=0, atol=_tolerance(want, k), what=f"int{bits} b{block_size}")
+    _check(g, feeds, got, want, bits=bits, block_size=block_size, lead=lead, k=k, what=f"int{bits} b{block_size}")
 
 
-def test_quant_linear_symbolic_rows():
-    """One build serves any batch and length (the kernel's row count is a variable)."""
-    g, _ = _quant_linear_graph(("batch", "seq"), 24, 96, 4, 32, symmetric=False)
+@pytest.mark.parametrize("bits,symmetric,vnni", [(4, False, True), (4, True, True), (4, False, False), (8, False, True)],
+                         ids=["int4-asym", "int4-sym", "int4-fp32", "int8"])
+def test_quant_linear_symbolic_rows(bits, symmetric, vnni, monkeypatch):
+    """One build serves any batch and length (the kernel's row count is a variable): whole
+    groups of rows, the remainder one at a time, and a single row (decode); N (130) spans
+    three panels, the last one padded. int4-fp32: the fp32 panel GEMV that 4-bit weights
+    take on a CPU without VNNI."""
+    from graphopt.backends.tvm import quant_panels
+
+    if not vnni:
+        monkeypatch.setattr(quant_panels, "vnni_available", lambda: False)
+    g, _ = _quant_linear_graph(("batch", "seq"), 130, 96, bits, 32, symmetric=symmetric)
     compiled = tvm_backend.compile_graph(g)
-    for shape in ((1, 1), (2, 17), (3, 5)):
+    for shape in ((1, 1), (2, 17), (3, 5), (1, 4)):
         feeds = {"x": RNG.standard_normal(shape + (96,)).astype(np.float32)}
         want = run_reference(g, feeds)[g.outputs[0].name]
-        assert_close(compiled.run(feeds)[g.outputs[0].name], want, rtol=0, atol=_tolerance(want, 96), what=str(shape))
+        _check(g, feeds, compiled.run(feeds)[g.outputs[0].name], want, bits=bits, block_size=32, lead=("batch", "seq"),
+               k=96, what=str(shape))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -82,6 +127,52 @@ def test_quant_gather_matches_reference(bits, symmetric):
     want = run_reference(g, feeds)[g.outputs[0].name]
     got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
     assert_close(got, want, rtol=0, atol=0, what=f"int{bits}")  # the same arithmetic: exact
+
+
+def test_accuracy_level_option_chooses_the_arithmetic(tmp_path):
+    """`quant_accuracy_level=0`: fp32 arithmetic, equal to the reference kernel; the default
+    (auto): X rounded to int8 where the CPU has VNNI, within that rounding's bound; the
+    manifest fields say which; a value the option does not take is the user's error."""
+    from graphopt.backends.tvm.quant_panels import vnni_available
+    from graphopt.backends.tvm.runtime import save
+    from graphopt.errors import UserError
+
+    g, feeds = _quant_linear_graph((1, 1), 70, 96, 4, 32, symmetric=False)
+    want = run_reference(g, feeds)[g.outputs[0].name]
+    exact = tvm_backend.compile_graph(g, options={"quant_accuracy_level": "0"}).run(feeds)[g.outputs[0].name]
+    assert_close(exact, want, rtol=0, atol=_tolerance(want, 96), what="quant_accuracy_level=0")
+    for name in ("exact", "auto"):
+        (tmp_path / name).mkdir()
+    assert save(g, tmp_path / "exact", "cpu", {"quant_accuracy_level": "0"})["quant_accuracy_level"] == 0
+    fields = save(g, tmp_path / "auto", "cpu")
+    assert fields["quant_accuracy_level"] == (4 if vnni_available() else 0)
+    got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
+    _check(g, feeds, got, want, bits=4, block_size=32, lead=(1, 1), k=96, what="auto")
+    with pytest.raises(UserError, match="quant_accuracy_level"):
+        tvm_backend.compile_graph(g, options={"quant_accuracy_level": "2"})
+
+
+def test_tied_head_and_embedding_share_one_panel_copy():
+    """An embedding lookup and the LM head tied to it (one quantized table): both run on the
+    table stored once, in column panels; the logits equal the reference kernels'."""
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+
+    vocab, hidden = 150, 64  # vocab: three panels, the last one padded
+    packed, scales, zp = quantize_blockwise(RNG.standard_normal((vocab, hidden)).astype(np.float32), 4, 32, False)
+    g = Graph("tied")
+    b = Builder(g)
+    ids = g.add_input("ids", TensorType(DType.INT64, ("batch", "seq")))
+    table = [b.const(packed, "table"), b.const(scales, "table_scales"), b.const(zp, "table_zp")]
+    h = b.op("QuantGather", table[0], ids, *table[1:], domain="graphopt", K=hidden, bits=4, block_size=32)
+    g.outputs = [b.op("QuantLinear", h, *table, domain="graphopt", K=hidden, N=vocab, bits=4, block_size=32)]
+    _, params = lower_graph(prepare(g), pack_weights=True)
+    layout = "vnni64" if _int8_path(4, (1, 1)) else "panels64"
+    assert sorted(name for name, _ in params) == [f"table:{layout}", "table_scales:panels64", "table_zp:panels64"]
+    feeds = {"ids": np.array([[0, 149, 64], [-1, 63, 7]], np.int64)}
+    want = run_reference(g, feeds)[g.outputs[0].name]
+    got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
+    x = dequantize_blockwise(packed, scales, zp, 4, 32, hidden)[feeds["ids"]]  # the head's input: the gathered rows
+    _check(g, {"x": x}, got, want, bits=4, block_size=32, lead=("batch", "seq"), k=hidden, what="tied head")
 
 
 # --------------------------------------------------------------------------------------
@@ -139,31 +230,35 @@ def _float_buffers(mod) -> dict[str, list[tuple[str, int | None]]]:
     return out
 
 
-def _optimized(g: Graph, target_kind: str):
+def _optimized(g: Graph, target_kind: str, pack_weights: bool = False):
     import tvm
 
     from graphopt.backends.tvm.build import cpu_target_spec, cuda_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
 
-    mod, _ = lower_graph(prepare(g))
+    mod, _ = lower_graph(prepare(g), pack_weights=pack_weights)
     spec = cpu_target_spec() if target_kind == "cpu" else cuda_target_spec("sm_80")
     return optimize_module(mod, tvm.target.Target(spec))
 
 
 @pytest.mark.parametrize("lead", [(1, 1), ("batch", "seq"), (2, 17)], ids=["gemv", "gemv-rows", "matmul"])
-@pytest.mark.parametrize("target", ["cpu", "cuda"])
+@pytest.mark.parametrize("target", ["cpu", "cpu-panels", "cuda"])
 def test_no_float_weight_in_memory(lead, target):
+    from graphopt.backends.tvm.quant_panels import ATTR
     from graphopt.backends.tvm.schedules_quant import KERNEL_ATTR
 
     n, k = 96, 256  # the weight (24,576 floats) is larger than any activation here (34 x 256 or rows x 256)
     g, _ = _quant_linear_graph(lead, n, k, 4, 32, symmetric=False)
-    mod = _optimized(g, target)
+    panels = target == "cpu-panels" and lead != (2, 17)  # a static row count above one: the matmul form
+    mod = _optimized(g, target.split("-")[0], pack_weights=target == "cpu-panels")
     kernels = [gv.name_hint for gv, f in mod.functions_items()
-               if getattr(f, "attrs", None) is not None and KERNEL_ATTR in f.attrs]
+               if getattr(f, "attrs", None) is not None and (ATTR if panels else KERNEL_ATTR) in f.attrs
+               and not gv.name_hint.startswith("quantize_rows")]  # the VNNI path's int8 copy of X: not the GEMV
     assert len(kernels) == 1, f"the fused kernel is not in the module: {[gv.name_hint for gv in mod.get_global_vars()]}"
     assert mod[kernels[0]].attrs["tirx.is_scheduled"], "the fused kernel was left unscheduled"
     buffers = _float_buffers(mod)
-    assert any(name == "dequantize_local" or name.startswith("quant_matmul") for name, _ in buffers[kernels[0]])
+    expected = ("acc", "block") if panels else ("dequantize_local", "quant_matmul")
+    assert any(name.startswith(expected) for name, _ in buffers[kernels[0]]), buffers[kernels[0]]
     too_big = {f: [(b, size) for b, size in bufs if size >= n * k // 2] for f, bufs in buffers.items()}
     assert not any(too_big.values()), f"a float buffer as large as the weight: {too_big}"
 

@@ -4,8 +4,16 @@ graphopt.QuantLinear becomes one TIR kernel (schedules_quant.py) that reads the 
 and unpacks, centers and scales it inside the reduction: no float copy of the weight is
 ever written, so a decode step reads 4 (int4) or 8 (int8) bits a weight plus the scales.
 graphopt.QuantGather gathers the packed rows and dequantizes only those, in one stage.
+
+On CPU targets with pre-packed weights (`Lowerer.pack_weights`), a constant weight is stored
+in column panels (quant_panels.py) and QuantLinear at one row or a symbolic row count (decode)
+runs the panel GEMV; QuantGather reads the same panels, so a tied LM head and its embedding
+share one copy. Elsewhere (CUDA, tuned builds, a weight computed at run time, a static row
+count above one) the TE kernels of schedules_quant.py.
 """
 from __future__ import annotations
+
+import numpy as np
 
 try:  # every module imports without tvm (the wheel check imports them all); rules run only with it
     from tvm import relax
@@ -13,7 +21,7 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
-from graphopt.backends.tvm import schedules_quant
+from graphopt.backends.tvm import quant_panels, schedules_quant
 from graphopt.backends.tvm.lowering import Lowerer, rule
 from graphopt.backends.tvm.rules_graphopt import _activate, _attr
 
@@ -50,6 +58,8 @@ def quant_linear(lw: Lowerer, node, args):
     # expression of `batch` and `seq` it is here: one kernel serves every length.
     m = rows if isinstance(rows, int) else te.var("rows", "int64")
     group = _gemv_group(rows)
+    if group is not None and _panel_weights(lw, node) is not None and lw.dtype(x) == "float32":
+        return [_activate(lw, _panel_gemv(lw, node, args, x2, rows, lead), _attr(node, "activation"))]
 
     def holder(t, name, shape=None):
         return None if t is None else te.placeholder(shape or lw.shape(t), lw.dtype(t), name)
@@ -71,13 +81,81 @@ def quant_linear(lw: Lowerer, node, args):
     return [_activate(lw, y, _attr(node, "activation"))]
 
 
+def _vnni(bits: int, block_size: int) -> bool:
+    """Whether 4-bit weights take the int8 VNNI path (quant_panels.py) on this machine."""
+    return bits == 4 and block_size % 8 == 0 and quant_panels.int8_activations()
+
+
+def _panel_weights(lw: Lowerer, node, packed_at: int = 1):
+    """The weight stored in column panels (packed, scales, zero points or None), for a constant
+    weight on a CPU target with pre-packed weights; None otherwise. The packed bytes are in the
+    VNNI layout where `_vnni` holds, else in plain panels."""
+    if not lw.pack_weights:
+        return None
+    ins = list(node.inputs) + [None] * 4
+    values = [ins[packed_at], ins[2], ins[3]]
+    arrays = [None if v is None else lw.const_array(v) for v in values]
+    if arrays[0] is None or arrays[1] is None or (values[2] is not None and arrays[2] is None):
+        return None
+    if arrays[1].dtype != np.float32:
+        return None
+    bits, block_size, n_blocks = _attr(node, "bits"), _attr(node, "block_size"), arrays[1].shape[1]
+    tag = f"panels{quant_panels.PANEL}"
+    if _vnni(bits, block_size):
+        packed = lw.weight(values[0], f"vnni{quant_panels.PANEL}", lambda q: quant_panels.vnni_panels(q, block_size))
+    else:
+        packed = lw.weight(values[0], tag, quant_panels.packed_panels)
+    out = [packed, lw.weight(values[1], tag, quant_panels.scales_panels)]
+    out.append(None if values[2] is None else
+               lw.weight(values[2], tag, lambda z: quant_panels.zero_panels(z, bits, n_blocks)))
+    return [None if t is None else lw.tensor(t) for t in out]  # a small integer constant is a `Known`
+
+
+def _panel_gemv(lw: Lowerer, node, args, x2, rows, lead: list):
+    """Y = x2 @ W^T (+ bias) by the panel GEMV, seen as lead + [N]."""
+    packed, scales, zp = _panel_weights(lw, node)
+    bits, block_size, k, n = _attr(node, "bits"), _attr(node, "block_size"), node.attr("K"), node.attr("N")
+    n_panels, n_blocks = quant_panels.panel_count(n), lw.shape(scales)[1]
+    width = n_panels * quant_panels.PANEL
+    weights = [packed, scales] + ([zp] if zp is not None else [])
+    out = relax.TensorType([rows, width], lw.dtype(x2))
+    if _vnni(bits, block_size):  # x as int8 per block (once, shared by every output), then the int8 GEMV
+        quantize = lw.bb.add_func(quant_panels.prim_func(quant_panels.quantize_rows_source(
+            k=k, n_blocks=n_blocks, block_size=block_size)), "quantize_rows_int8")
+        x8 = lw.emit(relax.call_tir(quantize, [x2], [relax.TensorType([rows, n_blocks * block_size], "int8"),
+                                                     relax.TensorType([rows, n_blocks], "float32"),
+                                                     relax.TensorType([rows, n_blocks], "int32")]))
+        gemv = lw.bb.add_func(quant_panels.prim_func(quant_panels.gemv_vnni_source(
+            k=k, n_panels=n_panels, n_blocks=n_blocks, block_size=block_size, symmetric=zp is None)),
+            f"quant_gemv_vnni_int{bits}")
+        y = lw.emit(relax.call_tir(gemv, [lw.emit(relax.TupleGetItem(x8, i)) for i in range(3)] + weights, out))
+    else:
+        func = quant_panels.gemv_func(k=k, n_panels=n_panels, n_blocks=n_blocks, bits=bits, block_size=block_size,
+                                      symmetric=zp is None, group=1 if rows == 1 else quant_panels.GROUP)
+        y = lw.emit(relax.call_tir(lw.bb.add_func(func, f"quant_gemv_panels_int{bits}"), [x2] + weights, out))
+    if width != n:  # the padding outputs of the last panel
+        y = lw.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    y = lw.view(y, lead + [n]) if len(lead) != 1 else y
+    if len(args) > 4 and args[4] is not None:
+        y = lw.emit(R.add(y, lw.tensor(args[4])))
+    return y
+
+
 @rule("QuantGather", domain="graphopt")
 def quant_gather(lw: Lowerer, node, args):
-    packed, indices, scales = (lw.tensor(a) for a in args[:3])
-    zp = lw.tensor(args[3]) if len(args) > 3 and args[3] is not None else None
     bits, block_size, k = _attr(node, "bits"), _attr(node, "block_size"), node.attr("K")
+    indices = lw.tensor(args[1])
     lead = lw.shape(indices)
     flat = lw.emit(R.reshape(indices, [_rows(lw, lead)]))
+    panels = _panel_weights(lw, node, packed_at=0)
+    if panels is not None:  # the layout of the panel GEMV: a tied LM head reads the same copy
+        table_rows = lw.const_array(node.inputs[0]).shape[0]
+        rows = lw.bb.emit_te(quant_panels.gather_te, panels[0], flat, panels[1], panels[2], bits=bits,
+                             block_size=block_size, k=k, rows=table_rows, vnni=_vnni(bits, block_size),
+                             primfunc_name_hint=f"quant_gather_int{bits}")
+        return [lw.emit(R.reshape(rows, lead + [k]))]
+    packed, scales = lw.tensor(args[0]), lw.tensor(args[2])
+    zp = lw.tensor(args[3]) if len(args) > 3 and args[3] is not None else None
     rows = lw.bb.emit_te(schedules_quant.quant_gather_te, packed, flat, scales, zp, bits=bits,
                          block_size=block_size, k=k, primfunc_name_hint=f"quant_gather_int{bits}")
     return [lw.emit(R.reshape(rows, lead + [k]))]

@@ -15,7 +15,7 @@ from graphopt.manifest import artifact_file
 from graphopt.ir import Graph, signature
 from graphopt.weights_file import read_tensors, write_tensors
 
-from graphopt.backends.tvm import rules_core, rules_graphopt, rules_quant, rules_shapes  # noqa: F401  (register the rules)
+from graphopt.backends.tvm import quant_panels, rules_core, rules_graphopt, rules_quant, rules_shapes  # noqa: F401  (register the rules)
 from graphopt.backends.tvm.build import build, cuda_compiler, system_cpu, target_spec, tuning_database_applies
 from graphopt.backends.tvm.lowering import lower_graph, prepare
 
@@ -52,6 +52,9 @@ OPTIONS = {
                   lambda v: v if re.fullmatch(r"sm_\d+[a-z]?", str(v)) else None),
     "num_cores": ("the CPU cores the target records (default: all of them)",
                   lambda v: int(v) if str(v).isdigit() and int(v) > 0 else None),
+    "quant_accuracy_level": ("auto (default: 4-bit weights times X rounded to int8, as MatMulNBits' level 4, where "
+                             "the CPU has AVX-512 VNNI), 4 (the same), or 0 (fp32 arithmetic)",
+                             lambda v: str(v) if str(v) in ("auto", "0", "4") else None),
 }
 
 
@@ -73,7 +76,8 @@ def _build(graph: Graph, target: str, options: dict | None):
     options = _check_options(options)
     t0 = time.perf_counter()
     g = prepare(graph)
-    mod, params = lower_graph(g, pack_weights=target == "cpu" and not tuning_database_applies())
+    with quant_panels.accuracy_level(options.get("quant_accuracy_level", "auto")):
+        mod, params = lower_graph(g, pack_weights=target == "cpu" and not tuning_database_applies())
     t1 = time.perf_counter()
     spec = target_spec(target, options)
     executable = build(mod, spec)
@@ -82,6 +86,9 @@ def _build(graph: Graph, target: str, options: dict | None):
     weights = [np.ascontiguousarray(a) for _, a in params]
     fields = {"tvm_target": spec, "params": param_names, "lower_seconds": round(t1 - t0, 3),
               "compile_seconds": round(t2 - t1, 3)}  # no tuning runs yet: no tuning time is reported
+    if any(n.op_type == "QuantLinear" for n in g.nodes):  # the arithmetic the quantized layers were lowered to
+        int8 = any(gv.name_hint.startswith("quantize_rows") for gv in mod.get_global_vars())
+        fields["quant_accuracy_level"] = 4 if int8 else 0
     return executable, param_names, weights, fields
 
 
