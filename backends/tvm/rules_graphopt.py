@@ -17,7 +17,7 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
-from graphopt.backends.tvm import rules_cache
+from graphopt.backends.tvm import rules_cache, schedules_attention
 from graphopt.backends.tvm.lowering import Lowerer, relax_op, rule, static_int
 from graphopt.registry import get_op
 
@@ -114,16 +114,21 @@ def attention(lw: Lowerer, node, args):
         if not nq:
             raise lw.error("num_heads is required for 3-D inputs")
 
-        def to_bnsh(t, heads: int):
+        def to_bsnh(t, heads: int):  # a view
             b, s, hidden = lw.shape(t)
             if not isinstance(hidden, int) or hidden % heads:
                 raise lw.error(f"hidden size {hidden} is not a static multiple of {heads} heads")
-            return lw.emit(R.permute_dims(R.reshape(t, [b, s, heads, hidden // heads]), _BNSH_FROM_BSNH))
-        q_bnsh, k_bnsh, v_bnsh = to_bnsh(q, nq), to_bnsh(k, nkv), to_bnsh(v, nkv)
+            return lw.emit(R.reshape(t, [b, s, heads, hidden // heads]))
+
+        def to_bnsh(t, heads: int):
+            return lw.emit(R.permute_dims(to_bsnh(t, heads), _BNSH_FROM_BSNH))
+        q_bsnh = to_bsnh(q, nq)
+        k_bnsh, v_bnsh = to_bnsh(k, nkv), to_bnsh(v, nkv)
+        head = lw.shape(q_bsnh)[3]
     else:
         q_bnsh, k_bnsh, v_bnsh = q, k, v
         nq, nkv = static_int(q_dims[1]), static_int(lw.shape(k)[1])
-    head = lw.shape(q_bnsh)[3]
+        head = lw.shape(q_bnsh)[3]
     if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH":
         # The caches are [batch, seq, kv_heads, head]: the new key/value append along axis 1
         # and the attention reads the whole cache in BNSH.
@@ -140,6 +145,21 @@ def attention(lw: Lowerer, node, args):
     if nq != nkv:
         if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
             raise lw.error(f"grouped-query attention needs static head counts that divide, got {nq} and {nkv}")
+    scale = node.attr("scale", 0.0)
+    if not scale:
+        if not isinstance(head, int):
+            raise lw.error("the head size must be static when no scale is given")
+        scale = 1.0 / math.sqrt(head)
+    y = schedules_attention.lower_fused(lw, node, q_bsnh if three_d else q, three_d, k_bnsh, v_bnsh, mask, scale)
+    if y is not None:  # CPU: one kernel from the scores to P.V (schedules_attention.py)
+        if three_d:
+            b, s, n, h = lw.shape(y)
+            y = lw.emit(R.reshape(y, [b, s, lw.simplify(n * h)]))
+        else:
+            y = lw.emit(R.permute_dims(y, _BNSH_FROM_BSNH))
+        return [y, *present][:len(node.outputs)]
+    if three_d:
+        q_bnsh = lw.emit(R.permute_dims(q_bsnh, _BNSH_FROM_BSNH))
     # Grouped-query attention without copying the cache `group` times: the `group` query heads
     # of each key/value head (h0, h0, h1, h1, ... as np.repeat) are consecutive, so
     # [b, nq, s, x] is [b, nkv, group * s, x] in place: both matmuls run per key/value head.
@@ -154,11 +174,6 @@ def attention(lw: Lowerer, node, args):
         b, _, _, x = lw.shape(t)
         return t if group == 1 else lw.emit(R.reshape(t, [b, nq, q_len, x]))
 
-    scale = node.attr("scale", 0.0)
-    if not scale:
-        if not isinstance(head, int):
-            raise lw.error("the head size must be static when no scale is given")
-        scale = 1.0 / math.sqrt(head)
     q_scaled = by_kv_head(lw.emit(R.multiply(q_bnsh, relax.const(scale, dt))))
     scores = by_query_head(lw.emit(R.matmul(q_scaled, R.permute_dims(k_bnsh, [0, 1, 3, 2]))))
     softcap = node.attr("softcap", 0.0)
