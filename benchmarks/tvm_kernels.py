@@ -3,6 +3,7 @@ the shapes it is called with, grouped by kernel (numbered variants together), ne
 whole VM call. The difference is the VM's own work (shape arithmetic, allocation, calls).
 
     python benchmarks/tvm_kernels.py [MODEL] [--shapes 1x1,1x128] [--runs 20]
+    python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128     # with the KV cache
     python benchmarks/tvm_kernels.py [MODEL] --launches
 
 `--launches` counts instead what one call of the generation-ready artifact (KV cache in and
@@ -11,7 +12,8 @@ out, what a decode step runs) launches: kernels by name, and the VM's own instru
 
 MODEL defaults to the shipped checkpoint (examples/default); the graph is the one
 `graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
-`--backend tvm` schedules it. Times are CPU time of one thread (`time.thread_time`, TVM's
+`--backend tvm` schedules it; a shape `BxS+P` (a prefill with P=0, a decode step with S=1)
+takes the generation-ready graph instead (KV cache in and out, P cached tokens). Times are CPU time of one thread (`time.thread_time`, TVM's
 pool set to one thread), so that other jobs on a shared machine change them little; they
 are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that).
 """
@@ -130,6 +132,15 @@ def print_launches(model: str) -> None:
         print(f"{n:5d}  {name[:90]}")
 
 
+def _feed(value, dims: dict) -> np.ndarray:
+    """An input for graph input `value` at `dims`: token ids 0, a mask of ones, random floats."""
+    shape = [d if isinstance(d, int) else _size(d, dims) for d in value.type.shape]
+    dtype = value.type.dtype.np_dtype
+    if value.type.dtype.is_float:
+        return np.random.default_rng(0).random(shape).astype(dtype)
+    return (np.ones if value.name == "attention_mask" else np.zeros)(shape, dtype)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "examples" / "default"))
@@ -148,8 +159,12 @@ def main(argv=None) -> int:
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
 
+    shapes = args.shapes.split(",")
+    with_cache = any("+" in s for s in shapes)
+    if with_cache and not all("+" in s for s in shapes):
+        ap.error("--shapes: give every shape a cache length (BxS+P) or none")
     with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
-        graph = graphopt.optimize(args.model, Path(tmp) / "ort", backend="ort", kv_cache=False).graph
+        graph = graphopt.optimize(args.model, Path(tmp) / "ort", backend="ort", kv_cache=with_cache).graph
     mod, params = lower_graph(prepare(graph), pack_weights=True)
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
@@ -157,13 +172,18 @@ def main(argv=None) -> int:
     dev = tvm.cpu()
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
     weights = [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for _, a in params]
-    for shape in args.shapes.split(","):
-        batch, seq = (int(v) for v in shape.split("x"))
-        rows, skipped = breakdown(mod, target, {"batch": batch, "seq": seq}, args.runs)
-        ids = tvm.runtime.tensor(np.random.default_rng(0).integers(0, 4096, (batch, seq)).astype(np.int64), device=dev)
-        whole = cpu_ms(lambda: vm["main"](ids, *weights), args.runs)
+    for shape in shapes:
+        batch, seq = (int(v) for v in shape.split("+")[0].split("x"))
+        past = int(shape.split("+")[1]) if with_cache else 0
+        dims = {"batch": batch, "seq": seq, "past_seq": past}
+        for v in graph.inputs:  # an expression dim of an input (`past_seq + seq`) is a symbol of its own
+            dims.update({f"{v.name}_dim{axis}": _size(d, dims) for axis, d in enumerate(v.type.shape)
+                         if isinstance(d, str) and not d.isidentifier()})
+        rows, skipped = breakdown(mod, target, dims, args.runs)
+        feeds = [tvm.runtime.tensor(_feed(v, dims), device=dev) for v in graph.inputs]
+        whole = cpu_ms(lambda: vm["main"](*feeds, *weights), args.runs)
         total = sum(ms for ms, _ in rows.values())
-        print(f"== {batch} x {seq}: CPU ms per forward, 1 thread")
+        print(f"== {shape}: CPU ms per forward, 1 thread")
         for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
             print(f"{name[:70]:70s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
         print(f"{'sum of kernels':70s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")

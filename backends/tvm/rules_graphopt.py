@@ -119,14 +119,17 @@ def attention(lw: Lowerer, node, args):
             if not isinstance(hidden, int) or hidden % heads:
                 raise lw.error(f"hidden size {hidden} is not a static multiple of {heads} heads")
             return lw.emit(R.reshape(t, [b, s, heads, hidden // heads]))
-
-        def to_bnsh(t, heads: int):
-            return lw.emit(R.permute_dims(to_bsnh(t, heads), _BNSH_FROM_BSNH))
-        q_bsnh = to_bsnh(q, nq)
-        k_bnsh, v_bnsh = to_bnsh(k, nkv), to_bnsh(v, nkv)
+        q_bsnh, k_bsnh, v_bsnh = to_bsnh(q, nq), to_bsnh(k, nkv), to_bsnh(v, nkv)
         head = lw.shape(q_bsnh)[3]
+        appended = None
+        if past_k is not None and (node.attr("kv_layout", "BNSH") or "BNSH") == "BNSH":
+            appended = schedules_attention.lower_kv_append(lw, past_k, past_v, k_bsnh, v_bsnh)
+        if appended is not None:  # CPU: the cache concatenations and transposes in one kernel
+            k_bnsh, v_bnsh = appended
+        else:
+            k_bnsh, v_bnsh = (lw.emit(R.permute_dims(t, _BNSH_FROM_BSNH)) for t in (k_bsnh, v_bsnh))
     else:
-        q_bnsh, k_bnsh, v_bnsh = q, k, v
+        q_bnsh, k_bnsh, v_bnsh, appended = q, k, v, None
         nq, nkv = static_int(q_dims[1]), static_int(lw.shape(k)[1])
         head = lw.shape(q_bnsh)[3]
     if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH":
@@ -138,7 +141,7 @@ def attention(lw: Lowerer, node, args):
             present.append(lw.emit(R.concat([past, new_bsnh], axis=1)) if past is not None else new_bsnh)
         k_bnsh, v_bnsh = (lw.emit(R.permute_dims(t, _BNSH_FROM_BSNH)) for t in present)
     else:
-        if past_k is not None:
+        if past_k is not None and appended is None:
             k_bnsh = lw.emit(R.concat([past_k, k_bnsh], axis=2))
             v_bnsh = lw.emit(R.concat([past_v, v_bnsh], axis=2))
         present = [k_bnsh, v_bnsh]

@@ -213,3 +213,59 @@ def _mask_bias(lw, node, mask, scores_dims: list):
         return bias if len(lw.shape(mask)) == 4 else lw.emit(R.reshape(bias, dims))
 
     return lw.once(("attention mask bias", node.inputs[3].name, str(scores_dims)), make)
+
+
+def kv_append_func(kv_heads: int, head: int, dtype: str = "float32"):
+    """present_k, present_v [batch, kv_heads, past + seq, head] (BNSH) from the BNSH pasts and
+    the new keys/values as [batch, seq, kv_heads, head] (a view of the 3-D projections): one
+    launch for the two concatenations and the two transposes that Relax would run."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def kv_append(var_past_k: T.handle, var_past_v: T.handle, var_k: T.handle, var_v: T.handle,
+                  var_present_k: T.handle, var_present_v: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch, past, seq = T.int64(), T.int64(), T.int64()
+        past_k = T.match_buffer(var_past_k, (batch, kv_heads, past, head), dtype)
+        past_v = T.match_buffer(var_past_v, (batch, kv_heads, past, head), dtype)
+        k = T.match_buffer(var_k, (batch, seq, kv_heads, head), dtype)
+        v = T.match_buffer(var_v, (batch, seq, kv_heads, head), dtype)
+        present_k = T.match_buffer(var_present_k, (batch, kv_heads, past + seq, head), dtype)
+        present_v = T.match_buffer(var_present_v, (batch, kv_heads, past + seq, head), dtype)
+        for task in T.parallel(batch * kv_heads * 2):  # (row, kv head, key or value)
+            b = task // (kv_heads * 2)
+            n = task // 2 % kv_heads
+            if task % 2 == 0:
+                for t in range(past):
+                    for h in T.vectorized(head):
+                        present_k[b, n, t, h] = past_k[b, n, t, h]
+                for t in range(seq):
+                    for h in T.vectorized(head):
+                        present_k[b, n, past + t, h] = k[b, t, n, h]
+            else:
+                for t in range(past):
+                    for h in T.vectorized(head):
+                        present_v[b, n, t, h] = past_v[b, n, t, h]
+                for t in range(seq):
+                    for h in T.vectorized(head):
+                        present_v[b, n, past + t, h] = v[b, t, n, h]
+
+    return kv_append
+
+
+def lower_kv_append(lw, past_k, past_v, k_bsnh, v_bsnh):
+    """(present_k, present_v) in BNSH from the fused append kernel, or None where it does not
+    apply (not the CPU, not float32, head counts or sizes not static)."""
+    from tvm import relax
+
+    tensors = (past_k, past_v, k_bsnh, v_bsnh)
+    if not lw.pack_weights or any(lw.dtype(t) != "float32" for t in tensors):
+        return None
+    batch, seq, kv_heads, head = lw.shape(k_bsnh)
+    if not isinstance(kv_heads, int) or not isinstance(head, int) or lw.shape(past_k)[1:2] + lw.shape(past_k)[3:] \
+            != [kv_heads, head]:
+        return None
+    present = relax.TensorType([batch, kv_heads, lw.simplify(lw.shape(past_k)[2] + seq), head], "float32")
+    gv = lw.bb.add_func(kv_append_func(kv_heads, head), "kv_append")
+    both = lw.emit(relax.call_tir(gv, list(tensors), [present, present]))
+    return lw.emit(relax.TupleGetItem(both, 0)), lw.emit(relax.TupleGetItem(both, 1))
