@@ -4,6 +4,7 @@ whole VM call. The difference is the VM's own work (shape arithmetic, allocation
 
     python benchmarks/tvm_kernels.py [MODEL] [--shapes 1x1,1x128] [--runs 20]
     python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128     # with the KV cache
+    python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128 --ort   # and ORT per op class
     python benchmarks/tvm_kernels.py [MODEL] --launches
 
 `--launches` counts instead what one call of the generation-ready artifact (KV cache in and
@@ -15,7 +16,9 @@ MODEL defaults to the shipped checkpoint (examples/default); the graph is the on
 `--backend tvm` schedules it; a shape `BxS+P` (a prefill with P=0, a decode step with S=1)
 takes the generation-ready graph instead (KV cache in and out, P cached tokens). Times are CPU time of one thread (`time.thread_time`, TVM's
 pool set to one thread), so that other jobs on a shared machine change them little; they
-are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that).
+are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that). `--ort` adds ONNX
+Runtime's kernel time per op class for the same graph and inputs at 1 thread, from its
+profiler (wall time of each node; on one thread, close to its CPU time).
 """
 from __future__ import annotations
 
@@ -147,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="1x1,1x128", help="batch x seq, comma-separated")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--launches", action="store_true", help="count what one call launches instead of timing")
+    ap.add_argument("--ort", action="store_true", help="also ONNX Runtime's time per op class (its profiler)")
     args = ap.parse_args(argv)
     if args.launches:
         print_launches(args.model)
@@ -163,8 +167,9 @@ def main(argv=None) -> int:
     with_cache = any("+" in s for s in shapes)
     if with_cache and not all("+" in s for s in shapes):
         ap.error("--shapes: give every shape a cache length (BxS+P) or none")
-    with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
-        graph = graphopt.optimize(args.model, Path(tmp) / "ort", backend="ort", kv_cache=with_cache).graph
+    tmp = tempfile.TemporaryDirectory(prefix="tvm_kernels_")
+    ort_model = Path(tmp.name) / "ort" / "model.onnx"
+    graph = graphopt.optimize(args.model, ort_model.parent, backend="ort", kv_cache=with_cache).graph
     mod, params = lower_graph(prepare(graph), pack_weights=True)
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
@@ -188,7 +193,28 @@ def main(argv=None) -> int:
             print(f"{name[:70]:70s} {calls:4d} calls {ms:8.3f} ms {100 * ms / total:5.1f} %")
         print(f"{'sum of kernels':70s} {'':10s} {total:8.3f} ms ({skipped} calls with scalar arguments not timed)")
         print(f"{'whole VM call':70s} {'':10s} {whole:8.3f} ms")
+        if args.ort:
+            print_ort_classes(ort_model, {v.name: _feed(v, dims) for v in graph.inputs}, args.runs, Path(tmp.name))
+    tmp.cleanup()
     return 0
+
+
+def print_ort_classes(model: Path, feeds: dict, runs: int, work: Path) -> None:
+    """ONNX Runtime's kernel time per op class on the same graph and inputs, 1 thread, from
+    its profiler (the median of each node over `runs` runs, benchmarks/decode_profile.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_profile import breakdown as ort_breakdown, profiled_session
+
+    sess = profiled_session(model, 1, work / "ort_profile")
+    for _ in range(2 + runs):
+        sess.run(None, feeds)
+    result = ort_breakdown(sess.end_profiling(), 2)
+    total = result["kernel_sum_ms"]
+    print("-- ONNX Runtime, same graph and inputs: kernel ms per run, 1 thread (profiler)")
+    for name, c in result["op_classes"].items():
+        print(f"{name[:70]:70s} {c['nodes']:4d} nodes {c['us'] / 1e3:8.3f} ms {100 * c['us'] / 1e3 / total:5.1f} %")
+    print(f"{'sum of kernels':70s} {'':10s} {total:8.3f} ms")
+    print(f"{'model_run (p50)':70s} {'':10s} {result['model_run_p50_ms']:8.3f} ms")
 
 
 if __name__ == "__main__":

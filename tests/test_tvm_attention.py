@@ -102,3 +102,15 @@ def test_a_mask_of_another_length_is_refused_at_run_time():
     feeds["mask"] = np.zeros((1, 1, 4, 10), np.float32)  # past + seq is 9
     with pytest.raises(Exception, match="neither 1 nor past \\+ seq"):
         artifact.run(feeds)
+
+
+def test_silu_with_the_polynomial_exp_matches_the_reference():
+    """The CPU build's SiLU (x * sigmoid(x), the fused kernels' `exp`) over the whole float
+    range that matters: far tails, around 0, and the clamp of the exponent at +-88."""
+    x = np.concatenate([np.linspace(-120, 120, 481), np.linspace(-1, 1, 63)]).astype(np.float32)[None]
+    g = one_node_graph("Linear", [("x", x, None, False), ("w", np.eye(x.shape[1], dtype=np.float32), None, True)],
+                       {"activation": "silu"})
+    want = run_reference(g, {"x": x})
+    got = tvm_backend.compile_graph(g).run({"x": x})
+    for name, expected in want.items():
+        assert_close(got[name], expected, rtol=1e-5, atol=1e-6, what=name)
