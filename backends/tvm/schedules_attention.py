@@ -80,6 +80,7 @@ def attention_func(num_heads: int, kv_num_heads: int, head: int, scale: float, c
         v = T.match_buffer(var_v, (batch, kv_num_heads, total, head), dtype)
         bias = T.match_buffer(var_bias, (bb, bn, bs, bt), dtype)
         out = T.match_buffer(var_out, (batch, seq, num_heads, head), dtype)
+        bias_flat = T.decl_buffer((bb * bn * bs * bt,), dtype, data=bias.data)
         assert T.Or(bb == 1, bb == batch), "the attention mask's batch is neither 1 nor the batch"
         assert T.Or(bn == 1, bn == num_heads), "the attention mask's heads are neither 1 nor num_heads"
         assert T.Or(bs == 1, bs == seq), "the attention mask's rows are neither 1 nor the query length"
@@ -95,17 +96,25 @@ def attention_func(num_heads: int, kv_num_heads: int, head: int, scale: float, c
             new_max = T.alloc_local((ROWS,), dtype)
             safe_max = T.alloc_local((ROWS,), dtype)
             last = T.alloc_local((ROWS,), "int64")
+            bias_row = T.alloc_local((ROWS,), "int64")
             b = task // (kv_num_heads * blocks)
             kvh = task // blocks % kv_num_heads
             r0 = task % blocks * ROWS
-            for r in T.vectorized(ROWS):  # rows past the end repeat the last one (never stored)
+            # Per row, once per task (integer division does not vectorize): its last visible
+            # key and where its bias row starts. Rows past the end repeat the last one (never stored).
+            for r in range(ROWS):
                 last[r] = total - T.int64(1) - T.int64(causal) * (seq - T.int64(1) - T.min(r0 + r, rows - 1) % seq)
+                bias_row[r] = ((T.min(b, bb - 1) * bn + T.min(kvh * group + T.min(r0 + r, rows - 1) // seq, bn - 1))
+                               * bs + T.min(T.min(r0 + r, rows - 1) % seq, bs - 1)) * bt
+            for r in T.vectorized(ROWS):
                 run_max[r] = T.float32(neg_inf)
                 run_sum[r] = T.float32(0)
-            for h in range(head):
-                for r in T.vectorized(ROWS):
+            for r in range(ROWS):
+                for h in range(head):
                     qt[h, r] = q[b, T.min(r0 + r, rows - 1) % seq, kvh * group + T.min(r0 + r, rows - 1) // seq,
                                  h] * T.float32(scale)
+            for h in range(head):
+                for r in T.vectorized(ROWS):
                     acc[h, r] = T.float32(0)
             # keys up to the last one any row of the block sees: the causal limit of its last row
             # (a block that spans two query heads holds both ends of the sequence: all keys)
@@ -126,10 +135,7 @@ def attention_func(num_heads: int, kv_num_heads: int, head: int, scale: float, c
                     for r in T.vectorized(ROWS):
                         sc[t, r] = T.if_then_else(
                             kb * KEYS + t <= last[r],
-                            sc[t, r] + bias[T.min(b, bb - 1),
-                                            T.min(kvh * group + T.min(r0 + r, rows - 1) // seq, bn - 1),
-                                            T.min(T.min(r0 + r, rows - 1) % seq, bs - 1),
-                                            T.min(kb * KEYS + t, bt - 1)],
+                            sc[t, r] + bias_flat[bias_row[r] + T.min(kb * KEYS + t, bt - 1)],
                             T.float32(neg_inf))
                         new_max[r] = T.max(new_max[r], sc[t, r])
                 for r in T.vectorized(ROWS):
