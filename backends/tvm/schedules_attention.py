@@ -227,6 +227,15 @@ def kv_append_func(kv_heads: int, head: int, dtype: str = "float32"):
     launch for the two concatenations and the two transposes that Relax would run."""
     from tvm.script import tirx as T
 
+    @T.macro
+    def append(present, past_buf, new, b, n, past, seq):  # present[b, n] = past_buf[b, n] ++ new[b, :, n]
+        for t in range(past):
+            for h in T.vectorized(head):
+                present[b, n, t, h] = past_buf[b, n, t, h]
+        for t in range(seq):
+            for h in T.vectorized(head):
+                present[b, n, past + t, h] = new[b, t, n, h]
+
     @T.prim_func(private=True)
     def kv_append(var_past_k: T.handle, var_past_v: T.handle, var_k: T.handle, var_v: T.handle,
                   var_present_k: T.handle, var_present_v: T.handle):
@@ -242,19 +251,9 @@ def kv_append_func(kv_heads: int, head: int, dtype: str = "float32"):
             b = task // (kv_heads * 2)
             n = task // 2 % kv_heads
             if task % 2 == 0:
-                for t in range(past):
-                    for h in T.vectorized(head):
-                        present_k[b, n, t, h] = past_k[b, n, t, h]
-                for t in range(seq):
-                    for h in T.vectorized(head):
-                        present_k[b, n, past + t, h] = k[b, t, n, h]
+                append(present_k, past_k, k, b, n, past, seq)
             else:
-                for t in range(past):
-                    for h in T.vectorized(head):
-                        present_v[b, n, t, h] = past_v[b, n, t, h]
-                for t in range(seq):
-                    for h in T.vectorized(head):
-                        present_v[b, n, past + t, h] = v[b, t, n, h]
+                append(present_v, past_v, v, b, n, past, seq)
 
     return kv_append
 
