@@ -267,8 +267,9 @@ def lower_kv_append(lw, past_k, past_v, k_bsnh, v_bsnh):
     if not lw.pack_weights or any(lw.dtype(t) != "float32" for t in tensors):
         return None
     batch, seq, kv_heads, head = lw.shape(k_bsnh)
-    if not isinstance(kv_heads, int) or not isinstance(head, int) or lw.shape(past_k)[1:2] + lw.shape(past_k)[3:] \
-            != [kv_heads, head]:
+    past_dims = lw.shape(past_k)
+    if not isinstance(kv_heads, int) or not isinstance(head, int) \
+            or [static_int(past_dims[1]), static_int(past_dims[3])] != [kv_heads, head]:
         return None
     present = relax.TensorType([batch, kv_heads, lw.simplify(lw.shape(past_k)[2] + seq), head], "float32")
     gv = lw.bb.add_func(kv_append_func(kv_heads, head), "kv_append")
