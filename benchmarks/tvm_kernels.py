@@ -3,6 +3,8 @@ the shapes it is called with, grouped by kernel (numbered variants together), ne
 whole VM call. The difference is the VM's own work (shape arithmetic, allocation, calls).
 
     python benchmarks/tvm_kernels.py [MODEL] [--shapes 1x1,1x128] [--runs 20]
+    python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128     # with the KV cache
+    python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128 --ort   # and ORT per op class
     python benchmarks/tvm_kernels.py [MODEL] --launches
 
 `--launches` counts instead what one call of the generation-ready artifact (KV cache in and
@@ -18,9 +20,12 @@ int8 copy, attention, norms, ...):
 
 MODEL defaults to the shipped checkpoint (examples/default); the graph is the one
 `graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
-`--backend tvm` schedules it. Times are CPU time of one thread (`time.thread_time`, TVM's
+`--backend tvm` schedules it; a shape `BxS+P` (a prefill with P=0, a decode step with S=1)
+takes the generation-ready graph instead (KV cache in and out, P cached tokens). Times are CPU time of one thread (`time.thread_time`, TVM's
 pool set to one thread), so that other jobs on a shared machine change them little; they
-are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that).
+are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that). `--ort` adds ONNX
+Runtime's kernel time per op class for the same graph and inputs at 1 thread, from its
+profiler (wall time of each node; on one thread, close to its CPU time).
 """
 from __future__ import annotations
 
@@ -205,6 +210,15 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
         print(f"  {name[:70]:70s} {calls:4d} calls {ms:8.3f} ms")
 
 
+def _feed(value, dims: dict) -> np.ndarray:
+    """An input for graph input `value` at `dims`: token ids 0, a mask of ones, random floats."""
+    shape = [d if isinstance(d, int) else _size(d, dims) for d in value.type.shape]
+    dtype = value.type.dtype.np_dtype
+    if value.type.dtype.is_float:
+        return np.random.default_rng(0).random(shape).astype(dtype)
+    return (np.ones if value.name == "attention_mask" else np.zeros)(shape, dtype)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "examples" / "default"))
@@ -215,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", choices=["int4"], help="with --decode: after graphopt's int4 passes")
     ap.add_argument("--model", dest="model_option",
                     help="same as MODEL; with --decode also 'gpt2' (GPT-2 small, random weights) or 'gpt2-tiny'")
+    ap.add_argument("--ort", action="store_true", help="also ONNX Runtime's time per op class (its profiler)")
     args = ap.parse_args(argv)
     model = args.model_option or args.model
     if args.decode is not None:
@@ -238,8 +253,13 @@ def main(argv=None) -> int:
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
 
-    with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
-        graph = graphopt.optimize(args.model, Path(tmp) / "ort", backend="ort", kv_cache=False).graph
+    shapes = args.shapes.split(",")
+    with_cache = any("+" in s for s in shapes)
+    if with_cache and not all("+" in s for s in shapes):
+        ap.error("--shapes: give every shape a cache length (BxS+P) or none")
+    tmp = tempfile.TemporaryDirectory(prefix="tvm_kernels_")
+    ort_model = Path(tmp.name) / "ort" / "model.onnx"
+    graph = graphopt.optimize(args.model, ort_model.parent, backend="ort", kv_cache=with_cache).graph
     mod, params = lower_graph(prepare(graph), pack_weights=True)
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
@@ -247,13 +267,39 @@ def main(argv=None) -> int:
     dev = tvm.cpu()
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
     weights = [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for _, a in params]
-    for shape in args.shapes.split(","):
-        batch, seq = (int(v) for v in shape.split("x"))
-        rows, skipped = breakdown(mod, target, {"batch": batch, "seq": seq}, args.runs)
-        ids = tvm.runtime.tensor(np.random.default_rng(0).integers(0, 4096, (batch, seq)).astype(np.int64), device=dev)
-        whole = cpu_ms(lambda: vm["main"](ids, *weights), args.runs)
-        print_table(f"== {batch} x {seq}: CPU ms per forward, 1 thread", rows, skipped, whole)
+    for shape in shapes:
+        batch, seq = (int(v) for v in shape.split("+")[0].split("x"))
+        past = int(shape.split("+")[1]) if with_cache else 0
+        dims = {"batch": batch, "seq": seq, "past_seq": past}
+        for v in graph.inputs:  # an expression dim of an input (`past_seq + seq`) is a symbol of its own
+            dims.update({f"{v.name}_dim{axis}": _size(d, dims) for axis, d in enumerate(v.type.shape)
+                         if isinstance(d, str) and not d.isidentifier()})
+        rows, skipped = breakdown(mod, target, dims, args.runs)
+        feeds = [tvm.runtime.tensor(_feed(v, dims), device=dev) for v in graph.inputs]
+        whole = cpu_ms(lambda: vm["main"](*feeds, *weights), args.runs)
+        print_table(f"== {shape}: CPU ms per forward, 1 thread", rows, skipped, whole)
+        if args.ort:
+            print_ort_classes(ort_model, {v.name: _feed(v, dims) for v in graph.inputs}, args.runs, Path(tmp.name))
+    tmp.cleanup()
     return 0
+
+
+def print_ort_classes(model: Path, feeds: dict, runs: int, work: Path) -> None:
+    """ONNX Runtime's kernel time per op class on the same graph and inputs, 1 thread, from
+    its profiler (the median of each node over `runs` runs, benchmarks/decode_profile.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_profile import breakdown as ort_breakdown, profiled_session
+
+    sess = profiled_session(model, 1, work / "ort_profile")
+    for _ in range(2 + runs):
+        sess.run(None, feeds)
+    result = ort_breakdown(sess.end_profiling(), 2)
+    total = result["kernel_sum_ms"]
+    print("-- ONNX Runtime, same graph and inputs: kernel ms per run, 1 thread (profiler)")
+    for name, c in result["op_classes"].items():
+        print(f"{name[:70]:70s} {c['nodes']:4d} nodes {c['us'] / 1e3:8.3f} ms {100 * c['us'] / 1e3 / total:5.1f} %")
+    print(f"{'sum of kernels':70s} {'':10s} {total:8.3f} ms")
+    print(f"{'model_run (p50)':70s} {'':10s} {result['model_run_p50_ms']:8.3f} ms")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
-from graphopt.backends.tvm import rules_cache
+from graphopt.backends.tvm import rules_cache, schedules_attention
 from graphopt.backends.tvm.lowering import Lowerer, relax_op, rule, static_int
 from graphopt.registry import get_op
 
@@ -114,16 +114,24 @@ def attention(lw: Lowerer, node, args):
         if not nq:
             raise lw.error("num_heads is required for 3-D inputs")
 
-        def to_bnsh(t, heads: int):
+        def to_bsnh(t, heads: int):  # a view
             b, s, hidden = lw.shape(t)
             if not isinstance(hidden, int) or hidden % heads:
                 raise lw.error(f"hidden size {hidden} is not a static multiple of {heads} heads")
-            return lw.emit(R.permute_dims(R.reshape(t, [b, s, heads, hidden // heads]), _BNSH_FROM_BSNH))
-        q_bnsh, k_bnsh, v_bnsh = to_bnsh(q, nq), to_bnsh(k, nkv), to_bnsh(v, nkv)
+            return lw.emit(R.reshape(t, [b, s, heads, hidden // heads]))
+        q_bsnh, k_bsnh, v_bsnh = to_bsnh(q, nq), to_bsnh(k, nkv), to_bsnh(v, nkv)
+        head = lw.shape(q_bsnh)[3]
+        appended = None
+        if past_k is not None and (node.attr("kv_layout", "BNSH") or "BNSH") == "BNSH":
+            appended = schedules_attention.lower_kv_append(lw, past_k, past_v, k_bsnh, v_bsnh)
+        if appended is not None:  # CPU: the cache concatenations and transposes in one kernel
+            k_bnsh, v_bnsh = appended
+        else:
+            k_bnsh, v_bnsh = (lw.emit(R.permute_dims(t, _BNSH_FROM_BSNH)) for t in (k_bsnh, v_bsnh))
     else:
-        q_bnsh, k_bnsh, v_bnsh = q, k, v
+        q_bnsh, k_bnsh, v_bnsh, appended = q, k, v, None
         nq, nkv = static_int(q_dims[1]), static_int(lw.shape(k)[1])
-    head = lw.shape(q_bnsh)[3]
+        head = lw.shape(q_bnsh)[3]
     if (node.attr("kv_layout", "BNSH") or "BNSH") == "BSNH":
         # The caches are [batch, seq, kv_heads, head]: the new key/value append along axis 1
         # and the attention reads the whole cache in BNSH.
@@ -133,13 +141,28 @@ def attention(lw: Lowerer, node, args):
             present.append(lw.emit(R.concat([past, new_bsnh], axis=1)) if past is not None else new_bsnh)
         k_bnsh, v_bnsh = (lw.emit(R.permute_dims(t, _BNSH_FROM_BSNH)) for t in present)
     else:
-        if past_k is not None:
+        if past_k is not None and appended is None:
             k_bnsh = lw.emit(R.concat([past_k, k_bnsh], axis=2))
             v_bnsh = lw.emit(R.concat([past_v, v_bnsh], axis=2))
         present = [k_bnsh, v_bnsh]
     if nq != nkv:
         if not isinstance(nq, int) or not isinstance(nkv, int) or nq % nkv:
             raise lw.error(f"grouped-query attention needs static head counts that divide, got {nq} and {nkv}")
+    scale = node.attr("scale", 0.0)
+    if not scale:
+        if not isinstance(head, int):
+            raise lw.error("the head size must be static when no scale is given")
+        scale = 1.0 / math.sqrt(head)
+    y = schedules_attention.lower_fused(lw, node, q_bsnh if three_d else q, three_d, k_bnsh, v_bnsh, mask, scale)
+    if y is not None:  # CPU: one kernel from the scores to P.V (schedules_attention.py)
+        if three_d:
+            b, s, n, h = lw.shape(y)
+            y = lw.emit(R.reshape(y, [b, s, lw.simplify(n * h)]))
+        else:
+            y = lw.emit(R.permute_dims(y, _BNSH_FROM_BSNH))
+        return [y, *present][:len(node.outputs)]
+    if three_d:
+        q_bnsh = lw.emit(R.permute_dims(q_bsnh, _BNSH_FROM_BSNH))
     # Grouped-query attention without copying the cache `group` times: the `group` query heads
     # of each key/value head (h0, h0, h1, h1, ... as np.repeat) are consecutive, so
     # [b, nq, s, x] is [b, nkv, group * s, x] in place: both matmuls run per key/value head.
@@ -154,11 +177,6 @@ def attention(lw: Lowerer, node, args):
         b, _, _, x = lw.shape(t)
         return t if group == 1 else lw.emit(R.reshape(t, [b, nq, q_len, x]))
 
-    scale = node.attr("scale", 0.0)
-    if not scale:
-        if not isinstance(head, int):
-            raise lw.error("the head size must be static when no scale is given")
-        scale = 1.0 / math.sqrt(head)
     q_scaled = by_kv_head(lw.emit(R.multiply(q_bnsh, relax.const(scale, dt))))
     scores = by_query_head(lw.emit(R.matmul(q_scaled, R.permute_dims(k_bnsh, [0, 1, 3, 2]))))
     softcap = node.attr("softcap", 0.0)
@@ -217,6 +235,14 @@ def _attr(node, name: str):
 def _activate(lw: Lowerer, y, act: str):
     if act not in _ACTIVATIONS:
         raise lw.error(f"unknown activation {act!r}")
+    if act == "silu" and lw.pack_weights and lw.dtype(y) == "float32":
+        # CPU: x * sigmoid(x) with the polynomial exp, which vectorizes; Relax's sigmoid calls
+        # `expf` per element (the shipped model's SiLU x up took as long as its MLP down matmul).
+        from tvm import te
+
+        def silu(x):
+            return te.compute(x.shape, lambda *i: x(*i) / (1 + schedules_attention.fast_exp(-x(*i))), name="silu")
+        return lw.bb.emit_te(silu, y, primfunc_name_hint="silu")
     f = _ACTIVATIONS[act]
     return y if f is None else lw.emit(relax_op(f)(y))
 
