@@ -36,6 +36,7 @@ from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value, constant_value
 from graphopt.registry import register_lowering
 
+from graphopt.backends.onnxruntime.gqa_rotary import RotaryInKernel, rotary_in_kernel
 from graphopt.backends.onnxruntime.kernels import MS_DOMAIN, schema_has_attr, schema_inputs
 from graphopt.backends.onnxruntime.lowering import BACKEND, LoweringContext
 
@@ -380,6 +381,12 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
     presents: list[Value | None] = [None, None]
 
     if kernel == GQA:
+        # the kernel rotates Q and K itself where that is provably the same (gqa_rotary.py)
+        rotary = rotary_in_kernel(s, _generation_graph(ctx))
+        if isinstance(rotary, RotaryInKernel):
+            s = dataclasses.replace(s, q=rotary.q, k=rotary.k)
+            q = s.q
+            ctx.maybe_dead.extend(rotary.nodes)
         packed = packed_qkv(s)
         if packed is not None:  # the kernel splits the heads itself: the Split goes dead
             q, k, v = packed, None, None
@@ -417,8 +424,11 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
         if schema_has_attr(MS_DOMAIN, GQA, "causal"):
             attrs["causal"] = int(kernel_causal)
         inputs = [q, k, v, s.past_k, s.past_v, seqlens_k, total_scalar]
+        if isinstance(rotary, RotaryInKernel):
+            attrs.update(do_rotary=1, rotary_interleaved=rotary.interleaved)
+            inputs += [rotary.cos, rotary.sin]  # no position_ids: the kernel's own (see gqa_rotary.py)
         if bias is not None:
-            inputs += [None, None, None, bias]  # cos_cache, sin_cache, position_ids, attention_bias
+            inputs += [None] * (10 - len(inputs)) + [bias]  # [cos_cache, sin_cache, position_ids,] attention_bias
         want = 3 if s.want_present else 1
         outs = b.op(GQA, *inputs, domain=MS_DOMAIN, output_types=[y_type, *present_types][:want], **attrs)
         outs = outs if isinstance(outs, tuple) else (outs,)
