@@ -377,7 +377,9 @@ def test_rotary_inside_group_query_attention_matches_pytorch(arch, layout, fused
 
     gqa = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
            if n.op_type == "GroupQueryAttention"]
-    assert all({a.name: a.i for a in n.attribute}["do_rotary"] == 1 and n.input[1] == "" for n in gqa)  # packed
+    attrs = [{a.name: a.i for a in n.attribute} for n in gqa]
+    assert all(a["do_rotary"] == 1 and a["causal"] == 1 for a in attrs) and all(n.input[1] == "" for n in gqa)  # packed
+    assert ops["Range"] == ops["LessOrEqual"] == 0  # causal in the kernel, the bias only the padding
     artifact = graphopt.load(out)
     ref = hf_reference(model)
     check_decode(artifact.run, ref, PROMPTS[:1], 57, 2, 2, 16, layout, 64)
@@ -845,11 +847,12 @@ def test_default_artifact_is_generation_ready(default_artifact):
     ops = collections.Counter(n.op_type for n in nodes)
     # the rotary is inside GroupQueryAttention (head 32), so no position ids are computed at all
     assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 0 and ops["CumSum"] == 0
-    assert ops["Gather"] == ops["Range"] == 1
+    # the causal half of the bias is GroupQueryAttention's own causal=1: no Range, no LessOrEqual
+    assert ops["Gather"] == 1 and ops["Range"] == ops["LessOrEqual"] == ops["And"] == 0
     # the bias is finite (0 or lowest), so no row is empty and no layer needs a NaN guard: one
-    # Where (the bias) and no ReduceMax for the whole step
+    # Where (the padding bias) and no ReduceMax for the whole step
     assert ops["Where"] == 1 and ops["ReduceMax"] == 0
-    assert ops["Concat"] == ops["Flatten"] == ops["Reshape"] == 0
+    assert ops["Concat"] == 1 and ops["Flatten"] == ops["Reshape"] == 0  # the Concat: the bias's [seq, 1] rows
     assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert result.report["generation"] == {"ready": True, "logits": "last"}
     assert result.report["pipeline"].endswith("rewrite-kv-cache,slice-last-token-logits")
