@@ -388,6 +388,28 @@ def test_rotary_inside_group_query_attention_matches_pytorch(arch, layout, fused
         check_decode(artifact.decode_run(), ref, PROMPTS, 16, 2, 2, 16, layout, 64)
 
 
+def test_the_causal_half_of_the_kv_bias_is_recognized_and_nothing_else(fused):
+    """rewrite-kv-cache's bias splits into padding (kept as a bias) and the causal part (the
+    kernel's causal=1); a bias whose causal part is anything else is left as it is."""
+    from graphopt.backends.onnxruntime.gqa_causal import padding_of_causal_bias
+    from graphopt.builder import Builder
+
+    _, graph = fused("llama")
+    g = rewrite(graph)
+    bias = next(n for n in g.nodes if n.op_type == "Attention").inputs[3]
+    real, nodes = padding_of_causal_bias(bias)
+    assert real.producer().op_type == "Unsqueeze" and [n.op_type for n in nodes[:3]] == ["Where", "And", "LessOrEqual"]
+    where = bias.producer()
+    b = Builder(g, before=where)
+    no_causal = b.Where(real, where.inputs[1], where.inputs[2])  # padding only: not causal at all
+    assert padding_of_causal_bias(no_causal) is None
+    le = where.inputs[0].producer().inputs[1].producer()
+    shifted = b.Where(b.And(real, b.Less(*le.inputs)), where.inputs[1], where.inputs[2])  # j < past + i
+    assert padding_of_causal_bias(shifted) is None
+    infinite = b.Where(where.inputs[0], where.inputs[1], b.const(np.array(-np.inf, np.float32), "neg_inf"))
+    assert padding_of_causal_bias(infinite) is None
+
+
 def test_rotary_stays_outside_group_query_attention_where_the_kernel_cannot_take_it(fused, tmp_path):
     """Head size 8 (the kernel's rotary wants a multiple of 16): the RotaryEmbedding nodes stay,
     and the reason is the first condition that failed."""
