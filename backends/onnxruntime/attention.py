@@ -24,6 +24,10 @@ What both kernels need that graphopt.Attention does not:
   ONNX spec) give zeros: with a mask, the output is guarded by `Where(rowmax(bias) > -inf, Y, 0)`,
   unless the bias is a Where between finite constants (rewrite-kv-cache's), where no row can be
   -inf everywhere.
+
+In a decoder rewrite-kv-cache made, GroupQueryAttention also takes over the causal half of its
+bias (`causal=1`, the padding alone as the bias: gqa_causal.py) and, where provably the same,
+the rotary of Q and K (`do_rotary=1`: gqa_rotary.py).
 """
 from __future__ import annotations
 
