@@ -14,7 +14,8 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
    `auto`) artifacts, and ORT's `MatMulNBitsQuantizer` (block 32, MatMul and Gather) applied to
    the same fp32 decode graph, all driven by the same feeds; the bandwidth bound is the bytes of
    each artifact's weights over the read bandwidth measured in this run
-   (graphopt.compare.machine.read_bandwidth). With `--tvm`, graphopt's int4 artifact for TVM
+   (graphopt.compare.machine.read_bandwidth). Beside them, graphopt's int4 artifact with a static
+   cache stepped through IO binding, as its Generator runs it (no cache copy a step). With `--tvm`, graphopt's int4 artifact for TVM
    too (the dequantize-fused kernels of backends/tvm/schedules_quant.py; its weight bytes are
    those of its weights.safetensors), and the fp32 one for TVM beside it;
 3. a decode step with `--cached` tokens on the Llama-style Hugging Face folder of
@@ -178,9 +179,12 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     s = session(ort_nbits, args.threads)
     runners["ort-MatMulNBitsQuantizer"] = lambda: s.run(None, step)
     sizes["ort-MatMulNBitsQuantizer"] = initializer_bytes(ort_nbits)
+    static = int4_static_io_binding(folder, work, args)
+    runners["graphopt-int4-static-io-binding"], sizes["graphopt-int4-static-io-binding"] = static
     timing = interleaved(runners, args.repeats, settle_s=SETTLE_S if args.tvm else 0.0)
     want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
-    errors = {n: logit_error(runners[n]()["logits"], want) for n in dirs if n != "graphopt-fp32"}
+    errors = {n: logit_error(runners[n]()["logits"], want) for n in [*dirs, "graphopt-int4-static-io-binding"]
+              if n != "graphopt-fp32"}
     errors["ort-MatMulNBitsQuantizer"] = logit_error(s.run(["logits"], step)[0], want)
     manifest = json.loads((dirs["graphopt-int4"] / "manifest.json").read_text())
     out = {"cached": args.cached, "timing": timing, "weight_bytes": sizes, "logit_error_vs_fp32": errors,
@@ -189,6 +193,24 @@ def decode(folder: Path, work: Path, args, bandwidth_gb_s: float) -> dict:
     out["ratio_to_bound"] = {n: round(timing[n]["p50_ms"] / out["bandwidth_bound_ms"][n], 3)
                              for n in out["bandwidth_bound_ms"]}
     return out
+
+
+def int4_static_io_binding(folder: Path, work: Path, args):
+    """(step callable, weight bytes): graphopt's int4 artifact (the growing-cache row's
+    quantization) with a static cache, stepped the way its Generator runs it: IO binding, past
+    and present one buffer, the step written in place (GroupQueryAttention copies no cache; the
+    growing layout copies past -> present every step). Same prompt, token and cached length as
+    the other rows (benchmarks/generation.py's `bound_static_decode_step`); its cache is prefilled
+    by itself (int4), where the other rows step over the fp32 artifact's cache, so its logit
+    error differs from the growing int4 row's a little."""
+    import graphopt
+    from generation import bound_static_decode_step
+
+    fp32 = graphopt.optimize(folder, work / "dec-fp32-static", kv_layout="static")
+    out = work / "dec-int4-static"
+    graphopt.optimize(fp32.graph, out, passes="quantize-weights{bits=4,block-size=32,embeddings=true}")
+    return (bound_static_decode_step(graphopt.load(out, threads=args.threads), args.cached),
+            initializer_bytes(out / "model.onnx"))
 
 
 def llama_decode_int4(work: Path, args, bandwidth_gb_s: float) -> dict:

@@ -78,9 +78,10 @@ ARCHS = ["gpt2", "llama", "bert"]  # the architectures every foundation check co
 EXPORTERS = ["dynamo", "torchscript"]
 
 
-def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager"):
+def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager", head_size: int = 8):
     """A small `transformers` model with random weights: gpt2, llama, bert, mistral, qwen2,
-    phi3, gemma or gpt_neox. Causal LMs return logits, encoders their last hidden state."""
+    phi3, gemma or gpt_neox. Causal LMs return logits, encoders their last hidden state.
+    `head_size` (llama, qwen2): 8, or wider where a kernel needs it (4 query heads, 2 key/value heads)."""
     import torch
     import transformers as tf
 
@@ -90,7 +91,7 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
         cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common)
         cls = tf.GPT2LMHeadModel
     elif arch == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=4 * head_size, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, max_position_embeddings=64, **common)
         cls = tf.LlamaForCausalLM
     elif arch == "mistral":
@@ -98,7 +99,7 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
                                intermediate_size=64, max_position_embeddings=64, sliding_window=None, **common)
         cls = tf.MistralForCausalLM
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        cfg = tf.Qwen2Config(num_hidden_layers=2, hidden_size=4 * head_size, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, max_position_embeddings=64, **common)
         cls = tf.Qwen2ForCausalLM
     elif arch == "phi3":

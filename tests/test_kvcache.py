@@ -31,22 +31,30 @@ _fused_cache: dict = {}
 
 
 @pytest.fixture(scope="module")
-def fused(exported):
-    """fused(arch) -> (torch model, the graph after the default fusion pipeline), from the
-    session's dynamo exports (shared with the other test files)."""
+def fused(exported, export_dir):
+    """fused(arch[, head_size]) -> (torch model, the graph after the default fusion pipeline),
+    from the session's dynamo exports (shared with the other test files); a head size other
+    than the tiny configs' 8 is exported here (llama, qwen2: ORT's rotary inside
+    GroupQueryAttention needs a multiple of 16)."""
     from graphopt.driver import optimize
     from graphopt.models import load_graph
+    from graphopt.testing import export_onnx, tiny_hf_model
 
-    def get(arch: str):
-        if arch not in _fused_cache:
-            module, path = exported(arch, "dynamo")
+    def get(arch: str, head_size: int = 8):
+        key = arch if head_size == 8 else (arch, head_size)
+        if key not in _fused_cache:
+            if head_size == 8:
+                module, path = exported(arch, "dynamo")
+            else:
+                module = tiny_hf_model(arch, head_size=head_size)
+                path = export_onnx(module, export_dir / f"{arch}_head{head_size}.onnx", dynamo=True)
             graph = optimize(load_graph(path), None, kv_cache=False).graph
             # what the frontends record for a checkpoint or Hugging Face folder (the tiny
             # configs have 64 positions); an ONNX file does not say
             graph.metadata.metadata_props["graphopt.max_positions"] = "64"
             graph.rename_value(graph.outputs[0], "logits")  # as the frontends name it
-            _fused_cache[arch] = (module.model, graph)
-        return _fused_cache[arch]
+            _fused_cache[key] = (module.model, graph)
+        return _fused_cache[key]
 
     return get
 
@@ -342,6 +350,81 @@ def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch
                       passes="eliminate-dead-code")
     bnsh = graphopt.load(tmp_path / "bnsh")
     assert artifact.generate(PROMPTS, 12, eos_token_id=-1).tokens == bnsh.generate(PROMPTS, 12, eos_token_id=-1).tokens
+
+
+def _op_counts(artifact_dir: Path) -> collections.Counter:
+    import onnx
+
+    model = onnx.load(str(artifact_dir / "model.onnx"), load_external_data=False)
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["BNSH", "static"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rotary_inside_group_query_attention_matches_pytorch(arch, layout, fused, tmp_path):
+    """Head size 16: GroupQueryAttention rotates Q and K itself (do_rotary, cos/sin caches, packed
+    QKV), at the cache index positions; with left padding those are the mask's positions plus a
+    constant per row, which leaves every real token's scores unchanged (gqa_rotary.py). Prefill
+    and 57 steps (to the 64-position limit) at batch 1, 16 steps at batch 3 left-padded."""
+    model, graph = fused(arch, 16)
+    pipeline = "rewrite-kv-cache,slice-last-token-logits" if layout == "BNSH" else \
+        "rewrite-kv-cache{layout=static},slice-last-token-logits"
+    out = _ort_artifact(rewrite(graph, pipeline), tmp_path)
+    ops = _op_counts(out)
+    assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 0 and ops["Split"] == 2, ops  # gate/up, a layer
+    import onnx
+
+    gqa = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+           if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in gqa]
+    assert all(a["do_rotary"] == 1 and a["causal"] == 1 for a in attrs) and all(n.input[1] == "" for n in gqa)  # packed
+    assert ops["Range"] == ops["LessOrEqual"] == 0  # causal in the kernel, the bias only the padding
+    artifact = graphopt.load(out)
+    ref = hf_reference(model)
+    check_decode(artifact.run, ref, PROMPTS[:1], 57, 2, 2, 16, layout, 64)
+    check_decode(artifact.run, ref, PROMPTS, 16, 2, 2, 16, layout, 64)
+    if layout == "static":  # the Generator's IO-bound loop, as the benchmarks drive it
+        check_decode(artifact.decode_run(), ref, PROMPTS, 16, 2, 2, 16, layout, 64)
+
+
+def test_the_causal_half_of_the_kv_bias_is_recognized_and_nothing_else(fused):
+    """rewrite-kv-cache's bias splits into padding (kept as a bias) and the causal part (the
+    kernel's causal=1); a bias whose causal part is anything else is left as it is."""
+    from graphopt.backends.onnxruntime.gqa_causal import padding_of_causal_bias
+    from graphopt.builder import Builder
+
+    _, graph = fused("llama")
+    g = rewrite(graph)
+    bias = next(n for n in g.nodes if n.op_type == "Attention").inputs[3]
+    real, nodes = padding_of_causal_bias(bias)
+    assert real.producer().op_type == "Unsqueeze" and [n.op_type for n in nodes[:3]] == ["Where", "And", "LessOrEqual"]
+    where = bias.producer()
+    b = Builder(g, before=where)
+    no_causal = b.Where(real, where.inputs[1], where.inputs[2])  # padding only: not causal at all
+    assert padding_of_causal_bias(no_causal) is None
+    le = where.inputs[0].producer().inputs[1].producer()
+    shifted = b.Where(b.And(real, b.Less(*le.inputs)), where.inputs[1], where.inputs[2])  # j < past + i
+    assert padding_of_causal_bias(shifted) is None
+    infinite = b.Where(where.inputs[0], where.inputs[1], b.const(np.array(-np.inf, np.float32), "neg_inf"))
+    assert padding_of_causal_bias(infinite) is None
+
+
+def test_rotary_stays_outside_group_query_attention_where_the_kernel_cannot_take_it(fused, tmp_path):
+    """Head size 8 (the kernel's rotary wants a multiple of 16): the RotaryEmbedding nodes stay,
+    and the reason is the first condition that failed."""
+    from graphopt.backends.onnxruntime.attention import Site
+    from graphopt.backends.onnxruntime.gqa_rotary import linear_in_position, rotary_in_kernel
+
+    _, graph = fused("llama")
+    out = _ort_artifact(rewrite(graph), tmp_path)
+    assert _op_counts(out)["RotaryEmbedding"] == 4
+    attention = next(n for n in rewrite(graph).nodes if n.op_type == "Attention")
+    assert rotary_in_kernel(Site.read(attention), False).startswith("not a decoder rewrite-kv-cache made")
+    assert rotary_in_kernel(Site.read(attention), True) == "Q or K is not a RotaryEmbedding's output"  # not lowered
+    p = np.arange(64)[:, None] * (1.0 / 10000 ** (np.arange(8) / 8))[None]
+    assert linear_in_position(np.cos(p), np.sin(p)) and linear_in_position(2 * np.cos(p), 2 * np.sin(p))
+    assert not linear_in_position(np.cos(p ** 1.01), np.sin(p ** 1.01))  # not a rotation linear in p
 
 
 @pytest.mark.slow
@@ -784,12 +867,14 @@ def test_default_artifact_is_generation_ready(default_artifact):
     assert gen["decode_graph_nodes"] == len(nodes)
     # lean: positions, mask and cache lengths once per step, not per layer; no cache copies
     ops = collections.Counter(n.op_type for n in nodes)
-    assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 12
-    assert ops["CumSum"] == ops["Gather"] == ops["Range"] == 1
+    # the rotary is inside GroupQueryAttention (head 32), so no position ids are computed at all
+    assert ops["GroupQueryAttention"] == 6 and ops["RotaryEmbedding"] == 0 and ops["CumSum"] == 0
+    # the causal half of the bias is GroupQueryAttention's own causal=1: no Range, no LessOrEqual
+    assert ops["Gather"] == 1 and ops["Range"] == ops["LessOrEqual"] == ops["And"] == 0
     # the bias is finite (0 or lowest), so no row is empty and no layer needs a NaN guard: one
-    # Where (the bias) and no ReduceMax for the whole step
+    # Where (the padding bias) and no ReduceMax for the whole step
     assert ops["Where"] == 1 and ops["ReduceMax"] == 0
-    assert ops["Concat"] == ops["Flatten"] == ops["Reshape"] == 0
+    assert ops["Concat"] == 1 and ops["Flatten"] == ops["Reshape"] == 0  # the Concat: the bias's [seq, 1] rows
     assert (out / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert result.report["generation"] == {"ready": True, "logits": "last"}
     assert result.report["pipeline"].endswith("rewrite-kv-cache,slice-last-token-logits")

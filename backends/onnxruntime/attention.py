@@ -24,6 +24,10 @@ What both kernels need that graphopt.Attention does not:
   ONNX spec) give zeros: with a mask, the output is guarded by `Where(rowmax(bias) > -inf, Y, 0)`,
   unless the bias is a Where between finite constants (rewrite-kv-cache's), where no row can be
   -inf everywhere.
+
+In a decoder rewrite-kv-cache made, GroupQueryAttention also takes over the causal half of its
+bias (`causal=1`, the padding alone as the bias: gqa_causal.py) and, where provably the same,
+the rotary of Q and K (`do_rotary=1`: gqa_rotary.py).
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value, constant_value
 from graphopt.registry import register_lowering
 
+from graphopt.backends.onnxruntime.gqa_causal import padding_of_causal_bias
+from graphopt.backends.onnxruntime.gqa_rotary import RotaryInKernel, rotary_in_kernel
 from graphopt.backends.onnxruntime.kernels import MS_DOMAIN, schema_has_attr, schema_inputs
 from graphopt.backends.onnxruntime.lowering import BACKEND, LoweringContext
 
@@ -281,6 +287,21 @@ def _bias(ctx: LoweringContext, b: Builder, s: Site, explicit_causal: bool) -> V
     return bias
 
 
+def _padding_bias(ctx: LoweringContext, b: Builder, s: Site, real: Value, nodes: list[Node]) -> Value:
+    """Where(%real, 0, lowest) [batch, 1, 1, total] expanded to [batch, 1, seq, total], once
+    for all layers; the causal bias's own nodes go when no layer reads them."""
+    where = nodes[0]
+    key = ("padding_bias", id(where.outputs[0]))
+    if key not in _shared(ctx):
+        padding = b.Where(real, where.inputs[1], where.inputs[2])
+        rows = b.Concat(ctx.dim(b, s.q, 1), b.const(_i64(1), "one"), axis=0)  # [seq, 1]: broadcast from the right
+        bias = b.Expand(padding, rows)
+        bias.type = TensorType(s.dtype, (real.type.shape[0], 1, s.q_seq, real.type.shape[3]))
+        _shared(ctx)[key] = bias
+        ctx.maybe_dead.extend(nodes)
+    return _shared(ctx)[key]
+
+
 def _cast_mask(b: Builder, m: Value, dt: DType) -> Value:
     """The mask in the query's type. A wider float mask is saturated first (-inf stays -inf):
     an overflowing Cast is not even seen consistently, since ORT on CPU drops the float32 ->
@@ -303,6 +324,8 @@ def _finite_bias(bias: Value) -> bool:
     """The bias is a Where between finite constants (rewrite-kv-cache's: 0 or the lowest
     value): no row is -inf everywhere, so no row needs the guard."""
     p = bias.producer()
+    if p is not None and p.domain == "" and p.op_type == "Expand":  # a padding bias over the rows
+        p = p.inputs[0].producer()
     if p is None or p.domain != "" or p.op_type != "Where":
         return False
     branches = [constant_value(v) for v in p.inputs[1:3]]
@@ -370,7 +393,13 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
     # causal goes into the bias so that the guard sees fully masked rows.
     kernel_causal = s.causal and s.mask is None and same_dim(s.q_seq, s.kv_seq) and (
         kernel == GQA or s.past_k is None)
-    bias = _bias(ctx, b, s, explicit_causal=s.causal and not kernel_causal)
+    padding = padding_of_causal_bias(s.mask) if kernel == GQA and s.mask is not None and s.rank == 3 \
+        and _generation_graph(ctx) and schema_has_attr(MS_DOMAIN, GQA, "causal") else None
+    if padding is not None:  # the kernel's causal mask is the bias's causal half (gqa_causal.py)
+        kernel_causal = True
+        bias = _padding_bias(ctx, b, s, *padding)
+    else:
+        bias = _bias(ctx, b, s, explicit_causal=s.causal and not kernel_causal)
     q = _to_bsd(b, s.q) if s.rank == 4 else s.q
     y_type = TensorType(dt, (s.batch, s.q_seq, s.num_heads * s.v_head if s.v_head else None))
     present_types = [o.type for o in node.outputs[1:]]
@@ -380,6 +409,12 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
     presents: list[Value | None] = [None, None]
 
     if kernel == GQA:
+        # the kernel rotates Q and K itself where that is provably the same (gqa_rotary.py)
+        rotary = rotary_in_kernel(s, _generation_graph(ctx))
+        if isinstance(rotary, RotaryInKernel):
+            s = dataclasses.replace(s, q=rotary.q, k=rotary.k)
+            q = s.q
+            ctx.maybe_dead.extend(rotary.nodes)
         packed = packed_qkv(s)
         if packed is not None:  # the kernel splits the heads itself: the Split goes dead
             q, k, v = packed, None, None
@@ -417,8 +452,11 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
         if schema_has_attr(MS_DOMAIN, GQA, "causal"):
             attrs["causal"] = int(kernel_causal)
         inputs = [q, k, v, s.past_k, s.past_v, seqlens_k, total_scalar]
+        if isinstance(rotary, RotaryInKernel):
+            attrs.update(do_rotary=1, rotary_interleaved=rotary.interleaved)
+            inputs += [rotary.cos, rotary.sin]  # no position_ids: the kernel's own (see gqa_rotary.py)
         if bias is not None:
-            inputs += [None, None, None, bias]  # cos_cache, sin_cache, position_ids, attention_bias
+            inputs += [None] * (10 - len(inputs)) + [bias]  # [cos_cache, sin_cache, position_ids,] attention_bias
         want = 3 if s.want_present else 1
         outs = b.op(GQA, *inputs, domain=MS_DOMAIN, output_types=[y_type, *present_types][:want], **attrs)
         outs = outs if isinstance(outs, tuple) else (outs,)
