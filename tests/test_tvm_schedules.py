@@ -7,6 +7,7 @@ on a pool with a thread per core."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import types
 
@@ -134,7 +135,9 @@ _T = types.SimpleNamespace(int64=int, int32=int, max=max, min=min, Cast=lambda _
 
 def _parallel_extents(kernel, dims: dict) -> list[int]:
     """The extent of every `T.parallel` loop of a scheduled kernel, at `dims`."""
-    text, extents, start = kernel.script(), [], 0
+    # A kernel that chooses its row tiling at run time has a second copy of each symbolic dim
+    # (`seq_1`, matched to `seq`).
+    text, extents, start = re.sub(r"\b([a-z]+)_\d+\b", lambda d: d[1] if d[1] in dims else d[0], kernel.script()), [], 0
     while (start := text.find("T.parallel(", start)) >= 0:
         end, depth = start + len("T.parallel("), 1
         while depth:
