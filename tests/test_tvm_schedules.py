@@ -225,7 +225,7 @@ def _linear_graph(k: int, n: int, seq):
     return g
 
 
-@pytest.mark.parametrize("seq", [1, 9])
+@pytest.mark.parametrize("seq", [1, 3, 4, 5, 17, 128])
 def test_weights_are_packed_once_and_read_in_place(seq):
     import graphopt.backends.tvm as tvm_backend
     from graphopt.backends.tvm.lowering import PANEL, lower_graph, prepare
@@ -241,7 +241,12 @@ def test_weights_are_packed_once_and_read_in_place(seq):
     text = kernel.script()
     assert "_global" not in text  # no panel copied per call
     assert "T.parallel" in text and "T.vectorized" in text
-    assert _parallel_extents(kernel, {"seq": seq})[0] == 160 // PANEL  # the matmul's: one task per panel
+    # Rows chosen at run time: tiles of 4 (the last padded) from 4 rows, else one row at a
+    # time with nothing padded, each with one task per panel.
+    tiled, rows = text.split('T.sblock("rows")')
+    assert "if seq >= T.int64(4):" in tiled and "_pad" in tiled and "_pad" not in rows
+    assert _parallel_extents(kernel, {"seq": seq})[0] == 160 // PANEL
+    assert _parallel_extents(types.SimpleNamespace(script=lambda: rows), {"seq": seq})[0] == 160 // PANEL
     feeds = {"x": RNG.standard_normal((1, seq, 96), np.float32)}
     got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
     for name in want:
