@@ -253,6 +253,26 @@ def test_weights_are_packed_once_and_read_in_place(seq):
         assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
 
 
+@pytest.mark.parametrize("seq", [1, 2, 5])
+def test_static_rows_of_a_packed_weight_get_one_schedule(seq):
+    # A static row count (a tuning bucket) needs no run-time choice: one row at a time below
+    # 4 rows (nothing padded), tiles of 4 from there.
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.interpreter import run
+    from graphopt.testing import assert_close
+
+    g = _linear_graph(96, 160, seq)
+    scheduled = optimize_module(lower_graph(prepare(g), pack_weights=True)[0], tvm.target.Target(cpu_target_spec()))
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    text = kernel.script()
+    assert 'T.sblock("rows")' not in text and ("_pad" in text) == (seq >= 4)
+    feeds = {"x": RNG.standard_normal((1, seq, 96), np.float32)}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
 # --------------------------------------------------------------------------------------
 # Kernels launched per call
 

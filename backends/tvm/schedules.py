@@ -12,7 +12,11 @@ reductions (softmax, norms) only, so two rules of our own come first:
   is padded with `pad_einsum`, so the multiply-add loop carries no bounds check. One row (a
   GEMV) gets no copy and a wider panel (8 vectors). A constant weight comes pre-packed in
   panels (`Lowerer.weight_matmul`: `C[..., i, p, j] += A[..., i, k] * W[p, k, j]`): the
-  panel axis p is the parallel loop, read in place, never copied. Prologues run as parallel
+  panel axis p is the parallel loop, read in place, never copied. Its rows are symbolic
+  (a decode step's one row, a prompt's many: one kernel serves both), so the kernel holds two
+  schedules and chooses at run time: from 4 rows, tiles of 4 (the last one padded); below,
+  one row at a time with nothing padded, so a decode step's row costs one row, not four
+  (`_dispatch_rows`). Prologues run as parallel
   loops of their own; elementwise epilogues are computed by the tile's write-back.
 - `Parallel`: any other function's outermost spatial loops run in parallel and its
   innermost loop is vectorized.
@@ -136,7 +140,11 @@ def cpu_rules() -> list:
             # tile's padding would make one row cost TILE_ROWS. The kernel instead chooses at
             # run time: whole tiles (the remainder padded) from TILE_ROWS rows, else a row at a
             # time, with no padded copy in or out.
+            if isinstance(padded_rows, int) and padded_rows >= TILE_ROWS:
+                return sch
             single, _ = self.schedule(func, target, 1)
+            if isinstance(padded_rows, int):  # a static 1 to 3 rows (a tuning bucket's decode step)
+                return single
             return [_RowDispatch(_dispatch_rows(padded_rows >= TILE_ROWS, sch.mod["main"], single.mod["main"]))]
 
         def schedule(self, func, target, tile_rows: int):
