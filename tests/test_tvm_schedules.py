@@ -7,6 +7,7 @@ on a pool with a thread per core."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import types
 
@@ -134,7 +135,9 @@ _T = types.SimpleNamespace(int64=int, int32=int, max=max, min=min, Cast=lambda _
 
 def _parallel_extents(kernel, dims: dict) -> list[int]:
     """The extent of every `T.parallel` loop of a scheduled kernel, at `dims`."""
-    text, extents, start = kernel.script(), [], 0
+    # A kernel that chooses its row tiling at run time has a second copy of each symbolic dim
+    # (`seq_1`, matched to `seq`).
+    text, extents, start = re.sub(r"\b([a-z]+)_\d+\b", lambda d: d[1] if d[1] in dims else d[0], kernel.script()), [], 0
     while (start := text.find("T.parallel(", start)) >= 0:
         end, depth = start + len("T.parallel("), 1
         while depth:
@@ -222,7 +225,7 @@ def _linear_graph(k: int, n: int, seq):
     return g
 
 
-@pytest.mark.parametrize("seq", [1, 9])
+@pytest.mark.parametrize("seq", [1, 3, 4, 5, 17, 128])
 def test_weights_are_packed_once_and_read_in_place(seq):
     import graphopt.backends.tvm as tvm_backend
     from graphopt.backends.tvm.lowering import PANEL, lower_graph, prepare
@@ -238,7 +241,32 @@ def test_weights_are_packed_once_and_read_in_place(seq):
     text = kernel.script()
     assert "_global" not in text  # no panel copied per call
     assert "T.parallel" in text and "T.vectorized" in text
-    assert _parallel_extents(kernel, {"seq": seq})[0] == 160 // PANEL  # the matmul's: one task per panel
+    # Rows chosen at run time: tiles of 4 (the last padded) from 4 rows, else one row at a
+    # time with nothing padded, each with one task per panel.
+    tiled, rows = text.split('T.sblock("rows")')
+    assert "if seq >= T.int64(4):" in tiled and "_pad" in tiled and "_pad" not in rows
+    assert _parallel_extents(kernel, {"seq": seq})[0] == 160 // PANEL
+    assert _parallel_extents(types.SimpleNamespace(script=lambda: rows), {"seq": seq})[0] == 160 // PANEL
+    feeds = {"x": RNG.standard_normal((1, seq, 96), np.float32)}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
+@pytest.mark.parametrize("seq", [1, 2, 5])
+def test_static_rows_of_a_packed_weight_get_one_schedule(seq):
+    # A static row count (a tuning bucket) needs no run-time choice: one row at a time below
+    # 4 rows (nothing padded), tiles of 4 from there.
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.interpreter import run
+    from graphopt.testing import assert_close
+
+    g = _linear_graph(96, 160, seq)
+    scheduled = optimize_module(lower_graph(prepare(g), pack_weights=True)[0], tvm.target.Target(cpu_target_spec()))
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    text = kernel.script()
+    assert 'T.sblock("rows")' not in text and ("_pad" in text) == (seq >= 4)
     feeds = {"x": RNG.standard_normal((1, seq, 96), np.float32)}
     got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
     for name in want:

@@ -12,7 +12,11 @@ reductions (softmax, norms) only, so two rules of our own come first:
   is padded with `pad_einsum`, so the multiply-add loop carries no bounds check. One row (a
   GEMV) gets no copy and a wider panel (8 vectors). A constant weight comes pre-packed in
   panels (`Lowerer.weight_matmul`: `C[..., i, p, j] += A[..., i, k] * W[p, k, j]`): the
-  panel axis p is the parallel loop, read in place, never copied. Prologues run as parallel
+  panel axis p is the parallel loop, read in place, never copied. Its rows are symbolic
+  (a decode step's one row, a prompt's many: one kernel serves both), so the kernel holds two
+  schedules and chooses at run time: from 4 rows, tiles of 4 (the last one padded); below,
+  one row at a time with nothing padded, so a decode step's row costs one row, not four
+  (`_dispatch_rows`). Prologues run as parallel
   loops of their own; elementwise epilogues are computed by the tile's write-back.
 - `Parallel`: any other function's outermost spatial loops run in parallel and its
   innermost loop is vectorized.
@@ -87,6 +91,33 @@ def _parallelize(sch, block, lanes: int) -> None:
     sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
 
+class _RowDispatch:
+    """What dlight takes from a rule (in a list): `.mod["main"]`, the scheduled function."""
+
+    def __init__(self, func):
+        import tvm
+
+        self.mod = tvm.IRModule({"main": func})
+
+
+def _dispatch_rows(cond, tiled, single):
+    """One PrimFunc running `tiled`'s body where `cond` holds at run time, else `single`'s: two
+    schedules of the same function, under one root block. Both allocate the same intermediate
+    buffers, so `single` gets buffers of its own (`renew_defs`), its parameters matched to
+    `tiled`'s."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    single = s_tir.renew_defs(single)
+    matched = []
+    for ours, theirs in zip(tiled.params, single.params):  # the parameters are buffers
+        region = tirx.BufferRegion(ours, [tvm.ir.Range.from_min_extent(0, d) for d in ours.shape])
+        matched.append(s_tir.MatchBufferRegion(theirs, region))
+    rows = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "rows", single.body, match_buffers=matched))
+    root = s_tir.SBlock([], [], [], "root", tirx.IfThenElse(cond, tiled.body, rows))
+    return tiled.with_body(s_tir.SBlockRealize([], True, root))
+
+
 def cpu_rules() -> list:
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -95,11 +126,33 @@ def cpu_rules() -> list:
         """Register-tiled, parallel matmul (see the module docstring)."""
 
         def apply(self, func, target, _tunable):
-            from tvm import s_tir, tirx
-            from tvm.s_tir.dlight.analysis import normalize_prim_func
+            from tvm import tirx
 
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
+            scheduled = self.schedule(func, target, TILE_ROWS)
+            if scheduled is None:
+                return None
+            sch, padded_rows = scheduled
+            if padded_rows is None:
+                return sch
+            # A pre-packed weight's rows are symbolic (decode's one row, prefill's many): the
+            # tile's padding would make one row cost TILE_ROWS. The kernel instead chooses at
+            # run time: whole tiles (the remainder padded) from TILE_ROWS rows, else a row at a
+            # time, with no padded copy in or out.
+            if isinstance(padded_rows, int) and padded_rows >= TILE_ROWS:
+                return sch
+            single, _ = self.schedule(func, target, 1)
+            if isinstance(padded_rows, int):  # a static 1 to 3 rows (a tuning bucket's decode step)
+                return single
+            return [_RowDispatch(_dispatch_rows(padded_rows >= TILE_ROWS, sch.mod["main"], single.mod["main"]))]
+
+        def schedule(self, func, target, tile_rows: int):
+            """(the schedule with tiles of `tile_rows` rows, the row count when it pads the rows
+            of a pre-packed weight's matmul, else None), or None when the rule does not apply."""
+            from tvm import s_tir
+            from tvm.s_tir.dlight.analysis import normalize_prim_func
+
             sch = s_tir.Schedule(func)
             infos = normalize_prim_func(sch)
             if infos is None:
@@ -139,11 +192,11 @@ def cpu_rules() -> list:
             # columns are padded (pad_einsum: A's tile rows copied with zeros past the end, the
             # result copied back), so the tile's inner loop has no condition at all.
             m = _extent(sch, spatial[-1]) if spatial else 1
-            pad_rows = spatial and not _divides(TILE_ROWS, m)
+            pad_rows = bool(spatial) and not _divides(tile_rows, m)
             pad_cols = not _divides(width, n)
             a_pad = b_pad = c_pad = None
             if pad_rows or pad_cols:
-                sch.pad_einsum(main.block_rv, [1] * (len(spatial) - 1) + ([TILE_ROWS if pad_rows else 1] if spatial else [])
+                sch.pad_einsum(main.block_rv, [1] * (len(spatial) - 1) + ([tile_rows if pad_rows else 1] if spatial else [])
                                + ([1] if packed else []) + [width if pad_cols else 1, 1])
                 padded = sch.get(main.block_rv)
                 for blk in sch.get_producers(main.block_rv):
@@ -163,7 +216,7 @@ def cpu_rules() -> list:
             # cache while every row of A streams past it.
             if spatial:
                 *outer, i = spatial
-                io, ii = sch.split(i, [None, TILE_ROWS])
+                io, ii = sch.split(i, [None, tile_rows])
                 sch.reorder(*outer, jo, io, k, ii, ji)
                 rows = [ii]
             else:
@@ -215,7 +268,7 @@ def cpu_rules() -> list:
             if not epilogue_inlined:  # what is left runs as parallel loops of its own
                 for b in after[inlined:]:
                     _parallelize(sch, b.block_rv, lanes)
-            return sch
+            return sch, (m if packed and pad_rows else None)
 
     class Parallel(CPUScheduleRule):
         """Outer spatial loops in parallel, the innermost loop vectorized."""
