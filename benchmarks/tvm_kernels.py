@@ -131,11 +131,12 @@ def print_launches(model: str) -> None:
 
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.backends.tvm.quant_panels import vnni_available
 
     with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
         graph = graphopt.optimize(model, Path(tmp) / "ort", backend="ort").graph  # generation-ready
     target = tvm.target.Target(cpu_target_spec())
-    counts = launches(optimize_module(lower_graph(prepare(graph), pack_weights=True)[0], target), target)
+    counts = launches(optimize_module(lower_graph(prepare(graph), pack_weights=True, int8_activations=vnni_available())[0], target), target)
     kernels = sum(n for name, n in counts.items() if name.startswith("kernel "))
     print(f"== one call of the generation-ready graph: {kernels} kernel launches")
     for name, n in counts.most_common():
@@ -176,6 +177,7 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
 
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.backends.tvm.quant_panels import vnni_available
 
     passes = "quantize-weights{bits=4,block-size=32,embeddings=true}" if quantize == "int4" else None
     with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
@@ -190,7 +192,7 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
                 dims[d] = step[v.name].shape[axis]
             elif not isinstance(d, int):  # a composite dim: the lowering names it after the input (Lowerer)
                 dims[f"{v.name}_dim{axis}"] = step[v.name].shape[axis]
-    mod, params = lower_graph(graph, pack_weights=True)
+    mod, params = lower_graph(graph, pack_weights=True, int8_activations=vnni_available())
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
     tvm.get_global_func("runtime.config_threadpool")(1, 1)
@@ -252,6 +254,7 @@ def main(argv=None) -> int:
 
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.backends.tvm.quant_panels import vnni_available
 
     shapes = args.shapes.split(",")
     with_cache = any("+" in s for s in shapes)
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="tvm_kernels_")
     ort_model = Path(tmp.name) / "ort" / "model.onnx"
     graph = graphopt.optimize(args.model, ort_model.parent, backend="ort", kv_cache=with_cache).graph
-    mod, params = lower_graph(prepare(graph), pack_weights=True)
+    mod, params = lower_graph(prepare(graph), pack_weights=True, int8_activations=vnni_available())
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
     tvm.get_global_func("runtime.config_threadpool")(1, 1)

@@ -156,6 +156,7 @@ def test_tied_head_and_embedding_share_one_panel_copy():
     """An embedding lookup and the LM head tied to it (one quantized table): both run on the
     table stored once, in column panels; the logits equal the reference kernels'."""
     from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.backends.tvm.quant_panels import vnni_available
 
     vocab, hidden = 150, 64  # vocab: three panels, the last one padded
     packed, scales, zp = quantize_blockwise(RNG.standard_normal((vocab, hidden)).astype(np.float32), 4, 32, False)
@@ -165,7 +166,7 @@ def test_tied_head_and_embedding_share_one_panel_copy():
     table = [b.const(packed, "table"), b.const(scales, "table_scales"), b.const(zp, "table_zp")]
     h = b.op("QuantGather", table[0], ids, *table[1:], domain="graphopt", K=hidden, bits=4, block_size=32)
     g.outputs = [b.op("QuantLinear", h, *table, domain="graphopt", K=hidden, N=vocab, bits=4, block_size=32)]
-    _, params = lower_graph(prepare(g), pack_weights=True)
+    _, params = lower_graph(prepare(g), pack_weights=True, int8_activations=vnni_available())  # as a CPU build does
     layout = "vnni64" if _int8_path(4, (1, 1)) else "panels64"
     assert sorted(name for name, _ in params) == [f"table:{layout}", "table_scales:panels64", "table_zp:panels64"]
     feeds = {"ids": np.array([[0, 149, 64], [-1, 63, 7]], np.int64)}
@@ -236,7 +237,9 @@ def _optimized(g: Graph, target_kind: str, pack_weights: bool = False):
     from graphopt.backends.tvm.build import cpu_target_spec, cuda_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
 
-    mod, _ = lower_graph(prepare(g), pack_weights=pack_weights)
+    from graphopt.backends.tvm.quant_panels import vnni_available
+
+    mod, _ = lower_graph(prepare(g), pack_weights=pack_weights, int8_activations=pack_weights and vnni_available())
     spec = cpu_target_spec() if target_kind == "cpu" else cuda_target_spec("sm_80")
     return optimize_module(mod, tvm.target.Target(spec))
 

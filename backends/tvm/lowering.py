@@ -99,11 +99,12 @@ class Lowerer:
     """Walks the graph in order, calling each node's rule; holds the BlockBuilder, the
     symbolic dims and the values lowered so far."""
 
-    def __init__(self, graph: Graph, pack_weights: bool = False):
+    def __init__(self, graph: Graph, pack_weights: bool = False, int8_activations: bool = False):
         from tvm import relax, sym
 
         self.graph = graph
         self.pack_weights = pack_weights
+        self.int8_activations = int8_activations  # 4-bit weights may take the int8 VNNI GEMV (quant_panels.py)
         self.bb = relax.BlockBuilder()
         self.analyzer = sym.Analyzer()
         self.dims: dict[str, object] = {}  # IR dim symbol -> tirx.Var
@@ -462,8 +463,9 @@ def _drop_unused_weights(mod, n_inputs: int, params: list):
     return mod, [(params[i - n_inputs][0], params[i - n_inputs][2]) for i in keep if i >= n_inputs]
 
 
-def lower_graph(graph: Graph, pack_weights: bool = False):
+def lower_graph(graph: Graph, pack_weights: bool = False, int8_activations: bool = False):
     """(IRModule, [(weight name, array)] in parameter order) for a graph that `prepare`
     produced; `pack_weights`: constant matmul weights stored in column panels (for the CPU
-    schedules, see `Lowerer.weight_matmul`)."""
-    return Lowerer(graph, pack_weights).run()
+    schedules, see `Lowerer.weight_matmul`); `int8_activations`: 4-bit weights with panels may
+    multiply X rounded to int8 (the tvm option `quant_accuracy_level` 4, quant_panels.py)."""
+    return Lowerer(graph, pack_weights, int8_activations).run()

@@ -42,8 +42,6 @@ intrinsic on vectors of bytes, are more than a TE schedule expresses.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import numpy as np
@@ -82,25 +80,6 @@ def scales_panels(scales: np.ndarray) -> np.ndarray:
 def zero_panels(zero_points: np.ndarray, bits: int, n_blocks: int) -> np.ndarray:
     """MatMulNBits' zero points (nibble-packed for 4 bits) -> u8 [N / PANEL, n_blocks, PANEL]."""
     return _panels(unpack(zero_points, bits, n_blocks).astype(np.uint8))
-
-
-_accuracy_level = contextvars.ContextVar("quant_accuracy_level", default="auto")
-
-
-@contextlib.contextmanager
-def accuracy_level(level: str):
-    """Lower with the tvm backend option `quant_accuracy_level`: "auto" or "4" (the VNNI path
-    for 4-bit weights where the CPU has it) or "0" (fp32 arithmetic everywhere)."""
-    token = _accuracy_level.set(level)
-    try:
-        yield
-    finally:
-        _accuracy_level.reset(token)
-
-
-def int8_activations() -> bool:
-    """Whether 4-bit weights may take the int8 VNNI path in the lowering under way."""
-    return _accuracy_level.get() != "0" and vnni_available()
 
 
 @functools.cache

@@ -81,9 +81,9 @@ def quant_linear(lw: Lowerer, node, args):
     return [_activate(lw, y, _attr(node, "activation"))]
 
 
-def _vnni(bits: int, block_size: int) -> bool:
-    """Whether 4-bit weights take the int8 VNNI path (quant_panels.py) on this machine."""
-    return bits == 4 and block_size % 8 == 0 and quant_panels.int8_activations()
+def _vnni(lw: Lowerer, bits: int, block_size: int) -> bool:
+    """Whether 4-bit weights take the int8 VNNI path (quant_panels.py) in this lowering."""
+    return bits == 4 and block_size % 8 == 0 and lw.int8_activations
 
 
 def _panel_weights(lw: Lowerer, node, packed_at: int = 1):
@@ -101,7 +101,7 @@ def _panel_weights(lw: Lowerer, node, packed_at: int = 1):
         return None
     bits, block_size, n_blocks = _attr(node, "bits"), _attr(node, "block_size"), arrays[1].shape[1]
     tag = f"panels{quant_panels.PANEL}"
-    if _vnni(bits, block_size):
+    if _vnni(lw, bits, block_size):
         packed = lw.weight(values[0], f"vnni{quant_panels.PANEL}", lambda q: quant_panels.vnni_panels(q, block_size))
     else:
         packed = lw.weight(values[0], tag, quant_panels.packed_panels)
@@ -119,7 +119,7 @@ def _panel_gemv(lw: Lowerer, node, args, x2, rows, lead: list):
     width = n_panels * quant_panels.PANEL
     weights = [packed, scales] + ([zp] if zp is not None else [])
     out = relax.TensorType([rows, width], lw.dtype(x2))
-    if _vnni(bits, block_size):  # x as int8 per block (once, shared by every output), then the int8 GEMV
+    if _vnni(lw, bits, block_size):  # x as int8 per block (once, shared by every output), then the int8 GEMV
         quantize = lw.bb.add_func(quant_panels.prim_func(quant_panels.quantize_rows_source(
             k=k, n_blocks=n_blocks, block_size=block_size)), "quantize_rows_int8")
         x8 = lw.emit(relax.call_tir(quantize, [x2], [relax.TensorType([rows, n_blocks * block_size], "int8"),
@@ -151,7 +151,7 @@ def quant_gather(lw: Lowerer, node, args):
     if panels is not None:  # the layout of the panel GEMV: a tied LM head reads the same copy
         table_rows = lw.const_array(node.inputs[0]).shape[0]
         rows = lw.bb.emit_te(quant_panels.gather_te, panels[0], flat, panels[1], panels[2], bits=bits,
-                             block_size=block_size, k=k, rows=table_rows, vnni=_vnni(bits, block_size),
+                             block_size=block_size, k=k, rows=table_rows, vnni=_vnni(lw, bits, block_size),
                              primfunc_name_hint=f"quant_gather_int{bits}")
         return [lw.emit(R.reshape(rows, lead + [k]))]
     packed, scales = lw.tensor(args[0]), lw.tensor(args[2])

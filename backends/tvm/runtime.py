@@ -76,8 +76,9 @@ def _build(graph: Graph, target: str, options: dict | None):
     options = _check_options(options)
     t0 = time.perf_counter()
     g = prepare(graph)
-    with quant_panels.accuracy_level(options.get("quant_accuracy_level", "auto")):
-        mod, params = lower_graph(g, pack_weights=target == "cpu" and not tuning_database_applies())
+    pack = target == "cpu" and not tuning_database_applies()
+    int8 = pack and options.get("quant_accuracy_level", "auto") != "0" and quant_panels.vnni_available()
+    mod, params = lower_graph(g, pack_weights=pack, int8_activations=int8)
     t1 = time.perf_counter()
     spec = target_spec(target, options)
     executable = build(mod, spec)
