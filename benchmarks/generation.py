@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py --threads 2 --out docs/generation_bench.json
     python benchmarks/generation.py --tiny            # a smoke run at toy sizes (no claims)
+    python benchmarks/generation.py --llama-only --threads 2   # only 3. (the Llama-style step vs the genai builder)
 
 Measures, with the machine's read bandwidth from the same run (compare's probe,
 graphopt/compare/machine.py `read_bandwidth`, every core at once):
@@ -16,7 +17,10 @@ graphopt/compare/machine.py `read_bandwidth`, every core at once):
    layers, 8 heads, 2 key/value heads, intermediate 1408, vocab 8192, random weights):
    graphopt's ORT artifact (growing and static cache; the static one also through IO binding,
    as above) and the model onnxruntime-genai's model builder makes from the same folder (fp32,
-   cpu), timed by the same harness;
+   cpu), prefilled and stepped by the same harness and timed interleaved (`--llama-rounds`
+   rounds, the order rotated each round, each timed step right after an untimed one of the same
+   model), with the median per-round speedup over the builder beside the p50/min ratio, and each
+   model's op counts after ORT's optimizer (the nodes a step runs);
 4. decode tokens/s of a `--new-tokens` (128) greedy generation on the shipped model with torch
    (the checkpoint's own loop), the ORT artifact (Generator with IO binding, and without) and
    (with --tvm) the TVM artifact.
@@ -197,6 +201,27 @@ def session_decode_step(path: Path, cached: int, threads: int, spinning: bool = 
     return sess, step
 
 
+def ort_optimized_ops(path: Path, threads: int) -> dict:
+    """op type -> count in the graph ORT's optimizer makes of an ONNX model (the nodes a step
+    runs), with the session settings the harness uses (a graphopt artifact's from its manifest)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    manifest = path.parent / "manifest.json"
+    disabled = json.loads(manifest.read_text()).get("ort_session", {}).get(
+        "disabled_optimizers") if manifest.is_file() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled or None)
+        nodes = onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node
+    return dict(collections.Counter(n.op_type for n in nodes).most_common())
+
+
 def max_abs_diff(sess, feeds: dict, want: dict) -> float:
     """How far a session's decode-step logits are from graphopt's on the same cache: the
     anchors compute the same model, so this is a check that they do."""
@@ -254,18 +279,81 @@ def anchor(results: dict, key: str, fn) -> None:
     print(key, json.dumps(results[key])[:400], flush=True)
 
 
+def llama_decode(work: Path, args) -> dict:
+    """3: a decode step on the Llama-style folder, graphopt's artifacts (BNSH, static, static
+    through IO binding) against onnxruntime-genai's model builder, timed interleaved."""
+    from quantization import interleaved
+
+    import graphopt
+
+    llama = llama_folder(work, args.tiny)
+    table: dict = {}
+    steps: dict = {}  # name -> (step callable, logits of that step)
+    paths: dict = {}
+    for layout in ("BNSH", "static"):
+        def graphopt_llama(layout=layout):
+            out = work / f"llama_{layout}"
+            graphopt.optimize(llama, out, kv_layout=layout)
+            paths[f"graphopt_ort_{layout}"] = out / "model.onnx"
+            sess, step_feeds = session_decode_step(out / "model.onnx", args.cached, args.threads, spinning=False)
+            steps[f"graphopt_ort_{layout}"] = (lambda: sess.run(None, step_feeds),
+                                               lambda: sess.run(["logits"], step_feeds)[0])
+            return {"weight_bytes": weight_bytes(out)}
+        anchor(table, f"graphopt_ort_{layout}", graphopt_llama)
+
+    def llama_static_io_binding():
+        run = bound_static_decode_step(graphopt.load(work / "llama_static", threads=args.threads), args.cached)
+        steps["graphopt_ort_static_io_binding"] = (run, lambda: np.asarray(run()["logits"]))
+        return {}
+    anchor(table, "graphopt_ort_static_io_binding", llama_static_io_binding)
+
+    def builder():
+        path = genai_builder_model(llama, work)
+        paths["genai_model_builder"] = path
+        sess, step_feeds = session_decode_step(path, args.cached, args.threads, spinning=False)
+        steps["genai_model_builder"] = (lambda: sess.run(None, step_feeds),
+                                        lambda: sess.run(["logits"], step_feeds)[0])
+        return {}
+    anchor(table, "genai_model_builder", builder)
+    if "graphopt_ort_BNSH" in steps:  # every variant's logits against graphopt's on the same cache
+        want = steps["graphopt_ort_BNSH"][1]()
+        for name, (_, logits) in steps.items():
+            table[name]["logits_max_abs_diff_vs_graphopt"] = float(np.abs(logits()[:, -1] - want[:, -1]).max())
+    ref = "genai_model_builder" if "genai_model_builder" in steps else None
+    # Each timed step right after an untimed one of the same model (its own weights in the
+    # caches, as in its decode loop), the order rotated round by round; the ratio per round.
+    timing = interleaved({name: run for name, (run, _) in steps.items()}, args.llama_rounds, warm_calls=1,
+                         anchor=ref)
+    for name, t in timing.items():
+        table[name].update(t)
+    for name, path in paths.items():
+        table[name]["ops_after_ort_optimizer"] = ort_optimized_ops(path, args.threads)
+        table[name]["nodes_after_ort_optimizer"] = sum(table[name]["ops_after_ort_optimizer"].values())
+    if ref:
+        for name, key in (("graphopt_ort_BNSH", "graphopt_speedup"),
+                          ("graphopt_ort_static_io_binding", "graphopt_static_io_binding_speedup")):
+            if name in timing:
+                table[key] = timing[ref]["p50_ms"] / timing[name]["p50_ms"]
+                table[f"{key}_median_round"] = timing[name]["speedup_vs_anchor_median_round"]
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cached", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--llama-rounds", type=int, default=300,
+                    help="interleaved rounds of the Llama-style decode comparison (each a few ms)")
     ap.add_argument("--tvm", action="store_true", help="also build and run the TVM artifacts")
+    ap.add_argument("--llama-only", action="store_true",
+                    help="only the Llama-style decode comparison with the genai builder (3.), a few minutes")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
-        args.cached, args.new_tokens, args.repeats = 16, 8, 3
+        args.cached, args.new_tokens, args.repeats, args.llama_rounds = 16, 8, 3, 5
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import onnxruntime
     import torch
@@ -288,6 +376,10 @@ def main() -> None:
     bandwidth = read_bandwidth(32 << 20 if args.tiny else None)  # every core at once
     results["read_bandwidth"] = bandwidth
     bw = bandwidth["read_gb_s"] * 1e9
+    if args.llama_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["llama_decode_step"] = llama_decode(Path(tmp), args)
+        return _write(results, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
 
@@ -338,43 +430,8 @@ def main() -> None:
         p = results["gpt2_prefill"]
         p["speedup"] = p["all_logits"]["p50_ms"] / p["slice_last_token_logits"]["p50_ms"]
 
-        # 3: the Llama-style folder, graphopt vs onnxruntime-genai's model builder
-        llama = llama_folder(work, args.tiny)
-        table: dict = {}
-        reference: dict = {}  # graphopt's session and step feeds, to check the builder's logits against
-        for layout in ("BNSH", "static"):
-            def graphopt_llama(layout=layout):
-                out = work / f"llama_{layout}"
-                graphopt.optimize(llama, out, kv_layout=layout)
-                sess, step_feeds = session_decode_step(out / "model.onnx", args.cached, args.threads)
-                reference.setdefault("step", (sess, step_feeds))
-                return {**timed(lambda: sess.run(None, step_feeds), args.repeats), "weight_bytes": weight_bytes(out)}
-            anchor(table, f"graphopt_ort_{layout}", graphopt_llama)
-        def llama_static_io_binding():
-            run = bound_static_decode_step(graphopt.load(work / "llama_static", threads=args.threads), args.cached)
-            t = timed(run, args.repeats)
-            if "step" in reference:
-                ours, ours_feeds = reference["step"]
-                t["logits_max_abs_diff_vs_graphopt"] = logits_diff(run, ours.run(["logits"], ours_feeds)[0])
-            return t
-        anchor(table, "graphopt_ort_static_io_binding", llama_static_io_binding)
-
-        def builder():
-            path = genai_builder_model(llama, work)
-            sess, step_feeds = session_decode_step(path, args.cached, args.threads)
-            t = timed(lambda: sess.run(None, step_feeds), args.repeats)
-            if "step" in reference:
-                ours, ours_feeds = reference["step"]
-                t["logits_max_abs_diff_vs_graphopt"] = max_abs_diff(sess, step_feeds, {"logits": ours.run(
-                    ["logits"], ours_feeds)[0]})
-            return t
-        anchor(table, "genai_model_builder", builder)
-        if "p50_ms" in table.get("genai_model_builder", {}) and "p50_ms" in table.get("graphopt_ort_BNSH", {}):
-            table["graphopt_speedup"] = table["genai_model_builder"]["p50_ms"] / table["graphopt_ort_BNSH"]["p50_ms"]
-        if "p50_ms" in table.get("genai_model_builder", {}) and "p50_ms" in table.get("graphopt_ort_static_io_binding", {}):
-            table["graphopt_static_io_binding_speedup"] = (table["genai_model_builder"]["p50_ms"]
-                                                           / table["graphopt_ort_static_io_binding"]["p50_ms"])
-        results["llama_decode_step"] = table
+        # 3: the Llama-style folder, graphopt vs onnxruntime-genai's model builder, interleaved
+        results["llama_decode_step"] = llama_decode(work, args)
 
         # 4: the shipped model: a greedy generation on every backend
         from graphopt.generation import Generator
@@ -405,10 +462,14 @@ def main() -> None:
                 r = gen.generate([prompt], args.new_tokens, eos_token_id=-1)
                 greedy[name] = {"ttft_ms": r.ttft_s * 1e3, "decode_tokens_per_s": r.decode_tokens_per_s}
         results["default_greedy"] = greedy
+    _write(results, args.out)
+
+
+def _write(results: dict, out: Path | None) -> None:
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

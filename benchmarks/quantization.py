@@ -3,6 +3,7 @@
     python benchmarks/quantization.py --threads 2 --out benchmarks/results/quantization.json
     python benchmarks/quantization.py --tiny          # toy sizes: checks the script runs (no claims)
     python benchmarks/quantization.py --tvm --skip-prefill --threads 2   # the decode rows with TVM's int4
+    python benchmarks/quantization.py --llama-only --threads 2   # only the Llama-style int4 row vs the genai builder
 
 On GPT-2 small (the `transformers` default config, random weights: no hub access):
 1. prefill at `--seq` (128) tokens, full-sequence logits: graphopt's fp32 ORT artifact,
@@ -21,8 +22,10 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
    those of its weights.safetensors), and the fp32 one for TVM beside it;
 3. a decode step with `--cached` tokens on the Llama-style Hugging Face folder of
    benchmarks/generation.py (hidden 512, 8 layers, 8 heads, 2 key/value heads, vocabulary 8192):
-   graphopt int4 (block 32, RTN) against onnxruntime-genai's model builder `-p int4 -e cpu` on the
-   same folder, both driven by the same harness (`--no-llama` skips it); with `--tvm`, the same
+   graphopt int4 (block 32, RTN; asymmetric as `--quantize int4` makes it, and symmetric, the
+   builder's grid) against onnxruntime-genai's model builder `-p int4 -e cpu` on the same folder,
+   all driven by the same harness, timed interleaved for `--llama-rounds` rounds with the median
+   per-round speedup over the builder (`--no-llama` skips it, `--llama-only` runs it alone); with `--tvm`, the same
    folder's int4 TVM artifact, timed beside graphopt's int4 and fp32 ORT ones, against its bound.
 Timings are medians of `--repeats` runs, variants interleaved round by round.
 
@@ -81,20 +84,38 @@ def session(path: Path, threads: int):
 SETTLE_S = 0.05
 
 
-def interleaved(runs: dict, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> dict:
-    """name -> zero-argument callable; each is timed once per round, rounds repeated."""
+def interleaved(runs: dict, repeats: int, warmup: int = 2, settle_s: float = 0.0, warm_calls: int = 0,
+                anchor: str | None = None) -> dict:
+    """name -> zero-argument callable; each is timed once per round, rounds repeated, the order
+    rotated round by round (each variant takes every place in the order equally often: the one
+    right after another model finds the caches holding that model's weights, not its own).
+    `warm_calls` untimed calls just before each timed one make the timed call find its own
+    weights in the caches, as the steps of its own decode loop do (an int4 step's weights fit
+    in this machine's 32 MB L3). With `anchor`, each variant also gets the median over rounds of
+    anchor time / its time (`speedup_vs_anchor_median_round`, > 1: faster than the anchor): the
+    two timings of a round share the machine's state of that moment, so the ratio moves less
+    than a ratio of medians when the machine's speed drifts."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
+    names = list(runs)
     times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = runs[name]
             time.sleep(settle_s)
+            for _ in range(warm_calls):
+                fn()
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    return {name: {"p50_ms": round(statistics.median(v) * 1e3, 3), "min_ms": round(min(v) * 1e3, 3), "runs": repeats}
-            for name, v in times.items()}
+    out = {name: {"p50_ms": round(statistics.median(v) * 1e3, 3), "min_ms": round(min(v) * 1e3, 3), "runs": repeats}
+           for name, v in times.items()}
+    if anchor is not None:
+        for name, v in times.items():
+            out[name]["speedup_vs_anchor_median_round"] = round(
+                statistics.median(a / t for a, t in zip(times[anchor], v)), 4)
+    return out
 
 
 def initializer_bytes(path: Path) -> int:
@@ -213,27 +234,36 @@ def int4_static_io_binding(folder: Path, work: Path, args):
 
 def llama_decode_int4(work: Path, args) -> dict:
     """A decode step with `--cached` tokens on the issue's Llama-style Hugging Face folder (random
-    weights), int4 block 32: graphopt (RTN, `--quantize int4`) against the model that
-    onnxruntime-genai's model builder makes from the same folder (`-p int4 -e cpu`), both
-    prefilled and stepped by benchmarks/generation.py's harness (`session_decode_step`: the
-    same feeds, each model's cache in its own layout), timed interleaved; with each one's
-    MatMulNBits accuracy_level and its logits' distance from graphopt's fp32 artifact."""
+    weights), int4 block 32: graphopt (RTN, `--quantize int4`: a zero point per block) and
+    graphopt with the builder's own grid (`quantize-weights{symmetric=true}`: no zero points)
+    against the model that onnxruntime-genai's model builder makes from the same folder (`-p int4
+    -e cpu`, symmetric RTN), all prefilled and stepped by benchmarks/generation.py's harness
+    (`session_decode_step`: the same feeds, each model's cache in its own layout), timed
+    interleaved for `--llama-rounds` rounds (each timed step right after an untimed one of the
+    same model, as in its own decode loop), with the median per-round speedup over the builder;
+    with each one's MatMulNBits accuracy_level, its logits' distance from graphopt's fp32
+    artifact, and its node count after ORT's optimizer."""
     import onnx
 
     import graphopt
-    from generation import genai_builder_model, llama_folder, session_decode_step
+    from generation import genai_builder_model, llama_folder, ort_optimized_ops, session_decode_step
 
     folder = llama_folder(work, args.tiny)
-    paths = {"graphopt-fp32": work / "llama-fp32" / "model.onnx", "graphopt-int4": work / "llama-int4" / "model.onnx"}
+    paths = {"graphopt-fp32": work / "llama-fp32" / "model.onnx", "graphopt-int4": work / "llama-int4" / "model.onnx",
+             "graphopt-int4-symmetric": work / "llama-int4-symmetric" / "model.onnx"}
     fp32 = graphopt.optimize(folder, paths["graphopt-fp32"].parent)
     graphopt.optimize(fp32.graph, paths["graphopt-int4"].parent, passes="quantize-weights{bits=4,block-size=32}")
+    graphopt.optimize(fp32.graph, paths["graphopt-int4-symmetric"].parent,
+                      passes="quantize-weights{bits=4,block-size=32,symmetric=true}")
     out: dict = {"cached": args.cached}
     try:
         paths["genai-builder-int4"] = genai_builder_model(folder, work, "int4")
     except Exception as e:  # an outside tool's failure is a result of this benchmark, not its end
         out["genai-builder-int4"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     steps = {name: session_decode_step(p, args.cached, args.threads, spinning=False) for name, p in paths.items()}
-    out["timing"] = interleaved({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f) in steps.items()}, args.repeats)
+    builder = "genai-builder-int4" if "genai-builder-int4" in steps else None
+    out["timing"] = interleaved({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f) in steps.items()},
+                                args.llama_rounds, warm_calls=1, anchor=builder)
     sess, feeds = steps["graphopt-fp32"]
     want = sess.run(["logits"], feeds)[0][:, -1].astype(np.float64)
     out["logit_error_vs_fp32"] = {n: logit_error(s.run(["logits"], f)[0][:, -1], want)
@@ -243,9 +273,13 @@ def llama_decode_int4(work: Path, args) -> dict:
                                         if node.op_type == "MatMulNBits" for a in node.attribute
                                         if a.name == "accuracy_level"}) for n, p in paths.items() if n != "graphopt-fp32"}
     out["nodes"] = {n: len(onnx.load(str(p), load_external_data=False).graph.node) for n, p in paths.items()}
-    if "genai-builder-int4" in out["timing"]:
-        out["graphopt_speedup_vs_builder"] = round(
-            out["timing"]["genai-builder-int4"]["p50_ms"] / out["timing"]["graphopt-int4"]["p50_ms"], 3)
+    out["nodes_after_ort_optimizer"] = {n: sum(ort_optimized_ops(p, args.threads).values()) for n, p in paths.items()}
+    if builder:
+        for name in ("graphopt-int4", "graphopt-int4-symmetric"):
+            t = out["timing"]
+            out[f"{name}_speedup_vs_builder"] = {
+                "p50": round(t[builder]["p50_ms"] / t[name]["p50_ms"], 3),
+                "median_round": t[name]["speedup_vs_anchor_median_round"]}
     return out
 
 
@@ -415,17 +449,21 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--cached", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--llama-rounds", type=int, default=300,
+                    help="interleaved rounds of the Llama-style int4 decode comparison (each a few ms)")
     ap.add_argument("--tvm", action="store_true", help="also build and time the TVM int4 decode artifact")
     ap.add_argument("--skip-prefill", action="store_true", help="only the decode rows (with --tvm: under 8 minutes)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
     ap.add_argument("--no-llama", action="store_true",
                     help="skip the Llama-style int4 decode row against onnxruntime-genai's model builder")
+    ap.add_argument("--llama-only", action="store_true",
+                    help="only the Llama-style int4 decode comparison with the genai builder (3.; with --tvm its TVM table too)")
     ap.add_argument("--gemv-kernels", action="store_true",
                     help="time one int4 GEMV kernel at a time (TVM, ORT MatMulNBits, a numpy read) in GB/s, nothing else")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
-        args.seq, args.cached, args.repeats = 16, 16, 3
+        args.seq, args.cached, args.repeats, args.llama_rounds = 16, 16, 3, 5
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from graphopt.compare.machine import library_versions, machine_record, read_bandwidth
 
@@ -439,9 +477,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = gpt2_folder(work, args.tiny)
-        if not args.skip_prefill:
+        if not args.skip_prefill and not args.llama_only:
             results["gpt2_prefill_int8"] = prefill(folder, work, args)
-        sections = [("gpt2_decode_int4", lambda: decode(folder, work, args))]
+        sections = [("gpt2_decode_int4", lambda: decode(folder, work, args))] if not args.llama_only else []
         if not args.no_llama:
             sections.append(("llama_decode_int4", lambda: llama_decode_int4(work, args)))
             if args.tvm:
