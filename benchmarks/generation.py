@@ -159,6 +159,14 @@ def gpt2_cache_export(folder: Path, work: Path) -> tuple[Path, dict]:
     return path, dict(ops.most_common())
 
 
+def disabled_optimizers(path: Path) -> list | None:
+    """The ORT optimizers a graphopt artifact's manifest turns off (None for any other model)."""
+    manifest = path.parent / "manifest.json"
+    disabled = json.loads(manifest.read_text()).get("ort_session", {}).get(
+        "disabled_optimizers") if manifest.is_file() else None
+    return disabled or None
+
+
 def session_decode_step(path: Path, cached: int, threads: int, spinning: bool = True):
     """(session, step feeds): prefill `cached` tokens through an ONNX model with the Optimum /
     genai I/O names, with an empty cache in its own layout (a growing one: no positions; a
@@ -173,10 +181,8 @@ def session_decode_step(path: Path, cached: int, threads: int, spinning: bool = 
     so.log_severity_level = 3
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    manifest = path.parent / "manifest.json"
-    disabled = json.loads(manifest.read_text()).get("ort_session", {}).get(
-        "disabled_optimizers") if manifest.is_file() else None
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled or None)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled_optimizers(path))
     names = [i.name for i in sess.get_inputs()]
     ids = np.arange(cached, dtype=np.int64)[None] % 100 + 1
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -209,15 +215,13 @@ def ort_optimized_ops(path: Path, threads: int) -> dict:
     import onnx
     import onnxruntime as ort
 
-    manifest = path.parent / "manifest.json"
-    disabled = json.loads(manifest.read_text()).get("ort_session", {}).get(
-        "disabled_optimizers") if manifest.is_file() else None
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled or None)
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled_optimizers(path))
         nodes = onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node
     return dict(collections.Counter(n.op_type for n in nodes).most_common())
 
