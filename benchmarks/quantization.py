@@ -476,7 +476,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = gpt2_folder(work, args.tiny)
+        folder = gpt2_folder(work, args.tiny) if not args.llama_only else None
         if not args.skip_prefill and not args.llama_only:
             results["gpt2_prefill_int8"] = prefill(folder, work, args)
         sections = [("gpt2_decode_int4", lambda: decode(folder, work, args))] if not args.llama_only else []
