@@ -12,8 +12,8 @@ Measures, with the machine's read bandwidth from the same run (graphopt/compare/
    present one buffer, written in place, no cache copy); and the bound that reading the bytes a
    step reads (`step_bytes_read`: the weights it touches, one row of a gathered table, the past
    cache) sets at the measured bandwidth. The rows are timed in `--rounds` rounds of one bandwidth
-   sample and a block of steps per row (`bound_rounds`), each block against its own round's
-   bandwidth: the ratio to the bound is the median over rounds, with its spread;
+   sample and a block of steps per row (`bound_rounds`), each block against the higher of the
+   samples around its round: the ratio to the bound is the median over rounds, with its spread;
 2. prefill at `--cached` tokens on the same model with and without slice-last-token-logits;
 3. a decode step with `--cached` tokens on a Llama-style Hugging Face folder (hidden 512, 8
    layers, 8 heads, 2 key/value heads, intermediate 1408, vocab 8192, random weights):

@@ -16,7 +16,7 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
    step reads (weights it touches, one row of a gathered table, the past cache) over the read
    bandwidth measured round by round between the timings (graphopt.compare.machine.bound_rounds:
    `--rounds` rounds of one bandwidth sample, then a block of steps per row; each block against
-   its own round's bandwidth, the median ratio and its spread reported). Beside them, graphopt's
+   the higher of the samples around its round, the median ratio and its spread reported). Beside them, graphopt's
    int4 artifact with a static cache stepped through IO binding, as its Generator runs it (no
    cache copy a step), and both forms again at block 128 (`graphopt-int4-b128*`: fewer scale
    bytes, fewer per-block steps in MatMulNBits; +1.13 % perplexity with gptq on examples/default). With `--tvm`, graphopt's int4 artifact for TVM

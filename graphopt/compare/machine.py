@@ -132,20 +132,22 @@ def bound_rounds(runs: dict, bytes_read: dict, *, rounds: int, steps: int, threa
     the timing can flatter or wrong a ratio. Each round: one bandwidth sample (ReadProbe,
     `threads` threads, from memory), then per run a pause of `settle_s` (an ORT session's
     spinning threads from the run before must not share the cores), `warmup` untimed steps and
-    `steps` timed ones. Per round and run, ratio = the block's median step / (bytes / that
-    round's bandwidth); reported: the median ratio and its spread over the rounds, the step
-    times over all rounds (p50, min), and the bandwidth samples."""
+    `steps` timed ones; one more sample closes the last round. Per round and run, ratio = the
+    block's median step / (bytes / the higher of the samples just before and just after the
+    round): the stricter bound, never one a slow reading flatters. Reported: the median ratio
+    and its spread over the rounds, the step times over all rounds (p50, min), and the samples.
+    On a loaded machine the probe and the steps get different shares of the memory, and the
+    ratios mean little (a check run at load 4 spread 0.8-2.9): run it idle."""
     import statistics
 
     times: dict[str, list[float]] = {name: [] for name in runs}
-    ratios: dict[str, list[float]] = {name: [] for name in runs if bytes_read.get(name)}
+    medians: dict[str, list[float]] = {name: [] for name in runs}
     samples = []
     with ReadProbe(buffer_bytes, threads) as probe:
         for fn in runs.values():
             fn()
         for _ in range(rounds):
-            gb_s = probe.sample()
-            samples.append(gb_s)
+            samples.append(probe.sample())
             for name, fn in runs.items():
                 time.sleep(settle_s)
                 for _ in range(warmup):
@@ -156,11 +158,14 @@ def bound_rounds(runs: dict, bytes_read: dict, *, rounds: int, steps: int, threa
                     fn()
                     block.append(time.perf_counter() - t)
                 times[name] += block
-                if name in ratios:
-                    ratios[name].append(statistics.median(block) / (bytes_read[name] / (gb_s * 1e9)))
+                medians[name].append(statistics.median(block))
+        samples.append(probe.sample())
         method = (f"{rounds} rounds; each: one read-bandwidth sample ({probe.method()}), then per variant a "
-                  f"{settle_s * 1e3:.0f} ms pause, {warmup} untimed and {steps} timed steps; ratio to the bound = "
-                  "the block's median step / (bytes read / that round's bandwidth), median over rounds")
+                  f"{settle_s * 1e3:.0f} ms pause, {warmup} untimed and {steps} timed steps; one more sample after "
+                  "the last round; ratio to the bound = the block's median step / (bytes read / the higher of the "
+                  "samples just before and just after its round), median over rounds")
+    ratios = {name: [m / (bytes_read[name] / (max(samples[i], samples[i + 1]) * 1e9)) for i, m in enumerate(ms)]
+              for name, ms in medians.items() if bytes_read.get(name)}
 
     def spread(v: list[float]) -> dict:
         q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
