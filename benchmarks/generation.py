@@ -4,14 +4,17 @@
     python benchmarks/generation.py --tiny            # a smoke run at toy sizes (no claims)
     python benchmarks/generation.py --llama-only --threads 2   # only 3. (the Llama-style step vs the genai builder)
 
-Measures, with the machine's read bandwidth from the same run (compare's probe,
-graphopt/compare/machine.py `read_bandwidth`, every core at once):
+Measures, with the machine's read bandwidth from the same run (graphopt/compare/machine.py's
+`ReadProbe`, on `--threads` threads, from memory):
 1. a decode step with `--cached` (128) tokens in the cache on GPT-2 (the `transformers`
    default config, random weights): graphopt's ORT artifact; ORT on a cache-aware export of
    the same model (torch.onnx, TorchScript) optimized by `onnxruntime.transformers.optimizer`;
    graphopt's static-layout artifact stepped the way its Generator runs it (IO binding: past and
-   present one buffer, written in place, no cache copy); and the bound that reading the
-   artifact's weight bytes once per step sets at the measured bandwidth;
+   present one buffer, written in place, no cache copy); and the bound that reading the bytes a
+   step reads (`step_bytes_read`: the weights it touches, one row of a gathered table, the past
+   cache) sets at the measured bandwidth. The rows are timed in `--rounds` rounds of one bandwidth
+   sample and a block of steps per row (`bound_rounds`), each block against the higher of the
+   samples around its round: the ratio to the bound is the median over rounds, with its spread;
 2. prefill at `--cached` tokens on the same model with and without slice-last-token-logits;
 3. a decode step with `--cached` tokens on a Llama-style Hugging Face folder (hidden 512, 8
    layers, 8 heads, 2 key/value heads, intermediate 1408, vocab 8192, random weights):
@@ -60,6 +63,36 @@ def weight_bytes(artifact_dir: Path) -> int:
 
     model = onnx.load(str(artifact_dir / "model.onnx"))
     return sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+
+
+# Inputs of a gather whose rows a step reads one index at a time (op -> input positions).
+ROW_READS = {"Gather": (0,), "GatherBlockQuantized": (0, 2, 3)}
+
+
+def step_bytes_read(model_path: Path, step: dict) -> dict:
+    """The bytes a one-token decode step over `step`'s feeds reads from memory: every
+    initializer a node reads in full (a tied LM head's table counts once, in full), one row of a
+    table that only gathers read (an embedding: one token, one row), and the past cache of the
+    growing layout's `step` (every cached position of every layer, read by attention once).
+    Read from the model's header: external data is not loaded."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    full: set[str] = set()
+    rows: set[str] = set()
+    for node in model.graph.node:
+        gathered = ROW_READS.get(node.op_type, ())
+        for i, name in enumerate(node.input):
+            (rows if i in gathered else full).add(name)
+    weights = 0
+    for t in model.graph.initializer:
+        nbytes = int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        if t.name in full:
+            weights += nbytes
+        elif t.name in rows:
+            weights += nbytes // max(t.dims[0], 1) * int(np.asarray(step["input_ids"]).size)
+    cache = sum(np.asarray(v).nbytes for k, v in step.items() if k.startswith("past_key_values."))
+    return {"weights": weights, "cache": cache, "total": weights + cache}
 
 
 def gpt2_folder(work: Path, tiny: bool) -> Path:
@@ -347,7 +380,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cached", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=50, help="timed steps a row (GPT-2 decode: over all rounds)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="GPT-2 decode: rounds of (a read-bandwidth sample, then a block of steps per row)")
     ap.add_argument("--llama-rounds", type=int, default=300,
                     help="interleaved rounds of the Llama-style decode comparison (each a few ms)")
     ap.add_argument("--tvm", action="store_true", help="also build and run the TVM artifacts")
@@ -357,7 +392,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
-        args.cached, args.new_tokens, args.repeats, args.llama_rounds = 16, 8, 3, 5
+        args.cached, args.new_tokens, args.repeats, args.llama_rounds, args.rounds = 16, 8, 3, 5, 2
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import onnxruntime
     import torch
@@ -375,11 +410,10 @@ def main() -> None:
         results["versions"]["onnxruntime_genai"] = onnxruntime_genai.__version__
     except ImportError:
         pass
-    from graphopt.compare.machine import read_bandwidth
+    from graphopt.compare.machine import bound_rounds, read_bandwidth
 
-    bandwidth = read_bandwidth(32 << 20 if args.tiny else None)  # every core at once
+    bandwidth = read_bandwidth(32 << 20 if args.tiny else None, threads=args.threads)
     results["read_bandwidth"] = bandwidth
-    bw = bandwidth["read_gb_s"] * 1e9
     if args.llama_only:
         with tempfile.TemporaryDirectory() as tmp:
             results["llama_decode_step"] = llama_decode(Path(tmp), args)
@@ -396,38 +430,44 @@ def main() -> None:
         a_last = graphopt.load(last, threads=args.threads)
         a_all = graphopt.load(every, threads=args.threads)
         feeds = decode_step(a_last, args.cached)
-        wb = weight_bytes(last)
         ours, ours_step = session_decode_step(last / "model.onnx", args.cached, args.threads)
-        step = timed(lambda: ours.run(None, ours_step), args.repeats)  # the harness every anchor gets
-        # This machine's read bandwidth moves from minute to minute (33-65 GB/s within one hour):
-        # the bound takes the higher of the readings before and right after the timing, the
-        # stricter one.
-        after = read_bandwidth(32 << 20 if args.tiny else None)["read_gb_s"]
-        bandwidth["samples_gb_s"] = [bandwidth["read_gb_s"], after]
-        bw = max(bandwidth["samples_gb_s"]) * 1e9
-        decode = results["gpt2_decode_step"] = {"graphopt_ort": step, "weight_bytes": wb, "read_gb_s": bw / 1e9,
-                                                "bandwidth_bound_ms": wb / bw * 1e3,
-                                                "ratio_to_bound": step["p50_ms"] / (wb / bw * 1e3)}
+        want = ours.run(["logits"], ours_step)[0]
+        runs = {"graphopt_ort": lambda: ours.run(None, ours_step)}  # the harness every anchor gets
+        reads = {"graphopt_ort": step_bytes_read(last / "model.onnx", ours_step)}
+        decode: dict = {"graphopt_ort": {"weight_bytes": weight_bytes(last)}}
 
         def ort_optimizer():
             path, ops = gpt2_cache_export(folder, work)
             sess, step_feeds = session_decode_step(path, args.cached, args.threads)
-            t = timed(lambda: sess.run(None, step_feeds), args.repeats)
-            return {**t, "ops": ops, "graphopt_speedup": t["p50_ms"] / step["p50_ms"],
-                    "logits_max_abs_diff_vs_graphopt": max_abs_diff(sess, step_feeds, {"logits": ours.run(
-                        ["logits"], ours_step)[0]})}
+            runs["ort_optimizer_cache_export"] = lambda: sess.run(None, step_feeds)
+            reads["ort_optimizer_cache_export"] = step_bytes_read(path, step_feeds)
+            return {"ops": ops, "logits_max_abs_diff_vs_graphopt": max_abs_diff(sess, step_feeds, {"logits": want})}
         anchor(decode, "ort_optimizer_cache_export", ort_optimizer)
 
         def static_io_binding():  # graphopt's fastest honest way: as its Generator runs the artifact
             out = work / "gpt2_static"
             graphopt.optimize(folder, out, kv_layout="static")
             run = bound_static_decode_step(graphopt.load(out, threads=args.threads), args.cached)
-            t = timed(run, args.repeats)
-            bound_ms = weight_bytes(out) / bw * 1e3
-            return {**t, "weight_bytes": weight_bytes(out), "bandwidth_bound_ms": bound_ms,
-                    "ratio_to_bound": t["p50_ms"] / bound_ms,
-                    "logits_max_abs_diff_vs_graphopt": logits_diff(run, ours.run(["logits"], ours_step)[0])}
+            runs["graphopt_ort_static_io_binding"] = run
+            # the static buffer holds max-seq positions; the step reads the cached ones (the growing step's)
+            reads["graphopt_ort_static_io_binding"] = step_bytes_read(out / "model.onnx", ours_step)
+            return {"weight_bytes": weight_bytes(out), "logits_max_abs_diff_vs_graphopt": logits_diff(run, want)}
         anchor(decode, "graphopt_ort_static_io_binding", static_io_binding)
+        # This machine's read bandwidth moves from minute to minute (33-65 GB/s within one idle
+        # hour): the bound is measured round by round between the timings (bound_rounds).
+        timed_rounds = bound_rounds(runs, {n: r["total"] for n, r in reads.items()}, rounds=args.rounds,
+                                    steps=max(3, args.repeats // args.rounds), threads=args.threads,
+                                    buffer_bytes=32 << 20 if args.tiny else None)
+        for name in runs:
+            decode[name].update({**timed_rounds["timing"][name], "bytes_read": reads[name],
+                                 "ratio_to_bound": timed_rounds["ratio_to_bound"][name]})
+        ref = timed_rounds["timing"]["graphopt_ort"]["p50_ms"]
+        if "ort_optimizer_cache_export" in runs:
+            decode["ort_optimizer_cache_export"]["graphopt_speedup"] = (
+                timed_rounds["timing"]["ort_optimizer_cache_export"]["p50_ms"] / ref)
+        decode["bound"] = {k: timed_rounds[k] for k in ("method", "read_gb_s", "read_gb_s_samples",
+                                                          "bound_ms_at_median_bandwidth")}
+        results["gpt2_decode_step"] = decode
         results["gpt2_prefill"] = {
             "slice_last_token_logits": timed(lambda: a_last.run(feeds["prefill"]), args.repeats),
             "all_logits": timed(lambda: a_all.run(feeds["prefill"]), args.repeats)}

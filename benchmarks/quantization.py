@@ -13,11 +13,14 @@ On GPT-2 small (the `transformers` default config, random weights: no hub access
 2. a decode step with `--cached` (128) tokens in the cache: graphopt's fp32 and int4 (block 32,
    RTN, embeddings and the tied LM head quantized too; MatMulNBits accuracy_level chosen by
    `auto`) artifacts, and ORT's `MatMulNBitsQuantizer` (block 32, MatMul and Gather) applied to
-   the same fp32 decode graph, all driven by the same feeds; the bandwidth bound is the bytes of
-   each artifact's weights over the read bandwidth measured in this run
-   (graphopt.compare.machine.read_bandwidth, just before and just after each section: the higher
-   reading, the stricter bound). Beside them, graphopt's int4 artifact with a static
-   cache stepped through IO binding, as its Generator runs it (no cache copy a step). With `--tvm`, graphopt's int4 artifact for TVM
+   the same fp32 decode graph, all driven by the same feeds; the bandwidth bound is the bytes a
+   step reads (weights it touches, one row of a gathered table, the past cache) over the read
+   bandwidth measured round by round between the timings (graphopt.compare.machine.bound_rounds:
+   `--rounds` rounds of one bandwidth sample, then a block of steps per row; each block against
+   the higher of the samples around its round, the median ratio and its spread reported). Beside them, graphopt's
+   int4 artifact with a static cache stepped through IO binding, as its Generator runs it (no
+   cache copy a step), and both forms again at block 128 (`graphopt-int4-b128*`: fewer scale
+   bytes, fewer per-block steps in MatMulNBits; +1.13 % perplexity with gptq on examples/default). With `--tvm`, graphopt's int4 artifact for TVM
    too (the dequantize-fused kernels of backends/tvm/schedules_quant.py; its weight bytes are
    those of its weights.safetensors), and the fp32 one for TVM beside it;
 3. a decode step with `--cached` tokens on the Llama-style Hugging Face folder of
@@ -68,13 +71,16 @@ def gpt2_folder(work: Path, tiny: bool) -> Path:
     return folder
 
 
-def session(path: Path, threads: int):
+def session(path: Path, threads: int, spinning: bool = False):
+    """`spinning=False` (ORT's default is on) for sessions timed call by call, interleaved: live
+    sessions must not spin on each other."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # live sessions must not spin on each other
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -172,12 +178,20 @@ def decode(folder: Path, work: Path, args) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     import graphopt
-    from generation import decode_step  # benchmarks/generation.py: the same decode-step feeds
+    from generation import decode_step, step_bytes_read  # benchmarks/generation.py: the same decode-step feeds
+
+    from graphopt.compare.machine import bound_rounds
 
     fp32 = graphopt.optimize(folder, work / "dec-fp32")  # generation-ready: KV cache, last-token logits
     dirs = {"graphopt-fp32": work / "dec-fp32", "graphopt-int4": work / "dec-int4"}
     graphopt.optimize(fp32.graph, dirs["graphopt-int4"],
                       passes="quantize-weights{bits=4,block-size=32,embeddings=true}")
+    # Block 128: fewer scale bytes and fewer per-block steps in MatMulNBits (its one-row kernel is
+    # not memory bound at block 32); on examples/default int4 b128 gptq is +1.13 % perplexity
+    # (docs/quantization.md). Here RTN, its logit error beside the others.
+    dirs["graphopt-int4-b128"] = work / "dec-int4-b128"
+    graphopt.optimize(fp32.graph, dirs["graphopt-int4-b128"],
+                      passes="quantize-weights{bits=4,block-size=128,embeddings=true}")
     if args.tvm:  # fp32 too: what the rest of the TVM model costs, apart from the quantized kernels
         dirs["graphopt-fp32-tvm"] = work / "dec-fp32-tvm"
         graphopt.optimize(fp32.graph, dirs["graphopt-fp32-tvm"], backend="tvm")
@@ -192,31 +206,38 @@ def decode(folder: Path, work: Path, args) -> dict:
     q.model.save_model_to_file(str(ort_nbits), use_external_data_format=False)
 
     step = decode_step(graphopt.load(dirs["graphopt-fp32"], threads=args.threads), args.cached)["step"]
+    cache = sum(v.nbytes for k, v in step.items() if k.startswith("past_key_values."))
 
-    runners, sizes = {}, {}
+    runners, reads = {}, {}
     for name, d in dirs.items():
         a = graphopt.load(d, threads=args.threads)
         runners[name] = lambda a=a: a.run(step)
-        sizes[name] = initializer_bytes(d / "model.onnx") if (d / "model.onnx").exists() else tensor_bytes(d)
-    s = session(ort_nbits, args.threads)
+        reads[name] = (step_bytes_read(d / "model.onnx", step)["total"] if (d / "model.onnx").exists()
+                       else tensor_bytes(d) + cache)  # TVM: its weights.safetensors, every table in full
+    s = session(ort_nbits, args.threads, spinning=True)  # as graphopt.load's sessions
     runners["ort-MatMulNBitsQuantizer"] = lambda: s.run(None, step)
-    sizes["ort-MatMulNBitsQuantizer"] = initializer_bytes(ort_nbits)
-    static = int4_static_io_binding(folder, work, args)
-    runners["graphopt-int4-static-io-binding"], sizes["graphopt-int4-static-io-binding"] = static
-    timing = interleaved(runners, args.repeats, settle_s=SETTLE_S if args.tvm else 0.0)
+    reads["ort-MatMulNBitsQuantizer"] = step_bytes_read(ort_nbits, step)["total"]
+    static = graphopt.optimize(folder, work / "dec-fp32-static", kv_layout="static").graph
+    for block, name in ((32, "graphopt-int4-static-io-binding"), (128, "graphopt-int4-b128-static-io-binding")):
+        runners[name], static_path = int4_static_io_binding(static, work, args, block)
+        reads[name] = step_bytes_read(static_path, step)["total"]  # the cached positions only
+    rounds = bound_rounds(runners, reads, rounds=args.rounds, steps=max(3, args.repeats // args.rounds),
+                          threads=args.threads, buffer_bytes=16 << 20 if args.tiny else None)
     want = runners["graphopt-fp32"]()["logits"].astype(np.float64)
-    errors = {n: logit_error(runners[n]()["logits"], want) for n in [*dirs, "graphopt-int4-static-io-binding"]
-              if n != "graphopt-fp32"}
+    errors = {n: logit_error(runners[n]()["logits"], want) for n in runners
+              if n not in ("graphopt-fp32", "ort-MatMulNBitsQuantizer")}
     errors["ort-MatMulNBitsQuantizer"] = logit_error(s.run(["logits"], step)[0], want)
     manifest = json.loads((dirs["graphopt-int4"] / "manifest.json").read_text())
-    out = {"cached": args.cached, "timing": timing, "weight_bytes": sizes, "logit_error_vs_fp32": errors,
-           "accuracy_level": manifest.get("quant_accuracy_level")}
+    out = {"cached": args.cached, "timing": rounds["timing"], "bytes_read": reads,
+           "ratio_to_bound": rounds["ratio_to_bound"], "bound": {k: rounds[k] for k in (
+               "method", "read_gb_s", "read_gb_s_samples", "bound_ms_at_median_bandwidth")},
+           "logit_error_vs_fp32": errors, "accuracy_level": manifest.get("quant_accuracy_level")}
     return out
 
 
-def int4_static_io_binding(folder: Path, work: Path, args):
-    """(step callable, weight bytes): graphopt's int4 artifact (the growing-cache row's
-    quantization) with a static cache, stepped the way its Generator runs it: IO binding, past
+def int4_static_io_binding(static_graph, work: Path, args, block: int = 32):
+    """(step callable, model path): graphopt's int4 artifact (the growing-cache rows'
+    quantization, block `block`) of `static_graph` (the fp32 decoder with a static cache), stepped the way its Generator runs it: IO binding, past
     and present one buffer, the step written in place (GroupQueryAttention copies no cache; the
     growing layout copies past -> present every step). Same prompt, token and cached length as
     the other rows (benchmarks/generation.py's `bound_static_decode_step`); its cache is prefilled
@@ -225,11 +246,9 @@ def int4_static_io_binding(folder: Path, work: Path, args):
     import graphopt
     from generation import bound_static_decode_step
 
-    fp32 = graphopt.optimize(folder, work / "dec-fp32-static", kv_layout="static")
-    out = work / "dec-int4-static"
-    graphopt.optimize(fp32.graph, out, passes="quantize-weights{bits=4,block-size=32,embeddings=true}")
-    return (bound_static_decode_step(graphopt.load(out, threads=args.threads), args.cached),
-            initializer_bytes(out / "model.onnx"))
+    out = work / f"dec-int4-b{block}-static"
+    graphopt.optimize(static_graph, out, passes=f"quantize-weights{{bits=4,block-size={block},embeddings=true}}")
+    return bound_static_decode_step(graphopt.load(out, threads=args.threads), args.cached), out / "model.onnx"
 
 
 def llama_decode_int4(work: Path, args) -> dict:
@@ -448,7 +467,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--cached", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=30, help="timed runs a row (GPT-2 int4 decode: over all rounds)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="GPT-2 int4 decode: rounds of (a read-bandwidth sample, then a block of steps per row)")
     ap.add_argument("--llama-rounds", type=int, default=300,
                     help="interleaved rounds of the Llama-style int4 decode comparison (each a few ms)")
     ap.add_argument("--tvm", action="store_true", help="also build and time the TVM int4 decode artifact")
@@ -463,11 +484,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tiny:
-        args.seq, args.cached, args.repeats, args.llama_rounds = 16, 16, 3, 5
+        args.seq, args.cached, args.repeats, args.llama_rounds, args.rounds = 16, 16, 3, 5, 2
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from graphopt.compare.machine import library_versions, machine_record, read_bandwidth
 
-    bandwidth = read_bandwidth(16 << 20 if args.tiny else None)
+    bandwidth = read_bandwidth(16 << 20 if args.tiny else None, threads=args.threads)
     results = {"threads": args.threads, "batch": 1, "tiny": args.tiny, "machine": machine_record(measure_bandwidth=False),
                "read_bandwidth": bandwidth, "versions": library_versions()}
     if args.gemv_kernels:
@@ -486,11 +507,12 @@ def main() -> None:
                 sections.append(("llama_decode_int4_tvm", lambda: llama_decode_int4_tvm(work, args)))
         samples = [bandwidth["read_gb_s"]]
         for name, run in sections:
-            before = read_bandwidth(16 << 20 if args.tiny else None)["read_gb_s"]
+            before = read_bandwidth(16 << 20 if args.tiny else None, threads=args.threads)["read_gb_s"]
             results[name] = run()
-            after = read_bandwidth(16 << 20 if args.tiny else None)["read_gb_s"]
+            after = read_bandwidth(16 << 20 if args.tiny else None, threads=args.threads)["read_gb_s"]
             samples += [before, after]
-            rebound(results[name], max(before, after))
+            if "bound" not in results[name]:  # gpt2_decode_int4 measures its bound round by round
+                rebound(results[name], max(before, after))
         bandwidth["samples_gb_s"] = samples
     _write(results, args.out)
 

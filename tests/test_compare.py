@@ -601,3 +601,57 @@ def test_read_bandwidth_on_one_thread_and_on_every_core(threads):
     assert set(r) == {"read_gb_s", "buffer_bytes", "threads", "method"}
     assert r["buffer_bytes"] == (16 << 20) // want // 8 * 8 * want  # each thread its own share
     assert r["read_gb_s"] > 0  # no timing claims: the machine is shared
+
+
+def test_bound_rounds_divides_each_round_by_that_rounds_bandwidth(monkeypatch):
+    """The ratio to the bound is taken per round, against the higher of the bandwidth samples just
+    before and just after it: a step of constant length, samples 10, 20, 40 GB/s, is 2x then 4x
+    its bound (one reading for both rounds would give the same ratio twice; the reading before
+    each round alone, 1x and 2x)."""
+    import time
+
+    from graphopt.compare import machine
+
+    readings = iter([10.0, 20.0, 40.0])
+
+    class FakeProbe:
+        def __init__(self, *a, **k):
+            pass
+
+        def sample(self, passes: int = 3) -> float:
+            return next(readings)
+
+        def method(self, passes: int = 3) -> str:
+            return "fake"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    def step(seconds=0.004):  # busy-wait: a sleep may overshoot by more than the test allows
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    monkeypatch.setattr(machine, "ReadProbe", FakeProbe)
+    r = machine.bound_rounds({"step": step, "untimed": lambda: None}, {"step": 40_000_000}, rounds=2, steps=3,
+                             settle_s=0.0, warmup=0)  # 40 MB at 10 GB/s: 4 ms
+    ratio = r["ratio_to_bound"]["step"]
+    assert ratio["min"] == pytest.approx(2.0, rel=0.15) and ratio["max"] == pytest.approx(4.0, rel=0.15)
+    assert ratio["median"] == pytest.approx(3.0, rel=0.15)
+    assert r["read_gb_s_samples"] == [10.0, 20.0, 40.0] and r["read_gb_s"]["median"] == 20.0
+    assert r["bound_ms_at_median_bandwidth"] == {"step": pytest.approx(40e6 / 20e9 * 1e3, abs=1e-3)}
+    assert set(r["ratio_to_bound"]) == {"step"} and r["timing"]["untimed"]["runs"] == 6  # timed, no bound
+    assert "2 rounds" in r["method"] and "fake" in r["method"]
+
+
+def test_read_probe_samples_again_without_new_buffers():
+    from graphopt.compare.machine import ReadProbe
+
+    with ReadProbe(8 << 20, threads=2) as probe:
+        buffers = list(probe.buffers)
+        first, second = probe.sample(passes=1), probe.sample(passes=1)
+        assert first > 0 and second > 0 and all(a is b for a, b in zip(buffers, probe.buffers))
+    assert probe.buffers == []

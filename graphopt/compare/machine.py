@@ -62,40 +62,123 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def read_bandwidth(buffer_bytes: int | None = None, passes: int = 3, threads: int | None = None) -> dict:
-    """Streaming read bandwidth (GB/s, best of `passes`) with `threads` threads (every usable
-    core by default; one thread cannot draw what a runtime's threads do). Each thread sums its
-    own float64 buffer with numpy (which releases the GIL), all started together; a pass reads
-    `buffer_bytes` in all (twice the last-level cache, 256 MiB to 1 GiB, so the data comes from
-    memory) in the wall time from the common start to the slowest thread's end."""
-    from concurrent.futures import ThreadPoolExecutor
+class ReadProbe:
+    """Streaming read bandwidth with `threads` threads (every usable core by default; one thread
+    cannot draw what a runtime's threads do), ready to sample again and again: the buffers and
+    threads are made once, so a sample between timing rounds costs a few passes over
+    `buffer_bytes` and nothing else. Each thread sums its own float64 buffer with numpy (which
+    releases the GIL), all started together; a pass reads `buffer_bytes` in all (twice the
+    last-level cache, 256 MiB to 1 GiB, so the data comes from memory, not the cache) in the wall
+    time from the common start to the slowest thread's end. Use as a context manager."""
 
-    threads = threads or usable_cores()
-    if buffer_bytes is None:
-        l3 = _cache_bytes(3) or (32 << 20)
-        buffer_bytes = int(min(max(2 * l3, 256 << 20), 1 << 30))
-    per_thread = max(buffer_bytes // threads // 8 * 8, 8)
-    buffers = [np.ones(per_thread // 8, dtype=np.float64) for _ in range(threads)]
-    start = threading.Barrier(threads)
+    def __init__(self, buffer_bytes: int | None = None, threads: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
 
-    def read(buf: np.ndarray) -> tuple[float, float]:
-        start.wait()
+        self.threads = threads or usable_cores()
+        if buffer_bytes is None:
+            l3 = _cache_bytes(3) or (32 << 20)
+            buffer_bytes = int(min(max(2 * l3, 256 << 20), 1 << 30))
+        self.per_thread = max(buffer_bytes // self.threads // 8 * 8, 8)
+        self.buffers = [np.ones(self.per_thread // 8, dtype=np.float64) for _ in range(self.threads)]
+        self.pool = ThreadPoolExecutor(self.threads)
+        self._start = threading.Barrier(self.threads)
+        list(self.pool.map(np.sum, self.buffers))  # touch every page once before timing
+
+    def _read(self, buf: np.ndarray) -> tuple[float, float]:
+        self._start.wait()
         t = time.perf_counter()
         buf.sum()
         return t, time.perf_counter()
 
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(np.sum, buffers))  # touch every page once before timing
+    def sample(self, passes: int = 3) -> float:
+        """GB/s, the best of `passes` passes."""
+        best = float("inf")
         for _ in range(passes):
-            spans = list(pool.map(read, buffers))
+            spans = list(self.pool.map(self._read, self.buffers))
             best = min(best, max(end for _, end in spans) - min(begin for begin, _ in spans))
-    total = per_thread * threads
-    del buffers
-    return {"read_gb_s": round(total / max(best, 1e-9) / 1e9, 2), "buffer_bytes": total, "threads": threads,
-            "method": f"numpy float64 sum on {threads} thread(s) at once, each over its own "
-                      f"{per_thread >> 20} MiB ({total >> 20} MiB in all), bytes / wall time to the slowest "
-                      f"thread's end, best of {passes}"}
+        return round(self.per_thread * self.threads / max(best, 1e-9) / 1e9, 2)
+
+    def method(self, passes: int = 3) -> str:
+        total = self.per_thread * self.threads
+        return (f"numpy float64 sum on {self.threads} thread(s) at once, each over its own "
+                f"{self.per_thread >> 20} MiB ({total >> 20} MiB in all), bytes / wall time to the slowest "
+                f"thread's end, best of {passes}")
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.buffers = []
+
+    def __enter__(self) -> "ReadProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_bandwidth(buffer_bytes: int | None = None, passes: int = 3, threads: int | None = None) -> dict:
+    """One reading of ReadProbe's streaming read bandwidth (GB/s, best of `passes`)."""
+    with ReadProbe(buffer_bytes, threads) as probe:
+        gb_s = probe.sample(passes)
+        return {"read_gb_s": gb_s, "buffer_bytes": probe.per_thread * probe.threads, "threads": probe.threads,
+                "method": probe.method(passes)}
+
+
+def bound_rounds(runs: dict, bytes_read: dict, *, rounds: int, steps: int, threads: int | None = None,
+                 buffer_bytes: int | None = None, settle_s: float = 0.05, warmup: int = 2) -> dict:
+    """Time `runs` (name -> zero-argument callable, one decode step) against the memory-bandwidth
+    bound of the bytes each reads (`bytes_read`, name -> bytes; a name without one is timed
+    only), with the bandwidth measured in the same minute: this machine's read bandwidth moves
+    from minute to minute (33-65 GB/s within one idle hour here), so one reading taken before
+    the timing can flatter or wrong a ratio. Each round: one bandwidth sample (ReadProbe,
+    `threads` threads, from memory), then per run a pause of `settle_s` (an ORT session's
+    spinning threads from the run before must not share the cores), `warmup` untimed steps and
+    `steps` timed ones; one more sample closes the last round. Per round and run, ratio = the
+    block's median step / (bytes / the higher of the samples just before and just after the
+    round): the stricter bound, never one a slow reading flatters. Reported: the median ratio
+    and its spread over the rounds, the step times over all rounds (p50, min), and the samples.
+    On a loaded machine the probe and the steps get different shares of the memory, and the
+    ratios mean little (a check run at load 4 spread 0.8-2.9): run it idle."""
+    import statistics
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    medians: dict[str, list[float]] = {name: [] for name in runs}
+    samples = []
+    with ReadProbe(buffer_bytes, threads) as probe:
+        for fn in runs.values():
+            fn()
+        for _ in range(rounds):
+            samples.append(probe.sample())
+            for name, fn in runs.items():
+                time.sleep(settle_s)
+                for _ in range(warmup):
+                    fn()
+                block = []
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    fn()
+                    block.append(time.perf_counter() - t)
+                times[name] += block
+                medians[name].append(statistics.median(block))
+        samples.append(probe.sample())
+        method = (f"{rounds} rounds; each: one read-bandwidth sample ({probe.method()}), then per variant a "
+                  f"{settle_s * 1e3:.0f} ms pause, {warmup} untimed and {steps} timed steps; one more sample after "
+                  "the last round; ratio to the bound = the block's median step / (bytes read / the higher of the "
+                  "samples just before and just after its round), median over rounds")
+    ratios = {name: [m / (bytes_read[name] / (max(samples[i], samples[i + 1]) * 1e9)) for i, m in enumerate(ms)]
+              for name, ms in medians.items() if bytes_read.get(name)}
+
+    def spread(v: list[float]) -> dict:
+        q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+        return {"median": round(statistics.median(v), 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
+                "min": round(min(v), 3), "max": round(max(v), 3)}
+
+    return {"method": method, "read_gb_s": spread(samples), "read_gb_s_samples": samples,
+            "timing": {name: {"p50_ms": round(statistics.median(v) * 1e3, 3), "min_ms": round(min(v) * 1e3, 3),
+                              "runs": len(v)} for name, v in times.items()},
+            "bytes_read": {name: bytes_read[name] for name in ratios},
+            "bound_ms_at_median_bandwidth": {name: round(bytes_read[name] / (statistics.median(samples) * 1e9) * 1e3, 3)
+                                             for name in ratios},
+            "ratio_to_bound": {name: spread(v) for name, v in ratios.items()}}
 
 
 def library_versions() -> dict[str, str]:
