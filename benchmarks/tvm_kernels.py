@@ -22,7 +22,8 @@ MODEL defaults to the shipped checkpoint (examples/default); the graph is the on
 `graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
 `--backend tvm` schedules it; a shape `BxS+P` (a prefill with P=0, a decode step with S=1)
 takes the generation-ready graph instead (KV cache in and out, P cached tokens). Times are CPU time of one thread (`time.thread_time`, TVM's
-pool set to one thread), so that other jobs on a shared machine change them little; they
+pool set to one thread as `graphopt.load(..., threads=1)` sets it; each kernel's calls loop
+in C++), so that other jobs on a shared machine change them little; they
 are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that). `--ort` adds ONNX
 Runtime's kernel time per op class for the same graph and inputs at 1 thread, from its
 profiler (wall time of each node; on one thread, close to its CPU time).
@@ -94,10 +95,12 @@ def breakdown(mod, target, dims: dict, runs: int) -> tuple[dict, int]:
         extra = [_size(v, dims) for v in call.args[2].values] if len(call.args) > 2 else []
         name = gv.name_hint
         if name not in built:
-            built[name] = tvm.compile(mod[gv].with_attr("global_symbol", name), target=target).jit()[name]
-        fn = built[name]
+            built[name] = tvm.compile(mod[gv].with_attr("global_symbol", name), target=target).jit()
+        # The calls loop in C++ (time_evaluator): from Python, each call of a kernel costs
+        # 3-5 us of argument conversion, more than a decode step's small kernels themselves.
+        loop = built[name].time_evaluator(name, dev, number=runs, repeat=1)
         key = re.sub(r"\d+$", "", name)
-        rows[key][0] += cpu_ms(lambda: fn(*arrays, *extra), runs)
+        rows[key][0] += cpu_ms(lambda: loop(*arrays, *extra), 1) / runs
         rows[key][1] += 1
     return rows, skipped
 
@@ -178,6 +181,7 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
     from graphopt.backends.tvm.quant_panels import vnni_available
+    from graphopt.backends.tvm.runtime import use_cpu_threads
 
     passes = "quantize-weights{bits=4,block-size=32,embeddings=true}" if quantize == "int4" else None
     with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
@@ -195,7 +199,7 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
     mod, params = lower_graph(graph, pack_weights=True, int8_activations=vnni_available())
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    use_cpu_threads(1)  # not config_threadpool(1, 1): its mode 1 adds ~6 us to every parallel launch
     dev = tvm.cpu()
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
     args = [tvm.runtime.tensor(np.ascontiguousarray(step[v.name]), device=dev) for v in graph.inputs]
@@ -255,6 +259,7 @@ def main(argv=None) -> int:
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
     from graphopt.backends.tvm.quant_panels import vnni_available
+    from graphopt.backends.tvm.runtime import use_cpu_threads
 
     shapes = args.shapes.split(",")
     with_cache = any("+" in s for s in shapes)
@@ -266,7 +271,7 @@ def main(argv=None) -> int:
     mod, params = lower_graph(prepare(graph), pack_weights=True, int8_activations=vnni_available())
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    use_cpu_threads(1)  # not config_threadpool(1, 1): its mode 1 adds ~6 us to every parallel launch
     dev = tvm.cpu()
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
     weights = [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for _, a in params]
