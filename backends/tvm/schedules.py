@@ -31,6 +31,7 @@ per kernel.
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 
 TILE_ROWS = 4  # a matmul tile: rows x (vectors of columns), accumulated in registers
@@ -352,7 +353,8 @@ def cpu_rules() -> list:
             return sch
 
     class Reduction(dl.cpu.Reduction):
-        """dlight's CPU reduction rule (softmax, norms: rows in parallel, vectorized), after
+        """dlight's CPU reduction rule (softmax, norms: rows in parallel, vectorized; serial
+        below SERIAL_BELOW output elements, as `Parallel`), after
         inlining the small injective blocks that span fewer leading axes than the rest (a
         per-row mask `[seq, 1] == 0` before a masked softmax over `[batch, heads, seq, seq]`).
         dlight parallelizes only the leading axes that every block shares: with that mask
@@ -375,6 +377,14 @@ def cpu_rules() -> list:
                         sch.compute_inline(info.block_rv)
                     except Exception:  # noqa: BLE001  (not inlinable: dlight decides as before)
                         pass
-            return super().apply(sch.mod["main"], target, tunable)
+            inlined = sch.mod["main"]
+            parallel = super().apply(inlined, target, tunable)
+            if not isinstance(parallel, s_tir.Schedule):
+                return parallel
+            # dlight marks its row loop parallel with no option to leave it serial: the same
+            # rule, with that one schedule primitive made a no-op for the call.
+            with mock.patch.object(s_tir.Schedule, "parallel", lambda _sch, _loop: None):
+                serial = super().apply(inlined, target, tunable)
+            return _serial_below(parallel, serial)
 
     return [Matmul(), dl.cpu.GEMV(), Reduction(), Parallel()]
