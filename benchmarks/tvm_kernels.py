@@ -6,6 +6,7 @@ whole VM call. The difference is the VM's own work (shape arithmetic, allocation
     python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128     # with the KV cache
     python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128 --ort   # and ORT per op class
     python benchmarks/tvm_kernels.py [MODEL] --launches
+    python benchmarks/tvm_kernels.py --vm-floor
 
 `--launches` counts instead what one call of the generation-ready artifact (KV cache in and
 out, what a decode step runs) launches: kernels by name, and the VM's own instructions
@@ -17,6 +18,10 @@ embeddings and the tied head too), grouped into classes of kernels (the quantize
 int8 copy, attention, norms, ...):
 
     python benchmarks/tvm_kernels.py --model gpt2 --decode 128 --quantize int4
+
+`--vm-floor` times the Relax VM's own work instead: a function of 50 chained kernels (each an
+add on 8 floats, with its allocation) and one of 50 reshapes (views), against a function that
+returns its input, calls interleaved; per launch and per view in microseconds.
 
 MODEL defaults to the shipped checkpoint (examples/default); the graph is the one
 `graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
@@ -216,6 +221,42 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
         print(f"  {name[:70]:70s} {calls:4d} calls {ms:8.3f} ms")
 
 
+def vm_floor(rounds: int = 2000, chain: int = 50) -> dict[str, float]:
+    """{"launch": us, "view": us}: the VM's cost of one kernel launch (with its output's
+    allocation) and of one reshape view, from `chain` of each against an empty function."""
+    import statistics
+
+    import tvm
+    from tvm import relax, tirx
+
+    from graphopt.backends.tvm.build import cpu_target_spec
+
+    n, bb = tirx.Var("n", "int64"), relax.BlockBuilder()
+    for name in ("empty", "launches", "views"):
+        x = relax.Var("x", relax.TensorType([1, n], "float32"))
+        with bb.function(name, [x]):
+            with bb.dataflow():
+                v = x
+                for i in range(chain if name != "empty" else 0):
+                    v = bb.emit(relax.op.add(v, relax.const(1.0, "float32")) if name == "launches"
+                                else relax.op.reshape(v, [n, 1] if i % 2 == 0 else [1, n]))
+                out = bb.emit_output(v)
+            bb.emit_func_output(out)
+    target = tvm.target.Target(cpu_target_spec())
+    with target:  # legalized, not fused: one kernel per add
+        mod = relax.transform.LegalizeOps()(bb.get())
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    x = tvm.runtime.tensor(np.ones((1, 8), "float32"))
+    times = {name: [] for name in ("empty", "launches", "views")}
+    for _ in range(rounds):
+        for name, ts in times.items():
+            start = time.perf_counter()
+            vm[name](x)
+            ts.append(time.perf_counter() - start)
+    med = {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
+    return {"launch": (med["launches"] - med["empty"]) / chain, "view": (med["views"] - med["empty"]) / chain}
+
+
 def _feed(value, dims: dict) -> np.ndarray:
     """An input for graph input `value` at `dims`: token ids 0, a mask of ones, random floats."""
     shape = [d if isinstance(d, int) else _size(d, dims) for d in value.type.shape]
@@ -236,8 +277,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", dest="model_option",
                     help="same as MODEL; with --decode also 'gpt2' (GPT-2 small, random weights) or 'gpt2-tiny'")
     ap.add_argument("--ort", action="store_true", help="also ONNX Runtime's time per op class (its profiler)")
+    ap.add_argument("--vm-floor", action="store_true", help="time the VM's own cost per launch and per view")
     args = ap.parse_args(argv)
     model = args.model_option or args.model
+    if args.vm_floor:
+        floor = vm_floor()
+        print(f"Relax VM: {floor['launch']:.2f} us per kernel launch (with its allocation), "
+              f"{floor['view']:.2f} us per reshape view")
+        return 0
     if args.decode is not None:
         with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
             if model in ("gpt2", "gpt2-tiny"):
