@@ -6,6 +6,7 @@ whole VM call. The difference is the VM's own work (shape arithmetic, allocation
     python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128     # with the KV cache
     python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128 --ort   # and ORT per op class
     python benchmarks/tvm_kernels.py [MODEL] --launches
+    python benchmarks/tvm_kernels.py --vm-floor
 
 `--launches` counts instead what one call of the generation-ready artifact (KV cache in and
 out, what a decode step runs) launches: kernels by name, and the VM's own instructions
@@ -18,11 +19,16 @@ int8 copy, attention, norms, ...):
 
     python benchmarks/tvm_kernels.py --model gpt2 --decode 128 --quantize int4
 
+`--vm-floor` times the Relax VM's own work instead: a function of 50 chained kernels (each an
+add on 8 floats, with its allocation) and one of 50 reshapes (views), against a function that
+returns its input, calls interleaved; per launch and per view in microseconds.
+
 MODEL defaults to the shipped checkpoint (examples/default); the graph is the one
 `graphopt optimize` builds for full-sequence forwards (no KV cache), scheduled as
 `--backend tvm` schedules it; a shape `BxS+P` (a prefill with P=0, a decode step with S=1)
 takes the generation-ready graph instead (KV cache in and out, P cached tokens). Times are CPU time of one thread (`time.thread_time`, TVM's
-pool set to one thread), so that other jobs on a shared machine change them little; they
+pool set to one thread as `graphopt.load(..., threads=1)` sets it; each kernel's calls loop
+in C++), so that other jobs on a shared machine change them little; they
 are a breakdown, not a latency (see benchmarks/tvm_cpu.py for that). `--ort` adds ONNX
 Runtime's kernel time per op class for the same graph and inputs at 1 thread, from its
 profiler (wall time of each node; on one thread, close to its CPU time).
@@ -94,10 +100,12 @@ def breakdown(mod, target, dims: dict, runs: int) -> tuple[dict, int]:
         extra = [_size(v, dims) for v in call.args[2].values] if len(call.args) > 2 else []
         name = gv.name_hint
         if name not in built:
-            built[name] = tvm.compile(mod[gv].with_attr("global_symbol", name), target=target).jit()[name]
-        fn = built[name]
+            built[name] = tvm.compile(mod[gv].with_attr("global_symbol", name), target=target).jit()
+        # The calls loop in C++ (time_evaluator): from Python, each call of a kernel costs
+        # 3-5 us of argument conversion, more than a decode step's small kernels themselves.
+        loop = built[name].time_evaluator(name, dev, number=runs, repeat=1)
         key = re.sub(r"\d+$", "", name)
-        rows[key][0] += cpu_ms(lambda: fn(*arrays, *extra), runs)
+        rows[key][0] += cpu_ms(lambda: loop(*arrays, *extra), 1) / runs
         rows[key][1] += 1
     return rows, skipped
 
@@ -178,6 +186,7 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
     from graphopt.backends.tvm.quant_panels import vnni_available
+    from graphopt.backends.tvm.runtime import use_cpu_threads
 
     passes = "quantize-weights{bits=4,block-size=32,embeddings=true}" if quantize == "int4" else None
     with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
@@ -195,7 +204,7 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
     mod, params = lower_graph(graph, pack_weights=True, int8_activations=vnni_available())
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    use_cpu_threads(1)  # not config_threadpool(1, 1): its mode 1 adds ~6 us to every parallel launch
     dev = tvm.cpu()
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
     args = [tvm.runtime.tensor(np.ascontiguousarray(step[v.name]), device=dev) for v in graph.inputs]
@@ -210,6 +219,42 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
                 whole, width=30)
     for name, (ms, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:15]:
         print(f"  {name[:70]:70s} {calls:4d} calls {ms:8.3f} ms")
+
+
+def vm_floor(rounds: int = 2000, chain: int = 50) -> dict[str, float]:
+    """{"launch": us, "view": us}: the VM's cost of one kernel launch (with its output's
+    allocation) and of one reshape view, from `chain` of each against an empty function."""
+    import statistics
+
+    import tvm
+    from tvm import relax, tirx
+
+    from graphopt.backends.tvm.build import cpu_target_spec
+
+    n, bb = tirx.Var("n", "int64"), relax.BlockBuilder()
+    for name in ("empty", "launches", "views"):
+        x = relax.Var("x", relax.TensorType([1, n], "float32"))
+        with bb.function(name, [x]):
+            with bb.dataflow():
+                v = x
+                for i in range(chain if name != "empty" else 0):
+                    v = bb.emit(relax.op.add(v, relax.const(1.0, "float32")) if name == "launches"
+                                else relax.op.reshape(v, [n, 1] if i % 2 == 0 else [1, n]))
+                out = bb.emit_output(v)
+            bb.emit_func_output(out)
+    target = tvm.target.Target(cpu_target_spec())
+    with target:  # legalized, not fused: one kernel per add
+        mod = relax.transform.LegalizeOps()(bb.get())
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    x = tvm.runtime.tensor(np.ones((1, 8), "float32"))
+    times = {name: [] for name in ("empty", "launches", "views")}
+    for _ in range(rounds):
+        for name, ts in times.items():
+            start = time.perf_counter()
+            vm[name](x)
+            ts.append(time.perf_counter() - start)
+    med = {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
+    return {"launch": (med["launches"] - med["empty"]) / chain, "view": (med["views"] - med["empty"]) / chain}
 
 
 def _feed(value, dims: dict) -> np.ndarray:
@@ -232,8 +277,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", dest="model_option",
                     help="same as MODEL; with --decode also 'gpt2' (GPT-2 small, random weights) or 'gpt2-tiny'")
     ap.add_argument("--ort", action="store_true", help="also ONNX Runtime's time per op class (its profiler)")
+    ap.add_argument("--vm-floor", action="store_true", help="time the VM's own cost per launch and per view")
     args = ap.parse_args(argv)
     model = args.model_option or args.model
+    if args.vm_floor:
+        floor = vm_floor()
+        print(f"Relax VM: {floor['launch']:.2f} us per kernel launch (with its allocation), "
+              f"{floor['view']:.2f} us per reshape view")
+        return 0
     if args.decode is not None:
         with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
             if model in ("gpt2", "gpt2-tiny"):
@@ -255,6 +306,7 @@ def main(argv=None) -> int:
     from graphopt.backends.tvm.build import cpu_target_spec, optimize_module
     from graphopt.backends.tvm.lowering import lower_graph, prepare
     from graphopt.backends.tvm.quant_panels import vnni_available
+    from graphopt.backends.tvm.runtime import use_cpu_threads
 
     shapes = args.shapes.split(",")
     with_cache = any("+" in s for s in shapes)
@@ -266,7 +318,7 @@ def main(argv=None) -> int:
     mod, params = lower_graph(prepare(graph), pack_weights=True, int8_activations=vnni_available())
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    use_cpu_threads(1)  # not config_threadpool(1, 1): its mode 1 adds ~6 us to every parallel launch
     dev = tvm.cpu()
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), dev)
     weights = [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for _, a in params]

@@ -300,3 +300,27 @@ def test_cuda_build_with_dlight_schedules(exported, tmp_path):
     if not tvm.cuda(0).exist:
         with pytest.raises(UserError, match="no CUDA GPU"):
             graphopt.load(tmp_path / "cuda")
+
+
+def test_feeds_are_copied_into_aligned_tensors_and_outputs_come_back_without_a_copy():
+    """Compiled.run's conversions (runtime.to_tensor / to_numpy): a feed is copied (a static
+    cache is written in place, never into the caller's array) into 64-byte-aligned memory,
+    as TVM's kernels assume, whatever the feed's own alignment, layout, dtype or size; an
+    output comes back as numpy over the tensor's own memory."""
+    import tvm
+
+    from graphopt.backends.tvm.runtime import to_numpy, to_tensor
+
+    feeds = [np.arange(65, dtype=np.float32)[1:].reshape(2, 4, 8),  # 4 bytes past an allocation's start
+             np.arange(12, dtype=np.int64).reshape(3, 4).T,  # not contiguous
+             np.array([True, False, True]), np.float32(2.5), np.zeros((1, 2, 0, 8), np.float32)]
+    for feed in feeds:
+        before = np.array(feed, copy=True)
+        tensor = to_tensor(feed, tvm.cpu())
+        back = to_numpy(tensor)
+        assert back.dtype == before.dtype and back.shape == before.shape and np.array_equal(back, before)
+        if back.size:
+            assert tensor.data_ptr() % 64 == 0
+            assert back.ctypes.data == tensor.data_ptr()  # the tensor's memory, not a copy
+            back[...] = 0
+            assert np.array_equal(feed, before)  # the caller's feed untouched

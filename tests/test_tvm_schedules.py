@@ -338,3 +338,64 @@ def test_rms_skip_norm_is_one_kernel():
     got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
     for name in want:
         assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
+# --------------------------------------------------------------------------------------
+# Small elementwise kernels run on the calling thread (schedules.SERIAL_BELOW)
+
+
+def _silu_gate_module(shape):
+    """main(x) = x * sigmoid(x), one elementwise kernel (SiLU), dims ints or names."""
+    x = relax.Var("x", relax.TensorType([tirx.Var(d, "int64") if isinstance(d, str) else d for d in shape], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.multiply(relax.op.sigmoid(x), x)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("seq", [1, 5, 7, 130])  # 700 to 91000 elements: both sides of SERIAL_BELOW (4096)
+def test_small_elementwise_kernels_choose_serial_at_run_time(seq):
+    from graphopt.backends.tvm.schedules import SERIAL_BELOW
+
+    x = RNG.standard_normal((1, seq, 700)).astype(np.float32)
+    scheduled, got = _run(_silu_gate_module((1, "seq", 700)), x)
+    want = x.astype(np.float64) / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    text = kernel.script()
+    assert f"seq * T.int64(700) >= T.int64({SERIAL_BELOW})" in text.replace("T.int64(700) * seq", "seq * T.int64(700)")
+    assert text.count("T.parallel(") == 1 and text.count('T.sblock("T_multiply"') == 2  # both copies, one parallel
+
+
+@pytest.mark.parametrize("shape,parallel", [((3, 100), False), ((64, 100), True)])
+def test_static_elementwise_kernels_are_parallel_only_when_large(shape, parallel):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    scheduled, got = _run(_silu_gate_module(shape), x)
+    np.testing.assert_allclose(got, x / (1 + np.exp(-x.astype(np.float64))), rtol=1e-5, atol=1e-6)
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert ("T.parallel(" in kernel.script()) == parallel
+
+
+@pytest.mark.parametrize("seq", [1, 3, 33])  # 195 to 6435 elements: both sides of SERIAL_BELOW
+def test_small_norms_choose_serial_at_run_time(seq):
+    """dlight's reduction rule, as `Reduction` applies it: RMSNorm rows on the calling thread
+    below SERIAL_BELOW, in parallel above, one kernel; both match numpy in float64."""
+    rows, width = tirx.Var("seq", "int64"), 195  # not a multiple of the vector width
+    x = relax.Var("x", relax.TensorType([1, rows, width], "float32"))
+    w = relax.Var("w", relax.TensorType([width], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=1e-5)))
+        bb.emit_func_output(out)
+    xs = RNG.standard_normal((1, seq, width)).astype(np.float32)
+    ws = RNG.standard_normal(width).astype(np.float32)
+    scheduled, got = _run(bb.get(), xs, ws)
+    x64 = xs.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * ws
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    text = kernel.script()
+    assert text.count("T.parallel(") == 1 and " >= T.int64(" in text  # a parallel and a serial copy

@@ -165,6 +165,33 @@ def use_cpu_threads(threads: int | None = None) -> int:
     return size
 
 
+_ALIGN = 64  # bytes: TVM's kernels assume buffers aligned to this (runtime::kAllocAlignment)
+
+
+def to_tensor(array: np.ndarray, device):
+    """`array` copied into a TVM tensor on `device`. On a CPU the copy is made by numpy into a
+    64-byte-aligned buffer that TVM then wraps through DLPack: about 1.5 us for a 32 KB cache,
+    where `tvm.runtime.tensor` (allocate through the FFI, then `copyfrom`) takes about 16 us,
+    and a decode step of the shipped model feeds 14 arrays (0.2 ms of a 0.5 ms step). A copy,
+    never the caller's memory: a static cache is written in place (rules_cache)."""
+    import tvm
+
+    array = np.asarray(array)
+    if device.dlpack_device_type() != 1 or array.nbytes == 0:  # not the CPU, or nothing to align
+        return tvm.runtime.tensor(np.ascontiguousarray(array), device=device)
+    raw = np.empty(array.nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    aligned = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned[...] = array
+    return tvm.runtime.from_dlpack(aligned)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A TVM output as numpy: on a CPU the tensor's own memory (the VM allocates each output
+    afresh and the array keeps it alive), not a copy; elsewhere `.numpy()`."""
+    return np.from_dlpack(tensor) if tensor.device.dlpack_device_type() == 1 else tensor.numpy()
+
+
 class Compiled:
     """A Relax VM with its weights on the device: `run(feeds)` -> outputs by name. On a CPU
     it runs on `threads` threads (default: every core this process may use)."""
@@ -182,13 +209,11 @@ class Compiled:
         self.input_names, self.output_names = input_names, output_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tvm
-
         if self.on_cpu:
             use_cpu_threads(self.threads)
-        ins = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), device=self.device) for n in self.input_names]
+        ins = [to_tensor(feeds[n], self.device) for n in self.input_names]
         outs = self.vm["main"](*ins, *self.params)
-        return {name: out.numpy() for name, out in zip(self.output_names, outs)}
+        return {name: to_numpy(out) for name, out in zip(self.output_names, outs)}
 
     def bound_runner(self, output_shapes: dict | None = None) -> "BoundRunner":
         """`run` for a decode loop (see BoundRunner); `output_shapes` is the artifact
@@ -210,10 +235,10 @@ class BoundRunner:
         import tvm
 
         c = self.compiled
-        ins = [v if isinstance(v, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(v), device=c.device)
+        ins = [v if isinstance(v, tvm.runtime.Tensor) else to_tensor(v, c.device)
                for v in (feeds[n] for n in c.input_names)]
         outs = c.vm["main"](*ins, *c.params)
-        return {name: out if name.startswith("present.") else out.numpy() for name, out in zip(c.output_names, outs)}
+        return {name: out if name.startswith("present.") else to_numpy(out) for name, out in zip(c.output_names, outs)}
 
 
 class Executable(Compiled):

@@ -19,7 +19,11 @@ reductions (softmax, norms) only, so two rules of our own come first:
   (`_dispatch_rows`). Prologues run as parallel
   loops of their own; elementwise epilogues are computed by the tile's write-back.
 - `Parallel`: any other function's outermost spatial loops run in parallel and its
-  innermost loop is vectorized.
+  innermost loop is vectorized; below `SERIAL_BELOW` output elements (a decode step's
+  rotary, SiLU, lookups: a few hundred) they run on the calling thread, chosen at run time
+  where the size is symbolic (`_serial_below`): waking the pool and meeting at its barrier
+  costs more than such a kernel's work, and on a loaded machine the barrier waits for a
+  core that another process holds.
 
 They are heuristics, not tuning: MetaSchedule (part 2) does better per shape, at minutes
 per kernel.
@@ -27,11 +31,16 @@ per kernel.
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 
 TILE_ROWS = 4  # a matmul tile: rows x (vectors of columns), accumulated in registers
 TILE_VECTORS = 2
 GEMV_VECTORS = 8  # a GEMV (one row) reads 8 vectors of each row of B at a time: 512 contiguous bytes
+# Output elements below which an injective kernel runs serially: at 2 threads a parallel
+# launch costs ~0.7 us more than a serial one on an idle machine, about the time a vectorized
+# elementwise loop takes for 2-4 K elements; a decode step's are a few hundred.
+SERIAL_BELOW = 4096
 
 
 def _vector_lanes(target, bits: int = 32) -> int:
@@ -116,6 +125,35 @@ def _dispatch_rows(cond, tiled, single):
     rows = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "rows", single.body, match_buffers=matched))
     root = s_tir.SBlock([], [], [], "root", tirx.IfThenElse(cond, tiled.body, rows))
     return tiled.with_body(s_tir.SBlockRealize([], True, root))
+
+
+def _is_buffer(param) -> bool:
+    try:
+        param.shape  # a Var of BufferType; a scalar Var has no shape
+    except AttributeError:
+        return False
+    return True
+
+
+def _serial_below(parallel, serial):
+    """`parallel` (a schedule) where the function writes at least SERIAL_BELOW elements,
+    else `serial`, the same schedule without its parallel loop: chosen here when the size is
+    known, else at run time by one kernel holding both (`_dispatch_rows`)."""
+    import functools
+    import operator
+
+    from tvm import sym, tirx
+
+    func = parallel.mod["main"]
+    if not all(_is_buffer(p) for p in func.params):  # a scalar argument too: keep it parallel
+        return parallel
+    elements = sym.Analyzer().simplify(functools.reduce(operator.mul, func.params[-1].shape, 1))
+    if isinstance(elements, (int, tirx.IntImm)):
+        return parallel if int(elements) >= SERIAL_BELOW else serial
+    try:
+        return [_RowDispatch(_dispatch_rows(elements >= SERIAL_BELOW, func, serial.mod["main"]))]
+    except Exception:  # noqa: BLE001  (a shape TVM cannot prove equal to its copy's, e.g. a slice's max(...))
+        return parallel
 
 
 def cpu_rules() -> list:
@@ -274,12 +312,18 @@ def cpu_rules() -> list:
         """Outer spatial loops in parallel, the innermost loop vectorized."""
 
         def apply(self, func, target, _tunable):
-            from tvm import s_tir, tirx
-            from tvm.s_tir.dlight.analysis import normalize_prim_func
-            from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+            from tvm import tirx
 
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
+            parallel = self.schedule(func, target, parallel=True)
+            return None if parallel is None else _serial_below(parallel, self.schedule(func, target, parallel=False))
+
+        def schedule(self, func, target, parallel: bool):
+            from tvm import s_tir
+            from tvm.s_tir.dlight.analysis import normalize_prim_func
+            from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
             sch = s_tir.Schedule(func)
             infos = normalize_prim_func(sch)
             if infos is None:
@@ -304,11 +348,13 @@ def cpu_rules() -> list:
             else:
                 outer = loops[:n_spatial]
             fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-            sch.parallel(fused)
+            if parallel:
+                sch.parallel(fused)
             return sch
 
     class Reduction(dl.cpu.Reduction):
-        """dlight's CPU reduction rule (softmax, norms: rows in parallel, vectorized), after
+        """dlight's CPU reduction rule (softmax, norms: rows in parallel, vectorized; serial
+        below SERIAL_BELOW output elements, as `Parallel`), after
         inlining the small injective blocks that span fewer leading axes than the rest (a
         per-row mask `[seq, 1] == 0` before a masked softmax over `[batch, heads, seq, seq]`).
         dlight parallelizes only the leading axes that every block shares: with that mask
@@ -331,6 +377,14 @@ def cpu_rules() -> list:
                         sch.compute_inline(info.block_rv)
                     except Exception:  # noqa: BLE001  (not inlinable: dlight decides as before)
                         pass
-            return super().apply(sch.mod["main"], target, tunable)
+            inlined = sch.mod["main"]
+            parallel = super().apply(inlined, target, tunable)
+            if not isinstance(parallel, s_tir.Schedule):
+                return parallel
+            # dlight marks its row loop parallel with no option to leave it serial: the same
+            # rule, with that one schedule primitive made a no-op for the call.
+            with mock.patch.object(s_tir.Schedule, "parallel", lambda _sch, _loop: None):
+                serial = super().apply(inlined, target, tunable)
+            return _serial_below(parallel, serial)
 
     return [Matmul(), dl.cpu.GEMV(), Reduction(), Parallel()]
