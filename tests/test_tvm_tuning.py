@@ -1,7 +1,9 @@
 """MetaSchedule tuning kept on disk (graphopt.backends.tvm.tuning): buckets and their bindings,
 the bucket dispatcher against the untuned build, a tuning run that a second run finds done,
-the budget, SIGTERM keeping finished records, and `graphopt optimize --tune-minutes` writing
-what it tuned into the manifest. The tiny MLP keeps tuning to seconds of work per kernel."""
+each record timed against its kernel's default schedule and built only where it won, tuned
+builds keeping the pre-packed weights with the reference interpreter's results, the budget,
+SIGTERM keeping finished records, and `graphopt optimize --tune-minutes` writing what it tuned
+into the manifest. The tiny MLP keeps tuning to seconds of work per kernel."""
 from __future__ import annotations
 
 import json
