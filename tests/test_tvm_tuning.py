@@ -113,6 +113,9 @@ def test_a_second_run_on_the_same_shapes_finds_every_record_and_tunes_nothing(tu
     with build.tuned(record):
         tuned = runtime.compile_graph(mlp)
     assert len(record.kernels["from_database"]) == first["kernels_kept_tuned"]
+    # The bucket is dispatched only when one of its records won: else it runs as untuned.
+    assert record.buckets == (first["buckets"] if first["kernels_kept_tuned"] else {})
+    assert second["buckets_dispatched"] == sorted(record.buckets)
     _check_packed_and_exact(tuned, mlp)
 
 
@@ -140,7 +143,7 @@ def test_a_record_is_built_only_where_it_beat_the_default_schedule(tuned_db, mlp
     kept = build.read_kept(folder)
     for keep, built in (("default", 0), ("tuned", first["kernels"])):
         (folder / build.KEPT).write_text(json.dumps({k: {**v, "keep": keep} for k, v in kept.items()}))
-        copy = build.Tuned(folder, record.buckets)
+        copy = build.Tuned(folder, first["buckets"])
         with build.tuned(copy):
             compiled = runtime.compile_graph(mlp)
         assert len(copy.kernels["from_database"]) == built, (keep, copy.kernels)

@@ -243,6 +243,8 @@ def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     (checked in order), else the symbolic `main` (now `main_any`)."""
     from tvm import relax, tirx
 
+    if not buckets:  # (tuning dispatches no bucket where none of its records won: as untuned)
+        return mod
     main = mod["main"]
     fresh = _deep_copy(main, mod)  # the dispatcher's parameters and symbolic vars are its own
     known = {v.name: v for v in relax.analysis.defined_symbolic_vars(fresh)}

@@ -271,7 +271,7 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     mod, _ = lower_graph(graph, **runtime.lowering_flags("cpu", runtime._check_options(options)))
     db = build.open_database(folder)
 
-    tasks, seen, per_bucket, static = [], set(), {}, {}
+    tasks, seen, per_bucket, static, keys = [], set(), {}, {}, {}
     for bucket in buckets:
         binding = bindings(graph, bucket)
         if binding in static.values():
@@ -281,9 +281,11 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
         with target:
             extracted = ms.relax_integration.extract_tasks(specialize(mod, binding), target)
         per_bucket[bucket.label] = len(extracted)
+        keys[bucket.label] = set()
         for task in extracted:
             if _hand_scheduled(task.dispatched[0]):
                 continue
+            keys[bucket.label].add(build.workload_key(task.dispatched[0]))
             key = tvm_ffi.structural_hash(task.dispatched[0])
             if key not in seen:
                 seen.add(key)
@@ -315,8 +317,13 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     # Per kernel, the faster of its best record and its default schedule, timed side by side
     # (after the budget too: a record that is not settled is not built).
     kept = settle(tasks, db, target, folder, cores)
-    summary["kernels_kept_tuned"] = sum(1 for t in tasks if kept.get(build.workload_key(t.dispatched[0]), {})
-                                        .get("keep") == "tuned")
+    won = {k for k, v in kept.items() if v.get("keep") == "tuned"}
+    summary["kernels_kept_tuned"] = sum(1 for t in tasks if build.workload_key(t.dispatched[0]) in won)
+    # A bucket none of whose records won is not dispatched at all: its shapes run the symbolic
+    # `main`, exactly as untuned (its static copy with the default schedules gains nothing
+    # measured, and was seen slower at the decode step).
+    dispatched = {label: binding for label, binding in static.items() if keys[label] & won}
+    summary["buckets_dispatched"] = sorted(dispatched)
     summary["minutes"] = round((time.monotonic() - start) / 60.0, 3)
     summary["records"] = len(db)
     with (folder / RUNS).open("a") as f:
@@ -326,7 +333,7 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     progress_lines.clear()
     progress(f"tuned {summary['kernels_tuned_now']} of {summary['kernels']} kernels ({summary['trials']} trials, "
              f"{summary['kernels_already_tuned']} found tuned) in {summary['minutes']:.1f} min; database {folder}")
-    return summary, build.Tuned(folder, static)
+    return summary, build.Tuned(folder, dispatched)
 
 
 def settle(tasks, db, target, folder: Path, cores: int) -> dict:
