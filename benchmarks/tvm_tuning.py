@@ -1,17 +1,23 @@
 """ONNX Runtime against TVM untuned and TVM tuned (MetaSchedule, `--tune-minutes`), side by side
 in one run, on the generation-ready artifacts (KV cache) that `graphopt.optimize` wrote.
 
-    python benchmarks/tvm_tuning.py [--model examples/default] [--tune-minutes 8] [--threads 2]
+    python benchmarks/tvm_tuning.py [--models default,llama512] [--tune-minutes 3] [--threads 2]
                                     [--workloads 1x128,4x128,1x1+128] [--tune-db DIR] [--out FILE]
 
+Models: `default` is the shipped checkpoint (examples/default); `llama512` the issue's
+Llama-style model (hidden 512, 8 layers, 8 heads, 2 KV heads, intermediate 1408, vocab 8192,
+random weights; benchmarks/tvm_cpu.py builds it); or a checkpoint path.
 A workload is BATCHxSEQ[+PAST]: prefill of SEQ tokens (no cache), or one decode step after
-PAST cached tokens (1x1+128). The tuned artifact is tuned at exactly these workloads (its
-buckets) for at most --tune-minutes, into --tune-db (default: a fresh folder under the
-output's folder, so every run tunes from nothing; give the user cache to reuse records).
-Prints a table and writes JSON: threads, versions, the tuning record from the manifest (kernels,
-trials, minutes, which kernels came from the database), build times, per-workload median
-latencies, ratios, and CPU time over wall time (well under the thread count: the machine was
-busy, and the latencies are not to be trusted).
+PAST cached tokens (1x1+128). Each model's tuned artifact is tuned at exactly these workloads
+(its buckets) for at most --tune-minutes, into --tune-db (default: a fresh folder per model
+under the run's temporary folder, so every run tunes from nothing; give the user cache to
+reuse records), then its best records are timed against the default schedules.
+Prints a table and writes JSON: threads, versions, per model the tuning record from the
+manifest (kernels, trials, minutes, which kernels came from the database, how many records
+beat the default schedule), build times, per-workload median latencies, the ratios
+tvm/ort, tuned/ort and tuned/untuned, and CPU time over wall time.
+
+A short check (a few minutes): `--models default --tune-minutes 0.5 --workloads 1x32`.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tvm_cpu import cpu_over_wall, median_ms  # noqa: E402  (the same timing as the untuned benchmark)
+from tvm_cpu import _display, cpu_over_wall, llama512_checkpoint, median_ms  # noqa: E402  (the untuned benchmark's)
 
 
 def feeds_for(signature: dict, bucket, vocab: int) -> dict:
@@ -49,26 +55,15 @@ def feeds_for(signature: dict, bucket, vocab: int) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "examples" / "default"))
-    ap.add_argument("--tune-minutes", type=float, default=8.0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workloads", default="1x128,4x128,1x1+128")
-    ap.add_argument("--tune-db", default=None, help="default: a fresh folder (tuning from nothing)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tvm_tuning.json"))
-    args = ap.parse_args(argv)
-
+def bench_model(model: str, label: str, args, buckets, work: Path) -> dict:
+    """One model: ORT, TVM untuned and TVM tuned artifacts of the same optimized graph, timed
+    side by side at each workload."""
     import graphopt
-    from graphopt.backends.tvm import tuning
     from graphopt.manifest import read_manifest
     from graphopt.sample_inputs import index_bound
 
-    buckets = tuning.parse_shapes(args.workloads, "--workloads")
-    tmp = tempfile.TemporaryDirectory(prefix="tvm_tuning_bench_")
-    work = Path(tmp.name)
     t = time.perf_counter()
-    ort_result = graphopt.optimize(args.model, work / "ort", backend="ort")
+    ort_result = graphopt.optimize(model, work / "ort", backend="ort")
     ort_s = time.perf_counter() - t
     graph = ort_result.graph  # the same optimized graph on every backend
     t = time.perf_counter()
@@ -96,23 +91,46 @@ def main(argv=None) -> int:
         row = {"workload": bucket.label, **{f"{k}_ms": round(v, 3) for k, v in ms_.items()},
                "tvm_over_ort": round(ms_["tvm"] / ms_["ort"], 2),
                "tuned_over_ort": round(ms_["tvm-tuned"] / ms_["ort"], 2),
+               "tuned_over_untuned": round(ms_["tvm-tuned"] / ms_["tvm"], 2),
                "cpu_over_wall": {k: round(v, 2) for k, v in busy.items()}, "max_abs_diff": err}
         rows.append(row)
-        print(f"{bucket.label:>9}   ort {ms_['ort']:9.2f} ms   tvm {ms_['tvm']:9.2f} ms ({row['tvm_over_ort']:.2f}x)"
-              f"   tvm tuned {ms_['tvm-tuned']:9.2f} ms ({row['tuned_over_ort']:.2f}x)   cpu/wall "
+        print(f"{label:>10} {bucket.label:>9}   ort {ms_['ort']:8.2f} ms   tvm {ms_['tvm']:8.2f} ms "
+              f"({row['tvm_over_ort']:.2f}x)   tvm tuned {ms_['tvm-tuned']:8.2f} ms ({row['tuned_over_ort']:.2f}x ort, "
+              f"{row['tuned_over_untuned']:.2f}x untuned)   cpu/wall "
               + " ".join(f"{k} {v:.2f}" for k, v in row["cpu_over_wall"].items()) + f"   max|diff| {err:.1e}",
               flush=True)
+    return {"model": label, "tvm_target": manifest["tvm_target"], "tuning": manifest["tuning"],
+            "build_seconds": {"ort": round(ort_s, 1), "tvm": round(untuned_s, 1),
+                              "tvm_tuned_with_tuning": round(tuned_s, 1),
+                              "tvm_tuned_compile": manifest.get("compile_seconds")},
+            "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="default,llama512", help="default, llama512 or paths, comma-separated")
+    ap.add_argument("--tune-minutes", type=float, default=3.0, help="per model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workloads", default="1x128,4x128,1x1+128")
+    ap.add_argument("--tune-db", default=None, help="default: a fresh folder per model (tuning from nothing)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tvm_tuning.json"))
+    args = ap.parse_args(argv)
+
+    from graphopt.backends.tvm import tuning
+
+    buckets = tuning.parse_shapes(args.workloads, "--workloads")
+    tmp = tempfile.TemporaryDirectory(prefix="tvm_tuning_bench_")
+    work = Path(tmp.name)
+    models = []
+    for name in args.models.split(","):
+        folder = work / name.replace("/", "_")
+        model = (str(ROOT / "examples" / "default") if name == "default"
+                 else str(llama512_checkpoint(folder / "checkpoint")) if name == "llama512" else name)
+        models.append(bench_model(model, name if name == "llama512" else _display(model), args, buckets, folder))
     from graphopt.compare.machine import library_versions
 
-    result = {
-        "model": args.model, "threads": args.threads, "machine": platform.machine(),
-        "tvm_target": manifest["tvm_target"], "tune_minutes": args.tune_minutes,
-        "tuning": manifest["tuning"],
-        "build_seconds": {"ort": round(ort_s, 1), "tvm": round(untuned_s, 1), "tvm_tuned_with_tuning": round(tuned_s, 1),
-                          "tvm_tuned_compile": manifest.get("compile_seconds")},
-        "versions": library_versions(),
-        "rows": rows,
-    }
+    result = {"threads": args.threads, "machine": platform.machine(), "tune_minutes": args.tune_minutes,
+              "versions": library_versions(), "models": models}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -321,8 +321,9 @@ def _progress(quiet: bool):
                    "(default: a graphopt.train checkpoint's val.txt).")
 @click.option("--tune-minutes", type=float, default=None, metavar="M",
               help="--backend tvm (cpu): tune the kernels with MetaSchedule for at most M minutes (wall) at "
-                   "--tune-shapes, keep the records in --tune-db and build with them. A second run on the same "
-                   "shapes finds its records and tunes nothing. See docs/tvm.md (Tuning).")
+                   "--tune-shapes, keep the records in --tune-db, and build each kernel with its record only where "
+                   "that beat the untuned schedule, timed side by side (the hand-written kernels are kept). A "
+                   "second run on the same shapes finds its records and tunes nothing. See docs/tvm.md (Tuning).")
 @click.option("--tune-shapes", default=None, metavar="BxS[+PAST],...",
               help="The static shapes to tune, batch x seq after PAST cached tokens (default: "
                    "1x128,4x128,1x1+128: prefill at 1 and 4 sequences of 128, one decode step after 128).")

@@ -1,7 +1,9 @@
 """MetaSchedule tuning kept on disk (graphopt.backends.tvm.tuning): buckets and their bindings,
 the bucket dispatcher against the untuned build, a tuning run that a second run finds done,
-the budget, SIGTERM keeping finished records, and `graphopt optimize --tune-minutes` writing
-what it tuned into the manifest. The tiny MLP keeps tuning to seconds of work per kernel."""
+each record timed against its kernel's default schedule and built only where it won, tuned
+builds keeping the pre-packed weights with the reference interpreter's results, the budget,
+SIGTERM keeping finished records, and `graphopt optimize --tune-minutes` writing what it tuned
+into the manifest. The tiny MLP keeps tuning to seconds of work per kernel."""
 from __future__ import annotations
 
 import json
@@ -97,15 +99,56 @@ def test_a_second_run_on_the_same_shapes_finds_every_record_and_tunes_nothing(tu
     assert second["kernels_already_tuned"] == second["kernels"] == first["kernels"]
     assert second["trials"] == 0 and second["kernels_tuned_now"] == 0 and second["stopped"] == "nothing to tune"
     assert second["records"] == first["records"] >= first["kernels"] * TRIALS
-    # The build takes the tuned schedules for the bucket's kernels, with the same results.
+    # Every kernel's best record was timed against its default schedule, once: the second run
+    # found them settled (the same verdicts, the same times).
+    kept = build.read_kept(record.folder)
+    assert len(kept) == first["kernels"]
+    for verdict in kept.values():
+        assert verdict["default_s"] > 0 and verdict["tuned_s"] > 0, verdict
+        faster = verdict["tuned_s"] <= build.KEEP_MARGIN * verdict["default_s"]
+        assert verdict["keep"] == ("tuned" if faster else "default"), verdict
+    assert first["kernels_kept_tuned"] == second["kernels_kept_tuned"] == sum(v["keep"] == "tuned" for v in kept.values())
+    # The build takes the kept records for the bucket's kernels (the others: the default
+    # schedules) and keeps the pre-packed weights, with the reference interpreter's results.
     with build.tuned(record):
         tuned = runtime.compile_graph(mlp)
-    assert len(record.kernels["from_database"]) == first["kernels"]
-    plain = runtime.compile_graph(mlp)
+    assert len(record.kernels["from_database"]) == first["kernels_kept_tuned"]
+    # The bucket is dispatched only when one of its records won: else it runs as untuned.
+    assert record.buckets == (first["buckets"] if first["kernels_kept_tuned"] else {})
+    assert second["buckets_dispatched"] == sorted(record.buckets)
+    _check_packed_and_exact(tuned, mlp)
+
+
+def _check_packed_and_exact(compiled, graph):
+    """`compiled` (a tuned build) has the untuned CPU build's pre-packed weights and gives the
+    reference interpreter's results, in its bucket (batch 1) and out of it (batch 3)."""
+    from graphopt.interpreter import run
+
+    assert compiled.fields["params"] == runtime.compile_graph(graph).fields["params"]
+    assert any(":panels" in name for name in compiled.fields["params"]), compiled.fields["params"]
     for batch in (1, 3):
-        a, b = tuned.run(_x(batch)), plain.run(_x(batch))
-        for name in a:
-            assert_close(a[name], b[name])
+        want, got = run(graph, _x(batch)), compiled.run(_x(batch))
+        for name in want:
+            assert_close(got[name], want[name])
+
+
+def test_a_record_is_built_only_where_it_beat_the_default_schedule(tuned_db, mlp, tmp_path):
+    """The verdicts in KEPT decide: all "default" builds no record, all "tuned" builds every
+    kernel of the bucket from the database; both keep the packed weights and the exact results."""
+    import shutil
+
+    root, first, _, record = tuned_db
+    folder = tmp_path / "db"
+    shutil.copytree(record.folder, folder)
+    kept = build.read_kept(folder)
+    for keep, built in (("default", 0), ("tuned", first["kernels"])):
+        (folder / build.KEPT).write_text(json.dumps({k: {**v, "keep": keep} for k, v in kept.items()}))
+        copy = build.Tuned(folder, first["buckets"])
+        with build.tuned(copy):
+            compiled = runtime.compile_graph(mlp)
+        assert len(copy.kernels["from_database"]) == built, (keep, copy.kernels)
+        assert copy.kernels["default_schedules"] > 0  # the symbolic main's kernels, at least
+        _check_packed_and_exact(compiled, mlp)
 
 
 def test_tuning_stops_when_the_budget_is_spent(mlp, spec, tmp_path):
@@ -162,9 +205,10 @@ def test_optimize_tune_minutes_writes_what_it_tuned_into_the_manifest(tuned_db, 
     assert t["database"] == str(tuning.database_dir(root, manifest["tvm_target"], create=False))
     assert t["buckets"] == {"1x1": {"batch": 1}}
     # The module fixture's records have TRIALS per kernel; the CLI asks for TRIALS_PER_KERNEL, so
-    # it goes on tuning them within its budget. Every kernel of the bucket comes from the database.
-    assert t["kernels"] == first["kernels"] and t["minutes"] < 0.5 + 1.0
-    assert len(t["kernels_built"]["from_database"]) == first["kernels"]
+    # it goes on tuning them within its budget (then times new best records against the default
+    # schedules: allowed past the budget). The kernels whose record won come from the database.
+    assert t["kernels"] == first["kernels"] and t["minutes"] < 0.5 + 1.5
+    assert len(t["kernels_built"]["from_database"]) == t["kernels_kept_tuned"]
     report = json.loads((out / "report.json").read_text())
     assert report["backend_seconds"]["tuning"] == pytest.approx(60 * t["minutes"], abs=0.01)
     plain = runtime.compile_graph(graphopt.optimize(str(EXAMPLE), None, backend="tvm").graph)
@@ -193,7 +237,9 @@ def test_compare_adds_the_tuned_tvm_row_when_the_default_database_has_records(tu
     cells = {c["id"]: c for c in report["cells"]}
     tuned = cells[f"tvm (tuned, {records} records)"]
     assert tuned["status"] == "ok", tuned["error"]
-    assert tuned["settings"]["kernels_from_database"] == first["kernels"]  # batch 1 x seq 1 is the tuned bucket
+    kept = build.read_kept(tuning.database_dir(None, spec, create=False))
+    # batch 1 x seq 1 is the tuned bucket: its kernels whose record beat the default schedule
+    assert tuned["settings"]["kernels_from_database"] == sum(v["keep"] == "tuned" for v in kept.values())
     # every run into the database counts (the fixture's two, and the CLI test's if it ran first)
     spent = tuning.tuning_minutes(tuning.database_dir(None, spec, create=False))
     assert spent >= first["minutes"] + tuned_db[2]["minutes"]

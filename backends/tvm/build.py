@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -93,14 +94,6 @@ def tuned(record: "Tuned"):
         _tuned.reset(token)
 
 
-def tuning_database_applies() -> bool:
-    """Whether builds now apply a tuning database (inside `tuned`). Such builds lower the
-    weights unpacked: the database's records were tuned on the unpacked kernels (the tasks
-    `graphopt.backends.tvm.tuning` extracts), and the bucket copies of `main` cannot share the
-    packed-panel PrimFuncs of the symbolic one."""
-    return _tuned.get() is not None
-
-
 def optimize_module(mod, target):
     """Relax-level passes and schedules for `target`; returns the module ready to build."""
     from tvm import relax
@@ -110,18 +103,30 @@ def optimize_module(mod, target):
     with target:
         if record is not None and target.kind.name == "llvm":
             mod = with_buckets(mod, record.buckets)
-            with open_database(record.folder):  # the zero pipeline applies the current database
+            hand = {gv.name_hint for gv, f in mod.functions.items() if _is_scheduled(f)}
+            # The zero pipeline applies the current database: only the records that beat the
+            # default schedule of their kernel, measured side by side (`kept_database`).
+            with kept_database(record.folder):
                 mod = relax.get_pipeline("zero")(mod)
-            record.kernels = kernel_sources(mod)
+            record.kernels = kernel_sources(mod, hand)
         else:
             mod = relax.get_pipeline("zero")(mod)
-        mod = dl.ApplyDefaultSchedule(*schedules_quant.rules())(mod)  # the dequantize-fused kernels
         if target.kind.name == "cuda":
+            mod = dl.ApplyDefaultSchedule(*schedules_quant.rules())(mod)  # the dequantize-fused kernels
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         else:
-            mod = dl.ApplyDefaultSchedule(*schedules.cpu_rules())(mod)
+            mod = default_schedules(mod)
     return mod
+
+
+def default_schedules(mod):
+    """`mod`'s kernels not yet scheduled, scheduled by the CPU rules (inside a target): the
+    dequantize-fused kernels, then graphopt's and dlight's CPU rules."""
+    from tvm.s_tir import dlight as dl
+
+    mod = dl.ApplyDefaultSchedule(*schedules_quant.rules())(mod)
+    return dl.ApplyDefaultSchedule(*schedules.cpu_rules())(mod)
 
 
 def build(mod, spec: dict):
@@ -172,11 +177,74 @@ def _deep_copy(func, mod):
     return _Rebind(mod).visit_expr(copy)
 
 
+def _static_kernels(func, mod, bb, suffix: str):
+    """`func` (a copy of `main` whose shapes are now static) calling static copies of the
+    lowering's own PrimFuncs (pre-packed matmuls, named `<kernel>_<suffix>`, added through
+    `bb`): FuseTIR refuses to fuse a symbolic PrimFunc called with static tensors, and
+    MetaSchedule tunes static kernels only. Hand-scheduled kernels (`tirx.is_scheduled`: the
+    fused attention, the int4 panels) stay as they are: they read their sizes at run time."""
+    import tvm
+    from tvm import relax, tirx
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    made: dict = {}
+
+    def static_shape(ty):
+        shape = getattr(ty, "shape", None)
+        values = getattr(shape, "values", None)
+        if values is None or not all(isinstance(d, tirx.IntImm) for d in values):
+            return None
+        return [tirx.IntImm("int64", int(d)) for d in values]
+
+    @relax.expr_functor.mutator
+    class _Static(relax.PyExprMutator):
+        def visit_call_(self, op):
+            call = self.visit_expr_post_order(op)
+            if not call.op.same_as(call_tir) or len(call.args) != 2:
+                return call  # (a call with tir_vars passes sizes as scalars: left symbolic)
+            gv = call.args[0]
+            kernel = mod[gv] if gv in mod.get_global_vars() else None
+            if not isinstance(kernel, tirx.PrimFunc) or _is_scheduled(kernel):
+                return call
+            out = call.ty_args[0]
+            types = [a.ty for a in call.args[1].fields] + (list(out.fields) if isinstance(out, relax.TupleType) else [out])
+            shapes = [static_shape(t) for t in types]
+            if len(types) != len(kernel.params) or any(s is None for s in shapes):
+                return call
+            key = (gv.name_hint, tuple(tuple(int(d) for d in s) for s in shapes))
+            if key not in made:
+                buffers = {p: tirx.decl_buffer(s, p.dtype, p.name) for p, s in zip(kernel.params, shapes)}
+                made[key] = bb.add_func(kernel.specialize(buffers), f"{gv.name_hint}_{suffix}")
+            return relax.Call(call.op, [made[key], call.args[1]], call.attrs, call.ty_args, call.span)
+
+    return _Static(mod).visit_expr(func)
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+def static_module(mod, binding: dict[str, int]):
+    """An IRModule of `mod`'s `main` at the static sizes `binding` (symbolic var name -> size)
+    with static copies of the lowering's PrimFuncs it calls: what tuning extracts its kernels
+    from, the same kernels a bucket of `with_buckets` builds."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"}))
+    static = _static_kernels(_deep_copy(mod["main"].bind_symbolic_vars(binding), mod), mod, bb, "static")
+    bb.add_func(static, "main")
+    out = bb.get()
+    return relax.transform.DeadCodeElimination(["main"])(out)
+
+
 def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     """`mod` whose `main` calls `main` specialized to a bucket when the inputs have its shapes
     (checked in order), else the symbolic `main` (now `main_any`)."""
     from tvm import relax, tirx
 
+    if not buckets:  # (tuning dispatches no bucket where none of its records won: as untuned)
+        return mod
     main = mod["main"]
     fresh = _deep_copy(main, mod)  # the dispatcher's parameters and symbolic vars are its own
     known = {v.name: v for v in relax.analysis.defined_symbolic_vars(fresh)}
@@ -191,8 +259,10 @@ def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     for label, binding in reversed(list(buckets.items())):
         if set(binding) - set(known):
             continue  # a bucket of another graph's symbols: nothing to dispatch to
-        static = _deep_copy(main.bind_symbolic_vars(binding), mod).without_attr("global_symbol")
-        gv = bb.add_func(static, f"main_{label.replace('+', '_past')}")
+        name = label.replace("+", "_past")
+        static = _static_kernels(_deep_copy(main.bind_symbolic_vars(binding), mod), mod, bb, name)
+        static = static.without_attr("global_symbol")
+        gv = bb.add_func(static, f"main_{name}")
         cond = tirx.const(True, "bool")
         for name, size in binding.items():
             cond = tirx.all(cond, known[name] == size)
@@ -208,18 +278,57 @@ def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     return out
 
 
-def kernel_sources(mod) -> dict:
-    """Which kernels of a built module the database scheduled, and how many got the defaults."""
+def kernel_sources(mod, hand: set[str]) -> dict:
+    """Which kernels of a built module the database scheduled, how many got the default
+    schedules, and which came scheduled by hand from the lowering (`hand`: their names)."""
     from tvm import tirx
 
-    tuned, default = [], 0
+    tuned, default, kept = [], 0, []
     for gv, func in mod.functions.items():
         if isinstance(func, tirx.PrimFunc):
-            if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+            if gv.name_hint in hand:
+                kept.append(gv.name_hint)
+            elif _is_scheduled(func):
                 tuned.append(gv.name_hint)
             else:
                 default += 1
-    return {"from_database": sorted(tuned), "default_schedules": default}
+    return {"from_database": sorted(tuned), "default_schedules": default, "hand_scheduled": sorted(kept)}
+
+
+KEPT = "kept.json"  # per tuned kernel: its best record and its default schedule timed side by side
+KEEP_MARGIN = 0.97  # a record is kept when it takes at most this fraction of the default's time
+
+
+def workload_key(mod) -> str:
+    """A kernel's key in KEPT: its structural hash, as the database matches workloads."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def read_kept(folder: Path) -> dict:
+    path = Path(folder) / KEPT
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:  # cut short by a kill before its atomic replace existed: settle again
+        return {}
+
+
+def kept_database(folder: Path):
+    """A database of the best record of each kernel in the database in `folder` that beat the
+    kernel's default schedule (KEPT says which); the others build with the default schedules."""
+    from tvm.s_tir import meta_schedule as ms
+
+    kept = {k for k, v in read_kept(folder).items() if v.get("keep") == "tuned"}
+    db, out, done = open_database(folder), ms.database.MemoryDatabase(), set()
+    for rec in db.get_all_tuning_records():
+        key = workload_key(rec.workload.mod)
+        if key in kept and key not in done:
+            done.add(key)
+            best = db.get_top_k(rec.workload, 1)[0]
+            out.commit_tuning_record(ms.database.TuningRecord(best.trace, out.commit_workload(rec.workload.mod),
+                                                              best.run_secs, best.target, best.args_info))
+    return out
 
 
 def open_database(folder: Path):

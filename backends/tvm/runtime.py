@@ -16,7 +16,7 @@ from graphopt.ir import Graph, signature
 from graphopt.weights_file import read_tensors, write_tensors
 
 from graphopt.backends.tvm import quant_panels, rules_core, rules_graphopt, rules_quant, rules_shapes  # noqa: F401  (register the rules)
-from graphopt.backends.tvm.build import build, cuda_compiler, system_cpu, target_spec, tuning_database_applies
+from graphopt.backends.tvm.build import build, cuda_compiler, system_cpu, target_spec
 from graphopt.backends.tvm.lowering import lower_graph, prepare
 
 NAME = "tvm"
@@ -70,15 +70,22 @@ def _check_options(options: dict | None) -> dict:
     return out
 
 
+def lowering_flags(target: str, options: dict) -> dict:
+    """How a build for `target` lowers (`lower_graph`'s flags): on a CPU the weights pre-packed
+    in panels with the hand-written CPU kernels, and int8 activations for 4-bit weights where
+    the CPU has VNNI, tuned or not (tuning extracts its kernels from the same lowering)."""
+    pack = target == "cpu"
+    int8 = pack and options.get("quant_accuracy_level", "auto") != "0" and quant_panels.vnni_available()
+    return {"pack_weights": pack, "int8_activations": int8}
+
+
 def _build(graph: Graph, target: str, options: dict | None):
     """Lower and build: (TVM executable, weight names, weight arrays, manifest fields)."""
     check_target(target)
     options = _check_options(options)
     t0 = time.perf_counter()
     g = prepare(graph)
-    pack = target == "cpu" and not tuning_database_applies()
-    int8 = pack and options.get("quant_accuracy_level", "auto") != "0" and quant_panels.vnni_available()
-    mod, params = lower_graph(g, pack_weights=pack, int8_activations=int8)
+    mod, params = lower_graph(g, **lowering_flags(target, options))
     t1 = time.perf_counter()
     spec = target_spec(target, options)
     executable = build(mod, spec)

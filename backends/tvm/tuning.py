@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -188,12 +189,11 @@ def bindings(graph: Graph, bucket: Bucket) -> dict[str, int]:
 
 
 def specialize(mod, binding: dict[str, int]):
-    """`mod` with `main` at static shapes, fused as the build fuses it."""
-    import tvm
+    """`mod` with `main` at static shapes (and static copies of the pre-packed matmuls),
+    fused as the build fuses a bucket."""
     from tvm import relax
 
-    static = tvm.IRModule({"main": mod["main"].bind_symbolic_vars(binding)})
-    return relax.get_pipeline("zero")(static)
+    return relax.get_pipeline("zero")(build.static_module(mod, binding))
 
 
 # -- tuning ------------------------------------------------------------------------------------
@@ -236,6 +236,11 @@ def _flops(mod) -> float:
         return 0.0
 
 
+def _hand_scheduled(task_mod) -> bool:
+    attrs = task_mod["main"].attrs
+    return attrs is not None and bool(attrs.get("tirx.is_scheduled", False))
+
+
 def _measured(db, task_mod, most: int) -> int:
     """How many measured records (up to `most`) the database holds for a kernel."""
     if not db.has_workload(task_mod):
@@ -244,7 +249,8 @@ def _measured(db, task_mod, most: int) -> int:
 
 
 def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_root: str | os.PathLike | None,
-         progress=None, *, trials_per_kernel: int = TRIALS_PER_KERNEL) -> tuple[dict, "build.Tuned"]:
+         progress=None, *, trials_per_kernel: int = TRIALS_PER_KERNEL,
+         options: dict | None = None) -> tuple[dict, "build.Tuned"]:
     """Tune `graph`'s kernels at `buckets` for the target `spec` for at most `minutes` (wall),
     into the database under `db_root`; returns what it did (for the manifest) and what a
     build applies (`build.tuned`)."""
@@ -260,10 +266,12 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     target = tvm.target.Target(spec)
     cores = int(spec.get("num-cores") or os.cpu_count() or 1)
     graph = prepare(graph)
-    mod, _ = lower_graph(graph)
+    # The build's own lowering (pre-packed weights, the hand-written kernels): the kernels tuned
+    # are the kernels built. The hand-scheduled ones (fused attention, int4 panels) are kept as they are.
+    mod, _ = lower_graph(graph, **runtime.lowering_flags("cpu", runtime._check_options(options)))
     db = build.open_database(folder)
 
-    tasks, seen, per_bucket, static = [], set(), {}, {}
+    tasks, seen, per_bucket, static, keys = [], set(), {}, {}, {}
     for bucket in buckets:
         binding = bindings(graph, bucket)
         if binding in static.values():
@@ -273,7 +281,11 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
         with target:
             extracted = ms.relax_integration.extract_tasks(specialize(mod, binding), target)
         per_bucket[bucket.label] = len(extracted)
+        keys[bucket.label] = set()
         for task in extracted:
+            if _hand_scheduled(task.dispatched[0]):
+                continue
+            keys[bucket.label].add(build.workload_key(task.dispatched[0]))
             key = tvm_ffi.structural_hash(task.dispatched[0])
             if key not in seen:
                 seen.add(key)
@@ -302,6 +314,16 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
                 break
         summary["kernels_tuned_now"] = sum(1 for t in todo if _measured(db, t.dispatched[0], trials_per_kernel)
                                            > before[id(t)])
+    # Per kernel, the faster of its best record and its default schedule, timed side by side
+    # (after the budget too: a record that is not settled is not built).
+    kept = settle(tasks, db, target, folder, cores)
+    won = {k for k, v in kept.items() if v.get("keep") == "tuned"}
+    summary["kernels_kept_tuned"] = sum(1 for t in tasks if build.workload_key(t.dispatched[0]) in won)
+    # A bucket none of whose records won is not dispatched at all: its shapes run the symbolic
+    # `main`, exactly as untuned (its static copy with the default schedules gains nothing
+    # measured, and was seen slower at the decode step).
+    dispatched = {label: binding for label, binding in static.items() if keys[label] & won}
+    summary["buckets_dispatched"] = sorted(dispatched)
     summary["minutes"] = round((time.monotonic() - start) / 60.0, 3)
     summary["records"] = len(db)
     with (folder / RUNS).open("a") as f:
@@ -311,7 +333,69 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     progress_lines.clear()
     progress(f"tuned {summary['kernels_tuned_now']} of {summary['kernels']} kernels ({summary['trials']} trials, "
              f"{summary['kernels_already_tuned']} found tuned) in {summary['minutes']:.1f} min; database {folder}")
-    return summary, build.Tuned(folder, static)
+    return summary, build.Tuned(folder, dispatched)
+
+
+def settle(tasks, db, target, folder: Path, cores: int) -> dict:
+    """For each kernel in `tasks` with a record: its best record and its default schedule
+    (`build.default_schedules`: what an untuned build runs) built and timed side by side by
+    MetaSchedule's own builder and runner, twice in the order default, tuned, tuned, default,
+    the lower time of each kept; the record is kept (build.KEPT) only when it takes at most
+    build.KEEP_MARGIN of the default's time. A kernel settled for its current best record is
+    not timed again. Returns KEPT's content."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    kept = build.read_kept(folder)
+    pairs = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        top = db.get_top_k(db.commit_workload(mod), 1) if db.has_workload(mod) else []
+        if not top:
+            continue
+        key, record_s = build.workload_key(mod), _mean(top[0].run_secs)
+        if kept.get(key, {}).get("record_s") == record_s:
+            continue
+        tuned = db.query_schedule(mod, task.target, "main")  # (query_ir_module answers None in TVM 0.27)
+        if tuned is not None:
+            with target:  # (on a copy: the rules changed `mod` in place, and the database then no longer knew it)
+                default = build.default_schedules(tvm.ir.load_json(tvm.ir.save_json(mod)))
+            pairs.append((task.task_name, key, record_s, default, tuned.mod))
+    if not pairs:
+        return kept
+    progress_lines.status(f"tuning: timing {len(pairs)} tuned kernels against their default schedules")
+    builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S,
+                                      initializer=_import_tensor_intrinsics)
+    runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=_import_tensor_intrinsics)
+    mods = [m for *_, default, tuned in pairs for m in (default, tuned)]
+    built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
+    for i, (name, key, record_s, default, tuned) in enumerate(pairs):
+        d, t = built[2 * i], built[2 * i + 1]
+        times = {"default": None, "tuned": None}
+        if d.error_msg is None and t.error_msg is None:
+            inputs = {which: ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(m["main"]))
+                      for which, b, m in (("default", d, default), ("tuned", t, tuned))}
+            results = [(which, runner.run([inputs[which]])[0].result())
+                       for which in ("default", "tuned", "tuned", "default")]
+            for which, r in results:
+                if r.error_msg is None:
+                    s = _mean(r.run_secs)
+                    times[which] = s if times[which] is None else min(times[which], s)
+        d_s, t_s = times["default"], times["tuned"]
+        keep = "tuned" if d_s is not None and t_s is not None and t_s <= build.KEEP_MARGIN * d_s else "default"
+        kept[key] = {"kernel": name, "record_s": record_s, "default_s": d_s, "tuned_s": t_s, "keep": keep}
+    for b in built:
+        if b.artifact_path:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    tmp = folder / (build.KEPT + ".tmp")
+    tmp.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, folder / build.KEPT)  # whole or not at all: a kill leaves the old one
+    return kept
+
+
+def _mean(run_secs) -> float:
+    values = [float(v) for v in run_secs or []]
+    return sum(values) / len(values) if values else float("inf")
 
 
 class _BudgetSpent(Exception):
@@ -414,7 +498,8 @@ def save_tuned(graph: Graph, outdir: Path, target: str, backend_options, spec: d
                shapes: str | None, db, progress) -> tuple[dict, dict]:
     """Tune `graph` for `spec` within `minutes`, then save the TVM artifact built with the
     database: (the backend's manifest fields, the manifest's "tuning")."""
-    summary, record = tune(graph, spec, parse_shapes(shapes or DEFAULT_SHAPES), minutes, db, progress)
+    summary, record = tune(graph, spec, parse_shapes(shapes or DEFAULT_SHAPES), minutes, db, progress,
+                           options=backend_options)
     with build.tuned(record):
         fields = runtime.save(graph, outdir, target, dict(backend_options or {}))
     summary["kernels_built"] = record.kernels
