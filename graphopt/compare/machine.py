@@ -134,7 +134,10 @@ def bound_rounds(runs: dict, bytes_read: dict, *, rounds: int, steps: int, threa
     spinning threads from the run before must not share the cores), `warmup` untimed steps and
     `steps` timed ones; one more sample closes the last round. Per round and run, ratio = the
     block's median step / (bytes / the higher of the samples just before and just after the
-    round): the stricter bound, never one a slow reading flatters. Reported: the median ratio
+    round): the stricter bound, never one a slow reading flatters. The sample waits `settle_s`
+    too: taken right after a run, an ORT session's spinning worker shared the cores with the
+    probe and read 26.5 GB/s against 31.9 after 50 ms (median of 8, idle), a bound that
+    flattered every ratio (a fp32 GPT-2 step came out at 0.79-0.95x "its bound"). Reported: the median ratio
     and its spread over the rounds, the step times over all rounds (p50, min), and the samples.
     On a loaded machine the probe and the steps get different shares of the memory, and the
     ratios mean little (a check run at load 4 spread 0.8-2.9): run it idle."""
@@ -147,6 +150,7 @@ def bound_rounds(runs: dict, bytes_read: dict, *, rounds: int, steps: int, threa
         for fn in runs.values():
             fn()
         for _ in range(rounds):
+            time.sleep(settle_s)  # as before each block: a spinning worker of the last run reads too
             samples.append(probe.sample())
             for name, fn in runs.items():
                 time.sleep(settle_s)
@@ -159,8 +163,10 @@ def bound_rounds(runs: dict, bytes_read: dict, *, rounds: int, steps: int, threa
                     block.append(time.perf_counter() - t)
                 times[name] += block
                 medians[name].append(statistics.median(block))
+        time.sleep(settle_s)
         samples.append(probe.sample())
-        method = (f"{rounds} rounds; each: one read-bandwidth sample ({probe.method()}), then per variant a "
+        method = (f"{rounds} rounds; each: a {settle_s * 1e3:.0f} ms pause and one read-bandwidth sample "
+                  f"({probe.method()}), then per variant a "
                   f"{settle_s * 1e3:.0f} ms pause, {warmup} untimed and {steps} timed steps; one more sample after "
                   "the last round; ratio to the bound = the block's median step / (bytes read / the higher of the "
                   "samples just before and just after its round), median over rounds")
