@@ -151,6 +151,25 @@ def test_a_record_is_built_only_where_it_beat_the_default_schedule(tuned_db, mlp
         _check_packed_and_exact(compiled, mlp)
 
 
+def test_a_caller_that_did_not_tune_dispatches_only_the_shapes_where_a_record_won(tuned_db, mlp, tmp_path):
+    """`only_winning` (graphopt compare's tuned cell): with every verdict "default" no bucket is
+    dispatched (the build is the untuned one); with every verdict "tuned", every bucket is."""
+    import shutil
+
+    _, first, _, record = tuned_db
+    folder = tmp_path / "db"
+    shutil.copytree(record.folder, folder)
+    kept = build.read_kept(folder)
+    for keep, dispatched in (("default", []), ("tuned", sorted(first["buckets"]))):
+        (folder / build.KEPT).write_text(json.dumps({k: {**v, "keep": keep} for k, v in kept.items()}))
+        copy = build.Tuned(folder, first["buckets"], only_winning=True)
+        with build.tuned(copy):
+            compiled = runtime.compile_graph(mlp)
+        assert copy.dispatched == dispatched, (keep, copy.dispatched)
+        assert bool(copy.kernels["from_database"]) == (keep == "tuned"), copy.kernels
+        _check_packed_and_exact(compiled, mlp)
+
+
 def test_tuning_stops_when_the_budget_is_spent(mlp, spec, tmp_path):
     budget = 0.2
     summary, _ = tuning.tune(mlp, spec, tuning.parse_shapes("1x1"), budget, tmp_path)  # 64 trials a kernel: minutes

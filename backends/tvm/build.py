@@ -102,7 +102,9 @@ def optimize_module(mod, target):
     record = _tuned.get()
     with target:
         if record is not None and target.kind.name == "llvm":
-            mod = with_buckets(mod, record.buckets)
+            buckets = winning_buckets(mod, record.buckets, record.folder) if record.only_winning else record.buckets
+            record.dispatched = sorted(buckets)
+            mod = with_buckets(mod, buckets)
             hand = {gv.name_hint for gv, f in mod.functions.items() if _is_scheduled(f)}
             # The zero pipeline applies the current database: only the records that beat the
             # default schedule of their kernel, measured side by side (`kept_database`).
@@ -155,6 +157,10 @@ class Tuned:
     folder: Path
     buckets: dict[str, dict[str, int]]  # label -> symbolic var -> size
     kernels: dict | None = None
+    # Dispatch only the buckets where a record won (`winning_buckets`): for a caller that did
+    # not tune these shapes itself (graphopt compare); tuning passes the buckets it settled.
+    only_winning: bool = False
+    dispatched: list[str] | None = None  # after the build: the labels of the buckets dispatched
 
 
 def _deep_copy(func, mod):
@@ -275,6 +281,28 @@ def with_buckets(mod, buckets: dict[str, dict[str, int]]):
     dispatcher = bb.normalize(relax.Function(params, body, ret, main.is_pure, main.attrs))
     bb.update_func(mod.get_global_var("main"), dispatcher)
     out = bb.get()
+    return out
+
+
+def winning_buckets(mod, buckets: dict[str, dict[str, int]], folder: Path) -> dict[str, dict[str, int]]:
+    """The buckets of `buckets` (inside a target) at least one of whose kernels has a record
+    that beat its default schedule (KEPT). A bucket with none would run static copies of the
+    default schedules instead of the symbolic `main`: no faster, and measured slower at the
+    decode step."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+    import tvm
+
+    won = {k for k, v in read_kept(folder).items() if v.get("keep") == "tuned"}
+    known = {v.name for v in relax.analysis.defined_symbolic_vars(mod["main"])}
+    out = {}
+    for label, binding in buckets.items() if won else ():
+        if set(binding) - known:
+            continue  # a bucket of another graph's symbols (as `with_buckets` skips it)
+        static = relax.get_pipeline("zero")(static_module(mod, binding))
+        tasks = ms.relax_integration.extract_tasks(static, tvm.target.Target.current())
+        if any(workload_key(task.dispatched[0]) in won for task in tasks):
+            out[label] = binding
     return out
 
 

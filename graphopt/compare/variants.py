@@ -328,13 +328,14 @@ def tvm_tuned_cell(batch: int, seqs: list[int]) -> tuple[str, str, Callable[[Bui
     def build_tuned(ctx: BuildContext, backend: str) -> Runner:
         graph = ctx.export_graph()
         record = build.Tuned(folder, {b.label: tuning.bindings(graph, b) for b in
-                                      (tuning.Bucket(batch, s) for s in seqs)})
+                                      (tuning.Bucket(batch, s) for s in seqs)}, only_winning=True)
         with build.tuned(record):
             path, seconds = ctx.optimize(TVM_TUNED, "tvm")
         runner = ctx.artifact_runner(path, seconds)
         runner.tuning_seconds = round(60 * tuning.tuning_minutes(folder), 1)
         runner.settings = {**runner.settings, "tuning_database": str(folder), "records": records,
-                           "kernels_from_database": len(record.kernels["from_database"]) if record.kernels else 0}
+                           "kernels_from_database": len(record.kernels["from_database"]) if record.kernels else 0,
+                           "shapes_dispatched": sorted(record.dispatched or [])}
         return runner
 
     return (f"tvm (tuned, {records} records)", f"graphopt fp32 on TVM with the tuning database {folder} "
