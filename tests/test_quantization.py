@@ -479,3 +479,32 @@ def test_accuracy_level_auto_is_chosen_by_timing_and_recorded(tmp_path, monkeypa
         manifest = json.loads((tmp_path / f"a{i}" / "manifest.json").read_text())
         assert manifest["quant_accuracy_level"]["level"] == forced
     assert accuracy_level.choose_accuracy_level(linear_graph("matmul")[0]) is None  # nothing to time
+
+
+def test_accuracy_level_of_a_generation_ready_decoder_weighs_its_steps(monkeypatch):
+    """With a KV cache the graph runs one prefill and many one-row steps: level 4 when one 64-row
+    prefill plus 64 one-row steps take at least 10 % less time, whatever either row count alone
+    says. The same timings give a graph without a cache the per-row-count rule."""
+    import graphopt.backends.onnxruntime as ort_backend
+    from graphopt.backends.onnxruntime import accuracy_level
+
+    plain, _, _ = quant_linear_graph(k=192, n=24)
+    cached, _, _ = quant_linear_graph(k=192, n=24)
+    cached.add_input("past_key_values.0.key", TensorType(F32, ("batch", 2, "past", 8)))
+    assert accuracy_level.generates(cached) and not accuracy_level.generates(plain)
+
+    def level_in(lowered):
+        return next(n for n in lowered.nodes if n.op_type == "MatMulNBits").attr("accuracy_level", 0)
+
+    cases = [  # level -> rows -> ms; the level for the cached graph, then for the plain one
+        ({0: {1: 1.0, 64: 10.0}, 4: {1: 0.5, 64: 12.0}}, 4, 0),  # step 2x faster, prefill 20 % slower: 44 vs 74
+        ({0: {1: 1.0, 64: 10.0}, 4: {1: 1.0, 64: 5.0}}, 0, 4),   # only the prefill faster: 69 vs 74, under 10 %
+        ({0: {1: 1.0, 64: 10.0}, 4: {1: 0.95, 64: 9.5}}, 0, 0),  # 5 % faster everywhere: not worth the error
+        ({0: {1: 1.0, 64: 10.0}, 4: {1: 0.5, 64: 5.0}}, 4, 4),
+    ]
+    for ms, for_cached, for_plain in cases:
+        monkeypatch.setattr(accuracy_level, "_CACHE", {})
+        monkeypatch.setattr(accuracy_level, "_measure", lambda *shape, ms=ms: ms)
+        assert level_in(ort_backend.lower(cached, "cpu")) == for_cached, ms
+        assert level_in(ort_backend.lower(plain, "cpu")) == for_plain, ms
+        assert "decode steps" in accuracy_level.choose_accuracy_level(cached)["rule"]
