@@ -136,9 +136,10 @@ class Generator:
         self.num_blocks = num_blocks  # paged: the pool's size (None: what each request needs)
 
     @staticmethod
-    def for_artifact(artifact, *, io_binding: bool = True) -> "Generator":
-        """A Generator over `artifact.decode_run()`: on ORT the cache stays in ORT's buffers
-        between steps (`io_binding=False`: every step's presents come out as numpy arrays)."""
+    def for_artifact(artifact, *, io_binding: bool | None = None) -> "Generator":
+        """A Generator over `artifact.decode_run()`: on ORT with a static or paged cache (or on
+        a GPU) the cache stays in ORT's buffers between steps; `io_binding` True or False forces
+        the choice (`Artifact.decode_run` says why it is made so)."""
         gen = artifact.manifest.get("generation") or {}
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))

@@ -354,6 +354,7 @@ def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch
     ref = hf_reference(model)
     check_decode(artifact.run, ref, PROMPTS[:1], 8, layers, kv, head, "static", 64)  # batch 1
     bound = artifact.decode_run()
+    assert bound != artifact.run  # a static cache is bound by default: its buffer is shared
     seen = []
 
     def run(feeds):  # the bound runner, recording which buffer each step's past and present are
@@ -931,8 +932,10 @@ def test_io_binding_keeps_the_cache_in_ort_and_gives_the_same_logits(default_art
     from graphopt.generation import Generator
 
     artifact = graphopt.load(default_artifact[0])
-    plain, bound = artifact.decode_run(io_binding=False), artifact.decode_run()
+    plain, bound = artifact.decode_run(io_binding=False), artifact.decode_run(io_binding=True)
     assert plain == artifact.run and bound != artifact.run
+    assert artifact.manifest["generation"]["kv_layout"] == "BNSH"
+    assert artifact.decode_run() == artifact.run  # a growing cache on CPU: binding would only add Python time
     gen = Generator.for_artifact(artifact)
     ids = np.array([[0] * (6 - len(p)) + p for p in PROMPTS], np.int64)
     mask = (np.arange(6)[None] >= np.array([6 - len(p) for p in PROMPTS])[:, None]).astype(np.int64)
@@ -953,7 +956,7 @@ def test_io_binding_keeps_the_cache_in_ort_and_gives_the_same_logits(default_art
         feeds_b = {"input_ids": nxt, "attention_mask": mask, **{f"past_key_values.{n[8:]}": v for n, v in b.items()
                                                                 if n.startswith("present.")}}
     assert len(buffers) == 1  # one logits buffer, allocated once for [3, 1, vocab]
-    assert artifact.generate(PROMPTS, 16, eos_token_id=-1).tokens == \
+    assert Generator.for_artifact(artifact, io_binding=True).generate(PROMPTS, 16, eos_token_id=-1).tokens == \
         Generator.for_artifact(artifact, io_binding=False).generate(PROMPTS, 16, eos_token_id=-1).tokens
 
 
