@@ -319,7 +319,7 @@ def anchor(results: dict, key: str, fn) -> None:
 def llama_decode(work: Path, args) -> dict:
     """3: a decode step on the Llama-style folder, graphopt's artifacts (BNSH, static, static
     through IO binding) against onnxruntime-genai's model builder, timed interleaved."""
-    from quantization import interleaved
+    from quantization import decode_loop_timing, interleaved
 
     import graphopt
 
@@ -372,6 +372,15 @@ def llama_decode(work: Path, args) -> dict:
             if name in timing:
                 table[key] = timing[ref]["p50_ms"] / timing[name]["p50_ms"]
                 table[f"{key}_median_round"] = timing[name]["speedup_vs_anchor_median_round"]
+    # Again as a decode loop runs them: blocks of consecutive steps on sessions with ORT's
+    # default thread spinning (quantization.decode_loop_timing).
+    loop = {name: session_decode_step(path, args.cached, args.threads) for name, path in paths.items()}
+    loop_timing = decode_loop_timing(loop, max(5, args.llama_rounds // 10), ref)
+    for name, t in loop_timing.items():
+        table[name]["decode_loop"] = t
+    if ref and "graphopt_ort_BNSH" in loop_timing:
+        table["graphopt_speedup_decode_loop_median_round"] = \
+            loop_timing["graphopt_ort_BNSH"]["speedup_vs_anchor_median_round"]
     return table
 
 

@@ -91,37 +91,55 @@ SETTLE_S = 0.05
 
 
 def interleaved(runs: dict, repeats: int, warmup: int = 2, settle_s: float = 0.0, warm_calls: int = 0,
-                anchor: str | None = None) -> dict:
-    """name -> zero-argument callable; each is timed once per round, rounds repeated, the order
-    rotated round by round (each variant takes every place in the order equally often: the one
-    right after another model finds the caches holding that model's weights, not its own).
-    `warm_calls` untimed calls just before each timed one make the timed call find its own
-    weights in the caches, as the steps of its own decode loop do (an int4 step's weights fit
-    in this machine's 32 MB L3). With `anchor`, each variant also gets the median over rounds of
-    anchor time / its time (`speedup_vs_anchor_median_round`, > 1: faster than the anchor): the
-    two timings of a round share the machine's state of that moment, so the ratio moves less
-    than a ratio of medians when the machine's speed drifts."""
+                anchor: str | None = None, block: int = 1) -> dict:
+    """name -> zero-argument callable; each is timed `block` calls in a row per round, rounds
+    repeated, the order rotated round by round (each variant takes every place in the order
+    equally often: the one right after another model finds the caches holding that model's
+    weights, not its own). `warm_calls` untimed calls just before each timed block make it find
+    its own weights in the caches, as the steps of its own decode loop do. With `anchor`, each
+    variant also gets the median over rounds of anchor time / its time (per round, the median of
+    its block; `speedup_vs_anchor_median_round`, > 1: faster than the anchor): the two timings
+    of a round share the machine's state of that moment, so the ratio moves less than a ratio
+    of medians when the machine's speed drifts."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     names = list(runs)
     times = {name: [] for name in runs}
+    per_round = {name: [] for name in runs}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = runs[name]
             time.sleep(settle_s)
             for _ in range(warm_calls):
                 fn()
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    out = {name: {"p50_ms": round(statistics.median(v) * 1e3, 3), "min_ms": round(min(v) * 1e3, 3), "runs": repeats}
-           for name, v in times.items()}
+            block_times = []
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                block_times.append(time.perf_counter() - t)
+            times[name].extend(block_times)
+            per_round[name].append(statistics.median(block_times))
+    out = {name: {"p50_ms": round(statistics.median(v) * 1e3, 3), "min_ms": round(min(v) * 1e3, 3),
+                  "runs": repeats * block} for name, v in times.items()}
     if anchor is not None:
-        for name, v in times.items():
+        for name, v in per_round.items():
             out[name]["speedup_vs_anchor_median_round"] = round(
-                statistics.median(a / t for a, t in zip(times[anchor], v)), 4)
+                statistics.median(a / t for a, t in zip(per_round[anchor], v)), 4)
     return out
+
+
+# The decode-loop timing of the Llama-style rows: blocks of this many steps in a row per model
+# and round, on sessions with ORT's default thread spinning (what a generation loop, graphopt's
+# or onnxruntime-genai's, runs), a SETTLE_S pause before each block so that the previous
+# model's workers have stopped spinning.
+LOOP_BLOCK = 16
+
+
+def decode_loop_timing(steps: dict, rounds: int, anchor: str | None) -> dict:
+    """name -> (session, step feeds) of spinning sessions: `interleaved` in blocks of LOOP_BLOCK."""
+    return interleaved({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f) in steps.items()},
+                       rounds, settle_s=SETTLE_S, warm_calls=2, anchor=anchor, block=LOOP_BLOCK)
 
 
 def initializer_bytes(path: Path) -> int:
@@ -259,7 +277,9 @@ def llama_decode_int4(work: Path, args) -> dict:
     -e cpu`, symmetric RTN), all prefilled and stepped by benchmarks/generation.py's harness
     (`session_decode_step`: the same feeds, each model's cache in its own layout), timed
     interleaved for `--llama-rounds` rounds (each timed step right after an untimed one of the
-    same model, as in its own decode loop), with the median per-round speedup over the builder;
+    same model, on sessions that do not spin), with the median per-round speedup over the builder;
+    and again as a decode loop runs them (`timing_decode_loop`: blocks of LOOP_BLOCK steps in a
+    row on sessions with ORT's default spinning, `--llama-rounds / 10` rounds);
     with each one's MatMulNBits accuracy_level, its logits' distance from graphopt's fp32
     artifact, and its node count after ORT's optimizer."""
     import onnx
@@ -283,6 +303,9 @@ def llama_decode_int4(work: Path, args) -> dict:
     builder = "genai-builder-int4" if "genai-builder-int4" in steps else None
     out["timing"] = interleaved({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f) in steps.items()},
                                 args.llama_rounds, warm_calls=1, anchor=builder)
+    loop = {name: session_decode_step(p, args.cached, args.threads) for name, p in paths.items()}
+    out["timing_decode_loop"] = decode_loop_timing(loop, max(5, args.llama_rounds // 10), builder)
+    del loop
     sess, feeds = steps["graphopt-fp32"]
     want = sess.run(["logits"], feeds)[0][:, -1].astype(np.float64)
     out["logit_error_vs_fp32"] = {n: logit_error(s.run(["logits"], f)[0][:, -1], want)
@@ -298,7 +321,8 @@ def llama_decode_int4(work: Path, args) -> dict:
             t = out["timing"]
             out[f"{name}_speedup_vs_builder"] = {
                 "p50": round(t[builder]["p50_ms"] / t[name]["p50_ms"], 3),
-                "median_round": t[name]["speedup_vs_anchor_median_round"]}
+                "median_round": t[name]["speedup_vs_anchor_median_round"],
+                "decode_loop_median_round": out["timing_decode_loop"][name]["speedup_vs_anchor_median_round"]}
     return out
 
 
@@ -428,13 +452,14 @@ def _ort_matmulnbits(packed, scales, zp, k: int, copies: int, threads: int, accu
 
 
 def _numpy_reads(nbytes: int, copies: int, threads: int):
-    """numpy summing `nbytes` (as float64) split over `threads` threads, one buffer per copy."""
+    """numpy's maximum over `nbytes` (as float64) split over `threads` threads, one buffer per
+    copy (the maximum, as ReadProbe: a sum is limited by its adds, not by the memory)."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(threads)
     per = max(nbytes // 8 // threads, 1)
     sets = [[np.ones(per) for _ in range(threads)] for _ in range(copies)]
-    return [lambda bufs=bufs: list(pool.map(np.sum, bufs)) for bufs in sets], copies
+    return [lambda bufs=bufs: list(pool.map(np.max, bufs)) for bufs in sets], copies
 
 
 def gemv_kernels(args) -> dict:
