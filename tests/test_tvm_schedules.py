@@ -225,17 +225,20 @@ def _linear_graph(k: int, n: int, seq):
     return g
 
 
-@pytest.mark.parametrize("seq", [1, 3, 4, 5, 17, 128])
-def test_weights_are_packed_once_and_read_in_place(seq):
+@pytest.mark.parametrize("seq, n", [(1, 160), (3, 160), (4, 160), (5, 160), (17, 160), (128, 160), (1, 192), (5, 192)])
+def test_weights_are_packed_once_and_read_in_place(seq, n):
     import graphopt.backends.tvm as tvm_backend
-    from graphopt.backends.tvm.lowering import PANEL, lower_graph, prepare
+    from graphopt.backends.tvm import lowering
+    from graphopt.backends.tvm.lowering import lower_graph, panel_width, prepare
     from graphopt.interpreter import run
     from graphopt.testing import assert_close
 
-    g = _linear_graph(96, 160, "seq")
+    PANEL = panel_width(n)  # 160 columns: panels of 32; 192: of 64 where vectors are 512 bits wide
+    assert PANEL == (lowering.WIDE_PANEL if n == 192 and lowering._wide_vectors() else lowering.PANEL)
+    g = _linear_graph(96, n, "seq")
     mod, params = lower_graph(prepare(g), pack_weights=True)
     (panels,) = [a for name, a in params if name.startswith("w")]  # stored packed, not twice
-    assert panels.shape == (160 // PANEL, 96, PANEL)
+    assert panels.shape == (n // PANEL, 96, PANEL)
     scheduled = optimize_module(mod, tvm.target.Target(cpu_target_spec()))
     (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]  # bias, SiLU fused
     text = kernel.script()
@@ -245,8 +248,8 @@ def test_weights_are_packed_once_and_read_in_place(seq):
     # time with nothing padded, each with one task per panel.
     tiled, rows = text.split('T.sblock("rows")')
     assert "if seq >= T.int64(4):" in tiled and "_pad" in tiled and "_pad" not in rows
-    assert _parallel_extents(kernel, {"seq": seq})[0] == 160 // PANEL
-    assert _parallel_extents(types.SimpleNamespace(script=lambda: rows), {"seq": seq})[0] == 160 // PANEL
+    assert _parallel_extents(kernel, {"seq": seq})[0] == n // PANEL
+    assert _parallel_extents(types.SimpleNamespace(script=lambda: rows), {"seq": seq})[0] == n // PANEL
     feeds = {"x": RNG.standard_normal((1, seq, 96), np.float32)}
     got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
     for name in want:

@@ -6,7 +6,8 @@ reductions (softmax, norms) only, so two rules of our own come first:
 
 - `Matmul`: a block `C[..., i, j] += A[..., i, k] * B[..., k, j]` (with fused prologue and
   epilogue ops) gets a tile of 4 rows by two vectors of columns (8 zmm accumulators with
-  AVX-512) with the reduction outside the tile. The parallel loop runs over column panels;
+  AVX-512; a pre-packed weight's panel, 4 vectors where it divides N on AVX-512, sets the
+  width instead: 16 accumulators) with the reduction outside the tile. The parallel loop runs over column panels;
   inside it, B's panel (K x width) is copied once into contiguous memory and every row tile
   of A streams past it. A row or column count the tile does not divide (a symbolic `seq`)
   is padded with `pad_einsum`, so the multiply-add loop carries no bounds check. One row (a
