@@ -50,6 +50,30 @@ LLAMA512 = dict(vocab_size=8192, max_seq_len=512, dim=512, num_layers=8, num_hea
                 mlp_hidden=1408)
 
 
+def interleaved_ratio(a, b, rounds: int, block: int = 3, settle_s: float = 0.05) -> dict:
+    """b's time over a's, per round: a block of `block` calls of each (after one untimed call,
+    a `settle_s` pause before each block, the order alternating round by round), the ratio of
+    the blocks' medians; the median and quartiles over `rounds`. Both runtimes meet the same
+    minute of the machine, so a slow spell (this machine's speed moves from minute to minute)
+    moves both sides of a ratio, not one."""
+    ratios = []
+    for r in range(rounds):
+        medians = {}
+        for name, fn in ((("a", a), ("b", b)) if r % 2 == 0 else (("b", b), ("a", a))):
+            time.sleep(settle_s)
+            fn()
+            times = []
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            medians[name] = statistics.median(times)
+        ratios.append(medians["b"] / medians["a"])
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": round(statistics.median(ratios), 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
+            "rounds": rounds, "block": block}
+
+
 def cpu_over_wall(fn, runs: int) -> float:
     """Process CPU time over wall time across `runs` calls (2.0: both cores busy throughout)."""
     cpu, wall = time.process_time(), time.perf_counter()
@@ -91,7 +115,7 @@ def workload_feeds(spec, names, batch: int, past: int, seq: int) -> dict[str, np
     return {n: feeds[n] for n in names}
 
 
-def bench_model(model: str, label: str, workloads, threads: int, work: Path) -> dict:
+def bench_model(model: str, label: str, workloads, threads: int, work: Path, rounds: int = 15) -> dict:
     import graphopt
     from graphopt.generation import CacheSpec
 
@@ -115,13 +139,15 @@ def bench_model(model: str, label: str, workloads, threads: int, work: Path) -> 
         tvm_ms = median_ms(lambda: tvm.run(feeds))
         ort_busy = cpu_over_wall(lambda: ort.run(feeds), max(5, int(500 / max(ort_ms, 0.01))))
         busy = cpu_over_wall(lambda: tvm.run(feeds), max(5, int(500 / max(tvm_ms, 0.01))))
+        inter = interleaved_ratio(lambda: ort.run(feeds), lambda: tvm.run(feeds), rounds)
         rows.append({"workload": kind, "batch": batch, "past": past, "seq": seq, "ort_ms": round(ort_ms, 3),
                      "tvm_ms": round(tvm_ms, 3), "tvm_over_ort": round(tvm_ms / ort_ms, 2),
+                     "tvm_over_ort_interleaved": inter,
                      "tvm_cpu_over_wall": round(busy, 2), "ort_cpu_over_wall": round(ort_busy, 2),
                      "max_abs_diff": err})
         what = f"{kind} {batch}x{seq}" + (f" after {past}" if past else "")
         print(f"{label:>18} {what:>22}   ort {ort_ms:9.2f} ms   tvm {tvm_ms:9.2f} ms   "
-              f"tvm/ort {tvm_ms / ort_ms:6.2f}x   cpu/wall ort {ort_busy:4.2f} tvm {busy:4.2f}   max|diff| {err:.1e}",
+              f"tvm/ort {tvm_ms / ort_ms:6.2f}x (interleaved {inter['median']:.2f}x, q1-q3 {inter['q1']:.2f}-{inter['q3']:.2f})   cpu/wall ort {ort_busy:4.2f} tvm {busy:4.2f}   max|diff| {err:.1e}",
               flush=True)
     return {"model": label, "tvm_compile_seconds": tvm_result.manifest["compile_seconds"],
             "build_seconds_both": round(build_s, 1), "rows": rows}
@@ -143,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="1x128,4x128", help="batch x prompt tokens, comma-separated ('' for none)")
     ap.add_argument("--decode", default="1x128", help="batch x cached tokens of a one-token step ('' for none)")
+    ap.add_argument("--rounds", type=int, default=15,
+                    help="interleaved rounds per workload (ORT and TVM alternating, the ratio per round)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tvm_cpu.json"))
     args = ap.parse_args(argv)
 
@@ -157,7 +185,7 @@ def main(argv=None) -> int:
                  "llama512": lambda: str(llama512_checkpoint(work / "llama512" / "checkpoint"))}.get(name, name)
         model = model() if callable(model) else model
         label = name if name == "llama512" else _display(model)
-        results.append(bench_model(model, label, workloads, args.threads, work / name.replace("/", "_")))
+        results.append(bench_model(model, label, workloads, args.threads, work / name.replace("/", "_"), args.rounds))
     import onnxruntime
     import tvm as tvm_module
 
