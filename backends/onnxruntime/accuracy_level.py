@@ -15,10 +15,10 @@ decoder (past_key_values.* inputs) is judged instead by what it runs: one 64-row
 GENERATION_STEPS one-row steps, level 4 when that total is at least MARGIN lower. Judged row
 count by row count, the Llama-style model of issue 13 flipped between runs: level 4 made its
 step 2.1x faster and its 64-row prefill 1.2x slower one run (so level 0) and within 10 % the
-next (so level 4), and its int4 step ran at either 1.0x or 0.6x the model builder's. Each time is the minimum
-of REPEATS interleaved runs: load from other processes only ever adds time, and with a median of
-five on a loaded 2-core machine the rule chose level 0 for GPT-2's block-32 layers, whose step
-level 4 makes about 2x faster. The totals go to the manifest (`quant_accuracy_level`).
+next (so level 4), and its int4 step ran at either 1.0x or about 0.7x the model builder's.
+Each time is the minimum of REPEATS interleaved runs: load from other processes only ever adds
+time, and with a median of five on a loaded 2-core machine the rule chose level 0 for GPT-2's
+block-32 layers, whose step level 4 makes about 2x faster. The totals go to the manifest (`quant_accuracy_level`).
 Timings are cached per process and shape (the accuracy guard lowers many mixes of one model).
 """
 from __future__ import annotations

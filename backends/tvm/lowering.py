@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from graphopt.backends.tvm.build import cpu_target_spec
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.ir import Graph, Node, Value
@@ -63,13 +64,13 @@ def _wide_vectors() -> bool:
         import tvm
         from tvm.target.codegen import llvm_get_vector_width
 
-        from graphopt.backends.tvm.build import cpu_target_spec
-
         try:
             _WIDE.append(llvm_get_vector_width(tvm.target.Target(cpu_target_spec())) >= 512)
         except Exception:  # noqa: BLE001  (no LLVM answer: the narrow panels work everywhere)
             _WIDE.append(False)
     return _WIDE[0]
+
+
 # Constant folding up to 16M elements: a weight's transpose (a tied lm_head) is then
 # computed once, here, and stored with the weights instead of on every call.
 PRE_LOWERING_PIPELINE = "simplify-shapes,fold-constants{max-size=16777216},eliminate-dead-code"
