@@ -39,3 +39,28 @@ def test_step_bytes_read_counts_gathered_rows_tied_tables_and_the_cache(tmp_path
     # wte in full (the head reads it), one 8-float row of wpe, w, the Reshape's shape (2 int64)
     assert r["weights"] == 100 * 8 * 4 + 8 * 4 + 8 * 8 * 4 + 2 * 8
     assert r["cache"] == 2 * past.nbytes and r["total"] == r["weights"] + r["cache"]
+
+
+def test_interleaved_times_blocks_and_takes_the_ratio_of_block_medians():
+    """benchmarks/quantization.py `interleaved(block=N)`: N timed calls in a row per variant and
+    round (every one recorded), the per-round ratio taken between the blocks' medians: a 2 ms
+    step against a 4 ms anchor is 2x faster whatever one outlier call in a block does."""
+    import time
+
+    from quantization import interleaved
+
+    def busy(ms):
+        end = time.perf_counter() + ms / 1e3
+        while time.perf_counter() < end:
+            pass
+
+    calls = {"fast": 0}
+
+    def fast():
+        calls["fast"] += 1
+        busy(20 if calls["fast"] % 3 == 0 else 2)  # one slow call in each block of 3
+
+    out = interleaved({"anchor": lambda: busy(4), "fast": fast}, 4, warmup=0, block=3, anchor="anchor")
+    assert out["fast"]["runs"] == out["anchor"]["runs"] == 12
+    assert out["fast"]["speedup_vs_anchor_median_round"] > 1.6  # the block medians: 4 / 2
+    assert out["anchor"]["speedup_vs_anchor_median_round"] == 1.0

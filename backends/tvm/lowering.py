@@ -25,6 +25,7 @@ TVM rule are replaced by their decomposition first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -55,20 +56,16 @@ def panel_width(n: int) -> int | None:
     return PANEL if n % PANEL == 0 else None
 
 
-_WIDE: list[bool] = []
-
-
+@functools.cache
 def _wide_vectors() -> bool:
     """Whether the CPU target that builds are made for (this machine's) has 512-bit vectors."""
-    if not _WIDE:
-        import tvm
-        from tvm.target.codegen import llvm_get_vector_width
+    import tvm
+    from tvm.target.codegen import llvm_get_vector_width
 
-        try:
-            _WIDE.append(llvm_get_vector_width(tvm.target.Target(cpu_target_spec())) >= 512)
-        except Exception:  # noqa: BLE001  (no LLVM answer: the narrow panels work everywhere)
-            _WIDE.append(False)
-    return _WIDE[0]
+    try:
+        return llvm_get_vector_width(tvm.target.Target(cpu_target_spec())) >= 512
+    except Exception:  # noqa: BLE001  (no LLVM answer: the narrow panels work everywhere)
+        return False
 
 
 # Constant folding up to 16M elements: a weight's transpose (a tied lm_head) is then
