@@ -89,7 +89,7 @@ class Artifact:
             io_binding = gen.get("kv_layout") in ("static", "paged") or self.manifest.get("target", "cpu") != "cpu"
         if io_binding and hasattr(self._exe, "bound_runner"):
             shapes = {o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in self.outputs}
-            return self._exe.bound_runner(shapes).run
+            return self._exe.bound_runner(shapes, {i["name"]: i["shape"] for i in self.inputs}).run
         return self.run
 
     def generate(self, prompts, max_new_tokens: int = 32, **options):

@@ -136,14 +136,16 @@ class Generator:
         self.num_blocks = num_blocks  # paged: the pool's size (None: what each request needs)
 
     @staticmethod
-    def for_artifact(artifact, *, io_binding: bool | None = None) -> "Generator":
+    def for_artifact(artifact, *, io_binding: bool | None = None, num_blocks: int | None = None) -> "Generator":
         """A Generator over `artifact.decode_run()`: on ORT with a static or paged cache (or on
         a GPU) the cache stays in ORT's buffers between steps; `io_binding` True or False forces
-        the choice (`Artifact.decode_run` says why it is made so)."""
+        the choice (`Artifact.decode_run` says why it is made so). `num_blocks`: a paged
+        cache's pool size (by default what each request needs)."""
         gen = artifact.manifest.get("generation") or {}
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))
-        return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"))
+        return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"),
+                         num_blocks=num_blocks)
 
     def empty_cache(self, batch: int, num_blocks: int = 0) -> dict[str, np.ndarray]:
         """The past_key_values feeds of a prefill: every layer's cache with no position yet

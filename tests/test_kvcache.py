@@ -505,7 +505,10 @@ def test_paged_layout_in_the_reference_interpreter(fused):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_paged_layout_on_ort_matches_pytorch(arch, fused, tmp_path):
     """ORT has no CPU PagedAttention: the site is decomposed (Gather on the block table,
-    ScatterND into the pool); the Generator allocates the blocks and gives BNSH's tokens."""
+    ScatterND into the pool); the Generator allocates the blocks and gives BNSH's tokens.
+    Each present is a ScatterND of its past pool itself, so through IO binding the pool is the
+    one buffer every step reads and writes (ORT's ScatterND copies nothing when its output is
+    its input's memory)."""
     model, graph = fused(arch)
     g = rewrite(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE}}},slice-last-token-logits")
     cfg = model.config
@@ -517,6 +520,24 @@ def test_paged_layout_on_ort_matches_pytorch(arch, fused, tmp_path):
     ref = hf_reference(model)
     check_decode(artifact.run, ref, PROMPTS[:1], 8, layers, kv, head, "paged", 64)  # batch 1
     check_decode(artifact.run, ref, PROMPTS, 8, layers, kv, head, "paged", 64)  # batch 3, left padding
+    import onnx
+
+    model_proto = onnx.load(str(tmp_path / "ort" / "model.onnx"), load_external_data=False)
+    producers = {o: n for n in model_proto.graph.node for o in n.output}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            scatter = producers[f"present.{i}.{kind}"]
+            assert scatter.op_type == "ScatterND" and scatter.input[0] == f"past_key_values.{i}.{kind}"
+    bound = artifact.decode_run()
+    assert bound != artifact.run  # a paged pool is bound by default: its buffer is shared
+    seen = []
+
+    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
+        out = bound(feeds)
+        seen.append((feeds["past_key_values.0.key"].ctypes.data, out["present.0.key"].ctypes.data))
+        return out
+    check_decode(run, ref, PROMPTS, 8, layers, kv, head, "paged", 64)  # in place, batch 3
+    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])
     graphopt.optimize(rewrite(graph, "rewrite-kv-cache,slice-last-token-logits"), tmp_path / "bnsh",
                       passes="eliminate-dead-code")
     bnsh = graphopt.load(tmp_path / "bnsh")

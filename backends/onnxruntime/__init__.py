@@ -116,9 +116,10 @@ class Executable:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
-    def bound_runner(self, output_shapes: dict[str, tuple[list, np.dtype]]) -> "BoundRunner":
+    def bound_runner(self, output_shapes: dict[str, tuple[list, np.dtype]],
+                     input_shapes: dict[str, list] | None = None) -> "BoundRunner":
         """A `run` for a generation loop that keeps the cache in ORT's buffers (IO binding)."""
-        return BoundRunner(self.session, output_shapes)
+        return BoundRunner(self.session, output_shapes, input_shapes)
 
 
 class BoundRunner:
@@ -126,17 +127,24 @@ class BoundRunner:
     OrtValues ORT wrote them to and are bound, as they are, as the next step's past (feeding
     them back is then no copy out to numpy and in again); the outputs whose shape the
     signature fixes once batch and seq are known (the last-token logits; a static cache) are
-    written into a buffer allocated once per shape. A static cache's present is so the very
-    buffer fed back as the next past: GroupQueryAttention then shares it (writes the new
-    positions in place, copies nothing). An output array is valid until the next call.
+    written into a buffer allocated once per shape, and so is an output shaped as an input is
+    (the same symbols: a paged pool, whose block count only the feed says). A static cache's
+    present is so the very buffer fed back as the next past: GroupQueryAttention then shares
+    it (writes the new positions in place, copies nothing), as a paged pool's ScatterND does.
+    An output array is valid until the next call.
 
     One binding serves every call: an input fed the very object it was fed last time (a
     static cache's buffer) and an output whose buffer is unchanged stay bound, so a static
     decode step rebinds only input_ids and attention_mask."""
 
-    def __init__(self, session, output_shapes: dict[str, tuple[list, np.dtype]]):
+    def __init__(self, session, output_shapes: dict[str, tuple[list, np.dtype]],
+                 input_shapes: dict[str, list] | None = None):
         self.session = session
         self.output_shapes = output_shapes  # output name -> (signature shape (ints and symbols), dtype)
+        self._shaped_like = {}  # output name -> the input whose feed gives its symbolic shape
+        for out, (shape, _) in output_shapes.items():
+            if shape is not None and any(isinstance(d, str) for d in shape):
+                self._shaped_like[out] = next((i for i, s in (input_shapes or {}).items() if s == shape), None)
         self._buffers: dict[tuple, np.ndarray] = {}
         self._binding = session.io_binding()
         self._bound: dict[str, object] = {}  # name -> what is bound (kept alive: ORT reads its memory)
@@ -157,7 +165,12 @@ class BoundRunner:
         dims = {"batch": feeds["input_ids"].shape[0], "seq": feeds["input_ids"].shape[1]}
         buffers = {}
         for name, (shape, dtype) in self.output_shapes.items():
-            concrete = [dims.get(d, d) for d in shape]
+            like = self._shaped_like.get(name)
+            if like is not None:
+                fed = feeds[like]
+                concrete = list(fed.shape() if isinstance(fed, ort.OrtValue) else fed.shape)
+            else:
+                concrete = [dims.get(d, d) for d in shape]
             if all(isinstance(d, int) for d in concrete):
                 key = (name, *concrete)
                 if key not in self._buffers:

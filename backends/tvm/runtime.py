@@ -222,9 +222,9 @@ class Compiled:
         outs = self.vm["main"](*ins, *self.params)
         return {name: to_numpy(out) for name, out in zip(self.output_names, outs)}
 
-    def bound_runner(self, output_shapes: dict | None = None) -> "BoundRunner":
-        """`run` for a decode loop (see BoundRunner); `output_shapes` is the artifact
-        protocol's argument (ORT's runner needs it), unused here."""
+    def bound_runner(self, output_shapes: dict | None = None, input_shapes: dict | None = None) -> "BoundRunner":
+        """`run` for a decode loop (see BoundRunner); `output_shapes` and `input_shapes` are
+        the artifact protocol's arguments (ORT's runner needs them), unused here."""
         return BoundRunner(self)
 
 

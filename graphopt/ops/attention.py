@@ -261,7 +261,10 @@ def _attention_bias(b: Builder, node: Node, mask: Value | None, q_BNSH: Value, k
 def _paged_decompose(b: Builder, node: Node, mask: Value, k_BNSH: Value, v_BNSH: Value):
     """((past_k, past_v) in BNSH gathered from the pools, (present_k, present_v): the pools
     with the new positions scattered in). Core ONNX: Gather on the block table, then on the
-    pool seen as [num_blocks * block_size, kv_heads, head]; ScatterND (a copy of the pool)."""
+    pool seen as [num_blocks * block_size, kv_heads, head]; ScatterND of the new keys/values
+    at their (block, slot) pairs straight into the pool. The present is that ScatterND's own
+    output, so a runtime that is handed the past pool's buffer for it (ORT's IO binding)
+    writes the new positions in place and copies nothing; otherwise it is a copy of the pool."""
     pools, table = node.inputs[4:6], block_table_of(node)
     block_size = pools[0].type.shape[1] if pools[0].type.shape else None
     if not isinstance(block_size, int):
@@ -273,9 +276,14 @@ def _paged_decompose(b: Builder, node: Node, mask: Value, k_BNSH: Value, v_BNSH:
     pos = b.Range(b.const(np.array(0, np.int64), "attn_range_start"), b.Squeeze(valid, scalar),
                   b.const(np.array(1, np.int64), "attn_range_step"))
     blocks = b.Cast(b.Gather(table, b.Div(pos, bs), axis=1), to=DType.INT64.onnx_type)  # batch, L
-    flat = b.Add(b.Mul(blocks, bs), b.Mod(pos, bs))  # batch, L: rows of the pool seen flat
+    slots = b.Mod(pos, bs)  # L
+    flat = b.Add(b.Mul(blocks, bs), slots)  # batch, L: rows of the pool seen flat
     past_rows = b.Slice(flat, b.const(i64(0), "attn_start"), start, axis1)
-    new_rows = b.Unsqueeze(b.Slice(flat, start, valid, axis1), b.const(i64(-1), "attn_last_axis"))
+    last = b.const(i64(-1), "attn_last_axis")
+    new_blocks = b.Unsqueeze(b.Slice(blocks, start, valid, axis1), last)  # batch, new, 1
+    new_slots = b.Unsqueeze(b.Slice(slots, start, valid, scalar), last)  # new, 1: alike in every row
+    new_slots = b.Expand(new_slots, b.Shape(new_blocks))
+    new_at = b.Concat(new_blocks, new_slots, axis=-1)  # batch, new, 2: (block, slot)
     flat_shape = b.const(i64(-1, *pools[0].type.shape[2:]), "attn_pool_rows") if all(
         isinstance(d, int) for d in pools[0].type.shape[2:]) else None
     if flat_shape is None:
@@ -284,8 +292,7 @@ def _paged_decompose(b: Builder, node: Node, mask: Value, k_BNSH: Value, v_BNSH:
     for pool, new_BNSH in zip(pools, (k_BNSH, v_BNSH)):
         rows = b.Reshape(pool, flat_shape)
         pasts.append(b.Transpose(b.Gather(rows, past_rows, axis=0), perm=BNSH_FROM_BSNH))
-        written = b.ScatterND(rows, new_rows, b.Transpose(new_BNSH, perm=BNSH_FROM_BSNH))
-        presents.append(b.Reshape(written, b.Shape(pool)))
+        presents.append(b.ScatterND(pool, new_at, b.Transpose(new_BNSH, perm=BNSH_FROM_BSNH)))
     return pasts, presents
 
 
