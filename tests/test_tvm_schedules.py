@@ -343,6 +343,39 @@ def test_rms_skip_norm_is_one_kernel():
         assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
 
 
+@pytest.mark.parametrize("width,seq", [(64, 1), (64, 70), (48, 3), (48, 90)])  # both sides of SERIAL_BELOW
+def test_cpu_rms_norms_are_the_hand_written_kernel(width, seq):
+    """On a CPU (pre-packed weights) RMSNorm and an rms SkipNorm over the last axis run
+    norms.py's kernel over the input seen as rows (4 partial-sum chains at width 64, one at
+    48): no other kernel, a parallel and a serial copy, and the interpreter's values in both."""
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.testing import assert_close
+
+    g = Graph("norms")
+    b = Builder(g)
+    f32 = DType.from_numpy(np.dtype(np.float32))
+    x, skip = (g.add_input(n, TensorType(f32, ("batch", "seq", width))) for n in ("x", "skip"))
+    gamma = b.const(RNG.standard_normal(width, np.float32), "gamma")
+    y, s = b.op("SkipNorm", x, skip, gamma, domain="graphopt", n_out=2, norm="rms", epsilon=1e-6)
+    g.outputs = [b.op("RMSNorm", y, gamma, domain="graphopt", epsilon=1e-5), s]
+    mod, _ = lower_graph(prepare(g), pack_weights=True)
+    calls = _kernel_calls(relax.get_pipeline("zero")(mod))
+    assert calls["rms_norm_rows"] == 2 and "rms_norm" not in calls and not any("mean" in n for n in calls), calls
+    kernel = next(f for gv, f in mod.functions.items() if gv.name_hint.startswith("rms_norm_rows"))
+    text = kernel.script()
+    assert text.count("T.parallel(") == 1 and text.count("acc[") > 0
+    assert ("T.unroll(4)" in text) == (width % 64 == 0)
+    feeds = {"x": RNG.standard_normal((2, seq, width), np.float32), "skip": RNG.standard_normal((2, seq, width), np.float32)}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
 # --------------------------------------------------------------------------------------
 # Small elementwise kernels run on the calling thread (schedules.SERIAL_BELOW)
 

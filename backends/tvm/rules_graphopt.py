@@ -17,7 +17,7 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
-from graphopt.backends.tvm import rules_cache, schedules_attention
+from graphopt.backends.tvm import norms, rules_cache, schedules_attention
 from graphopt.backends.tvm.lowering import Lowerer, relax_op, rule, static_int
 from graphopt.registry import get_op
 
@@ -26,6 +26,20 @@ _BNSH_FROM_BSNH = [0, 2, 1, 3]
 
 def _neg_inf(dt: str):
     return relax.const(-np.inf, dt)
+
+
+def _rms_norm_last_axis(lw: Lowerer, x, gamma, eps: float):
+    """RMS normalization of `x` over its last axis, scaled by the 1-D `gamma`: on a CPU the
+    hand-written kernel (norms.py) over `x` seen as rows, elsewhere Relax's op."""
+    *lead, width = lw.shape(x)
+    if not (lw.pack_weights and norms.fits(width) and lw.dtype(x) == lw.dtype(gamma) == "float32"):
+        return lw.emit(R.nn.rms_norm(x, gamma, axes=[len(lead)], epsilon=eps))
+    rows = 1
+    for d in lead:
+        rows = lw.simplify(rows * d)
+    gv = lw.bb.add_func(norms.rms_norm_func(width, eps), "rms_norm_rows")
+    y = lw.emit(relax.call_tir(gv, [lw.view(x, [rows, width]), gamma], relax.TensorType([rows, width], "float32")))
+    return lw.view(y, [*lead, width])
 
 
 @rule("RMSNorm", domain="graphopt")
@@ -40,6 +54,8 @@ def rms_norm(lw: Lowerer, node, args):
     stash = "float64" if dt == "float64" else "float32"
     if dt == stash and lw.rank(scale) == len(axes) and all(
             lw.analyzer.can_prove_equal(a, b) for a, b in zip(lw.shape(scale), lw.shape(x)[axis:])):
+        if axis == rank - 1:
+            return [_rms_norm_last_axis(lw, x, scale, eps)]
         return [lw.emit(R.nn.rms_norm(x, scale, axes=axes, epsilon=eps))]
     xs = x if dt == stash else lw.emit(R.astype(x, stash))
     mean_square = lw.emit(R.mean(R.multiply(xs, xs), axis=axes, keepdims=True))
@@ -295,7 +311,7 @@ def skip_norm(lw: Lowerer, node, args):
             lw.analyzer.can_prove_equal(lw.shape(gamma)[0], lw.shape(s)[axis]):
         # One kernel (Relax's rms_norm), where the steps below are two: x * x is not fused
         # into the mean that reads it.
-        y = lw.emit(R.nn.rms_norm(s, gamma, axes=[axis], epsilon=eps))
+        y = _rms_norm_last_axis(lw, s, gamma, eps)
         return [lw.emit(R.add(y, beta)) if beta is not None else y, s][:len(node.outputs)]
     if node.attr("norm", "layer") == "layer":
         width = lw.shape(s)[axis]
