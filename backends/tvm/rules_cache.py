@@ -110,7 +110,7 @@ def cache_attention(lw: Lowerer, node, args, attend):
             return lw.emit(R.permute_dims(t, _BSNH_FROM_BNSH))
         if not isinstance(dims[2], int) or not nkv or dims[2] % nkv:
             raise lw.error(f"hidden size {dims[2]} is not a static multiple of {nkv} key/value heads")
-        return lw.emit(R.reshape(t, [dims[0], dims[1], nkv, dims[2] // nkv]))
+        return lw.view(t, [dims[0], dims[1], nkv, dims[2] // nkv])
 
     presents, pasts = [], []
     rows = None
@@ -138,7 +138,7 @@ def cache_attention(lw: Lowerer, node, args, attend):
                                                  axis=1, mode="clip"), "int64"))
                 rows = lw.emit(R.add(R.multiply(blocks, relax.const(block_size, "int64")),
                                      R.floor_mod(pos, relax.const(block_size, "int64"))))
-            flat = lw.emit(R.reshape(present, [lw.simplify(num_blocks * block_size), heads, head]))
+            flat = lw.view(present, [lw.simplify(num_blocks * block_size), heads, head])
             past_bsnh = lw.emit(R.take(flat, rows, axis=0, mode="clip"))  # batch, past_len, heads, head
             pasts.append(lw.emit(R.permute_dims(past_bsnh, _BSNH_FROM_BNSH)))
         presents.append(present)

@@ -79,7 +79,7 @@ def rotary_embedding(lw: Lowerer, node, args):
         if not isinstance(dims[2], int):
             raise lw.error("the hidden size must be static")
         head, head_axis = dims[2] // num_heads, 2
-        xh = lw.emit(R.reshape(x, [dims[0], dims[1], num_heads, head]))
+        xh = lw.view(x, [dims[0], dims[1], num_heads, head])
     rot = node.attr("rotary_embedding_dim", 0) or head
     if not isinstance(rot, int) or rot % 2 or rot > head:
         raise lw.error(f"rotary_embedding_dim {rot} must be even and at most the head size {head}")
@@ -110,7 +110,7 @@ def rotary_embedding(lw: Lowerer, node, args):
         rotated = lw.emit(R.concat([rotated, part(rot, head)], axis=3))
     if four_d:
         return [rotated]
-    return [lw.emit(R.reshape(rotated, dims))]
+    return [lw.view(rotated, dims)]
 
 
 @rule("Attention", domain="graphopt")
@@ -134,7 +134,7 @@ def attention(lw: Lowerer, node, args):
             b, s, hidden = lw.shape(t)
             if not isinstance(hidden, int) or hidden % heads:
                 raise lw.error(f"hidden size {hidden} is not a static multiple of {heads} heads")
-            return lw.emit(R.reshape(t, [b, s, heads, hidden // heads]))
+            return lw.view(t, [b, s, heads, hidden // heads])
         q_bsnh, k_bsnh, v_bsnh = to_bsnh(q, nq), to_bsnh(k, nkv), to_bsnh(v, nkv)
         head = lw.shape(q_bsnh)[3]
         appended = None
@@ -173,7 +173,7 @@ def attention(lw: Lowerer, node, args):
     if y is not None:  # CPU: one kernel from the scores to P.V (schedules_attention.py)
         if three_d:
             b, s, n, h = lw.shape(y)
-            y = lw.emit(R.reshape(y, [b, s, lw.simplify(n * h)]))
+            y = lw.view(y, [b, s, lw.simplify(n * h)])
         else:
             y = lw.emit(R.permute_dims(y, _BNSH_FROM_BSNH))
         return [y, *present][:len(node.outputs)]
