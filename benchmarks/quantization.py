@@ -137,9 +137,10 @@ LOOP_BLOCK = 16
 
 
 def decode_loop_timing(steps: dict, rounds: int, anchor: str | None) -> dict:
-    """name -> (session, step feeds) of spinning sessions: `interleaved` in blocks of LOOP_BLOCK."""
-    return interleaved({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f) in steps.items()},
-                       rounds, settle_s=SETTLE_S, warm_calls=2, anchor=anchor, block=LOOP_BLOCK)
+    """name -> (session, step feeds) of a spinning session, or a step callable that runs on
+    one: `interleaved` in blocks of LOOP_BLOCK."""
+    calls = {n: step if callable(step) else (lambda s=step[0], f=step[1]: s.run(None, f)) for n, step in steps.items()}
+    return interleaved(calls, rounds, settle_s=SETTLE_S, warm_calls=2, anchor=anchor, block=LOOP_BLOCK)
 
 
 def initializer_bytes(path: Path) -> int:
