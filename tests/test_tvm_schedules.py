@@ -376,6 +376,36 @@ def test_cpu_rms_norms_are_the_hand_written_kernel(width, seq):
         assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
 
 
+@pytest.mark.parametrize("n,seq", [(96, 1), (96, 7), (96, 130), (40, 7)])
+def test_cpu_silu_gated_linear_is_one_kernel_over_paired_panels(n, seq):
+    """GatedLinear (SiLU, constant weights, no bias) on a CPU: one kernel over panels that
+    each hold half a panel of gate columns and the same up columns (N=96); where N does not
+    split so (N=40) the matmul and the SiLU gate as before. The interpreter's values either way,
+    at one row and at many."""
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.backends.tvm.lowering import lower_graph, prepare
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.interpreter import run
+    from graphopt.ir import Graph, TensorType
+    from graphopt.testing import assert_close
+
+    g = Graph("gated")
+    b = Builder(g)
+    f32 = DType.from_numpy(np.dtype(np.float32))
+    x = g.add_input("x", TensorType(f32, ("batch", "seq", 64)))
+    w_gate, w_up = (b.const(RNG.standard_normal((64, n), np.float32) / 8, name) for name in ("w_gate", "w_up"))
+    g.outputs = [b.op("GatedLinear", x, w_gate, w_up, domain="graphopt", activation="silu")]
+    mod, _ = lower_graph(prepare(g), pack_weights=True)
+    calls = _kernel_calls(relax.get_pipeline("zero")(mod))
+    paired = n % 32 == 0
+    assert (calls == {"matmul_panels_silu_gate": 1}) == paired, calls
+    feeds = {"x": RNG.standard_normal((2, seq, 64), np.float32)}
+    got, want = tvm_backend.compile_graph(g).run(feeds), run(g, feeds)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=name)
+
+
 # --------------------------------------------------------------------------------------
 # Small elementwise kernels run on the calling thread (schedules.SERIAL_BELOW)
 

@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover
     relax = R = None
 
 from graphopt.backends.tvm import norms, rules_cache, schedules_attention
-from graphopt.backends.tvm.lowering import Lowerer, relax_op, rule, static_int
+from graphopt.backends.tvm.lowering import Lowerer, panel_width, relax_op, rule, static_int
 from graphopt.registry import get_op
 
 _BNSH_FROM_BSNH = [0, 2, 1, 3]
@@ -271,10 +271,55 @@ def linear(lw: Lowerer, node, args):
     return [_activate(lw, y, _attr(node, "activation"))]
 
 
+def _gated_panels(lw: Lowerer, node, x):
+    """CPU, constant weights, SiLU, no biases: silu(x @ W_gate) * (x @ W_up) as one kernel. The
+    two weights are stored as one, each panel holding half a panel of gate columns then the same
+    up columns, so a panel's product is its own output columns: the SiLU gate runs in the
+    matmul's kernel, after its panels (schedules.Matmul leaves an epilogue that reads the
+    product twice to loops of its own; TVM 0.27's reverse_compute_at refuses to place it at the
+    tile: "TensorRegion pattern match failed" on the up half's `c + half`), not as a kernel
+    launch of its own that slices a [rows, 2N] product. None where this does not apply (the
+    caller emits the matmul and the product)."""
+    from tvm import te
+
+    gate_w, up_w = (lw.const_array(v) for v in node.inputs[1:3])
+    if (not lw.pack_weights or gate_w is None or up_w is None or any(v is not None for v in node.inputs[3:])
+            or _attr(node, "activation") != "silu" or lw.dtype(x) != "float32"
+            or gate_w.dtype != np.float32 or up_w.dtype != np.float32 or gate_w.shape != up_w.shape
+            or gate_w.ndim != 2 or static_int(lw.shape(x)[-1]) != gate_w.shape[0]):
+        return None
+    k_dim, n = gate_w.shape
+    p = panel_width(2 * n)
+    if p is None or n % (p // 2):
+        return None
+    half = p // 2
+
+    def interleave(g):  # [K, N] gate, up -> [N / half, K, p] panels: half gate columns, then up
+        gp = g.reshape(k_dim, n // half, half).transpose(1, 0, 2)
+        up = up_w.reshape(k_dim, n // half, half).transpose(1, 0, 2)
+        return np.concatenate([gp, up], axis=2)
+    panels = lw.tensor(lw.weight(node.inputs[1], f"gated_panels{p}:{node.inputs[2].name}", interleave))
+
+    def gated(x, wp):
+        k = te.reduce_axis((0, k_dim), "k")
+        lead = x.shape[:-1]
+        y = te.compute((*lead, n // half, p), lambda *i: te.sum(x(*i[:-2], k) * wp(i[-2], k, i[-1]), axis=k),
+                       name="matmul_panels")
+
+        def out(*i):
+            g = y(*i[:-1], i[-1] // half, i[-1] % half)
+            return g / (1 + schedules_attention.fast_exp(-g)) * y(*i[:-1], i[-1] // half, i[-1] % half + half)
+        return te.compute((*lead, n), out, name="silu_gate")
+    return lw.bb.emit_te(gated, x, panels, primfunc_name_hint="matmul_panels_silu_gate")
+
+
 @rule("GatedLinear", domain="graphopt")
 def gated_linear(lw: Lowerer, node, args):
     x, w_gate, w_up = (lw.tensor(a) for a in args[:3])
     b_gate, b_up = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None, None])[:2]
+    fused = _gated_panels(lw, node, x)
+    if fused is not None:
+        return [fused]
     n = lw.shape(w_gate)[1]
     # One matmul over both weights side by side (stored so when they are constants).
     w = y = None
