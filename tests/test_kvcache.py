@@ -337,6 +337,22 @@ def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path, layout):
 
 
 @pytest.mark.slow
+def check_decode_in_place(artifact, ref, layers: int, kv: int, head: int, layout: str) -> None:
+    """`check_decode` at batch 3 (left padding) through the artifact's default decode runner,
+    which for a static or paged cache is IO-bound: every step's present must be the very
+    buffer fed as its past (one buffer for the whole generation, written in place)."""
+    bound = artifact.decode_run()
+    assert bound != artifact.run  # a shared buffer is bound by default
+    seen = []
+
+    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
+        out = bound(feeds)
+        seen.append((feeds["past_key_values.0.key"].ctypes.data, out["present.0.key"].ctypes.data))
+        return out
+    check_decode(run, ref, PROMPTS, 8, layers, kv, head, layout, 64)
+    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch, fused, tmp_path):
     """layout=static: one [batch, kv_heads, 64, head] buffer per cache, GroupQueryAttention
@@ -353,16 +369,7 @@ def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch
     assert artifact.manifest["lowering"]["kernels"]["com.microsoft.GroupQueryAttention"] == layers
     ref = hf_reference(model)
     check_decode(artifact.run, ref, PROMPTS[:1], 8, layers, kv, head, "static", 64)  # batch 1
-    bound = artifact.decode_run()
-    assert bound != artifact.run  # a static cache is bound by default: its buffer is shared
-    seen = []
-
-    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
-        out = bound(feeds)
-        seen.append((feeds["past_key_values.0.key"].ctypes.data, out["present.0.key"].ctypes.data))
-        return out
-    check_decode(run, ref, PROMPTS, 8, layers, kv, head, "static", 64)  # batch 3, left padding
-    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])  # in place
+    check_decode_in_place(artifact, ref, layers, kv, head, "static")  # batch 3, left padding
     graphopt.optimize(rewrite(graph, "rewrite-kv-cache,slice-last-token-logits"), tmp_path / "bnsh",
                       passes="eliminate-dead-code")
     bnsh = graphopt.load(tmp_path / "bnsh")
@@ -528,16 +535,7 @@ def test_paged_layout_on_ort_matches_pytorch(arch, fused, tmp_path):
         for kind in ("key", "value"):
             scatter = producers[f"present.{i}.{kind}"]
             assert scatter.op_type == "ScatterND" and scatter.input[0] == f"past_key_values.{i}.{kind}"
-    bound = artifact.decode_run()
-    assert bound != artifact.run  # a paged pool is bound by default: its buffer is shared
-    seen = []
-
-    def run(feeds):  # the bound runner, recording which buffer each step's past and present are
-        out = bound(feeds)
-        seen.append((feeds["past_key_values.0.key"].ctypes.data, out["present.0.key"].ctypes.data))
-        return out
-    check_decode(run, ref, PROMPTS, 8, layers, kv, head, "paged", 64)  # in place, batch 3
-    assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])
+    check_decode_in_place(artifact, ref, layers, kv, head, "paged")
     graphopt.optimize(rewrite(graph, "rewrite-kv-cache,slice-last-token-logits"), tmp_path / "bnsh",
                       passes="eliminate-dead-code")
     bnsh = graphopt.load(tmp_path / "bnsh")
