@@ -5,6 +5,7 @@ whole VM call. The difference is the VM's own work (shape arithmetic, allocation
     python benchmarks/tvm_kernels.py [MODEL] [--shapes 1x1,1x128] [--runs 20]
     python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128     # with the KV cache
     python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0,1x1+128 --ort   # and ORT per op class
+    python benchmarks/tvm_kernels.py [MODEL] --shapes 1x128+0 --in-flow --ort  # kernels timed in the flow too
     python benchmarks/tvm_kernels.py [MODEL] --launches
     python benchmarks/tvm_kernels.py --vm-floor
 
@@ -108,6 +109,33 @@ def breakdown(mod, target, dims: dict, runs: int) -> tuple[dict, int]:
         rows[key][0] += cpu_ms(lambda: loop(*arrays, *extra), 1) / runs
         rows[key][1] += 1
     return rows, skipped
+
+
+def in_flow(vm, args: list, runs: int) -> tuple[dict, int]:
+    """{kernel name: [CPU ms, calls]} per forward as the VM runs them, one after the other in
+    one call (each kernel's caches as the kernels before it left them), timed by the VM's
+    instrument hook around every call it makes (the VM's own builtins not counted), and how
+    many calls that was. Each timed call also carries ~1 us of the hook's Python."""
+    rows, state = collections.defaultdict(lambda: [0.0, 0]), {}
+
+    def hook(_func, name, before, _ret, *_args):
+        name = str(name)
+        if name.startswith("vm.builtin") or name.startswith("relax."):
+            return 0
+        if before:
+            state["t"] = time.thread_time()
+        else:
+            row = rows[re.sub(r"\d+$", "", name)]
+            row[0] += time.thread_time() - state["t"]
+            row[1] += 1
+        return 0
+
+    vm["main"](*args)
+    vm.set_instrument(hook)
+    for _ in range(runs):
+        vm["main"](*args)
+    vm.set_instrument(lambda *_: 0)
+    return {k: [t / runs * 1e3, n // runs] for k, (t, n) in rows.items()}, 0
 
 
 def launches(mod, target) -> collections.Counter:
@@ -278,6 +306,8 @@ def main(argv=None) -> int:
                     help="same as MODEL; with --decode also 'gpt2' (GPT-2 small, random weights) or 'gpt2-tiny'")
     ap.add_argument("--ort", action="store_true", help="also ONNX Runtime's time per op class (its profiler)")
     ap.add_argument("--vm-floor", action="store_true", help="time the VM's own cost per launch and per view")
+    ap.add_argument("--in-flow", action="store_true",
+                    help="also time every kernel as the VM calls it within a forward (cold caches as in use)")
     args = ap.parse_args(argv)
     model = args.model_option or args.model
     if args.vm_floor:
@@ -333,6 +363,10 @@ def main(argv=None) -> int:
         feeds = [tvm.runtime.tensor(_feed(v, dims), device=dev) for v in graph.inputs]
         whole = cpu_ms(lambda: vm["main"](*feeds, *weights), args.runs)
         print_table(f"== {shape}: CPU ms per forward, 1 thread", rows, skipped, whole)
+        if args.in_flow:
+            rows, _ = in_flow(vm, [*feeds, *weights], args.runs)
+            print_table(f"-- {shape}: the same kernels timed in the flow (the VM's hook around each call)",
+                        rows, 0, whole)
         if args.ort:
             print_ort_classes(ort_model, {v.name: _feed(v, dims) for v in graph.inputs}, args.runs, Path(tmp.name))
     tmp.cleanup()
