@@ -465,3 +465,27 @@ def test_small_norms_choose_serial_at_run_time(seq):
     (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
     text = kernel.script()
     assert text.count("T.parallel(") == 1 and " >= T.int64(" in text  # a parallel and a serial copy
+
+
+def test_in_flow_breakdown_times_each_kernel_the_vm_calls():
+    """benchmarks/tvm_kernels.py --in-flow: every kernel of a forward, by name without its
+    number, with its calls per forward; the VM's own builtins (allocations, shapes) left out."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tvm_kernels import in_flow
+
+    x = relax.Var("x", relax.TensorType([64, 700], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.multiply(relax.op.sigmoid(x), x))  # one fused kernel
+            out = bb.emit_output(bb.emit(relax.op.nn.softmax(y, axis=-1)))  # and a reduction
+        bb.emit_func_output(out)
+    target = tvm.target.Target(cpu_target_spec())
+    vm = relax.VirtualMachine(tvm.compile(optimize_module(bb.get(), target), target=target), tvm.cpu())
+    rows, _ = in_flow(vm, [tvm.runtime.tensor(RNG.standard_normal((64, 700)).astype(np.float32))], runs=3)
+    assert sum(calls for _, calls in rows.values()) == 2, rows
+    assert not any(name.startswith(("vm.", "relax.")) for name in rows), rows
+    assert all(ms > 0 for ms, _ in rows.values()), rows
