@@ -286,7 +286,8 @@ def llama_decode_int4(work: Path, args) -> dict:
     import onnx
 
     import graphopt
-    from generation import genai_builder_model, llama_folder, ort_optimized_ops, session_decode_step
+    from generation import (bound_static_decode_step, genai_builder_model, llama_folder, ort_optimized_ops,
+                            session_decode_step, shared_buffer_decode_step)
 
     folder = llama_folder(work, args.tiny)
     paths = {"graphopt-fp32": work / "llama-fp32" / "model.onnx", "graphopt-int4": work / "llama-int4" / "model.onnx",
@@ -305,6 +306,20 @@ def llama_decode_int4(work: Path, args) -> dict:
     out["timing"] = interleaved({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f) in steps.items()},
                                 args.llama_rounds, warm_calls=1, anchor=builder)
     loop = {name: session_decode_step(p, args.cached, args.threads) for name, p in paths.items()}
+    # and the same int4 artifact with a static cache, stepped as graphopt's Generator steps it
+    # (IO binding: one buffer per cache, written in place; no past -> present copy)
+    static = work / "llama-int4-static"
+    graphopt.optimize(graphopt.optimize(folder, work / "llama-fp32-static", kv_layout="static").graph, static,
+                      passes="quantize-weights{bits=4,block-size=32}")
+    static_artifact = graphopt.load(static, threads=args.threads)
+    loop["graphopt-int4-static-io-binding"] = bound_static_decode_step(static_artifact, args.cached)
+    if builder:  # and the builder's model as onnxruntime-genai runs it: its caches shared in place too
+        step, logits = shared_buffer_decode_step(paths[builder], args.cached, args.threads,
+                                                 static_artifact.manifest["generation"]["max_positions"])
+        loop["genai-builder-int4-shared-buffer"] = step
+        s_, f_ = steps[builder]
+        out["builder_shared_buffer_logits_max_abs_diff_vs_growing"] = float(
+            np.abs(logits()[:, -1] - s_.run(["logits"], f_)[0][:, -1]).max())
     out["timing_decode_loop"] = decode_loop_timing(loop, max(5, args.llama_rounds // 10), builder)
     del loop
     sess, feeds = steps["graphopt-fp32"]
@@ -324,6 +339,12 @@ def llama_decode_int4(work: Path, args) -> dict:
                 "p50": round(t[builder]["p50_ms"] / t[name]["p50_ms"], 3),
                 "median_round": t[name]["speedup_vs_anchor_median_round"],
                 "decode_loop_median_round": out["timing_decode_loop"][name]["speedup_vs_anchor_median_round"]}
+        t = out["timing_decode_loop"]
+        out["graphopt-int4-static-io-binding_speedup_vs_builder"] = {
+            "decode_loop_median_round": t["graphopt-int4-static-io-binding"]["speedup_vs_anchor_median_round"],
+            "decode_loop_median_round_vs_builder_shared_buffer": round(
+                t["graphopt-int4-static-io-binding"]["speedup_vs_anchor_median_round"]
+                / t["genai-builder-int4-shared-buffer"]["speedup_vs_anchor_median_round"], 3)}
     return out
 
 
