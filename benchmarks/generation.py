@@ -269,7 +269,7 @@ def shared_buffer_decode_step(path: Path, cached: int, threads: int, max_positio
             binding.bind_output(i.name.replace("past_key_values", "present"), "cpu", 0, np.float32,
                                 list(buf.shape), buf.ctypes.data)
 
-    def run(ids, mask):  # the arrays stay alive in the caller: the binding reads their memory
+    def run(ids, mask, _caches=buffers):  # the binding reads these arrays' memory: all kept alive
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         sess.run_with_iobinding(binding)

@@ -111,11 +111,11 @@ def breakdown(mod, target, dims: dict, runs: int) -> tuple[dict, int]:
     return rows, skipped
 
 
-def in_flow(vm, args: list, runs: int) -> tuple[dict, int]:
+def in_flow(vm, args: list, runs: int) -> dict:
     """{kernel name: [CPU ms, calls]} per forward as the VM runs them, one after the other in
     one call (each kernel's caches as the kernels before it left them), timed by the VM's
-    instrument hook around every call it makes (the VM's own builtins not counted), and how
-    many calls that was. Each timed call also carries ~1 us of the hook's Python."""
+    instrument hook around every call it makes (the VM's own builtins not counted). Each timed
+    call also carries ~1 us of the hook's Python."""
     rows, state = collections.defaultdict(lambda: [0.0, 0]), {}
 
     def hook(_func, name, before, _ret, *_args):
@@ -135,7 +135,7 @@ def in_flow(vm, args: list, runs: int) -> tuple[dict, int]:
     for _ in range(runs):
         vm["main"](*args)
     vm.set_instrument(lambda *_: 0)
-    return {k: [t / runs * 1e3, n // runs] for k, (t, n) in rows.items()}, 0
+    return {k: [t / runs * 1e3, n // runs] for k, (t, n) in rows.items()}
 
 
 def launches(mod, target) -> collections.Counter:
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         whole = cpu_ms(lambda: vm["main"](*feeds, *weights), args.runs)
         print_table(f"== {shape}: CPU ms per forward, 1 thread", rows, skipped, whole)
         if args.in_flow:
-            rows, _ = in_flow(vm, [*feeds, *weights], args.runs)
+            rows = in_flow(vm, [*feeds, *weights], args.runs)
             print_table(f"-- {shape}: the same kernels timed in the flow (the VM's hook around each call)",
                         rows, 0, whole)
         if args.ort:

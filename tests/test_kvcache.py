@@ -595,7 +595,8 @@ def test_paged_generator_allocates_blocks_and_runs_out_clearly(fused, tmp_path):
     assert [t.shape for t in seen] == [(3, 3)] * 5
     assert len(set(seen[-1].ravel())) == 9  # every row its own blocks
     assert not seen[2][:, 2].any() and seen[3][:, 2].all()  # a row's third block comes with its 9th position
-    gen.num_blocks = 8
+    gen = Generator.for_artifact(artifact, num_blocks=8)
+    gen.run = run
     with pytest.raises(UserError, match="out of blocks: 8 blocks of 4 positions cannot hold 3 rows of 9"):
         gen.generate(PROMPTS, 5, eos_token_id=-1)
     with pytest.raises(UserError, match="needs 17 positions; the model has 16"):

@@ -143,10 +143,10 @@ class BoundRunner:
                  input_shapes: dict[str, list] | None = None):
         self.session = session
         self.output_shapes = output_shapes  # output name -> (signature shape (ints and symbols), dtype)
-        self._shaped_like = {}  # output name -> the input whose feed gives its symbolic shape
-        for out, (shape, _) in output_shapes.items():
-            if shape is not None and any(isinstance(d, str) for d in shape):
-                self._shaped_like[out] = next((i for i, s in (input_shapes or {}).items() if s == shape), None)
+        # output name -> the input whose feed gives its symbolic shape (a paged pool's)
+        self._shaped_like = {out: name for out, (shape, _) in output_shapes.items()
+                             if shape is not None and any(isinstance(d, str) for d in shape)
+                             for name, s in (input_shapes or {}).items() if s == shape}
         self._buffers: dict[tuple, np.ndarray] = {}  # (output, *shape) -> its buffer
         self._plans: dict[tuple, tuple[dict, list]] = {}  # feeds' shapes -> (output buffers, ORT-allocated outputs)
         self._current = None  # the plan whose buffers are bound
@@ -189,9 +189,8 @@ class BoundRunner:
         dims = {"batch": ids.shape[0], "seq": ids.shape[1]}
         like = {}
         for name, source in self._shaped_like.items():
-            if source is not None:
-                fed = feeds[source]
-                like[name] = tuple(fed.shape() if isinstance(fed, ort.OrtValue) else fed.shape)
+            fed = feeds[source]
+            like[name] = tuple(fed.shape() if isinstance(fed, ort.OrtValue) else fed.shape)
         key = (dims["batch"], dims["seq"], tuple(sorted(like.items())))
         plan = self._plans.get(key)
         if plan is None:

@@ -166,6 +166,13 @@ class Lowerer:
     def simplify(self, x):
         return x if isinstance(x, (int, np.integer)) else self.analyzer.simplify(x)
 
+    def rows(self, lead: list):
+        """The product of leading dims (ints or TIR expressions): a tensor's rows seen 2-D."""
+        rows = 1
+        for d in lead:
+            rows = self.simplify(rows * d)
+        return rows
+
     def known(self, arg) -> Known | None:
         return arg if isinstance(arg, Known) else None
 

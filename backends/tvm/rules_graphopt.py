@@ -34,9 +34,7 @@ def _rms_norm_last_axis(lw: Lowerer, x, gamma, eps: float):
     *lead, width = lw.shape(x)
     if not (lw.pack_weights and norms.fits(width) and lw.dtype(x) == lw.dtype(gamma) == "float32"):
         return lw.emit(R.nn.rms_norm(x, gamma, axes=[len(lead)], epsilon=eps))
-    rows = 1
-    for d in lead:
-        rows = lw.simplify(rows * d)
+    rows = lw.rows(lead)
     gv = lw.bb.add_func(norms.rms_norm_func(width, eps), "rms_norm_rows")
     y = lw.emit(relax.call_tir(gv, [lw.view(x, [rows, width]), gamma], relax.TensorType([rows, width], "float32")))
     return lw.view(y, [*lead, width])

@@ -26,14 +26,6 @@ from graphopt.backends.tvm.lowering import Lowerer, rule
 from graphopt.backends.tvm.rules_graphopt import _activate, _attr
 
 
-def _rows(lw: Lowerer, lead: list):
-    """The product of the leading dims (ints or TIR expressions)."""
-    rows = 1
-    for d in lead:
-        rows = lw.simplify(rows * d)
-    return rows
-
-
 def _gemv_group(rows) -> int | None:
     """The GEMV form for one row (a group of 1) or a symbolic count (decode and prefill
     share one build: groups of GEMV_GROUP rows); the matmul form for a static count > 1."""
@@ -52,7 +44,7 @@ def quant_linear(lw: Lowerer, node, args):
     bits, block_size = _attr(node, "bits"), _attr(node, "block_size")
     k, n = node.attr("K"), node.attr("N")
     lead = lw.shape(x)[:-1]
-    rows = _rows(lw, lead)
+    rows = lw.rows(lead)
     x2 = lw.view(x, [rows, k]) if len(lead) != 1 else x
     # The kernel's row count is a variable of its own (defined by X's shape), whatever
     # expression of `batch` and `seq` it is here: one kernel serves every length.
@@ -146,7 +138,7 @@ def quant_gather(lw: Lowerer, node, args):
     bits, block_size, k = _attr(node, "bits"), _attr(node, "block_size"), node.attr("K")
     indices = lw.tensor(args[1])
     lead = lw.shape(indices)
-    flat = lw.emit(R.reshape(indices, [_rows(lw, lead)]))
+    flat = lw.emit(R.reshape(indices, [lw.rows(lead)]))
     panels = _panel_weights(lw, node, packed_at=0)
     if panels is not None:  # the layout of the panel GEMV: a tied LM head reads the same copy
         table_rows = lw.const_array(node.inputs[0]).shape[0]
