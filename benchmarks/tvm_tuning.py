@@ -15,7 +15,8 @@ reuse records), then its best records are timed against the default schedules.
 Prints a table and writes JSON: threads, versions, per model the tuning record from the
 manifest (kernels, trials, minutes, which kernels came from the database, how many records
 beat the default schedule), build times, per-workload median latencies, the ratios
-tvm/ort, tuned/ort and tuned/untuned, and CPU time over wall time.
+tvm/ort, tuned/ort and tuned/untuned, the first two also timed interleaved (`--rounds`: ORT
+and each TVM build alternating, the median of per-round ratios), and CPU time over wall time.
 
 A short check (a few minutes): `--models default --tune-minutes 0.5 --workloads 1x32`.
 """
@@ -34,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tvm_cpu import _display, cpu_over_wall, llama512_checkpoint, median_ms  # noqa: E402  (the untuned benchmark's)
+from tvm_cpu import _display, cpu_over_wall, interleaved_ratio, llama512_checkpoint, median_ms  # noqa: E402  (the untuned benchmark's)
 
 
 def feeds_for(signature: dict, bucket, vocab: int) -> dict:
@@ -88,17 +89,25 @@ def bench_model(model: str, label: str, args, buckets, work: Path) -> dict:
         ms_ = {name: median_ms(lambda r=r: r.run(feeds)) for name, r in runners.items()}
         busy = {name: cpu_over_wall(lambda r=r: r.run(feeds), max(5, int(500 / max(ms_[name], 0.01))))
                 for name, r in runners.items()}
+        # The same ratios timed interleaved (ORT and each TVM build alternating round by round):
+        # the medians above are taken one after the other, minutes apart on a long run.
+        ort_run = lambda: runners["ort"].run(feeds)  # noqa: E731
+        inter = {name: interleaved_ratio(ort_run, lambda r=runners[name]: r.run(feeds), args.rounds)
+                 for name in ("tvm", "tvm-tuned")}
         row = {"workload": bucket.label, **{f"{k}_ms": round(v, 3) for k, v in ms_.items()},
                "tvm_over_ort": round(ms_["tvm"] / ms_["ort"], 2),
                "tuned_over_ort": round(ms_["tvm-tuned"] / ms_["ort"], 2),
                "tuned_over_untuned": round(ms_["tvm-tuned"] / ms_["tvm"], 2),
+               "tvm_over_ort_interleaved": inter["tvm"], "tuned_over_ort_interleaved": inter["tvm-tuned"],
                "cpu_over_wall": {k: round(v, 2) for k, v in busy.items()}, "max_abs_diff": err}
         rows.append(row)
         print(f"{label:>10} {bucket.label:>9}   ort {ms_['ort']:8.2f} ms   tvm {ms_['tvm']:8.2f} ms "
               f"({row['tvm_over_ort']:.2f}x)   tvm tuned {ms_['tvm-tuned']:8.2f} ms ({row['tuned_over_ort']:.2f}x ort, "
               f"{row['tuned_over_untuned']:.2f}x untuned)   cpu/wall "
-              + " ".join(f"{k} {v:.2f}" for k, v in row["cpu_over_wall"].items()) + f"   max|diff| {err:.1e}",
-              flush=True)
+              + " ".join(f"{k} {v:.2f}" for k, v in row["cpu_over_wall"].items()) + f"   max|diff| {err:.1e}"
+              + f"\n{'':>20}interleaved ({args.rounds} rounds): tvm/ort {inter['tvm']['median']:.3f}x "
+              f"(q1-q3 {inter['tvm']['q1']:.2f}-{inter['tvm']['q3']:.2f}), tuned/ort {inter['tvm-tuned']['median']:.3f}x "
+              f"(q1-q3 {inter['tvm-tuned']['q1']:.2f}-{inter['tvm-tuned']['q3']:.2f})", flush=True)
     return {"model": label, "tvm_target": manifest["tvm_target"], "tuning": manifest["tuning"],
             "build_seconds": {"ort": round(ort_s, 1), "tvm": round(untuned_s, 1),
                               "tvm_tuned_with_tuning": round(tuned_s, 1),
@@ -112,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-minutes", type=float, default=3.0, help="per model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workloads", default="1x128,4x128,1x1+128")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds per workload and TVM build")
     ap.add_argument("--tune-db", default=None, help="default: a fresh folder per model (tuning from nothing)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tvm_tuning.json"))
     args = ap.parse_args(argv)
@@ -130,6 +140,7 @@ def main(argv=None) -> int:
     from graphopt.compare.machine import library_versions
 
     result = {"threads": args.threads, "machine": platform.machine(), "tune_minutes": args.tune_minutes,
+              "rounds": args.rounds,
               "versions": library_versions(), "models": models}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
