@@ -253,10 +253,22 @@ def cpu_rules() -> list:
             # Rows: a GEMV (one row) has no row loop; otherwise tiles of TILE_ROWS rows. The row
             # tiles run innermost of the parallel loop, so one panel of B (K x width) stays in
             # cache while every row of A streams past it.
+            # Parallel tasks: the column panels, the row tiles inside each. Where the threads
+            # do not divide a pre-packed weight's panel count (the shipped model's 3 and 5
+            # panels on 2 cores), each panel's row tiles are two tasks, first and second half:
+            # no thread is left a panel to do alone, and each half still reads its panel for
+            # many rows.
+            halves = None
             if spatial:
                 *outer, i = spatial
                 io, ii = sch.split(i, [None, tile_rows])
-                sch.reorder(*outer, jo, io, k, ii, ji)
+                panels = _extent(sch, jo)
+                if (packed and tile_rows > 1 and isinstance(panels, int)
+                        and panels % int(target.attrs.get("num-cores", 1) or 1) != 0):
+                    halves, io = sch.split(io, [2, None])
+                    sch.reorder(*outer, jo, halves, io, k, ii, ji)
+                else:
+                    sch.reorder(*outer, jo, io, k, ii, ji)
                 rows = [ii]
             else:
                 sch.reorder(jo, k, ji)
@@ -285,7 +297,8 @@ def cpu_rules() -> list:
                     break
                 produced, inlined = blk.writes[0].source.name, inlined + 1
             epilogue_inlined = inlined == len(after)
-            tile = sch.fuse(*outer, jo) if outer else jo
+            tasks = [*outer, jo] + ([halves] if halves is not None else [])
+            tile = sch.fuse(*tasks) if len(tasks) > 1 else jo
             sch.parallel(tile)
             # B's panel for this tile column (K x width), copied once into contiguous memory:
             # read in place, its rows are a whole row of B apart (4 KiB for N = 1024), and every
