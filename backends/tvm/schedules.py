@@ -10,10 +10,13 @@ reductions (softmax, norms) only, so two rules of our own come first:
   width instead: 16 accumulators) with the reduction outside the tile. The parallel loop runs over column panels;
   inside it, B's panel (K x width) is copied once into contiguous memory and every row tile
   of A streams past it. A row or column count the tile does not divide (a symbolic `seq`)
-  is padded with `pad_einsum`, so the multiply-add loop carries no bounds check. One row (a
+  is padded with `pad_einsum`, so the multiply-add loop carries no bounds check (A's padded
+  rows are copied once a call; the tile writes the rows that exist straight to the output).
+  One row (a
   GEMV) gets no copy and a wider panel (8 vectors). A constant weight comes pre-packed in
   panels (`Lowerer.weight_matmul`: `C[..., i, p, j] += A[..., i, k] * W[p, k, j]`): the
-  panel axis p is the parallel loop, read in place, never copied. Its rows are symbolic
+  panel axis p is the parallel loop (each panel's row tiles in two halves where the cores
+  do not divide the panel count), read in place, never copied. Its rows are symbolic
   (a decode step's one row, a prompt's many: one kernel serves both), so the kernel holds two
   schedules and chooses at run time: from 4 rows, tiles of 4 (the last one padded); below,
   one row at a time with nothing padded, so a decode step's row costs one row, not four
