@@ -12,8 +12,7 @@ reductions (softmax, norms) only, so two rules of our own come first:
   of A streams past it. A row or column count the tile does not divide (a symbolic `seq`)
   is padded with `pad_einsum`, so the multiply-add loop carries no bounds check (A's padded
   rows are copied once a call; the tile writes the rows that exist straight to the output).
-  One row (a
-  GEMV) gets no copy and a wider panel (8 vectors). A constant weight comes pre-packed in
+  One row (a GEMV) gets no copy and a wider panel (8 vectors). A constant weight comes pre-packed in
   panels (`Lowerer.weight_matmul`: `C[..., i, p, j] += A[..., i, k] * W[p, k, j]`): the
   panel axis p is the parallel loop (each panel's row tiles in two halves where the cores
   do not divide the panel count), read in place, never copied. Its rows are symbolic
@@ -255,12 +254,10 @@ def cpu_rules() -> list:
             jo, ji = (panel, j) if packed else sch.split(j, [None, width])
             # Rows: a GEMV (one row) has no row loop; otherwise tiles of TILE_ROWS rows. The row
             # tiles run innermost of the parallel loop, so one panel of B (K x width) stays in
-            # cache while every row of A streams past it.
-            # Parallel tasks: the column panels, the row tiles inside each. Where the threads
-            # do not divide a pre-packed weight's panel count (the shipped model's 3 and 5
-            # panels on 2 cores), each panel's row tiles are two tasks, first and second half:
-            # no thread is left a panel to do alone, and each half still reads its panel for
-            # many rows.
+            # cache while every row of A streams past it. Where the cores do not divide a
+            # pre-packed weight's panel count (the shipped model's 3 and 5 panels on 2 cores),
+            # each panel's row tiles are two parallel tasks, first and second half: no thread
+            # is left a panel to do alone, and each half still reads its panel for many rows.
             halves = None
             if spatial:
                 *outer, i = spatial
@@ -281,9 +278,6 @@ def cpu_rules() -> list:
             sch.reverse_compute_at(local, io if io is not None else jo)
             if c_pad is not None:  # the valid part of the tile, copied out (then the epilogue)
                 sch.reverse_compute_at(c_pad, io if io is not None else jo)
-            # A's rows padded (zeros past the end) stay a loop of their own, copied once per
-            # call: computed at the row tile, every column panel copied its tile's rows again
-            # (for a 128 x 512 x 2816 product 44 copies of A, 7-10 % of the tile's time).
             # The epilogue's leading chain (bias, residual, a one-input activation) is computed
             # by the write-back itself. Not past a value read twice (GELU's x * erf(x)): TVM
             # 0.27 then leaves a reference to a buffer that no longer exists.
@@ -328,6 +322,9 @@ def cpu_rules() -> list:
                 if blk is not None:
                     _vectorize_innermost(sch, blk, lanes)
             if a_pad is not None:
+                # A's rows padded (zeros past the end): a loop of its own, once a call. Computed
+                # at the row tile, every column panel copied its tile's rows again (for a
+                # 128 x 512 x 2816 product 44 copies of A, 7-10 % of the tile's time).
                 _parallelize(sch, a_pad, lanes)
             if not epilogue_inlined:  # what is left runs as parallel loops of its own
                 for b in after[inlined:]:
