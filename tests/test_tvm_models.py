@@ -270,6 +270,34 @@ def test_random_graphs_match_the_reference(seed):
             assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, what=f"seed {seed} {name}")
 
 
+def test_a_feed_repeated_at_one_shape_is_copied_into_the_same_buffer():
+    """Compiled.run on a CPU: an input fed the same shape twice in a row gets an aligned buffer
+    that later calls copy into again (no allocation a call); every call's outputs are its own
+    and stay as they were after later calls."""
+    import graphopt.backends.tvm as tvm_backend
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.ir import Graph, TensorType
+
+    g = Graph("add")
+    b = Builder(g)
+    x = g.add_input("x", TensorType(DType.from_numpy(np.dtype(np.float32)), ("batch", 8)))
+    g.outputs = [b.Add(x, b.const(np.ones(8, np.float32), "one"))]
+    compiled = tvm_backend.compile_graph(g)
+    out = g.outputs[0].name
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal((2, 8)).astype(np.float32) for _ in range(4)] + [np.zeros((3, 8), np.float32)]
+    results, staged = [], []
+    for feed in feeds:
+        results.append(compiled.run({"x": feed})[out])
+        staged.append(compiled._staging.buffers["x"][3])
+    assert staged[0] is None and staged[1] is not None and staged[2] is staged[1] is staged[3]  # bought on the repeat
+    assert staged[4] is None  # a new shape: no buffer until it repeats
+    for feed, got in zip(feeds, results):  # each call's output intact after the later calls
+        np.testing.assert_array_equal(got, feed + 1)
+    assert not compiled._written_in_place
+
+
 # --------------------------------------------------------------------------------------
 # CUDA: built (not run) where there is no GPU
 

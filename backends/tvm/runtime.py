@@ -181,16 +181,26 @@ def to_tensor(array: np.ndarray, device):
     where `tvm.runtime.tensor` (allocate through the FFI, then `copyfrom`) takes about 16 us,
     and a decode step of the shipped model feeds 14 arrays (0.2 ms of a 0.5 ms step). A copy,
     never the caller's memory: a static cache is written in place (rules_cache)."""
+    return _aligned_copy(array, device)[0]
+
+
+def _aligned_copy(array: np.ndarray, device):
+    """(a TVM tensor holding a copy of `array`, on a CPU its numpy view, else None)."""
     import tvm
 
     array = np.asarray(array)
     if device.dlpack_device_type() != 1 or array.nbytes == 0:  # not the CPU, or nothing to align
-        return tvm.runtime.tensor(np.ascontiguousarray(array), device=device)
+        return tvm.runtime.tensor(np.ascontiguousarray(array), device=device), None
     raw = np.empty(array.nbytes + _ALIGN, np.uint8)
     start = -raw.ctypes.data % _ALIGN
     aligned = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
     aligned[...] = array
-    return tvm.runtime.from_dlpack(aligned)
+    return tvm.runtime.from_dlpack(aligned), aligned
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    lo_a, lo_b = a.__array_interface__["data"][0], b.__array_interface__["data"][0]
+    return lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
 
 
 def to_numpy(tensor) -> np.ndarray:
@@ -214,13 +224,46 @@ class Compiled:
         self.vm = relax.VirtualMachine(module, self.device)
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(w), device=self.device) for w in weights]
         self.input_names, self.output_names = input_names, output_names
+        self._staging = threading.local()  # per thread: input name -> (shape, dtype, array, tensor)
+        self._written_in_place: set[str] = set()  # inputs an output aliases (a static cache)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.on_cpu:
-            use_cpu_threads(self.threads)
-        ins = [to_tensor(feeds[n], self.device) for n in self.input_names]
-        outs = self.vm["main"](*ins, *self.params)
-        return {name: to_numpy(out) for name, out in zip(self.output_names, outs)}
+        """Outputs by name. On a CPU each feed is copied into an aligned buffer. An input fed
+        the same shape and dtype as on the last call is copied into that call's buffer again
+        rather than a new one (a step repeated at one shape: -0.08 ms of the shipped model's
+        0.6 ms decode step, the copies land in memory already in cache), unless an output
+        aliases it (an input the graph writes in place, found on the call that made the buffer):
+        such a buffer belongs to the output returned, and that input gets a new one every call."""
+        if not self.on_cpu:
+            ins = [to_tensor(feeds[n], self.device) for n in self.input_names]
+            return {name: to_numpy(out) for name, out in zip(self.output_names, self.vm["main"](*ins, *self.params))}
+        use_cpu_threads(self.threads)
+        staged = getattr(self._staging, "buffers", None)
+        if staged is None:
+            staged = self._staging.buffers = {}
+        ins, made = [], []
+        for name in self.input_names:
+            array = np.asarray(feeds[name])
+            entry = staged.get(name)
+            if entry is not None and entry[2] is not None and entry[0] == array.shape and entry[1] == array.dtype:
+                entry[2][...] = array
+                ins.append(entry[3])
+                continue
+            tensor, copy = _aligned_copy(array, self.device)
+            ins.append(tensor)
+            if name in self._written_in_place or copy is None:
+                continue
+            if entry is not None and entry[0] == array.shape and entry[1] == array.dtype:
+                staged[name] = (array.shape, array.dtype, copy, tensor)  # the shape again: keep this buffer
+                made.append(name)
+            else:
+                staged[name] = (array.shape, array.dtype, None, None)  # a new shape: buffer it if it repeats
+        outs = {name: to_numpy(out) for name, out in zip(self.output_names, self.vm["main"](*ins, *self.params))}
+        for name in made:
+            if any(_overlaps(staged[name][2], out) for out in outs.values()):
+                self._written_in_place.add(name)
+                del staged[name]
+        return outs
 
     def bound_runner(self, output_shapes: dict | None = None, input_shapes: dict | None = None) -> "BoundRunner":
         """`run` for a decode loop (see BoundRunner); `output_shapes` and `input_shapes` are
