@@ -336,7 +336,6 @@ def test_prefill_and_decode_on_tvm_match_pytorch(fused, tmp_path, layout):
         assert greedy == ort.generate(PROMPTS, 8, eos_token_id=-1).tokens
 
 
-@pytest.mark.slow
 def check_decode_in_place(artifact, ref, layers: int, kv: int, head: int, layout: str) -> None:
     """`check_decode` at batch 3 (left padding) through the artifact's default decode runner,
     which for a static or paged cache is IO-bound: every step's present must be the very
@@ -353,6 +352,7 @@ def check_decode_in_place(artifact, ref, layers: int, kv: int, head: int, layout
     assert len({present for _, present in seen}) == 1 and all(p == q for p, q in seen[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_static_layout_on_ort_matches_pytorch_and_fills_the_buffer_in_place(arch, fused, tmp_path):
     """layout=static: one [batch, kv_heads, 64, head] buffer per cache, GroupQueryAttention

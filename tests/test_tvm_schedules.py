@@ -251,6 +251,8 @@ def test_weights_are_packed_once_and_read_in_place(seq, n):
     # A's rows padded once a call, a loop of its own before the panels' (not again per panel);
     # a panel count the cores do not divide has each panel's row tiles in two tasks
     pad_copy, tasks, *_epilogue = _parallel_extents(types.SimpleNamespace(script=lambda: tiled), {"seq": seq})
+    # the tile writes the rows that exist straight to the output: A's rows are the only padded copy
+    assert [b for b in re.findall(r"(\w+) = T.sblock_alloc_buffer", tiled) if b.endswith("_pad")] == ["x_pad"]
     cores = cpu_target_spec()["num-cores"]
     assert tasks == n // PANEL * (2 if (n // PANEL) % cores else 1)
     assert pad_copy * 16 == -(-seq // 4) * 4 * 96
