@@ -80,8 +80,8 @@ EXPORTERS = ["dynamo", "torchscript"]
 
 def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager", head_size: int = 8):
     """A small `transformers` model with random weights: gpt2, llama, bert, mistral, qwen2,
-    phi3, gemma or gpt_neox. Causal LMs return logits, encoders their last hidden state.
-    `head_size` (llama, qwen2): 8, or wider where a kernel needs it (4 query heads, 2 key/value heads)."""
+    qwen3, phi, phi3, gemma or gpt_neox. Causal LMs return logits, encoders their last hidden state.
+    `head_size` (llama, qwen2, qwen3): 8, or wider where a kernel needs it (4 query heads, 2 key/value heads)."""
     import torch
     import transformers as tf
 
@@ -102,6 +102,14 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
         cfg = tf.Qwen2Config(num_hidden_layers=2, hidden_size=4 * head_size, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, max_position_embeddings=64, **common)
         cls = tf.Qwen2ForCausalLM
+    elif arch == "qwen3":  # a norm on each head of Q and K before the rotary
+        cfg = tf.Qwen3Config(num_hidden_layers=2, hidden_size=4 * head_size, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=head_size, intermediate_size=64, max_position_embeddings=64, **common)
+        cls = tf.Qwen3ForCausalLM
+    elif arch == "phi":  # Phi-1/2: partial rotary, parallel attention and MLP, biases
+        cfg = tf.PhiConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=64, **common)
+        cls = tf.PhiForCausalLM
     elif arch == "phi3":
         cfg = tf.Phi3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,

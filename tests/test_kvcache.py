@@ -297,6 +297,32 @@ def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
     assert "com.microsoft.GroupQueryAttention" not in manifest["lowering"]["kernels"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen3", "phi"])
+def test_attention_left_4d_gets_a_cache_on_ort_and_tvm(arch, fused, tmp_path):
+    """Where attention-to-3d cannot make the attention 3-D (GPT-NeoX: Q, K and V interleaved per
+    head in one projection and a partial rotary; Qwen3: a norm on each head of Q and K; Phi-2:
+    a partial rotary), rewrite-kv-cache caches the 4-D attention's key/value heads as they
+    are: every layout's step matches PyTorch at batch 1 and at batch 3 with left padding."""
+    model, graph = fused(arch)
+    attentions = [n for n in graph.nodes if n.op_type == "Attention"]
+    assert attentions and all(n.inputs[0].type.rank == 4 for n in attentions)  # the case under test
+    cfg = model.config
+    k = attentions[0].inputs[1].type.shape
+    kv, head = k[1], k[3]
+    ref = hf_reference(model)
+    g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
+    assert g.value("past_key_values.0.key").type.shape == ("batch", kv, "past_seq", head)
+    run = lowered_ort(g, tmp_path)
+    check_decode(run, ref, PROMPTS[:1], 8, cfg.num_hidden_layers, kv, head)
+    check_decode(run, ref, PROMPTS, 8, cfg.num_hidden_layers, kv, head)
+    static = rewrite(graph, "rewrite-kv-cache{layout=static},slice-last-token-logits")
+    graphopt.optimize(static, tmp_path / "static", passes="eliminate-dead-code")
+    check_decode_in_place(graphopt.load(tmp_path / "static"), ref, cfg.num_hidden_layers, kv, head, "static")
+    _, artifact = _tvm_artifact(graph, f"rewrite-kv-cache{{layout=paged,block-size={BLOCK_SIZE}}}", tmp_path)
+    check_decode(artifact.run, ref, PROMPTS, 6, cfg.num_hidden_layers, kv, head, "paged", 64)
+
+
 def test_a_multi_token_step_over_a_batched_cache_is_right_or_refused_on_ort(fused, tmp_path):
     """GroupQueryAttention's CPU kernel runs prefill (empty past) and one-token steps at any
     batch size and refuses a multi-token step over a batched cache with an error, not a wrong

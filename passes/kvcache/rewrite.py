@@ -28,7 +28,7 @@ else that depends on the sequence length (other than shape arithmetic) is refuse
 attention that is not causal: the pass never guesses.
 
 Preconditions (checked): an `input_ids [batch, seq]` input, one output (the logits), every
-attention fused into 3-D graphopt.Attention (no Softmax left) and none with a cache yet.
+attention fused into graphopt.Attention, 3-D or 4-D (no Softmax left) and none with a cache yet.
 Options: `layout` (BNSH: the cache is [batch, kv_heads, seq, head_size], on every backend;
 BSNH: [batch, seq, kv_heads, head_size], on TVM; static: a [batch, kv_heads, max-positions,
 head_size] buffer that past and present share, on ORT and TVM, where the attention mask's length is the
@@ -212,20 +212,46 @@ def _read_decoder(graph: Graph) -> _Decoder:
     if not attentions:
         raise _fail("no graphopt.Attention in the graph (run the fusion pipeline, fuse-attention, first)")
     for n in attentions:
-        q = n.inputs[0]
         if len(n.inputs) > 4 or len(n.outputs) > 1:
             raise _fail(f"attention node {n.name!r} has a cache already")
-        if q.type.rank != 3:
-            raise _fail(f"attention node {n.name!r} is 4-D; run fuse-attention{{to-3d=true}} so that it takes "
-                        "[batch, seq, hidden]")
-        if n.attr("num_heads", 0) % (n.attr("kv_num_heads", 0) or n.attr("num_heads", 0)):
-            raise _fail(f"attention node {n.name!r}: num_heads is not a multiple of kv_num_heads")
-        hidden = n.inputs[1].type.shape[2] if n.inputs[1].type.shape else None
-        if not isinstance(hidden, int):
-            raise _fail(f"attention node {n.name!r}: the key's hidden size is not static")
-        if n.inputs[0].type.shape[:2] != ids.type.shape or n.inputs[1].type.shape[:2] != ids.type.shape:
-            raise _fail(f"attention node {n.name!r} is not self-attention over [batch, seq]")
+        _check_heads(n, ids.type.shape)
     return _Decoder(ids, mask, attentions)
+
+
+def _check_heads(n: Node, batch_seq: tuple) -> None:
+    """A 3-D attention ([batch, seq, heads * head]) or a 4-D one ([batch, heads, seq, head],
+    what attention-to-3d leaves where the heads are not a plain split of a projection: a norm
+    per head, a partial rotary, a fused QKV whose heads interleave Q, K and V): self-attention
+    over [batch, seq] with static key/value heads."""
+    q, k, v = n.inputs[:3]
+    shapes = [t.type.shape if t.type is not None else None for t in (q, k, v)]
+    if any(s is None or len(s) not in (3, 4) or len(s) != len(shapes[0]) for s in shapes):
+        raise _fail(f"attention node {n.name!r}: Q, K and V are not all [batch, seq, hidden] or all "
+                    "[batch, heads, seq, head]")
+    if len(shapes[0]) == 3:
+        if n.attr("num_heads", 0) % (n.attr("kv_num_heads", 0) or n.attr("num_heads", 0) or 1):
+            raise _fail(f"attention node {n.name!r}: num_heads is not a multiple of kv_num_heads")
+        if not all(isinstance(s[2], int) for s in shapes[1:]):
+            raise _fail(f"attention node {n.name!r}: the key's hidden size is not static")
+        if any(tuple(s[:2]) != tuple(batch_seq) for s in shapes):
+            raise _fail(f"attention node {n.name!r} is not self-attention over [batch, seq]")
+        return
+    if not all(isinstance(s[1], int) and isinstance(s[3], int) for s in shapes):
+        raise _fail(f"attention node {n.name!r}: its heads or head size are not static")
+    if shapes[0][1] % shapes[1][1] or shapes[1][1] != shapes[2][1]:
+        raise _fail(f"attention node {n.name!r}: {shapes[0][1]} query heads over {shapes[1][1]} key and "
+                    f"{shapes[2][1]} value heads")
+    if any((s[0], s[2]) != tuple(batch_seq) for s in shapes):
+        raise _fail(f"attention node {n.name!r} is not self-attention over [batch, seq]")
+
+
+def _kv_heads(node: Node) -> tuple[int, int, int]:
+    """(key/value heads, key head size, value head size) of a 3-D or 4-D attention."""
+    k, v = node.inputs[1:3]
+    if k.type.rank == 4:
+        return k.type.shape[1], k.type.shape[3], v.type.shape[3]
+    nkv = node.attr("kv_num_heads", 0) or node.attr("num_heads")
+    return nkv, k.type.shape[2] // nkv, v.type.shape[2] // nkv
 
 
 def _cone(targets: list[Value]) -> set[int]:
@@ -481,9 +507,7 @@ def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Build
 def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout: str, max_pos: int,
                        block_size: int, table: Value | None) -> list[Value]:
     q, k, v = node.inputs[:3]
-    nq = node.attr("num_heads")
-    nkv = node.attr("kv_num_heads", 0) or nq
-    head_k, head_v = k.type.shape[2] // nkv, v.type.shape[2] // nkv
+    nkv, head_k, head_v = _kv_heads(node)
     dt = k.type.dtype
     past = [graph.add_input(f"past_key_values.{layer}.{kind}",
                             TensorType(dt, cache_shape(layout, nkv, PAST_SEQ, head, max_pos, block_size)))
