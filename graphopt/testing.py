@@ -80,7 +80,7 @@ EXPORTERS = ["dynamo", "torchscript"]
 
 def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager", head_size: int = 8):
     """A small `transformers` model with random weights: gpt2, llama, bert, mistral, qwen2,
-    qwen3, phi, phi3, gemma or gpt_neox. Causal LMs return logits, encoders their last hidden state.
+    qwen3, phi, phi3, gemma, gpt_neox or opt. Causal LMs return logits, encoders their last hidden state.
     `head_size` (llama, qwen2, qwen3): 8, or wider where a kernel needs it (4 query heads, 2 key/value heads)."""
     import torch
     import transformers as tf
@@ -110,6 +110,10 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
         cfg = tf.PhiConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                            max_position_embeddings=64, **common)
         cls = tf.PhiForCausalLM
+    elif arch == "opt":  # learned positions computed from the attention mask inside the model
+        cfg = tf.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                           max_position_embeddings=64, word_embed_proj_dim=32, **common)
+        cls = tf.OPTForCausalLM
     elif arch == "phi3":
         cfg = tf.Phi3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,

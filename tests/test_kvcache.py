@@ -323,6 +323,53 @@ def test_attention_left_4d_gets_a_cache_on_ort_and_tvm(arch, fused, tmp_path):
     check_decode(artifact.run, ref, PROMPTS, 6, cfg.num_hidden_layers, kv, head, "paged", 64)
 
 
+@pytest.mark.slow
+def test_positions_the_model_computes_from_the_mask_come_from_the_mask_with_the_past(fused, tmp_path):
+    """OPT computes its learned positions inside the model, `cumsum(mask) * mask - 1 + 2`: the
+    rewrite computes them from the mask with the past and slices the step's positions out, so
+    a left-padded batch decodes as PyTorch does row by row (ORT and TVM)."""
+    model, graph = fused("opt")
+    g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
+    cumsum = [n for n in g.nodes if n.op_type == "CumSum" and n.inputs[0].name == "attention_mask"]
+    assert len(cumsum) == 1  # OPT's own, now over the mask with the past (no rotary reads the rewrite's)
+    assert any(n.name.startswith("kv_cache_mask/Slice") for n in g.nodes)
+    cfg = model.config
+    ref = hf_reference(model)
+    run = lowered_ort(g, tmp_path)
+    check_decode(run, ref, PROMPTS, 8, cfg.num_hidden_layers, 4, 8)
+    _, artifact = _tvm_artifact(graph, "rewrite-kv-cache", tmp_path)
+    check_decode(artifact.run, ref, PROMPTS, 6, cfg.num_hidden_layers, 4, 8)
+
+
+def test_a_value_of_the_mask_that_is_not_per_position_is_refused(export_dir):
+    """A model whose positions count the real tokens *after* each one (a suffix sum of the
+    mask) cannot be computed from the mask a step sees: the rewrite refuses it, naming the value."""
+    import torch
+
+    from graphopt.driver import optimize
+    from graphopt.models import load_graph
+    from graphopt.passes.kvcache.rewrite import KVCacheError
+    from graphopt.testing import export_onnx, tiny_hf_model
+
+    gpt2 = tiny_hf_model("gpt2").model
+
+    class Reversed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = gpt2
+
+        def forward(self, input_ids, attention_mask):
+            after = attention_mask.flip(-1).cumsum(-1).flip(-1) - 1
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=after,
+                              use_cache=False).logits
+
+    path = export_onnx(Reversed().eval(), export_dir / "gpt2_reversed_positions.onnx", dynamo=True)
+    graph = optimize(load_graph(path), None, kv_cache=False).graph
+    graph.metadata.metadata_props["graphopt.max_positions"] = "64"
+    with pytest.raises(KVCacheError, match="is computed from the attention mask, but not one position at a time"):
+        rewrite(graph)
+
+
 def test_a_multi_token_step_over_a_batched_cache_is_right_or_refused_on_ort(fused, tmp_path):
     """GroupQueryAttention's CPU kernel runs prefill (empty past) and one-token steps at any
     batch size and refuses a multi-token step over a batched cache with an error, not a wrong

@@ -186,7 +186,10 @@ def cpu_rules() -> list:
             single, _ = self.schedule(func, target, 1)
             if isinstance(padded_rows, int):  # a static 1 to 3 rows (a tuning bucket's decode step)
                 return single
-            return [_RowDispatch(_dispatch_rows(padded_rows >= TILE_ROWS, sch.mod["main"], single.mod["main"]))]
+            try:
+                return [_RowDispatch(_dispatch_rows(padded_rows >= TILE_ROWS, sch.mod["main"], single.mod["main"]))]
+            except Exception:  # noqa: BLE001  (rows TVM cannot match to its copy's, e.g. OPT's flattened batch * seq)
+                return sch  # whole tiles, one row padded to TILE_ROWS at a decode step
 
         def schedule(self, func, target, tile_rows: int):
             """(the schedule with tiles of `tile_rows` rows, the row count when it pads the rows

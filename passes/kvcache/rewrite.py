@@ -157,6 +157,7 @@ class RewriteKVCache(Pass):
 
         EliminateDeadCode().run(graph, ctx)
         if old_mask is not None:
+            result.count("positions-from-the-mask", _mask_per_position(graph, old_mask, mask, site.input_ids, past))
             _retire_input(graph, old_mask, site.input_ids)
         logits = graph.outputs[0]
         if logits.name != LOGITS:
@@ -525,6 +526,76 @@ def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout
     graph.rename_value(pk, f"present.{layer}.key")
     graph.rename_value(pv, f"present.{layer}.value")
     return [pk, pv]
+
+
+def _mask_per_position(graph: Graph, old: Value, mask: Value, input_ids: Value, past: Value) -> int:
+    """A model that computes its own per-position values from the mask, other than the
+    attention masks (OPT: its learned positions are `cumsum(mask) * mask - 1 + 2`), gets them
+    computed from the mask with the past, its last `seq` positions sliced out where they meet
+    the tokens' values. Only what the mask alone (and constants) computes is moved, and only
+    when, on probe masks with left padding, a position's value computed from the mask up to it
+    is its value in a longer sequence (a cached key must not change as the sequence grows)
+    and the slice of the value computed with a past is what the full-sequence graph computes
+    at those positions; a value whose sequence axis is not visible is left to `_retire_input`
+    to refuse. Returns the number of values sliced."""
+    shape_only = _shape_only(graph)
+    consts = lambda v: v is None or v.const_value is not None or id(v) in shape_only  # noqa: E731
+    pure: list[Node] = []  # nodes of the mask alone
+    from_mask = {id(old)}
+    for n in graph.nodes:
+        if n.domain == "" and n.op_type in ("Shape", "Size"):
+            continue
+        ins = [v for v in n.inputs if v is not None]
+        if any(id(v) in from_mask for v in ins) and all(id(v) in from_mask or consts(v) for v in ins):
+            pure.append(n)
+            from_mask.update(id(v) for v in n.outputs if v is not None)
+    if not pure:
+        return 0
+    in_pure = {id(n) for n in pure}
+    cuts = [v for n in pure for v in n.outputs if v is not None
+            and (v.is_graph_output or any(id(u) not in in_pure for u, _ in v.uses()))]
+    axes = [[ax for ax, d in enumerate(v.type.shape or ()) if d == "seq"] if v.type else [] for v in cuts]
+    if not cuts or any(len(a) != 1 for a in axes):
+        return 0
+    s1, s2 = _PROBE_SEQ
+    probe = np.ones((2, s2), old.type.dtype.np_dtype)
+    probe[0, :2] = 0  # a left-padded row and a full one
+    ids = lambda n: np.zeros((2, n), input_ids.type.dtype.np_dtype)  # noqa: E731
+    want = evaluate(graph, cuts, {old.name: probe, input_ids.name: ids(s2)})
+    # a cached position's value must not change as the sequence grows: computed from the
+    # first s1 positions of the mask, it is the first s1 positions of the value at s2
+    prefix = evaluate(graph, cuts, {old.name: probe[:, :s1], input_ids.name: ids(s1)})
+    for v, (ax,), w, p in zip(cuts, axes, want, prefix):
+        if not np.array_equal(np.take(w, range(s1), axis=ax), p, equal_nan=True):
+            raise _fail(f"{v.name!r} is computed from the attention mask, but not one position at a time from "
+                        "the mask before it (cannot compute it with a cache)")
+    for n in pure:
+        for i, v in enumerate(n.inputs):
+            if v is old:
+                n.set_input(i, mask)
+        for v in n.outputs:
+            if v is not None and v.type is not None and v.type.shape is not None:
+                v.type = TensorType(v.type.dtype, tuple(TOTAL_SEQ if d == "seq" else d for d in v.type.shape))
+    sliced = []
+    for v, (ax,) in zip(cuts, axes):
+        users = [(u, i) for u, i in v.uses() if id(u) not in in_pure]
+        first = min((graph.nodes.index(u) for u, _ in users), default=len(graph.nodes) - 1)
+        b = Builder(graph, before=graph.nodes[first], created_by="rewrite-kv-cache", name_prefix="kv_cache_mask")
+        last = b.Slice(v, past, b.const(np.array([_INT64_MAX], np.int64), "kv_end"),
+                       b.const(np.array([ax], np.int64), "kv_axis"))
+        last.type = TensorType(v.type.dtype, tuple("seq" if d == TOTAL_SEQ else d for d in v.type.shape))
+        for u, i in users:
+            u.set_input(i, last)
+        if v.is_graph_output:
+            graph.outputs = [last if o is v else o for o in graph.outputs]
+        sliced.append(last)
+    # and the step's slice of the value computed with the past is the value at those positions
+    got = evaluate(graph, sliced, {mask.name: probe, input_ids.name: ids(s1)})
+    for v, (ax,), w, g in zip(cuts, axes, want, got):
+        if not np.array_equal(np.take(w, range(s2 - s1, s2), axis=ax), g, equal_nan=True):
+            raise _fail(f"{v.name!r}, computed from the attention mask, is not the same when computed with the "
+                        "past (cannot compute it with a cache)")
+    return len(sliced)
 
 
 def _retire_input(graph: Graph, old: Value, input_ids: Value) -> None:
