@@ -111,8 +111,8 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
                            max_position_embeddings=64, **common)
         cls = tf.PhiForCausalLM
     elif arch == "opt":  # learned positions computed from the attention mask inside the model
-        cfg = tf.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
-                           max_position_embeddings=64, word_embed_proj_dim=32, **common)
+        cfg = tf.OPTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
+                           max_position_embeddings=64, word_embed_proj_dim=64, **common)
         cls = tf.OPTForCausalLM
     elif arch == "phi3":
         cfg = tf.Phi3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,

@@ -328,7 +328,7 @@ def test_positions_the_model_computes_from_the_mask_come_from_the_mask_with_the_
     """OPT computes its learned positions inside the model, `cumsum(mask) * mask - 1 + 2`: the
     rewrite computes them from the mask with the past and slices the step's positions out, so
     a left-padded batch decodes as PyTorch does row by row (ORT and TVM)."""
-    model, graph = fused("opt")
+    model, graph = fused("opt")  # hidden 64: 4 heads of 16
     g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
     cumsum = [n for n in g.nodes if n.op_type == "CumSum" and n.inputs[0].name == "attention_mask"]
     assert len(cumsum) == 1  # OPT's own, now over the mask with the past (no rotary reads the rewrite's)
@@ -336,9 +336,10 @@ def test_positions_the_model_computes_from_the_mask_come_from_the_mask_with_the_
     cfg = model.config
     ref = hf_reference(model)
     run = lowered_ort(g, tmp_path)
-    check_decode(run, ref, PROMPTS, 8, cfg.num_hidden_layers, 4, 8)
+    check_decode(run, ref, PROMPTS, 8, cfg.num_hidden_layers, 4, 16)
+    # TVM: OPT's MLP runs on rows flattened to [batch * seq, hidden]
     _, artifact = _tvm_artifact(graph, "rewrite-kv-cache", tmp_path)
-    check_decode(artifact.run, ref, PROMPTS, 6, cfg.num_hidden_layers, 4, 8)
+    check_decode(artifact.run, ref, PROMPTS, 6, cfg.num_hidden_layers, 4, 16)
 
 
 def test_a_value_of_the_mask_that_is_not_per_position_is_refused(export_dir):
