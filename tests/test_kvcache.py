@@ -234,7 +234,7 @@ def test_non_causal_attention_is_refused(fused):
     for n in g.nodes:
         if n.op == "graphopt.Attention":
             n.set_input(3, zero)
-    with pytest.raises(KVCacheError, match="is not a causal mask"):
+    with pytest.raises(KVCacheError, match="is neither causal nor causal within a sliding window"):
         rewrite(g)
 
 
@@ -369,6 +369,51 @@ def test_a_value_of_the_mask_that_is_not_per_position_is_refused(export_dir):
     graph.metadata.metadata_props["graphopt.max_positions"] = "64"
     with pytest.raises(KVCacheError, match="is computed from the attention mask, but not one position at a time"):
         rewrite(graph)
+
+
+def _hf_folder(tmp_path, cls_name: str, **config):
+    """A small Hugging Face folder of `transformers.<cls_name>` with random weights (vocabulary
+    128, 2 layers, 4 query and 2 key/value heads of 8) and the model."""
+    import torch
+    import transformers as tf
+
+    cls = getattr(tf, cls_name)
+    cfg = cls.config_class(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, **config)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model
+
+
+@pytest.mark.slow
+def test_a_sliding_window_is_kept_past_the_window_on_ort_and_tvm(tmp_path):
+    """Phi-3 with a 5-key sliding window (Phi-3-mini-4k's is 2,047 of 4,096): the probe at 5
+    positions saw a causal mask and the rewrite dropped the window, so every step past it
+    was silently wrong. The bias now keeps it: 10 steps past 6-token prompts match PyTorch on
+    ORT and TVM, left padding included."""
+    folder, model = _hf_folder(tmp_path, "Phi3ForCausalLM", max_position_embeddings=64, sliding_window=5,
+                               pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    ref = hf_reference(model)
+    for backend in ("onnxruntime", "tvm"):
+        if backend == "tvm":
+            pytest.importorskip("tvm")
+        graphopt.optimize(folder, tmp_path / backend, backend=backend)
+        artifact = graphopt.load(tmp_path / backend)
+        check_decode(artifact.run, ref, PROMPTS, 10, 2, 2, 8)
+
+
+@pytest.mark.slow
+def test_a_window_wider_than_the_probe_is_found_from_the_config(tmp_path):
+    """Mistral with a 70-key window and 128 positions: the masks, probed at 64 positions by
+    default, look causal; the frontend records the config's window and the probe runs past it."""
+    folder, model = _hf_folder(tmp_path, "MistralForCausalLM", max_position_embeddings=128, sliding_window=70)
+    result = graphopt.optimize(folder, tmp_path / "ort")
+    artifact = graphopt.load(tmp_path / "ort")
+    (stats,) = [e["stats"] for e in result.report["passes"] if e.get("name") == "rewrite-kv-cache"]
+    assert stats.get("sliding-window-attention") == 2
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 128, 68)]
+    check_decode(artifact.run, hf_reference(model), [prompt, prompt[:60]], 8, 2, 2, 8)
 
 
 def test_a_multi_token_step_over_a_batched_cache_is_right_or_refused_on_ort(fused, tmp_path):

@@ -121,6 +121,9 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
                           label=label, progress=progress, source=source)
     if max_seq:  # the KV-cache rewrite builds its position tables this long
         graph.metadata.metadata_props["graphopt.max_positions"] = str(max_seq)
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0:  # a hint: the rewrite probes the masks this long to see it
+        graph.metadata.metadata_props["graphopt.sliding_window"] = str(window)
     return graph
 
 

@@ -122,7 +122,7 @@ class RewriteKVCache(Pass):
         site = _read_decoder(graph)
         if max_pos < max(_PROBE_SEQ):
             raise _fail("the model's maximum context is unknown: give rewrite-kv-cache{max-positions=N}")
-        _check_causal(graph, site)
+        windows = _check_causal(graph, site, max_pos)
         tables = _positional_values(graph, site, max_pos)
 
         result = PassResult()
@@ -135,15 +135,15 @@ class RewriteKVCache(Pass):
         graph.rename_value(mask, MASK)  # (a renamed value's old name is otherwise never handed out again)
         past, total = b.lengths(site.input_ids, mask)
         position_ids = b.position_ids(mask, past)
-        bias = b.causal_bias(mask, past, total, site.dtype)
+        biases = {w: b.causal_bias(mask, past, total, site.dtype, w) for w in sorted(set(windows), key=str)}
 
         presents = []
         table = None
         if self.layout == "paged":
             table = graph.add_input(BLOCK_TABLE, TensorType(DType.INT32, ("batch", "max_blocks")))
-        for i, node in enumerate(site.attentions):
-            presents += _rewrite_attention(graph, node, i, bias, self.layout, max_pos, self.block_size, table)
-            result.count("attention")
+        for i, (node, window) in enumerate(zip(site.attentions, windows)):
+            presents += _rewrite_attention(graph, node, i, biases[window], self.layout, max_pos, self.block_size, table)
+            result.count("attention" if window is None else "sliding-window-attention")
         moved = _rotary_with_positions(graph, tables, position_ids, b)
         result.count("rotary-position-ids", len(moved) // 2)
         for v, uses, table in tables:
@@ -305,9 +305,19 @@ def _feeds(graph: Graph, batch: int, seq: int) -> dict[str, np.ndarray]:
             for v in graph.inputs if not v.is_initializer}
 
 
-def _check_causal(graph: Graph, site: _Decoder) -> None:
+# How long the masks are probed without a hint: a sliding window narrower than this is seen.
+_WINDOW_PROBE = 64
+META_SLIDING_WINDOW = "graphopt.sliding_window"  # the frontend's hint (a Hugging Face config's)
+
+
+def _check_causal(graph: Graph, site: _Decoder, max_pos: int) -> list[int | None]:
     """Every attention must be causal: its own flag, or a mask that is 0 on and below the
-    diagonal and (nearly) -inf above it when nothing is padded."""
+    diagonal and (nearly) -inf above it when nothing is padded, or causal within a sliding
+    window (query i sees keys i - window < j <= i, as Mistral's, Phi-3's and Gemma's local
+    layers do). The masks are probed at `_WINDOW_PROBE` positions, or one more than the
+    window the frontend recorded (a window wider than the probe looks causal at it); a
+    window the context cannot exceed is no window. Returns each attention's window (None:
+    causal)."""
     masks = {}
     for n in site.attentions:
         if len(n.inputs) > 3 and n.inputs[3] is not None:
@@ -315,21 +325,28 @@ def _check_causal(graph: Graph, site: _Decoder) -> None:
         elif not n.attr("causal", 0):
             raise _fail(f"attention node {n.name!r} is not causal (no mask, causal=0): not a decoder")
     if not masks:
-        return
-    seq = max(_PROBE_SEQ)
+        return [None] * len(site.attentions)
+    hint = int(graph.metadata.metadata_props.get(META_SLIDING_WINDOW, 0) or 0)
+    seq = min(max_pos, max(_WINDOW_PROBE, hint + 1 if hint < max_pos else 0))
     values = evaluate(graph, [m for m, _ in masks.values()], _feeds(graph, 1, seq))
-    lower = np.tril(np.ones((seq, seq), bool))
+    i, j = np.indices((seq, seq))
+    window_of = {}
     for (mask, node), value in zip(masks.values(), values):
         if value.dtype == np.bool_:
             value = np.where(value, 0.0, -np.inf)
         if value.ndim < 2:
             raise _fail(f"attention node {node.name!r}: its mask {mask.name!r} is not [.., seq, seq]")
         square = np.broadcast_to(value, value.shape[:-2] + (seq, seq)).reshape(-1, seq, seq)
-        causal = ((square[:, lower] == 0).all() and (square[:, ~lower] <= -1e4).all()
-                  and node.attr("causal", 0) in (0, 1))
-        if not causal:
-            raise _fail(f"attention node {node.name!r}: its mask {mask.name!r} is not a causal mask "
-                        "(an encoder, or a sliding window?)")
+        visible = (square == 0).all(axis=0)
+        hidden = (square <= -1e4).all(axis=0)
+        window = int(visible[-1].sum())  # the last query's keys: all of them unless windowed
+        want = (j <= i) & (i - j < window)
+        if not ((visible == want) & (hidden == ~want)).all() or node.attr("causal", 0) not in (0, 1):
+            raise _fail(f"attention node {node.name!r}: its mask {mask.name!r} is neither causal nor causal within "
+                        "a sliding window (an encoder?)")
+        window_of[id(mask)] = None if window >= seq else window
+    return [window_of[id(n.inputs[3])] if len(n.inputs) > 3 and n.inputs[3] is not None else None
+            for n in site.attentions]
 
 
 def _shape_only(graph: Graph) -> set[int]:
@@ -451,10 +468,10 @@ class _Builder:
         pos.type = TensorType(pos.type.dtype, ("batch", "seq"))
         return pos
 
-    def causal_bias(self, mask: Value, past: Value, total: Value, dt) -> Value:
+    def causal_bias(self, mask: Value, past: Value, total: Value, dt, window: int | None = None) -> Value:
         """[batch, 1, seq, past_seq + seq]: 0 where query i (at past_seq + i) may attend key j
-        (j <= past_seq + i and the key is not padding), the type's lowest finite value elsewhere:
-        one boolean, one Where.
+        (j <= past_seq + i and the key is not padding; with a sliding `window`, also
+        j > past_seq + i - window), the type's lowest finite value elsewhere: one boolean, one Where.
 
         Lowest, not -inf: a real query sees itself, so its row holds a 0 and the masked keys'
         weights underflow to exactly 0, as with -inf; a padded query (left padding: nothing
@@ -467,6 +484,9 @@ class _Builder:
         places = b.Slice(cols, past, self._i64(_INT64_MAX, name="kv_end"), self._i64(0, name="kv_scalar_axis"))
         rows = b.Unsqueeze(places, self._i64(1, name="kv_col_axis"))  # seq, 1: the queries' places
         causal = b.LessOrEqual(cols, rows)  # seq, total
+        if window is not None:  # and within the window: j > i - window
+            first = b.Sub(rows, self._i64(window, name="kv_window"))
+            causal = b.And(causal, b.Greater(cols, first))
         real = b.Cast(mask, to=DType.BOOL.onnx_type)
         real = b.Unsqueeze(real, self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
         bias = b.Where(b.And(real, causal), b.const(np.array(0, dt.np_dtype), "kv_bias_zero"),
