@@ -99,6 +99,43 @@ def test_attention_negative_reasons():
     assert reasons(rec) == ["the attention probabilities are used elsewhere (returned or reused)"]
 
 
+SOFTCAP = ATTENTION.replace('  %a = Add(%sc, %mask) : f32[batch, 4, seq, seq] loc("add_mask")', '''  %cap = Constant() {value=dense<f32[]>[0.5]} : f32[] loc("cap")
+  %d = Div(%sc, %cap) : f32[batch, 4, seq, seq] loc("cap_div")
+  %t = Tanh(%d) : f32[batch, 4, seq, seq] loc("cap_tanh")
+  %m = Mul(%t, %cap) : f32[batch, 4, seq, seq] loc("cap_mul")
+  %a = Add(%m, %mask) : f32[batch, 4, seq, seq] loc("add_mask")''')
+
+
+def test_attention_with_a_softcap():
+    """Gemma 2's attention logit softcapping, cap * tanh(scores / cap) before the mask: one
+    graphopt.Attention with `softcap` (checked on sample inputs before and after; a cap of
+    0.5 moves every score, so a dropped cap would not pass)."""
+    g, _, rec = run_text(SOFTCAP, "fuse-attention,dce")
+    assert ops(g) == ["graphopt.Attention"] and rec.stats == {"attention": 1}
+    assert g.nodes[0].attr("softcap") == pytest.approx(0.5) and g.nodes[0].attr("scale") == pytest.approx(0.35355338)
+
+
+def _moved(text: str, line_loc: str, before_loc: str) -> str:
+    """`text` with the line of loc(`line_loc`) moved before the line of loc(`before_loc`)."""
+    lines = text.splitlines()
+    line = lines.pop(next(i for i, x in enumerate(lines) if f'loc("{line_loc}")' in x))
+    lines.insert(next(i for i, x in enumerate(lines) if f'loc("{before_loc}")' in x), line)
+    return "\n".join(lines) + "\n"
+
+
+def test_a_softcap_after_the_mask_or_the_scale_is_not_fused():
+    """graphopt.Attention caps the scaled scores before the mask: a cap over the masked
+    scores, or a scale applied to the capped ones, is another function, left unfused."""
+    after_mask = (SOFTCAP.replace("%d = Div(%sc, %cap)", "%d = Div(%a, %cap)")
+                  .replace("%a = Add(%m, %mask)", "%a = Add(%sc, %mask)").replace("Softmax(%a)", "Softmax(%m)"))
+    _, _, rec = run_text(_moved(after_mask, "add_mask", "cap_div"), "fuse-attention")
+    assert reasons(rec) == ["the mask is added before the softcap"]
+    scaled_after = (SOFTCAP.replace("%d = Div(%sc, %cap)", "%d = Div(%s, %cap)")
+                    .replace("%sc = Div(%s, %c)", "%sc = Div(%m, %c)").replace("%a = Add(%m, %mask)", "%a = Add(%sc, %mask)"))
+    _, _, rec = run_text(_moved(scaled_after, "scale", "add_mask"), "fuse-attention")
+    assert reasons(rec) == ["the scores are scaled after the softcap"]
+
+
 def test_attention_already_fused_is_a_no_op():
     _, out, rec = run_text(ATTENTION_FUSED, "fuse-attention")
     assert out == ATTENTION_FUSED and not rec.changed

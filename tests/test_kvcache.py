@@ -404,6 +404,23 @@ def test_a_sliding_window_is_kept_past_the_window_on_ort_and_tvm(tmp_path):
 
 
 @pytest.mark.slow
+def test_gemma2_softcap_and_alternating_windows_decode_as_pytorch(tmp_path):
+    """Gemma 2: attention logits soft-capped (fused as graphopt.Attention's softcap; before,
+    the Softmax stayed unfused and the model was not generation-ready), local layers with a
+    5-key window alternating with global ones: 10 steps past the window on ORT and TVM."""
+    folder, model = _hf_folder(tmp_path, "Gemma2ForCausalLM", head_dim=8, max_position_embeddings=64,
+                               sliding_window=5, attn_logit_softcapping=2.0)
+    ref = hf_reference(model)
+    for backend in ("onnxruntime", "tvm"):
+        if backend == "tvm":
+            pytest.importorskip("tvm")
+        result = graphopt.optimize(folder, tmp_path / backend, backend=backend)
+        (stats,) = [e["stats"] for e in result.report["passes"] if e.get("name") == "rewrite-kv-cache"]
+        assert stats.get("sliding-window-attention") == 1 and stats.get("attention") == 1
+        check_decode(graphopt.load(tmp_path / backend).run, ref, PROMPTS, 10, 2, 2, 8)
+
+
+@pytest.mark.slow
 def test_a_window_wider_than_the_probe_is_found_from_the_config(tmp_path):
     """Mistral with a 70-key window and 128 positions: the masks, probed at 64 positions by
     default, look causal; the frontend records the config's window and the probe runs past it."""

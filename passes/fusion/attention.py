@@ -3,7 +3,7 @@
 The core every exporter agrees on is
 
     scores = MatMul(Q', K')              Q' = Q (* s1),  K' = layout(K) (* s2)
-    scores = scores (* s3 | / s3) (+ mask)
+    scores = scores (* s3 | / s3) (cap * Tanh(scores / cap)) (+ mask)
     probs  = Softmax(scores, axis=-1)    (optionally followed by a NaN guard: Where(IsNaN(p), 0, p))
     out    = MatMul(probs, V)
 
@@ -51,7 +51,8 @@ def _strip_scale(v: Value, covered: list[Node]) -> tuple[Value, float]:
     factor = 1.0
     while True:
         n = v.producer()
-        if n is None or n.domain != "" or n.op_type not in ("Mul", "Div") or not _single_use(v):
+        if n is None or n.domain != "" or n.op_type not in ("Mul", "Div") or not _single_use(v) \
+                or (n.op_type == "Mul" and _softcap(n) is not None):  # a softcap's Mul is not a scale
             return v, factor
         a, b = n.inputs
         if n.op_type == "Mul" and _scalar(b) is not None:
@@ -79,6 +80,7 @@ class AttentionMatch:
         self.q = self.k = self.v = self.mask = None
         self.k_needs_transpose: Value | None = None
         self.scale = 1.0
+        self.softcap = 0.0
         self.num_heads = self.kv_num_heads = None
         self.out: Value | None = None
         self.covered: list[Node] = []
@@ -130,12 +132,22 @@ def _match_attention(softmax: Node) -> AttentionMatch:
             qk = n
             break
         if n.op_type == "Add" and n.domain == "" and m.mask is None:
+            if m.softcap:  # the cap would apply to the mask too: not graphopt.Attention's order
+                raise NoMatch("the mask is added before the softcap", n)
             sides = [s for s in n.inputs if _leads_to_matmul(s)]
             if len(sides) != 1:
                 raise NoMatch("cannot tell the scores from the mask in the Add before softmax", n)
             m.mask = n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0]
             m.covered.append(n)
             x = sides[0]
+        elif n.op_type == "Mul" and n.domain == "" and (capped := _softcap(n)) is not None:
+            if m.softcap:
+                raise NoMatch("the scores are soft-capped twice", n)
+            if m.scale != 1.0:
+                raise NoMatch("the scores are scaled after the softcap", n)
+            m.softcap, x, nodes = capped
+            m.covered += nodes
+            continue
         elif n.op_type in ("Mul", "Div") and n.domain == "":
             inner, f = _strip_scale(x, m.covered)
             if inner is x:
@@ -179,16 +191,40 @@ def _match_attention(softmax: Node) -> AttentionMatch:
 
 
 def _leads_to_matmul(v: Value) -> bool:
-    for _ in range(4):
+    for _ in range(6):
         n = v.producer()
         if n is None or n.domain != "":
             return False
         if n.op_type == "MatMul":
             return True
+        if n.op_type == "Tanh":  # a softcap's
+            v = n.inputs[0]
+            continue
         if n.op_type not in ("Mul", "Div"):
             return False
         v = n.inputs[0] if _scalar(n.inputs[1]) is not None else n.inputs[1]
     return False
+
+
+def _softcap(mul: Node) -> tuple[float, Value, list[Node]] | None:
+    """(cap, the scores it caps, its nodes) when `mul` is `cap * Tanh(scores / cap)` (Gemma 2's
+    attention logit softcapping; the division may be a Mul by 1 / cap); else None."""
+    a, b = mul.inputs
+    cap, t = (_scalar(b), a) if _scalar(b) is not None else (_scalar(a), b)
+    tanh = t.producer() if cap else None
+    if tanh is None or tanh.domain != "" or tanh.op_type != "Tanh" or not _single_use(t):
+        return None
+    inner = tanh.inputs[0]
+    div = inner.producer()
+    if div is None or div.domain != "" or div.op_type not in ("Mul", "Div") or not _single_use(inner):
+        return None
+    x, c = div.inputs
+    if _scalar(c) is None:
+        return None
+    scaled = 1.0 / _scalar(c) if div.op_type == "Div" else _scalar(c)
+    if not np.isclose(scaled * cap, 1.0, rtol=1e-6):
+        return None
+    return cap, x, [mul, tanh, div]
 
 
 def _unrepeat(v: Value, nq: int) -> tuple[Value, int] | None:
@@ -208,7 +244,7 @@ def rewrite_attention(graph: Graph, m: AttentionMatch, rule: str = "fuse-attenti
     k = m.k if m.k is not None else rw.Transpose(m.k_needs_transpose, perm=[0, 1, 3, 2])
     inputs = [m.q, k, m.v] + ([m.mask] if m.mask is not None else [])
     y = rw.op("Attention", *inputs, domain=GRAPHOPT_DOMAIN, num_heads=m.num_heads, kv_num_heads=m.kv_num_heads,
-              scale=float(np.float32(m.scale)))
+              scale=float(np.float32(m.scale)), softcap=float(m.softcap) if m.softcap else None)
     replace_value(graph, m.out, y)
     remove_dead(graph, m.covered)
     return y.producer()
