@@ -21,7 +21,7 @@ import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measur
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration, read_texts
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir
-from graphopt.generation import copy_tokenizer, generation_manifest, model_config
+from graphopt.generation import copy_hf_config, copy_tokenizer, generation_manifest, model_config
 from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files
 from graphopt.interpreter import check_feeds
 from graphopt.models import load_graph
@@ -305,6 +305,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             generation = generation_manifest(optimized, model_path)
             if generation is not None:
                 copied = copy_tokenizer(model_path, tmp)
+                if backend == "onnxruntime":  # Optimum's ORTModelForCausalLM loads the folder by its config.json
+                    copied += copy_hf_config(model_path, tmp)
                 manifest["files"] = list(manifest.get("files", [])) + copied  # part of the artifact, not the user's
                 generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
                 manifest["generation"] = generation

@@ -344,6 +344,16 @@ def copy_tokenizer(model_path, outdir: Path) -> list[str]:
     return copied
 
 
+def copy_hf_config(model_path, outdir: Path) -> list[str]:
+    """A Hugging Face folder's config.json beside the artifact (Hugging Face Optimum's
+    ORTModelForCausalLM reads the model type and sizes from it); nothing for other sources."""
+    config = model_config(model_path)
+    if config is None or "model_type" not in config:
+        return []
+    shutil.copyfile(_model_folder(model_path) / "config.json", outdir / "config.json")
+    return ["config.json"]
+
+
 def model_config(model_path) -> dict | None:
     """The config.json of the checkpoint or Hugging Face folder `model_path` names, if any."""
     folder = _model_folder(model_path)

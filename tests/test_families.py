@@ -98,6 +98,12 @@ def test_family_is_generation_ready_and_decodes_as_pytorch(family, backend, tmp_
     folder, model = hf_folder(family, tmp_path_factory)
     result = graphopt.optimize(folder, tmp_path / "out", backend=backend)
     assert result.report["generation"]["ready"], result.report["generation"]
+    # the Hugging Face config beside an ORT artifact: Optimum's ORTModelForCausalLM loads the
+    # folder by it (checked by hand with optimum-onnx 0.1.0, which needs transformers < 4.58)
+    config = tmp_path / "out" / "config.json"
+    assert config.is_file() == (backend == "onnxruntime")
+    if config.is_file():
+        assert config.read_bytes() == (folder / "config.json").read_bytes()
     decode_against_pytorch(graphopt.load(tmp_path / "out"), model)
 
 

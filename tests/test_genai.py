@@ -65,6 +65,8 @@ def test_default_artifact_has_a_genai_config_that_describes_it(default_artifact)
         "filename": "model.onnx", "head_size": 32, "hidden_size": 192, "num_attention_heads": 6,
         "num_hidden_layers": 6, "num_key_value_heads": 2}
     assert (model["type"], model["context_length"], model["vocab_size"]) == ("llama", 256, 4096)
+    # a graphopt.train checkpoint's config.json is not a Hugging Face config: not copied
+    assert not (default_artifact / "config.json").exists() and "config.json" not in manifest["files"]
     assert model["eos_token_id"] == model["bos_token_id"] == model["pad_token_id"] == 0  # <|endoftext|>
     assert config["search"]["past_present_share_buffer"] is False and config["search"]["max_length"] == 256
     assert {"genai_config.json", "tokenizer_config.json"} <= set(manifest["files"])  # part of the artifact
