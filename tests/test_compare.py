@@ -236,6 +236,28 @@ def test_a_failing_variant_shows_its_error_while_the_others_report(report):
     assert all("p50_ms" in r for r in _cell(report, "ort/fp32")["results"])
 
 
+def test_a_long_error_is_cut_in_the_table_and_whole_in_the_json(report):
+    """A runtime's own message (onnxruntime-genai's, hundreds of characters) made the failed
+    cell's column, and the whole table, that wide; the table cuts it, the JSON keeps it."""
+    import copy
+    import io
+
+    from rich.console import Console
+
+    from graphopt.compare.table import render
+
+    long = copy.deepcopy(report)
+    cell = _cell(long, "ort/broken")
+    cell["error"] = "InvalidArgument: " + "x" * 400 + " END"
+    out = io.StringIO()
+    render(long, Console(file=out, width=400, color_system=None))
+    text = out.getvalue()
+    row = next(line for line in text.splitlines() if "ort/broken " in line)
+    assert "failed: InvalidArgument: xxx" in row and " END" not in row and "…" in row
+    assert len(row) < 400  # before: the 421-character message alone
+    assert _cell(report, "ort/broken")["error"].startswith("RuntimeError")  # the report itself untouched
+
+
 def test_interleaving_cancels_drift(monkeypatch):
     """Two identical cells on a machine that slows down steadily: interleaved rounds give them
     the same median (timed one after the other, the second would look ~50% slower)."""

@@ -41,13 +41,22 @@ def worst_accuracy(cell: dict) -> dict:
     return out
 
 
+ERROR_WIDTH = 80  # a failed cell's error in the terminal table; the JSON keeps it whole
+
+
+def short_error(error: str) -> str:
+    """An error cut to ERROR_WIDTH characters for a table cell (a runtime's own message can
+    run to hundreds, which made the column, and so the table, that wide)."""
+    return error if len(error) <= ERROR_WIDTH else error[:ERROR_WIDTH - 1] + "…"
+
+
 def gen_columns(cell: dict, gen: dict) -> list[str]:
     """Time to first token and decode tokens/s (with how many greedy tokens match torch's)."""
     g = cell.get("generation")
     if g is None:
         return ["-", "-"]
     if "error" in g:
-        return [f"[red]failed: {g['error']}[/]", "-"]
+        return [f"[red]failed: {short_error(g['error'])}[/]", "-"]
     rate = "-" if g["decode_tokens_per_s"] is None else f"{g['decode_tokens_per_s']:.0f}"
     same = "" if g["same_tokens"] is None or g["same_tokens"] == gen["new_tokens"] else \
         f" [yellow]({g['same_tokens']}/{gen['new_tokens']} same)[/]"
@@ -86,7 +95,7 @@ def render(report: dict, console=None) -> None:
     for c in report["cells"]:
         name = c["id"] + (" [dim](anchor)[/]" if c["anchor"] else "")
         if c["status"] == "error":
-            row = [name, f"[red]failed: {c['error']}[/]"] + ["-"] * (len(t.columns) - 2)
+            row = [name, f"[red]failed: {short_error(c['error'])}[/]"] + ["-"] * (len(t.columns) - 2)
             t.add_row(*row)
             continue
         row = [name]
