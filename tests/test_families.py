@@ -107,23 +107,33 @@ def test_family_is_generation_ready_and_decodes_as_pytorch(family, backend, tmp_
     decode_against_pytorch(graphopt.load(tmp_path / "out"), model)
 
 
-# ALiBi adds a per-head bias of the key positions to the scores: no fused attention takes it yet
 REFUSED = {
+    # ALiBi adds a per-head bias of the key positions to the scores: no fused attention takes it yet
     "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB)),
+    # LongRoPE (Phi-3-mini-128k, Phi-3.5): other rotary frequencies once the sequence passes the
+    # original context (16 here), so a cached key's rotary depends on when it was computed; the
+    # cos/sin tables were taken at max-positions for every position, silently wrong below 16
+    "phi3_longrope": ("Phi3ForCausalLM", dict(GQA, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                                              original_max_position_embeddings=16,
+                                              rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                            "long_factor": [4.0] * 8})),
 }
+REASONS = {"bloom": "attention is not fused: Softmax node",
+           "phi3_longrope": "its rows for the first positions change when the sequence grows to 64"}
 
 
 @pytest.mark.slow
-def test_alibi_is_refused_with_the_reason_and_the_artifact_recomputes_the_sequence(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_refused_with_the_reason_and_the_artifact_recomputes_the_sequence(family, tmp_path, tmp_path_factory):
     import torch
 
-    folder, model = hf_folder("bloom", tmp_path_factory)
+    folder, model = hf_folder(family, tmp_path_factory)
     result = graphopt.optimize(folder, tmp_path / "out")
     gen = result.report["generation"]
-    assert not gen["ready"] and "attention is not fused: Softmax node" in gen["reason"]
+    assert not gen["ready"] and REASONS[family] in gen["reason"]
     artifact = graphopt.load(tmp_path / "out")
-    ids = np.array([[0, 0, 5, 17, 13], [11, 9, 64, 21, 30]], np.int64)
-    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)
+    ids = np.array([[0, 0, 5, 17, 13] + [7] * 17, [11, 9, 64, 21, 30] + [7] * 17], np.int64)  # past 16
+    mask = np.array([[0, 0] + [1] * 20, [1] * 22], np.int64)
     got = artifact.run({"input_ids": ids, "attention_mask": mask})["logits"]
     with torch.no_grad():
         want = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()

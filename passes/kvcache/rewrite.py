@@ -429,6 +429,12 @@ def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
         (table,) = evaluate(graph, [v], _feeds(graph, 1, max_pos))
         if table.shape[ax] != max_pos:
             raise _fail(f"{v.name!r} has {table.shape[ax]} rows at max-positions={max_pos}")
+        if not np.allclose(np.take(table, range(s2), axis=ax), a2, rtol=1e-6, atol=1e-7, equal_nan=True):
+            # e.g. Phi-3's LongRoPE: other frequencies once the sequence is longer than the
+            # original context, so a cached key's rotary would depend on when it was computed
+            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}): its rows for the first positions change when "
+                        f"the sequence grows to {max_pos} (a position encoding that depends on the length, "
+                        "such as LongRoPE): keys cached at one length would not match another")
         positional.append((v, uses, np.ascontiguousarray(table.reshape(table.shape[ax:])), ax))
     return [(v, uses, (table, ax)) for v, uses, table, ax in positional]
 
