@@ -231,6 +231,27 @@ def test_from_torch_falls_back_to_torchscript_and_says_so(monkeypatch, capsys):
     assert_close(run(graph, {"features": x})["output"], expected, rtol=0, atol=ATOL)
 
 
+def test_a_model_neither_exporter_takes_fails_in_one_line_with_nothing_on_stdout(monkeypatch, capfd):
+    """The TorchScript exporter's C++ log printed the whole Torch IR graph on stdout when it
+    failed (a Mixtral: hundreds of lines, whatever `verbose` said); the user gets one line."""
+    from graphopt.frontends import torch_export
+
+    class Histogram(torch.nn.Module):  # aten::histc: no ONNX symbolic (Mixtral's router uses it)
+        def forward(self, x):
+            return torch.histc(x, bins=4, min=0, max=1) + x.sum()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("dynamo gave up")
+
+    monkeypatch.setattr(torch_export, "_export_dynamo", broken)
+    with pytest.raises(UserError, match=r"export to ONNX failed: dynamo: RuntimeError: dynamo gave up; "
+                                        r"torchscript: .*histc") as e:
+        from_torch(Histogram().eval(), (torch.rand(3, 4),), input_names=["x"], progress=False)
+    assert "\n" not in str(e.value)
+    out = capfd.readouterr()
+    assert "Torch IR graph" not in out.out + out.err and out.out == ""
+
+
 def test_from_torch_refuses_size_one_example_on_dynamic_axis():
     with pytest.raises(UserError, match=r"example input 'x' has size 1 on dynamic axis 0 \('batch'\)"):
         from_torch(MLP(), torch.randn(1, 4), progress=False)

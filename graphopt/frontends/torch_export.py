@@ -102,7 +102,7 @@ def export_module(module, args: tuple, kwargs: dict, input_names: list[str], out
                 exporter = f"{TORCHSCRIPT} (dynamo failed: {reason})"
                 _clear(work)
                 try:
-                    with _quiet():
+                    with _quiet(), _quiet_native_stdout():
                         _export_torchscript(module, args, kwargs, input_names, output_names, dynamic, onnx_path)
                 except Exception as ts_error:
                     raise UserError(f"{label}: export to ONNX failed: dynamo: {reason}; "
@@ -321,6 +321,28 @@ def _quiet():
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_native_stdout():
+    """File descriptor 1 to /dev/null: the TorchScript exporter's C++ log prints the whole
+    Torch IR graph (hundreds of lines) when it fails, whatever `verbose` says (torch 2.13's
+    setup_onnx_logging tests the function `_jit_is_onnx_log_enabled`, always true, not its
+    result); the failure itself still comes as an exception."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout (an embedding host): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 class _Progress:
