@@ -76,12 +76,12 @@ def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
 
 def is_decoder(graph: Graph) -> bool:
     """A causal LM as the frontends export one: `input_ids [batch, seq]` (and maybe an
-    `attention_mask`) in, one `logits [batch, seq, vocab]` out, no cache yet; or one exported
-    with a cache (Optimum's past_key_values.* inputs and present.* outputs besides)."""
+    `attention_mask`, a `position_ids`) in, one `logits [batch, seq, vocab]` out, no cache yet;
+    or one exported with a cache (Optimum's past_key_values.* inputs and present.* outputs besides)."""
     names = {v.name for v in graph.inputs if not v.is_initializer}
     cache = {n for n in names if n.startswith("past_key_values.")}
     outputs = [v for v in graph.outputs if not (cache and v.name.startswith("present."))]
-    return ("input_ids" in names and names - cache <= {"input_ids", "attention_mask"} and len(outputs) == 1
+    return ("input_ids" in names and names - cache <= {"input_ids", "attention_mask", "position_ids"} and len(outputs) == 1
             and graph.outputs[0].name == "logits" and graph.outputs[0].type is not None
             and graph.outputs[0].type.rank == 3)
 

@@ -15,6 +15,7 @@ from graphopt.errors import UserError
 from graphopt.fileutil import check_output_files
 from graphopt.ir import Graph
 from graphopt.frontends import load_model_path
+from graphopt.frontends.huggingface import onnx_config_hints
 from graphopt.onnx_io import load_onnx, save_onnx
 from graphopt.text import load_gir, save_gir, weights_file_of
 
@@ -30,7 +31,9 @@ def load_graph(path: str | os.PathLike) -> Graph:
         raise UserError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return load_onnx(path)
+        graph = load_onnx(path)
+        onnx_config_hints(graph, path)  # an Optimum export folder's config.json: the maximum context
+        return graph
     if suffix == ".gir":
         return load_gir(path)
     if path.is_dir() or suffix in FRONTEND_SUFFIXES:

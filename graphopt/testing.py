@@ -199,11 +199,13 @@ def export_onnx(module, path: str | os.PathLike, *, dynamo: bool, batch: int = 2
     return path
 
 
-def export_onnx_with_cache(model, path: str | os.PathLike, *, past: int = 4) -> Path:
+def export_onnx_with_cache(model, path: str | os.PathLike, *, past: int = 4, position_ids: bool = False) -> Path:
     """A Hugging Face decoder (`tiny_hf_model(...).model`) exported by torch.onnx as Optimum
     lays a cached decoder out: inputs input_ids [batch, seq], attention_mask [batch, total]
     and past_key_values.{i}.key|value [batch, kv_heads, past_seq, head]; outputs logits and
-    present.{i}.key|value. Positions come from the mask (left padding works)."""
+    present.{i}.key|value. Positions come from the mask (left padding works); with
+    `position_ids`, from an input of that name, as optimum-cli exports them, and the
+    dimensions get the names it gives them (batch_size, sequence_length, ...)."""
     import warnings
 
     import torch
@@ -220,11 +222,13 @@ def export_onnx_with_cache(model, path: str | os.PathLike, *, past: int = 4) -> 
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, *pasts):
+        def forward(self, input_ids, attention_mask, *rest):
+            positions, pasts = (rest[0], rest[1:]) if position_ids else (None, rest)
             cache = DynamicCache()
             for i in range(layers):
                 cache.update(pasts[2 * i], pasts[2 * i + 1], i)
-            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            if positions is None:
+                positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                              position_ids=positions, use_cache=True)
             presents = []
@@ -233,10 +237,15 @@ def export_onnx_with_cache(model, path: str | os.PathLike, *, past: int = 4) -> 
             return (out.logits, *presents)
 
     names = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    inputs = ["input_ids", "attention_mask"] + [f"past_key_values.{n}" for n in names]
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-            **{f"past_key_values.{n}": {0: "batch", 2: "past_seq"} for n in names}}
+    extra = ["position_ids"] if position_ids else []
+    inputs = ["input_ids", "attention_mask"] + extra + [f"past_key_values.{n}" for n in names]
+    batch, seq = ("batch_size", "sequence_length") if position_ids else ("batch", "seq")
+    axes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: "total"},
+            **({"position_ids": {0: batch, 1: seq}} if position_ids else {}),
+            **{f"past_key_values.{n}": {0: batch, 2: "past_seq"} for n in names},
+            **({"logits": {0: batch, 1: seq}} if position_ids else {})}
     args = (torch.zeros((2, 3), dtype=torch.int64), torch.ones((2, past + 3), dtype=torch.int64),
+            *([torch.arange(past, past + 3).repeat(2, 1)] if position_ids else []),
             *[torch.zeros((2, kv_heads, past, head)) for _ in names])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

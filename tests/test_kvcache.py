@@ -789,6 +789,29 @@ def test_graphopt_optimize_makes_a_model_exported_with_a_cache_generation_ready(
     check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["BNSH", "static"])
+def test_an_optimum_export_with_position_ids_becomes_generation_ready(layout, tmp_path):
+    """optimum-cli exports a cached decoder with a `position_ids` input and its own dimension
+    names (batch_size): before, graphopt wrote a full-sequence artifact without a word, and
+    `generate` failed on the missing position_ids. The positions now come from the mask, and
+    the static artifact through IO binding (the Generator's way) decodes as PyTorch row by row;
+    the maximum context comes from the config.json beside the .onnx, as in Optimum's folder."""
+    from graphopt.testing import export_onnx_with_cache, tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=3).model
+    (tmp_path / "optimum").mkdir()
+    path = export_onnx_with_cache(model, tmp_path / "optimum" / "model.onnx", position_ids=True)
+    model.config.to_json_file(tmp_path / "optimum" / "config.json")
+    graphopt.optimize(path, tmp_path / "out", kv_layout=layout)
+    artifact = graphopt.load(tmp_path / "out")
+    assert "position_ids" not in [i["name"] for i in artifact.manifest["signature"]["inputs"]]
+    gen = artifact.manifest["generation"]
+    assert gen["kv_layout"] == layout and gen["max_positions"] == 64
+    max_positions = 64 if layout == "static" else 0
+    check_decode(artifact.decode_run(), hf_reference(model), PROMPTS, 6, 2, 2, 8, layout, max_positions)
+
+
 def test_an_exported_cache_the_pass_cannot_read_is_refused_with_the_reason(exported_with_cache):
     from graphopt.models import load_graph
     from graphopt.pass_manager import PassError

@@ -758,3 +758,28 @@ def test_hugging_face_folder_lowers_the_same(tmp_path):
     module.model.save_pretrained(tmp_path / "hf")
     optimize(tmp_path / "hf", tmp_path / "out", kv_cache=False)  # the full-sequence artifact
     check_model_artifact(tmp_path / "out", module, "llama")
+
+
+def test_the_bound_runner_returns_each_output_under_its_own_name():
+    """An output in a buffer of the runner's (its shape known from the feeds) is bound before
+    one ORT allocates; ORT's binding returns the outputs in the order they were bound. Taking
+    them in the signature's order gave an exported cache's logits ("batch_size" unknown to the
+    runner then) the present's array: a static artifact generated garbage through IO binding."""
+    import onnxruntime as ort
+
+    ids = helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "seq"])
+    first = helper.make_tensor_value_info("first", onnx.TensorProto.INT64, [2, "n"])
+    second = helper.make_tensor_value_info("second", onnx.TensorProto.INT64, ["batch", "seq"])
+    graph = helper.make_graph([helper.make_node("NonZero", ["input_ids"], ["first"]),
+                               helper.make_node("Identity", ["input_ids"], ["second"])], "g", [ids], [first, second])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    run = ort_backend.BoundRunner(session, {"first": ([2, "n"], np.int64), "second": (["batch", "seq"], np.int64)},
+                                  {"input_ids": ["batch", "seq"]}).run
+    x = np.array([[0, 3, 0], [5, 0, 7]], np.int64)
+    for feed in (x, x[:, :2], x):  # a second shape, and back
+        out = run({"input_ids": feed})
+        assert list(out) == ["first", "second"]
+        np.testing.assert_array_equal(out["second"], feed)
+        np.testing.assert_array_equal(np.asarray(out["first"].numpy() if hasattr(out["first"], "numpy") else out["first"]),
+                                      np.stack(np.nonzero(feed)))

@@ -152,6 +152,12 @@ class BoundRunner:
         self._current = None  # the plan whose buffers are bound
         self._binding = session.io_binding()
         self._bound: dict[str, object] = {}  # name -> what is bound (kept alive: ORT reads its memory)
+        # the outputs in the order they were first bound: the order of binding.get_outputs()
+        # (rebinding a name replaces its value in place)
+        self._output_order: list[str] = []
+        # input_ids' own dimension names (an exporter's "batch_size", "sequence_length")
+        ids_shape = (input_shapes or {}).get("input_ids") or []
+        self._ids_dims = [d for d in ids_shape if isinstance(d, str)] if len(ids_shape) == 2 else []
 
     def run(self, feeds: dict) -> dict:
         import onnxruntime as ort
@@ -170,23 +176,31 @@ class BoundRunner:
         if plan is not self._current:  # another shape: its buffers bound once, until the shape changes
             for name, buf in plan[0].items():
                 binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                self._first_bound(name)
             self._current = plan
         buffers, allocated = plan
         for name in allocated:  # ORT allocates it (a growing cache): a new value every call
             binding.bind_output(name, "cpu")
+            self._first_bound(name)
         self.session.run_with_iobinding(binding)
         if not allocated:  # every output in a buffer of ours: no OrtValue to fetch
             return dict(buffers)
-        out = dict(zip(self.output_shapes, binding.get_outputs()))
+        # by the order of binding, not of the signature: an output ORT allocates may have been
+        # bound after the buffers (a converted export's logits, whose batch is "batch_size")
+        out = dict(zip(self._output_order, binding.get_outputs()))
         out.update(buffers)
-        return out
+        return {name: out[name] for name in self.output_shapes}
+
+    def _first_bound(self, name: str) -> None:
+        if name not in self._output_order:
+            self._output_order.append(name)
 
     def _plan(self, feeds: dict, ort) -> tuple[dict, list]:
         """({output: its buffer}, [outputs ORT allocates]) for these feeds' shapes: a buffer
         allocated once per shape for an output whose shape the feeds fix (the last-token
         logits, a static cache, a paged pool)."""
         ids = feeds["input_ids"]
-        dims = {"batch": ids.shape[0], "seq": ids.shape[1]}
+        dims = {"batch": ids.shape[0], "seq": ids.shape[1], **dict(zip(self._ids_dims, ids.shape))}
         like = {}
         for name, source in self._shaped_like.items():
             fed = feeds[source]

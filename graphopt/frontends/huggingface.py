@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import types
 from pathlib import Path
 
 from graphopt.errors import UserError
@@ -119,12 +120,35 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
     wrapper = _wrapper_class()(model, output)
     graph = export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
                           label=label, progress=progress, source=source)
-    if max_seq:  # the KV-cache rewrite builds its position tables this long
-        graph.metadata.metadata_props["graphopt.max_positions"] = str(max_seq)
-    window = getattr(cfg, "sliding_window", None)
-    if isinstance(window, int) and window > 0:  # a hint: the rewrite probes the masks this long to see it
-        graph.metadata.metadata_props["graphopt.sliding_window"] = str(window)
+    record_config_hints(graph, cfg)
     return graph
+
+
+def record_config_hints(graph: Graph, cfg) -> None:
+    """What the KV-cache rewrite reads from a Hugging Face config (an object or its dict),
+    where the graph does not say it already: the maximum context (the position tables are
+    built this long) and the sliding window (a hint: the masks are probed past it)."""
+    if isinstance(cfg, dict):
+        cfg = types.SimpleNamespace(**cfg)
+    props = graph.metadata.metadata_props
+    max_seq = _max_positions(cfg)
+    if max_seq:
+        props.setdefault("graphopt.max_positions", str(max_seq))
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0:
+        props.setdefault("graphopt.sliding_window", str(window))
+
+
+def onnx_config_hints(graph: Graph, onnx_path: Path) -> None:
+    """The hints of the Hugging Face config.json beside an exported .onnx file (an Optimum
+    export folder), if there is one."""
+    config_path = onnx_path.parent / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # not a config this can read: the rewrite asks for max-positions if it needs it
+    if isinstance(config, dict) and is_hf_config(config):
+        record_config_hints(graph, config)
 
 
 # --------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from graphopt.passes.cleanup.dce import EliminateDeadCode
 from graphopt.passes.kvcache.convert import BLOCK_TABLE, KVCacheError, cache_shape, convert_cache, has_cache
 from graphopt.registry import run_reference
 
-INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
+INPUT_IDS, MASK, LOGITS, POSITION_IDS = "input_ids", "attention_mask", "logits", "position_ids"
 PAST_SEQ, TOTAL_SEQ = "past_seq", "past_seq + seq"
 LAYOUTS = ("BNSH", "BSNH", "static", "paged")
 # layout -> the backends that run it (None: the pass runs without a backend, e.g. in tests)
@@ -109,6 +109,7 @@ class RewriteKVCache(Pass):
         max_pos = self.max_positions or int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
         if self.layout == "paged" and self.block_size <= 0:
             raise UserError(f"rewrite-kv-cache: block-size {self.block_size}: must be positive")
+        _position_ids_from_mask(graph)
         if has_cache(graph):  # exported with a cache: recognized and moved to the layout
             if self.layout in ("static", "paged") and not max_pos:
                 raise _fail(f"the {self.layout} layout needs the maximum context, which the graph does not record: "
@@ -622,6 +623,35 @@ def _mask_per_position(graph: Graph, old: Value, mask: Value, input_ids: Value, 
             raise _fail(f"{v.name!r}, computed from the attention mask, is not the same when computed with the "
                         "past (cannot compute it with a cache)")
     return len(sliced)
+
+
+def _position_ids_from_mask(graph: Graph) -> None:
+    """An exported `position_ids` input (Optimum lays a decoder out with one) is computed from
+    the mask instead, as the artifact's signature has none: each token's count of real tokens
+    before it (Hugging Face's `cumsum(mask) - 1` on real tokens; a pad's position is never
+    read), of the mask's last `seq` columns when the mask covers a past."""
+    by_name = {v.name: v for v in graph.inputs if not v.is_initializer}
+    pos = by_name.get(POSITION_IDS)
+    if pos is None:
+        return
+    ids, mask = by_name.get(INPUT_IDS), by_name.get(MASK)
+    if ids is None or mask is None:
+        raise _fail(f"input {POSITION_IDS!r} is computed from {MASK!r}, which the graph does not take")
+    if pos.type is None or pos.type.shape is None or len(pos.type.shape) != 2 or pos.type.dtype.is_float:
+        raise _fail(f"input {POSITION_IDS!r} is {pos.type}, expected integers [batch, seq]")
+    b = Builder(graph, before=graph.nodes[0] if graph.nodes else None, created_by="rewrite-kv-cache",
+                name_prefix="kv_cache_position_ids")
+    m = mask if mask.type.dtype.np_dtype == np.int64 else b.Cast(mask, to=DType.INT64.onnx_type)
+    positions = b.CumSum(m, b.const(np.array(1, np.int64), "kv_seq_axis"), exclusive=1)
+    if has_cache(graph):  # the mask covers past + seq: the step's columns
+        past = b.Sub(b.Shape(mask, start=1, end=2), b.Shape(ids, start=1, end=2))
+        positions = b.Slice(positions, past, b.const(np.array([_INT64_MAX], np.int64), "kv_end"),
+                            b.const(np.array([1], np.int64), "kv_axis"))
+    if pos.type.dtype != DType.INT64:
+        positions = b.Cast(positions, to=pos.type.dtype.onnx_type)
+    positions.type = TensorType(pos.type.dtype, tuple(ids.type.shape))
+    pos.replace_all_uses_with(positions)
+    graph.inputs = [v for v in graph.inputs if v is not pos]
 
 
 def _retire_input(graph: Graph, old: Value, input_ids: Value) -> None:
