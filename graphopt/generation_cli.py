@@ -39,12 +39,13 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
     """Continue --prompt with MODEL, streaming tokens as they are produced, then print the time
     to first token and the decode tokens/s.
 
-    MODEL is a training checkpoint (runs on torch) or an artifact folder that `graphopt
-    optimize` wrote for a decoder (runs on its backend).
+    MODEL is a training checkpoint or a Hugging Face folder (both run on eager torch) or an
+    artifact folder that `graphopt optimize` wrote for a decoder (runs on its backend).
 
     \b
     Examples:
       graphopt generate examples/default --prompt "def "
+      graphopt generate hf-model/ --prompt "Once upon a time" --max-new-tokens 32
       graphopt optimize examples/default -o out/default && graphopt generate out/default --prompt "def "
       graphopt generate out/default --prompt "import " --prompt "class " --max-new-tokens 32
       graphopt generate out/default --prompt "import " --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
@@ -58,7 +59,74 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
                         f"(graphopt optimize {model} -o OUT --backend {backend}) and generate from OUT")
     if len(prompts) > 1:
         raise UserError(f"{model}: a checkpoint takes one --prompt (a batch of prompts needs an artifact)")
+    config = _hf_config(model)
+    if config is not None:
+        _generate_hf(model, config, prompts[0], max_new_tokens, temperature, top_k, top_p, seed)
+        return
     _generate_checkpoint(model, prompts[0], max_new_tokens, temperature, top_k, top_p, seed)
+
+
+def _hf_config(model: Path) -> dict | None:
+    """The config.json of a Hugging Face folder (none for a graphopt.train checkpoint)."""
+    import json
+
+    try:
+        config = json.loads((model / "config.json").read_text()) if (model / "config.json").is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # the checkpoint loader says what is wrong with it
+    return config if isinstance(config, dict) and ("model_type" in config or "architectures" in config) else None
+
+
+def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):
+    """A Hugging Face folder on eager PyTorch: its `generate` (KV cache, greedy or sampled),
+    the text streamed as it comes."""
+    import torch
+
+    from graphopt.frontends.huggingface import load_hf_module
+    from graphopt.generation import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    model, _ = load_hf_module(folder, config)
+    if not hasattr(model, "generate") or not hasattr(model, "lm_head"):
+        raise UserError(f"{folder}: {type(model).__name__} is not a causal language model: nothing to generate")
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise UserError("--prompt encodes to no tokens")
+    printed: list[str] = []
+    new: list[int] = []
+    first: list[float] = []
+
+    class Stream:  # transformers' streamer protocol: put(token ids), end()
+        def put(self, value):
+            if not first and len(new) == 0 and value.numel() == len(ids):
+                return  # the prompt itself
+            if not first:
+                first.append(time.perf_counter() - t0)
+                sys.stdout.write(prompt)
+            new.extend(int(t) for t in value.reshape(-1))
+            text = tok.decode(new)
+            sys.stdout.write(text[len("".join(printed)):])
+            sys.stdout.flush()
+            printed[:] = [text]
+
+        def end(self):
+            pass
+
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    options = dict(do_sample=sample, temperature=temperature if sample else None, top_k=top_k if sample else None,
+                   top_p=top_p if sample else None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
+                       max_new_tokens=max_new_tokens, streamer=Stream(), pad_token_id=config.get("pad_token_id")
+                       or config.get("eos_token_id") or 0, **options)
+    total = time.perf_counter() - t0
+    sys.stdout.write(("" if first else prompt) + "\n")
+    sys.stdout.flush()  # the text's line ends before the timing on stderr
+    if first and len(new) > 1 and total > first[0]:
+        click.echo(f"time to first token {first[0] * 1000:.1f} ms, decode {(len(new) - 1) / (total - first[0]):.1f} "
+                   f"tokens/s ({len(new)} tokens, batch 1, torch)", err=True)
 
 
 def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):

@@ -378,8 +378,8 @@ def _hf_folder(tmp_path, cls_name: str, **config):
     import transformers as tf
 
     cls = getattr(tf, cls_name)
-    cfg = cls.config_class(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=64, **config)
+    cfg = cls.config_class(**{**dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=64), **config})
     torch.manual_seed(0)
     model = cls(cfg).eval()
     model.save_pretrained(tmp_path / "hf")
@@ -1165,6 +1165,34 @@ def test_generate_cli_on_the_artifact_matches_the_checkpoint(default_artifact):
     assert batch.exit_code == 0 and "batch 2" in batch.stderr
     lines = batch.stdout.splitlines()
     assert lines[0].startswith("import ") and any(line.startswith("class ") for line in lines)
+
+
+@pytest.mark.slow
+def test_generate_cli_on_a_hugging_face_folder_runs_torch_and_matches_its_artifact(tmp_path):
+    """`graphopt generate HF_FOLDER` ran only graphopt.train checkpoints ("no 'model' section");
+    a Hugging Face folder now generates on eager PyTorch (transformers' generate), the same
+    greedy text as the folder's ORT artifact, and samples with a seed."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    folder, _ = _hf_folder(tmp_path, "Qwen3ForCausalLM", vocab_size=4096, head_dim=16,  # the shipped tokenizer's
+                           max_position_embeddings=128, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    shutil.copyfile(DEFAULT_MODEL / "tokenizer.json", folder / "tokenizer.json")
+    args = ["--prompt", "def ", "--max-new-tokens", "12"]
+    torch = CliRunner().invoke(cli, ["generate", str(folder), *args])
+    assert torch.exit_code == 0, torch.output
+    graphopt.optimize(folder, tmp_path / "ort")
+    ort = CliRunner().invoke(cli, ["generate", str(tmp_path / "ort"), *args])
+    assert ort.exit_code == 0, ort.output
+    assert torch.stdout == ort.stdout and torch.stdout.startswith("def ") and len(torch.stdout) > 8
+    assert "tokens/s" in torch.stderr and "torch" in torch.stderr
+    sampled = [CliRunner().invoke(cli, ["generate", str(folder), *args, "--temperature", "1.5", "--seed", s])
+               for s in ("1", "1", "2")]
+    assert all(r.exit_code == 0 for r in sampled) and sampled[0].stdout == sampled[1].stdout
+    assert sampled[2].stdout != sampled[0].stdout or sampled[0].stdout != torch.stdout
 
 
 @pytest.mark.parametrize("args, words", [
