@@ -86,8 +86,8 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     from graphopt.generation import load_tokenizer
 
     tok = load_tokenizer(folder)
-    model, _ = load_hf_module(folder, config)
-    if not hasattr(model, "generate") or not hasattr(model, "lm_head"):
+    model, output = load_hf_module(folder, config)
+    if output != "logits":
         raise UserError(f"{folder}: {type(model).__name__} is not a causal language model: nothing to generate")
     ids = tok.encode(prompt).ids
     if not ids:
@@ -95,11 +95,13 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     printed: list[str] = []
     new: list[int] = []
     first: list[float] = []
+    seen_prompt: list[bool] = []
 
-    class Stream:  # transformers' streamer protocol: put(token ids), end()
+    class Stream:  # transformers' streamer protocol: put(token ids), the prompt first; end()
         def put(self, value):
-            if not first and len(new) == 0 and value.numel() == len(ids):
-                return  # the prompt itself
+            if not seen_prompt:
+                seen_prompt.append(True)
+                return
             if not first:
                 first.append(time.perf_counter() - t0)
                 sys.stdout.write(prompt)
@@ -113,14 +115,15 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
             pass
 
     torch.manual_seed(seed)
+    pad = next((t for t in (config.get("pad_token_id"), config.get("eos_token_id")) if t is not None), 0)
+    pad = pad[0] if isinstance(pad, list) and pad else pad  # eos may be a list of ids
     sample = temperature > 0
     options = dict(do_sample=sample, temperature=temperature if sample else None, top_k=top_k if sample else None,
                    top_p=top_p if sample else None)
     t0 = time.perf_counter()
     with torch.no_grad():
         model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
-                       max_new_tokens=max_new_tokens, streamer=Stream(), pad_token_id=config.get("pad_token_id")
-                       or config.get("eos_token_id") or 0, **options)
+                       max_new_tokens=max_new_tokens, streamer=Stream(), pad_token_id=pad, **options)
     total = time.perf_counter() - t0
     sys.stdout.write(("" if first else prompt) + "\n")
     sys.stdout.flush()  # the text's line ends before the timing on stderr
