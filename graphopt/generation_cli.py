@@ -59,22 +59,14 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
                         f"(graphopt optimize {model} -o OUT --backend {backend}) and generate from OUT")
     if len(prompts) > 1:
         raise UserError(f"{model}: a checkpoint takes one --prompt (a batch of prompts needs an artifact)")
-    config = _hf_config(model)
-    if config is not None:
+    from graphopt.frontends.huggingface import is_hf_config  # here: the IR's import is not paid by --help
+    from graphopt.generation import model_config
+
+    config = model_config(model) if model.is_dir() else None
+    if config is not None and is_hf_config(config):
         _generate_hf(model, config, prompts[0], max_new_tokens, temperature, top_k, top_p, seed)
         return
     _generate_checkpoint(model, prompts[0], max_new_tokens, temperature, top_k, top_p, seed)
-
-
-def _hf_config(model: Path) -> dict | None:
-    """The config.json of a Hugging Face folder (none for a graphopt.train checkpoint)."""
-    import json
-
-    try:
-        config = json.loads((model / "config.json").read_text()) if (model / "config.json").is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None  # the checkpoint loader says what is wrong with it
-    return config if isinstance(config, dict) and ("model_type" in config or "architectures" in config) else None
 
 
 def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):

@@ -404,6 +404,20 @@ def test_a_sliding_window_is_kept_past_the_window_on_ort_and_tvm(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_window_too_wide_to_probe_caps_the_context_at_the_window(tmp_path):
+    """A config window of 4,200 below 8,192 positions: probing the masks past it would take
+    [4201, 4201] arrays per mask (a Qwen2.5-1M's 32,768-key window: GBs). The artifact serves
+    up to the window instead (a step past it is the usual clear error), and decodes as PyTorch."""
+    folder, model = _hf_folder(tmp_path, "MistralForCausalLM", max_position_embeddings=8192, sliding_window=4200)
+    result = graphopt.optimize(folder, tmp_path / "ort")
+    (stats,) = [e["stats"] for e in result.report["passes"] if e.get("name") == "rewrite-kv-cache"]
+    assert stats.get("max-positions-capped-at-the-window") == 1 and "sliding-window-attention" not in stats
+    artifact = graphopt.load(tmp_path / "ort")
+    assert artifact.manifest["generation"]["max_positions"] == 4200
+    check_decode(artifact.run, hf_reference(model), PROMPTS, 4, 2, 2, 8)
+
+
+@pytest.mark.slow
 def test_gemma2_softcap_and_alternating_windows_decode_as_pytorch(tmp_path):
     """Gemma 2: attention logits soft-capped (fused as graphopt.Attention's softcap; before,
     the Softmax stayed unfused and the model was not generation-ready), local layers with a

@@ -81,11 +81,6 @@ def _load_folder(folder: Path, *, progress: bool) -> Graph:
     from graphopt.frontends import training
 
     config_path = folder / "config.json"
-    if (folder / "manifest.json").is_file() and (folder / "model.onnx").is_file():
-        # an optimized artifact (one from a Hugging Face folder keeps its config.json for Optimum)
-        from graphopt.onnx_io import load_onnx
-
-        return load_onnx(folder / "model.onnx")
     if config_path.is_file():
         config = _read_config(config_path)
         if training.is_training_config(config):

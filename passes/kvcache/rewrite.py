@@ -123,10 +123,16 @@ class RewriteKVCache(Pass):
         site = _read_decoder(graph)
         if max_pos < max(_PROBE_SEQ):
             raise _fail("the model's maximum context is unknown: give rewrite-kv-cache{max-positions=N}")
+        result = PassResult()
+        hint = int(graph.metadata.metadata_props.get(META_SLIDING_WINDOW, 0) or 0)
+        if _WINDOW_PROBE_MAX < hint < max_pos:
+            # probing the masks past so wide a window would take [hint, hint] arrays (GBs): the
+            # artifact serves up to the window instead, where no window can hide a key
+            max_pos = hint
+            result.count("max-positions-capped-at-the-window")
         windows = _check_causal(graph, site, max_pos)
         tables = _positional_values(graph, site, max_pos)
 
-        result = PassResult()
         old_mask = site.mask_input
         if old_mask is not None:
             graph.rename_value(old_mask, graph.fresh_name("attention_mask_full_sequence"))
@@ -308,6 +314,9 @@ def _feeds(graph: Graph, batch: int, seq: int) -> dict[str, np.ndarray]:
 
 # How long the masks are probed without a hint: a sliding window narrower than this is seen.
 _WINDOW_PROBE = 64
+# The longest probe a config's sliding_window may ask for (a [4097, 4097] mask: Mistral's 4096);
+# a wider window below the context caps max-positions at the window instead.
+_WINDOW_PROBE_MAX = 4096
 META_SLIDING_WINDOW = "graphopt.sliding_window"  # the frontend's hint (a Hugging Face config's)
 
 
@@ -328,7 +337,7 @@ def _check_causal(graph: Graph, site: _Decoder, max_pos: int) -> list[int | None
     if not masks:
         return [None] * len(site.attentions)
     hint = int(graph.metadata.metadata_props.get(META_SLIDING_WINDOW, 0) or 0)
-    seq = min(max_pos, max(_WINDOW_PROBE, hint + 1 if hint < max_pos else 0))
+    seq = min(max_pos, max(_WINDOW_PROBE, hint + 1 if hint < max_pos else 0))  # at most _WINDOW_PROBE_MAX + 1
     values = evaluate(graph, [m for m, _ in masks.values()], _feeds(graph, 1, seq))
     i, j = np.indices((seq, seq))
     window_of = {}
@@ -447,10 +456,10 @@ def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
 class _Builder:
     """The per-step values, built once at the top of the graph and shared by every layer."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, name_prefix: str = "kv_cache"):
         self.graph = graph
         self.b = Builder(graph, before=graph.nodes[0] if graph.nodes else None, created_by="rewrite-kv-cache",
-                         name_prefix="kv_cache")
+                         name_prefix=name_prefix)
 
     def _i64(self, *xs, name="kv_const"):
         return self.b.const(np.array(xs, np.int64), name)
@@ -639,16 +648,11 @@ def _position_ids_from_mask(graph: Graph) -> None:
         raise _fail(f"input {POSITION_IDS!r} is computed from {MASK!r}, which the graph does not take")
     if pos.type is None or pos.type.shape is None or len(pos.type.shape) != 2 or pos.type.dtype.is_float:
         raise _fail(f"input {POSITION_IDS!r} is {pos.type}, expected integers [batch, seq]")
-    b = Builder(graph, before=graph.nodes[0] if graph.nodes else None, created_by="rewrite-kv-cache",
-                name_prefix="kv_cache_position_ids")
-    m = mask if mask.type.dtype.np_dtype == np.int64 else b.Cast(mask, to=DType.INT64.onnx_type)
-    positions = b.CumSum(m, b.const(np.array(1, np.int64), "kv_seq_axis"), exclusive=1)
-    if has_cache(graph):  # the mask covers past + seq: the step's columns
-        past = b.Sub(b.Shape(mask, start=1, end=2), b.Shape(ids, start=1, end=2))
-        positions = b.Slice(positions, past, b.const(np.array([_INT64_MAX], np.int64), "kv_end"),
-                            b.const(np.array([1], np.int64), "kv_axis"))
+    b = _Builder(graph, "kv_cache_position_ids")  # (the convert path's nodes are kv_cache/...)
+    past, _ = b.lengths(ids, mask)  # 0 on a full-sequence graph, whose mask has seq columns
+    positions = b.position_ids(mask, past)
     if pos.type.dtype != DType.INT64:
-        positions = b.Cast(positions, to=pos.type.dtype.onnx_type)
+        positions = b.b.Cast(positions, to=pos.type.dtype.onnx_type)
     positions.type = TensorType(pos.type.dtype, tuple(ids.type.shape))
     pos.replace_all_uses_with(positions)
     graph.inputs = [v for v in graph.inputs if v is not pos]
