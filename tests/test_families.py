@@ -42,6 +42,12 @@ FAMILIES = {
     "falcon": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                          vocab_size=VOCAB, new_decoder_architecture=False, multi_query=True)),
     "biogpt": ("BioGptForCausalLM", COMMON),
+    # mixtures of experts, exported dense (frontends/huggingface.py): a TopK router
+    "mixtral": ("MixtralForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
+    # a shared expert beside the routed ones, top-k weights not renormalized
+    "qwen2_moe": ("Qwen2MoeForCausalLM", dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=64)),
+    "olmoe": ("OlmoeForCausalLM", dict(GQA, num_experts=4, num_experts_per_tok=2)),  # norms on Q and K too
 }
 
 _folders: dict = {}
@@ -139,3 +145,21 @@ def test_refused_with_the_reason_and_the_artifact_recomputes_the_sequence(family
         want = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=ATOL)  # the unpadded row
     np.testing.assert_allclose(got[0, 2:], want[0, 2:], rtol=0, atol=ATOL)  # the real positions
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_holds_each_expert_as_weights_of_its_own(tmp_path, tmp_path_factory):
+    """The experts are stacked [experts, out, in] in the checkpoint; exported as slices taken at
+    run time they were neither folded nor quantized (16 Gather + Transpose pairs a step here).
+    Each is a weight of its own: int4 turns every projection, each expert's and the router's,
+    into MatMulNBits."""
+    import onnx
+
+    folder, _ = hf_folder("mixtral", tmp_path_factory)
+    result = graphopt.optimize(folder, tmp_path / "int4", quantize="int4")
+    assert result.report["generation"]["ready"]
+    ops = [n.op_type for n in onnx.load(tmp_path / "int4" / "model.onnx", load_external_data=False).graph.node]
+    layers, experts = 2, 4
+    # per layer: Q/K/V (merged), O, the router, each expert's gate+up and down; the LM head
+    assert ops.count("MatMulNBits") == layers * (3 + 2 * experts) + 1
+    assert "MatMul" not in ops and "Transpose" not in ops

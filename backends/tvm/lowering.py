@@ -343,7 +343,8 @@ class Lowerer:
         if y is not None:
             return y
         if transposed:
-            w = self.weight(value, "T", np.transpose) or self.emit(R.permute_dims(w, [1, 0]))
+            stored = self.weight(value, "T", np.transpose)
+            w = stored if stored is not None else self.emit(R.permute_dims(w, [1, 0]))
         return self.emit(R.matmul(x, w))
 
     def weight_matmul(self, x, value: Value, transform: str = "", fn: Callable[[np.ndarray], np.ndarray] | None = None):

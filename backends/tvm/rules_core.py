@@ -281,6 +281,16 @@ def arg_reduce(lw: Lowerer, node, args):
     return [y if lw.dtype(y) == "int64" else lw.emit(R.astype(y, "int64"))]
 
 
+@rule("TopK")
+def topk(lw: Lowerer, node, args):
+    """ONNX TopK (k a constant: a mixture-of-experts router's). Ties keep the lower index
+    first, as ONNX asks; `sorted=0` leaves the order open, so the sorted one is a valid answer."""
+    (k,) = lw.const_ints(args[1], "k")
+    both = lw.emit(R.topk(lw.tensor(args[0]), k=int(k), axis=node.attr("axis", -1), ret_type="both",
+                          largest=bool(node.attr("largest", 1)), dtype="int64"))
+    return [lw.emit(relax.TupleGetItem(both, 0)), lw.emit(relax.TupleGetItem(both, 1))]
+
+
 @rule("CumSum")
 def cumsum(lw: Lowerer, node, args):
     x = lw.tensor(args[0])

@@ -12,6 +12,13 @@ Attention is exported with transformers' "eager" implementation. Its dynamo expo
 for padded batches; the default "sdpa" exports too, but PyTorch's SDPA kernel returns zeros
 for a query row that every key masks out (a left-padded position of a causal LM), which the
 exported graph does not reproduce. Real (unpadded) positions agree either way.
+
+Mixture-of-experts blocks (Mixtral, Qwen-MoE, OLMoE and the other models whose experts use
+transformers' `use_experts_implementation`) are exported dense: every expert runs on every
+token and its output is weighted by the router's weight for that token, zero where the router
+did not choose it. That is the same sum the sparse forward makes (it does not trace: its
+default counts tokens per expert with `histc` and loops over the experts hit); it costs the
+compute of all experts, not of the chosen ones.
 """
 from __future__ import annotations
 
@@ -118,8 +125,9 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
         args.append(token_type_ids)
         names.append("token_type_ids")
     wrapper = _wrapper_class()(model, output)
-    graph = export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
-                          label=label, progress=progress, source=source)
+    with _dense_experts(model):
+        graph = export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
+                              label=label, progress=progress, source=source)
     record_config_hints(graph, cfg)
     return graph
 
@@ -234,6 +242,73 @@ def _max_positions(cfg) -> int | None:
         if isinstance(value, int) and value >= 2:
             return value
     return None
+
+
+DENSE_EXPERTS = "graphopt_dense"
+
+
+@contextlib.contextmanager
+def _dense_experts(model):
+    """For the duration, `model`'s mixture-of-experts blocks (if any) run every expert on every
+    token (`_dense_experts_forward`), which traces to a static graph. Each expert's projections
+    are registered as parameters of their own (views of the stacked ones), so that the export
+    holds them as separate weights, as it holds any linear layer's, not as slices taken of one
+    stacked tensor at run time."""
+    import torch
+
+    blocks = [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+    if not blocks or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if DENSE_EXPERTS not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(DENSE_EXPERTS, _dense_experts_forward)
+    before = model.get_experts_implementation()
+    for m in blocks:
+        up = m.gate_up_proj if m.has_gate else m.up_proj
+        stacked = [up, m.down_proj]
+        if m.has_bias:
+            stacked += [m.gate_up_proj_bias if m.has_gate else m.up_proj_bias, m.down_proj_bias]
+        m._graphopt_experts = torch.nn.ModuleList(
+            torch.nn.ParameterList([torch.nn.Parameter(t[e], requires_grad=False) for t in stacked])
+            for e in range(up.shape[0]))
+    model.set_experts_implementation(DENSE_EXPERTS)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
+        for m in blocks:
+            del m._graphopt_experts
+
+
+def _dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' experts forward (`integrations.moe`; `top_k_index`/`top_k_weights`
+    [tokens, k] from the router), computed for every expert on every token: expert e's output
+    times the sum of the weights with which the router chose e for that token (zero if it did
+    not). The same arithmetic as its `batched_mm` forward, pair by pair."""
+    out = None
+    for e, params in enumerate(self._graphopt_experts):
+        up, down, up_bias, down_bias = (list(params) + [None, None])[:4]
+        weight = (top_k_weights * (top_k_index == e).to(top_k_weights.dtype)).sum(-1, keepdim=True)
+        h = _expert_linear(hidden_states, up, up_bias, self.is_transposed)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = _expert_linear(h, down, down_bias, self.is_transposed)
+        if self.has_post_expert_norm:
+            h = self.post_expert_norm(h)
+        h = h * weight.to(h.dtype)
+        out = h if out is None else out + h
+    return out.to(hidden_states.dtype)
+
+
+def _expert_linear(x, weight, bias, transposed: bool):
+    """One expert's projection: `weight` [out, in] (nn.Linear's), or [in, out] when `transposed`."""
+    import torch
+
+    if not transposed:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = x @ weight
+    return y if bias is None else y + bias
 
 
 def _class_name(model) -> str:

@@ -213,7 +213,7 @@ def _read_decoder(graph: Graph) -> _Decoder:
     if len(graph.outputs) != 1 or graph.outputs[0].type.rank != 3:
         raise _fail("expected one output, the logits [batch, seq, vocab]")
     for n in graph.nodes:
-        if n.domain == "" and n.op_type == "Softmax":
+        if n.domain == "" and n.op_type == "Softmax" and _over_positions(n):
             raise _fail(f"attention is not fused: Softmax node {n.name!r} remains (run the fusion pipeline, "
                         "fuse-attention, first)")
     attentions = [n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type == "Attention"]
@@ -224,6 +224,16 @@ def _read_decoder(graph: Graph) -> _Decoder:
             raise _fail(f"attention node {n.name!r} has a cache already")
         _check_heads(n, ids.type.shape)
     return _Decoder(ids, mask, attentions)
+
+
+def _over_positions(softmax: Node) -> bool:
+    """A Softmax whose axis is not a fixed size: over positions, an attention's. A router's
+    over a mixture's experts (a static count) is per token and needs no cache."""
+    t = softmax.inputs[0].type
+    if t is None or t.shape is None:
+        return True
+    axis = softmax.attr("axis", -1)
+    return not isinstance(t.shape[axis], int)
 
 
 def _check_heads(n: Node, batch_seq: tuple) -> None:
