@@ -148,18 +148,24 @@ def test_refused_with_the_reason_and_the_artifact_recomputes_the_sequence(family
 
 
 @pytest.mark.slow
-def test_a_mixture_of_experts_holds_each_expert_as_weights_of_its_own(tmp_path, tmp_path_factory):
-    """The experts are stacked [experts, out, in] in the checkpoint; exported as slices taken at
-    run time they were neither folded nor quantized (16 Gather + Transpose pairs a step here).
-    Each is a weight of its own: int4 turns every projection, each expert's and the router's,
-    into MatMulNBits."""
+def test_a_mixture_of_experts_runs_sparse_on_ort_and_quantizes_every_expert(tmp_path, tmp_path_factory):
+    """SwiGLU experts export as one graphopt.MoE a layer, which ORT runs as com.microsoft.MoE
+    (only the chosen experts; the family test above checks its logits). int4 decomposes it:
+    each expert's projections (stacked [experts, out, in] in the checkpoint) become weights of
+    their own, all quantized (sliced at run time, they were neither folded nor quantized)."""
     import onnx
 
     folder, _ = hf_folder("mixtral", tmp_path_factory)
+    layers, experts = 2, 4
+
+    def ops(out):
+        return [n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
+    graphopt.optimize(folder, tmp_path / "fp32")
+    fp32 = ops(tmp_path / "fp32")
+    assert fp32.count("MoE") == layers and fp32.count("MatMul") == layers * 3 + 1  # QKV, O, router; LM head
     result = graphopt.optimize(folder, tmp_path / "int4", quantize="int4")
     assert result.report["generation"]["ready"]
-    ops = [n.op_type for n in onnx.load(tmp_path / "int4" / "model.onnx", load_external_data=False).graph.node]
-    layers, experts = 2, 4
+    int4 = ops(tmp_path / "int4")
     # per layer: Q/K/V (merged), O, the router, each expert's gate+up and down; the LM head
-    assert ops.count("MatMulNBits") == layers * (3 + 2 * experts) + 1
-    assert "MatMul" not in ops and "Transpose" not in ops
+    assert int4.count("MatMulNBits") == layers * (3 + 2 * experts) + 1
+    assert "MatMul" not in int4 and "Transpose" not in int4 and "MoE" not in int4

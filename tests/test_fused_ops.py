@@ -1,4 +1,4 @@
-"""Fused graphopt ops (Linear, SkipNorm, GatedLinear): reference vs decomposition, in the
+"""Fused graphopt ops (Linear, SkipNorm, GatedLinear, MoE): reference vs decomposition, in the
 interpreter and in ONNX Runtime."""
 from __future__ import annotations
 
@@ -95,6 +95,42 @@ def test_gated_linear(act, bias, tmp_path):
     d = g.copy()
     decompose_node(d.nodes[0])
     assert [n.op_type for n in d.nodes].count("MatMul") == 1  # the two projections share one MatMul
+
+
+@pytest.mark.parametrize("gated", [1, 0])
+@pytest.mark.parametrize("weights_const", [True, False])
+def test_moe_is_the_weighted_sum_of_the_chosen_experts(gated, weights_const, tmp_path):
+    """Reference and decomposition (every expert on every token, weighted by the router's
+    weight for it) against the sparse sum computed token by token over the chosen experts."""
+    tokens, k, experts, hidden, inner = 6, 2, 4, 8, 5
+    x = f32(tokens, hidden)
+    index = np.stack([RNG.permutation(experts)[:k] for _ in range(tokens)]).astype(np.int64)
+    weights = RNG.uniform(0.1, 0.6, (tokens, k)).astype(np.float32)
+    up, down = f32(experts, (2 if gated else 1) * inner, hidden), f32(experts, hidden, inner)
+    specs = [(name, a, ("batch", None), False) for name, a in (("x", x), ("index", index), ("weights", weights))]
+    # stacked weights as graph inputs: the decomposition gathers each expert at run time
+    specs += [(name, a, None, weights_const) for name, a in (("up", up), ("down", down))]
+    g = one_node_graph("MoE", specs, {"activation": "silu" if gated else "relu", "gated": gated}, name="t")
+    verify(g)
+    feeds = {name: a for name, a, _, const in specs if not const}
+    want = list(check_decomposition(g, feeds, tmp_path).values())[0]
+    sparse = np.zeros_like(x, dtype=np.float64)
+    for t in range(tokens):
+        for j in range(k):
+            e = index[t, j]
+            h = up[e].astype(np.float64) @ x[t]
+            if gated:
+                gate, u = h[:inner], h[inner:]
+                h = gate / (1 + np.exp(-gate)) * u
+            else:
+                h = np.maximum(h, 0)
+            sparse[t] += weights[t, j] * (down[e] @ h)
+    assert_close(want, sparse.astype(np.float32), rtol=1e-4, atol=1e-4)
+    if weights_const:  # each expert's weights are constants of their own, not slices taken at run time
+        d = g.copy()
+        decompose_node(d.nodes[0])
+        ops = [n.op_type for n in d.nodes]
+        assert ops.count("MatMul") == 2 * experts and "Gather" not in ops and "Transpose" not in ops
 
 
 def test_bad_fused_ops_name_the_node():

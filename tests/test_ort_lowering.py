@@ -406,7 +406,32 @@ GATED_CASES = [
          DECOMPOSED),
 ]
 
-ALL_CASES = ATTENTION_CASES + RMS_CASES + SKIP_CASES + ROPE_CASES + LINEAR_CASES + GATED_CASES
+def moe_case(id, kernel, *, lead=(7,), experts=4, k=2, hidden=16, inner=12, gated=1, act="silu",
+             weights_const=True) -> Case:
+    """graphopt.MoE after a router that chose `k` distinct experts per token, with weights that
+    do not sum to one (a router that does not renormalize: Qwen2-MoE, OLMoE)."""
+    rng = _rng(id)
+    tokens = int(np.prod(lead))
+    index = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)]).reshape(lead + (k,)).astype(np.int64)
+    weights = rng.uniform(0.05, 0.45, lead + (k,)).astype(np.float32)
+    dims = ("batch", "seq")[:len(lead)]
+    return Case(id, "MoE", [("X", _f(rng, *lead, hidden), dims + (None,), False),
+                            ("index", index, dims + (None,), False), ("weights", weights, dims + (None,), False),
+                            ("W_up", _f(rng, experts, (2 if gated else 1) * inner, hidden, scale=0.5), None,
+                             weights_const),
+                            ("W_down", _f(rng, experts, hidden, inner, scale=0.5), None, True)],
+                {"activation": act, "gated": gated}, 1, kernel)
+
+
+MOE_CASES = [
+    moe_case("swiglu_tokens", "com.microsoft.MoE"),
+    moe_case("swiglu_batch_seq", "com.microsoft.MoE", lead=(2, 5), experts=8, k=3),
+    moe_case("top1", "com.microsoft.MoE", k=1),
+    moe_case("not_gated_relu", DECOMPOSED, gated=0, act="relu"),
+    moe_case("weights_not_constant", DECOMPOSED, weights_const=False),
+]
+
+ALL_CASES = ATTENTION_CASES + RMS_CASES + SKIP_CASES + ROPE_CASES + LINEAR_CASES + GATED_CASES + MOE_CASES
 
 
 # --------------------------------------------------------------------------------------

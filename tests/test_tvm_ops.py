@@ -73,6 +73,19 @@ BATCH = {0: "batch"}
 SEQ = {1: "seq"}
 
 
+def _moe_cases() -> list:
+    """graphopt.MoE: 3 experts, k=2, the router's choice of distinct experts per token."""
+    tokens, k, experts, hidden, inner = 5, 2, 3, 8, 6
+    index = np.stack([RNG.permutation(experts)[:k] for _ in range(tokens)]).astype(np.int64)
+    weights = f32(tokens, k, low=0.1, high=1.0)
+    return [Case("MoE", [f32(tokens, hidden), index, weights, C(f32(experts, 2 * inner, hidden)),
+                         C(f32(experts, hidden, inner))], {"activation": "silu", "gated": 1}, domain="graphopt",
+                 symbolic={0: BATCH, 1: BATCH, 2: BATCH}),
+            Case("MoE", [f32(tokens, hidden), index, weights, C(f32(experts, inner, hidden)),
+                         C(f32(experts, hidden, inner))], {"activation": "relu", "gated": 0}, domain="graphopt",
+                 id="not-gated")]
+
+
 def _quant_linear_cases() -> list:
     from graphopt.ops.quant_format import quantize_blockwise
 
@@ -212,6 +225,9 @@ CASES = [
     Case("SkipNorm", [f32(2, 3, 8), f32(2, 3, 8), C(f32(8))], {"norm": "rms", "epsilon": 1e-6},
          domain="graphopt", id="rms"),
     *_quant_linear_cases(),
+    *_moe_cases(),
+    Case("TopK", [f32(4, 6), C(i64(3))], outputs=2, symbolic={0: BATCH}),  # a mixture-of-experts router's
+    Case("TopK", [f32(4, 6, 5), C(i64(2))], {"axis": 1, "largest": 0}, outputs=2, id="smallest-axis1"),
 ]
 
 

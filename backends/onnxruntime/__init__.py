@@ -19,7 +19,7 @@ from graphopt.errors import UserError
 from graphopt.manifest import artifact_file
 from graphopt.ir import Graph
 
-from graphopt.backends.onnxruntime import attention, quant, rules  # noqa: F401  (register the rules)
+from graphopt.backends.onnxruntime import attention, moe, quant, rules  # noqa: F401  (register the rules)
 from graphopt.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
 from graphopt.onnx_io import save_onnx

@@ -338,6 +338,41 @@ def gated_linear(lw: Lowerer, node, args):
     return [lw.emit(R.multiply(_activate(lw, gate, _attr(node, "activation")), up))]
 
 
+@rule("MoE", domain="graphopt")
+def moe(lw: Lowerer, node, args):
+    """Every expert on every token (graphopt.MoE's decomposition), with each expert's
+    projections stored as weights of their own, packed as any linear's: expert e's output
+    times the router's weight for e (the sum of `weights` where `index` is e)."""
+    x, index, weights = (lw.tensor(a) for a in args[:3])
+    up, down = node.inputs[3], node.inputs[4]
+    ups, downs = lw.const_array(up), lw.const_array(down)
+    if ups is None or downs is None:
+        raise lw.error("the expert weights must be constants")
+    act, gated = _attr(node, "activation"), bool(_attr(node, "gated"))
+    inner = downs.shape[2]
+    dtype = lw.dtype(weights)
+    y = None
+    for e in range(ups.shape[0]):
+        chosen = lw.emit(R.astype(lw.emit(R.equal(index, relax.const(e, lw.dtype(index)))), dtype))
+        w = lw.emit(R.sum(lw.emit(R.multiply(weights, chosen)), axis=[-1], keepdims=True))
+        h = lw.weight_matmul(x, up, f"expert{e}:", lambda a, e=e: a[e].T)
+        if h is None:
+            h = lw.emit(R.matmul(x, lw.weight(up, f"expert{e}", lambda a, e=e: a[e].T)))
+        if gated:
+            last = lw.rank(h) - 1
+            gate = lw.emit(R.strided_slice(h, axes=[last], begin=[0], end=[inner]))
+            u = lw.emit(R.strided_slice(h, axes=[last], begin=[inner], end=[2 * inner]))
+            h = lw.emit(R.multiply(_activate(lw, gate, act), u))
+        else:
+            h = _activate(lw, h, act)
+        d = lw.weight_matmul(h, down, f"expert{e}:", lambda a, e=e: a[e].T)
+        if d is None:
+            d = lw.emit(R.matmul(h, lw.weight(down, f"expert{e}", lambda a, e=e: a[e].T)))
+        d = lw.emit(R.multiply(d, w))
+        y = d if y is None else lw.emit(R.add(y, d))
+    return [y]
+
+
 @rule("SkipNorm", domain="graphopt")
 def skip_norm(lw: Lowerer, node, args):
     gamma = lw.tensor(args[2])

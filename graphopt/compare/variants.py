@@ -28,6 +28,7 @@ from graphopt.driver import default_pipeline, optimize
 from graphopt.errors import UserError
 from graphopt.manifest import artifact_file, read_manifest
 from graphopt.models import load_graph
+from graphopt.lowering import decompose_graphopt_ops
 from graphopt.onnx_io import save_onnx
 
 BACKENDS = ("torch", "ort", "tvm")
@@ -135,11 +136,18 @@ class BuildContext:
         return self._export_graph
 
     def export_onnx(self) -> Path:
-        """The export as an .onnx file, untouched by graphopt's passes (the anchors' input)."""
+        """The export as an .onnx file, untouched by graphopt's passes (the anchors' input); a
+        graphopt-domain node the frontend exported (a mixture of experts' graphopt.MoE) is
+        decomposed into core ops, so that any runtime loads it."""
         if self._export_path is None:
             path = self.workdir / "export" / "model.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_onnx(self.export_graph().copy(), path)
+            graph = self.export_graph().copy()
+            if decompose_graphopt_ops(graph):
+                for name, v in list(graph.initializers.items()):  # what the decomposition stopped reading
+                    if not v.uses() and not v.is_graph_output:
+                        graph.remove_initializer(name)
+            save_onnx(graph, path)
             self._export_path = path
         return self._export_path
 

@@ -14,11 +14,12 @@ for a query row that every key masks out (a left-padded position of a causal LM)
 exported graph does not reproduce. Real (unpadded) positions agree either way.
 
 Mixture-of-experts blocks (Mixtral, Qwen-MoE, OLMoE and the other models whose experts use
-transformers' `use_experts_implementation`) are exported dense: every expert runs on every
-token and its output is weighted by the router's weight for that token, zero where the router
-did not choose it. That is the same sum the sparse forward makes (it does not trace: its
-default counts tokens per expert with `histc` and loops over the experts hit); it costs the
-compute of all experts, not of the chosen ones.
+transformers' `use_experts_implementation`; their own forward does not trace: it counts tokens
+per expert with `histc` and loops over the experts hit) export after their router as one
+graphopt.MoE node where the experts are SwiGLU ones (gate and up stacked, no biases), which ORT
+runs sparse; other experts export dense: every expert on every token, its output weighted by
+the router's weight for that token (zero where the router did not choose it), the same sum at
+the compute of all experts.
 """
 from __future__ import annotations
 
@@ -244,16 +245,16 @@ def _max_positions(cfg) -> int | None:
     return None
 
 
-DENSE_EXPERTS = "graphopt_dense"
+EXPERTS_IMPLEMENTATION = "graphopt"
 
 
 @contextlib.contextmanager
 def _dense_experts(model):
-    """For the duration, `model`'s mixture-of-experts blocks (if any) run every expert on every
-    token (`_dense_experts_forward`), which traces to a static graph. Each expert's projections
-    are registered as parameters of their own (views of the stacked ones), so that the export
-    holds them as separate weights, as it holds any linear layer's, not as slices taken of one
-    stacked tensor at run time."""
+    """For the duration, `model`'s mixture-of-experts blocks (if any) trace to a static graph
+    (`_experts_forward`): a block with SwiGLU experts (gate and up stacked, no biases) as one
+    graphopt.MoE node, any other running every expert on every token, each expert's
+    projections registered as parameters of their own (views of the stacked ones) so that the
+    export holds them as separate weights, as it holds any linear layer's."""
     import torch
 
     blocks = [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
@@ -262,10 +263,14 @@ def _dense_experts(model):
         return
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    if DENSE_EXPERTS not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(DENSE_EXPERTS, _dense_experts_forward)
+    if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _experts_forward)
     before = model.get_experts_implementation()
     for m in blocks:
+        m._graphopt_moe = _is_swiglu_block(m)
+        if m._graphopt_moe:
+            _define_moe_op()
+            continue
         up = m.gate_up_proj if m.has_gate else m.up_proj
         stacked = [up, m.down_proj]
         if m.has_bias:
@@ -273,20 +278,42 @@ def _dense_experts(model):
         m._graphopt_experts = torch.nn.ModuleList(
             torch.nn.ParameterList([torch.nn.Parameter(t[e], requires_grad=False) for t in stacked])
             for e in range(up.shape[0]))
-    model.set_experts_implementation(DENSE_EXPERTS)
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     try:
         yield
     finally:
         model.set_experts_implementation(before)
         for m in blocks:
-            del m._graphopt_experts
+            del m._graphopt_moe
+            if hasattr(m, "_graphopt_experts"):
+                del m._graphopt_experts
 
 
-def _dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+def _is_swiglu_block(m) -> bool:
+    """An experts module graphopt.MoE holds as it is: gate and up stacked [experts, 2 * inner,
+    hidden] (gate first), down [experts, hidden, inner], SiLU on the gate, no biases, no norm."""
+    import torch
+    from transformers.integrations.moe import _default_apply_gate
+
+    if not (m.has_gate and m.is_concatenated and not m.has_bias and not m.is_transposed
+            and not m.has_post_expert_norm and getattr(type(m), "_apply_gate", None) is _default_apply_gate):
+        return False
+    probe = torch.linspace(-6, 6, 49)
+    with torch.no_grad():
+        return bool(torch.allclose(m.act_fn(probe), torch.nn.functional.silu(probe), rtol=0, atol=1e-6))
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers' experts forward (`integrations.moe`; `top_k_index`/`top_k_weights`
-    [tokens, k] from the router), computed for every expert on every token: expert e's output
-    times the sum of the weights with which the router chose e for that token (zero if it did
-    not). The same arithmetic as its `batched_mm` forward, pair by pair."""
+    [tokens, k] from the router), traceable: graphopt.MoE for a SwiGLU block; otherwise
+    every expert on every token, expert e's output times the sum of the weights with which the
+    router chose e for that token (zero if it did not), the arithmetic of its `batched_mm`
+    forward pair by pair."""
+    import torch
+
+    if self._graphopt_moe:
+        return torch.ops.graphopt.moe(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
+                                      self.gate_up_proj, self.down_proj)
     out = None
     for e, params in enumerate(self._graphopt_experts):
         up, down, up_bias, down_bias = (list(params) + [None, None])[:4]
@@ -309,6 +336,61 @@ def _expert_linear(x, weight, bias, transposed: bool):
         return torch.nn.functional.linear(x, weight, bias)
     y = x @ weight
     return y if bias is None else y + bias
+
+
+_moe_op_defined = False
+
+
+def _define_moe_op() -> None:
+    """`torch.ops.graphopt.moe` (x, index, weights, up, down): graphopt.MoE with SwiGLU experts,
+    an opaque op to torch.export that both ONNX exporters write as one graphopt.MoE node."""
+    global _moe_op_defined
+    if _moe_op_defined:
+        return
+    import onnx
+    import onnxscript
+    import torch
+    from onnx.defs import OpSchema
+
+    from graphopt.frontends.torch_export import register_translation
+    from graphopt.ir import CANONICAL_OPSET, GRAPHOPT_DOMAIN
+
+    @torch.library.custom_op("graphopt::moe", mutates_args=(),
+                             schema="(Tensor x, Tensor index, Tensor weights, Tensor up, Tensor down) -> Tensor")
+    def moe(x, index, weights, up, down):
+        y = torch.zeros_like(x)
+        for e in range(up.shape[0]):
+            w = (weights * (index == e).to(weights.dtype)).sum(-1, keepdim=True)
+            gate, u = torch.nn.functional.linear(x, up[e]).chunk(2, dim=-1)
+            y = y + torch.nn.functional.linear(torch.nn.functional.silu(gate) * u, down[e]) * w
+        return y
+
+    @moe.register_fake
+    def _(x, index, weights, up, down):
+        return torch.empty_like(x)
+
+    if not onnx.defs.has("MoE", GRAPHOPT_DOMAIN):  # onnxscript builds a node only from a schema
+        param = OpSchema.FormalParameter
+        onnx.defs.register_schema(OpSchema(
+            "MoE", GRAPHOPT_DOMAIN, 1,
+            inputs=[param(n, t) for n, t in (("X", "T"), ("index", "I"), ("weights", "T"), ("W_up", "T"),
+                                             ("W_down", "T"))],
+            outputs=[param("Y", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"], ""),
+                              ("I", ["tensor(int64)", "tensor(int32)"], "")],
+            attributes=[OpSchema.Attribute("activation", OpSchema.AttrType.STRING, ""),
+                        OpSchema.Attribute("gated", OpSchema.AttrType.INT, "")]))
+    domain = onnxscript.values.Opset(GRAPHOPT_DOMAIN, 1)
+
+    def moe_onnx(x, index, weights, up, down):
+        return domain.MoE(x, index, weights, up, down, activation="silu", gated=1)
+
+    def moe_symbolic(g, x, index, weights, up, down):
+        return g.op(f"{GRAPHOPT_DOMAIN}::MoE", x, index, weights, up, down, activation_s="silu", gated_i=1)
+
+    register_translation(torch.ops.graphopt.moe.default, moe_onnx)
+    torch.onnx.register_custom_op_symbolic("graphopt::moe", moe_symbolic, CANONICAL_OPSET)
+    _moe_op_defined = True
 
 
 def _class_name(model) -> str:

@@ -212,6 +212,16 @@ def _default_output_names(module, args, kwargs) -> list[str]:
 # The two exporters
 
 
+# Custom torch ops that a frontend defines so that a block exports as one graphopt-domain node
+# (graphopt.MoE): torch op -> the onnxscript function that makes the node (the dynamo exporter's
+# `custom_translation_table`; for the TorchScript exporter the frontend registers a symbolic).
+_TRANSLATIONS: dict = {}
+
+
+def register_translation(torch_op, onnx_fn) -> None:
+    _TRANSLATIONS[torch_op] = onnx_fn
+
+
 def _export_dynamo(module, args, kwargs, input_names, output_names, dynamic, path: Path) -> None:
     import torch
 
@@ -222,7 +232,8 @@ def _export_dynamo(module, args, kwargs, input_names, output_names, dynamic, pat
     torch.onnx.export(module, args, str(path), kwargs=kwargs or None, dynamo=True, opset_version=CANONICAL_OPSET,
                       dynamic_shapes=dynamic_shapes if any(dynamic.values()) else None,
                       input_names=input_names, output_names=output_names, external_data=True,
-                      verbose=False, report=False, optimize=True)
+                      verbose=False, report=False, optimize=True,
+                      custom_translation_table=dict(_TRANSLATIONS) or None)
 
 
 def _export_torchscript(module, args, kwargs, input_names, output_names, dynamic, path: Path) -> None:

@@ -3,7 +3,8 @@
 A site is a linear layer with a constant weight (graphopt.Linear / GatedLinear, MatMul or Gemm
 by a constant, a tied LM head MatMul(x, Transpose(@table))); `find_site` finds one or says
 why a node is not one. `collect_sites` applies a pass's `exclude` option and records what it
-leaves; `weight_bytes` / `count_weight_bytes` give the report's byte counts;
+leaves (a mixture of experts, graphopt.MoE, it first decomposes: every expert's projections
+become linears of their own, so that they are quantized; the experts then run dense); `weight_bytes` / `count_weight_bytes` give the report's byte counts;
 `drop_unread_weights` removes the float weights a rewrite no longer reads; `gated_epilogue`
 builds a gated MLP's Split and gate after a quantized projection of gate and up side by side.
 """
@@ -17,7 +18,8 @@ from graphopt.builder import Builder
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
 from graphopt.ops.activations import activate
 from graphopt.pass_manager import PassResult
-from graphopt.pattern import constant_value
+from graphopt.pattern import constant_value, remove_dead, replace_value
+from graphopt.registry import get_op
 
 G = GRAPHOPT_DOMAIN
 
@@ -106,6 +108,13 @@ def collect_sites(graph: Graph, tied: bool, exclude: str, result: PassResult, un
     `unsupported(type)` accepts (it returns a reason to skip, or None); the skipped ones are
     recorded in `result.details` with their reason."""
     excluded = {s.strip() for s in exclude.split(";") if s.strip()}
+    experts = [n for n in graph.nodes if n.domain == G and n.op_type == "MoE"]
+    for node in experts:  # each expert's projections become linears of their own, quantized alike
+        (y,) = get_op(G, "MoE").decompose(Builder(graph, before=node, created_by="quantize:moe"), node)
+        replace_value(graph, node.outputs[0], y)
+        remove_dead(graph, [node])
+    if experts:
+        result.count("moe-decomposed", len(experts))
     sites = []
     for node in list(graph.nodes):
         site = find_site(node, tied)
