@@ -13,6 +13,7 @@ import numpy as np
 from graphopt.dtypes import TOLERANCES, DType  # noqa: F401  (the one tolerance table, for tests)
 from graphopt.builder import Builder, make_node
 from graphopt.ir import Graph, TensorType
+from graphopt.ops.quant_format import dequantize_blockwise, pack, pack_weight, quantize_rows
 from graphopt.pass_manager import PassManager
 from graphopt.text import parse_graph, print_graph
 
@@ -449,3 +450,25 @@ def apply_pipeline_text(before: str, pipeline: str, weights: dict | None = None,
     pm = PassManager(pipeline, check_numerics=check)
     out = pm.run(g)
     return out, print_graph(out, header=False), pm.records
+
+
+def quant_moe_inputs(rng, *, experts=4, hidden=64, inner=32, bits=4, block=32, symmetric=False, k=2, lead=(6,)):
+    """Random inputs of graphopt.QuantMoE (tests): (X, index -- k distinct experts a token --,
+    weights, [up_packed, up_scales, down_packed, down_scales, then the zero points unless
+    symmetric] as QuantLinear holds them, [up, down] dequantized to float)."""
+    tokens = int(np.prod(lead))
+    x = rng.uniform(-2, 2, lead + (hidden,)).astype(np.float32)
+    index = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)]).reshape(lead + (k,)).astype(np.int64)
+    weights = rng.uniform(0.1, 0.6, lead + (k,)).astype(np.float32)
+    parts, zps, floats = [], [], []
+    for shape in ((experts, 2 * inner, hidden), (experts, hidden, inner)):
+        w = rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+        rows = [quantize_rows(w[e], bits, block, symmetric) for e in range(experts)]
+        packed = np.stack([pack_weight(q, bits, block) for q, _, _ in rows])
+        scales = np.stack([sc for _, sc, _ in rows])
+        zp = None if symmetric else np.stack([pack(z, bits) for _, _, z in rows])
+        parts += [packed, scales]
+        zps += [] if zp is None else [zp]
+        floats.append(np.stack([dequantize_blockwise(packed[e], scales[e], None if zp is None else zp[e], bits, block,
+                                                     shape[2]) for e in range(experts)]))
+    return x, index, weights, parts + zps, floats

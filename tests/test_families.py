@@ -150,9 +150,11 @@ def test_refused_with_the_reason_and_the_artifact_recomputes_the_sequence(family
 @pytest.mark.slow
 def test_a_mixture_of_experts_runs_sparse_on_ort_and_quantizes_every_expert(tmp_path, tmp_path_factory):
     """SwiGLU experts export as one graphopt.MoE a layer, which ORT runs as com.microsoft.MoE
-    (only the chosen experts; the family test above checks its logits). int4 decomposes it:
-    each expert's projections (stacked [experts, out, in] in the checkpoint) become weights of
-    their own, all quantized (sliced at run time, they were neither folded nor quantized)."""
+    (only the chosen experts; the family test above checks its logits); int4 (RTN) makes it a
+    graphopt.QuantMoE, com.microsoft.QMoE, greedy tokens as the int4 model's reference graph.
+    GPTQ decomposes it: each expert's projections (stacked [experts, out, in] in the
+    checkpoint) become weights of their own, all quantized (sliced at run time, they were
+    neither folded nor quantized)."""
     import onnx
 
     folder, _ = hf_folder("mixtral", tmp_path_factory)
@@ -163,9 +165,38 @@ def test_a_mixture_of_experts_runs_sparse_on_ort_and_quantizes_every_expert(tmp_
     graphopt.optimize(folder, tmp_path / "fp32")
     fp32 = ops(tmp_path / "fp32")
     assert fp32.count("MoE") == layers and fp32.count("MatMul") == layers * 3 + 1  # QKV, O, router; LM head
-    result = graphopt.optimize(folder, tmp_path / "int4", quantize="int4")
-    assert result.report["generation"]["ready"]
+    # int4 (fp32 arithmetic on the dequantized weights, so that the two are comparable)
+    exact = {"quant_accuracy_level": "0"}
+    rtn = graphopt.optimize(folder, tmp_path / "int4", quantize="int4", backend_options=exact)
+    assert rtn.report["generation"]["ready"]
     int4 = ops(tmp_path / "int4")
+    assert int4.count("QMoE") == layers and int4.count("MatMulNBits") == layers * 3 + 1 and "MatMul" not in int4
+    # against the same int4 model on TVM, where QuantMoE decomposes into a QuantLinear per expert
+    # projection: every greedy step's logits, row by row
+    pytest.importorskip("tvm")
+    graphopt.optimize(folder, tmp_path / "int4_tvm", quantize="int4", backend="tvm", backend_options=exact)
+    ort_steps, tvm_steps = (greedy_logits(graphopt.load(tmp_path / name)) for name in ("int4", "int4_tvm"))
+    np.testing.assert_allclose(ort_steps, tvm_steps, rtol=0, atol=ATOL)
+    calib = tmp_path / "calib.npz"
+    ids = np.random.default_rng(0).integers(1, VOCAB, (4, 12))
+    np.savez(calib, input_ids=ids, attention_mask=np.ones_like(ids))
+    result = graphopt.optimize(folder, tmp_path / "gptq", quantize="int4", quant_method="gptq", calibration=calib)
+    assert result.report["generation"]["ready"]
+    gptq = ops(tmp_path / "gptq")
     # per layer: Q/K/V (merged), O, the router, each expert's gate+up and down; the LM head
-    assert int4.count("MatMulNBits") == layers * (3 + 2 * experts) + 1
-    assert "MatMul" not in int4 and "Transpose" not in int4 and "MoE" not in int4
+    assert gptq.count("MatMulNBits") == layers * (3 + 2 * experts) + 1
+    assert "MatMul" not in gptq and "Transpose" not in gptq and "QMoE" not in gptq
+
+
+def greedy_logits(artifact, steps: int = 5) -> np.ndarray:
+    """[steps, rows, vocab]: the last logits of every greedy step of PROMPTS."""
+    gen = Generator.for_artifact(artifact)
+    seen, run = [], gen.run
+
+    def recording(feeds):
+        out = run(feeds)
+        seen.append(np.array(np.asarray(out["logits"])[:, -1]))
+        return out
+    gen.run = recording
+    gen.generate(PROMPTS, steps, eos_token_id=-1)
+    return np.stack(seen)

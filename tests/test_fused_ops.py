@@ -12,7 +12,7 @@ from graphopt.onnx_io import save_onnx
 from graphopt.lowering import decompose_graphopt_ops, decompose_node
 from graphopt.registry import infer_types
 from graphopt.testing import assert_close, run_ort
-from graphopt.testing import one_node_graph
+from graphopt.testing import one_node_graph, quant_moe_inputs
 from graphopt.verify import verify
 
 F32 = DType.FLOAT32
@@ -131,6 +131,27 @@ def test_moe_is_the_weighted_sum_of_the_chosen_experts(gated, weights_const, tmp
         decompose_node(d.nodes[0])
         ops = [n.op_type for n in d.nodes]
         assert ops.count("MatMul") == 2 * experts and "Gather" not in ops and "Transpose" not in ops
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False)])
+def test_quant_moe_is_the_moe_of_its_dequantized_experts(bits, symmetric, tmp_path):
+    """QuantMoE's reference and its decomposition (a QuantLinear per expert projection) against
+    graphopt.MoE's reference on the dequantized weights."""
+    x, index, weights, quant, (up, down) = quant_moe_inputs(RNG, bits=bits, symmetric=symmetric)
+    names = ["up_packed", "up_scales", "down_packed", "down_scales", "up_zero_points", "down_zero_points"]
+    specs = [(name, a, ("batch", None), False) for name, a in (("x", x), ("index", index), ("weights", weights))]
+    specs += [(name, a, None, True) for name, a in zip(names, quant)]
+    attrs = {"bits": bits, "block_size": 32, "hidden": 64, "inner": 32, "activation": "silu", "gated": 1}
+    g = one_node_graph("QuantMoE", specs, attrs, name="t")
+    verify(g)
+    feeds = {"x": x, "index": index, "weights": weights}
+    want = list(check_decomposition(g, feeds, tmp_path).values())[0]
+    m = one_node_graph("MoE", specs[:3] + [("up", up, None, True), ("down", down, None, True)],
+                       {"activation": "silu", "gated": 1}, name="m")
+    assert_close(want, list(run(m, feeds).values())[0], rtol=1e-5, atol=1e-5)
+    d = g.copy()
+    decompose_node(d.nodes[0])
+    assert [n.op_type for n in d.nodes].count("QuantLinear") == 2 * 4
 
 
 def test_bad_fused_ops_name_the_node():

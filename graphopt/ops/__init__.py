@@ -14,6 +14,6 @@ doc says which behaviour graphopt takes. tests/test_graphopt_ops.py checks every
 against the reference and the reference against ONNX Runtime's opset-23 kernels.
 """
 from graphopt.ops import (  # noqa: F401  (each module registers its op on import)
-    attention, dynamic_quant_linear, gated_linear, linear, moe, quant_gather, quant_linear, rms_norm,
+    attention, dynamic_quant_linear, gated_linear, linear, moe, quant_gather, quant_linear, quant_moe, rms_norm,
     rotary_embedding, skip_norm,
 )

@@ -59,7 +59,12 @@ def _moe_infer(node: Node):
 
 def _moe_reference(node: Node, inputs):
     x, index, weights, up, down = inputs[:5]
-    act, gated = moe_activation(node), node.attr("gated", 1)
+    return [moe_np(x, index, weights, up, down, moe_activation(node), node.attr("gated", 1))]
+
+
+def moe_np(x, index, weights, up, down, act: str, gated: int) -> np.ndarray:
+    """The weighted sum of each token's chosen experts (every expert computed, weighted by
+    its router weight: zero where not chosen), in X's type."""
     y = np.zeros(x.shape, x.dtype)
     for e in range(up.shape[0]):
         w = (weights * (index == e).astype(weights.dtype)).sum(-1, keepdims=True)
@@ -70,7 +75,7 @@ def _moe_reference(node: Node, inputs):
         else:
             h = activate_np(h, act)
         y = y + (np.matmul(h.astype(x.dtype), down[e].T) * w).astype(x.dtype)
-    return [y]
+    return y
 
 
 def _moe_decompose(b: Builder, node: Node):
@@ -83,18 +88,25 @@ def _moe_decompose(b: Builder, node: Node):
     ups, downs = constant_value(up), constant_value(down)
     y = None
     for e in range(up.type.shape[0]):
-        chosen = b.Cast(b.Equal(index, b.const(np.array(e, index.type.dtype.np_dtype), "expert")),
-                        to=weights.type.dtype.onnx_type)
-        w = b.ReduceSum(b.Mul(weights, chosen), b.const(i64(-1), "axes"), keepdims=1)
-        h = b.MatMul(x, _expert_weight(b, up, ups, e, "expert_up"))
-        if gated:
-            gate, u = b.Split(h, axis=-1, num_outputs=2)
-            h = b.Mul(activate(b, gate, act), u)
-        else:
-            h = activate(b, h, act)
-        h = b.Mul(b.MatMul(h, _expert_weight(b, down, downs, e, "expert_down")), w)
+        h = gated_activation(b, b.MatMul(x, _expert_weight(b, up, ups, e, "expert_up")), act, gated)
+        h = b.Mul(b.MatMul(h, _expert_weight(b, down, downs, e, "expert_down")), router_weight(b, index, weights, e))
         y = h if y is None else b.Add(y, h)
     return [y]
+
+
+def router_weight(b: Builder, index, weights, e: int):
+    """[.., 1]: the sum of `weights` where `index` is expert e (zero where it was not chosen)."""
+    chosen = b.Cast(b.Equal(index, b.const(np.array(e, index.type.dtype.np_dtype), "expert")),
+                    to=weights.type.dtype.onnx_type)
+    return b.ReduceSum(b.Mul(weights, chosen), b.const(i64(-1), "axes"), keepdims=1)
+
+
+def gated_activation(b: Builder, h, act: str, gated: int):
+    """act(gate) * up over the two halves of `h` (gated), or act(h)."""
+    if not gated:
+        return activate(b, h, act)
+    gate, u = b.Split(h, axis=-1, num_outputs=2)
+    return b.Mul(activate(b, gate, act), u)
 
 
 def _expert_weight(b: Builder, stacked, value: np.ndarray | None, e: int, name: str):

@@ -3,8 +3,9 @@
 A site is a linear layer with a constant weight (graphopt.Linear / GatedLinear, MatMul or Gemm
 by a constant, a tied LM head MatMul(x, Transpose(@table))); `find_site` finds one or says
 why a node is not one. `collect_sites` applies a pass's `exclude` option and records what it
-leaves (a mixture of experts, graphopt.MoE, it first decomposes: every expert's projections
-become linears of their own, so that they are quantized; the experts then run dense); `weight_bytes` / `count_weight_bytes` give the report's byte counts;
+leaves (a mixture of experts, graphopt.MoE, that a pass did not quantize whole -- quantize-weights
+with rtn makes it a graphopt.QuantMoE -- it first decomposes: every expert's projections become
+linears of their own, so that they are quantized; the experts then run dense); `weight_bytes` / `count_weight_bytes` give the report's byte counts;
 `drop_unread_weights` removes the float weights a rewrite no longer reads; `gated_epilogue`
 builds a gated MLP's Split and gate after a quantized projection of gate and up side by side.
 """
@@ -108,7 +109,7 @@ def collect_sites(graph: Graph, tied: bool, exclude: str, result: PassResult, un
     `unsupported(type)` accepts (it returns a reason to skip, or None); the skipped ones are
     recorded in `result.details` with their reason."""
     excluded = {s.strip() for s in exclude.split(";") if s.strip()}
-    experts = [n for n in graph.nodes if n.domain == G and n.op_type == "MoE"]
+    experts = [n for n in graph.nodes if n.domain == G and n.op_type == "MoE" and n.name not in excluded]
     for node in experts:  # each expert's projections become linears of their own, quantized alike
         (y,) = get_op(G, "MoE").decompose(Builder(graph, before=node, created_by="quantize:moe"), node)
         replace_value(graph, node.outputs[0], y)

@@ -103,6 +103,9 @@ class QuantizeWeights(Pass):
                                       self.symmetric, progress, cache, clip=self.awq_then == "rtn"):
                 result.count("awq-scaled" if record["inverse_scale"] else "awq-unscaled")
                 result.details.append({"awq": record})
+        if self.method == "rtn":  # a mixture of experts whole, its experts still run sparse where they can
+            for node in [n for n in graph.nodes if n.domain == G and n.op_type == "MoE" and n.name not in excluded]:
+                self._quantize_experts(graph, node, result)
         sites = collect_sites(graph, self.tied, self.exclude, result, float_only)
         key = (self.bits, self.block_size, self.symmetric, self.method, self.awq_then, self.damp)
         todo = [s for s in sites if (s.node.name, key) not in cache]
@@ -165,6 +168,39 @@ class QuantizeWeights(Pass):
         if site.kind == "tied":  # the table's Gather can share this copy
             self._tables[site.weights[0].name] = (packed, sc, zv)
         return stored
+
+    def _quantize_experts(self, graph: Graph, node, result: PassResult) -> None:
+        """graphopt.MoE -> graphopt.QuantMoE, every expert's projections quantized (RTN) in
+        QuantLinear's layout and stacked; left as it is (collect_sites then decomposes it) where
+        the expert weights are not float constants."""
+        x, index, weights, up, down = node.inputs
+        stacks = constant_value(up), constant_value(down)
+        if any(w is None or w.dtype.kind != "f" or w.ndim != 3 for w in stacks) or float_only(x.type):
+            return
+        dt = x.type.dtype.np_dtype
+        rw = Rewriter(graph, node, "quantize-weights")
+        args, stored = [], 0
+        zero_points = []
+        for value, w in zip((up, down), stacks):
+            rows = [quantize_rows(w[e], self.bits, self.block_size, self.symmetric) for e in range(w.shape[0])]
+            parts = [np.stack([pack_weight(q, self.bits, self.block_size) for q, _, _ in rows]),
+                     np.stack([scales for _, scales, _ in rows]).astype(dt)]
+            for part, suffix in zip(parts, (f"q{self.bits}", "scales")):
+                args.append(rw.const(part, f"{value.name}_{suffix}"))
+                stored += part.nbytes
+            if not self.symmetric:
+                zp = np.stack([pack(z, self.bits) for _, _, z in rows])
+                zero_points.append(rw.const(zp, f"{value.name}_zero_points"))
+                stored += zp.nbytes
+        y = rw.op("QuantMoE", x, index, weights, *args, *zero_points, domain=G, bits=self.bits,
+                  block_size=self.block_size, hidden=int(stacks[1].shape[1]), inner=int(stacks[1].shape[2]),
+                  gated=int(node.attr("gated", 1)), activation=node.attr("activation", "silu"))
+        replace_value(graph, node.outputs[0], y)
+        remove_dead(graph, [node])
+        drop_unread_weights(graph, [up, down])
+        result.count("moe")
+        result.details.append({"node": node.name, "op": node.op, "kind": "moe", "experts": int(stacks[0].shape[0]),
+                               "K": int(stacks[0].shape[2]), "N": int(stacks[0].shape[1]), "bytes": stored})
 
     def _quantize_embeddings(self, graph: Graph, excluded: set, result: PassResult) -> None:
         for node in list(graph.nodes):
