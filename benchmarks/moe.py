@@ -166,6 +166,9 @@ def main() -> None:
         results["greedy"] = {name: {"ttft_ms": float(np.median([t for t, _ in v])) * 1e3,
                                     "decode_tokens_per_s": float(np.median([r for _, r in v])),
                                     "same_tokens_as_torch": tokens[name] == tokens["torch"],
+                                    "leading_tokens_equal_to_torch": next(
+                                        (i for i, (a, b) in enumerate(zip(tokens[name], tokens["torch"])) if a != b),
+                                        len(tokens["torch"])),
                                     "rounds": args.greedy_rounds} for name, v in samples.items()}
         torch_tps = results["greedy"]["torch"]["decode_tokens_per_s"]
         for row in results["greedy"].values():
