@@ -48,6 +48,8 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                               shared_expert_intermediate_size=64)),
     "olmoe": ("OlmoeForCausalLM", dict(GQA, num_experts=4, num_experts_per_tok=2)),  # norms on Q and K too
+    # sparsemixer routing: a [tokens, 1] -inf fill and a scatter into [tokens, experts], sized by the tokens
+    "phimoe": ("PhimoeForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
 }
 
 _folders: dict = {}
@@ -124,7 +126,12 @@ REFUSED = {
                                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
                                                             "long_factor": [4.0] * 8})),
 }
-REASONS = {"bloom": "attention is not fused: Softmax node",
+REFUSED["jetmoe"] = (  # its router's scatter target takes its row count from the mask's shape
+    "JetMoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
+                              num_local_experts=4, num_experts_per_tok=2, kv_channels=16, intermediate_size=64,
+                              max_position_embeddings=64))
+REASONS = {"jetmoe": "is sized by the attention mask's shape",
+           "bloom": "attention is not fused: Softmax node",
            "phi3_longrope": "its rows for the first positions change when the sequence grows to 64"}
 
 

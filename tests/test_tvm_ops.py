@@ -193,6 +193,7 @@ CASES = [
     Case("Range", [C(np.float32(0.5)), C(np.float32(30.0)), C(np.float32(0.25))]),
     Case("Range", [C(np.int64(0)), C(np.int64(7)), C(np.int64(2))], id="ints"),
     Case("ConstantOfShape", [C(i64(2, 40))], {"value": np.array([1.5], F32)}),
+    Case("ConstantOfShape", [C(i64(3, 1))], {"value": np.array([-np.inf], F32)}, id="minus-infinity"),
     # graphopt ops
     Case("RMSNorm", [f32(2, 3, 8), C(f32(8))], {"epsilon": 1e-6}, domain="graphopt", symbolic={0: SEQ}),
     Case("RMSNorm", [f32(2, 3, 4), C(f32(1, 4))], {"axis": 1}, domain="graphopt", id="two-axes"),
@@ -227,6 +228,11 @@ CASES = [
     *_quant_linear_cases(),
     *_moe_cases(),
     Case("TopK", [f32(4, 6), C(i64(3))], outputs=2, symbolic={0: BATCH}),  # a mixture-of-experts router's
+    # a router's mask: ones scattered at each token's chosen experts (negative indices count from the end)
+    Case("ScatterElements", [np.zeros((4, 6), F32), np.array([[0, 5], [2, -1], [1, 3], [4, 0]], np.int64),
+                             np.ones((4, 2), F32)], {"axis": 1}, symbolic={0: BATCH, 1: BATCH, 2: BATCH}),
+    Case("ScatterElements", [f32(4, 6), np.array([[0, 2], [3, 3], [1, 3]], np.int64), f32(3, 2)],
+         {"axis": 0, "reduction": "add"}, id="add-axis0"),
     Case("TopK", [f32(4, 6, 5), C(i64(2))], {"axis": 1, "largest": 0}, outputs=2, id="smallest-axis1"),
 ]
 

@@ -248,6 +248,22 @@ def gather_elements(lw: Lowerer, node, args):
     return [lw.emit(R.gather_elements(data, idx, axis=axis))]
 
 
+@rule("ScatterElements")
+def scatter_elements(lw: Lowerer, node, args):
+    """ONNX ScatterElements (a router's [tokens, experts] mask built by scattering ones)."""
+    data, idx, updates = lw.tensor(args[0]), lw.tensor(args[1]), lw.tensor(args[2])
+    axis = norm_axis(node.attr("axis", 0), lw.rank(data))
+    reduction = node.attr("reduction", "none")
+    if reduction not in ("none", "add", "mul", "max", "min"):
+        raise lw.error(f"reduction {reduction!r} is not supported")
+    n = lw.shape(data)[axis]
+    n = relax.const(n, lw.dtype(idx)) if isinstance(n, int) else None
+    if n is not None:  # negative indices count from the end
+        idx = lw.emit(R.where(R.less(idx, relax.const(0, lw.dtype(idx))), R.add(idx, n), idx))
+    return [lw.emit(R.scatter_elements(data, idx, updates, axis=axis,
+                                       reduction="update" if reduction == "none" else reduction))]
+
+
 @rule("GatherND")
 def gather_nd(lw: Lowerer, node, args):
     data, idx = lw.tensor(args[0]), lw.tensor(args[1])
@@ -318,4 +334,8 @@ def constant_of_shape(lw: Lowerer, node, args):
     shape = [lw.simplify(d) for d in target.values.flat]
     if value.dtype.kind in "iub" and all(static_int(d) is not None for d in shape) and math.prod(shape) <= 64:
         return [Known(np.full([int(d) for d in shape], int(value.reshape(-1)[0]), dtype=object), dt)]
-    return [lw.emit(R.full(shape, relax.const(value.reshape(()), relax_dtype(dt)), relax_dtype(dt)))]
+    fill = relax.const(value.reshape(()), relax_dtype(dt))
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        # Relax's legalization of full fails on an infinite fill (a router's -inf scores)
+        return [lw.emit(R.broadcast_to(fill, relax.ShapeExpr(shape)))]
+    return [lw.emit(R.full(shape, fill, relax_dtype(dt)))]

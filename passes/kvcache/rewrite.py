@@ -383,6 +383,27 @@ def _shape_only(graph: Graph) -> set[int]:
     return out
 
 
+def _shapes_read(v: Value) -> list[Value]:
+    """The tensors whose Shape (or Size) the shape-only value `v` is computed from."""
+    seen, read, todo = set(), [], [v]
+    while todo:
+        n = todo.pop().producer()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.domain == "" and n.op_type in ("Shape", "Size"):
+            read.append(n.inputs[0])
+            continue
+        todo.extend(i for i in n.inputs if i is not None)
+    return read
+
+
+def _one_fill(*arrays: np.ndarray) -> bool:
+    """Every element of every array is the same value (a tensor of zeros at any shape)."""
+    first = [a.flat[0] for a in arrays if a.size]
+    return bool(first) and all(a.size == 0 or np.all(a == first[0]) for a in arrays)
+
+
 def _live_without_masks(graph: Graph, site: _Decoder) -> set[int]:
     """Ids of the nodes the outputs need once the attention masks are no longer read."""
     live_values = {id(v) for v in graph.outputs}
@@ -428,6 +449,11 @@ def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
     at_b2 = evaluate(graph, values, _feeds(graph, 2, s1))
     positional = []
     for (v, uses), a1, a2, ab in zip(frontier.values(), at_s1, at_s2, at_b2):
+        if _one_fill(a1, a2, ab):
+            if site.mask_input not in _shapes_read(v):
+                continue  # zeros (ones, ...) as many as the step's tokens: as valid in a step (a router's scatter target)
+            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) is sized by the attention mask's shape, which the "
+                        "cache makes longer than the step's tokens")
         if a1.shape != ab.shape:
             raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) depends on the batch size but not on the tokens")
         if a1.shape == a2.shape:
