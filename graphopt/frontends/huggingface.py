@@ -126,7 +126,7 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
         args.append(token_type_ids)
         names.append("token_type_ids")
     wrapper = _wrapper_class()(model, output)
-    with _dense_experts(model):
+    with _traceable_experts(model):
         graph = export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
                               label=label, progress=progress, source=source)
     record_config_hints(graph, cfg)
@@ -249,7 +249,7 @@ EXPERTS_IMPLEMENTATION = "graphopt"
 
 
 @contextlib.contextmanager
-def _dense_experts(model):
+def _traceable_experts(model):
     """For the duration, `model`'s mixture-of-experts blocks (if any) trace to a static graph
     (`_experts_forward`): a block with SwiGLU experts (gate and up stacked, no biases) as one
     graphopt.MoE node, any other running every expert on every token, each expert's
