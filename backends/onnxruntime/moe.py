@@ -36,12 +36,9 @@ SMALLEST_WEIGHT = float(np.finfo(np.float32).tiny)
 def lower_moe(ctx: LoweringContext, b: Builder, node: Node):
     x, index, weights, up, down = node.inputs
     dt = x.type.dtype
-    if ctx.target != "cpu":
-        return "ORT's CUDA MoE kernel is not checked against graphopt.MoE"
-    if not ctx.has_kernel(MS_DOMAIN, "MoE", dt):
-        return f"no {ctx.target} MoE kernel for {dt.short}"
-    if not node.attr("gated", 1) or moe_activation(node) != "silu":
-        return "the CPU kernel's only gated activation is SwiGLU"
+    declined = _declines(ctx, node, "MoE", dt)
+    if declined:
+        return declined
     shapes = moe_shapes(node)
     if shapes is None:
         return "the expert count, k, hidden and inner sizes must be static"
@@ -60,6 +57,17 @@ def lower_moe(ctx: LoweringContext, b: Builder, node: Node):
              normalize_routing_weights=1)
     total = b.ReduceSum(weights, b.const(np.array([-1], np.int64), "axes"), keepdims=1)
     return [b.Mul(y, total)]
+
+
+def _declines(ctx: LoweringContext, node: Node, kernel: str, dt) -> str | None:
+    """Why `kernel` cannot run `node` on this target, or None."""
+    if ctx.target != "cpu":
+        return f"ORT's CUDA {kernel} kernel is not checked against {node.op}"
+    if not ctx.has_kernel(MS_DOMAIN, kernel, dt):
+        return f"no {ctx.target} {kernel} kernel for {dt.short}"
+    if not node.attr("gated", 1) or moe_activation(node) != "silu":
+        return "the CPU kernel's only gated activation is SwiGLU"
+    return None
 
 
 def _chosen(b: Builder, index, experts: int):
@@ -102,12 +110,9 @@ def lower_quant_moe(ctx: LoweringContext, b: Builder, node: Node):
     x, index, weights = p["X"], p["index"], p["weights"]
     dt = x.type.dtype
     bits, bs, hidden, inner, _ = quant_moe_dims(node)
-    if ctx.target != "cpu":
-        return "ORT's CUDA QMoE kernel is not checked against graphopt.QuantMoE"
-    if not ctx.has_kernel(MS_DOMAIN, "QMoE", dt):
-        return f"no {ctx.target} QMoE kernel for {dt.short}"
-    if not node.attr("gated", 1) or moe_activation(node) != "silu":
-        return "the CPU kernel's only gated activation is SwiGLU"
+    declined = _declines(ctx, node, "QMoE", dt)
+    if declined:
+        return declined
     if bits != 4:  # measured on ORT 1.32: the 8-bit kernel is 1-2 % off once a row has two blocks
         return "ORT's 8-bit block-wise QMoE disagrees with the reference (4-bit agrees)"
     if hidden % bs or inner % bs:
