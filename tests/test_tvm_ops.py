@@ -231,6 +231,10 @@ CASES = [
     # a router's mask: ones scattered at each token's chosen experts (negative indices count from the end)
     Case("ScatterElements", [np.zeros((4, 6), F32), np.array([[0, 5], [2, -1], [1, 3], [4, 0]], np.int64),
                              np.ones((4, 2), F32)], {"axis": 1}, symbolic={0: BATCH, 1: BATCH, 2: BATCH}),
+    Case("ScatterND", [np.zeros((4, 3), F32), np.array([[[0, 1], [2, 0]], [[3, 2], [1, 1]]], np.int64),
+                       np.ones((2, 2), F32)]),  # elements
+    Case("ScatterND", [f32(4, 3), np.array([[2], [0]], np.int64), f32(2, 3)], {"reduction": "add"},
+         id="rows-add"),
     Case("ScatterElements", [f32(4, 6), np.array([[0, 2], [3, 3], [1, 3]], np.int64), f32(3, 2)],
          {"axis": 0, "reduction": "add"}, id="add-axis0"),
     Case("TopK", [f32(4, 6, 5), C(i64(2))], {"axis": 1, "largest": 0}, outputs=2, id="smallest-axis1"),

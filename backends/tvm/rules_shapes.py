@@ -264,6 +264,16 @@ def scatter_elements(lw: Lowerer, node, args):
                                        reduction="update" if reduction == "none" else reduction))]
 
 
+@rule("ScatterND")
+def scatter_nd(lw: Lowerer, node, args):
+    """ONNX ScatterND (a group-limited router's mask: DeepSeek-V3, JetMoE)."""
+    reduction = node.attr("reduction", "none")
+    if reduction not in ("none", "add", "mul", "max", "min"):
+        raise lw.error(f"reduction {reduction!r} is not supported")
+    data, idx, updates = lw.tensor(args[0]), lw.tensor(args[1]), lw.tensor(args[2])
+    return [lw.emit(R.scatter_nd(data, idx, updates, "update" if reduction == "none" else reduction))]
+
+
 @rule("GatherND")
 def gather_nd(lw: Lowerer, node, args):
     data, idx = lw.tensor(args[0]), lw.tensor(args[1])

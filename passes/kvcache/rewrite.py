@@ -383,19 +383,20 @@ def _shape_only(graph: Graph) -> set[int]:
     return out
 
 
-def _shapes_read(v: Value) -> list[Value]:
-    """The tensors whose Shape (or Size) the shape-only value `v` is computed from."""
-    seen, read, todo = set(), [], [v]
+def _shape_nodes_reading(v: Value, source: Value | None) -> list[Node]:
+    """The Shape (Size) nodes in `v`'s computation that read `source`."""
+    found, seen, todo = [], set(), [v]
     while todo:
         n = todo.pop().producer()
         if n is None or id(n) in seen:
             continue
         seen.add(id(n))
         if n.domain == "" and n.op_type in ("Shape", "Size"):
-            read.append(n.inputs[0])
+            if source is not None and n.inputs[0] is source:
+                found.append(n)
             continue
         todo.extend(i for i in n.inputs if i is not None)
-    return read
+    return found
 
 
 def _one_fill(*arrays: np.ndarray) -> bool:
@@ -450,10 +451,12 @@ def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
     positional = []
     for (v, uses), a1, a2, ab in zip(frontier.values(), at_s1, at_s2, at_b2):
         if _one_fill(a1, a2, ab):
-            if site.mask_input not in _shapes_read(v):
-                continue  # zeros (ones, ...) as many as the step's tokens: as valid in a step (a router's scatter target)
-            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) is sized by the attention mask's shape, which the "
-                        "cache makes longer than the step's tokens")
+            # zeros (ones, ...) as many as the step's tokens: as valid in a step (a router's scatter
+            # target). The exporter may have sized it by the mask, whose [batch, seq] is the tokens'
+            # here but [batch, past + seq] once cached: sized by input_ids instead, the same now.
+            for n in _shape_nodes_reading(v, site.mask_input):
+                n.set_input(0, site.input_ids)
+            continue
         if a1.shape != ab.shape:
             raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}) depends on the batch size but not on the tokens")
         if a1.shape == a2.shape:
