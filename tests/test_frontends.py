@@ -252,6 +252,20 @@ def test_a_model_neither_exporter_takes_fails_in_one_line_with_nothing_on_stdout
     assert "Torch IR graph" not in out.out + out.err and out.out == ""
 
 
+def test_a_dynamo_conversion_failure_names_its_root_cause():
+    """torch.onnx's dynamo error is "Failed to convert ... Next steps:" (in terminal colours),
+    the cause at the end of its exception summary; the user's line names the cause (Llama 4's
+    complex-valued rotary here)."""
+    class ComplexRotary(torch.nn.Module):
+        def forward(self, x):
+            return torch.view_as_real(torch.polar(x, x).unsqueeze(1)).sum(-1)
+
+    with pytest.raises(UserError, match=r"dynamo: DispatchError: No ONNX function found for .*aten\.unsqueeze.*"
+                                        r"complex-valued input; torchscript: .*polar") as e:
+        from_torch(ComplexRotary().eval(), (torch.rand(3, 4),), input_names=["x"], progress=False)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "Next steps" not in str(e.value)
+
+
 def test_from_torch_refuses_size_one_example_on_dynamic_axis():
     with pytest.raises(UserError, match=r"example input 'x' has size 1 on dynamic axis 0 \('batch'\)"):
         from_torch(MLP(), torch.randn(1, 4), progress=False)

@@ -302,9 +302,22 @@ def _clear(folder: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# torch.onnx's dynamo errors end in "## Exception summary" with the root cause first:
+# "<class 'torch.onnx._internal.exporter._errors.DispatchError'>: No ONNX function found for ..."
+_SUMMARY_LINE = re.compile(r"<class '(?:[\w]+\.)*(\w+)'>: (.+)")
+
+
 def _reason(e: BaseException) -> str:
-    """One line for an exporter's exception: the first line that says something."""
-    for line in str(e).splitlines():
+    """One line for an exporter's exception: the root cause of a dynamo conversion error (its
+    exception summary's first line), else the first line that says something."""
+    text = _ANSI.sub("", str(e))
+    if "## Exception summary" in text:
+        for line in text.split("## Exception summary", 1)[1].splitlines():
+            m = _SUMMARY_LINE.match(line.strip())
+            if m:
+                return f"{m.group(1)}: {m.group(2)[:200]}"
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("Traceback", "File ")):
             return f"{type(e).__name__}: {line[:200]}"
