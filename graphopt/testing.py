@@ -13,7 +13,7 @@ import numpy as np
 from graphopt.dtypes import TOLERANCES, DType  # noqa: F401  (the one tolerance table, for tests)
 from graphopt.builder import Builder, make_node
 from graphopt.ir import Graph, TensorType
-from graphopt.ops.quant_format import dequantize_blockwise, pack, pack_weight, quantize_rows
+from graphopt.ops.quant_format import dequantize_blockwise, quantize_stacked
 from graphopt.pass_manager import PassManager
 from graphopt.text import parse_graph, print_graph
 
@@ -462,11 +462,7 @@ def quant_moe_inputs(rng, *, experts=4, hidden=64, inner=32, bits=4, block=32, s
     weights = rng.uniform(0.1, 0.6, lead + (k,)).astype(np.float32)
     parts, zps, floats = [], [], []
     for shape in ((experts, 2 * inner, hidden), (experts, hidden, inner)):
-        w = rng.uniform(-0.5, 0.5, shape).astype(np.float32)
-        rows = [quantize_rows(w[e], bits, block, symmetric) for e in range(experts)]
-        packed = np.stack([pack_weight(q, bits, block) for q, _, _ in rows])
-        scales = np.stack([sc for _, sc, _ in rows])
-        zp = None if symmetric else np.stack([pack(z, bits) for _, _, z in rows])
+        packed, scales, zp = quantize_stacked(rng.uniform(-0.5, 0.5, shape).astype(np.float32), bits, block, symmetric)
         parts += [packed, scales]
         zps += [] if zp is None else [zp]
         floats.append(np.stack([dequantize_blockwise(packed[e], scales[e], None if zp is None else zp[e], bits, block,

@@ -209,6 +209,22 @@ def test_a_mixture_of_experts_runs_sparse_on_ort_and_quantizes_every_expert(tmp_
     assert "MatMul" not in gptq and "Transpose" not in gptq and "QMoE" not in gptq
 
 
+@pytest.mark.slow
+def test_compare_anchors_load_a_mixture_of_experts_export(tmp_path_factory):
+    """The anchors run the export in plain ORT, which does not know graphopt.MoE: it is
+    decomposed for them (the ort-plain cell failed to load)."""
+    from graphopt.compare.run import compare
+    from graphopt.compare.timing import TimingSettings
+
+    folder, _ = hf_folder("mixtral", tmp_path_factory)
+    r = compare([str(folder)], backends=["torch", "ort"], variants=["fp32", "ort-plain"], seqs=[8], threads=1,
+                timing=TimingSettings(warmup=1, min_runs=3, min_time=0.0), measure_bandwidth=False,
+                measure_memory=False)
+    cells = {c["id"]: c for c in r["cells"]}
+    for cid in ("ort/fp32", "ort/ort-plain"):
+        assert cells[cid]["results"][0]["accuracy"]["max_abs_err"] < ATOL, cells[cid]
+
+
 def greedy_logits(artifact, steps: int = 5) -> np.ndarray:
     """[steps, rows, vocab]: the last logits of every greedy step of PROMPTS."""
     gen = Generator.for_artifact(artifact)

@@ -28,7 +28,8 @@ from graphopt.driver import default_pipeline, optimize
 from graphopt.errors import UserError
 from graphopt.manifest import artifact_file, read_manifest
 from graphopt.models import load_graph
-from graphopt.lowering import decompose_graphopt_ops
+from graphopt.ir import GRAPHOPT_DOMAIN
+from graphopt.lowering import prepare
 from graphopt.onnx_io import save_onnx
 
 BACKENDS = ("torch", "ort", "tvm")
@@ -142,12 +143,10 @@ class BuildContext:
         if self._export_path is None:
             path = self.workdir / "export" / "model.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
-            graph = self.export_graph().copy()
-            if decompose_graphopt_ops(graph):
-                for name, v in list(graph.initializers.items()):  # what the decomposition stopped reading
-                    if not v.uses() and not v.is_graph_output:
-                        graph.remove_initializer(name)
-            save_onnx(graph, path)
+            graph = self.export_graph()
+            if any(n.domain == GRAPHOPT_DOMAIN for n in graph.nodes):  # then drop the weights it stopped reading
+                graph = prepare(graph, lambda n: False, "eliminate-dead-code")
+            save_onnx(graph.copy(), path)
             self._export_path = path
         return self._export_path
 

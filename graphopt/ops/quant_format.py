@@ -100,6 +100,14 @@ def pack_weight(q_nk: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return pack(full.reshape(n, nb, block_size), bits)
 
 
+def quantize_stacked(w_enk: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """RTN of stacked weights W [E, N, K] (a mixture's experts), each as `quantize_blockwise`:
+    (packed [E, N, n_blocks, blob], scales [E, N, n_blocks], zero points [E, N, ..] or None)."""
+    parts = [quantize_blockwise(w, bits, block_size, symmetric) for w in w_enk]
+    return (np.stack([p for p, _, _ in parts]), np.stack([s for _, s, _ in parts]),
+            None if symmetric else np.stack([z for _, _, z in parts]))
+
+
 def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
                          bits: int, block_size: int, k: int) -> np.ndarray:
     """W [N, K] in the scales' type: (q - zero_point) * scale, block by block."""

@@ -419,7 +419,10 @@ def _live_without_masks(graph: Graph, site: _Decoder) -> set[int]:
 
 def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
     """[(value, its data uses, table [max_pos, ...])] for every per-position table the model
-    reads; refuses any other sequence-dependent value it reads."""
+    reads; refuses any other sequence-dependent value it reads. A constant fill sized by the
+    tokens is left in place; where its size is read off the attention mask, those Shape nodes
+    are pointed at input_ids (the same shape here, the step's once cached): the one change this
+    makes to `graph`."""
     shape_only = _shape_only(graph)
     live = _live_without_masks(graph, site)
     frontier: dict[int, tuple[Value, list]] = {}

@@ -37,7 +37,7 @@ from graphopt.interpreter import run as interpret
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
-from graphopt.ops.quant_format import pack, pack_weight, quantize_rows
+from graphopt.ops.quant_format import pack, pack_weight, quantize_rows, quantize_stacked
 
 from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
 from graphopt.passes.quantization.sites import (
@@ -182,14 +182,11 @@ class QuantizeWeights(Pass):
         args, stored = [], 0
         zero_points = []
         for value, w in zip((up, down), stacks):
-            rows = [quantize_rows(w[e], self.bits, self.block_size, self.symmetric) for e in range(w.shape[0])]
-            parts = [np.stack([pack_weight(q, self.bits, self.block_size) for q, _, _ in rows]),
-                     np.stack([scales for _, scales, _ in rows]).astype(dt)]
-            for part, suffix in zip(parts, (f"q{self.bits}", "scales")):
+            packed, scales, zp = quantize_stacked(w, self.bits, self.block_size, self.symmetric)
+            for part, suffix in ((packed, f"q{self.bits}"), (scales.astype(dt), "scales")):
                 args.append(rw.const(part, f"{value.name}_{suffix}"))
                 stored += part.nbytes
-            if not self.symmetric:
-                zp = np.stack([pack(z, self.bits) for _, _, z in rows])
+            if zp is not None:
                 zero_points.append(rw.const(zp, f"{value.name}_zero_points"))
                 stored += zp.nbytes
         y = rw.op("QuantMoE", x, index, weights, *args, *zero_points, domain=G, bits=self.bits,
