@@ -29,7 +29,8 @@ import numpy as np
 from graphopt.errors import UserError
 from graphopt.dtypes import DType
 from graphopt.passes.kvcache.last_token import META_LOGITS
-from graphopt.passes.kvcache.rewrite import BLOCK_TABLE, META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS
+from graphopt.passes.kvcache.rewrite import (BLOCK_TABLE, META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS,
+                                             META_RECOMPUTE_AT)
 
 # Tokenizer files copied beside a generation-ready artifact when the model folder has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -63,6 +64,9 @@ class CacheSpec:
     max_positions: int | None
     layout: str = "BNSH"
     block_size: int = 0  # paged: positions per block
+    # LongRoPE: once the sequence is longer than this, positions rotate by the long factors, and
+    # a cache built while it was not is recomputed (a prefill over the whole sequence), once
+    recompute_at: int | None = None
 
     def shape(self, batch: int, layer: int, kind: int, seq: int = 0, num_blocks: int = 0) -> tuple[int, ...]:
         """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions
@@ -144,6 +148,7 @@ class Generator:
         gen = artifact.manifest.get("generation") or {}
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))
+        spec.recompute_at = gen.get("recompute_cache_at")
         return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"),
                          num_blocks=num_blocks)
 
@@ -195,6 +200,8 @@ class Generator:
             feeds[BLOCK_TABLE] = blocks.cover(longest)
         new: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(batch, bool)
+        every_id = ids  # the whole sequence so far: a recomputed cache's prefill
+        short_cache = self.spec.recompute_at is not None and longest <= self.spec.recompute_at
         t0 = time.perf_counter()
         ttft = decode = 0.0
         decode_tokens = steps = 0
@@ -226,12 +233,20 @@ class Generator:
             if done.all() or step == max_new_tokens - 1:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
-            feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+            every_id = np.concatenate([every_id, nxt[:, None]], axis=1)
+            if short_cache and mask.shape[1] > self.spec.recompute_at:
+                # the positions rotate otherwise from here on (LongRoPE's long factors): the cached
+                # keys, rotated by the short ones, are recomputed once (as transformers does)
+                short_cache = False
+                feeds = {"input_ids": every_id, "attention_mask": mask,
+                         **self.empty_cache(batch, blocks.num_blocks if blocks else 0)}
+            else:
+                feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
+                for i in range(self.spec.num_layers):
+                    feeds[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
+                    feeds[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
             if blocks is not None:
                 feeds[BLOCK_TABLE] = blocks.cover(mask.shape[1])
-            for i in range(self.spec.num_layers):
-                feeds[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
-                feeds[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
         decode = time.perf_counter() - t0 - ttft
         return GenerationResult(new, ttft, decode, decode_tokens, steps)
 
@@ -314,6 +329,8 @@ def generation_manifest(graph, model_path) -> dict | None:
                "num_layers": int(props.get(META_LAYERS, 0)), "max_positions": int(props.get(META_MAX_POSITIONS, 0))}
     if META_BLOCK_SIZE in props:
         section["block_size"] = int(props[META_BLOCK_SIZE])
+    if META_RECOMPUTE_AT in props:
+        section["recompute_cache_at"] = int(props[META_RECOMPUTE_AT])
     folder = _model_folder(model_path)
     config = model_config(model_path)
     if folder is not None and (folder / "tokenizer.json").is_file():

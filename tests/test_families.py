@@ -45,6 +45,10 @@ FAMILIES = {
     "falcon": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                          vocab_size=VOCAB, new_decoder_architecture=False, multi_query=True)),
     "biogpt": ("BioGptForCausalLM", COMMON),
+    # Where(causal, scores, lowest) rather than an added mask; local layers (a window of 4) between global ones
+    "gpt_neo": ("GPTNeoForCausalLM", dict(hidden_size=64, num_heads=4, num_layers=2, vocab_size=VOCAB,
+                                          max_position_embeddings=64, attention_types=[[["global", "local"], 1]],
+                                          window_size=4, bos_token_id=0, eos_token_id=0)),
     # mixtures of experts, exported dense (frontends/huggingface.py): a TopK router
     "mixtral": ("MixtralForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
     # a shared expert beside the routed ones, top-k weights not renormalized
@@ -59,6 +63,14 @@ FAMILIES = {
                                                   n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
                                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
+    # attention sinks (a per-head logit in every softmax), sliding-window layers between full ones, YaRN
+    # rotary, a router that softmaxes its top-k logits, biased experts with a clamped SwiGLU (exported dense)
+    "gpt_oss": ("GptOssForCausalLM", dict(GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                          intermediate_size=64, sliding_window=4,
+                                          layer_types=["sliding_attention", "full_attention"],
+                                          rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                           "beta_slow": 1.0, "rope_theta": 150000.0,
+                                                           "original_max_position_embeddings": 16})),
     # its own experts module (not transformers' experts interface): exported as traced
     "jetmoe": ("JetMoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2, kv_channels=16,
@@ -70,13 +82,14 @@ NOT_ON = {("jetmoe", "tvm"): "(TopK): k must be a constant"}  # its router sorts
 _folders: dict = {}
 
 
-def hf_folder(family: str, tmp_path_factory):
-    """(the family's Hugging Face folder, the PyTorch model), built once per session."""
+def hf_folder(family: str, tmp_path_factory, spec: tuple | None = None):
+    """(the family's Hugging Face folder, the PyTorch model), built once per session; `spec`:
+    (class name, config) of a family in neither table."""
     if family not in _folders:
         import torch
         import transformers as tf
 
-        cls_name, config = FAMILIES[family] if family in FAMILIES else REFUSED[family]
+        cls_name, config = spec or (FAMILIES[family] if family in FAMILIES else REFUSED[family])
         cls = getattr(tf, cls_name)
         torch.manual_seed(0)
         model = cls(cls.config_class(**config)).eval()
@@ -137,16 +150,8 @@ def test_family_is_generation_ready_and_decodes_as_pytorch(family, backend, tmp_
 REFUSED = {
     # ALiBi adds a per-head bias of the key positions to the scores: no fused attention takes it yet
     "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB)),
-    # LongRoPE (Phi-3-mini-128k, Phi-3.5): other rotary frequencies once the sequence passes the
-    # original context (16 here), so a cached key's rotary depends on when it was computed; the
-    # cos/sin tables were taken at max-positions for every position, silently wrong below 16
-    "phi3_longrope": ("Phi3ForCausalLM", dict(GQA, pad_token_id=0, eos_token_id=1, bos_token_id=1,
-                                              original_max_position_embeddings=16,
-                                              rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
-                                                            "long_factor": [4.0] * 8})),
 }
-REASONS = {"bloom": "attention is not fused: Softmax node",
-           "phi3_longrope": "its rows for the first positions change when the sequence grows to 64"}
+REASONS = {"bloom": "attention is not fused: Softmax node"}
 
 
 @pytest.mark.slow
@@ -237,3 +242,52 @@ def greedy_logits(artifact, steps: int = 5) -> np.ndarray:
     gen.run = recording
     gen.generate(PROMPTS, steps, eos_token_id=-1)
     return np.stack(seen)
+
+
+# LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini): other rotary frequencies once the longest
+# position passes the original context (16 here), for every position
+LONGROPE = ("Phi3ForCausalLM", dict(GQA, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                                    original_max_position_embeddings=16,
+                                    rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                  "long_factor": [4.0] * 8}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_longrope_recomputes_the_cache_where_the_long_factors_begin(backend, tmp_path, tmp_path_factory):
+    """The artifact reads the short table's rows up to 16 positions and the long one's after
+    (rewrite-kv-cache finds the switch), and the Generator recomputes the cache once where the
+    sequence passes 16, as transformers' generate does (its cached keys were rotated by the
+    short factors): every step's logits, across the switch, as transformers' own greedy
+    generation of the left-padded batch."""
+    import torch
+
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    folder, model = hf_folder("phi3_longrope", tmp_path_factory, LONGROPE)
+    graphopt.optimize(folder, tmp_path / "out", backend=backend)
+    artifact = graphopt.load(tmp_path / "out")
+    assert artifact.manifest["generation"]["recompute_cache_at"] == 16
+    gen = Generator.for_artifact(artifact)
+    seen, logits, run = [], [], gen.run
+
+    def recording(feeds):
+        seen.append(feeds["input_ids"].shape[1])
+        out = run(feeds)
+        logits.append(np.array(np.asarray(out["logits"])[:, -1]))
+        return out
+    gen.run = recording
+    steps = 14  # the longest prompt (6) + 13 tokens: the cache is recomputed at the 11th step
+    tokens = gen.generate(PROMPTS, steps, eos_token_id=-1).tokens
+    assert seen == [6] + [1] * 10 + [17] + [1] * 2  # one prefill over the 17 positions, where they pass 16
+    ids = np.zeros((3, 6), np.int64)
+    mask = np.zeros((3, 6), np.int64)
+    for r, p in enumerate(PROMPTS):
+        ids[r, 6 - len(p):], mask[r, 6 - len(p):] = p, 1
+    with torch.no_grad():
+        want = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    assert want.sequences[:, 6:].tolist() == tokens
+    for step, (got, w) in enumerate(zip(logits, want.logits)):
+        np.testing.assert_allclose(got, w.numpy(), rtol=0, atol=ATOL, err_msg=f"step {step}")

@@ -133,6 +133,39 @@ def test_moe_is_the_weighted_sum_of_the_chosen_experts(gated, weights_const, tmp
         assert ops.count("MatMul") == 2 * experts and "Gather" not in ops and "Transpose" not in ops
 
 
+@pytest.mark.parametrize("weights_const", [True, False])
+def test_moe_with_biases_and_a_clamped_swiglu_is_gpt_oss_experts(weights_const, tmp_path):
+    """GPT-OSS's experts: biases after both projections, gate clamped to at most `limit`, up to
+    [-limit, limit], gate * sigmoid(1.702 gate) * (up + 1): reference and decomposition against
+    the sparse sum written out token by token (the limit low enough that both clamps bite)."""
+    tokens, k, experts, hidden, inner, limit = 6, 2, 4, 8, 5, 1.5
+    x = f32(tokens, hidden) * 2
+    index = np.stack([RNG.permutation(experts)[:k] for _ in range(tokens)]).astype(np.int64)
+    weights = RNG.uniform(0.1, 0.6, (tokens, k)).astype(np.float32)
+    up, down = f32(experts, 2 * inner, hidden), f32(experts, hidden, inner)
+    up_bias, down_bias = f32(experts, 2 * inner), f32(experts, hidden)
+    specs = [(name, a, ("batch", None), False) for name, a in (("x", x), ("index", index), ("weights", weights))]
+    specs += [(name, a, None, weights_const) for name, a in (("up", up), ("down", down), ("up_bias", up_bias),
+                                                             ("down_bias", down_bias))]
+    g = one_node_graph("MoE", specs, {"activation": "silu", "gated": 1, "alpha": 1.702, "beta": 1.0, "limit": limit},
+                       name="t")
+    verify(g)
+    feeds = {name: a for name, a, _, const in specs if not const}
+    want = list(check_decomposition(g, feeds, tmp_path).values())[0]
+    sparse = np.zeros_like(x, dtype=np.float64)
+    clamped = 0
+    for t in range(tokens):
+        for j in range(k):
+            e = index[t, j]
+            h = up[e].astype(np.float64) @ x[t] + up_bias[e]
+            gate, u = h[:inner], h[inner:]
+            clamped += int((gate > limit).sum() + (np.abs(u) > limit).sum())
+            gate, u = np.minimum(gate, limit), np.clip(u, -limit, limit)
+            sparse[t] += weights[t, j] * (down[e] @ (gate / (1 + np.exp(-1.702 * gate)) * (u + 1)) + down_bias[e])
+    assert clamped > 10
+    assert_close(want, sparse.astype(np.float32), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False)])
 def test_quant_moe_is_the_moe_of_its_dequantized_experts(bits, symmetric, tmp_path):
     """QuantMoE's reference and its decomposition (a QuantLinear per expert projection) against
@@ -152,6 +185,27 @@ def test_quant_moe_is_the_moe_of_its_dequantized_experts(bits, symmetric, tmp_pa
     d = g.copy()
     decompose_node(d.nodes[0])
     assert [n.op_type for n in d.nodes].count("QuantLinear") == 2 * 4
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quant_moe_with_biases_and_a_clamped_swiglu_is_gpt_oss_moe_of_its_dequantized_experts(symmetric, tmp_path):
+    x, index, weights, quant, (up, down) = quant_moe_inputs(RNG, symmetric=symmetric)
+    biases = [("up_bias", f32(4, 64)), ("down_bias", f32(4, 64))]
+    names = ["up_packed", "up_scales", "down_packed", "down_scales"] + (
+        [] if symmetric else ["up_zero_points", "down_zero_points"])
+    specs = [(name, a, ("batch", None), False) for name, a in (("x", x), ("index", index), ("weights", weights))]
+    quant_specs = [(name, a, None, True) for name, a in zip(names, quant)]
+    if symmetric:
+        quant_specs += [None, None]
+    form = {"activation": "silu", "gated": 1, "alpha": 1.702, "beta": 1.0, "limit": 0.5}
+    g = one_node_graph("QuantMoE", specs + quant_specs + [(n, a, None, True) for n, a in biases],
+                       {"bits": 4, "block_size": 32, "hidden": 64, "inner": 32, **form}, name="t")
+    verify(g)
+    feeds = {"x": x, "index": index, "weights": weights}
+    want = list(check_decomposition(g, feeds, tmp_path).values())[0]
+    m = one_node_graph("MoE", specs + [("up", up, None, True), ("down", down, None, True)]
+                       + [(n, a, None, True) for n, a in biases], form, name="m")
+    assert_close(want, list(run(m, feeds).values())[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_fused_ops_name_the_node():

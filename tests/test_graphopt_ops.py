@@ -67,10 +67,10 @@ def _rng(seed: str) -> np.random.Generator:
 
 
 def attention_case(id, *, b=2, nq=4, nkv=None, sq=3, skv=None, past=0, h=8, hv=None, rank=4, mask=None,
-                   mask_shape=None, present=False, dtype=np.float32, **attrs) -> Case:
+                   mask_shape=None, present=False, dtype=np.float32, sinks=False, **attrs) -> Case:
     """mask: None, "bool", "bool_row_masked" (one query row fully masked), "int64", "float"
     (the query's type; some entries -inf) or another float type's name; mask_shape defaults
-    to (sq, past + skv)."""
+    to (sq, past + skv); sinks: an 8th input of per-head sink logits."""
     nkv = nkv or nq
     skv = skv or sq
     hv = hv or h
@@ -112,6 +112,10 @@ def attention_case(id, *, b=2, nq=4, nkv=None, sq=3, skv=None, past=0, h=8, hv=N
     if past:
         inputs += [("past_key", rand(b, nkv, past, h), ("batch", None, "past_seq", None)),
                    ("past_value", rand(b, nkv, past, hv), ("batch", None, "past_seq", None))]
+    if sinks:  # around the scores' own size, one large enough to take most of its row
+        logits = rand(nq) * 2
+        logits[0] = 6.0
+        inputs += [None] * (7 - len(inputs)) + [("sinks", logits, (None,))]
     while inputs[-1] is None:
         inputs.pop()
     outputs = ["Y", "present_key", "present_value"] if present else ["Y"]
@@ -210,6 +214,13 @@ RMS_CASES = [
     rms_case("f64_rank4_axis_minus3", axis=-3, dtype=np.float64, shape=(2, 5, 3, 4)),
 ]
 
+# attention sinks (GPT-OSS): no ONNX op has them, so their oracle is `sink_attention` below
+SINK_CASES = [
+    attention_case("sinks_bnsh_gqa_causal_past", nq=4, nkv=2, sq=3, past=4, present=True, causal=1, sinks=True),
+    attention_case("sinks_bsd_mask_present", rank=3, nq=4, nkv=2, sq=3, mask="float", present=True, sinks=True),
+    attention_case("sinks_bnsh_fully_masked_row", sq=3, skv=4, mask="bool_row_masked", sinks=True),
+    attention_case("sinks_bsd_softcap_scale", rank=3, nq=2, sq=2, skv=5, softcap=2.0, scale=0.5, sinks=True),
+]
 ALL_CASES = ATTENTION_CASES + ROPE_CASES + RMS_CASES
 
 
@@ -295,7 +306,7 @@ def symbol_bindings(case: Case) -> dict[str, int]:
 # A fully masked row is NaN out of Softmax until the decomposition's guard zeroes it.
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"{c.op}-{c.id}")
+@pytest.mark.parametrize("case", ALL_CASES + SINK_CASES, ids=lambda c: f"{c.op}-{c.id}")
 def test_decomposition_matches_reference(case, dynamic, tmp_path):
     g = one_node_graph(case, dynamic=dynamic)
     verify(g)
@@ -345,6 +356,50 @@ def test_reference_matches_onnxruntime_opset23_kernel(case):
     graphopt_names = {onnx_name: name for name, onnx_name in ONNX_OPS[case.op][1].items()}
     assert imported.nodes[0].attrs == {graphopt_names.get(k, k): Attr.infer(v) for k, v in onnx_attrs(case).items()}
     assert_close(run(imported, feeds), from_ort, "imported opset-23 model vs ORT")
+
+
+def sink_attention(case: Case) -> np.ndarray:
+    """Y of an attention-sinks case, written out per head and query row in float64: each row's
+    softmax over its visible scores and the head's sink logit, the sink weighing no value."""
+    feeds = {name: a.astype(np.float64) if a.dtype.kind == "f" else a for name, a, _ in filter(None, case.inputs)}
+    q, k, v, sinks = feeds["Q"], feeds["K"], feeds["V"], feeds["sinks"]
+    nq = case.attrs.get("num_heads") or q.shape[1]
+    nkv = case.attrs.get("kv_num_heads") or (nq if q.ndim == 3 else k.shape[1])
+    if q.ndim == 3:  # BSD -> BNSH
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], n, -1).transpose(0, 2, 1, 3) for t, n in ((q, nq), (k, nkv), (v, nkv)))
+    if "past_key" in feeds:
+        k = np.concatenate([feeds["past_key"], k], axis=2)
+        v = np.concatenate([feeds["past_value"], v], axis=2)
+    batch, _, sq, head = q.shape
+    total = k.shape[2]
+    mask = feeds.get("attn_mask")
+    bias = np.zeros((sq, total)) if mask is None else (np.where(mask, 0.0, -np.inf) if mask.dtype == np.bool_ else mask)
+    bias = np.broadcast_to(bias, (batch, nq, sq, total))
+    scale = case.attrs.get("scale") or 1 / np.sqrt(head)
+    cap = case.attrs.get("softcap")
+    y = np.zeros((batch, nq, sq, v.shape[3]))
+    for b_, h, i in np.ndindex(batch, nq, sq):
+        kv = h // (nq // nkv)
+        s = k[b_, kv] @ q[b_, h, i] * scale
+        if cap:
+            s = cap * np.tanh(s / cap)
+        s = s + bias[b_, h, i]
+        if case.attrs.get("causal"):
+            s[np.arange(total) > i + total - sq] = -np.inf
+        top = max(s.max(), sinks[h])
+        e = np.exp(s - top)
+        y[b_, h, i] = e @ v[b_, kv] / (e.sum() + np.exp(sinks[h] - top))
+    return y if case.inputs[0][1].ndim == 4 else y.transpose(0, 2, 1, 3).reshape(batch, sq, -1)
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: c.id)
+def test_attention_sinks_reference_is_the_softmax_with_each_heads_sink(case):
+    got = run(one_node_graph(case), case.feeds())
+    np.testing.assert_allclose(got["Y"], sink_attention(case), rtol=1e-5, atol=1e-6)
+    if "past_key" in case.feeds():  # the presents hold the past and the new keys, no sink's
+        np.testing.assert_array_equal(got["present_key"][:, :, :4], case.feeds()["past_key"])
+    if case.id == "sinks_bnsh_fully_masked_row":  # a row that sees no key attends the sink alone
+        assert np.all(got["Y"][:, :, 1] == 0)
 
 
 # --------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def assert_matches_reference(got: dict, want: dict, what: str) -> None:
 
 def attention_case(id, kernel, *, b=2, nq=4, nkv=None, sq=5, skv=None, past=0, h=8, hv=None, rank=3,
                    mask=None, mask_shape=None, present=False, dtype=np.float32, dynamic_kernel="same",
-                   **attrs) -> Case:
+                   sinks=False, **attrs) -> Case:
     """mask: None; "hf" (float, causal + left padding of row 0 with float32's lowest, as
     transformers builds it); "bool" (random, every row attends key 0); "bool_row" (query row
     1 attends nothing); "neg_inf" (float with -inf entries and a fully masked row); "int64";
@@ -193,6 +193,10 @@ def attention_case(id, kernel, *, b=2, nq=4, nkv=None, sq=5, skv=None, past=0, h
     if past:
         inputs += [("past_key", rand(b, nkv, past, h), ("batch", None, "past_seq", None), False),
                    ("past_value", rand(b, nkv, past, hv), ("batch", None, "past_seq", None), False)]
+    if sinks:  # per-head sink logits (GPT-OSS), one large enough to take most of its rows
+        logits = rand(nq) * 2
+        logits[1] = 5.0
+        inputs += [None] * (7 - len(inputs)) + [("sinks", logits, (None,), True)]
     while inputs[-1] is None:
         inputs.pop()
     return Case(id, "Attention", inputs, attrs, 3 if present else 1, kernel, dynamic_kernel)
@@ -246,6 +250,17 @@ ATTENTION_CASES = [
     # MHA has no softcap, GQA no cross-attention; MHA has no float16 kernel on CPU.
     attention_case("bsd_softcap_cross", DECOMPOSED, sq=3, skv=6, softcap=2.0),
     attention_case("bsd_f16_cross", DECOMPOSED, sq=3, skv=6, dtype=np.float16),
+]
+
+
+# attention sinks: GroupQueryAttention's head_sink; MultiHeadAttention and ONNX's Attention have none
+SINK_CASES = [
+    attention_case("bsd_sinks_causal", GQA, causal=1, sinks=True),
+    attention_case("bsd_sinks_gqa_hf_mask", GQA, nkv=2, mask="hf", sinks=True),
+    attention_case("bsd_sinks_fully_masked_row", GQA, mask="bool_row", sinks=True),
+    attention_case("bsd_sinks_decode_step", GQA, sq=1, nkv=2, past=6, present=True, causal=1, sinks=True,
+                   dynamic_kernel=DECOMPOSED),
+    attention_case("bsd_sinks_cross", DECOMPOSED, sq=3, skv=6, sinks=True),
 ]
 
 
@@ -407,9 +422,10 @@ GATED_CASES = [
 ]
 
 def moe_case(id, kernel, *, lead=(7,), experts=4, k=2, hidden=16, inner=12, gated=1, act="silu",
-             weights_const=True) -> Case:
+             weights_const=True, gpt_oss=False) -> Case:
     """graphopt.MoE after a router that chose `k` distinct experts per token, with weights that
-    do not sum to one (a router that does not renormalize: Qwen2-MoE, OLMoE)."""
+    do not sum to one (a router that does not renormalize: Qwen2-MoE, OLMoE); `gpt_oss`: biased
+    experts and GPT-OSS's clamped SwiGLU, at a limit some gate and up values pass."""
     rng = _rng(id)
     tokens = int(np.prod(lead))
     index = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)]).reshape(lead + (k,)).astype(np.int64)
@@ -419,33 +435,44 @@ def moe_case(id, kernel, *, lead=(7,), experts=4, k=2, hidden=16, inner=12, gate
                             ("index", index, dims + (None,), False), ("weights", weights, dims + (None,), False),
                             ("W_up", _f(rng, experts, (2 if gated else 1) * inner, hidden, scale=0.5), None,
                              weights_const),
-                            ("W_down", _f(rng, experts, hidden, inner, scale=0.5), None, True)],
-                {"activation": act, "gated": gated}, 1, kernel)
+                            ("W_down", _f(rng, experts, hidden, inner, scale=0.5), None, True)]
+                + ([("up_bias", _f(rng, experts, 2 * inner), None, True),
+                    ("down_bias", _f(rng, experts, hidden), None, True)] if gpt_oss else []),
+                {"activation": act, "gated": gated, **({"alpha": 1.702, "beta": 1.0, "limit": 1.5} if gpt_oss else {})},
+                1, kernel)
 
 
 MOE_CASES = [
     moe_case("swiglu_tokens", "com.microsoft.MoE"),
     moe_case("swiglu_batch_seq", "com.microsoft.MoE", lead=(2, 5), experts=8, k=3),
     moe_case("top1", "com.microsoft.MoE", k=1),
+    moe_case("gpt_oss_biases_clamped_swiglu", "com.microsoft.MoE", lead=(2, 5), gpt_oss=True),
     moe_case("not_gated_relu", DECOMPOSED, gated=0, act="relu"),
     moe_case("weights_not_constant", DECOMPOSED, weights_const=False),
 ]
 
-def quant_moe_case(id, kernel, *, bits=4, symmetric=False, lead=(7,), inner=32, block=32) -> Case:
-    x, index, weights, quant, _ = quant_moe_inputs(_rng(id), bits=bits, symmetric=symmetric, lead=lead, inner=inner,
+def quant_moe_case(id, kernel, *, bits=4, symmetric=False, lead=(7,), inner=32, block=32, gpt_oss=False) -> Case:
+    """gpt_oss: biases and GPT-OSS's clamped SwiGLU (a limit some gate and up values pass)."""
+    rng = _rng(id)
+    x, index, weights, quant, _ = quant_moe_inputs(rng, bits=bits, symmetric=symmetric, lead=lead, inner=inner,
                                                    block=block)
     dims = ("batch", "seq")[:len(lead)]
     names = ["up_packed", "up_scales", "down_packed", "down_scales", "up_zero_points", "down_zero_points"]
+    specs = [(name, a, None, True) for name, a in zip(names, quant)]
+    attrs = {"bits": bits, "block_size": block, "hidden": 64, "inner": inner, "activation": "silu", "gated": 1}
+    if gpt_oss:
+        specs += [None] * (6 - len(specs)) + [("up_bias", _f(rng, 4, 2 * inner), None, True),
+                                              ("down_bias", _f(rng, 4, 64), None, True)]
+        attrs.update(alpha=1.702, beta=1.0, limit=0.5)
     return Case(id, "QuantMoE", [("X", x, dims + (None,), False), ("index", index, dims + (None,), False),
-                                 ("weights", weights, dims + (None,), False)]
-                + [(name, a, None, True) for name, a in zip(names, quant)],
-                {"bits": bits, "block_size": block, "hidden": 64, "inner": inner, "activation": "silu", "gated": 1},
-                1, kernel)
+                                 ("weights", weights, dims + (None,), False)] + specs, attrs, 1, kernel)
 
 
 MOE_CASES += [
     quant_moe_case("int4_zero_points", "com.microsoft.QMoE"),
     quant_moe_case("int4_symmetric_batch_seq", "com.microsoft.QMoE", symmetric=True, lead=(2, 5)),
+    quant_moe_case("int4_gpt_oss_biases_clamped", "com.microsoft.QMoE", lead=(2, 5), gpt_oss=True),
+    quant_moe_case("int4_symmetric_gpt_oss", "com.microsoft.QMoE", symmetric=True, gpt_oss=True),
 ]
 
 QMOE_DECLINED = [
@@ -455,7 +482,7 @@ QMOE_DECLINED = [
     quant_moe_case("inner_not_a_block_multiple", None, inner=40),
 ]
 
-ALL_CASES = ATTENTION_CASES + RMS_CASES + SKIP_CASES + ROPE_CASES + LINEAR_CASES + GATED_CASES + MOE_CASES
+ALL_CASES = ATTENTION_CASES + SINK_CASES + RMS_CASES + SKIP_CASES + ROPE_CASES + LINEAR_CASES + GATED_CASES + MOE_CASES
 
 
 # --------------------------------------------------------------------------------------

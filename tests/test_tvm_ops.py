@@ -83,7 +83,12 @@ def _moe_cases() -> list:
                  symbolic={0: BATCH, 1: BATCH, 2: BATCH}),
             Case("MoE", [f32(tokens, hidden), index, weights, C(f32(experts, inner, hidden)),
                          C(f32(experts, hidden, inner))], {"activation": "relu", "gated": 0}, domain="graphopt",
-                 id="not-gated")]
+                 id="not-gated"),
+            # GPT-OSS's: biases, a clamped SwiGLU (a limit some of the gate and up values pass)
+            Case("MoE", [f32(tokens, hidden), index, weights, C(f32(experts, 2 * inner, hidden)),
+                         C(f32(experts, hidden, inner)), C(f32(experts, 2 * inner)), C(f32(experts, hidden))],
+                 {"activation": "silu", "gated": 1, "alpha": 1.702, "beta": 1.0, "limit": 1.5}, domain="graphopt",
+                 id="biases-clamped")]
 
 
 def _quant_linear_cases() -> list:
@@ -210,6 +215,15 @@ CASES = [
          id="gqa-mask-past-softcap"),  # the mask's `total` is checked against past + seq at run time
     Case("Attention", [f32(1, 2, 3, 4), f32(1, 2, 6, 4), f32(1, 2, 6, 4), np.zeros((1, 2, 3, 6), F32) - np.inf],
          {"scale": 0.3}, domain="graphopt", id="fully-masked"),
+    # attention sinks (GPT-OSS): each head's logit in its softmax's sum; a row that sees no key attends it alone
+    Case("Attention", [f32(2, 5, 16), f32(2, 5, 8), f32(2, 5, 8), RNG.random((2, 1, 5, 8)) < 0.7,
+                       f32(2, 2, 3, 4), f32(2, 2, 3, 4), None, C(np.array([0.5, -1.0, 4.0, 1.5], F32))],
+         {"num_heads": 4, "kv_num_heads": 2, "causal": 1}, domain="graphopt", outputs=3,
+         symbolic={0: SEQ, 1: SEQ, 2: SEQ, 3: {2: "seq", 3: "total"}, 4: {2: "past"}, 5: {2: "past"}},
+         id="gqa-mask-past-sinks"),
+    Case("Attention", [f32(1, 2, 3, 4), f32(1, 2, 6, 4), f32(1, 2, 6, 4), np.zeros((1, 2, 3, 6), F32) - np.inf,
+                       None, None, None, C(np.array([3.0, -2.0], F32))], {"softcap": 2.0}, domain="graphopt",
+         id="fully-masked-sinks-softcap"),  # softcap: the Relax ops rather than the fused kernel
     Case("Linear", [f32(2, 3, 4), C(f32(5, 4)), C(f32(5))], {"trans_w": 1, "activation": "gelu"},
          domain="graphopt", symbolic={0: BATCH}),
     Case("Linear", [f32(3, 4), C(f32(4, 5))], {"activation": "silu"}, domain="graphopt", id="no-bias"),

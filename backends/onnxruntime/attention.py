@@ -38,6 +38,7 @@ import numpy as np
 from graphopt.builder import Builder
 from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, Node, TensorType, Value, constant_value
+from graphopt.ops.attention import sinks_of
 from graphopt.registry import register_lowering
 
 from graphopt.backends.onnxruntime.gqa_causal import padding_of_causal_bias
@@ -81,6 +82,7 @@ class Site:
     scale: float
     softcap: float
     want_present: bool
+    sinks: Value | None = None  # [num_heads]: GroupQueryAttention's head_sink
 
     @staticmethod
     def read(node: Node) -> "Site | str":
@@ -112,7 +114,7 @@ class Site:
             return "the past's rank is not 4"
         return Site(q, k, v, mask, past_k, past_v, rank, q.type.dtype, batch, q_seq, kv_seq, nq, nkv,
                     head, v_head, bool(node.attr("causal", 0)), float(node.attr("scale", 0.0)),
-                    float(node.attr("softcap", 0.0)), len(node.outputs) > 1)
+                    float(node.attr("softcap", 0.0)), len(node.outputs) > 1, sinks_of(node))
 
 
 # --------------------------------------------------------------------------------------
@@ -126,6 +128,8 @@ def why_not_gqa(ctx: LoweringContext, s: Site) -> str | None:
         return "this ORT's GroupQueryAttention takes no attention_bias"
     if not s.causal and not schema_has_attr(MS_DOMAIN, GQA, "causal"):
         return "this ORT's GroupQueryAttention is always causal"
+    if s.sinks is not None and "head_sink" not in schema_inputs(MS_DOMAIN, GQA):
+        return "this ORT's GroupQueryAttention takes no head_sink (attention sinks)"
     if not isinstance(s.head, int) or s.head % 8:
         return f"head size {s.head} is not a multiple of 8"
     if s.v_head != s.head:
@@ -152,6 +156,8 @@ def why_not_mha(ctx: LoweringContext, s: Site) -> str | None:
         return f"no {ctx.target} kernel for {s.dtype.short}"
     if s.softcap:
         return "no softcap"
+    if s.sinks is not None:
+        return "no attention sinks"
     if s.num_heads != s.kv_num_heads and not (isinstance(s.head, int) and isinstance(s.v_head, int)):
         return "repeating grouped K/V heads needs static head sizes"
     if s.mask is not None and (why := why_not_bias(s)):
@@ -472,6 +478,8 @@ def _build(ctx: LoweringContext, b: Builder, node: Node, s: Site, kernel: str, s
             inputs += [rotary.cos, rotary.sin]  # no position_ids: the kernel's own (see gqa_rotary.py)
         if bias is not None:
             inputs += [None] * (10 - len(inputs)) + [bias]  # [cos_cache, sin_cache, position_ids,] attention_bias
+        if s.sinks is not None:
+            inputs += [None] * (11 - len(inputs)) + [s.sinks]  # head_sink
         want = 3 if s.want_present else 1
         outs = b.op(GQA, *inputs, domain=MS_DOMAIN, output_types=[y_type, *present_types][:want], **attrs)
         outs = outs if isinstance(outs, tuple) else (outs,)
@@ -526,10 +534,12 @@ def _build_onnx_attention(ctx: LoweringContext, b: Builder, node: Node):
     dt = q.type.dtype if q.type is not None else None
     if dt is None or not ctx.has_kernel("", "Attention", dt):
         return f"no {ctx.target} opset-23 Attention kernel for {dt.short if dt else 'this type'}"
+    if sinks_of(node) is not None:
+        return "ONNX's Attention has no attention sinks"
     changed = sorted({n.op_type for n in ctx.graph.nodes if n.domain == "" and n.op_type in _CHANGED_SINCE_20})
     if changed:
         return f"the graph holds {', '.join(changed)}, whose semantics changed after opset 20"
-    inputs = list(node.inputs)
+    inputs = list(node.inputs)[:6]
     mask = inputs[3] if len(inputs) > 3 else None
     if mask is not None:
         mdt = mask.type.dtype

@@ -19,7 +19,7 @@ import numpy as np
 
 from graphopt.builder import Builder
 from graphopt.ir import GRAPHOPT_DOMAIN, Node
-from graphopt.ops.moe import moe_activation, moe_shapes
+from graphopt.ops.moe import moe_activation, moe_biases, moe_form, moe_shapes
 from graphopt.ops.quant_moe import NAMES, quant_moe_dims, quant_moe_parts
 from graphopt.pattern import constant_value
 from graphopt.registry import register_lowering
@@ -35,7 +35,7 @@ SMALLEST_WEIGHT = float(np.finfo(np.float32).tiny)
 
 @register_lowering(BACKEND, GRAPHOPT_DOMAIN, "MoE")
 def lower_moe(ctx: LoweringContext, b: Builder, node: Node):
-    x, index, weights, up, down = node.inputs
+    x, index, weights, up, down = node.inputs[:5]
     dt = x.type.dtype
     declined = _declines(ctx, node, "MoE", dt)
     if declined:
@@ -51,11 +51,18 @@ def lower_moe(ctx: LoweringContext, b: Builder, node: Node):
     experts, k, hidden, inner = shapes
     fc1 = b.const(np.ascontiguousarray(_interleave(ups, inner)), "moe_fc1")
     fc2 = b.const(np.ascontiguousarray(downs), "moe_fc2")
+    biases = [None if v is None else constant_value(v) for v in moe_biases(node)]
+    if any(v is not None and c is None for v, c in zip(moe_biases(node), biases)):
+        return "the expert biases are not constants"
+    fc1_bias = None if biases[0] is None else b.const(np.ascontiguousarray(_interleave(biases[0], inner)), "moe_fc1_bias")
+    fc2_bias = None if biases[1] is None else b.const(np.ascontiguousarray(biases[1]), "moe_fc2_bias")
+    alpha, beta, limit = moe_form(node)
+    clamp = {"swiglu_limit": limit} if limit else {}  # (the kernel clamps at any limit it is given, 0 too)
 
     logits = _router_logits(b, index, weights, experts, x.type.rank == 3)
-    y = b.op("MoE", x, logits, fc1, None, fc2, domain=MS_DOMAIN, output_types=[x.type], k=k,
-             activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-             normalize_routing_weights=1)
+    y = b.op("MoE", x, logits, fc1, fc1_bias, fc2, fc2_bias, domain=MS_DOMAIN, output_types=[x.type], k=k,
+             activation_type="swiglu", swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta,
+             normalize_routing_weights=1, **clamp)
     total = b.ReduceSum(weights, b.const(np.array([-1], np.int64), "axes"), keepdims=1)
     return [b.Mul(y, total)]
 
@@ -123,7 +130,7 @@ def lower_quant_moe(ctx: LoweringContext, b: Builder, node: Node):
         return f"X is {x.type}, index {index.type}: the kernel takes [tokens, hidden] or [batch, seq, hidden], k static"
     arrays = {name: constant_value(p[name]) if p[name] is not None else None for name in NAMES[3:]}
     if any(arrays[n] is None for n in NAMES[3:7]) or (p["up_zero_points"] is not None
-                                                    and any(arrays[n] is None for n in NAMES[7:])):
+                                                    and any(arrays[n] is None for n in NAMES[7:9])):
         return "the expert weights are not constants"
     experts, k = arrays["up_packed"].shape[0], index.type.shape[-1]
 
@@ -135,12 +142,21 @@ def lower_quant_moe(ctx: LoweringContext, b: Builder, node: Node):
     zps = [None, None] if arrays["up_zero_points"] is None else [stored("up_zero_points", True),
                                                                  stored("down_zero_points", False)]
     flatten = x.type.rank == 3
-    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 normalize_routing_weights=0, expert_weight_bits=bits, block_size=bs)
+    biases = [None if p[n] is None else constant_value(p[n]) for n in ("up_bias", "down_bias")]
+    if any(p[n] is not None and c is None for n, c in zip(("up_bias", "down_bias"), biases)):
+        return "the expert biases are not constants"
+    fc1_bias = None if biases[0] is None else b.const(np.ascontiguousarray(_interleave(biases[0], inner)),
+                                                      "qmoe_fc1_bias")
+    fc2_bias = None if biases[1] is None else b.const(np.ascontiguousarray(biases[1]), "qmoe_fc2_bias")
+    alpha, beta, limit = moe_form(node)
+    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta,
+                 normalize_routing_weights=0, expert_weight_bits=bits, block_size=bs,
+                 **({"swiglu_limit": limit} if limit else {}))
     level = str(ctx.options.get("quant_accuracy_level", "auto"))
     if level not in ("auto", "0"):  # as MatMulNBits: int8 activations where the measured choice says so
         attrs["accuracy_level"] = int(level)
-    y = b.op("QMoE", x, _router_logits(b, index, weights, experts, flatten), fc1, fc1_scales, None, fc2, fc2_scales,
-             None, None, None, None, zps[0], zps[1], None, _router_weights(b, index, weights, experts, flatten),
+    y = b.op("QMoE", x, _router_logits(b, index, weights, experts, flatten), fc1, fc1_scales, fc1_bias, fc2,
+             fc2_scales, fc2_bias, None, None, None, zps[0], zps[1], None,
+             _router_weights(b, index, weights, experts, flatten),
              domain=MS_DOMAIN, output_types=[x.type], **attrs)
     return [y]

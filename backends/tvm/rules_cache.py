@@ -142,5 +142,5 @@ def cache_attention(lw: Lowerer, node, args, attend):
             past_bsnh = lw.emit(R.take(flat, rows, axis=0, mode="clip"))  # batch, past_len, heads, head
             pasts.append(lw.emit(R.permute_dims(past_bsnh, _BSNH_FROM_BNSH)))
         presents.append(present)
-    y = attend(lw, _AsBNSHPast(node), [q, k, v, mask, *pasts])[0]
+    y = attend(lw, _AsBNSHPast(node), [q, k, v, mask, *pasts, None, *args[7:8]])[0]
     return [y, *presents][:len(node.outputs)]

@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover
 
 from graphopt.backends.tvm import norms, rules_cache, schedules_attention
 from graphopt.backends.tvm.lowering import Lowerer, panel_width, relax_op, rule, static_int
+from graphopt.ops.moe import moe_biases, moe_form
 from graphopt.registry import get_op
 
 _BNSH_FROM_BSNH = [0, 2, 1, 3]
@@ -114,7 +115,8 @@ def rotary_embedding(lw: Lowerer, node, args):
 @rule("Attention", domain="graphopt")
 def attention(lw: Lowerer, node, args):
     q, k, v = (lw.tensor(a) for a in args[:3])
-    mask, past_k, past_v = ([lw.tensor(a) if a is not None else None for a in args[3:]] + [None] * 3)[:3]
+    mask, past_k, past_v = ([lw.tensor(a) if a is not None else None for a in args[3:6]] + [None] * 3)[:3]
+    sinks = lw.tensor(args[7]) if len(args) > 7 and args[7] is not None else None
     if (past_k is None) != (past_v is None):
         raise lw.error("past_key and past_value must be given together")
     if node.attr("kv_layout", "BNSH") in ("static", "paged"):
@@ -167,7 +169,8 @@ def attention(lw: Lowerer, node, args):
         if not isinstance(head, int):
             raise lw.error("the head size must be static when no scale is given")
         scale = 1.0 / math.sqrt(head)
-    y = schedules_attention.lower_fused(lw, node, q_bsnh if three_d else q, three_d, k_bnsh, v_bnsh, mask, scale)
+    y = schedules_attention.lower_fused(lw, node, q_bsnh if three_d else q, three_d, k_bnsh, v_bnsh, mask, scale,
+                                       sinks)
     if y is not None:  # CPU: one kernel from the scores to P.V (schedules_attention.py)
         if three_d:
             b, s, n, h = lw.shape(y)
@@ -225,7 +228,14 @@ def attention(lw: Lowerer, node, args):
     bias, attends = lw.once(key, mask_bias)
     if bias is not None:
         scores = lw.emit(R.add(*lw.broadcast(scores, bias)))
-    probs = lw.emit(R.nn.softmax(scores, axis=-1))
+    if sinks is not None:  # one more column in each row's softmax, each head's sink, dropped after
+        b, _, _, _ = lw.shape(scores)
+        column = lw.emit(R.broadcast_to(R.reshape(sinks, [1, nq, 1, 1]), [b, nq, q_len, 1]))
+        probs = lw.emit(R.nn.softmax(R.concat([column, scores], axis=-1), axis=-1))
+        probs = lw.emit(R.strided_slice(probs, axes=[3], begin=[1], end=[lw.simplify(kv_len + 1)],
+                                        assume_inbound=True))
+    else:
+        probs = lw.emit(R.nn.softmax(scores, axis=-1))
     if attends is not None:
         probs = lw.emit(R.where(R.equal(attends, relax.const(0, "int8")), relax.const(0.0, dt), probs))
     y = by_query_head(lw.emit(R.matmul(by_kv_head(probs), v_bnsh)))
@@ -349,8 +359,17 @@ def moe(lw: Lowerer, node, args):
     if ups is None or downs is None:
         raise lw.error("the expert weights must be constants")
     act, gated = _attr(node, "activation"), bool(_attr(node, "gated"))
+    alpha, beta, limit = moe_form(node)
+    biases = [None if v is None else lw.const_array(v) for v in moe_biases(node)]
+    if any(v is not None and c is None for v, c in zip(moe_biases(node), biases)):
+        raise lw.error("the expert biases must be constants")
     inner = downs.shape[2]
     dtype = lw.dtype(weights)
+
+    def plus_bias(h, which: int, e: int):
+        if biases[which] is None:
+            return h
+        return lw.emit(R.add(h, relax.const(np.ascontiguousarray(biases[which][e]), lw.dtype(h))))
     y = None
     for e in range(ups.shape[0]):
         chosen = lw.emit(R.astype(lw.emit(R.equal(index, relax.const(e, lw.dtype(index)))), dtype))
@@ -358,17 +377,28 @@ def moe(lw: Lowerer, node, args):
         h = lw.weight_matmul(x, up, f"expert{e}:", lambda a, e=e: a[e].T)
         if h is None:
             h = lw.emit(R.matmul(x, lw.weight(up, f"expert{e}", lambda a, e=e: a[e].T)))
+        h = plus_bias(h, 0, e)
         if gated:
             last = lw.rank(h) - 1
             gate = lw.emit(R.strided_slice(h, axes=[last], begin=[0], end=[inner]))
             u = lw.emit(R.strided_slice(h, axes=[last], begin=[inner], end=[2 * inner]))
-            h = lw.emit(R.multiply(_activate(lw, gate, act), u))
+            dt = lw.dtype(h)
+            if limit:  # GPT-OSS's clamped SwiGLU
+                gate = lw.emit(R.minimum(gate, relax.const(limit, dt)))
+                u = lw.emit(R.clip(u, -limit, limit))
+            if beta:
+                u = lw.emit(R.add(u, relax.const(beta, dt)))
+            if alpha != 1.0:
+                act_gate = lw.emit(R.multiply(gate, R.sigmoid(R.multiply(gate, relax.const(alpha, dt)))))
+            else:
+                act_gate = _activate(lw, gate, act)
+            h = lw.emit(R.multiply(act_gate, u))
         else:
             h = _activate(lw, h, act)
         d = lw.weight_matmul(h, down, f"expert{e}:", lambda a, e=e: a[e].T)
         if d is None:
             d = lw.emit(R.matmul(h, lw.weight(down, f"expert{e}", lambda a, e=e: a[e].T)))
-        d = lw.emit(R.multiply(d, w))
+        d = lw.emit(R.multiply(plus_bias(d, 1, e), w))
         y = d if y is None else lw.emit(R.add(y, d))
     return [y]
 

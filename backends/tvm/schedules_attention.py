@@ -71,7 +71,7 @@ def attention_func(num_heads: int, kv_num_heads: int, head: int, scale: float, c
 
     @T.prim_func(private=True)
     def fused_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_bias: T.handle,
-                        var_out: T.handle):
+                        var_sinks: T.handle, var_out: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         batch, seq, total = T.int64(), T.int64(), T.int64()
         bb, bn, bs, bt = T.int64(), T.int64(), T.int64(), T.int64()
@@ -79,6 +79,7 @@ def attention_func(num_heads: int, kv_num_heads: int, head: int, scale: float, c
         k = T.match_buffer(var_k, (batch, kv_num_heads, total, head), dtype)
         v = T.match_buffer(var_v, (batch, kv_num_heads, total, head), dtype)
         bias = T.match_buffer(var_bias, (bb, bn, bs, bt), dtype)
+        sinks = T.match_buffer(var_sinks, (num_heads,), dtype)  # -inf: no sink
         out = T.match_buffer(var_out, (batch, seq, num_heads, head), dtype)
         bias_flat = T.decl_buffer((bb * bn * bs * bt,), dtype, data=bias.data)
         assert T.Or(bb == 1, bb == batch), "the attention mask's batch is neither 1 nor the batch"
@@ -106,9 +107,11 @@ def attention_func(num_heads: int, kv_num_heads: int, head: int, scale: float, c
                 last[r] = total - T.int64(1) - T.int64(causal) * (seq - T.int64(1) - T.min(r0 + r, rows - 1) % seq)
                 bias_row[r] = ((T.min(b, bb - 1) * bn + T.min(kvh * group + T.min(r0 + r, rows - 1) // seq, bn - 1))
                                * bs + T.min(T.min(r0 + r, rows - 1) % seq, bs - 1)) * bt
-            for r in T.vectorized(ROWS):
-                run_max[r] = T.float32(neg_inf)
-                run_sum[r] = T.float32(0)
+            # the softmax starts from the row's head's sink: one term exp(sink - max) in the sum,
+            # against no value (no sink: -inf, an empty sum)
+            for r in range(ROWS):
+                run_max[r] = sinks[kvh * group + T.min(r0 + r, rows - 1) // seq]
+                run_sum[r] = T.if_then_else(run_max[r] == T.float32(neg_inf), T.float32(0), T.float32(1))
             for r in range(ROWS):
                 for h in range(head):
                     qt[h, r] = q[b, T.min(r0 + r, rows - 1) % seq, kvh * group + T.min(r0 + r, rows - 1) // seq,
@@ -164,7 +167,7 @@ def attention_func(num_heads: int, kv_num_heads: int, head: int, scale: float, c
     return fused_attention
 
 
-def lower_fused(lw, node, q, q_is_bsnh: bool, k_bnsh, v_bnsh, mask, scale: float):
+def lower_fused(lw, node, q, q_is_bsnh: bool, k_bnsh, v_bnsh, mask, scale: float, sinks=None):
     """The attention output as [batch, seq, num_heads, head] from the fused kernel, or None
     where it does not apply (then the rule writes attention out in Relax ops): targets other
     than the CPU (the kernel is a CPU loop nest; CUDA keeps dlight's schedules), dtypes other
@@ -188,9 +191,13 @@ def lower_fused(lw, node, q, q_is_bsnh: bool, k_bnsh, v_bnsh, mask, scale: float
     if bias is None:  # no mask: a zero bias that broadcasts everywhere
         bias = relax.const(np.zeros((1, 1, 1, 1), np.float32))
     q_bsnh = q if q_is_bsnh else lw.emit(R.permute_dims(q, [0, 2, 1, 3]))
+    if sinks is None:
+        sinks = relax.const(np.full((num_heads,), -np.inf, np.float32))
+    elif lw.dtype(sinks) != "float32":
+        return None
     func = attention_func(num_heads, kv_heads, head, float(scale), bool(node.attr("causal", 0)))
     gv = lw.bb.add_func(func, "fused_attention")
-    return lw.emit(relax.call_tir(gv, [q_bsnh, k_bnsh, v_bnsh, bias],
+    return lw.emit(relax.call_tir(gv, [q_bsnh, k_bnsh, v_bnsh, bias, sinks],
                                   relax.TensorType(lw.shape(q_bsnh), "float32")))
 
 

@@ -271,6 +271,12 @@ def _traceable_experts(model):
         if m._graphopt_moe:
             _define_moe_op()
             continue
+        m._graphopt_moe_form = _gated_form(m)
+        if m._graphopt_moe_form is not None:  # GPT-OSS's: graphopt.MoE with its biases and clamp
+            _define_moe_op()
+            m._graphopt_stacked = torch.nn.ParameterList(
+                torch.nn.Parameter(t, requires_grad=False) for t in _moe_layout(m, m._graphopt_moe_form["interleaved"]))
+            continue
         up = m.gate_up_proj if m.has_gate else m.up_proj
         stacked = [up, m.down_proj]
         if m.has_bias:
@@ -285,8 +291,9 @@ def _traceable_experts(model):
         model.set_experts_implementation(before)
         for m in blocks:
             del m._graphopt_moe
-            if hasattr(m, "_graphopt_experts"):
-                del m._graphopt_experts
+            for name in ("_graphopt_experts", "_graphopt_moe_form", "_graphopt_stacked"):
+                if hasattr(m, name):
+                    delattr(m, name)
 
 
 def _is_swiglu_block(m) -> bool:
@@ -303,6 +310,44 @@ def _is_swiglu_block(m) -> bool:
         return bool(torch.allclose(m.act_fn(probe), torch.nn.functional.silu(probe), rtol=0, atol=1e-6))
 
 
+def _gated_form(m) -> dict | None:
+    """A gated experts block with both biases whose gate function, probed, is a SwiGLU in the
+    [gate; up] or the interleaved layout, plain or GPT-OSS's clamped one (its `alpha` and `limit`,
+    up + 1): {"interleaved", "alpha", "beta", "limit"}; else None."""
+    import torch
+
+    if not (m.has_gate and m.has_bias and not m.has_post_expert_norm):
+        return None
+    probe = torch.linspace(-12, 12, 8 * 24).reshape(8, 24)  # [tokens, 2 * 12]
+    with torch.no_grad():
+        got = m._apply_gate(probe)
+    alpha, limit = float(getattr(m, "alpha", 1.0)), float(getattr(m, "limit", 0.0) or 0.0)
+    forms = [(1.0, 0.0, 0.0), (alpha, 1.0, limit)] if hasattr(m, "alpha") else [(1.0, 0.0, 0.0)]
+    for interleaved in (False, True):
+        gate, up = (probe[:, ::2], probe[:, 1::2]) if interleaved else probe.chunk(2, dim=-1)
+        for a, beta, lim in forms:
+            g, u = (gate.clamp(max=lim), up.clamp(-lim, lim)) if lim else (gate, up)
+            want = g * torch.sigmoid(a * g) * (u + beta)
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                return {"interleaved": interleaved, "alpha": a, "beta": beta, "limit": lim}
+    return None
+
+
+def _moe_layout(m, interleaved: bool) -> list:
+    """The block's stacked weights in graphopt.MoE's layout: up [experts, 2 * inner, hidden]
+    (gate rows, then up rows), down [experts, hidden, inner], their biases."""
+    import torch
+
+    up, down = m.gate_up_proj.detach(), m.down_proj.detach()
+    up_bias, down_bias = m.gate_up_proj_bias.detach(), m.down_proj_bias.detach()
+    if m.is_transposed:  # stored [experts, in, out]
+        up, down = up.transpose(1, 2), down.transpose(1, 2)
+    if interleaved:
+        up = torch.cat([up[:, 0::2], up[:, 1::2]], dim=1)
+        up_bias = torch.cat([up_bias[:, 0::2], up_bias[:, 1::2]], dim=1)
+    return [t.contiguous() for t in (up, down, up_bias, down_bias)]
+
+
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers' experts forward (`integrations.moe`; `top_k_index`/`top_k_weights`
     [tokens, k] from the router), traceable: graphopt.MoE for a SwiGLU block; otherwise
@@ -314,6 +359,10 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if self._graphopt_moe:
         return torch.ops.graphopt.moe(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
                                       self.gate_up_proj, self.down_proj)
+    if getattr(self, "_graphopt_moe_form", None) is not None:
+        form = self._graphopt_moe_form
+        return torch.ops.graphopt.moe_biased(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
+                                             *self._graphopt_stacked, form["alpha"], form["beta"], form["limit"])
     out = None
     for e, params in enumerate(self._graphopt_experts):
         up, down, up_bias, down_bias = (list(params) + [None, None])[:4]
@@ -369,17 +418,37 @@ def _define_moe_op() -> None:
     def _(x, index, weights, up, down):
         return torch.empty_like(x)
 
+    @torch.library.custom_op("graphopt::moe_biased", mutates_args=(),
+                             schema="(Tensor x, Tensor index, Tensor weights, Tensor up, Tensor down, Tensor up_bias, "
+                                    "Tensor down_bias, float alpha, float beta, float limit) -> Tensor")
+    def moe_biased(x, index, weights, up, down, up_bias, down_bias, alpha, beta, limit):
+        y = torch.zeros_like(x)
+        for e in range(up.shape[0]):
+            w = (weights * (index == e).to(weights.dtype)).sum(-1, keepdim=True)
+            gate, u = torch.nn.functional.linear(x, up[e], up_bias[e]).chunk(2, dim=-1)
+            if limit:
+                gate, u = gate.clamp(max=limit), u.clamp(-limit, limit)
+            h = gate * torch.sigmoid(alpha * gate) * (u + beta)
+            y = y + torch.nn.functional.linear(h, down[e], down_bias[e]) * w
+        return y
+
+    @moe_biased.register_fake
+    def _(x, index, weights, up, down, up_bias, down_bias, alpha, beta, limit):
+        return torch.empty_like(x)
+
     if not onnx.defs.has("MoE", GRAPHOPT_DOMAIN):  # onnxscript builds a node only from a schema
         param = OpSchema.FormalParameter
         onnx.defs.register_schema(OpSchema(
             "MoE", GRAPHOPT_DOMAIN, 1,
             inputs=[param(n, t) for n, t in (("X", "T"), ("index", "I"), ("weights", "T"), ("W_up", "T"),
-                                             ("W_down", "T"))],
+                                             ("W_down", "T"))]
+            + [param(n, "T", "", param_option=OpSchema.FormalParameterOption.Optional) for n in ("up_bias", "down_bias")],
             outputs=[param("Y", "T")],
             type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"], ""),
                               ("I", ["tensor(int64)", "tensor(int32)"], "")],
             attributes=[OpSchema.Attribute("activation", OpSchema.AttrType.STRING, ""),
-                        OpSchema.Attribute("gated", OpSchema.AttrType.INT, "")]))
+                        OpSchema.Attribute("gated", OpSchema.AttrType.INT, "")]
+            + [OpSchema.Attribute(n, OpSchema.AttrType.FLOAT, "") for n in ("alpha", "beta", "limit")]))
     domain = onnxscript.values.Opset(GRAPHOPT_DOMAIN, 1)
 
     def moe_onnx(x, index, weights, up, down):
@@ -388,8 +457,19 @@ def _define_moe_op() -> None:
     def moe_symbolic(g, x, index, weights, up, down):
         return g.op(f"{GRAPHOPT_DOMAIN}::MoE", x, index, weights, up, down, activation_s="silu", gated_i=1)
 
+    def moe_biased_onnx(x, index, weights, up, down, up_bias, down_bias, alpha, beta, limit):
+        return domain.MoE(x, index, weights, up, down, up_bias, down_bias, activation="silu", gated=1,
+                          alpha=float(alpha), beta=float(beta), limit=float(limit))
+
+    @torch.onnx.symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "f", "f", "f")
+    def moe_biased_symbolic(g, x, index, weights, up, down, up_bias, down_bias, alpha, beta, limit):
+        return g.op(f"{GRAPHOPT_DOMAIN}::MoE", x, index, weights, up, down, up_bias, down_bias, activation_s="silu",
+                    gated_i=1, alpha_f=alpha, beta_f=beta, limit_f=limit)
+
     register_translation(torch.ops.graphopt.moe.default, moe_onnx)
+    register_translation(torch.ops.graphopt.moe_biased.default, moe_biased_onnx)
     torch.onnx.register_custom_op_symbolic("graphopt::moe", moe_symbolic, CANONICAL_OPSET)
+    torch.onnx.register_custom_op_symbolic("graphopt::moe_biased", moe_biased_symbolic, CANONICAL_OPSET)
     _moe_op_defined = True
 
 

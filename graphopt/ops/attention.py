@@ -15,6 +15,11 @@ position p of row r is pool[block_table[r, p // block_size], p % block_size]. As
 the mask's last dimension L is the valid length, the new keys/values go to positions
 [L - new, L) and attention reads positions [0, L); blocks no row's positions name are
 passed through as they were.
+
+An 8th input, `sinks [num_heads]` (GPT-OSS's attention sinks), gives each query head one more
+logit in its softmax, against no value: p_j = exp(s_j) / (exp(sink_h) + sum_k exp(s_k)). It is
+what a zero key and a zero value placed before the first position would give, with the sink
+as that key's bias (what the reference computes), so a head may attend to nothing.
 """
 from __future__ import annotations
 
@@ -55,6 +60,21 @@ def _attention_inputs(node: Node):
 def block_table_of(node: Node) -> Value | None:
     """kv_layout paged's 7th input: [batch, max_blocks] block ids."""
     return node.inputs[6] if len(node.inputs) > 6 else None
+
+
+def sinks_of(node: Node) -> Value | None:
+    """The 8th input: the per-head sink logits [num_heads], or None."""
+    return node.inputs[7] if len(node.inputs) > 7 else None
+
+
+def attention_operands(q: Value, k: Value, v: Value, mask: Value | None = None, past_k: Value | None = None,
+                       past_v: Value | None = None, table: Value | None = None,
+                       sinks: Value | None = None) -> list[Value | None]:
+    """graphopt.Attention's inputs in their places, without trailing empty ones."""
+    ins = [q, k, v, mask, past_k, past_v, table, sinks]
+    while len(ins) > 3 and ins[-1] is None:
+        ins.pop()
+    return ins
 
 
 def _seq_len_bnsh(node: Node, t: Value | None, cache: bool = False):
@@ -139,6 +159,7 @@ def _attention_reference(node: Node, inputs):
 
     q, k, v = inputs[:3]
     mask, past_k, past_v = (list(inputs[3:]) + [None] * 3)[:3]
+    sinks = inputs[7] if len(inputs) > 7 else None
     bsnh = _kv_layout(node) == "BSNH"
     if bsnh and past_k is not None:  # the kernel below takes BNSH
         past_k, past_v = past_k.transpose(0, 2, 1, 3), past_v.transpose(0, 2, 1, 3)
@@ -162,10 +183,14 @@ def _attention_reference(node: Node, inputs):
         # mask its full query axis first (broadcasting says it means the same).
         q_len = q.shape[-2] if q.ndim == 4 else q.shape[1]
         mask = np.broadcast_to(mask, mask.shape[:-2] + (q_len, mask.shape[-1]))
+    if sinks is not None:
+        k, past_k, past_v, mask = _with_sink_key(node, q, k, v, mask, past_k, past_v, sinks)
     out = _compute_attention(q, k, v, attn_mask=mask, past_key=past_k, past_value=past_v,
                              scale=node.attr("scale", 0.0) or None, is_causal=bool(node.attr("causal", 0)),
                              q_num_heads=nq, kv_num_heads=nkv, softcap=node.attr("softcap", 0.0) or None)
     out = [np.asarray(o).astype(q.dtype) for o in out[:len(node.outputs)]]
+    if sinks is not None:  # the zero key and value in front of the presents go
+        out = [o if i == 0 else np.ascontiguousarray(o[:, :, 1:]) for i, o in enumerate(out)]
     if buffers is not None:
         for i, buf in zip((1, 2), buffers):
             if i < len(out):
@@ -173,6 +198,35 @@ def _attention_reference(node: Node, inputs):
                 full[:, :, :out[i].shape[2]] = out[i]
                 out[i] = full
     return [o if i == 0 or not bsnh else np.ascontiguousarray(o.transpose(0, 2, 1, 3)) for i, o in enumerate(out)]
+
+
+def _with_sink_key(node: Node, q, k, v, mask, past_k, past_v, sinks):
+    """(k, past_k, past_v, mask) with a zero key and value in front of the past, and a mask
+    column giving that key each head's sink: the softmax then has the sink's term in its sum,
+    and the output nothing of it. Causal masking stays right: every query sees position 0."""
+    sinks = np.asarray(sinks)
+    nq = q.shape[1] if q.ndim == 4 else _heads_3d(node)[0]
+    if sinks.shape != (nq,):
+        raise unsupported(node, f"the sinks have shape {list(sinks.shape)}, not [{nq}] (one per query head)")
+    if q.ndim == 4:
+        batch, q_len, nkv, hk, hv = q.shape[0], q.shape[2], k.shape[1], k.shape[3], v.shape[3]
+        total = k.shape[2]
+    else:
+        nkv = _heads_3d(node)[1]
+        batch, q_len, hk, hv, total = q.shape[0], q.shape[1], k.shape[2] // nkv, v.shape[2] // nkv, k.shape[1]
+    total += 0 if past_k is None else past_k.shape[2]
+    zero_k, zero_v = (np.zeros((batch, nkv, 1, h), q.dtype) for h in (hk, hv))
+    past_k = zero_k if past_k is None else np.concatenate([zero_k, past_k], axis=2)
+    past_v = zero_v if past_v is None else np.concatenate([zero_v, past_v], axis=2)
+    if mask is None:
+        bias = np.zeros((1, 1, q_len, total), q.dtype)
+    elif mask.dtype == np.bool_:
+        bias = np.where(mask, q.dtype.type(0), q.dtype.type(-np.inf))
+    else:
+        bias = mask.astype(q.dtype)
+    bias = np.broadcast_to(bias, (batch, nq, q_len, total))
+    column = np.broadcast_to(sinks.astype(q.dtype).reshape(1, nq, 1, 1), (batch, nq, q_len, 1))
+    return k, past_k, past_v, np.concatenate([column, bias], axis=-1)
 
 
 def _paged_slots(node: Node, block_table: np.ndarray, block_size: int, length: int):
@@ -193,7 +247,7 @@ def _paged_reference(node: Node, inputs):
     blocks, slots = _paged_slots(node, np.asarray(table), block_size, valid)
     past = [np.ascontiguousarray(pool[blocks[:, :valid - new], slots[:, :valid - new]].transpose(0, 2, 1, 3))
             for pool in (pool_k, pool_v)]
-    out = _attention_reference(_LayoutView(node, "BNSH"), [q, k, v, mask, *past])
+    out = _attention_reference(_LayoutView(node, "BNSH"), [q, k, v, mask, *past, None, *inputs[7:]])
     for i, pool in ((1, pool_k), (2, pool_v)):
         if i < len(out):
             full = pool.copy()
@@ -296,6 +350,18 @@ def _paged_decompose(b: Builder, node: Node, mask: Value, k_BNSH: Value, v_BNSH:
     return pasts, presents
 
 
+def _softmax(b: Builder, scores: Value, sinks: Value | None) -> Value:
+    """Softmax over the last axis; with sinks, over the scores and one more column, each
+    head's sink, which is then dropped."""
+    if sinks is None:
+        return b.Softmax(scores, axis=-1)
+    column = b.Reshape(sinks, b.const(i64(1, -1, 1, 1), "attn_sink_shape"))  # 1, N, 1, 1
+    shape = b.Concat(b.Shape(scores, start=0, end=3), b.const(i64(1), "attn_one"), axis=0)
+    probs = b.Softmax(b.Concat(b.Expand(column, shape), scores, axis=-1), axis=-1)
+    return b.Slice(probs, b.const(i64(1), "attn_one"), b.const(i64(np.iinfo(np.int64).max), "attn_end"),
+                   b.const(i64(-1), "attn_last_axis"))
+
+
 def _attention_decompose(b: Builder, node: Node):
     q, k, v, mask, past_k, past_v = _attention_inputs(node)
     dt = q.type.dtype
@@ -363,14 +429,15 @@ def _attention_decompose(b: Builder, node: Node):
     if softcap:  # before the mask, so that masked scores stay -inf
         cap = b.const(np.array(softcap, dt.np_dtype), "attn_softcap")
         scores = b.Mul(b.Tanh(b.Div(scores, cap)), cap)
+    sinks = sinks_of(node)
     if mask is None and not node.attr("causal", 0):
-        probs = b.Softmax(scores, axis=-1)
+        probs = _softmax(b, scores, sinks)
     else:
         zero = b.const(np.array(0, dt.np_dtype), "attn_zero")
         neg_inf = b.const(np.array(-np.inf, dt.np_dtype), "attn_neg_inf")
         bias = _attention_bias(b, node, mask, q_BNSH, k_BNSH, past_k, zero, neg_inf)
-        probs = b.Softmax(b.Add(scores, bias), axis=-1)
-        if mask is not None:
+        probs = _softmax(b, b.Add(scores, bias), sinks)
+        if mask is not None and sinks is None:  # (with a sink no row is empty: its output is 0)
             # A query row whose bias is -inf everywhere attends nothing: its output is zero
             # (the spec's rule), where Softmax alone gives NaN. Causal masking alone always
             # leaves key 0, so only a mask can do this.
@@ -389,7 +456,7 @@ register_op(OpDef(
     attrs={"num_heads": AttrSpec(AttrKind.INT, default=0), "kv_num_heads": AttrSpec(AttrKind.INT, default=0),
            "scale": AttrSpec(AttrKind.FLOAT, default=0.0), "causal": AttrSpec(AttrKind.INT, default=0),
            "softcap": AttrSpec(AttrKind.FLOAT, default=0.0), "kv_layout": AttrSpec(AttrKind.STRING, default="BNSH")},
-    min_inputs=3, max_inputs=7, min_outputs=1, max_outputs=3,
+    min_inputs=3, max_inputs=8, min_outputs=1, max_outputs=3,
     infer=_attention_infer, reference=_attention_reference, decompose=_attention_decompose,
     doc="Scaled dot-product attention as ONNX Attention-23 (q_num_heads -> num_heads, is_causal -> "
         "causal): Q, K, V in BNSH (4-D) or BSD (3-D, with num_heads and kv_num_heads, which defaults to "
@@ -399,6 +466,8 @@ register_op(OpDef(
         "mask's last dimension L is the valid length, the new keys/values go to positions [L - new, L)), or paged (pools of [num_blocks, block_size, "
         "kv_heads, head] shared by past and present, a 7th input block_table [batch, max_blocks] placing "
         "position p of row r at block block_table[r, p // block_size], slot p % block_size); "
+        "an optional 8th input, sinks [num_heads], adds each head's sink logit to its softmax's sum (attention "
+        "sinks: a head may attend to nothing); "
         "causal masking is bottom-right aligned with the past; a fully masked query row gives zeros; "
         "softcap (0: none) is applied before the mask; scale 0 means 1/sqrt(head_size).",
 ))

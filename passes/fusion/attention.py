@@ -7,6 +7,10 @@ The core every exporter agrees on is
     probs  = Softmax(scores, axis=-1)    (optionally followed by a NaN guard: Where(IsNaN(p), 0, p))
     out    = MatMul(probs, V)
 
+Attention sinks (GPT-OSS) put one more column in the softmax, each head's sink logit, and drop
+it after: Softmax(Concat(scores, Expand(sinks)) (- its row max)) -> Slice(..., :-1); the sinks
+become graphopt.Attention's 8th input.
+
 Everything around it varies: the key transpose is one Transpose, or Reshape -> Transpose ->
 Reshape computed from the tensor's own shape; the scale is applied to Q, to K, to both (as
 sqrt(scale)) or to the scores, by Mul or Div; grouped-query models repeat K/V heads with
@@ -22,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
+from graphopt.ops.attention import attention_operands
 from graphopt.layout import computes, layout_ancestors, repeat_heads, swap_last_two
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
@@ -82,6 +87,8 @@ class AttentionMatch:
         self.scale = 1.0
         self.softcap = 0.0
         self.num_heads = self.kv_num_heads = None
+        self.sinks: np.ndarray | None = None  # [num_heads]
+        self.masked_fill: tuple[Value, Value] | None = None  # Where(cond, scores, lowest): (cond, lowest)
         self.out: Value | None = None
         self.covered: list[Node] = []
 
@@ -114,15 +121,26 @@ def _match_attention(softmax: Node) -> AttentionMatch:
         probs = where.outputs[0]
     if probs.is_graph_output or len(probs.uses()) != 1:
         raise NoMatch("the attention probabilities are used elsewhere (returned or reused)", softmax)
+    sink_side = _sink_column_dropped(probs.uses()[0][0], rank)
+    if sink_side is not None:  # attention sinks: the Slice that drops their column
+        m.covered.append(probs.uses()[0][0])
+        probs = probs.uses()[0][0].outputs[0]
+        if probs.is_graph_output or len(probs.uses()) != 1:
+            raise NoMatch("the attention probabilities are used elsewhere (returned or reused)", softmax)
     pv, idx = probs.uses()[0]
     if pv.op_type != "MatMul" or pv.domain != "" or idx != 0:
         raise NoMatch(f"the probabilities feed {pv.op}, not MatMul(probs, V)", pv)
     m.covered.append(pv)
     m.v, m.out = pv.inputs[1], pv.outputs[0]
-    # -- upstream: (+ mask) (scale) MatMul(Q', K')
+    # -- upstream: ((- row max) Concat(., sinks)) (+ mask) (scale) MatMul(Q', K')
     x = scores_in
     if not _single_use(x):
         raise NoMatch("the attention scores are used elsewhere", x.producer())
+    if sink_side is not None:
+        x = _strip_row_max(x, m.covered)
+        x, m.sinks = _split_sinks(x, sink_side, m.covered)
+        if not _single_use(x):
+            raise NoMatch("the attention scores are used elsewhere", x.producer())
     while True:
         n = x.producer()
         if n is None:
@@ -140,6 +158,15 @@ def _match_attention(softmax: Node) -> AttentionMatch:
             m.mask = n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0]
             m.covered.append(n)
             x = sides[0]
+        elif n.op_type == "Where" and n.domain == "" and m.masked_fill is None and _leads_to_matmul(n.inputs[1]) \
+                and _masks_out(n.inputs[2]):
+            # GPT-Neo's Where(causal, scores, lowest): in float32 the same as adding Where(causal, 0,
+            # lowest) to the scores (a score is lost in the lowest value's rounding)
+            if m.softcap:
+                raise NoMatch("the scores are masked before the softcap", n)
+            m.masked_fill = (n.inputs[0], n.inputs[2])
+            m.covered.append(n)
+            x = n.inputs[1]
         elif n.op_type == "Mul" and n.domain == "" and (capped := _softcap(n)) is not None:
             if m.softcap:
                 raise NoMatch("the scores are soft-capped twice", n)
@@ -187,7 +214,79 @@ def _match_attention(softmax: Node) -> AttentionMatch:
         raise NoMatch("the mask's rank is unknown or over 4", m.mask.producer())
     if m.mask is not None and m.mask.type.dtype.np_dtype.kind != "f":
         raise NoMatch("the mask added to the scores is not a float tensor", m.mask.producer())
+    if m.sinks is not None:
+        if m.sinks.size not in (1, nq):
+            raise NoMatch(f"{m.sinks.size} sink logits for {nq} query heads", softmax)
+        m.sinks = np.broadcast_to(m.sinks.reshape(-1), (nq,)).astype(q.type.dtype.np_dtype)
     return m
+
+
+def _sink_column_dropped(n: Node, rank: int) -> int | None:
+    """Which end of the last axis `n` drops when it is a Slice of one column there: -1 (the
+    last, `[..., :-1]`) or 0 (the first, `[..., 1:]`); None for any other node."""
+    if n.domain != "" or n.op_type != "Slice" or len(n.inputs) < 4:
+        return None
+    starts, ends, axes = (constant_value(v) for v in n.inputs[1:4])
+    steps = constant_value(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] is not None else np.ones(1)
+    if any(c is None or c.size != 1 for c in (starts, ends, axes, steps)) or int(steps.reshape(())) != 1 \
+            or int(axes.reshape(())) % rank != rank - 1:
+        return None
+    start, end = int(starts.reshape(())), int(ends.reshape(()))
+    if start == 0 and end == -1:
+        return -1
+    if start == 1 and end >= np.iinfo(np.int32).max:
+        return 0
+    return None
+
+
+def _strip_row_max(x: Value, covered: list[Node]) -> Value:
+    """`a` for `x = a - ReduceMax(a, last axis, keepdims)` (a no-op before a softmax, which
+    exporters write against overflow); else `x`."""
+    sub = x.producer()
+    if sub is None or sub.domain != "" or sub.op_type != "Sub":
+        return x
+    a, mx = sub.inputs
+    red = mx.producer()
+    if red is None or red.domain != "" or red.op_type != "ReduceMax" or red.inputs[0] is not a \
+            or not red.attr("keepdims", 1) or len(mx.uses()) != 1:
+        return x
+    axes = constant_value(red.inputs[1]) if len(red.inputs) > 1 and red.inputs[1] is not None else None
+    if axes is None and red.attr("axes", None) is not None:
+        axes = np.asarray(red.attr("axes", None))
+    rank = a.type.rank if a.type is not None else None
+    if axes is None or axes.size != 1 or rank is None or int(axes.reshape(())) % rank != rank - 1:
+        return x
+    if len(a.uses()) != 2 or a.is_graph_output:
+        return x
+    covered += [sub, red]
+    return a
+
+
+def _split_sinks(x: Value, side: int, covered: list[Node]) -> tuple[Value, np.ndarray]:
+    """(the scores, the sink logits) of `x = Concat(scores, sinks)` along the last axis, the
+    sinks at the end `side` that the Slice drops: a constant [.., heads|1, 1, 1], expanded or not."""
+    cat = x.producer()
+    rank = x.type.rank if x.type is not None else None
+    if cat is None or cat.domain != "" or cat.op_type != "Concat" or len(cat.inputs) != 2 or rank != 4 \
+            or cat.attr("axis", 0) % 4 != 3:
+        raise NoMatch("the softmax's dropped column is not a Concat of the scores and the sinks", cat)
+    scores, column = (cat.inputs[1], cat.inputs[0]) if side == 0 else (cat.inputs[0], cat.inputs[1])
+    covered.append(cat)
+    src = column.producer()
+    if src is not None and src.domain == "" and src.op_type == "Expand" and len(column.uses()) == 1:
+        covered.append(src)
+        column = src.inputs[0]
+    sinks = constant_value(column)
+    shape = (1,) * (4 - sinks.ndim) + sinks.shape if sinks is not None and sinks.ndim <= 4 else None
+    if shape is None or shape[0] != 1 or shape[2:] != (1, 1) or sinks.dtype.kind != "f":
+        raise NoMatch("the column the softmax drops is not a constant logit per head (attention sinks)", cat)
+    return scores, sinks.reshape(-1)
+
+
+def _masks_out(v: Value) -> bool:
+    """`v` is a float constant at or below -1e30 (a masked fill: -inf or the type's lowest)."""
+    c = constant_value(v)
+    return c is not None and c.size == 1 and c.dtype.kind == "f" and float(c.reshape(())) <= -1e30
 
 
 def _leads_to_matmul(v: Value) -> bool:
@@ -199,6 +298,9 @@ def _leads_to_matmul(v: Value) -> bool:
             return True
         if n.op_type == "Tanh":  # a softcap's
             v = n.inputs[0]
+            continue
+        if n.op_type == "Where" and _masks_out(n.inputs[2]):  # a masked fill's
+            v = n.inputs[1]
             continue
         if n.op_type not in ("Mul", "Div"):
             return False
@@ -242,7 +344,15 @@ def rewrite_attention(graph: Graph, m: AttentionMatch, rule: str = "fuse-attenti
     pv = m.out.producer()
     rw = Rewriter(graph, pv, rule)
     k = m.k if m.k is not None else rw.Transpose(m.k_needs_transpose, perm=[0, 1, 3, 2])
-    inputs = [m.q, k, m.v] + ([m.mask] if m.mask is not None else [])
+    sinks = rw.const(m.sinks, "attention_sinks") if m.sinks is not None else None
+    mask = m.mask
+    if m.masked_fill is not None:  # the fill as an additive mask, before the model's own
+        cond, lowest = m.masked_fill
+        dt = m.q.type.dtype.np_dtype
+        fill = rw.Where(cond, rw.const(np.array(0, dt), "masked_fill_zero"), rw.Cast(lowest, to=m.q.type.dtype.onnx_type)
+                        if constant_value(lowest).dtype != dt else lowest)
+        mask = fill if mask is None else rw.Add(fill, mask)
+    inputs = attention_operands(m.q, k, m.v, mask, sinks=sinks)
     y = rw.op("Attention", *inputs, domain=GRAPHOPT_DOMAIN, num_heads=m.num_heads, kv_num_heads=m.kv_num_heads,
               scale=float(np.float32(m.scale)), softcap=float(m.softcap) if m.softcap else None)
     replace_value(graph, m.out, y)

@@ -14,6 +14,7 @@ import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.layout import computes, layout_ancestors, merge_heads, split_heads
+from graphopt.ops.attention import attention_operands, sinks_of
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Fail, Rewriter, remove_dead, replace_value
 
@@ -23,7 +24,7 @@ def match_3d(node: Node):
     the usual head split and its output goes straight back to 3-D; else a `Fail`."""
     q, k, v = node.inputs[:3]
     nq, nkv = node.attr("num_heads"), node.attr("kv_num_heads")
-    if len(node.inputs) > 4 or len(node.outputs) > 1 or q.type is None or q.type.rank != 4:
+    if any(t is not None for t in node.inputs[4:7]) or len(node.outputs) > 1 or q.type is None or q.type.rank != 4:
         return Fail("not a 4-D attention without cache", node)
     found, ropes = [], []
     for t, heads in ((q, nq), (k, nkv), (v, nkv)):
@@ -88,7 +89,7 @@ def rewrite_3d(graph: Graph, node: Node, found) -> None:
         new = rw.op("RotaryEmbedding", src, *rope.inputs[1:], domain=GRAPHOPT_DOMAIN, **rattrs)
         q3, k3, v3 = [new if j == i else t for j, t in enumerate((q3, k3, v3))]
         moved.append(rope)
-    ins = [q3, k3, v3] + ([mask] if mask is not None else [])
+    ins = attention_operands(q3, k3, v3, mask, sinks=sinks_of(node))
     y = rw.op("Attention", *ins, domain=GRAPHOPT_DOMAIN, **attrs)
     if y3.type is not None and y3.type.rank == 2:
         y = rw.Reshape(y, rw.const(np.array([-1, y.type.shape[-1]], np.int64), "flatten"))

@@ -26,6 +26,7 @@ import numpy as np
 from graphopt.builder import Builder
 from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
+from graphopt.ops.attention import attention_operands, sinks_of
 from graphopt.pass_manager import PassError
 
 PAST, PRESENT = "past_key_values.", "present."
@@ -101,7 +102,8 @@ def _the_attention(presents: list[Value]) -> Node:
         raise _fail(f"{presents[0].name!r} and {presents[1].name!r} are not read by one attention alone "
                     "(run the fusion pipeline, fuse-attention, first)")
     n = both[0]
-    if n.domain != GRAPHOPT_DOMAIN or n.op_type != "Attention" or len(n.inputs) > 4 or len(n.outputs) > 1:
+    if n.domain != GRAPHOPT_DOMAIN or n.op_type != "Attention" or any(t is not None for t in n.inputs[4:7]) \
+            or len(n.outputs) > 1:
         raise _fail(f"node {n.name!r} ({n.op}) reads the cache; expected a fused graphopt.Attention without one")
     if n.inputs[1] is not presents[0] or n.inputs[2] is not presents[1]:
         raise _fail(f"attention node {n.name!r} does not take {presents[0].name!r} and {presents[1].name!r} "
@@ -141,7 +143,7 @@ def _rewrite(graph: Graph, node: Node, pasts, presents, news, layout: str, max_p
     b = Builder(graph, before=node, created_by="rewrite-kv-cache")
     types = [TensorType(p.type.dtype, cache_shape(layout, heads, "past_seq + seq", p.type.shape[3], max_pos,
                                                   block_size)) for p in pasts]
-    y, pk, pv = b.op("Attention", q, *news, mask, *pasts, *([table] if table is not None else []),
+    y, pk, pv = b.op("Attention", *attention_operands(q, *news, mask, *pasts, table, sinks_of(node)),
                      domain=GRAPHOPT_DOMAIN, n_out=3, output_types=[node.outputs[0].type, *types], **attrs)
     node.outputs[0].replace_all_uses_with(y)
     graph.remove_node(node)

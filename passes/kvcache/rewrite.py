@@ -50,6 +50,7 @@ import numpy as np
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
+from graphopt.ops.attention import attention_operands, sinks_of
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.builder import Builder
 from graphopt.passes.cleanup.dce import EliminateDeadCode
@@ -65,6 +66,9 @@ IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", Non
 # metadata_props keys: what the artifact's manifest and the Generator read back
 META_LAYOUT, META_MAX_POSITIONS, META_LAYERS = "graphopt.kv_layout", "graphopt.max_positions", "graphopt.kv_layers"
 META_BLOCK_SIZE = "graphopt.kv_block_size"
+# a per-position table switched by the length (LongRoPE): the length from which the cache built
+# before it must be recomputed (the Generator re-prefills there, as transformers does)
+META_RECOMPUTE_AT = "graphopt.recompute_cache_at"
 _INT64_MAX = np.iinfo(np.int64).max
 _PROBE_SEQ = (3, 5)
 
@@ -132,6 +136,9 @@ class RewriteKVCache(Pass):
             result.count("max-positions-capped-at-the-window")
         windows = _check_causal(graph, site, max_pos)
         tables = _positional_values(graph, site, max_pos)
+        switches = sorted({table[2] for _, _, table in tables if table[2] is not None})
+        if len(switches) > 1:
+            raise _fail(f"its position tables switch at {len(switches)} different lengths ({switches})")
 
         old_mask = site.mask_input
         if old_mask is not None:
@@ -151,13 +158,20 @@ class RewriteKVCache(Pass):
         for i, (node, window) in enumerate(zip(site.attentions, windows)):
             presents += _rewrite_attention(graph, node, i, biases[window], self.layout, max_pos, self.block_size, table)
             result.count("attention" if window is None else "sliding-window-attention")
-        moved = _rotary_with_positions(graph, tables, position_ids, b)
+        by_switch = {None: position_ids}
+
+        def positions(switch: int | None) -> Value:  # the rows to read of a table with that switch
+            if switch not in by_switch:
+                by_switch[switch] = b.switched_positions(position_ids, switch)
+                result.count("position-tables-switched-by-length")
+            return by_switch[switch]
+        moved = _rotary_with_positions(graph, tables, positions, b)
         result.count("rotary-position-ids", len(moved) // 2)
         for v, uses, table in tables:
             rest = [(user, index) for user, index in uses if (id(user), index) not in moved]
             if not rest:
                 continue
-            new = b.gather_positions(table, position_ids, v)
+            new = b.gather_positions(table, positions(table[2]), v)
             for user, index in rest:
                 user.set_input(index, new)
             result.count("position-tables")
@@ -174,6 +188,8 @@ class RewriteKVCache(Pass):
         graph.inputs = [site.input_ids, mask] + pasts + [
             v for v in graph.inputs if v is not site.input_ids and v is not mask and v not in pasts]
         self._record(graph, max_pos, len(site.attentions))
+        if switches:
+            graph.metadata.metadata_props[META_RECOMPUTE_AT] = str(switches[0])
         return result
 
     def _record(self, graph: Graph, max_pos: int, layers: int) -> None:
@@ -220,7 +236,7 @@ def _read_decoder(graph: Graph) -> _Decoder:
     if not attentions:
         raise _fail("no graphopt.Attention in the graph (run the fusion pipeline, fuse-attention, first)")
     for n in attentions:
-        if len(n.inputs) > 4 or len(n.outputs) > 1:
+        if any(t is not None for t in n.inputs[4:7]) or len(n.outputs) > 1:
             raise _fail(f"attention node {n.name!r} has a cache already")
         _check_heads(n, ids.type.shape)
     return _Decoder(ids, mask, attentions)
@@ -481,14 +497,49 @@ def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
         (table,) = evaluate(graph, [v], _feeds(graph, 1, max_pos))
         if table.shape[ax] != max_pos:
             raise _fail(f"{v.name!r} has {table.shape[ax]} rows at max-positions={max_pos}")
-        if not np.allclose(np.take(table, range(s2), axis=ax), a2, rtol=1e-6, atol=1e-7, equal_nan=True):
+        switch = None
+        if not _same_rows(table, a2, s2, ax):
             # e.g. Phi-3's LongRoPE: other frequencies once the sequence is longer than the
-            # original context, so a cached key's rotary would depend on when it was computed
-            raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}): its rows for the first positions change when "
-                        f"the sequence grows to {max_pos} (a position encoding that depends on the length, "
-                        "such as LongRoPE): keys cached at one length would not match another")
-        positional.append((v, uses, np.ascontiguousarray(table.reshape(table.shape[ax:])), ax))
-    return [(v, uses, (table, ax)) for v, uses, table, ax in positional]
+            # original context: the short table up to that length, the long one after it
+            switch = _length_switch(graph, v, ax, a2, table, max_pos)
+            if switch is None:
+                raise _fail(f"{v.name!r} (read by {uses[0][0].name!r}): its rows for the first positions change "
+                            f"when the sequence grows to {max_pos} (a position encoding that depends on the "
+                            "length, other than one switch from one table to another at a fixed length)")
+            table, switch = switch
+        positional.append((v, uses, np.ascontiguousarray(table.reshape(table.shape[ax:])), ax, switch))
+    return [(v, uses, (table, ax, switch)) for v, uses, table, ax, switch in positional]
+
+
+def _same_rows(table: np.ndarray, rows: np.ndarray, n: int, ax: int) -> bool:
+    """The first `n` rows of `table` along `ax` are `rows`' first `n`."""
+    return np.allclose(np.take(table, range(n), axis=ax), np.take(rows, range(n), axis=ax), rtol=1e-6, atol=1e-7,
+                       equal_nan=True)
+
+
+def _length_switch(graph: Graph, v: Value, ax: int, short_probe: np.ndarray, long: np.ndarray,
+                   max_pos: int) -> tuple[np.ndarray, int] | None:
+    """(the short table's rows then the long table's, the switch length T) when `v` reads one
+    table of rows for every sequence up to T positions and another for every longer one
+    (LongRoPE's short and long factors, Phi-3.5 and Phi-4-mini; transformers switches when the
+    longest position reached passes the original context). T is found by bisection and the
+    model is checked at lengths on both sides; None when `v` is not so."""
+    n = short_probe.shape[ax]
+
+    def at(length: int) -> np.ndarray:
+        return evaluate(graph, [v], _feeds(graph, 1, length))[0]
+
+    lo, hi = n, max_pos  # rows at lo match the short probe's, rows at hi do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _same_rows(at(mid), short_probe, n, ax) else (lo, mid)
+    switch = lo
+    short = at(switch)
+    if any(not _same_rows(short, at(length), length, ax) for length in {n, (n + switch) // 2}):
+        return None
+    if any(not _same_rows(long, at(length), length, ax) for length in {switch + 1, (switch + 1 + max_pos) // 2}):
+        return None
+    return np.concatenate([short, long], axis=ax), switch
 
 
 # --------------------------------------------------------------------------------------
@@ -552,8 +603,18 @@ class _Builder:
         bias.type = TensorType(dt, ("batch", 1, "seq", TOTAL_SEQ))
         return bias
 
+    def switched_positions(self, position_ids: Value, switch: int) -> Value:
+        """Rows of a table of `switch` short rows then the long ones: the position ids, moved
+        past the short rows once the longest position any row reaches is `switch` or more (as
+        transformers picks LongRoPE's factors, by the step's largest position id)."""
+        b = self.b
+        longest = b.ReduceMax(position_ids, keepdims=0)
+        past = b.Cast(b.Greater(longest, b.const(np.array(switch - 1, np.int64), "kv_switch_last")),
+                      to=DType.INT64.onnx_type)
+        return b.Add(position_ids, b.Mul(past, b.const(np.array(switch, np.int64), "kv_switch")))
+
     def gather_positions(self, table_ax, position_ids: Value, old: Value) -> Value:
-        table, ax = table_ax
+        table, ax, _ = table_ax
         b = self.b
         rows = b.Gather(b.const(table, f"{old.name}_table"), position_ids, axis=0)  # batch, seq, ...
         if ax > 1:  # [1, .., seq, ...]: the ones between batch and seq come back
@@ -561,7 +622,7 @@ class _Builder:
         return rows
 
 
-def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Builder") -> set:
+def _rotary_with_positions(graph: Graph, tables, positions, b: "_Builder") -> set:
     """A RotaryEmbedding whose cos/sin are both per-position tables takes the tables
     ([max_positions, rot/2]) and the position ids itself, as ORT's kernel does: no per-layer
     gather or flattening of caches. Returns the (node id, input index) uses it took over."""
@@ -572,14 +633,15 @@ def _rotary_with_positions(graph: Graph, tables, position_ids: Value, b: "_Build
         if n.domain != GRAPHOPT_DOMAIN or n.op_type != "RotaryEmbedding" or len(n.inputs) != 3:
             continue
         cos, sin = (by_value.get(id(t)) for t in n.inputs[1:3])
-        if cos is None or sin is None or cos[1] != 1 or sin[1] != 1 or cos[0].ndim != 2 or sin[0].ndim != 2:
+        if cos is None or sin is None or cos[1] != 1 or sin[1] != 1 or cos[0].ndim != 2 or sin[0].ndim != 2 \
+                or cos[2] != sin[2]:
             continue
-        for index, (t, (table, _)) in ((1, (n.inputs[1], cos)), (2, (n.inputs[2], sin))):
+        for index, (t, (table, _, _)) in ((1, (n.inputs[1], cos)), (2, (n.inputs[2], sin))):
             if id(t) not in consts:
                 consts[id(t)] = b.b.const(table, f"{t.name}_table")
             n.set_input(index, consts[id(t)])
             moved.add((id(n), index))
-        n.append_input(position_ids)
+        n.append_input(positions(cos[2]))
     return moved
 
 
@@ -597,7 +659,8 @@ def _rewrite_attention(graph: Graph, node: Node, layer: int, bias: Value, layout
     if layout != "BNSH":
         attrs["kv_layout"] = layout
     b = Builder(graph, before=node, created_by="rewrite-kv-cache")
-    y, pk, pv = b.op("Attention", q, k, v, bias, *past, *([table] if table is not None else []), domain=GRAPHOPT_DOMAIN, n_out=3,
+    y, pk, pv = b.op("Attention", *attention_operands(q, k, v, bias, *past, table, sinks_of(node)),
+                     domain=GRAPHOPT_DOMAIN, n_out=3,
                      output_types=[node.outputs[0].type, *present_types], causal=0, **attrs)
     node.outputs[0].replace_all_uses_with(y)
     graph.remove_node(node)

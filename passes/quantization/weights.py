@@ -37,6 +37,7 @@ from graphopt.interpreter import run as interpret
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
+from graphopt.ops.moe import moe_form
 from graphopt.ops.quant_format import pack, pack_weight, quantize_rows, quantize_stacked
 
 from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
@@ -173,9 +174,12 @@ class QuantizeWeights(Pass):
         """graphopt.MoE -> graphopt.QuantMoE, every expert's projections quantized (RTN) in
         QuantLinear's layout and stacked; left as it is (collect_sites then decomposes it) where
         the expert weights are not float constants."""
-        x, index, weights, up, down = node.inputs
+        x, index, weights, up, down = node.inputs[:5]
         stacks = constant_value(up), constant_value(down)
         if any(w is None or w.dtype.kind != "f" or w.ndim != 3 for w in stacks) or float_only(x.type):
+            return
+        biases = list(node.inputs[5:7])
+        if any(v is not None and constant_value(v) is None for v in biases):
             return
         dt = x.type.dtype.np_dtype
         rw = Rewriter(graph, node, "quantize-weights")
@@ -189,9 +193,12 @@ class QuantizeWeights(Pass):
             if zp is not None:
                 zero_points.append(rw.const(zp, f"{value.name}_zero_points"))
                 stored += zp.nbytes
-        y = rw.op("QuantMoE", x, index, weights, *args, *zero_points, domain=G, bits=self.bits,
+        zero_points = zero_points or [None, None]
+        alpha, beta, limit = moe_form(node)  # (GPT-OSS's clamped SwiGLU and biases go along as they are)
+        y = rw.op("QuantMoE", x, index, weights, *args, *zero_points, *biases, domain=G, bits=self.bits,
                   block_size=self.block_size, hidden=int(stacks[1].shape[1]), inner=int(stacks[1].shape[2]),
-                  gated=int(node.attr("gated", 1)), activation=node.attr("activation", "silu"))
+                  gated=int(node.attr("gated", 1)), activation=node.attr("activation", "silu"),
+                  alpha=alpha if alpha != 1.0 else None, beta=beta or None, limit=limit or None)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node])
         drop_unread_weights(graph, [up, down])
