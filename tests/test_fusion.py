@@ -115,6 +115,53 @@ def test_attention_with_a_softcap():
     assert g.nodes[0].attr("softcap") == pytest.approx(0.5) and g.nodes[0].attr("scale") == pytest.approx(0.35355338)
 
 
+SINKS = ATTENTION.replace('''  %p = Softmax(%a) {axis=-1} : f32[batch, 4, seq, seq] loc("softmax")
+  %o = MatMul(%p, %v) : f32[batch, 4, seq, 8] loc("pv")''', '''  %sk = Constant() {value=dense<f32[1, 4, 1, 1]>[0.5, -1.0, 3.0, 0.25]} : f32[1, 4, 1, 1] loc("sinks")
+  %s4 = Shape(%q) {end=3} : i64[3] loc("s4")
+  %one = Constant() {value=dense<i64[1]>[1]} : i64[1] loc("one")
+  %shp = Concat(%s4, %one) {axis=0} : i64[4] loc("shp")
+  %col = Expand(%sk, %shp) : f32[batch, 4, seq, 1] loc("col")
+  %cat = Concat(%a, %col) {axis=-1} : f32[batch, 4, seq, ?] loc("cat")
+  %last = Constant() {value=dense<i64[1]>[-1]} : i64[1] loc("last")
+  %mx = ReduceMax(%cat, %last) {keepdims=1} : f32[batch, 4, seq, 1] loc("rowmax")
+  %sub = Sub(%cat, %mx) : f32[batch, 4, seq, ?] loc("sub")
+  %pp = Softmax(%sub) {axis=-1} : f32[batch, 4, seq, ?] loc("softmax")
+  %z = Constant() {value=dense<i64[1]>[0]} : i64[1] loc("z")
+  %p = Slice(%pp, %z, %last, %last) : f32[batch, 4, seq, seq] loc("drop_sinks")
+  %o = MatMul(%p, %v) : f32[batch, 4, seq, 8] loc("pv")''')
+
+
+def test_attention_sinks_become_the_8th_input():
+    """GPT-OSS's sinks, a column of per-head logits concatenated to the scores and dropped after
+    the softmax (the row max subtracted first): graphopt.Attention with `sinks` (the pass manager
+    checks the outputs before and after on sample inputs; a sink of 3.0 moves every output)."""
+    g, _, rec = run_text(SINKS, "fuse-attention,dce")
+    assert ops(g) == ["graphopt.Attention"] and rec.stats == {"attention": 1}
+    assert list(g.nodes[0].inputs[4:7]) == [None, None, None]
+    np.testing.assert_array_equal(g.nodes[0].inputs[7].const_value, np.array([0.5, -1.0, 3.0, 0.25], np.float32))
+    # a Slice that keeps the column too (start 1 of ... no: one that drops the first column of an
+    # unmatched Concat order) is not the sinks' spelling: left as it is
+    first = SINKS.replace("%cat = Concat(%a, %col)", "%cat = Concat(%col, %a)")
+    _, _, rec = run_text(first, "fuse-attention")
+    assert not rec.changed and reasons(rec)[0].startswith("the column the softmax drops is not a constant logit")
+
+
+def test_a_masked_fill_of_the_scores_is_a_mask():
+    """GPT-Neo's Where(causal, scores, lowest) before the added mask: one graphopt.Attention whose
+    mask is Where(causal, 0, lowest) + mask (in float32 the same: a score vanishes in the
+    lowest value's rounding)."""
+    text = ATTENTION.replace('''  %a = Add(%sc, %mask) : f32[batch, 4, seq, seq] loc("add_mask")''', '''  %tri = Constant() {value=dense<bool[1, 1, 3, 3]>[true, false, false, true, true, false, true, true, true]} : bool[1, 1, 3, 3] loc("tri")
+  %low = Constant() {value=dense<f32[]>[-3.4028235e+38]} : f32[] loc("low")
+  %fill = Where(%tri, %sc, %low) : f32[batch, 4, 3, 3] loc("fill")
+  %a = Add(%fill, %mask) : f32[batch, 4, seq, seq] loc("add_mask")''').replace("seq", "3")
+    g, _, rec = run_text(text, "fuse-attention,dce")
+    assert rec.stats == {"attention": 1}
+    assert sorted(o for o in ops(g) if o != "Constant") == ["Add", "Where", "graphopt.Attention"]
+    high = text.replace("[-3.4028235e+38]", "[-100.0]")  # not a fill that masks out: not fused
+    _, _, rec = run_text(high, "fuse-attention")
+    assert not rec.changed
+
+
 def _moved(text: str, line_loc: str, before_loc: str) -> str:
     """`text` with the line of loc(`line_loc`) moved before the line of loc(`before_loc`)."""
     lines = text.splitlines()
@@ -395,6 +442,33 @@ def test_rotary_positive_and_negative():
     _, out, _ = run_text(text, "fuse-rotary,dce")
     _, out2, rec = run_text(out, "fuse-rotary")
     assert out2 == out and not rec.changed
+
+
+def test_rotary_on_halves():
+    """GPT-OSS's spelling: Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin) over the halves of
+    x (one Split), with half-size caches unsqueezed at the heads axis: the caches go to
+    graphopt.RotaryEmbedding as they are."""
+    text = '''graph @g(%x: f32[batch, 2, seq, 8], %cos: f32[batch, seq, 4], %sin: f32[batch, seq, 4]) -> (f32[batch, 2, seq, 8]) {
+  %one = Constant() {value=dense<i64[1]>[1]} : i64[1] loc("one")
+  %c4 = Unsqueeze(%cos, %one) : f32[batch, 1, seq, 4] loc("c4")
+  %s4 = Unsqueeze(%sin, %one) : f32[batch, 1, seq, 4] loc("s4")
+  %x1, %x2 = Split(%x) {axis=-1, num_outputs=2} : f32[batch, 2, seq, 4], f32[batch, 2, seq, 4] loc("halves")
+  %a = Mul(%x1, %c4) : f32[batch, 2, seq, 4] loc("x1c")
+  %b = Mul(%x2, %s4) : f32[batch, 2, seq, 4] loc("x2s")
+  %first = Sub(%a, %b) : f32[batch, 2, seq, 4] loc("first")
+  %c = Mul(%x2, %c4) : f32[batch, 2, seq, 4] loc("x2c")
+  %d = Mul(%x1, %s4) : f32[batch, 2, seq, 4] loc("x1s")
+  %second = Add(%c, %d) : f32[batch, 2, seq, 4] loc("second")
+  %y = Concat(%first, %second) {axis=-1} : f32[batch, 2, seq, 8] loc("y")
+  return %y
+}
+'''
+    g, _, rec = run_text(text, "fuse-rotary,dce")
+    assert ops(g) == ["graphopt.RotaryEmbedding"] and rec.stats == {"rotary-halves": 1}
+    assert [v.name for v in g.nodes[0].inputs] == ["x", "cos", "sin"]
+    swapped = text.replace("%first = Sub(%a, %b)", "%first = Sub(%b, %a)")  # x2 * sin - x1 * cos: not a rotation
+    g, _, rec = run_text(swapped, "fuse-rotary")
+    assert "graphopt.RotaryEmbedding" not in ops(g)
 
 
 # ---- real models -----------------------------------------------------------------------------

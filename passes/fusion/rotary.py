@@ -1,5 +1,8 @@
 """fuse-rotary: x * cos + rotate_half(x) * sin -> graphopt.RotaryEmbedding.
 
+Also the spelling on halves (GPT-OSS's): x1, x2 = the halves of x; Concat(x1 * cos - x2 * sin,
+x2 * cos + x1 * sin) with half-size caches, which are the op's as they are.
+
 The rotation is checked by running its slice on probe tensors (any Slice/Neg/Concat
 spelling); the caches must be Cos/Sin of one frequency tensor duplicated along the last
 axis (Concat(f, f)), as Hugging Face models build them, so that the half-size caches the op
@@ -113,6 +116,78 @@ def _match_rotary(add: Node):
     raise _NoMatch("not x * cos + rotate_half(x) * sin")
 
 
+def _halves_of(a: Value, b: Value) -> Value | None:
+    """x when `a` and `b` are the first and second halves of x's last axis (one Split into two,
+    or two Slices); else None."""
+    pa, pb = a.producer(), b.producer()
+    if pa is None or pb is None or pa.domain != "" or pb.domain != "":
+        return None
+    if pa is pb and pa.op_type == "Split" and len(pa.outputs) == 2 and a is pa.outputs[0] and b is pa.outputs[1]:
+        x = pa.inputs[0]
+        rank = x.type.rank if x.type is not None else None
+        sizes = constant_value(pa.inputs[1]) if len(pa.inputs) > 1 and pa.inputs[1] is not None else None
+        if rank and pa.attr("axis", 0) % rank == rank - 1 and (sizes is None or len(set(sizes.tolist())) == 1):
+            return x
+        return None
+    if pa.op_type == "Slice" and pb.op_type == "Slice" and pa.inputs[0] is pb.inputs[0]:
+        x = pa.inputs[0]
+        if x.type is None or x.type.shape is None or not isinstance(x.type.shape[-1], int):
+            return None
+        half, rank = x.type.shape[-1] // 2, x.type.rank
+        spans = []
+        for n in (pa, pb):
+            starts, ends, axes = (constant_value(v) if len(n.inputs) > i and n.inputs[i] is not None else None
+                                  for i, v in ((1, n.inputs[1]), (2, n.inputs[2]), (3, n.inputs[3] if len(n.inputs) > 3 else None)))
+            if starts is None or ends is None or axes is None or axes.size != 1 or int(axes.reshape(())) % rank != rank - 1:
+                return None
+            spans.append((int(starts.reshape(())), min(int(ends.reshape(())), 2 * half)))
+        return x if spans == [(0, half), (half, 2 * half)] else None
+    return None
+
+
+def _mul_of(v: Value, a: Value) -> Value | None:
+    """The other factor when `v` = Mul(a, other) or Mul(other, a); else None."""
+    n = v.producer()
+    if n is None or n.domain != "" or n.op_type != "Mul":
+        return None
+    return n.inputs[1] if n.inputs[0] is a else n.inputs[0] if n.inputs[1] is a else None
+
+
+def match_rotary_halves(cat: Node):
+    """(x, cos, sin [batch, seq, head / 2], covered nodes) for Concat(x1 * cos - x2 * sin,
+    x2 * cos + x1 * sin) along the last axis, x1/x2 the halves of x, cos/sin unsqueezed at the
+    heads axis; else a `Fail`."""
+    rank = cat.outputs[0].type.rank if cat.outputs[0].type is not None else None
+    if len(cat.inputs) != 2 or rank != 4 or cat.attr("axis", 0) % 4 != 3:
+        return Fail("not a Concat of two halves along the last axis", cat)
+    first, second = (v.producer() for v in cat.inputs)
+    if first is None or second is None or first.op_type != "Sub" or second.op_type != "Add":
+        return Fail("not Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)", cat)
+    a, b = first.inputs  # x1 * cos, x2 * sin
+    pa, pb = a.producer(), b.producer()
+    if pa is None or pb is None or pa.op_type != "Mul" or pb.op_type != "Mul":
+        return Fail("not Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)", cat)
+    for x1, cos4 in ((pa.inputs[0], pa.inputs[1]), (pa.inputs[1], pa.inputs[0])):
+        for x2, sin4 in ((pb.inputs[0], pb.inputs[1]), (pb.inputs[1], pb.inputs[0])):
+            x = _halves_of(x1, x2)
+            if x is None:
+                continue
+            c, d = second.inputs
+            if not ((_mul_of(c, x2) is cos4 and _mul_of(d, x1) is sin4)
+                    or (_mul_of(d, x2) is cos4 and _mul_of(c, x1) is sin4)):
+                continue
+            tables = []
+            for t in (cos4, sin4):
+                u = t.producer()
+                axes = constant_value(u.inputs[1]) if u is not None and u.op_type == "Unsqueeze" else None
+                if axes is None or axes.reshape(-1).tolist() not in ([1], [-3]) or u.inputs[0].type is None \
+                        or u.inputs[0].type.rank != 3:
+                    return Fail("the cos/sin caches are not [batch, seq, head / 2] unsqueezed at the heads axis", cat)
+                tables.append(u.inputs[0])
+            return x, tables[0], tables[1], [cat, first, second, pa, pb, c.producer(), d.producer()]
+    return Fail("not Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin) over the halves of one tensor", cat)
+
+
 def _first_half_3d(rw: Rewriter, table: Value, head: int) -> Value:
     """table [..., seq, head] (leading dims 1) -> its first half as a [1, seq, head/2] cache."""
     half = rw.Slice(table, rw.const(np.array([0], np.int64), "start"), rw.const(np.array([head // 2], np.int64), "end"),
@@ -157,4 +232,17 @@ class FuseRotary(Pass):
             replace_value(graph, add.outputs[0], y)
             remove_dead(graph, nodes)
             result.count("rotary")
+        for cat in list(graph.nodes):
+            if cat.graph is not graph or cat.op_type != "Concat" or cat.domain != "" or len(cat.inputs) != 2 \
+                    or not all(v.producer() is not None and v.producer().op_type in ("Sub", "Add") for v in cat.inputs):
+                continue
+            found = match_rotary_halves(cat)
+            if isinstance(found, Fail):
+                result.near_miss("rotary", found.node, found.reason)
+                continue
+            x, cos, sin, nodes = found
+            y = Rewriter(graph, cat, "fuse-rotary").op("RotaryEmbedding", x, cos, sin, domain=GRAPHOPT_DOMAIN)
+            replace_value(graph, cat.outputs[0], y)
+            remove_dead(graph, nodes)
+            result.count("rotary-halves")
         return result
