@@ -1,7 +1,13 @@
 """Mixture-of-experts generation, side by side in one run, batch 1.
 
     python benchmarks/moe.py --threads 2 --out benchmarks/results/moe_decode.json
+    python benchmarks/moe.py --family gpt_oss --threads 2 --out benchmarks/results/moe_decode_gpt_oss.json
     python benchmarks/moe.py --tiny          # a smoke run at toy sizes (no claims)
+
+`--family gpt_oss`: a GPT-OSS-style folder of the same sizes (head size 64, attention sinks,
+sliding-window layers of 128 between full ones, YaRN rotary, biased experts with the clamped
+SwiGLU); torch.onnx does export it (its experts are a loop over the chosen ones), but
+onnxruntime-genai's builder needs its MXFP4 checkpoint layout.
 
 A Mixtral-style Hugging Face folder (hidden 512, 4 layers, 8 heads, 2 key/value heads, 8
 experts of inner size 1408, top-2, vocab 8192, random weights). No runtime users have today
@@ -57,6 +63,31 @@ def mixtral_folder(work: Path, tiny: bool) -> Path:
     return folder
 
 
+def gpt_oss_folder(work: Path, tiny: bool) -> Path:
+    import torch
+    import transformers as tf
+
+    size = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, num_local_experts=4, vocab_size=512) if tiny else dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=64, num_local_experts=8, vocab_size=8192)
+    layers = size["num_hidden_layers"]
+    cfg = tf.GptOssConfig(num_experts_per_tok=2, max_position_embeddings=1024, sliding_window=128,
+                          layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                          rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "rope_theta": 150000.0, "original_max_position_embeddings": 128},
+                          **size)
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # sinks and biases of a trained model's size, not the initializer's zeros
+        for name, p in model.named_parameters():
+            if name.endswith("sinks") or name.endswith("_bias"):
+                p.normal_(0, 0.5)
+    folder = work / "gpt_oss"
+    model.save_pretrained(folder)
+    return folder
+
+
 def dense_artifact(folder: Path, out: Path, **kwargs) -> None:
     import graphopt
     from graphopt.lowering import decompose_graphopt_ops
@@ -94,6 +125,7 @@ def main() -> None:
     ap.add_argument("--greedy-rounds", type=int, default=5)
     ap.add_argument("--no-tvm", action="store_true", help="skip the TVM artifact")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check that the script runs")
+    ap.add_argument("--family", choices=("mixtral", "gpt_oss"), default="mixtral")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -116,7 +148,8 @@ def main() -> None:
                      "machine": platform.machine()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = mixtral_folder(work, args.tiny)
+        folder = (gpt_oss_folder if args.family == "gpt_oss" else mixtral_folder)(work, args.tiny)
+        results["family"] = args.family
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         results["model"] = {k: getattr(model.config, k) for k in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "num_local_experts",
