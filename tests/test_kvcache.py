@@ -298,18 +298,37 @@ def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["gpt_neox", "qwen3", "phi"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "phi"])
 def test_attention_left_4d_gets_a_cache_on_ort_and_tvm(arch, fused, tmp_path):
     """Where attention-to-3d cannot make the attention 3-D (GPT-NeoX: Q, K and V interleaved per
-    head in one projection and a partial rotary; Qwen3: a norm on each head of Q and K; Phi-2:
-    a partial rotary), rewrite-kv-cache caches the 4-D attention's key/value heads as they
-    are: every layout's step matches PyTorch at batch 1 and at batch 3 with left padding."""
+    head in one projection and a partial rotary; Phi-2: a partial rotary), rewrite-kv-cache
+    caches the 4-D attention's key/value heads as they are: every layout's step matches
+    PyTorch at batch 1 and at batch 3 with left padding."""
     model, graph = fused(arch)
     attentions = [n for n in graph.nodes if n.op_type == "Attention"]
     assert attentions and all(n.inputs[0].type.rank == 4 for n in attentions)  # the case under test
+    _decodes_in_every_layout(model, graph, attentions, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_norm_on_each_head_moves_to_the_3d_view(fused, tmp_path):
+    """Qwen3's RMSNorm on each head of Q and K (over the head size, before the transpose to
+    [batch, heads, seq, head]) runs on the [batch, seq, heads, head] view of the projection, so
+    the attention becomes 3-D (ORT: GroupQueryAttention, which then rotates Q and K itself) and
+    every layout's step still matches PyTorch."""
+    model, graph = fused("qwen3")
+    attentions = [n for n in graph.nodes if n.op_type == "Attention"]
+    assert attentions and all(n.inputs[0].type.rank == 3 for n in attentions)
+    norms = [n for n in graph.nodes if n.op_type == "RMSNorm" and n.inputs[0].type.rank == 4]
+    assert len(norms) == 2 * len(attentions) and all(n.inputs[0].type.shape[1] == "seq" for n in norms)  # BSHD
+    _decodes_in_every_layout(model, graph, attentions, tmp_path)
+
+
+def _decodes_in_every_layout(model, graph, attentions, tmp_path):
     cfg = model.config
     k = attentions[0].inputs[1].type.shape
-    kv, head = k[1], k[3]
+    kv = k[1] if len(k) == 4 else attentions[0].attr("kv_num_heads")
+    head = k[3] if len(k) == 4 else k[2] // kv
     ref = hf_reference(model)
     g = rewrite(graph, "rewrite-kv-cache,slice-last-token-logits")
     assert g.value("past_key_values.0.key").type.shape == ("batch", kv, "past_seq", head)

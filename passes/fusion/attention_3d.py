@@ -5,8 +5,11 @@ When Q, K and V come from 3-D projections through the usual head split (Reshape 
 to BNSH, checked by running the slice on probe tensors) and the output goes straight back to
 3-D (Transpose -> Reshape), the split and merge move into the op; a RotaryEmbedding on the
 heads moves before the split (graphopt.RotaryEmbedding takes [batch, seq, hidden] with
-num_heads). Layout chains that fuse-attention left dead count as other uses of Q/K/V: the
-default recipe runs eliminate-dead-code between the two.
+num_heads). So does an RMSNorm over each head (Qwen3's, OLMo 2's norm on Q and K), which is over
+the last axis whether the heads come before the sequence or after it: it runs on
+[batch, seq, heads, head_size], a view of the projection. Layout chains that fuse-attention
+left dead count as other uses of Q/K/V: the default recipe runs eliminate-dead-code between
+the two.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.layout import computes, layout_ancestors, merge_heads, split_heads
 from graphopt.ops.attention import attention_operands, sinks_of
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
-from graphopt.pattern import Fail, Rewriter, remove_dead, replace_value
+from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
 
 
 def match_3d(node: Node):
@@ -30,12 +33,14 @@ def match_3d(node: Node):
     for t, heads in ((q, nq), (k, nkv), (v, nkv)):
         rope = _rope_on_heads(t)
         base = rope.inputs[0] if rope is not None else t
-        src = next((a for a in layout_ancestors(base) if a.type is not None and a.type.rank == 3
-                    and computes(a, base, split_heads(heads))), None)
+        norm, src = _normed_split(base, heads)
+        if norm is None:
+            src = next((a for a in layout_ancestors(base) if a.type is not None and a.type.rank == 3
+                        and computes(a, base, split_heads(heads))), None)
         if src is None:
             return Fail(f"{base.name!r} is not a head split of a 3-D tensor", node)
         found.append(src)
-        ropes.append((rope, heads))
+        ropes.append((rope, heads, norm))
     y = node.outputs[0]
     cur, y3 = y, None
     for _ in range(3):
@@ -70,6 +75,50 @@ def _rope_on_heads(t: Value) -> Node | None:
     return n
 
 
+def _split_bshd(num_heads: int):
+    def fn(x):  # [B, S, N*H] -> [B, S, N, H]
+        return x.reshape(x.shape[0], x.shape[1], num_heads, -1)
+    return fn
+
+
+def _to_bnsh(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 2, 1, 3)
+
+
+def _normed_split(base: Value, heads: int) -> tuple[Node | None, Value | None]:
+    """(the RMSNorm, the 3-D tensor) when `base` is a head split of a 3-D tensor with an RMSNorm
+    over each head on the way, before the transpose to [batch, heads, seq, head] (Qwen3's) or
+    after it (the norm's scale a constant of the head size, nothing else reading its output);
+    else (None, None). The norm is over the last axis either way, so it moves to the view."""
+    n, v = None, base
+    for _ in range(3):  # up through the layout ops that follow the norm
+        p = v.producer()
+        if p is None or len(v.uses()) != 1 or v.is_graph_output:
+            return None, None
+        if p.domain == GRAPHOPT_DOMAIN and p.op_type == "RMSNorm":
+            n = p
+            break
+        if p.domain != "" or p.op_type not in ("Transpose", "Reshape"):
+            return None, None
+        v = p.inputs[0]
+    if n is None:
+        return None, None
+    x = n.inputs[0]
+    scale = constant_value(n.inputs[1]) if len(n.inputs) > 1 else None
+    if x.type is None or x.type.rank != 4 or not isinstance(x.type.shape[-1], int) or n.attr("axis", -1) not in (-1, 3) \
+            or scale is None or scale.size != x.type.shape[-1]:
+        return None, None
+    y = n.outputs[0]
+    for before, after in ((split_heads(heads), None), (_split_bshd(heads), _to_bnsh)):
+        if (after is None and y is not base) or (after is not None and not computes(y, base, after)):
+            continue
+        src = next((a for a in layout_ancestors(x) if a.type is not None and a.type.rank == 3
+                    and computes(a, x, before)), None)
+        if src is not None:
+            return n, src
+    return None, None
+
+
 def _merge_heads_2d(x: np.ndarray) -> np.ndarray:
     m = merge_heads(x)
     return m.reshape(-1, m.shape[-1])
@@ -80,7 +129,16 @@ def rewrite_3d(graph: Graph, node: Node, found) -> None:
     rw = Rewriter(graph, y3.producer(), "attention-to-3d")
     attrs = {k: a.value for k, a in node.attrs.items()}
     moved = []
-    for i, (rope, heads) in enumerate(ropes):
+    for i, (rope, heads, norm) in enumerate(ropes):
+        if norm is not None:  # each head's norm on [batch, seq, heads, head_size], a view of the 3-D tensor
+            t3 = (q3, k3, v3)[i]
+            head = norm.inputs[0].type.shape[-1]
+            t4 = rw.Reshape(t3, rw.const(np.array([0, 0, heads, head], np.int64), "heads_shape"))
+            normed = rw.op("RMSNorm", t4, *norm.inputs[1:], domain=GRAPHOPT_DOMAIN,
+                           **{k: a.value for k, a in norm.attrs.items()})
+            new = rw.Reshape(normed, rw.const(np.array([0, 0, heads * head], np.int64), "hidden_shape"))
+            q3, k3, v3 = [new if j == i else t for j, t in enumerate((q3, k3, v3))]
+            moved.append(norm)
         if rope is None:
             continue
         rattrs = {k: a.value for k, a in rope.attrs.items()}
