@@ -84,6 +84,17 @@ def _moe_cases() -> list:
             Case("MoE", [f32(tokens, hidden), index, weights, C(f32(experts, inner, hidden)),
                          C(f32(experts, hidden, inner))], {"activation": "relu", "gated": 0}, domain="graphopt",
                  id="not-gated"),
+            # sizes that fill the panels: only the chosen experts run (moe_panels.py), decode and prefill
+            Case("MoE", [f32(1, hidden * 8), index[:1], weights[:1], C(f32(experts, 2 * 32, hidden * 8, low=-0.3, high=0.3)),
+                         C(f32(experts, hidden * 8, 32, low=-0.3, high=0.3))], {"activation": "silu", "gated": 1}, domain="graphopt",
+                 id="sparse-one-token"),
+            Case("MoE", [f32(2, 3, hidden * 8), np.concatenate([index, index[:1]]).reshape(2, 3, k),
+                         np.concatenate([weights, weights[:1]]).reshape(2, 3, k),
+                         C(f32(experts, 2 * 32, hidden * 8, low=-0.3, high=0.3)), C(f32(experts, hidden * 8, 32, low=-0.3, high=0.3)), C(f32(experts, 64)),
+                         C(f32(experts, hidden * 8))],
+                 {"activation": "silu", "gated": 1, "alpha": 1.702, "beta": 1.0, "limit": 1.5}, domain="graphopt",
+                 symbolic={0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "seq"}, 2: {0: "batch", 1: "seq"}},
+                 id="sparse-batch-seq-biases-clamped"),
             # GPT-OSS's: biases, a clamped SwiGLU (a limit some of the gate and up values pass)
             Case("MoE", [f32(tokens, hidden), index, weights, C(f32(experts, 2 * inner, hidden)),
                          C(f32(experts, hidden, inner)), C(f32(experts, 2 * inner)), C(f32(experts, hidden))],

@@ -7,6 +7,7 @@ function serves every sequence and cache length.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ try:  # every module imports without tvm (the wheel check imports them all); rul
 except ImportError:  # pragma: no cover
     relax = R = None
 
-from graphopt.backends.tvm import norms, rules_cache, schedules_attention
+from graphopt.backends.tvm import moe_panels, norms, rules_cache, schedules_attention
 from graphopt.backends.tvm.lowering import Lowerer, panel_width, relax_op, rule, static_int
 from graphopt.ops.moe import moe_biases, moe_form
 from graphopt.registry import get_op
@@ -350,9 +351,10 @@ def gated_linear(lw: Lowerer, node, args):
 
 @rule("MoE", domain="graphopt")
 def moe(lw: Lowerer, node, args):
-    """Every expert on every token (graphopt.MoE's decomposition), with each expert's
-    projections stored as weights of their own, packed as any linear's: expert e's output
-    times the router's weight for e (the sum of `weights` where `index` is e)."""
+    """Only the chosen experts where `_moe_sparse` applies (the CPU, float32, outputs that fill
+    whole panels); otherwise every expert on every token (graphopt.MoE's decomposition), with
+    each expert's projections stored as weights of their own, packed as any linear's: expert
+    e's output times the router's weight for e (the sum of `weights` where `index` is e)."""
     x, index, weights = (lw.tensor(a) for a in args[:3])
     up, down = node.inputs[3], node.inputs[4]
     ups, downs = lw.const_array(up), lw.const_array(down)
@@ -365,6 +367,9 @@ def moe(lw: Lowerer, node, args):
         raise lw.error("the expert biases must be constants")
     inner = downs.shape[2]
     dtype = lw.dtype(weights)
+    sparse = _moe_sparse(lw, node, x, index, weights, ups, downs, biases)
+    if sparse is not None:
+        return [sparse]
 
     def plus_bias(h, which: int, e: int):
         if biases[which] is None:
@@ -401,6 +406,67 @@ def moe(lw: Lowerer, node, args):
         d = lw.emit(R.multiply(plus_bias(d, 1, e), w))
         y = d if y is None else lw.emit(R.add(y, d))
     return [y]
+
+
+def _gated(lw: Lowerer, node, h, inner: int):
+    """graphopt.MoE's activation of the up projection's output h [.., n_up] (gated: the two halves,
+    with GPT-OSS's clamp where it has one)."""
+    act, gated = _attr(node, "activation"), bool(_attr(node, "gated"))
+    if not gated:
+        return _activate(lw, h, act)
+    alpha, beta, limit = moe_form(node)
+    last = lw.rank(h) - 1
+    gate = lw.emit(R.strided_slice(h, axes=[last], begin=[0], end=[inner]))
+    u = lw.emit(R.strided_slice(h, axes=[last], begin=[inner], end=[2 * inner]))
+    dt = lw.dtype(h)
+    if limit:  # GPT-OSS's clamped SwiGLU
+        gate = lw.emit(R.minimum(gate, relax.const(limit, dt)))
+        u = lw.emit(R.clip(u, -limit, limit))
+    if beta:
+        u = lw.emit(R.add(u, relax.const(beta, dt)))
+    if alpha != 1.0:
+        act_gate = lw.emit(R.multiply(gate, R.sigmoid(R.multiply(gate, relax.const(alpha, dt)))))
+    else:
+        act_gate = _activate(lw, gate, act)
+    return lw.emit(R.multiply(act_gate, u))
+
+
+def _moe_sparse(lw: Lowerer, node, x, index, weights, ups: np.ndarray, downs: np.ndarray, biases):
+    """Only the chosen experts (backends/tvm/moe_panels.py): on the CPU, in float32, where both
+    projections' outputs fill whole panels and k is static; else None (the dense form)."""
+    if not lw.pack_weights or lw.dtype(x) != "float32" or ups.dtype != np.float32 or downs.dtype != np.float32:
+        return None
+    experts, n_up, hidden = ups.shape
+    inner = downs.shape[2]
+    dims = lw.shape(x)
+    k = static_int(lw.shape(index)[-1])
+    p_up, p_down = panel_width(n_up), panel_width(hidden)
+    if p_up is None or p_down is None or not isinstance(k, int) or dims[-1] != hidden:
+        return None
+    m = lw.simplify(functools.reduce(lambda a, b: a * b, dims[:-1], 1))
+    idx = lw.emit(R.reshape(R.astype(index, "int64"), [m, k]))
+
+    def gemv(x3, value, p: int, n: int, kk: int, per_choice: bool):
+        w = lw.weight(value, f"moe_panels{p}", lambda a: moe_panels.panels(a, p))
+        gv = lw.bb.add_func(moe_panels.gemv_func(experts=experts, n=n, k=kk, p=p, choices=k, per_choice=per_choice),
+                            "moe_gemv_panels")
+        return lw.emit(relax.call_tir(gv, [x3, idx, w], relax.TensorType([m, k, n], "float32")))
+
+    def plus_bias(h, which: int):  # each choice's expert's bias: [m, k, n]
+        if biases[which] is None:
+            return h
+        return lw.emit(R.add(h, R.take(relax.const(np.ascontiguousarray(biases[which]), "float32"), idx, axis=0,
+                                       mode="clip")))
+    h = plus_bias(gemv(lw.view(x, [m, 1, hidden]), node.inputs[3], p_up, n_up, hidden, False), 0)
+    h = _gated(lw, node, h, inner)
+    d = plus_bias(gemv(h, node.inputs[4], p_down, hidden, inner, True), 1)
+    # weighted by the router's weights; a choice outside [0, experts) weighs nothing (its row is
+    # zero, but a clipped bias is not)
+    valid = lw.emit(R.logical_and(R.greater_equal(idx, relax.const(0, "int64")),
+                                  R.less(idx, relax.const(experts, "int64"))))
+    w = lw.emit(R.multiply(R.reshape(R.astype(weights, "float32"), [m, k]), R.astype(valid, "float32")))
+    y = lw.emit(R.sum(R.multiply(d, R.expand_dims(w, [2])), axis=[1]))
+    return lw.view(y, list(dims))
 
 
 @rule("SkipNorm", domain="graphopt")
