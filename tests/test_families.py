@@ -71,6 +71,12 @@ FAMILIES = {
                                           rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                                                            "beta_slow": 1.0, "rope_theta": 150000.0,
                                                            "original_max_position_embeddings": 16})),
+    # its rotary is complex-valued (torch.polar, view_as_complex): exported as the same rotation in
+    # real numbers (frontends/huggingface.py _real_rotary); multi-head latent attention, a dense first layer
+    "deepseek_v2": ("DeepseekV2ForCausalLM", dict(COMMON, num_key_value_heads=4, moe_intermediate_size=32,
+                                                  n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                                  first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
     # its own experts module (not transformers' experts interface): exported as traced
     "jetmoe": ("JetMoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2, kv_channels=16,

@@ -126,7 +126,7 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
         args.append(token_type_ids)
         names.append("token_type_ids")
     wrapper = _wrapper_class()(model, output)
-    with _traceable_experts(model):
+    with _traceable_experts(model), _real_rotary(model):
         graph = export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
                               label=label, progress=progress, source=source)
     record_config_hints(graph, cfg)
@@ -246,6 +246,54 @@ def _max_positions(cfg) -> int | None:
 
 
 EXPERTS_IMPLEMENTATION = "graphopt"
+
+# modeling modules whose rotary is complex-valued (torch.polar; view_as_complex in
+# apply_rotary_emb), which neither ONNX exporter takes: -> the axis along which their
+# apply_rotary_emb broadcasts the [batch, seq, head / 2] table against Q and K
+_COMPLEX_ROTARY = {"transformers.models.deepseek_v2.modeling_deepseek_v2": 1}
+
+
+@contextlib.contextmanager
+def _real_rotary(model):
+    """For the duration, a model whose rotary embedding is complex (DeepSeek-V2) computes the
+    same rotation in real numbers: its rotary module returns (cos, sin) stacked on a last axis of
+    2 in place of `polar(1, freqs) * scale`, and its `apply_rotary_emb` rotates each pair
+    (x[2i], x[2i+1]) by them, as multiplying by the complex number would."""
+    import sys
+
+    import torch
+
+    name = type(model).__module__
+    axis = _COMPLEX_ROTARY.get(name)
+    module = sys.modules.get(name)
+    if axis is None or module is None or not hasattr(module, "apply_rotary_emb"):
+        yield
+        return
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "inv_freq")]
+
+    def rotary_forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        return torch.stack([torch.cos(freqs), torch.sin(freqs)], dim=-1) * self.attention_scaling
+
+    def apply_rotary_emb(xq, xk, freqs):
+        cos, sin = freqs[..., 0].unsqueeze(axis), freqs[..., 1].unsqueeze(axis)
+
+        def rotate(x):
+            pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+            return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+        return rotate(xq), rotate(xk)
+
+    original = module.apply_rotary_emb
+    module.apply_rotary_emb = apply_rotary_emb
+    for m in rotaries:
+        m.forward = rotary_forward.__get__(m)
+    try:
+        yield
+    finally:
+        module.apply_rotary_emb = original
+        for m in rotaries:
+            del m.forward
 
 
 @contextlib.contextmanager
