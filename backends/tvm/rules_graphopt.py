@@ -360,8 +360,7 @@ def moe(lw: Lowerer, node, args):
     ups, downs = lw.const_array(up), lw.const_array(down)
     if ups is None or downs is None:
         raise lw.error("the expert weights must be constants")
-    act, gated = _attr(node, "activation"), bool(_attr(node, "gated"))
-    alpha, beta, limit = moe_form(node)
+    moe_form(node)  # (checked here: a bad form is refused before anything is built)
     biases = [None if v is None else lw.const_array(v) for v in moe_biases(node)]
     if any(v is not None and c is None for v, c in zip(moe_biases(node), biases)):
         raise lw.error("the expert biases must be constants")
@@ -382,24 +381,7 @@ def moe(lw: Lowerer, node, args):
         h = lw.weight_matmul(x, up, f"expert{e}:", lambda a, e=e: a[e].T)
         if h is None:
             h = lw.emit(R.matmul(x, lw.weight(up, f"expert{e}", lambda a, e=e: a[e].T)))
-        h = plus_bias(h, 0, e)
-        if gated:
-            last = lw.rank(h) - 1
-            gate = lw.emit(R.strided_slice(h, axes=[last], begin=[0], end=[inner]))
-            u = lw.emit(R.strided_slice(h, axes=[last], begin=[inner], end=[2 * inner]))
-            dt = lw.dtype(h)
-            if limit:  # GPT-OSS's clamped SwiGLU
-                gate = lw.emit(R.minimum(gate, relax.const(limit, dt)))
-                u = lw.emit(R.clip(u, -limit, limit))
-            if beta:
-                u = lw.emit(R.add(u, relax.const(beta, dt)))
-            if alpha != 1.0:
-                act_gate = lw.emit(R.multiply(gate, R.sigmoid(R.multiply(gate, relax.const(alpha, dt)))))
-            else:
-                act_gate = _activate(lw, gate, act)
-            h = lw.emit(R.multiply(act_gate, u))
-        else:
-            h = _activate(lw, h, act)
+        h = _gated(lw, node, plus_bias(h, 0, e), inner)
         d = lw.weight_matmul(h, down, f"expert{e}:", lambda a, e=e: a[e].T)
         if d is None:
             d = lw.emit(R.matmul(h, lw.weight(down, f"expert{e}", lambda a, e=e: a[e].T)))
