@@ -77,6 +77,13 @@ FAMILIES = {
                                                   n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
                                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
+    # Llama 4 (text): complex rotary (as DeepSeek-V2's), a NoPE layer with attention temperature tuning,
+    # a weightless norm on Q and K, MoE layers between dense ones; its chunked attention's chunk is the
+    # context here (a narrower chunk is refused: REFUSED)
+    "llama4": ("Llama4ForCausalLM", dict(GQA, head_dim=16, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=4,
+                                          num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                          no_rope_layers=[1, 1, 1, 0], pad_token_id=0, bos_token_id=1,
+                                          eos_token_id=2, attention_chunk_size=64)),
     # its own experts module (not transformers' experts interface): exported as traced
     "jetmoe": ("JetMoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2, kv_channels=16,
@@ -154,10 +161,17 @@ def test_family_is_generation_ready_and_decodes_as_pytorch(family, backend, tmp_
 
 
 REFUSED = {
+    # a chunked attention narrower than the context: past a chunk its masks are not causal (the chunk
+    # is a hint the masks are probed past, as a sliding window's)
+    "llama4_chunked": ("Llama4ForCausalLM", dict(GQA, head_dim=16, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=4,
+                                          num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                          no_rope_layers=[1, 1, 1, 0], pad_token_id=0, bos_token_id=1,
+                                          eos_token_id=2, attention_chunk_size=16)),
     # ALiBi adds a per-head bias of the key positions to the scores: no fused attention takes it yet
     "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB)),
 }
-REASONS = {"bloom": "attention is not fused: Softmax node"}
+REASONS = {"bloom": "attention is not fused: Softmax node",
+           "llama4_chunked": "is neither causal nor causal within a sliding window"}
 
 
 @pytest.mark.slow

@@ -254,8 +254,9 @@ def test_a_model_neither_exporter_takes_fails_in_one_line_with_nothing_on_stdout
 
 def test_a_dynamo_conversion_failure_names_its_root_cause():
     """torch.onnx's dynamo error is "Failed to convert ... Next steps:" (in terminal colours),
-    the cause at the end of its exception summary; the user's line names the cause (Llama 4's
-    complex-valued rotary here)."""
+    the cause at the end of its exception summary; the user's line names the cause (a
+    complex-valued rotary here, as Llama 4's and DeepSeek-V2's were before the frontend wrote
+    theirs in real numbers)."""
     class ComplexRotary(torch.nn.Module):
         def forward(self, x):
             return torch.view_as_real(torch.polar(x, x).unsqueeze(1)).sum(-1)

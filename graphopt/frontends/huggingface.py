@@ -136,16 +136,21 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
 def record_config_hints(graph: Graph, cfg) -> None:
     """What the KV-cache rewrite reads from a Hugging Face config (an object or its dict),
     where the graph does not say it already: the maximum context (the position tables are
-    built this long) and the sliding window (a hint: the masks are probed past it)."""
+    built this long) and the sliding window or attention chunk (a hint: the masks are probed
+    past it)."""
     if isinstance(cfg, dict):
         cfg = types.SimpleNamespace(**cfg)
     props = graph.metadata.metadata_props
     max_seq = _max_positions(cfg)
     if max_seq:
         props.setdefault("graphopt.max_positions", str(max_seq))
-    window = getattr(cfg, "sliding_window", None)
-    if isinstance(window, int) and window > 0:
-        props.setdefault("graphopt.sliding_window", str(window))
+    # a chunked attention's chunk (Llama 4) is a window for the probe too: past it the masks are
+    # not causal, which the rewrite refuses, and a chunk wider than it probes caps the context
+    # at the chunk, within which the attention is causal
+    windows = [w for w in (getattr(cfg, "sliding_window", None), getattr(cfg, "attention_chunk_size", None))
+               if isinstance(w, int) and w > 0]
+    if windows:
+        props.setdefault("graphopt.sliding_window", str(min(windows)))
 
 
 def onnx_config_hints(graph: Graph, onnx_path: Path) -> None:
@@ -250,7 +255,7 @@ EXPERTS_IMPLEMENTATION = "graphopt"
 # modeling modules whose rotary is complex-valued (torch.polar; view_as_complex in
 # apply_rotary_emb), which neither ONNX exporter takes: -> the axis along which their
 # apply_rotary_emb broadcasts the [batch, seq, head / 2] table against Q and K
-_COMPLEX_ROTARY = {"transformers.models.deepseek_v2.modeling_deepseek_v2": 1}
+_COMPLEX_ROTARY = {"transformers.models.deepseek_v2.modeling_deepseek_v2": 1, "transformers.models.llama4.modeling_llama4": 2}
 
 
 @contextlib.contextmanager
