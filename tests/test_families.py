@@ -161,12 +161,14 @@ def test_family_is_generation_ready_and_decodes_as_pytorch(family, backend, tmp_
 
 
 REFUSED = {
-    # a chunked attention narrower than the context: past a chunk its masks are not causal (the chunk
-    # is a hint the masks are probed past, as a sliding window's)
-    "llama4_chunked": ("Llama4ForCausalLM", dict(GQA, head_dim=16, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=4,
-                                          num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
-                                          no_rope_layers=[1, 1, 1, 0], pad_token_id=0, bos_token_id=1,
-                                          eos_token_id=2, attention_chunk_size=16)),
+    # a chunked attention narrower than the context: past a chunk its masks are not causal. Its chunk
+    # (80) is past the masks' default probe (64), so only the chunk as a hint the masks are probed past
+    # (as a sliding window's) sees that; without it the rewrite took the masks for causal ones
+    "llama4_chunked": ("Llama4ForCausalLM", dict(GQA, head_dim=16, intermediate_size=64, intermediate_size_mlp=128,
+                                                 num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1,
+                                                 interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0],
+                                                 pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                 max_position_embeddings=256, attention_chunk_size=80)),
     # ALiBi adds a per-head bias of the key positions to the scores: no fused attention takes it yet
     "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB)),
 }
@@ -191,6 +193,27 @@ def test_refused_with_the_reason_and_the_artifact_recomputes_the_sequence(family
         want = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=ATOL)  # the unpadded row
     np.testing.assert_allclose(got[0, 2:], want[0, 2:], rtol=0, atol=ATOL)  # the real positions
+
+
+@pytest.mark.slow
+def test_gpt_oss_experts_run_sparse_with_their_biases_and_clamp(tmp_path, tmp_path_factory):
+    """GPT-OSS's experts (transposed, gate and up interleaved, biased, a clamped SwiGLU) export as
+    one graphopt.MoE a layer, not dense: ORT runs com.microsoft.MoE with both biases and the clamp,
+    and int4 com.microsoft.QMoE with them (the family test above checks the logits)."""
+    import onnx
+
+    folder, model = hf_folder("gpt_oss", tmp_path_factory)
+    layers = model.config.num_hidden_layers
+    for quantize, kernel in ((None, "MoE"), ("int4", "QMoE")):
+        graphopt.optimize(folder, tmp_path / kernel, quantize=quantize)
+        nodes = [n for n in onnx.load(str(tmp_path / kernel / "model.onnx"), load_external_data=False).graph.node
+                 if n.op_type == kernel]
+        assert len(nodes) == layers
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+        assert attrs["swiglu_limit"] == pytest.approx(model.config.swiglu_limit)
+        assert attrs["activation_alpha"] == pytest.approx(1.702) and attrs["activation_beta"] == 1.0
+        fc1_bias, fc2_bias = (nodes[0].input[i] for i in ((3, 5) if kernel == "MoE" else (4, 7)))
+        assert fc1_bias and fc2_bias
 
 
 @pytest.mark.slow

@@ -295,6 +295,21 @@ def test_rule_matches_reference(case: Case):
             assert_close(got, want, what=name)
 
 
+def test_moe_runs_the_chosen_experts_only_where_the_panels_fit(monkeypatch):
+    """The MoE cases whose projections fill whole panels are built with moe_panels' GEMV (one per
+    projection: the chosen experts only); the small ones keep the dense form."""
+    from graphopt.backends.tvm import moe_panels
+
+    built = []
+    make = moe_panels.gemv_func
+    monkeypatch.setattr(moe_panels, "gemv_func", lambda **kw: built.append(kw) or make(**kw))
+    for case in (c for c in CASES if c.op == "MoE"):
+        built.clear()
+        g, _ = case.graph()
+        tvm_backend.compile_graph(g)
+        assert len(built) == (2 if case.id.startswith("sparse") else 0), case.id
+
+
 def test_every_rule_has_a_case():
     from graphopt.registry import _LOWERINGS
 

@@ -51,20 +51,34 @@ def lower_moe(ctx: LoweringContext, b: Builder, node: Node):
     experts, k, hidden, inner = shapes
     fc1 = b.const(np.ascontiguousarray(_interleave(ups, inner)), "moe_fc1")
     fc2 = b.const(np.ascontiguousarray(downs), "moe_fc2")
-    biases = [None if v is None else constant_value(v) for v in moe_biases(node)]
-    if any(v is not None and c is None for v, c in zip(moe_biases(node), biases)):
-        return "the expert biases are not constants"
-    fc1_bias = None if biases[0] is None else b.const(np.ascontiguousarray(_interleave(biases[0], inner)), "moe_fc1_bias")
-    fc2_bias = None if biases[1] is None else b.const(np.ascontiguousarray(biases[1]), "moe_fc2_bias")
-    alpha, beta, limit = moe_form(node)
-    clamp = {"swiglu_limit": limit} if limit else {}  # (the kernel clamps at any limit it is given, 0 too)
+    biases = _expert_biases(b, node, moe_biases(node), inner)
+    if isinstance(biases, str):
+        return biases
 
     logits = _router_logits(b, index, weights, experts, x.type.rank == 3)
-    y = b.op("MoE", x, logits, fc1, fc1_bias, fc2, fc2_bias, domain=MS_DOMAIN, output_types=[x.type], k=k,
-             activation_type="swiglu", swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta,
-             normalize_routing_weights=1, **clamp)
+    y = b.op("MoE", x, logits, fc1, biases[0], fc2, biases[1], domain=MS_DOMAIN, output_types=[x.type], k=k,
+             normalize_routing_weights=1, **_swiglu(node))
     total = b.ReduceSum(weights, b.const(np.array([-1], np.int64), "axes"), keepdims=1)
     return [b.Mul(y, total)]
+
+
+def _swiglu(node: Node) -> dict:
+    """The kernels' SwiGLU attributes for the node's (alpha, beta, limit): gate and up rows
+    interleaved; swiglu_limit only when there is a limit (MoE/QMoE clamp at any limit they are
+    given, zero too)."""
+    alpha, beta, limit = moe_form(node)
+    return dict(activation_type="swiglu", swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta,
+                **({"swiglu_limit": limit} if limit else {}))
+
+
+def _expert_biases(b: Builder, node: Node, values, inner: int):
+    """[fc1_experts_bias (interleaved like the weights) or None, fc2_experts_bias or None] of the
+    up and down biases `values`, or why not."""
+    arrays = [None if v is None else constant_value(v) for v in values]
+    if any(v is not None and a is None for v, a in zip(values, arrays)):
+        return "the expert biases are not constants"
+    return [None if arrays[0] is None else b.const(np.ascontiguousarray(_interleave(arrays[0], inner)), "moe_fc1_bias"),
+            None if arrays[1] is None else b.const(np.ascontiguousarray(arrays[1]), "moe_fc2_bias")]
 
 
 def _declines(ctx: LoweringContext, node: Node, kernel: str, dt) -> str | None:
@@ -142,21 +156,15 @@ def lower_quant_moe(ctx: LoweringContext, b: Builder, node: Node):
     zps = [None, None] if arrays["up_zero_points"] is None else [stored("up_zero_points", True),
                                                                  stored("down_zero_points", False)]
     flatten = x.type.rank == 3
-    biases = [None if p[n] is None else constant_value(p[n]) for n in ("up_bias", "down_bias")]
-    if any(p[n] is not None and c is None for n, c in zip(("up_bias", "down_bias"), biases)):
-        return "the expert biases are not constants"
-    fc1_bias = None if biases[0] is None else b.const(np.ascontiguousarray(_interleave(biases[0], inner)),
-                                                      "qmoe_fc1_bias")
-    fc2_bias = None if biases[1] is None else b.const(np.ascontiguousarray(biases[1]), "qmoe_fc2_bias")
-    alpha, beta, limit = moe_form(node)
-    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta,
-                 normalize_routing_weights=0, expert_weight_bits=bits, block_size=bs,
-                 **({"swiglu_limit": limit} if limit else {}))
+    biases = _expert_biases(b, node, (p["up_bias"], p["down_bias"]), inner)
+    if isinstance(biases, str):
+        return biases
+    attrs = dict(k=k, normalize_routing_weights=0, expert_weight_bits=bits, block_size=bs, **_swiglu(node))
     level = str(ctx.options.get("quant_accuracy_level", "auto"))
     if level not in ("auto", "0"):  # as MatMulNBits: int8 activations where the measured choice says so
         attrs["accuracy_level"] = int(level)
-    y = b.op("QMoE", x, _router_logits(b, index, weights, experts, flatten), fc1, fc1_scales, fc1_bias, fc2,
-             fc2_scales, fc2_bias, None, None, None, zps[0], zps[1], None,
+    y = b.op("QMoE", x, _router_logits(b, index, weights, experts, flatten), fc1, fc1_scales, biases[0], fc2,
+             fc2_scales, biases[1], None, None, None, zps[0], zps[1], None,
              _router_weights(b, index, weights, experts, flatten),
              domain=MS_DOMAIN, output_types=[x.type], **attrs)
     return [y]

@@ -260,7 +260,7 @@ _COMPLEX_ROTARY = {"transformers.models.deepseek_v2.modeling_deepseek_v2": 1, "t
 
 @contextlib.contextmanager
 def _real_rotary(model):
-    """For the duration, a model whose rotary embedding is complex (DeepSeek-V2) computes the
+    """For the duration, a model whose rotary embedding is complex (DeepSeek-V2, Llama 4) computes the
     same rotation in real numbers: its rotary module returns (cos, sin) stacked on a last axis of
     2 in place of `polar(1, freqs) * scale`, and its `apply_rotary_emb` rotates each pair
     (x[2i], x[2i+1]) by them, as multiplying by the complex number would."""
@@ -443,6 +443,23 @@ def _expert_linear(x, weight, bias, transposed: bool):
 _moe_op_defined = False
 
 
+def _moe_eager(x, index, weights, up, down, up_bias=None, down_bias=None, alpha=1.0, beta=0.0, limit=0.0):
+    """graphopt.MoE in torch (the custom ops' eager form): every expert, weighted by the router's
+    weight for it; the gated activation min(g, limit) * sigmoid(alpha * min(g, limit)) *
+    (clip(u, -limit, limit) + beta), plain SwiGLU at (1, 0, 0)."""
+    import torch
+
+    y = torch.zeros_like(x)
+    for e in range(up.shape[0]):
+        w = (weights * (index == e).to(weights.dtype)).sum(-1, keepdim=True)
+        gate, u = torch.nn.functional.linear(x, up[e], None if up_bias is None else up_bias[e]).chunk(2, dim=-1)
+        if limit:
+            gate, u = gate.clamp(max=limit), u.clamp(-limit, limit)
+        h = gate * torch.sigmoid(alpha * gate) * (u + beta)
+        y = y + torch.nn.functional.linear(h, down[e], None if down_bias is None else down_bias[e]) * w
+    return y
+
+
 def _define_moe_op() -> None:
     """`torch.ops.graphopt.moe` (x, index, weights, up, down): graphopt.MoE with SwiGLU experts,
     an opaque op to torch.export that both ONNX exporters write as one graphopt.MoE node."""
@@ -460,12 +477,7 @@ def _define_moe_op() -> None:
     @torch.library.custom_op("graphopt::moe", mutates_args=(),
                              schema="(Tensor x, Tensor index, Tensor weights, Tensor up, Tensor down) -> Tensor")
     def moe(x, index, weights, up, down):
-        y = torch.zeros_like(x)
-        for e in range(up.shape[0]):
-            w = (weights * (index == e).to(weights.dtype)).sum(-1, keepdim=True)
-            gate, u = torch.nn.functional.linear(x, up[e]).chunk(2, dim=-1)
-            y = y + torch.nn.functional.linear(torch.nn.functional.silu(gate) * u, down[e]) * w
-        return y
+        return _moe_eager(x, index, weights, up, down)
 
     @moe.register_fake
     def _(x, index, weights, up, down):
@@ -475,15 +487,7 @@ def _define_moe_op() -> None:
                              schema="(Tensor x, Tensor index, Tensor weights, Tensor up, Tensor down, Tensor up_bias, "
                                     "Tensor down_bias, float alpha, float beta, float limit) -> Tensor")
     def moe_biased(x, index, weights, up, down, up_bias, down_bias, alpha, beta, limit):
-        y = torch.zeros_like(x)
-        for e in range(up.shape[0]):
-            w = (weights * (index == e).to(weights.dtype)).sum(-1, keepdim=True)
-            gate, u = torch.nn.functional.linear(x, up[e], up_bias[e]).chunk(2, dim=-1)
-            if limit:
-                gate, u = gate.clamp(max=limit), u.clamp(-limit, limit)
-            h = gate * torch.sigmoid(alpha * gate) * (u + beta)
-            y = y + torch.nn.functional.linear(h, down[e], down_bias[e]) * w
-        return y
+        return _moe_eager(x, index, weights, up, down, up_bias, down_bias, alpha, beta, limit)
 
     @moe_biased.register_fake
     def _(x, index, weights, up, down, up_bias, down_bias, alpha, beta, limit):

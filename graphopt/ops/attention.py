@@ -67,6 +67,11 @@ def sinks_of(node: Node) -> Value | None:
     return node.inputs[7] if len(node.inputs) > 7 else None
 
 
+def reads_a_cache(node: Node) -> bool:
+    """The node has a past key/value (or a block table): inputs 5 to 7."""
+    return any(t is not None for t in node.inputs[4:7])
+
+
 def attention_operands(q: Value, k: Value, v: Value, mask: Value | None = None, past_k: Value | None = None,
                        past_v: Value | None = None, table: Value | None = None,
                        sinks: Value | None = None) -> list[Value | None]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.layout import computes, layout_ancestors, merge_heads, split_heads
-from graphopt.ops.attention import attention_operands, sinks_of
+from graphopt.ops.attention import attention_operands, reads_a_cache, sinks_of
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
 
@@ -27,7 +27,7 @@ def match_3d(node: Node):
     the usual head split and its output goes straight back to 3-D; else a `Fail`."""
     q, k, v = node.inputs[:3]
     nq, nkv = node.attr("num_heads"), node.attr("kv_num_heads")
-    if any(t is not None for t in node.inputs[4:7]) or len(node.outputs) > 1 or q.type is None or q.type.rank != 4:
+    if reads_a_cache(node) or len(node.outputs) > 1 or q.type is None or q.type.rank != 4:
         return Fail("not a 4-D attention without cache", node)
     found, ropes = [], []
     for t, heads in ((q, nq), (k, nkv), (v, nkv)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
-from graphopt.layout import computes, rotate_half
+from graphopt.layout import computes, layout_ancestors, rotate_half
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
 
@@ -117,31 +117,17 @@ def _match_rotary(add: Node):
 
 
 def _halves_of(a: Value, b: Value) -> Value | None:
-    """x when `a` and `b` are the first and second halves of x's last axis (one Split into two,
-    or two Slices); else None."""
-    pa, pb = a.producer(), b.producer()
-    if pa is None or pb is None or pa.domain != "" or pb.domain != "":
+    """x when `a` and `b` are the first and second halves of x's last axis, however sliced
+    (checked on probe tensors, as the rotate_half above); else None."""
+    def half(i: int):
+        return lambda t: np.split(t, 2, axis=-1)[i]
+    p = a.producer()
+    if p is None or not p.inputs or p.inputs[0] is None:
         return None
-    if pa is pb and pa.op_type == "Split" and len(pa.outputs) == 2 and a is pa.outputs[0] and b is pa.outputs[1]:
-        x = pa.inputs[0]
-        rank = x.type.rank if x.type is not None else None
-        sizes = constant_value(pa.inputs[1]) if len(pa.inputs) > 1 and pa.inputs[1] is not None else None
-        if rank and pa.attr("axis", 0) % rank == rank - 1 and (sizes is None or len(set(sizes.tolist())) == 1):
+    for x in [p.inputs[0]] + layout_ancestors(p.inputs[0]):  # what the Split / Slice cut, or above it
+        if x.type is not None and x.type.rank == 4 and isinstance(x.type.shape[-1], int) and x.type.shape[-1] % 2 == 0 \
+                and computes(x, a, half(0)) and computes(x, b, half(1)):
             return x
-        return None
-    if pa.op_type == "Slice" and pb.op_type == "Slice" and pa.inputs[0] is pb.inputs[0]:
-        x = pa.inputs[0]
-        if x.type is None or x.type.shape is None or not isinstance(x.type.shape[-1], int):
-            return None
-        half, rank = x.type.shape[-1] // 2, x.type.rank
-        spans = []
-        for n in (pa, pb):
-            starts, ends, axes = (constant_value(v) if len(n.inputs) > i and n.inputs[i] is not None else None
-                                  for i, v in ((1, n.inputs[1]), (2, n.inputs[2]), (3, n.inputs[3] if len(n.inputs) > 3 else None)))
-            if starts is None or ends is None or axes is None or axes.size != 1 or int(axes.reshape(())) % rank != rank - 1:
-                return None
-            spans.append((int(starts.reshape(())), min(int(ends.reshape(())), 2 * half)))
-        return x if spans == [(0, half), (half, 2 * half)] else None
     return None
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from graphopt.builder import Builder
 from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
-from graphopt.ops.attention import attention_operands, sinks_of
+from graphopt.ops.attention import attention_operands, reads_a_cache, sinks_of
 from graphopt.pass_manager import PassError
 
 PAST, PRESENT = "past_key_values.", "present."
@@ -102,7 +102,7 @@ def _the_attention(presents: list[Value]) -> Node:
         raise _fail(f"{presents[0].name!r} and {presents[1].name!r} are not read by one attention alone "
                     "(run the fusion pipeline, fuse-attention, first)")
     n = both[0]
-    if n.domain != GRAPHOPT_DOMAIN or n.op_type != "Attention" or any(t is not None for t in n.inputs[4:7]) \
+    if n.domain != GRAPHOPT_DOMAIN or n.op_type != "Attention" or reads_a_cache(n) \
             or len(n.outputs) > 1:
         raise _fail(f"node {n.name!r} ({n.op}) reads the cache; expected a fused graphopt.Attention without one")
     if n.inputs[1] is not presents[0] or n.inputs[2] is not presents[1]:

@@ -50,7 +50,7 @@ import numpy as np
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
-from graphopt.ops.attention import attention_operands, sinks_of
+from graphopt.ops.attention import attention_operands, reads_a_cache, sinks_of
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.builder import Builder
 from graphopt.passes.cleanup.dce import EliminateDeadCode
@@ -236,7 +236,7 @@ def _read_decoder(graph: Graph) -> _Decoder:
     if not attentions:
         raise _fail("no graphopt.Attention in the graph (run the fusion pipeline, fuse-attention, first)")
     for n in attentions:
-        if any(t is not None for t in n.inputs[4:7]) or len(n.outputs) > 1:
+        if reads_a_cache(n) or len(n.outputs) > 1:
             raise _fail(f"attention node {n.name!r} has a cache already")
         _check_heads(n, ids.type.shape)
     return _Decoder(ids, mask, attentions)
