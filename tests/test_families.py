@@ -84,6 +84,15 @@ FAMILIES = {
                                           num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
                                           no_rope_layers=[1, 1, 1, 0], pad_token_id=0, bos_token_id=1,
                                           eos_token_id=2, attention_chunk_size=64)),
+    # ALiBi: a bias of slope[h] * key position added to the scores, found by probing the mask and
+    # rebuilt per step from the mask with the past (passes/kvcache/rewrite.py _alibi_slopes). BLOOM
+    # computes attention with the heads merged into the batch (bmm) and its positions from the mask;
+    # MPT masks with Where(hidden, lowest, scores) after its bias; Falcon's ALiBi variant is fused as-is
+    "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB)),
+    "mpt": ("MptForCausalLM", dict(d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64)),
+    "falcon_alibi": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                               vocab_size=VOCAB, alibi=True, new_decoder_architecture=False,
+                                               multi_query=True, parallel_attn=True, bias=False)),
     # its own experts module (not transformers' experts interface): exported as traced
     "jetmoe": ("JetMoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2, kv_channels=16,
@@ -169,10 +178,10 @@ REFUSED = {
                                                  interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0],
                                                  pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                                  max_position_embeddings=256, attention_chunk_size=80)),
-    # ALiBi adds a per-head bias of the key positions to the scores: no fused attention takes it yet
-    "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB)),
+    # its causal mask multiplies the scores (w * b - 1e4 * (1 - b)): not an attention graphopt fuses yet
+    "openai_gpt": ("OpenAIGPTLMHeadModel", dict(n_embd=64, n_head=4, n_layer=2, n_positions=64, vocab_size=VOCAB)),
 }
-REASONS = {"bloom": "attention is not fused: Softmax node",
+REASONS = {"openai_gpt": "attention is not fused: Softmax node",
            "llama4_chunked": "is neither causal nor causal within a sliding window"}
 
 

@@ -238,6 +238,50 @@ def test_non_causal_attention_is_refused(fused):
         rewrite(g)
 
 
+def _with_key_bias(graph, kind: str, slopes: np.ndarray):
+    """GPT-2's fused graph with a per-head bias added to every attention's mask: ALiBi's
+    `slope[h] * j` (kind "linear"), `slope[h] * j * j / 8` ("square") or ALiBi whose slopes grow with
+    the padding ("padded": times 1 + the row's padded count)."""
+    from graphopt.builder import Builder
+
+    g = graph.copy()
+    node = next(n for n in g.nodes if n.op == "graphopt.Attention")
+    mask = node.inputs[3]
+    b = Builder(g, before=node)
+    i64 = lambda *xs: b.const(np.array(xs, np.int64))  # noqa: E731
+    cols = b.Cast(b.Range(b.const(np.array(0, np.int64)), b.Squeeze(b.Shape(mask, start=3), i64(0)),
+                          b.const(np.array(1, np.int64))), to=1)
+    if kind == "square":
+        cols = b.Mul(cols, b.Div(cols, b.const(np.array(8, np.float32))))
+    bias = b.Mul(b.const(slopes.reshape(-1, 1, 1).astype(np.float32)), cols)  # heads, 1, total
+    if kind == "padded":
+        m = next(v for v in g.inputs if v.name == "attention_mask")
+        padded = b.ReduceSum(b.Sub(b.const(np.array(1, np.int64)), m), i64(-1), keepdims=0)
+        bias = b.Mul(bias, b.Reshape(b.Cast(b.Add(padded, b.const(np.array(1, np.int64))), to=1), i64(-1, 1, 1, 1)))
+    biased = b.Add(mask, bias)
+    for n in g.nodes:
+        if n.op == "graphopt.Attention":
+            n.set_input(3, biased)
+    return g
+
+
+def test_alibi_slopes_are_found_by_probing_the_mask(fused):
+    """A mask plus slope[h] * j (ALiBi) is rewritten with the slopes it was built with; a bias not
+    linear in the key's position, or one that changes with left padding, is refused naming it."""
+    from graphopt.passes.kvcache.rewrite import KVCacheError
+
+    _, graph = fused("gpt2")
+    heads = next(n for n in graph.nodes if n.op == "graphopt.Attention").attr("num_heads")
+    slopes = 2.0 ** -np.arange(1, heads + 1)
+    out = rewrite(_with_key_bias(graph, "linear", slopes))
+    found = [v.const_value for name, v in out.initializers.items() if name.startswith("alibi_slopes")]
+    assert len(found) == 1
+    np.testing.assert_allclose(np.asarray(found[0]).reshape(-1), slopes, rtol=1e-6)
+    for kind, why in (("square", "it is not linear in the key's position"), ("padded", "it changes with left padding")):
+        with pytest.raises(KVCacheError, match=f"is not ALiBi's slope per head times the key's position \\({why}\\)"):
+            rewrite(_with_key_bias(graph, kind, slopes))
+
+
 @pytest.mark.parametrize("layout", ["BSNH"])
 def test_unimplemented_layouts_are_refused_in_one_line(fused, tmp_path, layout):
     from click.testing import CliRunner

@@ -242,12 +242,17 @@ def _folder_weights(folder: Path):
     raise UserError(f"{folder}: no weights: expected model.safetensors (or pytorch_model.bin) beside config.json")
 
 
+# families whose config records no context length (ALiBi has no position table to size): the
+# length they were trained at (BLOOM's paper: sequences of 2048 tokens)
+_TRAINED_CONTEXT = {"bloom": 2048}
+
+
 def _max_positions(cfg) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value >= 2:
             return value
-    return None
+    return _TRAINED_CONTEXT.get(getattr(cfg, "model_type", None))
 
 
 EXPERTS_IMPLEMENTATION = "graphopt"

@@ -17,6 +17,13 @@ sqrt(scale)) or to the scores, by Mul or Div; grouped-query models repeat K/V he
 Unsqueeze -> Expand -> Reshape. Such layout questions are answered by running the layout
 slice on probe tensors (`graphopt.layout.computes`), not by matching one spelling.
 
+The mask may be a sum: a bias (ALiBi's slope per head times the key's position) added next to
+it, before or after a masked fill written either way round (`Where(keep, scores, lowest)`,
+`Where(hidden, lowest, scores)`). BLOOM computes attention with the heads merged into the batch
+(`bmm` on [batch * heads, seq, head], the scores split into heads for the mask and merged back
+for the `bmm` with V): the merges are read off the Reshapes' shapes (`_unmerged`) and the 4-D
+tensors they merge are fused.
+
 `match_attention(softmax)` is the procedural matcher: it returns an `AttentionMatch` or a
 `Fail(reason, node)`, like a declarative pattern's match. The 3-D form is a pass of its own
 (`attention-to-3d`, passes/fusion/attention_3d.py).
@@ -82,13 +89,16 @@ class AttentionMatch:
     """What one attention site consists of (produced by `match_attention`)."""
 
     def __init__(self):
-        self.q = self.k = self.v = self.mask = None
+        self.q = self.k = self.v = None
+        self.masks: list[tuple[Value, bool]] = []  # each added mask or bias, and whether it is 3-D (heads merged)
+        self.merged: list[Node] = []  # BLOOM's bmm form: the Reshapes that merge heads into the batch and back
         self.k_needs_transpose: Value | None = None
         self.scale = 1.0
         self.softcap = 0.0
         self.num_heads = self.kv_num_heads = None
         self.sinks: np.ndarray | None = None  # [num_heads]
-        self.masked_fill: tuple[Value, Value] | None = None  # Where(cond, scores, lowest): (cond, lowest)
+        # Where(cond, scores, lowest) or Where(cond, lowest, scores): (cond, lowest, cond keeps the scores)
+        self.masked_fill: tuple[Value, Value, bool] | None = None
         self.out: Value | None = None
         self.covered: list[Node] = []
 
@@ -128,10 +138,26 @@ def _match_attention(softmax: Node) -> AttentionMatch:
         if probs.is_graph_output or len(probs.uses()) != 1:
             raise NoMatch("the attention probabilities are used elsewhere (returned or reused)", softmax)
     pv, idx = probs.uses()[0]
+    merged = _op(pv, "Reshape") and idx == 0 and rank == 4 and pv.outputs[0].type is not None \
+        and pv.outputs[0].type.rank == 3
+    if merged:  # [batch * heads, seq, total] probabilities, a bmm with V, the heads split back
+        m.merged.append(pv)
+        m.covered.append(pv)
+        probs = pv.outputs[0]
+        if probs.is_graph_output or len(probs.uses()) != 1:
+            raise NoMatch("the attention probabilities are used elsewhere (returned or reused)", pv)
+        pv, idx = probs.uses()[0]
     if pv.op_type != "MatMul" or pv.domain != "" or idx != 0:
         raise NoMatch(f"the probabilities feed {pv.op}, not MatMul(probs, V)", pv)
     m.covered.append(pv)
     m.v, m.out = pv.inputs[1], pv.outputs[0]
+    if merged:
+        split = m.out.uses()[0][0] if len(m.out.uses()) == 1 and not m.out.is_graph_output else None
+        if not _op(split, "Reshape") or split.outputs[0].type is None or split.outputs[0].type.rank != 4:
+            raise NoMatch("the heads merged into the batch are not split back after MatMul(probs, V)", pv)
+        m.merged.append(split)
+        m.covered.append(split)
+        m.out = split.outputs[0]
     # -- upstream: ((- row max) Concat(., sinks)) (+ mask) (scale) MatMul(Q', K')
     x = scores_in
     if not _single_use(x):
@@ -149,24 +175,29 @@ def _match_attention(softmax: Node) -> AttentionMatch:
             m.covered.append(n)
             qk = n
             break
-        if n.op_type == "Add" and n.domain == "" and m.mask is None:
+        if n.op_type == "Add" and n.domain == "" and len(m.masks) < 2:
             if m.softcap:  # the cap would apply to the mask too: not graphopt.Attention's order
                 raise NoMatch("the mask is added before the softcap", n)
             sides = [s for s in n.inputs if _leads_to_matmul(s)]
             if len(sides) != 1:
                 raise NoMatch("cannot tell the scores from the mask in the Add before softmax", n)
-            m.mask = n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0]
+            m.masks.append((n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0], len(m.merged) == 3))
             m.covered.append(n)
             x = sides[0]
-        elif n.op_type == "Where" and n.domain == "" and m.masked_fill is None and _leads_to_matmul(n.inputs[1]) \
-                and _masks_out(n.inputs[2]):
-            # GPT-Neo's Where(causal, scores, lowest): in float32 the same as adding Where(causal, 0,
-            # lowest) to the scores (a score is lost in the lowest value's rounding)
+        elif n.op_type == "Reshape" and n.domain == "" and len(m.merged) == 2 and n.inputs[0].type is not None \
+                and n.inputs[0].type.rank == 3:  # BLOOM's scores computed with the heads merged into the batch
+            m.merged.append(n)
+            m.covered.append(n)
+            x = n.inputs[0]
+        elif n.op_type == "Where" and n.domain == "" and m.masked_fill is None and (fill := _masked_fill(n)):
+            # GPT-Neo's Where(causal, scores, lowest), MPT's Where(hidden, lowest, scores): in float32
+            # the same as adding Where(causal, 0, lowest) to the scores (a score is lost in the
+            # lowest value's rounding)
             if m.softcap:
                 raise NoMatch("the scores are masked before the softcap", n)
-            m.masked_fill = (n.inputs[0], n.inputs[2])
+            m.masked_fill = fill
             m.covered.append(n)
-            x = n.inputs[1]
+            x = n.inputs[1] if fill[2] else n.inputs[2]
         elif n.op_type == "Mul" and n.domain == "" and (capped := _softcap(n)) is not None:
             if m.softcap:
                 raise NoMatch("the scores are soft-capped twice", n)
@@ -189,11 +220,13 @@ def _match_attention(softmax: Node) -> AttentionMatch:
     q, fq = _strip_scale(qk.inputs[0], m.covered)
     kt, fk = _strip_scale(qk.inputs[1], m.covered)
     m.scale *= fq * fk
-    if not (_rank4(q) and _rank4(kt) and _rank4(m.v)):
+    if m.merged:
+        q, kt = _split_heads_back(m, q, kt, qk)
+    if not (_rank4(q) and (m.k is not None or _rank4(kt)) and _rank4(m.v)):
         raise NoMatch("Q, K and V are not 4-D (batch, heads, seq, head_size) tensors", qk)
     m.q = q
     # -- K: find the BNSH tensor whose transpose feeds the MatMul
-    for cand in [kt] + layout_ancestors(kt):
+    for cand in [] if m.k is not None else [kt] + layout_ancestors(kt):
         if _rank4(cand) and cand is not kt and computes(cand, kt, swap_last_two):
             m.k = cand
             break
@@ -210,15 +243,63 @@ def _match_attention(softmax: Node) -> AttentionMatch:
         if small_k is not None and small_v is not None and small_k[1] == small_v[1]:
             (m.k, nkv), (m.v, _) = small_k, small_v
             m.kv_num_heads = nkv
-    if m.mask is not None and (m.mask.type is None or m.mask.type.rank is None or m.mask.type.rank > 4):
-        raise NoMatch("the mask's rank is unknown or over 4", m.mask.producer())
-    if m.mask is not None and m.mask.type.dtype.np_dtype.kind != "f":
-        raise NoMatch("the mask added to the scores is not a float tensor", m.mask.producer())
+    for mask, merged in m.masks:
+        if mask.type is None or mask.type.rank is None or mask.type.rank > (3 if merged else 4):
+            raise NoMatch("the mask's rank is unknown or over 4 (3 with the heads merged into the batch)",
+                          mask.producer())
+        if mask.type.dtype.np_dtype.kind != "f":
+            raise NoMatch("the mask added to the scores is not a float tensor", mask.producer())
     if m.sinks is not None:
         if m.sinks.size not in (1, nq):
             raise NoMatch(f"{m.sinks.size} sink logits for {nq} query heads", softmax)
         m.sinks = np.broadcast_to(m.sinks.reshape(-1), (nq,)).astype(q.type.dtype.np_dtype)
     return m
+
+
+def _op(n: Node | None, op_type: str) -> bool:
+    return n is not None and n.domain == "" and n.op_type == op_type
+
+
+def _unmerged(v: Value, heads: tuple | None = None) -> Value | None:
+    """The [batch, heads, seq, d] tensor that `v` = Reshape(it) to [batch * heads, seq, d] merges,
+    or None. A Reshape keeps the elements' order, so keeping the last two dimensions means the
+    first two became one."""
+    n = v.producer()
+    if not _op(n, "Reshape") or v.type is None or v.type.rank != 3 or n.inputs[0].type is None \
+            or n.inputs[0].type.rank != 4:
+        return None
+    src = n.inputs[0]
+    if v.type.shape is None or src.type.shape is None or any(d is None for d in v.type.shape[1:]) \
+            or tuple(v.type.shape[1:]) != tuple(src.type.shape[2:]):
+        return None
+    if heads is not None and tuple(src.type.shape[:2]) != heads:
+        return None
+    return src
+
+
+def _split_heads_back(m: AttentionMatch, q3: Value, kt3: Value, qk: Node) -> tuple[Value, Value]:
+    """BLOOM's bmm form: (Q, K transposed) as 4-D tensors, V too (in `m`), from the 3-D ones the
+    MatMuls read, each a Reshape merging the heads of a [batch, heads, seq, d] tensor; the
+    Reshapes of the scores and the output must split [batch * heads] back into the same two."""
+    q = _unmerged(q3)
+    if q is None or not isinstance(q.type.shape[1], int):
+        raise NoMatch("with the heads merged into the batch, Q is not a Reshape of [batch, heads, seq, d]", qk)
+    heads = tuple(q.type.shape[:2])
+    tr = kt3.producer()
+    k = _unmerged(tr.inputs[0], heads) if _op(tr, "Transpose") and list(tr.attr("perm", [])) == [0, 2, 1] else None
+    v = _unmerged(m.v, heads)
+    if k is None or v is None:
+        raise NoMatch("with the heads merged into the batch, K or V is not a Reshape of [batch, heads, seq, d] "
+                      "(K transposed after it)", qk)
+    if len(m.merged) != 3:
+        raise NoMatch("the scores of the bmm form are not split into heads before the softmax", qk)
+    scores, out = m.merged[2].outputs[0], m.merged[1].outputs[0]
+    if scores.type.shape is None or out.type.shape is None or tuple(scores.type.shape[:3]) != heads + (q.type.shape[2],) \
+            or tuple(out.type.shape[:3]) != heads + (q.type.shape[2],):
+        raise NoMatch("the scores or the output of the bmm form are not split back into the same heads", qk)
+    m.v, m.k = v, k
+    m.covered.append(tr)
+    return q, None
 
 
 def _sink_column_dropped(n: Node, rank: int) -> int | None:
@@ -283,24 +364,40 @@ def _split_sinks(x: Value, side: int, covered: list[Node]) -> tuple[Value, np.nd
     return scores, sinks.reshape(-1)
 
 
+def _masked_fill(where: Node) -> tuple[Value, Value, bool] | None:
+    """(cond, lowest, whether cond keeps the scores) when `where` fills the scores where masked
+    with a masked-out constant, on either side; else None."""
+    cond, a, b = where.inputs
+    if _leads_to_matmul(a) and _masks_out(b):
+        return cond, b, True
+    if _leads_to_matmul(b) and _masks_out(a):
+        return cond, a, False
+    return None
+
+
 def _masks_out(v: Value) -> bool:
     """`v` is a float constant at or below -1e30 (a masked fill: -inf or the type's lowest)."""
     c = constant_value(v)
     return c is not None and c.size == 1 and c.dtype.kind == "f" and float(c.reshape(())) <= -1e30
 
 
-def _leads_to_matmul(v: Value) -> bool:
-    for _ in range(6):
+def _leads_to_matmul(v: Value, depth: int = 6) -> bool:
+    """`v` is computed from a MatMul through at most `depth` scales, softcaps, masked fills and
+    additions (of a mask or a bias: the Add's other side must not lead to one too)."""
+    for _ in range(depth):
         n = v.producer()
         if n is None or n.domain != "":
             return False
         if n.op_type == "MatMul":
             return True
-        if n.op_type == "Tanh":  # a softcap's
+        if n.op_type == "Add":  # a bias added before the masked fill (MPT's ALiBi)
+            sides = [_leads_to_matmul(s, depth - 1) for s in n.inputs]
+            return sides.count(True) == 1
+        if n.op_type in ("Tanh", "Reshape"):  # a softcap's; BLOOM's split of the heads merged into the batch
             v = n.inputs[0]
             continue
-        if n.op_type == "Where" and _masks_out(n.inputs[2]):  # a masked fill's
-            v = n.inputs[1]
+        if n.op_type == "Where" and (_masks_out(n.inputs[2]) or _masks_out(n.inputs[1])):  # a masked fill's
+            v = n.inputs[1] if _masks_out(n.inputs[2]) else n.inputs[2]
             continue
         if n.op_type not in ("Mul", "Div"):
             return False
@@ -345,12 +442,21 @@ def rewrite_attention(graph: Graph, m: AttentionMatch, rule: str = "fuse-attenti
     rw = Rewriter(graph, pv, rule)
     k = m.k if m.k is not None else rw.Transpose(m.k_needs_transpose, perm=[0, 1, 3, 2])
     sinks = rw.const(m.sinks, "attention_sinks") if m.sinks is not None else None
-    mask = m.mask
+    mask = None
+    for extra, merged in m.masks:  # the masks and biases as one, 4-D
+        rank = extra.type.rank
+        if merged and rank == 3 and extra.type.shape[0] != 1:  # [batch * heads, ., total] -> [batch, heads, ., total]
+            extra = rw.Reshape(extra, rw.Concat(rw.const(np.array([-1, m.num_heads], np.int64), "merged_heads"),
+                                                rw.Shape(extra, start=1), axis=0))
+        elif merged:  # broadcast over the merged batch and heads: over both
+            extra = rw.Unsqueeze(extra, rw.const(np.arange(4 - rank, dtype=np.int64), "axes"))
+        mask = extra if mask is None else rw.Add(mask, extra)
     if m.masked_fill is not None:  # the fill as an additive mask, before the model's own
-        cond, lowest = m.masked_fill
+        cond, lowest, keeps = m.masked_fill
         dt = m.q.type.dtype.np_dtype
-        fill = rw.Where(cond, rw.const(np.array(0, dt), "masked_fill_zero"), rw.Cast(lowest, to=m.q.type.dtype.onnx_type)
-                        if constant_value(lowest).dtype != dt else lowest)
+        zero = rw.const(np.array(0, dt), "masked_fill_zero")
+        lowest = rw.Cast(lowest, to=m.q.type.dtype.onnx_type) if constant_value(lowest).dtype != dt else lowest
+        fill = rw.Where(cond, zero, lowest) if keeps else rw.Where(cond, lowest, zero)
         mask = fill if mask is None else rw.Add(fill, mask)
     inputs = attention_operands(m.q, k, m.v, mask, sinks=sinks)
     y = rw.op("Attention", *inputs, domain=GRAPHOPT_DOMAIN, num_heads=m.num_heads, kv_num_heads=m.kv_num_heads,

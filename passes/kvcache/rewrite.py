@@ -149,7 +149,7 @@ class RewriteKVCache(Pass):
         graph.rename_value(mask, MASK)  # (a renamed value's old name is otherwise never handed out again)
         past, total = b.lengths(site.input_ids, mask)
         position_ids = b.position_ids(mask, past)
-        biases = {w: b.causal_bias(mask, past, total, site.dtype, w) for w in sorted(set(windows), key=str)}
+        biases = {w: b.causal_bias(mask, past, total, site.dtype, *w) for w in sorted(set(windows), key=str)}
 
         presents = []
         table = None
@@ -157,7 +157,9 @@ class RewriteKVCache(Pass):
             table = graph.add_input(BLOCK_TABLE, TensorType(DType.INT32, ("batch", "max_blocks")))
         for i, (node, window) in enumerate(zip(site.attentions, windows)):
             presents += _rewrite_attention(graph, node, i, biases[window], self.layout, max_pos, self.block_size, table)
-            result.count("attention" if window is None else "sliding-window-attention")
+            result.count("attention" if window[0] is None else "sliding-window-attention")
+            if window[1] is not None:
+                result.count("alibi-attention")
         by_switch = {None: position_ids}
 
         def positions(switch: int | None) -> Value:  # the rows to read of a table with that switch
@@ -346,14 +348,16 @@ _WINDOW_PROBE_MAX = 4096
 META_SLIDING_WINDOW = "graphopt.sliding_window"  # the frontend's hint (a Hugging Face config's)
 
 
-def _check_causal(graph: Graph, site: _Decoder, max_pos: int) -> list[int | None]:
+def _check_causal(graph: Graph, site: _Decoder, max_pos: int) -> list[tuple[int | None, tuple | None]]:
     """Every attention must be causal: its own flag, or a mask that is 0 on and below the
     diagonal and (nearly) -inf above it when nothing is padded, or causal within a sliding
     window (query i sees keys i - window < j <= i, as Mistral's, Phi-3's and Gemma's local
     layers do). The masks are probed at `_WINDOW_PROBE` positions, or one more than the
     window the frontend recorded (a window wider than the probe looks causal at it); a
-    window the context cannot exceed is no window. Returns each attention's window (None:
-    causal)."""
+    window the context cannot exceed is no window. A mask whose visible part is not 0 may be
+    ALiBi's linear bias (BLOOM, MPT, Falcon): `slope[h] * j` plus anything constant along a
+    row, which softmax ignores (`_alibi_slopes`). Returns each attention's (window, slopes):
+    window None is causal, slopes None is no bias."""
     masks = {}
     for n in site.attentions:
         if len(n.inputs) > 3 and n.inputs[3] is not None:
@@ -373,16 +377,61 @@ def _check_causal(graph: Graph, site: _Decoder, max_pos: int) -> list[int | None
         if value.ndim < 2:
             raise _fail(f"attention node {node.name!r}: its mask {mask.name!r} is not [.., seq, seq]")
         square = np.broadcast_to(value, value.shape[:-2] + (seq, seq)).reshape(-1, seq, seq)
-        visible = (square == 0).all(axis=0)
         hidden = (square <= -1e4).all(axis=0)
+        visible = (square > -1e4).all(axis=0)
         window = int(visible[-1].sum())  # the last query's keys: all of them unless windowed
         want = (j <= i) & (i - j < window)
         if not ((visible == want) & (hidden == ~want)).all() or node.attr("causal", 0) not in (0, 1):
             raise _fail(f"attention node {node.name!r}: its mask {mask.name!r} is neither causal nor causal within "
                         "a sliding window (an encoder?)")
-        window_of[id(mask)] = None if window >= seq else window
-    return [window_of[id(n.inputs[3])] if len(n.inputs) > 3 and n.inputs[3] is not None else None
+        slopes = None
+        if (square[:, want] != 0).any():
+            slopes = _alibi_slopes(graph, node, mask, value, want)
+        window_of[id(mask)] = (None if window >= seq else window, slopes)
+    return [window_of[id(n.inputs[3])] if len(n.inputs) > 3 and n.inputs[3] is not None else (None, None)
             for n in site.attentions]
+
+
+def _alibi_slopes(graph: Graph, node: Node, mask: Value, value: np.ndarray, visible: np.ndarray) -> tuple:
+    """Each query head's ALiBi slope when the mask's visible part, probed without padding
+    (`value`) and again with the first keys padded, is `slope[h] * j` plus a constant per row
+    (what softmax ignores; BLOOM counts j from the first real token, MPT from the last key,
+    both that); else the pass fails naming the mask."""
+    heads = node.attr("num_heads", 0) or (node.inputs[0].type.shape[1] if node.inputs[0].type.rank == 4 else 0)
+
+    def fail(why: str) -> KVCacheError:
+        return _fail(f"attention node {node.name!r}: its mask {mask.name!r} adds a bias to the scores that is not "
+                     f"ALiBi's slope per head times the key's position ({why})")
+    seq = visible.shape[0]
+    lead = value.shape[:-2]
+    if len(lead) > 2 or any(d != 1 for d in lead[:-1]) or (lead and lead[-1] not in (1, heads)):
+        raise fail(f"a [{', '.join(map(str, value.shape))}] mask, not [1, heads or 1, seq, seq]")
+
+    def per_head(v: np.ndarray) -> np.ndarray:  # [heads or 1, seq, seq], float64
+        if v.shape[:-2] != lead:
+            raise fail(f"a [{', '.join(map(str, v.shape))}] mask with padding, [{', '.join(map(str, value.shape))}] "
+                       "without")
+        return np.broadcast_to(v, (1,) * (2 - len(lead)) + lead + (seq, seq)).reshape(-1, seq, seq).astype(np.float64)
+    bias = per_head(value)
+    steps = np.diff(bias, axis=-1)  # [h, i, j]: bias at j + 1 minus bias at j
+    both = visible[:, 1:] & visible[:, :-1]
+    slopes = np.array([np.median(steps[h][both]) for h in range(bias.shape[0])])
+    scale = max(1.0, float(np.abs(bias[:, visible]).max()))
+    if not np.allclose(steps[:, both], slopes[:, None], rtol=0, atol=1e-5 * scale):
+        raise fail("it is not linear in the key's position")
+    # with the first keys padded the real keys' bias must be the same up to a per-row constant
+    pad = max(1, seq // 4)
+    feeds = _feeds(graph, 1, seq)
+    feeds[MASK][:, :pad] = 0
+    padded = evaluate(graph, [mask], feeds)[0]
+    padded = per_head(np.where(padded, 0.0, -np.inf) if padded.dtype == np.bool_ else padded)
+    rows = visible & (np.arange(seq)[None, :] >= pad) & (np.arange(seq)[:, None] >= pad)
+    both = rows[:, 1:] & rows[:, :-1]
+    if (padded[:, rows] <= -1e4).any() or (padded[:, ~visible] > -1e4).any() \
+            or not np.allclose(np.diff(padded, axis=-1)[:, both], slopes[:, None], rtol=0,
+                               atol=1e-5 * scale):
+        raise fail("it changes with left padding")
+    return tuple(float(x) for x in np.broadcast_to(slopes, (heads,)))
 
 
 def _shape_only(graph: Graph) -> set[int]:
@@ -577,10 +626,14 @@ class _Builder:
         pos.type = TensorType(pos.type.dtype, ("batch", "seq"))
         return pos
 
-    def causal_bias(self, mask: Value, past: Value, total: Value, dt, window: int | None = None) -> Value:
+    def causal_bias(self, mask: Value, past: Value, total: Value, dt, window: int | None = None,
+                    slopes: tuple | None = None) -> Value:
         """[batch, 1, seq, past_seq + seq]: 0 where query i (at past_seq + i) may attend key j
         (j <= past_seq + i and the key is not padding; with a sliding `window`, also
         j > past_seq + i - window), the type's lowest finite value elsewhere: one boolean, one Where.
+        With ALiBi's `slopes` (one per head) the visible part is `slope[h] * (j - (past_seq + i))`
+        instead of 0, [batch, heads, seq, past_seq + seq]: the model's bias up to a constant per
+        row, never above 0 (small where it matters, as MPT's).
 
         Lowest, not -inf: a real query sees itself, so its row holds a 0 and the masked keys'
         weights underflow to exactly 0, as with -inf; a padded query (left padding: nothing
@@ -598,9 +651,13 @@ class _Builder:
             causal = b.And(causal, b.Greater(cols, first))
         real = b.Cast(mask, to=DType.BOOL.onnx_type)
         real = b.Unsqueeze(real, self._i64(1, 2, name="kv_bias_axes"))  # batch, 1, 1, total
-        bias = b.Where(b.And(real, causal), b.const(np.array(0, dt.np_dtype), "kv_bias_zero"),
+        seen = b.const(np.array(0, dt.np_dtype), "kv_bias_zero")
+        if slopes is not None:  # heads, seq, total
+            seen = b.Mul(b.Cast(b.Sub(cols, rows), to=dt.onnx_type),
+                         b.const(np.array(slopes, dt.np_dtype).reshape(-1, 1, 1), "alibi_slopes"))
+        bias = b.Where(b.And(real, causal), seen,
                        b.const(np.array(np.finfo(dt.np_dtype).min, dt.np_dtype), "kv_bias_lowest"))
-        bias.type = TensorType(dt, ("batch", 1, "seq", TOTAL_SEQ))
+        bias.type = TensorType(dt, ("batch", 1 if slopes is None else len(slopes), "seq", TOTAL_SEQ))
         return bias
 
     def switched_positions(self, position_ids: Value, switch: int) -> Value:
