@@ -93,6 +93,9 @@ FAMILIES = {
     "falcon_alibi": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                                vocab_size=VOCAB, alibi=True, new_decoder_architecture=False,
                                                multi_query=True, parallel_attn=True, bias=False)),
+    # sinusoidal positions; the bmm form with the softmax on [batch * heads, seq, seq] after a clamp at the lowest
+    "xglm": ("XGLMForCausalLM", dict(d_model=64, attention_heads=4, num_layers=2, ffn_dim=128, vocab_size=VOCAB,
+                                     max_position_embeddings=64)),
     # its own experts module (not transformers' experts interface): exported as traced
     "jetmoe": ("JetMoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2, kv_channels=16,

@@ -19,10 +19,11 @@ slice on probe tensors (`graphopt.layout.computes`), not by matching one spellin
 
 The mask may be a sum: a bias (ALiBi's slope per head times the key's position) added next to
 it, before or after a masked fill written either way round (`Where(keep, scores, lowest)`,
-`Where(hidden, lowest, scores)`). BLOOM computes attention with the heads merged into the batch
-(`bmm` on [batch * heads, seq, head], the scores split into heads for the mask and merged back
-for the `bmm` with V): the merges are read off the Reshapes' shapes (`_unmerged`) and the 4-D
-tensors they merge are fused.
+`Where(hidden, lowest, scores)`). BLOOM and XGLM compute attention with the heads merged into
+the batch (`bmm` on [batch * heads, seq, head], the scores split into heads for the mask and
+merged back, for the softmax (XGLM, after clamping them at the type's lowest) or for the `bmm`
+with V): the merges are read off the Reshapes' shapes (`_unmerged`, `_split_heads_back`) and the
+4-D tensors they merge are fused.
 
 `match_attention(softmax)` is the procedural matcher: it returns an `AttentionMatch` or a
 `Fail(reason, node)`, like a declarative pattern's match. The 3-D form is a pass of its own
@@ -91,7 +92,8 @@ class AttentionMatch:
     def __init__(self):
         self.q = self.k = self.v = None
         self.masks: list[tuple[Value, bool]] = []  # each added mask or bias, and whether it is 3-D (heads merged)
-        self.merged: list[Node] = []  # BLOOM's bmm form: the Reshapes that merge heads into the batch and back
+        self.bmm = False  # BLOOM's and XGLM's form: 3-D MatMuls on [batch * heads, seq, .]
+        self.merged: list[Node] = []  # the bmm form's Reshapes that merge heads into the batch and back
         self.k_needs_transpose: Value | None = None
         self.scale = 1.0
         self.softcap = 0.0
@@ -138,9 +140,8 @@ def _match_attention(softmax: Node) -> AttentionMatch:
         if probs.is_graph_output or len(probs.uses()) != 1:
             raise NoMatch("the attention probabilities are used elsewhere (returned or reused)", softmax)
     pv, idx = probs.uses()[0]
-    merged = _op(pv, "Reshape") and idx == 0 and rank == 4 and pv.outputs[0].type is not None \
-        and pv.outputs[0].type.rank == 3
-    if merged:  # [batch * heads, seq, total] probabilities, a bmm with V, the heads split back
+    while _op(pv, "Reshape") and idx == 0 and _rank_of(pv.outputs[0]) in (3, 4):
+        # heads merged into the batch (BLOOM's and XGLM's bmm form) or split back out of it
         m.merged.append(pv)
         m.covered.append(pv)
         probs = pv.outputs[0]
@@ -151,9 +152,10 @@ def _match_attention(softmax: Node) -> AttentionMatch:
         raise NoMatch(f"the probabilities feed {pv.op}, not MatMul(probs, V)", pv)
     m.covered.append(pv)
     m.v, m.out = pv.inputs[1], pv.outputs[0]
-    if merged:
+    m.bmm = _rank_of(pv.inputs[0]) == 3 and _rank_of(m.out) == 3
+    while m.bmm and _rank_of(m.out) == 3:  # the output's heads split back out of the batch
         split = m.out.uses()[0][0] if len(m.out.uses()) == 1 and not m.out.is_graph_output else None
-        if not _op(split, "Reshape") or split.outputs[0].type is None or split.outputs[0].type.rank != 4:
+        if not _op(split, "Reshape") or _rank_of(split.outputs[0]) not in (3, 4):
             raise NoMatch("the heads merged into the batch are not split back after MatMul(probs, V)", pv)
         m.merged.append(split)
         m.covered.append(split)
@@ -181,14 +183,18 @@ def _match_attention(softmax: Node) -> AttentionMatch:
             sides = [s for s in n.inputs if _leads_to_matmul(s)]
             if len(sides) != 1:
                 raise NoMatch("cannot tell the scores from the mask in the Add before softmax", n)
-            m.masks.append((n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0], len(m.merged) == 3))
+            m.masks.append((n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0], _rank_of(x) == 3))
             m.covered.append(n)
             x = sides[0]
-        elif n.op_type == "Reshape" and n.domain == "" and len(m.merged) == 2 and n.inputs[0].type is not None \
-                and n.inputs[0].type.rank == 3:  # BLOOM's scores computed with the heads merged into the batch
+        elif n.op_type == "Reshape" and n.domain == "" and m.bmm and _rank_of(n.inputs[0]) in (3, 4):
+            # the scores' heads merged into the batch or split out of it (BLOOM's, XGLM's bmm form)
             m.merged.append(n)
             m.covered.append(n)
             x = n.inputs[0]
+        elif n.op_type == "Max" and n.domain == "" and len(n.inputs) == 2 and any(_masks_out(v) for v in n.inputs):
+            # XGLM's clamp at the type's lowest: -inf becomes the lowest finite value, as a masked fill's
+            m.covered.append(n)
+            x = n.inputs[1] if _masks_out(n.inputs[0]) else n.inputs[0]
         elif n.op_type == "Where" and n.domain == "" and m.masked_fill is None and (fill := _masked_fill(n)):
             # GPT-Neo's Where(causal, scores, lowest), MPT's Where(hidden, lowest, scores): in float32
             # the same as adding Where(causal, 0, lowest) to the scores (a score is lost in the
@@ -220,7 +226,7 @@ def _match_attention(softmax: Node) -> AttentionMatch:
     q, fq = _strip_scale(qk.inputs[0], m.covered)
     kt, fk = _strip_scale(qk.inputs[1], m.covered)
     m.scale *= fq * fk
-    if m.merged:
+    if m.bmm:
         q, kt = _split_heads_back(m, q, kt, qk)
     if not (_rank4(q) and (m.k is not None or _rank4(kt)) and _rank4(m.v)):
         raise NoMatch("Q, K and V are not 4-D (batch, heads, seq, head_size) tensors", qk)
@@ -254,6 +260,10 @@ def _match_attention(softmax: Node) -> AttentionMatch:
             raise NoMatch(f"{m.sinks.size} sink logits for {nq} query heads", softmax)
         m.sinks = np.broadcast_to(m.sinks.reshape(-1), (nq,)).astype(q.type.dtype.np_dtype)
     return m
+
+
+def _rank_of(v: Value) -> int | None:
+    return v.type.rank if v.type is not None else None
 
 
 def _op(n: Node | None, op_type: str) -> bool:
@@ -291,12 +301,15 @@ def _split_heads_back(m: AttentionMatch, q3: Value, kt3: Value, qk: Node) -> tup
     if k is None or v is None:
         raise NoMatch("with the heads merged into the batch, K or V is not a Reshape of [batch, heads, seq, d] "
                       "(K transposed after it)", qk)
-    if len(m.merged) != 3:
-        raise NoMatch("the scores of the bmm form are not split into heads before the softmax", qk)
-    scores, out = m.merged[2].outputs[0], m.merged[1].outputs[0]
-    if scores.type.shape is None or out.type.shape is None or tuple(scores.type.shape[:3]) != heads + (q.type.shape[2],) \
-            or tuple(out.type.shape[:3]) != heads + (q.type.shape[2],):
-        raise NoMatch("the scores or the output of the bmm form are not split back into the same heads", qk)
+    rows = heads + (q.type.shape[2],)  # batch, heads, query positions
+    for r in m.merged:  # each Reshape between the forms: [batch * heads, seq, .] <-> [batch, heads, seq, .]
+        split = [t for t in (r.inputs[0], r.outputs[0]) if _rank_of(t) == 4]
+        if any(t.type.shape is None or tuple(t.type.shape[:3]) != rows for t in split) \
+                or any(t.type.shape is None or t.type.shape[1] != rows[2] for t in (r.inputs[0], r.outputs[0])
+                       if _rank_of(t) == 3):
+            raise NoMatch("a Reshape of the bmm form does not merge or split the same batch, heads and positions", r)
+    if _rank_of(m.out) != 4:
+        raise NoMatch("the heads merged into the batch are not split back after MatMul(probs, V)", qk)
     m.v, m.k = v, k
     m.covered.append(tr)
     return q, None
@@ -393,8 +406,11 @@ def _leads_to_matmul(v: Value, depth: int = 6) -> bool:
         if n.op_type == "Add":  # a bias added before the masked fill (MPT's ALiBi)
             sides = [_leads_to_matmul(s, depth - 1) for s in n.inputs]
             return sides.count(True) == 1
-        if n.op_type in ("Tanh", "Reshape"):  # a softcap's; BLOOM's split of the heads merged into the batch
+        if n.op_type in ("Tanh", "Reshape"):  # a softcap's; the bmm form's merge or split of the heads
             v = n.inputs[0]
+            continue
+        if n.op_type == "Max" and len(n.inputs) == 2 and any(_masks_out(t) for t in n.inputs):  # a clamp (XGLM)
+            v = n.inputs[1] if _masks_out(n.inputs[0]) else n.inputs[0]
             continue
         if n.op_type == "Where" and (_masks_out(n.inputs[2]) or _masks_out(n.inputs[1])):  # a masked fill's
             v = n.inputs[1] if _masks_out(n.inputs[2]) else n.inputs[2]
