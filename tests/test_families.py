@@ -102,7 +102,9 @@ FAMILIES = {
                                          intermediate_size=64, max_position_embeddings=64)),
 }
 # what a family does not do on a backend yet: the one-line error it gets instead
-NOT_ON = {("jetmoe", "tvm"): "(TopK): k must be a constant"}  # its router sorts: TopK with k the axis' length
+# its router sorts (TopK with k the axis' length: a full sort on TVM), then splits the tokens by the counts
+# it routed to each expert: sizes known only from the data
+NOT_ON = {("jetmoe", "tvm"): "(Split): split must be a constant"}
 
 _folders: dict = {}
 

@@ -295,6 +295,23 @@ def test_rule_matches_reference(case: Case):
             assert_close(got, want, what=name)
 
 
+@pytest.mark.parametrize("largest", [1, 0])
+def test_topk_of_a_whole_symbolic_axis_is_a_stable_sort(largest):
+    """TopK with k the axis' own (symbolic) length, as JetMoE's router sorts its tokens: the full
+    sort, ties (there are some) in index order as ONNX asks, at two lengths of one build."""
+    g = Graph("topk_whole_axis")
+    b = Builder(g)
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("tokens", 3)))
+    values, indices = b.op("TopK", x, b.op("Shape", x, start=0, end=1), n_out=2, axis=0, largest=largest)
+    g.outputs = [values, indices]
+    compiled = tvm_backend.compile_graph(g)
+    for tokens in (7, 12):
+        feeds = {"x": RNG.integers(0, 4, (tokens, 3)).astype(F32)}  # few values: ties
+        want, got = run_reference(g, feeds), compiled.run(feeds)
+        for name in want:
+            assert_close(got[name], want[name], what=f"{name} at {tokens} tokens")
+
+
 def test_moe_runs_the_chosen_experts_only_where_the_panels_fit(monkeypatch):
     """The MoE cases whose projections fill whole panels are built with moe_panels' GEMV (one per
     projection: the chosen experts only); the small ones keep the dense form."""

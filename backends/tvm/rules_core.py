@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover
     relax = tirx = R = None
 
 from graphopt.backends.tvm.lowering import (Known, Lowerer, all_known, known_of, norm_axis, objs, relax_dtype, relax_op,
-                                            rule)
+                                            rule, static_int)
 from graphopt.dtypes import DType
 
 
@@ -285,9 +285,16 @@ def arg_reduce(lw: Lowerer, node, args):
 def topk(lw: Lowerer, node, args):
     """ONNX TopK (k a constant: a mixture-of-experts router's). Ties keep the lower index
     first, as ONNX asks; `sorted=0` leaves the order open, so the sorted one is a valid answer."""
+    x, axis, largest = lw.tensor(args[0]), node.attr("axis", -1), bool(node.attr("largest", 1))
+    k = lw.known(args[1])
+    if k is not None and k.values.size == 1 and not k.is_static:
+        length = lw.shape(x)[axis]
+        if static_int(lw.simplify(k.values.flat[0] - length)) == 0:  # k is the axis' length: a full sort
+            # (JetMoE's router sorts its tokens); TVM's argsort is stable, so ties keep the lower index first
+            order = lw.emit(R.argsort(x, axis=axis, descending=largest, dtype="int64"))
+            return [lw.emit(R.gather_elements(x, order, axis)), order]
     (k,) = lw.const_ints(args[1], "k")
-    both = lw.emit(R.topk(lw.tensor(args[0]), k=int(k), axis=node.attr("axis", -1), ret_type="both",
-                          largest=bool(node.attr("largest", 1)), dtype="int64"))
+    both = lw.emit(R.topk(x, k=int(k), axis=axis, ret_type="both", largest=largest, dtype="int64"))
     return [lw.emit(relax.TupleGetItem(both, 0)), lw.emit(relax.TupleGetItem(both, 1))]
 
 
