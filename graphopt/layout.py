@@ -89,15 +89,36 @@ def _probe_shape(src: Value, k: int, sym: dict | None = None) -> tuple[int, ...]
 def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray],
              data_ops: frozenset = frozenset()) -> bool:
     """True when dst == fn(src) for every probe (see module doc)."""
+    runs = probe(src, dst, data_ops)
+    if runs is None:
+        return False
+    for x, got in runs:
+        try:
+            want = fn(x)
+        except Exception:
+            return False
+        if got.shape != want.shape or not np.array_equal(got, want):
+            return False
+    return True
+
+
+def probe(src: Value, dst: Value, data_ops: frozenset = frozenset(), make=None,
+          limit: int = 1 << 16) -> list[tuple] | None:
+    """[(x, dst's value)] for the probes: the layout slice from `src` to `dst` run on `x` =
+    `make(shape)` (a numbered tensor of src's shape at each binding of its symbolic dims by
+    default, at most `limit` elements); None when dst is not a layout function of src or a
+    probe fails."""
     nodes = layout_slice(src, dst, data_ops)
     if nodes is None:
-        return False
+        return None
+    runs = []
     for k in range(len(PROBE_DIMS)):
         binding: dict = {}
         shape = _probe_shape(src, k, binding)
-        if shape is None or int(np.prod(shape)) > 1 << 16:
-            return False
-        x = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape).astype(src.type.dtype.np_dtype)
+        if shape is None or int(np.prod(shape)) > limit:
+            return None
+        x = (make(shape) if make is not None else np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)) \
+            .astype(src.type.dtype.np_dtype)
         env = {id(src): x}
         try:
             for n in nodes:
@@ -112,20 +133,20 @@ def computes(src: Value, dst: Value, fn: Callable[[np.ndarray], np.ndarray],
                     else:
                         ext = _bind(_external_shape(v), binding, v)
                         if ext is None:
-                            return False
+                            return None
                         args.append(ext)
                 with np.errstate(all="ignore"):
                     outs = run_reference(n, args)
                 for v, r in zip(n.outputs, outs):
                     if v is not None:
                         env[id(v)] = np.asarray(r)
-            want = fn(x)
         except Exception:
-            return False
+            return None
         got = env.get(id(dst), x if dst is src else None)
-        if got is None or got.shape != want.shape or not np.array_equal(got, want):
-            return False
-    return True
+        if got is None:
+            return None
+        runs.append((x, got))
+    return runs
 
 
 def _bind(sym_value, binding: dict, v: Value) -> np.ndarray | None:

@@ -522,6 +522,53 @@ def test_default_recipe_fuses_every_layer(arch, exporter, exported, tmp_path):
                      what=f"{arch}/{exporter} fused graph vs PyTorch at {batch}x{seq}")
 
 
+INTERLEAVED = {  # small random configs whose Q, K and V come out of one projection head by head
+    "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=128)),  # [.., heads, 3, head]
+    "falcon": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+                                         new_decoder_architecture=False, multi_query=False)),  # [.., heads, 3 * head]
+}
+
+
+@pytest.mark.parametrize("arch", ["bloom", "falcon", "gpt_neox", "llama"])
+def test_interleaved_heads_become_blocks_and_the_attention_3d(arch, exported, tmp_path):
+    """BLOOM's and Falcon's projection interleaves Q, K and V head by head: its weight columns are
+    reordered into blocks, the graph computes the same before and after on the same inputs, and
+    attention-to-3d then takes every attention 3-D. GPT-NeoX's partial rotary reads part of each
+    head (left 4-D as it was); Llama's projections are blocks already: nothing to do for either."""
+    from graphopt.interpreter import run
+    from graphopt.models import load_graph
+    from graphopt.passes.fusion import FUSION_PIPELINE
+    from graphopt.testing import assert_close, token_feeds
+
+    if arch in INTERLEAVED:
+        import torch
+        import transformers as tf
+
+        cls_name, config = INTERLEAVED[arch]
+        cls = getattr(tf, cls_name)
+        torch.manual_seed(0)
+        cls(cls.config_class(**config)).eval().save_pretrained(tmp_path / arch)
+        graph = load_graph(tmp_path / arch)
+    else:
+        graph = load_graph(exported(arch, "dynamo")[1])
+    upto = FUSION_PIPELINE[:FUSION_PIPELINE.index(",split-interleaved-heads")]
+    before = PassManager(f"fold-constants,simplify-shapes,eliminate-dead-code,{upto}").run(graph)
+    pm = PassManager("split-interleaved-heads,attention-to-3d")
+    after = pm.run(before.copy())
+    layers = sum(n.op == "graphopt.Attention" for n in before.nodes)
+    assert layers == 2
+    assert pm.records[0].stats.get("projections-split", 0) == (layers if arch in INTERLEAVED else 0)
+    ranks = [n.inputs[0].type.rank for n in after.nodes if n.op == "graphopt.Attention"]
+    assert ranks == [3 if arch in INTERLEAVED or arch == "llama" else 4] * layers, ranks
+    out = after.outputs[0].name
+    for batch, seq in [(2, 8), (3, 5)]:
+        feeds = token_feeds(batch, seq)
+        feeds = {v.name: feeds[v.name] if v.name in feeds else np.ones((batch, seq), np.int64)
+                 for v in before.inputs if not v.is_initializer}
+        assert_close(run(after, feeds)[out], run(before, feeds)[out], rtol=0, atol=1e-5,
+                     what=f"{arch} at {batch}x{seq}")
+
+
 def test_explain_fusions_names_the_broken_constraint(exported, tmp_path):
     """A model whose attention was deliberately broken (a Relu before the softmax)."""
     from click.testing import CliRunner
