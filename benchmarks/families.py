@@ -8,7 +8,12 @@ For each family a Hugging Face folder of the Llama benchmark's sizes where the f
 
 - bloom: ALiBi, attention on the heads merged into the batch (bmm), positions from the mask;
 - mpt: ALiBi added before a masked fill, no biases;
+- falcon: rotary, one key/value head, Q, K and V interleaved in one projection;
 - xglm: sinusoidal positions, the bmm form with the softmax on the merged heads.
+
+Where `split-interleaved-heads` changes the graph (BLOOM, Falcon: Q, K and V interleaved head by
+head), the default artifact is also built without it (`graphopt-ort-4d`: the same pipeline less
+that pass; its attention stays 4-D), to measure what the pass gives.
 
 onnxruntime-genai's model builder knows none of them, and Optimum's exporter needs a
 transformers older than the one installed, so the anchor is what a user of transformers has:
@@ -38,6 +43,9 @@ PAUSE_S = 0.3
 FAMILIES = {
     "bloom": ("BloomForCausalLM", lambda h, n, L, v: dict(hidden_size=h, n_head=n, n_layer=L, vocab_size=v)),
     "mpt": ("MptForCausalLM", lambda h, n, L, v: dict(d_model=h, n_heads=n, n_layers=L, vocab_size=v, max_seq_len=2048)),
+    "falcon": ("FalconForCausalLM", lambda h, n, L, v: dict(hidden_size=h, num_attention_heads=n, num_hidden_layers=L,
+                                                             vocab_size=v, new_decoder_architecture=False,
+                                                             multi_query=True, max_position_embeddings=2048)),
     "xglm": ("XGLMForCausalLM", lambda h, n, L, v: dict(d_model=h, attention_heads=n, num_layers=L, ffn_dim=4 * h,
                                                          vocab_size=v, max_position_embeddings=2048)),
 }
@@ -73,6 +81,7 @@ def main() -> None:
     import transformers
 
     import graphopt
+    from graphopt.driver import default_pipeline
     from graphopt.generation import Generator
     from moe import torch_greedy
 
@@ -98,6 +107,11 @@ def main() -> None:
             arts = {"graphopt-ort": work / "ort", "graphopt-ort-int4": work / "ort_int4"}
             graphopt.optimize(folder, arts["graphopt-ort"])
             graphopt.optimize(folder, arts["graphopt-ort-int4"], quantize="int4")
+            report = json.loads((arts["graphopt-ort"] / "report.json").read_text())
+            if any(r["name"] == "split-interleaved-heads" and r["changed"] for r in report["passes"]):
+                arts["graphopt-ort-4d"] = work / "ort_4d"
+                graphopt.optimize(folder, arts["graphopt-ort-4d"], passes=default_pipeline().replace(
+                    "split-interleaved-heads,", "") + ",rewrite-kv-cache,slice-last-token-logits")
             if not args.no_tvm:
                 arts["graphopt-tvm"] = work / "tvm"
                 graphopt.optimize(folder, arts["graphopt-tvm"], backend="tvm")

@@ -526,13 +526,16 @@ INTERLEAVED = {  # small random configs whose Q, K and V come out of one project
     "bloom": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=128)),  # [.., heads, 3, head]
     "falcon": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
                                          new_decoder_architecture=False, multi_query=False)),  # [.., heads, 3 * head]
+    # [.., heads + 2, head]: the columns in order already, Q, K and V Slices of the heads axis
+    "falcon_mqa": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+                                             new_decoder_architecture=False, multi_query=True)),
 }
 
 
-@pytest.mark.parametrize("arch", ["bloom", "falcon", "gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["bloom", "falcon", "falcon_mqa", "gpt_neox", "llama"])
 def test_interleaved_heads_become_blocks_and_the_attention_3d(arch, exported, tmp_path):
     """BLOOM's and Falcon's projection interleaves Q, K and V head by head: its weight columns are
-    reordered into blocks, the graph computes the same before and after on the same inputs, and
+    reordered into blocks (Falcon's with one key/value head holds them in order: only the views change), the graph computes the same before and after on the same inputs, and
     attention-to-3d then takes every attention 3-D. GPT-NeoX's partial rotary reads part of each
     head (left 4-D as it was); Llama's projections are blocks already: nothing to do for either."""
     from graphopt.interpreter import run

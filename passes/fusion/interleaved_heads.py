@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
-from graphopt.layout import probe
+from graphopt.layout import computes, layout_ancestors, probe
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead
 
@@ -75,6 +75,15 @@ def _feeds_attention(v: Value) -> bool:
         if user.op_type != "Attention" or index > 2:
             return False
     return bool(v.uses()) and not v.is_graph_output
+
+
+def _head_split(view: Value, heads: int, heads_first: bool) -> bool:
+    """`view` is the usual head split of a 3-D tensor ([batch, seq, heads * head] reshaped, and
+    transposed where heads come first), as attention-to-3d finds it."""
+    def fn(x):
+        y = x.reshape(x.shape[0], x.shape[1], heads, -1)
+        return y.transpose(0, 2, 1, 3) if heads_first else y
+    return any(a.type is not None and a.type.rank == 3 and computes(a, view, fn) for a in layout_ancestors(view))
 
 
 def _numbered(shape: tuple) -> np.ndarray:
@@ -161,20 +170,22 @@ def _split(graph: Graph, linear: Node) -> str | None:
     views, maps = [views[i] for i in ranked], [maps[i] for i in ranked]
     cols = out.type.shape[-1]
     order = np.concatenate([m[0].reshape(-1) for m in maps])
-    if np.array_equal(order, np.arange(cols)):  # blocks in order already: the usual split, nothing to gain
-        return ""
+    in_order = np.array_equal(order, np.arange(cols))
+    if in_order and all(_head_split(v, m[0].shape[0], m[1]) for v, m in zip(views, maps)):
+        return ""  # blocks in order, each view already the usual head split: nothing to gain
     if len(order) != cols or not np.array_equal(np.sort(order), np.arange(cols)):
         return "the heads' views do not use every column of the projection once"
     w = constant_value(linear.inputs[1])
     bias = constant_value(linear.inputs[2]) if len(linear.inputs) > 2 and linear.inputs[2] is not None else None
-    if w is None or (len(linear.inputs) > 2 and linear.inputs[2] is not None and bias is None):
+    if not in_order and (w is None or (len(linear.inputs) > 2 and linear.inputs[2] is not None and bias is None)):
         return "its weight is not a constant"
-    trans = linear.attr("trans_w", 0)
-    graph.rename_value(out, graph.fresh_name(f"{out.name}_by_block"))  # another value now: its columns moved
-    rw = Rewriter(graph, linear, "split-interleaved-heads")
-    linear.set_input(1, rw.const(np.ascontiguousarray(w[order] if trans else w[:, order]), "w_by_block"))
-    if bias is not None:
-        linear.set_input(2, rw.const(np.ascontiguousarray(bias[order]), "b_by_block"))
+    if not in_order:  # (Falcon's one key/value head is in order already: only the views change)
+        trans = linear.attr("trans_w", 0)
+        graph.rename_value(out, graph.fresh_name(f"{out.name}_by_block"))  # another value now: its columns moved
+        rw = Rewriter(graph, linear, "split-interleaved-heads")
+        linear.set_input(1, rw.const(np.ascontiguousarray(w[order] if trans else w[:, order]), "w_by_block"))
+        if bias is not None:
+            linear.set_input(2, rw.const(np.ascontiguousarray(bias[order]), "b_by_block"))
     sizes = [m[0].size for m in maps]
     rw = Rewriter(graph, nodes[0], "split-interleaved-heads")
     pieces = rw.op("Split", out, rw.const(np.array(sizes, np.int64), "head_blocks"), axis=-1, n_out=len(sizes)) \
