@@ -98,6 +98,9 @@ def pruning_summary(records, parameters_before: int, spec: str | None, calibrati
         entry = {"pass": r.name, "options": r.options,
                  **{k.replace("-", "_"): v for k, v in r.stats.items()}}
         entry.update({"speed": d["speed"] for d in r.details if "speed" in d})
+        skipped = sorted({d["reason"] for d in r.details if d.get("reason")})
+        if skipped:  # the sites the pass could not prune, and why (a per-head mask: ALiBi's)
+            entry["skipped"] = skipped
         out["passes"].append(entry)
     out["parameters_removed"] = sum(r.stats.get("parameters", 0) for r in runs)
     if flops:
@@ -163,8 +166,11 @@ def _format_passes(p: dict) -> str:
             what = "heads" if entry["pass"] == "prune-heads" else "MLP channels"
             o = entry["options"]
             hint = "; scope=global ranks the whole model" if o["scope"] == "layer" else ""
-            parts.append(f"no {what} (ratio {o['ratio']}, rounded down, with min-keep {o['min_keep']}, "
-                         f"removes none{hint})")
+            if entry.get("skipped"):
+                parts.append(f"no {what}: every site was skipped ({'; '.join(entry['skipped'])})")
+            else:
+                parts.append(f"no {what} (ratio {o['ratio']}, rounded down, with min-keep {o['min_keep']}, "
+                             f"removes none{hint})")
         elif entry["pass"] == "prune-heads":
             parts.append(f"{entry.get('heads', 0)} heads ({entry.get('kv_heads', 0)} KV)")
         elif entry["pass"] == "prune-mlp":

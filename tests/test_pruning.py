@@ -837,6 +837,23 @@ def test_a_ratio_that_rounds_down_to_nothing_says_so(llama):
     assert res.report["pruning"]["passes"][0]["kv_heads"] == 1
 
 
+def test_heads_of_an_alibi_model_are_skipped_with_the_reason(tmp_path):
+    """BLOOM's ALiBi mask differs per head: pruning a head would need its slice of the bias, so
+    prune-heads skips every attention, and the summary says why rather than "removes none"."""
+    import torch
+    import transformers as tf
+
+    import graphopt
+    from graphopt.driver import format_report
+
+    torch.manual_seed(0)
+    tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=128)).eval() \
+        .save_pretrained(tmp_path / "bloom")
+    res = graphopt.optimize(tmp_path / "bloom", prune="heads=0.5", kv_cache=False)
+    assert res.report["pruning"]["parameters_removed"] == 0
+    assert "pruned    no heads: every site was skipped (the mask may vary per head)" in format_report(res.report)
+
+
 def test_prune_then_quantize_in_one_optimize(llama, tmp_path):
     import graphopt
 

@@ -153,7 +153,8 @@ def _split(graph: Graph, linear: Node) -> str | None:
     """Rewrite `linear`'s heads as blocks; None when done, "" when it has nothing interleaved, or
     why not."""
     out = linear.outputs[0]
-    if out.type is None or out.type.rank != 3 or not isinstance(out.type.shape[-1], int):
+    if out.type is None or out.type.rank != 3 or not isinstance(out.type.shape[-1], int) \
+            or out.type.dtype.np_dtype not in (np.float32, np.float64):  # the probe's numbers exact (< 2^24)
         return ""
     found = _views_of(out)
     if found is None or len(found[1]) < 2 or not found[0]:
