@@ -9,10 +9,11 @@ For each family a Hugging Face folder of the Llama benchmark's sizes where the f
 - bloom: ALiBi, attention on the heads merged into the batch (bmm), positions from the mask;
 - mpt: ALiBi added before a masked fill, no biases;
 - falcon: rotary, one key/value head, Q, K and V interleaved in one projection;
+- gpt_neox (Pythia): a partial rotary (a quarter of each head), Q, K and V interleaved per head;
 - xglm: sinusoidal positions, the bmm form with the softmax on the merged heads.
 
-Where `split-interleaved-heads` changes the graph (BLOOM, Falcon: Q, K and V interleaved head by
-head), the default artifact is also built without it (`graphopt-ort-4d`: the same pipeline less
+Where `split-interleaved-heads` changes the graph (BLOOM, Falcon, GPT-NeoX: Q, K and V interleaved
+head by head), the default artifact is also built without it (`graphopt-ort-4d`: the same pipeline less
 that pass; its attention stays 4-D), to measure what the pass gives.
 
 onnxruntime-genai's model builder knows none of them, and Optimum's exporter needs a
@@ -46,6 +47,9 @@ FAMILIES = {
     "falcon": ("FalconForCausalLM", lambda h, n, L, v: dict(hidden_size=h, num_attention_heads=n, num_hidden_layers=L,
                                                              vocab_size=v, new_decoder_architecture=False,
                                                              multi_query=True, max_position_embeddings=2048)),
+    "gpt_neox": ("GPTNeoXForCausalLM", lambda h, n, L, v: dict(hidden_size=h, num_attention_heads=n,
+                                                                num_hidden_layers=L, intermediate_size=4 * h,
+                                                                vocab_size=v, max_position_embeddings=2048)),
     "xglm": ("XGLMForCausalLM", lambda h, n, L, v: dict(d_model=h, attention_heads=n, num_layers=L, ffn_dim=4 * h,
                                                          vocab_size=v, max_position_embeddings=2048)),
 }

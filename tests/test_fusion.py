@@ -534,10 +534,11 @@ INTERLEAVED = {  # small random configs whose Q, K and V come out of one project
 
 @pytest.mark.parametrize("arch", ["bloom", "falcon", "falcon_mqa", "gpt_neox", "llama"])
 def test_interleaved_heads_become_blocks_and_the_attention_3d(arch, exported, tmp_path):
-    """BLOOM's and Falcon's projection interleaves Q, K and V head by head: its weight columns are
-    reordered into blocks (Falcon's with one key/value head holds them in order: only the views change), the graph computes the same before and after on the same inputs, and
-    attention-to-3d then takes every attention 3-D. GPT-NeoX's partial rotary reads part of each
-    head (left 4-D as it was); Llama's projections are blocks already: nothing to do for either."""
+    """BLOOM's, Falcon's and GPT-NeoX's projection interleaves Q, K and V head by head: its weight
+    columns are reordered into blocks (Falcon's with one key/value head holds them in order: only the
+    views change; GPT-NeoX's partial rotary is one RotaryEmbedding on the whole head first), the graph computes the same before and after on the same inputs, and
+    attention-to-3d then takes every attention 3-D. Llama's projections are blocks already: nothing
+    to do."""
     from graphopt.interpreter import run
     from graphopt.models import load_graph
     from graphopt.passes.fusion import FUSION_PIPELINE
@@ -560,9 +561,9 @@ def test_interleaved_heads_become_blocks_and_the_attention_3d(arch, exported, tm
     after = pm.run(before.copy())
     layers = sum(n.op == "graphopt.Attention" for n in before.nodes)
     assert layers == 2
-    assert pm.records[0].stats.get("projections-split", 0) == (layers if arch in INTERLEAVED else 0)
+    assert pm.records[0].stats.get("projections-split", 0) == (0 if arch == "llama" else layers)
     ranks = [n.inputs[0].type.rank for n in after.nodes if n.op == "graphopt.Attention"]
-    assert ranks == [3 if arch in INTERLEAVED or arch == "llama" else 4] * layers, ranks
+    assert ranks == [3] * layers, ranks
     out = after.outputs[0].name
     for batch, seq in [(2, 8), (3, 5)]:
         feeds = token_feeds(batch, seq)

@@ -342,15 +342,25 @@ def test_prefill_and_decode_on_ort_match_pytorch(arch, fused, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["gpt_neox", "phi"])
-def test_attention_left_4d_gets_a_cache_on_ort_and_tvm(arch, fused, tmp_path):
-    """Where attention-to-3d cannot make the attention 3-D (GPT-NeoX: Q, K and V interleaved per
-    head in one projection and a partial rotary; Phi-2: a partial rotary), rewrite-kv-cache
-    caches the 4-D attention's key/value heads as they are: every layout's step matches
+@pytest.mark.parametrize("arch, rank", [("persimmon", 4), ("phi", 3), ("gpt_neox", 3)])
+def test_attention_left_4d_gets_a_cache_on_ort_and_tvm(arch, rank, fused, tmp_path):
+    """Where attention-to-3d cannot make the attention 3-D (Persimmon: a LayerNorm on each head of
+    Q and K), rewrite-kv-cache caches the 4-D attention's key/value heads as they are. Phi-2 (a
+    partial rotary) and GPT-NeoX (Q, K and V interleaved per head in one projection, a partial
+    rotary) were such cases and are 3-D since fuse-rotary makes a partial rotary one op and
+    split-interleaved-heads reorders the projection. Either way every layout's step matches
     PyTorch at batch 1 and at batch 3 with left padding."""
-    model, graph = fused(arch)
+    if arch == "persimmon":
+        from graphopt.driver import optimize
+        from graphopt.models import load_graph
+
+        folder, model = _hf_folder(tmp_path, "PersimmonForCausalLM", num_key_value_heads=None,
+                                   max_position_embeddings=64, qk_layernorm=True)
+        graph = optimize(load_graph(folder), None, kv_cache=False).graph
+    else:
+        model, graph = fused(arch)
     attentions = [n for n in graph.nodes if n.op_type == "Attention"]
-    assert attentions and all(n.inputs[0].type.rank == 4 for n in attentions)  # the case under test
+    assert attentions and all(n.inputs[0].type.rank == rank for n in attentions)  # the case under test
     _decodes_in_every_layout(model, graph, attentions, tmp_path)
 
 

@@ -6,8 +6,8 @@ per head, `[batch, seq, heads, 3, head]` (or `[.., heads, 3 * head]`, or Falcon'
 `[.., heads + 2, head]` with one key/value head), and take each out with a Slice or Gather of
 that view. No attention kernel reads such a view, so their attention stayed 4-D, with a
 Transpose per input. Only views that an attention reads whole (directly or through a rotary
-embedding) are taken: GPT-NeoX's and Persimmon's partial rotary reads part of each head, which
-attention-to-3d cannot move, so they are left as they are.
+embedding: fuse-rotary makes GPT-NeoX's partial rotary one RotaryEmbedding on the whole head)
+are taken.
 Which column of the projection each element of Q, K and V is, is found by running the layout
 ops between them on a probe whose every element names its row and column
 (`graphopt.layout.probe`); when the values they take are per-token column selections that
@@ -126,7 +126,7 @@ def _columns(out: Value, view: Value) -> tuple[np.ndarray, bool] | None:
 @register_pass("split-interleaved-heads")
 class SplitInterleavedHeads(Pass):
     """Reorder a projection's weight columns so that the heads it interleaves (Q, K and V per
-    head: BLOOM, Falcon) come out as blocks, split off by one Split and the
+    head: BLOOM, Falcon, GPT-NeoX) come out as blocks, split off by one Split and the
     usual head split; the projection computes the same numbers in another order.
 
     Before:  %q = Transpose(Gather(Reshape(%qkv, [0, 0, N, 3, D]), 0, axis=3), [0, 2, 1, 3])

@@ -3,6 +3,11 @@
 Also the spelling on halves (GPT-OSS's): x1, x2 = the halves of x; Concat(x1 * cos - x2 * sin,
 x2 * cos + x1 * sin) with half-size caches, which are the op's as they are.
 
+A partial rotary (GPT-NeoX, Phi-2, StableLM, GPT-J, CodeGen, Persimmon: only the first R entries
+of each head rotate) is the op on a Slice of the head, concatenated with the rest:
+Concat(RotaryEmbedding(x[..., :R]), x[..., R:]) becomes RotaryEmbedding(x) with
+rotary_embedding_dim=R, so that the whole head is one tensor again (attention-to-3d needs it).
+
 The rotation is checked by running its slice on probe tensors (any Slice/Neg/Concat
 spelling); the caches must be Cos/Sin of one frequency tensor duplicated along the last
 axis (Concat(f, f)), as Hugging Face models build them, so that the half-size caches the op
@@ -231,4 +236,43 @@ class FuseRotary(Pass):
             replace_value(graph, cat.outputs[0], y)
             remove_dead(graph, nodes)
             result.count("rotary-halves")
+        for cat in list(graph.nodes):
+            if cat.graph is not graph or cat.op_type != "Concat" or cat.domain != "" or len(cat.inputs) != 2:
+                continue
+            found = _partial(cat)
+            if found is None:
+                continue
+            x, rope, rot = found
+            y = Rewriter(graph, cat, "fuse-rotary").op(
+                "RotaryEmbedding", x, *rope.inputs[1:], domain=GRAPHOPT_DOMAIN,
+                **{**{k: a.value for k, a in rope.attrs.items()}, "rotary_embedding_dim": rot})
+            replace_value(graph, cat.outputs[0], y)
+            remove_dead(graph, [cat, rope, *(v.producer() for v in (rope.inputs[0], cat.inputs[1]))])
+            result.count("partial-rotary")
         return result
+
+
+def _partial(cat: Node) -> tuple[Value, Node, int] | None:
+    """(x, the RotaryEmbedding, R) when `cat` = Concat(RotaryEmbedding(x[..., :R]), x[..., R:]) along
+    the last axis, the op rotating its whole input (R even, less than the head size)."""
+    first, rest = cat.inputs
+    rope = first.producer()
+    if rope is None or rope.domain != GRAPHOPT_DOMAIN or rope.op_type != "RotaryEmbedding" \
+            or rope.attr("rotary_embedding_dim", 0) or len(first.uses()) != 1 or first.is_graph_output:
+        return None
+    part, cut = rope.inputs[0].producer(), rest.producer()
+    if part is None or cut is None or part.op_type != "Slice" or cut.op_type != "Slice" \
+            or part.inputs[0] is not cut.inputs[0]:
+        return None
+    x = part.inputs[0]
+    rank = x.type.rank if x.type is not None else None
+    head = x.type.shape[-1] if rank else None
+    rot = rope.inputs[0].type.shape[-1] if rope.inputs[0].type is not None and rope.inputs[0].type.rank else None
+    if rank not in (3, 4) or not isinstance(head, int) or not isinstance(rot, int) or rot % 2 or not 0 < rot < head \
+            or cat.attr("axis", 0) % rank != rank - 1 or (rank == 3 and not rope.attr("num_heads", 0)):
+        return None
+    if rank == 3:  # [batch, seq, heads * head]: the cut is per head, not of the hidden axis
+        return None
+    if not (computes(x, rope.inputs[0], lambda t: t[..., :rot]) and computes(x, rest, lambda t: t[..., rot:])):
+        return None
+    return x, rope, rot
