@@ -182,6 +182,13 @@ def split_heads(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
     return fn
 
 
+def split_heads_bshd(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """[B, S, N*H] -> [B, S, N, H] (the head split before its transpose)"""
+    def fn(x):
+        return x.reshape(x.shape[0], x.shape[1], num_heads, -1)
+    return fn
+
+
 def merge_heads(x: np.ndarray) -> np.ndarray:
     """[B, N, S, H] -> [B, S, N*H]"""
     b, n, s, h = x.shape

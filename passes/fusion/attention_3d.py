@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
-from graphopt.layout import computes, layout_ancestors, merge_heads, split_heads
+from graphopt.layout import computes, layout_ancestors, merge_heads, split_heads, split_heads_bshd
 from graphopt.ops.attention import attention_operands, reads_a_cache, sinks_of
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
@@ -75,12 +75,6 @@ def _rope_on_heads(t: Value) -> Node | None:
     return n
 
 
-def _split_bshd(num_heads: int):
-    def fn(x):  # [B, S, N*H] -> [B, S, N, H]
-        return x.reshape(x.shape[0], x.shape[1], num_heads, -1)
-    return fn
-
-
 def _to_bnsh(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 1, 3)
 
@@ -109,7 +103,7 @@ def _normed_split(base: Value, heads: int) -> tuple[Node | None, Value | None]:
             or scale is None or scale.size != x.type.shape[-1]:
         return None, None
     y = n.outputs[0]
-    for before, after in ((split_heads(heads), None), (_split_bshd(heads), _to_bnsh)):
+    for before, after in ((split_heads(heads), None), (split_heads_bshd(heads), _to_bnsh)):
         if (after is None and y is not base) or (after is not None and not computes(y, base, after)):
             continue
         src = next((a for a in layout_ancestors(x) if a.type is not None and a.type.rank == 3

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
-from graphopt.layout import computes, layout_ancestors, probe
+from graphopt.layout import computes, layout_ancestors, probe, split_heads, split_heads_bshd
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead
 
@@ -80,9 +80,7 @@ def _feeds_attention(v: Value) -> bool:
 def _head_split(view: Value, heads: int, heads_first: bool) -> bool:
     """`view` is the usual head split of a 3-D tensor ([batch, seq, heads * head] reshaped, and
     transposed where heads come first), as attention-to-3d finds it."""
-    def fn(x):
-        y = x.reshape(x.shape[0], x.shape[1], heads, -1)
-        return y.transpose(0, 2, 1, 3) if heads_first else y
+    fn = split_heads(heads) if heads_first else split_heads_bshd(heads)
     return any(a.type is not None and a.type.rank == 3 and computes(a, view, fn) for a in layout_ancestors(view))
 
 

@@ -254,7 +254,7 @@ class FuseRotary(Pass):
 
 def _partial(cat: Node) -> tuple[Value, Node, int] | None:
     """(x, the RotaryEmbedding, R) when `cat` = Concat(RotaryEmbedding(x[..., :R]), x[..., R:]) along
-    the last axis, the op rotating its whole input (R even, less than the head size)."""
+    the last axis of a 4-D x, the op rotating its whole input (R even, less than the head size)."""
     first, rest = cat.inputs
     rope = first.producer()
     if rope is None or rope.domain != GRAPHOPT_DOMAIN or rope.op_type != "RotaryEmbedding" \
@@ -268,10 +268,9 @@ def _partial(cat: Node) -> tuple[Value, Node, int] | None:
     rank = x.type.rank if x.type is not None else None
     head = x.type.shape[-1] if rank else None
     rot = rope.inputs[0].type.shape[-1] if rope.inputs[0].type is not None and rope.inputs[0].type.rank else None
-    if rank not in (3, 4) or not isinstance(head, int) or not isinstance(rot, int) or rot % 2 or not 0 < rot < head \
-            or cat.attr("axis", 0) % rank != rank - 1 or (rank == 3 and not rope.attr("num_heads", 0)):
-        return None
-    if rank == 3:  # [batch, seq, heads * head]: the cut is per head, not of the hidden axis
+    # 4-D only: on [batch, seq, heads * head] a cut of the last axis is not per head
+    if rank != 4 or not isinstance(head, int) or not isinstance(rot, int) or rot % 2 or not 0 < rot < head \
+            or cat.attr("axis", 0) % rank != rank - 1:
         return None
     if not (computes(x, rope.inputs[0], lambda t: t[..., :rot]) and computes(x, rest, lambda t: t[..., rot:])):
         return None
