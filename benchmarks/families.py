@@ -10,11 +10,14 @@ For each family a Hugging Face folder of the Llama benchmark's sizes where the f
 - mpt: ALiBi added before a masked fill, no biases;
 - falcon: rotary, one key/value head, Q, K and V interleaved in one projection;
 - gpt_neox (Pythia): a partial rotary (a quarter of each head), Q, K and V interleaved per head;
-- xglm: sinusoidal positions, the bmm form with the softmax on the merged heads.
+- xglm: sinusoidal positions, the bmm form with the softmax on the merged heads;
+- gptj: a partial rotary of pairs (x[2i], x[2i+1]) on [batch, seq, heads, head], from a sin/cos table;
+- cohere: a rotary of pairs over the whole head, key/value heads grouped (2 per 8 query heads).
 
 Where `split-interleaved-heads` changes the graph (BLOOM, Falcon, GPT-NeoX: Q, K and V interleaved
 head by head), the default artifact is also built without it (`graphopt-ort-4d`: the same pipeline less
-that pass; its attention stays 4-D), to measure what the pass gives.
+that pass; its attention stays 4-D), to measure what the pass gives. Where `fuse-rotary` takes a rotary of pairs (GPT-J, Cohere: left
+as elementwise ops before 2026-12-06), it is also built without `fuse-rotary` (`graphopt-ort-unfused-rotary`).
 
 onnxruntime-genai's model builder knows none of them, and Optimum's exporter needs a
 transformers older than the one installed, so the anchor is what a user of transformers has:
@@ -52,6 +55,11 @@ FAMILIES = {
                                                                 vocab_size=v, max_position_embeddings=2048)),
     "xglm": ("XGLMForCausalLM", lambda h, n, L, v: dict(d_model=h, attention_heads=n, num_layers=L, ffn_dim=4 * h,
                                                          vocab_size=v, max_position_embeddings=2048)),
+    "gptj": ("GPTJForCausalLM", lambda h, n, L, v: dict(n_embd=h, n_head=n, n_layer=L, rotary_dim=h // n // 4,
+                                                         vocab_size=v, n_positions=2048)),
+    "cohere": ("CohereForCausalLM", lambda h, n, L, v: dict(hidden_size=h, num_attention_heads=n, num_key_value_heads=n // 4,
+                                                             num_hidden_layers=L, intermediate_size=1408, vocab_size=v,
+                                                             max_position_embeddings=2048)),
 }
 
 
@@ -116,6 +124,10 @@ def main() -> None:
                 arts["graphopt-ort-4d"] = work / "ort_4d"
                 graphopt.optimize(folder, arts["graphopt-ort-4d"], passes=default_pipeline().replace(
                     "split-interleaved-heads,", "") + ",rewrite-kv-cache,slice-last-token-logits")
+            if any(r["name"] == "fuse-rotary" and (r.get("stats") or {}).get("rotary-interleaved") for r in report["passes"]):
+                arts["graphopt-ort-unfused-rotary"] = work / "ort_unfused_rotary"
+                graphopt.optimize(folder, arts["graphopt-ort-unfused-rotary"], passes=default_pipeline().replace(
+                    "fuse-rotary,", "") + ",rewrite-kv-cache,slice-last-token-logits")
             if not args.no_tvm:
                 arts["graphopt-tvm"] = work / "tvm"
                 graphopt.optimize(folder, arts["graphopt-tvm"], backend="tvm")

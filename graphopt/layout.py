@@ -212,3 +212,12 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
     """[x1, x2] -> [-x2, x1] over the last axis (the non-interleaved RoPE rotation)."""
     h = x.shape[-1] // 2
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def rotate_pairs(x: np.ndarray) -> np.ndarray:
+    """[x0, x1, x2, x3, ..] -> [-x1, x0, -x3, x2, ..] over the last axis (the interleaved RoPE
+    rotation: GPT-J's rotate_every_two, Cohere's rotate_half)."""
+    out = np.empty_like(x)
+    out[..., 0::2] = -x[..., 1::2]
+    out[..., 1::2] = x[..., 0::2]
+    return out

@@ -37,6 +37,7 @@ FAMILIES = {
     "granite": ("GraniteForCausalLM", GQA),  # scaled embeddings, residuals and logits
     "starcoder2": ("Starcoder2ForCausalLM", GQA),
     "cohere": ("CohereForCausalLM", GQA),  # parallel attention and MLP, interleaved rotary
+    "glm": ("GlmForCausalLM", dict(GQA, head_dim=16, pad_token_id=0)),  # interleaved rotary on half of each head
     "stablelm": ("StableLmForCausalLM", GQA),  # partial rotary
     "gptj": ("GPTJForCausalLM", dict(n_embd=64, n_head=4, n_layer=2, n_positions=64, rotary_dim=8,
                                      vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)),

@@ -471,6 +471,136 @@ def test_rotary_on_halves():
     assert "graphopt.RotaryEmbedding" not in ops(g)
 
 
+# GPT-J's / CodeGen's spelling: rotate_every_two on the first 4 of each [batch, seq, heads, 8] head,
+# before the permute to [batch, heads, seq, head]; the caches are rows of a constant sin/cos table
+# [positions, 2 + 2] (split in two), each entry repeated twice (Unsqueeze, Expand, Reshape)
+ROTARY_PAIRS = '''graph @g(%x: f32[batch, seq, 2, 8], %pos: i64[1, seq]) -> (f32[batch, 2, seq, 8]) {
+  weights {
+    @table: f32[16, 4]
+  }
+  %z = Constant() {value=dense<i64[1]>[0]} : i64[1] loc("z")
+  %one = Constant() {value=dense<i64[1]>[1]} : i64[1] loc("one")
+  %two = Constant() {value=dense<i64[1]>[2]} : i64[1] loc("two")
+  %r = Constant() {value=dense<i64[1]>[4]} : i64[1] loc("r")
+  %e = Constant() {value=dense<i64[1]>[8]} : i64[1] loc("e")
+  %last = Constant() {value=dense<i64[1]>[-1]} : i64[1] loc("last")
+  %ax = Constant() {value=dense<i64[2]>[2, 4]} : i64[2] loc("ax")
+  %rep = Constant() {value=dense<i64[5]>[1, 1, 1, 1, 2]} : i64[5] loc("rep")
+  %flat = Constant() {value=dense<i64[4]>[1, -1, 1, 4]} : i64[4] loc("flat")
+  %flat2 = Constant() {value=dense<i64[4]>[0, 0, 0, 4]} : i64[4] loc("flat2")
+  %rows = Gather(@table, %pos) {axis=0} : f32[1, seq, 4] loc("rows")
+  %sin, %cos = Split(%rows) {axis=2, num_outputs=2} : f32[1, seq, 2], f32[1, seq, 2] loc("sincos")
+  %c5 = Unsqueeze(%cos, %ax) : f32[1, seq, 1, 2, 1] loc("c5")
+  %ce = Expand(%c5, %rep) : f32[1, seq, 1, 2, 2] loc("ce")
+  %c4 = Reshape(%ce, %flat) : f32[1, seq, 1, 4] loc("c4")
+  %s5 = Unsqueeze(%sin, %ax) : f32[1, seq, 1, 2, 1] loc("s5")
+  %se = Expand(%s5, %rep) : f32[1, seq, 1, 2, 2] loc("se")
+  %s4 = Reshape(%se, %flat) : f32[1, seq, 1, 4] loc("s4")
+  %xr = Slice(%x, %z, %r, %last) : f32[batch, seq, 2, 4] loc("xr")
+  %xp = Slice(%x, %r, %e, %last) : f32[batch, seq, 2, 4] loc("xp")
+  %ev = Slice(%xr, %z, %r, %last, %two) : f32[batch, seq, 2, 2] loc("even")
+  %od = Slice(%xr, %one, %r, %last, %two) : f32[batch, seq, 2, 2] loc("odd")
+  %no = Neg(%od) : f32[batch, seq, 2, 2] loc("neg")
+  %no5 = Unsqueeze(%no, %last) : f32[batch, seq, 2, 2, 1] loc("no5")
+  %ev5 = Unsqueeze(%ev, %last) : f32[batch, seq, 2, 2, 1] loc("ev5")
+  %st = Concat(%no5, %ev5) {axis=-1} : f32[batch, seq, 2, 2, 2] loc("stack")
+  %rot = Reshape(%st, %flat2) : f32[batch, seq, 2, 4] loc("rot")
+  %a = Mul(%xr, %c4) : f32[batch, seq, 2, 4] loc("xc")
+  %b = Mul(%rot, %s4) : f32[batch, seq, 2, 4] loc("rs")
+  %y = Add(%a, %b) : f32[batch, seq, 2, 4] loc("y")
+  %cat = Concat(%y, %xp) {axis=-1} : f32[batch, seq, 2, 8] loc("cat")
+  %out = Transpose(%cat) {perm=[0, 2, 1, 3]} : f32[batch, 2, seq, 8] loc("bnsh")
+  return %out
+}
+'''
+
+# Cohere's spelling: BNSH heads; cos/sin = Cos/Sin(repeat_interleave(angles)) unsqueezed at the heads axis
+ROTARY_PAIRS_BNSH = '''graph @g(%x: f32[batch, 2, seq, 4], %f: f32[1, seq, 2]) -> (f32[batch, 2, seq, 4]) {
+  %z = Constant() {value=dense<i64[1]>[0]} : i64[1] loc("z")
+  %one = Constant() {value=dense<i64[1]>[1]} : i64[1] loc("one")
+  %two = Constant() {value=dense<i64[1]>[2]} : i64[1] loc("two")
+  %r = Constant() {value=dense<i64[1]>[4]} : i64[1] loc("r")
+  %last = Constant() {value=dense<i64[1]>[-1]} : i64[1] loc("last")
+  %ax = Constant() {value=dense<i64[1]>[3]} : i64[1] loc("ax")
+  %rep = Constant() {value=dense<i64[4]>[1, 1, 1, 2]} : i64[4] loc("rep")
+  %flat = Constant() {value=dense<i64[3]>[1, -1, 4]} : i64[3] loc("flat")
+  %flat2 = Constant() {value=dense<i64[4]>[0, 0, 0, 4]} : i64[4] loc("flat2")
+  %f4 = Unsqueeze(%f, %ax) : f32[1, seq, 2, 1] loc("f4")
+  %fe = Expand(%f4, %rep) : f32[1, seq, 2, 2] loc("fe")
+  %emb = Reshape(%fe, %flat) : f32[1, seq, 4] loc("emb")
+  %cos = Cos(%emb) : f32[1, seq, 4] loc("cos")
+  %sin = Sin(%emb) : f32[1, seq, 4] loc("sin")
+  %c4 = Unsqueeze(%cos, %one) : f32[1, 1, seq, 4] loc("c4")
+  %s4 = Unsqueeze(%sin, %one) : f32[1, 1, seq, 4] loc("s4")
+  %ev = Slice(%x, %z, %r, %last, %two) : f32[batch, 2, seq, 2] loc("even")
+  %od = Slice(%x, %one, %r, %last, %two) : f32[batch, 2, seq, 2] loc("odd")
+  %no = Neg(%od) : f32[batch, 2, seq, 2] loc("neg")
+  %no5 = Unsqueeze(%no, %last) : f32[batch, 2, seq, 2, 1] loc("no5")
+  %ev5 = Unsqueeze(%ev, %last) : f32[batch, 2, seq, 2, 1] loc("ev5")
+  %st = Concat(%no5, %ev5) {axis=-1} : f32[batch, 2, seq, 2, 2] loc("stack")
+  %rot = Reshape(%st, %flat2) : f32[batch, 2, seq, 4] loc("rot")
+  %a = Mul(%x, %c4) : f32[batch, 2, seq, 4] loc("xc")
+  %b = Mul(%rot, %s4) : f32[batch, 2, seq, 4] loc("rs")
+  %y = Add(%a, %b) : f32[batch, 2, seq, 4] loc("y")
+  return %y
+}
+'''
+
+
+def test_interleaved_partial_rotary_before_the_permute_is_one_op():
+    """GPT-J's rotation of pairs (x[2i], x[2i+1]), on part of each head and before the permute
+    to BNSH, becomes one graphopt.RotaryEmbedding{interleaved=1, rotary_embedding_dim=4} reading
+    the permuted head (the permute absorbed); the same outputs before and after. Pairs rotated
+    the wrong way round are no rotation and stay as they are."""
+    from graphopt.interpreter import run
+
+    angles = np.arange(16, dtype=np.float64)[:, None] * np.array([1.0, 0.1])
+    W["table"] = np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((3, 5, 2, 8)).astype(np.float32), "pos": np.array([[0, 3, 4, 5, 9]], np.int64)}
+    before = run(parse_graph(ROTARY_PAIRS, weights=W), feeds)["out"]
+    g, _, rec = run_text(ROTARY_PAIRS, "fuse-rotary,dce")
+    assert rec.stats == {"rotary-interleaved": 1}
+    rope = [n for n in g.nodes if n.op == "graphopt.RotaryEmbedding"]
+    assert len(rope) == 1 and rope[0].attr("interleaved") == 1 and rope[0].attr("rotary_embedding_dim") == 4
+    assert rope[0].outputs[0] is g.outputs[0] and not {"Neg", "Concat", "Mul"} & set(ops(g))
+    np.testing.assert_allclose(run(g, feeds)["out"], before, rtol=0, atol=1e-6)
+    # the rotation alone (whole x, no permute after it): the op between Transposes
+    alone = ROTARY_PAIRS.replace("%out = Transpose(%cat) {perm=[0, 2, 1, 3]} : f32[batch, 2, seq, 8]",
+                                 "%out = Mul(%y, %y) : f32[batch, seq, 2, 4]").replace(
+        "-> (f32[batch, 2, seq, 8])", "-> (f32[batch, seq, 2, 4])")
+    want = run(parse_graph(alone, weights=W), feeds)["out"]
+    g, _, rec = run_text(alone, "fuse-rotary,dce")
+    assert rec.stats == {"rotary-interleaved": 1} and "Neg" not in ops(g)
+    assert [n.attr("rotary_embedding_dim", 0) for n in g.nodes if n.op == "graphopt.RotaryEmbedding"] == [0]
+    np.testing.assert_allclose(run(g, feeds)["out"], want, rtol=0, atol=1e-6)
+    swapped = ROTARY_PAIRS.replace("%st = Concat(%no5, %ev5)", "%st = Concat(%ev5, %no5)")
+    g, _, rec = run_text(swapped, "fuse-rotary")
+    assert "graphopt.RotaryEmbedding" not in ops(g) and not rec.changed
+
+
+def test_interleaved_rotary_of_repeated_angles():
+    """Cohere's spelling (BNSH, cos = Cos(repeat_interleave(angles))): the op takes Cos(angles)
+    and Sin(angles) as its half-size caches; the same outputs before and after. Angles not
+    repeated pairwise (Concat(f, f): the halves' caches) are not taken for the pairs."""
+    from graphopt.interpreter import run
+
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((3, 2, 5, 4)).astype(np.float32),
+             "f": (np.arange(5)[None, :, None] * np.array([1.0, 0.1])).astype(np.float32)}
+    before = run(parse_graph(ROTARY_PAIRS_BNSH, weights=W), feeds)["y"]
+    g, _, rec = run_text(ROTARY_PAIRS_BNSH, "fuse-rotary,dce")
+    assert rec.stats == {"rotary-interleaved": 1}
+    assert sorted(o for o in ops(g) if o != "Constant") == ["Cos", "Sin", "graphopt.RotaryEmbedding"]
+    np.testing.assert_allclose(run(g, feeds)["y"], before, rtol=0, atol=1e-6)
+    halves = ROTARY_PAIRS_BNSH.replace("%emb = Reshape(%fe, %flat) : f32[1, seq, 4]",
+                                       "%emb = Concat(%f, %f) {axis=-1} : f32[1, seq, 4]")
+    g, _, rec = run_text(halves, "fuse-rotary")
+    assert "graphopt.RotaryEmbedding" not in ops(g)
+    assert reasons(rec) == ["the cos/sin caches are not [batch, seq, rot/2] tensors repeated pairwise "
+                            "and unsqueezed at a heads axis"]
+
+
 # ---- real models -----------------------------------------------------------------------------
 
 LAYERS = 2
@@ -601,3 +731,51 @@ def test_explain_fusions_names_the_broken_constraint(exported, tmp_path):
     misses = report["fusions"]["fuse-attention"]["near_misses"]
     assert {"node": "deliberately_broken", "op": "Relu", "reason": "unexpected Relu between MatMul(Q, K) and Softmax",
             "rule": "attention"} in misses
+
+
+PAIRS = {  # small random configs whose rotary turns pairs (x[2i], x[2i+1])
+    # a quarter of each [batch, seq, heads, head] head, before the permute; rows of a sin/cos table
+    "gptj": ("GPTJForCausalLM", dict(n_embd=64, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, vocab_size=128)),
+    # the whole BNSH head; Cos/Sin of repeated angles; grouped key/value heads
+    "cohere": ("CohereForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, intermediate_size=128, vocab_size=128)),
+    # half of each BNSH head (a Slice of Cos(Concat(f, f)) repeated pairwise)
+    "glm": ("GlmForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   num_hidden_layers=2, intermediate_size=128, vocab_size=128, pad_token_id=0)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(PAIRS))
+def test_rotary_of_pairs_is_one_op_and_the_attention_3d(arch, tmp_path):
+    """GPT-J's, Cohere's and GLM's rotary (pairs, partial in GPT-J and GLM) become one
+    graphopt.RotaryEmbedding{interleaved=1} for each of Q and K (no Neg left), the graph computes
+    the same before and after fuse-rotary, and the default recipe then takes every attention 3-D
+    (they stayed 4-D, the rotation elementwise, before)."""
+    import torch
+    import transformers as tf
+
+    from graphopt.driver import default_pipeline
+    from graphopt.interpreter import run
+    from graphopt.models import load_graph
+    from graphopt.testing import assert_close, token_feeds
+
+    cls_name, config = PAIRS[arch]
+    cls = getattr(tf, cls_name)
+    torch.manual_seed(0)
+    cls(cls.config_class(**config)).eval().save_pretrained(tmp_path / arch)
+    graph = load_graph(tmp_path / arch)
+    before = PassManager("fold-constants,simplify-shapes,eliminate-dead-code").run(graph)
+    pm = PassManager("fuse-rotary,eliminate-dead-code")
+    after = pm.run(before.copy())
+    assert pm.records[0].stats == {"rotary-interleaved": 4}
+    ropes = [n for n in after.nodes if n.op == "graphopt.RotaryEmbedding"]
+    assert len(ropes) == 4 and all(n.attr("interleaved") == 1 for n in ropes) and not any(n.op == "Neg" for n in after.nodes)
+    out = after.outputs[0].name
+    for batch, seq in [(2, 8), (3, 5)]:
+        feeds = token_feeds(batch, seq)
+        feeds = {v.name: feeds[v.name] if v.name in feeds else np.ones((batch, seq), np.int64)
+                 for v in before.inputs if not v.is_initializer}
+        assert_close(run(after, feeds)[out], run(before, feeds)[out], rtol=0, atol=1e-5, what=f"{arch} at {batch}x{seq}")
+    fused = PassManager(default_pipeline()).run(graph)
+    assert [n.inputs[0].type.rank for n in fused.nodes if n.op == "graphopt.Attention"] == [3, 3]

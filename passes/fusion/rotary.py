@@ -12,13 +12,22 @@ The rotation is checked by running its slice on probe tensors (any Slice/Neg/Con
 spelling); the caches must be Cos/Sin of one frequency tensor duplicated along the last
 axis (Concat(f, f)), as Hugging Face models build them, so that the half-size caches the op
 takes are Cos(f) and Sin(f).
+
+The interleaved rotation (GPT-J's and CodeGen's rotate_every_two, Cohere's rotate_half: pairs
+(x[2i], x[2i+1]) rotate) becomes the op with interleaved=1. Its caches repeat each entry twice
+(repeat_interleave) and are found upstream by probing: a [batch, seq, rot/2] tensor c with
+cache = repeat(unsqueeze(c)) (GPT-J: rows gathered from a constant table) or Trig(repeat(
+unsqueeze(c))) (Cohere: c the angles). The heads axis the cache is unsqueezed at says the
+layout: BNSH (Cohere) as is; BSNH (GPT-J and CodeGen rotate before their permute) between
+Transposes, the permute after it absorbed. A partial rotary there (the rotated part concatenated
+with the rest of the head) is taken in the same step.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
-from graphopt.layout import computes, layout_ancestors, rotate_half
+from graphopt.layout import LAYOUT_OPS, computes, layout_ancestors, rotate_half, rotate_pairs
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Fail, Rewriter, constant_value, remove_dead, replace_value
 
@@ -179,6 +188,124 @@ def match_rotary_halves(cat: Node):
     return Fail("not Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin) over the halves of one tensor", cat)
 
 
+_NOT_PAIRS = "not x * cos + rotate_pairs(x) * sin"
+_BSNH = [0, 2, 1, 3]  # [batch, seq, heads, head] <-> [batch, heads, seq, head]
+
+
+def match_rotary_pairs(add: Node):
+    """(x, (cos, sin), heads axis, rotated part) for x * cos + rotate_pairs(x) * sin at `add`, where
+    the caches repeat each entry twice (see the module doc); cos/sin: (c, trig) as `_pair_cache`
+    finds them; the rotated part: (whole head, R, the Concat) when x = head[..., :R] is concatenated
+    with head[..., R:], else None. Or a `Fail`."""
+    for mul_x, mul_r in ((0, 1), (1, 0)):
+        a, b = add.inputs[mul_x].producer(), add.inputs[mul_r].producer()
+        if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
+            continue
+        for xi in (0, 1):
+            x, cos4 = a.inputs[xi], a.inputs[1 - xi]
+            if x.type is None or x.type.rank != 4 or not isinstance(x.type.shape[-1], int) or x.type.shape[-1] % 2:
+                continue
+            for ri in (0, 1):
+                rot, sin4 = b.inputs[ri], b.inputs[1 - ri]
+                if rot is x or not computes(x, rot, rotate_pairs, data_ops=frozenset({"Neg"})):
+                    continue
+                half = x.type.shape[-1] // 2
+                cos, sin = _pair_cache(cos4, half, "Cos"), _pair_cache(sin4, half, "Sin")
+                if cos is None or sin is None:
+                    return Fail("the cos/sin caches are not [batch, seq, rot/2] tensors repeated pairwise "
+                                "and unsqueezed at a heads axis", add)
+                (axis, c, tc), (axis_s, s, ts) = cos, sin
+                if axis != axis_s or (tc, ts) not in ((None, None), ("Cos", "Sin")) or (tc and c is not s):
+                    return Fail("cos and sin are not of one angle tensor, unsqueezed at one axis", add)
+                return x, ((c, tc), (s, ts)), axis, _rest_of_head(add, x)
+    return Fail(_NOT_PAIRS, add)
+
+
+def _upstream(v: Value, limit: int = 8) -> list[Value]:
+    """Values above `v` along first inputs through layout ops, Cos and Sin (nearest first)."""
+    out = []
+    for _ in range(limit):
+        n = v.producer()
+        if n is None or n.domain != "" or (n.op_type not in LAYOUT_OPS and n.op_type not in ("Cos", "Sin")) \
+                or not n.inputs or n.inputs[0] is None:
+            break
+        v = n.inputs[0]
+        out.append(v)
+    return out
+
+
+def _pair_cache(cache4: Value, half: int, trig: str) -> tuple[int, Value, str | None] | None:
+    """(heads axis, c, None) when cache4 = repeat_interleave(unsqueeze(c, axis), 2) along the last
+    axis, c [batch, seq, half]; (axis, c, trig) when cache4 = trig(that); else None."""
+    np_trig = {"Cos": np.cos, "Sin": np.sin}[trig]
+    for c in _upstream(cache4):
+        if c.type is None or c.type.rank != 3 or c.type.shape[-1] != half or c.type.dtype.np_dtype.kind != "f":
+            continue
+        for axis in (1, 2):
+            def spread(t, axis=axis):
+                return np.repeat(np.expand_dims(t, axis), 2, axis=-1)
+            if computes(c, cache4, spread):
+                return axis, c, None
+            if computes(c, cache4, lambda t, spread=spread: np_trig(spread(t)), data_ops=frozenset({trig})):
+                return axis, c, trig
+    return None
+
+
+def _rest_of_head(add: Node, x: Value) -> tuple[Value, int, Node] | None:
+    """(head, R, cat) when x = head[..., :R] and add's only use is cat = Concat(add, head[..., R:])
+    along the last axis; else None (the rotation covers x whole)."""
+    uses = add.outputs[0].uses()
+    cut = x.producer()
+    if len(uses) != 1 or add.outputs[0].is_graph_output or cut is None or cut.op_type != "Slice" or cut.domain != "":
+        return None
+    cat, index = uses[0]
+    if cat.op_type != "Concat" or cat.domain != "" or len(cat.inputs) != 2 or index != 0 or cat.attr("axis", 0) % 4 != 3:
+        return None
+    head, r = cut.inputs[0], x.type.shape[-1]
+    width = head.type.shape[-1] if head.type is not None and head.type.rank == 4 else None
+    if not isinstance(width, int) or not r < width \
+            or not (computes(head, x, lambda t: t[..., :r]) and computes(head, cat.inputs[1], lambda t: t[..., r:])):
+        return None
+    return head, r, cat
+
+
+def _fuse_pairs(graph: Graph, add: Node, found, made: dict) -> None:
+    """Replace the interleaved rotation `match_rotary_pairs` found by graphopt.RotaryEmbedding."""
+    x, ((c, tc), (s, ts)), axis, rest = found
+    rw = Rewriter(graph, add, "fuse-rotary")
+    if tc is not None:  # Cos(c), Sin(c) made once per angle tensor, shared by Q and K (and layers)
+        if id(c) not in made:
+            made[id(c)] = (rw.Cos(c), rw.Sin(c))
+        c, s = made[id(c)]
+    head, rot, old = (x, 0, add) if rest is None else rest
+    attrs = {"interleaved": 1, **({"rotary_embedding_dim": rot} if rot else {})}
+    replaced = [old]
+    if axis == 1:  # BNSH
+        y = rw.op("RotaryEmbedding", head, c, s, domain=GRAPHOPT_DOMAIN, **attrs)
+        replace_value(graph, old.outputs[0], y)
+    else:  # BSNH: rotate the BNSH view; a permute to BNSH after it reads the op's output
+        y = rw.op("RotaryEmbedding", rw.Transpose(head, perm=_BSNH), c, s, domain=GRAPHOPT_DOMAIN, **attrs)
+        for user, _ in old.outputs[0].uses():
+            if user.op_type == "Transpose" and user.domain == "" and list(user.attr("perm", [])) == _BSNH:
+                replace_value(graph, user.outputs[0], y)
+                replaced.append(user)
+        if old.outputs[0].uses() or old.outputs[0].is_graph_output:
+            replace_value(graph, old.outputs[0], rw.Transpose(y, perm=_BSNH))
+    remove_dead(graph, replaced + _above(add, stop={id(v) for v in (x, head, c, s)}))
+
+
+def _above(node: Node, stop: set, limit: int = 32) -> list[Node]:
+    """Nodes above `node` (breadth first, at most `limit`) up to the values in `stop`: what a
+    fused rotation may leave dead (`remove_dead` keeps whatever is still read)."""
+    out, queue = [], [node]
+    while queue and len(out) < limit:
+        n = queue.pop(0)
+        out.append(n)
+        queue += [v.producer() for v in n.inputs
+                  if v is not None and id(v) not in stop and v.producer() is not None and v.producer() not in out]
+    return out
+
+
 def _first_half_3d(rw: Rewriter, table: Value, head: int) -> Value:
     """table [..., seq, head] (leading dims 1) -> its first half as a [1, seq, head/2] cache."""
     half = rw.Slice(table, rw.const(np.array([0], np.int64), "start"), rw.const(np.array([head // 2], np.int64), "end"),
@@ -208,7 +335,12 @@ class FuseRotary(Pass):
                 continue
             found = match_rotary(add)
             if isinstance(found, Fail):
-                result.near_miss("rotary", found.node, found.reason)
+                pairs = match_rotary_pairs(add)
+                if isinstance(pairs, Fail):
+                    result.near_miss("rotary", found.node, pairs.reason if pairs.reason != _NOT_PAIRS else found.reason)
+                else:
+                    _fuse_pairs(graph, add, pairs, made)
+                    result.count("rotary-interleaved")
                 continue
             x, freqs, nodes = found
             rw = Rewriter(graph, add, "fuse-rotary")
