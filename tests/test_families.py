@@ -56,6 +56,11 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                               shared_expert_intermediate_size=64)),
     "olmoe": ("OlmoeForCausalLM", dict(GQA, num_experts=4, num_experts_per_tok=2)),  # norms on Q and K too
+    # its own experts module (w1, v1, w2 stacked by rows; a loop over the experts hit), clamped Q/K/V,
+    # top-k weights normalized by their L1 norm
+    "dbrx": ("DbrxForCausalLM", dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+                                     attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                                     ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2))),
     # sparsemixer routing: a [tokens, 1] -inf fill and a scatter into [tokens, experts], sized by the tokens
     "phimoe": ("PhimoeForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
     # multi-head latent attention; a group-limited router whose scatter target the exporter sized
@@ -229,6 +234,20 @@ def test_gpt_oss_experts_run_sparse_with_their_biases_and_clamp(tmp_path, tmp_pa
         assert attrs["activation_alpha"] == pytest.approx(1.702) and attrs["activation_beta"] == 1.0
         fc1_bias, fc2_bias = (nodes[0].input[i] for i in ((3, 5) if kernel == "MoE" else (4, 7)))
         assert fc1_bias and fc2_bias
+
+
+@pytest.mark.slow
+def test_dbrx_experts_run_sparse(tmp_path, tmp_path_factory):
+    """DBRX's own experts module exports as one graphopt.MoE a layer (com.microsoft.MoE; QMoE in
+    int4), its w1/v1/w2 rows restacked as the op's gate+up and down; the family test above checks
+    the logits, which a dense export would pass too."""
+    import onnx
+
+    folder, model = hf_folder("dbrx", tmp_path_factory)
+    for quantize, kernel in ((None, "MoE"), ("int4", "QMoE")):
+        graphopt.optimize(folder, tmp_path / kernel, quantize=quantize)
+        ops = [n.op_type for n in onnx.load(str(tmp_path / kernel / "model.onnx"), load_external_data=False).graph.node]
+        assert ops.count(kernel) == model.config.n_layers, ops
 
 
 @pytest.mark.slow

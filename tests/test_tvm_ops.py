@@ -169,7 +169,9 @@ CASES = [
     Case("LayerNormalization", [f32(2, 3, 8), C(f32(8)), C(f32(8))], {"epsilon": 1e-5}, symbolic={0: {1: "seq"}}),
     Case("LayerNormalization", [f32(2, 4, 3), C(f32(4, 3))], {"axis": 1}, id="two-axes-no-bias"),
     *[Case(op, [f32(2, 3, 4, low=0.5), C(i64(1))], {"keepdims": 1}) for op in (
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare", "ReduceL2")],
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare", "ReduceL2", "ReduceL1",
+        "ReduceLogSum")],
+    Case("ReduceL1", [f32(2, 3, 4), C(i64(0, -1))], {"keepdims": 0}, id="signed-two-axes"),
     Case("ReduceSum", [f32(2, 3, 4), C(i64(0, -1))], {"keepdims": 0}, id="two-axes"),
     Case("ReduceMean", [f32(2, 3)], {"keepdims": 0}, id="all-axes"),
     Case("ArgMax", [f32(3, 5)], {"axis": 1, "keepdims": 0}),

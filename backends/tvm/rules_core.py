@@ -253,7 +253,7 @@ _REDUCE = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "Reduce
            "ReduceProd": "prod"}
 
 
-@rule(*_REDUCE, "ReduceSumSquare", "ReduceL2")
+@rule(*_REDUCE, "ReduceSumSquare", "ReduceL2", "ReduceL1", "ReduceLogSum")
 def reduce(lw: Lowerer, node, args):
     x = lw.tensor(args[0])
     rank = lw.rank(x)
@@ -269,6 +269,10 @@ def reduce(lw: Lowerer, node, args):
     if node.op_type in ("ReduceSumSquare", "ReduceL2"):
         s = lw.emit(R.sum(lw.emit(R.multiply(x, x)), axis=axes, keepdims=keep))
         return [s if node.op_type == "ReduceSumSquare" else lw.emit(R.sqrt(s))]
+    if node.op_type == "ReduceL1":  # DBRX's router normalizes its top-k weights by their L1 norm
+        return [lw.emit(R.sum(lw.emit(R.abs(x)), axis=axes, keepdims=keep))]
+    if node.op_type == "ReduceLogSum":
+        return [lw.emit(R.log(lw.emit(R.sum(x, axis=axes, keepdims=keep))))]
     return [lw.emit(relax_op(_REDUCE[node.op_type])(x, axis=axes, keepdims=keep))]
 
 

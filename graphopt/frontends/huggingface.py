@@ -19,7 +19,8 @@ per expert with `histc` and loops over the experts hit) export after their route
 graphopt.MoE node where the experts are SwiGLU ones (gate and up stacked, no biases), which ORT
 runs sparse; other experts export dense: every expert on every token, its output weighted by
 the router's weight for that token (zero where the router did not choose it), the same sum at
-the compute of all experts.
+the compute of all experts. DBRX's experts (its own module: w1, v1, w2 stacked along their
+rows, a loop over the experts hit) take the same path (`_traceable_dbrx_experts`).
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def export_hf_module(model, output: str, *, label: str, source: str, progress: b
         args.append(token_type_ids)
         names.append("token_type_ids")
     wrapper = _wrapper_class()(model, output)
-    with _traceable_experts(model), _real_rotary(model):
+    with _traceable_experts(model), _traceable_dbrx_experts(model), _real_rotary(model):
         graph = export_module(wrapper, tuple(args), {}, names, [output], {n: dims for n in names},
                               label=label, progress=progress, source=source)
     record_config_hints(graph, cfg)
@@ -352,6 +353,57 @@ def _traceable_experts(model):
             for name in ("_graphopt_experts", "_graphopt_moe_form", "_graphopt_stacked"):
                 if hasattr(m, name):
                     delattr(m, name)
+
+
+@contextlib.contextmanager
+def _traceable_dbrx_experts(model):
+    """For the duration, DBRX's experts blocks (`mlp.w1`, `mlp.v1`, `mlp.w2`, each [experts *
+    inner, hidden]: gate, up and down^T; `forward(hidden_states, top_k_index, top_k_weights)`
+    looping over the experts hit, which does not trace) run `_dbrx_experts_forward`: one
+    graphopt.MoE node where the gate's activation is SiLU, else every expert on every token."""
+    import torch
+
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)
+              and all(isinstance(getattr(m.mlp, n, None), torch.nn.Parameter) for n in ("w1", "v1", "w2"))
+              and hasattr(m, "num_experts") and hasattr(m, "ffn_hidden_size")]
+    for m in blocks:
+        shape = (m.num_experts, m.ffn_hidden_size, -1)
+        gate, up, down = (getattr(m.mlp, n).detach().reshape(shape) for n in ("w1", "v1", "w2"))
+        probe = torch.linspace(-6, 6, 49)
+        with torch.no_grad():
+            silu = bool(torch.allclose(m.mlp.activation_fn(probe), torch.nn.functional.silu(probe), rtol=0, atol=1e-6))
+        if silu:
+            _define_moe_op()
+        # graphopt.MoE's layout: up [experts, 2 * inner, hidden] (gate rows first), down [experts, hidden, inner]
+        m._graphopt_stacked = torch.nn.ParameterList(torch.nn.Parameter(t.contiguous(), requires_grad=False) for t in (
+            torch.cat([gate, up], dim=1), down.transpose(1, 2)))
+        m._graphopt_moe = silu
+        m.forward = _dbrx_experts_forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            del m.forward, m._graphopt_stacked, m._graphopt_moe
+
+
+def _dbrx_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """DbrxExperts.forward, traceable (see `_traceable_dbrx_experts`)."""
+    import torch
+
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    up, down = self._graphopt_stacked
+    weights = top_k_weights.to(x.dtype)
+    if self._graphopt_moe:
+        return torch.ops.graphopt.moe(x, top_k_index, weights, up, down).reshape(shape)
+    inner = up.shape[1] // 2
+    out = None
+    for e in range(up.shape[0]):
+        weight = (weights * (top_k_index == e).to(x.dtype)).sum(-1, keepdim=True)
+        h = self.mlp.activation_fn(x @ up[e, :inner].T) * (x @ up[e, inner:].T)
+        h = (h @ down[e].T) * weight
+        out = h if out is None else out + h
+    return out.reshape(shape)
 
 
 def _is_swiglu_block(m) -> bool:
