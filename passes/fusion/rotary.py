@@ -273,6 +273,7 @@ def _fuse_pairs(graph: Graph, add: Node, found, made: dict) -> None:
     """Replace the interleaved rotation `match_rotary_pairs` found by graphopt.RotaryEmbedding."""
     x, ((c, tc), (s, ts)), axis, rest = found
     rw = Rewriter(graph, add, "fuse-rotary")
+    stop = {id(v) for v in (x, c, s)}  # the rotation's inputs: what it reads stays
     if tc is not None:  # Cos(c), Sin(c) made once per angle tensor, shared by Q and K (and layers)
         if id(c) not in made:
             made[id(c)] = (rw.Cos(c), rw.Sin(c))
@@ -291,7 +292,7 @@ def _fuse_pairs(graph: Graph, add: Node, found, made: dict) -> None:
                 replaced.append(user)
         if old.outputs[0].uses() or old.outputs[0].is_graph_output:
             replace_value(graph, old.outputs[0], rw.Transpose(y, perm=_BSNH))
-    remove_dead(graph, replaced + _above(add, stop={id(v) for v in (x, head, c, s)}))
+    remove_dead(graph, replaced + _above(add, stop | {id(head)}))
 
 
 def _above(node: Node, stop: set, limit: int = 32) -> list[Node]:
