@@ -169,9 +169,7 @@ CASES = [
     Case("LayerNormalization", [f32(2, 3, 8), C(f32(8)), C(f32(8))], {"epsilon": 1e-5}, symbolic={0: {1: "seq"}}),
     Case("LayerNormalization", [f32(2, 4, 3), C(f32(4, 3))], {"axis": 1}, id="two-axes-no-bias"),
     *[Case(op, [f32(2, 3, 4, low=0.5), C(i64(1))], {"keepdims": 1}) for op in (
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare", "ReduceL2", "ReduceL1",
-        "ReduceLogSum")],
-    Case("ReduceL1", [f32(2, 3, 4), C(i64(0, -1))], {"keepdims": 0}, id="signed-two-axes"),
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare", "ReduceL2")],
     Case("ReduceSum", [f32(2, 3, 4), C(i64(0, -1))], {"keepdims": 0}, id="two-axes"),
     Case("ReduceMean", [f32(2, 3)], {"keepdims": 0}, id="all-axes"),
     Case("ArgMax", [f32(3, 5)], {"axis": 1, "keepdims": 0}),
@@ -265,6 +263,9 @@ CASES = [
     Case("ScatterElements", [f32(4, 6), np.array([[0, 2], [3, 3], [1, 3]], np.int64), f32(3, 2)],
          {"axis": 0, "reduction": "add"}, id="add-axis0"),
     Case("TopK", [f32(4, 6, 5), C(i64(2))], {"axis": 1, "largest": 0}, outputs=2, id="smallest-axis1"),
+    # (added later: after the cases above, so that their random inputs stay as they were)
+    *[Case(op, [f32(2, 3, 4, low=0.5), C(i64(1))], {"keepdims": 1}) for op in ("ReduceL1", "ReduceLogSum")],
+    Case("ReduceL1", [f32(2, 3, 4), C(i64(0, -1))], {"keepdims": 0}, id="signed-two-axes"),
 ]
 
 
