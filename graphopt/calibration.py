@@ -47,7 +47,8 @@ def load_calibration(path: str | Path | None, model: str | Path | None, graph: G
         raise UserError(f"--calibration {source}: {len(ids)} tokens, fewer than one window of {seq_len}")
     picks = np.linspace(0, n_windows - 1, min(samples, n_windows)).astype(int)  # spread over the corpus
     rows = np.stack([ids[i * seq_len:(i + 1) * seq_len] for i in picks])
-    return [{name: rows[i:i + BATCH]} for i in range(0, len(rows), BATCH)]
+    names = [v.name for v in graph.inputs if not v.is_initializer]
+    return [text_feeds(names, name, rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
 
 
 def read_texts(path: Path, option: str = "--calibration") -> list[str]:
@@ -88,14 +89,27 @@ def _npz_feeds(path: Path, graph: Graph, samples: int) -> list[dict]:
     return [{k: data[k][i:i + BATCH] for k in names} for i in range(0, n, BATCH)]
 
 
+# inputs text feeds besides the token ids, and what with (a Hugging Face decoder's mask: no padding)
+_TEXT_COMPANIONS = {"attention_mask": np.ones_like, "token_type_ids": np.zeros_like}
+
+
 def token_input(graph: Graph, source: str, option: str = "--calibration") -> str:
-    """The name of the graph's one input, token ids, that text feeds (else a UserError)."""
+    """The name of the graph's input of token ids that text feeds: its one input, or input_ids
+    beside an attention_mask (and token_type_ids), which `text_feeds` fills; else a UserError."""
     ins = [v for v in graph.inputs if not v.is_initializer]
-    ids = [v for v in ins if v.type is not None and v.type.dtype.short == "i64"]
-    if len(ins) != 1 or len(ids) != 1:
-        raise UserError(f"{option} {source}: text feeds a model whose one input is token ids; "
-                        f"this one takes {[v.name for v in ins]}" + _npz_hint(option, "inputs"))
-    return ids[0].name
+    ints = all(v.type is not None and v.type.dtype.short == "i64" for v in ins)
+    if ints and len(ins) == 1:
+        return ins[0].name
+    names = [v.name for v in ins]
+    if ints and "input_ids" in names and all(n == "input_ids" or n in _TEXT_COMPANIONS for n in names):
+        return "input_ids"
+    raise UserError(f"{option} {source}: text feeds a model whose inputs are token ids (and an attention_mask); "
+                    f"this one takes {names}" + _npz_hint(option, "inputs"))
+
+
+def text_feeds(names, ids_name: str, rows: np.ndarray) -> dict:
+    """The feeds of windows of token ids `rows` [n, seq] for a model with inputs `names`."""
+    return {n: rows if n == ids_name else _TEXT_COMPANIONS[n](rows) for n in names}
 
 
 def model_tokenizer(folder: Path | None, source: str, option: str = "--calibration"):

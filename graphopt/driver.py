@@ -19,7 +19,7 @@ from graphopt.accuracy import perplexity
 from graphopt.accuracy_guard import Budget, guard, held_out_sentences, held_out_tokens, seq_len_of, Measured
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
-from graphopt.calibration import load_calibration, read_texts
+from graphopt.calibration import load_calibration, read_texts, text_feeds
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir
 from graphopt.generation import copy_hf_config, copy_tokenizer, generation_manifest, model_config
 from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files
@@ -381,11 +381,12 @@ def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
     """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
     def measure(graph: Graph) -> Measured:
         sess = _ort_session(graph)
-        name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+        names, out = [i.name for i in sess.get_inputs()], sess.get_outputs()[0].name
+        name = "input_ids" if "input_ids" in names else names[0]
         argmax = []
 
         def logits(x):
-            y = sess.run([out], {name: x})[0]
+            y = sess.run([out], text_feeds(names, name, x))[0]
             argmax.append(y.argmax(-1).reshape(-1))
             return y
         ppl = perplexity(logits, ids, seq_len).perplexity

@@ -12,6 +12,7 @@ import numpy as np
 
 from graphopt.accuracy import artifact_logits, perplexity
 from graphopt.artifact import load as load_artifact
+from graphopt.calibration import window_len
 from graphopt.errors import UserError
 from graphopt.train.evaluate import EvalResult, encode_scored, load_documents
 from graphopt.train.tokenizer import load_tokenizer
@@ -47,10 +48,12 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     if max_tokens and len(ids) > max_tokens + 1:
         ids = ids[:max_tokens + 1]
         n_bytes = len(tok.decode(ids[1:].tolist()).encode())
-    seq_len = 256
-    cfg = origin / "config.json" if origin else None
-    if cfg is not None and cfg.is_file():
-        seq_len = json.loads(cfg.read_text()).get("model", {}).get("max_seq_len", seq_len)
+    # windows that fit the model's context: its config's (a checkpoint's max_seq_len, a Hugging Face
+    # model's positions), the artifact's cache size, at most 256
+    seq_len = window_len(origin)
+    max_positions = (art.manifest.get("generation") or {}).get("max_positions")
+    if isinstance(max_positions, int) and max_positions > 0:
+        seq_len = min(seq_len, max_positions)
     p = perplexity(logits_fn, np.asarray(ids), seq_len, batch_size)
     result = EvalResult(documents=len(docs), tokens=p.tokens, bytes=n_bytes, loss=p.loss, perplexity=p.perplexity,
                         bits_per_byte=p.nll / math.log(2) / n_bytes, unigram_perplexity=unigram_perplexity(ids))

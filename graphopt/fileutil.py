@@ -112,6 +112,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync(f)
+        tmp.chmod(0o777 & ~_umask())  # private while written; published as any new folder is
         if not path.exists():
             os.replace(tmp, path)
         elif path.is_dir() and not any(path.iterdir()):
@@ -127,6 +128,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _sweep_dead_scratch(parent: Path, name: str) -> None:

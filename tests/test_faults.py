@@ -11,6 +11,7 @@ error line must contain.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import struct
@@ -298,7 +299,7 @@ CASES = {
     "calibration-wrong-input": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
                                 "--calibration {B}/wrongname.npz", "no array for input 'x'"),
     "calibration-text-for-a-non-lm": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
-                                      "--calibration {B}/notes.txt", "text feeds a model whose one input is token ids"),
+                                      "--calibration {B}/notes.txt", "text feeds a model whose inputs are token ids"),
     "calibration-jsonl-not-json": ("optimize {DEF} -o {W}/out -q --quantize int4 --quant-method gptq "
                                    "--calibration {B}/bad.jsonl", "--calibration {B}/bad.jsonl: line 2 is not JSON"),
     "calibration-not-utf8": ("optimize {DEF} -o {W}/out -q --quantize int4 --quant-method gptq "
@@ -477,6 +478,14 @@ def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path)
         inode = tmp.stat().st_ino
     assert _snapshot(out) == {"b": b"new"} and out.stat().st_ino == inode  # the new folder, moved whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # private while written, then published with the mode any new folder gets (umask 022: 755)
+    old_mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "fresh") as tmp:
+            assert tmp.stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o755
 
 
 # ------------------------------------------------------------------------- SIGKILL

@@ -123,6 +123,34 @@ def test_hugging_face_llama_gqa_artifact_runs_in_genai_like_transformers(tmp_pat
 
 
 @pytest.mark.slow
+def test_layer_norms_without_a_bias_load_in_genai(tmp_path):
+    """DBRX's LayerNorms have no bias: ORT's SkipLayerNormFusion, which genai's sessions run (graphopt's
+    own disable it), crashed the process on them (a segmentation fault at og.Model); the lowering
+    gives them a zero bias. Loaded in a child process, so that a crash fails this test alone; then
+    genai's greedy tokens equal graphopt's Generator's."""
+    import subprocess
+    import sys
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.DbrxConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=128, eos_token_id=1,
+                        bos_token_id=0, pad_token_id=0, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                        ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2))
+    tf.DbrxForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    graphopt.optimize(tmp_path / "hf", out)
+    load = subprocess.run([sys.executable, "-c", f"import onnxruntime_genai as og; og.Model({str(out)!r})"],
+                          capture_output=True, text=True, timeout=300)
+    assert load.returncode == 0, (load.returncode, load.stderr[-2000:])
+    prompt = [5, 17, 3, 99, 42, 7]
+    want = graphopt.load(out).generate([prompt], 20, eos_token_id=-1).tokens[0]
+    want = want[:want.index(1)] if 1 in want else want  # genai stops at the EOS
+    assert len(want) >= 5 and genai_greedy(out, prompt, 20) == want
+
+
+@pytest.mark.slow
 def test_static_cache_artifact_shares_its_buffer_in_genai(tmp_path):
     """layout=static: genai binds each present to its past (past_present_share_buffer) and
     gives the tokens of the growing-cache artifact."""

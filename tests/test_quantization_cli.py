@@ -128,3 +128,34 @@ def test_tvm_artifact_runs_the_quantized_graph(tmp_path):
     quantized = PassManager(default_pipeline() + ",quantize-weights{bits=4,block-size=16}").run(load_graph(str(EXAMPLE)))
     want = run(quantized, x)["probs"]
     assert np.abs(graphopt.load(tmp_path / "t").run(x)["probs"] - want).max() < 1e-6
+
+
+def test_text_calibration_and_accuracy_data_feed_a_hugging_face_decoder(tmp_path):
+    """A Hugging Face decoder takes input_ids and an attention_mask: text calibration (GPTQ) and
+    a perplexity budget on text feed it windows of tokens with a mask of ones (refused before:
+    "text feeds a model whose one input is token ids")."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=128, max_position_embeddings=64, vocab_size=4096)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf")
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"
+    shutil.copy(default / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    text = (default / "val.txt").read_text()
+    (tmp_path / "calib.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "held_out.txt").write_text(text[len(text) // 2:])
+    r = invoke("optimize", tmp_path / "hf", "-o", tmp_path / "gptq", "-q", "--quantize", "int4",
+               "--quant-method", "gptq", "--calibration", tmp_path / "calib.txt")
+    assert r.exit_code == 0, r.output
+    q = json.loads((tmp_path / "gptq" / "report.json").read_text())["quantization"]
+    assert q["method"] == "gptq" and q["calibration"]["sequences"] > 0
+    r = invoke("optimize", tmp_path / "hf", "-o", tmp_path / "guarded", "-q", "--quantize", "int4",
+               "--accuracy-budget", "perplexity=+50%", "--accuracy-data", tmp_path / "held_out.txt")
+    assert r.exit_code == 0, r.output
+    acc = json.loads((tmp_path / "guarded" / "report.json").read_text())["accuracy"]
+    # a random model over 4096 tokens: its perplexity is about the vocabulary's size, int4's close to it
+    assert 1000 < acc["fp32_perplexity"] < 20000 and abs(acc["perplexity"] / acc["fp32_perplexity"] - 1) < 0.5

@@ -156,7 +156,8 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
     Examples:
       graphopt eval examples/default
       graphopt eval runs/tiny --data ~/held_out_texts
-      graphopt eval out/int4                    # an artifact folder
+      graphopt optimize examples/default -o out/int4-all --quantize int4 --logits all
+      graphopt eval out/int4-all                # an artifact folder (logits at every position)
     """
     from dataclasses import asdict
 

@@ -219,9 +219,11 @@ def read_val_text(path: Path) -> list[str]:
 
 
 def encode_documents(tok, docs: list[str]) -> np.ndarray:
-    """The token stream `<eos> doc1 <eos> doc2 <eos> ...` of `docs` (matches val.bin)."""
+    """The token stream `<eos> doc1 <eos> doc2 <eos> ...` of `docs` (matches val.bin); with a
+    tokenizer that has no `<|endoftext|>` (most Hugging Face ones), the documents one after another."""
     eos_id = tok.token_to_id(EOS)
-    ids = [eos_id]
+    sep = [] if eos_id is None else [eos_id]
+    ids = list(sep)
     for enc in tok.encode_batch(docs):
-        ids += enc.ids + [eos_id]
+        ids += enc.ids + sep
     return np.asarray(ids, dtype=np.int64)

@@ -89,6 +89,7 @@ def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None,
     for node in [n for n in graph.nodes if n.domain == "" and get_lowering(BACKEND, "", n.op_type)]:
         lower_node(BACKEND, ctx, node, report, on_lowered=count_kernels)
     _remove_dead_lowering_nodes(graph, ctx.maybe_dead)
+    _bias_every_layer_norm(graph)
     for name in used_before:  # weights a rule replaced (a weight stored transposed)
         v = graph.initializers.get(name)
         if v is not None and not v.uses() and not v.is_graph_output and not v.is_graph_input:
@@ -103,6 +104,28 @@ def lower_graph(graph: Graph, target: str, report: LoweringReport | None = None,
 # ones): ORT's own SimplifiedLayerNormalization, LayerNormalization (split SkipNorm) and
 # ONNX's opset-23 Attention.
 _ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization", "Attention"})
+
+
+def _bias_every_layer_norm(graph: Graph) -> None:
+    """A LayerNormalization without a bias gets zeros. ORT 1.32's SkipLayerNormFusion (an extended
+    optimizer: graphopt's own sessions disable it, onnxruntime-genai's do not) crashes the process
+    on an Add + LayerNormalization without one (DBRX's norms have none): measured, segmentation
+    fault at session creation; with a zero bias it fuses as usual."""
+    zeros: dict[tuple, Value] = {}
+    for n in list(graph.nodes):
+        if n.domain != "" or n.op_type != "LayerNormalization" or (len(n.inputs) > 2 and n.inputs[2] is not None):
+            continue
+        scale = n.inputs[1]
+        if scale.type is None or scale.type.shape is None or not all(isinstance(d, int) for d in scale.type.shape):
+            continue
+        key = (tuple(scale.type.shape), scale.type.dtype)
+        if key not in zeros:
+            zeros[key] = Builder(graph, before=n, created_by=_CREATED_BY).const(
+                np.zeros(key[0], scale.type.dtype.np_dtype), "layer_norm_zero_bias")
+        if len(n.inputs) > 2:
+            n.set_input(2, zeros[key])
+        else:
+            n.append_input(zeros[key])
 
 
 def _remove_dead_lowering_nodes(graph: Graph, maybe_dead: list[Node] = ()) -> None:

@@ -141,7 +141,8 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     Examples:
       graphopt compare examples/default --seq 32,128 --html report.html
       graphopt compare examples/default --variants fp32,ort-plain --threads 1 --json report.json
-      graphopt compare out/fp32 out/int8 --reference examples/default
+      graphopt optimize examples/default -o out/int8 --quantize int8 --no-kv-cache
+      graphopt compare out/int8 --reference examples/default   # artifact folders (no KV cache)
       graphopt compare hf-model/ --backends torch,ort,tvm --data val.txt
       graphopt compare examples/default --variants fp32,int8,int4,prune-mlp --generate 64
     """

@@ -133,9 +133,10 @@ def render(report: dict, console=None) -> None:
                   f"read bandwidth {bw} GB/s; accuracy vs {report['reference']['what']}; "
                   f"{', '.join(f'{k} {v}' for k, v in report['versions'].items())}[/]")
     if gen:
+        same = (f"; (k/N same): greedy tokens equal to {gen['reference']}'s for the first k" if gen.get("reference")
+                else "; no torch reference to compare tokens with")
         console.print(f"[dim]generation: {gen['batch']} x {gen['prompt_tokens']} prompt tokens, {gen['new_tokens']} new "
-                      f"tokens, greedy; median of {gen['rounds']} rounds; (k/N same): greedy tokens equal to "
-                      f"{gen['reference']}'s for the first k[/]")
+                      f"tokens, greedy; median of {gen['rounds']} rounds{same}[/]")
     if report.get("perplexity") and "reference" in report["perplexity"]:
         console.print(f"[dim]perplexity of {report['reference']['what']} on {report['perplexity']['data']}: "
                       f"{report['perplexity']['reference']:.3f} ({report['perplexity']['tokens']} tokens, "
