@@ -165,7 +165,7 @@ def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128
                         f"this one takes {sorted(names)}")
     folder = Path(model) if model is not None and Path(model).is_dir() else None
     tok = model_tokenizer(folder, str(path), option="--accuracy-data")
-    tok.enable_truncation(max_len)
+    tok.enable_truncation(min(max_len, window_len(folder)))  # within the model's positions
     feeds = []
     for e in tok.encode_batch(texts):
         row = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, Value
 
 DEFAULT_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
@@ -31,7 +31,7 @@ def load_calibration(path: str | Path | None, model: str | Path | None, graph: G
         if not path.is_file():
             raise UserError(f"--calibration {path}: no such file")
         if path.suffix == ".npz":
-            return _npz_feeds(path, graph, samples)
+            return _npz_feeds(path, graph, samples, Path(model) if model is not None and Path(model).is_dir() else None)
         texts = read_texts(path)
         source = str(path)
     else:
@@ -75,7 +75,7 @@ def read_texts(path: Path, option: str = "--calibration") -> list[str]:
     return texts
 
 
-def _npz_feeds(path: Path, graph: Graph, samples: int) -> list[dict]:
+def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = None) -> list[dict]:
     try:
         data = dict(np.load(path, allow_pickle=False))
     except Exception as e:  # numpy raises several kinds for a bad file
@@ -84,6 +84,21 @@ def _npz_feeds(path: Path, graph: Graph, samples: int) -> list[dict]:
     missing = [n for n in names if n not in data]
     if missing:
         raise UserError(f"--calibration {path}: no array for input {missing[0]!r} (the model takes {names})")
+    context = model_context(folder)
+    for v in graph.inputs:
+        if v.is_initializer or v.type is None or v.type.shape is None:
+            continue
+        a, shape = data[v.name], list(v.type.shape)
+        if a.ndim != len(shape):
+            raise UserError(f"--calibration {path}: array {v.name!r} has shape {list(a.shape)}; the model's input is "
+                            f"{shape} (samples along the first axis)")
+        rows = _embedding_rows(v)
+        if rows is not None and a.size and (a.min() < 0 or a.max() >= rows):
+            raise UserError(f"--calibration {path}: array {v.name!r} holds token id {int(a.max() if a.max() >= rows else a.min())}, "
+                            f"outside the model's vocabulary of {rows}")
+        if rows is not None and context is not None and a.ndim == 2 and a.shape[1] > context:
+            raise UserError(f"--calibration {path}: array {v.name!r} has sequences of {a.shape[1]} tokens; "
+                            f"the model has {context} positions")
     n = min(len(data[k]) for k in names)
     n = min(n, samples)
     return [{k: data[k][i:i + BATCH] for k in names} for i in range(0, n, BATCH)]
@@ -127,6 +142,30 @@ def model_tokenizer(folder: Path | None, source: str, option: str = "--calibrati
 
 def _npz_hint(option: str, what: str) -> str:
     return f"; give an .npz of {what} instead" if option == "--calibration" else ""
+
+
+def _embedding_rows(v: Value) -> int | None:
+    """The row count of the constant table that input `v` indexes (token ids into an embedding)."""
+    for user, index in v.uses():
+        if user.domain == "" and user.op_type == "Gather" and index == 1 and user.attr("axis", 0) == 0:
+            table = user.inputs[0]
+            if table.is_initializer and table.type is not None and table.type.shape and isinstance(table.type.shape[0], int):
+                return table.type.shape[0]
+    return None
+
+
+def model_context(folder: Path | None) -> int | None:
+    """The positions the model at `folder` takes, from its config (None where it records none)."""
+    cfg = folder / "config.json" if folder is not None else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError:
+        return None
+    model = data.get("model", data) if isinstance(data, dict) else {}
+    return next((model[k] for k in ("max_seq_len", "n_positions", "max_position_embeddings")
+                 if isinstance(model.get(k), int)), None)
 
 
 def window_len(folder: Path | None) -> int:

@@ -159,3 +159,19 @@ def test_text_calibration_and_accuracy_data_feed_a_hugging_face_decoder(tmp_path
     acc = json.loads((tmp_path / "guarded" / "report.json").read_text())["accuracy"]
     # a random model over 4096 tokens: its perplexity is about the vocabulary's size, int4's close to it
     assert 1000 < acc["fp32_perplexity"] < 20000 and abs(acc["perplexity"] / acc["fp32_perplexity"] - 1) < 0.5
+
+
+def test_calibration_arrays_the_model_cannot_take_are_one_line_errors(tmp_path):
+    """An .npz whose token ids leave the vocabulary, whose sequences pass the context, or whose
+    array lacks the samples axis is refused naming the file and the array (these failed inside
+    the pass, as internal errors), before any pass runs."""
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"  # vocabulary 4096, 256 positions
+    ids = np.random.default_rng(0).integers(0, 4096, (4, 32))
+    cases = {"oov": (ids + 4096, "holds token id"), "long": (np.zeros((2, 300), np.int64), "sequences of 300 tokens"),
+             "flat": (ids[0], "has shape [32]")}
+    for name, (array, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", input_ids=array)
+        r = invoke("optimize", default, "-o", tmp_path / "out", "-q", "--quantize", "int4", "--quant-method", "gptq",
+                   "--calibration", tmp_path / f"{name}.npz")
+        assert r.exit_code == 2 and message in r.output and f"{name}.npz" in r.output, (name, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
