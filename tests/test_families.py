@@ -52,6 +52,8 @@ FAMILIES = {
                                           window_size=4, bos_token_id=0, eos_token_id=0)),
     # mixtures of experts, exported dense (frontends/huggingface.py): a TopK router
     "mixtral": ("MixtralForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
+    # one expert a token: the MoE's sum over its one choice has no reduction loop left (TVM's GEMV rule asserted)
+    "mixtral_top1": ("MixtralForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=1)),
     # a shared expert beside the routed ones, top-k weights not renormalized
     "qwen2_moe": ("Qwen2MoeForCausalLM", dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                               shared_expert_intermediate_size=64)),
