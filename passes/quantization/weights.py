@@ -104,6 +104,7 @@ class QuantizeWeights(Pass):
                                       self.symmetric, progress, cache, clip=self.awq_then == "rtn"):
                 result.count("awq-scaled" if record["inverse_scale"] else "awq-unscaled")
                 result.details.append({"awq": record})
+        start = weight_bytes(graph)  # (the experts' stacked weights count too)
         if self.method == "rtn":  # a mixture of experts whole, its experts still run sparse where they can
             for node in [n for n in graph.nodes if n.domain == G and n.op_type == "MoE" and n.name not in excluded]:
                 self._quantize_experts(graph, node, result)
@@ -112,7 +113,6 @@ class QuantizeWeights(Pass):
         todo = [s for s in sites if (s.node.name, key) not in cache]
         gptq = self.method == "gptq" or (self.method == "awq" and self.awq_then == "gptq")
         hessians = self._hessians(graph, todo, ctx, progress) if gptq and todo else {}
-        start = weight_bytes(graph)
         for i, site in enumerate(sites):
             if (site.node.name, key) in cache:
                 q, scales, zp = cache[site.node.name, key]
