@@ -98,6 +98,7 @@ def pruning_summary(records, parameters_before: int, spec: str | None, calibrati
         entry = {"pass": r.name, "options": r.options,
                  **{k.replace("-", "_"): v for k, v in r.stats.items()}}
         entry.update({"speed": d["speed"] for d in r.details if "speed" in d})
+        entry.update({"sites": d["sites_found"] for d in r.details if "sites_found" in d})
         skipped = sorted({d["reason"] for d in r.details if d.get("reason")})
         if skipped:  # the sites the pass could not prune, and why (a per-head mask: ALiBi's)
             entry["skipped"] = skipped
@@ -168,6 +169,9 @@ def _format_passes(p: dict) -> str:
             hint = "; scope=global ranks the whole model" if o["scope"] == "layer" else ""
             if entry.get("skipped"):
                 parts.append(f"no {what}: every site was skipped ({'; '.join(entry['skipped'])})")
+            elif entry.get("sites") == 0:  # the pass found no site at all
+                block = "attention" if entry["pass"] == "prune-heads" else "MLP"
+                parts.append(f"no {what}: no {block} block of a form the pass prunes was found")
             else:
                 parts.append(f"no {what} (ratio {o['ratio']}, rounded down, with min-keep {o['min_keep']}, "
                              f"removes none{hint})")

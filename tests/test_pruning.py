@@ -933,3 +933,20 @@ def test_a_checkpoint_without_a_pruning_record_adds_nothing(tmp_path):
     folder = _checkpoint_config(tmp_path / "ck", None, None)
     assert checkpoint_pruning(folder) == {} and pruning_summary([], 10, None, model=folder) == {}
     assert checkpoint_pruning(tmp_path / "model.onnx") == {} and checkpoint_pruning(None) == {}
+
+
+def test_a_model_without_a_prunable_block_says_so(tmp_path):
+    """GLM computes gate and up in one projection split in two, a form prune-mlp does not take: the
+    summary says no MLP block was found (it said "removes none" and suggested scope=global)."""
+    import torch
+    import transformers as tf
+
+    import graphopt
+    from graphopt.driver import format_report
+
+    torch.manual_seed(0)
+    cfg = tf.GlmConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                       intermediate_size=128, vocab_size=128, pad_token_id=0)
+    tf.GlmForCausalLM(cfg).eval().save_pretrained(tmp_path / "glm")
+    res = graphopt.optimize(tmp_path / "glm", prune="mlp=0.5", kv_cache=False)
+    assert "no MLP channels: no MLP block of a form the pass prunes was found" in format_report(res.report)

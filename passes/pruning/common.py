@@ -138,6 +138,8 @@ class StructuredPruning(Pass):
                 result.details.append({"node": node.name, "op": node.op, "reason": site})
             elif site is not None:
                 sites.append((node, site))
+        if not sites and not result.details:  # nothing of the form it prunes (the summary says so, not "removes none")
+            result.details.append({"sites_found": 0})
         if self.ratio == 0 or not sites:  # an exact no-op: nothing scored, no data read
             return result
         if self.importance == "wanda":
