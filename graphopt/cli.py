@@ -179,7 +179,11 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
     from graphopt.models import load_graph
     from graphopt.summary import format_artifact, format_summary, summarize, summarize_artifact
 
-    if Path(model).is_dir() and artifact_extras(Path(model)) is not None and not show_ir:  # an artifact we wrote
+    artifact = Path(model).is_dir() and artifact_extras(Path(model)) is not None  # a folder graphopt optimize wrote
+    if artifact and show_ir:
+        raise UserError(f"{model}: an artifact folder, lowered for its backend (no graphopt IR to print): inspect it "
+                        "without --ir, or give --ir the model it was optimized from")
+    if artifact:
         s = summarize_artifact(model)
         if as_json:
             import json

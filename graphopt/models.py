@@ -31,7 +31,13 @@ def load_graph(path: str | os.PathLike) -> Graph:
         raise UserError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        graph = load_onnx(path)
+        try:
+            graph = load_onnx(path)
+        except UserError as e:
+            if (path.parent / "manifest.json").is_file():  # an artifact's lowered graph (its backend's own ops)
+                raise UserError(f"{e}; {path.name} is the lowered graph of the artifact {path.parent}: inspect the "
+                                "folder, or optimize the model it came from") from None
+            raise
         onnx_config_hints(graph, path)  # an Optimum export folder's config.json: the maximum context
         return graph
     if suffix == ".gir":

@@ -292,6 +292,7 @@ CASES = {
                              "'awq2' is not one of"),
     "calibration-without-gptq": ("optimize {EX} -o {W}/out -q --quantize int4 --calibration {B}/in.npz",
                                  "pruning with importance=wanda only"),
+    "inspect-artifact-ir": ("inspect {B}/art --ir", "an artifact folder, lowered for its backend"),
     "calibration-missing": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq --calibration {W}/no.txt",
                             "--calibration {W}/no.txt: no such file"),
     "calibration-truncated": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method gptq "
