@@ -677,3 +677,20 @@ def test_read_probe_samples_again_without_new_buffers():
         first, second = probe.sample(passes=1), probe.sample(passes=1)
         assert first > 0 and second > 0 and all(a is b for a, b in zip(buffers, probe.buffers))
     assert probe.buffers == []
+
+
+def test_artifacts_of_different_models_are_refused(tmp_path):
+    """Accuracy is measured against one model: an artifact optimized from another one is refused
+    by name (it was compared with the first one's reference silently: top-1 0 %, no warning)."""
+    import shutil
+
+    import graphopt
+    from graphopt.compare.run import compare
+    from graphopt.errors import UserError
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    for name in ("a", "b"):
+        shutil.copy(example, tmp_path / f"{name}.onnx")
+        graphopt.optimize(tmp_path / f"{name}.onnx", tmp_path / f"out_{name}")
+    with pytest.raises(UserError, match="out_b was optimized from .*b.onnx, not .*a.onnx: compare artifacts of one model"):
+        compare([str(tmp_path / "out_a"), str(tmp_path / "out_b")])

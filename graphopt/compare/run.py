@@ -81,6 +81,12 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     if reference is not None and not Path(reference).exists():
         raise UserError(f"--reference {reference}: no such file or folder")
     source = reference or (artifact_source(artifacts[0]) if artifacts else models[0])
+    if source is not None:  # accuracy is against one model: artifacts of another would be compared with it silently
+        other = next(((a, s) for a in artifacts for s in [artifact_source(a)]
+                      if s is not None and Path(s).resolve() != Path(source).resolve()), None)
+        if other is not None:
+            raise UserError(f"{other[0]} was optimized from {other[1]}, not {source}: compare artifacts of one model "
+                            "(accuracy is measured against it)")
     if source is None:
         raise UserError(f"{artifacts[0]}: its report.json names no model that exists here; give --reference MODEL "
                         "(the PyTorch model accuracy is measured against)")
