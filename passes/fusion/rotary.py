@@ -105,28 +105,34 @@ def match_rotary(add: Node):
         return Fail(str(e), add)
 
 
-def _match_rotary(add: Node):
+def _rotation_terms(add: Node, rotation):
+    """(x, cos, sin, the two Muls) for each way `add` reads as x * cos + rotation(x) * sin, x 4-D
+    with a static, even head (the rotation checked on probes)."""
     for mul_x, mul_r in ((0, 1), (1, 0)):
         a, b = add.inputs[mul_x].producer(), add.inputs[mul_r].producer()
         if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
             continue
         for xi in (0, 1):
             x, cos4 = a.inputs[xi], a.inputs[1 - xi]
-            if x.type is None or x.type.rank != 4 or not isinstance(x.type.shape[-1], int):
+            if x.type is None or x.type.rank != 4 or not isinstance(x.type.shape[-1], int) or x.type.shape[-1] % 2:
                 continue
             for ri in (0, 1):
                 rot, sin4 = b.inputs[ri], b.inputs[1 - ri]
-                if rot is x or not computes(x, rot, rotate_half, data_ops=frozenset({"Neg"})):
-                    continue
-                head = x.type.shape[-1]
-                tables = _halves_from_constant(cos4, head), _halves_from_constant(sin4, head)
-                if tables[0] is not None and tables[1] is not None:
-                    return x, (cos4, sin4), [add, a, b]
-                fc, cos_nodes = _half_freqs(cos4, "Cos")
-                fs, sin_nodes = _half_freqs(sin4, "Sin")
-                if fc is not fs:
-                    raise _NoMatch("cos and sin are of different frequency tensors")
-                return x, fc, [add, a, b] + cos_nodes + sin_nodes
+                if rot is not x and computes(x, rot, rotation, data_ops=frozenset({"Neg"})):
+                    yield x, cos4, sin4, [a, b]
+
+
+def _match_rotary(add: Node):
+    for x, cos4, sin4, muls in _rotation_terms(add, rotate_half):
+        head = x.type.shape[-1]
+        tables = _halves_from_constant(cos4, head), _halves_from_constant(sin4, head)
+        if tables[0] is not None and tables[1] is not None:
+            return x, (cos4, sin4), [add, *muls]
+        fc, cos_nodes = _half_freqs(cos4, "Cos")
+        fs, sin_nodes = _half_freqs(sin4, "Sin")
+        if fc is not fs:
+            raise _NoMatch("cos and sin are of different frequency tensors")
+        return x, fc, [add, *muls] + cos_nodes + sin_nodes
     raise _NoMatch("not x * cos + rotate_half(x) * sin")
 
 
@@ -197,27 +203,16 @@ def match_rotary_pairs(add: Node):
     the caches repeat each entry twice (see the module doc); cos/sin: (c, trig) as `_pair_cache`
     finds them; the rotated part: (whole head, R, the Concat) when x = head[..., :R] is concatenated
     with head[..., R:], else None. Or a `Fail`."""
-    for mul_x, mul_r in ((0, 1), (1, 0)):
-        a, b = add.inputs[mul_x].producer(), add.inputs[mul_r].producer()
-        if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
-            continue
-        for xi in (0, 1):
-            x, cos4 = a.inputs[xi], a.inputs[1 - xi]
-            if x.type is None or x.type.rank != 4 or not isinstance(x.type.shape[-1], int) or x.type.shape[-1] % 2:
-                continue
-            for ri in (0, 1):
-                rot, sin4 = b.inputs[ri], b.inputs[1 - ri]
-                if rot is x or not computes(x, rot, rotate_pairs, data_ops=frozenset({"Neg"})):
-                    continue
-                half = x.type.shape[-1] // 2
-                cos, sin = _pair_cache(cos4, half, "Cos"), _pair_cache(sin4, half, "Sin")
-                if cos is None or sin is None:
-                    return Fail("the cos/sin caches are not [batch, seq, rot/2] tensors repeated pairwise "
-                                "and unsqueezed at a heads axis", add)
-                (axis, c, tc), (axis_s, s, ts) = cos, sin
-                if axis != axis_s or (tc, ts) not in ((None, None), ("Cos", "Sin")) or (tc and c is not s):
-                    return Fail("cos and sin are not of one angle tensor, unsqueezed at one axis", add)
-                return x, ((c, tc), (s, ts)), axis, _rest_of_head(add, x)
+    for x, cos4, sin4, _ in _rotation_terms(add, rotate_pairs):
+        half = x.type.shape[-1] // 2
+        cos, sin = _pair_cache(cos4, half, "Cos"), _pair_cache(sin4, half, "Sin")
+        if cos is None or sin is None:
+            return Fail("the cos/sin caches are not [batch, seq, rot/2] tensors repeated pairwise "
+                        "and unsqueezed at a heads axis", add)
+        (axis, c, tc), (axis_s, s, ts) = cos, sin
+        if axis != axis_s or (tc, ts) not in ((None, None), ("Cos", "Sin")) or (tc and c is not s):
+            return Fail("cos and sin are not of one angle tensor, unsqueezed at one axis", add)
+        return x, ((c, tc), (s, ts)), axis, _rest_of_head(add, x)
     return Fail(_NOT_PAIRS, add)
 
 
