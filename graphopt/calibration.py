@@ -170,14 +170,8 @@ def model_context(folder: Path | None) -> int | None:
 
 def window_len(folder: Path | None) -> int:
     """The length of one window of text: the model's context, at most DEFAULT_SEQ_LEN."""
-    cfg = folder / "config.json" if folder is not None else None
-    if cfg is not None and cfg.is_file():
-        data = json.loads(cfg.read_text())
-        model = data.get("model", data)
-        for key in ("max_seq_len", "n_positions", "max_position_embeddings"):
-            if isinstance(model.get(key), int):
-                return min(model[key], DEFAULT_SEQ_LEN)
-    return DEFAULT_SEQ_LEN
+    context = model_context(folder)
+    return DEFAULT_SEQ_LEN if context is None else min(context, DEFAULT_SEQ_LEN)
 
 
 def _default_texts(model) -> tuple[list[str], str]:

@@ -317,7 +317,16 @@ def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | 
         healed.append(h)
     if not all(ids):
         raise UserError("an empty prompt: give some text (or a model with a start token)")
+    check_ids_fit([t for row in ids for t in row], vocab, artifact.path)
     return ids, (np.stack(masks) if heal else None), healed
+
+
+def check_ids_fit(ids, vocab, where) -> None:
+    """A prompt token past the model's vocabulary (a tokenizer that is not the model's) is a
+    one-line error, not an out-of-bounds read (TVM's embedding lookup does not check)."""
+    if isinstance(vocab, int) and ids and max(ids) >= vocab:
+        raise UserError(f"{where}: the prompt has token id {max(ids)}, past the model's vocabulary of {vocab}: "
+                        "its tokenizer.json is not the one the model was trained with")
 
 
 def generation_manifest(graph, model_path) -> dict | None:

@@ -74,8 +74,8 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     the text streamed as it comes."""
     import torch
 
-    from graphopt.frontends.huggingface import load_hf_module
-    from graphopt.generation import load_tokenizer
+    from graphopt.frontends.huggingface import _max_positions, load_hf_module
+    from graphopt.generation import check_ids_fit, load_tokenizer
 
     tok = load_tokenizer(folder)
     model, output = load_hf_module(folder, config)
@@ -84,9 +84,8 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     ids = tok.encode(prompt).ids
     if not ids:
         raise UserError("--prompt encodes to no tokens")
-    _check_ids_fit(ids, getattr(model.config, "vocab_size", None), folder)
-    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
-                    if isinstance(config.get(k), int)), None)
+    check_ids_fit(ids, getattr(model.config, "vocab_size", None), folder)
+    context = _max_positions(model.config)
     if context is not None and len(ids) + max_new_tokens > context:
         raise UserError(f"{folder}: the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
                         f"{len(ids) + max_new_tokens} positions; the model has {context}")
@@ -128,14 +127,6 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     if first and len(new) > 1 and total > first[0]:
         click.echo(f"time to first token {first[0] * 1000:.1f} ms, decode {(len(new) - 1) / (total - first[0]):.1f} "
                    f"tokens/s ({len(new)} tokens, batch 1, torch)", err=True)
-
-
-def _check_ids_fit(ids, vocab, folder: Path) -> None:
-    """A prompt token past the model's vocabulary (a tokenizer that is not the model's) is a
-    one-line error, not an out-of-bounds read."""
-    if isinstance(vocab, int) and ids and max(ids) >= vocab:
-        raise UserError(f"{folder}: the prompt has token id {max(ids)}, past the model's vocabulary of {vocab}: "
-                        "its tokenizer.json is not the one the model was trained with")
 
 
 def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):
@@ -181,8 +172,6 @@ def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperatur
     tok = load_tokenizer(folder)
     gen = Generator.for_artifact(artifact)
     ids, allowed, healed = encode_prompts(artifact, tok, prompts)
-    vocab = next((o["shape"][-1] for o in artifact.outputs if o["name"] == "logits"), None)
-    _check_ids_fit([t for row in ids for t in row], vocab, folder)
     stream = len(prompts) == 1
     shown = {"text": healed[0], "ids": [], "prompt": False}
 

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+import graphopt
 from graphopt.cli import cli
 from graphopt.testing import assert_close, run_ort, token_feeds
 
@@ -140,3 +141,70 @@ def test_real_process_exit_code_and_module_entry(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "t.gir").read_text().count("\n") > 5
+
+
+@pytest.fixture(scope="module")
+def small_hf_decoder(tmp_path_factory):
+    """A Llama-style Hugging Face folder of 64 positions and a vocabulary of 128, with a word-level
+    tokenizer.json of its own that has no <|endoftext|> (as most Hugging Face tokenizers)."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=128, max_position_embeddings=64, vocab_size=128)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    words = "the a of to and in is it that for on with as was at by be this from or an".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    text = " ".join(words[i % len(words)] for i in range(1000))  # 1000 tokens: windows of 256 would pass the context
+    (folder.parent / "text.txt").write_text(text)
+    return folder
+
+
+def test_eval_of_an_artifact_fits_its_windows_to_the_context(small_hf_decoder, tmp_path):
+    """`graphopt eval` scored 256-token windows whatever the model's context (64 here): TVM printed
+    a NaN perplexity, ORT failed; and a tokenizer without <|endoftext|> crashed it. Now the windows
+    fit and the perplexity is finite and the same on both backends."""
+    ppl = {}
+    for backend in ("ort", "tvm"):
+        if backend == "tvm":
+            pytest.importorskip("tvm")
+        out = tmp_path / backend
+        r = CliRunner().invoke(cli, ["optimize", str(small_hf_decoder), "-o", str(out), "-q", "--backend", backend,
+                                     "--logits", "all"])
+        assert r.exit_code == 0, r.output
+        r = CliRunner().invoke(cli, ["eval", str(out), "--data", str(small_hf_decoder.parent / "text.txt"), "--json"])
+        assert r.exit_code == 0, r.output
+        ppl[backend] = json.loads(r.output[r.output.index("{"):])["perplexity"]
+    assert all(np.isfinite(p) and 1 < p < 1000 for p in ppl.values()), ppl
+    if "tvm" in ppl:
+        assert abs(ppl["tvm"] / ppl["ort"] - 1) < 1e-3, ppl
+
+
+def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_hf_decoder, tmp_path):
+    """A prompt token past the model's vocabulary (the shipped model's tokenizer, 4096 tokens, on a
+    128-token model) is a one-line error on the Hugging Face folder and on its artifact (TVM read
+    out of bounds and printed garbage); so is a Hugging Face generation past its 64 positions."""
+    import shutil
+
+    from graphopt.errors import UserError
+    from graphopt.generation import encode_prompts, load_tokenizer
+
+    r = CliRunner().invoke(cli, ["generate", str(small_hf_decoder), "--prompt", "the a of to", "--max-new-tokens", "100"])
+    assert r.exit_code == 2 and "need 104 positions; the model has 64" in r.output, r.output
+    foreign = tmp_path / "foreign"
+    shutil.copytree(small_hf_decoder, foreign)
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "default" / "tokenizer.json", foreign)
+    r = CliRunner().invoke(cli, ["generate", str(foreign), "--prompt", "def hello_world():", "--max-new-tokens", "4"])
+    assert r.exit_code == 2 and "past the model's vocabulary of 128" in r.output, r.output
+    assert CliRunner().invoke(cli, ["optimize", str(foreign), "-o", str(tmp_path / "art"), "-q"]).exit_code == 0
+    art = graphopt.load(tmp_path / "art")
+    with pytest.raises(UserError, match="past the model's vocabulary of 128"):
+        encode_prompts(art, load_tokenizer(tmp_path / "art"), ["def hello_world():"])
+    # (and the artifact's lowered model.onnx, ORT's own ops, is named as such by inspect)
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "art" / "model.onnx")])
+    assert r.exit_code == 2 and "model.onnx is the lowered graph of the artifact" in r.output, r.output

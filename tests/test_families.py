@@ -63,6 +63,11 @@ FAMILIES = {
     "dbrx": ("DbrxForCausalLM", dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
                                      attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                                      ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2))),
+    # a GELU gate: not graphopt.MoE's SwiGLU, so every expert on every token (the routed weights zero elsewhere)
+    "dbrx_gelu": ("DbrxForCausalLM", dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+                                          attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                                          ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2,
+                                                          ffn_act_fn={"name": "gelu"}))),
     # sparsemixer routing: a [tokens, 1] -inf fill and a scatter into [tokens, experts], sized by the tokens
     "phimoe": ("PhimoeForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
     # multi-head latent attention; a group-limited router whose scatter target the exporter sized

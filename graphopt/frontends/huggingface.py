@@ -399,7 +399,7 @@ def _dbrx_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     inner = up.shape[1] // 2
     out = None
     for e in range(up.shape[0]):
-        weight = (weights * (top_k_index == e).to(x.dtype)).sum(-1, keepdim=True)
+        weight = _routed_weight(top_k_index, weights, e)
         h = self.mlp.activation_fn(x @ up[e, :inner].T) * (x @ up[e, inner:].T)
         h = (h @ down[e].T) * weight
         out = h if out is None else out + h
@@ -476,7 +476,7 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     out = None
     for e, params in enumerate(self._graphopt_experts):
         up, down, up_bias, down_bias = (list(params) + [None, None])[:4]
-        weight = (top_k_weights * (top_k_index == e).to(top_k_weights.dtype)).sum(-1, keepdim=True)
+        weight = _routed_weight(top_k_index, top_k_weights, e)
         h = _expert_linear(hidden_states, up, up_bias, self.is_transposed)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
         h = _expert_linear(h, down, down_bias, self.is_transposed)
@@ -485,6 +485,12 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
         h = h * weight.to(h.dtype)
         out = h if out is None else out + h
     return out.to(hidden_states.dtype)
+
+
+def _routed_weight(top_k_index, top_k_weights, e: int):
+    """[tokens, 1]: the sum of the weights with which the router chose expert e for each token
+    (zero where it did not)."""
+    return (top_k_weights * (top_k_index == e).to(top_k_weights.dtype)).sum(-1, keepdim=True)
 
 
 def _expert_linear(x, weight, bias, transposed: bool):
