@@ -29,7 +29,7 @@ class Perplexity:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return math.exp(self.loss) if self.loss < 709 else math.inf  # exp overflows past ~709.78
 
 
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:

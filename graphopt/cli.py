@@ -396,9 +396,9 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           tune_minutes=tune_minutes, tune_shapes=tune_shapes, tune_db=tune_db)
     progress.flush()  # the artifact is written: what it took goes above the report
     if as_json:
-        import json
+        from graphopt.fileutil import json_text
 
-        click.echo(json.dumps(result.report, indent=2))
+        click.echo(json_text(result.report, indent=2))
     else:
         click.echo(format_report(result.report))
         if explain_fusions:

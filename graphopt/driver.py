@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import re
 import time
@@ -20,7 +19,7 @@ from graphopt.accuracy_guard import Budget, guard, held_out_sentences, held_out_
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration, read_texts, text_feeds
-from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir
+from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir, json_text
 from graphopt.generation import copy_hf_config, copy_tokenizer, generation_manifest, model_config
 from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files
 from graphopt.interpreter import check_feeds
@@ -323,8 +322,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 if timing is not None:
                     report.setdefault("backend_seconds", {})[key.removesuffix("_seconds")] = timing
             report["total_seconds"] = round(time.perf_counter() - t_start, 3)
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "manifest.json").write_text(json_text(manifest, indent=2) + "\n")
+            (tmp / "report.json").write_text(json_text(report, indent=2) + "\n")
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)

@@ -56,6 +56,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+def json_text(obj, **kwargs) -> str:
+    """`obj` as strict JSON: a NaN or infinity (a diverged metric) becomes null, since JSON has
+    no spelling for them and `json.dumps`'s bare `NaN` breaks every other parser (jq, JavaScript)."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # a numpy scalar
+        return _finite(obj.item())
+    return obj
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -300,6 +300,10 @@ def test_a_mixture_of_experts_runs_sparse_on_ort_and_quantizes_every_expert(tmp_
     # per layer: Q/K/V (merged), O, the router, each expert's gate+up and down; the LM head
     assert gptq.count("MatMulNBits") == layers * (3 + 2 * experts) + 1
     assert "MatMul" not in gptq and "Transpose" not in gptq and "QMoE" not in gptq
+    # the report counts the stacked expert weights as replaced (not kept beside their int4 slices)
+    q = result.report["quantization"]
+    expert_bytes = layers * experts * 3 * 128 * 64 * 4  # gate, up, down: [128, 64] each, f32
+    assert q["float_weight_bytes"] >= expert_bytes and q["quantized_weight_bytes"] < q["float_weight_bytes"] / 4
 
 
 @pytest.mark.slow

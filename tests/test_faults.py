@@ -683,3 +683,15 @@ def test_a_damaged_artifact_manifest_is_named_beside_the_lowered_models_error(co
     argv = [command, str(folder)] + (["-o", str(tmp_path / "out"), "-q"] if command == "optimize" else [])
     line = _assert_one_line(CliRunner().invoke(cli, argv), "manifest.json is not valid JSON")
     assert "com.microsoft" in line and not (tmp_path / "out").exists()
+
+
+def test_reports_are_strict_json_when_a_metric_diverges():
+    """A diverged metric (NaN loss, an overflowing perplexity) is null in report.json, never a
+    bare NaN/Infinity that jq or JavaScript cannot parse."""
+    from graphopt.accuracy import Perplexity
+    from graphopt.fileutil import json_text
+
+    assert Perplexity(nll=800.0, tokens=1).perplexity == float("inf")  # math.exp would raise OverflowError
+    text = json_text({"perplexity": float("inf"), "loss": float("nan"), "rows": [np.float32(1.5), (2, -np.inf)]})
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"perplexity": None, "loss": None, "rows": [1.5, [2, None]]}

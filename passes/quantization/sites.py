@@ -111,9 +111,11 @@ def collect_sites(graph: Graph, tied: bool, exclude: str, result: PassResult, un
     excluded = {s.strip() for s in exclude.split(";") if s.strip()}
     experts = [n for n in graph.nodes if n.domain == G and n.op_type == "MoE" and n.name not in excluded]
     for node in experts:  # each expert's projections become linears of their own, quantized alike
+        stacked = list(node.inputs)
         (y,) = get_op(G, "MoE").decompose(Builder(graph, before=node, created_by="quantize:moe"), node)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node])
+        drop_unread_weights(graph, [v for v in stacked if v is not None])  # else counted as kept, not replaced
     if experts:
         result.count("moe-decomposed", len(experts))
     sites = []
