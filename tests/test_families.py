@@ -109,6 +109,26 @@ FAMILIES = {
     # sinusoidal positions; the bmm form with the softmax on [batch * heads, seq, seq] after a clamp at the lowest
     "xglm": ("XGLMForCausalLM", dict(d_model=64, attention_heads=4, num_layers=2, ffn_dim=128, vocab_size=VOCAB,
                                      max_position_embeddings=64)),
+    # Qwen3's MoE (Q/K norms, top-k weights renormalized); Granite's MoE (its residual, embedding and
+    # logit multipliers); dots.llm1 (a dense first layer, a shared expert beside the routed ones)
+    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(GQA, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, decoder_sparse_step=1, norm_topk_prob=True)),
+    "granitemoe": ("GraniteMoeForCausalLM", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "dots1": ("Dots1ForCausalLM", dict(GQA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                       topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1,
+                                       n_shared_experts=1)),
+    # SmolLM3: no rotary on every fourth layer (here the second); StarCoder 1 / SantaCoder: one key/value
+    # head (multi-query) in a fused c_attn; Helium: its RMSNorm's epsilon (1e-8) dropped by the export;
+    # Nemotron: LayerNorm1P, partial rotary, ReLU^2; OLMo 3: sliding-window layers and Q/K norms;
+    # Apertus: the xIELU activation, Q/K norms; BitNet: norms inside attention and the MLP, ReLU^2
+    "smollm3": ("SmolLM3ForCausalLM", dict(GQA, no_rope_layers=[1, 0], pad_token_id=0)),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", dict(n_embd=64, n_head=4, n_layer=2, n_positions=64, vocab_size=VOCAB,
+                                                  multi_query=True)),
+    "helium": ("HeliumForCausalLM", dict(GQA, head_dim=16)),
+    "nemotron": ("NemotronForCausalLM", dict(GQA, head_dim=16, partial_rotary_factor=0.5)),
+    "olmo3": ("Olmo3ForCausalLM", dict(GQA, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "apertus": ("ApertusForCausalLM", dict(GQA)),
+    "bitnet": ("BitNetForCausalLM", dict(GQA)),
     # its own experts module (not transformers' experts interface): exported as traced
     "jetmoe": ("JetMoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2, kv_channels=16,

@@ -281,6 +281,14 @@ def test_rms_norm_positive_negative_and_already_fused():
     assert out2 == out and not rec.changed
 
 
+def test_rms_norm_without_an_epsilon_add_is_the_norm_of_epsilon_0():
+    """Helium's export (rms_norm_eps 1e-8) has no Add before the Sqrt: still one RMSNorm."""
+    text = rms_text().replace('  %a = Add(%m, %eps) : f32[batch, seq, 1] loc("add_eps")\n', "").replace(
+        "Sqrt(%a)", "Sqrt(%m)")
+    g, _, rec = run_text(text, "fuse-rms-norm,dce")
+    assert ops(g) == ["graphopt.RMSNorm"] and g.nodes[0].attr("epsilon") == 0.0 and rec.stats == {"rms-norm": 1}
+
+
 def test_layer_norm_decomposed_and_skip_norm():
     w("ln_g", 16)
     w("ln_b", 16)
