@@ -24,7 +24,9 @@ takes it as it is: the model does not export through torch.onnx (its experts cou
 - graphopt ORT int4 (`--quantize int4`, RTN: graphopt.QuantMoE, run as com.microsoft.QMoE with
   4-bit experts, only the chosen ones) and the same with graphopt.MoE decomposed first (dense:
   every expert a MatMulNBits, what --quant-method gptq / awq give);
-- graphopt TVM (dense).
+- graphopt TVM (only the chosen experts, backends/tvm/moe_panels.py), TVM int4 (graphopt.QuantMoE:
+  the chosen experts' 4-bit panels, quant_panels.moe_gemv_source) and TVM int4 dense (graphopt.MoE
+  decomposed first: a QuantLinear per expert projection, every expert on every token).
 
 1. A decode step with `--cached` (128) tokens cached: the ORT sessions stepped on the same
    one-token feeds, timed interleaved (`--rounds` rounds, the order rotated, each timed step
@@ -164,6 +166,10 @@ def main() -> None:
         if not args.no_tvm:
             arts["graphopt-tvm"] = work / "tvm"
             graphopt.optimize(folder, arts["graphopt-tvm"], backend="tvm")
+            arts["graphopt-tvm-int4"] = work / "tvm_int4"
+            graphopt.optimize(folder, arts["graphopt-tvm-int4"], backend="tvm", quantize="int4")
+            arts["graphopt-tvm-int4-dense"] = work / "tvm_int4_dense"
+            dense_artifact(folder, arts["graphopt-tvm-int4-dense"], backend="tvm", quantize="int4")
         import onnx
         results["moe_nodes"] = {name: sum(n.op_type in ("MoE", "QMoE") for n in onnx.load(
             str(path / "model.onnx"), load_external_data=False).graph.node)

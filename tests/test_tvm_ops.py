@@ -44,6 +44,7 @@ class Case:
     outputs: int = 1
     symbolic: dict = dataclasses.field(default_factory=dict)  # input index -> {axis: symbol}
     id: str = ""
+    atol: float = 1e-6  # float outputs (rtol 1e-5)
 
     def graph(self) -> tuple[Graph, dict]:
         g = Graph(f"one_{self.op}")
@@ -100,6 +101,34 @@ def _moe_cases() -> list:
                          C(f32(experts, hidden, inner)), C(f32(experts, 2 * inner)), C(f32(experts, hidden))],
                  {"activation": "silu", "gated": 1, "alpha": 1.702, "beta": 1.0, "limit": 1.5}, domain="graphopt",
                  id="biases-clamped")]
+
+
+def _quant_moe_cases() -> list:
+    """graphopt.QuantMoE (its own generator: the cases above keep their inputs): on the CPU only
+    the chosen experts (quant_panels.moe_gemv_source), at one token and at [batch, seq]; panels
+    padded (n_up 96), K padded to whole blocks (inner 48, block 32), int8, biases and GPT-OSS's clamp."""
+    from graphopt.testing import quant_moe_inputs
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for bits, symmetric, inner, lead, extra, cid in (
+            (4, False, 32, (1,), False, "int4-one-token"),
+            (4, True, 48, (2, 3), True, "int4-symmetric-padded-batch-seq-biases-clamped"),
+            (8, False, 32, (5,), False, "int8")):
+        x, index, weights, quant, _ = quant_moe_inputs(rng, experts=4, hidden=64, inner=inner, bits=bits,
+                                                       symmetric=symmetric, lead=lead)
+        zps = quant[4:] if not symmetric else [None, None]
+        biases = [C(rng.uniform(-1, 1, (4, 2 * inner)).astype(F32)), C(rng.uniform(-1, 1, (4, 64)).astype(F32))]
+        form = {"alpha": 1.702, "beta": 1.0, "limit": 1.5} if extra else {}
+        sym = {0: "batch", 1: "seq"} if len(lead) == 2 else {0: "batch"}
+        cases.append(Case("QuantMoE", [x, index, weights] + [C(a) for a in quant[:4]]
+                          + [None if z is None else C(z) for z in zps] + (biases if extra else []),
+                          {"bits": bits, "block_size": 32, "hidden": 64, "inner": inner, "activation": "silu",
+                           "gated": 1, **form}, domain="graphopt", symbolic={0: sym, 1: sym, 2: sym}, id=cid,
+                          # outputs near 0 are differences of partial sums up to ~4, summed per block then
+                          # scaled (the reference: dequantized, then one sum): float32 rounding of a few 1e-6
+                          atol=1e-5))
+    return cases
 
 
 def _quant_linear_cases() -> list:
@@ -266,6 +295,7 @@ CASES = [
     # (added later: after the cases above, so that their random inputs stay as they were)
     *[Case(op, [f32(2, 3, 4, low=0.5), C(i64(1))], {"keepdims": 1}) for op in ("ReduceL1", "ReduceLogSum")],
     Case("ReduceL1", [f32(2, 3, 4), C(i64(0, -1))], {"keepdims": 0}, id="signed-two-axes"),
+    *_quant_moe_cases(),
 ]
 
 
@@ -293,9 +323,27 @@ def test_rule_matches_reference(case: Case):
     for name, want in expected.items():
         got = actual[name]
         if want.dtype.kind == "f":  # transcendental kernels differ from numpy's in the last bits
-            assert_close(got, want, rtol=1e-5, atol=1e-6, what=name)
+            assert_close(got, want, rtol=1e-5, atol=case.atol, what=name)
         else:
             assert_close(got, want, what=name)
+
+
+def test_quant_moe_runs_the_chosen_experts_on_the_cpu_and_decomposes_elsewhere(monkeypatch):
+    """On the CPU each QuantMoE case is two moe_gemv kernels (one a projection, the chosen
+    experts only); without panels (CUDA) prepare decomposes it: a QuantLinear per expert projection."""
+    from graphopt.backends.tvm import quant_panels
+    from graphopt.backends.tvm.lowering import prepare
+
+    built = []
+    make = quant_panels.moe_gemv_source
+    monkeypatch.setattr(quant_panels, "moe_gemv_source", lambda **kw: built.append(kw) or make(**kw))
+    for case in (c for c in CASES if c.op == "QuantMoE"):
+        built.clear()
+        g, _ = case.graph()
+        tvm_backend.compile_graph(g, options={"quant_accuracy_level": "0"})
+        assert [kw["per_choice"] for kw in built] == [False, True], case.id
+        assert [n.op_type for n in prepare(g, pack_weights=True).nodes] == ["QuantMoE"]
+        assert [n.op_type for n in prepare(g).nodes].count("QuantLinear") == 2 * 4
 
 
 @pytest.mark.parametrize("largest", [1, 0])
@@ -341,8 +389,5 @@ def test_every_rule_has_a_case():
 def test_every_graphopt_op_has_a_rule():
     from graphopt.registry import all_graphopt_ops, get_lowering
 
-    # QuantMoE decomposes into one QuantLinear per expert projection, each lowered by its rule
-    decomposed = {"QuantMoE"}
-    missing = [d.name for d in all_graphopt_ops()
-               if get_lowering("tvm", d.domain, d.name) is None and d.name not in decomposed]
+    missing = [d.name for d in all_graphopt_ops() if get_lowering("tvm", d.domain, d.name) is None]
     assert not missing, f"graphopt ops without a TVM rule (they fall back to decomposition): {missing}"

@@ -115,11 +115,11 @@ def _check_rules(graph: Graph) -> None:
             raise LoweringError(f"{where}the tvm backend has no lowering rule for {n.op} (node {n.name!r})")
 
 
-def prepare(graph: Graph) -> Graph:
+def prepare(graph: Graph, pack_weights: bool = False) -> Graph:
     """A copy of `graph` ready to lower (graphopt.lowering.prepare): graphopt ops without a
-    TVM rule decomposed, then shape simplification so Reshape/Expand targets are constants."""
-    g = prepare_for_backend(graph, lambda n: get_lowering(BACKEND, n.domain, n.op_type) is not None,
-                            PRE_LOWERING_PIPELINE)
+    TVM rule (or whose rule does not take them, see `rule`'s `when`) decomposed, then shape
+    simplification so Reshape/Expand targets are constants. `pack_weights`: as `lower_graph`'s."""
+    g = prepare_for_backend(graph, lambda n: _has_rule(n, pack_weights), PRE_LOWERING_PIPELINE)
     _check_rules(g)
     return g
 
@@ -446,13 +446,26 @@ def relax_op(path: str):
     return f
 
 
-def rule(*ops: str, domain: str = ""):
-    """Register one function as the TVM rule of several ops."""
+_WHEN: dict[tuple[str, str], Callable] = {}  # (domain, op) -> when(node, pack_weights): the rule applies
+
+
+def rule(*ops: str, domain: str = "", when: Callable[[Node, bool], bool] | None = None):
+    """Register one function as the TVM rule of several ops; `when(node, pack_weights)` false
+    (a graphopt op the rule does not take there): `prepare` decomposes the node instead."""
     def deco(fn):
         for op in ops:
             register_lowering("tvm", domain, op)(fn)
+            if when is not None:
+                _WHEN[domain, op] = when
         return fn
     return deco
+
+
+def _has_rule(node: Node, pack_weights: bool) -> bool:
+    if get_lowering(BACKEND, node.domain, node.op_type) is None:
+        return False
+    when = _WHEN.get((node.domain, node.op_type))
+    return when is None or when(node, pack_weights)
 
 
 def objs(items, shape=None) -> np.ndarray:

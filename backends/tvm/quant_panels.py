@@ -109,17 +109,12 @@ def gemv_source(*, k: int, n_panels: int, n_blocks: int, bits: int, block_size: 
     `group` rows, then the remaining rows one at a time."""
     per = 8 // bits
     nbytes = block_size // per
-    lanes = "int8" if bits == 4 else "int16"  # q - zero point: -15..15 (4 bits), -255..255 (8 bits)
 
     def x_at(row: str, kk: str) -> str:
-        if n_blocks * block_size == k:
-            return f"X[{row}, {kk}]"
-        return f"T.if_then_else({kk} < {k}, X[{row}, T.min({kk}, {k - 1})], T.float32(0))"  # K padded: x is 0 there
+        return _x_at(f"X[{row}, {{}}]", kk, k, n_blocks * block_size)
 
     def weight(h: int) -> str:
-        byte = "packed[j, b, p, c]" if bits == 8 else f"(packed[j, b, p, c] >> T.uint8({4 * h}) & T.uint8(15))"
-        zp = f"T.{lanes}({2 ** (bits - 1)})" if symmetric else f"T.Cast('{lanes}', zero_points[j, b, c])"
-        return f"T.Cast('float32', T.Cast('{lanes}', {byte}) - {zp})"
+        return _weight_at("j, b", h, bits, symmetric)
 
     def rows(g: int, count: str, row_of) -> list[str]:
         """The loop nest over `count` groups of `g` rows; row_of(r) is the row of lane r."""
@@ -163,6 +158,79 @@ def quant_gemv_panels(x: T.handle, packed: T.Buffer(({n_panels}, {n_blocks}, {nb
     Y = T.match_buffer(y, (m, {n_panels * PANEL}), "float32")
     for j in T.parallel({n_panels}):
 {body}
+'''
+
+
+def _x_at(x: str, kk: str, k: int, width: int) -> str:
+    """Element kk of a row of X (`x` with {} for the index); past K (K padded to whole blocks) 0."""
+    if width == k:
+        return x.format(kk)
+    return f"T.if_then_else({kk} < {k}, {x.format(f'T.min({kk}, {k - 1})')}, T.float32(0))"
+
+
+def _weight_at(head: str, h: int, bits: int, symmetric: bool) -> str:
+    """Element h of byte p of the panel layout at `head` (the indices before the block's byte
+    and lane: "j, b", or "e, j, b" over experts), minus its zero point, as float32."""
+    lanes = "int8" if bits == 4 else "int16"  # q - zero point: -15..15 (4 bits), -255..255 (8 bits)
+    byte = f"packed[{head}, p, c]"
+    if bits == 4:
+        byte = f"({byte} >> T.uint8({4 * h}) & T.uint8(15))"
+    zp = f"T.{lanes}({2 ** (bits - 1)})" if symmetric else f"T.Cast('{lanes}', zero_points[{head}, c])"
+    return f"T.Cast('float32', T.Cast('{lanes}', {byte}) - {zp})"
+
+
+def moe_gemv_source(*, experts: int, k: int, n_panels: int, n_blocks: int, bits: int, block_size: int,
+                    symmetric: bool, choices: int, per_choice: bool) -> str:
+    """TVMScript of graphopt.QuantMoE's projection with only the chosen experts (moe_panels.py's
+    kernel over this module's quantized panels, one more leading axis: the expert):
+
+        Y [m, choices, n_panels * PANEL] from X [m, S, K] (S = choices where `per_choice`: choice s
+        reads row s, else 1), index [m, choices] and the stacked panels [experts, n_panels, ...]
+
+    Cores take disjoint column panels; in its panel a core goes expert by expert over the
+    (token, choice) pairs that chose it, so an expert no token chose is never read. An index
+    outside [0, experts) gives a zero row."""
+    per = 8 // bits
+    nbytes = block_size // per
+    x_row = "s" if per_choice else "0"
+    inner = []
+    for h in range(per):
+        x = _x_at(f"X[r, {x_row}, {{}}]", f"b * {block_size} + p * {per} + {h}", k, n_blocks * block_size)
+        inner += [f"for c in T.vectorized({PANEL}):",
+                  f"    block[c] = block[c] + {x} * {_weight_at('e, j, b', h, bits, symmetric)}"]
+    body = "\n".join(" " * 32 + line for line in inner)
+    zp_arg = "" if symmetric else f', zero_points: T.Buffer(({experts}, {n_panels}, {n_blocks}, {PANEL}), "uint8")'
+    return f'''
+@T.prim_func(private=True, s_tir=True)
+def quant_moe_gemv_panels(x: T.handle, index: T.handle, packed: T.Buffer(({experts}, {n_panels}, {n_blocks}, {nbytes}, {PANEL}), "uint8"), scales: T.Buffer(({experts}, {n_panels}, {n_blocks}, {PANEL}), "float32"){zp_arg}, y: T.handle):
+    T.func_attr({{"tirx.noalias": True}})
+    m = T.int64()
+    X = T.match_buffer(x, (m, {choices if per_choice else 1}, {k}), "float32")
+    I = T.match_buffer(index, (m, {choices}), "int64")
+    Y = T.match_buffer(y, (m, {choices}, {n_panels * PANEL}), "float32")
+    for j in T.parallel({n_panels}):
+        for r in range(m):
+            for s in range({choices}):
+                if I[r, s] < T.int64(0) or I[r, s] >= T.int64({experts}):
+                    for c in T.vectorized({PANEL}):
+                        Y[r, s, j * {PANEL} + c] = T.float32(0)
+        for e in range({experts}):
+            for r in range(m):
+                for s in range({choices}):
+                    if I[r, s] == T.int64(e):
+                        acc = T.alloc_buffer(({PANEL},), scope="local")
+                        block = T.alloc_buffer(({PANEL},), scope="local")
+                        for c in T.vectorized({PANEL}):
+                            acc[c] = T.float32(0)
+                        for b in range({n_blocks}):
+                            for c in T.vectorized({PANEL}):
+                                block[c] = T.float32(0)
+                            for p in T.unroll({nbytes}):
+{body}
+                            for c in T.vectorized({PANEL}):
+                                acc[c] = acc[c] + scales[e, j, b, c] * block[c]
+                        for c in T.vectorized({PANEL}):
+                            Y[r, s, j * {PANEL} + c] = acc[c]
 '''
 
 

@@ -4,6 +4,9 @@ graphopt.QuantLinear becomes one TIR kernel (schedules_quant.py) that reads the 
 and unpacks, centers and scales it inside the reduction: no float copy of the weight is
 ever written, so a decode step reads 4 (int4) or 8 (int8) bits a weight plus the scales.
 graphopt.QuantGather gathers the packed rows and dequantizes only those, in one stage.
+graphopt.QuantMoE on the CPU runs only the chosen experts (quant_panels.moe_gemv_source: the
+panel GEMV with an expert axis, indexed by the router's choice); elsewhere it is decomposed into
+one QuantLinear per expert projection, every expert on every token.
 
 On CPU targets with pre-packed weights (`Lowerer.pack_weights`), a constant weight is stored
 in column panels (quant_panels.py) and QuantLinear at one row or a symbolic row count (decode)
@@ -22,8 +25,13 @@ except ImportError:  # pragma: no cover
     relax = R = None
 
 from graphopt.backends.tvm import quant_panels, schedules_quant
-from graphopt.backends.tvm.lowering import Lowerer, rule
-from graphopt.backends.tvm.rules_graphopt import _activate, _attr
+from graphopt.backends.tvm.lowering import Lowerer, rule, static_int
+from graphopt.backends.tvm.rules_graphopt import _activate, _attr, _gated
+from graphopt.dtypes import DType
+from graphopt.ir import Node, constant_value
+from graphopt.ops.moe import moe_form
+from graphopt.ops.quant_format import num_blocks
+from graphopt.ops.quant_moe import NAMES, quant_moe_dims, quant_moe_parts
 
 
 def _gemv_group(rows) -> int | None:
@@ -151,6 +159,70 @@ def quant_gather(lw: Lowerer, node, args):
     rows = lw.bb.emit_te(schedules_quant.quant_gather_te, packed, flat, scales, zp, bits=bits,
                          block_size=block_size, k=k, primfunc_name_hint=f"quant_gather_int{bits}")
     return [lw.emit(R.reshape(rows, lead + [k]))]
+
+
+def _quant_moe_sparse(node: Node, pack_weights: bool) -> bool:
+    """Whether `quant_moe` takes the node: on the CPU (weights in panels), X float32, k (the
+    choices a token) static, every expert weight and bias a constant; else it is decomposed."""
+    p = quant_moe_parts(node)
+    x, index = p["X"], p["index"]
+    shape = index.type.shape if index.type is not None else None
+    return (pack_weights and x.type is not None and x.type.dtype == DType.FLOAT32 and bool(shape)
+            and isinstance(shape[-1], int)
+            and all(p[n] is None or constant_value(p[n]) is not None for n in NAMES[3:]))
+
+
+@rule("QuantMoE", domain="graphopt", when=_quant_moe_sparse)
+def quant_moe(lw: Lowerer, node, args):
+    """Only the chosen experts: each projection one kernel over the stacked experts' panels,
+    [m, k, N] (a row per token and choice), then graphopt.MoE's activation, biases and the
+    router's weights as `moe`'s sparse form."""
+    if not lw.pack_weights:
+        raise lw.error("QuantMoE's rule needs weights in panels (prepare with pack_weights decomposes it elsewhere)")
+    p = quant_moe_parts(node)
+    bits, block_size, hidden, inner, n_up = quant_moe_dims(node)
+    moe_form(node)
+    x, index, weights = (lw.tensor(a) for a in args[:3])
+    experts = lw.const_array(p["up_packed"]).shape[0]
+    k = static_int(lw.shape(index)[-1])
+    dims = lw.shape(x)
+    m = lw.rows(dims[:-1])
+    idx = lw.emit(R.reshape(R.astype(index, "int64"), [m, k]))
+    tag = f"moe_panels{quant_panels.PANEL}"
+
+    def stacked(fn):
+        return lambda a: np.stack([fn(e) for e in a])
+
+    def gemv(x3, proj: str, n: int, width: int, per_choice: bool):
+        n_blocks, n_panels = num_blocks(width, block_size), quant_panels.panel_count(n)
+        w = [lw.weight(p[f"{proj}_packed"], tag, stacked(quant_panels.packed_panels)),
+             lw.weight(p[f"{proj}_scales"], tag, stacked(quant_panels.scales_panels))]
+        if p[f"{proj}_zero_points"] is not None:
+            w.append(lw.weight(p[f"{proj}_zero_points"], tag,
+                               stacked(lambda z: quant_panels.zero_panels(z, bits, n_blocks))))
+        func = quant_panels.prim_func(quant_panels.moe_gemv_source(
+            experts=experts, k=width, n_panels=n_panels, n_blocks=n_blocks, bits=bits, block_size=block_size,
+            symmetric=p[f"{proj}_zero_points"] is None, choices=k, per_choice=per_choice))
+        y = lw.emit(relax.call_tir(lw.bb.add_func(func, f"quant_moe_gemv_int{bits}"), [x3, idx] + [lw.tensor(t) for t in w],
+                                   relax.TensorType([m, k, n_panels * quant_panels.PANEL], "float32")))
+        if n_panels * quant_panels.PANEL != n:  # the padding outputs of the last panel
+            y = lw.emit(R.strided_slice(y, axes=[2], begin=[0], end=[n]))
+        return y
+
+    def plus_bias(h, name: str):  # each choice's expert's bias: [m, k, n]
+        if p[name] is None:
+            return h
+        return lw.emit(R.add(h, R.take(relax.const(np.ascontiguousarray(lw.const_array(p[name])), "float32"), idx,
+                                       axis=0, mode="clip")))
+    h = plus_bias(gemv(lw.view(x, [m, 1, hidden]), "up", n_up, hidden, False), "up_bias")
+    h = _gated(lw, node, h, inner)
+    d = plus_bias(gemv(h, "down", hidden, inner, True), "down_bias")
+    # weighted by the router's weights; a choice outside [0, experts) weighs nothing
+    valid = lw.emit(R.logical_and(R.greater_equal(idx, relax.const(0, "int64")),
+                                  R.less(idx, relax.const(experts, "int64"))))
+    w = lw.emit(R.multiply(R.reshape(R.astype(weights, "float32"), [m, k]), R.astype(valid, "float32")))
+    y = lw.emit(R.sum(R.multiply(d, R.expand_dims(w, [2])), axis=[1]))
+    return [lw.view(y, list(dims))]
 
 
 @rule("DynamicQuantLinear", domain="graphopt")

@@ -265,10 +265,11 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     folder = database_dir(db_root, spec, create=True)
     target = tvm.target.Target(spec)
     cores = int(spec.get("num-cores") or os.cpu_count() or 1)
-    graph = prepare(graph)
     # The build's own lowering (pre-packed weights, the hand-written kernels): the kernels tuned
     # are the kernels built. The hand-scheduled ones (fused attention, int4 panels) are kept as they are.
-    mod, _ = lower_graph(graph, **runtime.lowering_flags("cpu", runtime._check_options(options)))
+    flags = runtime.lowering_flags("cpu", runtime._check_options(options))
+    graph = prepare(graph, flags["pack_weights"])
+    mod, _ = lower_graph(graph, **flags)
     db = build.open_database(folder)
 
     tasks, seen, per_bucket, static, keys = [], set(), {}, {}, {}
