@@ -14,6 +14,7 @@ import traceback
 import click
 
 from graphopt import progress
+from graphopt.click_types import once
 from graphopt.errors import GraphoptError, UserError
 
 DEBUG_ENV = "GRAPHOPT_DEBUG"
@@ -275,7 +276,9 @@ def _progress(quiet: bool):
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=str),
               help="Artifact folder to write (model.onnx, manifest.json, report.json).")
 @click.option("--passes", "pipeline", default=None, metavar="PIPELINE",
-              help='Pipeline text, e.g. "dce,cse,fold-constants{max-size=1024}". Default: the cleanup pipeline.')
+              help='Pipeline text, e.g. "dce,cse,fold-constants{max-size=1024}". Default: cleanup, the fusions, cleanup '
+                   'again, then on a decoder rewrite-kv-cache and slice-last-token-logits (a pipeline given here runs '
+                   'as written: add those two yourself for a generation-ready artifact).')
 @click.option("--recipe", type=click.Path(path_type=str), default=None, help="A TOML recipe file instead of --passes.")
 @click.option("--backend", default="ort", show_default=True,
               help="ort (onnxruntime), or tvm (a compiled library; pip install 'graphopt[tvm]').")
@@ -292,35 +295,35 @@ def _progress(quiet: bool):
 @click.option("--explain-fusions", type=click.Choice(["summary", "all"]), is_flag=False, flag_value="summary",
               default=None, help="Per fusion, the sites fused and the near misses (where a fusion's root op "
               "matched but a later constraint failed), grouped by reason; =all lists every near miss.")
-@click.option("--logits", type=click.Choice(["last", "all"]), default=None,
+@click.option("--logits", type=click.Choice(["last", "all"]), multiple=True, callback=once,
               help="Decoders: logits at the last position only (generation; the default) or at every "
                    "position (scoring, perplexity).")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
                    "recomputes the whole sequence.")
-@click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static", "paged"]), default=None,
+@click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static", "paged"]), multiple=True, callback=once,
               help="Decoders: the cache layout. BNSH (default): a cache that grows each step; static: one "
                    "preallocated max-positions buffer that past and present share (ORT, TVM); paged: pools of "
                    "16-position blocks and a block_table input (ORT, TVM); BSNH: TVM.")
-@click.option("--quantize", default=None, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",
+@click.option("--quantize", multiple=True, callback=once, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
                    "int4:128), int8-dynamic (activations quantized per call) or int8-static (activation ranges "
                    "from --calibration data, QDQ). See docs/quantization.md.")
 @click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq", "awq"]),
               help="rtn: round to nearest (no data); gptq: error-compensated; awq: activation-aware "
                    "per-channel scaling, then gptq (gptq and awq calibrate on --calibration data).")
-@click.option("--prune", default=None, metavar="heads=R,mlp=R[,importance=wanda][,scope=global][,min-keep=N]",
+@click.option("--prune", multiple=True, callback=once, metavar="heads=R,mlp=R[,importance=wanda][,scope=global][,min-keep=N]",
               help="Remove the fraction R of attention heads (whole KV groups) and/or MLP channels of every "
                    "layer after the fusions; importance magnitude (default) or wanda (on --calibration data); "
                    "scope layer (default) or global. See docs/pruning.md.")
-@click.option("--calibration", type=click.Path(path_type=str), default=None,
+@click.option("--calibration", type=click.Path(path_type=str), multiple=True, callback=once,
               help="Calibration data for gptq, awq, int8-static and --prune importance=wanda: a text file, .jsonl "
                    "of texts, or .npz of inputs (default for graphopt.train checkpoints: their training corpus).")
-@click.option("--accuracy-budget", default=None, metavar="METRIC=VALUE",
+@click.option("--accuracy-budget", multiple=True, callback=once, metavar="METRIC=VALUE",
               help="perplexity=+2%, top1=0.99 (decoders) or cosine=0.995 (encoders' pooled output) against the "
                    "float model (after --prune, if given) on held-out data: the most sensitive layers stay in "
                    "float until it holds; exit 2 and nothing written when no mix does.")
-@click.option("--accuracy-data", type=click.Path(path_type=str), default=None,
+@click.option("--accuracy-data", type=click.Path(path_type=str), multiple=True, callback=once,
               help="Held-out text (.txt/.jsonl) for --accuracy-budget; for cosine, one sentence a line "
                    "(default: a graphopt.train checkpoint's val.txt).")
 @click.option("--tune-minutes", type=float, default=None, metavar="M",
@@ -335,7 +338,8 @@ def _progress(quiet: bool):
               help="The tuning database's folder (one subfolder per target; default "
                    "~/.cache/graphopt/tvm-tuning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages (the report is still printed; --json "
+              "prints it as JSON).")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
              no_verify, overwrite, explain_fusions, logits, kv_cache, kv_layout, quantize, quant_method, prune,
              calibration,

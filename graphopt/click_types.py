@@ -37,3 +37,12 @@ class PositiveInts(click.ParamType):
         if any(n < 1 for n in numbers):
             self.fail(f"{value!r}: every number must be positive", param, ctx)
         return numbers
+
+
+def once(ctx, param, value):
+    """Callback of a single-valued option declared `multiple=True`: click keeps only the last of a
+    repeated option, silently (two --accuracy-budget would enforce one); here a repeat is the
+    usage error it is, and the option's value is the one given (or None)."""
+    if len(value) > 1:
+        raise click.BadParameter(f"given {len(value)} times ({', '.join(map(str, value))}): give it once", ctx, param)
+    return value[0] if value else None

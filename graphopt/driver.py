@@ -58,12 +58,12 @@ def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
         if method != "rtn":
             raise UserError("--quant-method applies to int8 and int4 weight-only quantization, not int8-static")
         return "quantize-static{calibration=percentile}"
-    name, _, block = scheme.partition(":")
+    name, colon, block = scheme.partition(":")
     if name not in QUANT_SCHEMES:
         raise UserError(f"--quantize {scheme!r}: expected int8, int4 (optionally with a block size: int4:64), "
                         "int8-dynamic or int8-static")
     bits, block_size = QUANT_SCHEMES[name]
-    if block:
+    if colon:
         if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
             raise UserError(f"--quantize {scheme!r}: the block size must be 32, 64 or 128 (or 16, 256)")
         block_size = int(block)
@@ -162,6 +162,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                          overwrite=overwrite)
     if passes is not None and recipe is not None:
         raise UserError("give either --passes or --recipe, not both")
+    if passes is not None and not passes.strip(" ,"):
+        raise UserError("--passes is empty: name the passes to run (graphopt passes lists them), or leave "
+                        "--passes out for the default recipe")
     if backend not in BACKEND_ALIASES:
         raise UserError(f"unknown backend {backend!r} (available: {', '.join(sorted(BACKEND_ALIASES))})")
     backend = BACKEND_ALIASES[backend]
@@ -254,8 +257,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                                                             verify, progress, ctx)
         if logits == "last" and generation_note.get("logits") != "last":
             raise UserError(f"--logits last: {generation_note.get('reason', 'the logits cannot be sliced')}")
-    elif logits is not None:
-        raise UserError(f"--logits applies to decoders (input_ids in, logits out) with the KV cache; "
+    elif logits is not None or kv_layout is not None:
+        option = "--logits" if logits is not None else "--kv-layout"
+        raise UserError(f"{option} applies to decoders (input_ids in, logits out) with the KV cache; "
                         f"{graph.metadata.source or 'this model'} is not one")
     after = summarize(optimized)
     report = {

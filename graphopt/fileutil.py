@@ -41,6 +41,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        if tmp.exists():  # mkstemp's file is private (0600): give it the mode any other new file gets
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -127,10 +129,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         tmp.mkdir(mode=0o700)
         yield tmp
+        mask = _umask()
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync(f)
-        tmp.chmod(0o777 & ~_umask())  # private while written; published as any new folder is
+                f.chmod(0o666 & ~mask)  # as any new file (safetensors' files are private: 0600)
+        tmp.chmod(0o777 & ~mask)  # private while written; published as any new folder is
         if not path.exists():
             os.replace(tmp, path)
         elif path.is_dir() and not any(path.iterdir()):

@@ -134,9 +134,10 @@ class Generator:
     """Prefill + decode over `run(feeds) -> outputs` (an artifact's, or any backend's)."""
 
     def __init__(self, run: Callable[[dict], dict], spec: CacheSpec, *, eos_token_id: int | None = None,
-                 pad_token_id: int = 0, num_blocks: int | None = None):
+                 pad_token_id: int = 0, num_blocks: int | None = None, vocab_size: int | None = None):
         self.run, self.spec = run, spec
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.vocab_size = vocab_size  # prompts' ids are checked against it (None: not checked)
         self.num_blocks = num_blocks  # paged: the pool's size (None: what each request needs)
 
     @staticmethod
@@ -149,8 +150,10 @@ class Generator:
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))
         spec.recompute_at = gen.get("recompute_cache_at")
+        logits = next((o for o in artifact.outputs if o["name"] == "logits"), None)
+        vocab = logits["shape"][-1] if logits is not None and logits.get("shape") else None
         return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"),
-                         num_blocks=num_blocks)
+                         num_blocks=num_blocks, vocab_size=vocab if isinstance(vocab, int) else None)
 
     def empty_cache(self, batch: int, num_blocks: int = 0) -> dict[str, np.ndarray]:
         """The past_key_values feeds of a prefill: every layer's cache with no position yet
@@ -168,15 +171,8 @@ class Generator:
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
         """Continue each prompt (token ids; one prompt or a batch, left-padded here).
         `allowed_first` ([batch, vocab] bool) restricts the first new token (token healing)."""
-        if len(prompts) and isinstance(prompts[0], (int, np.integer)):
-            prompts = [prompts]
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts or any(not p for p in prompts):
-            raise UserError("every prompt needs at least one token")
-        if max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens {max_new_tokens}: must be positive")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise UserError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
+        prompts = token_prompts(prompts, self.vocab_size)
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         longest = max(len(p) for p in prompts)
         limit = self.spec.max_positions
         if limit and longest + max_new_tokens - 1 > limit:
@@ -276,17 +272,67 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng
 # Text, tokenizer and manifest
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, hint: str | None = None):
+    """The folder's tokenizer.json; missing: a one-line error ending with `hint` (what to do instead)."""
     from tokenizers import Tokenizer
 
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
-        raise UserError(f"{folder}: no tokenizer.json beside the model; generate from token ids with "
-                        "Artifact.generate([[ids...]]) or copy the model's tokenizer.json there")
+        hint = hint or ("generate from token ids with graphopt.load(ARTIFACT).generate([[ids...]]) or copy the "
+                        "model's tokenizer.json there")
+        raise UserError(f"{folder}: no tokenizer.json beside the model; {hint}")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
         raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def token_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
+    """`prompts` (token ids: one prompt or a batch, lists or arrays) as lists of ints, each id in
+    [0, vocab_size): an id past the vocabulary is an out-of-bounds embedding read (an error on
+    ORT, a wrapped-around row on TVM), a negative one reads from the table's end, a float one
+    would be truncated."""
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)):
+        raise UserError(f"prompts: token ids (a list of ints, or a list of such lists) or text, not "
+                        f"{type(prompts).__name__}")
+    if prompts and not isinstance(prompts[0], (list, tuple, np.ndarray)):
+        prompts = [prompts]
+    rows = []
+    for p in prompts:
+        p = p.tolist() if isinstance(p, np.ndarray) else p
+        if not isinstance(p, (list, tuple)):
+            raise UserError(f"prompts: a batch is a list of token-id lists, not a list holding {type(p).__name__}")
+        bad = next((t for t in p if not _is_int(t)), None)
+        if bad is not None:
+            raise UserError(f"prompts: token ids are integers, not {bad!r} ({type(bad).__name__})")
+        rows.append([int(t) for t in p])
+    if not rows or any(not p for p in rows):
+        raise UserError("every prompt needs at least one token")
+    out = next((t for p in rows for t in p if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+    if out is not None:
+        where = f"[0, {vocab_size})" if vocab_size is not None else "non-negative"
+        raise UserError(f"prompts: token id {out} is outside the model's vocabulary ({where})")
+    return rows
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens {max_new_tokens!r}: must be a positive integer")
+    if not _is_int(top_k) or top_k < 0:
+        raise UserError(f"top_k {top_k!r}: must be an integer >= 0 (0: no top-k)")
+    if not _is_int(seed) or seed < 0:
+        raise UserError(f"seed {seed!r}: must be an integer >= 0")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or value != value:
+            raise UserError(f"{name} {value!r}: must be a number")
+    if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:
+        raise UserError("temperature must be >= 0 (finite), top_k >= 0 and top_p in (0, 1]")
 
 
 def healing_mask(tokenizer, token_id: int, vocab_size: int) -> np.ndarray:

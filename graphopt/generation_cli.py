@@ -77,7 +77,8 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     from graphopt.frontends.huggingface import _max_positions, load_hf_module
     from graphopt.generation import check_ids_fit, load_tokenizer
 
-    tok = load_tokenizer(folder)
+    tok = load_tokenizer(folder, hint="copy the model's tokenizer.json there, or optimize the folder (graphopt "
+                                      "optimize) and generate from token ids with graphopt.load(OUT).generate([[ids...]])")
     model, output = load_hf_module(folder, config)
     if output != "logits":
         raise UserError(f"{folder}: {type(model).__name__} is not a causal language model: nothing to generate")

@@ -287,6 +287,16 @@ CASES = {
     # optimize: quantization and accuracy options
     "quantize-unknown": ("optimize {EX} -o {W}/out -q --quantize int3", "--quantize 'int3': expected int8, int4"),
     "quantize-block": ("optimize {EX} -o {W}/out -q --quantize int4:7", "the block size must be"),
+    "quantize-block-empty": ("optimize {EX} -o {W}/out -q --quantize int4:", "the block size must be"),
+    "quantize-twice": ("optimize {EX} -o {W}/out -q --quantize int4 --quantize int8",
+                       "'--quantize': given 2 times (int4, int8): give it once"),
+    "accuracy-budget-twice": ("optimize {DEF} -o {W}/out -q --quantize int4 --accuracy-budget perplexity=+1% "
+                              "--accuracy-budget top1=0.9", "'--accuracy-budget': given 2 times"),
+    "passes-empty": ("optimize {EX} -o {W}/out -q --passes ,", "--passes is empty"),
+    "kv-layout-not-a-decoder": ("optimize {EX} -o {W}/out -q --kv-layout static",
+                                "--kv-layout applies to decoders"),
+    "max-positions-negative": ("optimize {DEF} -o {W}/out -q --passes rewrite-kv-cache{{max-positions=-1}}",
+                               "max-positions -1: give at least 5 positions"),
     "quant-method-alone": ("optimize {EX} -o {W}/out -q --quant-method gptq", "goes with --quantize"),
     "quant-method-unknown": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method awq2",
                              "'awq2' is not one of"),
@@ -480,13 +490,22 @@ def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path)
     assert _snapshot(out) == {"b": b"new"} and out.stat().st_ino == inode  # the new folder, moved whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     # private while written, then published with the mode any new folder gets (umask 022: 755)
+    # (and its files as any new file: 644, also a file made private as safetensors and mkstemp make them)
+    from graphopt.fileutil import atomic_path
+
     old_mask = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / "fresh") as tmp:
             assert tmp.stat().st_mode & 0o777 == 0o700
+            (tmp / "weights").write_bytes(b"w")
+            (tmp / "weights").chmod(0o600)
+        with atomic_path(tmp_path / "report.json") as f:
+            f.write_text("{}")
     finally:
         os.umask(old_mask)
     assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "fresh" / "weights").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
 
 
 # ------------------------------------------------------------------------- SIGKILL

@@ -1236,6 +1236,28 @@ def test_past_the_maximum_context_is_a_clear_error(default_artifact):
         artifact.generate([[1] * 250], 10)
 
 
+@pytest.mark.parametrize("prompts,options,fragment", [
+    ([[5000]], {}, r"token id 5000 is outside the model's vocabulary \(\[0, 4096\)\)"),  # TVM's lookup wraps
+    ([[3, -1]], {}, "token id -1 is outside"),  # would read the table's last row
+    ([[1.5]], {}, "token ids are integers, not 1.5"),
+    (5, {}, "prompts: token ids .* not int"),
+    (None, {}, "not NoneType"),
+    ([[1], 2], {}, "a batch is a list of token-id lists"),
+    ([[1]], {"temperature": float("nan")}, "temperature nan: must be a number"),
+    ([[1]], {"temperature": float("inf")}, r"temperature must be >= 0 \(finite\)"),
+    ([[1]], {"seed": -5}, "seed -5: must be an integer >= 0"),
+    ([[1]], {"max_new_tokens": 2.5}, "max_new_tokens 2.5: must be a positive integer"),
+    ([[1]], {"top_k": 1.5}, "top_k 1.5: must be an integer"),
+])
+def test_generate_checks_its_prompts_and_options(default_artifact, prompts, options, fragment):
+    """Artifact.generate from Python: a bad prompt or option is a UserError naming it, never
+    numpy's or ORT's error (and never TVM's silent wrap-around of an id past the vocabulary)."""
+    artifact = graphopt.load(default_artifact[0])
+    with pytest.raises(UserError, match=fragment):
+        artifact.generate(prompts, **options)
+    assert artifact.generate(np.array([[5, 17]]), max_new_tokens=np.int64(2), seed=np.int64(3)).tokens  # numpy ints
+
+
 def test_generate_cli_on_the_artifact_matches_the_checkpoint(default_artifact):
     from click.testing import CliRunner
 

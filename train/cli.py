@@ -38,7 +38,7 @@ def _read_config_file(path: Path) -> dict:
 def _run_options(f):
     """The flags of a training run that `train` and `finetune` share."""
     options = [
-        click.option("--data", type=click.Path(path_type=Path), help="Folder of text files [default: Python stdlib]."),
+        click.option("--data", type=click.Path(path_type=Path), help="Folder of text files: .py, .txt, .md, .rst [default: the Python stdlib's .py files]."),
         click.option("--out", type=click.Path(path_type=Path), help="Run folder."),
         click.option("--batch-size", type=click_type("batch_size"), help="Sequences per process per micro-step."),
         click.option("--grad-accum", type=click_type("grad_accum"), help="Micro-steps per optimizer step."),
@@ -140,7 +140,8 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
-              help="Folder of text files (or a val.txt) to score [default: CHECKPOINT/val.txt].")
+              help="Folder of text files (.py, .txt, .md, .rst) or one text file to score "
+                   "[default: CHECKPOINT/val.txt].")
 @click.option("--batch-size", type=click_type("batch_size"), default=16, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=0), default=0, help="Score only the first N tokens (0 = all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")

@@ -43,6 +43,11 @@ class DataConfig:
     exclude_dirs: tuple = ("test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__")
 
 
+# --data given as a folder: the text files read from it (the default, the stdlib, reads .py
+# only, so its validation split is the one the shipped model was trained beside).
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
 def default_data_dir() -> Path:
     """The running interpreter's standard library sources: present on every machine."""
     return Path(sysconfig.get_paths()["stdlib"])

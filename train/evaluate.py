@@ -22,7 +22,7 @@ class EvalResult:
 def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]:
     """The documents to score: `data` (a folder of text files or a val.txt) or the
     checkpoint's own val.txt."""
-    from .data import DataConfig, collect_documents, read_val_text
+    from .data import TEXT_SUFFIXES, DataConfig, collect_documents, read_val_text
 
     if data is None:
         path = Path(checkpoint) / "val.txt"
@@ -32,7 +32,7 @@ def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]
     data = Path(data)
     if data.is_file():
         return read_val_text(data), str(data)
-    docs = collect_documents(data, DataConfig(val_fraction=0.0))
+    docs = collect_documents(data, DataConfig(val_fraction=0.0, suffixes=TEXT_SUFFIXES))
     return [d["text"] for d in docs], str(data)
 
 

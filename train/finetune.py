@@ -24,15 +24,12 @@ import torch.nn.functional as F
 from graphopt.errors import UserError
 
 from . import checkpoint as ckpt
-from .data import DataConfig, prepare
+from .data import TEXT_SUFFIXES, DataConfig, prepare
 from .evaluate import same_text, skipped, text_perplexity, text_record, validation_text
 from .lora import add_lora, adapter_state, load_adapter, merge_lora, parse_targets
 from .trainer import TrainConfig, lm_loss
 
 ADAPTER = "adapter.safetensors"
-# --data given as a folder: the text files read from it (the default, the stdlib, reads .py
-# only, so its validation split is the one the shipped model was trained beside).
-TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
 
 @dataclass

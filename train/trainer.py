@@ -25,7 +25,7 @@ from graphopt.errors import UserError
 from graphopt.fileutil import write_text_atomic
 
 from . import checkpoint as ckpt
-from .data import DataConfig, default_data_dir, load_split, prepare
+from .data import TEXT_SUFFIXES, DataConfig, default_data_dir, load_split, prepare
 from .models import build_model, config_from_dict, config_to_dict
 from .options import MIN_VOCAB, check_option
 
@@ -215,7 +215,9 @@ class Pretraining:
         self.model_config = config_from_dict(cfg.model)
 
     def prepare_data(self, data_dir: Path, data_out: Path, progress) -> None:
-        prepare(data_dir, data_out, DataConfig(vocab_size=self.cfg.model["vocab_size"]), progress=progress)
+        suffixes = TEXT_SUFFIXES if self.cfg.data else DataConfig.suffixes
+        prepare(data_dir, data_out, DataConfig(vocab_size=self.cfg.model["vocab_size"], suffixes=suffixes),
+                progress=progress)
 
     def build_model(self, device: str):
         """The module to train, its initial weights drawn from the run's seed."""

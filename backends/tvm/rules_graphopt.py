@@ -87,7 +87,9 @@ def rotary_embedding(lw: Lowerer, node, args):
 
     def tables(cos=cos, sin=sin):  # the same for every layer's queries and keys
         if pos is not None:
-            cos, sin = lw.emit(R.take(cos, pos, axis=0)), lw.emit(R.take(sin, pos, axis=0))
+            # clip: a position past the table reads its last row, never out of bounds (and TVM warns at
+            # every build of a "fast" take)
+            cos, sin = lw.emit(R.take(cos, pos, axis=0, mode="clip")), lw.emit(R.take(sin, pos, axis=0, mode="clip"))
         return lw.emit(R.expand_dims(cos, [head_axis])), lw.emit(R.expand_dims(sin, [head_axis]))
 
     inputs = tuple(v.name if v is not None else None for v in node.inputs[1:4])

@@ -232,7 +232,7 @@ def gather(lw: Lowerer, node, args):
         if isinstance(n, int):
             vals = np.where(vals < 0, vals + n, vals)
         if (vals >= 0).all():
-            return [lw.emit(R.take(data, relax.const(vals, "int64"), axis=axis, mode="fast"))]
+            return [lw.emit(R.take(data, relax.const(vals, "int64"), axis=axis, mode="clip"))]  # in range: as fast
     # Negative indices count from the end (as in ONNX): "wrap" takes them modulo the size.
     return [lw.emit(R.take(data, lw.tensor(idx), axis=axis, mode="wrap"))]
 

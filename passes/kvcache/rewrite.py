@@ -110,6 +110,9 @@ class RewriteKVCache(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         check_layout(self.layout, ctx.hints.get("backend"))
+        if self.max_positions < 0 or 0 < self.max_positions < max(_PROBE_SEQ):
+            raise UserError(f"rewrite-kv-cache: max-positions {self.max_positions}: give at least {max(_PROBE_SEQ)} "
+                            "positions (or 0: the model's own context)")
         max_pos = self.max_positions or int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
         if self.layout == "paged" and self.block_size <= 0:
             raise UserError(f"rewrite-kv-cache: block-size {self.block_size}: must be positive")
@@ -545,7 +548,8 @@ def _positional_values(graph: Graph, site: _Decoder, max_pos: int):
                         "are not a function of the position alone")
         (table,) = evaluate(graph, [v], _feeds(graph, 1, max_pos))
         if table.shape[ax] != max_pos:
-            raise _fail(f"{v.name!r} has {table.shape[ax]} rows at max-positions={max_pos}")
+            raise _fail(f"max-positions {max_pos} is past the model's {table.shape[ax]} positions (the rows of "
+                        f"{v.name!r}): give max-positions <= {table.shape[ax]}")
         switch = None
         if not _same_rows(table, a2, s2, ax):
             # e.g. Phi-3's LongRoPE: other frequencies once the sequence is longer than the
