@@ -172,7 +172,7 @@ def print_launches(model: str) -> None:
     with tempfile.TemporaryDirectory(prefix="tvm_kernels_") as tmp:
         graph = graphopt.optimize(model, Path(tmp) / "ort", backend="ort").graph  # generation-ready
     target = tvm.target.Target(cpu_target_spec())
-    counts = launches(optimize_module(lower_graph(prepare(graph), pack_weights=True, int8_activations=vnni_available())[0], target), target)
+    counts = launches(optimize_module(lower_graph(prepare(graph, pack_weights=True), pack_weights=True, int8_activations=vnni_available())[0], target), target)
     kernels = sum(n for name, n in counts.items() if name.startswith("kernel "))
     print(f"== one call of the generation-ready graph: {kernels} kernel launches")
     for name, n in counts.most_common():
@@ -221,7 +221,7 @@ def decode_breakdown(model: str, cached: int, quantize: str | None, runs: int) -
         ort = graphopt.optimize(model, Path(tmp) / "ort", backend="ort")  # generation-ready
         graph = ort.graph if passes is None else graphopt.optimize(ort.graph, Path(tmp) / "q", passes=passes).graph
         step = decode_step(graphopt.load(Path(tmp) / "ort", threads=1), cached)["step"]
-    graph = prepare(graph)
+    graph = prepare(graph, pack_weights=True)
     dims = {}
     for v in graph.inputs:  # each symbolic dim's value in this step, from the feeds' shapes
         for axis, d in enumerate(v.type.shape):
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="tvm_kernels_")
     ort_model = Path(tmp.name) / "ort" / "model.onnx"
     graph = graphopt.optimize(args.model, ort_model.parent, backend="ort", kv_cache=with_cache).graph
-    mod, params = lower_graph(prepare(graph), pack_weights=True, int8_activations=vnni_available())
+    mod, params = lower_graph(prepare(graph, pack_weights=True), pack_weights=True, int8_activations=vnni_available())
     target = tvm.target.Target(cpu_target_spec())
     mod = optimize_module(mod, target)
     use_cpu_threads(1)  # not config_threadpool(1, 1): its mode 1 adds ~6 us to every parallel launch

@@ -29,7 +29,15 @@ class Perplexity:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss) if self.loss < 709 else math.inf  # exp overflows past ~709.78
+        return perplexity_of(self.loss)
+
+
+def perplexity_of(loss: float) -> float:
+    """exp(loss); a loss past exp's range (about 709.78) is inf, a NaN loss stays NaN."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:

@@ -47,6 +47,16 @@ QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # weight-only scheme -> (bi
 QUANT_PASSES = ("quantize-weights", "quantize-dynamic", "quantize-static")
 
 
+def _pipeline(passes: str | None) -> list:
+    """--passes parsed (the default recipe when not given; an empty one is the user's mistake)."""
+    if passes is None:
+        return parse_pipeline(default_pipeline())
+    try:
+        return parse_pipeline(passes)
+    except UserError as e:
+        raise UserError(f"--passes: {e}" if not str(e).startswith("--passes") else str(e)) from None
+
+
 def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
     """`--quantize int8|int4[:BLOCK]` as the passes it appends: "int4:64" ->
     "quantize-weights{bits=4,block-size=64,method=rtn}"."""
@@ -162,9 +172,6 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                          overwrite=overwrite)
     if passes is not None and recipe is not None:
         raise UserError("give either --passes or --recipe, not both")
-    if passes is not None and not passes.strip(" ,"):
-        raise UserError("--passes is empty: name the passes to run (graphopt passes lists them), or leave "
-                        "--passes out for the default recipe")
     if backend not in BACKEND_ALIASES:
         raise UserError(f"unknown backend {backend!r} (available: {', '.join(sorted(BACKEND_ALIASES))})")
     backend = BACKEND_ALIASES[backend]
@@ -187,7 +194,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         check_layout(kv_layout, backend)
     tune_spec = _check_tuning(backend, target, backend_options, tune_minutes, tune_shapes, tune_db)
     # Check the pipeline before the (possibly slow) model load.
-    entries = load_recipe(recipe) if recipe is not None else parse_pipeline(passes or default_pipeline())
+    entries = load_recipe(recipe) if recipe is not None else _pipeline(passes)
     if prune is not None:
         entries += parse_pipeline(prune_pipeline(prune))
     if quantize is not None:

@@ -41,8 +41,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
-        if tmp.exists():  # mkstemp's file is private (0600): give it the mode any other new file gets
-            os.chmod(tmp, 0o666 & ~_umask())
+        if tmp.is_file():  # mkstemp's file is private (0600): give it the mode any other new file gets
+            _publish(tmp, _umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -133,7 +133,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync(f)
-                f.chmod(0o666 & ~mask)  # as any new file (safetensors' files are private: 0600)
+                _publish(f, mask)  # as any new file (safetensors' files are private: 0600)
         tmp.chmod(0o777 & ~mask)  # private while written; published as any new folder is
         if not path.exists():
             os.replace(tmp, path)
@@ -153,9 +153,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _umask() -> int:
+    """The process's umask, read without setting it (os.umask can only set it: another thread
+    creating a file meanwhile would get the stand-in) where /proc says it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _publish(path: Path, mask: int) -> None:
+    """The mode a file gets when made normally: rw for all less the umask, and x where it had one
+    (a compiled library)."""
+    executable = path.stat().st_mode & 0o111
+    path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def _sweep_dead_scratch(parent: Path, name: str) -> None:

@@ -150,10 +150,8 @@ class Generator:
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))
         spec.recompute_at = gen.get("recompute_cache_at")
-        logits = next((o for o in artifact.outputs if o["name"] == "logits"), None)
-        vocab = logits["shape"][-1] if logits is not None and logits.get("shape") else None
         return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"),
-                         num_blocks=num_blocks, vocab_size=vocab if isinstance(vocab, int) else None)
+                         num_blocks=num_blocks, vocab_size=logits_vocab(artifact))
 
     def empty_cache(self, batch: int, num_blocks: int = 0) -> dict[str, np.ndarray]:
         """The past_key_values feeds of a prefill: every layer's cache with no position yet
@@ -287,6 +285,13 @@ def load_tokenizer(folder: Path, hint: str | None = None):
         raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
 
 
+def logits_vocab(artifact) -> int | None:
+    """The last dim of the artifact's logits (None where it is not static)."""
+    logits = next((o for o in artifact.outputs if o["name"] == "logits"), artifact.outputs[0])
+    last = (logits.get("shape") or [None])[-1]
+    return last if isinstance(last, int) else None
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -296,16 +301,17 @@ def token_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
     [0, vocab_size): an id past the vocabulary is an out-of-bounds embedding read (an error on
     ORT, a wrapped-around row on TVM), a negative one reads from the table's end, a float one
     would be truncated."""
-    if isinstance(prompts, np.ndarray):
+    if hasattr(prompts, "tolist"):  # a numpy array, a torch tensor
         prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)):
-        raise UserError(f"prompts: token ids (a list of ints, or a list of such lists) or text, not "
-                        f"{type(prompts).__name__}")
-    if prompts and not isinstance(prompts[0], (list, tuple, np.ndarray)):
+        raise UserError(f"prompts: token ids (a list of ints, or a list of such lists), not {type(prompts).__name__}")
+    if prompts and not isinstance(prompts[0], (list, tuple)) and not hasattr(prompts[0], "tolist"):
+        prompts = [prompts]
+    elif prompts and _is_int(prompts[0]):
         prompts = [prompts]
     rows = []
     for p in prompts:
-        p = p.tolist() if isinstance(p, np.ndarray) else p
+        p = p.tolist() if hasattr(p, "tolist") else p
         if not isinstance(p, (list, tuple)):
             raise UserError(f"prompts: a batch is a list of token-id lists, not a list holding {type(p).__name__}")
         bad = next((t for t in p if not _is_int(t)), None)
@@ -326,13 +332,15 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed) -> None:
         raise UserError(f"max_new_tokens {max_new_tokens!r}: must be a positive integer")
     if not _is_int(top_k) or top_k < 0:
         raise UserError(f"top_k {top_k!r}: must be an integer >= 0 (0: no top-k)")
-    if not _is_int(seed) or seed < 0:
-        raise UserError(f"seed {seed!r}: must be an integer >= 0")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise UserError(f"seed {seed!r}: must be an integer >= 0 (None: fresh randomness)")
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or value != value:
             raise UserError(f"{name} {value!r}: must be a number")
-    if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:
-        raise UserError("temperature must be >= 0 (finite), top_k >= 0 and top_p in (0, 1]")
+    if not 0 <= temperature < float("inf"):
+        raise UserError(f"temperature {temperature!r}: must be >= 0 and finite (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p {top_p!r}: must be in (0, 1]")
 
 
 def healing_mask(tokenizer, token_id: int, vocab_size: int) -> np.ndarray:
@@ -349,7 +357,7 @@ def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | 
     heal = gen.get("token_healing", False) if heal is None else heal
     prefix = gen.get("prompt_prefix_ids") or []
     ids, healed, masks = [], [], []
-    vocab = int(artifact.outputs[0]["shape"][-1])
+    vocab = logits_vocab(artifact)
     for text in prompts:
         p = tokenizer.encode(text).ids
         h = ""

@@ -305,8 +305,8 @@ def test_a_mixture_of_experts_runs_sparse_on_ort_and_quantizes_every_expert(tmp_
     assert rtn.report["generation"]["ready"]
     int4 = ops(tmp_path / "int4")
     assert int4.count("QMoE") == layers and int4.count("MatMulNBits") == layers * 3 + 1 and "MatMul" not in int4
-    # against the same int4 model on TVM, where QuantMoE decomposes into a QuantLinear per expert
-    # projection: every greedy step's logits, row by row
+    # against the same int4 model on TVM, where QuantMoE runs the chosen experts' panels
+    # (quant_panels.moe_gemv_source): every greedy step's logits, row by row
     pytest.importorskip("tvm")
     graphopt.optimize(folder, tmp_path / "int4_tvm", quantize="int4", backend="tvm", backend_options=exact)
     ort_steps, tvm_steps = (greedy_logits(graphopt.load(tmp_path / name)) for name in ("int4", "int4_tvm"))

@@ -292,10 +292,10 @@ CASES = {
                        "'--quantize': given 2 times (int4, int8): give it once"),
     "accuracy-budget-twice": ("optimize {DEF} -o {W}/out -q --quantize int4 --accuracy-budget perplexity=+1% "
                               "--accuracy-budget top1=0.9", "'--accuracy-budget': given 2 times"),
-    "passes-empty": ("optimize {EX} -o {W}/out -q --passes ,", "--passes is empty"),
+    "passes-malformed": ("optimize {EX} -o {W}/out -q --passes ,", "--passes: malformed pipeline"),
     "kv-layout-not-a-decoder": ("optimize {EX} -o {W}/out -q --kv-layout static",
                                 "--kv-layout applies to decoders"),
-    "max-positions-negative": ("optimize {DEF} -o {W}/out -q --passes rewrite-kv-cache{{max-positions=-1}}",
+    "max-positions-negative": ("optimize {EX} -o {W}/out -q --passes rewrite-kv-cache{{max-positions=-1}}",
                                "max-positions -1: give at least 5 positions"),
     "quant-method-alone": ("optimize {EX} -o {W}/out -q --quant-method gptq", "goes with --quantize"),
     "quant-method-unknown": ("optimize {EX} -o {W}/out -q --quantize int4 --quant-method awq2",
@@ -499,12 +499,15 @@ def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path)
             assert tmp.stat().st_mode & 0o777 == 0o700
             (tmp / "weights").write_bytes(b"w")
             (tmp / "weights").chmod(0o600)
+            (tmp / "model.so").write_bytes(b"elf")
+            (tmp / "model.so").chmod(0o700)
         with atomic_path(tmp_path / "report.json") as f:
             f.write_text("{}")
     finally:
         os.umask(old_mask)
     assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "fresh" / "weights").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "fresh" / "model.so").stat().st_mode & 0o777 == 0o755  # a library keeps its x
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
 
 
@@ -711,6 +714,7 @@ def test_reports_are_strict_json_when_a_metric_diverges():
     from graphopt.fileutil import json_text
 
     assert Perplexity(nll=800.0, tokens=1).perplexity == float("inf")  # math.exp would raise OverflowError
+    assert np.isnan(Perplexity(nll=float("nan"), tokens=1).perplexity)  # a NaN loss is not an overflow
     text = json_text({"perplexity": float("inf"), "loss": float("nan"), "rows": [np.float32(1.5), (2, -np.inf)]})
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"perplexity": None, "loss": None, "rows": [1.5, [2, None]]}

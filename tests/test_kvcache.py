@@ -1244,7 +1244,7 @@ def test_past_the_maximum_context_is_a_clear_error(default_artifact):
     (None, {}, "not NoneType"),
     ([[1], 2], {}, "a batch is a list of token-id lists"),
     ([[1]], {"temperature": float("nan")}, "temperature nan: must be a number"),
-    ([[1]], {"temperature": float("inf")}, r"temperature must be >= 0 \(finite\)"),
+    ([[1]], {"temperature": float("inf")}, "temperature inf: must be >= 0 and finite"),
     ([[1]], {"seed": -5}, "seed -5: must be an integer >= 0"),
     ([[1]], {"max_new_tokens": 2.5}, "max_new_tokens 2.5: must be a positive integer"),
     ([[1]], {"top_k": 1.5}, "top_k 1.5: must be an integer"),
@@ -1255,7 +1255,17 @@ def test_generate_checks_its_prompts_and_options(default_artifact, prompts, opti
     artifact = graphopt.load(default_artifact[0])
     with pytest.raises(UserError, match=fragment):
         artifact.generate(prompts, **options)
-    assert artifact.generate(np.array([[5, 17]]), max_new_tokens=np.int64(2), seed=np.int64(3)).tokens  # numpy ints
+
+
+def test_generate_takes_token_ids_as_lists_arrays_and_tensors(default_artifact):
+    import torch
+
+    artifact = graphopt.load(default_artifact[0])
+    want = artifact.generate([[5, 17]], 3).tokens
+    assert artifact.generate([5, 17], 3).tokens == want
+    assert artifact.generate(np.array([[5, 17]]), np.int64(3), seed=np.int64(3)).tokens == want
+    assert artifact.generate(torch.tensor([5, 17]), 3).tokens == want
+    assert artifact.generate([np.array([5, 17])], 3, temperature=np.float32(0.0), seed=None).tokens == want
 
 
 def test_generate_cli_on_the_artifact_matches_the_checkpoint(default_artifact):

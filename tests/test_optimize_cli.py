@@ -75,6 +75,8 @@ def test_optimize_with_pipeline_recipe_and_inputs(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--passes", "dce,nonsense"], "unknown pass 'nonsense'"),
     (["--passes", "dce{"], "malformed pipeline"),
+    (["--passes", ""], "--passes: empty pipeline"),  # not the default recipe less its generation-ready end
+    (["--passes", "\n"], "--passes: empty pipeline"),
     (["--recipe", "RECIPE"], "has no option 'max-sise'"),
     (["--passes", "test-swap-add-sub", "--check-numerics"], "pass 'test-swap-add-sub' changed the results: value 'h1'"),
     (["--passes", "dce", "--recipe", "RECIPE"], "either --passes or --recipe"),

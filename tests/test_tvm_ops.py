@@ -114,9 +114,12 @@ def _quant_moe_cases() -> list:
     for bits, symmetric, inner, lead, extra, cid in (
             (4, False, 32, (1,), False, "int4-one-token"),
             (4, True, 48, (2, 3), True, "int4-symmetric-padded-batch-seq-biases-clamped"),
-            (8, False, 32, (5,), False, "int8")):
+            (8, False, 32, (5,), False, "int8"),
+            (4, False, 32, (3,), False, "int4-outside-and-repeated-choices")):
         x, index, weights, quant, _ = quant_moe_inputs(rng, experts=4, hidden=64, inner=inner, bits=bits,
                                                        symmetric=symmetric, lead=lead)
+        if cid.startswith("int4-outside"):  # -1 and 4 choose nothing; expert 1 twice counts twice
+            index = np.array([[0, -1], [4, 2], [1, 1]], np.int64)
         zps = quant[4:] if not symmetric else [None, None]
         biases = [C(rng.uniform(-1, 1, (4, 2 * inner)).astype(F32)), C(rng.uniform(-1, 1, (4, 64)).astype(F32))]
         form = {"alpha": 1.702, "beta": 1.0, "limit": 1.5} if extra else {}
@@ -328,6 +331,19 @@ def test_rule_matches_reference(case: Case):
             assert_close(got, want, what=name)
 
 
+def test_a_constant_gather_index_outside_the_axis_is_an_error_naming_the_node():
+    """ONNX's Gather with an index past the axis is an error; the lowering's clipped take would
+    read the edge row instead, silently."""
+    from graphopt.backends.tvm.lowering import LoweringError
+
+    g = Graph("gather_outside")
+    b = Builder(g)
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", 4)))
+    g.outputs = [b.op("Gather", x, b.const(np.array([1, 4], np.int64), "idx"), axis=1)]
+    with pytest.raises(LoweringError, match=r"\(Gather\): index 4 is outside an axis of 4"):
+        tvm_backend.compile_graph(g)
+
+
 def test_quant_moe_runs_the_chosen_experts_on_the_cpu_and_decomposes_elsewhere(monkeypatch):
     """On the CPU each QuantMoE case is two moe_gemv kernels (one a projection, the chosen
     experts only); without panels (CUDA) prepare decomposes it: a QuantLinear per expert projection."""
@@ -344,6 +360,62 @@ def test_quant_moe_runs_the_chosen_experts_on_the_cpu_and_decomposes_elsewhere(m
         assert [kw["per_choice"] for kw in built] == [False, True], case.id
         assert [n.op_type for n in prepare(g, pack_weights=True).nodes] == ["QuantMoE"]
         assert [n.op_type for n in prepare(g).nodes].count("QuantLinear") == 2 * 4
+
+
+def test_quant_moe_with_x_rounded_to_int8_where_the_cpu_has_vnni(monkeypatch):
+    """The default arithmetic (quant_accuracy_level auto): 4-bit experts take the int8 VNNI GEMV
+    where the CPU has it, each projection's input rounded to int8 per block of 32 (an element
+    moves by at most its block's max|.| / 254); 8-bit experts keep the float arithmetic. X is
+    fed already rounded (rounding it again changes nothing), so the one error left is the down
+    projection's input rounded: bounded per output by sum over blocks of that step times
+    sum |w| over the block, weighted by the router, as the expert's own numpy computes it."""
+    from graphopt.backends.tvm import quant_panels
+    from graphopt.ops.moe import activate_np
+    from graphopt.ops.quant_moe import dequantized_experts, quant_moe_parts
+
+    if not quant_panels.vnni_available():
+        pytest.skip("this CPU has no AVX-512 VNNI: the float path (test_rule_matches_reference) is the only one")
+    built = []
+    make = quant_panels.moe_gemv_vnni_source
+    monkeypatch.setattr(quant_panels, "moe_gemv_vnni_source", lambda **kw: built.append(kw) or make(**kw))
+
+    def block_max(v: np.ndarray) -> np.ndarray:  # [.., K] -> [.., K / 32]: each block's max |v| (K padded)
+        v = np.pad(np.abs(v), [(0, 0)] * (v.ndim - 1) + [(0, -v.shape[-1] % 32)])
+        return v.reshape(v.shape[:-1] + (-1, 32)).max(-1)
+
+    def rounded(x: np.ndarray) -> np.ndarray:
+        step = np.repeat(block_max(x) / np.float32(127), 32, axis=-1)[..., :x.shape[-1]]
+        return (np.rint(x / np.where(step > 0, step, 1)) * step).astype(np.float32)
+
+    for case in (c for c in CASES if c.op == "QuantMoE"):
+        built.clear()
+        g, feeds = case.graph()
+        feeds = dict(feeds, x0=rounded(feeds["x0"]))
+        want = list(run_reference(g, feeds).values())[0].astype(np.float64)
+        got = list(tvm_backend.compile_graph(g).run(feeds).values())[0]
+        assert len(built) == (2 if case.attrs["bits"] == 4 else 0), case.id
+        node = g.nodes[0]
+        p = {k: (None if v is None else v.const_value) for k, v in quant_moe_parts(node).items()}
+        up, down = dequantized_experts(node, p)
+        alpha, beta, limit = (case.attrs.get(k, d) for k, d in (("alpha", 1.0), ("beta", 0.0), ("limit", 0.0)))
+        inner = case.attrs["inner"]
+        x, index, weights = (feeds[f"x{i}"].reshape(-1, feeds[f"x{i}"].shape[-1]) for i in range(3))
+        bound = np.zeros((len(x), down.shape[1]))
+        for t in range(len(x)):
+            for e, w in zip(index[t], weights[t]):
+                if not 0 <= e < len(up):
+                    continue  # chooses nothing
+                h = up[e].astype(np.float64) @ x[t] + (0 if p["up_bias"] is None else p["up_bias"][e])
+                gate, u = h[:inner], h[inner:]
+                if limit:
+                    gate, u = np.minimum(gate, limit), np.clip(u, -limit, limit)
+                act = gate / (1 + np.exp(-alpha * gate)) if alpha != 1.0 else activate_np(gate, "silu")
+                steps = block_max(act * (u + beta)) / 254  # [inner / 32]
+                sums = np.pad(np.abs(down[e]), [(0, 0), (0, -inner % 32)]).reshape(down.shape[1], -1, 32).sum(-1)
+                bound[t] += w * (sums @ steps)  # [hidden]
+        bound = bound.reshape(want.shape) + 1e-5 * np.abs(want).max()  # and float32's reordering
+        excess = np.abs(got - want) - (bound if case.attrs["bits"] == 4 else 1e-5 * np.abs(want).max())
+        assert excess.max() <= 0, (case.id, excess.max())
 
 
 @pytest.mark.parametrize("largest", [1, 0])

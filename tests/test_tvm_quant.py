@@ -166,7 +166,7 @@ def test_tied_head_and_embedding_share_one_panel_copy():
     table = [b.const(packed, "table"), b.const(scales, "table_scales"), b.const(zp, "table_zp")]
     h = b.op("QuantGather", table[0], ids, *table[1:], domain="graphopt", K=hidden, bits=4, block_size=32)
     g.outputs = [b.op("QuantLinear", h, *table, domain="graphopt", K=hidden, N=vocab, bits=4, block_size=32)]
-    _, params = lower_graph(prepare(g), pack_weights=True, int8_activations=vnni_available())  # as a CPU build does
+    _, params = lower_graph(prepare(g, pack_weights=True), pack_weights=True, int8_activations=vnni_available())  # as a CPU build does
     layout = "vnni64" if _int8_path(4, (1, 1)) else "panels64"
     assert sorted(name for name, _ in params) == [f"table:{layout}", "table_scales:panels64", "table_zp:panels64"]
     feeds = {"ids": np.array([[0, 149, 64], [-1, 63, 7]], np.int64)}
@@ -239,7 +239,7 @@ def _optimized(g: Graph, target_kind: str, pack_weights: bool = False):
 
     from graphopt.backends.tvm.quant_panels import vnni_available
 
-    mod, _ = lower_graph(prepare(g), pack_weights=pack_weights, int8_activations=pack_weights and vnni_available())
+    mod, _ = lower_graph(prepare(g, pack_weights=pack_weights), pack_weights=pack_weights, int8_activations=pack_weights and vnni_available())
     spec = cpu_target_spec() if target_kind == "cpu" else cuda_target_spec("sm_80")
     return optimize_module(mod, tvm.target.Target(spec))
 

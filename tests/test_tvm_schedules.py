@@ -236,7 +236,7 @@ def test_weights_are_packed_once_and_read_in_place(seq, n):
     PANEL = panel_width(n)  # 160 columns: panels of 32; 192: of 64 where vectors are 512 bits wide
     assert PANEL == (lowering.WIDE_PANEL if n == 192 and lowering._wide_vectors() else lowering.PANEL)
     g = _linear_graph(96, n, "seq")
-    mod, params = lower_graph(prepare(g), pack_weights=True)
+    mod, params = lower_graph(prepare(g, pack_weights=True), pack_weights=True)
     (panels,) = [a for name, a in params if name.startswith("w")]  # stored packed, not twice
     assert panels.shape == (n // PANEL, 96, PANEL)
     scheduled = optimize_module(mod, tvm.target.Target(cpu_target_spec()))
@@ -273,7 +273,7 @@ def test_static_rows_of_a_packed_weight_get_one_schedule(seq):
     from graphopt.testing import assert_close
 
     g = _linear_graph(96, 160, seq)
-    scheduled = optimize_module(lower_graph(prepare(g), pack_weights=True)[0], tvm.target.Target(cpu_target_spec()))
+    scheduled = optimize_module(lower_graph(prepare(g, pack_weights=True), pack_weights=True)[0], tvm.target.Target(cpu_target_spec()))
     (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
     text = kernel.script()
     assert 'T.sblock("rows")' not in text and ("_pad" in text) == (seq >= 4)
@@ -372,7 +372,7 @@ def test_cpu_rms_norms_are_the_hand_written_kernel(width, seq):
     gamma = b.const(RNG.standard_normal(width, np.float32), "gamma")
     y, s = b.op("SkipNorm", x, skip, gamma, domain="graphopt", n_out=2, norm="rms", epsilon=1e-6)
     g.outputs = [b.op("RMSNorm", y, gamma, domain="graphopt", epsilon=1e-5), s]
-    mod, _ = lower_graph(prepare(g), pack_weights=True)
+    mod, _ = lower_graph(prepare(g, pack_weights=True), pack_weights=True)
     calls = _kernel_calls(relax.get_pipeline("zero")(mod))
     assert calls["rms_norm_rows"] == 2 and "rms_norm" not in calls and not any("mean" in n for n in calls), calls
     kernel = next(f for gv, f in mod.functions.items() if gv.name_hint.startswith("rms_norm_rows"))
@@ -405,7 +405,7 @@ def test_cpu_silu_gated_linear_is_one_kernel_over_paired_panels(n, seq):
     x = g.add_input("x", TensorType(f32, ("batch", "seq", 64)))
     w_gate, w_up = (b.const(RNG.standard_normal((64, n), np.float32) / 8, name) for name in ("w_gate", "w_up"))
     g.outputs = [b.op("GatedLinear", x, w_gate, w_up, domain="graphopt", activation="silu")]
-    mod, _ = lower_graph(prepare(g), pack_weights=True)
+    mod, _ = lower_graph(prepare(g, pack_weights=True), pack_weights=True)
     calls = _kernel_calls(relax.get_pipeline("zero")(mod))
     paired = n % 32 == 0
     assert (calls == {"matmul_panels_silu_gate": 1}) == paired, calls

@@ -169,7 +169,9 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
     else:
         result, source = evaluate_checkpoint(checkpoint, data, batch_size, max_tokens)
     if as_json:
-        click.echo(json.dumps(dict(asdict(result), source=source)))
+        from graphopt.fileutil import json_text
+
+        click.echo(json_text(dict(asdict(result), source=source)))
         return
     click.echo(f"text:               {source} ({result.documents} documents, {result.bytes:,} bytes)")
     click.echo(f"tokens scored:      {result.tokens:,}")

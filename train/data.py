@@ -155,6 +155,10 @@ def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=N
             raise UserError(f"{meta_path}: not valid JSON; delete {out} to prepare the data again") from None
         if not isinstance(meta, dict):
             raise UserError(f"{meta_path}: not a JSON object; delete {out} to prepare the data again")
+        recorded = (meta.get("config") or {}).get("suffixes") if isinstance(meta.get("config"), dict) else None
+        if recorded == list(DataConfig.suffixes) and list(cfg.suffixes) == list(TEXT_SUFFIXES):
+            # a --data run prepared before .txt/.md/.rst were read: resumed on the data it prepared
+            wanted["config"]["suffixes"] = recorded
         if {k: meta.get(k) for k in wanted} != wanted:
             raise UserError(f"{out}: prepared from different data or settings; use another --out")
         return out

@@ -62,7 +62,7 @@ def score_documents(model, cfg, tok, docs: list[str], source: str, batch_size: i
     """The perplexity (and bits per byte, unigram baseline) of `model` on `docs`."""
     import torch
 
-    from .trainer import evaluate_tokens, unigram_perplexity
+    from .trainer import evaluate_tokens, perplexity_of, unigram_perplexity
 
     ids = encode_scored(tok, docs, source)
     n_bytes = sum(len(d.encode()) for d in docs)
@@ -76,7 +76,7 @@ def score_documents(model, cfg, tok, docs: list[str], source: str, batch_size: i
         nll, count = evaluate_tokens(model, ids, cfg.max_seq_len, batch_size, device=device)
     loss = nll / count
     return EvalResult(documents=len(docs), tokens=count, bytes=n_bytes, loss=loss,
-                      perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / n_bytes,
+                      perplexity=perplexity_of(loss), bits_per_byte=nll / math.log(2) / n_bytes,
                       unigram_perplexity=unigram_perplexity(ids))
 
 

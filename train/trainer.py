@@ -146,6 +146,15 @@ def forward_backward(model, batches, bf16: bool, device_type: str, loss_fn=lm_lo
 
 
 @torch.no_grad()
+def perplexity_of(loss: float) -> float:
+    """exp(loss); past exp's range (a diverged model) inf, not OverflowError (graphopt.accuracy's twin:
+    train/ imports no compiler module)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def evaluate_tokens(model, ids, seq_len: int, batch_size: int = 16, device="cpu",
                     bf16: bool = False) -> tuple[float, int]:
     """Summed NLL (nats) and count of predicted tokens over a token stream, scored in
@@ -346,7 +355,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
             nll, count = evaluate_tokens(model, val_tokens[:cfg.eval_tokens + 1], seq_len,
                                          device=device, bf16=cfg.bf16)
             record["val_loss"] = nll / count
-            record["val_ppl"] = math.exp(nll / count)
+            record["val_ppl"] = perplexity_of(nll / count)
         if done % cfg.log_interval == 0 or "val_loss" in record:
             elapsed = time.time() - t0
             msg = (f"step {done}/{cfg.max_steps} | loss {loss:.4f} | "

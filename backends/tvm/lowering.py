@@ -455,6 +455,7 @@ def rule(*ops: str, domain: str = "", when: Callable[[Node, bool], bool] | None 
     def deco(fn):
         for op in ops:
             register_lowering("tvm", domain, op)(fn)
+            _WHEN.pop((domain, op), None)  # a rule registered again keeps no predicate of the one before
             if when is not None:
                 _WHEN[domain, op] = when
         return fn

@@ -290,26 +290,53 @@ def quantize_rows_int8(x: T.handle, x8: T.handle, x_scale: T.handle, x_sum: T.ha
 '''
 
 
-def gemv_vnni_source(*, k: int, n_panels: int, n_blocks: int, block_size: int, symmetric: bool) -> str:
-    """TVMScript of the VNNI GEMV (4 bits): Y [m, n_panels * PANEL] from the int8 rows, their
-    scales and sums (`quantize_rows_source`) and the weight in `vnni_panels` layout; one row at
-    a time (each panel stays in cache while the rows pass)."""
+def _vnni_block(block_size: int, x8_at, w_at) -> list[str]:
+    """The VNNI GEMV's statements for one block b of one row into `acc_i` (PANEL int32 lanes):
+    `x8_at(offset)` indexes X8 at element b * block_size + offset of the row, `w_at(g, v)` the
+    packed panel's 64 bytes for group g and outputs v * 16 .. v * 16 + 15."""
     vnni = 'T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")'
     nibbles = "T.broadcast(T.int32(0x0F0F0F0F), 16)"
     lines = []
     for g in range(block_size // 8):
         for half in range(2):  # elements 8g..8g+3 (low nibbles), 8g+4..8g+7 (high nibbles)
-            lines.append(f"x{half} = T.reinterpret(T.broadcast(T.reinterpret(X8.vload([r, b * {block_size} + "
-                         f"{8 * g + 4 * half}], 'int8x4'), dtype='int32'), 16), dtype='int8x64')")
+            lines.append(f"x{half} = T.reinterpret(T.broadcast(T.reinterpret(X8.vload([{x8_at(8 * g + 4 * half)}], "
+                         "'int8x4'), dtype='int32'), 16), dtype='int8x64')")
         for v in range(PANEL // 16):  # 16 outputs a vector
             acc = f"acc_i[T.ramp({v * 16}, 1, 16)]"
-            w = f"T.reinterpret(packed.vload([j, b, {g}, {v * 16}, 0], 'uint8x64'), dtype='int32x16')"
+            w = f"T.reinterpret(packed.vload([{w_at(g, v)}], 'uint8x64'), dtype='int32x16')"
             lo = f"T.reinterpret(T.bitwise_and({w}, {nibbles}), dtype='int8x64')"
             hi = f"T.reinterpret(T.bitwise_and(T.shift_right({w}, T.broadcast(T.int32(4), 16)), {nibbles}), dtype='int8x64')"
             lines.append(f"{acc} = T.call_llvm_pure_intrin({vnni}, T.call_llvm_pure_intrin({vnni}, {acc}, {lo}, x0, "
                          f"dtype='int32x16'), {hi}, x1, dtype='int32x16')")
-    inner = "\n".join(" " * 16 + line for line in lines)
-    zp = "T.float32(8)" if symmetric else "T.Cast('float32', zero_points[j, b, c])"
+    return lines
+
+
+def _vnni_row(block_size: int, n_blocks: int, symmetric: bool, x8_at, w_at, head: str, xs: str, out: str) -> list[str]:
+    """One row's panel of outputs by the VNNI GEMV: `head` indexes the weight's panel ("j" or
+    "e, j"), `xs` the row's scales and sums ("r" or "r, s"), `out` the output element of lane c."""
+    zp = "T.float32(8)" if symmetric else f"T.Cast('float32', zero_points[{head}, b, c])"
+    return ([f"acc = T.alloc_buffer(({PANEL},), scope='local')",
+             f"acc_i = T.alloc_buffer(({PANEL},), 'int32', scope='local')",
+             f"for c in T.vectorized({PANEL}):",
+             "    acc[c] = T.float32(0)",
+             f"for b in range({n_blocks}):",
+             f"    for c in T.vectorized({PANEL}):",
+             "        acc_i[c] = 0"]
+            + ["    " + line for line in _vnni_block(block_size, x8_at, w_at)]
+            + [f"    for c in T.vectorized({PANEL}):",
+               f"        acc[c] = acc[c] + scales[{head}, b, c] * XS[{xs}, b] * (T.Cast('float32', acc_i[c]) - {zp} * "
+               f"T.Cast('float32', XSUM[{xs}, b]))",
+               f"for c in T.vectorized({PANEL}):",
+               f"    {out} = acc[c]"])
+
+
+def gemv_vnni_source(*, k: int, n_panels: int, n_blocks: int, block_size: int, symmetric: bool) -> str:
+    """TVMScript of the VNNI GEMV (4 bits): Y [m, n_panels * PANEL] from the int8 rows, their
+    scales and sums (`quantize_rows_source`) and the weight in `vnni_panels` layout; one row at
+    a time (each panel stays in cache while the rows pass)."""
+    row = _vnni_row(block_size, n_blocks, symmetric, lambda o: f"r, b * {block_size} + {o}",
+                    lambda g, v: f"j, b, {g}, {v * 16}, 0", "j", "r", f"Y[r, j * {PANEL} + c]")
+    body = "\n".join(" " * 12 + line for line in row)
     zp_arg = "" if symmetric else f', zero_points: T.Buffer(({n_panels}, {n_blocks}, {PANEL}), "uint8")'
     width = n_blocks * block_size
     return f'''
@@ -323,18 +350,42 @@ def quant_gemv_vnni(x8: T.handle, x_scale: T.handle, x_sum: T.handle, packed: T.
     Y = T.match_buffer(y, (m, {n_panels * PANEL}), "float32")
     for j in T.parallel({n_panels}):
         for r in range(m):
-            acc = T.alloc_buffer(({PANEL},), scope="local")
-            acc_i = T.alloc_buffer(({PANEL},), "int32", scope="local")
-            for c in T.vectorized({PANEL}):
-                acc[c] = T.float32(0)
-            for b in range({n_blocks}):
-                for c in T.vectorized({PANEL}):
-                    acc_i[c] = 0
-{inner}
-                for c in T.vectorized({PANEL}):
-                    acc[c] = acc[c] + scales[j, b, c] * XS[r, b] * (T.Cast("float32", acc_i[c]) - {zp} * T.Cast("float32", XSUM[r, b]))
-            for c in T.vectorized({PANEL}):
-                Y[r, j * {PANEL} + c] = acc[c]
+{body}
+'''
+
+
+def moe_gemv_vnni_source(*, experts: int, n_panels: int, n_blocks: int, block_size: int, symmetric: bool,
+                         choices: int, per_choice: bool) -> str:
+    """`moe_gemv_source` on the VNNI path (4 bits): the rows of X as int8 per block
+    (`quantize_rows_source`, [m, S, ...] with S as there), the experts' weights in `vnni_panels`
+    layout stacked over the experts."""
+    x_row = "s" if per_choice else "0"
+    row = _vnni_row(block_size, n_blocks, symmetric, lambda o: f"r, {x_row}, b * {block_size} + {o}",
+                    lambda g, v: f"e, j, b, {g}, {v * 16}, 0", "e, j", f"r, {x_row}", f"Y[r, s, j * {PANEL} + c]")
+    body = "\n".join(" " * 24 + line for line in row)
+    zp_arg = "" if symmetric else f', zero_points: T.Buffer(({experts}, {n_panels}, {n_blocks}, {PANEL}), "uint8")'
+    width, rows = n_blocks * block_size, choices if per_choice else 1
+    return f'''
+@T.prim_func(private=True, s_tir=True)
+def quant_moe_gemv_vnni(x8: T.handle, x_scale: T.handle, x_sum: T.handle, index: T.handle, packed: T.Buffer(({experts}, {n_panels}, {n_blocks}, {block_size // 8}, {PANEL}, 4), "uint8"), scales: T.Buffer(({experts}, {n_panels}, {n_blocks}, {PANEL}), "float32"){zp_arg}, y: T.handle):
+    T.func_attr({{"tirx.noalias": True}})
+    m = T.int64()
+    X8 = T.match_buffer(x8, (m, {rows}, {width}), "int8")
+    XS = T.match_buffer(x_scale, (m, {rows}, {n_blocks}), "float32")
+    XSUM = T.match_buffer(x_sum, (m, {rows}, {n_blocks}), "int32")
+    I = T.match_buffer(index, (m, {choices}), "int64")
+    Y = T.match_buffer(y, (m, {choices}, {n_panels * PANEL}), "float32")
+    for j in T.parallel({n_panels}):
+        for r in range(m):
+            for s in range({choices}):
+                if I[r, s] < T.int64(0) or I[r, s] >= T.int64({experts}):
+                    for c in T.vectorized({PANEL}):
+                        Y[r, s, j * {PANEL} + c] = T.float32(0)
+        for e in range({experts}):
+            for r in range(m):
+                for s in range({choices}):
+                    if I[r, s] == T.int64(e):
+{body}
 '''
 
 

@@ -436,21 +436,27 @@ def _moe_sparse(lw: Lowerer, node, x, index, weights, ups: np.ndarray, downs: np
                             "moe_gemv_panels")
         return lw.emit(relax.call_tir(gv, [x3, idx, w], relax.TensorType([m, k, n], "float32")))
 
-    def plus_bias(h, which: int):  # each choice's expert's bias: [m, k, n]
-        if biases[which] is None:
-            return h
-        return lw.emit(R.add(h, R.take(relax.const(np.ascontiguousarray(biases[which]), "float32"), idx, axis=0,
-                                       mode="clip")))
-    h = plus_bias(gemv(lw.view(x, [m, 1, hidden]), node.inputs[3], p_up, n_up, hidden, False), 0)
+    h = choice_bias(lw, gemv(lw.view(x, [m, 1, hidden]), node.inputs[3], p_up, n_up, hidden, False), biases[0], idx)
     h = _gated(lw, node, h, inner)
-    d = plus_bias(gemv(h, node.inputs[4], p_down, hidden, inner, True), 1)
-    # weighted by the router's weights; a choice outside [0, experts) weighs nothing (its row is
-    # zero, but a clipped bias is not)
+    d = choice_bias(lw, gemv(h, node.inputs[4], p_down, hidden, inner, True), biases[1], idx)
+    return lw.view(weigh_choices(lw, d, idx, weights, experts, m, k), list(dims))
+
+
+def choice_bias(lw: Lowerer, h, bias: np.ndarray | None, idx):
+    """h [m, k, n] plus each choice's expert's bias (a constant [experts, n]); h as is without one."""
+    if bias is None:
+        return h
+    return lw.emit(R.add(h, R.take(relax.const(np.ascontiguousarray(bias), "float32"), idx, axis=0, mode="clip")))
+
+
+def weigh_choices(lw: Lowerer, d, idx, weights, experts: int, m, k: int):
+    """[m, hidden]: the sum over the k choices of each one's output d [m, k, hidden] times its
+    router weight; a choice outside [0, experts) weighs nothing (its row is zero, but a clipped
+    bias is not)."""
     valid = lw.emit(R.logical_and(R.greater_equal(idx, relax.const(0, "int64")),
                                   R.less(idx, relax.const(experts, "int64"))))
     w = lw.emit(R.multiply(R.reshape(R.astype(weights, "float32"), [m, k]), R.astype(valid, "float32")))
-    y = lw.emit(R.sum(R.multiply(d, R.expand_dims(w, [2])), axis=[1]))
-    return lw.view(y, list(dims))
+    return lw.emit(R.sum(R.multiply(d, R.expand_dims(w, [2])), axis=[1]))
 
 
 @rule("SkipNorm", domain="graphopt")

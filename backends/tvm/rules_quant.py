@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 
 from graphopt.backends.tvm import quant_panels, schedules_quant
 from graphopt.backends.tvm.lowering import Lowerer, rule, static_int
-from graphopt.backends.tvm.rules_graphopt import _activate, _attr, _gated
+from graphopt.backends.tvm.rules_graphopt import _activate, _attr, _gated, choice_bias, weigh_choices
 from graphopt.dtypes import DType
 from graphopt.ir import Node, constant_value
 from graphopt.ops.moe import moe_form
@@ -169,7 +169,8 @@ def _quant_moe_sparse(node: Node, pack_weights: bool) -> bool:
     shape = index.type.shape if index.type is not None else None
     return (pack_weights and x.type is not None and x.type.dtype == DType.FLOAT32 and bool(shape)
             and isinstance(shape[-1], int)
-            and all(p[n] is None or constant_value(p[n]) is not None for n in NAMES[3:]))
+            and all(p[n] is None or constant_value(p[n]) is not None for n in NAMES[3:])
+            and all(constant_value(p[n]).dtype == np.float32 for n in ("up_scales", "down_scales")))
 
 
 @rule("QuantMoE", domain="graphopt", when=_quant_moe_sparse)
@@ -193,36 +194,50 @@ def quant_moe(lw: Lowerer, node, args):
     def stacked(fn):
         return lambda a: np.stack([fn(e) for e in a])
 
+    vnni = _vnni(lw, bits, block_size)
+
     def gemv(x3, proj: str, n: int, width: int, per_choice: bool):
         n_blocks, n_panels = num_blocks(width, block_size), quant_panels.panel_count(n)
-        w = [lw.weight(p[f"{proj}_packed"], tag, stacked(quant_panels.packed_panels)),
-             lw.weight(p[f"{proj}_scales"], tag, stacked(quant_panels.scales_panels))]
-        if p[f"{proj}_zero_points"] is not None:
+        symmetric, rows = p[f"{proj}_zero_points"] is None, k if per_choice else 1
+        if vnni:
+            packed = lw.weight(p[f"{proj}_packed"], f"moe_vnni{quant_panels.PANEL}",
+                               stacked(lambda q: quant_panels.vnni_panels(q, block_size)))
+        else:
+            packed = lw.weight(p[f"{proj}_packed"], tag, stacked(quant_panels.packed_panels))
+        w = [packed, lw.weight(p[f"{proj}_scales"], tag, stacked(quant_panels.scales_panels))]
+        if not symmetric:
             w.append(lw.weight(p[f"{proj}_zero_points"], tag,
                                stacked(lambda z: quant_panels.zero_panels(z, bits, n_blocks))))
-        func = quant_panels.prim_func(quant_panels.moe_gemv_source(
-            experts=experts, k=width, n_panels=n_panels, n_blocks=n_blocks, bits=bits, block_size=block_size,
-            symmetric=p[f"{proj}_zero_points"] is None, choices=k, per_choice=per_choice))
-        y = lw.emit(relax.call_tir(lw.bb.add_func(func, f"quant_moe_gemv_int{bits}"), [x3, idx] + [lw.tensor(t) for t in w],
-                                   relax.TensorType([m, k, n_panels * quant_panels.PANEL], "float32")))
+        w = [lw.tensor(t) for t in w]
+        out = relax.TensorType([m, k, n_panels * quant_panels.PANEL], "float32")
+        if vnni:  # each row of X as int8 per block (once, shared by every expert and output), then the int8 GEMV
+            flat = lw.simplify(m * rows)
+            quantize = lw.bb.add_func(quant_panels.prim_func(quant_panels.quantize_rows_source(
+                k=width, n_blocks=n_blocks, block_size=block_size)), "quantize_rows_int8")
+            x8 = lw.emit(relax.call_tir(quantize, [lw.view(x3, [flat, width])],
+                                        [relax.TensorType([flat, n_blocks * block_size], "int8"),
+                                         relax.TensorType([flat, n_blocks], "float32"),
+                                         relax.TensorType([flat, n_blocks], "int32")]))
+            parts = [lw.view(lw.emit(relax.TupleGetItem(x8, i)), [m, rows, size])
+                     for i, size in enumerate((n_blocks * block_size, n_blocks, n_blocks))]
+            func = quant_panels.prim_func(quant_panels.moe_gemv_vnni_source(
+                experts=experts, n_panels=n_panels, n_blocks=n_blocks, block_size=block_size, symmetric=symmetric,
+                choices=k, per_choice=per_choice))
+            y = lw.emit(relax.call_tir(lw.bb.add_func(func, "quant_moe_gemv_vnni"), parts + [idx] + w, out))
+        else:
+            func = quant_panels.prim_func(quant_panels.moe_gemv_source(
+                experts=experts, k=width, n_panels=n_panels, n_blocks=n_blocks, bits=bits, block_size=block_size,
+                symmetric=symmetric, choices=k, per_choice=per_choice))
+            y = lw.emit(relax.call_tir(lw.bb.add_func(func, f"quant_moe_gemv_int{bits}"), [x3, idx] + w, out))
         if n_panels * quant_panels.PANEL != n:  # the padding outputs of the last panel
             y = lw.emit(R.strided_slice(y, axes=[2], begin=[0], end=[n]))
         return y
 
-    def plus_bias(h, name: str):  # each choice's expert's bias: [m, k, n]
-        if p[name] is None:
-            return h
-        return lw.emit(R.add(h, R.take(relax.const(np.ascontiguousarray(lw.const_array(p[name])), "float32"), idx,
-                                       axis=0, mode="clip")))
-    h = plus_bias(gemv(lw.view(x, [m, 1, hidden]), "up", n_up, hidden, False), "up_bias")
+    biases = [None if p[name] is None else lw.const_array(p[name]) for name in ("up_bias", "down_bias")]
+    h = choice_bias(lw, gemv(lw.view(x, [m, 1, hidden]), "up", n_up, hidden, False), biases[0], idx)
     h = _gated(lw, node, h, inner)
-    d = plus_bias(gemv(h, "down", hidden, inner, True), "down_bias")
-    # weighted by the router's weights; a choice outside [0, experts) weighs nothing
-    valid = lw.emit(R.logical_and(R.greater_equal(idx, relax.const(0, "int64")),
-                                  R.less(idx, relax.const(experts, "int64"))))
-    w = lw.emit(R.multiply(R.reshape(R.astype(weights, "float32"), [m, k]), R.astype(valid, "float32")))
-    y = lw.emit(R.sum(R.multiply(d, R.expand_dims(w, [2])), axis=[1]))
-    return [lw.view(y, list(dims))]
+    d = choice_bias(lw, gemv(h, "down", hidden, inner, True), biases[1], idx)
+    return [lw.view(weigh_choices(lw, d, idx, weights, experts, m, k), list(dims))]
 
 
 @rule("DynamicQuantLinear", domain="graphopt")

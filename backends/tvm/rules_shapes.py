@@ -230,6 +230,9 @@ def gather(lw: Lowerer, node, args):
         n = lw.shape(data)[axis]
         vals = np.array(idx.ints(), dtype=np.int64).reshape(idx.values.shape)
         if isinstance(n, int):
+            outside = (vals < -n) | (vals >= n)
+            if outside.any():  # ONNX: an error (a clipped take would read the edge row silently)
+                raise lw.error(f"index {int(vals[outside].flat[0])} is outside an axis of {n}")
             vals = np.where(vals < 0, vals + n, vals)
         if (vals >= 0).all():
             return [lw.emit(R.take(data, relax.const(vals, "int64"), axis=axis, mode="clip"))]  # in range: as fast

@@ -95,7 +95,7 @@ def _build(graph: Graph, target: str, options: dict | None):
     weights = [np.ascontiguousarray(a) for _, a in params]
     fields = {"tvm_target": spec, "params": param_names, "lower_seconds": round(t1 - t0, 3),
               "compile_seconds": round(t2 - t1, 3)}  # no tuning runs yet: no tuning time is reported
-    if any(n.op_type == "QuantLinear" for n in g.nodes):  # the arithmetic the quantized layers were lowered to
+    if any(n.op_type in ("QuantLinear", "QuantMoE") for n in g.nodes):  # the arithmetic the quantized layers were lowered to
         int8 = any(gv.name_hint.startswith("quantize_rows") for gv in mod.get_global_vars())
         fields["quant_accuracy_level"] = 4 if int8 else 0
     return executable, param_names, weights, fields

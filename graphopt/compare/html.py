@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from graphopt.fileutil import json_text
+
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d232a;background:#fafbfc}
 h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #dde2e7;padding-bottom:4px}
@@ -314,7 +316,7 @@ _PAGE = """<!doctype html>
 
 def report_json(report: dict) -> str:
     """The report as JSON text: the one serialization the .json file and the page share."""
-    return json.dumps(report, indent=1, allow_nan=False, default=_jsonable)
+    return json_text(report, indent=1, default=_jsonable)  # a diverged metric is null, as in report.json
 
 
 def _jsonable(x):

@@ -79,8 +79,8 @@ def match_norm(seed: Node):
         got = evaluate_region(x, y, nodes, probe)
         if got is None or got.shape != probe.shape:
             continue
-        # no Add at all: an epsilon the exporter dropped (Helium's 1e-8 is lost in float32's
-        # rounding of 1 + eps, so the export folds the Add away): the norm of epsilon 0
+        # no Add at all: the norm of epsilon 0 (Helium's RMSNorm, rms_norm_eps 1e-8, exports through
+        # torch.onnx's dynamo path with no Add before the Sqrt)
         candidates = _scalar_constants(nodes) or ([] if any(n.op_type == "Add" for n in nodes) else [0.0])
         for kind in ("layer", "rms"):
             eps = _fit_epsilon(kind, probe, got, candidates)

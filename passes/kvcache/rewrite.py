@@ -108,14 +108,16 @@ class RewriteKVCache(Pass):
     max_positions: int = 0
     block_size: int = 16
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        check_layout(self.layout, ctx.hints.get("backend"))
+    def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
         if self.max_positions < 0 or 0 < self.max_positions < max(_PROBE_SEQ):
             raise UserError(f"rewrite-kv-cache: max-positions {self.max_positions}: give at least {max(_PROBE_SEQ)} "
                             "positions (or 0: the model's own context)")
-        max_pos = self.max_positions or int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
         if self.layout == "paged" and self.block_size <= 0:
             raise UserError(f"rewrite-kv-cache: block-size {self.block_size}: must be positive")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        check_layout(self.layout, ctx.hints.get("backend"))
+        max_pos = self.max_positions or int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
         _position_ids_from_mask(graph)
         if has_cache(graph):  # exported with a cache: recognized and moved to the layout
             if self.layout in ("static", "paged") and not max_pos:

@@ -64,3 +64,20 @@ def test_no_text_files_is_a_user_error(tmp_path):
     (tmp_path / "notes.bin").write_bytes(b"\x00")
     with pytest.raises(UserError, match="no text files"):
         collect_documents(tmp_path, CFG)
+
+
+def test_a_data_folder_reads_text_files_and_an_earlier_py_only_preparation_resumes(corpus, tmp_path):
+    """--data DIR reads .txt/.md/.rst as well as .py (TEXT_SUFFIXES); a folder prepared before
+    that (its meta records .py only) is resumed as it was prepared, not refused."""
+    from graphopt.train.data import TEXT_SUFFIXES
+
+    notes = tmp_path / "notes"
+    for i, src in enumerate(sorted(corpus.rglob("mod_*.py"))[:40]):
+        (notes / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (notes / f"d{i % 3}" / f"n{i}{('.txt', '.md', '.rst')[i % 3]}").write_text(src.read_text())
+    docs = collect_documents(notes, DataConfig(vocab_size=384, suffixes=TEXT_SUFFIXES))
+    assert {d["path"].rsplit(".", 1)[1] for d in docs} == {"txt", "md", "rst"}
+    with pytest.raises(UserError, match="no text files"):
+        collect_documents(notes, CFG)  # the stdlib default reads .py only
+    prepare(corpus, tmp_path / "old", CFG)
+    assert prepare(corpus, tmp_path / "old", DataConfig(vocab_size=384, val_fraction=0.1, suffixes=TEXT_SUFFIXES))
