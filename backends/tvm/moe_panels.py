@@ -36,6 +36,14 @@ def gemv_source(*, experts: int, n: int, k: int, p: int, choices: int, per_choic
     """TVMScript of the kernel above; m (tokens) is symbolic."""
     s_dim = choices if per_choice else 1
     x_row = "s" if per_choice else "0"
+    row = [f"acc = T.alloc_buffer(({p},), scope='local')",
+           f"for c in T.vectorized({p}):",
+           "    acc[c] = T.float32(0)",
+           f"for kk in range({k}):",
+           f"    for c in T.vectorized({p}):",
+           f"        acc[c] = acc[c] + X[r, {x_row}, kk] * w[e, j, kk, c]",
+           f"for c in T.vectorized({p}):",
+           f"    Y[r, s, j * {p} + c] = acc[c]"]
     return f'''
 @T.prim_func(private=True, s_tir=True)
 def moe_gemv_panels(x: T.handle, index: T.handle, w: T.Buffer(({experts}, {n // p}, {k}, {p}), "float32"), y: T.handle):
@@ -44,24 +52,7 @@ def moe_gemv_panels(x: T.handle, index: T.handle, w: T.Buffer(({experts}, {n // 
     X = T.match_buffer(x, (m, {s_dim}, {k}), "float32")
     I = T.match_buffer(index, (m, {choices}), "int64")
     Y = T.match_buffer(y, (m, {choices}, {n}), "float32")
-    for j in T.parallel({n // p}):
-        for r in range(m):
-            for s in range({choices}):
-                if I[r, s] < T.int64(0) or I[r, s] >= T.int64({experts}):
-                    for c in T.vectorized({p}):
-                        Y[r, s, j * {p} + c] = T.float32(0)
-        for e in range({experts}):
-            for r in range(m):
-                for s in range({choices}):
-                    if I[r, s] == T.int64(e):
-                        acc = T.alloc_buffer(({p},), scope="local")
-                        for c in T.vectorized({p}):
-                            acc[c] = T.float32(0)
-                        for kk in range({k}):
-                            for c in T.vectorized({p}):
-                                acc[c] = acc[c] + X[r, {x_row}, kk] * w[e, j, kk, c]
-                        for c in T.vectorized({p}):
-                            Y[r, s, j * {p} + c] = acc[c]
+{quant_panels.expert_loops(experts, choices, n // p, p, row)}
 '''
 
 

@@ -179,6 +179,24 @@ def _weight_at(head: str, h: int, bits: int, symmetric: bool) -> str:
     return f"T.Cast('float32', T.Cast('{lanes}', {byte}) - {zp})"
 
 
+def expert_loops(experts: int, choices: int, n_panels: int, panel: int, row: list[str]) -> str:
+    """The loop nest of an indexed-experts GEMV (moe_panels.py's and the two below), at the
+    function body's indentation: cores over the column panels; a zero row for a choice outside
+    [0, experts); then expert by expert, `row` (statements at the innermost level, writing
+    Y[r, s, panel j]) for each (token r, choice s) that chose it."""
+    head = [f"for j in T.parallel({n_panels}):",
+            "    for r in range(m):",
+            f"        for s in range({choices}):",
+            f"            if I[r, s] < T.int64(0) or I[r, s] >= T.int64({experts}):",
+            f"                for c in T.vectorized({panel}):",
+            f"                    Y[r, s, j * {panel} + c] = T.float32(0)",
+            f"    for e in range({experts}):",
+            "        for r in range(m):",
+            f"            for s in range({choices}):",
+            "                if I[r, s] == T.int64(e):"]
+    return "\n".join(" " * 4 + line for line in head + [" " * 20 + line for line in row])
+
+
 def moe_gemv_source(*, experts: int, k: int, n_panels: int, n_blocks: int, bits: int, block_size: int,
                     symmetric: bool, choices: int, per_choice: bool) -> str:
     """TVMScript of graphopt.QuantMoE's projection with only the chosen experts (moe_panels.py's
@@ -198,7 +216,19 @@ def moe_gemv_source(*, experts: int, k: int, n_panels: int, n_blocks: int, bits:
         x = _x_at(f"X[r, {x_row}, {{}}]", f"b * {block_size} + p * {per} + {h}", k, n_blocks * block_size)
         inner += [f"for c in T.vectorized({PANEL}):",
                   f"    block[c] = block[c] + {x} * {_weight_at('e, j, b', h, bits, symmetric)}"]
-    body = "\n".join(" " * 32 + line for line in inner)
+    row = ([f"acc = T.alloc_buffer(({PANEL},), scope='local')",
+            f"block = T.alloc_buffer(({PANEL},), scope='local')",
+            f"for c in T.vectorized({PANEL}):",
+            "    acc[c] = T.float32(0)",
+            f"for b in range({n_blocks}):",
+            f"    for c in T.vectorized({PANEL}):",
+            "        block[c] = T.float32(0)",
+            f"    for p in T.unroll({nbytes}):"]
+           + ["        " + line for line in inner]
+           + [f"    for c in T.vectorized({PANEL}):",
+              "        acc[c] = acc[c] + scales[e, j, b, c] * block[c]",
+              f"for c in T.vectorized({PANEL}):",
+              f"    Y[r, s, j * {PANEL} + c] = acc[c]"])
     zp_arg = "" if symmetric else f', zero_points: T.Buffer(({experts}, {n_panels}, {n_blocks}, {PANEL}), "uint8")'
     return f'''
 @T.prim_func(private=True, s_tir=True)
@@ -208,29 +238,7 @@ def quant_moe_gemv_panels(x: T.handle, index: T.handle, packed: T.Buffer(({exper
     X = T.match_buffer(x, (m, {choices if per_choice else 1}, {k}), "float32")
     I = T.match_buffer(index, (m, {choices}), "int64")
     Y = T.match_buffer(y, (m, {choices}, {n_panels * PANEL}), "float32")
-    for j in T.parallel({n_panels}):
-        for r in range(m):
-            for s in range({choices}):
-                if I[r, s] < T.int64(0) or I[r, s] >= T.int64({experts}):
-                    for c in T.vectorized({PANEL}):
-                        Y[r, s, j * {PANEL} + c] = T.float32(0)
-        for e in range({experts}):
-            for r in range(m):
-                for s in range({choices}):
-                    if I[r, s] == T.int64(e):
-                        acc = T.alloc_buffer(({PANEL},), scope="local")
-                        block = T.alloc_buffer(({PANEL},), scope="local")
-                        for c in T.vectorized({PANEL}):
-                            acc[c] = T.float32(0)
-                        for b in range({n_blocks}):
-                            for c in T.vectorized({PANEL}):
-                                block[c] = T.float32(0)
-                            for p in T.unroll({nbytes}):
-{body}
-                            for c in T.vectorized({PANEL}):
-                                acc[c] = acc[c] + scales[e, j, b, c] * block[c]
-                        for c in T.vectorized({PANEL}):
-                            Y[r, s, j * {PANEL} + c] = acc[c]
+{expert_loops(experts, choices, n_panels, PANEL, row)}
 '''
 
 
@@ -362,7 +370,6 @@ def moe_gemv_vnni_source(*, experts: int, n_panels: int, n_blocks: int, block_si
     x_row = "s" if per_choice else "0"
     row = _vnni_row(block_size, n_blocks, symmetric, lambda o: f"r, {x_row}, b * {block_size} + {o}",
                     lambda g, v: f"e, j, b, {g}, {v * 16}, 0", "e, j", f"r, {x_row}", f"Y[r, s, j * {PANEL} + c]")
-    body = "\n".join(" " * 24 + line for line in row)
     zp_arg = "" if symmetric else f', zero_points: T.Buffer(({experts}, {n_panels}, {n_blocks}, {PANEL}), "uint8")'
     width, rows = n_blocks * block_size, choices if per_choice else 1
     return f'''
@@ -375,17 +382,7 @@ def quant_moe_gemv_vnni(x8: T.handle, x_scale: T.handle, x_sum: T.handle, index:
     XSUM = T.match_buffer(x_sum, (m, {rows}, {n_blocks}), "int32")
     I = T.match_buffer(index, (m, {choices}), "int64")
     Y = T.match_buffer(y, (m, {choices}, {n_panels * PANEL}), "float32")
-    for j in T.parallel({n_panels}):
-        for r in range(m):
-            for s in range({choices}):
-                if I[r, s] < T.int64(0) or I[r, s] >= T.int64({experts}):
-                    for c in T.vectorized({PANEL}):
-                        Y[r, s, j * {PANEL} + c] = T.float32(0)
-        for e in range({experts}):
-            for r in range(m):
-                for s in range({choices}):
-                    if I[r, s] == T.int64(e):
-{body}
+{expert_loops(experts, choices, n_panels, PANEL, row)}
 '''
 
 
