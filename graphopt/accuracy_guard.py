@@ -78,6 +78,11 @@ class Measured:
             return float(cos.min())
         return float((self.argmax == base.argmax).mean())
 
+    def shown(self, budget: Budget, base: "Measured") -> str:
+        """The score as a line prints it: enough digits to compare with the budget's."""
+        s = self.score(budget, base)
+        return f"perplexity +{s * 100:.2f}%" if budget.metric == "perplexity" else f"{budget.metric} {s:.7f}"
+
     def meets(self, budget: Budget, base: "Measured") -> bool:
         s = self.score(budget, base)
         return s <= budget.value if budget.metric == "perplexity" else s >= budget.value
@@ -125,23 +130,21 @@ def guard(base: Graph, quantize: Callable[[str], tuple[Graph, list]], budget: Bu
         sensitivity[layer] = 1 - s if budget.metric in HIGHER_IS_BETTER else s  # larger: more sensitive
     ranked = sorted(layers, key=lambda x: -sensitivity[x])
     best = (reached.score(budget, fp32), reached, [])
-    for n_kept in range(1, len(ranked) + 1):
+    # at least one layer stays quantized: every layer in float is the float model, not a mix that meets it
+    for n_kept in range(1, len(ranked)):
         kept = ranked[:n_kept]
         g, _ = quantize(";".join(kept))
         m = measure(g)
-        progress(f"accuracy: {n_kept} layer(s) kept in float: {budget.metric} {m.score(budget, fp32):.4g}")
+        progress(f"accuracy: {n_kept} layer(s) kept in float: {m.shown(budget, fp32)}")
         if m.meets(budget, fp32):
             return ";".join(kept), {**entry, "perplexity": m.perplexity, "score": m.score(budget, fp32),
                                     "kept_float": kept, "sensitivity": sensitivity}
         better = m.score(budget, fp32) > best[0] if budget.metric in HIGHER_IS_BETTER else m.score(budget, fp32) < best[0]
         if better:
             best = (m.score(budget, fp32), m, kept)
-        if n_kept == len(ranked):
-            break
-    what = (f"perplexity +{best[0] * 100:.2f}%" if budget.metric == "perplexity" else f"{budget.metric} {best[0]:.4f}")
     base = f" (fp32 perplexity {fp32.perplexity:.4g})" if fp32.perplexity is not None else ""
-    raise UserError(f"--accuracy-budget {budget}: no mix of quantized and float layers meets it; the best reached "
-                    f"{what}{base}; nothing was written")
+    raise UserError(f"--accuracy-budget {budget}: no mix with a layer quantized meets it; the best reached "
+                    f"{best[1].shown(budget, fp32)}{base}; nothing was written")
 
 
 def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128) -> tuple[list[dict], str]:

@@ -363,6 +363,13 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
     folder = graph.metadata.source if isinstance(model, Graph) else model
     qi = max(i for i, e in enumerate(entries) if e.name in QUANT_PASSES)
+    decoder = is_decoder(graph)
+    if budget.metric == "cosine" and decoder:
+        raise UserError(f"--accuracy-budget {budget}: cosine measures an encoder's pooled output; for a decoder "
+                        "give perplexity=+PCT% or top1=VALUE")
+    if budget.metric != "cosine" and not decoder:
+        raise UserError(f"--accuracy-budget {budget}: {budget.metric} measures a decoder's logits (input_ids in, "
+                        f"logits out); {graph.metadata.source or 'this model'} is not one: give cosine=VALUE")
     if budget.metric == "cosine":
         feeds, source = held_out_sentences(folder, graph, accuracy_data)
         measure, data = ort_embedding_measure(feeds), {"sentences": int(sum(len(f["input_ids"]) for f in feeds))}
@@ -525,8 +532,9 @@ def format_report(report: dict) -> str:
     if a:
         kept = ", ".join(a["kept_float"]) or "none"
         base = "float, pruned" if report.get("pruning") else "fp32"  # the guard measures against the pruned float model
-        reached = (f"perplexity {a['fp32_perplexity']:.4g} ({base}) -> {a['perplexity']:.4g}" if a["metric"] != "cosine"
-                   else f"least cosine {a['score']:.4f}")
+        reached = (f"perplexity {a['fp32_perplexity']:.4g} ({base}) -> {a['perplexity']:.4g}" if a["metric"] == "perplexity"
+                   else f"top-1 agreement {a['score']:.7f}, perplexity {a['fp32_perplexity']:.4g} ({base}) -> "
+                   f"{a['perplexity']:.4g}" if a["metric"] == "top1" else f"least cosine {a['score']:.7f}")
         lines.append(f"accuracy  {a['budget']}: {reached}; kept in float: {kept}")
     pruned = format_pruning(report)
     if pruned:

@@ -442,9 +442,15 @@ def model_config(model_path) -> dict | None:
 
 
 def _model_folder(model_path) -> Path | None:
+    """The folder holding the model's config.json and tokenizer: the model's own, a file's
+    parent, or a training run folder's latest checkpoint (`checkpoints/latest` names it)."""
     if model_path is None or not isinstance(model_path, (str, Path)):
         return None
     p = Path(model_path)
+    latest = p / "checkpoints" / "latest"
+    if p.is_dir() and latest.is_file() and not (p / "config.json").exists():
+        checkpoint = p / "checkpoints" / latest.read_text().strip()
+        return checkpoint if checkpoint.is_dir() else p
     return p if p.is_dir() else (p.parent if p.exists() else None)
 
 

@@ -166,7 +166,9 @@ def _format_passes(p: dict) -> str:
         if entry["pass"] in STRUCTURED.values() and not entry.get("layers"):
             what = "heads" if entry["pass"] == "prune-heads" else "MLP channels"
             o = entry["options"]
-            hint = "; scope=global ranks the whole model" if o["scope"] == "layer" else ""
+            # per layer a small ratio can round to none in every layer; over the whole model it may not
+            hint = ("; counted per layer: scope=global would count the ratio over the whole model"
+                    if o["scope"] == "layer" and o["ratio"] > 0 else "")
             if entry.get("skipped"):
                 parts.append(f"no {what}: every site was skipped ({'; '.join(entry['skipped'])})")
             elif entry.get("sites") == 0:  # the pass found no site at all

@@ -80,8 +80,14 @@ def test_cosine_budget_scores_the_worst_sentence_and_keeps_layers_until_it_holds
     assert exclude == "b" and entry["kept_float"] == ["b"]
     want = (np.cos(0.04) + 0.25) / 1.25  # two unit-ish vectors (cos t, sin t, .5) and (1, 0, .5)
     assert entry["score"] == pytest.approx(want, rel=1e-9)
-    with pytest.raises(UserError, match=r"the best reached cosine 1\.0000; nothing was written"):
+    with pytest.raises(UserError, match=r"the best reached cosine 1\.0000000; nothing was written"):
         guard([], quantize, Budget("cosine", 1.0 + 1e-12), measure, lambda m: None)
+    # only every layer in float would meet it: that is the float model, not a quantized mix
+    del angle["d"]
+    lines = []
+    with pytest.raises(UserError, match=r"no mix with a layer quantized meets it; the best reached cosine 0\.99\d{5}"):
+        guard([], quantize, Budget("cosine", 0.9999999), measure, lines.append)
+    assert lines[-1] == "accuracy: 2 layer(s) kept in float: cosine " + f"{(np.cos(0.01) + 0.25) / 1.25:.7f}"
 
 
 def test_guard_fails_with_the_best_it_reached():
@@ -108,7 +114,12 @@ def test_cli_errors(tmp_path):
     for args, msg in ((["--accuracy-budget", "perplexity=+2%"], "give --quantize"),
                       (["--quantize", "int8", "--accuracy-budget", "cosine=0.99"], "needs held-out sentences"),
                       (["--accuracy-data", "x.txt"], "goes with --accuracy-budget"),
-                      (["--quantize", "int8", "--accuracy-budget", "top1=0.99"], "needs held-out text")):
+                      # a decoder's metric on a model that is none (an encoder's logits would be read as a vocabulary)
+                      (["--quantize", "int8", "--accuracy-budget", "top1=0.99"], "top1 measures a decoder's logits")):
         r = invoke(*args)
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(cli, ["optimize", str(EXAMPLE.parent / "default"), "-o", str(tmp_path / "o"), "-q",
+                                 "--quantize", "int8", "--accuracy-budget", "cosine=0.99"])
+    assert r.exit_code == 2 and "cosine measures an encoder's pooled output" in r.output, r.output
+    assert not (tmp_path / "o").exists()

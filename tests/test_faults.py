@@ -281,6 +281,8 @@ CASES = {
                                   "is part of the input {B}/ckpt_cut"),
     "compare-json-is-the-data": ("compare {EX} --data {B}/notes.txt --json {B}/notes.txt", "is the input"),
     "compare-no-model": ("compare", "give a MODEL"),
+    "compare-no-cell": ("compare {EX} --variants ort-plain --backends torch", "no cell to measure (ort-plain: exists on"),
+    "compare-json-is-the-html": ("compare {EX} --json {W}/r.json --html {W}/r.json", "--json and --html both name"),
     "compare-keep-user-folder": ("compare {EX} --keep {B}/user_folder", "holds files an earlier compare did not keep"),
     "compare-keep-models-folder": ("compare {B}/tiny.onnx --keep {B}", "--keep {B}: holds the input"),
     "compare-keep-missing-fails-later": ("compare {EX} --keep {W}/kept --data {W}/nope.txt", "no such text file"),

@@ -1418,3 +1418,16 @@ def test_a_generation_ready_artifact_with_every_positions_logits_scores_like_the
     kv = perplexity(artifact_logits(graphopt.load(tmp_path / "kv")), ids, 32, 4)
     full = perplexity(artifact_logits(graphopt.load(tmp_path / "full")), ids, 32, 4)
     assert kv.tokens == full.tokens and abs(kv.perplexity - full.perplexity) < 1e-4 * full.perplexity
+
+
+def test_a_training_run_folder_optimizes_to_a_generation_ready_artifact_with_its_tokenizer(tmp_path):
+    """`graphopt optimize RUN` (a run folder: checkpoints/latest names its checkpoint) takes the
+    tokenizer and config from that checkpoint, as for the checkpoint itself."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_MODEL, run / "checkpoints" / "step_0000007")
+    (run / "checkpoints" / "latest").write_text("step_0000007\n")
+    graphopt.optimize(run, tmp_path / "out", progress=None)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
+    assert graphopt.load(tmp_path / "out").generate("def ", 4).texts[0]

@@ -831,8 +831,10 @@ def test_a_ratio_that_rounds_down_to_nothing_says_so(llama):
     from graphopt.driver import format_report
 
     res = graphopt.optimize(llama[1].copy(), prune="heads=0.25", kv_cache=False)  # 2 KV groups a layer
-    assert "pruned    no heads (ratio 0.25, rounded down, with min-keep 1, removes none; scope=global ranks " \
-        "the whole model)" in format_report(res.report)
+    assert "pruned    no heads (ratio 0.25, rounded down, with min-keep 1, removes none; counted per layer: " \
+        "scope=global would count the ratio over the whole model)" in format_report(res.report)
+    res = graphopt.optimize(llama[1].copy(), prune="heads=0", kv_cache=False)  # nothing asked: no hint
+    assert "removes none)" in format_report(res.report)
     res = graphopt.optimize(llama[1].copy(), prune="heads=0.25,scope=global", kv_cache=False)  # 1 of 4 overall
     assert res.report["pruning"]["passes"][0]["kv_heads"] == 1
 

@@ -159,6 +159,8 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
     inputs = [p for p in (*models, data, reference) if p]
     _check_output("--json", json_file, inputs)
     _check_output("--html", html_file, inputs)
+    if json_file and html_file and Path(json_file).resolve() == Path(html_file).resolve():
+        raise UserError(f"--json and --html both name {json_file}: give each its own file")
     new_keep = _check_keep(keep_dir, inputs)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads must not spin
     from graphopt.compare.html import render_html, report_json

@@ -134,6 +134,7 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     if len({c.id for c in cells}) != len(cells):
         raise UserError("two cells would have the same name; give artifact folders distinct names")
     cells.sort(key=lambda c: (c.id != "torch/fp32",))  # the reference first
+    _check_cells(cells, skipped)
 
     machine = machine_record(measure_bandwidth=measure_bandwidth)
     progress.phase("loading the PyTorch reference", 1)
@@ -162,6 +163,7 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             raise UserError("--generate times decoding, which needs a decoder with its PyTorch model "
                             "(a graphopt checkpoint or a Hugging Face folder)")
 
+    _check_cells(cells, skipped)
     scratch = None
     if workdir is None:
         scratch = tempfile.TemporaryDirectory(prefix="graphopt-compare-")
@@ -202,6 +204,14 @@ def _make_feeds(graph, ref, dims: dict) -> dict:
         rng = np.random.default_rng(0)
         feeds["input_ids"] = rng.integers(0, vocab, feeds["input_ids"].shape).astype(feeds["input_ids"].dtype)
     return feeds
+
+
+def _check_cells(cells: list, skipped: list) -> None:
+    """Nothing to time (every variant on none of the backends): a report of no cells is no answer."""
+    if not cells:
+        why = "; ".join(f"{s['backend'] + '/' if s.get('backend') else ''}{s['variant']}: {s['reason']}" for s in skipped)
+        raise UserError(f"no cell to measure ({why}): give --variants and --backends that pair up "
+                        "(graphopt compare --list-variants)")
 
 
 def _measure(ctx, cells, artifacts, batch, seqs, timing, data, data_tokens, machine, versions, skipped,
