@@ -196,7 +196,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else _pipeline(passes)
     if prune is not None:
-        entries += parse_pipeline(prune_pipeline(prune))
+        try:
+            entries += parse_pipeline(prune_pipeline(prune))
+        except UserError as e:  # a pass's own check (prune-heads: ratio ...) said as the option given
+            raise UserError(f"--prune {prune}: {e}") from None
     if quantize is not None:
         entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
     elif quant_method != "rtn":
@@ -518,6 +521,12 @@ def format_report(report: dict) -> str:
     if unchanged:  # one line for the passes that found nothing to do (report.json has them all)
         lines.append("  no change: " + ", ".join(f"{k} x{n}" if n > 1 else k for k, n in unchanged.items()))
     lines.append(f"nodes     {report['nodes_before']} -> {report['nodes_after']}")
+    t = report.get("tuning")
+    if t:
+        lines.append(f"tuning    {t.get('trials', 0)} trials, {t.get('kernels_tuned_now', 0)} kernels tuned now, "
+                     f"{t.get('kernels_already_tuned', 0)} from earlier runs (stopped: {t.get('stopped', '?')})"
+                     + ("; nothing was tuned: give --tune-minutes more time" if not t.get("trials")
+                        and t.get("stopped") == "budget" else ""))
     if report.get("backend_seconds"):
         lines.append(f"backend   {report['backend']}: " + ", ".join(
             f"{k} {v:.1f} s" for k, v in report["backend_seconds"].items()))

@@ -196,7 +196,7 @@ def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperatur
                           allowed_first=allowed, on_tokens=on_tokens)
     if stream:
         show_prompt()
-        text = tok.decode(result.tokens[0])
+        text = tok.decode(result.tokens[0]).rstrip("\ufffd")  # a character the last token only began
         if len(text) > len(shown["text"]):
             sys.stdout.write(text[len(shown["text"]):])
         sys.stdout.write("\n")

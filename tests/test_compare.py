@@ -201,6 +201,17 @@ def test_an_onnx_file_is_measured_against_ort_without_optimizations():
         assert acc["max_abs_err"] < 1e-5 and acc["pooled_cosine"] > 0.99999
 
 
+def test_a_pruning_variant_that_prunes_nothing_is_an_error_cell_not_the_float_model():
+    """tiny_mlp has no attention for prune-heads: its cell says nothing was pruned rather than
+    timing the unpruned model under the variant's name (prune-mlp does prune it)."""
+    model = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
+    r = compare([str(model)], backends=["ort"], variants=["prune-heads", "prune-mlp"], batch=1, seqs=[1],
+                threads=1, timing=QUICK, measure_bandwidth=False)
+    cell = _cell(r, "ort/prune-heads")
+    assert cell["status"] == "error" and "prune-heads: nothing pruned (no heads: no attention block" in cell["error"]
+    assert _cell(r, "ort/prune-mlp")["status"] == "ok"
+
+
 def test_a_bert_reference_gets_the_segment_ids_the_export_takes(tmp_path):
     """BERT's export takes token_type_ids (a sentence pair); PyTorch must get the same ones,
     or every column is off by the segment embedding."""

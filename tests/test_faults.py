@@ -113,6 +113,8 @@ def bad(tmp_path_factory) -> Path:
     config = json.loads((DEFAULT / "config.json").read_text())
     (b / "pruned_ckpt" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "train"}))
     (b / "ckpt_badtok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    (b / "hf_llama").mkdir()  # a Hugging Face folder's config (prune and finetune take graphopt.train checkpoints)
+    (b / "hf_llama" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     (b / "ckpt_badmodel").mkdir()
     (b / "ckpt_badmodel" / "config.json").write_text(json.dumps({"format": "graphopt.train.checkpoint/1", "model": [1]}))
     (b / "run_escape" / "checkpoints").mkdir(parents=True)
@@ -238,6 +240,10 @@ CASES = {
     "missing-model": ("optimize -o {W}/out", "Missing argument 'MODEL'"),
     "unknown-command": ("optimise {EX}", "No such command 'optimise'"),
     # prune / finetune: the validation text and the calibration text (issue 15)
+    "prune-a-hugging-face-folder": ("prune {B}/hf_llama --mlp-ratio 0.25 --out {W}/pruned",
+                                    "a Hugging Face folder: graphopt optimize MODEL --prune"),
+    "finetune-distill-from-hugging-face": ("finetune {DEF} --distill-from {B}/hf_llama --out {W}/run",
+                                           "--distill-from {B}/hf_llama: {B}/hf_llama/config.json: not a graphopt"),
     "prune-val-missing": ("prune {DEF} --mlp-ratio 0.25 --out {W}/pruned --val {W}/nope.txt",
                           "--val {W}/nope.txt: no such file"),
     "finetune-val-missing": ("finetune {DEF} --lora-rank 2 --out {W}/run --val {W}/nope.txt",

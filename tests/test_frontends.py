@@ -513,3 +513,19 @@ def test_optimize_refusals_leave_no_output_folder(tmp_path, state_dict_folder, c
     assert all(w in r.stderr for w in words), r.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert marker is None or not marker.exists()
+
+
+def test_a_task_head_the_export_leaves_out_is_said(tmp_path, capsys):
+    """A BertForSequenceClassification folder exports its encoder's last hidden state; the
+    classifier is not silently dropped: a note names it."""
+    import transformers as tf
+
+    from graphopt.models import load_graph
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100, num_labels=3)
+    tf.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
+    graph = load_graph(tmp_path / "cls")
+    assert [v.name for v in graph.outputs] == ["last_hidden_state"]
+    assert "is a BertForSequenceClassification; graphopt exports its encoder (BertModel" in capsys.readouterr().err

@@ -748,7 +748,7 @@ def test_prune_pipeline_spells_the_passes():
     ("heads", "expected KEY=VALUE items"),
     ("layers=0.5", "unknown key 'layers'"),
     ("importance=wanda", "say what to prune"),
-    ("mlp=1.5", "prune-mlp: ratio must be in [0, 1)"),
+    ("mlp=1.5", "--prune mlp=1.5: prune-mlp: ratio must be in [0, 1)"),
     ("mlp=0.5,importance=taylor", "importance=taylor needs gradients"),
 ])
 def test_bad_prune_specs_are_one_line_exit_2_and_nothing_written(spec, message, tmp_path):

@@ -230,6 +230,11 @@ def test_optimize_tune_minutes_writes_what_it_tuned_into_the_manifest(tuned_db, 
     assert len(t["kernels_built"]["from_database"]) == t["kernels_kept_tuned"]
     report = json.loads((out / "report.json").read_text())
     assert report["backend_seconds"]["tuning"] == pytest.approx(60 * t["minutes"], abs=0.01)
+    from graphopt.driver import format_report
+
+    line = next(x for x in format_report(report).splitlines() if x.startswith("tuning "))
+    assert line.startswith(f"tuning    {t['trials']} trials, {t['kernels_tuned_now']} kernels tuned now")
+    assert ("nothing was tuned" in line) == (t["trials"] == 0 and t["stopped"] == "budget")
     plain = runtime.compile_graph(graphopt.optimize(str(EXAMPLE), None, backend="tvm").graph)
     art = graphopt.load(out)
     for batch in (1, 5):
@@ -300,3 +305,15 @@ def test_the_dispatcher_on_a_kv_cache_decoder_matches_the_untuned_build(exported
         a, b = bucketed.run(feeds), plain.run(feeds)
         for name in a:
             assert_close(a[name], b[name])
+
+
+def test_tune_shapes_past_the_models_context_are_refused_before_tuning(mlp, spec, tmp_path):
+    """A generation-ready decoder records its context (graphopt.max_positions): a bucket longer
+    than that is refused before any tuning time is spent."""
+    g = mlp.copy()
+    g.metadata.metadata_props["graphopt.max_positions"] = "256"
+    with pytest.raises(UserError, match=r"--tune-shapes 1x999: 999 positions, past the model's 256"):
+        tuning.save_tuned(g, tmp_path / "out", "cpu", None, spec, 0.1, "1x16,1x999", tmp_path / "db", lambda m: None)
+    with pytest.raises(UserError, match=r"--tune-shapes 1x1\+256: 257 positions"):
+        tuning.save_tuned(g, tmp_path / "out", "cpu", None, spec, 0.1, "1x1+256", tmp_path / "db", lambda m: None)
+    assert not (tmp_path / "db").exists()

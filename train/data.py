@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphopt import progress as notes
 from graphopt.errors import UserError
 
 from .tokenizer import EOS, load_tokenizer, train_tokenizer
@@ -98,6 +99,7 @@ def _is_val(text: str, val_fraction: float) -> bool:
 def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
     """Reads, cleans and exactly de-duplicates documents; tags each one train or val."""
     seen, docs = set(), []
+    dropped: dict[str, int] = {}  # why a document was left out -> how many
     files = find_text_files(root, cfg)
     for i, path in enumerate(files):
         if progress:
@@ -105,25 +107,33 @@ def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
+            dropped["not UTF-8 text"] = dropped.get("not UTF-8 text", 0) + 1
             continue
         text = clean_text(text)
         # One file given as the corpus is cut into documents, so it has a validation split.
         for text in split_paragraphs(text, DOC_CHARS) if Path(root).is_file() else [text]:
-            if len(text) < cfg.min_chars or "\x00" in text or EOS in text:
-                continue
-            if max(len(line) for line in text.split("\n")) > cfg.max_line_chars:
-                continue
             key = hashlib.sha256(text.encode()).hexdigest()
-            if key in seen:
+            why = (f"shorter than {cfg.min_chars} characters" if len(text) < cfg.min_chars else
+                   "binary (a NUL byte)" if "\x00" in text else
+                   f"holds the document separator {EOS}" if EOS in text else
+                   f"a line over {cfg.max_line_chars} characters"
+                   if max(len(line) for line in text.split("\n")) > cfg.max_line_chars else
+                   "a duplicate" if key in seen else None)
+            if why is not None:
+                dropped[why] = dropped.get(why, 0) + 1
                 continue
             seen.add(key)
             split = "val" if _is_val(text, cfg.val_fraction) else "train"
             docs.append({"path": path.name if path == Path(root) else str(path.relative_to(root)),
                          "split": split, "text": text})
+    left_out = ", ".join(f"{n} {why}" for why, n in sorted(dropped.items()))
     if not docs:
-        raise UserError(f"--data {root}: no usable text files after cleaning (all empty, short or binary)")
-    if not any(d["split"] == "train" for d in docs):
-        raise UserError(f"--data {root}: too few documents to hold out a validation split")
+        raise UserError(f"--data {root}: no usable text after cleaning ({left_out or 'nothing read'})")
+    if len(docs) < 2 or not any(d["split"] == "train" for d in docs):
+        raise UserError(f"--data {root}: too few documents ({len(docs)}) to hold out a validation split"
+                        + (f"; left out: {left_out}" if left_out else ""))
+    if dropped and progress:
+        notes.note(f"--data {root}: {len(docs)} documents; left out: {left_out}")
     if not any(d["split"] == "val" for d in docs):
         # Tiny corpora: move one document so that validation is never empty.
         docs[-1]["split"] = "val"

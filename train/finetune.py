@@ -81,11 +81,14 @@ class Finetuning:
         self.val_text = validation_text("--val", cfg.val, self.base)
         self.teacher = None
         if cfg.distill_from:
-            self.teacher_folder = ckpt.resolve_checkpoint(cfg.distill_from)
             self._check_teacher()
 
     def _check_teacher(self) -> None:
-        teacher_cfg = ckpt.read_config(self.teacher_folder)["model"]
+        try:
+            self.teacher_folder = ckpt.resolve_checkpoint(self.cfg.distill_from)
+            teacher_cfg = ckpt.read_config(self.teacher_folder)["model"]
+        except UserError as e:
+            raise UserError(f"--distill-from {self.cfg.distill_from}: {e}") from None
         if teacher_cfg.get("vocab_size") != self.model_config.vocab_size:
             raise UserError(f"--distill-from {self.cfg.distill_from}: vocab_size {teacher_cfg.get('vocab_size')} "
                             f"differs from the student's {self.model_config.vocab_size}")

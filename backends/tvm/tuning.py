@@ -499,8 +499,14 @@ def save_tuned(graph: Graph, outdir: Path, target: str, backend_options, spec: d
                shapes: str | None, db, progress) -> tuple[dict, dict]:
     """Tune `graph` for `spec` within `minutes`, then save the TVM artifact built with the
     database: (the backend's manifest fields, the manifest's "tuning")."""
-    summary, record = tune(graph, spec, parse_shapes(shapes or DEFAULT_SHAPES), minutes, db, progress,
-                           options=backend_options)
+    buckets = parse_shapes(shapes or DEFAULT_SHAPES)
+    context = int(graph.metadata.metadata_props.get("graphopt.max_positions", 0) or 0)  # a generation-ready decoder's
+    long = next((b for b in buckets if context and b.seq + b.past > context), None)
+    if long is not None and shapes:  # (the default shapes are kept to the context below)
+        raise UserError(f"--tune-shapes {long.label}: {long.seq + long.past} positions, past the model's {context}")
+    if context:
+        buckets = [b for b in buckets if b.seq + b.past <= context] or buckets
+    summary, record = tune(graph, spec, buckets, minutes, db, progress, options=backend_options)
     with build.tuned(record):
         fields = runtime.save(graph, outdir, target, dict(backend_options or {}))
     summary["kernels_built"] = record.kernels

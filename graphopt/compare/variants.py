@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from graphopt.models import load_graph
 from graphopt.ir import GRAPHOPT_DOMAIN
 from graphopt.lowering import prepare
 from graphopt.onnx_io import save_onnx
+from graphopt.pruning import format_pruning
 
 BACKENDS = ("torch", "ort", "tvm")
 
@@ -260,6 +262,9 @@ def register_optimized(name: str, summary: str, *, backends: tuple[str, ...] = (
     """A graphopt variant: `graphopt optimize` with these keyword arguments, on each backend."""
     def build(ctx: BuildContext, backend: str) -> Runner:
         path, seconds = ctx.optimize(name, backend, **optimize_kwargs)
+        pruning = json.loads((path / "report.json").read_text()).get("pruning")
+        if pruning is not None and not pruning.get("parameters_removed"):  # the fp32 model again, not a variant
+            raise UserError(f"{name}: nothing pruned ({format_pruning({'pruning': pruning}).removeprefix('pruned    ')})")
         return ctx.artifact_runner(path, seconds)
     register_variant(name, backends=backends, summary=summary, default=False, optimize_kwargs=optimize_kwargs)(build)
 

@@ -30,6 +30,7 @@ import os
 import types
 from pathlib import Path
 
+from graphopt import progress as notes
 from graphopt.errors import UserError
 
 # transformers' weight file names in a save_pretrained folder.
@@ -213,6 +214,10 @@ def _model_class(folder: Path, config: dict, cfg):
     if wants_lm and kind in causal:
         return causal[kind], "logits"
     if kind in base:
+        heads = [a for a in archs if a != base[kind].__name__]
+        if heads:  # a task head the checkpoint carries (a classifier, a masked-LM head) is not in the export
+            notes.note(f"note: {folder} is a {heads[0]}; graphopt exports its encoder ({base[kind].__name__}: "
+                          "last_hidden_state), not the head's outputs")
         return base[kind], "last_hidden_state"
     raise UserError(f"{folder}: transformers has no base model or causal LM for {cfg.model_type!r}")
 

@@ -81,3 +81,18 @@ def test_a_data_folder_reads_text_files_and_an_earlier_py_only_preparation_resum
         collect_documents(notes, CFG)  # the stdlib default reads .py only
     prepare(corpus, tmp_path / "old", CFG)
     assert prepare(corpus, tmp_path / "old", DataConfig(vocab_size=384, val_fraction=0.1, suffixes=TEXT_SUFFIXES))
+
+
+def test_a_folder_that_leaves_one_document_says_what_it_left_out(tmp_path):
+    """Documents holding the separator are left out; one document left cannot give both a
+    training and a validation split: an error that says so and why the rest went."""
+    body = "\n".join(f"line {i} of some text that is long enough to count" for i in range(10)) + "\n"
+    (tmp_path / "a.txt").write_text(body)
+    (tmp_path / "b.txt").write_text(body.replace("line 3", f"line 3 {EOS}"))
+    (tmp_path / "c.txt").write_text(body.replace("line 4", f"line 4 {EOS}"))
+    cfg = DataConfig(vocab_size=384, suffixes=(".txt",))
+    with pytest.raises(UserError, match=r"too few documents \(1\) to hold out a validation split; left out: "
+                                        r"2 holds the document separator <\|endoftext\|>"):
+        collect_documents(tmp_path, cfg)
+    (tmp_path / "d.txt").write_text(body.replace("line 5", "line five"))
+    assert len(collect_documents(tmp_path, cfg)) == 2
