@@ -81,7 +81,7 @@ class Measured:
     def shown(self, budget: Budget, base: "Measured") -> str:
         """The score as a line prints it: enough digits to compare with the budget's."""
         s = self.score(budget, base)
-        return f"perplexity +{s * 100:.2f}%" if budget.metric == "perplexity" else f"{budget.metric} {s:.7f}"
+        return f"perplexity {s * 100:+.4f}%" if budget.metric == "perplexity" else f"{budget.metric} {s:.7f}"
 
     def meets(self, budget: Budget, base: "Measured") -> bool:
         s = self.score(budget, base)

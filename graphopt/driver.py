@@ -196,8 +196,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else _pipeline(passes)
     if prune is not None:
+        pipeline = prune_pipeline(prune)  # (its own errors name --prune)
         try:
-            entries += parse_pipeline(prune_pipeline(prune))
+            entries += parse_pipeline(pipeline)
         except UserError as e:  # a pass's own check (prune-heads: ratio ...) said as the option given
             raise UserError(f"--prune {prune}: {e}") from None
     if quantize is not None:
@@ -370,7 +371,10 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     if budget.metric == "cosine" and decoder:
         raise UserError(f"--accuracy-budget {budget}: cosine measures an encoder's pooled output; for a decoder "
                         "give perplexity=+PCT% or top1=VALUE")
-    if budget.metric != "cosine" and not decoder:
+    # an encoder by its outputs (an ONNX decoder with other names keeps its first output as the logits)
+    encoder = not decoder and (not graph.outputs or graph.outputs[0].name in ("last_hidden_state", "pooler_output")
+                               or graph.outputs[0].type is None or graph.outputs[0].type.rank != 3)
+    if budget.metric != "cosine" and encoder:
         raise UserError(f"--accuracy-budget {budget}: {budget.metric} measures a decoder's logits (input_ids in, "
                         f"logits out); {graph.metadata.source or 'this model'} is not one: give cosine=VALUE")
     if budget.metric == "cosine":

@@ -287,7 +287,7 @@ def load_tokenizer(folder: Path, hint: str | None = None):
 
 def logits_vocab(artifact) -> int | None:
     """The last dim of the artifact's logits (None where it is not static)."""
-    logits = next((o for o in artifact.outputs if o["name"] == "logits"), artifact.outputs[0])
+    logits = next((o for o in artifact.outputs if o["name"] == "logits"), None) or (artifact.outputs or [{}])[0]
     last = (logits.get("shape") or [None])[-1]
     return last if isinstance(last, int) else None
 
@@ -358,6 +358,8 @@ def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | 
     prefix = gen.get("prompt_prefix_ids") or []
     ids, healed, masks = [], [], []
     vocab = logits_vocab(artifact)
+    if heal and vocab is None:
+        raise UserError(f"{artifact.path}: the logits' vocabulary is not static; token healing needs it")
     for text in prompts:
         p = tokenizer.encode(text).ids
         h = ""
@@ -449,8 +451,10 @@ def _model_folder(model_path) -> Path | None:
     p = Path(model_path)
     latest = p / "checkpoints" / "latest"
     if p.is_dir() and latest.is_file() and not (p / "config.json").exists():
-        checkpoint = p / "checkpoints" / latest.read_text().strip()
-        return checkpoint if checkpoint.is_dir() else p
+        name = latest.read_text().strip()
+        checkpoint = p / "checkpoints" / name
+        # a plain name inside checkpoints/ (the frontend refuses any other before this is asked)
+        return checkpoint if name and Path(name).name == name and name != ".." and checkpoint.is_dir() else p
     return p if p.is_dir() else (p.parent if p.exists() else None)
 
 

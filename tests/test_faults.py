@@ -243,7 +243,9 @@ CASES = {
     "prune-a-hugging-face-folder": ("prune {B}/hf_llama --mlp-ratio 0.25 --out {W}/pruned",
                                     "a Hugging Face folder: graphopt optimize MODEL --prune"),
     "finetune-distill-from-hugging-face": ("finetune {DEF} --distill-from {B}/hf_llama --out {W}/run",
-                                           "--distill-from {B}/hf_llama: {B}/hf_llama/config.json: not a graphopt"),
+                                           "--distill-from {B}/hf_llama: {B}/hf_llama/config.json: not a graphopt"
+                                           ".train checkpoint config (no 'model' section); a Hugging Face folder "
+                                           "(the teacher must be"),
     "prune-val-missing": ("prune {DEF} --mlp-ratio 0.25 --out {W}/pruned --val {W}/nope.txt",
                           "--val {W}/nope.txt: no such file"),
     "finetune-val-missing": ("finetune {DEF} --lora-rank 2 --out {W}/run --val {W}/nope.txt",

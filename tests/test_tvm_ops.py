@@ -362,6 +362,21 @@ def test_quant_moe_runs_the_chosen_experts_on_the_cpu_and_decomposes_elsewhere(m
         assert [n.op_type for n in prepare(g).nodes].count("QuantLinear") == 2 * 4
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_choice", [True, False])
+def test_quant_moe_kernel_sources_parse_on_any_cpu(symmetric, per_choice):
+    """The generated TVMScript of both QuantMoE kernels parses (indentation, buffers, indices),
+    where the CPU runs neither the VNNI one nor (without VNNI) the test below."""
+    from graphopt.backends.tvm import quant_panels
+
+    dims = dict(experts=3, n_panels=2, n_blocks=2, block_size=32, symmetric=symmetric, choices=2,
+                per_choice=per_choice)
+    vnni = quant_panels.prim_func(quant_panels.moe_gemv_vnni_source(**dims))
+    plain = quant_panels.prim_func(quant_panels.moe_gemv_source(k=48, bits=4, **dims))  # K padded to 2 blocks
+    for func, n_params in ((vnni, 8), (plain, 6)):  # with zero points
+        assert len(func.params) == n_params - symmetric and func.attrs[quant_panels.ATTR] == 1
+
+
 def test_quant_moe_with_x_rounded_to_int8_where_the_cpu_has_vnni(monkeypatch):
     """The default arithmetic (quant_accuracy_level auto): 4-bit experts take the int8 VNNI GEMV
     where the CPU has it, each projection's input rounded to int8 per block of 32 (an element

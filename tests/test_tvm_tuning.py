@@ -317,3 +317,5 @@ def test_tune_shapes_past_the_models_context_are_refused_before_tuning(mlp, spec
     with pytest.raises(UserError, match=r"--tune-shapes 1x1\+256: 257 positions"):
         tuning.save_tuned(g, tmp_path / "out", "cpu", None, spec, 0.1, "1x1+256", tmp_path / "db", lambda m: None)
     assert not (tmp_path / "db").exists()
+    g.metadata.metadata_props["graphopt.max_positions"] = "64"  # the defaults (1x128, 4x128, 1x1+128) fit in
+    assert [b.label for b in tuning.buckets_for(g, None)] == ["1x64", "4x64", "1x1+63"]

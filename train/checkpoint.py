@@ -48,9 +48,9 @@ def read_config(folder: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read checkpoint config ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
-        hint = ("; a Hugging Face folder: graphopt optimize MODEL --prune heads=R,mlp=R prunes it"
-                if isinstance(d, dict) and ("model_type" in d or "architectures" in d) else "")
-        raise UserError(f"{path}: not a graphopt.train checkpoint config (no 'model' section){hint}")
+        hf = isinstance(d, dict) and ("model_type" in d or "architectures" in d)
+        raise UserError(f"{path}: not a graphopt.train checkpoint config (no 'model' section)"
+                        + ("; a Hugging Face folder" if hf else ""))
     return d
 
 

@@ -106,8 +106,11 @@ def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
             progress("read", i + 1, len(files))
         try:
             text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        except UnicodeDecodeError:
             dropped["not UTF-8 text"] = dropped.get("not UTF-8 text", 0) + 1
+            continue
+        except OSError:
+            dropped["unreadable"] = dropped.get("unreadable", 0) + 1
             continue
         text = clean_text(text)
         # One file given as the corpus is cut into documents, so it has a validation split.
@@ -129,12 +132,12 @@ def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
     left_out = ", ".join(f"{n} {why}" for why, n in sorted(dropped.items()))
     if not docs:
         raise UserError(f"--data {root}: no usable text after cleaning ({left_out or 'nothing read'})")
-    if len(docs) < 2 or not any(d["split"] == "train" for d in docs):
+    if cfg.val_fraction > 0 and (len(docs) < 2 or not any(d["split"] == "train" for d in docs)):
         raise UserError(f"--data {root}: too few documents ({len(docs)}) to hold out a validation split"
                         + (f"; left out: {left_out}" if left_out else ""))
     if dropped and progress:
         notes.note(f"--data {root}: {len(docs)} documents; left out: {left_out}")
-    if not any(d["split"] == "val" for d in docs):
+    if cfg.val_fraction > 0 and not any(d["split"] == "val" for d in docs):
         # Tiny corpora: move one document so that validation is never empty.
         docs[-1]["split"] = "val"
     return docs

@@ -88,7 +88,8 @@ class Finetuning:
             self.teacher_folder = ckpt.resolve_checkpoint(self.cfg.distill_from)
             teacher_cfg = ckpt.read_config(self.teacher_folder)["model"]
         except UserError as e:
-            raise UserError(f"--distill-from {self.cfg.distill_from}: {e}") from None
+            raise UserError(f"--distill-from {self.cfg.distill_from}: {e} (the teacher must be a graphopt.train "
+                            "checkpoint)") from None
         if teacher_cfg.get("vocab_size") != self.model_config.vocab_size:
             raise UserError(f"--distill-from {self.cfg.distill_from}: vocab_size {teacher_cfg.get('vocab_size')} "
                             f"differs from the student's {self.model_config.vocab_size}")

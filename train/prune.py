@@ -312,6 +312,12 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
         raise UserError(f"--out {out}: is the source checkpoint; give a new folder")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise UserError(f"--out {out}: exists and is not an empty folder or a checkpoint; give a new folder")
+    try:
+        ckpt.read_config(folder)
+    except UserError as e:
+        if str(e).endswith("a Hugging Face folder"):  # graphopt prune takes graphopt.train checkpoints
+            raise UserError(f"{e}: graphopt optimize MODEL --prune heads=R,mlp=R prunes it") from None
+        raise
     text = validation_text("--val", val, folder)
     model, cfg = ckpt.load_model(folder)
     windows, calibrated_on = calibration_windows(folder, cfg, calibration) if importance == "wanda" else (None, None)

@@ -145,7 +145,6 @@ def forward_backward(model, batches, bf16: bool, device_type: str, loss_fn=lm_lo
     return total, parts
 
 
-@torch.no_grad()
 def perplexity_of(loss: float) -> float:
     """exp(loss); past exp's range (a diverged model) inf, not OverflowError (graphopt.accuracy's twin:
     train/ imports no compiler module)."""
@@ -155,6 +154,7 @@ def perplexity_of(loss: float) -> float:
         return math.inf
 
 
+@torch.no_grad()
 def evaluate_tokens(model, ids, seq_len: int, batch_size: int = 16, device="cpu",
                     bf16: bool = False) -> tuple[float, int]:
     """Summed NLL (nats) and count of predicted tokens over a token stream, scored in

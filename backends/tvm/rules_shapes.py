@@ -221,7 +221,11 @@ def gather(lw: Lowerer, node, args):
     data, idx = args
     axis = node.attr("axis", 0)
     if all_known(args) and data.values.ndim == 1 and idx.is_static:
-        picks = np.asarray(idx.ints(), dtype=np.int64).reshape(idx.values.shape) % data.values.shape[0]
+        n = data.values.shape[0]
+        picks = np.asarray(idx.ints(), dtype=np.int64).reshape(idx.values.shape)
+        if ((picks < -n) | (picks >= n)).any():  # ONNX: an error, not an index taken modulo the size
+            raise lw.error(f"index {int(picks[(picks < -n) | (picks >= n)].flat[0])} is outside an axis of {n}")
+        picks = picks % n
         return [Known(objs([data.values[i] for i in picks.flat], picks.shape), data.dtype)]
     data = lw.tensor(data)
     rank = lw.rank(data)

@@ -495,18 +495,25 @@ def check(target: str, backend_options, minutes, shapes, db) -> dict:
     return spec
 
 
+def buckets_for(graph: Graph, shapes: str | None) -> list[Bucket]:
+    """--tune-shapes (or the defaults) for `graph`: a given shape longer than a generation-ready
+    decoder's context is refused; the defaults are kept within it (its decode bucket too)."""
+    buckets = parse_shapes(shapes or DEFAULT_SHAPES)
+    context = int(graph.metadata.metadata_props.get("graphopt.max_positions", 0) or 0)
+    if not context:
+        return buckets
+    long = next((b for b in buckets if b.seq + b.past > context), None)
+    if long is not None and shapes:
+        raise UserError(f"--tune-shapes {long.label}: {long.seq + long.past} positions, past the model's {context}")
+    return list(dict.fromkeys(Bucket(b.batch, min(b.seq, context), min(b.past, context - min(b.seq, context)))
+                              for b in buckets))
+
+
 def save_tuned(graph: Graph, outdir: Path, target: str, backend_options, spec: dict, minutes: float,
                shapes: str | None, db, progress) -> tuple[dict, dict]:
     """Tune `graph` for `spec` within `minutes`, then save the TVM artifact built with the
     database: (the backend's manifest fields, the manifest's "tuning")."""
-    buckets = parse_shapes(shapes or DEFAULT_SHAPES)
-    context = int(graph.metadata.metadata_props.get("graphopt.max_positions", 0) or 0)  # a generation-ready decoder's
-    long = next((b for b in buckets if context and b.seq + b.past > context), None)
-    if long is not None and shapes:  # (the default shapes are kept to the context below)
-        raise UserError(f"--tune-shapes {long.label}: {long.seq + long.past} positions, past the model's {context}")
-    if context:
-        buckets = [b for b in buckets if b.seq + b.past <= context] or buckets
-    summary, record = tune(graph, spec, buckets, minutes, db, progress, options=backend_options)
+    summary, record = tune(graph, spec, buckets_for(graph, shapes), minutes, db, progress, options=backend_options)
     with build.tuned(record):
         fields = runtime.save(graph, outdir, target, dict(backend_options or {}))
     summary["kernels_built"] = record.kernels

@@ -264,7 +264,8 @@ def register_optimized(name: str, summary: str, *, backends: tuple[str, ...] = (
         path, seconds = ctx.optimize(name, backend, **optimize_kwargs)
         pruning = json.loads((path / "report.json").read_text()).get("pruning")
         if pruning is not None and not pruning.get("parameters_removed"):  # the fp32 model again, not a variant
-            raise UserError(f"{name}: nothing pruned ({format_pruning({'pruning': pruning}).removeprefix('pruned    ')})")
+            what = format_pruning({"pruning": pruning}).splitlines()[0].removeprefix("pruned    ")
+            raise UserError(f"{name}: nothing pruned ({what})")
         return ctx.artifact_runner(path, seconds)
     register_variant(name, backends=backends, summary=summary, default=False, optimize_kwargs=optimize_kwargs)(build)
 

@@ -94,5 +94,7 @@ def test_a_folder_that_leaves_one_document_says_what_it_left_out(tmp_path):
     with pytest.raises(UserError, match=r"too few documents \(1\) to hold out a validation split; left out: "
                                         r"2 holds the document separator <\|endoftext\|>"):
         collect_documents(tmp_path, cfg)
+    # eval scores what is there (nothing held out): one document is enough
+    assert [d["path"] for d in collect_documents(tmp_path, DataConfig(val_fraction=0.0, suffixes=(".txt",)))] == ["a.txt"]
     (tmp_path / "d.txt").write_text(body.replace("line 5", "line five"))
     assert len(collect_documents(tmp_path, cfg)) == 2

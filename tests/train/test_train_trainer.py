@@ -81,3 +81,24 @@ def test_bf16_autocast_and_grad_accumulation_train(corpus, tmp_path, make_config
     metrics = _metrics(run)
     assert metrics[10]["loss"] < metrics[1]["loss"]
     assert math.isfinite(metrics[10]["val_loss"])
+
+
+def test_evaluation_runs_without_gradients():
+    """evaluate_tokens scores under no_grad (a validation pass must not build an autograd graph
+    over its batches); perplexity_of past exp's range is inf."""
+    from graphopt.train.trainer import evaluate_tokens, perplexity_of
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 16)
+
+        def forward(self, ids):
+            seen.append(torch.is_grad_enabled())
+            return self.emb(ids)
+
+    nll, count = evaluate_tokens(Probe(), np.arange(33) % 16, 8)
+    assert seen and not any(seen) and count == 32 and nll > 0
+    assert perplexity_of(800.0) == math.inf and perplexity_of(0.0) == 1.0
