@@ -28,6 +28,7 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.dtypes import DType
+from graphopt.frontends.training import is_run_folder
 from graphopt.passes.kvcache.last_token import META_LOGITS
 from graphopt.passes.kvcache.rewrite import (BLOCK_TABLE, META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS,
                                              META_RECOMPUTE_AT)
@@ -305,10 +306,8 @@ def token_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
         prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)):
         raise UserError(f"prompts: token ids (a list of ints, or a list of such lists), not {type(prompts).__name__}")
-    if prompts and not isinstance(prompts[0], (list, tuple)) and not hasattr(prompts[0], "tolist"):
-        prompts = [prompts]
-    elif prompts and _is_int(prompts[0]):
-        prompts = [prompts]
+    if prompts and (_is_int(prompts[0]) or not isinstance(prompts[0], (list, tuple)) and not hasattr(prompts[0], "tolist")):
+        prompts = [prompts]  # one prompt (a float in it is refused below)
     rows = []
     for p in prompts:
         p = p.tolist() if hasattr(p, "tolist") else p
@@ -449,9 +448,8 @@ def _model_folder(model_path) -> Path | None:
     if model_path is None or not isinstance(model_path, (str, Path)):
         return None
     p = Path(model_path)
-    latest = p / "checkpoints" / "latest"
-    if p.is_dir() and latest.is_file() and not (p / "config.json").exists():
-        name = latest.read_text().strip()
+    if is_run_folder(p):
+        name = (p / "checkpoints" / "latest").read_text().strip()
         checkpoint = p / "checkpoints" / name
         # a plain name inside checkpoints/ (the frontend refuses any other before this is asked)
         return checkpoint if name and Path(name).name == name and name != ".." and checkpoint.is_dir() else p

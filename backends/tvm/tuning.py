@@ -36,6 +36,7 @@ from pathlib import Path
 
 from graphopt import progress as progress_lines
 from graphopt.errors import UserError
+from graphopt.passes.kvcache.rewrite import META_MAX_POSITIONS
 from graphopt.ir import Graph
 from graphopt.backends.tvm import build, runtime
 from graphopt.backends.tvm.lowering import lower_graph, prepare
@@ -499,7 +500,7 @@ def buckets_for(graph: Graph, shapes: str | None) -> list[Bucket]:
     """--tune-shapes (or the defaults) for `graph`: a given shape longer than a generation-ready
     decoder's context is refused; the defaults are kept within it (its decode bucket too)."""
     buckets = parse_shapes(shapes or DEFAULT_SHAPES)
-    context = int(graph.metadata.metadata_props.get("graphopt.max_positions", 0) or 0)
+    context = int(graph.metadata.metadata_props.get(META_MAX_POSITIONS, 0) or 0)
     if not context:
         return buckets
     long = next((b for b in buckets if b.seq + b.past > context), None)
