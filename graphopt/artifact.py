@@ -138,6 +138,11 @@ def check_feeds(sig: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
                     raise UserError(f"input {e['name']!r} has shape {list(a.shape)}, expected {shape}")
                 if isinstance(d, str) and bound.setdefault(d, n) != n:
                     raise UserError(f"input {e['name']!r}: dimension {d!r} is {n} here but {bound[d]} elsewhere")
+        limit = e.get("index_limit")
+        if isinstance(limit, int) and a.size and (a.min() < 0 or a.max() >= limit):
+            bad = a.min() if a.min() < 0 else a.max()
+            raise UserError(f"input {e['name']!r}: index {bad} is outside [0, {limit}) (the rows of the table it "
+                            "indexes; token ids from another model's tokenizer?)")
         out[e["name"]] = a
     return out
 

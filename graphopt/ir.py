@@ -648,9 +648,34 @@ def more_precise_type(old: TensorType | None, new: TensorType) -> TensorType | N
 
 
 def signature(graph: Graph) -> dict:
-    """The graph's inputs (weights excluded) and outputs: name, dtype and shape with symbolic dims, as JSON."""
+    """The graph's inputs (weights excluded) and outputs: name, dtype and shape with symbolic dims, as JSON.
+    An input that indexes the rows of a constant table (token ids into an embedding) also
+    gives `index_limit`, the rows it may pick: [0, index_limit)."""
     def entry(v):
-        return {"name": v.name, "dtype": v.type.dtype.short,
-                "shape": None if v.type.shape is None else list(v.type.shape)}
+        e = {"name": v.name, "dtype": v.type.dtype.short,
+             "shape": None if v.type.shape is None else list(v.type.shape)}
+        limit = index_limit(v)
+        if limit is not None:
+            e["index_limit"] = limit
+        return e
     return {"inputs": [entry(v) for v in graph.inputs if not v.is_initializer],
             "outputs": [entry(v) for v in graph.outputs]}
+
+
+# Ops that gather rows of their first input (a table) at the indices of their second.
+_ROW_GATHERS = {("", "Gather"), (GRAPHOPT_DOMAIN, "QuantGather")}
+
+
+def index_limit(v: Value) -> int | None:
+    """The fewest rows among the constant tables `v` indexes directly (a Gather along axis 0, or
+    QuantGather), or None when it indexes none. A backend may clamp an index past a table's
+    rows where ONNX says it is an error, so the limit is checked before any backend runs."""
+    rows = []
+    for node, i in v.uses():
+        if (node.domain, node.op_type) not in _ROW_GATHERS or i != 1 or not node.inputs[0].is_initializer:
+            continue
+        axis = node.attrs["axis"].value if "axis" in node.attrs else 0
+        shape = node.inputs[0].type.shape
+        if axis == 0 and shape and isinstance(shape[0], int):
+            rows.append(shape[0])
+    return min(rows) if rows else None

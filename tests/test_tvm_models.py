@@ -352,3 +352,27 @@ def test_feeds_are_copied_into_aligned_tensors_and_outputs_come_back_without_a_c
             assert back.ctypes.data == tensor.data_ptr()  # the tensor's memory, not a copy
             back[...] = 0
             assert np.array_equal(feed, before)  # the caller's feed untouched
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_an_index_past_its_table_is_refused_on_every_backend(tmp_path, backend):
+    """ids that index a constant table (an embedding) are checked against its rows before any
+    backend runs: TVM's take clamps an index ONNX calls an error, ORT raised its own message.
+    The manifest says the limit; an id inside it picks its row."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)], "embed",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                          [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", "seq", 4])],
+                          [numpy_helper.from_array(table, "table")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "embed.onnx")
+    graphopt.optimize(tmp_path / "embed.onnx", tmp_path / "out", backend=backend)
+    art = graphopt.load(tmp_path / "out")
+    assert art.inputs[0]["index_limit"] == 10
+    ok = art.run({"ids": np.array([[9, 0, 3]], np.int64)})["rows"]
+    np.testing.assert_array_equal(ok, table[[[9, 0, 3]]])
+    for bad in (10, -1):
+        with pytest.raises(UserError, match=rf"input 'ids': index {bad} is outside \[0, 10\)"):
+            art.run({"ids": np.array([[1, bad]], np.int64)})

@@ -96,6 +96,20 @@ def _is_val(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
+def sources_digest(root: Path, cfg: DataConfig) -> str:
+    """A digest of the text files `root` gives (their paths under it and their bytes): what a
+    prepared folder was made from, so that a later run can tell when those files changed."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in find_text_files(root, cfg):
+        digest.update(f"{path.relative_to(root) if path != root else path.name}\0".encode())
+        try:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError:
+            digest.update(b"unreadable")
+    return digest.hexdigest()
+
+
 def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
     """Reads, cleans and exactly de-duplicates documents; tags each one train or val."""
     seen, docs = set(), []
@@ -174,7 +188,12 @@ def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=N
             wanted["config"]["suffixes"] = recorded
         if {k: meta.get(k) for k in wanted} != wanted:
             raise UserError(f"{out}: prepared from different data or settings; use another --out")
+        # Recorded since 2026-12-07: an older folder has no digest and is taken as it is.
+        if meta.get("sources") is not None and meta["sources"] != sources_digest(Path(data_dir), cfg):
+            notes.note(f"--data {data_dir}: its files changed since {out} was prepared from them; this run "
+                       f"goes on with the data prepared then (train on the new files with another --out)")
         return out
+    sources = sources_digest(Path(data_dir), cfg)  # before reading them: a change meanwhile shows later
     docs_path = out / "docs.jsonl"
     if not docs_path.exists():
         docs = collect_documents(Path(data_dir), cfg, progress)  # a bad --data fails before out/ exists
@@ -219,7 +238,7 @@ def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=N
         counts[split] = {"documents": len(texts), "tokens": int(stream.size),
                          "bytes": sum(len(t.encode()) for t in texts)}
     _write_atomic(out / "val.txt", EOS.join(by_split["val"]).encode())
-    meta = dict(wanted, vocab_size=tok.get_vocab_size(), eos_id=eos_id, splits=counts)
+    meta = dict(wanted, vocab_size=tok.get_vocab_size(), eos_id=eos_id, splits=counts, sources=sources)
     _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     return out
 

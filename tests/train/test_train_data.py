@@ -98,3 +98,29 @@ def test_a_folder_that_leaves_one_document_says_what_it_left_out(tmp_path):
     assert [d["path"] for d in collect_documents(tmp_path, DataConfig(val_fraction=0.0, suffixes=(".txt",)))] == ["a.txt"]
     (tmp_path / "d.txt").write_text(body.replace("line 5", "line five"))
     assert len(collect_documents(tmp_path, cfg)) == 2
+
+
+def test_a_prepared_folder_whose_files_changed_says_so_and_keeps_its_data(corpus_writer, tmp_path, capsys):
+    """The files of --data changed after their folder was prepared: the run goes on with the data
+    it was prepared from (a resumed run keeps its stream) and says so; unchanged, nothing is said."""
+    corpus = corpus_writer(tmp_path / "corpus", 40)
+    out = prepare(corpus, tmp_path / "p", CFG)
+    train_bin = (out / "train.bin").read_bytes()
+    prepare(corpus, out, CFG)
+    assert "changed since" not in capsys.readouterr().err
+    victim = sorted(corpus.rglob("*.py"))[0]
+    victim.write_text(victim.read_text() + "\n# one more line\n")
+    prepare(corpus, out, CFG)
+    assert f"--data {corpus}: its files changed since {out} was prepared" in capsys.readouterr().err
+    assert (out / "train.bin").read_bytes() == train_bin
+
+
+def test_a_folder_prepared_before_digests_were_recorded_is_taken_as_it_is(corpus_writer, tmp_path, capsys):
+    corpus = corpus_writer(tmp_path / "corpus", 40)
+    out = prepare(corpus, tmp_path / "p", CFG)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["sources"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    sorted(corpus.rglob("*.py"))[0].write_text("x = 1\n" * 100)
+    prepare(corpus, out, CFG)
+    assert "changed since" not in capsys.readouterr().err
