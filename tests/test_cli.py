@@ -205,6 +205,12 @@ def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_h
     art = graphopt.load(tmp_path / "art")
     with pytest.raises(UserError, match="past the model's vocabulary of 128"):
         encode_prompts(art, load_tokenizer(tmp_path / "art"), ["def hello_world():"])
+    # Token healing masks the first new token over the vocabulary: logits with a symbolic
+    # vocabulary cannot say its size, so healing is refused rather than guessed.
+    logits = next(o for o in art.manifest["signature"]["outputs"] if o["name"] == "logits")
+    logits["shape"][-1] = "vocab"
+    with pytest.raises(UserError, match="the logits' vocabulary is not static; token healing needs it"):
+        encode_prompts(art, load_tokenizer(tmp_path / "art"), ["def "], heal=True)
     # (and the artifact's lowered model.onnx, ORT's own ops, is named as such by inspect)
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "art" / "model.onnx")])
     assert r.exit_code == 2 and "model.onnx is the lowered graph of the artifact" in r.output, r.output

@@ -1286,6 +1286,39 @@ def test_generate_cli_on_the_artifact_matches_the_checkpoint(default_artifact):
     assert lines[0].startswith("import ") and any(line.startswith("class ") for line in lines)
 
 
+def test_streamed_text_waits_for_a_split_character_and_drops_one_the_last_token_only_began(
+        default_artifact, monkeypatch):
+    """A byte-level tokenizer splits "é" (C3 A9) over two tokens: the stream prints nothing
+    after the first, "é" after the second, and a character the last token only began is not
+    printed as U+FFFD. The new tokens are scripted (the model would not pick these); the first
+    is the prompt's last token, which token healing took back."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from graphopt import generation
+    from graphopt.cli import cli
+
+    tok = generation.load_tokenizer(default_artifact[0])
+    lead, tail = tok.token_to_id("\u00c3"), tok.token_to_id("\u00a9")  # the byte-level alphabet's C3, A9
+    assert tok.decode([lead, tail]) == "\u00e9" and tok.decode([lead]).endswith("\ufffd")
+    new = [tok.encode("a").ids[-1], lead, tail, tok.token_to_id("x"), lead]
+    printed = []  # stdout after each new token
+
+    def scripted(self, ids, max_new_tokens, on_tokens=None, **_):
+        for step, t in enumerate(new):
+            on_tokens(step, [t])
+            sys.stdout.flush()
+            printed.append(sys.stdout.buffer.getvalue().decode())
+        return generation.GenerationResult([new], 0.01, 0.01, len(new) - 1, len(new))
+
+    monkeypatch.setattr(generation.Generator, "generate", scripted)
+    r = CliRunner().invoke(cli, ["generate", str(default_artifact[0]), "--prompt", "a", "--max-new-tokens", "5"])
+    assert r.exit_code == 0, r.output
+    assert printed == ["a", "a", "a\u00e9", "a\u00e9x", "a\u00e9x"], printed
+    assert r.stdout == "a\u00e9x\n", repr(r.stdout)
+
+
 @pytest.mark.slow
 def test_generate_cli_on_a_hugging_face_folder_runs_torch_and_matches_its_artifact(tmp_path):
     """`graphopt generate HF_FOLDER` ran only graphopt.train checkpoints ("no 'model' section");

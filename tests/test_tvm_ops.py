@@ -342,6 +342,14 @@ def test_a_constant_gather_index_outside_the_axis_is_an_error_naming_the_node():
     g.outputs = [b.op("Gather", x, b.const(np.array([1, 4], np.int64), "idx"), axis=1)]
     with pytest.raises(LoweringError, match=r"\(Gather\): index 4 is outside an axis of 4"):
         tvm_backend.compile_graph(g)
+    # A gather from a known 1-D value (a shape), taken when lowered: the same error.
+    g = Graph("shape_gather_outside")
+    b = Builder(g)
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", 4)))
+    dim = b.op("Gather", b.op("Shape", x), b.const(np.array([2], np.int64), "idx"), axis=0)
+    g.outputs = [b.op("Reshape", x, b.op("Concat", dim, b.const(np.array([-1], np.int64), "rest"), axis=0))]
+    with pytest.raises(LoweringError, match=r"\(Gather\): index 2 is outside an axis of 2"):
+        tvm_backend.compile_graph(g)
 
 
 def test_quant_moe_runs_the_chosen_experts_on_the_cpu_and_decomposes_elsewhere(monkeypatch):
