@@ -71,9 +71,13 @@ class Artifact:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = check_feeds(self.manifest["signature"], feeds)
         gen = self.manifest.get("generation") or {}
-        if gen.get("kv_layout") in ("static", "paged") and feeds["attention_mask"].shape[1] > gen["max_positions"]:
-            raise UserError(f"attention_mask covers {feeds['attention_mask'].shape[1]} positions; the {gen['kv_layout']} KV "
-                            f"cache holds {gen['max_positions']} (rewrite-kv-cache{{max-positions=N}} for more)")
+        limit, covered = gen.get("max_positions"), feeds.get("attention_mask")
+        if isinstance(limit, int) and limit > 0 and covered is not None and covered.ndim == 2 \
+                and covered.shape[1] > limit:
+            if gen.get("kv_layout") in ("static", "paged"):
+                raise UserError(f"attention_mask covers {covered.shape[1]} positions; the {gen['kv_layout']} KV "
+                                f"cache holds {limit} (rewrite-kv-cache{{max-positions=N}} for more)")
+            raise UserError(f"attention_mask covers {covered.shape[1]} positions; the model has {limit} (its context)")
         return self._exe.run(feeds)
 
     def decode_run(self, *, io_binding: bool | None = None):
@@ -144,7 +148,28 @@ def check_feeds(sig: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
             raise UserError(f"input {e['name']!r}: index {bad} is outside [0, {limit}) (the rows of the table it "
                             "indexes; token ids from another model's tokenizer?)")
         out[e["name"]] = a
+    for e in sig["inputs"]:  # a dim that is a sum of others ("past_seq + seq"), once they are bound
+        for axis, d in enumerate(e["shape"] or []):
+            want = _dim_sum(d, bound) if isinstance(d, str) else None
+            if want is not None and out[e["name"]].shape[axis] != want:
+                raise UserError(f"input {e['name']!r} has shape {list(out[e['name']].shape)}: its dimension {axis} "
+                                f"is {d} = {want} here")
     return out
+
+
+def _dim_sum(expr: str, bound: dict) -> int | None:
+    """`expr` ("past_seq + seq", "seq - 1") with `bound`'s sizes, or None where a term is not a
+    bound symbol or a whole number."""
+    tokens = expr.split()
+    if len(tokens) < 3 or len(tokens) % 2 == 0 or any(op not in ("+", "-") for op in tokens[1::2]):
+        return None
+    total = 0
+    for sign, term in zip(["+"] + tokens[1::2], tokens[::2]):
+        value = int(term) if term.isdigit() else bound.get(term)
+        if not isinstance(value, int):
+            return None
+        total += value if sign == "+" else -value
+    return total
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:

@@ -435,6 +435,7 @@ class PassManager:
                     verify(work)
                 except GraphoptError as e:
                     raise PassCrash(f"pass {p.name!r} left an invalid graph: {e}") from e
+                _check_outputs_kept(p.name, current, work)
             record = PassRecord(p.name, dataclasses.asdict(p), seconds, result.changed, dict(result.stats),
                                 len(current.nodes), len(work.nodes), category=p.category, notes=notes,
                                 details=[dataclasses.asdict(nm) for nm in result.near_misses] + list(result.details))
@@ -451,6 +452,19 @@ class PassManager:
         return current
 
 
+def _check_outputs_kept(pass_name: str, before: Graph, after: Graph) -> None:
+    """A pass keeps the graph's outputs, position by position, under their names (it may add
+    more): an output pointed at another value under that value's name would be compared with
+    itself, and the artifact's outputs would change names."""
+    old, new = [v.name for v in before.outputs], [v.name for v in after.outputs]
+    if len(new) < len(old):
+        raise PassCrash(f"pass {pass_name!r} dropped graph output {old[len(new)]!r}")
+    for i, (o, n) in enumerate(zip(old, new)):
+        if o != n:
+            raise PassCrash(f"pass {pass_name!r} renamed graph output {i} from {o!r} to {n!r}; a pass that "
+                            "replaces an output's producer must give the new value the output's name")
+
+
 def _compare(pass_name: str, graph: Graph, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
     """Compare every value that survived the pass, in the new graph's order. Raise on the
     first one that diverged beyond tolerance, naming it; return the max abs diff of outputs."""
@@ -464,9 +478,6 @@ def _compare(pass_name: str, graph: Graph, before: dict[str, np.ndarray], after:
         reason = _differs(before[name], after[name])
         if reason:
             raise PassError(f"pass {pass_name!r} changed the results: value {name!r} {reason}")
-    for v in graph.outputs:
-        if v.name not in before:
-            raise PassError(f"pass {pass_name!r} renamed graph output {v.name!r}")
     return _output_diff(graph, before, after)
 
 

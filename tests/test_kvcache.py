@@ -1464,3 +1464,30 @@ def test_a_training_run_folder_optimizes_to_a_generation_ready_artifact_with_its
     graphopt.optimize(run, tmp_path / "out", progress=None)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert graphopt.load(tmp_path / "out").generate("def ", 4).texts[0]
+
+
+def test_run_refuses_a_mask_past_the_context_or_of_the_wrong_length(default_artifact):
+    """`Artifact.run` on a growing-cache artifact: an attention_mask past the model's context
+    (TVM returned logits for 257 positions of a 256-position model) and one that is not
+    past_seq + seq long (ORT and TVM failed in their kernels) are one-line errors."""
+    from graphopt.errors import UserError
+
+    art = graphopt.load(default_artifact[0])
+    heads, head = art.inputs[2]["shape"][1], art.inputs[2]["shape"][3]
+    layers = art.manifest["generation"]["num_layers"]
+
+    def feeds(seq, past, mask):
+        out = {"input_ids": np.ones((1, seq), np.int64), "attention_mask": np.ones((1, mask), np.int64)}
+        for i in range(layers):
+            for kind in ("key", "value"):
+                out[f"past_key_values.{i}.{kind}"] = np.zeros((1, heads, past, head), np.float32)
+        return out
+
+    assert art.run(feeds(8, 3, 11))["logits"].shape[:2] == (1, 1)
+    for mask in (5, 12):
+        with pytest.raises(UserError, match=rf"input 'attention_mask' has shape \[1, {mask}\]: its dimension 1 "
+                                            r"is past_seq \+ seq = 11 here"):
+            art.run(feeds(8, 3, mask))
+    limit = art.manifest["generation"]["max_positions"]
+    with pytest.raises(UserError, match=f"attention_mask covers {limit + 1} positions; the model has {limit}"):
+        art.run(feeds(limit + 1, 0, limit + 1))

@@ -90,6 +90,21 @@ class NegateRelu(Pass):
         return res
 
 
+@register_pass("test-skip-output-add")
+class SkipOutputAdd(Pass):
+    """A deliberately wrong pass: points the graph's output at the Add's first input (its
+    name, not the output's), removing the Add."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        for n in list(graph.nodes):
+            if n.op_type == "Add" and n.outputs[0] in graph.outputs:
+                n.outputs[0].replace_all_uses_with(n.inputs[0])
+                graph.remove_node(n)
+                res.count("dropped")
+        return res
+
+
 @register_pass("test-raise")
 class Raise(Pass):
     """Mutates the graph, then raises."""
@@ -140,6 +155,16 @@ def test_check_numerics_names_the_wrong_pass_and_first_diverging_value():
         PassManager("dce,test-negate-relu,cse", check_numerics=True).run(g)
     assert print_graph(g) == before  # the caller's graph is untouched
     PassManager("dce,test-negate-relu", check_numerics=False).run(g)  # without the check it goes through
+
+
+def test_a_pass_that_points_an_output_at_another_value_is_caught_with_or_without_numerics():
+    """The output moved to an earlier value under that value's name: by name, the comparison saw
+    that value equal to itself (max diff 0.0) and the artifact's output changed names."""
+    from graphopt.pass_manager import PassCrash
+
+    for numerics in (True, False):
+        with pytest.raises(PassCrash, match="pass 'test-skip-output-add' renamed graph output 0 from "):
+            PassManager("test-skip-output-add", check_numerics=numerics).run(relu_graph())
 
 
 def test_a_pass_that_raises_leaves_the_graph_as_it_was():
