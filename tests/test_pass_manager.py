@@ -273,3 +273,19 @@ def test_near_misses_have_one_shape_in_every_record():
     assert set(summary) == {r.name for r in pm.records}  # every fusion pass is in the summary
     for entry in summary.values():
         assert all(set(nm) == fields for nm in entry["near_misses"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quantize-weights{bits=3}", "quantize-weights: bits must be 4 or 8, not 3"),
+    ("quantize-weights{method=foo}", "quantize-weights: method must be rtn, gptq or awq, not 'foo'"),
+    ("quantize-weights{block-size=7}", "quantize-weights: block-size must be a power of two"),
+    ("rewrite-kv-cache{layout=bogus}", "rewrite-kv-cache: unknown layout 'bogus'"),
+    ("quantize-static{calibration=foo}", "quantize-static: calibration must be minmax, percentile or entropy"),
+    ("quantize-static{percentile=200}", r"quantize-static: percentile must be in \(50, 100\]"),
+    ("merge-projections{min-group=1}", "merge-projections: min-group 1: a merge needs at least 2 projections"),
+])
+def test_bad_option_values_fail_when_the_pipeline_is_parsed(text, message):
+    """Before any model is loaded or exported (they failed in run(), after the export; min-group 1
+    crashed the pass)."""
+    with pytest.raises(UserError, match=message):
+        parse_pipeline(f"dce,{text}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.registry import refine_types
@@ -245,6 +246,10 @@ class MergeProjections(Pass):
     requires = ("fuse-linear",)  # it merges graphopt.Linear nodes
 
     min_group: int = 2
+
+    def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
+        if self.min_group < 2:
+            raise UserError(f"merge-projections: min-group {self.min_group}: a merge needs at least 2 projections")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

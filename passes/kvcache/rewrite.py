@@ -109,6 +109,8 @@ class RewriteKVCache(Pass):
     block_size: int = 16
 
     def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
+        if self.layout not in LAYOUTS:
+            raise UserError(f"rewrite-kv-cache: unknown layout {self.layout!r} (choose from {', '.join(LAYOUTS)})")
         if self.max_positions < 0 or 0 < self.max_positions < max(_PROBE_SEQ):
             raise UserError(f"rewrite-kv-cache: max-positions {self.max_positions}: give at least {max(_PROBE_SEQ)} "
                             "positions (or 0: the model's own context)")

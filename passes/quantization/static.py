@@ -105,6 +105,9 @@ class QuantizeStatic(Pass):
     tied: bool = True
     exclude: str = ""
 
+    def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
+        self.check_options()
+
     def check_options(self) -> None:
         if self.calibration not in CALIBRATIONS:
             raise UserError(f"quantize-static: calibration must be minmax, percentile or entropy, "
@@ -113,7 +116,7 @@ class QuantizeStatic(Pass):
             raise UserError(f"quantize-static: percentile must be in (50, 100], not {self.percentile}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        self.check_options()
+        self.check_options()  # (again: a caller may have set an option since)
         feeds_list = ctx.hints.get("calibration")
         if not feeds_list:
             raise UserError("quantize-static needs calibration data: give --calibration FILE "

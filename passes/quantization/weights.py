@@ -77,6 +77,9 @@ class QuantizeWeights(Pass):
     damp: float = 0.01
     awq_then: str = "gptq"
 
+    def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
+        self.check_options()
+
     def check_options(self) -> None:
         if self.bits not in (4, 8):
             raise UserError(f"quantize-weights: bits must be 4 or 8, not {self.bits}")
@@ -89,7 +92,7 @@ class QuantizeWeights(Pass):
             raise UserError(f"quantize-weights: awq-then must be rtn or gptq, not {self.awq_then!r}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        self.check_options()
+        self.check_options()  # (again: a caller may have set an option since)
         self._tables: dict[str, tuple] = {}  # tied table name -> its quantized (packed, scales, zero points)
         result = PassResult()
         excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
