@@ -25,12 +25,22 @@ def make_node(graph: Graph, op_type: str, inputs: Sequence[Value | None], *, dom
               name: str | None = None, meta: NodeMeta | None = None, infer: bool = True) -> Node:
     """`graph.make_node`, with the output count from the op's definition when not given and,
     unless `infer` is off or `output_types` are given, the output types inferred."""
+    opdef = get_op(domain, op_type)
+    if not opdef.min_inputs <= len(inputs) <= opdef.max_inputs:
+        most = opdef.max_inputs if opdef.max_inputs < 1 << 16 else "any number of"
+        raise ValueError(f"{(domain + '.') if domain else ''}{op_type} takes {opdef.min_inputs} to {most} inputs, "
+                         f"not {len(inputs)}")
     if num_outputs is None and output_names is None and output_types is None:
-        num_outputs = get_op(domain, op_type).num_outputs_for(attrs or {})
+        num_outputs = opdef.num_outputs_for(attrs or {})
     node = graph.make_node(op_type, inputs, domain=domain, attrs=attrs, output_types=output_types,
                            num_outputs=num_outputs, output_names=output_names, name=name, meta=meta)
     if output_types is None and infer:
-        for v, t in zip(node.outputs, infer_types(node)):
+        try:
+            types = infer_types(node)
+        except BaseException:  # the node is not made: its inputs lose the use it registered
+            node._detach_inputs()
+            raise
+        for v, t in zip(node.outputs, types):
             v.type = t
     return node
 

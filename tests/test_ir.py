@@ -171,3 +171,25 @@ def test_value_without_graph_has_no_uses():
     n = Node("Relu", [v], [Value("b")])
     assert v.uses() == [(n, 0)]
     assert not v.is_graph_output and not v.is_initializer
+
+
+def test_a_node_the_builder_cannot_type_is_not_left_behind():
+    """Inference failed after graph.make_node had registered the node's uses on its inputs: the
+    graph then failed verify with a use by a node it did not hold. And a wrong input count is
+    named before inference (it was an unpacking error naming neither op nor node)."""
+    import pytest
+
+    from graphopt.builder import Builder
+    from graphopt.errors import UserError
+    from graphopt.verify import verify
+
+    g = Graph("m")
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", 4)))
+    b = Builder(g)
+    with pytest.raises(UserError, match="'axis' must be in"):
+        b.Softmax(x, axis=7)
+    with pytest.raises(ValueError, match="graphopt.RMSNorm takes 2 to 2 inputs, not 1"):
+        b.op("RMSNorm", x, domain="graphopt")
+    assert x.uses() == []
+    g.outputs = [b.Relu(x)]
+    verify(g)
