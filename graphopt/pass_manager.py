@@ -428,8 +428,13 @@ class PassManager:
             except Exception as e:
                 raise PassCrash(f"pass {p.name!r} raised {type(e).__name__}: {e}; the graph is left as it was") from e
             seconds = time.perf_counter() - t0
-            if result is None:
+            if isinstance(result, Graph):  # DESIGN's `run(graph, ctx) -> graph`: the graph it made (or was given)
+                work, result = result, PassResult(changed=True)
+            elif result is None:
                 result = PassResult(changed=True)
+            elif not isinstance(result, PassResult):
+                raise PassCrash(f"pass {p.name!r} returned {type(result).__name__}; run() returns a PassResult, "
+                                "the graph, or None")
             if self.verify:
                 try:
                     verify(work)

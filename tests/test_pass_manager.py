@@ -289,3 +289,34 @@ def test_bad_option_values_fail_when_the_pipeline_is_parsed(text, message):
     crashed the pass)."""
     with pytest.raises(UserError, match=message):
         parse_pipeline(f"dce,{text}")
+
+
+@register_pass("test-return-graph")
+class ReturnGraph(Pass):
+    """DESIGN's form: run(graph, ctx) -> graph; this one returns a new graph with Relu as Abs
+    (equal on the Mul's non-negative output)."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        new = graph.copy()
+        for n in new.nodes:
+            if n.op_type == "Relu":
+                n.op_type = "Abs"
+        return new
+
+
+@register_pass("test-return-junk")
+class ReturnJunk(Pass):
+    """Returns what no pass returns."""
+
+    def run(self, graph: Graph, ctx: PassContext):
+        return 3
+
+
+def test_a_pass_may_return_its_graph_and_nothing_else():
+    g = relu_graph()
+    out = PassManager("test-return-graph", check_numerics=True).run(g)
+    assert [n.op_type for n in out.nodes] == ["Mul", "Abs", "Add"]
+    from graphopt.pass_manager import PassCrash
+
+    with pytest.raises(PassCrash, match="pass 'test-return-junk' returned int; run\\(\\) returns a PassResult"):
+        PassManager("test-return-junk").run(g)
