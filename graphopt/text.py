@@ -428,7 +428,7 @@ class _Parser:
 
         while True:
             if self.accept("return"):
-                outs = []
+                outs, toks = [], []
                 if self.peek().text != "}":
                     while True:
                         tok = self.peek()
@@ -436,13 +436,17 @@ class _Parser:
                         if name not in env:
                             self.fail_at(tok.line, tok.col, f"returned value {name!r} is not defined")
                         outs.append(env[name])
+                        toks.append(tok)
                         if not self.accept(","):
                             break
                 self.expect("}")
                 if len(outs) != len(result_types):
                     self.fail(f"the graph declares {len(result_types)} results but returns {len(outs)}")
-                for v, t in zip(outs, result_types):
-                    if t is not None and v.type != t:
+                for v, t, tok in zip(outs, result_types, toks):
+                    if t is not None and v.type is not None and v.type != t:
+                        self.fail_at(tok.line, tok.col, f"returned value {v.name!r} is {v.type} where it is defined, "
+                                                        f"but the graph's header declares {t}")
+                    if t is not None:
                         v.type = t
                 g.outputs = outs
                 break

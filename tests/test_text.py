@@ -118,3 +118,20 @@ def test_parse_errors_name_the_line(bad, line, message):
         parse_graph(bad, filename="bad.gir")
     assert f"bad.gir:{line}:" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_header_result_type_that_disagrees_with_the_returned_value_is_a_parse_error():
+    """The header's type silently replaced the node's annotation (verify then blamed the node
+    for a type the user never wrote on it)."""
+    import pytest
+
+    from graphopt.errors import ParseError
+    from graphopt.text import parse_graph
+
+    text = ('graph @m(%x: f32[batch, 4]) -> (f32[batch, 4]) {\n'
+            '  %y = Relu(%x) : f32[batch, 5]\n'
+            '  return %y\n}\n')
+    with pytest.raises(ParseError, match="<string>:3:10: returned value 'y' is f32\\[batch, 5\\] where it is "
+                                         "defined, but the graph's header declares f32\\[batch, 4\\]"):
+        parse_graph(text)
+    assert parse_graph(text.replace("f32[batch, 5]", "f32[batch, 4]")).outputs[0].type.shape == ("batch", 4)
