@@ -529,3 +529,20 @@ def test_a_task_head_the_export_leaves_out_is_said(tmp_path, capsys):
     graph = load_graph(tmp_path / "cls")
     assert [v.name for v in graph.outputs] == ["last_hidden_state"]
     assert "is a BertForSequenceClassification; graphopt exports its encoder (BertModel" in capsys.readouterr().err
+
+
+def test_from_torch_output_names_must_name_every_output():
+    """One name for two outputs came back as ['a', 'sum_1']: the exporter named what it could."""
+    import torch
+
+    from graphopt.errors import UserError
+    from graphopt.frontends.torch_export import from_torch
+
+    class Two(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, x.sum()
+
+    with pytest.raises(UserError, match=r"Two: 1 output_names \(a\) for 2 outputs"):
+        from_torch(Two(), (torch.randn(2, 3),), output_names=["a"], progress=False)
+    graph = from_torch(Two(), (torch.randn(2, 3),), output_names=["a", "b"], progress=False)
+    assert [v.name for v in graph.outputs] == ["a", "b"]
