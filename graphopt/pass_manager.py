@@ -258,6 +258,16 @@ def _convert_option(pass_name: str, key: str, raw, typ) -> Any:
 _ENTRY = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(,|$)")
 
 
+def _takes_empty(pass_name: str, option: str) -> bool:
+    """Whether `option=` (empty) is a value of that pass's option: a string option whose default
+    is empty, as `graphopt passes` prints it (`exclude=`)."""
+    try:
+        field = options_of(get_pass_info(pass_name).cls).get(option)
+    except UserError:  # an unknown pass: named by its own error below
+        return False
+    return field is not None and field.default == ""
+
+
 def parse_pipeline(text: str) -> list[PipelineEntry]:
     """`"dce,cse,fold-constants{max-size=1024}"` -> entries. Names are checked, options too."""
     entries: list[PipelineEntry] = []
@@ -275,7 +285,7 @@ def parse_pipeline(text: str) -> list[PipelineEntry]:
         if opts is not None and opts.strip():
             for item in opts.split(","):
                 k, eq, v = item.partition("=")
-                if not eq or not k.strip() or not v.strip():
+                if not eq or not k.strip() or (not v.strip() and not _takes_empty(name, k.strip())):
                     raise UserError(f"malformed pipeline {text!r}: option {item.strip()!r} is not key=value")
                 options[k.strip()] = v.strip()
         entry = PipelineEntry(name, options)
@@ -322,7 +332,8 @@ def load_recipe(path) -> list[PipelineEntry]:
         for i, table in enumerate(data.get("passes", [])):
             if not isinstance(table, dict) or "name" not in table:
                 raise UserError(f"{path}: passes[{i}] needs a 'name'")
-            opts = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in table.items() if k != "name"}
+            opts = {k: (str(v).lower() if isinstance(v, bool) else ";".join(map(str, v)) if isinstance(v, list)
+                        else str(v)) for k, v in table.items() if k != "name"}
             e = PipelineEntry(str(table["name"]), opts)
             e.instantiate()
             entries.append(e)

@@ -254,6 +254,30 @@ def test_pass_leaves_excluded_and_non_constant_layers():
     assert find_site(y.producer(), tied=True) == "the weight is not a constant matrix"
 
 
+@pytest.mark.parametrize("name", ["quantize-weights", "quantize-dynamic"])
+def test_an_exclude_naming_no_node_is_an_error_and_a_recipe_may_list_them(name, tmp_path):
+    """`exclude=nonexistent` quantized every layer without a word; a TOML recipe's list became
+    the string "['a', 'b']"; `exclude=` (as `graphopt passes` prints it) was refused."""
+    from graphopt.errors import UserError
+    from graphopt.pass_manager import load_recipe
+
+    g = Graph("t")
+    x = g.add_input("x", TensorType(F32, ("batch", 32)))
+    b = Builder(g)
+    h = b.op("Linear", x, b.const(f32(32, 16), "w1"), domain="graphopt")
+    g.outputs = [b.op("Linear", h, b.const(f32(16, 8), "w2"), domain="graphopt")]
+    first, second = h.producer().name, g.outputs[0].producer().name
+    with pytest.raises(UserError, match=f"{name}: exclude names no node of the graph: {first}x"):
+        PassManager(f"{name}{{exclude={first}x}}").run(g)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[[passes]]\nname = "{name}"\nexclude = ["{first}", "{second}"]\n')
+    pm = PassManager(load_recipe(recipe))
+    pm.run(g)
+    assert sorted(d["node"] for d in pm.records[0].details if d["reason"] == "excluded") == sorted([first, second])
+    assert sum(n.op.startswith("graphopt.Quant") or n.op.startswith("graphopt.Dynamic")
+               for n in PassManager(f"{name}{{exclude=}}").run(g).nodes) == 2
+
+
 def test_pass_options_are_checked():
     from graphopt.errors import UserError
 

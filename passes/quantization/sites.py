@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from graphopt.builder import Builder
+from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
 from graphopt.ops.activations import activate
 from graphopt.pass_manager import PassResult
@@ -102,6 +103,17 @@ def find_site(node: Node, tied: bool) -> Site | str:
             return "alpha/beta are not 1 or A is transposed"
         return _weight_bias_site(node, "gemm", bool(node.attr("transB", 0)), "")
     return "not a linear layer"
+
+
+def excluded_names(graph: Graph, exclude: str, pass_name: str) -> set[str]:
+    """The node names of an `exclude` option (separated by ';'); a name no node of `graph` has is
+    an error (a typo would quantize the layer it meant to keep, silently)."""
+    excluded = {s.strip() for s in exclude.split(";") if s.strip()}
+    unknown = sorted(excluded - {n.name for n in graph.nodes})
+    if unknown:
+        raise UserError(f"{pass_name}: exclude names no node of the graph: {', '.join(unknown)} "
+                        "(node names: graphopt inspect MODEL --ir, after the fusions)")
+    return excluded
 
 
 def collect_sites(graph: Graph, tied: bool, exclude: str, result: PassResult, unsupported) -> list[Site]:

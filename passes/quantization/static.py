@@ -36,6 +36,7 @@ from graphopt.passes.quantization.dynamic import quantize_int8_symmetric
 from graphopt.passes.quantization.sites import (
     Site,
     collect_sites,
+    excluded_names,
     count_weight_bytes,
     drop_unread_weights,
     float32_only,
@@ -117,6 +118,7 @@ class QuantizeStatic(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()  # (again: a caller may have set an option since)
+        excluded_names(graph, self.exclude, "quantize-static")  # a typo is an error, not a layer left in
         feeds_list = ctx.hints.get("calibration")
         if not feeds_list:
             raise UserError("quantize-static needs calibration data: give --calibration FILE "

@@ -44,6 +44,7 @@ from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
 from graphopt.passes.quantization.sites import (
     Site,
     collect_sites,
+    excluded_names,
     count_weight_bytes,
     drop_unread_weights,
     find_site,
@@ -93,6 +94,7 @@ class QuantizeWeights(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()  # (again: a caller may have set an option since)
+        excluded_names(graph, self.exclude, "quantize-weights")  # a typo is an error, not a layer left in
         self._tables: dict[str, tuple] = {}  # tied table name -> its quantized (packed, scales, zero points)
         result = PassResult()
         excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
