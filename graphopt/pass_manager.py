@@ -76,6 +76,12 @@ class PassContext:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
+# What a pass that needs calibration data says when it has none: the command line's option
+# and the Python API's hint (a list of feed dicts, as graphopt.calibration makes them).
+CALIBRATION_HINT = ("give --calibration FILE (text, .jsonl of texts or .npz of inputs), or from Python "
+                    "PassContext(hints={'calibration': [feeds, ...]})")
+
+
 class Pass:
     """Base class of every pass. Subclasses are dataclasses; their fields are options."""
 

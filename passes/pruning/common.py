@@ -10,7 +10,7 @@ import numpy as np
 from graphopt.errors import UserError
 from graphopt.interpreter import run as interpret
 from graphopt.ir import Graph, Node, Value
-from graphopt.pass_manager import Pass, PassContext, PassResult
+from graphopt.pass_manager import CALIBRATION_HINT, Pass, PassContext, PassResult
 from graphopt.passes.pruning.flops import FLOPS_SEQ_LEN, block_flops
 
 IMPORTANCE = ("magnitude", "wanda")
@@ -61,8 +61,7 @@ def activation_sq_norms(graph: Graph, values: list[Value], ctx: PassContext, pas
     `ctx.hints["calibration"]` (graphopt.calibration's feed dicts)."""
     feeds_list = ctx.hints.get("calibration")
     if not feeds_list:
-        raise UserError(f"{pass_name}{{importance=wanda}} needs calibration data: give --calibration FILE "
-                        "(text, .jsonl of texts or .npz of inputs)")
+        raise UserError(f"{pass_name}{{importance=wanda}} needs calibration data: " + CALIBRATION_HINT)
     progress = ctx.hints.get("progress") or (lambda msg: None)
     sums = {v.name: np.zeros(v.type.shape[-1], np.float64) for v in values}
     for i, feeds in enumerate(feeds_list):

@@ -29,7 +29,7 @@ from graphopt.errors import UserError
 from graphopt.interpreter import run as interpret
 from graphopt.ir import Graph, Value
 from graphopt.ops.activations import activate
-from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+from graphopt.pass_manager import CALIBRATION_HINT, Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, remove_dead, replace_value
 
 from graphopt.passes.quantization.dynamic import quantize_int8_symmetric
@@ -121,8 +121,7 @@ class QuantizeStatic(Pass):
         excluded_names(graph, self.exclude, "quantize-static")  # a typo is an error, not a layer left in
         feeds_list = ctx.hints.get("calibration")
         if not feeds_list:
-            raise UserError("quantize-static needs calibration data: give --calibration FILE "
-                            "(text, .jsonl of texts or .npz of inputs)")
+            raise UserError("quantize-static needs calibration data: " + CALIBRATION_HINT)
         result = PassResult()
         sites = collect_sites(graph, self.tied, self.exclude, result, float32_only)
         progress = ctx.hints.get("progress") or (lambda msg: None)

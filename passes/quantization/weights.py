@@ -35,7 +35,7 @@ import numpy as np
 from graphopt.errors import UserError
 from graphopt.interpreter import run as interpret
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
-from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+from graphopt.pass_manager import CALIBRATION_HINT, Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
 from graphopt.ops.moe import moe_form
 from graphopt.ops.quant_format import pack, pack_weight, quantize_rows, quantize_stacked
@@ -254,8 +254,7 @@ class QuantizeWeights(Pass):
     def _calibration(self, ctx: PassContext) -> list[dict]:
         feeds_list = ctx.hints.get("calibration")
         if not feeds_list:
-            raise UserError(f"quantize-weights{{method={self.method}}} needs calibration data: give --calibration FILE "
-                            "(text, .jsonl of texts or .npz of inputs)")
+            raise UserError(f"quantize-weights{{method={self.method}}} needs calibration data: " + CALIBRATION_HINT)
         return feeds_list
 
 
