@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphopt.click_types import MAX_THREADS
 from graphopt.errors import UserError
 from graphopt.ir import Graph, signature  # noqa: F401  (signature: part of the artifact API)
 from graphopt import __version__
@@ -177,6 +178,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
     artifact is a native library that loading runs): load only artifacts you trust."""
     import importlib
 
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise UserError(f"threads={threads!r}: a whole number from 1 to {MAX_THREADS} (or None: the backend's choice)")
     path = Path(path)
     manifest = read_manifest(path)
     mpath = path / "manifest.json"

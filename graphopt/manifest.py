@@ -40,6 +40,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     format version, with a signature, and only relative file names inside the folder."""
     path = Path(path)
     mpath = path / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{path}: no such folder")
     if not mpath.is_file():
         raise UserError(f"{path}: not a graphopt artifact (no manifest.json)")
     try:

@@ -124,6 +124,12 @@ def test_load_refuses_foreign_or_broken_artifacts(tmp_path):
         a.run({"x": np.ones((2, 16))})
     with pytest.raises(UserError, match="missing input 'x'"):
         a.run({})
+    with pytest.raises(UserError, match="nope: no such folder"):
+        graphopt.load(tmp_path / "nope")
+    for bad in (-2, 0, 1.5, True):
+        with pytest.raises(UserError, match=f"threads={bad!r}: a whole number from 1 to"):
+            graphopt.load(out, threads=bad)
+    assert graphopt.load(out, threads=np.int64(1)).run({"x": np.ones((2, 16), np.float32)})
 
 
 def test_passes_command_lists_the_catalogue():
