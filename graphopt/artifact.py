@@ -73,12 +73,15 @@ class Artifact:
         feeds = check_feeds(self.manifest["signature"], feeds)
         gen = self.manifest.get("generation") or {}
         limit, covered = gen.get("max_positions"), feeds.get("attention_mask")
+        if not gen and "max_positions" in self.manifest:  # an encoder: one sequence of positions, no cache
+            limit, covered = self.manifest["max_positions"], feeds.get("input_ids", covered)
         if isinstance(limit, int) and limit > 0 and covered is not None and covered.ndim == 2 \
                 and covered.shape[1] > limit:
             if gen.get("kv_layout") in ("static", "paged"):
                 raise UserError(f"attention_mask covers {covered.shape[1]} positions; the {gen['kv_layout']} KV "
                                 f"cache holds {limit} (rewrite-kv-cache{{max-positions=N}} for more)")
-            raise UserError(f"attention_mask covers {covered.shape[1]} positions; the model has {limit} (its context)")
+            which = "attention_mask" if gen else "input_ids"
+            raise UserError(f"{which} covers {covered.shape[1]} positions; the model has {limit} (its context)")
         return self._exe.run(feeds)
 
     def decode_run(self, *, io_binding: bool | None = None):

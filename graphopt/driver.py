@@ -21,6 +21,7 @@ from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration, read_texts, text_feeds
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir, json_text
 from graphopt.generation import copy_hf_config, copy_tokenizer, generation_manifest, model_config
+from graphopt.passes.kvcache.rewrite import META_MAX_POSITIONS
 from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files
 from graphopt.interpreter import check_feeds
 from graphopt.models import load_graph
@@ -332,6 +333,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                         manifest["files"] = manifest["files"] + written
                     else:
                         generation["genai"] = f"no genai_config.json: {why_not}"
+            else:  # an encoder (or a decoder without a cache): exported for inputs up to its context
+                context = optimized.metadata.metadata_props.get(META_MAX_POSITIONS)
+                if context and context.isdigit() and int(context) > 0:
+                    manifest["max_positions"] = int(context)
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
                 timing = fields.get(key)  # backends that compile report their build times
                 if timing is not None:

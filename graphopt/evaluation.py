@@ -51,7 +51,7 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     # windows that fit the model's context: its config's (a checkpoint's max_seq_len, a Hugging Face
     # model's positions), the artifact's cache size, at most 256
     seq_len = window_len(origin)
-    max_positions = (art.manifest.get("generation") or {}).get("max_positions")
+    max_positions = (art.manifest.get("generation") or {}).get("max_positions", art.manifest.get("max_positions"))
     if isinstance(max_positions, int) and max_positions > 0:
         seq_len = min(seq_len, max_positions)
     p = perplexity(logits_fn, np.asarray(ids), seq_len, batch_size)

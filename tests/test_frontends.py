@@ -127,8 +127,17 @@ def test_bert_folder_takes_the_tokenizers_token_type_ids(hf, tmp_path):
     assert r.exit_code == 0, r.output
     import graphopt
 
-    got = graphopt.load(out).run(feeds)["last_hidden_state"]
+    artifact = graphopt.load(out)
+    got = artifact.run(feeds)["last_hidden_state"]
     assert_close(got, expected, rtol=0, atol=ATOL, what="ORT artifact")
+    # past the positions it was exported for (its position table): one line, not ORT's broadcast failure
+    context = module.model.config.max_position_embeddings
+    assert artifact.manifest["max_positions"] == context
+    from graphopt.errors import UserError
+
+    longer = {k: np.repeat(v, -(-(context + 1) // v.shape[1]), axis=1)[:, :context + 1] for k, v in feeds.items()}
+    with pytest.raises(UserError, match=f"input_ids covers {context + 1} positions; the model has {context}"):
+        artifact.run(longer)
 
 
 def test_default_sdpa_model_agrees_on_every_real_position(hf):
