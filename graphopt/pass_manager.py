@@ -428,6 +428,8 @@ class PassManager:
             # too), but the record says so: a pass that finds nothing to do should say why.
             notes = [f"{p.name!r} usually runs after {' or '.join(repr(r) for r in req.split('|'))}, "
                      "which neither this pipeline nor the graph's history ran"
+                     + ("" if any(r in _PASSES or r in _ALIASES for r in req.split("|"))
+                        else " (no pass of that name is registered: a typo in its requires?)")
                      for req in unmet_requirements(type(p), current.metadata.passes)]
             for note in notes:
                 self.progress(f"note: {note}")

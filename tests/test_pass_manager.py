@@ -235,6 +235,24 @@ def test_sample_inputs_are_valid_for_language_models(exported):
 
 # ---- declared requirements ---------------------------------------------------------------
 
+@register_pass("test-requires-a-typo")
+class RequiresATypo(Pass):
+    """Declares a requirement no pass has the name of."""
+
+    requires = ("fuse-lineer",)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        return PassResult(changed=False)
+
+
+def test_a_requirement_naming_no_registered_pass_says_so():
+    pm = PassManager("test-requires-a-typo")
+    pm.run(relu_graph())
+    assert pm.records[0].notes == ["'test-requires-a-typo' usually runs after 'fuse-lineer', which neither this "
+                                   "pipeline nor the graph's history ran (no pass of that name is registered: "
+                                   "a typo in its requires?)"]
+
+
 def test_a_requirement_that_nothing_meets_is_noted():
     g = relu_graph()
     seen = []
