@@ -29,6 +29,7 @@ from graphopt.ir import Graph, signature  # noqa: F401  (signature: part of the 
 from graphopt import __version__
 from graphopt.dtypes import DType
 from graphopt.generation import Generator, encode_prompts, load_tokenizer
+from graphopt.passes.kvcache.rewrite import TOTAL_SEQ
 from graphopt.manifest import (  # noqa: F401  (the manifest format: part of the artifact API)
     MANIFEST_FORMAT, MANIFEST_VERSION, artifact_file, read_manifest,
 )
@@ -70,8 +71,9 @@ class Artifact:
         return self.manifest["signature"]["outputs"]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = check_feeds(self.manifest["signature"], feeds)
         gen = self.manifest.get("generation") or {}
+        # rewrite-kv-cache's own sum of dims; an exporter's dim names are labels ("past_sequence_length + 1")
+        feeds = check_feeds(self.manifest["signature"], feeds, sums=(TOTAL_SEQ,) if gen else ())
         limit, covered = gen.get("max_positions"), feeds.get("attention_mask")
         if not gen and "max_positions" in self.manifest:  # an encoder: one sequence of positions, no cache
             limit, covered = self.manifest["max_positions"], feeds.get("input_ids", covered)
@@ -124,7 +126,9 @@ def _strip_prefix(text: str, prefix: str) -> str:
     return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 
-def check_feeds(sig: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def check_feeds(sig: dict, feeds: dict[str, np.ndarray], sums: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """`feeds` as the signature wants them (numpy arrays), or a UserError naming the input. A dim
+    named in `sums` ("past_seq + seq") must equal that sum of the other dims."""
     names = [e["name"] for e in sig["inputs"]]
     extra = sorted(set(feeds) - set(names))
     if extra:
@@ -147,14 +151,14 @@ def check_feeds(sig: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
                 if isinstance(d, str) and bound.setdefault(d, n) != n:
                     raise UserError(f"input {e['name']!r}: dimension {d!r} is {n} here but {bound[d]} elsewhere")
         limit = e.get("index_limit")
-        if isinstance(limit, int) and a.size and (a.min() < 0 or a.max() >= limit):
-            bad = a.min() if a.min() < 0 else a.max()
-            raise UserError(f"input {e['name']!r}: index {bad} is outside [0, {limit}) (the rows of the table it "
-                            "indexes; token ids from another model's tokenizer?)")
+        if isinstance(limit, int) and a.size and (a.min() < -limit or a.max() >= limit):
+            bad = a.min() if a.min() < -limit else a.max()
+            raise UserError(f"input {e['name']!r}: index {bad} is outside [-{limit}, {limit}) (the rows of the "
+                            "table it indexes; token ids from another model's tokenizer?)")
         out[e["name"]] = a
     for e in sig["inputs"]:  # a dim that is a sum of others ("past_seq + seq"), once they are bound
         for axis, d in enumerate(e["shape"] or []):
-            want = _dim_sum(d, bound) if isinstance(d, str) else None
+            want = _dim_sum(d, bound) if d in sums else None
             if want is not None and out[e["name"]].shape[axis] != want:
                 raise UserError(f"input {e['name']!r} has shape {list(out[e['name']].shape)}: its dimension {axis} "
                                 f"is {d} = {want} here")

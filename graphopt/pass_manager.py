@@ -19,6 +19,7 @@ named in the error.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import time
@@ -96,6 +97,9 @@ class Pass:
     # A pass that changes results by design (quantization): check-numerics records how far
     # its outputs moved instead of failing, and compares the passes after it to its result.
     approximate: ClassVar[bool] = False
+    # A pass that changes the graph's interface by design (rewrite-kv-cache names the first
+    # output `logits`); every other pass keeps the outputs, position by position, by name.
+    changes_outputs: ClassVar[bool] = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -448,6 +452,8 @@ class PassManager:
                 raise PassCrash(f"pass {p.name!r} raised {type(e).__name__}: {e}; the graph is left as it was") from e
             seconds = time.perf_counter() - t0
             if isinstance(result, Graph):  # DESIGN's `run(graph, ctx) -> graph`: the graph it made (or was given)
+                if result is not work and result.metadata == type(result.metadata)():
+                    result.metadata = copy.deepcopy(work.metadata)  # a graph built anew: where it came from, kept
                 work, result = result, PassResult(changed=True)
             elif result is None:
                 result = PassResult(changed=True)
@@ -459,6 +465,7 @@ class PassManager:
                     verify(work)
                 except GraphoptError as e:
                     raise PassCrash(f"pass {p.name!r} left an invalid graph: {e}") from e
+            if not p.changes_outputs:
                 _check_outputs_kept(p.name, current, work)
             record = PassRecord(p.name, dataclasses.asdict(p), seconds, result.changed, dict(result.stats),
                                 len(current.nodes), len(work.nodes), category=p.category, notes=notes,

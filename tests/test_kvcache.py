@@ -1491,3 +1491,34 @@ def test_run_refuses_a_mask_past_the_context_or_of_the_wrong_length(default_arti
     limit = art.manifest["generation"]["max_positions"]
     with pytest.raises(UserError, match=f"attention_mask covers {limit + 1} positions; the model has {limit}"):
         art.run(feeds(limit + 1, 0, limit + 1))
+
+
+def test_an_exporters_dim_names_are_labels_not_sums():
+    """Optimum names the mask's axis "past_sequence_length + 1", which prefill (a past of 0, a
+    mask of seq) does not satisfy as arithmetic: only rewrite-kv-cache's own "past_seq + seq"
+    is checked as a sum."""
+    from graphopt.artifact import check_feeds
+    from graphopt.errors import UserError
+
+    def sig(total, past):
+        return {"inputs": [{"name": "input_ids", "dtype": "i64", "shape": ["batch", "seq"]},
+                           {"name": "attention_mask", "dtype": "i64", "shape": ["batch", total]},
+                           {"name": "past", "dtype": "f32", "shape": ["batch", 2, past, 8]}], "outputs": []}
+
+    feeds = {"input_ids": np.ones((1, 6), np.int64), "attention_mask": np.ones((1, 6), np.int64),
+             "past": np.zeros((1, 2, 0, 8), np.float32)}
+    check_feeds(sig("past_sequence_length + 1", "past_sequence_length"), feeds)
+    check_feeds(sig("past_seq + seq", "past_seq"), feeds, sums=("past_seq + seq",))
+    feeds["past"] = np.zeros((1, 2, 1, 8), np.float32)
+    with pytest.raises(UserError, match="its dimension 1 is past_seq \\+ seq = 7 here"):
+        check_feeds(sig("past_seq + seq", "past_seq"), feeds, sums=("past_seq + seq",))
+
+
+def test_the_rewrite_names_the_first_output_logits_whatever_it_was_called(fused):
+    """An ONNX LM whose output is `lm_logits` (or from_torch's `output`): rewrite-kv-cache renames
+    it by design, which the pass manager's check that passes keep their outputs allows it alone."""
+    _, graph = fused("llama")
+    g = graph.copy()
+    g.rename_value(g.outputs[0], "lm_logits")
+    out = PassManager("rewrite-kv-cache").run(g)
+    assert out.outputs[0].name == "logits" and out.outputs[1].name == "present.0.key"

@@ -163,8 +163,9 @@ def test_a_pass_that_points_an_output_at_another_value_is_caught_with_or_without
     from graphopt.pass_manager import PassCrash
 
     for numerics in (True, False):
-        with pytest.raises(PassCrash, match="pass 'test-skip-output-add' renamed graph output 0 from "):
-            PassManager("test-skip-output-add", check_numerics=numerics).run(relu_graph())
+        for checked in (True, False):  # with --no-verify too
+            with pytest.raises(PassCrash, match="pass 'test-skip-output-add' renamed graph output 0 from "):
+                PassManager("test-skip-output-add", check_numerics=numerics, verify=checked).run(relu_graph())
 
 
 def test_a_pass_that_raises_leaves_the_graph_as_it_was():
@@ -322,6 +323,18 @@ class ReturnGraph(Pass):
         return new
 
 
+@register_pass("test-rebuild")
+class Rebuild(Pass):
+    """Returns a graph made anew: no metadata of its own."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        from graphopt.ir import GraphMetadata
+
+        new = graph.copy()
+        new.metadata = GraphMetadata()
+        return new
+
+
 @register_pass("test-return-junk")
 class ReturnJunk(Pass):
     """Returns what no pass returns."""
@@ -334,6 +347,9 @@ def test_a_pass_may_return_its_graph_and_nothing_else():
     g = relu_graph()
     out = PassManager("test-return-graph", check_numerics=True).run(g)
     assert [n.op_type for n in out.nodes] == ["Mul", "Abs", "Add"]
+    g.metadata.metadata_props["graphopt.max_positions"] = "64"  # what a frontend recorded: kept
+    out = PassManager("test-rebuild").run(g)
+    assert out.metadata.metadata_props == {"graphopt.max_positions": "64"} and out.metadata.passes[-1] == "test-rebuild"
     from graphopt.pass_manager import PassCrash
 
     with pytest.raises(PassCrash, match="pass 'test-return-junk' returned int; run\\(\\) returns a PassResult"):

@@ -83,10 +83,14 @@ def _fail(reason: str) -> KVCacheError:
     return KVCacheError(f"rewrite-kv-cache: {reason}")
 
 
-def check_layout(layout: str, backend: str | None = None) -> None:
-    """Refuse a layout that is unknown or not implemented, in one line naming layout and backend."""
+def _check_known_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise UserError(f"rewrite-kv-cache: unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+
+
+def check_layout(layout: str, backend: str | None = None) -> None:
+    """Refuse a layout that is unknown or not implemented, in one line naming layout and backend."""
+    _check_known_layout(layout)
     if backend not in IMPLEMENTED_LAYOUTS.get(layout, ()):
         where = f"the {backend} backend" if backend else "any backend"
         ok = [name for name, backends in IMPLEMENTED_LAYOUTS.items() if backend in backends]
@@ -104,13 +108,14 @@ class RewriteKVCache(Pass):
                  graphopt.Attention(%q, %k, %v, %bias, %past_key_values.0.key, %past_key_values.0.value)
     """
 
+    changes_outputs = True  # the first output becomes `logits`, the presents are added
+
     layout: str = "BNSH"
     max_positions: int = 0
     block_size: int = 16
 
     def __post_init__(self) -> None:  # checked when the pipeline is parsed, before any model load
-        if self.layout not in LAYOUTS:
-            raise UserError(f"rewrite-kv-cache: unknown layout {self.layout!r} (choose from {', '.join(LAYOUTS)})")
+        _check_known_layout(self.layout)
         if self.max_positions < 0 or 0 < self.max_positions < max(_PROBE_SEQ):
             raise UserError(f"rewrite-kv-cache: max-positions {self.max_positions}: give at least {max(_PROBE_SEQ)} "
                             "positions (or 0: the model's own context)")
