@@ -532,3 +532,29 @@ def test_accuracy_level_of_a_generation_ready_decoder_weighs_its_steps(monkeypat
         assert level_in(ort_backend.lower(cached, "cpu")) == for_cached, ms
         assert level_in(ort_backend.lower(plain, "cpu")) == for_plain, ms
         assert "decode steps" in accuracy_level.choose_accuracy_level(cached)["rule"]
+
+
+def test_a_mixture_of_experts_splits_into_the_same_named_linears_every_run():
+    """quantize-dynamic splits a MoE into a linear per expert projection; their names come from the
+    MoE's, the same on every copy of the graph (the accuracy guard runs the pass again with the
+    names it measured as exclude; fresh counters named them anew each run), and each can be kept."""
+    from graphopt.testing import one_node_graph
+
+    rng = np.random.default_rng(0)
+    experts, hidden, inner = 3, 8, 5
+    specs = [("x", rng.standard_normal((4, hidden)).astype(np.float32), ("batch", None), False),
+             ("index", np.array([[0, 1], [1, 2], [2, 0], [0, 2]], np.int64), ("batch", None), False),
+             ("weights", np.full((4, 2), 0.5, np.float32), ("batch", None), False),
+             ("up", rng.standard_normal((experts, 2 * inner, hidden)).astype(np.float32), None, True),
+             ("down", rng.standard_normal((experts, hidden, inner)).astype(np.float32), None, True)]
+    g = one_node_graph("MoE", specs, {"activation": "silu", "gated": 1}, name="t")
+
+    def quantized(exclude=""):  # the layers the pass quantized, by the names the guard reads
+        pm = PassManager(f"quantize-dynamic{{exclude={exclude}}}")
+        q = pm.run(g)
+        assert sum(n.op.startswith("graphopt.DynamicQuant") for n in q.nodes) == 2 * experts - bool(exclude)
+        return sorted(d["node"] for d in pm.records[0].details if "kind" in d)
+
+    first = quantized()
+    assert len(first) == 2 * experts and quantized() == first
+    assert quantized(first[0]) == first[1:]

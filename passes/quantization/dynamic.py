@@ -23,7 +23,6 @@ from graphopt.pattern import Rewriter, remove_dead, replace_value
 from graphopt.passes.quantization.sites import (
     Site,
     collect_sites,
-    excluded_names,
     count_weight_bytes,
     drop_unread_weights,
     float32_only,
@@ -56,10 +55,9 @@ class QuantizeDynamic(Pass):
     exclude: str = ""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        excluded_names(graph, self.exclude, "quantize-dynamic")  # a typo is an error, not a layer left in
         result = PassResult()
         start = weight_bytes(graph)
-        for site in collect_sites(graph, self.tied, self.exclude, result, float32_only):
+        for site in collect_sites(graph, self.tied, self.exclude, result, float32_only, "quantize-dynamic"):
             read = site_inputs(site)
             self._rewrite(graph, site)
             result.count(site.kind)

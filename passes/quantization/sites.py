@@ -12,6 +12,7 @@ builds a gated MLP's Split and gate after a quantized projection of gate and up 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import numpy as np
 
@@ -105,41 +106,50 @@ def find_site(node: Node, tied: bool) -> Site | str:
     return "not a linear layer"
 
 
-def excluded_names(graph: Graph, exclude: str, pass_name: str) -> set[str]:
-    """The node names of an `exclude` option (separated by ';'); a name no node of `graph` has is
-    an error (a typo would quantize the layer it meant to keep, silently)."""
-    excluded = {s.strip() for s in exclude.split(";") if s.strip()}
-    unknown = sorted(excluded - {n.name for n in graph.nodes})
-    if unknown:
-        raise UserError(f"{pass_name}: exclude names no node of the graph: {', '.join(unknown)} "
-                        "(node names: graphopt inspect MODEL --ir, after the fusions)")
-    return excluded
+def split_names(exclude: str) -> set[str]:
+    """The node names of an `exclude` option (separated by ';')."""
+    return {s.strip() for s in exclude.split(";") if s.strip()}
 
 
-def collect_sites(graph: Graph, tied: bool, exclude: str, result: PassResult, unsupported) -> list[Site]:
+def collect_sites(graph: Graph, tied: bool, exclude: str, result: PassResult, unsupported,
+                  check_as: str | None = None, known: set[str] | None = None) -> list[Site]:
     """Every site not in `exclude` (node names separated by ';') whose input type
     `unsupported(type)` accepts (it returns a reason to skip, or None); the skipped ones are
-    recorded in `result.details` with their reason."""
-    excluded = {s.strip() for s in exclude.split(";") if s.strip()}
+    recorded in `result.details` with their reason. A mixture of experts is split first into
+    linears of its own (named after it: the same names every run, which the accuracy guard's
+    exclude relies on). With `check_as` (the pass's name), an exclude name that is no node of
+    the graph, before or after the split (or in `known`), is an error: a typo would quantize the
+    layer it meant to keep."""
+    excluded = split_names(exclude)
+    known = set(known or ()) | {n.name for n in graph.nodes}
     experts = [n for n in graph.nodes if n.domain == G and n.op_type == "MoE" and n.name not in excluded]
     for node in experts:  # each expert's projections become linears of their own, quantized alike
         stacked = list(node.inputs)
-        (y,) = get_op(G, "MoE").decompose(Builder(graph, before=node, created_by="quantize:moe"), node)
+        builder = Builder(graph, before=node, created_by="quantize:moe", name_prefix=node.name)
+        (y,) = get_op(G, "MoE").decompose(builder, node)
         replace_value(graph, node.outputs[0], y)
         remove_dead(graph, [node])
         drop_unread_weights(graph, [v for v in stacked if v is not None])  # else counted as kept, not replaced
     if experts:
         result.count("moe-decomposed", len(experts))
-    sites = []
+    sites, names = [], []
     for node in list(graph.nodes):
+        known.add(node.name)
         site = find_site(node, tied)
         if not isinstance(site, Site):
             continue
+        names.append(node.name)
         reason = "excluded" if node.name in excluded else unsupported(site.x.type)
         if reason:
             result.details.append({"node": node.name, "op": node.op, "reason": reason})
         else:
             sites.append(site)
+    unknown = sorted(excluded - known) if check_as else []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else \
+            f"the layers it quantizes: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+        raise UserError(f"{check_as}: exclude names no node of the graph: {', '.join(unknown)} ({hint})")
     return sites
 
 

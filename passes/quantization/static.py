@@ -36,7 +36,6 @@ from graphopt.passes.quantization.dynamic import quantize_int8_symmetric
 from graphopt.passes.quantization.sites import (
     Site,
     collect_sites,
-    excluded_names,
     count_weight_bytes,
     drop_unread_weights,
     float32_only,
@@ -118,12 +117,11 @@ class QuantizeStatic(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()  # (again: a caller may have set an option since)
-        excluded_names(graph, self.exclude, "quantize-static")  # a typo is an error, not a layer left in
         feeds_list = ctx.hints.get("calibration")
         if not feeds_list:
             raise UserError("quantize-static needs calibration data: " + CALIBRATION_HINT)
         result = PassResult()
-        sites = collect_sites(graph, self.tied, self.exclude, result, float32_only)
+        sites = collect_sites(graph, self.tied, self.exclude, result, float32_only, "quantize-static")
         progress = ctx.hints.get("progress") or (lambda msg: None)
         ranges = self._ranges(graph, {id(s.x): s.x for s in sites}, feeds_list, progress)
         start = weight_bytes(graph)

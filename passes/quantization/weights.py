@@ -44,8 +44,8 @@ from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
 from graphopt.passes.quantization.sites import (
     Site,
     collect_sites,
-    excluded_names,
     count_weight_bytes,
+    split_names,
     drop_unread_weights,
     find_site,
     float_only,
@@ -94,10 +94,10 @@ class QuantizeWeights(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check_options()  # (again: a caller may have set an option since)
-        excluded_names(graph, self.exclude, "quantize-weights")  # a typo is an error, not a layer left in
+        known = {n.name for n in graph.nodes}  # the names an exclude may give (its mixtures of experts')
         self._tables: dict[str, tuple] = {}  # tied table name -> its quantized (packed, scales, zero points)
         result = PassResult()
-        excluded = {s.strip() for s in self.exclude.split(";") if s.strip()}
+        excluded = split_names(self.exclude)
         progress = ctx.hints.get("progress") or (lambda msg: None)
         # A caller that runs the pass repeatedly (the accuracy guard) passes a dict here: a
         # layer's quantized weights depend only on its float weight and the options.
@@ -113,7 +113,7 @@ class QuantizeWeights(Pass):
         if self.method == "rtn":  # a mixture of experts whole, its experts still run sparse where they can
             for node in [n for n in graph.nodes if n.domain == G and n.op_type == "MoE" and n.name not in excluded]:
                 self._quantize_experts(graph, node, result)
-        sites = collect_sites(graph, self.tied, self.exclude, result, float_only)
+        sites = collect_sites(graph, self.tied, self.exclude, result, float_only, "quantize-weights", known)
         key = (self.bits, self.block_size, self.symmetric, self.method, self.awq_then, self.damp)
         todo = [s for s in sites if (s.node.name, key) not in cache]
         gptq = self.method == "gptq" or (self.method == "awq" and self.awq_then == "gptq")
