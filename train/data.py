@@ -4,6 +4,7 @@ uint16 token streams in memory-mapped files, with a validation split held out by
 Layout of a prepared folder:
 
     docs.jsonl          cleaned, de-duplicated documents, each tagged train or val
+    sources.sha256      what they were read from (paths, sizes, times): a later change is named
     tokenizer.json      the BPE tokenizer trained on the train documents
     shards/{split}_{i:05d}.npy   token ids of one chunk of documents (resume unit)
     train.bin, val.bin  all shards of a split concatenated (np.memmap, uint16)
@@ -97,16 +98,19 @@ def _is_val(text: str, val_fraction: float) -> bool:
 
 
 def sources_digest(root: Path, cfg: DataConfig) -> str:
-    """A digest of the text files `root` gives (their paths under it and their bytes): what a
-    prepared folder was made from, so that a later run can tell when those files changed."""
+    """A digest of the text files `root` gives: their paths under it, sizes and modification
+    times (not their bytes: a run reads every file of a large corpus once, when it prepares it,
+    not at every restart). What a prepared folder was made from, so that a later run can tell
+    when those files changed."""
     root = Path(root)
     digest = hashlib.sha256()
     for path in find_text_files(root, cfg):
-        digest.update(f"{path.relative_to(root) if path != root else path.name}\0".encode())
         try:
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            st = path.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
-            digest.update(b"unreadable")
+            stamp = "unreadable"
+        digest.update(f"{path.relative_to(root) if path != root else path.name}\0{stamp}\0".encode())
     return digest.hexdigest()
 
 
@@ -189,16 +193,24 @@ def prepare(data_dir: Path, out: Path, cfg: DataConfig | None = None, progress=N
         if {k: meta.get(k) for k in wanted} != wanted:
             raise UserError(f"{out}: prepared from different data or settings; use another --out")
         # Recorded since 2026-12-07: an older folder has no digest and is taken as it is.
-        if meta.get("sources") is not None and meta["sources"] != sources_digest(Path(data_dir), cfg):
-            notes.note(f"--data {data_dir}: its files changed since {out} was prepared from them; this run "
-                       f"goes on with the data prepared then (train on the new files with another --out)")
+        if meta.get("sources") is not None:
+            try:
+                changed = meta["sources"] != sources_digest(Path(data_dir), cfg)
+            except UserError:  # the files are gone (or were all renamed): the prepared data still serves
+                changed = True
+            if changed:
+                notes.note(f"--data {data_dir}: its files changed since {out} was prepared from them; this run "
+                           f"goes on with the data prepared then (train on the new files with another --out)")
         return out
-    sources = sources_digest(Path(data_dir), cfg)  # before reading them: a change meanwhile shows later
-    docs_path = out / "docs.jsonl"
+    docs_path, sources_path = out / "docs.jsonl", out / "sources.sha256"
     if not docs_path.exists():
+        sources = sources_digest(Path(data_dir), cfg)  # before reading them: a change meanwhile shows later
         docs = collect_documents(Path(data_dir), cfg, progress)  # a bad --data fails before out/ exists
         out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(sources_path, sources.encode())
         _write_atomic(docs_path, "".join(json.dumps(d) + "\n" for d in docs).encode())
+    # the files the documents were read from (an interrupted preparation resumes on its documents)
+    sources = sources_path.read_text().strip() if sources_path.is_file() else None
     docs = [json.loads(line) for line in docs_path.read_text().splitlines()]
     by_split = {s: [d["text"] for d in docs if d["split"] == s] for s in ("train", "val")}
 

@@ -113,6 +113,10 @@ def test_a_prepared_folder_whose_files_changed_says_so_and_keeps_its_data(corpus
     prepare(corpus, out, CFG)
     assert f"--data {corpus}: its files changed since {out} was prepared" in capsys.readouterr().err
     assert (out / "train.bin").read_bytes() == train_bin
+    for path in corpus.rglob("*.py"):  # all gone: the prepared data still serves, with the note
+        path.unlink()
+    prepare(corpus, out, CFG)
+    assert "its files changed since" in capsys.readouterr().err
 
 
 def test_a_folder_prepared_before_digests_were_recorded_is_taken_as_it_is(corpus_writer, tmp_path, capsys):
