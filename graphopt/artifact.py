@@ -83,7 +83,8 @@ class Artifact:
                 raise UserError(f"attention_mask covers {covered.shape[1]} positions; the {gen['kv_layout']} KV "
                                 f"cache holds {limit} (rewrite-kv-cache{{max-positions=N}} for more)")
             which = "attention_mask" if gen else "input_ids"
-            raise UserError(f"{which} covers {covered.shape[1]} positions; the model has {limit} (its context)")
+            raise UserError(f"{which} covers {covered.shape[1]} positions; the model has {limit} (its context): "
+                            f"give at most {limit}")
         return self._exe.run(feeds)
 
     def decode_run(self, *, io_binding: bool | None = None):

@@ -333,9 +333,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                         manifest["files"] = manifest["files"] + written
                     else:
                         generation["genai"] = f"no genai_config.json: {why_not}"
-            else:  # an encoder (or a decoder without a cache): exported for inputs up to its context
+            else:  # an encoder (or a decoder without a cache): a position table bounds its inputs
                 context = optimized.metadata.metadata_props.get(META_MAX_POSITIONS)
-                if context and context.isdigit() and int(context) > 0:
+                if context and context.isdigit() and _position_table(optimized, int(context)):
                     manifest["max_positions"] = int(context)
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
                 timing = fields.get(key)  # backends that compile report their build times
@@ -359,6 +359,19 @@ def _check_tuning(backend: str, target: str, backend_options, minutes, shapes, d
     if backend != "tvm":
         raise UserError("--tune-minutes tunes the TVM backend's kernels: add --backend tvm")
     return _tuning().check(target, backend_options, minutes, shapes, db)
+
+
+def _position_table(graph: Graph, rows: int) -> bool:
+    """Whether `graph` reads rows of a constant table `rows` long by position (a learned position
+    embedding, precomputed rotary cos/sin): then a sequence past `rows` has no row to read. A
+    model without one (ALiBi, relative positions, rotary computed in the graph) is not bounded
+    by the context its config states."""
+    for node in graph.nodes:
+        if node.op_type in ("Gather", "Slice") and node.domain == "" and node.inputs and node.inputs[0] is not None:
+            table = node.inputs[0]
+            if table.is_initializer and table.type.shape and table.type.shape[0] == rows:
+                return True
+    return False
 
 
 def _tuning():

@@ -555,3 +555,19 @@ def test_from_torch_output_names_must_name_every_output():
         from_torch(Two(), (torch.randn(2, 3),), output_names=["a"], progress=False)
     graph = from_torch(Two(), (torch.randn(2, 3),), output_names=["a", "b"], progress=False)
     assert [v.name for v in graph.outputs] == ["a", "b"]
+
+
+def test_a_model_without_a_position_table_is_not_bounded_by_its_config(tmp_path):
+    """BLOOM (ALiBi) has no position table: a full-sequence artifact records no max_positions, so
+    a sequence past the 2,048 tokens it was trained at is the model's to answer, not refused."""
+    import transformers as tf
+
+    import graphopt
+
+    torch.manual_seed(0)
+    tf.BloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=100)).eval() \
+        .save_pretrained(tmp_path / "bloom")
+    result = graphopt.optimize(tmp_path / "bloom", tmp_path / "out", kv_cache=False)
+    assert "max_positions" not in result.manifest
+    ids = np.ones((1, 2100), np.int64)
+    assert graphopt.load(tmp_path / "out").run({"input_ids": ids, "attention_mask": ids})["logits"].shape[1] == 2100
