@@ -28,9 +28,7 @@ def make_node(graph: Graph, op_type: str, inputs: Sequence[Value | None], *, dom
     if infer and output_types is None or num_outputs is None and output_names is None and output_types is None:
         opdef = get_op(domain, op_type)  # (a backend's own op, typed by its caller, need not be registered)
         if not opdef.min_inputs <= len(inputs) <= opdef.max_inputs:
-            most = opdef.max_inputs if opdef.max_inputs < 1 << 16 else "any number of"
-            raise ValueError(f"{(domain + '.') if domain else ''}{op_type} takes {opdef.min_inputs} to {most} "
-                             f"inputs, not {len(inputs)}")
+            raise ValueError(f"{opdef.qualified_name} takes {opdef.takes_inputs()} inputs, not {len(inputs)}")
     if num_outputs is None and output_names is None and output_types is None:
         num_outputs = opdef.num_outputs_for(attrs or {})
     node = graph.make_node(op_type, inputs, domain=domain, attrs=attrs, output_types=output_types,

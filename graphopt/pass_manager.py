@@ -79,8 +79,9 @@ class PassContext:
 
 # What a pass that needs calibration data says when it has none: the command line's option
 # and the Python API's hint (a list of feed dicts, as graphopt.calibration makes them).
-CALIBRATION_HINT = ("give --calibration FILE (text, .jsonl of texts or .npz of inputs), or from Python "
-                    "PassContext(hints={'calibration': [feeds, ...]})")
+CALIBRATION_HINT = ("give --calibration FILE (text, .jsonl of texts or .npz of inputs; from Python "
+                    "graphopt.optimize(..., calibration=FILE), or a PassManager's "
+                    "PassContext(hints={'calibration': [feeds, ...]}))")
 
 
 class Pass:

@@ -60,6 +60,12 @@ class OpDef:
     def qualified_name(self) -> str:
         return f"{self.domain}.{self.name}" if self.domain else self.name
 
+    def takes_inputs(self) -> str:
+        """How many inputs the op takes, as a message says it ("2", "1 to 3", "1 or more")."""
+        if self.min_inputs == self.max_inputs:
+            return str(self.min_inputs)
+        return f"{self.min_inputs} or more" if self.max_inputs >= 1 << 16 else f"{self.min_inputs} to {self.max_inputs}"
+
     def num_outputs_for(self, attrs: dict) -> int:
         """How many outputs a new node gets when the caller does not say."""
         n = attrs.get("num_outputs")  # Split and friends

@@ -443,7 +443,7 @@ class _Parser:
                 if len(outs) != len(result_types):
                     self.fail(f"the graph declares {len(result_types)} results but returns {len(outs)}")
                 for v, t, tok in zip(outs, result_types, toks):
-                    if t is not None and v.type is not None and v.type != t:
+                    if t is not None and v.type is not None and not _compatible(v.type, t):
                         self.fail_at(tok.line, tok.col, f"returned value {v.name!r} is {v.type} where it is defined, "
                                                         f"but the graph's header declares {t}")
                     if t is not None:
@@ -534,6 +534,17 @@ class _Parser:
             outs.append(v)
         node = Node(op_type, ins, outs, attrs, domain=domain, name=name or g.fresh_node_name(op_type))
         g.append(node)
+
+
+def _compatible(a, b) -> bool:
+    """Two types that may describe one value: the same dtype and rank, no two different sizes (a
+    symbol or an unknown dim may be any size)."""
+    if a.dtype != b.dtype:
+        return False
+    if a.shape is None or b.shape is None:
+        return True
+    return len(a.shape) == len(b.shape) and all(
+        x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a.shape, b.shape))
 
 
 def parse_graph(text: str, *, filename: str = "<string>",

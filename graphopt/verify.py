@@ -91,7 +91,7 @@ def _problems(graph: Graph, check_types: bool) -> list[str]:
             errs.append(f"{where}: unknown op {n.op}")
             continue
         if not opdef.min_inputs <= len(n.inputs) <= opdef.max_inputs:
-            errs.append(f"{where} has {len(n.inputs)} inputs; {n.op} takes {opdef.min_inputs} to {opdef.max_inputs}")
+            errs.append(f"{where} has {len(n.inputs)} inputs; {n.op} takes {opdef.takes_inputs()}")
         if not opdef.min_outputs <= len(n.outputs) <= opdef.max_outputs:
             errs.append(f"{where} has {len(n.outputs)} outputs; {n.op} makes {opdef.min_outputs} to {opdef.max_outputs}")
         for k, a in n.attrs.items():

@@ -225,8 +225,8 @@ def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_h
 ])
 def test_a_single_valued_option_given_twice_is_a_usage_error_on_every_command(args, option, tmp_path, monkeypatch):
     """click keeps the last of a repeated option, silently (`--seed 1 --seed=2` sampled with 2):
-    every command refuses it before running anything; a repeated flag or a multiple option is
-    still taken."""
+    every command refuses it before running anything; a repeated flag is still taken (and a
+    multiple option: test_kvcache's generate with two --prompt)."""
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and f"error: {option} given 2 times: give it once" in r.output, r.output

@@ -302,6 +302,7 @@ def test_near_misses_have_one_shape_in_every_record():
     ("quantize-static{calibration=foo}", "quantize-static: calibration must be minmax, percentile or entropy"),
     ("quantize-static{percentile=200}", r"quantize-static: percentile must be in \(50, 100\]"),
     ("merge-projections{min-group=1}", "merge-projections: min-group 1: a merge needs at least 2 projections"),
+    ("quantize-weights{damp=0}", r"quantize-weights: damp must be in \(0, 1\]"),
 ])
 def test_bad_option_values_fail_when_the_pipeline_is_parsed(text, message):
     """Before any model is loaded or exported (they failed in run(), after the export; min-group 1

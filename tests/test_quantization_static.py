@@ -91,8 +91,9 @@ def test_ranges_minmax_percentile_entropy():
 def test_static_needs_calibration_and_checks_options():
     from graphopt.errors import UserError
 
-    with pytest.raises(UserError, match=r"quantize-static needs calibration data: give --calibration FILE .*, "
-                                        r"or from Python PassContext\(hints={.calibration.: \[feeds, ...\]}\)"):
+    with pytest.raises(UserError, match=r"quantize-static needs calibration data: give --calibration FILE .*"
+                                        r"graphopt.optimize\(\.\.\., calibration=FILE\), or a PassManager's "
+                                        r"PassContext\(hints={.calibration.: \[feeds, ...\]}\)"):
         PassManager("quantize-static").run(mlp_graph())
     with pytest.raises(UserError, match="calibration must be minmax, percentile or entropy"):
         PassManager("quantize-static{calibration=kl}", ctx=PassContext(hints={"calibration": [feeds(0)]})).run(mlp_graph())

@@ -135,3 +135,7 @@ def test_a_header_result_type_that_disagrees_with_the_returned_value_is_a_parse_
                                          "defined, but the graph's header declares f32\\[batch, 4\\]"):
         parse_graph(text)
     assert parse_graph(text.replace("f32[batch, 5]", "f32[batch, 4]")).outputs[0].type.shape == ("batch", 4)
+    # a header more precise than the annotation (or the other way) is compatible: the header's is kept
+    assert parse_graph(text.replace("f32[batch, 5]", "f32[?, 4]")).outputs[0].type.shape == ("batch", 4)
+    with pytest.raises(ParseError, match="is f16\\[batch, 4\\] where it is defined"):
+        parse_graph(text.replace("f32[batch, 5]", "f16[batch, 4]"))

@@ -69,18 +69,17 @@ def from_torch(module, example_inputs, dynamic: DynamicSpec | None = None,
     label = name or type(module).__name__
     was_training = module.training
     module.eval()  # export inference behaviour (dropout off, batch-norm statistics frozen)
-    given = output_names is not None
     try:
+        default = _default_output_names(module, args, kwargs)  # (one forward: how many outputs there are)
         if output_names is None:
-            output_names = _default_output_names(module, args, kwargs)
-        graph = export_module(module, args, kwargs, names, list(output_names), dynamic, label=label,
-                              progress=progress)
+            output_names = default
+        output_names = [str(n) for n in output_names]
+        if len(output_names) != len(default):  # the exporters would name what they can and keep the rest
+            raise UserError(f"{label}: {len(output_names)} output_names ({', '.join(output_names)}) for "
+                            f"{len(default)} outputs: give one name per output, or leave output_names out")
+        return export_module(module, args, kwargs, names, output_names, dynamic, label=label, progress=progress)
     finally:
         module.train(was_training)
-    if given and len(graph.outputs) != len(output_names):  # the exporters name what they can, keep the rest
-        raise UserError(f"{label}: {len(output_names)} output_names ({', '.join(output_names)}) for "
-                        f"{len(graph.outputs)} outputs")
-    return graph
 
 
 def export_module(module, args: tuple, kwargs: dict, input_names: list[str], output_names: list[str],

@@ -30,6 +30,8 @@ Options:
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from graphopt.errors import UserError
@@ -89,6 +91,9 @@ class QuantizeWeights(Pass):
                             f"not {self.block_size}")
         if self.method not in METHODS:
             raise UserError(f"quantize-weights: method must be rtn, gptq or awq, not {self.method!r}")
+        if not (math.isfinite(self.damp) and 0 < self.damp <= 1):
+            raise UserError(f"quantize-weights: damp must be in (0, 1] (a fraction of the Hessian's mean diagonal; "
+                            f"0.01 by default), not {self.damp}")
         if self.awq_then not in ("rtn", "gptq"):
             raise UserError(f"quantize-weights: awq-then must be rtn or gptq, not {self.awq_then!r}")
 
