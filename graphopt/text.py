@@ -536,6 +536,19 @@ class _Parser:
         g.append(node)
 
 
+def same_graph(a: Graph, b: Graph) -> bool:
+    """Whether two graphs are one program: the same text (nodes, names, types, attributes, the
+    metadata it prints), every tensor attribute and weight bit for bit. DESIGN's `parse(print(g))`
+    is equal to `g` in this sense (a Graph object has identity, not equality)."""
+    if print_graph(a) != print_graph(b) or a.initializers.keys() != b.initializers.keys():
+        return False
+    for name, v in a.initializers.items():
+        x, y = v.const_value, b.initializers[name].const_value
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            return False
+    return all(m.attrs == n.attrs for m, n in zip(a.nodes, b.nodes))  # (Attr's equality is bitwise for tensors)
+
+
 def _compatible(a, b) -> bool:
     """Two types that may describe one value: the same dtype and rank, no two different sizes (a
     symbol or an unknown dim may be any size)."""

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from graphopt.dtypes import DType
 from graphopt.errors import ParseError
 from graphopt.interpreter import run
-from graphopt.ir import Attr, Graph, TensorType
+from graphopt.ir import Attr, AttrKind, Graph, TensorType
 from graphopt.testing import random_graph
-from graphopt.text import load_gir, parse_graph, print_graph, save_gir
+from graphopt.text import load_gir, parse_graph, print_graph, same_graph, save_gir
 from graphopt.verify import verify
 from graphopt.builder import make_node  # noqa: E402
 
@@ -24,7 +24,7 @@ def roundtrip(g: Graph) -> Graph:
     weights = dict(g.weights())
     weights.update(external)
     g2 = parse_graph(text, weights=weights)
-    assert print_graph(g2) == print_graph(g)
+    assert print_graph(g2) == print_graph(g) and same_graph(g2, g)
     return g2
 
 
@@ -139,3 +139,18 @@ def test_a_header_result_type_that_disagrees_with_the_returned_value_is_a_parse_
     assert parse_graph(text.replace("f32[batch, 5]", "f32[?, 4]")).outputs[0].type.shape == ("batch", 4)
     with pytest.raises(ParseError, match="is f16\\[batch, 4\\] where it is defined"):
         parse_graph(text.replace("f32[batch, 5]", "f16[batch, 4]"))
+
+
+def test_same_graph_sees_a_changed_weight_or_attribute():
+    g = random_graph(5)
+    assert same_graph(g, roundtrip(g))
+    w = g.copy()
+    name, v = next(iter(w.initializers.items()))
+    v.const_value = v.const_value.copy()
+    v.const_value.flat[0] += 1.0
+    assert not same_graph(g, w)
+    a = g.copy()
+    node = next(n for n in a.nodes if n.attrs)
+    key = next(iter(node.attrs))
+    node.attrs[key] = Attr.string("changed") if node.attrs[key].kind is not AttrKind.STRING else Attr.int(7)
+    assert not same_graph(g, a)
