@@ -14,7 +14,7 @@ import traceback
 import click
 
 from graphopt import progress
-from graphopt.click_types import once, refuse_repeated_options
+from graphopt.click_types import once
 from graphopt.errors import GraphoptError, UserError
 
 DEBUG_ENV = "GRAPHOPT_DEBUG"
@@ -36,14 +36,7 @@ def _one_line(text: str) -> str:
 
 class _Group(click.Group):
     """Turns `UserError` and click's usage errors into one line and exit code 2, and any
-    other exception (a bug) into one line and exit code 1 unless debugging; a single-valued
-    option given twice to any command is a usage error (click keeps the last, silently)."""
-
-    def resolve_command(self, ctx, args):
-        name, command, rest = super().resolve_command(ctx, args)
-        if command is not None and not ctx.resilient_parsing:
-            refuse_repeated_options(command, ctx, rest)
-        return name, command, rest
+    other exception (a bug) into one line and exit code 1 unless debugging."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

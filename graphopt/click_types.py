@@ -2,7 +2,6 @@
 an option is checked where it is parsed and a bad value is click's one-line usage error."""
 from __future__ import annotations
 
-import collections
 import math
 
 import click
@@ -38,24 +37,6 @@ class PositiveInts(click.ParamType):
         if any(n < 1 for n in numbers):
             self.fail(f"{value!r}: every number must be positive", param, ctx)
         return numbers
-
-
-def refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
-    """click keeps only the last of a repeated single-valued option, silently (`--threads 1
-    --threads 8` ran on 8): any option that takes one value, given twice to `command`, is a usage
-    error. A group calls this with the arguments it hands the command; a parse error is left to
-    the command's own parse, which reports it."""
-    own = click.Context(command, parent=ctx, info_name=command.name, resilient_parsing=True)  # its parse settings
-    try:
-        _, _, order = command.make_parser(own).parse_args(args=list(args))
-    except click.UsageError:
-        return
-    counts = collections.Counter(order)
-    for param in order:
-        if isinstance(param, click.Option) and counts[param] > 1 and not (param.multiple or param.count
-                                                                          or param.is_flag):
-            raise click.UsageError(f"{' / '.join(param.opts)} given {counts[param]} times: give it once "
-                                   f"({ctx.command_path} {command.name} --help)")
 
 
 def once(ctx, param, value):

@@ -214,21 +214,3 @@ def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_h
     # (and the artifact's lowered model.onnx, ORT's own ops, is named as such by inspect)
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "art" / "model.onnx")])
     assert r.exit_code == 2 and "model.onnx is the lowered graph of the artifact" in r.output, r.output
-
-
-@pytest.mark.parametrize("args, option", [
-    (["generate", "examples/default", "--prompt", "x", "--seed", "1", "--seed=2"], "--seed"),
-    (["eval", "examples/default", "--batch-size", "2", "--batch-size", "4"], "--batch-size"),
-    (["train", "--preset", "tiny", "--dim", "32", "--dim", "64"], "--dim"),
-    (["prune", "examples/default", "--out", "a", "--out", "b", "--heads-ratio", "0.5"], "--out"),
-    (["convert", "examples/tiny_mlp.onnx", "-o", "a", "-o", "b"], "-o / --output"),
-])
-def test_a_single_valued_option_given_twice_is_a_usage_error_on_every_command(args, option, tmp_path, monkeypatch):
-    """click keeps the last of a repeated option, silently (`--seed 1 --seed=2` sampled with 2):
-    every command refuses it before running anything; a repeated flag is still taken (and a
-    multiple option: test_kvcache's generate with two --prompt)."""
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 2 and f"error: {option} given 2 times: give it once" in r.output, r.output
-    assert not (Path("a").exists() or Path("b").exists())
-    assert CliRunner().invoke(cli, ["inspect", "examples/tiny_mlp.onnx", "--json", "--json"]).exit_code == 0
