@@ -29,7 +29,7 @@ from graphopt.ir import Graph, signature  # noqa: F401  (signature: part of the 
 from graphopt import __version__
 from graphopt.dtypes import DType
 from graphopt.generation import Generator, encode_prompts, load_tokenizer
-from graphopt.passes.kvcache.rewrite import TOTAL_SEQ
+from graphopt.passes.kvcache.rewrite import PAST_SEQ, TOTAL_SEQ
 from graphopt.manifest import (  # noqa: F401  (the manifest format: part of the artifact API)
     MANIFEST_FORMAT, MANIFEST_VERSION, artifact_file, read_manifest,
 )
@@ -73,7 +73,7 @@ class Artifact:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         gen = self.manifest.get("generation") or {}
         # rewrite-kv-cache's own sum of dims; an exporter's dim names are labels ("past_sequence_length + 1")
-        feeds = check_feeds(self.manifest["signature"], feeds, sums=(TOTAL_SEQ,) if gen else ())
+        feeds = check_feeds(self.manifest["signature"], feeds, sums={TOTAL_SEQ: (PAST_SEQ, "seq")} if gen else None)
         limit, covered = gen.get("max_positions"), feeds.get("attention_mask")
         if not gen and "max_positions" in self.manifest:  # an encoder: one sequence of positions, no cache
             limit, covered = self.manifest["max_positions"], feeds.get("input_ids", covered)
@@ -127,9 +127,10 @@ def _strip_prefix(text: str, prefix: str) -> str:
     return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 
-def check_feeds(sig: dict, feeds: dict[str, np.ndarray], sums: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def check_feeds(sig: dict, feeds: dict[str, np.ndarray],
+                sums: dict[str, tuple[str, ...]] | None = None) -> dict[str, np.ndarray]:
     """`feeds` as the signature wants them (numpy arrays), or a UserError naming the input. A dim
-    named in `sums` ("past_seq + seq") must equal that sum of the other dims."""
+    named in `sums` ({"past_seq + seq": ("past_seq", "seq")}) must equal the sum of those dims."""
     names = [e["name"] for e in sig["inputs"]]
     extra = sorted(set(feeds) - set(names))
     if extra:
@@ -159,26 +160,12 @@ def check_feeds(sig: dict, feeds: dict[str, np.ndarray], sums: tuple[str, ...] =
         out[e["name"]] = a
     for e in sig["inputs"]:  # a dim that is a sum of others ("past_seq + seq"), once they are bound
         for axis, d in enumerate(e["shape"] or []):
-            want = _dim_sum(d, bound) if d in sums else None
+            terms = (sums or {}).get(d) if isinstance(d, str) else None
+            want = sum(bound[t] for t in terms) if terms and all(t in bound for t in terms) else None
             if want is not None and out[e["name"]].shape[axis] != want:
                 raise UserError(f"input {e['name']!r} has shape {list(out[e['name']].shape)}: its dimension {axis} "
                                 f"is {d} = {want} here")
     return out
-
-
-def _dim_sum(expr: str, bound: dict) -> int | None:
-    """`expr` ("past_seq + seq", "seq - 1") with `bound`'s sizes, or None where a term is not a
-    bound symbol or a whole number."""
-    tokens = expr.split()
-    if len(tokens) < 3 or len(tokens) % 2 == 0 or any(op not in ("+", "-") for op in tokens[1::2]):
-        return None
-    total = 0
-    for sign, term in zip(["+"] + tokens[1::2], tokens[::2]):
-        value = int(term) if term.isdigit() else bound.get(term)
-        if not isinstance(value, int):
-            return None
-        total += value if sign == "+" else -value
-    return total
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:

@@ -25,11 +25,12 @@ def make_node(graph: Graph, op_type: str, inputs: Sequence[Value | None], *, dom
               name: str | None = None, meta: NodeMeta | None = None, infer: bool = True) -> Node:
     """`graph.make_node`, with the output count from the op's definition when not given and,
     unless `infer` is off or `output_types` are given, the output types inferred."""
-    if infer and output_types is None or num_outputs is None and output_names is None and output_types is None:
+    counted = num_outputs is None and output_names is None and output_types is None  # by the registry
+    if counted or (infer and output_types is None):
         opdef = get_op(domain, op_type)  # (a backend's own op, typed by its caller, need not be registered)
         if not opdef.min_inputs <= len(inputs) <= opdef.max_inputs:
             raise ValueError(f"{opdef.qualified_name} takes {opdef.takes_inputs()} inputs, not {len(inputs)}")
-    if num_outputs is None and output_names is None and output_types is None:
+    if counted:
         num_outputs = opdef.num_outputs_for(attrs or {})
     node = graph.make_node(op_type, inputs, domain=domain, attrs=attrs, output_types=output_types,
                            num_outputs=num_outputs, output_names=output_names, name=name, meta=meta)

@@ -1508,10 +1508,11 @@ def test_an_exporters_dim_names_are_labels_not_sums():
     feeds = {"input_ids": np.ones((1, 6), np.int64), "attention_mask": np.ones((1, 6), np.int64),
              "past": np.zeros((1, 2, 0, 8), np.float32)}
     check_feeds(sig("past_sequence_length + 1", "past_sequence_length"), feeds)
-    check_feeds(sig("past_seq + seq", "past_seq"), feeds, sums=("past_seq + seq",))
+    sums = {"past_seq + seq": ("past_seq", "seq")}
+    check_feeds(sig("past_seq + seq", "past_seq"), feeds, sums=sums)
     feeds["past"] = np.zeros((1, 2, 1, 8), np.float32)
     with pytest.raises(UserError, match="its dimension 1 is past_seq \\+ seq = 7 here"):
-        check_feeds(sig("past_seq + seq", "past_seq"), feeds, sums=("past_seq + seq",))
+        check_feeds(sig("past_seq + seq", "past_seq"), feeds, sums=sums)
 
 
 def test_the_rewrite_names_the_first_output_logits_whatever_it_was_called(fused):
