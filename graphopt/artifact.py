@@ -29,6 +29,7 @@ from graphopt.ir import Graph, signature  # noqa: F401  (signature: part of the 
 from graphopt import __version__
 from graphopt.dtypes import DType
 from graphopt.generation import Generator, encode_prompts, load_tokenizer
+from graphopt.interpreter import check_signature_feeds
 from graphopt.passes.kvcache.rewrite import PAST_SEQ, TOTAL_SEQ
 from graphopt.manifest import (  # noqa: F401  (the manifest format: part of the artifact API)
     MANIFEST_FORMAT, MANIFEST_VERSION, artifact_file, read_manifest,
@@ -73,7 +74,7 @@ class Artifact:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         gen = self.manifest.get("generation") or {}
         # rewrite-kv-cache's own sum of dims; an exporter's dim names are labels ("past_sequence_length + 1")
-        feeds = check_feeds(self.manifest["signature"], feeds, sums={TOTAL_SEQ: (PAST_SEQ, "seq")} if gen else None)
+        feeds = check_signature_feeds(self.manifest["signature"], feeds, sums={TOTAL_SEQ: (PAST_SEQ, "seq")} if gen else None)
         limit, covered = gen.get("max_positions"), feeds.get("attention_mask")
         if not gen and "max_positions" in self.manifest:  # an encoder: one sequence of positions, no cache
             limit, covered = self.manifest["max_positions"], feeds.get("input_ids", covered)
@@ -125,47 +126,6 @@ class Artifact:
 
 def _strip_prefix(text: str, prefix: str) -> str:
     return text[len(prefix):] if prefix and text.startswith(prefix) else text
-
-
-def check_feeds(sig: dict, feeds: dict[str, np.ndarray],
-                sums: dict[str, tuple[str, ...]] | None = None) -> dict[str, np.ndarray]:
-    """`feeds` as the signature wants them (numpy arrays), or a UserError naming the input. A dim
-    named in `sums` ({"past_seq + seq": ("past_seq", "seq")}) must equal the sum of those dims."""
-    names = [e["name"] for e in sig["inputs"]]
-    extra = sorted(set(feeds) - set(names))
-    if extra:
-        raise UserError(f"unknown input {extra[0]!r}; the model takes {names}")
-    out, bound = {}, {}
-    for e in sig["inputs"]:
-        if e["name"] not in feeds:
-            raise UserError(f"missing input {e['name']!r}")
-        a = np.asarray(feeds[e["name"]])
-        want = DType.from_short(e["dtype"]).np_dtype
-        if a.dtype != want:
-            raise UserError(f"input {e['name']!r} has dtype {a.dtype}, expected {want}")
-        shape = e["shape"]
-        if shape is not None:
-            if a.ndim != len(shape):
-                raise UserError(f"input {e['name']!r} has shape {list(a.shape)}, expected {shape}")
-            for d, n in zip(shape, a.shape):
-                if isinstance(d, int) and d != n:
-                    raise UserError(f"input {e['name']!r} has shape {list(a.shape)}, expected {shape}")
-                if isinstance(d, str) and bound.setdefault(d, n) != n:
-                    raise UserError(f"input {e['name']!r}: dimension {d!r} is {n} here but {bound[d]} elsewhere")
-        limit = e.get("index_limit")
-        if isinstance(limit, int) and a.size and (a.min() < -limit or a.max() >= limit):
-            bad = a.min() if a.min() < -limit else a.max()
-            raise UserError(f"input {e['name']!r}: index {bad} is outside [-{limit}, {limit}) (the rows of the "
-                            "table it indexes; token ids from another model's tokenizer?)")
-        out[e["name"]] = a
-    for e in sig["inputs"]:  # a dim that is a sum of others ("past_seq + seq"), once they are bound
-        for axis, d in enumerate(e["shape"] or []):
-            terms = (sums or {}).get(d) if isinstance(d, str) else None
-            want = sum(bound[t] for t in terms) if terms and all(t in bound for t in terms) else None
-            if want is not None and out[e["name"]].shape[axis] != want:
-                raise UserError(f"input {e['name']!r} has shape {list(out[e['name']].shape)}: its dimension {axis} "
-                                f"is {d} = {want} here")
-    return out
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:

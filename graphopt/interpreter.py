@@ -8,39 +8,71 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.dtypes import DType
 from graphopt.errors import UserError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, signature
 from graphopt.registry import run_reference
+from graphopt.sample_inputs import mask_terms, mask_total
+
+
+def check_signature_feeds(sig: dict, feeds: dict[str, np.ndarray],
+                          sums: dict[str, tuple[str, ...]] | None = None) -> dict[str, np.ndarray]:
+    """`feeds` as the signature wants them (numpy arrays), or a UserError naming the input. A dim
+    named in `sums` ({"past_seq + seq": ("past_seq", "seq")}) must equal the sum of those dims."""
+    names = [e["name"] for e in sig["inputs"]]
+    extra = sorted(set(feeds) - set(names))
+    if extra:
+        raise UserError(f"unknown input {extra[0]!r}; the model takes {names}")
+    out, bound = {}, {}
+    for e in sig["inputs"]:
+        if e["name"] not in feeds:
+            raise UserError(f"missing input {e['name']!r}")
+        a = np.asarray(feeds[e["name"]])
+        want = DType.from_short(e["dtype"]).np_dtype
+        if a.dtype != want:
+            raise UserError(f"input {e['name']!r} has dtype {a.dtype}, expected {want}")
+        shape = e["shape"]
+        if shape is not None:
+            if a.ndim != len(shape):
+                raise UserError(f"input {e['name']!r} has shape {list(a.shape)}, expected {shape}")
+            for d, n in zip(shape, a.shape):
+                if isinstance(d, int) and d != n:
+                    raise UserError(f"input {e['name']!r} has shape {list(a.shape)}, expected {shape}")
+                if isinstance(d, str) and bound.setdefault(d, n) != n:
+                    raise UserError(f"input {e['name']!r}: dimension {d!r} is {n} here but {bound[d]} elsewhere")
+        limit = e.get("index_limit")
+        if isinstance(limit, int) and a.size and (a.min() < -limit or a.max() >= limit):
+            bad = a.min() if a.min() < -limit else a.max()
+            raise UserError(f"input {e['name']!r}: index {bad} is outside [-{limit}, {limit}) (the rows of the "
+                            "table it indexes; token ids from another model's tokenizer?)")
+        out[e["name"]] = a
+    for e in sig["inputs"]:  # a dim that is a sum of others ("past_seq + seq"), once they are bound
+        for axis, d in enumerate(e["shape"] or []):
+            terms = (sums or {}).get(d) if isinstance(d, str) else None
+            want = sum(bound[t] for t in terms) if terms and all(t in bound for t in terms) else None
+            if want is not None and out[e["name"]].shape[axis] != want:
+                raise UserError(f"input {e['name']!r} has shape {list(out[e['name']].shape)}: its dimension {axis} "
+                                f"is {d} = {want} here")
+    return out
+
 
 
 def check_feeds(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Validate feeds against the graph's inputs (names, dtypes, ranks, static and symbolic
-    dims); returns them as arrays. A mismatch is a `UserError` naming the input."""
-    out: dict[str, np.ndarray] = {}
-    bound: dict[str, int] = {}
-    names = {v.name for v in graph.inputs}
-    for k in feeds:
-        if k not in names:
-            raise UserError(f"unknown input {k!r}; the graph takes {sorted(names)}")
-    for v in graph.inputs:
-        if v.name not in feeds:
-            if v.is_initializer:
-                continue
-            raise UserError(f"missing input {v.name!r} ({v.type})")
-        a = np.asarray(feeds[v.name])
-        t = v.type
-        if a.dtype != t.dtype.np_dtype:
-            raise UserError(f"input {v.name!r} has dtype {a.dtype}, expected {t.dtype.np_dtype} ({t})")
-        if t.shape is not None:
-            if a.ndim != len(t.shape):
-                raise UserError(f"input {v.name!r} has shape {list(a.shape)}, expected {t}")
-            for d, n in zip(t.shape, a.shape):
-                if isinstance(d, int) and d != n:
-                    raise UserError(f"input {v.name!r} has shape {list(a.shape)}, expected {t}")
-                if isinstance(d, str):
-                    if bound.setdefault(d, n) != n:
-                        raise UserError(f"input {v.name!r}: dimension {d!r} is {n} here but {bound[d]} elsewhere")
-        out[v.name] = a
+    dims, ids against the table they index, a cached decoder's mask against past + new
+    tokens); returns them as arrays. A mismatch is a `UserError` naming the input."""
+    weights = {v.name: v for v in graph.inputs if v.is_initializer}
+    past, seq = mask_terms(graph)
+    total = mask_total(graph)
+    out = check_signature_feeds(signature(graph), {k: a for k, a in feeds.items() if k not in weights},
+                                {total: (past, seq)} if total else None)
+    for name in feeds.keys() & weights.keys():  # a feed for an input that has a default (a weight)
+        a, want = np.asarray(feeds[name]), weights[name].type
+        fits = want.shape is None or (a.ndim == len(want.shape) and all(
+            not isinstance(d, int) or d == n for d, n in zip(want.shape, a.shape)))
+        if a.dtype != want.dtype.np_dtype or not fits:
+            raise UserError(f"input {name!r} has {a.dtype}{list(a.shape)}, expected {want}")
+        out[name] = a
     return out
 
 

@@ -425,7 +425,12 @@ class PassManager:
         reference = None
         if self.check_numerics:
             feeds = self.sample_inputs if self.sample_inputs is not None else sample_inputs(graph)
-            reference = interpret(graph, feeds, keep_all=True)
+            try:
+                reference = interpret(graph, feeds, keep_all=True)
+            except RuntimeError as e:  # before any pass: the inputs (or the model), not a pass
+                made = "" if self.sample_inputs is not None else " graphopt made"
+                raise UserError(f"check-numerics: the model does not run on the sample inputs{made}, before any "
+                                f"pass ran: {e}; give inputs it runs on (--inputs FILE.npz)") from None
         for entry in self.entries:
             p = entry.instantiate()
             # A requirement that neither this pipeline nor the graph's history meets is not an

@@ -18,12 +18,49 @@ _INDEX_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Iden
 def bind_dims(graph: Graph, dims: dict[str, int] | None = None) -> dict[str, int]:
     bound = dict(DEFAULT_DIMS)
     bound.update(dims or {})
+    total = mask_total(graph)
+    sums = {}
     for v in graph.inputs:
         for d in (v.type.shape or ()):
-            if isinstance(d, str) and d not in bound:
-                low = d.lower()
-                bound[d] = 4 if "past" in low else 8 if ("seq" in low or "len" in low) else 2
+            if not isinstance(d, str) or d in bound or d == total:
+                continue
+            terms = [t.strip() for t in d.split(" + ")]
+            if len(terms) > 1 and all(t.isidentifier() or t.isdigit() for t in terms):
+                sums[d] = terms  # "past_seq + seq": bound below, once its terms are
+                continue
+            low = d.lower()
+            bound[d] = 4 if "past" in low else 8 if ("seq" in low or "len" in low) else 2
+    if total is not None and total not in bound:
+        sums[total] = mask_terms(graph)
+    for d, terms in sums.items():
+        for t in terms:
+            if not t.isdigit():
+                bound.setdefault(t, 4 if "past" in t.lower() else 8)
+        bound.setdefault(d, sum(int(t) if t.isdigit() else bound[t] for t in terms))
     return bound
+
+
+def mask_terms(graph: Graph) -> tuple[str, str] | tuple[None, None]:
+    """(the cache's past length, the new tokens' length) of a decoder with a KV cache
+    (past_key_values.* inputs): the dims its attention mask must add up to; Nones otherwise."""
+    inputs = {v.name: v.type.shape for v in graph.inputs if not v.is_initializer}
+    ids = inputs.get("input_ids")
+    if not (ids and len(ids) == 2 and isinstance(ids[1], str)):
+        return None, None
+    pasts = {d for name, shape in inputs.items() if name.startswith("past_key_values.")
+             for d in (shape or ())[1:] if isinstance(d, str)}
+    return (pasts.pop(), ids[1]) if len(pasts) == 1 else (None, None)
+
+
+def mask_total(graph: Graph) -> str | None:
+    """The attention mask's length dim in a decoder with a KV cache, which covers the past and
+    the new tokens (whatever its exporter named it: "total", "past_sequence_length + 1"),
+    or None."""
+    past, seq = mask_terms(graph)
+    mask = next((v.type.shape for v in graph.inputs if v.name == "attention_mask"), None)
+    if past is None or not (mask and len(mask) == 2 and isinstance(mask[1], str)) or mask[1] in (past, seq):
+        return None
+    return mask[1]
 
 
 def index_bound(v: Value) -> int | None:

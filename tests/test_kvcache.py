@@ -876,6 +876,15 @@ def test_graphopt_optimize_makes_a_model_exported_with_a_cache_generation_ready(
     check_decode(artifact.run, hf_reference(model), PROMPTS, 6, 2, 2, 8)
 
 
+def test_check_numerics_runs_on_a_model_exported_with_a_cache(exported_with_cache, tmp_path):
+    """--check-numerics on a cached export: the sample mask spans the past and the new tokens
+    (before, its "total" was bound to the new tokens alone and the check failed inside the
+    model, reported as an internal error)."""
+    path, _, _ = exported_with_cache
+    graphopt.optimize(path, tmp_path / "out", check_numerics=True)
+    assert graphopt.load(tmp_path / "out").manifest["generation"]["kv_layout"] == "BNSH"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["BNSH", "static"])
 def test_an_optimum_export_with_position_ids_becomes_generation_ready(layout, tmp_path):
@@ -1497,7 +1506,7 @@ def test_an_exporters_dim_names_are_labels_not_sums():
     """Optimum names the mask's axis "past_sequence_length + 1", which prefill (a past of 0, a
     mask of seq) does not satisfy as arithmetic: only rewrite-kv-cache's own "past_seq + seq"
     is checked as a sum."""
-    from graphopt.artifact import check_feeds
+    from graphopt.interpreter import check_signature_feeds as check_feeds
     from graphopt.errors import UserError
 
     def sig(total, past):

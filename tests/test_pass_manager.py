@@ -8,8 +8,10 @@ import textwrap
 import numpy as np
 import pytest
 
+from graphopt.builder import Builder
+from graphopt.dtypes import DType
 from graphopt.errors import UserError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, TensorType
 from graphopt.pass_manager import (
     Pass, PassContext, PassError, PassManager, PassResult, all_passes, get_pass_info, load_recipe, parse_pipeline,
     print_pipeline, register_pass,
@@ -135,10 +137,6 @@ class NeedsTyped(Pass):
 
 
 def relu_graph():
-    from graphopt.builder import Builder
-    from graphopt.dtypes import DType
-    from graphopt.ir import TensorType
-
     g = Graph()
     x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", 4)))
     b = Builder(g)
@@ -232,6 +230,67 @@ def test_sample_inputs_are_valid_for_language_models(exported):
     feeds = sample_inputs(g)
     assert feeds["input_ids"].shape == (2, 8) and feeds["input_ids"].max() < VOCAB
     assert set(np.unique(feeds["attention_mask"])) <= {0, 1}
+
+
+@pytest.mark.parametrize("total", ["past_seq + seq", "total", "past_sequence_length + 1"])
+def test_sample_inputs_of_a_cached_decoder_cover_the_past_and_the_new_tokens(total):
+    """The mask of a decoder with a KV cache spans past + new positions, whatever the exporter
+    named its length (before, a name with "past" in it was bound to the past alone, and
+    "total" to the new tokens: check-numerics failed inside the model, as an internal error)."""
+    from graphopt.sample_inputs import sample_inputs
+
+    g = Graph("cached")
+    g.add_input("input_ids", TensorType(DType.INT64, ("batch", "seq")))
+    g.add_input("attention_mask", TensorType(DType.INT64, ("batch", total)))
+    for kind in ("key", "value"):
+        g.add_input(f"past_key_values.0.{kind}", TensorType(DType.FLOAT32, ("batch", 2, "past_seq", 8)))
+    feeds = sample_inputs(g, {"seq": 5, "past_seq": 3})
+    assert feeds["attention_mask"].shape == (2, 8) and feeds["past_key_values.0.key"].shape == (2, 2, 3, 8)
+    assert sample_inputs(g, {"seq": 5, total: 6})["attention_mask"].shape == (2, 6)  # a dim given is kept
+    from graphopt.interpreter import check_feeds  # the interpreter checks the sum too
+
+    check_feeds(g, feeds)
+    with pytest.raises(UserError, match=r"'attention_mask' has shape \[2, 7\]: its dimension 1 is .* = 8 here"):
+        check_feeds(g, dict(feeds, attention_mask=feeds["attention_mask"][:, 1:]))
+
+
+def test_sample_inputs_of_a_static_cache_bind_the_mask_to_past_plus_new_tokens():
+    """A static (or paged) cache's buffer says nothing of the past's length: the mask's
+    "past_seq + seq" is still the sum of its terms (before: 4, shorter than the 8 new tokens)."""
+    from graphopt.sample_inputs import sample_inputs
+
+    g = Graph("static")
+    g.add_input("input_ids", TensorType(DType.INT64, ("batch", "seq")))
+    g.add_input("attention_mask", TensorType(DType.INT64, ("batch", "past_seq + seq")))
+    g.add_input("past_key_values.0.key", TensorType(DType.FLOAT32, ("batch", 2, 64, 8)))
+    assert sample_inputs(g)["attention_mask"].shape == (2, 12)
+    assert sample_inputs(g, {"past_seq": 1, "seq": 1})["attention_mask"].shape == (2, 2)
+
+
+def test_a_feed_for_an_input_with_a_default_is_checked_and_used():
+    from graphopt.interpreter import run
+
+    g = Graph("default")
+    x = g.add_input("x", TensorType(DType.FLOAT32, (2,)))
+    w = g.add_initializer("w", np.ones(2, np.float32))
+    g.inputs.append(w)  # an ONNX input with an initializer: an overridable default
+    g.outputs = [Builder(g).Mul(x, w)]
+    x0 = np.array([1.0, 2.0], np.float32)
+    assert run(g, {"x": x0})[g.outputs[0].name].tolist() == [1.0, 2.0]
+    assert run(g, {"x": x0, "w": np.full(2, 3.0, np.float32)})[g.outputs[0].name].tolist() == [3.0, 6.0]
+    with pytest.raises(UserError, match=r"input 'w' has float64\[2\], expected f32\[2\]"):
+        run(g, {"x": x0, "w": np.ones(2)})
+
+
+def test_check_numerics_on_inputs_the_model_cannot_run_is_a_user_error_before_any_pass():
+    g = Graph("reshaping")
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("n",)))
+    b = Builder(g)
+    g.outputs = [b.Reshape(x, b.const(np.array([2, 3], np.int64)))]
+    PassManager("dce", check_numerics=True, sample_inputs={"x": np.zeros(6, np.float32)}).run(g)
+    with pytest.raises(UserError, match=r"check-numerics: the model does not run on the sample inputs, before any "
+                                        r"pass ran: node .*Reshape.*--inputs FILE.npz"):
+        PassManager("dce", check_numerics=True, sample_inputs={"x": np.zeros(5, np.float32)}).run(g)
 
 
 # ---- declared requirements ---------------------------------------------------------------
