@@ -104,6 +104,28 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# What a resumed run may be given anew; the schedule and sampling read them from cfg, the
+# optimizer state would bring back the run's own lr, weight decay and betas.
+_RESUMABLE = ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+              "batch_size", "grad_accum", "seed")
+
+
+def _apply_settings(optimizer, scheduler, cfg: TrainConfig, step: int, saved: dict, rank: int) -> None:
+    """This invocation's settings apply to a resumed run, as its checkpoints will record them:
+    the restored optimizer and scheduler get this lr, weight decay and betas, and each value
+    that differs from the run's is said (unchanged, the resume continues the run exactly)."""
+    changed = [f"{k}={getattr(cfg, k)!r} (was {saved[k]!r})" for k in _RESUMABLE
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        _log(rank, "resuming with " + ", ".join(changed))
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for i, group in enumerate(optimizer.param_groups):  # [the decayed matrices, the rest]
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * lr_factor(step, cfg)
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+        group["betas"] = (cfg.beta1, cfg.beta2)
+
+
 def get_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int,
               micro: int, rank: int = 0, world_size: int = 1):
     """Rank `rank`'s rows of the global batch for (step, micro): inputs and targets."""
@@ -309,6 +331,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_after: int | None = None,
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
         _log(rank, f"resumed from {folder} at step {start_step}")
+        _apply_settings(optimizer, scheduler, cfg, start_step, saved.get("train") or {}, rank)
         if rank == 0 and (out / "metrics.jsonl").exists():  # drop steps the resume will redo
             kept = read_metrics(out / "metrics.jsonl", lambda msg: _log(rank, msg))
             write_text_atomic(out / "metrics.jsonl",

@@ -46,6 +46,25 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(corpus, tmp_path, make_c
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
 
 
+def test_a_resume_applies_the_settings_it_is_given_and_says_which_changed(corpus, tmp_path, make_config, capsys):
+    """Resumed with another lr and weight decay: the steps after the resume follow them, as the
+    checkpoint records (before, the restored optimizer and scheduler kept the run's own lr and
+    weight decay while config.json recorded the new ones)."""
+    run = tmp_path / "run"
+    train(make_config(corpus, run, lr=2e-3, weight_decay=0.1), stop_at_step=20)
+    capsys.readouterr()
+    cfg = make_config(corpus, run, lr=5e-4, weight_decay=0.5)
+    train(cfg)
+    assert "resuming with lr=0.0005 (was 0.002), weight_decay=0.5 (was 0.1)" in capsys.readouterr().out
+    metrics = _metrics(run)
+    for step in (21, 30, 40):  # the lr a record shows is the one its step took
+        assert math.isclose(metrics[step]["lr"], 5e-4 * lr_factor(step - 1, cfg), rel_tol=1e-6), step
+    saved = json.loads((run / "checkpoints" / "step_0000040" / "config.json").read_text())["train"]
+    assert (saved["lr"], saved["weight_decay"]) == (5e-4, 0.5)
+    state = torch.load(run / "checkpoints" / "step_0000040" / "optimizer.pt", weights_only=True)
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.5, 0.0]
+
+
 def test_same_seed_same_run_other_seed_other_run(corpus, tmp_path, make_config):
     losses = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
