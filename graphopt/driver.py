@@ -21,6 +21,7 @@ from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import load_calibration, read_texts, text_feeds
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir, json_text
 from graphopt.generation import copy_hf_config, copy_tokenizer, generation_manifest, model_config
+from graphopt.frontends.training import is_run_folder
 from graphopt.passes.kvcache.rewrite import META_MAX_POSITIONS
 from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files
 from graphopt.interpreter import check_feeds
@@ -33,6 +34,7 @@ from graphopt.passes.kvcache.last_token import SliceLogitsError
 from graphopt.passes.kvcache.rewrite import KVCacheError, check_layout
 from graphopt.sample_inputs import check_index_ranges
 from graphopt.summary import summarize
+from graphopt.train.checkpoint import resolve_checkpoint
 from graphopt.verify import verify as verify_graph
 
 TVM_TUNING = "graphopt.backends.tvm.tuning"  # imported when --tune-minutes asks for it (tvm is an extra)
@@ -225,6 +227,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 raise UserError(f"{option} {path}: no such file")
             read_texts(Path(path), option)
 
+    if not isinstance(model, Graph) and is_run_folder(Path(model)):
+        # its latest checkpoint, which the report names: the run may train on afterwards
+        model = resolve_checkpoint(model)
     if isinstance(model, Graph):
         graph = model
     elif Path(model).is_dir() and artifact_extras(Path(model)) is not None:
@@ -275,7 +280,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                         f"{graph.metadata.source or 'this model'} is not one")
     after = summarize(optimized)
     report = {
-        "model": graph.metadata.source,
+        "model": _absolute(graph.metadata.source),
         "fusions": fusion_summary(pm.records),
         "frontend": {"exporter": graph.metadata.exporter or "onnx file", "seconds": round(graph.metadata.export_seconds, 3)},
         "pipeline": pm.pipeline_text,
@@ -347,6 +352,11 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+def _absolute(source: str | None) -> str | None:
+    """The source as an absolute path where it is one: eval and compare read it from anywhere."""
+    return str(Path(source).resolve()) if source and Path(source).exists() else source
 
 
 def _check_tuning(backend: str, target: str, backend_options, minutes, shapes, db) -> dict | None:

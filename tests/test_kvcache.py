@@ -1462,17 +1462,28 @@ def test_a_generation_ready_artifact_with_every_positions_logits_scores_like_the
     assert kv.tokens == full.tokens and abs(kv.perplexity - full.perplexity) < 1e-4 * full.perplexity
 
 
-def test_a_training_run_folder_optimizes_to_a_generation_ready_artifact_with_its_tokenizer(tmp_path):
+def test_a_training_run_folder_optimizes_to_a_generation_ready_artifact_with_its_tokenizer(tmp_path, monkeypatch):
     """`graphopt optimize RUN` (a run folder: checkpoints/latest names its checkpoint) takes the
-    tokenizer and config from that checkpoint, as for the checkpoint itself."""
+    tokenizer and config from that checkpoint, as for the checkpoint itself, and the report
+    names that checkpoint by its absolute path: the run may train on, and eval and compare read
+    the source from any folder (before: "run", relative to where optimize ran, whose later
+    checkpoints compare measured the artifact against)."""
+    import json
     import shutil
+
+    from graphopt.compare.reference import load_reference
 
     run = tmp_path / "run"
     shutil.copytree(DEFAULT_MODEL, run / "checkpoints" / "step_0000007")
     (run / "checkpoints" / "latest").write_text("step_0000007\n")
-    graphopt.optimize(run, tmp_path / "out", progress=None)
+    monkeypatch.chdir(tmp_path)
+    graphopt.optimize("run", "out", progress=None)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (DEFAULT_MODEL / "tokenizer.json").read_bytes()
     assert graphopt.load(tmp_path / "out").generate("def ", 4).texts[0]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"] == str((run / "checkpoints" / "step_0000007").resolve())
+    reference = load_reference(run)  # compare's eager model for a run folder: its latest checkpoint
+    assert reference is not None and reference.source == str(run / "checkpoints" / "step_0000007")
 
 
 def test_run_refuses_a_mask_past_the_context_or_of_the_wrong_length(default_artifact):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from graphopt.frontends import _read_config, huggingface, training
 from graphopt.train import load_model
+from graphopt.train.checkpoint import resolve_checkpoint
 
 
 
@@ -44,6 +45,8 @@ def load_reference(source: str | Path) -> TorchModel | None:
     """The PyTorch model for `source` (a graphopt training checkpoint or a Hugging Face
     folder), or None for sources that have no PyTorch model (.onnx, .gir)."""
     path = Path(source)
+    if training.is_run_folder(path):
+        path = resolve_checkpoint(path)  # its latest checkpoint, the one the export reads
     if not path.is_dir() or not (path / "config.json").is_file():
         return None
 
