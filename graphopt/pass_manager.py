@@ -298,6 +298,9 @@ def parse_pipeline(text: str) -> list[PipelineEntry]:
                 k, eq, v = item.partition("=")
                 if not eq or not k.strip() or (not v.strip() and not _takes_empty(name, k.strip())):
                     raise UserError(f"malformed pipeline {text!r}: option {item.strip()!r} is not key=value")
+                if k.strip() in options:
+                    raise UserError(f"pass {name!r}: option {k.strip()!r} given twice "
+                                    f"({k.strip()}={options[k.strip()]} and {k.strip()}={v.strip()}); give it once")
                 options[k.strip()] = v.strip()
         entry = PipelineEntry(name, options)
         entry.instantiate()  # checks the name and the options now, not halfway through a run

@@ -44,6 +44,7 @@ def test_pipeline_options_are_typed():
     ("fold-constants{max-size=big}", "needs an integer, got 'big'"),
     ("fold-constants{maxsize=3}", "has no option 'maxsize'"),
     ("fold-constants{max-size=3", "malformed pipeline"),
+    ("fold-constants{max-size=3,max-size=4}", r"option 'max-size' given twice \(max-size=3 and max-size=4\)"),
     ("", "empty pipeline"),
 ])
 def test_bad_pipelines_are_one_line_errors(text, message):

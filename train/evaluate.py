@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,12 @@ def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]
     data = Path(data)
     if data.is_file():
         return read_val_text(data), str(data)
-    docs = collect_documents(data, DataConfig(val_fraction=0.0, suffixes=TEXT_SUFFIXES))
+    # Every text file is scored: not the training cleaner's length rules (a prose paragraph is
+    # one long line) nor its excluded test folders; what is left out (binary, not UTF-8,
+    # duplicates) is said.
+    cfg = DataConfig(val_fraction=0.0, suffixes=TEXT_SUFFIXES, min_chars=1, max_line_chars=sys.maxsize,
+                     exclude_dirs=("__pycache__",))
+    docs = collect_documents(data, cfg, progress=lambda *_: None)
     return [d["text"] for d in docs], str(data)
 
 

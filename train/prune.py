@@ -306,6 +306,8 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
     for name, r in (("--heads-ratio", heads_ratio), ("--mlp-ratio", mlp_ratio)):
         if not 0.0 <= r < 1.0:
             raise UserError(f"{name} {r}: must be in [0, 1)")
+    if heads_ratio == mlp_ratio == 0.0:
+        raise UserError("nothing to prune: give --heads-ratio and/or --mlp-ratio (a fraction in (0, 1))")
     folder = ckpt.resolve_checkpoint(source)
     out = Path(out)
     if out.resolve() == folder.resolve():

@@ -260,8 +260,9 @@ def test_wanda_calibrates_on_the_training_corpus_by_default_and_refuses_without_
 
 @pytest.mark.parametrize("args, fragment", [
     (["--heads-ratio", "1.0"], "--heads-ratio"),
-    (["--out", "{SRC}"], "is the source checkpoint"),
-    (["--out", "{FILE}"], "exists and is not an empty folder or a checkpoint"),
+    ([], "nothing to prune: give --heads-ratio and/or --mlp-ratio"),
+    (["--mlp-ratio", "0.25", "--out", "{SRC}"], "is the source checkpoint"),
+    (["--mlp-ratio", "0.25", "--out", "{FILE}"], "exists and is not an empty folder or a checkpoint"),
 ])
 def test_prune_bad_input_is_one_line_exit_2(tmp_path, args, fragment):
     (tmp_path / "file").write_text("x")

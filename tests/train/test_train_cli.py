@@ -104,6 +104,23 @@ def test_eval_on_a_given_text_folder(tiny_run, corpus):
     assert json.loads(result.stdout)["tokens"] == 2000
 
 
+def test_eval_on_a_folder_scores_every_text_file_and_says_what_it_left_out(tiny_run, tmp_path):
+    """Not the training cleaner's rules: a prose paragraph (one line over 1000 characters), a
+    short note and a tests/ folder are scored; a binary file is left out, and said (before, two
+    of three files were dropped without a word)."""
+    folder = tmp_path / "texts"
+    (folder / "tests").mkdir(parents=True)
+    (folder / "a.md").write_text("The quick brown fox jumps over the lazy dog. " * 40 + "\n")
+    (folder / "b.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    (folder / "c.txt").write_text("a short note\n")
+    (folder / "tests" / "d.py").write_text("assert 1 + 1 == 2\n")
+    (folder / "e.txt").write_bytes(b"\x00\x01binary")
+    result = _run("eval", tiny_run, "--data", folder, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["documents"] == 4
+    assert "left out: 1 binary (a NUL byte)" in result.stderr
+
+
 def test_generate_greedy_is_deterministic_and_sampling_follows_the_seed(tiny_run):
     greedy = [_run("generate", tiny_run, "--prompt", "def ", "--max-new-tokens", "40").stdout
               for _ in range(2)]
