@@ -1448,13 +1448,16 @@ def test_quantized_decoder_is_generation_ready_with_last_token_logits_and_scores
     assert res.exit_code == 2 and "--logits all" in res.output
 
 
-def test_a_generation_ready_artifact_with_every_positions_logits_scores_like_the_full_sequence_one(tmp_path):
+@pytest.mark.parametrize("layout", ["BNSH", "static", "paged"])
+def test_a_generation_ready_artifact_with_every_positions_logits_scores_like_the_full_sequence_one(layout, tmp_path):
+    """In every layout (paged: a block table for the prompt; before, eval failed on its
+    missing block_table)."""
     from graphopt.accuracy import artifact_logits, perplexity
     from graphopt.testing import VOCAB, tiny_hf_model
 
     folder = tmp_path / "hf"
     tiny_hf_model("llama").model.save_pretrained(folder)
-    graphopt.optimize(str(folder), tmp_path / "kv", logits="all")
+    graphopt.optimize(str(folder), tmp_path / "kv", logits="all", kv_layout=layout)
     graphopt.optimize(str(folder), tmp_path / "full", kv_cache=False)
     ids = np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.int64)
     kv = perplexity(artifact_logits(graphopt.load(tmp_path / "kv")), ids, 32, 4)
