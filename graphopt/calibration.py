@@ -86,9 +86,21 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
         raise UserError(f"--calibration {path}: no array for input {missing[0]!r} (the model takes {names})")
     context = model_context(folder)
     for v in graph.inputs:
-        if v.is_initializer or v.type is None or v.type.shape is None:
+        if v.is_initializer or v.type is None:
             continue
-        a, shape = data[v.name], list(v.type.shape)
+        a, want = data[v.name], v.type.dtype.np_dtype
+        if a.dtype != want:
+            if not (a.dtype.kind in "iu" and np.dtype(want).kind == "i" and a.size
+                    and np.iinfo(want).min <= a.min() and a.max() <= np.iinfo(want).max):
+                raise UserError(f"--calibration {path}: array {v.name!r} has dtype {a.dtype}; the model's input is "
+                                f"{v.type}")
+            data[v.name] = a = a.astype(want)  # int32 token ids for an int64 input: the same ids
+        if a.size == 0:
+            raise UserError(f"--calibration {path}: array {v.name!r} is empty (shape {list(a.shape)}): give at least "
+                            "one sample of at least one token")
+        if v.type.shape is None:
+            continue
+        shape = list(v.type.shape)
         if a.ndim != len(shape):
             raise UserError(f"--calibration {path}: array {v.name!r} has shape {list(a.shape)}; the model's input is "
                             f"{shape} (samples along the first axis)")
@@ -99,8 +111,11 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
         if rows is not None and context is not None and a.ndim == 2 and a.shape[1] > context:
             raise UserError(f"--calibration {path}: array {v.name!r} has sequences of {a.shape[1]} tokens; "
                             f"the model has {context} positions")
-    n = min(len(data[k]) for k in names)
-    n = min(n, samples)
+    counts = {k: len(data[k]) for k in names if data[k].ndim}
+    if len(set(counts.values())) > 1:
+        raise UserError(f"--calibration {path}: the arrays hold different numbers of samples "
+                        f"({', '.join(f'{k}: {n}' for k, n in counts.items())}); give each input the same")
+    n = min(min(counts.values(), default=1), samples)
     return [{k: data[k][i:i + BATCH] for k in names} for i in range(0, n, BATCH)]
 
 
@@ -174,11 +189,21 @@ def window_len(folder: Path | None) -> int:
     return DEFAULT_SEQ_LEN if context is None else min(context, DEFAULT_SEQ_LEN)
 
 
+def has_default_calibration(model) -> bool:
+    """Whether `model` is a graphopt.train checkpoint trained on the default corpus, whose
+    training documents are its default calibration data."""
+    cfg = Path(model) / "config.json" if model is not None else None
+    try:
+        data = json.loads(cfg.read_text()) if cfg is not None and cfg.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    return (isinstance(data, dict) and str(data.get("format", "")).startswith("graphopt.train")
+            and isinstance(data.get("train", {}), dict) and not data.get("train", {}).get("data"))
+
+
 def _default_texts(model) -> tuple[list[str], str]:
     """A graphopt.train checkpoint trained on the default corpus: its training documents."""
-    cfg = Path(model) / "config.json" if model is not None else None
-    data = json.loads(cfg.read_text()) if cfg is not None and cfg.is_file() else {}
-    if data.get("format", "").startswith("graphopt.train") and not data.get("train", {}).get("data"):
+    if has_default_calibration(model):
         from graphopt.train.data import DataConfig, collect_documents, default_data_dir
 
         docs = collect_documents(default_data_dir(), DataConfig())

@@ -18,7 +18,7 @@ from graphopt.accuracy import perplexity
 from graphopt.accuracy_guard import Budget, guard, held_out_sentences, held_out_tokens, seq_len_of, Measured
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
-from graphopt.calibration import load_calibration, read_texts, text_feeds
+from graphopt.calibration import has_default_calibration, load_calibration, read_texts, text_feeds
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir, json_text
 from graphopt.generation import copy_hf_config, copy_tokenizer, generation_manifest, model_config
 from graphopt.frontends.training import is_run_folder
@@ -169,6 +169,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     what was tuned, for how long, and which kernels came from the database."""
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
+    if not isinstance(model, Graph) and is_run_folder(Path(model)):
+        # its latest checkpoint, which the report names: the run may train on afterwards
+        model = resolve_checkpoint(model)
     if output_dir is not None:
         inputs_paths = [] if isinstance(model, Graph) else [model]
         check_output_dir(output_dir, inputs_paths + [p for p in (recipe, calibration, accuracy_data) if p],
@@ -214,6 +217,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     if calibration is not None and not needs_data:
         raise UserError("--calibration is used by --quant-method gptq and awq, --quantize int8-static and "
                         "pruning with importance=wanda only")
+    if needs_data and calibration is None and not isinstance(model, Graph) and not has_default_calibration(model):
+        raise UserError(f"{model}: has no default calibration data (only a graphopt.train checkpoint trained on "
+                        "the default corpus has): give --calibration FILE (text, .jsonl of texts, or .npz of inputs)")
     budget = None
     if accuracy_budget is not None:
         budget = Budget.parse(accuracy_budget)
@@ -227,9 +233,6 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 raise UserError(f"{option} {path}: no such file")
             read_texts(Path(path), option)
 
-    if not isinstance(model, Graph) and is_run_folder(Path(model)):
-        # its latest checkpoint, which the report names: the run may train on afterwards
-        model = resolve_checkpoint(model)
     if isinstance(model, Graph):
         graph = model
     elif Path(model).is_dir() and artifact_extras(Path(model)) is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 
 import graphopt
@@ -175,3 +176,39 @@ def test_calibration_arrays_the_model_cannot_take_are_one_line_errors(tmp_path):
                    "--calibration", tmp_path / f"{name}.npz")
         assert r.exit_code == 2 and message in r.output and f"{name}.npz" in r.output, (name, r.output)
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_calibration_npz_is_checked_against_the_model_inputs(tmp_path):
+    """Empty samples (a [4, 0] array made an internal error in GPTQ), a dtype that is not the
+    input's (bool token ids), inputs with different sample counts: one line naming the file.
+    int32 token ids for an int64 input are the same ids, taken."""
+    from graphopt.calibration import load_calibration
+    from graphopt.dtypes import DType
+    from graphopt.errors import UserError
+    from graphopt.ir import Graph, TensorType
+
+    g = Graph("lm")
+    for name in ("input_ids", "attention_mask"):
+        g.add_input(name, TensorType(DType.INT64, ("batch", "seq")))
+    ones = np.ones((4, 8), np.int64)
+    cases = [(dict(input_ids=np.ones((4, 0), np.int64), attention_mask=np.ones((4, 0), np.int64)),
+              r"array 'input_ids' is empty \(shape \[4, 0\]\)"),
+             (dict(input_ids=ones.astype(bool), attention_mask=ones), "array 'input_ids' has dtype bool; the model's input is i64"),
+             (dict(input_ids=ones, attention_mask=ones[:3]), r"the arrays hold different numbers of samples \(input_ids: 4, attention_mask: 3\)")]
+    for arrays, message in cases:
+        np.savez(tmp_path / "cal.npz", **arrays)
+        with pytest.raises(UserError, match=f"--calibration {tmp_path / 'cal.npz'}: {message}"):
+            load_calibration(tmp_path / "cal.npz", None, g)
+    np.savez(tmp_path / "cal.npz", input_ids=ones.astype(np.int32), attention_mask=ones)
+    feeds = load_calibration(tmp_path / "cal.npz", None, g)
+    assert feeds[0]["input_ids"].dtype == np.int64 and sum(len(f["input_ids"]) for f in feeds) == 4
+
+
+def test_no_default_calibration_is_said_before_the_model_loads(tmp_path, monkeypatch):
+    """Known from the options and the model's folder: said before a (slow) export."""
+    import graphopt.driver as driver
+    from graphopt.errors import UserError
+
+    monkeypatch.setattr(driver, "load_graph", lambda *a, **k: pytest.fail("the model was loaded first"))
+    with pytest.raises(UserError, match="has no default calibration data .* give --calibration FILE"):
+        graphopt.optimize(EXAMPLE, tmp_path / "out", quantize="int8-static")
