@@ -471,6 +471,8 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["{m}", "--html", "{tmp}"], "is a folder"),
     (["{m}", "--data", "{tmp}/missing.txt"], "missing.txt: no such text file"),
     (["{onnx}", "--data", "{m}/config.json"], "needs the model's tokenizer.json"),
+    (["{m}", "--data", "{m}"], "is a folder; give one text file"),
+    (["{m}", "--data", "{m}/model.safetensors"], "model.safetensors: not a UTF-8 text file"),
     (["{m}", "--seq", "65"], "--seq 65 is longer than the model's context (64)"),
 ])
 def test_cli_user_errors(hf_folder, tmp_path, args, message):

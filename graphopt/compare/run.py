@@ -92,8 +92,14 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
                         "(the PyTorch model accuracy is measured against)")
 
     if data is not None:
+        if Path(data).is_dir():
+            raise UserError(f"--data {data}: is a folder; give one text file")
         if not Path(data).is_file():
             raise UserError(f"--data {data}: no such text file")
+        try:  # not text: said now, as eval says it (read with replacement characters, it got a perplexity)
+            Path(data).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise UserError(f"--data {data}: not a UTF-8 text file ({e})") from None
         if not (Path(source) / "tokenizer.json").is_file():
             raise UserError(f"--data needs the model's tokenizer.json to score text; there is none in {source}")
         text_tokenizer(Path(source), data, option="--data")  # a corrupt tokenizer.json fails now, not after the timing
