@@ -214,3 +214,12 @@ def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_h
     # (and the artifact's lowered model.onnx, ORT's own ops, is named as such by inspect)
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "art" / "model.onnx")])
     assert r.exit_code == 2 and "model.onnx is the lowered graph of the artifact" in r.output, r.output
+
+
+def test_eval_of_an_artifact_without_logits_says_perplexity_needs_a_decoder(tmp_path):
+    """Before: "missing input 'token_type_ids'" for a BERT artifact, as if the user's mistake
+    were a feed; now what eval measures and what measures an encoder."""
+    graphopt.optimize(EXAMPLE, tmp_path / "mlp")
+    r = invoke("eval", tmp_path / "mlp", "--data", EXAMPLE)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no logits: perplexity measures a decoder" in r.output

@@ -240,6 +240,8 @@ CASES = {
     "missing-model": ("optimize -o {W}/out", "Missing argument 'MODEL'"),
     "unknown-command": ("optimise {EX}", "No such command 'optimise'"),
     # prune / finetune: the validation text and the calibration text (issue 15)
+    "eval-a-hugging-face-folder": ("eval {B}/hf_llama", "a Hugging Face folder; eval scores graphopt.train "
+                                   "checkpoints and artifacts: graphopt optimize {B}/hf_llama -o OUT --logits all"),
     "prune-a-hugging-face-folder": ("prune {B}/hf_llama --mlp-ratio 0.25 --out {W}/pruned",
                                     "a Hugging Face folder: graphopt optimize MODEL --prune"),
     "finetune-distill-from-hugging-face": ("finetune {DEF} --distill-from {B}/hf_llama --out {W}/run",

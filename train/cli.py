@@ -137,6 +137,14 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
     click.echo(f"checkpoint: {folder}")
 
 
+def _is_hf_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
+
+
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
@@ -166,6 +174,9 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
 
     if (Path(checkpoint) / "manifest.json").is_file():
         result, source = evaluate_artifact(checkpoint, data, batch_size, max_tokens)
+    elif _is_hf_folder(Path(checkpoint)):
+        raise UserError(f"{checkpoint}: a Hugging Face folder; eval scores graphopt.train checkpoints and artifacts: "
+                        f"graphopt optimize {checkpoint} -o OUT --logits all, then graphopt eval OUT --data TEXT")
     else:
         result, source = evaluate_checkpoint(checkpoint, data, batch_size, max_tokens)
     if as_json:

@@ -28,7 +28,8 @@ def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]
     if data is None:
         path = Path(checkpoint) / "val.txt"
         if not path.is_file():
-            raise UserError(f"{checkpoint}: no val.txt in the checkpoint; pass --data DIR")
+            raise UserError(f"{checkpoint}: no val.txt (a graphopt.train checkpoint's held-out text); "
+                            "pass --data FILE_OR_DIR")
         return read_val_text(path), str(path)
     data = Path(data)
     if data.is_file():
