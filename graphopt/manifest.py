@@ -18,6 +18,8 @@ MANIFEST_VERSION = 1
 
 # Manifest fields that name files inside the artifact folder.
 _PATH_FIELDS = ("model", "weights")
+# The KV-cache layouts rewrite-kv-cache writes and a manifest's "generation" names.
+KV_LAYOUTS = ("BNSH", "BSNH", "static", "paged")
 
 
 def artifact_file(folder: Path, name, where) -> Path:
@@ -78,7 +80,44 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise UserError(f"{mpath}: files must be a list of file names")
     for name in files:
         artifact_file(path, name, f"{mpath}: files")
+    if "generation" in manifest:
+        _check_generation(manifest["generation"], sig, path, mpath)
     return manifest
+
+
+def _whole(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _check_generation(gen, sig: dict, path: Path, mpath: Path) -> None:
+    """The "generation" section a hand edit could make inconsistent: what the Generator
+    would otherwise trip on halfway through a prompt (an EOS id of "x", an unknown layout, a
+    static buffer length that is not the one its cache inputs have)."""
+    where = f"{mpath}: generation"
+    if not isinstance(gen, dict):
+        raise UserError(f"{where} must be an object")
+    layout = gen.get("kv_layout", "BNSH")
+    if layout not in KV_LAYOUTS:
+        raise UserError(f"{where}: kv_layout {layout!r} is not one of {', '.join(KV_LAYOUTS)}")
+    if gen.get("logits", "last") not in ("last", "all"):
+        raise UserError(f"{where}: logits {gen.get('logits')!r} is not last or all")
+    if gen.get("tokenizer") is not None:
+        artifact_file(path, gen["tokenizer"], f"{where}: tokenizer")
+    prefix = gen.get("prompt_prefix_ids", [])
+    if not (isinstance(prefix, list) and all(_whole(i) for i in prefix)):
+        raise UserError(f"{where}: prompt_prefix_ids {prefix!r} is not a list of token ids")
+    for key in ("max_positions", "num_layers", "block_size", "recompute_cache_at"):
+        if key in gen and gen[key] is not None and not _whole(gen[key]):
+            raise UserError(f"{where}: {key} {gen[key]!r} is not a whole number")
+    eos = gen.get("eos_token_id")
+    if not (eos is None or _whole(eos) or (isinstance(eos, list) and eos and all(_whole(e) for e in eos))):
+        raise UserError(f"{where}: eos_token_id {eos!r} is not a token id (or a list of them)")
+    if layout == "static":
+        past = next((e for e in sig["inputs"] if e["name"] == "past_key_values.0.key"), None)
+        buffer = past["shape"][2] if past and isinstance(past.get("shape"), list) and len(past["shape"]) == 4 else None
+        if isinstance(buffer, int) and gen.get("max_positions") != buffer:
+            raise UserError(f"{where}: max_positions {gen.get('max_positions')!r} is not the static cache's "
+                            f"{buffer} positions (its past_key_values inputs)")
 
 
 def _is_dim(d) -> bool:

@@ -617,6 +617,35 @@ def test_load_checks_manifest_paths_before_any_backend_runs_code(tmp_path, chang
         graphopt.load(art)
 
 
+@pytest.mark.parametrize("change, fragment", [
+    ({"kv_layout": "weird"}, "kv_layout 'weird' is not one of BNSH, BSNH, static, paged"),
+    ({"eos_token_id": "x"}, "eos_token_id 'x' is not a token id"),
+    ({"eos_token_id": [1, True]}, "eos_token_id \\[1, True\\] is not a token id"),
+    ({"max_positions": 128}, "max_positions 128 is not the static cache's 64 positions"),
+    ({"tokenizer": "../tokenizer.json"}, "artifact paths must be relative"),
+    ({"logits": "some"}, "logits 'some' is not last or all"),
+    ({"prompt_prefix_ids": ["a"]}, "prompt_prefix_ids \\['a'\\] is not a list of token ids"),
+])
+def test_a_hand_edited_generation_section_is_refused_when_loaded(tmp_path, change, fragment):
+    """Before, an EOS id of "x" failed after the prompt was printed, an unknown layout was
+    taken, and a static artifact's changed max_positions was an internal error in ORT."""
+    from graphopt.errors import UserError
+    from graphopt.manifest import read_manifest
+
+    cache = {"name": "past_key_values.0.key", "dtype": "f32", "shape": ["batch", 2, 64, 8]}
+    manifest = {"format": "graphopt-artifact", "format_version": 1, "backend": "onnxruntime",
+                "signature": {"inputs": [{"name": "input_ids", "dtype": "i64", "shape": ["batch", "seq"]}, cache],
+                              "outputs": [{"name": "logits", "dtype": "f32", "shape": ["batch", 1, 512]}]},
+                "generation": {"kv_layout": "static", "logits": "last", "num_layers": 1, "max_positions": 64,
+                               "tokenizer": "tokenizer.json", "eos_token_id": [0, 3], "prompt_prefix_ids": [0]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(tmp_path)["generation"]["max_positions"] == 64
+    manifest["generation"].update(change)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"manifest.json: generation.*{fragment}"):
+        read_manifest(tmp_path)
+
+
 def test_missing_torch_for_a_state_dict_names_the_install_command(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04")

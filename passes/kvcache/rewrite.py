@@ -50,6 +50,7 @@ import numpy as np
 from graphopt.dtypes import DType
 from graphopt.errors import UserError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, TensorType, Value
+from graphopt.manifest import KV_LAYOUTS
 from graphopt.ops.attention import attention_operands, reads_a_cache, sinks_of
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 from graphopt.builder import Builder
@@ -59,7 +60,7 @@ from graphopt.registry import run_reference
 
 INPUT_IDS, MASK, LOGITS, POSITION_IDS = "input_ids", "attention_mask", "logits", "position_ids"
 PAST_SEQ, TOTAL_SEQ = "past_seq", "past_seq + seq"
-LAYOUTS = ("BNSH", "BSNH", "static", "paged")
+LAYOUTS = KV_LAYOUTS
 # layout -> the backends that run it (None: the pass runs without a backend, e.g. in tests)
 IMPLEMENTED_LAYOUTS = {"BNSH": ("onnxruntime", "tvm", None), "BSNH": ("tvm", None), "static": ("onnxruntime", "tvm", None),
                        "paged": ("onnxruntime", "tvm", None)}
