@@ -89,15 +89,16 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
         if v.is_initializer or v.type is None:
             continue
         a, want = data[v.name], v.type.dtype.np_dtype
+        if a.ndim == 0 or len(a) == 0 or (_embedding_rows(v) is not None and a.size == 0):
+            # (an empty past of a cached decoder is a prefill's; empty token ids are nothing to run)
+            raise UserError(f"--calibration {path}: array {v.name!r} has shape {list(a.shape)}: give samples along "
+                            "its first axis" + (", each of at least one token" if _embedding_rows(v) else ""))
         if a.dtype != want:
             if not (a.dtype.kind in "iu" and np.dtype(want).kind == "i" and a.size
                     and np.iinfo(want).min <= a.min() and a.max() <= np.iinfo(want).max):
                 raise UserError(f"--calibration {path}: array {v.name!r} has dtype {a.dtype}; the model's input is "
                                 f"{v.type}")
             data[v.name] = a = a.astype(want)  # int32 token ids for an int64 input: the same ids
-        if a.size == 0:
-            raise UserError(f"--calibration {path}: array {v.name!r} is empty (shape {list(a.shape)}): give at least "
-                            "one sample of at least one token")
         if v.type.shape is None:
             continue
         shape = list(v.type.shape)
@@ -111,11 +112,11 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
         if rows is not None and context is not None and a.ndim == 2 and a.shape[1] > context:
             raise UserError(f"--calibration {path}: array {v.name!r} has sequences of {a.shape[1]} tokens; "
                             f"the model has {context} positions")
-    counts = {k: len(data[k]) for k in names if data[k].ndim}
+    counts = {k: len(data[k]) for k in names}
     if len(set(counts.values())) > 1:
         raise UserError(f"--calibration {path}: the arrays hold different numbers of samples "
                         f"({', '.join(f'{k}: {n}' for k, n in counts.items())}); give each input the same")
-    n = min(min(counts.values(), default=1), samples)
+    n = min(min(counts.values()), samples)
     return [{k: data[k][i:i + BATCH] for k in names} for i in range(0, n, BATCH)]
 
 

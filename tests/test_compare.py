@@ -707,3 +707,26 @@ def test_artifacts_of_different_models_are_refused(tmp_path):
         graphopt.optimize(tmp_path / f"{name}.onnx", tmp_path / f"out_{name}")
     with pytest.raises(UserError, match="out_b was optimized from .*b.onnx, not .*a.onnx: compare artifacts of one model"):
         compare([str(tmp_path / "out_a"), str(tmp_path / "out_b")])
+
+
+def test_a_training_run_folder_is_its_latest_checkpoint_as_model_or_reference(tmp_path):
+    """optimize names a run's checkpoint in report.json: compare ART --reference RUN is that
+    model (before: refused, "optimized from RUN/checkpoints/step_7, not RUN"), --data reads
+    the checkpoint's tokenizer, and once the run trained on, the artifact is no longer its model."""
+    import graphopt
+
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"
+    run = tmp_path / "run"
+    shutil.copytree(default, run / "checkpoints" / "step_0000007")
+    (run / "checkpoints" / "latest").write_text("step_0000007\n")
+    graphopt.optimize(run, tmp_path / "art", kv_cache=False)
+    r = compare([str(tmp_path / "art")], reference=str(run), seqs=[8], threads=1, timing=QUICK,
+                measure_bandwidth=False, measure_memory=False, data=str(default / "val.txt"), data_tokens=64)
+    art = next(c for c in r["cells"] if c["id"] != "torch/fp32")
+    assert all(res["accuracy"]["max_abs_err"] < 1e-4 for res in art["results"]), art
+    assert art["perplexity"]["perplexity"] == pytest.approx(r["perplexity"]["reference"], rel=1e-4)
+    assert r["model"]["source"].endswith("step_0000007")
+    shutil.copytree(default, run / "checkpoints" / "step_0000009")
+    (run / "checkpoints" / "latest").write_text("step_0000009\n")
+    with pytest.raises(Exception, match=r"optimized from .*step_0000007, not .*step_0000009"):
+        compare([str(tmp_path / "art")], reference=str(run), seqs=[8], threads=1, timing=QUICK)

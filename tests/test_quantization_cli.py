@@ -187,12 +187,17 @@ def test_a_calibration_npz_is_checked_against_the_model_inputs(tmp_path):
     from graphopt.errors import UserError
     from graphopt.ir import Graph, TensorType
 
+    from graphopt.builder import Builder
+
     g = Graph("lm")
-    for name in ("input_ids", "attention_mask"):
-        g.add_input(name, TensorType(DType.INT64, ("batch", "seq")))
+    ids, _ = (g.add_input(name, TensorType(DType.INT64, ("batch", "seq"))) for name in ("input_ids", "attention_mask"))
+    g.outputs = [Builder(g).Gather(g.add_initializer("embedding", np.zeros((16, 4), np.float32)), ids)]
     ones = np.ones((4, 8), np.int64)
     cases = [(dict(input_ids=np.ones((4, 0), np.int64), attention_mask=np.ones((4, 0), np.int64)),
-              r"array 'input_ids' is empty \(shape \[4, 0\]\)"),
+              r"array 'input_ids' has shape \[4, 0\]: give samples along its first axis, each of at least one token"),
+             (dict(input_ids=np.ones((0, 8), np.int32), attention_mask=np.ones((0, 8), np.int64)),
+              r"array 'input_ids' has shape \[0, 8\]: give samples"),
+             (dict(input_ids=np.array(3), attention_mask=np.ones((4, 8), np.int64)), r"array 'input_ids' has shape \[\]"),
              (dict(input_ids=ones.astype(bool), attention_mask=ones), "array 'input_ids' has dtype bool; the model's input is i64"),
              (dict(input_ids=ones, attention_mask=ones[:3]), r"the arrays hold different numbers of samples \(input_ids: 4, attention_mask: 3\)")]
     for arrays, message in cases:
@@ -202,6 +207,11 @@ def test_a_calibration_npz_is_checked_against_the_model_inputs(tmp_path):
     np.savez(tmp_path / "cal.npz", input_ids=ones.astype(np.int32), attention_mask=ones)
     feeds = load_calibration(tmp_path / "cal.npz", None, g)
     assert feeds[0]["input_ids"].dtype == np.int64 and sum(len(f["input_ids"]) for f in feeds) == 4
+    # a cached decoder's prefill sample: an empty past is a valid one
+    g.add_input("past_key_values.0.key", TensorType(DType.FLOAT32, ("batch", 2, "past_seq", 8)))
+    np.savez(tmp_path / "cal.npz", input_ids=ones, attention_mask=ones,
+             **{"past_key_values.0.key": np.zeros((4, 2, 0, 8), np.float32)})
+    assert load_calibration(tmp_path / "cal.npz", None, g)[0]["past_key_values.0.key"].shape == (4, 2, 0, 8)
 
 
 def test_no_default_calibration_is_said_before_the_model_loads(tmp_path, monkeypatch):

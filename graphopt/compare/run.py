@@ -14,6 +14,7 @@ from graphopt.compare import variants as V
 from graphopt.compare import decoding, memory
 from graphopt.compare.timing import TimingSettings, describe, percentiles, time_interleaved
 from graphopt.errors import UserError
+from graphopt.frontends.training import is_run_folder
 from graphopt.manifest import read_manifest
 from graphopt.calibration import model_tokenizer as text_tokenizer
 from graphopt.compare.accuracy import compare_outputs, perplexity, text_windows
@@ -22,6 +23,7 @@ from graphopt.compare.reference import artifact_source, load_reference
 from graphopt.dtypes import DType
 from graphopt.ir import Graph, TensorType
 from graphopt.sample_inputs import index_bound, sample_inputs
+from graphopt.train.checkpoint import resolve_checkpoint
 
 REPORT_FORMAT = "graphopt-compare"
 REPORT_VERSION = 1
@@ -81,6 +83,8 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
     if reference is not None and not Path(reference).exists():
         raise UserError(f"--reference {reference}: no such file or folder")
     source = reference or (artifact_source(artifacts[0]) if artifacts else models[0])
+    if source is not None and is_run_folder(Path(source)):
+        source = str(resolve_checkpoint(source))  # its latest checkpoint: what optimize reads and names
     if source is not None:  # accuracy is against one model: artifacts of another would be compared with it silently
         other = next(((a, s) for a in artifacts for s in [artifact_source(a)]
                       if s is not None and Path(s).resolve() != Path(source).resolve()), None)
@@ -98,8 +102,10 @@ def compare(models: list[str], *, backends: list[str] | None = None, variants: l
             raise UserError(f"--data {data}: no such text file")
         try:  # not text: said now, as eval says it (read with replacement characters, it got a perplexity)
             Path(data).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError) as e:
+        except UnicodeDecodeError as e:
             raise UserError(f"--data {data}: not a UTF-8 text file ({e})") from None
+        except OSError as e:
+            raise UserError(f"--data {data}: cannot be read ({e.strerror or e})") from None
         if not (Path(source) / "tokenizer.json").is_file():
             raise UserError(f"--data needs the model's tokenizer.json to score text; there is none in {source}")
         text_tokenizer(Path(source), data, option="--data")  # a corrupt tokenizer.json fails now, not after the timing
