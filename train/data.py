@@ -114,8 +114,9 @@ def sources_digest(root: Path, cfg: DataConfig) -> str:
     return digest.hexdigest()
 
 
-def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
-    """Reads, cleans and exactly de-duplicates documents; tags each one train or val."""
+def collect_documents(root: Path, cfg: DataConfig, progress=None, say_left_out: bool = False) -> list[dict]:
+    """Reads, cleans and exactly de-duplicates documents; tags each one train or val. What
+    is left out is said when there is progress to show, or `say_left_out`."""
     seen, docs = set(), []
     dropped: dict[str, int] = {}  # why a document was left out -> how many
     files = find_text_files(root, cfg)
@@ -134,7 +135,8 @@ def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
         # One file given as the corpus is cut into documents, so it has a validation split.
         for text in split_paragraphs(text, DOC_CHARS) if Path(root).is_file() else [text]:
             key = hashlib.sha256(text.encode()).hexdigest()
-            why = (f"shorter than {cfg.min_chars} characters" if len(text) < cfg.min_chars else
+            why = ("empty" if not text.strip() else
+                   f"shorter than {cfg.min_chars} characters" if len(text) < cfg.min_chars else
                    "binary (a NUL byte)" if "\x00" in text else
                    f"holds the document separator {EOS}" if EOS in text else
                    f"a line over {cfg.max_line_chars} characters"
@@ -153,7 +155,7 @@ def collect_documents(root: Path, cfg: DataConfig, progress=None) -> list[dict]:
     if cfg.val_fraction > 0 and (len(docs) < 2 or not any(d["split"] == "train" for d in docs)):
         raise UserError(f"--data {root}: too few documents ({len(docs)}) to hold out a validation split"
                         + (f"; left out: {left_out}" if left_out else ""))
-    if dropped and progress:
+    if dropped and (progress or say_left_out):
         notes.note(f"--data {root}: {len(docs)} documents; left out: {left_out}")
     if cfg.val_fraction > 0 and not any(d["split"] == "val" for d in docs):
         # Tiny corpora: move one document so that validation is never empty.

@@ -35,11 +35,11 @@ def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]
     if data.is_file():
         return read_val_text(data), str(data)
     # Every text file is scored: not the training cleaner's length rules (a prose paragraph is
-    # one long line) nor its excluded test folders; what is left out (binary, not UTF-8,
-    # duplicates) is said.
+    # one long line) nor its excluded test folders, but not the installed packages of a Python
+    # tree either; what is left out (binary, not UTF-8, duplicates) is said.
     cfg = DataConfig(val_fraction=0.0, suffixes=TEXT_SUFFIXES, min_chars=1, max_line_chars=sys.maxsize,
-                     exclude_dirs=("__pycache__",))
-    docs = collect_documents(data, cfg, progress=lambda *_: None)
+                     exclude_dirs=("__pycache__", "site-packages", "dist-packages"))
+    docs = collect_documents(data, cfg, say_left_out=True)
     return [d["text"] for d in docs], str(data)
 
 

@@ -115,10 +115,13 @@ def test_eval_on_a_folder_scores_every_text_file_and_says_what_it_left_out(tiny_
     (folder / "c.txt").write_text("a short note\n")
     (folder / "tests" / "d.py").write_text("assert 1 + 1 == 2\n")
     (folder / "e.txt").write_bytes(b"\x00\x01binary")
+    (folder / "f.txt").write_text("\n")
+    (folder / "site-packages").mkdir()  # a Python tree's installed packages are not its text
+    (folder / "site-packages" / "g.py").write_text("import os\n")
     result = _run("eval", tiny_run, "--data", folder, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["documents"] == 4
-    assert "left out: 1 binary (a NUL byte)" in result.stderr
+    assert "left out: 1 binary (a NUL byte), 1 empty" in result.stderr
 
 
 def test_generate_greedy_is_deterministic_and_sampling_follows_the_seed(tiny_run):
