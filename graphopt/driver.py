@@ -249,6 +249,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         except Exception as e:
             raise UserError(f"{graph.metadata.source or 'model'}: the imported graph does not verify: {e}") from None
     if inputs is not None:
+        # sample ids lie in [0, size) (a pass may index with them): before the run's own [-size, size)
+        check_index_ranges(graph, {k: np.asarray(a) for k, a in inputs.items()})
         try:
             inputs = check_feeds(graph, inputs)
         except UserError as e:
@@ -258,7 +260,6 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 raise UserError(f"--inputs: input {name!r} is empty (shape {list(array.shape)}); give at least one sample")
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise UserError(f"--inputs: input {name!r} holds NaN or infinity; --check-numerics compares finite results")
-        check_index_ranges(graph, inputs)
     before = summarize(graph)
 
     ctx = PassContext(target=target, hints={"backend": backend, "progress": progress})

@@ -2,7 +2,8 @@
 
 Core ops run on ONNX's reference kernels (`onnx.reference`), graphopt ops on their
 reference implementations in the registry. It is slow and obviously correct: the oracle
-every pass is checked against.
+every pass is checked against. Feeds are checked against a graph's signature
+(`graphopt.ir.signature`) by `check_signature_feeds`, which `Artifact.run` uses on a manifest's.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def check_signature_feeds(sig: dict, feeds: dict[str, np.ndarray],
     out, bound = {}, {}
     for e in sig["inputs"]:
         if e["name"] not in feeds:
-            raise UserError(f"missing input {e['name']!r}")
+            shape = "" if e["shape"] is None else f"[{', '.join(map(str, e['shape']))}]"
+            raise UserError(f"missing input {e['name']!r} ({e['dtype']}{shape})")
         a = np.asarray(feeds[e["name"]])
         want = DType.from_short(e["dtype"]).np_dtype
         if a.dtype != want:
@@ -54,7 +56,6 @@ def check_signature_feeds(sig: dict, feeds: dict[str, np.ndarray],
                 raise UserError(f"input {e['name']!r} has shape {list(out[e['name']].shape)}: its dimension {axis} "
                                 f"is {d} = {want} here")
     return out
-
 
 
 def check_feeds(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

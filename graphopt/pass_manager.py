@@ -430,9 +430,10 @@ class PassManager:
             feeds = self.sample_inputs if self.sample_inputs is not None else sample_inputs(graph)
             try:
                 reference = interpret(graph, feeds, keep_all=True)
-            except RuntimeError as e:  # before any pass: the inputs (or the model), not a pass
-                made = "" if self.sample_inputs is not None else " graphopt made"
-                raise UserError(f"check-numerics: the model does not run on the sample inputs{made}, before any "
+            except RuntimeError as e:  # before any pass: the given inputs (or the model), not a pass
+                if self.sample_inputs is None:
+                    raise  # inputs graphopt made: its own failure
+                raise UserError(f"check-numerics: the model does not run on the sample inputs, before any "
                                 f"pass ran: {e}; give inputs it runs on (--inputs FILE.npz)") from None
         for entry in self.entries:
             p = entry.instantiate()

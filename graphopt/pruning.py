@@ -34,6 +34,8 @@ def prune_pipeline(spec: str) -> str:
         key, eq, value = (s.strip() for s in item.partition("="))
         if not eq or not key or not value:
             raise UserError(f"--prune {spec!r}: expected KEY=VALUE items, e.g. heads=0.25,mlp=0.5")
+        if key in ratios or key in shared:
+            raise UserError(f"--prune {spec!r}: {key} given twice; give it once")
         if key in STRUCTURED:
             ratios[key] = value
         elif key in SHARED:

@@ -217,8 +217,9 @@ def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_h
 
 
 def test_eval_of_an_artifact_without_logits_says_perplexity_needs_a_decoder(tmp_path):
-    """Before: "missing input 'token_type_ids'" for a BERT artifact, as if the user's mistake
-    were a feed; now what eval measures and what measures an encoder."""
+    """An artifact without logits (an encoder's, here an MLP's): before, eval failed on a feed
+    it made (a BERT artifact: "missing input 'token_type_ids'"); now it says what it measures
+    and what measures an encoder."""
     graphopt.optimize(EXAMPLE, tmp_path / "mlp")
     r = invoke("eval", tmp_path / "mlp", "--data", EXAMPLE)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output

@@ -221,7 +221,7 @@ CASES = {
     "pass-option-zero-rounds": ("optimize {EX} -o {W}/out -q --passes simplify-shapes{{max-rounds=0}}",
                                 "simplify-shapes: max-rounds must be 1 or more, not 0"),
     "ids-out-of-vocab": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_high.npz",
-                         "index 10 is outside [-10, 10)"),
+                         "holds id 10, outside [0, 10)"),
     "ids-negative": ("optimize {B}/gather.onnx -o {W}/out -q --check-numerics --inputs {B}/ids_negative.npz",
                      "holds id -3"),
     # optimize: -o that would destroy something

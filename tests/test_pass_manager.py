@@ -256,7 +256,7 @@ def test_sample_inputs_of_a_cached_decoder_cover_the_past_and_the_new_tokens(tot
 
 
 def test_sample_inputs_of_a_static_cache_bind_the_mask_to_past_plus_new_tokens():
-    """A static (or paged) cache's buffer says nothing of the past's length: the mask's
+    """A static cache's buffer says nothing of the past's length: the mask's
     "past_seq + seq" is still the sum of its terms (before: 4, shorter than the 8 new tokens)."""
     from graphopt.sample_inputs import sample_inputs
 

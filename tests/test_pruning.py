@@ -750,6 +750,8 @@ def test_prune_pipeline_spells_the_passes():
     ("importance=wanda", "say what to prune"),
     ("mlp=1.5", "--prune mlp=1.5: prune-mlp: ratio must be in [0, 1)"),
     ("mlp=0.5,importance=taylor", "importance=taylor needs gradients"),
+    ("heads=0.25,heads=0.5", "heads given twice; give it once"),
+    ("mlp=0.5,importance=wanda,importance=magnitude", "importance given twice"),
 ])
 def test_bad_prune_specs_are_one_line_exit_2_and_nothing_written(spec, message, tmp_path):
     from click.testing import CliRunner
