@@ -41,6 +41,18 @@ def resolve_checkpoint(path) -> Path:
     raise UserError(f"{path}: not a checkpoint (no config.json) and not a run folder (no checkpoints/latest)")
 
 
+def _is_hf_config(d) -> bool:
+    return isinstance(d, dict) and ("model_type" in d or "architectures" in d)
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """Whether `folder` holds a Hugging Face model's config.json (not a graphopt.train checkpoint)."""
+    try:
+        return _is_hf_config(json.loads((Path(folder) / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     try:
@@ -48,7 +60,7 @@ def read_config(folder: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read checkpoint config ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
-        hf = isinstance(d, dict) and ("model_type" in d or "architectures" in d)
+        hf = _is_hf_config(d)
         raise UserError(f"{path}: not a graphopt.train checkpoint config (no 'model' section)"
                         + ("; a Hugging Face folder" if hf else ""))
     return d

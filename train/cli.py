@@ -137,14 +137,6 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
     click.echo(f"checkpoint: {folder}")
 
 
-def _is_hf_folder(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
-
-
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
@@ -170,11 +162,12 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
     """
     from dataclasses import asdict
 
+    from .checkpoint import is_hf_folder
     from .evaluate import evaluate_artifact, evaluate_checkpoint
 
     if (Path(checkpoint) / "manifest.json").is_file():
         result, source = evaluate_artifact(checkpoint, data, batch_size, max_tokens)
-    elif _is_hf_folder(Path(checkpoint)):
+    elif is_hf_folder(Path(checkpoint)):
         raise UserError(f"{checkpoint}: a Hugging Face folder; eval scores graphopt.train checkpoints and artifacts: "
                         f"graphopt optimize {checkpoint} -o OUT --logits all, then graphopt eval OUT --data TEXT")
     else:
