@@ -44,7 +44,8 @@ def load_calibration(path: str | Path | None, model: str | Path | None, graph: G
     seq_len = window_len(folder)
     n_windows = len(ids) // seq_len
     if n_windows == 0:
-        raise UserError(f"--calibration {source}: {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise UserError(f"--calibration {source}: {len(ids)} token{'' if len(ids) == 1 else 's'}, fewer than one "
+                        f"window of {seq_len}")
     picks = np.linspace(0, n_windows - 1, min(samples, n_windows)).astype(int)  # spread over the corpus
     rows = np.stack([ids[i * seq_len:(i + 1) * seq_len] for i in picks])
     names = [v.name for v in graph.inputs if not v.is_initializer]
