@@ -28,7 +28,7 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph, signature  # noqa: F401  (signature: part of the artifact API)
 from graphopt import __version__
 from graphopt.dtypes import DType
-from graphopt.generation import Generator, encode_prompts, load_tokenizer
+from graphopt.generation import Generator, generate_text
 from graphopt.interpreter import check_signature_feeds
 from graphopt.passes.kvcache.rewrite import PAST_SEQ, TOTAL_SEQ
 from graphopt.manifest import (  # noqa: F401  (the manifest format: part of the artifact API)
@@ -109,23 +109,15 @@ class Artifact:
         or token ids, one list or a batch) on this artifact's backend; returns a
         `graphopt.generation.GenerationResult` (tokens, texts, time to first token, decode
         tokens/s). Options: temperature, top_k, top_p, seed, eos_token_id, on_tokens."""
-        gen = Generator.for_artifact(self)
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and all(isinstance(p, str) for p in prompts)):
-            texts = [prompts] if isinstance(prompts, str) else list(prompts)
-            tok = load_tokenizer(self.path)
-            ids, allowed, healed = encode_prompts(self, tok, texts)
-            result = gen.generate(ids, max_new_tokens, allowed_first=allowed, **options)
-            result.texts = [_strip_prefix(tok.decode(t), h) for t, h in zip(result.tokens, healed)]
-            return result
-        return gen.generate(prompts, max_new_tokens, **options)
+            # each row's text as it reads after its prompt (a SentencePiece decoder keeps the space)
+            return generate_text(self, [prompts] if isinstance(prompts, str) else list(prompts), max_new_tokens,
+                                 **options)
+        return Generator.for_artifact(self).generate(prompts, max_new_tokens, **options)
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, backend={self.backend!r}, target={self.manifest['target']!r})"
-
-
-def _strip_prefix(text: str, prefix: str) -> str:
-    return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:

@@ -20,10 +20,12 @@ from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 GENAI_CONFIG = "genai_config.json"
 GENAI_LAYOUTS = ("BNSH", "static")  # genai's caches: [batch, kv_heads, seq, head], growing or shared
 TOKENIZER_CONFIG = "tokenizer_config.json"
-# genai runs every decoder-only type through the same pipeline; these are the ones it knows
-# that graphopt's frontends produce. Any other decoder is declared "llama", whose pipeline
-# needs nothing but the I/O names the config lists.
-GENAI_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "olmo")
+# genai runs these decoder-only types through one pipeline (DecoderOnly), which feeds a key
+# and a value cache per layer under the names the config lists: the I/O graphopt writes
+# (past_key_values.%d.key|value). Any other family is declared "llama", the same pipeline.
+# Not "gpt2": genai runs that type through its legacy class, which feeds one combined
+# `past_%d` cache per layer and fails on graphopt's artifacts ("Model input was not found").
+GENAI_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "olmo")
 
 
 def genai_unsupported(graph: Graph, manifest: dict) -> str | None:
@@ -50,15 +52,17 @@ def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dic
     kv_heads, head = int(past[1]), int(past[3])
     attention = next(n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type == "Attention")
     num_heads = int(attention.attr("num_heads"))
-    vocab = int(sig["outputs"][0]["shape"][-1])
     context = int(gen["max_positions"])
-    # graphopt.train: <|endoftext|> ends a document and starts the next; Hugging Face: the config's
-    eos = gen.get("eos_token_id")
+    vocab = int(sig["outputs"][0]["shape"][-1])
+    # graphopt.train: <|endoftext|> ends a document and starts the next; Hugging Face: the config's,
+    # one id or several (genai stops at any of a list, as transformers does). genai refuses an id
+    # past the vocabulary (a small model keeping GPT-2's 50256): never sampled, it is left out.
+    listed = gen.get("eos_token_id")
+    eos = [t for t in (listed if isinstance(listed, list) else [listed]) if isinstance(t, int) and 0 <= t < vocab]
     hf = model_config if isinstance(model_config, dict) and "model_type" in model_config else {}
-    bos = hf.get("bos_token_id", (gen.get("prompt_prefix_ids") or [eos])[0])
+    bos = hf.get("bos_token_id", (gen.get("prompt_prefix_ids") or eos or [None])[0])
     pad = hf.get("pad_token_id")
     arch = str(hf.get("model_type") or (model_config or {}).get("model", {}).get("arch", ""))
-    model_type = arch if arch in GENAI_TYPES else ("gpt2" if arch == "gpt" else "llama")
     return {
         "model": {
             "bos_token_id": bos if bos is not None else -1,
@@ -76,9 +80,9 @@ def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dic
                 "num_hidden_layers": int(gen["num_layers"]),
                 "num_key_value_heads": kv_heads,
             },
-            "eos_token_id": eos if eos is not None else -1,  # -1: no token stops it
-            "pad_token_id": pad if pad is not None else (eos if eos is not None else 0),
-            "type": model_type,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,  # []: no token stops it (genai refuses -1)
+            "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
+            "type": genai_type(arch, inputs),
             "vocab_size": vocab,
         },
         "search": {  # greedy, as `graphopt generate` defaults to; a caller sets its own options
@@ -88,6 +92,16 @@ def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dic
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+
+
+def genai_type(arch: str, inputs: dict) -> str:
+    """genai's model type for a decoder of family `arch` whose inputs are `inputs` (by name). The
+    type chooses genai's pipeline, and that pipeline must feed the artifact's cache inputs: a
+    key and a value per layer (`past_key_values.%d.key|value`, what rewrite-kv-cache writes)
+    run in the DecoderOnly pipeline, under the family's own type where genai knows it."""
+    if "past_key_values.0.key" not in inputs or "past_key_values.0.value" not in inputs:
+        raise ValueError("genai_config.json describes artifacts with past_key_values.%d.key|value inputs")
+    return arch if arch in GENAI_TYPES else "llama"
 
 
 def tokenizer_config(tokenizer_json: Path, manifest: dict) -> dict:
@@ -100,6 +114,7 @@ def tokenizer_config(tokenizer_json: Path, manifest: dict) -> dict:
         added = []  # not a tokenizer this can read: genai's own loader will say so
     gen = manifest["generation"]
     eos = gen.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos  # the end of text, the first of several
     special = next((t.get("content") for t in added if isinstance(t, dict) and eos is not None and t.get("id") == eos),
                    None)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(gen["max_positions"]),

@@ -11,9 +11,10 @@ and the tokenizer beside the model. `Generator` drives it:
     result.tokens, result.ttft_s, result.decode_tokens_per_s
 
 Greedy (temperature 0) or sampled with temperature, top-k and top-p from a seeded numpy
-generator; stops at EOS (per row) or after `max_new_tokens`; `on_tokens(step, ids)` is
-called with each step's new ids (streaming). `generate_text` does the same from and to text
-with the tokenizer.
+generator; stops at any of the model's EOS ids (per row) or after `max_new_tokens`;
+`on_tokens(step, ids)` is called with each step's new ids (streaming). `generate_text` does
+the same from and to text with the tokenizer beside the model, and `TextStream` turns one
+row's new ids into text as they come (also for `graphopt generate` on eager torch).
 """
 from __future__ import annotations
 
@@ -33,9 +34,13 @@ from graphopt.passes.kvcache.last_token import META_LOGITS
 from graphopt.passes.kvcache.rewrite import (BLOCK_TABLE, META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS,
                                              META_RECOMPUTE_AT)
 
-# Tokenizer files copied beside a generation-ready artifact when the model folder has them.
+# Tokenizer files copied beside a generation-ready artifact when the model folder has them:
+# tokenizer.json (tokenizers, onnxruntime-genai) and what transformers' tokenizer classes read
+# besides (a SentencePiece model, a chat template saved on its own, added tokens).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+DEFAULT_NEW_TOKENS = 200  # `graphopt generate` without --max-new-tokens (capped to what the context leaves)
 TRAINING_EOS = "<|endoftext|>"  # graphopt.train's one special token (documents start after it)
 
 
@@ -134,10 +139,11 @@ class BlockTable:
 class Generator:
     """Prefill + decode over `run(feeds) -> outputs` (an artifact's, or any backend's)."""
 
-    def __init__(self, run: Callable[[dict], dict], spec: CacheSpec, *, eos_token_id: int | None = None,
+    def __init__(self, run: Callable[[dict], dict], spec: CacheSpec, *, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int = 0, num_blocks: int | None = None, vocab_size: int | None = None):
         self.run, self.spec = run, spec
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.eos_ids = eos_ids(eos_token_id)  # generation stops at any of them
         self.vocab_size = vocab_size  # prompts' ids are checked against it (None: not checked)
         self.num_blocks = num_blocks  # paged: the pool's size (None: what each request needs)
 
@@ -166,10 +172,12 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int = 32, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 eos_token_id: int | None = None, allowed_first: np.ndarray | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, allowed_first: np.ndarray | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
         """Continue each prompt (token ids; one prompt or a batch, left-padded here).
-        `allowed_first` ([batch, vocab] bool) restricts the first new token (token healing)."""
+        `eos_token_id`: the id or ids a row stops at (None: the model's; -1: none).
+        `allowed_first` ([batch, vocab] bool) restricts the first new token (token healing).
+        `on_tokens(step, ids)` gets every row's id, a finished row's as its first EOS id."""
         prompts = token_prompts(prompts, self.vocab_size)
         _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         longest = max(len(p) for p in prompts)
@@ -177,7 +185,7 @@ class Generator:
         if limit and longest + max_new_tokens - 1 > limit:
             raise UserError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens needs "
                             f"{longest + max_new_tokens - 1} positions; the model has {limit}")
-        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        eos = self.eos_ids if eos_token_id is None else eos_ids(eos_token_id)
         batch = len(prompts)
         ids = np.full((batch, longest), self.pad_token_id, np.int64)
         mask = np.zeros((batch, longest), self.spec.mask_dtype)
@@ -206,13 +214,13 @@ class Generator:
             if step == 0 and allowed_first is not None:
                 logits = np.where(allowed_first, logits, -np.inf)
             nxt = np.array([sample(row, temperature, top_k, top_p, rng) for row in logits], np.int64)
-            if eos is not None:
-                nxt = np.where(done, eos, nxt)
+            if eos:
+                nxt = np.where(done, eos[0], nxt)
             fresh = []
             for r in range(batch):
                 if done[r]:
                     continue
-                if eos is not None and nxt[r] == eos:
+                if int(nxt[r]) in eos:
                     done[r] = True
                     continue
                 new[r].append(int(nxt[r]))
@@ -244,6 +252,103 @@ class Generator:
                 feeds[BLOCK_TABLE] = blocks.cover(mask.shape[1])
         decode = time.perf_counter() - t0 - ttft
         return GenerationResult(new, ttft, decode, decode_tokens, steps)
+
+    def generate_text(self, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+                      healed: Sequence[str] | None = None, on_text: Callable[[int, str], None] | None = None,
+                      **options) -> GenerationResult:
+        """`generate` over encoded prompts (`encode_prompts`' ids and healed texts), with each
+        row's new text: `result.texts`, and `on_text(row, piece)` after every step with the text
+        that step made certain ("" when none). Options: those of `generate`."""
+        stop = self.eos_ids if options.get("eos_token_id") is None else eos_ids(options["eos_token_id"])
+        streams = [TextStream(tokenizer, p, h) for p, h in zip(prompts, healed or [""] * len(prompts))]
+        finished = [False] * len(streams)
+        user_on_tokens = options.pop("on_tokens", None)
+
+        def on_tokens(step: int, ids: list[int]) -> None:
+            for r, (stream, t) in enumerate(zip(streams, ids)):
+                finished[r] = finished[r] or t in stop
+                piece = "" if finished[r] else stream.put([t])
+                if on_text is not None:
+                    on_text(r, piece)
+            if user_on_tokens is not None:
+                user_on_tokens(step, ids)
+
+        result = self.generate(prompts, max_new_tokens, on_tokens=on_tokens, **options)
+        for r, stream in enumerate(streams):
+            piece = stream.end()
+            if on_text is not None and piece:
+                on_text(r, piece)
+        result.texts = [s.shown for s in streams]
+        return result
+
+
+class TextStream:
+    """One row's new text as its ids come: decode(context + new) past decode(context), so that
+    the new ids are read where they stand (a SentencePiece decoder, Metaspace, drops the leading
+    space of a sequence's first token: decoded alone, "▁imp" after "the value of" loses its
+    space). `skip` is text the printed prompt already shows (what token healing took back).
+    `put` returns only text that later ids cannot change: a character split over tokens (a
+    trailing U+FFFD) waits for its last byte; `end` gives the rest, without a character the
+    last token only began."""
+
+    def __init__(self, tokenizer, context: Sequence[int], skip: str = ""):
+        self.tokenizer, self.context, self.skip = tokenizer, [int(t) for t in context], skip
+        self.head = tokenizer.decode(self.context)
+        self.ids: list[int] = []
+        self.shown = ""  # the text handed out so far
+
+    def text(self) -> str:
+        """The new text so far (may end in U+FFFD: a character not yet complete)."""
+        whole = self.tokenizer.decode(self.context + self.ids)
+        # a decoder that rewrites the context's text with what follows it: the new ids alone
+        text = whole[len(self.head):] if whole.startswith(self.head) else self.tokenizer.decode(self.ids)
+        return text[len(self.skip):] if self.skip and text.startswith(self.skip) else text
+
+    def put(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(t) for t in ids)
+        text = self.text()
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def end(self) -> str:
+        text = self.text().rstrip("\ufffd")
+        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown += piece
+        return piece
+
+
+def eos_ids(value) -> tuple[int, ...]:
+    """The EOS ids a manifest, a config or a caller gives: one id (older manifests, most
+    configs), a list (Llama-3-Instruct, Qwen2-Instruct: end of text and end of turn) or None."""
+    if value is None:
+        return ()
+    if _is_int(value):
+        return (int(value),)
+    if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
+        return tuple(int(v) for v in value)
+    raise UserError(f"eos_token_id {value!r}: a token id or a list of token ids")
+
+
+def fit_new_tokens(prompt_tokens: int, context: int | None, requested: int | None, where) -> tuple[int, str | None]:
+    """(new tokens, a note to print or None) for `graphopt generate`: a prompt of p tokens and n
+    new ones need p + n - 1 positions (the last new token is never fed back). Without
+    --max-new-tokens (`requested` None) the default is capped to what the context leaves."""
+    room = context - prompt_tokens + 1 if context else None
+    if room is not None and room < 1:
+        raise UserError(f"{where}: the prompt ({prompt_tokens} tokens) needs more positions than the model has "
+                        f"({context}); shorten --prompt")
+    if requested is None:
+        if room is not None and room < DEFAULT_NEW_TOKENS:
+            return room, (f"--max-new-tokens {room}: what the model's {context} positions leave after the "
+                          f"prompt's {prompt_tokens} tokens")
+        return DEFAULT_NEW_TOKENS, None
+    if room is not None and requested > room:
+        raise UserError(f"{where}: the prompt ({prompt_tokens} tokens) and --max-new-tokens {requested} need "
+                        f"{prompt_tokens + requested - 1} positions; the model has {context} (give "
+                        f"--max-new-tokens {room} or less)")
+    return requested, None
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
@@ -376,6 +481,16 @@ def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | 
     return ids, (np.stack(masks) if heal else None), healed
 
 
+def generate_text(artifact, prompts: Sequence[str], max_new_tokens: int = 32, **options) -> GenerationResult:
+    """`Artifact.generate` on text: the prompts encoded with the tokenizer beside the model, and
+    `result.texts` each row's new text as it reads after its prompt. Options: `Generator.generate`'s
+    and `on_text(row, piece)` (streaming)."""
+    tok = load_tokenizer(artifact.path)
+    ids, allowed, healed = encode_prompts(artifact, tok, prompts)
+    return Generator.for_artifact(artifact).generate_text(tok, ids, max_new_tokens, healed=healed,
+                                                          allowed_first=allowed, **options)
+
+
 def check_ids_fit(ids, vocab, where) -> None:
     """A prompt token past the model's vocabulary (a tokenizer that is not the model's) is a
     one-line error, not an out-of-bounds read (TVM's embedding lookup does not check)."""
@@ -404,13 +519,18 @@ def generation_manifest(graph, model_path) -> dict | None:
             if eos is not None:
                 section.update(eos_token_id=eos, prompt_prefix_ids=[eos], token_healing=True)
     if "eos_token_id" not in section and isinstance(config, dict):
-        gen_cfg = _read_json(folder / "generation_config.json") or {}
-        eos = gen_cfg.get("eos_token_id", config.get("eos_token_id"))
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if isinstance(eos, int):
-            section["eos_token_id"] = eos
+        eos = model_eos_ids(folder, config)
+        if eos:  # one id as an int (as manifests always had it), several as a list
+            section["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
     return section
+
+
+def model_eos_ids(folder: Path, config: dict) -> tuple[int, ...]:
+    """Every EOS id of a Hugging Face folder, as transformers reads them: generation_config.json's,
+    else config.json's (one id or a list; an entry that is not an id is ignored)."""
+    gen_cfg = _read_json(folder / "generation_config.json")
+    eos = (gen_cfg if isinstance(gen_cfg, dict) and "eos_token_id" in gen_cfg else config).get("eos_token_id")
+    return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]) if _is_int(t))
 
 
 def copy_tokenizer(model_path, outdir: Path) -> list[str]:

@@ -27,7 +27,8 @@ _BACKENDS = {"auto": None, "torch": "torch", "ort": "onnxruntime", "onnxruntime"
               help="Text to continue; repeat it for a batch (left-padded, artifacts only).")
 @click.option("--backend", type=click.Choice(list(_BACKENDS)), default="auto", show_default=True,
               help="torch for a checkpoint; an artifact runs on the backend it was built for.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="New tokens at most  [default: 200, or what the model's context leaves after the prompt]")
 @click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k filter.")
 @click.option("--top-p", type=FiniteFloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
@@ -54,28 +55,31 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
     if (model / "manifest.json").is_file():
         _generate_artifact(model, list(prompts), wanted, max_new_tokens, temperature, top_k, top_p, seed, threads)
         return
-    if wanted not in (None, "torch"):
-        raise UserError(f"{model}: a checkpoint runs on torch; for --backend {backend}, optimize it first "
-                        f"(graphopt optimize {model} -o OUT --backend {backend}) and generate from OUT")
-    if len(prompts) > 1:
-        raise UserError(f"{model}: a checkpoint takes one --prompt (a batch of prompts needs an artifact)")
     from graphopt.frontends.huggingface import is_hf_config  # here: the IR's import is not paid by --help
-    from graphopt.generation import model_config
+    from graphopt.generation import DEFAULT_NEW_TOKENS, model_config
 
     config = model_config(model) if model.is_dir() else None
-    if config is not None and is_hf_config(config):
+    hf = config is not None and is_hf_config(config)
+    what = "a Hugging Face folder" if hf else "a checkpoint"
+    if wanted not in (None, "torch"):
+        raise UserError(f"{model}: {what} runs on torch; for --backend {backend}, optimize it first "
+                        f"(graphopt optimize {model} -o OUT --backend {backend}) and generate from OUT")
+    if len(prompts) > 1:
+        raise UserError(f"{model}: {what} takes one --prompt on torch; for a batch of prompts, optimize it first "
+                        f"(graphopt optimize {model} -o OUT) and generate from OUT")
+    if hf:
         _generate_hf(model, config, prompts[0], max_new_tokens, temperature, top_k, top_p, seed)
         return
-    _generate_checkpoint(model, prompts[0], max_new_tokens, temperature, top_k, top_p, seed)
+    _generate_checkpoint(model, prompts[0], max_new_tokens or DEFAULT_NEW_TOKENS, temperature, top_k, top_p, seed)
 
 
 def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):
     """A Hugging Face folder on eager PyTorch: its `generate` (KV cache, greedy or sampled),
-    the text streamed as it comes."""
+    stopping at any of its EOS ids, the text streamed as it comes."""
     import torch
 
     from graphopt.frontends.huggingface import _max_positions, load_hf_module
-    from graphopt.generation import check_ids_fit, load_tokenizer
+    from graphopt.generation import TextStream, check_ids_fit, fit_new_tokens, load_tokenizer, model_eos_ids
 
     tok = load_tokenizer(folder, hint="copy the model's tokenizer.json there, or optimize the folder (graphopt "
                                       "optimize) and generate from token ids with graphopt.load(OUT).generate([[ids...]])")
@@ -86,48 +90,60 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     if not ids:
         raise UserError("--prompt encodes to no tokens")
     check_ids_fit(ids, getattr(model.config, "vocab_size", None), folder)
-    context = _max_positions(model.config)
-    if context is not None and len(ids) + max_new_tokens > context:
-        raise UserError(f"{folder}: the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
-                        f"{len(ids) + max_new_tokens} positions; the model has {context}")
-    printed: list[str] = []
+    max_new_tokens, note = fit_new_tokens(len(ids), _max_positions(model.config), max_new_tokens, folder)
+    if note:
+        click.echo(note, err=True)
+    eos = model_eos_ids(folder, config)
+    text = TextStream(tok, ids)
     new: list[int] = []
     first: list[float] = []
     seen_prompt: list[bool] = []
+    stopped = False
 
     class Stream:  # transformers' streamer protocol: put(token ids), the prompt first; end()
         def put(self, value):
+            nonlocal stopped
             if not seen_prompt:
                 seen_prompt.append(True)
                 return
             if not first:
                 first.append(time.perf_counter() - t0)
                 sys.stdout.write(prompt)
-            new.extend(int(t) for t in value.reshape(-1))
-            text = tok.decode(new)
-            sys.stdout.write(text[len("".join(printed)):])
+            token = int(value.reshape(-1)[0])
+            if token in eos or stopped:  # the EOS ends the text (not printed), as on an artifact
+                stopped = True
+                return
+            new.append(token)
+            sys.stdout.write(text.put([token]))
             sys.stdout.flush()
-            printed[:] = [text]
 
         def end(self):
             pass
 
     torch.manual_seed(seed)
-    pad = next((t for t in (config.get("pad_token_id"), config.get("eos_token_id")) if t is not None), 0)
-    pad = pad[0] if isinstance(pad, list) and pad else pad  # eos may be a list of ids
+    pad = next((t for t in (config.get("pad_token_id"), eos[0] if eos else None) if t is not None), 0)
     sample = temperature > 0
     options = dict(do_sample=sample, temperature=temperature if sample else None, top_k=top_k if sample else None,
                    top_p=top_p if sample else None)
+    if eos:
+        options["eos_token_id"] = list(eos)
     t0 = time.perf_counter()
     with torch.no_grad():
         model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
                        max_new_tokens=max_new_tokens, streamer=Stream(), pad_token_id=pad, **options)
     total = time.perf_counter() - t0
-    sys.stdout.write(("" if first else prompt) + "\n")
+    sys.stdout.write(("" if first else prompt) + text.end() + "\n")
     sys.stdout.flush()  # the text's line ends before the timing on stderr
-    if first and len(new) > 1 and total > first[0]:
-        click.echo(f"time to first token {first[0] * 1000:.1f} ms, decode {(len(new) - 1) / (total - first[0]):.1f} "
-                   f"tokens/s ({len(new)} tokens, batch 1, torch)", err=True)
+    if first:
+        _report_timing(first[0], total - first[0], max(len(new) - 1, 0), len(new), 1, "torch")
+
+
+def _report_timing(ttft_s: float, decode_s: float, decode_tokens: int, tokens: int, batch: int, backend: str,
+                   about: str = "") -> None:
+    """Time to first token and, where a decode step made tokens, their rate (stderr)."""
+    rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_tokens > 0 and decode_s > 0 else ""
+    click.echo(f"time to first token {ttft_s * 1000:.1f} ms{rate} ({about}{tokens} tokens, batch {batch}, {backend})",
+               err=True)
 
 
 def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):
@@ -154,56 +170,47 @@ def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, 
     total = time.perf_counter() - t0
     sys.stdout.write(("" if first else prompt) + "\n")
     n = len(tok.encode(text).ids)  # (re-encoded: about the number generated)
-    if first and n > 1 and total > first[0]:
-        click.echo(f"time to first token {first[0] * 1000:.1f} ms, decode {(n - 1) / (total - first[0]):.1f} "
-                   f"tokens/s (about {n} tokens, batch 1, torch)", err=True)
+    if first:
+        _report_timing(first[0], total - first[0], n - 1, n, 1, "torch", about="about ")
 
 
 def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperature, top_k, top_p, seed, threads):
     import graphopt
-    from graphopt.generation import Generator, encode_prompts, load_tokenizer
+    from graphopt.generation import Generator, encode_prompts, fit_new_tokens, load_tokenizer
 
     artifact = graphopt.load(folder, threads=threads)
     if wanted is not None and wanted != artifact.backend:
-        raise UserError(f"{folder}: the artifact was built for {artifact.backend}, not {wanted}; "
-                        f"optimize the model again with --backend for that")
+        instead = ("for torch, generate from the model it was optimized from (graphopt generate MODEL)"
+                   if wanted == "torch" else f"optimize the model again with --backend {wanted} for that")
+        raise UserError(f"{folder}: the artifact was built for {artifact.backend}, not {wanted}; {instead}")
     if not artifact.manifest.get("generation"):
         raise UserError(f"{folder}: not a generation-ready artifact (no KV cache); optimize the decoder again "
                         "without --no-kv-cache or --passes")
     tok = load_tokenizer(folder)
     gen = Generator.for_artifact(artifact)
     ids, allowed, healed = encode_prompts(artifact, tok, prompts)
+    max_new_tokens, note = fit_new_tokens(max(map(len, ids)), gen.spec.max_positions, max_new_tokens, folder)
+    if note:
+        click.echo(note, err=True)
     stream = len(prompts) == 1
-    shown = {"text": healed[0], "ids": [], "prompt": False}
+    shown = {"prompt": False}
 
-    def show_prompt() -> None:  # once generation runs: a refusal (too long, ...) leaves stdout empty
-        if stream and not shown["prompt"]:
+    def on_text(row: int, piece: str) -> None:
+        if not stream:
+            return
+        if not shown["prompt"]:  # once generation runs: a refusal (too long, ...) leaves stdout empty
             sys.stdout.write(prompts[0])
             shown["prompt"] = True
+        sys.stdout.write(piece)
+        sys.stdout.flush()
 
-    def on_tokens(step: int, new: list[int]) -> None:
-        show_prompt()
-        if not stream or (gen.eos_token_id is not None and new[0] == gen.eos_token_id):
-            return
-        shown["ids"].append(new[0])
-        text = tok.decode(shown["ids"])
-        if not text.endswith("\ufffd") and len(text) > len(shown["text"]):  # (a split UTF-8 character waits)
-            sys.stdout.write(text[len(shown["text"]):])
-            sys.stdout.flush()
-            shown["text"] = text
-
-    result = gen.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          allowed_first=allowed, on_tokens=on_tokens)
+    result = gen.generate_text(tok, ids, max_new_tokens, healed=healed, on_text=on_text, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, allowed_first=allowed)
     if stream:
-        show_prompt()
-        text = tok.decode(result.tokens[0]).rstrip("\ufffd")  # a character the last token only began
-        if len(text) > len(shown["text"]):
-            sys.stdout.write(text[len(shown["text"]):])
+        on_text(0, "")
         sys.stdout.write("\n")
     else:
-        for prompt, row, h in zip(prompts, result.tokens, healed):
-            text = tok.decode(row)
-            click.echo(prompt + (text[len(h):] if h and text.startswith(h) else text))
-    n = sum(len(r) for r in result.tokens)
-    click.echo(f"time to first token {result.ttft_s * 1000:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s "
-               f"({n} tokens, batch {len(prompts)}, {artifact.backend})", err=True)
+        for prompt, text in zip(prompts, result.texts):
+            click.echo(prompt + text)
+    _report_timing(result.ttft_s, result.decode_s, result.decode_tokens, sum(len(r) for r in result.tokens),
+                   len(prompts), artifact.backend)

@@ -195,7 +195,7 @@ def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_h
     from graphopt.generation import encode_prompts, load_tokenizer
 
     r = CliRunner().invoke(cli, ["generate", str(small_hf_decoder), "--prompt", "the a of to", "--max-new-tokens", "100"])
-    assert r.exit_code == 2 and "need 104 positions; the model has 64" in r.output, r.output
+    assert r.exit_code == 2 and "need 103 positions; the model has 64" in r.output, r.output
     foreign = tmp_path / "foreign"
     shutil.copytree(small_hf_decoder, foreign)
     shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "default" / "tokenizer.json", foreign)

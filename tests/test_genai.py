@@ -46,7 +46,8 @@ def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[i
         gen.generate_next_token()
     new = [int(t) for t in gen.get_sequence(0)[len(prompt):]]
     eos = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
-    return new[:new.index(eos)] if eos in new else new
+    eos = eos if isinstance(eos, list) else [eos]  # one id or several
+    return next((new[:i] for i, t in enumerate(new) if t in eos), new)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,29 @@ def test_hugging_face_llama_gqa_artifact_runs_in_genai_like_transformers(tmp_pat
     assert len(want) >= 20  # enough tokens to compare
     assert genai_greedy(out, prompt, 40) == want
     assert graphopt.load(out).generate([prompt], 40).tokens[0] == want
+
+
+@pytest.mark.slow
+def test_gpt2_artifact_runs_in_genai_like_transformers(tmp_path):
+    """genai_config.json said "type": "gpt2", which onnxruntime-genai 0.18 runs through its
+    legacy GPT-2 class: that one feeds a combined `past_%d` cache per layer, not the
+    past_key_values.%d.key|value inputs graphopt writes ("Model input was not found"). The type
+    now follows the artifact's inputs, and genai's greedy tokens are transformers'."""
+    import torch
+
+    from graphopt.testing import tiny_hf_model
+
+    model = tiny_hf_model("gpt2", seed=1).model
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    graphopt.optimize(tmp_path / "hf", out)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] != "gpt2"
+    for prompt in ([5, 17, 3, 99, 42, 7], [11, 2], [64, 1, 30, 8]):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert model.config.eos_token_id not in want  # (outside the 128-token vocabulary)
+        assert genai_greedy(out, prompt, 16) == want, prompt
 
 
 @pytest.mark.slow

@@ -39,3 +39,13 @@ def test_hidden_size_comes_from_the_config():
     assert _hidden_size({"hidden_size": 512}) == 512
     assert _hidden_size({"model": {"dim": 192}}) == 192
     assert _hidden_size(None) is None and _hidden_size({"n_embd": 768}) is None
+
+
+def test_genai_type_follows_the_cache_inputs_not_the_family():
+    """graphopt writes a key and a value cache per layer: genai's DecoderOnly pipeline feeds them;
+    its "gpt2" type (GPT-2, graphopt.train's "gpt") expects one combined past_%d and failed."""
+    from graphopt.genai import genai_type
+
+    inputs = {e["name"]: e for e in _manifest([2, 2])["signature"]["inputs"]}
+    assert [genai_type(arch, inputs) for arch in ("gpt2", "gpt", "qwen2", "bloom")] == ["llama", "llama", "qwen2",
+                                                                                         "llama"]
