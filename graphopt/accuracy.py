@@ -15,8 +15,7 @@ from typing import Callable
 import numpy as np
 
 from graphopt.errors import UserError
-from graphopt.generation import BlockTable, Generator
-from graphopt.passes.kvcache.rewrite import BLOCK_TABLE
+from graphopt.generation import Generator
 
 
 @dataclasses.dataclass
@@ -84,16 +83,8 @@ def artifact_logits(artifact, input_name: str = "input_ids", output_name: str = 
                         "perplexity needs every position: optimize with --logits all (or --no-kv-cache)")
 
     gen = Generator.for_artifact(artifact)
-    spec = gen.spec
 
     def prefill(ids: np.ndarray) -> np.ndarray:
-        batch, seq = ids.shape
-        feeds = {input_name: ids, "attention_mask": np.ones(ids.shape, spec.mask_dtype)}
-        if spec.layout == "paged":  # a pool of the blocks the prompts fill, and their table
-            width = -(-seq // spec.block_size)
-            blocks = BlockTable(batch, spec.block_size, batch * width, width)
-            feeds.update(gen.empty_cache(batch, blocks.num_blocks), **{BLOCK_TABLE: blocks.cover(seq)})
-        else:
-            feeds.update(gen.empty_cache(batch))
+        feeds, _ = gen.prefill_feeds(ids, np.ones(ids.shape, gen.spec.mask_dtype), ids.shape[1])
         return artifact.run(feeds)[output_name]
     return prefill

@@ -170,6 +170,19 @@ class Generator:
             feeds[f"past_key_values.{i}.value"] = np.zeros(s.shape(batch, i, 1, num_blocks=num_blocks), s.dtype)
         return feeds
 
+    def prefill_feeds(self, ids: np.ndarray, mask: np.ndarray, positions: int) -> tuple[dict, BlockTable | None]:
+        """The feeds of a prefill of `ids` [batch, seq] with `mask` on an empty cache, and a
+        paged cache's block table, sized for rows of `positions` positions (None otherwise)."""
+        batch, seq = ids.shape
+        blocks = None
+        if self.spec.layout == "paged":
+            width = -(-positions // self.spec.block_size)
+            blocks = BlockTable(batch, self.spec.block_size, self.num_blocks or batch * width, width)
+        feeds = {"input_ids": ids, "attention_mask": mask, **self.empty_cache(batch, blocks.num_blocks if blocks else 0)}
+        if blocks is not None:
+            feeds[BLOCK_TABLE] = blocks.cover(seq)
+        return feeds, blocks
+
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int = 32, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None, allowed_first: np.ndarray | None = None,
@@ -193,14 +206,7 @@ class Generator:
             ids[r, longest - len(p):] = p
             mask[r, longest - len(p):] = 1
         rng = np.random.default_rng(seed)
-        blocks = None
-        if self.spec.layout == "paged":
-            width = -(-(longest + max_new_tokens - 1) // self.spec.block_size)
-            blocks = BlockTable(batch, self.spec.block_size, self.num_blocks or batch * width, width)
-        feeds = {"input_ids": ids, "attention_mask": mask,
-                 **self.empty_cache(batch, blocks.num_blocks if blocks else 0)}
-        if blocks is not None:
-            feeds[BLOCK_TABLE] = blocks.cover(longest)
+        feeds, blocks = self.prefill_feeds(ids, mask, longest + max_new_tokens - 1)
         new: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(batch, bool)
         every_id = ids  # the whole sequence so far: a recomputed cache's prefill
