@@ -167,6 +167,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     into the database under `tune_db` (default ~/.cache/graphopt/tvm-tuning), then builds with
     what the database holds: see graphopt.backends.tvm.tuning. manifest.json's "tuning" says
     what was tuned, for how long, and which kernels came from the database."""
+    _check_types(locals())
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
     if not isinstance(model, Graph) and is_run_folder(Path(model)):
@@ -185,6 +186,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
 
     be = importlib.import_module(KNOWN_BACKENDS[backend])
     be.check_target(target)
+    try:  # before any work: a typo in an option would otherwise surface after the export
+        be.check_options(backend_options)
+    except UserError as e:
+        raise UserError(f"--backend-option: {e}") from None
     if logits not in (None, "last", "all"):
         raise UserError(f"--logits {logits!r}: expected last or all")
     if logits is not None and not kv_cache:
@@ -197,7 +202,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         if not kv_cache or passes is not None or recipe is not None:
             raise UserError("--kv-layout chooses the cache of the default pipeline's rewrite-kv-cache; with "
                             "--no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}")
-        check_layout(kv_layout, backend)
+        try:
+            check_layout(kv_layout, backend)
+        except UserError as e:
+            raise UserError(f"--kv-layout {kv_layout}: {e}") from None
     tune_spec = _check_tuning(backend, target, backend_options, tune_minutes, tune_shapes, tune_db)
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else _pipeline(passes)
@@ -230,7 +238,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     for option, path in (("--calibration", calibration), ("--accuracy-data", accuracy_data)):
         if path is not None and Path(path).suffix != ".npz":  # a bad text file fails now, not after the export
             if not Path(path).is_file():
-                raise UserError(f"{option} {path}: no such file")
+                raise UserError(f"{option} {path}: " + ("is a folder; give a file" if Path(path).is_dir() else "no such file"))
             read_texts(Path(path), option)
 
     if isinstance(model, Graph):
@@ -356,6 +364,34 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     else:
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return OptimizeResult(optimized, report, manifest, out)
+
+
+# optimize()'s arguments that are text on the command line, paths, and the rest: a wrong type
+# is a UserError naming the argument, not an AttributeError inside a parser.
+_TEXT_ARGS = ("passes", "backend", "target", "logits", "kv_layout", "quantize", "quant_method", "accuracy_budget",
+              "prune", "tune_shapes")
+_PATH_ARGS = ("output_dir", "recipe", "calibration", "accuracy_data", "tune_db")
+
+
+def _check_types(args: dict) -> None:
+    def wrong(name, want):
+        raise UserError(f"optimize({name}={args[name]!r}): expected {want}")
+    if not isinstance(args["model"], (str, os.PathLike, Graph)):
+        wrong("model", "a path or a graphopt.ir.Graph")
+    for name in _TEXT_ARGS:
+        if args[name] is not None and not isinstance(args[name], str):
+            wrong(name, f"a string, as --{name.replace('_', '-')} takes it")
+    for name in _PATH_ARGS:
+        if args[name] is not None and not isinstance(args[name], (str, os.PathLike)):
+            wrong(name, "a path")
+    minutes = args["tune_minutes"]
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))):
+        wrong("tune_minutes", "a number of minutes")
+    options = args["backend_options"]
+    if options is not None and not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
+        wrong("backend_options", "a dict of option names to values, {'num_cores': '2'}")
+    if args["inputs"] is not None and not isinstance(args["inputs"], dict):
+        wrong("inputs", "a dict of input names to arrays (graphopt.sample_inputs.load_inputs reads an .npz)")
 
 
 def _absolute(source: str | None) -> str | None:

@@ -24,10 +24,6 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     optimized from (report.json's "model"), unless the folder has a tokenizer.json itself."""
     folder = Path(folder)
     art = load_artifact(folder)
-    outputs = [o["name"] for o in art.outputs]
-    if "logits" not in outputs:
-        raise UserError(f"{folder}: gives {', '.join(outputs)}, no logits: perplexity measures a decoder; an "
-                        "encoder's accuracy is the cosine of its outputs (graphopt compare, --accuracy-budget cosine=...)")
     logits_fn = artifact_logits(art)  # first: an artifact that cannot be scored says so before any text is read
     report = folder / "report.json"
     source = None
@@ -41,6 +37,10 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
                      if p is not None and p.is_file()), None)
     if tok_path is None:
         raise UserError(f"{folder}: no tokenizer.json in the artifact nor in the model it came from ({source})")
+    outputs = [o["name"] for o in art.outputs]
+    if "logits" not in outputs:
+        raise UserError(f"{folder}: gives {', '.join(outputs)}, no logits: perplexity measures a decoder; an "
+                        "encoder's accuracy is the cosine of its outputs (graphopt compare, --accuracy-budget cosine=...)")
     if data is None and origin is None:
         raise UserError(f"{folder}: no default text (the model it came from is not a folder): pass --data")
     docs, text_source = load_documents(origin if data is None else folder, data)

@@ -220,7 +220,10 @@ def test_eval_of_an_artifact_without_logits_says_perplexity_needs_a_decoder(tmp_
     """An artifact without logits (an encoder's, here an MLP's): before, eval failed on a feed
     it made (a BERT artifact: "missing input 'token_type_ids'"); now it says what it measures
     and what measures an encoder."""
+    import shutil
+
     graphopt.optimize(EXAMPLE, tmp_path / "mlp")
-    r = invoke("eval", tmp_path / "mlp", "--data", EXAMPLE)
+    shutil.copy(EXAMPLE.parent / "default" / "tokenizer.json", tmp_path / "mlp")
+    r = invoke("eval", tmp_path / "mlp", "--data", EXAMPLE.parent / "default" / "val.txt")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "no logits: perplexity measures a decoder" in r.output

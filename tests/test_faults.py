@@ -409,7 +409,7 @@ def test_a_mistake_found_after_a_pytorch_export_is_still_one_line(tmp_path, monk
     tiny_hf_model("gpt2").model.save_pretrained(hf)
     ids = np.array([[1, 2, VOCAB + 5]], np.int64)
     np.savez(tmp_path / "ids.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-    np.savez(tmp_path / "no_mask.npz", input_ids=ids)
+    np.savez(tmp_path / "no_mask.npz", input_ids=ids[:, :2])  # ids in range: the missing mask is the mistake
     monkeypatch.chdir(tmp_path)
     before = _tree(tmp_path)
     for inputs, fragment in (("ids.npz", f"holds id {VOCAB + 5}, outside [0, {VOCAB})"),

@@ -151,6 +151,20 @@ def test_backend_options_reach_the_lowering_and_bad_ones_are_refused(tmp_path):
         assert r.exit_code == 2 and message in r.output and not (tmp_path / "b").exists()
 
 
+
+def test_backend_options_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    """A typo in --backend-option was found after the export and every pass (minutes on a
+    real model); now before anything is loaded, naming the flag."""
+    import graphopt.driver as driver
+
+    monkeypatch.setattr(driver, "load_graph", lambda *a, **k: pytest.fail("the model was loaded first"))
+    for backend, options, message in (("onnxruntime", {"attention_kernel": "bogus"}, "attention_kernel must be one of"),
+                                      ("tvm", {"nope": "1"}, "unknown tvm backend option 'nope'"),
+                                      ("tvm", {"num_cores": "0"}, "num_cores='0'")):
+        with pytest.raises(UserError, match=f"--backend-option: .*{message}"):
+            graphopt.optimize(EXAMPLE, tmp_path / "out", backend=backend, backend_options=options)
+
+
 def test_inspect_an_artifact_folder_lists_its_kernels(tmp_path):
     assert invoke("optimize", EXAMPLE, "-o", tmp_path / "a", "-q").exit_code == 0
     r = invoke("inspect", tmp_path / "a")
@@ -203,3 +217,22 @@ def test_inspect_puts_per_layer_cache_values_on_one_line():
     assert "  past_key_values.{0..3}.value: f32[batch, 2, past_seq, 8]  (4 layers)" in text
     assert "  layer.7.odd: f32[2]" in text and "  input_ids: i64[batch, seq]" in text
     assert len(text) == 9
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"quantize": 4}, r"optimize\(quantize=4\): expected a string, as --quantize takes it"),
+    ({"prune": 0.5}, r"optimize\(prune=0.5\): expected a string, as --prune takes it"),
+    ({"passes": ["dce"]}, r"optimize\(passes=\['dce'\]\): expected a string"),
+    ({"calibration": 123}, r"optimize\(calibration=123\): expected a path"),
+    ({"tune_minutes": "2"}, r"optimize\(tune_minutes='2'\): expected a number of minutes"),
+    ({"backend_options": ["a=b"]}, r"optimize\(backend_options=\['a=b'\]\): expected a dict"),
+    ({"inputs": "x.npz"}, r"optimize\(inputs='x.npz'\): expected a dict of input names to arrays"),
+    ({"kv_layout": "bnsh"}, r"--kv-layout bnsh: rewrite-kv-cache: unknown layout 'bnsh'"),
+])
+def test_the_python_api_names_an_argument_of_the_wrong_type(kwargs, message, tmp_path, monkeypatch):
+    """Before: AttributeError / TypeError / ValueError from inside a parser, some after the export."""
+    import graphopt.driver as driver
+
+    monkeypatch.setattr(driver, "load_graph", lambda *a, **k: pytest.fail("the model was loaded first"))
+    with pytest.raises(UserError, match=message):
+        graphopt.optimize(EXAMPLE, tmp_path / "out", **kwargs)

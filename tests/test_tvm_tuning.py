@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,9 +61,12 @@ def test_shapes_parse_and_bind_the_graphs_symbols(mlp):
     assert tuning.parse_shapes("1x128, 4x128,1x1+128,1x128") == [
         tuning.Bucket(1, 128), tuning.Bucket(4, 128), tuning.Bucket(1, 1, 128)]
     assert tuning.Bucket(1, 1, 128).label == "1x1+128"
-    for bad in ("1x", "0x4", "1x1+", "axb", "1x2x3"):
+    for bad in ("1x", "0x4", "1x1+", "axb", "1x2x3", "1x²"):
         with pytest.raises(UserError, match="expected BATCHxSEQ"):
             tuning.parse_shapes(bad)
+    for big in ("99999999999999999999x1", "1x1048576+1"):  # was an internal error in TVM, after the export
+        with pytest.raises(UserError, match=f"'{re.escape(big)}': a size past 1,048,576"):
+            tuning.parse_shapes(big)
     # A KV-cache graph's attention mask is [batch, "past_seq + seq"]; other exporters' spellings too.
     assert tuning._eval_dim("past_seq + seq", {"batch": 1, "seq": 1, "past_seq": 128}, "mask") == 129
     assert tuning._eval_dim("sequence_length", {"batch": 1, "seq": 7, "past_seq": 0}, "ids") == 7

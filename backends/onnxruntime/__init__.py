@@ -34,12 +34,7 @@ def lower(graph: Graph, target: str, report: LoweringReport | None = None, optio
     choice the lowering otherwise makes itself (`LOWERING_OPTIONS`)."""
     if target not in PROVIDERS:
         raise UserError(f"unknown target {target!r} for onnxruntime (expected cpu or cuda)")
-    options = dict(options or {})
-    for name, value in options.items():
-        if name not in LOWERING_OPTIONS:
-            raise UserError(f"unknown onnxruntime backend option {name!r} (known: {', '.join(LOWERING_OPTIONS)})")
-        if value not in LOWERING_OPTIONS[name]:
-            raise UserError(f"{name} must be one of {', '.join(LOWERING_OPTIONS[name])}, not {value!r}")
+    options = check_options(options)
     if target == "cpu" and options.get("quant_accuracy_level", "auto") == "auto":
         choice = choose_accuracy_level(graph)  # None without QuantLinear layers
         if choice is not None:
@@ -53,6 +48,17 @@ LOWERING_OPTIONS = {
     "skip_norm": ("auto", "fused", "split"),
     "quant_accuracy_level": ("auto", "0", "1", "2", "3", "4"),
 }
+
+
+def check_options(options: dict | None) -> dict:
+    """The backend options (`--backend-option KEY=VALUE`) as checked values, or a UserError."""
+    options = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in (options or {}).items()}
+    for name, value in options.items():
+        if name not in LOWERING_OPTIONS:
+            raise UserError(f"unknown onnxruntime backend option {name!r} (known: {', '.join(LOWERING_OPTIONS)})")
+        if value not in LOWERING_OPTIONS[name]:
+            raise UserError(f"{name} must be one of {', '.join(LOWERING_OPTIONS[name])}, not {value!r}")
+    return options
 
 
 def check_target(target: str) -> None:

@@ -58,7 +58,8 @@ OPTIONS = {
 }
 
 
-def _check_options(options: dict | None) -> dict:
+def check_options(options: dict | None) -> dict:
+    """The backend options (`--backend-option KEY=VALUE`) as checked values, or a UserError."""
     out = {}
     for name, value in (options or {}).items():
         if name not in OPTIONS:
@@ -82,7 +83,7 @@ def lowering_flags(target: str, options: dict) -> dict:
 def _build(graph: Graph, target: str, options: dict | None):
     """Lower and build: (TVM executable, weight names, weight arrays, manifest fields)."""
     check_target(target)
-    options = _check_options(options)
+    options = check_options(options)
     t0 = time.perf_counter()
     flags = lowering_flags(target, options)
     g = prepare(graph, flags["pack_weights"])

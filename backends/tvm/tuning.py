@@ -63,15 +63,21 @@ class Bucket:
         return {"batch": self.batch, "seq": self.seq, "past_seq": self.past}
 
 
+MAX_TUNED_SIZE = 1 << 20  # a batch or a sequence no model here reaches; past it, TVM's int64 dims overflow
+
+
 def parse_shapes(text: str, option: str = "--tune-shapes") -> list[Bucket]:
     """`1x128,4x128,1x1+128` -> buckets (BATCHxSEQ[+PAST], PAST the cached tokens)."""
     out = []
     for item in (s.strip() for s in str(text).split(",")):
         head, plus, past = item.partition("+")
         parts = head.split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or (plus and not past.isdigit()):
+        numeral = lambda p: p.isascii() and p.isdigit()  # noqa: E731
+        if len(parts) != 2 or not all(numeral(p) and int(p) > 0 for p in parts) or (plus and not numeral(past)):
             raise UserError(f"{option} {item!r}: expected BATCHxSEQ or BATCHxSEQ+PAST, e.g. 1x128 or 1x1+128")
         bucket = Bucket(int(parts[0]), int(parts[1]), int(past or 0))
+        if max(bucket.batch, bucket.seq + bucket.past) > MAX_TUNED_SIZE:
+            raise UserError(f"{option} {item!r}: a size past {MAX_TUNED_SIZE:,} (batch, and positions seq + past)")
         if bucket not in out:
             out.append(bucket)
     return out
@@ -268,7 +274,7 @@ def tune(graph: Graph, spec: dict, buckets: list[Bucket], minutes: float, db_roo
     cores = int(spec.get("num-cores") or os.cpu_count() or 1)
     # The build's own lowering (pre-packed weights, the hand-written kernels): the kernels tuned
     # are the kernels built. The hand-scheduled ones (fused attention, int4 panels) are kept as they are.
-    flags = runtime.lowering_flags("cpu", runtime._check_options(options))
+    flags = runtime.lowering_flags("cpu", runtime.check_options(options))
     graph = prepare(graph, flags["pack_weights"])
     mod, _ = lower_graph(graph, **flags)
     db = build.open_database(folder)
@@ -491,7 +497,7 @@ def check(target: str, backend_options, minutes, shapes, db) -> dict:
     check_minutes(minutes)
     parse_shapes(shapes or DEFAULT_SHAPES)
     # (runtime's own check of --backend-option: the same one-line errors as the build's)
-    spec = build.target_spec(target, runtime._check_options(backend_options))
+    spec = build.target_spec(target, runtime.check_options(backend_options))
     database_dir(db, spec, create=True)
     return spec
 
