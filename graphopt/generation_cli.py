@@ -142,8 +142,8 @@ def _report_timing(ttft_s: float, decode_s: float, decode_tokens: int, tokens: i
                    about: str = "") -> None:
     """Time to first token and, where a decode step made tokens, their rate (stderr)."""
     rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_tokens > 0 and decode_s > 0 else ""
-    click.echo(f"time to first token {ttft_s * 1000:.1f} ms{rate} ({about}{tokens} tokens, batch {batch}, {backend})",
-               err=True)
+    click.echo(f"time to first token {ttft_s * 1000:.1f} ms{rate} ({about}{tokens} new tokens in all, batch {batch}, "
+               f"{backend})", err=True)
 
 
 def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, top_k, top_p, seed):
