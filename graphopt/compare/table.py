@@ -139,5 +139,5 @@ def render(report: dict, console=None) -> None:
                       f"tokens, greedy; median of {gen['rounds']} rounds{same}[/]")
     if report.get("perplexity") and "reference" in report["perplexity"]:
         console.print(f"[dim]perplexity of {report['reference']['what']} on {report['perplexity']['data']}: "
-                      f"{report['perplexity']['reference']:.3f} ({report['perplexity']['tokens']} tokens, "
-                      f"windows of {report['perplexity']['window']})[/]")
+                      f"{report['perplexity']['reference']:.3f} ({report['perplexity']['tokens']} tokens in "
+                      f"windows of {report['perplexity']['window']}, each window's first token unscored)[/]")
