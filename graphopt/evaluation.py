@@ -14,7 +14,7 @@ from graphopt.accuracy import artifact_logits, perplexity
 from graphopt.artifact import load as load_artifact
 from graphopt.calibration import window_len
 from graphopt.errors import UserError
-from graphopt.train.evaluate import EvalResult, encode_scored, load_documents
+from graphopt.train.evaluate import EvalResult, encode_scored, load_documents, scored_prefix
 from graphopt.train.tokenizer import load_tokenizer
 
 
@@ -47,11 +47,7 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     from graphopt.train.trainer import unigram_perplexity  # imports torch
 
     tok = load_tokenizer(tok_path)
-    ids = encode_scored(tok, docs, text_source)
-    n_bytes = sum(len(d.encode()) for d in docs)
-    if max_tokens and len(ids) > max_tokens + 1:
-        ids = ids[:max_tokens + 1]
-        n_bytes = len(tok.decode(ids[1:].tolist()).encode())
+    ids, n_bytes, n_docs = scored_prefix(tok, docs, encode_scored(tok, docs, text_source), max_tokens)
     # windows that fit the model's context: its config's (a checkpoint's max_seq_len, a Hugging Face
     # model's positions), the artifact's cache size, at most 256
     seq_len = window_len(origin)
@@ -59,7 +55,7 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
     if isinstance(max_positions, int) and max_positions > 0:
         seq_len = min(seq_len, max_positions)
     p = perplexity(logits_fn, np.asarray(ids), seq_len, batch_size)
-    result = EvalResult(documents=len(docs), tokens=p.tokens, bytes=n_bytes, loss=p.loss, perplexity=p.perplexity,
+    result = EvalResult(documents=n_docs, tokens=p.tokens, bytes=n_bytes, loss=p.loss, perplexity=p.perplexity,
                         bits_per_byte=p.nll / math.log(2) / n_bytes, unigram_perplexity=unigram_perplexity(ids))
     return result, text_source
 

@@ -53,6 +53,25 @@ def encode_scored(tok, docs: list[str], source: str):
     return ids
 
 
+def scored_prefix(tok, docs: list[str], ids, max_tokens: int) -> tuple:
+    """(the ids scored, their text's bytes, the documents they reach): all of them, or with
+    `max_tokens` the first max_tokens + 1 ids (max_tokens predictions), the bytes of their text
+    (approximate: the prefix decoded) and the documents that begin in them."""
+    from .tokenizer import EOS
+
+    if not (max_tokens and len(ids) > max_tokens + 1):
+        return ids, sum(len(d.encode()) for d in docs), len(docs)
+    ids = ids[:max_tokens + 1]
+    sep = 0 if tok.token_to_id(EOS) is None else 1
+    start, reached = sep, 0
+    for enc in tok.encode_batch(docs):
+        if start >= len(ids):
+            break
+        reached += 1
+        start += len(enc.ids) + sep
+    return ids, len(tok.decode(ids[1:].tolist()).encode()), reached
+
+
 def evaluate_checkpoint(checkpoint, data=None, batch_size: int = 16, max_tokens: int = 0) -> tuple[EvalResult, str]:
     from .checkpoint import load_model, resolve_checkpoint
     from .tokenizer import load_tokenizer
@@ -71,18 +90,14 @@ def score_documents(model, cfg, tok, docs: list[str], source: str, batch_size: i
 
     from .trainer import evaluate_tokens, perplexity_of, unigram_perplexity
 
-    ids = encode_scored(tok, docs, source)
-    n_bytes = sum(len(d.encode()) for d in docs)
-    if max_tokens and len(ids) > max_tokens + 1:
-        ids = ids[:max_tokens + 1]
-        n_bytes = len(tok.decode(ids[1:].tolist()).encode())  # approximate: the scored prefix
+    ids, n_bytes, n_docs = scored_prefix(tok, docs, encode_scored(tok, docs, source), max_tokens)
     if ids.max() >= cfg.vocab_size:
         raise UserError(f"{where}: tokenizer produces ids beyond the model's vocab_size={cfg.vocab_size}")
     device = next(model.parameters()).device
     with torch.inference_mode():
         nll, count = evaluate_tokens(model, ids, cfg.max_seq_len, batch_size, device=device)
     loss = nll / count
-    return EvalResult(documents=len(docs), tokens=count, bytes=n_bytes, loss=loss,
+    return EvalResult(documents=n_docs, tokens=count, bytes=n_bytes, loss=loss,
                       perplexity=perplexity_of(loss), bits_per_byte=nll / math.log(2) / n_bytes,
                       unigram_perplexity=unigram_perplexity(ids))
 

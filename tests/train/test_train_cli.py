@@ -122,6 +122,8 @@ def test_eval_on_a_folder_scores_every_text_file_and_says_what_it_left_out(tiny_
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["documents"] == 4
     assert "left out: 1 binary (a NUL byte), 1 empty" in result.stderr
+    first = _run("eval", tiny_run, "--data", folder, "--max-tokens", "20", "--json")  # a.md alone is longer
+    assert json.loads(first.stdout)["documents"] == 1 and json.loads(first.stdout)["tokens"] == 20
 
 
 def test_generate_greedy_is_deterministic_and_sampling_follows_the_seed(tiny_run):
