@@ -143,7 +143,6 @@ class Generator:
                  pad_token_id: int = 0, num_blocks: int | None = None, vocab_size: int | None = None):
         self.run, self.spec = run, spec
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.eos_ids = eos_ids(eos_token_id)  # generation stops at any of them
         self.vocab_size = vocab_size  # prompts' ids are checked against it (None: not checked)
         self.num_blocks = num_blocks  # paged: the pool's size (None: what each request needs)
 
@@ -190,7 +189,8 @@ class Generator:
         """Continue each prompt (token ids; one prompt or a batch, left-padded here).
         `eos_token_id`: the id or ids a row stops at (None: the model's; -1: none).
         `allowed_first` ([batch, vocab] bool) restricts the first new token (token healing).
-        `on_tokens(step, ids)` gets every row's id, a finished row's as its first EOS id."""
+        `on_tokens(step, ids)` gets every row's id, a finished row's as the EOS id it stopped at
+        (which is also what it is fed: an id the model gave, inside its vocabulary)."""
         prompts = token_prompts(prompts, self.vocab_size)
         _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         longest = max(len(p) for p in prompts)
@@ -198,7 +198,7 @@ class Generator:
         if limit and longest + max_new_tokens - 1 > limit:
             raise UserError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens needs "
                             f"{longest + max_new_tokens - 1} positions; the model has {limit}")
-        eos = self.eos_ids if eos_token_id is None else eos_ids(eos_token_id)
+        eos = eos_ids(self.eos_token_id if eos_token_id is None else eos_token_id)  # a row stops at any
         batch = len(prompts)
         ids = np.full((batch, longest), self.pad_token_id, np.int64)
         mask = np.zeros((batch, longest), self.spec.mask_dtype)
@@ -209,6 +209,7 @@ class Generator:
         feeds, blocks = self.prefill_feeds(ids, mask, longest + max_new_tokens - 1)
         new: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(batch, bool)
+        stopped_at = np.zeros(batch, np.int64)  # a finished row's EOS id, fed again while others go on
         every_id = ids  # the whole sequence so far: a recomputed cache's prefill
         short_cache = self.spec.recompute_at is not None and longest <= self.spec.recompute_at
         t0 = time.perf_counter()
@@ -220,14 +221,13 @@ class Generator:
             if step == 0 and allowed_first is not None:
                 logits = np.where(allowed_first, logits, -np.inf)
             nxt = np.array([sample(row, temperature, top_k, top_p, rng) for row in logits], np.int64)
-            if eos:
-                nxt = np.where(done, eos[0], nxt)
+            nxt = np.where(done, stopped_at, nxt)
             fresh = []
             for r in range(batch):
                 if done[r]:
                     continue
                 if int(nxt[r]) in eos:
-                    done[r] = True
+                    done[r], stopped_at[r] = True, nxt[r]
                     continue
                 new[r].append(int(nxt[r]))
                 fresh.append(r)
@@ -259,70 +259,99 @@ class Generator:
         decode = time.perf_counter() - t0 - ttft
         return GenerationResult(new, ttft, decode, decode_tokens, steps)
 
-    def generate_text(self, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+    def generate_text(self, tokenizer, prompts: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int = 32, *,
                       healed: Sequence[str] | None = None, on_text: Callable[[int, str], None] | None = None,
                       **options) -> GenerationResult:
         """`generate` over encoded prompts (`encode_prompts`' ids and healed texts), with each
         row's new text: `result.texts`, and `on_text(row, piece)` after every step with the text
         that step made certain ("" when none). Options: those of `generate`."""
-        stop = self.eos_ids if options.get("eos_token_id") is None else eos_ids(options["eos_token_id"])
-        streams = [TextStream(tokenizer, p, h) for p, h in zip(prompts, healed or [""] * len(prompts))]
-        finished = [False] * len(streams)
+        prompts = token_prompts(prompts, self.vocab_size)
+        healed = list(healed) if healed is not None else [""] * len(prompts)
+        if len(healed) != len(prompts):
+            raise UserError(f"healed: {len(healed)} texts for {len(prompts)} prompts")
+        stop = eos_ids(self.eos_token_id if options.get("eos_token_id") is None else options["eos_token_id"])
         user_on_tokens = options.pop("on_tokens", None)
+        on_tokens = user_on_tokens
+        streams = []
+        if on_text is not None:  # streamed: each step's text as it becomes certain
+            streams = [TextStream(tokenizer, p, h) for p, h in zip(prompts, healed)]
+            finished = [False] * len(streams)
 
-        def on_tokens(step: int, ids: list[int]) -> None:
-            for r, (stream, t) in enumerate(zip(streams, ids)):
-                finished[r] = finished[r] or t in stop
-                piece = "" if finished[r] else stream.put([t])
-                if on_text is not None:
-                    on_text(r, piece)
-            if user_on_tokens is not None:
-                user_on_tokens(step, ids)
+            def on_tokens(step: int, ids: list[int]) -> None:
+                for r, (stream, t) in enumerate(zip(streams, ids)):
+                    finished[r] = finished[r] or t in stop
+                    on_text(r, "" if finished[r] else stream.put([t]))
+                if user_on_tokens is not None:
+                    user_on_tokens(step, ids)
 
         result = self.generate(prompts, max_new_tokens, on_tokens=on_tokens, **options)
         for r, stream in enumerate(streams):
             piece = stream.end()
-            if on_text is not None and piece:
+            if piece:
                 on_text(r, piece)
-        result.texts = [s.shown for s in streams]
+        result.texts = [continuation(tokenizer, p, t, h) for p, t, h in zip(prompts, result.tokens, healed)]
         return result
 
 
+def continuation(tokenizer, context: Sequence[int], new: Sequence[int], skip: str = "") -> str:
+    """The text `new` ids make after `context`, as they read there: decode(context + new) past
+    decode(context) (decoded alone, a SentencePiece token loses its leading space), or the new
+    ids alone where the context's own text changes with what follows; `skip`, text the prompt
+    already shows (token healing), taken off its start; a character the last id only began, left out."""
+    head, whole = tokenizer.decode(list(context)), tokenizer.decode(list(context) + list(new))
+    text = whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(new))
+    text = text[len(skip):] if skip and text.startswith(skip) else text
+    return text.rstrip("\ufffd")
+
+
 class TextStream:
-    """One row's new text as its ids come: decode(context + new) past decode(context), so that
-    the new ids are read where they stand (a SentencePiece decoder, Metaspace, drops the leading
-    space of a sequence's first token: decoded alone, "▁imp" after "the value of" loses its
-    space). `skip` is text the printed prompt already shows (what token healing took back).
-    `put` returns only text that later ids cannot change: a character split over tokens (a
-    trailing U+FFFD) waits for its last byte; `end` gives the rest, without a character the
-    last token only began."""
+    """One row's new text as its ids come, each step's piece read where it stands: decoded
+    within a window that starts a few tokens back (a SentencePiece decoder, Metaspace, drops
+    the leading space of a sequence's first token: decoded alone, "▁imp" after "the value of"
+    loses its space), so a step costs the same however long the text (decoding the whole
+    sequence every step grows with it; the same scheme as vLLM's incremental detokenizer).
+    `skip` is text the printed prompt already shows (what token healing took back), taken off
+    the start. `put` returns only text that later ids cannot change: a character split over
+    tokens (a trailing U+FFFD) waits for its last byte; `end` gives the rest, without a
+    character the last token only began."""
+
+    CONTEXT = 6  # tokens of context decoded before the new ones: enough to read them in place
 
     def __init__(self, tokenizer, context: Sequence[int], skip: str = ""):
-        self.tokenizer, self.context, self.skip = tokenizer, [int(t) for t in context], skip
-        self.head = tokenizer.decode(self.context)
-        self.ids: list[int] = []
+        self.tokenizer, self.skip = tokenizer, skip
+        self.tokens = [int(t) for t in context][-self.CONTEXT:]
+        self.start, self.read = 0, len(self.tokens)  # the window [start, read) is text already read
         self.shown = ""  # the text handed out so far
 
-    def text(self) -> str:
-        """The new text so far (may end in U+FFFD: a character not yet complete)."""
-        whole = self.tokenizer.decode(self.context + self.ids)
-        # a decoder that rewrites the context's text with what follows it: the new ids alone
-        text = whole[len(self.head):] if whole.startswith(self.head) else self.tokenizer.decode(self.ids)
-        return text[len(self.skip):] if self.skip and text.startswith(self.skip) else text
-
-    def put(self, ids: Sequence[int]) -> str:
-        self.ids.extend(int(t) for t in ids)
-        text = self.text()
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
+    def _take(self, allow_partial: bool) -> str:
+        done = self.tokenizer.decode(self.tokens[self.start:self.read])
+        text = self.tokenizer.decode(self.tokens[self.start:])
+        if not allow_partial and text.endswith("\ufffd"):
             return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
-
-    def end(self) -> str:
-        text = self.text().rstrip("\ufffd")
-        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
+        piece = text[len(done):].rstrip("\ufffd") if allow_partial else text[len(done):]
+        self.start, self.read = self.read, len(self.tokens)
+        piece = self._unskip(piece)
         self.shown += piece
         return piece
+
+    def _unskip(self, piece: str) -> str:
+        """`piece` less what is left of `skip` at its start (the healed text the prompt shows)."""
+        if not self.skip:
+            return piece
+        if piece.startswith(self.skip):
+            piece, self.skip = piece[len(self.skip):], ""
+        elif self.skip.startswith(piece):
+            piece, self.skip = "", self.skip[len(piece):]
+        else:
+            self.skip = ""  # the text went another way: nothing of it is shown twice
+        return piece
+
+    def put(self, ids: Sequence[int]) -> str:
+        self.tokens.extend(int(t) for t in ids)
+        return self._take(allow_partial=False)
+
+    def end(self) -> str:
+        return self._take(allow_partial=True) if self.read < len(self.tokens) else ""
 
 
 def eos_ids(value) -> tuple[int, ...]:
@@ -475,7 +504,7 @@ def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | 
         h = ""
         if heal and p:
             masks.append(healing_mask(tokenizer, p[-1], vocab))
-            h = tokenizer.decode(p[-1:])
+            h = continuation(tokenizer, list(prefix) + p[:-1], p[-1:])  # as it reads after the rest
             p = p[:-1]
         elif heal:
             masks.append(np.ones(vocab, bool))
@@ -536,7 +565,7 @@ def model_eos_ids(folder: Path, config: dict) -> tuple[int, ...]:
     else config.json's (one id or a list; an entry that is not an id is ignored)."""
     gen_cfg = _read_json(folder / "generation_config.json")
     eos = (gen_cfg if isinstance(gen_cfg, dict) and "eos_token_id" in gen_cfg else config).get("eos_token_id")
-    return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]) if _is_int(t))
+    return tuple(dict.fromkeys(int(t) for t in (eos if isinstance(eos, list) else [eos]) if _is_int(t)))
 
 
 def copy_tokenizer(model_path, outdir: Path) -> list[str]:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import graphopt
 from graphopt.cli import cli
 from graphopt.errors import UserError
-from graphopt.generation import CacheSpec, Generator, TextStream, eos_ids, load_tokenizer
+from graphopt.generation import CacheSpec, Generator, TextStream, continuation, eos_ids, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = ROOT / "examples" / "default" / "tokenizer.json"  # byte-level BPE, 4096 tokens
@@ -141,6 +141,7 @@ def test_generator_stops_at_any_of_its_eos_ids_and_reads_old_manifests():
     def run(feeds):
         step = len(calls)
         calls.append(step)
+        assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 16  # only ids of the vocabulary fed
         logits = np.zeros((len(feeds["input_ids"]), feeds["input_ids"].shape[1], 16), np.float32)
         for r, row in enumerate(script[:len(logits)]):
             logits[r, -1, row[step]] = 1
@@ -156,6 +157,9 @@ def test_generator_stops_at_any_of_its_eos_ids_and_reads_old_manifests():
     assert tokens(7) == [[5, 6]]  # an old manifest's single id
     assert tokens(None) == tokens(-1) == [[5, 6, 7, 8, 9]]
     assert tokens([7, 9], batch=2) == [[5, 6], []]
+    # an EOS id past the vocabulary (a small model keeping GPT-2's 50256) listed first: a finished
+    # row is fed the id it stopped at (before: the list's first, an out-of-bounds embedding read)
+    assert tokens([50256, 9], batch=2) == [[5, 6, 7, 8], []]
     assert tokens([7, 9], eos_token_id=-1) == [[5, 6, 7, 8, 9]]  # the caller's choice wins
     assert tokens(None, eos_token_id=[8]) == [[5, 6, 7]]
     assert eos_ids([1, 3857]) == (1, 3857) and eos_ids(None) == ()
@@ -261,8 +265,27 @@ def test_text_stream_waits_for_split_characters_and_falls_back_to_the_new_ids():
         def decode(self, ids):
             return "".join("AB"[i] for i in ids).replace("AB", "C")
 
+    assert continuation(Rewrites(), [0], [1, 0]) == "BA"  # the new ids alone
     stream = TextStream(Rewrites(), [0])
-    assert stream.put([1]) == "B"  # the new ids alone
+    assert [stream.put([t]) for t in (1, 0, 0)] == ["", "A", "A"]  # it goes on after the rewrite
+
+
+def test_text_stream_decodes_a_bounded_window_however_long_the_text():
+    """Before, every step decoded the prompt and every new id (2,000 new tokens after a 4,000-token
+    prompt: about 10M tokens decoded); now a few tokens a step, and the text is the same."""
+    tok = load_tokenizer(SHIPPED_TOKENIZER.parent)
+    longest = []
+
+    class Counting:
+        def decode(self, ids):
+            longest.append(len(ids))
+            return tok.decode(ids)
+
+    prompt = tok.encode("def f(x):\n    return x\n" * 200).ids
+    new = tok.encode("class Büro:\n    🎉 = 'é' * 3\n" * 20).ids
+    stream = TextStream(Counting(), prompt)
+    text = "".join(stream.put([t]) for t in new) + stream.end()
+    assert text == continuation(tok, prompt, new) and max(longest) <= TextStream.CONTEXT + 8
 
 
 # --------------------------------------------------------------------------------------
