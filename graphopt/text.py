@@ -79,7 +79,13 @@ def _fmt_attr(node: Node, key: str, a: Attr, external: dict[str, np.ndarray] | N
     dtype = DType.from_numpy(v.dtype)
     head = f"dense<{TensorType(dtype, v.shape)}>"
     if v.size > INLINE_TENSOR_LIMIT and external is not None:
-        ekey = tensor_attr_key(node, key)
+        # ONNX allows two nodes of one name, and an initializer may be named "k::value": a key
+        # already taken gets a number, or one tensor would overwrite the other in the weights file
+        base = ekey = tensor_attr_key(node, key)
+        weights = node.graph.initializers if node.graph is not None else {}
+        n = 2
+        while ekey in external or ekey in weights:
+            ekey, n = f"{base}#{n}", n + 1
         external[ekey] = v
         return f"{head}@{json.dumps(ekey)}"
     flat = v.reshape(-1)

@@ -85,6 +85,28 @@ def test_gir_files_roundtrip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_gir_weights_file_keys_never_collide(tmp_path):
+    """Large tensor attributes go to the weights file under "<node>::<attr>": two Constant nodes
+    of one name (ONNX allows it) and an initializer named "k::value" overwrote each other, and
+    the round trip silently changed the results."""
+    g = Graph("dup")
+    x = g.add_input("x", TensorType(DType.FLOAT32, (100,)))
+    w = g.add_initializer("k::value", np.full(100, 3.0, np.float32))
+    values = [np.arange(100, dtype=np.float32), -np.arange(100, dtype=np.float32)]
+    def add(op, inputs, **kw):
+        n = make_node(g, op, inputs, **kw)
+        g.append(n)
+        return n.outputs[0]
+
+    consts = [add("Constant", [], attrs={"value": Attr.tensor(v)}, name="k") for v in values]
+    g.outputs = [add("Add", [add("Add", [add("Mul", [x, consts[0]]), consts[1]]), w])]
+    save_gir(g, tmp_path / "g.gir")
+    x0 = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    want = x0 * values[0] + values[1] + 3.0
+    for graph in (g, load_gir(tmp_path / "g.gir")):
+        np.testing.assert_array_equal(next(iter(run(graph, {"x": x0}).values())), want)
+
+
 @given(st.integers(0, 10_000), st.integers(1, 20))
 def test_random_graphs_roundtrip_and_keep_results(seed, n):
     g = random_graph(seed, n)
