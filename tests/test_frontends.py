@@ -207,6 +207,21 @@ def test_from_torch_mlp_dynamic_batch(capfd):
     assert "exporting MLP" in err and "exported MLP in" in err and "Warning" not in err
 
 
+def test_from_torch_takes_an_exported_program_with_its_dynamic_shapes():
+    """The route the README gives for a .pt2 program (before: the path went in as torch.onnx.export's
+    `args`, nothing was written, and every call failed with "no such file")."""
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    program = torch.export.export(mlp, (torch.randn(2, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    graph = from_torch(program, None, progress=False)
+    name = graph.inputs[0].name
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+        with torch.no_grad():
+            expected = mlp(torch.from_numpy(x)).numpy()
+        assert_close(next(iter(run(graph, {name: x}).values())), expected, rtol=0, atol=ATOL)
+
+
 def test_from_torch_token_inputs_are_batch_by_seq(tmp_path):
     torch.manual_seed(0)
     module = TokenModel().eval()

@@ -263,7 +263,8 @@ def _from_exported_program(program, input_names, output_names, *, name, progress
                 with _quiet():
                     import torch
 
-                    torch.onnx.export(program, str(work / "model.onnx"), dynamo=True, opset_version=CANONICAL_OPSET,
+                    # f by name: the second positional parameter is `args`, which a program does not take
+                    torch.onnx.export(program, f=str(work / "model.onnx"), dynamo=True, opset_version=CANONICAL_OPSET,
                                       input_names=list(input_names) if input_names else None,
                                       output_names=list(output_names) if output_names else None,
                                       external_data=True, verbose=False)
