@@ -586,3 +586,18 @@ def test_a_model_without_a_position_table_is_not_bounded_by_its_config(tmp_path)
     assert "max_positions" not in result.manifest
     ids = np.ones((1, 2100), np.int64)
     assert graphopt.load(tmp_path / "out").run({"input_ids": ids, "attention_mask": ids})["logits"].shape[1] == 2100
+
+
+def test_a_branch_on_input_values_frozen_by_the_torchscript_fallback_is_said(capsys):
+    """dynamo refuses `if x.sum() > 0`; the TorchScript tracer keeps the example's branch and
+    gave wrong results on other inputs without a word (its TracerWarning was silenced)."""
+    class Branch(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x * 2
+            return x - 100
+
+    graph = from_torch(Branch().eval(), (torch.ones(2, 4),), input_names=["x"], progress=False)
+    err = capsys.readouterr().err
+    assert "branches on its input values (1 place(s), first at test_frontends.py:" in err, err
+    assert "data-dependent branch(es) frozen" in graph.metadata.exporter

@@ -106,11 +106,21 @@ def export_module(module, args: tuple, kwargs: dict, input_names: list[str], out
                 exporter = f"{TORCHSCRIPT} (dynamo failed: {reason})"
                 _clear(work)
                 try:
-                    with _quiet(), _quiet_native_stdout():
+                    with _quiet(), _quiet_native_stdout(), warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
                         _export_torchscript(module, args, kwargs, input_names, output_names, dynamic, onnx_path)
                 except Exception as ts_error:
                     raise UserError(f"{label}: export to ONNX failed: dynamo: {reason}; "
                                     f"torchscript: {_reason(ts_error)}") from None
+                # The tracer runs the example once: a branch on the input's values is frozen as taken
+                frozen = [w for w in caught if "to a Python boolean" in str(w.message)]
+                if frozen:
+                    where = f"{Path(frozen[0].filename).name}:{frozen[0].lineno}"
+                    bar.warn(f"warning: {label} branches on its input values ({len(frozen)} place(s), first at "
+                             f"{where}); the TorchScript export keeps only the branch the example inputs took, "
+                             "so other inputs may give wrong results (make it exportable by dynamo: torch.where, "
+                             "torch.cond)")
+                    exporter += f"; {len(frozen)} data-dependent branch(es) frozen"
             seconds = time.perf_counter() - start
             bar.done(f"exported {label} in {seconds:.1f} s ({exporter.split(' (')[0]})")
         return _import(onnx_path, label=label, exporter=exporter, seconds=seconds, source=source)
