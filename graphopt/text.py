@@ -32,7 +32,8 @@ import numpy as np
 
 from graphopt.dtypes import DType
 from graphopt.errors import ParseError
-from graphopt.ir import Attr, AttrKind, Graph, GraphMetadata, Node, TensorType, Value
+from graphopt.ir import (CANONICAL_OPSET, GRAPHOPT_DOMAIN, GRAPHOPT_OPSET, Attr, AttrKind, Graph, GraphMetadata, Node,
+                         TensorType, Value)
 from graphopt.weights_file import write_tensors, read_tensors
 
 INLINE_TENSOR_LIMIT = 64  # elements; larger tensor attributes go to the weights file
@@ -613,10 +614,23 @@ def parse_graph(text: str, *, filename: str = "<string>",
             g.opset = {str(k): int(v) for k, v in opset.items()}
         except (TypeError, ValueError):
             raise ParseError(f"{filename}: the opset line maps domains to integer versions") from None
+        # the IR is at one opset (ONNX files are converted on import): another one would be
+        # written to ONNX as it stands and refused by the runtimes
+        for domain, want in (("", CANONICAL_OPSET), (GRAPHOPT_DOMAIN, GRAPHOPT_OPSET)):
+            if domain in g.opset and g.opset[domain] != want:
+                raise ParseError(f"{filename}: opset {domain or 'ai.onnx'} {g.opset[domain]}: graphopt's text IR is at "
+                                 f"{want}; convert a model at another opset through ONNX (graphopt convert "
+                                 "model.onnx -o model.gir converts it)")
     md = GraphMetadata()
     for k, v in metadata.items():
         if not hasattr(md, k):
             raise ParseError(f"{filename}: unknown metadata field {k!r}")
+        default = getattr(md, k)
+        if not (isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))) \
+                or isinstance(v, bool) != isinstance(default, bool) \
+                or (k == "metadata_props" and not all(isinstance(x, str) for x in (*v, *v.values()))) \
+                or (k == "passes" and not all(isinstance(x, str) for x in v)):
+            raise ParseError(f"{filename}: metadata field {k!r} has the wrong type ({v!r})")
         try:
             setattr(md, k, dict(v) if k == "metadata_props" else list(v) if k == "passes" else v)
         except (TypeError, ValueError):

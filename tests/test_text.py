@@ -85,6 +85,22 @@ def test_gir_files_roundtrip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("header, message", [
+    ('opset {"": 13}', r"opset ai.onnx 13: graphopt's text IR is at 20"),
+    ('opset {"": 99}', r"opset ai.onnx 99"),
+    ('metadata {"ir_version": "x"}', r"metadata field 'ir_version' has the wrong type \('x'\)"),
+    ('metadata {"metadata_props": {"a": 1}}', r"metadata field 'metadata_props' has the wrong type"),
+    ('metadata {"passes": "dce"}', r"metadata field 'passes' has the wrong type"),
+])
+def test_a_gir_header_of_another_opset_or_mistyped_metadata_is_refused(header, message):
+    """Before: an opset-13 .gir was written to ONNX as it stood (onnxruntime then refused the
+    artifact), and a mistyped metadata field was an internal error."""
+    text = header + "\ngraph @g(%x: f32[2]) -> (f32[2]) {\n  %y = Relu(%x) : f32[2]\n  return %y\n}\n"
+    with pytest.raises(ParseError, match=message):
+        parse_graph(text)
+    parse_graph('opset {"": 20}\nmetadata {"ir_version": 10, "export_seconds": 1}\n' + text.split("\n", 1)[1])
+
+
 def test_gir_weights_file_keys_never_collide(tmp_path):
     """Large tensor attributes go to the weights file under "<node>::<attr>": two Constant nodes
     of one name (ONNX allows it) and an initializer named "k::value" overwrote each other, and
