@@ -90,10 +90,13 @@ def _problems(graph: Graph, check_types: bool) -> list[str]:
         except UnknownOpError:
             errs.append(f"{where}: unknown op {n.op}")
             continue
+        shaped = len(errs)
         if not opdef.min_inputs <= len(n.inputs) <= opdef.max_inputs:
             errs.append(f"{where} has {len(n.inputs)} inputs; {n.op} takes {opdef.takes_inputs()}")
         if not opdef.min_outputs <= len(n.outputs) <= opdef.max_outputs:
-            errs.append(f"{where} has {len(n.outputs)} outputs; {n.op} makes {opdef.min_outputs} to {opdef.max_outputs}")
+            makes = (str(opdef.min_outputs) if opdef.min_outputs == opdef.max_outputs
+                     else f"{opdef.min_outputs} to {opdef.max_outputs}")
+            errs.append(f"{where} has {len(n.outputs)} outputs; {n.op} makes {makes}")
         for k, a in n.attrs.items():
             spec = opdef.attrs.get(k)
             if spec is None:
@@ -103,7 +106,9 @@ def _problems(graph: Graph, check_types: bool) -> list[str]:
         for k, spec in opdef.attrs.items():
             if spec.required and k not in n.attrs:
                 errs.append(f"{where}: required attribute {k!r} is missing")
-        if check_types and all(v is None or v.type is not None for v in n.inputs):
+        # a node of the wrong arity is not typed: its inference would fail on the missing input and
+        # say so in Python's words ("not enough values to unpack"), in place of the message above
+        if check_types and len(errs) == shaped and all(v is None or v.type is not None for v in n.inputs):
             try:
                 inferred = infer_types(n)
             except UserError as e:

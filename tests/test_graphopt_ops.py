@@ -561,3 +561,21 @@ def test_causal_attention_with_a_key_padding_mask_broadcast_over_queries():
     d = g.copy()
     decompose_graphopt_ops(d)
     np.testing.assert_allclose(run(d, feeds)[d.outputs[0].name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bias_or_scale_of_the_wrong_width_and_a_wrong_arity_are_named_by_verify():
+    """A hand-edited .gir: graphopt.Linear with another layer's bias, RMSNorm with a scale of the
+    wrong width (verified and written; onnxruntime failed at run time), and RMSNorm with one input
+    (verify said "not enough values to unpack", naming no node)."""
+    from graphopt.errors import VerificationError
+    from graphopt.text import parse_graph
+
+    head = "graph @g(%x: f32[2, 32]) -> (f32[2, 32]) {\n  weights {\n    @w: f32[32, 32]\n    @b8: f32[8]\n  }\n"
+    weights = {"w": np.zeros((32, 32), np.float32), "b8": np.zeros(8, np.float32)}
+    for body, message in (
+            ("%y = graphopt.Linear(%x, @w, @b8) : f32[2, 32]", "the bias has 8 values but the output has 32 features"),
+            ("%y = graphopt.RMSNorm(%x, @b8) : f32[2, 32]", "the scale has 8 values but X has 32 features"),
+            ("%y = graphopt.RMSNorm(%x) : f32[2, 32]", r"\(graphopt.RMSNorm\) has 1 inputs; graphopt.RMSNorm takes 2$")):
+        g = parse_graph(head + f"  {body}\n  return %y\n}}\n", weights=weights)
+        with pytest.raises(VerificationError, match=message):
+            verify(g)

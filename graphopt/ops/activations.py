@@ -73,5 +73,9 @@ def projection_infer(node: Node):
         return [None]
     activation_of(node)
     n = _matmul_dims(node, x.type, w.type)
+    bias = node.inputs[2] if node.op_type == "Linear" and len(node.inputs) > 2 else None
+    last = bias.type.shape[-1] if bias is not None and bias.type is not None and bias.type.shape else None
+    if isinstance(last, int) and isinstance(n, int) and last not in (1, n):
+        raise unsupported(node, f"the bias has {last} values but the output has {n} features")
     shape = None if x.type.shape is None else tuple(x.type.shape[:-1]) + (n,)
     return [TensorType(x.type.dtype, shape)]

@@ -27,6 +27,10 @@ def _rms_infer(node: Node):
     rank, axis = x.type.rank, node.attr("axis", -1)
     if rank is not None and not -rank <= axis < rank:
         raise unsupported(node, f"axis {axis} is out of range for an input of rank {rank}")
+    width = x.type.shape[-1] if x.type.shape else None
+    size = scale.type.shape[-1] if scale.type.shape else None
+    if isinstance(width, int) and isinstance(size, int) and size not in (1, width):
+        raise unsupported(node, f"the scale has {size} values but X has {width} features")
     return [x.type]
 
 
