@@ -342,7 +342,10 @@ class _Parser:
             sig, key = self.value_name("@")
             if self.load_external is None:
                 self.fail_at(t.line, t.col, f"tensor {key!r} lives in a weights file, but none was given")
-            arr = self.load_external(key)
+            try:
+                arr = self.load_external(key)
+            except KeyError:
+                self.fail_at(t.line, t.col, f"tensor {key!r} is not in the weights file")
             if arr.dtype != tt.dtype.np_dtype or tuple(arr.shape) != tt.shape:
                 self.fail_at(t.line, t.col, f"tensor {key!r} in the weights file is {TensorType.of(arr)}, expected {tt}")
             return np.asarray(arr)
@@ -361,10 +364,19 @@ class _Parser:
         if len(items) != tt.numel:
             self.fail_at(t.line, t.col, f"dense tensor of type {tt} needs {tt.numel} values, got {len(items)}")
         if tt.dtype is DType.BOOL:
-            vals = np.array([x == "true" or x not in ("false", "0") for x in items], dtype=np.bool_)
+            if any(x not in ("true", "false", "0", "1") for x in items):
+                self.fail_at(t.line, t.col, f"a {tt} holds true, false, 0 or 1")
+            vals = np.array([x in ("true", "1") for x in items], dtype=np.bool_)
         elif tt.dtype.is_float:
-            vals = np.array([float(x) for x in items], dtype=np.float64).astype(tt.dtype.np_dtype)
+            with np.errstate(over="ignore"):  # a literal past the type's range is infinity, as in C
+                vals = np.array([float(x) for x in items], dtype=np.float64).astype(tt.dtype.np_dtype)
         else:
+            if not all(re.fullmatch(r"[-+]?\d+", x) for x in items):
+                self.fail_at(t.line, t.col, f"a {tt} holds integers")
+            info = np.iinfo(tt.dtype.np_dtype)
+            bad = next((x for x in items if not info.min <= int(x) <= info.max), None)
+            if bad is not None:
+                self.fail_at(t.line, t.col, f"{bad} is outside {tt.dtype.short}'s range [{info.min}, {info.max}]")
             vals = np.array([int(x) for x in items], dtype=tt.dtype.np_dtype)
         return vals.reshape(tt.shape)
 

@@ -101,6 +101,21 @@ def test_a_gir_header_of_another_opset_or_mistyped_metadata_is_refused(header, m
     parse_graph('opset {"": 20}\nmetadata {"ir_version": 10, "export_seconds": 1}\n' + text.split("\n", 1)[1])
 
 
+@pytest.mark.parametrize("literal, message", [
+    ("dense<i8[2]>[-129, 3]", r"-129 is outside i8's range \[-128, 127\]"),
+    ("dense<u64[1]>[-1]", r"-1 is outside u64's range"),
+    ("dense<i64[3]>[1.5, 2, 3]", r"a i64\[3\] holds integers"),
+    ("dense<bool[2]>[0.0, true]", r"a bool\[2\] holds true, false, 0 or 1"),
+    ('dense<f32[100]>@"nope::value"', r"tensor 'nope::value' is not in the weights file"),
+])
+def test_a_dense_literal_the_type_cannot_hold_is_a_parse_error(literal, message):
+    """Before: OverflowError, ValueError or KeyError from numpy and the weights file, an internal
+    error; and a bool 0.0 was read as true."""
+    text = f"graph @g() -> (?) {{\n  %c = Constant() {{value={literal}}} : ?\n  return %c\n}}\n"
+    with pytest.raises(ParseError, match=message):
+        parse_graph(text, weights={})
+
+
 def test_gir_weights_file_keys_never_collide(tmp_path):
     """Large tensor attributes go to the weights file under "<node>::<attr>": two Constant nodes
     of one name (ONNX allows it) and an initializer named "k::value" overwrote each other, and
