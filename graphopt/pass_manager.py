@@ -99,7 +99,8 @@ class Pass:
     # its outputs moved instead of failing, and compares the passes after it to its result.
     approximate: ClassVar[bool] = False
     # A pass that changes the graph's interface by design (rewrite-kv-cache names the first
-    # output `logits`); every other pass keeps the outputs, position by position, by name.
+    # output `logits` and adds the cache inputs); every other pass keeps the inputs (names,
+    # types, ranks) and the outputs, position by position, by name.
     changes_outputs: ClassVar[bool] = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
@@ -476,6 +477,7 @@ class PassManager:
                 except GraphoptError as e:
                     raise PassCrash(f"pass {p.name!r} left an invalid graph: {e}") from e
             if not p.changes_outputs:
+                _check_inputs_kept(p.name, current, work)
                 _check_outputs_kept(p.name, current, work)
             record = PassRecord(p.name, dataclasses.asdict(p), seconds, result.changed, dict(result.stats),
                                 len(current.nodes), len(work.nodes), category=p.category, notes=notes,
@@ -491,6 +493,20 @@ class PassManager:
             self.records.append(record)
             current = work
         return current
+
+
+def _check_inputs_kept(pass_name: str, before: Graph, after: Graph) -> None:
+    """A pass keeps the graph's inputs: their names, element types and ranks (feeds that ran
+    the model before must run it after)."""
+    old = [(v.name, v.type.dtype if v.type else None, v.type.rank if v.type else None)
+           for v in before.inputs if not v.is_initializer]
+    new = [(v.name, v.type.dtype if v.type else None, v.type.rank if v.type else None)
+           for v in after.inputs if not v.is_initializer]
+    if old != new:
+        gone = next((o for o, n in zip(old + [None] * len(new), new + [None] * len(old)) if o != n), None)
+        what = f"graph input {gone[0]!r}" if gone else "the graph inputs"
+        raise PassCrash(f"pass {pass_name!r} changed {what} (a pass keeps the inputs' names, types and ranks; "
+                        "one that changes them declares changes_outputs)")
 
 
 def _check_outputs_kept(pass_name: str, before: Graph, after: Graph) -> None:

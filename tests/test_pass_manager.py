@@ -167,6 +167,25 @@ def test_a_pass_that_points_an_output_at_another_value_is_caught_with_or_without
                 PassManager("test-skip-output-add", check_numerics=numerics, verify=checked).run(relu_graph())
 
 
+@register_pass("test-rename-input")
+class RenameInput(Pass):
+    """Renames the first graph input (feeds by the old name no longer run the artifact)."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        graph.rename_value(graph.inputs[0], graph.inputs[0].name + "_renamed")
+        return PassResult(changed=True)
+
+
+def test_a_pass_that_renames_an_input_is_caught_naming_the_pass():
+    """Before: the artifact's input became x_renamed without a word (with --check-numerics the
+    user was told their feed was unknown)."""
+    from graphopt.pass_manager import PassCrash
+
+    for numerics in (True, False):
+        with pytest.raises(PassCrash, match="pass 'test-rename-input' changed graph input 'x'"):
+            PassManager("test-rename-input", check_numerics=numerics).run(relu_graph())
+
+
 def test_a_pass_that_raises_leaves_the_graph_as_it_was():
     g = relu_graph()
     before = print_graph(g)
