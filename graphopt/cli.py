@@ -420,11 +420,14 @@ def list_passes(as_json: bool) -> None:
       graphopt passes
       graphopt optimize model.onnx -o out --passes "simplify-shapes,dce"
     """
+    import dataclasses
+
     from graphopt.pass_manager import all_passes, options_of
 
     rows = []
     for info in all_passes():
-        opts = {k: f.default for k, f in options_of(info.cls).items()}
+        opts = {k: f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
+                else f.default for k, f in options_of(info.cls).items()}
         rows.append({"name": info.name, "aliases": list(info.aliases), "options": opts,
                      "summary": info.summary, "source": info.source})
     if as_json:

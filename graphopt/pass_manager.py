@@ -165,6 +165,12 @@ def register_pass(name: str, *, aliases: tuple[str, ...] = ()):
         raise ValueError(f"pass name {name!r} must be kebab-case, verb first (e.g. 'fold-constants')")
 
     def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise TypeError(f"pass {name!r}: {getattr(cls, '__name__', cls)!r} is not a subclass of graphopt.Pass")
+        unknown = [p for p in getattr(cls, "preconditions", ()) if p not in PRECONDITIONS]
+        if unknown:
+            raise ValueError(f"pass {name!r}: unknown precondition {unknown[0]!r} "
+                             f"(known: {', '.join(sorted(PRECONDITIONS)) or 'none'})")
         if not dataclasses.is_dataclass(cls):
             cls = dataclasses.dataclass(cls)
         if name in _PASSES or name in _ALIASES:
@@ -250,6 +256,21 @@ def _convert_option(pass_name: str, key: str, raw, typ) -> Any:
         text = raw
     else:
         text = str(raw).lower() if isinstance(raw, bool) else str(raw)
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]  # Optional[T]: "none" or a T
+        if text.lower() in ("none", ""):
+            return None
+        if len(rest) == 1:
+            return _convert_option(pass_name, key, raw, rest[0])
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        raise UserError(f"pass {pass_name!r}: option {key!r} is one of {', '.join(map(str, args))}, not {text!r}")
+    if origin in (list, tuple) and args:  # a list on the command line is ';'-separated (TOML lists are joined so)
+        items = [t.strip() for t in text.split(";") if t.strip()]
+        return origin(_convert_option(pass_name, key, item, args[0]) for item in items)
     try:
         if typ is bool:
             if text.lower() in ("true", "1", "yes"):
@@ -379,7 +400,21 @@ class PassRecord:
     details: list[dict] = dataclasses.field(default_factory=list)  # near misses first (NearMiss fields)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(x):
+    """`x` as JSON takes it: a numpy value or array a plugin put in its stats or details as
+    the Python number or list it holds, anything else unknown as its text."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.generic, np.ndarray)):
+        return _jsonable(x.tolist())
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)
 
 
 def unmet_requirements(cls: type[Pass], history: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import textwrap
+from typing import Literal, Optional
 
 import numpy as np
 import pytest
@@ -434,3 +435,38 @@ def test_a_pass_may_return_its_graph_and_nothing_else():
 
     with pytest.raises(PassCrash, match="pass 'test-return-junk' returned int; run\\(\\) returns a PassResult"):
         PassManager("test-return-junk").run(g)
+
+
+def test_plugin_mistakes_are_named_when_the_pass_registers_or_runs():
+    """A class that is not a Pass, an unknown precondition: refused at registration, naming the
+    pass (before: AttributeError or KeyError at run time). Typed options arrive typed; a numpy
+    value in a pass's details reaches the report as a number (before: not JSON serializable)."""
+    with pytest.raises(TypeError, match="pass 'test-not-a-pass': 'NotAPass' is not a subclass of graphopt.Pass"):
+        @register_pass("test-not-a-pass")
+        class NotAPass:
+            pass
+    with pytest.raises(ValueError, match="pass 'test-bad-precondition': unknown precondition 'no-such'"):
+        @register_pass("test-bad-precondition")
+        class BadPrecondition(Pass):
+            preconditions = ("no-such",)
+
+    @register_pass("test-typed-options")
+    class Typed(Pass):
+        """Takes typed options and reports a numpy value."""
+
+        a: Optional[int] = None
+        mode: Literal["x", "y"] = "x"
+        sizes: list[int] = dataclasses.field(default_factory=list)
+
+        def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+            return PassResult(changed=False, details=[{"a": self.a, "sizes": self.sizes, "mean": np.float32(0.5)}])
+
+    p = parse_pipeline("test-typed-options{a=5,mode=y,sizes=1;2}")[0].instantiate()
+    assert (p.a, p.mode, p.sizes) == (5, "y", [1, 2])
+    assert parse_pipeline("test-typed-options{a=none}")[0].instantiate().a is None
+    with pytest.raises(UserError, match="option 'mode' is one of x, y, not 'z'"):
+        parse_pipeline("test-typed-options{mode=z}")
+    pm = PassManager("test-typed-options{a=5,sizes=1;2}")
+    pm.run(relu_graph())
+    import json
+    assert json.loads(json.dumps(pm.records[0].to_json()))["details"] == [{"a": 5, "sizes": [1, 2], "mean": 0.5}]
