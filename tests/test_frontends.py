@@ -601,3 +601,18 @@ def test_a_branch_on_input_values_frozen_by_the_torchscript_fallback_is_said(cap
     err = capsys.readouterr().err
     assert "branches on its input values (1 place(s), first at test_frontends.py:" in err, err
     assert "data-dependent branch(es) frozen" in graph.metadata.exporter
+
+
+def test_examples_that_disagree_on_a_shared_dynamic_dimension_are_refused_up_front():
+    """Every input's axis 0 is "batch" by default: examples of batch 2 and 3 made dynamo fail
+    (with 40 lines of log), and the TorchScript fallback a model that could not run its own
+    example inputs."""
+    class Two(torch.nn.Module):
+        def forward(self, x, idx):
+            return x.sum() + idx.sum()
+
+    with pytest.raises(UserError, match=r"dimension 'batch' is 2 in example input 'x' but 3 in 'idx' \(axis 0\)"):
+        from_torch(Two(), (torch.ones(2, 4), torch.ones(3)), input_names=["x", "idx"], progress=False)
+    graph = from_torch(Two(), (torch.ones(2, 4), torch.ones(3)), input_names=["x", "idx"],
+                       dynamic={"x": {0: "batch"}, "idx": {0: "n"}}, progress=False)
+    assert [str(v.type) for v in graph.inputs] == ["f32[batch, 4]", "f32[n]"]

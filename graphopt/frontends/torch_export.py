@@ -193,6 +193,16 @@ def _check_examples(names: list[str], tensors: list, dynamic: DynamicSpec) -> No
             if t.shape[axis] < 2:
                 raise UserError(f"example input {n!r} has size {t.shape[axis]} on dynamic axis {axis} "
                                 f"({_dim_name(d)!r}); give an example of size 2 or more there")
+    # one name is one size: inputs whose examples differ there cannot share the dimension
+    seen: dict[str, tuple[str, int]] = {}
+    for n, t in zip(names, tensors):
+        for axis, d in dynamic.get(n, {}).items():
+            name, size = _dim_name(d), int(t.shape[axis])
+            first = seen.setdefault(name, (n, size))
+            if first[1] != size:
+                raise UserError(f"dimension {name!r} is {first[1]} in example input {first[0]!r} but {size} in {n!r} "
+                                f"(axis {axis}); give examples that agree, or name their dimensions apart with "
+                                f"dynamic={{{n!r}: {{{axis}: 'other'}}}}")
 
 
 def _dynamic_shapes(names: list[str], dynamic: DynamicSpec, n_args: int):
