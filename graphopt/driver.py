@@ -202,10 +202,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         if not kv_cache or passes is not None or recipe is not None:
             raise UserError("--kv-layout chooses the cache of the default pipeline's rewrite-kv-cache; with "
                             "--no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}")
-        try:
-            check_layout(kv_layout, backend)
-        except UserError as e:
-            raise UserError(f"--kv-layout {kv_layout}: {e}") from None
+        check_layout(kv_layout, backend)  # its message names rewrite-kv-cache and the layout
     tune_spec = _check_tuning(backend, target, backend_options, tune_minutes, tune_shapes, tune_db)
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else _pipeline(passes)

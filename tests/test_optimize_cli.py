@@ -227,7 +227,7 @@ def test_inspect_puts_per_layer_cache_values_on_one_line():
     ({"tune_minutes": "2"}, r"optimize\(tune_minutes='2'\): expected a number of minutes"),
     ({"backend_options": ["a=b"]}, r"optimize\(backend_options=\['a=b'\]\): expected a dict"),
     ({"inputs": "x.npz"}, r"optimize\(inputs='x.npz'\): expected a dict of input names to arrays"),
-    ({"kv_layout": "bnsh"}, r"--kv-layout bnsh: rewrite-kv-cache: unknown layout 'bnsh'"),
+    ({"kv_layout": "bnsh"}, r"rewrite-kv-cache: unknown layout 'bnsh' \(choose from BNSH, BSNH, static, paged\)"),
 ])
 def test_the_python_api_names_an_argument_of_the_wrong_type(kwargs, message, tmp_path, monkeypatch):
     """Before: AttributeError / TypeError / ValueError from inside a parser, some after the export."""
