@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import re
 import time
+import types
 import typing
 from typing import Any, Callable, ClassVar
 
@@ -257,7 +258,7 @@ def _convert_option(pass_name: str, key: str, raw, typ) -> Any:
     else:
         text = str(raw).lower() if isinstance(raw, bool) else str(raw)
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]  # Optional[T]: "none" or a T
         if text.lower() in ("none", ""):
             return None
