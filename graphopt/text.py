@@ -299,7 +299,10 @@ class _Parser:
         t = self.peek()
         if t.kind == "number":
             self.next()
-            return Attr.int(int(t.text)) if re.fullmatch(r"[-+]?\d+", t.text) else Attr.float(float(t.text))
+            if re.fullmatch(r"[-+]?\d+", t.text):
+                return Attr.int(self.int64(t))
+            self.check_finite([t.text], DType.FLOAT32, t)
+            return Attr.float(float(t.text))
         if t.kind == "string":
             return Attr.string(self.string())
         if t.kind == "ident" and t.text in ("ints", "floats", "strings"):
@@ -323,12 +326,33 @@ class _Parser:
                 return Attr.strings([self.json_string(x, x.text) for x in items])
             if kinds == {"number"}:
                 if all(re.fullmatch(r"[-+]?\d+", x.text) for x in items):
-                    return Attr.ints([int(x.text) for x in items])
+                    return Attr.ints([self.int64(x) for x in items])
                 if all(not re.fullmatch(r"[-+]?\d+", x.text) for x in items):
+                    for x in items:
+                        self.check_finite([x.text], DType.FLOAT32, x)
                     return Attr.floats([float(x.text) for x in items])
                 self.fail("a list attribute mixes ints and floats (write every float with a '.')", t)
             self.fail("a list attribute holds ints, floats or strings", t)
         self.fail("expected an attribute value")
+
+    def int64(self, t: _Tok) -> int:
+        """An integer attribute: ONNX holds them as int64."""
+        v = int(t.text)
+        if not -2**63 <= v < 2**63:
+            self.fail_at(t.line, t.col, f"{t.text} is outside the int64 range of an attribute")
+        return v
+
+    def check_finite(self, items: list[str], dtype: DType, t: _Tok) -> None:
+        """A finite literal the type cannot hold is refused rather than read as infinity
+        (write `inf` for infinity); one that rounds to the type's largest value is kept."""
+        with np.errstate(over="ignore"):
+            wide = np.array([float(x) for x in items], dtype=np.float64)
+            narrow = wide.astype(dtype.np_dtype).astype(np.float64)
+        bad = np.isfinite(wide) & ~np.isfinite(narrow)
+        if bad.any():
+            x = items[int(np.argmax(bad))]
+            self.fail_at(t.line, t.col, f"{x} is outside {dtype.short}'s range "
+                                        f"(largest {float(np.finfo(dtype.np_dtype).max):g}; write inf for infinity)")
 
     def dense(self) -> np.ndarray:
         self.expect("dense")
@@ -368,8 +392,8 @@ class _Parser:
                 self.fail_at(t.line, t.col, f"a {tt} holds true, false, 0 or 1")
             vals = np.array([x in ("true", "1") for x in items], dtype=np.bool_)
         elif tt.dtype.is_float:
-            with np.errstate(over="ignore"):  # a literal past the type's range is infinity, as in C
-                vals = np.array([float(x) for x in items], dtype=np.float64).astype(tt.dtype.np_dtype)
+            self.check_finite(items, tt.dtype, t)
+            vals = np.array([float(x) for x in items], dtype=np.float64).astype(tt.dtype.np_dtype)
         else:
             if not all(re.fullmatch(r"[-+]?\d+", x) for x in items):
                 self.fail_at(t.line, t.col, f"a {tt} holds integers")
@@ -446,6 +470,7 @@ class _Parser:
                 define_initializer(name, self.tensor_type(), tok)
 
         while True:
+            ret = self.peek()
             if self.accept("return"):
                 outs, toks = [], []
                 if self.peek().text != "}":
@@ -459,6 +484,14 @@ class _Parser:
                         if not self.accept(","):
                             break
                 self.expect("}")
+                if not outs:
+                    self.fail_at(ret.line, ret.col, "the graph returns nothing: a graph needs at least one result")
+                seen: set[str] = set()
+                for v, tok in zip(outs, toks):
+                    if v.name in seen:
+                        self.fail_at(tok.line, tok.col, f"{v.name!r} is returned twice: each result is its own value "
+                                                        f"(return an Identity of it for a second result)")
+                    seen.add(v.name)
                 if len(outs) != len(result_types):
                     self.fail(f"the graph declares {len(result_types)} results but returns {len(outs)}")
                 for v, t, tok in zip(outs, result_types, toks):

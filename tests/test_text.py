@@ -107,6 +107,9 @@ def test_a_gir_header_of_another_opset_or_mistyped_metadata_is_refused(header, m
     ("dense<i64[3]>[1.5, 2, 3]", r"a i64\[3\] holds integers"),
     ("dense<bool[2]>[0.0, true]", r"a bool\[2\] holds true, false, 0 or 1"),
     ('dense<f32[100]>@"nope::value"', r"tensor 'nope::value' is not in the weights file"),
+    # A finite literal past the range was read as infinity.
+    ("dense<f16[2]>[70000.0, 1.0]", r"70000.0 is outside f16's range \(largest 65504; write inf"),
+    ("dense<f32[1]>[1e39]", r"1e39 is outside f32's range"),
 ])
 def test_a_dense_literal_the_type_cannot_hold_is_a_parse_error(literal, message):
     """Before: OverflowError, ValueError or KeyError from numpy and the weights file, an internal
@@ -165,6 +168,14 @@ BASE = '''graph @g(%x: f32[2]) -> (f32[2]) {
     (BASE.replace("return %y", "%y = Neg(%x) : f32[2]\n  return %y"), 3, "defined twice"),
     ("opset {bad\n" + BASE, 1, "bad opset line"),
     (BASE.replace("%y = Relu(%x) : f32[2]", "%y = Relu(@w) : f32[2]"), 2, "used before"),
+    # Python's own OverflowError from onnx, without the node, before.
+    (BASE.replace("Relu(%x) : f32[2]", "Softmax(%x) {axis=99999999999999999999} : f32[2]"), 2,
+     "99999999999999999999 is outside the int64 range"),
+    (BASE.replace("Relu(%x) : f32[2]", "Relu(%x) {alpha=[1.0, 1e40]} : f32[2]"), 2, "1e40 is outside f32's range"),
+    # Two results of one name (the ONNX model then had two outputs called "y"); no result at all.
+    (BASE.replace("-> (f32[2])", "-> (f32[2], f32[2])").replace("return %y", "return %y, %y"), 3,
+     "'y' is returned twice"),
+    (BASE.replace("-> (f32[2])", "-> ()").replace("return %y", "return"), 3, "the graph returns nothing"),
 ])
 def test_parse_errors_name_the_line(bad, line, message):
     with pytest.raises(ParseError, match=message) as e:
