@@ -436,8 +436,14 @@ class Graph:
         return v
 
     def add_initializer(self, name: str, array: np.ndarray) -> Value:
+        """A constant. The graph keeps a read-only view of `array`, not a copy: a pass makes a
+        new array rather than changing one in place (an in-place change would reach the
+        caller's array, and the snapshot a failed pass is rolled back to)."""
         v = Value(name, TensorType.of(array))
         self._claim(v)
+        if isinstance(array, np.ndarray) and array.flags.writeable:
+            array = array.view()
+            array.flags.writeable = False
         v.const_value = array
         self.initializers[v.name] = v
         return v

@@ -193,3 +193,16 @@ def test_a_node_the_builder_cannot_type_is_not_left_behind():
     assert x.uses() == []
     g.outputs = [b.Relu(x)]
     verify(g)
+
+
+def test_an_initializer_is_a_read_only_view_of_the_callers_array():
+    # A pass (a plugin's, say) that changed a constant in place and then failed would change
+    # the caller's array and the snapshot the pass manager rolls back to.
+    g = Graph("g")
+    mine = np.ones(4, np.float32)
+    v = g.add_initializer("w", mine)
+    with pytest.raises(ValueError, match="read-only"):
+        v.const_value[0] = 5.0
+    assert mine.flags.writeable and mine[0] == 1.0
+    mine[1] = 2.0                        # a view, not a copy: no weight is held twice
+    assert v.const_value[1] == 2.0
