@@ -20,7 +20,7 @@ import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measur
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
 from graphopt.calibration import has_default_calibration, load_calibration, read_texts, text_feeds
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir, json_text
-from graphopt.generation import copy_hf_config, copy_tokenizer, generation_manifest, model_config
+from graphopt.generation_files import copy_hf_config, copy_tokenizer, generation_manifest, model_config
 from graphopt.frontends.training import is_run_folder
 from graphopt.passes.kvcache.rewrite import META_MAX_POSITIONS
 from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files

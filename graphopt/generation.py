@@ -13,35 +13,23 @@ and the tokenizer beside the model. `Generator` drives it:
 Greedy (temperature 0) or sampled with temperature, top-k and top-p from a seeded numpy
 generator; stops at any of the model's EOS ids (per row) or after `max_new_tokens`;
 `on_tokens(step, ids)` is called with each step's new ids (streaming). `generate_text` does
-the same from and to text with the tokenizer beside the model, and `TextStream` turns one
-row's new ids into text as they come (also for `graphopt generate` on eager torch).
+the same from and to text with the tokenizer beside the model (graphopt.generation_text reads
+prompts and new text; graphopt.generation_files writes the manifest's `generation` section).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.dtypes import DType
-from graphopt.frontends.training import is_run_folder
-from graphopt.passes.kvcache.last_token import META_LOGITS
-from graphopt.passes.kvcache.rewrite import (BLOCK_TABLE, META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS,
-                                             META_RECOMPUTE_AT)
+from graphopt.generation_text import TextStream, continuation, encode_prompts, is_int, load_tokenizer, logits_vocab
+from graphopt.passes.kvcache.rewrite import BLOCK_TABLE
 
-# Tokenizer files copied beside a generation-ready artifact when the model folder has them:
-# tokenizer.json (tokenizers, onnxruntime-genai) and what transformers' tokenizer classes read
-# besides (a SentencePiece model, a chat template saved on its own, added tokens).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
 DEFAULT_NEW_TOKENS = 200  # `graphopt generate` without --max-new-tokens (capped to what the context leaves)
-TRAINING_EOS = "<|endoftext|>"  # graphopt.train's one special token (documents start after it)
 
 
 @dataclasses.dataclass
@@ -293,75 +281,14 @@ class Generator:
         return result
 
 
-def continuation(tokenizer, context: Sequence[int], new: Sequence[int], skip: str = "") -> str:
-    """The text `new` ids make after `context`, as they read there: decode(context + new) past
-    decode(context) (decoded alone, a SentencePiece token loses its leading space), or the new
-    ids alone where the context's own text changes with what follows; `skip`, text the prompt
-    already shows (token healing), taken off its start; a character the last id only began, left out."""
-    head, whole = tokenizer.decode(list(context)), tokenizer.decode(list(context) + list(new))
-    text = whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(new))
-    text = text[len(skip):] if skip and text.startswith(skip) else text
-    return text.rstrip("\ufffd")
-
-
-class TextStream:
-    """One row's new text as its ids come, each step's piece read where it stands: decoded
-    within a window that starts a few tokens back (a SentencePiece decoder, Metaspace, drops
-    the leading space of a sequence's first token: decoded alone, "▁imp" after "the value of"
-    loses its space), so a step costs the same however long the text (decoding the whole
-    sequence every step grows with it; the same scheme as vLLM's incremental detokenizer).
-    `skip` is text the printed prompt already shows (what token healing took back), taken off
-    the start. `put` returns only text that later ids cannot change: a character split over
-    tokens (a trailing U+FFFD) waits for its last byte; `end` gives the rest, without a
-    character the last token only began."""
-
-    CONTEXT = 6  # tokens of context decoded before the new ones: enough to read them in place
-
-    def __init__(self, tokenizer, context: Sequence[int], skip: str = ""):
-        self.tokenizer, self.skip = tokenizer, skip
-        self.tokens = [int(t) for t in context][-self.CONTEXT:]
-        self.start, self.read = 0, len(self.tokens)  # the window [start, read) is text already read
-        self.shown = ""  # the text handed out so far
-
-    def _take(self, allow_partial: bool) -> str:
-        done = self.tokenizer.decode(self.tokens[self.start:self.read])
-        text = self.tokenizer.decode(self.tokens[self.start:])
-        if not allow_partial and text.endswith("\ufffd"):
-            return ""
-        piece = text[len(done):].rstrip("\ufffd") if allow_partial else text[len(done):]
-        self.start, self.read = self.read, len(self.tokens)
-        piece = self._unskip(piece)
-        self.shown += piece
-        return piece
-
-    def _unskip(self, piece: str) -> str:
-        """`piece` less what is left of `skip` at its start (the healed text the prompt shows)."""
-        if not self.skip:
-            return piece
-        if piece.startswith(self.skip):
-            piece, self.skip = piece[len(self.skip):], ""
-        elif self.skip.startswith(piece):
-            piece, self.skip = "", self.skip[len(piece):]
-        else:
-            self.skip = ""  # the text went another way: nothing of it is shown twice
-        return piece
-
-    def put(self, ids: Sequence[int]) -> str:
-        self.tokens.extend(int(t) for t in ids)
-        return self._take(allow_partial=False)
-
-    def end(self) -> str:
-        return self._take(allow_partial=True) if self.read < len(self.tokens) else ""
-
-
 def eos_ids(value) -> tuple[int, ...]:
     """The EOS ids a manifest, a config or a caller gives: one id (older manifests, most
     configs), a list (Llama-3-Instruct, Qwen2-Instruct: end of text and end of turn) or None."""
     if value is None:
         return ()
-    if _is_int(value):
+    if is_int(value):
         return (int(value),)
-    if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
+    if isinstance(value, (list, tuple)) and all(is_int(v) for v in value):
         return tuple(int(v) for v in value)
     raise UserError(f"eos_token_id {value!r}: a token id or a list of token ids")
 
@@ -407,36 +334,6 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng
     return int(rng.choice(z.size, p=p))
 
 
-# --------------------------------------------------------------------------------------
-# Text, tokenizer and manifest
-
-
-def load_tokenizer(folder: Path, hint: str | None = None):
-    """The folder's tokenizer.json; missing: a one-line error ending with `hint` (what to do instead)."""
-    from tokenizers import Tokenizer
-
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        hint = hint or ("generate from token ids with graphopt.load(ARTIFACT).generate([[ids...]]) or copy the "
-                        "model's tokenizer.json there")
-        raise UserError(f"{folder}: no tokenizer.json beside the model; {hint}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-
-
-def logits_vocab(artifact) -> int | None:
-    """The last dim of the artifact's logits (None where it is not static)."""
-    logits = next((o for o in artifact.outputs if o["name"] == "logits"), None) or (artifact.outputs or [{}])[0]
-    last = (logits.get("shape") or [None])[-1]
-    return last if isinstance(last, int) else None
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def token_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
     """`prompts` (token ids: one prompt or a batch, lists or arrays) as lists of ints, each id in
     [0, vocab_size): an id past the vocabulary is an out-of-bounds embedding read (an error on
@@ -446,14 +343,14 @@ def token_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
         prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)):
         raise UserError(f"prompts: token ids (a list of ints, or a list of such lists), not {type(prompts).__name__}")
-    if prompts and (_is_int(prompts[0]) or not isinstance(prompts[0], (list, tuple)) and not hasattr(prompts[0], "tolist")):
+    if prompts and (is_int(prompts[0]) or not isinstance(prompts[0], (list, tuple)) and not hasattr(prompts[0], "tolist")):
         prompts = [prompts]  # one prompt (a float in it is refused below)
     rows = []
     for p in prompts:
         p = p.tolist() if hasattr(p, "tolist") else p
         if not isinstance(p, (list, tuple)):
             raise UserError(f"prompts: a batch is a list of token-id lists, not a list holding {type(p).__name__}")
-        bad = next((t for t in p if not _is_int(t)), None)
+        bad = next((t for t in p if not is_int(t)), None)
         if bad is not None:
             raise UserError(f"prompts: token ids are integers, not {bad!r} ({type(bad).__name__})")
         rows.append([int(t) for t in p])
@@ -467,11 +364,11 @@ def token_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed) -> None:
-    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
+    if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise UserError(f"max_new_tokens {max_new_tokens!r}: must be a positive integer")
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise UserError(f"top_k {top_k!r}: must be an integer >= 0 (0: no top-k)")
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise UserError(f"seed {seed!r}: must be an integer >= 0 (None: fresh randomness)")
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or value != value:
@@ -480,40 +377,6 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed) -> None:
         raise UserError(f"temperature {temperature!r}: must be >= 0 and finite (0: greedy)")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p {top_p!r}: must be in (0, 1]")
-
-
-def healing_mask(tokenizer, token_id: int, vocab_size: int) -> np.ndarray:
-    """Tokens whose text starts with the text of `token_id` (token healing, as graphopt.train does)."""
-    prefix = tokenizer.id_to_token(token_id)
-    return np.array([(tokenizer.id_to_token(i) or "").startswith(prefix) for i in range(vocab_size)])
-
-
-def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | None = None):
-    """(token ids per prompt, allowed_first or None, healed text per prompt). A model trained
-    by graphopt.train starts documents after <|endoftext|> and gets token healing (its last
-    prompt token is taken back and the first new token must start with its text)."""
-    gen = artifact.manifest.get("generation") or {}
-    heal = gen.get("token_healing", False) if heal is None else heal
-    prefix = gen.get("prompt_prefix_ids") or []
-    ids, healed, masks = [], [], []
-    vocab = logits_vocab(artifact)
-    if heal and vocab is None:
-        raise UserError(f"{artifact.path}: the logits' vocabulary is not static; token healing needs it")
-    for text in prompts:
-        p = tokenizer.encode(text).ids
-        h = ""
-        if heal and p:
-            masks.append(healing_mask(tokenizer, p[-1], vocab))
-            h = continuation(tokenizer, list(prefix) + p[:-1], p[-1:])  # as it reads after the rest
-            p = p[:-1]
-        elif heal:
-            masks.append(np.ones(vocab, bool))
-        ids.append(list(prefix) + p)
-        healed.append(h)
-    if not all(ids):
-        raise UserError("an empty prompt: give some text (or a model with a start token)")
-    check_ids_fit([t for row in ids for t in row], vocab, artifact.path)
-    return ids, (np.stack(masks) if heal else None), healed
 
 
 def generate_text(artifact, prompts: Sequence[str], max_new_tokens: int = 32, **options) -> GenerationResult:
@@ -526,93 +389,3 @@ def generate_text(artifact, prompts: Sequence[str], max_new_tokens: int = 32, **
                                                           allowed_first=allowed, **options)
 
 
-def check_ids_fit(ids, vocab, where) -> None:
-    """A prompt token past the model's vocabulary (a tokenizer that is not the model's) is a
-    one-line error, not an out-of-bounds read (TVM's embedding lookup does not check)."""
-    if isinstance(vocab, int) and ids and max(ids) >= vocab:
-        raise UserError(f"{where}: the prompt has token id {max(ids)}, past the model's vocabulary of {vocab}: "
-                        "its tokenizer.json is not the one the model was trained with")
-
-
-def generation_manifest(graph, model_path) -> dict | None:
-    """The manifest's `generation` section for a graph rewrite-kv-cache made, else None."""
-    props = graph.metadata.metadata_props
-    if META_LAYOUT not in props:
-        return None
-    section = {"kv_layout": props[META_LAYOUT], "logits": props.get(META_LOGITS, "all"),
-               "num_layers": int(props.get(META_LAYERS, 0)), "max_positions": int(props.get(META_MAX_POSITIONS, 0))}
-    if META_BLOCK_SIZE in props:
-        section["block_size"] = int(props[META_BLOCK_SIZE])
-    if META_RECOMPUTE_AT in props:
-        section["recompute_cache_at"] = int(props[META_RECOMPUTE_AT])
-    folder = _model_folder(model_path)
-    config = model_config(model_path)
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        section["tokenizer"] = "tokenizer.json"
-        if isinstance(config, dict) and str(config.get("format", "")).startswith("graphopt.train"):
-            eos = load_tokenizer(folder).token_to_id(TRAINING_EOS)
-            if eos is not None:
-                section.update(eos_token_id=eos, prompt_prefix_ids=[eos], token_healing=True)
-    if "eos_token_id" not in section and isinstance(config, dict):
-        eos = model_eos_ids(folder, config)
-        if eos:  # one id as an int (as manifests always had it), several as a list
-            section["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
-    return section
-
-
-def model_eos_ids(folder: Path, config: dict) -> tuple[int, ...]:
-    """Every EOS id of a Hugging Face folder, as transformers reads them: generation_config.json's,
-    else config.json's (one id or a list; an entry that is not an id is ignored)."""
-    gen_cfg = _read_json(folder / "generation_config.json")
-    eos = (gen_cfg if isinstance(gen_cfg, dict) and "eos_token_id" in gen_cfg else config).get("eos_token_id")
-    return tuple(dict.fromkeys(int(t) for t in (eos if isinstance(eos, list) else [eos]) if _is_int(t)))
-
-
-def copy_tokenizer(model_path, outdir: Path) -> list[str]:
-    folder = _model_folder(model_path)
-    copied = []
-    if folder is None:
-        return copied
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, outdir / name)
-            copied.append(name)
-    return copied
-
-
-def copy_hf_config(model_path, outdir: Path) -> list[str]:
-    """A Hugging Face folder's config.json beside the artifact (Hugging Face Optimum's
-    ORTModelForCausalLM reads the model type and sizes from it); nothing for other sources."""
-    config = model_config(model_path)
-    if config is None or "model_type" not in config:
-        return []
-    shutil.copyfile(_model_folder(model_path) / "config.json", outdir / "config.json")
-    return ["config.json"]
-
-
-def model_config(model_path) -> dict | None:
-    """The config.json of the checkpoint or Hugging Face folder `model_path` names, if any."""
-    folder = _model_folder(model_path)
-    config = _read_json(folder / "config.json") if folder is not None else None
-    return config if isinstance(config, dict) else None
-
-
-def _model_folder(model_path) -> Path | None:
-    """The folder holding the model's config.json and tokenizer: the model's own, a file's
-    parent, or a training run folder's latest checkpoint (`checkpoints/latest` names it)."""
-    if model_path is None or not isinstance(model_path, (str, Path)):
-        return None
-    p = Path(model_path)
-    if is_run_folder(p):
-        name = (p / "checkpoints" / "latest").read_text().strip()
-        checkpoint = p / "checkpoints" / name
-        # a plain name inside checkpoints/ (the frontend refuses any other before this is asked)
-        return checkpoint if name and Path(name).name == name and name != ".." and checkpoint.is_dir() else p
-    return p if p.is_dir() else (p.parent if p.exists() else None)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

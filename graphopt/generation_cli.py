@@ -56,7 +56,8 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
         _generate_artifact(model, list(prompts), wanted, max_new_tokens, temperature, top_k, top_p, seed, threads)
         return
     from graphopt.frontends.huggingface import is_hf_config  # here: the IR's import is not paid by --help
-    from graphopt.generation import DEFAULT_NEW_TOKENS, model_config
+    from graphopt.generation import DEFAULT_NEW_TOKENS
+    from graphopt.generation_files import model_config
 
     config = model_config(model) if model.is_dir() else None
     hf = config is not None and is_hf_config(config)
@@ -79,7 +80,9 @@ def _generate_hf(folder: Path, config: dict, prompt: str, max_new_tokens, temper
     import torch
 
     from graphopt.frontends.huggingface import _max_positions, load_hf_module
-    from graphopt.generation import TextStream, check_ids_fit, fit_new_tokens, load_tokenizer, model_eos_ids
+    from graphopt.generation import fit_new_tokens
+    from graphopt.generation_files import model_eos_ids
+    from graphopt.generation_text import TextStream, check_ids_fit, load_tokenizer
 
     tok = load_tokenizer(folder, hint="copy the model's tokenizer.json there, or optimize the folder (graphopt "
                                       "optimize) and generate from token ids with graphopt.load(OUT).generate([[ids...]])")
@@ -176,7 +179,8 @@ def _generate_checkpoint(model: Path, prompt: str, max_new_tokens, temperature, 
 
 def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperature, top_k, top_p, seed, threads):
     import graphopt
-    from graphopt.generation import Generator, encode_prompts, fit_new_tokens, load_tokenizer
+    from graphopt.generation import Generator, fit_new_tokens
+    from graphopt.generation_text import encode_prompts, load_tokenizer
 
     artifact = graphopt.load(folder, threads=threads)
     if wanted is not None and wanted != artifact.backend:

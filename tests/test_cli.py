@@ -192,7 +192,7 @@ def test_generate_refuses_a_foreign_tokenizer_and_a_run_past_the_context(small_h
     import shutil
 
     from graphopt.errors import UserError
-    from graphopt.generation import encode_prompts, load_tokenizer
+    from graphopt.generation_text import encode_prompts, load_tokenizer
 
     r = CliRunner().invoke(cli, ["generate", str(small_hf_decoder), "--prompt", "the a of to", "--max-new-tokens", "100"])
     assert r.exit_code == 2 and "need 103 positions; the model has 64" in r.output, r.output

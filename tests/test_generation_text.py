@@ -19,7 +19,8 @@ from click.testing import CliRunner
 import graphopt
 from graphopt.cli import cli
 from graphopt.errors import UserError
-from graphopt.generation import CacheSpec, Generator, TextStream, continuation, eos_ids, load_tokenizer
+from graphopt.generation import CacheSpec, Generator, eos_ids
+from graphopt.generation_text import TextStream, continuation, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = ROOT / "examples" / "default" / "tokenizer.json"  # byte-level BPE, 4096 tokens

@@ -1305,10 +1305,10 @@ def test_streamed_text_waits_for_a_split_character_and_drops_one_the_last_token_
 
     from click.testing import CliRunner
 
-    from graphopt import generation
+    from graphopt import generation, generation_text
     from graphopt.cli import cli
 
-    tok = generation.load_tokenizer(default_artifact[0])
+    tok = generation_text.load_tokenizer(default_artifact[0])
     lead, tail = tok.token_to_id("\u00c3"), tok.token_to_id("\u00a9")  # the byte-level alphabet's C3, A9
     assert tok.decode([lead, tail]) == "\u00e9" and tok.decode([lead]).endswith("\ufffd")
     new = [tok.encode("a").ids[-1], lead, tail, tok.token_to_id("x"), lead]

@@ -31,6 +31,7 @@ LAYERS = [
     ("backends", {"graphopt.backends", "graphopt.backends."}),
     ("driver and CLI", {"graphopt", "graphopt.__main__", "graphopt.artifact", "graphopt.driver", "graphopt.cli",
                         "graphopt.compare", "graphopt.compare.", "graphopt.generation", "graphopt.generation_cli",
+                        "graphopt.generation_text", "graphopt.generation_files",
                         "graphopt.genai",
                         "graphopt.accuracy", "graphopt.accuracy_guard", "graphopt.calibration", "graphopt.evaluation",
                         "graphopt.pruning",
