@@ -367,7 +367,32 @@ def test_state_dict_without_config_and_wrong_shapes(state_dict_folder, tmp_path)
     assert_one_line_error(invoke("inspect", tmp_path / "alone.pt"), "needs a Hugging Face config.json beside it")
     config = json.loads((folder / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, n_embd=32)))
-    assert_one_line_error(invoke("inspect", tmp_path / "alone.pt"), str(tmp_path / "alone.pt"))
+    # transformers' own message pointed at a logged table ("look at the above report!")
+    assert_one_line_error(invoke("inspect", tmp_path / "alone.pt"), str(tmp_path / "alone.pt"),
+                          "has the wrong shape for GPT2LMHeadModel: (", "in the weights")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_weights_the_config_has_no_place_for_are_refused(tmp_path, suffix):
+    """A 2-layer checkpoint beside a config.json that says 1 layer exported the 1-layer model,
+    the second layer silently dropped (transformers only logs it)."""
+    big = _tiny_gpt2(n_layer=2)
+    _tiny_gpt2(n_layer=1).config.save_pretrained(tmp_path)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".bin":
+        torch.save(big.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v for k, v in big.state_dict().items() if k != "lm_head.weight"}, str(path))
+    assert_one_line_error(invoke("inspect", path), str(path), "transformer.h.1.",
+                          "have no place in GPT2LMHeadModel as config.json describes it")
+    # buffers older checkpoints saved (GPT-2's masked_bias) are not weights: still loads
+    state = dict(big.state_dict() if suffix == ".bin" else {}, **{"transformer.h.0.attn.masked_bias": torch.tensor(-1e4)})
+    if suffix == ".bin":
+        state = {k: v for k, v in state.items() if not k.startswith("transformer.h.1.")}
+        torch.save(state, path)
+        assert invoke("inspect", path).exit_code == 0
 
 
 # --------------------------------------------------------------------------------------
@@ -439,6 +464,8 @@ def test_other_refusals(tmp_path):
     assert_one_line_error(invoke("inspect", tmp_path / "noweights"), "no weights")
     (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint at all")
     assert_one_line_error(invoke("inspect", tmp_path / "garbage.bin"), "not a readable PyTorch checkpoint")
+    (tmp_path / "junk.pt").write_bytes(b"junk\n")  # torch.load raised KeyError: an internal error
+    assert_one_line_error(invoke("inspect", tmp_path / "junk.pt"), "junk.pt: not a readable PyTorch checkpoint")
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 16)
     assert_one_line_error(invoke("inspect", tmp_path / "garbage.safetensors"), "not a readable safetensors file")
 

@@ -81,7 +81,9 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
             else:
                 model, info = cls.from_pretrained(None, state_dict=state_dict, **kwargs)
         except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
-            raise UserError(f"{source}: cannot load {cls.__name__} weights ({_first_line(e)})") from None
+            # transformers names a weight of the wrong shape only in a logged table
+            wrong = _wrong_shape(cls, cfg, folder, state_dict) if "ignore_mismatched_sizes" in str(e) else None
+            raise UserError(f"{source}: " + (wrong or f"cannot load {cls.__name__} weights ({_first_line(e)})")) from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -91,7 +93,49 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
         first = sorted(mismatched)[0]
         raise UserError(f"{source}: weight {first[0] if isinstance(first, tuple) else first} has the wrong shape "
                         f"for {cls.__name__} (config.json disagrees with the weights)")
+    # Weights the model has no place for are dropped by transformers with a log line: a
+    # checkpoint of more layers than config.json says (or of another model) would export as a
+    # silently different model. A task head's weights, when the base model is what is exported,
+    # and buffers older checkpoints saved are expected.
+    archs = config.get("architectures") or []
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.endswith(_SAVED_BUFFERS))
+    if unexpected and (not archs or cls.__name__ in archs):
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise UserError(f"{source}: weight(s) {', '.join(unexpected[:3])}{more} have no place in {cls.__name__} "
+                        "as config.json describes it (config.json disagrees with the weights)")
     return model.eval(), output
+
+
+def _wrong_shape(cls, cfg, folder: Path, state_dict: dict | None) -> str | None:
+    """"weight W has the wrong shape ..." for the first weight whose shape in the checkpoint
+    differs from the model's config.json describes (the model built on the meta device), or None."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
+        if state_dict is not None:
+            have = {k: tuple(v.shape) for k, v in state_dict.items()}
+        else:
+            from safetensors import safe_open
+
+            have = {}
+            for path in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    have.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    except Exception:  # only the message is at stake: transformers' own is kept
+        return None
+    wrong = sorted(k for k in have.keys() & want.keys() if have[k] != want[k])
+    if not wrong:
+        return None
+    k = wrong[0]
+    return (f"weight {k} has the wrong shape for {cls.__name__}: {have[k]} in the weights, {want[k]} in the model "
+            f"config.json describes{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}")
+
+
+# buffers that older checkpoints saved and current models recompute (GPT-2's attention mask,
+# rotary frequencies, position ids): not weights
+_SAVED_BUFFERS = ("masked_bias", ".attn.bias", "inv_freq", "position_ids", "_float_tensor")
 
 
 def takes_token_type_ids(model, output: str) -> bool:
