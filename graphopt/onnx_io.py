@@ -194,6 +194,17 @@ def from_onnx_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None =
         if dom not in ("", GRAPHOPT_DOMAIN):
             raise OnnxImportError(f"node {n.name or n.op_type!r} uses op {n.domain}.{n.op_type}: "
                                   f"domain {n.domain!r} is not supported by graphopt")
+    for t in g.initializer:  # before the opset converter, which asserts on element types it refuses
+        try:
+            DType.from_onnx(t.data_type)
+        except ValueError as e:
+            raise OnnxImportError(f"initializer {t.name!r}: {e}") from None
+    import onnx.defs  # (a local name here: `import onnx.inliner` above binds it)
+
+    newest = onnx.defs.onnx_opset_version()
+    if source_opset > newest:
+        raise OnnxImportError(f"opset {source_opset} is newer than the installed onnx {onnx.__version__} knows "
+                              f"(up to {newest}); export the model at opset {CANONICAL_OPSET}")
     model = _map_newer_fused_ops(model)
     if source_opset and source_opset != CANONICAL_OPSET:
         model = _convert_opset(model, source_opset)
@@ -244,8 +255,11 @@ def _convert_opset(model: onnx.ModelProto, source_opset: int) -> onnx.ModelProto
     try:
         return onnx.version_converter.convert_version(model, CANONICAL_OPSET)
     except Exception as e:
+        text = str(e).strip()
+        # the converter's C++ assertions: "/project/onnx/...h:96: fn: Assertion `...` failed: what"
+        text = text.split("failed: ", 1)[1] if "Assertion `" in text and "failed: " in text else text
         raise OnnxImportError(f"cannot convert from opset {source_opset} to graphopt's opset "
-                              f"{CANONICAL_OPSET}: {str(e).strip().splitlines()[0][:200]}") from None
+                              f"{CANONICAL_OPSET}: {text.splitlines()[0][:200]}") from None
 
 
 def _build_graph(model: onnx.ModelProto, base_dir: Path | None) -> Graph:

@@ -213,3 +213,20 @@ def test_bad_external_data_paths_are_refused(tmp_path, location, message):
     with pytest.raises(UserError, match=message) as e:
         load_onnx(path)
     assert str(path) in str(e.value)
+
+
+def test_an_opset_or_element_type_the_converter_cannot_take_is_named():
+    """The version converter's C++ assertions reached the user (300 characters naming
+    /project/onnx/version_converter/...h lines) for an INT4 weight and a newer opset."""
+    from graphopt.onnx_io import OnnxImportError
+
+    newest = onnx.defs.onnx_opset_version()
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")], opset=newest + 2)
+    with pytest.raises(OnnxImportError, match=f"opset {newest + 2} is newer than the installed onnx"):
+        from_onnx_model(m)
+    w = helper.make_tensor("W", TensorProto.INT4, [4], [1, 2, 3, 4])
+    m = _model([helper.make_node("Cast", ["W"], ["w"], to=TensorProto.FLOAT),
+                helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x")], [_vi("y")], opset=21)
+    m.graph.initializer.append(w)
+    with pytest.raises(OnnxImportError, match=r"^initializer 'W': element type INT4 is not supported by graphopt$"):
+        from_onnx_model(m)
