@@ -120,8 +120,6 @@ def save_checkpoint(folder: Path, model, config: dict, tokenizer_path: Path,
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # scratch of a killed save
-        shutil.rmtree(stale, ignore_errors=True)
     # Built in a scratch folder beside `folder`; an older checkpoint of that name is replaced
     # only once the new one is complete (one atomic exchange of the two names).
     with atomic_dir(folder) as tmp:

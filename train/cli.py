@@ -249,7 +249,10 @@ def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_fr
               help="Remove the ratio from every layer, or the lowest-scoring units of the whole model "
                    "(layers then keep different sizes).")
 @_val_options("the unpruned and the pruned model's perplexity, recorded in OUT")
-def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, calibration, scope, val, val_tokens):
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT even when it is not an earlier pruned checkpoint (a trained one, other files).")
+def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, calibration, scope, val, val_tokens,
+                  overwrite):
     """Prune a training CHECKPOINT into a smaller one: whole KV groups and MLP channels.
 
     Writes OUT, a plain checkpoint with the smaller config (`graphopt finetune` recovers it,
@@ -269,7 +272,7 @@ def prune_command(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance,
     from .prune import describe, prune_checkpoint
 
     summary = prune_checkpoint(checkpoint, out, heads_ratio, mlp_ratio, min_keep, importance, scope,
-                               val=val, val_tokens=val_tokens, calibration=calibration)
+                               val=val, val_tokens=val_tokens, calibration=calibration, overwrite=overwrite)
     click.echo(describe(summary))
     click.echo(f"checkpoint: {out}")
 

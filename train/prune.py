@@ -22,6 +22,7 @@ rather than call it; the agreement test is what holds the two together.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -287,8 +288,9 @@ def block_flops(cfg, seq: int) -> int:
 
 def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep: int = 1,
                      importance: str = "magnitude", scope: str = "layer", seq: int = 128,
-                     val=None, val_tokens: int = 0, calibration=None) -> dict:
-    """Writes the pruned checkpoint into `out` (atomically); returns the summary it records.
+                     val=None, val_tokens: int = 0, calibration=None, overwrite: bool = False) -> dict:
+    """Writes the pruned checkpoint into `out` (atomically; a folder that is not an earlier
+    pruned checkpoint only with `overwrite`); returns the summary it records.
 
     With a validation text (`val`, default the source's val.txt) the summary's "perplexity"
     holds the unpruned and the pruned model's perplexity on it (the first `val_tokens`
@@ -312,8 +314,7 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise UserError(f"--out {out}: is the source checkpoint; give a new folder")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise UserError(f"--out {out}: exists and is not an empty folder or a checkpoint; give a new folder")
+    _check_out(out, overwrite)
     try:
         ckpt.read_config(folder)
     except UserError as e:
@@ -345,6 +346,31 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
     ckpt.save_checkpoint(out, small, {"model": config_to_dict(small.config), "pruned": summary},
                          folder / "tokenizer.json", folder / "val.txt")
     return summary
+
+
+# what save_checkpoint writes into a pruned checkpoint
+_OUTPUT_FILES = {"model.safetensors", "config.json", "tokenizer.json", "val.txt"}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """--out may be a new or empty folder, or an earlier output of graphopt prune with nothing
+    else in it; any other folder (a trained checkpoint, a run, the user's files) is replaced
+    only with --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if not entries or overwrite:
+        return
+    try:
+        earlier = "pruned" in json.loads((out / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if earlier and set(entries) <= _OUTPUT_FILES:
+        return
+    what = ("an earlier pruned checkpoint but also holds " + ", ".join(sorted(set(entries) - _OUTPUT_FILES)[:3])
+            if earlier else f"not an earlier output of graphopt prune ({len(entries)} entries in it)")
+    raise UserError(f"--out {out}: the folder exists and is {what}; give a new or empty folder, "
+                    "or --overwrite to replace it")
 
 
 def describe(summary: dict, seq: int = 128) -> str:

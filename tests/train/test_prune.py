@@ -262,7 +262,7 @@ def test_wanda_calibrates_on_the_training_corpus_by_default_and_refuses_without_
     (["--heads-ratio", "1.0"], "--heads-ratio"),
     ([], "nothing to prune: give --heads-ratio and/or --mlp-ratio"),
     (["--mlp-ratio", "0.25", "--out", "{SRC}"], "is the source checkpoint"),
-    (["--mlp-ratio", "0.25", "--out", "{FILE}"], "exists and is not an empty folder or a checkpoint"),
+    (["--mlp-ratio", "0.25", "--out", "{FILE}"], "exists and is not a folder"),
 ])
 def test_prune_bad_input_is_one_line_exit_2(tmp_path, args, fragment):
     (tmp_path / "file").write_text("x")
@@ -275,3 +275,31 @@ def test_prune_bad_input_is_one_line_exit_2(tmp_path, args, fragment):
     assert not (tmp_path / "new").exists()
     if "{FILE}" not in str(args):
         assert len(r.stderr.strip().splitlines()) <= 3  # click's usage lines for a flag out of range
+
+
+def test_out_replaces_only_an_earlier_pruned_checkpoint_unless_overwrite(tmp_path):
+    """--out replaced any folder holding a config.json: a trained checkpoint (its optimizer
+    state, the user's notes beside it) was deleted without a word."""
+    import shutil
+
+    from graphopt.errors import UserError
+    from graphopt.train.prune import prune_checkpoint
+
+    mine = tmp_path / "mine"
+    shutil.copytree(DEFAULT, mine, ignore=shutil.ignore_patterns("*.tmp"))
+    (mine / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in mine.iterdir())
+    with pytest.raises(UserError, match=r"--out .*mine: the folder exists and is not an earlier output of graphopt "
+                                        r"prune .*or --overwrite to replace it"):
+        prune_checkpoint(DEFAULT, mine, 0.0, 0.25, val_tokens=1)
+    assert sorted(p.name for p in mine.iterdir()) == before and (mine / "notes.txt").read_text() == "keep me"
+
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(DEFAULT, pruned, 0.0, 0.25, val_tokens=1)
+    prune_checkpoint(DEFAULT, pruned, 0.0, 0.5, val_tokens=1)  # an earlier output of prune: replaced
+    assert json.loads((pruned / "config.json").read_text())["pruned"]["mlp_ratio"] == 0.5
+    (pruned / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is an earlier pruned checkpoint but also holds notes.txt"):
+        prune_checkpoint(DEFAULT, pruned, 0.0, 0.25, val_tokens=1)
+    prune_checkpoint(DEFAULT, mine, 0.0, 0.25, val_tokens=1, overwrite=True)
+    assert not (mine / "notes.txt").exists() and "pruned" in json.loads((mine / "config.json").read_text())
