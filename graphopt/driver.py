@@ -283,6 +283,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                                                             verify, progress, ctx)
         if logits == "last" and generation_note.get("logits") != "last":
             raise UserError(f"--logits last: {generation_note.get('reason', 'the logits cannot be sliced')}")
+        if kv_layout is not None and not generation_note["ready"]:  # asked for by name: not a silent fallback
+            raise UserError(f"--kv-layout {kv_layout}: {generation_note['reason']}")
     elif logits is not None or kv_layout is not None:
         option = "--logits" if logits is not None else "--kv-layout"
         raise UserError(f"{option} applies to decoders (input_ids in, logits out) with the KV cache; "
@@ -348,6 +350,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                     else:
                         generation["genai"] = f"no genai_config.json: {why_not}"
             else:  # an encoder (or a decoder without a cache): a position table bounds its inputs
+                if generation_note is not None and not generation_note["ready"]:
+                    manifest["not_generation_ready"] = generation_note["reason"]  # what generate says
                 context = optimized.metadata.metadata_props.get(META_MAX_POSITIONS)
                 if context and context.isdigit() and _position_table(optimized, int(context)):
                     manifest["max_positions"] = int(context)

@@ -141,6 +141,10 @@ class Generator:
         the choice (`Artifact.decode_run` says why it is made so). `num_blocks`: a paged
         cache's pool size (by default what each request needs)."""
         gen = artifact.manifest.get("generation") or {}
+        why_not = artifact.manifest.get("not_generation_ready")
+        if not gen and why_not:
+            raise UserError(f"{artifact.path}: not a generation-ready artifact: optimize could not add the KV cache "
+                            f"({why_not})")
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))
         spec.recompute_at = gen.get("recompute_cache_at")
@@ -383,9 +387,10 @@ def generate_text(artifact, prompts: Sequence[str], max_new_tokens: int = 32, **
     """`Artifact.generate` on text: the prompts encoded with the tokenizer beside the model, and
     `result.texts` each row's new text as it reads after its prompt. Options: `Generator.generate`'s
     and `on_text(row, piece)` (streaming)."""
+    gen = Generator.for_artifact(artifact)  # first: an artifact that cannot generate says why
     tok = load_tokenizer(artifact.path)
     ids, allowed, healed = encode_prompts(artifact, tok, prompts)
-    return Generator.for_artifact(artifact).generate_text(tok, ids, max_new_tokens, healed=healed,
+    return gen.generate_text(tok, ids, max_new_tokens, healed=healed,
                                                           allowed_first=allowed, **options)
 
 

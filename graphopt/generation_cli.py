@@ -188,8 +188,10 @@ def _generate_artifact(folder: Path, prompts, wanted, max_new_tokens, temperatur
                    if wanted == "torch" else f"optimize the model again with --backend {wanted} for that")
         raise UserError(f"{folder}: the artifact was built for {artifact.backend}, not {wanted}; {instead}")
     if not artifact.manifest.get("generation"):
-        raise UserError(f"{folder}: not a generation-ready artifact (no KV cache); optimize the decoder again "
-                        "without --no-kv-cache or --passes")
+        why_not = artifact.manifest.get("not_generation_ready")
+        raise UserError(f"{folder}: not a generation-ready artifact: " + (
+            f"optimize could not add the KV cache ({why_not})" if why_not else
+            "no KV cache (optimize the decoder again without --no-kv-cache or --passes)"))
     tok = load_tokenizer(folder)
     gen = Generator.for_artifact(artifact)
     ids, allowed, healed = encode_prompts(artifact, tok, prompts)

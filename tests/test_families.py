@@ -240,6 +240,15 @@ def test_refused_with_the_reason_and_the_artifact_recomputes_the_sequence(family
         want = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=ATOL)  # the unpadded row
     np.testing.assert_allclose(got[0, 2:], want[0, 2:], rtol=0, atol=ATOL)  # the real positions
+    # generate says why (it said "optimize again without --no-kv-cache or --passes", which no one gave)
+    assert REASONS[family] in artifact.manifest["not_generation_ready"]
+    with pytest.raises(UserError, match="not a generation-ready artifact: optimize could not add the KV cache "
+                                        f"\\(.*{REASONS[family]}"):
+        artifact.generate([[5, 17]], max_new_tokens=2)
+    if family == "openai_gpt":  # a cache asked for by name is not a silent fallback: nothing written
+        with pytest.raises(UserError, match=f"--kv-layout static: .*{REASONS[family]}"):
+            graphopt.optimize(folder, tmp_path / "static", kv_layout="static")
+        assert not (tmp_path / "static").exists()
 
 
 @pytest.mark.slow
