@@ -8,6 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# The IR's classes, as `graphopt.Graph`: lazy, since graphopt.ir's imports (ml_dtypes) take a second.
+_IR_NAMES = ("Graph", "Node", "Value", "TensorType")
+
 
 def load(path, **kwargs):
     """Load an artifact folder written by `graphopt optimize`; `.run(feeds)` executes it."""
@@ -29,4 +32,8 @@ def __getattr__(name):
         from graphopt.frontends import from_torch
 
         return from_torch
+    if name in _IR_NAMES:
+        import graphopt.ir
+
+        return getattr(graphopt.ir, name)
     raise AttributeError(f"module 'graphopt' has no attribute {name!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,9 @@ class Artifact:
         return self.manifest["signature"]["outputs"]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not isinstance(feeds, Mapping):
+            names = ", ".join(i["name"] for i in self.inputs)
+            raise UserError(f"run takes a dict of input name -> array (the inputs: {names}), got {type(feeds).__name__}")
         gen = self.manifest.get("generation") or {}
         # rewrite-kv-cache's own sum of dims; an exporter's dim names are labels ("past_sequence_length + 1")
         feeds = check_signature_feeds(self.manifest["signature"], feeds, sums={TOTAL_SEQ: (PAST_SEQ, "seq")} if gen else None)
@@ -128,8 +132,14 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
     if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool)
                                 or not 1 <= threads <= MAX_THREADS):
         raise UserError(f"threads={threads!r}: a whole number from 1 to {MAX_THREADS} (or None: the backend's choice)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"load(path=...): expected the path of an artifact folder, got {type(path).__name__}")
     path = Path(path)
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except OSError as e:  # the file system refused the name (too long) or the folder (permissions)
+        shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:77]}..."
+        raise UserError(f"{shown}: {e.strerror or e}") from None
     mpath = path / "manifest.json"
     backend = manifest.get("backend")
     if backend not in KNOWN_BACKENDS:

@@ -49,12 +49,16 @@ def from_torch(module, example_inputs, dynamic: DynamicSpec | None = None,
         `{}` exports with static shapes. Axes with one name share one dimension.
     input_names: the graph's input names (default: the names of `forward`'s parameters).
     output_names: the graph's output names (default: `output`, or `output_0`, `output_1`, ...).
+        Both are lists of distinct names: a bare string is refused, even for one input
+        (`["x"]`, not `"x"`), rather than read as its letters.
 
-    Records `graph.metadata.exporter` and `graph.metadata.export_seconds`. A failed export is
-    a one-line `UserError` naming both exporters' reasons.
+    Records `graph.metadata.exporter` and `graph.metadata.export_seconds`. A module that fails
+    on its example inputs, or a failed export, is a one-line `UserError` (for the export,
+    naming both exporters' reasons).
     """
     import torch
 
+    input_names, output_names = _check_names("input_names", input_names), _check_names("output_names", output_names)
     if isinstance(module, torch.export.ExportedProgram):
         return _from_exported_program(module, input_names, output_names, name=name, progress=progress)
     if not isinstance(module, torch.nn.Module):
@@ -63,6 +67,7 @@ def from_torch(module, example_inputs, dynamic: DynamicSpec | None = None,
     tensors = list(args) + list(kwargs.values())
     if dynamic is None:
         dynamic = _default_dynamic(names, tensors)
+    _check_dynamic(dynamic)
     unknown = sorted(set(dynamic) - set(names))
     if unknown:
         raise UserError(f"dynamic names unknown input(s) {', '.join(unknown)}; the inputs are {', '.join(names)}")
@@ -70,7 +75,10 @@ def from_torch(module, example_inputs, dynamic: DynamicSpec | None = None,
     was_training = module.training
     module.eval()  # export inference behaviour (dropout off, batch-norm statistics frozen)
     try:
-        default = _default_output_names(module, args, kwargs)  # (one forward: how many outputs there are)
+        try:
+            default = _default_output_names(module, args, kwargs)  # (one forward: how many outputs there are)
+        except Exception as e:  # the user's module and examples disagree (shape, dtype, argument count)
+            raise UserError(f"{label}: the module fails on the example inputs: {_reason(e)}") from None
         if output_names is None:
             output_names = default
         output_names = [str(n) for n in output_names]
@@ -100,6 +108,7 @@ def export_module(module, args: tuple, kwargs: dict, input_names: list[str], out
                 with _quiet():
                     _export_dynamo(module, args, kwargs, input_names, output_names, dynamic, onnx_path)
             except Exception as dynamo_error:  # the dynamo exporter fails in many ways; all fall back
+                _reraise_interrupt(dynamo_error)
                 reason = _reason(dynamo_error)
                 bar.warn(f"warning: the dynamo exporter failed on {label} ({reason}); "
                          "falling back to the TorchScript exporter")
@@ -110,6 +119,7 @@ def export_module(module, args: tuple, kwargs: dict, input_names: list[str], out
                         warnings.simplefilter("always")
                         _export_torchscript(module, args, kwargs, input_names, output_names, dynamic, onnx_path)
                 except Exception as ts_error:
+                    _reraise_interrupt(ts_error)
                     raise UserError(f"{label}: export to ONNX failed: dynamo: {reason}; "
                                     f"torchscript: {_reason(ts_error)}") from None
                 # The tracer runs the example once: a branch on the input's values is frozen as taken
@@ -155,6 +165,35 @@ def _normalize_inputs(module, example_inputs, input_names):
             raise UserError(f"{len(input_names)} input_names for {len(names)} example inputs")
         names = input_names
     return args, kwargs, names
+
+
+def _check_names(option: str, names) -> list[str] | None:
+    """input_names / output_names as a list of distinct strings (None: the defaults)."""
+    if names is None:
+        return None
+    if isinstance(names, str):  # list("ab") would be two inputs, a and b
+        raise UserError(f"{option}={names!r}: expected a list of names (one per {option.split('_')[0]}), "
+                        f"such as [{names!r}]")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{option}: expected a list of names (strings), got {type(names).__name__}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{option} gives {', '.join(map(repr, twice))} more than once; each name must be different")
+    return list(names)
+
+
+def _check_dynamic(dynamic) -> None:
+    """`dynamic` as from_torch takes it: input name -> {axis: dimension name or torch.export.Dim}."""
+    form = "a dict of input name -> {axis: dimension name}, such as {'x': {0: 'batch'}}"
+    if not isinstance(dynamic, Mapping):
+        raise UserError(f"dynamic: expected {form}, got {type(dynamic).__name__}")
+    for n, axes in dynamic.items():
+        if not isinstance(axes, Mapping) or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+            raise UserError(f"dynamic[{n!r}]: expected {{axis: dimension name}} with int axes, such as {{0: 'batch'}}")
+        for axis, d in axes.items():
+            if isinstance(d, str) and not d.isidentifier():  # torch.export.Dim's rule (its name is a symbol)
+                raise UserError(f"dynamic[{n!r}][{axis}]: dimension name {d!r} is not an identifier (letters, "
+                                "digits and _), such as 'batch'")
 
 
 def _parameter_names(module, count: int) -> list[str]:
@@ -289,6 +328,7 @@ def _from_exported_program(program, input_names, output_names, *, name, progress
                                       output_names=list(output_names) if output_names else None,
                                       external_data=True, verbose=False)
             except Exception as e:
+                _reraise_interrupt(e)
                 raise UserError(f"{label}: export to ONNX failed: {_reason(e)}") from None
             seconds = time.perf_counter() - start
             bar.done(f"exported {label} in {seconds:.1f} s (dynamo)")
@@ -331,6 +371,23 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # torch.onnx's dynamo errors end in "## Exception summary" with the root cause first:
 # "<class 'torch.onnx._internal.exporter._errors.DispatchError'>: No ONNX function found for ..."
 _SUMMARY_LINE = re.compile(r"<class '(?:[\w]+\.)*(\w+)'>: (.+)")
+
+
+def _reraise_interrupt(e: BaseException) -> None:
+    """Ctrl-C (KeyboardInterrupt) or the CLI's SIGTERM exit (SystemExit) that an exporter turned
+    into an ordinary exception: raise it, rather than fall back or report an export failure. (An
+    interrupt during torch's lazy `import torch._dynamo` left it half-imported; torch's own
+    `except torch._dynamo.exc.UserError` then failed with AttributeError, the interrupt as its
+    context, and the fallback exported a broken graph.)"""
+    pending, seen = [e], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise e
+        seen.add(id(e))
+        pending += [e.__cause__, e.__context__]
 
 
 def _reason(e: BaseException) -> str:
