@@ -48,6 +48,7 @@ def default_pipeline() -> str:
 
 QUANT_SCHEMES = {"int8": (8, 128), "int4": (4, 32)}  # weight-only scheme -> (bits, default block size)
 QUANT_PASSES = ("quantize-weights", "quantize-dynamic", "quantize-static")
+GENERATION_PASSES = ("rewrite-kv-cache", "slice-last-token-logits")  # they change the signature, not the numbers
 
 
 def _pipeline(passes: str | None) -> list:
@@ -170,6 +171,15 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     _check_types(locals())
     progress = progress or (lambda msg: None)
     t_start = time.perf_counter()
+    for name, path in (("model", model), ("output_dir", output_dir)):
+        if isinstance(path, (str, os.PathLike)):
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                pass  # said where it is read or written
+            except OSError as e:  # a name the file system refuses (too long), a folder it may not enter
+                shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:77]}..."
+                raise UserError(f"{shown}: {e.strerror or e}") from None
     if not isinstance(model, Graph) and is_run_folder(Path(model)):
         # its latest checkpoint, which the report names: the run may train on afterwards
         model = resolve_checkpoint(model)
@@ -213,6 +223,10 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         except UserError as e:  # a pass's own check (prune-heads: ratio ...) said as the option given
             raise UserError(f"--prune {prune}: {e}") from None
     if quantize is not None:
+        own = [e.name for e in entries if e.name in QUANT_PASSES]
+        if own:  # two quantizations: the second finds nothing left to quantize, and the report would tell of it
+            raise UserError(f"--quantize {quantize}: the {'--passes' if passes is not None else '--recipe'} pipeline "
+                            f"quantizes already ({own[0]}); give one or the other")
         entries += parse_pipeline(quantize_pipeline(quantize, quant_method))
     elif quant_method != "rtn":
         raise UserError("--quant-method goes with --quantize int8|int4")
@@ -376,7 +390,15 @@ _PATH_ARGS = ("output_dir", "recipe", "calibration", "accuracy_data", "tune_db")
 
 def _check_types(args: dict) -> None:
     def wrong(name, want):
-        raise UserError(f"optimize({name}={args[name]!r}): expected {want}")
+        value = args[name]  # a short repr: 12 MB of bytes made a message of 35 M characters
+        if isinstance(value, (bytes, str)) and len(value) > 60:
+            shown = f"<{type(value).__name__} of {len(value):,}> {value[:40]!r}..."
+        elif hasattr(value, "shape"):
+            shown = f"<{type(value).__name__} of shape {tuple(value.shape)}>"
+        else:
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else f"<{type(value).__name__}> {shown[:60]}..."
+        raise UserError(f"optimize({name}={shown}): expected {want}")
     if not isinstance(args["model"], (str, os.PathLike, Graph)):
         wrong("model", "a path or a graphopt.ir.Graph")
     for name in _TEXT_ARGS:
@@ -416,11 +438,12 @@ def _position_table(graph: Graph, rows: int) -> bool:
     """Whether `graph` reads rows of a constant table `rows` long by position (a learned position
     embedding, precomputed rotary cos/sin): then a sequence past `rows` has no row to read. A
     model without one (ALiBi, relative positions, rotary computed in the graph) is not bounded
-    by the context its config states."""
+    by the context its config states. The table may hold up to two rows more than the positions
+    (RoBERTa's and OPT's positions start past an offset)."""
     for node in graph.nodes:
         if node.op_type in ("Gather", "Slice") and node.domain == "" and node.inputs and node.inputs[0] is not None:
             table = node.inputs[0]
-            if table.is_initializer and table.type.shape and table.type.shape[0] == rows:
+            if table.is_initializer and table.type.shape and rows <= table.type.shape[0] <= rows + 2:
                 return True
     return False
 
@@ -454,12 +477,21 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
         measure, data = ort_measure(ids, seq_len_of(folder)), {"tokens": int(len(ids) - 1)}
     base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
     ctx.hints.setdefault("quantized_layers", {})
+    # Measured: every position's logits without a cache. The generation passes are exact
+    # rewrites of the same numbers (a cache, the last position's logits), so a --passes pipeline
+    # that runs them after the quantization is measured without them; any other pass there must
+    # keep the model's inputs and outputs.
+    tail = [e for e in entries[qi + 1:] if e.name not in GENERATION_PASSES]
 
     def quantize(exclude: str):
         opts = {k: v for k, v in entries[qi].options.items() if k != "exclude"}
         pm = PassManager([PipelineEntry(entries[qi].name, {**opts, **({"exclude": exclude} if exclude else {})})],
                          verify=False, ctx=ctx)
-        g = PassManager(entries[qi + 1:], verify=False, ctx=ctx).run(pm.run(base)) if qi + 1 < len(entries) else pm.run(base)
+        g = PassManager(tail, verify=False, ctx=ctx).run(pm.run(base)) if tail else pm.run(base)
+        if _signature(g) != _signature(base):
+            raise UserError(f"--accuracy-budget {budget}: the passes after {entries[qi].name} "
+                            f"({', '.join(e.name for e in tail)}) change the model's inputs or outputs, so the "
+                            "budget cannot be measured on the quantized model; move them before it")
         return g, [d["node"] for d in pm.records[0].details if "kind" in d]
 
     exclude, accuracy = guard(base, quantize, budget, measure, progress)
@@ -468,6 +500,10 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     if exclude:
         guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
     return guarded, accuracy
+
+
+def _signature(graph: Graph) -> list:
+    return [(v.name, None if v.type is None else (v.type.dtype, v.type.rank)) for v in (*graph.inputs, *graph.outputs)]
 
 
 def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:

@@ -115,7 +115,10 @@ def test_cli_errors(tmp_path):
                       (["--quantize", "int8", "--accuracy-budget", "cosine=0.99"], "needs held-out sentences"),
                       (["--accuracy-data", "x.txt"], "goes with --accuracy-budget"),
                       # a decoder's metric on a model that is none (an encoder's logits would be read as a vocabulary)
-                      (["--quantize", "int8", "--accuracy-budget", "top1=0.99"], "top1 measures a decoder's logits")):
+                      (["--quantize", "int8", "--accuracy-budget", "top1=0.99"], "top1 measures a decoder's logits"),
+                      # the second quantization found nothing left and the report told of it: "0 layers"
+                      (["--quantize", "int4", "--passes", "quantize-weights{bits=8}"],
+                       "--quantize int4: the --passes pipeline quantizes already (quantize-weights)")):
         r = invoke(*args)
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "o").exists()
@@ -123,3 +126,40 @@ def test_cli_errors(tmp_path):
                                  "--quantize", "int8", "--accuracy-budget", "cosine=0.99"])
     assert r.exit_code == 2 and "cosine measures an encoder's pooled output" in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_pipeline_that_adds_the_cache_after_quantizing_is_measured_on_every_position(tmp_path):
+    """--passes with rewrite-kv-cache and slice-last-token-logits after the quantization: the
+    guard measured the candidates through those passes, so it failed (the cache inputs) or
+    scored the last position's logits against every target (a perplexity no model has)."""
+    import json
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=128, max_position_embeddings=64, vocab_size=4096)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf")
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"
+    shutil.copy(default / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    (tmp_path / "held_out.txt").write_text((default / "val.txt").read_text()[:6000])
+    budget = ["--accuracy-budget", "top1=0.5", "--accuracy-data", str(tmp_path / "held_out.txt")]
+
+    def optimize(out, *args):
+        r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "hf"), "-o", str(tmp_path / out), "-q", *args, *budget])
+        assert r.exit_code == 0, r.output
+        return json.loads((tmp_path / out / "report.json").read_text())
+
+    plain = optimize("plain", "--quantize", "int4")
+    before = [e for e in plain["passes"] if e["name"] not in ("rewrite-kv-cache", "slice-last-token-logits")]
+    def option(k, v):
+        return f"{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
+
+    pipeline = ",".join(e["name"] + ("{" + ",".join(option(k, v) for k, v in e["options"].items() if v is not None)
+                                     + "}" if e["options"] else "") for e in before)
+    piped = optimize("piped", "--passes", pipeline + ",rewrite-kv-cache,slice-last-token-logits")
+    assert [e["name"] for e in piped["passes"]][-2:] == ["rewrite-kv-cache", "slice-last-token-logits"]
+    assert piped["accuracy"]["score"] == plain["accuracy"]["score"] and piped["accuracy"]["data"]["tokens"] > 1000
+    assert piped["accuracy"]["perplexity"] == pytest.approx(plain["accuracy"]["perplexity"], rel=1e-5)

@@ -228,6 +228,10 @@ def test_inspect_puts_per_layer_cache_values_on_one_line():
     ({"backend_options": ["a=b"]}, r"optimize\(backend_options=\['a=b'\]\): expected a dict"),
     ({"inputs": "x.npz"}, r"optimize\(inputs='x.npz'\): expected a dict of input names to arrays"),
     ({"kv_layout": "bnsh"}, r"rewrite-kv-cache: unknown layout 'bnsh' \(choose from BNSH, BSNH, static, paged\)"),
+    # the whole repr was the message: 35 M characters for a model's 12 MB of bytes
+    ({"model": b"\x08" * 10_000_000}, r"^optimize\(model=<bytes of 10,000,000> b'(\\x08){40}'\.\.\.\): expected a path"),
+    ({"model": np.zeros((3, 4))}, r"^optimize\(model=<ndarray of shape \(3, 4\)>\): expected a path"),
+    ({"model": "x" * 5000}, r"^x{77}\.\.\.: File name too long$"),
 ])
 def test_the_python_api_names_an_argument_of_the_wrong_type(kwargs, message, tmp_path, monkeypatch):
     """Before: AttributeError / TypeError / ValueError from inside a parser, some after the export."""
@@ -235,4 +239,4 @@ def test_the_python_api_names_an_argument_of_the_wrong_type(kwargs, message, tmp
 
     monkeypatch.setattr(driver, "load_graph", lambda *a, **k: pytest.fail("the model was loaded first"))
     with pytest.raises(UserError, match=message):
-        graphopt.optimize(EXAMPLE, tmp_path / "out", **kwargs)
+        graphopt.optimize(**{"model": EXAMPLE, **kwargs}, output_dir=tmp_path / "out")
