@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from graphopt.errors import UserError
+from graphopt.frontends.huggingface import config_positions
 from graphopt.ir import Graph, Value
 
 DEFAULT_SAMPLES = 32
@@ -180,6 +181,8 @@ def model_context(folder: Path | None) -> int | None:
         data = json.loads(cfg.read_text())
     except ValueError:
         return None
+    if isinstance(data, dict) and "model_type" in data:  # Hugging Face: RoBERTa's positions start past the padding id
+        return config_positions(data)
     model = data.get("model", data) if isinstance(data, dict) else {}
     return next((model[k] for k in ("max_seq_len", "n_positions", "max_position_embeddings")
                  if isinstance(model.get(k), int)), None)

@@ -118,3 +118,42 @@ def test_real_all_minilm_l6_v2(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     acc = check_int8_cosine(minilm_folder(), tmp_path)
     assert acc["score"] >= 0.995
+
+
+def test_roberta_positions_start_past_the_padding_id(tmp_path):
+    """RoBERTa's table of max_position_embeddings rows holds pad_token_id + 1 fewer positions:
+    calibration windows as long as the table read past its end (an internal error in the
+    reference interpreter's Gather)."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from graphopt.calibration import window_len
+
+    words = sorted({w.strip(".,!?'").lower() for s in SENTENCES for w in s.split()})
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cfg = tf.RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=20, pad_token_id=1)
+    torch.manual_seed(0)
+    folder = tmp_path / "roberta"
+    tf.RobertaModel(cfg).eval().save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    assert window_len(folder) == 18  # 20 rows less the padding id (1) and the row it reads for padding
+    (tmp_path / "calib.txt").write_text(" ".join(SENTENCES * 4))
+    r = CliRunner().invoke(cli, ["optimize", str(folder), "-o", str(tmp_path / "out"), "--quantize", "int8-static",
+                                 "--calibration", str(tmp_path / "calib.txt")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()).get("max_positions") == 18
+    import graphopt
+    from graphopt.errors import UserError
+
+    art = graphopt.load(tmp_path / "out")
+    def feeds(n):
+        ids = np.full((1, n), 5, np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+    assert art.run(feeds(18))["last_hidden_state"].shape == (1, 18, 32)
+    with pytest.raises(UserError, match="18"):  # past the table: refused, not an out-of-bounds read
+        art.run(feeds(19))

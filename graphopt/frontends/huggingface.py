@@ -297,12 +297,26 @@ def _folder_weights(folder: Path):
 _TRAINED_CONTEXT = {"bloom": 2048}
 
 
+# families whose positions start after the padding id (RoBERTa's create_position_ids_from_input_ids):
+# a table of max_position_embeddings rows holds max_position_embeddings - pad_token_id - 1 positions
+_PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                             "data2vec-text", "mpnet", "ibert", "xmod", "luke", "longformer", "esm"}
+
+
 def _max_positions(cfg) -> int | None:
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value >= 2:
+            if getattr(cfg, "model_type", None) in _PADDING_OFFSET_POSITIONS and attr == "max_position_embeddings":
+                pad = getattr(cfg, "pad_token_id", None)
+                value -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
             return value
     return _TRAINED_CONTEXT.get(getattr(cfg, "model_type", None))
+
+
+def config_positions(config: dict) -> int | None:
+    """The positions a Hugging Face config.json (as a dict) lets the model take."""
+    return _max_positions(types.SimpleNamespace(**config))
 
 
 EXPERTS_IMPLEMENTATION = "graphopt"
