@@ -407,7 +407,7 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
         click.echo(format_report(result.report))
         if explain_fusions:
             click.echo(format_fusions(result.report, full=explain_fusions == "all"))
-        click.echo(f"wrote {output_dir}/")
+        click.echo(f"wrote {os.path.join(str(output_dir), '')}")  # out/ as given: not out//
 
 
 @cli.command("passes")

@@ -318,6 +318,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "ops_after": after["ops"],
         "parameters_before": before["parameters"]["count"],
         "parameters_after": after["parameters"]["count"],
+        "weight_bytes_before": before["parameters"]["bytes"],
+        "weight_bytes_after": after["parameters"]["bytes"],
         "backend": backend,
         "backend_options": dict(backend_options or {}),
         **quantization_summary(pm.records, quantize, calibration, ctx.hints.get("calibration")),
@@ -373,6 +375,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 timing = fields.get(key)  # backends that compile report their build times
                 if timing is not None:
                     report.setdefault("backend_seconds", {})[key.removesuffix("_seconds")] = timing
+            # what a user ships: every file of the artifact but its manifest and this report
+            report["artifact_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
             report["total_seconds"] = round(time.perf_counter() - t_start, 3)
             (tmp / "manifest.json").write_text(json_text(manifest, indent=2) + "\n")
             (tmp / "report.json").write_text(json_text(report, indent=2) + "\n")
@@ -630,6 +634,9 @@ def format_report(report: dict) -> str:
     if unchanged:  # one line for the passes that found nothing to do (report.json has them all)
         lines.append("  no change: " + ", ".join(f"{k} x{n}" if n > 1 else k for k, n in unchanged.items()))
     lines.append(f"nodes     {report['nodes_before']} -> {report['nodes_after']}")
+    if "weight_bytes_after" in report:
+        lines.append(f"size      weights {_size(report['weight_bytes_before'])} -> {_size(report['weight_bytes_after'])}"
+                     + (f"; artifact {_size(report['artifact_bytes'])} on disk" if "artifact_bytes" in report else ""))
     t = report.get("tuning")
     if t:
         lines.append(f"tuning    {t.get('trials', 0)} trials, {t.get('kernels_tuned_now', 0)} kernels tuned now, "

@@ -240,3 +240,20 @@ def test_the_python_api_names_an_argument_of_the_wrong_type(kwargs, message, tmp
     monkeypatch.setattr(driver, "load_graph", lambda *a, **k: pytest.fail("the model was loaded first"))
     with pytest.raises(UserError, match=message):
         graphopt.optimize(**{"model": EXAMPLE, **kwargs}, output_dir=tmp_path / "out")
+
+
+def test_the_report_gives_the_weight_bytes_and_the_artifact_size_on_disk(tmp_path):
+    """Issue 13's report: per variant, bytes of weights and artifact size (only the weight bytes
+    of the quantized layers were there)."""
+    r = CliRunner().invoke(cli, ["optimize", str(EXAMPLE), "-o", str(tmp_path / "out") + "/"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    files = [f for f in (tmp_path / "out").iterdir() if f.name not in ("manifest.json", "report.json")]
+    assert files and report["artifact_bytes"] == sum(f.stat().st_size for f in files)
+    import onnx
+
+    weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(tmp_path / "out" / "model.onnx").graph.initializer)
+    assert report["weight_bytes_after"] == weights > 0
+    assert (f"size      weights {report['weight_bytes_before'] / 1e3:.1f} kB -> {weights / 1e3:.1f} kB; artifact "
+            f"{report['artifact_bytes'] / 1e3:.1f} kB on disk") in r.output
+    assert r.output.rstrip().endswith(f"wrote {tmp_path / 'out'}/")  # as given, not out//
