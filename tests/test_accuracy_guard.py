@@ -20,6 +20,9 @@ def test_budget_parse():
     assert Budget.parse("perplexity=0.5%") == Budget("perplexity", 0.005)
     assert Budget.parse("top1=0.99") == Budget("top1", 0.99)
     assert Budget.parse("cosine=0.995") == Budget("cosine", 0.995) and str(Budget("cosine", 0.995)) == "cosine=0.995"
+    # said back as given (cosine=0.99999999 was said back as cosine=1)
+    for text in ("cosine=0.99999999", "perplexity=+0.5%", "perplexity=+2%", "top1=0.999"):
+        assert str(Budget.parse(text)) == text
     for bad, msg in (("perplexity=2", "takes"), ("top1=1.5", "takes"), ("bleu=3", "expected"),
                      ("cosine=1.2", "takes")):
         with pytest.raises(UserError, match=msg):
@@ -126,6 +129,13 @@ def test_cli_errors(tmp_path):
                                  "--quantize", "int8", "--accuracy-budget", "cosine=0.99"])
     assert r.exit_code == 2 and "cosine measures an encoder's pooled output" in r.output, r.output
     assert not (tmp_path / "o").exists()
+    # "def x": a budget declared met on one token's perplexity
+    (tmp_path / "short.txt").write_text("def x")
+    r = CliRunner().invoke(cli, ["optimize", str(EXAMPLE.parent / "default"), "-o", str(tmp_path / "o"), "-q",
+                                 "--quantize", "int4", "--accuracy-budget", "perplexity=+2%",
+                                 "--accuracy-data", str(tmp_path / "short.txt")])
+    assert r.exit_code == 2 and "tokens, too little text to measure accuracy on (give at least 129)" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_a_pipeline_that_adds_the_cache_after_quantizing_is_measured_on_every_position(tmp_path):
