@@ -1546,3 +1546,18 @@ def test_the_rewrite_names_the_first_output_logits_whatever_it_was_called(fused)
     g.rename_value(g.outputs[0], "lm_logits")
     out = PassManager("rewrite-kv-cache").run(g)
     assert out.outputs[0].name == "logits" and out.outputs[1].name == "present.0.key"
+
+
+def test_the_manifest_lists_the_kernels_the_model_runs(default_artifact):
+    """A RotaryEmbedding that GroupQueryAttention's rule took in (do_rotary) was listed among
+    the kernels (12 on the shipped model, none in model.onnx)."""
+    import collections
+
+    import onnx
+
+    out, _ = default_artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {k: v for k, v in manifest["lowering"]["kernels"].items() if k.startswith("com.microsoft.")}
+    nodes = onnx.load(out / "model.onnx", load_external_data=False).graph.node
+    assert listed == dict(collections.Counter(f"{n.domain}.{n.op_type}" for n in nodes if n.domain == "com.microsoft"))
+    assert listed["com.microsoft.GroupQueryAttention"] == 6
