@@ -126,15 +126,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     # after (SIGTERM becomes SystemExit, handled in whichever thread the kernel picks) finds
     # it in the cleanup below.
     tmp = path.parent / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # an existing folder's permissions stay (a private folder stays private), kept writable by its owner
+    old_mode = (path.stat().st_mode & 0o777) | 0o700 if path.is_dir() else None
     try:
         tmp.mkdir(mode=0o700)
+    except PermissionError:  # named after the folder asked for, not the scratch one beside it
+        raise UserError(f"{path}: cannot write it: its folder {path.parent} is not writable") from None
+    try:
         yield tmp
         mask = _umask()
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync(f)
                 _publish(f, mask)  # as any new file (safetensors' files are private: 0600)
-        tmp.chmod(0o777 & ~mask)  # private while written; published as any new folder is
+        tmp.chmod(old_mode if old_mode is not None else 0o777 & ~mask)  # private while written
         if not path.exists():
             os.replace(tmp, path)
         elif path.is_dir() and not any(path.iterdir()):
@@ -235,6 +240,8 @@ def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike
         raise UserError(f"{shown}: is the current folder (or holds it); give a new folder name such as out/")
     if real == Path(real.anchor) or _inside(Path(os.path.realpath(Path.home())), real):
         raise UserError(f"{shown}: refusing to replace {real} (it holds your home folder or is the root)")
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{shown}: the folder is not writable (its permissions say so); give another folder")
     entries = sorted(p.name for p in path.iterdir())
     if not entries:
         return path

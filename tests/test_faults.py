@@ -521,6 +521,35 @@ def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path)
     assert (tmp_path / "fresh" / "weights").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "fresh" / "model.so").stat().st_mode & 0o777 == 0o755  # a library keeps its x
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    # a folder that existed keeps its permissions (a private one became world-readable 755)
+    (tmp_path / "private").mkdir(mode=0o700)
+    with atomic_dir(tmp_path / "private") as tmp:
+        (tmp / "a").write_text("new")
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700 and _snapshot(tmp_path / "private") == {"a": b"new"}
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    """A read-only parent was reported by the scratch folder's name (.new.7561.45f04336.tmp);
+    a read-only -o folder was replaced anyway. (Checked through os.access and a refused mkdir:
+    the tests run as root, whom permissions do not stop.)"""
+    from graphopt.errors import UserError
+    from graphopt.fileutil import atomic_dir, check_output_dir
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: not (mode == os.W_OK and Path(p).name == "ro"))
+    with pytest.raises(UserError, match=r"^-o .*ro: the folder is not writable"):
+        check_output_dir(tmp_path / "ro")
+    real_mkdir = Path.mkdir
+
+    def refused(self, *a, **k):
+        if self.name.endswith(".tmp"):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(UserError, match=rf"^{tmp_path}/new: cannot write it: its folder {tmp_path} is not writable$"):
+        with atomic_dir(tmp_path / "new"):
+            pass
 
 
 # ------------------------------------------------------------------------- SIGKILL
