@@ -121,7 +121,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     removed and `path` is as it was."""
     path, name = _scratch_name(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_dead_scratch(path.parent, name)
+    writer = _sweep_dead_scratch(path.parent, name)
+    if writer is not None:  # two writers of one folder: the later would silently replace the other's result
+        pid, scratch = writer
+        raise UserError(f"{path}: another process (pid {pid}) is writing it now (into {scratch.name}); wait for it "
+                        "to finish or give another folder")
     # The scratch folder's name is chosen before it is made, so that an interrupt at any point
     # after (SIGTERM becomes SystemExit, handled in whichever thread the kernel picks) finds
     # it in the cleanup below.
@@ -179,20 +183,24 @@ def _publish(path: Path, mask: int) -> None:
     path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
-def _sweep_dead_scratch(parent: Path, name: str) -> None:
+def _sweep_dead_scratch(parent: Path, name: str) -> tuple[int, Path] | None:
     """Remove scratch folders beside `name` left by a killed process (the scratch name holds
-    the writer's pid; a folder of a process that still runs is left alone)."""
+    the writer's pid; a folder of a process that still runs is left alone). Returns the pid and
+    scratch folder of another process writing `name` now, if any."""
     prefix = f".{name}."
+    writer = None
     for scratch in parent.glob(f".{glob.escape(name)}.*.tmp"):
         pid = scratch.name[len(prefix):].split(".")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
+            writer = int(pid), scratch
         except ProcessLookupError:
             shutil.rmtree(scratch, ignore_errors=True)
         except OSError:
-            pass  # alive (or not ours to signal): keep it
+            writer = int(pid), scratch  # alive (or not ours to signal): keep it
+    return writer
 
 
 def artifact_extras(path: Path) -> list[str] | None:

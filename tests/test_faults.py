@@ -788,3 +788,25 @@ def test_reports_are_strict_json_when_a_metric_diverges():
     text = json_text({"perplexity": float("inf"), "loss": float("nan"), "rows": [np.float32(1.5), (2, -np.inf)]})
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"perplexity": None, "loss": None, "rows": [1.5, [2, None]]}
+
+
+def test_a_folder_another_live_process_is_writing_is_refused(tmp_path):
+    """Two optimizes into one -o both said "wrote out/"; the later silently replaced the other's
+    artifact. A scratch folder of a dead writer is swept as before."""
+    import subprocess
+
+    from graphopt.errors import UserError
+    from graphopt.fileutil import atomic_dir
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".out.{sleeper.pid}.0123abcd.tmp").mkdir()
+        with pytest.raises(UserError, match=rf"out: another process \(pid {sleeper.pid}\) is writing it now"):
+            with atomic_dir(tmp_path / "out"):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with atomic_dir(tmp_path / "out") as tmp:  # its writer is gone: swept, and the folder written
+        (tmp / "a").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
