@@ -5,6 +5,7 @@ torch and tokenizers are imported inside the command bodies so `graphopt --help`
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -134,7 +135,7 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
     _set_flags(options, flags)
     cfg = TrainConfig.from_dict(dict(options, model=model), str(config_file or "flags"))
     folder = train(cfg, resume=resume, stop_at_step=stop_at_step)
-    click.echo(f"checkpoint: {folder}")
+    _say_checkpoint(folder)
 
 
 @click.command("eval")
@@ -227,7 +228,13 @@ def finetune_command(checkpoint, lora_rank, lora_alpha, lora_targets, distill_fr
                               val=str(val or ""), val_tokens=val_tokens), flags)
     cfg = FinetuneConfig.from_dict(options, "flags")
     folder = finetune(cfg, resume=resume, stop_at_step=stop_at_step)
-    click.echo(f"checkpoint: {folder}")
+    _say_checkpoint(folder)
+
+
+def _say_checkpoint(folder) -> None:
+    """The last line of a run; under torchrun once (by rank 0, which wrote it), not per rank."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"checkpoint: {folder}")
 
 
 @click.command("prune")

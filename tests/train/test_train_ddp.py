@@ -62,9 +62,11 @@ def test_graphopt_train_under_torchrun_matches_single_process(corpus, tmp_path, 
               "--eval-tokens", "1024", "--threads", "1", "--preset", "tiny"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", str(free_port), "-m", "graphopt", "train", *common,
-                    "--batch-size", "4", "--out", str(ddp_out)], check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(free_port), "-m", "graphopt", "train", *common,
+                        "--batch-size", "4", "--out", str(ddp_out)], check=True, env=env, capture_output=True,
+                       text=True)
+    assert r.stdout.count("checkpoint: ") == 1, r.stdout  # said by rank 0, not once per rank
     subprocess.run([sys.executable, "-m", "graphopt", "train", *common, "--batch-size", "8",
                     "--out", str(single_out)], check=True, env=env, capture_output=True)
     ddp, single = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
