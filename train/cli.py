@@ -134,6 +134,7 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
         model.pop("num_kv_heads", None)
     _set_flags(options, flags)
     cfg = TrainConfig.from_dict(dict(options, model=model), str(config_file or "flags"))
+    cfg.validate(str(config_file or "flags"))  # its errors name the file (train validates again)
     folder = train(cfg, resume=resume, stop_at_step=stop_at_step)
     _say_checkpoint(folder)
 

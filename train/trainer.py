@@ -75,7 +75,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise UserError(f"{source}: unknown training option(s) {', '.join(unknown)}")
+            raise UserError(f"{source}: unknown training option(s) {', '.join(unknown)}{_hint(unknown, known)}")
         for name, value in d.items():
             check_option(name, value, source)
         return cls(**d)
@@ -94,6 +94,22 @@ class TrainConfig:
             raise UserError(f"{source}: vocab_size={vocab} is smaller than the byte-level tokenizer's {MIN_VOCAB} "
                             f"base tokens (256 bytes + <|endoftext|>); use --vocab-size {MIN_VOCAB} or more")
         return self
+
+
+def _hint(unknown: list[str], known: set[str]) -> str:
+    """What an unknown option was probably meant to be: a model option (it goes under "model")
+    or a near spelling of a known one."""
+    import difflib
+
+    from .models import GPTConfig, LlamaConfig
+
+    model = {f.name for c in (GPTConfig, LlamaConfig) for f in fields(c)}
+    misplaced = [u for u in unknown if u in model]
+    if misplaced:
+        return f' ({", ".join(misplaced)}: model options go under "model", as {{"model": {{"{misplaced[0]}": ...}}}})'
+    near = {u: difflib.get_close_matches(u, sorted(known | model), n=1) for u in unknown}
+    said = [f"{u}: did you mean {m[0]}?" for u, m in near.items() if m]
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -34,6 +34,12 @@ CASES = {
     "config-beta-1": ({"beta2": 1.0}, [], "beta2=1.0 must be >= 0.0 and < 1.0"),
     "config-device": ({"device": "tpu"}, [], "device must be one of auto, cpu, cuda"),
     "config-unknown-option": ({"learning_rate": 1.0}, [], "unknown training option(s) learning_rate"),
+    # a hint where one is near: a misspelling, a model option at the top level
+    "config-misspelled-option": ({"max_step": 2}, [], "unknown training option(s) max_step (max_step: did you mean "
+                                                       "max_steps?)"),
+    "config-model-option-at-top": ({"dim": 32}, [], 'dim: model options go under "model"'),
+    # the file named, not "training config"
+    "config-vocab-below-tokenizer": ({"model": {"vocab_size": 100}}, [], "run.json: vocab_size=100 is smaller"),
     "config-unknown-preset": ({"preset": "huge"}, [], "unknown preset 'huge'"),
     "config-model-not-object": ({"model": [1, 2]}, [], "model must be a preset name or an object"),
     "config-model-bad-field": ({"model": {"dim": "wide"}}, [], "dim='wide'"),
