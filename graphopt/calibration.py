@@ -206,6 +206,15 @@ def has_default_calibration(model) -> bool:
             and isinstance(data.get("train", {}), dict) and not data.get("train", {}).get("data"))
 
 
+def default_calibration_source(model) -> str | None:
+    """Where a model's default calibration data comes from, as the report says it (None: it has none)."""
+    if not has_default_calibration(model):
+        return None
+    from graphopt.train.data import default_data_dir
+
+    return f"the training split of {default_data_dir()}"
+
+
 def _default_texts(model) -> tuple[list[str], str]:
     """A graphopt.train checkpoint trained on the default corpus: its training documents."""
     if has_default_calibration(model):
@@ -214,6 +223,6 @@ def _default_texts(model) -> tuple[list[str], str]:
         docs = collect_documents(default_data_dir(), DataConfig())
         train = [d["text"] for d in docs if d["split"] == "train"]
         # 64 documents spread over the corpus are plenty (DEFAULT_SAMPLES windows are drawn from them)
-        return train[::max(1, len(train) // 64)], f"the training split of {default_data_dir()}"
+        return train[::max(1, len(train) // 64)], default_calibration_source(model)
     raise UserError("this model has no default calibration data: give --calibration FILE "
                     "(text, .jsonl of texts, or .npz of inputs)")

@@ -18,7 +18,8 @@ from graphopt.accuracy import perplexity
 from graphopt.accuracy_guard import Budget, guard, held_out_sentences, held_out_tokens, seq_len_of, Measured
 import graphopt.backends.onnxruntime as ort_backend  # the accuracy guard measures through ORT
 from graphopt.artifact import BACKEND_ALIASES, KNOWN_BACKENDS, make_manifest
-from graphopt.calibration import has_default_calibration, load_calibration, read_texts, text_feeds
+from graphopt.calibration import (default_calibration_source, has_default_calibration, load_calibration,
+                                  read_texts, text_feeds)
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir, json_text
 from graphopt.generation_files import copy_hf_config, copy_tokenizer, generation_manifest, model_config
 from graphopt.frontends.training import is_run_folder
@@ -285,6 +286,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     if needs_data:
         folder = graph.metadata.source if isinstance(model, Graph) else model  # a Graph loaded from a folder
         ctx.hints["calibration"] = load_calibration(calibration, folder, graph, progress=progress)
+    # what the report says was calibrated on: the file, or the default data by name
+    calibrated_on = (default_calibration_source(model) if calibration is None and needs_data
+                     and not isinstance(model, Graph) else calibration)
     accuracy = None
     if budget is not None:
         entries, accuracy = _guard_quantization(graph, model, entries, budget, accuracy_data, ctx, verify, progress)
@@ -322,9 +326,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         "weight_bytes_after": after["parameters"]["bytes"],
         "backend": backend,
         "backend_options": dict(backend_options or {}),
-        **quantization_summary(pm.records, quantize, calibration, ctx.hints.get("calibration")),
+        **quantization_summary(pm.records, quantize, calibrated_on, ctx.hints.get("calibration")),
         **({"accuracy": accuracy} if accuracy is not None else {}),
-        **pruning_summary(pm.records, before["parameters"]["count"], prune, calibration, ctx.hints.get("calibration"),
+        **pruning_summary(pm.records, before["parameters"]["count"], prune, calibrated_on, ctx.hints.get("calibration"),
                           graph.metadata.source if isinstance(model, Graph) else model),
         "target": target,
     }

@@ -222,3 +222,17 @@ def test_no_default_calibration_is_said_before_the_model_loads(tmp_path, monkeyp
     monkeypatch.setattr(driver, "load_graph", lambda *a, **k: pytest.fail("the model was loaded first"))
     with pytest.raises(UserError, match="has no default calibration data .* give --calibration FILE"):
         graphopt.optimize(EXAMPLE, tmp_path / "out", quantize="int8-static")
+
+
+def test_the_report_names_the_default_calibration_data(tmp_path):
+    """Calibrated on the shipped model's training split by default, the report's calibration
+    file was null (the source was said on stderr only)."""
+    from graphopt.calibration import default_calibration_source
+
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"
+    source = default_calibration_source(default)
+    assert source.startswith("the training split of ") and default_calibration_source(tmp_path) is None
+    r = invoke("optimize", default, "-o", tmp_path / "q", "-q", "--quantize", "int8-static", "--no-kv-cache")
+    assert r.exit_code == 0, r.output
+    q = json.loads((tmp_path / "q" / "report.json").read_text())["quantization"]
+    assert q["calibration"]["file"] == source and q["calibration"]["sequences"] > 0
