@@ -312,8 +312,11 @@ def parse_pipeline(text: str) -> list[PipelineEntry]:
     while pos < len(text):
         m = _ENTRY.match(text, pos)
         if m is None or m.end() == pos:
-            raise UserError(f"malformed pipeline {text!r} at character {pos + 1}: "
-                            "expected name or name{option=value,...}")
+            # where it goes wrong: an options brace left open is at the end, not at its entry's start
+            opened = text.find("{", pos)
+            unclosed = opened != -1 and "}" not in text[opened:] and (text.find(",", pos) == -1 or text.find(",", pos) > opened)
+            where = f"the end: '{{' at character {opened + 1} is not closed" if unclosed else f"character {pos + 1}"
+            raise UserError(f"malformed pipeline {text!r} at {where}: expected name or name{{option=value,...}}")
         name, opts = m.group(1), m.group(2)
         options: dict[str, str] = {}
         if opts is not None and opts.strip():
@@ -350,7 +353,8 @@ def load_recipe(path) -> list[PipelineEntry]:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such recipe file")
+        raise UserError(f"{path}: " + ("is a folder; give the recipe's .toml file" if path.is_dir() else
+                                       "no such recipe file"))
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -366,6 +370,9 @@ def load_recipe(path) -> list[PipelineEntry]:
                 raise UserError(f"{path}: 'pipeline' must be a string such as \"dce,cse\"")
             return parse_pipeline(data["pipeline"])
         entries = []
+        if isinstance(data.get("passes"), str):  # the pipeline's text under the other key
+            raise UserError(f"{path}: 'passes' is a list of [[passes]] tables; a pipeline string such as "
+                            f"{data['passes']!r} goes under 'pipeline'")
         for i, table in enumerate(data.get("passes", [])):
             if not isinstance(table, dict) or "name" not in table:
                 raise UserError(f"{path}: passes[{i}] needs a 'name'")

@@ -142,6 +142,10 @@ def load_inputs(path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: no such inputs file")
     # numpy and zipfile raise almost anything on a corrupt file (BadZipFile, EOFError,
     # NotImplementedError for a garbled compression method, IndexError, ...): all mean the same.
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not magic.startswith((b"PK\x03\x04", b"\x93NUMPY")):  # neither zip nor .npy: numpy took it for a pickle
+        raise UserError(f"{path}: not an .npz file (np.savez writes one: np.savez('in.npz', input_ids=ids))")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:

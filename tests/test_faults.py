@@ -139,6 +139,7 @@ def bad(tmp_path_factory) -> Path:
     np.savez(b / "in.npz", x=np.ones((2, 16), np.float32))
     (b / "cut.npz").write_bytes((b / "in.npz").read_bytes()[:40])
     np.savez(b / "pickled.npz", x=np.array([{"a": 1}], dtype=object))
+    (b / "passes_string.toml").write_text('passes = "dce,cse"\n')
     np.savez(b / "wrongname.npz", y=np.ones((2, 16), np.float32))
     np.savez(b / "wrongdtype.npz", x=np.ones((2, 16), np.float64))
     np.savez(b / "empty.npz", x=np.ones((0, 16), np.float32))
@@ -209,6 +210,9 @@ CASES = {
     "inputs-without-check": ("optimize {EX} -o {W}/out -q --inputs {B}/in.npz", "add --check-numerics"),
     "inputs-truncated": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/cut.npz", "not a readable .npz"),
     "inputs-pickled": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/pickled.npz", "not a readable .npz"),
+    # numpy's "This file contains pickled (object) data ... allow_pickle" for a text file
+    "inputs-text": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/notes.txt",
+                    "notes.txt: not an .npz file (np.savez writes one"),
     "inputs-wrong-name": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongname.npz", "unknown input 'y'"),
     "inputs-wrong-dtype": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/wrongdtype.npz", "dtype float64"),
     "inputs-empty": ("optimize {EX} -o {W}/out -q --check-numerics --inputs {B}/empty.npz", "input 'x' is empty"),
@@ -234,6 +238,12 @@ CASES = {
     "o-cwd": ("optimize {EX} -o . -q --overwrite", "is the current folder"),
     # optimize: options
     "recipe-not-toml": ("optimize {EX} -o {W}/out -q --recipe {B}/bad.toml", "not a valid TOML recipe"),
+    "recipe-a-folder": ("optimize {EX} -o {W}/out -q --recipe {B}", "is a folder; give the recipe's .toml file"),
+    "recipe-passes-string": ("optimize {EX} -o {W}/out -q --recipe {B}/passes_string.toml",
+                             "'passes' is a list of [[passes]] tables; a pipeline string such as 'dce,cse' goes "
+                             "under 'pipeline'"),
+    "pipeline-unclosed": ("optimize {EX} -o {W}/out -q --passes fold-constants{{max-size=1",
+                          "at the end: '{{' at character 15 is not closed"),
     "unknown-pass": ("optimize {EX} -o {W}/out -q --passes dce,nonsense", "unknown pass 'nonsense'"),
     "bad-target": ("optimize {EX} -o {W}/out -q --target tpu", "Invalid value for '--target'"),
     "unknown-option": ("optimize {EX} -o {W}/out --bogus", "No such option"),
