@@ -730,3 +730,25 @@ def test_a_training_run_folder_is_its_latest_checkpoint_as_model_or_reference(tm
     (run / "checkpoints" / "latest").write_text("step_0000009\n")
     with pytest.raises(Exception, match=r"optimized from .*step_0000007, not .*step_0000009"):
         compare([str(tmp_path / "art")], reference=str(run), seqs=[8], threads=1, timing=QUICK)
+
+
+def test_the_table_caption_says_peak_memory_was_not_measured_under_no_memory(report):
+    """--no-memory: the caption explained a peak-memory column that held only "-"."""
+    import copy
+    import io
+
+    from rich.console import Console
+
+    from graphopt.compare.table import render
+
+    def caption(r):
+        out = io.StringIO()
+        render(r, Console(file=out, width=400, color_system=None))
+        return out.getvalue()
+
+    bare = copy.deepcopy(report)
+    for c in bare["cells"]:
+        c["memory"] = None
+    assert "peak memory: not measured (--no-memory)" in caption(bare)
+    if any(c.get("memory") for c in report["cells"]):
+        assert "a fresh process per cell" in caption(report)

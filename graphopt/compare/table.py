@@ -73,9 +73,11 @@ def render(report: dict, console=None) -> None:
     s = report["settings"]
     title = (f"graphopt compare: {report['model']['source'] or ', '.join(report['model']['arguments'])}  "
              f"(threads {s['threads']}; ratio = {report['baseline']} p50 / p50, higher is faster)")
+    measured = any(c.get("memory") for c in report["cells"])  # --no-memory: the column is all "-"
+    memory = ("; peak memory: a fresh process per cell, loaded and run once (the JSON also has what the cell "
+              "added over its runtime)") if measured else "; peak memory: not measured (--no-memory)"
     t = Table(title=title, title_justify="left", show_lines=False, caption="p90/p99 at the largest shape; "
-              "accuracy: the worst over the shapes; peak memory: a fresh process per cell, loaded and run once "
-              "(the JSON also has what the cell added over its runtime)", caption_justify="left")
+              "accuracy: the worst over the shapes" + memory, caption_justify="left")
     t.add_column("backend/variant", no_wrap=True)
     shapes = [(r["batch"], r["seq"]) for r in report["cells"][0]["results"]] if report["cells"] else []
     for b, q in shapes:
