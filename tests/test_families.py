@@ -412,3 +412,24 @@ def test_longrope_recomputes_the_cache_where_the_long_factors_begin(backend, tmp
     assert want.sequences[:, 6:].tolist() == tokens
     for step, (got, w) in enumerate(zip(logits, want.logits)):
         np.testing.assert_allclose(got, w.numpy(), rtol=0, atol=ATOL, err_msg=f"step {step}")
+
+
+@pytest.mark.slow
+def test_gpt2_reorder_and_upcast_attn_is_generation_ready_and_decodes_as_pytorch(tmp_path):
+    """Its scores are a baddbmm (heads merged into the batch, plus beta times zeros): the Softmax
+    stayed unfused and the model was not generation-ready (tests/test_fusion_baddbmm.py: the rules)."""
+    import torch
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                     reorder_and_upcast_attn=True)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    result = graphopt.optimize(tmp_path / "hf", tmp_path / "out")
+    assert result.report["generation"]["ready"], result.report["generation"]
+    stats = [(e["name"], e["stats"]) for e in result.report["passes"]
+             if e.get("name") in ("remove-identities", "fuse-attention")]
+    assert stats[0][0] == "remove-identities" and stats[0][1].get("add-zeros") == 1  # the cleanup before fusion
+    assert ("fuse-attention", {"attention": 1}) in stats
+    decode_against_pytorch(graphopt.load(tmp_path / "out"), model)

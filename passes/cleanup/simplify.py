@@ -182,16 +182,76 @@ class RemoveNeutralArithLeft(RemoveNeutralArith):
     pattern = op(("Add", "Mul"), const("c"), var("x"), capture="n")
 
 
+_SAME_VALUES = ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity")  # zeros in, zeros out
+_NOT_ZEROS = "not provably all zeros"
+
+
+def _all_zeros(v, depth: int = 4) -> bool:
+    """`v` is zero everywhere, whatever the inputs: a constant of zeros, moved or broadcast
+    (Expand of torch.empty's zeros), or a product of zeros with zeros or finite constants
+    (0 * inf is NaN, so a factor that is not a constant must be zeros too)."""
+    c = constant_value(v)
+    if c is not None:
+        return bool(np.all(c == 0))
+    n = v.producer()
+    if depth == 0 or n is None or n.domain != "" or not n.inputs or n.inputs[0] is None:
+        return False
+    if n.op_type in _SAME_VALUES:
+        return _all_zeros(n.inputs[0], depth - 1)
+    if n.op_type == "Mul" and len(n.inputs) == 2:
+        zero = [_all_zeros(t, depth - 1) for t in n.inputs]
+        finite = [_finite_constant(t) for t in n.inputs]
+        return (zero[0] and (zero[1] or finite[1])) or (zero[1] and finite[0])
+    return False
+
+
+def _finite_constant(v) -> bool:
+    c = constant_value(v)
+    return c is not None and c.dtype.kind in "biuf" and bool(np.all(np.isfinite(c)))
+
+
+def _broadcasts_into(z, x) -> str | None:
+    """z's shape broadcasts into x's without enlarging it: each of z's dims (right-aligned)
+    is 1 or the same (symbolic) dim as x's, so x + z has x's shape."""
+    zs, xs = (z.type.shape if z.type is not None else None), (x.type.shape if x.type is not None else None)
+    if zs is None or xs is None or len(zs) > len(xs):
+        return "the zeros could broadcast x to a larger shape (or a shape is unknown)"
+    if z.type.dtype != x.type.dtype:
+        return "the zeros have another dtype"
+    for zd, xd in zip(reversed(zs), reversed(xs)):
+        if zd != 1 and (zd is None or zd != xd):
+            return f"the zeros' dim {zd!r} could broadcast x's {xd!r}"
+    return None
+
+
+class RemoveAddZeros(RewriteRule):
+    name = "add-zeros"  # x + zeros -> x, zeros + x -> x, when the zeros do not broadcast x
+    pattern = op("Add", var("x"), var("z", where=lambda v: _all_zeros(v) or _NOT_ZEROS), commute=True)
+
+    def check(self, m):
+        return _broadcasts_into(m["z"], m["x"])
+
+    def rewrite(self, rw, m):
+        return m["x"]
+
+
+class RemoveSubZeros(RemoveAddZeros):
+    name = "sub-zeros"  # x - zeros -> x (exact: -0.0 - 0.0 is -0.0)
+    pattern = op("Sub", var("x"), var("z", where=lambda v: _all_zeros(v) or _NOT_ZEROS))
+
+
 IDENTITY_RULES = [RemoveIdentity(), RemoveDropout(), RemoveCastToSameType(), RemoveNoOpReshape(),
                   RemoveIdentityTranspose(), RemoveSingleConcat(), RemoveNoOpExpand(), RemoveFullSlice(),
-                  RemoveNeutralArith(), RemoveNeutralArithLeft()]
+                  RemoveNeutralArith(), RemoveNeutralArithLeft(), RemoveAddZeros(), RemoveSubZeros()]
 
 
 @register_pass("remove-identities")
 class RemoveIdentities(Pass):
     """Remove ops that return their input unchanged: Identity, inference Dropout, Cast to the
     same type, Reshape to the same shape, identity Transpose, single-input Concat, Expand by
-    ones, full Slice, and x+0, x-0, x*1, x/1, x**1 (when the constant cannot broadcast).
+    ones, full Slice, x+0, x-0, x*1, x/1, x**1 (when the constant cannot broadcast), and x + zeros,
+    x - zeros where the zeros are computed (torch.baddbmm's `beta * empty` term) and broadcast
+    into x's shape (x + 0 is x exactly; only -0.0 becomes +0.0, which compares equal).
 
     Before:  %y = Identity(%x)         After:  %z = Relu(%x)
              %z = Relu(%y)

@@ -22,8 +22,9 @@ it, before or after a masked fill written either way round (`Where(keep, scores,
 `Where(hidden, lowest, scores)`). BLOOM and XGLM compute attention with the heads merged into
 the batch (`bmm` on [batch * heads, seq, head], the scores split into heads for the mask and
 merged back, for the softmax (XGLM, after clamping them at the type's lowest) or for the `bmm`
-with V): the merges are read off the Reshapes' shapes (`_unmerged`, `_split_heads_back`) and the
-4-D tensors they merge are fused.
+with V; GPT-2 with reorder_and_upcast_attn for the scores' `baddbmm` only): the merges are read
+off the Reshapes' shapes (`_unmerged`, `_split_heads_back`) and the 4-D tensors they merge are
+fused.
 
 `match_attention(softmax)` is the procedural matcher: it returns an `AttentionMatch` or a
 `Fail(reason, node)`, like a declarative pattern's match. The 3-D form is a pass of its own
@@ -186,8 +187,11 @@ def _match_attention(softmax: Node) -> AttentionMatch:
             m.masks.append((n.inputs[1] if sides[0] is n.inputs[0] else n.inputs[0], _rank_of(x) == 3))
             m.covered.append(n)
             x = sides[0]
-        elif n.op_type == "Reshape" and n.domain == "" and m.bmm and _rank_of(n.inputs[0]) in (3, 4):
-            # the scores' heads merged into the batch or split out of it (BLOOM's, XGLM's bmm form)
+        elif n.op_type == "Reshape" and n.domain == "" and _rank_of(n.inputs[0]) in (3, 4) \
+                and (m.bmm or (_rank_of(n.inputs[0]) == 3 and _rank_of(x) == 4)):
+            # the scores' heads merged into the batch or split out of it (BLOOM's, XGLM's bmm form;
+            # GPT-2's reorder_and_upcast_attn computes only the scores so, with baddbmm, and V is 4-D)
+            m.bmm = True
             m.merged.append(n)
             m.covered.append(n)
             x = n.inputs[0]
@@ -290,17 +294,23 @@ def _unmerged(v: Value, heads: tuple | None = None) -> Value | None:
 def _split_heads_back(m: AttentionMatch, q3: Value, kt3: Value, qk: Node) -> tuple[Value, Value]:
     """BLOOM's bmm form: (Q, K transposed) as 4-D tensors, V too (in `m`), from the 3-D ones the
     MatMuls read, each a Reshape merging the heads of a [batch, heads, seq, d] tensor; the
-    Reshapes of the scores and the output must split [batch * heads] back into the same two."""
+    Reshapes of the scores and the output must split [batch * heads] back into the same two.
+    V may be 4-D already. K transposed after the merge goes to `m.k` (the second result is None);
+    K transposed before it comes back as that 4-D tensor, for the 4-D form's search for K."""
     q = _unmerged(q3)
     if q is None or not isinstance(q.type.shape[1], int):
         raise NoMatch("with the heads merged into the batch, Q is not a Reshape of [batch, heads, seq, d]", qk)
     heads = tuple(q.type.shape[:2])
     tr = kt3.producer()
     k = _unmerged(tr.inputs[0], heads) if _op(tr, "Transpose") and list(tr.attr("perm", [])) == [0, 2, 1] else None
-    v = _unmerged(m.v, heads)
-    if k is None or v is None:
+    # K transposed before the merge ([batch, heads, d, seq] merged): found as in the 4-D form, below
+    kt = _unmerged(kt3, heads) if k is None else None
+    # V merged too, or 4-D already (only the scores computed with the heads merged: GPT-2's baddbmm)
+    v = _unmerged(m.v, heads) if _rank_of(m.v) == 3 else m.v
+    if (k is None and kt is None) or v is None or _rank_of(v) != 4 or v.type.shape is None \
+            or tuple(v.type.shape[:2]) != heads:
         raise NoMatch("with the heads merged into the batch, K or V is not a Reshape of [batch, heads, seq, d] "
-                      "(K transposed after it)", qk)
+                      "(K transposed before or after it)", qk)
     rows = heads + (q.type.shape[2],)  # batch, heads, query positions
     for r in m.merged:  # each Reshape between the forms: [batch * heads, seq, .] <-> [batch, heads, seq, .]
         split = [t for t in (r.inputs[0], r.outputs[0]) if _rank_of(t) == 4]
@@ -310,7 +320,10 @@ def _split_heads_back(m: AttentionMatch, q3: Value, kt3: Value, qk: Node) -> tup
             raise NoMatch("a Reshape of the bmm form does not merge or split the same batch, heads and positions", r)
     if _rank_of(m.out) != 4:
         raise NoMatch("the heads merged into the batch are not split back after MatMul(probs, V)", qk)
-    m.v, m.k = v, k
+    m.v = v
+    if k is None:
+        return q, kt
+    m.k = k
     m.covered.append(tr)
     return q, None
 
