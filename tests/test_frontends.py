@@ -386,7 +386,7 @@ def test_weights_the_config_has_no_place_for_are_refused(tmp_path, suffix):
 
         save_file({k: v for k, v in big.state_dict().items() if k != "lm_head.weight"}, str(path))
     assert_one_line_error(invoke("inspect", path), str(path), "transformer.h.1.",
-                          "have no place in GPT2LMHeadModel as config.json describes it")
+                          "are of layers GPT2LMHeadModel does not have as config.json describes it")
     # buffers older checkpoints saved (GPT-2's masked_bias) are not weights: still loads
     state = dict(big.state_dict() if suffix == ".bin" else {}, **{"transformer.h.0.attn.masked_bias": torch.tensor(-1e4)})
     if suffix == ".bin":
@@ -643,3 +643,23 @@ def test_examples_that_disagree_on_a_shared_dynamic_dimension_are_refused_up_fro
     graph = from_torch(Two(), (torch.ones(2, 4), torch.ones(3)), input_names=["x", "idx"],
                        dynamic={"x": {0: "batch"}, "idx": {0: "n"}}, progress=False)
     assert [str(v.type) for v in graph.inputs] == ["f32[batch, 4]", "f32[n]"]
+
+
+def test_a_head_or_a_missing_pooler_is_not_a_refusal(tmp_path, capsys):
+    """What the base model's export does not use: a pretraining head's weights beside a config
+    without `architectures` (left out, with a note), and a checkpoint saved without its pooler
+    (a fine-tuned classifier's encoder) -- refused as "missing weight(s) pooler.dense..." before."""
+    import transformers as tf
+
+    from graphopt.frontends.huggingface import load_hf_module
+
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    tf.BertForPreTraining(cfg).save_pretrained(tmp_path / "pre")
+    config = json.loads((tmp_path / "pre" / "config.json").read_text())
+    config.pop("architectures")
+    (tmp_path / "pre" / "config.json").write_text(json.dumps(config))
+    model, output = load_hf_module(tmp_path / "pre", config)
+    assert output == "last_hidden_state" and "cls.predictions" in capsys.readouterr().err
+    tf.BertModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
+    config = json.loads((tmp_path / "nopool" / "config.json").read_text())
+    assert load_hf_module(tmp_path / "nopool", config)[1] == "last_hidden_state"

@@ -85,6 +85,8 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
             wrong = _wrong_shape(cls, cfg, folder, state_dict) if "ignore_mismatched_sizes" in str(e) else None
             raise UserError(f"{source}: " + (wrong or f"cannot load {cls.__name__} weights ({_first_line(e)})")) from None
     missing = sorted(info.get("missing_keys") or ())
+    if output == "last_hidden_state":  # a checkpoint saved without a pooler: not part of the export
+        missing = [k for k in missing if not k.startswith("pooler.")]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{source}: missing weight(s) {', '.join(missing[:3])}{more} for {cls.__name__}")
@@ -93,17 +95,32 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
         first = sorted(mismatched)[0]
         raise UserError(f"{source}: weight {first[0] if isinstance(first, tuple) else first} has the wrong shape "
                         f"for {cls.__name__} (config.json disagrees with the weights)")
-    # Weights the model has no place for are dropped by transformers with a log line: a
-    # checkpoint of more layers than config.json says (or of another model) would export as a
-    # silently different model. A task head's weights, when the base model is what is exported,
-    # and buffers older checkpoints saved are expected.
-    archs = config.get("architectures") or []
+    # Weights the model has no place for are dropped by transformers with a log line. Layers
+    # past the config's count (a 3-layer checkpoint beside a 2-layer config.json) would export as
+    # a silently different model: refused. Anything else (a task head when the base model is
+    # exported, buffers older checkpoints saved, a value head) is said and left out.
     unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.endswith(_SAVED_BUFFERS))
-    if unexpected and (not archs or cls.__name__ in archs):
+    extra_layers = _extra_layers(unexpected, set(model.state_dict()))
+    if extra_layers:
+        more = f" and {len(extra_layers) - 3} more" if len(extra_layers) > 3 else ""
+        raise UserError(f"{source}: weight(s) {', '.join(extra_layers[:3])}{more} are of layers {cls.__name__} "
+                        "does not have as config.json describes it (config.json disagrees with the weights)")
+    if unexpected:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise UserError(f"{source}: weight(s) {', '.join(unexpected[:3])}{more} have no place in {cls.__name__} "
-                        "as config.json describes it (config.json disagrees with the weights)")
+        notes.note(f"note: {source}: weight(s) {', '.join(unexpected[:3])}{more} are not part of {cls.__name__}; "
+                   "left out of the export")
     return model.eval(), output
+
+
+def _extra_layers(unexpected: list[str], known: set[str]) -> list[str]:
+    """The unexpected keys that are another copy of a layer the model has ("h.2.attn.w" where
+    "h.0.attn.w" is the model's): the checkpoint has more layers (or experts) than the config."""
+    out = []
+    for k in unexpected:
+        parts = k.split(".")
+        if any(p.isdigit() and ".".join(parts[:i] + ["0"] + parts[i + 1:]) in known for i, p in enumerate(parts)):
+            out.append(k)
+    return out
 
 
 def _wrong_shape(cls, cfg, folder: Path, state_dict: dict | None) -> str | None:
@@ -135,7 +152,7 @@ def _wrong_shape(cls, cfg, folder: Path, state_dict: dict | None) -> str | None:
 
 # buffers that older checkpoints saved and current models recompute (GPT-2's attention mask,
 # rotary frequencies, position ids): not weights
-_SAVED_BUFFERS = ("masked_bias", ".attn.bias", "inv_freq", "position_ids", "_float_tensor")
+_SAVED_BUFFERS = ("masked_bias", ".attn.bias", ".attention.bias", "inv_freq", "position_ids", "_float_tensor")
 
 
 def takes_token_type_ids(model, output: str) -> bool:
