@@ -29,6 +29,11 @@ from typing import Iterable, Iterator, Mapping
 from graphopt.errors import UserError
 from graphopt.manifest import MANIFEST_FORMAT
 
+try:
+    import fcntl  # the scratch folder's writer holds a lock on it (POSIX)
+except ImportError:  # pragma: no cover - Windows: the writer's pid instead
+    fcntl = None
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -136,6 +141,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp.mkdir(mode=0o700)
     except PermissionError:  # named after the folder asked for, not the scratch one beside it
         raise UserError(f"{path}: cannot write it: its folder {path.parent} is not writable") from None
+    held = _hold(tmp)  # while this process writes: the kernel lets go when it dies, whatever its pid
     try:
         yield tmp
         mask = _umask()
@@ -159,6 +165,43 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _hold(folder: Path) -> int | None:
+    """An exclusive lock on `folder` (flock on its descriptor), or None where there is none."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _held_by_another(scratch: Path) -> bool:
+    """Whether a live writer holds `scratch` (its lock; without flock, by its pid, which a
+    later process may have taken over)."""
+    if fcntl is None:
+        pid = scratch.name.split(".")[-3]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except (OSError, ValueError):
+            pass
+        return True
+    try:
+        fd = os.open(scratch, os.O_RDONLY)
+    except OSError:
+        return False  # gone meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -185,7 +228,8 @@ def _publish(path: Path, mask: int) -> None:
 
 def _sweep_dead_scratch(parent: Path, name: str) -> tuple[int, Path] | None:
     """Remove scratch folders beside `name` left by a killed process (the scratch name holds
-    the writer's pid; a folder of a process that still runs is left alone). Returns the pid and
+    the writer's pid; its writer holds a lock on it while it runs, which the kernel drops when
+    it dies, so a pid taken over by another process does not keep it). Returns the pid and
     scratch folder of another process writing `name` now, if any."""
     prefix = f".{name}."
     writer = None
@@ -193,13 +237,10 @@ def _sweep_dead_scratch(parent: Path, name: str) -> tuple[int, Path] | None:
         pid = scratch.name[len(prefix):].split(".")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
+        if _held_by_another(scratch):
             writer = int(pid), scratch
-        except ProcessLookupError:
+        else:
             shutil.rmtree(scratch, ignore_errors=True)
-        except OSError:
-            writer = int(pid), scratch  # alive (or not ours to signal): keep it
     return writer
 
 

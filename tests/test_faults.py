@@ -802,21 +802,29 @@ def test_reports_are_strict_json_when_a_metric_diverges():
 
 def test_a_folder_another_live_process_is_writing_is_refused(tmp_path):
     """Two optimizes into one -o both said "wrote out/"; the later silently replaced the other's
-    artifact. A scratch folder of a dead writer is swept as before."""
+    artifact. The writer is known by the lock it holds on its scratch folder: a scratch folder
+    whose pid is now another process's (a killed run's, the pid reused) is swept as a dead one."""
     import subprocess
 
     from graphopt.errors import UserError
     from graphopt.fileutil import atomic_dir
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / ".out.0.0123abcd.tmp"  # renamed after its holder's pid below
+    live.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(live)],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / f".out.{sleeper.pid}.0123abcd.tmp").mkdir()
-        with pytest.raises(UserError, match=rf"out: another process \(pid {sleeper.pid}\) is writing it now"):
+        assert holder.stdout.readline().strip() == "held"
+        named = live.rename(tmp_path / f".out.{holder.pid}.0123abcd.tmp")
+        with pytest.raises(UserError, match=rf"out: another process \(pid {holder.pid}\) is writing it now"):
             with atomic_dir(tmp_path / "out"):
                 pass
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    with atomic_dir(tmp_path / "out") as tmp:  # its writer is gone: swept, and the folder written
+        holder.kill()
+        holder.wait()
+    # its writer is gone (or the pid is another process's: os.getppid() is alive): swept, and written
+    named.rename(tmp_path / f".out.{os.getppid()}.0123abcd.tmp")
+    with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "a").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
