@@ -22,6 +22,7 @@ from graphopt.calibration import (default_calibration_source, has_default_calibr
                                   read_texts, text_feeds)
 from graphopt.fileutil import artifact_extras, atomic_dir, check_output_dir, json_text
 from graphopt.generation_files import copy_hf_config, copy_tokenizer, generation_manifest, model_config
+from graphopt.frontends.huggingface import POSITION_TABLE_ROWS
 from graphopt.frontends.training import is_run_folder
 from graphopt.passes.kvcache.rewrite import META_MAX_POSITIONS
 from graphopt.genai import GENAI_LAYOUTS, genai_unsupported, write_genai_files
@@ -178,9 +179,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 os.stat(path)
             except FileNotFoundError:
                 pass  # said where it is read or written
-            except OSError as e:  # a name the file system refuses (too long), a folder it may not enter
-                shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:77]}..."
-                raise UserError(f"{shown}: {e.strerror or e}") from None
+            except (OSError, ValueError) as e:  # a name the file system refuses (too long, a NUL in it)
+                shown = repr(str(path)) if len(str(path)) <= 80 else f"{str(path)[:77]!r}..."
+                raise UserError(f"{shown}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(model, Graph) and is_run_folder(Path(model)):
         # its latest checkpoint, which the report names: the run may train on afterwards
         model = resolve_checkpoint(model)
@@ -373,7 +374,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 if generation_note is not None and not generation_note["ready"]:
                     manifest["not_generation_ready"] = generation_note["reason"]  # what generate says
                 context = optimized.metadata.metadata_props.get(META_MAX_POSITIONS)
-                if context and context.isdigit() and _position_table(optimized, int(context)):
+                rows = optimized.metadata.metadata_props.get(POSITION_TABLE_ROWS, "")
+                if context and context.isdigit() and _position_table(optimized, int(context),
+                                                                     int(rows) if rows.isdigit() else None):
                     manifest["max_positions"] = int(context)
             for key in ("lower_seconds", "compile_seconds", "tuning_seconds"):
                 timing = fields.get(key)  # backends that compile report their build times
@@ -442,16 +445,17 @@ def _check_tuning(backend: str, target: str, backend_options, minutes, shapes, d
     return _tuning().check(target, backend_options, minutes, shapes, db)
 
 
-def _position_table(graph: Graph, rows: int) -> bool:
+def _position_table(graph: Graph, rows: int, table_rows: int | None = None) -> bool:
     """Whether `graph` reads rows of a constant table `rows` long by position (a learned position
     embedding, precomputed rotary cos/sin): then a sequence past `rows` has no row to read. A
     model without one (ALiBi, relative positions, rotary computed in the graph) is not bounded
-    by the context its config states. The table may hold up to two rows more than the positions
-    (RoBERTa's and OPT's positions start past an offset)."""
+    by the context its config states. The table may hold more rows than the positions: OPT's two
+    (its positions start at 2), RoBERTa's `table_rows` (they start past the padding id)."""
     for node in graph.nodes:
         if node.op_type in ("Gather", "Slice") and node.domain == "" and node.inputs and node.inputs[0] is not None:
             table = node.inputs[0]
-            if table.is_initializer and table.type.shape and rows <= table.type.shape[0] <= rows + 2:
+            if table.is_initializer and table.type.shape and (rows <= table.type.shape[0] <= rows + 2
+                                                              or table.type.shape[0] == table_rows):
                 return True
     return False
 
@@ -484,6 +488,10 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
         ids, source = held_out_tokens(folder, graph, accuracy_data)
         measure, data = ort_measure(ids, seq_len_of(folder)), {"tokens": int(len(ids) - 1)}
     base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
+    if _signature(base) != _signature(graph):  # a cache (or sliced logits) before the quantization
+        raise UserError(f"--accuracy-budget {budget}: the passes before {entries[qi].name} change the model's inputs "
+                        "or outputs (rewrite-kv-cache, slice-last-token-logits?), so the budget cannot be measured; "
+                        "put them after it")
     ctx.hints.setdefault("quantized_layers", {})
     # Measured: every position's logits without a cache. The generation passes are exact
     # rewrites of the same numbers (a cache, the last position's logits), so a --passes pipeline

@@ -125,7 +125,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     with it in one step and removed. On any failure (or interrupt) the scratch folder is
     removed and `path` is as it was."""
     path, name = _scratch_name(Path(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise UserError(f"{path}: cannot write it: {e.filename or path.parent} is not writable") from None
     writer = _sweep_dead_scratch(path.parent, name)
     if writer is not None:  # two writers of one folder: the later would silently replace the other's result
         pid, scratch = writer
@@ -278,6 +281,8 @@ def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{shown}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):  # now, not after the export and the passes
+                raise UserError(f"{shown}: cannot be written: {parent} is not writable")
             break
     for given in inputs:
         if _inside(Path(os.path.realpath(given)), real):

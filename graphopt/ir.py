@@ -438,7 +438,8 @@ class Graph:
     def add_initializer(self, name: str, array: np.ndarray) -> Value:
         """A constant. The graph keeps a read-only view of `array`, not a copy: a pass makes a
         new array rather than changing one in place (an in-place change would reach the
-        caller's array, and the snapshot a failed pass is rolled back to)."""
+        caller's array, and the snapshot a failed pass is rolled back to). The caller's own
+        later changes to `array` do show in the graph; pass a copy to keep them apart."""
         v = Value(name, TensorType.of(array))
         self._claim(v)
         if isinstance(array, np.ndarray) and array.flags.writeable:

@@ -173,3 +173,10 @@ def test_a_pipeline_that_adds_the_cache_after_quantizing_is_measured_on_every_po
     assert [e["name"] for e in piped["passes"]][-2:] == ["rewrite-kv-cache", "slice-last-token-logits"]
     assert piped["accuracy"]["score"] == plain["accuracy"]["score"] and piped["accuracy"]["data"]["tokens"] > 1000
     assert piped["accuracy"]["perplexity"] == pytest.approx(plain["accuracy"]["perplexity"], rel=1e-5)
+    # the cache added before the quantization: an internal error (KeyError: 'past_key_values.0.key')
+    quantize = next(e for e in pipeline.split(",") if e.startswith("quantize-weights"))
+    before_q = pipeline.replace(quantize, "rewrite-kv-cache," + quantize)
+    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "hf"), "-o", str(tmp_path / "early"), "-q",
+                                 "--passes", before_q, *budget])
+    assert r.exit_code == 2 and "the passes before quantize-weights change the model's inputs" in r.output, r.output
+    assert not (tmp_path / "early").exists()

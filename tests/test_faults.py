@@ -546,9 +546,12 @@ def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch)
     from graphopt.fileutil import atomic_dir, check_output_dir
 
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(os, "access", lambda p, mode: not (mode == os.W_OK and Path(p).name == "ro"))
+    monkeypatch.setattr(os, "access", lambda p, mode: not (mode & os.W_OK and Path(p).name == "ro"))
     with pytest.raises(UserError, match=r"^-o .*ro: the folder is not writable"):
         check_output_dir(tmp_path / "ro")
+    # a new folder under it: said before any work (it was said after the export and the passes)
+    with pytest.raises(UserError, match=r"^-o .*ro/a/out: cannot be written: .*ro is not writable$"):
+        check_output_dir(tmp_path / "ro" / "a" / "out")
     real_mkdir = Path.mkdir
 
     def refused(self, *a, **k):

@@ -231,7 +231,8 @@ def test_inspect_puts_per_layer_cache_values_on_one_line():
     # the whole repr was the message: 35 M characters for a model's 12 MB of bytes
     ({"model": b"\x08" * 10_000_000}, r"^optimize\(model=<bytes of 10,000,000> b'(\\x08){40}'\.\.\.\): expected a path"),
     ({"model": np.zeros((3, 4))}, r"^optimize\(model=<ndarray of shape \(3, 4\)>\): expected a path"),
-    ({"model": "x" * 5000}, r"^x{77}\.\.\.: File name too long$"),
+    ({"model": "x" * 5000}, r"^'x{77}'\.\.\.: File name too long$"),
+    ({"model": "a\0b"}, r"^'a\\x00b': embedded null byte$"),  # os.stat's ValueError, bare before
 ])
 def test_the_python_api_names_an_argument_of_the_wrong_type(kwargs, message, tmp_path, monkeypatch):
     """Before: AttributeError / TypeError / ValueError from inside a parser, some after the export."""

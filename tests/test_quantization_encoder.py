@@ -120,7 +120,8 @@ def test_real_all_minilm_l6_v2(tmp_path, monkeypatch):
     assert acc["score"] >= 0.995
 
 
-def test_roberta_positions_start_past_the_padding_id(tmp_path):
+@pytest.mark.parametrize("pad", [1, 3])
+def test_roberta_positions_start_past_the_padding_id(pad, tmp_path):
     """RoBERTa's table of max_position_embeddings rows holds pad_token_id + 1 fewer positions:
     calibration windows as long as the table read past its end (an internal error in the
     reference interpreter's Gather)."""
@@ -131,21 +132,22 @@ def test_roberta_positions_start_past_the_padding_id(tmp_path):
     from graphopt.calibration import window_len
 
     words = sorted({w.strip(".,!?'").lower() for s in SENTENCES for w in s.split()})
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    vocab = {"<s>": 0, "<x>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cfg = tf.RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=20, pad_token_id=1)
+                           intermediate_size=64, max_position_embeddings=20, pad_token_id=pad)
     torch.manual_seed(0)
     folder = tmp_path / "roberta"
     tf.RobertaModel(cfg).eval().save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
-    assert window_len(folder) == 18  # 20 rows less the padding id (1) and the row it reads for padding
+    n = 20 - pad - 1  # 20 rows less the padding id and the row it reads for padding
+    assert window_len(folder) == n
     (tmp_path / "calib.txt").write_text(" ".join(SENTENCES * 4))
     r = CliRunner().invoke(cli, ["optimize", str(folder), "-o", str(tmp_path / "out"), "--quantize", "int8-static",
                                  "--calibration", str(tmp_path / "calib.txt")])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text()).get("max_positions") == 18
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()).get("max_positions") == n
     import graphopt
     from graphopt.errors import UserError
 
@@ -154,6 +156,6 @@ def test_roberta_positions_start_past_the_padding_id(tmp_path):
         ids = np.full((1, n), 5, np.int64)
         return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
-    assert art.run(feeds(18))["last_hidden_state"].shape == (1, 18, 32)
-    with pytest.raises(UserError, match="18"):  # past the table: refused, not an out-of-bounds read
-        art.run(feeds(19))
+    assert art.run(feeds(n))["last_hidden_state"].shape == (1, n, 32)
+    with pytest.raises(UserError, match=str(n)):  # past the table: refused, not an out-of-bounds read
+        art.run(feeds(n + 1))

@@ -207,6 +207,9 @@ def record_config_hints(graph: Graph, cfg) -> None:
     max_seq = _max_positions(cfg)
     if max_seq:
         props.setdefault("graphopt.max_positions", str(max_seq))
+        rows = getattr(cfg, "max_position_embeddings", None)
+        if getattr(cfg, "model_type", None) in _PADDING_OFFSET_POSITIONS and isinstance(rows, int) and rows > max_seq:
+            props.setdefault(POSITION_TABLE_ROWS, str(rows))  # the table the positions index, past the offset
     # a chunked attention's chunk (Llama 4) is a window for the probe too: past it the masks are
     # not causal, which the rewrite refuses, and a chunk wider than it probes caps the context
     # at the chunk, within which the attention is causal
@@ -313,6 +316,8 @@ def _folder_weights(folder: Path):
 # length they were trained at (BLOOM's paper: sequences of 2048 tokens)
 _TRAINED_CONTEXT = {"bloom": 2048}
 
+
+POSITION_TABLE_ROWS = "graphopt.position_table_rows"
 
 # families whose positions start after the padding id (RoBERTa's create_position_ids_from_input_ids):
 # a table of max_position_embeddings rows holds max_position_embeddings - pad_token_id - 1 positions
