@@ -60,7 +60,9 @@ class Budget:
 
     def __str__(self) -> str:
         # as given: ':g' showed cosine=0.99999999 as cosine=1, a budget no model misses
-        return f"perplexity=+{self.value * 100:.10g}%" if self.metric == "perplexity" else f"{self.metric}={self.value:.10g}"
+        if self.metric == "perplexity":
+            return f"perplexity=+{self.value * 100:.10g}%"
+        return f"{self.metric}={self.value:.10g}"
 
 
 @dataclasses.dataclass

@@ -75,7 +75,8 @@ class Artifact:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(feeds, Mapping):
             names = ", ".join(i["name"] for i in self.inputs)
-            raise UserError(f"run takes a dict of input name -> array (the inputs: {names}), got {type(feeds).__name__}")
+            raise UserError(f"run takes a dict of input name -> array (the inputs: {names}), "
+                            f"got {type(feeds).__name__}")
         gen = self.manifest.get("generation") or {}
         # rewrite-kv-cache's own sum of dims; an exporter's dim names are labels ("past_sequence_length + 1")
         feeds = check_signature_feeds(self.manifest["signature"], feeds, sums={TOTAL_SEQ: (PAST_SEQ, "seq")} if gen else None)

@@ -647,8 +647,9 @@ def format_report(report: dict) -> str:
         lines.append("  no change: " + ", ".join(f"{k} x{n}" if n > 1 else k for k, n in unchanged.items()))
     lines.append(f"nodes     {report['nodes_before']} -> {report['nodes_after']}")
     if "weight_bytes_after" in report:
-        lines.append(f"size      weights {_size(report['weight_bytes_before'])} -> {_size(report['weight_bytes_after'])}"
-                     + (f"; artifact {_size(report['artifact_bytes'])} on disk" if "artifact_bytes" in report else ""))
+        before, after = _size(report["weight_bytes_before"]), _size(report["weight_bytes_after"])
+        disk = f"; artifact {_size(report['artifact_bytes'])} on disk" if "artifact_bytes" in report else ""
+        lines.append(f"size      weights {before} -> {after}{disk}")
     t = report.get("tuning")
     if t:
         lines.append(f"tuning    {t.get('trials', 0)} trials, {t.get('kernels_tuned_now', 0)} kernels tuned now, "

@@ -10,7 +10,8 @@ from pathlib import Path
 from graphopt.frontends.training import is_run_folder
 from graphopt.generation_text import TRAINING_EOS, is_int, load_tokenizer
 from graphopt.passes.kvcache.last_token import META_LOGITS
-from graphopt.passes.kvcache.rewrite import META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS, META_RECOMPUTE_AT
+from graphopt.passes.kvcache.rewrite import (META_BLOCK_SIZE, META_LAYERS, META_LAYOUT, META_MAX_POSITIONS,
+                                             META_RECOMPUTE_AT)
 
 # Tokenizer files copied beside a generation-ready artifact when the model folder has them:
 # tokenizer.json (tokenizers, onnxruntime-genai) and what transformers' tokenizer classes read

@@ -314,7 +314,8 @@ def parse_pipeline(text: str) -> list[PipelineEntry]:
         if m is None or m.end() == pos:
             # where it goes wrong: an options brace left open is at the end, not at its entry's start
             opened = text.find("{", pos)
-            unclosed = opened != -1 and "}" not in text[opened:] and (text.find(",", pos) == -1 or text.find(",", pos) > opened)
+            comma = text.find(",", pos)
+            unclosed = opened != -1 and "}" not in text[opened:] and (comma == -1 or comma > opened)
             where = f"the end: '{{' at character {opened + 1} is not closed" if unclosed else f"character {pos + 1}"
             raise UserError(f"malformed pipeline {text!r} at {where}: expected name or name{{option=value,...}}")
         name, opts = m.group(1), m.group(2)

@@ -197,7 +197,8 @@ def calibration_windows(folder: Path, cfg, path=None) -> tuple[torch.Tensor, str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"--calibration {path}: " + ("is a folder; give a text file" if path.is_dir() else "no such file"))
+            what = "is a folder; give a text file" if path.is_dir() else "no such file"
+            raise UserError(f"--calibration {path}: {what}")
         if path.suffix in (".jsonl", ".npz"):  # optimize takes these; here the file is read as one text
             raise UserError(f"--calibration {path}: graphopt prune reads one plain text file (not {path.suffix}); "
                             "join the texts into one file")

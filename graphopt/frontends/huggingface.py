@@ -83,7 +83,8 @@ def load_hf_module(folder: Path, config: dict, *, state_dict: dict | None = None
         except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
             # transformers names a weight of the wrong shape only in a logged table
             wrong = _wrong_shape(cls, cfg, folder, state_dict) if "ignore_mismatched_sizes" in str(e) else None
-            raise UserError(f"{source}: " + (wrong or f"cannot load {cls.__name__} weights ({_first_line(e)})")) from None
+            why = wrong or f"cannot load {cls.__name__} weights ({_first_line(e)})"
+            raise UserError(f"{source}: {why}") from None
     missing = sorted(info.get("missing_keys") or ())
     if output == "last_hidden_state":  # a checkpoint saved without a pooler: not part of the export
         missing = [k for k in missing if not k.startswith("pooler.")]

@@ -58,7 +58,8 @@ def _torch_load_weights_only(path: Path):
     except pickle.UnpicklingError as e:
         raise UserError(_refusal(path, e)) from None
     except KeyError:  # torch.load reads a file that is not a checkpoint's as a legacy one: its "magic number"
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (not a zip or pickle file torch.save writes)") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (not a zip or pickle file torch.save "
+                        "writes)") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
 
