@@ -141,6 +141,23 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
     return LMWrapper(model).eval()
 
 
+def tiny_llama_folder(folder: str | os.PathLike) -> Path:
+    """A Hugging Face folder of a small Llama (hidden 64, 2 layers, GQA, vocab 4096, random
+    weights, seed 0) with the shipped model's tokenizer.json beside it, for text-fed tests."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=128, max_position_embeddings=64, vocab_size=4096)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "default" / "tokenizer.json", folder)
+    return folder
+
+
 def _lm_wrapper_class():
     import torch
 

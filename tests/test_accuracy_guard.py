@@ -143,17 +143,11 @@ def test_a_pipeline_that_adds_the_cache_after_quantizing_is_measured_on_every_po
     guard measured the candidates through those passes, so it failed (the cache inputs) or
     scored the last position's logits against every target (a perplexity no model has)."""
     import json
-    import shutil
 
-    import torch
-    import transformers as tf
+    from graphopt.testing import tiny_llama_folder
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                         intermediate_size=128, max_position_embeddings=64, vocab_size=4096)
-    tf.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf")
+    tiny_llama_folder(tmp_path / "hf")
     default = Path(__file__).resolve().parents[1] / "examples" / "default"
-    shutil.copy(default / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
     (tmp_path / "held_out.txt").write_text((default / "val.txt").read_text()[:6000])
     budget = ["--accuracy-budget", "top1=0.5", "--accuracy-data", str(tmp_path / "held_out.txt")]
 

@@ -135,17 +135,10 @@ def test_text_calibration_and_accuracy_data_feed_a_hugging_face_decoder(tmp_path
     """A Hugging Face decoder takes input_ids and an attention_mask: text calibration (GPTQ) and
     a perplexity budget on text feed it windows of tokens with a mask of ones (refused before:
     "text feeds a model whose one input is token ids")."""
-    import shutil
+    from graphopt.testing import tiny_llama_folder
 
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                         intermediate_size=128, max_position_embeddings=64, vocab_size=4096)
-    tf.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf")
+    tiny_llama_folder(tmp_path / "hf")
     default = Path(__file__).resolve().parents[1] / "examples" / "default"
-    shutil.copy(default / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
     text = (default / "val.txt").read_text()
     (tmp_path / "calib.txt").write_text(text[: len(text) // 2])
     (tmp_path / "held_out.txt").write_text(text[len(text) // 2:])
