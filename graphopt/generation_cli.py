@@ -51,6 +51,9 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
       graphopt generate out/default --prompt "import " --prompt "class " --max-new-tokens 32
       graphopt generate out/default --prompt "import " --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
     """
+    from graphopt.generation_text import check_text
+
+    check_text(prompts)
     wanted = _BACKENDS[backend]
     if (model / "manifest.json").is_file():
         _generate_artifact(model, list(prompts), wanted, max_new_tokens, temperature, top_k, top_p, seed, threads)

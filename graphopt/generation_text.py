@@ -44,12 +44,26 @@ def logits_vocab(artifact) -> int | None:
     return last if isinstance(last, int) else None
 
 
+def check_text(prompts: Sequence[str], option: str = "--prompt") -> None:
+    """Prompts the tokenizer can take: text that is valid Unicode (a shell hands bytes that are
+    not UTF-8 on as lone surrogates, which tokenizers refuses with a TypeError)."""
+    for text in prompts:
+        if not isinstance(text, str):
+            raise UserError(f"{option}: a prompt is text, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{option} {text!r}: not valid UTF-8 text (character {e.start + 1})") from None
+
+
 def continuation(tokenizer, context: Sequence[int], new: Sequence[int], skip: str = "") -> str:
     """The text `new` ids make after `context`, as they read there: decode(context + new) past
     decode(context) (decoded alone, a SentencePiece token loses its leading space), or the new
     ids alone where the context's own text changes with what follows; `skip`, text the prompt
     already shows (token healing), taken off its start; a character the last id only began, left out."""
     head, whole = tokenizer.decode(list(context)), tokenizer.decode(list(context) + list(new))
+    if not whole.startswith(head) and whole.startswith(head.rstrip("\ufffd")):
+        head = head.rstrip("\ufffd")  # a character the context only began (token healing took its last byte back)
     text = whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(new))
     text = text[len(skip):] if skip and text.startswith(skip) else text
     return text.rstrip("\ufffd")
@@ -122,6 +136,7 @@ def encode_prompts(artifact, tokenizer, prompts: Sequence[str], *, heal: bool | 
     vocab = logits_vocab(artifact)
     if heal and vocab is None:
         raise UserError(f"{artifact.path}: the logits' vocabulary is not static; token healing needs it")
+    check_text(prompts, "prompts")
     for text in prompts:
         p = tokenizer.encode(text).ids
         h = ""

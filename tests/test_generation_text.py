@@ -323,3 +323,22 @@ def test_default_max_new_tokens_fits_the_context_and_both_paths_agree(short_cont
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert "--max-new-tokens 17 need 17 positions; the model has 16" in r.output, r.output
         assert r.stdout == ""
+
+
+def test_a_prompt_ending_in_a_character_of_several_tokens_heals_without_a_stray_replacement():
+    """Token healing takes back the prompt's last token: for "x 世界" in a byte-level tokenizer
+    that is the last byte of 界, and the rest of the prompt then decodes to "x 世\\ufffd". The
+    new text fell back to the new ids decoded alone: "\\ufffd////" in `result.texts` and a batch."""
+    from graphopt.generation_text import check_text
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "examples" / "default")
+    for prompt in ("x 世界", "a：", "日本語のテキスト："):
+        ids = tok.encode(prompt).ids
+        healed = continuation(tok, ids[:-1], ids[-1:])
+        assert prompt.endswith(healed) and healed and "\ufffd" not in healed, (prompt, healed)
+        new = ids[-1:] + tok.encode("////").ids
+        assert continuation(tok, ids[:-1], new, skip=healed) == "////", prompt
+    with pytest.raises(UserError, match=r"--prompt 'caf\\udce9': not valid UTF-8 text \(character 4\)"):
+        check_text(["caf\udce9"])  # what a shell hands on for the bytes caf\xe9
+    r = generate(Path(__file__).resolve().parents[1] / "examples" / "default", "--prompt", "caf\udce9")
+    assert r.exit_code == 2 and "not valid UTF-8 text" in r.output, r.output  # an internal error (TypeError)
