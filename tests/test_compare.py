@@ -474,6 +474,11 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     (["{m}", "--data", "{m}"], "is a folder; give one text file"),
     (["{m}", "--data", "{m}/model.safetensors"], "model.safetensors: not a UTF-8 text file"),
     (["{m}", "--seq", "65"], "--seq 65 is longer than the model's context (64)"),
+    # a name or a length twice ("two cells would have the same name"; two identical columns); none
+    (["{m}", "--variants", "fp32,fp32"], "--variants: fp32 given more than once"),
+    (["{m}", "--seq", "8,8"], "--seq: 8 given more than once"),
+    (["{m}", "--variants", ""], "--variants '': an empty list; leave the option out for its default"),
+    (["{m}", "--keep", "{tmp}/keep", "--variants", "fp32,fp32"], "given more than once"),  # before --keep is made
 ])
 def test_cli_user_errors(hf_folder, tmp_path, args, message):
     onnx = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"

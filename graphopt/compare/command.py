@@ -12,12 +12,27 @@ from graphopt.errors import UserError
 from graphopt.fileutil import check_output_files
 
 
-def _split(values: tuple[str, ...] | str | None) -> list[str] | None:
-    if not values:
+def _lengths(seqs: list[int]) -> list[int]:
+    twice = sorted({n for n in seqs if seqs.count(n) > 1})
+    if twice:  # the same shape measured twice: two identical columns
+        raise UserError(f"--seq: {', '.join(map(str, twice))} given more than once")
+    return seqs
+
+
+def _split(values: tuple[str, ...] | str | None, option: str = "") -> list[str] | None:
+    """A comma list option's names (None: not given); an empty list or a name given twice is
+    refused (`--variants fp32,fp32` was "two cells would have the same name")."""
+    if values is None or values == ():
         return None
     if isinstance(values, str):
         values = (values,)
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+    names = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    if not names:
+        raise UserError(f"{option} {','.join(values)!r}: an empty list; leave the option out for its default")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{option}: {', '.join(twice)} given more than once")
+    return names
 
 
 def _check_output(option: str, path: str | None, inputs: list[str]) -> None:
@@ -156,6 +171,8 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
         return
     if not models:
         raise UserError("give a MODEL (anything `graphopt optimize` takes) or artifact folders; see --help")
+    backends, variants = _split(backends, "--backends"), _split(variants, "--variants")
+    seqs = _lengths([n for lengths in seqs for n in lengths]) or None
     inputs = [p for p in (*models, data, reference) if p]
     _check_output("--json", json_file, inputs)
     _check_output("--html", html_file, inputs)
@@ -178,8 +195,8 @@ def compare(models, backends, variants, list_variants, batch, seqs, threads, run
         notes.quiet()  # (the export's own progress too)
     progress = None if quiet else RichProgress()
     try:
-        report = run_compare(list(models), backends=_split(backends), variants=_split(variants), batch=batch,
-                             seqs=[n for lengths in seqs for n in lengths] or None, threads=threads,
+        report = run_compare(list(models), backends=backends, variants=variants, batch=batch, seqs=seqs,
+                             threads=threads,
                              timing=TimingSettings(warmup=warmup, min_runs=runs, min_time=min_time),
                              data=data, data_tokens=data_tokens, reference=reference, workdir=keep_dir,
                              progress=progress, measure_memory=not no_memory, generate=generate)
