@@ -486,3 +486,31 @@ def test_every_graphopt_op_has_a_rule():
 
     missing = [d.name for d in all_graphopt_ops() if get_lowering("tvm", d.domain, d.name) is None]
     assert not missing, f"graphopt ops without a TVM rule (they fall back to decomposition): {missing}"
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_matmul_over_one_term_fused_with_a_residual_add_is_right(transposed):
+    """An MLP pruned to one channel: x @ Wup [32, 1], then @ Wdown [1, 32] plus x. The K = 1
+    matmul fused with the residual Add computed wrong values on TVM (max error 3.8 where the
+    outputs are about 5), silently; it is lowered as the product it is."""
+    from graphopt.builder import Builder
+    from graphopt.dtypes import DType
+    from graphopt.ir import Graph, TensorType
+
+    rng = np.random.default_rng(0)
+    g = Graph("mlp1")
+    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", "seq", 32)))
+    b = Builder(g)
+    up = g.add_initializer("up", rng.standard_normal((32, 1)).astype(np.float32))
+    down = rng.standard_normal((1, 32)).astype(np.float32)
+    h = b.MatMul(x, up)
+    y = (b.Gemm(b.Reshape(h, g.add_initializer("flat", np.array([-1, 1], np.int64))),
+                g.add_initializer("downT", np.ascontiguousarray(down.T)), transB=1) if transposed
+         else b.MatMul(h, g.add_initializer("down", down)))
+    if transposed:
+        y = b.Reshape(y, b.Shape(x))
+    g.outputs = [b.Add(x, y)]
+    feeds = {"x": rng.standard_normal((2, 5, 32)).astype(np.float32)}
+    want = feeds["x"] + (feeds["x"] @ up.const_value) @ down
+    got = tvm_backend.compile_graph(g).run(feeds)[g.outputs[0].name]
+    assert_close(got, want, rtol=1e-5, atol=1e-5, what="x + (x @ up) @ down")

@@ -339,6 +339,11 @@ class Lowerer:
         is a constant, else transposed on every call."""
         from tvm.relax import op as R
 
+        if static_int(self.shape(x)[-1]) == 1 and self.rank(x) >= 2 and self.rank(w) == 2:
+            # a sum of one product is the product: [.., M, 1] * [1, N]. (A K = 1 matmul fused with
+            # an elementwise epilogue, a residual Add, computed wrong values: an MLP pruned to one channel)
+            w = self.emit(R.permute_dims(w, [1, 0])) if transposed else w
+            return self.emit(R.multiply(x, w))
         y = self.weight_matmul(x, value, "T" if transposed else "", np.transpose if transposed else None)
         if y is not None:
             return y
