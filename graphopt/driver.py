@@ -357,8 +357,12 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             generation = generation_manifest(optimized, model_path)
             if generation is not None:
                 copied = copy_tokenizer(model_path, tmp)
-                if backend == "onnxruntime":  # Optimum's ORTModelForCausalLM loads the folder by its config.json
+                if backend == "onnxruntime" and not manifest.get("pruning"):
+                    # Optimum's ORTModelForCausalLM loads the folder by its config.json (sizing the cache by
+                    # its head counts: a pruned model's differ, layer by layer with scope=global)
                     copied += copy_hf_config(model_path, tmp)
+                elif backend == "onnxruntime":
+                    generation["optimum"] = "no config.json: the pruned model's sizes differ from the checkpoint's"
                 manifest["files"] = list(manifest.get("files", [])) + copied  # part of the artifact, not the user's
                 generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
                 manifest["generation"] = generation

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -775,8 +776,6 @@ def test_calibration_without_a_pass_that_reads_it_is_refused(tmp_path):
 
 
 def test_optimize_prune_equals_torch_and_reports_what_went(llama, tmp_path):
-    import json
-
     import graphopt
 
     module, fused = llama  # the default recipe runs again on the fused graph, changing nothing
@@ -879,8 +878,6 @@ def test_prune_then_quantize_in_one_optimize(llama, tmp_path):
 # ------------------------------------------ the pruning record of a training checkpoint
 
 def _checkpoint_config(folder: Path, pruned_ppl: dict | None, finetune_ppl: dict | None) -> Path:
-    import json
-
     config = {"format": "graphopt.train.checkpoint/1", "model": {"arch": "llama"}}
     if pruned_ppl is not None:
         config["pruned"] = {"source": "examples/default", "importance": "wanda", "heads_ratio": 0.5, "mlp_ratio": 0.25,
@@ -954,3 +951,19 @@ def test_a_model_without_a_prunable_block_says_so(tmp_path):
     tf.GlmForCausalLM(cfg).eval().save_pretrained(tmp_path / "glm")
     res = graphopt.optimize(tmp_path / "glm", prune="mlp=0.5", kv_cache=False)
     assert "no MLP channels: no MLP block of a form the pass prunes was found" in format_report(res.report)
+
+
+def test_a_pruned_hugging_face_model_gets_no_config_json_of_the_unpruned_sizes(tmp_path):
+    """The artifact copied the checkpoint's config.json, whose head counts and MLP width the
+    pruned model.onnx no longer has (Optimum sizes the empty cache by them)."""
+    import graphopt
+    from graphopt.testing import tiny_llama_folder
+
+    folder = tiny_llama_folder(tmp_path / "hf")
+    res = graphopt.optimize(folder, tmp_path / "out", prune="heads=0.5,mlp=0.5")
+    assert res.report["generation"]["ready"] and not (tmp_path / "out" / "config.json").exists()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["generation"]["optimum"].startswith("no config.json: the pruned model's sizes differ")
+    assert "config.json" not in manifest["files"]
+    genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_key_value_heads"] == 1  # the pruned count, where genai reads it
