@@ -374,6 +374,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                         manifest["files"] = manifest["files"] + written
                     else:
                         generation["genai"] = f"no genai_config.json: {why_not}"
+                        progress(f"note: {generation['genai']}")  # --help says an ORT decoder gets one
             else:  # an encoder (or a decoder without a cache): a position table bounds its inputs
                 if generation_note is not None and not generation_note["ready"]:
                     manifest["not_generation_ready"] = generation_note["reason"]  # what generate says

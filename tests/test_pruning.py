@@ -967,3 +967,17 @@ def test_a_pruned_hugging_face_model_gets_no_config_json_of_the_unpruned_sizes(t
     assert "config.json" not in manifest["files"]
     genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_key_value_heads"] == 1  # the pruned count, where genai reads it
+
+
+def test_a_genai_config_left_out_is_said(tmp_path, monkeypatch):
+    """Left out (per-layer head counts genai cannot describe, after scope=global pruning), the
+    reason was only in the manifest; --help says an ORT decoder gets one."""
+    import graphopt
+    import graphopt.driver as driver
+    from graphopt.testing import tiny_llama_folder
+
+    monkeypatch.setattr(driver, "genai_unsupported", lambda graph, manifest: "the layers' KV head counts differ")
+    said: list[str] = []
+    graphopt.optimize(tiny_llama_folder(tmp_path / "hf"), tmp_path / "out", progress=said.append)
+    assert "note: no genai_config.json: the layers' KV head counts differ" in said
+    assert not (tmp_path / "out" / "genai_config.json").exists()
