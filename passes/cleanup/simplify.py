@@ -224,9 +224,15 @@ def _broadcasts_into(z, x) -> str | None:
     return None
 
 
+def _computed_zeros(v) -> bool | str:
+    """Zeros a node computes: a weight that happens to be zero (a freshly initialized bias) is
+    the model's parameter, kept where the fusions expect it."""
+    return (not v.is_initializer and _all_zeros(v)) or _NOT_ZEROS
+
+
 class RemoveAddZeros(RewriteRule):
     name = "add-zeros"  # x + zeros -> x, zeros + x -> x, when the zeros do not broadcast x
-    pattern = op("Add", var("x"), var("z", where=lambda v: _all_zeros(v) or _NOT_ZEROS), commute=True)
+    pattern = op("Add", var("x"), var("z", where=_computed_zeros), commute=True)
 
     def check(self, m):
         return _broadcasts_into(m["z"], m["x"])
@@ -237,7 +243,7 @@ class RemoveAddZeros(RewriteRule):
 
 class RemoveSubZeros(RemoveAddZeros):
     name = "sub-zeros"  # x - zeros -> x (exact: -0.0 - 0.0 is -0.0)
-    pattern = op("Sub", var("x"), var("z", where=lambda v: _all_zeros(v) or _NOT_ZEROS))
+    pattern = op("Sub", var("x"), var("z", where=_computed_zeros))
 
 
 IDENTITY_RULES = [RemoveIdentity(), RemoveDropout(), RemoveCastToSameType(), RemoveNoOpReshape(),
@@ -250,7 +256,8 @@ class RemoveIdentities(Pass):
     """Remove ops that return their input unchanged: Identity, inference Dropout, Cast to the
     same type, Reshape to the same shape, identity Transpose, single-input Concat, Expand by
     ones, full Slice, x+0, x-0, x*1, x/1, x**1 (when the constant cannot broadcast), and x + zeros,
-    x - zeros where the zeros are computed (torch.baddbmm's `beta * empty` term) and broadcast
+    x - zeros where a node computes the zeros (torch.baddbmm's `beta * empty` term; a weight that
+    is zero, a fresh bias, stays) and they broadcast
     into x's shape (x + 0 is x exactly; only -0.0 becomes +0.0, which compares equal).
 
     Before:  %y = Identity(%x)         After:  %z = Relu(%x)
