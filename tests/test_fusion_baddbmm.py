@@ -102,6 +102,18 @@ def test_zeros_that_broadcast_x_or_are_not_provably_zero_stay():
     negated = BADDBMM.replace("Add(%x, %beta_empty)", "Sub(%beta_empty, %x)")
     g, _, records = apply_pipeline_text(negated, "remove-identities")
     assert "Sub" in ops(g) and not records[0].changed
+    # a weight that is zero (a freshly initialized bias) is the model's: the fusions expect its Add
+    bias = """graph @g(%x: f32[batch, seq, 4]) -> (f32[batch, seq, 4]) {
+  weights {
+    @bias: f32[4]
+  }
+  %y = Add(%x, @bias) : f32[batch, seq, 4] loc("add")
+  %z = Relu(%y) : f32[batch, seq, 4] loc("relu")
+  return %z
+}
+"""
+    g, _, records = apply_pipeline_text(bias, "remove-identities", weights={"bias": np.zeros(4, np.float32)})
+    assert "Add" in ops(g) and not records[0].changed
 
 
 def test_already_clean_is_a_no_op():
