@@ -144,8 +144,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp.mkdir(mode=0o700)
     except PermissionError:  # named after the folder asked for, not the scratch one beside it
         raise UserError(f"{path}: cannot write it: its folder {path.parent} is not writable") from None
-    held = _hold(tmp)  # while this process writes: the kernel lets go when it dies, whatever its pid
+    held = None
     try:
+        held = _hold(tmp)  # while this process writes: the kernel lets go when it dies, whatever its pid
         yield tmp
         mask = _umask()
         for f in tmp.iterdir():
@@ -182,16 +183,15 @@ def _hold(folder: Path) -> int | None:
     return fd
 
 
-def _held_by_another(scratch: Path) -> bool:
-    """Whether a live writer holds `scratch` (its lock; without flock, by its pid, which a
+def _held_by_another(scratch: Path, pid: int) -> bool:
+    """Whether a live writer holds `scratch` (its lock; without flock, by its `pid`, which a
     later process may have taken over)."""
     if fcntl is None:
-        pid = scratch.name.split(".")[-3]
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
-        except (OSError, ValueError):
+        except OSError:
             pass
         return True
     try:
@@ -240,7 +240,7 @@ def _sweep_dead_scratch(parent: Path, name: str) -> tuple[int, Path] | None:
         pid = scratch.name[len(prefix):].split(".")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        if _held_by_another(scratch):
+        if _held_by_another(scratch, int(pid)):
             writer = int(pid), scratch
         else:
             shutil.rmtree(scratch, ignore_errors=True)
