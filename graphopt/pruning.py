@@ -101,6 +101,7 @@ def pruning_summary(records, parameters_before: int, spec: str | None, calibrati
                  **{k.replace("-", "_"): v for k, v in r.stats.items()}}
         entry.update({"speed": d["speed"] for d in r.details if "speed" in d})
         entry.update({"sites": d["sites_found"] for d in r.details if "sites_found" in d})
+        entry.update({k: d[k] for d in r.details if "units" in d for k in ("units", "global_removes")})
         skipped = sorted({d["reason"] for d in r.details if d.get("reason")})
         if skipped:  # the sites the pass could not prune, and why (a per-head mask: ALiBi's)
             entry["skipped"] = skipped
@@ -161,6 +162,27 @@ def format_pruning(report: dict) -> str | None:
     return "\n".join(lines)
 
 
+def _removes_none_hint(entry: dict, unit: str) -> str:
+    """Why a structured pass with sites removed nothing: min-keep keeps every unit, or the ratio
+    rounds down to none per layer (scope=global may not) or over the whole model too."""
+    o, units = entry["options"], entry.get("units")
+    if o["ratio"] == 0:
+        return ""
+    if units is None:  # a report written before the unit counts were recorded
+        return "; counted per layer: scope=global would count the ratio over the whole model" \
+            if o["scope"] == "layer" else ""
+    if o["min_keep"] >= max(units):
+        have = "/".join(str(u) for u in units)
+        if units == [1]:
+            mqa = ", multi-query attention," if unit == "KV groups" else ""
+            return f"; a layer has 1 {unit[:-1]}{mqa} and min-keep {o['min_keep']} keeps it"
+        return f"; a layer has {have} {unit} and min-keep {o['min_keep']} keeps them all"
+    if o["scope"] == "layer" and entry.get("global_removes"):
+        return (f"; counted per layer: scope=global, counting the ratio over the whole model, "
+                f"would remove {entry['global_removes']}")
+    return ""
+
+
 def _format_passes(p: dict) -> str:
     """One line for what the pruning passes removed."""
     parts = []
@@ -168,9 +190,7 @@ def _format_passes(p: dict) -> str:
         if entry["pass"] in STRUCTURED.values() and not entry.get("layers"):
             what = "heads" if entry["pass"] == "prune-heads" else "MLP channels"
             o = entry["options"]
-            # per layer a small ratio can round to none in every layer; over the whole model it may not
-            hint = ("; counted per layer: scope=global would count the ratio over the whole model"
-                    if o["scope"] == "layer" and o["ratio"] > 0 else "")
+            hint = _removes_none_hint(entry, "KV groups" if entry["pass"] == "prune-heads" else "channels")
             if entry.get("skipped"):
                 parts.append(f"no {what}: every site was skipped ({'; '.join(entry['skipped'])})")
             elif entry.get("sites") == 0:  # the pass found no site at all

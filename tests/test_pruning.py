@@ -833,11 +833,33 @@ def test_a_ratio_that_rounds_down_to_nothing_says_so(llama):
 
     res = graphopt.optimize(llama[1].copy(), prune="heads=0.25", kv_cache=False)  # 2 KV groups a layer
     assert "pruned    no heads (ratio 0.25, rounded down, with min-keep 1, removes none; counted per layer: " \
-        "scope=global would count the ratio over the whole model)" in format_report(res.report)
+        "scope=global, counting the ratio over the whole model, would remove 1)" in format_report(res.report)
     res = graphopt.optimize(llama[1].copy(), prune="heads=0", kv_cache=False)  # nothing asked: no hint
     assert "removes none)" in format_report(res.report)
     res = graphopt.optimize(llama[1].copy(), prune="heads=0.25,scope=global", kv_cache=False)  # 1 of 4 overall
     assert res.report["pruning"]["passes"][0]["kv_heads"] == 1
+
+
+@pytest.mark.parametrize("min_keep", [2, 5])
+def test_min_keep_that_keeps_every_group_is_named_not_scope(llama, min_keep):
+    """With min-keep at or above a layer's KV groups nothing can go however the ratio is counted:
+    the summary names min-keep (it suggested scope=global, which removes none either)."""
+    import graphopt
+    from graphopt.driver import format_report
+
+    for scope in ("layer", "global"):
+        res = graphopt.optimize(llama[1].copy(), prune=f"heads=0.5,min-keep={min_keep},scope={scope}", kv_cache=False)
+        text = format_report(res.report)
+        assert f"removes none; a layer has 2 KV groups and min-keep {min_keep} keeps them all)" in text
+        assert "scope=global" not in text.split("pruned    ")[1].splitlines()[0]
+
+
+def test_a_ratio_that_rounds_to_none_even_over_the_model_has_no_scope_hint(llama):
+    import graphopt
+    from graphopt.driver import format_report
+
+    res = graphopt.optimize(llama[1].copy(), prune="mlp=0.001", kv_cache=False)  # 0.001 * 128 channels < 1
+    assert "pruned    no MLP channels (ratio 0.001, rounded down, with min-keep 1, removes none)" in format_report(res.report)
 
 
 def test_heads_of_an_alibi_model_are_skipped_with_the_reason(tmp_path):

@@ -326,6 +326,7 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
     model, cfg = ckpt.load_model(folder)
     windows, calibrated_on = calibration_windows(folder, cfg, calibration) if importance == "wanda" else (None, None)
     plans = plan(model, heads_ratio, mlp_ratio, min_keep, scope, windows)
+    _check_removes_some(model, plans, heads_ratio, mlp_ratio, min_keep, scope)
     small = prune_model(model, plans)
     before, after = block_flops(cfg, seq), block_flops(small.config, seq)
     if text is None:
@@ -347,6 +348,30 @@ def prune_checkpoint(source, out, heads_ratio: float, mlp_ratio: float, min_keep
     ckpt.save_checkpoint(out, small, {"model": config_to_dict(small.config), "pruned": summary},
                          folder / "tokenizer.json", folder / "val.txt")
     return summary
+
+
+def _check_removes_some(model, plans: list[LayerPlan], heads_ratio: float, mlp_ratio: float, min_keep: int,
+                        scope: str) -> None:
+    """Refuses a plan that removes nothing (it would write a copy of the checkpoint), naming
+    why for each ratio given: min-keep keeps every unit, or the ratio rounds down to none."""
+    arch = model.config.arch
+    units = {"heads": ([len(group_scores(b, arch)) for b in model.blocks], [len(p.kv_groups) for p in plans]),
+             "mlp": ([_mlp(b, arch)[2].shape[1] for b in model.blocks], [len(p.channels) for p in plans])}
+    if any(sum(before) != sum(after) for before, after in units.values()):
+        return
+    why = []
+    for kind, ratio, noun in (("heads", heads_ratio, "KV groups"), ("mlp", mlp_ratio, "MLP channels")):
+        if ratio == 0:
+            continue
+        have = sorted(set(units[kind][0]))
+        sizes = "/".join(map(str, have))
+        if min_keep >= max(have):
+            why.append(f"--min-keep {min_keep} keeps all {sizes} {noun} of a layer")
+        else:
+            hint = ("; --scope global counts it over the whole model"
+                    if scope == "layer" and math.floor(ratio * sum(units[kind][0]) + 1e-9) >= 1 else "")
+            why.append(f"--{kind}-ratio {ratio} of a layer's {sizes} {noun} rounds down to none{hint}")
+    raise UserError("nothing to prune: " + "; ".join(why))
 
 
 # what save_checkpoint writes into a pruned checkpoint

@@ -160,6 +160,9 @@ class StructuredPruning(Pass):
             result.count("layers")
             result.count("parameters", before - parameter_count(graph))  # a weight shared elsewhere stays
             self.record(result, node, site, n_remove, keep)
+        if not any(removals):  # why none went: the summary compares min-keep and the ratio with these
+            result.details.append({"units": sorted({len(sc) for sc in scores}),
+                                   "global_removes": sum(global_removals(scores, self.ratio, self.min_keep))})
         if result.changed:
             result.details.append({"block_flops": {"seq_len": FLOPS_SEQ_LEN, "before": flops_before,
                                                    "after": block_flops(graph)}})

@@ -261,6 +261,9 @@ def test_wanda_calibrates_on_the_training_corpus_by_default_and_refuses_without_
 @pytest.mark.parametrize("args, fragment", [
     (["--heads-ratio", "1.0"], "--heads-ratio"),
     ([], "nothing to prune: give --heads-ratio and/or --mlp-ratio"),
+    (["--heads-ratio", "0.05"], "nothing to prune: --heads-ratio 0.05 of a layer's 2 KV groups rounds down to none"),
+    (["--heads-ratio", "0.5", "--min-keep", "2"], "nothing to prune: --min-keep 2 keeps all 2 KV groups of a layer"),
+    (["--mlp-ratio", "0.001"], "rounds down to none; --scope global counts it over the whole model"),
     (["--mlp-ratio", "0.25", "--out", "{SRC}"], "is the source checkpoint"),
     (["--mlp-ratio", "0.25", "--out", "{FILE}"], "exists and is not a folder"),
 ])
