@@ -566,6 +566,13 @@ def ort_embedding_measure(feeds_list: list[dict]) -> Callable[[Graph], Measured]
     return measure
 
 
+def _fitted(fitted: dict | None) -> str:
+    """' (64 in 19 layers whose K it does not divide)' for the summary line, or ''."""
+    if not fitted:
+        return ""
+    return " (" + ", ".join(f"{b} in {n} layer{'s' * (n > 1)}" for b, n in fitted.items()) + " whose K it does not divide)"
+
+
 def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:
     """The report's "quantization" entry: what was quantized and the weight bytes it saved."""
     runs = [r for r in records if r.name in QUANT_PASSES]
@@ -582,6 +589,11 @@ def quantization_summary(records, scheme: str | None, calibration, feeds) -> dic
            "float_weight_bytes": r.stats.get("float-weight-bytes", 0),
            "quantized_weight_bytes": r.stats.get("quantized-weight-bytes", 0),
            "kept_float": [d["node"] for d in r.details if d.get("reason") == "excluded"]}
+    if not int8:  # layers whose K the block size does not divide, with the block they took (fit_block)
+        fitted = collections.Counter(d["block_size"] for d in r.details
+                                     if d.get("block_size") not in (None, r.options["block_size"]))
+        if fitted:
+            out["fitted_block_sizes"] = {str(b): n for b, n in sorted(fitted.items(), reverse=True)}
     if feeds:
         out["calibration"] = {"file": None if calibration is None else str(calibration),
                               "batches": len(feeds), "sequences": int(sum(len(next(iter(f.values()))) for f in feeds))}
@@ -668,7 +680,9 @@ def format_report(report: dict) -> str:
     if q:
         layers = sum(q["layers"].values())
         how = ("activations per call" if q["method"] == "dynamic" else
-               f"activations {q['method']}" if q["method"].startswith("static") else f"block {q['block_size']}, {q['method']}")
+               f"activations {q['method']}" if q["method"].startswith("static") else
+               f"block {q['block_size']}{_fitted(q.get('fitted_block_sizes'))}, {q['method']}")
+
         lines.append(f"quantized {layers} layers to int{q['bits']} ({how}): weights "
                      f"{_size(q['float_weight_bytes'])} -> {_size(q['quantized_weight_bytes'])}")
     a = report.get("accuracy")

@@ -10,13 +10,29 @@ from graphopt.manifest import artifact_file, read_manifest
 from graphopt.ir import Graph
 
 
+def _values_per_byte(graph: Graph) -> dict[str, int]:
+    """Initializers that hold packed values (the u8 inputs of an op with `bits` below 8: a
+    packed weight or its zero points), with how many values a byte holds."""
+    packed = {}
+    for n in graph.nodes:
+        bits = n.attr("bits")
+        if not isinstance(bits, int) or not 0 < bits < 8 or 8 % bits:
+            continue
+        for v in n.inputs:
+            if v is not None and v.name in graph.initializers and v.type.dtype.short == "u8":
+                packed[v.name] = 8 // bits
+    return packed
+
+
 def summarize(graph: Graph) -> dict:
+    """`parameters.count` counts values: a byte of a packed 4-bit weight holds two."""
     ops = collections.Counter(n.op for n in graph.nodes)
     by_dtype: dict[str, dict[str, int]] = {}
+    packed = _values_per_byte(graph)
     for v in graph.initializers.values():
         a = v.const_value
         d = by_dtype.setdefault(v.type.dtype.short, {"count": 0, "bytes": 0, "tensors": 0})
-        d["count"] += int(a.size)
+        d["count"] += int(a.size) * packed.get(v.name, 1)
         d["bytes"] += int(a.nbytes)
         d["tensors"] += 1
     md = graph.metadata

@@ -211,6 +211,59 @@ def test_pass_rewrites_each_site_and_stores_it_packed(kind, stat, bits):
     assert packed.dtype == np.uint8 and packed.nbytes == w_nk.size * bits // 8
 
 
+@pytest.mark.parametrize("k, bits, block, want", [
+    (192, 8, 128, 64),   # 2 blocks padded to 256 values against 3 whole blocks of 64
+    (192, 4, 32, 32),    # a multiple: unchanged
+    (512, 8, 128, 128),
+    (48, 4, 32, 16),     # 2 blocks of 32 (16 values padding) against 3 of 16: 41 bytes against 38
+    (100, 8, 128, 128),  # no power of two >= 16 divides 100: the smaller blocks store more
+    (40, 8, 64, 16),     # 1 block of 64 (69 bytes) against 3 of 16 (63)
+])
+def test_fit_block_takes_the_block_that_stores_the_fewest_bytes(k, bits, block, want):
+    from graphopt.ops.quant_format import fit_block, num_blocks
+
+    def stored(b):
+        nb = num_blocks(k, b)
+        return nb * b * bits // 8 + 4 * nb + -(-nb * bits // 8)
+
+    assert fit_block(k, bits, block) == want
+    assert stored(want) == min(stored(b) for b in (16, 32, 64, 128) if b <= block)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_a_layer_whose_k_the_block_does_not_divide_is_quantized_with_the_fitted_block(method):
+    """K=192 at block-size=128 (the shipped model's width under --quantize int8): the layer is
+    quantized at block 64, stored in fewer bytes, and its output is the numpy dequantize-then-
+    matmul of its own scales at that block."""
+    g, feeds, w_nk = linear_graph("matmul", k=192, n=40)
+    calibration = [{"x": np.random.default_rng(i).standard_normal((2, 3, 192)).astype(np.float32)} for i in range(2)]
+    pm = PassManager(f"quantize-weights{{bits=8,block-size=128,method={method}}}",
+                     ctx=PassContext(hints={"calibration": calibration}))
+    q = pm.run(g)
+    node = next(n for n in q.nodes if n.op_type == "QuantLinear")
+    assert node.attr("block_size") == 64 and node.attr("K") == 192
+    packed, scales = node.inputs[1].const_value, node.inputs[2].const_value
+    zp = node.inputs[3].const_value if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    assert packed.shape == (40, 3, 64) and scales.shape == (40, 3)
+    assert next(d for d in pm.records[0].details if "K" in d)["block_size"] == 64
+    x = {**feeds, **run(q, feeds, keep_all=True)}[node.inputs[0].name]
+    deq = dequantize_blockwise(packed, scales, zp, 8, 64, 192)
+    assert_close(run(q, feeds)[q.outputs[0].name], x @ deq.T, rtol=1e-5, atol=1e-5, what="fitted block")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_summary_counts_the_values_a_packed_weight_holds_not_its_bytes(bits):
+    """A 4-bit weight [48, 64] is 1,536 bytes but 3,072 values; the report's parameter count
+    is of values (plus the 48 x 2 scales and the zero points, two a byte at 4 bits)."""
+    from graphopt.summary import summarize
+
+    g, _, _ = linear_graph("matmul", k=64, n=48)
+    q = PassManager(f"quantize-weights{{bits={bits},block-size=32}}").run(g)
+    zero_point_values = 48 * (2 if bits == 8 else 2)  # 2 blocks a row: 2 bytes at 8 bits, 1 byte of 2 at 4
+    assert summarize(q)["parameters"]["count"] == 64 * 48 + 48 * 2 + zero_point_values
+    assert summarize(q)["parameters"]["bytes"] == 64 * 48 * bits // 8 + 48 * 2 * 4 + 48 * 2 * bits // 8
+
+
 @pytest.mark.parametrize("kind", ["linear", "matmul", "gemm", "tied"])
 def test_pass_error_is_bounded_by_the_quantization_step(kind):
     """|y_q - y| <= sum_k |x_k| |w_nk - deq(w)_nk| <= |x| @ (step / 2)^T before the

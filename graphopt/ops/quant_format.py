@@ -26,6 +26,23 @@ def num_blocks(k: int, block_size: int) -> int:
     return -(-k // block_size)
 
 
+def fit_block(k: int, bits: int, block_size: int) -> int:
+    """The block size a layer of input width K is quantized with: `block_size`, or where K is
+    not a multiple of it the power of two in [16, block_size] that stores the fewest bytes a
+    row (padding against scales and zero points): K=192 at block 128 pads every row to 256
+    values; at 64 it is three whole blocks."""
+    best, best_bytes, b = block_size, None, block_size
+    while b >= 16:
+        nb = num_blocks(k, b)
+        stored = nb * b * bits // 8 + 4 * nb + -(-nb * bits // 8)  # values, f32 scales, zero points
+        if best_bytes is None or stored < best_bytes:
+            best, best_bytes = b, stored
+        if k % b == 0:  # no padding: a smaller block only adds scales
+            break
+        b //= 2
+    return best
+
+
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """uint8 values < 2**bits along the last axis -> bytes (4 bits: pairs, low nibble first;
     an odd count is padded with a zero nibble)."""

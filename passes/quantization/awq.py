@@ -28,7 +28,7 @@ import numpy as np
 from graphopt.builder import Builder
 from graphopt.interpreter import run as interpret
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
-from graphopt.ops.quant_format import block_params, dequantize_blockwise, num_blocks, quantize_blockwise, quantize_values
+from graphopt.ops.quant_format import block_params, dequantize_blockwise, fit_block, num_blocks, quantize_blockwise, quantize_values
 from graphopt.pattern import constant_value
 
 G = GRAPHOPT_DOMAIN
@@ -207,14 +207,15 @@ def awq_rescale(graph: Graph, sites: list, feeds_list: list[dict], bits: int, bl
             progress(f"awq {i + 1}/{len(todo)}: {', '.join(s.node.name for s in group)}")
             w = np.concatenate([s.w_nk for s in group], axis=0)
             x = acts[id(group[0].x)]
-            alpha, s, _ = search_scale(x, w, bits, block_size, symmetric)
+            bs = fit_block(w.shape[1], bits, block_size)
+            alpha, s, _ = search_scale(x, w, bits, bs, symmetric)
             cache[group[0].node.name, key] = (alpha, s)
             if not clip:
                 continue
             if s is not None:
                 x, w = x / s, w * s
             rows = np.cumsum([0] + [site.w_nk.shape[0] for site in group])
-            ratio = search_clip(x, w, bits, block_size, symmetric)
+            ratio = search_clip(x, w, bits, bs, symmetric)
             for site, lo, hi in zip(group, rows[:-1], rows[1:]):
                 cache[site.node.name, ("clip",) + key] = ratio[lo:hi]
     records = []
@@ -233,6 +234,7 @@ def awq_quantize(name: str, w_nk: np.ndarray, cache: dict, bits: int, block_size
     """The layer `name` (its weight already scaled by awq_rescale) with its searched clip
     ratios; round to nearest where there are none (a tied head)."""
     ratio = cache.get((name, ("clip",) + _key(bits, block_size, symmetric)))
+    block_size = fit_block(w_nk.shape[1], bits, block_size)
     if ratio is None:
         ratio = np.ones((w_nk.shape[0], num_blocks(w_nk.shape[1], block_size)), np.float32)
     return quantize_clipped(w_nk, ratio, bits, block_size, symmetric)

@@ -13,7 +13,9 @@ fp32 weight is dropped when nothing else reads it.
 
 Options:
   bits        4 or 8
-  block-size  32, 64 or 128 (any power of two >= 16): elements per scale along K
+  block-size  32, 64 or 128 (any power of two >= 16): elements per scale along K; a layer
+              whose K is not a multiple of it takes the power of two in [16, block-size]
+              that stores the fewest bytes (K=192 at 128 would pad each row to 256 values: 64)
   symmetric   false: a zero point per block (asymmetric, the better int4 grid); true: none
   method      rtn (round to nearest, no data), gptq (second-order error compensation) or awq
               (activation-aware per-input-channel scaling, then GPTQ or RTN: awq-then; awq.py);
@@ -40,7 +42,7 @@ from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 from graphopt.pass_manager import CALIBRATION_HINT, Pass, PassContext, PassResult, register_pass
 from graphopt.pattern import Rewriter, constant_value, remove_dead, replace_value
 from graphopt.ops.moe import moe_form
-from graphopt.ops.quant_format import pack, pack_weight, quantize_rows, quantize_stacked
+from graphopt.ops.quant_format import fit_block, pack, pack_weight, quantize_rows, quantize_stacked
 
 from graphopt.passes.quantization.awq import awq_quantize, awq_rescale
 from graphopt.passes.quantization.sites import (
@@ -124,23 +126,25 @@ class QuantizeWeights(Pass):
         gptq = self.method == "gptq" or (self.method == "awq" and self.awq_then == "gptq")
         hessians = self._hessians(graph, todo, ctx, progress) if gptq and todo else {}
         for i, site in enumerate(sites):
+            bs = fit_block(site.w_nk.shape[1], self.bits, self.block_size)
             if (site.node.name, key) in cache:
                 q, scales, zp = cache[site.node.name, key]
             elif gptq:
                 progress(f"gptq {i + 1}/{len(sites)}: {site.node.name} [{site.w_nk.shape[0]}x{site.w_nk.shape[1]}]")
-                q, scales, zp = gptq_rows(site.w_nk, hessians[id(site.x)].h, self.bits, self.block_size,
+                q, scales, zp = gptq_rows(site.w_nk, hessians[id(site.x)].h, self.bits, bs,
                                           self.symmetric, self.damp)
             elif self.method == "awq":
                 q, scales, zp = awq_quantize(site.node.name, site.w_nk, cache, self.bits, self.block_size,
                                              self.symmetric)
             else:
-                q, scales, zp = quantize_rows(site.w_nk, self.bits, self.block_size, self.symmetric)
+                q, scales, zp = quantize_rows(site.w_nk, self.bits, bs, self.symmetric)
             cache[site.node.name, key] = (q, scales, zp)
             read = site_inputs(site)
             stored = self._rewrite(graph, site, q, scales, zp)
             result.count(site.kind)
             result.details.append({"node": site.node.name, "op": site.node.op, "kind": site.kind,
-                                   "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0]), "bytes": stored})
+                                   "K": int(site.w_nk.shape[1]), "N": int(site.w_nk.shape[0]), "block_size": bs,
+                                   "bytes": stored})
             drop_unread_weights(graph, read)
         if self.embeddings:
             self._quantize_embeddings(graph, excluded, result)
@@ -155,7 +159,8 @@ class QuantizeWeights(Pass):
         rw = Rewriter(graph, node, "quantize-weights")
         base = site.weights[0].name
         tag = f"q{self.bits}"
-        packed = rw.const(pack_weight(q, self.bits, self.block_size), f"{base}_{tag}")
+        bs = fit_block(int(k), self.bits, self.block_size)
+        packed = rw.const(pack_weight(q, self.bits, bs), f"{base}_{tag}")
         sc = rw.const(scales.astype(dt), f"{base}_scales")
         args = [x, packed, sc]
         stored = packed.const_value.nbytes + sc.const_value.nbytes
@@ -171,7 +176,7 @@ class QuantizeWeights(Pass):
         if bias is not None:
             args.append(bias)
         gated = site.kind == "gated-linear"
-        y = rw.op("QuantLinear", *args, domain=G, K=int(k), N=int(n), bits=self.bits, block_size=self.block_size,
+        y = rw.op("QuantLinear", *args, domain=G, K=int(k), N=int(n), bits=self.bits, block_size=bs,
                   activation=None if gated else (site.activation or None))
         y = gated_epilogue(rw, y, site)
         replace_value(graph, node.outputs[0], y)
@@ -226,15 +231,16 @@ class QuantizeWeights(Pass):
                 continue
             rw = Rewriter(graph, node, "quantize-weights")
             shared = self._tables.get(table.name)
+            bs = fit_block(int(w.shape[1]), self.bits, self.block_size)  # (a tied head's, too: the same K)
             if shared is None:
-                q, scales, zp = quantize_rows(w, self.bits, self.block_size, self.symmetric)
+                q, scales, zp = quantize_rows(w, self.bits, bs, self.symmetric)
                 tag = f"q{self.bits}"
-                shared = (rw.const(pack_weight(q, self.bits, self.block_size), f"{table.name}_{tag}"),
+                shared = (rw.const(pack_weight(q, self.bits, bs), f"{table.name}_{tag}"),
                           rw.const(scales.astype(w.dtype), f"{table.name}_scales"),
                           None if zp is None else rw.const(pack(zp, self.bits), f"{table.name}_zero_points"))
             packed, sc, zv = shared
             args = [packed, ids, sc] + ([zv] if zv is not None else [])
-            y = rw.op("QuantGather", *args, domain=G, K=int(w.shape[1]), bits=self.bits, block_size=self.block_size)
+            y = rw.op("QuantGather", *args, domain=G, K=int(w.shape[1]), bits=self.bits, block_size=bs)
             replace_value(graph, node.outputs[0], y)
             remove_dead(graph, [node])
             if not table.uses() and table.is_initializer and not table.is_graph_output:
