@@ -138,8 +138,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     # after (SIGTERM becomes SystemExit, handled in whichever thread the kernel picks) finds
     # it in the cleanup below.
     tmp = path.parent / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # an existing folder's permissions stay (a private folder stays private), kept writable by its owner
-    old_mode = (path.stat().st_mode & 0o777) | 0o700 if path.is_dir() else None
+    # an existing folder's permissions stay (a private folder stays private), kept writable by its
+    # owner, and so do its group and setgid bit (a shared folder whose files take its group)
+    old = path.stat() if path.is_dir() else None
+    old_mode = (old.st_mode & 0o7777) | 0o700 if old is not None else None
     try:
         tmp.mkdir(mode=0o700)
     except PermissionError:  # named after the folder asked for, not the scratch one beside it
@@ -147,6 +149,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     held = None
     try:
         held = _hold(tmp)  # while this process writes: the kernel lets go when it dies, whatever its pid
+        if old is not None and (old.st_gid != tmp.stat().st_gid or old_mode & 0o2000):
+            _keep_group(tmp, old.st_gid, old_mode & 0o2000)  # before the files are made: they inherit it
         yield tmp
         mask = _umask()
         for f in tmp.iterdir():
@@ -172,6 +176,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if held is not None:
             os.close(held)
+
+
+def _keep_group(folder: Path, gid: int, setgid: int) -> None:
+    """Gives `folder` the group `gid` and the setgid bit where the user may (a member of the
+    group); otherwise it keeps the user's group, as any new folder."""
+    try:
+        os.chown(folder, -1, gid)
+        folder.chmod(0o700 | setgid)
+    except OSError:
+        pass
 
 
 def _hold(folder: Path) -> int | None:

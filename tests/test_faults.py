@@ -536,6 +536,18 @@ def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path)
     with atomic_dir(tmp_path / "private") as tmp:
         (tmp / "a").write_text("new")
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700 and _snapshot(tmp_path / "private") == {"a": b"new"}
+    # and a shared folder keeps its group and its setgid bit, which its new files inherit
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    gid = 4242 if os.geteuid() == 0 else next((g for g in os.getgroups() if g != shared.stat().st_gid), None)
+    if gid is not None:
+        os.chown(shared, -1, gid)
+    shared.chmod(0o2775)
+    want_gid = shared.stat().st_gid
+    with atomic_dir(shared) as tmp:
+        (tmp / "a").write_text("new")
+    assert shared.stat().st_mode & 0o7777 == 0o2775 and shared.stat().st_gid == want_gid
+    assert (shared / "a").stat().st_gid == want_gid
 
 
 def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
