@@ -422,13 +422,14 @@ def list_passes(as_json: bool) -> None:
     """
     import dataclasses
 
-    from graphopt.pass_manager import all_passes, options_of
+    from graphopt.pass_manager import all_passes, options_of, required_options
 
     rows = []
     for info in all_passes():
-        opts = {k: f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
+        required = required_options(info.cls)  # no default: listed with the value None (JSON null)
+        opts = {k: None if k in required else f.default_factory() if f.default is dataclasses.MISSING
                 else f.default for k, f in options_of(info.cls).items()}
-        rows.append({"name": info.name, "aliases": list(info.aliases), "options": opts,
+        rows.append({"name": info.name, "aliases": list(info.aliases), "options": opts, "required": required,
                      "summary": info.summary, "source": info.source})
     if as_json:
         import json
@@ -437,7 +438,8 @@ def list_passes(as_json: bool) -> None:
         return
     for r in rows:
         alias = f" ({', '.join(r['aliases'])})" if r["aliases"] else ""
-        opts = "{" + ", ".join(f"{k}={v}" for k, v in r["options"].items()) + "}" if r["options"] else ""
+        opts = "{" + ", ".join(f"{k}=<required>" if k in r["required"] else f"{k}={v}"
+                               for k, v in r["options"].items()) + "}" if r["options"] else ""
         src = "" if r["source"] == "graphopt" else f"  [{r['source']}]"
         click.echo(f"{r['name']}{opts}{alias}{src}")
         click.echo(f"    {r['summary']}")

@@ -88,6 +88,10 @@ def run(graph: Graph, feeds: dict[str, np.ndarray], *, keep_all: bool = False) -
             env[id(v)] = feeds[v.name]
     names: dict[str, np.ndarray] = {}
     for node in graph.nodes:
+        undefined = next((i for i, v in enumerate(node.inputs) if v is not None and id(v) not in env), None)
+        if undefined is not None:  # a graph that was not verified: a cycle, or another graph's value
+            raise RuntimeError(f"node {node.name!r} ({node.op}) input {undefined} ({node.inputs[undefined].name!r}) "
+                               "is not defined before the node")
         args = [None if v is None else env[id(v)] for v in node.inputs]
         try:
             with np.errstate(all="ignore"):  # masked rows and the like are the model's business
@@ -100,7 +104,12 @@ def run(graph: Graph, feeds: dict[str, np.ndarray], *, keep_all: bool = False) -
             if v is not None:
                 if r is None:
                     raise RuntimeError(f"node {node.name!r} ({node.op}) produced no value for {v.name!r}")
-                env[id(v)] = np.asarray(r)
+                r = np.asarray(r)
+                # a kernel's wrong dtype is caught at its node, not blamed on the node that reads it
+                if v.type is not None and r.dtype != v.type.dtype.np_dtype:
+                    raise RuntimeError(f"node {node.name!r}: the reference kernel of {node.op} returned {r.dtype} "
+                                       f"for {v.name!r}, which is typed {v.type.dtype.short}")
+                env[id(v)] = r
                 if keep_all:
                     names[v.name] = env[id(v)]
     result = {v.name: env[id(v)] for v in graph.outputs}

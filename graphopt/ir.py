@@ -22,6 +22,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from graphopt.dtypes import DType
+from graphopt.errors import GraphoptError
 
 Dim = Union[int, str, None]
 
@@ -128,6 +129,10 @@ class Attr:
             if not isinstance(v, np.ndarray):
                 raise TypeError("tensor attribute needs a numpy array")
             DType.from_numpy(v.dtype)
+            if v.flags.writeable:  # read-only as an initializer's: `Graph.copy` shares it with the original
+                v = v.view()
+                v.flags.writeable = False
+                object.__setattr__(self, "value", v)
         elif k is AttrKind.INTS:
             object.__setattr__(self, "value", tuple(int(x) for x in v))
         elif k is AttrKind.FLOATS:
@@ -578,13 +583,21 @@ class Graph:
             g.inputs.append(clone(v))
         for name, v in self.initializers.items():
             g.initializers[name] = vmap[id(v)] if id(v) in vmap else clone(v)
+
+        def mapped(v: Value, i: int, node: Node | None = None) -> Value:
+            if id(v) not in vmap:  # only a graph that was not verified (a pass run with verify off)
+                where = (f"node {node.name!r} ({node.op}) input {i} ({v.name!r}) is not defined before the node"
+                         if node is not None else f"graph output {i} ({v.name!r}) is not defined")
+                raise GraphoptError(f"graph {self.name!r} is invalid: {where} (a cycle, or a value of another graph)")
+            return vmap[id(v)]
+
         for n in self.nodes:
             outs = [None if v is None else clone(v) for v in n.outputs]
-            ins = [None if v is None else vmap[id(v)] for v in n.inputs]
+            ins = [None if v is None else mapped(v, i, n) for i, v in enumerate(n.inputs)]
             nn = Node(n.op_type, ins, outs, dict(n.attrs), domain=n.domain, name=n.name, meta=n.meta)
             nn.graph = g
             g.nodes.append(nn)
-        g.outputs = [vmap[id(v)] for v in self.outputs]
+        g.outputs = [mapped(v, i) for i, v in enumerate(self.outputs)]
         return g
 
 

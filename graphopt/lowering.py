@@ -25,13 +25,20 @@ from graphopt.builder import Builder
 from graphopt.errors import GraphoptError
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph, Node, Value
 from graphopt.pass_manager import PassManager
-from graphopt.registry import UnknownOpError, get_lowering, get_op
+from graphopt.registry import TypeInferenceError, UnknownOpError, get_lowering, get_op
+from graphopt.verify import compatible
 
 MAX_ROUNDS = 8
 
 
 class LoweringBoundError(GraphoptError):
     """Decompositions kept producing graphopt ops: a decomposition that does not terminate."""
+
+
+class DecompositionError(GraphoptError):
+    """An op's decomposition builds ill-typed core ops, or computes another type than the op
+    declares: a bug in the op (graphopt's or a plugin's), not in the model, so it is reported
+    as an internal error naming the op rather than as a user mistake."""
 
 
 def replace_outputs(node: Node, new_outputs: Sequence[Value | None], b: Builder, *,
@@ -79,8 +86,24 @@ def decompose_node(node: Node) -> list[Value | None]:
     opdef = get_op(node.domain, node.op_type)
     if opdef.decompose is None:
         raise UnknownOpError(f"op {opdef.qualified_name} (node {node.name!r}) has no decomposition")
-    b = Builder(node.graph, before=node, created_by=f"decompose:{opdef.qualified_name}")
-    return replace_outputs(node, list(opdef.decompose(b, node)), b, adopt_types=True)
+    graph = node.graph
+    before = set(graph.initializers)
+    b = Builder(graph, before=node, created_by=f"decompose:{opdef.qualified_name}")
+    where = f"the decomposition of {opdef.qualified_name} (node {node.name!r})"
+    try:
+        outs = list(opdef.decompose(b, node))
+    except TypeInferenceError as e:  # the node's inputs fit the op, so the core ops it built are at fault
+        rollback(graph, b, before)
+        raise DecompositionError(f"{where} builds an ill-typed node: {e}") from e
+    # the types are adopted below, so a decomposition that computes another type is caught here
+    # (a model written with the declared types would not load, or a backend would run wrong shapes)
+    for old, new in zip(node.outputs, outs):
+        if old is not None and new is not None and old.type is not None and new.type is not None \
+                and not compatible(old.type, new.type):
+            rollback(graph, b, before)
+            raise DecompositionError(f"{where} computes {new.type} for output {old.index} ({old.name!r}), "
+                                     f"which the op types {old.type}")
+    return replace_outputs(node, outs, b, adopt_types=True)
 
 
 def decompose_unsupported(graph: Graph, supported: Callable[[Node], bool] = lambda n: False, *,

@@ -157,11 +157,14 @@ class PassInfo:
 
 _PASSES: dict[str, PassInfo] = {}
 _ALIASES: dict[str, str] = {}
-_loaded = False
+_loaded = False   # the catalogues of `graphopt.passes` loaded, all of them
+_loading = False  # ... being loaded now (their passes register without loading them again)
 
 
 def register_pass(name: str, *, aliases: tuple[str, ...] = ()):
-    """Class decorator registering a pass under `name` (verb-first kebab-case)."""
+    """Class decorator registering a pass under `name` (verb-first kebab-case). A pass from
+    outside graphopt loads the built-in catalogue first, so a name or alias a built-in pass
+    holds is refused here rather than replacing it (or breaking the catalogue's load later)."""
     if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name):
         raise ValueError(f"pass name {name!r} must be kebab-case, verb first (e.g. 'fold-constants')")
 
@@ -174,16 +177,19 @@ def register_pass(name: str, *, aliases: tuple[str, ...] = ()):
                              f"(known: {', '.join(sorted(PRECONDITIONS)) or 'none'})")
         if not dataclasses.is_dataclass(cls):
             cls = dataclasses.dataclass(cls)
-        if name in _PASSES or name in _ALIASES:
-            raise ValueError(f"pass {name!r} is already registered")
-        for a in aliases:
-            if a in _PASSES or a in _ALIASES:
-                raise ValueError(f"pass alias {a!r} is already registered")
+        module = cls.__module__ or ""
+        source = "graphopt" if module.startswith("graphopt.") else module
+        if source != "graphopt":
+            _load_passes()
+        for what, n in [("pass", name)] + [("pass alias", a) for a in aliases]:
+            if n in _PASSES or n in _ALIASES:
+                owner = _PASSES[_ALIASES.get(n, n)]
+                by = "a built-in pass" if owner.source == "graphopt" else f"a pass from {owner.source}"
+                held = "" if owner.name == n else f" (an alias of {owner.name!r})"
+                raise ValueError(f"{what} {n!r} is already registered{held}, by {by}; choose another name")
         cls.name = name
         cls.aliases = tuple(aliases)
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        module = cls.__module__ or ""
-        source = "graphopt" if module.startswith("graphopt.") else module
         _PASSES[name] = PassInfo(name, cls, tuple(aliases), summary, source)
         for a in aliases:
             _ALIASES[a] = name
@@ -195,11 +201,15 @@ def _load_passes() -> None:
     """Load the pass catalogues of the entry point group `graphopt.passes`: graphopt's own
     (`graphopt = graphopt.passes` in its pyproject.toml) and those of installed plugins, each
     a module or callable that registers passes. The pass manager imports no pass itself."""
-    global _loaded
-    if _loaded:
+    global _loaded, _loading
+    if _loaded or _loading:
         return
-    _loaded = True
-    load_entry_points("graphopt.passes", "pass")
+    _loading = True
+    try:
+        load_entry_points("graphopt.passes", "pass")
+        _loaded = True  # only once it succeeded: a failed load is not taken for a whole catalogue
+    finally:
+        _loading = False
 
 
 def all_passes() -> list[PassInfo]:
@@ -224,6 +234,12 @@ def options_of(cls) -> dict[str, dataclasses.Field]:
     return {f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
+def required_options(cls) -> list[str]:
+    """The options a pass has no default for (a field without one): a pipeline must give them."""
+    return [k for k, f in options_of(cls).items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
 # --------------------------------------------------------------------------------------
 # Pipelines
 
@@ -236,7 +252,10 @@ class PipelineEntry:
     def __str__(self) -> str:
         if not self.options:
             return self.name
-        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.options.items()) + "}"
+        # a value with a comma, or empty where `k=` would not parse back, is quoted: `mode=""`
+        return self.name + "{" + ",".join(
+            f'{k}="{v}"' if "," in v or (not v and not _takes_empty(self.name, k)) else f"{k}={v}"
+            for k, v in self.options.items()) + "}"
 
     def instantiate(self) -> Pass:
         info = get_pass_info(self.name)
@@ -249,6 +268,9 @@ class PipelineEntry:
                 raise UserError(f"pass {info.name!r} has no option {key!r} (options: {known})")
             f = fields[key]
             kwargs[f.name] = _convert_option(info.name, key, raw, hints.get(f.name, str))
+        missing = [k for k in required_options(info.cls) if fields[k].name not in kwargs]
+        if missing:
+            raise UserError(f"pass {info.name!r} needs option {missing[0]!r} ({info.name}{{{missing[0]}=...}})")
         return info.cls(**kwargs)
 
 
@@ -302,6 +324,18 @@ def _takes_empty(pass_name: str, option: str) -> bool:
     return field is not None and field.default == ""
 
 
+def _split_options(opts: str) -> list[str]:
+    """`a=1,b="x,y"` -> ['a=1', 'b="x,y"']: a comma inside quotes belongs to the value."""
+    items, start, quoted = [], 0, False
+    for i, c in enumerate(opts):
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            items.append(opts[start:i])
+            start = i + 1
+    return items + [opts[start:]]
+
+
 def parse_pipeline(text: str) -> list[PipelineEntry]:
     """`"dce,cse,fold-constants{max-size=1024}"` -> entries. Names are checked, options too."""
     entries: list[PipelineEntry] = []
@@ -321,10 +355,18 @@ def parse_pipeline(text: str) -> list[PipelineEntry]:
         name, opts = m.group(1), m.group(2)
         options: dict[str, str] = {}
         if opts is not None and opts.strip():
-            for item in opts.split(","):
+            for item in _split_options(opts):
                 k, eq, v = item.partition("=")
-                if not eq or not k.strip() or (not v.strip() and not _takes_empty(name, k.strip())):
+                quoted = len(v.strip()) >= 2 and v.strip()[0] == v.strip()[-1] == '"'
+                v = v.strip()[1:-1] if quoted else v
+                if '"' in v:
+                    raise UserError(f"malformed pipeline {text!r}: option {item.strip()!r}: a quote goes around "
+                                    'the whole value (k="a,b")')
+                if not eq or not k.strip():
                     raise UserError(f"malformed pipeline {text!r}: option {item.strip()!r} is not key=value")
+                if not v.strip() and not quoted and not _takes_empty(name, k.strip()):
+                    raise UserError(f"pass {name!r}: option {k.strip()!r} has no value (an empty one is written "
+                                    f'{k.strip()}="")')
                 if k.strip() in options:
                     raise UserError(f"pass {name!r}: option {k.strip()!r} given twice "
                                     f"({k.strip()}={options[k.strip()]} and {k.strip()}={v.strip()}); give it once")
@@ -379,6 +421,11 @@ def load_recipe(path) -> list[PipelineEntry]:
                 raise UserError(f"{path}: passes[{i}] needs a 'name'")
             opts = {k: (str(v).lower() if isinstance(v, bool) else ";".join(map(str, v)) if isinstance(v, list)
                         else str(v)) for k, v in table.items() if k != "name"}
+            for k, v in opts.items():  # the pipeline text in report.json must parse back
+                bad = next((c for c in '"{}' if c in v), None)
+                if bad:
+                    raise UserError(f"passes[{i}] ({table['name']}): option {k!r} = {v!r} holds {bad!r}, "
+                                    "which a pipeline cannot write")
             e = PipelineEntry(str(table["name"]), opts)
             e.instantiate()
             entries.append(e)
@@ -527,7 +574,10 @@ class PassManager:
                                 len(current.nodes), len(work.nodes), category=p.category, notes=notes,
                                 details=[dataclasses.asdict(nm) for nm in result.near_misses] + list(result.details))
             if reference is not None:
-                after = interpret(work, feeds, keep_all=True)
+                try:
+                    after = interpret(work, feeds, keep_all=True)
+                except RuntimeError as e:  # it ran before the pass: the graph the pass left is at fault
+                    raise PassCrash(f"pass {p.name!r} left a graph the reference interpreter cannot run: {e}") from e
                 if p.approximate:
                     record.max_abs_diff = _output_diff(work, reference, after)
                 else:

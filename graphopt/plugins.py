@@ -26,6 +26,19 @@ def load_entry_points(group: str, what: str) -> None:
         except Exception as e:
             if ep.name == "graphopt":
                 raise
-            import warnings
+            package = f" of package {ep.dist.name!r}" if getattr(ep, "dist", None) is not None else ""
+            why = (str(e).strip().splitlines() or [""])[0]
+            _warn(f"could not load graphopt {what} plugin {ep.name!r} ({ep.value}{package}): {type(e).__name__}: {why}")
 
-            warnings.warn(f"graphopt: could not load {what} plugin {ep.name!r}: {e}")
+
+def _warn(message: str) -> None:
+    """A warning (filterable as any) printed as its one line: the default format would add
+    graphopt's own source line, which says nothing about the plugin."""
+    import warnings
+
+    shown = warnings.formatwarning
+    warnings.formatwarning = lambda msg, category, *rest, **kw: f"warning: {msg}\n"
+    try:
+        warnings.warn(message, stacklevel=2)
+    finally:
+        warnings.formatwarning = shown

@@ -83,14 +83,34 @@ class OpDef:
 
 
 _OPS: dict[tuple[str, str], OpDef] = {}
-_op_catalogues_loaded = False
+_OP_SOURCES: dict[tuple[str, str], str] = {}  # "graphopt" or the module that registered the op
+_op_catalogues_loaded = False   # the catalogues of `graphopt.ops` loaded, all of them
+_op_catalogues_loading = False  # ... being loaded now (their ops register without loading them again)
 
 
 def register_op(opdef: OpDef) -> OpDef:
+    """Declare an op. Custom ops go in domain "graphopt": every backend decomposes those it has
+    no rule for into core ONNX ops, so the model it writes loads anywhere. Any other domain is
+    refused (an "acme.Swish" would be written into model.onnx as it is, which no runtime loads),
+    and so is "" (ONNX's own ops, made from ONNX's schema). An op from outside graphopt loads
+    the built-in catalogue first, so a name a built-in op holds is refused, not replaced."""
+    if opdef.domain != GRAPHOPT_DOMAIN:
+        raise ValueError(f"op {opdef.qualified_name}: custom ops are registered in domain {GRAPHOPT_DOMAIN!r} "
+                         f"(as {GRAPHOPT_DOMAIN}.{opdef.name}), not {opdef.domain!r}; the core domain '' holds "
+                         "ONNX's own ops")
+    import sys
+
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    source = "graphopt" if caller.startswith("graphopt.") else caller
+    if source != "graphopt":
+        _load_op_catalogues()
     key = (opdef.domain, opdef.name)
     if key in _OPS:
-        raise ValueError(f"op {opdef.qualified_name} is already registered")
+        owner = _OP_SOURCES.get(key, "graphopt")
+        by = "a built-in op" if owner == "graphopt" else f"an op from {owner}"
+        raise ValueError(f"op {opdef.qualified_name} is already registered, by {by}; choose another name")
     _OPS[key] = opdef
+    _OP_SOURCES[key] = source
     return opdef
 
 
@@ -98,10 +118,15 @@ def _load_op_catalogues() -> None:
     """The ops declared outside this module -- graphopt's own domain (`graphopt.ops`) and any
     plugin's -- register themselves when their module is imported; the modules are named by the
     entry point group `graphopt.ops`, so the registry imports none of them."""
-    global _op_catalogues_loaded
-    if not _op_catalogues_loaded:
-        _op_catalogues_loaded = True
+    global _op_catalogues_loaded, _op_catalogues_loading
+    if _op_catalogues_loaded or _op_catalogues_loading:
+        return
+    _op_catalogues_loading = True
+    try:
         load_entry_points("graphopt.ops", "op")
+        _op_catalogues_loaded = True  # only once it succeeded: a failed load is not a whole catalogue
+    finally:
+        _op_catalogues_loading = False
 
 
 def get_op(domain: str, name: str) -> OpDef:
