@@ -56,25 +56,14 @@ def load_calibration(path: str | Path | None, model: str | Path | None, graph: G
 def read_texts(path: Path, option: str = "--calibration") -> list[str]:
     """The texts of a text file (one text) or a .jsonl (a JSON string or {"text": ...} a
     line); a bad file is a UserError naming `option`."""
+    from graphopt.train.data import read_jsonl
+
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, option)
     try:
-        raw = path.read_text(encoding="utf-8")
+        return [path.read_text(encoding="utf-8-sig")]  # a byte-order mark is not text
     except (UnicodeDecodeError, OSError) as e:
         raise UserError(f"{option} {path}: not a UTF-8 text file ({e})") from None
-    if path.suffix != ".jsonl":
-        return [raw]
-    texts = []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{option} {path}: line {i} is not JSON ({e.msg})") from None
-        text = item.get("text") if isinstance(item, dict) else item
-        if not isinstance(text, str):
-            raise UserError(f"{option} {path}: line {i} is neither a string nor an object with \"text\"")
-        texts.append(text)
-    return texts
 
 
 def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = None) -> list[dict]:

@@ -292,7 +292,18 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                      and not isinstance(model, Graph) else calibration)
     accuracy = None
     if budget is not None:
-        entries, accuracy = _guard_quantization(graph, model, entries, budget, accuracy_data, ctx, verify, progress)
+        # the guard measures through ORT at the accuracy_level the artifact will run (MatMulNBits'
+        # int8 compute changes the numbers): the user's, else the one `auto` picks for the
+        # artifact -- a generation-ready decoder's, although the guard measures before the cache
+        # rewrite -- and an ORT artifact is then lowered at that level
+        forced = (backend_options or {}).get("quant_accuracy_level", "auto") if backend == "onnxruntime" else "auto"
+        will_generate = is_decoder(graph) and (
+            (passes is None and recipe is None and kv_cache) or any(e.name == "rewrite-kv-cache" for e in entries))
+        entries, accuracy = _guard_quantization(graph, model, entries, budget, accuracy_data, ctx, verify, progress,
+                                                None if forced == "auto" else str(forced), will_generate)
+        level = accuracy.get("quant_accuracy_level")
+        if backend == "onnxruntime" and target == "cpu" and forced == "auto" and level is not None:
+            backend_options = {**(backend_options or {}), "quant_accuracy_level": level}
     pm = PassManager(entries, verify=verify, check_numerics=check_numerics, sample_inputs=inputs, progress=progress,
                      ctx=ctx)
     optimized = pm.run(graph)
@@ -471,9 +482,13 @@ def _tuning():
     return importlib.import_module(TVM_TUNING)
 
 
-def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress):
+def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress,
+                        level: str | None = None, will_generate: bool = False):
     """The pipeline with the last quantize-weights told which layers to keep in float so
-    that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard)."""
+    that `budget` holds, and the report's "accuracy" entry (graphopt.accuracy_guard), whose
+    "quant_accuracy_level" is the MatMulNBits level measured at: `level`, or the one
+    `quant_accuracy_level=auto` picks for the fully quantized model (as a generation-ready
+    decoder where `will_generate`)."""
     folder = graph.metadata.source if isinstance(model, Graph) else model
     qi = max(i for i, e in enumerate(entries) if e.name in QUANT_PASSES)
     decoder = is_decoder(graph)
@@ -488,10 +503,10 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
                         f"logits out); {graph.metadata.source or 'this model'} is not one: give cosine=VALUE")
     if budget.metric == "cosine":
         feeds, source = held_out_sentences(folder, graph, accuracy_data)
-        measure, data = ort_embedding_measure(feeds), {"sentences": int(sum(len(f["input_ids"]) for f in feeds))}
+        data = {"sentences": int(sum(len(f["input_ids"]) for f in feeds))}
     else:
         ids, source = held_out_tokens(folder, graph, accuracy_data)
-        measure, data = ort_measure(ids, seq_len_of(folder)), {"tokens": int(len(ids) - 1)}
+        data = {"tokens": int(len(ids) - 1)}
     base = PassManager(entries[:qi], verify=verify, ctx=ctx).run(graph)
     if _signature(base) != _signature(graph):  # a cache (or sliced logits) before the quantization
         raise UserError(f"--accuracy-budget {budget}: the passes before {entries[qi].name} change the model's inputs "
@@ -515,8 +530,16 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
                             "budget cannot be measured on the quantized model; move them before it")
         return g, [d["node"] for d in pm.records[0].details if "kind" in d]
 
+    if level is None:
+        choice = ort_backend.choose_accuracy_level(quantize("")[0], generation=will_generate)
+        level = None if choice is None else str(choice["level"])
+    options = {} if level is None else {"quant_accuracy_level": level}
+    measure = (ort_embedding_measure(feeds, options) if budget.metric == "cosine"
+               else ort_measure(ids, seq_len_of(folder), options))
     exclude, accuracy = guard(base, quantize, budget, measure, progress)
     accuracy["data"] = {"file": source, **data}
+    if level is not None:
+        accuracy["quant_accuracy_level"] = level
     guarded = list(entries)
     if exclude:
         guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
@@ -527,10 +550,11 @@ def _signature(graph: Graph) -> list:
     return [(v.name, None if v.type is None else (v.type.dtype, v.type.rank)) for v in (*graph.inputs, *graph.outputs)]
 
 
-def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
-    """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory."""
+def ort_measure(ids: np.ndarray, seq_len: int, options: dict | None = None) -> Callable[[Graph], Measured]:
+    """graph -> its perplexity and arg-max tokens on `ids`, run through ORT in memory (lowered
+    with the backend `options`)."""
     def measure(graph: Graph) -> Measured:
-        sess = _ort_session(graph)
+        sess = _ort_session(graph, options)
         names, out = [i.name for i in sess.get_inputs()], sess.get_outputs()[0].name
         name = "input_ids" if "input_ids" in names else names[0]
         argmax = []
@@ -544,19 +568,19 @@ def ort_measure(ids: np.ndarray, seq_len: int) -> Callable[[Graph], Measured]:
     return measure
 
 
-def _ort_session(graph: Graph):
+def _ort_session(graph: Graph, options: dict | None = None):
     import onnxruntime as ort
 
-    model = to_onnx_model(ort_backend.lower(graph, "cpu"))
+    model = to_onnx_model(ort_backend.lower(graph, "cpu", options=dict(options or {})))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def ort_embedding_measure(feeds_list: list[dict]) -> Callable[[Graph], Measured]:
+def ort_embedding_measure(feeds_list: list[dict], options: dict | None = None) -> Callable[[Graph], Measured]:
     """graph -> its mean-pooled first output (over the attention mask) for each sentence, run through ORT."""
     def measure(graph: Graph) -> Measured:
-        sess = _ort_session(graph)
+        sess = _ort_session(graph, options)
         pooled = []
         for feeds in feeds_list:
             hidden = sess.run([sess.get_outputs()[0].name], feeds)[0]

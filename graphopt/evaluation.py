@@ -48,9 +48,10 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
 
     tok = load_tokenizer(tok_path)
     ids, n_bytes, n_docs = scored_prefix(tok, docs, encode_scored(tok, docs, text_source), max_tokens)
-    # windows that fit the model's context: its config's (a checkpoint's max_seq_len, a Hugging Face
-    # model's positions), the artifact's cache size, at most 256
-    seq_len = window_len(origin)
+    # windows of the model's context, as `graphopt eval CHECKPOINT` scores a graphopt.train
+    # checkpoint (its max_seq_len: the same measurement); a Hugging Face model's at most 256;
+    # never past the artifact's cache size
+    seq_len = _train_context(origin) or window_len(origin)
     max_positions = (art.manifest.get("generation") or {}).get("max_positions", art.manifest.get("max_positions"))
     if isinstance(max_positions, int) and max_positions > 0:
         seq_len = min(seq_len, max_positions)
@@ -59,3 +60,12 @@ def evaluate_artifact(folder, data=None, batch_size: int = 16, max_tokens: int =
                         bits_per_byte=p.nll / math.log(2) / n_bytes, unigram_perplexity=unigram_perplexity(ids))
     return result, text_source
 
+
+def _train_context(origin: Path | None) -> int | None:
+    """The context of the graphopt.train checkpoint at `origin` (its config's model.max_seq_len), or None."""
+    try:
+        cfg = json.loads((origin / "config.json").read_text()) if origin is not None else None
+    except (OSError, ValueError):
+        return None
+    n = cfg.get("model", {}).get("max_seq_len") if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else None
+    return n if isinstance(n, int) and n > 0 else None

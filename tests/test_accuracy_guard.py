@@ -174,3 +174,41 @@ def test_a_pipeline_that_adds_the_cache_after_quantizing_is_measured_on_every_po
                                  "--passes", before_q, *budget])
     assert r.exit_code == 2 and "the passes before quantize-weights change the model's inputs" in r.output, r.output
     assert not (tmp_path / "early").exists()
+
+
+@pytest.mark.parametrize("level", ["auto", "0", "4"])
+def test_the_reported_perplexity_is_the_written_artifacts(tmp_path, level):
+    """The guard measured before the KV-cache rewrite, where `auto` picks MatMulNBits'
+    accuracy_level by the row-count rule (0), while the generation-ready artifact got the
+    decode-step rule's (4 on a machine where int8 compute is faster), and it ignored a level
+    the user forced: the figure reported was of arithmetic the artifact does not run."""
+    import json
+
+    import graphopt
+    from graphopt.accuracy import artifact_logits
+    from graphopt.driver import held_out_tokens, seq_len_of
+    from graphopt.models import load_graph
+
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"
+    (tmp_path / "held_out.txt").write_text((default / "val.txt").read_text()[:9000])
+    args = ["optimize", str(default), "-o", str(tmp_path / "out"), "-q", "--quantize", "int4", "--logits", "all",
+            "--accuracy-budget", "perplexity=+10%", "--accuracy-data", str(tmp_path / "held_out.txt")]
+    if level != "auto":
+        args += ["--backend-option", f"quant_accuracy_level={level}"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    measured_at = report["accuracy"]["quant_accuracy_level"]
+    assert measured_at == level if level != "auto" else measured_at in ("0", "4")
+    import onnx
+
+    levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)  # absent: 0
+              for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    assert levels == {int(measured_at)}, (levels, manifest.get("quant_accuracy_level"))
+    ids, _ = held_out_tokens(str(default), load_graph(str(default)), str(tmp_path / "held_out.txt"))
+    got = perplexity(artifact_logits(graphopt.load(tmp_path / "out")), ids, seq_len_of(str(default))).perplexity
+    # float compute: the same numbers; int8 compute rounds activations to a grid, where the guard's
+    # graph (before the cache rewrite: attention and rotary as separate kernels) and the artifact's
+    # (GroupQueryAttention) differ in the last bits of a few activations that then round apart
+    assert got == pytest.approx(report["accuracy"]["perplexity"], rel=1e-6 if measured_at == "0" else 1e-3)

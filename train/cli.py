@@ -142,8 +142,9 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
-              help="Folder of text files (.py, .txt, .md, .rst) or one text file to score "
-                   "[default: CHECKPOINT/val.txt].")
+              help="Folder of text files (.py, .txt, .md, .rst; cleaned as the training corpus is: tabs "
+                   "to spaces, trailing spaces dropped), one text file (documents separated by "
+                   "<|endoftext|>) or a .jsonl of texts, to score [default: CHECKPOINT/val.txt].")
 @click.option("--batch-size", type=click_type("batch_size"), default=16, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=0), default=0, help="Score only the first N tokens (0 = all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")

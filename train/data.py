@@ -265,12 +265,38 @@ def load_split(prepared: Path, split: str) -> np.ndarray:
 
 
 def read_val_text(path: Path) -> list[str]:
-    """Splits a val.txt (documents separated by <|endoftext|>) back into documents."""
+    """Splits a val.txt (documents separated by <|endoftext|>) back into documents; a .jsonl
+    holds one document a line (see read_jsonl). A byte-order mark is not text."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [d for d in read_jsonl(path, "--data") if d]
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return [d for d in text.split(EOS) if d]
+
+
+def read_jsonl(path: Path, option: str) -> list[str]:
+    """The texts of a .jsonl: a JSON string or {"text": ...} a line (blank lines skipped); a
+    bad file is a UserError naming `option`."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{option} {path}: not a UTF-8 text file ({e})") from None
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{option} {path}: line {i} is not JSON ({e.msg})") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise UserError(f"{option} {path}: line {i} is neither a string nor an object with \"text\"")
+        texts.append(text)
+    return texts
 
 
 def encode_documents(tok, docs: list[str]) -> np.ndarray:

@@ -203,7 +203,7 @@ def calibration_windows(folder: Path, cfg, path=None) -> tuple[torch.Tensor, str
             raise UserError(f"--calibration {path}: graphopt prune reads one plain text file (not {path.suffix}); "
                             "join the texts into one file")
         try:
-            raw = path.read_text(encoding="utf-8")
+            raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
         except UnicodeDecodeError as e:
             raise UserError(f"--calibration {path}: not a UTF-8 text file ({e})") from None
         texts, source = [raw], str(path)

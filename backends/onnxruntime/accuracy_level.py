@@ -45,8 +45,10 @@ def quant_shapes(graph: Graph) -> collections.Counter:
                                for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN and n.op_type == "QuantLinear")
 
 
-def choose_accuracy_level(graph: Graph) -> dict | None:
-    """{"level": 0 or 4, "ms": {level: {rows: weighted total}}, ...} or None without QuantLinear layers."""
+def choose_accuracy_level(graph: Graph, generation: bool | None = None) -> dict | None:
+    """{"level": 0 or 4, "ms": {level: {rows: weighted total}}, ...} or None without QuantLinear
+    layers. `generation`: whether the graph is (or will be made) a generation-ready decoder;
+    by default whether it takes a KV cache now (the accuracy guard measures before the rewrite)."""
     shapes = quant_shapes(graph)
     if not shapes:
         return None
@@ -57,7 +59,7 @@ def choose_accuracy_level(graph: Graph) -> dict | None:
         for level in LEVELS:
             for rows in ROWS:
                 total[level][rows] += count * _CACHE[shape][level][rows]
-    if generates(graph):
+    if generates(graph) if generation is None else generation:
         run = {level: total[level][ROWS[1]] + GENERATION_STEPS * total[level][ROWS[0]] for level in LEVELS}
         level = 4 if run[4] <= (1 - MARGIN) * run[0] else 0
         rule = (f"4 if one {ROWS[1]}-row prefill plus {GENERATION_STEPS} one-row decode steps take at least "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.calibration import model_tokenizer
+from graphopt.calibration import model_tokenizer, read_texts
 
 
 def real_positions(feeds: dict, out: np.ndarray) -> np.ndarray | None:
@@ -66,7 +66,7 @@ def pooled_cosine(got: np.ndarray, want: np.ndarray, real: np.ndarray | None) ->
 def text_windows(data_path: str, tokenizer_path: str, window: int, max_tokens: int) -> np.ndarray:
     """[n, window] token ids from the text file, cut into non-overlapping windows."""
     tok = model_tokenizer(Path(tokenizer_path).parent, data_path, option="--data")  # a bad file: one line
-    text = Path(data_path).read_text(encoding="utf-8")  # checked to be UTF-8 text before any timing
+    text = "\n".join(read_texts(Path(data_path), "--data"))  # a .jsonl's texts; checked before any timing
     ids = np.asarray(tok.encode(text).ids, dtype=np.int64)[:max_tokens]
     n = len(ids) // window
     return ids[: n * window].reshape(n, window)

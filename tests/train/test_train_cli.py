@@ -126,6 +126,27 @@ def test_eval_on_a_folder_scores_every_text_file_and_says_what_it_left_out(tiny_
     assert json.loads(first.stdout)["documents"] == 1 and json.loads(first.stdout)["tokens"] == 20
 
 
+def test_eval_reads_a_jsonl_as_its_texts_and_a_byte_order_mark_is_not_text(tiny_run, tmp_path):
+    """A .jsonl was scored as the JSON text itself (its braces, quotes and keys), and a BOM as
+    three more bytes of text; both now score as the plain file of the same documents."""
+    from graphopt.train.data import EOS
+
+    docs = ["def f(x):\n    return x + 1\n" * 3, "The quick brown fox jumps over the lazy dog.\n" * 4]
+    (tmp_path / "docs.txt").write_text(EOS.join(docs), encoding="utf-8")
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n\n", encoding="utf-8")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "docs.txt").read_bytes())
+    got = {name: json.loads(_run("eval", tiny_run, "--data", tmp_path / name, "--json").stdout)
+           for name in ("docs.txt", "docs.jsonl", "bom.txt")}
+    want = got["docs.txt"]
+    assert want["documents"] == 2
+    for name in ("docs.jsonl", "bom.txt"):
+        assert {k: got[name][k] for k in ("documents", "tokens", "bytes", "perplexity")} == \
+            {k: want[k] for k in ("documents", "tokens", "bytes", "perplexity")}, name
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": 1}\n')
+    _assert_one_line_error(_run("eval", tiny_run, "--data", tmp_path / "bad.jsonl"),
+                           "line 2 is neither a string nor an object with \"text\"")
+
+
 def test_generate_greedy_is_deterministic_and_sampling_follows_the_seed(tiny_run):
     greedy = [_run("generate", tiny_run, "--prompt", "def ", "--max-new-tokens", "40").stdout
               for _ in range(2)]
