@@ -146,7 +146,8 @@ def train_command(config_file, preset, resume, stop_at_step, **flags):
                    "to spaces, trailing spaces dropped), one text file (documents separated by "
                    "<|endoftext|>) or a .jsonl of texts, to score [default: CHECKPOINT/val.txt].")
 @click.option("--batch-size", type=click_type("batch_size"), default=16, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=0), default=0, help="Score only the first N tokens (0 = all).")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=0, help="Score only the first N tokens (0 = all); bits per byte then counts the bytes of the "
+                   "decoded tokens (a character cut in two counts as one replacement character).")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
 def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
     """Perplexity and bits per byte of CHECKPOINT on held-out text.
