@@ -199,6 +199,12 @@ def inspect(model: str, show_ir: bool, as_json: bool) -> None:
 
         click.echo(print_graph(graph), nl=False)
         return
+    from graphopt.verify import verify
+
+    try:  # as convert and optimize would refuse it (an op no one registered, a wrong shape)
+        verify(graph)
+    except Exception as e:
+        raise UserError(f"{model}: the graph does not verify: {e} (inspect --ir prints it as it is)") from None
     s = summarize(graph)
     if as_json:
         import json

@@ -248,3 +248,18 @@ def test_eval_of_an_artifact_scores_windows_of_its_checkpoints_context(tmp_path)
         got[name] = json.loads(r.output[r.output.index("{"):])
     assert got["artifact"]["tokens"] == got["checkpoint"]["tokens"] == 1100
     assert abs(got["artifact"]["perplexity"] / got["checkpoint"]["perplexity"] - 1) < 1e-4, got
+
+
+def test_inspect_refuses_a_graph_that_convert_refuses(tmp_path):
+    """A .gir with an op nobody registered: inspect summarized it (exit 0) while convert and
+    optimize refuse it; --ir still prints it as it is."""
+    assert invoke("convert", EXAMPLE, "-o", tmp_path / "t.gir").exit_code == 0
+    text = (tmp_path / "t.gir").read_text()
+    assert "= Gelu(" in text
+    (tmp_path / "u.gir").write_text(text.replace("= Gelu(", "= graphopt.NoSuchOp("))
+    r = invoke("inspect", tmp_path / "u.gir")
+    assert r.exit_code == 2 and "the graph does not verify" in r.output and "unknown op graphopt.NoSuchOp" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    r = invoke("inspect", tmp_path / "u.gir", "--ir")
+    assert r.exit_code == 0 and "graphopt.NoSuchOp(" in r.output
+    assert invoke("inspect", tmp_path / "t.gir").exit_code == 0
