@@ -150,7 +150,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         held = _hold(tmp)  # while this process writes: the kernel lets go when it dies, whatever its pid
         if old is not None and (old.st_gid != tmp.stat().st_gid or old_mode & 0o2000):
-            _keep_group(tmp, old.st_gid, old_mode & 0o2000)  # before the files are made: they inherit it
+            # before the files are made: they inherit it; a user outside the group keeps their own
+            # group, without a setgid bit that would hand it on
+            if not _keep_group(tmp, old.st_gid, old_mode & 0o2000):
+                old_mode &= ~0o2000
         yield tmp
         mask = _umask()
         for f in tmp.iterdir():
@@ -178,14 +181,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.close(held)
 
 
-def _keep_group(folder: Path, gid: int, setgid: int) -> None:
+def _keep_group(folder: Path, gid: int, setgid: int) -> bool:
     """Gives `folder` the group `gid` and the setgid bit where the user may (a member of the
-    group); otherwise it keeps the user's group, as any new folder."""
+    group) and says whether it could; otherwise it keeps the user's group, as any new folder."""
     try:
         os.chown(folder, -1, gid)
-        folder.chmod(0o700 | setgid)
     except OSError:
-        pass
+        return False
+    folder.chmod(0o700 | setgid)
+    return True
 
 
 def _hold(folder: Path) -> int | None:

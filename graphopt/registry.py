@@ -364,4 +364,12 @@ def _core_reference(node: Node, inputs: list) -> list[np.ndarray]:
                       evaluator_cls=ReferenceEvaluator)
     inst = cls(proto, params)
     outs = inst.run(*inputs)
-    return [np.asarray(o) if o is not None else None for o in outs]
+    # in the declared types: onnx.reference returns some in the input's (LayerNormalization's
+    # Mean and InvStdDev in X's float16, which ONNX types float32 by stash_type)
+    return [None if o is None else _as_declared(np.asarray(o), v) for o, v in zip(outs, node.outputs)]
+
+
+def _as_declared(a: np.ndarray, v) -> np.ndarray:
+    if v is None or v.type is None or a.dtype == v.type.dtype.np_dtype:
+        return a
+    return a.astype(v.type.dtype.np_dtype)

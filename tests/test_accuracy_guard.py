@@ -212,3 +212,28 @@ def test_the_reported_perplexity_is_the_written_artifacts(tmp_path, level):
     # graph (before the cache rewrite: attention and rotary as separate kernels) and the artifact's
     # (GroupQueryAttention) differ in the last bits of a few activations that then round apart
     assert got == pytest.approx(report["accuracy"]["perplexity"], rel=1e-6 if measured_at == "0" else 1e-3)
+
+
+def test_the_guard_measures_a_tvm_artifact_at_the_arithmetic_it_builds(tmp_path):
+    """--backend tvm: the guard measured at ORT's timed level (0 here) while TVM builds 4-bit
+    weights times int8 activations where the CPU has VNNI (MatMulNBits' level 4); it now
+    measures at the level the TVM build records, and a forced level is followed."""
+    import json
+
+    pytest.importorskip("tvm")
+    from graphopt.testing import tiny_llama_folder
+
+    tiny_llama_folder(tmp_path / "hf")
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"
+    (tmp_path / "held_out.txt").write_text((default / "val.txt").read_text()[:6000])
+    for option in ([], ["--backend-option", "quant_accuracy_level=0"]):
+        out = tmp_path / f"out{len(option)}"
+        r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "hf"), "-o", str(out), "-q", "--backend", "tvm",
+                                     "--quantize", "int4", "--accuracy-budget", "top1=0.5",
+                                     "--accuracy-data", str(tmp_path / "held_out.txt"), *option])
+        assert r.exit_code == 0, r.output
+        report = json.loads((out / "report.json").read_text())
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert report["accuracy"]["quant_accuracy_level"] == str(manifest["quant_accuracy_level"])
+        if option:
+            assert manifest["quant_accuracy_level"] == 0

@@ -548,6 +548,14 @@ def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path)
         (tmp / "a").write_text("new")
     assert shared.stat().st_mode & 0o7777 == 0o2775 and shared.stat().st_gid == want_gid
     assert (shared / "a").stat().st_gid == want_gid
+    # a user outside the folder's group cannot give it the group: their own, and no setgid bit
+    # that would hand their group on as the folder's
+    import unittest.mock
+
+    with unittest.mock.patch("os.chown", side_effect=PermissionError("not a member")):
+        with atomic_dir(shared) as tmp:
+            (tmp / "b").write_text("new")
+    assert shared.stat().st_mode & 0o7777 == 0o775 and _snapshot(shared) == {"b": b"new"}
 
 
 def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):

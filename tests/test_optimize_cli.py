@@ -258,3 +258,28 @@ def test_the_report_gives_the_weight_bytes_and_the_artifact_size_on_disk(tmp_pat
     assert (f"size      weights {report['weight_bytes_before'] / 1e3:.1f} kB -> {weights / 1e3:.1f} kB; artifact "
             f"{report['artifact_bytes'] / 1e3:.1f} kB on disk") in r.output
     assert r.output.rstrip().endswith(f"wrote {tmp_path / 'out'}/")  # as given, not out//
+
+
+def test_check_numerics_runs_a_float16_layer_norm_with_its_statistics_outputs(tmp_path):
+    """ONNX types LayerNormalization's Mean and InvStdDev float32 (stash_type=1), while the ONNX
+    reference kernel returns them in X's float16: the interpreter's dtype check called this valid
+    model a bug in graphopt (exit 1). The reference's outputs are taken in their declared types."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("LayerNormalization", ["x", "s"], ["ln", "mean", "inv_std"], axis=-1),
+             helper.make_node("MatMul", ["ln", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "ln16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", 4])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w"),
+                               numpy_helper.from_array(np.ones(8, np.float16), "s")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "ln16.onnx")
+    r = invoke("optimize", tmp_path / "ln16.onnx", "-o", tmp_path / "out", "-q", "--check-numerics")
+    assert r.exit_code == 0, r.output
+    from graphopt.interpreter import run
+    from graphopt.models import load_graph
+
+    g = load_graph(str(tmp_path / "ln16.onnx"))
+    out = run(g, {"x": rng.standard_normal((2, 8)).astype(np.float16)}, keep_all=True)
+    assert out["mean"].dtype == np.float32 and out["y"].dtype == np.float16

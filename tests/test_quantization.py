@@ -218,16 +218,24 @@ def test_pass_rewrites_each_site_and_stores_it_packed(kind, stat, bits):
     (48, 4, 32, 16),     # 2 blocks of 32 (16 values padding) against 3 of 16: 41 bytes against 38
     (100, 8, 128, 128),  # no power of two >= 16 divides 100: the smaller blocks store more
     (40, 8, 64, 16),     # 1 block of 64 (69 bytes) against 3 of 16 (63)
+    (80, 4, 32, 32),     # f32 scales: 3 blocks of 32 (62 bytes) against 5 of 16 (63)
 ])
-def test_fit_block_takes_the_block_that_stores_the_fewest_bytes(k, bits, block, want):
+@pytest.mark.parametrize("scale_bytes, zero_points", [(4, True), (2, True), (2, False)])
+def test_fit_block_takes_the_block_that_stores_the_fewest_bytes(k, bits, block, want, scale_bytes, zero_points):
     from graphopt.ops.quant_format import fit_block, num_blocks
 
     def stored(b):
         nb = num_blocks(k, b)
-        return nb * b * bits // 8 + 4 * nb + -(-nb * bits // 8)
+        return nb * b * bits // 8 + scale_bytes * nb + (-(-nb * bits // 8) if zero_points else 0)
 
-    assert fit_block(k, bits, block) == want
-    assert stored(want) == min(stored(b) for b in (16, 32, 64, 128) if b <= block)
+    got = fit_block(k, bits, block, scale_bytes, zero_points)
+    if (scale_bytes, zero_points) == (4, True):
+        assert got == want
+    assert stored(got) == min(stored(b) for b in (16, 32, 64, 128) if b <= block)
+    if k % block == 0:
+        assert got == block
+    if (k, scale_bytes) == (80, 2):  # f16 scales: 5 blocks of 16 (53 bytes; 50 symmetric) against 3 of 32 (56; 54)
+        assert got == 16
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])

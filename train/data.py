@@ -285,7 +285,7 @@ def read_jsonl(path: Path, option: str) -> list[str]:
     except (UnicodeDecodeError, OSError) as e:
         raise UserError(f"{option} {path}: not a UTF-8 text file ({e})") from None
     texts = []
-    for i, line in enumerate(raw.splitlines(), 1):
+    for i, line in enumerate(raw.split("\n"), 1):  # not splitlines(): U+2028 may stand in a JSON string
         if not line.strip():
             continue
         try:

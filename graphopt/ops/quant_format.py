@@ -26,15 +26,15 @@ def num_blocks(k: int, block_size: int) -> int:
     return -(-k // block_size)
 
 
-def fit_block(k: int, bits: int, block_size: int) -> int:
+def fit_block(k: int, bits: int, block_size: int, scale_bytes: int = 4, zero_points: bool = True) -> int:
     """The block size a layer of input width K is quantized with: `block_size`, or where K is
     not a multiple of it the power of two in [16, block_size] that stores the fewest bytes a
-    row (padding against scales and zero points): K=192 at block 128 pads every row to 256
-    values; at 64 it is three whole blocks."""
+    row (padding against scales of `scale_bytes` and zero points): K=192 at block 128 pads
+    every row to 256 values; at 64 it is three whole blocks."""
     best, best_bytes, b = block_size, None, block_size
     while b >= 16:
         nb = num_blocks(k, b)
-        stored = nb * b * bits // 8 + 4 * nb + -(-nb * bits // 8)  # values, f32 scales, zero points
+        stored = nb * b * bits // 8 + scale_bytes * nb + (-(-nb * bits // 8) if zero_points else 0)
         if best_bytes is None or stored < best_bytes:
             best, best_bytes = b, stored
         if k % b == 0:  # no padding: a smaller block only adds scales

@@ -207,7 +207,7 @@ def awq_rescale(graph: Graph, sites: list, feeds_list: list[dict], bits: int, bl
             progress(f"awq {i + 1}/{len(todo)}: {', '.join(s.node.name for s in group)}")
             w = np.concatenate([s.w_nk for s in group], axis=0)
             x = acts[id(group[0].x)]
-            bs = fit_block(w.shape[1], bits, block_size)
+            bs = fit_block(w.shape[1], bits, block_size, group[0].x.type.dtype.np_dtype.itemsize, not symmetric)
             alpha, s, _ = search_scale(x, w, bits, bs, symmetric)
             cache[group[0].node.name, key] = (alpha, s)
             if not clip:
@@ -230,11 +230,13 @@ def awq_rescale(graph: Graph, sites: list, feeds_list: list[dict], bits: int, bl
     return records
 
 
-def awq_quantize(name: str, w_nk: np.ndarray, cache: dict, bits: int, block_size: int, symmetric: bool):
+def awq_quantize(name: str, w_nk: np.ndarray, cache: dict, bits: int, block_size: int, symmetric: bool,
+                 fitted: int | None = None):
     """The layer `name` (its weight already scaled by awq_rescale) with its searched clip
-    ratios; round to nearest where there are none (a tied head)."""
+    ratios, in blocks of `fitted` (fit_block's for the layer; default `block_size`); round to
+    nearest where there are none (a tied head)."""
     ratio = cache.get((name, ("clip",) + _key(bits, block_size, symmetric)))
-    block_size = fit_block(w_nk.shape[1], bits, block_size)
+    block_size = fitted or block_size
     if ratio is None:
         ratio = np.ones((w_nk.shape[0], num_blocks(w_nk.shape[1], block_size)), np.float32)
     return quantize_clipped(w_nk, ratio, bits, block_size, symmetric)

@@ -15,7 +15,8 @@ Options:
   bits        4 or 8
   block-size  32, 64 or 128 (any power of two >= 16): elements per scale along K; a layer
               whose K is not a multiple of it takes the power of two in [16, block-size]
-              that stores the fewest bytes (K=192 at 128 would pad each row to 256 values: 64)
+              that stores the fewest bytes (K=192 at 128 would pad each row to 256 values: 64;
+              a mixture of experts' stacked experts keep block-size)
   symmetric   false: a zero point per block (asymmetric, the better int4 grid); true: none
   method      rtn (round to nearest, no data), gptq (second-order error compensation) or awq
               (activation-aware per-input-channel scaling, then GPTQ or RTN: awq-then; awq.py);
@@ -126,7 +127,7 @@ class QuantizeWeights(Pass):
         gptq = self.method == "gptq" or (self.method == "awq" and self.awq_then == "gptq")
         hessians = self._hessians(graph, todo, ctx, progress) if gptq and todo else {}
         for i, site in enumerate(sites):
-            bs = fit_block(site.w_nk.shape[1], self.bits, self.block_size)
+            bs = self._fit(site.w_nk.shape[1], site.x.type.dtype.np_dtype)
             if (site.node.name, key) in cache:
                 q, scales, zp = cache[site.node.name, key]
             elif gptq:
@@ -135,7 +136,7 @@ class QuantizeWeights(Pass):
                                           self.symmetric, self.damp)
             elif self.method == "awq":
                 q, scales, zp = awq_quantize(site.node.name, site.w_nk, cache, self.bits, self.block_size,
-                                             self.symmetric)
+                                             self.symmetric, bs)
             else:
                 q, scales, zp = quantize_rows(site.w_nk, self.bits, bs, self.symmetric)
             cache[site.node.name, key] = (q, scales, zp)
@@ -151,6 +152,10 @@ class QuantizeWeights(Pass):
         count_weight_bytes(result, start, graph)
         return result
 
+    def _fit(self, k: int, scale_dtype) -> int:
+        """The block a layer of input width `k` takes (fit_block), its scales in `scale_dtype`."""
+        return fit_block(k, self.bits, self.block_size, np.dtype(scale_dtype).itemsize, not self.symmetric)
+
     def _rewrite(self, graph: Graph, site: Site, q, scales, zp) -> int:
         node = site.node
         n, k = site.w_nk.shape
@@ -159,7 +164,7 @@ class QuantizeWeights(Pass):
         rw = Rewriter(graph, node, "quantize-weights")
         base = site.weights[0].name
         tag = f"q{self.bits}"
-        bs = fit_block(int(k), self.bits, self.block_size)
+        bs = self._fit(int(k), dt)
         packed = rw.const(pack_weight(q, self.bits, bs), f"{base}_{tag}")
         sc = rw.const(scales.astype(dt), f"{base}_scales")
         args = [x, packed, sc]
@@ -231,7 +236,9 @@ class QuantizeWeights(Pass):
                 continue
             rw = Rewriter(graph, node, "quantize-weights")
             shared = self._tables.get(table.name)
-            bs = fit_block(int(w.shape[1]), self.bits, self.block_size)  # (a tied head's, too: the same K)
+            # a table tied to a quantized head takes the head's block (its packed copy's)
+            bs = (shared[0].const_value.shape[-1] * 8 // self.bits if shared is not None
+                  else self._fit(int(w.shape[1]), w.dtype))
             if shared is None:
                 q, scales, zp = quantize_rows(w, self.bits, bs, self.symmetric)
                 tag = f"q{self.bits}"

@@ -131,9 +131,11 @@ def test_eval_reads_a_jsonl_as_its_texts_and_a_byte_order_mark_is_not_text(tiny_
     three more bytes of text; both now score as the plain file of the same documents."""
     from graphopt.train.data import EOS
 
-    docs = ["def f(x):\n    return x + 1\n" * 3, "The quick brown fox jumps over the lazy dog.\n" * 4]
+    docs = ["def f(x):\n    return x + 1\n" * 3, "The quick brown fox jumps over the lazy dog.\u2028\n" * 4]
     (tmp_path / "docs.txt").write_text(EOS.join(docs), encoding="utf-8")
-    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n\n", encoding="utf-8")
+    # (ensure_ascii=False writes U+2028 as it is: a line separator to str.splitlines, not to JSON Lines)
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}, ensure_ascii=False) for d in docs)
+                                         + "\r\n\n", encoding="utf-8")
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "docs.txt").read_bytes())
     got = {name: json.loads(_run("eval", tiny_run, "--data", tmp_path / name, "--json").stdout)
            for name in ("docs.txt", "docs.jsonl", "bom.txt")}
