@@ -424,7 +424,7 @@ def load_recipe(path) -> list[PipelineEntry]:
             for k, v in opts.items():  # the pipeline text in report.json must parse back
                 bad = next((c for c in '"{}' if c in v), None)
                 if bad:
-                    raise UserError(f"passes[{i}] ({table['name']}): option {k!r} = {v!r} holds {bad!r}, "
+                    raise UserError(f"{path}: passes[{i}] ({table['name']}): option {k!r} = {v!r} holds {bad!r}, "
                                     "which a pipeline cannot write")
             e = PipelineEntry(str(table["name"]), opts)
             e.instantiate()
