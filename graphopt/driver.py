@@ -296,7 +296,7 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
         # int8 compute changes the numbers): the user's, else the one `auto` picks for the
         # artifact -- a generation-ready decoder's, although the guard measures before the cache
         # rewrite -- and an ORT artifact is then lowered at that level
-        forced = _measured_level(backend, be, target, backend_options, entries)
+        forced = _measured_level(be, target, backend_options, entries)
         will_generate = is_decoder(graph) and (
             (passes is None and recipe is None and kv_cache) or any(e.name == "rewrite-kv-cache" for e in entries))
         entries, accuracy = _guard_quantization(graph, model, entries, budget, accuracy_data, ctx, verify, progress,
@@ -482,20 +482,13 @@ def _tuning():
     return importlib.import_module(TVM_TUNING)
 
 
-def _measured_level(backend: str, be, target: str, options: dict | None, entries: list) -> str:
-    """The MatMulNBits accuracy_level through which the accuracy guard (which measures on ORT's
-    CPU kernels) computes what the artifact will: ORT on a CPU the user's level or "auto" (then
-    chosen by timing); ORT's CUDA kernels compute in float ("0"); TVM rounds the activations to
-    int8 for 4-bit weights where the CPU has VNNI (its `quant_accuracy_level` allowing), the
-    closest of ORT's arithmetics being level 4, else it computes in float."""
-    level = str((options or {}).get("quant_accuracy_level", "auto"))
-    if backend == "onnxruntime":
-        return level if target == "cpu" else "0"
-    if backend == "tvm":  # (`be`, the backend's module)
-        q = [e for e in entries if e.name in QUANT_PASSES][-1]
-        four = q.name == "quantize-weights" and str(q.options.get("bits", "4")) == "4"  # (as written)
-        return "4" if four and be.lowering_flags(target, dict(options or {}))["int8_activations"] else "0"
-    return level
+def _measured_level(be, target: str, options: dict | None, entries: list) -> str:
+    """The MatMulNBits accuracy_level at which the accuracy guard (which measures on ORT's CPU
+    kernels) computes what the artifact will, as the backend `be` says for the last
+    quantization's bits ("auto": chosen by timing)."""
+    q = [e for e in entries if e.name in QUANT_PASSES][-1]
+    bits = int(q.options.get("bits", "4")) if q.name == "quantize-weights" else None  # (options as written)
+    return be.matmulnbits_level(target, options, bits)
 
 
 def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_data, ctx, verify: bool, progress,

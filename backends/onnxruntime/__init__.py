@@ -50,6 +50,13 @@ LOWERING_OPTIONS = {
 }
 
 
+def matmulnbits_level(target: str, options: dict | None, bits: int | None) -> str:
+    """The MatMulNBits accuracy_level whose arithmetic an artifact built with `options` runs (the
+    accuracy guard measures at it): the user's on a CPU, or "auto" (chosen by timing at build);
+    the CUDA kernels compute in float ("0")."""
+    return str((options or {}).get("quant_accuracy_level", "auto")) if target == "cpu" else "0"
+
+
 def check_options(options: dict | None) -> dict:
     """The backend options (`--backend-option KEY=VALUE`) as checked values, or a UserError."""
     options = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in (options or {}).items()}

@@ -14,7 +14,7 @@ Executable). See docs/tvm.md.
 from __future__ import annotations
 
 from graphopt.backends.tvm.runtime import (NAME, Compiled, Executable, check_options, check_target, compile_graph,
-                                          lowering_flags, save, versions)
+                                          matmulnbits_level, save, versions)
 
-__all__ = ["NAME", "Compiled", "Executable", "check_options", "check_target", "compile_graph", "lowering_flags", "save",
-           "versions"]
+__all__ = ["NAME", "Compiled", "Executable", "check_options", "check_target", "compile_graph", "matmulnbits_level",
+           "save", "versions"]

@@ -80,6 +80,13 @@ def lowering_flags(target: str, options: dict) -> dict:
     return {"pack_weights": pack, "int8_activations": int8}
 
 
+def matmulnbits_level(target: str, options: dict | None, bits: int | None) -> str:
+    """The MatMulNBits accuracy_level nearest the arithmetic a build runs (the accuracy guard,
+    which measures on ORT, measures at it): 4-bit weights times X rounded to int8 per block
+    where `lowering_flags` takes int8 activations ("4"), float compute otherwise ("0")."""
+    return "4" if bits == 4 and lowering_flags(target, dict(options or {}))["int8_activations"] else "0"
+
+
 def _build(graph: Graph, target: str, options: dict | None):
     """Lower and build: (TVM executable, weight names, weight arrays, manifest fields)."""
     check_target(target)
