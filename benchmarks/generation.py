@@ -317,7 +317,7 @@ def decode_step(artifact, cached: int) -> dict:
     """One decode step over a cache of `cached` positions (the same step repeated)."""
     from graphopt.generation import Generator
 
-    gen = Generator.for_artifact(artifact)
+    gen = Generator.for_artifact(artifact, io_binding=False)  # a growing cache's feeds, run by artifact.run
     ids = np.arange(cached, dtype=np.int64)[None] % 100 + 1
     prefill = {"input_ids": ids, "attention_mask": np.ones_like(ids), **gen.empty_cache(1)}
     out = artifact.run(prefill)
@@ -334,17 +334,19 @@ def logits_diff(run, want) -> float:
 
 
 def bound_static_decode_step(artifact, cached: int):
-    """The way graphopt's Generator runs a static-layout artifact: through IO binding
-    (`artifact.decode_run()`), each cache one buffer that is both past and present, the step's
-    position written in place (GroupQueryAttention shares the buffer: no cache copy). Prefills
-    `cached` tokens, then returns the one-token step at position `cached` as a callable (each
-    repeat rewrites that one position: the same work every call, as the other rows repeat theirs)."""
+    """The way graphopt's Generator runs a static-layout artifact, or a growing (BNSH) one whose
+    presents GroupQueryAttention computes (`generation.past_present_share_buffer`): through IO
+    binding (`artifact.decode_run()`), each cache one buffer that is both past and present (the
+    model's every position, as onnxruntime-genai allocates it), the step's position written in
+    place (GroupQueryAttention shares the buffer: no cache copy). Prefills `cached` tokens, then
+    returns the one-token step at position `cached` as a callable (each repeat rewrites that one
+    position: the same work every call, as the other rows repeat theirs)."""
     from graphopt.generation import Generator
 
     gen = Generator.for_artifact(artifact)
-    if gen.spec.layout != "static":
-        raise ValueError(f"{artifact.path}: kv_layout {gen.spec.layout}, not static")
-    run = artifact.decode_run()
+    if gen.spec.layout != "static" and not gen.spec.shared:
+        raise ValueError(f"{artifact.path}: kv_layout {gen.spec.layout}, neither static nor shared")
+    run = artifact.decode_run(shared=gen.spec.shared)
     ids = np.arange(cached, dtype=np.int64)[None] % 100 + 1
     out = run({"input_ids": ids, "attention_mask": np.ones_like(ids), **gen.empty_cache(1)})
     step = {"input_ids": np.array([[7]], np.int64), "attention_mask": np.ones((1, cached + 1), np.int64)}
@@ -391,6 +393,12 @@ def llama_decode(work: Path, args) -> dict:
         return {}
     anchor(table, "graphopt_ort_static_io_binding", llama_static_io_binding)
 
+    def llama_bnsh_shared():  # the default artifact as its Generator (and genai) drive it
+        run = bound_static_decode_step(graphopt.load(work / "llama_BNSH", threads=args.threads), args.cached)
+        steps["graphopt_ort_BNSH_shared"] = (run, lambda: np.asarray(run()["logits"]))
+        return {}
+    anchor(table, "graphopt_ort_BNSH_shared", llama_bnsh_shared)
+
     def builder():
         path = genai_builder_model(llama, work)
         paths["genai_model_builder"] = path
@@ -424,8 +432,10 @@ def llama_decode(work: Path, args) -> dict:
     # The static cache through IO binding as graphopt's Generator drives it (graphopt.load's
     # session spins by default).
     loop = {name: session_decode_step(path, args.cached, args.threads) for name, path in paths.items()}
+    for name in ("graphopt_ort_static_io_binding", "graphopt_ort_BNSH_shared"):
+        if name in steps:
+            loop[name] = steps[name][0]
     if "graphopt_ort_static_io_binding" in steps:
-        loop["graphopt_ort_static_io_binding"] = steps["graphopt_ort_static_io_binding"][0]
         if ref:  # the builder's model as onnxruntime-genai runs it: its caches shared in place too
             max_positions = graphopt.load(work / "llama_static").manifest["generation"]["max_positions"]
             step, logits = shared_buffer_decode_step(paths[ref], args.cached, args.threads, max_positions)
@@ -441,9 +451,11 @@ def llama_decode(work: Path, args) -> dict:
             if name in loop_timing:
                 table[key] = loop_timing[name]["speedup_vs_anchor_median_round"]
         if "genai_model_builder_shared_buffer" in loop_timing:
-            table["graphopt_static_io_binding_vs_builder_shared_buffer_decode_loop"] = round(
-                loop_timing["graphopt_ort_static_io_binding"]["speedup_vs_anchor_median_round"]
-                / loop_timing["genai_model_builder_shared_buffer"]["speedup_vs_anchor_median_round"], 3)
+            for name, key in (("graphopt_ort_static_io_binding", "graphopt_static_io_binding_vs_builder_shared_buffer_decode_loop"),
+                              ("graphopt_ort_BNSH_shared", "graphopt_BNSH_shared_vs_builder_shared_buffer_decode_loop")):
+                if name in loop_timing:
+                    table[key] = round(loop_timing[name]["speedup_vs_anchor_median_round"]
+                                       / loop_timing["genai_model_builder_shared_buffer"]["speedup_vs_anchor_median_round"], 3)
     return table
 
 

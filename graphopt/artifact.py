@@ -93,20 +93,44 @@ class Artifact:
                             f"give at most {limit}")
         return self._exe.run(feeds)
 
-    def decode_run(self, *, io_binding: bool | None = None):
+    @property
+    def shares_cache_buffer(self) -> bool:
+        """Whether a growing (BNSH) cache may be driven as one buffer per layer that is both
+        past and present (`generation.past_present_share_buffer`: every present is
+        GroupQueryAttention's, on an ORT CPU artifact); see `decode_run(shared=True)`."""
+        gen = self.manifest.get("generation") or {}
+        return bool(gen.get("past_present_share_buffer") and gen.get("kv_layout", "BNSH") == "BNSH"
+                    and self.manifest.get("target", "cpu") == "cpu" and hasattr(self._exe, "bound_runner"))
+
+    def decode_run(self, *, io_binding: bool | None = None, shared: bool = False):
         """`run` for a generation loop. With IO binding (ORT only) the cache stays in ORT's own
         buffers: its outputs are valid until its next call, and the presents are OrtValues to
         feed back as they are. `None` binds where it pays: a static or paged cache (the buffer
         is shared and written in place) or a GPU target. A growing cache on CPU runs
         `session.run` instead, which takes numpy feeds and gives its outputs without a copy
         either way; binding two values a layer a step only added Python time (the shipped
-        model's greedy decode: 1,532 tokens/s bound against 1,637 plain, interleaved)."""
+        model's greedy decode: 1,532 tokens/s bound against 1,637 plain, interleaved).
+
+        `shared` (where `shares_cache_buffer`): the caller feeds each past as a buffer of every
+        position the request will need ([batch, heads, positions, head], zeros at first) and
+        gets it back as the present, the step written in place, as a static cache is; the
+        attention mask still says how many positions are filled. A growing drive copies the
+        whole past into a new present every step."""
+        if shared:
+            if not self.shares_cache_buffer:
+                raise UserError(f"{self.path}: this artifact's cache cannot be shared between past and present "
+                                "(only an ORT CPU artifact whose attention is GroupQueryAttention)")
+            io_binding = True
         if io_binding is None:
             gen = self.manifest.get("generation") or {}
             io_binding = gen.get("kv_layout") in ("static", "paged") or self.manifest.get("target", "cpu") != "cpu"
         if io_binding and hasattr(self._exe, "bound_runner"):
             shapes = {o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in self.outputs}
-            return self._exe.bound_runner(shapes, {i["name"]: i["shape"] for i in self.inputs}).run
+            inputs = {i["name"]: i["shape"] for i in self.inputs}
+            if shared:  # each present written into its past's buffer
+                aliases = {o: "past_key_values." + o.removeprefix("present.") for o in shapes if o.startswith("present.")}
+                return self._exe.bound_runner(shapes, inputs, aliases).run
+            return self._exe.bound_runner(shapes, inputs).run
         return self.run
 
     def generate(self, prompts, max_new_tokens: int = 32, **options):

@@ -358,6 +358,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                 report.setdefault("backend_seconds", {})["tuning"] = round(60 * tuning["minutes"], 3)
             else:
                 fields, tuning = be.save(optimized, tmp, target, dict(backend_options or {})), None
+            # a backend's word on the cache (the driver files it under "generation")
+            share_buffer = bool(fields.pop("past_present_share_buffer", False))
             manifest = make_manifest(optimized, backend, target, fields, be.versions())
             if tuning is not None:
                 manifest["tuning"] = report["tuning"] = tuning
@@ -376,6 +378,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
                     generation["optimum"] = "no config.json: the pruned model's sizes differ from the checkpoint's"
                 manifest["files"] = list(manifest.get("files", [])) + copied  # part of the artifact, not the user's
                 generation["decode_graph_nodes"] = fields.get("nodes", len(optimized.nodes))
+                if share_buffer and generation["kv_layout"] == "BNSH" and generation.get("max_positions"):
+                    # the Generator (and onnxruntime-genai) bind each present to its past: written in place
+                    generation["past_present_share_buffer"] = True
                 manifest["generation"] = generation
                 if backend == "onnxruntime" and generation["kv_layout"] in GENAI_LAYOUTS:
                     # the same folder runs in onnxruntime-genai, where its config can describe the model

@@ -8,7 +8,10 @@ graphopt.train checkpoint does not have; one is written from what the checkpoint
 
 The schema is the one `onnxruntime_genai.models.builder` writes (0.18). The artifact's I/O
 names are already genai's, positions come from the attention mask (no `position_ids`), and
-the growing BNSH cache is genai's default (`past_present_share_buffer` false).
+the cache is BNSH. `past_present_share_buffer` is true for a static cache and for a growing one
+whose presents GroupQueryAttention computes (the manifest's `generation.past_present_share_buffer`):
+genai then binds one max-length buffer a layer as both, written in place, as it runs its
+builder's models; false otherwise (each step's present a new tensor).
 """
 from __future__ import annotations
 
@@ -88,7 +91,8 @@ def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dic
         "search": {  # greedy, as `graphopt generate` defaults to; a caller sets its own options
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": gen["kv_layout"] == "static",
+            "num_return_sequences": 1,
+            "past_present_share_buffer": gen["kv_layout"] == "static" or bool(gen.get("past_present_share_buffer")),
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }

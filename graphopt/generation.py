@@ -61,6 +61,10 @@ class CacheSpec:
     # LongRoPE: once the sequence is longer than this, positions rotate by the long factors, and
     # a cache built while it was not is recomputed (a prefill over the whole sequence), once
     recompute_at: int | None = None
+    # BNSH driven as one buffer per layer that is both past and present (an ORT artifact whose
+    # attention is GroupQueryAttention, `Artifact.decode_run(shared=True)`): each buffer holds
+    # every position the request needs, written in place, as a static cache is
+    shared: bool = False
 
     def shape(self, batch: int, layer: int, kind: int, seq: int = 0, num_blocks: int = 0) -> tuple[int, ...]:
         """The shape of layer's key (kind 0) or value (kind 1) cache holding `seq` positions
@@ -148,17 +152,22 @@ class Generator:
         spec = CacheSpec.from_signature(artifact.manifest["signature"], gen.get("max_positions"),
                                         gen.get("kv_layout", "BNSH"), gen.get("block_size", 0))
         spec.recompute_at = gen.get("recompute_cache_at")
-        return Generator(artifact.decode_run(io_binding=io_binding), spec, eos_token_id=gen.get("eos_token_id"),
-                         num_blocks=num_blocks, vocab_size=logits_vocab(artifact))
+        # a growing cache that GroupQueryAttention computes runs as a shared one (no copy of the
+        # whole past a step), unless the caller asked for no IO binding
+        spec.shared = artifact.shares_cache_buffer and io_binding is not False
+        return Generator(artifact.decode_run(io_binding=io_binding, shared=spec.shared), spec,
+                         eos_token_id=gen.get("eos_token_id"), num_blocks=num_blocks, vocab_size=logits_vocab(artifact))
 
-    def empty_cache(self, batch: int, num_blocks: int = 0) -> dict[str, np.ndarray]:
+    def empty_cache(self, batch: int, num_blocks: int = 0, positions: int | None = None) -> dict[str, np.ndarray]:
         """The past_key_values feeds of a prefill: every layer's cache with no position yet
-        (paged: pools of `num_blocks` blocks)."""
+        (paged: pools of `num_blocks` blocks; a shared growing cache: buffers of `positions`,
+        by default the model's every position)."""
         s = self.spec
+        seq = (positions or s.max_positions or 0) if s.shared else 0
         feeds = {}
         for i in range(s.num_layers):
-            feeds[f"past_key_values.{i}.key"] = np.zeros(s.shape(batch, i, 0, num_blocks=num_blocks), s.dtype)
-            feeds[f"past_key_values.{i}.value"] = np.zeros(s.shape(batch, i, 1, num_blocks=num_blocks), s.dtype)
+            feeds[f"past_key_values.{i}.key"] = np.zeros(s.shape(batch, i, 0, seq, num_blocks), s.dtype)
+            feeds[f"past_key_values.{i}.value"] = np.zeros(s.shape(batch, i, 1, seq, num_blocks), s.dtype)
         return feeds
 
     def prefill_feeds(self, ids: np.ndarray, mask: np.ndarray, positions: int) -> tuple[dict, BlockTable | None]:
@@ -169,7 +178,8 @@ class Generator:
         if self.spec.layout == "paged":
             width = -(-positions // self.spec.block_size)
             blocks = BlockTable(batch, self.spec.block_size, self.num_blocks or batch * width, width)
-        feeds = {"input_ids": ids, "attention_mask": mask, **self.empty_cache(batch, blocks.num_blocks if blocks else 0)}
+        feeds = {"input_ids": ids, "attention_mask": mask,
+                 **self.empty_cache(batch, blocks.num_blocks if blocks else 0, positions)}
         if blocks is not None:
             feeds[BLOCK_TABLE] = blocks.cover(seq)
         return feeds, blocks
@@ -240,7 +250,7 @@ class Generator:
                 # keys, rotated by the short ones, are recomputed once (as transformers does)
                 short_cache = False
                 feeds = {"input_ids": every_id, "attention_mask": mask,
-                         **self.empty_cache(batch, blocks.num_blocks if blocks else 0)}
+                         **self.empty_cache(batch, blocks.num_blocks if blocks else 0, longest + max_new_tokens - 1)}
             else:
                 feeds = {"input_ids": nxt[:, None], "attention_mask": mask}
                 for i in range(self.spec.num_layers):

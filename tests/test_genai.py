@@ -69,7 +69,9 @@ def test_default_artifact_has_a_genai_config_that_describes_it(default_artifact)
     # a graphopt.train checkpoint's config.json is not a Hugging Face config: not copied
     assert not (default_artifact / "config.json").exists() and "config.json" not in manifest["files"]
     assert model["eos_token_id"] == model["bos_token_id"] == model["pad_token_id"] == 0  # <|endoftext|>
-    assert config["search"]["past_present_share_buffer"] is False and config["search"]["max_length"] == 256
+    # its presents are GroupQueryAttention's: genai binds each to its past, written in place
+    assert manifest["generation"]["past_present_share_buffer"] is True
+    assert config["search"]["past_present_share_buffer"] is True and config["search"]["max_length"] == 256
     assert {"genai_config.json", "tokenizer_config.json"} <= set(manifest["files"])  # part of the artifact
 
 

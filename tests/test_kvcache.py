@@ -633,6 +633,9 @@ def test_rotary_inside_group_query_attention_matches_pytorch(arch, layout, fused
     check_decode(artifact.run, ref, PROMPTS, 16, 2, 2, 16, layout, 64)
     if layout == "static":  # the Generator's IO-bound loop, as the benchmarks drive it
         check_decode(artifact.decode_run(), ref, PROMPTS, 16, 2, 2, 16, layout, 64)
+    else:  # the Generator's: each past one buffer of the positions needed, its present written in place
+        assert artifact.manifest["generation"]["past_present_share_buffer"] is True
+        check_decode(artifact.decode_run(shared=True), ref, PROMPTS, 16, 2, 2, 16, "static", 24)
 
 
 def test_the_causal_half_of_the_kv_bias_is_recognized_and_nothing_else(fused):
@@ -1087,6 +1090,62 @@ def test_default_checkpoint_64_decode_steps_match_pytorch(default_artifact, defa
     check_decode(artifact.run, ref, PROMPTS[:1], 64, 6, 2, 32)  # batch 1, the issue's 64 steps
 
 
+def test_growing_cache_of_group_query_attention_is_shared_in_place(default_artifact, default_model):
+    """The default (BNSH) artifact's presents are GroupQueryAttention's: its Generator feeds
+    each past as a buffer of every position the request needs and binds the present to it
+    (past_present_share_buffer), so a step writes its position in place instead of copying
+    the whole past into a new present. Checked against PyTorch at batch 3 (left padding) and
+    batch 1, the buffer being the very one fed at every step, and token for token against
+    the growing drive."""
+    from graphopt.generation import Generator
+
+    out, _ = default_artifact
+    artifact = graphopt.load(out)
+    assert artifact.manifest["generation"]["past_present_share_buffer"] is True and artifact.shares_cache_buffer
+    assert artifact.decode_run() == artifact.run  # a plain caller still drives it growing
+    shared = artifact.decode_run(shared=True)
+    seen = []
+
+    def run(feeds):
+        result = shared(feeds)
+        seen.append((feeds["past_key_values.3.value"], result["present.3.value"]))
+        return result
+    ref = train_reference(default_model)
+    # fed [batch, 2, 40, 32] zeros: the "static" check (the shape kept, each step's position
+    # filled, the positions after it still zero)
+    check_decode(run, ref, PROMPTS, 12, 6, 2, 32, "static", 40)
+    assert all(past is present for past, present in seen)
+    assert len({id(present) for _, present in seen}) == 1  # one buffer for the whole generation
+    check_decode(shared, ref, PROMPTS[:1], 30, 6, 2, 32, "static", 36)  # every position of the buffer used
+    gen, growing = Generator.for_artifact(artifact), Generator.for_artifact(artifact, io_binding=False)
+    assert gen.spec.shared and not growing.spec.shared
+    assert gen.empty_cache(3, positions=9)["past_key_values.0.key"].shape == (3, 2, 9, 32)
+    assert growing.empty_cache(3)["past_key_values.0.key"].shape == (3, 2, 0, 32)
+    for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+        assert gen.generate(PROMPTS, 20, eos_token_id=-1, **options).tokens == \
+            growing.generate(PROMPTS, 20, eos_token_id=-1, **options).tokens
+
+
+def test_an_attention_that_is_not_group_query_attention_keeps_a_growing_cache(tmp_path):
+    """Where ORT's opset-23 Attention computes the presents (concatenating the past in the graph)
+    the past and present cannot be one buffer: no flag, a plain growing drive, and asking
+    for a shared one is a clear error."""
+    from graphopt.generation import Generator
+    from graphopt.testing import tiny_hf_model
+
+    model = tiny_hf_model("gpt2").model  # head size 8, no rotary: opset-23 Attention at the decode sites
+    model.save_pretrained(tmp_path / "hf")
+    graphopt.optimize(tmp_path / "hf", tmp_path / "out")
+    artifact = graphopt.load(tmp_path / "out")
+    assert "GroupQueryAttention" not in _op_counts(tmp_path / "out")
+    assert "past_present_share_buffer" not in artifact.manifest["generation"] and not artifact.shares_cache_buffer
+    assert not Generator.for_artifact(artifact).spec.shared
+    with pytest.raises(UserError, match="cannot be shared between past and present"):
+        artifact.decode_run(shared=True)
+    genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is False
+
+
 @pytest.mark.slow
 def test_default_checkpoint_paged_64_decode_steps_match_pytorch(default_model, tmp_path):
     graphopt.optimize(str(DEFAULT_MODEL), tmp_path / "paged", kv_layout="paged")
@@ -1215,7 +1274,7 @@ def test_io_binding_keeps_the_cache_in_ort_and_gives_the_same_logits(default_art
     assert plain == artifact.run and bound != artifact.run
     assert artifact.manifest["generation"]["kv_layout"] == "BNSH"
     assert artifact.decode_run() == artifact.run  # a growing cache on CPU: binding would only add Python time
-    gen = Generator.for_artifact(artifact)
+    gen = Generator.for_artifact(artifact, io_binding=False)
     ids = np.array([[0] * (6 - len(p)) + p for p in PROMPTS], np.int64)
     mask = (np.arange(6)[None] >= np.array([6 - len(p) for p in PROMPTS])[:, None]).astype(np.int64)
     feeds_a = feeds_b = {"input_ids": ids, "attention_mask": mask, **gen.empty_cache(3)}

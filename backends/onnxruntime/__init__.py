@@ -21,6 +21,7 @@ from graphopt.ir import Graph
 
 from graphopt.backends.onnxruntime import attention, moe, quant, rules  # noqa: F401  (register the rules)
 from graphopt.backends.onnxruntime.accuracy_level import choose_accuracy_level
+from graphopt.backends.onnxruntime.kernels import MS_DOMAIN
 from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
 from graphopt.onnx_io import save_onnx
 
@@ -93,7 +94,27 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
     session = session_options_for(lowered, target)
     if session:
         fields["ort_session"] = session
+    if target == "cpu" and shares_cache_buffer(lowered):
+        fields["past_present_share_buffer"] = True
     return fields
+
+
+def shares_cache_buffer(lowered: Graph) -> bool:
+    """Whether every present of a growing cache is GroupQueryAttention's own output over the
+    past of its name: then a caller may bind both to one buffer of more positions than the
+    sequence needs, and the kernel writes each step's key and value into it in place
+    (`past_present_share_buffer`, as onnxruntime-genai drives its builder's models), where a
+    growing drive copies the whole past into a new present every step. The graph is the same
+    either way; only the caller's buffers differ."""
+    presents = [v for v in lowered.outputs if v.name.startswith("present.")]
+    for v in presents:
+        node = v.producer()
+        if node is None or node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or v.index not in (1, 2):
+            return False
+        past = node.inputs[2 + v.index] if len(node.inputs) > 2 + v.index else None
+        if past is None or not past.is_graph_input or past.name != "past_key_values." + v.name.removeprefix("present."):
+            return False
+    return bool(presents)
 
 
 def session_options_for(lowered: Graph, target: str) -> dict:
@@ -130,9 +151,11 @@ class Executable:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
     def bound_runner(self, output_shapes: dict[str, tuple[list, np.dtype]],
-                     input_shapes: dict[str, list] | None = None) -> "BoundRunner":
-        """A `run` for a generation loop that keeps the cache in ORT's buffers (IO binding)."""
-        return BoundRunner(self.session, output_shapes, input_shapes)
+                     input_shapes: dict[str, list] | None = None,
+                     aliases: dict[str, str] | None = None) -> "BoundRunner":
+        """A `run` for a generation loop that keeps the cache in ORT's buffers (IO binding);
+        `aliases` {output: input}: outputs written into the buffer fed as that input."""
+        return BoundRunner(self.session, output_shapes, input_shapes, aliases)
 
 
 class BoundRunner:
@@ -150,15 +173,22 @@ class BoundRunner:
     static cache's buffer) and the output buffers of the feeds' shapes stay bound until the
     shapes change, so a static decode step rebinds only input_ids and attention_mask and, its
     outputs all in buffers of ours, fetches no OrtValue (the Python around a Llama-style step:
-    74 -> 24 us)."""
+    74 -> 24 us).
+
+    `aliases` {output: input} bind an output to the very buffer fed as that input (a growing
+    cache's present to its past, where GroupQueryAttention computes it: the caller feeds a
+    buffer of every position the request will need, and the kernel writes each step into it
+    in place); the output returned is that buffer."""
 
     def __init__(self, session, output_shapes: dict[str, tuple[list, np.dtype]],
-                 input_shapes: dict[str, list] | None = None):
+                 input_shapes: dict[str, list] | None = None, aliases: dict[str, str] | None = None):
         self.session = session
         self.output_shapes = output_shapes  # output name -> (signature shape (ints and symbols), dtype)
+        self.aliases = dict(aliases or {})  # output -> the input whose buffer it is written into
+        self._alias_bound: dict[str, object] = {}  # output -> the input value it is bound to
         # output name -> the input whose feed gives its symbolic shape (a paged pool's)
         self._shaped_like = {out: name for out, (shape, _) in output_shapes.items()
-                             if shape is not None and any(isinstance(d, str) for d in shape)
+                             if out not in self.aliases and shape is not None and any(isinstance(d, str) for d in shape)
                              for name, s in (input_shapes or {}).items() if s == shape}
         self._buffers: dict[tuple, np.ndarray] = {}  # (output, *shape) -> its buffer
         self._plans: dict[tuple, tuple[dict, list]] = {}  # feeds' shapes -> (output buffers, ORT-allocated outputs)
@@ -195,9 +225,20 @@ class BoundRunner:
         for name in allocated:  # ORT allocates it (a growing cache): a new value every call
             binding.bind_output(name, "cpu")
             self._first_bound(name)
+        for name, source in self.aliases.items():  # written in place into what is fed as `source`
+            value = self._bound[source]
+            if self._alias_bound.get(name) is not value:
+                if isinstance(value, ort.OrtValue):
+                    binding.bind_ortvalue_output(name, value)
+                else:
+                    binding.bind_output(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
+                self._alias_bound[name] = value
+                self._first_bound(name)
         self.session.run_with_iobinding(binding)
+        if self.aliases:
+            buffers = {**buffers, **{name: self._bound[source] for name, source in self.aliases.items()}}
         if not allocated:  # every output in a buffer of ours: no OrtValue to fetch
-            return dict(buffers)
+            return buffers if self.aliases else dict(buffers)
         # by the order of binding, not of the signature: an output ORT allocates may have been
         # bound after the buffers (a converted export's logits, whose batch is "batch_size")
         out = dict(zip(self._output_order, binding.get_outputs()))
@@ -223,6 +264,8 @@ class BoundRunner:
         if plan is None:
             buffers, allocated = {}, []
             for name, (shape, dtype) in self.output_shapes.items():
+                if name in self.aliases:
+                    continue
                 concrete = list(like[name]) if name in like else [dims.get(d, d) for d in shape]
                 if all(isinstance(d, int) for d in concrete):  # one buffer per output and shape, for every plan
                     buffers[name] = self._buffers.setdefault((name, *concrete), np.zeros(concrete, dtype))

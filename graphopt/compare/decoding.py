@@ -35,11 +35,12 @@ HOW = ("greedy generation of exactly N new tokens with graphopt.generation.Gener
 
 def artifact_generator(ctx: BuildContext, path) -> Generator:
     """A Generator over a generation-ready artifact, run with compare's session settings."""
-    run_all, _, _ = ctx.artifact_outputs(path)
+    run, shared = ctx.artifact_decode_run(path)
     manifest = read_manifest(path)
     gen = manifest.get("generation") or {}
     spec = CacheSpec.from_signature(manifest["signature"], gen.get("max_positions"), gen.get("kv_layout", "BNSH"))
-    return Generator(run_all, spec)
+    spec.shared = shared  # a growing cache fed as one buffer a layer, written in place (as Generator.for_artifact)
+    return Generator(run, spec)
 
 
 def torch_generator(ref) -> Generator:

@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 
 from graphopt.artifact import load as load_artifact
+from graphopt.backends.onnxruntime import BoundRunner
+from graphopt.dtypes import DType
 from graphopt.driver import default_pipeline, optimize
 from graphopt.errors import UserError
 from graphopt.manifest import artifact_file, read_manifest
@@ -188,6 +190,24 @@ class BuildContext:
                     {"kind": "ort", "path": str(model), "settings": settings})
         art = load_artifact(path, threads=self.threads)
         return art.run, {"threads": self.threads}, {"kind": "artifact", "path": str(path), "threads": self.threads}
+
+    def artifact_decode_run(self, path: Path) -> tuple[Callable[[dict], dict], bool]:
+        """(run for a generation loop, whether its growing cache is fed as shared buffers): an
+        ORT CPU artifact whose presents GroupQueryAttention computes runs as graphopt's
+        Generator runs it, each present written into its past's buffer (IO binding), in a
+        session with compare's settings; any other artifact as `artifact_outputs` runs it."""
+        manifest = read_manifest(path)
+        gen = manifest.get("generation") or {}
+        if (manifest.get("backend") == "onnxruntime" and manifest.get("target", "cpu") == "cpu"
+                and gen.get("past_present_share_buffer") and gen.get("kv_layout", "BNSH") == "BNSH"):
+            model = artifact_file(path, manifest.get("model", "model.onnx"), f"{path}: the manifest")
+            sess = ort_session_from(model, ort_settings(self.threads, disabled_optimizers=manifest.get(
+                "ort_session", {}).get("disabled_optimizers")))
+            sig = manifest["signature"]
+            shapes = {o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in sig["outputs"]}
+            aliases = {o: "past_key_values." + o.removeprefix("present.") for o in shapes if o.startswith("present.")}
+            return BoundRunner(sess, shapes, {i["name"]: i["shape"] for i in sig["inputs"]}, aliases).run, True
+        return self.artifact_outputs(path)[0], False
 
     def ort_runner(self, path: Path, build_seconds: float | None, *, level: str = "all") -> Runner:
         settings = ort_settings(self.threads, level)
