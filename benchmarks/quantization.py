@@ -233,6 +233,13 @@ def decode(folder: Path, work: Path, args) -> dict:
         runners[name] = lambda a=a: a.run(step)
         reads[name] = (step_bytes_read(d / "model.onnx", step)["total"] if (d / "model.onnx").exists()
                        else tensor_bytes(d) + cache)  # TVM: its weights.safetensors, every table in full
+    for name in ("graphopt-int4", "graphopt-int4-b128"):
+        a = graphopt.load(dirs[name], threads=args.threads)
+        if a.shares_cache_buffer:  # the default artifact as its Generator and genai drive it: past and present one buffer
+            from generation import bound_static_decode_step
+
+            runners[f"{name}-shared"] = bound_static_decode_step(a, args.cached)
+            reads[f"{name}-shared"] = reads[name]  # the same weights and cached positions
     s = session(ort_nbits, args.threads, spinning=True)  # as graphopt.load's sessions
     runners["ort-MatMulNBitsQuantizer"] = lambda: s.run(None, step)
     reads["ort-MatMulNBitsQuantizer"] = step_bytes_read(ort_nbits, step)["total"]

@@ -308,7 +308,9 @@ def _progress(quiet: bool):
               help="Decoders: a generation-ready artifact with a KV cache (rewrite-kv-cache), or one that "
                    "recomputes the whole sequence.")
 @click.option("--kv-layout", type=click.Choice(["BNSH", "BSNH", "static", "paged"]), multiple=True, callback=once,
-              help="Decoders: the cache layout. BNSH (default): a cache that grows each step; static: one "
+              help="Decoders: the cache layout. BNSH (default): a cache that grows each step (on ORT, where "
+                   "GroupQueryAttention computes it, `generate` and onnxruntime-genai share one buffer between "
+                   "past and present, as static does); static: one "
                    "preallocated max-positions buffer that past and present share (ORT, TVM); paged: pools of "
                    "16-position blocks and a block_table input (ORT, TVM); BSNH: TVM.")
 @click.option("--quantize", multiple=True, callback=once, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",

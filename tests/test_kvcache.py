@@ -1126,6 +1126,25 @@ def test_growing_cache_of_group_query_attention_is_shared_in_place(default_artif
             growing.generate(PROMPTS, 20, eos_token_id=-1, **options).tokens
 
 
+def test_compare_drives_a_shared_cache_as_the_generator_does(default_artifact, tmp_path):
+    """`compare --generate` runs an artifact in its own session (compare's settings); where the
+    Generator shares the cache, so does compare's cell: the same tokens, the buffer fed back."""
+    from graphopt.compare.decoding import artifact_generator
+    from graphopt.compare.variants import BuildContext
+
+    out, _ = default_artifact
+    ctx = BuildContext(None, tmp_path, 1)
+    run, shared = ctx.artifact_decode_run(out)
+    assert shared
+    gen = artifact_generator(ctx, out)
+    assert gen.spec.shared
+    feeds, _ = gen.prefill_feeds(np.array([[5, 17, 3]], np.int64), np.ones((1, 3), np.int64), 8)
+    assert feeds["past_key_values.0.key"].shape == (1, 2, 8, 32)
+    assert run(feeds)["present.0.key"] is feeds["past_key_values.0.key"]  # written in place
+    assert gen.generate(PROMPTS, 10, eos_token_id=-1).tokens == \
+        graphopt.load(out).generate(PROMPTS, 10, eos_token_id=-1).tokens
+
+
 def test_an_attention_that_is_not_group_query_attention_keeps_a_growing_cache(tmp_path):
     """Where ORT's opset-23 Attention computes the presents (concatenating the past in the graph)
     the past and present cannot be one buffer: no flag, a plain growing drive, and asking

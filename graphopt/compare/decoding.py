@@ -5,7 +5,9 @@ for exactly N new tokens (no EOS stop, so every cell does the same work):
 
 - graphopt's variants on ort/tvm: the generation-ready artifact `graphopt optimize` builds with
   the same options as the cell's full-sequence one (KV cache, last-token logits); an ORT
-  artifact runs in a session with compare's settings (`variants.ort_settings`);
+  artifact runs in a session with compare's settings (`variants.ort_settings`), its cache
+  shared between past and present where GroupQueryAttention computes it, as
+  `Generator.for_artifact` runs it (`BuildContext.artifact_decode_run`);
 - torch/fp32: eager PyTorch with its own cache (a graphopt.train model's `forward_cached`, a
   Hugging Face model's `past_key_values`), behind the same `run(feeds) -> outputs` the
   Generator drives. Its cache stays torch's own object between steps; the Generator only
