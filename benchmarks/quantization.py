@@ -322,8 +322,9 @@ def llama_decode_int4(work: Path, args) -> dict:
     loop["graphopt-int4-static-io-binding"] = bound_static_decode_step(static_artifact, args.cached)
     # the default (growing BNSH) int4 artifact as its Generator and genai drive it: GroupQueryAttention
     # computes its presents, so past and present are one buffer there too (past_present_share_buffer)
-    loop["graphopt-int4-BNSH-shared"] = bound_static_decode_step(
-        graphopt.load(paths["graphopt-int4"].parent, threads=args.threads), args.cached)
+    default_int4 = graphopt.load(paths["graphopt-int4"].parent, threads=args.threads)
+    if default_int4.shares_cache_buffer:
+        loop["graphopt-int4-BNSH-shared"] = bound_static_decode_step(default_int4, args.cached)
     if builder:  # and the builder's model as onnxruntime-genai runs it: its caches shared in place too
         step, logits = shared_buffer_decode_step(paths[builder], args.cached, args.threads,
                                                  static_artifact.manifest["generation"]["max_positions"])
@@ -352,6 +353,8 @@ def llama_decode_int4(work: Path, args) -> dict:
                 "decode_loop_median_round": out["timing_decode_loop"][name]["speedup_vs_anchor_median_round"]}
         t = out["timing_decode_loop"]
         for name in ("graphopt-int4-static-io-binding", "graphopt-int4-BNSH-shared"):
+            if name not in t:
+                continue
             out[f"{name}_speedup_vs_builder"] = {
                 "decode_loop_median_round": t[name]["speedup_vs_anchor_median_round"],
                 "decode_loop_median_round_vs_builder_shared_buffer": round(

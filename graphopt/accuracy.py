@@ -82,7 +82,7 @@ def artifact_logits(artifact, input_name: str = "input_ids", output_name: str = 
         raise UserError(f"{artifact.path}: computes the logits at the last position only (for generation); "
                         "perplexity needs every position: optimize with --logits all (or --no-kv-cache)")
 
-    gen = Generator.for_artifact(artifact)
+    gen = Generator.for_artifact(artifact, io_binding=False)  # an empty growing cache, for artifact.run
 
     def prefill(ids: np.ndarray) -> np.ndarray:
         feeds, _ = gen.prefill_feeds(ids, np.ones(ids.shape, gen.spec.mask_dtype), ids.shape[1])

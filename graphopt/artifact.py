@@ -99,8 +99,8 @@ class Artifact:
         past and present (`generation.past_present_share_buffer`: every present is
         GroupQueryAttention's, on an ORT CPU artifact); see `decode_run(shared=True)`."""
         gen = self.manifest.get("generation") or {}
-        return bool(gen.get("past_present_share_buffer") and gen.get("kv_layout", "BNSH") == "BNSH"
-                    and self.manifest.get("target", "cpu") == "cpu" and hasattr(self._exe, "bound_runner"))
+        return bool(gen.get("past_present_share_buffer") is True and gen.get("kv_layout", "BNSH") == "BNSH"
+                    and self.backend == "onnxruntime" and self.manifest.get("target", "cpu") == "cpu")
 
     def decode_run(self, *, io_binding: bool | None = None, shared: bool = False):
         """`run` for a generation loop. With IO binding (ORT only) the cache stays in ORT's own

@@ -9,15 +9,17 @@ graphopt.train checkpoint does not have; one is written from what the checkpoint
 The schema is the one `onnxruntime_genai.models.builder` writes (0.18). The artifact's I/O
 names are already genai's, positions come from the attention mask (no `position_ids`), and
 the cache is BNSH. `past_present_share_buffer` is true for a static cache and for a growing one
-whose presents GroupQueryAttention computes (the manifest's `generation.past_present_share_buffer`):
-genai then binds one max-length buffer a layer as both, written in place, as it runs its
-builder's models; false otherwise (each step's present a new tensor).
+whose presents GroupQueryAttention computes (the manifest's `generation.past_present_share_buffer`)
+where one sequence's cache at the full context is at most 1 GiB: genai then binds one
+max-length buffer a layer as both, written in place, as it runs its builder's models; false
+otherwise (each step's present a new tensor).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from graphopt.dtypes import DType
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 
 GENAI_CONFIG = "genai_config.json"
@@ -92,10 +94,32 @@ def genai_config(graph: Graph, manifest: dict, model_config: dict | None) -> dic
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": gen["kv_layout"] == "static" or bool(gen.get("past_present_share_buffer")),
+            "past_present_share_buffer": gen["kv_layout"] == "static" or _share_growing(gen, sig),
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+
+
+# genai allocates a shared cache for its max_length (by default the context) at the start: a
+# growing cache is shared only while that is at most this much for one sequence
+GENAI_SHARED_CACHE_LIMIT = 1 << 30
+
+
+def _share_growing(gen: dict, sig: dict) -> bool:
+    """Whether genai may run a growing (BNSH) cache shared: where GroupQueryAttention computes
+    it (`generation.past_present_share_buffer`) and one sequence's cache at the full context
+    fits GENAI_SHARED_CACHE_LIMIT (a 128k-context model's would be gigabytes before the first
+    token; it grows instead)."""
+    if not gen.get("past_present_share_buffer"):
+        return False
+    inputs = {e["name"]: e for e in sig["inputs"]}
+    total = 0
+    for i in range(int(gen.get("num_layers") or 0) or sum(1 for n in inputs if n.endswith(".key"))):
+        for kind in ("key", "value"):
+            shape = inputs[f"past_key_values.{i}.{kind}"]["shape"]
+            total += int(shape[1]) * int(shape[3]) * DType.from_short(
+                inputs[f"past_key_values.{i}.{kind}"]["dtype"]).np_dtype.itemsize
+    return total * int(gen["max_positions"]) <= GENAI_SHARED_CACHE_LIMIT
 
 
 def genai_type(arch: str, inputs: dict) -> str:

@@ -160,10 +160,11 @@ class Generator:
 
     def empty_cache(self, batch: int, num_blocks: int = 0, positions: int | None = None) -> dict[str, np.ndarray]:
         """The past_key_values feeds of a prefill: every layer's cache with no position yet
-        (paged: pools of `num_blocks` blocks; a shared growing cache: buffers of `positions`,
-        by default the model's every position)."""
+        (paged: pools of `num_blocks` blocks). A shared growing cache (`spec.shared`) is fed as
+        zeroed buffers of `positions`, every position the request will fill; without
+        `positions`, the empty growing cache that `artifact.run` takes."""
         s = self.spec
-        seq = (positions or s.max_positions or 0) if s.shared else 0
+        seq = positions if s.shared and positions else 0
         feeds = {}
         for i in range(s.num_layers):
             feeds[f"past_key_values.{i}.key"] = np.zeros(s.shape(batch, i, 0, seq, num_blocks), s.dtype)

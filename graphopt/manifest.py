@@ -112,6 +112,10 @@ def _check_generation(gen, sig: dict, path: Path, mpath: Path) -> None:
     eos = gen.get("eos_token_id")
     if not (eos is None or _whole(eos) or (isinstance(eos, list) and eos and all(_whole(e) for e in eos))):
         raise UserError(f"{where}: eos_token_id {eos!r} is not a token id (or a list of them)")
+    share = gen.get("past_present_share_buffer", False)
+    if not isinstance(share, bool) or (share and layout != "BNSH"):
+        raise UserError(f"{where}: past_present_share_buffer {share!r} must be true or false, and true only "
+                        "with kv_layout BNSH (a static cache is shared by its layout)")
     if layout == "static":
         past = next((e for e in sig["inputs"] if e["name"] == "past_key_values.0.key"), None)
         buffer = past["shape"][2] if past and isinstance(past.get("shape"), list) and len(past["shape"]) == 4 else None

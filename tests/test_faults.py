@@ -687,6 +687,8 @@ def test_load_checks_manifest_paths_before_any_backend_runs_code(tmp_path, chang
     ({"tokenizer": "../tokenizer.json"}, "artifact paths must be relative"),
     ({"logits": "some"}, "logits 'some' is not last or all"),
     ({"prompt_prefix_ids": ["a"]}, "prompt_prefix_ids \\['a'\\] is not a list of token ids"),
+    ({"past_present_share_buffer": "no"}, "past_present_share_buffer 'no' must be true or false"),
+    ({"past_present_share_buffer": True}, "true only with kv_layout BNSH"),
 ])
 def test_a_hand_edited_generation_section_is_refused_when_loaded(tmp_path, change, fragment):
     """Before, an EOS id of "x" failed after the prompt was printed, an unknown layout was

@@ -49,3 +49,19 @@ def test_genai_type_follows_the_cache_inputs_not_the_family():
     inputs = {e["name"]: e for e in _manifest([2, 2])["signature"]["inputs"]}
     assert [genai_type(arch, inputs) for arch in ("gpt2", "gpt", "qwen2", "bloom")] == ["llama", "llama", "qwen2",
                                                                                          "llama"]
+
+
+def test_a_growing_cache_is_shared_in_genai_only_where_its_full_context_is_small():
+    """genai preallocates a shared cache for the whole context before the first token: a
+    GroupQueryAttention cache of 2 layers x 2 x 2 heads x 32 x 4 bytes = 1 KiB a position is
+    shared up to 1 GiB (1,048,576 positions), grows beyond; never without the manifest's flag."""
+    from graphopt.genai import GENAI_SHARED_CACHE_LIMIT, _share_growing
+
+    sig = _manifest([2, 2])["signature"]
+    for entry in sig["inputs"][1:]:
+        entry["dtype"] = "f32"
+    per_position = 2 * 2 * 2 * 32 * 4
+    gen = {"num_layers": 2, "past_present_share_buffer": True}
+    assert _share_growing({**gen, "max_positions": GENAI_SHARED_CACHE_LIMIT // per_position}, sig)
+    assert not _share_growing({**gen, "max_positions": GENAI_SHARED_CACHE_LIMIT // per_position + 1}, sig)
+    assert not _share_growing({**gen, "past_present_share_buffer": False, "max_positions": 64}, sig)

@@ -1120,7 +1120,14 @@ def test_growing_cache_of_group_query_attention_is_shared_in_place(default_artif
     gen, growing = Generator.for_artifact(artifact), Generator.for_artifact(artifact, io_binding=False)
     assert gen.spec.shared and not growing.spec.shared
     assert gen.empty_cache(3, positions=9)["past_key_values.0.key"].shape == (3, 2, 9, 32)
-    assert growing.empty_cache(3)["past_key_values.0.key"].shape == (3, 2, 0, 32)
+    assert gen.empty_cache(3)["past_key_values.0.key"].shape == (3, 2, 0, 32)  # what artifact.run takes
+    assert growing.empty_cache(3, positions=9)["past_key_values.0.key"].shape == (3, 2, 0, 32)
+    np.testing.assert_array_equal(artifact.run(gen.prefill_feeds(np.array([[5, 6]]), np.ones((1, 2), np.int64), 0)[0])[
+        "logits"], artifact.run(growing.prefill_feeds(np.array([[5, 6]]), np.ones((1, 2), np.int64), 9)[0])["logits"])
+    bad = gen.prefill_feeds(np.array([[5, 6]]), np.ones((1, 2), np.int64), 9)[0]
+    bad["past_key_values.1.key"] = np.zeros((1, 2, 32, 9), np.float32).transpose(0, 1, 3, 2)  # not contiguous
+    with pytest.raises(UserError, match="past_key_values.1.key: a shared cache is fed as one C-contiguous buffer"):
+        shared(bad)
     for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
         assert gen.generate(PROMPTS, 20, eos_token_id=-1, **options).tokens == \
             growing.generate(PROMPTS, 20, eos_token_id=-1, **options).tokens
@@ -1143,6 +1150,50 @@ def test_compare_drives_a_shared_cache_as_the_generator_does(default_artifact, t
     assert run(feeds)["present.0.key"] is feeds["past_key_values.0.key"]  # written in place
     assert gen.generate(PROMPTS, 10, eos_token_id=-1).tokens == \
         graphopt.load(out).generate(PROMPTS, 10, eos_token_id=-1).tokens
+
+
+def test_a_4_bit_decoder_keeps_group_query_attention_and_shares_its_cache(tmp_path):
+    """GPT-2-style sites (head 8, no rotary inside the kernel): in fp32 opset-23 Attention (the
+    faster kernel for a growing drive); with 4-bit weights GroupQueryAttention, whose cache the
+    Generator shares. Its shared drive decodes as the same artifact recomputing each row's
+    whole sequence, at batch 3 with left padding."""
+    from graphopt.testing import tiny_hf_model
+
+    tiny_hf_model("gpt2").model.save_pretrained(tmp_path / "hf")
+    fp32 = graphopt.optimize(tmp_path / "hf", tmp_path / "fp32")
+    graphopt.optimize(fp32.graph, tmp_path / "int4", passes="quantize-weights{bits=4,block-size=16}")
+    assert _op_counts(tmp_path / "fp32")["Attention"] == 2
+    assert _op_counts(tmp_path / "int4")["GroupQueryAttention"] == 2
+    artifact = graphopt.load(tmp_path / "int4")
+    assert artifact.shares_cache_buffer and not graphopt.load(tmp_path / "fp32").shares_cache_buffer
+    growing = artifact.decode_run(io_binding=False)
+
+    def recomputed(ids: list[int]) -> np.ndarray:  # the whole row again, from an empty cache
+        feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        for i in range(2):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 4, 0, 8), np.float32)
+        return growing(feeds)["logits"][0, -1]
+    check_decode(artifact.decode_run(shared=True), recomputed, PROMPTS, 8, 2, 4, 8, "static", 16)
+
+
+def test_a_converted_export_that_reads_its_past_length_keeps_a_growing_cache(tmp_path):
+    """An Optimum-style export converted to graphopt's cache takes its total length from the
+    past's shape: a shared buffer would count every one of its positions as filled, so the
+    artifact is not marked shared, and generation runs growing, as the recomputed sequence."""
+    from graphopt.testing import export_onnx_with_cache, tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=3).model
+    (tmp_path / "optimum").mkdir()
+    path = export_onnx_with_cache(model, tmp_path / "optimum" / "model.onnx", position_ids=True)
+    model.config.to_json_file(tmp_path / "optimum" / "config.json")
+    graphopt.optimize(path, tmp_path / "out", quantize="int4")
+    artifact = graphopt.load(tmp_path / "out")
+    assert _op_counts(tmp_path / "out")["GroupQueryAttention"] == 2
+    assert not artifact.shares_cache_buffer
+    greedy = artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens
+    for row, prompt in zip(greedy, PROMPTS):
+        assert artifact.generate([prompt], 8, eos_token_id=-1).tokens[0] == row
 
 
 def test_an_attention_that_is_not_group_query_attention_keeps_a_growing_cache(tmp_path):

@@ -105,7 +105,9 @@ def shares_cache_buffer(lowered: Graph) -> bool:
     sequence needs, and the kernel writes each step's key and value into it in place
     (`past_present_share_buffer`, as onnxruntime-genai drives its builder's models), where a
     growing drive copies the whole past into a new present every step. The graph is the same
-    either way; only the caller's buffers differ."""
+    either way; only the caller's buffers differ. The kernel must be the past's only reader: a
+    graph that reads the past's length elsewhere (a converted export's total sequence length,
+    taken from the past's shape) would count the buffer's positions as filled ones."""
     presents = [v for v in lowered.outputs if v.name.startswith("present.")]
     for v in presents:
         node = v.producer()
@@ -113,6 +115,8 @@ def shares_cache_buffer(lowered: Graph) -> bool:
             return False
         past = node.inputs[2 + v.index] if len(node.inputs) > 2 + v.index else None
         if past is None or not past.is_graph_input or past.name != "past_key_values." + v.name.removeprefix("present."):
+            return False
+        if any(user is not node for user, _ in past.uses()) or past.is_graph_output:
             return False
     return bool(presents)
 
@@ -226,7 +230,12 @@ class BoundRunner:
             binding.bind_output(name, "cpu")
             self._first_bound(name)
         for name, source in self.aliases.items():  # written in place into what is fed as `source`
-            value = self._bound[source]
+            value = self._bound.get(source)
+            if value is None or value is not feeds.get(source, value):
+                # a copy (np.ascontiguousarray) or nothing: the step would land where the caller never looks
+                raise UserError(f"{source}: a shared cache is fed as one C-contiguous buffer of every position "
+                                "the request needs (Generator.empty_cache(batch, positions=N)); "
+                                + ("it is missing" if value is None else "this one is not contiguous"))
             if self._alias_bound.get(name) is not value:
                 if isinstance(value, ort.OrtValue):
                     binding.bind_ortvalue_output(name, value)

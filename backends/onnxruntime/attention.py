@@ -229,8 +229,7 @@ def _shared_cache_pays(ctx: LoweringContext) -> bool:
     int4 block 32 with the embeddings: GQA shared 1.16x faster than Attention growing (GQA
     driven growing, as Optimum drives it, 0.87x); in fp32 GQA shared was 0.986x, so fp32 keeps
     Attention (docs/ort_lowering.md)."""
-    return ctx.target == "cpu" and any(n.domain == GRAPHOPT_DOMAIN and n.op_type == "QuantLinear"
-                                       and n.attr("bits", 4) == 4 for n in ctx.graph.nodes)
+    return ctx.target == "cpu" and 4 in ctx.weight_bits
 
 
 def _lower_static(ctx: LoweringContext, b: Builder, node: Node, choice: str):

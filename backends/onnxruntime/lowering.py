@@ -41,6 +41,10 @@ class LoweringContext:
         # nodes of the input graph whose outputs a rule stopped reading (a Split that a kernel
         # now does itself): removed after lowering if nothing else reads them
         self.maybe_dead: list[Node] = []
+        # the bit widths of the graph's weight-quantized linears, read before any rule rewrites
+        # a node (a rule deciding by the whole model must not see it half lowered)
+        self.weight_bits = {n.attr("bits", 4) for n in graph.nodes
+                            if n.domain == GRAPHOPT_DOMAIN and n.op_type == "QuantLinear"}
 
     def generation_graph(self) -> bool:
         """A decoder that rewrite-kv-cache made (its metadata names the cache layout): run as

@@ -199,7 +199,7 @@ class BuildContext:
         manifest = read_manifest(path)
         gen = manifest.get("generation") or {}
         if (manifest.get("backend") == "onnxruntime" and manifest.get("target", "cpu") == "cpu"
-                and gen.get("past_present_share_buffer") and gen.get("kv_layout", "BNSH") == "BNSH"):
+                and gen.get("past_present_share_buffer") is True and gen.get("kv_layout", "BNSH") == "BNSH"):
             model = artifact_file(path, manifest.get("model", "model.onnx"), f"{path}: the manifest")
             sess = ort_session_from(model, ort_settings(self.threads, disabled_optimizers=manifest.get(
                 "ort_session", {}).get("disabled_optimizers")))
