@@ -212,3 +212,27 @@ def test_batches_in_genai_match_the_generator_where_genai_takes_them(tmp_path):
     theirs = genai_batch(tmp_path / "out", padded, 16, pad)
     assert theirs[0] == ours[0]
     assert theirs[1:] != ours[1:]  # genai attends the pads (if this fails, genai now masks them: test it as equal)
+
+
+def test_the_default_artifact_takes_a_second_turn_in_genai(default_artifact):
+    """A chat's next turn (`append_tokens` after generating) failed inside genai's
+    GroupQueryAttention while the default artifact's cache grew (past_present_share_buffer
+    false). Shared now, the second turn runs and continues what genai's cache holds: the prompt,
+    the first turn's tokens but the last (which genai 0.18 does not feed before an append),
+    and the appended ones, as graphopt's Generator continues that sequence."""
+    model = og.Model(str(default_artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=64, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([PROMPT], np.int32))
+    for _ in range(8):
+        gen.generate_next_token()
+    turn = [42, 7, 8]
+    gen.append_tokens(np.array([turn], np.int32))
+    for _ in range(8):
+        gen.generate_next_token()
+    sequence = [int(t) for t in gen.get_sequence(0)]
+    assert len(sequence) == len(PROMPT) + 8 + len(turn) + 8
+    held = sequence[:len(PROMPT) + 7] + turn  # the first turn's last token never reached the cache
+    want = graphopt.load(default_artifact).generate([held], 8, eos_token_id=-1).tokens[0]
+    assert sequence[-8:] == want

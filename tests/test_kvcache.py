@@ -1175,6 +1175,12 @@ def test_a_4_bit_decoder_keeps_group_query_attention_and_shares_its_cache(tmp_pa
                 feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 4, 0, 8), np.float32)
         return growing(feeds)["logits"][0, -1]
     check_decode(artifact.decode_run(shared=True), recomputed, PROMPTS, 8, 2, 4, 8, "static", 16)
+    # a decoder whose maximum context is unknown is never marked shared: opset-23 Attention stays
+    unknown = fp32.graph.copy()
+    del unknown.metadata.metadata_props["graphopt.max_positions"]
+    graphopt.optimize(unknown, tmp_path / "int4-unknown", passes="quantize-weights{bits=4,block-size=16}")
+    assert _op_counts(tmp_path / "int4-unknown")["Attention"] == 2
+    assert not graphopt.load(tmp_path / "int4-unknown").shares_cache_buffer
 
 
 def test_a_converted_export_that_reads_its_past_length_keeps_a_growing_cache(tmp_path):
