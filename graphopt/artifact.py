@@ -52,6 +52,26 @@ def make_manifest(graph: Graph, backend: str, target: str, backend_fields: dict,
     }
 
 
+def shares_cache_buffer(manifest: dict) -> bool:
+    """Whether an artifact's growing (BNSH) cache may be driven as one buffer per layer that is
+    both past and present: `generation.past_present_share_buffer` (every present is
+    GroupQueryAttention's, the past read by it alone) on an ORT CPU artifact."""
+    gen = manifest.get("generation") or {}
+    return bool(gen.get("past_present_share_buffer") is True and gen.get("kv_layout", "BNSH") == "BNSH"
+                and manifest.get("backend") == "onnxruntime" and manifest.get("target", "cpu") == "cpu")
+
+
+def bound_shapes(sig: dict) -> tuple[dict, dict]:
+    """A bound runner's arguments from a signature: {output: (shape, numpy dtype)}, {input: shape}."""
+    return ({o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in sig["outputs"]},
+            {i["name"]: i["shape"] for i in sig["inputs"]})
+
+
+def cache_aliases(outputs) -> dict[str, str]:
+    """{present.N.key|value: past_key_values.N.key|value}: each present written into its past."""
+    return {o: "past_key_values." + o.removeprefix("present.") for o in outputs if o.startswith("present.")}
+
+
 class Artifact:
     """A loaded artifact. `run(feeds)` -> outputs by name."""
 
@@ -96,11 +116,8 @@ class Artifact:
     @property
     def shares_cache_buffer(self) -> bool:
         """Whether a growing (BNSH) cache may be driven as one buffer per layer that is both
-        past and present (`generation.past_present_share_buffer`: every present is
-        GroupQueryAttention's, on an ORT CPU artifact); see `decode_run(shared=True)`."""
-        gen = self.manifest.get("generation") or {}
-        return bool(gen.get("past_present_share_buffer") is True and gen.get("kv_layout", "BNSH") == "BNSH"
-                    and self.backend == "onnxruntime" and self.manifest.get("target", "cpu") == "cpu")
+        past and present (`shares_cache_buffer(manifest)`); see `decode_run(shared=True)`."""
+        return shares_cache_buffer(self.manifest)
 
     def decode_run(self, *, io_binding: bool | None = None, shared: bool = False):
         """`run` for a generation loop. With IO binding (ORT only) the cache stays in ORT's own
@@ -125,11 +142,9 @@ class Artifact:
             gen = self.manifest.get("generation") or {}
             io_binding = gen.get("kv_layout") in ("static", "paged") or self.manifest.get("target", "cpu") != "cpu"
         if io_binding and hasattr(self._exe, "bound_runner"):
-            shapes = {o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in self.outputs}
-            inputs = {i["name"]: i["shape"] for i in self.inputs}
+            shapes, inputs = bound_shapes(self.manifest["signature"])
             if shared:  # each present written into its past's buffer
-                aliases = {o: "past_key_values." + o.removeprefix("present.") for o in shapes if o.startswith("present.")}
-                return self._exe.bound_runner(shapes, inputs, aliases).run
+                return self._exe.bound_runner(shapes, inputs, cache_aliases(shapes)).run
             return self._exe.bound_runner(shapes, inputs).run
         return self.run
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from graphopt.dtypes import DType
+from graphopt.generation import CacheSpec
 from graphopt.ir import GRAPHOPT_DOMAIN, Graph
 
 GENAI_CONFIG = "genai_config.json"
@@ -112,14 +112,9 @@ def _share_growing(gen: dict, sig: dict) -> bool:
     token; it grows instead)."""
     if not gen.get("past_present_share_buffer"):
         return False
-    inputs = {e["name"]: e for e in sig["inputs"]}
-    total = 0
-    for i in range(int(gen.get("num_layers") or 0) or sum(1 for n in inputs if n.endswith(".key"))):
-        for kind in ("key", "value"):
-            shape = inputs[f"past_key_values.{i}.{kind}"]["shape"]
-            total += int(shape[1]) * int(shape[3]) * DType.from_short(
-                inputs[f"past_key_values.{i}.{kind}"]["dtype"]).np_dtype.itemsize
-    return total * int(gen["max_positions"]) <= GENAI_SHARED_CACHE_LIMIT
+    spec = CacheSpec.from_signature(sig)
+    per_position = sum(h * (k + v) for h, (k, v) in zip(spec.kv_num_heads, spec.head_sizes)) * spec.dtype.itemsize
+    return per_position * int(gen["max_positions"]) <= GENAI_SHARED_CACHE_LIMIT
 
 
 def genai_type(arch: str, inputs: dict) -> str:

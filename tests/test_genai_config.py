@@ -60,6 +60,7 @@ def test_a_growing_cache_is_shared_in_genai_only_where_its_full_context_is_small
     sig = _manifest([2, 2])["signature"]
     for entry in sig["inputs"][1:]:
         entry["dtype"] = "f32"
+    sig["inputs"].insert(1, {"name": "attention_mask", "dtype": "i64", "shape": ["batch", "past_seq + seq"]})
     per_position = 2 * 2 * 2 * 32 * 4
     gen = {"num_layers": 2, "past_present_share_buffer": True}
     assert _share_growing({**gen, "max_positions": GENAI_SHARED_CACHE_LIMIT // per_position}, sig)

@@ -226,9 +226,9 @@ def _shared_cache_pays(ctx: LoweringContext) -> bool:
     bytes a step moves, and GroupQueryAttention, whose presents graphopt's Generator and
     onnxruntime-genai bind to the pasts' buffers (written in place: no copy of the whole past a
     step), beats opset-23 Attention's concatenation there. Measured on GPT-2 small, 128 cached,
-    int4 block 32 with the embeddings: GQA shared 1.16x faster than Attention growing (GQA
-    driven growing, as Optimum drives it, 0.87x); in fp32 GQA shared was 0.986x, so fp32 keeps
-    Attention (docs/ort_lowering.md). Only where the artifact will be marked shared: the
+    int4 block 32 with the embeddings (benchmarks/attention_choice.py, two runs): GQA shared
+    1.08-1.16x faster than Attention growing (GQA driven growing, as Optimum drives it,
+    0.81-0.87x); in fp32 GQA shared was 0.99-1.01x, so fp32 keeps Attention (docs/ort_lowering.md). Only where the artifact will be marked shared: the
     driver marks a decoder whose maximum context it knows (rewrite-kv-cache's metadata)."""
     positions = ctx.graph.metadata.metadata_props.get("graphopt.max_positions", "")
     return ctx.target == "cpu" and 4 in ctx.weight_bits and positions.isdigit() and int(positions) > 0

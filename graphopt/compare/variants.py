@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
+from graphopt.artifact import bound_shapes, cache_aliases, shares_cache_buffer
 from graphopt.artifact import load as load_artifact
 from graphopt.backends.onnxruntime import BoundRunner
-from graphopt.dtypes import DType
 from graphopt.driver import default_pipeline, optimize
 from graphopt.errors import UserError
 from graphopt.manifest import artifact_file, read_manifest
@@ -197,16 +197,12 @@ class BuildContext:
         Generator runs it, each present written into its past's buffer (IO binding), in a
         session with compare's settings; any other artifact as `artifact_outputs` runs it."""
         manifest = read_manifest(path)
-        gen = manifest.get("generation") or {}
-        if (manifest.get("backend") == "onnxruntime" and manifest.get("target", "cpu") == "cpu"
-                and gen.get("past_present_share_buffer") is True and gen.get("kv_layout", "BNSH") == "BNSH"):
+        if shares_cache_buffer(manifest):
             model = artifact_file(path, manifest.get("model", "model.onnx"), f"{path}: the manifest")
             sess = ort_session_from(model, ort_settings(self.threads, disabled_optimizers=manifest.get(
                 "ort_session", {}).get("disabled_optimizers")))
-            sig = manifest["signature"]
-            shapes = {o["name"]: (o["shape"], DType.from_short(o["dtype"]).np_dtype) for o in sig["outputs"]}
-            aliases = {o: "past_key_values." + o.removeprefix("present.") for o in shapes if o.startswith("present.")}
-            return BoundRunner(sess, shapes, {i["name"]: i["shape"] for i in sig["inputs"]}, aliases).run, True
+            shapes, inputs = bound_shapes(manifest["signature"])
+            return BoundRunner(sess, shapes, inputs, cache_aliases(shapes)).run, True
         return self.artifact_outputs(path)[0], False
 
     def ort_runner(self, path: Path, build_seconds: float | None, *, level: str = "all") -> Runner:
