@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--cached", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--precisions", default="fp32,int4",
+                    help="comma-separated, of fp32, int4 (block 32, embeddings too) and int8 (--quantize int8's "
+                         "block 128, embeddings float)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -42,13 +45,17 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="attention_choice_"))
     folder = gpt2_folder(work, args.tiny)
-    quantize = "quantize-weights{bits=4,block-size=32,embeddings=true}"
+    quantize = {"int4": "quantize-weights{bits=4,block-size=32,embeddings=true}",
+                "int8": "quantize-weights{bits=8,block-size=128}"}
+    precisions = args.precisions.split(",")
+    if not set(precisions) <= {"fp32", "int4", "int8"}:
+        ap.error(f"--precisions {args.precisions!r}: expected fp32, int4 and/or int8")
     if args.tiny:
         args.cached, args.rounds = 16, 2
     result: dict = {"cached": args.cached, "threads": args.threads, "batch": 1, "tiny": args.tiny,
                     "machine": machine_record(measure_bandwidth=False), "versions": library_versions()}
-    graphs = {}  # kernel -> the fp32 generation-ready graph (its int4 artifact is quantized from it)
-    for prec in ("fp32", "int4"):
+    graphs = {}  # kernel -> the fp32 generation-ready graph (the quantized artifacts are quantized from it)
+    for prec in ["fp32"] + [p for p in precisions if p != "fp32"]:
         steps, picked = {}, {}
         for kernel in ("onnx", "gqa", "auto"):
             out = work / f"{prec}-{kernel}"
@@ -56,7 +63,9 @@ def main() -> None:
             if prec == "fp32":
                 graphs[kernel] = graphopt.optimize(folder, out, **options).graph
             else:
-                graphopt.optimize(graphs[kernel], out, passes=quantize, **options)
+                graphopt.optimize(graphs[kernel], out, passes=quantize[prec], **options)
+            if prec not in precisions:
+                continue
             artifact = graphopt.load(out, threads=args.threads)
             kernels = artifact.manifest["lowering"]["kernels"]
             if kernel == "auto":
@@ -65,6 +74,8 @@ def main() -> None:
             steps[f"{kernel}-growing"] = session_decode_step(out / "model.onnx", args.cached, args.threads)
             if artifact.shares_cache_buffer:
                 steps[f"{kernel}-shared"] = bound_static_decode_step(artifact, args.cached)
+        if prec not in precisions:
+            continue
         timing = decode_loop_timing(steps, args.rounds, "onnx-growing")
         result[prec] = {"auto_picks": picked, "timing": timing}
         for name, t in timing.items():

@@ -1152,16 +1152,17 @@ def test_compare_drives_a_shared_cache_as_the_generator_does(default_artifact, t
         graphopt.load(out).generate(PROMPTS, 10, eos_token_id=-1).tokens
 
 
-def test_a_4_bit_decoder_keeps_group_query_attention_and_shares_its_cache(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_decoder_keeps_group_query_attention_and_shares_its_cache(tmp_path, bits):
     """GPT-2-style sites (head 8, no rotary inside the kernel): in fp32 opset-23 Attention (the
-    faster kernel for a growing drive); with 4-bit weights GroupQueryAttention, whose cache the
-    Generator shares. Its shared drive decodes as the same artifact recomputing each row's
-    whole sequence, at batch 3 with left padding."""
+    faster kernel for a growing drive); with 4- or 8-bit weights GroupQueryAttention, whose
+    cache the Generator shares. Its shared drive decodes as the same artifact recomputing each
+    row's whole sequence, at batch 3 with left padding."""
     from graphopt.testing import tiny_hf_model
 
     tiny_hf_model("gpt2").model.save_pretrained(tmp_path / "hf")
     fp32 = graphopt.optimize(tmp_path / "hf", tmp_path / "fp32")
-    graphopt.optimize(fp32.graph, tmp_path / "int4", passes="quantize-weights{bits=4,block-size=16}")
+    graphopt.optimize(fp32.graph, tmp_path / "int4", passes=f"quantize-weights{{bits={bits},block-size=16}}")
     assert _op_counts(tmp_path / "fp32")["Attention"] == 2
     assert _op_counts(tmp_path / "int4")["GroupQueryAttention"] == 2
     artifact = graphopt.load(tmp_path / "int4")
@@ -1178,7 +1179,7 @@ def test_a_4_bit_decoder_keeps_group_query_attention_and_shares_its_cache(tmp_pa
     # a decoder whose maximum context is unknown is never marked shared: opset-23 Attention stays
     unknown = fp32.graph.copy()
     del unknown.metadata.metadata_props["graphopt.max_positions"]
-    graphopt.optimize(unknown, tmp_path / "int4-unknown", passes="quantize-weights{bits=4,block-size=16}")
+    graphopt.optimize(unknown, tmp_path / "int4-unknown", passes=f"quantize-weights{{bits={bits},block-size=16}}")
     assert _op_counts(tmp_path / "int4-unknown")["Attention"] == 2
     assert not graphopt.load(tmp_path / "int4-unknown").shares_cache_buffer
 

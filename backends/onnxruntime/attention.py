@@ -222,16 +222,19 @@ def _decode_site_without_kernel_rotary(ctx: LoweringContext, s: Site) -> bool:
 
 
 def _shared_cache_pays(ctx: LoweringContext) -> bool:
-    """A CPU decoder whose linears hold 4-bit weights: its growing cache is a large part of the
-    bytes a step moves, and GroupQueryAttention, whose presents graphopt's Generator and
-    onnxruntime-genai bind to the pasts' buffers (written in place: no copy of the whole past a
-    step), beats opset-23 Attention's concatenation there. Measured on GPT-2 small, 128 cached,
-    int4 block 32 with the embeddings (benchmarks/attention_choice.py, two runs): GQA shared
-    1.08-1.16x faster than Attention growing (GQA driven growing, as Optimum drives it,
-    0.81-0.87x); in fp32 GQA shared was 0.99-1.01x, so fp32 keeps Attention (docs/ort_lowering.md). Only where the artifact will be marked shared: the
-    driver marks a decoder whose maximum context it knows (rewrite-kv-cache's metadata)."""
+    """A CPU decoder whose linears hold 4- or 8-bit weights (MatMulNBits): its growing cache is
+    a large part of the bytes a step moves, and GroupQueryAttention, whose presents graphopt's
+    Generator and onnxruntime-genai bind to the pasts' buffers (written in place: no copy of the
+    whole past a step), beats opset-23 Attention's concatenation there. Measured on GPT-2 small,
+    128 cached (benchmarks/attention_choice.py, two runs each): int4 block 32 with the embeddings,
+    GQA shared 1.08-1.16x faster than Attention growing (GQA driven growing, as Optimum drives
+    it, 0.81-0.87x); int8 block 128 (`--quantize int8`), GQA shared 1.09-1.11x (growing
+    0.83-0.84x); in fp32 GQA shared was 0.99-1.01x, so fp32 keeps Attention (docs/ort_lowering.md).
+    Only where the artifact will be marked shared: the driver marks a decoder whose maximum
+    context it knows (rewrite-kv-cache's metadata)."""
     positions = ctx.graph.metadata.metadata_props.get("graphopt.max_positions", "")
-    return ctx.target == "cpu" and 4 in ctx.weight_bits and positions.isdigit() and int(positions) > 0
+    return (ctx.target == "cpu" and bool(ctx.weight_bits & {4, 8}) and positions.isdigit()
+            and int(positions) > 0)
 
 
 def _lower_static(ctx: LoweringContext, b: Builder, node: Node, choice: str):
