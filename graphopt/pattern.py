@@ -123,22 +123,76 @@ class _Fail(Exception):
         self.reason, self.at, self.depth = reason, at, depth
 
 
+class _Furthest:
+    """The failure of the attempt that got furthest (ties: the one that failed at an op), which
+    `match` reports when no way of matching succeeds."""
+
+    def __init__(self):
+        self.fail: _Fail | None = None
+        self.key = (-1, False)
+
+    def note(self, f: _Fail, depth: int) -> None:
+        key = (max(f.depth, depth), f.at is not None)
+        if key > self.key:
+            f.depth = key[0]
+            self.fail, self.key = f, key
+
+
 def match(pattern: Pattern, value: Value) -> Match:
-    """Match `pattern` against the computation producing `value`. Pure: never mutates."""
-    captures: dict[str, Any] = {}
-    nodes: list[Node] = []
-    try:
-        _match(pattern, value, captures, nodes, root=True)
-    except _Fail as f:
-        return Match(False, reason=f.reason, at=f.at, depth=max(f.depth, len(nodes)))
-    return Match(True, captures, nodes, depth=len(nodes))
+    """Match `pattern` against the computation producing `value`. Pure: never mutates.
+    A search with backtracking: a commuted operand order is tried again whenever anything
+    matched after it fails (a capture bound twice, a later operand), so a pattern matches
+    if any assignment of the commuted operands does."""
+    furthest = _Furthest()
+    for caps, nodes in _solutions(pattern, value, {}, [], furthest, root=True):
+        return Match(True, caps, nodes, depth=len(nodes))
+    f = furthest.fail
+    return Match(False, reason=f.reason, at=f.at, depth=f.depth)
 
 
-def _match(p: Pattern, v: Value | None, caps: dict, nodes: list, root: bool = False) -> None:
+def _solutions(p: Pattern, v: Value | None, caps: dict, nodes: list, furthest: _Furthest, root: bool = False):
+    """Every (captures, nodes) with which `p` matches `v`, extending `caps` and `nodes` (never
+    changed in place); each failure goes to `furthest`."""
     if isinstance(p, VarPattern):
-        _match_var(p, v, caps)
+        trial = dict(caps)
+        try:
+            _match_var(p, v, trial)
+        except _Fail as f:
+            furthest.note(f, len(nodes))
+            return
+        yield trial, nodes
         return
     assert isinstance(p, OpPattern)
+    try:
+        n = _match_node(p, v, caps, root)
+    except _Fail as f:
+        furthest.note(f, len(nodes))
+        return
+    caps = {**caps, p.capture: n} if p.capture else caps
+    nodes = nodes + [n]
+    if p.inputs is None:
+        yield caps, nodes
+        return
+    if len(n.inputs) < len(p.inputs):
+        furthest.note(_Fail(f"{n.op} has {len(n.inputs)} inputs, the pattern needs {len(p.inputs)}", n), len(nodes))
+        return
+    orders = [list(range(len(p.inputs)))]
+    if p.commute and len(p.inputs) >= 2:
+        orders.append([1, 0] + list(range(2, len(p.inputs))))
+    for order in orders:
+        yield from _operands(p.inputs, [n.inputs[i] for i in order], caps, nodes, furthest)
+
+
+def _operands(pats: Sequence[Pattern], values: list, caps: dict, nodes: list, furthest: _Furthest):
+    if not pats:
+        yield caps, nodes
+        return
+    for caps1, nodes1 in _solutions(pats[0], values[0], caps, nodes, furthest):
+        yield from _operands(pats[1:], values[1:], caps1, nodes1, furthest)
+
+
+def _match_node(p: OpPattern, v: Value | None, caps: dict, root: bool) -> Node:
+    """The node producing `v`, if it fits `p` itself (its op, output, uses, attributes, capture)."""
     if v is None:
         raise _Fail(f"expected {p.op_type}, found a missing input", None)
     n = v.producer()
@@ -155,36 +209,9 @@ def _match(p: Pattern, v: Value | None, caps: dict, nodes: list, root: bool = Fa
         ok = want(have) if callable(want) else have == want
         if not ok:
             raise _Fail(f"{n.op} attribute {k}={have!r} does not fit the pattern", n)
-    if p.capture:
-        if p.capture in caps and caps[p.capture] is not n:
-            raise _Fail(f"capture {p.capture!r} binds two different nodes", n)
-        caps[p.capture] = n
-    nodes.append(n)
-    if p.inputs is None:
-        return
-    if len(n.inputs) < len(p.inputs):
-        raise _Fail(f"{n.op} has {len(n.inputs)} inputs, the pattern needs {len(p.inputs)}", n)
-    orders = [list(range(len(p.inputs)))]
-    if p.commute and len(p.inputs) >= 2:
-        orders.append([1, 0] + list(range(2, len(p.inputs))))
-    best_fail, best_depth = None, (-1, False)
-    for order in orders:
-        trial_caps, trial_nodes = dict(caps), list(nodes)
-        try:
-            for pi, ni in zip(range(len(p.inputs)), order):
-                _match(p.inputs[pi], n.inputs[ni], trial_caps, trial_nodes)
-        except _Fail as f:
-            # Report the attempt that got furthest (ties: the one that failed at an op).
-            depth = (len(trial_nodes), f.at is not None)
-            if depth > best_depth:
-                f.depth = max(f.depth, len(trial_nodes))
-                best_fail, best_depth = f, depth
-            continue
-        caps.clear()
-        caps.update(trial_caps)
-        nodes[:] = trial_nodes
-        return
-    raise best_fail
+    if p.capture and p.capture in caps and caps[p.capture] is not n:
+        raise _Fail(f"capture {p.capture!r} binds two different nodes", n)
+    return n
 
 
 def _match_var(p: VarPattern, v: Value | None, caps: dict) -> None:

@@ -105,3 +105,41 @@ def test_rewrite_keeps_graph_output_names():
     apply_patterns(g, [FoldDoubleNeg()])
     verify(g)
     assert [v.name for v in g.outputs] == ["out"] and [n.op_type for n in g.nodes] == ["Relu"]
+
+
+def test_commuted_operands_are_tried_again_when_a_later_operand_fails():
+    """Mul(Add(x, z), z) against Mul(Add(a, b) commuted, a): the first order binds a = x, and
+    only the Mul's second operand shows it wrong; the match backtracks into the Add's swap."""
+    g = parse_graph('''graph @g(%x: f32[2], %z: f32[2]) -> (f32[2]) {
+  %s = Add(%x, %z) : f32[2] loc("s")
+  %y = Mul(%s, %z) : f32[2] loc("y")
+  return %y
+}
+''')
+    x, z = g.inputs
+    m = match(op("Mul", op("Add", var("a"), var("b"), commute=True), var("a")), g.outputs[0])
+    assert m.ok and m["a"] is z and m["b"] is x
+    # nested two deep, with the conflict found in a third operand's subtree
+    deep = op("Mul", op("Add", op("Add", var("a"), var("b"), commute=True), var("c")), var("a"))
+    g2 = parse_graph('''graph @g(%x: f32[2], %z: f32[2], %w: f32[2]) -> (f32[2]) {
+  %s = Add(%x, %z) : f32[2] loc("s")
+  %t = Add(%s, %w) : f32[2] loc("t")
+  %y = Mul(%t, %z) : f32[2] loc("y")
+  return %y
+}
+''')
+    m = match(deep, g2.outputs[0])
+    assert m.ok and m["a"] is g2.inputs[1] and m["b"] is g2.inputs[0] and m["c"] is g2.inputs[2]
+    assert [n.name for n in m.nodes] == ["y", "t", "s"]
+    # and where no assignment works, the reason of the attempt that got furthest
+    m = match(op("Mul", op("Add", var("a"), var("b"), commute=True), var("a")),
+              parse_graph(SRC_MUL_OTHER).outputs[0])
+    assert not m.ok and "must be the same value" in m.reason
+
+
+SRC_MUL_OTHER = '''graph @g(%x: f32[2], %z: f32[2], %w: f32[2]) -> (f32[2]) {
+  %s = Add(%x, %z) : f32[2] loc("s")
+  %y = Mul(%s, %w) : f32[2] loc("y")
+  return %y
+}
+'''
