@@ -149,6 +149,25 @@ def test_gpt2_artifact_runs_in_genai_like_transformers(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_gpt2_artifact_shares_its_cache_in_genai(tmp_path, bits):
+    """GPT-2-style sites keep GroupQueryAttention when the weights are 4- or 8-bit, so the
+    growing artifact is marked shared: genai then binds one buffer a layer as past and
+    present, and its greedy tokens are graphopt's Generator's (which shares it too)."""
+    from graphopt.testing import tiny_hf_model
+
+    tiny_hf_model("gpt2", seed=1).model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    graphopt.optimize(tmp_path / "hf", out, quantize=f"int{bits}:16")
+    config = json.loads((out / "genai_config.json").read_text())
+    artifact = graphopt.load(out)
+    assert artifact.shares_cache_buffer and config["search"]["past_present_share_buffer"] is True
+    for prompt in ([5, 17, 3, 99, 42, 7], [11, 2]):
+        want = artifact.generate([prompt], 16, eos_token_id=-1).tokens[0]
+        assert len(want) == 16  # (the config's EOS lies outside the 128-token vocabulary)
+        assert genai_greedy(out, prompt, 16) == want, prompt
+
+
 def test_layer_norms_without_a_bias_load_in_genai(tmp_path):
     """DBRX's LayerNorms have no bias: ORT's SkipLayerNormFusion, which genai's sessions run (graphopt's
     own disable it), crashed the process on them (a segmentation fault at og.Model); the lowering
