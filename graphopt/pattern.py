@@ -177,10 +177,18 @@ def _solutions(p: Pattern, v: Value | None, caps: dict, nodes: list, furthest: _
         furthest.note(_Fail(f"{n.op} has {len(n.inputs)} inputs, the pattern needs {len(p.inputs)}", n), len(nodes))
         return
     orders = [list(range(len(p.inputs)))]
-    if p.commute and len(p.inputs) >= 2:
+    if p.commute and len(p.inputs) >= 2 and n.inputs[0] is not n.inputs[1]:
         orders.append([1, 0] + list(range(2, len(p.inputs))))
+    # each distinct solution once: orders that bind the same captures and cover the same nodes
+    # are one match (a tree of commuted ops with anonymous operands would otherwise multiply
+    # its solutions, and a later failure would retry them all)
+    seen = set()
     for order in orders:
-        yield from _operands(p.inputs, [n.inputs[i] for i in order], caps, nodes, furthest)
+        for caps1, nodes1 in _operands(p.inputs, [n.inputs[i] for i in order], caps, nodes, furthest):
+            key = (frozenset((k, id(v)) for k, v in caps1.items()), frozenset(map(id, nodes1)))
+            if key not in seen:
+                seen.add(key)
+                yield caps1, nodes1
 
 
 def _operands(pats: Sequence[Pattern], values: list, caps: dict, nodes: list, furthest: _Furthest):

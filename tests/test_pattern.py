@@ -143,3 +143,50 @@ SRC_MUL_OTHER = '''graph @g(%x: f32[2], %z: f32[2], %w: f32[2]) -> (f32[2]) {
   return %y
 }
 '''
+
+
+def test_the_failure_reported_is_the_attempt_that_got_furthest():
+    """Add(Mul(x, w), b) commuted against Add(Mul(%x, %v), %c): one order fails at the Mul's
+    constant (two ops matched), the other at once (a graph input where a Mul should be)."""
+    g = parse_graph('''graph @g(%x: f32[2], %v: f32[2], %c: f32[2]) -> (f32[2]) {
+  %m = Mul(%x, %v) : f32[2] loc("m")
+  %y = Add(%m, %c) : f32[2] loc("y")
+  return %y
+}
+''')
+    m = match(op("Add", op("Mul", var("x"), const("w")), var("b"), commute=True), g.outputs[0])
+    assert not m.ok and m.reason == "w 'v' is not a constant" and m.depth == 2
+
+
+def test_a_tree_of_commuted_ops_fails_without_trying_every_order(monkeypatch):
+    """31 commuted Adds over anonymous operands, then an operand that cannot match: each
+    subtree's orders bind the same captures, so the search tries them once, not 2^31 times."""
+    import graphopt.pattern as pattern
+
+    lines, names = [], [f"%i{k}" for k in range(32)]
+    level, k = names, 0
+    while len(level) > 1:
+        nxt = []
+        for a, b in zip(level[::2], level[1::2]):
+            lines.append(f"  %a{k} = Add({a}, {b}) : f32[2]")
+            nxt.append(f"%a{k}")
+            k += 1
+        level = nxt
+    lines.append(f"  %y = Mul({level[0]}, %i0) : f32[2]")
+    args = ", ".join(f"{n}: f32[2]" for n in names)
+    g = parse_graph(f"graph @g({args}) -> (f32[2]) {{\n" + "\n".join(lines) + "\n  return %y\n}\n")
+
+    def tree(depth):
+        return var() if depth == 0 else op("Add", tree(depth - 1), tree(depth - 1), commute=True)
+    calls = []
+    node = pattern._match_node
+
+    def counted(*args):
+        calls.append(1)
+        if len(calls) > 10_000:
+            raise AssertionError("the search retries the same orders")
+        return node(*args)
+    monkeypatch.setattr(pattern, "_match_node", counted)
+    m = match(op("Mul", tree(5), op("Neg", var())), g.outputs[0])
+    assert not m.ok and "expected Neg" in m.reason
+    assert len(calls) < 2_000  # each subtree once an order of its parent: 343 calls
