@@ -228,8 +228,8 @@ def _shared_cache_pays(ctx: LoweringContext) -> bool:
     whole past a step), beats opset-23 Attention's concatenation there. Measured on GPT-2 small,
     128 cached (benchmarks/attention_choice.py, two runs each): int4 block 32 with the embeddings,
     GQA shared 1.08-1.16x faster than Attention growing (GQA driven growing, as Optimum drives
-    it, 0.81-0.87x); int8 block 128 (`--quantize int8`), GQA shared 1.09-1.11x (growing
-    0.83-0.84x); in fp32 GQA shared was 0.99-1.01x, so fp32 keeps Attention (docs/ort_lowering.md).
+    it, 0.81-0.87x); int8 block 128 (`--quantize int8`), GQA shared 1.075-1.11x over three
+    runs (growing 0.83-0.84x); in fp32 GQA shared was 0.99-1.01x, so fp32 keeps Attention (docs/ort_lowering.md).
     Only where the artifact will be marked shared: the driver marks a decoder whose maximum
     context it knows (rewrite-kv-cache's metadata)."""
     positions = ctx.graph.metadata.metadata_props.get("graphopt.max_positions", "")
