@@ -143,11 +143,21 @@ def match(pattern: Pattern, value: Value) -> Match:
     A search with backtracking: a commuted operand order is tried again whenever anything
     matched after it fails (a capture bound twice, a later operand), so a pattern matches
     if any assignment of the commuted operands does."""
+    return next(matches(pattern, value))
+
+
+def matches(pattern: Pattern, value: Value):
+    """Every distinct way `pattern` matches `value` (commuted operands assigned differently),
+    as successful `Match`es in search order; where there is none, one failed `Match` with the
+    reason of the attempt that got furthest."""
     furthest = _Furthest()
+    found = False
     for caps, nodes in _solutions(pattern, value, {}, [], furthest, root=True):
-        return Match(True, caps, nodes, depth=len(nodes))
-    f = furthest.fail
-    return Match(False, reason=f.reason, at=f.at, depth=f.depth)
+        found = True
+        yield Match(True, caps, nodes, depth=len(nodes))
+    if not found:
+        f = furthest.fail
+        yield Match(False, reason=f.reason, at=f.at, depth=f.depth)
 
 
 def _solutions(p: Pattern, v: Value | None, caps: dict, nodes: list, furthest: _Furthest, root: bool = False):
@@ -340,8 +350,7 @@ def apply_patterns(graph: Graph, rules: Sequence[RewriteRule], ctx=None, *, max_
                 value = node.outputs[root.output] if root.output < len(node.outputs) else None
                 if value is None:
                     continue
-                m = match(root, value)
-                reason = m.reason if not m.ok else rule.check(m)
+                m, reason = _checked_match(rule, value)
                 if reason:
                     # A near miss: more than the root op matched (or only a check failed).
                     if explain and it == 0 and not isinstance(reason, Decline) and (m.ok or m.depth >= 2):
@@ -355,6 +364,26 @@ def apply_patterns(graph: Graph, rules: Sequence[RewriteRule], ctx=None, *, max_
             return result
     raise GraphoptError(f"pattern rewriting did not converge in {max_iterations} iterations "
                         f"(rules: {', '.join(r.name for r in rules)})")
+
+
+MAX_SOLUTIONS = 64  # solutions of one root offered to a rule's check before its first refusal stands
+
+
+def _checked_match(rule: RewriteRule, value: Value) -> tuple[Match, str | None]:
+    """The first match of `rule.pattern` that `rule.check` accepts (reason None); else the
+    first match with the reason its check gave, or the failed match with the pattern's reason.
+    A check that refuses one assignment of commuted operands is offered the next."""
+    refused = None
+    for i, m in enumerate(matches(rule.pattern, value)):
+        if not m.ok:
+            return m, m.reason
+        reason = rule.check(m)
+        if not reason:
+            return m, None
+        refused = refused or (m, reason)
+        if i + 1 >= MAX_SOLUTIONS:
+            break
+    return refused
 
 
 def _apply(graph: Graph, rule: RewriteRule, node: Node, m: Match) -> bool:
@@ -381,5 +410,5 @@ def _undo(graph: Graph, rw: Rewriter) -> None:
             graph.remove_node(n)
 
 
-__all__ = ["Decline", "Fail", "NearMiss", "Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "Match", "RewriteRule",
+__all__ = ["Decline", "Fail", "NearMiss", "Pattern", "VarPattern", "OpPattern", "var", "const", "op", "match", "matches", "Match", "RewriteRule",
            "Rewriter", "apply_patterns", "constant_value", "replace_value", "remove_dead", "replaceable"]

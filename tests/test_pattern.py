@@ -190,3 +190,38 @@ def test_a_tree_of_commuted_ops_fails_without_trying_every_order(monkeypatch):
     m = match(op("Mul", tree(5), op("Neg", var())), g.outputs[0])
     assert not m.ok and "expected Neg" in m.reason
     assert len(calls) < 2_000  # each subtree once an order of its parent: 343 calls
+
+
+class AddOfZ(RewriteRule):
+    """Add(x, y) commuted, but only where the second operand is the graph input %z."""
+    name = "add-z"
+    pattern = op("Add", var("x"), var("y"), commute=True)
+
+    def check(self, m):
+        return None if m["y"].name == "z" else "y is not %z"
+
+    def rewrite(self, rw, m):
+        return rw.Sub(m["x"], rw.Neg(m["y"]))
+
+
+def test_a_check_that_refuses_one_order_is_offered_the_other():
+    """Add(%z, %x): the first order binds y = %x, which the check refuses; the swapped order
+    (y = %z) it accepts, and the rule fires. `matches` lists both orders."""
+    from graphopt.pattern import matches
+
+    g = parse_graph('''graph @g(%x: f32[2], %z: f32[2]) -> (f32[2]) {
+  %y = Add(%z, %x) : f32[2] loc("y")
+  return %y
+}
+''')
+    found = list(matches(AddOfZ.pattern, g.outputs[0]))
+    assert [m["y"].name for m in found] == ["x", "z"]
+    x = np.array([1.0, 2.0], np.float32)
+    z = np.array([10.0, 20.0], np.float32)
+    from graphopt.interpreter import run
+
+    before = run(g, {"x": x, "z": z})
+    assert apply_patterns(g, [AddOfZ()]).stats == {"add-z": 1}
+    assert [n.op_type for n in g.nodes] == ["Neg", "Sub"]
+    assert g.nodes[0].inputs[0].name == "z"
+    np.testing.assert_allclose(run(g, {"x": x, "z": z})["y"], before["y"])
