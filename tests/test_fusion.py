@@ -418,6 +418,35 @@ def test_gated_mlp_and_merged_projections():
     assert [v.name for v in g.outputs] == ["h", "q", "k", "v"]
 
 
+def test_gated_mlp_with_the_up_projection_first():
+    """Mul(up, silu(gate)): gated-mlp's pattern cannot tell the two Linears apart, so its first
+    assignment binds the gate to the plain projection and the check refuses it; the rule is
+    then offered the swapped assignment and fuses, computing the same values."""
+    from graphopt.interpreter import run
+
+    for n in ("wg", "wu"):
+        w(n, 8, 8)
+    text = '''graph @g(%x: f32[batch, 8]) -> (f32[batch, 8]) {
+  weights {
+    @wg: f32[8, 8]
+    @wu: f32[8, 8]
+  }
+  %g = MatMul(%x, @wg) : f32[batch, 8] loc("gate")
+  %sg = Sigmoid(%g) : f32[batch, 8] loc("sig")
+  %silu = Mul(%g, %sg) : f32[batch, 8] loc("silu")
+  %u = MatMul(%x, @wu) : f32[batch, 8] loc("up")
+  %h = Mul(%u, %silu) : f32[batch, 8] loc("gated")
+  return %h
+}
+'''
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    want = run(parse_graph(text, weights=W), {"x": x})["h"]
+    g, _, rec = run_text(text, "fuse-linear,fuse-gated-mlp,dce")
+    assert ops(g) == ["graphopt.GatedLinear"]
+    assert g.nodes[0].inputs[1].name == "wg" and g.nodes[0].inputs[2].name == "wu"
+    np.testing.assert_allclose(run(g, {"x": x})["h"], want, rtol=1e-6, atol=1e-6)
+
+
 # ---- rotary --------------------------------------------------------------------------------
 
 def test_rotary_positive_and_negative():
