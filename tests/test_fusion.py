@@ -390,6 +390,13 @@ def test_gemm_with_flatten_and_unflatten_becomes_3d_linear():
     assert rec.stats == {"gemm": 1, "flatten-unflatten": 1}
 
 
+GATE_AND_UP = '''  %g = MatMul(%x, @wg) : f32[batch, 8] loc("gate")
+  %sg = Sigmoid(%g) : f32[batch, 8] loc("sig")
+  %silu = Mul(%g, %sg) : f32[batch, 8] loc("silu")
+  %u = MatMul(%x, @wu) : f32[batch, 8] loc("up")
+'''  # silu(x @ wg) and x @ wu
+
+
 def test_gated_mlp_and_merged_projections():
     for n in ("wg", "wu", "wq", "wk", "wv"):
         w(n, 8, 8)
@@ -401,11 +408,7 @@ def test_gated_mlp_and_merged_projections():
     @wk: f32[8, 8]
     @wv: f32[8, 8]
   }
-  %g = MatMul(%x, @wg) : f32[batch, 8] loc("gate")
-  %sg = Sigmoid(%g) : f32[batch, 8] loc("sig")
-  %silu = Mul(%g, %sg) : f32[batch, 8] loc("silu")
-  %u = MatMul(%x, @wu) : f32[batch, 8] loc("up")
-  %h = Mul(%silu, %u) : f32[batch, 8] loc("gated")
+''' + GATE_AND_UP + '''  %h = Mul(%silu, %u) : f32[batch, 8] loc("gated")
   %q = MatMul(%h, @wq) : f32[batch, 8] loc("q")
   %k = MatMul(%h, @wk) : f32[batch, 8] loc("k")
   %v = MatMul(%h, @wv) : f32[batch, 8] loc("v")
@@ -431,11 +434,7 @@ def test_gated_mlp_with_the_up_projection_first():
     @wg: f32[8, 8]
     @wu: f32[8, 8]
   }
-  %g = MatMul(%x, @wg) : f32[batch, 8] loc("gate")
-  %sg = Sigmoid(%g) : f32[batch, 8] loc("sig")
-  %silu = Mul(%g, %sg) : f32[batch, 8] loc("silu")
-  %u = MatMul(%x, @wu) : f32[batch, 8] loc("up")
-  %h = Mul(%u, %silu) : f32[batch, 8] loc("gated")
+''' + GATE_AND_UP + '''  %h = Mul(%u, %silu) : f32[batch, 8] loc("gated")
   return %h
 }
 '''
