@@ -195,7 +195,7 @@ def _solutions(p: Pattern, v: Value | None, caps: dict, nodes: list, furthest: _
     seen = set()
     for order in orders:
         for caps1, nodes1 in _operands(p.inputs, [n.inputs[i] for i in order], caps, nodes, furthest):
-            key = (frozenset((k, id(v)) for k, v in caps1.items()), frozenset(map(id, nodes1)))
+            key = (frozenset((k, id(bound)) for k, bound in caps1.items()), frozenset(map(id, nodes1)))
             if key not in seen:
                 seen.add(key)
                 yield caps1, nodes1
