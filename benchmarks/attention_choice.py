@@ -43,13 +43,13 @@ def main() -> None:
 
     from graphopt.compare.machine import library_versions, machine_record
 
-    work = Path(tempfile.mkdtemp(prefix="attention_choice_"))
-    folder = gpt2_folder(work, args.tiny)
     quantize = {"int4": "quantize-weights{bits=4,block-size=32,embeddings=true}",
                 "int8": "quantize-weights{bits=8,block-size=128}"}
     precisions = args.precisions.split(",")
     if not set(precisions) <= {"fp32", "int4", "int8"}:
         ap.error(f"--precisions {args.precisions!r}: expected fp32, int4 and/or int8")
+    work = Path(tempfile.mkdtemp(prefix="attention_choice_"))
+    folder = gpt2_folder(work, args.tiny)
     if args.tiny:
         args.cached, args.rounds = 16, 2
     result: dict = {"cached": args.cached, "threads": args.threads, "batch": 1, "tiny": args.tiny,
