@@ -72,6 +72,38 @@ def cache_aliases(outputs) -> dict[str, str]:
     return {o: "past_key_values." + o.removeprefix("present.") for o in outputs if o.startswith("present.")}
 
 
+def _dims(value) -> tuple:
+    """A numpy array's or an OrtValue's shape."""
+    shape = value.shape
+    return tuple(shape() if callable(shape) else shape)
+
+
+def check_block_table(feeds) -> None:
+    """A paged artifact's `block_table`: every block id the attention mask covers (its first
+    ceil(mask length / block size) columns) must name a block of the pool; a kernel would
+    otherwise write outside it or read another request's block."""
+    table, pool, mask = (feeds.get(k) for k in ("block_table", "past_key_values.0.key", "attention_mask"))
+    if table is None or pool is None or mask is None:
+        return
+    num_blocks, block_size = _dims(pool)[:2]
+    table = np.asarray(table)
+    if table.ndim != 2 or not block_size:
+        return
+    used = table[:, :-(-_dims(mask)[-1] // block_size)]
+    bad = np.argwhere((used < 0) | (used >= num_blocks))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise UserError(f"block_table[{row}, {col}] is block {int(used[row, col])}; the paged KV cache's pool has "
+                        f"{num_blocks} blocks (ids 0 to {num_blocks - 1})")
+
+
+def _checking_block_table(run):
+    def checked(feeds):
+        check_block_table(feeds)
+        return run(feeds)
+    return checked
+
+
 class Artifact:
     """A loaded artifact. `run(feeds)` -> outputs by name."""
 
@@ -111,6 +143,8 @@ class Artifact:
             which = "attention_mask" if gen else "input_ids"
             raise UserError(f"{which} covers {covered.shape[1]} positions; the model has {limit} (its context): "
                             f"give at most {limit}")
+        if gen.get("kv_layout") == "paged":
+            check_block_table(feeds)
         return self._exe.run(feeds)
 
     @property
@@ -145,7 +179,9 @@ class Artifact:
             shapes, inputs = bound_shapes(self.manifest["signature"])
             if shared:  # each present written into its past's buffer
                 return self._exe.bound_runner(shapes, inputs, cache_aliases(shapes)).run
-            return self._exe.bound_runner(shapes, inputs).run
+            run = self._exe.bound_runner(shapes, inputs).run
+            paged = (self.manifest.get("generation") or {}).get("kv_layout") == "paged"
+            return _checking_block_table(run) if paged else run
         return self.run
 
     def generate(self, prompts, max_new_tokens: int = 32, **options):

@@ -806,6 +806,10 @@ def test_shared_buffer_layouts_on_tvm_match_pytorch_and_write_in_place(fused, tm
     caches = {f"past_key_values.{i}.{k}": np.zeros(cache, np.float32) for i in range(2) for k in ("key", "value")}
     with pytest.raises(Exception, match=f"more positions than the {what} holds"):
         bound({"input_ids": np.ones((1, 1), np.int64), **past, **caches})
+    if layout == "paged":  # a block id outside the pool: refused before the kernel (it wrote out of bounds)
+        past = {"attention_mask": np.ones((1, 5), np.int64), "block_table": np.array([[0, -3]], np.int32)}
+        with pytest.raises(UserError, match=r"block_table\[0, 1\] is block -3; the paged KV cache's pool has 8"):
+            bound({"input_ids": np.ones((1, 1), np.int64), **past, **caches})
 
 
 def test_paged_generator_allocates_blocks_and_runs_out_clearly(fused, tmp_path):
@@ -835,6 +839,15 @@ def test_paged_generator_allocates_blocks_and_runs_out_clearly(fused, tmp_path):
     with pytest.raises(UserError, match="attention_mask covers 17 positions; the paged KV cache holds 16"):
         artifact.run({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 17), np.int64),
                       "block_table": np.zeros((1, 5), np.int32), **cache})
+    # a block id outside the pool, in the columns the mask covers (9 positions: 3 blocks), is refused
+    # before a kernel writes outside the pool or reads another row's block; past them, anything goes
+    feeds = {"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 9), np.int64), **cache}
+    for bad in (8, -1):
+        for run_ in (artifact.run, artifact.decode_run(io_binding=True)):
+            with pytest.raises(UserError, match=rf"block_table\[0, 2\] is block {bad}; the paged KV cache's pool "
+                                                r"has 8 blocks \(ids 0 to 7\)"):
+                run_({**feeds, "block_table": np.array([[0, 1, bad, 3]], np.int32)})
+    assert artifact.run({**feeds, "block_table": np.array([[0, 1, 2, -1]], np.int32)})["logits"].shape[:2] == (1, 1)
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,8 @@ def _write_paged_func(dtype: str, table_dtype: str, block_size: int):
                 vb, vs, vn, vh = T.axis.remap("SSSS", [b, s, n, h])
                 T.reads(new[vb, vs, vn, vh], table[vb, (offset + vs) // block_size])
                 T.writes(pool[T.int64(table[vb, (offset + vs) // block_size]), (offset + vs) % block_size, vn, vh])
-                if T.int64(table[vb, (offset + vs) // block_size]) < num_blocks:
+                if T.int64(0) <= T.int64(table[vb, (offset + vs) // block_size]) \
+                        and T.int64(table[vb, (offset + vs) // block_size]) < num_blocks:
                     pool[T.int64(table[vb, (offset + vs) // block_size]), (offset + vs) % block_size, vn, vh] = \
                         new[vb, vs, vn, vh]
     return kv_cache_write_paged
