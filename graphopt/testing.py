@@ -223,7 +223,8 @@ def export_onnx_with_cache(model, path: str | os.PathLike, *, past: int = 4, pos
     and past_key_values.{i}.key|value [batch, kv_heads, past_seq, head]; outputs logits and
     present.{i}.key|value. Positions come from the mask (left padding works); with
     `position_ids`, from an input of that name, as optimum-cli exports them, and the
-    dimensions get the names it gives them (batch_size, sequence_length, ...)."""
+    dimensions get the names it gives them (batch_size, sequence_length, past_sequence_length,
+    "past_sequence_length + sequence_length")."""
     import warnings
 
     import torch
@@ -257,11 +258,14 @@ def export_onnx_with_cache(model, path: str | os.PathLike, *, past: int = 4, pos
     names = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     extra = ["position_ids"] if position_ids else []
     inputs = ["input_ids", "attention_mask"] + extra + [f"past_key_values.{n}" for n in names]
-    batch, seq = ("batch_size", "sequence_length") if position_ids else ("batch", "seq")
-    axes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: "total"},
+    batch, seq, past_seq, total = (("batch_size", "sequence_length", "past_sequence_length",
+                                    "past_sequence_length + sequence_length") if position_ids
+                                   else ("batch", "seq", "past_seq", "total"))
+    axes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
             **({"position_ids": {0: batch, 1: seq}} if position_ids else {}),
-            **{f"past_key_values.{n}": {0: batch, 2: "past_seq"} for n in names},
-            **({"logits": {0: batch, 1: seq}} if position_ids else {})}
+            **{f"past_key_values.{n}": {0: batch, 2: past_seq} for n in names},
+            **({"logits": {0: batch, 1: seq}} if position_ids else {}),
+            **({f"present.{n}": {0: batch, 2: total} for n in names} if position_ids else {})}
     args = (torch.zeros((2, 3), dtype=torch.int64), torch.ones((2, past + 3), dtype=torch.int64),
             *([torch.arange(past, past + 3).repeat(2, 1)] if position_ids else []),
             *[torch.zeros((2, kv_heads, past, head)) for _ in names])

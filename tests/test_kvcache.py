@@ -922,6 +922,39 @@ def test_an_optimum_export_with_position_ids_becomes_generation_ready(layout, tm
     assert gen["kv_layout"] == layout and gen["max_positions"] == 64
     max_positions = 64 if layout == "static" else 0
     check_decode(artifact.decode_run(), hf_reference(model), PROMPTS, 6, 2, 2, 8, layout, max_positions)
+    if layout == "BNSH":  # its mask's length is named past + new: GroupQueryAttention (int4 keeps it at head 8)
+        graphopt.optimize(path, tmp_path / "int4", quantize="int4")  # takes the total from the mask: shared
+        artifact = graphopt.load(tmp_path / "int4")
+        assert _op_counts(tmp_path / "int4")["GroupQueryAttention"] == 2 and artifact.shares_cache_buffer
+        greedy = artifact.generate(PROMPTS, 8, eos_token_id=-1).tokens
+        for row, prompt in zip(greedy, PROMPTS):
+            assert artifact.generate([prompt], 8, eos_token_id=-1).tokens[0] == row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["BNSH", "static"])
+def test_an_optimum_export_keeps_its_dimension_names_and_builds_for_tvm(layout, tmp_path):
+    """The rewritten cache speaks of the export's own dims (batch_size, past_sequence_length,
+    "past_sequence_length + sequence_length"), not of graphopt's `batch` and `past_seq + seq`
+    beside them: TVM relates dims by name, and refused the attention of such an export in every
+    layout ("an input's shape is unknown to Relax"). It now builds, and decodes as PyTorch."""
+    pytest.importorskip("tvm")
+    from graphopt.testing import export_onnx_with_cache, tiny_hf_model
+
+    model = tiny_hf_model("llama", seed=3).model
+    (tmp_path / "optimum").mkdir()
+    path = export_onnx_with_cache(model, tmp_path / "optimum" / "model.onnx", position_ids=True)
+    model.config.to_json_file(tmp_path / "optimum" / "config.json")
+    graphopt.optimize(path, tmp_path / "out", backend="tvm", kv_layout=layout)
+    artifact = graphopt.load(tmp_path / "out")
+    shapes = {e["name"]: e["shape"] for e in artifact.inputs + artifact.outputs}
+    if layout == "BNSH":
+        assert shapes["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 8]
+        assert shapes["present.1.value"] == ["batch_size", 2, "past_sequence_length + sequence_length", 8]
+    else:
+        assert shapes["past_key_values.0.key"] == ["batch_size", 2, 64, 8]
+    check_decode(artifact.decode_run(), hf_reference(model), PROMPTS, 6, 2, 2, 8, layout,
+                 64 if layout == "static" else 0)
 
 
 def test_an_exported_cache_the_pass_cannot_read_is_refused_with_the_reason(exported_with_cache):
@@ -1198,14 +1231,15 @@ def test_a_quantized_decoder_keeps_group_query_attention_and_shares_its_cache(tm
 
 
 def test_a_converted_export_that_reads_its_past_length_keeps_a_growing_cache(tmp_path):
-    """An Optimum-style export converted to graphopt's cache takes its total length from the
+    """An export converted to graphopt's cache whose mask length is a dim of its own ("total",
+    not named the sum of the past's and the new tokens') takes its total length from the
     past's shape: a shared buffer would count every one of its positions as filled, so the
     artifact is not marked shared, and generation runs growing, as the recomputed sequence."""
     from graphopt.testing import export_onnx_with_cache, tiny_hf_model
 
     model = tiny_hf_model("llama", seed=3).model
     (tmp_path / "optimum").mkdir()
-    path = export_onnx_with_cache(model, tmp_path / "optimum" / "model.onnx", position_ids=True)
+    path = export_onnx_with_cache(model, tmp_path / "optimum" / "model.onnx")
     model.config.to_json_file(tmp_path / "optimum" / "config.json")
     graphopt.optimize(path, tmp_path / "out", quantize="int4")
     artifact = graphopt.load(tmp_path / "out")

@@ -33,14 +33,27 @@ PAST, PRESENT = "past_key_values.", "present."
 BLOCK_TABLE = "block_table"
 
 
-def cache_shape(layout: str, kv_heads: int, seq, head: int, max_positions: int = 0, block_size: int = 16) -> tuple:
+def cache_shape(layout: str, kv_heads: int, seq, head: int, max_positions: int = 0, block_size: int = 16,
+                batch="batch") -> tuple:
     """The shape of a past or present in `layout` (static: the whole buffer, whatever `seq`;
     paged: the pool of blocks)."""
     if layout == "paged":
         return ("num_blocks", block_size, kv_heads, head)
     if layout == "static":
-        return ("batch", kv_heads, max_positions, head)
-    return ("batch", seq, kv_heads, head) if layout == "BSNH" else ("batch", kv_heads, seq, head)
+        return (batch, kv_heads, max_positions, head)
+    return (batch, seq, kv_heads, head) if layout == "BSNH" else (batch, kv_heads, seq, head)
+
+
+def _dim_names(ids: Value, past: Value) -> tuple:
+    """(batch, seq, past_seq) as the export names them (input_ids' dims and the past's length),
+    so that the rewritten cache's dims are the dims the rest of the graph speaks of: a backend
+    that relates dims by name (TVM) must see one batch, not the export's `batch_size` and
+    a `batch` of our own. Unnamed or fixed dims keep graphopt's names."""
+    shape = ids.type.shape if ids.type is not None and ids.type.rank == 2 else ("batch", "seq")
+    batch, seq = (d if isinstance(d, str) and d else default for d, default in zip(shape, ("batch", "seq")))
+    past_len = past.type.shape[2] if past.type is not None and past.type.rank == 4 else None
+    past_len = past_len if isinstance(past_len, str) and past_len and "+" not in past_len else "past_seq"
+    return batch, seq, past_len
 
 
 class KVCacheError(PassError):
@@ -68,7 +81,8 @@ def convert_cache(graph: Graph, layout: str, max_positions: int, block_size: int
     while f"{PAST}{layers}.key" in inputs:
         layers += 1
     b = Builder(graph, before=graph.nodes[0], created_by="rewrite-kv-cache", name_prefix="kv_cache")
-    table = graph.add_input(BLOCK_TABLE, TensorType(DType.INT32, ("batch", "max_blocks"))) if layout == "paged" else None
+    names = _dim_names(ids, inputs[f"{PAST}0.key"]) if f"{PAST}0.key" in inputs else ("batch", "seq", "past_seq")
+    table = graph.add_input(BLOCK_TABLE, TensorType(DType.INT32, (names[0], "max_blocks"))) if layout == "paged" else None
     past_len = b.Sub(b.Shape(mask, start=1, end=2), b.Shape(ids, start=1, end=2))
     for i in range(layers):
         pasts = [inputs.get(f"{PAST}{i}.{kind}") for kind in ("key", "value")]
@@ -78,7 +92,7 @@ def convert_cache(graph: Graph, layout: str, max_positions: int, block_size: int
         news = [_appended(p, present) for p, present in zip(pasts, presents)]
         attention = _the_attention(presents)
         _rewire_shapes(b, pasts, past_len, ids)
-        _rewrite(graph, attention, pasts, presents, news, layout, max_positions, block_size, table)
+        _rewrite(graph, attention, pasts, presents, news, layout, max_positions, block_size, table, names)
     return layers
 
 
@@ -131,18 +145,19 @@ def _rewire_shapes(b: Builder, pasts: list[Value], past_len: Value, ids: Value) 
 
 
 def _rewrite(graph: Graph, node: Node, pasts, presents, news, layout: str, max_pos: int, block_size: int,
-             table: Value | None) -> None:
+             table: Value | None, names: tuple) -> None:
     q, _, _, mask = (list(node.inputs) + [None])[:4]
     _, heads, _, head = pasts[0].type.shape
+    batch, seq, past_len = names
     for past in pasts:
-        past.type = TensorType(past.type.dtype, cache_shape(layout, heads, "past_seq", past.type.shape[3], max_pos,
-                                                            block_size))
+        past.type = TensorType(past.type.dtype, cache_shape(layout, heads, past_len, past.type.shape[3], max_pos,
+                                                            block_size, batch))
     attrs = {name: a.value for name, a in node.attrs.items() if name != "kv_layout"}
     if layout != "BNSH":
         attrs["kv_layout"] = layout
     b = Builder(graph, before=node, created_by="rewrite-kv-cache")
-    types = [TensorType(p.type.dtype, cache_shape(layout, heads, "past_seq + seq", p.type.shape[3], max_pos,
-                                                  block_size)) for p in pasts]
+    types = [TensorType(p.type.dtype, cache_shape(layout, heads, f"{past_len} + {seq}", p.type.shape[3], max_pos,
+                                                  block_size, batch)) for p in pasts]
     y, pk, pv = b.op("Attention", *attention_operands(q, *news, mask, *pasts, table, sinks_of(node)),
                      domain=GRAPHOPT_DOMAIN, n_out=3, output_types=[node.outputs[0].type, *types], **attrs)
     node.outputs[0].replace_all_uses_with(y)
