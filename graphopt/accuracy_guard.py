@@ -25,7 +25,7 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.ir import Graph
-from graphopt.calibration import model_tokenizer, read_texts, token_input, window_len
+from graphopt.calibration import check_vocabulary, model_dir, model_tokenizer, read_texts, token_input, window_len
 
 METRICS = ("perplexity", "top1", "cosine")
 HIGHER_IS_BETTER = ("top1", "cosine")
@@ -95,7 +95,7 @@ class Measured:
 def held_out_tokens(model, graph: Graph, data: str | None) -> tuple[np.ndarray, str]:
     """Token ids to measure on: `data` (text or .jsonl), or a graphopt.train checkpoint's own
     held-out val.txt (its last EVAL_TOKENS tokens)."""
-    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    folder = model_dir(model)
     if data is None:
         if folder is None or not (folder / "val.txt").is_file():
             raise UserError("--accuracy-budget needs held-out text: give --accuracy-data FILE (text or .jsonl)")
@@ -104,10 +104,11 @@ def held_out_tokens(model, graph: Graph, data: str | None) -> tuple[np.ndarray, 
         path = Path(data)
         if not path.is_file():
             raise UserError(f"--accuracy-data {path}: no such file")
-    token_input(graph, str(path), option="--accuracy-data")
+    name = token_input(graph, str(path), option="--accuracy-data")
     tok = model_tokenizer(folder, str(path), option="--accuracy-data")
     texts = read_texts(path, option="--accuracy-data")
     ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
+    check_vocabulary(graph, name, ids, f"--accuracy-data {path}")
     if len(ids) <= MIN_TOKENS:  # a perplexity over a handful of tokens says nothing of a 2 % budget
         raise UserError(f"--accuracy-data {path}: {len(ids)} tokens, too little text to measure accuracy on "
                         f"(give at least {MIN_TOKENS + 1})")
@@ -171,18 +172,19 @@ def held_out_sentences(model, graph: Graph, data: str | None, max_len: int = 128
     if "input_ids" not in names or "attention_mask" not in names:
         raise UserError(f"--accuracy-budget cosine=...: an encoder with input_ids and attention_mask inputs; "
                         f"this one takes {sorted(names)}")
-    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    folder = model_dir(model)
     tok = model_tokenizer(folder, str(path), option="--accuracy-data")
     tok.enable_truncation(min(max_len, window_len(folder)))  # within the model's positions
     feeds = []
     for e in tok.encode_batch(texts):
         row = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
         feeds.append({k: np.array([v], np.int64) for k, v in row.items() if k in names})
+    check_vocabulary(graph, "input_ids", np.concatenate([f["input_ids"].ravel() for f in feeds]), f"--accuracy-data {path}")
     return feeds, str(path)
 
 
 def seq_len_of(model) -> int:
-    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    folder = model_dir(model)
     return window_len(folder)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from graphopt.errors import UserError
 from graphopt.frontends.huggingface import config_positions
 from graphopt.ir import Graph, Value
+from graphopt.sample_inputs import index_bound
 
 DEFAULT_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
@@ -32,16 +33,17 @@ def load_calibration(path: str | Path | None, model: str | Path | None, graph: G
         if not path.is_file():
             raise UserError(f"--calibration {path}: no such file")
         if path.suffix == ".npz":
-            return _npz_feeds(path, graph, samples, Path(model) if model is not None and Path(model).is_dir() else None)
+            return _npz_feeds(path, graph, samples, model_dir(model))
         texts = read_texts(path)
         source = str(path)
     else:
         texts, source = _default_texts(model)
     progress(f"calibrating on {source}")
     name = token_input(graph, source)
-    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    folder = model_dir(model)
     tok = model_tokenizer(folder, source)
     ids = np.concatenate([np.asarray(tok.encode(t).ids, np.int64) for t in texts]) if texts else np.zeros(0, np.int64)
+    check_vocabulary(graph, name, ids, f"--calibration {source}")
     seq_len = window_len(folder)
     n_windows = len(ids) // seq_len
     if n_windows == 0:
@@ -76,6 +78,7 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
     if missing:
         raise UserError(f"--calibration {path}: no array for input {missing[0]!r} (the model takes {names})")
     context = model_context(folder)
+    dims: dict[str, tuple[int, str]] = {}  # a symbolic dim -> (its size, the array that set it)
     for v in graph.inputs:
         if v.is_initializer or v.type is None:
             continue
@@ -90,12 +93,21 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
                 raise UserError(f"--calibration {path}: array {v.name!r} has dtype {a.dtype}; the model's input is "
                                 f"{v.type}")
             data[v.name] = a = a.astype(want)  # int32 token ids for an int64 input: the same ids
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise UserError(f"--calibration {path}: array {v.name!r} holds NaN or infinity; calibration measures "
+                            "the ranges of finite activations")
         if v.type.shape is None:
             continue
         shape = list(v.type.shape)
         if a.ndim != len(shape):
             raise UserError(f"--calibration {path}: array {v.name!r} has shape {list(a.shape)}; the model's input is "
                             f"{shape} (samples along the first axis)")
+        for axis, d in enumerate(shape[1:], start=1):  # the first axis is the samples'
+            seen = dims.setdefault(d, (a.shape[axis], v.name)) if isinstance(d, str) else (d, None)
+            if a.shape[axis] != seen[0]:
+                other = f"array {seen[1]!r} has {seen[0]}" if seen[1] else f"the model's input is {shape}"
+                raise UserError(f"--calibration {path}: array {v.name!r} has shape {list(a.shape)}: its dimension "
+                                f"{axis} ({d}) is {a.shape[axis]}, but {other}")
         rows = _embedding_rows(v)
         if rows is not None and a.size and (a.min() < 0 or a.max() >= rows):
             raise UserError(f"--calibration {path}: array {v.name!r} holds token id {int(a.max() if a.max() >= rows else a.min())}, "
@@ -132,6 +144,25 @@ def token_input(graph: Graph, source: str, option: str = "--calibration") -> str
 def text_feeds(names, ids_name: str, rows: np.ndarray) -> dict:
     """The feeds of windows of token ids `rows` [n, seq] for a model with inputs `names`."""
     return {n: rows if n == ids_name else _TEXT_COMPANIONS[n](rows) for n in names}
+
+
+def model_dir(model) -> Path | None:
+    """The folder holding the model's tokenizer.json and config.json: the model's own, or the
+    folder of a model file (an Optimum-style folder holds model.onnx beside them)."""
+    if model is None or not isinstance(model, (str, Path)):
+        return None
+    p = Path(model)
+    return p if p.is_dir() else (p.parent if p.is_file() else None)
+
+
+def check_vocabulary(graph: Graph, name: str, ids: np.ndarray, where: str) -> None:
+    """Token ids from the tokenizer beside the model must index its embedding table (a
+    tokenizer of another model gives ids past it: a clear error here, not a kernel's)."""
+    v = next((v for v in graph.inputs if v.name == name), None)
+    rows = index_bound(v) if v is not None else None
+    if rows is not None and ids.size and (ids.min() < 0 or ids.max() >= rows):
+        raise UserError(f"{where}: the tokenizer gives token id {int(ids.max())}, outside the model's vocabulary "
+                        f"of {rows} (is the tokenizer.json beside the model this model's?)")
 
 
 def model_tokenizer(folder: Path | None, source: str, option: str = "--calibration"):

@@ -141,9 +141,10 @@ def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "eager
     return LMWrapper(model).eval()
 
 
-def tiny_llama_folder(folder: str | os.PathLike) -> Path:
-    """A Hugging Face folder of a small Llama (hidden 64, 2 layers, GQA, vocab 4096, random
-    weights, seed 0) with the shipped model's tokenizer.json beside it, for text-fed tests."""
+def tiny_llama_folder(folder: str | os.PathLike, vocab: int = 4096) -> Path:
+    """A Hugging Face folder of a small Llama (hidden 64, 2 layers, GQA, vocab 4096 unless
+    given, random weights, seed 0) with the shipped model's tokenizer.json (4096 tokens)
+    beside it, for text-fed tests."""
     import shutil
 
     import torch
@@ -152,7 +153,7 @@ def tiny_llama_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                         intermediate_size=128, max_position_embeddings=64, vocab_size=4096)
+                         intermediate_size=128, max_position_embeddings=64, vocab_size=vocab)
     tf.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
     shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "default" / "tokenizer.json", folder)
     return folder

@@ -192,7 +192,10 @@ def test_a_calibration_npz_is_checked_against_the_model_inputs(tmp_path):
               r"array 'input_ids' has shape \[0, 8\]: give samples"),
              (dict(input_ids=np.array(3), attention_mask=np.ones((4, 8), np.int64)), r"array 'input_ids' has shape \[\]"),
              (dict(input_ids=ones.astype(bool), attention_mask=ones), "array 'input_ids' has dtype bool; the model's input is i64"),
-             (dict(input_ids=ones, attention_mask=ones[:3]), r"the arrays hold different numbers of samples \(input_ids: 4, attention_mask: 3\)")]
+             (dict(input_ids=ones, attention_mask=ones[:3]), r"the arrays hold different numbers of samples \(input_ids: 4, attention_mask: 3\)"),
+             # a dim two inputs share (it was left to the run, whose error named neither the file nor its batch)
+             (dict(input_ids=ones, attention_mask=np.ones((4, 5), np.int64)),
+              r"array 'attention_mask' has shape \[4, 5\]: its dimension 1 \(seq\) is 5, but array 'input_ids' has 8")]
     for arrays, message in cases:
         np.savez(tmp_path / "cal.npz", **arrays)
         with pytest.raises(UserError, match=f"--calibration {tmp_path / 'cal.npz'}: {message}"):
@@ -205,6 +208,59 @@ def test_a_calibration_npz_is_checked_against_the_model_inputs(tmp_path):
     np.savez(tmp_path / "cal.npz", input_ids=ones, attention_mask=ones,
              **{"past_key_values.0.key": np.zeros((4, 2, 0, 8), np.float32)})
     assert load_calibration(tmp_path / "cal.npz", None, g)[0]["past_key_values.0.key"].shape == (4, 2, 0, 8)
+
+
+def test_calibration_activations_must_be_finite_and_fit_the_fixed_dims(tmp_path):
+    """NaN or infinity in a calibration array wrecked GPTQ's weights and int8-static's scales
+    without a word (exit 0, the outputs garbage); a fixed dim that does not fit was an error
+    naming neither the file nor the file's own shape. Both are now one line naming the file."""
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    np.savez(tmp_path / "narrow.npz", x=x[:, :15])
+    x[3, 5] = np.inf
+    np.savez(tmp_path / "inf.npz", x=x)
+    np.savez(tmp_path / "nan.npz", x=np.full((8, 16), np.nan, np.float32))
+    for name, args, message in (("inf", ["--quantize", "int4", "--quant-method", "gptq"], "holds NaN or infinity"),
+                                ("nan", ["--quantize", "int8-static"], "holds NaN or infinity"),
+                                ("narrow", ["--quantize", "int8-static"],
+                                 "has shape [8, 15]: its dimension 1 (16) is 15, but the model's input is ['batch', 16]")):
+        r = invoke("optimize", EXAMPLE, "-o", tmp_path / "out", "-q", *args, "--calibration", tmp_path / f"{name}.npz")
+        assert r.exit_code == 2 and f"--calibration {tmp_path / name}.npz: array 'x' {message}" in r.output, r.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_text_from_another_models_tokenizer_and_a_tokenizer_beside_an_onnx_file(tmp_path):
+    """Text tokenized by a tokenizer.json that is not the model's gives ids past its embedding:
+    a one-line error naming the option (the accuracy guard failed inside ORT's Gather, exit 1).
+    A tokenizer.json beside an .onnx file is the model's (it was never read: "text needs the
+    model's tokenizer.json beside it", for a file that had one)."""
+    import shutil
+
+    from graphopt.testing import tiny_llama_folder
+
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"  # its tokenizer: 4096 tokens
+    tiny_llama_folder(tmp_path / "hf", vocab=1000)
+    shutil.copy(default / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    (tmp_path / "text.txt").write_text((default / "val.txt").read_text()[:6000])
+    for args in (["--accuracy-budget", "perplexity=+5%", "--accuracy-data"], ["--quant-method", "gptq", "--calibration"]):
+        r = invoke("optimize", tmp_path / "hf", "-o", tmp_path / "out", "-q", "--quantize", "int4", *args,
+                   tmp_path / "text.txt")
+        assert r.exit_code == 2, r.output
+        assert f"{args[-1]} {tmp_path / 'text.txt'}: the tokenizer gives token id" in r.output
+        assert "outside the model's vocabulary of 1000" in r.output and not (tmp_path / "out").exists()
+    # a decoder as an .onnx file (input_ids, attention_mask) with its tokenizer beside it: a budget on text runs
+    import transformers as tf
+
+    from graphopt.testing import LMWrapper, export_onnx
+
+    tiny_llama_folder(tmp_path / "hf4096")
+    (tmp_path / "onnx").mkdir()
+    export_onnx(LMWrapper(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf4096")), tmp_path / "onnx" / "model.onnx",
+                dynamo=False)
+    shutil.copy(default / "tokenizer.json", tmp_path / "onnx" / "tokenizer.json")
+    r = invoke("optimize", tmp_path / "onnx" / "model.onnx", "-o", tmp_path / "q", "-q", "--quantize", "int8",
+               "--accuracy-budget", "top1=0.5", "--accuracy-data", tmp_path / "text.txt")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "q" / "report.json").read_text())["accuracy"]["score"] >= 0.5
 
 
 def test_no_default_calibration_is_said_before_the_model_loads(tmp_path, monkeypatch):
