@@ -533,9 +533,14 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
     # keep the model's inputs and outputs.
     tail = [e for e in entries[qi + 1:] if e.name not in GENERATION_PASSES]
 
+    own = str(entries[qi].options.get("exclude") or "")  # the user's own layers in float: the guard adds to them
+
+    def joined(exclude: str) -> str:
+        return ";".join(x for x in (own, exclude) if x)
+
     def quantize(exclude: str):
         opts = {k: v for k, v in entries[qi].options.items() if k != "exclude"}
-        pm = PassManager([PipelineEntry(entries[qi].name, {**opts, **({"exclude": exclude} if exclude else {})})],
+        pm = PassManager([PipelineEntry(entries[qi].name, {**opts, **({"exclude": joined(exclude)} if joined(exclude) else {})})],
                          verify=False, ctx=ctx)
         g = PassManager(tail, verify=False, ctx=ctx).run(pm.run(base)) if tail else pm.run(base)
         if _signature(g) != _signature(base):
@@ -556,7 +561,7 @@ def _guard_quantization(graph: Graph, model, entries: list, budget, accuracy_dat
         accuracy["quant_accuracy_level"] = level
     guarded = list(entries)
     if exclude:
-        guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": exclude})
+        guarded[qi] = PipelineEntry(entries[qi].name, {**entries[qi].options, "exclude": joined(exclude)})
     return guarded, accuracy
 
 

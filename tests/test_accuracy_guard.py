@@ -237,3 +237,34 @@ def test_the_guard_measures_a_tvm_artifact_at_the_arithmetic_it_builds(tmp_path)
         assert report["accuracy"]["quant_accuracy_level"] == str(manifest["quant_accuracy_level"])
         if option:
             assert manifest["quant_accuracy_level"] == 0
+
+
+def test_the_guard_keeps_the_users_own_excluded_layers_in_float(tmp_path):
+    """A quantize-weights{exclude=...} of the user's own: the guard dropped it, measured every
+    layer quantized and reported that figure for an artifact that (the budget met at once) kept
+    the user's layers in float. It now starts from the user's exclude and adds to it: the
+    reported perplexity is the written artifact's."""
+    import json
+
+    import graphopt
+    from graphopt.accuracy import artifact_logits
+    from graphopt.driver import held_out_tokens, optimize, seq_len_of
+    from graphopt.models import load_graph
+
+    default = Path(__file__).resolve().parents[1] / "examples" / "default"
+    (tmp_path / "held_out.txt").write_text((default / "val.txt").read_text()[:9000])
+    prefix = ("fold-constants,simplify-shapes,eliminate-common-subexpressions,eliminate-dead-code,fuse-rms-norm,"
+              "fuse-linear,fuse-rotary,fuse-attention,eliminate-dead-code")
+    fused = optimize(str(default), None, passes=prefix).graph
+    own = sorted(n.name for n in fused.nodes if n.op_type == "Linear")
+    assert len(own) >= 6
+    pipeline = f"{prefix},quantize-weights{{bits=4,block-size=32,exclude={';'.join(own)}}}"
+    r = CliRunner().invoke(cli, ["optimize", str(default), "-o", str(tmp_path / "out"), "-q", "--passes", pipeline,
+                                 "--accuracy-budget", "perplexity=+1000%", "--accuracy-data", str(tmp_path / "held_out.txt"),
+                                 "--backend-option", "quant_accuracy_level=0"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert f"exclude={';'.join(own)}" in report["pipeline"] and report["accuracy"]["kept_float"] == []
+    ids, _ = held_out_tokens(str(default), load_graph(str(default)), str(tmp_path / "held_out.txt"))
+    got = perplexity(artifact_logits(graphopt.load(tmp_path / "out")), ids, seq_len_of(str(default))).perplexity
+    assert got == pytest.approx(report["accuracy"]["perplexity"], rel=1e-6)
