@@ -617,14 +617,32 @@ def _fitted(fitted: dict | None) -> str:
 
 
 def quantization_summary(records, scheme: str | None, calibration, feeds) -> dict:
-    """The report's "quantization" entry: what was quantized and the weight bytes it saved."""
+    """The report's "quantization" entry: what was quantized and the weight bytes it saved. A
+    pipeline of several quantizing passes (int4 for most layers, int8 for some) gets each
+    one's entry under "passes", the layer counts and bytes summed over them at the top (the
+    other fields the last pass's; "kept_float": what the last left in float)."""
     runs = [r for r in records if r.name in QUANT_PASSES]
     if not runs:
         return {}
-    r = runs[-1]
+    entries = [_quantization_entry(r) for r in runs]
+    out = {"scheme": scheme, **entries[-1]}
+    if len(entries) > 1:
+        layers = collections.Counter()
+        for e in entries:
+            layers.update(e["layers"])
+        out.update(layers=dict(layers), passes=entries,
+                   float_weight_bytes=sum(e["float_weight_bytes"] for e in entries),
+                   quantized_weight_bytes=sum(e["quantized_weight_bytes"] for e in entries))
+    if feeds:
+        out["calibration"] = {"file": None if calibration is None else str(calibration),
+                              "batches": len(feeds), "sequences": int(sum(len(next(iter(f.values()))) for f in feeds))}
+    return {"quantization": out}
+
+
+def _quantization_entry(r) -> dict:
     int8 = r.name != "quantize-weights"  # dynamic or static: int8 weights per channel, no blocks
     method = {"quantize-dynamic": "dynamic", "quantize-static": f"static-{r.options.get('calibration')}"}
-    out = {"scheme": scheme, "bits": 8 if int8 else r.options["bits"],
+    out = {"bits": 8 if int8 else r.options["bits"],
            "block_size": None if int8 else r.options["block_size"],
            "symmetric": True if int8 else r.options["symmetric"],
            "method": method.get(r.name) or r.options["method"],
@@ -637,10 +655,7 @@ def quantization_summary(records, scheme: str | None, calibration, feeds) -> dic
                                      if d.get("block_size") not in (None, r.options["block_size"]))
         if fitted:
             out["fitted_block_sizes"] = {str(b): n for b, n in sorted(fitted.items(), reverse=True)}
-    if feeds:
-        out["calibration"] = {"file": None if calibration is None else str(calibration),
-                              "batches": len(feeds), "sequences": int(sum(len(next(iter(f.values()))) for f in feeds))}
-    return {"quantization": out}
+    return out
 
 
 def fusion_summary(records) -> dict:
@@ -720,7 +735,7 @@ def format_report(report: dict) -> str:
         lines.append(f"backend   {report['backend']}: " + ", ".join(
             f"{k} {v:.1f} s" for k, v in report["backend_seconds"].items()))
     q = report.get("quantization")
-    if q:
+    for q in (q.get("passes") or [q]) if q else []:
         layers = sum(q["layers"].values())
         how = ("activations per call" if q["method"] == "dynamic" else
                f"activations {q['method']}" if q["method"].startswith("static") else

@@ -210,6 +210,22 @@ def test_a_calibration_npz_is_checked_against_the_model_inputs(tmp_path):
     assert load_calibration(tmp_path / "cal.npz", None, g)[0]["past_key_values.0.key"].shape == (4, 2, 0, 8)
 
 
+def test_a_pipeline_of_two_quantizing_passes_reports_both(tmp_path):
+    """int4 for one layer, int8 dynamic for the other: the summary and report.json told of the
+    last pass alone ("quantized 1 layers to int8"), the int4 layer missing."""
+    r = invoke("optimize", EXAMPLE, "-o", tmp_path / "q", "--passes",
+               "quantize-weights{block-size=16,exclude=fc2/MatMul},quantize-dynamic")
+    assert r.exit_code == 0, r.output
+    assert "quantized 1 layers to int4 (block 16, rtn)" in r.output
+    assert "quantized 1 layers to int8 (activations per call)" in r.output
+    q = json.loads((tmp_path / "q" / "report.json").read_text())["quantization"]
+    assert [(e["bits"], e["method"], sum(e["layers"].values())) for e in q["passes"]] == [(4, "rtn", 1), (8, "dynamic", 1)]
+    assert sum(q["layers"].values()) == 2 and q["kept_float"] == []
+    assert q["quantized_weight_bytes"] == sum(e["quantized_weight_bytes"] for e in q["passes"]) > 0
+    ops = [n.op_type for n in onnx.load(tmp_path / "q" / "model.onnx").graph.node]
+    assert ops.count("MatMulNBits") == 1 and "MatMul" not in ops
+
+
 def test_calibration_activations_must_be_finite_and_fit_the_fixed_dims(tmp_path):
     """NaN or infinity in a calibration array wrecked GPTQ's weights and int8-static's scales
     without a word (exit 0, the outputs garbage); a fixed dim that does not fit was an error
