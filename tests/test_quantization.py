@@ -563,6 +563,10 @@ def test_accuracy_level_auto_is_chosen_by_timing_and_recorded(tmp_path, monkeypa
         graphopt.optimize(g, tmp_path / f"a{i}", passes="eliminate-dead-code", overwrite=True)
         manifest = json.loads((tmp_path / f"a{i}" / "manifest.json").read_text())
         assert manifest["quant_accuracy_level"]["level"] == forced
+    # a level given to the backend is recorded too (the manifest said nothing of it)
+    graphopt.optimize(g, tmp_path / "given", passes="eliminate-dead-code", backend_options={"quant_accuracy_level": "4"})
+    given = json.loads((tmp_path / "given" / "manifest.json").read_text())["quant_accuracy_level"]
+    assert given["level"] == 4 and given["rule"].startswith("given") and given["layers"] >= 1
     assert accuracy_level.choose_accuracy_level(linear_graph("matmul")[0]) is None  # nothing to time
 
 

@@ -20,7 +20,7 @@ from graphopt.manifest import artifact_file
 from graphopt.ir import Graph
 
 from graphopt.backends.onnxruntime import attention, moe, quant, rules  # noqa: F401  (register the rules)
-from graphopt.backends.onnxruntime.accuracy_level import choose_accuracy_level
+from graphopt.backends.onnxruntime.accuracy_level import choose_accuracy_level, quant_shapes
 from graphopt.backends.onnxruntime.kernels import MS_DOMAIN
 from graphopt.backends.onnxruntime.lowering import LoweringReport, lower_graph
 from graphopt.onnx_io import save_onnx
@@ -87,10 +87,15 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
     files = save_onnx(lowered, outdir / "model.onnx")
     fields = {"files": [f.name for f in files], "model": "model.onnx", "lowering": report.to_json(),
               "nodes": len(lowered.nodes)}
-    if target == "cpu" and (options or {}).get("quant_accuracy_level", "auto") == "auto":
+    forced = (options or {}).get("quant_accuracy_level", "auto")
+    if target == "cpu" and forced == "auto":
         choice = choose_accuracy_level(graph)  # what lower() used (cached)
         if choice is not None:
             fields["quant_accuracy_level"] = choice
+    elif target == "cpu" and quant_shapes(graph):  # the level the user (or the accuracy guard) gave
+        fields["quant_accuracy_level"] = {
+            "level": int(forced), "layers": int(sum(quant_shapes(graph).values())),
+            "rule": "given: --backend-option quant_accuracy_level, or the level --accuracy-budget measured at"}
     session = session_options_for(lowered, target)
     if session:
         fields["ort_session"] = session
