@@ -313,6 +313,9 @@ def _progress(quiet: bool):
                    "past and present, as static does); static: one "
                    "preallocated max-positions buffer that past and present share (ORT, TVM); paged: pools of "
                    "16-position blocks and a block_table input (ORT, TVM); BSNH: TVM.")
+@click.option("--max-positions", type=click.IntRange(min=1), multiple=True, callback=once, metavar="N",
+              help="Decoders: the longest sequence the static or paged cache holds (default: the model's "
+                   "context, from its config.json; an ONNX file alone records none).")
 @click.option("--quantize", multiple=True, callback=once, metavar="int8|int4[:BLOCK]|int8-dynamic|int8-static",
               help="Append quantization to the pipeline: weight-only int8 (block 128) or int4 (block 32; int4:64, "
                    "int4:128), int8-dynamic (activations quantized per call) or int8-static (activation ranges "
@@ -349,7 +352,7 @@ def _progress(quiet: bool):
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages (the report is still printed; --json "
               "prints it as JSON).")
 def optimize(model, output_dir, pipeline, recipe, backend, backend_options, target, check_numerics, inputs_file,
-             no_verify, overwrite, explain_fusions, logits, kv_cache, kv_layout, quantize, quant_method, prune,
+             no_verify, overwrite, explain_fusions, logits, kv_cache, kv_layout, max_positions, quantize, quant_method, prune,
              calibration,
              accuracy_budget, accuracy_data, tune_minutes, tune_shapes, tune_db, as_json, quiet):
     """Optimize MODEL and write an artifact folder.
@@ -403,7 +406,8 @@ def optimize(model, output_dir, pipeline, recipe, backend, backend_options, targ
                           backend_options=options, target=target,
                           check_numerics=check_numerics, inputs=inputs, verify=not no_verify,
                           progress=_progress(quiet), overwrite=overwrite, logits=logits, kv_cache=kv_cache,
-                          kv_layout=kv_layout, quantize=quantize, quant_method=quant_method, calibration=calibration,
+                          kv_layout=kv_layout, max_positions=max_positions, quantize=quantize,
+                          quant_method=quant_method, calibration=calibration,
                           accuracy_budget=accuracy_budget, accuracy_data=accuracy_data, prune=prune,
                           tune_minutes=tune_minutes, tune_shapes=tune_shapes, tune_db=tune_db)
     progress.flush()  # the artifact is written: what it took goes above the report

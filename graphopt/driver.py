@@ -101,12 +101,15 @@ def is_decoder(graph: Graph) -> bool:
             and graph.outputs[0].type.rank == 3)
 
 
-def _make_generation_ready(graph: Graph, pm, logits: str, kv_layout: str, verify: bool, progress, ctx):
+def _make_generation_ready(graph: Graph, pm, logits: str, kv_layout: str, verify: bool, progress, ctx,
+                           max_positions: int | None = None):
     """rewrite-kv-cache (and slice-last-token-logits) after the default pipeline; the
     graph as it was, and why, where the rewrite refuses it. The generation passes change the
     signature (the cache inputs), so check-numerics, which runs the graph on the same feeds
     before and after each pass, stops before them; their own tests check them."""
-    rewrite = "rewrite-kv-cache" if kv_layout == "BNSH" else f"rewrite-kv-cache{{layout={kv_layout}}}"
+    options = ([] if kv_layout == "BNSH" else [f"layout={kv_layout}"]) + \
+        ([f"max-positions={max_positions}"] if max_positions else [])
+    rewrite = f"rewrite-kv-cache{{{','.join(options)}}}" if options else "rewrite-kv-cache"
     stages = [rewrite] + (["slice-last-token-logits"] if logits == "last" else [])
     for i, stage in enumerate(stages):
         gen = PassManager(stage, verify=verify, progress=progress, ctx=ctx)
@@ -134,7 +137,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
              target: str = "cpu", check_numerics: bool = False, inputs: dict[str, np.ndarray] | None = None,
              verify: bool = True, progress: Callable[[str], None] | None = None,
              overwrite: bool = False, logits: str | None = None, kv_cache: bool = True,
-             kv_layout: str | None = None, quantize: str | None = None, quant_method: str = "rtn",
+             kv_layout: str | None = None, max_positions: int | None = None, quantize: str | None = None,
+             quant_method: str = "rtn",
              calibration: str | os.PathLike | None = None, accuracy_budget: str | None = None,
              accuracy_data: str | os.PathLike | None = None, prune: str | None = None,
              tune_minutes: float | None = None, tune_shapes: str | None = None,
@@ -150,7 +154,8 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     A decoder (`input_ids` in, `logits` out) gets a generation-ready artifact by default: the
     default pipeline ends with rewrite-kv-cache and, unless `logits="all"`, with
     slice-last-token-logits (`kv_layout`: the cache layout, BNSH by default, or static: one
-    preallocated buffer per cache); its tokenizer is copied beside the model. Where the rewrite
+    preallocated buffer per cache; `max_positions`: the longest sequence it holds, by default
+    the model's context from its config); its tokenizer is copied beside the model. Where the rewrite
     refuses the model (it says why), or with `kv_cache=False`, the artifact recomputes the
     whole sequence as before.
 
@@ -215,6 +220,12 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
             raise UserError("--kv-layout chooses the cache of the default pipeline's rewrite-kv-cache; with "
                             "--no-kv-cache there is none, with --passes or --recipe give rewrite-kv-cache{layout=...}")
         check_layout(kv_layout, backend)  # its message names rewrite-kv-cache and the layout
+    if max_positions is not None:
+        if isinstance(max_positions, bool) or not isinstance(max_positions, (int, np.integer)) or max_positions < 1:
+            raise UserError(f"--max-positions {max_positions!r}: a whole number of positions, at least 1")
+        if not kv_cache or passes is not None or recipe is not None:
+            raise UserError("--max-positions sizes the default pipeline's KV cache; with --no-kv-cache there is none, "
+                            "with --passes or --recipe give rewrite-kv-cache{max-positions=N}")
     tune_spec = _check_tuning(backend, target, backend_options, tune_minutes, tune_shapes, tune_db)
     # Check the pipeline before the (possibly slow) model load.
     entries = load_recipe(recipe) if recipe is not None else _pipeline(passes)
@@ -310,13 +321,14 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     generation_note = None
     if passes is None and recipe is None and kv_cache and is_decoder(optimized):
         optimized, generation_note = _make_generation_ready(optimized, pm, logits or "last", kv_layout or "BNSH",
-                                                            verify, progress, ctx)
+                                                            verify, progress, ctx, max_positions)
         if logits == "last" and generation_note.get("logits") != "last":
             raise UserError(f"--logits last: {generation_note.get('reason', 'the logits cannot be sliced')}")
-        if kv_layout is not None and not generation_note["ready"]:  # asked for by name: not a silent fallback
-            raise UserError(f"--kv-layout {kv_layout}: {generation_note['reason']}")
-    elif logits is not None or kv_layout is not None:
-        option = "--logits" if logits is not None else "--kv-layout"
+        if (kv_layout is not None or max_positions) and not generation_note["ready"]:  # asked for: no silent fallback
+            option = f"--kv-layout {kv_layout}" if kv_layout is not None else f"--max-positions {max_positions}"
+            raise UserError(f"{option}: {generation_note['reason']}")
+    elif logits is not None or kv_layout is not None or max_positions is not None:
+        option = "--logits" if logits is not None else "--kv-layout" if kv_layout is not None else "--max-positions"
         raise UserError(f"{option} applies to decoders (input_ids in, logits out) with the KV cache; "
                         f"{graph.metadata.source or 'this model'} is not one")
     after = summarize(optimized)

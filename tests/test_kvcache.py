@@ -957,6 +957,26 @@ def test_an_optimum_export_keeps_its_dimension_names_and_builds_for_tvm(layout, 
                  64 if layout == "static" else 0)
 
 
+def test_max_positions_sizes_the_static_cache_of_an_onnx_file_that_records_no_context(exported_with_cache, tmp_path):
+    """An ONNX file with a cache and no config.json beside it: --kv-layout static said "give
+    rewrite-kv-cache{max-positions=N}", and --passes with that pass alone failed (the pass runs
+    after the fusion pipeline). --max-positions N now sizes the default pipeline's cache."""
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    path, _, model = exported_with_cache
+    with pytest.raises(UserError, match=r"--kv-layout static: .*needs the maximum context.*--max-positions N"):
+        graphopt.optimize(path, tmp_path / "none", kv_layout="static")
+    graphopt.optimize(path, tmp_path / "out", kv_layout="static", max_positions=32)
+    artifact = graphopt.load(tmp_path / "out")
+    assert (artifact.manifest["generation"]["kv_layout"], artifact.manifest["generation"]["max_positions"]) == ("static", 32)
+    check_decode(artifact.decode_run(), hf_reference(model), PROMPTS, 6, 2, 2, 8, "static", 32)
+    r = CliRunner().invoke(cli, ["optimize", str(path), "-o", str(tmp_path / "p"), "--passes", "fold-constants",
+                                 "--max-positions", "32"])
+    assert r.exit_code == 2 and "--max-positions sizes the default pipeline's KV cache" in r.output
+
+
 def test_an_exported_cache_the_pass_cannot_read_is_refused_with_the_reason(exported_with_cache):
     from graphopt.models import load_graph
     from graphopt.pass_manager import PassError

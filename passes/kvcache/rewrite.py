@@ -130,7 +130,7 @@ class RewriteKVCache(Pass):
         if has_cache(graph):  # exported with a cache: recognized and moved to the layout
             if self.layout in ("static", "paged") and not max_pos:
                 raise _fail(f"the {self.layout} layout needs the maximum context, which the graph does not record: "
-                            "give rewrite-kv-cache{max-positions=N}")
+                            "give it (graphopt optimize --max-positions N, or rewrite-kv-cache{max-positions=N})")
             result = PassResult()
             layers = convert_cache(graph, self.layout, max_pos, self.block_size)
             result.count("attention", layers)
