@@ -104,6 +104,9 @@ def _checking_block_table(run):
     return checked
 
 
+GENERATE_OPTIONS = {"temperature", "top_k", "top_p", "seed", "eos_token_id", "on_tokens"}
+
+
 class Artifact:
     """A loaded artifact. `run(feeds)` -> outputs by name."""
 
@@ -189,6 +192,10 @@ class Artifact:
         or token ids, one list or a batch) on this artifact's backend; returns a
         `graphopt.generation.GenerationResult` (tokens, texts, time to first token, decode
         tokens/s). Options: temperature, top_k, top_p, seed, eos_token_id, on_tokens."""
+        unknown = sorted(set(options) - GENERATE_OPTIONS)
+        if unknown:
+            raise UserError(f"generate() has no option {unknown[0]!r} (its options: max_new_tokens, "
+                            f"{', '.join(sorted(GENERATE_OPTIONS))})")
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and all(isinstance(p, str) for p in prompts)):
             # each row's text as it reads after its prompt (a SentencePiece decoder keeps the space)

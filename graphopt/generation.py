@@ -144,6 +144,10 @@ class Generator:
         a GPU) the cache stays in ORT's buffers between steps; `io_binding` True or False forces
         the choice (`Artifact.decode_run` says why it is made so). `num_blocks`: a paged
         cache's pool size (by default what each request needs)."""
+        if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer))
+                                       or num_blocks < 1):
+            raise UserError(f"num_blocks={num_blocks!r}: the paged cache's pool size, a whole number of blocks "
+                            "(at least 1), or None for what each request needs")
         gen = artifact.manifest.get("generation") or {}
         why_not = artifact.manifest.get("not_generation_ready")
         if not gen and why_not:
@@ -196,6 +200,8 @@ class Generator:
         (which is also what it is fed: an id the model gave, inside its vocabulary)."""
         prompts = token_prompts(prompts, self.vocab_size)
         _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        if on_tokens is not None and not callable(on_tokens):
+            raise UserError(f"on_tokens={on_tokens!r}: a function of (step, ids), called with each step's new tokens")
         longest = max(len(p) for p in prompts)
         limit = self.spec.max_positions
         if limit and longest + max_new_tokens - 1 > limit:
@@ -369,7 +375,9 @@ def token_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
         if bad is not None:
             raise UserError(f"prompts: token ids are integers, not {bad!r} ({type(bad).__name__})")
         rows.append([int(t) for t in p])
-    if not rows or any(not p for p in rows):
+    if not rows:
+        raise UserError("no prompts: give one prompt (token ids) or a list of them")
+    if any(not p for p in rows):
         raise UserError("every prompt needs at least one token")
     out = next((t for p in rows for t in p if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
     if out is not None:

@@ -54,6 +54,9 @@ def generate(model, prompts, backend, max_new_tokens, temperature, top_k, top_p,
     from graphopt.generation_text import check_text
 
     check_text(prompts)
+    if temperature == 0 and (top_k or top_p < 1):
+        click.echo("note: --top-k and --top-p filter sampling; at --temperature 0 (the default) decoding is greedy "
+                   "and they change nothing (give --temperature, e.g. 0.8, to sample)", err=True)
     wanted = _BACKENDS[backend]
     if (model / "manifest.json").is_file():
         _generate_artifact(model, list(prompts), wanted, max_new_tokens, temperature, top_k, top_p, seed, threads)

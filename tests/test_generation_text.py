@@ -210,6 +210,35 @@ def test_refusals_name_what_to_do(byte_chain):
     assert "graphopt optimize" in r.output and "checkpoint" not in r.output
 
 
+def test_filters_at_temperature_zero_are_noted_and_api_arguments_checked_up_front(byte_chain):
+    """--top-k/--top-p at the default --temperature 0 changed nothing without a word; the API took
+    a non-callable on_tokens until after prefill, a negative num_blocks to numpy, an unknown
+    option as a TypeError naming another function, and said of no prompts at all that a prompt
+    needs a token."""
+    import graphopt
+    from graphopt.errors import UserError
+    from graphopt.generation import Generator
+
+    folder, out, _, _ = byte_chain
+    r = generate(out, "--prompt", "x", "--max-new-tokens", "2", "--top-k", "5")
+    assert r.exit_code == 0 and "at --temperature 0 (the default) decoding is greedy" in r.stderr, r.output
+    r = generate(out, "--prompt", "x", "--max-new-tokens", "2", "--top-k", "5", "--temperature", "0.8")
+    assert r.exit_code == 0 and "greedy" not in r.stderr, r.output
+    artifact = graphopt.load(out)
+    calls = []
+    artifact.run = lambda feeds: calls.append(1)  # nothing may run before the arguments are checked
+    for kwargs, message in (({"on_tokens": 5}, "on_tokens=5: a function of"),
+                            ({"foo": 1}, "generate\(\) has no option 'foo'")):
+        with pytest.raises(UserError, match=message):
+            artifact.generate([[1, 2]], 2, **kwargs)
+    with pytest.raises(UserError, match="no prompts: give one prompt"):
+        artifact.generate([], 2)
+    for bad in (-1, 0, "x", True):
+        with pytest.raises(UserError, match="num_blocks=.*the paged cache's pool size"):
+            Generator.for_artifact(artifact, num_blocks=bad)
+    assert not calls
+
+
 # --------------------------------------------------------------------------------------
 # A SentencePiece-style tokenizer (Metaspace: "▁" for a space, none before the first word)
 
