@@ -46,7 +46,7 @@ class Budget:
             raise UserError(f"--accuracy-budget {text!r}: expected perplexity=+2%, top1=0.99 or cosine=0.995")
         value = None
         if metric == "perplexity":
-            m = re.fullmatch(r"\+?(\d+(?:\.\d+)?)%", raw.strip())
+            m = re.fullmatch(r"\+?(\d+(?:\.\d*)?|\.\d+)%", raw.strip(), re.ASCII)
             value = float(m.group(1)) / 100 if m else None
         else:
             try:

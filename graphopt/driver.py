@@ -80,7 +80,7 @@ def quantize_pipeline(scheme: str, method: str = "rtn") -> str:
                         "int8-dynamic or int8-static")
     bits, block_size = QUANT_SCHEMES[name]
     if colon:
-        if not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
+        if not (block.isascii() and block.isdigit()) or int(block) not in (16, 32, 64, 128, 256):
             raise UserError(f"--quantize {scheme!r}: the block size must be 32, 64 or 128 (or 16, 256)")
         block_size = int(block)
     if method not in ("rtn", "gptq", "awq"):

@@ -18,13 +18,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp.onnx"
 def test_budget_parse():
     assert Budget.parse("perplexity=+2%") == Budget("perplexity", 0.02)
     assert Budget.parse("perplexity=0.5%") == Budget("perplexity", 0.005)
+    assert Budget.parse("perplexity=+.5%") == Budget("perplexity", 0.005)  # as a user may write it
     assert Budget.parse("top1=0.99") == Budget("top1", 0.99)
     assert Budget.parse("cosine=0.995") == Budget("cosine", 0.995) and str(Budget("cosine", 0.995)) == "cosine=0.995"
     # said back as given (cosine=0.99999999 was said back as cosine=1)
     for text in ("cosine=0.99999999", "perplexity=+0.5%", "perplexity=+2%", "top1=0.999"):
         assert str(Budget.parse(text)) == text
     for bad, msg in (("perplexity=2", "takes"), ("top1=1.5", "takes"), ("bleu=3", "expected"),
-                     ("cosine=1.2", "takes")):
+                     ("cosine=1.2", "takes"), ("perplexity=+\u0662%", "takes")):  # an Arabic-Indic 2: not a number here
         with pytest.raises(UserError, match=msg):
             Budget.parse(bad)
 

@@ -310,6 +310,7 @@ CASES = {
     "quantize-unknown": ("optimize {EX} -o {W}/out -q --quantize int3", "--quantize 'int3': expected int8, int4"),
     "quantize-block": ("optimize {EX} -o {W}/out -q --quantize int4:7", "the block size must be"),
     "quantize-block-empty": ("optimize {EX} -o {W}/out -q --quantize int4:", "the block size must be"),
+    "quantize-block-not-ascii": ("optimize {EX} -o {W}/out -q --quantize int4:\u0666\u0664", "the block size must be"),
     "quantize-twice": ("optimize {EX} -o {W}/out -q --quantize int4 --quantize int8",
                        "'--quantize': given 2 times (int4, int8): give it once"),
     "accuracy-budget-twice": ("optimize {DEF} -o {W}/out -q --quantize int4 --accuracy-budget perplexity=+1% "
