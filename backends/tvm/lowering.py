@@ -300,6 +300,34 @@ class Lowerer:
                 shape.append(self.dim(f"{v.name}_dim{i}"))
         return relax.Var(v.name, relax.TensorType(shape, relax_dtype(v.type.dtype)))
 
+    def _cast_sum_dims(self, inputs) -> None:
+        """A cached decoder's attention_mask, whose length is a sum of other inputs' dims (named
+        so, `past_sequence_length + sequence_length`, or as the mask of a decoder with a cache,
+        `total`), is a symbol of its own in the signature; cast it at once to the sum, which the
+        VM checks at run time, so that every use sees the sum.
+        Cast where an op first meets it instead, uses before the cast read the symbol and uses
+        after it the sum, and TVM's FuseTIR fails on a kernel that reads both."""
+        from tvm import relax
+
+        from graphopt.sample_inputs import mask_terms, mask_total
+
+        plain = {d for v in inputs for d in v.type.shape if isinstance(d, str) and d.isidentifier()}
+        total = mask_total(self.graph)  # a cached decoder's mask length however named ("total"): past + new
+        for v in inputs:
+            if v.name != "attention_mask":  # a decoder's mask (other inputs keep the cast where an op meets them)
+                continue
+            shape, cast = list(self.shape(self.env[id(v)])), False
+            for i, d in enumerate(v.type.shape):
+                terms = [t.strip() for t in d.split("+")] if isinstance(d, str) and "+" in d else []
+                if total is not None and d == total:
+                    terms = list(mask_terms(self.graph))
+                if terms and all(t in plain or t.isdigit() for t in terms):
+                    shape[i] = sum((int(t) if t.isdigit() else self.dim(t) for t in terms[1:]),
+                                   int(terms[0]) if terms[0].isdigit() else self.dim(terms[0]))
+                    cast = True
+            if cast:
+                self.env[id(v)] = self.bb.match_cast(self.env[id(v)], relax.TensorType(shape, relax_dtype(v.type.dtype)))
+
     def _constant(self, name: str, a: np.ndarray):
         """A constant: a `Known`, an inlined constant, or a weight parameter."""
         from tvm import relax
@@ -395,6 +423,7 @@ class Lowerer:
         # Parameters must be known before the function starts: make every weight up front.
         with self.bb.function("main"):
             with self.bb.dataflow():
+                self._cast_sum_dims(inputs)
                 for node in g.nodes:
                     self.node = node
                     rule: Callable = get_lowering(BACKEND, node.domain, node.op_type)
