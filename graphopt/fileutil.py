@@ -342,15 +342,17 @@ def check_output_files(paths: Iterable[str | os.PathLike],
     owners = dict(inputs) if isinstance(inputs, Mapping) else {p: p for p in inputs}
     protected = {Path(os.path.realpath(p)): (str(p), str(owner)) for p, owner in owners.items()}
     for path in paths:
-        if not os.path.lexists(path):
-            continue
-        head = f"{option} {paths[0]}: " + ("" if path == paths[0] else f"would replace {path} beside it, which ")
-        if path.is_dir():
-            raise UserError(f"{head}is a folder; give an output file name")
+        exists = os.path.lexists(path)
+        head = f"{option} {paths[0]}: " + ("" if path == paths[0] else
+                                           f"would {'replace' if exists else 'write'} {path} beside it, which ")
         real = Path(os.path.realpath(path))
         for p, (given, owner) in protected.items():
-            if _inside(real, p):
+            if _inside(real, p):  # a new file too: nothing is written inside an input folder
                 what = "the input" if real == p and given == owner else "part of the input"
                 raise UserError(f"{head}is {what} {owner}; give another output name")
+        if not exists:
+            continue
+        if path.is_dir():
+            raise UserError(f"{head}is a folder; give an output file name")
         if not overwrite:
             raise UserError(f"{head}exists; give a new name, or --overwrite to replace it")

@@ -299,6 +299,8 @@ CASES = {
     "compare-json-is-the-model": ("compare {B}/tiny.onnx --json {B}/tiny.onnx", "--json {B}/tiny.onnx: is the input"),
     "compare-html-in-the-model": ("compare {B}/ckpt_cut --html {B}/ckpt_cut/config.json",
                                   "is part of the input {B}/ckpt_cut"),
+    "compare-new-json-in-the-model": ("compare {B}/ckpt_cut --json {B}/ckpt_cut/new_report.json",
+                                      "is part of the input {B}/ckpt_cut"),  # a new file too (it was written)
     "compare-json-is-the-data": ("compare {EX} --data {B}/notes.txt --json {B}/notes.txt", "is the input"),
     "compare-no-model": ("compare", "give a MODEL"),
     "compare-no-cell": ("compare {EX} --variants ort-plain --backends torch", "no cell to measure (ort-plain: exists on"),
