@@ -335,7 +335,9 @@ def optimize(model: str | os.PathLike | Graph, output_dir: str | os.PathLike | N
     report = {
         "model": _absolute(graph.metadata.source),
         "fusions": fusion_summary(pm.records),
-        "frontend": {"exporter": graph.metadata.exporter or "onnx file", "seconds": round(graph.metadata.export_seconds, 3)},
+        "frontend": {"exporter": graph.metadata.exporter or "onnx file", "seconds": round(graph.metadata.export_seconds, 3),
+                     # whether total_seconds counts it: not where the caller loaded the graph (compare's shared export)
+                     "in_total_seconds": not isinstance(model, Graph)},
         "pipeline": pm.pipeline_text,
         "verify": verify,
         "check_numerics": check_numerics,

@@ -458,6 +458,20 @@ def test_cli_artifact_folders(hf_folder, tmp_path):
     assert [c["id"] for c in data["cells"]] == ["torch/fp32", "ort/a", "ort/b"]  # the source is found from report.json
     for c in data["cells"][1:]:
         assert c["results"][0]["accuracy"]["max_abs_err"] < 1e-4
+    # the build column: optimize + lower + compile, the export left out (it counted the artifact's export)
+    written = json.loads((a / "report.json").read_text())
+    assert written["frontend"]["in_total_seconds"] is False  # compare built it from its own shared export
+    assert data["cells"][1]["build_seconds"] == pytest.approx(written["total_seconds"], abs=1e-6)
+    import graphopt
+
+    graphopt.optimize(hf_folder, tmp_path / "c", kv_cache=False)  # built by optimize: its total counts the export
+    written = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert written["frontend"]["in_total_seconds"] is True and written["frontend"]["seconds"] > 0
+    res = CliRunner().invoke(cli, ["compare", str(tmp_path / "c"), "--seq", "8", "--threads", "1", "--runs", "1",
+                                   "--min-time", "0", "--json", str(tmp_path / "r2.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    cell = json.loads((tmp_path / "r2.json").read_text())["cells"][1]
+    assert cell["build_seconds"] == pytest.approx(written["total_seconds"] - written["frontend"]["seconds"], abs=1e-6)
 
 
 @pytest.mark.parametrize("args, message", [
