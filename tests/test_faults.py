@@ -185,6 +185,7 @@ CASES = {
     "artifact-negative-dim": ("inspect {B}/art_negdim", "sizes: whole numbers >= 0 or symbol names"),
     "artifact-truncated-model": ("inspect {B}/art_cut", "art_cut/model.onnx: not a valid ONNX model"),
     # artifacts given to eval, generate and compare
+    "eval-data-not-utf8": ("eval {DEF} --data {B}/latin1.txt", "--data {B}/latin1.txt: not UTF-8 text"),
     "eval-artifact-bad-report": ("eval {B}/art_badreport", "art_badreport/report.json: not a readable report"),
     "eval-artifact-truncated": ("eval {B}/art_cut", "art_cut/model.onnx: not a valid ONNX model"),
     "eval-artifact-no-tokenizer": ("eval {B}/art", "no tokenizer.json in the artifact"),

@@ -181,7 +181,8 @@ def eval_command(checkpoint, data, batch_size, max_tokens, as_json):
 
         click.echo(json_text(dict(asdict(result), source=source)))
         return
-    click.echo(f"text:               {source} ({result.documents} documents, {result.bytes:,} bytes)")
+    click.echo(f"text:               {source} ({result.documents} document{'' if result.documents == 1 else 's'}, "
+               f"{result.bytes:,} bytes)")
     click.echo(f"tokens scored:      {result.tokens:,}")
     click.echo(f"loss:               {result.loss:.4f} nats/token")
     click.echo(f"perplexity:         {result.perplexity:.3f}")

@@ -156,7 +156,7 @@ def collect_documents(root: Path, cfg: DataConfig, progress=None, say_left_out: 
         raise UserError(f"--data {root}: too few documents ({len(docs)}) to hold out a validation split"
                         + (f"; left out: {left_out}" if left_out else ""))
     if dropped and (progress or say_left_out):
-        notes.note(f"--data {root}: {len(docs)} documents; left out: {left_out}")
+        notes.note(f"--data {root}: {len(docs)} document{'' if len(docs) == 1 else 's'}; left out: {left_out}")
     if cfg.val_fraction > 0 and not any(d["split"] == "val" for d in docs):
         # Tiny corpora: move one document so that validation is never empty.
         docs[-1]["split"] = "val"
@@ -264,7 +264,7 @@ def load_split(prepared: Path, split: str) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def read_val_text(path: Path) -> list[str]:
+def read_val_text(path: Path, option: str = "") -> list[str]:
     """Splits a val.txt (documents separated by <|endoftext|>) back into documents; a .jsonl
     holds one document a line (see read_jsonl). A byte-order mark is not text."""
     path = Path(path)
@@ -273,7 +273,7 @@ def read_val_text(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"{option + ' ' if option else ''}{path}: not UTF-8 text (byte {e.start})") from None
     return [d for d in text.split(EOS) if d]
 
 

@@ -33,7 +33,7 @@ def load_documents(checkpoint: Path, data: Path | None) -> tuple[list[str], str]
         return read_val_text(path), str(path)
     data = Path(data)
     if data.is_file():
-        return read_val_text(data), str(data)
+        return read_val_text(data, "--data"), str(data)
     # Every text file is scored: not the training cleaner's length rules (a prose paragraph is
     # one long line) nor its excluded test folders, but not the installed packages of a Python
     # tree either; what is left out (binary, not UTF-8, duplicates) is said.
