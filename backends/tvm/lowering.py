@@ -36,6 +36,7 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph, Node, Value
 from graphopt.lowering import prepare as prepare_for_backend
 from graphopt.registry import get_lowering, register_lowering
+from graphopt.sample_inputs import mask_terms, mask_total
 
 BACKEND = "tvm"
 INLINE_BYTES = 256  # constants up to this size are compiled into the library
@@ -308,8 +309,6 @@ class Lowerer:
         Cast where an op first meets it instead, uses before the cast read the symbol and uses
         after it the sum, and TVM's FuseTIR fails on a kernel that reads both."""
         from tvm import relax
-
-        from graphopt.sample_inputs import mask_terms, mask_total
 
         plain = {d for v in inputs for d in v.type.shape if isinstance(d, str) and d.isidentifier()}
         total = mask_total(self.graph)  # a cached decoder's mask length however named ("total"): past + new
