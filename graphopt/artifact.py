@@ -17,6 +17,7 @@ it: every file it names must be a plain relative path that stays inside the fold
 """
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 from collections.abc import Mapping
@@ -104,7 +105,9 @@ def _checking_block_table(run):
     return checked
 
 
-GENERATE_OPTIONS = {"temperature", "top_k", "top_p", "seed", "eos_token_id", "on_tokens"}
+# Artifact.generate's options: Generator.generate's keywords, less what only graphopt's own text path sets
+GENERATE_OPTIONS = set(inspect.signature(Generator.generate).parameters) - {"self", "prompts", "max_new_tokens",
+                                                                            "allowed_first"}
 
 
 class Artifact:

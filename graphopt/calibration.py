@@ -17,7 +17,7 @@ import numpy as np
 
 from graphopt.errors import UserError
 from graphopt.frontends.huggingface import config_positions
-from graphopt.ir import Graph, Value
+from graphopt.ir import Graph
 from graphopt.sample_inputs import index_bound
 
 DEFAULT_SAMPLES = 32
@@ -83,10 +83,10 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
         if v.is_initializer or v.type is None:
             continue
         a, want = data[v.name], v.type.dtype.np_dtype
-        if a.ndim == 0 or len(a) == 0 or (_embedding_rows(v) is not None and a.size == 0):
+        if a.ndim == 0 or len(a) == 0 or (index_bound(v) is not None and a.size == 0):
             # (an empty past of a cached decoder is a prefill's; empty token ids are nothing to run)
             raise UserError(f"--calibration {path}: array {v.name!r} has shape {list(a.shape)}: give samples along "
-                            "its first axis" + (", each of at least one token" if _embedding_rows(v) else ""))
+                            "its first axis" + (", each of at least one token" if index_bound(v) else ""))
         if a.dtype != want:
             if not (a.dtype.kind in "iu" and np.dtype(want).kind == "i" and a.size
                     and np.iinfo(want).min <= a.min() and a.max() <= np.iinfo(want).max):
@@ -108,7 +108,7 @@ def _npz_feeds(path: Path, graph: Graph, samples: int, folder: Path | None = Non
                 other = f"array {seen[1]!r} has {seen[0]}" if seen[1] else f"the model's input is {shape}"
                 raise UserError(f"--calibration {path}: array {v.name!r} has shape {list(a.shape)}: its dimension "
                                 f"{axis} ({d}) is {a.shape[axis]}, but {other}")
-        rows = _embedding_rows(v)
+        rows = index_bound(v)
         if rows is not None and a.size and (a.min() < 0 or a.max() >= rows):
             raise UserError(f"--calibration {path}: array {v.name!r} holds token id {int(a.max() if a.max() >= rows else a.min())}, "
                             f"outside the model's vocabulary of {rows}")
@@ -180,16 +180,6 @@ def model_tokenizer(folder: Path | None, source: str, option: str = "--calibrati
 
 def _npz_hint(option: str, what: str) -> str:
     return f"; give an .npz of {what} instead" if option == "--calibration" else ""
-
-
-def _embedding_rows(v: Value) -> int | None:
-    """The row count of the constant table that input `v` indexes (token ids into an embedding)."""
-    for user, index in v.uses():
-        if user.domain == "" and user.op_type == "Gather" and index == 1 and user.attr("axis", 0) == 0:
-            table = user.inputs[0]
-            if table.is_initializer and table.type is not None and table.type.shape and isinstance(table.type.shape[0], int):
-                return table.type.shape[0]
-    return None
 
 
 def model_context(folder: Path | None) -> int | None:

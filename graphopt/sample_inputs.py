@@ -15,23 +15,33 @@ DEFAULT_DIMS = {"batch": 2, "seq": 8, "past_seq": 4}
 _INDEX_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
-def bind_dims(graph: Graph, dims: dict[str, int] | None = None) -> dict[str, int]:
-    bound = dict(DEFAULT_DIMS)
-    bound.update(dims or {})
+def sum_dims(graph: Graph) -> dict[str, list[str]]:
+    """The input dims that are sums of others, with their terms (names or whole numbers): a dim
+    named so ("past_seq + seq", "past_sequence_length + 1") and a cached decoder's mask length
+    however its exporter named it (`mask_total`: past + new)."""
     total = mask_total(graph)
     sums = {}
     for v in graph.inputs:
+        for d in (v.type.shape or ()) if v.type is not None else ():
+            if isinstance(d, str) and d != total:
+                terms = [t.strip() for t in d.split(" + ")]
+                if len(terms) > 1 and all(t.isidentifier() or t.isdigit() for t in terms):
+                    sums[d] = terms
+    if total is not None:
+        sums[total] = list(mask_terms(graph))
+    return sums
+
+
+def bind_dims(graph: Graph, dims: dict[str, int] | None = None) -> dict[str, int]:
+    bound = dict(DEFAULT_DIMS)
+    bound.update(dims or {})
+    sums = {d: terms for d, terms in sum_dims(graph).items() if d not in bound}  # bound below, once their terms are
+    for v in graph.inputs:
         for d in (v.type.shape or ()):
-            if not isinstance(d, str) or d in bound or d == total:
-                continue
-            terms = [t.strip() for t in d.split(" + ")]
-            if len(terms) > 1 and all(t.isidentifier() or t.isdigit() for t in terms):
-                sums[d] = terms  # "past_seq + seq": bound below, once its terms are
+            if not isinstance(d, str) or d in bound or d in sums:
                 continue
             low = d.lower()
             bound[d] = 4 if "past" in low else 8 if ("seq" in low or "len" in low) else 2
-    if total is not None and total not in bound:
-        sums[total] = mask_terms(graph)
     for d, terms in sums.items():
         for t in terms:
             if not t.isdigit():

@@ -92,9 +92,9 @@ def save(graph: Graph, outdir: Path, target: str, options: dict | None = None) -
         choice = choose_accuracy_level(graph)  # what lower() used (cached)
         if choice is not None:
             fields["quant_accuracy_level"] = choice
-    elif target == "cpu" and quant_shapes(graph):  # the level the user (or the accuracy guard) gave
+    elif target == "cpu" and (shapes := quant_shapes(graph)):  # the level the user (or the accuracy guard) gave
         fields["quant_accuracy_level"] = {
-            "level": int(forced), "layers": int(sum(quant_shapes(graph).values())),
+            "level": int(forced), "layers": int(sum(shapes.values())),
             "rule": "given: --backend-option quant_accuracy_level, or the level --accuracy-budget measured at"}
     session = session_options_for(lowered, target)
     if session:

@@ -36,7 +36,7 @@ from graphopt.errors import UserError
 from graphopt.ir import Graph, Node, Value
 from graphopt.lowering import prepare as prepare_for_backend
 from graphopt.registry import get_lowering, register_lowering
-from graphopt.sample_inputs import mask_terms, mask_total
+from graphopt.sample_inputs import sum_dims
 
 BACKEND = "tvm"
 INLINE_BYTES = 256  # constants up to this size are compiled into the library
@@ -302,30 +302,28 @@ class Lowerer:
         return relax.Var(v.name, relax.TensorType(shape, relax_dtype(v.type.dtype)))
 
     def _cast_sum_dims(self, inputs) -> None:
-        """A cached decoder's attention_mask, whose length is a sum of other inputs' dims (named
-        so, `past_sequence_length + sequence_length`, or as the mask of a decoder with a cache,
-        `total`), is a symbol of its own in the signature; cast it at once to the sum, which the
-        VM checks at run time, so that every use sees the sum.
+        """A cached decoder's attention_mask, whose length is a sum of other inputs' dims
+        (`sum_dims`: named so, `past_sequence_length + sequence_length`, or the mask of a decoder
+        with a cache, however named), is a symbol of its own in the signature; cast it at once to
+        the sum, which the VM checks at run time, so that every use sees the sum.
         Cast where an op first meets it instead, uses before the cast read the symbol and uses
         after it the sum, and TVM's FuseTIR fails on a kernel that reads both."""
         from tvm import relax
 
         plain = {d for v in inputs for d in v.type.shape if isinstance(d, str) and d.isidentifier()}
-        total = mask_total(self.graph)  # a cached decoder's mask length however named ("total"): past + new
-        for v in inputs:
-            if v.name != "attention_mask":  # a decoder's mask (other inputs keep the cast where an op meets them)
-                continue
-            shape, cast = list(self.shape(self.env[id(v)])), False
-            for i, d in enumerate(v.type.shape):
-                terms = [t.strip() for t in d.split("+")] if isinstance(d, str) and "+" in d else []
-                if total is not None and d == total:
-                    terms = list(mask_terms(self.graph))
-                if terms and all(t in plain or t.isdigit() for t in terms):
-                    shape[i] = sum((int(t) if t.isdigit() else self.dim(t) for t in terms[1:]),
-                                   int(terms[0]) if terms[0].isdigit() else self.dim(terms[0]))
-                    cast = True
-            if cast:
-                self.env[id(v)] = self.bb.match_cast(self.env[id(v)], relax.TensorType(shape, relax_dtype(v.type.dtype)))
+        sums = sum_dims(self.graph)
+        mask = next((v for v in inputs if v.name == "attention_mask"), None)  # other inputs: cast where met
+        if mask is None:
+            return
+        shape, cast = list(self.shape(self.env[id(mask)])), False
+        for i, d in enumerate(mask.type.shape):
+            terms = sums.get(d) if isinstance(d, str) else None
+            if terms and all(t in plain or t.isdigit() for t in terms):
+                shape[i] = sum(int(t) if t.isdigit() else self.dim(t) for t in terms)
+                cast = True
+        if cast:
+            self.env[id(mask)] = self.bb.match_cast(self.env[id(mask)],
+                                                    relax.TensorType(shape, relax_dtype(mask.type.dtype)))
 
     def _constant(self, name: str, a: np.ndarray):
         """A constant: a `Known`, an inlined constant, or a weight parameter."""
